@@ -1,0 +1,12 @@
+"""jaxcheck: fast gradient checks for JAX with a calibrated error model."""
+
+import importlib.metadata
+
+from ._error_model import Comparison as Comparison
+from ._errors import GradientCheckError as GradientCheckError
+from ._report import LeafResult as LeafResult
+from ._report import Report as Report
+from ._report import Status as Status
+from ._verify import verify as verify
+
+__version__ = importlib.metadata.version("jaxcheck")

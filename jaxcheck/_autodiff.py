@@ -1,0 +1,92 @@
+"""The derivatives under test, evaluated in the model's own (native) precision.
+
+`probe` makes one reverse pass (or calls the hand-written gradient) to get the gradient's
+size per leaf; `projections` evaluates the projections <u, J v> (jvp) and <J^T u, v> (vjp)
+along each direction when they cannot be formed from one gradient vector (forward mode,
+non-scalar outputs).
+"""
+
+import jax
+import jax.numpy as jnp
+
+from . import _directions, _plan
+
+BALANCE_INDEX = 2**31 - 1  # the cotangent index used to size a non-scalar output's gradient
+
+
+def vdot(a: list, b: list):
+    """sum_l <a_l, b_l>, accumulated in at least float32."""
+    total = 0.0
+    for x, y in zip(a, b):
+        acc = jnp.promote_types(jnp.promote_types(x.dtype, y.dtype), jnp.float32)
+        total = total + jnp.vdot(x.astype(acc), y.astype(acc))
+    return total
+
+
+def _rms(x):
+    return jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.promote_types(x.dtype, jnp.float32)))))
+
+
+def output_scales(outs: list):
+    rms = jnp.stack([_rms(y) for y in outs])
+    overall = jnp.sqrt(jnp.mean(jnp.square(rms)))
+    floor = jnp.where(jnp.isfinite(overall) & (overall > 0), overall, 1.0)
+    return jnp.where(jnp.isfinite(rms) & (rms > 0), rms, floor)
+
+
+def probe(problem, reverse: bool, key, diff, traced) -> dict:
+    outs = problem.outputs(diff, traced)
+    scales = output_scales(outs)
+    result = {
+        "outputs_finite": jnp.stack([jnp.all(jnp.isfinite(y)) for y in outs]),
+        "params_finite": jnp.stack([jnp.all(jnp.isfinite(x)) for x in diff]),
+        "output_scales": scales,
+        "leaf_scales": _directions.leaf_scales(diff),
+        "value": outs[0] if problem.scalar_output else jnp.zeros(()),
+    }
+    if not reverse:
+        return result
+    if problem.grad_fn is not None:
+        grad = problem.gradient(diff, traced)
+    elif problem.scalar_output:
+        grad = jax.grad(lambda d: problem.outputs(d, traced)[0])(diff)
+    else:
+        out_keys = _directions.stream_keys(key, "outputs", problem.out_paths)
+        _, vjp_fn = jax.vjp(lambda d: problem.outputs(d, traced), diff)
+        cot = _directions.cotangent(out_keys, BALANCE_INDEX, scales, outs, "gaussian")
+        grad = vjp_fn(cot)[0]
+    result["grad_finite"] = jnp.stack([jnp.all(jnp.isfinite(g)) for g in grad])
+    result["grad_norms"] = jnp.stack([jnp.sqrt(vdot([g], [g])) for g in grad])
+    if problem.scalar_output:
+        result["grad"] = grad
+    return result
+
+
+def projections(problem, modes, kind, chunk, key, diff, traced, beta_rows, index, out_scales):
+    """Native-precision projections along directions `index` (rows of `beta_rows`)."""
+    p_keys = _directions.stream_keys(key, "params", problem.params.paths_of("diff"))
+    o_keys = _directions.stream_keys(key, "outputs", problem.out_paths)
+    f = lambda d: problem.outputs(d, traced)  # noqa: E731
+    if "reverse" in modes:
+        outs, vjp_fn = jax.vjp(f, diff)
+    else:
+        outs = f(diff)
+
+    def one(k, beta):
+        v = _directions.direction(p_keys, k, diff, beta, kind)
+        cot = None
+        if not problem.scalar_output:
+            cot = _directions.cotangent(o_keys, k, out_scales, outs, kind)
+        res = {}
+        if "reverse" in modes:
+            seed = cot if cot is not None else [jnp.ones((), outs[0].dtype)]
+            res["rev"] = vdot(vjp_fn(seed)[0], v)
+        if "forward" in modes:
+            _, jv = jax.jvp(f, (diff,), (v,))
+            if cot is None:
+                res["fwd"] = jv[0].astype(jnp.promote_types(jv[0].dtype, jnp.float32))
+            else:
+                res["fwd"] = vdot(cot, jv)
+        return res
+
+    return _plan.map_directions(one, (index, beta_rows), chunk)

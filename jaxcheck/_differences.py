@@ -1,0 +1,80 @@
+"""Finite differences along each direction, in the reference precision.
+
+Along direction v the function phi(t) = <u, f(x + t v)> is evaluated at the stencil
+t = -h, -h/2, h/2, h (the centre value phi(0) is shared by all directions). From these
+`combine` forms the central differences D(h), D(h/2), their Richardson extrapolation
+R = (4 D(h/2) - D(h)) / 3 and the fourth difference, which measures roundoff noise and
+kinks. The same program also projects the gradient under test, and the reference-precision
+derivative of the same rule, onto each direction, so that everything is compared along
+identical directions.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _autodiff, _directions, _plan
+
+OFFSETS = (-1.0, -0.5, 0.5, 1.0)
+
+
+def reference(problem, modes, kind, chunk, with_rule, key, diff, traced, beta_rows, index,
+              out_scales, g_test, h):
+    """Stencil values (n, 4) and centre values (n,) along directions `index`, plus
+    projections of `g_test` ("test_rev") and, when `with_rule`, of the reference-precision
+    derivatives of the same rule ("ref_rev", "ref_fwd")."""
+    p_keys = _directions.stream_keys(key, "params", problem.params.paths_of("diff"))
+    o_keys = _directions.stream_keys(key, "outputs", problem.out_paths)
+    f = lambda d: problem.outputs(d, traced)  # noqa: E731
+    dtype = diff[0].dtype
+    offsets = h.astype(dtype) * jnp.asarray(OFFSETS, dtype)
+    rule_rev = with_rule and "reverse" in modes
+    if rule_rev and problem.scalar_output:
+        outs = f(diff)
+        if problem.grad_fn is not None:
+            g_ref = problem.gradient(diff, traced)
+        else:
+            g_ref = jax.grad(lambda d: f(d)[0])(diff)
+    elif rule_rev:
+        outs, vjp_fn = jax.vjp(f, diff)
+    else:
+        outs = f(diff)
+
+    def one(k, beta):
+        v = _directions.direction(p_keys, k, diff, beta, kind)
+        cot = None
+        if not problem.scalar_output:
+            cot = _directions.cotangent(o_keys, k, out_scales, outs, kind)
+
+        def phi(t):
+            moved = [x + t.astype(x.dtype) * vi for x, vi in zip(diff, v)]
+            return problem.scalarize(f(moved), cot)
+
+        res = {"phis": jax.vmap(phi)(offsets), "phi0": problem.scalarize(outs, cot)}
+        if g_test is not None:
+            res["test_rev"] = _autodiff.vdot([g.astype(dtype) for g in g_test], v)
+        if rule_rev:
+            if cot is None:
+                res["ref_rev"] = _autodiff.vdot(g_ref, v)
+            else:
+                res["ref_rev"] = _autodiff.vdot(vjp_fn(cot)[0], v)
+        if with_rule and "forward" in modes:
+            _, jv = jax.jvp(f, (diff,), (v,))
+            res["ref_fwd"] = jv[0] if cot is None else _autodiff.vdot(cot, jv)
+        return res
+
+    return _plan.map_directions(one, (index, beta_rows), chunk)
+
+
+def combine(phis: np.ndarray, phi0: np.ndarray, h: float) -> dict:
+    """Central differences, Richardson extrapolation and the fourth difference."""
+    pm1, pmh, pph, pp1 = (phis[:, i] for i in range(4))
+    d1 = (pp1 - pm1) / (2 * h)
+    d2 = (pph - pmh) / h
+    return {
+        "d1": d1,
+        "d2": d2,
+        "richardson": (4 * d2 - d1) / 3,
+        "d4": pm1 - 4 * pmh + 6 * phi0 - 4 * pph + pp1,
+        "slopes": ((phi0 - pmh) / (h / 2), (pph - phi0) / (h / 2)),
+    }

@@ -1,0 +1,161 @@
+"""Error model: error bars for each finite difference, and the verdict of each comparison.
+
+For one direction, with centre value phi0 and step h (stencil of `_differences`):
+
+- roundoff: the noise sigma of one evaluation of phi is estimated from the fourth
+  differences d4 = phi(-h) - 4 phi(-h/2) + 6 phi(0) - 4 phi(h/2) + phi(h), which for a
+  smooth function are O(h^4) and otherwise are noise of standard deviation sqrt(70) sigma
+  (median over directions, so a few kinks do not inflate it), never below eps |phi|.
+  The Richardson value R carries about 1.9 sigma / h of it; we take 3 standard deviations.
+- truncation: |D(h) - D(h/2)| / 3, the error of D(h/2); conservative for R.
+- kink: |d4| / h, the jump between one-sided slopes that d4 implies.
+
+A direction is *non-smooth* when its d4 is far above the noise (30x) and the implied jump
+is large enough to matter for the verdict; it is then excluded and counted. The relative
+error of a candidate derivative a against the reference R over the remaining directions is
+
+    err = RMS(R - a) / RMS(R),
+
+which for Gaussian directions estimates |W (g_checked - g_true)| / |W g_true|, W being the
+per-leaf step weights of `_directions.balance`. Its 95 % interval comes from the chi-square
+law of the numerator with one degree of freedom per direction. The comparison fails when
+err exceeds max(floor, 2 * hypot(noise, rounding)), where noise is the RMS error bar of R
+relative to RMS(R) and rounding the measured difference between the derivative under test
+and the same rule in higher precision.
+"""
+
+import dataclasses
+import math
+
+import numpy as np
+
+from . import _differences
+
+NONSMOOTH_NOISE_FACTOR = 30.0
+SAFETY = 2.0
+_TINY = 1e-300
+
+
+@dataclasses.dataclass(frozen=True)
+class Differences:
+    """Finite-difference estimates along n directions with their error bars."""
+
+    value: np.ndarray  # Richardson estimate R, (n,)
+    bar: np.ndarray  # error bar of R, (n,)
+    finite: np.ndarray  # (n,) bool
+    smooth: np.ndarray  # (n,) bool, finite and not non-smooth
+    slopes: tuple[np.ndarray, np.ndarray]  # one-sided slopes (left, right)
+    noise: float  # sigma, roundoff noise of one evaluation of phi
+    relative_noise: float  # sigma / typical |phi|: the precision the function really has
+    truncation: float  # median truncation bar
+    roundoff: float  # median roundoff bar
+    h: float
+
+    @property
+    def num_nonsmooth(self) -> int:
+        return int(np.sum(self.finite & ~self.smooth))
+
+
+def assess(phis, phi0, h: float, eps: float, floor: float, noise_from_data=True) -> Differences:
+    phis = np.asarray(phis, np.float64)
+    phi0 = np.asarray(phi0, np.float64)
+    c = _differences.combine(phis, phi0, h)
+    finite = np.all(np.isfinite(phis), axis=1) & np.isfinite(phi0)
+    magnitude = np.maximum(np.max(np.abs(np.where(np.isfinite(phis), phis, 0)), axis=1),
+                           np.abs(np.where(finite, phi0, 0)))
+    d4 = np.where(finite, np.abs(c["d4"]), 0.0)
+    sigma_data = float(np.median(d4[finite])) / (math.sqrt(70) * 0.6745) if finite.any() else 0.0
+    if not noise_from_data:  # d4 is known to come from kinks: judge it against rounding alone
+        sigma_data = 0.0
+    sigma = np.maximum(sigma_data, eps * magnitude)
+    roundoff = 6.0 * sigma / h
+    truncation = np.where(finite, np.abs(c["d1"] - c["d2"]) / 3, 0.0)
+    kink = d4 / h
+    value = np.where(finite, c["richardson"], 0.0)
+    scale = _rms(value[finite]) if finite.any() else 0.0
+    nonsmooth = (
+        finite
+        & (d4 > NONSMOOTH_NOISE_FACTOR * math.sqrt(70) * sigma)
+        & (kink > 0.25 * floor * scale)
+    )
+    typical = float(np.median(magnitude[finite])) if finite.any() else 0.0
+    return Differences(
+        value=value,
+        bar=truncation + roundoff + kink,
+        finite=finite,
+        smooth=finite & ~nonsmooth,
+        slopes=c["slopes"],
+        noise=sigma_data,
+        relative_noise=sigma_data / typical if typical > 0 else 0.0,
+        truncation=float(np.median(truncation[finite])) if finite.any() else 0.0,
+        roundoff=float(np.median(roundoff[finite])) if finite.any() else 0.0,
+        h=h,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """One candidate derivative against the finite-difference reference."""
+
+    name: str
+    relative_error: float
+    interval: tuple[float, float]
+    noise_floor: float  # error of the reference itself, relative
+    rounding: float  # measured rounding of the candidate (0 when not measured)
+    tolerance: float
+    num_used: int
+    passed: bool
+
+
+def compare(name, fd: Differences, a, floor: float, a_ref=None) -> Comparison:
+    """Compare derivative projections `a` with `fd`; `a_ref` is the same rule evaluated in
+    higher precision, whose distance from `a` measures `a`'s own rounding."""
+    a = np.asarray(a, np.float64)
+    use = fd.smooth & np.isfinite(a)
+    n = int(use.sum())
+    if n == 0:
+        return Comparison(name, math.nan, (math.nan, math.nan), math.nan, 0.0, floor, 0, False)
+    r, bar = fd.value[use], fd.bar[use]
+    denom = max(_rms(r), _rms(bar), _TINY)
+    err = _rms(r - a[use]) / denom
+    noise = _rms(bar) / denom
+    rounding = 0.0
+    if a_ref is not None:
+        rounding = _rms(a[use] - np.asarray(a_ref, np.float64)[use]) / denom
+    tol = max(floor, SAFETY * math.hypot(noise, rounding))
+    return Comparison(name, err, interval(err, n), noise, rounding, tol, n, bool(err <= tol))
+
+
+def consistency(name, a, b, floor: float, rounding: float) -> Comparison:
+    """<u, J v> against <J^T u, v>: no finite differences, equal up to rounding."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    use = np.isfinite(a) & np.isfinite(b)
+    n = int(use.sum())
+    if n == 0:
+        return Comparison(name, math.nan, (math.nan, math.nan), 0.0, 0.0, floor, 0, False)
+    err = _rms(a[use] - b[use]) / max(_rms(b[use]), _TINY)
+    tol = max(floor, SAFETY * rounding)
+    return Comparison(name, err, interval(err, n), 0.0, rounding, tol, n, bool(err <= tol))
+
+
+def interval(err: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95 % interval of err = sqrt(chi2_n / n) * true, by the Wilson-Hilferty approximation."""
+
+    def quantile(zq):
+        return n * max(1 - 2 / (9 * n) + zq * math.sqrt(2 / (9 * n)), 1e-3) ** 3
+
+    return err * math.sqrt(n / quantile(z)), err * math.sqrt(n / quantile(-z))
+
+
+def subgradient_consistent(fd: Differences, a) -> int:
+    """How many non-smooth directions have the derivative between the one-sided slopes."""
+    left, right = fd.slopes
+    lo, hi = np.minimum(left, right) - fd.bar, np.maximum(left, right) + fd.bar
+    kinked = fd.finite & ~fd.smooth
+    a = np.asarray(a, np.float64)
+    return int(np.sum(kinked & (a >= lo) & (a <= hi)))
+
+
+def _rms(x) -> float:
+    x = np.asarray(x, np.float64)
+    return float(np.sqrt(np.mean(np.square(x)))) if x.size else 0.0

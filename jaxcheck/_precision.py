@@ -1,0 +1,50 @@
+"""Precision policy: which dtype the finite-difference reference is computed in, and its steps."""
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+POLICIES = ("auto", "float64", "native")
+
+
+def eps(dtype) -> float:
+    return float(jnp.finfo(dtype).eps)
+
+
+def lowest(dtypes) -> np.dtype:
+    """The least precise of `dtypes` (largest machine epsilon)."""
+    return max((jnp.dtype(d) for d in dtypes), key=eps)
+
+
+def x64_scope(enabled: bool):
+    """A context in which 64-bit types are on (or off), restored on exit.
+
+    jax >= 0.4.36 has `jax.enable_x64`; older versions have it in `jax.experimental`.
+    """
+    if bool(jax.config.jax_enable_x64) == enabled:
+        return contextlib.nullcontext()
+    if callable(getattr(jax, "enable_x64", None)):
+        return jax.enable_x64(enabled)
+    import jax.experimental as jex  # noqa: PLC0415
+
+    return jex.enable_x64() if enabled else jex.disable_x64()
+
+
+def reference_dtype(policy: str, tested) -> np.dtype:
+    """The dtype finite differences are taken in, before trying it out.
+
+    "float64" and "auto" ask for float64; "native" keeps the tested dtype but never goes
+    below float32, because a half-precision step of ~eps^(1/3) is not representable.
+    """
+    if policy in ("auto", "float64"):
+        return jnp.dtype(jnp.float64)
+    if eps(tested) > eps(jnp.float32):
+        return jnp.dtype(jnp.float32)
+    return jnp.dtype(tested)
+
+
+def default_step(dtype) -> float:
+    """Relative step h ~ eps^(1/3): balances h^2 truncation against eps/h roundoff."""
+    return eps(dtype) ** (1.0 / 3.0)

@@ -1,0 +1,197 @@
+"""The result of a check: a frozen, pytree-registered report with a compact text form."""
+
+import dataclasses
+import enum
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+from ._error_model import Comparison
+
+
+class Status(str, enum.Enum):
+    """Outcome of a check. Compares equal to its string value, e.g. `status == "pass"`."""
+
+    PASS = "pass"
+    FAIL = "fail"
+    INCONCLUSIVE = "inconclusive"
+    NONFINITE = "nonfinite"
+
+    @property
+    def advice(self) -> str:
+        return _ADVICE[self]
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_ADVICE = {
+    Status.PASS: "The derivative agrees with finite differences within the stated resolution.",
+    Status.FAIL: (
+        "The derivative under test (autodiff, or your grad_fn) disagrees with central finite "
+        "differences of fn (the reference) by more than the error model allows. Look at the "
+        "failing leaves first; if a custom_vjp/custom_jvp rule touches them, check it. If you "
+        "believe fn itself is not smooth here, try another point or key."
+    ),
+    Status.INCONCLUSIVE: (
+        "Too few directions were smooth enough for finite differences to judge the derivative "
+        "(fn has kinks, e.g. relu/abs/max, at or near these parameters), or their resolution "
+        "was too coarse. Try a point away from kinks, more directions (num_directions), or "
+        "precision='float64'."
+    ),
+    Status.NONFINITE: (
+        "NaN or Inf appeared (see above where); a derivative cannot be judged there. Check the "
+        "inputs, the function's domain, or the gradient rule that produced it."
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafResult:
+    """The check restricted to directions that move a single parameter leaf."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    relative_error: float
+    interval: tuple[float, float]
+    tolerance: float
+    num_nonsmooth: int
+    status: Status
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """What `jaxcheck.verify` found.
+
+    `relative_error` is the estimated ‖W(g̃ − g)‖ / ‖W g‖ between the derivative under
+    test g̃ and the finite-difference reference g, with W the per-leaf step weights (each
+    leaf scaled by its RMS magnitude and balanced so every leaf counts about equally);
+    `interval` is its 95 % confidence interval, `tolerance` the threshold it was judged
+    against and `noise_floor` the relative error of the finite-difference reference itself.
+    `numeric` and `analytic` hold the per-direction values behind the headline check.
+    """
+
+    status: Status
+    relative_error: float
+    interval: tuple[float, float]
+    tolerance: float
+    noise_floor: float
+    checks: tuple[Comparison, ...]
+    leaves: tuple[LeafResult, ...]
+    held_fixed: tuple[tuple[str, str], ...]
+    mode: str
+    tested_dtype: str
+    reference_dtype: str
+    steps: tuple[float, ...]
+    num_directions: int
+    num_nonsmooth: int
+    num_nonfinite: int
+    num_subgradient_consistent: int
+    num_evaluations: int
+    problems: tuple[str, ...]
+    compile_seconds: float
+    run_seconds: float
+    numeric: Any = None
+    analytic: Any = None
+
+    @property
+    def ok(self) -> bool:
+        """True only when the derivative was judged correct."""
+        return self.status is Status.PASS
+
+    def to_dict(self) -> dict:
+        """JSON-serializable contents (floats, ints, strings, lists)."""
+        out = {"ok": self.ok}
+        for f in dataclasses.fields(self):
+            out[f.name] = _plain(getattr(self, f.name))
+        return out
+
+    def __str__(self) -> str:
+        return render(self)
+
+
+jax.tree_util.register_dataclass(
+    Report,
+    data_fields=["numeric", "analytic"],
+    meta_fields=[f.name for f in dataclasses.fields(Report) if f.name not in ("numeric", "analytic")],
+)
+
+
+def _plain(x):
+    if isinstance(x, Status):
+        return x.value
+    if dataclasses.is_dataclass(x):
+        return {f.name: _plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+    if isinstance(x, tuple | list):
+        return [_plain(v) for v in x]
+    if isinstance(x, np.ndarray | jax.Array):
+        return [_plain(float(v)) for v in np.asarray(x, np.float64).ravel()]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else str(x)
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def _e(x: float) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1e}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return ["  " + fmt.format(*header).rstrip()] + ["  " + fmt.format(*r).rstrip() for r in rows]
+
+
+def render(r: Report) -> str:
+    what = {
+        Status.PASS: "gradient is consistent with finite differences",
+        Status.FAIL: "gradient is WRONG",
+        Status.INCONCLUSIVE: "could not judge the gradient",
+        Status.NONFINITE: "non-finite values",
+    }[r.status]
+    lines = [f"jaxcheck.verify: {r.status.value.upper()} — {what}"]
+    if not math.isnan(r.relative_error):
+        lines.append(
+            f"  relative error {_e(r.relative_error)} (95% {_e(r.interval[0])}..{_e(r.interval[1])})"
+            f", tolerance {_e(r.tolerance)}, finite-difference noise floor {_e(r.noise_floor)}"
+        )
+    lines += [f"  ! {p}" for p in r.problems]
+    if r.checks:
+        rows = [
+            [c.name, _e(c.relative_error), f"{_e(c.interval[0])}..{_e(c.interval[1])}",
+             _e(c.tolerance), "ok" if c.passed else "FAIL"]
+            for c in r.checks
+        ]
+        lines += _table(["check", "rel. error", "95% interval", "tolerance", "result"], rows)
+    if r.leaves:
+        rows = [
+            [leaf.path or "(root)", str(leaf.shape), leaf.dtype, _e(leaf.relative_error),
+             _e(leaf.tolerance), leaf.status.value.upper() if leaf.status != "pass" else "ok"]
+            for leaf in r.leaves
+        ]
+        lines += _table(["leaf", "shape", "dtype", "rel. error", "tolerance", "result"], rows)
+    if r.held_fixed:
+        shown = ", ".join(f"{p or '(root)'} {d}" for p, d in r.held_fixed[:8])
+        more = f" and {len(r.held_fixed) - 8} more" if len(r.held_fixed) > 8 else ""
+        lines.append(f"  held fixed: {shown}{more}")
+    smooth_note = ""
+    if r.num_nonsmooth:
+        smooth_note = (f"; autodiff lies between the one-sided slopes on "
+                       f"{r.num_subgradient_consistent} of {r.num_nonsmooth} non-smooth")
+    lines.append(
+        f"  {r.num_directions} directions ({r.num_nonsmooth} non-smooth, {r.num_nonfinite} "
+        f"non-finite{smooth_note}), {r.num_evaluations} evaluations of fn"
+    )
+    steps = ", ".join(_e(h) for h in r.steps)
+    lines.append(
+        f"  {r.mode}-mode derivative in {r.tested_dtype}; reference: central differences in "
+        f"{r.reference_dtype} at relative step h = {steps} (h and h/2, Richardson); "
+        f"compile {r.compile_seconds:.2f} s, run {r.run_seconds:.2f} s"
+    )
+    if r.status is not Status.PASS:
+        lines.append("  " + r.status.advice)
+    return "\n".join(lines)

@@ -1,0 +1,120 @@
+"""Splitting pytrees into the leaves that are differentiated, traced or held fixed."""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Leaf kinds.
+DIFF = "diff"  # floating-point array: differentiated (params) or upcast (args)
+ARRAY = "array"  # any other array (ints, bools, PRNG keys): traced, held fixed
+STATIC = "static"  # not an array (Python ints, strings, functions): closed over, held fixed
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """How the leaves of one pytree are handled; rebuild the tree with `merge`."""
+
+    treedef: Any
+    paths: tuple[str, ...]
+    kinds: tuple[str, ...]
+    statics: tuple[Any, ...]  # the STATIC leaves, in order
+
+    def paths_of(self, kind: str) -> tuple[str, ...]:
+        return tuple(p for p, k in zip(self.paths, self.kinds) if k == kind)
+
+
+def _is_array(x) -> bool:
+    return isinstance(x, jax.Array | np.ndarray | np.generic)
+
+
+def _kind(leaf, path: str, where: str) -> str:
+    if isinstance(leaf, bool | int | complex) or not (_is_array(leaf) or isinstance(leaf, float)):
+        if isinstance(leaf, complex):
+            raise TypeError(_complex_message(where, path))
+        return STATIC
+    dtype = jnp.result_type(leaf) if isinstance(leaf, float) else leaf.dtype
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        raise TypeError(_complex_message(where, path))
+    if jnp.issubdtype(dtype, jnp.floating):
+        return DIFF
+    return ARRAY
+
+
+def _complex_message(where: str, path: str) -> str:
+    return (
+        f"{where} leaf {path or '(root)'} is complex; jaxcheck checks real gradients only. "
+        "Pass the real and imaginary parts as separate float leaves."
+    )
+
+
+def split(tree, where: str) -> tuple[Split, list, list]:
+    """Split `tree` into (Split, floating leaves, other array leaves)."""
+    leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    paths, kinds, statics, floats, arrays = [], [], [], [], []
+    for key_path, leaf in leaves_with_paths:
+        path = jax.tree_util.keystr(key_path)
+        kind = _kind(leaf, path, where)
+        paths.append(path)
+        kinds.append(kind)
+        if kind == DIFF:
+            floats.append(jnp.asarray(leaf))
+        elif kind == ARRAY:
+            arrays.append(leaf)
+        else:
+            statics.append(leaf)
+    return Split(treedef, tuple(paths), tuple(kinds), tuple(statics)), floats, arrays
+
+
+def merge(s: Split, floats, arrays):
+    floats, arrays, statics = iter(floats), iter(arrays), iter(s.statics)
+    source = {DIFF: floats, ARRAY: arrays, STATIC: statics}
+    return jax.tree_util.tree_unflatten(s.treedef, [next(source[k]) for k in s.kinds])
+
+
+def cast(leaves, dtype):
+    """Cast floating leaves to `dtype` (None keeps them); never modifies the inputs."""
+    if dtype is None:
+        return list(leaves)
+    return [jnp.asarray(x, dtype) for x in leaves]
+
+
+def describe(x) -> str:
+    if _is_array(x):
+        return f"{x.dtype}{list(x.shape)}"
+    text = repr(x)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def held_fixed(s: Split, arrays) -> tuple[tuple[str, str], ...]:
+    """(path, description) of every leaf that is not differentiated."""
+    arrays, statics = iter(arrays), iter(s.statics)
+    rows = []
+    for path, kind in zip(s.paths, s.kinds):
+        if kind == ARRAY:
+            rows.append((path, describe(next(arrays))))
+        elif kind == STATIC:
+            rows.append((path, describe(next(statics))))
+    return tuple(rows)
+
+
+def match_gradient(s: Split, grad_tree, where: str = "grad_fn") -> list:
+    """Pick, for every differentiable leaf of `s`, the leaf at the same path of `grad_tree`."""
+    by_path = {
+        jax.tree_util.keystr(p): leaf
+        for p, leaf in jax.tree_util.tree_flatten_with_path(grad_tree)[0]
+    }
+    out = []
+    for path, kind in zip(s.paths, s.kinds):
+        if kind != DIFF:
+            continue
+        if path not in by_path:
+            raise ValueError(
+                f"{where} returned no gradient for the parameter leaf {path or '(root)'}. It must "
+                "return a pytree with the structure of `params` (found leaves: "
+                f"{', '.join(sorted(by_path)) or 'none'})."
+            )
+        out.append(by_path[path])
+    return out

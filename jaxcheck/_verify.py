@@ -1,0 +1,441 @@
+"""`verify`: the entry point that runs the pipeline and returns a `Report`."""
+
+import contextlib
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax.numpy as jnp
+import numpy as np
+
+from . import _autodiff, _differences, _directions, _error_model, _precision, _problem, _tree
+from ._errors import GradientCheckError
+from ._plan import Timer
+from ._report import LeafResult, Report, Status
+
+LEAF_INDEX_OFFSET = 2**30  # leaf-local directions use indices disjoint from the global ones
+MAX_NOISE_FLOOR = 0.025  # a reference noisier than this cannot resolve a few-percent bug
+
+
+def verify(
+    fn: Callable,
+    params: Any,
+    *args: Any,
+    grad_fn: Callable | None = None,
+    has_aux: bool = False,
+    num_directions: int = 16,
+    key: Any = 0,
+    mode: Literal["reverse", "forward", "both"] = "reverse",
+    precision: Literal["auto", "float64", "native"] = "auto",
+    step: float | None = None,
+    rtol: float | None = None,
+    localize: bool | Literal["auto"] = "auto",
+    leaf_directions: int = 8,
+    directions: Literal["gaussian", "rademacher"] = "gaussian",
+    chunk_size: int | None = None,
+    raise_on_failure: bool = False,
+) -> Report:
+    """Check the derivative of `fn` at `params` against finite differences.
+
+    Draws `num_directions` random directions v over the floating-point leaves of `params`
+    (each leaf scaled to its own magnitude), evaluates central finite differences of
+    fn(params + t v, *args) at t = ±h, ±h/2 for all directions in one jitted, vmapped
+    program, and compares their Richardson extrapolation with the projections <g, v> of the
+    derivative under test. The result is an estimated relative gradient error with a 95 %
+    interval, judged against a tolerance derived from the finite-difference error model
+    (step ladder, truncation, roundoff) rather than from a fixed table.
+
+    Args:
+        fn: `fn(params, *args)` returning a scalar or a pytree of float arrays (then random
+            output cotangents u make it scalar: <u, fn(...)>). With `has_aux`, `(out, aux)`.
+        params: any pytree. Floating leaves are differentiated; all other leaves (ints,
+            bools, PRNG keys, static fields, functions) are held fixed and listed.
+        *args: further inputs, held fixed.
+        grad_fn: a hand-written gradient `grad_fn(params, *args)` to check instead of JAX's
+            own (scalar `fn` only); returns a pytree shaped like `params`.
+        has_aux: `fn` returns `(out, aux)`; aux is ignored.
+        num_directions: number of random directions K for the all-leaf check.
+        key: int seed or JAX PRNG key. Same key, same result.
+        mode: "reverse" (grad/vjp), "forward" (jvp) or "both" (also checks
+            <u, J v> = <J^T u, v>, which needs no finite differences).
+        precision: "auto" (finite differences in float64 when fn runs in float64, with
+            64-bit types enabled only inside the check; else the model's precision),
+            "float64" (required), or "native" (the model's precision, at least float32).
+        step: relative step h; default eps^(1/3) of the reference precision.
+        rtol: smallest relative error treated as a bug; default derived from the precision.
+        localize: also check each leaf on its own: "auto" when the global check fails.
+        leaf_directions: directions per leaf when localizing.
+        directions: "gaussian" or "rademacher".
+        chunk_size: directions evaluated at once (vmapped); the rest run sequentially.
+        raise_on_failure: raise `GradientCheckError` unless the status is "pass".
+
+    Returns:
+        A `Report`; `report.ok` is True only when the derivative was judged correct.
+
+    Raises:
+        TypeError, ValueError: bad inputs, with the offending leaf's path.
+        GradientCheckError: with `raise_on_failure=True`, when the check did not pass.
+
+    Example:
+        >>> import jax.numpy as jnp, jaxcheck
+        >>> report = jaxcheck.verify(lambda p: jnp.sum(jnp.sin(p["w"]) ** 2), {"w": jnp.ones(3)})
+        >>> report.ok, report.status
+        (True, <Status.PASS: 'pass'>)
+    """
+    _validate(fn, grad_fn, num_directions, mode, precision, step, rtol, localize,
+              leaf_directions, directions, chunk_size)
+    p_split, diff, p_arrays = _tree.split(params, "params")
+    a_split, a_floats, a_arrays = _tree.split(args, "args")
+    if not diff:
+        raise ValueError(
+            "params has no floating-point leaf to differentiate (held fixed: "
+            f"{', '.join(p + ' ' + d for p, d in _tree.held_fixed(p_split, p_arrays)) or 'none'}"
+            "). Pass the parameters to check as float arrays."
+        )
+    inputs = _problem.Inputs(diff, p_arrays, a_floats, a_arrays)
+    problem = _problem.Problem(fn, grad_fn, has_aux, p_split, a_split)
+    problem = _problem.with_output_structure(problem, inputs)
+    run = _Run(
+        problem=problem,
+        inputs=inputs,
+        modes=("reverse", "forward") if mode == "both" else (mode,),
+        key=_directions.as_key(key),
+        kind=directions,
+        chunk=chunk_size,
+        tested=_precision.lowest(x.dtype for x in diff),
+        policy=precision,
+        rtol=rtol,
+        timer=Timer(),
+    )
+    report = run.check(num_directions, step, localize, leaf_directions,
+                       _tree.held_fixed(p_split, p_arrays))
+    if raise_on_failure and not report.ok:
+        raise GradientCheckError(report)
+    return report
+
+
+def _validate(fn, grad_fn, k, mode, precision, step, rtol, localize, leaf_k, kind, chunk):
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}.")
+    if grad_fn is not None and not callable(grad_fn):
+        raise TypeError(f"grad_fn must be callable or None, got {type(grad_fn).__name__}.")
+    for name, value, least in (("num_directions", k, 4), ("leaf_directions", leaf_k, 2)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}.")
+    if mode not in ("reverse", "forward", "both"):
+        raise ValueError(f"mode must be 'reverse', 'forward' or 'both', got {mode!r}.")
+    if grad_fn is not None and mode != "reverse":
+        raise ValueError(
+            f"grad_fn checks a reverse-mode gradient; mode={mode!r} is not possible with it. "
+            "Use mode='reverse'."
+        )
+    if precision not in _precision.POLICIES:
+        raise ValueError(f"precision must be one of {_precision.POLICIES}, got {precision!r}.")
+    for name, value in (("step", step), ("rtol", rtol)):
+        if value is not None and not (isinstance(value, int | float) and 0 < value < 1):
+            raise ValueError(f"{name} must be a float in (0, 1) or None, got {value!r}.")
+    if localize not in ("auto", True, False):
+        raise ValueError(f"localize must be True, False or 'auto', got {localize!r}.")
+    if kind not in _directions.KINDS:
+        raise ValueError(f"directions must be one of {_directions.KINDS}, got {kind!r}.")
+    if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pass:
+    """Finite differences along a set of directions at one step, and the projections."""
+
+    fd: _error_model.Differences
+    rev: np.ndarray | None  # derivative under test, reverse mode
+    fwd: np.ndarray | None  # derivative under test, forward mode
+    ref_rev: np.ndarray | None  # same rule, reference precision
+    ref_fwd: np.ndarray | None
+    phis: np.ndarray
+    phi0: np.ndarray
+
+    @property
+    def numeric(self) -> np.ndarray:
+        return self.fd.value
+
+
+@dataclasses.dataclass
+class _Run:
+    problem: _problem.Problem
+    inputs: _problem.Inputs
+    modes: tuple[str, ...]
+    key: Any
+    kind: str
+    chunk: int | None
+    tested: np.dtype
+    policy: str
+    rtol: float | None
+    timer: Timer
+    reference: np.dtype | None = None
+    evaluations: int = 0
+    problems: list = dataclasses.field(default_factory=list)
+    probe: dict | None = None
+
+    # -- pipeline -------------------------------------------------------------------------
+
+    def check(self, k, step, localize, leaf_k, held_fixed) -> Report:
+        reverse = "reverse" in self.modes
+        self.probe = _numpy(self.timer.run(
+            functools.partial(_autodiff.probe, self.problem, reverse),
+            self.key, self.inputs.diff, self.inputs.traced()))
+        paths = self.problem.params.paths_of(_tree.DIFF)
+        nonfinite = self._probe_nonfinite(paths)
+        ref = _precision.reference_dtype(self.policy, self.tested)
+        scales = self.probe["leaf_scales"].astype(np.float64)
+        beta = scales
+        if reverse:
+            beta = _directions.balance(scales, self.probe["grad_norms"].astype(np.float64),
+                                       _precision.eps(ref) ** 0.25)
+        if nonfinite:
+            return self._report(Status.NONFINITE, k, None, (), (), held_fixed, ())
+        index = np.arange(k, dtype=np.int32)
+        rows = np.tile(beta, (k, 1))
+        h0 = step if step is not None else _precision.default_step(ref)
+        p, steps = self._ladder(index, rows, h0)
+        checks = self._compare(p)
+        status = self._status(p, checks, k, self.problems)
+        leaves = ()
+        if localize is True or (localize == "auto" and status is Status.FAIL):
+            leaves = self._localize(scales, leaf_k, p.fd.h, paths)
+            status = self._merge_leaves(status, leaves)
+        return self._report(status, k, p, checks, leaves, held_fixed, steps)
+
+    def _probe_nonfinite(self, paths) -> bool:
+        pr = self.probe
+        found = [f"parameter leaf {p or '(root)'} contains NaN/Inf"
+                 for p, ok in zip(paths, pr["params_finite"]) if not ok]
+        found += [f"fn's output {p or '(root)'} is NaN/Inf at params"
+                  for p, ok in zip(self.problem.out_paths, pr["outputs_finite"]) if not ok]
+        if "grad_finite" in pr:
+            source = "grad_fn" if self.problem.grad_fn is not None else "autodiff"
+            found += [f"the gradient ({source}) of leaf {p or '(root)'} is NaN/Inf"
+                      for p, ok in zip(paths, pr["grad_finite"]) if not ok]
+        self.problems += found
+        return bool(found)
+
+    def _ladder(self, index, rows, h0):
+        """Evaluate at h0; if the fourth differences show the step was wrong, take one more
+        step: smaller when they shrink with h (kinks) or truncation dominates, larger when
+        they do not (the function computes in lower precision than the reference)."""
+        p1 = self._pass(index, rows, h0)
+        eps = _precision.eps(self.reference)
+        fd = p1.fd
+        if fd.relative_noise > 100 * eps:
+            p2 = self._pass(index, rows, h0 / 16)
+            if p2.fd.noise < fd.noise / 4:  # d4 scales with h: kinks, not noise
+                kinked = self._assess(p2.phis, p2.phi0, h0 / 16, from_data=False)
+                return dataclasses.replace(p2, fd=kinked), (h0, h0 / 16)
+            factor = min(1e3, (fd.relative_noise / eps) ** (1 / 3))
+            p3 = self._pass(index, rows, h0 * factor)
+            return p3, (h0, h0 / 16, h0 * factor)
+        if fd.truncation > 10 * fd.roundoff or fd.num_nonsmooth > 0:
+            p2 = self._pass(index, rows, h0 / 8)
+            better = (p2.fd.smooth.sum(), -_noise(p2)) > (fd.smooth.sum(), -_noise(p1))
+            return (p2 if better else p1), (h0, h0 / 8)
+        return p1, (h0,)
+
+    def _pass(self, index, rows, h) -> _Pass:
+        native = {}
+        if "forward" in self.modes or not self.problem.scalar_output:
+            modes = tuple(m for m in self.modes
+                          if m == "forward" or not self.problem.scalar_output)
+            native = _numpy(self.timer.run(
+                functools.partial(_autodiff.projections, self.problem, modes, self.kind,
+                                  self.chunk),
+                self.key, self.inputs.diff, self.inputs.traced(), rows.astype(np.float32),
+                index, self.probe["output_scales"].astype(np.float32)))
+        out = self._reference(index, rows, h)
+        self.evaluations += 4 * len(index) + 1
+        fd = self._assess(out["phis"], out["phi0"], h, from_data=True)
+        rev = out.get("test_rev", native.get("rev"))
+        return _Pass(fd, rev, native.get("fwd"), out.get("ref_rev"), out.get("ref_fwd"),
+                     out["phis"], out["phi0"])
+
+    def _assess(self, phis, phi0, h, from_data: bool) -> _error_model.Differences:
+        return _error_model.assess(phis, phi0, h, _precision.eps(self.reference),
+                                   self._floors(None)["nonsmooth"], noise_from_data=from_data)
+
+    def _reference(self, index, rows, h) -> dict:
+        """The finite-difference program, in float64 when the policy allows it."""
+        if self.reference is None:
+            wanted = _precision.reference_dtype(self.policy, self.tested)
+            try:
+                return self._reference_in(wanted, index, rows, h)
+            except Exception as err:  # noqa: BLE001 - any failure of fn in float64
+                if self.policy != "auto" or wanted == _precision.reference_dtype("native", self.tested):
+                    raise
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                self.problems.append(
+                    f"fn could not run in float64 ({type(err).__name__}: {first[:120]}); "
+                    "finite differences use the model's precision, so the resolution is coarser"
+                )
+                wanted = _precision.reference_dtype("native", self.tested)
+            return self._reference_in(wanted, index, rows, h)
+        return self._reference_in(self.reference, index, rows, h)
+
+    def _reference_in(self, dtype, index, rows, h) -> dict:
+        with _precision.x64_scope(True) if dtype == jnp.float64 else contextlib.nullcontext():
+            inputs = self.inputs.cast(dtype)
+            g = self.probe.get("grad")
+            with_rule = _precision.eps(dtype) < _precision.eps(self.tested)
+            out = _numpy(self.timer.run(
+                functools.partial(_differences.reference, self.problem, self.modes, self.kind,
+                                  self.chunk, with_rule),
+                self.key, inputs.diff, inputs.traced(), rows.astype(dtype), index,
+                self.probe["output_scales"].astype(dtype), g, np.asarray(h, dtype)))
+        self.reference = jnp.dtype(dtype)
+        return out
+
+    # -- judging --------------------------------------------------------------------------
+
+    def _floors(self, fd) -> dict:
+        """Smallest relative errors that count as bugs, per comparison."""
+        eps_t, eps_r = _precision.eps(self.tested), _precision.eps(self.reference)
+        with_rule = eps_r < eps_t
+        eps_eff = max(eps_r, fd.relative_noise if fd is not None else 0.0)
+        rule = max(1e-6, 10 * eps_eff ** (2 / 3))
+        tested = 10 * eps_t if with_rule else max(1e-6, math.sqrt(eps_t))
+        if self.rtol is not None:
+            rule, tested = self.rtol, self.rtol
+        return {"rule": rule, "tested": tested, "nonsmooth": rule if with_rule else tested}
+
+    def _compare(self, p: _Pass) -> tuple:
+        floors = self._floors(p.fd)
+        t, r = self.tested.name, self.reference.name
+        with_rule = _precision.eps(self.reference) < _precision.eps(self.tested)
+        source = "grad_fn" if self.problem.grad_fn is not None else "autodiff"
+        checks = []
+        for mode, a, a_ref in (("reverse", p.rev, p.ref_rev), ("forward", p.fwd, p.ref_fwd)):
+            if mode not in self.modes:
+                continue
+            checks.append(_error_model.compare(
+                f"{mode} {source} ({t}) vs finite differences ({r})", p.fd, a, floors["tested"],
+                a_ref if with_rule else None))
+            if with_rule:
+                checks.append(_error_model.compare(
+                    f"{mode} {source}, same rule in {r}, vs finite differences", p.fd, a_ref,
+                    floors["rule"]))
+        if len(self.modes) == 2:
+            rounding = math.hypot(checks[0].rounding, checks[-2 if with_rule else -1].rounding)
+            checks.append(_error_model.consistency(
+                f"forward vs reverse ({t}), <u, J v> = <J^T u, v>", p.fwd, p.rev,
+                floors["tested"], rounding))
+        return tuple(checks)
+
+    def _status(self, p: _Pass, checks, k, problems) -> Status:
+        bad = int(np.sum(~p.fd.finite))
+        if bad:
+            problems.append(
+                f"finite differences are NaN/Inf along {bad} of {k} directions: fn is not finite "
+                f"within a relative step {p.fd.h:.1e} of params"
+            )
+            return Status.NONFINITE
+        used = int(p.fd.smooth.sum())
+        if used < max(3, k // 2):
+            problems.append(
+                f"only {used} of {k} directions are smooth at this point; non-smooth directions "
+                "(kinks within the step) are excluded from the verdict"
+            )
+            return Status.INCONCLUSIVE
+        head = checks[0]
+        if head.noise_floor > MAX_NOISE_FLOOR:
+            problems.append(
+                f"finite-difference noise floor {head.noise_floor:.1e} is too coarse to judge "
+                "the gradient"
+            )
+            return Status.INCONCLUSIVE
+        return Status.PASS if all(c.passed for c in checks) else Status.FAIL
+
+    # -- localization ---------------------------------------------------------------------
+
+    def _localize(self, scales, leaf_k, h, paths) -> tuple:
+        n_leaves = len(scales)
+        index = np.tile(LEAF_INDEX_OFFSET + np.arange(leaf_k, dtype=np.int32), n_leaves)
+        rows = np.repeat(np.diag(scales), leaf_k, axis=0)
+        p = self._pass(index, rows, h)
+        results = []
+        for l, (path, x) in enumerate(zip(paths, self.inputs.diff)):
+            sl = slice(l * leaf_k, (l + 1) * leaf_k)
+            sub = _Pass(_slice_fd(p.fd, sl), *(None if v is None else v[sl] for v in
+                        (p.rev, p.fwd, p.ref_rev, p.ref_fwd, p.phis, p.phi0)))
+            checks = self._compare(sub)
+            status = self._status(sub, checks, leaf_k, [])
+            head = checks[0]
+            results.append(LeafResult(path, tuple(x.shape), str(x.dtype), head.relative_error,
+                                      head.interval, head.tolerance, sub.fd.num_nonsmooth,
+                                      status))
+        return tuple(results)
+
+    def _merge_leaves(self, status, leaves) -> Status:
+        failing = [leaf.path or "(root)" for leaf in leaves if leaf.status is Status.FAIL]
+        if failing:
+            self.problems.append(f"wrong: {', '.join(failing)}")
+            return Status.FAIL if status is not Status.NONFINITE else status
+        if status is Status.FAIL:
+            self.problems.append(
+                "no single leaf fails on its own: the error is spread thinly over several "
+                "leaves, or comes from their interaction"
+            )
+        return status
+
+    # -- report ---------------------------------------------------------------------------
+
+    def _report(self, status, k, p, checks, leaves, held_fixed, steps) -> Report:
+        head = checks[0] if checks else None
+        nan = math.nan
+        ref = self.reference or _precision.reference_dtype(self.policy, self.tested)
+        analytic = None
+        if p is not None:
+            analytic = p.rev if p.rev is not None else p.fwd
+        return Report(
+            status=status,
+            relative_error=head.relative_error if head else nan,
+            interval=head.interval if head else (nan, nan),
+            tolerance=head.tolerance if head else nan,
+            noise_floor=head.noise_floor if head else nan,
+            checks=tuple(checks),
+            leaves=tuple(leaves),
+            held_fixed=tuple(held_fixed),
+            mode="+".join(self.modes),
+            tested_dtype=self.tested.name,
+            reference_dtype=jnp.dtype(ref).name,
+            steps=tuple(float(s) for s in steps),
+            num_directions=k,
+            num_nonsmooth=p.fd.num_nonsmooth if p else 0,
+            num_nonfinite=int(np.sum(~p.fd.finite)) if p else 0,
+            num_subgradient_consistent=(
+                _error_model.subgradient_consistent(p.fd, analytic) if p else 0),
+            num_evaluations=self.evaluations,
+            problems=tuple(self.problems),
+            compile_seconds=self.timer.compile_s,
+            run_seconds=self.timer.run_s,
+            numeric=None if p is None else np.asarray(p.numeric),
+            analytic=None if analytic is None else np.asarray(analytic, np.float64),
+        )
+
+
+def _noise(p: _Pass) -> float:
+    fd = p.fd
+    use = fd.smooth
+    if not use.any():
+        return math.inf
+    return float(np.sqrt(np.mean(fd.bar[use] ** 2)) / max(np.sqrt(np.mean(fd.value[use] ** 2)), 1e-300))
+
+
+def _slice_fd(fd: _error_model.Differences, sl) -> _error_model.Differences:
+    return dataclasses.replace(
+        fd, value=fd.value[sl], bar=fd.bar[sl], finite=fd.finite[sl], smooth=fd.smooth[sl],
+        slopes=(fd.slopes[0][sl], fd.slopes[1][sl]))
+
+
+def _numpy(tree):
+    import jax  # noqa: PLC0415
+
+    return jax.tree_util.tree_map(np.asarray, tree)
