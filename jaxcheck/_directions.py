@@ -66,22 +66,37 @@ def leaf_scales(leaves) -> jax.Array:
     return jnp.where(rms > 0, rms, floor)
 
 
-def balance(scales: np.ndarray, grad_norms: np.ndarray, dynamic_range: float) -> np.ndarray:
-    """Per-leaf step weights that make every leaf contribute about equally.
+def balance(scales, grad_norms, dynamic_range: float, min_total: float = 0.0):
+    """Per-leaf step sizes beta_l that make every leaf contribute about equally.
 
-    Leaf l's share of a directional derivative has standard deviation c_l = s_l * |g_l|.
-    Leaves above c_ref = max(min_l c_l, dynamic_range * max_l c_l) are scaled down to c_ref;
-    no leaf is ever perturbed more than its natural relative step. The measured error is
-    then close to the root-mean-square over leaves of each leaf's own relative error, so a
-    bug confined to a small leaf is not drowned by the large ones.
+    Leaf l's share of a directional derivative has standard deviation c_l = s_l |g_l|
+    (s_l its scale, g_l its gradient). Leaves above a level c_ref are scaled down to it, so
+    that a bug confined to a small leaf is not drowned by the large ones; no leaf is ever
+    perturbed more than its natural relative step. c_ref is the smallest level that keeps
+    (a) every leaf within `dynamic_range` of the largest, and (b) the total derivative
+    sqrt(sum_l min(c_l, c_ref)^2) at least `min_total`, below which roundoff would swamp it.
+
+    Returns (beta, share): the step sizes and each leaf's share of the derivative variance.
     """
-    c = scales * grad_norms
-    positive = c[c > 0]
+    scales = np.asarray(scales, np.float64)
+    c = scales * np.asarray(grad_norms, np.float64)
+    positive = np.sort(c[c > 0])
     if positive.size == 0:
-        return scales.copy()
-    c_ref = max(positive.min(), dynamic_range * positive.max())
+        return scales.copy(), np.zeros_like(scales)
+    c_ref = max(positive[0], dynamic_range * positive[-1])
+    total = lambda level: np.sqrt(np.sum(np.minimum(positive, level) ** 2))  # noqa: E731
+    if total(c_ref) < min_total:
+        lo, hi = c_ref, positive[-1]
+        if total(hi) <= min_total:
+            c_ref = hi
+        else:
+            for _ in range(60):  # bisection in log space
+                mid = np.sqrt(lo * hi)
+                lo, hi = (mid, hi) if total(mid) < min_total else (lo, mid)
+            c_ref = hi
     weights = np.where(c > c_ref, c_ref / np.where(c > 0, c, 1.0), 1.0)
-    return scales * weights
+    contribution = (c * weights) ** 2
+    return scales * weights, contribution / contribution.sum()
 
 
 def cotangent(keys, index, scales, like, kind: str) -> list:

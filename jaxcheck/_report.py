@@ -85,7 +85,8 @@ class Report:
     mode: str
     tested_dtype: str
     reference_dtype: str
-    steps: tuple[float, ...]
+    step: float
+    steps_tried: tuple[float, ...]
     num_directions: int
     num_nonsmooth: int
     num_nonfinite: int
@@ -186,11 +187,13 @@ def render(r: Report) -> str:
         f"  {r.num_directions} directions ({r.num_nonsmooth} non-smooth, {r.num_nonfinite} "
         f"non-finite{smooth_note}), {r.num_evaluations} evaluations of fn"
     )
-    steps = ", ".join(_e(h) for h in r.steps)
+    tried = ""
+    if len(r.steps_tried) > 1:
+        tried = f", tried {', '.join(_e(h) for h in r.steps_tried)}"
     lines.append(
         f"  {r.mode}-mode derivative in {r.tested_dtype}; reference: central differences in "
-        f"{r.reference_dtype} at relative step h = {steps} (h and h/2, Richardson); "
-        f"compile {r.compile_seconds:.2f} s, run {r.run_seconds:.2f} s"
+        f"{r.reference_dtype}, steps h and h/2 with Richardson, relative h = {_e(r.step)}"
+        f"{tried}; compile {r.compile_seconds:.2f} s, run {r.run_seconds:.2f} s"
     )
     if r.status is not Status.PASS:
         lines.append("  " + r.status.advice)

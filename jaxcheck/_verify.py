@@ -17,6 +17,8 @@ from ._report import LeafResult, Report, Status
 
 LEAF_INDEX_OFFSET = 2**30  # leaf-local directions use indices disjoint from the global ones
 MAX_NOISE_FLOOR = 0.025  # a reference noisier than this cannot resolve a few-percent bug
+MAX_STEP = 0.05  # largest relative step; larger ones probe the function, not its derivative
+COVERAGE_ERROR = 1e-3  # leaves where a 0.1 % error might go unseen globally are checked alone
 
 
 def verify(
@@ -146,7 +148,7 @@ def _validate(fn, grad_fn, k, mode, precision, step, rtol, localize, leaf_k, kin
 
 @dataclasses.dataclass(frozen=True)
 class _Pass:
-    """Finite differences along a set of directions at one step, and the projections."""
+    """Finite differences along one group of directions, and the projections onto them."""
 
     fd: _error_model.Differences
     rev: np.ndarray | None  # derivative under test, reverse mode
@@ -155,6 +157,7 @@ class _Pass:
     ref_fwd: np.ndarray | None
     phis: np.ndarray
     phi0: np.ndarray
+    step: float  # relative step actually taken
 
     @property
     def numeric(self) -> np.ndarray:
@@ -188,24 +191,42 @@ class _Run:
         paths = self.problem.params.paths_of(_tree.DIFF)
         nonfinite = self._probe_nonfinite(paths)
         ref = _precision.reference_dtype(self.policy, self.tested)
-        scales = self.probe["leaf_scales"].astype(np.float64)
-        beta = scales
-        if reverse:
-            beta = _directions.balance(scales, self.probe["grad_norms"].astype(np.float64),
-                                       _precision.eps(ref) ** 0.25)
         if nonfinite:
             return self._report(Status.NONFINITE, k, None, (), (), held_fixed, ())
-        index = np.arange(k, dtype=np.int32)
-        rows = np.tile(beta, (k, 1))
+        scales = self.probe["leaf_scales"].astype(np.float64)
         h0 = step if step is not None else _precision.default_step(ref)
-        p, steps = self._ladder(index, rows, h0)
+        beta, share = scales, None
+        if reverse:
+            beta, share = _directions.balance(
+                scales, self.probe["grad_norms"].astype(np.float64),
+                _precision.eps(ref) ** 0.25, self._needed_derivative(ref, h0))
+        index = np.arange(k, dtype=np.int32)
+        [(p, steps)] = self._ladder(index, np.tile(beta, (k, 1)), h0, [slice(0, k)])
         checks = self._compare(p)
         status = self._status(p, checks, k, self.problems)
         leaves = ()
+        chosen = []
         if localize is True or (localize == "auto" and status is Status.FAIL):
-            leaves = self._localize(scales, leaf_k, p.fd.h, paths)
+            chosen = list(range(len(paths)))
+        elif localize == "auto" and status is Status.PASS and share is not None:
+            # leaves whose 1 % error the all-leaf check could not see: check them alone
+            chosen = [i for i, s in enumerate(share)
+                      if COVERAGE_ERROR * math.sqrt(s) <= checks[0].tolerance]
+        if chosen:
+            leaves = self._localize(scales, leaf_k, h0, paths, chosen)
             status = self._merge_leaves(status, leaves)
         return self._report(status, k, p, checks, leaves, held_fixed, steps)
+
+    def _needed_derivative(self, ref, h) -> float:
+        """Smallest RMS directional derivative whose roundoff error bar (~15 sigma / h, with
+        sigma ~ 10 eps |phi|) stays at a tenth of the smallest tolerance."""
+        if self.problem.scalar_output:
+            magnitude = abs(float(self.probe["value"]))
+        else:
+            magnitude = math.sqrt(sum(math.prod(s) for s in self.problem.out_shapes))
+        eps_r, eps_t = _precision.eps(ref), _precision.eps(self.tested)
+        floor = max(1e-6, 10 * eps_r ** (2 / 3)) if eps_r < eps_t else max(1e-6, eps_t**0.5)
+        return 15 * 10 * eps_r * magnitude / (h * 0.1 * floor)
 
     def _probe_nonfinite(self, paths) -> bool:
         pr = self.probe
@@ -220,43 +241,87 @@ class _Run:
         self.problems += found
         return bool(found)
 
-    def _ladder(self, index, rows, h0):
-        """Evaluate at h0; if the fourth differences show the step was wrong, take one more
-        step: smaller when they shrink with h (kinks) or truncation dominates, larger when
-        they do not (the function computes in lower precision than the reference)."""
-        p1 = self._pass(index, rows, h0)
-        eps = _precision.eps(self.reference)
-        fd = p1.fd
-        if fd.relative_noise > 100 * eps:
-            p2 = self._pass(index, rows, h0 / 16)
-            if p2.fd.noise < fd.noise / 4:  # d4 scales with h: kinks, not noise
-                kinked = self._assess(p2.phis, p2.phi0, h0 / 16, from_data=False)
-                return dataclasses.replace(p2, fd=kinked), (h0, h0 / 16)
-            factor = min(1e3, (fd.relative_noise / eps) ** (1 / 3))
-            p3 = self._pass(index, rows, h0 * factor)
-            return p3, (h0, h0 / 16, h0 * factor)
-        if fd.truncation > 10 * fd.roundoff or fd.num_nonsmooth > 0:
-            p2 = self._pass(index, rows, h0 / 8)
-            better = (p2.fd.smooth.sum(), -_noise(p2)) > (fd.smooth.sum(), -_noise(p1))
-            return (p2 if better else p1), (h0, h0 / 8)
-        return p1, (h0,)
+    def _ladder(self, index, rows, h, groups):
+        """Finite differences for each group of directions (a slice of the rows), each with
+        its own step: the step h times a factor applied to the group's rows.
 
-    def _pass(self, index, rows, h) -> _Pass:
+        After a first evaluation, a group whose fourth differences are far above the
+        reference precision's rounding has kinks (they shrink with the step) or computes in
+        lower precision than the reference (they do not): it takes a smaller, respectively a
+        larger step. A group whose noise floor is above target moves to the step that
+        balances roundoff (~1/h) against truncation (~h^2). Returns one (_Pass, steps) per
+        group, keeping for each the evaluation with most smooth directions, then lowest noise.
+        """
+        factors = np.ones(len(groups))
+        out = self._evaluate(index, rows, h)
+        eps = _precision.eps(self.reference)
+        best = [self._group(out, g, h, 1.0) for g in groups]
+        tried = [[h] for _ in groups]
+        suspect = [p.fd.relative_noise > 100 * eps for p in best]
+        for i, p in enumerate(best):
+            if suspect[i]:
+                factors[i] = 1 / 16
+            elif p.fd.noise_floor > 0.1 * self._floors(p.fd)["nonsmooth"] or p.fd.num_nonsmooth:
+                f = min(max(p.fd.better_step(), 1e-3), 1e3, MAX_STEP / h)
+                factors[i] = min(f, 1 / 8) if p.fd.num_nonsmooth else f
+        factors[(factors >= 0.5) & (factors <= 2)] = 1.0
+        if np.all(factors == 1.0):
+            return list(zip(best, map(tuple, tried)))
+        out2 = self._evaluate(index, _scale_rows(rows, groups, factors), h)
+        again = np.ones(len(groups))
+        for i, g in enumerate(groups):
+            if factors[i] == 1.0:
+                continue
+            p2 = self._group(out2, g, h, factors[i])
+            tried[i].append(h * factors[i])
+            if suspect[i] and p2.fd.noise < best[i].fd.noise / 4:  # d4 shrank with h: kinks
+                kinked = self._assess(p2.phis, p2.phi0, h, from_data=False)
+                best[i] = dataclasses.replace(p2, fd=kinked)
+            elif suspect[i]:  # d4 did not shrink: the function is noisier than the reference
+                again[i] = min(1e3, (best[i].fd.relative_noise / eps) ** (1 / 3), MAX_STEP / h)
+            else:
+                best[i] = _better(best[i], p2)
+        if np.any(again != 1.0):
+            out3 = self._evaluate(index, _scale_rows(rows, groups, again), h)
+            for i, g in enumerate(groups):
+                if again[i] != 1.0:
+                    tried[i].append(h * again[i])
+                    best[i] = _better(best[i], self._group(out3, g, h, again[i]))
+        return list(zip(best, map(tuple, tried)))
+
+    def _evaluate(self, index, rows, h) -> dict:
+        """Run the programs along directions `index` with per-leaf step sizes `rows`."""
         native = {}
         if "forward" in self.modes or not self.problem.scalar_output:
             modes = tuple(m for m in self.modes
                           if m == "forward" or not self.problem.scalar_output)
-            native = _numpy(self.timer.run(
-                functools.partial(_autodiff.projections, self.problem, modes, self.kind,
-                                  self.chunk),
-                self.key, self.inputs.diff, self.inputs.traced(), rows.astype(np.float32),
-                index, self.probe["output_scales"].astype(np.float32)))
+            try:
+                native = _numpy(self.timer.run(
+                    functools.partial(_autodiff.projections, self.problem, modes, self.kind,
+                                      self.chunk),
+                    self.key, self.inputs.diff, self.inputs.traced(), rows.astype(np.float32),
+                    index, self.probe["output_scales"].astype(np.float32)))
+            except TypeError as err:
+                if "forward" in modes and "custom_vjp" in str(err):
+                    raise TypeError(
+                        f"mode={'+'.join(self.modes)!r} needs forward-mode autodiff (jvp), but "
+                        "fn contains a jax.custom_vjp function, which has no jvp. Use "
+                        "mode='reverse' to check its custom rule."
+                    ) from err
+                raise
         out = self._reference(index, rows, h)
         self.evaluations += 4 * len(index) + 1
-        fd = self._assess(out["phis"], out["phi0"], h, from_data=True)
-        rev = out.get("test_rev", native.get("rev"))
-        return _Pass(fd, rev, native.get("fwd"), out.get("ref_rev"), out.get("ref_fwd"),
-                     out["phis"], out["phi0"])
+        out["rev"] = out.pop("test_rev", native.get("rev"))
+        out["fwd"] = native.get("fwd")
+        return out
+
+    def _group(self, out, sl, h, factor) -> _Pass:
+        def cut(name):
+            return None if out.get(name) is None else out[name][sl]
+
+        fd = self._assess(cut("phis"), cut("phi0"), h, from_data=True)
+        return _Pass(fd, cut("rev"), cut("fwd"), cut("ref_rev"), cut("ref_fwd"), cut("phis"),
+                     cut("phi0"), h * factor)
 
     def _assess(self, phis, phi0, h, from_data: bool) -> _error_model.Differences:
         return _error_model.assess(phis, phi0, h, _precision.eps(self.reference),
@@ -334,7 +399,7 @@ class _Run:
         if bad:
             problems.append(
                 f"finite differences are NaN/Inf along {bad} of {k} directions: fn is not finite "
-                f"within a relative step {p.fd.h:.1e} of params"
+                f"within a relative step {p.step:.1e} of params"
             )
             return Status.NONFINITE
         used = int(p.fd.smooth.sum())
@@ -355,22 +420,18 @@ class _Run:
 
     # -- localization ---------------------------------------------------------------------
 
-    def _localize(self, scales, leaf_k, h, paths) -> tuple:
-        n_leaves = len(scales)
-        index = np.tile(LEAF_INDEX_OFFSET + np.arange(leaf_k, dtype=np.int32), n_leaves)
-        rows = np.repeat(np.diag(scales), leaf_k, axis=0)
-        p = self._pass(index, rows, h)
+    def _localize(self, scales, leaf_k, h, paths, chosen) -> tuple:
+        index = np.tile(LEAF_INDEX_OFFSET + np.arange(leaf_k, dtype=np.int32), len(chosen))
+        rows = np.repeat(np.diag(scales)[chosen], leaf_k, axis=0)
+        groups = [slice(j * leaf_k, (j + 1) * leaf_k) for j in range(len(chosen))]
         results = []
-        for l, (path, x) in enumerate(zip(paths, self.inputs.diff)):
-            sl = slice(l * leaf_k, (l + 1) * leaf_k)
-            sub = _Pass(_slice_fd(p.fd, sl), *(None if v is None else v[sl] for v in
-                        (p.rev, p.fwd, p.ref_rev, p.ref_fwd, p.phis, p.phi0)))
-            checks = self._compare(sub)
-            status = self._status(sub, checks, leaf_k, [])
-            head = checks[0]
-            results.append(LeafResult(path, tuple(x.shape), str(x.dtype), head.relative_error,
-                                      head.interval, head.tolerance, sub.fd.num_nonsmooth,
-                                      status))
+        for l, (p, _) in zip(chosen, self._ladder(index, rows, h, groups)):
+            checks = self._compare(p)
+            status = self._status(p, checks, leaf_k, [])
+            head, x = checks[0], self.inputs.diff[l]
+            results.append(LeafResult(paths[l], tuple(x.shape), str(x.dtype),
+                                      head.relative_error, head.interval, head.tolerance,
+                                      p.fd.num_nonsmooth, status))
         return tuple(results)
 
     def _merge_leaves(self, status, leaves) -> Status:
@@ -406,7 +467,8 @@ class _Run:
             mode="+".join(self.modes),
             tested_dtype=self.tested.name,
             reference_dtype=jnp.dtype(ref).name,
-            steps=tuple(float(s) for s in steps),
+            step=p.step if p else math.nan,
+            steps_tried=tuple(float(s) for s in steps),
             num_directions=k,
             num_nonsmooth=p.fd.num_nonsmooth if p else 0,
             num_nonfinite=int(np.sum(~p.fd.finite)) if p else 0,
@@ -421,18 +483,16 @@ class _Run:
         )
 
 
-def _noise(p: _Pass) -> float:
-    fd = p.fd
-    use = fd.smooth
-    if not use.any():
-        return math.inf
-    return float(np.sqrt(np.mean(fd.bar[use] ** 2)) / max(np.sqrt(np.mean(fd.value[use] ** 2)), 1e-300))
+def _better(p1: _Pass, p2: _Pass) -> _Pass:
+    key = lambda p: (int(p.fd.smooth.sum()), -p.fd.noise_floor)  # noqa: E731
+    return p2 if key(p2) > key(p1) else p1
 
 
-def _slice_fd(fd: _error_model.Differences, sl) -> _error_model.Differences:
-    return dataclasses.replace(
-        fd, value=fd.value[sl], bar=fd.bar[sl], finite=fd.finite[sl], smooth=fd.smooth[sl],
-        slopes=(fd.slopes[0][sl], fd.slopes[1][sl]))
+def _scale_rows(rows, groups, factors):
+    rows = rows.copy()
+    for g, f in zip(groups, factors):
+        rows[g] *= f
+    return rows
 
 
 def _numpy(tree):
