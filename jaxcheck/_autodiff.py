@@ -34,7 +34,7 @@ def output_scales(outs: list):
     return jnp.where(jnp.isfinite(rms) & (rms > 0), rms, floor)
 
 
-def probe(problem, reverse: bool, key, diff, traced) -> dict:
+def probe(problem, reverse: bool, out_seeds, diff, traced) -> dict:
     outs = problem.outputs(diff, traced)
     scales = output_scales(outs)
     result = {
@@ -51,9 +51,8 @@ def probe(problem, reverse: bool, key, diff, traced) -> dict:
     elif problem.scalar_output:
         grad = jax.grad(lambda d: problem.outputs(d, traced)[0])(diff)
     else:
-        out_keys = _directions.stream_keys(key, "outputs", problem.out_paths)
         _, vjp_fn = jax.vjp(lambda d: problem.outputs(d, traced), diff)
-        cot = _directions.cotangent(out_keys, BALANCE_INDEX, scales, outs, "gaussian")
+        cot = _directions.cotangent(out_seeds, BALANCE_INDEX, scales, outs, "gaussian")
         grad = vjp_fn(cot)[0]
     result["grad_finite"] = jnp.stack([jnp.all(jnp.isfinite(g)) for g in grad])
     result["grad_norms"] = jnp.stack([jnp.sqrt(vdot([g], [g])) for g in grad])
@@ -62,10 +61,9 @@ def probe(problem, reverse: bool, key, diff, traced) -> dict:
     return result
 
 
-def projections(problem, modes, kind, chunk, key, diff, traced, beta_rows, index, out_scales):
+def projections(problem, modes, kind, chunk, seeds, diff, traced, beta_rows, index, out_scales):
     """Native-precision projections along directions `index` (rows of `beta_rows`)."""
-    p_keys = _directions.stream_keys(key, "params", problem.params.paths_of("diff"))
-    o_keys = _directions.stream_keys(key, "outputs", problem.out_paths)
+    p_seeds, o_seeds = seeds
     f = lambda d: problem.outputs(d, traced)  # noqa: E731
     if "reverse" in modes:
         outs, vjp_fn = jax.vjp(f, diff)
@@ -73,10 +71,10 @@ def projections(problem, modes, kind, chunk, key, diff, traced, beta_rows, index
         outs = f(diff)
 
     def one(k, beta):
-        v = _directions.direction(p_keys, k, diff, beta, kind)
+        v = _directions.direction(p_seeds, k, diff, beta, kind)
         cot = None
         if not problem.scalar_output:
-            cot = _directions.cotangent(o_keys, k, out_scales, outs, kind)
+            cot = _directions.cotangent(o_seeds, k, out_scales, outs, kind)
         res = {}
         if "reverse" in modes:
             seed = cot if cot is not None else [jnp.ones((), outs[0].dtype)]

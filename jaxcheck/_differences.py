@@ -18,13 +18,12 @@ from . import _autodiff, _directions, _plan
 OFFSETS = (-1.0, -0.5, 0.5, 1.0)
 
 
-def reference(problem, modes, kind, chunk, with_rule, key, diff, traced, beta_rows, index,
+def reference(problem, modes, kind, chunk, with_rule, seeds, diff, traced, beta_rows, index,
               out_scales, g_test, h):
     """Stencil values (n, 4) and centre values (n,) along directions `index`, plus
     projections of `g_test` ("test_rev") and, when `with_rule`, of the reference-precision
     derivatives of the same rule ("ref_rev", "ref_fwd")."""
-    p_keys = _directions.stream_keys(key, "params", problem.params.paths_of("diff"))
-    o_keys = _directions.stream_keys(key, "outputs", problem.out_paths)
+    p_seeds, o_seeds = seeds
     f = lambda d: problem.outputs(d, traced)  # noqa: E731
     dtype = diff[0].dtype
     offsets = h.astype(dtype) * jnp.asarray(OFFSETS, dtype)
@@ -41,10 +40,10 @@ def reference(problem, modes, kind, chunk, with_rule, key, diff, traced, beta_ro
         outs = f(diff)
 
     def one(k, beta):
-        v = _directions.direction(p_keys, k, diff, beta, kind)
+        v = _directions.direction(p_seeds, k, diff, beta, kind)
         cot = None
         if not problem.scalar_output:
-            cot = _directions.cotangent(o_keys, k, out_scales, outs, kind)
+            cot = _directions.cotangent(o_seeds, k, out_scales, outs, kind)
 
         def phi(t):
             moved = [x + t.astype(x.dtype) * vi for x, vi in zip(diff, v)]

@@ -1,11 +1,12 @@
 """Random directions in parameter space and random cotangents in output space.
 
-A direction is drawn per leaf from a key that depends only on the check's key, the leaf's
-key path and the direction's index, so adding an unrelated leaf or changing the chunking
-does not change the directions of the other leaves. Values are always drawn in float32 and
+A direction is drawn per leaf from a seed that depends only on the check's key and the
+leaf's key path, and on the direction's index, so adding an unrelated leaf or changing the
+chunking does not change the directions of the other leaves. Values are always drawn in float32 and
 then cast, so the native-precision and the float64 programs see the same directions.
 """
 
+import math
 import zlib
 
 import jax
@@ -30,28 +31,61 @@ def as_key(key):
     )
 
 
-def _seed(namespace: str, path: str) -> int:
-    return zlib.crc32(f"{namespace}:{path}".encode()) & 0x7FFFFFFF
+_MASK = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9
 
 
-def stream_keys(key, namespace: str, paths) -> list:
-    """One key per leaf path, independent of the other paths."""
-    return [jax.random.fold_in(key, _seed(namespace, p)) for p in paths]
+def _mix_int(x: int) -> int:
+    """32-bit avalanche mix (xor-shift-multiply), on Python ints."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _MASK
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _MASK
+    return x ^ (x >> 16)
 
 
-def draw(leaf_key, index, shape, kind: str):
-    """Draw direction number `index` of one leaf, as float32."""
-    k = jax.random.fold_in(leaf_key, index)
-    if kind == "gaussian":
-        return jax.random.normal(k, shape, jnp.float32)
-    return jax.random.rademacher(k, shape, jnp.float32)
+def _mix(x):
+    """The same mix on uint32 arrays (wrapping arithmetic)."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
 
 
-def direction(keys, index, leaves, beta, kind: str) -> list:
+def seeds(key, namespace: str, paths) -> np.ndarray:
+    """One 32-bit seed per leaf path, from the key and the path only."""
+    state = 0
+    for word in np.asarray(jax.random.key_data(key)).ravel().tolist():
+        state = _mix_int((state ^ int(word)) & _MASK)
+    out = [_mix_int(state ^ zlib.crc32(f"{namespace}:{p}".encode())) for p in paths]
+    return np.asarray(out, np.uint32)
+
+
+def draw(seed, index, shape, kind: str):
+    """Direction number `index` of the leaf with `seed`, as float32.
+
+    A counter-based generator: element i is a hash of (seed, index, i), turned into a
+    Gaussian by the inverse error function or into a random sign. It compiles to a few
+    integer operations, and any element can be drawn without drawing the others.
+    """
+    size = math.prod(shape)
+    base = _mix(seed ^ _mix(jnp.asarray(index).astype(jnp.uint32) * jnp.uint32(_GOLDEN)
+                            + jnp.uint32(1)))
+    bits = _mix(_mix(jnp.arange(size, dtype=jnp.uint32) * jnp.uint32(_GOLDEN) ^ base) + base)
+    if kind == "rademacher":
+        values = jnp.where((bits >> 31) == 1, 1.0, -1.0).astype(jnp.float32)
+    else:
+        uniform = ((bits >> 8).astype(jnp.float32) + 0.5) * (1.0 / 2**24)  # in (0, 1)
+        values = math.sqrt(2.0) * jax.lax.erf_inv(2.0 * uniform - 1.0)
+    return values.reshape(shape)
+
+
+def direction(leaf_seeds, index, leaves, beta, kind: str) -> list:
     """The direction `index`: leaf l is beta[l] * z_l, with z_l ~ N(0, I) or Rademacher."""
     return [
-        (beta[i] * draw(k, index, x.shape, kind).astype(beta.dtype)).astype(x.dtype)
-        for i, (k, x) in enumerate(zip(keys, leaves))
+        (beta[i] * draw(leaf_seeds[i], index, x.shape, kind).astype(beta.dtype)).astype(x.dtype)
+        for i, x in enumerate(leaves)
     ]
 
 
@@ -99,10 +133,10 @@ def balance(scales, grad_norms, dynamic_range: float, min_total: float = 0.0):
     return scales * weights, contribution / contribution.sum()
 
 
-def cotangent(keys, index, scales, like, kind: str) -> list:
+def cotangent(out_seeds, index, scales, like, kind: str) -> list:
     """A random output cotangent, each output leaf divided by its RMS magnitude so that
     outputs of very different scales count alike."""
     return [
-        (draw(k, index, y.shape, kind) / scales[i]).astype(y.dtype)
-        for i, (k, y) in enumerate(zip(keys, like))
+        (draw(out_seeds[i], index, y.shape, kind) / scales[i]).astype(y.dtype)
+        for i, y in enumerate(like)
     ]

@@ -88,6 +88,7 @@ def verify(
     """
     _validate(fn, grad_fn, num_directions, mode, precision, step, rtol, localize,
               leaf_directions, directions, chunk_size)
+    key = _directions.as_key(key)
     p_split, diff, p_arrays = _tree.split(params, "params")
     a_split, a_floats, a_arrays = _tree.split(args, "args")
     if not diff:
@@ -103,7 +104,8 @@ def verify(
         problem=problem,
         inputs=inputs,
         modes=("reverse", "forward") if mode == "both" else (mode,),
-        key=_directions.as_key(key),
+        seeds=(_directions.seeds(key, "params", p_split.paths_of(_tree.DIFF)),
+               _directions.seeds(key, "outputs", problem.out_paths)),
         kind=directions,
         chunk=chunk_size,
         tested=_precision.lowest(x.dtype for x in diff),
@@ -169,7 +171,7 @@ class _Run:
     problem: _problem.Problem
     inputs: _problem.Inputs
     modes: tuple[str, ...]
-    key: Any
+    seeds: tuple[np.ndarray, np.ndarray]  # per parameter leaf, per output leaf
     kind: str
     chunk: int | None
     tested: np.dtype
@@ -187,7 +189,7 @@ class _Run:
         reverse = "reverse" in self.modes
         self.probe = _numpy(self.timer.run(
             functools.partial(_autodiff.probe, self.problem, reverse),
-            self.key, self.inputs.diff, self.inputs.traced()))
+            self.seeds[1], self.inputs.diff, self.inputs.traced()))
         paths = self.problem.params.paths_of(_tree.DIFF)
         nonfinite = self._probe_nonfinite(paths)
         ref = _precision.reference_dtype(self.policy, self.tested)
@@ -299,7 +301,7 @@ class _Run:
                 native = _numpy(self.timer.run(
                     functools.partial(_autodiff.projections, self.problem, modes, self.kind,
                                       self.chunk),
-                    self.key, self.inputs.diff, self.inputs.traced(), rows.astype(np.float32),
+                    self.seeds, self.inputs.diff, self.inputs.traced(), rows.astype(np.float32),
                     index, self.probe["output_scales"].astype(np.float32)))
             except TypeError as err:
                 if "forward" in modes and "custom_vjp" in str(err):
@@ -353,7 +355,7 @@ class _Run:
             out = _numpy(self.timer.run(
                 functools.partial(_differences.reference, self.problem, self.modes, self.kind,
                                   self.chunk, with_rule),
-                self.key, inputs.diff, inputs.traced(), rows.astype(dtype), index,
+                self.seeds, inputs.diff, inputs.traced(), rows.astype(dtype), index,
                 self.probe["output_scales"].astype(dtype), g, np.asarray(h, dtype)))
         self.reference = jnp.dtype(dtype)
         return out
