@@ -17,8 +17,8 @@ error of a candidate derivative a against the reference R over the remaining dir
     err = RMS(R - a) / RMS(R),
 
 which for Gaussian directions estimates |W (g_checked - g_true)| / |W g_true|, W being the
-per-leaf step weights of `_directions.balance`. Its 95 % interval comes from the chi-square
-law of the numerator with one degree of freedom per direction. The comparison fails when
+per-leaf step weights of `_directions.balance`. Its 95 % interval comes from the F(n, n)
+law of the ratio of the two sums of squares (n directions used). The comparison fails when
 err exceeds max(floor, 2 * hypot(noise, rounding)), where noise is the RMS error bar of R
 relative to RMS(R) and rounding the measured difference between the derivative under test
 and the same rule in higher precision.
@@ -154,12 +154,16 @@ def consistency(name, a, b, floor: float, rounding: float) -> Comparison:
 
 
 def interval(err: float, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95 % interval of err = sqrt(chi2_n / n) * true, by the Wilson-Hilferty approximation."""
+    """95 % interval of a relative error measured over n Gaussian directions.
 
-    def quantile(zq):
-        return n * max(1 - 2 / (9 * n) + zq * math.sqrt(2 / (9 * n)), 1e-3) ** 3
-
-    return err * math.sqrt(n / quantile(z)), err * math.sqrt(n / quantile(-z))
+    err^2 / true^2 is a ratio of two chi-square(n) sums, F(n, n)-distributed when the error
+    is unrelated to the gradient (tighter when it is parallel). log F(n, n) is close to
+    normal with variance 2 psi'(n / 2), psi' the trigamma function.
+    """
+    x = n / 2
+    trigamma = 1 / x + 1 / (2 * x**2) + 1 / (6 * x**3) - 1 / (30 * x**5)
+    half_width = z * math.sqrt(2 * trigamma) / 2
+    return err * math.exp(-half_width), err * math.exp(half_width)
 
 
 def subgradient_consistent(fd: Differences, a) -> int:

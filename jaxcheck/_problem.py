@@ -72,13 +72,18 @@ class Problem:
 
 def with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
     """Trace `fn` abstractly once to learn and validate its output structure."""
-    params, args = problem.call(inputs.diff, *inputs.traced())
-    out = jax.eval_shape(lambda p, a: problem.fn(p, *a), params, args)
+    def call(diff, traced):
+        params, args = problem.call(diff, *traced)
+        return problem.fn(params, *args)
+
+    out = jax.eval_shape(call, inputs.diff, inputs.traced())
     if problem.has_aux:
         if not (isinstance(out, tuple) and len(out) == 2):
+            what = (f"an array of shape {out.shape}" if hasattr(out, "shape")
+                    else type(out).__name__)
             raise TypeError(
-                "has_aux=True, so fn must return a pair (output, aux); it returned "
-                f"{type(out).__name__}. Return (loss, aux) or drop has_aux=True."
+                f"has_aux=True, so fn must return a pair (output, aux); it returned {what}. "
+                "Return (loss, aux) or drop has_aux=True."
             )
         out = out[0]
     with_paths, treedef = jax.tree_util.tree_flatten_with_path(out)

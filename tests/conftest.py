@@ -1,0 +1,21 @@
+import jax
+import pytest
+
+
+@pytest.fixture
+def key():
+    return jax.random.key(0)
+
+
+@pytest.fixture
+def x64():
+    """Run a test with 64-bit types on, restoring the setting afterwards."""
+    with jax.enable_x64(True):
+        yield
+
+
+@pytest.fixture
+def strict_ranks():
+    """jaxcheck itself must not rely on implicit rank promotion."""
+    with jax.numpy_rank_promotion("raise"):
+        yield

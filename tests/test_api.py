@@ -1,0 +1,273 @@
+"""The public API: pytrees, held-fixed leaves, outputs, options, the report."""
+
+import collections
+import dataclasses
+import json
+
+import equinox as eqx
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxcheck
+from cases import bug
+
+
+def quartic(p):
+    return sum(jnp.sum(jnp.sin(x) * x**2) for x in jax.tree_util.tree_leaves(p))
+
+
+Pair = collections.namedtuple("Pair", ["a", "b"])
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Params:
+    w: jax.Array
+    b: jax.Array
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"w": jnp.arange(1.0, 4.0), "b": jnp.asarray(0.5)},
+        [jnp.ones((2, 2)), (jnp.arange(3.0), jnp.asarray([2.0]))],
+        Pair(jnp.ones(3), jnp.full((2,), -1.5)),
+        Params(jnp.ones((2, 3)), jnp.arange(2.0)),
+        jnp.asarray(1.3),
+        {"scalar": 2.0, "nested": {"x": np.linspace(0.1, 1.0, 4, dtype=np.float32)}},
+    ],
+    ids=["dict", "list-tuple", "namedtuple", "dataclass", "bare-array", "python-float-numpy"],
+)
+def test_pytree_kinds_pass(params, strict_ranks):
+    report = jaxcheck.verify(quartic, params)
+    assert report.status == "pass", str(report)
+    assert report.ok
+
+
+def test_held_fixed_leaves_are_listed_and_passed_through():
+    seen = {}
+
+    def loss(p):
+        seen["step"], seen["name"], seen["act"] = p["step"], p["name"], p["act"]
+        return jnp.sum(p["act"](p["w"]) ** 2) * (p["flag"] + 1)
+
+    params = {
+        "w": jnp.arange(1.0, 4.0),
+        "step": jnp.asarray(3, jnp.int32),
+        "flag": True,
+        "name": "layer",
+        "rng": jax.random.key(1),
+        "act": jnp.tanh,
+        "nothing": None,
+    }
+    report = jaxcheck.verify(loss, params)
+    assert report.status == "pass", str(report)
+    fixed = dict(report.held_fixed)
+    assert set(fixed) == {"['step']", "['flag']", "['name']", "['rng']", "['act']"}
+    assert fixed["['step']"] == "int32[]"
+    assert "key<fry>" in fixed["['rng']"]
+    assert seen["name"] == "layer" and seen["act"] is jnp.tanh
+    assert "held fixed: ['act']" in str(report)
+
+
+def test_inputs_are_not_modified():
+    w = jnp.arange(1.0, 5.0)
+    x = np.linspace(-1, 1, 4).astype(np.float32)
+    before_w, before_x = np.asarray(w).copy(), x.copy()
+    jaxcheck.verify(lambda p, x: jnp.sum(jnp.tanh(p * x)), w, x)
+    np.testing.assert_array_equal(np.asarray(w), before_w)
+    np.testing.assert_array_equal(x, before_x)
+    assert not w.is_deleted()
+
+
+def test_x64_is_scoped_to_the_check():
+    assert not jax.config.jax_enable_x64
+    report = jaxcheck.verify(quartic, {"w": jnp.ones(3)})
+    assert report.reference_dtype == "float64"
+    assert not jax.config.jax_enable_x64
+    assert jnp.zeros(2).dtype == jnp.float32
+
+
+def test_pytree_output_and_aux():
+    def fn(p, x):
+        y = {"big": 1e3 * jnp.tanh(x @ p["w"]), "small": 1e-5 * jnp.sin(p["w"]).sum(0)}
+        return y, {"note": jnp.asarray(1)}
+
+    params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(3, 4)), jnp.float32)}
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(5, 3)), jnp.float32)
+    assert jaxcheck.verify(fn, params, x, has_aux=True).status == "pass"
+
+    def buggy(p, x):  # 1 % error in the gradient reaching the tiny output only
+        y, aux = fn(p, x)
+        y["small"] = 1e-5 * jnp.sin(bug("scale", 0.01)(p["w"])).sum(0)
+        return y, aux
+
+    report = jaxcheck.verify(buggy, params, x, has_aux=True)
+    assert report.status == "fail", str(report)
+    assert report.relative_error > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["reverse", "forward", "both"])
+def test_modes_on_custom_jvp(mode):
+    @jax.custom_jvp
+    def f(x):
+        return jnp.sin(x)
+
+    @f.defjvp
+    def f_jvp(primals, tangents):
+        (x,), (t,) = primals, tangents
+        return jnp.sin(x), jnp.cos(x) * t
+
+    @jax.custom_jvp
+    def g(x):
+        return jnp.sin(x)
+
+    @g.defjvp
+    def g_jvp(primals, tangents):  # tangent off by 0.5 %
+        (x,), (t,) = primals, tangents
+        return jnp.sin(x), 1.005 * jnp.cos(x) * t
+
+    p = jnp.linspace(0.1, 2.0, 5)
+    good = jaxcheck.verify(lambda p: jnp.sum(f(p) ** 2), p, mode=mode)
+    bad = jaxcheck.verify(lambda p: jnp.sum(g(p) ** 2), p, mode=mode)
+    assert good.status == "pass", str(good)
+    assert bad.status == "fail", str(bad)
+    assert bad.relative_error == pytest.approx(0.005, rel=0.05)
+    names = [c.name for c in good.checks]
+    assert any(n.startswith(mode if mode != "both" else "forward vs reverse") for n in names)
+
+
+def test_forward_vs_reverse_consistency_check():
+    report = jaxcheck.verify(lambda p: {"y": jnp.tanh(p) * 2.0}, jnp.linspace(-1, 1, 6),
+                             mode="both")
+    consistency = [c for c in report.checks if c.name.startswith("forward vs reverse")]
+    assert len(consistency) == 1 and consistency[0].passed
+    assert consistency[0].relative_error < 1e-6
+
+
+def test_custom_vjp_with_forward_mode_says_what_to_do():
+    with pytest.raises(TypeError, match="custom_vjp function, which has no jvp. Use mode='reverse'"):
+        jaxcheck.verify(lambda p: jnp.sum(bug("scale", 0.0)(p) ** 2), jnp.ones(3), mode="both")
+
+
+def test_grad_fn_hand_written():
+    def loss(p, x):
+        return jnp.sum((x @ p["w"]) ** 2) + jnp.sum(p["b"] ** 2)
+
+    def good(p, x):
+        return {"w": 2 * x.T @ (x @ p["w"]), "b": 2 * p["b"]}
+
+    def bad(p, x):
+        return {"w": 2 * x.T @ (x @ p["w"]), "b": 2.02 * p["b"]}
+
+    params = {"w": jnp.ones((3, 2)), "b": jnp.arange(1.0, 3.0)}
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)), jnp.float32)
+    assert jaxcheck.verify(loss, params, x, grad_fn=good).status == "pass"
+    report = jaxcheck.verify(loss, params, x, grad_fn=bad)
+    assert report.status == "fail"
+    assert [leaf.path for leaf in report.leaves if leaf.status == "fail"] == ["['b']"]
+    assert "grad_fn" in report.checks[0].name
+
+
+def test_raise_on_failure_raises_assertion_with_report():
+    with pytest.raises(jaxcheck.GradientCheckError) as info:
+        jaxcheck.verify(lambda p: jnp.sum(bug("scale", 0.1)(p) ** 3), jnp.ones(3),
+                        raise_on_failure=True)
+    assert isinstance(info.value, AssertionError)
+    assert info.value.report.status == "fail"
+    text = str(info.value)
+    assert text.startswith("jaxcheck.verify: FAIL")
+    assert "autodiff" in text and "finite differences" in text
+    assert type(info.value).__module__ == "jaxcheck"
+    # and a passing check returns normally
+    assert jaxcheck.verify(quartic, jnp.ones(3), raise_on_failure=True).ok
+
+
+def test_report_contents_and_serialization():
+    report = jaxcheck.verify(quartic, {"w": jnp.ones(3), "n": 3}, num_directions=8)
+    assert report.num_directions == 8
+    assert report.numeric.shape == (8,) and report.analytic.shape == (8,)
+    np.testing.assert_allclose(report.numeric, report.analytic, rtol=1e-5)
+    assert report.num_evaluations >= 8 * 4 + 1
+    assert report.interval[0] <= report.relative_error <= report.interval[1]
+    assert report.compile_seconds > 0 and report.run_seconds > 0
+    data = report.to_dict()
+    assert json.loads(json.dumps(data))["status"] == "pass"
+    assert data["ok"] is True and data["held_fixed"] == [["['n']", "3"]]
+    leaves, treedef = jax.tree_util.tree_flatten(report)
+    assert len(leaves) == 2
+    assert jax.tree_util.tree_unflatten(treedef, leaves).status == "pass"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        report.status = "fail"
+    text = str(report)
+    assert text.splitlines()[0] == "jaxcheck.verify: PASS — gradient is consistent with finite differences"
+    assert "relative error" in text and "tolerance" in text
+
+
+def test_same_key_same_result_and_leaf_directions_independent():
+    p = {"a": jnp.linspace(0.1, 1.0, 5), "b": jnp.ones(2)}
+    r1 = jaxcheck.verify(quartic, p, key=3)
+    r2 = jaxcheck.verify(quartic, p, key=jax.random.key(3))
+    np.testing.assert_array_equal(r1.numeric, r2.numeric)
+    assert r1.relative_error == r2.relative_error
+    r3 = jaxcheck.verify(quartic, p, key=4)
+    assert not np.array_equal(r1.numeric, r3.numeric)
+
+
+def test_equinox_module():
+    model = eqx.nn.MLP(3, 2, 8, 2, key=jax.random.key(0))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 3)), jnp.float32)
+
+    def loss(m, x):
+        return jnp.mean(jax.vmap(m)(x) ** 2)
+
+    report = jaxcheck.verify(loss, model, x)
+    assert report.status == "pass", str(report)
+    fixed = [p for p, _ in report.held_fixed]
+    assert any("activation" in p for p in fixed)
+
+
+def test_flax_linen_params_with_planted_bug():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.tanh(nn.Dense(8)(x))
+            return nn.Dense(1)(x)
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)), jnp.float32)
+    variables = Net().init(jax.random.key(0), x)
+
+    def loss(v, x):
+        return jnp.mean(Net().apply(v, x) ** 2)
+
+    assert jaxcheck.verify(loss, variables, x).status == "pass"
+
+    def buggy(v, x):
+        kernel = v["params"]["Dense_0"]["kernel"]
+        v = jax.tree_util.tree_map(lambda a: a, v)
+        v["params"]["Dense_0"]["kernel"] = bug("scale", 0.02)(kernel)
+        return loss(v, x)
+
+    report = jaxcheck.verify(buggy, variables, x)
+    assert report.status == "fail"
+    assert [leaf.path for leaf in report.leaves if leaf.status == "fail"] == [
+        "['params']['Dense_0']['kernel']"]
+
+
+def test_chunked_evaluation_matches_vmapped():
+    p = {"w": jnp.linspace(-1.0, 1.0, 7)}
+    full = jaxcheck.verify(quartic, p)
+    chunked = jaxcheck.verify(quartic, p, chunk_size=3)
+    np.testing.assert_allclose(full.numeric, chunked.numeric, rtol=1e-12)
+    assert chunked.status == "pass"
+
+
+def test_rademacher_directions():
+    report = jaxcheck.verify(quartic, jnp.linspace(0.5, 1.5, 6), directions="rademacher")
+    assert report.status == "pass"
+    bad = jaxcheck.verify(lambda p: quartic(bug("scale", 0.01)(p)), jnp.linspace(0.5, 1.5, 6),
+                          directions="rademacher")
+    assert bad.status == "fail"

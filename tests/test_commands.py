@@ -1,0 +1,30 @@
+"""The commands README.md promises: the demo runs, CI runs the README's test command."""
+
+import pathlib
+import re
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _readme_commands():
+    return re.findall(r"```bash\n(.+?)\n```", (ROOT / "README.md").read_text())
+
+
+def test_readme_opens_with_the_two_commands():
+    demo, tests = _readme_commands()[:2]
+    assert demo.endswith("python -m jaxcheck demo")
+    assert tests.endswith("python -m pytest")
+    assert tests in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_demo_runs_and_every_example_comes_out_as_expected():
+    result = subprocess.run([sys.executable, "-m", "jaxcheck", "demo"], capture_output=True,
+                            text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "6 of 6 examples came out as expected" in out
+    assert out.count("jaxcheck.verify: FAIL") == 2
+    assert out.count("jaxcheck.verify: PASS") == 4
+    assert "! wrong: ['layers'][1]['w']" in out

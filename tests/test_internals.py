@@ -1,0 +1,102 @@
+"""Unit tests of the pieces: direction generator, step balancing, error model."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcheck import _differences, _directions, _error_model
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+def test_directions_have_unit_variance_and_are_uncorrelated(kind):
+    draw = jax.jit(lambda s, i: _directions.draw(s, i, (200, 50), kind))
+    a, b = np.asarray(draw(np.uint32(7), 0)), np.asarray(draw(np.uint32(7), 1))
+    # 10^4 samples: standard errors 0.01 (mean, correlation) and 0.014 (variance); 4 sigma
+    assert abs(a.mean()) < 0.04 and abs(a.var() - 1) < 0.06
+    assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.04
+    assert abs(np.corrcoef(a.ravel()[:-1], a.ravel()[1:])[0, 1]) < 0.04
+    if kind == "rademacher":
+        assert set(np.unique(a)) == {-1.0, 1.0}
+    else:  # Gaussian tails: about 4.6 % beyond 2 sigma
+        assert 0.04 < np.mean(np.abs(a) > 2) < 0.052
+
+
+def test_seeds_depend_on_key_and_path_only():
+    key = jax.random.key(0)
+    s1 = _directions.seeds(key, "params", ["['a']", "['b']"])
+    s2 = _directions.seeds(key, "params", ["['z']", "['b']", "['a']"])
+    assert s1[0] == s2[2] and s1[1] == s2[1]
+    assert _directions.seeds(jax.random.key(1), "params", ["['a']"])[0] != s1[0]
+    assert _directions.seeds(key, "outputs", ["['a']"])[0] != s1[0]
+
+
+def test_balance_equalizes_contributions_within_range():
+    scales = np.array([1.0, 1.0, 1.0])
+    beta, share = _directions.balance(scales, np.array([1e3, 1.0, 1e-9]), 1e-4)
+    c = beta * np.array([1e3, 1.0, 1e-9])
+    assert c[0] == pytest.approx(c[1])  # the dominant leaf was brought down
+    assert beta[2] == 1.0  # a weak leaf is never perturbed more than its natural step
+    assert share.sum() == pytest.approx(1.0)
+    # a roundoff requirement stops the balancing early
+    beta2, _ = _directions.balance(scales, np.array([1e3, 1.0, 1e-9]), 1e-4, min_total=100.0)
+    assert np.sqrt(np.sum((beta2 * np.array([1e3, 1.0, 1e-9])) ** 2)) >= 100.0 * (1 - 1e-9)
+
+
+def test_richardson_is_exact_for_quartics():
+    h = 0.1
+    poly = lambda t: 1 + 2 * t - 3 * t**2 + 0.5 * t**3 + 4 * t**4  # noqa: E731
+    phis = np.array([[poly(t * h) for t in _differences.OFFSETS]])
+    c = _differences.combine(phis, np.array([poly(0.0)]), h)
+    assert c["richardson"][0] == pytest.approx(2.0, abs=1e-12)
+    # the fourth difference isolates the quartic term: 4 * 4! * (h/2)^4
+    assert c["d4"][0] == pytest.approx(4 * 24 * (h / 2) ** 4, rel=1e-9)
+
+
+def test_assess_flags_kinks_but_not_noise():
+    rng = np.random.default_rng(0)
+    h, n = 1e-3, 16
+    t = np.asarray(_differences.OFFSETS) * h
+    slopes = rng.normal(size=n)
+    noise = 1e-12
+    phis = slopes[:, None] * t[None, :] + noise * rng.normal(size=(n, 4))
+    phis[:3] += 5.0 * np.abs(t)[None, :]  # three directions cross |t| at 0
+    fd = _error_model.assess(phis, np.zeros(n), h, eps=1e-16, floor=1e-6)
+    assert list(np.flatnonzero(~fd.smooth)) == [0, 1, 2]
+    assert fd.noise == pytest.approx(noise, rel=1.0)
+    np.testing.assert_allclose(fd.value[3:], slopes[3:], atol=1e-8)
+
+
+def test_interval_covers_the_truth_at_the_stated_rate():
+    """Gaussian projections of a fixed error: the 95 % interval covers its size ~95 % of runs."""
+    rng = np.random.default_rng(1)
+    n, d, truth, hits = 16, 200, 0.3, 0
+    g = rng.normal(size=d)
+    e = rng.normal(size=d)
+    e *= truth * np.linalg.norm(g) / np.linalg.norm(e)
+    for _ in range(400):
+        v = rng.normal(size=(n, d))
+        err = np.sqrt(np.sum((v @ e) ** 2) / np.sum((v @ g) ** 2))
+        lo, hi = _error_model.interval(err, n)
+        hits += lo <= truth <= hi
+    assert 0.92 <= hits / 400 <= 0.99
+
+
+def test_comparison_tolerance_follows_measured_rounding():
+    n = 16
+    fd = _error_model.Differences(
+        value=np.ones(n), bar=np.full(n, 1e-10), finite=np.ones(n, bool),
+        smooth=np.ones(n, bool), slopes=(np.ones(n), np.ones(n)), noise=0.0,
+        relative_noise=0.0, truncation=0.0, roundoff=0.0, h=1e-5)
+    a = np.ones(n) + 1e-4 * np.resize([1.0, -1.0], n)
+    c = _error_model.compare("x", fd, a, floor=1e-6, a_ref=np.ones(n))
+    assert c.rounding == pytest.approx(1e-4) and c.passed
+    c2 = _error_model.compare("x", fd, a, floor=1e-6)
+    assert not c2.passed and c2.relative_error == pytest.approx(1e-4)
+
+
+def test_jnp_and_numpy_mix_free_of_warnings():
+    out = jax.jit(lambda: _directions.leaf_scales([jnp.zeros(3), jnp.ones(2) * 2]))()
+    np.testing.assert_allclose(np.asarray(out), [math.sqrt(8 / 5), 2.0], rtol=1e-6)

@@ -1,0 +1,167 @@
+"""Precision, scales, ill-conditioning, kinks and non-finite values."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxcheck
+from cases import bug, mlp_data, mlp_loss, mlp_params
+
+SIZES = (5, 12, 3)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("planted", [None, 0.01])
+def test_low_precision_models_are_upcast(dtype, planted):
+    params = mlp_params(SIZES, dtype)
+    x, y = mlp_data(SIZES, dtype)
+    fn = mlp_loss() if planted is None else mlp_loss(bug("scale", planted), (1, "w"))
+    report = jaxcheck.verify(fn, params, x, y)
+    assert report.tested_dtype == jnp.dtype(dtype).name
+    assert report.reference_dtype == "float64"
+    if planted is None:
+        assert report.status == "pass", str(report)
+        # the tolerance follows the measured rounding of the low-precision gradient
+        assert report.tolerance >= 2 * report.checks[0].rounding
+    else:
+        assert report.status == "fail", str(report)
+        rule = report.checks[1]  # the same rule in float64 sees the bug without rounding
+        assert rule.name.startswith("reverse autodiff, same rule in float64")
+        assert rule.relative_error > 1e-3 and not rule.passed
+
+
+@pytest.mark.parametrize("param_scale", [1e-4, 1.0, 1e4])
+@pytest.mark.parametrize("loss_scale", [1e-8, 1e8])
+def test_parameter_and_loss_scales(param_scale, loss_scale):
+    params = mlp_params(SIZES, jnp.float32, scale=param_scale)
+    x, y = mlp_data(SIZES, jnp.float32)
+    good = jaxcheck.verify(mlp_loss(loss_scale=loss_scale), params, x, y)
+    assert good.status == "pass", str(good)
+    bad = jaxcheck.verify(mlp_loss(bug("scale", 0.01), (1, "w"), loss_scale=loss_scale),
+                          params, x, y)
+    assert bad.status == "fail", str(bad)
+    assert "['layers'][1]['w']" in [leaf.path for leaf in bad.leaves if leaf.status == "fail"]
+
+
+def test_leaves_of_very_different_scales():
+    r = np.random.default_rng(0)
+    params = {"big": jnp.asarray(r.normal(size=4) * 1e4, jnp.float32),
+              "small": jnp.asarray(r.normal(size=4) * 1e-4, jnp.float32)}
+
+    def fn(p, wrap=lambda v: v):
+        return jnp.sum(jnp.sin(p["big"] * 1e-4)) + jnp.sum(jnp.cos(wrap(p["small"]) * 1e4))
+
+    assert jaxcheck.verify(fn, params).status == "pass"
+    bad = jaxcheck.verify(lambda p: fn(p, bug("scale", 1e-3)), params)
+    assert bad.status == "fail"
+    assert [leaf.path for leaf in bad.leaves if leaf.status == "fail"] == ["['small']"]
+
+
+def test_zeroed_gradient_of_large_leaf_is_caught():
+    params = {"w": jnp.full((3,), 3e4, jnp.float32), "v": jnp.ones(3, jnp.float32)}
+    fn = lambda p: jnp.sum(jnp.sin(bug("scale", -1.0)(p["w"]) * 1e-4)) + jnp.sum(p["v"] ** 2)  # noqa: E731
+    report = jaxcheck.verify(fn, params)
+    assert report.status == "fail"
+    assert [leaf.path for leaf in report.leaves if leaf.status == "fail"] == ["['w']"]
+
+
+def test_ill_conditioned_float32_loss_uses_measured_rounding():
+    """A correct float32 gradient far from the float64 truth passes; a 0.1 % bug still fails."""
+    r = np.random.default_rng(0)
+    z = jnp.asarray(r.normal(size=200), jnp.float32)
+
+    def fn(p, wrap=lambda v: v):
+        a = wrap(p["a"]) * z
+        return jnp.sum((a - jnp.mean(a)) ** 2) / jnp.sum(a**2 + 1e4)
+
+    params = {"a": jnp.asarray(3e3, jnp.float32)}
+    good = jaxcheck.verify(fn, params)
+    assert good.status == "pass", str(good)
+    assert good.relative_error > 1e-5  # float32 rounding, not a bug
+    assert good.checks[0].rounding > 1e-5
+    assert good.checks[1].relative_error < 1e-7  # the rule itself is exact (noise 3e-7)
+    bad = jaxcheck.verify(lambda p: fn(p, bug("scale", 1e-3)), params)
+    assert bad.status == "fail"
+    assert bad.checks[1].relative_error == pytest.approx(1e-3, rel=0.05)
+
+
+def test_native_precision_reports_coarser_resolution():
+    params = mlp_params(SIZES, jnp.float32)
+    x, y = mlp_data(SIZES, jnp.float32)
+    report = jaxcheck.verify(mlp_loss(), params, x, y, precision="native")
+    assert report.status == "pass"
+    assert report.reference_dtype == "float32"
+    assert 1e-6 < report.noise_floor < 1e-2
+    bad = jaxcheck.verify(mlp_loss(bug("scale", 0.05), (0, "w")), params, x, y,
+                          precision="native")
+    assert bad.status == "fail"
+
+
+def test_function_computing_in_float32_internally():
+    """The float64 reference notices that fn rounds to float32 and takes a larger step."""
+    fn = lambda p: jnp.sum(jnp.tanh(p.astype(jnp.float32) * 3.0) ** 2)  # noqa: E731
+    p = jnp.asarray(np.random.default_rng(0).normal(size=10), jnp.float32)
+    report = jaxcheck.verify(fn, p)
+    assert report.status == "pass", str(report)
+    assert report.step > 1e-4
+    assert len(report.steps_tried) == 3
+
+
+@pytest.mark.parametrize(
+    ("fn", "point"),
+    [
+        (lambda p: jnp.sum(jax.nn.relu(p)), jnp.zeros(5)),
+        (lambda p: jnp.sum(jnp.abs(p)), jnp.asarray([0.0, 1.0, -2.0, 3.0])),
+        (lambda p: jnp.max(p), jnp.asarray([1.0, 1.0, 0.5])),
+    ],
+    ids=["relu-at-0", "abs-at-0", "max-tie"],
+)
+def test_kinks_are_inconclusive_not_failures(fn, point):
+    report = jaxcheck.verify(fn, point)
+    assert report.status == "inconclusive", str(report)
+    assert not report.ok
+    assert report.num_nonsmooth >= report.num_directions // 2
+    assert "non-smooth" in str(report)
+    assert report.num_subgradient_consistent == report.num_nonsmooth
+
+
+def test_relu_network_away_from_kinks_passes():
+    r = np.random.default_rng(0)
+    params = {"w1": jnp.asarray(r.normal(size=(6, 32)), jnp.float32),
+              "b1": jnp.zeros(32, jnp.float32),
+              "w2": jnp.asarray(r.normal(size=(32, 2)), jnp.float32)}
+    x = jnp.asarray(r.normal(size=(16, 6)), jnp.float32)
+
+    def fn(p, x):
+        return jnp.sum((jax.nn.relu(x @ p["w1"] + p["b1"]) @ p["w2"]) ** 2)
+
+    assert jaxcheck.verify(fn, params, x).status == "pass"
+
+
+@pytest.mark.parametrize(
+    ("fn", "point", "where"),
+    [
+        (lambda p: jnp.sum(jnp.log(p)), jnp.asarray([1.0, -1.0]), "fn's output (root) is NaN/Inf"),
+        (lambda p: jnp.sum(jnp.sqrt(p)), jnp.asarray([1.0, 0.0]),
+         "the gradient (autodiff) of leaf (root) is NaN/Inf"),
+        (lambda p: jnp.sum(jnp.sqrt(p)), jnp.asarray([1.0, 1e-9]),
+         "finite differences are NaN/Inf along"),
+        (lambda p: jnp.sum(p["w"]), {"w": jnp.asarray([jnp.nan, 1.0])},
+         "parameter leaf ['w'] contains NaN/Inf"),
+    ],
+    ids=["loss", "gradient", "differences", "params"],
+)
+def test_nonfinite_is_reported_with_location(fn, point, where):
+    report = jaxcheck.verify(fn, point)
+    assert report.status == "nonfinite"
+    assert any(where in p for p in report.problems), report.problems
+    assert where in str(report)
+
+
+def test_wrong_sign_and_clipped_backward_fail():
+    p = {"w": jnp.linspace(-2.0, 2.0, 8)}
+    flipped = jaxcheck.verify(lambda p: jnp.sum(jnp.sin(bug("scale", -2.0)(p["w"]))), p)
+    assert flipped.status == "fail" and flipped.relative_error > 1.0
+    clipped = jaxcheck.verify(lambda p: jnp.sum(bug("clip", 0.5)(p["w"]) ** 2), p)
+    assert clipped.status == "fail"
