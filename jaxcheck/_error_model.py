@@ -6,9 +6,10 @@ For one direction, with centre value phi0 and step h (stencil of `_differences`)
   differences d4 = phi(-h) - 4 phi(-h/2) + 6 phi(0) - 4 phi(h/2) + phi(h), which for a
   smooth function are O(h^4) and otherwise are noise of standard deviation sqrt(70) sigma
   (median over directions, so a few kinks do not inflate it), never below eps |phi|.
-  The Richardson value R carries about 1.9 sigma / h of it; we take 3 standard deviations.
+  The Richardson value R carries about 1.9 sigma / h of it; we take 2 standard deviations.
 - truncation: |D(h) - D(h/2)| / 3, the error of D(h/2); conservative for R.
-- kink: |d4| / h, the jump between one-sided slopes that d4 implies.
+- kink: the part of |d4| / h above its noise (2 sqrt(70) sigma / h): the jump between
+  one-sided slopes that d4 implies.
 
 A direction is *non-smooth* when its d4 is far above the noise (30x) and the implied jump
 is large enough to matter for the verdict; it is then excluded and counted. The relative
@@ -81,9 +82,10 @@ def assess(phis, phi0, h: float, eps: float, floor: float, noise_from_data=True)
     if not noise_from_data:  # d4 is known to come from kinks: judge it against rounding alone
         sigma_data = 0.0
     sigma = np.maximum(sigma_data, eps * magnitude)
-    roundoff = 6.0 * sigma / h
+    roundoff = 3.8 * sigma / h
     truncation = np.where(finite, np.abs(c["d1"] - c["d2"]) / 3, 0.0)
     kink = d4 / h
+    kink_excess = np.maximum(d4 - 2 * math.sqrt(70) * sigma, 0.0) / h
     value = np.where(finite, c["richardson"], 0.0)
     scale = _rms(value[finite]) if finite.any() else 0.0
     nonsmooth = (
@@ -94,7 +96,7 @@ def assess(phis, phi0, h: float, eps: float, floor: float, noise_from_data=True)
     typical = float(np.median(magnitude[finite])) if finite.any() else 0.0
     return Differences(
         value=value,
-        bar=truncation + roundoff + kink,
+        bar=truncation + roundoff + kink_excess,
         finite=finite,
         smooth=finite & ~nonsmooth,
         slopes=c["slopes"],
