@@ -42,8 +42,12 @@ def _init(r, shape, scale=None):
 def mlp():
     r = np.random.default_rng(1)
     sizes = (8, 64, 64, 4)
-    params = {"layers": [{"w": _init(r, (m, n)), "b": jnp.zeros(n, jnp.float32)}
-                         for m, n in zip(sizes[:-1], sizes[1:])]}
+    params = {
+        "layers": [
+            {"w": _init(r, (m, n)), "b": jnp.zeros(n, jnp.float32)}
+            for m, n in zip(sizes[:-1], sizes[1:])
+        ]
+    }
     x = jnp.asarray(r.normal(size=(32, 8)), jnp.float32)
     labels = jnp.asarray(r.integers(0, 4, size=32))
 
@@ -95,10 +99,12 @@ def cnn():
 
     def loss(p, images, labels):
         dn = ("NHWC", "HWIO", "NHWC")
-        h = jax.nn.relu(jax.lax.conv_general_dilated(images, p["conv1"], (1, 1), "SAME",
-                                                     dimension_numbers=dn))
-        h = jnp.tanh(jax.lax.conv_general_dilated(h, p["conv2"], (2, 2), "SAME",
-                                                  dimension_numbers=dn))
+        h = jax.nn.relu(
+            jax.lax.conv_general_dilated(images, p["conv1"], (1, 1), "SAME", dimension_numbers=dn)
+        )
+        h = jnp.tanh(
+            jax.lax.conv_general_dilated(h, p["conv2"], (2, 2), "SAME", dimension_numbers=dn)
+        )
         logits = jnp.mean(h, axis=(1, 2)) @ p["head"]
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
 
@@ -135,19 +141,38 @@ def examples():
     x101 = jnp.asarray(r.normal(size=(101, 8)), jnp.float32)
     labels101 = jnp.asarray(r.integers(0, 4, size=101))
     return [
-        ("linear regression, textbook hand-written gradient", "fail",
-         lambda: verify(lr_loss, lr_params, *lr_args, grad_fn=lr_buggy)),
-        ("linear regression, corrected hand-written gradient", "pass",
-         lambda: verify(lr_loss, lr_params, *lr_args, grad_fn=lr_correct)),
-        ("MLP (8-64-64-4, gelu, cross-entropy) through jax.grad", "pass",
-         lambda: verify(mlp_loss, mlp_params, *mlp_args)),
-        ("CNN (two convolutions, relu/tanh) through jax.grad", "pass",
-         lambda: verify(cnn_loss, cnn_params, *cnn_args)),
-        ("causal self-attention with layer norm through jax.grad", "pass",
-         lambda: verify(att_loss, att_params, *att_args)),
-        ("MLP whose second layer is a custom_vjp with a 1 % weight-gradient bug", "fail",
-         lambda: verify(lambda p, x, y: mlp_loss(p, x, y, dense=bessel_dense), mlp_params,
-                        x101, labels101)),
+        (
+            "linear regression, textbook hand-written gradient",
+            "fail",
+            lambda: verify(lr_loss, lr_params, *lr_args, grad_fn=lr_buggy),
+        ),
+        (
+            "linear regression, corrected hand-written gradient",
+            "pass",
+            lambda: verify(lr_loss, lr_params, *lr_args, grad_fn=lr_correct),
+        ),
+        (
+            "MLP (8-64-64-4, gelu, cross-entropy) through jax.grad",
+            "pass",
+            lambda: verify(mlp_loss, mlp_params, *mlp_args),
+        ),
+        (
+            "CNN (two convolutions, relu/tanh) through jax.grad",
+            "pass",
+            lambda: verify(cnn_loss, cnn_params, *cnn_args),
+        ),
+        (
+            "causal self-attention with layer norm through jax.grad",
+            "pass",
+            lambda: verify(att_loss, att_params, *att_args),
+        ),
+        (
+            "MLP whose second layer is a custom_vjp with a 1 % weight-gradient bug",
+            "fail",
+            lambda: verify(
+                lambda p, x, y: mlp_loss(p, x, y, dense=bessel_dense), mlp_params, x101, labels101
+            ),
+        ),
     ]
 
 

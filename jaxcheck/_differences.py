@@ -18,8 +18,21 @@ from . import _autodiff, _directions, _plan
 OFFSETS = (-1.0, -0.5, 0.5, 1.0)
 
 
-def reference(problem, modes, kind, chunk, with_rule, seeds, diff, traced, beta_rows, index,
-              out_scales, g_test, h):
+def reference(
+    problem,
+    modes,
+    kind,
+    chunk,
+    with_rule,
+    seeds,
+    diff,
+    traced,
+    beta_rows,
+    index,
+    out_scales,
+    g_test,
+    h,
+):
     """Stencil values (n, 4) and centre values (n,) along directions `index`, plus
     projections of `g_test` ("test_rev") and, when `with_rule`, of the reference-precision
     derivatives of the same rule ("ref_rev", "ref_fwd")."""

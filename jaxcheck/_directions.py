@@ -70,8 +70,9 @@ def draw(seed, index, shape, kind: str):
     integer operations, and any element can be drawn without drawing the others.
     """
     size = math.prod(shape)
-    base = _mix(seed ^ _mix(jnp.asarray(index).astype(jnp.uint32) * jnp.uint32(_GOLDEN)
-                            + jnp.uint32(1)))
+    base = _mix(
+        seed ^ _mix(jnp.asarray(index).astype(jnp.uint32) * jnp.uint32(_GOLDEN) + jnp.uint32(1))
+    )
     bits = _mix(_mix(jnp.arange(size, dtype=jnp.uint32) * jnp.uint32(_GOLDEN) ^ base) + base)
     if kind == "rademacher":
         values = jnp.where((bits >> 31) == 1, 1.0, -1.0).astype(jnp.float32)

@@ -75,8 +75,10 @@ def assess(phis, phi0, h: float, eps: float, floor: float, noise_from_data=True)
     phi0 = np.asarray(phi0, np.float64)
     c = _differences.combine(phis, phi0, h)
     finite = np.all(np.isfinite(phis), axis=1) & np.isfinite(phi0)
-    magnitude = np.maximum(np.max(np.abs(np.where(np.isfinite(phis), phis, 0)), axis=1),
-                           np.abs(np.where(finite, phi0, 0)))
+    magnitude = np.maximum(
+        np.max(np.abs(np.where(np.isfinite(phis), phis, 0)), axis=1),
+        np.abs(np.where(finite, phi0, 0)),
+    )
     d4 = np.where(finite, np.abs(c["d4"]), 0.0)
     sigma_data = float(np.median(d4[finite])) / (math.sqrt(70) * 0.6745) if finite.any() else 0.0
     if not noise_from_data:  # d4 is known to come from kinks: judge it against rounding alone
@@ -104,7 +106,8 @@ def assess(phis, phi0, h: float, eps: float, floor: float, noise_from_data=True)
         relative_noise=sigma_data / typical if typical > 0 else 0.0,
         # the part of |D(h) - D(h/2)| / 3 that its own noise (0.53 sigma / h) does not explain
         truncation=float(np.median(np.maximum(truncation - 1.1 * sigma / h, 0)[finite]))
-        if finite.any() else 0.0,
+        if finite.any()
+        else 0.0,
         roundoff=float(np.median(roundoff[finite])) if finite.any() else 0.0,
         h=h,
     )

@@ -6,6 +6,7 @@ grows with the chunk size rather than with the number of directions.
 """
 
 import dataclasses
+import inspect
 import time
 
 import jax
@@ -16,7 +17,12 @@ def map_directions(fn, xs, chunk_size: int | None):
     n = jax.tree_util.tree_leaves(xs)[0].shape[0]
     if chunk_size is None or chunk_size >= n:
         return jax.vmap(fn)(*xs)
-    return jax.lax.map(lambda row: fn(*row), xs, batch_size=chunk_size)
+    if _MAP_HAS_BATCH_SIZE:
+        return jax.lax.map(lambda row: fn(*row), xs, batch_size=chunk_size)
+    return jax.lax.map(lambda row: fn(*row), xs)  # jax < 0.4.31: one direction at a time
+
+
+_MAP_HAS_BATCH_SIZE = "batch_size" in inspect.signature(jax.lax.map).parameters
 
 
 @dataclasses.dataclass

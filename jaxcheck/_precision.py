@@ -18,12 +18,17 @@ def lowest(dtypes) -> np.dtype:
     return max((jnp.dtype(d) for d in dtypes), key=eps)
 
 
+def x64_enabled() -> bool:
+    """Whether 64-bit types are on now (works across jax versions and config APIs)."""
+    return jax.dtypes.canonicalize_dtype(np.float64) == np.float64
+
+
 def x64_scope(enabled: bool):
     """A context in which 64-bit types are on (or off), restored on exit.
 
     jax >= 0.4.36 has `jax.enable_x64`; older versions have it in `jax.experimental`.
     """
-    if bool(jax.config.jax_enable_x64) == enabled:
+    if x64_enabled() == enabled:
         return contextlib.nullcontext()
     if callable(getattr(jax, "enable_x64", None)):
         return jax.enable_x64(enabled)

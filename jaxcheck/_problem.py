@@ -72,6 +72,7 @@ class Problem:
 
 def with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
     """Trace `fn` abstractly once to learn and validate its output structure."""
+
     def call(diff, traced):
         params, args = problem.call(diff, *traced)
         return problem.fn(params, *args)
@@ -79,8 +80,7 @@ def with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
     out = jax.eval_shape(call, inputs.diff, inputs.traced())
     if problem.has_aux:
         if not (isinstance(out, tuple) and len(out) == 2):
-            what = (f"an array of shape {out.shape}" if hasattr(out, "shape")
-                    else type(out).__name__)
+            what = f"an array of shape {out.shape}" if hasattr(out, "shape") else type(out).__name__
             raise TypeError(
                 f"has_aux=True, so fn must return a pair (output, aux); it returned {what}. "
                 "Return (loss, aux) or drop has_aux=True."

@@ -11,7 +11,7 @@ import numpy as np
 from ._error_model import Comparison
 
 
-class Status(str, enum.Enum):
+class Status(enum.StrEnum):
     """Outcome of a check. Compares equal to its string value, e.g. `status == "pass"`."""
 
     PASS = "pass"
@@ -117,7 +117,9 @@ class Report:
 jax.tree_util.register_dataclass(
     Report,
     data_fields=["numeric", "analytic"],
-    meta_fields=[f.name for f in dataclasses.fields(Report) if f.name not in ("numeric", "analytic")],
+    meta_fields=[
+        f.name for f in dataclasses.fields(Report) if f.name not in ("numeric", "analytic")
+    ],
 )
 
 
@@ -156,22 +158,34 @@ def render(r: Report) -> str:
     }[r.status]
     lines = [f"jaxcheck.verify: {r.status.value.upper()} — {what}"]
     if not math.isnan(r.relative_error):
+        lo, hi = r.interval
         lines.append(
-            f"  relative error {_e(r.relative_error)} (95% {_e(r.interval[0])}..{_e(r.interval[1])})"
-            f", tolerance {_e(r.tolerance)}, finite-difference noise floor {_e(r.noise_floor)}"
+            f"  relative error {_e(r.relative_error)} (95% {_e(lo)}..{_e(hi)}), tolerance "
+            f"{_e(r.tolerance)}, finite-difference noise floor {_e(r.noise_floor)}"
         )
     lines += [f"  ! {p}" for p in r.problems]
     if r.checks:
         rows = [
-            [c.name, _e(c.relative_error), f"{_e(c.interval[0])}..{_e(c.interval[1])}",
-             _e(c.tolerance), "ok" if c.passed else "FAIL"]
+            [
+                c.name,
+                _e(c.relative_error),
+                f"{_e(c.interval[0])}..{_e(c.interval[1])}",
+                _e(c.tolerance),
+                "ok" if c.passed else "FAIL",
+            ]
             for c in r.checks
         ]
         lines += _table(["check", "rel. error", "95% interval", "tolerance", "result"], rows)
     if r.leaves:
         rows = [
-            [leaf.path or "(root)", str(leaf.shape), leaf.dtype, _e(leaf.relative_error),
-             _e(leaf.tolerance), leaf.status.value.upper() if leaf.status != "pass" else "ok"]
+            [
+                leaf.path or "(root)",
+                str(leaf.shape),
+                leaf.dtype,
+                _e(leaf.relative_error),
+                _e(leaf.tolerance),
+                leaf.status.value.upper() if leaf.status != "pass" else "ok",
+            ]
             for leaf in r.leaves
         ]
         lines += _table(["leaf", "shape", "dtype", "rel. error", "tolerance", "result"], rows)
@@ -181,8 +195,10 @@ def render(r: Report) -> str:
         lines.append(f"  held fixed: {shown}{more}")
     smooth_note = ""
     if r.num_nonsmooth:
-        smooth_note = (f"; autodiff lies between the one-sided slopes on "
-                       f"{r.num_subgradient_consistent} of {r.num_nonsmooth} non-smooth")
+        smooth_note = (
+            f"; autodiff lies between the one-sided slopes on "
+            f"{r.num_subgradient_consistent} of {r.num_nonsmooth} non-smooth"
+        )
     lines.append(
         f"  {r.num_directions} directions ({r.num_nonsmooth} non-smooth, {r.num_nonfinite} "
         f"non-finite{smooth_note}), {r.num_evaluations} evaluations of fn"

@@ -86,8 +86,19 @@ def verify(
         >>> report.ok, report.status
         (True, <Status.PASS: 'pass'>)
     """
-    _validate(fn, grad_fn, num_directions, mode, precision, step, rtol, localize,
-              leaf_directions, directions, chunk_size)
+    _validate(
+        fn,
+        grad_fn,
+        num_directions,
+        mode,
+        precision,
+        step,
+        rtol,
+        localize,
+        leaf_directions,
+        directions,
+        chunk_size,
+    )
     key = _directions.as_key(key)
     p_split, diff, p_arrays = _tree.split(params, "params")
     a_split, a_floats, a_arrays = _tree.split(args, "args")
@@ -104,8 +115,10 @@ def verify(
         problem=problem,
         inputs=inputs,
         modes=("reverse", "forward") if mode == "both" else (mode,),
-        seeds=(_directions.seeds(key, "params", p_split.paths_of(_tree.DIFF)),
-               _directions.seeds(key, "outputs", problem.out_paths)),
+        seeds=(
+            _directions.seeds(key, "params", p_split.paths_of(_tree.DIFF)),
+            _directions.seeds(key, "outputs", problem.out_paths),
+        ),
         kind=directions,
         chunk=chunk_size,
         tested=_precision.lowest(x.dtype for x in diff),
@@ -113,8 +126,9 @@ def verify(
         rtol=rtol,
         timer=Timer(),
     )
-    report = run.check(num_directions, step, localize, leaf_directions,
-                       _tree.held_fixed(p_split, p_arrays))
+    report = run.check(
+        num_directions, step, localize, leaf_directions, _tree.held_fixed(p_split, p_arrays)
+    )
     if raise_on_failure and not report.ok:
         raise GradientCheckError(report)
     return report
@@ -187,9 +201,14 @@ class _Run:
 
     def check(self, k, step, localize, leaf_k, held_fixed) -> Report:
         reverse = "reverse" in self.modes
-        self.probe = _numpy(self.timer.run(
-            functools.partial(_autodiff.probe, self.problem, reverse),
-            self.seeds[1], self.inputs.diff, self.inputs.traced()))
+        self.probe = _numpy(
+            self.timer.run(
+                functools.partial(_autodiff.probe, self.problem, reverse),
+                self.seeds[1],
+                self.inputs.diff,
+                self.inputs.traced(),
+            )
+        )
         paths = self.problem.params.paths_of(_tree.DIFF)
         nonfinite = self._probe_nonfinite(paths)
         ref = _precision.reference_dtype(self.policy, self.tested)
@@ -200,8 +219,11 @@ class _Run:
         beta, share = scales, None
         if reverse:
             beta, share = _directions.balance(
-                scales, self.probe["grad_norms"].astype(np.float64),
-                _precision.eps(ref) ** 0.25, self._needed_derivative(ref, h0))
+                scales,
+                self.probe["grad_norms"].astype(np.float64),
+                _precision.eps(ref) ** 0.25,
+                self._needed_derivative(ref, h0),
+            )
         index = np.arange(k, dtype=np.int32)
         [(p, steps)] = self._ladder(index, np.tile(beta, (k, 1)), h0, [slice(0, k)])
         checks = self._compare(p)
@@ -212,8 +234,11 @@ class _Run:
             chosen = list(range(len(paths)))
         elif localize == "auto" and status is Status.PASS and share is not None:
             # leaves whose 1 % error the all-leaf check could not see: check them alone
-            chosen = [i for i, s in enumerate(share)
-                      if COVERAGE_ERROR * math.sqrt(s) <= checks[0].tolerance]
+            chosen = [
+                i
+                for i, s in enumerate(share)
+                if COVERAGE_ERROR * math.sqrt(s) <= checks[0].tolerance
+            ]
         if chosen:
             leaves = self._localize(scales, leaf_k, h0, paths, chosen)
             status = self._merge_leaves(status, leaves)
@@ -232,14 +257,23 @@ class _Run:
 
     def _probe_nonfinite(self, paths) -> bool:
         pr = self.probe
-        found = [f"parameter leaf {p or '(root)'} contains NaN/Inf"
-                 for p, ok in zip(paths, pr["params_finite"]) if not ok]
-        found += [f"fn's output {p or '(root)'} is NaN/Inf at params"
-                  for p, ok in zip(self.problem.out_paths, pr["outputs_finite"]) if not ok]
+        found = [
+            f"parameter leaf {p or '(root)'} contains NaN/Inf"
+            for p, ok in zip(paths, pr["params_finite"])
+            if not ok
+        ]
+        found += [
+            f"fn's output {p or '(root)'} is NaN/Inf at params"
+            for p, ok in zip(self.problem.out_paths, pr["outputs_finite"])
+            if not ok
+        ]
         if "grad_finite" in pr:
             source = "grad_fn" if self.problem.grad_fn is not None else "autodiff"
-            found += [f"the gradient ({source}) of leaf {p or '(root)'} is NaN/Inf"
-                      for p, ok in zip(paths, pr["grad_finite"]) if not ok]
+            found += [
+                f"the gradient ({source}) of leaf {p or '(root)'} is NaN/Inf"
+                for p, ok in zip(paths, pr["grad_finite"])
+                if not ok
+            ]
         self.problems += found
         return bool(found)
 
@@ -295,14 +329,21 @@ class _Run:
         """Run the programs along directions `index` with per-leaf step sizes `rows`."""
         native = {}
         if "forward" in self.modes or not self.problem.scalar_output:
-            modes = tuple(m for m in self.modes
-                          if m == "forward" or not self.problem.scalar_output)
+            modes = tuple(m for m in self.modes if m == "forward" or not self.problem.scalar_output)
             try:
-                native = _numpy(self.timer.run(
-                    functools.partial(_autodiff.projections, self.problem, modes, self.kind,
-                                      self.chunk),
-                    self.seeds, self.inputs.diff, self.inputs.traced(), rows.astype(np.float32),
-                    index, self.probe["output_scales"].astype(np.float32)))
+                native = _numpy(
+                    self.timer.run(
+                        functools.partial(
+                            _autodiff.projections, self.problem, modes, self.kind, self.chunk
+                        ),
+                        self.seeds,
+                        self.inputs.diff,
+                        self.inputs.traced(),
+                        rows.astype(np.float32),
+                        index,
+                        self.probe["output_scales"].astype(np.float32),
+                    )
+                )
             except TypeError as err:
                 if "forward" in modes and "custom_vjp" in str(err):
                     raise TypeError(
@@ -322,12 +363,26 @@ class _Run:
             return None if out.get(name) is None else out[name][sl]
 
         fd = self._assess(cut("phis"), cut("phi0"), h, from_data=True)
-        return _Pass(fd, cut("rev"), cut("fwd"), cut("ref_rev"), cut("ref_fwd"), cut("phis"),
-                     cut("phi0"), h * factor)
+        return _Pass(
+            fd,
+            cut("rev"),
+            cut("fwd"),
+            cut("ref_rev"),
+            cut("ref_fwd"),
+            cut("phis"),
+            cut("phi0"),
+            h * factor,
+        )
 
     def _assess(self, phis, phi0, h, from_data: bool) -> _error_model.Differences:
-        return _error_model.assess(phis, phi0, h, _precision.eps(self.reference),
-                                   self._floors(None)["nonsmooth"], noise_from_data=from_data)
+        return _error_model.assess(
+            phis,
+            phi0,
+            h,
+            _precision.eps(self.reference),
+            self._floors(None)["nonsmooth"],
+            noise_from_data=from_data,
+        )
 
     def _reference(self, index, rows, h) -> dict:
         """The finite-difference program, in float64 when the policy allows it."""
@@ -336,14 +391,15 @@ class _Run:
             try:
                 return self._reference_in(wanted, index, rows, h)
             except Exception as err:  # noqa: BLE001 - any failure of fn in float64
-                if self.policy != "auto" or wanted == _precision.reference_dtype("native", self.tested):
+                fallback = _precision.reference_dtype("native", self.tested)
+                if self.policy != "auto" or wanted == fallback:
                     raise
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 self.problems.append(
                     f"fn could not run in float64 ({type(err).__name__}: {first[:120]}); "
                     "finite differences use the model's precision, so the resolution is coarser"
                 )
-                wanted = _precision.reference_dtype("native", self.tested)
+                wanted = fallback
             return self._reference_in(wanted, index, rows, h)
         return self._reference_in(self.reference, index, rows, h)
 
@@ -352,11 +408,26 @@ class _Run:
             inputs = self.inputs.cast(dtype)
             g = self.probe.get("grad")
             with_rule = _precision.eps(dtype) < _precision.eps(self.tested)
-            out = _numpy(self.timer.run(
-                functools.partial(_differences.reference, self.problem, self.modes, self.kind,
-                                  self.chunk, with_rule),
-                self.seeds, inputs.diff, inputs.traced(), rows.astype(dtype), index,
-                self.probe["output_scales"].astype(dtype), g, np.asarray(h, dtype)))
+            out = _numpy(
+                self.timer.run(
+                    functools.partial(
+                        _differences.reference,
+                        self.problem,
+                        self.modes,
+                        self.kind,
+                        self.chunk,
+                        with_rule,
+                    ),
+                    self.seeds,
+                    inputs.diff,
+                    inputs.traced(),
+                    rows.astype(dtype),
+                    index,
+                    self.probe["output_scales"].astype(dtype),
+                    g,
+                    np.asarray(h, dtype),
+                )
+            )
         self.reference = jnp.dtype(dtype)
         return out
 
@@ -382,18 +453,35 @@ class _Run:
         for mode, a, a_ref in (("reverse", p.rev, p.ref_rev), ("forward", p.fwd, p.ref_fwd)):
             if mode not in self.modes:
                 continue
-            checks.append(_error_model.compare(
-                f"{mode} {source} ({t}) vs finite differences ({r})", p.fd, a, floors["tested"],
-                a_ref if with_rule else None))
+            checks.append(
+                _error_model.compare(
+                    f"{mode} {source} ({t}) vs finite differences ({r})",
+                    p.fd,
+                    a,
+                    floors["tested"],
+                    a_ref if with_rule else None,
+                )
+            )
             if with_rule:
-                checks.append(_error_model.compare(
-                    f"{mode} {source}, same rule in {r}, vs finite differences", p.fd, a_ref,
-                    floors["rule"]))
+                checks.append(
+                    _error_model.compare(
+                        f"{mode} {source}, same rule in {r}, vs finite differences",
+                        p.fd,
+                        a_ref,
+                        floors["rule"],
+                    )
+                )
         if len(self.modes) == 2:
             rounding = math.hypot(checks[0].rounding, checks[-2 if with_rule else -1].rounding)
-            checks.append(_error_model.consistency(
-                f"forward vs reverse ({t}), <u, J v> = <J^T u, v>", p.fwd, p.rev,
-                floors["tested"], rounding))
+            checks.append(
+                _error_model.consistency(
+                    f"forward vs reverse ({t}), <u, J v> = <J^T u, v>",
+                    p.fwd,
+                    p.rev,
+                    floors["tested"],
+                    rounding,
+                )
+            )
         return tuple(checks)
 
     def _status(self, p: _Pass, checks, k, problems) -> Status:
@@ -427,13 +515,22 @@ class _Run:
         rows = np.repeat(np.diag(scales)[chosen], leaf_k, axis=0)
         groups = [slice(j * leaf_k, (j + 1) * leaf_k) for j in range(len(chosen))]
         results = []
-        for l, (p, _) in zip(chosen, self._ladder(index, rows, h, groups)):
+        for leaf, (p, _) in zip(chosen, self._ladder(index, rows, h, groups)):
             checks = self._compare(p)
             status = self._status(p, checks, leaf_k, [])
-            head, x = checks[0], self.inputs.diff[l]
-            results.append(LeafResult(paths[l], tuple(x.shape), str(x.dtype),
-                                      head.relative_error, head.interval, head.tolerance,
-                                      p.fd.num_nonsmooth, status))
+            head, x = checks[0], self.inputs.diff[leaf]
+            results.append(
+                LeafResult(
+                    paths[leaf],
+                    tuple(x.shape),
+                    str(x.dtype),
+                    head.relative_error,
+                    head.interval,
+                    head.tolerance,
+                    p.fd.num_nonsmooth,
+                    status,
+                )
+            )
         return tuple(results)
 
     def _merge_leaves(self, status, leaves) -> Status:
@@ -475,7 +572,8 @@ class _Run:
             num_nonsmooth=p.fd.num_nonsmooth if p else 0,
             num_nonfinite=int(np.sum(~p.fd.finite)) if p else 0,
             num_subgradient_consistent=(
-                _error_model.subgradient_consistent(p.fd, analytic) if p else 0),
+                _error_model.subgradient_consistent(p.fd, analytic) if p else 0
+            ),
             num_evaluations=self.evaluations,
             problems=tuple(self.problems),
             compile_seconds=self.timer.compile_s,

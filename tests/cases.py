@@ -92,10 +92,12 @@ def mlp_params(sizes, dtype, scale=1.0, seed=0):
     r = _rng(seed)
     layers = []
     for m, n in zip(sizes[:-1], sizes[1:]):
-        layers.append({
-            "w": jnp.asarray(r.normal(size=(m, n)) * scale / np.sqrt(m), dtype),
-            "b": jnp.asarray(r.normal(size=(n,)) * 0.1 * scale, dtype),
-        })
+        layers.append(
+            {
+                "w": jnp.asarray(r.normal(size=(m, n)) * scale / np.sqrt(m), dtype),
+                "b": jnp.asarray(r.normal(size=(n,)) * 0.1 * scale, dtype),
+            }
+        )
     return {"layers": layers}
 
 
@@ -129,8 +131,9 @@ def mlp_data(sizes, dtype, batch=8, seed=1):
 def conv_loss(wrap=identity):
     def loss(params, x):
         k = wrap(params["kernel"])
-        y = jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = jax.lax.conv_general_dilated(
+            x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
         y = jax.nn.gelu(y + params["bias"])
         return jnp.mean(y**2) + jnp.mean(y @ params["head"])
 
@@ -159,9 +162,9 @@ def attention_loss(wrap=identity):
 
 def attention_params(dtype, seed=0, d=6, t=5):
     r = _rng(seed)
-    return {name: jnp.asarray(r.normal(size=(d, d)) / np.sqrt(d), dtype)
-            for name in ("wq", "wk", "wv")} | {
-        "wo": jnp.asarray(r.normal(size=(t, d)), dtype)}
+    return {
+        name: jnp.asarray(r.normal(size=(d, d)) / np.sqrt(d), dtype) for name in ("wq", "wk", "wv")
+    } | {"wo": jnp.asarray(r.normal(size=(t, d)), dtype)}
 
 
 def layernorm_loss(wrap=identity):
@@ -224,28 +227,59 @@ def model_cases(dtype) -> list[Case]:
     seq = jnp.asarray(r.normal(size=(5, 6)), dtype)
     lab = jnp.asarray([0, 2, 1, 2, 0, 1, 1, 0])
     xs = jnp.asarray(r.normal(size=(7, 3)), dtype)
-    rnn = {"wh": jnp.asarray(r.normal(size=(4, 4)) * 0.5, dtype),
-           "wx": jnp.asarray(r.normal(size=(3, 4)) * 0.5, dtype)}
-    fori = {"a": jnp.asarray(r.normal(size=(6,)), dtype), "c": jnp.asarray(r.normal(size=(6,)), dtype)}
+    rnn = {
+        "wh": jnp.asarray(r.normal(size=(4, 4)) * 0.5, dtype),
+        "wx": jnp.asarray(r.normal(size=(3, 4)) * 0.5, dtype),
+    }
+    fori = {
+        "a": jnp.asarray(r.normal(size=(6,)), dtype),
+        "c": jnp.asarray(r.normal(size=(6,)), dtype),
+    }
     xent = {"w": jnp.asarray(r.normal(size=(5, 3)) * 0.3, dtype), "b": jnp.zeros(3, dtype)}
-    ln = {"gamma": jnp.asarray(1 + 0.1 * r.normal(size=(6,)), dtype),
-          "beta": jnp.asarray(0.1 * r.normal(size=(6,)), dtype)}
+    ln = {
+        "gamma": jnp.asarray(1 + 0.1 * r.normal(size=(6,)), dtype),
+        "beta": jnp.asarray(0.1 * r.normal(size=(6,)), dtype),
+    }
     cases = []
     for kind, size in (("scale", 0.01), ("perturb", 0.01), ("scale", -1.0)):
         wrap = bug(kind, size)
         tag = f"{kind}{size:+g}"
         cases += [
-            Case(f"mlp-{tag}", mlp_loss(wrap, (1, "w")), mlp_params(sizes, dtype), (x, y),
-                 expect="fail", leaf="['layers'][1]['w']"),
-            Case(f"conv-{tag}", conv_loss(wrap), conv_params(dtype), (img,), expect="fail",
-                 leaf="['kernel']"),
-            Case(f"attention-{tag}", attention_loss(wrap), attention_params(dtype), (seq,),
-                 expect="fail", leaf="['wk']"),
+            Case(
+                f"mlp-{tag}",
+                mlp_loss(wrap, (1, "w")),
+                mlp_params(sizes, dtype),
+                (x, y),
+                expect="fail",
+                leaf="['layers'][1]['w']",
+            ),
+            Case(
+                f"conv-{tag}",
+                conv_loss(wrap),
+                conv_params(dtype),
+                (img,),
+                expect="fail",
+                leaf="['kernel']",
+            ),
+            Case(
+                f"attention-{tag}",
+                attention_loss(wrap),
+                attention_params(dtype),
+                (seq,),
+                expect="fail",
+                leaf="['wk']",
+            ),
             Case(f"scan-{tag}", scan_loss(wrap), rnn, (xs,), expect="fail", leaf="['wh']"),
             Case(f"fori-{tag}", fori_loss(wrap), fori, (seq[0],), expect="fail", leaf="['a']"),
             Case(f"xent-{tag}", xent_loss(wrap), xent, (x, lab), expect="fail", leaf="['w']"),
-            Case(f"layernorm-{tag}", layernorm_loss(wrap), ln, (seq,), expect="fail",
-                 leaf="['gamma']"),
+            Case(
+                f"layernorm-{tag}",
+                layernorm_loss(wrap),
+                ln,
+                (seq,),
+                expect="fail",
+                leaf="['gamma']",
+            ),
         ]
     cases += [
         Case("mlp", mlp_loss(), mlp_params(sizes, dtype), (x, y)),
@@ -255,7 +289,13 @@ def model_cases(dtype) -> list[Case]:
         Case("fori", fori_loss(), fori, (seq[0],)),
         Case("xent", xent_loss(), xent, (x, lab)),
         Case("layernorm", layernorm_loss(), ln, (seq,)),
-        Case("mlp-bias-clip", mlp_loss(bug("clip", 1e-3), (2, "b")), mlp_params(sizes, dtype),
-             (x, y), expect="fail", leaf="['layers'][2]['b']"),
+        Case(
+            "mlp-bias-clip",
+            mlp_loss(bug("clip", 1e-3), (2, "b")),
+            mlp_params(sizes, dtype),
+            (x, y),
+            expect="fail",
+            leaf="['layers'][2]['b']",
+        ),
     ]
     return cases

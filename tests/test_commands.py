@@ -20,8 +20,13 @@ def test_readme_opens_with_the_two_commands():
 
 
 def test_demo_runs_and_every_example_comes_out_as_expected():
-    result = subprocess.run([sys.executable, "-m", "jaxcheck", "demo"], capture_output=True,
-                            text=True, timeout=600, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxcheck", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "6 of 6 examples came out as expected" in out

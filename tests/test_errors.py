@@ -21,21 +21,32 @@ P = {"w": jnp.ones(3)}
         ({"num_directions": 2}, ValueError, "num_directions must be an int >= 4, got 2."),
         ({"num_directions": 8.0}, ValueError, "num_directions must be an int >= 4, got 8.0."),
         ({"leaf_directions": 1}, ValueError, "leaf_directions must be an int >= 2, got 1."),
-        ({"mode": "fwd"}, ValueError,
-         "mode must be 'reverse', 'forward' or 'both', got 'fwd'."),
-        ({"precision": "float32"}, ValueError,
-         "precision must be one of ('auto', 'float64', 'native'), got 'float32'."),
+        ({"mode": "fwd"}, ValueError, "mode must be 'reverse', 'forward' or 'both', got 'fwd'."),
+        (
+            {"precision": "float32"},
+            ValueError,
+            "precision must be one of ('auto', 'float64', 'native'), got 'float32'.",
+        ),
         ({"step": 0.0}, ValueError, "step must be a float in (0, 1) or None, got 0.0."),
         ({"rtol": 2.0}, ValueError, "rtol must be a float in (0, 1) or None, got 2.0."),
         ({"localize": "yes"}, ValueError, "localize must be True, False or 'auto', got 'yes'."),
-        ({"directions": "sobol"}, ValueError,
-         "directions must be one of ('gaussian', 'rademacher'), got 'sobol'."),
+        (
+            {"directions": "sobol"},
+            ValueError,
+            "directions must be one of ('gaussian', 'rademacher'), got 'sobol'.",
+        ),
         ({"chunk_size": 0}, ValueError, "chunk_size must be a positive int or None, got 0."),
-        ({"key": "seed"}, TypeError,
-         "key must be an int seed or a single JAX PRNG key, got str. Try key=0"),
+        (
+            {"key": "seed"},
+            TypeError,
+            "key must be an int seed or a single JAX PRNG key, got str. Try key=0",
+        ),
         ({"grad_fn": 3}, TypeError, "grad_fn must be callable or None, got int."),
-        ({"grad_fn": lambda p: p, "mode": "both"}, ValueError,
-         "grad_fn checks a reverse-mode gradient; mode='both' is not possible with it."),
+        (
+            {"grad_fn": lambda p: p, "mode": "both"},
+            ValueError,
+            "grad_fn checks a reverse-mode gradient; mode='both' is not possible with it.",
+        ),
     ],
 )
 def test_bad_options(kwargs, error, message):
@@ -49,45 +60,64 @@ def test_fn_not_callable():
 
 
 def test_no_float_leaves_lists_what_was_found():
-    with pytest.raises(ValueError, match=re.escape(
-            "params has no floating-point leaf to differentiate (held fixed: ['n'] int32[3])")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "params has no floating-point leaf to differentiate (held fixed: ['n'] int32[3])"
+        ),
+    ):
         jaxcheck.verify(lambda p: 0.0, {"n": jnp.arange(3)})
 
 
 def test_complex_leaf_is_rejected_with_its_path():
-    with pytest.raises(TypeError, match=re.escape(
-            "params leaf ['z'] is complex; jaxcheck checks real gradients only.")):
+    with pytest.raises(
+        TypeError,
+        match=re.escape("params leaf ['z'] is complex; jaxcheck checks real gradients only."),
+    ):
         jaxcheck.verify(lambda p: jnp.sum(jnp.abs(p["z"])), {"z": jnp.ones(2, jnp.complex64)})
 
 
 def test_integer_output_is_rejected():
-    with pytest.raises(TypeError, match=re.escape(
-            "fn's output leaf (root) has dtype int32; only real floating outputs")):
+    with pytest.raises(
+        TypeError,
+        match=re.escape("fn's output leaf (root) has dtype int32; only real floating outputs"),
+    ):
         jaxcheck.verify(lambda p: jnp.sum(p["w"]).astype(jnp.int32), P)
 
 
 def test_has_aux_without_pair():
-    with pytest.raises(TypeError, match=re.escape(
-            "has_aux=True, so fn must return a pair (output, aux); it returned an array of shape ().")):
+    with pytest.raises(
+        TypeError,
+        match=re.escape("fn must return a pair (output, aux); it returned an array of shape ()."),
+    ):
         jaxcheck.verify(loss, P, has_aux=True)
 
 
 def test_grad_fn_wrong_shape_names_leaf():
-    with pytest.raises(ValueError, match=re.escape(
-            "grad_fn returned shape (1,) for the parameter leaf ['w'], whose shape is (3,).")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "grad_fn returned shape (1,) for the parameter leaf ['w'], whose shape is (3,)."
+        ),
+    ):
         jaxcheck.verify(loss, P, grad_fn=lambda p: {"w": jnp.ones(1)})
 
 
 def test_grad_fn_missing_leaf_names_leaf():
-    with pytest.raises(ValueError, match=re.escape(
-            "grad_fn returned no gradient for the parameter leaf ['b']")):
-        jaxcheck.verify(lambda p: jnp.sum(p["w"]) + p["b"], {"w": jnp.ones(2), "b": 1.0},
-                        grad_fn=lambda p: {"w": jnp.ones(2)})
+    with pytest.raises(
+        ValueError, match=re.escape("grad_fn returned no gradient for the parameter leaf ['b']")
+    ):
+        jaxcheck.verify(
+            lambda p: jnp.sum(p["w"]) + p["b"],
+            {"w": jnp.ones(2), "b": 1.0},
+            grad_fn=lambda p: {"w": jnp.ones(2)},
+        )
 
 
 def test_grad_fn_needs_scalar_output():
-    with pytest.raises(ValueError, match=re.escape(
-            "grad_fn was given, but fn does not return a scalar")):
+    with pytest.raises(
+        ValueError, match=re.escape("grad_fn was given, but fn does not return a scalar")
+    ):
         jaxcheck.verify(lambda p: p["w"] * 2, P, grad_fn=lambda p: p)
 
 
@@ -101,8 +131,9 @@ def test_precision_float64_required_but_impossible():
     report = jaxcheck.verify(float32_only, P)  # "auto" falls back, and says so
     assert report.status == "pass"
     assert report.reference_dtype == "float32"
-    assert any("could not run in float64 (AssertionError: float32 only)" in p
-               for p in report.problems)
+    assert any(
+        "could not run in float64 (AssertionError: float32 only)" in p for p in report.problems
+    )
 
 
 def test_errors_in_fn_propagate():

@@ -87,9 +87,17 @@ def test_interval_covers_the_truth_at_the_stated_rate():
 def test_comparison_tolerance_follows_measured_rounding():
     n = 16
     fd = _error_model.Differences(
-        value=np.ones(n), bar=np.full(n, 1e-10), finite=np.ones(n, bool),
-        smooth=np.ones(n, bool), slopes=(np.ones(n), np.ones(n)), noise=0.0,
-        relative_noise=0.0, truncation=0.0, roundoff=0.0, h=1e-5)
+        value=np.ones(n),
+        bar=np.full(n, 1e-10),
+        finite=np.ones(n, bool),
+        smooth=np.ones(n, bool),
+        slopes=(np.ones(n), np.ones(n)),
+        noise=0.0,
+        relative_noise=0.0,
+        truncation=0.0,
+        roundoff=0.0,
+        h=1e-5,
+    )
     a = np.ones(n) + 1e-4 * np.resize([1.0, -1.0], n)
     c = _error_model.compare("x", fd, a, floor=1e-6, a_ref=np.ones(n))
     assert c.rounding == pytest.approx(1e-4) and c.passed

@@ -10,8 +10,11 @@ from cases import model_cases
 
 def _names(kinds):
     """Case names (built in float32 at collection; float64 needs x64 on, inside the test)."""
-    return [c.name for c in model_cases(jnp.float32)
-            if c.expect == "pass" or any(f"-{k}" in c.name for k in kinds)]
+    return [
+        c.name
+        for c in model_cases(jnp.float32)
+        if c.expect == "pass" or any(f"-{k}" in c.name for k in kinds)
+    ]
 
 
 def _case(name, dtype):

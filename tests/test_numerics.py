@@ -38,16 +38,19 @@ def test_parameter_and_loss_scales(param_scale, loss_scale):
     x, y = mlp_data(SIZES, jnp.float32)
     good = jaxcheck.verify(mlp_loss(loss_scale=loss_scale), params, x, y)
     assert good.status == "pass", str(good)
-    bad = jaxcheck.verify(mlp_loss(bug("scale", 0.01), (1, "w"), loss_scale=loss_scale),
-                          params, x, y)
+    bad = jaxcheck.verify(
+        mlp_loss(bug("scale", 0.01), (1, "w"), loss_scale=loss_scale), params, x, y
+    )
     assert bad.status == "fail", str(bad)
     assert "['layers'][1]['w']" in [leaf.path for leaf in bad.leaves if leaf.status == "fail"]
 
 
 def test_leaves_of_very_different_scales():
     r = np.random.default_rng(0)
-    params = {"big": jnp.asarray(r.normal(size=4) * 1e4, jnp.float32),
-              "small": jnp.asarray(r.normal(size=4) * 1e-4, jnp.float32)}
+    params = {
+        "big": jnp.asarray(r.normal(size=4) * 1e4, jnp.float32),
+        "small": jnp.asarray(r.normal(size=4) * 1e-4, jnp.float32),
+    }
 
     def fn(p, wrap=lambda v: v):
         return jnp.sum(jnp.sin(p["big"] * 1e-4)) + jnp.sum(jnp.cos(wrap(p["small"]) * 1e4))
@@ -93,8 +96,7 @@ def test_native_precision_reports_coarser_resolution():
     assert report.status == "pass"
     assert report.reference_dtype == "float32"
     assert 1e-6 < report.noise_floor < 1e-2
-    bad = jaxcheck.verify(mlp_loss(bug("scale", 0.05), (0, "w")), params, x, y,
-                          precision="native")
+    bad = jaxcheck.verify(mlp_loss(bug("scale", 0.05), (0, "w")), params, x, y, precision="native")
     assert bad.status == "fail"
 
 
@@ -128,9 +130,11 @@ def test_kinks_are_inconclusive_not_failures(fn, point):
 
 def test_relu_network_away_from_kinks_passes():
     r = np.random.default_rng(0)
-    params = {"w1": jnp.asarray(r.normal(size=(6, 32)), jnp.float32),
-              "b1": jnp.zeros(32, jnp.float32),
-              "w2": jnp.asarray(r.normal(size=(32, 2)), jnp.float32)}
+    params = {
+        "w1": jnp.asarray(r.normal(size=(6, 32)), jnp.float32),
+        "b1": jnp.zeros(32, jnp.float32),
+        "w2": jnp.asarray(r.normal(size=(32, 2)), jnp.float32),
+    }
     x = jnp.asarray(r.normal(size=(16, 6)), jnp.float32)
 
     def fn(p, x):
@@ -143,12 +147,21 @@ def test_relu_network_away_from_kinks_passes():
     ("fn", "point", "where"),
     [
         (lambda p: jnp.sum(jnp.log(p)), jnp.asarray([1.0, -1.0]), "fn's output (root) is NaN/Inf"),
-        (lambda p: jnp.sum(jnp.sqrt(p)), jnp.asarray([1.0, 0.0]),
-         "the gradient (autodiff) of leaf (root) is NaN/Inf"),
-        (lambda p: jnp.sum(jnp.sqrt(p)), jnp.asarray([1.0, 1e-9]),
-         "finite differences are NaN/Inf along"),
-        (lambda p: jnp.sum(p["w"]), {"w": jnp.asarray([jnp.nan, 1.0])},
-         "parameter leaf ['w'] contains NaN/Inf"),
+        (
+            lambda p: jnp.sum(jnp.sqrt(p)),
+            jnp.asarray([1.0, 0.0]),
+            "the gradient (autodiff) of leaf (root) is NaN/Inf",
+        ),
+        (
+            lambda p: jnp.sum(jnp.sqrt(p)),
+            jnp.asarray([1.0, 1e-9]),
+            "finite differences are NaN/Inf along",
+        ),
+        (
+            lambda p: jnp.sum(p["w"]),
+            {"w": jnp.asarray([jnp.nan, 1.0])},
+            "parameter leaf ['w'] contains NaN/Inf",
+        ),
     ],
     ids=["loss", "gradient", "differences", "params"],
 )

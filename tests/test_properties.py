@@ -12,26 +12,30 @@ import jaxcheck
 from cases import bug
 
 shapes = st.lists(st.integers(1, 5), min_size=0, max_size=2).map(tuple)
-problems = st.fixed_dictionaries({
-    "shapes": st.lists(shapes, min_size=1, max_size=3),
-    "log_scales": st.lists(st.floats(-4, 4), min_size=3, max_size=3),
-    "log_loss_scale": st.floats(-8, 8),
-    "dtype": st.sampled_from(["float32", "float64"]),
-    "seed": st.integers(0, 2**16),
-})
+problems = st.fixed_dictionaries(
+    {
+        "shapes": st.lists(shapes, min_size=1, max_size=3),
+        "log_scales": st.lists(st.floats(-4, 4), min_size=3, max_size=3),
+        "log_loss_scale": st.floats(-8, 8),
+        "dtype": st.sampled_from(["float32", "float64"]),
+        "seed": st.integers(0, 2**16),
+    }
+)
 
 
 def _setup(spec, planted):
     rng = np.random.default_rng(spec["seed"])
-    scales = [10.0 ** s for s in spec["log_scales"]]
+    scales = [10.0**s for s in spec["log_scales"]]
     dtype = jnp.dtype(spec["dtype"])
-    params = {f"p{i}": jnp.asarray(scales[i] * (1 + rng.random(shape)), dtype)
-              for i, shape in enumerate(spec["shapes"])}
+    params = {
+        f"p{i}": jnp.asarray(scales[i] * (1 + rng.random(shape)), dtype)
+        for i, shape in enumerate(spec["shapes"])
+    }
     loss_scale = 10.0 ** spec["log_loss_scale"]
 
     def fn(p):
         total = 0.0
-        for i, (name, x) in enumerate(sorted(p.items())):
+        for i, (_, x) in enumerate(sorted(p.items())):
             if i == 0 and planted:
                 x = bug("scale", planted)(x)
             u = x / scales[i]  # O(1) in the leaf's own units
