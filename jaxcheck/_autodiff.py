@@ -23,15 +23,9 @@ def vdot(a: list, b: list):
     return total
 
 
-def _rms(x):
-    return jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.promote_types(x.dtype, jnp.float32)))))
-
-
 def output_scales(outs: list):
-    rms = jnp.stack([_rms(y) for y in outs])
-    overall = jnp.sqrt(jnp.mean(jnp.square(rms)))
-    floor = jnp.where(jnp.isfinite(overall) & (overall > 0), overall, 1.0)
-    return jnp.where(jnp.isfinite(rms) & (rms > 0), rms, floor)
+    values = jnp.stack([_directions.rms(y) for y in outs])
+    return _directions.with_floor(values, [max(y.size, 1) for y in outs])
 
 
 def probe(problem, reverse: bool, out_seeds, diff, traced) -> dict:
@@ -55,7 +49,7 @@ def probe(problem, reverse: bool, out_seeds, diff, traced) -> dict:
         cot = _directions.cotangent(out_seeds, BALANCE_INDEX, scales, outs, "gaussian")
         grad = vjp_fn(cot)[0]
     result["grad_finite"] = jnp.stack([jnp.all(jnp.isfinite(g)) for g in grad])
-    result["grad_norms"] = jnp.stack([jnp.sqrt(vdot([g], [g])) for g in grad])
+    result["grad_norms"] = jnp.stack([_directions.rms(g) * g.size**0.5 for g in grad])
     if problem.scalar_output:
         result["grad"] = grad
     return result

@@ -90,15 +90,35 @@ def direction(leaf_seeds, index, leaves, beta, kind: str) -> list:
     ]
 
 
+def rms(x):
+    """Root mean square of `x` in at least float32, without overflow for huge values."""
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    top = jnp.max(jnp.abs(x)) if x.size else jnp.zeros((), x.dtype)
+    safe = jnp.where((top > 0) & jnp.isfinite(top), top, 1.0)
+    return jnp.where(jnp.isfinite(top), safe * jnp.sqrt(jnp.mean(jnp.square(x / safe))), top)
+
+
+def pooled(rms_values, sizes):
+    """The RMS over several arrays from their RMS values and sizes, without overflow."""
+    top = jnp.max(rms_values)
+    safe = jnp.where((top > 0) & jnp.isfinite(top), top, 1.0)
+    sizes = jnp.asarray(sizes, rms_values.dtype)
+    return safe * jnp.sqrt(jnp.sum(sizes * jnp.square(rms_values / safe)) / jnp.sum(sizes))
+
+
+def with_floor(values, sizes):
+    """Replace zero (or non-finite) magnitudes by the pooled magnitude, or by 1."""
+    ok = jnp.isfinite(values) & (values > 0)
+    overall = pooled(jnp.where(ok, values, 0.0), sizes)
+    floor = jnp.where(overall > 0, overall, 1.0)
+    return jnp.where(ok, values, floor)
+
+
 def leaf_scales(leaves) -> jax.Array:
     """RMS magnitude of each leaf; all-zero leaves get the RMS of the whole parameter set
     (or 1 when every parameter is zero), so that they are still perturbed."""
-    sq = jnp.stack([jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves])
-    sizes = jnp.asarray([max(x.size, 1) for x in leaves], jnp.float32)
-    rms = jnp.sqrt(sq / sizes)
-    overall = jnp.sqrt(jnp.sum(sq) / jnp.sum(sizes))
-    floor = jnp.where(overall > 0, overall, 1.0)
-    return jnp.where(rms > 0, rms, floor)
+    values = jnp.stack([rms(x) for x in leaves])
+    return with_floor(values, [max(x.size, 1) for x in leaves])
 
 
 def balance(scales, grad_norms, dynamic_range: float, min_total: float = 0.0):

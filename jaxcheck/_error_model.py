@@ -46,6 +46,7 @@ class Differences:
     finite: np.ndarray  # (n,) bool
     smooth: np.ndarray  # (n,) bool, finite and not non-smooth
     slopes: tuple[np.ndarray, np.ndarray]  # one-sided slopes (left, right)
+    d4: np.ndarray  # fourth differences, (n,)
     noise: float  # sigma, roundoff noise of one evaluation of phi
     relative_noise: float  # sigma / typical |phi|: the precision the function really has
     truncation: float  # median truncation error, net of noise
@@ -102,6 +103,7 @@ def assess(phis, phi0, h: float, eps: float, floor: float, noise_from_data=True)
         finite=finite,
         smooth=finite & ~nonsmooth,
         slopes=c["slopes"],
+        d4=np.where(finite, c["d4"], 0.0),
         noise=sigma_data,
         relative_noise=sigma_data / typical if typical > 0 else 0.0,
         # the part of |D(h) - D(h/2)| / 3 that its own noise (0.53 sigma / h) does not explain

@@ -227,6 +227,11 @@ class _Run:
         index = np.arange(k, dtype=np.int32)
         [(p, steps)] = self._ladder(index, np.tile(beta, (k, 1)), h0, [slice(0, k)])
         checks = self._compare(p)
+        if self._incomparable(checks[0]):
+            self.reference = _precision.reference_dtype("native", self.tested)
+            h0 = step if step is not None else _precision.default_step(self.reference)
+            [(p, steps)] = self._ladder(index, np.tile(beta, (k, 1)), h0, [slice(0, k)])
+            checks = self._compare(p)
         status = self._status(p, checks, k, self.problems)
         leaves = ()
         chosen = []
@@ -243,6 +248,22 @@ class _Run:
             leaves = self._localize(scales, leaf_k, h0, paths, chosen)
             status = self._merge_leaves(status, leaves)
         return self._report(status, k, p, checks, leaves, held_fixed, steps)
+
+    def _incomparable(self, head) -> bool:
+        """Whether fn in float64 is a different function from fn in the model's precision
+        (say, random numbers drawn in the default dtype), judged by the gradients of the two
+        disagreeing by far more than rounding; then finite differences fall back to the
+        model's precision."""
+        limit = max(0.1, 30 * math.sqrt(_precision.eps(self.tested)))
+        if self.policy != "auto" or not head.rounding > limit:
+            return False
+        self.problems.append(
+            f"the derivative of fn in {self.reference.name} differs from that in "
+            f"{self.tested.name} by {head.rounding:.1e}, far beyond rounding: fn computes "
+            f"something else in {self.reference.name} (e.g. random numbers drawn in the "
+            "default dtype); finite differences use the model's precision instead"
+        )
+        return True
 
     def _needed_derivative(self, ref, h) -> float:
         """Smallest RMS directional derivative whose roundoff error bar (~15 sigma / h, with
@@ -310,10 +331,10 @@ class _Run:
                 continue
             p2 = self._group(out2, g, h, factors[i])
             tried[i].append(h * factors[i])
-            if suspect[i] and p2.fd.noise < best[i].fd.noise / 4:  # d4 shrank with h: kinks
+            if suspect[i] and _same_kinks(best[i].fd, p2.fd, factors[i]):
                 kinked = self._assess(p2.phis, p2.phi0, h, from_data=False)
                 best[i] = dataclasses.replace(p2, fd=kinked)
-            elif suspect[i]:  # d4 did not shrink: the function is noisier than the reference
+            elif suspect[i]:  # d4 is noise: the function is noisier than the reference
                 again[i] = min(1e3, (best[i].fd.relative_noise / eps) ** (1 / 3), MAX_STEP / h)
             else:
                 best[i] = _better(best[i], p2)
@@ -500,7 +521,12 @@ class _Run:
             )
             return Status.INCONCLUSIVE
         head = checks[0]
-        if head.noise_floor > MAX_NOISE_FLOOR:
+        if head.noise_floor >= 1.0:  # the derivative is zero to within its error bars
+            problems.append(
+                "the derivative is zero to within finite-difference noise along these "
+                "directions (at a stationary point?); it was judged in absolute terms"
+            )
+        elif head.noise_floor > MAX_NOISE_FLOOR:
             problems.append(
                 f"finite-difference noise floor {head.noise_floor:.1e} is too coarse to judge "
                 "the gradient"
@@ -581,6 +607,17 @@ class _Run:
             numeric=None if p is None else np.asarray(p.numeric),
             analytic=None if analytic is None else np.asarray(analytic, np.float64),
         )
+
+
+def _same_kinks(fd1, fd2, factor: float) -> bool:
+    """Whether d4 / step agrees between two steps direction by direction, as it does for a
+    kink at the point (a fixed jump in slope), and not for rounding noise, whose d4 is
+    random even where its size scales with the step."""
+    j1, j2 = fd1.d4, fd2.d4 / factor
+    use = fd1.finite & fd2.finite & (j1 != 0)
+    if not use.any():
+        return False
+    return bool(np.median(np.abs(j2[use] - j1[use]) / np.abs(j1[use])) < 0.3)
 
 
 def _better(p1: _Pass, p2: _Pass) -> _Pass:

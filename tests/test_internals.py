@@ -92,6 +92,7 @@ def test_comparison_tolerance_follows_measured_rounding():
         finite=np.ones(n, bool),
         smooth=np.ones(n, bool),
         slopes=(np.ones(n), np.ones(n)),
+        d4=np.zeros(n),
         noise=0.0,
         relative_noise=0.0,
         truncation=0.0,

@@ -178,3 +178,32 @@ def test_wrong_sign_and_clipped_backward_fail():
     assert flipped.status == "fail" and flipped.relative_error > 1.0
     clipped = jaxcheck.verify(lambda p: jnp.sum(bug("clip", 0.5)(p["w"]) ** 2), p)
     assert clipped.status == "fail"
+
+
+def test_stationary_point_is_judged_in_absolute_terms():
+    report = jaxcheck.verify(lambda p: jnp.sum((p - 1.0) ** 2), jnp.ones(4))
+    assert report.status == "pass", str(report)
+    assert any("zero to within finite-difference noise" in p for p in report.problems)
+    bad = jaxcheck.verify(
+        lambda p: jnp.sum((p - 1.0) ** 2) + jnp.sum(bug("perturb", 1.0)(p)), jnp.ones(4)
+    )  # a wrong gradient at that point still fails
+    assert bad.status == "fail"
+
+
+def test_huge_parameter_values_do_not_overflow():
+    report = jaxcheck.verify(lambda p: jnp.sum(jnp.log(p)), jnp.asarray([1e30, 2e30], jnp.float32))
+    assert report.status == "pass", str(report)
+
+
+def test_fn_that_differs_in_float64_falls_back_to_native():
+    """Dropout masks drawn in the default dtype differ between float32 and float64."""
+    p = jnp.asarray(np.random.default_rng(0).normal(size=20), jnp.float32)
+
+    def fn(p, key):
+        return jnp.sum(jnp.tanh(p) * jax.random.bernoulli(key, 0.5, p.shape))
+
+    report = jaxcheck.verify(fn, p, jax.random.key(3))
+    assert report.status == "pass", str(report)
+    assert report.reference_dtype == "float32"
+    assert report.tolerance < 1e-2
+    assert any("fn computes something else in float64" in q for q in report.problems)
