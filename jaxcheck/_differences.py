@@ -62,7 +62,10 @@ def reference(
             moved = [x + t.astype(x.dtype) * vi for x, vi in zip(diff, v)]
             return problem.scalarize(f(moved), cot)
 
-        res = {"phis": jax.vmap(phi)(offsets), "phi0": problem.scalarize(outs, cot)}
+        res = {
+            "phis": _plan.map_directions(phi, (offsets,), None),
+            "phi0": problem.scalarize(outs, cot),
+        }
         if g_test is not None:
             res["test_rev"] = _autodiff.vdot([g.astype(dtype) for g in g_test], v)
         if rule_rev:

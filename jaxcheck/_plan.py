@@ -3,18 +3,40 @@
 Directions are evaluated with `jax.vmap` inside a chunk; when a chunk size smaller than
 the number of directions is given, chunks run one after another with `lax.map`, so memory
 grows with the chunk size rather than with the number of directions.
+
+A function that `jax.jit` cannot trace (it converts traced values to NumPy, or branches in
+Python on them) is evaluated eagerly instead: the same programs run without `jit`, one
+direction and one stencil point at a time.
 """
 
+import contextlib
+import contextvars
 import dataclasses
 import inspect
 import time
 
 import jax
+import jax.numpy as jnp
+
+_EAGER = contextvars.ContextVar("jaxcheck_eager", default=False)
+_MAP_HAS_BATCH_SIZE = "batch_size" in inspect.signature(jax.lax.map).parameters
+
+# What tracing raises when a function needs concrete values.
+TRACING_ERRORS = (
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerArrayConversionError,
+    jax.errors.TracerBoolConversionError,
+    jax.errors.TracerIntegerConversionError,
+)
 
 
 def map_directions(fn, xs, chunk_size: int | None):
-    """Apply `fn` to every row of the arrays `xs`: vmapped, or in sequential vmapped chunks."""
+    """Apply `fn` to every row of the arrays `xs`: vmapped, in sequential vmapped chunks, or
+    (eagerly) in a Python loop."""
     n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+    if _EAGER.get():
+        rows = [fn(*(x[i] for x in xs)) for i in range(n)]
+        return jax.tree_util.tree_map(lambda *r: jnp.stack([jnp.asarray(v) for v in r]), *rows)
     if chunk_size is None or chunk_size >= n:
         return jax.vmap(fn)(*xs)
     if _MAP_HAS_BATCH_SIZE:
@@ -22,23 +44,40 @@ def map_directions(fn, xs, chunk_size: int | None):
     return jax.lax.map(lambda row: fn(*row), xs)  # jax < 0.4.31: one direction at a time
 
 
-_MAP_HAS_BATCH_SIZE = "batch_size" in inspect.signature(jax.lax.map).parameters
+@contextlib.contextmanager
+def eager():
+    token = _EAGER.set(True)
+    try:
+        yield
+    finally:
+        _EAGER.reset(token)
 
 
 @dataclasses.dataclass
 class Timer:
-    """Compile and run seconds of the programs a check executed."""
+    """Runs the programs of a check, jitted (or eagerly when fn cannot be traced), and
+    keeps their compile and run seconds."""
 
     compile_s: float = 0.0
     run_s: float = 0.0
+    eager_reason: str | None = None
 
     def run(self, fn, *args):
         """Compile `fn` ahead of time for `args`, then run it; times both separately."""
-        t0 = time.perf_counter()
-        compiled = jax.jit(fn).lower(*args).compile()
+        if self.eager_reason is None:
+            t0 = time.perf_counter()
+            try:
+                compiled = jax.jit(fn).lower(*args).compile()
+            except TRACING_ERRORS as err:
+                self.eager_reason = type(err).__name__
+            else:
+                t1 = time.perf_counter()
+                out = jax.block_until_ready(compiled(*args))
+                self.compile_s += t1 - t0
+                self.run_s += time.perf_counter() - t1
+                return out
         t1 = time.perf_counter()
-        out = jax.block_until_ready(compiled(*args))
-        t2 = time.perf_counter()
-        self.compile_s += t1 - t0
-        self.run_s += t2 - t1
+        with eager():
+            out = jax.block_until_ready(fn(*args))
+        self.run_s += time.perf_counter() - t1
         return out

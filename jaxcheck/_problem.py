@@ -6,8 +6,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from . import _tree
+from . import _plan, _tree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,12 +58,13 @@ class Problem:
         out = self.fn(params, *args)
         if self.has_aux:
             out = out[0]
-        return jax.tree_util.tree_leaves(out)
+        return [jnp.asarray(y) for y in jax.tree_util.tree_leaves(out)]
 
     def gradient(self, diff, traced) -> list:
         """The hand-written gradient's leaves for the differentiable parameters."""
         params, args = self.call(diff, *traced)
-        return _tree.match_gradient(self.params, self.grad_fn(params, *args))
+        grads = _tree.match_gradient(self.params, self.grad_fn(params, *args))
+        return [jnp.asarray(g) for g in grads]
 
     def scalarize(self, outs: list, cot: list | None):
         if cot is None:
@@ -77,7 +79,7 @@ def with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
         params, args = problem.call(diff, *traced)
         return problem.fn(params, *args)
 
-    out = jax.eval_shape(call, inputs.diff, inputs.traced())
+    out = _shapes(call, inputs.diff, inputs.traced())
     if problem.has_aux:
         if not (isinstance(out, tuple) and len(out) == 2):
             what = f"an array of shape {out.shape}" if hasattr(out, "shape") else type(out).__name__
@@ -111,6 +113,22 @@ def with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
     return problem
 
 
+def _shapes(f, *args):
+    """Output shapes and dtypes of f(*args): traced abstractly, or by calling f when it
+    cannot be traced (it then runs eagerly in the check, too)."""
+    try:
+        return jax.eval_shape(f, *args)
+    except _plan.TRACING_ERRORS:
+        with _plan.eager():
+            out = f(*args)
+        return jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(
+                np.shape(x), x.dtype if hasattr(x, "dtype") else np.result_type(x)
+            ),
+            out,
+        )
+
+
 def _check_gradient_shapes(problem: Problem, inputs: Inputs) -> None:
     if not problem.scalar_output:
         raise ValueError(
@@ -118,7 +136,7 @@ def _check_gradient_shapes(problem: Problem, inputs: Inputs) -> None:
             f"{list(problem.out_shapes)}). A hand-written gradient is only defined for a "
             "scalar fn; reduce the output to a scalar first."
         )
-    grads = jax.eval_shape(lambda d, t: problem.gradient(d, t), inputs.diff, inputs.traced())
+    grads = _shapes(problem.gradient, inputs.diff, inputs.traced())
     paths = problem.params.paths_of(_tree.DIFF)
     for path, g, x in zip(paths, grads, inputs.diff):
         shape = getattr(g, "shape", None)

@@ -209,6 +209,11 @@ class _Run:
                 self.inputs.traced(),
             )
         )
+        if self.timer.eager_reason is not None:
+            self.problems.append(
+                f"jax.jit cannot trace fn or grad_fn ({self.timer.eager_reason}); they were "
+                "evaluated eagerly, one direction at a time, which is slower"
+            )
         paths = self.problem.params.paths_of(_tree.DIFF)
         nonfinite = self._probe_nonfinite(paths)
         ref = _precision.reference_dtype(self.policy, self.tested)

@@ -276,3 +276,26 @@ def test_rademacher_directions():
         lambda p: quartic(bug("scale", 0.01)(p)), jnp.linspace(0.5, 1.5, 6), directions="rademacher"
     )
     assert bad.status == "fail"
+
+
+def test_numpy_loss_and_gradient_run_eagerly():
+    """A textbook NumPy loss and hand-written gradient cannot be traced; they still check."""
+    r = np.random.default_rng(0)
+    x = r.random((50, 1)).astype(np.float32)
+    y = (3 * x + 2 + r.random((50, 1))).astype(np.float32)
+
+    def loss(p, x, y):
+        return float(np.mean((x @ np.asarray(p["w"]) + np.asarray(p["b"]) - y) ** 2))
+
+    def grad(p, x, y, bias_factor=1.0):
+        residual = x @ np.asarray(p["w"]) + np.asarray(p["b"]) - y
+        n = x.shape[0]
+        return {"w": 2 / n * x.T @ residual, "b": bias_factor * 2 / n * residual.sum(0)}
+
+    params = {"w": np.array([[0.5]], np.float32), "b": np.array([0.1], np.float32)}
+    good = jaxcheck.verify(loss, params, x, y, grad_fn=grad)
+    assert good.status == "pass", str(good)
+    assert any("evaluated eagerly" in p for p in good.problems)
+    bad = jaxcheck.verify(loss, params, x, y, grad_fn=lambda p, x, y: grad(p, x, y, 1.01))
+    assert bad.status == "fail"
+    assert [leaf.path for leaf in bad.leaves if leaf.status == "fail"] == ["['b']"]
