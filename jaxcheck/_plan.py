@@ -4,19 +4,27 @@ Directions are evaluated with `jax.vmap` inside a chunk; when a chunk size small
 the number of directions is given, chunks run one after another with `lax.map`, so memory
 grows with the chunk size rather than with the number of directions.
 
+Compiled programs are kept (least recently used first out) under the program, its static
+configuration (the function under check, the pytree structure, the options) and the shapes
+and dtypes of its inputs, so repeated checks of the same function compile nothing. Like
+`jax.jit`, values the function closes over are fixed at its first check.
+
 A function that `jax.jit` cannot trace (it converts traced values to NumPy, or branches in
 Python on them) is evaluated eagerly instead: the same programs run without `jit`, one
 direction and one stencil point at a time.
 """
 
+import collections
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import inspect
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _EAGER = contextvars.ContextVar("jaxcheck_eager", default=False)
 _MAP_HAS_BATCH_SIZE = "batch_size" in inspect.signature(jax.lax.map).parameters
@@ -53,6 +61,39 @@ def eager():
         _EAGER.reset(token)
 
 
+_CACHE: collections.OrderedDict = collections.OrderedDict()
+CACHE_SIZE = 64
+compilations = 0  # programs compiled so far in this process
+
+
+def _cache_key(fn, args):
+    """A hashable key for a partial(program, *static) applied to `args`, or None."""
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    avals = tuple((np.shape(x), str(x.dtype), bool(getattr(x, "weak_type", False))) for x in leaves)
+    x64 = jax.dtypes.canonicalize_dtype(np.float64) == np.float64
+    key = (fn.func, fn.args, tuple(sorted(fn.keywords.items())), treedef, avals, x64)
+    try:
+        hash(key)
+    except TypeError:  # an unhashable static leaf or closure: compile every time
+        return None
+    return key
+
+
+def _compile(fn, args):
+    global compilations
+    key = _cache_key(fn, args) if isinstance(fn, functools.partial) else None
+    if key is not None and key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    compiled = jax.jit(fn).lower(*args).compile()
+    compilations += 1
+    if key is not None:
+        _CACHE[key] = compiled
+        if len(_CACHE) > CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return compiled
+
+
 @dataclasses.dataclass
 class Timer:
     """Runs the programs of a check, jitted (or eagerly when fn cannot be traced), and
@@ -67,7 +108,7 @@ class Timer:
         if self.eager_reason is None:
             t0 = time.perf_counter()
             try:
-                compiled = jax.jit(fn).lower(*args).compile()
+                compiled = _compile(fn, args)
             except TRACING_ERRORS as err:
                 self.eager_reason = type(err).__name__
             else:

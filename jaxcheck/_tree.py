@@ -60,7 +60,9 @@ def split(tree, where: str) -> tuple[Split, list, list]:
         paths.append(path)
         kinds.append(kind)
         if kind == DIFF:
-            floats.append(jnp.asarray(leaf))
+            # a fixed (not weak) dtype, so that compiled programs are reused across calls
+            x = jnp.asarray(leaf)
+            floats.append(jnp.asarray(x, x.dtype))
         elif kind == ARRAY:
             arrays.append(leaf)
         else:

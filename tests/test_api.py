@@ -299,3 +299,21 @@ def test_numpy_loss_and_gradient_run_eagerly():
     bad = jaxcheck.verify(loss, params, x, y, grad_fn=lambda p, x, y: grad(p, x, y, 1.01))
     assert bad.status == "fail"
     assert [leaf.path for leaf in bad.leaves if leaf.status == "fail"] == ["['b']"]
+
+
+def test_second_check_of_the_same_function_compiles_nothing():
+    from jaxcheck import _plan
+
+    def loss(p, x):
+        return jnp.sum(jnp.tanh(x @ p["w"]) ** 2)
+
+    p = {"w": jnp.ones((3, 2))}
+    x = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+    first = jaxcheck.verify(loss, p, x)
+    before = _plan.compilations
+    second = jaxcheck.verify(loss, {"w": jnp.full((3, 2), 0.5)}, 2 * x)
+    assert _plan.compilations == before
+    assert second.compile_seconds < 0.05 < first.compile_seconds
+    assert second.status == "pass"
+    jaxcheck.verify(loss, {"w": jnp.ones((3, 3))}, jnp.ones((4, 3)))  # new shapes: compiles
+    assert _plan.compilations > before
