@@ -74,7 +74,8 @@ def _cache_key(fn, args):
     key = (fn.func, fn.args, tuple(sorted(fn.keywords.items())), treedef, avals, x64)
     try:
         hash(key)
-    except TypeError:  # an unhashable static leaf or closure: compile every time
+        key in _CACHE  # noqa: B015 - equality of static leaves may raise, too
+    except Exception:  # noqa: BLE001 - unhashable or incomparable static leaves: no reuse
         return None
     return key
 
