@@ -193,6 +193,7 @@ class _Run:
     rtol: float | None
     timer: Timer
     reference: np.dtype | None = None
+    batch: int = 0  # directions per program call: the all-leaf check's number
     evaluations: int = 0
     problems: list = dataclasses.field(default_factory=list)
     probe: dict | None = None
@@ -230,6 +231,7 @@ class _Run:
                 self._needed_derivative(ref, h0),
             )
         index = np.arange(k, dtype=np.int32)
+        self.batch = k
         [(p, steps)] = self._ladder(index, np.tile(beta, (k, 1)), h0, [slice(0, k)])
         checks = self._compare(p)
         if self._incomparable(checks[0]):
@@ -352,7 +354,26 @@ class _Run:
         return list(zip(best, map(tuple, tried)))
 
     def _evaluate(self, index, rows, h) -> dict:
-        """Run the programs along directions `index` with per-leaf step sizes `rows`."""
+        """Run the programs along directions `index` with per-leaf step sizes `rows`, in
+        batches of the all-leaf check's size, so that its compiled programs are reused (the
+        last batch is padded with repeats of its last direction)."""
+        n, size = len(index), self.batch
+        if n == size:
+            return self._evaluate_batch(index, rows, h)
+        parts = []
+        for start in range(0, n, size):
+            idx, r = index[start : start + size], rows[start : start + size]
+            pad = size - len(idx)
+            if pad:
+                idx = np.concatenate([idx, np.repeat(idx[-1:], pad)])
+                r = np.concatenate([r, np.repeat(r[-1:], pad, axis=0)])
+            parts.append(self._evaluate_batch(idx, r, h))
+        return {
+            name: None if parts[0][name] is None else np.concatenate([p[name] for p in parts])[:n]
+            for name in parts[0]
+        }
+
+    def _evaluate_batch(self, index, rows, h) -> dict:
         native = {}
         if "forward" in self.modes or not self.problem.scalar_output:
             modes = tuple(m for m in self.modes if m == "forward" or not self.problem.scalar_output)
