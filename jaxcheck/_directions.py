@@ -2,8 +2,9 @@
 
 A direction is drawn per leaf from a seed that depends only on the check's key and the
 leaf's key path, and on the direction's index, so adding an unrelated leaf or changing the
-chunking does not change the directions of the other leaves. Values are always drawn in float32 and
-then cast, so the native-precision and the float64 programs see the same directions.
+chunking does not change the directions of the other leaves. Values are always drawn in
+float32 and then cast, so the native-precision and the float64 programs see the same
+directions.
 """
 
 import math

@@ -17,12 +17,14 @@ error of a candidate derivative a against the reference R over the remaining dir
 
     err = RMS(R - a) / RMS(R),
 
-which for Gaussian directions estimates |W (g_checked - g_true)| / |W g_true|, W being the
-per-leaf step weights of `_directions.balance`. Its 95 % interval comes from the F(n, n)
-law of the ratio of the two sums of squares (n directions used). The comparison fails when
-err exceeds max(floor, 2 * hypot(noise, rounding)), where noise is the RMS error bar of R
-relative to RMS(R) and rounding the measured difference between the derivative under test
-and the same rule in higher precision.
+(the RMS error bar replaces RMS(R) when it is larger: the derivative is then zero to within
+noise and the comparison is in effect absolute), which for Gaussian directions estimates
+|W (g_checked - g_true)| / |W g_true|, W being the per-leaf step weights of
+`_directions.balance`. Its 95 % interval comes from the F(n, n) law of the ratio of the
+two sums of squares (n directions used). The comparison fails when err exceeds
+max(floor, 2 * hypot(noise, rounding)), where noise is the RMS error bar of R relative to
+RMS(R) and rounding the measured difference between the derivative under test and the
+same rule in higher precision.
 """
 
 import dataclasses
@@ -72,6 +74,11 @@ class Differences:
 
 
 def assess(phis, phi0, h: float, eps: float, floor: float, noise_from_data=True) -> Differences:
+    """Error bars and smoothness of the stencil values `phis` (n, 4) around `phi0` (n,).
+
+    `eps` is the reference precision, `floor` the smallest relative error that matters;
+    with `noise_from_data=False` the noise is taken as rounding alone (eps |phi|).
+    """
     phis = np.asarray(phis, np.float64)
     phi0 = np.asarray(phi0, np.float64)
     c = _differences.combine(phis, phi0, h)

@@ -67,7 +67,8 @@ def verify(
             "float64" (required), or "native" (the model's precision, at least float32).
         step: relative step h; default eps^(1/3) of the reference precision.
         rtol: smallest relative error treated as a bug; default derived from the precision.
-        localize: also check each leaf on its own: "auto" when the global check fails.
+        localize: also check each leaf on its own. "auto": when the check fails, and for
+            leaves too small for the all-leaf check to see a 0.1 % error in them.
         leaf_directions: directions per leaf when localizing.
         directions: "gaussian" or "rademacher".
         chunk_size: directions evaluated at once (vmapped); the rest run sequentially.
@@ -245,7 +246,7 @@ class _Run:
         if localize is True or (localize == "auto" and status is Status.FAIL):
             chosen = list(range(len(paths)))
         elif localize == "auto" and status is Status.PASS and share is not None:
-            # leaves whose 1 % error the all-leaf check could not see: check them alone
+            # leaves whose 0.1 % error the all-leaf check could not see: check them alone
             chosen = [
                 i
                 for i, s in enumerate(share)
@@ -280,7 +281,8 @@ class _Run:
         else:
             magnitude = math.sqrt(sum(math.prod(s) for s in self.problem.out_shapes))
         eps_r, eps_t = _precision.eps(ref), _precision.eps(self.tested)
-        floor = max(1e-6, 10 * eps_r ** (2 / 3)) if eps_r < eps_t else max(1e-6, eps_t**0.5)
+        rule, tested = _floor_values(eps_t, eps_r, eps_r)
+        floor = rule if eps_r < eps_t else tested
         return 15 * 10 * eps_r * magnitude / (h * 0.1 * floor)
 
     def _probe_nonfinite(self, paths) -> bool:
@@ -310,11 +312,13 @@ class _Run:
         its own step: the step h times a factor applied to the group's rows.
 
         After a first evaluation, a group whose fourth differences are far above the
-        reference precision's rounding has kinks (they shrink with the step) or computes in
-        lower precision than the reference (they do not): it takes a smaller, respectively a
-        larger step. A group whose noise floor is above target moves to the step that
-        balances roundoff (~1/h) against truncation (~h^2). Returns one (_Pass, steps) per
-        group, keeping for each the evaluation with most smooth directions, then lowest noise.
+        reference precision's rounding is evaluated again at a 16 times smaller step: if
+        d4 / step agrees direction by direction, the directions cross kinks (judged against
+        rounding alone from then on); if not, fn computes in lower precision than the
+        reference, and a third evaluation takes a correspondingly larger step. A group whose
+        noise floor is above target moves to the step that balances roundoff (~1/h) against
+        truncation (~h^2). Returns one (_Pass, steps) per group, keeping for each the
+        evaluation with most smooth directions, then lowest noise.
         """
         factors = np.ones(len(groups))
         out = self._evaluate(index, rows, h)
@@ -485,8 +489,7 @@ class _Run:
         eps_t, eps_r = _precision.eps(self.tested), _precision.eps(self.reference)
         with_rule = eps_r < eps_t
         eps_eff = max(eps_r, fd.relative_noise if fd is not None else 0.0)
-        rule = max(1e-6, 10 * eps_eff ** (2 / 3))
-        tested = 10 * eps_t if with_rule else max(1e-6, math.sqrt(eps_t))
+        rule, tested = _floor_values(eps_t, eps_r, eps_eff)
         if self.rtol is not None:
             rule, tested = self.rtol, self.rtol
         return {"rule": rule, "tested": tested, "nonsmooth": rule if with_rule else tested}
@@ -633,6 +636,17 @@ class _Run:
             numeric=None if p is None else np.asarray(p.numeric),
             analytic=None if analytic is None else np.asarray(analytic, np.float64),
         )
+
+
+def _floor_values(eps_tested: float, eps_reference: float, eps_effective: float):
+    """Default smallest relative errors that count as bugs: (same rule in the reference
+    precision, derivative under test). The rule is held to 1e-6, or to 10 eps^(2/3) of the
+    precision fn really computes in; the derivative under test to 10 eps of its dtype when a
+    higher-precision rule measures its rounding, else to sqrt(eps)."""
+    rule = max(1e-6, 10 * eps_effective ** (2 / 3))
+    if eps_reference < eps_tested:
+        return rule, 10 * eps_tested
+    return rule, max(1e-6, math.sqrt(eps_tested))
 
 
 def _same_kinks(fd1, fd2, factor: float) -> bool:
