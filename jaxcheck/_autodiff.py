@@ -55,9 +55,28 @@ def probe(problem, reverse: bool, out_seeds, diff, traced) -> dict:
     return result
 
 
-def projections(problem, modes, kind, chunk, seeds, diff, traced, beta_rows, index, out_scales):
-    """Native-precision projections along directions `index` (rows of `beta_rows`)."""
+def direction(problem, seeds, k, diff, beta, kind, out_scales, outs):
+    """Direction number k in parameter space and, for a non-scalar fn, its output cotangent
+    (None for a scalar fn)."""
     p_seeds, o_seeds = seeds
+    v = _directions.direction(p_seeds, k, diff, beta, kind)
+    if problem.scalar_output:
+        return v, None
+    return v, _directions.cotangent(o_seeds, k, out_scales, outs, kind)
+
+
+def jvp_projection(f, diff, v, cot):
+    """<u, J v> by forward mode (J v itself for a scalar fn)."""
+    _, jv = jax.jvp(f, (diff,), (v,))
+    if cot is None:
+        return jv[0].astype(jnp.promote_types(jv[0].dtype, jnp.float32))
+    return vdot(cot, jv)
+
+
+def projections(problem, modes, kind, chunk, seeds, diff, traced, beta_rows, index, out_scales):
+    """Native-precision projections along directions `index` (rows of `beta_rows`): <u, J v>
+    ("fwd") and, for a non-scalar fn, <J^T u, v> ("rev"); a scalar fn's reverse projections
+    are formed from its gradient in the reference program instead."""
     f = lambda d: problem.outputs(d, traced)  # noqa: E731
     if "reverse" in modes:
         outs, vjp_fn = jax.vjp(f, diff)
@@ -65,20 +84,12 @@ def projections(problem, modes, kind, chunk, seeds, diff, traced, beta_rows, ind
         outs = f(diff)
 
     def one(k, beta):
-        v = _directions.direction(p_seeds, k, diff, beta, kind)
-        cot = None
-        if not problem.scalar_output:
-            cot = _directions.cotangent(o_seeds, k, out_scales, outs, kind)
+        v, cot = direction(problem, seeds, k, diff, beta, kind, out_scales, outs)
         res = {}
         if "reverse" in modes:
-            seed = cot if cot is not None else [jnp.ones((), outs[0].dtype)]
-            res["rev"] = vdot(vjp_fn(seed)[0], v)
+            res["rev"] = vdot(vjp_fn(cot)[0], v)
         if "forward" in modes:
-            _, jv = jax.jvp(f, (diff,), (v,))
-            if cot is None:
-                res["fwd"] = jv[0].astype(jnp.promote_types(jv[0].dtype, jnp.float32))
-            else:
-                res["fwd"] = vdot(cot, jv)
+            res["fwd"] = jvp_projection(f, diff, v, cot)
         return res
 
     return _plan.map_directions(one, (index, beta_rows), chunk)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _autodiff, _directions, _plan
+from . import _autodiff, _plan
 
 OFFSETS = (-1.0, -0.5, 0.5, 1.0)
 
@@ -36,7 +36,6 @@ def reference(
     """Stencil values (n, 4) and centre values (n,) along directions `index`, plus
     projections of `g_test` ("test_rev") and, when `with_rule`, of the reference-precision
     derivatives of the same rule ("ref_rev", "ref_fwd")."""
-    p_seeds, o_seeds = seeds
     f = lambda d: problem.outputs(d, traced)  # noqa: E731
     dtype = diff[0].dtype
     offsets = h.astype(dtype) * jnp.asarray(OFFSETS, dtype)
@@ -53,10 +52,7 @@ def reference(
         outs = f(diff)
 
     def one(k, beta):
-        v = _directions.direction(p_seeds, k, diff, beta, kind)
-        cot = None
-        if not problem.scalar_output:
-            cot = _directions.cotangent(o_seeds, k, out_scales, outs, kind)
+        v, cot = _autodiff.direction(problem, seeds, k, diff, beta, kind, out_scales, outs)
 
         def phi(t):
             moved = [x + t.astype(x.dtype) * vi for x, vi in zip(diff, v)]
@@ -74,8 +70,7 @@ def reference(
             else:
                 res["ref_rev"] = _autodiff.vdot(vjp_fn(cot)[0], v)
         if with_rule and "forward" in modes:
-            _, jv = jax.jvp(f, (diff,), (v,))
-            res["ref_fwd"] = jv[0] if cot is None else _autodiff.vdot(cot, jv)
+            res["ref_fwd"] = _autodiff.jvp_projection(f, diff, v, cot)
         return res
 
     return _plan.map_directions(one, (index, beta_rows), chunk)

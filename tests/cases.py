@@ -15,66 +15,36 @@ import numpy as np
 # -- planted bugs: identity in the forward pass, wrong in the backward pass ---------------
 
 
-@jax.custom_vjp
-def scale_grad(x, s):
-    return x
+def _identity_with_backward(transform):
+    """x -> x whose backward pass returns transform(cotangent, c) instead of the cotangent."""
+
+    @jax.custom_vjp
+    def wrapped(x, c):
+        return x
+
+    wrapped.defvjp(lambda x, c: (x, c), lambda c, ct: (transform(ct, c), jnp.zeros_like(c)))
+    return wrapped
 
 
-def _scale_fwd(x, s):
-    return x, s
-
-
-def _scale_bwd(s, ct):
-    return ct * s, jnp.zeros_like(s)
-
-
-scale_grad.defvjp(_scale_fwd, _scale_bwd)
-
-
-@jax.custom_vjp
-def clip_grad(x, c):
-    return x
-
-
-def _clip_fwd(x, c):
-    return x, c
-
-
-def _clip_bwd(c, ct):
-    return jnp.clip(ct, -c, c), jnp.zeros_like(c)
-
-
-clip_grad.defvjp(_clip_fwd, _clip_bwd)
-
-
-@jax.custom_vjp
-def perturb_grad(x, rel):
-    return x
-
-
-def _perturb_fwd(x, rel):
-    return x, rel
-
-
-def _perturb_bwd(rel, ct):
-    # add a fixed pseudo-random vector of norm rel * |ct|
+def _add_fixed_noise(ct, rel):
+    """ct plus a fixed pseudo-random vector of norm rel * |ct|."""
     noise = jnp.sin(jnp.arange(ct.size, dtype=ct.dtype) * 12.9898 + 1.0).reshape(ct.shape)
-    noise = noise / jnp.linalg.norm(noise)
-    return ct + rel * jnp.linalg.norm(ct) * noise, jnp.zeros_like(rel)
+    return ct + rel * jnp.linalg.norm(ct) * noise / jnp.linalg.norm(noise)
 
 
-perturb_grad.defvjp(_perturb_fwd, _perturb_bwd)
+_BUGS = {
+    "scale": (_identity_with_backward(lambda ct, s: ct * s), lambda size: 1 + size),
+    "clip": (_identity_with_backward(lambda ct, c: jnp.clip(ct, -c, c)), lambda size: size),
+    "perturb": (_identity_with_backward(_add_fixed_noise), lambda size: size),
+}
 
 
 def bug(kind: str, size: float):
-    """A function x -> x whose backward pass has the named bug."""
-    if kind == "scale":
-        return lambda x: scale_grad(x, jnp.asarray(1 + size, x.dtype))
-    if kind == "perturb":
-        return lambda x: perturb_grad(x, jnp.asarray(size, x.dtype))
-    if kind == "clip":
-        return lambda x: clip_grad(x, jnp.asarray(size, x.dtype))
-    raise ValueError(kind)
+    """A function x -> x whose backward pass has the named bug: "scale" multiplies the
+    gradient by 1 + size, "clip" clips it to [-size, size], "perturb" adds a fixed vector of
+    relative size `size`."""
+    wrapped, parameter = _BUGS[kind]
+    return lambda x: wrapped(x, jnp.asarray(parameter(size), x.dtype))
 
 
 def identity(x):
