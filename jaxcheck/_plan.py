@@ -2,7 +2,8 @@
 
 Directions are evaluated with `jax.vmap` inside a chunk; when a chunk size smaller than
 the number of directions is given, chunks run one after another with `lax.map`, so memory
-grows with the chunk size rather than with the number of directions.
+grows with the chunk size rather than with the number of directions. By default the chunk
+holds as many directions as fit their perturbed parameter copies in `MEMORY_BUDGET`.
 
 Compiled programs are kept (least recently used first out) under the program, its static
 configuration (the function under check, the pytree structure, the options) and the shapes
@@ -36,6 +37,16 @@ TRACING_ERRORS = (
     jax.errors.TracerBoolConversionError,
     jax.errors.TracerIntegerConversionError,
 )
+
+
+MEMORY_BUDGET = 1 << 30  # bytes of perturbed parameter copies in flight at once
+
+
+def default_chunk(num_params: int, num_directions: int, copies: int, itemsize: int = 8):
+    """Directions per vmapped chunk so that their `copies` perturbed float64 copies of the
+    parameters each fit in MEMORY_BUDGET; None when all directions fit at once."""
+    chunk = max(1, MEMORY_BUDGET // max(1, copies * num_params * itemsize))
+    return None if chunk >= num_directions else int(chunk)
 
 
 def map_directions(fn, xs, chunk_size: int | None):

@@ -77,17 +77,18 @@ def with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
 
     def call(diff, traced):
         params, args = problem.call(diff, *traced)
-        return problem.fn(params, *args)
-
-    out = _shapes(call, inputs.diff, inputs.traced())
-    if problem.has_aux:
+        out = problem.fn(params, *args)
+        if not problem.has_aux:
+            return out
         if not (isinstance(out, tuple) and len(out) == 2):
             what = f"an array of shape {out.shape}" if hasattr(out, "shape") else type(out).__name__
             raise TypeError(
                 f"has_aux=True, so fn must return a pair (output, aux); it returned {what}. "
                 "Return (loss, aux) or drop has_aux=True."
             )
-        out = out[0]
+        return out[0]  # aux may hold anything, even values jax cannot trace
+
+    out = _shapes(call, inputs.diff, inputs.traced())
     with_paths, treedef = jax.tree_util.tree_flatten_with_path(out)
     if not with_paths:
         raise TypeError(

@@ -10,7 +10,16 @@ from typing import Any, Literal
 import jax.numpy as jnp
 import numpy as np
 
-from . import _autodiff, _differences, _directions, _error_model, _precision, _problem, _tree
+from . import (
+    _autodiff,
+    _differences,
+    _directions,
+    _error_model,
+    _plan,
+    _precision,
+    _problem,
+    _tree,
+)
 from ._errors import GradientCheckError
 from ._plan import Timer
 from ._report import LeafResult, Report, Status
@@ -71,7 +80,8 @@ def verify(
             leaves too small for the all-leaf check to see a 0.1 % error in them.
         leaf_directions: directions per leaf when localizing.
         directions: "gaussian" or "rademacher".
-        chunk_size: directions evaluated at once (vmapped); the rest run sequentially.
+        chunk_size: directions evaluated at once (vmapped); chunks run one after another.
+            Default: as many as keep their perturbed parameter copies within 1 GiB.
         raise_on_failure: raise `GradientCheckError` unless the status is "pass".
 
     Returns:
@@ -121,7 +131,11 @@ def verify(
             _directions.seeds(key, "outputs", problem.out_paths),
         ),
         kind=directions,
-        chunk=chunk_size,
+        chunk=chunk_size
+        if chunk_size is not None
+        else _plan.default_chunk(
+            sum(x.size for x in diff), num_directions, len(_differences.OFFSETS)
+        ),
         tested=_precision.lowest(x.dtype for x in diff),
         policy=precision,
         rtol=rtol,

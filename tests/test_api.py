@@ -94,7 +94,7 @@ def test_x64_is_scoped_to_the_check():
 def test_pytree_output_and_aux():
     def fn(p, x):
         y = {"big": 1e3 * jnp.tanh(x @ p["w"]), "small": 1e-5 * jnp.sin(p["w"]).sum(0)}
-        return y, {"note": jnp.asarray(1)}
+        return y, {"count": jnp.asarray(1), "note": "not an array"}
 
     params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(3, 4)), jnp.float32)}
     x = jnp.asarray(np.random.default_rng(1).normal(size=(5, 3)), jnp.float32)

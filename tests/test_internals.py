@@ -109,3 +109,12 @@ def test_comparison_tolerance_follows_measured_rounding():
 def test_jnp_and_numpy_mix_free_of_warnings():
     out = jax.jit(lambda: _directions.leaf_scales([jnp.zeros(3), jnp.ones(2) * 2]))()
     np.testing.assert_allclose(np.asarray(out), [math.sqrt(8 / 5), 2.0], rtol=1e-6)
+
+
+def test_default_chunk_bounds_memory_of_perturbed_copies():
+    from jaxcheck import _plan
+
+    assert _plan.default_chunk(1_000_000, 16, 4) is None  # 16 x 4 x 8 MB fit in 1 GiB
+    chunk = _plan.default_chunk(10_000_000, 16, 4)
+    assert chunk == 3 and chunk * 4 * 10_000_000 * 8 <= _plan.MEMORY_BUDGET
+    assert _plan.default_chunk(10**9, 16, 4) == 1
