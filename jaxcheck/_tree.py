@@ -31,13 +31,16 @@ def _is_array(x) -> bool:
 
 
 def _kind(leaf, path: str, where: str) -> str:
+    # complex parameters cannot be checked; complex data in `args` is simply held fixed
     if isinstance(leaf, bool | int | complex) or not (_is_array(leaf) or isinstance(leaf, float)):
-        if isinstance(leaf, complex):
+        if isinstance(leaf, complex) and where == "params":
             raise TypeError(_complex_message(where, path))
         return STATIC
     dtype = jnp.result_type(leaf) if isinstance(leaf, float) else leaf.dtype
     if jnp.issubdtype(dtype, jnp.complexfloating):
-        raise TypeError(_complex_message(where, path))
+        if where == "params":
+            raise TypeError(_complex_message(where, path))
+        return ARRAY
     if jnp.issubdtype(dtype, jnp.floating):
         return DIFF
     return ARRAY

@@ -317,3 +317,13 @@ def test_second_check_of_the_same_function_compiles_nothing():
     assert second.status == "pass"
     jaxcheck.verify(loss, {"w": jnp.ones((3, 3))}, jnp.ones((4, 3)))  # new shapes: compiles
     assert _plan.compilations > before
+
+
+def test_complex_data_in_args_is_held_fixed():
+    signal = jnp.exp(1j * jnp.linspace(0.0, 3.0, 8)).astype(jnp.complex64)
+
+    def loss(p, s):
+        return jnp.sum(jnp.abs(jnp.fft.fft(s * p["w"])) ** 2)
+
+    report = jaxcheck.verify(loss, {"w": jnp.linspace(0.5, 1.5, 8)}, signal)
+    assert report.status == "pass", str(report)
