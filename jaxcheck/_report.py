@@ -38,8 +38,8 @@ _ADVICE = {
     Status.INCONCLUSIVE: (
         "Too few directions were smooth enough for finite differences to judge the derivative "
         "(fn has kinks, e.g. relu/abs/max, at or near these parameters), or their resolution "
-        "was too coarse. Try a point away from kinks, more directions (num_directions), or "
-        "precision='float64'."
+        "was too coarse. Try a point away from kinks, or more directions (num_directions); "
+        "if the reference ran in the model's precision, make fn run in float64."
     ),
     Status.NONFINITE: (
         "NaN or Inf appeared (see above where); a derivative cannot be judged there. Check the "
@@ -171,7 +171,7 @@ def render(r: Report) -> str:
                 _e(c.relative_error),
                 f"{_e(c.interval[0])}..{_e(c.interval[1])}",
                 _e(c.tolerance),
-                "ok" if c.passed else "FAIL",
+                "not judged" if c.num_used == 0 else "ok" if c.passed else "FAIL",
             ]
             for c in r.checks
         ]
@@ -199,18 +199,25 @@ def render(r: Report) -> str:
             f"; autodiff lies between the one-sided slopes on "
             f"{r.num_subgradient_consistent} of {r.num_nonsmooth} non-smooth"
         )
-    lines.append(
-        f"  {r.num_directions} directions ({r.num_nonsmooth} non-smooth, {r.num_nonfinite} "
-        f"non-finite{smooth_note}), {r.num_evaluations} evaluations of fn"
-    )
-    tried = ""
-    if len(r.steps_tried) > 1:
-        tried = f", tried {', '.join(_e(h) for h in r.steps_tried)}"
-    lines.append(
-        f"  {r.mode}-mode derivative in {r.tested_dtype}; reference: central differences in "
-        f"{r.reference_dtype}, steps h and h/2 with Richardson, relative h = {_e(r.step)}"
-        f"{tried}; compile {r.compile_seconds:.2f} s, run {r.run_seconds:.2f} s"
-    )
+    timing = f"compile {r.compile_seconds:.2f} s, run {r.run_seconds:.2f} s"
+    if not r.steps_tried:
+        lines.append(
+            f"  {r.mode}-mode derivative in {r.tested_dtype}; no finite differences were "
+            f"taken; {timing}"
+        )
+    else:
+        lines.append(
+            f"  {r.num_directions} directions ({r.num_nonsmooth} non-smooth, {r.num_nonfinite} "
+            f"non-finite{smooth_note}), {r.num_evaluations} evaluations of fn"
+        )
+        tried = ""
+        if len(r.steps_tried) > 1:
+            tried = f", tried {', '.join(_e(h) for h in r.steps_tried)}"
+        lines.append(
+            f"  {r.mode}-mode derivative in {r.tested_dtype}; reference: central differences "
+            f"in {r.reference_dtype}, steps h and h/2 with Richardson, relative h = "
+            f"{_e(r.step)}{tried}; {timing}"
+        )
     if r.status is not Status.PASS:
         lines.append("  " + r.status.advice)
     return "\n".join(lines)

@@ -125,6 +125,7 @@ def test_kinks_are_inconclusive_not_failures(fn, point):
     assert not report.ok
     assert report.num_nonsmooth >= report.num_directions // 2
     assert "non-smooth" in str(report)
+    assert "FAIL" not in str(report)  # excluded directions leave the checks "not judged"
     assert report.num_subgradient_consistent == report.num_nonsmooth
 
 
@@ -170,6 +171,8 @@ def test_nonfinite_is_reported_with_location(fn, point, where):
     assert report.status == "nonfinite"
     assert any(where in p for p in report.problems), report.problems
     assert where in str(report)
+    if report.steps_tried == ():
+        assert "no finite differences were taken" in str(report)
 
 
 def test_wrong_sign_and_clipped_backward_fail():
