@@ -149,9 +149,15 @@ def test_forward_vs_reverse_consistency_check():
     assert consistency[0].relative_error < 1e-6
 
 
-def test_custom_vjp_with_forward_mode_says_what_to_do():
+def test_custom_vjp_with_forward_mode():
+    fn = lambda p: jnp.sum(bug("scale", 0.0)(p) ** 2)  # noqa: E731
     with pytest.raises(TypeError, match="custom_vjp function, which has no jvp. Use mode='rev"):
-        jaxcheck.verify(lambda p: jnp.sum(bug("scale", 0.0)(p) ** 2), jnp.ones(3), mode="both")
+        jaxcheck.verify(fn, jnp.ones(3), mode="forward")
+    report = jaxcheck.verify(fn, jnp.ones(3), mode="both")  # checks what it can, and says so
+    assert report.status == "pass" and report.mode == "reverse"
+    assert "only the reverse mode was checked" in str(report)
+    bad = jaxcheck.verify(lambda p: jnp.sum(bug("scale", 0.01)(p) ** 2), jnp.ones(3), mode="both")
+    assert bad.status == "fail"
 
 
 def test_grad_fn_hand_written():
