@@ -64,7 +64,7 @@ class Differences:
         """RMS error bar of the smooth directions relative to their RMS value."""
         if not self.smooth.any():
             return math.inf
-        return _rms(self.bar[self.smooth]) / max(_rms(self.value[self.smooth]), _TINY)
+        return rms(self.bar[self.smooth]) / max(rms(self.value[self.smooth]), _TINY)
 
     def better_step(self) -> float:
         """The step minimising roundoff (~1/h) plus truncation (~h^2), as a factor of h."""
@@ -97,7 +97,7 @@ def assess(phis, phi0, h: float, eps: float, floor: float, noise_from_data=True)
     kink = d4 / h
     kink_excess = np.maximum(d4 - 2 * math.sqrt(70) * sigma, 0.0) / h
     value = np.where(finite, c["richardson"], 0.0)
-    scale = _rms(value[finite]) if finite.any() else 0.0
+    scale = rms(value[finite]) if finite.any() else 0.0
     nonsmooth = (
         finite
         & (d4 > NONSMOOTH_NOISE_FACTOR * math.sqrt(70) * sigma)
@@ -134,25 +134,45 @@ class Comparison:
     tolerance: float
     num_used: int
     passed: bool
+    resolved: bool = True  # finite differences see a derivative above their own noise
+    absolute: bool = False  # the derivative is zero to within noise or rounding
 
 
-def compare(name, fd: Differences, a, floor: float, a_ref=None) -> Comparison:
+def compare(name, fd: Differences, a, floor: float, a_ref=None, rounding_scale=0.0):
     """Compare derivative projections `a` with `fd`; `a_ref` is the same rule evaluated in
-    higher precision, whose distance from `a` measures `a`'s own rounding."""
+    higher precision, whose distance from `a` measures `a`'s own rounding.
+
+    Errors are relative to RMS(R); where the derivative is smaller than the error bars, or
+    than `rounding_scale` (the RMS rounding of the derivative under test), they are taken
+    relative to that instead: the derivative is zero to within noise and the comparison is
+    in effect absolute.
+    """
     a = np.asarray(a, np.float64)
     use = fd.smooth & np.isfinite(a)
     n = int(use.sum())
     if n == 0:
         return Comparison(name, math.nan, (math.nan, math.nan), math.nan, 0.0, floor, 0, False)
     r, bar = fd.value[use], fd.bar[use]
-    denom = max(_rms(r), _rms(bar), _TINY)
-    err = _rms(r - a[use]) / denom
-    noise = _rms(bar) / denom
+    scale = rms(r)
+    denom = max(scale, rms(bar), rounding_scale, _TINY)
+    err = rms(r - a[use]) / denom
+    noise = rms(bar) / denom
     rounding = 0.0
     if a_ref is not None:
-        rounding = _rms(a[use] - np.asarray(a_ref, np.float64)[use]) / denom
+        rounding = rms(a[use] - np.asarray(a_ref, np.float64)[use]) / denom
     tol = max(floor, SAFETY * math.hypot(noise, rounding))
-    return Comparison(name, err, interval(err, n), noise, rounding, tol, n, bool(err <= tol))
+    return Comparison(
+        name,
+        err,
+        interval(err, n),
+        noise,
+        rounding,
+        tol,
+        n,
+        bool(err <= tol),
+        resolved=scale > rms(bar),
+        absolute=scale < denom,
+    )
 
 
 def consistency(name, a, b, floor: float, rounding: float) -> Comparison:
@@ -162,7 +182,7 @@ def consistency(name, a, b, floor: float, rounding: float) -> Comparison:
     n = int(use.sum())
     if n == 0:
         return Comparison(name, math.nan, (math.nan, math.nan), 0.0, 0.0, floor, 0, False)
-    err = _rms(a[use] - b[use]) / max(_rms(b[use]), _TINY)
+    err = rms(a[use] - b[use]) / max(rms(b[use]), _TINY)
     tol = max(floor, SAFETY * rounding)
     return Comparison(name, err, interval(err, n), 0.0, rounding, tol, n, bool(err <= tol))
 
@@ -189,6 +209,6 @@ def subgradient_consistent(fd: Differences, a) -> int:
     return int(np.sum(kinked & (a >= lo) & (a <= hi)))
 
 
-def _rms(x) -> float:
+def rms(x) -> float:
     x = np.asarray(x, np.float64)
     return float(np.sqrt(np.mean(np.square(x)))) if x.size else 0.0

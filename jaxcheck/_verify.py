@@ -278,7 +278,7 @@ class _Run:
         disagreeing by far more than rounding; then finite differences fall back to the
         model's precision."""
         limit = max(0.1, 30 * math.sqrt(_precision.eps(self.tested)))
-        if self.policy != "auto" or not head.rounding > limit:
+        if self.policy != "auto" or not head.resolved or not head.rounding > limit:
             return False
         self.problems.append(
             f"the derivative of fn in {self.reference.name} differs from that in "
@@ -525,6 +525,10 @@ class _Run:
         for mode, a, a_ref in (("reverse", p.rev, p.ref_rev), ("forward", p.fwd, p.ref_fwd)):
             if mode not in self.modes:
                 continue
+            rounding_scale = 0.0
+            if with_rule:  # absolute size of the tested derivative's rounding
+                use = p.fd.smooth & np.isfinite(a) & np.isfinite(a_ref)
+                rounding_scale = _error_model.rms(a[use] - a_ref[use]) if use.any() else 0.0
             checks.append(
                 _error_model.compare(
                     f"{mode} {source} ({t}) vs finite differences ({r})",
@@ -532,6 +536,7 @@ class _Run:
                     a,
                     floors["tested"],
                     a_ref if with_rule else None,
+                    rounding_scale,
                 )
             )
             if with_rule:
@@ -541,6 +546,7 @@ class _Run:
                         p.fd,
                         a_ref,
                         floors["rule"],
+                        rounding_scale=rounding_scale,
                     )
                 )
         if len(self.modes) == 2:
@@ -572,10 +578,10 @@ class _Run:
             )
             return Status.INCONCLUSIVE
         head = checks[0]
-        if head.noise_floor >= 1.0:  # the derivative is zero to within its error bars
+        if head.absolute:  # the derivative is zero to within noise or rounding
             problems.append(
-                "the derivative is zero to within finite-difference noise along these "
-                "directions (at a stationary point?); it was judged in absolute terms"
+                "the derivative is zero to within finite-difference noise or rounding along "
+                "these directions (at a stationary point?); it was judged in absolute terms"
             )
         elif head.noise_floor > MAX_NOISE_FLOOR:
             problems.append(

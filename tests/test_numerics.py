@@ -210,3 +210,16 @@ def test_fn_that_differs_in_float64_falls_back_to_native():
     assert report.reference_dtype == "float32"
     assert report.tolerance < 1e-2
     assert any("fn computes something else in float64" in q for q in report.problems)
+
+
+def test_constant_function_with_rounding_gradient_passes():
+    """softplus(x) + log_sigmoid(-x) is identically zero; its float32 gradient is rounding."""
+    fn = lambda p: jnp.sum(jax.nn.softplus(30 * p) + jax.nn.log_sigmoid(-30 * p))  # noqa: E731
+    p = jnp.linspace(-1.0, 1.0, 10)
+    report = jaxcheck.verify(fn, p)
+    assert report.status == "pass", str(report)
+    assert any("judged in absolute terms" in q for q in report.problems)
+    wrong = lambda p: jnp.sum(  # noqa: E731
+        jax.nn.softplus(30 * bug("perturb", 1.0)(p)) + jax.nn.log_sigmoid(-30 * p)
+    )
+    assert jaxcheck.verify(wrong, p).status == "fail"
