@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _precision
+
 _EAGER = contextvars.ContextVar("jaxcheck_eager", default=False)
 _MAP_HAS_BATCH_SIZE = "batch_size" in inspect.signature(jax.lax.map).parameters
 
@@ -78,25 +80,24 @@ compilations = 0  # programs compiled so far in this process
 
 
 def _cache_key(fn, args):
-    """A hashable key for a partial(program, *static) applied to `args`, or None."""
+    """The cache key of a partial(program, *static) applied to `args` (it may turn out
+    unhashable)."""
     leaves, treedef = jax.tree_util.tree_flatten(args)
     avals = tuple((np.shape(x), str(x.dtype), bool(getattr(x, "weak_type", False))) for x in leaves)
-    x64 = jax.dtypes.canonicalize_dtype(np.float64) == np.float64
-    key = (fn.func, fn.args, tuple(sorted(fn.keywords.items())), treedef, avals, x64)
-    try:
-        hash(key)
-        key in _CACHE  # noqa: B015 - equality of static leaves may raise, too
-    except Exception:  # noqa: BLE001 - unhashable or incomparable static leaves: no reuse
-        return None
-    return key
+    x64 = _precision.x64_enabled()
+    return (fn.func, fn.args, tuple(sorted(fn.keywords.items())), treedef, avals, x64)
 
 
 def _compile(fn, args):
     global compilations
     key = _cache_key(fn, args) if isinstance(fn, functools.partial) else None
-    if key is not None and key in _CACHE:
+    try:
+        cached = None if key is None else _CACHE.get(key)
+    except Exception:  # noqa: BLE001 - unhashable or incomparable static leaves: no reuse
+        key, cached = None, None
+    if cached is not None:
         _CACHE.move_to_end(key)
-        return _CACHE[key]
+        return cached
     compiled = jax.jit(fn).lower(*args).compile()
     compilations += 1
     if key is not None:

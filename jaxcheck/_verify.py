@@ -7,6 +7,7 @@ import math
 from collections.abc import Callable
 from typing import Any, Literal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -701,6 +702,4 @@ def _scale_rows(rows, groups, factors):
 
 
 def _numpy(tree):
-    import jax  # noqa: PLC0415
-
     return jax.tree_util.tree_map(np.asarray, tree)
