@@ -2,6 +2,7 @@
 
 import importlib.metadata
 
+from ._checker import Checker as Checker
 from ._error_model import Comparison as Comparison
 from ._errors import GradientCheckError as GradientCheckError
 from ._report import LeafResult as LeafResult

@@ -73,7 +73,7 @@ def jvp_projection(f, diff, v, cot):
     return vdot(cot, jv)
 
 
-def projections(problem, modes, kind, chunk, seeds, diff, traced, beta_rows, index, out_scales):
+def projections(problem, modes, kind, plan, seeds, diff, traced, beta_rows, index, out_scales):
     """Native-precision projections along directions `index` (rows of `beta_rows`): <u, J v>
     ("fwd") and, for a non-scalar fn, <J^T u, v> ("rev"); a scalar fn's reverse projections
     are formed from its gradient in the reference program instead."""
@@ -85,6 +85,7 @@ def projections(problem, modes, kind, chunk, seeds, diff, traced, beta_rows, ind
 
     def one(k, beta):
         v, cot = direction(problem, seeds, k, diff, beta, kind, out_scales, outs)
+        v = _plan.constrain(v, plan)
         res = {}
         if "reverse" in modes:
             res["rev"] = vdot(vjp_fn(cot)[0], v)
@@ -92,4 +93,4 @@ def projections(problem, modes, kind, chunk, seeds, diff, traced, beta_rows, ind
             res["fwd"] = jvp_projection(f, diff, v, cot)
         return res
 
-    return _plan.map_directions(one, (index, beta_rows), chunk)
+    return _plan.map_directions(one, (index, beta_rows), plan)

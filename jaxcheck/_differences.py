@@ -1,12 +1,12 @@
 """Finite differences along each direction, in the reference precision.
 
-Along direction v the function phi(t) = <u, f(x + t v)> is evaluated at the stencil
-t = -h, -h/2, h/2, h (the centre value phi(0) is shared by all directions). From these
-`combine` forms the central differences D(h), D(h/2), their Richardson extrapolation
-R = (4 D(h/2) - D(h)) / 3 and the fourth difference, which measures roundoff noise and
-kinks. The same program also projects the gradient under test, and the reference-precision
-derivative of the same rule, onto each direction, so that everything is compared along
-identical directions.
+Along direction v the function phi(t) = <u, f(x + t v)> is evaluated at t = -h, h (and, when
+that is not enough, at -h/2, h/2; the centre value phi(0) is shared by all directions).
+From the two points `central` forms the central difference D(h); from all four `combine`
+forms D(h), D(h/2), their Richardson extrapolation R = (4 D(h/2) - D(h)) / 3 and the fourth
+difference, which measures roundoff noise and kinks. The program for +-h also projects the
+gradient under test, and the reference-precision derivative of the same rule, onto each
+direction, so that everything is compared along identical directions.
 """
 
 import jax
@@ -15,14 +15,18 @@ import numpy as np
 
 from . import _autodiff, _plan
 
-OFFSETS = (-1.0, -0.5, 0.5, 1.0)
+OUTER = (-1.0, 1.0)  # the first evaluation: D(h) needs two points per direction
+INNER = (-0.5, 0.5)  # added when D(h) alone cannot settle the verdict
+OFFSETS = (-1.0, -0.5, 0.5, 1.0)  # the full stencil, in the column order of `combine`
 
 
 def reference(
     problem,
     modes,
     kind,
-    chunk,
+    plan,
+    offsets,
+    with_projections,
     with_rule,
     seeds,
     diff,
@@ -33,12 +37,14 @@ def reference(
     g_test,
     h,
 ):
-    """Stencil values (n, 4) and centre values (n,) along directions `index`, plus
-    projections of `g_test` ("test_rev") and, when `with_rule`, of the reference-precision
-    derivatives of the same rule ("ref_rev", "ref_fwd")."""
+    """Stencil values (n, len(offsets)) and centre values (n,) along directions `index`;
+    with `with_projections`, also the projections of `g_test` ("test_rev") and, when
+    `with_rule`, of the reference-precision derivatives of the same rule ("ref_rev",
+    "ref_fwd")."""
     f = lambda d: problem.outputs(d, traced)  # noqa: E731
     dtype = diff[0].dtype
-    offsets = h.astype(dtype) * jnp.asarray(OFFSETS, dtype)
+    points = h.astype(dtype) * jnp.asarray(offsets, dtype)
+    with_rule = with_rule and with_projections
     rule_rev = with_rule and "reverse" in modes
     if rule_rev and problem.scalar_output:
         outs = f(diff)
@@ -53,16 +59,14 @@ def reference(
 
     def one(k, beta):
         v, cot = _autodiff.direction(problem, seeds, k, diff, beta, kind, out_scales, outs)
+        v = _plan.constrain(v, plan)
 
         def phi(t):
             moved = [x + t.astype(x.dtype) * vi for x, vi in zip(diff, v)]
-            return problem.scalarize(f(moved), cot)
+            return problem.scalarize(f(_plan.constrain(moved, plan)), cot)
 
-        res = {
-            "phis": _plan.map_directions(phi, (offsets,), None),
-            "phi0": problem.scalarize(outs, cot),
-        }
-        if g_test is not None:
+        res = {"phis": _plan.map_points(phi, points, plan), "phi0": problem.scalarize(outs, cot)}
+        if with_projections and g_test is not None:
             res["test_rev"] = _autodiff.vdot([g.astype(dtype) for g in g_test], v)
         if rule_rev:
             if cot is None:
@@ -73,7 +77,12 @@ def reference(
             res["ref_fwd"] = _autodiff.jvp_projection(f, diff, v, cot)
         return res
 
-    return _plan.map_directions(one, (index, beta_rows), chunk)
+    return _plan.map_directions(one, (index, beta_rows), plan)
+
+
+def central(phis: np.ndarray, h: float) -> np.ndarray:
+    """D(h) from the values at -h, h."""
+    return (phis[:, 1] - phis[:, 0]) / (2 * h)
 
 
 def combine(phis: np.ndarray, phi0: np.ndarray, h: float) -> dict:

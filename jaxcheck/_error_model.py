@@ -35,6 +35,7 @@ import numpy as np
 from . import _differences
 
 NONSMOOTH_NOISE_FACTOR = 30.0
+CURVATURE_LIMIT = 1e-2  # |phi''| h / |phi'| above this: possibly a kink, take the full stencil
 SAFETY = 2.0
 _TINY = 1e-300
 
@@ -54,6 +55,7 @@ class Differences:
     truncation: float  # median truncation error, net of noise
     roundoff: float  # median roundoff bar
     h: float
+    points: int = 4  # stencil points per direction: 4, or 2 (central differences only)
 
     @property
     def num_nonsmooth(self) -> int:
@@ -122,6 +124,41 @@ def assess(phis, phi0, h: float, eps: float, floor: float, noise_from_data=True)
     )
 
 
+def assess_central(phis, phi0, h: float, eps: float) -> Differences:
+    """Central differences D(h) from the values at -h, h (`phis`, (n, 2)), with the error
+    bar of rounding alone: 2 standard deviations of D(h) for evaluations accurate to
+    eps |phi|. Truncation and the function's real noise are not measured; D(h) is only used
+    where it agrees with the derivative to well within the tolerance, which bounds both.
+
+    A direction counts as smooth only when its second difference phi(h) - 2 phi(0) + phi(-h),
+    which is h^2 phi'' for a smooth function but of order h times the slope jump at a kink,
+    stays below CURVATURE_LIMIT h RMS(D): a kink at the point (relu(0), a tie in max) can
+    leave D(h) equal to a subgradient, and only the full stencil can tell it apart.
+    """
+    phis = np.asarray(phis, np.float64)
+    phi0 = np.asarray(phi0, np.float64)
+    finite = np.all(np.isfinite(phis), axis=1) & np.isfinite(phi0)
+    magnitude = np.where(finite, np.maximum(np.max(np.abs(phis), axis=1), np.abs(phi0)), 0.0)
+    roundoff = 2 * math.sqrt(2) * eps * magnitude / (2 * h)
+    value = np.where(finite, _differences.central(phis, h), 0.0)
+    second = np.where(finite, np.abs(phis[:, 0] - 2 * phi0 + phis[:, 1]), 0.0)
+    curved = second > CURVATURE_LIMIT * h * (rms(value[finite]) if finite.any() else 0.0)
+    return Differences(
+        value=value,
+        bar=roundoff,
+        finite=finite,
+        smooth=finite & ~curved,
+        slopes=((phi0 - phis[:, 0]) / h, (phis[:, 1] - phi0) / h),
+        d4=np.zeros_like(value),
+        noise=0.0,
+        relative_noise=0.0,
+        truncation=0.0,
+        roundoff=float(np.median(roundoff[finite])) if finite.any() else 0.0,
+        h=h,
+        points=2,
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Comparison:
     """One candidate derivative against the finite-difference reference."""
@@ -136,6 +173,7 @@ class Comparison:
     passed: bool
     resolved: bool = True  # finite differences see a derivative above their own noise
     absolute: bool = False  # the derivative is zero to within noise or rounding
+    rounding_measured: bool = False  # rounding comes from a higher-precision evaluation
 
 
 def compare(name, fd: Differences, a, floor: float, a_ref=None, rounding_scale=0.0):
@@ -172,6 +210,7 @@ def compare(name, fd: Differences, a, floor: float, a_ref=None, rounding_scale=0
         bool(err <= tol),
         resolved=scale > rms(bar),
         absolute=scale < denom,
+        rounding_measured=a_ref is not None,
     )
 
 
@@ -184,7 +223,9 @@ def consistency(name, a, b, floor: float, rounding: float) -> Comparison:
         return Comparison(name, math.nan, (math.nan, math.nan), 0.0, 0.0, floor, 0, False)
     err = rms(a[use] - b[use]) / max(rms(b[use]), _TINY)
     tol = max(floor, SAFETY * rounding)
-    return Comparison(name, err, interval(err, n), 0.0, rounding, tol, n, bool(err <= tol))
+    return Comparison(
+        name, err, interval(err, n), 0.0, rounding, tol, n, bool(err <= tol), rounding_measured=True
+    )
 
 
 def interval(err: float, n: int, z: float = 1.959964) -> tuple[float, float]:

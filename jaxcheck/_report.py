@@ -95,6 +95,9 @@ class Report:
     problems: tuple[str, ...]
     compile_seconds: float
     run_seconds: float
+    num_compiled: int = 0
+    stencil_points: int = 4
+    peak_memory_bytes: int | None = None
     numeric: Any = None
     analytic: Any = None
 
@@ -213,10 +216,14 @@ def render(r: Report) -> str:
         tried = ""
         if len(r.steps_tried) > 1:
             tried = f", tried {', '.join(_e(h) for h in r.steps_tried)}"
+        stencil = (
+            "step h (agreement within the tolerance settled it)"
+            if r.stencil_points == 2
+            else "steps h and h/2 with Richardson"
+        )
         lines.append(
             f"  {r.mode}-mode derivative in {r.tested_dtype}; reference: central differences "
-            f"in {r.reference_dtype}, steps h and h/2 with Richardson, relative h = "
-            f"{_e(r.step)}{tried}; {timing}"
+            f"in {r.reference_dtype}, {stencil}, relative h = {_e(r.step)}{tried}; {timing}"
         )
     if r.status is not Status.PASS:
         lines.append("  " + r.status.advice)

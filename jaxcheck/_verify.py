@@ -3,6 +3,7 @@
 import contextlib
 import dataclasses
 import functools
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any, Literal
@@ -45,8 +46,10 @@ def verify(
     rtol: float | None = None,
     localize: bool | Literal["auto"] = "auto",
     leaf_directions: int = 8,
-    directions: Literal["gaussian", "rademacher"] = "gaussian",
+    directions: Literal["rademacher", "gaussian"] = "rademacher",
     chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    direction_sharding: jax.sharding.NamedSharding | None = None,
     raise_on_failure: bool = False,
 ) -> Report:
     """Check the derivative of `fn` at `params` against finite differences.
@@ -81,9 +84,16 @@ def verify(
         localize: also check each leaf on its own. "auto": when the check fails, and for
             leaves too small for the all-leaf check to see a 0.1 % error in them.
         leaf_directions: directions per leaf when localizing.
-        directions: "gaussian" or "rademacher".
+        directions: "rademacher" (random signs, cheapest) or "gaussian".
         chunk_size: directions evaluated at once (vmapped); chunks run one after another.
-            Default: as many as keep their perturbed parameter copies within 1 GiB.
+            Default: 1 on CPU (fastest there); on accelerators, as many as keep their
+            perturbed parameter copies within `memory_budget`.
+        memory_budget: bytes of perturbed parameter copies in flight at once. Default: a
+            quarter of an accelerator's free memory, 1 GiB on CPU.
+        direction_sharding: a `NamedSharding` with a one-axis `PartitionSpec` (say
+            `PartitionSpec("data")`) that spreads the directions over that mesh axis;
+            `num_directions` must be a multiple of the axis size. Parameters that are
+            themselves sharded keep their sharding in every perturbed copy either way.
         raise_on_failure: raise `GradientCheckError` unless the status is "pass".
 
     Returns:
@@ -99,20 +109,23 @@ def verify(
         >>> report.ok, report.status
         (True, <Status.PASS: 'pass'>)
     """
-    _validate(
-        fn,
-        grad_fn,
-        num_directions,
-        mode,
-        precision,
-        step,
-        rtol,
-        localize,
-        leaf_directions,
-        directions,
-        chunk_size,
-    )
-    key = _directions.as_key(key)
+    options = {name: value for name, value in locals().items() if name in DEFAULTS}
+    validate(fn, options)
+    return run(fn, params, args, options)
+
+
+# verify's options and their defaults, shared with `Checker`
+DEFAULTS = {
+    name: p.default
+    for name, p in inspect.signature(verify).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
+}
+
+
+def run(fn, params, args: tuple, options: dict) -> Report:
+    """Check `fn` at `params` with validated `options` (all of `verify`'s keywords)."""
+    o = options
+    key = _directions.as_key(o["key"])
     p_split, diff, p_arrays = _tree.split(params, "params")
     a_split, a_floats, a_arrays = _tree.split(args, "args")
     if not diff:
@@ -122,61 +135,104 @@ def verify(
             "). Pass the parameters to check as float arrays."
         )
     inputs = _problem.Inputs(diff, p_arrays, a_floats, a_arrays)
-    problem = _problem.Problem(fn, grad_fn, has_aux, p_split, a_split)
+    problem = _problem.Problem(fn, o["grad_fn"], o["has_aux"], p_split, a_split)
     problem = _problem.with_output_structure(problem, inputs)
-    run = _Run(
+    tested = _precision.lowest(x.dtype for x in diff)
+    reference = _precision.reference_dtype(o["precision"], tested)
+    checker = _Run(
         problem=problem,
         inputs=inputs,
-        modes=("reverse", "forward") if mode == "both" else (mode,),
+        modes=("reverse", "forward") if o["mode"] == "both" else (o["mode"],),
         seeds=(
             _directions.seeds(key, "params", p_split.paths_of(_tree.DIFF)),
             _directions.seeds(key, "outputs", problem.out_paths),
         ),
-        kind=directions,
-        chunk=chunk_size
-        if chunk_size is not None
-        else _plan.default_chunk(
-            sum(x.size for x in diff), num_directions, len(_differences.OFFSETS)
+        kind=o["directions"],
+        plan=_plan.make_plan(
+            diff,
+            o["num_directions"],
+            len(_differences.OUTER),
+            jnp.dtype(reference).itemsize,
+            chunk_size=o["chunk_size"],
+            budget=o["memory_budget"],
+            direction_sharding=o["direction_sharding"],
         ),
-        tested=_precision.lowest(x.dtype for x in diff),
-        policy=precision,
-        rtol=rtol,
+        tested=tested,
+        policy=o["precision"],
+        rtol=o["rtol"],
         timer=Timer(),
     )
-    report = run.check(
-        num_directions, step, localize, leaf_directions, _tree.held_fixed(p_split, p_arrays)
+    report = checker.check(
+        o["num_directions"],
+        o["step"],
+        o["localize"],
+        o["leaf_directions"],
+        _tree.held_fixed(p_split, p_arrays),
     )
-    if raise_on_failure and not report.ok:
+    if o["raise_on_failure"] and not report.ok:
         raise GradientCheckError(report)
     return report
 
 
-def _validate(fn, grad_fn, k, mode, precision, step, rtol, localize, leaf_k, kind, chunk):
+def validate(fn, options: dict) -> None:
+    """Raise TypeError / ValueError, with the fix, for a bad fn or option value."""
+    o = options
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}.")
-    if grad_fn is not None and not callable(grad_fn):
-        raise TypeError(f"grad_fn must be callable or None, got {type(grad_fn).__name__}.")
-    for name, value, least in (("num_directions", k, 4), ("leaf_directions", leaf_k, 2)):
+    if o["grad_fn"] is not None and not callable(o["grad_fn"]):
+        raise TypeError(f"grad_fn must be callable or None, got {type(o['grad_fn']).__name__}.")
+    for name, least in (("num_directions", 4), ("leaf_directions", 2)):
+        value = o[name]
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise ValueError(f"{name} must be an int >= {least}, got {value!r}.")
-    if mode not in ("reverse", "forward", "both"):
-        raise ValueError(f"mode must be 'reverse', 'forward' or 'both', got {mode!r}.")
-    if grad_fn is not None and mode != "reverse":
+    if o["mode"] not in ("reverse", "forward", "both"):
+        raise ValueError(f"mode must be 'reverse', 'forward' or 'both', got {o['mode']!r}.")
+    if o["grad_fn"] is not None and o["mode"] != "reverse":
         raise ValueError(
-            f"grad_fn checks a reverse-mode gradient; mode={mode!r} is not possible with it. "
-            "Use mode='reverse'."
+            f"grad_fn checks a reverse-mode gradient; mode={o['mode']!r} is not possible with "
+            "it. Use mode='reverse'."
         )
-    if precision not in _precision.POLICIES:
-        raise ValueError(f"precision must be one of {_precision.POLICIES}, got {precision!r}.")
-    for name, value in (("step", step), ("rtol", rtol)):
+    if o["precision"] not in _precision.POLICIES:
+        raise ValueError(
+            f"precision must be one of {_precision.POLICIES}, got {o['precision']!r}."
+        )
+    for name in ("step", "rtol"):
+        value = o[name]
         if value is not None and not (isinstance(value, int | float) and 0 < value < 1):
             raise ValueError(f"{name} must be a float in (0, 1) or None, got {value!r}.")
-    if localize not in ("auto", True, False):
-        raise ValueError(f"localize must be True, False or 'auto', got {localize!r}.")
-    if kind not in _directions.KINDS:
-        raise ValueError(f"directions must be one of {_directions.KINDS}, got {kind!r}.")
-    if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk!r}.")
+    if o["localize"] not in ("auto", True, False):
+        raise ValueError(f"localize must be True, False or 'auto', got {o['localize']!r}.")
+    if o["directions"] not in _directions.KINDS:
+        raise ValueError(
+            f"directions must be one of {_directions.KINDS}, got {o['directions']!r}."
+        )
+    _directions.as_key(o["key"])
+    for name in ("chunk_size", "memory_budget"):
+        value = o[name]
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
+            raise ValueError(f"{name} must be a positive int or None, got {value!r}.")
+    _validate_direction_sharding(o["direction_sharding"], o["num_directions"])
+
+
+def _validate_direction_sharding(sharding, k) -> None:
+    if sharding is None:
+        return
+    if not isinstance(sharding, jax.sharding.NamedSharding) or len(sharding.spec) != 1:
+        raise TypeError(
+            "direction_sharding must be a jax.sharding.NamedSharding whose PartitionSpec names "
+            f"one mesh axis for the directions, got {sharding!r}. Try "
+            "NamedSharding(mesh, PartitionSpec('data'))."
+        )
+    axes = sharding.spec[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    shards = math.prod(sharding.mesh.shape[a] for a in axes)
+    if k % shards:
+        raise ValueError(
+            f"num_directions={k} is not a multiple of the {shards} shards of direction_sharding "
+            f"(mesh axes {axes}). Use num_directions={-(-k // shards) * shards}."
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,7 +260,7 @@ class _Run:
     modes: tuple[str, ...]
     seeds: tuple[np.ndarray, np.ndarray]  # per parameter leaf, per output leaf
     kind: str
-    chunk: int | None
+    plan: _plan.Plan
     tested: np.dtype
     policy: str
     rtol: float | None
@@ -327,17 +383,63 @@ class _Run:
         """Finite differences for each group of directions (a slice of the rows), each with
         its own step: the step h times a factor applied to the group's rows.
 
-        After a first evaluation, a group whose fourth differences are far above the
-        reference precision's rounding is evaluated again at a 16 times smaller step: if
-        d4 / step agrees direction by direction, the directions cross kinks (judged against
-        rounding alone from then on); if not, fn computes in lower precision than the
-        reference, and a third evaluation takes a correspondingly larger step. A group whose
-        noise floor is above target moves to the step that balances roundoff (~1/h) against
-        truncation (~h^2). Returns one (_Pass, steps) per group, keeping for each the
-        evaluation with most smooth directions, then lowest noise.
+        First, central differences D(h) from two points per direction. A group whose checks
+        all pass with a margin (the derivative agrees with D(h) to within half the
+        tolerance, or to its own measured rounding) is settled: D(h)'s truncation and noise
+        can only be smaller than that agreement, unless they cancel a bug along every
+        direction. Otherwise the stencil is completed with -h/2, h/2 and the error model
+        takes over (`_full_ladder`). Returns one (_Pass, steps) per group.
+        """
+        out = self._evaluate(index, rows, h, _differences.OUTER)
+        results, pending = [None] * len(groups), []
+        for i, g in enumerate(groups):
+            p = self._group(out, g, h, 1.0)
+            if self._settled(p):
+                results[i] = (p, (h,))
+            else:
+                pending.append(i)
+        if not pending:
+            return results
+        picked = np.concatenate([np.arange(len(index))[groups[i]] for i in pending])
+        sub_groups, start = [], 0
+        for i in pending:
+            size = len(np.arange(len(index))[groups[i]])
+            sub_groups.append(slice(start, start + size))
+            start += size
+        sub_index, sub_rows = index[picked], rows[picked]
+        inner = self._evaluate(sub_index, sub_rows, h, _differences.INNER)
+        first = {name: None if v is None else v[picked] for name, v in out.items()}
+        first = _complete(first, inner)
+        for i, r in zip(pending, self._full_ladder(sub_index, sub_rows, h, sub_groups, first)):
+            results[i] = r
+        return results
+
+    def _settled(self, p: _Pass) -> bool:
+        """Whether central differences alone settle the verdict as a pass."""
+        if not (p.fd.finite.all() and p.fd.smooth.all()):
+            return False
+        if p.fd.noise_floor > 0.1 * self._floors(p.fd)["nonsmooth"]:
+            return False  # rounding alone is too coarse here: a larger step is needed
+        for c in self._compare(p):
+            margin = 1.0 if c.rounding_measured else 0.5
+            if not (c.num_used and c.relative_error <= margin * c.tolerance):
+                return False
+            if c.noise_floor and (not c.resolved or c.absolute):
+                return False
+        return True
+
+    def _full_ladder(self, index, rows, h, groups, out):
+        """The error model's step ladder, starting from the full stencil `out` at step h.
+
+        A group whose fourth differences are far above the reference precision's rounding
+        is evaluated again at a 16 times smaller step: if d4 / step agrees direction by
+        direction, the directions cross kinks (judged against rounding alone from then on);
+        if not, fn computes in lower precision than the reference, and a third evaluation
+        takes a correspondingly larger step. A group whose noise floor is above target
+        moves to the step that balances roundoff (~1/h) against truncation (~h^2). Keeps for
+        each group the evaluation with most smooth directions, then lowest noise.
         """
         factors = np.ones(len(groups))
-        out = self._evaluate(index, rows, h)
         eps = _precision.eps(self.reference)
         best = [self._group(out, g, h, 1.0) for g in groups]
         tried = [[h] for _ in groups]
@@ -351,7 +453,7 @@ class _Run:
         factors[(factors >= 0.5) & (factors <= 2)] = 1.0
         if np.all(factors == 1.0):
             return list(zip(best, map(tuple, tried)))
-        out2 = self._evaluate(index, _scale_rows(rows, groups, factors), h)
+        out2 = self._evaluate_full(index, _scale_rows(rows, groups, factors), h)
         again = np.ones(len(groups))
         for i, g in enumerate(groups):
             if factors[i] == 1.0:
@@ -366,20 +468,24 @@ class _Run:
             else:
                 best[i] = _better(best[i], p2)
         if np.any(again != 1.0):
-            out3 = self._evaluate(index, _scale_rows(rows, groups, again), h)
+            out3 = self._evaluate_full(index, _scale_rows(rows, groups, again), h)
             for i, g in enumerate(groups):
                 if again[i] != 1.0:
                     tried[i].append(h * again[i])
                     best[i] = _better(best[i], self._group(out3, g, h, again[i]))
         return list(zip(best, map(tuple, tried)))
 
-    def _evaluate(self, index, rows, h) -> dict:
+    def _evaluate_full(self, index, rows, h) -> dict:
+        outer = self._evaluate(index, rows, h, _differences.OUTER)
+        return _complete(outer, self._evaluate(index, rows, h, _differences.INNER))
+
+    def _evaluate(self, index, rows, h, offsets) -> dict:
         """Run the programs along directions `index` with per-leaf step sizes `rows`, in
         batches of the all-leaf check's size, so that its compiled programs are reused (the
         last batch is padded with repeats of its last direction)."""
         n, size = len(index), self.batch
         if n == size:
-            return self._evaluate_batch(index, rows, h)
+            return self._evaluate_batch(index, rows, h, offsets)
         parts = []
         for start in range(0, n, size):
             idx, r = index[start : start + size], rows[start : start + size]
@@ -387,21 +493,22 @@ class _Run:
             if pad:
                 idx = np.concatenate([idx, np.repeat(idx[-1:], pad)])
                 r = np.concatenate([r, np.repeat(r[-1:], pad, axis=0)])
-            parts.append(self._evaluate_batch(idx, r, h))
+            parts.append(self._evaluate_batch(idx, r, h, offsets))
         return {
             name: None if parts[0][name] is None else np.concatenate([p[name] for p in parts])[:n]
             for name in parts[0]
         }
 
-    def _evaluate_batch(self, index, rows, h) -> dict:
+    def _evaluate_batch(self, index, rows, h, offsets) -> dict:
         native = {}
-        if "forward" in self.modes or not self.problem.scalar_output:
+        projections = offsets == _differences.OUTER
+        if projections and ("forward" in self.modes or not self.problem.scalar_output):
             modes = tuple(m for m in self.modes if m == "forward" or not self.problem.scalar_output)
             try:
                 native = _numpy(
                     self.timer.run(
                         functools.partial(
-                            _autodiff.projections, self.problem, modes, self.kind, self.chunk
+                            _autodiff.projections, self.problem, modes, self.kind, self.plan
                         ),
                         self.seeds,
                         self.inputs.diff,
@@ -425,18 +532,22 @@ class _Run:
                     "fn contains a jax.custom_vjp function, which has no jvp: only the "
                     "reverse mode was checked"
                 )
-                return self._evaluate_batch(index, rows, h)
-        out = self._reference(index, rows, h)
-        self.evaluations += 4 * len(index) + 1
-        out["rev"] = out.pop("test_rev", native.get("rev"))
-        out["fwd"] = native.get("fwd")
+                return self._evaluate_batch(index, rows, h, offsets)
+        out = self._reference(index, rows, h, offsets)
+        self.evaluations += len(offsets) * len(index) + 1
+        if projections:
+            out["rev"] = out.pop("test_rev", native.get("rev"))
+            out["fwd"] = native.get("fwd")
         return out
 
     def _group(self, out, sl, h, factor) -> _Pass:
         def cut(name):
             return None if out.get(name) is None else out[name][sl]
 
-        fd = self._assess(cut("phis"), cut("phi0"), h, from_data=True)
+        if out["phis"].shape[1] == 2:
+            fd = _error_model.assess_central(cut("phis"), cut("phi0"), h, self._eps_fd())
+        else:
+            fd = self._assess(cut("phis"), cut("phi0"), h, from_data=True)
         return _Pass(
             fd,
             cut("rev"),
@@ -458,12 +569,15 @@ class _Run:
             noise_from_data=from_data,
         )
 
-    def _reference(self, index, rows, h) -> dict:
+    def _eps_fd(self) -> float:
+        return _precision.eps(self.reference)
+
+    def _reference(self, index, rows, h, offsets) -> dict:
         """The finite-difference program, in float64 when the policy allows it."""
         if self.reference is None:
             wanted = _precision.reference_dtype(self.policy, self.tested)
             try:
-                return self._reference_in(wanted, index, rows, h)
+                return self._reference_in(wanted, index, rows, h, offsets)
             except Exception as err:  # noqa: BLE001 - any failure of fn in float64
                 fallback = _precision.reference_dtype("native", self.tested)
                 if self.policy != "auto" or wanted == fallback:
@@ -474,10 +588,10 @@ class _Run:
                     "finite differences use the model's precision, so the resolution is coarser"
                 )
                 wanted = fallback
-            return self._reference_in(wanted, index, rows, h)
-        return self._reference_in(self.reference, index, rows, h)
+            return self._reference_in(wanted, index, rows, h, offsets)
+        return self._reference_in(self.reference, index, rows, h, offsets)
 
-    def _reference_in(self, dtype, index, rows, h) -> dict:
+    def _reference_in(self, dtype, index, rows, h, offsets) -> dict:
         with _precision.x64_scope(True) if dtype == jnp.float64 else contextlib.nullcontext():
             inputs = self.inputs.cast(dtype)
             g = self.probe.get("grad")
@@ -489,7 +603,9 @@ class _Run:
                         self.problem,
                         self.modes,
                         self.kind,
-                        self.chunk,
+                        self.plan,
+                        offsets,
+                        offsets == _differences.OUTER,
                         with_rule,
                     ),
                     self.seeds,
@@ -662,6 +778,9 @@ class _Run:
             problems=tuple(self.problems),
             compile_seconds=self.timer.compile_s,
             run_seconds=self.timer.run_s,
+            num_compiled=self.timer.compiled,
+            stencil_points=p.fd.points if p else 0,
+            peak_memory_bytes=self.timer.peak_bytes,
             numeric=None if p is None else np.asarray(p.numeric),
             analytic=None if analytic is None else np.asarray(analytic, np.float64),
         )
@@ -699,6 +818,15 @@ def _scale_rows(rows, groups, factors):
     for g, f in zip(groups, factors):
         rows[g] *= f
     return rows
+
+
+def _complete(outer: dict, inner: dict) -> dict:
+    """The full stencil (columns in `_differences.OFFSETS` order) from the evaluations at
+    +-h (with the projections) and at +-h/2."""
+    out = dict(outer)
+    o, i = outer["phis"], inner["phis"]
+    out["phis"] = np.stack([o[:, 0], i[:, 0], i[:, 1], o[:, 1]], axis=1)
+    return out
 
 
 def _numpy(tree):

@@ -2,7 +2,9 @@
 
 import re
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jaxcheck
@@ -33,9 +35,20 @@ P = {"w": jnp.ones(3)}
         (
             {"directions": "sobol"},
             ValueError,
-            "directions must be one of ('gaussian', 'rademacher'), got 'sobol'.",
+            "directions must be one of ('rademacher', 'gaussian'), got 'sobol'.",
         ),
         ({"chunk_size": 0}, ValueError, "chunk_size must be a positive int or None, got 0."),
+        (
+            {"memory_budget": 1.5e9},
+            ValueError,
+            "memory_budget must be a positive int or None, got 1500000000.0.",
+        ),
+        (
+            {"direction_sharding": "data"},
+            TypeError,
+            "direction_sharding must be a jax.sharding.NamedSharding whose PartitionSpec names "
+            "one mesh axis for the directions, got 'data'.",
+        ),
         (
             {"key": "seed"},
             TypeError,
@@ -52,6 +65,25 @@ P = {"w": jnp.ones(3)}
 def test_bad_options(kwargs, error, message):
     with pytest.raises(error, match=re.escape(message)):
         jaxcheck.verify(loss, P, **kwargs)
+
+
+def test_direction_sharding_over_one_device_takes_any_number_of_directions():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    one = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    assert jaxcheck.verify(loss, P, direction_sharding=one, num_directions=5).ok
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"num_directions": 2}, ValueError, "num_directions must be an int >= 4, got 2."),
+        ({"key": "seed"}, TypeError, "key must be an int seed or a single JAX PRNG key"),
+        ({"chunks": 4}, TypeError, "Checker got unknown option(s) chunks; the options are"),
+    ],
+)
+def test_checker_validates_options_when_made(kwargs, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        jaxcheck.Checker(loss, **kwargs)
 
 
 def test_fn_not_callable():

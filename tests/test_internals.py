@@ -1,5 +1,6 @@
 """Unit tests of the pieces: direction generator, step balancing, error model."""
 
+import functools
 import math
 
 import jax
@@ -111,10 +112,29 @@ def test_jnp_and_numpy_mix_free_of_warnings():
     np.testing.assert_allclose(np.asarray(out), [math.sqrt(8 / 5), 2.0], rtol=1e-6)
 
 
-def test_default_chunk_bounds_memory_of_perturbed_copies():
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_default_chunk_on_accelerators_bounds_memory_of_perturbed_copies(platform):
     from jaxcheck import _plan
 
-    assert _plan.default_chunk(1_000_000, 16, 4) is None  # 16 x 4 x 8 MB fit in 1 GiB
-    chunk = _plan.default_chunk(10_000_000, 16, 4)
-    assert chunk == 3 and chunk * 4 * 10_000_000 * 8 <= _plan.MEMORY_BUDGET
-    assert _plan.default_chunk(10**9, 16, 4) == 1
+    chunk = functools.partial(_plan.default_chunk, platform=platform, budget=1 << 30)
+    assert chunk(1_000_000, 16, 2) is None  # 16 x 2 x 8 MB fit in 1 GiB: all vmapped
+    assert chunk(10_000_000, 16, 2) == 6 and 6 * 2 * 10_000_000 * 8 <= 1 << 30
+    assert chunk(10**9, 16, 2) == 1
+    assert chunk(10_000_000, 16, 2, 4) == 13  # float32 copies: twice as many
+
+
+def test_default_chunk_on_cpu_is_sequential():
+    from jaxcheck import _plan
+
+    assert _plan.default_chunk(100, 16, 2) == 1
+    assert _plan.default_chunk(10**7, 16, 2, budget=1) == 1
+
+
+def test_plan_follows_the_parameters_device_and_caller():
+    from jaxcheck import _plan
+
+    leaves = [jnp.ones((100, 10)), jnp.ones(3)]
+    kw = {"chunk_size": None, "budget": None, "direction_sharding": None}
+    plan = _plan.make_plan(leaves, 16, 2, 8, **kw)
+    assert plan == _plan.Plan(1, False, (None, None), None)
+    assert _plan.make_plan(leaves, 16, 2, 8, **(kw | {"chunk_size": 5})).chunk == 5

@@ -1,0 +1,50 @@
+"""`Checker`: one function's gradient check, set up once and run many times."""
+
+from collections.abc import Callable
+from typing import Any
+
+from . import _plan, _verify
+from ._report import Report
+
+
+class Checker:
+    """A reusable gradient check of `fn`, for loops and test suites.
+
+    The options (any keyword of `verify`) are validated once, when the checker is made.
+    Every call `checker(params, *args)` is `verify(fn, params, *args, **options)`; calls
+    with the same shapes, dtypes and shardings reuse the compiled programs, so only the
+    first one compiles. `compilations` counts the programs this checker has compiled.
+
+    Example:
+        >>> import jax.numpy as jnp, jaxcheck
+        >>> checker = jaxcheck.Checker(lambda p, x: jnp.sum(jnp.tanh(p * x)), num_directions=8)
+        >>> reports = [checker(jnp.full(4, s), jnp.arange(4.0)) for s in (0.1, 0.2, 0.3)]
+        >>> [r.status.value for r in reports]
+        ['pass', 'pass', 'pass']
+        >>> [r.num_compiled for r in reports][1:]
+        [0, 0]
+    """
+
+    def __init__(self, fn: Callable, **options: Any):
+        unknown = sorted(set(options) - set(_verify.DEFAULTS))
+        if unknown:
+            raise TypeError(
+                f"Checker got unknown option(s) {', '.join(unknown)}; the options are those of "
+                f"jaxcheck.verify: {', '.join(_verify.DEFAULTS)}."
+            )
+        self.fn = fn
+        self.options = {**_verify.DEFAULTS, **options}
+        _verify.validate(fn, self.options)
+        self.compilations = 0
+
+    def __call__(self, params: Any, *args: Any) -> Report:
+        before = _plan.compilations
+        try:
+            return _verify.run(self.fn, params, args, self.options)
+        finally:
+            self.compilations += _plan.compilations - before
+
+    def __repr__(self) -> str:
+        changed = {k: v for k, v in self.options.items() if v is not _verify.DEFAULTS[k]}
+        shown = "".join(f", {k}={v!r}" for k, v in changed.items())
+        return f"Checker({getattr(self.fn, '__name__', repr(self.fn))}{shown})"

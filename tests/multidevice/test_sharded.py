@@ -1,0 +1,113 @@
+"""Checks of sharded parameters and of directions spread over devices.
+
+They need 8 devices; `tests/test_multidevice.py` runs this module in a subprocess with
+XLA_FLAGS=--xla_force_host_platform_device_count=8 (8 simulated CPU devices), so the rest of
+the suite keeps its single device. In a single-device run they are skipped.
+"""
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxcheck
+from jaxcheck import _plan
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from cases import bug, mlp_data, mlp_loss, mlp_params  # noqa: E402
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
+
+SIZES = (16, 64, 32, 8)
+
+
+def _mesh(shape, names):
+    return Mesh(np.array(jax.devices()[: int(np.prod(shape))]).reshape(shape), names)
+
+
+def _fsdp(params, mesh, axis="fsdp"):
+    """Weights split along their first axis over `axis`, biases replicated (FSDP style)."""
+
+    def place(x):
+        spec = P(axis) if x.ndim == 2 and x.shape[0] % mesh.shape[axis] == 0 else P()
+        return jax.device_put(x, NamedSharding(mesh, spec))
+
+    return jax.tree_util.tree_map(place, params)
+
+
+def test_fsdp_sharded_parameters_give_the_unsharded_verdict():
+    params = mlp_params(SIZES, jnp.float32)
+    x, y = mlp_data(SIZES, jnp.float32)
+    sharded = _fsdp(params, _mesh((8,), ("fsdp",)))
+    assert sharded["layers"][0]["w"].sharding.spec == P("fsdp")
+    plain = jaxcheck.verify(mlp_loss(), params, x, y)
+    report = jaxcheck.verify(mlp_loss(), sharded, x, y)
+    assert report.status == "pass", str(report)
+    # same directions; step sizes come from float32 gradient norms reduced in another order
+    np.testing.assert_allclose(report.numeric, plain.numeric, rtol=1e-5)
+    bad = jaxcheck.verify(mlp_loss(bug("scale", 1e-3), (1, "w")), sharded, x, y)
+    assert bad.status == "fail"
+    assert [leaf.path for leaf in bad.leaves if leaf.status == "fail"] == ["['layers'][1]['w']"]
+
+
+def test_perturbed_copies_stay_sharded():
+    """An elementwise loss of one sharded leaf needs no gathering: no all-gather in any
+    compiled program, and per-device peak memory about 1/8 of the unsharded one."""
+    mesh = _mesh((8,), ("fsdp",))
+    w = jnp.full((2048, 256), 0.3, jnp.float32)
+
+    def loss(p):
+        return jnp.sum(jnp.sin(p["w"]) ** 2)
+
+    plain = jaxcheck.verify(loss, {"w": w})
+    before = len(_plan._CACHE)
+    sharded = jaxcheck.verify(loss, {"w": jax.device_put(w, NamedSharding(mesh, P("fsdp")))})
+    assert sharded.status == "pass"
+    assert sharded.peak_memory_bytes < plain.peak_memory_bytes / 5
+    programs = list(_plan._CACHE.values())[before:]
+    assert programs and not any("all-gather" in c.as_text() for c in programs)
+
+
+@pytest.mark.parametrize("num_directions", [8, 16])
+def test_directions_spread_over_a_mesh_axis(num_directions):
+    params = mlp_params(SIZES, jnp.float32)
+    x, y = mlp_data(SIZES, jnp.float32)
+    over = NamedSharding(_mesh((8,), ("data",)), P("data"))
+    plain = jaxcheck.verify(mlp_loss(), params, x, y, num_directions=num_directions)
+    spread = jaxcheck.verify(
+        mlp_loss(), params, x, y, num_directions=num_directions, direction_sharding=over
+    )
+    assert spread.status == "pass", str(spread)
+    np.testing.assert_allclose(spread.numeric, plain.numeric, rtol=1e-9)
+    bad = jaxcheck.verify(
+        mlp_loss(bug("scale", 1e-3), (0, "b")),
+        params,
+        x,
+        y,
+        num_directions=num_directions,
+        direction_sharding=over,
+    )
+    assert [leaf.path for leaf in bad.leaves if leaf.status == "fail"] == ["['layers'][0]['b']"]
+
+
+def test_directions_over_data_and_parameters_over_fsdp_on_a_2d_mesh():
+    mesh = _mesh((2, 4), ("data", "fsdp"))
+    params = _fsdp(mlp_params(SIZES, jnp.float32), mesh)
+    x, y = mlp_data(SIZES, jnp.float32)
+    report = jaxcheck.verify(
+        mlp_loss(), params, x, y, direction_sharding=NamedSharding(mesh, P("data"))
+    )
+    assert report.status == "pass", str(report)
+
+
+def test_number_of_directions_must_divide_over_the_shards():
+    over = NamedSharding(_mesh((8,), ("data",)), P("data"))
+    with pytest.raises(ValueError, match=r"num_directions=12 is not a multiple of the 8 shards"):
+        jaxcheck.verify(
+            lambda p: jnp.sum(p**2), jnp.ones(3), num_directions=12, direction_sharding=over
+        )
