@@ -111,9 +111,11 @@ def make_plan(
     """The plan for parameter leaves `diff` (concrete arrays) on their devices; `itemsize`
     is that of the finite-difference precision."""
     shardings = tuple(_multi_device(getattr(x, "sharding", None)) for x in diff)
-    devices = [d for x in diff for d in getattr(x, "sharding", None).device_set] if all(
-        hasattr(x, "sharding") for x in diff
-    ) else []
+    devices = (
+        [d for x in diff for d in getattr(x, "sharding", None).device_set]
+        if all(hasattr(x, "sharding") for x in diff)
+        else []
+    )
     device = min(devices, key=lambda d: d.id) if devices else jax.devices()[0]
     accelerator = device.platform != "cpu"
     if direction_sharding is not None:

@@ -193,9 +193,7 @@ def validate(fn, options: dict) -> None:
             "it. Use mode='reverse'."
         )
     if o["precision"] not in _precision.POLICIES:
-        raise ValueError(
-            f"precision must be one of {_precision.POLICIES}, got {o['precision']!r}."
-        )
+        raise ValueError(f"precision must be one of {_precision.POLICIES}, got {o['precision']!r}.")
     for name in ("step", "rtol"):
         value = o[name]
         if value is not None and not (isinstance(value, int | float) and 0 < value < 1):
@@ -203,9 +201,7 @@ def validate(fn, options: dict) -> None:
     if o["localize"] not in ("auto", True, False):
         raise ValueError(f"localize must be True, False or 'auto', got {o['localize']!r}.")
     if o["directions"] not in _directions.KINDS:
-        raise ValueError(
-            f"directions must be one of {_directions.KINDS}, got {o['directions']!r}."
-        )
+        raise ValueError(f"directions must be one of {_directions.KINDS}, got {o['directions']!r}.")
     _directions.as_key(o["key"])
     for name in ("chunk_size", "memory_budget"):
         value = o[name]
