@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _autodiff, _plan
+from . import _autodiff, _plan, _tree
 
 OUTER = (-1.0, 1.0)  # the first evaluation: D(h) needs two points per direction
 INNER = (-0.5, 0.5)  # added when D(h) alone cannot settle the verdict
@@ -28,6 +28,7 @@ def reference(
     offsets,
     with_projections,
     with_rule,
+    dtype,
     seeds,
     diff,
     traced,
@@ -40,9 +41,10 @@ def reference(
     """Stencil values (n, len(offsets)) and centre values (n,) along directions `index`;
     with `with_projections`, also the projections of `g_test` ("test_rev") and, when
     `with_rule`, of the reference-precision derivatives of the same rule ("ref_rev",
-    "ref_fwd")."""
+    "ref_fwd"). Floating inputs are cast to `dtype` inside the program."""
+    diff = _tree.cast(diff, dtype)
+    traced = (traced[0], _tree.cast(traced[1], dtype), traced[2])
     f = lambda d: problem.outputs(d, traced)  # noqa: E731
-    dtype = diff[0].dtype
     points = h.astype(dtype) * jnp.asarray(offsets, dtype)
     with_rule = with_rule and with_projections
     rule_rev = with_rule and "reverse" in modes

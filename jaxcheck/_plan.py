@@ -169,8 +169,13 @@ def map_directions(fn, xs, plan: Plan):
     if plan.direction_sharding is not None:
         xs = [jax.lax.with_sharding_constraint(x, _rows(plan.direction_sharding, x)) for x in xs]
         out = jax.vmap(fn)(*xs)
+        # per-direction results are a few numbers: replicate them, so that every process of
+        # a multi-host run can read them
+        everywhere = jax.sharding.NamedSharding(
+            plan.direction_sharding.mesh, jax.sharding.PartitionSpec()
+        )
         return jax.tree_util.tree_map(
-            lambda y: jax.lax.with_sharding_constraint(y, _rows(plan.direction_sharding, y)), out
+            lambda y: jax.lax.with_sharding_constraint(y, everywhere), out
         )
     chunk = plan.chunk
     if chunk is None or chunk >= n:
@@ -200,16 +205,21 @@ CACHE_SIZE = 64
 compilations = 0  # programs compiled so far in this process
 
 
-def _cache_key(fn, args):
-    """The cache key of a partial(program, *static) applied to `args` (it may turn out
-    unhashable)."""
+def signature(args):
+    """The pytree structure and the shape, dtype, weak type and multi-device sharding of
+    every leaf of `args`: what a compiled program depends on besides static values."""
     leaves, treedef = jax.tree_util.tree_flatten(args)
     avals = tuple(
         (np.shape(x), str(x.dtype), bool(getattr(x, "weak_type", False)), _sharding_key(x))
         for x in leaves
     )
-    x64 = _precision.x64_enabled()
-    return (fn.func, fn.args, tuple(sorted(fn.keywords.items())), treedef, avals, x64)
+    return treedef, avals, _precision.x64_enabled()
+
+
+def _cache_key(fn, args):
+    """The cache key of a partial(program, *static) applied to `args` (it may turn out
+    unhashable)."""
+    return (fn.func, fn.args, tuple(sorted(fn.keywords.items())), signature(args))
 
 
 def _sharding_key(x):
@@ -220,6 +230,7 @@ def _sharding_key(x):
 
 
 def _compile(fn, args):
+    """(compiled program, its peak bytes) for `fn` at `args`, from the cache if there."""
     global compilations
     key = _cache_key(fn, args) if isinstance(fn, functools.partial) else None
     try:
@@ -230,6 +241,7 @@ def _compile(fn, args):
         _CACHE.move_to_end(key)
         return cached
     compiled = jax.jit(fn).lower(*args).compile()
+    compiled = (compiled, peak_bytes(compiled))  # the analysis costs milliseconds: once
     compilations += 1
     if key is not None:
         _CACHE[key] = compiled
@@ -270,13 +282,12 @@ class Timer:
             t0 = time.perf_counter()
             before = compilations
             try:
-                compiled = _compile(fn, args)
+                compiled, peak = _compile(fn, args)
             except TRACING_ERRORS as err:
                 self.eager_reason = type(err).__name__
             else:
                 t1 = time.perf_counter()
                 self.compiled += compilations - before
-                peak = peak_bytes(compiled)
                 if peak is not None:
                     self.peak_bytes = max(self.peak_bytes or 0, peak)
                 out = jax.block_until_ready(compiled(*args))

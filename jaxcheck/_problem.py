@@ -1,5 +1,6 @@
 """The function under check, seen as a map from differentiable leaves to output leaves."""
 
+import collections
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -72,8 +73,29 @@ class Problem:
         return sum(jnp.vdot(c, y) for c, y in zip(cot, outs))
 
 
+_STRUCTURES: collections.OrderedDict = collections.OrderedDict()
+
+
 def with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
-    """Trace `fn` abstractly once to learn and validate its output structure."""
+    """Trace `fn` abstractly once to learn and validate its output structure (remembered
+    for the same function and input shapes: tracing a model costs milliseconds)."""
+    try:
+        key = (problem, _plan.signature((inputs.diff, inputs.traced())))
+        known = _STRUCTURES.get(key)
+    except Exception:  # noqa: BLE001 - unhashable static leaves: trace every time
+        key, known = None, None
+    if known is not None:
+        _STRUCTURES.move_to_end(key)
+        return known
+    problem = _with_output_structure(problem, inputs)
+    if key is not None:
+        _STRUCTURES[key] = problem
+        if len(_STRUCTURES) > _plan.CACHE_SIZE:
+            _STRUCTURES.popitem(last=False)
+    return problem
+
+
+def _with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
 
     def call(diff, traced):
         params, args = problem.call(diff, *traced)

@@ -64,8 +64,11 @@ def split(tree, where: str) -> tuple[Split, list, list]:
         kinds.append(kind)
         if kind == DIFF:
             # a fixed (not weak) dtype, so that compiled programs are reused across calls
-            x = jnp.asarray(leaf)
-            floats.append(jnp.asarray(x, x.dtype))
+            if isinstance(leaf, jax.Array) and not leaf.weak_type:
+                floats.append(leaf)
+            else:
+                x = jnp.asarray(leaf)
+                floats.append(jnp.asarray(x, x.dtype))
         elif kind == ARRAY:
             arrays.append(leaf)
         else:

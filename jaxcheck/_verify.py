@@ -271,14 +271,14 @@ class _Run:
 
     def check(self, k, step, localize, leaf_k, held_fixed) -> Report:
         reverse = "reverse" in self.modes
-        self.probe = _numpy(
-            self.timer.run(
-                functools.partial(_autodiff.probe, self.problem, reverse),
-                self.seeds[1],
-                self.inputs.diff,
-                self.inputs.traced(),
-            )
+        probe = self.timer.run(
+            functools.partial(_autodiff.probe, self.problem, reverse),
+            self.seeds[1],
+            self.inputs.diff,
+            self.inputs.traced(),
         )
+        # the gradient stays on its devices (and sharding); only the small values come over
+        self.probe = {k: v if k == "grad" else _numpy(v) for k, v in probe.items()}
         if self.timer.eager_reason is not None:
             self.problems.append(
                 f"jax.jit cannot trace fn or grad_fn ({self.timer.eager_reason}); they were "
@@ -589,7 +589,6 @@ class _Run:
 
     def _reference_in(self, dtype, index, rows, h, offsets) -> dict:
         with _precision.x64_scope(True) if dtype == jnp.float64 else contextlib.nullcontext():
-            inputs = self.inputs.cast(dtype)
             g = self.probe.get("grad")
             with_rule = _precision.eps(dtype) < _precision.eps(self.tested)
             out = _numpy(
@@ -603,10 +602,11 @@ class _Run:
                         offsets,
                         offsets == _differences.OUTER,
                         with_rule,
+                        jnp.dtype(dtype),
                     ),
                     self.seeds,
-                    inputs.diff,
-                    inputs.traced(),
+                    self.inputs.diff,
+                    self.inputs.traced(),
                     rows.astype(dtype),
                     index,
                     self.probe["output_scales"].astype(dtype),

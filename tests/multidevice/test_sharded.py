@@ -70,7 +70,7 @@ def test_perturbed_copies_stay_sharded():
     assert sharded.status == "pass"
     assert sharded.peak_memory_bytes < plain.peak_memory_bytes / 5
     programs = list(_plan._CACHE.values())[before:]
-    assert programs and not any("all-gather" in c.as_text() for c in programs)
+    assert programs and not any("all-gather" in c.as_text() for c, _ in programs)
 
 
 @pytest.mark.parametrize("num_directions", [8, 16])
@@ -83,7 +83,8 @@ def test_directions_spread_over_a_mesh_axis(num_directions):
         mlp_loss(), params, x, y, num_directions=num_directions, direction_sharding=over
     )
     assert spread.status == "pass", str(spread)
-    np.testing.assert_allclose(spread.numeric, plain.numeric, rtol=1e-9)
+    # same directions; vmapped instead of looped, so rounding differs at the 1e-9 level
+    np.testing.assert_allclose(spread.numeric, plain.numeric, rtol=1e-7)
     bad = jaxcheck.verify(
         mlp_loss(bug("scale", 1e-3), (0, "b")),
         params,
