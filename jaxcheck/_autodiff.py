@@ -24,18 +24,21 @@ def vdot(a: list, b: list):
 
 
 def output_scales(outs: list):
-    values = jnp.stack([_directions.rms(y) for y in outs])
-    return _directions.with_floor(values, [max(y.size, 1) for y in outs])
+    sizes = [max(y.size, 1) for y in outs]
+    return _directions.with_floor(
+        jnp.sqrt(_directions.sum_squares(outs) / jnp.asarray(sizes)), sizes
+    )
 
 
 def probe(problem, reverse: bool, out_seeds, diff, traced) -> dict:
+    """One native evaluation of fn (and of its gradient, when reverse): the value, the
+    per-leaf sums of squares of parameters, outputs and gradient, and the gradient itself
+    (left on its devices by the caller)."""
     outs = problem.outputs(diff, traced)
-    scales = output_scales(outs)
     result = {
         "outputs_finite": jnp.stack([jnp.all(jnp.isfinite(y)) for y in outs]),
-        "params_finite": jnp.stack([jnp.all(jnp.isfinite(x)) for x in diff]),
-        "output_scales": scales,
-        "leaf_scales": _directions.leaf_scales(diff),
+        "output_squares": _directions.sum_squares(outs),
+        "param_squares": _directions.sum_squares(diff),
         "value": outs[0] if problem.scalar_output else jnp.zeros(()),
     }
     if not reverse:
@@ -46,12 +49,10 @@ def probe(problem, reverse: bool, out_seeds, diff, traced) -> dict:
         grad = jax.grad(lambda d: problem.outputs(d, traced)[0])(diff)
     else:
         _, vjp_fn = jax.vjp(lambda d: problem.outputs(d, traced), diff)
-        cot = _directions.cotangent(out_seeds, BALANCE_INDEX, scales, outs, "gaussian")
+        cot = _directions.cotangent(out_seeds, BALANCE_INDEX, output_scales(outs), outs, "gaussian")
         grad = vjp_fn(cot)[0]
-    result["grad_finite"] = jnp.stack([jnp.all(jnp.isfinite(g)) for g in grad])
-    result["grad_norms"] = jnp.stack([_directions.rms(g) * g.size**0.5 for g in grad])
-    if problem.scalar_output:
-        result["grad"] = grad
+    result["grad_squares"] = _directions.sum_squares(grad)
+    result["grad"] = grad
     return result
 
 

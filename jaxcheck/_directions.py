@@ -71,16 +71,23 @@ def draw(seed, index, shape, kind: str):
     integer operations that XLA fuses into the perturbation x + t v, so no direction is
     ever stored apart from the perturbed copy, and any element can be drawn without
     drawing the others. Random signs cost about as much as the addition itself; the
-    inverse error function costs more than a forward pass of a small MLP (measured in
-    `benchmarks/`), which is why signs are the default.
+    inverse error function costs more than a forward pass of a small MLP, which is why
+    signs are the default.
     """
+    return _values(_bases(jnp.asarray(seed, jnp.uint32), index), shape, kind)
+
+
+def _bases(seeds, index):
+    """The per-(leaf, direction) hash offsets, for all leaves at once (one small fusion
+    instead of one per leaf: each fusion costs compile time)."""
+    return _mix(seeds ^ _mix(jnp.asarray(index).astype(jnp.uint32) * jnp.uint32(_GOLDEN) + 1))
+
+
+def _values(base, shape, kind: str):
     size = math.prod(shape)
-    base = _mix(
-        seed ^ _mix(jnp.asarray(index).astype(jnp.uint32) * jnp.uint32(_GOLDEN) + jnp.uint32(1))
-    )
     bits = _mix(jnp.arange(size, dtype=jnp.uint32) * jnp.uint32(_GOLDEN) + base)
     if kind == "rademacher":
-        values = jnp.where((bits >> 31) == 1, 1.0, -1.0).astype(jnp.float32)
+        values = 1.0 - 2.0 * (bits >> 31).astype(jnp.float32)
     else:
         uniform = ((bits >> 8).astype(jnp.float32) + 0.5) * (1.0 / 2**24)  # in (0, 1)
         values = math.sqrt(2.0) * jax.lax.erf_inv(2.0 * uniform - 1.0)
@@ -89,41 +96,57 @@ def draw(seed, index, shape, kind: str):
 
 def direction(leaf_seeds, index, leaves, beta, kind: str) -> list:
     """The direction `index`: leaf l is beta[l] * z_l, z_l random signs or ~ N(0, I)."""
+    bases = _bases(jnp.asarray(leaf_seeds, jnp.uint32), index)
     return [
-        (beta[i] * draw(leaf_seeds[i], index, x.shape, kind).astype(beta.dtype)).astype(x.dtype)
+        (beta[i] * _values(bases[i], x.shape, kind).astype(beta.dtype)).astype(x.dtype)
         for i, x in enumerate(leaves)
     ]
 
 
-def rms(x):
-    """Root mean square of `x` in at least float32, without overflow for huge values."""
-    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    top = jnp.max(jnp.abs(x)) if x.size else jnp.zeros((), x.dtype)
-    safe = jnp.where((top > 0) & jnp.isfinite(top), top, 1.0)
-    return jnp.where(jnp.isfinite(top), safe * jnp.sqrt(jnp.mean(jnp.square(x / safe))), top)
+def sum_squares(leaves):
+    """Per-leaf sums of squares, in at least float32: one reduction per leaf. (Reductions
+    dominate the compile time of small programs on CPU, so the probe makes no others.) A
+    non-finite sum means NaN/Inf in the leaf or an overflow; `host_rms` tells them apart."""
+    return jnp.stack(
+        [jnp.sum(jnp.square(x.astype(jnp.promote_types(x.dtype, jnp.float32)))) for x in leaves]
+    )
+
+
+def host_rms(squares, leaves) -> tuple[np.ndarray, np.ndarray]:
+    """(RMS, finite) of each leaf from its sum of squares; where that sum is not finite, the
+    leaf itself is examined in float64 (NaN/Inf, or just too large to square in float32)."""
+    squares = np.asarray(squares, np.float64)
+    sizes = np.asarray([max(x.size, 1) for x in leaves], np.float64)
+    values, finite = np.sqrt(squares / sizes), np.isfinite(squares)
+    for i in np.flatnonzero(~finite):
+        x = np.asarray(leaves[i], np.float64)
+        finite[i] = bool(np.all(np.isfinite(x)))
+        values[i] = np.sqrt(np.mean(np.square(x))) if finite[i] else np.nan
+    return values, finite
+
+
+def _xp(*arrays):
+    return jnp if any(isinstance(a, jax.Array) for a in arrays) else np
 
 
 def pooled(rms_values, sizes):
-    """The RMS over several arrays from their RMS values and sizes, without overflow."""
-    top = jnp.max(rms_values)
-    safe = jnp.where((top > 0) & jnp.isfinite(top), top, 1.0)
-    sizes = jnp.asarray(sizes, rms_values.dtype)
-    return safe * jnp.sqrt(jnp.sum(sizes * jnp.square(rms_values / safe)) / jnp.sum(sizes))
+    """The RMS over several arrays from their RMS values and sizes, without overflow (NumPy
+    or jax.numpy, following the input)."""
+    xp = _xp(rms_values)
+    top = xp.max(rms_values)
+    safe = xp.where((top > 0) & xp.isfinite(top), top, 1.0)
+    sizes = xp.asarray(sizes, rms_values.dtype)
+    return safe * xp.sqrt(xp.sum(sizes * xp.square(rms_values / safe)) / xp.sum(sizes))
 
 
 def with_floor(values, sizes):
-    """Replace zero (or non-finite) magnitudes by the pooled magnitude, or by 1."""
-    ok = jnp.isfinite(values) & (values > 0)
-    overall = pooled(jnp.where(ok, values, 0.0), sizes)
-    floor = jnp.where(overall > 0, overall, 1.0)
-    return jnp.where(ok, values, floor)
-
-
-def leaf_scales(leaves) -> jax.Array:
-    """RMS magnitude of each leaf; all-zero leaves get the RMS of the whole parameter set
-    (or 1 when every parameter is zero), so that they are still perturbed."""
-    values = jnp.stack([rms(x) for x in leaves])
-    return with_floor(values, [max(x.size, 1) for x in leaves])
+    """Replace zero (or non-finite) magnitudes by the pooled magnitude, or by 1: an all-zero
+    leaf is still perturbed, at the scale of the others."""
+    xp = _xp(values)
+    ok = xp.isfinite(values) & (values > 0)
+    overall = pooled(xp.where(ok, values, 0.0), sizes)
+    floor = xp.where(overall > 0, overall, 1.0)
+    return xp.where(ok, values, floor)
 
 
 def balance(scales, grad_norms, dynamic_range: float, min_total: float = 0.0):
@@ -162,7 +185,7 @@ def balance(scales, grad_norms, dynamic_range: float, min_total: float = 0.0):
 def cotangent(out_seeds, index, scales, like, kind: str) -> list:
     """A random output cotangent, each output leaf divided by its RMS magnitude so that
     outputs of very different scales count alike."""
+    bases = _bases(jnp.asarray(out_seeds, jnp.uint32), index)
     return [
-        (draw(out_seeds[i], index, y.shape, kind) / scales[i]).astype(y.dtype)
-        for i, y in enumerate(like)
+        (_values(bases[i], y.shape, kind) / scales[i]).astype(y.dtype) for i, y in enumerate(like)
     ]

@@ -18,9 +18,9 @@ error of a candidate derivative a against the reference R over the remaining dir
     err = RMS(R - a) / RMS(R),
 
 (the RMS error bar replaces RMS(R) when it is larger: the derivative is then zero to within
-noise and the comparison is in effect absolute), which for Gaussian directions estimates
-|W (g_checked - g_true)| / |W g_true|, W being the per-leaf step weights of
-`_directions.balance`. Its 95 % interval comes from the F(n, n) law of the ratio of the
+noise and the comparison is in effect absolute), which for random-sign or Gaussian
+directions estimates |W (g_checked - g_true)| / |W g_true|, W being the per-leaf step weights
+of `_directions.balance`. Its 95 % interval comes from the F(n, n) law of the ratio of the
 two sums of squares (n directions used). The comparison fails when err exceeds
 max(floor, 2 * hypot(noise, rounding)), where noise is the RMS error bar of R relative to
 RMS(R) and rounding the measured difference between the derivative under test and the
@@ -229,7 +229,8 @@ def consistency(name, a, b, floor: float, rounding: float) -> Comparison:
 
 
 def interval(err: float, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95 % interval of a relative error measured over n Gaussian directions.
+    """95 % interval of a relative error measured over n Gaussian directions (a little wide
+    for random signs, whose squared projections vary less than Gaussian ones).
 
     err^2 / true^2 is a ratio of two chi-square(n) sums, F(n, n)-distributed when the error
     is unrelated to the gradient (tighter when it is parallel). log F(n, n) is close to

@@ -154,9 +154,11 @@ def constrain(leaves, plan: Plan) -> list:
 
 def map_points(fn, offsets, plan: Plan):
     """fn at every stencil offset: vmapped, or one after another."""
-    if plan.vmap_points and not _EAGER.get():
+    if _EAGER.get():
+        return jnp.stack([fn(offsets[i]) for i in range(offsets.shape[0])])
+    if plan.vmap_points:
         return jax.vmap(fn)(offsets)
-    return jnp.stack([fn(offsets[i]) for i in range(offsets.shape[0])])
+    return jax.lax.map(fn, offsets)  # one copy of fn in the program: quicker to compile
 
 
 def map_directions(fn, xs, plan: Plan):

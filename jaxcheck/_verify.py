@@ -278,7 +278,7 @@ class _Run:
             self.inputs.traced(),
         )
         # the gradient stays on its devices (and sharding); only the small values come over
-        self.probe = {k: v if k == "grad" else _numpy(v) for k, v in probe.items()}
+        self.probe = _probe_on_host(probe, self.inputs.diff, self.problem)
         if self.timer.eager_reason is not None:
             self.problems.append(
                 f"jax.jit cannot trace fn or grad_fn ({self.timer.eager_reason}); they were "
@@ -289,13 +289,13 @@ class _Run:
         ref = _precision.reference_dtype(self.policy, self.tested)
         if nonfinite:
             return self._report(Status.NONFINITE, k, None, (), (), held_fixed, ())
-        scales = self.probe["leaf_scales"].astype(np.float64)
+        scales = self.probe["leaf_scales"]
         h0 = step if step is not None else _precision.default_step(ref)
         beta, share = scales, None
         if reverse:
             beta, share = _directions.balance(
                 scales,
-                self.probe["grad_norms"].astype(np.float64),
+                self.probe["grad_norms"],
                 _precision.eps(ref) ** 0.25,
                 self._needed_derivative(ref, h0),
             )
@@ -814,6 +814,23 @@ def _scale_rows(rows, groups, factors):
     for g, f in zip(groups, factors):
         rows[g] *= f
     return rows
+
+
+def _probe_on_host(probe: dict, diff: list, problem) -> dict:
+    """The probe's scales and finiteness flags as NumPy values; the gradient stays a list
+    of device arrays, passed on only for a scalar fn (whose projections are formed from it)."""
+    out = {k: _numpy(v) for k, v in probe.items() if k != "grad"}
+    sizes = [max(math.prod(s), 1) for s in problem.out_shapes]
+    rms_out = np.sqrt(out["output_squares"].astype(np.float64) / np.asarray(sizes))
+    out["output_scales"] = _directions.with_floor(np.where(np.isfinite(rms_out), rms_out, 0), sizes)
+    rms_params, out["params_finite"] = _directions.host_rms(out["param_squares"], diff)
+    out["leaf_scales"] = _directions.with_floor(rms_params, [max(x.size, 1) for x in diff])
+    if "grad" in probe:
+        rms_grad, out["grad_finite"] = _directions.host_rms(out["grad_squares"], probe["grad"])
+        out["grad_norms"] = rms_grad * np.sqrt([max(x.size, 1) for x in diff])
+        if problem.scalar_output:
+            out["grad"] = probe["grad"]
+    return out
 
 
 def _complete(outer: dict, inner: dict) -> dict:
