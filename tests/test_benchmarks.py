@@ -1,0 +1,49 @@
+"""Smoke test of the benchmark script: a quick run writes its results and jaxcheck passes."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "run.py"
+QUICK_WORKLOADS = {"mlp-1e3", "mlp-1e4"}
+MACHINE_KEYS = {"platform", "device_kind", "cpu_count", "jax", "jaxlib", "torch", "python", "date"}
+ENTRY_KEYS = {
+    "num_params",
+    "jaxcheck",
+    "floor",
+    "check_grads",
+    "torch_gradcheck",
+    "coordinate_fd",
+    "planted_bug",
+    "memory",
+    "ratios",
+}
+RATIOS = {"warm_vs_stencil", "warm_vs_floor", "check_grads_vs_warm", "compile_ratio"}
+
+
+def test_quick_benchmark(tmp_path):
+    command = [sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path)]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    # The timeout only stops a hung run; a quick run takes well under a minute.
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    results = json.loads((tmp_path / "cpu-quick.json").read_text())
+    assert {"machine", "config", "workloads"} <= results.keys()
+    assert MACHINE_KEYS <= results["machine"].keys()
+    assert results["config"]["num_directions"] == 4
+    assert {entry["name"] for entry in results["workloads"]} == QUICK_WORKLOADS
+    for entry in results["workloads"]:
+        assert ENTRY_KEYS <= entry.keys(), entry["name"]
+        assert RATIOS <= entry["ratios"].keys(), entry["name"]
+        assert entry["jaxcheck"]["status"] == "pass", entry["name"]
+        assert entry["jaxcheck"]["warm_compiles_nothing"], entry["name"]
+        assert entry["torch_gradcheck"] == {"skipped": "--quick"}
+
+    assert (tmp_path / "cpu-quick.md").read_text().startswith("# jaxcheck benchmark")
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "timing-quick.png").stat().st_size > 0
