@@ -117,7 +117,8 @@ def make_plan(
         else []
     )
     device = min(devices, key=lambda d: d.id) if devices else jax.devices()[0]
-    accelerator = device.platform != "cpu"
+    platform = platform_of(device)
+    accelerator = platform != "cpu"
     if direction_sharding is not None:
         return Plan(None, accelerator, shardings, direction_sharding)
     if chunk_size is None:
@@ -130,10 +131,15 @@ def make_plan(
             num_directions,
             copies,
             itemsize,
-            platform=device.platform,
+            platform=platform,
             budget=memory_budget(device) if budget is None else budget,
         )
     return Plan(chunk_size, accelerator, shardings, None)
+
+
+def platform_of(device) -> str:
+    """"cpu", "gpu" or "tpu": which rule of the module docstring applies to `device`."""
+    return device.platform
 
 
 def _multi_device(sharding):

@@ -267,12 +267,42 @@ def test_flax_linen_params_with_planted_bug():
     ]
 
 
-def test_chunked_evaluation_matches_vmapped():
+@pytest.mark.parametrize("chunk_size", [None, 1, 3, 16])
+def test_chunking_does_not_change_the_directions(chunk_size):
     p = {"w": jnp.linspace(-1.0, 1.0, 7)}
-    full = jaxcheck.verify(quartic, p)
-    chunked = jaxcheck.verify(quartic, p, chunk_size=3)
-    np.testing.assert_allclose(full.numeric, chunked.numeric, rtol=1e-12)
+    full = jaxcheck.verify(quartic, p, chunk_size=16)
+    chunked = jaxcheck.verify(quartic, p, chunk_size=chunk_size)
+    np.testing.assert_allclose(full.numeric, chunked.numeric, rtol=1e-9)
     assert chunked.status == "pass"
+
+
+@pytest.mark.parametrize("fn", ["correct", "bug"])
+def test_accelerator_plan_gives_the_cpu_verdict(monkeypatch, fn):
+    """The GPU/TPU rule (all directions and stencil points vmapped) run on CPU: same
+    directions, same numbers up to rounding, same verdict and localization."""
+    from cases import mlp_data, mlp_loss, mlp_params
+    from jaxcheck import _plan
+
+    sizes = (4, 8, 3)
+    params, (x, y) = mlp_params(sizes, jnp.float32), mlp_data(sizes, jnp.float32)
+    loss = mlp_loss() if fn == "correct" else mlp_loss(bug("scale", 0.01), (0, "b"))
+    cpu = jaxcheck.verify(loss, params, x, y)
+    monkeypatch.setattr(_plan, "platform_of", lambda device: "gpu")
+    plan = _plan.make_plan(
+        jax.tree_util.tree_leaves(params),
+        16,
+        2,
+        8,
+        chunk_size=None,
+        budget=None,
+        direction_sharding=None,
+    )
+    assert plan.chunk is None and plan.vmap_points
+    accelerator = jaxcheck.verify(loss, params, x, y)
+    assert accelerator.status == cpu.status == ("pass" if fn == "correct" else "fail")
+    np.testing.assert_allclose(accelerator.numeric, cpu.numeric, rtol=1e-7)
+    failing = [leaf.path for leaf in accelerator.leaves if leaf.status == "fail"]
+    assert failing == ([] if fn == "correct" else ["['layers'][0]['b']"])
 
 
 def test_rademacher_directions():

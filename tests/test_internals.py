@@ -2,6 +2,7 @@
 
 import functools
 import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -107,9 +108,20 @@ def test_comparison_tolerance_follows_measured_rounding():
     assert not c2.passed and c2.relative_error == pytest.approx(1e-4)
 
 
-def test_jnp_and_numpy_mix_free_of_warnings():
-    out = jax.jit(lambda: _directions.leaf_scales([jnp.zeros(3), jnp.ones(2) * 2]))()
-    np.testing.assert_allclose(np.asarray(out), [math.sqrt(8 / 5), 2.0], rtol=1e-6)
+def test_scales_from_sums_of_squares_survive_overflow_and_tell_nan_apart():
+    leaves = [
+        jnp.zeros(3),
+        jnp.full(2, 2.0),
+        jnp.full(4, 1e30, jnp.float32),
+        jnp.array([1.0, jnp.nan]),
+    ]
+    squares = np.asarray(jax.jit(_directions.sum_squares)(leaves))
+    assert np.isinf(squares[2])  # 4e60 overflows float32
+    values, finite = _directions.host_rms(squares, leaves)
+    np.testing.assert_allclose(values[:3], [0.0, 2.0, 1e30], rtol=1e-6)
+    assert finite.tolist() == [True, True, True, False]
+    scales = _directions.with_floor(values[:2], [3, 2])
+    np.testing.assert_allclose(scales, [math.sqrt(8 / 5), 2.0])  # zero leaf: pooled RMS
 
 
 @pytest.mark.parametrize("platform", ["gpu", "tpu"])
@@ -138,3 +150,14 @@ def test_plan_follows_the_parameters_device_and_caller():
     plan = _plan.make_plan(leaves, 16, 2, 8, **kw)
     assert plan == _plan.Plan(1, False, (None, None), None)
     assert _plan.make_plan(leaves, 16, 2, 8, **(kw | {"chunk_size": 5})).chunk == 5
+
+
+def test_memory_budget_is_a_share_of_free_accelerator_memory():
+    from jaxcheck import _plan
+
+    stats = {"bytes_limit": 8 << 30, "bytes_in_use": 4 << 30}
+    gpu = types.SimpleNamespace(platform="gpu", memory_stats=lambda: stats)
+    assert _plan.memory_budget(gpu) == 1 << 30  # a quarter of the 4 GiB free
+    silent = types.SimpleNamespace(platform="tpu", memory_stats=lambda: None)
+    assert _plan.memory_budget(silent) == _plan.CPU_MEMORY_BUDGET
+    assert _plan.memory_budget(jax.devices("cpu")[0]) == _plan.CPU_MEMORY_BUDGET
