@@ -68,13 +68,12 @@ def reference(
             return problem.scalarize(f(_plan.constrain(moved, plan)), cot)
 
         res = {"phis": _plan.map_points(phi, points, plan), "phi0": problem.scalarize(outs, cot)}
+        grads = {}
         if with_projections and g_test is not None:
-            res["test_rev"] = _autodiff.vdot([g.astype(dtype) for g in g_test], v)
+            grads["test_rev"] = [g.astype(dtype) for g in g_test]
         if rule_rev:
-            if cot is None:
-                res["ref_rev"] = _autodiff.vdot(g_ref, v)
-            else:
-                res["ref_rev"] = _autodiff.vdot(vjp_fn(cot)[0], v)
+            grads["ref_rev"] = g_ref if cot is None else vjp_fn(cot)[0]
+        res.update(zip(grads, _autodiff.vdots(list(grads.values()), v)))
         if with_rule and "forward" in modes:
             res["ref_fwd"] = _autodiff.jvp_projection(f, diff, v, cot)
         return res
