@@ -7,6 +7,7 @@ float32 and then cast, so the native-precision and the float64 programs see the 
 directions.
 """
 
+import functools
 import math
 import zlib
 
@@ -20,7 +21,7 @@ KINDS = ("rademacher", "gaussian")
 def as_key(key):
     """Accept an int seed, a typed PRNG key or a raw uint32[2] key."""
     if isinstance(key, int | np.integer) and not isinstance(key, bool):
-        return jax.random.key(int(key))
+        return _int_key(int(key))
     if isinstance(key, jax.Array | np.ndarray):
         if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ():
             return key
@@ -30,6 +31,11 @@ def as_key(key):
         f"key must be an int seed or a single JAX PRNG key, got {type(key).__name__}"
         f"{getattr(key, 'shape', '')}. Try key=0 or key=jax.random.key(0)."
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _int_key(seed: int):
+    return jax.random.key(seed)
 
 
 _MASK = 0xFFFFFFFF
@@ -56,11 +62,19 @@ def _mix(x):
 
 def seeds(key, namespace: str, paths) -> np.ndarray:
     """One 32-bit seed per leaf path, from the key and the path only."""
+    words = tuple(np.asarray(jax.random.key_data(as_key(key))).ravel().tolist())
+    return _seeds(words, namespace, tuple(paths))
+
+
+@functools.lru_cache(maxsize=256)
+def _seeds(words: tuple, namespace: str, paths: tuple) -> np.ndarray:
     state = 0
-    for word in np.asarray(jax.random.key_data(key)).ravel().tolist():
+    for word in words:
         state = _mix_int((state ^ int(word)) & _MASK)
     out = [_mix_int(state ^ zlib.crc32(f"{namespace}:{p}".encode())) for p in paths]
-    return np.asarray(out, np.uint32)
+    out = np.asarray(out, np.uint32)
+    out.flags.writeable = False  # shared between calls
+    return out
 
 
 def draw(seed, index, shape, kind: str):
@@ -169,17 +183,24 @@ def balance(scales, grad_norms, dynamic_range: float, min_total: float = 0.0):
     c_ref = max(positive[0], dynamic_range * positive[-1])
     total = lambda level: np.sqrt(np.sum(np.minimum(positive, level) ** 2))  # noqa: E731
     if total(c_ref) < min_total:
-        lo, hi = c_ref, positive[-1]
-        if total(hi) <= min_total:
-            c_ref = hi
-        else:
-            for _ in range(60):  # bisection in log space
-                mid = np.sqrt(lo * hi)
-                lo, hi = (mid, hi) if total(mid) < min_total else (lo, mid)
-            c_ref = hi
+        c_ref = _level_for_total(positive, min_total)
     weights = np.where(c > c_ref, c_ref / np.where(c > 0, c, 1.0), 1.0)
     contribution = (c * weights) ** 2
     return scales * weights, contribution / contribution.sum()
+
+
+def _level_for_total(positive: np.ndarray, target: float) -> float:
+    """The smallest level L with sqrt(sum min(c, L)^2) >= target, for ascending positive c
+    (the largest c when even that falls short). With j values of c below L, the sum is
+    prefix_j + (n - j) L^2, solved for L on each interval between consecutive c."""
+    n = positive.size
+    squares = np.cumsum(positive**2)
+    if squares[-1] <= target**2:
+        return float(positive[-1])
+    below = np.concatenate([[0.0], squares[:-1]])  # sum of the j smallest squares, j = 0..n-1
+    level = np.sqrt(np.maximum(target**2 - below, 0.0) / (n - np.arange(n)))
+    lower = np.concatenate([[0.0], positive[:-1]])
+    return float(level[(level >= lower) & (level <= positive)][0])
 
 
 def cotangent(out_seeds, index, scales, like, kind: str) -> list:

@@ -88,8 +88,9 @@ def verify(
         chunk_size: directions evaluated at once (vmapped); chunks run one after another.
             Default: 1 on CPU (fastest there); on accelerators, as many as keep their
             perturbed parameter copies within `memory_budget`.
-        memory_budget: bytes of perturbed parameter copies in flight at once. Default: a
-            quarter of an accelerator's free memory, 1 GiB on CPU.
+        memory_budget: bytes of perturbed parameter copies in flight at once on an
+            accelerator. Default: a quarter of its free memory. (On CPU one direction runs
+            at a time unless `chunk_size` says otherwise.)
         direction_sharding: a `NamedSharding` with a one-axis `PartitionSpec` (say
             `PartitionSpec("data")`) that spreads the directions over that mesh axis;
             `num_directions` must be a multiple of the axis size. Parameters that are
@@ -125,7 +126,7 @@ DEFAULTS = {
 def run(fn, params, args: tuple, options: dict) -> Report:
     """Check `fn` at `params` with validated `options` (all of `verify`'s keywords)."""
     o = options
-    key = _directions.as_key(o["key"])
+    key = o["key"]
     p_split, diff, p_arrays = _tree.split(params, "params")
     a_split, a_floats, a_arrays = _tree.split(args, "args")
     if not diff:

@@ -47,6 +47,17 @@ def test_balance_equalizes_contributions_within_range():
     assert np.sqrt(np.sum((beta2 * np.array([1e3, 1.0, 1e-9])) ** 2)) >= 100.0 * (1 - 1e-9)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_level_for_total_reaches_the_target_exactly(seed):
+    rng = np.random.default_rng(seed)
+    c = np.sort(10.0 ** rng.uniform(-6, 3, size=rng.integers(1, 12)))
+    total = lambda level: np.sqrt(np.sum(np.minimum(c, level) ** 2))  # noqa: E731
+    target = total(c[-1]) * rng.uniform(0.01, 0.99)
+    level = _directions._level_for_total(c, target)
+    assert total(level) == pytest.approx(target, rel=1e-12)  # increasing: so the smallest
+    assert _directions._level_for_total(c, 2 * total(c[-1])) == c[-1]
+
+
 def test_richardson_is_exact_for_quartics():
     h = 0.1
     poly = lambda t: 1 + 2 * t - 3 * t**2 + 0.5 * t**3 + 4 * t**4  # noqa: E731
