@@ -355,6 +355,31 @@ def test_second_check_of_the_same_function_compiles_nothing():
     assert _plan.compilations > before
 
 
+@pytest.mark.parametrize("bugged", [False, True])
+def test_checker_compiles_once_across_a_loop(bugged):
+    """A training-loop style use: new parameter values and data every step, same shapes.
+    A failing check (full stencil and localization) also compiles only on its first call."""
+
+    def loss(p, x):
+        w = bug("scale", 0.01)(p["w"]) if bugged else p["w"]
+        return jnp.mean(jnp.tanh(x @ w + p["b"]) ** 2)
+
+    checker = jaxcheck.Checker(loss, num_directions=8)
+    reports = []
+    for step in range(4):
+        p = {"w": jnp.full((3, 2), 0.3 + 0.1 * step), "b": jnp.zeros(2)}
+        x = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3) * (1 + step)
+        reports.append(checker(p, x))
+        if step == 0:
+            first = checker.compilations
+    assert first > 0 and checker.compilations == first
+    assert [r.num_compiled for r in reports[1:]] == [0, 0, 0]
+    assert {r.status.value for r in reports} == {"fail" if bugged else "pass"}
+    checker({"w": jnp.ones((3, 3)), "b": jnp.zeros(3)}, jnp.ones((4, 3)))  # new shapes
+    assert checker.compilations > first
+    assert repr(checker) == "Checker(loss, num_directions=8)"
+
+
 def test_complex_data_in_args_is_held_fixed():
     signal = jnp.exp(1j * jnp.linspace(0.0, 3.0, 8)).astype(jnp.complex64)
 
