@@ -171,6 +171,8 @@ def markdown(results: dict) -> str:
 
 # Plotted methods: label -> (that method's seconds in a workload entry or None, line style);
 # the two computed lower references are dashed.
+COLORS = ("C0", "C1", "C2", "C3", "C4", "C5")
+OTHER_MARKERS = {"transformer": "^", "cnn": "s"}
 SERIES = {
     "jaxcheck warm": (lambda e: e["jaxcheck"]["warm_seconds"], "-"),
     "floor (2K fwd + vg)": (lambda e: e["floor"]["floor_seconds"], "--"),
@@ -199,12 +201,23 @@ def plot(out_dir: Path, suffix: str) -> Path | None:
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
     for ax, results in zip(axes[0], panels):
         entries = sorted(results["workloads"], key=lambda e: e["num_params"])
-        for label, (pick, style) in SERIES.items():
-            points = [(e["num_params"], pick(e)) for e in entries if pick(e) is not None]
+        # lines join the MLP sizes only; the other models are single marked points
+        mlps = [e for e in entries if e["name"].startswith("mlp")]
+        others = [e for e in entries if not e["name"].startswith("mlp")]
+        for color, (label, (pick, style)) in zip(COLORS, SERIES.items()):
+            points = [(e["num_params"], pick(e)) for e in mlps if pick(e) is not None]
             if points:
                 xs, ys = zip(*points)
-                ax.loglog(xs, ys, style, marker="o", label=label)
-        ax.set_xlabel("parameters")
+                ax.loglog(xs, ys, style, marker="o", color=color, label=label)
+            for e in others:
+                if pick(e) is not None:
+                    ax.loglog(
+                        e["num_params"], pick(e), OTHER_MARKERS.get(e["name"], "D"), color=color
+                    )
+        for name, marker in OTHER_MARKERS.items():
+            if any(e["name"] == name for e in others):
+                ax.plot([], [], marker, color="gray", label=f"{name} (single model)")
+        ax.set_xlabel("parameters (lines: tanh MLPs)")
         ax.set_ylabel("warm time (s)")
         config, machine = results["config"], results["machine"]
         # On CPU jax's device kind is just "cpu"; the processor's name says more.
