@@ -5,6 +5,8 @@ XLA_FLAGS=--xla_force_host_platform_device_count=8 (8 simulated CPU devices), so
 the suite keeps its single device. In a single-device run they are skipped.
 """
 
+import math
+import re
 import sys
 from pathlib import Path
 
@@ -56,8 +58,9 @@ def test_fsdp_sharded_parameters_give_the_unsharded_verdict():
 
 
 def test_perturbed_copies_stay_sharded():
-    """An elementwise loss of one sharded leaf needs no gathering: no all-gather in any
-    compiled program, and per-device peak memory about 1/8 of the unsharded one."""
+    """An elementwise loss of one sharded leaf needs no gathering: no parameter-sized
+    all-gather in any compiled program, and per-device peak memory about 1/8 of the
+    unsharded one."""
     mesh = _mesh((8,), ("fsdp",))
     w = jnp.full((2048, 256), 0.3, jnp.float32)
 
@@ -70,7 +73,15 @@ def test_perturbed_copies_stay_sharded():
     assert sharded.status == "pass"
     assert sharded.peak_memory_bytes < plain.peak_memory_bytes / 5
     programs = list(_plan._CACHE.values())[before:]
-    assert programs and not any("all-gather" in c.as_text() for c, _ in programs)
+    gathered = [n for c, _ in programs for n in _gathered_sizes(c.as_text())]
+    # partial sums of a reduction may be gathered (8 numbers); a parameter never is
+    assert programs and max(gathered, default=0) < 100, gathered
+
+
+def _gathered_sizes(hlo: str) -> list[int]:
+    """Element counts of the results of all all-gather ops in an HLO text."""
+    shapes = re.findall(r"= \w+\[([\d,]*)\][^=]*? all-gather\(", hlo)
+    return [math.prod(int(d) for d in shape.split(",") if d) for shape in shapes]
 
 
 @pytest.mark.parametrize("num_directions", [8, 16])
