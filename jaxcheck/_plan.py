@@ -138,7 +138,7 @@ def make_plan(
 
 
 def platform_of(device) -> str:
-    """ "cpu", "gpu" or "tpu": which rule of the module docstring applies to `device`."""
+    """Which rule of the module docstring applies to `device`: "cpu", "gpu" or "tpu"."""
     return device.platform
 
 
