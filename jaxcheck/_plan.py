@@ -110,12 +110,8 @@ def make_plan(
 ) -> Plan:
     """The plan for parameter leaves `diff` (concrete arrays) on their devices; `itemsize`
     is that of the finite-difference precision."""
-    shardings = tuple(_multi_device(getattr(x, "sharding", None)) for x in diff)
-    devices = (
-        [d for x in diff for d in getattr(x, "sharding", None).device_set]
-        if all(hasattr(x, "sharding") for x in diff)
-        else []
-    )
+    shardings = tuple(_multi_device(x) for x in diff)
+    devices = [d for x in diff if isinstance(x, jax.Array) for d in x.sharding.device_set]
     device = min(devices, key=lambda d: d.id) if devices else jax.devices()[0]
     platform = platform_of(device)
     accelerator = platform != "cpu"
@@ -142,8 +138,10 @@ def platform_of(device) -> str:
     return device.platform
 
 
-def _multi_device(sharding):
-    if sharding is None or len(getattr(sharding, "device_set", ())) <= 1:
+def _multi_device(x):
+    """The sharding of array `x` when it spans several devices, else None."""
+    sharding = getattr(x, "sharding", None)
+    if sharding is None or len(sharding.device_set) <= 1:
         return None
     return sharding
 
@@ -218,7 +216,7 @@ def signature(args):
     every leaf of `args`: what a compiled program depends on besides static values."""
     leaves, treedef = jax.tree_util.tree_flatten(args)
     avals = tuple(
-        (np.shape(x), str(x.dtype), bool(getattr(x, "weak_type", False)), _sharding_key(x))
+        (np.shape(x), str(x.dtype), bool(getattr(x, "weak_type", False)), _multi_device(x))
         for x in leaves
     )
     return treedef, avals, _precision.x64_enabled()
@@ -228,13 +226,6 @@ def _cache_key(fn, args):
     """The cache key of a partial(program, *static) applied to `args` (it may turn out
     unhashable)."""
     return (fn.func, fn.args, tuple(sorted(fn.keywords.items())), signature(args))
-
-
-def _sharding_key(x):
-    sharding = getattr(x, "sharding", None)
-    if sharding is None or len(sharding.device_set) <= 1:
-        return None
-    return sharding
 
 
 def _compile(fn, args):

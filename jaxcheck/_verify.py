@@ -110,6 +110,7 @@ def verify(
         >>> report.ok, report.status
         (True, <Status.PASS: 'pass'>)
     """
+    # every keyword above, by name: the same dict a `Checker` holds
     options = {name: value for name, value in locals().items() if name in DEFAULTS}
     validate(fn, options)
     return run(fn, params, args, options)
@@ -140,7 +141,7 @@ def run(fn, params, args: tuple, options: dict) -> Report:
     problem = _problem.with_output_structure(problem, inputs)
     tested = _precision.lowest(x.dtype for x in diff)
     reference = _precision.reference_dtype(o["precision"], tested)
-    checker = _Run(
+    pipeline = _Run(
         problem=problem,
         inputs=inputs,
         modes=("reverse", "forward") if o["mode"] == "both" else (o["mode"],),
@@ -163,7 +164,7 @@ def run(fn, params, args: tuple, options: dict) -> Report:
         rtol=o["rtol"],
         timer=Timer(),
     )
-    report = checker.check(
+    report = pipeline.check(
         o["num_directions"],
         o["step"],
         o["localize"],
@@ -542,7 +543,8 @@ class _Run:
             return None if out.get(name) is None else out[name][sl]
 
         if out["phis"].shape[1] == 2:
-            fd = _error_model.assess_central(cut("phis"), cut("phi0"), h, self._eps_fd())
+            eps = _precision.eps(self.reference)
+            fd = _error_model.assess_central(cut("phis"), cut("phi0"), h, eps)
         else:
             fd = self._assess(cut("phis"), cut("phi0"), h, from_data=True)
         return _Pass(
@@ -565,9 +567,6 @@ class _Run:
             self._floors(None)["nonsmooth"],
             noise_from_data=from_data,
         )
-
-    def _eps_fd(self) -> float:
-        return _precision.eps(self.reference)
 
     def _reference(self, index, rows, h, offsets) -> dict:
         """The finite-difference program, in float64 when the policy allows it."""
