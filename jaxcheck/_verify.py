@@ -691,6 +691,15 @@ class _Run:
             )
             return Status.INCONCLUSIVE
         head = checks[0]
+        noisy = max(math.sqrt(_precision.eps(self.tested)), 100 * _precision.eps(self.reference))
+        if head.absolute and p.fd.relative_noise > noisy:
+            problems.append(
+                f"fn's values scatter by {p.fd.relative_noise:.1e} (relative) between nearby "
+                "evaluations, far beyond rounding, so its derivative cannot be told from zero: "
+                "is fn random, or not a function of params and args alone (say, constants "
+                "drawn anew each time it is traced)?"
+            )
+            return Status.INCONCLUSIVE
         if head.absolute:  # the derivative is zero to within noise or rounding
             problems.append(
                 "the derivative is zero to within finite-difference noise or rounding along "

@@ -193,6 +193,22 @@ def test_stationary_point_is_judged_in_absolute_terms():
     assert bad.status == "fail"
 
 
+@pytest.mark.parametrize("bugged", [False, True])
+def test_fn_with_new_constants_at_each_trace_is_not_passed(bugged):
+    """Constants drawn with NumPy while tracing differ from program to program: fn is not
+    a function of params alone. Its derivative then looks like zero within huge noise; that
+    must not read as a pass, with or without a bug."""
+    rng = np.random.default_rng(0)
+
+    def fn(p):
+        w = bug("scale", 0.01)(p["w"]) if bugged else p["w"]
+        return jnp.sum(jnp.tanh(w @ jnp.asarray(rng.normal(size=(4, 3)), w.dtype)) ** 2)
+
+    report = jaxcheck.verify(fn, {"w": jnp.full((2, 4), 0.3, jnp.float32)})
+    assert report.status == "inconclusive", str(report)
+    assert any("not a function of params and args alone" in p for p in report.problems)
+
+
 def test_huge_parameter_values_do_not_overflow():
     report = jaxcheck.verify(lambda p: jnp.sum(jnp.log(p)), jnp.asarray([1e30, 2e30], jnp.float32))
     assert report.status == "pass", str(report)
