@@ -84,9 +84,9 @@ def draw(seed, index, shape, kind: str):
     random sign or, by the inverse error function, into a Gaussian. It compiles to a few
     integer operations that XLA fuses into the perturbation x + t v, so no direction is
     ever stored apart from the perturbed copy, and any element can be drawn without
-    drawing the others. Random signs cost about as much as the addition itself; the
-    inverse error function costs more than a forward pass of a small MLP, which is why
-    signs are the default.
+    drawing the others. With random signs, 2 evaluations per direction cost 1.13x to 1.44x
+    plain forward passes of a float64 MLP (1e5 to 8e6 parameters, 2 CPU cores); with the
+    inverse error function 1.5x to 2.1x (`benchmarks/directions.py`). Hence signs by default.
     """
     return _values(_bases(jnp.asarray(seed, jnp.uint32), index), shape, kind)
 
