@@ -29,6 +29,7 @@ from ._report import LeafResult, Report, Status
 LEAF_INDEX_OFFSET = 2**30  # leaf-local directions use indices disjoint from the global ones
 MAX_NOISE_FLOOR = 0.025  # a reference noisier than this cannot resolve a few-percent bug
 MAX_STEP = 0.05  # largest relative step; larger ones probe the function, not its derivative
+ROUNDING_NOTE = 1e3  # rounding above this many eps of the tested dtype is pointed out
 COVERAGE_ERROR = 1e-3  # leaves where a 0.1 % error might go unseen globally are checked alone
 
 
@@ -311,6 +312,7 @@ class _Run:
             [(p, steps)] = self._ladder(index, np.tile(beta, (k, 1)), h0, [slice(0, k)])
             checks = self._compare(p)
         status = self._status(p, checks, k, self.problems)
+        self._note_large_rounding(checks[0])
         leaves = ()
         chosen = []
         if localize is True or (localize == "auto" and status is Status.FAIL):
@@ -342,6 +344,20 @@ class _Run:
             "default dtype); finite differences use the model's precision instead"
         )
         return True
+
+    def _note_large_rounding(self, head) -> None:
+        """Say so when the derivative in the model's dtype is far from the same rule in the
+        reference dtype: it is excused as rounding, which is right for an ill-conditioned
+        loss, but would also excuse a bug in a code path taken only in the model's dtype."""
+        eps_t = _precision.eps(self.tested)
+        if head.rounding_measured and head.rounding > ROUNDING_NOTE * eps_t:
+            self.problems.append(
+                f"the {self.tested.name} derivative differs from the same rule in "
+                f"{self.reference.name} by {head.rounding:.1e} (relative), far above "
+                f"{self.tested.name} rounding of a well-conditioned computation; it was "
+                "accepted as rounding (an ill-conditioned loss?). If fn or its rules take a "
+                f"different path in {self.tested.name}, check that path"
+            )
 
     def _needed_derivative(self, ref, h) -> float:
         """Smallest RMS directional derivative whose roundoff error bar (~15 sigma / h, with

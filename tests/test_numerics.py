@@ -81,12 +81,31 @@ def test_ill_conditioned_float32_loss_uses_measured_rounding():
     params = {"a": jnp.asarray(3e3, jnp.float32)}
     good = jaxcheck.verify(fn, params)
     assert good.status == "pass", str(good)
+    assert not any("accepted as rounding" in p for p in good.problems)  # 6.5e-5 < 1.2e-4
     assert good.relative_error > 1e-5  # float32 rounding, not a bug
     assert good.checks[0].rounding > 1e-5
     assert good.checks[1].relative_error < 1e-7  # the rule itself is exact (noise 3e-7)
     bad = jaxcheck.verify(lambda p: fn(p, bug("scale", 1e-3)), params)
     assert bad.status == "fail"
     assert bad.checks[1].relative_error == pytest.approx(1e-3, rel=0.05)
+
+
+def test_a_rule_wrong_only_in_float32_is_pointed_out():
+    """A 1 % error that exists only in the float32 path looks like float32 rounding to the
+    verdict (the float64 rule is right); the report must say so rather than pass silently."""
+
+    @jax.custom_vjp
+    def ident(x):
+        return x
+
+    def bwd(_, g):
+        return (g * 1.01 if g.dtype == jnp.float32 else g,)
+
+    ident.defvjp(lambda x: (x, None), bwd)
+    report = jaxcheck.verify(lambda p: jnp.sum(jnp.sin(ident(p)) ** 2), jnp.linspace(0.2, 1.0, 6))
+    assert report.status == "pass"
+    [note] = [p for p in report.problems if "accepted as rounding" in p]
+    assert "float32 derivative differs from the same rule in float64 by 1.0e-02" in note
 
 
 def test_native_precision_reports_coarser_resolution():
