@@ -42,6 +42,7 @@ def vdots(grads: list, v: list) -> list:
 
 
 def output_scales(outs: list):
+    """RMS magnitude of each output leaf, all-zero (or non-finite) ones floored."""
     sizes = [max(y.size, 1) for y in outs]
     return _directions.with_floor(
         jnp.sqrt(_directions.sum_squares(outs) / jnp.asarray(sizes)), sizes
@@ -50,12 +51,13 @@ def output_scales(outs: list):
 
 def probe(problem, reverse: bool, out_seeds, diff, traced) -> dict:
     """One native evaluation of fn (and of its gradient, when reverse): the value, the
-    per-leaf sums of squares of parameters, outputs and gradient, and the gradient itself
-    (left on its devices by the caller)."""
+    output scales, the per-leaf sums of squares of parameters and gradient, and the
+    gradient itself (left on its devices by the caller)."""
     outs = problem.outputs(diff, traced)
+    scales = output_scales(outs)
     result = {
         "outputs_finite": jnp.stack([jnp.all(jnp.isfinite(y)) for y in outs]),
-        "output_squares": _directions.sum_squares(outs),
+        "output_scales": scales,
         "param_squares": _directions.sum_squares(diff),
         "value": outs[0] if problem.scalar_output else jnp.zeros(()),
     }
@@ -67,7 +69,7 @@ def probe(problem, reverse: bool, out_seeds, diff, traced) -> dict:
         grad = jax.grad(lambda d: problem.outputs(d, traced)[0])(diff)
     else:
         _, vjp_fn = jax.vjp(lambda d: problem.outputs(d, traced), diff)
-        cot = _directions.cotangent(out_seeds, BALANCE_INDEX, output_scales(outs), outs, "gaussian")
+        cot = _directions.cotangent(out_seeds, BALANCE_INDEX, scales, outs, "gaussian")
         grad = vjp_fn(cot)[0]
     result["grad_squares"] = _directions.sum_squares(grad)
     result["grad"] = grad

@@ -84,11 +84,7 @@ def assess(phis, phi0, h: float, eps: float, floor: float, noise_from_data=True)
     phis = np.asarray(phis, np.float64)
     phi0 = np.asarray(phi0, np.float64)
     c = _differences.combine(phis, phi0, h)
-    finite = np.all(np.isfinite(phis), axis=1) & np.isfinite(phi0)
-    magnitude = np.maximum(
-        np.max(np.abs(np.where(np.isfinite(phis), phis, 0)), axis=1),
-        np.abs(np.where(finite, phi0, 0)),
-    )
+    finite, magnitude = _finite_and_magnitude(phis, phi0)
     d4 = np.where(finite, np.abs(c["d4"]), 0.0)
     sigma_data = float(np.median(d4[finite])) / (math.sqrt(70) * 0.6745) if finite.any() else 0.0
     if not noise_from_data:  # d4 is known to come from kinks: judge it against rounding alone
@@ -124,6 +120,16 @@ def assess(phis, phi0, h: float, eps: float, floor: float, noise_from_data=True)
     )
 
 
+def _finite_and_magnitude(phis, phi0):
+    """Which directions have all values finite, and the largest finite |phi| along each."""
+    finite = np.all(np.isfinite(phis), axis=1) & np.isfinite(phi0)
+    magnitude = np.maximum(
+        np.max(np.abs(np.where(np.isfinite(phis), phis, 0)), axis=1),
+        np.abs(np.where(finite, phi0, 0)),
+    )
+    return finite, magnitude
+
+
 def assess_central(phis, phi0, h: float, eps: float) -> Differences:
     """Central differences D(h) from the values at -h, h (`phis`, (n, 2)), with the error
     bar of rounding alone: 2 standard deviations of D(h) for evaluations accurate to
@@ -137,8 +143,7 @@ def assess_central(phis, phi0, h: float, eps: float) -> Differences:
     """
     phis = np.asarray(phis, np.float64)
     phi0 = np.asarray(phi0, np.float64)
-    finite = np.all(np.isfinite(phis), axis=1) & np.isfinite(phi0)
-    magnitude = np.where(finite, np.maximum(np.max(np.abs(phis), axis=1), np.abs(phi0)), 0.0)
+    finite, magnitude = _finite_and_magnitude(phis, phi0)
     roundoff = 2 * math.sqrt(2) * eps * magnitude / (2 * h)
     value = np.where(finite, _differences.central(phis, h), 0.0)
     second = np.where(finite, np.abs(phis[:, 0] - 2 * phi0 + phis[:, 1]), 0.0)

@@ -414,12 +414,10 @@ class _Run:
                 pending.append(i)
         if not pending:
             return results
-        picked = np.concatenate([np.arange(len(index))[groups[i]] for i in pending])
-        sub_groups, start = [], 0
-        for i in pending:
-            size = len(np.arange(len(index))[groups[i]])
-            sub_groups.append(slice(start, start + size))
-            start += size
+        rows_of = [np.arange(len(index))[groups[i]] for i in pending]
+        picked = np.concatenate(rows_of)
+        ends = np.cumsum([len(r) for r in rows_of])
+        sub_groups = [slice(end - len(r), end) for r, end in zip(rows_of, ends)]
         sub_index, sub_rows = index[picked], rows[picked]
         inner = self._evaluate(sub_index, sub_rows, h, _differences.INNER)
         first = {name: None if v is None else v[picked] for name, v in out.items()}
@@ -845,9 +843,6 @@ def _probe_on_host(probe: dict, diff: list, problem) -> dict:
     """The probe's scales and finiteness flags as NumPy values; the gradient stays a list
     of device arrays, passed on only for a scalar fn (whose projections are formed from it)."""
     out = {k: _numpy(v) for k, v in probe.items() if k != "grad"}
-    sizes = [max(math.prod(s), 1) for s in problem.out_shapes]
-    rms_out = np.sqrt(out["output_squares"].astype(np.float64) / np.asarray(sizes))
-    out["output_scales"] = _directions.with_floor(np.where(np.isfinite(rms_out), rms_out, 0), sizes)
     rms_params, out["params_finite"] = _directions.host_rms(out["param_squares"], diff)
     out["leaf_scales"] = _directions.with_floor(rms_params, [max(x.size, 1) for x in diff])
     if "grad" in probe:
