@@ -3,7 +3,7 @@
 from collections.abc import Callable
 from typing import Any
 
-from . import _plan, _verify
+from . import _options, _plan, _verify
 from ._report import Report
 
 
@@ -26,15 +26,10 @@ class Checker:
     """
 
     def __init__(self, fn: Callable, **options: Any):
-        unknown = sorted(set(options) - set(_verify.DEFAULTS))
-        if unknown:
-            raise TypeError(
-                f"Checker got unknown option(s) {', '.join(unknown)}; the options are those of "
-                f"jaxcheck.verify: {', '.join(_verify.DEFAULTS)}."
-            )
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}.")
         self.fn = fn
-        self.options = {**_verify.DEFAULTS, **options}
-        _verify.validate(fn, self.options)
+        self.options = _options.make(**options)
         self.compilations = 0
 
     def __call__(self, params: Any, *args: Any) -> Report:
@@ -45,6 +40,5 @@ class Checker:
             self.compilations += _plan.compilations - before
 
     def __repr__(self) -> str:
-        changed = {k: v for k, v in self.options.items() if v is not _verify.DEFAULTS[k]}
-        shown = "".join(f", {k}={v!r}" for k, v in changed.items())
+        shown = "".join(f", {k}={v!r}" for k, v in self.options.changed().items())
         return f"Checker({getattr(self.fn, '__name__', repr(self.fn))}{shown})"

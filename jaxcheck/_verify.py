@@ -3,7 +3,6 @@
 import contextlib
 import dataclasses
 import functools
-import inspect
 import math
 from collections.abc import Callable
 from typing import Any, Literal
@@ -17,6 +16,7 @@ from . import (
     _differences,
     _directions,
     _error_model,
+    _options,
     _plan,
     _precision,
     _problem,
@@ -39,6 +39,7 @@ def verify(
     *args: Any,
     grad_fn: Callable | None = None,
     has_aux: bool = False,
+    order: int = 1,
     num_directions: int = 16,
     key: Any = 0,
     mode: Literal["reverse", "forward", "both"] = "reverse",
@@ -72,6 +73,7 @@ def verify(
         grad_fn: a hand-written gradient `grad_fn(params, *args)` to check instead of JAX's
             own (scalar `fn` only); returns a pytree shaped like `params`.
         has_aux: `fn` returns `(out, aux)`; aux is ignored.
+        order: highest order of derivatives checked (1: first derivatives).
         num_directions: number of random directions K for the all-leaf check.
         key: int seed or JAX PRNG key. Same key, same result.
         mode: "reverse" (grad/vjp), "forward" (jvp) or "both" (also checks
@@ -111,24 +113,32 @@ def verify(
         >>> report.ok, report.status
         (True, <Status.PASS: 'pass'>)
     """
-    # every keyword above, by name: the same dict a `Checker` holds
-    options = {name: value for name, value in locals().items() if name in DEFAULTS}
-    validate(fn, options)
+    options = _options.Options(
+        grad_fn=grad_fn,
+        has_aux=has_aux,
+        order=order,
+        num_directions=num_directions,
+        key=key,
+        mode=mode,
+        precision=precision,
+        step=step,
+        rtol=rtol,
+        localize=localize,
+        leaf_directions=leaf_directions,
+        directions=directions,
+        chunk_size=chunk_size,
+        memory_budget=memory_budget,
+        direction_sharding=direction_sharding,
+        raise_on_failure=raise_on_failure,
+    )
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}.")
     return run(fn, params, args, options)
 
 
-# verify's options and their defaults, shared with `Checker`
-DEFAULTS = {
-    name: p.default
-    for name, p in inspect.signature(verify).parameters.items()
-    if p.kind is inspect.Parameter.KEYWORD_ONLY
-}
-
-
-def run(fn, params, args: tuple, options: dict) -> Report:
-    """Check `fn` at `params` with validated `options` (all of `verify`'s keywords)."""
+def run(fn, params, args: tuple, options: _options.Options) -> Report:
+    """Check `fn` at `params` with validated `options`."""
     o = options
-    key = o["key"]
     p_split, diff, p_arrays = _tree.split(params, "params")
     a_split, a_floats, a_arrays = _tree.split(args, "args")
     if not diff:
@@ -138,100 +148,43 @@ def run(fn, params, args: tuple, options: dict) -> Report:
             "). Pass the parameters to check as float arrays."
         )
     inputs = _problem.Inputs(diff, p_arrays, a_floats, a_arrays)
-    problem = _problem.Problem(fn, o["grad_fn"], o["has_aux"], p_split, a_split)
+    problem = _problem.Problem(fn, o.grad_fn, o.has_aux, p_split, a_split)
     problem = _problem.with_output_structure(problem, inputs)
     tested = _precision.lowest(x.dtype for x in diff)
-    reference = _precision.reference_dtype(o["precision"], tested)
+    reference = _precision.reference_dtype(o.precision, tested)
     pipeline = _Run(
         problem=problem,
         inputs=inputs,
-        modes=("reverse", "forward") if o["mode"] == "both" else (o["mode"],),
+        modes=("reverse", "forward") if o.mode == "both" else (o.mode,),
         seeds=(
-            _directions.seeds(key, "params", p_split.paths_of(_tree.DIFF)),
-            _directions.seeds(key, "outputs", problem.out_paths),
+            _directions.seeds(o.key, "params", p_split.paths_of(_tree.DIFF)),
+            _directions.seeds(o.key, "outputs", problem.out_paths),
         ),
-        kind=o["directions"],
+        kind=o.directions,
         plan=_plan.make_plan(
             diff,
-            o["num_directions"],
+            o.num_directions,
             len(_differences.OUTER),
             jnp.dtype(reference).itemsize,
-            chunk_size=o["chunk_size"],
-            budget=o["memory_budget"],
-            direction_sharding=o["direction_sharding"],
+            chunk_size=o.chunk_size,
+            budget=o.memory_budget,
+            direction_sharding=o.direction_sharding,
         ),
         tested=tested,
-        policy=o["precision"],
-        rtol=o["rtol"],
+        policy=o.precision,
+        rtol=o.rtol,
         timer=Timer(),
     )
     report = pipeline.check(
-        o["num_directions"],
-        o["step"],
-        o["localize"],
-        o["leaf_directions"],
+        o.num_directions,
+        o.step,
+        o.localize,
+        o.leaf_directions,
         _tree.held_fixed(p_split, p_arrays),
     )
-    if o["raise_on_failure"] and not report.ok:
+    if o.raise_on_failure and not report.ok:
         raise GradientCheckError(report)
     return report
-
-
-def validate(fn, options: dict) -> None:
-    """Raise TypeError / ValueError, with the fix, for a bad fn or option value."""
-    o = options
-    if not callable(fn):
-        raise TypeError(f"fn must be callable, got {type(fn).__name__}.")
-    if o["grad_fn"] is not None and not callable(o["grad_fn"]):
-        raise TypeError(f"grad_fn must be callable or None, got {type(o['grad_fn']).__name__}.")
-    for name, least in (("num_directions", 4), ("leaf_directions", 2)):
-        value = o[name]
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            raise ValueError(f"{name} must be an int >= {least}, got {value!r}.")
-    if o["mode"] not in ("reverse", "forward", "both"):
-        raise ValueError(f"mode must be 'reverse', 'forward' or 'both', got {o['mode']!r}.")
-    if o["grad_fn"] is not None and o["mode"] != "reverse":
-        raise ValueError(
-            f"grad_fn checks a reverse-mode gradient; mode={o['mode']!r} is not possible with "
-            "it. Use mode='reverse'."
-        )
-    if o["precision"] not in _precision.POLICIES:
-        raise ValueError(f"precision must be one of {_precision.POLICIES}, got {o['precision']!r}.")
-    for name in ("step", "rtol"):
-        value = o[name]
-        if value is not None and not (isinstance(value, int | float) and 0 < value < 1):
-            raise ValueError(f"{name} must be a float in (0, 1) or None, got {value!r}.")
-    if o["localize"] not in ("auto", True, False):
-        raise ValueError(f"localize must be True, False or 'auto', got {o['localize']!r}.")
-    if o["directions"] not in _directions.KINDS:
-        raise ValueError(f"directions must be one of {_directions.KINDS}, got {o['directions']!r}.")
-    _directions.as_key(o["key"])
-    for name in ("chunk_size", "memory_budget"):
-        value = o[name]
-        if value is not None and (
-            not isinstance(value, int) or isinstance(value, bool) or value < 1
-        ):
-            raise ValueError(f"{name} must be a positive int or None, got {value!r}.")
-    _validate_direction_sharding(o["direction_sharding"], o["num_directions"])
-
-
-def _validate_direction_sharding(sharding, k) -> None:
-    if sharding is None:
-        return
-    if not isinstance(sharding, jax.sharding.NamedSharding) or len(sharding.spec) != 1:
-        raise TypeError(
-            "direction_sharding must be a jax.sharding.NamedSharding whose PartitionSpec names "
-            f"one mesh axis for the directions, got {sharding!r}. Try "
-            "NamedSharding(mesh, PartitionSpec('data'))."
-        )
-    axes = sharding.spec[0]
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    shards = math.prod(sharding.mesh.shape[a] for a in axes)
-    if k % shards:
-        raise ValueError(
-            f"num_directions={k} is not a multiple of the {shards} shards of direction_sharding "
-            f"(mesh axes {axes}). Use num_directions={-(-k // shards) * shards}."
-        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -78,7 +78,7 @@ def test_direction_sharding_over_one_device_takes_any_number_of_directions():
     [
         ({"num_directions": 2}, ValueError, "num_directions must be an int >= 4, got 2."),
         ({"key": "seed"}, TypeError, "key must be an int seed or a single JAX PRNG key"),
-        ({"chunks": 4}, TypeError, "Checker got unknown option(s) chunks; the options are"),
+        ({"chunks": 4}, TypeError, "unknown option(s) chunks; the options of jaxcheck.verify are"),
     ],
 )
 def test_checker_validates_options_when_made(kwargs, error, message):

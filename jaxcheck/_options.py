@@ -1,0 +1,120 @@
+"""`Options`: every setting of a check, validated once, shared by `verify`, `Checker` and
+`check_grads`."""
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax
+
+from . import _directions, _precision
+
+MODES = ("reverse", "forward", "both")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The keyword options of `jaxcheck.verify` (see its docstring for each), validated
+    when made: a bad value raises `TypeError`/`ValueError` saying what to pass instead."""
+
+    grad_fn: Callable | None = None
+    has_aux: bool = False
+    order: int = 1
+    num_directions: int = 16
+    key: Any = 0
+    mode: Literal["reverse", "forward", "both"] = "reverse"
+    precision: Literal["auto", "float64", "native"] = "auto"
+    step: float | None = None
+    rtol: float | None = None
+    localize: bool | Literal["auto"] = "auto"
+    leaf_directions: int = 8
+    directions: Literal["rademacher", "gaussian"] = "rademacher"
+    chunk_size: int | None = None
+    memory_budget: int | None = None
+    direction_sharding: jax.sharding.NamedSharding | None = None
+    raise_on_failure: bool = False
+
+    def __post_init__(self):
+        _validate(self)
+
+    def changed(self) -> dict:
+        """The options that differ from their defaults."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not f.default
+        }
+
+
+NAMES = tuple(f.name for f in dataclasses.fields(Options))
+
+
+def make(**options) -> Options:
+    """`Options(**options)`, with a message listing the valid names for an unknown one."""
+    unknown = sorted(set(options) - set(NAMES))
+    if unknown:
+        raise TypeError(
+            f"unknown option(s) {', '.join(unknown)}; the options of jaxcheck.verify are: "
+            f"{', '.join(NAMES)}."
+        )
+    return Options(**options)
+
+
+def _positive_int(name, value, least) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise ValueError(f"{name} must be an int >= {least}, got {value!r}.")
+
+
+def _validate(o: Options) -> None:
+    if o.grad_fn is not None and not callable(o.grad_fn):
+        raise TypeError(f"grad_fn must be callable or None, got {type(o.grad_fn).__name__}.")
+    _positive_int("order", o.order, 1)
+    _positive_int("num_directions", o.num_directions, 4)
+    _positive_int("leaf_directions", o.leaf_directions, 2)
+    if o.mode not in MODES:
+        raise ValueError(f"mode must be 'reverse', 'forward' or 'both', got {o.mode!r}.")
+    if o.grad_fn is not None and o.mode != "reverse":
+        raise ValueError(
+            f"grad_fn checks a reverse-mode gradient; mode={o.mode!r} is not possible with "
+            "it. Use mode='reverse'."
+        )
+    if o.precision not in _precision.POLICIES:
+        raise ValueError(f"precision must be one of {_precision.POLICIES}, got {o.precision!r}.")
+    for name in ("step", "rtol"):
+        value = getattr(o, name)
+        if value is not None and not (
+            isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < 1
+        ):
+            raise ValueError(f"{name} must be a float in (0, 1) or None, got {value!r}.")
+    if o.localize not in ("auto", True, False):
+        raise ValueError(f"localize must be True, False or 'auto', got {o.localize!r}.")
+    if o.directions not in _directions.KINDS:
+        raise ValueError(f"directions must be one of {_directions.KINDS}, got {o.directions!r}.")
+    _directions.as_key(o.key)
+    for name in ("chunk_size", "memory_budget"):
+        value = getattr(o, name)
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
+            raise ValueError(f"{name} must be a positive int or None, got {value!r}.")
+    _validate_direction_sharding(o.direction_sharding, o.num_directions)
+
+
+def _validate_direction_sharding(sharding, k) -> None:
+    if sharding is None:
+        return
+    if not isinstance(sharding, jax.sharding.NamedSharding) or len(sharding.spec) != 1:
+        raise TypeError(
+            "direction_sharding must be a jax.sharding.NamedSharding whose PartitionSpec names "
+            f"one mesh axis for the directions, got {sharding!r}. Try "
+            "NamedSharding(mesh, PartitionSpec('data'))."
+        )
+    axes = sharding.spec[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    shards = math.prod(sharding.mesh.shape[a] for a in axes)
+    if k % shards:
+        raise ValueError(
+            f"num_directions={k} is not a multiple of the {shards} shards of direction_sharding "
+            f"(mesh axes {axes}). Use num_directions={-(-k // shards) * shards}."
+        )
