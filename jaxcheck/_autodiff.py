@@ -6,10 +6,12 @@ along each direction when they cannot be formed from one gradient vector (forwar
 non-scalar outputs).
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 
-from . import _directions, _plan
+from . import _directions, _plan, _precision
 
 BALANCE_INDEX = 2**31 - 1  # the cotangent index used to size a non-scalar output's gradient
 
@@ -27,9 +29,7 @@ def vdots(grads: list, v: list) -> list:
         return []
     totals = [0.0] * len(grads)
     for i, vi in enumerate(v):
-        acc = jnp.promote_types(vi.dtype, jnp.float32)
-        for g in grads:
-            acc = jnp.promote_types(acc, g[i].dtype)
+        acc = _precision.accumulator([vi.dtype] + [g[i].dtype for g in grads])
         products = tuple(g[i].astype(acc) * vi.astype(acc) for g in grads)
         sums = jax.lax.reduce(
             products,
@@ -42,11 +42,14 @@ def vdots(grads: list, v: list) -> list:
 
 
 def output_scales(outs: list):
-    """RMS magnitude of each output leaf, all-zero (or non-finite) ones floored."""
+    """RMS magnitude of each output leaf, all-zero (or non-finite) ones floored, and never
+    below 1 / sqrt(largest finite value) of the leaf's dtype: the output cotangent is divided
+    by it and cast to that dtype, where a float16 output of RMS 1e-5 would make it overflow."""
     sizes = [max(y.size, 1) for y in outs]
-    return _directions.with_floor(
-        jnp.sqrt(_directions.sum_squares(outs) / jnp.asarray(sizes)), sizes
-    )
+    squares = _directions.sum_squares(outs)
+    scales = _directions.with_floor(jnp.sqrt(squares / jnp.asarray(sizes, squares.dtype)), sizes)
+    least = [1.0 / math.sqrt(float(jnp.finfo(y.dtype).max)) for y in outs]
+    return jnp.maximum(scales, jnp.asarray(least, scales.dtype))
 
 
 def probe(problem, reverse: bool, out_seeds, diff, traced) -> dict:
@@ -90,7 +93,7 @@ def jvp_projection(f, diff, v, cot):
     """<u, J v> by forward mode (J v itself for a scalar fn)."""
     _, jv = jax.jvp(f, (diff,), (v,))
     if cot is None:
-        return jv[0].astype(jnp.promote_types(jv[0].dtype, jnp.float32))
+        return jv[0].astype(_precision.accumulator([jv[0].dtype]))
     return vdot(cot, jv)
 
 

@@ -29,6 +29,7 @@ def reference(
     with_projections,
     with_rule,
     dtype,
+    work,
     seeds,
     diff,
     traced,
@@ -41,11 +42,12 @@ def reference(
     """Stencil values (n, len(offsets)) and centre values (n,) along directions `index`;
     with `with_projections`, also the projections of `g_test` ("test_rev") and, when
     `with_rule`, of the reference-precision derivatives of the same rule ("ref_rev",
-    "ref_fwd"). Floating inputs are cast to `dtype` inside the program."""
+    "ref_fwd"). Floating inputs are cast to `dtype` inside the program (None: each keeps
+    its own); steps and sums are formed in `work`."""
     diff = _tree.cast(diff, dtype)
     traced = (traced[0], _tree.cast(traced[1], dtype), traced[2])
     f = lambda d: problem.outputs(d, traced)  # noqa: E731
-    points = h.astype(dtype) * jnp.asarray(offsets, dtype)
+    points = h.astype(work) * jnp.asarray(offsets, work)
     with_rule = with_rule and with_projections
     rule_rev = with_rule and "reverse" in modes
     if rule_rev and problem.scalar_output:
@@ -70,7 +72,7 @@ def reference(
         res = {"phis": _plan.map_points(phi, points, plan), "phi0": problem.scalarize(outs, cot)}
         grads = {}
         if with_projections and g_test is not None:
-            grads["test_rev"] = [g.astype(dtype) for g in g_test]
+            grads["test_rev"] = [g.astype(work) for g in g_test]
         if rule_rev:
             grads["ref_rev"] = g_ref if cot is None else vjp_fn(cot)[0]
         res.update(zip(grads, _autodiff.vdots(list(grads.values()), v)))

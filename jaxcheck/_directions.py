@@ -7,6 +7,7 @@ float32 and then cast, so the native-precision and the float64 programs see the 
 directions.
 """
 
+import contextlib
 import functools
 import math
 import zlib
@@ -15,18 +16,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _precision
+
 KINDS = ("rademacher", "gaussian")
 
 
 def as_key(key):
     """Accept an int seed, a typed PRNG key or a raw uint32[2] key."""
+    if isinstance(key, jax.core.Tracer):
+        raise TypeError(
+            "key is a traced value: jaxcheck.verify runs on the host and cannot be called "
+            "inside jax.jit, jax.grad or jax.vmap. Pass a concrete key (say key=0), outside "
+            "any transformation."
+        )
     if isinstance(key, int | np.integer) and not isinstance(key, bool):
-        return _int_key(int(key))
+        return _int_key(int(key), jax.config.jax_default_prng_impl)
     if isinstance(key, jax.Array | np.ndarray):
         if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ():
             return key
         if key.dtype == jnp.uint32 and key.shape == (2,):
-            return jax.random.wrap_key_data(jnp.asarray(key))
+            with _concrete():
+                return jax.random.wrap_key_data(jax.device_put(key))
+        raise TypeError(
+            f"key must be an int seed, a typed PRNG key (jax.random.key(0)) or raw key data "
+            f"of dtype uint32 and shape (2,) (jax.random.PRNGKey(0)); got an array of dtype "
+            f"{key.dtype} and shape {key.shape}. Try key=0, or key=jax.random.key(0)."
+        )
     raise TypeError(
         f"key must be an int seed or a single JAX PRNG key, got {type(key).__name__}"
         f"{getattr(key, 'shape', '')}. Try key=0 or key=jax.random.key(0)."
@@ -34,8 +49,20 @@ def as_key(key):
 
 
 @functools.lru_cache(maxsize=64)
-def _int_key(seed: int):
-    return jax.random.key(seed)
+def _int_key(seed: int, impl) -> jax.Array:
+    # made concretely even when verify is (wrongly) called under jax.jit: a traced key in
+    # this cache would break every later check with the same seed
+    with _concrete():
+        return jax.random.key(seed)
+
+
+def _concrete():
+    """Evaluate now, never staged into a caller's trace, and allowed to move jaxcheck's own
+    small values to the device under any transfer guard."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.ensure_compile_time_eval())
+    stack.enter_context(jax.transfer_guard("allow"))
+    return stack
 
 
 _MASK = 0xFFFFFFFF
@@ -62,7 +89,8 @@ def _mix(x):
 
 def seeds(key, namespace: str, paths) -> np.ndarray:
     """One 32-bit seed per leaf path, from the key and the path only."""
-    words = tuple(np.asarray(jax.random.key_data(as_key(key))).ravel().tolist())
+    with _concrete():
+        words = tuple(np.asarray(jax.random.key_data(as_key(key))).ravel().tolist())
     return _seeds(words, namespace, tuple(paths))
 
 
@@ -121,9 +149,8 @@ def sum_squares(leaves):
     """Per-leaf sums of squares, in at least float32: one reduction per leaf. (Reductions
     dominate the compile time of small programs on CPU, so the probe makes no others.) A
     non-finite sum means NaN/Inf in the leaf or an overflow; `host_rms` tells them apart."""
-    return jnp.stack(
-        [jnp.sum(jnp.square(x.astype(jnp.promote_types(x.dtype, jnp.float32)))) for x in leaves]
-    )
+    acc = _precision.accumulator([x.dtype for x in leaves])
+    return jnp.stack([jnp.sum(jnp.square(x.astype(acc))) for x in leaves])
 
 
 def host_rms(squares, leaves) -> tuple[np.ndarray, np.ndarray]:
@@ -208,5 +235,6 @@ def cotangent(out_seeds, index, scales, like, kind: str) -> list:
     outputs of very different scales count alike."""
     bases = _bases(jnp.asarray(out_seeds, jnp.uint32), index)
     return [
-        (_values(bases[i], y.shape, kind) / scales[i]).astype(y.dtype) for i, y in enumerate(like)
+        (_values(bases[i], y.shape, kind).astype(scales.dtype) / scales[i]).astype(y.dtype)
+        for i, y in enumerate(like)
     ]

@@ -219,17 +219,31 @@ def compare(name, fd: Differences, a, floor: float, a_ref=None, rounding_scale=0
     )
 
 
-def consistency(name, a, b, floor: float, rounding: float) -> Comparison:
-    """<u, J v> against <J^T u, v>: no finite differences, equal up to rounding."""
+def consistency(name, a, b, floor: float, rounding: float, zero_scale: float = 0.0):
+    """<u, J v> against <J^T u, v>: no finite differences, equal up to rounding. Relative
+    to RMS(b), or to `zero_scale` where that is larger (the size below which the derivative
+    is zero to within the finite differences' error bars or rounding: an exactly zero
+    gradient must not make rounding-sized differences infinitely large)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     use = np.isfinite(a) & np.isfinite(b)
     n = int(use.sum())
     if n == 0:
         return Comparison(name, math.nan, (math.nan, math.nan), 0.0, 0.0, floor, 0, False)
-    err = rms(a[use] - b[use]) / max(rms(b[use]), _TINY)
+    scale = rms(b[use])
+    denom = max(scale, zero_scale, _TINY)
+    err = rms(a[use] - b[use]) / denom
     tol = max(floor, SAFETY * rounding)
     return Comparison(
-        name, err, interval(err, n), 0.0, rounding, tol, n, bool(err <= tol), rounding_measured=True
+        name,
+        err,
+        interval(err, n),
+        0.0,
+        rounding,
+        tol,
+        n,
+        bool(err <= tol),
+        absolute=scale < denom,
+        rounding_measured=True,
     )
 
 

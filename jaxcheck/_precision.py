@@ -18,6 +18,14 @@ def lowest(dtypes) -> np.dtype:
     return max((jnp.dtype(d) for d in dtypes), key=eps)
 
 
+def accumulator(dtypes) -> np.dtype:
+    """float64 when any of the floating `dtypes` is 64-bit, else float32: the dtype sums
+    and products of them are formed in. Chosen explicitly (not by `jnp.promote_types`,
+    which refuses float32 with bfloat16 under `jax.numpy_dtype_promotion("strict")`)."""
+    wide = any(jnp.dtype(d).itemsize >= 8 for d in dtypes)
+    return jnp.dtype(jnp.float64 if wide else jnp.float32)
+
+
 def x64_enabled() -> bool:
     """Whether 64-bit types are on now (works across jax versions and config APIs)."""
     return jax.dtypes.canonicalize_dtype(np.float64) == np.float64

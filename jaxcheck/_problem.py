@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _plan, _tree
+from . import _plan, _precision, _tree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +44,8 @@ class Problem:
     out_treedef: Any = None
     out_paths: tuple[str, ...] = ()
     out_shapes: tuple[tuple[int, ...], ...] = ()
+    rounds_to: str | None = None  # see `_rounds_to`
+    notes: tuple[str, ...] = ()  # said in the report's problems
 
     @property
     def scalar_output(self) -> bool:
@@ -64,13 +66,21 @@ class Problem:
     def gradient(self, diff, traced) -> list:
         """The hand-written gradient's leaves for the differentiable parameters."""
         params, args = self.call(diff, *traced)
-        grads = _tree.match_gradient(self.params, self.grad_fn(params, *args))
+        grad = self.grad_fn(params, *args)
+        if self.params.treedef.num_leaves > 1 and _is_single_array(grad):
+            raise TypeError(
+                f"grad_fn returned a single array (shape {np.shape(grad)}) where a pytree like "
+                f"params, with {self.params.treedef.num_leaves} leaves, was expected. Return "
+                "the gradient with the structure of params (jax.grad(fn) does)."
+            )
+        grads = _tree.match_gradient(self.params, grad)
         return [jnp.asarray(g) for g in grads]
 
     def scalarize(self, outs: list, cot: list | None):
         if cot is None:
             return outs[0]
-        return sum(jnp.vdot(c, y) for c, y in zip(cot, outs))
+        acc = _precision.accumulator([y.dtype for y in outs])
+        return sum(jnp.vdot(c.astype(acc), y.astype(acc)) for c, y in zip(cot, outs))
 
 
 _STRUCTURES: collections.OrderedDict = collections.OrderedDict()
@@ -95,22 +105,28 @@ def with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
     return problem
 
 
+def forget(fn) -> None:
+    """Drop the structures remembered for `fn` (one that closed over a traced value)."""
+    for key in [k for k in _STRUCTURES if k[0].fn is fn]:
+        del _STRUCTURES[key]
+
+
 def _with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
 
     def call(diff, traced):
         params, args = problem.call(diff, *traced)
         out = problem.fn(params, *args)
         if not problem.has_aux:
-            return out
+            return _arrays_only(out)
         if not (isinstance(out, tuple) and len(out) == 2):
             what = f"an array of shape {out.shape}" if hasattr(out, "shape") else type(out).__name__
             raise TypeError(
                 f"has_aux=True, so fn must return a pair (output, aux); it returned {what}. "
                 "Return (loss, aux) or drop has_aux=True."
             )
-        return out[0]  # aux may hold anything, even values jax cannot trace
+        return _arrays_only(out[0])  # aux may hold anything, even values jax cannot trace
 
-    out = _shapes(call, inputs.diff, inputs.traced())
+    out, jaxpr = _shapes(call, inputs.diff, inputs.traced())
     with_paths, treedef = jax.tree_util.tree_flatten_with_path(out)
     if not with_paths:
         raise TypeError(
@@ -130,17 +146,38 @@ def _with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
         out_treedef=treedef,
         out_paths=tuple(jax.tree_util.keystr(p) for p, _ in with_paths),
         out_shapes=tuple(tuple(leaf.shape) for _, leaf in with_paths),
+        rounds_to=None if jaxpr is None else _rounds_to(jaxpr, inputs.diff),
     )
     if problem.grad_fn is not None:
-        _check_gradient_shapes(problem, inputs)
+        notes = _check_gradient_shapes(problem, inputs)
+        problem = dataclasses.replace(problem, notes=notes)
     return problem
 
 
+def _is_single_array(x) -> bool:
+    return isinstance(x, jax.Array | np.ndarray | np.generic | float | int)
+
+
+def _arrays_only(out):
+    """fn's output, after checking that every leaf is an array or a number."""
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(out)[0]:
+        if not isinstance(leaf, jax.Array | np.ndarray | np.generic | float | int):
+            where = jax.tree_util.keystr(key_path)
+            raise TypeError(
+                f"fn must return a scalar or a pytree of float arrays; it returned "
+                f"{type(leaf).__name__} {_tree.describe(leaf)}"
+                f"{' at ' + where if where else ''}. Return arrays (a loss, or model outputs); "
+                "put anything else in an auxiliary output with has_aux=True."
+            )
+    return out
+
+
 def _shapes(f, *args):
-    """Output shapes and dtypes of f(*args): traced abstractly, or by calling f when it
-    cannot be traced (it then runs eagerly in the check, too)."""
+    """(output shapes and dtypes, jaxpr) of f(*args): traced abstractly, or (jaxpr None)
+    by calling f when it cannot be traced (it then runs eagerly in the check, too)."""
     try:
-        return jax.eval_shape(f, *args)
+        jaxpr, out = jax.make_jaxpr(f, return_shape=True)(*args)
+        return out, jaxpr
     except _plan.TRACING_ERRORS:
         with _plan.eager():
             out = f(*args)
@@ -149,19 +186,79 @@ def _shapes(f, *args):
                 np.shape(x), x.dtype if hasattr(x, "dtype") else np.result_type(x)
             ),
             out,
-        )
+        ), None
 
 
-def _check_gradient_shapes(problem: Problem, inputs: Inputs) -> None:
+def _rounds_to(closed_jaxpr, diff) -> str | None:
+    """The least precise float dtype that fn explicitly casts values computed from its
+    parameters to, when less precise than the parameters themselves (a float32 model
+    rounding through float16, say), else None. Such a cast stays in the float64 reference:
+    there fn is a staircase of that dtype's quanta, flat at the float64 step."""
+    own = max(_precision.eps(x.dtype) for x in diff)
+    found = _casts(closed_jaxpr.jaxpr, [True] * len(diff))
+    lowest = [d for d in found if _precision.eps(d) > own]
+    return _precision.lowest(lowest).name if lowest else None
+
+
+def _casts(jaxpr, tainted_inputs) -> set:
+    """Float dtypes of the convert_element_type equations of `jaxpr` (and its
+    sub-jaxprs) whose input depends on the inputs flagged in `tainted_inputs` (the leading
+    input variables)."""
+    tainted = {v for v, t in zip(jaxpr.invars, tainted_inputs) if t}
+    found = set()
+    for eqn in jaxpr.eqns:
+        flags = [_is_tainted(v, tainted) for v in eqn.invars]
+        if not any(flags):
+            continue
+        tainted.update(eqn.outvars)
+        if eqn.primitive.name == "convert_element_type":
+            dtype = eqn.params.get("new_dtype")
+            if dtype is not None and jnp.issubdtype(dtype, jnp.floating):
+                found.add(jnp.dtype(dtype))
+        for sub in _subjaxprs(eqn.params):
+            n = len(sub.invars)
+            inner = flags if n == len(flags) else flags[1:] if n == len(flags) - 1 else [True] * n
+            found |= _casts(sub, inner)
+    return found
+
+
+def _is_tainted(v, tainted) -> bool:
+    try:
+        return v in tainted
+    except TypeError:  # unhashable literals
+        return False
+
+
+def _subjaxprs(params):
+    for value in params.values():
+        for item in value if isinstance(value, tuple | list) else (value,):
+            if hasattr(item, "jaxpr") and hasattr(item.jaxpr, "eqns"):
+                yield item.jaxpr  # a ClosedJaxpr
+            elif hasattr(item, "eqns") and hasattr(item, "invars"):
+                yield item
+
+
+def _check_gradient_shapes(problem: Problem, inputs: Inputs) -> tuple[str, ...]:
+    """Validate grad_fn's output against params; returns notes on its dtypes."""
     if not problem.scalar_output:
         raise ValueError(
             "grad_fn was given, but fn does not return a scalar (its output has shapes "
             f"{list(problem.out_shapes)}). A hand-written gradient is only defined for a "
             "scalar fn; reduce the output to a scalar first."
         )
-    grads = _shapes(problem.gradient, inputs.diff, inputs.traced())
+    grads, _ = _shapes(problem.gradient, inputs.diff, inputs.traced())
     paths = problem.params.paths_of(_tree.DIFF)
+    notes = []
     for path, g, x in zip(paths, grads, inputs.diff):
+        if jnp.issubdtype(g.dtype, jnp.floating) and _precision.eps(g.dtype) > _precision.eps(
+            x.dtype
+        ):
+            notes.append(
+                f"grad_fn returned {jnp.dtype(g.dtype).name} for the parameter leaf "
+                f"{path or '(root)'}, whose dtype is {x.dtype}: a gradient rounded to "
+                f"{jnp.dtype(g.dtype).name} is judged against {x.dtype} precision and may "
+                f"fail for that alone. Return the gradient in {x.dtype}"
+            )
         shape = getattr(g, "shape", None)
         if shape != x.shape:
             raise ValueError(
@@ -174,3 +271,4 @@ def _check_gradient_shapes(problem: Problem, inputs: Inputs) -> None:
                 f"grad_fn returned dtype {g.dtype} for the parameter leaf {path or '(root)'}; "
                 "gradients must be floating point."
             )
+    return tuple(notes)

@@ -72,6 +72,12 @@ class Report:
     `interval` is its 95 % confidence interval, `tolerance` the threshold it was judged
     against and `noise_floor` the relative error of the finite-difference reference itself.
     `numeric` and `analytic` hold the per-direction values behind the headline check.
+
+    With `order` > 1 the report is composite: `parts` holds one report per order and
+    derivative map (each with its `label`), the status is the worst of theirs (fail >
+    nonfinite > inconclusive > pass) and the headline fields are those of the lowest-order
+    part with that status, whose leaves name where it fails; `checks` lists every part's
+    comparisons, and the counts and timings add up over the parts.
     """
 
     status: Status
@@ -100,6 +106,8 @@ class Report:
     peak_memory_bytes: int | None = None
     numeric: Any = None
     analytic: Any = None
+    label: str = ""  # which part of a composite check this is, e.g. "order 2: vjp map"
+    parts: tuple["Report", ...] = ()  # order > 1: one report per order and derivative map
 
     @property
     def ok(self) -> bool:
@@ -117,13 +125,50 @@ class Report:
         return render(self)
 
 
+_DATA_FIELDS = ("numeric", "analytic", "parts")
 jax.tree_util.register_dataclass(
     Report,
-    data_fields=["numeric", "analytic"],
-    meta_fields=[
-        f.name for f in dataclasses.fields(Report) if f.name not in ("numeric", "analytic")
-    ],
+    data_fields=list(_DATA_FIELDS),
+    meta_fields=[f.name for f in dataclasses.fields(Report) if f.name not in _DATA_FIELDS],
 )
+
+# Worst first. A failure outranks NaN/Inf: a wrong derivative is the finding, while NaN/Inf
+# only hides one; an inconclusive part says nothing either way.
+_SEVERITY = (Status.FAIL, Status.NONFINITE, Status.INCONCLUSIVE, Status.PASS)
+
+
+def check_kind(name: str) -> tuple[str, str]:
+    """(kind, mode) of a comparison from its name: kind "tested" (the derivative under
+    test), "rule" (the same rule in higher precision) or "consistency" (forward vs reverse)."""
+    if name.startswith("forward vs reverse"):
+        return "consistency", ""
+    return ("rule" if "same rule" in name else "tested"), name.split(" ", 1)[0]
+
+
+def compose(parts, order: int) -> Report:
+    """One report from the parts of a check of derivatives up to `order` (see `Report`)."""
+    parts = tuple(parts)
+    worst = min(parts, key=lambda p: _SEVERITY.index(p.status))
+    problems = []
+    if parts[0].status is Status.FAIL and len(parts) > 1:
+        problems.append(
+            "the first derivative is wrong: the higher-order parts differentiate it, so fix "
+            "it first"
+        )
+    problems += [f"{p.label}: {problem}" for p in parts for problem in p.problems]
+    peaks = [p.peak_memory_bytes for p in parts if p.peak_memory_bytes is not None]
+    return dataclasses.replace(
+        worst,
+        checks=tuple(c for p in parts for c in p.checks),
+        problems=tuple(problems),
+        num_evaluations=sum(p.num_evaluations for p in parts),
+        compile_seconds=sum(p.compile_seconds for p in parts),
+        run_seconds=sum(p.run_seconds for p in parts),
+        num_compiled=sum(p.num_compiled for p in parts),
+        peak_memory_bytes=max(peaks) if peaks else None,
+        label=f"orders 1 to {order}",
+        parts=parts,
+    )
 
 
 def _plain(x):
@@ -153,6 +198,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def render(r: Report) -> str:
+    if r.parts:
+        return _render_composite(r)
     what = {
         Status.PASS: "gradient is consistent with finite differences",
         Status.FAIL: "gradient is WRONG",
@@ -168,34 +215,12 @@ def render(r: Report) -> str:
         )
     lines += [f"  ! {p}" for p in r.problems]
     if r.checks:
-        rows = [
-            [
-                c.name,
-                _e(c.relative_error),
-                f"{_e(c.interval[0])}..{_e(c.interval[1])}",
-                _e(c.tolerance),
-                "not judged" if c.num_used == 0 else "ok" if c.passed else "FAIL",
-            ]
-            for c in r.checks
-        ]
-        lines += _table(["check", "rel. error", "95% interval", "tolerance", "result"], rows)
+        header = ["check", "rel. error", "95% interval", "tolerance", "result"]
+        lines += _table(header, _check_rows(r.checks))
     if r.leaves:
-        rows = [
-            [
-                leaf.path or "(root)",
-                str(leaf.shape),
-                leaf.dtype,
-                _e(leaf.relative_error),
-                _e(leaf.tolerance),
-                leaf.status.value.upper() if leaf.status != "pass" else "ok",
-            ]
-            for leaf in r.leaves
-        ]
-        lines += _table(["leaf", "shape", "dtype", "rel. error", "tolerance", "result"], rows)
+        lines += _leaf_table(r.leaves)
     if r.held_fixed:
-        shown = ", ".join(f"{p or '(root)'} {d}" for p, d in r.held_fixed[:8])
-        more = f" and {len(r.held_fixed) - 8} more" if len(r.held_fixed) > 8 else ""
-        lines.append(f"  held fixed: {shown}{more}")
+        lines.append(_held_fixed(r.held_fixed))
     smooth_note = ""
     if r.num_nonsmooth:
         smooth_note = (
@@ -225,6 +250,84 @@ def render(r: Report) -> str:
             f"  {r.mode}-mode derivative in {r.tested_dtype}; reference: central differences "
             f"in {r.reference_dtype}, {stencil}, relative h = {_e(r.step)}{tried}; {timing}"
         )
+    if r.status is not Status.PASS:
+        lines.append("  " + r.status.advice)
+    return "\n".join(lines)
+
+
+def _check_rows(checks) -> list[list[str]]:
+    return [
+        [
+            c.name,
+            _e(c.relative_error),
+            f"{_e(c.interval[0])}..{_e(c.interval[1])}",
+            _e(c.tolerance),
+            "not judged" if c.num_used == 0 else "ok" if c.passed else "FAIL",
+        ]
+        for c in checks
+    ]
+
+
+def _leaf_table(leaves) -> list[str]:
+    rows = [
+        [
+            leaf.path or "(root)",
+            str(leaf.shape),
+            leaf.dtype,
+            _e(leaf.relative_error),
+            _e(leaf.tolerance),
+            leaf.status.value.upper() if leaf.status != "pass" else "ok",
+        ]
+        for leaf in leaves
+    ]
+    return _table(["leaf", "shape", "dtype", "rel. error", "tolerance", "result"], rows)
+
+
+def _held_fixed(held) -> str:
+    shown = ", ".join(f"{p or '(root)'} {d}" for p, d in held[:8])
+    more = f" and {len(held) - 8} more" if len(held) > 8 else ""
+    return f"  held fixed: {shown}{more}"
+
+
+def _render_composite(r: Report) -> str:
+    """The problems of every part, one row per order and mode (same-rule rows only where
+    they alone fail), then the leaves of every part that did not pass."""
+    head = next(p for p in r.parts if p.status is r.status)
+    what = {
+        Status.PASS: f"derivatives of {r.label} are consistent with finite differences",
+        Status.FAIL: f"{head.label} is WRONG",
+        Status.INCONCLUSIVE: f"could not judge {head.label}",
+        Status.NONFINITE: f"non-finite values in {head.label}",
+    }[r.status]
+    lines = [f"jaxcheck.verify: {r.status.value.upper()} — {what}"]
+    if not math.isnan(r.relative_error):
+        lo, hi = r.interval
+        lines.append(
+            f"  {head.label}: relative error {_e(r.relative_error)} (95% {_e(lo)}..{_e(hi)}), "
+            f"tolerance {_e(r.tolerance)}, finite-difference noise floor {_e(r.noise_floor)}"
+        )
+    lines += [f"  ! {p}" for p in r.problems]
+    # a same-rule row only adds to its tested row (just before it) when they disagree
+    shown = [
+        c
+        for i, c in enumerate(r.checks)
+        if check_kind(c.name)[0] != "rule" or (not c.passed and r.checks[i - 1].passed)
+    ]
+    if shown:
+        header = ["check", "rel. error", "95% interval", "tolerance", "result"]
+        lines += _table(header, _check_rows(shown))
+    for part in r.parts:
+        if part.leaves and part.status is not Status.PASS:
+            lines.append(f"  {part.label}: {part.status.value}")
+            lines += ["  " + line for line in _leaf_table(part.leaves)]
+    if r.held_fixed:
+        lines.append(_held_fixed(r.held_fixed))
+    lines.append(
+        f"  {r.num_directions} directions per check, {r.num_evaluations} evaluations of fn "
+        f"and its derivative maps; derivatives in {r.tested_dtype}, reference: central "
+        f"differences in {r.reference_dtype}; compile {r.compile_seconds:.2f} s, run "
+        f"{r.run_seconds:.2f} s"
+    )
     if r.status is not Status.PASS:
         lines.append("  " + r.status.advice)
     return "\n".join(lines)

@@ -31,7 +31,8 @@ def _is_array(x) -> bool:
 
 
 def _kind(leaf, path: str, where: str) -> str:
-    # complex parameters cannot be checked; complex data in `args` is simply held fixed
+    # complex parameters reach the pipeline only as their real (re, im) view (`_complex`):
+    # one that gets here was missed there; complex data in `args` is simply held fixed
     if isinstance(leaf, bool | int | complex) or not (_is_array(leaf) or isinstance(leaf, float)):
         if isinstance(leaf, complex) and where == "params":
             raise TypeError(_complex_message(where, path))
@@ -48,8 +49,9 @@ def _kind(leaf, path: str, where: str) -> str:
 
 def _complex_message(where: str, path: str) -> str:
     return (
-        f"{where} leaf {path or '(root)'} is complex; jaxcheck checks real gradients only. "
-        "Pass the real and imaginary parts as separate float leaves."
+        f"{where} leaf {path or '(root)'} is complex where a real view was expected; "
+        "check it with jaxcheck.verify, which views complex leaves as (re, im) pairs, or pass "
+        "the real and imaginary parts as separate float leaves."
     )
 
 

@@ -1,8 +1,11 @@
 """`verify`: the entry point that runs the pipeline and returns a `Report`."""
 
 import contextlib
+import contextvars
 import dataclasses
+import difflib
 import functools
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any, Literal
@@ -17,6 +20,7 @@ from . import (
     _directions,
     _error_model,
     _options,
+    _orders,
     _plan,
     _precision,
     _problem,
@@ -33,6 +37,43 @@ ROUNDING_NOTE = 1e3  # rounding above this many eps of the tested dtype is point
 COVERAGE_ERROR = 1e-3  # leaves where a 0.1 % error might go unseen globally are checked alone
 
 
+def _keywords_checked(verify):
+    """`verify`, refusing keywords it does not have with a message that tells fn's
+    keyword arguments (which must be bound with functools.partial) from misspelt options."""
+    names = tuple(inspect.signature(verify).parameters)[3:]
+
+    @functools.wraps(verify)
+    def checked(*args, **kwargs):
+        unknown = [k for k in kwargs if k not in names]
+        if unknown:
+            raise TypeError(_unknown_keywords(unknown, names))
+        return verify(*args, **kwargs)
+
+    return checked
+
+
+def _unknown_keywords(unknown, names) -> str:
+    parts, for_fn = [], []
+    for k in unknown:
+        close = difflib.get_close_matches(k, names, n=1)
+        parts.append(f"{k!r} (did you mean {close[0]!r}?)" if close else repr(k))
+        if not close:
+            for_fn.append(k)
+    text = (
+        f"jaxcheck.verify got unexpected keyword argument(s) {', '.join(parts)}; its options "
+        f"are {', '.join(names)}."
+    )
+    if for_fn:
+        bound = ", ".join(f"{k}=..." for k in for_fn)
+        text += (
+            " If these are fn's keyword arguments: fn's inputs are positional, "
+            "verify(fn, params, *args); bind keywords first, "
+            f"verify(functools.partial(fn, {bound}), params, *args)."
+        )
+    return text
+
+
+@_keywords_checked
 def verify(
     fn: Callable,
     params: Any,
@@ -65,15 +106,26 @@ def verify(
     (step ladder, truncation, roundoff) rather than from a fixed table.
 
     Args:
-        fn: `fn(params, *args)` returning a scalar or a pytree of float arrays (then random
-            output cotangents u make it scalar: <u, fn(...)>). With `has_aux`, `(out, aux)`.
+        fn: `fn(params, *args)` returning a scalar or a pytree of float or complex arrays
+            (then random output cotangents u make it scalar: <u, fn(...)>; a complex output
+            counts as its (re, im) pair). With `has_aux`, `(out, aux)`.
         params: any pytree. Floating leaves are differentiated; all other leaves (ints,
-            bools, PRNG keys, static fields, functions) are held fixed and listed.
-        *args: further inputs, held fixed.
+            bools, PRNG keys, static fields, functions) are held fixed and listed. Complex
+            leaves (holomorphic fn or not, no flag needed) are checked through their real
+            view, a trailing (re, im) axis under the same key path, following JAX's
+            conventions (`jax.grad` of a real fn is d/d re - i d/d im).
+        *args: further inputs, held fixed (complex ones too).
         grad_fn: a hand-written gradient `grad_fn(params, *args)` to check instead of JAX's
-            own (scalar `fn` only); returns a pytree shaped like `params`.
+            own (scalar `fn` only); returns a pytree shaped like `params` (for complex leaves
+            in JAX's convention, as `jax.grad` returns it).
         has_aux: `fn` returns `(out, aux)`; aux is ignored.
-        order: highest order of derivatives checked (1: first derivatives).
+        order: highest order of derivatives checked (1: first derivatives). Order k also
+            checks the derivative maps of order k - 1 like fn, as `jax.test_util.check_grads`
+            does: the vjp map params -> <vjp(fn)(u), v> (for a scalar fn <grad fn, v>, whose
+            gradient is the Hessian-vector product) in reverse mode, the jvp map
+            params -> <u, jvp(fn, v)> in forward mode, both in both modes with mode="both";
+            u and v are fixed, random, drawn from `key`. With `grad_fn`, order 2 checks
+            grad_fn's Jacobian. The report's `parts` hold one report per order and map.
         num_directions: number of random directions K for the all-leaf check.
         key: int seed or JAX PRNG key. Same key, same result.
         mode: "reverse" (grad/vjp), "forward" (jvp) or "both" (also checks
@@ -82,7 +134,10 @@ def verify(
         precision: "auto" (finite differences in float64 when fn runs in float64, with
             64-bit types enabled only inside the check; else the model's precision),
             "float64" (required), or "native" (the model's precision, at least float32).
-        step: relative step h; default eps^(1/3) of the reference precision.
+        step: relative step h to start from; default eps^(1/3) of the reference
+            precision (of a lower precision fn rounds to inside, when it casts to one).
+            The error model may move to a smaller step, never to a larger one than
+            max(step, 0.05).
         rtol: smallest relative error treated as a bug; default derived from the precision.
         localize: also check each leaf on its own. "auto": when the check fails, and for
             leaves too small for the all-leaf check to see a 0.1 % error in them.
@@ -136,8 +191,104 @@ def verify(
     return run(fn, params, args, options)
 
 
+def _host_side(run):
+    """`run` for concrete inputs only, with jaxcheck's own transfers allowed (the function
+    under check keeps the caller's transfer guard): a check reads numbers back and
+    decides, so it cannot be traced, and nothing derived from a traced value may reach
+    its caches."""
+
+    @functools.wraps(run)
+    def checked(fn, params, args, options):
+        # float64 NumPy params are checked as float64 (the caller's args keep jax's default)
+        wide = _wide_numpy(params) and not _precision.x64_enabled()
+        with _precision.x64_scope(True) if wide else contextlib.nullcontext():
+            with _contextvar(_NOTES, _NOTES.get() + (_WIDE_NOTE,) if wide else _NOTES.get()):
+                return guarded(fn, params, args, options)
+
+    def guarded(fn, params, args, options):
+        # jaxcheck's own programs make infinities on purpose (overflow-safe scales, probes
+        # far from params): they run with the debug flags off, and the caller's flags are
+        # applied to fn alone when the check finds NaN/Inf in it (`_Run._replay_nonfinite`)
+        flags = _DEBUG_FLAGS.get()  # already set when one check runs others
+        if flags is None:
+            flags = (jax.config.jax_debug_nans, jax.config.jax_debug_infs)
+        with (
+            _plan.own_transfers(),
+            jax.debug_nans(False),
+            jax.debug_infs(False),
+            _contextvar(_DEBUG_FLAGS, flags),
+        ):
+            _refuse_traced(params, args)
+            try:
+                return run(fn, params, args, options)
+            except (jax.errors.UnexpectedTracerError, TypeError) as err:
+                # a closed-over tracer becomes a hidden input of the compiled program, which
+                # then refuses its inputs ("compiled for 6 inputs but called with 2")
+                if isinstance(err, TypeError) and "Computation compiled for" not in str(err):
+                    raise
+                _plan.forget(fn)
+                _problem.forget(fn)
+                raise TypeError(
+                    f"{_TRACED} fn closes over a traced value (an array of an enclosing "
+                    "jax.jit, jax.grad or jax.vmap); pass it as an argument instead: "
+                    "verify(fn, params, x)."
+                ) from err
+
+    return checked
+
+
+_DEBUG_FLAGS = contextvars.ContextVar("jaxcheck_debug_flags", default=None)
+_NOTES = contextvars.ContextVar("jaxcheck_notes", default=())  # for the report's problems
+_WIDE_NOTE = (
+    "params hold float64 NumPy arrays while 64-bit types are off: the check ran with them "
+    "on, so that the float64 parameters are checked as float64 (not rounded to float32)"
+)
+
+
+def _wide_numpy(tree) -> bool:
+    """Whether any leaf is a float64 NumPy array or scalar (which jax would round to float32
+    with 64-bit types off)."""
+    return any(
+        isinstance(leaf, np.ndarray | np.generic) and leaf.dtype == np.float64
+        for leaf in jax.tree_util.tree_leaves(tree)
+    )
+
+
+@contextlib.contextmanager
+def _contextvar(var, value):
+    token = var.set(value)
+    try:
+        yield
+    finally:
+        var.reset(token)
+
+
+_TRACED = (
+    "jaxcheck.verify runs on the host (it reads numbers back and decides), so it cannot be "
+    "called inside jax.jit, jax.grad, jax.vmap or any other transformation."
+)
+
+
+def _refuse_traced(params, args) -> None:
+    for where, tree in (("params", params), ("args", args)):
+        for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            if isinstance(leaf, jax.core.Tracer):
+                raise TypeError(
+                    f"{_TRACED} The {where} leaf {jax.tree_util.keystr(key_path) or '(root)'} "
+                    "is a traced value. Call verify outside the transformation, on concrete "
+                    "arrays."
+                )
+    # inside jax.jit even new constants are traced: jaxcheck's programs would be staged
+    # into the caller's instead of run
+    if isinstance(jnp.zeros((), jnp.float32), jax.core.Tracer):
+        raise TypeError(f"{_TRACED} Call it outside jax.jit, on concrete arrays.")
+
+
+@_host_side
 def run(fn, params, args: tuple, options: _options.Options) -> Report:
     """Check `fn` at `params` with validated `options`."""
+    if not _orders.INSIDE.get():  # complex leaves and orders > 1 become first-order checks
+        return _orders.run(fn, params, args, options, run)
     o = options
     p_split, diff, p_arrays = _tree.split(params, "params")
     a_split, a_floats, a_arrays = _tree.split(args, "args")
@@ -146,6 +297,14 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
             "params has no floating-point leaf to differentiate (held fixed: "
             f"{', '.join(p + ' ' + d for p, d in _tree.held_fixed(p_split, p_arrays)) or 'none'}"
             "). Pass the parameters to check as float arrays."
+        )
+    if not any(x.size for x in diff):
+        shapes = ", ".join(
+            f"{p or '(root)'} {tuple(x.shape)}" for p, x in zip(p_split.paths_of(_tree.DIFF), diff)
+        )
+        raise ValueError(
+            f"every floating-point leaf of params is empty ({shapes}): there is nothing to "
+            "check. Pass parameters with at least one element."
         )
     inputs = _problem.Inputs(diff, p_arrays, a_floats, a_arrays)
     problem = _problem.Problem(fn, o.grad_fn, o.has_aux, p_split, a_split)
@@ -169,6 +328,7 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
             chunk_size=o.chunk_size,
             budget=o.memory_budget,
             direction_sharding=o.direction_sharding,
+            other_elements=sum(np.size(x) for x in jax.tree_util.tree_leaves(inputs.traced())),
         ),
         tested=tested,
         policy=o.precision,
@@ -218,6 +378,9 @@ class _Run:
     rtol: float | None
     timer: Timer
     reference: np.dtype | None = None
+    cast: bool = True  # the reference casts the floating inputs to its dtype
+    rounds_to: np.dtype | None = None  # a less precise dtype fn rounds to inside
+    max_step: float = MAX_STEP  # largest relative step the ladder may move to
     batch: int = 0  # directions per program call: the all-leaf check's number
     evaluations: int = 0
     problems: list = dataclasses.field(default_factory=list)
@@ -227,12 +390,22 @@ class _Run:
 
     def check(self, k, step, localize, leaf_k, held_fixed) -> Report:
         reverse = "reverse" in self.modes
-        probe = self.timer.run(
-            functools.partial(_autodiff.probe, self.problem, reverse),
-            self.seeds[1],
-            self.inputs.diff,
-            self.inputs.traced(),
-        )
+        try:
+            probe = self.timer.run(
+                functools.partial(_autodiff.probe, self.problem, reverse),
+                self.seeds[1],
+                self.inputs.diff,
+                self.inputs.traced(),
+            )
+        except jax.errors.TracerArrayConversionError as err:
+            if not (reverse and self.problem.grad_fn is None):
+                raise
+            raise TypeError(
+                "fn converts its inputs to NumPy arrays (it calls NumPy on them), so jax "
+                "cannot differentiate it: jax.grad needs fn written with jax.numpy. To check "
+                "a NumPy function, pass its hand-written gradient: "
+                "verify(fn, params, *args, grad_fn=grad_fn)."
+            ) from err
         # the gradient stays on its devices (and sharding); only the small values come over
         self.probe = _probe_on_host(probe, self.inputs.diff, self.problem)
         if self.timer.eager_reason is not None:
@@ -244,9 +417,22 @@ class _Run:
         nonfinite = self._probe_nonfinite(paths)
         ref = _precision.reference_dtype(self.policy, self.tested)
         if nonfinite:
+            self._replay_nonfinite(reverse)
             return self._report(Status.NONFINITE, k, None, (), (), held_fixed, ())
         scales = self.probe["leaf_scales"]
         h0 = step if step is not None else _precision.default_step(ref)
+        rounds_to = self.problem.rounds_to
+        if rounds_to is not None and _precision.eps(rounds_to) > _precision.eps(ref):
+            self.rounds_to = jnp.dtype(rounds_to)
+            if step is None:
+                h0 = _precision.default_step(self.rounds_to)
+            self.problems.append(
+                f"fn rounds values computed from params to {rounds_to} (an explicit cast), "
+                f"so it is a staircase of {rounds_to} quanta even in {jnp.dtype(ref).name}: "
+                f"finite differences take a relative step of {h0:.1e} and judge at "
+                f"{rounds_to} resolution"
+            )
+        self.max_step = max(MAX_STEP, h0)
         beta, share = scales, None
         if reverse:
             beta, share = _directions.balance(
@@ -258,6 +444,18 @@ class _Run:
         index = np.arange(k, dtype=np.int32)
         self.batch = k
         [(p, steps)] = self._ladder(index, np.tile(beta, (k, 1)), h0, [slice(0, k)])
+        if step is None and self.reference != ref:
+            # fn could not run in float64: take the step of the precision it ran in
+            h0 = min(_precision.default_step(self.reference), self.max_step)
+            [(p, steps)] = self._ladder(index, np.tile(beta, (k, 1)), h0, [slice(0, k)])
+        flat = _flat_directions(p)
+        if step is None and flat is not None and not flat[1] and p.step < self.max_step:
+            # flat at this step while the derivative is not: a staircase of quanta larger
+            # than the step (fn rounds to a low precision), or truly flat: the largest
+            # step tells them apart
+            h0 = self.max_step
+            [(p, more)] = self._ladder(index, np.tile(beta, (k, 1)), h0, [slice(0, k)])
+            steps = tuple(steps) + tuple(more)
         checks = self._compare(p)
         if self._incomparable(checks[0]):
             self.reference = _precision.reference_dtype("native", self.tested)
@@ -302,7 +500,7 @@ class _Run:
         """Say so when the derivative in the model's dtype is far from the same rule in the
         reference dtype: it is excused as rounding, which is right for an ill-conditioned
         loss, but would also excuse a bug in a code path taken only in the model's dtype."""
-        eps_t = _precision.eps(self.tested)
+        eps_t = max(_precision.eps(self.tested), self._eps_fd())
         if head.rounding_measured and head.rounding > ROUNDING_NOTE * eps_t:
             self.problems.append(
                 f"the {self.tested.name} derivative differs from the same rule in "
@@ -345,6 +543,27 @@ class _Run:
             ]
         self.problems += found
         return bool(found)
+
+    def _replay_nonfinite(self, reverse: bool) -> None:
+        """With the caller's jax_debug_nans/jax_debug_infs on, evaluate fn (and its
+        gradient) at params again, op by op under those flags, so that JAX's own
+        FloatingPointError names the primitive that made the NaN/Inf, as it would outside
+        the check. (With the flags off, or when no primitive of fn trips them, the check
+        reports "nonfinite".)"""
+        nans, infs = _DEBUG_FLAGS.get() or (False, False)
+        if not (nans or infs) or not np.all(self.probe["params_finite"]):
+            return  # NaN/Inf already in params: the report says which leaf
+        problem, inputs = self.problem, self.inputs
+        f = lambda d: problem.outputs(d, inputs.traced())  # noqa: E731
+        with jax.disable_jit(), jax.debug_nans(nans), jax.debug_infs(infs):
+            outs = f(inputs.diff)
+            if not reverse:
+                return
+            if problem.grad_fn is not None:
+                problem.gradient(inputs.diff, inputs.traced())
+            else:
+                _, vjp_fn = jax.vjp(f, inputs.diff)
+                vjp_fn([jnp.ones_like(y) for y in outs])
 
     def _ladder(self, index, rows, h, groups):
         """Finite differences for each group of directions (a slice of the rows), each with
@@ -405,7 +624,7 @@ class _Run:
         each group the evaluation with most smooth directions, then lowest noise.
         """
         factors = np.ones(len(groups))
-        eps = _precision.eps(self.reference)
+        eps = self._eps_fd()
         best = [self._group(out, g, h, 1.0) for g in groups]
         tried = [[h] for _ in groups]
         suspect = [p.fd.relative_noise > 100 * eps for p in best]
@@ -413,7 +632,7 @@ class _Run:
             if suspect[i]:
                 factors[i] = 1 / 16
             elif p.fd.noise_floor > 0.1 * self._floors(p.fd)["nonsmooth"] or p.fd.num_nonsmooth:
-                f = min(max(p.fd.better_step(), 1e-3), 1e3, MAX_STEP / h)
+                f = min(max(p.fd.better_step(), 1e-3), 1e3, self.max_step / h)
                 factors[i] = min(f, 1 / 8) if p.fd.num_nonsmooth else f
         factors[(factors >= 0.5) & (factors <= 2)] = 1.0
         if np.all(factors == 1.0):
@@ -429,7 +648,7 @@ class _Run:
                 kinked = self._assess(p2.phis, p2.phi0, h, from_data=False)
                 best[i] = dataclasses.replace(p2, fd=kinked)
             elif suspect[i]:  # d4 is noise: the function is noisier than the reference
-                again[i] = min(1e3, (best[i].fd.relative_noise / eps) ** (1 / 3), MAX_STEP / h)
+                again[i] = min(1e3, (best[i].fd.relative_noise / eps) ** (1 / 3), self.max_step / h)
             else:
                 best[i] = _better(best[i], p2)
         if np.any(again != 1.0):
@@ -478,9 +697,11 @@ class _Run:
                         self.seeds,
                         self.inputs.diff,
                         self.inputs.traced(),
-                        rows.astype(np.float32),
+                        # float64 step sizes for float64 params: directions identical to
+                        # the reference's, not rounded to float32
+                        rows.astype(_precision.accumulator([self.tested])),
                         index,
-                        self.probe["output_scales"].astype(np.float32),
+                        self.probe["output_scales"].astype(_precision.accumulator([self.tested])),
                     )
                 )
             except TypeError as err:
@@ -510,7 +731,7 @@ class _Run:
             return None if out.get(name) is None else out[name][sl]
 
         if out["phis"].shape[1] == 2:
-            eps = _precision.eps(self.reference)
+            eps = self._eps_fd()
             fd = _error_model.assess_central(cut("phis"), cut("phi0"), h, eps)
         else:
             fd = self._assess(cut("phis"), cut("phi0"), h, from_data=True)
@@ -530,32 +751,49 @@ class _Run:
             phis,
             phi0,
             h,
-            _precision.eps(self.reference),
+            self._eps_fd(),
             self._floors(None)["nonsmooth"],
             noise_from_data=from_data,
         )
 
     def _reference(self, index, rows, h, offsets) -> dict:
-        """The finite-difference program, in float64 when the policy allows it."""
-        if self.reference is None:
-            wanted = _precision.reference_dtype(self.policy, self.tested)
+        """The finite-difference program, in float64 when the policy allows it; when fn
+        cannot run so, in the model's precision (at least float32), and last with every
+        input in its own dtype (fn mixes a low-precision array it closes over with its
+        inputs, say)."""
+        if self.reference is not None:
+            return self._reference_in(self.reference, self.cast, index, rows, h, offsets)
+        wanted = _precision.reference_dtype(self.policy, self.tested)
+        native = _precision.reference_dtype("native", self.tested)
+        attempts = [(wanted, True)]
+        if self.policy == "auto" and wanted != native:
+            attempts.append((native, True))
+        if self.policy != "float64":
+            attempts.append((self.tested, False))
+        for i, (dtype, cast) in enumerate(attempts):
             try:
-                return self._reference_in(wanted, index, rows, h, offsets)
-            except Exception as err:  # noqa: BLE001 - any failure of fn in float64
-                fallback = _precision.reference_dtype("native", self.tested)
-                if self.policy != "auto" or wanted == fallback:
+                return self._reference_in(dtype, cast, index, rows, h, offsets)
+            except Exception as err:  # noqa: BLE001 - any failure of fn in that precision
+                if i + 1 == len(attempts):
                     raise
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                self.problems.append(
-                    f"fn could not run in float64 ({type(err).__name__}: {first[:120]}); "
-                    "finite differences use the model's precision, so the resolution is coarser"
+                text = str(err).strip()
+                first = text.splitlines()[0] if text else type(err).__name__
+                after = (
+                    f"finite differences use {attempts[i + 1][0].name}"
+                    if attempts[i + 1][1]
+                    else "finite differences leave every input in its own dtype"
                 )
-                wanted = fallback
-            return self._reference_in(wanted, index, rows, h, offsets)
-        return self._reference_in(self.reference, index, rows, h, offsets)
+                where = f"in {dtype.name}" if cast else "with its inputs in their own dtypes"
+                self.problems.append(
+                    f"fn could not run {where} ({type(err).__name__}: {first[:120]}); {after}, "
+                    "so the resolution is coarser"
+                )
+        raise AssertionError("unreachable")
 
-    def _reference_in(self, dtype, index, rows, h, offsets) -> dict:
-        with _precision.x64_scope(True) if dtype == jnp.float64 else contextlib.nullcontext():
+    def _reference_in(self, dtype, cast, index, rows, h, offsets) -> dict:
+        wide = dtype == jnp.float64
+        work = jnp.dtype(dtype) if cast else _precision.accumulator([dtype])
+        with _precision.x64_scope(True) if wide else contextlib.nullcontext():
             g = self.probe.get("grad")
             with_rule = _precision.eps(dtype) < _precision.eps(self.tested)
             out = _numpy(
@@ -569,28 +807,35 @@ class _Run:
                         offsets,
                         offsets == _differences.OUTER,
                         with_rule,
-                        jnp.dtype(dtype),
+                        jnp.dtype(dtype) if cast else None,
+                        work,
                     ),
                     self.seeds,
                     self.inputs.diff,
                     self.inputs.traced(),
-                    rows.astype(dtype),
+                    rows.astype(work),
                     index,
-                    self.probe["output_scales"].astype(dtype),
+                    self.probe["output_scales"].astype(work),
                     g,
-                    np.asarray(h, dtype),
+                    np.asarray(h, work),
                 )
             )
-        self.reference = jnp.dtype(dtype)
+        self.reference, self.cast = jnp.dtype(dtype), cast
         return out
 
     # -- judging --------------------------------------------------------------------------
+
+    def _eps_fd(self) -> float:
+        """The resolution of fn's values in the reference: its precision, or that of a
+        lower-precision dtype fn rounds its values to inside."""
+        eps = _precision.eps(self.reference)
+        return eps if self.rounds_to is None else max(eps, _precision.eps(self.rounds_to))
 
     def _floors(self, fd) -> dict:
         """Smallest relative errors that count as bugs, per comparison."""
         eps_t, eps_r = _precision.eps(self.tested), _precision.eps(self.reference)
         with_rule = eps_r < eps_t
-        eps_eff = max(eps_r, fd.relative_noise if fd is not None else 0.0)
+        eps_eff = max(self._eps_fd(), fd.relative_noise if fd is not None else 0.0)
         rule, tested = _floor_values(eps_t, eps_r, eps_eff)
         if self.rtol is not None:
             rule, tested = self.rtol, self.rtol
@@ -602,6 +847,10 @@ class _Run:
         with_rule = _precision.eps(self.reference) < _precision.eps(self.tested)
         source = "grad_fn" if self.problem.grad_fn is not None else "autodiff"
         checks = []
+        use = p.fd.smooth
+        # the absolute size below which a derivative is zero here: by the finite
+        # differences' error bars, or by the rounding of the derivatives under test
+        zero_scale = max(_error_model.rms(p.fd.value[use]), _error_model.rms(p.fd.bar[use]))
         for mode, a, a_ref in (("reverse", p.rev, p.ref_rev), ("forward", p.fwd, p.ref_fwd)):
             if mode not in self.modes:
                 continue
@@ -609,6 +858,7 @@ class _Run:
             if with_rule:  # absolute size of the tested derivative's rounding
                 use = p.fd.smooth & np.isfinite(a) & np.isfinite(a_ref)
                 rounding_scale = _error_model.rms(a[use] - a_ref[use]) if use.any() else 0.0
+                zero_scale = max(zero_scale, rounding_scale)
             checks.append(
                 _error_model.compare(
                     f"{mode} {source} ({t}) vs finite differences ({r})",
@@ -638,6 +888,7 @@ class _Run:
                     p.rev,
                     floors["tested"],
                     rounding,
+                    zero_scale,
                 )
             )
         return tuple(checks)
@@ -658,7 +909,10 @@ class _Run:
             )
             return Status.INCONCLUSIVE
         head = checks[0]
-        noisy = max(math.sqrt(_precision.eps(self.tested)), 100 * _precision.eps(self.reference))
+        flat = self._flat(p, k, problems)
+        if flat is not None:
+            return flat
+        noisy = max(math.sqrt(_precision.eps(self.tested)), 100 * self._eps_fd())
         if head.absolute and p.fd.relative_noise > noisy:
             problems.append(
                 f"fn's values scatter by {p.fd.relative_noise:.1e} (relative) between nearby "
@@ -667,18 +921,57 @@ class _Run:
                 "drawn anew each time it is traced)?"
             )
             return Status.INCONCLUSIVE
+        coarse = head.noise_floor > MAX_NOISE_FLOOR
+        if coarse and head.relative_error > 2 * head.tolerance:
+            return Status.FAIL  # wrong beyond twice a tolerance that includes the noise
+        if head.absolute and coarse and _vacuous(p, self.rounds_to is not None):
+            problems.append(
+                "finite-difference noise (noise floor "
+                f"{head.noise_floor:.1e}) is as large as the derivative judged: a pass would "
+                "carry no information about it (does fn round to a low precision inside?). "
+                "Try a larger `step`, or a point where the derivative is not zero"
+            )
+            return Status.INCONCLUSIVE
         if head.absolute:  # the derivative is zero to within noise or rounding
             problems.append(
                 "the derivative is zero to within finite-difference noise or rounding along "
                 "these directions (at a stationary point?); it was judged in absolute terms"
             )
-        elif head.noise_floor > MAX_NOISE_FLOOR:
+        elif coarse:
             problems.append(
                 f"finite-difference noise floor {head.noise_floor:.1e} is too coarse to judge "
                 "the gradient"
             )
             return Status.INCONCLUSIVE
         return Status.PASS if all(c.passed for c in checks) else Status.FAIL
+
+    def _flat(self, p: _Pass, k, problems) -> Status | None:
+        """The verdict where fn's values do not change at all within the step along most
+        directions (finite differences exactly zero): a pass when the derivative under test
+        is exactly zero there too (fn is piecewise constant here); inconclusive when it is
+        not, unless fn stays flat at the largest step (a staircase of a low precision that
+        fn rounds to inside looks flat at a step below its quanta: never a failure)."""
+        flat = _flat_directions(p)
+        if flat is None:
+            return None
+        n, zero = flat
+        if zero:
+            problems.append(
+                f"fn is flat here: its values do not change within a relative step {p.step:.1e} "
+                "along any direction, so its derivative is zero everywhere nearby "
+                "(piecewise constant, as round or argmax are), as the derivative under test says"
+            )
+            return Status.PASS
+        if p.step >= 0.99 * self.max_step:
+            return None  # flat even at the largest step: judged as usual
+        problems.append(
+            f"fn's values do not change within a relative step {p.step:.1e} along {n} of {k} "
+            "directions (finite differences exactly zero) while the derivative under test is "
+            "not zero there: fn is piecewise constant at this scale (it rounds to a low "
+            "precision inside, say a cast to bfloat16?), so finite differences cannot judge "
+            f"its derivative. Try a larger `step` (up to {self.max_step})"
+        )
+        return Status.INCONCLUSIVE
 
     # -- localization ---------------------------------------------------------------------
 
@@ -747,7 +1040,7 @@ class _Run:
                 _error_model.subgradient_consistent(p.fd, analytic) if p else 0
             ),
             num_evaluations=self.evaluations,
-            problems=tuple(self.problems),
+            problems=(*self.problems, *_NOTES.get(), *self.problem.notes),
             compile_seconds=self.timer.compile_s,
             run_seconds=self.timer.run_s,
             num_compiled=self.timer.compiled,
@@ -758,15 +1051,56 @@ class _Run:
         )
 
 
+def _vacuous(p: _Pass, rounds: bool) -> bool:
+    """Whether an absolute comparison (the derivative zero to within the error bars) says
+    nothing: fn's values are coarse (it rounds to a low precision: seen in its jaxpr, or
+    constant along some direction), or the derivative under test (its rule in higher
+    precision, where measured) is not small against the error bars, which then hide it.
+    At a true zero (a stationary point, an identically zero fn) it is far below them."""
+    use = p.fd.smooth
+    a = p.rev if p.rev is not None else p.fwd
+    a_ref = p.ref_rev if p.rev is not None else p.ref_fwd
+    claimed = _error_model.rms((a if a_ref is None else a_ref)[use])
+    coarse_values = rounds or bool(np.any(_constant_along(p)))
+    return coarse_values or claimed > 0.1 * _error_model.rms(p.fd.bar[use])
+
+
+def _constant_along(p: _Pass) -> np.ndarray:
+    """Whether fn's values are exactly equal at every stencil point, per direction."""
+    return np.all(p.phis == p.phi0[:, None], axis=1)
+
+
+def _flat_directions(p: _Pass):
+    """None, unless fn's values are exactly constant within the step along at least half of
+    the smooth directions; then (how many, whether the derivative under test is zero
+    there: exactly, or to within its rounding against the same rule in higher precision)."""
+    a = p.rev if p.rev is not None else p.fwd
+    use = p.fd.smooth & np.isfinite(a)
+    flat = use & _constant_along(p)
+    n = int(flat.sum())
+    if n == 0 or 2 * n < int(use.sum()):
+        return None
+    zero = not np.any(a[use])
+    a_ref = p.ref_rev if p.rev is not None else p.ref_fwd
+    if (
+        not zero
+        and a_ref is not None
+        and _error_model.rms(a_ref[use]) <= _error_model.rms(a[use] - a_ref[use])
+    ):
+        return None  # the same rule in higher precision is zero: a is rounding alone
+    return n, zero and n == int(use.sum())
+
+
 def _floor_values(eps_tested: float, eps_reference: float, eps_effective: float):
     """Default smallest relative errors that count as bugs: (same rule in the reference
     precision, derivative under test). The rule is held to 1e-6, or to 10 eps^(2/3) of the
     precision fn really computes in; the derivative under test to 10 eps of its dtype when a
-    higher-precision rule measures its rounding, else to sqrt(eps)."""
+    higher-precision rule measures its rounding, else to sqrt(eps) (1.5e-8 in float64: a
+    float64 gradient 5e-7 off is wrong), or to what fn's real precision allows."""
     rule = max(1e-6, 10 * eps_effective ** (2 / 3))
     if eps_reference < eps_tested:
         return rule, 10 * eps_tested
-    return rule, max(1e-6, math.sqrt(eps_tested))
+    return rule, max(math.sqrt(eps_tested), 10 * eps_effective ** (2 / 3))
 
 
 def _same_kinks(fd1, fd2, factor: float) -> bool:

@@ -172,3 +172,23 @@ def test_memory_budget_is_a_share_of_free_accelerator_memory():
     silent = types.SimpleNamespace(platform="tpu", memory_stats=lambda: None)
     assert _plan.memory_budget(silent) == _plan.CPU_MEMORY_BUDGET
     assert _plan.memory_budget(jax.devices("cpu")[0]) == _plan.CPU_MEMORY_BUDGET
+
+
+def test_small_problems_are_vmapped_whole_on_cpu():
+    from jaxcheck import _plan
+
+    kw = {"chunk_size": None, "budget": None, "direction_sharding": None}
+    assert _plan.make_plan([jnp.ones((4, 5))], 16, 2, 8, **kw) == _plan.Plan(None, True, (None,))
+    # held-fixed inputs count too: 20 + 600 elements, 32 points each, is no longer small
+    big = _plan.make_plan([jnp.ones((4, 5))], 16, 2, 8, other_elements=600, **kw)
+    assert big == _plan.Plan(1, False, (None,))
+
+
+def test_unknown_compile_options_are_dropped(monkeypatch):
+    import jaxcheck
+    from jaxcheck import _plan
+
+    monkeypatch.setattr(_plan, "FAST_COMPILE_OPTIONS", {"xla_no_such_option_for_jaxcheck": 1})
+    report = jaxcheck.verify(lambda p: jnp.sum(jnp.cos(p) * p), jnp.linspace(0.1, 0.9, 3))
+    assert report.status == "pass" and report.num_compiled >= 2
+    assert _plan.FAST_COMPILE_OPTIONS is None

@@ -1,0 +1,170 @@
+"""Complex parameters and outputs, checked through their real view.
+
+Every complex leaf of `params` becomes a real leaf with a trailing axis of 2 (re, im) under
+the same key path, and every complex output leaf its (re, im) view. The real function
+
+    fn_r(params_r, *args) = realview(fn(complexify(params_r), *args))
+
+is checked like any other. JAX differentiates it through `lax.complex`, `real` and `imag`,
+whose rules are exact, so the derivative of fn_r that JAX computes is right exactly when
+JAX's complex derivative of fn is consistent (its conjugations included): a custom rule
+that drops a conjugate, or applies a real-only formula to complex inputs, makes it wrong.
+Holomorphic or not makes no difference: the real view has both partial derivatives, so no
+`holomorphic=` flag is needed. Cast to float64, the real leaves make complex128, so the
+finite differences run in complex128.
+
+A hand-written `grad_fn` of a real fn follows JAX's convention for complex leaves,
+`d fn/d re - i d fn/d im` (what `jax.grad` returns), so its real view is (re g, -im g).
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _tree
+
+
+def is_complex(leaf) -> bool:
+    if isinstance(leaf, complex):
+        return True
+    dtype = getattr(leaf, "dtype", None)
+    return dtype is not None and jnp.issubdtype(dtype, jnp.complexfloating)
+
+
+def complex_paths(params) -> frozenset:
+    """Key paths of the complex leaves of `params`."""
+    return frozenset(
+        jax.tree_util.keystr(p)
+        for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+        if is_complex(leaf)
+    )
+
+
+def _real_dtype(dtype):
+    return jnp.finfo(dtype).dtype
+
+
+def to_real(params, paths: frozenset):
+    """`params` with each complex leaf at `paths` replaced by its (re, im) real view."""
+
+    def one(path, leaf):
+        if jax.tree_util.keystr(path) not in paths:
+            return leaf
+        z = jnp.asarray(leaf)
+        return jnp.stack([jnp.real(z), jnp.imag(z)], axis=-1).astype(_real_dtype(z.dtype))
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def to_complex(params_r, paths: frozenset):
+    """Inverse of `to_real`: (re, im) leaves at `paths` back to complex."""
+
+    def one(path, leaf):
+        if jax.tree_util.keystr(path) not in paths:
+            return leaf
+        return jax.lax.complex(leaf[..., 0], leaf[..., 1])
+
+    return jax.tree_util.tree_map_with_path(one, params_r)
+
+
+def _view_outputs(out):
+    def one(y):
+        y = jnp.asarray(y)
+        if not jnp.issubdtype(y.dtype, jnp.complexfloating):
+            return y
+        return jnp.stack([jnp.real(y), jnp.imag(y)], axis=-1)
+
+    return jax.tree_util.tree_map(one, out)
+
+
+@dataclasses.dataclass(frozen=True)
+class RealView:
+    """fn_r: `fn` on the real view of its complex parameters, with real outputs. Compared by
+    value, so that checking the same `fn` again reuses its compiled programs."""
+
+    fn: Callable
+    paths: frozenset
+    has_aux: bool
+
+    def __call__(self, params_r, *args):
+        out = self.fn(to_complex(params_r, self.paths), *args)
+        if self.has_aux:
+            out, aux = out
+            return _view_outputs(out), aux
+        return _view_outputs(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class RealGrad:
+    """The real view of a hand-written gradient that follows JAX's complex convention."""
+
+    grad_fn: Callable
+    paths: frozenset
+
+    def __call__(self, params_r, *args):
+        g = self.grad_fn(to_complex(params_r, self.paths), *args)
+
+        def one(path, leaf):
+            if jax.tree_util.keystr(path) not in self.paths:
+                return leaf
+            leaf = jnp.asarray(leaf)
+            real = _real_dtype(leaf.dtype) if is_complex(leaf) else leaf.dtype
+            return jnp.stack([jnp.real(leaf), -jnp.imag(leaf)], axis=-1).astype(real)
+
+        return jax.tree_util.tree_map_with_path(one, g)
+
+
+def has_complex_outputs(fn, params, args, has_aux: bool) -> bool:
+    """Whether fn returns a complex leaf at (params, *args) (traced abstractly; False when
+    it cannot be traced, then the caller's error stands)."""
+    p_split, diff, p_arrays = _tree.split(params, "params")
+    a_split, a_floats, a_arrays = _tree.split(args, "args")
+
+    def call(d, pa, af, aa):
+        out = fn(_tree.merge(p_split, d, pa), *_tree.merge(a_split, af, aa))
+        return out[0] if has_aux and isinstance(out, tuple) else out
+
+    try:
+        out = jax.eval_shape(call, diff, p_arrays, a_floats, a_arrays)
+    except Exception:  # noqa: BLE001 - untraceable fn: nothing to learn here
+        return False
+    return any(is_complex(y) for y in jax.tree_util.tree_leaves(out))
+
+
+_COMPLEX = {"float32": "complex64", "float64": "complex128"}
+
+
+def restore_leaves(report, params, paths: frozenset):
+    """The report with its leaf rows showing the complex leaves' own shape and dtype."""
+    if not paths:
+        return report
+    original = {
+        jax.tree_util.keystr(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+    }
+
+    def fix(leaf_result):
+        if leaf_result.path not in paths:
+            return leaf_result
+        # the complex dtype that was checked (a NumPy complex128 leaf with 64-bit types
+        # off is checked as complex64, as jax would compute it)
+        checked = _COMPLEX.get(leaf_result.dtype, leaf_result.dtype)
+        shape = tuple(np.shape(original[leaf_result.path]))
+        return dataclasses.replace(leaf_result, shape=shape, dtype=checked)
+
+    return dataclasses.replace(
+        report,
+        leaves=tuple(fix(x) for x in report.leaves),
+        parts=tuple(restore_leaves(p, params, paths) for p in report.parts),
+    )
+
+
+def real_problem(fn: Callable, params: Any, grad_fn, has_aux: bool, paths: frozenset):
+    """(fn_r, params_r, grad_fn_r) for complex leaves at `paths` (all of params' complex
+    leaves; empty when only the outputs are complex)."""
+    fn_r = RealView(fn, paths, has_aux)
+    grad_r = None if grad_fn is None else RealGrad(grad_fn, paths)
+    return fn_r, to_real(params, paths), grad_r

@@ -1,0 +1,299 @@
+"""Second and higher derivatives, and the staging of a check (complex view, then orders).
+
+The derivative of order k is checked as `jax.test_util.check_grads` does: the order k - 1
+check of fn, plus first-order checks of the derivative maps of level k - 1, which are
+ordinary functions of the parameters:
+
+    jvp map  m_f(params, *args) = <u, jvp(fn, (params,), (v,))[1]>
+    vjp map  m_r(params, *args) = <vjp(fn, params)[1](u), v>
+
+with a fixed random tangent v (random signs scaled to each leaf's RMS, like the directions)
+and a fixed random cotangent u (each output leaf divided by its RMS; 1 for a scalar fn).
+Both are <u, J v>, computed by forward and by reverse mode; their gradient is the second
+derivative contracted with u and v (for a scalar fn, the Hessian-vector product H v).
+Checking the vjp map in reverse mode is reverse-over-reverse, the jvp map in forward mode
+forward-over-forward; mode="both" checks both maps in both modes, which covers the mixed
+orders too. Level j maps are the same maps of the (scalar) level j - 1 map with a new
+tangent; mode="both" follows the pure chains jvp-of-jvp and vjp-of-vjp, each in both modes,
+so the number of checks grows linearly with the order. With `grad_fn`, the level-1 map is
+<grad_fn, v>: grad_fn's Jacobian by JAX's autodiff is checked against finite differences
+of grad_fn.
+
+The maps are contracted to scalars (rather than checking the vector-valued jvp and vjp,
+as check_grads does) because the first-order check of a scalar function needs no random
+output cotangents and forms its reverse projections from one gradient: measured on a small
+MLP, its programs compile in about half the time.
+
+Everything else (float64 reference, error bars, step ladder, kinks, localization by leaf)
+comes from the first-order check, run on each map with the same key. v and u travel as
+arguments, not constants, and the maps compare by value: checking the same fn again
+compiles nothing.
+"""
+
+import contextvars
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _autodiff, _complex, _directions, _options, _plan, _problem, _report, _tree
+from ._errors import GradientCheckError
+from ._report import Report
+
+# set while a first-order check of a real function runs, so that `_verify.run` goes straight on
+INSIDE = contextvars.ContextVar("jaxcheck_first_order", default=False)
+
+
+def _restricted(inner, s, arrays, rest, has_aux):
+    def f(diff):
+        out = inner(_tree.merge(s, diff, arrays), *rest)
+        return out[0] if has_aux else out
+
+    return f
+
+
+def _dot(a: list, b: list):
+    """sum_l <a_l, b_l> in float32, or float64 when a is: the map's scalar output."""
+    acc = jnp.float64 if any(jnp.dtype(x.dtype).itemsize >= 8 for x in a) else jnp.float32
+    terms = [jnp.vdot(x.astype(acc), jnp.asarray(y).astype(acc)) for x, y in zip(a, b)]
+    return sum(terms, jnp.zeros((), acc))
+
+
+@dataclasses.dataclass(frozen=True)
+class JvpMap:
+    """params, (tangent, cotangent), *rest -> <cotangent, jvp of `inner(params, *rest)`
+    along `tangent`>; the jvp itself when `inner` is scalar (cotangent empty). One tangent
+    array per differentiable leaf of params, one cotangent array per output leaf."""
+
+    inner: Callable
+    has_aux: bool = False
+
+    def __call__(self, params, fixed, *rest):
+        tangent, cotangent = fixed
+        s, diff, arrays = _tree.split(params, "params")
+        f = _restricted(self.inner, s, arrays, rest, self.has_aux)
+        t = [jnp.asarray(x).astype(d.dtype) for x, d in zip(tangent, diff)]
+        out = jax.tree_util.tree_leaves(jax.jvp(f, (diff,), (t,))[1])
+        return _dot(out, cotangent) if cotangent else out[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class VjpMap:
+    """params, (cotangent, tangent), *rest -> <vjp of `inner(params, *rest)` with
+    `cotangent`, tangent>: one cotangent array per output leaf, one tangent array per
+    differentiable leaf of params."""
+
+    inner: Callable
+    has_aux: bool = False
+
+    def __call__(self, params, fixed, *rest):
+        cotangent, tangent = fixed
+        s, diff, arrays = _tree.split(params, "params")
+        out, pullback = jax.vjp(_restricted(self.inner, s, arrays, rest, self.has_aux), diff)
+        leaves, treedef = jax.tree_util.tree_flatten(out)
+        u = [jnp.asarray(c).astype(y.dtype) for c, y in zip(cotangent, leaves)]
+        return _dot(pullback(jax.tree_util.tree_unflatten(treedef, u))[0], tangent)
+
+
+@dataclasses.dataclass(frozen=True)
+class GradFnMap:
+    """params, tangent, *rest -> <the hand-written gradient, tangent>."""
+
+    grad_fn: Callable
+
+    def __call__(self, params, tangent, *rest):
+        s = _tree.split(params, "params")[0]
+        grads = _tree.match_gradient(s, self.grad_fn(params, *rest))
+        return _dot([jnp.asarray(g) for g in grads], tangent)
+
+
+def run(fn, params, args: tuple, options: _options.Options, first: Callable) -> Report:
+    """The check `options` ask for, with `first(fn, params, args, options)` running one
+    first-order check of a real function: complex parameters or outputs through their real
+    view (`_complex`), then orders above 1 through derivative maps."""
+    first = functools.partial(_inside, first)
+    paths = _complex.complex_paths(params)
+    if not paths:
+        try:
+            return _staged(fn, params, args, options, first)
+        except (TypeError, ValueError):
+            # complex outputs of real parameters: only now worth a trace to find out
+            if not _complex.has_complex_outputs(fn, params, args, options.has_aux):
+                raise
+    fn_r, params_r, grad_r = _complex.real_problem(
+        fn, params, options.grad_fn, options.has_aux, paths
+    )
+    inner = dataclasses.replace(options, grad_fn=grad_r, raise_on_failure=False)
+    report = _staged(fn_r, params_r, args, inner, first)
+    report = _complex.restore_leaves(report, params, paths)
+    if options.raise_on_failure and not report.ok:
+        raise GradientCheckError(report)
+    return report
+
+
+def _inside(first, fn, params, args, options) -> Report:
+    token = INSIDE.set(True)
+    try:
+        return first(fn, params, args, options)
+    finally:
+        INSIDE.reset(token)
+
+
+def _staged(fn, params, args, options, first) -> Report:
+    if options.order == 1:
+        return first(fn, params, args, options)
+    o = dataclasses.replace(options, raise_on_failure=False)
+    report = _report.compose(_parts(fn, params, args, o, first), options.order)
+    if options.raise_on_failure and not report.ok:
+        raise GradientCheckError(report)
+    return report
+
+
+def _parts(fn, params, args, o: _options.Options, first) -> list:
+    base = dataclasses.replace(o, order=1)
+    head = _named(first(fn, params, args, base), 1, (), "fn")
+    parts = [(1, head)]
+    draws = _Draws.make(fn, params, args, base)
+    chains = {"reverse": ("reverse",), "forward": ("forward",), "both": ("forward", "reverse")}
+    notes = []
+    for inner in chains[o.mode]:
+        if inner == "forward" and "forward" not in head.mode:
+            notes.append(
+                "for the same reason, the jvp map (forward-over-forward, reverse-over-forward) "
+                "was not checked"
+            )
+            continue
+        mapped, name, extra = fn, "fn", ()
+        for level in range(1, o.order):
+            mapped, name, extra = _derive(inner, level, mapped, name, extra, o, draws)
+            derived = dataclasses.replace(base, grad_fn=None, has_aux=False)
+            try:
+                report = first(mapped, params, (*extra, *args), derived)
+            except (TypeError, *_plan.TRACING_ERRORS) as err:
+                # the first-order check may have put its own words around the tracing error
+                cause = err if isinstance(err, _plan.TRACING_ERRORS) else err.__cause__
+                if not isinstance(cause, _plan.TRACING_ERRORS):
+                    raise
+                source = "grad_fn" if o.grad_fn is not None else "fn"
+                raise TypeError(
+                    f"order={o.order}: the order-{level + 1} check differentiates {source} "
+                    f"with JAX ({name}), but {source} cannot be traced "
+                    f"({type(cause).__name__}: it converts traced values to NumPy or branches "
+                    f"on them). Write {source} with jax.numpy, or check order=1 only."
+                ) from err
+            parts.append((level + 1, _named(report, level + 1, (inner,) * level, name)))
+    if notes:
+        parts[0] = (1, dataclasses.replace(head, problems=head.problems + tuple(notes)))
+    return [part for _, part in sorted(parts, key=lambda item: item[0])]
+
+
+def _derive(inner, level, mapped, name, extra, o, draws):
+    """The level-`level` map: (map, its name, the fixed arguments it takes before `*args`,
+    innermost last). Every map is scalar, contracted with fixed random vectors: the
+    first-order check of a scalar function needs no random output cotangents and forms its
+    reverse-mode projections from one gradient, so it compiles about half the work."""
+    v = draws.tangent(level)
+    if inner == "forward":
+        u = draws.cotangent() if level == 1 and not draws.scalar else []
+        label = "jvp map" if level == 1 else f"jvp map of the {name}"
+        return JvpMap(mapped, o.has_aux and level == 1), label, ((v, u), *extra)
+    if level == 1 and o.grad_fn is not None:
+        return GradFnMap(o.grad_fn), "grad_fn", (v,)
+    u = draws.cotangent() if level == 1 else [jnp.ones((), jnp.float32)]
+    if level == 1:
+        label = "Hessian-vector products" if draws.scalar else "vjp map"
+    else:
+        label = f"vjp map of the {name}"
+    return VjpMap(mapped, o.has_aux and level == 1), label, ((u, v), *extra)
+
+
+def _named(report: Report, order: int, chain: tuple, name: str) -> Report:
+    """The part with its label and its rows named by order and mode."""
+
+    def row(mode):
+        return f"order {order}: {'-over-'.join((mode, *chain))} ({name})"
+
+    checks = []
+    for c in report.checks:
+        kind, mode = _report.check_kind(c.name)
+        if kind == "consistency":
+            new = f"order {order}: forward vs reverse ({name})"
+        elif kind == "rule":
+            new = f"{row(mode)}, same rule in {report.reference_dtype}"
+        else:
+            new = row(mode)
+        checks.append(dataclasses.replace(c, name=new))
+    return dataclasses.replace(report, checks=tuple(checks), label=f"order {order}: {name}")
+
+
+@dataclasses.dataclass
+class _Draws:
+    """The fixed tangents and cotangents of the derivative maps, drawn on the host from
+    the check's key (per leaf path and level), scaled like the directions. They are float32
+    arguments, which the maps cast to the dtype of what they multiply. The scales come from
+    the first-order check's probe program (compiled once for both), run only when needed: a
+    scalar fn checked in reverse mode needs none at order 2."""
+
+    key: object
+    problem: _problem.Problem
+    inputs: _problem.Inputs
+    reverse: bool
+
+    @classmethod
+    def make(cls, fn, params, args, o: _options.Options) -> "_Draws":
+        p_split, diff, p_arrays = _tree.split(params, "params")
+        a_split, a_floats, a_arrays = _tree.split(args, "args")
+        inputs = _problem.Inputs(diff, p_arrays, a_floats, a_arrays)
+        problem = _problem.Problem(fn, o.grad_fn, o.has_aux, p_split, a_split)
+        problem = _problem.with_output_structure(problem, inputs)
+        return cls(o.key, problem, inputs, o.mode != "forward")
+
+    @property
+    def scalar(self) -> bool:
+        return self.problem.scalar_output
+
+    @functools.cached_property
+    def _scales(self) -> tuple[np.ndarray, np.ndarray]:
+        """(per parameter leaf, per output leaf) RMS magnitudes, zero ones floored."""
+        probe = _plan.Timer().run(
+            functools.partial(_autodiff.probe, self.problem, self.reverse),
+            _directions.seeds(self.key, "outputs", self.problem.out_paths),
+            self.inputs.diff,
+            self.inputs.traced(),
+        )
+        diff = self.inputs.diff
+        rms, _ = _directions.host_rms(np.asarray(probe["param_squares"]), diff)
+        sizes = [max(x.size, 1) for x in diff]
+        params = np.asarray(_directions.with_floor(np.nan_to_num(rms), sizes), np.float64)
+        return params, np.asarray(probe["output_scales"], np.float64)
+
+    def _signs(self, namespace, paths, shapes, scales) -> list:
+        """Random signs times each leaf's scale rounded to a power of two: exact in every
+        float dtype, so the map computes the same function in the model's precision and in
+        float64."""
+        out = []
+        for seed, shape, scale in zip(
+            _directions.seeds(self.key, namespace, paths), shapes, scales
+        ):
+            signs = np.random.default_rng(int(seed)).integers(0, 2, size=shape) * 2.0 - 1.0
+            out.append(jnp.asarray(signs * 2.0 ** np.round(np.log2(scale)), jnp.float32))
+        return out
+
+    def tangent(self, level: int) -> list:
+        """The fixed tangent of level `level` in parameter space (shared by the jvp and the
+        vjp chain: their maps are then the same function, computed in different modes)."""
+        paths = self.problem.params.paths_of(_tree.DIFF)
+        shapes = [x.shape for x in self.inputs.diff]
+        return self._signs(f"tangent:{level}", paths, shapes, self._scales[0])
+
+    def cotangent(self) -> list:
+        """The fixed cotangent of fn's outputs (1 for a scalar fn)."""
+        if self.scalar:
+            return [jnp.ones((), jnp.float32)]
+        problem = self.problem
+        return self._signs(
+            "cotangent:1", problem.out_paths, problem.out_shapes, 1.0 / self._scales[1]
+        )

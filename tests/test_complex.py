@@ -1,0 +1,210 @@
+"""Complex parameters and outputs, checked through their real (re, im) view."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxcheck
+from jaxcheck import _complex
+
+Z = jnp.array([0.3 + 0.4j, -0.5 + 0.2j, 1.1 - 0.7j], jnp.complex64)
+W = (
+    (jnp.linspace(0.5, 1.5, 6) + 1j * jnp.linspace(-0.3, 0.4, 6))
+    .reshape(3, 2)
+    .astype(jnp.complex64)
+)
+X = jnp.array([1.0 + 0.5j, -2.0, 0.5j], jnp.complex64)
+
+
+def failing(report):
+    return [leaf.path for leaf in report.leaves if leaf.status == "fail"]
+
+
+def test_real_view_round_trip_keeps_paths():
+    params = {"z": Z, "r": jnp.ones(2)}
+    paths = _complex.complex_paths(params)
+    assert paths == frozenset({"['z']"})
+    real = _complex.to_real(params, paths)
+    assert real["z"].shape == (3, 2) and real["z"].dtype == jnp.float32
+    np.testing.assert_array_equal(real["z"][:, 1], jnp.imag(Z))
+    back = _complex.to_complex(real, paths)
+    assert back["z"].dtype == jnp.complex64
+    np.testing.assert_array_equal(back["z"], Z)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda p, x: p["z"] ** 3,
+        lambda p, x: jnp.exp(p["z"]),
+        lambda p, x: x @ p["w"],
+    ],
+    ids=["cube", "exp", "matmul"],
+)
+@pytest.mark.parametrize("mode", ["reverse", "both"])
+def test_holomorphic_functions_pass(fn, mode):
+    report = jaxcheck.verify(fn, {"z": Z, "w": W}, X, mode=mode, num_directions=8)
+    assert report.status == "pass", str(report)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda z: jnp.abs(z) ** 2,
+        lambda z: jnp.conj(z) * z,
+        jnp.real,
+        lambda z: jnp.sum(jnp.abs(jnp.sin(z)) ** 2),  # a real loss of complex params
+    ],
+    ids=["abs2", "conj_z_z", "real", "real_loss"],
+)
+def test_non_holomorphic_functions_pass(fn):
+    report = jaxcheck.verify(fn, Z, mode="both", num_directions=8)
+    assert report.status == "pass", str(report)
+    assert report.relative_error < 1e-6
+
+
+def test_leaf_rows_show_the_complex_leaf():
+    def fn(p):
+        return jnp.sum(jnp.abs(p["z"] * p["s"]) ** 2)
+
+    report = jaxcheck.verify(fn, {"z": Z, "s": jnp.float32(0.5)}, localize=True)
+    assert report.ok, str(report)
+    rows = {leaf.path: (leaf.shape, leaf.dtype) for leaf in report.leaves}
+    assert rows == {"['s']": ((), "float32"), "['z']": ((3,), "complex64")}
+    assert "['z']  (3,)   complex64" in str(report)
+
+
+def test_float64_reference_is_complex128():
+    seen = set()
+
+    def fn(z):
+        seen.add(str(z.dtype))  # at trace time: the dtypes fn is compiled for
+        return jnp.sum(jnp.abs(z) ** 2)
+
+    report = jaxcheck.verify(fn, Z)
+    assert seen == {"complex64", "complex128"}
+    assert report.reference_dtype == "float64" and report.tested_dtype == "float32"
+    # |z|^2 has exact float64 differences: float32 ones would be ~1e-7 off
+    assert report.relative_error < 1e-9
+
+
+# -- planted conjugation bugs --------------------------------------------------------------
+
+
+def abs2_with(bwd):
+    @jax.custom_vjp
+    def abs2(z):
+        return jnp.real(z * jnp.conj(z))
+
+    abs2.defvjp(lambda z: (abs2(z), z), bwd)
+    return lambda p: jnp.sum(abs2(p["z"]) * jnp.arange(1.0, 4.0))
+
+
+def square_with(bwd):
+    @jax.custom_vjp
+    def square(z):
+        return z * z
+
+    square.defvjp(lambda z: (z * z, z), bwd)
+    return lambda p: square(p["z"])
+
+
+@pytest.mark.parametrize(
+    ("fn", "ok"),
+    [
+        (abs2_with(lambda z, g: (2.0 * jnp.conj(z) * g,)), True),
+        (abs2_with(lambda z, g: (2.0 * z * g,)), False),  # the conjugate is missing
+        (square_with(lambda z, g: (2.0 * z * g,)), True),  # holomorphic: no conjugate
+        (square_with(lambda z, g: (2.0 * jnp.conj(z) * g,)), False),  # a spurious one
+    ],
+    ids=["abs2-right", "abs2-missing-conj", "square-right", "square-extra-conj"],
+)
+def test_custom_vjp_conjugation(fn, ok):
+    report = jaxcheck.verify(fn, {"z": Z, "r": jnp.ones(2)}, num_directions=8)
+    assert report.ok is ok, str(report)
+    if not ok:
+        assert report.relative_error > 0.3
+        assert failing(report) == ["['z']"]
+        assert "! wrong: ['z']" in str(report)
+
+
+def sin_with(derivative):
+    @jax.custom_jvp
+    def sin(z):
+        return jnp.sin(z)
+
+    sin.defjvp(lambda p, t: (jnp.sin(p[0]), derivative(p[0]) * t[0]))
+    return lambda p: sin(p["z"])
+
+
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+def test_custom_jvp_real_only_rule_fails(mode):
+    right = jaxcheck.verify(sin_with(jnp.cos), {"z": Z}, mode=mode, num_directions=8)
+    assert right.ok, str(right)
+    # a rule written for real inputs: cos of the real part only
+    wrong = jaxcheck.verify(
+        sin_with(lambda z: jnp.cos(jnp.real(z))), {"z": Z}, mode=mode, num_directions=8
+    )
+    assert wrong.status == "fail"
+    assert failing(wrong) == ["['z']"]
+
+
+# -- grad_fn, args, orders -----------------------------------------------------------------
+
+
+def loss(p):
+    return jnp.sum(jnp.abs(p["z"]) ** 2 + jnp.imag(p["z"] ** 2))
+
+
+def test_grad_fn_uses_jax_convention():
+    assert jax.grad(lambda z: jnp.abs(z) ** 2)(3.0 + 4.0j) == 6.0 - 8.0j
+    right = jaxcheck.verify(loss, {"z": Z}, grad_fn=jax.grad(loss), num_directions=8)
+    assert right.ok, str(right)
+
+    def conjugated(p):
+        return jax.tree.map(jnp.conj, jax.grad(loss)(p))
+
+    wrong = jaxcheck.verify(loss, {"z": Z}, grad_fn=conjugated, num_directions=8)
+    assert wrong.status == "fail" and failing(wrong) == ["['z']"]
+
+
+def test_complex_args_are_held_fixed_and_python_complex_params_checked():
+    report = jaxcheck.verify(lambda p, x: jnp.abs(p * x) ** 2, 1.0 + 2.0j, X)
+    assert report.ok, str(report)
+
+
+def test_complex_output_of_real_params():
+    report = jaxcheck.verify(lambda w: jnp.exp(1j * w), jnp.linspace(0.0, 1.0, 3), mode="both")
+    assert report.ok, str(report)
+
+
+@pytest.mark.parametrize("mode", ["reverse", "both"])
+def test_order_2_on_complex(mode):
+    report = jaxcheck.verify(loss, {"z": Z}, order=2, mode=mode, num_directions=8)
+    assert report.status == "pass", str(report)
+    bad = jaxcheck.verify(
+        abs2_with(lambda z, g: (2.0 * jax.lax.stop_gradient(jnp.conj(z)) * g,)),
+        {"z": Z},
+        order=2,
+        num_directions=8,
+    )
+    assert [p.status.value for p in bad.parts] == ["pass", "fail"]
+    assert failing(bad) == ["['z']"]
+    assert bad.leaves[0].dtype == "complex64"
+
+
+def test_raise_on_failure_with_complex():
+    with pytest.raises(jaxcheck.GradientCheckError, match="wrong: \\['z'\\]"):
+        jaxcheck.verify(abs2_with(lambda z, g: (2.0 * z * g,)), {"z": Z}, raise_on_failure=True)
+
+
+def test_repeated_complex_check_compiles_nothing():
+    def fn(p):  # a function no other test has compiled
+        return jnp.sum(jnp.abs(jnp.tanh(p["z"])) ** 2), {"aux": p["z"]}
+
+    checker = jaxcheck.Checker(fn, has_aux=True, num_directions=8)
+    first = checker({"z": Z})
+    later = checker({"z": Z * 0.5})
+    assert first.ok and later.ok, str(later)
+    assert first.num_compiled > 0 and later.num_compiled == 0

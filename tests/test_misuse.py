@@ -1,0 +1,174 @@
+"""Misuse and odd inputs get a message that says what happened and what to do, and leave
+the caller's arrays, and every later check, intact."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxcheck
+from jaxcheck import _plan, _problem
+
+_TRACED = "jaxcheck.verify runs on the host"
+
+
+def _loss(p):
+    return jnp.sum(jnp.sin(p) ** 2)
+
+
+def _grad(p):
+    return 2 * jnp.sin(p) * jnp.cos(p)
+
+
+@pytest.mark.parametrize("key", [0, 7, "typed"])
+@pytest.mark.parametrize(
+    "where",
+    ["jit-params", "jit-constants", "grad-closure", "vmap-params", "vmap-closure"],
+)
+def test_traced_call_is_refused_and_breaks_nothing(where, key):
+    """Called inside a transformation, verify says it runs on the host; nothing traced
+    reaches a cache, so the next ordinary call with the same key passes."""
+    key = jax.random.key(3) if key == "typed" else key
+    p = jnp.linspace(0.1, 1.0, 3)
+    calls = {
+        "jit-params": lambda: jax.jit(lambda q: jaxcheck.verify(_loss, q, key=key).ok)(p),
+        "jit-constants": lambda: jax.jit(lambda s: jaxcheck.verify(_loss, jnp.ones(3), key=key).ok)(
+            1.0
+        ),
+        "grad-closure": lambda: jax.grad(
+            lambda s: jaxcheck.verify(lambda q: jnp.sum(jnp.sin(q * s)), p, key=key).relative_error
+        )(1.0),
+        "vmap-params": lambda: jax.vmap(lambda q: jaxcheck.verify(_loss, q, key=key).ok)(
+            jnp.ones((2, 3))
+        ),
+        "vmap-closure": lambda: jax.vmap(
+            lambda s: jaxcheck.verify(lambda q: jnp.sum(jnp.sin(q * s)), p, key=key).ok
+        )(jnp.ones(2)),
+    }
+    cached = (len(_plan._CACHE), len(_problem._STRUCTURES))
+    with pytest.raises(TypeError, match=_TRACED):
+        calls[where]()
+    assert (len(_plan._CACHE), len(_problem._STRUCTURES)) <= cached  # nothing traced kept
+    report = jaxcheck.verify(_loss, p, key=key)
+    assert report.status == "pass", str(report)
+
+
+def test_traced_params_message_names_the_leaf():
+    def inside(q):
+        jaxcheck.verify(_loss, {"w": q})
+        return q
+
+    with pytest.raises(TypeError, match=r"The params leaf \['w'\] is a traced value"):
+        jax.jit(inside)(jnp.ones(3))
+
+
+def test_closure_over_a_tracer_is_explained():
+    with pytest.raises(TypeError, match="fn closes over a traced value") as info:
+        jax.grad(lambda s: jaxcheck.verify(lambda q: jnp.sum(q * s), jnp.ones(3)).step)(1.0)
+    assert "pass it as an argument instead" in str(info.value)
+
+
+def test_float64_numpy_params_are_checked_in_float64():
+    """With 64-bit types off, float64 NumPy params used to be rounded to float32, where a
+    float64 gradient 5e-7 off passes as rounding."""
+    assert not jax.config.jax_enable_x64
+    p = np.linspace(0.1, 1.0, 4)
+    bad = jaxcheck.verify(_loss, p, grad_fn=lambda q: _grad(q) * (1 + 5e-7))
+    assert bad.status == "fail", str(bad)
+    assert bad.tested_dtype == "float64"
+    assert 4e-7 < bad.relative_error < 6e-7
+    assert any(
+        "params hold float64 NumPy arrays while 64-bit types are off" in q for q in bad.problems
+    )
+    good = jaxcheck.verify(_loss, p, grad_fn=_grad)
+    assert good.status == "pass", str(good)
+    assert not jax.config.jax_enable_x64  # restored
+    assert p.dtype == np.float64 and p[0] == 0.1  # the caller's array is intact
+
+
+def test_all_empty_params_are_refused():
+    with pytest.raises(ValueError, match=r"every floating-point leaf of params is empty") as info:
+        jaxcheck.verify(
+            lambda p: jnp.sum(p["a"]) + jnp.sum(p["b"]), {"a": jnp.zeros(0), "b": jnp.ones((2, 0))}
+        )
+    assert "['a'] (0,), ['b'] (2, 0)" in str(info.value)
+    assert "nothing to check" in str(info.value)
+
+
+def test_scalar_from_grad_fn_for_a_pytree():
+    params = {"a": jnp.ones(2), "b": jnp.ones(3)}
+    fn = lambda p: jnp.sum(p["a"]) + jnp.sum(p["b"])  # noqa: E731
+    with pytest.raises(TypeError, match=r"grad_fn returned a single array \(shape \(\)\)") as info:
+        jaxcheck.verify(fn, params, grad_fn=lambda p: jnp.float32(1.0))
+    assert "where a pytree like params, with 2 leaves, was expected" in str(info.value)
+
+
+def test_low_precision_grad_fn_is_pointed_out():
+    p = jnp.linspace(0.1, 1.0, 4, dtype=jnp.float32)
+    report = jaxcheck.verify(_loss, p, grad_fn=lambda q: _grad(q).astype(jnp.float16))
+    assert report.status == "fail"
+    assert any(
+        "grad_fn returned float16 for the parameter leaf (root), whose dtype is float32" in q
+        for q in report.problems
+    )
+
+
+@pytest.mark.parametrize("has_aux", [False, True])
+def test_fn_returning_a_string(has_aux):
+    fn = (lambda p: ("loss", 0)) if has_aux else (lambda p: "loss")
+    with pytest.raises(
+        TypeError,
+        match="fn must return a scalar or a pytree of float arrays; it returned str 'loss'",
+    ):
+        jaxcheck.verify(fn, jnp.ones(2), has_aux=has_aux)
+
+
+def test_string_leaf_in_fn_outputs_is_located():
+    with pytest.raises(TypeError, match=r"it returned str 'x' at \['name'\]"):
+        jaxcheck.verify(lambda p: {"y": jnp.sum(p), "name": "x"}, jnp.ones(2))
+
+
+def test_numpy_fn_without_grad_fn():
+    p = np.linspace(0.1, 1.0, 3)
+    with pytest.raises(TypeError, match="jax cannot differentiate it") as info:
+        jaxcheck.verify(lambda q: np.sum(np.sin(q)), p)
+    assert "grad_fn=grad_fn" in str(info.value)
+
+
+def test_keyword_for_fn():
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) 'x'") as info:
+        jaxcheck.verify(lambda p, x: jnp.sum(p * x), jnp.ones(2), x=1.0)
+    assert "verify(functools.partial(fn, x=...), params, *args)" in str(info.value)
+    report = jaxcheck.verify(
+        functools.partial(lambda p, x: jnp.sum(jnp.sin(p * x)), x=1.0), jnp.ones(2)
+    )
+    assert report.ok
+
+
+def test_misspelt_option():
+    with pytest.raises(
+        TypeError, match=r"'num_direction' \(did you mean 'num_directions'\?\)"
+    ) as info:
+        jaxcheck.verify(_loss, jnp.ones(2), num_direction=8)
+    assert "functools.partial" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "key, what",
+    [
+        (np.array([0, 1], np.int64), "dtype int64 and shape (2,)"),
+        (jnp.zeros(2, jnp.float32), "dtype float32 and shape (2,)"),
+        (np.zeros(4, np.uint32), "dtype uint32 and shape (4,)"),
+    ],
+)
+def test_wrong_key_arrays(key, what):
+    with pytest.raises(TypeError, match="raw key data of dtype uint32 and shape") as info:
+        jaxcheck.verify(_loss, jnp.ones(2), key=key)
+    assert what in str(info.value)
+
+
+def test_raw_uint32_key_data_is_accepted():
+    report = jaxcheck.verify(_loss, jnp.linspace(0.1, 1.0, 3), key=jax.random.PRNGKey(0))
+    assert report.ok

@@ -1,0 +1,263 @@
+"""Second and higher derivatives: verify(..., order=k)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import jaxcheck
+
+
+def mlp(p, x):
+    return jnp.sum(jnp.tanh(jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"]) ** 2)
+
+
+MLP_PARAMS = {
+    "w1": jnp.linspace(-0.5, 0.5, 6).reshape(3, 2),
+    "b1": jnp.array([0.1, -0.2]),
+    "w2": jnp.array([[0.3], [-0.4]]),
+}
+X = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+
+
+def sin_exp(p):
+    return {"s": jnp.sin(p["a"]) * jnp.exp(p["b"][0]), "e": jnp.exp(jnp.sin(p["b"]))}
+
+
+PYTREE = {"a": jnp.array([0.3, -0.7, 1.2]), "b": jnp.array([0.5, 0.1])}
+
+
+@pytest.mark.parametrize("mode", ["reverse", "forward", "both"])
+def test_correct_mlp_passes_at_order_2(mode):
+    report = jaxcheck.verify(mlp, MLP_PARAMS, X, order=2, mode=mode, num_directions=8)
+    assert report.status == "pass", str(report)
+    labels = [p.label for p in report.parts]
+    hvp = "order 2: Hessian-vector products"
+    expected = {
+        "reverse": ["order 1: fn", hvp],
+        "forward": ["order 1: fn", "order 2: jvp map"],
+        "both": ["order 1: fn", "order 2: jvp map", hvp],
+    }[mode]
+    assert labels == expected
+    assert report.relative_error < report.tolerance
+    assert report.num_evaluations == sum(p.num_evaluations for p in report.parts)
+
+
+def test_vector_output_pytree_params_pass_at_order_3():
+    report = jaxcheck.verify(sin_exp, PYTREE, order=3, num_directions=8)
+    assert report.status == "pass", str(report)
+    names = [c.name for c in report.checks if "same rule" not in c.name]
+    assert names == [
+        "order 1: reverse (fn)",
+        "order 2: reverse-over-reverse (vjp map)",
+        "order 3: reverse-over-reverse-over-reverse (vjp map of the vjp map)",
+    ]
+
+
+@pytest.mark.parametrize("mode", ["forward", "both"])
+def test_vector_output_pytree_params_pass_at_order_2(mode):
+    report = jaxcheck.verify(sin_exp, PYTREE, order=2, mode=mode, num_directions=8)
+    assert report.status == "pass", str(report)
+    assert report.parts[-1].label == ("order 2: vjp map" if mode == "both" else "order 2: jvp map")
+
+
+def test_both_modes_at_order_3_cover_the_mixed_orders():
+    def scalar(p):
+        return jnp.sum(jnp.exp(jnp.sin(p["a"]) * p["b"][0]))
+
+    report = jaxcheck.verify(scalar, PYTREE, order=3, mode="both", num_directions=8)
+    assert report.status == "pass", str(report)
+    names = {c.name for c in report.checks}
+    assert "order 2: reverse-over-forward (jvp map)" in names
+    assert "order 2: forward-over-reverse (Hessian-vector products)" in names
+    assert "order 3: forward-over-forward-over-forward (jvp map of the jvp map)" in names
+    assert "order 3: forward vs reverse (vjp map of the Hessian-vector products)" in names
+    assert len(report.parts) == 5  # fn, then the jvp and vjp chains: linear in the order
+
+
+def test_repeated_order_2_check_compiles_nothing():
+    def fresh(p, x):  # a function no other test has compiled
+        return jnp.sum(jnp.sin(x @ p["w1"]) ** 2)
+
+    checker = jaxcheck.Checker(fresh, order=2, num_directions=8)
+    first = checker(MLP_PARAMS, X)
+    later = checker(jax.tree.map(lambda a: a * 1.5, MLP_PARAMS), X)
+    assert first.ok and later.ok
+    assert first.num_compiled > 0 and later.num_compiled == 0
+    assert checker.compilations == first.num_compiled
+
+
+# -- planted second-order bugs: right first derivative, wrong second ------------------------
+
+
+@jax.custom_vjp
+def sin_stopped(x):
+    return jnp.sin(x)
+
+
+sin_stopped.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * lax.stop_gradient(jnp.cos(x)),))
+
+
+@jax.custom_jvp
+def cos_wrong(x):
+    return jnp.cos(x)
+
+
+cos_wrong.defjvp(lambda primals, tangents: (jnp.cos(primals[0]), jnp.sin(primals[0]) * tangents[0]))
+
+
+@jax.custom_vjp
+def sin_bwd_through_wrong_rule(x):
+    return jnp.sin(x)
+
+
+sin_bwd_through_wrong_rule.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * cos_wrong(x),))
+
+
+@jax.custom_jvp
+def sin_second_wrong(x):
+    return jnp.sin(x)
+
+
+sin_second_wrong.defjvp(
+    lambda primals, tangents: (jnp.sin(primals[0]), cos_wrong(primals[0]) * tangents[0])
+)
+
+
+@jax.custom_vjp
+def sin_rounded(x):
+    return jnp.sin(x)
+
+
+# round() has a zero derivative: the backward pass is right, its derivative is not
+sin_rounded.defvjp(
+    lambda x: (jnp.sin(x), x),
+    lambda x, g: (g * (jnp.round(jnp.cos(x) * 2.0**20) / 2.0**20),),
+)
+
+
+def planted(rule):
+    return lambda p: jnp.sum(rule(p["a"])) + jnp.sum(jnp.exp(p["b"]))
+
+
+@pytest.mark.parametrize(
+    "rule", [sin_stopped, sin_bwd_through_wrong_rule, sin_rounded], ids=lambda f: f.__name__
+)
+def test_custom_vjp_right_backward_wrong_second_order_fails_only_at_order_2(rule):
+    first = jaxcheck.verify(planted(rule), PYTREE, num_directions=8)
+    assert first.status == "pass", str(first)
+    report = jaxcheck.verify(planted(rule), PYTREE, order=2, num_directions=8)
+    assert report.status == "fail"
+    assert [p.status.value for p in report.parts] == ["pass", "fail"]
+    assert report.label == "orders 1 to 2"
+    # localization names the leaf whose second derivative is wrong
+    assert [leaf.path for leaf in report.leaves if leaf.status == "fail"] == ["['a']"]
+    assert report.relative_error > 0.3
+    text = str(report)
+    assert text.splitlines()[0] == (
+        "jaxcheck.verify: FAIL — order 2: Hessian-vector products is WRONG"
+    )
+    assert "order 2: reverse-over-reverse (Hessian-vector products)" in text
+    assert "! order 2: Hessian-vector products: wrong: ['a']" in text
+
+
+@pytest.mark.parametrize("mode", ["reverse", "forward", "both"])
+def test_custom_jvp_with_wrong_second_derivative_fails_at_order_2(mode):
+    fn = planted(sin_second_wrong)
+    assert jaxcheck.verify(fn, PYTREE, mode=mode, num_directions=8).ok
+    report = jaxcheck.verify(fn, PYTREE, mode=mode, order=2, num_directions=8)
+    assert report.status == "fail"
+    assert all(p.status == "fail" for p in report.parts[1:]), str(report)
+    for part in report.parts[1:]:
+        assert [leaf.path for leaf in part.leaves if leaf.status == "fail"] == ["['a']"]
+
+
+def test_custom_vjp_in_both_modes_checks_the_reverse_maps_only():
+    report = jaxcheck.verify(planted(sin_stopped), PYTREE, order=2, mode="both", num_directions=8)
+    assert report.status == "fail"
+    assert [p.label for p in report.parts] == ["order 1: fn", "order 2: Hessian-vector products"]
+    assert "the jvp map (forward-over-forward, reverse-over-forward) was not checked" in str(report)
+
+
+def test_wrong_first_derivative_is_the_headline():
+    @jax.custom_jvp
+    def bad(x):
+        return jnp.sin(x)
+
+    bad.defjvp(lambda p, t: (jnp.sin(p[0]), 1.1 * jnp.cos(p[0]) * t[0]))
+    report = jaxcheck.verify(planted(bad), PYTREE, order=2, num_directions=8)
+    assert report.status == "fail" and report.parts[0].status == "fail"
+    assert report.relative_error == report.parts[0].relative_error
+    assert report.problems[0].startswith("the first derivative is wrong")
+    assert "order 1: fn: wrong: ['a']" in report.problems
+
+
+# -- grad_fn and has_aux -------------------------------------------------------------------
+
+
+def loss(p):
+    return jnp.sum(jnp.sin(p["a"]) ** 2) + jnp.sum(p["b"] ** 3)
+
+
+def test_grad_fn_order_2_checks_its_jacobian():
+    good = jax.grad(loss)
+    report = jaxcheck.verify(loss, PYTREE, grad_fn=good, order=2, num_directions=8)
+    assert report.status == "pass", str(report)
+    assert report.parts[1].label == "order 2: grad_fn"
+
+    def not_differentiable(p):
+        return jax.tree.map(lax.stop_gradient, good(p))
+
+    bad = jaxcheck.verify(loss, PYTREE, grad_fn=not_differentiable, order=2, num_directions=8)
+    assert [p.status.value for p in bad.parts] == ["pass", "fail"]
+
+
+def test_has_aux_is_dropped_in_the_derivative_maps():
+    def with_aux(p, x):
+        return mlp(p, x), {"note": "anything"}
+
+    report = jaxcheck.verify(with_aux, MLP_PARAMS, X, has_aux=True, order=2, num_directions=8)
+    assert report.status == "pass", str(report)
+
+
+def test_composite_report_serializes_and_flattens():
+    report = jaxcheck.verify(loss, PYTREE, order=2, num_directions=8, localize=False)
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["ok"] is True and len(data["parts"]) == 2
+    assert data["parts"][1]["label"] == "order 2: Hessian-vector products"
+    leaves, treedef = jax.tree_util.tree_flatten(report)
+    assert len(leaves) == 6  # numeric and analytic of the headline and of both parts
+    assert jax.tree_util.tree_unflatten(treedef, leaves).status == "pass"
+    np.testing.assert_allclose(report.parts[1].numeric, report.parts[1].analytic, rtol=1e-5)
+    lines = str(report).splitlines()
+    assert lines[0] == (
+        "jaxcheck.verify: PASS — derivatives of orders 1 to 2 are consistent with finite "
+        "differences"
+    )
+    assert len(lines) <= 8
+
+
+def test_raise_on_failure_at_order_2():
+    with pytest.raises(jaxcheck.GradientCheckError, match="order 2: Hessian-vector products"):
+        jaxcheck.verify(planted(sin_stopped), PYTREE, order=2, raise_on_failure=True)
+
+
+def test_untraceable_grad_fn_at_order_2_says_why():
+    def numpy_loss(p):
+        return float(np.sum(np.sin(np.asarray(p)) ** 2))
+
+    def numpy_grad(p):
+        x = np.asarray(p)
+        return jnp.asarray(2.0 * np.sin(x) * np.cos(x), jnp.float32)
+
+    with pytest.raises(
+        TypeError,
+        match=(
+            r"order=2: the order-2 check differentiates grad_fn with JAX \(grad_fn\), but "
+            r"grad_fn cannot be traced \(TracerArrayConversionError"
+        ),
+    ):
+        jaxcheck.verify(numpy_loss, jnp.ones(3), grad_fn=numpy_grad, order=2, num_directions=4)

@@ -1,0 +1,208 @@
+"""A test suite's global JAX settings never break a check, and never change its verdict."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import jaxcheck
+
+
+def _loss(p, x):
+    return jnp.sum(jnp.sin(p["w"] @ x) ** 2) + jnp.sum(p["b"] ** 2)
+
+
+def _outputs(p, x):
+    return {"a": jnp.sin(p["w"] @ x), "b": jnp.cos(p["b"]).sum()}
+
+
+def _inputs(dtype):
+    p = {
+        "w": jnp.linspace(0.1, 1.0, 6, dtype=jnp.float32).reshape(2, 3).astype(dtype),
+        "b": jnp.linspace(0.5, 1.0, 2, dtype=jnp.float32).astype(dtype),
+    }
+    return p, jnp.linspace(-1.0, 1.0, 3, dtype=jnp.float32).astype(dtype)
+
+
+@pytest.mark.parametrize("mode", ["reverse", "forward", "both"])
+@pytest.mark.parametrize("fn", [_loss, _outputs], ids=["scalar", "pytree"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_strict_promotion(strict_numerics, dtype, fn, mode):
+    p, x = _inputs(jnp.dtype(dtype))
+    report = jaxcheck.verify(fn, p, x, mode=mode)
+    assert report.status == "pass", str(report)
+    assert report.tested_dtype == dtype
+    assert report.reference_dtype == "float64"  # the float64 reference was not refused
+    assert not any("could not run" in q for q in report.problems), report.problems
+
+
+@pytest.mark.parametrize("mode", ["reverse", "both"])
+def test_strict_promotion_float64(strict_numerics, x64, mode):
+    p, x = _inputs(jnp.float64)
+    report = jaxcheck.verify(_outputs, p, x, mode=mode)
+    assert report.status == "pass", str(report)
+    assert report.tested_dtype == "float64"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_strict_promotion_with_grad_fn(strict_numerics, dtype):
+    p, x = _inputs(jnp.dtype(dtype))
+    report = jaxcheck.verify(_loss, p, x, grad_fn=jax.grad(_loss))
+    assert report.status == "pass", str(report)
+
+
+def test_strict_promotion_mixed_leaf_dtypes(strict_numerics):
+    p = {"w": jnp.linspace(0.1, 1.0, 3, dtype=jnp.float32), "v": jnp.ones(2, jnp.bfloat16)}
+    fn = lambda p: {"a": jnp.sin(p["w"]), "b": jnp.cos(p["v"])}  # noqa: E731
+    report = jaxcheck.verify(fn, p, mode="both")
+    assert report.status == "pass", str(report)
+    assert report.tested_dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_x64_on_or_off(enabled):
+    with jax.enable_x64(enabled):
+        p, x = _inputs(jnp.float32)
+        report = jaxcheck.verify(_outputs, p, x, mode="both")
+        assert report.status == "pass", str(report)
+        assert report.tested_dtype == "float32" and report.reference_dtype == "float64"
+        assert jax.config.jax_enable_x64 is enabled  # the check restores the setting
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "highest"])
+def test_default_matmul_precision(precision):
+    p, x = _inputs(jnp.float32)
+    with jax.default_matmul_precision(precision):
+        report = jaxcheck.verify(_loss, p, x)
+    assert report.status == "pass", str(report)
+
+
+def test_enable_checks():
+    p, x = _inputs(jnp.float32)
+    with jax.enable_checks(True):
+        report = jaxcheck.verify(_outputs, p, x, mode="both")
+    assert report.status == "pass", str(report)
+
+
+@pytest.mark.parametrize("flag", ["debug_nans", "debug_infs"])
+def test_debug_flags_are_not_tripped_by_the_check_itself(flag):
+    """The check's own infinities (overflow-safe scales, cotangents of tiny float16
+    outputs, large steps) must not trip the caller's debug flags."""
+    p16 = jnp.linspace(0.1, 1.0, 4, dtype=jnp.float32).astype(jnp.float16)
+    with getattr(jax, flag)(True):
+        tiny = jaxcheck.verify(lambda p: jnp.sin(p) * jnp.float16(1e-6), p16, mode="both")
+        p, x = _inputs(jnp.float32)
+        plain = jaxcheck.verify(_outputs, p, x, mode="both")
+    assert tiny.status == "pass", str(tiny)
+    assert plain.status == "pass", str(plain)
+
+
+def test_debug_nans_names_the_users_primitive():
+    """With jax_debug_nans on, a NaN gradient raises JAX's own error naming the primitive
+    of fn that made it (as jax.grad(fn) would), not one about jaxcheck's programs."""
+    fn = lambda p: jnp.sum(jnp.where(p > 0, jnp.log(p), 0.0))  # noqa: E731
+    p = jnp.asarray([0.0, 1.0], jnp.float32)
+    with jax.debug_nans(True), pytest.raises(FloatingPointError, match="nan.* in div"):
+        jaxcheck.verify(fn, p)
+    assert jaxcheck.verify(fn, p).status == "nonfinite"  # the flag off: reported
+
+
+def test_debug_nans_with_an_infinite_gradient_reports_nonfinite():
+    """An Inf (not NaN) gradient does not trip jax_debug_nans: the report says so."""
+    with jax.debug_nans(True):
+        report = jaxcheck.verify(lambda p: jnp.sum(jnp.sqrt(p)), jnp.asarray([0.0, 1.0]))
+    assert report.status == "nonfinite"
+    assert "the gradient (autodiff) of leaf (root) is NaN/Inf" in report.problems
+
+
+def test_transfer_guard_disallow():
+    p, x = jax.device_put(_inputs(jnp.float32))
+    with jax.transfer_guard("disallow"):
+        report = jaxcheck.verify(_outputs, p, x, mode="both")
+        assert report.status == "pass", str(report)
+        # the caller's guard is in force again after the check
+        with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
+            jnp.asarray(np.ones(2, np.float32))
+
+
+def test_transfer_guard_with_a_numpy_constant_in_fn():
+    """jaxcheck's own transfers are explicit or allowed locally; fn's programs are traced
+    and run under the caller's guard, where a NumPy constant fn closes over is baked into
+    the program (as under jax.jit), so nothing is refused."""
+    p = jax.device_put(jnp.linspace(0.1, 1.0, 3, dtype=jnp.float32))
+    c = np.arange(3, dtype=np.float32)
+    with jax.transfer_guard("disallow"):
+        report = jaxcheck.verify(lambda p: jnp.sum(jnp.sin(p * c)), p)
+    assert report.status == "pass", str(report)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["conv_param32_arg16", "conv_param16_arg32", "pad", "dynamic_update_slice"],
+)
+def test_mixed_precision_functions(name):
+    """A low-precision operand beside a float32 one inside fn: the float64 reference
+    either runs, or the check falls back and says so; never an error."""
+    w = jnp.linspace(-1.0, 1.0, 9, dtype=jnp.float32).reshape(1, 1, 3, 3)
+    img = jnp.linspace(0.0, 1.0, 25, dtype=jnp.float32).reshape(1, 1, 5, 5)
+    conv = lambda x, k: lax.conv_general_dilated(x, k, (1, 1), "SAME")  # noqa: E731
+    cases = {
+        "conv_param32_arg16": (
+            lambda p, x: jnp.sum(conv(x.astype(jnp.float32), p) ** 2),
+            w,
+            img.astype(jnp.bfloat16),
+        ),
+        "conv_param16_arg32": (
+            lambda p, x: jnp.sum(conv(x, p.astype(jnp.float32)) ** 2),
+            w.astype(jnp.bfloat16),
+            img,
+        ),
+        "pad": (
+            lambda p, x: jnp.sum(lax.pad(p, x.astype(p.dtype), [(1, 1, 0)]) ** 2),
+            jnp.ones(3, jnp.float32),
+            jnp.asarray(0.5, jnp.bfloat16),
+        ),
+        "dynamic_update_slice": (
+            lambda p, x: jnp.sum(jnp.sin(lax.dynamic_update_slice(p, x.astype(jnp.float32), (1,)))),
+            jnp.ones(5, jnp.float32),
+            jnp.ones(2, jnp.bfloat16),
+        ),
+    }
+    fn, p, x = cases[name]
+    report = jaxcheck.verify(fn, p, x)
+    assert report.status == "pass", str(report)
+    if report.reference_dtype != "float64":
+        assert any("could not run in float64" in q for q in report.problems)
+
+
+def test_low_precision_array_closed_over_falls_back_to_its_own_dtype():
+    """fn mixes a bfloat16 array it closes over with its bfloat16 parameters: neither
+    float64 nor float32 inputs can run it; the reference keeps the inputs' own dtypes."""
+    table = jnp.linspace(0.0, 1.0, 5, dtype=jnp.float32).astype(jnp.bfloat16)
+    p = jnp.asarray([0.5, 0.25], jnp.bfloat16)
+    fn = lambda p: jnp.sum(jnp.sin(lax.dynamic_update_slice(table, p, (1,))))  # noqa: E731
+    report = jaxcheck.verify(fn, p)
+    assert report.status in ("pass", "inconclusive"), str(report)
+    assert any("could not run in float64" in q for q in report.problems)
+    assert any("leave every input in its own dtype" in q for q in report.problems)
+
+
+def test_float32_fallback_takes_a_float32_step():
+    """fn cannot run in float64 (a float32-only primitive call): the fallback's step is
+    float32's eps^(1/3), not float64's."""
+    p = jnp.linspace(0.1, 1.0, 4, dtype=jnp.float32)
+    fn = lambda p: jnp.sum(jnp.sin(lax.dynamic_update_slice(p, jnp.ones(1, jnp.float32), (1,))))  # noqa: E731
+    report = jaxcheck.verify(fn, p)
+    assert report.status == "pass", str(report)
+    assert report.reference_dtype == "float32"
+    assert report.step > 1e-3  # float64's step would be 6e-6
+
+
+def test_debug_nans_with_nan_params_reports_the_leaf():
+    p, x = _inputs(jnp.float32)
+    p["b"] = jnp.asarray([jnp.nan, 1.0], jnp.float32)
+    with jax.debug_nans(True):
+        report = jaxcheck.verify(_loss, p, x)
+    assert report.status == "nonfinite"
+    assert "parameter leaf ['b'] contains NaN/Inf" in report.problems
