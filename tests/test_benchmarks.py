@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "run.py"
 QUICK_WORKLOADS = {"mlp-1e3", "mlp-1e4"}
@@ -47,3 +49,32 @@ def test_quick_benchmark(tmp_path):
     assert (tmp_path / "cpu-quick.md").read_text().startswith("# jaxcheck benchmark")
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "timing-quick.png").stat().st_size > 0
+
+
+SUITE = ROOT / "benchmarks" / "suite.py"
+
+
+def test_quick_suite(tmp_path):
+    """A few cases of the test-suite benchmark: both tools run in their own process, jaxcheck
+    passes the correct functions and fails the planted bug."""
+    command = [sys.executable, str(SUITE), "--quick", "--cases", "4", "--out", str(tmp_path)]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    results = json.loads((tmp_path / "suite_cpu-quick.json").read_text())
+    assert results["config"] == {"order": 1, "quick": True, "num_cases": 4}
+    cases = results["cases"]
+    assert [c["buggy"] for c in cases] == [True, False, False, False]
+    for case in cases:
+        want = "fail" if case["buggy"] else "pass"
+        assert case["jaxcheck"]["verdict"] == want, case
+        assert case["check_grads"]["verdict"] in ("pass", "fail", "error"), case
+        assert case["jaxcheck"]["seconds"] > 0 and case["check_grads"]["cpu_seconds"] > 0
+    summary = results["summary"]
+    assert summary["verdicts_lost"] == []
+    assert summary["jaxcheck"]["verdicts"] == {"correct": {"pass": 3}, "buggy": {"fail": 1}}
+    assert summary["ratio_total"] == pytest.approx(
+        summary["jaxcheck"]["total_seconds"] / summary["check_grads"]["total_seconds"]
+    )
+    assert "jaxcheck verdicts lost: none" in (tmp_path / "suite_cpu-quick.md").read_text()
