@@ -1,0 +1,168 @@
+"""Running the compiled programs along a set of directions: the projections of the
+derivative under test and the finite-difference stencil, in batches of the all-leaf
+check's size (so its programs are reused), in the reference precision, falling back to
+the model's precision (and then to the inputs' own dtypes) when fn cannot run in it."""
+
+import contextlib
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _autodiff, _differences, _precision
+from ._state import Run
+
+
+def evaluate(run: Run, index, rows, h, offsets) -> dict:
+    """Run the programs along directions `index` with per-leaf step sizes `rows`, in
+    batches of the all-leaf check's size, so that its compiled programs are reused (the
+    last batch is padded with repeats of its last direction)."""
+    n, size = len(index), run.batch
+    if n == size:
+        return _evaluate_batch(run, index, rows, h, offsets)
+    parts = []
+    for start in range(0, n, size):
+        idx, r = index[start : start + size], rows[start : start + size]
+        pad = size - len(idx)
+        if pad:
+            idx = np.concatenate([idx, np.repeat(idx[-1:], pad)])
+            r = np.concatenate([r, np.repeat(r[-1:], pad, axis=0)])
+        parts.append(_evaluate_batch(run, idx, r, h, offsets))
+    return {
+        name: None if parts[0][name] is None else np.concatenate([p[name] for p in parts])[:n]
+        for name in parts[0]
+    }
+
+
+def evaluate_full(run: Run, index, rows, h) -> dict:
+    """The full stencil: the evaluations at +-h (with the projections) and at +-h/2."""
+    outer = evaluate(run, index, rows, h, _differences.OUTER)
+    return complete(outer, evaluate(run, index, rows, h, _differences.INNER))
+
+
+def complete(outer: dict, inner: dict) -> dict:
+    """The full stencil (columns in `_differences.OFFSETS` order) from the evaluations at
+    +-h (with the projections) and at +-h/2."""
+    out = dict(outer)
+    o, i = outer["phis"], inner["phis"]
+    out["phis"] = np.stack([o[:, 0], i[:, 0], i[:, 1], o[:, 1]], axis=1)
+    return out
+
+
+def to_host(tree):
+    """A tree of device arrays as NumPy arrays (read back to the host)."""
+    return jax.tree_util.tree_map(np.asarray, tree)
+
+
+def _evaluate_batch(run: Run, index, rows, h, offsets) -> dict:
+    native = {}
+    projections = offsets == _differences.OUTER
+    if projections and ("forward" in run.modes or not run.problem.scalar_output):
+        modes = tuple(m for m in run.modes if m == "forward" or not run.problem.scalar_output)
+        try:
+            native = to_host(
+                run.timer.run(
+                    functools.partial(
+                        _autodiff.projections, run.problem, modes, run.kind, run.plan
+                    ),
+                    run.seeds,
+                    run.inputs.diff,
+                    run.inputs.traced(),
+                    # float64 step sizes for float64 params: directions identical to
+                    # the reference's, not rounded to float32
+                    rows.astype(_precision.accumulator([run.tested])),
+                    index,
+                    run.probe["output_scales"].astype(_precision.accumulator([run.tested])),
+                )
+            )
+        except TypeError as err:
+            if "forward" not in modes or "custom_vjp" not in str(err):
+                raise
+            if run.modes == ("forward",):
+                raise TypeError(
+                    "mode='forward' needs forward-mode autodiff (jvp), but fn contains a "
+                    "jax.custom_vjp function, which has no jvp. Use mode='reverse' to "
+                    "check its custom rule."
+                ) from err
+            run.modes = ("reverse",)
+            run.problems.append(
+                "fn contains a jax.custom_vjp function, which has no jvp: only the "
+                "reverse mode was checked"
+            )
+            return _evaluate_batch(run, index, rows, h, offsets)
+    out = _reference(run, index, rows, h, offsets)
+    run.evaluations += len(offsets) * len(index) + 1
+    if projections:
+        out["rev"] = out.pop("test_rev", native.get("rev"))
+        out["fwd"] = native.get("fwd")
+    return out
+
+
+def _reference(run: Run, index, rows, h, offsets) -> dict:
+    """The finite-difference program, in float64 when the policy allows it; when fn
+    cannot run so, in the model's precision (at least float32), and last with every
+    input in its own dtype (fn mixes a low-precision array it closes over with its
+    inputs, say)."""
+    if run.reference is not None:
+        return _reference_in(run, run.reference, run.cast, index, rows, h, offsets)
+    wanted = _precision.reference_dtype(run.policy, run.tested)
+    native = _precision.reference_dtype("native", run.tested)
+    attempts = [(wanted, True)]
+    if run.policy == "auto" and wanted != native:
+        attempts.append((native, True))
+    if run.policy != "float64":
+        attempts.append((run.tested, False))
+    for i, (dtype, cast) in enumerate(attempts):
+        try:
+            return _reference_in(run, dtype, cast, index, rows, h, offsets)
+        except Exception as err:  # noqa: BLE001 - any failure of fn in that precision
+            if i + 1 == len(attempts):
+                raise
+            text = str(err).strip()
+            first = text.splitlines()[0] if text else type(err).__name__
+            after = (
+                f"finite differences use {attempts[i + 1][0].name}"
+                if attempts[i + 1][1]
+                else "finite differences leave every input in its own dtype"
+            )
+            where = f"in {dtype.name}" if cast else "with its inputs in their own dtypes"
+            run.problems.append(
+                f"fn could not run {where} ({type(err).__name__}: {first[:120]}); {after}, "
+                "so the resolution is coarser"
+            )
+    raise AssertionError("unreachable")
+
+
+def _reference_in(run: Run, dtype, cast, index, rows, h, offsets) -> dict:
+    wide = dtype == jnp.float64
+    work = jnp.dtype(dtype) if cast else _precision.accumulator([dtype])
+    with _precision.x64_scope(True) if wide else contextlib.nullcontext():
+        g = run.probe.get("grad")
+        with_rule = _precision.eps(dtype) < _precision.eps(run.tested)
+        out = to_host(
+            run.timer.run(
+                functools.partial(
+                    _differences.reference,
+                    run.problem,
+                    run.modes,
+                    run.kind,
+                    run.plan,
+                    offsets,
+                    offsets == _differences.OUTER,
+                    with_rule,
+                    jnp.dtype(dtype) if cast else None,
+                    work,
+                ),
+                run.seeds,
+                run.inputs.diff,
+                run.inputs.traced(),
+                rows.astype(work),
+                index,
+                run.probe["output_scales"].astype(work),
+                g,
+                np.asarray(h, work),
+            )
+        )
+    run.reference, run.cast = jnp.dtype(dtype), cast
+    return out

@@ -1,0 +1,105 @@
+"""Host-side guards around a check: it reads numbers back and decides, so it refuses traced
+inputs, runs jaxcheck's own programs with the debug flags off (keeping the caller's for fn),
+and widens float64 NumPy params to float64 when 64-bit types are off."""
+
+import contextlib
+import contextvars
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _plan, _precision, _problem
+
+# the caller's (jax_debug_nans, jax_debug_infs), applied to fn alone when the check finds
+# NaN/Inf in it (`_probe.replay_nonfinite`)
+DEBUG_FLAGS = contextvars.ContextVar("jaxcheck_debug_flags", default=None)
+NOTES = contextvars.ContextVar("jaxcheck_notes", default=())  # for the report's problems
+_WIDE_NOTE = (
+    "params hold float64 NumPy arrays while 64-bit types are off: the check ran with them "
+    "on, so that the float64 parameters are checked as float64 (not rounded to float32)"
+)
+TRACED = (
+    "jaxcheck.verify runs on the host (it reads numbers back and decides), so it cannot be "
+    "called inside jax.jit, jax.grad, jax.vmap or any other transformation."
+)
+
+
+def host_side(run):
+    """`run` for concrete inputs only, with jaxcheck's own transfers allowed (the function
+    under check keeps the caller's transfer guard): a check reads numbers back and
+    decides, so it cannot be traced, and nothing derived from a traced value may reach
+    its caches."""
+
+    @functools.wraps(run)
+    def checked(fn, params, args, options):
+        # float64 NumPy params are checked as float64 (the caller's args keep jax's default)
+        wide = _wide_numpy(params) and not _precision.x64_enabled()
+        with _precision.x64_scope(True) if wide else contextlib.nullcontext():
+            with _contextvar(NOTES, NOTES.get() + (_WIDE_NOTE,) if wide else NOTES.get()):
+                return guarded(fn, params, args, options)
+
+    def guarded(fn, params, args, options):
+        # jaxcheck's own programs make infinities on purpose (overflow-safe scales, probes
+        # far from params): they run with the debug flags off, and the caller's flags are
+        # applied to fn alone when the check finds NaN/Inf in it (`_probe.replay_nonfinite`)
+        flags = DEBUG_FLAGS.get()  # already set when one check runs others
+        if flags is None:
+            flags = (jax.config.jax_debug_nans, jax.config.jax_debug_infs)
+        with (
+            _plan.own_transfers(),
+            jax.debug_nans(False),
+            jax.debug_infs(False),
+            _contextvar(DEBUG_FLAGS, flags),
+        ):
+            _refuse_traced(params, args)
+            try:
+                return run(fn, params, args, options)
+            except (jax.errors.UnexpectedTracerError, TypeError) as err:
+                # a closed-over tracer becomes a hidden input of the compiled program, which
+                # then refuses its inputs ("compiled for 6 inputs but called with 2")
+                if isinstance(err, TypeError) and "Computation compiled for" not in str(err):
+                    raise
+                _plan.forget(fn)
+                _problem.forget(fn)
+                raise TypeError(
+                    f"{TRACED} fn closes over a traced value (an array of an enclosing "
+                    "jax.jit, jax.grad or jax.vmap); pass it as an argument instead: "
+                    "verify(fn, params, x)."
+                ) from err
+
+    return checked
+
+
+def _wide_numpy(tree) -> bool:
+    """Whether any leaf is a float64 NumPy array or scalar (which jax would round to float32
+    with 64-bit types off)."""
+    return any(
+        isinstance(leaf, np.ndarray | np.generic) and leaf.dtype == np.float64
+        for leaf in jax.tree_util.tree_leaves(tree)
+    )
+
+
+@contextlib.contextmanager
+def _contextvar(var, value):
+    token = var.set(value)
+    try:
+        yield
+    finally:
+        var.reset(token)
+
+
+def _refuse_traced(params, args) -> None:
+    for where, tree in (("params", params), ("args", args)):
+        for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            if isinstance(leaf, jax.core.Tracer):
+                raise TypeError(
+                    f"{TRACED} The {where} leaf {jax.tree_util.keystr(key_path) or '(root)'} "
+                    "is a traced value. Call verify outside the transformation, on concrete "
+                    "arrays."
+                )
+    # inside jax.jit even new constants are traced: jaxcheck's programs would be staged
+    # into the caller's instead of run
+    if isinstance(jnp.zeros((), jnp.float32), jax.core.Tracer):
+        raise TypeError(f"{TRACED} Call it outside jax.jit, on concrete arrays.")

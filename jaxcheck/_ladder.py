@@ -1,0 +1,167 @@
+"""The step ladder: for each group of directions, the finite-difference step at which the
+error model trusts the differences. Central differences at the starting step settle a clear
+pass; otherwise the full stencil is taken and the step moves (smaller across kinks, larger
+for a fn that computes in a lower precision, to the roundoff/truncation balance when the
+noise is above target)."""
+
+import dataclasses
+
+import numpy as np
+
+from . import _differences, _error_model, _evaluate, _verdict
+from ._state import Pass, Run
+
+
+def ladder(run: Run, index, rows, h, groups):
+    """Finite differences for each group of directions (a slice of the rows), each with
+    its own step: the step h times a factor applied to the group's rows.
+
+    First, central differences D(h) from two points per direction. A group whose checks
+    all pass with a margin (the derivative agrees with D(h) to within half the
+    tolerance, or to its own measured rounding) is settled: D(h)'s truncation and noise
+    can only be smaller than that agreement, unless they cancel a bug along every
+    direction. Otherwise the stencil is completed with -h/2, h/2 and the error model
+    takes over (`_full_ladder`). Returns one (Pass, steps) per group.
+    """
+    out = _evaluate.evaluate(run, index, rows, h, _differences.OUTER)
+    results, pending = [None] * len(groups), []
+    for i, g in enumerate(groups):
+        p = _group(run, out, g, h, 1.0)
+        if _settled(run, p):
+            results[i] = (p, (h,))
+        else:
+            pending.append(i)
+    if not pending:
+        return results
+    rows_of = [np.arange(len(index))[groups[i]] for i in pending]
+    picked = np.concatenate(rows_of)
+    ends = np.cumsum([len(r) for r in rows_of])
+    sub_groups = [slice(end - len(r), end) for r, end in zip(rows_of, ends)]
+    sub_index, sub_rows = index[picked], rows[picked]
+    inner = _evaluate.evaluate(run, sub_index, sub_rows, h, _differences.INNER)
+    first = {name: None if v is None else v[picked] for name, v in out.items()}
+    first = _evaluate.complete(first, inner)
+    for i, r in zip(pending, _full_ladder(run, sub_index, sub_rows, h, sub_groups, first)):
+        results[i] = r
+    return results
+
+
+def _settled(run: Run, p: Pass) -> bool:
+    """Whether central differences alone settle the verdict as a pass."""
+    if not (p.fd.finite.all() and p.fd.smooth.all()):
+        return False
+    if p.fd.noise_floor > 0.1 * _verdict.floors(run, p.fd)["nonsmooth"]:
+        return False  # rounding alone is too coarse here: a larger step is needed
+    for c in _verdict.compare(run, p):
+        margin = 1.0 if c.rounding_measured else 0.5
+        if not (c.num_used and c.relative_error <= margin * c.tolerance):
+            return False
+        if c.noise_floor and (not c.resolved or c.absolute):
+            return False
+    return True
+
+
+def _full_ladder(run: Run, index, rows, h, groups, out):
+    """The error model's step ladder, starting from the full stencil `out` at step h.
+
+    A group whose fourth differences are far above the reference precision's rounding
+    is evaluated again at a 16 times smaller step: if d4 / step agrees direction by
+    direction, the directions cross kinks (judged against rounding alone from then on);
+    if not, fn computes in lower precision than the reference, and a third evaluation
+    takes a correspondingly larger step. A group whose noise floor is above target
+    moves to the step that balances roundoff (~1/h) against truncation (~h^2). Keeps for
+    each group the evaluation with most smooth directions, then lowest noise.
+    """
+    factors = np.ones(len(groups))
+    eps = _verdict.eps_fd(run)
+    best = [_group(run, out, g, h, 1.0) for g in groups]
+    tried = [[h] for _ in groups]
+    suspect = [p.fd.relative_noise > 100 * eps for p in best]
+    for i, p in enumerate(best):
+        if suspect[i]:
+            factors[i] = 1 / 16
+        elif p.fd.noise_floor > 0.1 * _verdict.floors(run, p.fd)["nonsmooth"] or p.fd.num_nonsmooth:
+            f = min(max(p.fd.better_step(), 1e-3), 1e3, run.max_step / h)
+            factors[i] = min(f, 1 / 8) if p.fd.num_nonsmooth else f
+    factors[(factors >= 0.5) & (factors <= 2)] = 1.0
+    if np.all(factors == 1.0):
+        return list(zip(best, map(tuple, tried)))
+    out2 = _evaluate.evaluate_full(run, index, _scale_rows(rows, groups, factors), h)
+    again = np.ones(len(groups))
+    for i, g in enumerate(groups):
+        if factors[i] == 1.0:
+            continue
+        p2 = _group(run, out2, g, h, factors[i])
+        tried[i].append(h * factors[i])
+        if suspect[i] and _same_kinks(best[i].fd, p2.fd, factors[i]):
+            kinked = _assess(run, p2.phis, p2.phi0, h, from_data=False)
+            best[i] = dataclasses.replace(p2, fd=kinked)
+        elif suspect[i]:  # d4 is noise: the function is noisier than the reference
+            again[i] = min(1e3, (best[i].fd.relative_noise / eps) ** (1 / 3), run.max_step / h)
+        else:
+            best[i] = _better(best[i], p2)
+    if np.any(again != 1.0):
+        out3 = _evaluate.evaluate_full(run, index, _scale_rows(rows, groups, again), h)
+        for i, g in enumerate(groups):
+            if again[i] != 1.0:
+                tried[i].append(h * again[i])
+                best[i] = _better(best[i], _group(run, out3, g, h, again[i]))
+    return list(zip(best, map(tuple, tried)))
+
+
+def _group(run: Run, out, sl, h, factor) -> Pass:
+    """The finite differences of one group (rows `sl` of the evaluations `out`, taken at
+    step h times `factor`), assessed by the error model."""
+
+    def cut(name):
+        return None if out.get(name) is None else out[name][sl]
+
+    if out["phis"].shape[1] == 2:
+        eps = _verdict.eps_fd(run)
+        fd = _error_model.assess_central(cut("phis"), cut("phi0"), h, eps)
+    else:
+        fd = _assess(run, cut("phis"), cut("phi0"), h, from_data=True)
+    return Pass(
+        fd,
+        cut("rev"),
+        cut("fwd"),
+        cut("ref_rev"),
+        cut("ref_fwd"),
+        cut("phis"),
+        cut("phi0"),
+        h * factor,
+    )
+
+
+def _assess(run: Run, phis, phi0, h, from_data: bool) -> _error_model.Differences:
+    return _error_model.assess(
+        phis,
+        phi0,
+        h,
+        _verdict.eps_fd(run),
+        _verdict.floors(run, None)["nonsmooth"],
+        noise_from_data=from_data,
+    )
+
+
+def _same_kinks(fd1, fd2, factor: float) -> bool:
+    """Whether d4 / step agrees between two steps direction by direction, as it does for a
+    kink at the point (a fixed jump in slope), and not for rounding noise, whose d4 is
+    random even where its size scales with the step."""
+    j1, j2 = fd1.d4, fd2.d4 / factor
+    use = fd1.finite & fd2.finite & (j1 != 0)
+    if not use.any():
+        return False
+    return bool(np.median(np.abs(j2[use] - j1[use]) / np.abs(j1[use])) < 0.3)
+
+
+def _better(p1: Pass, p2: Pass) -> Pass:
+    key = lambda p: (int(p.fd.smooth.sum()), -p.fd.noise_floor)  # noqa: E731
+    return p2 if key(p2) > key(p1) else p1
+
+
+def _scale_rows(rows, groups, factors):
+    rows = rows.copy()
+    for g, f in zip(groups, factors):
+        rows[g] *= f
+    return rows

@@ -1,0 +1,135 @@
+"""The check, stage by stage: probe at params (`_probe`), choose the starting step and
+balance the directions, take finite differences on the step ladder (`_ladder`), compare and
+judge (`_verdict`), check leaves alone where needed (`_localize`), and assemble the
+`Report`."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from . import _directions, _error_model, _ladder, _localize, _precision, _probe, _tree, _verdict
+from ._host import NOTES
+from ._report import Report, Status
+from ._state import MAX_STEP, Run
+
+
+def check(run: Run, k, step, localize, leaf_k, held_fixed) -> Report:
+    """Check the derivative along k directions, starting from the relative `step` (None:
+    the reference precision's default), localizing as `localize` says."""
+    reverse = "reverse" in run.modes
+    _probe.probe(run, reverse)
+    if run.timer.eager_reason is not None:
+        run.problems.append(
+            f"jax.jit cannot trace fn or grad_fn ({run.timer.eager_reason}); they were "
+            "evaluated eagerly, one direction at a time, which is slower"
+        )
+    paths = run.problem.params.paths_of(_tree.DIFF)
+    nonfinite = _probe.nonfinite(run, paths)
+    ref = _precision.reference_dtype(run.policy, run.tested)
+    if nonfinite:
+        _probe.replay_nonfinite(run, reverse)
+        return _report(run, Status.NONFINITE, k, None, (), (), held_fixed, ())
+    scales = run.probe["leaf_scales"]
+    h0 = step if step is not None else _precision.default_step(ref)
+    rounds_to = run.problem.rounds_to
+    if rounds_to is not None and _precision.eps(rounds_to) > _precision.eps(ref):
+        run.rounds_to = jnp.dtype(rounds_to)
+        if step is None:
+            h0 = _precision.default_step(run.rounds_to)
+        run.problems.append(
+            f"fn rounds values computed from params to {rounds_to} (an explicit cast), "
+            f"so it is a staircase of {rounds_to} quanta even in {jnp.dtype(ref).name}: "
+            f"finite differences take a relative step of {h0:.1e} and judge at "
+            f"{rounds_to} resolution"
+        )
+    run.max_step = max(MAX_STEP, h0)
+    beta, share = scales, None
+    if reverse:
+        beta, share = _directions.balance(
+            scales,
+            run.probe["grad_norms"],
+            _precision.eps(ref) ** 0.25,
+            _needed_derivative(run, ref, h0),
+        )
+    index = np.arange(k, dtype=np.int32)
+    run.batch = k
+    [(p, steps)] = _ladder.ladder(run, index, np.tile(beta, (k, 1)), h0, [slice(0, k)])
+    if step is None and run.reference != ref:
+        # fn could not run in float64: take the step of the precision it ran in
+        h0 = min(_precision.default_step(run.reference), run.max_step)
+        [(p, steps)] = _ladder.ladder(run, index, np.tile(beta, (k, 1)), h0, [slice(0, k)])
+    flat = _verdict.flat_directions(p)
+    if step is None and flat is not None and not flat[1] and p.step < run.max_step:
+        # flat at this step while the derivative is not: a staircase of quanta larger
+        # than the step (fn rounds to a low precision), or truly flat: the largest
+        # step tells them apart
+        h0 = run.max_step
+        [(p, more)] = _ladder.ladder(run, index, np.tile(beta, (k, 1)), h0, [slice(0, k)])
+        steps = tuple(steps) + tuple(more)
+    checks = _verdict.compare(run, p)
+    if _verdict.incomparable(run, checks[0]):
+        run.reference = _precision.reference_dtype("native", run.tested)
+        h0 = step if step is not None else _precision.default_step(run.reference)
+        [(p, steps)] = _ladder.ladder(run, index, np.tile(beta, (k, 1)), h0, [slice(0, k)])
+        checks = _verdict.compare(run, p)
+    status = _verdict.status(run, p, checks, k, run.problems)
+    _verdict.note_large_rounding(run, checks[0])
+    leaves = ()
+    chosen = _localize.chosen_leaves(localize, status, share, checks[0].tolerance, len(paths))
+    if chosen:
+        leaves = _localize.localize(run, scales, leaf_k, h0, paths, chosen)
+        status = _localize.merge_leaves(run, status, leaves)
+    return _report(run, status, k, p, checks, leaves, held_fixed, steps)
+
+
+def _needed_derivative(run: Run, ref, h) -> float:
+    """Smallest RMS directional derivative whose roundoff error bar (~15 sigma / h, with
+    sigma ~ 10 eps |phi|) stays at a tenth of the smallest tolerance."""
+    if run.problem.scalar_output:
+        magnitude = abs(float(run.probe["value"]))
+    else:
+        magnitude = math.sqrt(sum(math.prod(s) for s in run.problem.out_shapes))
+    eps_r, eps_t = _precision.eps(ref), _precision.eps(run.tested)
+    rule, tested = _verdict.floor_values(eps_t, eps_r, eps_r)
+    floor = rule if eps_r < eps_t else tested
+    return 15 * 10 * eps_r * magnitude / (h * 0.1 * floor)
+
+
+def _report(run: Run, status, k, p, checks, leaves, held_fixed, steps) -> Report:
+    head = checks[0] if checks else None
+    nan = math.nan
+    ref = run.reference or _precision.reference_dtype(run.policy, run.tested)
+    analytic = None
+    if p is not None:
+        analytic = p.rev if p.rev is not None else p.fwd
+    return Report(
+        status=status,
+        relative_error=head.relative_error if head else nan,
+        interval=head.interval if head else (nan, nan),
+        tolerance=head.tolerance if head else nan,
+        noise_floor=head.noise_floor if head else nan,
+        checks=tuple(checks),
+        leaves=tuple(leaves),
+        held_fixed=tuple(held_fixed),
+        mode="+".join(run.modes),
+        tested_dtype=run.tested.name,
+        reference_dtype=jnp.dtype(ref).name,
+        step=p.step if p else math.nan,
+        steps_tried=tuple(float(s) for s in steps),
+        num_directions=k,
+        num_nonsmooth=p.fd.num_nonsmooth if p else 0,
+        num_nonfinite=int(np.sum(~p.fd.finite)) if p else 0,
+        num_subgradient_consistent=(
+            _error_model.subgradient_consistent(p.fd, analytic) if p else 0
+        ),
+        num_evaluations=run.evaluations,
+        problems=(*run.problems, *NOTES.get(), *run.problem.notes),
+        compile_seconds=run.timer.compile_s,
+        run_seconds=run.timer.run_s,
+        num_compiled=run.timer.compiled,
+        stencil_points=p.fd.points if p else 0,
+        peak_memory_bytes=run.timer.peak_bytes,
+        numeric=None if p is None else np.asarray(p.numeric),
+        analytic=None if analytic is None else np.asarray(analytic, np.float64),
+    )

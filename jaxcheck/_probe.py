@@ -1,0 +1,97 @@
+"""The probe: one program at params, before any direction is drawn, that measures the scales
+of the parameters, outputs and gradient and whether they are finite. A NaN/Inf found here
+ends the check (and, with the caller's debug flags on, is replayed so that JAX names the
+primitive that made it)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _autodiff, _directions, _evaluate
+from ._host import DEBUG_FLAGS
+from ._state import Run
+
+
+def probe(run: Run, reverse: bool) -> None:
+    """Run the probe program and keep its values in `run.probe`."""
+    try:
+        values = run.timer.run(
+            functools.partial(_autodiff.probe, run.problem, reverse),
+            run.seeds[1],
+            run.inputs.diff,
+            run.inputs.traced(),
+        )
+    except jax.errors.TracerArrayConversionError as err:
+        if not (reverse and run.problem.grad_fn is None):
+            raise
+        raise TypeError(
+            "fn converts its inputs to NumPy arrays (it calls NumPy on them), so jax "
+            "cannot differentiate it: jax.grad needs fn written with jax.numpy. To check "
+            "a NumPy function, pass its hand-written gradient: "
+            "verify(fn, params, *args, grad_fn=grad_fn)."
+        ) from err
+    # the gradient stays on its devices (and sharding); only the small values come over
+    run.probe = _on_host(values, run.inputs.diff, run.problem)
+
+
+def _on_host(probe: dict, diff: list, problem) -> dict:
+    """The probe's scales and finiteness flags as NumPy values; the gradient stays a list
+    of device arrays, passed on only for a scalar fn (whose projections are formed from it)."""
+    out = {k: _evaluate.to_host(v) for k, v in probe.items() if k != "grad"}
+    rms_params, out["params_finite"] = _directions.host_rms(out["param_squares"], diff)
+    out["leaf_scales"] = _directions.with_floor(rms_params, [max(x.size, 1) for x in diff])
+    if "grad" in probe:
+        rms_grad, out["grad_finite"] = _directions.host_rms(out["grad_squares"], probe["grad"])
+        out["grad_norms"] = rms_grad * np.sqrt([max(x.size, 1) for x in diff])
+        if problem.scalar_output:
+            out["grad"] = probe["grad"]
+    return out
+
+
+def nonfinite(run: Run, paths) -> bool:
+    """Whether params, fn's outputs or the gradient hold NaN/Inf at params; each one found
+    is added to the problems."""
+    pr = run.probe
+    found = [
+        f"parameter leaf {p or '(root)'} contains NaN/Inf"
+        for p, ok in zip(paths, pr["params_finite"])
+        if not ok
+    ]
+    found += [
+        f"fn's output {p or '(root)'} is NaN/Inf at params"
+        for p, ok in zip(run.problem.out_paths, pr["outputs_finite"])
+        if not ok
+    ]
+    if "grad_finite" in pr:
+        source = "grad_fn" if run.problem.grad_fn is not None else "autodiff"
+        found += [
+            f"the gradient ({source}) of leaf {p or '(root)'} is NaN/Inf"
+            for p, ok in zip(paths, pr["grad_finite"])
+            if not ok
+        ]
+    run.problems += found
+    return bool(found)
+
+
+def replay_nonfinite(run: Run, reverse: bool) -> None:
+    """With the caller's jax_debug_nans/jax_debug_infs on, evaluate fn (and its
+    gradient) at params again, op by op under those flags, so that JAX's own
+    FloatingPointError names the primitive that made the NaN/Inf, as it would outside
+    the check. (With the flags off, or when no primitive of fn trips them, the check
+    reports "nonfinite".)"""
+    nans, infs = DEBUG_FLAGS.get() or (False, False)
+    if not (nans or infs) or not np.all(run.probe["params_finite"]):
+        return  # NaN/Inf already in params: the report says which leaf
+    problem, inputs = run.problem, run.inputs
+    f = lambda d: problem.outputs(d, inputs.traced())  # noqa: E731
+    with jax.disable_jit(), jax.debug_nans(nans), jax.debug_infs(infs):
+        outs = f(inputs.diff)
+        if not reverse:
+            return
+        if problem.grad_fn is not None:
+            problem.gradient(inputs.diff, inputs.traced())
+        else:
+            _, vjp_fn = jax.vjp(f, inputs.diff)
+            vjp_fn([jnp.ones_like(y) for y in outs])

@@ -1,0 +1,257 @@
+"""The verdict: the smallest errors that count as bugs (floors), the comparisons of the
+derivative under test with finite differences, and the status they lead to, with the rules
+for a flat fn (piecewise constant at the step) and for an absolute comparison that says
+nothing (vacuous)."""
+
+import math
+
+import numpy as np
+
+from . import _error_model, _precision
+from ._report import Status
+from ._state import Pass, Run
+
+MAX_NOISE_FLOOR = 0.025  # a reference noisier than this cannot resolve a few-percent bug
+ROUNDING_NOTE = 1e3  # rounding above this many eps of the tested dtype is pointed out
+
+
+def eps_fd(run: Run) -> float:
+    """The resolution of fn's values in the reference: its precision, or that of a
+    lower-precision dtype fn rounds its values to inside."""
+    eps = _precision.eps(run.reference)
+    return eps if run.rounds_to is None else max(eps, _precision.eps(run.rounds_to))
+
+
+def floors(run: Run, fd) -> dict:
+    """Smallest relative errors that count as bugs, per comparison."""
+    eps_t, eps_r = _precision.eps(run.tested), _precision.eps(run.reference)
+    with_rule = eps_r < eps_t
+    eps_eff = max(eps_fd(run), fd.relative_noise if fd is not None else 0.0)
+    rule, tested = floor_values(eps_t, eps_r, eps_eff)
+    if run.rtol is not None:
+        rule, tested = run.rtol, run.rtol
+    return {"rule": rule, "tested": tested, "nonsmooth": rule if with_rule else tested}
+
+
+def floor_values(eps_tested: float, eps_reference: float, eps_effective: float):
+    """Default smallest relative errors that count as bugs: (same rule in the reference
+    precision, derivative under test). The rule is held to 1e-6, or to 10 eps^(2/3) of the
+    precision fn really computes in; the derivative under test to 10 eps of its dtype when a
+    higher-precision rule measures its rounding, else to sqrt(eps) (1.5e-8 in float64: a
+    float64 gradient 5e-7 off is wrong), or to what fn's real precision allows."""
+    rule = max(1e-6, 10 * eps_effective ** (2 / 3))
+    if eps_reference < eps_tested:
+        return rule, 10 * eps_tested
+    return rule, max(math.sqrt(eps_tested), 10 * eps_effective ** (2 / 3))
+
+
+def compare(run: Run, p: Pass) -> tuple:
+    """The comparisons of the derivative under test (per mode; with the same rule in the
+    reference precision where that is more precise) with the finite differences, and of
+    forward with reverse mode when both are checked. The first one is the head check."""
+    fl = floors(run, p.fd)
+    t, r = run.tested.name, run.reference.name
+    with_rule = _precision.eps(run.reference) < _precision.eps(run.tested)
+    source = "grad_fn" if run.problem.grad_fn is not None else "autodiff"
+    checks = []
+    use = p.fd.smooth
+    # the absolute size below which a derivative is zero here: by the finite
+    # differences' error bars, or by the rounding of the derivatives under test
+    zero_scale = max(_error_model.rms(p.fd.value[use]), _error_model.rms(p.fd.bar[use]))
+    for mode, a, a_ref in (("reverse", p.rev, p.ref_rev), ("forward", p.fwd, p.ref_fwd)):
+        if mode not in run.modes:
+            continue
+        rounding_scale = 0.0
+        if with_rule:  # absolute size of the tested derivative's rounding
+            use = p.fd.smooth & np.isfinite(a) & np.isfinite(a_ref)
+            rounding_scale = _error_model.rms(a[use] - a_ref[use]) if use.any() else 0.0
+            zero_scale = max(zero_scale, rounding_scale)
+        checks.append(
+            _error_model.compare(
+                f"{mode} {source} ({t}) vs finite differences ({r})",
+                p.fd,
+                a,
+                fl["tested"],
+                a_ref if with_rule else None,
+                rounding_scale,
+            )
+        )
+        if with_rule:
+            checks.append(
+                _error_model.compare(
+                    f"{mode} {source}, same rule in {r}, vs finite differences",
+                    p.fd,
+                    a_ref,
+                    fl["rule"],
+                    rounding_scale=rounding_scale,
+                )
+            )
+    if len(run.modes) == 2:
+        rounding = math.hypot(checks[0].rounding, checks[-2 if with_rule else -1].rounding)
+        checks.append(
+            _error_model.consistency(
+                f"forward vs reverse ({t}), <u, J v> = <J^T u, v>",
+                p.fwd,
+                p.rev,
+                fl["tested"],
+                rounding,
+                zero_scale,
+            )
+        )
+    return tuple(checks)
+
+
+def status(run: Run, p: Pass, checks, k, problems) -> Status:
+    """The status of one group of k directions from its checks; the reasons for any status
+    but a plain pass or fail are appended to `problems`."""
+    bad = int(np.sum(~p.fd.finite))
+    if bad:
+        problems.append(
+            f"finite differences are NaN/Inf along {bad} of {k} directions: fn is not finite "
+            f"within a relative step {p.step:.1e} of params"
+        )
+        return Status.NONFINITE
+    used = int(p.fd.smooth.sum())
+    if used < max(3, k // 2):
+        problems.append(
+            f"only {used} of {k} directions are smooth at this point; non-smooth directions "
+            "(kinks within the step) are excluded from the verdict"
+        )
+        return Status.INCONCLUSIVE
+    head = checks[0]
+    flat = _flat(run, p, k, problems)
+    if flat is not None:
+        return flat
+    noisy = max(math.sqrt(_precision.eps(run.tested)), 100 * eps_fd(run))
+    if head.absolute and p.fd.relative_noise > noisy:
+        problems.append(
+            f"fn's values scatter by {p.fd.relative_noise:.1e} (relative) between nearby "
+            "evaluations, far beyond rounding, so its derivative cannot be told from zero: "
+            "is fn random, or not a function of params and args alone (say, constants "
+            "drawn anew each time it is traced)?"
+        )
+        return Status.INCONCLUSIVE
+    coarse = head.noise_floor > MAX_NOISE_FLOOR
+    if coarse and head.relative_error > 2 * head.tolerance:
+        return Status.FAIL  # wrong beyond twice a tolerance that includes the noise
+    if head.absolute and coarse and vacuous(p, run.rounds_to is not None):
+        problems.append(
+            "finite-difference noise (noise floor "
+            f"{head.noise_floor:.1e}) is as large as the derivative judged: a pass would "
+            "carry no information about it (does fn round to a low precision inside?). "
+            "Try a larger `step`, or a point where the derivative is not zero"
+        )
+        return Status.INCONCLUSIVE
+    if head.absolute:  # the derivative is zero to within noise or rounding
+        problems.append(
+            "the derivative is zero to within finite-difference noise or rounding along "
+            "these directions (at a stationary point?); it was judged in absolute terms"
+        )
+    elif coarse:
+        problems.append(
+            f"finite-difference noise floor {head.noise_floor:.1e} is too coarse to judge "
+            "the gradient"
+        )
+        return Status.INCONCLUSIVE
+    return Status.PASS if all(c.passed for c in checks) else Status.FAIL
+
+
+def _flat(run: Run, p: Pass, k, problems) -> Status | None:
+    """The verdict where fn's values do not change at all within the step along most
+    directions (finite differences exactly zero): a pass when the derivative under test
+    is exactly zero there too (fn is piecewise constant here); inconclusive when it is
+    not, unless fn stays flat at the largest step (a staircase of a low precision that
+    fn rounds to inside looks flat at a step below its quanta: never a failure)."""
+    flat = flat_directions(p)
+    if flat is None:
+        return None
+    n, zero = flat
+    if zero:
+        problems.append(
+            f"fn is flat here: its values do not change within a relative step {p.step:.1e} "
+            "along any direction, so its derivative is zero everywhere nearby "
+            "(piecewise constant, as round or argmax are), as the derivative under test says"
+        )
+        return Status.PASS
+    if p.step >= 0.99 * run.max_step:
+        return None  # flat even at the largest step: judged as usual
+    problems.append(
+        f"fn's values do not change within a relative step {p.step:.1e} along {n} of {k} "
+        "directions (finite differences exactly zero) while the derivative under test is "
+        "not zero there: fn is piecewise constant at this scale (it rounds to a low "
+        "precision inside, say a cast to bfloat16?), so finite differences cannot judge "
+        f"its derivative. Try a larger `step` (up to {run.max_step})"
+    )
+    return Status.INCONCLUSIVE
+
+
+def vacuous(p: Pass, rounds: bool) -> bool:
+    """Whether an absolute comparison (the derivative zero to within the error bars) says
+    nothing: fn's values are coarse (it rounds to a low precision: seen in its jaxpr, or
+    constant along some direction), or the derivative under test (its rule in higher
+    precision, where measured) is not small against the error bars, which then hide it.
+    At a true zero (a stationary point, an identically zero fn) it is far below them."""
+    use = p.fd.smooth
+    a = p.rev if p.rev is not None else p.fwd
+    a_ref = p.ref_rev if p.rev is not None else p.ref_fwd
+    claimed = _error_model.rms((a if a_ref is None else a_ref)[use])
+    coarse_values = rounds or bool(np.any(_constant_along(p)))
+    return coarse_values or claimed > 0.1 * _error_model.rms(p.fd.bar[use])
+
+
+def _constant_along(p: Pass) -> np.ndarray:
+    """Whether fn's values are exactly equal at every stencil point, per direction."""
+    return np.all(p.phis == p.phi0[:, None], axis=1)
+
+
+def flat_directions(p: Pass):
+    """None, unless fn's values are exactly constant within the step along at least half of
+    the smooth directions; then (how many, whether the derivative under test is zero
+    there: exactly, or to within its rounding against the same rule in higher precision)."""
+    a = p.rev if p.rev is not None else p.fwd
+    use = p.fd.smooth & np.isfinite(a)
+    flat = use & _constant_along(p)
+    n = int(flat.sum())
+    if n == 0 or 2 * n < int(use.sum()):
+        return None
+    zero = not np.any(a[use])
+    a_ref = p.ref_rev if p.rev is not None else p.ref_fwd
+    if (
+        not zero
+        and a_ref is not None
+        and _error_model.rms(a_ref[use]) <= _error_model.rms(a[use] - a_ref[use])
+    ):
+        return None  # the same rule in higher precision is zero: a is rounding alone
+    return n, zero and n == int(use.sum())
+
+
+def incomparable(run: Run, head) -> bool:
+    """Whether fn in float64 is a different function from fn in the model's precision
+    (say, random numbers drawn in the default dtype), judged by the gradients of the two
+    disagreeing by far more than rounding; then finite differences fall back to the
+    model's precision."""
+    limit = max(0.1, 30 * math.sqrt(_precision.eps(run.tested)))
+    if run.policy != "auto" or not head.resolved or not head.rounding > limit:
+        return False
+    run.problems.append(
+        f"the derivative of fn in {run.reference.name} differs from that in "
+        f"{run.tested.name} by {head.rounding:.1e}, far beyond rounding: fn computes "
+        f"something else in {run.reference.name} (e.g. random numbers drawn in the "
+        "default dtype); finite differences use the model's precision instead"
+    )
+    return True
+
+
+def note_large_rounding(run: Run, head) -> None:
+    """Say so when the derivative in the model's dtype is far from the same rule in the
+    reference dtype: it is excused as rounding, which is right for an ill-conditioned
+    loss, but would also excuse a bug in a code path taken only in the model's dtype."""
+    eps_t = max(_precision.eps(run.tested), eps_fd(run))
+    if head.rounding_measured and head.rounding > ROUNDING_NOTE * eps_t:
+        run.problems.append(
+            f"the {run.tested.name} derivative differs from the same rule in "
+            f"{run.reference.name} by {head.rounding:.1e} (relative), far above "
+            f"{run.tested.name} rounding of a well-conditioned computation; it was "
+            "accepted as rounding (an ill-conditioned loss?). If fn or its rules take a "
+            f"different path in {run.tested.name}, check that path"
+        )
