@@ -2,6 +2,7 @@
 
 import importlib.metadata
 
+from ._check_grads import check_grads as check_grads
 from ._checker import Checker as Checker
 from ._error_model import Comparison as Comparison
 from ._errors import GradientCheckError as GradientCheckError

@@ -1,0 +1,240 @@
+"""`check_grads`: a drop-in for `jax.test_util.check_grads` that runs jaxcheck's check.
+
+The positional arguments of `f` become the parameter pytree (a tuple) of one `verify` call;
+JAX's `modes` and `order` map onto its `mode` and `order`, and JAX's tolerances become floors
+under jaxcheck's own derived tolerance (see `check_grads` for exactly how).
+"""
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _options, _verify
+from ._errors import GradientCheckError
+from ._report import Report, Status
+
+MODES = {"fwd": "forward", "rev": "reverse", "lin": "forward"}
+# The loosest floor a JAX-style tolerance can set: a zero or sign-flipped gradient has a
+# relative error of 1 or more, and the floor must stay below what verify accepts (< 1).
+MAX_FLOOR = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """One `check_grads` call: its report and what it means for a test.
+
+    `verdict` is "pass", "fail" (a wrong derivative, or a NaN/Inf derivative where `f` is
+    finite) or "unjudged" (nothing to judge: a kink at the point, or `f` itself NaN/Inf at
+    or next to it; JAX's check_grads counts NaN equal to NaN there).
+    """
+
+    report: Report | None  # None when every float argument is empty: nothing to check
+    verdict: str
+
+    @property
+    def headline(self) -> str:
+        """Status, relative error against tolerance, and the first problem noted, on one
+        line."""
+        r = self.report
+        if r is None:
+            return "pass; every floating-point argument is empty, nothing to check"
+        parts = [r.status.value]
+        if not math.isnan(r.relative_error):
+            parts.append(f"relative error {r.relative_error:.1e} (tolerance {r.tolerance:.1e})")
+        if r.problems:
+            parts.append(r.problems[0])
+        if self.verdict == "unjudged":
+            parts.append("not judged")
+        return "; ".join(parts)
+
+
+def check_grads(
+    f: Callable,
+    args: Sequence[Any],
+    order: int,
+    modes: Sequence[str] = ("fwd", "rev"),
+    atol: Any = None,
+    rtol: Any = None,
+    eps: float | None = None,
+    *,
+    raise_unjudged: bool = False,
+) -> None:
+    """Check the derivatives of `f` at `args` like `jax.test_util.check_grads`, with
+    jaxcheck's calibrated check: `verify(lambda a: f(*a), tuple(args), order=order, mode=m)`.
+
+    Every floating-point argument is differentiated (integer and other non-float arguments
+    are held fixed; JAX's own check_grads cannot differentiate them either); when every one
+    of them is empty there is nothing to check and it returns. `f` may return
+    any pytree of float arrays. `modes` "fwd" (and JAX's "lin") check forward mode (jvp),
+    "rev" reverse mode (vjp); both also check that the two agree. `order` is the highest
+    order of derivatives checked, as in JAX.
+
+    Tolerances. jaxcheck derives its tolerance for each check from the finite-difference
+    error model (about 1e-6 for float32 against a float64 reference); JAX's values only
+    loosen it, as a floor on the relative error
+    `‖W(g̃ − g)‖ / ‖W g‖` (see `verify`) that counts as a bug:
+
+    - `rtol`: the smallest relative error treated as a bug (verify's `rtol`). A dict keyed
+      by dtype, as JAX accepts, gives the value for the arguments' lowest-precision float
+      dtype (none listed: jaxcheck's own). Values above 0.5 count as 0.5: a gradient of zero
+      has a relative error of 1.
+    - `atol`: JAX's absolute tolerance keeps derivatives that are near zero from failing on
+      finite-difference noise. jaxcheck judges such derivatives in absolute terms against
+      its measured noise already, and its directions are scaled to each argument's size, so
+      an absolute bound would have no fixed unit there. `atol` therefore acts as a relative
+      floor too: the floor is the larger of `atol` and `rtol`.
+    - `eps`: accepted and not used. JAX's fixed step suits one float32 difference; jaxcheck
+      evaluates the differences in float64 on a step ladder that its error model moves away
+      from roundoff, truncation and kinks, which a fixed step would undo.
+
+    Loose values set to quiet JAX's false alarms still catch larger bugs: with
+    `atol=rtol=0.2` a derivative 50 % off fails, and with the defaults one 1 % off fails.
+
+    Args:
+        f: function of the positional `args`, returning a pytree of float arrays.
+        args: tuple or list of the arguments.
+        order: highest derivative order to check (>= 1).
+        modes: a sequence of "fwd", "rev" (and "lin", checked as "fwd").
+        atol: absolute tolerance of JAX's check_grads; here a relative floor (see above).
+        rtol: smallest relative error treated as a bug (float, or dict keyed by dtype).
+        eps: JAX's finite-difference step; not used (see above).
+        raise_unjudged: also raise when there is nothing to judge (status "inconclusive",
+            or "nonfinite" because `f` itself is NaN/Inf at or next to `args`). By default
+            these return quietly, as JAX's check_grads does where it counts NaN equal to NaN.
+
+    Returns:
+        None.
+
+    Raises:
+        GradientCheckError: the derivative is wrong, or NaN/Inf where `f` is finite.
+        TypeError, ValueError: bad inputs, saying which and what to pass.
+
+    Example:
+        >>> import jax.numpy as jnp, jaxcheck
+        >>> jaxcheck.check_grads(lambda x, y: jnp.sin(x) * y, (jnp.ones(3), 2.0), order=1)
+    """
+    outcome = run(f, args, order, modes, atol, rtol, eps)
+    if outcome.verdict == "fail" or (raise_unjudged and outcome.verdict == "unjudged"):
+        raise GradientCheckError(outcome.report)
+
+
+def run(f, args, order, modes=("fwd", "rev"), atol=None, rtol=None, eps=None) -> Outcome:
+    """`check_grads` without raising: the report and its verdict."""
+    if not callable(f):
+        raise TypeError(f"check_grads: f must be callable, got {type(f).__name__}.")
+    if not isinstance(args, tuple | list):
+        raise TypeError(
+            f"check_grads: args must be a tuple or list of f's positional arguments, got "
+            f"{type(args).__name__}. For one argument x, pass (x,)."
+        )
+    if not isinstance(order, int) or isinstance(order, bool) or order < 1:
+        raise ValueError(f"check_grads: order must be an int >= 1, got {order!r}.")
+    _check_step(eps)
+    params = tuple(args)
+    options = _options.Options(order=order, mode=_mode(modes), rtol=_floor(atol, rtol, params))
+    floats = [x for x in jax.tree.leaves(params) if _inexact(x)]
+    if floats and not any(np.size(x) for x in floats):
+        # a derivative with respect to empty arrays is empty: JAX's check passes there too
+        return Outcome(None, "pass")
+    report = _verify.run(lambda a: f(*a), params, (), options)
+    return Outcome(report, _verdict(report, f, params))
+
+
+def _mode(modes) -> str:
+    if isinstance(modes, str):  # JAX's `"fwd" in modes` lets a bare string through
+        modes = (modes,)
+    try:
+        names = list(modes)
+    except TypeError:
+        raise TypeError(
+            f"check_grads: modes must be a sequence of 'fwd'/'rev', got {modes!r}."
+        ) from None
+    unknown = [m for m in names if m not in MODES]
+    if unknown:
+        raise ValueError(
+            f"check_grads: unknown mode(s) {unknown!r} in modes={modes!r}; use 'fwd' "
+            "(forward, jvp), 'rev' (reverse, vjp), or both: modes=('fwd', 'rev')."
+        )
+    chosen = {MODES[m] for m in names}
+    if not chosen:
+        raise ValueError(
+            "check_grads: modes is empty, so nothing would be checked; pass modes=('fwd', "
+            "'rev'), ('fwd',) or ('rev',)."
+        )
+    return chosen.pop() if len(chosen) == 1 else "both"
+
+
+def _check_step(eps) -> None:
+    if eps is not None and not (
+        isinstance(eps, int | float | np.floating)
+        and not isinstance(eps, bool)
+        and math.isfinite(eps)
+        and eps > 0
+    ):
+        raise ValueError(f"check_grads: eps must be a positive float or None, got {eps!r}.")
+
+
+def _tolerance_value(name: str, tol, dtypes) -> float | None:
+    if tol is None:
+        return None
+    if isinstance(tol, dict):
+        by_dtype = {np.dtype(k): v for k, v in tol.items()}
+        found = [by_dtype[d] for d in dtypes if d in by_dtype]
+        return _tolerance_value(name, max(found), dtypes) if found else None
+    if isinstance(tol, bool) or not isinstance(tol, int | float | np.number):
+        raise TypeError(
+            f"check_grads: {name} must be a float, a dict of floats keyed by dtype, or None; "
+            f"got {tol!r}."
+        )
+    if not (math.isfinite(tol) and tol >= 0):
+        raise ValueError(f"check_grads: {name} must be finite and >= 0, got {tol!r}.")
+    return float(tol) or None  # JAX treats 0 as "use the default"
+
+
+def _floor(atol, rtol, params) -> float | None:
+    """The relative floor verify's `rtol` gets from JAX-style `atol`/`rtol`."""
+    dtypes = sorted(
+        {np.dtype(jnp.result_type(x)) for x in jax.tree.leaves(params) if _inexact(x)},
+        key=lambda d: float(jnp.finfo(d).eps),
+        reverse=True,
+    )[:1]  # the lowest precision: its entry in a dict is the one that applies
+    given = [
+        v
+        for v in (_tolerance_value("atol", atol, dtypes), _tolerance_value("rtol", rtol, dtypes))
+        if v is not None
+    ]
+    return min(max(given), MAX_FLOOR) if given else None
+
+
+def _inexact(x) -> bool:
+    if isinstance(x, bool | int):
+        return False
+    if isinstance(x, float | complex):
+        return True
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
+
+
+def _verdict(report: Report, f, params) -> str:
+    if report.status is Status.PASS:
+        return "pass"
+    if report.status is Status.FAIL:
+        return "fail"
+    if report.status is Status.INCONCLUSIVE:
+        return "unjudged"
+    # Non-finite: a NaN/Inf derivative where f and its inputs are finite is a bug; NaN/Inf in
+    # f at the point, or within the finite-difference step of it, leaves nothing to judge.
+    if not _all_finite(params) or not _all_finite(f(*params)):
+        return "unjudged"
+    if report.analytic is not None and not _all_finite(report.analytic):
+        return "fail"
+    return "unjudged" if report.num_nonfinite else "fail"
+
+
+def _all_finite(tree) -> bool:
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree) if _inexact(x))

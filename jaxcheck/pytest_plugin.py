@@ -1,0 +1,145 @@
+"""pytest plugin: `pytest --jaxcheck` runs every `jax.test_util.check_grads` call of a suite
+through `jaxcheck.check_grads`, without editing a test.
+
+Loaded through the `pytest11` entry point (or `-p jaxcheck.pytest_plugin`), it only adds the
+option; without `--jaxcheck` it changes nothing. With it, the original `check_grads` is
+replaced wherever a loaded module holds it (`jax.test_util`, `jax._src.public_test_util`,
+`jax._src.test_util`, and test modules that imported the name), so tests that import it later
+get the replacement too. A wrong derivative, or a NaN/Inf one where the function is finite,
+fails the test. A check with nothing to judge (a kink at the point, or the function itself
+NaN/Inf there) does not; it is listed, with the wrong ones, in a summary at the end.
+"""
+
+import dataclasses
+import sys
+
+import pytest
+
+ENTRY_POINT = "jaxcheck"  # the name of the pytest11 entry point in pyproject.toml
+JAX_MODULES = ("jax.test_util", "jax._src.public_test_util", "jax._src.test_util")
+
+
+def pytest_addoption(parser):
+    parser.getgroup("jaxcheck").addoption(
+        "--jaxcheck",
+        action="store_true",
+        default=False,
+        help="run jax.test_util.check_grads calls through jaxcheck.check_grads and list the "
+        "checks that did not pass at the end",
+    )
+
+
+def pytest_plugin_registered(plugin, plugin_name, manager):
+    # `-p jaxcheck.pytest_plugin` registers this module under its module name; pytest would
+    # then load the same module again through the `jaxcheck` entry point and stop with
+    # "Plugin already registered under a different name" (pytest-dev/pytest#4718).
+    if (
+        plugin is sys.modules[__name__]
+        and plugin_name != ENTRY_POINT
+        and manager.get_plugin(ENTRY_POINT) is None
+    ):
+        manager.set_blocked(ENTRY_POINT)
+
+
+def pytest_configure(config):
+    if config.getoption("jaxcheck", default=False):
+        config.pluginmanager.register(Router(), "jaxcheck-router")
+
+
+@dataclasses.dataclass
+class Record:
+    """A routed check that did not pass: where it ran and what it found."""
+
+    nodeid: str
+    verdict: str  # "fail", "unjudged" or "error"
+    headline: str
+
+
+class Router:
+    """Holds the replacement while the session runs and collects what it found."""
+
+    def __init__(self):
+        self.nodeid = "(outside a test)"
+        self.records: list[Record] = []
+        self.calls = 0
+        self.replaced: list[tuple[object, str, object]] = []
+
+    # -- replacing the original -----------------------------------------------------------
+
+    def pytest_configure(self, config):
+        import importlib
+
+        for name in JAX_MODULES:
+            try:
+                importlib.import_module(name)
+            except ImportError:  # jax._src.test_util needs absl; without it, nothing to route
+                pass
+        from jax._src import public_test_util
+
+        self.original = public_test_util.check_grads
+        self.replacement = self._make_replacement()
+        for module in list(sys.modules.values()):
+            for attr, value in list(getattr(module, "__dict__", {}).items()):
+                if value is self.original:
+                    setattr(module, attr, self.replacement)
+                    self.replaced.append((module, attr, value))
+
+    def pytest_unconfigure(self, config):
+        for module, attr, value in reversed(self.replaced):
+            setattr(module, attr, value)
+        self.replaced.clear()
+
+    def _make_replacement(self):
+        import functools
+
+        from . import _check_grads
+
+        @functools.wraps(self.original)
+        def check_grads(f, args, order, modes=("fwd", "rev"), atol=None, rtol=None, eps=None):
+            self.calls += 1
+            try:
+                outcome = _check_grads.run(f, args, order, modes, atol, rtol, eps)
+            except Exception as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                self.records.append(Record(self.nodeid, "error", f"{type(e).__name__}: {first}"))
+                raise
+            if outcome.verdict != "pass":
+                self.records.append(Record(self.nodeid, outcome.verdict, outcome.headline))
+            if outcome.verdict == "fail":
+                raise _check_grads.GradientCheckError(outcome.report)
+
+        check_grads.routed_by_jaxcheck = True
+        return check_grads
+
+    # -- knowing which test is running ----------------------------------------------------
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_protocol(self, item, nextitem):
+        self.nodeid = item.nodeid
+        try:
+            return (yield)
+        finally:
+            self.nodeid = "(outside a test)"
+
+    # -- the summary ----------------------------------------------------------------------
+
+    def pytest_terminal_summary(self, terminalreporter):
+        counts = {v: sum(r.verdict == v for r in self.records) for v in VERDICTS}
+        passed = self.calls - len(self.records)
+        tr = terminalreporter
+        tr.section("jaxcheck check_grads")
+        tr.line(
+            f"{self.calls} check_grads calls routed to jaxcheck: {passed} passed, "
+            + ", ".join(f"{counts[v]} {VERDICTS[v]}" for v in VERDICTS)
+        )
+        for verdict in VERDICTS:
+            for r in self.records:
+                if r.verdict == verdict:
+                    tr.line(f"{verdict.upper():8} {r.nodeid}: {r.headline}")
+
+
+VERDICTS = {
+    "fail": "failed (the test fails)",
+    "unjudged": "not judged (kink or non-finite fn at the point; the test does not fail)",
+    "error": "raised an error",
+}

@@ -1,0 +1,146 @@
+"""`jaxcheck.check_grads`: JAX's check_grads call, jaxcheck's check."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxcheck
+from jaxcheck import _check_grads
+
+X = np.linspace(0.1, 1.0, 4, dtype=np.float32)
+
+
+def _scaled_sin(factor):
+    """sin with a custom_jvp whose derivative is `factor` times the true one."""
+
+    @jax.custom_jvp
+    def f(x):
+        return jnp.sin(x)
+
+    @f.defjvp
+    def _jvp(primals, tangents):
+        (x,), (t,) = primals, tangents
+        return f(x), factor * jnp.cos(x) * t
+
+    return f
+
+
+@pytest.mark.parametrize("modes", [["fwd"], ("rev",), ("fwd", "rev"), "rev"])
+def test_correct_gradient_passes_in_every_mode(modes):
+    f = lambda x, y: {"a": jnp.sin(x) * y, "b": (x**2, jnp.tanh(y))}  # noqa: E731
+    assert jaxcheck.check_grads(f, (X, np.float32(2.0)), 1, modes) is None
+
+
+def test_loose_jax_tolerances_still_catch_a_50_percent_bug():
+    with pytest.raises(jaxcheck.GradientCheckError) as info:
+        jaxcheck.check_grads(_scaled_sin(1.5), (X,), 1, ["fwd", "rev"], atol=0.2, rtol=0.2)
+    report = info.value.report
+    assert isinstance(info.value, AssertionError)
+    assert report.status == "fail"
+    assert report.tolerance == pytest.approx(0.2)
+    assert 0.45 < report.relative_error < 0.55
+    assert "FAIL — gradient is WRONG" in str(info.value)
+    assert "wrong: [0]" in str(info.value)
+
+
+def test_default_tolerances_catch_a_1_percent_bug():
+    with pytest.raises(jaxcheck.GradientCheckError) as info:
+        jaxcheck.check_grads(_scaled_sin(1.01), (X,), 1, ("rev",))
+    report = info.value.report
+    assert 0.008 < report.relative_error < 0.012
+    assert report.tolerance < 1e-4
+
+
+def test_second_order_bug_is_caught_at_order_2_only():
+    @jax.custom_jvp
+    def wrong_cos(x):
+        return jnp.cos(x)
+
+    @wrong_cos.defjvp
+    def _wrong_cos_jvp(primals, tangents):  # the sign of -sin is lost
+        (x,), (t,) = primals, tangents
+        return wrong_cos(x), jnp.sin(x) * t
+
+    @jax.custom_jvp
+    def sin(x):
+        return jnp.sin(x)
+
+    @sin.defjvp
+    def _sin_jvp(primals, tangents):
+        (x,), (t,) = primals, tangents
+        return sin(x), wrong_cos(x) * t
+
+    x = np.linspace(0.1, 1.0, 4)
+    jaxcheck.check_grads(sin, (x,), 1, ("fwd",))
+    with pytest.raises(jaxcheck.GradientCheckError):
+        jaxcheck.check_grads(sin, (x,), 2, ("fwd",))
+
+
+def test_integer_arguments_are_held_fixed():
+    outcome = _check_grads.run(lambda x, n: jnp.sin(x) * n, (X, 3), 1, ("rev",))
+    assert outcome.verdict == "pass"
+    assert outcome.report.held_fixed == (("[1]", "3"),)
+
+
+def test_kink_is_not_judged_and_raises_only_when_asked():
+    assert jaxcheck.check_grads(jnp.abs, (np.zeros(3),), 1, ("rev",)) is None
+    with pytest.raises(jaxcheck.GradientCheckError) as info:
+        jaxcheck.check_grads(jnp.abs, (np.zeros(3),), 1, ("rev",), raise_unjudged=True)
+    assert info.value.report.status == "inconclusive"
+    outcome = _check_grads.Outcome(info.value.report, "unjudged")
+    assert outcome.headline.startswith("inconclusive; only 0 of 16 directions are smooth")
+    assert outcome.headline.endswith("; not judged")
+
+
+def test_nan_function_is_not_judged_but_nan_gradient_of_finite_function_fails():
+    outcome = _check_grads.run(jnp.log, (np.array([-1.0, 2.0]),), 1, ("rev",))
+    assert (outcome.verdict, outcome.report.status) == ("unjudged", "nonfinite")
+    assert "fn's output (root) is NaN/Inf at params" in outcome.headline
+    with pytest.raises(jaxcheck.GradientCheckError) as info:
+        jaxcheck.check_grads(jnp.sqrt, (np.array([0.0, 2.0]),), 1, ("rev",))
+    assert "the gradient (autodiff) of leaf [0] is NaN/Inf" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (
+            (jnp.sin, X, 1),
+            TypeError,
+            "args must be a tuple or list of f's positional arguments, "
+            "got ndarray. For one argument x, pass (x,).",
+        ),
+        ((jnp.sin, (X,), 0), ValueError, "order must be an int >= 1, got 0."),
+        ((jnp.sin, (X,), 1, ("fwd", "bwd")), ValueError, "unknown mode(s) ['bwd']"),
+        ((jnp.sin, (X,), 1, ()), ValueError, "modes is empty, so nothing would be checked"),
+        ((jnp.sin, (X,), 1, ("rev",), None, None, -1.0), ValueError, "eps must be a positive"),
+        ((jnp.sin, (X,), 1, ("rev",), "loose"), TypeError, "atol must be a float, a dict"),
+        ((X, (X,), 1), TypeError, "f must be callable, got ndarray."),
+    ],
+)
+def test_bad_inputs_say_what_to_pass(call, error, message):
+    with pytest.raises(error) as info:
+        jaxcheck.check_grads(*call)
+    assert message in str(info.value)
+    assert str(info.value).startswith("check_grads: ")
+
+
+def test_jax_tolerances_become_a_relative_floor():
+    f32, bf16 = (np.ones(2, np.float32),), (np.ones(2, np.float32), jnp.ones(2, jnp.bfloat16))
+    assert _check_grads._floor(None, None, f32) is None
+    assert _check_grads._floor(0.2, 0.01, f32) == 0.2
+    assert _check_grads._floor(None, 3.0, f32) == 0.5  # capped: a zero gradient is 1 off
+    assert _check_grads._floor(0, 0, f32) is None  # JAX reads 0 as "default"
+    # a dict keyed by dtype: the entry of the lowest-precision argument applies
+    tol = {np.float32: 1e-3, jnp.bfloat16: 5e-2}
+    assert _check_grads._floor(tol, None, f32) == 1e-3
+    assert _check_grads._floor(tol, None, bf16) == 5e-2
+    assert _check_grads._floor({np.float64: 1e-5}, None, f32) is None
+
+
+def test_empty_arguments_have_nothing_to_check():
+    outcome = _check_grads.run(jnp.sort, (np.zeros((0,), np.float32),), 2)
+    assert (outcome.report, outcome.verdict) == (None, "pass")
+    assert outcome.headline == "pass; every floating-point argument is empty, nothing to check"
+    assert jaxcheck.check_grads(jnp.sum, (np.zeros((2, 0)),), 1) is None

@@ -1,0 +1,105 @@
+"""The pytest plugin: `pytest --jaxcheck` routes JAX's check_grads to jaxcheck."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+SAMPLE = textwrap.dedent(
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax._src import public_test_util
+    from jax._src import test_util as jtu
+    from jax.test_util import check_grads
+
+
+    @jax.custom_jvp
+    def wrong_sin(x):
+        return jnp.sin(x)
+
+
+    @wrong_sin.defjvp
+    def _wrong_sin_jvp(primals, tangents):
+        (x,), (t,) = primals, tangents
+        return wrong_sin(x), 1.5 * jnp.cos(x) * t
+
+
+    X = np.linspace(0.1, 1.0, 4)
+
+
+    def test_correct():
+        check_grads(lambda x: jnp.sin(x) ** 2, (X,), order=1)
+
+
+    def test_wrong_custom_jvp():
+        check_grads(wrong_sin, (X,), order=1, modes=["fwd"])
+
+
+    def test_kink():
+        check_grads(jnp.abs, (np.zeros(3),), order=1)
+
+
+    def test_nan_at_point():
+        check_grads(jnp.log, (np.array([-1.0, 2.0]),), order=1)
+
+
+    def test_via_public_test_util():
+        public_test_util.check_grads(jnp.tanh, (X,), 1, ("rev",))
+
+
+    def test_via_jtu():
+        jtu.check_grads(wrong_sin, (X,), 1, ("rev",))
+    """
+)
+
+
+def _pytest(tmp_path, *flags):
+    (tmp_path / "test_sample.py").write_text(SAMPLE)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=line", *flags],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return done.stdout + done.stderr
+
+
+def test_jaxcheck_flag_routes_every_check_grads_and_summarizes(tmp_path):
+    out = _pytest(tmp_path, "-p", "jaxcheck.pytest_plugin", "--jaxcheck", "test_sample.py")
+    assert "2 failed, 4 passed" in out, out
+    assert "FAILED test_sample.py::test_wrong_custom_jvp - jaxcheck.GradientCheckError" in out
+    assert "FAILED test_sample.py::test_via_jtu - jaxcheck.GradientCheckError" in out
+    summary = out.split("jaxcheck check_grads")[1]
+    assert (
+        "6 check_grads calls routed to jaxcheck: 2 passed, 2 failed (the test fails), "
+        "2 not judged (kink or non-finite fn at the point; the test does not fail), "
+        "0 raised an error" in summary
+    )
+    assert (
+        "FAIL     test_sample.py::test_wrong_custom_jvp: fail; relative error 5.0e-01 "
+        "(tolerance " in summary
+    )
+    assert "FAIL     test_sample.py::test_via_jtu: fail; relative error 5.0e-01" in summary
+    assert (
+        "UNJUDGED test_sample.py::test_kink: inconclusive; only 0 of 16 directions are smooth"
+        in summary
+    )
+    assert (
+        "UNJUDGED test_sample.py::test_nan_at_point: nonfinite; fn's output (root) is NaN/Inf "
+        "at params; not judged" in summary
+    )
+    assert "warning" not in out.lower()
+
+
+def test_without_the_flag_the_original_check_grads_runs(tmp_path):
+    out = _pytest(tmp_path, "-p", "jaxcheck.pytest_plugin", "test_sample.py")
+    # JAX's own check fails the planted bugs, and also the kink and the NaN point
+    assert "4 failed, 2 passed" in out, out
+    assert "FAILED test_sample.py::test_wrong_custom_jvp - AssertionError" in out
+    assert "GradientCheckError" not in out
+    assert "jaxcheck check_grads" not in out
