@@ -12,10 +12,11 @@ and a fixed random cotangent u (each output leaf divided by its RMS; 1 for a sca
 Both are <u, J v>, computed by forward and by reverse mode; their gradient is the second
 derivative contracted with u and v (for a scalar fn, the Hessian-vector product H v).
 Checking the vjp map in reverse mode is reverse-over-reverse, the jvp map in forward mode
-forward-over-forward; mode="both" checks both maps in both modes, which covers the mixed
-orders too. Level j maps are the same maps of the (scalar) level j - 1 map with a new
-tangent; mode="both" follows the pure chains jvp-of-jvp and vjp-of-vjp, each in both modes,
-so the number of checks grows linearly with the order. With `grad_fn`, the level-1 map is
+forward-over-forward; mode="both" checks the pair (jvp map, vjp map), one function with two
+outputs, in both modes, which covers the mixed orders too in one check instead of two (the
+first-order check contracts the two outputs with random cotangents per direction, so a
+wrong chain shows). Level j maps are the same maps of the level j - 1 map with a new
+tangent, so the number of checks grows linearly with the order. With `grad_fn`, the level-1 map is
 <grad_fn, v>: grad_fn's Jacobian by JAX's autodiff is checked against finite differences
 of grad_fn.
 
@@ -99,6 +100,23 @@ class VjpMap:
 
 
 @dataclasses.dataclass(frozen=True)
+class PairMap:
+    """params, (jvp's fixed, vjp's fixed), *rest -> (the jvp map, the vjp map): two
+    computations, by forward and by reverse mode, of the same scalar <u, J v>. One
+    first-order check of the pair in both modes covers forward-over-forward,
+    reverse-over-forward, forward-over-reverse and reverse-over-reverse, at the cost of one
+    check instead of two (a wrong chain shows in the random combinations of the two
+    outputs that the check draws per direction)."""
+
+    jvp: JvpMap
+    vjp: VjpMap
+
+    def __call__(self, params, fixed, *rest):
+        jvp_fixed, vjp_fixed = fixed
+        return self.jvp(params, jvp_fixed, *rest), self.vjp(params, vjp_fixed, *rest)
+
+
+@dataclasses.dataclass(frozen=True)
 class GradFnMap:
     """params, tangent, *rest -> <the hand-written gradient, tangent>."""
 
@@ -157,37 +175,40 @@ def _parts(fn, params, args, o: _options.Options, first) -> list:
     head = _named(first(fn, params, args, base), 1, (), "fn")
     parts = [(1, head)]
     draws = _Draws.make(fn, params, args, base)
-    chains = {"reverse": ("reverse",), "forward": ("forward",), "both": ("forward", "reverse")}
-    notes = []
-    for inner in chains[o.mode]:
-        if inner == "forward" and "forward" not in head.mode:
-            notes.append(
-                "for the same reason, the jvp map (forward-over-forward, reverse-over-forward) "
-                "was not checked"
-            )
-            continue
-        mapped, name, extra = fn, "fn", ()
-        for level in range(1, o.order):
-            mapped, name, extra = _derive(inner, level, mapped, name, extra, o, draws)
-            derived = dataclasses.replace(base, grad_fn=None, has_aux=False)
-            try:
-                report = first(mapped, params, (*extra, *args), derived)
-            except (TypeError, *_plan.TRACING_ERRORS) as err:
-                # the first-order check may have put its own words around the tracing error
-                cause = err if isinstance(err, _plan.TRACING_ERRORS) else err.__cause__
-                if not isinstance(cause, _plan.TRACING_ERRORS):
-                    raise
-                source = "grad_fn" if o.grad_fn is not None else "fn"
-                raise TypeError(
-                    f"order={o.order}: the order-{level + 1} check differentiates {source} "
-                    f"with JAX ({name}), but {source} cannot be traced "
-                    f"({type(cause).__name__}: it converts traced values to NumPy or branches "
-                    f"on them). Write {source} with jax.numpy, or check order=1 only."
-                ) from err
-            parts.append((level + 1, _named(report, level + 1, (inner,) * level, name)))
+    notes, inner = [], "pair" if o.mode == "both" else o.mode
+    if inner == "pair" and "forward" not in head.mode:
+        notes.append(
+            "for the same reason, the jvp map (forward-over-forward, reverse-over-forward) "
+            "was not checked"
+        )
+        inner = "reverse"
+    mapped, name, extra = fn, "fn", ()
+    for level in range(1, o.order):
+        mapped, name, extra = _derive(inner, level, mapped, name, extra, o, draws)
+        derived = dataclasses.replace(base, grad_fn=None, has_aux=False)
+        try:
+            report = first(mapped, params, (*extra, *args), derived)
+        except (TypeError, *_plan.TRACING_ERRORS) as err:
+            # the first-order check may have put its own words around the tracing error
+            cause = err if isinstance(err, _plan.TRACING_ERRORS) else err.__cause__
+            if not isinstance(cause, _plan.TRACING_ERRORS):
+                raise
+            source = "grad_fn" if o.grad_fn is not None else "fn"
+            raise TypeError(
+                f"order={o.order}: the order-{level + 1} check differentiates {source} "
+                f"with JAX ({name}), but {source} cannot be traced "
+                f"({type(cause).__name__}: it converts traced values to NumPy or branches "
+                f"on them). Write {source} with jax.numpy, or check order=1 only."
+            ) from err
+        chain = (_CHAIN_NAMES.get(inner, inner),) * level
+        parts.append((level + 1, _named(report, level + 1, chain, name)))
     if notes:
         parts[0] = (1, dataclasses.replace(head, problems=head.problems + tuple(notes)))
     return [part for _, part in sorted(parts, key=lambda item: item[0])]
+
+
+# mode="both" checks the jvp map and the vjp map as one function of two outputs
+_CHAIN_NAMES = {"pair": "forward/reverse"}
 
 
 def _derive(inner, level, mapped, name, extra, o, draws):
@@ -196,6 +217,17 @@ def _derive(inner, level, mapped, name, extra, o, draws):
     first-order check of a scalar function needs no random output cotangents and forms its
     reverse-mode projections from one gradient, so it compiles about half the work."""
     v = draws.tangent(level)
+    if inner == "pair":
+        aux = o.has_aux and level == 1
+        if level == 1:
+            u_jvp = draws.cotangent() if not draws.scalar else []
+            u_vjp = draws.cotangent()
+            label = "Hessian-vector products" if draws.scalar else "jvp and vjp maps"
+        else:  # the map below returns two scalars: contract with ones
+            u_jvp = u_vjp = [jnp.ones((), jnp.float32)] * 2
+            label = f"jvp and vjp maps of the {name}"
+        pair = PairMap(JvpMap(mapped, aux), VjpMap(mapped, aux))
+        return pair, label, (((v, u_jvp), (u_vjp, v)), *extra)
     if inner == "forward":
         u = draws.cotangent() if level == 1 and not draws.scalar else []
         label = "jvp map" if level == 1 else f"jvp map of the {name}"
