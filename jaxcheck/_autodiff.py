@@ -3,13 +3,17 @@
 `probe` makes one reverse pass (or calls the hand-written gradient) to get the gradient's
 size per leaf; `projections` evaluates the projections <u, J v> (jvp) and <J^T u, v> (vjp)
 along each direction when they cannot be formed from one gradient vector (forward mode,
-non-scalar outputs).
+non-scalar outputs). For small problems `probe_folded` computes those projections in the
+probe itself, per leaf and with unit steps, before the steps are known: they are linear in
+the direction, so the host scales and sums them (`folded`), and the check compiles one
+program fewer.
 """
 
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import _directions, _plan, _precision
 
@@ -56,7 +60,29 @@ def probe(problem, reverse: bool, out_seeds, diff, traced) -> dict:
     """One native evaluation of fn (and of its gradient, when reverse): the value, the
     output scales, the per-leaf sums of squares of parameters and gradient, and the
     gradient itself (left on its devices by the caller)."""
-    outs = problem.outputs(diff, traced)
+    return _probe(problem, reverse, None, (None, out_seeds), diff, traced, None)
+
+
+def probe_folded(problem, reverse: bool, fold: tuple, seeds, diff, traced, index) -> dict:
+    """`probe`, plus the projections along directions `index` with unit steps, per
+    parameter leaf: "fold_fwd"[k, l] = <u_k, J_l z_kl> and "fold_rev"[k, l] =
+    <(J^T u_k)_l, z_kl> (z_kl leaf l's unit direction). Projections are linear in the
+    direction, so the host forms them for any step sizes beta as sum_l beta_l P[k, l]
+    (`folded`), and the check compiles no separate projections program. `fold` is
+    (kind, modes folded)."""
+    fold = None if _plan.is_eager() else fold
+    return _probe(problem, reverse, fold, seeds, diff, traced, index)
+
+
+def _probe(problem, reverse, fold, seeds, diff, traced, index) -> dict:
+    f = lambda d: problem.outputs(d, traced)  # noqa: E731
+    kind, modes = fold or (None, ())
+    num = 0 if index is None else index.shape[0]
+    rev = "reverse" in modes
+    if rev or (reverse and not problem.scalar_output):
+        outs, vjp_fn = jax.vjp(f, diff)
+    else:
+        outs, vjp_fn = f(diff), None
     scales = output_scales(outs)
     result = {
         "outputs_finite": jnp.stack([jnp.all(jnp.isfinite(y)) for y in outs]),
@@ -64,19 +90,62 @@ def probe(problem, reverse: bool, out_seeds, diff, traced) -> dict:
         "param_squares": _directions.sum_squares(diff),
         "value": outs[0] if problem.scalar_output else jnp.zeros(()),
     }
-    if not reverse:
-        return result
-    if problem.grad_fn is not None:
+    if fold:
+        ones = jnp.ones(len(diff), jnp.float32)
+        # per leaf (K, *shape): its unit direction (signs, or float32 Gaussians) for each k,
+        # in the leaf's dtype: the very values the stencil scales by beta in float64
+        units = jax.vmap(lambda k: _directions.direction(seeds[0], k, diff, ones, kind))(index)
+        acc = _precision.accumulator([x.dtype for x in diff])
+    cots = None
+    if fold and not problem.scalar_output:
+        cots = jax.vmap(lambda k: _directions.cotangent(seeds[1], k, scales, outs, kind))(index)
+    if "forward" in modes:
+        # traced first, so that a custom_vjp in fn fails early. Rows ordered (leaf,
+        # direction): the tangent of row (l, k) is z_kl in leaf l alone
+        leaves = len(diff)
+        tangents = [
+            jnp.concatenate([z if j == i else jnp.zeros_like(z) for j in range(leaves)])
+            for i, z in enumerate(units)
+        ]
+        jv = jax.vmap(lambda t: jax.jvp(f, (diff,), (t,))[1])(tangents)
+        if cots is None:
+            p = jv[0].astype(_precision.accumulator([jv[0].dtype]))
+        else:
+            p = jax.vmap(vdot)([jnp.concatenate([c] * leaves) for c in cots], jv)
+        result["fold_fwd"] = p.astype(acc).reshape(leaves, num).T
+    grad = None
+    if reverse and problem.grad_fn is not None:
         grad = problem.gradient(diff, traced)
-    elif problem.scalar_output:
-        grad = jax.grad(lambda d: problem.outputs(d, traced)[0])(diff)
-    else:
-        _, vjp_fn = jax.vjp(lambda d: problem.outputs(d, traced), diff)
-        cot = _directions.cotangent(out_seeds, BALANCE_INDEX, scales, outs, "gaussian")
-        grad = vjp_fn(cot)[0]
-    result["grad_squares"] = _directions.sum_squares(grad)
-    result["grad"] = grad
+    elif reverse and problem.scalar_output:
+        grad = jax.grad(lambda d: f(d)[0])(diff)
+    elif reverse or rev:
+        cot = _directions.cotangent(seeds[1], BALANCE_INDEX, scales, outs, "gaussian")
+        if rev:  # one batched vjp: the K directions' cotangents, then the balancing one
+            rows = [jnp.concatenate([c, b[None]]) for c, b in zip(cots, cot)]
+            grads = jax.vmap(lambda c: vjp_fn(c)[0])(rows)
+            result["fold_rev"] = jnp.stack(
+                [_leaf_dots(g[:num], z, acc) for g, z in zip(grads, units)], 1
+            )
+            grad = [g[num] for g in grads]
+        else:
+            grad = vjp_fn(cot)[0]
+    if reverse:
+        result["grad_squares"] = _directions.sum_squares(grad)
+        result["grad"] = grad
     return result
+
+
+def _leaf_dots(g, z, acc):
+    """<g_k, z_k> for every row k, in at least float32, as `acc`."""
+    work = _precision.accumulator([g.dtype, z.dtype])
+    axes = tuple(range(1, z.ndim))
+    return jnp.sum(g.astype(work) * z.astype(work), axis=axes).astype(acc)
+
+
+def folded(matrix, at, rows) -> np.ndarray:
+    """Projections along the directions in rows `at` of a unit-step matrix of
+    `probe_folded`, with per-leaf steps `rows`, in float64."""
+    return np.einsum("kl,kl->k", np.asarray(rows, np.float64), matrix[at].astype(np.float64))
 
 
 def direction(problem, seeds, k, diff, beta, kind, out_scales, outs):

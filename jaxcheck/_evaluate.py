@@ -56,11 +56,16 @@ def to_host(tree):
 
 
 def _evaluate_batch(run: Run, index, rows, h, offsets) -> dict:
-    native = {}
+    native, modes = {}, ()
     projections = offsets == _differences.OUTER
     if projections and ("forward" in run.modes or not run.problem.scalar_output):
         modes = tuple(m for m in run.modes if m == "forward" or not run.problem.scalar_output)
+        native = _folded(run, modes, index, rows)
+        modes = () if native else modes
+    if modes:
         try:
+            if "forward" in modes and "no_forward" in run.probe:
+                raise run.probe["no_forward"]  # the probe's trace met a custom_vjp
             native = to_host(
                 run.timer.run(
                     functools.partial(
@@ -97,6 +102,20 @@ def _evaluate_batch(run: Run, index, rows, h, offsets) -> dict:
         out["rev"] = out.pop("test_rev", native.get("rev"))
         out["fwd"] = native.get("fwd")
     return out
+
+
+def _folded(run: Run, modes, index, rows) -> dict:
+    """The projections along directions `index` formed on the host from the probe's
+    unit-step ones (`_autodiff.probe_folded`), or {} when it did not project them all."""
+    names = [{"reverse": "rev", "forward": "fwd"}[m] for m in modes]
+    mats = {name: run.probe.get("fold_" + name) for name in names}
+    known = run.probe.get("fold_index")
+    if known is None or any(x is None for x in mats.values()):
+        return {}
+    at = np.minimum(np.searchsorted(known, index), len(known) - 1)  # known is ascending
+    if not np.array_equal(known[at], index):
+        return {}
+    return {name: _autodiff.folded(x, at, rows) for name, x in mats.items()}
 
 
 def _reference(run: Run, index, rows, h, offsets) -> dict:

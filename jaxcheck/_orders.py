@@ -164,7 +164,9 @@ def _staged(fn, params, args, options, first) -> Report:
     if options.order == 1:
         return first(fn, params, args, options)
     o = dataclasses.replace(options, raise_on_failure=False)
-    report = _report.compose(_parts(fn, params, args, o, first), options.order)
+    with _plan.without_fold():
+        parts = _parts(fn, params, args, o, first)
+    report = _report.compose(parts, options.order)
     if options.raise_on_failure and not report.ok:
         raise GradientCheckError(report)
     return report

@@ -18,7 +18,7 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed) -> Report:
     """Check the derivative along k directions, starting from the relative `step` (None:
     the reference precision's default), localizing as `localize` says."""
     reverse = "reverse" in run.modes
-    _probe.probe(run, reverse)
+    _probe.probe(run, reverse, k, leaf_k if localize is not False else 0)
     if run.timer.eager_reason is not None:
         run.problems.append(
             f"jax.jit cannot trace fn or grad_fn ({run.timer.eager_reason}); they were "

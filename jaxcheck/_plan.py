@@ -72,6 +72,10 @@ ACCELERATOR_SHARE = 0.25  # share of an accelerator's free memory for them
 # and loops (`lax.map`) compile to more code than one vmapped body (measured: 1.3x less
 # compile CPU time on 24 cold checks of small functions).
 SMALL_PROBLEM = 1 << 14
+# Directions times leaves times parameters up to this many elements: the probe also
+# computes the forward projections, one jvp per direction and leaf (`fold`), so a check
+# compiles one program fewer.
+FOLD_ELEMENTS = 1 << 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +161,39 @@ def make_plan(
     return Plan(chunk_size, accelerator, shardings, None)
 
 
+_FOLD = contextvars.ContextVar("jaxcheck_fold", default=True)
+
+
+@contextlib.contextmanager
+def without_fold():
+    """No folded projections in the probe (`fold`) while inside: for the checks of an
+    order >= 2 check. Its derivative maps take their fixed vectors' scales from the plain
+    probe, compiled once more if the first-order check folded, and their own folded probe
+    compiles no faster than the probe and projections apart (measured)."""
+    token = _FOLD.set(False)
+    try:
+        yield
+    finally:
+        _FOLD.reset(token)
+
+
+def fold(plan: Plan, modes, scalar_output: bool, diff, num_directions: int) -> tuple:
+    """The modes whose projections along the check's `num_directions` directions (global
+    and leaf-local) the probe computes itself (`_autodiff.probe_folded`), sparing the check
+    the separate projections program: those that need one (forward mode; reverse mode of a
+    non-scalar fn), for problems planned all-vmapped and unsharded. Forward mode takes one
+    jvp per direction and leaf: only while their tangents total at most `FOLD_ELEMENTS`
+    elements."""
+    needed = tuple(m for m in modes if m == "forward" or not scalar_output)
+    whole = plan.chunk is None and plan.vmap_points and plan.direction_sharding is None
+    if not needed or not whole or any(plan.leaf_shardings) or not _FOLD.get():
+        return ()
+    tangents = num_directions * len(diff) * sum(x.size for x in diff)
+    if "forward" in needed and tangents > FOLD_ELEMENTS:
+        return ()
+    return needed
+
+
 def platform_of(device) -> str:
     """Which rule of the module docstring applies to `device`: "cpu", "gpu" or "tpu"."""
     return device.platform
@@ -230,6 +267,11 @@ def eager():
         _EAGER.reset(token)
 
 
+def is_eager() -> bool:
+    """Whether the programs are running eagerly now (fn cannot be traced)."""
+    return _EAGER.get()
+
+
 _CACHE: collections.OrderedDict = collections.OrderedDict()
 CACHE_SIZE = 64
 compilations = 0  # programs compiled so far in this process
@@ -257,6 +299,14 @@ def _cache_key(fn, args):
     """The cache key of a partial(program, *static) applied to `args` (it may turn out
     unhashable)."""
     return (fn.func, fn.args, tuple(sorted(fn.keywords.items())), signature(args))
+
+
+def is_compiled(fn, args) -> bool:
+    """Whether the program partial(program, *static) is already compiled for `args`."""
+    try:
+        return _cache_key(fn, args) in _CACHE
+    except Exception:  # noqa: BLE001 - unhashable static leaves: never cached
+        return False
 
 
 def _compile(fn, args):

@@ -9,20 +9,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _autodiff, _directions, _evaluate
+from . import _autodiff, _directions, _evaluate, _localize, _plan
 from ._host import DEBUG_FLAGS
 from ._state import Run
 
 
-def probe(run: Run, reverse: bool) -> None:
-    """Run the probe program and keep its values in `run.probe`."""
+def probe(run: Run, reverse: bool, k: int, leaf_k: int) -> None:
+    """Run the probe program and keep its values in `run.probe`; for a small problem it
+    also projects the derivative under test onto the `k` global directions and the
+    `leaf_k` leaf-local ones of localization (`_autodiff.probe_folded`)."""
+    leaf_local = _localize.LEAF_INDEX_OFFSET + np.arange(leaf_k)
+    index = np.concatenate([np.arange(k), leaf_local]).astype(np.int32)
+    fold = _plan.fold(run.plan, run.modes, run.problem.scalar_output, run.inputs.diff, len(index))
+    plain = functools.partial(_autodiff.probe, run.problem, reverse)
+    args = (run.seeds[1], run.inputs.diff, run.inputs.traced())
+    if fold and _plan.is_compiled(plain, args):
+        fold = ()  # compiled already (an earlier check in another mode): no program to save
     try:
-        values = run.timer.run(
-            functools.partial(_autodiff.probe, run.problem, reverse),
-            run.seeds[1],
-            run.inputs.diff,
-            run.inputs.traced(),
-        )
+        no_forward = None
+        if fold:
+            values, no_forward = _run_folded(run, reverse, fold, index, plain, args)
+        else:
+            values = run.timer.run(plain, *args)
     except jax.errors.TracerArrayConversionError as err:
         if not (reverse and run.problem.grad_fn is None):
             raise
@@ -34,6 +42,32 @@ def probe(run: Run, reverse: bool) -> None:
         ) from err
     # the gradient stays on its devices (and sharding); only the small values come over
     run.probe = _on_host(values, run.inputs.diff, run.problem)
+    if "fold_rev" in run.probe or "fold_fwd" in run.probe:
+        run.probe["fold_index"] = index
+    if no_forward is not None:  # raised again where forward mode is first needed
+        run.probe["no_forward"] = no_forward
+
+
+def _run_folded(run: Run, reverse: bool, fold: tuple, index, plain, args) -> tuple:
+    """(the folded probe's values, the TypeError of a custom_vjp in fn under forward mode
+    or None)."""
+    try:
+        values = run.timer.run(
+            functools.partial(_autodiff.probe_folded, run.problem, reverse, (run.kind, fold)),
+            run.seeds,
+            run.inputs.diff,
+            run.inputs.traced(),
+            index,
+        )
+    except TypeError as err:
+        if "forward" not in fold or "custom_vjp" not in str(err):
+            raise
+        # no jvp through a custom_vjp: the evaluation says so and checks reverse mode
+        # (still folded if it was)
+        rest = tuple(m for m in fold if m != "forward")
+        values = _run_folded(run, reverse, rest, index, plain, args)[0] if rest else None
+        return run.timer.run(plain, *args) if values is None else values, err
+    return values, None
 
 
 def _on_host(probe: dict, diff: list, problem) -> dict:
