@@ -13,6 +13,13 @@ from ._host import NOTES
 from ._report import Report, Status
 from ._state import MAX_STEP, Run
 
+# Largest relative step when finite differences run in half precision (fn closes over a
+# bfloat16/float16 array, so its inputs cannot be widened): along a direction where fn is
+# straight (a pad, a convolution in its input), any step is exact, and only a step of the
+# order of the parameters' scale brings roundoff (eps / h) below a few percent. The error
+# model's truncation estimate keeps the ladder below that where fn curves.
+LOW_PRECISION_MAX_STEP = 1.0
+
 
 def check(run: Run, k, step, localize, leaf_k, held_fixed) -> Report:
     """Check the derivative along k directions, starting from the relative `step` (None:
@@ -57,6 +64,10 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed) -> Report:
     [(p, steps)] = _ladder.ladder(run, index, np.tile(beta, (k, 1)), h0, [slice(0, k)])
     if step is None and run.reference != ref:
         # fn could not run in float64: take the step of the precision it ran in
+        if _precision.eps(run.reference) > _precision.eps(jnp.float32):
+            # half precision: roundoff ~ eps / h swamps any step below MAX_STEP; the
+            # ladder may go up to the scale of the parameters where fn is that straight
+            run.max_step = max(run.max_step, LOW_PRECISION_MAX_STEP)
         h0 = min(_precision.default_step(run.reference), run.max_step)
         [(p, steps)] = _ladder.ladder(run, index, np.tile(beta, (k, 1)), h0, [slice(0, k)])
     flat = _verdict.flat_directions(p)

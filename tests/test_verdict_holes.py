@@ -149,3 +149,26 @@ def test_a_large_step_is_honoured(step):
     assert report.status == "pass", str(report)
     assert report.steps_tried[0] == step
     assert max(report.steps_tried) == step  # never clamped to 0.05
+
+
+@pytest.mark.parametrize("scale, status", [(1.0, "pass"), (1.03, "pass"), (1.5, "fail")])
+def test_float16_closure_is_judged_at_a_large_step_where_fn_is_straight(scale, status):
+    """lax.pad with a float16 padding value it closes over cannot be widened: finite
+    differences stay in float16, where only a step of the parameters' own scale brings
+    roundoff down; pad is linear, so that step is exact, and a 50 % wrong rule fails."""
+    value = jnp.zeros((), jnp.float16)
+
+    @jax.custom_jvp
+    def pad(x):
+        return lax.pad(x, value, [(1, 1, 0)])
+
+    @pad.defjvp
+    def _(primals, tangents):
+        return pad(primals[0]), scale * lax.pad(tangents[0], value, [(1, 1, 0)])
+
+    report = jaxcheck.verify(pad, jnp.linspace(0.5, 1.5, 3).astype(jnp.float16))
+    assert report.status == status, str(report)
+    assert report.step == pytest.approx(1.0)
+    assert any("leave every input in its own dtype" in q for q in report.problems)
+    if status == "pass":
+        assert report.relative_error < 0.05
