@@ -197,6 +197,14 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["  " + fmt.format(*header).rstrip()] + ["  " + fmt.format(*r).rstrip() for r in rows]
 
 
+def _error_line(r: Report, prefix: str = "") -> str:
+    lo, hi = r.interval
+    return (
+        f"  {prefix}relative error {_e(r.relative_error)} (95% {_e(lo)}..{_e(hi)}), tolerance "
+        f"{_e(r.tolerance)}, finite-difference noise floor {_e(r.noise_floor)}"
+    )
+
+
 def render(r: Report) -> str:
     if r.parts:
         return _render_composite(r)
@@ -208,11 +216,7 @@ def render(r: Report) -> str:
     }[r.status]
     lines = [f"jaxcheck.verify: {r.status.value.upper()} — {what}"]
     if not math.isnan(r.relative_error):
-        lo, hi = r.interval
-        lines.append(
-            f"  relative error {_e(r.relative_error)} (95% {_e(lo)}..{_e(hi)}), tolerance "
-            f"{_e(r.tolerance)}, finite-difference noise floor {_e(r.noise_floor)}"
-        )
+        lines.append(_error_line(r))
     lines += [f"  ! {p}" for p in r.problems]
     if r.checks:
         header = ["check", "rel. error", "95% interval", "tolerance", "result"]
@@ -301,11 +305,7 @@ def _render_composite(r: Report) -> str:
     }[r.status]
     lines = [f"jaxcheck.verify: {r.status.value.upper()} — {what}"]
     if not math.isnan(r.relative_error):
-        lo, hi = r.interval
-        lines.append(
-            f"  {head.label}: relative error {_e(r.relative_error)} (95% {_e(lo)}..{_e(hi)}), "
-            f"tolerance {_e(r.tolerance)}, finite-difference noise floor {_e(r.noise_floor)}"
-        )
+        lines.append(_error_line(r, f"{head.label}: "))
     lines += [f"  ! {p}" for p in r.problems]
     # a same-rule row only adds to its tested row (just before it) when they disagree
     shown = [
