@@ -188,6 +188,11 @@ def _parts(fn, params, args, o: _options.Options, first) -> list:
     for level in range(1, o.order):
         mapped, name, extra = _derive(inner, level, mapped, name, extra, o, draws)
         derived = dataclasses.replace(base, grad_fn=None, has_aux=False)
+        if inner == "pair":
+            # the pair's two outputs are equal: random signs as output cotangents would
+            # cancel them exactly along half of the directions (fn then looks constant
+            # there); Gaussian weights never do
+            derived = dataclasses.replace(derived, directions="gaussian")
         try:
             report = first(mapped, params, (*extra, *args), derived)
         except (TypeError, *_plan.TRACING_ERRORS) as err:
