@@ -12,11 +12,11 @@ and a fixed random cotangent u (each output leaf divided by its RMS; 1 for a sca
 Both are <u, J v>, computed by forward and by reverse mode; their gradient is the second
 derivative contracted with u and v (for a scalar fn, the Hessian-vector product H v).
 Checking the vjp map in reverse mode is reverse-over-reverse, the jvp map in forward mode
-forward-over-forward; mode="both" checks the pair (jvp map, vjp map), one function with two
-outputs, in both modes, which covers the mixed orders too in one check instead of two (the
-first-order check contracts the two outputs with random cotangents per direction, so a
-wrong chain shows). Level j maps are the same maps of the level j - 1 map with a new
-tangent, so the number of checks grows linearly with the order. With `grad_fn`, the level-1 map is
+forward-over-forward; mode="both" checks one function with the outputs (jvp map, vjp map,
+jvp map) in both modes, which covers the mixed orders too, in one check instead of two
+(the first-order check contracts the outputs with random weights per direction, so a wrong
+chain shows). Level j maps are the same maps of the level j - 1 map with a new tangent, so
+the number of checks grows linearly with the order. With `grad_fn`, the level-1 map is
 <grad_fn, v>: grad_fn's Jacobian by JAX's autodiff is checked against finite differences
 of grad_fn.
 
@@ -101,11 +101,11 @@ class VjpMap:
 
 @dataclasses.dataclass(frozen=True)
 class PairMap:
-    """params, (jvp's fixed, vjp's fixed), *rest -> (the jvp map, the vjp map): two
+    """params, (jvp's fixed, vjp's fixed), *rest -> (jvp map, vjp map, jvp map): two
     computations, by forward and by reverse mode, of the same scalar <u, J v>. One
     first-order check of the pair in both modes covers forward-over-forward,
     reverse-over-forward, forward-over-reverse and reverse-over-reverse, at the cost of one
-    check instead of two (a wrong chain shows in the random combinations of the two
+    check instead of two (a wrong chain shows in the random combinations of the
     outputs that the check draws per direction)."""
 
     jvp: JvpMap
@@ -113,7 +113,11 @@ class PairMap:
 
     def __call__(self, params, fixed, *rest):
         jvp_fixed, vjp_fixed = fixed
-        return self.jvp(params, jvp_fixed, *rest), self.vjp(params, vjp_fixed, *rest)
+        by_jvp = self.jvp(params, jvp_fixed, *rest)
+        # the outputs are equal, and the check weighs each by a random sign over its RMS:
+        # with two of them the signs would cancel exactly along half of the directions
+        # (fn would look constant there); an odd number of equal outputs never cancels
+        return by_jvp, self.vjp(params, vjp_fixed, *rest), by_jvp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,11 +192,6 @@ def _parts(fn, params, args, o: _options.Options, first) -> list:
     for level in range(1, o.order):
         mapped, name, extra = _derive(inner, level, mapped, name, extra, o, draws)
         derived = dataclasses.replace(base, grad_fn=None, has_aux=False)
-        if inner == "pair":
-            # the pair's two outputs are equal: random signs as output cotangents would
-            # cancel them exactly along half of the directions (fn then looks constant
-            # there); Gaussian weights never do
-            derived = dataclasses.replace(derived, directions="gaussian")
         try:
             report = first(mapped, params, (*extra, *args), derived)
         except (TypeError, *_plan.TRACING_ERRORS) as err:
@@ -214,7 +213,7 @@ def _parts(fn, params, args, o: _options.Options, first) -> list:
     return [part for _, part in sorted(parts, key=lambda item: item[0])]
 
 
-# mode="both" checks the jvp map and the vjp map as one function of two outputs
+# mode="both" checks the jvp map and the vjp map as one function of three outputs
 _CHAIN_NAMES = {"pair": "forward/reverse"}
 
 
@@ -230,8 +229,8 @@ def _derive(inner, level, mapped, name, extra, o, draws):
             u_jvp = draws.cotangent() if not draws.scalar else []
             u_vjp = draws.cotangent()
             label = "Hessian-vector products" if draws.scalar else "jvp and vjp maps"
-        else:  # the map below returns two scalars: contract with ones
-            u_jvp = u_vjp = [jnp.ones((), jnp.float32)] * 2
+        else:  # the map below returns three scalars: contract with ones
+            u_jvp = u_vjp = [jnp.ones((), jnp.float32)] * 3
             label = f"jvp and vjp maps of the {name}"
         pair = PairMap(JvpMap(mapped, aux), VjpMap(mapped, aux))
         return pair, label, (((v, u_jvp), (u_vjp, v)), *extra)
