@@ -47,6 +47,21 @@ def bug(kind: str, size: float):
     return lambda x: wrapped(x, jnp.asarray(parameter(size), x.dtype))
 
 
+def scaled_sin(factor: float):
+    """sin with a custom_jvp whose derivative is `factor` times the true one (1: correct)."""
+
+    @jax.custom_jvp
+    def f(x):
+        return jnp.sin(x)
+
+    @f.defjvp
+    def _jvp(primals, tangents):
+        (x,), (t,) = primals, tangents
+        return f(x), factor * jnp.cos(x) * t
+
+    return f
+
+
 def identity(x):
     return x
 

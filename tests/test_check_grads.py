@@ -6,24 +6,10 @@ import numpy as np
 import pytest
 
 import jaxcheck
+from cases import scaled_sin
 from jaxcheck import _check_grads
 
 X = np.linspace(0.1, 1.0, 4, dtype=np.float32)
-
-
-def _scaled_sin(factor):
-    """sin with a custom_jvp whose derivative is `factor` times the true one."""
-
-    @jax.custom_jvp
-    def f(x):
-        return jnp.sin(x)
-
-    @f.defjvp
-    def _jvp(primals, tangents):
-        (x,), (t,) = primals, tangents
-        return f(x), factor * jnp.cos(x) * t
-
-    return f
 
 
 @pytest.mark.parametrize("modes", [["fwd"], ("rev",), ("fwd", "rev"), "rev"])
@@ -34,7 +20,7 @@ def test_correct_gradient_passes_in_every_mode(modes):
 
 def test_loose_jax_tolerances_still_catch_a_50_percent_bug():
     with pytest.raises(jaxcheck.GradientCheckError) as info:
-        jaxcheck.check_grads(_scaled_sin(1.5), (X,), 1, ["fwd", "rev"], atol=0.2, rtol=0.2)
+        jaxcheck.check_grads(scaled_sin(1.5), (X,), 1, ["fwd", "rev"], atol=0.2, rtol=0.2)
     report = info.value.report
     assert isinstance(info.value, AssertionError)
     assert report.status == "fail"
@@ -46,7 +32,7 @@ def test_loose_jax_tolerances_still_catch_a_50_percent_bug():
 
 def test_default_tolerances_catch_a_1_percent_bug():
     with pytest.raises(jaxcheck.GradientCheckError) as info:
-        jaxcheck.check_grads(_scaled_sin(1.01), (X,), 1, ("rev",))
+        jaxcheck.check_grads(scaled_sin(1.01), (X,), 1, ("rev",))
     report = info.value.report
     assert 0.008 < report.relative_error < 0.012
     assert report.tolerance < 1e-4

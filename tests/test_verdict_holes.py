@@ -6,26 +6,12 @@ import pytest
 from jax import lax
 
 import jaxcheck
+from cases import scaled_sin
 
 
 def _through(dtype):
     """The identity, rounded through `dtype` (a mixed-precision model's cast and back)."""
     return lambda x: lax.convert_element_type(lax.convert_element_type(x, dtype), x.dtype)
-
-
-def _times(factor):
-    """sin with a custom_jvp rule `factor` times too large (factor 1: correct)."""
-
-    @jax.custom_jvp
-    def f(x):
-        return jnp.sin(x)
-
-    @f.defjvp
-    def f_jvp(primals, tangents):
-        (x,), (dx,) = primals, tangents
-        return jnp.sin(x), factor * jnp.cos(x) * dx
-
-    return f
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -56,12 +42,12 @@ def test_hard_cast_of_low_precision_params_is_not_a_vacuous_pass(lo, hi):
 @pytest.mark.parametrize(
     "fn, p",
     [
-        (lambda p: jnp.sum(_times(3.0)(p)), jnp.linspace(0.1, 1.0, 4).astype(jnp.bfloat16)),
-        (lambda p: _times(3.0)(p), jnp.linspace(0.1, 1.0, 4).astype(jnp.bfloat16)),
-        (lambda p: jnp.sum(_times(3.0)(p.astype(jnp.bfloat16))), jnp.linspace(0.1, 1.0, 4)),
-        (lambda p: _times(3.0)(p.astype(jnp.bfloat16)), jnp.ones(3)),
+        (lambda p: jnp.sum(scaled_sin(3.0)(p)), jnp.linspace(0.1, 1.0, 4).astype(jnp.bfloat16)),
+        (lambda p: scaled_sin(3.0)(p), jnp.linspace(0.1, 1.0, 4).astype(jnp.bfloat16)),
+        (lambda p: jnp.sum(scaled_sin(3.0)(p.astype(jnp.bfloat16))), jnp.linspace(0.1, 1.0, 4)),
+        (lambda p: scaled_sin(3.0)(p.astype(jnp.bfloat16)), jnp.ones(3)),
         (
-            lambda p: jnp.sum(_times(3.0)(p.astype(jnp.bfloat16))),
+            lambda p: jnp.sum(scaled_sin(3.0)(p.astype(jnp.bfloat16))),
             jnp.linspace(0.5, 1.5, 4).astype(jnp.bfloat16),
         ),
     ],
@@ -75,7 +61,7 @@ def test_three_times_too_large_on_bfloat16_does_not_pass(fn, p):
 
 def test_correct_rule_through_bfloat16_is_not_wrong():
     p = jnp.linspace(0.1, 1.0, 4)
-    report = jaxcheck.verify(lambda p: jnp.sum(_times(1.0)(p.astype(jnp.bfloat16))), p)
+    report = jaxcheck.verify(lambda p: jnp.sum(scaled_sin(1.0)(p.astype(jnp.bfloat16))), p)
     assert report.status in ("pass", "inconclusive"), str(report)
     # the rounding note is about float32 code paths, not about fn's own bfloat16
     assert not any("far above float32 rounding" in q for q in report.problems)
