@@ -32,8 +32,10 @@ def vdots(grads: list, v: list) -> list:
     if not grads:
         return []
     totals = [0.0] * len(grads)
+    # one accumulator for all leaves: a float16 leaf beside a float64 one must not mix
+    # float32 and float64 sums (refused under strict promotion)
+    acc = _precision.accumulator([x.dtype for x in v] + [x.dtype for g in grads for x in g])
     for i, vi in enumerate(v):
-        acc = _precision.accumulator([vi.dtype] + [g[i].dtype for g in grads])
         products = tuple(g[i].astype(acc) * vi.astype(acc) for g in grads)
         sums = jax.lax.reduce(
             products,

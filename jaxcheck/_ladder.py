@@ -78,6 +78,9 @@ def _full_ladder(run: Run, index, rows, h, groups, out):
     tried = [[h] for _ in groups]
     suspect = [p.fd.relative_noise > 100 * eps for p in best]
     for i, p in enumerate(best):
+        if (_verdict.flat_directions(p) or (0, False))[1]:
+            continue  # flat with a zero derivative under test: settled (a larger step
+            # is for staircases, and could cross the jumps of a piecewise-constant fn)
         if suspect[i]:
             factors[i] = 1 / 16
         elif p.fd.noise_floor > 0.1 * _verdict.floors(run, p.fd)["nonsmooth"] or p.fd.num_nonsmooth:
@@ -96,6 +99,10 @@ def _full_ladder(run: Run, index, rows, h, groups, out):
         if suspect[i] and _same_kinks(best[i].fd, p2.fd, factors[i]):
             kinked = _assess(run, p2.phis, p2.phi0, h, from_data=False)
             best[i] = dataclasses.replace(p2, fd=kinked)
+        elif suspect[i] and p2.fd.relative_noise < best[i].fd.relative_noise / 4:
+            # jumps (rem, floor, a piecewise-constant derivative map): fewer directions
+            # cross one at a smaller step, while rounding noise stays as large
+            best[i] = _better(best[i], p2)
         elif suspect[i]:  # d4 is noise: the function is noisier than the reference
             again[i] = min(1e3, (best[i].fd.relative_noise / eps) ** (1 / 3), run.max_step / h)
         else:

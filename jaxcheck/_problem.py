@@ -146,7 +146,7 @@ def _with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
         out_treedef=treedef,
         out_paths=tuple(jax.tree_util.keystr(p) for p, _ in with_paths),
         out_shapes=tuple(tuple(leaf.shape) for _, leaf in with_paths),
-        rounds_to=None if jaxpr is None else _rounds_to(jaxpr, inputs.diff),
+        rounds_to=None if jaxpr is None else _rounds_to(jaxpr, inputs.diff, call, inputs),
     )
     if problem.grad_fn is not None:
         notes = _check_gradient_shapes(problem, inputs)
@@ -189,15 +189,36 @@ def _shapes(f, *args):
         ), None
 
 
-def _rounds_to(closed_jaxpr, diff) -> str | None:
+def _rounds_to(closed_jaxpr, diff, call, inputs) -> str | None:
     """The least precise float dtype that fn explicitly casts values computed from its
     parameters to, when less precise than the parameters themselves (a float32 model
     rounding through float16, say), else None. Such a cast stays in the float64 reference:
-    there fn is a staircase of that dtype's quanta, flat at the float64 step."""
+    there fn is a staircase of that dtype's quanta, flat at the float64 step.
+
+    Half-precision parameters cast to their own dtype inside fn (`x.astype(bfloat16)`
+    on a bfloat16 x) leave no trace in fn's own jaxpr, where the cast is a no-op, yet
+    round in the float64 reference, as does a cast of them to a more precise half
+    precision (bfloat16 to float16): for half-precision parameters fn is traced once more
+    as the reference runs it, on float64 parameters, and its casts to a half precision
+    count."""
     own = max(_precision.eps(x.dtype) for x in diff)
     found = _casts(closed_jaxpr.jaxpr, [True] * len(diff))
     lowest = [d for d in found if _precision.eps(d) > own]
+    half = _precision.eps(jnp.float32)
+    if own > half:
+        lowest += [d for d in _casts_in_float64(call, diff, inputs) if _precision.eps(d) > half]
     return _precision.lowest(lowest).name if lowest else None
+
+
+def _casts_in_float64(call, diff, inputs) -> set:
+    """The float casts of fn traced on float64 parameters (none when it cannot be)."""
+    try:
+        with _precision.x64_scope(True):
+            wide = [jax.ShapeDtypeStruct(np.shape(x), jnp.float64) for x in diff]
+            jaxpr = jax.make_jaxpr(call)(wide, inputs.traced())
+    except Exception:  # noqa: BLE001 - the reference falls back and says why, elsewhere
+        return set()
+    return _casts(jaxpr.jaxpr, [True] * len(diff))
 
 
 def _casts(jaxpr, tainted_inputs) -> set:

@@ -5,6 +5,7 @@ nothing (vacuous)."""
 
 import math
 
+import jax.numpy as jnp
 import numpy as np
 
 from . import _error_model, _precision
@@ -12,6 +13,9 @@ from ._report import Status
 from ._state import Pass, Run
 
 MAX_NOISE_FLOOR = 0.025  # a reference noisier than this cannot resolve a few-percent bug
+# where fn rounds to a half precision inside, its finite differences cannot be finer than
+# that precision allows: a noise floor up to this still tells a derivative from one 2x off
+COARSE_NOISE_FLOOR = 0.25
 ROUNDING_NOTE = 1e3  # rounding above this many eps of the tested dtype is pointed out
 
 
@@ -88,12 +92,14 @@ def compare(run: Run, p: Pass) -> tuple:
             )
     if len(run.modes) == 2:
         rounding = math.hypot(checks[0].rounding, checks[-2 if with_rule else -1].rounding)
+        # a cast to a lower precision inside fn rounds forward-mode tangents to it too
+        low = 0.0 if run.rounds_to is None else 10 * _precision.eps(run.rounds_to)
         checks.append(
             _error_model.consistency(
                 f"forward vs reverse ({t}), <u, J v> = <J^T u, v>",
                 p.fwd,
                 p.rev,
-                fl["tested"],
+                max(fl["tested"], low),
                 rounding,
                 zero_scale,
             )
@@ -134,7 +140,7 @@ def status(run: Run, p: Pass, checks, k, problems) -> Status:
     coarse = head.noise_floor > MAX_NOISE_FLOOR
     if coarse and head.relative_error > 2 * head.tolerance:
         return Status.FAIL  # wrong beyond twice a tolerance that includes the noise
-    if head.absolute and coarse and vacuous(p, run.rounds_to is not None):
+    if head.absolute and coarse and vacuous(p, run.rounds_to is not None, eps_fd(run)):
         problems.append(
             "finite-difference noise (noise floor "
             f"{head.noise_floor:.1e}) is as large as the derivative judged: a pass would "
@@ -147,6 +153,14 @@ def status(run: Run, p: Pass, checks, k, problems) -> Status:
             "the derivative is zero to within finite-difference noise or rounding along "
             "these directions (at a stationary point?); it was judged in absolute terms"
         )
+    elif coarse and _half_precision_limit(run, head):
+        problems.append(
+            f"finite differences resolve the derivative only to a noise floor of "
+            f"{head.noise_floor:.1e}, the limit of {_half_precision_limit(run, head)} "
+            "rounding: "
+            f"judged at that resolution (tolerance {head.tolerance:.1e}), so a smaller "
+            "error would go unseen"
+        )
     elif coarse:
         problems.append(
             f"finite-difference noise floor {head.noise_floor:.1e} is too coarse to judge "
@@ -154,6 +168,21 @@ def status(run: Run, p: Pass, checks, k, problems) -> Status:
         )
         return Status.INCONCLUSIVE
     return Status.PASS if all(c.passed for c in checks) else Status.FAIL
+
+
+def _half_precision_limit(run: Run, head) -> str:
+    """Why a coarse reference is as fine as fn allows ("" when it is not): fn rounds to a
+    half precision inside, or cannot run in any higher one (it mixes its inputs with a
+    half-precision array it closes over); finite differences then judge at that
+    resolution, stated in the report, provided the noise still resolves an error well
+    below the derivative itself."""
+    if head.noise_floor > COARSE_NOISE_FLOOR:
+        return ""
+    if run.rounds_to is not None:
+        return f"fn's own {run.rounds_to.name}"
+    if _precision.eps(run.reference) > _precision.eps(jnp.float32):
+        return f"fn's {run.reference.name} (it runs in no higher precision)"
+    return ""
 
 
 def _flat(run: Run, p: Pass, k, problems) -> Status | None:
@@ -185,17 +214,22 @@ def _flat(run: Run, p: Pass, k, problems) -> Status | None:
     return Status.INCONCLUSIVE
 
 
-def vacuous(p: Pass, rounds: bool) -> bool:
+def vacuous(p: Pass, rounds: bool, eps: float) -> bool:
     """Whether an absolute comparison (the derivative zero to within the error bars) says
     nothing: fn's values are coarse (it rounds to a low precision: seen in its jaxpr, or
-    constant along some direction), or the derivative under test (its rule in higher
-    precision, where measured) is not small against the error bars, which then hide it.
-    At a true zero (a stationary point, an identically zero fn) it is far below them."""
+    constant along some direction while others scatter by more than the reference's
+    rounding `eps`), or the derivative under test (its rule in higher precision, where
+    measured) is not small against the error bars, which then hide it. At a true zero (a
+    stationary point, an identically zero fn, the derivative map of a linear fn) it is far
+    below them."""
     use = p.fd.smooth
     a = p.rev if p.rev is not None else p.fwd
     a_ref = p.ref_rev if p.rev is not None else p.ref_fwd
     claimed = _error_model.rms((a if a_ref is None else a_ref)[use])
-    coarse_values = rounds or bool(np.any(_constant_along(p)))
+    # values equal to the last bit along some directions and a few ulps apart along
+    # others are ordinary rounding of a constant, not the quanta of a lower precision
+    quanta = p.fd.relative_noise > 10 * eps
+    coarse_values = rounds or (quanta and bool(np.any(_constant_along(p))))
     return coarse_values or claimed > 0.1 * _error_model.rms(p.fd.bar[use])
 
 

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax import lax
 
@@ -158,3 +159,109 @@ def test_float16_closure_is_judged_at_a_large_step_where_fn_is_straight(scale, s
     assert any("leave every input in its own dtype" in q for q in report.problems)
     if status == "pass":
         assert report.relative_error < 0.05
+
+
+def test_zero_second_derivative_of_a_function_with_jumps_passes():
+    """lax.rem's first derivatives are piecewise constant: its derivative maps are flat at
+    the step, with jumps nearby. JAX's testRemainder point: a larger step would cross the
+    jumps and read them as noise, so a flat map with a zero derivative is settled."""
+    rng = np.random.RandomState(0)
+    x = rng.uniform(-9, 9, size=(5, 8))
+    y = rng.uniform(0.1, 5, size=(1, 8)) * rng.choice([-1, 1], size=(1, 8))
+    report = jaxcheck.verify(lambda a: lax.rem(*a), (x, y), order=2, mode="both")
+    assert report.status == "pass", str(report)
+    assert any("order 2" in q and "fn is flat here" in q for q in report.problems)
+
+
+@pytest.mark.parametrize("factor, status", [(1.0, "pass"), (1.05, "fail")])
+def test_jumps_crossed_by_some_directions_are_stepped_around(factor, status):
+    """A small staircase on a smooth fn: at the first step most directions cross a jump.
+    At a smaller step fewer do (rounding noise would not thin out), so the ladder keeps
+    the smaller step instead of taking the jumps for noise and stepping up into more."""
+    sin = jax.custom_jvp(jnp.sin)
+    sin.defjvp(lambda p, t: (jnp.sin(p[0]), factor * jnp.cos(p[0]) * t[0]))
+    x = np.random.RandomState(0).uniform(0.5, 1.5, 8)
+    with jax.enable_x64(True):
+        p = jnp.asarray(x, jnp.float64)
+        report = jaxcheck.verify(lambda p: jnp.sum(sin(p) + 1e-3 * jnp.floor(p * 1e4)), p)
+    assert report.status == status, str(report)
+    assert report.relative_error == pytest.approx(factor - 1.0, abs=1e-6)
+
+
+HALF_AND_SINGLE = ["float16", "bfloat16", "float32"]
+
+
+@pytest.mark.parametrize("source", HALF_AND_SINGLE)
+@pytest.mark.parametrize("target", HALF_AND_SINGLE)
+def test_casts_between_half_and_single_precision_pass_at_order_2(source, target):
+    """JAX's testConvertElementTypeGrad under strict promotion: a cast of half-precision
+    params to their own dtype is a no-op in fn's jaxpr but rounds in the float64
+    reference, and a cast rounds forward-mode tangents too; neither is a bug."""
+    x = jnp.asarray(np.random.RandomState(1).randn(2, 3) * 3, source)
+    with jax.numpy_dtype_promotion("strict"):
+        report = jaxcheck.verify(
+            lambda a: lax.convert_element_type(a, target), x, order=2, mode="both"
+        )
+    assert report.status == "pass", str(report)
+    if target != "float32":  # judged at the cast's resolution, and said so
+        assert any(f"params to {target}" in q for q in report.problems), str(report)
+
+
+@pytest.mark.parametrize("target", ["float16", "bfloat16"])
+def test_a_coarse_pass_through_a_half_precision_cast_still_fails_a_2x_rule(target):
+    cast = jax.custom_jvp(lambda a: lax.convert_element_type(a, target))
+    cast.defjvp(lambda p, t: (cast(p[0]), 2 * lax.convert_element_type(t[0], target)))
+    x = jnp.asarray(np.random.RandomState(1).randn(2, 3) * 3, jnp.float32)
+    report = jaxcheck.verify(cast, x, mode="both")
+    assert report.status == "fail", str(report)
+    assert report.relative_error == pytest.approx(1.0, rel=0.2)
+
+
+@pytest.mark.parametrize("factor, status", [(1.0, "pass"), (2.0, "fail")])
+def test_bfloat16_closure_that_forbids_a_higher_precision_is_judged_coarsely(factor, status):
+    """JAX's testDynamicUpdateSliceGrad and testPadGrad in bfloat16: fn mixes params with
+    a bfloat16 array it closes over and lax refuses any other dtype, so the reference runs
+    in bfloat16. Its resolution (a noise floor of a few percent) is the physical limit:
+    judged there and said so, a derivative 2x off still fails."""
+    sin = jax.custom_jvp(jnp.sin)
+    sin.defjvp(lambda p, t: (jnp.sin(p[0]), factor * jnp.cos(p[0]) * t[0]))
+    rng = np.random.RandomState(3)
+    operand = jnp.asarray(rng.randn(3, 4), jnp.bfloat16)
+    update = jnp.asarray(rng.randn(2, 2), jnp.bfloat16)
+    with jax.numpy_dtype_promotion("strict"):
+        report = jaxcheck.verify(
+            lambda x: lax.dynamic_update_slice(sin(x), update, (1, 1)), operand, mode="both"
+        )
+    assert report.status == status, str(report)
+    assert report.relative_error == pytest.approx(factor - 1.0, abs=0.1)
+    if status == "pass":
+        assert any("bfloat16 (it runs in no higher precision)" in q for q in report.problems)
+
+
+@pytest.mark.parametrize("seed", [3, 5, 7])
+def test_second_derivative_of_a_linear_fn_stuck_in_float32_passes(seed):
+    """JAX's testConvGeneralDilatedGrad in complex64: the conv refuses a float64 lhs next
+    to its complex64 rhs, so the reference runs in float32, where the (constant) derivative
+    map of a linear fn differs by an ulp between batched and unbatched evaluations. That is
+    rounding of a constant, not the quanta of a lower precision: a zero second derivative
+    (the test's rtol makes the error bars, not the floor, decide)."""
+    rng = np.random.RandomState(seed)
+    lhs = rng.randn(1, 6, 7, 2) + 1j * rng.randn(1, 6, 7, 2)
+    rhs = rng.randn(1, 2, 1, 4) + 1j * rng.randn(1, 2, 1, 4)
+    lhs, rhs = (np.asarray(3 * x, np.complex64) for x in (lhs, rhs))
+
+    def conv(lhs):
+        return lax.conv_general_dilated(
+            lhs,
+            rhs,
+            (2, 1),
+            ((1, 0), (0, 1)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=2,
+            precision=lax.Precision.HIGHEST,
+        )
+
+    with jax.numpy_dtype_promotion("strict"):
+        report = jaxcheck.verify(conv, lhs, order=2, mode="both", rtol=1e-3)
+    assert report.status == "pass", str(report)
+    assert any("could not run in float64" in q for q in report.problems)
