@@ -40,7 +40,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _autodiff, _complex, _directions, _options, _plan, _problem, _report, _tree
+from . import (
+    _autodiff,
+    _complex,
+    _directions,
+    _options,
+    _plan,
+    _problem,
+    _report,
+    _state,
+    _tree,
+)
 from ._errors import GradientCheckError
 from ._report import Report
 
@@ -168,8 +178,11 @@ def _staged(fn, params, args, options, first) -> Report:
     if options.order == 1:
         return first(fn, params, args, options)
     o = dataclasses.replace(options, raise_on_failure=False)
-    with _plan.without_fold():
+    token = _state.SCALES.set({})
+    try:
         parts = _parts(fn, params, args, o, first)
+    finally:
+        _state.SCALES.reset(token)
     report = _report.compose(parts, options.order)
     if options.raise_on_failure and not report.ok:
         raise GradientCheckError(report)
@@ -193,7 +206,8 @@ def _parts(fn, params, args, o: _options.Options, first) -> list:
         mapped, name, extra = _derive(inner, level, mapped, name, extra, o, draws)
         derived = dataclasses.replace(base, grad_fn=None, has_aux=False)
         try:
-            report = first(mapped, params, (*extra, *args), derived)
+            with _plan.without_fold():
+                report = first(mapped, params, (*extra, *args), derived)
         except (TypeError, *_plan.TRACING_ERRORS) as err:
             # the first-order check may have put its own words around the tracing error
             cause = err if isinstance(err, _plan.TRACING_ERRORS) else err.__cause__
@@ -272,8 +286,8 @@ class _Draws:
     """The fixed tangents and cotangents of the derivative maps, drawn on the host from
     the check's key (per leaf path and level), scaled like the directions. They are float32
     arguments, which the maps cast to the dtype of what they multiply. The scales come from
-    the first-order check's probe program (compiled once for both), run only when needed: a
-    scalar fn checked in reverse mode needs none at order 2."""
+    the first-order check's probe, taken over (`_state.SCALES`), or that probe program run again
+    (compiled once for both) when it is not at hand."""
 
     key: object
     problem: _problem.Problem
@@ -295,7 +309,11 @@ class _Draws:
 
     @functools.cached_property
     def _scales(self) -> tuple[np.ndarray, np.ndarray]:
-        """(per parameter leaf, per output leaf) RMS magnitudes, zero ones floored."""
+        """(per parameter leaf, per output leaf) RMS magnitudes, zero ones floored: those
+        of the first-order check's probe, or the probe run again when it did not run."""
+        seen = _state.SCALES.get() or {}
+        if "params" in seen:
+            return np.asarray(seen["params"], np.float64), np.asarray(seen["outputs"], np.float64)
         probe = _plan.Timer().run(
             functools.partial(_autodiff.probe, self.problem, self.reverse),
             _directions.seeds(self.key, "outputs", self.problem.out_paths),

@@ -11,7 +11,7 @@ import numpy as np
 
 from . import _autodiff, _directions, _evaluate, _localize, _plan
 from ._host import DEBUG_FLAGS
-from ._state import Run
+from ._state import SCALES, Run
 
 
 def probe(run: Run, reverse: bool, k: int, leaf_k: int) -> None:
@@ -42,6 +42,9 @@ def probe(run: Run, reverse: bool, k: int, leaf_k: int) -> None:
         ) from err
     # the gradient stays on its devices (and sharding); only the small values come over
     run.probe = _on_host(values, run.inputs.diff, run.problem)
+    scales = SCALES.get()
+    if scales is not None and not scales:  # the first probe of an order >= 2 check
+        scales.update(params=run.probe["leaf_scales"], outputs=run.probe["output_scales"])
     if "fold_rev" in run.probe or "fold_fwd" in run.probe:
         run.probe["fold_index"] = index
     if no_forward is not None:  # raised again where forward mode is first needed

@@ -2,6 +2,7 @@
 passed to the functions of `_probe`, `_evaluate`, `_ladder`, `_verdict` and `_localize`, and
 one group's finite differences with the projections onto its directions (`Pass`)."""
 
+import contextvars
 import dataclasses
 
 import numpy as np
@@ -10,6 +11,10 @@ from . import _error_model, _plan, _problem
 from ._plan import Timer
 
 MAX_STEP = 0.05  # largest relative step; larger ones probe the function, not its derivative
+
+# while an order >= 2 check runs: the scales its first-order check's probe measured
+# ("params", "outputs"), from which the derivative maps' fixed vectors are drawn
+SCALES = contextvars.ContextVar("jaxcheck_scales", default=None)
 
 
 @dataclasses.dataclass
