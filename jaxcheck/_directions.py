@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _precision
+from . import _plan, _precision
 
 KINDS = ("rademacher", "gaussian")
 
@@ -160,7 +160,7 @@ def host_rms(squares, leaves) -> tuple[np.ndarray, np.ndarray]:
     sizes = np.asarray([max(x.size, 1) for x in leaves], np.float64)
     values, finite = np.sqrt(squares / sizes), np.isfinite(squares)
     for i in np.flatnonzero(~finite):
-        x = np.asarray(leaves[i], np.float64)
+        x = _plan.host_array(leaves[i]).astype(np.float64)
         finite[i] = bool(np.all(np.isfinite(x)))
         values[i] = np.sqrt(np.mean(np.square(x))) if finite[i] else np.nan
     return values, finite

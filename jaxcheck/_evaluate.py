@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _autodiff, _differences, _precision
+from . import _autodiff, _differences, _plan, _precision
 from ._state import Run
 
 
@@ -52,7 +52,7 @@ def complete(outer: dict, inner: dict) -> dict:
 
 def to_host(tree):
     """A tree of device arrays as NumPy arrays (read back to the host)."""
-    return jax.tree_util.tree_map(np.asarray, tree)
+    return jax.tree_util.tree_map(_plan.host_array, tree)
 
 
 def _evaluate_batch(run: Run, index, rows, h, offsets) -> dict:

@@ -146,6 +146,11 @@ def make_plan(
     if chunk_size is None and not any(shardings) and small <= SMALL_PROBLEM:
         return Plan(None, True, shardings, None)
     if chunk_size is None:
+        if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in diff):
+            # several processes: every sequential step waits on collectives between
+            # them (measured 2 x 4 CPU devices: 32 directions looped 616 ms, vmapped
+            # 19 ms), so directions are batched by the memory budget, as on accelerators
+            platform = "multiprocess"
         per_device = sum(
             x.size if s is None else math.prod(s.shard_shape(x.shape))
             for x, s in zip(diff, shardings)
@@ -197,6 +202,16 @@ def fold(plan: Plan, modes, scalar_output: bool, diff, num_directions: int) -> t
 def platform_of(device) -> str:
     """Which rule of the module docstring applies to `device`: "cpu", "gpu" or "tpu"."""
     return device.platform
+
+
+def host_array(x) -> np.ndarray:
+    """`x` as a NumPy array, gathered from every process first when it spans devices of
+    other processes too (each process then reads the whole array)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils  # noqa: PLC0415 - multi-process only
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
 
 
 def _multi_device(x):
