@@ -265,3 +265,23 @@ def test_second_derivative_of_a_linear_fn_stuck_in_float32_passes(seed):
         report = jaxcheck.verify(conv, lhs, order=2, mode="both", rtol=1e-3)
     assert report.status == "pass", str(report)
     assert any("could not run in float64" in q for q in report.problems)
+
+
+@pytest.mark.parametrize("rtol", [None, 0.15])
+def test_order_2_of_a_fn_that_returns_float32_in_the_float64_reference(rtol):
+    """JAX's testOpGradOutDtype (lax.mul(a, b, out_dtype=float32)): fn's output stays
+    float32 when the reference runs it on float64 inputs, so its jvp map is a float32
+    staircase there while its vjp map is not; a leaf-local step fine enough for the one
+    left the other flat, and a correct second derivative was called wrong."""
+    a = np.array([3.0787005, 2.745916, 0.14479849], np.float32)
+    b = np.array([-0.44299865, 0.6251671, -1.7902831], np.float32)
+    with jax.numpy_dtype_promotion("strict"):
+        report = jaxcheck.verify(
+            lambda ab: (ab[0] * ab[1]).astype(jnp.float32),
+            (a, b),
+            order=2,
+            mode="both",
+            rtol=rtol,
+            localize=True,
+        )
+    assert report.status == "pass", str(report)
