@@ -1,0 +1,314 @@
+"""gradient_health: the optax transformation under jit, its flags, and the summary."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxcheck
+
+PARAMS = {"dead": jnp.ones(3), "head": {"b": jnp.zeros(2), "w": jnp.ones((2, 2))}}
+
+
+def grads_at(step, *, dead=1.0, spike_at=None, nan_at=None, collapse_at=None):
+    """Constant gradients (so the running average equals the norm), with planted events."""
+    w = np.full((2, 2), 0.5, np.float32)
+    if spike_at is not None and step == spike_at:
+        w = w * np.float32(100.0)
+    if nan_at is not None and step == nan_at:
+        w[0, 1] = np.nan
+    b = np.array([0.3, -0.4], np.float32)
+    if collapse_at is not None and step >= collapse_at:
+        b = b * np.float32(1e-5)
+    return {"dead": np.full(3, dead, np.float32), "head": {"b": b, "w": w}}
+
+
+def run(opt, steps, params=PARAMS, **planted):
+    state = opt.init(params)
+    update = jax.jit(opt.update)
+    for step in range(steps):
+        updates, state = update(grads_at(step, **planted), state, params)
+    return updates, state
+
+
+def test_healthy_run_in_a_chain_under_jit():
+    opt = optax.chain(jaxcheck.gradient_health(), optax.adam(1e-3))
+    _, state = run(opt, 30)
+    h = state[0]
+    assert isinstance(h, jaxcheck.HealthState)
+    assert h.paths == ("['dead']", "['head']['b']", "['head']['w']")
+    assert int(h.step) == 30
+    np.testing.assert_allclose(h.grad_norm, [np.sqrt(3.0), 0.5, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(h.average, [np.sqrt(3.0), 0.5, 1.0], rtol=1e-5)
+    np.testing.assert_allclose(h.param_norm, [np.sqrt(3.0), 0.0, 2.0], rtol=1e-6)
+    summary = jaxcheck.health(state)
+    assert summary.ok and summary.steps == 30 and summary.flagged == ()
+    assert str(summary) == (
+        "jaxcheck.health: healthy — 3 leaves after 30 steps, nothing vanishing, exploding "
+        "or non-finite"
+    )
+    leaf = summary.leaves[2]
+    assert leaf.path == "['head']['w']"
+    assert leaf.ratio == pytest.approx(0.5, rel=1e-6)
+    assert leaf.worst_spike == pytest.approx(1.0, rel=1e-5)
+
+
+def test_updates_pass_through_unchanged():
+    opt = jaxcheck.gradient_health()
+    grads = grads_at(0, nan_at=0)
+    updates, _ = jax.jit(opt.update)(grads, opt.init(PARAMS), PARAMS)
+    for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(grads)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_vanishing_leaf_is_flagged_from_the_end_of_warmup():
+    opt = optax.chain(jaxcheck.gradient_health(), optax.sgd(0.1))
+    _, state = run(opt, 25, dead=1e-9)
+    summary = jaxcheck.health(state)
+    (leaf,) = summary.flagged
+    assert leaf.path == "['dead']" and leaf.flags == ("vanishing",)
+    assert leaf.first_vanishing == 10 and leaf.vanishing_steps == 15 and leaf.vanishing
+    assert leaf.ratio == pytest.approx(1e-9, rel=1e-3)
+    assert summary.first("vanishing") == 10 and summary.first("exploding") is None
+
+
+def test_gradient_collapsing_against_its_own_history_is_vanishing():
+    # ['head']['b'] has a zero parameter (ratio undefined): only its history can tell.
+    _, state = run(jaxcheck.gradient_health(), 25, collapse_at=20)
+    (leaf,) = jaxcheck.health(state).flagged
+    assert leaf.path == "['head']['b']"
+    assert (leaf.first_vanishing, leaf.vanishing_steps) == (20, 5)
+    assert np.isnan(leaf.ratio)
+
+
+def test_exploding_spike_is_flagged_once_and_does_not_poison_the_average():
+    _, state = run(optax.chain(jaxcheck.gradient_health(), optax.sgd(0.1)), 40, spike_at=25)
+    summary = jaxcheck.health(state)
+    (leaf,) = summary.flagged
+    assert leaf.path == "['head']['w']" and leaf.flags == ("exploding",)
+    assert (leaf.first_exploding, leaf.exploding_steps, leaf.exploding) == (25, 1, False)
+    assert leaf.worst_spike == pytest.approx(100.0, rel=1e-4)
+    # The spike entered the average clipped to 10x: the steps after it are not "collapsed".
+    assert leaf.vanishing_steps == 0
+    assert 1.0 < leaf.average < 1.3
+
+
+def test_nan_step_is_counted_and_named():
+    _, state = run(optax.chain(jaxcheck.gradient_health(), optax.sgd(0.1)), 20, nan_at=3)
+    summary = jaxcheck.health(state)
+    (leaf,) = summary.flagged
+    assert leaf.path == "['head']['w']" and leaf.flags == ("nonfinite",)
+    assert (leaf.first_nonfinite, leaf.nonfinite_steps, leaf.nonfinite) == (3, 1, False)
+    assert leaf.exploding_steps == 0 and leaf.vanishing_steps == 0
+    assert summary.skipped == 0
+
+
+def test_skip_nonfinite_zeroes_the_update_and_counts_it():
+    opt = optax.chain(jaxcheck.gradient_health(skip_nonfinite=True), optax.sgd(1.0))
+    state = opt.init(PARAMS)
+    update = jax.jit(opt.update)
+    updates, state = update(grads_at(0, nan_at=0), state, PARAMS)
+    assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
+    updates, state = update(grads_at(1), state, PARAMS)
+    np.testing.assert_allclose(updates["dead"], -jnp.ones(3))
+    summary = jaxcheck.health(state)
+    assert summary.skipped == 1
+    assert "1 update(s) with NaN/Inf were replaced by zeros" in str(summary)
+
+
+def test_summary_table_text():
+    def grads(step):
+        g = grads_at(step, dead=1e-9, spike_at=12, nan_at=14)
+        return g
+
+    opt = optax.chain(jaxcheck.gradient_health(), optax.sgd(0.1))
+    state = opt.init(PARAMS)
+    update = jax.jit(opt.update)
+    for step in range(16):
+        _, state = update(grads(step), state, PARAMS)
+    text = str(jaxcheck.health(state))
+    assert text == "\n".join(
+        [
+            "jaxcheck.health: 2 of 3 leaves flagged after 16 steps",
+            "  leaf           flag        since  steps  now  grad norm  average  grad/param"
+            "  worst spike",
+            "  ['dead']       vanishing   10     6      yes  1.7e-09    1.7e-09  1.0e-09     x1",
+            "  ['head']['w']  non-finite  14     1      no   1.0e+00    1.6e+00  5.0e-01     x100",
+            "  ['head']['w']  exploding   12     1      no   1.0e+00    1.6e+00  5.0e-01     x100",
+        ]
+    )
+
+
+def test_to_dict_is_json():
+    _, state = run(jaxcheck.gradient_health(), 12, nan_at=11)
+    d = jaxcheck.health(state).to_dict()
+    json.dumps(d)
+    assert d["ok"] is False and d["steps"] == 12
+    w = d["leaves"][2]
+    assert w["path"] == "['head']['w']" and w["grad_norm"] is None
+    assert (w["first_nonfinite"], w["nonfinite_steps"], w["first_exploding"]) == (11, 1, None)
+
+
+def test_parameter_norms_are_refreshed_every_10_steps():
+    opt = jaxcheck.gradient_health()
+    state = opt.init(PARAMS)
+    update = jax.jit(opt.update)
+    seen = []
+    for step in range(12):
+        params = jax.tree.map(lambda p, k=step + 1.0: p * k, PARAMS)
+        _, state = update(grads_at(step), state, params)
+        seen.append(float(state.param_norm[0]))
+    root3 = np.sqrt(3.0)
+    np.testing.assert_allclose(seen, [root3] * 10 + [11 * root3] * 2, rtol=1e-6)
+
+
+def test_update_without_params():
+    opt = jaxcheck.gradient_health()
+    state = opt.init(PARAMS)
+    for step in range(12):
+        _, state = jax.jit(opt.update)(grads_at(step, dead=1e-9), state)
+    summary = jaxcheck.health(state)
+    assert not summary.params_seen and summary.ok  # 1e-9 is tiny only relative to params
+    assert np.isnan(summary.leaves[0].ratio)
+    assert str(summary).splitlines()[1] == (
+        "  update got no params: grad/param ratios are unknown and vanishing is judged "
+        "against each leaf's own history only"
+    )
+
+
+def test_multisteps_sees_one_accumulated_gradient_per_optimizer_step():
+    inner = optax.chain(jaxcheck.gradient_health(warmup=1), optax.sgd(0.1))
+    _, state = run(optax.MultiSteps(inner, 2), 7, spike_at=4)
+    summary = jaxcheck.health(state)
+    assert summary.steps == 3
+    # Minibatches 4 and 5 make optimizer step 2: (100 + 1) / 2 times the usual norm.
+    (leaf,) = summary.flagged
+    assert leaf.first_exploding == 2
+    assert leaf.worst_spike == pytest.approx(50.5, rel=1e-4)
+
+
+@pytest.mark.parametrize("where", ["after", "around", "thresholds"])
+def test_inject_hyperparams(where):
+    if where == "after":
+        inner = optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)
+        opt = optax.chain(jaxcheck.gradient_health(), inner)
+    elif where == "around":
+        opt = optax.inject_hyperparams(
+            lambda learning_rate: optax.chain(jaxcheck.gradient_health(), optax.sgd(learning_rate))
+        )(learning_rate=0.1)
+    else:
+        opt = optax.inject_hyperparams(jaxcheck.gradient_health)(explode_factor=50.0)
+    _, state = run(opt, 30, spike_at=20)
+    (leaf,) = jaxcheck.health(state).flagged
+    assert (leaf.path, leaf.first_exploding) == ("['head']['w']", 20)
+
+
+def test_flags_only_read_at_the_end_no_transfer_per_step():
+    params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
+    x = jnp.linspace(-1.0, 1.0, 8 * 4).reshape(8, 4)
+    opt = optax.chain(jaxcheck.gradient_health(), optax.adam(1e-2))
+
+    @jax.jit
+    def step(params, state):
+        def loss(p):
+            return jnp.mean((jnp.tanh(x @ p["w"] + p["b"]) - 0.5) ** 2)
+
+        updates, state = opt.update(jax.grad(loss)(params), state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = opt.init(params)
+    params, state = step(params, state)
+    with jax.transfer_guard("disallow"):
+        for _ in range(20):
+            params, state = step(params, state)
+    summary = jaxcheck.health(state)
+    assert summary.steps == 21 and summary.ok, str(summary)
+
+
+def test_under_strict_numerics_and_bfloat16(strict_numerics):
+    params = {"w": jnp.ones(4, jnp.bfloat16), "v": jnp.ones(2, jnp.float32)}
+    opt = jaxcheck.gradient_health()
+    state = opt.init(params)
+    grads = {"w": jnp.full(4, 3.0, jnp.bfloat16), "v": jnp.full(2, 1e-30, jnp.float32)}
+    for _ in range(12):
+        _, state = jax.jit(opt.update)(grads, state, params)
+    summary = jaxcheck.health(state)
+    assert summary.leaves[1].grad_norm == pytest.approx(6.0)
+    (leaf,) = summary.flagged
+    assert leaf.path == "['v']" and leaf.first_vanishing == 10
+
+
+def test_errors_say_what_to_do():
+    with pytest.raises(ValueError, match=r"explode_factor=0\.5 must be > 1, e.g\. 10"):
+        jaxcheck.gradient_health(explode_factor=0.5)
+    with pytest.raises(ValueError, match=r"decay=1\.0 must be in \[0, 1\)"):
+        jaxcheck.gradient_health(decay=1.0)
+    with pytest.raises(TypeError, match="found no gradient_health state in the tuple"):
+        jaxcheck.health(optax.adam(1e-3).init(PARAMS))
+    opt = optax.chain(jaxcheck.gradient_health(), jaxcheck.gradient_health())
+    with pytest.raises(ValueError, match="holds 2 gradient_health states"):
+        jaxcheck.health(opt.init(PARAMS))
+    opt = jaxcheck.gradient_health()
+    with pytest.raises(ValueError, match="the updates have 1 array leaves but the state"):
+        opt.update({"w": jnp.ones(2)}, opt.init(PARAMS))
+    with pytest.raises(TypeError, match="cannot run inside jax.jit"):
+        jax.jit(lambda s: jaxcheck.health(s).steps)(opt.init(PARAMS))
+
+
+SHARDED = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp, numpy as np, optax, jaxcheck
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    assert jax.device_count() == 8
+    mesh = Mesh(np.array(jax.devices()), ("fsdp",))
+    rows = NamedSharding(mesh, P("fsdp", None))
+    params = {"w1": jnp.ones((16, 4)) / 4, "w2": jnp.ones((16, 4)) / 4, "b": jnp.zeros(4)}
+    params = {k: jax.device_put(v, rows if v.ndim == 2 else NamedSharding(mesh, P()))
+              for k, v in params.items()}
+    x = jnp.linspace(-1.0, 1.0, 8 * 16).reshape(8, 16)
+    opt = optax.chain(jaxcheck.gradient_health(skip_nonfinite=True), optax.adam(1e-2))
+
+    @jax.jit
+    def step(params, state, i):
+        def loss(p):
+            h = jnp.tanh(x @ p["w1"] + p["b"])
+            dead = 1e-9 * jnp.sum(p["w2"])  # w2 barely touches the loss: vanishing
+            return jnp.mean((h - 0.5) ** 2) + dead
+        g = jax.grad(loss)(params)
+        g["w1"] = jnp.where(i == 15, g["w1"] * jnp.nan, g["w1"])
+        updates, state = opt.update(g, state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = opt.init(params)
+    for i in range(20):
+        params, state = step(params, state, jnp.int32(i))
+    h = state[0]
+    assert params["w1"].sharding.spec[0] == "fsdp", params["w1"].sharding
+    s = jaxcheck.health(state)
+    by = {leaf.path: leaf for leaf in s.leaves}
+    assert by["['w2']"].first_vanishing == 10, by["['w2']"]
+    assert by["['w1']"].first_nonfinite == 15, by["['w1']"]
+    assert by["['w1']"].nonfinite_steps == 1 and s.skipped == 1, s
+    assert by["['b']"].flags == (), by["['b']"]
+    print("sharded ok", s.steps)
+    """
+)
+
+
+def test_sharded_params_on_8_simulated_devices():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    env["JAX_PLATFORMS"] = "cpu"
+    result = subprocess.run(
+        [sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "sharded ok 20" in result.stdout

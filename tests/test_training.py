@@ -1,0 +1,162 @@
+"""PeriodicCheck: gradient checks every N steps of a training loop, and their history."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxcheck
+
+
+def regression_data():
+    """The textbook example: y = 3x + 2 + uniform noise in [0, 1), so w -> 3, b -> 2.5."""
+    r = np.random.default_rng(0)
+    x = jnp.asarray(r.random(1000), jnp.float32)
+    y = 3.0 * x + 2.0 + jnp.asarray(r.random(1000), jnp.float32)
+    return x, y
+
+
+def loss(p, x, y):
+    return jnp.mean((p["w"] * x + p["b"] - y) ** 2)
+
+
+def textbook_grad(p, x, y):
+    # As first written: the residual in dw forgets b, db forgets w and b.
+    n = x.shape[0]
+    dw = (2.0 / n) * jnp.sum((p["w"] * x - y) * x)
+    db = (2.0 / n) * (x.sum() - y.sum())
+    return {"w": dw, "b": db}
+
+
+def corrected_grad(p, x, y):
+    n = x.shape[0]
+    residual = p["w"] * x + p["b"] - y
+    return {"w": (2.0 / n) * jnp.sum(residual * x), "b": (2.0 / n) * jnp.sum(residual)}
+
+
+def train(grad_fn, steps=200, every=50):
+    x, y = regression_data()
+    params = {"w": jnp.float32(0.5), "b": jnp.float32(0.1)}
+    opt = optax.sgd(0.7)
+    state = opt.init(params)
+    check = jaxcheck.PeriodicCheck(loss, every=every, grad_fn=grad_fn, num_directions=8)
+
+    @jax.jit
+    def step(params, state):
+        updates, state = opt.update(grad_fn(params, x, y), state, params)
+        return optax.apply_updates(params, updates), state
+
+    for i in range(steps):
+        check(i, params, x, y)
+        params, state = step(params, state)
+    return params, check
+
+
+def test_textbook_gradient_fails_at_the_first_check():
+    _, check = train(textbook_grad, steps=60)
+    assert check.first_failure == 0
+    first = check.history[0]
+    assert (first.step, first.reason, first.status.value) == (0, "every N steps", "fail")
+    assert set(first.failing) == {"['b']", "['w']"}
+    assert first.relative_error > 1000 * first.tolerance
+    assert "FAIL" in str(first.report)
+
+
+def test_corrected_gradient_converges_and_every_check_passes():
+    params, check = train(corrected_grad)
+    assert float(params["w"]) == pytest.approx(3.0, abs=0.05)
+    assert float(params["b"]) == pytest.approx(2.5, abs=0.05)
+    x, y = regression_data()
+    np.testing.assert_allclose(
+        [params["w"], params["b"]], np.polyfit(np.asarray(x), np.asarray(y), 1), rtol=1e-4
+    )
+    assert [(r.step, r.status.value) for r in check.history] == [
+        (0, "pass"),
+        (50, "pass"),
+        (100, "pass"),
+        (150, "pass"),
+    ]
+    assert check.first_failure is None
+    # Passing checks compare all leaves at once; no per-leaf checks were run.
+    assert all(r.report.leaves == () for r in check.history)
+    assert check.checker.compilations > 0
+    # Compiled once: the programs of the later checks (a settled one compiles fewer) are reused.
+    assert [r.report.num_compiled for r in check.history][2:] == [0, 0]
+
+
+def test_only_due_steps_check_and_history_text():
+    check = jaxcheck.PeriodicCheck(loss, every=3, grad_fn=textbook_grad, num_directions=8)
+    x, y = regression_data()
+    params = {"w": jnp.float32(0.5), "b": jnp.float32(0.1)}
+    results = [check(step, params, x, y) for step in range(7)]
+    assert [r is not None for r in results] == [True, False, False, True, False, False, True]
+    assert [r.step for r in check.history] == [0, 3, 6]
+    text = str(check).splitlines()
+    assert text[0].startswith("PeriodicCheck(every=3): 3 checks, first failure at step 0, ")
+    assert text[1].split() == [
+        "step",
+        "status",
+        "rel.",
+        "error",
+        "tolerance",
+        "seconds",
+        "failing",
+        "leaves",
+    ]
+    assert text[2].split()[:2] == ["0", "fail"] and text[2].endswith("['b'], ['w']")
+    d = check.history[0].to_dict()
+    json.dumps(d)
+    assert (d["step"], d["status"], d["failing"]) == (0, "fail", ["['b']", "['w']"])
+    assert "report" not in d
+
+
+def test_cost_fraction():
+    check = jaxcheck.PeriodicCheck(loss, every=1, num_directions=8)
+    x, y = regression_data()
+    check(0, {"w": jnp.float32(0.5), "b": jnp.float32(0.1)}, x, y)
+    assert check.seconds == pytest.approx(check.history[0].seconds)
+    assert check.cost_fraction(10.0 * check.seconds) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="training_seconds=0 must be > 0"):
+        check.cost_fraction(0)
+
+
+def test_health_flags_trigger_a_check_once():
+    params = {"w": jnp.ones(3), "dead": jnp.ones(2)}
+    x = jnp.linspace(-1.0, 1.0, 3)
+
+    def fn(p, x):
+        return jnp.sum(jnp.sin(p["w"] * x)) + 1e-9 * jnp.sum(p["dead"])
+
+    opt = optax.chain(jaxcheck.gradient_health(), optax.sgd(1e-3))
+    state = opt.init(params)
+    update = jax.jit(lambda s, p: opt.update(jax.grad(fn)(p, x), s, p)[1])
+    check = jaxcheck.PeriodicCheck(fn, every=100, num_directions=8)
+    for step in range(14):
+        check(step, params, x, opt_state=state)
+        state = update(state, params)
+    # The vanishing flag on ['dead'] fires at step 10 (the end of warmup) and is seen by the
+    # call of step 11; it is not a new flag on the steps after.
+    assert [(r.step, r.reason) for r in check.history] == [
+        (0, "every N steps"),
+        (11, "health flags"),
+    ]
+
+
+def test_raise_on_failure_records_then_raises():
+    check = jaxcheck.PeriodicCheck(
+        loss, every=1, grad_fn=textbook_grad, num_directions=8, raise_on_failure=True
+    )
+    x, y = regression_data()
+    with pytest.raises(jaxcheck.GradientCheckError, match="gradient is WRONG"):
+        check(0, {"w": jnp.float32(0.5), "b": jnp.float32(0.1)}, x, y)
+    assert check.first_failure == 0
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="every=0 must be an int >= 1"):
+        jaxcheck.PeriodicCheck(loss, every=0)
+    with pytest.raises(TypeError, match="unknown option"):
+        jaxcheck.PeriodicCheck(loss, every=5, num_direction=8)
