@@ -14,6 +14,7 @@ from ._health import health as health
 from ._report import LeafResult as LeafResult
 from ._report import Report as Report
 from ._report import Status as Status
+from ._rules import verify_rule as verify_rule
 from ._training import CheckRecord as CheckRecord
 from ._training import PeriodicCheck as PeriodicCheck
 from ._verify import verify as verify

@@ -148,7 +148,8 @@ def _reference(run: Run, index, rows, h, offsets) -> dict:
             where = f"in {dtype.name}" if cast else "with its inputs in their own dtypes"
             run.problems.append(
                 f"fn could not run {where} ({type(err).__name__}: {first[:120]}); {after}, "
-                "so the resolution is coarser"
+                "so the resolution is coarser (a custom rule inside, a Pallas kernel's say, "
+                "is resolved more finely on its own: rules=True, or jaxcheck.verify_rule)"
             )
     raise AssertionError("unreachable")
 

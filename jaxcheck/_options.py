@@ -34,6 +34,8 @@ class Options:
     memory_budget: int | None = None
     direction_sharding: jax.sharding.NamedSharding | None = None
     raise_on_failure: bool = False
+    rules: bool | Literal["auto"] = "auto"
+    transforms: bool = False
 
     def __post_init__(self):
         _validate(self)
@@ -99,6 +101,10 @@ def _validate(o: Options) -> None:
         ):
             raise ValueError(f"{name} must be a positive int or None, got {value!r}.")
     _validate_direction_sharding(o.direction_sharding, o.num_directions)
+    if o.rules not in ("auto", True, False):
+        raise ValueError(f"rules must be True, False or 'auto', got {o.rules!r}.")
+    if o.transforms not in (True, False):
+        raise ValueError(f"transforms must be True or False, got {o.transforms!r}.")
 
 
 def _validate_direction_sharding(sharding, k) -> None:

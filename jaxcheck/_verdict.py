@@ -17,6 +17,7 @@ MAX_NOISE_FLOOR = 0.025  # a reference noisier than this cannot resolve a few-pe
 # that precision allows: a noise floor up to this still tells a derivative from one 2x off
 COARSE_NOISE_FLOOR = 0.25
 ROUNDING_NOTE = 1e3  # rounding above this many eps of the tested dtype is pointed out
+ROUNDING_ACCEPTED = "accepted as rounding"  # in that note; the custom rules are then checked
 
 
 def eps_fd(run: Run) -> float:
@@ -286,6 +287,6 @@ def note_large_rounding(run: Run, head) -> None:
             f"the {run.tested.name} derivative differs from the same rule in "
             f"{run.reference.name} by {head.rounding:.1e} (relative), far above "
             f"{run.tested.name} rounding of a well-conditioned computation; it was "
-            "accepted as rounding (an ill-conditioned loss?). If fn or its rules take a "
+            f"{ROUNDING_ACCEPTED} (an ill-conditioned loss?). If fn or its rules take a "
             f"different path in {run.tested.name}, check that path"
         )

@@ -22,6 +22,7 @@ from . import (
     _plan,
     _precision,
     _problem,
+    _rule_report,
     _state,
     _tree,
 )
@@ -87,6 +88,8 @@ def verify(
     memory_budget: int | None = None,
     direction_sharding: jax.sharding.NamedSharding | None = None,
     raise_on_failure: bool = False,
+    rules: bool | Literal["auto"] = "auto",
+    transforms: bool = False,
 ) -> Report:
     """Check the derivative of `fn` at `params` against finite differences.
 
@@ -147,9 +150,24 @@ def verify(
             `num_directions` must be a multiple of the axis size. Parameters that are
             themselves sharded keep their sharding in every perturbed copy either way.
         raise_on_failure: raise `GradientCheckError` unless the status is "pass".
+        rules: find every `custom_vjp`/`custom_jvp` rule fn calls (inside jit, scan,
+            while, cond and checkpoint too; a loop body at its first iteration), capture
+            the inputs each receives at these params, and check each there with
+            `jaxcheck.verify_rule`. The report gets a part listing the rules with their
+            names, call sites (file:line) and verdicts, and fails when one is wrong; a rule
+            whose inputs cannot be intercepted is listed as such. "auto": only when the
+            check fails. Never with `grad_fn`.
+        transforms: also compare, without finite differences, the gradient under
+            `jax.jit` with the eager one, `jax.vmap` of the gradient over the leading
+            axis of the first argument that has one of size >= 2 with the example-by-example
+            loop, the gradient of `jax.checkpoint(fn)` with the plain one, and forward with
+            reverse mode; one row each.
 
     Returns:
         A `Report`; `report.ok` is True only when the derivative was judged correct.
+        When the rules or transforms are checked, the report is composite: `parts` holds
+        the gradient check (or its parts by order), then a part per added check (the
+        rules part holds one `verify_rule` report per rule, labelled with its call site).
 
     Raises:
         TypeError, ValueError: bad inputs, with the offending leaf's path.
@@ -178,6 +196,8 @@ def verify(
         memory_budget=memory_budget,
         direction_sharding=direction_sharding,
         raise_on_failure=raise_on_failure,
+        rules=rules,
+        transforms=transforms,
     )
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}.")
@@ -188,7 +208,9 @@ def verify(
 def run(fn, params, args: tuple, options: _options.Options) -> Report:
     """Check `fn` at `params` with validated `options`."""
     if not _orders.INSIDE.get():  # complex leaves and orders > 1 become first-order checks
-        return _orders.run(fn, params, args, options, run)
+        return _rule_report.checked(
+            fn, params, args, options, lambda o: _orders.run(fn, params, args, o, run)
+        )
     o = options
     p_split, diff, p_arrays = _tree.split(params, "params")
     a_split, a_floats, a_arrays = _tree.split(args, "args")

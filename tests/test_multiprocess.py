@@ -184,3 +184,13 @@ def test_a_nan_gradient_of_a_leaf_that_spans_the_processes_is_reported_as_nonfin
         broken = _fields(r, "nonfinite")
         assert broken["status"] == "nonfinite", broken["text"]
         assert f"the gradient (autodiff) of leaf {BUGGY_LEAF} is NaN/Inf" in broken["text"]
+
+
+def test_the_custom_rules_of_a_sharded_model_are_checked(job):
+    """The failing check looks for the wrong rule (rules="auto"): the planted custom_vjp
+    scales its weight cotangent, so only its vjp row fails, as in one process."""
+    for r in job:
+        problems = _fields(r, "buggy")["problems"]
+        assert not [p for p in problems if _UNREADABLE in p], problems
+        assert [p for p in problems if p.startswith("wrong rule:")], problems
+        assert not [p for p in problems if "failed:" in p and "primal" in p], problems

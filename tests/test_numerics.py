@@ -90,9 +90,10 @@ def test_ill_conditioned_float32_loss_uses_measured_rounding():
     assert bad.checks[1].relative_error == pytest.approx(1e-3, rel=0.05)
 
 
-def test_a_rule_wrong_only_in_float32_is_pointed_out():
+def test_a_rule_wrong_only_in_float32_fails_through_its_own_check():
     """A 1 % error that exists only in the float32 path looks like float32 rounding to the
-    verdict (the float64 rule is right); the report must say so rather than pass silently."""
+    all-leaf verdict (the float64 rule is right): the report says so, and the custom rule
+    checked on its own in float32 (against float32 finite differences) fails and is named."""
 
     @jax.custom_vjp
     def ident(x):
@@ -103,9 +104,16 @@ def test_a_rule_wrong_only_in_float32_is_pointed_out():
 
     ident.defvjp(lambda x: (x, None), bwd)
     report = jaxcheck.verify(lambda p: jnp.sum(jnp.sin(ident(p)) ** 2), jnp.linspace(0.2, 1.0, 6))
-    assert report.status == "pass"
+    assert report.status == "fail"
     [note] = [p for p in report.problems if "accepted as rounding" in p]
     assert "float32 derivative differs from the same rule in float64 by 1.0e-02" in note
+    [wrong] = [p for p in report.problems if p.startswith("wrong rule:")]
+    assert "custom_vjp ident" in wrong and "vjp vs finite differences in float32" in wrong
+    # without the rule checks, the all-leaf verdict alone accepts it (and says so)
+    alone = jaxcheck.verify(
+        lambda p: jnp.sum(jnp.sin(ident(p)) ** 2), jnp.linspace(0.2, 1.0, 6), rules=False
+    )
+    assert alone.status == "pass"
 
 
 def test_native_precision_reports_coarser_resolution():
@@ -216,7 +224,8 @@ def test_stationary_point_is_judged_in_absolute_terms():
 def test_fn_with_new_constants_at_each_trace_is_not_passed(bugged):
     """Constants drawn with NumPy while tracing differ from program to program: fn is not
     a function of params alone. Its derivative then looks like zero within huge noise; that
-    must not read as a pass, with or without a bug."""
+    must not read as a pass, with or without a bug (a bug in a custom rule is then caught by
+    that rule's own check)."""
     rng = np.random.default_rng(0)
 
     def fn(p):
@@ -224,8 +233,10 @@ def test_fn_with_new_constants_at_each_trace_is_not_passed(bugged):
         return jnp.sum(jnp.tanh(w @ jnp.asarray(rng.normal(size=(4, 3)), w.dtype)) ** 2)
 
     report = jaxcheck.verify(fn, {"w": jnp.full((2, 4), 0.3, jnp.float32)})
-    assert report.status == "inconclusive", str(report)
     assert any("not a function of params and args alone" in p for p in report.problems)
+    # the 1 % bug is then found by its custom rule's own check (a deterministic function)
+    assert report.status == ("fail" if bugged else "inconclusive"), str(report)
+    assert any(p.startswith("wrong rule: custom_vjp") for p in report.problems) == bugged
 
 
 def test_huge_parameter_values_do_not_overflow():

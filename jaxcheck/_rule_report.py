@@ -1,0 +1,180 @@
+"""The parts `verify` adds after its gradient check: the custom rules the model calls, each
+checked where the model calls it (`rules=True`, and by default when the check fails), and
+the consistency of the gradient under JAX's transformations (`transforms=True`)."""
+
+import dataclasses
+import math
+
+from . import _rule_rows, _rule_search, _rules, _transforms, _verdict
+from ._error_model import Comparison
+from ._errors import GradientCheckError
+from ._report import Report, Status
+
+
+def checked(fn, params, args, options, check) -> Report:
+    """`check(options)` (the gradient check), with the parts `options` ask for added; raises
+    as `options.raise_on_failure` says once they are in."""
+    o = options
+    if o.rules is False and not o.transforms:
+        return check(o)
+    try:
+        report = check(o)
+    except GradientCheckError as err:  # raised again below, with the parts added
+        report = err.report
+    parts, notes = [], []
+    if o.transforms:
+        try:
+            parts.append(_transforms.check(fn, params, args, o))
+        except Exception as err:  # noqa: BLE001 - the gradient check's verdict stands
+            notes.append(f"transforms: not checked ({_short(err)})")
+    if _wants_rules(o, report):
+        part, more = rules_part(fn, params, args, o)
+        parts += [part] if part is not None else []
+        notes += more
+    report = combine(report, parts, notes)
+    if o.raise_on_failure and not report.ok:
+        raise GradientCheckError(report)
+    return report
+
+
+def _wants_rules(o, report: Report) -> bool:
+    """rules=True; or "auto" and the first derivative is wrong (the rule checks are
+    first-order: a failure only at a higher order is not theirs to find), or passed only
+    because its distance from the same rules in float64 was accepted as rounding: a rule
+    that rounds to bfloat16, or takes another path in float32, looks like that, and only
+    its own check in float32 tells it from an ill-conditioned loss."""
+    first = report.parts[0] if report.parts else report
+    if o.rules is True:
+        return True
+    rounding = any(_verdict.ROUNDING_ACCEPTED in p for p in first.problems)
+    return o.rules == "auto" and (first.status is Status.FAIL or rounding)
+
+
+def rules_part(fn, params, args, o) -> tuple[Report | None, list]:
+    """(a report listing the custom rules fn calls, each with its verdict at the inputs it
+    receives, or None when there are none; notes for the report)."""
+    if o.grad_fn is not None:
+        return None, ["rules: not checked, the gradient under test is grad_fn's"]
+    try:
+        found, notes = _rule_search.find(fn, params, args)
+    except Exception as err:  # noqa: BLE001 - the leaf-level verdict stands whatever happens
+        return None, [f"rules: fn could not be traced to find them ({_short(err)})"]
+    if not found:
+        return None, (["rules: fn calls no custom_vjp/custom_jvp rule"] if o.rules is True else [])
+    rows, reports = [], []
+    for rule in found:
+        row, report, note = _check_one(fn, rule, o)
+        rows.append(row)
+        if report is not None:
+            reports.append(report)
+        if note:
+            notes.append(note)
+    wrong = [r for r in reports if r.status is Status.FAIL]
+    head = wrong[0] if wrong else None
+    problems = [
+        f"wrong rule: {r.label}: {_failed_rows(r)}, relative error {r.relative_error:.1e} "
+        f"(tolerance {r.tolerance:.1e})"
+        for r in wrong
+    ]
+    fine = [r.label for r in reports if r.ok]
+    if fine:
+        problems.append(f"rules fine: {'; '.join(fine)}")
+    part = Report(
+        status=Status.FAIL if wrong else Status.PASS,
+        relative_error=head.relative_error if head else 0.0,
+        interval=head.interval if head else (0.0, 0.0),
+        tolerance=head.tolerance if head else 0.0,
+        noise_floor=head.noise_floor if head else 0.0,
+        checks=tuple(rows),
+        leaves=(),
+        held_fixed=(),
+        mode="reverse",
+        tested_dtype=reports[0].tested_dtype if reports else "",
+        reference_dtype=reports[0].reference_dtype if reports else "",
+        step=math.nan,
+        steps_tried=(),
+        num_directions=o.num_directions,
+        num_nonsmooth=0,
+        num_nonfinite=0,
+        num_subgradient_consistent=0,
+        num_evaluations=sum(r.num_evaluations for r in reports),
+        problems=tuple(problems + notes),
+        compile_seconds=sum(r.compile_seconds for r in reports),
+        run_seconds=sum(r.run_seconds for r in reports),
+        label=f"custom rule {head.label}" if head else "custom rules",
+        parts=tuple(reports),
+    )
+    return part, []
+
+
+def _check_one(fn, rule: _rule_search.Found, o) -> tuple[Comparison, Report | None, str]:
+    nan = (math.nan, math.nan)
+    if rule.inputs is None:
+        row = Comparison(
+            f"rule {rule.title}: not intercepted", math.nan, nan, 0.0, 0.0, 0.0, 0, False
+        )
+        note = (
+            f"rule {rule.title}: its inputs could not be intercepted; the leaf-level verdict stands"
+        )
+        return row, None, note
+    try:
+        report = _rules.check_rule(
+            rule.function(),
+            rule.inputs,
+            o.key,
+            o.num_directions,
+            o.precision,
+            o.rtol,
+            o.leaf_directions,
+            identity=(fn, rule),
+        )
+    except Exception as err:  # noqa: BLE001 - one rule that cannot be checked is a note
+        row = Comparison(f"rule {rule.title}: not checked", math.nan, nan, 0.0, 0.0, 0.0, 0, False)
+        return row, None, f"rule {rule.title}: could not be checked ({_short(err)})"
+    report = dataclasses.replace(report, label=rule.title)
+    verdict = "all properties hold" if report.ok else _failed_rows(report) or report.status.value
+    row = Comparison(
+        f"rule {rule.title}: {verdict}",
+        report.relative_error,
+        report.interval,
+        report.noise_floor,
+        0.0,
+        report.tolerance,
+        0 if report.status in (Status.INCONCLUSIVE, Status.NONFINITE) else 1,
+        report.status is not Status.FAIL,
+    )
+    return row, report, ""
+
+
+def _failed_rows(report: Report) -> str:
+    return ", ".join(p.label for p in report.parts if p.status is Status.FAIL)
+
+
+def _short(err: Exception) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text[:200]}"
+
+
+def combine(report: Report, parts: list, notes: list) -> Report:
+    """The gradient check's report with `parts` added (the report becomes composite)."""
+    if not parts:
+        return dataclasses.replace(report, problems=report.problems + tuple(notes))
+    base = report.parts or (dataclasses.replace(report, label="gradient"),)
+    every = (*base, *parts)
+    status = min((p.status for p in every), key=_rule_rows.SEVERITY.index)
+    head = next(p for p in every if p.status is status)
+    return dataclasses.replace(
+        report,
+        status=status,
+        relative_error=head.relative_error,
+        interval=head.interval,
+        tolerance=head.tolerance,
+        noise_floor=head.noise_floor,
+        checks=report.checks + tuple(c for p in parts for c in p.checks),
+        problems=report.problems + tuple(q for p in parts for q in p.problems) + tuple(notes),
+        num_evaluations=report.num_evaluations + sum(p.num_evaluations for p in parts),
+        compile_seconds=report.compile_seconds + sum(p.compile_seconds for p in parts),
+        run_seconds=report.run_seconds + sum(p.run_seconds for p in parts),
+        label=report.label or "fn and its custom rules",
+        parts=every,
+    )

@@ -1,0 +1,174 @@
+"""Rows compared without finite differences (jaxcheck.verify_rule's properties, verify's
+transforms): two computations that must agree up to rounding, compared with a tolerance
+from the dtype; a report part per row, in which an error raised by either computation is
+a failing row that names it; and one composite report from such parts."""
+
+import dataclasses
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _plan, _precision
+from ._error_model import Comparison
+from ._report import Report, Status
+
+EXACT_EPS = 1000.0  # tolerance of the rows, in machine epsilons of the inputs' dtype
+EXACT_FLOOR = 1e-10  # ... never tighter than this (float64 linear algebra reorders sums)
+SEVERITY = (Status.FAIL, Status.NONFINITE, Status.INCONCLUSIVE, Status.PASS)
+
+
+def tolerance(dtype, rtol=None) -> float:
+    """EXACT_EPS eps of `dtype`, at least EXACT_FLOOR, or `rtol` when that is larger."""
+    return max(EXACT_EPS * _precision.eps(dtype), EXACT_FLOOR, rtol or 0.0)
+
+
+def inexact(x) -> bool:
+    return jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+
+
+def random_like(x, rng, scale=True):
+    """Random signs times x's RMS (1 where x is all zeros) in x's dtype; float0 for ints."""
+    x = jnp.asarray(x)
+    if not inexact(x):
+        return np.zeros(x.shape, jax.dtypes.float0)
+    rms = float(jnp.sqrt(jnp.mean(jnp.square(jnp.abs(x).astype(jnp.float32))))) if scale else 1
+    rms = rms if rms > 0 and math.isfinite(rms) else 1.0
+    signs = rng.integers(0, 2, size=x.shape) * 2.0 - 1.0
+    return jnp.asarray(signs * rms, x.dtype)
+
+
+def _dtype(x):
+    return x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+
+
+def host(x) -> np.ndarray:
+    """x read back as float64 (gathered first when it spans several processes)."""
+    return _plan.host_array(x).astype(np.float64)
+
+
+def flat(tree) -> np.ndarray:
+    leaves = [
+        host(x).ravel() for x in jax.tree_util.tree_leaves(tree) if _dtype(x) != jax.dtypes.float0
+    ]
+    return np.concatenate(leaves) if leaves else np.zeros(0)
+
+
+def rms(x) -> float:
+    return float(np.sqrt(np.mean(np.square(x)))) if np.size(x) else 0.0
+
+
+def exact(name, a, b, tol, scale=None) -> Comparison:
+    """`a` against `b` (pytrees or arrays), relative to RMS(b) (or `scale` when larger)."""
+    a, b = flat(a), flat(b)
+    if a.shape != b.shape:
+        return Comparison(name, math.inf, (math.inf, math.inf), 0.0, 0.0, tol, 0, False)
+    both = np.isfinite(a) & np.isfinite(b)
+    if not np.array_equal(np.isfinite(a), np.isfinite(b)):
+        return Comparison(name, math.inf, (math.inf, math.inf), 0.0, 0.0, tol, a.size, False)
+    denom = max(rms(b[both]), scale or 0.0) or max(rms(a[both]), 1e-300)
+    err = rms(a[both] - b[both]) / denom
+    return Comparison(name, err, (err, err), 0.0, 0.0, tol, int(a.size), bool(err <= tol))
+
+
+def failed(name, tol) -> Comparison:
+    return Comparison(name, math.inf, (math.inf, math.inf), 0.0, 0.0, tol, 1, False)
+
+
+def part(label, comparison: Comparison, dtype, seconds, problems=(), status=None) -> Report:
+    """A report of one FD-free property."""
+    if status is None:
+        status = Status.PASS if comparison.passed else Status.FAIL
+    return Report(
+        status=status,
+        relative_error=comparison.relative_error,
+        interval=comparison.interval,
+        tolerance=comparison.tolerance,
+        noise_floor=0.0,
+        checks=(comparison,),
+        leaves=(),
+        held_fixed=(),
+        mode="reverse",
+        tested_dtype=str(jnp.dtype(dtype)),
+        reference_dtype=str(jnp.dtype(dtype)),
+        step=math.nan,
+        steps_tried=(),
+        num_directions=0,
+        num_nonsmooth=0,
+        num_nonfinite=0,
+        num_subgradient_consistent=0,
+        num_evaluations=0,
+        problems=tuple(problems),
+        compile_seconds=0.0,
+        run_seconds=seconds,
+        label=label,
+    )
+
+
+def error_problem(label: str, err: Exception) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{label}: {type(err).__name__}: {text[:300]}"
+
+
+def guarded(label, name, tol, dtype, compute):
+    """`compute()` -> (Comparison, problems), a failing row naming the error if it raises."""
+    start = time.perf_counter()
+    try:
+        comparison, problems = compute()
+    except Exception as err:  # noqa: BLE001 - any error of the rule is the finding
+        return part(label, failed(name, tol), dtype, 0.0, (error_problem(label, err),))
+    seconds = time.perf_counter() - start
+    if not comparison.passed:
+        problems = (
+            *problems,
+            f"{name}: relative difference {comparison.relative_error:.1e}, tolerance "
+            f"{comparison.tolerance:.1e}",
+        )
+    return part(label, comparison, dtype, seconds, problems)
+
+
+def leaves(tree) -> list:
+    return [host(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def dot(a, b) -> tuple[float, float]:
+    """sum of <a, b> over leaves, and of <|a|, |b|> (the size of its rounding)."""
+    pairs = [
+        (x, y)
+        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
+        if _dtype(x) != jax.dtypes.float0 and np.size(x)
+    ]
+    pairs = [(host(x), host(y)) for x, y in pairs]
+    return (
+        float(sum(np.vdot(x, y) for x, y in pairs)),
+        float(sum(np.vdot(np.abs(x), np.abs(y)) for x, y in pairs)),
+    )
+
+
+def compose(parts, label: str, base: Report | None = None) -> Report:
+    """One report from property reports: worst status, its headline, every row; the
+    directions and dtypes of the footer from `base` (the finite-difference part)."""
+    base = base or parts[0]
+    parts = tuple(parts)
+    worst = min(parts, key=lambda p: SEVERITY.index(p.status))
+    failing = [p.label for p in parts if p.status is Status.FAIL]
+    problems = []
+    if failing:
+        problems.append(f"failed: {', '.join(failing)}")
+    problems += [p for part in parts for p in part.problems]
+    return dataclasses.replace(
+        worst,
+        checks=tuple(c for p in parts for c in p.checks),
+        problems=tuple(dict.fromkeys(problems)),
+        num_evaluations=sum(p.num_evaluations for p in parts),
+        compile_seconds=sum(p.compile_seconds for p in parts),
+        run_seconds=sum(p.run_seconds for p in parts),
+        num_compiled=sum(p.num_compiled for p in parts),
+        label=label,
+        parts=parts,
+        num_directions=base.num_directions,
+        tested_dtype=base.tested_dtype,
+        reference_dtype=base.reference_dtype,
+    )

@@ -1,0 +1,257 @@
+"""Finding the custom derivative rules a model calls, and the inputs each one receives.
+
+`fn(params, *args)` is traced to a jaxpr, which is then evaluated equation by equation
+with the concrete params and args. Every `custom_vjp`/`custom_jvp` call equation (found by
+its primitive's name, which differs across JAX versions) records the values it receives,
+and the rule is later re-bound on them (`Found.function`): that callable has the model's
+own rule, differentiable, at the model's own point.
+
+Sub-jaxprs are followed where their inputs are known: calls (`jit`, `closed_call`,
+`checkpoint`/`remat`) get the caller's values; a `cond` runs the branch its index takes;
+the body of a `scan` or a `while` loop is evaluated once, at its first iteration (the
+report says so); every other higher-order primitive (`shard_map`, a custom rule's own
+primal, a primitive of a future JAX) is run as it is, and the rules inside it are listed
+without inputs, as not intercepted.
+"""
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+_CALLS = ("pjit", "jit", "closed_call", "core_call", "remat", "remat2", "checkpoint")
+_CALL_NAMES = {  # how a call primitive is named in the report
+    "pjit": "jit",
+    "closed_call": "jit",
+    "core_call": "jit",
+    "remat": "checkpoint",
+    "remat2": "checkpoint",
+}
+_SUBJAXPR_KEYS = ("jaxpr", "jaxprs", "branches", "body_jaxpr", "cond_jaxpr", "call_jaxpr")
+
+
+@dataclasses.dataclass(frozen=True)
+class Found:
+    """One custom rule called by the model."""
+
+    kind: str  # "custom_vjp" or "custom_jvp"
+    name: str  # the decorated function's name
+    where: str  # file:line (function) of the call site
+    context: str  # e.g. "scan body, first iteration"; "" at the top level
+    eqn: Any = dataclasses.field(repr=False, compare=False)
+    inputs: tuple | None = dataclasses.field(default=None, repr=False, compare=False)
+    note: str = ""  # why the inputs were not captured
+
+    @property
+    def title(self) -> str:
+        inside = f" ({self.context})" if self.context else ""
+        return f"{self.kind} {self.name} at {self.where}{inside}"
+
+    def function(self):
+        """The rule as a function of its inputs, differentiable through the rule."""
+        eqn = self.eqn
+
+        def rule(*xs):
+            out = _bind(eqn, list(xs))
+            return out[0] if len(out) == 1 else tuple(out)
+
+        rule.__name__ = self.name
+        return rule
+
+
+def rule_kind(eqn) -> str | None:
+    name = eqn.primitive.name
+    for kind in ("custom_vjp", "custom_jvp"):
+        if kind in name:
+            return kind
+    return None
+
+
+def find(fn, params, args) -> tuple[list, list]:
+    """(the rules `fn(params, *args)` calls, with their inputs where captured; notes)."""
+    leaves, treedef = jax.tree_util.tree_flatten((params, args))
+    traced = [i for i, x in enumerate(leaves) if _is_array(x)]
+
+    def flat(*xs):
+        full = list(leaves)
+        for i, x in zip(traced, xs):
+            full[i] = x
+        p, a = jax.tree_util.tree_unflatten(treedef, full)
+        return fn(p, *a)
+
+    values = [leaves[i] for i in traced]
+    closed = jax.make_jaxpr(flat)(*values)
+    listed = _Search()
+    listed.listed([(closed.jaxpr, [])], "", "")
+    if not listed.found:  # no rule anywhere: nothing to evaluate op by op
+        return [], []
+    search = _Search()
+    search.eval(closed.jaxpr, closed.consts, values, "", "")
+    return _unique(search.found), search.notes
+
+
+def calls(jaxpr, kind: str) -> bool:
+    """Whether `jaxpr` calls a rule of `kind` ("custom_vjp" or "custom_jvp") on its way
+    (in its sub-jaxprs too, not inside another custom rule, whose own rule stands in)."""
+    search = _Search()
+    search.listed([(jaxpr, [])], "", "")
+    return any(f.kind == kind for f in search.found)
+
+
+def _unique(found) -> list:
+    """One entry per rule and call site (a layer called in a loop is one rule), with the
+    first inputs captured."""
+    seen = {}
+    for f in found:
+        key = (f.kind, f.name, f.where, f.context)
+        if key not in seen or (seen[key].inputs is None and f.inputs is not None):
+            seen[key] = f
+    return list(seen.values())
+
+
+def _is_array(x) -> bool:
+    return isinstance(x, jax.Array | np.ndarray | np.generic)
+
+
+def _bind(eqn, values):
+    params = eqn.primitive.get_bind_params(eqn.params)
+    subfuns = []
+    if isinstance(params, tuple):  # older JAX: (subfuns, params)
+        subfuns, params = params
+    out = eqn.primitive.bind(*subfuns, *values, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _where(eqn) -> str:
+    try:
+        from jax._src import source_info_util  # noqa: PLC0415 - no public API for this
+
+        where = source_info_util.summarize(eqn.source_info)
+    except Exception:  # noqa: BLE001 - only a label
+        return "unknown location"
+    # files under the working directory read shorter relative to it
+    here = os.getcwd() + os.sep
+    return where[len(here) :] if where.startswith(here) else where
+
+
+def _name(eqn) -> str:
+    jaxpr = eqn.params.get("call_jaxpr")
+    info = getattr(getattr(jaxpr, "jaxpr", jaxpr), "debug_info", None)
+    text = getattr(info, "func_name", None) or getattr(info, "func_src_info", None) or ""
+    return str(text).split(" at ")[0] or eqn.params.get("name", "") or "<rule>"
+
+
+def _jaxprs(value):
+    """(jaxpr, consts) of every sub-jaxpr in a parameter value."""
+    if isinstance(value, tuple | list):
+        return [j for v in value for j in _jaxprs(v)]
+    if hasattr(value, "jaxpr") and hasattr(value, "consts"):
+        return [(value.jaxpr, list(value.consts))]
+    if hasattr(value, "eqns"):
+        return [(value, [])]
+    return []
+
+
+class _Search:
+    def __init__(self):
+        self.found = []
+        self.notes = []
+
+    def eval(self, jaxpr, consts, values, context, site):
+        """Evaluate `jaxpr`, recording the rules' inputs; `site` is the location of the call
+        that holds it, for rules whose own location is all inside JAX (jax.nn's)."""
+        env = {}
+        for var, value in zip(jaxpr.constvars, consts):
+            env[var] = value
+        for var, value in zip(jaxpr.invars, values):
+            env[var] = value
+        for eqn in jaxpr.eqns:
+            ins = [_literal_or(env, v) for v in eqn.invars]
+            outs = self.eqn(eqn, ins, context, site)
+            for var, value in zip(eqn.outvars, outs):
+                env[var] = value
+        return [_literal_or(env, v) for v in jaxpr.outvars]
+
+    def eqn(self, eqn, ins, context, site):
+        kind = rule_kind(eqn)
+        where = _where(eqn) or site
+        if kind is not None:
+            self.found.append(Found(kind, _name(eqn), where, context, eqn, tuple(ins)))
+            return _bind(eqn, ins)
+        name = eqn.primitive.name
+        subs = [j for key in _SUBJAXPR_KEYS for j in _jaxprs(eqn.params.get(key))]
+        if not subs:
+            return _bind(eqn, ins)
+        try:
+            if name in _CALLS and len(subs) == 1 and len(subs[0][0].invars) == len(ins):
+                inner = _CALL_NAMES.get(name, name)
+                return self.eval(*subs[0], ins, _join(context, f"inside {inner}"), where)
+            if name == "cond":
+                return self.cond(eqn, ins, context, where)
+            if name == "scan":
+                self.scan(eqn, ins, context, where)
+            elif name == "while":
+                self.loop(eqn, ins, context, where)
+            else:
+                self.listed(subs, _join(context, f"inside {name}"), where)
+        except Exception as err:  # noqa: BLE001 - the search must never break the check
+            self.notes.append(f"inputs inside {name} at {where} not captured: {err}")
+            self.listed(subs, _join(context, f"inside {name}"), where)
+        return _bind(eqn, ins)
+
+    def cond(self, eqn, ins, context, site):
+        branches = eqn.params["branches"]
+        index = int(np.clip(int(np.asarray(ins[0])), 0, len(branches) - 1))
+        for i, branch in enumerate(branches):
+            if i != index:
+                self.listed(_jaxprs(branch), _join(context, "cond branch not taken"), site)
+        jaxpr, consts = _jaxprs(branches[index])[0]
+        return self.eval(jaxpr, consts, ins[1:], _join(context, "inside cond"), site)
+
+    def scan(self, eqn, ins, context, site):
+        p = eqn.params
+        jaxpr, consts = _jaxprs(p["jaxpr"])[0]
+        n_consts, n_carry = p["num_consts"], p["num_carry"]
+        if p["length"] == 0:
+            self.listed([(jaxpr, consts)], _join(context, "scan of length 0"), site)
+            return
+        first = -1 if p.get("reverse") else 0
+        xs = [np.asarray(x)[first] for x in ins[n_consts + n_carry :]]
+        body_in = [*ins[:n_consts], *ins[n_consts : n_consts + n_carry], *xs]
+        self.eval(jaxpr, consts, body_in, _join(context, "scan body, first iteration"), site)
+
+    def loop(self, eqn, ins, context, site):
+        p = eqn.params
+        cond_jaxpr, cond_c = _jaxprs(p["cond_jaxpr"])[0]
+        body_jaxpr, body_c = _jaxprs(p["body_jaxpr"])[0]
+        nc, nb = p["cond_nconsts"], p["body_nconsts"]
+        carry = ins[nc + nb :]
+        (go,) = _Search().eval(cond_jaxpr, cond_c, [*ins[:nc], *carry], context, site)
+        if not bool(np.asarray(go)):
+            self.listed([(body_jaxpr, body_c)], _join(context, "while body never run"), site)
+            return
+        body_in = [*ins[nc : nc + nb], *carry]
+        context = _join(context, "while body, first iteration")
+        self.eval(body_jaxpr, body_c, body_in, context, site)
+
+    def listed(self, subs, context, site):
+        """The rules inside sub-jaxprs whose inputs are not known: named, not captured."""
+        for jaxpr, _ in subs:
+            for eqn in jaxpr.eqns:
+                kind, where = rule_kind(eqn), _where(eqn) or site
+                if kind is not None:
+                    found = Found(kind, _name(eqn), where, context, eqn, None, "not intercepted")
+                    self.found.append(found)
+                    continue
+                for key in _SUBJAXPR_KEYS:
+                    self.listed(_jaxprs(eqn.params.get(key)), context, where)
+
+
+def _literal_or(env, v):
+    return v.val if type(v).__name__ == "Literal" else env[v]
+
+
+def _join(context: str, more: str) -> str:
+    return f"{context}, {more}" if context else more

@@ -1,0 +1,511 @@
+"""`verify_rule`: every property of one function's derivative rules, one report row each.
+
+A function with a `jax.custom_vjp` or `jax.custom_jvp` rule (or any function) is checked at
+the given arguments for:
+
+- primal: the output of the rule's forward pass (the `fwd` of a custom_vjp, the primal
+  output of a custom_jvp rule) equals the function's own output;
+- vjp vs finite differences: `verify` of `args -> f(*args)`, with random output cotangents,
+  the float64 reference and leaf localization (the leaves are named `args[i]...`);
+- jvp linearity: jvp(a v + b w) = a jvp(v) + b jvp(w) for random tangents and scalars;
+- transpose: <u, J v> by the jvp equals <J^T u, v> by the vjp (for a custom_jvp the vjp is
+  the transpose JAX derives from the rule);
+- cotangent types: each input's cotangent has its shape and dtype (float0 for integer
+  inputs); positions in `nondiff_argnums` are held fixed;
+- unused outputs (several outputs only): the vjp when one output alone is used, so that
+  the others' cotangents reach the rule as symbolic zeros (where it declares
+  `symbolic_zeros=True`), against the vjp with those cotangents set to zero;
+- vmap, jit, checkpoint: primal, vjp and jvp of the rule under `jax.vmap` (on a batch of
+  nearby points) equal the example-by-example values, under `jax.jit` the eager ones, under
+  `jax.checkpoint` the plain ones.
+
+All but the finite-difference rows compare two computations that must agree up to
+rounding, with a tolerance from the dtype (`_rule_rows`). A rule that is only right in
+float64 is caught by a last row, taken when the inputs are in a lower precision, the
+float64 reference was used, and the rule in the inputs' precision is more than
+`NATIVE_ROUNDING` eps away from the same rule in float64: the vjp in the inputs' own
+precision against finite differences in that precision (the float64 row forgives the
+float32 rule whatever its distance from the same rule in float64, which it takes for
+rounding).
+"""
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _directions, _plan, _precision, _rule_rows, _rule_search
+from ._error_model import Comparison
+from ._errors import GradientCheckError
+from ._report import Report, Status
+
+BATCH = 3  # examples in the vmap row
+NUM_PAIRS = 4  # (u, v) pairs of the transpose row
+MAX_OUTPUTS = 4  # outputs left unused one at a time in the unused-outputs row
+NATIVE_ROUNDING = 100.0  # the native-precision row runs above this rounding, in eps
+
+
+def verify_rule(
+    f: Callable,
+    *args: Any,
+    key: Any = 0,
+    num_directions: int = 16,
+    precision: Literal["auto", "float64", "native"] = "auto",
+    rtol: float | None = None,
+    leaf_directions: int = 8,
+    raise_on_failure: bool = False,
+) -> Report:
+    """Check every property of the derivative rules of `f` at `args`.
+
+    One row per property, each in the report's table and as a labelled part:
+
+    - primal: the rule's forward pass (a custom_vjp's `fwd`, a custom_jvp rule's primal
+      output) equals `f`'s own output;
+    - vjp vs finite differences: `verify` of `args -> f(*args)`, with random output
+      cotangents, the float64 reference and leaf localization (leaves named `args[i]...`);
+      for lower-precision inputs whose rule is far from itself in float64, also the vjp
+      against finite differences in the inputs' precision (a rule only right in float64);
+    - jvp linearity: jvp(a v + b w) = a jvp(v) + b jvp(w);
+    - transpose: <u, J v> by the jvp equals <J^T u, v> by the vjp;
+    - cotangent types: each cotangent has its input's shape and dtype (float0 for integer
+      inputs); `nondiff_argnums` are held fixed;
+    - unused outputs (several outputs): the vjp with one output used (the others'
+      cotangents are symbolic zeros) equals the vjp with their cotangents zero;
+    - vmap, jit, checkpoint: primal, vjp and jvp of the rule under `jax.vmap` (a batch of
+      nearby points), `jax.jit` and `jax.checkpoint` equal the plain ones.
+
+    All rows but the finite-difference ones must agree to 1000 eps of the inputs' dtype.
+    The jvp rows are skipped, with a note, for a custom_vjp function (it has no jvp).
+
+    Args:
+        f: the function, `f(*args)` returning an array or a pytree of float arrays; a
+            `jax.custom_vjp`/`jax.custom_jvp` object or any JAX-traceable function. Its
+            `nondiff_argnums`, if any, are held fixed.
+        *args: the inputs, any pytrees. Floating leaves are differentiated; integer leaves
+            are held fixed (their cotangent must be float0).
+        key: int seed or JAX PRNG key for the random tangents, cotangents and directions.
+        num_directions: directions of the finite-difference row.
+        precision: reference precision of the finite-difference row (as in `verify`).
+        rtol: smallest relative error of the finite-difference row treated as a bug, and a
+            looser tolerance for the rows compared without finite differences.
+        leaf_directions: directions per leaf when the finite-difference row localizes.
+        raise_on_failure: raise `GradientCheckError` unless every row passes.
+
+    Returns:
+        A composite `Report`: `parts` holds one report per property (its `label` names
+        the property), `checks` one row per property; the status is the worst of theirs.
+
+    Raises:
+        TypeError: `f` is not callable.
+        GradientCheckError: with `raise_on_failure=True`, when a property does not hold.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxcheck
+        >>> report = jaxcheck.verify_rule(jax.nn.softplus, jnp.linspace(-2.0, 2.0, 5))
+        >>> report.ok, [p.label for p in report.parts][:2]
+        (True, ['primal', 'vjp vs finite differences'])
+    """
+    if not callable(f):
+        raise TypeError(f"f must be callable, got {type(f).__name__}.")
+    report = check_rule(f, args, key, num_directions, precision, rtol, leaf_directions)
+    if raise_on_failure and not report.ok:
+        raise GradientCheckError(report)
+    return report
+
+
+def check_rule(
+    f, args, key, num_directions, precision, rtol, leaf_directions, identity=None
+) -> Report:
+    """The composite report of `verify_rule` (without raising). `identity`: what makes two
+    rules the same for the compiled programs of the finite-difference rows (default: `f`
+    itself); a rule found in a model is re-bound on every check, its identity is its call
+    site in that model, so a training loop's repeated checks compile nothing new."""
+    # `_verify` reaches this module through verify(rules=...): import it when called
+    from ._verify import verify  # noqa: PLC0415
+
+    def plain(*a, **k):  # the vjp rows check the rule alone, not the rules inside it
+        return verify(*a, rules=False, transforms=False, **k)
+
+    rule = Rule.make(f, args, identity)
+    parts = check(rule, key, num_directions, precision, rtol, leaf_directions, plain)
+    return _rule_rows.compose(parts, "rule properties", parts[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """`f` at `args`, split into the differentiated inputs and the ones held fixed."""
+
+    f: Callable
+    args: tuple
+    fixed: frozenset  # positions held fixed (nondiff_argnums)
+    identity: Any = None
+
+    @classmethod
+    def make(cls, f, args, identity=None) -> "Rule":
+        nondiff = getattr(f, "nondiff_argnums", ()) or ()
+        identity = ("f", f) if identity is None else ("given", identity)
+        return cls(f, tuple(args), frozenset(int(i) for i in nondiff), identity)
+
+    @property
+    def inputs(self) -> tuple:
+        """The differentiated positions' values (None at the fixed positions)."""
+        return tuple(None if i in self.fixed else a for i, a in enumerate(self.args))
+
+    def call(self, inputs):
+        full = [self.args[i] if i in self.fixed else x for i, x in enumerate(inputs)]
+        return self.f(*full)
+
+    def leaves(self):
+        return jax.tree_util.tree_leaves(self.inputs)
+
+    @property
+    def dtype(self):
+        floats = [x.dtype for x in map(jnp.asarray, self.leaves()) if _rule_rows.inexact(x)]
+        return _precision.lowest(floats) if floats else jnp.dtype(jnp.float32)
+
+
+def check(rule: Rule, key, num_directions, precision, rtol, leaf_directions, verify) -> list:
+    """The reports of every property of `rule`, in row order."""
+    rng = np.random.default_rng(int(_directions.seeds(key, "rule", ("",))[0]))
+    tol = _rule_rows.tolerance(rule.dtype, rtol)
+    jvp_note = _jvp_note(rule)
+    draws = _Draws(rule, rng, jvp_note is None)
+    parts = [_primal(draws, tol)]
+    fd = _finite_differences(rule, key, num_directions, precision, rtol, leaf_directions, verify)
+    parts.append(fd)
+    if jvp_note is None:
+        parts += [_linearity(draws, tol), _transpose(draws, tol)]
+    parts.append(_cotangent_types(draws))
+    if len(jax.tree_util.tree_leaves(draws.out)) > 1:
+        parts.append(_unused_outputs(draws, tol))
+    for name in ("vmap", "jit", "checkpoint"):
+        parts.append(_transformed(draws, name, tol))
+    if jvp_note is not None:
+        parts[0] = dataclasses.replace(parts[0], problems=parts[0].problems + (jvp_note,))
+    native = _native(rule, fd, key, num_directions, rtol, leaf_directions, verify)
+    return parts + ([native] if native is not None else [])
+
+
+def _jvp_note(rule: Rule) -> str | None:
+    """Why the jvp rows are skipped (f calls a custom_vjp function, which has no jvp), or
+    None. Found in f's jaxpr: a jvp would only fail on it when run (not under
+    `jax.eval_shape`), after compiling everything before it."""
+    try:
+        closed = jax.make_jaxpr(rule.call)(rule.inputs)
+    except Exception:  # noqa: BLE001 - the rows report f's error themselves
+        return None
+    if not _rule_search.calls(closed.jaxpr, "custom_vjp"):
+        return None
+    return (
+        "f calls a custom_vjp function, which has no forward mode: the jvp rows (linearity, "
+        "transpose) were not checked"
+    )
+
+
+# ---- random draws ---------------------------------------------------------------------
+
+
+def _tangents(rule: Rule, rng):
+    return jax.tree_util.tree_map(lambda x: _rule_rows.random_like(x, rng), rule.inputs)
+
+
+# ---- the properties -------------------------------------------------------------------
+
+
+def _derivatives(call, with_jvp: bool, with_vjp: bool = True):
+    """(inputs, v, u) -> f's output, the output and cotangents of its vjp with `u`, and
+    (with_jvp) the output and tangent of its jvp along `v`: everything the FD-free rows
+    compare, one jitted program for all of them."""
+
+    def go(inputs, v, u):
+        result = {"f": call(inputs)}
+        if with_vjp:
+            out, pullback = jax.vjp(call, inputs)
+            result["vjp out"], result["vjp"] = out, pullback(u)[0]
+        if with_jvp:
+            result["jvp out"], result["jvp"] = jax.jvp(call, (inputs,), (v,))
+        return result
+
+    return go
+
+
+@dataclasses.dataclass
+class _Draws:
+    """The rule's derivative program and the random tangents and cotangents it runs on."""
+
+    rule: Rule
+    rng: np.random.Generator
+    with_jvp: bool
+
+    def __post_init__(self):
+        self.go = _derivatives(self.rule.call, self.with_jvp)
+        self.jitted = jax.jit(self.go)
+        self.out = jax.eval_shape(self.rule.call, self.rule.inputs)
+        self._alone = {}
+
+    def run(self, v, u, need: str):
+        """The derivative program at the inputs; when it cannot be built (a jvp rule JAX
+        cannot transpose), the part `need` ("vjp" or "jvp") alone, so that each row
+        reports its own property."""
+        try:
+            return self.jitted(self.rule.inputs, v, u)
+        except Exception:
+            if not self.with_jvp:
+                raise
+            if need not in self._alone:
+                self._alone[need] = jax.jit(
+                    _derivatives(self.rule.call, need == "jvp", need == "vjp")
+                )
+            return self._alone[need](self.rule.inputs, v, u)
+
+    def tangent(self):
+        return _tangents(self.rule, self.rng)
+
+    def cotangent(self):
+        return jax.tree_util.tree_map(
+            lambda y: _rule_rows.random_like(np.ones(y.shape, y.dtype), self.rng, scale=False),
+            self.out,
+        )
+
+
+def _primal(d: _Draws, tol) -> Report:
+    def compute():
+        v, u = d.tangent(), d.cotangent()
+        try:
+            r = d.run(v, u, "vjp")
+        except Exception:  # noqa: BLE001 - the vjp rows report it; compare the jvp's primal
+            if not d.with_jvp:
+                raise
+            r = d.run(v, u, "jvp")
+        outs = [r[k] for k in ("vjp out", "jvp out") if k in r]
+        return _rule_rows.exact(name, outs, [r["f"]] * len(outs), tol), ()
+
+    name = "primal: the rule's forward pass vs f"
+    return _rule_rows.guarded("primal", name, tol, d.rule.dtype, compute)
+
+
+def _finite_differences(rule, key, k, precision, rtol, leaf_k, verify) -> Report:
+    label = "vjp vs finite differences"
+    try:
+        report = verify(
+            _Called(rule),
+            rule.inputs,
+            key=key,
+            num_directions=k,
+            precision=precision,
+            rtol=rtol,
+            leaf_directions=leaf_k,
+        )
+    except Exception as err:  # noqa: BLE001 - a rule that raises under jax.vjp is the finding
+        problem = _rule_rows.error_problem(label, err)
+        comparison = _rule_rows.failed(f"{label}: the vjp could not be evaluated", math.inf)
+        return _rule_rows.part(label, comparison, rule.dtype, 0.0, (problem,))
+    return _relabel(report, label)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Called:
+    """inputs -> f(*inputs) with the fixed positions filled in (compares by value, so a
+    second check of the same rule compiles nothing new)."""
+
+    rule: Rule
+
+    def __call__(self, inputs):
+        return self.rule.call(inputs)
+
+    def __hash__(self):
+        return hash(self.rule.identity)
+
+    def __eq__(self, other):
+        return isinstance(other, _Called) and other.rule.identity == self.rule.identity
+
+
+def _relabel(report: Report, label: str) -> Report:
+    checks = tuple(dataclasses.replace(c, name=f"{label}: {c.name}") for c in report.checks)
+    leaves = tuple(dataclasses.replace(leaf, path=f"args{leaf.path}") for leaf in report.leaves)
+    problems = tuple(
+        p.replace("wrong: [", "wrong: args[").replace(", [", ", args[") for p in report.problems
+    )
+    return dataclasses.replace(report, checks=checks, leaves=leaves, problems=problems, label=label)
+
+
+def _linearity(d: _Draws, tol) -> Report:
+    def compute():
+        v, w, u = d.tangent(), d.tangent(), d.cotangent()
+        a, b = float(d.rng.uniform(0.5, 2.0)), -float(d.rng.uniform(0.5, 2.0))
+        combined = jax.tree_util.tree_map(
+            lambda x, y: x if x.dtype == jax.dtypes.float0 else (a * x + b * y).astype(x.dtype),
+            v,
+            w,
+        )
+        jv, jw, jc = (d.run(t, u, "jvp")["jvp"] for t in (v, w, combined))
+        expect = [a * x + b * y for x, y in zip(_rule_rows.leaves(jv), _rule_rows.leaves(jw))]
+        scale = abs(a) * _rule_rows.rms(_rule_rows.flat(jv)) + abs(b) * _rule_rows.rms(
+            _rule_rows.flat(jw)
+        )
+        return _rule_rows.exact(name, _rule_rows.leaves(jc), expect, tol, scale), ()
+
+    name = "jvp linear in the tangents: jvp(a v + b w) vs a jvp(v) + b jvp(w)"
+    return _rule_rows.guarded("jvp linearity", name, tol, d.rule.dtype, compute)
+
+
+def _transpose(d: _Draws, tol) -> Report:
+    def compute():
+        by_jvp, by_vjp, sizes = [], [], []
+        for _ in range(NUM_PAIRS):
+            v, u = d.tangent(), d.cotangent()
+            r = d.jitted(d.rule.inputs, v, u)
+            forward, size = _rule_rows.dot(u, r["jvp"])
+            by_jvp.append(forward)
+            by_vjp.append(_rule_rows.dot(r["vjp"], v)[0])
+            sizes.append(size)
+        return _rule_rows.exact(name, by_jvp, by_vjp, tol, _rule_rows.rms(sizes)), ()
+
+    name = "transpose: <u, J v> by jvp vs <J^T u, v> by vjp"
+    return _rule_rows.guarded("transpose", name, tol, d.rule.dtype, compute)
+
+
+def _unused_outputs(d: _Draws, tol) -> Report:
+    """With several outputs, the vjp when only one output is used (the others' cotangents
+    reach the rule as symbolic zeros, or as zeros JAX makes for a rule that does not take
+    symbolic ones) against the vjp with their cotangents set to zero."""
+    rule = d.rule
+
+    def compute():
+        u = d.cotangent()
+        leaves, treedef = jax.tree_util.tree_flatten(u)
+
+        @functools.partial(jax.jit, static_argnums=1)
+        def alone(inputs, i, ui):
+            def used(x):
+                return jax.tree_util.tree_leaves(rule.call(x))[i]
+
+            return jax.vjp(used, inputs)[1](ui)[0]
+
+        @jax.jit
+        def zeroed(inputs, cotangent):
+            return jax.vjp(rule.call, inputs)[1](cotangent)[0]
+
+        got, want = [], []
+        for i in range(min(len(leaves), MAX_OUTPUTS)):
+            only = [c if j == i else jnp.zeros_like(c) for j, c in enumerate(leaves)]
+            got.append(alone(rule.inputs, i, leaves[i]))
+            want.append(zeroed(rule.inputs, jax.tree_util.tree_unflatten(treedef, only)))
+        return _rule_rows.exact(name, got, want, tol), ()
+
+    name = "unused outputs: vjp with one output used vs the others' cotangents zero"
+    return _rule_rows.guarded("unused outputs", name, tol, rule.dtype, compute)
+
+
+def _cotangent_types(d: _Draws) -> Report:
+    rule = d.rule
+
+    def compute():
+        cots = jax.eval_shape(d.go, rule.inputs, d.tangent(), d.cotangent())["vjp"]
+        paths = jax.tree_util.tree_flatten_with_path(rule.inputs)[0]
+        got = jax.tree_util.tree_leaves(cots)
+        wrong = []
+        if len(got) != len(paths):
+            wrong.append(f"{len(got)} cotangent leaves for {len(paths)} inputs")
+        for (path, x), c in zip(paths, got):
+            x = jnp.asarray(x)
+            want = x.dtype if _rule_rows.inexact(x) else jnp.dtype(jax.dtypes.float0)
+            if tuple(c.shape) != tuple(x.shape) or jnp.dtype(c.dtype) != want:
+                wrong.append(
+                    f"args{jax.tree_util.keystr(path)}: cotangent {c.dtype}{list(c.shape)}, "
+                    f"expected {want}{list(x.shape)}"
+                )
+        err = float(len(wrong)) / max(len(paths), 1)
+        comparison = Comparison(name, err, (err, err), 0.0, 0.0, 0.0, len(paths), not wrong)
+        return comparison, tuple(f"cotangent types: {w}" for w in wrong)
+
+    name = "cotangent types: shape and dtype of each input (float0 for integers)"
+    problems = ()
+    if rule.fixed:
+        problems = (f"nondiff_argnums {sorted(rule.fixed)} held fixed",)
+    report = _rule_rows.guarded("cotangent types", name, 0.0, rule.dtype, compute)
+    return dataclasses.replace(report, problems=report.problems + problems)
+
+
+def _batch(rule: Rule, rng) -> list:
+    """BATCH nearby points: the inputs, then the inputs times (1 + 0.1 r), r in [-1, 1]."""
+
+    def moved(x):
+        if not _rule_rows.inexact(x):
+            return x
+        x = jnp.asarray(x)
+        return jnp.asarray(x * (1 + 0.1 * rng.uniform(-1, 1, x.shape)), x.dtype)
+
+    return [rule.inputs] + [jax.tree_util.tree_map(moved, rule.inputs) for _ in range(BATCH - 1)]
+
+
+def _stack(trees):
+    return jax.tree_util.tree_map(lambda *xs: np.stack([_plan.host_array(x) for x in xs]), *trees)
+
+
+_TRANSFORMS = {
+    "vmap": "under jax.vmap vs example by example",
+    "jit": "under jax.jit vs eager",
+    "checkpoint": "under jax.checkpoint vs plain",
+}
+
+
+def _transformed(d: _Draws, which: str, tol) -> Report:
+    name = f"{which}: primal, vjp{', jvp' if d.with_jvp else ''} {_TRANSFORMS[which]}"
+
+    def compute():
+        if which == "vmap":
+            points = _batch(d.rule, d.rng)
+            vs = [d.tangent() for _ in points]
+            us = [d.cotangent() for _ in points]
+            plain = _stack([d.jitted(p, v, u) for p, v, u in zip(points, vs, us)])
+            batched = jax.jit(jax.vmap(d.go))(_stack(points), _stack(vs), _stack(us))
+            return _rule_rows.exact(name, batched, plain, tol), ()
+        v, u = d.tangent(), d.cotangent()
+        plain = d.jitted(d.rule.inputs, v, u)
+        if which == "jit":
+            return _rule_rows.exact(name, plain, d.go(d.rule.inputs, v, u), tol), ()
+        # around the call with nondiff_argnums filled in: those must not be traced
+        remat = jax.jit(_derivatives(jax.checkpoint(d.rule.call), d.with_jvp))
+        return _rule_rows.exact(name, remat(d.rule.inputs, v, u), plain, tol), ()
+
+    return _rule_rows.guarded(which, name, tol, d.rule.dtype, compute)
+
+
+def _native(rule, fd: Report, key, k, rtol, leaf_k, verify) -> Report | None:
+    """The vjp against finite differences in the inputs' own precision, when the float64
+    row ran for lower-precision inputs: that row takes the distance between the rule in
+    the inputs' precision and in float64 for rounding, so it cannot see a rule that is
+    only right in float64."""
+    if fd.status is not Status.PASS or jnp.dtype(fd.reference_dtype) == jnp.dtype(fd.tested_dtype):
+        return None
+    tested = fd.checks[0] if fd.checks else None
+    if tested is None or tested.rounding <= NATIVE_ROUNDING * _precision.eps(fd.tested_dtype):
+        return None  # the rule in float32 is as close to itself in float64 as rounding goes
+    report = verify(
+        _Called(rule),
+        rule.inputs,
+        key=key,
+        num_directions=k,
+        precision="native",
+        rtol=rtol,
+        leaf_directions=leaf_k,
+    )
+    label = f"vjp vs finite differences in {report.reference_dtype}"
+    report = _relabel(report, label)
+    if report.status is Status.FAIL:
+        report = dataclasses.replace(
+            report,
+            problems=report.problems
+            + (
+                f"{label}: the rule is right in float64 but not in {fd.tested_dtype}: "
+                f"a code path taken only in {fd.tested_dtype}, or a silent cast to a "
+                "lower precision",
+            ),
+        )
+    return report

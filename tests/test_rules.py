@@ -1,0 +1,344 @@
+"""verify_rule: planted rule bugs, each caught by the property it breaks; real rules pass."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.custom_batching import custom_vmap
+
+import jaxcheck
+
+X = jnp.linspace(-2.0, 2.0, 5)
+
+
+def failed(report) -> set:
+    return {p.label for p in report.parts if p.status == "fail"}
+
+
+def sin_vjp(bwd, fwd_out=jnp.sin, residual=lambda x: x):
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(x)
+
+    f.defvjp(lambda x: (fwd_out(x), residual(x)), bwd)
+    return f
+
+
+def test_correct_custom_vjp_passes_with_every_row():
+    report = jaxcheck.verify_rule(sin_vjp(lambda x, g: (g * jnp.cos(x),)), X)
+    assert report.ok, report
+    assert [c.passed for c in report.checks] == [True] * len(report.checks)
+    assert {p.label for p in report.parts} >= {
+        "primal",
+        "vjp vs finite differences",
+        "cotangent types",
+        "vmap",
+        "jit",
+        "checkpoint",
+    }
+    assert "custom_vjp function, which has no forward mode" in str(report)
+
+
+def test_fwd_primal_differs_from_the_function():
+    f = sin_vjp(lambda x, g: (g * jnp.cos(x),), fwd_out=lambda x: 1.01 * jnp.sin(x))
+    report = jaxcheck.verify_rule(f, X)
+    assert failed(report) == {"primal"}
+    assert "FAIL — primal is WRONG" in str(report)
+    assert "primal: the rule's forward pass vs f: relative difference 1.0e-02" in str(report)
+
+
+def test_wrong_residual():
+    # saves sin(x) where bwd expects x
+    f = sin_vjp(lambda r, g: (g * jnp.cos(r),), residual=jnp.sin)
+    report = jaxcheck.verify_rule(f, X)
+    assert "vjp vs finite differences" in failed(report)
+    assert "wrong: args[0]" in str(report)
+
+
+def test_missing_factor_in_bwd():
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(2.0 * x)
+
+    f.defvjp(lambda x: (f(x), x), lambda x, g: (g * jnp.cos(2.0 * x),))  # misses the 2
+    report = jaxcheck.verify_rule(f, X)
+    assert failed(report) == {"vjp vs finite differences"}
+    part = report.parts[1]
+    assert part.relative_error == pytest.approx(0.5, rel=0.3)
+    assert "vjp vs finite differences is WRONG" in str(report)
+
+
+def test_bwd_ignores_the_cotangent_of_one_output():
+    @jax.custom_vjp
+    def f(x, y):
+        return {"s": jnp.sin(x) * y, "c": jnp.cos(x)}
+
+    def bwd(res, g):
+        x, y = res
+        return g["s"] * jnp.cos(x) * y, g["s"] * jnp.sin(x)  # forgets -g["c"] sin(x)
+
+    f.defvjp(lambda x, y: (f(x, y), (x, y)), bwd)
+    report = jaxcheck.verify_rule(f, X, X + 3.0)
+    assert failed(report) == {"vjp vs finite differences"}
+    wrong = [leaf.path for leaf in report.parts[1].leaves if leaf.status == "fail"]
+    assert wrong == ["args[0]"]  # y's cotangent is right
+
+
+def test_wrong_only_for_negative_inputs():
+    f = sin_vjp(lambda x, g: (g * jnp.where(x < 0, -jnp.cos(x), jnp.cos(x)),))
+    assert jaxcheck.verify_rule(f, jnp.linspace(0.5, 2.0, 5)).ok
+    report = jaxcheck.verify_rule(f, X)
+    assert failed(report) == {"vjp vs finite differences"}
+
+
+def test_custom_jvp_with_a_nonlinear_tangent():
+    @jax.custom_jvp
+    def f(x):
+        return jnp.sin(x)
+
+    f.defjvp(lambda p, t: (jnp.sin(p[0]), jnp.cos(p[0]) * t[0] ** 2))
+    report = jaxcheck.verify_rule(f, X)
+    assert "jvp linearity" in failed(report)
+    assert "jvp linear in the tangents: jvp(a v + b w) vs a jvp(v) + b jvp(w): relative" in str(
+        report
+    )
+
+
+def test_custom_jvp_whose_transpose_disagrees():
+    # the tangent goes through a linear solve whose transpose_solve is wrong: jvp is right,
+    # the vjp JAX derives from it is not
+    @jax.custom_jvp
+    def f(x):
+        return 3.0 * x
+
+    @f.defjvp
+    def f_jvp(primals, tangents):
+        tangent = lax.custom_linear_solve(
+            lambda y: y / 3.0,
+            tangents[0],
+            solve=lambda matvec, b: 3.0 * b,
+            transpose_solve=lambda matvec, b: 2.0 * b,
+        )
+        return 3.0 * primals[0], tangent
+
+    report = jaxcheck.verify_rule(f, X)
+    assert {"transpose", "vjp vs finite differences"} <= failed(report)
+    assert "jvp linearity" not in failed(report)
+    assert "transpose: <u, J v> by jvp vs <J^T u, v> by vjp: relative difference" in str(report)
+
+
+def test_rule_wrong_only_under_vmap():
+    @custom_vmap
+    def passthrough(g):
+        return g
+
+    @passthrough.def_vmap
+    def _(axis_size, in_batched, g):
+        return g + jnp.mean(g, axis=0), True  # mixes the examples of a batch
+
+    f = sin_vjp(lambda x, g: (passthrough(g * jnp.cos(x)),))
+    report = jaxcheck.verify_rule(f, X)
+    assert "vmap" in failed(report)
+    assert {"jit", "checkpoint", "primal"}.isdisjoint(failed(report))
+    assert "vmap: primal, vjp under jax.vmap vs example by example: relative" in str(report)
+
+
+def test_rule_wrong_only_in_float32():
+    f = sin_vjp(lambda x, g: (g * jnp.cos(x) * (1.01 if g.dtype == jnp.float32 else 1.0),))
+    report = jaxcheck.verify_rule(f, X)
+    assert failed(report) == {"vjp vs finite differences in float32"}
+    assert "the rule is right in float64 but not in float32" in str(report)
+
+
+def test_cotangent_of_the_wrong_dtype():
+    f = sin_vjp(lambda x, g: ((g * jnp.cos(x)).astype(jnp.bfloat16),))
+    report = jaxcheck.verify_rule(f, X)
+    assert "cotangent types" in failed(report)
+    assert "cotangent types: args[0]: cotangent bfloat16[5], expected float32[5]" in str(report)
+
+
+def test_cotangent_of_the_wrong_shape_is_a_failing_row_not_a_crash():
+    f = sin_vjp(lambda x, g: ((g * jnp.cos(x))[:, None],))
+    report = jaxcheck.verify_rule(f, X)
+    assert {"cotangent types", "vjp vs finite differences"} <= failed(report)
+    assert "cotangent types: ValueError: Custom VJP bwd rule must produce" in str(report)
+
+
+def test_integer_input_gets_float0_and_nondiff_argnums_are_held_fixed():
+    @jax.custom_vjp
+    def power(x, n):
+        return x**n
+
+    power.defvjp(lambda x, n: (x**n, (x, n)), lambda r, g: (g * r[1] * r[0] ** (r[1] - 1), None))
+    assert jaxcheck.verify_rule(power, X, 3).ok
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def scaled(k, x):
+        return jnp.sin(k * x)
+
+    scaled.defvjp(lambda k, x: (scaled(k, x), x), lambda k, x, g: (g * k * jnp.cos(k * x),))
+    report = jaxcheck.verify_rule(scaled, 2.0, X)
+    assert report.ok, report
+    assert "nondiff_argnums [0] held fixed" in report.problems
+
+
+def test_raise_on_failure_names_the_property():
+    f = sin_vjp(lambda x, g: (2.0 * g * jnp.cos(x),))
+    with pytest.raises(jaxcheck.GradientCheckError, match="vjp vs finite differences is WRONG"):
+        jaxcheck.verify_rule(f, X, raise_on_failure=True)
+
+
+def test_f_must_be_callable():
+    with pytest.raises(TypeError, match="f must be callable, got int"):
+        jaxcheck.verify_rule(3, X)
+
+
+def _optax_losses():
+    optax = pytest.importorskip("optax")
+    logits = jnp.asarray([[0.3, -1.2, 2.0], [1.0, 0.1, -0.4]])
+    labels = jnp.asarray([[0.2, 0.3, 0.5], [0.6, 0.1, 0.3]])
+    return [
+        (lambda z: optax.softmax_cross_entropy(z, labels), (logits,)),
+        (lambda z: optax.huber_loss(z, labels), (logits,)),
+        (lambda z: optax.sigmoid_binary_cross_entropy(z, labels), (logits,)),
+    ]
+
+
+A = jnp.asarray([[3.0, 0.5, 0.2], [0.1, 2.0, 0.3], [0.4, 0.2, 1.5]])
+REAL_RULES = {
+    "jax.nn.softplus": (jax.nn.softplus, (X,)),
+    "jax.nn.gelu": (jax.nn.gelu, (X,)),
+    "jax.nn.silu": (jax.nn.silu, (X,)),
+    "jax.nn.logsumexp": (lambda x: jax.nn.logsumexp(x.reshape(5, 1), axis=0), (X,)),
+    "jax.nn.softmax": (jax.nn.softmax, (X,)),
+    "jnp.linalg.solve": (jnp.linalg.solve, (A, jnp.asarray([1.0, -2.0, 0.5]))),
+    "jnp.linalg.slogdet": (lambda a: jnp.linalg.slogdet(a)[1], (A,)),
+    "jnp.linalg.inv": (jnp.linalg.inv, (A,)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_RULES))
+def test_real_rules_pass(name):
+    f, args = REAL_RULES[name]
+    report = jaxcheck.verify_rule(f, *args)
+    assert report.ok, report
+
+
+def test_optax_losses_pass():
+    for f, args in _optax_losses():
+        report = jaxcheck.verify_rule(f, *args)
+        assert report.ok, report
+
+
+def test_equinox_module_call_passes():
+    eqx = pytest.importorskip("equinox")
+    layer = eqx.nn.Linear(3, 2, key=jax.random.key(1))
+    report = jaxcheck.verify_rule(
+        lambda w, x: (eqx.tree_at(lambda m: m.weight, layer, w))(x),
+        layer.weight,
+        jnp.asarray([0.5, -1.0, 2.0]),
+    )
+    assert report.ok, report
+
+
+def test_float64_inputs_take_no_native_row(x64):
+    f = sin_vjp(lambda x, g: (g * jnp.cos(x),))
+    report = jaxcheck.verify_rule(f, np.linspace(-2.0, 2.0, 5))
+    assert report.ok
+    assert report.tested_dtype == "float64"
+    assert not any("in float32" in p.label for p in report.parts)
+
+
+def test_pallas_kernel_with_a_wrong_backward_is_named_in_the_model():
+    pl = pytest.importorskip("jax.experimental.pallas")
+
+    def sin_kernel(x_ref, o_ref):
+        o_ref[...] = jnp.sin(x_ref[...])
+
+    def bwd_kernel(x_ref, g_ref, o_ref):
+        o_ref[...] = g_ref[...] * jnp.cos(x_ref[...]) * 1.01  # 1 % off
+
+    def call(kernel, *xs):
+        shape = jax.ShapeDtypeStruct(xs[0].shape, xs[0].dtype)
+        return pl.pallas_call(kernel, out_shape=shape, interpret=True)(*xs)
+
+    @jax.custom_vjp
+    def kernel_sin(x):
+        return call(sin_kernel, x)
+
+    kernel_sin.defvjp(lambda x: (call(sin_kernel, x), x), lambda x, g: (call(bwd_kernel, x, g),))
+    x = jnp.linspace(-1.0, 1.0, 8)
+    assert failed(jaxcheck.verify_rule(kernel_sin, x)) == {"vjp vs finite differences"}
+
+    def loss(p, x):
+        return jnp.mean(jnp.tanh(kernel_sin(x * p)) ** 2)
+
+    report = jaxcheck.verify(loss, jnp.ones(8), x)
+    wrong = next(p for p in report.problems if p.startswith("wrong rule:"))
+    assert wrong.startswith("wrong rule: custom_vjp kernel_sin at ")
+    assert "vjp vs finite differences, relative error 1.0e-02" in wrong
+
+
+def test_backward_rounded_to_bfloat16_fails_the_rule_and_the_model():
+    @jax.custom_vjp
+    def rounded_sin(x):
+        return jnp.sin(x)
+
+    def bwd(x, g):
+        d = g * jnp.cos(x)
+        if d.dtype == jnp.float32:  # silently through bfloat16: about 0.3 % off
+            d = d.astype(jnp.bfloat16).astype(jnp.float32)
+        return (d,)
+
+    rounded_sin.defvjp(lambda x: (jnp.sin(x), x), bwd)
+    x = jnp.linspace(-1.0, 1.0, 16)
+    report = jaxcheck.verify_rule(rounded_sin, x)
+    assert failed(report) == {"vjp vs finite differences in float32"}
+
+    def loss(p, x):
+        return jnp.mean(rounded_sin(x * p) ** 2)
+
+    p = jnp.linspace(0.5, 1.5, 16)
+    # alone, the all-leaf check takes the gap to float64 for float32 rounding (and says so)
+    assert jaxcheck.verify(loss, p, x, rules=False).status == "pass"
+    for rules in ("auto", True):  # that note is what makes "auto" check the rules
+        model = jaxcheck.verify(loss, p, x, rules=rules)
+        assert model.status == "fail"
+        assert any("accepted as rounding" in q for q in model.problems)
+        [wrong] = [q for q in model.problems if q.startswith("wrong rule:")]
+        assert "custom_vjp rounded_sin at " in wrong
+        assert ": vjp vs finite differences in float32, relative error" in wrong
+
+
+def sin_cos(zero_as):
+    """(sin x, cos x) with a rule that takes symbolic zeros, and turns the one of the cos
+    output into `zero_as(x)` (zeros: right)."""
+    from jax.custom_derivatives import SymbolicZero  # noqa: PLC0415
+
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(x), jnp.cos(x)
+
+    def fwd(x):
+        return (jnp.sin(x.value), jnp.cos(x.value)), x.value
+
+    def bwd(x, g):
+        gs, gc = g
+        gs = jnp.zeros_like(x) if isinstance(gs, SymbolicZero) else gs
+        gc = zero_as(x) if isinstance(gc, SymbolicZero) else gc
+        return (gs * jnp.cos(x) - gc * jnp.sin(x),)
+
+    f.defvjp(fwd, bwd, symbolic_zeros=True)
+    return f
+
+
+def test_rule_that_mishandles_a_symbolic_zero_fails_the_unused_outputs_row():
+    report = jaxcheck.verify_rule(sin_cos(jnp.ones_like), X)
+    assert failed(report) == {"unused outputs"}
+    assert "unused outputs: vjp with one output used vs the others' cotangents zero: relative" in (
+        str(report)
+    )
+    assert jaxcheck.verify_rule(sin_cos(jnp.zeros_like), X).ok

@@ -1,0 +1,213 @@
+"""verify(rules=...): the custom rules a model calls are found, checked where they are
+called, and named with their call sites."""
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jaxcheck
+from jaxcheck import _rule_search
+
+
+@jax.custom_vjp
+def good_sin(x):
+    return jnp.sin(x)
+
+
+good_sin.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * jnp.cos(x),))
+
+
+@jax.custom_jvp
+def good_exp(x):
+    return jnp.exp(x)
+
+
+good_exp.defjvp(lambda p, t: (jnp.exp(p[0]), jnp.exp(p[0]) * t[0]))
+
+
+@jax.custom_vjp
+def bad_tanh(x):
+    return jnp.tanh(x)
+
+
+bad_tanh.defvjp(lambda x: (jnp.tanh(x), x), lambda x, g: (g * (1 - jnp.tanh(x)),))  # not 1 - t²
+
+
+@jax.custom_vjp
+def good_tanh(x):
+    return jnp.tanh(x)
+
+
+good_tanh.defvjp(lambda x: (jnp.tanh(x), x), lambda x, g: (g * (1 - jnp.tanh(x) ** 2),))
+
+
+def make_loss(tanh, where):
+    def in_scan(p, x):
+        h = good_sin(x @ p["w"])
+
+        def body(c, row):
+            return c + tanh(row * p["b"]), None
+
+        c, _ = jax.lax.scan(body, jnp.zeros(2), h)
+        return jnp.sum(jax.jit(good_exp)(0.5 * c) ** 2)
+
+    def in_jit(p, x):
+        h = good_sin(x @ p["w"])
+        c = jax.jit(lambda a: jnp.sum(tanh(a * p["b"]), axis=0))(h)
+        return jnp.sum(good_exp(0.5 * c) ** 2)
+
+    return {"scan": in_scan, "jit": in_jit}[where]
+
+
+PARAMS = {"w": jnp.ones((3, 2)) / 3, "b": jnp.asarray([0.5, -0.3])}
+X = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+
+
+def line_of(fn, text) -> int:
+    lines, first = inspect.getsourcelines(fn)
+    return first + next(i for i, line in enumerate(lines) if text in line)
+
+
+@pytest.mark.parametrize("where", ["scan", "jit"])
+def test_the_wrong_rule_is_named_with_its_call_site(where):
+    loss = make_loss(bad_tanh, where)
+    report = jaxcheck.verify(loss, PARAMS, X)  # rules="auto": on failure
+    assert report.status == "fail"
+    rules = report.parts[-1]
+    assert rules.label.startswith("custom rule custom_vjp bad_tanh at ")
+    call_site = (
+        f"test_rules_in_model.py:{line_of(make_loss, 'tanh(row' if where == 'scan' else 'tanh(a')}"
+    )
+    wrong = [p for p in report.problems if p.startswith("wrong rule:")]
+    assert len(wrong) == 1
+    assert "custom_vjp bad_tanh at " in wrong[0] and call_site in wrong[0]
+    assert ("scan body, first iteration" if where == "scan" else "inside jit") in wrong[0]
+    assert "vjp vs finite differences, relative error" in wrong[0]
+    fine = next(p for p in report.problems if p.startswith("rules fine:"))
+    assert "custom_vjp good_sin" in fine and "custom_jvp good_exp" in fine
+    verdicts = {r.label.split(" at ")[0]: r.status.value for r in rules.parts}
+    assert verdicts == {
+        "custom_vjp good_sin": "pass",
+        "custom_vjp bad_tanh": "fail",
+        "custom_jvp good_exp": "pass",
+    }
+    text = str(report)
+    assert "custom_vjp bad_tanh at " in text and ": vjp vs finite differences" in text
+
+
+def test_correct_model_lists_every_rule_as_fine():
+    report = jaxcheck.verify(make_loss(good_tanh, "scan"), PARAMS, X, rules=True)
+    assert report.ok, report
+    rows = [c.name for c in report.parts[-1].checks]
+    assert len(rows) == 3 and all(r.endswith(": all properties hold") for r in rows)
+    assert str(report).startswith("jaxcheck.verify: PASS — derivatives of fn and its custom rules")
+
+
+def test_rules_off_adds_nothing(monkeypatch):
+    def refuse(*args):
+        raise AssertionError("no rule search when rules are off")
+
+    monkeypatch.setattr(_rule_search, "find", refuse)
+    report = jaxcheck.verify(make_loss(bad_tanh, "scan"), PARAMS, X, rules=False)
+    assert report.status == "fail" and not report.parts
+    assert jaxcheck.verify(make_loss(good_tanh, "scan"), PARAMS, X).ok  # auto: pass, no search
+
+
+def test_rule_found_alone_does_not_fail_a_passing_check_unless_asked():
+    # the bad rule is off the differentiation path at these params: the gradient passes
+    def loss(p):
+        return jnp.sum(good_sin(p)) + 0.0 * jnp.sum(bad_tanh(jax.lax.stop_gradient(p)))
+
+    p = jnp.asarray([0.3, -0.7])
+    assert jaxcheck.verify(loss, p).ok
+    report = jaxcheck.verify(loss, p, rules=True)
+    assert report.status == "fail"
+    assert "custom rule custom_vjp bad_tanh" in str(report)
+
+
+def test_rules_that_cannot_be_intercepted_are_listed_not_crashed():
+    def loss(p):
+        # the branch not taken holds a rule whose inputs are never computed
+        y = jax.lax.cond(jnp.sum(p) > 0, lambda a: bad_tanh(a), lambda a: good_sin(a), p)
+        return jnp.sum(y**2)
+
+    p = jnp.asarray([0.3, 0.7])
+    report = jaxcheck.verify(loss, p, rules=True)
+    assert report.status == "fail"
+    text = str(report)
+    assert "custom_vjp good_sin at " in text and "cond branch not taken): not intercepted" in text
+    assert "its inputs could not be intercepted; the leaf-level verdict stands" in text
+
+
+def test_while_loop_body_is_checked_at_its_first_iteration():
+    @jax.custom_jvp
+    def bad_exp(x):
+        return jnp.exp(x)
+
+    bad_exp.defjvp(lambda p, t: (jnp.exp(p[0]), 2.0 * jnp.exp(p[0]) * t[0]))
+
+    def loss(p):
+        def body(s):
+            return s[0] + 1, bad_exp(s[1])
+
+        return jnp.sum(jax.lax.while_loop(lambda s: s[0] < 2, body, (0, p))[1])
+
+    # a while loop has no reverse mode: forward mode checks it
+    report = jaxcheck.verify(loss, jnp.asarray([0.3, -0.2]), mode="forward")
+    assert report.status == "fail"
+    assert report.parts[-1].label.startswith("custom rule custom_jvp bad_exp at ")
+    assert report.parts[-1].label.endswith("(while body, first iteration)")
+
+
+def test_model_without_rules_says_so():
+    report = jaxcheck.verify(lambda p: jnp.sum(jnp.sin(p)), jnp.ones(3), rules=True)
+    assert report.ok and not report.parts
+    assert "rules: fn calls no custom_vjp/custom_jvp rule" in report.problems
+
+
+def test_raise_on_failure_carries_the_rules():
+    with pytest.raises(jaxcheck.GradientCheckError, match="wrong rule: custom_vjp bad_tanh"):
+        jaxcheck.verify(make_loss(bad_tanh, "jit"), PARAMS, X, raise_on_failure=True)
+
+
+def test_rules_option_is_validated():
+    with pytest.raises(ValueError, match="rules must be True, False or 'auto', got 'yes'"):
+        jaxcheck.verify(lambda p: jnp.sum(p), jnp.ones(2), rules="yes")
+
+
+def test_rule_inside_shard_map_is_listed_as_not_intercepted():
+    import numpy as np  # noqa: PLC0415
+    from jax.sharding import Mesh, PartitionSpec  # noqa: PLC0415
+
+    shard_map = getattr(jax, "shard_map", None)
+    if shard_map is None:
+        shard_map = pytest.importorskip("jax.experimental.shard_map").shard_map
+    mesh = Mesh(np.array(jax.devices()[:1]), ("d",))
+
+    def loss(p):
+        spec = PartitionSpec("d")
+        f = shard_map(bad_tanh, mesh=mesh, in_specs=spec, out_specs=spec)
+        return jnp.sum(f(p))
+
+    report = jaxcheck.verify(loss, jnp.asarray([0.3, 0.5]))
+    assert report.status == "fail"
+    assert "wrong: (root)" in report.problems
+    note = next(p for p in report.problems if p.startswith("rule custom_vjp bad_tanh at "))
+    assert note.endswith(
+        "(inside shard_map): its inputs could not be intercepted; the leaf-level verdict stands"
+    )
+
+
+def test_rule_under_vmap_and_checkpoint_is_found_with_its_batched_inputs():
+    def loss(p, x):
+        rows = jax.vmap(lambda r: jax.checkpoint(lambda a: bad_tanh(a * p))(r))(x)
+        return jnp.sum(rows**2)
+
+    found, notes = _rule_search.find(loss, jnp.ones(3), (X,))
+    assert notes == []
+    [rule] = found
+    assert rule.title.startswith("custom_vjp bad_tanh at ")
+    assert rule.context == "inside checkpoint"
+    assert [x.shape for x in rule.inputs] == [(4, 3)]

@@ -1,0 +1,125 @@
+"""verify(transforms=True): the gradient under jit, vmap, checkpoint and forward mode
+against the plain one, without finite differences."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.custom_batching import custom_vmap
+
+import jaxcheck
+
+PARAMS = {"w": jnp.asarray([[0.3, -0.2], [0.1, 0.5], [-0.4, 0.2]]), "b": jnp.asarray([0.1, -0.1])}
+X = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+
+
+def mlp(p, x):
+    return jnp.mean(jnp.tanh(x @ p["w"] + p["b"]) ** 2)
+
+
+def rows(report) -> dict:
+    part = report.parts[-1]
+    return {p.label: p.status.value for p in part.parts}
+
+
+def test_correct_model_passes_every_row():
+    report = jaxcheck.verify(mlp, PARAMS, X, transforms=True)
+    assert report.ok, report
+    assert rows(report) == {
+        "jit": "pass",
+        "vmap": "pass",
+        "checkpoint": "pass",
+        "forward vs reverse": "pass",
+    }
+    assert "vmap: gradient per example by jax.vmap over the leading axis of args[0] (B = 4)" in str(
+        report
+    )
+
+
+def test_batching_rule_that_mixes_examples_fails_the_vmap_row():
+    @custom_vmap
+    def passthrough(g):
+        return g
+
+    @passthrough.def_vmap
+    def _(axis_size, in_batched, g):
+        return g + 0.1 * jnp.mean(g, axis=0), True  # leaks the batch mean into every example
+
+    @jax.custom_vjp
+    def activation(h):
+        return jnp.tanh(h)
+
+    activation.defvjp(
+        lambda h: (jnp.tanh(h), h), lambda h, g: (passthrough(g * (1 - jnp.tanh(h) ** 2)),)
+    )
+
+    def loss(p, x):
+        return jnp.mean(activation(x @ p["w"] + p["b"]) ** 2)
+
+    report = jaxcheck.verify(loss, PARAMS, X, transforms=True, rules=False)
+    assert rows(report) == {"jit": "pass", "vmap": "fail", "checkpoint": "pass"}
+    assert report.status == "fail"
+    assert "FAIL — the gradient under jax.vmap is WRONG" in str(report)
+
+
+def test_remat_path_that_differs_fails_the_checkpoint_row():
+    saved = {}
+
+    @jax.custom_vjp
+    def smuggled_sin(x):
+        return jnp.sin(x)
+
+    def fwd(x):
+        saved["x"] = x  # the residual kept on the side instead of returned
+        return jnp.sin(x), None
+
+    smuggled_sin.defvjp(fwd, lambda _, g: (g * jnp.cos(saved["x"]),))
+
+    def loss(p, x):
+        return jnp.sum(smuggled_sin(x @ p["w"] + p["b"]) ** 2)
+
+    report = jaxcheck.verify(loss, PARAMS, X, transforms=True, rules=False)
+    assert rows(report) == {"jit": "pass", "vmap": "pass", "checkpoint": "fail"}
+    text = str(report)
+    assert "checkpoint: UnexpectedTracerError" in text
+    assert "forward vs reverse not checked: fn holds a custom_vjp function" in text
+
+
+def test_eager_only_path_fails_the_jit_row():
+    @jax.custom_vjp
+    def act(h):
+        return jnp.tanh(h)
+
+    def bwd(h, g):
+        slope = 1 - jnp.tanh(h) ** 2
+        if not isinstance(g, jax.core.Tracer):  # an eager "fast path" that differs
+            slope = slope * 1.01
+        return (g * slope,)
+
+    act.defvjp(lambda h: (jnp.tanh(h), h), bwd)
+
+    def loss(p, x):
+        return jnp.mean(act(x @ p["w"] + p["b"]) ** 2)
+
+    report = jaxcheck.verify(loss, PARAMS, X, transforms=True, rules=False)
+    assert rows(report)["jit"] == "fail"
+    assert "jit: gradient under jax.jit vs eager: relative difference 9.9e-03" in str(report)
+
+
+def test_without_a_batch_axis_the_vmap_row_is_skipped_and_said():
+    report = jaxcheck.verify(lambda p: jnp.sum(jnp.sin(p) ** 2), jnp.ones(3), transforms=True)
+    assert report.ok
+    assert "vmap" not in rows(report)
+    assert (
+        "transforms: vmap not checked, no argument of fn has a leading axis of size >= 2 to "
+        "batch over" in report.problems
+    )
+
+
+def test_transforms_off_is_the_default():
+    report = jaxcheck.verify(mlp, PARAMS, X)
+    assert report.ok and not report.parts
+
+
+def test_transforms_option_is_validated():
+    with pytest.raises(ValueError, match="transforms must be True or False, got 'all'"):
+        jaxcheck.verify(mlp, PARAMS, X, transforms="all")
