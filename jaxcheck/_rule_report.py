@@ -59,8 +59,18 @@ def rules_part(fn, params, args, o) -> tuple[Report | None, list]:
         found, notes = _rule_search.find(fn, params, args)
     except Exception as err:  # noqa: BLE001 - the leaf-level verdict stands whatever happens
         return None, [f"rules: fn could not be traced to find them ({_short(err)})"]
+    if o.rules is not True:  # "auto": the model's own rules, not JAX's
+        # JAX's own rules (jax.nn.relu, logaddexp, ...) are tested by JAX, sit in most
+        # models, and would multiply the cost of every failing check
+        own = [r for r in found if r.in_jax]
+        found = [r for r in found if not r.in_jax]
+        if own:
+            names = ", ".join(sorted({r.name for r in own}))
+            notes.append(f"rules: JAX's own ({names}) not checked; rules=True checks them too")
     if not found:
-        return None, (["rules: fn calls no custom_vjp/custom_jvp rule"] if o.rules is True else [])
+        if o.rules is True:
+            return None, ["rules: fn calls no custom_vjp/custom_jvp rule"]
+        return None, notes
     rows, reports = [], []
     for rule in found:
         row, report, note = _check_one(fn, rule, o)
@@ -127,6 +137,8 @@ def _check_one(fn, rule: _rule_search.Found, o) -> tuple[Comparison, Report | No
             o.rtol,
             o.leaf_directions,
             identity=(fn, rule),
+            # looking for the rule behind a failure: the rows finite differences see
+            full=o.rules is True,
         )
     except Exception as err:  # noqa: BLE001 - one rule that cannot be checked is a note
         row = Comparison(f"rule {rule.title}: not checked", math.nan, nan, 0.0, 0.0, 0.0, 0, False)

@@ -29,6 +29,7 @@ _CALL_NAMES = {  # how a call primitive is named in the report
     "remat": "checkpoint",
     "remat2": "checkpoint",
 }
+_JAX_DIR = os.path.dirname(jax.__file__) + os.sep
 _SUBJAXPR_KEYS = ("jaxpr", "jaxprs", "branches", "body_jaxpr", "cond_jaxpr", "call_jaxpr")
 
 
@@ -43,6 +44,14 @@ class Found:
     eqn: Any = dataclasses.field(repr=False, compare=False)
     inputs: tuple | None = dataclasses.field(default=None, repr=False, compare=False)
     note: str = ""  # why the inputs were not captured
+
+    @property
+    def in_jax(self) -> bool:
+        """Whether the rule is one of JAX's own (jax.nn, jax.numpy, lax): defined in a
+        file of the jax package."""
+        jaxpr = self.eqn.params.get("call_jaxpr")
+        info = getattr(getattr(jaxpr, "jaxpr", jaxpr), "debug_info", None)
+        return _JAX_DIR in str(getattr(info, "func_src_info", None) or "")
 
     @property
     def title(self) -> str:

@@ -119,12 +119,14 @@ def verify_rule(
 
 
 def check_rule(
-    f, args, key, num_directions, precision, rtol, leaf_directions, identity=None
+    f, args, key, num_directions, precision, rtol, leaf_directions, identity=None, full=True
 ) -> Report:
     """The composite report of `verify_rule` (without raising). `identity`: what makes two
     rules the same for the compiled programs of the finite-difference rows (default: `f`
     itself); a rule found in a model is re-bound on every check, its identity is its call
-    site in that model, so a training loop's repeated checks compile nothing new."""
+    site in that model, so a training loop's repeated checks compile nothing new. Without
+    `full`, the vmap, jit and checkpoint rows are left out (`_rule_report`: looking for
+    the rule behind a failed check, which finite differences already see)."""
     # `_verify` reaches this module through verify(rules=...): import it when called
     from ._verify import verify  # noqa: PLC0415
 
@@ -132,7 +134,7 @@ def check_rule(
         return verify(*a, rules=False, transforms=False, **k)
 
     rule = Rule.make(f, args, identity)
-    parts = check(rule, key, num_directions, precision, rtol, leaf_directions, plain)
+    parts = check(rule, key, num_directions, precision, rtol, leaf_directions, plain, full)
     return _rule_rows.compose(parts, "rule properties", parts[1])
 
 
@@ -169,8 +171,11 @@ class Rule:
         return _precision.lowest(floats) if floats else jnp.dtype(jnp.float32)
 
 
-def check(rule: Rule, key, num_directions, precision, rtol, leaf_directions, verify) -> list:
-    """The reports of every property of `rule`, in row order."""
+def check(
+    rule: Rule, key, num_directions, precision, rtol, leaf_directions, verify, full=True
+) -> list:
+    """The reports of every property of `rule` (without `full`: but the transforms'), in
+    row order."""
     rng = np.random.default_rng(int(_directions.seeds(key, "rule", ("",))[0]))
     tol = _rule_rows.tolerance(rule.dtype, rtol)
     jvp_note = _jvp_note(rule)
@@ -183,7 +188,7 @@ def check(rule: Rule, key, num_directions, precision, rtol, leaf_directions, ver
     parts.append(_cotangent_types(draws))
     if len(jax.tree_util.tree_leaves(draws.out)) > 1:
         parts.append(_unused_outputs(draws, tol))
-    for name in ("vmap", "jit", "checkpoint"):
+    for name in ("vmap", "jit", "checkpoint") if full else ():
         parts.append(_transformed(draws, name, tol))
     if jvp_note is not None:
         parts[0] = dataclasses.replace(parts[0], problems=parts[0].problems + (jvp_note,))

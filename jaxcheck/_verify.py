@@ -156,7 +156,10 @@ def verify(
             `jaxcheck.verify_rule`. The report gets a part listing the rules with their
             names, call sites (file:line) and verdicts, and fails when one is wrong; a rule
             whose inputs cannot be intercepted is listed as such. "auto": only when the
-            check fails. Never with `grad_fn`.
+            check fails, or passed only by taking the float32 derivative's distance from
+            float64 for rounding; JAX's own rules (jax.nn, jax.numpy) are then listed, not
+            checked, and the rule checks leave out the vmap, jit and checkpoint rows (a
+            failure seen by finite differences shows in the others). Never with `grad_fn`.
         transforms: also compare, without finite differences, the gradient under
             `jax.jit` with the eager one, `jax.vmap` of the gradient over the leading
             axis of the first argument that has one of size >= 2 with the example-by-example

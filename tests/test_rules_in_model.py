@@ -211,3 +211,25 @@ def test_rule_under_vmap_and_checkpoint_is_found_with_its_batched_inputs():
     assert rule.title.startswith("custom_vjp bad_tanh at ")
     assert rule.context == "inside checkpoint"
     assert [x.shape for x in rule.inputs] == [(4, 3)]
+
+
+def test_jax_own_rules_are_checked_only_when_asked():
+    """jax.nn.relu and jax.nn.softplus (logaddexp) are custom_jvp rules of JAX itself, in
+    most models: a failing check names the model's own wrong rule and leaves JAX's alone
+    (each rule checked costs about a check), unless rules=True."""
+
+    def loss(p, x):
+        h = jax.nn.relu(x @ p["w"]) + jax.nn.softplus(x @ p["w"])
+        return jnp.sum(bad_tanh(h + p["b"]) ** 2)
+
+    params = {"w": jnp.full((3, 2), 0.3), "b": jnp.asarray([0.1, -0.2])}
+    x = jnp.linspace(0.1, 1.0, 12).reshape(4, 3)
+    auto = jaxcheck.verify(loss, params, x)
+    assert auto.status == "fail"
+    assert [r.label.split(" at ")[0] for r in auto.parts[-1].parts] == ["custom_vjp bad_tanh"]
+    assert "rules: JAX's own (logaddexp, relu) not checked; rules=True checks them too" in (
+        auto.problems
+    )
+    every = jaxcheck.verify(loss, params, x, rules=True)
+    checked = sorted(r.label.split(" at ")[0] for r in every.parts[-1].parts)
+    assert checked == ["custom_jvp logaddexp", "custom_jvp relu", "custom_vjp bad_tanh"]
