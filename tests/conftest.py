@@ -1,6 +1,23 @@
 import jax
 import pytest
 
+from jaxcheck import _rule_report
+
+# where the automatic rule checks of a failing verify are the subject (elsewhere they add
+# about a second to every planted bug, and the leaf-level verdict is what is tested)
+RULE_MODULES = ("test_rules", "test_transforms", "test_multiprocess")
+
+
+@pytest.fixture(autouse=True)
+def _automatic_rule_checks(request, monkeypatch):
+    module = request.node.module.__name__ if request.node.module else ""
+    keep = module.startswith(RULE_MODULES) or request.node.get_closest_marker("rules_auto")
+    if not keep:
+        wants = _rule_report._wants_rules
+        monkeypatch.setattr(
+            _rule_report, "_wants_rules", lambda o, report: o.rules is True and wants(o, report)
+        )
+
 
 @pytest.fixture
 def key():

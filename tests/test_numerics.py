@@ -90,6 +90,7 @@ def test_ill_conditioned_float32_loss_uses_measured_rounding():
     assert bad.checks[1].relative_error == pytest.approx(1e-3, rel=0.05)
 
 
+@pytest.mark.rules_auto
 def test_a_rule_wrong_only_in_float32_fails_through_its_own_check():
     """A 1 % error that exists only in the float32 path looks like float32 rounding to the
     all-leaf verdict (the float64 rule is right): the report says so, and the custom rule
@@ -220,6 +221,7 @@ def test_stationary_point_is_judged_in_absolute_terms():
     assert bad.status == "fail"
 
 
+@pytest.mark.rules_auto
 @pytest.mark.parametrize("bugged", [False, True])
 def test_fn_with_new_constants_at_each_trace_is_not_passed(bugged):
     """Constants drawn with NumPy while tracing differ from program to program: fn is not
