@@ -154,13 +154,11 @@ def status(run: Run, p: Pass, checks, k, problems) -> Status:
             "the derivative is zero to within finite-difference noise or rounding along "
             "these directions (at a stationary point?); it was judged in absolute terms"
         )
-    elif coarse and _half_precision_limit(run, head):
+    elif coarse and (limit := _half_precision_limit(run, head)):
         problems.append(
             f"finite differences resolve the derivative only to a noise floor of "
-            f"{head.noise_floor:.1e}, the limit of {_half_precision_limit(run, head)} "
-            "rounding: "
-            f"judged at that resolution (tolerance {head.tolerance:.1e}), so a smaller "
-            "error would go unseen"
+            f"{head.noise_floor:.1e}, the limit of {limit} rounding: judged at that "
+            f"resolution (tolerance {head.tolerance:.1e}), so a smaller error would go unseen"
         )
     elif coarse:
         problems.append(
