@@ -1,5 +1,7 @@
 """Correct gradients are never called wrong, and a pass always carries information."""
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -292,3 +294,19 @@ def test_order_2_of_a_fn_that_returns_float32_in_the_float64_reference(rtol):
             localize=True,
         )
     assert report.status == "pass", str(report)
+
+
+@pytest.mark.skipif(
+    "out_dtype" not in inspect.signature(lax.mul).parameters, reason="lax.mul has no out_dtype"
+)
+def test_a_float32_staircase_is_not_taken_for_jumps():
+    """JAX's testOpGradOutDtype at scalars: lax.mul(a, b, out_dtype=float32) rounds to
+    float32 inside the float64 reference, and at a 16x smaller step its Hessian-vector map
+    is flat along most directions. That is a staircase of quanta (a larger step resolves
+    it), not jumps that fewer directions cross at a smaller step."""
+    a, b = np.float32(5.363047122955322), np.float32(-0.024198664352297783)
+    report = jaxcheck.verify(
+        lambda ab: lax.mul(ab[0], ab[1], out_dtype=np.float32), (a, b), order=2, mode="both"
+    )
+    assert report.status == "pass", str(report)
+    assert report.parts[-1].step > 1e-3
