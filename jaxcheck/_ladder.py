@@ -99,11 +99,15 @@ def _full_ladder(run: Run, index, rows, h, groups, out):
         if suspect[i] and _same_kinks(best[i].fd, p2.fd, factors[i]):
             kinked = _assess(run, p2.phis, p2.phi0, h, from_data=False)
             best[i] = dataclasses.replace(p2, fd=kinked)
-        elif suspect[i] and p2.fd.relative_noise <= 100 * eps and _moving(p2):
+        elif (
+            suspect[i]
+            and p2.fd.relative_noise <= 100 * eps
+            and not np.any(_verdict.constant_along(p2))
+        ):
             # jumps (rem, floor, a piecewise-constant derivative map): fewer directions
-            # cross one at a smaller step, and the others are as precise as the reference;
-            # the quanta of a lower precision fn rounds to stay (float32 out of a float64
-            # reference: the larger step below)
+            # cross one at a smaller step, and the others are as precise as the reference
+            # and none is flat; a staircase at a step below its quanta stays flat along
+            # some (float32 out of a float64 reference: the larger step below)
             best[i] = _better(best[i], p2)
         elif suspect[i]:  # d4 is noise: the function is noisier than the reference
             again[i] = min(1e3, (best[i].fd.relative_noise / eps) ** (1 / 3), run.max_step / h)
@@ -162,12 +166,6 @@ def _same_kinks(fd1, fd2, factor: float) -> bool:
     if not use.any():
         return False
     return bool(np.median(np.abs(j2[use] - j1[use]) / np.abs(j1[use])) < 0.3)
-
-
-def _moving(p: Pass) -> bool:
-    """Whether fn's values change along every direction (none exactly constant within the
-    step): a staircase at a step below its quanta stays constant along some."""
-    return not np.any(np.all(p.phis == p.phi0[:, None], axis=1))
 
 
 def _better(p1: Pass, p2: Pass) -> Pass:

@@ -46,6 +46,7 @@ from . import (
     _directions,
     _options,
     _plan,
+    _precision,
     _problem,
     _report,
     _state,
@@ -128,7 +129,7 @@ class PairMap:
         # one precision for both: where fn returns float32 even in the float64 reference,
         # the jvp map is a float32 staircase there while the vjp map is not, and a step
         # fine enough for one leaves the other flat
-        low = min(by_jvp.dtype, by_vjp.dtype, key=lambda d: jnp.dtype(d).itemsize)
+        low = _precision.lowest([by_jvp.dtype, by_vjp.dtype])
         by_jvp, by_vjp = by_jvp.astype(low), by_vjp.astype(low)
         # the outputs are equal, and the check weighs each by a random sign over its RMS:
         # with two of them the signs would cancel exactly along half of the directions

@@ -228,11 +228,11 @@ def vacuous(p: Pass, rounds: bool, eps: float) -> bool:
     # values equal to the last bit along some directions and a few ulps apart along
     # others are ordinary rounding of a constant, not the quanta of a lower precision
     quanta = p.fd.relative_noise > 10 * eps
-    coarse_values = rounds or (quanta and bool(np.any(_constant_along(p))))
+    coarse_values = rounds or (quanta and bool(np.any(constant_along(p))))
     return coarse_values or claimed > 0.1 * _error_model.rms(p.fd.bar[use])
 
 
-def _constant_along(p: Pass) -> np.ndarray:
+def constant_along(p: Pass) -> np.ndarray:
     """Whether fn's values are exactly equal at every stencil point, per direction."""
     return np.all(p.phis == p.phi0[:, None], axis=1)
 
@@ -243,7 +243,7 @@ def flat_directions(p: Pass):
     there: exactly, or to within its rounding against the same rule in higher precision)."""
     a = p.rev if p.rev is not None else p.fwd
     use = p.fd.smooth & np.isfinite(a)
-    flat = use & _constant_along(p)
+    flat = use & constant_along(p)
     n = int(flat.sum())
     if n == 0 or 2 * n < int(use.sum()):
         return None

@@ -180,8 +180,7 @@ def test_jumps_crossed_by_some_directions_are_stepped_around(factor, status):
     """A small staircase on a smooth fn: at the first step most directions cross a jump.
     At a smaller step fewer do (rounding noise would not thin out), so the ladder keeps
     the smaller step instead of taking the jumps for noise and stepping up into more."""
-    sin = jax.custom_jvp(jnp.sin)
-    sin.defjvp(lambda p, t: (jnp.sin(p[0]), factor * jnp.cos(p[0]) * t[0]))
+    sin = scaled_sin(factor)
     x = np.random.RandomState(0).uniform(0.5, 1.5, 8)
     with jax.enable_x64(True):
         p = jnp.asarray(x, jnp.float64)
@@ -232,8 +231,7 @@ def test_bfloat16_closure_that_forbids_a_higher_precision_is_judged_coarsely(fac
     a bfloat16 array it closes over and lax refuses any other dtype, so the reference runs
     in bfloat16. Its resolution (a noise floor of a few percent) is the physical limit:
     judged there and said so, a derivative 2x off still fails."""
-    sin = jax.custom_jvp(jnp.sin)
-    sin.defjvp(lambda p, t: (jnp.sin(p[0]), factor * jnp.cos(p[0]) * t[0]))
+    sin = scaled_sin(factor)
     rng = np.random.RandomState(3)
     operand = jnp.asarray(rng.randn(3, 4), jnp.bfloat16)
     update = jnp.asarray(rng.randn(2, 2), jnp.bfloat16)
