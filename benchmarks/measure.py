@@ -82,7 +82,7 @@ def machine_info(torch_version: str | None) -> dict:
         "device_count": len(devices),
         "jax": jax.__version__,
         "jaxlib": importlib.metadata.version("jaxlib"),
-        "jaxcheck": importlib.metadata.version("jaxcheck"),
+        "jaxcheck": jaxcheck.__version__,
         "torch": torch_version,
         "numpy": importlib.metadata.version("numpy"),
         "python": platform.python_version(),

@@ -19,4 +19,7 @@ from ._training import CheckRecord as CheckRecord
 from ._training import PeriodicCheck as PeriodicCheck
 from ._verify import verify as verify
 
-__version__ = importlib.metadata.version("jaxcheck")
+try:
+    __version__ = importlib.metadata.version("jaxcheck")
+except importlib.metadata.PackageNotFoundError:  # imported from a source tree, not installed
+    __version__ = "unknown"

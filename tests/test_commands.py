@@ -33,3 +33,17 @@ def test_demo_runs_and_every_example_comes_out_as_expected():
     assert out.count("jaxcheck.verify: FAIL") == 2
     assert out.count("jaxcheck.verify: PASS") == 4
     assert "! wrong: ['layers'][1]['w']" in out
+
+
+def test_imports_from_a_source_tree_without_package_metadata():
+    code = (
+        "import importlib.metadata as m\n"
+        "def missing(name):\n"
+        "    raise m.PackageNotFoundError(name)\n"
+        "m.version = missing\n"
+        "import jaxcheck\n"
+        "print(jaxcheck.__version__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "unknown"
