@@ -222,7 +222,7 @@ class _Search:
     def scan(self, eqn, ins, context, site):
         p = eqn.params
         jaxpr, consts = _jaxprs(p["jaxpr"])[0]
-        n_consts, n_carry = p["num_consts"], p["num_carry"]
+        n_consts, n_carry = _scan_counts(eqn, jaxpr)
         if p["length"] == 0:
             self.listed([(jaxpr, consts)], _join(context, "scan of length 0"), site)
             return
@@ -256,6 +256,28 @@ class _Search:
                     continue
                 for key in _SUBJAXPR_KEYS:
                     self.listed(_jaxprs(eqn.params.get(key)), context, where)
+
+
+def _scan_counts(eqn, body) -> tuple[int, int]:
+    """(constants, carries) among a scan's operands. Newer JAX versions may drop the
+    `num_consts`/`num_carry` parameters; the shapes tell them apart as well: the body's
+    outputs are the carries (same shape outside) then the per-iteration outputs (stacked
+    outside, so one axis longer), and its inputs the constants and carries (same shape)
+    then the per-iteration inputs (stacked)."""
+    p = eqn.params
+    if "num_consts" in p and "num_carry" in p:
+        return p["num_consts"], p["num_carry"]
+
+    def same_prefix(inner, outer):
+        n = 0
+        for a, b in zip(inner, outer):
+            if a.aval.shape != b.aval.shape:
+                break
+            n += 1
+        return n
+
+    n_carry = same_prefix(body.outvars, eqn.outvars)
+    return same_prefix(body.invars, eqn.invars) - n_carry, n_carry
 
 
 def _literal_or(env, v):

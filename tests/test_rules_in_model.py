@@ -233,3 +233,18 @@ def test_jax_own_rules_are_checked_only_when_asked():
     every = jaxcheck.verify(loss, params, x, rules=True)
     checked = sorted(r.label.split(" at ")[0] for r in every.parts[-1].parts)
     assert checked == ["custom_jvp logaddexp", "custom_jvp relu", "custom_vjp bad_tanh"]
+
+
+def test_scan_operands_are_told_apart_by_shape_without_count_parameters():
+    """Newer JAX versions may not name a scan's constants and carries among its operands;
+    the rule search then finds them by shape."""
+
+    def f(c, xs, k):
+        return jax.lax.scan(lambda c, x: (c + k * x, c * x), c, xs)
+
+    jaxpr = jax.make_jaxpr(f)(jnp.ones(2), jnp.ones((5, 2)), 3.0)
+    [eqn] = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+    body = eqn.params["jaxpr"].jaxpr
+    named = (eqn.params["num_consts"], eqn.params["num_carry"])
+    params = {k: v for k, v in eqn.params.items() if k not in ("num_consts", "num_carry")}
+    assert _rule_search._scan_counts(eqn.replace(params=params), body) == named == (1, 1)
