@@ -367,7 +367,7 @@ def _lower_and_compile(fn, args):
     global FAST_COMPILE_OPTIONS
     lowered = jax.jit(fn).lower(*args)
     options = FAST_COMPILE_OPTIONS
-    if options and jax.default_backend() == "cpu" and _bytes(args) <= FAST_COMPILE_BYTES:
+    if options and _platform(args) == "cpu" and _bytes(args) <= FAST_COMPILE_BYTES:
         try:
             return lowered.compile(compiler_options=options)
         except jax.errors.JaxRuntimeError as err:
@@ -375,6 +375,14 @@ def _lower_and_compile(fn, args):
                 raise
             FAST_COMPILE_OPTIONS = None  # feature detection: an older or newer XLA
     return lowered.compile()
+
+
+def _platform(args) -> str:
+    """The platform the program runs on: its arrays' (the default one for none)."""
+    for x in jax.tree_util.tree_leaves(args):
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+            return next(iter(x.devices())).platform
+    return jax.default_backend()
 
 
 def _bytes(args) -> int:

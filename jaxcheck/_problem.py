@@ -45,6 +45,7 @@ class Problem:
     out_paths: tuple[str, ...] = ()
     out_shapes: tuple[tuple[int, ...], ...] = ()
     rounds_to: str | None = None  # see `_rounds_to`
+    float32_products: bool = False  # see `_float32_products`
     notes: tuple[str, ...] = ()  # said in the report's problems
 
     @property
@@ -147,6 +148,7 @@ def _with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
         out_paths=tuple(jax.tree_util.keystr(p) for p, _ in with_paths),
         out_shapes=tuple(tuple(leaf.shape) for _, leaf in with_paths),
         rounds_to=None if jaxpr is None else _rounds_to(jaxpr, inputs.diff, call, inputs),
+        float32_products=jaxpr is not None and _float32_products(jaxpr.jaxpr),
     )
     if problem.grad_fn is not None:
         notes = _check_gradient_shapes(problem, inputs)
@@ -202,12 +204,32 @@ def _rounds_to(closed_jaxpr, diff, call, inputs) -> str | None:
     as the reference runs it, on float64 parameters, and its casts to a half precision
     count."""
     own = max(_precision.eps(x.dtype) for x in diff)
-    found = _casts(closed_jaxpr.jaxpr, [True] * len(diff))
+    found = casts(closed_jaxpr.jaxpr, [True] * len(diff))
     lowest = [d for d in found if _precision.eps(d) > own]
     half = _precision.eps(jnp.float32)
     if own > half:
         lowest += [d for d in _casts_in_float64(call, diff, inputs) if _precision.eps(d) > half]
     return _precision.lowest(lowest).name if lowest else None
+
+
+_PRODUCTS = ("dot_general", "conv_general_dilated")
+
+
+def _float32_products(jaxpr) -> bool:
+    """Whether fn multiplies float32 matrices (or convolves) at the default precision,
+    which GPUs run in TensorFloat-32 unless `jax_default_matmul_precision` says otherwise."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in _PRODUCTS and _default(eqn.params.get("precision")):
+            if any(getattr(v.aval, "dtype", None) == jnp.float32 for v in eqn.invars):
+                return True
+        if any(_float32_products(sub) for sub in _subjaxprs(eqn.params)):
+            return True
+    return False
+
+
+def _default(precision) -> bool:
+    items = precision if isinstance(precision, tuple | list) else (precision,)
+    return all(p is None or p == jax.lax.Precision.DEFAULT for p in items)
 
 
 def _casts_in_float64(call, diff, inputs) -> set:
@@ -218,10 +240,10 @@ def _casts_in_float64(call, diff, inputs) -> set:
             jaxpr = jax.make_jaxpr(call)(wide, inputs.traced())
     except Exception:  # noqa: BLE001 - the reference falls back and says why, elsewhere
         return set()
-    return _casts(jaxpr.jaxpr, [True] * len(diff))
+    return casts(jaxpr.jaxpr, [True] * len(diff))
 
 
-def _casts(jaxpr, tainted_inputs) -> set:
+def casts(jaxpr, tainted_inputs) -> set:
     """Float dtypes of the convert_element_type equations of `jaxpr` (and its
     sub-jaxprs) whose input depends on the inputs flagged in `tainted_inputs` (the leading
     input variables)."""
@@ -239,7 +261,7 @@ def _casts(jaxpr, tainted_inputs) -> set:
         for sub in _subjaxprs(eqn.params):
             n = len(sub.invars)
             inner = flags if n == len(flags) else flags[1:] if n == len(flags) - 1 else [True] * n
-            found |= _casts(sub, inner)
+            found |= casts(sub, inner)
     return found
 
 

@@ -5,10 +5,11 @@ nothing (vacuous)."""
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _error_model, _precision
+from . import _error_model, _plan, _precision
 from ._report import Status
 from ._state import Pass, Run
 
@@ -281,10 +282,28 @@ def note_large_rounding(run: Run, head) -> None:
     loss, but would also excuse a bug in a code path taken only in the model's dtype."""
     eps_t = max(_precision.eps(run.tested), eps_fd(run))
     if head.rounding_measured and head.rounding > ROUNDING_NOTE * eps_t:
+        why = "an ill-conditioned loss?"
+        if tensorfloat32(run):
+            why = (
+                "float32 matrix products run in TensorFloat-32 on this GPU, about 3 "
+                "significant digits, unless jax_default_matmul_precision is 'highest'"
+            )
         run.problems.append(
             f"the {run.tested.name} derivative differs from the same rule in "
             f"{run.reference.name} by {head.rounding:.1e} (relative), far above "
             f"{run.tested.name} rounding of a well-conditioned computation; it was "
-            f"{ROUNDING_ACCEPTED} (an ill-conditioned loss?). If fn or its rules take a "
+            f"{ROUNDING_ACCEPTED} ({why}). If fn or its rules take a "
             f"different path in {run.tested.name}, check that path"
         )
+
+
+def tensorfloat32(run: Run) -> bool:
+    """Whether fn's float32 matrix products run in TensorFloat-32: on a GPU, at the
+    default precision, unless the configuration asks for full float32."""
+    if not run.problem.float32_products:
+        return False
+    arrays = [x for x in run.inputs.diff if isinstance(x, jax.Array)]
+    device = next(iter(arrays[0].devices())) if arrays else jax.devices()[0]
+    configured = jax.config.jax_default_matmul_precision
+    full = configured is not None and str(configured).lower() in ("highest", "float32")
+    return _plan.platform_of(device) == "gpu" and not full

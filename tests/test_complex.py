@@ -85,8 +85,10 @@ def test_float64_reference_is_complex128():
     report = jaxcheck.verify(fn, Z)
     assert seen == {"complex64", "complex128"}
     assert report.reference_dtype == "float64" and report.tested_dtype == "float32"
-    # |z|^2 has exact float64 differences: float32 ones would be ~1e-7 off
-    assert report.relative_error < 1e-9
+    # |z|^2 has exact float64 differences, while float32 ones would be ~1e-4 off at
+    # float32's step; what remains is the complex64 derivative's own rounding (0 on CPU,
+    # 2e-8 measured on a GPU)
+    assert report.relative_error < 1e-7
 
 
 # -- planted conjugation bugs --------------------------------------------------------------

@@ -153,10 +153,14 @@ def test_default_chunk_on_cpu_is_sequential():
     assert _plan.default_chunk(10**7, 16, 2, budget=1) == 1
 
 
+def on_cpu(x):
+    return jax.device_put(x, jax.devices("cpu")[0])
+
+
 def test_plan_follows_the_parameters_device_and_caller():
     from jaxcheck import _plan
 
-    leaves = [jnp.ones((100, 10)), jnp.ones(3)]
+    leaves = [on_cpu(jnp.ones((100, 10))), on_cpu(jnp.ones(3))]
     kw = {"chunk_size": None, "budget": None, "direction_sharding": None}
     plan = _plan.make_plan(leaves, 16, 2, 8, **kw)
     assert plan == _plan.Plan(1, False, (None, None), None)
@@ -178,9 +182,10 @@ def test_small_problems_are_vmapped_whole_on_cpu():
     from jaxcheck import _plan
 
     kw = {"chunk_size": None, "budget": None, "direction_sharding": None}
-    assert _plan.make_plan([jnp.ones((4, 5))], 16, 2, 8, **kw) == _plan.Plan(None, True, (None,))
+    x = on_cpu(jnp.ones((4, 5)))
+    assert _plan.make_plan([x], 16, 2, 8, **kw) == _plan.Plan(None, True, (None,))
     # held-fixed inputs count too: 20 + 600 elements, 32 points each, is no longer small
-    big = _plan.make_plan([jnp.ones((4, 5))], 16, 2, 8, other_elements=600, **kw)
+    big = _plan.make_plan([x], 16, 2, 8, other_elements=600, **kw)
     assert big == _plan.Plan(1, False, (None,))
 
 
@@ -189,6 +194,7 @@ def test_unknown_compile_options_are_dropped(monkeypatch):
     from jaxcheck import _plan
 
     monkeypatch.setattr(_plan, "FAST_COMPILE_OPTIONS", {"xla_no_such_option_for_jaxcheck": 1})
-    report = jaxcheck.verify(lambda p: jnp.sum(jnp.cos(p) * p), jnp.linspace(0.1, 0.9, 3))
+    p = on_cpu(jnp.linspace(0.1, 0.9, 3))  # the options are CPU's
+    report = jaxcheck.verify(lambda p: jnp.sum(jnp.cos(p) * p), p)
     assert report.status == "pass" and report.num_compiled >= 2
     assert _plan.FAST_COMPILE_OPTIONS is None

@@ -164,7 +164,9 @@ def test_cotangent_of_the_wrong_shape_is_a_failing_row_not_a_crash():
     f = sin_vjp(lambda x, g: ((g * jnp.cos(x))[:, None],))
     report = jaxcheck.verify_rule(f, X)
     assert {"cotangent types", "vjp vs finite differences"} <= failed(report)
-    assert "cotangent types: ValueError: Custom VJP bwd rule must produce" in str(report)
+    # JAX's own words, which newer versions extend ("... bwd rule attached to f at ...")
+    [row] = [q for q in report.problems if q.startswith("cotangent types: ValueError: ")]
+    assert "Custom VJP bwd rule" in row and "must produce" in row
 
 
 def test_integer_input_gets_float0_and_nondiff_argnums_are_held_fixed():
@@ -297,6 +299,11 @@ def test_backward_rounded_to_bfloat16_fails_the_rule_and_the_model():
     x = jnp.linspace(-1.0, 1.0, 16)
     report = jaxcheck.verify_rule(rounded_sin, x)
     assert failed(report) == {"vjp vs finite differences in float32"}
+    # compiled, the round trip through bfloat16 may round differently (XLA on GPUs does):
+    # jit, vmap and checkpoint agree with eager evaluation to a few bfloat16 quanta
+    tolerances = {r.label: r.tolerance for r in report.parts}
+    assert tolerances["jit"] == tolerances["vmap"] == pytest.approx(10 * 2.0**-7)
+    assert tolerances["primal"] == pytest.approx(1000 * 2.0**-23)
 
     def loss(p, x):
         return jnp.mean(rounded_sin(x * p) ** 2)
