@@ -8,8 +8,19 @@ import dataclasses
 
 import numpy as np
 
-from . import _differences, _error_model, _evaluate, _verdict
+from . import _differences, _error_model, _evaluate, _sequential, _verdict
 from ._state import Pass, Run
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """Where the ladder settled for a group: the factor on the starting step, the stencil
+    points per direction (2: central differences settled it; 4: Richardson), and whether
+    the noise was estimated from the fourth differences (not where they are kinks)."""
+
+    factor: float = 1.0
+    points: int = 4
+    from_data: bool = True
 
 
 def ladder(run: Run, index, rows, h, groups):
@@ -21,14 +32,14 @@ def ladder(run: Run, index, rows, h, groups):
     tolerance, or to its own measured rounding) is settled: D(h)'s truncation and noise
     can only be smaller than that agreement, unless they cancel a bug along every
     direction. Otherwise the stencil is completed with -h/2, h/2 and the error model
-    takes over (`_full_ladder`). Returns one (Pass, steps) per group.
+    takes over (`_full_ladder`). Returns one (Pass, steps, Choice) per group.
     """
-    out = _evaluate.evaluate(run, index, rows, h, _differences.OUTER)
+    out = _sequential.evaluate(run, index, rows, h, _differences.OUTER)
     results, pending = [None] * len(groups), []
     for i, g in enumerate(groups):
         p = _group(run, out, g, h, 1.0)
         if _settled(run, p):
-            results[i] = (p, (h,))
+            results[i] = (p, (h,), Choice(1.0, 2))
         else:
             pending.append(i)
     if not pending:
@@ -38,7 +49,7 @@ def ladder(run: Run, index, rows, h, groups):
     ends = np.cumsum([len(r) for r in rows_of])
     sub_groups = [slice(end - len(r), end) for r, end in zip(rows_of, ends)]
     sub_index, sub_rows = index[picked], rows[picked]
-    inner = _evaluate.evaluate(run, sub_index, sub_rows, h, _differences.INNER)
+    inner = _sequential.evaluate(run, sub_index, sub_rows, h, _differences.INNER)
     first = {name: None if v is None else v[picked] for name, v in out.items()}
     first = _evaluate.complete(first, inner)
     for i, r in zip(pending, _full_ladder(run, sub_index, sub_rows, h, sub_groups, first)):
@@ -75,6 +86,13 @@ def _full_ladder(run: Run, index, rows, h, groups, out):
     factors = np.ones(len(groups))
     eps = _verdict.eps_fd(run)
     best = [_group(run, out, g, h, 1.0) for g in groups]
+    how = [Choice() for _ in groups]
+
+    def keep_better(i, p, factor):
+        best[i] = _better(best[i], p)
+        if best[i] is p:
+            how[i] = Choice(float(factor))
+
     tried = [[h] for _ in groups]
     suspect = [p.fd.relative_noise > 100 * eps for p in best]
     for i, p in enumerate(best):
@@ -88,8 +106,8 @@ def _full_ladder(run: Run, index, rows, h, groups, out):
             factors[i] = min(f, 1 / 8) if p.fd.num_nonsmooth else f
     factors[(factors >= 0.5) & (factors <= 2)] = 1.0
     if np.all(factors == 1.0):
-        return list(zip(best, map(tuple, tried)))
-    out2 = _evaluate.evaluate_full(run, index, _scale_rows(rows, groups, factors), h)
+        return list(zip(best, map(tuple, tried), how))
+    out2 = _sequential.evaluate_full(run, index, _scale_rows(rows, groups, factors), h)
     again = np.ones(len(groups))
     for i, g in enumerate(groups):
         if factors[i] == 1.0:
@@ -99,6 +117,7 @@ def _full_ladder(run: Run, index, rows, h, groups, out):
         if suspect[i] and _same_kinks(best[i].fd, p2.fd, factors[i]):
             kinked = _assess(run, p2.phis, p2.phi0, h, from_data=False)
             best[i] = dataclasses.replace(p2, fd=kinked)
+            how[i] = Choice(float(factors[i]), 4, from_data=False)
         elif (
             suspect[i]
             and p2.fd.relative_noise <= 100 * eps
@@ -108,18 +127,40 @@ def _full_ladder(run: Run, index, rows, h, groups, out):
             # cross one at a smaller step, and the others are as precise as the reference
             # and none is flat; a staircase at a step below its quanta stays flat along
             # some (float32 out of a float64 reference: the larger step below)
-            best[i] = _better(best[i], p2)
+            keep_better(i, p2, factors[i])
         elif suspect[i]:  # d4 is noise: the function is noisier than the reference
             again[i] = min(1e3, (best[i].fd.relative_noise / eps) ** (1 / 3), run.max_step / h)
         else:
-            best[i] = _better(best[i], p2)
+            keep_better(i, p2, factors[i])
     if np.any(again != 1.0):
-        out3 = _evaluate.evaluate_full(run, index, _scale_rows(rows, groups, again), h)
+        out3 = _sequential.evaluate_full(run, index, _scale_rows(rows, groups, again), h)
         for i, g in enumerate(groups):
             if again[i] != 1.0:
                 tried[i].append(h * again[i])
-                best[i] = _better(best[i], _group(run, out3, g, h, again[i]))
-    return list(zip(best, map(tuple, tried)))
+                keep_better(i, _group(run, out3, g, h, again[i]), again[i])
+    return list(zip(best, map(tuple, tried), how))
+
+
+def extend(run: Run, index, rows, h, groups, choices):
+    """The finite differences of each group along (more) directions at the step and
+    stencil the ladder chose for it on fewer (`choices`): one (Pass, steps, Choice) per
+    group. The directions evaluated before are not evaluated again. A group that central
+    differences settled climbs the whole ladder again where its added directions no
+    longer settle it."""
+    results = []
+    for g, c in zip(groups, choices):
+        idx, r = index[g], rows[g]
+        whole = slice(0, len(idx))
+        if c.points == 2:
+            p = _group(run, _sequential.evaluate(run, idx, r, h, _differences.OUTER), whole, h, 1)
+            results.append((p, (h,), c) if _settled(run, p) else ladder(run, idx, r, h, [whole])[0])
+            continue
+        scaled = _scale_rows(r, [whole], np.asarray([c.factor]))
+        p = _group(run, _sequential.evaluate_full(run, idx, scaled, h), whole, h, c.factor)
+        if not c.from_data:
+            p = dataclasses.replace(p, fd=_assess(run, p.phis, p.phi0, h, from_data=False))
+        results.append((p, (h * c.factor,), c))
+    return results
 
 
 def _group(run: Run, out, sl, h, factor) -> Pass:

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from . import _ladder, _verdict
+from . import _ladder, _sequential, _verdict
 from ._report import LeafResult, Status
 from ._state import Run
 
@@ -26,18 +26,41 @@ def chosen_leaves(localize, status: Status, share, tolerance: float, num_leaves:
     return []
 
 
-def localize(run: Run, scales, leaf_k, h, paths, chosen) -> tuple:
-    """One `LeafResult` per chosen leaf, from `leaf_k` directions along that leaf alone."""
-    index = np.tile(LEAF_INDEX_OFFSET + np.arange(leaf_k, dtype=np.int32), len(chosen))
-    rows = np.repeat(np.diag(scales)[chosen], leaf_k, axis=0)
-    groups = [slice(j * leaf_k, (j + 1) * leaf_k) for j in range(len(chosen))]
-    results = []
-    for leaf, (p, _) in zip(chosen, _ladder.ladder(run, index, rows, h, groups)):
-        checks = _verdict.compare(run, p)
-        status = _verdict.status(run, p, checks, leaf_k, [])
-        head, x = checks[0], run.inputs.diff[leaf]
-        results.append(
-            LeafResult(
+def localize(run: Run, scales, leaf_k, h, paths, chosen, sequential=False) -> tuple:
+    """One `LeafResult` per chosen leaf, from up to `leaf_k` directions along that leaf
+    alone: with `sequential`, 4 first, then more only for the leaves whose verdict is
+    still in doubt (`_sequential`)."""
+    ks = _sequential.looks(leaf_k, sequential and run.plan.direction_sharding is None)
+    results, pending, choices = {}, list(chosen), {}
+    for n in ks:
+        if not pending:
+            break
+        index = np.tile(LEAF_INDEX_OFFSET + np.arange(n, dtype=np.int32), len(pending))
+        rows = np.repeat(np.diag(scales)[pending], n, axis=0)
+        groups = [slice(j * n, (j + 1) * n) for j in range(len(pending))]
+        if n == ks[0]:
+            found = _ladder.ladder(run, index, rows, h, groups)
+        else:  # more directions at the step each leaf's first look settled on
+            found = _ladder.extend(run, index, rows, h, groups, [choices[i] for i in pending])
+            redo = [
+                j
+                for j, (p, _, _) in enumerate(found)
+                if not _sequential.step_fits(run, p, _verdict.compare(run, p), n)
+            ]
+            if redo:  # the step is chosen again for these leaves, on all n directions
+                picked = np.concatenate([np.arange(len(index))[groups[j]] for j in redo])
+                sub = [slice(m * n, (m + 1) * n) for m in range(len(redo))]
+                for j, r in zip(redo, _ladder.ladder(run, index[picked], rows[picked], h, sub)):
+                    found[j] = r
+        still = []
+        for leaf, (p, _, choices[leaf]) in zip(pending, found):
+            checks = _verdict.compare(run, p)
+            status = _verdict.status(run, p, checks, n, [])
+            if n < leaf_k and not _sequential.settled(p, checks, status, n, len(ks))[0]:
+                still.append(leaf)
+                continue
+            head, x = checks[0], run.inputs.diff[leaf]
+            results[leaf] = LeafResult(
                 paths[leaf],
                 tuple(x.shape),
                 str(x.dtype),
@@ -46,9 +69,10 @@ def localize(run: Run, scales, leaf_k, h, paths, chosen) -> tuple:
                 head.tolerance,
                 p.fd.num_nonsmooth,
                 status,
+                n,
             )
-        )
-    return tuple(results)
+        pending = still
+    return tuple(results[leaf] for leaf in chosen)
 
 
 def merge_leaves(run: Run, status: Status, leaves) -> Status:

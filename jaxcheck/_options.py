@@ -22,6 +22,7 @@ class Options:
     has_aux: bool = False
     order: int = 1
     num_directions: int = 16
+    sequential: bool = True
     key: Any = 0
     mode: Literal["reverse", "forward", "both"] = "reverse"
     precision: Literal["auto", "float64", "native"] = "auto"
@@ -74,6 +75,8 @@ def _validate(o: Options) -> None:
     _positive_int("order", o.order, 1)
     _positive_int("num_directions", o.num_directions, 4)
     _positive_int("leaf_directions", o.leaf_directions, 2)
+    if o.sequential not in (True, False):
+        raise ValueError(f"sequential must be True or False, got {o.sequential!r}.")
     if o.mode not in MODES:
         raise ValueError(f"mode must be 'reverse', 'forward' or 'both', got {o.mode!r}.")
     if o.grad_fn is not None and o.mode != "reverse":

@@ -8,7 +8,17 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from . import _directions, _error_model, _ladder, _localize, _precision, _probe, _tree, _verdict
+from . import (
+    _directions,
+    _error_model,
+    _ladder,
+    _localize,
+    _precision,
+    _probe,
+    _sequential,
+    _tree,
+    _verdict,
+)
 from ._host import NOTES
 from ._report import Report, Status
 from ._state import MAX_STEP, Run
@@ -21,9 +31,10 @@ from ._state import MAX_STEP, Run
 LOW_PRECISION_MAX_STEP = 1.0
 
 
-def check(run: Run, k, step, localize, leaf_k, held_fixed) -> Report:
-    """Check the derivative along k directions, starting from the relative `step` (None:
-    the reference precision's default), localizing as `localize` says."""
+def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> Report:
+    """Check the derivative along k directions (with `sequential`, up to k: 4, then more
+    only while the verdict is in doubt, `_sequential`), starting from the relative `step`
+    (None: the reference precision's default), localizing as `localize` says."""
     reverse = "reverse" in run.modes
     _probe.probe(run, reverse, k, leaf_k if localize is not False else 0)
     if run.timer.eager_reason is not None:
@@ -36,7 +47,7 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed) -> Report:
     ref = _precision.reference_dtype(run.policy, run.tested)
     if nonfinite:
         _probe.replay_nonfinite(run, reverse)
-        return _report(run, Status.NONFINITE, k, None, (), (), held_fixed, ())
+        return _report(run, Status.NONFINITE, (k, k), None, (), (), held_fixed, (), "")
     scales = run.probe["leaf_scales"]
     h0 = step if step is not None else _precision.default_step(ref)
     rounds_to = run.problem.rounds_to
@@ -59,9 +70,44 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed) -> Report:
             _precision.eps(ref) ** 0.25,
             _needed_derivative(run, ref, h0),
         )
-    index = np.arange(k, dtype=np.int32)
-    run.batch = k
-    [(p, steps)] = _ladder.ladder(run, index, np.tile(beta, (k, 1)), h0, [slice(0, k)])
+    ks = _sequential.looks(k, sequential and run.plan.direction_sharding is None)
+    run.batch = ks[0]  # later looks run their new directions through the same programs
+    tried, why, rows, choice = {}, "", np.tile(beta, (k, 1)), None
+    for n in ks:
+        index = np.arange(n, dtype=np.int32)
+        redo = n == ks[0]
+        if not redo:  # more directions at the step the first look settled on
+            [(p, steps, choice)] = _ladder.extend(run, index, rows[:n], h0, [slice(0, n)], [choice])
+            checks = _verdict.compare(run, p)
+            redo = not _sequential.step_fits(run, p, checks, n)
+        if redo:
+            p, steps, checks, h0, choice = _directions_check(run, n, beta, h0, step, ref)
+        tried.update(dict.fromkeys(steps))
+        said = []
+        status = _verdict.status(run, p, checks, n, said)
+        stop = n == k
+        if not stop:
+            stop, why = _sequential.settled(p, checks, status, n, len(ks))
+        if stop:
+            run.problems += said
+            break
+    stopped = _stopped(ks, n, checks, why)
+    _verdict.note_large_rounding(run, checks[0])
+    leaves = ()
+    chosen = _localize.chosen_leaves(localize, status, share, checks[0].tolerance, len(paths))
+    if chosen:
+        leaves = _localize.localize(run, scales, leaf_k, h0, paths, chosen, sequential)
+        status = _localize.merge_leaves(run, status, leaves)
+    return _report(run, status, (n, k), p, checks, leaves, held_fixed, tuple(tried), stopped)
+
+
+def _directions_check(run: Run, n, beta, h0, step, ref):
+    """Finite differences along the first n global directions and their comparisons:
+    (Pass, steps tried, comparisons, the step the ladder starts from, where it settled),
+    with the precision and step moved where fn needs it."""
+    index = np.arange(n, dtype=np.int32)
+    rows = np.tile(beta, (n, 1))
+    [(p, steps, choice)] = _ladder.ladder(run, index, rows, h0, [slice(0, n)])
     if step is None and run.reference != ref:
         # fn could not run in float64: take the step of the precision it ran in
         if _precision.eps(run.reference) > _precision.eps(jnp.float32):
@@ -69,29 +115,36 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed) -> Report:
             # ladder may go up to the scale of the parameters where fn is that straight
             run.max_step = max(run.max_step, LOW_PRECISION_MAX_STEP)
         h0 = min(_precision.default_step(run.reference), run.max_step)
-        [(p, steps)] = _ladder.ladder(run, index, np.tile(beta, (k, 1)), h0, [slice(0, k)])
+        [(p, steps, choice)] = _ladder.ladder(run, index, rows, h0, [slice(0, n)])
     flat = _verdict.flat_directions(p)
     if step is None and flat is not None and not flat[1] and p.step < run.max_step:
         # flat at this step while the derivative is not: a staircase of quanta larger
         # than the step (fn rounds to a low precision), or truly flat: the largest
         # step tells them apart
         h0 = run.max_step
-        [(p, more)] = _ladder.ladder(run, index, np.tile(beta, (k, 1)), h0, [slice(0, k)])
+        [(p, more, choice)] = _ladder.ladder(run, index, rows, h0, [slice(0, n)])
         steps = tuple(steps) + tuple(more)
     checks = _verdict.compare(run, p)
     if _verdict.incomparable(run, checks[0]):
         run.reference = _precision.reference_dtype("native", run.tested)
         h0 = step if step is not None else _precision.default_step(run.reference)
-        [(p, steps)] = _ladder.ladder(run, index, np.tile(beta, (k, 1)), h0, [slice(0, k)])
+        [(p, steps, choice)] = _ladder.ladder(run, index, rows, h0, [slice(0, n)])
         checks = _verdict.compare(run, p)
-    status = _verdict.status(run, p, checks, k, run.problems)
-    _verdict.note_large_rounding(run, checks[0])
-    leaves = ()
-    chosen = _localize.chosen_leaves(localize, status, share, checks[0].tolerance, len(paths))
-    if chosen:
-        leaves = _localize.localize(run, scales, leaf_k, h0, paths, chosen)
-        status = _localize.merge_leaves(run, status, leaves)
-    return _report(run, status, k, p, checks, leaves, held_fixed, steps)
+    return p, steps, checks, h0, choice
+
+
+def _stopped(ks, n, checks, why) -> str:
+    """Why the check took the directions it took ("" for a fixed number)."""
+    if len(ks) == 1:
+        return ""
+    k = ks[-1]
+    if n < k:
+        lo, hi = checks[0].interval
+        return (
+            f"settled after {n} of {k} directions: the relative error ({lo:.1e}..{hi:.1e}, "
+            f"95%) is {why}"
+        )
+    return f"took all {k} directions: after {ks[-2]}, {why}"
 
 
 def _needed_derivative(run: Run, ref, h) -> float:
@@ -107,7 +160,7 @@ def _needed_derivative(run: Run, ref, h) -> float:
     return 15 * 10 * eps_r * magnitude / (h * 0.1 * floor)
 
 
-def _report(run: Run, status, k, p, checks, leaves, held_fixed, steps) -> Report:
+def _report(run: Run, status, counts, p, checks, leaves, held_fixed, steps, stopped) -> Report:
     head = checks[0] if checks else None
     nan = math.nan
     ref = run.reference or _precision.reference_dtype(run.policy, run.tested)
@@ -128,7 +181,9 @@ def _report(run: Run, status, k, p, checks, leaves, held_fixed, steps) -> Report
         reference_dtype=jnp.dtype(ref).name,
         step=p.step if p else math.nan,
         steps_tried=tuple(float(s) for s in steps),
-        num_directions=k,
+        num_directions=counts[0],
+        max_directions=counts[1],
+        stopped=stopped,
         num_nonsmooth=p.fd.num_nonsmooth if p else 0,
         num_nonfinite=int(np.sum(~p.fd.finite)) if p else 0,
         num_subgradient_consistent=(

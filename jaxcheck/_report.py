@@ -60,6 +60,7 @@ class LeafResult:
     tolerance: float
     num_nonsmooth: int
     status: Status
+    num_directions: int = 0  # directions along this leaf the verdict rests on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +73,9 @@ class Report:
     `interval` is its 95 % confidence interval, `tolerance` the threshold it was judged
     against and `noise_floor` the relative error of the finite-difference reference itself.
     `numeric` and `analytic` hold the per-direction values behind the headline check.
+    `num_directions` is the number of directions the verdict rests on: with sequential
+    directions, 4, 8, ... up to `max_directions` (the `num_directions` option), and
+    `stopped` says why the check took that many.
 
     With `order` > 1 the report is composite: `parts` holds one report per order and
     derivative map (each with its `label`), the status is the worst of theirs (fail >
@@ -106,6 +110,8 @@ class Report:
     peak_memory_bytes: int | None = None
     numeric: Any = None
     analytic: Any = None
+    max_directions: int = 0  # num_directions asked for: the most a sequential check takes
+    stopped: str = ""  # why a sequential check took the directions it took
     label: str = ""  # which part of a composite check this is, e.g. "order 2: vjp map"
     parts: tuple["Report", ...] = ()  # order > 1: one report per order and derivative map
 
@@ -238,10 +244,13 @@ def render(r: Report) -> str:
             f"taken; {timing}"
         )
     else:
+        of = f" of {r.max_directions}" if r.max_directions > r.num_directions else ""
         lines.append(
-            f"  {r.num_directions} directions ({r.num_nonsmooth} non-smooth, {r.num_nonfinite} "
-            f"non-finite{smooth_note}), {r.num_evaluations} evaluations of fn"
+            f"  {r.num_directions}{of} directions ({r.num_nonsmooth} non-smooth, "
+            f"{r.num_nonfinite} non-finite{smooth_note}), {r.num_evaluations} evaluations of fn"
         )
+        if r.stopped:
+            lines.append(f"  {r.stopped}")
         tried = ""
         if len(r.steps_tried) > 1:
             tried = f", tried {', '.join(_e(h) for h in r.steps_tried)}"
@@ -322,8 +331,10 @@ def _render_composite(r: Report) -> str:
             lines += ["  " + line for line in _leaf_table(part.leaves)]
     if r.held_fixed:
         lines.append(_held_fixed(r.held_fixed))
+    used = sorted({p.num_directions for p in r.parts})
+    count = str(used[0]) if len(used) == 1 else f"{used[0]} to {used[-1]}"
     lines.append(
-        f"  {r.num_directions} directions per check, {r.num_evaluations} evaluations of fn "
+        f"  {count} directions per check, {r.num_evaluations} evaluations of fn "
         f"and its derivative maps; derivatives in {r.tested_dtype}, reference: central "
         f"differences in {r.reference_dtype}; compile {r.compile_seconds:.2f} s, run "
         f"{r.run_seconds:.2f} s"

@@ -36,8 +36,10 @@ class Run:
     cast: bool = True  # the reference casts the floating inputs to its dtype
     rounds_to: np.dtype | None = None  # a less precise dtype fn rounds to inside
     max_step: float = MAX_STEP  # largest relative step the ladder may move to
-    batch: int = 0  # directions per program call: the all-leaf check's number
+    batch: int = 0  # directions per program call: the all-leaf check's (first look's) number
     evaluations: int = 0
+    # each direction's evaluations so far, so that a later look pays for new ones only
+    evaluated: dict = dataclasses.field(default_factory=dict)
     problems: list = dataclasses.field(default_factory=list)
     probe: dict | None = None
 

@@ -89,11 +89,15 @@ def test_directions_spread_over_a_mesh_axis(num_directions):
     params = mlp_params(SIZES, jnp.float32)
     x, y = mlp_data(SIZES, jnp.float32)
     over = NamedSharding(_mesh((8,), ("data",)), P("data"))
-    plain = jaxcheck.verify(mlp_loss(), params, x, y, num_directions=num_directions)
+    # spread directions always take all K (no sequential looks): compare with a fixed K
+    plain = jaxcheck.verify(
+        mlp_loss(), params, x, y, num_directions=num_directions, sequential=False
+    )
     spread = jaxcheck.verify(
         mlp_loss(), params, x, y, num_directions=num_directions, direction_sharding=over
     )
     assert spread.status == "pass", str(spread)
+    assert spread.num_directions == num_directions and spread.stopped == ""
     # same directions; vmapped instead of looped, so rounding differs at the 1e-9 level
     np.testing.assert_allclose(spread.numeric, plain.numeric, rtol=1e-7)
     bad = jaxcheck.verify(

@@ -1,0 +1,199 @@
+"""Sequential directions: the check looks at its relative error after 4 directions and adds
+directions in batches (4 -> 8 -> 16 -> ... up to `num_directions`) only while the verdict is
+in doubt; and the evaluations of the directions already taken are kept, so that every look
+pays only for its new directions.
+
+The stopping rule. Over n directions the relative error err_n estimates the true error
+e = ‖W(g̃ − g)‖ / ‖W g‖, with err_n² / e² distributed as F(n, n) for Gaussian directions
+(less spread for random signs; `_error_model.interval`). At every look but the last, the
+check stops when the estimate clears the tolerance tol by a factor c_n:
+
+    err_n · c_n < tol  (settled as a pass),    err_n / c_n > tol  (settled as a fail),
+
+with c_n² the 1 - beta quantile of F(n, n) (exact) and beta = EARLY_ERROR / (number of
+early looks): a Bonferroni split of the error budget over the looks, so that even at
+e = tol each side's early stops together happen with probability at most EARLY_ERROR (5 %,
+the 95 % level of an interval). At the last look (n = K) the usual rule applies: pass when
+err_K <= tol. The error rates are those at the two points that define them, a correct
+gradient (e = tol / 2: the tolerance is twice the finite differences' measured noise and
+rounding) and a bug at twice the tolerance (e = 2 tol); an early wrong verdict there needs
+the estimate off by the factor 2 c_n, so (a union bound over the looks)
+
+    P(correct gradient failed), P(bug at 2 tol passes)
+        <= sum over early looks of P(F(n, n) > 4 c_n²)  +  P(F(K, K) > 4),
+
+`error_bounds(K)`: 0.64 % each for K = 16 (0.21 % + the fixed-K check's own 0.42 %), 0.15 %
+for K = 32; less where e is further from tol. The tests measure both by simulation.
+
+Only plain verdicts stop early: every comparison resolved, relative (not absolute), judged
+against its fixed floor (not a tolerance estimated from the noise or rounding measured along
+these few directions), its interval clear of it, every direction finite and smooth, none
+flat. Anything else (kinks, a noisy or coarse reference, an ill-conditioned float32 loss
+whose rounding sets the tolerance, a stationary point) takes all K directions, as a fixed-K
+check does.
+"""
+
+import functools
+import math
+
+import numpy as np
+
+from . import _differences, _evaluate, _verdict
+from ._error_model import SAFETY
+from ._report import Status, check_kind
+
+FIRST = 4  # directions of the first look
+EARLY_ERROR = 0.05  # at e = tol, the chance of an early stop on each side, all looks together
+
+
+def looks(k: int, sequential: bool) -> tuple[int, ...]:
+    """The numbers of directions after which the check looks: 4, 8, 16, ... and k last;
+    just (k,) when not sequential or k <= 4."""
+    if not sequential or k <= FIRST:
+        return (k,)
+    out = [FIRST]
+    while 2 * out[-1] < k:
+        out.append(2 * out[-1])
+    return (*out, k)
+
+
+def clearance(n: int, num_looks: int) -> float:
+    """The factor c_n by which an early look's estimate must clear the tolerance: the
+    1 - beta quantile of err_n / e, sqrt of F(n, n)'s (exact; n is even at early looks)."""
+    beta = EARLY_ERROR / max(num_looks - 1, 1)
+    w = _beta_quantile(n // 2, beta)  # F = W / (1 - W), W ~ Beta(n/2, n/2)
+    return math.sqrt((1 - w) / w)
+
+
+def clear(err: float, tol: float, n: int, num_looks: int) -> str | None:
+    """Returns "pass" or "fail" when err over n directions is clear of tol at an early look of
+    a sequence of `num_looks` looks; None while in doubt."""
+    c = clearance(n, num_looks)
+    if err * c < tol:
+        return "pass"
+    if err / c > tol:
+        return "fail"
+    return None
+
+
+def error_bounds(k: int) -> tuple[float, float]:
+    """(chance that a correct gradient is failed, that a bug at 2x the tolerance passes)
+    for a maximum of k directions, as bounded in the module docstring (for an odd k, the
+    bound of k - 1, which is larger). F(n, n) is symmetric about 1 in log: both are equal."""
+    ks = looks(k, True)
+    # early: err_n / e beyond 2 c_n either way; last: beyond 2 (F beyond 4, W beyond 4 / 5)
+    early = sum(_f_tail(n, 4 * clearance(n, len(ks)) ** 2) for n in ks[:-1])
+    bound = early + _f_tail(k, 4.0)
+    return bound, bound
+
+
+def _f_tail(n: int, x: float) -> float:
+    """P(F(n, n) > x), n even (odd: that of n - 1)."""
+    return 1 - _beta_cdf(n // 2, x / (1 + x))
+
+
+@functools.lru_cache(maxsize=64)
+def _beta_quantile(m: int, p: float) -> float:
+    """The p quantile (p < 1/2) of Beta(m, m), by bisection."""
+    lo, hi = 0.0, 0.5
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _beta_cdf(m, mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def _beta_cdf(m: int, x: float) -> float:
+    """P(W <= x) for W ~ Beta(m, m), m a positive integer: the chance of at least m
+    successes in 2m - 1 trials of probability x."""
+    t = 2 * m - 1
+    return sum(math.comb(t, j) * x**j * (1 - x) ** (t - j) for j in range(m, t + 1))
+
+
+def settled(p, checks, status: Status, n: int, num_looks: int) -> tuple[bool, str]:
+    """(whether the look at n directions settles the verdict, why or why not): it does for
+    a plain pass or fail whose every comparison is clear of its tolerance."""
+    if status not in (Status.PASS, Status.FAIL):
+        return False, f"the check was {status.value}"
+    if not p.fd.finite.all() or not p.fd.smooth.all():
+        return False, "some directions were not smooth (a kink within the step)"
+    if _verdict.flat_directions(p):
+        return False, "fn was flat along some directions"
+    sides = []
+    for c in checks:
+        # forward vs reverse is "absolute" whenever rounding puts RMS <J^T u, v> below the
+        # finite differences' RMS; the finite-difference rows tell a zero derivative
+        absolute = c.absolute and check_kind(c.name)[0] != "consistency"
+        if c.num_used != n or absolute or not c.resolved:
+            return False, "the derivative was zero to within noise (an absolute comparison)"
+        if c.noise_floor > _verdict.MAX_NOISE_FLOOR or not math.isfinite(c.relative_error):
+            return False, "the finite differences were too noisy"
+        if SAFETY * math.hypot(c.noise_floor, c.rounding) >= c.tolerance:
+            # the tolerance itself was estimated (from the noise or rounding measured along
+            # these few directions), not the fixed floor the error rates are stated for
+            return False, f"the tolerance {c.tolerance:.1e} rests on measured noise or rounding"
+        sides.append(clear(c.relative_error, c.tolerance, n, num_looks))
+    head = checks[0]
+    if status is Status.PASS and all(s == "pass" for s in sides):
+        return True, f"clear below the tolerance {head.tolerance:.1e}"
+    if status is Status.FAIL and "fail" in sides and None not in sides:
+        return True, f"clear above the tolerance {head.tolerance:.1e}"
+    lo, hi = head.interval
+    return False, (
+        f"the relative error ({lo:.1e}..{hi:.1e}, 95%) was too close to the tolerance "
+        f"{head.tolerance:.1e} to tell"
+    )
+
+
+def step_fits(run, p, checks, n: int) -> bool:
+    """Whether the step a first look chose on fewer directions fits these n as well:
+    they are all smooth, fn is not flat along them, and the check (`checks`) is not
+    inconclusive (otherwise the step is chosen again on all n, as a check of n
+    directions does)."""
+    if not p.fd.smooth.all() or _verdict.flat_directions(p) is not None:
+        return False
+    return _verdict.status(run, p, checks, n, []) is not Status.INCONCLUSIVE
+
+
+def evaluate(run, index, rows, h, offsets) -> dict:
+    """`_evaluate.evaluate`, evaluating only the directions not evaluated before in this
+    check (same direction index, step sizes, step, stencil points, precision and modes):
+    a later look re-runs the ladder over all its directions and pays for the new ones."""
+    keys = [_key(run, i, r, h, offsets) for i, r in zip(index, rows)]
+    first = {}
+    for j, key in enumerate(keys):
+        if key not in run.evaluated:
+            first.setdefault(key, j)
+    missing = list(first.values())
+    if missing:
+        state = _state(run)
+        out = _evaluate.evaluate(run, index[missing], rows[missing], h, offsets)
+        for pos, j in enumerate(missing):
+            key = _key(run, index[j], rows[j], h, offsets)
+            run.evaluated[key] = {
+                name: None if v is None else np.asarray(v[pos]) for name, v in out.items()
+            }
+        if _state(run) != state:
+            # the precision or the modes changed on the way (fn could not run in float64,
+            # or has no jvp): what was kept before belongs to the old ones
+            return evaluate(run, index, rows, h, offsets)
+    found = [run.evaluated[key] for key in keys]
+    return {
+        name: None if found[0][name] is None else np.stack([f[name] for f in found])
+        for name in found[0]
+    }
+
+
+def evaluate_full(run, index, rows, h) -> dict:
+    """The full stencil, as `_evaluate.evaluate_full`, from kept evaluations where it can."""
+    outer = evaluate(run, index, rows, h, _differences.OUTER)
+    return _evaluate.complete(outer, evaluate(run, index, rows, h, _differences.INNER))
+
+
+def _key(run, i, row, h, offsets) -> tuple:
+    return (int(i), np.asarray(row, np.float64).tobytes(), float(h), tuple(offsets), *_state(run))
+
+
+def _state(run) -> tuple:
+    # by name: a NumPy dtype compares equal to None (np.dtype(None) is float64)
+    reference = None if run.reference is None else run.reference.name
+    return reference, run.cast, tuple(run.modes)

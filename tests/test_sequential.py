@@ -1,0 +1,211 @@
+"""Sequential directions: the looks, the stopping rule's error rates (simulated under the
+error model), and what the checks and their reports do with it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxcheck
+from cases import bug, mlp_data, mlp_loss, mlp_params
+from jaxcheck import _sequential
+
+SIZES = (3, 5, 2)
+
+
+def test_looks_double_up_to_the_maximum():
+    assert _sequential.looks(16, True) == (4, 8, 16)
+    assert _sequential.looks(12, True) == (4, 8, 12)
+    assert _sequential.looks(32, True) == (4, 8, 16, 32)
+    assert _sequential.looks(16, False) == (16,)
+    assert _sequential.looks(4, True) == (4,)
+
+
+def test_clearance_is_the_exact_f_quantile():
+    # sqrt of the 0.975 quantile of F(4, 4) and F(8, 8) (beta = 5 % over 2 early looks)
+    assert _sequential.clearance(4, 3) == pytest.approx(3.0991, abs=1e-4)
+    assert _sequential.clearance(8, 3) == pytest.approx(2.1055, abs=1e-4)
+    # P(F(16, 16) > 4) = 0.424 %, plus P(F(4, 4) > 4 c_4²) + P(F(8, 8) > 4 c_8²) = 0.215 %
+    assert _sequential.error_bounds(16) == pytest.approx((0.006387, 0.006387), abs=1e-6)
+    assert _sequential.error_bounds(32)[0] == pytest.approx(0.001461, abs=1e-6)
+    assert _sequential.clear(0.3, 1.0, 4, 3) == "pass"
+    assert _sequential.clear(3.2, 1.0, 4, 3) == "fail"
+    assert _sequential.clear(0.5, 1.0, 4, 3) is None
+
+
+def _simulate(true, k, trials, kind, seed=0):
+    """The sequential procedure on synthetic per-direction errors: projections of an error
+    of relative size `true` (tolerance 1) orthogonal to the gradient, along Gaussian or
+    random-sign directions. Returns (verdicts, directions used)."""
+    rng = np.random.default_rng(seed)
+    if kind == "gaussian":
+        e = rng.standard_normal((trials, k)) * true
+        g = rng.standard_normal((trials, k))
+    else:
+        dim = 32
+        gv, ev = rng.standard_normal(dim), rng.standard_normal(dim)
+        ev -= gv * (ev @ gv) / (gv @ gv)
+        ev *= true * np.linalg.norm(gv) / np.linalg.norm(ev)
+        v = rng.choice(np.array([-1.0, 1.0]), size=(trials, k, dim))
+        e, g = v @ ev, v @ gv
+    sum_e, sum_g = np.cumsum(e**2, axis=1), np.cumsum(g**2, axis=1)
+    ks = _sequential.looks(k, True)
+    verdict = np.full(trials, "", dtype=object)
+    used = np.zeros(trials, dtype=np.int64)
+    clear = np.vectorize(lambda err, n: _sequential.clear(err, 1.0, n, len(ks)) or "")
+    for n in ks:
+        err = np.sqrt(sum_e[:, n - 1] / sum_g[:, n - 1])
+        decided = np.where(err <= 1.0, "pass", "fail") if n == k else clear(err, n)
+        take = (verdict == "") & (decided != "")
+        verdict[take], used[take] = decided[take], n
+    return verdict, used
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+def test_simulated_error_rates_are_within_the_stated_bounds(kind):
+    k, trials = 16, 20000
+    fail_correct, pass_bug = _sequential.error_bounds(k)
+    # three Monte Carlo standard errors (the union bound is nearly tight: the early and
+    # the last look's wrong verdicts seldom coincide)
+    slack = 3 * np.sqrt(fail_correct / trials)
+    # a correct gradient: error at half the tolerance
+    verdict, _ = _simulate(0.5, k, trials, kind)
+    assert np.mean(verdict == "fail") <= fail_correct + slack
+    # a bug at twice the tolerance
+    verdict, _ = _simulate(2.0, k, trials, kind, seed=1)
+    assert np.mean(verdict == "pass") <= pass_bug + slack
+    # the early looks' budget holds even at an error equal to the tolerance
+    verdict, used = _simulate(1.0, k, trials, kind, seed=2)
+    early = used < k
+    at_tol = 3 * np.sqrt(_sequential.EARLY_ERROR / trials)
+    assert np.mean(early & (verdict == "pass")) <= _sequential.EARLY_ERROR + at_tol
+    assert np.mean(early & (verdict == "fail")) <= _sequential.EARLY_ERROR + at_tol
+    assert np.mean(used) > 14  # at the tolerance most checks take all 16
+    # far from the tolerance (a correct float32 model, a 1 % bug) 4 directions settle it
+    for true, expected in ((0.05, "pass"), (1e4, "fail")):
+        verdict, used = _simulate(true, k, trials, kind, seed=3)
+        assert np.all(verdict == expected) and np.mean(used == 4) > 0.99
+
+
+def test_simulated_fixed_k_rates_are_nearly_kept():
+    # at the design points the early looks add about 0.2 % to the 0.42 % of a fixed K = 16,
+    # and save a third of the directions
+    verdict, used = _simulate(0.5, 16, 20000, "gaussian", seed=4)
+    assert 0.004 < np.mean(verdict == "fail") < 0.008 and np.mean(used) < 12
+
+
+def _mlp(**options):
+    params = mlp_params(SIZES, jnp.float32)
+    x, y = mlp_data(SIZES, jnp.float32)
+    return params, x, y
+
+
+def test_correct_model_settles_after_four_directions():
+    params, x, y = _mlp()
+    report = jaxcheck.verify(mlp_loss(), params, x, y, localize=False)
+    assert report.ok
+    assert (report.num_directions, report.max_directions) == (4, 16)
+    assert report.numeric.shape == (4,)
+    assert report.num_evaluations == 2 * 4 + 1  # central differences along 4 directions
+    assert report.relative_error * _sequential.clearance(4, 3) < report.tolerance
+    assert report.stopped.startswith("settled after 4 of 16 directions: the relative error (")
+    assert report.stopped.endswith(f"is clear below the tolerance {report.tolerance:.1e}")
+    text = str(report)
+    assert "  4 of 16 directions (0 non-smooth, 0 non-finite), 9 evaluations of fn" in text
+    assert report.stopped in text
+
+
+def test_fixed_directions_with_sequential_false():
+    params, x, y = _mlp()
+    report = jaxcheck.verify(mlp_loss(), params, x, y, localize=False, sequential=False)
+    assert report.ok and (report.num_directions, report.max_directions) == (16, 16)
+    assert report.stopped == "" and report.num_evaluations == 2 * 16 + 1
+    assert "  16 directions (0 non-smooth" in str(report)
+
+
+def test_one_percent_bug_fails_after_four_directions_and_is_localized():
+    params, x, y = _mlp()
+    loss = mlp_loss(bug("scale", 0.01), where=(1, "w"))
+    report = jaxcheck.verify(loss, params, x, y)
+    assert report.status == "fail" and report.num_directions == 4
+    assert report.stopped.startswith("settled after 4 of 16 directions")
+    assert "clear above the tolerance" in report.stopped
+    by_path = {leaf.path: leaf for leaf in report.leaves}
+    wrong = by_path["['layers'][1]['w']"]
+    assert wrong.status == "fail" and wrong.num_directions == 4
+    assert wrong.relative_error == pytest.approx(0.01, rel=0.05)
+    assert [p for p, leaf in by_path.items() if leaf.status == "fail"] == [wrong.path]
+    # leaves clearly right settle after 4 of their 8 directions too
+    assert all(leaf.num_directions in (4, 8) for leaf in report.leaves)
+    assert by_path["['layers'][0]['w']"].num_directions == 4
+
+
+def _scaled(x, c):
+    @jax.custom_vjp
+    def f(x, c):
+        return x
+
+    f.defvjp(lambda x, c: (x, c), lambda c, ct: (ct * c, jnp.zeros_like(c)))
+    return f(x, c)
+
+
+def _borderline():
+    """A new function each time (its programs are compiled afresh): a loss whose
+    gradient along "w" is c times the true one."""
+
+    def loss(params, c):
+        return jnp.sum(jnp.sin(_scaled(params["w"], c)) ** 2) + jnp.sum(params["b"] ** 2)
+
+    return loss
+
+
+PARAMS = {"w": jnp.linspace(0.1, 1.0, 6), "b": jnp.linspace(-1.0, 1.0, 3)}
+BORDERLINE = jnp.float32(1.0015)  # a 0.15 % error in the gradient along "w"
+
+
+def test_borderline_bug_takes_every_direction_and_says_so():
+    # a 0.15 % error against rtol=1e-3, within the early looks' doubt (clearing the
+    # tolerance takes a factor 3.1 after 4 directions, 2.1 after 8)
+    report = jaxcheck.verify(_borderline(), PARAMS, BORDERLINE, rtol=1e-3, localize=False)
+    assert report.status == "fail" and 1.2e-3 < report.relative_error < 1.5e-3
+    assert (report.num_directions, report.max_directions) == (16, 16)
+    assert report.stopped.startswith("took all 16 directions: after 8, the relative error (")
+    assert report.stopped.endswith("was too close to the tolerance 1.0e-03 to tell")
+    # every direction evaluated once: 4 calls of the 4-direction programs at +-h and
+    # at +-h/2, each 2 points per direction and the centre
+    assert report.num_evaluations == 2 * 4 * (2 * 4 + 1)
+
+
+def test_later_looks_reuse_the_first_looks_programs():
+    checker = jaxcheck.Checker(_borderline(), rtol=1e-3)
+    first = checker(PARAMS, BORDERLINE)  # every look, and the leaves
+    assert first.num_directions == 16 and first.num_compiled > 0
+    later = [checker(PARAMS, c) for c in (jnp.float32(1.0), jnp.float32(1.05), BORDERLINE)]
+    assert [r.status.value for r in later] == ["pass", "fail", "fail"]
+    assert [r.num_directions for r in later] == [4, 4, 16]
+    assert [r.num_compiled for r in later] == [0, 0, 0]
+    # the same check at 16 directions a batch compiles as many programs
+    fixed = jaxcheck.verify(_borderline(), PARAMS, jnp.float32(1.002), rtol=1e-3, sequential=False)
+    assert first.num_compiled == fixed.num_compiled
+
+
+def test_option_is_validated_and_shared():
+    with pytest.raises(ValueError, match=r"^sequential must be True or False, got 'yes'\.$"):
+        jaxcheck.verify(lambda p: jnp.sum(p**2), jnp.ones(3), sequential="yes")
+    checker = jaxcheck.Checker(lambda p: jnp.sum(jnp.sin(p)), sequential=False)
+    assert repr(checker).endswith("sequential=False)")
+    assert checker(jnp.ones(3)).num_directions == 16
+
+
+def test_both_modes_second_order_and_complex_settle_early_too():
+    def fn(p):
+        return jnp.sum(jnp.sin(p["w"]) * jnp.exp(p["b"]))
+
+    params = {"w": jnp.linspace(0.1, 1.0, 5), "b": jnp.linspace(-0.5, 0.5, 5)}
+    report = jaxcheck.verify(fn, params, order=2, mode="both")
+    assert report.ok and [p.num_directions for p in report.parts] == [4, 4]
+    assert all(p.stopped.startswith("settled after 4 of 16") for p in report.parts)
+    assert "  4 directions per check, " in str(report)
+    z = jnp.linspace(0.1, 1.0, 4) * (1 + 0.5j)
+    report = jaxcheck.verify(lambda z: jnp.sum(jnp.abs(jnp.sin(z)) ** 2), z)
+    assert report.ok and report.num_directions == 4
