@@ -121,9 +121,32 @@ def _leaf_summary(report) -> list[dict]:
     ]
 
 
-def run_jaxcheck(workload: Workload, num_directions: int, repeats: int) -> dict:
-    """A `Checker`'s cold call, then warm calls (which must compile nothing)."""
-    checker = jaxcheck.Checker(workload.fn, num_directions=num_directions)
+def _checker(fn, num_directions: int, sequential: bool):
+    """A `Checker` with sequential directions (the default) or a fixed K; None where this
+    jaxcheck has no `sequential` option (fixed K is all it does)."""
+    if sequential:
+        return jaxcheck.Checker(fn, num_directions=num_directions)
+    try:
+        return jaxcheck.Checker(fn, num_directions=num_directions, sequential=False)
+    except TypeError:
+        return None
+
+
+def _directions(report, num_directions: int) -> dict:
+    """How many directions a report's verdict took, of how many, and why it stopped."""
+    return {
+        "num_directions": report.num_directions,
+        "max_directions": getattr(report, "max_directions", 0) or num_directions,
+        "stopped": getattr(report, "stopped", ""),
+    }
+
+
+def run_jaxcheck(workload: Workload, num_directions: int, repeats: int, sequential=True) -> dict:
+    """A `Checker`'s cold call, then warm calls (which must compile nothing); with
+    `sequential=False`, the fixed-K check."""
+    checker = _checker(workload.fn, num_directions, sequential)
+    if checker is None:
+        return {"skipped": "this jaxcheck has no sequential option: every check is fixed-K"}
     start = time.perf_counter()
     cold = checker(workload.params, *workload.args)
     cold_wall = time.perf_counter() - start
@@ -147,7 +170,8 @@ def run_jaxcheck(workload: Workload, num_directions: int, repeats: int) -> dict:
         "noise_floor": cold.noise_floor,
         "leaves": _leaf_summary(cold),
         "reference_dtype": cold.reference_dtype,
-        "num_directions": cold.num_directions,
+        **_directions(cold, num_directions),
+        "warm_num_directions": warm.num_directions,
         "num_evaluations": cold.num_evaluations,
         "stencil_points": cold.stencil_points,
         "peak_memory_bytes": cold.peak_memory_bytes,
@@ -325,29 +349,45 @@ def run_coordinate_fd(workload: Workload, repeats: int) -> dict:
     }
 
 
-def run_planted_bug(workload: Workload, num_directions: int, check_grads_calls: int) -> dict:
-    """jaxcheck (warm) and check_grads on the workload with one leaf's gradient scaled."""
-    buggy = plant_bug(workload.fn, workload.planted_leaf)
-    checker = jaxcheck.Checker(buggy, num_directions=num_directions)
+def _caught(buggy, workload: Workload, num_directions: int, sequential: bool) -> dict | None:
+    """One warm jaxcheck call on a buggy model: its verdict, directions and time."""
+    checker = _checker(buggy, num_directions, sequential)
+    if checker is None:
+        return None
     checker(workload.params, *workload.args)
     start = time.perf_counter()
     report = checker(workload.params, *workload.args)
     warm = time.perf_counter() - start
-    grads = run_check_grads(buggy, workload, check_grads_calls)
     return {
+        "status": str(report.status),
+        "relative_error": report.relative_error,
+        "interval": list(report.interval),
+        "tolerance": report.tolerance,
+        "failing_leaves": [leaf.path for leaf in report.leaves if leaf.status != "pass"],
+        "leaves": _leaf_summary(report),
+        "num_evaluations": report.num_evaluations,
+        **_directions(report, num_directions),
+        "warm_seconds": warm,
+        "warm_num_compiled": report.num_compiled,
+    }
+
+
+def run_planted_bug(
+    workload: Workload, num_directions: int, check_grads_calls: int, scale: float = BUG_SCALE
+) -> dict:
+    """jaxcheck (warm, sequential and fixed-K) and check_grads on the workload with one
+    leaf's gradient scaled by `scale`; check_grads only for the default 0.1 % bug."""
+    buggy = plant_bug(workload.fn, workload.planted_leaf, scale)
+    out = {
         "planted_leaf": workload.planted_leaf,
-        "gradient_scale": BUG_SCALE,
-        "jaxcheck": {
-            "status": str(report.status),
-            "relative_error": report.relative_error,
-            "interval": list(report.interval),
-            "tolerance": report.tolerance,
-            "failing_leaves": [leaf.path for leaf in report.leaves if leaf.status != "pass"],
-            "leaves": _leaf_summary(report),
-            "num_evaluations": report.num_evaluations,
-            "warm_seconds": warm,
-            "warm_num_compiled": report.num_compiled,
-        },
+        "gradient_scale": scale,
+        "jaxcheck": _caught(buggy, workload, num_directions, True),
+        "jaxcheck_fixed": _caught(buggy, workload, num_directions, False),
+    }
+    if scale != BUG_SCALE:
+        return out
+    grads = run_check_grads(buggy, workload, check_grads_calls)
+    return out | {
         "check_grads": {
             "calls": check_grads_calls,
             "assertion_errors": grads["assertion_errors"],
@@ -363,7 +403,7 @@ def memory_summary(workload: Workload, jaxcheck_result: dict, floor: dict, devic
     params * itemsize_ref * (2 chunk + 5) + 2 chunk * activations (two perturbed copies per
     direction in flight)."""
     n = workload.num_params
-    k = jaxcheck_result["num_directions"]
+    k = jaxcheck_result["max_directions"]
     itemsize = np.dtype(jaxcheck_result["reference_dtype"]).itemsize
     # One direction per chunk on CPU; on GPU assume all K directions run at once.
     chunk = 1 if device == "cpu" else k

@@ -14,7 +14,16 @@ import time
 from pathlib import Path
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-METHODS = ("jaxcheck", "floor", "check_grads", "torch_gradcheck", "coordinate_fd", "planted_bug")
+METHODS = (
+    "jaxcheck",
+    "jaxcheck_fixed",
+    "floor",
+    "check_grads",
+    "torch_gradcheck",
+    "coordinate_fd",
+    "planted_bug",
+    "planted_bug_1pct",
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -118,6 +127,7 @@ def run_workload(workload, args, measure, progress: Progress, torch_version) -> 
         progress.write(
             f"ERROR: {workload.name}: warm jaxcheck calls compiled {check['warm_num_compiled']}"
         )
+    step("jaxcheck_fixed", lambda: measure.run_jaxcheck(workload, k, args.repeats, False))
     step("floor", lambda: measure.run_floor(workload, check["reference_dtype"], args.repeats))
     step("check_grads", lambda: measure.run_check_grads(workload.fn, workload, k))
 
@@ -142,6 +152,7 @@ def run_workload(workload, args, measure, progress: Progress, torch_version) -> 
 
     step("coordinate_fd", coordinate_fd)
     step("planted_bug", lambda: measure.run_planted_bug(workload, k, k))
+    step("planted_bug_1pct", lambda: measure.run_planted_bug(workload, k, k, scale=1.01))
     entry["memory"] = measure.memory_summary(workload, check, entry["floor"], device)
     return entry
 

@@ -21,10 +21,18 @@ ENTRY_KEYS = {
     "torch_gradcheck",
     "coordinate_fd",
     "planted_bug",
+    "planted_bug_1pct",
+    "jaxcheck_fixed",
     "memory",
     "ratios",
 }
-RATIOS = {"warm_vs_stencil", "warm_vs_floor", "check_grads_vs_warm", "compile_ratio"}
+RATIOS = {
+    "warm_vs_stencil",
+    "warm_vs_floor",
+    "fixed_warm_vs_floor",
+    "check_grads_vs_warm",
+    "compile_ratio",
+}
 
 
 def test_quick_benchmark(tmp_path):
@@ -45,6 +53,16 @@ def test_quick_benchmark(tmp_path):
         assert RATIOS <= entry["ratios"].keys(), entry["name"]
         assert entry["jaxcheck"]["status"] == "pass", entry["name"]
         assert entry["jaxcheck"]["warm_compiles_nothing"], entry["name"]
+        assert entry["jaxcheck_fixed"]["num_directions"] == 4  # K, fixed
+        assert entry["jaxcheck_fixed"]["warm_compiles_nothing"], entry["name"]
+        for bug, scale in (("planted_bug", 1.001), ("planted_bug_1pct", 1.01)):
+            result = entry[bug]
+            assert result["gradient_scale"] == scale
+            for method in ("jaxcheck", "jaxcheck_fixed"):
+                check = result[method]
+                assert check["status"] == "fail", (bug, method)
+                assert check["failing_leaves"] == [result["planted_leaf"]], (bug, method)
+                assert 4 <= check["num_directions"] <= check["max_directions"] == 4
         assert entry["torch_gradcheck"] == {"skipped": "--quick"}
 
     assert (tmp_path / "cpu-quick.md").read_text().startswith("# jaxcheck benchmark")
