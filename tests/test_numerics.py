@@ -302,3 +302,36 @@ def test_rounding_accepted_on_a_gpu_names_tensorfloat32(monkeypatch, platform):
     tf32 = "float32 matrix products run in TensorFloat-32 on this GPU" in note
     assert tf32 == (platform == "gpu")
     assert ("an ill-conditioned loss?" in note) == (platform != "gpu")
+
+
+def _float32_only(fn):
+    """fn as a float32-only kernel would be: it refuses any other parameter dtype."""
+
+    def refusing(p, *args):
+        for leaf in jax.tree_util.tree_leaves(p):
+            if leaf.dtype != jnp.float32:
+                raise TypeError(f"this kernel takes float32 only, got {leaf.dtype}")
+        return fn(p, *args)
+
+    return refusing
+
+
+@pytest.mark.parametrize("leaf", [(1, "w"), (2, "b")])
+def test_one_percent_bug_in_a_float32_only_model_fails_on_its_leaf(leaf):
+    """Finite differences in float32 resolve a 1 % bug on one leaf (issue: the float64
+    reference cannot run; rules=False, so the all-leaf and leaf verdicts alone decide)."""
+    sizes = (16, 32, 32, 4)
+    params = mlp_params(sizes, jnp.float32)
+    x, y = mlp_data(sizes, jnp.float32)
+    good = jaxcheck.verify(_float32_only(mlp_loss()), params, x, y, rules=False)
+    assert good.status == "pass", str(good)
+    assert good.reference_dtype == "float32"
+    assert any("fn could not run in float64 (TypeError: this kernel" in q for q in good.problems)
+    assert 1e-5 < good.noise_floor < 1e-3  # the resolution reached, in the report
+    assert good.relative_error < good.tolerance < 1e-3
+    bad = jaxcheck.verify(
+        _float32_only(mlp_loss(bug("scale", 0.01), leaf)), params, x, y, rules=False
+    )
+    assert bad.status == "fail", str(bad)
+    path = f"['layers'][{leaf[0]}]['{leaf[1]}']"
+    assert [lf.path for lf in bad.leaves if lf.status == "fail"] == [path]
