@@ -169,6 +169,22 @@ def test_parameter_norms_are_refreshed_every_10_steps():
     np.testing.assert_allclose(seen, [root3] * 10 + [11 * root3] * 2, rtol=1e-6)
 
 
+def test_norms_of_leaves_of_any_rank_and_dtype():
+    # Matrices and higher-rank leaves are summed flat on one CPU device: same norms.
+    rng = np.random.default_rng(0)
+    grads = {
+        "m": rng.standard_normal((3, 4)).astype(np.float32),
+        "t": rng.standard_normal((2, 3, 4)).astype(np.float32),
+        "c": (rng.standard_normal(3) + 1j * rng.standard_normal(3)).astype(np.complex64),
+        "s": np.float32(-2.0),
+    }
+    opt = jaxcheck.gradient_health()
+    _, state = jax.jit(opt.update)(grads, opt.init(grads), grads)
+    expected = [np.sqrt(np.sum(np.abs(grads[k]) ** 2)) for k in ("c", "m", "s", "t")]
+    np.testing.assert_allclose(state.grad_norm, expected, rtol=1e-6)
+    np.testing.assert_allclose(state.param_norm, expected, rtol=1e-6)
+
+
 def test_update_without_params():
     opt = jaxcheck.gradient_health()
     state = opt.init(PARAMS)
