@@ -73,7 +73,9 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
     ks = _sequential.looks(k, sequential and run.plan.direction_sharding is None)
     run.batch = ks[0]  # later looks run their new directions through the same programs
     tried, why, rows, choice = {}, "", np.tile(beta, (k, 1)), None
-    for n in ks:
+    i, previous = 0, 0
+    while True:
+        n = ks[i]
         index = np.arange(n, dtype=np.int32)
         redo = n == ks[0]
         if not redo:  # more directions at the step the first look settled on
@@ -91,7 +93,8 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
         if stop:
             run.problems += said
             break
-    stopped = _stopped(ks, n, checks, why)
+        i, previous = _sequential.next_look(ks, i, why), n
+    stopped = _stopped(ks, n, previous, checks, why)
     _verdict.note_large_rounding(run, checks[0])
     leaves = ()
     chosen = _localize.chosen_leaves(localize, status, share, checks[0].tolerance, len(paths))
@@ -133,8 +136,9 @@ def _directions_check(run: Run, n, beta, h0, step, ref):
     return p, steps, checks, h0, choice
 
 
-def _stopped(ks, n, checks, why) -> str:
-    """Why the check took the directions it took ("" for a fixed number)."""
+def _stopped(ks, n, previous, checks, why) -> str:
+    """Why the check took the directions it took ("" for a fixed number); `previous` is the
+    number of directions at the look before the last."""
     if len(ks) == 1:
         return ""
     k = ks[-1]
@@ -144,7 +148,7 @@ def _stopped(ks, n, checks, why) -> str:
             f"settled after {n} of {k} directions: the relative error ({lo:.1e}..{hi:.1e}, "
             f"95%) is {why}"
         )
-    return f"took all {k} directions: after {ks[-2]}, {why}"
+    return f"took all {k} directions: after {previous}, {why}"
 
 
 def _needed_derivative(run: Run, ref, h) -> float:
