@@ -179,6 +179,7 @@ class Comparison:
     resolved: bool = True  # finite differences see a derivative above their own noise
     absolute: bool = False  # the derivative is zero to within noise or rounding
     rounding_measured: bool = False  # rounding comes from a higher-precision evaluation
+    floor: float = 0.0  # the smallest error that counts, before noise and rounding raise it
 
 
 def compare(name, fd: Differences, a, floor: float, a_ref=None, rounding_scale=0.0):
@@ -216,6 +217,7 @@ def compare(name, fd: Differences, a, floor: float, a_ref=None, rounding_scale=0
         resolved=scale > rms(bar),
         absolute=scale < denom,
         rounding_measured=a_ref is not None,
+        floor=floor,
     )
 
 
@@ -244,6 +246,7 @@ def consistency(name, a, b, floor: float, rounding: float, zero_scale: float = 0
         bool(err <= tol),
         absolute=scale < denom,
         rounding_measured=True,
+        floor=floor,
     )
 
 

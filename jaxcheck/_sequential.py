@@ -130,7 +130,11 @@ def settled(p, checks, status: Status, n: int, num_looks: int) -> tuple[bool, st
         if SAFETY * math.hypot(c.noise_floor, c.rounding) >= c.tolerance:
             # the tolerance itself was estimated (from the noise or rounding measured along
             # these few directions), not the fixed floor the error rates are stated for
-            return False, f"the tolerance {c.tolerance:.1e} rests on measured noise or rounding"
+            far = c.tolerance > FAR * c.floor  # a few more directions will not bring it down
+            return False, (
+                f"the tolerance {c.tolerance:.1e} rests on measured noise or rounding"
+                + ("" if far else f", {MEASURED_NEAR} {c.floor:.1e}")
+            )
         sides.append(clear(c.relative_error, c.tolerance, n, num_looks))
     head = checks[0]
     if status is Status.PASS and all(s == "pass" for s in sides):
@@ -144,17 +148,23 @@ def settled(p, checks, status: Status, n: int, num_looks: int) -> tuple[bool, st
     )
 
 
-TOO_CLOSE = "too close to"  # in the one reason for doubt that more directions resolve
+# the reasons for doubt that more directions resolve: an error too close to the tolerance,
+# or a tolerance that noise or rounding measured along a few directions put just above its
+# floor (within FAR times it)
+TOO_CLOSE = "too close to"
+MEASURED_NEAR = "near its floor"
+FAR = 2.0
 
 
 def next_look(ks, i: int, why: str) -> int:
     """The look after look number i, in doubt for the reason `why`: the next one when the
-    error was too close to the tolerance, which more directions resolve; else straight the
-    last one. Kinks, flat directions, a noisy reference or a tolerance that rests on measured
-    noise or rounding stop no early look, so the looks in between would only cost their
+    error was too close to the tolerance, or the tolerance rests on noise or rounding measured
+    just above its floor, which more directions resolve; else straight the last one. Kinks,
+    flat directions, a noisy reference or a tolerance that rests on measured noise or
+    rounding far above its floor stop no early look, so the looks in between would only cost their
     programs' fixed work (the gradients at the centre, computed by every call). Fewer looks
     leave the error rates within their bounds."""
-    return i + 1 if TOO_CLOSE in why else len(ks) - 1
+    return i + 1 if TOO_CLOSE in why or MEASURED_NEAR in why else len(ks) - 1
 
 
 def step_fits(run, p, checks, n: int) -> bool:

@@ -259,3 +259,18 @@ def test_directions_a_later_look_adds_run_in_fewer_calls_for_large_models(monkey
     report = jaxcheck.verify(fn, {"a": jnp.asarray(3e3, jnp.float32)}, localize=False)
     assert report.status == "pass" and report.num_directions == 16
     assert sizes == ([4, 8, 4] if large else [4, 4, 4, 4])
+
+
+@pytest.mark.parametrize(
+    "why, after",
+    [
+        ("the relative error (1.0e-07..9.0e-07, 95%) was too close to the tolerance 1.2e-06", 1),
+        ("the tolerance 1.4e-06 rests on measured noise or rounding, near its floor 1.2e-06", 1),
+        ("the tolerance 1.3e-04 rests on measured noise or rounding", 3),
+        ("some directions were not smooth (a kink within the step)", 3),
+    ],
+)
+def test_which_doubts_look_again_before_the_last_look(why, after):
+    ks = _sequential.looks(32, True)
+    assert ks == (4, 8, 16, 32)
+    assert _sequential.next_look(ks, 0, why) == after
