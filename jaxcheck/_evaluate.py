@@ -16,17 +16,14 @@ from ._state import Run
 
 def evaluate(run: Run, index, rows, h, offsets) -> dict:
     """Run the programs along directions `index` with per-leaf step sizes `rows`, in
-    batches of the all-leaf check's first size times a power of two (`batches`), so that
-    few programs are compiled and reused (the last batch is padded with repeats of its last
-    direction)."""
-    n = len(index)
-    if n == run.batch:
+    batches of the all-leaf check's size, so that its compiled programs are reused (the
+    last batch is padded with repeats of its last direction)."""
+    n, size = len(index), run.batch
+    if n == size:
         return _evaluate_batch(run, index, rows, h, offsets)
-    parts, start = [], 0
-    large = sum(np.size(x) for x in run.inputs.diff) > LARGE
-    for size in batches(n, run.batch) if large else [run.batch] * -(-n // run.batch):
+    parts = []
+    for start in range(0, n, size):
         idx, r = index[start : start + size], rows[start : start + size]
-        start += size
         pad = size - len(idx)
         if pad:
             idx = np.concatenate([idx, np.repeat(idx[-1:], pad)])
@@ -36,26 +33,6 @@ def evaluate(run: Run, index, rows, h, offsets) -> dict:
         name: None if parts[0][name] is None else np.concatenate([p[name] for p in parts])[:n]
         for name in parts[0]
     }
-
-
-# Above this many parameters, directions run in batches of growing size (`batches`): every
-# program call computes the gradients at the centre once, a fixed cost that at 1e7
-# parameters was 0.16 s per call (2 CPU cores), while compiling one more program costs
-# about a second. Below it, where compiling is the cost, every batch has the first size.
-LARGE = 1 << 17
-
-
-def batches(n: int, size: int) -> list[int]:
-    """Batch sizes for n directions: the largest size * 2**j that fits, again and again
-    (12 directions with size 4: 8 and 4), the rest in one batch of `size`."""
-    out = []
-    while n > 0:
-        b = size
-        while 2 * b <= n:
-            b *= 2
-        out.append(b)
-        n -= b
-    return out
 
 
 def evaluate_full(run: Run, index, rows, h) -> dict:

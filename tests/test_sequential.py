@@ -234,33 +234,6 @@ def test_a_doubt_more_directions_cannot_resolve_goes_straight_to_the_last_look(m
     assert report.stopped.endswith("rests on measured noise or rounding")
 
 
-@pytest.mark.parametrize("large", [False, True])
-def test_directions_a_later_look_adds_run_in_fewer_calls_for_large_models(monkeypatch, large):
-    """The 12 directions the last look adds after the first 4 run as 8 + 4 for a large model
-    (each call recomputes the gradients at the centre), as 3 x 4 for a small one (where
-    each new program size would compile)."""
-    from jaxcheck import _evaluate
-
-    r = np.random.default_rng(0)
-    z = jnp.asarray(r.normal(size=200), jnp.float32)
-
-    def fn(p):
-        a = p["a"] * z
-        return jnp.sum((a - jnp.mean(a)) ** 2) / jnp.sum(a**2 + 1e4)
-
-    monkeypatch.setattr(_evaluate, "LARGE", 0 if large else _evaluate.LARGE)
-    sizes = []
-    original = _evaluate._evaluate_batch
-    monkeypatch.setattr(
-        _evaluate,
-        "_evaluate_batch",
-        lambda run, index, *rest: sizes.append(len(index)) or original(run, index, *rest),
-    )
-    report = jaxcheck.verify(fn, {"a": jnp.asarray(3e3, jnp.float32)}, localize=False)
-    assert report.status == "pass" and report.num_directions == 16
-    assert sizes == ([4, 8, 4] if large else [4, 4, 4, 4])
-
-
 @pytest.mark.parametrize(
     "why, after",
     [
