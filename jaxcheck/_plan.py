@@ -297,7 +297,7 @@ def signature(args):
     every leaf of `args`: what a compiled program depends on besides static values."""
     leaves, treedef = jax.tree_util.tree_flatten(args)
     avals = tuple(
-        (np.shape(x), str(x.dtype), bool(getattr(x, "weak_type", False)), _multi_device(x))
+        (np.shape(x), x.dtype, bool(getattr(x, "weak_type", False)), _multi_device(x))
         for x in leaves
     )
     return treedef, avals, _precision.x64_enabled(), _tracing_config()
