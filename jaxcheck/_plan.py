@@ -136,8 +136,7 @@ def make_plan(
     is that of the finite-difference precision, `other_elements` the size of the inputs
     held fixed."""
     shardings = tuple(_multi_device(x) for x in diff)
-    devices = [d for x in diff if isinstance(x, jax.Array) for d in x.sharding.device_set]
-    device = min(devices, key=lambda d: d.id) if devices else jax.devices()[0]
+    device = device_of(diff)
     platform = platform_of(device)
     accelerator = platform != "cpu"
     if direction_sharding is not None:
@@ -197,6 +196,18 @@ def fold(plan: Plan, modes, scalar_output: bool, diff, num_directions: int) -> t
     if "forward" in needed and tangents > FOLD_ELEMENTS:
         return ()
     return needed
+
+
+def device_of(leaves):
+    """The device a program over the arrays among `leaves` runs on: their lowest-numbered
+    device (tracers have none), or the default device when there are none."""
+    devices = [
+        d
+        for x in leaves
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+        for d in x.sharding.device_set
+    ]
+    return min(devices, key=lambda d: d.id) if devices else jax.devices()[0]
 
 
 def platform_of(device) -> str:
@@ -367,7 +378,9 @@ def _lower_and_compile(fn, args):
     global FAST_COMPILE_OPTIONS
     lowered = jax.jit(fn).lower(*args)
     options = FAST_COMPILE_OPTIONS
-    if options and _platform(args) == "cpu" and _bytes(args) <= FAST_COMPILE_BYTES:
+    leaves = jax.tree_util.tree_leaves(args)
+    # the options are XLA:CPU's: the arrays' real platform decides, not the plan's rule
+    if options and device_of(leaves).platform == "cpu" and _bytes(args) <= FAST_COMPILE_BYTES:
         try:
             return lowered.compile(compiler_options=options)
         except jax.errors.JaxRuntimeError as err:
@@ -375,14 +388,6 @@ def _lower_and_compile(fn, args):
                 raise
             FAST_COMPILE_OPTIONS = None  # feature detection: an older or newer XLA
     return lowered.compile()
-
-
-def _platform(args) -> str:
-    """The platform the program runs on: its arrays' (the default one for none)."""
-    for x in jax.tree_util.tree_leaves(args):
-        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-            return next(iter(x.devices())).platform
-    return jax.default_backend()
 
 
 def _bytes(args) -> int:

@@ -302,8 +302,6 @@ def tensorfloat32(run: Run) -> bool:
     default precision, unless the configuration asks for full float32."""
     if not run.problem.float32_products:
         return False
-    arrays = [x for x in run.inputs.diff if isinstance(x, jax.Array)]
-    device = next(iter(arrays[0].devices())) if arrays else jax.devices()[0]
     configured = jax.config.jax_default_matmul_precision
     full = configured is not None and str(configured).lower() in ("highest", "float32")
-    return _plan.platform_of(device) == "gpu" and not full
+    return _plan.platform_of(_plan.device_of(run.inputs.diff)) == "gpu" and not full
