@@ -192,6 +192,22 @@ def xent_loss(wrap=identity, logit_scale=50.0):
     return loss
 
 
+def ill_conditioned_loss(wrap=identity):
+    """A float32 loss whose correct float32 gradient is 6.5e-5 (relative) from the float64
+    truth (a variance over a large offset), at `ill_conditioned_params()`."""
+    z = jnp.asarray(_rng().normal(size=200), jnp.float32)
+
+    def loss(p):
+        a = wrap(p["a"]) * z
+        return jnp.sum((a - jnp.mean(a)) ** 2) / jnp.sum(a**2 + 1e4)
+
+    return loss
+
+
+def ill_conditioned_params():
+    return {"a": jnp.asarray(3e3, jnp.float32)}
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     name: str

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 import jaxcheck
-from cases import bug, mlp_data, mlp_loss, mlp_params
+from cases import (
+    bug,
+    ill_conditioned_loss,
+    ill_conditioned_params,
+    mlp_data,
+    mlp_loss,
+    mlp_params,
+)
 
 CPU = jax.default_backend() == "cpu"
 
@@ -73,21 +80,14 @@ def test_zeroed_gradient_of_large_leaf_is_caught():
 
 def test_ill_conditioned_float32_loss_uses_measured_rounding():
     """A correct float32 gradient far from the float64 truth passes; a 0.1 % bug still fails."""
-    r = np.random.default_rng(0)
-    z = jnp.asarray(r.normal(size=200), jnp.float32)
-
-    def fn(p, wrap=lambda v: v):
-        a = wrap(p["a"]) * z
-        return jnp.sum((a - jnp.mean(a)) ** 2) / jnp.sum(a**2 + 1e4)
-
-    params = {"a": jnp.asarray(3e3, jnp.float32)}
-    good = jaxcheck.verify(fn, params)
+    params = ill_conditioned_params()
+    good = jaxcheck.verify(ill_conditioned_loss(), params)
     assert good.status == "pass", str(good)
     assert not any("accepted as rounding" in p for p in good.problems)  # 6.5e-5 < 1.2e-4
     assert good.relative_error > 1e-5  # float32 rounding, not a bug
     assert good.checks[0].rounding > 1e-5
     assert good.checks[1].relative_error < 1e-7  # the rule itself is exact (noise 3e-7)
-    bad = jaxcheck.verify(lambda p: fn(p, bug("scale", 1e-3)), params)
+    bad = jaxcheck.verify(ill_conditioned_loss(bug("scale", 1e-3)), params)
     assert bad.status == "fail"
     assert bad.checks[1].relative_error == pytest.approx(1e-3, rel=0.05)
 

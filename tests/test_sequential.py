@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jaxcheck
-from cases import bug, mlp_data, mlp_loss, mlp_params
+from cases import bug, ill_conditioned_loss, ill_conditioned_params, mlp_data, mlp_loss, mlp_params
 from jaxcheck import _sequential
 
 SIZES = (3, 5, 2)
@@ -215,19 +215,12 @@ def test_a_doubt_more_directions_cannot_resolve_goes_straight_to_the_last_look(m
     """An ill-conditioned float32 loss: its tolerance rests on the rounding measured against
     the float64 rule, which no early look accepts, so after the first look the check takes
     all K at once instead of looking at 8 first."""
-    r = np.random.default_rng(0)
-    z = jnp.asarray(r.normal(size=200), jnp.float32)
-
-    def fn(p):
-        a = p["a"] * z
-        return jnp.sum((a - jnp.mean(a)) ** 2) / jnp.sum(a**2 + 1e4)
-
     calls = []
     original = _sequential.next_look
     monkeypatch.setattr(
         _sequential, "next_look", lambda ks, i, why: calls.append(ks[i]) or original(ks, i, why)
     )
-    report = jaxcheck.verify(fn, {"a": jnp.asarray(3e3, jnp.float32)})
+    report = jaxcheck.verify(ill_conditioned_loss(), ill_conditioned_params())
     assert report.status == "pass" and report.num_directions == 16
     assert calls == [4]  # looked at 4, then at all 16
     assert report.stopped.startswith("took all 16 directions: after 4, the tolerance 1.3e-04")
