@@ -119,12 +119,14 @@ def draw(seed, index, shape, kind: str):
     return _values(_bases(jnp.asarray(seed, jnp.uint32), index), shape, kind)
 
 
+@jax.jit
 def _bases(seeds, index):
     """The per-(leaf, direction) hash offsets, for all leaves at once (one small fusion
     instead of one per leaf: each fusion costs compile time)."""
     return _mix(seeds ^ _mix(jnp.asarray(index).astype(jnp.uint32) * jnp.uint32(_GOLDEN) + 1))
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def _values(base, shape, kind: str):
     size = math.prod(shape)
     bits = _mix(jnp.arange(size, dtype=jnp.uint32) * jnp.uint32(_GOLDEN) + base)
