@@ -376,7 +376,13 @@ FAST_COMPILE_BYTES = 1 << 14
 
 def _lower_and_compile(fn, args):
     global FAST_COMPILE_OPTIONS
-    lowered = jax.jit(fn).lower(*args)
+    # jaxcheck's own programs are traced without `jax_enable_checks`: the derivatives they
+    # evaluate were traced alone under the caller's setting first (`_probe.under_checks`);
+    # the checks' cost grows faster than a program's size, and in these programs (fn
+    # batched over directions, in float64, beside the direction hashing) it was a third of
+    # a small check's time
+    with jax.enable_checks(False):
+        lowered = jax.jit(fn).lower(*args)
     options = FAST_COMPILE_OPTIONS
     leaves = jax.tree_util.tree_leaves(args)
     # the options are XLA:CPU's: the arrays' real platform decides, not the plan's rule

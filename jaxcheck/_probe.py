@@ -21,6 +21,7 @@ def probe(run: Run, reverse: bool, k: int, leaf_k: int) -> None:
     leaf_local = _localize.LEAF_INDEX_OFFSET + np.arange(leaf_k)
     index = np.concatenate([np.arange(k), leaf_local]).astype(np.int32)
     fold = _plan.fold(run.plan, run.modes, run.problem.scalar_output, run.inputs.diff, len(index))
+    under_checks(run, reverse)
     plain = functools.partial(_autodiff.probe, run.problem, reverse)
     args = (run.seeds[1], run.inputs.diff, run.inputs.traced())
     if fold and _plan.is_compiled(plain, args):
@@ -49,6 +50,39 @@ def probe(run: Run, reverse: bool, k: int, leaf_k: int) -> None:
         run.probe["fold_index"] = index
     if no_forward is not None:  # raised again where forward mode is first needed
         run.probe["no_forward"] = no_forward
+
+
+def under_checks(run: Run, reverse: bool) -> None:
+    """With the caller's `jax_enable_checks` on, trace the derivatives under test (fn's jvp
+    and vjp, or grad_fn) once, alone and without compiling, under JAX's invariant checks,
+    so that what they report about fn is raised as it would be outside the check. The
+    compiled programs, which evaluate the same derivatives batched over directions, are
+    then traced without them (`_plan`)."""
+    if not jax.config.jax_enable_checks or _plan.is_eager():
+        return
+    problem, traced = run.problem, run.inputs.traced()
+    f = lambda d: problem.outputs(d, traced)  # noqa: E731
+
+    def derivatives(diff):
+        out = []
+        if reverse and problem.grad_fn is not None:
+            out.append(problem.gradient(diff, traced))
+        elif reverse:
+            y, vjp_fn = jax.vjp(f, diff)
+            out.append(vjp_fn(y))
+        if "forward" in run.modes:
+            try:
+                out.append(jax.jvp(f, (diff,), (diff,))[1])
+            except TypeError as err:  # no forward mode through a custom_vjp: said later
+                if "custom_vjp" not in str(err):
+                    raise
+        return out
+
+    try:
+        with _plan.user_transfers():
+            jax.make_jaxpr(derivatives)(run.inputs.diff)
+    except _plan.TRACING_ERRORS:
+        pass  # fn needs concrete values: the programs will run eagerly, under the checks
 
 
 def _run_folded(run: Run, reverse: bool, fold: tuple, index, plain, args) -> tuple:

@@ -80,9 +80,22 @@ def test_default_matmul_precision(precision):
 
 def test_enable_checks():
     p, x = _inputs(jnp.float32)
+    seen = []
+
+    def outputs(p, x):
+        seen.append((jax.config.jax_enable_x64, bool(jax.config.jax_enable_checks)))
+        return _outputs(p, x)
+
     with jax.enable_checks(True):
-        report = jaxcheck.verify(_outputs, p, x, mode="both")
+        report = jaxcheck.verify(outputs, p, x, mode="both")
     assert report.status == "pass", str(report)
+    # the derivatives under test are traced once alone under the caller's checks; the
+    # compiled programs (fn batched over directions, in float32 and float64) without them
+    assert seen.count((False, True)) == 3  # its output structure, its vjp and its jvp
+    assert (False, False) in seen
+    assert (True, False) in seen
+    assert (True, True) not in seen
+    assert not jax.config.jax_enable_checks
 
 
 @pytest.mark.parametrize("flag", ["debug_nans", "debug_infs"])
