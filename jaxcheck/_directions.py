@@ -119,14 +119,14 @@ def draw(seed, index, shape, kind: str):
     return _values(_bases(jnp.asarray(seed, jnp.uint32), index), shape, kind)
 
 
-@jax.jit
+@functools.partial(jax.jit, inline=True)
 def _bases(seeds, index):
     """The per-(leaf, direction) hash offsets, for all leaves at once (one small fusion
     instead of one per leaf: each fusion costs compile time)."""
     return _mix(seeds ^ _mix(jnp.asarray(index).astype(jnp.uint32) * jnp.uint32(_GOLDEN) + 1))
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
+@functools.partial(jax.jit, static_argnums=(1, 2), inline=True)
 def _values(base, shape, kind: str):
     size = math.prod(shape)
     bits = _mix(jnp.arange(size, dtype=jnp.uint32) * jnp.uint32(_GOLDEN) + base)
@@ -172,12 +172,26 @@ def _xp(*arrays):
     return jnp if any(isinstance(a, jax.Array) for a in arrays) else np
 
 
+def _where(cond, a, b):
+    """`np.where`, or for jax arrays `lax.select` on `cond`'s shape: `jnp.where` stages a
+    nested jit, which costs a small program milliseconds of lowering each time."""
+    if _xp(cond, a, b) is np:
+        return np.where(cond, a, b)
+    dtype = jnp.result_type(a, b)
+    shape = jnp.shape(cond)
+    return jax.lax.select(
+        cond,
+        jnp.broadcast_to(jnp.asarray(a, dtype), shape),
+        jnp.broadcast_to(jnp.asarray(b, dtype), shape),
+    )
+
+
 def pooled(rms_values, sizes):
     """The RMS over several arrays from their RMS values and sizes, without overflow (NumPy
     or jax.numpy, following the input)."""
     xp = _xp(rms_values)
     top = xp.max(rms_values)
-    safe = xp.where((top > 0) & xp.isfinite(top), top, 1.0)
+    safe = _where((top > 0) & xp.isfinite(top), top, 1.0)
     sizes = xp.asarray(sizes, rms_values.dtype)
     return safe * xp.sqrt(xp.sum(sizes * xp.square(rms_values / safe)) / xp.sum(sizes))
 
@@ -187,9 +201,9 @@ def with_floor(values, sizes):
     leaf is still perturbed, at the scale of the others."""
     xp = _xp(values)
     ok = xp.isfinite(values) & (values > 0)
-    overall = pooled(xp.where(ok, values, 0.0), sizes)
-    floor = xp.where(overall > 0, overall, 1.0)
-    return xp.where(ok, values, floor)
+    overall = pooled(_where(ok, values, 0.0), sizes)
+    floor = _where(overall > 0, overall, 1.0)
+    return _where(ok, values, floor)
 
 
 def balance(scales, grad_norms, dynamic_range: float, min_total: float = 0.0):
