@@ -53,8 +53,9 @@ def probe(run: Run, reverse: bool, k: int, leaf_k: int) -> None:
 
 
 def under_checks(run: Run, reverse: bool) -> None:
-    """With the caller's `jax_enable_checks` on, trace the derivatives under test (fn's jvp
-    and vjp, or grad_fn) once, alone and without compiling, under JAX's invariant checks,
+    """With the caller's `jax_enable_checks` on, trace the derivatives under test (fn's vjp,
+    which traces its jvp rules too; or grad_fn, and fn's jvp in forward mode) once, alone
+    and without compiling, under JAX's invariant checks,
     so that what they report about fn is raised as it would be outside the check. The
     compiled programs, which evaluate the same derivatives batched over directions, are
     then traced without them (`_plan`)."""
@@ -67,9 +68,9 @@ def under_checks(run: Run, reverse: bool) -> None:
         out = []
         if reverse and problem.grad_fn is not None:
             out.append(problem.gradient(diff, traced))
-        elif reverse:
+        elif reverse:  # a vjp traces fn's jvp rules too (and then transposes them)
             y, vjp_fn = jax.vjp(f, diff)
-            out.append(vjp_fn(y))
+            return vjp_fn(y)
         if "forward" in run.modes:
             try:
                 out.append(jax.jvp(f, (diff,), (diff,))[1])
