@@ -54,7 +54,7 @@ def to_real(params, paths: frozenset):
     def one(path, leaf):
         if jax.tree_util.keystr(path) not in paths:
             return leaf
-        z = jnp.asarray(leaf)
+        z = _tree.as_array(leaf)
         return jnp.stack([jnp.real(z), jnp.imag(z)], axis=-1).astype(_real_dtype(z.dtype))
 
     return jax.tree_util.tree_map_with_path(one, params)

@@ -150,6 +150,7 @@ def _reference(run: Run, index, rows, h, offsets) -> dict:
                 f"fn could not run {where} ({type(err).__name__}: {first[:120]}); {after}, "
                 "so the resolution is coarser (a custom rule inside, a Pallas kernel's say, "
                 "is resolved more finely on its own: rules=True, or jaxcheck.verify_rule)"
+                + (f"; {_precision.STALE_HINT}" if _precision.stale_constants(err) else "")
             )
     raise AssertionError("unreachable")
 

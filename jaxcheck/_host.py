@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _plan, _precision, _problem
+from ._errors import GradientCheckError
 
 # the caller's (jax_debug_nans, jax_debug_infs), applied to fn alone when the check finds
 # NaN/Inf in it (`_probe.replay_nonfinite`)
@@ -36,9 +37,26 @@ def host_side(run):
     def checked(fn, params, args, options):
         # float64 NumPy params are checked as float64 (the caller's args keep jax's default)
         wide = _wide_numpy(params) and not _precision.x64_enabled()
-        with _precision.x64_scope(True) if wide else contextlib.nullcontext():
-            with _contextvar(NOTES, NOTES.get() + (_WIDE_NOTE,) if wide else NOTES.get()):
-                return guarded(fn, params, args, options)
+        if not wide:
+            return guarded(fn, params, args, options)
+        with _precision.x64_scope(True):
+            try:
+                with _contextvar(NOTES, NOTES.get() + (_WIDE_NOTE,)):
+                    return guarded(fn, params, args, options)
+            except GradientCheckError:
+                raise
+            except Exception as err:
+                if not _precision.stale_constants(err):
+                    raise
+                first = (str(err).strip().splitlines() or [""])[0][:100]
+                note = (
+                    "params hold float64 NumPy arrays while 64-bit types are off; with them "
+                    f"on, fn mixed float32 and float64 values ({type(err).__name__}: {first}), "
+                    "so it was checked as jax runs it, with them off (params rounded to "
+                    f"float32). {_precision.STALE_HINT[0].upper()}{_precision.STALE_HINT[1:]}"
+                )
+        with _contextvar(NOTES, NOTES.get() + (note,)):
+            return guarded(fn, params, args, options)
 
     def guarded(fn, params, args, options):
         # jaxcheck's own programs make infinities on purpose (overflow-safe scales, probes

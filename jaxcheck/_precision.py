@@ -1,6 +1,7 @@
 """Precision policy: which dtype the finite-difference reference is computed in, and its steps."""
 
 import contextlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +44,25 @@ def x64_scope(enabled: bool):
     import jax.experimental as jex  # noqa: PLC0415
 
     return jex.enable_x64() if enabled else jex.disable_x64()
+
+
+def stale_constants(err: BaseException) -> bool:
+    """Whether `err` reads like float32 and float64 values mixed once 64-bit types were
+    switched on: JAX caches what a function closed over (a float64 NumPy constant becomes
+    float32 while 64-bit types are off) without telling the two settings apart, so a
+    function traced before with them off can mix its stale float32 constants with float64
+    values (`STALE_HINT`)."""
+    if not isinstance(err, TypeError | ValueError | RuntimeError):
+        return False
+    text = str(err)
+    return bool(re.search(r"float32|f32\b", text)) and bool(re.search(r"float64|f64\b", text))
+
+
+STALE_HINT = (
+    "JAX reuses the float32 conversions of NumPy constants that fn closes over, made while "
+    "64-bit types were off, once they are on: switch them on before fn first runs, or call "
+    "jax.clear_caches() before the check, to check fn in float64"
+)
 
 
 def reference_dtype(policy: str, tested) -> np.dtype:

@@ -69,13 +69,22 @@ def split(tree, where: str) -> tuple[Split, list, list]:
             if isinstance(leaf, jax.Array) and not leaf.weak_type:
                 floats.append(leaf)
             else:
-                x = jnp.asarray(leaf)
+                x = as_array(leaf)
                 floats.append(jnp.asarray(x, x.dtype))
         elif kind == ARRAY:
             arrays.append(leaf)
         else:
             statics.append(leaf)
     return Split(treedef, tuple(paths), tuple(kinds), tuple(statics)), floats, arrays
+
+
+def as_array(leaf) -> jax.Array:
+    """`jnp.asarray(leaf)`, with a NumPy array's dtype said: jax reuses the conversion of a
+    NumPy array made while 64-bit types were off once they are on (float32 for a float64
+    array) unless the dtype is given."""
+    if isinstance(leaf, np.ndarray | np.generic):
+        return jnp.asarray(leaf, jax.dtypes.canonicalize_dtype(leaf.dtype))
+    return jnp.asarray(leaf)
 
 
 def merge(s: Split, floats, arrays):

@@ -1,5 +1,7 @@
 """A test suite's global JAX settings never break a check, and never change its verdict."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -219,3 +221,57 @@ def test_debug_nans_with_nan_params_reports_the_leaf():
         report = jaxcheck.verify(_loss, p, x)
     assert report.status == "nonfinite"
     assert "parameter leaf ['b'] contains NaN/Inf" in report.problems
+
+
+def _scan_closing_over(constant):
+    def body(c, a):
+        b = jnp.cos(jnp.sum(jnp.sin(a)) + jnp.sum(jnp.cos(c)) + jnp.sum(jnp.tan(constant)))
+        return jnp.sin(c * b), b
+
+    return lambda p: lax.scan(body, p[0], p[1])[0]
+
+
+@pytest.mark.parametrize("as_numpy", [True, False], ids=["numpy-params", "float32-params"])
+def test_numpy_float64_constant_converted_with_x64_off(as_numpy):
+    """fn closes over a float64 NumPy constant and first ran with 64-bit types off: jax
+    then reuses its float32 conversion once they are on, and fn mixes float32 with float64.
+    The check falls back to fn as jax runs it and says why, instead of crashing."""
+    assert not jax.config.jax_enable_x64
+    rng = np.random.RandomState(1)
+    fn = _scan_closing_over(np.random.RandomState(0).randn(2))
+    p = (rng.randn(4), rng.randn(5, 3))
+    if not as_numpy:
+        p = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), p)
+    fn(p)  # with 64-bit types off: jax converts the constant to float32, and keeps that
+    report = jaxcheck.verify(fn, p)
+    assert report.status == "pass", str(report)
+    assert report.tested_dtype == "float32" and report.reference_dtype == "float32"
+    said = "checked as jax runs it, with them off" if as_numpy else "could not run in float64"
+    assert any(said in q and "jax.clear_caches()" in q for q in report.problems), report.problems
+
+
+def test_numpy_float64_params_converted_before_with_x64_off():
+    """jax.linearize converted the float64 NumPy params while 64-bit types were off (for
+    the constants of a scan); the check still sees them as float64, with their float64
+    values, where jnp.asarray would give float32 ones."""
+    assert not jax.config.jax_enable_x64
+    rng = np.random.RandomState(0)
+    w, xs = (rng.randn(2, 6), rng.randn(1, 6)), rng.randn(3, 4)
+
+    def step(w, h, x):
+        hx = jnp.concatenate([h, x])
+        return jnp.tanh(jnp.dot(w[0], hx)), jnp.tanh(jnp.dot(w[1], hx))
+
+    @jax.jit
+    def fn(w, xs):
+        return jnp.sum(lax.scan(functools.partial(step, w), jnp.zeros(2), xs)[1] ** 2)
+
+    _, linear = jax.linearize(fn, w, xs)  # kept: it holds jax's float32 conversions
+    linear(w, xs)  # (with jax 0.10.2, jnp.asarray(w[0]) is now float32 once x64 is on)
+    with jax.numpy_dtype_promotion("strict"):
+        report = jaxcheck.verify(fn, w, xs)
+    assert report.status == "pass", str(report)
+    assert report.tested_dtype == "float64", report.problems
+    with jax.enable_x64(True):  # as the check converts them
+        seen = jaxcheck._tree.split(w, "params")[1][0]
+        assert seen.dtype == jnp.float64 and np.array_equal(np.asarray(seen), w[0])
