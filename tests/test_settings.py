@@ -100,6 +100,17 @@ def test_enable_checks():
     assert not jax.config.jax_enable_checks
 
 
+@pytest.mark.parametrize("order", [1, 2])
+def test_enable_checks_with_a_custom_jvp_taking_a_static_argument(order):
+    """jax.scipy.special.log_ndtr (a custom_jvp with a non-differentiable argument) trips
+    an assertion of JAX's checks when staged with jax.make_jaxpr (jax 0.10), not when its
+    vjp runs op by op, as JAX's own check_grads runs it: the check passes as that does."""
+    x = np.array([0.5, -1.2, 2.0], np.float32)
+    with jax.enable_checks(True):
+        report = jaxcheck.verify(jax.scipy.special.log_ndtr, x, order=order)
+    assert report.status == "pass", str(report)
+
+
 @pytest.mark.parametrize("flag", ["debug_nans", "debug_infs"])
 def test_debug_flags_are_not_tripped_by_the_check_itself(flag):
     """The check's own infinities (overflow-safe scales, cotangents of tiny float16
