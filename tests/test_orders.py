@@ -264,3 +264,33 @@ def test_untraceable_grad_fn_at_order_2_says_why():
         ),
     ):
         jaxcheck.verify(numpy_loss, jnp.ones(3), grad_fn=numpy_grad, order=2, num_directions=4)
+
+
+def _softplus_with_fourth_derivative_off_by(delta):
+    """softplus whose jvp adds delta x^3 / 6 to the derivative: fine to third order at
+    x ~ 1e-8, and delta off in the fourth derivative."""
+
+    @jax.custom_jvp
+    def f(x):
+        return jax.nn.softplus(x)
+
+    f.defjvp(lambda p, t: (f(p[0]), (jax.nn.sigmoid(p[0]) + delta * p[0] ** 3 / 6) * t[0]))
+    return f
+
+
+@pytest.mark.parametrize("delta", [0.0, 0.05])
+def test_roundoff_inside_fn_near_zero_is_not_a_wrong_fourth_derivative(delta):
+    """At x = 1e-8 the relative step is 1e-8 times softplus's own scale: its third
+    derivative, a difference of values near 1/2, rounds far above what its value near
+    zero suggests. The check moves to larger steps while the error shrinks, and passes;
+    a fourth derivative off by 0.05 (of 0.125) still fails there."""
+    fn = _softplus_with_fourth_derivative_off_by(delta)
+    report = jaxcheck.verify(lambda p: fn(p[0]), (1e-8,), order=4)
+    if delta == 0.0:
+        assert report.status == "pass", str(report)
+        assert any("roundoff inside fn, not a wrong derivative" in q for q in report.problems)
+        assert max(report.parts[3].steps_tried) > 1e3 * min(report.parts[3].steps_tried)
+    else:
+        assert report.status == "fail", str(report)
+        assert [p.status for p in report.parts] == ["pass", "pass", "pass", "fail"]
+        assert report.parts[3].relative_error > 100 * report.parts[3].tolerance

@@ -172,8 +172,11 @@ def test_borderline_bug_takes_every_direction_and_says_so():
     assert report.stopped.startswith("took all 16 directions: after 8, the relative error (")
     assert report.stopped.endswith("was too close to the tolerance 1.0e-03 to tell")
     # every direction evaluated once: 4 calls of the 4-direction programs at +-h and
-    # at +-h/2, each 2 points per direction and the centre
-    assert report.num_evaluations == 2 * 4 * (2 * 4 + 1)
+    # at +-h/2, each 2 points per direction and the centre; then the failure confirmed
+    # along the first 4 at a 16 times larger step (where roundoff would shrink 16 times)
+    assert report.num_evaluations == 2 * 4 * (2 * 4 + 1) + 2 * (2 * 4 + 1)
+    assert report.steps_tried == pytest.approx((report.step, 16 * report.step))
+    assert not any("roundoff inside fn" in q for q in report.problems)
 
 
 def test_later_looks_reuse_the_first_looks_programs():
