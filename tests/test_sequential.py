@@ -230,6 +230,27 @@ def test_a_doubt_more_directions_cannot_resolve_goes_straight_to_the_last_look(m
     assert report.stopped.endswith("rests on measured noise or rounding")
 
 
+@pytest.mark.parametrize("offset", [1e5, 1e7])
+def test_a_measured_tolerance_settles_early_only_below_its_floor(offset):
+    """fn adds and removes a large offset, so its float64 values carry roundoff that raises
+    the tolerance above its floor (1.2e-06). An estimate clear below the floor itself
+    settles after 4 directions (it is clear below any tolerance above the floor); one that
+    is not takes all 16, as before."""
+    w = jnp.linspace(-1.0, 1.0, 50, dtype=jnp.float32)
+    report = jaxcheck.verify(lambda w: jnp.sum(jnp.sin(w) + offset) - 50 * offset, w)
+    assert report.status == "pass", str(report)
+    assert report.tolerance > report.checks[0].floor == pytest.approx(1.19e-6, rel=0.01)
+    if offset == 1e5:
+        assert report.num_directions == 4
+        assert report.stopped.endswith(
+            "is clear below the tolerance's floor 1.2e-06 (the tolerance "
+            f"{report.tolerance:.1e} rests on measured noise or rounding)"
+        )
+    else:
+        assert report.num_directions == 16
+        assert "rests on measured noise or rounding" in report.stopped
+
+
 @pytest.mark.parametrize(
     "why, after",
     [
