@@ -28,10 +28,11 @@ for K = 32; less where e is further from tol. The tests measure both by simulati
 Only plain verdicts stop early: every comparison resolved, relative (not absolute), judged
 against its fixed floor (not a tolerance estimated from the noise or rounding measured along
 these few directions), its interval clear of it, every direction finite and smooth, none
-flat. A comparison whose tolerance was estimated stops early only as a pass, clear below the
-fixed floor (so below any tolerance at or above it: the bounds above hold with tol the floor). Anything else (kinks, a noisy or coarse reference, an ill-conditioned float32 loss
-whose rounding sets the tolerance, a stationary point) takes all K directions, as a fixed-K
-check does.
+flat. A comparison whose tolerance was estimated stops early only as a pass, clear below
+the fixed floor (so below any tolerance at or above it: the bounds above hold with tol the
+floor). Anything else (kinks, a noisy or coarse reference, an ill-conditioned float32 loss
+whose rounding sets the tolerance, a stationary point) takes all K directions, as a
+fixed-K check does.
 """
 
 import functools

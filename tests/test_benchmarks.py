@@ -97,3 +97,22 @@ def test_quick_suite(tmp_path):
         summary["jaxcheck"]["total_seconds"] / summary["check_grads"]["total_seconds"]
     )
     assert "jaxcheck verdicts lost: none" in (tmp_path / "suite_cpu-quick.md").read_text()
+
+
+def test_big_leaf_smoke(tmp_path):
+    """The big-leaf benchmark on a small leaf: it writes its ratios, the correct gradient
+    passes and the 1 % bug fails."""
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "big_leaf.py"),
+        "--size", "1e4", "--repeats", "1", "--out", str(tmp_path),
+    ]  # fmt: skip
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "big_leaf_cpu.json").read_text())
+    assert result["size"] == 10_000 and result["status"] == "pass"
+    assert result["bug_1pct"]["status"] == "fail"
+    assert result["warm_over_floor"] == pytest.approx(result["warm_s"] / result["floor_s"])
+    assert result["memory_bound_bytes"] == 10_000 * 8 * 7
+    assert "(target <= 1.5)" in done.stdout
