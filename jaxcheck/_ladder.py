@@ -141,6 +141,14 @@ def _full_ladder(run: Run, index, rows, h, groups, out):
     return list(zip(best, map(tuple, tried), how))
 
 
+def at_step(run: Run, index, rows, h):
+    """The full stencil along `index` at exactly step h, without the ladder's moves:
+    (Pass, steps, Choice), as `ladder` returns for one group."""
+    whole = slice(0, len(index))
+    p = _group(run, _sequential.evaluate_full(run, index, rows, h), whole, h, 1.0)
+    return p, (h,), Choice(1.0, 4)
+
+
 def extend(run: Run, index, rows, h, groups, choices):
     """The finite differences of each group along (more) directions at the step and
     stencil the ladder chose for it on fewer (`choices`): one (Pass, steps, Choice) per
