@@ -160,7 +160,7 @@ def _larger_steps(run: Run, n: int, m: int, beta, p, checks, h0, choice):
         and q.fd.finite.all()
         and not q.fd.num_nonsmooth
     ):
-        h_next = h * min(16.0, run.max_step / q.step)
+        h_next = min(16.0 * q.step, run.max_step)  # (the ladder may have moved from h)
         # the full stencil at exactly that step: the ladder's own moves would read the
         # roundoff's fourth differences as kinks and step back down
         q2, steps, choice2 = _ladder.at_step(

@@ -55,10 +55,9 @@ def probe(run: Run, reverse: bool, k: int, leaf_k: int) -> None:
 def under_checks(run: Run, reverse: bool) -> None:
     """With the caller's `jax_enable_checks` on, trace the derivatives under test (fn's vjp,
     which traces its jvp rules too; or grad_fn, and fn's jvp in forward mode) once, alone
-    and without compiling, under JAX's invariant checks,
-    so that what they report about fn is raised as it would be outside the check. The
-    compiled programs, which evaluate the same derivatives batched over directions, are
-    then traced without them (`_plan`)."""
+    and without compiling, under JAX's invariant checks, so that what they report about fn
+    is raised as it would be outside the check. The compiled programs, which evaluate the
+    same derivatives batched over directions, are then traced without them (`_plan`)."""
     if not jax.config.jax_enable_checks or _plan.is_eager():
         return
     problem, traced = run.problem, run.inputs.traced()
