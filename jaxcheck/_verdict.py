@@ -131,9 +131,14 @@ def status(run: Run, p: Pass, checks, k, problems) -> Status:
     if flat is not None:
         return flat
     noisy = max(math.sqrt(_precision.eps(run.tested)), 100 * eps_fd(run))
-    if head.absolute and p.fd.relative_noise > noisy:
+    scatter = p.fd.relative_noise
+    if not run.problem.scalar_output:
+        # the values are sums of outputs over their own RMS (1 where the outputs are zero),
+        # of order 1: far below that, they are the rounding of a map that is zero, not noise
+        scatter = min(scatter, p.fd.noise)
+    if head.absolute and scatter > noisy:
         problems.append(
-            f"fn's values scatter by {p.fd.relative_noise:.1e} (relative) between nearby "
+            f"fn's values scatter by {scatter:.1e} (relative) between nearby "
             "evaluations, far beyond rounding, so its derivative cannot be told from zero: "
             "is fn random, or not a function of params and args alone (say, constants "
             "drawn anew each time it is traced)?"

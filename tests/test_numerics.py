@@ -244,6 +244,19 @@ def test_fn_with_new_constants_at_each_trace_is_not_passed(bugged):
     assert any(p.startswith("wrong rule: custom_vjp") for p in report.problems) == bugged
 
 
+def test_vector_fn_with_new_constants_at_each_trace_is_not_passed():
+    """The same with an array output: its values, sums of outputs over their RMS, are of
+    order 1, and scatter far beyond rounding."""
+    rng = np.random.default_rng(0)
+
+    def fn(p):
+        return jnp.tanh(p["w"] @ jnp.asarray(rng.normal(size=(4, 3)), p["w"].dtype)) ** 2
+
+    report = jaxcheck.verify(fn, {"w": jnp.full((2, 4), 0.3, jnp.float32)})
+    assert report.status == "inconclusive", str(report)
+    assert any("not a function of params and args alone" in p for p in report.problems)
+
+
 def test_huge_parameter_values_do_not_overflow():
     report = jaxcheck.verify(lambda p: jnp.sum(jnp.log(p)), jnp.asarray([1e30, 2e30], jnp.float32))
     assert report.status == "pass", str(report)
