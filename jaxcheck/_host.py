@@ -53,7 +53,7 @@ def host_side(run):
                     "params hold float64 NumPy arrays while 64-bit types are off; with them "
                     f"on, fn mixed float32 and float64 values ({type(err).__name__}: {first}), "
                     "so it was checked as jax runs it, with them off (params rounded to "
-                    f"float32). {_precision.STALE_HINT[0].upper()}{_precision.STALE_HINT[1:]}"
+                    f"float32). {_precision.STALE_HINT}"
                 )
         with _contextvar(NOTES, NOTES.get() + (note,)):
             return guarded(fn, params, args, options)
