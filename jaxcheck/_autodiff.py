@@ -17,7 +17,9 @@ import numpy as np
 
 from . import _directions, _plan, _precision
 
-BALANCE_INDEX = 2**31 - 1  # the cotangent index used to size a non-scalar output's gradient
+# The index of the random-sign cotangent whose vjp sizes a non-scalar fn's gradient per leaf
+# (for the balancing of the directions' steps).
+BALANCE_INDEX = 2**31 - 1
 
 
 def vdot(a: list, b: list):
@@ -58,28 +60,33 @@ def output_scales(outs: list):
     return jnp.maximum(scales, jnp.asarray(least, scales.dtype))
 
 
-def probe(problem, reverse: bool, out_seeds, diff, traced) -> dict:
+def probe(problem, reverse: bool, out_seeds, diff, traced, balance=None) -> dict:
     """One native evaluation of fn (and of its gradient, when reverse): the value, the
     output scales, the per-leaf sums of squares of parameters and gradient, and the
-    gradient itself (left on its devices by the caller)."""
-    return _probe(problem, reverse, None, (None, out_seeds), diff, traced, None)
+    gradient itself (left on its devices by the caller). A non-scalar fn's gradient is that
+    of a random-sign cotangent, its signs `balance` (per output leaf) drawn on the host, or
+    hashed here where None."""
+    signs = None if balance is None else ([], [], balance)
+    return _probe(problem, reverse, None, (None, out_seeds), diff, traced, None, signs)
 
 
-def probe_folded(problem, reverse: bool, fold: tuple, seeds, diff, traced, index) -> dict:
+def probe_folded(problem, reverse: bool, fold: tuple, seeds, diff, traced, index, signs) -> dict:
     """`probe`, plus the projections along directions `index` with unit steps, per
     parameter leaf: "fold_fwd"[k, l] = <u_k, J_l z_kl> and "fold_rev"[k, l] =
     <(J^T u_k)_l, z_kl> (z_kl leaf l's unit direction). Projections are linear in the
     direction, so the host forms them for any step sizes beta as sum_l beta_l P[k, l]
     (`folded`), and the check compiles no separate projections program. `fold` is
-    (kind, modes folded)."""
+    (kind, modes folded); `signs` the signs of directions `index` and of the balancing
+    cotangent drawn on the host (`split_signs`), or None."""
     fold = None if _plan.is_eager() else fold
-    return _probe(problem, reverse, fold, seeds, diff, traced, index)
+    return _probe(problem, reverse, fold, seeds, diff, traced, index, signs)
 
 
-def _probe(problem, reverse, fold, seeds, diff, traced, index) -> dict:
+def _probe(problem, reverse, fold, seeds, diff, traced, index, signs) -> dict:
     f = lambda d: problem.outputs(d, traced)  # noqa: E731
     kind, modes = fold or (None, ())
     num = 0 if index is None else index.shape[0]
+    p_signs, o_signs, balance = (None, None, None) if signs is None else signs
     rev = "reverse" in modes
     if rev or (reverse and not problem.scalar_output):
         outs, vjp_fn = jax.vjp(f, diff)
@@ -96,11 +103,15 @@ def _probe(problem, reverse, fold, seeds, diff, traced, index) -> dict:
         ones = jnp.ones(len(diff), jnp.float32)
         # per leaf (K, *shape): its unit direction (signs, or float32 Gaussians) for each k,
         # in the leaf's dtype: the very values the stencil scales by beta in float64
-        units = jax.vmap(lambda k: _directions.direction(seeds[0], k, diff, ones, kind))(index)
+        units = jax.vmap(lambda k, z: _directions.direction(seeds[0], k, diff, ones, kind, z))(
+            index, p_signs
+        )
         acc = _precision.accumulator([x.dtype for x in diff])
     cots = None
     if fold and not problem.scalar_output:
-        cots = jax.vmap(lambda k: _directions.cotangent(seeds[1], k, scales, outs, kind))(index)
+        cots = jax.vmap(lambda k, z: _directions.cotangent(seeds[1], k, scales, outs, kind, z))(
+            index, o_signs
+        )
     if "forward" in modes:
         # traced first, so that a custom_vjp in fn fails early. Rows ordered (leaf,
         # direction): the tangent of row (l, k) is z_kl in leaf l alone
@@ -121,7 +132,7 @@ def _probe(problem, reverse, fold, seeds, diff, traced, index) -> dict:
     elif reverse and problem.scalar_output:
         grad = jax.grad(lambda d: f(d)[0])(diff)
     elif reverse or rev:
-        cot = _directions.cotangent(seeds[1], BALANCE_INDEX, scales, outs, "gaussian")
+        cot = _directions.cotangent(seeds[1], BALANCE_INDEX, scales, outs, "rademacher", balance)
         if rev:  # one batched vjp: the K directions' cotangents, then the balancing one
             rows = [jnp.concatenate([c, b[None]]) for c, b in zip(cots, cot)]
             grads = jax.vmap(lambda c: vjp_fn(c)[0])(rows)
@@ -137,6 +148,16 @@ def _probe(problem, reverse, fold, seeds, diff, traced, index) -> dict:
     return result
 
 
+def split_signs(signs, num: int):
+    """Host-drawn signs of directions `index` followed by `BALANCE_INDEX` (`_state.Run.signs`)
+    as (per parameter leaf, per output leaf, the balancing cotangent's per output leaf), or
+    None."""
+    if signs is None:
+        return None
+    params, outputs = signs
+    return [z[:num] for z in params], [z[:num] for z in outputs], [z[num] for z in outputs]
+
+
 def _leaf_dots(g, z, acc):
     """<g_k, z_k> for every row k, in at least float32, as `acc`."""
     work = _precision.accumulator([g.dtype, z.dtype])
@@ -150,14 +171,16 @@ def folded(matrix, at, rows) -> np.ndarray:
     return np.einsum("kl,kl->k", np.asarray(rows, np.float64), matrix[at].astype(np.float64))
 
 
-def direction(problem, seeds, k, diff, beta, kind, out_scales, outs):
+def direction(problem, seeds, k, diff, beta, kind, out_scales, outs, signs=None):
     """Direction number k in parameter space and, for a non-scalar fn, its output cotangent
-    (None for a scalar fn)."""
+    (None for a scalar fn); from `signs` (per parameter leaf, per output leaf) where they
+    were drawn on the host."""
     p_seeds, o_seeds = seeds
-    v = _directions.direction(p_seeds, k, diff, beta, kind)
+    p_signs, o_signs = (None, None) if signs is None else signs
+    v = _directions.direction(p_seeds, k, diff, beta, kind, p_signs)
     if problem.scalar_output:
         return v, None
-    return v, _directions.cotangent(o_seeds, k, out_scales, outs, kind)
+    return v, _directions.cotangent(o_seeds, k, out_scales, outs, kind, o_signs)
 
 
 def jvp_projection(f, diff, v, cot):
@@ -168,18 +191,21 @@ def jvp_projection(f, diff, v, cot):
     return vdot(cot, jv)
 
 
-def projections(problem, modes, kind, plan, seeds, diff, traced, beta_rows, index, out_scales):
-    """Native-precision projections along directions `index` (rows of `beta_rows`): <u, J v>
-    ("fwd") and, for a non-scalar fn, <J^T u, v> ("rev"); a scalar fn's reverse projections
-    are formed from its gradient in the reference program instead."""
+def projections(
+    problem, modes, kind, plan, seeds, diff, traced, beta_rows, index, signs, out_scales
+):
+    """Native-precision projections along directions `index` (rows of `beta_rows`; their
+    signs drawn on the host, or None): <u, J v> ("fwd") and, for a non-scalar fn,
+    <J^T u, v> ("rev"); a scalar fn's reverse projections are formed from its gradient in
+    the reference program instead."""
     f = lambda d: problem.outputs(d, traced)  # noqa: E731
     if "reverse" in modes:
         outs, vjp_fn = jax.vjp(f, diff)
     else:
         outs = f(diff)
 
-    def one(k, beta):
-        v, cot = direction(problem, seeds, k, diff, beta, kind, out_scales, outs)
+    def one(k, beta, z):
+        v, cot = direction(problem, seeds, k, diff, beta, kind, out_scales, outs, z)
         v = _plan.constrain(v, plan)
         res = {}
         if "reverse" in modes:
@@ -188,4 +214,4 @@ def projections(problem, modes, kind, plan, seeds, diff, traced, beta_rows, inde
             res["fwd"] = jvp_projection(f, diff, v, cot)
         return res
 
-    return _plan.map_directions(one, (index, beta_rows), plan)
+    return _plan.map_directions(one, (index, beta_rows, signs), plan)

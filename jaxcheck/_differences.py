@@ -35,15 +35,17 @@ def reference(
     traced,
     beta_rows,
     index,
+    signs,
     out_scales,
     g_test,
     h,
 ):
-    """Stencil values (n, len(offsets)) and centre values (n,) along directions `index`;
-    with `with_projections`, also the projections of `g_test` ("test_rev") and, when
-    `with_rule`, of the reference-precision derivatives of the same rule ("ref_rev",
-    "ref_fwd"). Floating inputs are cast to `dtype` inside the program (None: each keeps
-    its own); steps and sums are formed in `work`."""
+    """Stencil values (n, len(offsets)) and centre values (n,) along directions `index`
+    (their `signs` drawn on the host, or None: hashed here); with `with_projections`, also
+    the projections of `g_test` ("test_rev") and, when `with_rule`, of the
+    reference-precision derivatives of the same rule ("ref_rev", "ref_fwd"). Floating
+    inputs are cast to `dtype` inside the program (None: each keeps its own); steps and
+    sums are formed in `work`."""
     diff = _tree.cast(diff, dtype)
     traced = (traced[0], _tree.cast(traced[1], dtype), traced[2])
     f = lambda d: problem.outputs(d, traced)  # noqa: E731
@@ -61,8 +63,8 @@ def reference(
     else:
         outs = f(diff)
 
-    def one(k, beta):
-        v, cot = _autodiff.direction(problem, seeds, k, diff, beta, kind, out_scales, outs)
+    def one(k, beta, z):
+        v, cot = _autodiff.direction(problem, seeds, k, diff, beta, kind, out_scales, outs, z)
         v = _plan.constrain(v, plan)
 
         def phi(t):
@@ -80,7 +82,7 @@ def reference(
             res["ref_fwd"] = _autodiff.jvp_projection(f, diff, v, cot)
         return res
 
-    return _plan.map_directions(one, (index, beta_rows), plan)
+    return _plan.map_directions(one, (index, beta_rows, signs), plan)
 
 
 def central(phis: np.ndarray, h: float) -> np.ndarray:

@@ -4,7 +4,8 @@ A direction is drawn per leaf from a seed that depends only on the check's key a
 leaf's key path, and on the direction's index, so adding an unrelated leaf or changing the
 chunking does not change the directions of the other leaves. Values are always drawn in
 float32 and then cast, so the native-precision and the float64 programs see the same
-directions.
+directions. The programs hash them in place (`draw`), except for small problems, whose
+random signs are drawn on the host, bit for bit the same, and passed in (`host_signs`).
 """
 
 import contextlib
@@ -138,8 +139,41 @@ def _values(base, shape, kind: str):
     return values.reshape(shape)
 
 
-def direction(leaf_seeds, index, leaves, beta, kind: str) -> list:
-    """The direction `index`: leaf l is beta[l] * z_l, z_l random signs or ~ N(0, I)."""
+def host_signs(seeds, index, shapes) -> list[np.ndarray]:
+    """The random signs of directions `index` (n,) for leaves of `shapes` with `seeds`,
+    drawn on the host: per leaf an int8 array (n, *shape), equal element for element to
+    `draw`'s. A small problem's programs take them as an input instead of hashing them:
+    the hashing is a third of such a program's compile time, and its data is a few
+    kilobytes (`_state.Run.signs`)."""
+    bases = _mix_np(
+        np.asarray(seeds, np.uint32)[None, :]
+        ^ _mix_np(np.asarray(index).astype(np.uint32)[:, None] * np.uint32(_GOLDEN) + 1)
+    )
+    out = []
+    for i, shape in enumerate(shapes):
+        counters = np.arange(math.prod(shape), dtype=np.uint32) * np.uint32(_GOLDEN)
+        bits = _mix_np(counters[None, :] + bases[:, i : i + 1])
+        out.append((1 - 2 * (bits >> 31).astype(np.int8)).reshape(len(bases), *shape))
+    return out
+
+
+def _mix_np(x: np.ndarray) -> np.ndarray:
+    """`_mix` on NumPy uint32 arrays (array arithmetic wraps)."""
+    x = x ^ (x >> 16)
+    x = x * np.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * np.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def direction(leaf_seeds, index, leaves, beta, kind: str, signs=None) -> list:
+    """The direction `index`: leaf l is beta[l] * z_l, z_l random signs or ~ N(0, I); with
+    `signs` (per leaf, drawn on the host by `host_signs`), z_l = signs[l]."""
+    if signs is not None:
+        return [
+            (beta[i] * z.astype(beta.dtype)).astype(x.dtype)
+            for i, (z, x) in enumerate(zip(signs, leaves))
+        ]
     bases = _bases(jnp.asarray(leaf_seeds, jnp.uint32), index)
     return [
         (beta[i] * _values(bases[i], x.shape, kind).astype(beta.dtype)).astype(x.dtype)
@@ -246,11 +280,14 @@ def _level_for_total(positive: np.ndarray, target: float) -> float:
     return float(level[(level >= lower) & (level <= positive)][0])
 
 
-def cotangent(out_seeds, index, scales, like, kind: str) -> list:
+def cotangent(out_seeds, index, scales, like, kind: str, signs=None) -> list:
     """A random output cotangent, each output leaf divided by its RMS magnitude so that
-    outputs of very different scales count alike."""
-    bases = _bases(jnp.asarray(out_seeds, jnp.uint32), index)
+    outputs of very different scales count alike; with `signs` (per output leaf, drawn on
+    the host), those signs."""
+    if signs is None:
+        bases = _bases(jnp.asarray(out_seeds, jnp.uint32), index)
+        signs = [_values(bases[i], y.shape, kind) for i, y in enumerate(like)]
     return [
-        (_values(bases[i], y.shape, kind).astype(scales.dtype) / scales[i]).astype(y.dtype)
-        for i, y in enumerate(like)
+        (z.astype(scales.dtype) / scales[i]).astype(y.dtype)
+        for i, (z, y) in enumerate(zip(signs, like))
     ]

@@ -78,6 +78,7 @@ def _evaluate_batch(run: Run, index, rows, h, offsets) -> dict:
                     # the reference's, not rounded to float32
                     rows.astype(_precision.accumulator([run.tested])),
                     index,
+                    run.signs(index),
                     run.probe["output_scales"].astype(_precision.accumulator([run.tested])),
                 )
             )
@@ -180,6 +181,7 @@ def _reference_in(run: Run, dtype, cast, index, rows, h, offsets) -> dict:
                 run.inputs.traced(),
                 rows.astype(work),
                 index,
+                run.signs(index),
                 run.probe["output_scales"].astype(work),
                 g,
                 np.asarray(h, work),

@@ -253,14 +253,16 @@ def map_points(fn, offsets, plan: Plan):
 
 
 def map_directions(fn, xs, plan: Plan):
-    """Apply `fn` to every row of the arrays `xs`: vmapped, in sequential vmapped chunks, or
-    (eagerly) in a Python loop."""
+    """Apply `fn` to every row of the arrays in the pytrees `xs` (a None among them stays
+    None): vmapped, in sequential vmapped chunks, or (eagerly) in a Python loop."""
     n = jax.tree_util.tree_leaves(xs)[0].shape[0]
     if _EAGER.get():
-        rows = [fn(*(x[i] for x in xs)) for i in range(n)]
+        rows = [fn(*jax.tree_util.tree_map(lambda x, i=i: x[i], xs)) for i in range(n)]
         return jax.tree_util.tree_map(lambda *r: jnp.stack([jnp.asarray(v) for v in r]), *rows)
     if plan.direction_sharding is not None:
-        xs = [jax.lax.with_sharding_constraint(x, _rows(plan.direction_sharding, x)) for x in xs]
+        xs = jax.tree_util.tree_map(
+            lambda x: jax.lax.with_sharding_constraint(x, _rows(plan.direction_sharding, x)), xs
+        )
         out = jax.vmap(fn)(*xs)
         # per-direction results are a few numbers: replicate them, so that every process of
         # a multi-host run can read them

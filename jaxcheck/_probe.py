@@ -23,7 +23,9 @@ def probe(run: Run, reverse: bool, k: int, leaf_k: int) -> None:
     fold = _plan.fold(run.plan, run.modes, run.problem.scalar_output, run.inputs.diff, len(index))
     under_checks(run, reverse)
     plain = functools.partial(_autodiff.probe, run.problem, reverse)
-    args = (run.seeds[1], run.inputs.diff, run.inputs.traced())
+    balance = run.signs(np.array([_autodiff.BALANCE_INDEX], np.int32))
+    balance = None if balance is None else [z[0] for z in balance[1]]
+    args = (run.seeds[1], run.inputs.diff, run.inputs.traced(), balance)
     if fold and _plan.is_compiled(plain, args):
         fold = ()  # compiled already (an earlier check in another mode): no program to save
     try:
@@ -101,6 +103,7 @@ def _run_folded(run: Run, reverse: bool, fold: tuple, index, plain, args) -> tup
             run.inputs.diff,
             run.inputs.traced(),
             index,
+            _autodiff.split_signs(run.signs(np.append(index, _autodiff.BALANCE_INDEX)), len(index)),
         )
     except TypeError as err:
         if "forward" not in fold or "custom_vjp" not in str(err):

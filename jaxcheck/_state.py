@@ -4,13 +4,18 @@ one group's finite differences with the projections onto its directions (`Pass`)
 
 import contextvars
 import dataclasses
+import math
 
 import numpy as np
 
-from . import _error_model, _plan, _problem
+from . import _directions, _error_model, _plan, _problem
 from ._plan import Timer
 
 MAX_STEP = 0.05  # largest relative step; larger ones probe the function, not its derivative
+
+# Random signs drawn on the host for a program, in all (directions times elements of the
+# parameter and output leaves): at most this many, so that a program's inputs stay small.
+HOST_SIGNS = 1 << 13
 
 # while an order >= 2 check runs: the scales its first-order check's probe measured
 # ("params", "outputs"), from which the derivative maps' fixed vectors are drawn
@@ -42,6 +47,31 @@ class Run:
     evaluated: dict = dataclasses.field(default_factory=dict)
     problems: list = dataclasses.field(default_factory=list)
     probe: dict | None = None
+
+    def signs(self, index) -> tuple | None:
+        """The random signs of directions `index` drawn on the host, (per parameter leaf,
+        per output leaf; none for a scalar fn), for a program to take as an input instead
+        of hashing them (`_directions.host_signs`); None where they are hashed inside: a
+        problem planned all-vmapped on one device whose signs total at most
+        `HOST_SIGNS` elements, checked along random signs."""
+        plan, problem = self.plan, self.problem
+        if (
+            self.kind != "rademacher"
+            or plan.chunk is not None
+            or not plan.vmap_points
+            or plan.direction_sharding is not None
+            or any(plan.leaf_shardings)
+        ):
+            return None
+        shapes = [x.shape for x in self.inputs.diff]
+        out_shapes = [] if problem.scalar_output else list(problem.out_shapes)
+        size = sum(math.prod(s) for s in shapes + out_shapes)
+        if size * len(index) > HOST_SIGNS:
+            return None
+        return (
+            _directions.host_signs(self.seeds[0], index, shapes),
+            _directions.host_signs(self.seeds[1], index, out_shapes),
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,6 +26,46 @@ def test_directions_have_unit_variance_and_are_uncorrelated(kind):
         assert 0.04 < np.mean(np.abs(a) > 2) < 0.052
 
 
+@pytest.mark.parametrize("shape", [(), (1,), (3,), (4, 5), (2, 3, 4)])
+def test_signs_drawn_on_the_host_are_those_hashed_in_programs(shape):
+    """Small problems take their directions' signs as an input (`host_signs`), large ones
+    hash them inside the program (`draw`): the same signs, element for element."""
+    seeds = np.asarray([7, 2**32 - 1], np.uint32)
+    index = np.asarray([0, 1, 5, 2**30 + 3, 2**31 - 1], np.int32)
+    drawn = _directions.host_signs(seeds, index, [shape, (2,)])
+    assert [z.dtype for z in drawn] == [np.int8, np.int8]
+    assert drawn[0].shape == (5, *shape) and drawn[1].shape == (5, 2)
+    draw = jax.jit(
+        lambda s, i, shape: _directions.draw(s, i, shape, "rademacher"), static_argnums=2
+    )
+    for leaf, (seed, leaf_shape) in enumerate(zip(seeds, [shape, (2,)])):
+        for row, k in enumerate(index):
+            expected = np.asarray(draw(seed, k, leaf_shape))
+            np.testing.assert_array_equal(drawn[leaf][row], expected)
+
+
+@pytest.mark.parametrize(
+    "options, size, on_host",
+    [
+        ({}, 5, True),
+        ({"directions": "gaussian"}, 5, False),
+        ({"chunk_size": 1}, 5, False),
+        ({}, 2000, False),
+    ],
+)
+def test_signs_are_drawn_on_the_host_only_for_small_unchunked_problems(
+    monkeypatch, options, size, on_host
+):
+    import jaxcheck
+
+    drawn = []
+    original = _directions.host_signs
+    monkeypatch.setattr(_directions, "host_signs", lambda *a: drawn.append(a[1]) or original(*a))
+    report = jaxcheck.verify(lambda w: jnp.sum(jnp.sin(w) ** 2), jnp.ones(size), **options)
+    assert report.status == "pass"
+    assert bool(drawn) == on_host
+
+
 def test_seeds_depend_on_key_and_path_only():
     key = jax.random.key(0)
     s1 = _directions.seeds(key, "params", ["['a']", "['b']"])
