@@ -213,8 +213,7 @@ def _parts(fn, params, args, o: _options.Options, first) -> list:
         mapped, name, extra = _derive(inner, level, mapped, name, extra, o, draws)
         derived = dataclasses.replace(base, grad_fn=None, has_aux=False)
         try:
-            with _plan.without_fold():
-                report = first(mapped, params, (*extra, *args), derived)
+            report = first(mapped, params, (*extra, *args), derived)
         except (TypeError, *_plan.TRACING_ERRORS) as err:
             # the first-order check may have put its own words around the tracing error
             cause = err if isinstance(err, _plan.TRACING_ERRORS) else err.__cause__

@@ -165,22 +165,6 @@ def make_plan(
     return Plan(chunk_size, accelerator, shardings, None)
 
 
-_FOLD = contextvars.ContextVar("jaxcheck_fold", default=True)
-
-
-@contextlib.contextmanager
-def without_fold():
-    """No folded projections in the probe (`fold`) while inside: for the checks of an
-    order >= 2 check. Its derivative maps take their fixed vectors' scales from the plain
-    probe, compiled once more if the first-order check folded, and their own folded probe
-    compiles no faster than the probe and projections apart (measured)."""
-    token = _FOLD.set(False)
-    try:
-        yield
-    finally:
-        _FOLD.reset(token)
-
-
 def fold(plan: Plan, modes, scalar_output: bool, diff, num_directions: int) -> tuple:
     """The modes whose projections along the check's `num_directions` directions (global
     and leaf-local) the probe computes itself (`_autodiff.probe_folded`), sparing the check
@@ -190,7 +174,7 @@ def fold(plan: Plan, modes, scalar_output: bool, diff, num_directions: int) -> t
     elements."""
     needed = tuple(m for m in modes if m == "forward" or not scalar_output)
     whole = plan.chunk is None and plan.vmap_points and plan.direction_sharding is None
-    if not needed or not whole or any(plan.leaf_shardings) or not _FOLD.get():
+    if not needed or not whole or any(plan.leaf_shardings):
         return ()
     tangents = num_directions * len(diff) * sum(x.size for x in diff)
     if "forward" in needed and tangents > FOLD_ELEMENTS:
