@@ -243,6 +243,13 @@ def constant_along(p: Pass) -> np.ndarray:
     return np.all(p.phis == p.phi0[:, None], axis=1)
 
 
+# Flat directions whose derivative under test has an RMS below this fraction of the other
+# directions' are taken as orthogonal to the gradient, not as a flat fn: where a staircase
+# leaves fn flat along most directions, the flat ones are those of smaller derivative, whose
+# RMS (the lower half of a Gaussian's) is still 0.3 of the others'.
+ORTHOGONAL = 0.1
+
+
 def flat_directions(p: Pass):
     """None, unless fn's values are exactly constant within the step along at least half of
     the smooth directions; then (how many, whether the derivative under test is zero
@@ -254,6 +261,13 @@ def flat_directions(p: Pass):
     if n == 0 or 2 * n < int(use.sum()):
         return None
     zero = not np.any(a[use])
+    moving = use & ~flat
+    if np.any(moving) and _error_model.rms(a[flat]) < ORTHOGONAL * _error_model.rms(a[moving]):
+        # constant where the derivative under test is (about) zero, changing where it is
+        # not: directions orthogonal to the gradient (random signs against a gradient of a
+        # few equal entries meet them often), not a flat fn, whose flat directions would
+        # carry derivatives like the others'
+        return None
     a_ref = p.ref_rev if p.rev is not None else p.ref_fwd
     if (
         not zero

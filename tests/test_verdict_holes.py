@@ -176,6 +176,33 @@ def test_zero_second_derivative_of_a_function_with_jumps_passes():
 
 
 @pytest.mark.parametrize("factor, status", [(1.0, "pass"), (1.05, "fail")])
+def test_directions_orthogonal_to_the_gradient_are_not_a_flat_fn(factor, status):
+    """clip(p) * p at order 2: the derivative map is linear in the entries inside the clip
+    range, with equal weights, so random signs cancel exactly along many directions and
+    the map is constant there, as its derivative says. That is not a staircase: the
+    check must not step up to the largest step, which crosses the map's jump at the clip
+    bound 0.007 away (it was inconclusive), and a wrong second derivative still fails."""
+
+    @jax.custom_jvp
+    def clip(x):
+        return jnp.clip(x, -0.8, 0.8)
+
+    @clip.defjvp
+    def clip_jvp(primals, tangents):
+        (x,), (t,) = primals, tangents
+        # right at first order; its own derivative in x is (factor - 1) t: second order off
+        wrong = 1.0 + (factor - 1.0) * (x - lax.stop_gradient(x))
+        return clip(x), jnp.where(jnp.abs(x) < 0.8, t * wrong, 0.0)
+
+    p = jnp.asarray([-1.366875, -0.12177622, -0.7929482, -0.67961574, -0.8905689, -0.13872829])
+    report = jaxcheck.verify(lambda p: clip(p) * p, p, order=2, mode="both")
+    assert report.status == status, str(report)
+    first = [row.passed for row in report.checks if row.name.startswith("order 1")]
+    assert first and all(first)
+    assert not any("scatter" in q for q in report.problems)
+
+
+@pytest.mark.parametrize("factor, status", [(1.0, "pass"), (1.05, "fail")])
 def test_jumps_crossed_by_some_directions_are_stepped_around(factor, status):
     """A small staircase on a smooth fn: at the first step most directions cross a jump.
     At a smaller step fewer do (rounding noise would not thin out), so the ladder keeps
