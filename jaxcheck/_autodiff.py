@@ -92,13 +92,20 @@ def _probe(problem, reverse, fold, seeds, diff, traced, index, signs) -> dict:
         outs, vjp_fn = jax.vjp(f, diff)
     else:
         outs, vjp_fn = f(diff), None
-    scales = output_scales(outs)
+    # only a non-scalar fn's cotangents are divided by its outputs' scales (a scalar fn
+    # has none: its reverse projections come from its gradient), so a scalar fn's program
+    # does without their reductions, compiling faster
+    scales = jnp.ones(1, jnp.float32) if problem.scalar_output else output_scales(outs)
     result = {
         "outputs_finite": jnp.stack([jnp.all(jnp.isfinite(y)) for y in outs]),
         "output_scales": scales,
-        "param_squares": _directions.sum_squares(diff),
         "value": outs[0] if problem.scalar_output else jnp.zeros(()),
     }
+    # a small problem (its signs drawn on the host) leaves the sums of squares of its
+    # parameters and gradient to the host too (`_probe`): fewer reductions to compile
+    small = signs is not None
+    if not small:
+        result["param_squares"] = _directions.sum_squares(diff)
     if fold:
         ones = jnp.ones(len(diff), jnp.float32)
         # per leaf (K, *shape): its unit direction (signs, or float32 Gaussians) for each k,
@@ -143,7 +150,8 @@ def _probe(problem, reverse, fold, seeds, diff, traced, index, signs) -> dict:
         else:
             grad = vjp_fn(cot)[0]
     if reverse:
-        result["grad_squares"] = _directions.sum_squares(grad)
+        if not small:
+            result["grad_squares"] = _directions.sum_squares(grad)
         result["grad"] = grad
     return result
 

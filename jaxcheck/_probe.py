@@ -120,14 +120,25 @@ def _on_host(probe: dict, diff: list, problem) -> dict:
     """The probe's scales and finiteness flags as NumPy values; the gradient stays a list
     of device arrays, passed on only for a scalar fn (whose projections are formed from it)."""
     out = {k: _evaluate.to_host(v) for k, v in probe.items() if k != "grad"}
+    if "param_squares" not in out:  # a small problem's: summed here
+        out["param_squares"] = _host_squares(diff)
     rms_params, out["params_finite"] = _directions.host_rms(out["param_squares"], diff)
     out["leaf_scales"] = _directions.with_floor(rms_params, [max(x.size, 1) for x in diff])
     if "grad" in probe:
+        if "grad_squares" not in out:
+            out["grad_squares"] = _host_squares(probe["grad"])
         rms_grad, out["grad_finite"] = _directions.host_rms(out["grad_squares"], probe["grad"])
         out["grad_norms"] = rms_grad * np.sqrt([max(x.size, 1) for x in diff])
         if problem.scalar_output:
             out["grad"] = probe["grad"]
     return out
+
+
+def _host_squares(leaves) -> np.ndarray:
+    """Per-leaf sums of squares in float64, on the host (the leaves of a small problem)."""
+    arrays = [_plan.host_array(x).astype(np.float64) for x in leaves]
+    with np.errstate(over="ignore", invalid="ignore"):  # NaN/Inf: `host_rms` tells them apart
+        return np.asarray([np.sum(np.square(x)) for x in arrays], np.float64)
 
 
 def nonfinite(run: Run, paths) -> bool:

@@ -273,7 +273,10 @@ def test_chunking_does_not_change_the_directions(chunk_size):
     p = {"w": jnp.linspace(-1.0, 1.0, 7)}
     full = jaxcheck.verify(quartic, p, chunk_size=16)
     chunked = jaxcheck.verify(quartic, p, chunk_size=chunk_size)
-    np.testing.assert_allclose(full.numeric, chunked.numeric, rtol=1e-9)
+    # the same directions; the step sizes may differ in their last bits, as the planned-small
+    # problem (chunk_size=None) sums its parameters' squares on the host, in float64
+    scale = np.max(np.abs(full.numeric))
+    np.testing.assert_allclose(full.numeric, chunked.numeric, rtol=1e-7, atol=1e-9 * scale)
     assert chunked.status == "pass"
 
 
