@@ -80,11 +80,11 @@ def _mix_int(x: int) -> int:
 
 
 def _mix(x):
-    """The same mix on uint32 arrays (wrapping arithmetic)."""
+    """The same mix on uint32 arrays, jax or NumPy (wrapping arithmetic)."""
     x = x ^ (x >> 16)
-    x = x * jnp.uint32(0x7FEB352D)
+    x = x * np.uint32(0x7FEB352D)
     x = x ^ (x >> 15)
-    x = x * jnp.uint32(0x846CA68B)
+    x = x * np.uint32(0x846CA68B)
     return x ^ (x >> 16)
 
 
@@ -124,13 +124,22 @@ def draw(seed, index, shape, kind: str):
 def _bases(seeds, index):
     """The per-(leaf, direction) hash offsets, for all leaves at once (one small fusion
     instead of one per leaf: each fusion costs compile time)."""
-    return _mix(seeds ^ _mix(jnp.asarray(index).astype(jnp.uint32) * jnp.uint32(_GOLDEN) + 1))
+    return _base_of(seeds, jnp.asarray(index))
+
+
+def _base_of(seeds, index):
+    """The hash offset of (leaf seed, direction index), on jax or NumPy arrays."""
+    return _mix(seeds ^ _mix(index.astype(np.uint32) * np.uint32(_GOLDEN) + 1))
+
+
+def _bits(size: int, base, xp):
+    """The hash of each element counter of a leaf of `size` elements, from its offset."""
+    return _mix(xp.arange(size, dtype=np.uint32) * np.uint32(_GOLDEN) + base)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2), inline=True)
 def _values(base, shape, kind: str):
-    size = math.prod(shape)
-    bits = _mix(jnp.arange(size, dtype=jnp.uint32) * jnp.uint32(_GOLDEN) + base)
+    bits = _bits(math.prod(shape), base, jnp)
     if kind == "rademacher":
         values = 1.0 - 2.0 * (bits >> 31).astype(jnp.float32)
     else:
@@ -145,25 +154,12 @@ def host_signs(seeds, index, shapes) -> list[np.ndarray]:
     `draw`'s. A small problem's programs take them as an input instead of hashing them:
     the hashing is a third of such a program's compile time, and its data is a few
     kilobytes (`_state.Run.signs`)."""
-    bases = _mix_np(
-        np.asarray(seeds, np.uint32)[None, :]
-        ^ _mix_np(np.asarray(index).astype(np.uint32)[:, None] * np.uint32(_GOLDEN) + 1)
-    )
+    bases = _base_of(np.asarray(seeds, np.uint32)[None, :], np.asarray(index)[:, None])
     out = []
     for i, shape in enumerate(shapes):
-        counters = np.arange(math.prod(shape), dtype=np.uint32) * np.uint32(_GOLDEN)
-        bits = _mix_np(counters[None, :] + bases[:, i : i + 1])
+        bits = _bits(math.prod(shape), bases[:, i : i + 1], np)
         out.append((1 - 2 * (bits >> 31).astype(np.int8)).reshape(len(bases), *shape))
     return out
-
-
-def _mix_np(x: np.ndarray) -> np.ndarray:
-    """`_mix` on NumPy uint32 arrays (array arithmetic wraps)."""
-    x = x ^ (x >> 16)
-    x = x * np.uint32(0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = x * np.uint32(0x846CA68B)
-    return x ^ (x >> 16)
 
 
 def direction(leaf_seeds, index, leaves, beta, kind: str, signs=None) -> list:
