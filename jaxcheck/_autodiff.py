@@ -60,13 +60,12 @@ def output_scales(outs: list):
     return jnp.maximum(scales, jnp.asarray(least, scales.dtype))
 
 
-def probe(problem, reverse: bool, out_seeds, diff, traced, balance=None) -> dict:
+def probe(problem, reverse: bool, out_seeds, diff, traced, signs=None) -> dict:
     """One native evaluation of fn (and of its gradient, when reverse): the value, the
     output scales, the per-leaf sums of squares of parameters and gradient, and the
     gradient itself (left on its devices by the caller). A non-scalar fn's gradient is that
-    of a random-sign cotangent, its signs `balance` (per output leaf) drawn on the host, or
-    hashed here where None."""
-    signs = None if balance is None else ([], [], balance)
+    of a random-sign cotangent, its signs drawn on the host (`split_signs` of no
+    directions), or hashed here where `signs` is None."""
     return _probe(problem, reverse, None, (None, out_seeds), diff, traced, None, signs)
 
 

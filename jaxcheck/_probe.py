@@ -23,9 +23,7 @@ def probe(run: Run, reverse: bool, k: int, leaf_k: int) -> None:
     fold = _plan.fold(run.plan, run.modes, run.problem.scalar_output, run.inputs.diff, len(index))
     under_checks(run, reverse)
     plain = functools.partial(_autodiff.probe, run.problem, reverse)
-    balance = run.signs(np.array([_autodiff.BALANCE_INDEX], np.int32))
-    balance = None if balance is None else [z[0] for z in balance[1]]
-    args = (run.seeds[1], run.inputs.diff, run.inputs.traced(), balance)
+    args = (run.seeds[1], run.inputs.diff, run.inputs.traced(), _signs(run, index[:0]))
     if fold and _plan.is_compiled(plain, args):
         fold = ()  # compiled already (an earlier check in another mode): no program to save
     try:
@@ -103,7 +101,7 @@ def _run_folded(run: Run, reverse: bool, fold: tuple, index, plain, args) -> tup
             run.inputs.diff,
             run.inputs.traced(),
             index,
-            _autodiff.split_signs(run.signs(np.append(index, _autodiff.BALANCE_INDEX)), len(index)),
+            _signs(run, index),
         )
     except TypeError as err:
         if "forward" not in fold or "custom_vjp" not in str(err):
@@ -114,6 +112,13 @@ def _run_folded(run: Run, reverse: bool, fold: tuple, index, plain, args) -> tup
         values = _run_folded(run, reverse, rest, index, plain, args)[0] if rest else None
         return run.timer.run(plain, *args) if values is None else values, err
     return values, None
+
+
+def _signs(run: Run, index):
+    """The host-drawn signs a probe takes (`_autodiff.split_signs`): those of directions
+    `index` and of the balancing cotangent; None where they are hashed in the program."""
+    signs = run.signs(np.append(index, _autodiff.BALANCE_INDEX).astype(np.int32))
+    return _autodiff.split_signs(signs, len(index))
 
 
 def _on_host(probe: dict, diff: list, problem) -> dict:
