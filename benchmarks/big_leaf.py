@@ -18,6 +18,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from measure import enable_x64, median_seconds
 
 import jaxcheck
 
@@ -33,19 +34,12 @@ def buggy_gradient(w):
     return jax.grad(loss)(w) * 1.01
 
 
-def _timed(f, *args) -> float:
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    return time.perf_counter() - t0
-
-
 def measure(size: int, repeats: int) -> dict:
     w = jax.random.uniform(jax.random.key(0), (size,), jnp.float32, -2.0, 2.0)
-    with jax.enable_x64(True):
+    with enable_x64():
         w64 = w.astype(jnp.float64)
         forward64 = jax.jit(loss)
-        _timed(forward64, w64)
-        t64 = statistics.median(_timed(forward64, w64) for _ in range(repeats))
+        t64, _ = median_seconds(lambda: forward64(w64), repeats)
 
     t0 = time.perf_counter()
     cold = jaxcheck.verify(loss, w)
