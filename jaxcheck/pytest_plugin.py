@@ -3,9 +3,9 @@ through `jaxcheck.check_grads`, without editing a test.
 
 Loaded through the `pytest11` entry point (or `-p jaxcheck.pytest_plugin`), it only adds the
 option; without `--jaxcheck` it changes nothing. With it, the original `check_grads` is
-replaced wherever a loaded module holds it (`jax.test_util`, `jax._src.public_test_util`,
-`jax._src.test_util`, and test modules that imported the name), so tests that import it later
-get the replacement too. A wrong derivative, or a NaN/Inf one where the function is finite,
+replaced in `jax._src.public_test_util`, which defines it, and wherever an already loaded
+module holds it, so `jax.test_util`, `jax._src.test_util` and test modules that import it
+later get the replacement too. A wrong derivative, or a NaN/Inf one where the function is finite,
 fails the test. A check with nothing to judge (a kink at the point, or the function itself
 NaN/Inf there) does not; it is listed, with the wrong ones, in a summary at the end.
 """
@@ -16,7 +16,6 @@ import sys
 import pytest
 
 ENTRY_POINT = "jaxcheck"  # the name of the pytest11 entry point in pyproject.toml
-JAX_MODULES = ("jax.test_util", "jax._src.public_test_util", "jax._src.test_util")
 
 
 def pytest_addoption(parser):
@@ -67,13 +66,10 @@ class Router:
     # -- replacing the original -----------------------------------------------------------
 
     def pytest_configure(self, config):
-        import importlib
-
-        for name in JAX_MODULES:
-            try:
-                importlib.import_module(name)
-            except ImportError:  # jax._src.test_util needs absl; without it, nothing to route
-                pass
+        # Only the module that defines check_grads is imported here; the others take the
+        # replacement from it when a test imports them. Importing jax._src.test_util now
+        # would also bind its capture_stdout to the stdout of this moment, not to pytest's
+        # capture, and JAX's tests that read what they print would fail.
         from jax._src import public_test_util
 
         self.original = public_test_util.check_grads

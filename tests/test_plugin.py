@@ -51,6 +51,14 @@ SAMPLE = textwrap.dedent(
 
     def test_via_jtu():
         jtu.check_grads(wrong_sin, (X,), 1, ("rev",))
+
+
+    def test_jax_captures_what_the_test_prints():
+        # JAX's capture_stdout binds the sys.stdout of the moment jax._src.test_util is
+        # imported: under pytest, its capture; the plugin must not import it earlier
+        with jtu.capture_stdout() as printed:
+            print("hello")
+        assert printed() == "hello\\n"
     """
 )
 
@@ -71,7 +79,7 @@ def _pytest(tmp_path, *flags):
 
 def test_jaxcheck_flag_routes_every_check_grads_and_summarizes(tmp_path):
     out = _pytest(tmp_path, "-p", "jaxcheck.pytest_plugin", "--jaxcheck", "test_sample.py")
-    assert "2 failed, 4 passed" in out, out
+    assert "2 failed, 5 passed" in out, out
     assert "FAILED test_sample.py::test_wrong_custom_jvp - jaxcheck.GradientCheckError" in out
     assert "FAILED test_sample.py::test_via_jtu - jaxcheck.GradientCheckError" in out
     summary = out.split("jaxcheck check_grads")[1]
@@ -99,7 +107,7 @@ def test_jaxcheck_flag_routes_every_check_grads_and_summarizes(tmp_path):
 def test_without_the_flag_the_original_check_grads_runs(tmp_path):
     out = _pytest(tmp_path, "-p", "jaxcheck.pytest_plugin", "test_sample.py")
     # JAX's own check fails the planted bugs, and also the kink and the NaN point
-    assert "4 failed, 2 passed" in out, out
+    assert "4 failed, 3 passed" in out, out
     assert "FAILED test_sample.py::test_wrong_custom_jvp - AssertionError" in out
     assert "GradientCheckError" not in out
     assert "jaxcheck check_grads" not in out
