@@ -165,6 +165,21 @@ def make_plan(
     return Plan(chunk_size, accelerator, shardings, None)
 
 
+def looped(plan: Plan) -> Plan:
+    """`plan` with nothing batched by `jax.vmap`: one direction and one stencil point at a
+    time, for a function with a primitive that has no batching rule."""
+    return dataclasses.replace(plan, chunk=1, vmap_points=False)
+
+
+def unbatchable(err: BaseException) -> bool:
+    """Whether `err` is JAX saying that fn cannot be batched by `jax.vmap` (a primitive
+    without a batching rule, a `pure_callback` without a `vmap_method`)."""
+    text = str(err)
+    return isinstance(err, NotImplementedError) and (
+        "Batching rule for" in text or "vmap" in text
+    )
+
+
 def fold(plan: Plan, modes, scalar_output: bool, diff, num_directions: int) -> tuple:
     """The modes whose projections along the check's `num_directions` directions (global
     and leaf-local) the probe computes itself (`_autodiff.probe_folded`), sparing the check
@@ -257,6 +272,8 @@ def map_directions(fn, xs, plan: Plan):
             lambda y: jax.lax.with_sharding_constraint(y, everywhere), out
         )
     chunk = plan.chunk
+    if chunk == 1:  # a loop without vmap: fn need not have batching rules (`looped`)
+        return jax.lax.map(lambda row: fn(*row), xs)
     if chunk is None or chunk >= n:
         return jax.vmap(fn)(*xs)
     if _MAP_HAS_BATCH_SIZE:

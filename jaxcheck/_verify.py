@@ -249,39 +249,64 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
     problem = _problem.with_output_structure(problem, inputs)
     tested = _precision.lowest(x.dtype for x in diff)
     reference = _precision.reference_dtype(o.precision, tested)
-    state = _state.Run(
-        problem=problem,
-        inputs=inputs,
-        modes=("reverse", "forward") if o.mode == "both" else (o.mode,),
-        seeds=(
-            _directions.seeds(o.key, "params", p_split.paths_of(_tree.DIFF)),
-            _directions.seeds(o.key, "outputs", problem.out_paths),
-        ),
-        kind=o.directions,
-        plan=_plan.make_plan(
-            diff,
-            o.num_directions,
-            len(_differences.OUTER),
-            jnp.dtype(reference).itemsize,
-            chunk_size=o.chunk_size,
-            budget=o.memory_budget,
-            direction_sharding=o.direction_sharding,
-            other_elements=sum(np.size(x) for x in jax.tree_util.tree_leaves(inputs.traced())),
-        ),
-        tested=tested,
-        policy=o.precision,
-        rtol=o.rtol,
-        timer=Timer(),
-    )
-    report = _pipeline.check(
-        state,
+    plan = _plan.make_plan(
+        diff,
         o.num_directions,
-        o.step,
-        o.localize,
-        o.leaf_directions,
-        _tree.held_fixed(p_split, p_arrays),
-        sequential=o.sequential,
+        len(_differences.OUTER),
+        jnp.dtype(reference).itemsize,
+        chunk_size=o.chunk_size,
+        budget=o.memory_budget,
+        direction_sharding=o.direction_sharding,
+        other_elements=sum(np.size(x) for x in jax.tree_util.tree_leaves(inputs.traced())),
     )
+
+    def check(plan, problems):
+        state = _state.Run(
+            problem=problem,
+            inputs=inputs,
+            modes=("reverse", "forward") if o.mode == "both" else (o.mode,),
+            seeds=(
+                _directions.seeds(o.key, "params", p_split.paths_of(_tree.DIFF)),
+                _directions.seeds(o.key, "outputs", problem.out_paths),
+            ),
+            kind=o.directions,
+            plan=plan,
+            tested=tested,
+            policy=o.precision,
+            rtol=o.rtol,
+            timer=Timer(),
+            problems=problems,
+        )
+        return _pipeline.check(
+            state,
+            o.num_directions,
+            o.step,
+            o.localize,
+            o.leaf_directions,
+            _tree.held_fixed(p_split, p_arrays),
+            sequential=o.sequential,
+        )
+
+    try:
+        report = check(plan, [])
+    except NotImplementedError as err:
+        if not _plan.unbatchable(err) or plan == _plan.looped(plan):
+            raise
+        first = str(err).strip().splitlines()[0][:160]
+        if plan.direction_sharding is not None:
+            raise ValueError(
+                f"fn cannot be batched by jax.vmap ({first}), and direction_sharding "
+                "spreads directions over devices by batching them. Leave "
+                "direction_sharding=None: directions are then evaluated one at a time."
+            ) from err
+        # the same directions, each alone: equal results, slower for a small problem
+        report = check(
+            _plan.looped(plan),
+            [
+                f"fn cannot be batched by jax.vmap ({first}); its directions and stencil "
+                "points were evaluated one at a time, which is slower"
+            ],
+        )
     if o.raise_on_failure and not report.ok:
         raise GradientCheckError(report)
     return report

@@ -341,6 +341,59 @@ def test_numpy_loss_and_gradient_run_eagerly():
     assert [leaf.path for leaf in bad.leaves if leaf.status == "fail"] == ["['b']"]
 
 
+def _host_sin(scale):
+    """sin by NumPy through jax.pure_callback (no vmap_method: jax.vmap refuses it), with a
+    custom_jvp whose derivative is `scale` times the right one."""
+
+    def host(fn, x):
+        return jax.pure_callback(fn, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+
+    @jax.custom_jvp
+    def host_sin(x):
+        return host(np.sin, x)
+
+    @host_sin.defjvp
+    def _(primals, tangents):
+        (x,), (t,) = primals, tangents
+        return host_sin(x), scale * host(np.cos, x) * t
+
+    return host_sin
+
+
+@pytest.mark.parametrize(
+    "mode, size",
+    [("reverse", 5), ("forward", 5), ("both", 5), ("reverse", 3000), ("forward", 3000)],
+)
+def test_fn_that_jax_vmap_refuses_is_checked_direction_by_direction(mode, size):
+    x = jnp.linspace(0.1, 1.0, size)
+    loss = lambda f: lambda p: jnp.sum(f(p) ** 2)  # noqa: E731
+    with pytest.raises(NotImplementedError, match="vmap"):
+        jax.vmap(_host_sin(1.0))(jnp.ones((2, 3)))
+    good = jaxcheck.verify(loss(_host_sin(1.0)), x, mode=mode)
+    assert good.status == "pass", str(good)
+    assert good.relative_error < 1e-6
+    if size == 5:  # a small problem is planned all-vmapped, then falls back
+        assert good.problems[0].startswith(
+            "fn cannot be batched by jax.vmap (vmap is only supported for the pure_callback "
+        )
+        assert good.problems[0].endswith(
+            "its directions and stencil points were evaluated one at a time, which is slower"
+        )
+    else:  # a larger one runs one direction at a time on CPU anyway, with nothing batched
+        assert not any("vmap" in p for p in good.problems), good.problems
+    bad = jaxcheck.verify(loss(_host_sin(1.01)), x, mode=mode)
+    assert bad.status == "fail"
+    assert bad.relative_error == pytest.approx(0.01, rel=0.05)
+
+
+def test_fn_that_jax_vmap_refuses_cannot_have_its_directions_sharded():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("d",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
+    with pytest.raises(ValueError, match="Leave direction_sharding=None") as info:
+        jaxcheck.verify(_host_sin(1.0), jnp.ones(3), direction_sharding=sharding)
+    assert str(info.value).startswith("fn cannot be batched by jax.vmap (vmap is only")
+
+
 def test_second_check_of_the_same_function_compiles_nothing():
     from jaxcheck import _plan
 
