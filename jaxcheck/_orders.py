@@ -74,6 +74,24 @@ def _dot(a: list, b: list):
     return sum(terms, jnp.zeros((), acc))
 
 
+@jax.custom_jvp
+def _held(t, x):
+    """The tangent `t` of a jvp map, unchanged; differentiated in `x` (the parameters), its
+    derivative is an array of zeros rather than JAX's symbolic zero. Some of JAX's jvp rules
+    take symbolic zeros in only as the tangents of their own inputs, not where their
+    operands are tangents themselves (forward-over-forward of a `lax.reduce_window` with a
+    custom reducer raises); `check_grads`, which differentiates its tangents too, never
+    passes them one."""
+    del x
+    return t
+
+
+@_held.defjvp
+def _held_jvp(primals, tangents):
+    t, x = primals
+    return t, _held(jnp.zeros_like(t), x)  # held again: zeros at every order
+
+
 @dataclasses.dataclass(frozen=True)
 class JvpMap:
     """params, (tangent, cotangent), *rest -> <cotangent, jvp of `inner(params, *rest)`
@@ -87,7 +105,7 @@ class JvpMap:
         tangent, cotangent = fixed
         s, diff, arrays = _tree.split(params, "params")
         f = _restricted(self.inner, s, arrays, rest, self.has_aux)
-        t = [jnp.asarray(x).astype(d.dtype) for x, d in zip(tangent, diff)]
+        t = [_held(jnp.asarray(x).astype(d.dtype), d) for x, d in zip(tangent, diff)]
         out = jax.tree_util.tree_leaves(jax.jvp(f, (diff,), (t,))[1])
         return _dot(out, cotangent) if cotangent else out[0]
 
