@@ -22,6 +22,12 @@ MODES = {"fwd": "forward", "rev": "reverse", "lin": "forward"}
 # The loosest floor a JAX-style tolerance can set: a zero or sign-flipped gradient has a
 # relative error of 1 or more, and the floor must stay below what verify accepts (< 1).
 MAX_FLOOR = 0.5
+# The floor a tolerance left unset stands for: JAX's default for float64, the tightest of
+# its per-dtype defaults. Derivatives that are approximate by design (an ODE solver's
+# adjoint, an iterative solve to its tolerance) differ from finite differences of the
+# function by about the solver's tolerance, which JAX's check passes; a bug of 0.1 % still
+# fails in every dtype.
+DEFAULT_FLOOR = 1e-5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +87,12 @@ def check_grads(
 
     - `rtol`: the smallest relative error treated as a bug (verify's `rtol`). A dict keyed
       by dtype, as JAX accepts, gives the value for the arguments' lowest-precision float
-      dtype (none listed: jaxcheck's own). Values above 0.5 count as 0.5: a gradient of zero
-      has a relative error of 1.
+      dtype. Values above 0.5 count as 0.5: a gradient of zero has a relative error of 1.
+      Unset (None, 0, or a dict without that dtype), it stands for 1e-5, JAX's default
+      for float64: a derivative that is approximate by design (an ODE solver's adjoint,
+      an iterative solve to its tolerance) differs from finite differences of `f` by
+      about the solver's tolerance, and JAX's check passes it. (`verify` has no such
+      floor.)
     - `atol`: JAX's absolute tolerance keeps derivatives that are near zero from failing on
       finite-difference noise. jaxcheck judges such derivatives in absolute terms against
       its measured noise already, and its directions are scaled to each argument's size, so
@@ -93,7 +103,7 @@ def check_grads(
       from roundoff, truncation and kinks, which a fixed step would undo.
 
     Loose values set to quiet JAX's false alarms still catch larger bugs: with
-    `atol=rtol=0.2` a derivative 50 % off fails, and with the defaults one 1 % off fails.
+    `atol=rtol=0.2` a derivative 50 % off fails, and with the defaults one 0.1 % off fails.
 
     Args:
         f: function of the positional `args`, returning a pytree of float arrays.
@@ -196,19 +206,19 @@ def _tolerance_value(name: str, tol, dtypes) -> float | None:
     return float(tol) or None  # JAX treats 0 as "use the default"
 
 
-def _floor(atol, rtol, params) -> float | None:
-    """The relative floor verify's `rtol` gets from JAX-style `atol`/`rtol`."""
+def _floor(atol, rtol, params) -> float:
+    """The relative floor verify's `rtol` gets from JAX-style `atol`/`rtol` (an unset one
+    stands for `DEFAULT_FLOOR`)."""
     dtypes = sorted(
         {np.dtype(jnp.result_type(x)) for x in jax.tree.leaves(params) if _inexact(x)},
         key=lambda d: float(jnp.finfo(d).eps),
         reverse=True,
     )[:1]  # the lowest precision: its entry in a dict is the one that applies
     given = [
-        v
+        DEFAULT_FLOOR if v is None else v
         for v in (_tolerance_value("atol", atol, dtypes), _tolerance_value("rtol", rtol, dtypes))
-        if v is not None
     ]
-    return min(max(given), MAX_FLOOR) if given else None
+    return min(max(given), MAX_FLOOR)
 
 
 def _inexact(x) -> bool:
