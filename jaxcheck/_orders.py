@@ -89,7 +89,9 @@ def _held(t, x):
 @_held.defjvp
 def _held_jvp(primals, tangents):
     t, x = primals
-    return t, _held(jnp.zeros_like(t), x)  # held again: zeros at every order
+    # both held again, so that the derivatives below this one (the rule runs once per
+    # level of differentiation) see arrays too: zeros at every order
+    return _held(t, x), _held(jnp.zeros_like(t), x)
 
 
 @dataclasses.dataclass(frozen=True)

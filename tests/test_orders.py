@@ -308,19 +308,22 @@ def test_roundoff_inside_fn_near_zero_is_not_a_wrong_fourth_derivative(rule):
         assert report.parts[1].relative_error > 0.5
 
 
-def test_forward_over_forward_through_a_rule_that_takes_no_symbolic_zero_tangents():
+@pytest.mark.parametrize("order", [2, 3])
+def test_forward_over_forward_through_a_rule_that_takes_no_symbolic_zero_tangents(order):
     """JAX's jvp of a reduce_window with a custom reducer raises when the operands' tangents
     arrive as symbolic zeros (jax 0.10: "Operands must have the same tree structure as
-    init_values"), which a jvp map's fixed tangent is, differentiated in params. The maps
-    hold it as an array of zeros instead, as check_grads's differentiated tangents are."""
+    init_values"), which a jvp map's fixed tangent is, differentiated in params (at order 3
+    also the tangent's own value, differentiated once more). The maps hold both as arrays
+    instead, as check_grads's differentiated tangents are."""
 
     def f(x):
         return lax.reduce_window(
-            x, jnp.ones((), x.dtype), lambda a, b: a * b, (2, 1), (1, 1), "VALID"
+            x, jnp.ones((), x.dtype), lambda a, b: a * b, (3, 1), (1, 1), "VALID"
         )
 
     x = jnp.linspace(0.5, 1.5, 12, dtype=jnp.float32).reshape(4, 3)
-    report = jaxcheck.verify(f, x, order=2, mode="forward")
+    report = jaxcheck.verify(f, x, order=order, mode="forward")
     assert report.status == "pass", str(report)
     assert report.relative_error < 1e-5
+    assert len(report.parts) == order
     assert not report.problems
