@@ -339,7 +339,8 @@ def is_compiled(fn, args) -> bool:
 
 
 def _compile(fn, args):
-    """(compiled program, its peak bytes) for `fn` at `args`, from the cache if there."""
+    """(compiled program, its peak bytes, whether it calls back into Python) for `fn` at
+    `args`, from the cache if there."""
     global compilations
     key = _cache_key(fn, args) if isinstance(fn, functools.partial) else None
     try:
@@ -349,8 +350,9 @@ def _compile(fn, args):
     if cached is not None:
         _CACHE.move_to_end(key)
         return cached
-    compiled = _lower_and_compile(fn, args)
-    compiled = (compiled, peak_bytes(compiled))  # the analysis costs milliseconds: once
+    compiled, callbacks = _lower_and_compile(fn, args)
+    # the analysis costs milliseconds: once
+    compiled = (compiled, peak_bytes(compiled), callbacks)
     compilations += 1
     if key is not None:
         _CACHE[key] = compiled
@@ -386,17 +388,54 @@ def _lower_and_compile(fn, args):
     # a small check's time
     with jax.enable_checks(False):
         lowered = jax.jit(fn).lower(*args)
+    callbacks = _calls_back(lowered)
     options = FAST_COMPILE_OPTIONS
     leaves = jax.tree_util.tree_leaves(args)
     # the options are XLA:CPU's: the arrays' real platform decides, not the plan's rule
     if options and device_of(leaves).platform == "cpu" and _bytes(args) <= FAST_COMPILE_BYTES:
         try:
-            return lowered.compile(compiler_options=options)
+            return lowered.compile(compiler_options=options), callbacks
         except jax.errors.JaxRuntimeError as err:
             if "compile option" not in str(err):
                 raise
             FAST_COMPILE_OPTIONS = None  # feature detection: an older or newer XLA
-    return lowered.compile()
+    return lowered.compile(), callbacks
+
+
+def _calls_back(lowered) -> bool:
+    """Whether a lowered program calls back into Python (`jax.pure_callback` and kin in
+    fn), as far as this JAX tells (False where it does not)."""
+    lowering = getattr(lowered, "_lowering", None)
+    compile_args = getattr(lowering, "compile_args", None)
+    return isinstance(compile_args, dict) and bool(compile_args.get("host_callbacks"))
+
+
+def _global_x64() -> bool | None:
+    """The process-wide `jax_enable_x64` (under any thread's own `jax.enable_x64`), or None
+    where this JAX does not tell it."""
+    try:
+        from jax._src import config  # noqa: PLC0415 - internal: feature-detected
+
+        return bool(config.enable_x64.get_global())
+    except Exception:  # noqa: BLE001 - any other JAX
+        return None
+
+
+@contextlib.contextmanager
+def _x64_everywhere(needed: bool):
+    """64-bit types on for every thread while a program with callbacks runs, where they
+    are on only in this one (`_precision.x64_scope`). XLA may call back from a thread of its
+    own, where JAX reads the global setting: with it off, JAX turns the callback's float64
+    arguments into float32 and then refuses the float32 result it gets back for a float64
+    one. Only jaxcheck's own float64 programs with callbacks set it, for their run."""
+    if not needed or not _precision.x64_enabled() or _global_x64() is not False:
+        yield  # nothing to do, or a JAX whose global setting cannot be told apart
+        return
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", False)
 
 
 def _bytes(args) -> int:
@@ -445,7 +484,7 @@ class Timer:
             args = _on_device(args)
             try:
                 with user_transfers():
-                    compiled, peak = _compile(fn, args)
+                    compiled, peak, callbacks = _compile(fn, args)
             except TRACING_ERRORS as err:
                 self.eager_reason = type(err).__name__
             else:
@@ -453,7 +492,7 @@ class Timer:
                 self.compiled += compilations - before
                 if peak is not None:
                     self.peak_bytes = max(self.peak_bytes or 0, peak)
-                with user_transfers():
+                with user_transfers(), _x64_everywhere(callbacks):
                     out = jax.block_until_ready(compiled(*args))
                 self.compile_s += t1 - t0
                 self.run_s += time.perf_counter() - t1
