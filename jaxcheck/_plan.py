@@ -175,9 +175,7 @@ def unbatchable(err: BaseException) -> bool:
     """Whether `err` is JAX saying that fn cannot be batched by `jax.vmap` (a primitive
     without a batching rule, a `pure_callback` without a `vmap_method`)."""
     text = str(err)
-    return isinstance(err, NotImplementedError) and (
-        "Batching rule for" in text or "vmap" in text
-    )
+    return isinstance(err, NotImplementedError) and ("Batching rule for" in text or "vmap" in text)
 
 
 def fold(plan: Plan, modes, scalar_output: bool, diff, num_directions: int) -> tuple:
