@@ -166,3 +166,22 @@ def test_errors_in_fn_propagate():
 
     with pytest.raises(RuntimeError, match="user bug"):
         jaxcheck.verify(broken, P)
+
+
+def _while_sin(w):
+    def body(carry):
+        i, v = carry
+        return i + 1, jnp.sin(v) * w
+
+    return jnp.sum(jax.lax.while_loop(lambda c: c[0] < 3, body, (0, w))[1])
+
+
+@pytest.mark.parametrize("mode", ["reverse", "both"])
+def test_reverse_mode_through_a_while_loop_says_to_check_forward_mode(mode):
+    with pytest.raises(ValueError) as info:
+        jaxcheck.verify(_while_sin, jnp.full(3, 0.5), mode=mode)
+    text = str(info.value)
+    assert text.startswith("Reverse-mode differentiation does not work for lax.while_loop")
+    assert f"which the check asks for (mode='{mode}'). Check it in forward mode" in text
+    assert jaxcheck.verify(_while_sin, jnp.full(3, 0.5), mode="forward").status == "pass"
+    jaxcheck.check_grads(_while_sin, (jnp.full(3, 0.5),), 2, ["fwd"])
