@@ -38,6 +38,8 @@ def _kind(leaf, path: str, where: str) -> str:
             raise TypeError(_complex_message(where, path))
         return STATIC
     dtype = jnp.result_type(leaf) if isinstance(leaf, float) else leaf.dtype
+    if np.dtype(dtype).kind in "OSU":  # NumPy objects, strings, bytes: no JAX array
+        return STATIC
     if jnp.issubdtype(dtype, jnp.complexfloating):
         if where == "params":
             raise TypeError(_complex_message(where, path))
@@ -116,6 +118,27 @@ def held_fixed(s: Split, arrays) -> tuple[tuple[str, str], ...]:
             rows.append((path, describe(next(arrays))))
         elif kind == STATIC:
             rows.append((path, describe(next(statics))))
+    return tuple(rows)
+
+
+def opaque(s: Split) -> tuple[tuple[str, str], ...]:
+    """(path, type name) of every leaf that is an object holding arrays which JAX does not
+    see into: a class not registered as a pytree (a plain dataclass, say)."""
+    rows = []
+    statics = iter(s.statics)
+    for path, kind in zip(s.paths, s.kinds):
+        if kind != STATIC:
+            continue
+        leaf = next(statics)
+        try:
+            fields = list(vars(leaf).values())
+        except TypeError:  # no __dict__: a str, a number, a slotted or built-in object
+            continue
+        if any(
+            isinstance(v, jax.Array | np.ndarray) and jnp.issubdtype(v.dtype, jnp.inexact)
+            for v in fields
+        ):
+            rows.append((path, type(leaf).__name__))
     return tuple(rows)
 
 

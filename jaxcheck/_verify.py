@@ -230,6 +230,18 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
     o = options
     p_split, diff, p_arrays = _tree.split(params, "params")
     a_split, a_floats, a_arrays = _tree.split(args, "args")
+    hidden = [
+        f"{path or '(root)'} is a {name} object, which JAX does not see into (its class is "
+        "not a registered pytree)"
+        for path, name in _tree.opaque(p_split)
+    ]
+    if hidden and not diff:
+        raise ValueError(
+            f"params has no floating-point leaf to differentiate: {'; '.join(hidden)}. "
+            "Register the class as a pytree (jax.tree_util.register_dataclass or "
+            "register_pytree_node, or make it an equinox.Module), or pass its arrays in a "
+            "dict."
+        )
     if not diff:
         raise ValueError(
             "params has no floating-point leaf to differentiate (held fixed: "
@@ -287,8 +299,13 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
             sequential=o.sequential,
         )
 
+    hidden = [
+        f"params leaf {h}: its arrays were held fixed, not checked; register the class as a "
+        "pytree to check them"
+        for h in hidden
+    ]
     try:
-        report = check(plan, [])
+        report = check(plan, list(hidden))
     except ValueError as err:
         if "Reverse-mode differentiation does not work" not in str(err):
             raise
@@ -312,8 +329,9 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
         report = check(
             _plan.looped(plan),
             [
+                *hidden,
                 f"fn cannot be batched by jax.vmap ({first}); its directions and stencil "
-                "points were evaluated one at a time, which is slower"
+                "points were evaluated one at a time, which is slower",
             ],
         )
     if o.raise_on_failure and not report.ok:

@@ -1,6 +1,7 @@
 """Misuse and odd inputs get a message that says what happened and what to do, and leave
 the caller's arrays, and every later check, intact."""
 
+import dataclasses
 import functools
 
 import jax
@@ -175,3 +176,26 @@ def test_wrong_key_arrays(key, what):
 def test_raw_uint32_key_data_is_accepted():
     report = jaxcheck.verify(_loss, jnp.linspace(0.1, 1.0, 3), key=jax.random.PRNGKey(0))
     assert report.ok
+
+
+@dataclasses.dataclass
+class _Unregistered:
+    w: jax.Array
+
+
+def test_unregistered_class_in_params_is_named_not_silently_held():
+    with pytest.raises(ValueError) as info:
+        jaxcheck.verify(lambda p: jnp.sum(p.w**2), _Unregistered(jnp.ones(2)))
+    assert str(info.value).startswith(
+        "params has no floating-point leaf to differentiate: (root) is a _Unregistered "
+        "object, which JAX does not see into (its class is not a registered pytree). "
+        "Register the class as a pytree"
+    )
+    params = {"a": jnp.ones(2), "b": _Unregistered(jnp.ones(2)), "mesh": np.array([object()])}
+    report = jaxcheck.verify(lambda p: jnp.sum(p["a"] ** 2 * p["b"].w), params)
+    assert report.status == "pass"
+    assert report.problems == (
+        "params leaf ['b'] is a _Unregistered object, which JAX does not see into (its class "
+        "is not a registered pytree): its arrays were held fixed, not checked; register the "
+        "class as a pytree to check them",
+    )
