@@ -38,7 +38,7 @@ def _kind(leaf, path: str, where: str) -> str:
             raise TypeError(_complex_message(where, path))
         return STATIC
     dtype = jnp.result_type(leaf) if isinstance(leaf, float) else leaf.dtype
-    if np.dtype(dtype).kind in "OSU":  # NumPy objects, strings, bytes: no JAX array
+    if isinstance(leaf, np.ndarray) and leaf.dtype.kind in "OSU":  # objects, strings, bytes
         return STATIC
     if jnp.issubdtype(dtype, jnp.complexfloating):
         if where == "params":
