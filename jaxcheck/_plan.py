@@ -408,34 +408,6 @@ def _calls_back(lowered) -> bool:
     return isinstance(compile_args, dict) and bool(compile_args.get("host_callbacks"))
 
 
-def _global_x64() -> bool | None:
-    """The process-wide `jax_enable_x64` (under any thread's own `jax.enable_x64`), or None
-    where this JAX does not tell it."""
-    try:
-        from jax._src import config  # noqa: PLC0415 - internal: feature-detected
-
-        return bool(config.enable_x64.get_global())
-    except Exception:  # noqa: BLE001 - any other JAX
-        return None
-
-
-@contextlib.contextmanager
-def _x64_everywhere(needed: bool):
-    """64-bit types on for every thread while a program with callbacks runs, where they
-    are on only in this one (`_precision.x64_scope`). XLA may call back from a thread of its
-    own, where JAX reads the global setting: with it off, JAX turns the callback's float64
-    arguments into float32 and then refuses the float32 result it gets back for a float64
-    one. Only jaxcheck's own float64 programs with callbacks set it, for their run."""
-    if not needed or not _precision.x64_enabled() or _global_x64() is not False:
-        yield  # nothing to do, or a JAX whose global setting cannot be told apart
-        return
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", False)
-
-
 def _bytes(args) -> int:
     leaves = [x for x in jax.tree_util.tree_leaves(args) if hasattr(x, "dtype")]
     return sum(np.size(x) * getattr(x.dtype, "itemsize", 8) for x in leaves)
@@ -490,7 +462,7 @@ class Timer:
                 self.compiled += compilations - before
                 if peak is not None:
                     self.peak_bytes = max(self.peak_bytes or 0, peak)
-                with user_transfers(), _x64_everywhere(callbacks):
+                with user_transfers(), _precision.x64_everywhere(callbacks):
                     out = jax.block_until_ready(compiled(*args))
                 self.compile_s += t1 - t0
                 self.run_s += time.perf_counter() - t1

@@ -46,6 +46,34 @@ def x64_scope(enabled: bool):
     return jex.enable_x64() if enabled else jex.disable_x64()
 
 
+def _global_x64() -> bool | None:
+    """The process-wide `jax_enable_x64` (under any thread's own `jax.enable_x64`), or None
+    where this JAX does not tell it."""
+    try:
+        from jax._src import config  # noqa: PLC0415 - internal: feature-detected
+
+        return bool(config.enable_x64.get_global())
+    except Exception:  # noqa: BLE001 - any other JAX
+        return None
+
+
+@contextlib.contextmanager
+def x64_everywhere(needed: bool):
+    """64-bit types on for every thread while a program with callbacks runs, where they
+    are on only in this one (`x64_scope`). XLA may call back from a thread of its
+    own, where JAX reads the global setting: with it off, JAX turns the callback's float64
+    arguments into float32 and then refuses the float32 result it gets back for a float64
+    one. Only jaxcheck's own float64 programs with callbacks set it, for their run."""
+    if not needed or not x64_enabled() or _global_x64() is not False:
+        yield  # nothing to do, or a JAX whose global setting cannot be told apart
+        return
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", False)
+
+
 def stale_constants(err: BaseException) -> bool:
     """Whether `err` reads like float32 and float64 values mixed once 64-bit types were
     switched on: JAX caches what a function closed over (a float64 NumPy constant becomes

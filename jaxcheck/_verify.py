@@ -230,14 +230,14 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
     o = options
     p_split, diff, p_arrays = _tree.split(params, "params")
     a_split, a_floats, a_arrays = _tree.split(args, "args")
-    hidden = [
+    opaque = [
         f"{path or '(root)'} is a {name} object, which JAX does not see into (its class is "
         "not a registered pytree)"
         for path, name in _tree.opaque(p_split)
     ]
-    if hidden and not diff:
+    if opaque and not diff:
         raise ValueError(
-            f"params has no floating-point leaf to differentiate: {'; '.join(hidden)}. "
+            f"params has no floating-point leaf to differentiate: {'; '.join(opaque)}. "
             "Register the class as a pytree (jax.tree_util.register_dataclass or "
             "register_pytree_node, or make it an equinox.Module), or pass its arrays in a "
             "dict."
@@ -300,9 +300,9 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
         )
 
     hidden = [
-        f"params leaf {h}: its arrays were held fixed, not checked; register the class as a "
+        f"params leaf {o}: its arrays were held fixed, not checked; register the class as a "
         "pytree to check them"
-        for h in hidden
+        for o in opaque
     ]
     try:
         report = check(plan, list(hidden))
