@@ -90,9 +90,22 @@ def _mix(x):
 
 def seeds(key, namespace: str, paths) -> np.ndarray:
     """One 32-bit seed per leaf path, from the key and the path only."""
-    with _concrete():
-        words = tuple(np.asarray(jax.random.key_data(as_key(key))).ravel().tolist())
+    if isinstance(key, int | np.integer) and not isinstance(key, bool):
+        words = _int_key_words(int(key), jax.config.jax_default_prng_impl)
+    else:
+        words = _key_words(as_key(key))
     return _seeds(words, namespace, tuple(paths))
+
+
+@functools.lru_cache(maxsize=64)
+def _int_key_words(seed: int, impl) -> tuple:
+    # an int seed's key data, read back once: every check reads it (a dispatch and a copy)
+    return _key_words(_int_key(seed, impl))
+
+
+def _key_words(key) -> tuple:
+    with _concrete():
+        return tuple(np.asarray(jax.random.key_data(key)).ravel().tolist())
 
 
 @functools.lru_cache(maxsize=256)

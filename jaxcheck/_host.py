@@ -110,6 +110,8 @@ def _contextvar(var, value):
 
 def _refuse_traced(params, args) -> None:
     for where, tree in (("params", params), ("args", args)):
+        if not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree)):
+            continue
         for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
             if isinstance(leaf, jax.core.Tracer):
                 raise TypeError(
@@ -118,6 +120,17 @@ def _refuse_traced(params, args) -> None:
                     "arrays."
                 )
     # inside jax.jit even new constants are traced: jaxcheck's programs would be staged
-    # into the caller's instead of run
+    # into the caller's instead of run. Outside any transformation (where JAX says so
+    # itself) there is nothing to try, which spares a dispatch on every check
+    if _outside_transformations():
+        return
     if isinstance(jnp.zeros((), jnp.float32), jax.core.Tracer):
         raise TypeError(f"{TRACED} Call it outside jax.jit, on concrete arrays.")
+
+
+def _outside_transformations() -> bool:
+    """Whether no JAX transformation is tracing now (False where this JAX does not say)."""
+    from jax._src import core  # noqa: PLC0415 - feature-detected, not public
+
+    clean = getattr(core, "trace_state_clean", None)
+    return bool(clean()) if callable(clean) else False
