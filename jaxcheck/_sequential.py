@@ -209,9 +209,10 @@ def explained_by_rounding(c, checks, n: int, num_looks: int) -> float | None:
     differ by their two rule errors plus the difference of their roundings, at most
     sqrt(2) times the rounding the comparison measures (their hypot): it settles when the
     rule errors of both modes together, times c_n, stay within (SAFETY - sqrt(2)) of it.
-    Then the rule comparisons
-    decide on their own fixed floors, and the rule's error, not the rounding, is what a
-    wrong derivative shows in (a wrong rule is wrong in every precision)."""
+    Then the rule comparisons decide on their own fixed floors, and the rule's error, not
+    the rounding, is what a wrong rule shows in. (A rule wrong in float32 alone shows in
+    the rounding: its tolerance rests on that rounding at every look, so settling early
+    leaves its verdict as a fixed-K check gives it.)"""
     if not c.rounding_measured or not c.rounding > 0:
         return None
     kind, mode = check_kind(c.name)
