@@ -45,6 +45,7 @@ class Run:
     evaluations: int = 0
     # each direction's evaluations so far, so that a later look pays for new ones only
     evaluated: dict = dataclasses.field(default_factory=dict)
+    compared: dict = dataclasses.field(default_factory=dict)  # `_verdict.compare`'s results
     problems: list = dataclasses.field(default_factory=list)
     probe: dict | None = None
 

@@ -54,7 +54,19 @@ def floor_values(eps_tested: float, eps_reference: float, eps_effective: float):
 def compare(run: Run, p: Pass) -> tuple:
     """The comparisons of the derivative under test (per mode; with the same rule in the
     reference precision where that is more precise) with the finite differences, and of
-    forward with reverse mode when both are checked. The first one is the head check."""
+    forward with reverse mode when both are checked. The first one is the head check.
+    Kept on the run: the ladder compares a pass to settle it, the pipeline again to judge
+    it."""
+    key = (id(p), run.tested, run.reference, run.rounds_to, run.rtol, run.modes)
+    kept = run.compared.get(key)
+    if kept is not None and kept[0] is p:
+        return kept[1]
+    checks = _compare(run, p)
+    run.compared[key] = (p, checks)
+    return checks
+
+
+def _compare(run: Run, p: Pass) -> tuple:
     fl = floors(run, p.fd)
     t, r = run.tested.name, run.reference.name
     with_rule = _precision.eps(run.reference) < _precision.eps(run.tested)
