@@ -398,6 +398,15 @@ def run_planted_bug(
     }
 
 
+def _batched_whole(workload: Workload, k: int) -> bool:
+    """Whether jaxcheck's plan batches every direction and stencil point of `workload` at
+    once on CPU: its parameters and inputs times 2K up to `_plan.SMALL_PROBLEM` elements."""
+    from jaxcheck import _plan  # noqa: PLC0415 - the library's own threshold
+
+    inputs = sum(np.size(x) for x in jax.tree_util.tree_leaves(workload.args))
+    return (workload.num_params + inputs) * k * 2 <= _plan.SMALL_PROBLEM
+
+
 def memory_summary(workload: Workload, jaxcheck_result: dict, floor: dict, device: str) -> dict:
     """Peak memory of jaxcheck's programs next to the bound documented in README.md,
     params * itemsize_ref * (2 chunk + 5) + 2 chunk * activations (two perturbed copies per
@@ -405,8 +414,9 @@ def memory_summary(workload: Workload, jaxcheck_result: dict, floor: dict, devic
     n = workload.num_params
     k = jaxcheck_result["max_directions"]
     itemsize = np.dtype(jaxcheck_result["reference_dtype"]).itemsize
-    # One direction per chunk on CPU; on GPU assume all K directions run at once.
-    chunk = 1 if device == "cpu" else k
+    # One direction per chunk on CPU, but all K for a problem small enough to be batched
+    # whole there too (jaxcheck's rule, `_plan.SMALL_PROBLEM`); on GPU assume all K at once.
+    chunk = 1 if device == "cpu" and not _batched_whole(workload, k) else k
     activations = floor["activation_bytes_ref"] or 0
     peak = jaxcheck_result["peak_memory_bytes"]
 

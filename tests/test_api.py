@@ -366,9 +366,10 @@ def _host_sin(scale):
         ("reverse", 5),
         ("forward", 5),
         ("both", 5),
-        ("reverse", 3000),
-        ("forward", 3000),
-        ("both", 3000),
+        # above `_plan.SMALL_PROBLEM` with 16 directions of 2 points: not batched on CPU
+        ("reverse", 20000),
+        ("forward", 20000),
+        ("both", 20000),
     ],
 )
 def test_fn_that_jax_vmap_refuses_is_checked_direction_by_direction(mode, size):

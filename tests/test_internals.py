@@ -50,7 +50,7 @@ def test_signs_drawn_on_the_host_are_those_hashed_in_programs(shape):
         ({}, 5, True),
         ({"directions": "gaussian"}, 5, False),
         ({"chunk_size": 1}, 5, False),
-        ({}, 2000, False),
+        ({}, 20000, False),  # above `_plan.SMALL_PROBLEM`: hashed in the program
     ],
 )
 def test_signs_are_drawn_on_the_host_only_for_small_unchunked_problems(
@@ -200,7 +200,7 @@ def on_cpu(x):
 def test_plan_follows_the_parameters_device_and_caller():
     from jaxcheck import _plan
 
-    leaves = [on_cpu(jnp.ones((100, 10))), on_cpu(jnp.ones(3))]
+    leaves = [on_cpu(jnp.ones((1000, 20))), on_cpu(jnp.ones(3))]  # not small
     kw = {"chunk_size": None, "budget": None, "direction_sharding": None}
     plan = _plan.make_plan(leaves, 16, 2, 8, **kw)
     assert plan == _plan.Plan(1, False, (None, None), None)
@@ -224,8 +224,10 @@ def test_small_problems_are_vmapped_whole_on_cpu():
     kw = {"chunk_size": None, "budget": None, "direction_sharding": None}
     x = on_cpu(jnp.ones((4, 5)))
     assert _plan.make_plan([x], 16, 2, 8, **kw) == _plan.Plan(None, True, (None,))
-    # held-fixed inputs count too: 20 + 600 elements, 32 points each, is no longer small
-    big = _plan.make_plan([x], 16, 2, 8, other_elements=600, **kw)
+    # held-fixed inputs count too: 20 + 20000 elements, 32 points each, is no longer small
+    assert (20 + 20000) * 32 > _plan.SMALL_PROBLEM >= (20 + 16000) * 32
+    assert _plan.make_plan([x], 16, 2, 8, other_elements=16000, **kw).chunk is None
+    big = _plan.make_plan([x], 16, 2, 8, other_elements=20000, **kw)
     assert big == _plan.Plan(1, False, (None,))
 
 

@@ -98,8 +98,12 @@ def test_directions_spread_over_a_mesh_axis(num_directions):
     )
     assert spread.status == "pass", str(spread)
     assert spread.num_directions == num_directions and spread.stopped == ""
-    # same directions; vmapped instead of looped, so rounding differs at the 1e-9 level
-    np.testing.assert_allclose(spread.numeric, plain.numeric, rtol=1e-7)
+    # same directions and step; both vmapped, but grouped differently (the plain check of
+    # this small problem vmaps its stencil points too), so fn's float64 values round
+    # differently, by ~1e-13 of fn, which the step of 6e-6 makes ~1e-6 of the differences
+    assert spread.step == plain.step
+    np.testing.assert_allclose(spread.numeric, plain.numeric, rtol=1e-5)
+    assert spread.relative_error == pytest.approx(plain.relative_error, rel=0.01)
     bad = jaxcheck.verify(
         mlp_loss(bug("scale", 1e-3), (0, "b")),
         params,
