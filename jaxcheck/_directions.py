@@ -30,7 +30,7 @@ def as_key(key):
             "inside jax.jit, jax.grad or jax.vmap. Pass a concrete key (say key=0), outside "
             "any transformation."
         )
-    if isinstance(key, int | np.integer) and not isinstance(key, bool):
+    if _is_int_seed(key):
         return _int_key(int(key), jax.config.jax_default_prng_impl)
     if isinstance(key, jax.Array | np.ndarray):
         if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ():
@@ -47,6 +47,10 @@ def as_key(key):
         f"key must be an int seed or a single JAX PRNG key, got {type(key).__name__}"
         f"{getattr(key, 'shape', '')}. Try key=0 or key=jax.random.key(0)."
     )
+
+
+def _is_int_seed(key) -> bool:
+    return isinstance(key, int | np.integer) and not isinstance(key, bool)
 
 
 @functools.lru_cache(maxsize=64)
@@ -90,7 +94,7 @@ def _mix(x):
 
 def seeds(key, namespace: str, paths) -> np.ndarray:
     """One 32-bit seed per leaf path, from the key and the path only."""
-    if isinstance(key, int | np.integer) and not isinstance(key, bool):
+    if _is_int_seed(key):
         words = _int_key_words(int(key), jax.config.jax_default_prng_impl)
     else:
         words = _key_words(as_key(key))

@@ -300,9 +300,9 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
         )
 
     hidden = [
-        f"params leaf {o}: its arrays were held fixed, not checked; register the class as a "
-        "pytree to check them"
-        for o in opaque
+        f"params leaf {leaf}: its arrays were held fixed, not checked; register the class as "
+        "a pytree to check them"
+        for leaf in opaque
     ]
     try:
         report = check(plan, list(hidden))
