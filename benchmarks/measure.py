@@ -398,13 +398,22 @@ def run_planted_bug(
     }
 
 
-def _batched_whole(workload: Workload, k: int) -> bool:
-    """Whether jaxcheck's plan batches every direction and stencil point of `workload` at
-    once on CPU: its parameters and inputs times 2K up to `_plan.SMALL_PROBLEM` elements."""
-    from jaxcheck import _plan  # noqa: PLC0415 - the library's own threshold
+def _batched_whole(workload: Workload, k: int, itemsize: int) -> bool:
+    """Whether jaxcheck's own plan (`_plan.make_plan`, as `verify` calls it) batches every
+    direction of `workload` at once."""
+    from jaxcheck import _plan  # noqa: PLC0415 - the library's own rule, not a copy
 
-    inputs = sum(np.size(x) for x in jax.tree_util.tree_leaves(workload.args))
-    return (workload.num_params + inputs) * k * 2 <= _plan.SMALL_PROBLEM
+    plan = _plan.make_plan(
+        jax.tree_util.tree_leaves(workload.params),
+        k,
+        2,  # stencil points per direction
+        itemsize,
+        chunk_size=None,
+        budget=None,
+        direction_sharding=None,
+        other_elements=sum(np.size(x) for x in jax.tree_util.tree_leaves(workload.args)),
+    )
+    return plan.chunk is None
 
 
 def memory_summary(workload: Workload, jaxcheck_result: dict, floor: dict, device: str) -> dict:
@@ -415,8 +424,8 @@ def memory_summary(workload: Workload, jaxcheck_result: dict, floor: dict, devic
     k = jaxcheck_result["max_directions"]
     itemsize = np.dtype(jaxcheck_result["reference_dtype"]).itemsize
     # One direction per chunk on CPU, but all K for a problem small enough to be batched
-    # whole there too (jaxcheck's rule, `_plan.SMALL_PROBLEM`); on GPU assume all K at once.
-    chunk = 1 if device == "cpu" and not _batched_whole(workload, k) else k
+    # whole there too (jaxcheck's own plan); on GPU assume all K at once.
+    chunk = 1 if device == "cpu" and not _batched_whole(workload, k, itemsize) else k
     activations = floor["activation_bytes_ref"] or 0
     peak = jaxcheck_result["peak_memory_bytes"]
 
