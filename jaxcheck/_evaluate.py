@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _autodiff, _differences, _plan, _precision
+from ._errors import one_line
 from ._state import Run
 
 
@@ -139,8 +140,6 @@ def _reference(run: Run, index, rows, h, offsets) -> dict:
         except Exception as err:  # noqa: BLE001 - any failure of fn in that precision
             if i + 1 == len(attempts):
                 raise
-            text = str(err).strip()
-            first = text.splitlines()[0] if text else type(err).__name__
             after = (
                 f"finite differences use {attempts[i + 1][0].name}"
                 if attempts[i + 1][1]
@@ -148,7 +147,7 @@ def _reference(run: Run, index, rows, h, offsets) -> dict:
             )
             where = f"in {dtype.name}" if cast else "with its inputs in their own dtypes"
             run.problems.append(
-                f"fn could not run {where} ({type(err).__name__}: {first[:120]}); {after}, "
+                f"fn could not run {where} ({one_line(err)}); {after}, "
                 "so the resolution is coarser (a custom rule inside, a Pallas kernel's say, "
                 "is resolved more finely on its own: rules=True, or jaxcheck.verify_rule)"
                 + (f"; {_precision.STALE_HINT}" if _precision.stale_constants(err) else "")

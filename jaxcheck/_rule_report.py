@@ -7,7 +7,7 @@ import math
 
 from . import _rule_rows, _rule_search, _rules, _transforms, _verdict
 from ._error_model import Comparison
-from ._errors import GradientCheckError
+from ._errors import GradientCheckError, one_line
 from ._report import Report, Status
 
 
@@ -26,7 +26,7 @@ def checked(fn, params, args, options, check) -> Report:
         try:
             parts.append(_transforms.check(fn, params, args, o))
         except Exception as err:  # noqa: BLE001 - the gradient check's verdict stands
-            notes.append(f"transforms: not checked ({_short(err)})")
+            notes.append(f"transforms: not checked ({one_line(err)})")
     if _wants_rules(o, report):
         part, more = rules_part(fn, params, args, o)
         parts += [part] if part is not None else []
@@ -58,7 +58,7 @@ def rules_part(fn, params, args, o) -> tuple[Report | None, list]:
     try:
         found, notes = _rule_search.find(fn, params, args)
     except Exception as err:  # noqa: BLE001 - the leaf-level verdict stands whatever happens
-        return None, [f"rules: fn could not be traced to find them ({_short(err)})"]
+        return None, [f"rules: fn could not be traced to find them ({one_line(err)})"]
     if o.rules is not True:  # "auto": the model's own rules, not JAX's
         # JAX's own rules (jax.nn.relu, logaddexp, ...) are tested by JAX, sit in most
         # models, and would multiply the cost of every failing check
@@ -142,7 +142,7 @@ def _check_one(fn, rule: _rule_search.Found, o) -> tuple[Comparison, Report | No
         )
     except Exception as err:  # noqa: BLE001 - one rule that cannot be checked is a note
         row = Comparison(f"rule {rule.title}: not checked", math.nan, nan, 0.0, 0.0, 0.0, 0, False)
-        return row, None, f"rule {rule.title}: could not be checked ({_short(err)})"
+        return row, None, f"rule {rule.title}: could not be checked ({one_line(err)})"
     report = dataclasses.replace(report, label=rule.title)
     verdict = "all properties hold" if report.ok else _failed_rows(report) or report.status.value
     row = Comparison(
@@ -160,11 +160,6 @@ def _check_one(fn, rule: _rule_search.Found, o) -> tuple[Comparison, Report | No
 
 def _failed_rows(report: Report) -> str:
     return ", ".join(p.label for p in report.parts if p.status is Status.FAIL)
-
-
-def _short(err: Exception) -> str:
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return f"{type(err).__name__}: {text[:200]}"
 
 
 def combine(report: Report, parts: list, notes: list) -> Report:

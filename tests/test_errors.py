@@ -160,6 +160,24 @@ def test_precision_float64_required_but_impossible():
     )
 
 
+def test_a_long_error_of_fn_in_float64_is_reported_whole_up_to_a_cut_at_a_word():
+    words = " ".join(f"word{i}" for i in range(80))  # 549 characters on one line
+
+    def float32_only(p):
+        assert p["w"].dtype == jnp.float32, f"float32 only: {words}\nsecond line"
+        return jnp.sum(p["w"] ** 2)
+
+    report = jaxcheck.verify(float32_only, P)
+    [said] = [p for p in report.problems if "could not run in float64" in p]
+    kept = said.split("(AssertionError: ", 1)[1].split(" ...)", 1)[0]
+    line = f"float32 only: {words}"
+    # whole words up to 300 characters: the next word would not have fitted
+    assert line.startswith(kept + " ") and len(kept) <= 300
+    next_word = line[len(kept) + 1 :].split(" ")[0]
+    assert len(kept) + 1 + len(next_word) > 300
+    assert "second line" not in said
+
+
 def test_errors_in_fn_propagate():
     def broken(p):
         raise RuntimeError("user bug")
