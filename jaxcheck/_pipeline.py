@@ -56,7 +56,8 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
         if step is None:
             h0 = _precision.default_step(run.rounds_to)
         run.problems.append(
-            f"fn rounds values computed from params to {rounds_to} (an explicit cast), "
+            f"fn rounds values computed from params to {rounds_to} (an explicit cast or "
+            "lax.reduce_precision), "
             f"so it is a staircase of {rounds_to} quanta even in {jnp.dtype(ref).name}: "
             f"finite differences take a relative step of {h0:.1e} and judge at "
             f"{rounds_to} resolution"

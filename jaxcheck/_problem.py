@@ -202,21 +202,22 @@ def _shapes(f, *args):
 def _rounds_to(closed_jaxpr, diff, call, inputs) -> str | None:
     """The least precise float dtype that fn explicitly casts values computed from its
     parameters to, when less precise than the parameters themselves (a float32 model
-    rounding through float16, say), else None. Such a cast stays in the float64 reference:
-    there fn is a staircase of that dtype's quanta, flat at the float64 step.
+    rounding through float16, say) or than the float64 reference, else None. Such a cast
+    stays in the float64 reference: there fn is a staircase of that dtype's quanta, flat
+    at the float64 step.
 
-    Half-precision parameters cast to their own dtype inside fn (`x.astype(bfloat16)`
-    on a bfloat16 x) leave no trace in fn's own jaxpr, where the cast is a no-op, yet
-    round in the float64 reference, as does a cast of them to a more precise half
-    precision (bfloat16 to float16): for half-precision parameters fn is traced once more
-    as the reference runs it, on float64 parameters, and its casts to a half precision
-    count."""
+    Parameters cast to their own dtype inside fn (`p.astype(float32)` on float32 params,
+    as mixed-precision policies do) leave no trace in fn's own jaxpr, where the cast is a
+    no-op, yet round in the float64 reference, as does a cast of them to a more precise
+    dtype (bfloat16 params computed in float32): for parameters below float64, fn is
+    traced once more as the reference runs it, on float64 parameters, and its casts to
+    any dtype below float64 count."""
     own = max(_precision.eps(x.dtype) for x in diff)
     found = casts(closed_jaxpr.jaxpr, [True] * len(diff))
     lowest = [d for d in found if _precision.eps(d) > own]
-    half = _precision.eps(jnp.float32)
-    if own > half:
-        lowest += [d for d in _casts_in_float64(call, diff, inputs) if _precision.eps(d) > half]
+    wide = _precision.eps(jnp.float64)
+    if own > wide:
+        lowest += [d for d in _casts_in_float64(call, diff, inputs) if _precision.eps(d) > wide]
     return _precision.lowest(lowest).name if lowest else None
 
 
@@ -243,7 +244,8 @@ def _default(precision) -> bool:
 def _casts_in_float64(call, diff, inputs) -> set:
     """The float casts of fn traced on float64 parameters (none when it cannot be)."""
     try:
-        with _precision.x64_scope(True):
+        # jaxcheck's own trace, as its compiled programs are: without the caller's checks
+        with _precision.x64_scope(True), jax.enable_checks(False):
             wide = [jax.ShapeDtypeStruct(np.shape(x), jnp.float64) for x in diff]
             jaxpr = jax.make_jaxpr(call)(wide, inputs.traced())
     except Exception:  # noqa: BLE001 - the reference falls back and says why, elsewhere
@@ -254,7 +256,7 @@ def _casts_in_float64(call, diff, inputs) -> set:
 def casts(jaxpr, tainted_inputs) -> set:
     """Float dtypes of the convert_element_type equations of `jaxpr` (and its
     sub-jaxprs) whose input depends on the inputs flagged in `tainted_inputs` (the leading
-    input variables)."""
+    input variables), and those its reduce_precision equations round like."""
     tainted = {v for v, t in zip(jaxpr.invars, tainted_inputs) if t}
     found = set()
     for eqn in jaxpr.eqns:
@@ -266,11 +268,22 @@ def casts(jaxpr, tainted_inputs) -> set:
             dtype = eqn.params.get("new_dtype")
             if dtype is not None and jnp.issubdtype(dtype, jnp.floating):
                 found.add(jnp.dtype(dtype))
+        elif eqn.primitive.name == "reduce_precision":
+            bits = eqn.params.get("mantissa_bits")
+            if bits is not None and bits < jnp.finfo(jnp.float64).nmant:
+                found.add(_rounded_like(bits))
         for sub in _subjaxprs(eqn.params):
             n = len(sub.invars)
             inner = flags if n == len(flags) else flags[1:] if n == len(flags) - 1 else [True] * n
             found |= casts(sub, inner)
     return found
+
+
+def _rounded_like(mantissa_bits: int):
+    """The float dtype a `lax.reduce_precision` to `mantissa_bits` rounds like (it rounds
+    in place, without a cast): the finest one that is at least as coarse, or bfloat16."""
+    coarse = [d for d in ("float32", "float16", "bfloat16") if jnp.finfo(d).nmant <= mantissa_bits]
+    return jnp.dtype(coarse[0] if coarse else "bfloat16")
 
 
 def _is_tainted(v, tainted) -> bool:

@@ -42,6 +42,46 @@ def test_hard_cast_of_low_precision_params_is_not_a_vacuous_pass(lo, hi):
     assert report.status == "inconclusive", str(report)
 
 
+def _mlp_cast_to(dtype, bug=1.0):
+    """A tanh layer whose fn casts its params to `dtype` first, as mixed-precision policies
+    do; its custom_vjp tanh has its backward pass scaled by `bug` (1: correct)."""
+
+    @jax.custom_vjp
+    def act(z):
+        return jnp.tanh(z)
+
+    act.defvjp(lambda z: (jnp.tanh(z), z), lambda z, g: (g * bug / jnp.cosh(z) ** 2,))
+
+    def loss(p, x):
+        p = jax.tree.map(lambda a: a.astype(dtype), p)
+        return jnp.mean(act(x @ p["w"] + p["b"]) ** 2)
+
+    return loss
+
+
+@pytest.mark.parametrize("params_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_params_cast_to_float32_inside_fn(params_dtype, seed):
+    """float32 params cast to float32 inside fn (a no-op in fn's own trace, a rounding in
+    the float64 reference), or bfloat16 params computed in float32, with the data passed
+    as an argument: a correct model passes, also leaf by leaf; a 5 % bug fails, also
+    through check_grads. Was: inconclusive on a correct model (the ladder stepped below
+    one float32 quantum), FAIL leaf by leaf, and check_grads quiet on the bug."""
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    dtype = jnp.dtype(params_dtype)
+    p = {"w": (jax.random.normal(k1, (8, 4)) * 0.5).astype(dtype), "b": jnp.full(4, 0.1, dtype)}
+    x = jax.random.normal(k2, (3, 8))
+    report = jaxcheck.verify(_mlp_cast_to(jnp.float32), p, x, localize=True)
+    assert report.status == "pass", str(report)
+    assert [leaf.status for leaf in report.leaves] == ["pass", "pass"]
+    said = "fn rounds values computed from params to float32 (an explicit cast or "
+    assert any(q.startswith(said) for q in report.problems), report.problems
+    buggy = _mlp_cast_to(jnp.float32, bug=1.05)
+    assert jaxcheck.verify(buggy, p, x).status == "fail"
+    with pytest.raises(jaxcheck.GradientCheckError, match="gradient is WRONG"):
+        jaxcheck.check_grads(lambda w, b: buggy({"w": w, "b": b}, x), (p["w"], p["b"]), 1)
+
+
 @pytest.mark.parametrize(
     "fn, p",
     [
