@@ -83,7 +83,7 @@ def rules_part(fn, params, args, o) -> tuple[Report | None, list]:
     head = wrong[0] if wrong else None
     problems = [
         f"wrong rule: {r.label}: {_failed_rows(r)}, relative error {r.relative_error:.1e} "
-        f"(tolerance {r.tolerance:.1e})"
+        f"(tolerance {r.tolerance:.1e}){_raised(r)}"
         for r in wrong
     ]
     fine = [r.label for r in reports if r.ok]
@@ -160,6 +160,15 @@ def _check_one(fn, rule: _rule_search.Found, o) -> tuple[Comparison, Report | No
 
 def _failed_rows(report: Report) -> str:
     return ", ".join(p.label for p in report.parts if p.status is Status.FAIL)
+
+
+def _raised(report: Report) -> str:
+    """ "; <row>: <the error it raised>" for the first row that failed by raising (its
+    relative error is inf), or ""."""
+    for p in report.parts:
+        if p.status is Status.FAIL and math.isinf(p.relative_error) and p.problems:
+            return f"; {p.problems[0]}"
+    return ""
 
 
 def combine(report: Report, parts: list, notes: list) -> Report:

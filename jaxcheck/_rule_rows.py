@@ -13,6 +13,7 @@ import numpy as np
 
 from . import _plan, _precision
 from ._error_model import Comparison
+from ._errors import one_line
 from ._report import Report, Status
 
 EXACT_EPS = 1000.0  # tolerance of the rows, in machine epsilons of the inputs' dtype
@@ -108,8 +109,7 @@ def part(label, comparison: Comparison, dtype, seconds, problems=(), status=None
 
 
 def error_problem(label: str, err: Exception) -> str:
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return f"{label}: {type(err).__name__}: {text[:300]}"
+    return f"{label}: {one_line(err)}"
 
 
 def guarded(label, name, tol, dtype, compute):

@@ -44,6 +44,9 @@ class Found:
     eqn: Any = dataclasses.field(repr=False, compare=False)
     inputs: tuple | None = dataclasses.field(default=None, repr=False, compare=False)
     note: str = ""  # why the inputs were not captured
+    # the values the rule's function closes over (arrays fn's trace lifted into the call),
+    # held fixed: JAX differentiates a custom rule in its explicit arguments only
+    consts: tuple = dataclasses.field(default=(), repr=False, compare=False)
 
     @property
     def in_jax(self) -> bool:
@@ -60,10 +63,10 @@ class Found:
 
     def function(self):
         """The rule as a function of its inputs, differentiable through the rule."""
-        eqn = self.eqn
+        eqn, consts = self.eqn, list(self.consts)
 
         def rule(*xs):
-            out = _bind(eqn, list(xs))
+            out = _bind(eqn, consts + list(xs))
             return out[0] if len(out) == 1 else tuple(out)
 
         rule.__name__ = self.name
@@ -187,7 +190,10 @@ class _Search:
         kind = rule_kind(eqn)
         where = _where(eqn) or site
         if kind is not None:
-            self.found.append(Found(kind, _name(eqn), where, context, eqn, tuple(ins)))
+            n = eqn.params.get("num_consts", 0)
+            self.found.append(
+                Found(kind, _name(eqn), where, context, eqn, tuple(ins[n:]), consts=tuple(ins[:n]))
+            )
             return _bind(eqn, ins)
         name = eqn.primitive.name
         subs = [j for key in _SUBJAXPR_KEYS for j in _jaxprs(eqn.params.get(key))]

@@ -5,6 +5,7 @@ import inspect
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jaxcheck
@@ -248,3 +249,67 @@ def test_scan_operands_are_told_apart_by_shape_without_count_parameters():
     named = (eqn.params["num_consts"], eqn.params["num_carry"])
     params = {k: v for k, v in eqn.params.items() if k not in ("num_consts", "num_carry")}
     assert _rule_search._scan_counts(eqn.replace(params=params), body) == named == (1, 1)
+
+
+SCALE = jnp.asarray([0.7, 0.3, -0.2])  # module-level arrays the rules below close over
+
+
+def _closing_over(constant, bug=1.0):
+    """A custom_vjp exp(c * x) and a custom_jvp sin(c * x) that close over the array
+    `constant` (fn's trace lifts it into the rule's call as a constant input); the vjp's
+    cotangent is scaled by `bug` (1: correct)."""
+
+    @jax.custom_vjp
+    def scaled_exp(x):
+        return jnp.exp(constant * x)
+
+    scaled_exp.defvjp(
+        lambda x: (scaled_exp(x), x), lambda x, g: (g * bug * constant * jnp.exp(constant * x),)
+    )
+
+    @jax.custom_jvp
+    def scaled_sin(x):
+        return jnp.sin(constant * x)
+
+    scaled_sin.defjvp(lambda p, t: (scaled_sin(p[0]), constant * jnp.cos(constant * p[0]) * t[0]))
+    return lambda x: jnp.sum(scaled_exp(x) ** 2 + scaled_sin(x))
+
+
+@pytest.mark.parametrize(
+    "constant", [SCALE, np.asarray([0.7, 0.3, -0.2], np.float32)], ids=["jax", "numpy"]
+)
+def test_rules_closing_over_an_array_are_checked_in_their_arguments(constant):
+    """JAX differentiates a custom rule in its explicit arguments only (differentiating a
+    custom_vjp in a closed-over value raises); the rule check holds the closed-over values
+    fixed too. Was: both correct rules called WRONG with a relative error of inf."""
+    x = jnp.asarray([0.3, -0.5, 1.0])
+    report = jaxcheck.verify(_closing_over(constant), x, rules=True)
+    assert report.status == "pass", str(report)
+    [fine] = [q for q in report.problems if q.startswith("rules fine: ")]
+    assert "custom_vjp scaled_exp" in fine and "custom_jvp scaled_sin" in fine
+    report = jaxcheck.verify(_closing_over(constant, bug=1.02), x, rules=True)
+    assert report.status == "fail"
+    [wrong] = [q for q in report.problems if q.startswith("wrong rule: ")]
+    assert wrong.startswith("wrong rule: custom_vjp scaled_exp at ")
+    assert "vjp vs finite differences, relative error 2.0e-02" in wrong
+    assert any(q.startswith("rules fine: custom_jvp scaled_sin") for q in report.problems)
+
+
+def test_a_rule_that_raises_where_it_is_checked_says_what_it_raised():
+    """A backward pass that converts traced values to Python (it runs op by op in fn's
+    own check, eagerly, but not under jit or vmap): the wrong-rule line names the error."""
+
+    @jax.custom_vjp
+    def untraceable_sin(x):
+        return jnp.sin(x)
+
+    def bwd(x, g):
+        if float(jnp.sum(g)) > -1e9:  # Python control flow on a value
+            return (g * jnp.cos(x),)
+        return (g,)
+
+    untraceable_sin.defvjp(lambda x: (untraceable_sin(x), x), bwd)
+    x = jnp.asarray([0.3, -0.5, 1.0])
+    report = jaxcheck.verify(lambda x: jnp.sum(untraceable_sin(x) ** 2), x, rules=True)
+    [wrong] = [q for q in report.problems if q.startswith("wrong rule: ")]
+    assert "relative error inf (tolerance 1.2e-04); primal: ConcretizationTypeError: " in wrong
