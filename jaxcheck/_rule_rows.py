@@ -38,6 +38,8 @@ def random_like(x, rng, scale=True):
     rms = float(jnp.sqrt(jnp.mean(jnp.square(jnp.abs(x).astype(jnp.float32))))) if scale else 1
     rms = rms if rms > 0 and math.isfinite(rms) else 1.0
     signs = rng.integers(0, 2, size=x.shape) * 2.0 - 1.0
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):  # real and imaginary parts both
+        signs = (signs + 1j * (rng.integers(0, 2, size=x.shape) * 2.0 - 1.0)) / math.sqrt(2)
     return jnp.asarray(signs * rms, x.dtype)
 
 
@@ -46,8 +48,12 @@ def _dtype(x):
 
 
 def host(x) -> np.ndarray:
-    """x read back as float64 (gathered first when it spans several processes)."""
-    return _plan.host_array(x).astype(np.float64)
+    """x read back as float64 (gathered first when it spans several processes); a complex
+    x as its real and imaginary parts (a trailing axis of 2), so that both are compared."""
+    x = _plan.host_array(x)
+    if np.iscomplexobj(x):
+        return np.stack([x.real, x.imag], axis=-1).astype(np.float64)
+    return x.astype(np.float64)
 
 
 def flat(tree) -> np.ndarray:
@@ -133,18 +139,21 @@ def leaves(tree) -> list:
     return [host(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
-def dot(a, b) -> tuple[float, float]:
-    """sum of <a, b> over leaves, and of <|a|, |b|> (the size of its rounding)."""
+def dot(a, b) -> tuple[float | complex, float]:
+    """sum of sum(a * b) over leaves (bilinear: complex values are not conjugated, as in
+    JAX's vjp, the transpose of its jvp), complex where a leaf is; and the sum of
+    <|a|, |b|> (the size of its rounding)."""
     pairs = [
         (x, y)
         for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
         if _dtype(x) != jax.dtypes.float0 and np.size(x)
     ]
-    pairs = [(host(x), host(y)) for x, y in pairs]
-    return (
-        float(sum(np.vdot(x, y) for x, y in pairs)),
-        float(sum(np.vdot(np.abs(x), np.abs(y)) for x, y in pairs)),
-    )
+    pairs = [(_plan.host_array(x), _plan.host_array(y)) for x, y in pairs]
+    complex_ = any(np.iscomplexobj(x) or np.iscomplexobj(y) for x, y in pairs)
+    wide = np.complex128 if complex_ else np.float64
+    total = sum(np.sum(x.astype(wide) * y.astype(wide)) for x, y in pairs)
+    size = sum(np.sum(np.abs(x).astype(np.float64) * np.abs(y)) for x, y in pairs)
+    return (complex(total) if complex_ else float(total)), float(size)
 
 
 def compose(parts, label: str, base: Report | None = None) -> Report:

@@ -210,3 +210,70 @@ def test_repeated_complex_check_compiles_nothing():
     later = checker({"z": Z * 0.5})
     assert first.ok and later.ok, str(later)
     assert first.num_compiled > 0 and later.num_compiled == 0
+
+
+def _cexp(primal_conj=False):
+    """exp(c z) as a custom_vjp with a correct backward pass (the transpose of the jvp,
+    no conjugate); with `primal_conj`, its forward pass returns the conjugate instead."""
+    c = 0.7 + 0.3j
+
+    @jax.custom_vjp
+    def cexp(z):
+        return jnp.exp(c * z)
+
+    def fwd(z):
+        y = jnp.exp(c * z)
+        return (jnp.conj(y) if primal_conj else y), z
+
+    cexp.defvjp(fwd, lambda z, g: (g * c * jnp.exp(c * z),))
+    return cexp
+
+
+@pytest.mark.parametrize("primal_conj", [False, True])
+def test_rule_rows_compare_imaginary_parts(primal_conj):
+    """The rule's rows (primal, vmap, jit, checkpoint) compare real and imaginary parts:
+    a forward pass whose primal has its imaginary part negated fails the primal row.
+    Was: the imaginary parts were dropped (a ComplexWarning, an error under strict
+    warnings), and that row passed with 0."""
+    report = jaxcheck.verify_rule(_cexp(primal_conj), Z)
+    rows = {c.name.split(":")[0]: c for c in report.checks}
+    assert rows["primal"].passed is not primal_conj, str(report)
+    if primal_conj:
+        assert rows["primal"].relative_error > 0.1
+    else:
+        assert report.status == "pass", str(report)
+        assert rows["primal"].relative_error < 1e-6
+
+
+def test_complex_custom_jvp_rule_rows_pass():
+    """A correct holomorphic custom_jvp: its transpose row (<u, J v> by jvp vs <J^T u, v> by
+    vjp, bilinear as JAX's vjp) and linearity row take complex tangents, with real and
+    imaginary parts."""
+
+    @jax.custom_jvp
+    def csin(z):
+        return jnp.sin(z)
+
+    csin.defjvp(lambda p, t: (csin(p[0]), jnp.cos(p[0]) * t[0]))
+    report = jaxcheck.verify_rule(csin, Z)
+    assert report.status == "pass", str(report)
+    rows = {c.name.split(":")[0]: c for c in report.checks}
+    assert rows["transpose"].relative_error < 1e-5, str(report)
+    assert rows["jvp linear in the tangents"].relative_error < 1e-5, str(report)
+
+
+def test_complex_transpose_row_fails_a_conjugated_vjp():
+    """A custom_jvp whose jvp conjugates its tangent (a rule derived for real inputs, applied
+    to complex ones): the transpose row, with complex u and v, sees that <u, J v> by the
+    jvp and <J^T u, v> by JAX's vjp of it disagree (tangents with a zero imaginary part,
+    as drawn before, would have hidden it)."""
+
+    @jax.custom_jvp
+    def csin(z):
+        return jnp.sin(z)
+
+    csin.defjvp(lambda p, t: (csin(p[0]), jnp.cos(p[0]) * jnp.conj(t[0])))
+    report = jaxcheck.verify_rule(csin, Z)
+    assert report.status == "fail", str(report)
+    rows = {c.name.split(":")[0]: c for c in report.checks}
+    assert not rows["transpose"].passed and rows["transpose"].relative_error > 0.1
