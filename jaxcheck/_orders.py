@@ -353,15 +353,26 @@ class _Draws:
         return params, np.asarray(probe["output_scales"], np.float64)
 
     def _signs(self, namespace, paths, shapes, scales) -> list:
-        """Random signs times each leaf's scale rounded to a power of two: exact in every
-        float dtype, so the map computes the same function in the model's precision and in
-        float64."""
+        """Random signs times random powers of two (1/2, 1 or 2), times each leaf's scale
+        rounded to a power of two: products with them are exact in every float dtype, so
+        the map computes the same function in the model's precision and in float64. A
+        leaf of several elements is never proportional to ones (its first sign is
+        flipped where it would be), the vector along which many maps vanish identically
+        (softmax's, whose outputs sum to one; a shift-invariant fn's): with signs alone,
+        a leaf of 3 elements drew one a quarter of the time, and the check then had
+        nothing to judge, or passed a wrong second derivative."""
         out = []
         for seed, shape, scale in zip(
             _directions.seeds(self.key, namespace, paths), shapes, scales
         ):
-            signs = np.random.default_rng(int(seed)).integers(0, 2, size=shape) * 2.0 - 1.0
-            out.append(jnp.asarray(signs * 2.0 ** np.round(np.log2(scale)), jnp.float32))
+            rng = np.random.default_rng(int(seed))
+            signs = rng.integers(0, 2, size=shape) * 2.0 - 1.0
+            values = signs * 2.0 ** rng.integers(-1, 2, size=shape)
+            flat = values.reshape(-1)
+            if flat.size > 1 and np.all(flat == flat[0]):
+                flat[0] = -flat[0]
+            power = 2.0 ** np.round(np.log2(scale))
+            out.append(jnp.asarray(values * power, jnp.float32))
         return out
 
     def tangent(self, level: int) -> list:
