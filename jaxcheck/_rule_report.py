@@ -55,6 +55,9 @@ def rules_part(fn, params, args, o) -> tuple[Report | None, list]:
     receives, or None when there are none; notes for the report)."""
     if o.grad_fn is not None:
         return None, ["rules: not checked, the gradient under test is grad_fn's"]
+    if o.has_aux:  # aux may hold anything jax cannot trace (strings, Python objects)
+        with_aux = fn
+        fn = lambda p, *a: with_aux(p, *a)[0]  # noqa: E731
     try:
         found, notes = _rule_search.find(fn, params, args)
     except Exception as err:  # noqa: BLE001 - the leaf-level verdict stands whatever happens

@@ -313,3 +313,20 @@ def test_a_rule_that_raises_where_it_is_checked_says_what_it_raised():
     report = jaxcheck.verify(lambda x: jnp.sum(untraceable_sin(x) ** 2), x, rules=True)
     [wrong] = [q for q in report.problems if q.startswith("wrong rule: ")]
     assert "relative error inf (tolerance 1.2e-04); primal: ConcretizationTypeError: " in wrong
+
+
+def test_the_wrong_rule_is_named_when_aux_holds_a_string():
+    """has_aux=True lets aux hold anything; the rule search traces only fn's output (it
+    traced aux too, and a string there stopped it: "fn could not be traced")."""
+    p = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(3, 2), "b": jnp.full(2, 0.1)}
+    x = jnp.linspace(-2.0, 2.0, 12).reshape(4, 3)
+
+    def loss(p, x):
+        h = bad_tanh(x @ p["w"] + p["b"])
+        return jnp.mean(h**2), {"activations": h, "name": "layer 1"}
+
+    report = jaxcheck.verify(loss, p, x, has_aux=True)
+    assert report.status == "fail"
+    assert any(q.startswith("wrong rule: custom_vjp bad_tanh at ") for q in report.problems), (
+        report.problems
+    )
