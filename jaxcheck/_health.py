@@ -17,6 +17,7 @@ VANISHING_RATIO = 1e-6
 COLLAPSE_FACTOR = 1e-3
 EXPLODE_FACTOR = 10.0
 PARAM_EVERY = 10  # steps between refreshes of the parameter norms
+NO_PARAMS = -1.0  # the parameter norm of a leaf whose update got no params
 
 _KINDS = ("nonfinite", "exploding", "vanishing")
 _NAMES = {"nonfinite": "non-finite", "exploding": "exploding", "vanishing": "vanishing"}
@@ -27,12 +28,12 @@ class HealthState:
     """The state of `gradient_health`: one entry per parameter leaf, in `paths` order.
 
     `step` counts the updates seen. `grad_norm` and `param_norm` are the last step's norms
-    (`param_norm` is NaN where `update` got no `params`), `average` the running average of
-    the gradient norms, bias-corrected (`ema` is its `optax.EmaState`). `vanishing`,
-    `exploding`, `nonfinite` are the last step's flags; `first_*` the step each flag first
-    fired (-1: never), `*_steps` on how many steps it fired. `worst_spike` is the largest
-    gradient norm seen as a multiple of its running average, and `skipped` counts the
-    updates zeroed by `skip_nonfinite`.
+    (`param_norm` is -1 where `update` got no `params`, NaN where they are NaN), `average`
+    the running average of the gradient norms, bias-corrected (`ema` is its
+    `optax.EmaState`). `vanishing`, `exploding`, `nonfinite` are the last step's flags;
+    `first_*` the step each flag first fired (-1: never), `*_steps` on how many steps it
+    fired. `worst_spike` is the largest gradient norm seen as a multiple of its running
+    average, and `skipped` counts the updates zeroed by `skip_nonfinite`.
     """
 
     paths: tuple[str, ...]
@@ -154,7 +155,7 @@ def gradient_health(
             paths=paths,
             step=jnp.zeros((), jnp.int32),
             grad_norm=jnp.zeros((n,), jnp.float32),
-            param_norm=jnp.full((n,), jnp.nan, jnp.float32),
+            param_norm=jnp.full((n,), NO_PARAMS, jnp.float32),
             average=jnp.zeros((n,), jnp.float32),
             ema=optax.EmaState(count=jnp.zeros((), jnp.int32), ema=jnp.zeros((n,), jnp.float32)),
             worst_spike=jnp.full((n,), jnp.nan, jnp.float32),
@@ -186,7 +187,7 @@ def gradient_health(
         # moment all the same; it counts as non-finite.
         finite = jnp.isfinite(grad_norm)
         if params is None:
-            param_norm = jnp.full_like(grad_norm, jnp.nan)
+            param_norm = jnp.full_like(grad_norm, NO_PARAMS)
         else:
             structure = jax.tree_util.tree_structure(updates, is_leaf=_is_none)
             flat = structure.flatten_up_to(params)
@@ -474,6 +475,7 @@ def health(state: Any) -> HealthSummary:
 
         grad_norm = float(v["grad_norm"][i])
         param_norm = float(v["param_norm"][i])
+        param_norm = math.nan if param_norm < 0 else param_norm  # NO_PARAMS
         leaves.append(
             LeafHealth(
                 path=path,
@@ -497,7 +499,8 @@ def health(state: Any) -> HealthSummary:
         steps=int(v["step"]),
         leaves=tuple(leaves),
         skipped=int(v["skipped"]),
-        params_seen=bool(np.any(np.isfinite(v["param_norm"]))),
+        # NaN parameters were passed all the same
+        params_seen=bool(np.any(~(v["param_norm"] < 0))),
     )
 
 

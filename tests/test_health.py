@@ -185,6 +185,20 @@ def test_norms_of_leaves_of_any_rank_and_dtype():
     np.testing.assert_allclose(state.param_norm, expected, rtol=1e-6)
 
 
+def test_nan_params_are_still_params():
+    """After an update made the parameters NaN, the summary still knows they were passed
+    (it said "update got no params", reading a NaN norm as "none given")."""
+    opt = jaxcheck.gradient_health()
+    state = opt.init(PARAMS)
+    nan_params = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), PARAMS)
+    _, state = jax.jit(opt.update)(grads_at(0, nan_at=0), state, nan_params)
+    summary = jaxcheck.health(state)
+    assert summary.params_seen
+    assert np.isnan(summary.leaves[0].param_norm)
+    assert "update got no params" not in str(summary)
+    assert float(opt.init(PARAMS).param_norm[0]) == -1.0  # none given yet
+
+
 def test_update_without_params():
     opt = jaxcheck.gradient_health()
     state = opt.init(PARAMS)
