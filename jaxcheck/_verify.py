@@ -40,16 +40,27 @@ def _keywords_checked(verify):
     def checked(*args, **kwargs):
         unknown = [k for k in kwargs if k not in names]
         if unknown:
-            raise TypeError(_unknown_keywords(unknown, names))
+            fn_takes = _keywords_of(args[0]) if args else frozenset()
+            raise TypeError(_unknown_keywords(unknown, names, fn_takes))
         return verify(*args, **kwargs)
 
     return checked
 
 
-def _unknown_keywords(unknown, names) -> str:
+def _keywords_of(fn) -> frozenset:
+    """The names `fn` takes as keyword arguments (none known where its signature is not)."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return frozenset()
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return frozenset(p.name for p in parameters if p.kind in kinds)
+
+
+def _unknown_keywords(unknown, names, fn_takes=frozenset()) -> str:
     parts, for_fn = [], []
     for k in unknown:
-        close = difflib.get_close_matches(k, names, n=1)
+        close = [] if k in fn_takes else difflib.get_close_matches(k, names, n=1)
         parts.append(f"{k!r} (did you mean {close[0]!r}?)" if close else repr(k))
         if not close:
             for_fn.append(k)

@@ -151,6 +151,21 @@ def test_keyword_for_fn():
     assert report.ok
 
 
+def test_keyword_for_fn_that_looks_like_an_option():
+    """fn takes `scale` and `step_size`: they are fn's keywords (bind them), not misspelt
+    `localize` and `step`."""
+
+    def loss(p, scale=1.0, step_size=1.0):
+        return jnp.sum(p**2) * scale * step_size
+
+    with pytest.raises(TypeError) as info:
+        jaxcheck.verify(loss, jnp.ones(2), scale=2.0, step_size=0.5)
+    text = str(info.value)
+    assert "got unexpected keyword argument(s) 'scale', 'step_size';" in text
+    assert "did you mean" not in text
+    assert "verify(functools.partial(fn, scale=..., step_size=...), params, *args)" in text
+
+
 def test_misspelt_option():
     with pytest.raises(
         TypeError, match=r"'num_direction' \(did you mean 'num_directions'\?\)"
