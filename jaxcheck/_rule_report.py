@@ -22,16 +22,20 @@ def checked(fn, params, args, options, check) -> Report:
     except GradientCheckError as err:  # raised again below, with the parts added
         report = err.report
     parts, notes = [], []
+    what = []  # what the parts check besides fn's derivatives, for the headline
     if o.transforms:
         try:
             parts.append(_transforms.check(fn, params, args, o))
+            what.append(", under JAX's transformations too,")
         except Exception as err:  # noqa: BLE001 - the gradient check's verdict stands
             notes.append(f"transforms: not checked ({one_line(err)})")
     if _wants_rules(o, report):
         part, more = rules_part(fn, params, args, o)
-        parts += [part] if part is not None else []
+        if part is not None:
+            parts.append(part)
+            what.append(" and its custom rules")
         notes += more
-    report = combine(report, parts, notes)
+    report = combine(report, parts, notes, "fn" + "".join(what))
     if o.raise_on_failure and not report.ok:
         raise GradientCheckError(report)
     return report
@@ -174,8 +178,9 @@ def _raised(report: Report) -> str:
     return ""
 
 
-def combine(report: Report, parts: list, notes: list) -> Report:
-    """The gradient check's report with `parts` added (the report becomes composite)."""
+def combine(report: Report, parts: list, notes: list, label: str = "") -> Report:
+    """The gradient check's report with `parts` added (the report becomes composite), with
+    `label` for what it checked where the report has none of its own."""
     if not parts:
         return dataclasses.replace(report, problems=report.problems + tuple(notes))
     base = report.parts or (dataclasses.replace(report, label="gradient"),)
@@ -194,6 +199,6 @@ def combine(report: Report, parts: list, notes: list) -> Report:
         num_evaluations=report.num_evaluations + sum(p.num_evaluations for p in parts),
         compile_seconds=report.compile_seconds + sum(p.compile_seconds for p in parts),
         run_seconds=report.run_seconds + sum(p.run_seconds for p in parts),
-        label=report.label or "fn and its custom rules",
+        label=report.label or label,
         parts=every,
     )
