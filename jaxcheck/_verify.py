@@ -254,10 +254,10 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
             "dict."
         )
     if not diff:
+        fixed = [f"{p or '(root)'} {d}" for p, d in _tree.held_fixed(p_split, p_arrays)]
         raise ValueError(
-            "params has no floating-point leaf to differentiate (held fixed: "
-            f"{', '.join(p + ' ' + d for p, d in _tree.held_fixed(p_split, p_arrays)) or 'none'}"
-            "). Pass the parameters to check as float arrays."
+            f"params has no floating-point leaf to differentiate (held fixed: "
+            f"{', '.join(fixed) or 'none'}). Pass the parameters to check as float arrays."
         )
     if not any(x.size for x in diff):
         shapes = ", ".join(

@@ -99,6 +99,11 @@ def test_no_float_leaves_lists_what_was_found():
         ),
     ):
         jaxcheck.verify(lambda p: 0.0, {"n": jnp.arange(3)})
+    with pytest.raises(
+        ValueError,
+        match=re.escape("params has no floating-point leaf to differentiate (held fixed: (root) "),
+    ):
+        jaxcheck.verify(lambda p: 0.0, "abc")  # a string is one leaf at the root
 
 
 def test_integer_output_is_rejected():
