@@ -318,13 +318,15 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
     try:
         report = check(plan, list(hidden))
     except ValueError as err:
-        if "Reverse-mode differentiation does not work" not in str(err):
+        # JAX's words for a while_loop, and for a primitive without a transpose rule
+        said = ("Reverse-mode differentiation does not work", "Linearization failed")
+        if not any(text in str(err) for text in said):
             raise
         # JAX's own words first, so that what matched them before still does
         raise ValueError(
             f"{str(err).strip().splitlines()[0]} fn cannot be differentiated in reverse "
-            f"mode, which the check asks for (mode={o.mode!r}). Check it in forward mode: "
-            "verify(..., mode='forward'), or modes=('fwd',) in check_grads."
+            f"mode, which the check asks for (mode={o.mode!r}). If it has a forward mode, "
+            "check that: verify(..., mode='forward'), or modes=('fwd',) in check_grads."
         ) from err
     except NotImplementedError as err:
         if not _plan.unbatchable(err) or plan == _plan.looped(plan):

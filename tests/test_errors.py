@@ -205,6 +205,24 @@ def test_reverse_mode_through_a_while_loop_says_to_check_forward_mode(mode):
         jaxcheck.verify(_while_sin, jnp.full(3, 0.5), mode=mode)
     text = str(info.value)
     assert text.startswith("Reverse-mode differentiation does not work for lax.while_loop")
-    assert f"which the check asks for (mode='{mode}'). Check it in forward mode" in text
+    assert f"which the check asks for (mode='{mode}'). If it has a forward mode" in text
     assert jaxcheck.verify(_while_sin, jnp.full(3, 0.5), mode="forward").status == "pass"
     jaxcheck.check_grads(_while_sin, (jnp.full(3, 0.5),), 2, ["fwd"])
+
+
+def test_a_primitive_without_reverse_mode_says_to_check_forward_mode():
+    """A custom_vmap function without a jvp rule of its own: JAX linearizes it in forward
+    mode and cannot transpose it ("Linearization failed")."""
+    custom_vmap = pytest.importorskip("jax.custom_batching").custom_vmap
+
+    @custom_vmap
+    def square(x):
+        return x**2
+
+    square.def_vmap(lambda axis_size, in_batched, x: (x**2, in_batched[0]))
+    with pytest.raises(ValueError) as info:
+        jaxcheck.verify(lambda p: jnp.sum(square(p)), jnp.ones(3))
+    text = str(info.value)
+    assert text.startswith("Linearization failed to produce known values")
+    assert "verify(..., mode='forward'), or modes=('fwd',) in check_grads." in text
+    assert jaxcheck.verify(lambda p: jnp.sum(square(p)), jnp.ones(3), mode="forward").ok
