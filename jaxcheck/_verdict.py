@@ -152,8 +152,9 @@ def status(run: Run, p: Pass, checks, k, problems) -> Status:
         problems.append(
             f"fn's values scatter by {scatter:.1e} (relative) between nearby "
             "evaluations, far beyond rounding, so its derivative cannot be told from zero: "
-            "is fn random, or not a function of params and args alone (say, constants "
-            "drawn anew each time it is traced)?"
+            "fn jumps within the step of params (a discontinuity: round or floor at a "
+            "tie, a comparison), or is random, or not a function of params and args "
+            "alone (say, constants drawn anew each time it is traced)"
         )
         return Status.INCONCLUSIVE
     coarse = head.noise_floor > MAX_NOISE_FLOOR

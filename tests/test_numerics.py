@@ -361,3 +361,12 @@ def test_one_percent_bug_in_a_float32_only_model_fails_on_its_leaf(leaf):
     assert bad.status == "fail", str(bad)
     path = f"['layers'][{leaf[0]}]['{leaf[1]}']"
     assert [lf.path for lf in bad.leaves if lf.status == "fail"] == [path]
+
+
+def test_a_jump_at_the_point_is_named_as_one():
+    """round at half-integers jumps within any step: nothing to judge, and the report says
+    that fn may jump here before it asks whether fn is random."""
+    report = jaxcheck.verify(lambda x: jnp.sum(jnp.round(x)), jnp.asarray([0.5, 1.5, 2.5]))
+    assert report.status == "inconclusive", str(report)
+    [said] = [q for q in report.problems if "scatter by" in q]
+    assert "cannot be told from zero: fn jumps within the step of params (a discontinuity" in said
