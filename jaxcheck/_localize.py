@@ -14,13 +14,22 @@ LEAF_INDEX_OFFSET = 2**30  # leaf-local directions use indices disjoint from the
 COVERAGE_ERROR = 1e-3  # leaves where a 0.1 % error might go unseen globally are checked alone
 
 
-def chosen_leaves(localize, status: Status, share, tolerance: float, num_leaves: int) -> list:
+def chosen_leaves(
+    localize, status: Status, share, tolerance: float, num_leaves: int, floor: float | None
+) -> list:
     """Indices of the leaves to check alone, given the `localize` option, the all-leaf
-    status and tolerance, and each leaf's share of the all-leaf projections (None when the
-    directions were not balanced against the gradient)."""
+    status and tolerance, each leaf's share of the all-leaf projections (None when the
+    directions were not balanced against the gradient), and the caller's floor on every
+    tolerance (`rtol`)."""
     if localize is True or (localize == "auto" and status is Status.FAIL):
         return list(range(num_leaves))
-    if localize == "auto" and status is Status.PASS and share is not None:
+    if (
+        localize == "auto"
+        and status is Status.PASS
+        and share is not None
+        and num_leaves > 1  # one leaf: the all-leaf check was its own check
+        and (floor or 0.0) < COVERAGE_ERROR  # else no leaf's own check could see it either
+    ):
         # leaves whose 0.1 % error the all-leaf check could not see: check them alone
         return [i for i, s in enumerate(share) if COVERAGE_ERROR * math.sqrt(s) <= tolerance]
     return []

@@ -105,7 +105,9 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
     stopped = _stopped(ks, n, previous, checks, why)
     _verdict.note_large_rounding(run, checks[0])
     leaves = ()
-    chosen = _localize.chosen_leaves(localize, status, share, checks[0].tolerance, len(paths))
+    chosen = _localize.chosen_leaves(
+        localize, status, share, checks[0].tolerance, len(paths), run.rtol
+    )
     if chosen:
         leaves = _localize.localize(run, scales, leaf_k, h0, paths, chosen, sequential)
         status = _localize.merge_leaves(run, status, leaves)

@@ -240,3 +240,25 @@ def test_unknown_compile_options_are_dropped(monkeypatch):
     report = jaxcheck.verify(lambda p: jnp.sum(jnp.cos(p) * p), p)
     assert report.status == "pass" and report.num_compiled >= 2
     assert _plan.FAST_COMPILE_OPTIONS is None
+
+
+@pytest.mark.parametrize(
+    "share, floor, chosen",
+    [
+        ([0.999, 0.001], None, [0, 1]),  # 0.1 % in either is under the tolerance of 0.01
+        ([0.999999, 1e-6], None, [0, 1]),
+        ([1.0], None, []),  # one leaf: the all-leaf check was its own check
+        ([0.999, 0.001], 1e-3, []),  # no leaf's own check could see 0.1 % either
+        ([0.999, 0.001], 1e-4, [0, 1]),
+    ],
+)
+def test_leaves_checked_alone_after_a_pass(share, floor, chosen):
+    from jaxcheck import _localize
+    from jaxcheck._report import Status
+
+    got = _localize.chosen_leaves("auto", Status.PASS, share, 0.01, len(share), floor)
+    assert got == chosen
+    assert _localize.chosen_leaves("auto", Status.FAIL, share, 0.01, len(share), floor) == list(
+        range(len(share))
+    )
+    assert _localize.chosen_leaves(False, Status.FAIL, share, 0.01, len(share), floor) == []
