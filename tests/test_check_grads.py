@@ -155,3 +155,17 @@ def test_empty_arguments_have_nothing_to_check():
     assert (outcome.report, outcome.verdict) == (None, "pass")
     assert outcome.headline == "pass; every floating-point argument is empty, nothing to check"
     assert jaxcheck.check_grads(jnp.sum, (np.zeros((2, 0)),), 1) is None
+
+
+def test_checking_the_same_function_again_compiles_nothing():
+    """A test that calls check_grads on one function several times (at other points, as
+    JAX's expm test does) pays for compiling once."""
+    from jaxcheck import _plan
+
+    def f(a, b):
+        return jnp.sum(jnp.sin(a) * b)
+
+    jaxcheck.check_grads(f, (jnp.ones(3), jnp.ones(3)), 2)
+    before = _plan.compilations
+    jaxcheck.check_grads(f, (jnp.full(3, 0.5), jnp.ones(3)), 2)
+    assert _plan.compilations == before
