@@ -89,6 +89,7 @@ class Router:
         import functools
 
         from . import _check_grads
+        from ._errors import one_line
 
         @functools.wraps(self.original)
         def check_grads(f, args, order, modes=("fwd", "rev"), atol=None, rtol=None, eps=None):
@@ -96,8 +97,7 @@ class Router:
             try:
                 outcome = _check_grads.run(f, args, order, modes, atol, rtol, eps)
             except Exception as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                self.records.append(Record(self.nodeid, "error", f"{type(e).__name__}: {first}"))
+                self.records.append(Record(self.nodeid, "error", one_line(e)))
                 raise
             if outcome.verdict != "pass":
                 self.records.append(Record(self.nodeid, outcome.verdict, outcome.headline))
