@@ -116,6 +116,9 @@ def check_grads(
         raise_unjudged: also raise when there is nothing to judge (status "inconclusive",
             or "nonfinite" because `f` itself is NaN/Inf at or next to `args`). By default
             these return quietly, as JAX's check_grads does where it counts NaN equal to NaN.
+            Where `f` or `args` are NaN/Inf at some entries only, the others are judged
+            (those outputs set to 0, the argument entries that are NaN/Inf or have a NaN/Inf
+            derivative held fixed; the report's first problem says how many).
 
     Returns:
         None.
@@ -152,7 +155,12 @@ def run(f, args, order, modes=("fwd", "rev"), atol=None, rtol=None, eps=None) ->
         # a derivative with respect to empty arrays is empty: JAX's check passes there too
         return Outcome(None, "pass")
     report = _verify.run(Positional(f), params, (), options)
-    return Outcome(report, _verdict(report, f, params))
+    verdict = _verdict(report, f, params)
+    if verdict == "unjudged" and report.status is Status.NONFINITE:
+        judged = _finite_part_outcome(f, params, options)
+        if judged is not None:
+            return judged
+    return Outcome(report, verdict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,6 +264,130 @@ def _verdict(report: Report, f, params) -> str:
     if report.analytic is not None and not _all_finite(report.analytic):
         return "fail"
     return "unjudged" if report.num_nonfinite else "fail"
+
+
+def _finite_part_outcome(f, params, options) -> Outcome | None:
+    """Where `f` (or an argument) is NaN/Inf at some entries only, judge the rest, as JAX's
+    check_grads compares the finite entries and counts NaN equal to NaN: the check runs on
+    `f` with its NaN/Inf outputs replaced by 0 and the argument entries held fixed that are
+    NaN/Inf themselves or whose derivative is (they feed only NaN/Inf outputs). A pass or
+    fail of that check is the outcome; anything else leaves the call unjudged (None)."""
+    part = _FinitePart.at(f, params)
+    if part is None:
+        return None
+    report = _verify.run(part, part.filled, (), options)
+    if report.status not in (Status.PASS, Status.FAIL):
+        return None
+    report = dataclasses.replace(report, problems=(part.note, *report.problems))
+    return Outcome(report, "pass" if report.status is Status.PASS else "fail")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _FinitePart:
+    """`f` restricted to where it and its arguments are finite, as a function of the
+    argument tuple: held argument entries keep their values at the point (whatever the
+    check passes there), masked outputs are 0."""
+
+    f: Callable
+    treedef: Any  # of the argument tuple
+    point: tuple  # the float leaves of the arguments at the point (NumPy)
+    held: tuple  # per float leaf: True where the entry is held fixed
+    masked: tuple  # per float output leaf: True where the output is replaced by 0
+    filled: tuple = ()  # the arguments with every NaN/Inf entry replaced by 0
+    note: str = ""
+
+    def __call__(self, args):
+        return self._outputs(jax.tree.leaves(args))
+
+    def _outputs(self, leaves):
+        floats = iter(zip(self.point, self.held))
+        leaves = [_hold(x, *next(floats)) if _inexact(x) else x for x in leaves]
+        outs = self.f(*jax.tree.unflatten(self.treedef, leaves))
+        out_leaves, out_def = jax.tree.flatten(outs)
+        masks = iter(self.masked)
+        out_leaves = [_zero_at(y, next(masks)) if _inexact(y) else y for y in out_leaves]
+        return jax.tree.unflatten(out_def, out_leaves)
+
+    @classmethod
+    def at(cls, f, params) -> "_FinitePart | None":
+        leaves, treedef = jax.tree.flatten(params)
+        floats = tuple(np.asarray(x) for x in leaves if _inexact(x))
+        with jax.debug_nans(False), jax.debug_infs(False):
+            outs = [np.asarray(y) for y in jax.tree.leaves(f(*params)) if _inexact(y)]
+        masked = tuple(~np.isfinite(y) for y in outs)
+        bad_in = tuple(~np.isfinite(x) for x in floats)
+        if not any(m.any() for m in masked + bad_in):
+            return None  # NaN/Inf only next to the point: nothing to mask
+        if all(m.all() for m in masked) or all(m.all() for m in bad_in):
+            return None  # nothing finite left to judge
+        filled = iter([np.where(b, np.zeros((), x.dtype), x) for x, b in zip(floats, bad_in)])
+        filled_leaves = [_like(next(filled), x) if _inexact(x) else x for x in leaves]
+        part = cls(f, treedef, floats, bad_in, masked)
+        held = tuple(b | ~np.isfinite(g) for b, g in zip(bad_in, part._gradient(filled_leaves)))
+        if all(h.all() for h in held):
+            return None
+        found = [
+            f"{what} NaN/Inf at {_count(masks)} of {sum(m.size for m in masks)} entries"
+            for what, masks in (("f's output is", masked), ("its arguments are", bad_in))
+            if _count(masks)
+        ]
+        n = _count(held)
+        note = f"{' and '.join(found)}; the derivative was judged where both are finite" + (
+            f", holding {n} argument {'entry' if n == 1 else 'entries'} fixed (NaN/Inf "
+            "themselves, or with a NaN/Inf derivative)"
+            if n
+            else ""
+        )
+        filled_args = jax.tree.unflatten(treedef, filled_leaves)
+        return cls(f, treedef, floats, held, masked, filled_args, note)
+
+    def _gradient(self, leaves) -> list:
+        """The gradient of the sum of the masked outputs (real and imaginary parts) in
+        every float argument entry: NaN/Inf where an entry feeds only masked outputs. All
+        zero when reverse mode fails (a forward-only f): nothing more is held."""
+        where = [i for i, x in enumerate(leaves) if _inexact(x)]
+
+        def summed(floats):
+            full = list(leaves)
+            for i, x in zip(where, floats):
+                full[i] = x
+            ys = [y for y in jax.tree.leaves(self._outputs(full)) if _inexact(y)]
+            return sum(jnp.sum(jnp.real(y)) + jnp.sum(jnp.imag(y)) for y in ys)
+
+        floats = [jnp.asarray(leaves[i]) for i in where]
+        try:
+            with jax.debug_nans(False), jax.debug_infs(False):
+                return [np.asarray(g) for g in jax.grad(summed)(floats)]
+        except Exception:  # noqa: BLE001 - any failure of reverse mode: hold nothing more
+            return [np.zeros(x.shape) for x in floats]
+
+
+def _count(masks) -> int:
+    return sum(int(m.sum()) for m in masks)
+
+
+def _hold(x, point, held):
+    """x with its `held` entries replaced by their values at the point."""
+    if not held.any():
+        return x
+    x = jnp.asarray(x)
+    return jnp.where(held, jnp.asarray(point).astype(x.dtype), x)
+
+
+def _zero_at(y, masked):
+    if not masked.any():
+        return y
+    y = jnp.asarray(y)
+    return jnp.where(masked, jnp.zeros((), y.dtype), y)
+
+
+def _like(value, original):
+    """`value` as the kind of leaf `original` is: a Python scalar, a NumPy or a JAX array."""
+    if isinstance(original, float | complex):
+        return type(original)(value)
+    if isinstance(original, jax.Array):
+        return jnp.asarray(value, original.dtype)
+    return np.asarray(value, getattr(original, "dtype", None))
 
 
 def _all_finite(tree) -> bool:

@@ -103,12 +103,87 @@ def test_kink_is_not_judged_and_raises_only_when_asked():
 
 
 def test_nan_function_is_not_judged_but_nan_gradient_of_finite_function_fails():
-    outcome = _check_grads.run(jnp.log, (np.array([-1.0, 2.0]),), 1, ("rev",))
+    outcome = _check_grads.run(jnp.log, (np.array([-1.0, -2.0]),), 1, ("rev",))
     assert (outcome.verdict, outcome.report.status) == ("unjudged", "nonfinite")
     assert "fn's output (root) is NaN/Inf at params" in outcome.headline
     with pytest.raises(jaxcheck.GradientCheckError) as info:
         jaxcheck.check_grads(jnp.sqrt, (np.array([0.0, 2.0]),), 1, ("rev",))
     assert "the gradient (autodiff) of leaf [0] is NaN/Inf" in str(info.value)
+
+
+@jax.custom_jvp
+def _log_1_percent_off(x):
+    return jnp.log(x)
+
+
+@_log_1_percent_off.defjvp
+def _log_1_percent_off_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return jnp.log(x), 1.01 * t / x
+
+
+NAN_AT = np.array([0.3, -1.5, 0.7, 2.0], np.float32)  # log and arcsin are NaN at -1.5
+
+
+@pytest.mark.parametrize(
+    "f, args, note",
+    [
+        (
+            jnp.log,
+            (NAN_AT,),
+            "f's output is NaN/Inf at 1 of 4 entries; the derivative was "
+            "judged where both are finite",
+        ),
+        (
+            jnp.arcsin,
+            (NAN_AT,),
+            "f's output is NaN/Inf at 2 of 4 entries; the derivative "
+            "was judged where both are finite, holding 2 argument entries fixed (NaN/Inf "
+            "themselves, or with a NaN/Inf derivative)",
+        ),
+        (
+            jax.nn.softplus,
+            (np.array([-np.inf, 0.3, 1.0], np.float32),),
+            "its arguments are "
+            "NaN/Inf at 1 of 3 entries; the derivative was judged where both are finite, "
+            "holding 1 argument entry fixed",
+        ),
+        (
+            jax.scipy.special.xlog1py,
+            (np.array([1.0, 2.0, 3.0]), np.array([0.2, -1.5, 0.4])),
+            "f's output is NaN/Inf at 1 of 3 entries; the derivative was judged where both are "
+            "finite, holding 1 argument entry fixed",
+        ),
+        (
+            lambda a, b: {"ab": a @ b, "b": b**2},
+            (np.array([[1.0, np.nan], [2.0, 3.0]]), np.ones((2, 2))),
+            "f's output is NaN/Inf at 2 of 8 entries and its arguments are "
+            "NaN/Inf at 1 of 8 entries; the derivative was judged where both are finite, "
+            "holding 3 argument entries fixed",
+        ),
+    ],
+    ids=["log", "arcsin", "softplus-at-inf", "xlog1py", "matmul-dict"],
+)
+@pytest.mark.parametrize("order", [1, 2])
+def test_where_f_is_nan_at_some_entries_the_others_are_judged(f, args, note, order):
+    outcome = _check_grads.run(f, args, order)
+    assert outcome.verdict == "pass", str(outcome.report)
+    assert outcome.report.status == "pass"
+    assert outcome.report.problems[0].startswith(note)
+    assert note in outcome.headline
+
+
+@pytest.mark.parametrize("modes", [("fwd",), ("rev",), ("fwd", "rev")])
+@pytest.mark.parametrize("order", [1, 2])
+def test_a_bug_where_f_is_finite_fails_though_f_is_nan_elsewhere(modes, order):
+    with pytest.raises(jaxcheck.GradientCheckError) as info:
+        jaxcheck.check_grads(_log_1_percent_off, (NAN_AT,), order, modes)
+    report = info.value.report
+    assert report.status == "fail"
+    assert report.relative_error == pytest.approx(0.01, rel=0.2)
+    assert "f's output is NaN/Inf at 1 of 4 entries; the derivative was judged" in str(info.value)
+    # jaxcheck.verify itself still reports the NaN and judges nothing
+    assert jaxcheck.verify(lambda x: jnp.log(x), NAN_AT).status == "nonfinite"
 
 
 @pytest.mark.parametrize(
