@@ -4,6 +4,7 @@ the consistency of the gradient under JAX's transformations (`transforms=True`).
 
 import dataclasses
 import math
+import re
 
 from . import _rule_rows, _rule_search, _rules, _transforms, _verdict
 from ._error_model import Comparison
@@ -30,7 +31,7 @@ def checked(fn, params, args, options, check) -> Report:
         except Exception as err:  # noqa: BLE001 - the gradient check's verdict stands
             notes.append(f"transforms: not checked ({one_line(err)})")
     if _wants_rules(o, report):
-        part, more = rules_part(fn, params, args, o)
+        part, more = rules_part(fn, params, args, o, _rule_order(o, report))
         if part is not None:
             parts.append(part)
             what.append(" and its custom rules")
@@ -42,8 +43,7 @@ def checked(fn, params, args, options, check) -> Report:
 
 
 def _wants_rules(o, report: Report) -> bool:
-    """rules=True; or "auto" and the first derivative is wrong (the rule checks are
-    first-order: a failure only at a higher order is not theirs to find), or passed only
+    """rules=True; or "auto" and a derivative is wrong, or the first one passed only
     because its distance from the same rules in float64 was accepted as rounding: a rule
     that rounds to bfloat16, or takes another path in float32, looks like that, and only
     its own check in float32 tells it from an ill-conditioned loss."""
@@ -51,10 +51,23 @@ def _wants_rules(o, report: Report) -> bool:
     if o.rules is True:
         return True
     rounding = any(_verdict.ROUNDING_ACCEPTED in p for p in first.problems)
-    return o.rules == "auto" and (first.status is Status.FAIL or rounding)
+    return o.rules == "auto" and (report.status is Status.FAIL or rounding)
 
 
-def rules_part(fn, params, args, o) -> tuple[Report | None, list]:
+def _rule_order(o, report: Report) -> int:
+    """The order the rules' finite-difference rows check: all of `options.order` with
+    rules=True; under "auto", the lowest order whose check failed (a rule wrong in its
+    first derivative is found at order 1, at a fraction of the cost)."""
+    if o.rules is True:
+        return o.order
+    for p in report.parts:
+        found = re.match(r"order (\d+):", p.label)
+        if p.status is Status.FAIL and found:
+            return int(found.group(1))
+    return 1
+
+
+def rules_part(fn, params, args, o, order=1) -> tuple[Report | None, list]:
     """(a report listing the custom rules fn calls, each with its verdict at the inputs it
     receives, or None when there are none; notes for the report)."""
     if o.grad_fn is not None:
@@ -80,7 +93,7 @@ def rules_part(fn, params, args, o) -> tuple[Report | None, list]:
         return None, notes
     rows, reports = [], []
     for rule in found:
-        row, report, note = _check_one(fn, rule, o)
+        row, report, note = _check_one(fn, rule, o, order)
         rows.append(row)
         if report is not None:
             reports.append(report)
@@ -124,7 +137,7 @@ def rules_part(fn, params, args, o) -> tuple[Report | None, list]:
     return part, []
 
 
-def _check_one(fn, rule: _rule_search.Found, o) -> tuple[Comparison, Report | None, str]:
+def _check_one(fn, rule: _rule_search.Found, o, order) -> tuple[Comparison, Report | None, str]:
     nan = (math.nan, math.nan)
     if rule.inputs is None:
         row = Comparison(
@@ -146,6 +159,7 @@ def _check_one(fn, rule: _rule_search.Found, o) -> tuple[Comparison, Report | No
             identity=(fn, rule),
             # looking for the rule behind a failure: the rows finite differences see
             full=o.rules is True,
+            order=order,
         )
     except Exception as err:  # noqa: BLE001 - one rule that cannot be checked is a note
         row = Comparison(f"rule {rule.title}: not checked", math.nan, nan, 0.0, 0.0, 0.0, 0, False)

@@ -58,6 +58,7 @@ def verify_rule(
     precision: Literal["auto", "float64", "native"] = "auto",
     rtol: float | None = None,
     leaf_directions: int = 8,
+    order: int = 1,
     raise_on_failure: bool = False,
 ) -> Report:
     """Check every property of the derivative rules of `f` at `args`.
@@ -94,6 +95,10 @@ def verify_rule(
         rtol: smallest relative error of the finite-difference row treated as a bug, and a
             looser tolerance for the rows compared without finite differences.
         leaf_directions: directions per leaf when the finite-difference row localizes.
+        order: highest order of derivatives the finite-difference row checks (`verify`'s
+            `order`): at 2, a custom_vjp whose backward pass is right but is not
+            differentiated correctly (a `stop_gradient` in it, a wrong rule inside it)
+            fails that row. The other rows check the rule itself.
         raise_on_failure: raise `GradientCheckError` unless every row passes.
 
     Returns:
@@ -112,26 +117,38 @@ def verify_rule(
     """
     if not callable(f):
         raise TypeError(f"f must be callable, got {type(f).__name__}.")
-    report = check_rule(f, args, key, num_directions, precision, rtol, leaf_directions)
+    if not isinstance(order, int) or isinstance(order, bool) or order < 1:
+        raise ValueError(f"order must be an int >= 1, got {order!r}.")
+    report = check_rule(f, args, key, num_directions, precision, rtol, leaf_directions, order=order)
     if raise_on_failure and not report.ok:
         raise GradientCheckError(report)
     return report
 
 
 def check_rule(
-    f, args, key, num_directions, precision, rtol, leaf_directions, identity=None, full=True
+    f,
+    args,
+    key,
+    num_directions,
+    precision,
+    rtol,
+    leaf_directions,
+    identity=None,
+    full=True,
+    order=1,
 ) -> Report:
     """The composite report of `verify_rule` (without raising). `identity`: what makes two
     rules the same for the compiled programs of the finite-difference rows (default: `f`
     itself); a rule found in a model is re-bound on every check, its identity is its call
     site in that model, so a training loop's repeated checks compile nothing new. Without
     `full`, the vmap, jit and checkpoint rows are left out (`_rule_report`: looking for
-    the rule behind a failed check, which finite differences already see)."""
+    the rule behind a failed check, which finite differences already see). `order`: of the
+    finite-difference rows."""
     # `_verify` reaches this module through verify(rules=...): import it when called
     from ._verify import verify  # noqa: PLC0415
 
     def plain(*a, **k):  # the vjp rows check the rule alone, not the rules inside it
-        return verify(*a, rules=False, transforms=False, **k)
+        return verify(*a, rules=False, transforms=False, order=order, **k)
 
     rule = Rule.make(f, args, identity)
     parts = check(rule, key, num_directions, precision, rtol, leaf_directions, plain, full)
@@ -314,7 +331,16 @@ def _finite_differences(rule, key, k, precision, rtol, leaf_k, verify) -> Report
         problem = _rule_rows.error_problem(label, err)
         comparison = _rule_rows.failed(f"{label}: the vjp could not be evaluated", math.inf)
         return _rule_rows.part(label, comparison, rule.dtype, 0.0, (problem,))
-    return _relabel(report, label)
+    return _relabel(report, label + _failed_order(report))
+
+
+def _failed_order(report: Report) -> str:
+    """" (order 2: vjp map)" for a check of higher orders whose failing part is not the
+    first order, or ""."""
+    failed = [p.label for p in report.parts if p.status is Status.FAIL]
+    if not failed or failed[0].startswith("order 1:"):
+        return ""
+    return f" ({failed[0]})"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -198,6 +198,21 @@ def test_f_must_be_callable():
         jaxcheck.verify_rule(3, X)
 
 
+def test_order_2_fails_a_backward_pass_that_is_right_but_not_differentiable():
+    f = sin_vjp(lambda x, g: (g * lax.stop_gradient(jnp.cos(x)),))
+    assert jaxcheck.verify_rule(f, X).ok
+    report = jaxcheck.verify_rule(f, X, order=2)
+    assert failed(report) == {"vjp vs finite differences (order 2: vjp map)"}
+    assert report.relative_error == pytest.approx(1.0, rel=0.05)
+    assert jaxcheck.verify_rule(sin_vjp(lambda x, g: (g * jnp.cos(x),)), X, order=2).ok
+
+
+@pytest.mark.parametrize("order", [0, 1.0, True])
+def test_order_must_be_a_positive_int(order):
+    with pytest.raises(ValueError, match=f"order must be an int >= 1, got {order!r}."):
+        jaxcheck.verify_rule(jnp.sin, X, order=order)
+
+
 def _optax_losses():
     optax = pytest.importorskip("optax")
     logits = jnp.asarray([[0.3, -1.2, 2.0], [1.0, 0.1, -0.4]])

@@ -330,3 +330,35 @@ def test_the_wrong_rule_is_named_when_aux_holds_a_string():
     assert any(q.startswith("wrong rule: custom_vjp bad_tanh at ") for q in report.problems), (
         report.problems
     )
+
+
+@jax.custom_vjp
+def sin_frozen_backward(x):
+    return jnp.sin(x)
+
+
+# right backward pass, but its derivative is not: the cosine is held fixed
+sin_frozen_backward.defvjp(
+    lambda x: (jnp.sin(x), x), lambda x, g: (g * jax.lax.stop_gradient(jnp.cos(x)),)
+)
+
+
+def test_a_rule_wrong_only_at_order_2_is_named_by_an_order_2_check():
+    def loss(p, x):
+        h = good_tanh(x @ p["w1"])
+        return jnp.sum(sin_frozen_backward(h @ p["w2"]) ** 2)
+
+    p = {
+        "w1": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4),
+        "w2": jnp.linspace(0.5, -0.7, 8).reshape(4, 2),
+    }
+    x = jnp.linspace(-2.0, 1.5, 15).reshape(5, 3)
+    assert jaxcheck.verify(loss, p, x).status == "pass"  # first order: nothing to find
+    report = jaxcheck.verify(loss, p, x, order=2)
+    assert report.status == "fail"
+    assert [q.status.value for q in report.parts] == ["pass", "fail", "fail"]
+    wrong = [q for q in report.problems if q.startswith("wrong rule:")]
+    assert len(wrong) == 1
+    assert wrong[0].startswith("wrong rule: custom_vjp sin_frozen_backward at ")
+    assert "loss): vjp vs finite differences (order 2: vjp map), relative error 1.0e+00" in wrong[0]
+    assert any(q.startswith("rules fine: custom_vjp good_tanh at ") for q in report.problems)
