@@ -335,7 +335,7 @@ def _finite_differences(rule, key, k, precision, rtol, leaf_k, verify) -> Report
 
 
 def _failed_order(report: Report) -> str:
-    """" (order 2: vjp map)" for a check of higher orders whose failing part is not the
+    """ " (order 2: vjp map)" for a check of higher orders whose failing part is not the
     first order, or ""."""
     failed = [p.label for p in report.parts if p.status is Status.FAIL]
     if not failed or failed[0].startswith("order 1:"):
