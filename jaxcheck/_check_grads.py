@@ -117,8 +117,9 @@ def check_grads(
             or "nonfinite" because `f` itself is NaN/Inf at or next to `args`). By default
             these return quietly, as JAX's check_grads does where it counts NaN equal to NaN.
             Where `f` or `args` are NaN/Inf at some entries only, the others are judged
-            (those outputs set to 0, the argument entries that are NaN/Inf or have a NaN/Inf
-            derivative held fixed; the report's first problem says how many).
+            (those outputs set to 0, the argument entries held fixed that are NaN/Inf or feed
+            only those outputs; the report's first problem says how many), and a NaN/Inf
+            derivative of an output that is finite fails.
 
     Returns:
         None.
@@ -270,16 +271,26 @@ def _finite_part_outcome(f, params, options) -> Outcome | None:
     """Where `f` (or an argument) is NaN/Inf at some entries only, judge the rest, as JAX's
     check_grads compares the finite entries and counts NaN equal to NaN: the check runs on
     `f` with its NaN/Inf outputs replaced by 0 and the argument entries held fixed that are
-    NaN/Inf themselves or whose derivative is (they feed only NaN/Inf outputs). A pass or
-    fail of that check is the outcome; anything else leaves the call unjudged (None)."""
+    NaN/Inf themselves or feed only those outputs. A pass or fail of that check is the
+    outcome, and so is a NaN/Inf derivative of an output that is finite (a fail, as where
+    `f` is finite everywhere); anything else leaves the call unjudged (None)."""
     part = _FinitePart.at(f, params)
     if part is None:
         return None
     report = _verify.run(part, part.filled, (), options)
-    if report.status not in (Status.PASS, Status.FAIL):
+    failed = report.status is Status.FAIL or (
+        report.status is Status.NONFINITE and part.nonfinite_derivative
+    )
+    if report.status is not Status.PASS and not failed:
         return None
     report = dataclasses.replace(report, problems=(part.note, *report.problems))
-    return Outcome(report, "pass" if report.status is Status.PASS else "fail")
+    return Outcome(report, "fail" if failed else "pass")
+
+
+# The most argument entries whose NaN/Inf reverse derivative is told apart, one forward
+# derivative each, into entries that feed only NaN/Inf outputs (held fixed) and entries
+# whose derivative is NaN/Inf in a finite output (a failure). Beyond it, all are held.
+MAX_FORWARD_COLUMNS = 256
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -295,6 +306,7 @@ class _FinitePart:
     masked: tuple  # per float output leaf: True where the output is replaced by 0
     filled: tuple = ()  # the arguments with every NaN/Inf entry replaced by 0
     note: str = ""
+    nonfinite_derivative: bool = False  # NaN/Inf in the derivative of a finite output
 
     def __call__(self, args):
         return self._outputs(jax.tree.leaves(args))
@@ -323,7 +335,10 @@ class _FinitePart:
         filled = iter([np.where(b, np.zeros((), x.dtype), x) for x, b in zip(floats, bad_in)])
         filled_leaves = [_like(next(filled), x) if _inexact(x) else x for x in leaves]
         part = cls(f, treedef, floats, bad_in, masked)
-        held = tuple(b | ~np.isfinite(g) for b, g in zip(bad_in, part._gradient(filled_leaves)))
+        with jax.debug_nans(False), jax.debug_infs(False):
+            flagged = [~b & ~np.isfinite(g) for b, g in zip(bad_in, part._gradient(filled_leaves))]
+            genuine = part._forward_nonfinite(filled_leaves, flagged)
+        held = tuple(b | (fl & ~g) for b, fl, g in zip(bad_in, flagged, genuine))
         if all(h.all() for h in held):
             return None
         found = [
@@ -334,32 +349,71 @@ class _FinitePart:
         n = _count(held)
         note = f"{' and '.join(found)}; the derivative was judged where both are finite" + (
             f", holding {n} argument {'entry' if n == 1 else 'entries'} fixed (NaN/Inf "
-            "themselves, or with a NaN/Inf derivative)"
+            "themselves, or feeding only NaN/Inf outputs)"
             if n
             else ""
         )
+        if _count(genuine):
+            note = (
+                f"{' and '.join(found)}, and the derivative of an output that is finite is "
+                "NaN/Inf (which fails, as it does where f is finite everywhere)"
+            )
         filled_args = jax.tree.unflatten(treedef, filled_leaves)
-        return cls(f, treedef, floats, held, masked, filled_args, note)
+        return cls(f, treedef, floats, held, masked, filled_args, note, _count(genuine) > 0)
 
-    def _gradient(self, leaves) -> list:
-        """The gradient of the sum of the masked outputs (real and imaginary parts) in
-        every float argument entry: NaN/Inf where an entry feeds only masked outputs. All
-        zero when reverse mode fails (a forward-only f): nothing more is held."""
+    def _floats_function(self, leaves):
+        """(the float leaves of `leaves`, the masked outputs' float leaves as a function
+        of them)."""
         where = [i for i, x in enumerate(leaves) if _inexact(x)]
 
-        def summed(floats):
+        def outputs(floats):
             full = list(leaves)
             for i, x in zip(where, floats):
                 full[i] = x
-            ys = [y for y in jax.tree.leaves(self._outputs(full)) if _inexact(y)]
-            return sum(jnp.sum(jnp.real(y)) + jnp.sum(jnp.imag(y)) for y in ys)
+            return [y for y in jax.tree.leaves(self._outputs(full)) if _inexact(y)]
 
-        floats = [jnp.asarray(leaves[i]) for i in where]
+        return [jnp.asarray(leaves[i]) for i in where], outputs
+
+    def _gradient(self, leaves) -> list:
+        """The gradient of the sum of the masked outputs (real and imaginary parts) in
+        every float argument entry: NaN/Inf where an entry feeds only masked outputs (0
+        times a NaN/Inf derivative), or where its derivative is NaN/Inf. All zero when
+        reverse mode fails (a forward-only f): nothing more is held."""
+        floats, outputs = self._floats_function(leaves)
+
+        def summed(xs):
+            return sum(jnp.sum(jnp.real(y)) + jnp.sum(jnp.imag(y)) for y in outputs(xs))
+
         try:
-            with jax.debug_nans(False), jax.debug_infs(False):
-                return [np.asarray(g) for g in jax.grad(summed)(floats)]
+            return [np.asarray(g) for g in jax.grad(summed)(floats)]
         except Exception:  # noqa: BLE001 - any failure of reverse mode: hold nothing more
             return [np.zeros(x.shape) for x in floats]
+
+    def _forward_nonfinite(self, leaves, flagged) -> list:
+        """Per float leaf, True at the `flagged` entries whose forward derivative is
+        NaN/Inf in an output that is finite: a derivative that is NaN/Inf where `f` is
+        not. All False when there are too many to tell apart, or forward mode fails."""
+        none = [np.zeros(m.shape, bool) for m in flagged]
+        columns = [(j, i) for j, m in enumerate(flagged) for i in np.flatnonzero(m)]
+        if not columns or len(columns) > MAX_FORWARD_COLUMNS:
+            return none
+        floats, outputs = self._floats_function(leaves)
+        tangents = [np.zeros((len(columns), *x.shape), x.dtype) for x in floats]
+        for c, (j, i) in enumerate(columns):
+            tangents[j].reshape(len(columns), -1)[c, i] = 1
+        try:
+            jvp = jax.vmap(lambda t: jax.jvp(outputs, (floats,), (t,))[1])
+            derivatives = jvp(tangents)
+        except Exception:  # noqa: BLE001 - no forward mode (a custom_vjp): hold them all
+            return none
+        bad = np.zeros(len(columns), bool)
+        for d in derivatives:
+            d = np.asarray(d).reshape(len(columns), -1)
+            bad |= np.any(~np.isfinite(d), axis=1)
+        out = none
+        for c, (j, i) in enumerate(columns):
+            out[j].reshape(-1)[i] = bad[c]
+        return out
 
 
 def _count(masks) -> int:

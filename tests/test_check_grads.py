@@ -139,7 +139,7 @@ NAN_AT = np.array([0.3, -1.5, 0.7, 2.0], np.float32)  # log and arcsin are NaN a
             (NAN_AT,),
             "f's output is NaN/Inf at 2 of 4 entries; the derivative "
             "was judged where both are finite, holding 2 argument entries fixed (NaN/Inf "
-            "themselves, or with a NaN/Inf derivative)",
+            "themselves, or feeding only NaN/Inf outputs)",
         ),
         (
             jax.nn.softplus,
@@ -184,6 +184,18 @@ def test_a_bug_where_f_is_finite_fails_though_f_is_nan_elsewhere(modes, order):
     assert "f's output is NaN/Inf at 1 of 4 entries; the derivative was judged" in str(info.value)
     # jaxcheck.verify itself still reports the NaN and judges nothing
     assert jaxcheck.verify(lambda x: jnp.log(x), NAN_AT).status == "nonfinite"
+
+
+@pytest.mark.parametrize("modes", [("fwd",), ("rev",)])
+def test_a_nan_derivative_of_a_finite_output_fails_though_f_is_nan_elsewhere(modes):
+    # sqrt is NaN at -1 (held fixed) and finite at 0, where its derivative is inf
+    with pytest.raises(jaxcheck.GradientCheckError) as info:
+        jaxcheck.check_grads(jnp.sqrt, (np.array([0.0, -1.0, 2.0], np.float32),), 1, modes)
+    assert info.value.report.status == "nonfinite"
+    assert info.value.report.problems[0] == (
+        "f's output is NaN/Inf at 1 of 3 entries, and the derivative of an output that is "
+        "finite is NaN/Inf (which fails, as it does where f is finite everywhere)"
+    )
 
 
 @pytest.mark.parametrize(
