@@ -382,7 +382,10 @@ class _FinitePart:
         floats, outputs = self._floats_function(leaves)
 
         def summed(xs):
-            return sum(jnp.sum(jnp.real(y)) + jnp.sum(jnp.imag(y)) for y in outputs(xs))
+            wide = jnp.result_type(float)  # outputs of several dtypes, strict promotion
+            return sum(
+                (jnp.sum(jnp.real(y)) + jnp.sum(jnp.imag(y))).astype(wide) for y in outputs(xs)
+            )
 
         try:
             return [np.asarray(g) for g in jax.grad(summed)(floats)]

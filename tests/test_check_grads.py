@@ -186,6 +186,43 @@ def test_a_bug_where_f_is_finite_fails_though_f_is_nan_elsewhere(modes, order):
     assert jaxcheck.verify(lambda x: jnp.log(x), NAN_AT).status == "nonfinite"
 
 
+def test_partly_nan_outputs_of_two_dtypes_under_strict_promotion(strict_numerics):
+    # log(a) is NaN at -1.5 and fine elsewhere; the second output's entry 1 is NaN too
+    f = lambda a, b: (jnp.log(a), jnp.log(b) * jnp.float16(2))  # noqa: E731
+    outcome = _check_grads.run(f, (NAN_AT, NAN_AT.astype(np.float16)), 2)
+    assert outcome.verdict == "pass", str(outcome.report)
+    assert outcome.report.problems[0] == (
+        "f's output is NaN/Inf at 2 of 8 entries; the derivative was judged where both are finite"
+    )
+
+
+@jax.custom_jvp
+def _sin_10_percent_off(x):
+    return jnp.sin(x)
+
+
+@_sin_10_percent_off.defjvp
+def _sin_10_percent_off_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return jnp.sin(x), jnp.asarray(1.1, x.dtype) * jnp.cos(x) * t
+
+
+@pytest.mark.parametrize("bug", [False, True])
+def test_function_that_runs_only_in_float16_is_judged_at_float16_resolution(bug, strict_numerics):
+    # the float16 constant makes fn refuse float32 and float64 inputs under strict
+    # promotion: both modes then run in float16, and a caller's rtol of 1e-5 (check_grads'
+    # default) cannot make them agree to it
+    sin = _sin_10_percent_off if bug else jnp.sin
+    f = lambda a, b: (jnp.sin(a), sin(b) * jnp.float16(2))  # noqa: E731
+    outcome = _check_grads.run(f, (X, X.astype(np.float16)), 2)
+    assert outcome.verdict == ("fail" if bug else "pass"), str(outcome.report)
+    consistency = [c for c in outcome.report.checks if "forward vs reverse" in c.name]
+    assert len(consistency) == 2
+    assert all(c.tolerance == pytest.approx(np.sqrt(np.finfo(np.float16).eps)) for c in consistency)
+    if bug:
+        assert [leaf.path for leaf in outcome.report.leaves if leaf.status == "fail"] == ["[1]"]
+
+
 @pytest.mark.parametrize("modes", [("fwd",), ("rev",)])
 def test_a_nan_derivative_of_a_finite_output_fails_though_f_is_nan_elsewhere(modes):
     # sqrt is NaN at -1 (held fixed) and finite at 0, where its derivative is inf
