@@ -164,9 +164,8 @@ NAN_AT = np.array([0.3, -1.5, 0.7, 2.0], np.float32)  # log and arcsin are NaN a
     ],
     ids=["log", "arcsin", "softplus-at-inf", "xlog1py", "matmul-dict"],
 )
-@pytest.mark.parametrize("order", [1, 2])
-def test_where_f_is_nan_at_some_entries_the_others_are_judged(f, args, note, order):
-    outcome = _check_grads.run(f, args, order)
+def test_where_f_is_nan_at_some_entries_the_others_are_judged(f, args, note):
+    outcome = _check_grads.run(f, args, 2)
     assert outcome.verdict == "pass", str(outcome.report)
     assert outcome.report.status == "pass"
     assert outcome.report.problems[0].startswith(note)
