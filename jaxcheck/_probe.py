@@ -141,9 +141,9 @@ def _on_host(probe: dict, diff: list, problem) -> dict:
 
 def _host_squares(leaves) -> np.ndarray:
     """Per-leaf sums of squares in float64, on the host (the leaves of a small problem)."""
-    arrays = [_plan.host_array(x).astype(np.float64) for x in leaves]
+    arrays = [np.asarray(_plan.host_array(x), np.float64).ravel() for x in leaves]
     with np.errstate(over="ignore", invalid="ignore"):  # NaN/Inf: `host_rms` tells them apart
-        return np.asarray([np.sum(np.square(x)) for x in arrays], np.float64)
+        return np.asarray([np.dot(x, x) for x in arrays], np.float64)
 
 
 def nonfinite(run: Run, paths) -> bool:

@@ -66,6 +66,26 @@ def test_signs_are_drawn_on_the_host_only_for_small_unchunked_problems(
     assert bool(drawn) == on_host
 
 
+def test_host_signs_are_drawn_once_for_checks_with_the_same_key(monkeypatch):
+    import jaxcheck
+    from jaxcheck import _state
+
+    drawn = []
+    original = _directions.host_signs
+    monkeypatch.setattr(_directions, "host_signs", lambda *a: drawn.append(a[1]) or original(*a))
+    monkeypatch.setattr(_state, "_DRAWN", type(_state._DRAWN)())
+    checker = jaxcheck.Checker(lambda w: jnp.sum(jnp.sin(w) ** 2), key=3)
+    assert checker(jnp.ones(5)).ok
+    first = len(drawn)
+    assert first > 0
+    assert checker(jnp.linspace(0.1, 0.9, 5)).ok  # same key and shapes: nothing drawn
+    assert len(drawn) == first
+    kept = next(iter(_state._DRAWN.values()))[0][0]
+    assert not kept.flags.writeable
+    assert jaxcheck.verify(lambda w: jnp.sum(jnp.sin(w) ** 2), jnp.ones(5), key=4).ok
+    assert len(drawn) > first  # another key: its own signs
+
+
 def test_seeds_depend_on_key_and_path_only():
     key = jax.random.key(0)
     s1 = _directions.seeds(key, "params", ["['a']", "['b']"])
