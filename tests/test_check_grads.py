@@ -195,23 +195,12 @@ def test_partly_nan_outputs_of_two_dtypes_under_strict_promotion(strict_numerics
     )
 
 
-@jax.custom_jvp
-def _sin_10_percent_off(x):
-    return jnp.sin(x)
-
-
-@_sin_10_percent_off.defjvp
-def _sin_10_percent_off_jvp(primals, tangents):
-    (x,), (t,) = primals, tangents
-    return jnp.sin(x), jnp.asarray(1.1, x.dtype) * jnp.cos(x) * t
-
-
 @pytest.mark.parametrize("bug", [False, True])
 def test_function_that_runs_only_in_float16_is_judged_at_float16_resolution(bug, strict_numerics):
     # the float16 constant makes fn refuse float32 and float64 inputs under strict
     # promotion: both modes then run in float16, and a caller's rtol of 1e-5 (check_grads'
     # default) cannot make them agree to it
-    sin = _sin_10_percent_off if bug else jnp.sin
+    sin = scaled_sin(1.1) if bug else jnp.sin
     f = lambda a, b: (jnp.sin(a), sin(b) * jnp.float16(2))  # noqa: E731
     outcome = _check_grads.run(f, (X, X.astype(np.float16)), 2)
     assert outcome.verdict == ("fail" if bug else "pass"), str(outcome.report)
