@@ -168,9 +168,9 @@ def _values(base, shape, kind: str):
 def host_signs(seeds, index, shapes) -> list[np.ndarray]:
     """The random signs of directions `index` (n,) for leaves of `shapes` with `seeds`,
     drawn on the host: per leaf an int8 array (n, *shape), equal element for element to
-    `draw`'s. A small problem's programs take them as an input instead of hashing them:
-    the hashing is a third of such a program's compile time, and its data is a few
-    kilobytes (`_state.Run.signs`)."""
+    `draw`'s. The programs of a problem batched whole take them as an input instead of
+    hashing them: the hashing is a third of a small program's compile time, and the data
+    is at most half a megabyte (`_state.Run.signs`)."""
     bases = _base_of(np.asarray(seeds, np.uint32)[None, :], np.asarray(index)[:, None])
     out = []
     for i, shape in enumerate(shapes):
