@@ -226,9 +226,6 @@ def _report(run: Run, status, counts, p, checks, leaves, held_fixed, steps, stop
     head = checks[0] if checks else None
     nan = math.nan
     ref = run.reference or _precision.reference_dtype(run.policy, run.tested)
-    analytic = None
-    if p is not None:
-        analytic = p.rev if p.rev is not None else p.fwd
     return Report(
         status=status,
         relative_error=head.relative_error if head else nan,
@@ -249,7 +246,7 @@ def _report(run: Run, status, counts, p, checks, leaves, held_fixed, steps, stop
         num_nonsmooth=p.fd.num_nonsmooth if p else 0,
         num_nonfinite=int(np.sum(~p.fd.finite)) if p else 0,
         num_subgradient_consistent=(
-            _error_model.subgradient_consistent(p.fd, analytic) if p else 0
+            _error_model.subgradient_consistent(p.fd, p.analytic) if p else 0
         ),
         num_evaluations=run.evaluations,
         problems=(*run.problems, *NOTES.get(), *run.problem.notes),
@@ -259,5 +256,5 @@ def _report(run: Run, status, counts, p, checks, leaves, held_fixed, steps, stop
         stencil_points=p.fd.points if p else 0,
         peak_memory_bytes=run.timer.peak_bytes,
         numeric=None if p is None else np.asarray(p.numeric),
-        analytic=None if analytic is None else np.asarray(analytic, np.float64),
+        analytic=None if p is None else np.asarray(p.analytic, np.float64),
     )

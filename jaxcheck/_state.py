@@ -109,3 +109,15 @@ class Pass:
     @property
     def numeric(self) -> np.ndarray:
         return self.fd.value
+
+    @property
+    def analytic(self) -> np.ndarray:
+        """The derivative under test along the directions: reverse mode's where it was
+        checked, else forward mode's."""
+        return self.rev if self.rev is not None else self.fwd
+
+    @property
+    def analytic_ref(self) -> np.ndarray | None:
+        """The same rule in the reference precision, in `analytic`'s mode (None where it
+        was not evaluated)."""
+        return self.ref_rev if self.rev is not None else self.ref_fwd

@@ -227,7 +227,7 @@ def _flat(run: Run, p: Pass, k, problems) -> Status | None:
         return Status.PASS
     if p.step >= 0.99 * run.max_step:
         return None  # flat even at the largest step: judged as usual
-    a = p.rev if p.rev is not None else p.fwd
+    a = p.analytic
     if not np.any(a[p.fd.smooth & np.isfinite(a)]):
         # the derivative under test is zero along every direction, and fn is flat along
         # some only: a zero of higher order (det at a matrix of rank n - 2, whose values
@@ -252,8 +252,8 @@ def vacuous(p: Pass, rounds: bool, eps: float) -> bool:
     stationary point, an identically zero fn, the derivative map of a linear fn) it is far
     below them."""
     use = p.fd.smooth
-    a = p.rev if p.rev is not None else p.fwd
-    a_ref = p.ref_rev if p.rev is not None else p.ref_fwd
+    a = p.analytic
+    a_ref = p.analytic_ref
     claimed = _error_model.rms((a if a_ref is None else a_ref)[use])
     # values equal to the last bit along some directions and a few ulps apart along
     # others are ordinary rounding of a constant, not the quanta of a lower precision
@@ -278,7 +278,7 @@ def flat_directions(p: Pass):
     """None, unless fn's values are exactly constant within the step along at least half of
     the smooth directions; then (how many, whether the derivative under test is zero
     there: exactly, or to within its rounding against the same rule in higher precision)."""
-    a = p.rev if p.rev is not None else p.fwd
+    a = p.analytic
     use = p.fd.smooth & np.isfinite(a)
     flat = use & constant_along(p)
     n = int(flat.sum())
@@ -292,7 +292,7 @@ def flat_directions(p: Pass):
         # few equal entries meet them often), not a flat fn, whose flat directions would
         # carry derivatives like the others'
         return None
-    a_ref = p.ref_rev if p.rev is not None else p.ref_fwd
+    a_ref = p.analytic_ref
     if (
         not zero
         and a_ref is not None
