@@ -156,9 +156,13 @@ def run(f, args, order, modes=("fwd", "rev"), atol=None, rtol=None, eps=None) ->
         # a derivative with respect to empty arrays is empty: JAX's check passes there too
         return Outcome(None, "pass")
     report = _verify.run(Positional(f), params, (), options)
-    verdict = _verdict(report, f, params)
-    if verdict == "unjudged" and report.status is Status.NONFINITE:
-        judged = _finite_part_outcome(f, params, options)
+    if report.status is not Status.NONFINITE:
+        return Outcome(report, STATUS_VERDICT[report.status])
+    with jax.debug_nans(False), jax.debug_infs(False):  # f at the point, read once
+        outputs = f(*params)
+    verdict = _nonfinite_verdict(report, params, outputs)
+    if verdict == "unjudged":
+        judged = _finite_part_outcome(f, params, outputs, options)
         if judged is not None:
             return judged
     return Outcome(report, verdict)
@@ -251,30 +255,28 @@ def _inexact(x) -> bool:
     return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
 
 
-def _verdict(report: Report, f, params) -> str:
-    if report.status is Status.PASS:
-        return "pass"
-    if report.status is Status.FAIL:
-        return "fail"
-    if report.status is Status.INCONCLUSIVE:
-        return "unjudged"
-    # Non-finite: a NaN/Inf derivative where f and its inputs are finite is a bug; NaN/Inf in
-    # f at the point, or within the finite-difference step of it, leaves nothing to judge.
-    if not _all_finite(params) or not _all_finite(f(*params)):
+STATUS_VERDICT = {Status.PASS: "pass", Status.FAIL: "fail", Status.INCONCLUSIVE: "unjudged"}
+
+
+def _nonfinite_verdict(report: Report, params, outputs) -> str:
+    """A NaN/Inf derivative where f (its `outputs` at `params`) and its inputs are finite
+    is a bug; NaN/Inf in f at the point, or within the finite-difference step of it, leaves
+    nothing to judge."""
+    if not _all_finite(params) or not _all_finite(outputs):
         return "unjudged"
     if report.analytic is not None and not _all_finite(report.analytic):
         return "fail"
     return "unjudged" if report.num_nonfinite else "fail"
 
 
-def _finite_part_outcome(f, params, options) -> Outcome | None:
+def _finite_part_outcome(f, params, outputs, options) -> Outcome | None:
     """Where `f` (or an argument) is NaN/Inf at some entries only, judge the rest, as JAX's
     check_grads compares the finite entries and counts NaN equal to NaN: the check runs on
     `f` with its NaN/Inf outputs replaced by 0 and the argument entries held fixed that are
     NaN/Inf themselves or feed only those outputs. A pass or fail of that check is the
     outcome, and so is a NaN/Inf derivative of an output that is finite (a fail, as where
     `f` is finite everywhere); anything else leaves the call unjudged (None)."""
-    part = _FinitePart.at(f, params)
+    part = _FinitePart.at(f, params, outputs)
     if part is None:
         return None
     report = _verify.run(part, part.filled, (), options)
@@ -321,11 +323,12 @@ class _FinitePart:
         return jax.tree.unflatten(out_def, out_leaves)
 
     @classmethod
-    def at(cls, f, params) -> "_FinitePart | None":
+    def at(cls, f, params, outputs) -> "_FinitePart | None":
+        """The part of `f` to judge at `params`, where it is `outputs`; None where nothing
+        is masked, or nothing is left."""
         leaves, treedef = jax.tree.flatten(params)
         floats = tuple(np.asarray(x) for x in leaves if _inexact(x))
-        with jax.debug_nans(False), jax.debug_infs(False):
-            outs = [np.asarray(y) for y in jax.tree.leaves(f(*params)) if _inexact(y)]
+        outs = [np.asarray(y) for y in jax.tree.leaves(outputs) if _inexact(y)]
         masked = tuple(~np.isfinite(y) for y in outs)
         bad_in = tuple(~np.isfinite(x) for x in floats)
         if not any(m.any() for m in masked + bad_in):
@@ -347,17 +350,18 @@ class _FinitePart:
             if _count(masks)
         ]
         n = _count(held)
-        note = f"{' and '.join(found)}; the derivative was judged where both are finite" + (
-            f", holding {n} argument {'entry' if n == 1 else 'entries'} fixed (NaN/Inf "
-            "themselves, or feeding only NaN/Inf outputs)"
-            if n
-            else ""
-        )
         if _count(genuine):
             note = (
                 f"{' and '.join(found)}, and the derivative of an output that is finite is "
                 "NaN/Inf (which fails, as it does where f is finite everywhere)"
             )
+        else:
+            note = f"{' and '.join(found)}; the derivative was judged where both are finite"
+            if n:
+                note += (
+                    f", holding {n} argument {'entry' if n == 1 else 'entries'} fixed "
+                    "(NaN/Inf themselves, or feeding only NaN/Inf outputs)"
+                )
         filled_args = jax.tree.unflatten(treedef, filled_leaves)
         return cls(f, treedef, floats, held, masked, filled_args, note, _count(genuine) > 0)
 
