@@ -3,6 +3,7 @@
 import dataclasses
 import enum
 import math
+import re
 from typing import Any
 
 import jax
@@ -149,6 +150,13 @@ def check_kind(name: str) -> tuple[str, str]:
     if name.startswith("forward vs reverse"):
         return "consistency", ""
     return ("rule" if "same rule" in name else "tested"), name.split(" ", 1)[0]
+
+
+def order_of(part: Report) -> int | None:
+    """The order a part of a composite report checks, from its label ("order 2: vjp map",
+    `_orders`); None for a part of another kind (custom rules, transforms)."""
+    found = re.match(r"order (\d+): ", part.label)
+    return int(found.group(1)) if found else None
 
 
 def compose(parts, order: int) -> Report:

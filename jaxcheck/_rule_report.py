@@ -4,9 +4,8 @@ the consistency of the gradient under JAX's transformations (`transforms=True`).
 
 import dataclasses
 import math
-import re
 
-from . import _rule_rows, _rule_search, _rules, _transforms, _verdict
+from . import _report, _rule_rows, _rule_search, _rules, _transforms, _verdict
 from ._error_model import Comparison
 from ._errors import GradientCheckError, one_line
 from ._report import Report, Status
@@ -60,11 +59,8 @@ def _rule_order(o, report: Report) -> int:
     first derivative is found at order 1, at a fraction of the cost)."""
     if o.rules is True:
         return o.order
-    for p in report.parts:
-        found = re.match(r"order (\d+):", p.label)
-        if p.status is Status.FAIL and found:
-            return int(found.group(1))
-    return 1
+    failed = [_report.order_of(p) for p in report.parts if p.status is Status.FAIL]
+    return next((k for k in failed if k is not None), 1)
 
 
 def rules_part(fn, params, args, o, order=1) -> tuple[Report | None, list]:

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _directions, _plan, _precision, _problem, _rule_rows, _rule_search
+from . import _directions, _plan, _precision, _problem, _report, _rule_rows, _rule_search
 from ._error_model import Comparison
 from ._errors import GradientCheckError
 from ._report import Report, Status
@@ -337,10 +337,10 @@ def _finite_differences(rule, key, k, precision, rtol, leaf_k, verify) -> Report
 def _failed_order(report: Report) -> str:
     """ " (order 2: vjp map)" for a check of higher orders whose failing part is not the
     first order, or ""."""
-    failed = [p.label for p in report.parts if p.status is Status.FAIL]
-    if not failed or failed[0].startswith("order 1:"):
+    failed = [p for p in report.parts if p.status is Status.FAIL]
+    if not failed or _report.order_of(failed[0]) == 1:
         return ""
-    return f" ({failed[0]})"
+    return f" ({failed[0].label})"
 
 
 @dataclasses.dataclass(frozen=True)
