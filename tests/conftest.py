@@ -1,3 +1,6 @@
+import importlib.metadata
+import os
+
 import jax
 import pytest
 
@@ -6,6 +9,24 @@ from jaxcheck import _rule_report
 # where the automatic rule checks of a failing verify are the subject (elsewhere they add
 # about a second to every planted bug, and the leaf-level verdict is what is tested)
 RULE_MODULES = ("test_rules", "test_transforms", "test_multiprocess")
+
+
+MAX_WORKERS = 4  # each worker is a process with its own jax and compile caches
+
+
+def pytest_xdist_auto_num_workers(config):
+    """Workers for `-n auto` (pyproject.toml): one per core this process may use, at most
+    MAX_WORKERS; one where jax may run on a GPU, of which every worker process would claim
+    most of the memory."""
+    if os.environ.get("JAX_PLATFORMS", "").lower() != "cpu" and _gpu_plugin_installed():
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(MAX_WORKERS, cores or 1))
+
+
+def _gpu_plugin_installed() -> bool:
+    names = (d.metadata["Name"] or "" for d in importlib.metadata.distributions())
+    return any(n.lower().replace("_", "-").startswith(("jax-cuda", "jax-rocm")) for n in names)
 
 
 @pytest.fixture(autouse=True)

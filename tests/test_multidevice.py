@@ -10,7 +10,8 @@ HERE = Path(__file__).parent
 
 
 def test_sharded_checks_on_8_simulated_devices():
-    env = dict(os.environ)
+    # not as a worker of this run's pytest-xdist: the subprocess is a pytest run of its own
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     env["JAX_PLATFORMS"] = "cpu"
     result = subprocess.run(
@@ -21,6 +22,8 @@ def test_sharded_checks_on_8_simulated_devices():
             "-q",
             "-p",
             "no:cacheprovider",
+            "-n",
+            "0",
             "-rs",
             str(HERE / "multidevice" / "test_sharded.py"),
         ],
