@@ -26,7 +26,7 @@ from . import (
     _state,
     _tree,
 )
-from ._errors import GradientCheckError
+from ._errors import GradientCheckError, one_line
 from ._plan import Timer
 from ._report import Report
 
@@ -331,7 +331,7 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
     except NotImplementedError as err:
         if not _plan.unbatchable(err) or plan == _plan.looped(plan):
             raise
-        first = str(err).strip().splitlines()[0][:160]
+        first = one_line(err)
         if plan.direction_sharding is not None:
             raise ValueError(
                 f"fn cannot be batched by jax.vmap ({first}), and direction_sharding "

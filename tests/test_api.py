@@ -387,8 +387,10 @@ def test_fn_that_jax_vmap_refuses_is_checked_direction_by_direction(mode, size):
     # direction at a time on CPU anyway, with nothing batched (accelerators batch it)
     if size == 5 or jax.default_backend() != "cpu":
         assert good.problems[0].startswith(
-            "fn cannot be batched by jax.vmap (vmap is only supported for the pure_callback "
+            "fn cannot be batched by jax.vmap (NotImplementedError: vmap is only supported "
+            "for the pure_callback primitive when vmap_method is one of "
         )
+        assert "Got vmap_method=None.); its directions" in good.problems[0]
         assert good.problems[0].endswith(
             "its directions and stencil points were evaluated one at a time, which is slower"
         )
@@ -404,7 +406,10 @@ def test_fn_that_jax_vmap_refuses_cannot_have_its_directions_sharded():
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
     with pytest.raises(ValueError, match="Leave direction_sharding=None") as info:
         jaxcheck.verify(_host_sin(1.0), jnp.ones(3), direction_sharding=sharding)
-    assert str(info.value).startswith("fn cannot be batched by jax.vmap (vmap is only")
+    assert str(info.value).startswith(
+        "fn cannot be batched by jax.vmap (NotImplementedError: vmap is only"
+    )
+    assert "Got vmap_method=None.), and direction_sharding" in str(info.value)
 
 
 def test_second_check_of_the_same_function_compiles_nothing():
