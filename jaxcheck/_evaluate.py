@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _autodiff, _differences, _plan, _precision
 from ._errors import one_line
-from ._state import Run
+from ._state import TRACED_RULE, Run
 
 
 def evaluate(run: Run, index, rows, h, offsets) -> dict:
@@ -150,9 +150,18 @@ def _reference(run: Run, index, rows, h, offsets) -> dict:
                 f"fn could not run {where} ({one_line(err)}); {after}, "
                 "so the resolution is coarser (a custom rule inside, a Pallas kernel's say, "
                 "is resolved more finely on its own: rules=True, or jaxcheck.verify_rule)"
-                + (f"; {_precision.STALE_HINT}" if _precision.stale_constants(err) else "")
+                + _hint(err)
             )
     raise AssertionError("unreachable")
+
+
+def _hint(err) -> str:
+    """Why fn may have mixed float32 and float64 values, where `err` says it did."""
+    if not _precision.stale_constants(err):
+        return ""
+    if TRACED_RULE.get():
+        return f"; {_precision.TRACED_RULE_HINT}"
+    return f"; {_precision.STALE_HINT}"
 
 
 def _reference_in(run: Run, dtype, cast, index, rows, h, offsets) -> dict:

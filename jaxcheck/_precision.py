@@ -86,6 +86,12 @@ def stale_constants(err: BaseException) -> bool:
     return bool(re.search(r"float32|f32\b", text)) and bool(re.search(r"float64|f64\b", text))
 
 
+TRACED_RULE_HINT = (
+    "the rule is checked as fn's trace recorded it, typed in fn's precision, which cannot "
+    "run in float64; jaxcheck.verify_rule(rule, *inputs) on the rule's own function "
+    "checks it in float64"
+)
+
 STALE_HINT = (
     "JAX reuses the float32 conversions of NumPy constants that fn closes over, made while "
     "64-bit types were off, once they are on: switch them on before fn first runs, or call "

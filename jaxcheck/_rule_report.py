@@ -9,6 +9,7 @@ from . import _report, _rule_rows, _rule_search, _rules, _transforms, _verdict
 from ._error_model import Comparison
 from ._errors import GradientCheckError, one_line
 from ._report import Report, Status
+from ._state import TRACED_RULE
 
 
 def checked(fn, params, args, options, check) -> Report:
@@ -30,7 +31,8 @@ def checked(fn, params, args, options, check) -> Report:
         except Exception as err:  # noqa: BLE001 - the gradient check's verdict stands
             notes.append(f"transforms: not checked ({one_line(err)})")
     if _wants_rules(o, report):
-        part, more = rules_part(fn, params, args, o, _rule_order(o, report))
+        error = report.relative_error if report.status is Status.FAIL else None
+        part, more = rules_part(fn, params, args, o, _rule_order(o, report), error)
         if part is not None:
             parts.append(part)
             what.append(" and its custom rules")
@@ -63,9 +65,11 @@ def _rule_order(o, report: Report) -> int:
     return next((k for k in failed if k is not None), 1)
 
 
-def rules_part(fn, params, args, o, order=1) -> tuple[Report | None, list]:
+def rules_part(fn, params, args, o, order=1, error=None) -> tuple[Report | None, list]:
     """(a report listing the custom rules fn calls, each with its verdict at the inputs it
-    receives, or None when there are none; notes for the report)."""
+    receives, or None when there are none; notes for the report). `error` is the relative
+    error of fn's failing derivative: a rule whose finite differences cannot resolve an
+    error that size is not called fine."""
     if o.grad_fn is not None:
         return None, ["rules: not checked, the gradient under test is grad_fn's"]
     if o.has_aux:  # aux may hold anything jax cannot trace (strings, Python objects)
@@ -89,7 +93,7 @@ def rules_part(fn, params, args, o, order=1) -> tuple[Report | None, list]:
         return None, notes
     rows, reports = [], []
     for rule in found:
-        row, report, note = _check_one(fn, rule, o, order)
+        row, report, note = _check_one(fn, rule, o, order, error)
         rows.append(row)
         if report is not None:
             reports.append(report)
@@ -102,9 +106,16 @@ def rules_part(fn, params, args, o, order=1) -> tuple[Report | None, list]:
         f"(tolerance {r.tolerance:.1e}){_raised(r)}"
         for r in wrong
     ]
-    fine = [r.label for r in reports if r.ok]
+    coarse = [r for r in reports if r.ok and _coarser(r, error)]
+    fine = [r.label for r in reports if r.ok and r not in coarse]
     if fine:
         problems.append(f"rules fine: {'; '.join(fine)}")
+    if coarse:
+        each = "; ".join(f"{r.label} ({_resolution(r)})" for r in coarse)
+        problems.append(
+            f"rules without an error found, but too coarse to see one the size of fn's "
+            f"({error:.1e}): {each}"
+        )
     part = Report(
         status=Status.FAIL if wrong else Status.PASS,
         relative_error=head.relative_error if head else 0.0,
@@ -133,7 +144,9 @@ def rules_part(fn, params, args, o, order=1) -> tuple[Report | None, list]:
     return part, []
 
 
-def _check_one(fn, rule: _rule_search.Found, o, order) -> tuple[Comparison, Report | None, str]:
+def _check_one(
+    fn, rule: _rule_search.Found, o, order, error=None
+) -> tuple[Comparison, Report | None, str]:
     nan = (math.nan, math.nan)
     if rule.inputs is None:
         row = Comparison(
@@ -143,6 +156,7 @@ def _check_one(fn, rule: _rule_search.Found, o, order) -> tuple[Comparison, Repo
             f"rule {rule.title}: its inputs could not be intercepted; the leaf-level verdict stands"
         )
         return row, None, note
+    token = TRACED_RULE.set(True)
     try:
         report = _rules.check_rule(
             rule.function(),
@@ -160,8 +174,12 @@ def _check_one(fn, rule: _rule_search.Found, o, order) -> tuple[Comparison, Repo
     except Exception as err:  # noqa: BLE001 - one rule that cannot be checked is a note
         row = Comparison(f"rule {rule.title}: not checked", math.nan, nan, 0.0, 0.0, 0.0, 0, False)
         return row, None, f"rule {rule.title}: could not be checked ({one_line(err)})"
+    finally:
+        TRACED_RULE.reset(token)
     report = dataclasses.replace(report, label=rule.title)
     verdict = "all properties hold" if report.ok else _failed_rows(report) or report.status.value
+    if report.ok and _coarser(report, error):
+        verdict = f"no error found ({_resolution(report)})"
     row = Comparison(
         f"rule {rule.title}: {verdict}",
         report.relative_error,
@@ -173,6 +191,23 @@ def _check_one(fn, rule: _rule_search.Found, o, order) -> tuple[Comparison, Repo
         report.status is not Status.FAIL,
     )
     return row, report, ""
+
+
+def _finite_difference_rows(report: Report) -> list:
+    return [p for p in report.parts if p.label.startswith("vjp vs finite differences")]
+
+
+def _coarser(report: Report, error) -> bool:
+    """Whether a rule's finite differences cannot resolve an error of relative size
+    `error` (None: nothing to resolve)."""
+    rows = _finite_difference_rows(report)
+    return error is not None and any(p.tolerance >= error for p in rows)
+
+
+def _resolution(report: Report) -> str:
+    """ "finite differences in <dtype>, tolerance <t>" of a rule's coarsest such row."""
+    p = max(_finite_difference_rows(report), key=lambda p: p.tolerance)
+    return f"finite differences in {p.reference_dtype}, tolerance {p.tolerance:.1e}"
 
 
 def _failed_rows(report: Report) -> str:

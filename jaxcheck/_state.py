@@ -27,6 +27,9 @@ DRAWN_KEPT = 16
 # while an order >= 2 check runs: the scales its first-order check's probe measured
 # ("params", "outputs"), from which the derivative maps' fixed vectors are drawn
 SCALES = contextvars.ContextVar("jaxcheck_scales", default=None)
+# while a custom rule found in fn is checked: it is the rule as fn's trace recorded it, typed
+# in fn's precision, so it cannot be widened to float64 (`_evaluate` says so)
+TRACED_RULE = contextvars.ContextVar("jaxcheck_traced_rule", default=False)
 
 
 @dataclasses.dataclass

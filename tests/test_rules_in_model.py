@@ -362,3 +362,47 @@ def test_a_rule_wrong_only_at_order_2_is_named_by_an_order_2_check():
     assert wrong[0].startswith("wrong rule: custom_vjp sin_frozen_backward at ")
     assert "loss): vjp vs finite differences (order 2: vjp map), relative error 1.0e+00" in wrong[0]
     assert any(q.startswith("rules fine: custom_vjp good_tanh at ") for q in report.problems)
+
+
+@jax.custom_jvp
+def softplus_slightly_off(x):
+    return jnp.log1p(jnp.exp(x))
+
+
+# 2e-4 too large; the float literal is typed float32 in fn's trace, so the rule as the
+# trace recorded it cannot run in float64
+softplus_slightly_off.defjvp(
+    lambda p, t: (softplus_slightly_off(p[0]), jax.nn.sigmoid(p[0]) * t[0] * 1.0002)
+)
+
+
+def test_a_rule_too_coarse_to_see_the_models_error_is_not_called_fine():
+    """The rule inside a float32 model runs as the model's trace typed it, in float32,
+    where finite differences resolve 3.5e-4: a bug of 2e-4 is below that. Was: "rules
+    fine", beside the model's failure of 2.0e-04 with no other rule in it, and a note that
+    blamed NumPy constants and the 64-bit setting."""
+    x = jnp.linspace(-3.0, 3.0, 12).reshape(3, 4)
+    report = jaxcheck.verify(
+        lambda w, x: jnp.mean(softplus_slightly_off(x @ w)), jnp.full((4, 2), 0.3), x, rules=True
+    )
+    assert report.status == "fail"
+    assert report.relative_error == pytest.approx(2e-4, rel=0.05)
+    assert not any(q.startswith("rules fine") for q in report.problems), report.problems
+    [coarse] = [q for q in report.problems if q.startswith("rules without an error found")]
+    assert coarse.startswith(
+        "rules without an error found, but too coarse to see one the size of fn's (2.0e-04): "
+        "custom_jvp softplus_slightly_off at "
+    )
+    assert coarse.endswith("(finite differences in float32, tolerance 3.5e-04)")
+    [rule] = report.parts[-1].parts
+    [fd] = [p for p in rule.parts if p.label.startswith("vjp vs finite differences")]
+    assert fd.reference_dtype == "float32"
+    assert fd.problems[0].endswith(
+        "the rule is checked as fn's trace recorded it, typed in fn's precision, which "
+        "cannot run in float64; jaxcheck.verify_rule(rule, *inputs) on the rule's own "
+        "function checks it in float64"
+    )
+    # its own function, checked alone, runs in float64 and finds the bug
+    alone = jaxcheck.verify_rule(softplus_slightly_off, x @ jnp.full((4, 2), 0.3))
+    assert alone.status == "fail"
+    assert alone.relative_error == pytest.approx(2e-4, rel=0.05)
