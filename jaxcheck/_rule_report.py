@@ -110,6 +110,12 @@ def rules_part(fn, params, args, o, order=1, error=None) -> tuple[Report | None,
     fine = [r.label for r in reports if r.ok and r not in coarse]
     if fine:
         problems.append(f"rules fine: {'; '.join(fine)}")
+        if error is not None and not wrong and any("first iteration" in f for f in fine):
+            problems.append(
+                "a rule in a loop body was checked at the loop's first iteration only: one "
+                "wrong at later iterations (at inputs that first iteration does not reach) "
+                "goes unseen there"
+            )
     if coarse:
         each = "; ".join(f"{r.label} ({_resolution(r)})" for r in coarse)
         problems.append(

@@ -406,3 +406,42 @@ def test_a_rule_too_coarse_to_see_the_models_error_is_not_called_fine():
     alone = jaxcheck.verify_rule(softplus_slightly_off, x @ jnp.full((4, 2), 0.3))
     assert alone.status == "fail"
     assert alone.relative_error == pytest.approx(2e-4, rel=0.05)
+
+
+@jax.custom_vjp
+def tanh_off_when_saturated(x):
+    return jnp.tanh(x)
+
+
+tanh_off_when_saturated.defvjp(
+    lambda x: (jnp.tanh(x), x),
+    lambda x, g: (g * jnp.where(jnp.abs(x) > 1.0, 1.05, 1.0) * (1 - jnp.tanh(x) ** 2),),
+)
+
+
+def test_a_rule_fine_at_a_loops_first_iteration_is_said_to_be_checked_there_only():
+    """The rule is 5 % off only where |x| > 1, which the scan's first iteration (inputs
+    near 0) does not reach: it is fine where it is checked, and the report says where
+    that was, so that "rules fine" beside the model's failure does not read as a clean bill."""
+
+    def rnn(p, xs):
+        def step(h, x):
+            h = tanh_off_when_saturated(h @ p["wh"] + x @ p["wx"])
+            return h, h
+
+        return jnp.mean(jax.lax.scan(step, jnp.zeros(4), xs)[1] ** 2)
+
+    k = jax.random.split(jax.random.key(2), 3)
+    params = {
+        "wh": 0.9 * jax.random.normal(k[0], (4, 4)),
+        "wx": 0.3 * jax.random.normal(k[1], (2, 4)),
+    }
+    xs = jnp.concatenate([jnp.full((1, 2), 0.1), 3.0 * jax.random.normal(k[2], (7, 2))])
+    report = jaxcheck.verify(rnn, params, xs)
+    assert report.status == "fail"
+    [fine] = [q for q in report.problems if q.startswith("rules fine: ")]
+    assert fine.endswith("(scan body, first iteration)")
+    assert (
+        "a rule in a loop body was checked at the loop's first iteration only: one wrong at "
+        "later iterations (at inputs that first iteration does not reach) goes unseen there"
+    ) in report.problems
