@@ -68,7 +68,7 @@ def localize(run: Run, scales, leaf_k, h, paths, chosen, sequential=False) -> tu
             if n < leaf_k and not _sequential.settled(p, checks, status, n, len(ks))[0]:
                 still.append(leaf)
                 continue
-            head, x = checks[0], run.inputs.diff[leaf]
+            head, x = _verdict.head(checks, status), run.inputs.diff[leaf]
             results[leaf] = LeafResult(
                 paths[leaf],
                 tuple(x.shape),

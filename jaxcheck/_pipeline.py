@@ -102,7 +102,7 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
             checks, said = confirmed, []
             status = _verdict.status(run, p, checks, n, said)
     run.problems += said
-    stopped = _stopped(ks, n, previous, checks, why)
+    stopped = _stopped(ks, n, previous, _verdict.head(checks, status), why)
     _verdict.note_large_rounding(run, checks[0])
     leaves = ()
     chosen = _localize.chosen_leaves(
@@ -194,14 +194,14 @@ def _larger_steps(run: Run, n: int, m: int, beta, p, checks, h0, choice):
     return q, more, q_checks, h, choice
 
 
-def _stopped(ks, n, previous, checks, why) -> str:
+def _stopped(ks, n, previous, head, why) -> str:
     """Why the check took the directions it took ("" for a fixed number); `previous` is the
-    number of directions at the look before the last."""
+    number of directions at the look before the last, `head` the comparison reported."""
     if len(ks) == 1:
         return ""
     k = ks[-1]
     if n < k:
-        lo, hi = checks[0].interval
+        lo, hi = head.interval
         return (
             f"settled after {n} of {k} directions: the relative error ({lo:.1e}..{hi:.1e}, "
             f"95%) is {why}"
@@ -223,7 +223,7 @@ def _needed_derivative(run: Run, ref, h) -> float:
 
 
 def _report(run: Run, status, counts, p, checks, leaves, held_fixed, steps, stopped) -> Report:
-    head = checks[0] if checks else None
+    head = _verdict.head(checks, status) if checks else None
     nan = math.nan
     ref = run.reference or _precision.reference_dtype(run.policy, run.tested)
     return Report(

@@ -185,7 +185,8 @@ def settled(p, checks, status: Status, n: int, num_looks: int) -> tuple[bool, st
             )
         return True, f"clear below the tolerance {head.tolerance:.1e}"
     if status is Status.FAIL and "fail" in sides and None not in sides:
-        return True, f"clear above the tolerance {head.tolerance:.1e}"
+        failed = checks[sides.index("fail")]
+        return True, f"clear above the tolerance {failed.tolerance:.1e}"
     lo, hi = head.interval
     return False, (
         f"the relative error ({lo:.1e}..{hi:.1e}, 95%) was {TOO_CLOSE} the tolerance "

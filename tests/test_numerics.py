@@ -370,3 +370,37 @@ def test_a_jump_at_the_point_is_named_as_one():
     assert report.status == "inconclusive", str(report)
     [said] = [q for q in report.problems if "scatter by" in q]
     assert "cannot be told from zero: fn jumps within the step of params (a discontinuity" in said
+
+
+def test_a_failing_report_leads_with_the_comparison_that_failed():
+    """bfloat16 parameters with a gradient 1 % off in one leaf: the bfloat16 derivative is
+    within its own rounding of the finite differences (tolerance 7.8e-2), the same rule in
+    float64 is not (2.4e-4), and the check fails. Was: the headline, the leaf row and the
+    reason the check stopped all quoted the passing row's tolerance, 7.8e-2, above the
+    error they called a failure."""
+    x = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+    params = {
+        "w": jnp.linspace(-0.5, 0.6, 6).reshape(3, 2).astype(jnp.bfloat16),
+        "b": jnp.asarray([0.1, -0.1]).astype(jnp.bfloat16),
+    }
+
+    def loss(p, x):
+        y = jnp.tanh(x.astype(jnp.bfloat16) @ p["w"] + p["b"])
+        return jnp.sum(y.astype(jnp.float32) ** 2)
+
+    grad = jax.grad(loss)
+
+    def off(p, x):
+        g = grad(p, x)
+        return {**g, "w": (g["w"].astype(jnp.float32) * 1.01).astype(jnp.bfloat16)}
+
+    report = jaxcheck.verify(loss, params, x, grad_fn=off)
+    assert report.status == "fail"
+    [passed, failed] = report.checks
+    assert passed.passed and not failed.passed
+    assert "same rule in float64" in failed.name
+    assert (report.relative_error, report.tolerance) == (failed.relative_error, failed.tolerance)
+    assert report.relative_error > report.tolerance
+    assert report.stopped.endswith(f"is clear above the tolerance {failed.tolerance:.1e}")
+    leaf = {leaf.path: leaf for leaf in report.leaves}["['w']"]
+    assert leaf.status == "fail" and leaf.relative_error > leaf.tolerance
