@@ -138,7 +138,7 @@ def _directions_check(run: Run, n, beta, h0, step, ref):
         [(p, more, choice)] = _ladder.ladder(run, index, rows, h0, [slice(0, n)])
         steps = tuple(steps) + tuple(more)
     checks = _verdict.compare(run, p)
-    if _verdict.incomparable(run, checks[0]):
+    if _verdict.incomparable(run, checks[0], p):
         run.reference = _precision.reference_dtype("native", run.tested)
         h0 = step if step is not None else _precision.default_step(run.reference)
         [(p, steps, choice)] = _ladder.ladder(run, index, rows, h0, [slice(0, n)])

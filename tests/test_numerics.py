@@ -404,3 +404,23 @@ def test_a_failing_report_leads_with_the_comparison_that_failed():
     assert report.stopped.endswith(f"is clear above the tolerance {failed.tolerance:.1e}")
     leaf = {leaf.path: leaf for leaf in report.leaves}["['w']"]
     assert leaf.status == "fail" and leaf.relative_error > leaf.tolerance
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e-3])
+def test_a_minimum_exact_in_float32_only_is_judged_in_float64(offset):
+    """Targets computed in float32 from the same weights: the fit is perfect in float32
+    (gradient exactly 0) and off by float32 rounding in float64 (gradient about 1e-8), a
+    relative gap of 1. Was: taken for fn computing something else in float64, judged in
+    float32 instead, and inconclusive at a noise floor of 1.0."""
+    x = jax.random.normal(jax.random.key(1), (32, 3))
+    w = jnp.asarray([[0.5], [-0.3], [0.2]])
+    y = x @ w
+
+    def loss(w, x, y):
+        return jnp.mean((x @ w - y) ** 2)
+
+    grad = jax.grad(loss)
+    report = jaxcheck.verify(loss, w, x, y, grad_fn=lambda w, x, y: grad(w, x, y) + offset)
+    assert str(report.reference_dtype) == "float64", report.problems
+    assert not any("computes something else" in p for p in report.problems), report.problems
+    assert report.status == ("pass" if offset == 0 else "fail"), str(report)
