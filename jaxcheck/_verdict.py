@@ -235,9 +235,17 @@ def _flat(run: Run, p: Pass, k, problems) -> Status | None:
             "(piecewise constant, as round or argmax are), as the derivative under test says"
         )
         return Status.PASS
-    if p.step >= 0.99 * run.max_step:
-        return None  # flat even at the largest step: judged as usual
     a = p.analytic
+    if p.step >= 0.99 * run.max_step:  # flat even at the largest step: judged as usual
+        if np.any(a[p.fd.smooth & np.isfinite(a)]):
+            problems.append(
+                f"fn's values do not change along {n} of {k} directions even at the largest "
+                f"relative step, {p.step:.1e} (fn is piecewise constant here: round, floor, "
+                "sign, a comparison), while the derivative under test is not zero: a "
+                "surrogate gradient (a straight-through estimator, a custom rule that is "
+                "not fn's derivative by design) fails this check by construction"
+            )
+        return None
     if not np.any(a[p.fd.smooth & np.isfinite(a)]):
         # the derivative under test is zero along every direction, and fn is flat along
         # some only: a zero of higher order (det at a matrix of rank n - 2, whose values
