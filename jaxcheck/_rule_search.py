@@ -47,6 +47,10 @@ class Found:
     # the values the rule's function closes over (arrays fn's trace lifted into the call),
     # held fixed: JAX differentiates a custom rule in its explicit arguments only
     consts: tuple = dataclasses.field(default=(), repr=False, compare=False)
+    # per argument of the rule's call, the index in `inputs` of its value: one traced
+    # value passed as several arguments (custom_root hands the closed-over arrays to
+    # both its function and its solver) is one input, perturbed as one, as in the model
+    positions: tuple | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def in_jax(self) -> bool:
@@ -65,7 +69,11 @@ class Found:
         """The rule as a function of its inputs, differentiable through the rule."""
         eqn, consts = self.eqn, list(self.consts)
 
+        positions = self.positions
+
         def rule(*xs):
+            if positions is not None:
+                xs = [xs[i] for i in positions]
             out = _bind(eqn, consts + list(xs))
             return out[0] if len(out) == 1 else tuple(out)
 
@@ -191,8 +199,18 @@ class _Search:
         where = _where(eqn) or site
         if kind is not None:
             n = eqn.params.get("num_consts", 0)
+            inputs, positions = _tied(eqn.invars[n:], ins[n:])
             self.found.append(
-                Found(kind, _name(eqn), where, context, eqn, tuple(ins[n:]), consts=tuple(ins[:n]))
+                Found(
+                    kind,
+                    _name(eqn),
+                    where,
+                    context,
+                    eqn,
+                    inputs,
+                    consts=tuple(ins[:n]),
+                    positions=positions,
+                )
             )
             return _bind(eqn, ins)
         name = eqn.primitive.name
@@ -284,6 +302,24 @@ def _scan_counts(eqn, body) -> tuple[int, int]:
 
     n_carry = same_prefix(body.outvars, eqn.outvars)
     return same_prefix(body.invars, eqn.invars) - n_carry, n_carry
+
+
+def _tied(invars, values) -> tuple:
+    """(the distinct inputs of a rule's call, the index of each argument's value among
+    them; None where every argument is a value of its own)."""
+    first, inputs, positions = {}, [], []
+    for var, value in zip(invars, values):
+        literal = type(var).__name__ == "Literal"  # (not hashable in every jax version)
+        if literal or var not in first:
+            if not literal:
+                first[var] = len(inputs)
+            positions.append(len(inputs))
+            inputs.append(value)
+        else:
+            positions.append(first[var])
+    if len(inputs) == len(positions):
+        return tuple(inputs), None
+    return tuple(inputs), tuple(positions)
 
 
 def _literal_or(env, v):

@@ -445,3 +445,38 @@ def test_a_rule_fine_at_a_loops_first_iteration_is_said_to_be_checked_there_only
         "a rule in a loop body was checked at the loop's first iteration only: one wrong at "
         "later iterations (at inputs that first iteration does not reach) goes unseen there"
     ) in report.problems
+
+
+def _cubic_root(bug):
+    """x with x**3 + a x = b, per element, by Newton's method under lax.custom_root; its
+    tangent solve `bug` too large."""
+
+    def solve(a, b):
+        def newton(f, x0):
+            return jax.lax.fori_loop(0, 30, lambda _, x: x - f(x) / (3 * x**2 + a), x0)
+
+        def tangent_solve(g, y):
+            return y / g(jnp.ones_like(y)) * (1 + bug)
+
+        f = lambda x: x**3 + a * x - b  # noqa: E731
+        return jax.lax.custom_root(f, jnp.ones_like(b), newton, tangent_solve)
+
+    return solve
+
+
+@pytest.mark.parametrize("bug", [0.0, 0.01])
+def test_a_value_passed_twice_to_a_rule_is_perturbed_as_one(bug):
+    """custom_root hands a and b, which fn and the solver both close over, to its rule
+    twice: checked as independent inputs, moving one copy moves the rule's derivative and
+    not the solver's root, and the correct rule was called WRONG (relative error 1.1)."""
+    solve = _cubic_root(bug)
+    params = {"a": jnp.asarray([1.0, 2.0, 0.5]), "b": jnp.asarray([0.3, -1.0, 2.0])}
+    report = jaxcheck.verify(lambda p: jnp.sum(solve(p["a"], p["b"]) ** 2), params, rules=True)
+    if bug == 0:
+        assert report.status == "pass", str(report)
+        assert any(q.startswith("rules fine: custom_jvp _custom_root") for q in report.problems)
+    else:
+        assert report.status == "fail"
+        [wrong] = [q for q in report.problems if q.startswith("wrong rule: ")]
+        assert wrong.startswith("wrong rule: custom_jvp _custom_root at ")
+        assert "relative error 1.0e-02" in wrong
