@@ -8,7 +8,7 @@ import dataclasses
 
 import numpy as np
 
-from . import _differences, _error_model, _evaluate, _sequential, _verdict
+from . import _differences, _error_model, _evaluate, _precision, _sequential, _verdict
 from ._state import Pass, Run
 
 
@@ -95,6 +95,11 @@ def _full_ladder(run: Run, index, rows, h, groups, out):
 
     tried = [[h] for _ in groups]
     suspect = [p.fd.relative_noise > 100 * eps for p in best]
+    # at the reference's own small step (not a step the caller fixed, nor one raised for
+    # a fn that rounds to a lower precision inside), truncation is far below rounding: a
+    # d4 far above rounding that shrinks with the step is kinks (at a stationary point,
+    # rounding that grows with the step too: excluded by its noise floor)
+    kinks_possible = run.rounds_to is None and h <= _precision.default_step(run.reference)
     for i, p in enumerate(best):
         if (_verdict.flat_directions(p) or (0, False))[1]:
             continue  # flat with a zero derivative under test: settled (a larger step
@@ -128,6 +133,24 @@ def _full_ladder(run: Run, index, rows, h, groups, out):
             # and none is flat; a staircase at a step below its quanta stays flat along
             # some (float32 out of a float64 reference: the larger step below)
             keep_better(i, p2, factors[i])
+        elif (
+            suspect[i]
+            and kinks_possible
+            and best[i].fd.noise_floor < 0.1
+            and not np.any(_verdict.constant_along(p2))  # (a staircase's flat steps)
+            and _shrinks(best[i].fd, p2.fd, factors[i])
+        ):
+            # kinks near the point, not at it (a ReLU unit at 0 in float32 is a hair off
+            # 0 in float64): d4 shrinks with the step but not in proportion, as the kink
+            # moves inside the stencil. Judged against rounding alone, the directions
+            # that cross one are non-smooth at either step
+            q1, q2 = (
+                dataclasses.replace(q, fd=_assess(run, q.phis, q.phi0, h, from_data=False))
+                for q in (best[i], p2)
+            )
+            factor = factors[i] if _better(q1, q2) is q2 else 1.0
+            best[i] = q2 if factor != 1.0 else q1
+            how[i] = Choice(float(factor), 4, from_data=False)
         elif suspect[i]:  # d4 is noise: the function is noisier than the reference
             again[i] = min(1e3, (best[i].fd.relative_noise / eps) ** (1 / 3), run.max_step / h)
         else:
@@ -215,6 +238,17 @@ def _same_kinks(fd1, fd2, factor: float) -> bool:
     if not use.any():
         return False
     return bool(np.median(np.abs(j2[use] - j1[use]) / np.abs(j1[use])) < 0.3)
+
+
+def _shrinks(fd1, fd2, factor: float) -> bool:
+    """Whether the fourth differences shrink with the step (by 4 times or more where the
+    step shrank 16 times), as those of kinks within the stencil do; rounding noise does
+    not shrink with the step."""
+    use1, use2 = fd1.finite & (fd1.d4 != 0), fd2.finite
+    if not (use1.any() and use2.any()):
+        return False
+    ratio = np.median(np.abs(fd2.d4[use2])) / np.median(np.abs(fd1.d4[use1]))
+    return bool(ratio <= 4 * factor)
 
 
 def _better(p1: Pass, p2: Pass) -> Pass:
