@@ -67,9 +67,7 @@ class Found:
 
     def function(self):
         """The rule as a function of its inputs, differentiable through the rule."""
-        eqn, consts = self.eqn, list(self.consts)
-
-        positions = self.positions
+        eqn, consts, positions = self.eqn, list(self.consts), self.positions
 
         def rule(*xs):
             if positions is not None:
