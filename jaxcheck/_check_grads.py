@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _options, _verify
+from . import _evaluate, _options, _verify
 from ._errors import GradientCheckError
 from ._report import Report, Status
 
@@ -126,7 +126,8 @@ def check_grads(
 
     Raises:
         GradientCheckError: the derivative is wrong, or NaN/Inf where `f` is finite.
-        TypeError, ValueError: bad inputs, saying which and what to pass.
+        TypeError, ValueError: bad inputs, saying which and what to pass; forward mode
+            (modes with "fwd") through a jax.custom_vjp function, as in JAX.
 
     Example:
         >>> import jax.numpy as jnp, jaxcheck
@@ -156,6 +157,12 @@ def run(f, args, order, modes=("fwd", "rev"), atol=None, rtol=None, eps=None) ->
         # a derivative with respect to empty arrays is empty: JAX's check passes there too
         return Outcome(None, "pass")
     report = _verify.run(Positional(f), params, (), options)
+    if options.mode == "both" and any(_evaluate.NO_JVP in p for p in report.problems):
+        raise TypeError(
+            f"check_grads: modes={modes!r} asks for forward mode (jvp), but f contains a "
+            "jax.custom_vjp function, which has no jvp (jax.test_util.check_grads raises "
+            "here too). Pass modes=('rev',) to check its custom rule in reverse mode."
+        )
     if report.status is not Status.NONFINITE:
         return Outcome(report, STATUS_VERDICT[report.status])
     with jax.debug_nans(False), jax.debug_infs(False):  # f at the point, read once

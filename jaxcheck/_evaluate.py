@@ -14,6 +14,11 @@ from . import _autodiff, _differences, _plan, _precision
 from ._errors import one_line
 from ._state import TRACED_RULE, Run
 
+# said where mode="both" meets a custom_vjp (`check_grads` raises on it, as JAX's does)
+NO_JVP = (
+    "fn contains a jax.custom_vjp function, which has no jvp: only the reverse mode was checked"
+)
+
 
 def evaluate(run: Run, index, rows, h, offsets) -> dict:
     """Run the programs along directions `index` with per-leaf step sizes `rows`, in
@@ -93,10 +98,7 @@ def _evaluate_batch(run: Run, index, rows, h, offsets) -> dict:
                     "check its custom rule."
                 ) from err
             run.modes = ("reverse",)
-            run.problems.append(
-                "fn contains a jax.custom_vjp function, which has no jvp: only the "
-                "reverse mode was checked"
-            )
+            run.problems.append(NO_JVP)
             return _evaluate_batch(run, index, rows, h, offsets)
     out = _reference(run, index, rows, h, offsets)
     run.evaluations += len(offsets) * len(index) + 1

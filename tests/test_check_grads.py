@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import jax.test_util
 import numpy as np
 import pytest
 
@@ -281,3 +282,28 @@ def test_checking_the_same_function_again_compiles_nothing():
     before = _plan.compilations
     jaxcheck.check_grads(f, (jnp.full(3, 0.5), jnp.ones(3)), 2)
     assert _plan.compilations == before
+
+
+@jax.custom_vjp
+def _sin_by_vjp(x):
+    return jnp.sin(x)
+
+
+_sin_by_vjp.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * jnp.cos(x),))
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_forward_mode_through_a_custom_vjp_raises_as_in_jax(order):
+    """JAX's check_grads raises where forward mode meets a custom_vjp; so does the drop-in
+    (it checked reverse mode alone and returned quietly, its note unseen), and reverse mode
+    alone is checked."""
+    with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
+        jax.test_util.check_grads(_sin_by_vjp, (X,), order, modes=("fwd", "rev"))
+    with pytest.raises(TypeError) as info:
+        jaxcheck.check_grads(_sin_by_vjp, (X,), order, modes=("fwd", "rev"))
+    assert str(info.value) == (
+        "check_grads: modes=('fwd', 'rev') asks for forward mode (jvp), but f contains a "
+        "jax.custom_vjp function, which has no jvp (jax.test_util.check_grads raises here "
+        "too). Pass modes=('rev',) to check its custom rule in reverse mode."
+    )
+    jaxcheck.check_grads(_sin_by_vjp, (X,), order, modes=("rev",))
