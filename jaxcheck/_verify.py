@@ -231,6 +231,24 @@ def verify(
     return run(fn, params, args, options)
 
 
+def _same_devices(params, args) -> None:
+    """Raise where arrays of params and args are committed to different devices, which
+    jax.jit (and so the check) refuses, naming them."""
+    seen = {}
+    for name, tree in (("params", params), ("args", args)):
+        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            if isinstance(x, jax.Array) and getattr(x, "committed", False):
+                devices = tuple(sorted(str(d) for d in x.devices()))
+                seen.setdefault(devices, f"{name}{jax.tree_util.keystr(path)}")
+    if len(seen) > 1:
+        where = "; ".join(f"{leaf} on {', '.join(d)}" for d, leaf in seen.items())
+        raise ValueError(
+            f"params and args hold arrays committed to different devices ({where}). jax.jit, "
+            "and so the check, needs every array on the same devices: move them with "
+            "jax.device_put(x, device), or shard them all over one mesh."
+        )
+
+
 @_host.host_side
 def run(fn, params, args: tuple, options: _options.Options) -> Report:
     """Check `fn` at `params` with validated `options`."""
@@ -267,6 +285,7 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
             f"every floating-point leaf of params is empty ({shapes}): there is nothing to "
             "check. Pass parameters with at least one element."
         )
+    _same_devices(params, args)
     inputs = _problem.Inputs(diff, p_arrays, a_floats, a_arrays)
     problem = _problem.Problem(fn, o.grad_fn, o.has_aux, p_split, a_split)
     problem = _problem.with_output_structure(problem, inputs)

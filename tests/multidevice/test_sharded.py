@@ -131,3 +131,25 @@ def test_number_of_directions_must_divide_over_the_shards():
         jaxcheck.verify(
             lambda p: jnp.sum(p**2), jnp.ones(3), num_directions=12, direction_sharding=over
         )
+
+
+def test_arrays_on_different_devices_are_named():
+    """jax.jit refuses arrays committed to different devices, naming an argument of an
+    internal program ("argument diff[0] of probe"); the check names the leaves instead. A
+    sharded params with its data on the mesh is checked."""
+    d = jax.devices()
+    params = {"a": jax.device_put(jnp.ones(3), d[0]), "b": jax.device_put(jnp.ones(3), d[1])}
+    with pytest.raises(ValueError) as info:
+        jaxcheck.verify(lambda p: jnp.sum(p["a"] * p["b"]), params)
+    assert str(info.value) == (
+        f"params and args hold arrays committed to different devices (params['a'] on {d[0]}; "
+        f"params['b'] on {d[1]}). jax.jit, and so the check, needs every array on the same "
+        "devices: move them with jax.device_put(x, device), or shard them all over one mesh."
+    )
+    x = jax.device_put(jnp.ones(3), d[2])
+    with pytest.raises(ValueError, match=r"\(params\['a'\] on .*; args\[0\] on "):
+        jaxcheck.verify(lambda p, x: jnp.sum(p["a"] * x), {"a": params["a"]}, x)
+    mesh = _mesh((8,), ("d",))
+    on_mesh = jax.device_put(jnp.arange(8.0), NamedSharding(mesh, P("d")))
+    data = jax.device_put(jnp.ones(8), NamedSharding(mesh, P()))
+    assert jaxcheck.verify(lambda p, x: jnp.sum(jnp.sin(p) * x), on_mesh, data).status == "pass"
