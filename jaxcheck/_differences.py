@@ -90,6 +90,12 @@ def central(phis: np.ndarray, h: float) -> np.ndarray:
     return (phis[:, 1] - phis[:, 0]) / (2 * h)
 
 
+def second(phis: np.ndarray, phi0: np.ndarray) -> np.ndarray:
+    """phi(h) - 2 phi(0) + phi(-h) from the outer points of either stencil (its first and
+    last columns): h^2 phi'' where fn is smooth."""
+    return phis[:, 0] - 2 * phi0 + phis[:, -1]
+
+
 def combine(phis: np.ndarray, phi0: np.ndarray, h: float) -> dict:
     """Central differences, Richardson extrapolation and the fourth difference."""
     pm1, pmh, pph, pp1 = (phis[:, i] for i in range(4))

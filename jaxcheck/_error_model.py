@@ -146,7 +146,7 @@ def assess_central(phis, phi0, h: float, eps: float) -> Differences:
     finite, magnitude = _finite_and_magnitude(phis, phi0)
     roundoff = 2 * math.sqrt(2) * eps * magnitude / (2 * h)
     value = np.where(finite, _differences.central(phis, h), 0.0)
-    second = np.where(finite, np.abs(phis[:, 0] - 2 * phi0 + phis[:, 1]), 0.0)
+    second = np.where(finite, np.abs(_differences.second(phis, phi0)), 0.0)
     curved = second > CURVATURE_LIMIT * h * (rms(value[finite]) if finite.any() else 0.0)
     return Differences(
         value=value,

@@ -185,7 +185,7 @@ def settled(p, checks, status: Status, n: int, num_looks: int) -> tuple[bool, st
             )
         return True, f"clear below the tolerance {head.tolerance:.1e}"
     if status is Status.FAIL and "fail" in sides and None not in sides:
-        failed = checks[sides.index("fail")]
+        failed = _verdict.head(checks, status)
         return True, f"clear above the tolerance {failed.tolerance:.1e}"
     lo, hi = head.interval
     return False, (
