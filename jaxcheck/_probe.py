@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _autodiff, _directions, _evaluate, _localize, _plan
+from . import _autodiff, _directions, _evaluate, _localize, _plan, _tree
 from ._host import DEBUG_FLAGS
 from ._state import SCALES, Run
 
@@ -167,8 +167,22 @@ def nonfinite(run: Run, paths) -> bool:
             for p, ok in zip(paths, pr["grad_finite"])
             if not ok
         ]
+    if found:
+        found += _nonfinite_args(run)
     run.problems += found
     return bool(found)
+
+
+def _nonfinite_args(run: Run) -> list[str]:
+    """A line for each floating leaf of `*args` holding NaN/Inf: fn's inputs that are not
+    differentiated, often where a NaN/Inf gradient comes from."""
+    paths = run.problem.args.paths_of(_tree.DIFF)
+    return [
+        f"argument args{p} contains NaN/Inf (held fixed, not differentiated; what is "
+        "NaN/Inf above may come from it)"
+        for p, x in zip(paths, run.inputs.a_floats)
+        if not np.all(np.isfinite(_plan.host_array(x)))
+    ]
 
 
 def replay_nonfinite(run: Run, reverse: bool) -> None:

@@ -219,6 +219,22 @@ def test_nonfinite_is_reported_with_location(fn, point, where):
         assert "no finite differences were taken" in str(report)
 
 
+@pytest.mark.parametrize("value", [jnp.inf, jnp.nan])
+def test_a_nonfinite_argument_is_named_beside_the_nonfinite_gradient(value):
+    def fn(p, data):
+        return jnp.sum(jnp.tanh(p["w"] * data["x"])) + jnp.sum(data["y"])
+
+    data = {"x": jnp.asarray([1.0, value, 2.0]), "y": jnp.ones(2)}
+    report = jaxcheck.verify(fn, {"w": jnp.ones(3)}, data)
+    assert report.status == "nonfinite"
+    line = (
+        "argument args[0]['x'] contains NaN/Inf (held fixed, not differentiated; what is "
+        "NaN/Inf above may come from it)"
+    )
+    assert line in report.problems, report.problems
+    assert not any("['y']" in p for p in report.problems)
+
+
 def test_wrong_sign_and_clipped_backward_fail():
     p = {"w": jnp.linspace(-2.0, 2.0, 8)}
     flipped = jaxcheck.verify(lambda p: jnp.sum(jnp.sin(bug("scale", -2.0)(p["w"]))), p)
