@@ -3,6 +3,7 @@ training, and `health`, which reads what it saw."""
 
 import dataclasses
 import math
+import numbers
 from typing import Any
 
 import jax
@@ -30,10 +31,13 @@ class HealthState:
     `step` counts the updates seen. `grad_norm` and `param_norm` are the last step's norms
     (`param_norm` is -1 where `update` got no `params`, NaN where they are NaN), `average`
     the running average of the gradient norms, bias-corrected (`ema` is its
-    `optax.EmaState`). `vanishing`, `exploding`, `nonfinite` are the last step's flags;
-    `first_*` the step each flag first fired (-1: never), `*_steps` on how many steps it
-    fired. `worst_spike` is the largest gradient norm seen as a multiple of its running
-    average, and `skipped` counts the updates zeroed by `skip_nonfinite`.
+    `optax.EmaState`, whose `count` holds, per leaf, how many norms entered it: a leaf's
+    history starts with its first finite, nonzero gradient). `vanishing`, `exploding`,
+    `nonfinite` are the last step's flags; `first_*` the step each flag first fired (-1:
+    never), `*_steps` on how many steps it fired. `low_streak` counts the consecutive steps
+    a leaf has been below the vanishing thresholds. `worst_spike` is the largest gradient
+    norm seen as a multiple of its running average, and `skipped` counts the updates zeroed
+    by `skip_nonfinite`.
     """
 
     paths: tuple[str, ...]
@@ -52,6 +56,7 @@ class HealthState:
     vanishing_steps: jax.Array
     exploding_steps: jax.Array
     nonfinite_steps: jax.Array
+    low_streak: jax.Array
     skipped: jax.Array
 
 
@@ -88,13 +93,20 @@ def gradient_health(
     - *non-finite*: any NaN or Inf in it, or elements so large (beyond ~1e19 in float32)
       that their sum of squares overflows (from the first step on);
     - *exploding*: its norm is above `explode_factor` times its running average;
-    - *vanishing*: its norm is below `vanishing_ratio` times the parameter's norm, or
-      below `collapse_factor` times its own running average.
+    - *vanishing*: its norm is zero, below `vanishing_ratio` times the parameter's norm,
+      or below `collapse_factor` times its own running average.
 
-    Exploding and vanishing are judged from step `warmup` on. Each norm enters the running
-    average clipped to `explode_factor` times the average (non-finite norms not at all), so
-    one spike cannot pull the average up far enough to make the next steps look vanished,
-    while a lasting rise is followed within a few dozen steps.
+    Exploding and vanishing are judged from step `warmup` on, the rules against the leaf's
+    own running average once `warmup` norms have entered it. A leaf's history starts with
+    its first finite, nonzero gradient (a layer before a zero-initialized one gets a zero
+    gradient at first); each later norm enters the running average clipped to
+    `explode_factor` times the average (non-finite norms not at all), so one spike cannot
+    pull the average up far enough to make the next steps look vanished, while a lasting
+    rise is followed within a few dozen steps. A leaf of one element (a scalar bias, a
+    temperature) must be below the vanishing thresholds on 3 steps in a row to be flagged,
+    one of two elements on 2: minibatch noise alone takes the norm of a one-element
+    gradient that wanders around zero below a thousandth of its average about once in
+    a thousand steps.
 
     Under `optax.MultiSteps` it sees the accumulated gradient, once per optimizer step. If
     `update` is called without `params`, the parameter norms and the ratio are unknown
@@ -121,8 +133,11 @@ def gradient_health(
         skip_nonfinite: when True, an update with a NaN or Inf in any leaf is replaced by
             zeros (as `optax.apply_if_finite` does) and counted in `state.skipped`. The
             transformations after it in the chain still take a step of zeros (Adam's
-            moments decay by one step); wrap the optimizer in `optax.apply_if_finite` to
-            leave its state untouched too.
+            moments decay by one step). To leave their state untouched too, keep the
+            default and wrap the optimizer after this transformation:
+            `optax.chain(jaxcheck.gradient_health(), optax.apply_if_finite(optax.adam(1e-3),
+            10))`. Wrapping the whole chain would discard this state on such a step too,
+            and the NaN would go unrecorded.
 
     Returns:
         An `optax.GradientTransformation` whose state is a `HealthState`.
@@ -141,45 +156,49 @@ def gradient_health(
         >>> print(jaxcheck.health(state))  # doctest: +NORMALIZE_WHITESPACE
         jaxcheck.health: 1 of 2 leaves flagged after 1 step
           leaf   flag        since  steps  now  grad norm  average  grad/param  worst spike
-          ['w']  non-finite  0      1      yes  nan        0.0e+00  —           —
+          ['w']  non-finite  0      1      yes  nan        —        —           —
     """
     _check_options(decay, warmup, vanishing_ratio, collapse_factor, explode_factor)
 
     def init(params) -> HealthState:
-        paths = tuple(jax.tree_util.keystr(p) for p, _ in _leaves_with_paths(params))
+        paths = _paths(params)
         n = len(paths)
-        never = jnp.full((n,), -1, jnp.int32)
-        zero = jnp.zeros((n,), jnp.int32)
-        no = jnp.zeros((n,), bool)
+
+        # a new array for every field: a state passed to a jitted step with
+        # `donate_argnums` may not hold one buffer twice
+        def never():
+            return jnp.full((n,), -1, jnp.int32)
+
+        def zero():
+            return jnp.zeros((n,), jnp.int32)
+
+        def no():
+            return jnp.zeros((n,), bool)
+
         return HealthState(
             paths=paths,
             step=jnp.zeros((), jnp.int32),
             grad_norm=jnp.zeros((n,), jnp.float32),
             param_norm=jnp.full((n,), NO_PARAMS, jnp.float32),
             average=jnp.zeros((n,), jnp.float32),
-            ema=optax.EmaState(count=jnp.zeros((), jnp.int32), ema=jnp.zeros((n,), jnp.float32)),
+            ema=optax.EmaState(count=zero(), ema=jnp.zeros((n,), jnp.float32)),
             worst_spike=jnp.full((n,), jnp.nan, jnp.float32),
-            vanishing=no,
-            exploding=no,
-            nonfinite=no,
-            first_vanishing=never,
-            first_exploding=never,
-            first_nonfinite=never,
-            vanishing_steps=zero,
-            exploding_steps=zero,
-            nonfinite_steps=zero,
+            vanishing=no(),
+            exploding=no(),
+            nonfinite=no(),
+            first_vanishing=never(),
+            first_exploding=never(),
+            first_nonfinite=never(),
+            vanishing_steps=zero(),
+            exploding_steps=zero(),
+            nonfinite_steps=zero(),
+            low_streak=zero(),
             skipped=jnp.zeros((), jnp.int32),
         )
 
     def update(updates, state: HealthState, params=None):
         leaves = [x for _, x in _leaves_with_paths(updates)]
-        if len(leaves) != len(state.paths):
-            raise ValueError(
-                f"gradient_health: the updates have {len(leaves)} array leaves but the state "
-                f"was made from parameters with {len(state.paths)} ({list(state.paths)[:4]}"
-                f"{'...' if len(state.paths) > 4 else ''}); call init with the parameters "
-                f"that are being trained."
-            )
+        _check_paths(_paths(updates), state.paths)
         t = state.step
         grad_norm = _stack([_norm(x) for x in leaves])
         # One reduction per leaf: a NaN or Inf makes the sum of squares NaN or Inf. So does a
@@ -199,30 +218,44 @@ def gradient_health(
                 lambda: state.param_norm,
             )
 
-        seen = state.ema.count > 0
-        # The average before this step: a spike must not be judged against itself.
+        # Each leaf's history: how many norms entered its running average (`count`), and
+        # the average before this step (a spike must not be judged against itself).
+        count = state.ema.count
+        seen = count > 0
         average = state.average
-        judged = (t >= warmup) & seen & finite
+        with_history = (t >= warmup) & (count >= warmup) & finite
         ratio = jnp.where(param_norm > 0, grad_norm / param_norm, jnp.nan)
-        exploding = judged & (grad_norm > explode_factor * average)
-        vanishing = judged & ((ratio < vanishing_ratio) | (grad_norm < collapse_factor * average))
+        exploding = with_history & (grad_norm > explode_factor * average)
+        # an exactly zero gradient is vanishing whatever the parameter's norm (a leaf
+        # initialized at zero and cut off from the loss has no ratio)
+        low = ((t >= warmup) & finite & ((ratio < vanishing_ratio) | (grad_norm == 0))) | (
+            with_history & (grad_norm < collapse_factor * average)
+        )
+        low_streak = jnp.where(low, state.low_streak + 1, 0)
+        vanishing = low & (low_streak >= _streak_needed(leaves))
         nonfinite = ~finite
         spike = jnp.where(seen & finite & (average > 0), grad_norm / average, jnp.nan)
 
+        # The history starts with the first finite, nonzero norm; NaN/Inf never enter it.
+        enters = finite & (seen | (grad_norm > 0))
         clipped = jnp.where(seen, jnp.minimum(grad_norm, explode_factor * average), grad_norm)
-        fed = jnp.where(finite, clipped, jnp.where(seen, average, 0.0))
         # optax.ema's bias correction raises `decay ** count` (float ** int32), which strict
-        # dtype promotion refuses: the moment is optax's, the correction is spelt out here.
-        mu = optax.tree.update_moment(fed, state.ema.ema, decay, order=1)
-        count = optax.safe_increment(state.ema.count)
+        # dtype promotion refuses, and counts steps for all leaves at once: the moment is
+        # optax's, the per-leaf count and correction are spelt out here.
+        mu = optax.tree.update_moment(clipped, state.ema.ema, decay, order=1)
+        mu = jnp.where(enters, mu, state.ema.ema)
+        count = jnp.where(enters, count + 1, count)
         decay_f = jnp.asarray(decay, jnp.float32)
-        new_average = mu / (1.0 - decay_f ** count.astype(jnp.float32))
+        correction = 1.0 - decay_f ** count.astype(jnp.float32)
+        new_average = jnp.where(count > 0, mu / jnp.where(count > 0, correction, 1.0), 0.0)
         new_ema = optax.EmaState(count=count, ema=mu)
 
         if skip_nonfinite:
             bad = ~jnp.all(finite)
             updates = jax.tree.map(
-                lambda u: jnp.where(bad, jnp.zeros_like(u), u), updates, is_leaf=_is_none
+                lambda u: u if u is None else jnp.where(bad, jnp.zeros_like(u), u),
+                updates,
+                is_leaf=_is_none,
             )
             skipped = state.skipped + bad.astype(jnp.int32)
         else:
@@ -251,6 +284,7 @@ def gradient_health(
             vanishing_steps=tally(state.vanishing_steps, vanishing),
             exploding_steps=tally(state.exploding_steps, exploding),
             nonfinite_steps=tally(state.nonfinite_steps, nonfinite),
+            low_streak=low_streak,
             skipped=skipped,
         )
 
@@ -261,12 +295,14 @@ def _check_options(decay, warmup, vanishing_ratio, collapse_factor, explode_fact
     # Values injected by `optax.inject_hyperparams` arrive as arrays (traced in `update`):
     # only plain numbers can be checked here.
     def bad(value, ok):
-        return isinstance(value, int | float) and not ok(value)
+        if isinstance(value, bool):
+            return True
+        return isinstance(value, numbers.Real) and not ok(value)
 
     problems = []
     if bad(decay, lambda v: 0.0 <= v < 1.0):
         problems.append(f"decay={decay!r} must be in [0, 1), e.g. 0.99")
-    if bad(warmup, lambda v: isinstance(v, int) and v >= 0):
+    if bad(warmup, lambda v: isinstance(v, numbers.Integral) and v >= 0):
         problems.append(f"warmup={warmup!r} must be an int >= 0, e.g. 10")
     if bad(vanishing_ratio, lambda v: v >= 0.0):
         problems.append(f"vanishing_ratio={vanishing_ratio!r} must be >= 0 (0 turns it off)")
@@ -280,6 +316,39 @@ def _check_options(decay, warmup, vanishing_ratio, collapse_factor, explode_fact
 
 def _is_none(x) -> bool:
     return x is None
+
+
+def _paths(tree) -> tuple[str, ...]:
+    return tuple(jax.tree_util.keystr(p) for p, _ in _leaves_with_paths(tree))
+
+
+def _check_paths(paths, expected) -> None:
+    if paths == expected:
+        return
+    missing = [p for p in expected if p not in paths]
+    extra = [p for p in paths if p not in expected]
+
+    def few(ps):
+        return ", ".join(ps[:4]) + (", ..." if len(ps) > 4 else "")
+
+    if missing or extra:
+        diff = (f"; missing {few(missing)}" if missing else "") + (
+            f"; not in the state {few(extra)}" if extra else ""
+        )
+    else:
+        diff = "; the same leaves in another order"
+    raise ValueError(
+        f"gradient_health: the updates have the leaves {few(list(paths)) or 'none'}, but the state "
+        f"was made from parameters with {few(list(expected)) or 'none'}{diff}. Call init with "
+        "the parameters that are being trained."
+    )
+
+
+def _streak_needed(leaves) -> jax.Array:
+    """Consecutive low steps before a leaf is vanishing: 3 for one element, 2 for two,
+    else 1 (the chance that noise takes a norm of n elements below a thousandth of its
+    size falls like 1e-3**n)."""
+    return jnp.asarray([max(1, 4 - max(np.size(x), 1)) for x in leaves], jnp.int32)
 
 
 def _leaves_with_paths(tree):
@@ -466,6 +535,12 @@ def health(state: Any) -> HealthSummary:
             "call it outside."
         )
     v = jax.device_get({f.name: getattr(s, f.name) for f in dataclasses.fields(s)[1:]})
+    if np.ndim(v["step"]):
+        raise ValueError(
+            "jaxcheck.health: the gradient_health state has leading axes of shape "
+            f"{np.shape(v['step'])} (a state of several training runs, from jax.vmap); read "
+            "one run at a time, e.g. jaxcheck.health(jax.tree.map(lambda a: a[0], state))."
+        )
     leaves = []
     for i, path in enumerate(s.paths):
 
@@ -480,7 +555,7 @@ def health(state: Any) -> HealthSummary:
             LeafHealth(
                 path=path,
                 grad_norm=grad_norm,
-                average=float(v["average"][i]) if v["step"] > 0 else math.nan,
+                average=float(v["average"][i]) if _seen(v, i) else math.nan,
                 param_norm=param_norm,
                 ratio=grad_norm / param_norm if param_norm > 0 else math.nan,
                 worst_spike=float(v["worst_spike"][i]),
@@ -531,6 +606,12 @@ def fired(state: HealthState) -> int:
     leaf for the first time. Reads three small vectors from the devices."""
     firsts = jax.device_get((state.first_vanishing, state.first_exploding, state.first_nonfinite))
     return int(sum(np.sum(np.asarray(f) >= 0) for f in firsts))
+
+
+def _seen(v: dict, i: int) -> bool:
+    """Whether leaf i has a history (a state from before per-leaf counts has one count)."""
+    count = np.asarray(v["ema"].count)
+    return bool(count[i] > 0 if count.ndim else count > 0)
 
 
 def _e(x: float) -> str:

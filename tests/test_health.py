@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -80,11 +81,12 @@ def test_vanishing_leaf_is_flagged_from_the_end_of_warmup():
 
 
 def test_gradient_collapsing_against_its_own_history_is_vanishing():
-    # ['head']['b'] has a zero parameter (ratio undefined): only its history can tell.
+    # ['head']['b'] has a zero parameter (ratio undefined): only its history can tell. Of
+    # two elements, it must stay low on 2 steps in a row: flagged from step 21.
     _, state = run(jaxcheck.gradient_health(), 25, collapse_at=20)
     (leaf,) = jaxcheck.health(state).flagged
     assert leaf.path == "['head']['b']"
-    assert (leaf.first_vanishing, leaf.vanishing_steps) == (20, 5)
+    assert (leaf.first_vanishing, leaf.vanishing_steps) == (21, 4)
     assert np.isnan(leaf.ratio)
 
 
@@ -272,7 +274,7 @@ def test_under_strict_numerics_and_bfloat16(strict_numerics):
     summary = jaxcheck.health(state)
     assert summary.leaves[1].grad_norm == pytest.approx(6.0)
     (leaf,) = summary.flagged
-    assert leaf.path == "['v']" and leaf.first_vanishing == 10
+    assert leaf.path == "['v']" and leaf.first_vanishing == 11  # two elements: 2 steps
 
 
 def test_errors_say_what_to_do():
@@ -286,8 +288,27 @@ def test_errors_say_what_to_do():
     with pytest.raises(ValueError, match="holds 2 gradient_health states"):
         jaxcheck.health(opt.init(PARAMS))
     opt = jaxcheck.gradient_health()
-    with pytest.raises(ValueError, match="the updates have 1 array leaves but the state"):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "the updates have the leaves ['w'], but the state was made from parameters with "
+            "['dead'], ['head']['b'], ['head']['w']; missing ['dead'], ['head']['b'], "
+            "['head']['w']; not in the state ['w']. Call init with the parameters"
+        ),
+    ):
         opt.update({"w": jnp.ones(2)}, opt.init(PARAMS))
+    renamed = {"dead": jnp.ones(3), "tail": {"b": jnp.zeros(2), "w": jnp.ones((2, 2))}}
+    with pytest.raises(ValueError, match=r"missing \['head'\]\['b'\], \['head'\]\['w'\]; not in"):
+        opt.update(renamed, opt.init(PARAMS))
+    with pytest.raises(ValueError, match="warmup=True must be an int >= 0"):
+        jaxcheck.gradient_health(warmup=True)
+    with pytest.raises(
+        ValueError,
+        match=r"warmup=np.int64\(-3\) must be an int >= 0, e.g. 10; "
+        r"explode_factor=np.float32\(0.5\) must be > 1",
+    ):
+        jaxcheck.gradient_health(warmup=np.int64(-3), explode_factor=np.float32(0.5))
+    jaxcheck.gradient_health(warmup=np.int64(3), explode_factor=np.float32(5.0))
     with pytest.raises(TypeError, match="cannot run inside jax.jit"):
         jax.jit(lambda s: jaxcheck.health(s).steps)(opt.init(PARAMS))
 
@@ -342,3 +363,87 @@ def test_sharded_params_on_8_simulated_devices():
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "sharded ok 20" in result.stdout
+
+
+@pytest.mark.parametrize("first", [0.0, np.nan])
+def test_a_zero_or_nan_first_gradient_does_not_start_the_history(first):
+    # a layer before a zero-initialized one gets a zero gradient at step 0; the running
+    # average starts with the first finite, nonzero norm
+    opt = jaxcheck.gradient_health(skip_nonfinite=True)
+    params = {"w": jnp.ones(3)}
+    state = opt.init(params)
+    update = jax.jit(opt.update)
+    for step in range(30):
+        grads = {"w": jnp.full(3, first if step == 0 else 0.1, jnp.float32)}
+        _, state = update(grads, state, params)
+    (leaf,) = jaxcheck.health(state).leaves
+    assert leaf.average == pytest.approx(0.1 * np.sqrt(3.0), rel=1e-5)
+    assert leaf.flags == (() if first == 0.0 else ("nonfinite",))
+    assert int(state.ema.count[0]) == 29
+
+
+def test_a_one_element_gradient_near_zero_on_one_step_is_not_vanishing():
+    # a scalar bias at convergence: its gradient is the mean residual, which crosses zero
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=40).astype(np.float32)
+    values[20] = 1e-6  # one step far below a thousandth of its average: noise
+    values[30:33] = 1e-6  # three in a row: flagged on the third
+    opt = jaxcheck.gradient_health()
+    params = {"b": jnp.ones(())}
+    state = opt.init(params)
+    update = jax.jit(opt.update)
+    for v in values:
+        _, state = update({"b": jnp.asarray(v)}, state, params)
+    (leaf,) = jaxcheck.health(state).flagged
+    assert (leaf.flags, leaf.first_vanishing, leaf.vanishing_steps) == (("vanishing",), 32, 1)
+
+
+def test_an_exactly_zero_gradient_of_a_zero_parameter_is_vanishing():
+    params = {"b": jnp.zeros(4), "w": jnp.ones(4)}
+    _, state = run_with(params, lambda step: {"b": np.zeros(4), "w": np.ones(4)}, 12)
+    (leaf,) = jaxcheck.health(state).flagged
+    assert (leaf.path, leaf.first_vanishing, leaf.vanishing_steps) == ("['b']", 10, 2)
+    assert np.isnan(leaf.average)
+
+
+def run_with(params, grads, steps):
+    opt = jaxcheck.gradient_health()
+    state = opt.init(params)
+    update = jax.jit(opt.update)
+    for step in range(steps):
+        g = jax.tree.map(lambda x: np.asarray(x, np.float32), grads(step))
+        updates, state = update(g, state, params)
+    return updates, state
+
+
+def test_a_donated_state_and_none_leaves_with_skip_nonfinite():
+    params = {"w": jnp.ones(3), "frozen": None}
+    opt = optax.chain(jaxcheck.gradient_health(skip_nonfinite=True), optax.adam(1e-2))
+
+    def step(params, state, g):
+        updates, state = opt.update(g, state, params)
+        return optax.apply_updates(params, updates), state
+
+    step = jax.jit(step, donate_argnums=(0, 1))
+    state = opt.init(params)
+    params, state = step(params, state, {"w": jnp.full(3, jnp.nan), "frozen": None})
+    params, state = step(params, state, {"w": jnp.ones(3), "frozen": None})
+    assert params["frozen"] is None and np.all(np.isfinite(params["w"]))
+    summary = jaxcheck.health(state)
+    assert (summary.skipped, summary.leaves[0].first_nonfinite) == (1, 0)
+
+
+def test_a_state_of_several_runs_is_read_one_run_at_a_time():
+    opt = jaxcheck.gradient_health()
+    params = {"w": jnp.ones((4, 3))}
+    state = jax.vmap(opt.init)(params)
+    _, state = jax.vmap(opt.update)(params, state, params)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "state has leading axes of shape (4,) (a state of several training runs, from "
+            "jax.vmap); read one run at a time, e.g. jaxcheck.health(jax.tree.map("
+        ),
+    ):
+        jaxcheck.health(state)
+    assert jaxcheck.health(jax.tree.map(lambda a: a[0], state)).steps == 1

@@ -137,11 +137,11 @@ def test_health_flags_trigger_a_check_once():
     for step in range(14):
         check(step, params, x, opt_state=state)
         state = update(state, params)
-    # The vanishing flag on ['dead'] fires at step 10 (the end of warmup) and is seen by the
-    # call of step 11; it is not a new flag on the steps after.
+    # The vanishing flag on ['dead'] (two elements: low on 2 steps in a row) fires at step
+    # 11 and is seen by the call of step 12; it is not a new flag on the steps after.
     assert [(r.step, r.reason) for r in check.history] == [
         (0, "every N steps"),
-        (11, "health flags"),
+        (12, "health flags"),
     ]
 
 
