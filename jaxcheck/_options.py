@@ -75,8 +75,7 @@ def _validate(o: Options) -> None:
     _positive_int("order", o.order, 1)
     _positive_int("num_directions", o.num_directions, 4)
     _positive_int("leaf_directions", o.leaf_directions, 2)
-    if o.sequential not in (True, False):
-        raise ValueError(f"sequential must be True or False, got {o.sequential!r}.")
+    _flag("sequential", o.sequential)
     if o.mode not in MODES:
         raise ValueError(f"mode must be 'reverse', 'forward' or 'both', got {o.mode!r}.")
     if o.grad_fn is not None and o.mode != "reverse":
@@ -92,8 +91,7 @@ def _validate(o: Options) -> None:
             isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < 1
         ):
             raise ValueError(f"{name} must be a float in (0, 1) or None, got {value!r}.")
-    if o.localize not in ("auto", True, False):
-        raise ValueError(f"localize must be True, False or 'auto', got {o.localize!r}.")
+    _flag("localize", o.localize, auto=True)
     if o.directions not in _directions.KINDS:
         raise ValueError(f"directions must be one of {_directions.KINDS}, got {o.directions!r}.")
     _directions.as_key(o.key)
@@ -104,10 +102,18 @@ def _validate(o: Options) -> None:
         ):
             raise ValueError(f"{name} must be a positive int or None, got {value!r}.")
     _validate_direction_sharding(o.direction_sharding, o.num_directions)
-    if o.rules not in ("auto", True, False):
-        raise ValueError(f"rules must be True, False or 'auto', got {o.rules!r}.")
-    if o.transforms not in (True, False):
-        raise ValueError(f"transforms must be True or False, got {o.transforms!r}.")
+    _flag("rules", o.rules, auto=True)
+    _flag("transforms", o.transforms)
+    _flag("has_aux", o.has_aux)
+    _flag("raise_on_failure", o.raise_on_failure)
+
+
+def _flag(name, value, auto=False) -> None:
+    # `is True` decides downstream: 1, 1.0 or numpy.True_ (equal to True) must not pass
+    if isinstance(value, bool) or (auto and isinstance(value, str) and value == "auto"):
+        return
+    allowed = "True, False or 'auto'" if auto else "True or False"
+    raise ValueError(f"{name} must be {allowed}, got {value!r}.")
 
 
 def _validate_direction_sharding(sharding, k) -> None:

@@ -5,6 +5,8 @@ the consistency of the gradient under JAX's transformations (`transforms=True`).
 import dataclasses
 import math
 
+import jax
+
 from . import _report, _rule_rows, _rule_search, _rules, _transforms, _verdict
 from ._error_model import Comparison
 from ._errors import GradientCheckError, one_line
@@ -35,7 +37,12 @@ def checked(fn, params, args, options, check) -> Report:
         part, more = rules_part(fn, params, args, o, _rule_order(o, report), error)
         if part is not None:
             parts.append(part)
-            what.append(" and its custom rules")
+            judged = sum(c.num_used > 0 for c in part.checks)
+            total = len(part.checks)
+            if judged == total:
+                what.append(" and its custom rules")
+            elif judged:
+                what.append(f" and {judged} of its {total} custom rules")
         notes += more
     report = combine(report, parts, notes, "fn" + "".join(what))
     if o.raise_on_failure and not report.ok:
@@ -106,6 +113,10 @@ def rules_part(fn, params, args, o, order=1, error=None) -> tuple[Report | None,
         f"(tolerance {r.tolerance:.1e}){_raised(r)}"
         for r in wrong
     ]
+    unjudged = [r for r in reports if r.status in (Status.INCONCLUSIVE, Status.NONFINITE)]
+    if unjudged:
+        each = "; ".join(f"{r.label} ({r.status.value})" for r in unjudged)
+        problems.append(f"rules not judged at the inputs fn gives them: {each}")
     coarse = [r for r in reports if r.ok and _coarser(r, error)]
     fine = [r.label for r in reports if r.ok and r not in coarse]
     if fine:
@@ -162,6 +173,10 @@ def _check_one(
             f"rule {rule.title}: its inputs could not be intercepted; the leaf-level verdict stands"
         )
         return row, None, note
+    if not any(_rule_rows.inexact(x) for x in jax.tree_util.tree_leaves(rule.inputs)):
+        row = Comparison(f"rule {rule.title}: not checked", math.nan, nan, 0.0, 0.0, 0.0, 0, False)
+        note = f"rule {rule.title}: no floating-point input, nothing to differentiate; not checked"
+        return row, None, note
     token = TRACED_RULE.set(True)
     try:
         report = _rules.check_rule(
@@ -182,6 +197,19 @@ def _check_one(
         return row, None, f"rule {rule.title}: could not be checked ({one_line(err)})"
     finally:
         TRACED_RULE.reset(token)
+    leaked = _leaked_tracer(report)
+    if leaked:
+        row = Comparison(f"rule {rule.title}: not checked", math.nan, nan, 0.0, 0.0, 0.0, 0, False)
+        return (
+            row,
+            None,
+            (
+                f"rule {rule.title}: could not be checked alone: its derivative rule closes over a "
+                f"value computed inside fn ({leaked}); the leaf-level verdict stands. To check "
+                "it, pass that value to the rule as an argument, or use jaxcheck.verify_rule on "
+                "a function that does"
+            ),
+        )
     report = dataclasses.replace(report, label=rule.title)
     verdict = "all properties hold" if report.ok else _failed_rows(report) or report.status.value
     if report.ok and _coarser(report, error):
@@ -197,6 +225,17 @@ def _check_one(
         report.status is not Status.FAIL,
     )
     return row, report, ""
+
+
+def _leaked_tracer(report: Report) -> str:
+    """The first line of an UnexpectedTracerError some row of `report` raised, or "": a
+    rule whose jvp or bwd closes over a value traced inside fn (not lifted into the rule's
+    call as an argument) can only run inside fn's own trace."""
+    for p in report.parts:
+        for q in p.problems:
+            if "UnexpectedTracerError" in q:
+                return "UnexpectedTracerError"
+    return ""
 
 
 def _finite_difference_rows(report: Report) -> list:

@@ -39,7 +39,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _directions, _plan, _precision, _problem, _report, _rule_rows, _rule_search
+from . import (
+    _directions,
+    _options,
+    _plan,
+    _precision,
+    _problem,
+    _report,
+    _rule_rows,
+    _rule_search,
+)
 from ._error_model import Comparison
 from ._errors import GradientCheckError
 from ._report import Report, Status
@@ -117,12 +126,42 @@ def verify_rule(
     """
     if not callable(f):
         raise TypeError(f"f must be callable, got {type(f).__name__}.")
-    if not isinstance(order, int) or isinstance(order, bool) or order < 1:
-        raise ValueError(f"order must be an int >= 1, got {order!r}.")
+    # the options the finite-difference rows pass to verify, refused here as verify would
+    _options.make(
+        key=key,
+        num_directions=num_directions,
+        precision=precision,
+        rtol=rtol,
+        leaf_directions=leaf_directions,
+        order=order,
+        raise_on_failure=raise_on_failure,
+    )
+    _differentiable(Rule.make(f, args))
     report = check_rule(f, args, key, num_directions, precision, rtol, leaf_directions, order=order)
     if raise_on_failure and not report.ok:
         raise GradientCheckError(report)
     return report
+
+
+def _differentiable(rule: "Rule") -> None:
+    """Refuse a rule with nothing to differentiate: no floating input, or no floating
+    output."""
+    if not any(_rule_rows.inexact(x) for x in rule.leaves()):
+        raise ValueError(
+            "verify_rule: f's inputs hold no floating-point array (outside nondiff_argnums) "
+            "to differentiate; pass the inputs whose derivatives the rule defines as float "
+            "arrays."
+        )
+    try:
+        out = jax.eval_shape(rule.call, rule.inputs)
+    except Exception:  # noqa: BLE001 - the rows report f's own error
+        return
+    if not any(jnp.issubdtype(o.dtype, jnp.inexact) for o in jax.tree_util.tree_leaves(out)):
+        dtypes = sorted({str(o.dtype) for o in jax.tree_util.tree_leaves(out)}) or ["none"]
+        raise ValueError(
+            f"verify_rule: f returns no floating-point output (dtypes: {', '.join(dtypes)}); "
+            "a derivative rule maps float inputs to float outputs."
+        )
 
 
 def check_rule(
@@ -480,7 +519,17 @@ def _batch(rule: Rule, rng) -> list:
 
 
 def _stack(trees):
-    return jax.tree_util.tree_map(lambda *xs: np.stack([_plan.host_array(x) for x in xs]), *trees)
+    def stack(*xs):
+        if _is_key(xs[0]):  # typed PRNG keys have no NumPy form
+            return jnp.stack(xs)
+        return np.stack([_plan.host_array(x) for x in xs])
+
+    return jax.tree_util.tree_map(stack, *trees)
+
+
+def _is_key(x) -> bool:
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
 _TRANSFORMS = {

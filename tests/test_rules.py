@@ -1,6 +1,7 @@
 """verify_rule: planted rule bugs, each caught by the property it breaks; real rules pass."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -364,3 +365,49 @@ def test_rule_that_mishandles_a_symbolic_zero_fails_the_unused_outputs_row():
         str(report)
     )
     assert jaxcheck.verify_rule(sin_cos(jnp.zeros_like), X).ok
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"precision": "double"}, "precision must be one of ('auto', 'float64', 'native')"),
+        ({"num_directions": 0}, "num_directions must be an int >= 4, got 0."),
+        ({"rtol": -1.0}, "rtol must be a float in (0, 1) or None, got -1.0."),
+        ({"leaf_directions": 0}, "leaf_directions must be an int >= 2, got 0."),
+    ],
+)
+def test_bad_options_are_refused_not_reported_as_a_wrong_rule(options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        jaxcheck.verify_rule(jax.nn.softplus, jnp.linspace(-1.0, 1.0, 3), **options)
+
+
+@pytest.mark.parametrize(
+    ("f", "x", "message"),
+    [
+        (lambda i: i * 2, jnp.asarray([1, 2]), "f's inputs hold no floating-point array"),
+        (
+            lambda x: x > 0,
+            jnp.asarray([1.0, -2.0]),
+            "f returns no floating-point output (dtypes: bool)",
+        ),
+    ],
+    ids=["integer input", "bool output"],
+)
+def test_nothing_to_differentiate_is_refused(f, x, message):
+    with pytest.raises(ValueError, match=re.escape("verify_rule: " + message)):
+        jaxcheck.verify_rule(f, x)
+
+
+def test_a_typed_prng_key_input_is_batched_for_the_vmap_row():
+    @jax.custom_vjp
+    def dropout(x, key):
+        return jnp.where(jax.random.bernoulli(key, 0.7, x.shape), x / 0.7, 0.0)
+
+    def fwd(x, key):
+        keep = jax.random.bernoulli(key, 0.7, x.shape)
+        return jnp.where(keep, x / 0.7, 0.0), keep
+
+    dropout.defvjp(fwd, lambda keep, g: (jnp.where(keep, g / 0.7, 0.0), None))
+    report = jaxcheck.verify_rule(dropout, jnp.linspace(-1.0, 1.0, 8), jax.random.key(0))
+    assert report.ok, str(report)
+    assert "vmap" in [p.label.split(":")[0] for p in report.parts]

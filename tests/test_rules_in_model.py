@@ -2,6 +2,7 @@
 called, and named with their call sites."""
 
 import inspect
+import re
 
 import jax
 import jax.numpy as jnp
@@ -480,3 +481,91 @@ def test_a_value_passed_twice_to_a_rule_is_perturbed_as_one(bug):
         [wrong] = [q for q in report.problems if q.startswith("wrong rule: ")]
         assert wrong.startswith("wrong rule: custom_jvp _custom_root at ")
         assert "relative error 1.0e-02" in wrong
+
+
+def test_a_rule_closing_over_a_value_computed_in_fn_is_not_called_wrong():
+    def loss(p, x):
+        scale = jnp.std(x) + 1.0  # traced inside fn: the jvp rule closes over it
+
+        @jax.custom_jvp
+        def scaled_tanh(h):
+            return jnp.tanh(h * scale)
+
+        scaled_tanh.defjvp(
+            lambda pr, t: (scaled_tanh(pr[0]), (1 - jnp.tanh(pr[0] * scale) ** 2) * scale * t[0])
+        )
+        return jnp.sum(scaled_tanh(x * p["w"]) ** 2)
+
+    p, x = {"w": jnp.asarray([0.5, -0.3, 0.2])}, jnp.asarray([1.0, 2.0, 3.0])
+    report = jaxcheck.verify(loss, p, x, rules=True)
+    assert report.status == "pass", str(report)
+    assert str(report).splitlines()[0] == (
+        "jaxcheck.verify: PASS — derivatives of fn are consistent with finite differences"
+    )
+    (note,) = [q for q in report.problems if "scaled_tanh" in q]
+    assert note.endswith(
+        "could not be checked alone: its derivative rule closes over a value computed inside "
+        "fn (UnexpectedTracerError); the leaf-level verdict stands. To check it, pass that "
+        "value to the rule as an argument, or use jaxcheck.verify_rule on a function that does"
+    )
+    # beside a wrong rule, only the wrong one is named
+    bad = jaxcheck.verify(lambda p, x: loss(p, x) + jnp.sum(bad_tanh(p["w"])), p, x)
+    assert bad.status == "fail"
+    wrong = [q for q in bad.problems if q.startswith("wrong rule")]
+    assert len(wrong) == 1 and "bad_tanh" in wrong[0], bad.problems
+
+
+def test_a_rule_of_integer_inputs_only_is_not_checked():
+    table = jnp.linspace(0.0, 1.0, 5)
+
+    @jax.custom_jvp
+    def lookup(i):
+        return jnp.take(table, i)
+
+    lookup.defjvp(lambda p, t: (lookup(p[0]), jnp.zeros(p[0].shape)))
+    report = jaxcheck.verify(
+        lambda p, i: jnp.sum(lookup(i) * jnp.sin(p)),
+        jnp.asarray([0.5, -0.3]),
+        jnp.asarray([1, 3]),
+        rules=True,
+    )
+    assert report.status == "pass", str(report)
+    assert any(
+        q.startswith("rule custom_jvp lookup at ")
+        and q.endswith("no floating-point input, nothing to differentiate; not checked")
+        for q in report.problems
+    ), report.problems
+
+
+def test_rules_not_judged_are_said_so_and_not_claimed_in_the_headline():
+    @jax.custom_jvp
+    def safe_log(x):
+        return jnp.log(jnp.where(x > 0, x, 1.0))
+
+    safe_log.defjvp(
+        lambda p, t: (
+            safe_log(p[0]),
+            jnp.where(p[0] > 0, t[0] / jnp.where(p[0] > 0, p[0], 1.0), 0.0),
+        )
+    )
+
+    def loss(p, x):
+        return jnp.sum(safe_log(jax.nn.relu(x * p)) * p) + jnp.sum(good_exp(p))
+
+    report = jaxcheck.verify(loss, jnp.full(3, 0.5), jnp.asarray([1.0, 0.0, -3.0]), rules=True)
+    assert report.status == "pass", str(report)
+    assert str(report).splitlines()[0] == (
+        "jaxcheck.verify: PASS — derivatives of fn and 1 of its 3 custom rules are consistent "
+        "with finite differences"
+    )
+    (line,) = [q for q in report.problems if q.startswith("rules not judged")]
+    assert "custom_jvp relu at " in line and "custom_jvp safe_log at " in line
+    assert line.count("(inconclusive)") == 2
+
+
+@pytest.mark.parametrize("value", [1, 0, 1.0, np.True_])
+def test_rules_must_be_a_bool_or_auto(value):
+    with pytest.raises(
+        ValueError, match=re.escape(f"rules must be True, False or 'auto', got {value!r}.")
+    ):
+        jaxcheck.verify(lambda p: jnp.sum(p**2), jnp.ones(2), rules=value)
