@@ -15,24 +15,35 @@ COVERAGE_ERROR = 1e-3  # leaves where a 0.1 % error might go unseen globally are
 
 
 def chosen_leaves(
-    localize, status: Status, share, tolerance: float, num_leaves: int, floor: float | None
+    localize,
+    status: Status,
+    share,
+    tolerance: float,
+    num_leaves: int,
+    floor: float | None,
+    upper: float = math.inf,
 ) -> list:
     """Indices of the leaves to check alone, given the `localize` option, the all-leaf
-    status and tolerance, each leaf's share of the all-leaf projections (None when the
-    directions were not balanced against the gradient), and the caller's floor on every
-    tolerance (`rtol`)."""
+    status, tolerance and upper bound of the measured error, each leaf's share of the
+    all-leaf projections (None when the directions were not balanced against the
+    gradient), and the caller's floor on every tolerance (`rtol`)."""
     if localize is True or (localize == "auto" and status is Status.FAIL):
         return list(range(num_leaves))
-    if (
-        localize == "auto"
-        and status is Status.PASS
-        and share is not None
-        and num_leaves > 1  # one leaf: the all-leaf check was its own check
-        and (floor or 0.0) < COVERAGE_ERROR  # else no leaf's own check could see it either
-    ):
+    if localize != "auto" or num_leaves < 2:  # one leaf: the all-leaf check was its own
+        return []
+    if status is Status.INCONCLUSIVE:
+        # a kink or noise along the all-leaf directions may sit in some leaves only: the
+        # others are judged along their own directions (a wrong one fails the check)
+        return list(range(num_leaves))
+    if status is not Status.PASS or share is None:
+        return []
+    if (floor or 0.0) < COVERAGE_ERROR:
         # leaves whose 0.1 % error the all-leaf check could not see: check them alone
         return [i for i, s in enumerate(share) if COVERAGE_ERROR * math.sqrt(s) <= tolerance]
-    return []
+    # a loose floor (check_grads' atol=rtol=0.2): an error that size in one leaf adds
+    # about floor * sqrt(share) to the all-leaf error; leaves where the measured error's
+    # upper bound does not rule that out are checked alone
+    return [i for i, s in enumerate(share) if floor * math.sqrt(s) <= upper]
 
 
 def localize(run: Run, scales, leaf_k, h, paths, chosen, sequential=False) -> tuple:

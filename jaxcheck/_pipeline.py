@@ -105,8 +105,9 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
     stopped = _stopped(ks, n, previous, _verdict.head(checks, status), why)
     _verdict.note_large_rounding(run, checks[0])
     leaves = ()
+    upper = max((c.interval[1] for c in checks), default=math.inf)
     chosen = _localize.chosen_leaves(
-        localize, status, share, checks[0].tolerance, len(paths), run.rtol
+        localize, status, share, checks[0].tolerance, len(paths), run.rtol, upper
     )
     if chosen:
         leaves = _localize.localize(run, scales, leaf_k, h0, paths, chosen, sequential)

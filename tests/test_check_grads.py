@@ -31,6 +31,40 @@ def test_loose_jax_tolerances_still_catch_a_50_percent_bug():
     assert "wrong: [0]" in str(info.value)
 
 
+@pytest.mark.parametrize("bug", [1.0, 2.0])
+def test_loose_tolerances_see_a_bug_in_one_argument_of_many(bug):
+    # at atol=rtol=0.2, a 100 % error in one of 8 arguments is 0.11 of the whole
+    args = tuple(np.linspace(0.1, 1.0, 5, dtype=np.float32) + i for i in range(8))
+    wrong = scaled_sin(bug)
+
+    def f(*a):
+        return (*(jnp.sin(x) for x in a[:-1]), wrong(a[-1]))
+
+    if bug == 1.0:
+        assert jaxcheck.check_grads(f, args, 1, atol=0.2, rtol=0.2) is None
+        return
+    with pytest.raises(jaxcheck.GradientCheckError) as info:
+        jaxcheck.check_grads(f, args, 1, atol=0.2, rtol=0.2)
+    report = info.value.report
+    assert "wrong: [7]" in report.problems
+    assert [leaf.path for leaf in report.leaves if leaf.status == "fail"] == ["[7]"]
+
+
+@pytest.mark.parametrize("bug", [1.0, 2.0])
+def test_a_kink_in_one_argument_leaves_the_others_judged(bug):
+    f = lambda a, b: jnp.abs(a) + jnp.sum(scaled_sin(bug)(b))  # noqa: E731
+    args = (np.float32(0.0), np.linspace(0.1, 1.0, 4, dtype=np.float32))
+    outcome = _check_grads.run(f, args, 1, ("rev",), None, None, None)
+    leaves = {leaf.path: leaf.status.value for leaf in outcome.report.leaves}
+    if bug == 1.0:
+        assert outcome.verdict == "unjudged"
+        assert leaves == {"[0]": "inconclusive", "[1]": "pass"}
+    else:
+        assert outcome.verdict == "fail"
+        assert leaves == {"[0]": "inconclusive", "[1]": "fail"}
+        assert "wrong: [1]" in outcome.report.problems
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_default_tolerances_catch_a_0_1_percent_bug(dtype):
     with pytest.raises(jaxcheck.GradientCheckError) as info:
