@@ -62,6 +62,10 @@ def reference(
         outs, vjp_fn = jax.vjp(f, diff)
     else:
         outs = f(diff)
+    # the centre value from fn itself: jax.vjp's primal output is a custom_vjp's fwd (or a
+    # custom_jvp rule's primal), which a wrong rule may compute differently; with no such
+    # rule XLA computes the two once
+    plain = f(diff) if rule_rev and not problem.scalar_output else outs
 
     def one(k, beta, z):
         v, cot = _autodiff.direction(problem, seeds, k, diff, beta, kind, out_scales, outs, z)
@@ -71,7 +75,7 @@ def reference(
             moved = [x + t.astype(x.dtype) * vi for x, vi in zip(diff, v)]
             return problem.scalarize(f(_plan.constrain(moved, plan)), cot)
 
-        res = {"phis": _plan.map_points(phi, points, plan), "phi0": problem.scalarize(outs, cot)}
+        res = {"phis": _plan.map_points(phi, points, plan), "phi0": problem.scalarize(plain, cot)}
         grads = {}
         if with_projections and g_test is not None:
             grads["test_rev"] = [g.astype(work) for g in g_test]

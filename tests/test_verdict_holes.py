@@ -401,3 +401,22 @@ def test_a_float32_staircase_is_not_taken_for_jumps():
     )
     assert report.status == "pass", str(report)
     assert report.parts[-1].step > 1e-3
+
+
+@pytest.mark.parametrize("factor", [1.0, 1.3])
+def test_a_rule_whose_primal_differs_from_its_function_fails(factor):
+    # fwd returns factor * sin while the function is sin: jax.vjp of b(x)**2 is factor
+    # times the derivative of what fn evaluates; the centre value of the finite differences
+    # is fn's own, not the rule's, so this is a wrong gradient and not "scatter"
+    @jax.custom_vjp
+    def b(x):
+        return jnp.sin(x)
+
+    b.defvjp(lambda x: (factor * jnp.sin(x), x), lambda x, g: (g * jnp.cos(x),))
+    report = jaxcheck.verify(lambda x: b(x) ** 2, jnp.linspace(0.1, 1.0, 4))
+    if factor == 1.0:
+        assert report.status == "pass", str(report)
+    else:
+        assert report.status == "fail", str(report)
+        assert report.relative_error == pytest.approx(0.3, rel=0.05)
+        assert not any("scatter" in q for q in report.problems)
