@@ -147,6 +147,7 @@ def run(f, args, order, modes=("fwd", "rev"), atol=None, rtol=None, eps=None) ->
             f"check_grads: args must be a tuple or list of f's positional arguments, got "
             f"{type(args).__name__}. For one argument x, pass (x,)."
         )
+    order, eps, atol, rtol = (_scalar(v) for v in (order, eps, atol, rtol))
     if not isinstance(order, int) or isinstance(order, bool) or order < 1:
         raise ValueError(f"check_grads: order must be an int >= 1, got {order!r}.")
     _check_step(eps)
@@ -211,7 +212,19 @@ def _mode(modes) -> str:
     return chosen.pop() if len(chosen) == 1 else "both"
 
 
+def _scalar(value):
+    """A NumPy or JAX scalar (0-d array) as the Python number it holds; anything else as
+    it is (JAX's check_grads takes both)."""
+    if isinstance(value, np.generic | np.ndarray | jax.Array) and np.ndim(value) == 0:
+        if np.issubdtype(np.dtype(value.dtype), np.number):
+            return np.asarray(value).item()
+    return value
+
+
 def _check_step(eps) -> None:
+    if isinstance(eps, int | float) and not isinstance(eps, bool) and eps == 0:
+        # as in JAX: 0 means its default step
+        return
     if eps is not None and not (
         isinstance(eps, int | float | np.floating)
         and not isinstance(eps, bool)

@@ -65,6 +65,23 @@ def test_a_kink_in_one_argument_leaves_the_others_judged(bug):
         assert "wrong: [1]" in outcome.report.problems
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"order": np.int64(2)},
+        {"eps": 0},
+        {"eps": jnp.float32(1e-3)},
+        {"atol": np.array(0.2), "rtol": jnp.float32(0.2)},
+    ],
+    ids=["numpy order", "eps 0", "jax eps", "array tolerances"],
+)
+def test_numpy_and_jax_scalars_are_taken_as_jax_takes_them(options):
+    order = options.pop("order", 1)
+    assert jaxcheck.check_grads(jnp.sin, (X,), order, **options) is None
+    with pytest.raises(jaxcheck.GradientCheckError):
+        jaxcheck.check_grads(scaled_sin(1.5), (X,), order, **options)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_default_tolerances_catch_a_0_1_percent_bug(dtype):
     with pytest.raises(jaxcheck.GradientCheckError) as info:
