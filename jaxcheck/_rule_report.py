@@ -119,8 +119,21 @@ def rules_part(fn, params, args, o, order=1, error=None) -> tuple[Report | None,
         problems.append(f"rules not judged at the inputs fn gives them: {each}")
     coarse = [r for r in reports if r.ok and _coarser(r, error)]
     fine = [r.label for r in reports if r.ok and r not in coarse]
+    by_label = {rule.title: rule for rule in found}
+    repeated = [
+        f"{label} ({by_label[label].calls} calls)"
+        for label in fine
+        if label in by_label and by_label[label].calls > 1
+    ]
     if fine:
         problems.append(f"rules fine: {'; '.join(fine)}")
+        if error is not None and not wrong and repeated:
+            problems.append(
+                "a rule called several times from one line (a Python loop over layers, a "
+                f"shared block) was checked at its first call only: {'; '.join(repeated)}; "
+                "one wrong at the inputs of later calls goes unseen there (check it with "
+                "jaxcheck.verify_rule at those inputs)"
+            )
         if error is not None and not wrong and any("first iteration" in f for f in fine):
             problems.append(
                 "a rule in a loop body was checked at the loop's first iteration only: one "

@@ -51,6 +51,7 @@ class Found:
     # value passed as several arguments (custom_root hands the closed-over arrays to
     # both its function and its solver) is one input, perturbed as one, as in the model
     positions: tuple | None = dataclasses.field(default=None, repr=False, compare=False)
+    calls: int = dataclasses.field(default=1, compare=False)  # calls merged into this one
 
     @property
     def in_jax(self) -> bool:
@@ -121,12 +122,13 @@ def calls(jaxpr, kind: str) -> bool:
 def _unique(found) -> list:
     """One entry per rule and call site (a layer called in a loop is one rule), with the
     first inputs captured."""
-    seen = {}
+    seen, counts = {}, {}
     for f in found:
         key = (f.kind, f.name, f.where, f.context)
+        counts[key] = counts.get(key, 0) + 1
         if key not in seen or (seen[key].inputs is None and f.inputs is not None):
             seen[key] = f
-    return list(seen.values())
+    return [dataclasses.replace(f, calls=counts[key]) for key, f in seen.items()]
 
 
 def _is_array(x) -> bool:

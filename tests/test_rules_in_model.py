@@ -569,3 +569,26 @@ def test_rules_must_be_a_bool_or_auto(value):
         ValueError, match=re.escape(f"rules must be True, False or 'auto', got {value!r}.")
     ):
         jaxcheck.verify(lambda p: jnp.sum(p**2), jnp.ones(2), rules=value)
+
+
+def test_a_rule_called_from_one_line_several_times_says_it_was_checked_once():
+    @jax.custom_jvp
+    def softplus(x):
+        return jnp.logaddexp(x, 0.0)
+
+    wrong_below_zero = lambda x: jnp.where(x < 0, 1.2, 1.0)  # noqa: E731
+    softplus.defjvp(
+        lambda p, t: (softplus(p[0]), wrong_below_zero(p[0]) * jax.nn.sigmoid(p[0]) * t[0])
+    )
+
+    def loss(params, x):
+        for w in params:  # the first layer's inputs are positive, the second's negative
+            x = softplus(x @ w)
+        return jnp.sum(x)
+
+    params = [jnp.eye(3) * 0.5, -jnp.eye(3) * 2.0]
+    report = jaxcheck.verify(loss, params, jnp.asarray([[1.0, 2.0, 3.0]]))
+    assert report.status == "fail"
+    (line,) = [q for q in report.problems if q.startswith("a rule called several times")]
+    assert "was checked at its first call only: custom_jvp softplus at " in line
+    assert "(2 calls); one wrong at the inputs of later calls goes unseen there" in line
