@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _evaluate, _options, _verify
+from . import _evaluate, _options, _plan, _verify
 from ._errors import GradientCheckError
 from ._report import Report, Status
 
@@ -157,7 +157,7 @@ def run(f, args, order, modes=("fwd", "rev"), atol=None, rtol=None, eps=None) ->
     if floats and not any(np.size(x) for x in floats):
         # a derivative with respect to empty arrays is empty: JAX's check passes there too
         return Outcome(None, "pass")
-    report = _verify.run(Positional(f), params, (), options)
+    report = _verify.run(Positional(f, _fingerprint(f, params)), params, (), options)
     if options.mode == "both" and any(_evaluate.NO_JVP in p for p in report.problems):
         raise TypeError(
             f"check_grads: modes={modes!r} asks for forward mode (jvp), but f contains a "
@@ -178,14 +178,52 @@ def run(f, args, order, modes=("fwd", "rev"), atol=None, rtol=None, eps=None) ->
 
 @dataclasses.dataclass(frozen=True)
 class Positional:
-    """f of a tuple of its positional arguments. Equal for the same f, so that checking
-    the same function again (a test calling check_grads on it several times) reuses the
-    programs compiled for it: a new lambda each time compiled them all again."""
+    """f of a tuple of its positional arguments. Equal for the same f computing the same
+    program, so that checking the same function again (a test calling check_grads on it
+    several times) reuses the programs compiled for it (a new lambda each time compiled
+    them all again), while f changed in between (a global it reads, an attribute of its
+    object) is checked anew, as JAX's check_grads, which keeps nothing, would."""
 
     f: Callable
+    fingerprint: Any = None  # `_fingerprint(f, args)`
 
     def __call__(self, args):
         return self.f(*args)
+
+
+def _fingerprint(f, args):
+    """What f computes at args' shapes: its jaxpr's text and the values it closes over
+    (small ones by content, large ones by identity); None where f cannot be traced (its
+    programs are then keyed by f alone)."""
+    try:
+        with _plan.own_transfers():
+            # a new function: JAX's trace cache, keyed by f, would return f's first trace
+            closed = jax.make_jaxpr(lambda *a: f(*a))(*jax.tree.map(_abstract, args))
+            consts = tuple(_digest(c) for c in closed.consts)
+    except Exception:  # noqa: BLE001 - the check itself says why f cannot be traced
+        return None
+    return str(closed.jaxpr), consts
+
+
+def _abstract(x):
+    """An array or float argument as its shape and dtype, not weak-typed (as the check
+    holds it): f(jnp.full(3, 0.5)) and f(jnp.ones(3)) are one program."""
+    if isinstance(x, jax.Array | np.ndarray | np.generic) or (
+        isinstance(x, float) and not isinstance(x, bool)
+    ):
+        return jax.ShapeDtypeStruct(
+            np.shape(x), jnp.result_type(x) if isinstance(x, float) else x.dtype
+        )
+    return x
+
+
+def _digest(x):
+    if not isinstance(x, jax.Array | np.ndarray | np.generic):
+        return ("object", id(x))
+    if np.size(x) > 1 << 16:
+        return ("array", id(x))
+    data = np.asarray(x)
+    return (str(data.dtype), data.shape, data.tobytes())
 
 
 def _mode(modes) -> str:

@@ -343,6 +343,18 @@ def _sin_by_vjp(x):
 _sin_by_vjp.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * jnp.cos(x),))
 
 
+def test_a_function_changed_between_two_checks_is_checked_anew():
+    impl = {"sin": jnp.sin}
+
+    def f(x):
+        return impl["sin"](x)
+
+    assert jaxcheck.check_grads(f, (X,), 1) is None
+    impl["sin"] = scaled_sin(2.0)  # the same function object, now with a wrong rule
+    with pytest.raises(jaxcheck.GradientCheckError, match="gradient is WRONG"):
+        jaxcheck.check_grads(f, (X,), 1)
+
+
 @pytest.mark.parametrize("order", [1, 2])
 def test_forward_mode_through_a_custom_vjp_raises_as_in_jax(order):
     """JAX's check_grads raises where forward mode meets a custom_vjp; so does the drop-in
