@@ -186,7 +186,8 @@ def _check_one(
             f"rule {rule.title}: its inputs could not be intercepted; the leaf-level verdict stands"
         )
         return row, None, note
-    if not any(_rule_rows.inexact(x) for x in jax.tree_util.tree_leaves(rule.inputs)):
+    free = [x for i, x in enumerate(rule.inputs) if i not in rule.constants]
+    if not any(_rule_rows.inexact(x) for x in jax.tree_util.tree_leaves(free)):
         row = Comparison(f"rule {rule.title}: not checked", math.nan, nan, 0.0, 0.0, 0.0, 0, False)
         note = f"rule {rule.title}: no floating-point input, nothing to differentiate; not checked"
         return row, None, note

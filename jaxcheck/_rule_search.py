@@ -52,11 +52,16 @@ class Found:
     # both its function and its solver) is one input, perturbed as one, as in the model
     positions: tuple | None = dataclasses.field(default=None, repr=False, compare=False)
     calls: int = dataclasses.field(default=1, compare=False)  # calls merged into this one
+    # indices in `inputs` of the constants of fn's trace (a Python number passed to the
+    # rule, as a temperature): held fixed, as they are in the model
+    constants: tuple = dataclasses.field(default=(), compare=False)
 
     @property
     def in_jax(self) -> bool:
         """Whether the rule is one of JAX's own (jax.nn, jax.numpy, lax): defined in a
         file of the jax package."""
+        if _custom_gradient_name(self.eqn) is not None:
+            return False  # jax.custom_gradient's wrapper is JAX's, the rule the user's
         jaxpr = self.eqn.params.get("call_jaxpr")
         info = getattr(getattr(jaxpr, "jaxpr", jaxpr), "debug_info", None)
         return _JAX_DIR in str(getattr(info, "func_src_info", None) or "")
@@ -77,6 +82,7 @@ class Found:
             return out[0] if len(out) == 1 else tuple(out)
 
         rule.__name__ = self.name
+        rule.nondiff_argnums = self.constants  # read by verify_rule: held fixed
         return rule
 
 
@@ -156,7 +162,31 @@ def _where(eqn) -> str:
     return where[len(here) :] if where.startswith(here) else where
 
 
+def _custom_gradient_name(eqn) -> str | None:
+    """The name of the user's function behind a `jax.custom_gradient` (a custom_vjp whose
+    function, `wrapped_fun`, is defined in JAX), from the innermost user frame of the
+    equations it traced; None for any other rule."""
+    jaxpr = eqn.params.get("call_jaxpr")
+    inner = getattr(jaxpr, "jaxpr", jaxpr)
+    info = str(getattr(getattr(inner, "debug_info", None), "func_src_info", None) or "")
+    if not (info.startswith("wrapped_fun ") and _JAX_DIR in info):
+        return None
+    try:
+        from jax._src import source_info_util  # noqa: PLC0415 - no public API for this
+
+        for e in getattr(inner, "eqns", ()):
+            frame = source_info_util.user_frame(e.source_info.traceback)
+            if frame is not None:
+                return frame.function_name.rsplit(".", 1)[-1]  # a qualified name in 3.11+
+    except Exception:  # noqa: BLE001 - only a name
+        pass
+    return "custom_gradient"
+
+
 def _name(eqn) -> str:
+    user = _custom_gradient_name(eqn)
+    if user is not None:
+        return user
     jaxpr = eqn.params.get("call_jaxpr")
     info = getattr(getattr(jaxpr, "jaxpr", jaxpr), "debug_info", None)
     text = getattr(info, "func_name", None) or getattr(info, "func_src_info", None) or ""
@@ -199,7 +229,7 @@ class _Search:
         where = _where(eqn) or site
         if kind is not None:
             n = eqn.params.get("num_consts", 0)
-            inputs, positions = _tied(eqn.invars[n:], ins[n:])
+            inputs, positions, constants = _tied(eqn.invars[n:], ins[n:])
             self.found.append(
                 Found(
                     kind,
@@ -210,6 +240,7 @@ class _Search:
                     inputs,
                     consts=tuple(ins[:n]),
                     positions=positions,
+                    constants=constants,
                 )
             )
             return _bind(eqn, ins)
@@ -306,20 +337,23 @@ def _scan_counts(eqn, body) -> tuple[int, int]:
 
 def _tied(invars, values) -> tuple:
     """(the distinct inputs of a rule's call, the index of each argument's value among
-    them; None where every argument is a value of its own)."""
-    first, inputs, positions = {}, [], []
+    them (None where every argument is a value of its own), the indices of the inputs
+    that are literals of fn's trace)."""
+    first, inputs, positions, constants = {}, [], [], []
     for var, value in zip(invars, values):
         literal = type(var).__name__ == "Literal"  # (not hashable in every jax version)
         if literal or var not in first:
-            if not literal:
+            if literal:
+                constants.append(len(inputs))
+            else:
                 first[var] = len(inputs)
             positions.append(len(inputs))
             inputs.append(value)
         else:
             positions.append(first[var])
     if len(inputs) == len(positions):
-        return tuple(inputs), None
-    return tuple(inputs), tuple(positions)
+        return tuple(inputs), None, tuple(constants)
+    return tuple(inputs), tuple(positions), tuple(constants)
 
 
 def _literal_or(env, v):

@@ -592,3 +592,44 @@ def test_a_rule_called_from_one_line_several_times_says_it_was_checked_once():
     (line,) = [q for q in report.problems if q.startswith("a rule called several times")]
     assert "was checked at its first call only: custom_jvp softplus at " in line
     assert "(2 calls); one wrong at the inputs of later calls goes unseen there" in line
+
+
+def test_a_constant_passed_to_a_rule_is_held_fixed_as_in_the_model():
+    # the temperature is a Python float in fn: its bwd may return None for it
+    @jax.custom_vjp
+    def tempered_softmax(x, temperature):
+        return jax.nn.softmax(x / temperature)
+
+    def fwd(x, t):
+        y = jax.nn.softmax(x / t)
+        return y, (y, t)
+
+    def bwd(res, g):
+        y, t = res
+        return (y * (g - jnp.sum(g * y, -1, keepdims=True)) / t, None)
+
+    tempered_softmax.defvjp(fwd, bwd)
+
+    def loss(p, x):
+        return jnp.sum(tempered_softmax(x @ p, 0.5) * jnp.arange(3.0))
+
+    p = jnp.asarray([[0.5, -0.3, 0.2], [0.1, 0.4, -0.2]])
+    x = jnp.asarray([[1.0, 2.0], [-1.0, 0.5]])
+    report = jaxcheck.verify(loss, p, x, rules=True)
+    assert report.status == "pass", str(report)
+    assert any(q.startswith("rules fine: custom_vjp tempered_softmax") for q in report.problems)
+
+
+def test_a_custom_gradient_rule_is_the_users_and_named_after_its_function():
+    @jax.custom_gradient
+    def clipped_sin(x):
+        return jnp.sin(x), lambda g: (1.2 * g * jnp.cos(x),)  # 20 % off
+
+    def loss(p, x):
+        return jnp.sum(clipped_sin(x * p) ** 2)
+
+    report = jaxcheck.verify(loss, jnp.asarray([0.5, -0.3, 0.2]), jnp.asarray([1.0, 2.0, 3.0]))
+    assert report.status == "fail"
+    (wrong,) = [q for q in report.problems if q.startswith("wrong rule")]
+    assert wrong.startswith("wrong rule: custom_vjp clipped_sin at ")
+    assert not any("JAX's own" in q for q in report.problems), report.problems
