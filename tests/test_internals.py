@@ -263,20 +263,27 @@ def test_unknown_compile_options_are_dropped(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "share, floor, chosen",
+    "share, floor, upper, chosen",
     [
-        ([0.999, 0.001], None, [0, 1]),  # 0.1 % in either is under the tolerance of 0.01
-        ([0.999999, 1e-6], None, [0, 1]),
-        ([1.0], None, []),  # one leaf: the all-leaf check was its own check
-        ([0.999, 0.001], 1e-3, []),  # no leaf's own check could see 0.1 % either
-        ([0.999, 0.001], 1e-4, [0, 1]),
+        ([0.999, 0.001], None, 1e-7, [0, 1]),  # 0.1 % in either is under the tolerance 0.01
+        ([0.999999, 1e-6], None, 1e-7, [0, 1]),
+        ([1.0], None, 1e-7, []),  # one leaf: the all-leaf check was its own check
+        ([1.0], 0.2, 0.1, []),
+        ([0.999, 0.001], 1e-4, 1e-7, [0, 1]),
+        # a loose floor: a floor-sized error in a leaf adds floor * sqrt(share) to the
+        # all-leaf error, which the measured error's upper bound may rule out
+        ([0.999, 0.001], 1e-3, 1e-7, []),
+        ([0.999, 0.001], 1e-3, 1e-4, [1]),
+        ([0.875, 0.125], 0.2, 0.2, [0, 1]),
+        ([0.875, 0.125], 0.2, 0.11, [1]),
+        ([0.875, 0.125], 0.2, 0.05, []),
     ],
 )
-def test_leaves_checked_alone_after_a_pass(share, floor, chosen):
+def test_leaves_checked_alone_after_a_pass(share, floor, upper, chosen):
     from jaxcheck import _localize
     from jaxcheck._report import Status
 
-    got = _localize.chosen_leaves("auto", Status.PASS, share, 0.01, len(share), floor)
+    got = _localize.chosen_leaves("auto", Status.PASS, share, 0.01, len(share), floor, upper)
     assert got == chosen
     assert _localize.chosen_leaves("auto", Status.FAIL, share, 0.01, len(share), floor) == list(
         range(len(share))
