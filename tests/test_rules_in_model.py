@@ -633,3 +633,14 @@ def test_a_custom_gradient_rule_is_the_users_and_named_after_its_function():
     (wrong,) = [q for q in report.problems if q.startswith("wrong rule")]
     assert wrong.startswith("wrong rule: custom_vjp clipped_sin at ")
     assert not any("JAX's own" in q for q in report.problems), report.problems
+
+
+def test_a_jax_rule_masked_in_fn_is_not_counted_wrong_when_fn_passes():
+    # jnp.sinc calls _sinc_maclaurin, right only at 0, and masks it with jnp.where elsewhere
+    report = jaxcheck.verify(
+        lambda p: jnp.sum(jnp.sinc(p)), jnp.asarray([0.3, -0.7, 1.2]), order=2, rules=True
+    )
+    assert report.status == "pass", str(report)
+    (line,) = [q for q in report.problems if q.startswith("JAX's own rules that fail alone")]
+    assert "custom_jvp _sinc_maclaurin at " in line
+    assert line.endswith("so they are not counted as wrong")
