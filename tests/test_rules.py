@@ -411,3 +411,17 @@ def test_a_typed_prng_key_input_is_batched_for_the_vmap_row():
     report = jaxcheck.verify_rule(dropout, jnp.linspace(-1.0, 1.0, 8), jax.random.key(0))
     assert report.ok, str(report)
     assert "vmap" in [p.label.split(":")[0] for p in report.parts]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("factor", [1.0, 1.5])
+def test_a_wrong_primal_fails_in_16_bit_dtypes_too(dtype, factor):
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(x)
+
+    f.defvjp(lambda x: (factor * jnp.sin(x), x), lambda x, g: (g * jnp.cos(x),))
+    primal = jaxcheck.verify_rule(f, jnp.linspace(0.2, 1.0, 6).astype(dtype)).parts[0]
+    assert primal.label.startswith("primal")
+    assert primal.tolerance == pytest.approx(0.2)
+    assert primal.status == ("pass" if factor == 1.0 else "fail")
