@@ -4,6 +4,7 @@ training, and `health`, which reads what it saw."""
 import dataclasses
 import math
 import numbers
+import sys
 from typing import Any
 
 import jax
@@ -161,6 +162,7 @@ def gradient_health(
     _check_options(decay, warmup, vanishing_ratio, collapse_factor, explode_factor)
 
     def init(params) -> HealthState:
+        _register_with_flax()
         paths = _paths(params)
         n = len(paths)
 
@@ -289,6 +291,34 @@ def gradient_health(
         )
 
     return optax.GradientTransformation(init, update)
+
+
+_DATA_FIELDS = tuple(f.name for f in dataclasses.fields(HealthState) if f.name != "paths")
+
+
+def _register_with_flax() -> None:
+    """Let `flax.serialization` (checkpoints of a flax `TrainState`) save and restore the
+    state, as it does optax's NamedTuple states; only where flax is already imported
+    (jaxcheck does not depend on it)."""
+    serialization = sys.modules.get("flax.serialization")
+    if serialization is None:
+        return
+
+    def to_state_dict(state):
+        return {f: serialization.to_state_dict(getattr(state, f)) for f in _DATA_FIELDS}
+
+    def from_state_dict(target, state):
+        return dataclasses.replace(
+            target,
+            **{
+                f: serialization.from_state_dict(getattr(target, f), state[f]) for f in _DATA_FIELDS
+            },
+        )
+
+    try:
+        serialization.register_serialization_state(HealthState, to_state_dict, from_state_dict)
+    except ValueError:  # registered by an earlier init
+        pass
 
 
 def _check_options(decay, warmup, vanishing_ratio, collapse_factor, explode_factor):

@@ -447,3 +447,12 @@ def test_a_state_of_several_runs_is_read_one_run_at_a_time():
     ):
         jaxcheck.health(state)
     assert jaxcheck.health(jax.tree.map(lambda a: a[0], state)).steps == 1
+
+
+def test_the_state_round_trips_through_flax_serialization():
+    serialization = pytest.importorskip("flax.serialization")
+    opt = optax.chain(jaxcheck.gradient_health(), optax.adam(1e-3))
+    _, state = run(opt, 12, nan_at=3)
+    restored = serialization.from_bytes(opt.init(PARAMS), serialization.to_bytes(state))
+    assert str(jaxcheck.health(restored)) == str(jaxcheck.health(state))
+    assert jaxcheck.health(restored).leaves[2].first_nonfinite == 3
