@@ -111,12 +111,12 @@ def rules_part(
             notes.append(note)
     wrong = [r for r in reports if r.status is Status.FAIL]
     by_label = {rule.title: rule for rule in found}
+    titles = [rule.title for rule in found]  # rows[i] is found[i]'s
     masked = []
     if passed and wrong and all(by_label[r.label].in_jax for r in wrong):
         # JAX's own rules that fail alone while fn's derivatives pass: jnp.sinc calls a
         # rule right only at 0 and masks its output elsewhere with jnp.where
         masked, wrong = wrong, []
-        titles = [rule.title for rule in found]
         for r in masked:
             i = titles.index(r.label)
             rows[i] = dataclasses.replace(
@@ -132,7 +132,14 @@ def rules_part(
     if unjudged:
         each = "; ".join(f"{r.label} ({r.status.value})" for r in unjudged)
         problems.append(f"rules not judged at the inputs fn gives them: {each}")
-    coarse = [r for r in reports if r.ok and _coarser(r, error)]
+    # with no rule found wrong, fn's error may be a rule's below its tolerance, amplified
+    factor = 1.0 if wrong else AMPLIFICATION
+    coarse = [r for r in reports if r.ok and _coarser(r, error, factor)]
+    for r in coarse:
+        i = titles.index(r.label)
+        rows[i] = dataclasses.replace(
+            rows[i], name=f"rule {r.label}: no error found ({_resolution(r)})"
+        )
     fine = [r.label for r in reports if r.ok and r not in coarse]
     if masked:
         each = "; ".join(f"{r.label} ({_failed_rows(r)})" for r in masked)
@@ -142,31 +149,33 @@ def rules_part(
             "them, as jnp.sinc does with jnp.where away from 0), so they are not counted "
             "as wrong"
         )
+    unfaulted = fine + [r.label for r in coarse]  # passed, whether or not finely enough
     repeated = [
         f"{label} ({by_label[label].calls} calls)"
-        for label in fine
+        for label in unfaulted
         if label in by_label and by_label[label].calls > 1
     ]
     if fine:
         problems.append(f"rules fine: {'; '.join(fine)}")
-        if error is not None and not wrong and repeated:
-            problems.append(
-                "a rule called several times from one line (a Python loop over layers, a "
-                f"shared block) was checked at its first call only: {'; '.join(repeated)}; "
-                "one wrong at the inputs of later calls goes unseen there (check it with "
-                "jaxcheck.verify_rule at those inputs)"
-            )
-        if error is not None and not wrong and any("first iteration" in f for f in fine):
-            problems.append(
-                "a rule in a loop body was checked at the loop's first iteration only: one "
-                "wrong at later iterations (at inputs that first iteration does not reach) "
-                "goes unseen there"
-            )
+    if error is not None and not wrong and repeated:
+        problems.append(
+            "a rule called several times from one line (a Python loop over layers, a "
+            f"shared block) was checked at its first call only: {'; '.join(repeated)}; "
+            "one wrong at the inputs of later calls goes unseen there (check it with "
+            "jaxcheck.verify_rule at those inputs)"
+        )
+    if error is not None and not wrong and any("first iteration" in f for f in unfaulted):
+        problems.append(
+            "a rule in a loop body was checked at the loop's first iteration only: one "
+            "wrong at later iterations (at inputs that first iteration does not reach) "
+            "goes unseen there"
+        )
     if coarse:
         each = "; ".join(f"{r.label} ({_resolution(r)})" for r in coarse)
         problems.append(
-            f"rules without an error found, but too coarse to see one the size of fn's "
-            f"({error:.1e}): {each}"
+            f"rules without an error found, but too coarse to clear them of fn's error "
+            f"({error:.1e}; one below a rule's tolerance, amplified up to "
+            f"{AMPLIFICATION:.0f} times by fn, could be it): {each}"
         )
     part = Report(
         status=Status.FAIL if wrong else Status.PASS,
@@ -248,8 +257,6 @@ def _check_one(
         )
     report = dataclasses.replace(report, label=rule.title)
     verdict = "all properties hold" if report.ok else _failed_rows(report) or report.status.value
-    if report.ok and _coarser(report, error):
-        verdict = f"no error found ({_resolution(report)})"
     row = Comparison(
         f"rule {rule.title}: {verdict}",
         report.relative_error,
@@ -278,11 +285,17 @@ def _finite_difference_rows(report: Report) -> list:
     return [p for p in report.parts if p.label.startswith("vjp vs finite differences")]
 
 
-def _coarser(report: Report, error) -> bool:
-    """Whether a rule's finite differences cannot resolve an error of relative size
-    `error` (None: nothing to resolve)."""
+# How much fn may amplify a rule's relative error: a loss that cancels (a difference of
+# nearly equal terms) turned a float32 rule's 1e-4 error into 1e-1 of fn's gradient.
+AMPLIFICATION = 1e3
+
+
+def _coarser(report: Report, error, factor: float = 1.0) -> bool:
+    """Whether a rule's finite differences cannot clear it of fn's relative error `error`
+    (None: nothing to clear): an error below their tolerance, amplified by fn up to
+    `factor` times, could reach it."""
     rows = _finite_difference_rows(report)
-    return error is not None and any(p.tolerance >= error for p in rows)
+    return error is not None and any(p.tolerance * factor >= error for p in rows)
 
 
 def _resolution(report: Report) -> str:

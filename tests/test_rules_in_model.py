@@ -391,7 +391,8 @@ def test_a_rule_too_coarse_to_see_the_models_error_is_not_called_fine():
     assert not any(q.startswith("rules fine") for q in report.problems), report.problems
     [coarse] = [q for q in report.problems if q.startswith("rules without an error found")]
     assert coarse.startswith(
-        "rules without an error found, but too coarse to see one the size of fn's (2.0e-04): "
+        "rules without an error found, but too coarse to clear them of fn's error (2.0e-04; "
+        "one below a rule's tolerance, amplified up to 1000 times by fn, could be it): "
         "custom_jvp softplus_slightly_off at "
     )
     assert coarse.endswith("(finite differences in float32, tolerance 3.5e-04)")
@@ -644,3 +645,21 @@ def test_a_jax_rule_masked_in_fn_is_not_counted_wrong_when_fn_passes():
     (line,) = [q for q in report.problems if q.startswith("JAX's own rules that fail alone")]
     assert "custom_jvp _sinc_maclaurin at " in line
     assert line.endswith("so they are not counted as wrong")
+
+
+def test_a_rule_error_fn_amplifies_is_not_cleared_by_a_float32_check():
+    # the rule is 1e-4 off; fn subtracts 0.999 of the same sine, so its gradient is 1e-1 off
+    @jax.custom_jvp
+    def my_sin(x):
+        return jnp.sin(x)
+
+    my_sin.defjvp(lambda p, t: (my_sin(p[0]), jnp.cos(p[0]) * t[0] * 1.0001))
+
+    def loss(p, x):
+        return jnp.sum(my_sin(x * p) - 0.999 * jnp.sin(x * p))
+
+    report = jaxcheck.verify(loss, jnp.asarray([0.5, -0.3, 0.2]), jnp.asarray([1.0, 2.0, 3.0]))
+    assert report.status == "fail" and report.relative_error == pytest.approx(0.1, rel=0.05)
+    assert not any(q.startswith("rules fine") for q in report.problems), report.problems
+    (line,) = [q for q in report.problems if q.startswith("rules without an error found")]
+    assert "custom_jvp my_sin at " in line
