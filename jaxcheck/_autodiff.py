@@ -87,10 +87,16 @@ def _probe(problem, reverse, fold, seeds, diff, traced, index, signs) -> dict:
     num = 0 if index is None else index.shape[0]
     p_signs, o_signs, balance = (None, None, None) if signs is None else signs
     rev = "reverse" in modes
+    # autodiff through fn's custom rules, which compute a primal of their own
+    own = problem.grad_fn is None and problem.has_rules
     if rev or (reverse and not problem.scalar_output):
         outs, vjp_fn = jax.vjp(f, diff)
+        # the primal jax.vjp returns is a custom_vjp's fwd (a custom_jvp rule's primal
+        # output): a wrong one is compared with fn's own value (XLA computes both once where
+        # no rule differs)
+        gap = primal_gap(outs, f(diff)) if own else None
     else:
-        outs, vjp_fn = f(diff), None
+        outs, vjp_fn, gap = f(diff), None, None
     # only a non-scalar fn's cotangents are divided by its outputs' scales (a scalar fn
     # has none: its reverse projections come from its gradient), so a scalar fn's program
     # does without their reductions, compiling faster
@@ -136,7 +142,11 @@ def _probe(problem, reverse, fold, seeds, diff, traced, index, signs) -> dict:
     if reverse and problem.grad_fn is not None:
         grad = problem.gradient(diff, traced)
     elif reverse and problem.scalar_output:
-        grad = jax.grad(lambda d: f(d)[0])(diff)
+        if own:
+            value, grad = jax.value_and_grad(lambda d: f(d)[0])(diff)
+            gap = primal_gap([value], outs)
+        else:
+            grad = jax.grad(lambda d: f(d)[0])(diff)
     elif reverse or rev:
         cot = _directions.cotangent(seeds[1], BALANCE_INDEX, scales, outs, "rademacher", balance)
         if rev:  # one batched vjp: the K directions' cotangents, then the balancing one
@@ -152,7 +162,22 @@ def _probe(problem, reverse, fold, seeds, diff, traced, index, signs) -> dict:
         if not small:
             result["grad_squares"] = _directions.sum_squares(grad)
         result["grad"] = grad
+    if gap is not None:
+        result["primal_gap"] = gap
     return result
+
+
+def primal_gap(rule_outs, outs) -> jax.Array:
+    """RMS(rule_outs - outs) / RMS(outs) over every output element, in at least float32:
+    how far the primal the derivative computes is from fn's own value."""
+    work = _precision.accumulator([y.dtype for y in outs])
+
+    def squares(ys):
+        return sum(jnp.sum(jnp.square(jnp.abs(y).astype(work))) for y in ys)
+
+    diff = squares([a - b.astype(a.dtype) for a, b in zip(rule_outs, outs)])
+    size = squares(outs)
+    return jnp.sqrt(diff / jnp.where(size > 0, size, 1.0))
 
 
 def split_signs(signs, num: int):

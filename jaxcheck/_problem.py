@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _plan, _precision, _tree
+from . import _plan, _precision, _rule_search, _tree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +46,7 @@ class Problem:
     out_shapes: tuple[tuple[int, ...], ...] = ()
     rounds_to: str | None = None  # see `_rounds_to`
     float32_products: bool = False  # see `_float32_products`
+    has_rules: bool = False  # fn calls a custom_vjp/custom_jvp rule (seen in its jaxpr)
     notes: tuple[str, ...] = ()  # said in the report's problems
 
     @property
@@ -149,6 +150,8 @@ def _with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
         out_shapes=tuple(tuple(leaf.shape) for _, leaf in with_paths),
         rounds_to=None if jaxpr is None else _rounds_to(jaxpr, inputs.diff, call, inputs),
         float32_products=jaxpr is not None and _float32_products(jaxpr.jaxpr),
+        has_rules=jaxpr is not None
+        and any(_rule_search.calls(jaxpr.jaxpr, k) for k in ("custom_vjp", "custom_jvp")),
     )
     if problem.grad_fn is not None:
         notes = _check_gradient_shapes(problem, inputs)

@@ -52,6 +52,7 @@ from . import (
 from ._error_model import Comparison
 from ._errors import GradientCheckError
 from ._report import Report, Status
+from ._state import PRIMAL_ROW
 
 BATCH = 3  # examples in the vmap row
 NUM_PAIRS = 4  # (u, v) pairs of the transpose row
@@ -188,7 +189,11 @@ def check_rule(
     from ._verify import verify  # noqa: PLC0415
 
     def plain(*a, **k):  # the vjp rows check the rule alone, not the rules inside it
-        return verify(*a, rules=False, transforms=False, order=order, **k)
+        token = PRIMAL_ROW.set(True)
+        try:
+            return verify(*a, rules=False, transforms=False, order=order, **k)
+        finally:
+            PRIMAL_ROW.reset(token)
 
     rule = Rule.make(f, args, identity)
     parts = check(rule, key, num_directions, precision, rtol, leaf_directions, plain, full)

@@ -30,6 +30,9 @@ SCALES = contextvars.ContextVar("jaxcheck_scales", default=None)
 # while a custom rule found in fn is checked: it is the rule as fn's trace recorded it, typed
 # in fn's precision, so it cannot be widened to float64 (`_evaluate` says so)
 TRACED_RULE = contextvars.ContextVar("jaxcheck_traced_rule", default=False)
+# True while verify_rule's finite-difference rows run: its primal row compares the rule's
+# primal with its function already, and the rows judge the derivative alone
+PRIMAL_ROW = contextvars.ContextVar("jaxcheck_primal_row", default=False)
 
 
 @dataclasses.dataclass

@@ -420,3 +420,23 @@ def test_a_rule_whose_primal_differs_from_its_function_fails(factor):
         assert report.status == "fail", str(report)
         assert report.relative_error == pytest.approx(0.3, rel=0.05)
         assert not any("scatter" in q for q in report.problems)
+
+
+@pytest.mark.parametrize("factor", [1.0, 1.3])
+@pytest.mark.parametrize("scalar", [True, False])
+def test_a_rule_primal_alone_wrong_fails(factor, scalar):
+    # the derivative is right (cos), the value the rule returns with it is not: JAX's
+    # check_grads fails it, and so would a value_and_grad training loop's loss
+    @jax.custom_jvp
+    def c(x):
+        return jnp.sin(x)
+
+    c.defjvp(lambda p, t: (factor * jnp.sin(p[0]), jnp.cos(p[0]) * t[0]))
+    fn = (lambda x: jnp.sum(c(x))) if scalar else c
+    report = jaxcheck.verify(fn, jnp.linspace(0.1, 1.0, 4))
+    lines = [q for q in report.problems if q.startswith("fn's value as its derivative")]
+    if factor == 1.0:
+        assert report.status == "pass" and not lines, str(report)
+    else:
+        assert report.status == "fail"
+        assert lines and "differs from fn's own value by 3.0e-01 (relative; allowed" in lines[0]
