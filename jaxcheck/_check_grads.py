@@ -7,6 +7,7 @@ under jaxcheck's own derived tolerance (see `check_grads` for exactly how).
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -157,7 +158,12 @@ def run(f, args, order, modes=("fwd", "rev"), atol=None, rtol=None, eps=None) ->
     if floats and not any(np.size(x) for x in floats):
         # a derivative with respect to empty arrays is empty: JAX's check passes there too
         return Outcome(None, "pass")
-    report = _verify.run(Positional(f, _fingerprint(f, params)), params, (), options)
+    try:
+        report = _verify.run(Positional(f, _fingerprint(f, params)), params, (), options)
+    except (TypeError, ValueError) as err:
+        if type(err) not in (TypeError, ValueError) or str(err).startswith("check_grads: "):
+            raise
+        raise type(err)("check_grads: " + _in_check_grads_terms(str(err))) from err
     if options.mode == "both" and any(_evaluate.NO_JVP in p for p in report.problems):
         raise TypeError(
             f"check_grads: modes={modes!r} asks for forward mode (jvp), but f contains a "
@@ -224,6 +230,36 @@ def _digest(x):
         return ("array", id(x))
     data = np.asarray(x)
     return (str(data.dtype), data.shape, data.tobytes())
+
+
+# verify's advice, said in check_grads' terms (its f, args and modes; no has_aux or grad_fn)
+_TERMS = (
+    ("mode='forward' needs", "modes=('fwd',) needs"),
+    ("Use mode='reverse' to check", "Pass modes=('rev',) to check"),
+    (
+        " or move it into the auxiliary output with has_aux=True",
+        " (check_grads differentiates every output of f)",
+    ),
+    ("params has no floating-point leaf", "args has no floating-point leaf"),
+    ("Pass the parameters to check as float arrays", "Pass the arguments to check as float arrays"),
+    (
+        "pass its hand-written gradient: verify(fn, params, *args, grad_fn=grad_fn)",
+        "pass its hand-written gradient to jaxcheck.verify(fn, params, *args, "
+        "grad_fn=grad_fn) (check_grads takes none)",
+    ),
+    ("jaxcheck.verify runs on the host", "jaxcheck.check_grads runs on the host"),
+    (
+        "pass it as an argument instead: verify(fn, params, x)",
+        "pass it in args instead: check_grads(f, (x, ...), order)",
+    ),
+)
+
+
+def _in_check_grads_terms(message: str) -> str:
+    for verify_said, said in _TERMS:
+        message = message.replace(verify_said, said)
+    # verify's "fn" is check_grads' "f" (not inside a call such as verify(fn, ...))
+    return re.sub(r"(?<![\w(])fn(?=('s)? )", "f", message)
 
 
 def _mode(modes) -> str:

@@ -13,6 +13,14 @@ from jaxcheck import _check_grads
 X = np.linspace(0.1, 1.0, 4, dtype=np.float32)
 
 
+@jax.custom_vjp
+def _sin_by_vjp(x):
+    return jnp.sin(x)
+
+
+_sin_by_vjp.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * jnp.cos(x),))
+
+
 @pytest.mark.parametrize("modes", [["fwd"], ("rev",), ("fwd", "rev"), "rev"])
 def test_correct_gradient_passes_in_every_mode(modes):
     f = lambda x, y: {"a": jnp.sin(x) * y, "b": (x**2, jnp.tanh(y))}  # noqa: E731
@@ -290,6 +298,31 @@ def test_a_nan_derivative_of_a_finite_output_fails_though_f_is_nan_elsewhere(mod
         ((jnp.sin, (X,), 1, ("rev",), None, None, -1.0), ValueError, "eps must be a positive"),
         ((jnp.sin, (X,), 1, ("rev",), "loose"), TypeError, "atol must be a float, a dict"),
         ((X, (X,), 1), TypeError, "f must be callable, got ndarray."),
+        # verify's advice in check_grads' terms
+        (
+            (_sin_by_vjp, (X,), 1, ("fwd",)),
+            TypeError,
+            "modes=('fwd',) needs forward-mode autodiff (jvp), but f contains a "
+            "jax.custom_vjp function, which has no jvp. Pass modes=('rev',) to check",
+        ),
+        (
+            (lambda x: (jnp.sin(x), jnp.ones(2, jnp.int32)), (X,), 1, ("rev",)),
+            TypeError,
+            "f's output leaf [1] has dtype int32; only real floating outputs can be "
+            "differentiated. Cast it to a float dtype (check_grads differentiates every "
+            "output of f).",
+        ),
+        (
+            (lambda i: i * 1.0, (np.arange(3),), 1),
+            ValueError,
+            "args has no floating-point leaf to differentiate",
+        ),
+        (
+            (lambda x: np.sin(x), (X,), 1, ("rev",)),
+            TypeError,
+            "pass its hand-written gradient to jaxcheck.verify(fn, params, *args, "
+            "grad_fn=grad_fn) (check_grads takes none)",
+        ),
     ],
 )
 def test_bad_inputs_say_what_to_pass(call, error, message):
@@ -333,14 +366,6 @@ def test_checking_the_same_function_again_compiles_nothing():
     before = _plan.compilations
     jaxcheck.check_grads(f, (jnp.full(3, 0.5), jnp.ones(3)), 2)
     assert _plan.compilations == before
-
-
-@jax.custom_vjp
-def _sin_by_vjp(x):
-    return jnp.sin(x)
-
-
-_sin_by_vjp.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * jnp.cos(x),))
 
 
 def test_a_function_changed_between_two_checks_is_checked_anew():
