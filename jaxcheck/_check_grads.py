@@ -198,17 +198,33 @@ class Positional:
 
 
 def _fingerprint(f, args):
-    """What f computes at args' shapes: its jaxpr's text and the values it closes over
-    (small ones by content, large ones by identity); None where f cannot be traced (its
-    programs are then keyed by f alone)."""
-    try:
-        with _plan.own_transfers():
-            # a new function: JAX's trace cache, keyed by f, would return f's first trace
-            closed = jax.make_jaxpr(lambda *a: f(*a))(*jax.tree.map(_abstract, args))
-            consts = tuple(_digest(c) for c in closed.consts)
-    except Exception:  # noqa: BLE001 - the check itself says why f cannot be traced
-        return None
-    return str(closed.jaxpr), consts
+    """What f and its derivative compute at args' shapes: the jaxpr of f's vjp (its custom
+    rules' bwd and jvp included, which f's own jaxpr names but does not show) and the
+    values it closes over (small ones by content, large ones by identity); f's own jaxpr
+    where the vjp cannot be traced; None where f cannot be traced (its programs are then
+    keyed by f alone)."""
+
+    def with_pullback(*a):
+        out, pullback = jax.vjp(f, *a)
+        return out, pullback(jax.tree.map(_unit_cotangent, out))
+
+    # new functions: JAX's trace cache, keyed by f, would return f's first trace
+    abstract = jax.tree.map(_abstract, args)
+    with _plan.own_transfers():
+        for traced in (with_pullback, lambda *a: f(*a)):
+            try:
+                closed = jax.make_jaxpr(traced)(*abstract)
+                return str(closed.jaxpr), tuple(_digest(c) for c in closed.consts)
+            except Exception:  # noqa: BLE001, PERF203 - the check says why f cannot be traced
+                continue
+    return None
+
+
+def _unit_cotangent(y):
+    y = jnp.asarray(y)
+    if jnp.issubdtype(y.dtype, jnp.inexact):
+        return jnp.ones_like(y)
+    return np.zeros(y.shape, jax.dtypes.float0)
 
 
 def _abstract(x):

@@ -19,8 +19,9 @@ from . import (
     _tree,
     _verdict,
 )
+from ._error_model import Comparison
 from ._host import NOTES
-from ._report import Report, Status
+from ._report import PRIMAL_CHECK, Report, Status
 from ._state import MAX_STEP, PRIMAL_ROW, Run
 
 # Largest relative step when finite differences run in half precision (fn closes over a
@@ -112,29 +113,38 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
     if chosen:
         leaves = _localize.localize(run, scales, leaf_k, h0, paths, chosen, sequential)
         status = _localize.merge_leaves(run, status, leaves)
-    status = _primal(run, status)
+    status, checks = _primal(run, status, p, checks)
     return _report(run, status, (n, k), p, checks, leaves, held_fixed, tuple(tried), stopped)
 
 
-def _primal(run: Run, status: Status) -> Status:
-    """FAIL, with the reason, where fn's value as its derivative computes it (the primal of
-    jax.vjp or jax.value_and_grad: a custom_vjp's fwd, a custom_jvp rule's primal output)
-    differs from fn's own beyond 1000 eps of the tested dtype (0.2 at most): a rule whose
-    forward pass computes something else. Its derivative may still match fn's (the check
-    above then passes); a value_and_grad training loop sees the wrong value all the same."""
+def _primal(run: Run, status: Status, p, checks) -> tuple[Status, list]:
+    """(FAIL, the checks with a failing primal row) where fn's value as its derivative
+    computes it (the primal of jax.vjp or jax.value_and_grad: a custom_vjp's fwd, a
+    custom_jvp rule's primal output) differs from fn's own beyond 1000 eps of the tested
+    dtype (0.2 at most), or beyond 100 times fn's own rounding where fn's value cancels (a
+    loss near zero, its float32 value far from its float64 one): a rule whose forward pass
+    computes something else. Its derivative may still match fn's (the checks above then
+    pass); a value_and_grad training loop sees the wrong value all the same."""
     gap = run.probe.get("primal_gap")
     if gap is None or not np.isfinite(gap) or status is Status.NONFINITE or PRIMAL_ROW.get():
-        return status
+        return status, checks
     allowed = min(max(1000 * _precision.eps(run.tested), 1e-8), 0.2)
+    value = run.probe.get("value")
+    if run.problem.scalar_output and p is not None and value is not None and value != 0:
+        # fn's float32 value against its float64 one: how much its value cancels
+        rounding = abs(float(value) - float(p.phi0[0])) / abs(float(value))
+        allowed = max(allowed, 100 * rounding)
     if gap <= allowed:
-        return status
+        return status, checks
     run.problems.append(
         f"fn's value as its derivative computes it (the primal output of jax.vjp or "
         f"jax.value_and_grad) differs from fn's own value by {float(gap):.1e} (relative; "
         f"allowed {allowed:.1e}): a custom rule's forward pass (a custom_vjp's fwd, a "
         "custom_jvp rule's primal output) computes something other than its function"
     )
-    return Status.FAIL
+    gap = float(gap)
+    row = Comparison(PRIMAL_CHECK, gap, (gap, gap), 0.0, 0.0, allowed, 1, False)
+    return Status.FAIL, [*checks, row]
 
 
 def _directions_check(run: Run, n, beta, h0, step, ref):

@@ -219,12 +219,19 @@ def _error_line(r: Report, prefix: str = "") -> str:
     )
 
 
+# the name of the comparison of fn's value as its derivative computes it with fn's own
+PRIMAL_CHECK = "primal: fn's value from jax.vjp / value_and_grad vs fn's own"
+
+
 def render(r: Report) -> str:
     if r.parts:
         return _render_composite(r)
+    failed = [c.name for c in r.checks if not c.passed]
     what = {
         Status.PASS: "gradient is consistent with finite differences",
-        Status.FAIL: "gradient is WRONG",
+        Status.FAIL: "fn's value from its derivative is WRONG"
+        if failed == [PRIMAL_CHECK]
+        else "gradient is WRONG",
         Status.INCONCLUSIVE: "could not judge the gradient",
         Status.NONFINITE: "non-finite values",
     }[r.status]

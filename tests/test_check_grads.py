@@ -380,6 +380,23 @@ def test_a_function_changed_between_two_checks_is_checked_anew():
         jaxcheck.check_grads(f, (X,), 1)
 
 
+def test_a_rule_redefined_between_two_checks_is_checked_anew():
+    # f's jaxpr names the custom_vjp but not its bwd: the fingerprint traces f's vjp
+    @jax.custom_vjp
+    def sin(x):
+        return jnp.sin(x)
+
+    sin.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (2.0 * g * jnp.cos(x),))
+
+    def f(x):
+        return sin(x) ** 2
+
+    with pytest.raises(jaxcheck.GradientCheckError, match="gradient is WRONG"):
+        jaxcheck.check_grads(f, (X,), 1, ("rev",))
+    sin.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * jnp.cos(x),))  # fixed
+    assert jaxcheck.check_grads(f, (X,), 1, ("rev",)) is None
+
+
 @pytest.mark.parametrize("order", [1, 2])
 def test_forward_mode_through_a_custom_vjp_raises_as_in_jax(order):
     """JAX's check_grads raises where forward mode meets a custom_vjp; so does the drop-in
