@@ -65,7 +65,7 @@ def reference(
     # the centre value from fn itself: jax.vjp's primal output is a custom_vjp's fwd (or a
     # custom_jvp rule's primal), which a wrong rule may compute differently; with no such
     # rule XLA computes the two once
-    plain = f(diff) if rule_rev and not problem.scalar_output else outs
+    plain = f(diff) if rule_rev and not problem.scalar_output and problem.has_rules else outs
 
     def one(k, beta, z):
         v, cot = _autodiff.direction(problem, seeds, k, diff, beta, kind, out_scales, outs, z)

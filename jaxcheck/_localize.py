@@ -42,8 +42,9 @@ def chosen_leaves(
         return [i for i, s in enumerate(share) if COVERAGE_ERROR * math.sqrt(s) <= tolerance]
     # a loose floor (check_grads' atol=rtol=0.2): an error that size in one leaf adds
     # about floor * sqrt(share) to the all-leaf error; leaves where the measured error's
-    # upper bound does not rule that out are checked alone
-    return [i for i, s in enumerate(share) if floor * math.sqrt(s) <= upper]
+    # upper bound does not rule that out are checked alone (none where the derivative and
+    # its error are exactly zero: a second derivative of a linear map)
+    return [i for i, s in enumerate(share) if floor * math.sqrt(s) < upper]
 
 
 def localize(run: Run, scales, leaf_k, h, paths, chosen, sequential=False) -> tuple:

@@ -277,6 +277,7 @@ def test_unknown_compile_options_are_dropped(monkeypatch):
         ([0.875, 0.125], 0.2, 0.2, [0, 1]),
         ([0.875, 0.125], 0.2, 0.11, [1]),
         ([0.875, 0.125], 0.2, 0.05, []),
+        ([0.0, 0.0], 0.01, 0.0, []),  # a derivative and its error exactly zero
     ],
 )
 def test_leaves_checked_alone_after_a_pass(share, floor, upper, chosen):
