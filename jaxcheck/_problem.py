@@ -150,8 +150,7 @@ def _with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
         out_shapes=tuple(tuple(leaf.shape) for _, leaf in with_paths),
         rounds_to=None if jaxpr is None else _rounds_to(jaxpr, inputs.diff, call, inputs),
         float32_products=jaxpr is not None and _float32_products(jaxpr.jaxpr),
-        has_rules=jaxpr is not None
-        and any(_rule_search.calls(jaxpr.jaxpr, k) for k in ("custom_vjp", "custom_jvp")),
+        has_rules=jaxpr is not None and _rule_search.calls(jaxpr.jaxpr, "custom_vjp", "custom_jvp"),
     )
     if problem.grad_fn is not None:
         notes = _check_gradient_shapes(problem, inputs)

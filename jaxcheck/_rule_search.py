@@ -117,12 +117,13 @@ def find(fn, params, args) -> tuple[list, list]:
     return _unique(search.found), search.notes
 
 
-def calls(jaxpr, kind: str) -> bool:
-    """Whether `jaxpr` calls a rule of `kind` ("custom_vjp" or "custom_jvp") on its way
-    (in its sub-jaxprs too, not inside another custom rule, whose own rule stands in)."""
+def calls(jaxpr, *kinds: str) -> bool:
+    """Whether `jaxpr` calls a rule of one of `kinds` ("custom_vjp", "custom_jvp") on its
+    way (in its sub-jaxprs too, not inside another custom rule, whose own rule stands in),
+    found in one walk."""
     search = _Search()
     search.listed([(jaxpr, [])], "", "")
-    return any(f.kind == kind for f in search.found)
+    return any(f.kind in kinds for f in search.found)
 
 
 def _unique(found) -> list:
