@@ -96,11 +96,8 @@ def assess(phis, phi0, h: float, eps: float, floor: float, noise_from_data=True)
     kink_excess = np.maximum(d4 - 2 * math.sqrt(70) * sigma, 0.0) / h
     value = np.where(finite, c["richardson"], 0.0)
     scale = rms(value[finite]) if finite.any() else 0.0
-    nonsmooth = (
-        finite
-        & (d4 > NONSMOOTH_NOISE_FACTOR * math.sqrt(70) * sigma)
-        & (kink > 0.25 * floor * scale)
-    )
+    kinked = (d4 > NONSMOOTH_NOISE_FACTOR * math.sqrt(70) * sigma) & (kink > 0.25 * floor * scale)
+    nonsmooth = finite & (kinked | _jumps(c["d1"], c["d2"], sigma, h, floor * scale))
     typical = float(np.median(magnitude[finite])) if finite.any() else 0.0
     return Differences(
         value=value,
@@ -117,6 +114,25 @@ def assess(phis, phi0, h: float, eps: float, floor: float, noise_from_data=True)
         else 0.0,
         roundoff=float(np.median(roundoff[finite])) if finite.any() else 0.0,
         h=h,
+    )
+
+
+def _jumps(d1, d2, sigma, h: float, matters: float):
+    """Directions whose central differences grow as 1/step: a jump in phi at the point.
+
+    A jump J centred on the point (phi(0) halfway, as sign(0) and the derivative of max at a
+    tie are) has no fourth difference, but D(h) = J / 2h and D(h/2) = J / h. For a smooth
+    phi, D(h/2) lies between D(h) and phi'(0), a quarter of D(h)'s truncation error away
+    from phi'(0), so |D(h/2)| >= 1.5 |D(h)| with the same sign needs a truncation error
+    above half of phi'(0), at a step the ladder moves away from anyway. The difference must
+    also be far above its own noise (1.58 sigma / h) and large enough to matter.
+    """
+    step = np.abs(d2 - d1)
+    return (
+        (d1 * d2 > 0)
+        & (np.abs(d2) >= 1.5 * np.abs(d1))
+        & (step > NONSMOOTH_NOISE_FACTOR * 1.58 * sigma / h)
+        & (step > 0.25 * matters)
     )
 
 
@@ -180,6 +196,7 @@ class Comparison:
     absolute: bool = False  # the derivative is zero to within noise or rounding
     rounding_measured: bool = False  # rounding comes from a higher-precision evaluation
     floor: float = 0.0  # the smallest error that counts, before noise and rounding raise it
+    judged: bool = True  # False: the point cannot be judged, whatever the error
 
 
 def compare(name, fd: Differences, a, floor: float, a_ref=None, rounding_scale=0.0):

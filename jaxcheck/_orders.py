@@ -53,7 +53,7 @@ from . import (
     _tree,
 )
 from ._errors import GradientCheckError
-from ._report import Report
+from ._report import Report, Status
 
 # set while a first-order check of a real function runs, so that `_verify.run` goes straight on
 INSIDE = contextvars.ContextVar("jaxcheck_first_order", default=False)
@@ -247,10 +247,42 @@ def _parts(fn, params, args, o: _options.Options, first) -> list:
                 f"on them). Write {source} with jax.numpy, or check order=1 only."
             ) from err
         chain = (_CHAIN_NAMES.get(inner, inner),) * level
+        report = _beside_kinks(report, parts[-1][1], level + 1)
         parts.append((level + 1, _named(report, level + 1, chain, name)))
     if notes:
         parts[0] = (1, dataclasses.replace(head, problems=head.problems + tuple(notes)))
     return [part for _, part in sorted(parts, key=lambda item: item[0])]
+
+
+_LOCALIZED = ("wrong: ", "no single leaf fails on its own")
+
+
+def _beside_kinks(report: Report, below: Report, order: int) -> Report:
+    """A failing order-`order` check where the order below could not be judged for kinks:
+    where fn (or a derivative map) has a kink at the point, its derivative maps jump there,
+    so their finite differences say nothing about the rule: not judged."""
+    if not (
+        report.status is Status.FAIL and below.status is Status.INCONCLUSIVE and below.num_nonsmooth
+    ):
+        return report
+    unjudged = Status.INCONCLUSIVE
+    return dataclasses.replace(
+        report,
+        status=unjudged,
+        checks=tuple(
+            c if c.passed else dataclasses.replace(c, judged=False) for c in report.checks
+        ),
+        leaves=tuple(
+            dataclasses.replace(leaf, status=unjudged) if leaf.status is Status.FAIL else leaf
+            for leaf in report.leaves
+        ),
+        problems=(
+            f"the order below has kinks or jumps at this point along {below.num_nonsmooth} of "
+            f"{below.num_directions} directions, so the maps checked at order {order} jump "
+            "here: their finite differences cannot judge them (not a verdict on the rule)",
+            *(q for q in report.problems if not q.startswith(_LOCALIZED)),
+        ),
+    )
 
 
 # mode="both" checks the jvp map and the vjp map as one function of three outputs

@@ -38,8 +38,9 @@ _ADVICE = {
     ),
     Status.INCONCLUSIVE: (
         "Too few directions were smooth enough for finite differences to judge the derivative "
-        "(fn has kinks, e.g. relu/abs/max, at or near these parameters), or their resolution "
-        "was too coarse. Try a point away from kinks, or more directions (num_directions); "
+        "(fn has kinks or jumps, e.g. relu/abs/max/sign, at or near these parameters), or "
+        "their resolution was too coarse. Try a point away from kinks, or more directions "
+        "(num_directions); "
         "if the reference ran in the model's precision, make fn run in float64."
     ),
     Status.NONFINITE: (
@@ -290,7 +291,7 @@ def _check_rows(checks) -> list[list[str]]:
             _e(c.relative_error),
             f"{_e(c.interval[0])}..{_e(c.interval[1])}",
             _e(c.tolerance),
-            "not judged" if c.num_used == 0 else "ok" if c.passed else "FAIL",
+            "not judged" if c.num_used == 0 or not c.judged else "ok" if c.passed else "FAIL",
         ]
         for c in checks
     ]

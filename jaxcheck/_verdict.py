@@ -150,7 +150,7 @@ def status(run: Run, p: Pass, checks, k, problems) -> Status:
     if used < max(3, k // 2):
         problems.append(
             f"only {used} of {k} directions are smooth at this point; non-smooth directions "
-            "(kinks within the step) are excluded from the verdict"
+            "(kinks or jumps within the step) are excluded from the verdict"
         )
         return Status.INCONCLUSIVE
     head = checks[0]

@@ -388,6 +388,36 @@ def test_a_jump_at_the_point_is_named_as_one():
     assert "cannot be told from zero: fn jumps within the step of params (a discontinuity" in said
 
 
+@pytest.mark.parametrize("size", [1.0, 1e-7])
+def test_a_jump_centred_on_the_point_is_inconclusive(size):
+    """sign(0) is halfway up its jump, so its fourth difference vanishes and only the 1/h
+    growth of the central differences shows it; a jump of 1e-7 beside a slope of order one
+    shows only at a smaller step, and still biases the larger one 7 times its error bar."""
+    report = jaxcheck.verify(
+        lambda x: size * jnp.sum(jnp.sign(x)) + jnp.sum(x**2), jnp.asarray([0.0, 1.0, -0.3])
+    )
+    assert report.status == "inconclusive", str(report)
+    assert report.num_nonsmooth == report.num_directions
+    assert "(kinks or jumps within the step)" in str(report)
+
+
+@pytest.mark.parametrize(
+    ("fn", "args"),
+    [
+        (jnp.maximum, (jnp.asarray([0.5, 1.0, -0.3]), jnp.asarray([0.5, 1.0, -0.3]))),
+        (jnp.abs, (jnp.asarray([0.0, 0.0, 0.0]),)),
+        (lambda x: jnp.clip(x, -0.3, 1.0), (jnp.asarray([-0.3, 1.0, 1.0]),)),
+    ],
+    ids=["maximum-tie", "abs-at-0", "clip-at-bounds"],
+)
+def test_order_2_at_a_tie_is_inconclusive_not_a_failure(fn, args):
+    """At a tie the derivative maps jump, halfway (JAX splits a tie's derivative in two):
+    the second order cannot be judged there; the first order is right where it is smooth."""
+    report = jaxcheck.verify(lambda a: fn(*a), args, order=2, mode="both")
+    assert report.status == "inconclusive", str(report)
+    assert "FAIL" not in str(report)
+
+
 def test_a_failing_report_leads_with_the_comparison_that_failed():
     """bfloat16 parameters with a gradient 1 % off in one leaf: the bfloat16 derivative is
     within its own rounding of the finite differences (tolerance 7.8e-2), the same rule in
