@@ -10,6 +10,7 @@ A NaN gradient of a leaf that spans the processes is reported as "nonfinite" (it
 gathered before it is examined on the host).
 """
 
+import fcntl
 import json
 import os
 import re
@@ -97,7 +98,28 @@ def _run_job(tmp: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    return _run_job(tmp_path_factory.mktemp("multiprocess"))
+    """The job's results, run once per test session: pytest-xdist workers share the outcome
+    (results, skip or failure) through a file beside their temporary folders, so the job's
+    4 processes do not run twice on the same cores."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return _run_job(tmp_path_factory.mktemp("multiprocess"))
+    shared = tmp_path_factory.getbasetemp().parent
+    outcome = shared / "multiprocess-outcome.json"
+    with open(shared / "multiprocess.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other worker waits here for the outcome
+        if not outcome.exists():
+            try:
+                saved = {"results": _run_job(tmp_path_factory.mktemp("multiprocess"))}
+            except pytest.skip.Exception as skip:
+                saved = {"skip": str(skip.msg)}
+            except AssertionError as err:
+                saved = {"failure": str(err)}
+            outcome.write_text(json.dumps(saved))
+    saved = json.loads(outcome.read_text())
+    if "skip" in saved:
+        pytest.skip(saved["skip"])
+    assert "failure" not in saved, saved.get("failure")
+    return saved["results"]
 
 
 def _fields(result: dict, check: str) -> dict:
