@@ -56,12 +56,14 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
         run.rounds_to = jnp.dtype(rounds_to)
         if step is None:
             h0 = _precision.default_step(run.rounds_to)
+        at = run.problem.rounds_at
         run.problems.append(
             f"fn rounds values computed from params to {rounds_to} (an explicit cast or "
-            "lax.reduce_precision), "
+            f"lax.reduce_precision{', first at ' + at if at else ''}), "
             f"so it is a staircase of {rounds_to} quanta even in {jnp.dtype(ref).name}: "
             f"finite differences take a relative step of {h0:.1e} and judge at "
-            f"{rounds_to} resolution"
+            f"{rounds_to} resolution (where that cast is only meant to match dtypes, cast "
+            "to the dtype of the value it meets instead, x.astype(y.dtype))"
         )
     run.max_step = max(MAX_STEP, h0)
     beta, share = scales, None

@@ -45,6 +45,7 @@ class Problem:
     out_paths: tuple[str, ...] = ()
     out_shapes: tuple[tuple[int, ...], ...] = ()
     rounds_to: str | None = None  # see `_rounds_to`
+    rounds_at: str = ""  # where fn's trace first casts to `rounds_to` (file:line)
     float32_products: bool = False  # see `_float32_products`
     has_rules: bool = False  # fn calls a custom_vjp/custom_jvp rule (seen in its jaxpr)
     notes: tuple[str, ...] = ()  # said in the report's problems
@@ -148,7 +149,7 @@ def _with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
         out_treedef=treedef,
         out_paths=tuple(jax.tree_util.keystr(p) for p, _ in with_paths),
         out_shapes=tuple(tuple(leaf.shape) for _, leaf in with_paths),
-        rounds_to=None if jaxpr is None else _rounds_to(jaxpr, inputs.diff, call, inputs),
+        **({} if jaxpr is None else _rounds_to(jaxpr, inputs.diff, call, inputs)),
         float32_products=jaxpr is not None and _float32_products(jaxpr.jaxpr),
         has_rules=jaxpr is not None and _rule_search.calls(jaxpr.jaxpr, "custom_vjp", "custom_jvp"),
     )
@@ -201,7 +202,7 @@ def _shapes(f, *args):
         ), None
 
 
-def _rounds_to(closed_jaxpr, diff, call, inputs) -> str | None:
+def _rounds_to(closed_jaxpr, diff, call, inputs) -> dict:
     """The least precise float dtype that fn explicitly casts values computed from its
     parameters to, when less precise than the parameters themselves (a float32 model
     rounding through float16, say) or than the float64 reference, else None. Such a cast
@@ -213,14 +214,20 @@ def _rounds_to(closed_jaxpr, diff, call, inputs) -> str | None:
     no-op, yet round in the float64 reference, as does a cast of them to a more precise
     dtype (bfloat16 params computed in float32): for parameters below float64, fn is
     traced once more as the reference runs it, on float64 parameters, and its casts to
-    any dtype below float64 count."""
+    any dtype below float64 count. Returns the fields `rounds_to` and `rounds_at` of
+    `Problem` (none when there is no such cast)."""
     own = max(_precision.eps(x.dtype) for x in diff)
     found = casts(closed_jaxpr.jaxpr, [True] * len(diff))
-    lowest = [d for d in found if _precision.eps(d) > own]
+    lowest = {d: at for d, at in found.items() if _precision.eps(d) > own}
     wide = _precision.eps(jnp.float64)
     if own > wide:
-        lowest += [d for d in _casts_in_float64(call, diff, inputs) if _precision.eps(d) > wide]
-    return _precision.lowest(lowest).name if lowest else None
+        for d, at in _casts_in_float64(call, diff, inputs).items():
+            if _precision.eps(d) > wide:
+                lowest.setdefault(d, at)
+    if not lowest:
+        return {}
+    dtype = _precision.lowest(list(lowest))
+    return {"rounds_to": dtype.name, "rounds_at": lowest[dtype]}
 
 
 _PRODUCTS = ("dot_general", "conv_general_dilated")
@@ -243,42 +250,76 @@ def _default(precision) -> bool:
     return all(p is None or p == jax.lax.Precision.DEFAULT for p in items)
 
 
-def _casts_in_float64(call, diff, inputs) -> set:
+def _casts_in_float64(call, diff, inputs) -> dict:
     """The float casts of fn traced on float64 parameters (none when it cannot be)."""
     try:
         # jaxcheck's own trace, as its compiled programs are: without the caller's checks
         with _precision.x64_scope(True), jax.enable_checks(False):
             wide = [jax.ShapeDtypeStruct(np.shape(x), jnp.float64) for x in diff]
-            jaxpr = jax.make_jaxpr(call)(wide, inputs.traced())
+            # the reference casts the floating args to float64 too
+            p_arrays, a_floats, a_arrays = inputs.traced()
+            a_wide = [jax.ShapeDtypeStruct(np.shape(x), jnp.float64) for x in a_floats]
+            jaxpr = jax.make_jaxpr(call)(wide, (p_arrays, a_wide, a_arrays))
     except Exception:  # noqa: BLE001 - the reference falls back and says why, elsewhere
-        return set()
+        return {}
     return casts(jaxpr.jaxpr, [True] * len(diff))
 
 
-def casts(jaxpr, tainted_inputs) -> set:
-    """Float dtypes of the convert_element_type equations of `jaxpr` (and its
-    sub-jaxprs) whose input depends on the inputs flagged in `tainted_inputs` (the leading
-    input variables), and those its reduce_precision equations round like."""
+def casts(jaxpr, tainted_inputs) -> dict:
+    """Float dtypes (each with where fn's trace first casts to it) of the
+    convert_element_type equations of `jaxpr` (and its
+    sub-jaxprs) that round a float value depending on the inputs flagged in
+    `tainted_inputs` (the leading input variables) on its way to the outputs, and those
+    its reduce_precision equations round like.
+
+    Only float values carry a derivative: an integer or boolean (a comparison, argmax) cast
+    to float is not rounding, and neither is a cast whose result never reaches an output
+    (an auxiliary metric, a running statistic, an unused value)."""
     tainted = {v for v, t in zip(jaxpr.invars, tainted_inputs) if t}
-    found = set()
+    live = _live(jaxpr)
+    found = {}
     for eqn in jaxpr.eqns:
         flags = [_is_tainted(v, tainted) for v in eqn.invars]
-        if not any(flags):
+        if not any(flags) or not any(_is_tainted(v, live) for v in eqn.outvars):
             continue
-        tainted.update(eqn.outvars)
+        tainted.update(v for v in eqn.outvars if _inexact(v))
         if eqn.primitive.name == "convert_element_type":
             dtype = eqn.params.get("new_dtype")
-            if dtype is not None and jnp.issubdtype(dtype, jnp.floating):
-                found.add(jnp.dtype(dtype))
+            if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and flags[0]:
+                found.setdefault(jnp.dtype(dtype), _rule_search.location(eqn))
         elif eqn.primitive.name == "reduce_precision":
             bits = eqn.params.get("mantissa_bits")
             if bits is not None and bits < jnp.finfo(jnp.float64).nmant:
-                found.add(_rounded_like(bits))
+                found.setdefault(_rounded_like(bits), _rule_search.location(eqn))
         for sub in _subjaxprs(eqn.params):
             n = len(sub.invars)
             inner = flags if n == len(flags) else flags[1:] if n == len(flags) - 1 else [True] * n
-            found |= casts(sub, inner)
+            for d, at in casts(sub, inner).items():
+                found.setdefault(d, at)
     return found
+
+
+def _live(jaxpr) -> set:
+    """The variables of `jaxpr` that its outputs depend on (every output of an equation
+    with sub-jaxprs counts as using all of its inputs)."""
+    live = {v for v in jaxpr.outvars if _hashable(v)}
+    for eqn in reversed(jaxpr.eqns):
+        if any(_is_tainted(v, live) for v in eqn.outvars):
+            live.update(v for v in eqn.invars if _hashable(v))
+    return live
+
+
+def _inexact(v) -> bool:
+    dtype = getattr(getattr(v, "aval", None), "dtype", None)
+    return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
+
+
+def _hashable(v) -> bool:
+    try:
+        hash(v)
+    except TypeError:
+        return False
+    return True
 
 
 def _rounded_like(mantissa_bits: int):

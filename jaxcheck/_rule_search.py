@@ -151,7 +151,7 @@ def _bind(eqn, values):
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
-def _where(eqn) -> str:
+def location(eqn) -> str:
     try:
         from jax._src import source_info_util  # noqa: PLC0415 - no public API for this
 
@@ -227,7 +227,7 @@ class _Search:
 
     def eqn(self, eqn, ins, context, site):
         kind = rule_kind(eqn)
-        where = _where(eqn) or site
+        where = location(eqn) or site
         if kind is not None:
             n = eqn.params.get("num_consts", 0)
             inputs, positions, constants = _tied(eqn.invars[n:], ins[n:])
@@ -305,7 +305,7 @@ class _Search:
         """The rules inside sub-jaxprs whose inputs are not known: named, not captured."""
         for jaxpr, _ in subs:
             for eqn in jaxpr.eqns:
-                kind, where = rule_kind(eqn), _where(eqn) or site
+                kind, where = rule_kind(eqn), location(eqn) or site
                 if kind is not None:
                     found = Found(kind, _name(eqn), where, context, eqn, None, "not intercepted")
                     self.found.append(found)

@@ -465,3 +465,71 @@ def test_an_equivalent_primal_is_not_wrong_where_the_loss_cancels():
 
     report = jaxcheck.verify(loss, p, x, y)
     assert report.status == "pass", str(report)
+
+
+def _act_off_by(factor):
+    @jax.custom_vjp
+    def act(h):
+        return jnp.tanh(h)
+
+    act.defvjp(lambda h: (jnp.tanh(h), h), lambda h, g: (g * (1 - jnp.tanh(h) ** 2) * factor,))
+    return act
+
+
+_LABELS = jnp.arange(16) % 3
+
+
+def _classifier(act, extra):
+    """A softmax classifier whose `extra` (an accuracy metric in aux, or a cast whose
+    result is unused) casts values computed from params to float32 off the loss's path."""
+
+    def loss(p, x):
+        logits = act(x @ p["w1"]) @ p["w2"]
+        picked = jnp.take_along_axis(jax.nn.log_softmax(logits), _LABELS[:, None], 1)
+        value = -jnp.mean(picked)
+        if extra == "aux":
+            return value, jnp.mean(jnp.argmax(logits, -1) == _LABELS)  # bool -> float32
+        if extra == "unused":
+            _ = (0.9 * logits.mean()).astype(jnp.float32)
+        return value
+
+    return loss
+
+
+@pytest.mark.parametrize("extra", ["none", "aux", "unused"])
+def test_casts_off_the_loss_path_do_not_loosen_the_check(extra):
+    """An accuracy in aux (a comparison cast to float) or a cast whose result nothing uses
+    cannot round the loss: they loosened the tolerance to float32 resolution (7.7e-4) and a
+    rule 0.05 % off passed."""
+    k = jax.random.split(jax.random.key(0), 3)
+    p = {"w1": jax.random.normal(k[0], (8, 6)) / 3, "w2": jax.random.normal(k[1], (6, 3)) / 3}
+    x = jax.random.normal(k[2], (16, 8))
+    kw = {"has_aux": extra == "aux"}
+    good = jaxcheck.verify(_classifier(_act_off_by(1.0), extra), p, x, **kw)
+    assert good.status == "pass", str(good)
+    assert good.tolerance < 2e-6
+    assert not [q for q in good.problems if "rounds values" in q], good.problems
+    bad = jaxcheck.verify(_classifier(_act_off_by(1.0005), extra), p, x, **kw)
+    assert bad.status == "fail", str(bad)
+    assert bad.relative_error > 100 * bad.tolerance
+
+
+def test_a_cast_to_the_dtype_of_float_args_does_not_round_the_reference():
+    """The reference casts float args to float64 too, so casting to an arg's dtype (as
+    equinox's LayerNorm does) rounds nothing there: judged at float64 resolution."""
+    x = jnp.linspace(-1.0, 1.0, 6, dtype=jnp.float32)
+    report = jaxcheck.verify(lambda w, x: jnp.sum(jnp.tanh(w * x).astype(x.dtype) ** 2), 0.7, x)
+    assert report.status == "pass", str(report)
+    assert report.tolerance < 2e-6
+    assert not report.problems, report.problems
+
+
+def test_a_cast_that_rounds_is_named_with_its_line():
+    def fn(w):
+        return jnp.sum(jnp.tanh(w).astype(jnp.bfloat16).astype(jnp.float32) ** 2)
+
+    report = jaxcheck.verify(fn, jnp.linspace(0.1, 1.0, 5))
+    [said] = [q for q in report.problems if "rounds values" in q]
+    line = inspect.getsourcelines(fn)[1] + 1
+    assert f"lax.reduce_precision, first at tests/test_verdict_holes.py:{line}:" in said, said
+    assert "cast to the dtype of the value it meets instead, x.astype(y.dtype)" in said
