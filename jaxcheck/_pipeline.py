@@ -106,7 +106,7 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
             status = _verdict.status(run, p, checks, n, said)
     run.problems += said
     stopped = _stopped(ks, n, previous, _verdict.head(checks, status), why)
-    _verdict.note_large_rounding(run, checks[0])
+    _verdict.note_large_rounding(run, checks[0], status)
     leaves = ()
     upper = max((c.interval[1] for c in checks), default=math.inf)
     chosen = _localize.chosen_leaves(

@@ -18,7 +18,8 @@ MAX_NOISE_FLOOR = 0.025  # a reference noisier than this cannot resolve a few-pe
 # that precision allows: a noise floor up to this still tells a derivative from one 2x off
 COARSE_NOISE_FLOOR = 0.25
 ROUNDING_NOTE = 1e3  # rounding above this many eps of the tested dtype is pointed out
-ROUNDING_ACCEPTED = "accepted as rounding"  # in that note; the custom rules are then checked
+ROUNDING_ACCEPTED = "accepted as rounding"  # in that note, where the check passed
+ROUNDING_GAP = "far above rounding"  # in every such note: the custom rules are then checked
 
 
 def eps_fd(run: Run) -> float:
@@ -346,25 +347,36 @@ def incomparable(run: Run, head, p: Pass) -> bool:
     return True
 
 
-def note_large_rounding(run: Run, head) -> None:
+def note_large_rounding(run: Run, head, status: Status) -> None:
     """Say so when the derivative in the model's dtype is far from the same rule in the
-    reference dtype: it is excused as rounding, which is right for an ill-conditioned
-    loss, but would also excuse a bug in a code path taken only in the model's dtype."""
+    reference dtype: where the check passed, it was excused as rounding, which is right for
+    an ill-conditioned loss, but would also excuse a bug in a code path taken only in the
+    model's dtype. A gap as large as the derivative is no rounding at all. Each note says
+    `ROUNDING_GAP`: the custom rules are then checked."""
     eps_t = max(_precision.eps(run.tested), eps_fd(run))
-    if head.rounding_measured and head.rounding > ROUNDING_NOTE * eps_t:
-        why = "an ill-conditioned loss?"
-        if tensorfloat32(run):
-            why = (
-                "float32 matrix products run in TensorFloat-32 on this GPU, about 3 "
-                "significant digits, unless jax_default_matmul_precision is 'highest'"
-            )
+    if not (head.rounding_measured and head.rounding > ROUNDING_NOTE * eps_t):
+        return
+    gap = (
+        f"the {run.tested.name} derivative differs from the same rule in "
+        f"{run.reference.name} by {head.rounding:.1e} (relative), {ROUNDING_GAP}"
+    )
+    if head.rounding > max(0.1, 30 * math.sqrt(_precision.eps(run.tested))):
         run.problems.append(
-            f"the {run.tested.name} derivative differs from the same rule in "
-            f"{run.reference.name} by {head.rounding:.1e} (relative), far above "
-            f"{run.tested.name} rounding of a well-conditioned computation; it was "
-            f"{ROUNDING_ACCEPTED} ({why}). If fn or its rules take a "
-            f"different path in {run.tested.name}, check that path"
+            f"{gap}: fn or its rules compute something else in {run.reference.name} "
+            "(random numbers drawn in the default dtype, a branch on the dtype?)"
         )
+        return
+    why = "an ill-conditioned loss?"
+    if tensorfloat32(run):
+        why = (
+            "float32 matrix products run in TensorFloat-32 on this GPU, about 3 "
+            "significant digits, unless jax_default_matmul_precision is 'highest'"
+        )
+    accepted = f"; it was {ROUNDING_ACCEPTED} ({why})" if status is Status.PASS else ""
+    run.problems.append(
+        f"{gap} of a well-conditioned computation in {run.tested.name}{accepted}. If fn or "
+        f"its rules take a different path in {run.tested.name}, check that path"
+    )
 
 
 def tensorfloat32(run: Run) -> bool:

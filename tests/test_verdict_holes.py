@@ -533,3 +533,27 @@ def test_a_cast_that_rounds_is_named_with_its_line():
     line = inspect.getsourcelines(fn)[1] + 1
     assert f"lax.reduce_precision, first at tests/test_verdict_holes.py:{line}:" in said, said
     assert "cast to the dtype of the value it meets instead, x.astype(y.dtype)" in said
+
+
+def test_a_gap_as_large_as_the_derivative_is_not_called_rounding():
+    """A Gumbel straight-through estimator draws its noise in the default dtype, so its
+    float64 derivative is another function's: a gap of 1.0 was "accepted as rounding" in a
+    check that could not judge anything."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (6, 4))
+    w = jax.random.normal(jax.random.PRNGKey(1), (4, 3)) / 2
+
+    def gumbel_straight_through(w, x, key):
+        logits = x @ w
+        u = jax.random.uniform(key, logits.shape, minval=1e-6, maxval=1.0)
+        soft = jax.nn.softmax((logits - jnp.log(-jnp.log(u))) / 0.5)
+        hard = jax.nn.one_hot(jnp.argmax(soft, -1), 3)
+        return jnp.sum((hard + soft - lax.stop_gradient(soft)) * jnp.arange(3.0))
+
+    report = jaxcheck.verify(gumbel_straight_through, w, x, jax.random.PRNGKey(5))
+    assert report.status == "inconclusive", str(report)
+    assert not [q for q in report.problems if "accepted as rounding" in q], report.problems
+    [gap] = [q for q in report.problems if "far above rounding" in q]
+    assert gap.endswith(
+        "far above rounding: fn or its rules compute something else in float64 (random "
+        "numbers drawn in the default dtype, a branch on the dtype?)"
+    ), gap
