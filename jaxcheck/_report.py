@@ -220,6 +220,22 @@ def _error_line(r: Report, prefix: str = "") -> str:
     )
 
 
+def _failed_elsewhere(r: Report, failed: list) -> str:
+    """Where a failure comes from when the headline error, over all leaves together, is
+    within its tolerance (and so reads like a pass)."""
+    if r.status is not Status.FAIL or not r.relative_error <= r.tolerance:
+        return ""
+    if any(leaf.status is Status.FAIL for leaf in r.leaves):
+        where = "the leaf checks below"
+    elif PRIMAL_CHECK in failed:
+        where = "the primal row below"
+    elif any(p.startswith("wrong rule") for p in r.problems):
+        where = "the checks of the rules below"
+    else:
+        where = "the failing rows below"
+    return f"\n  (within the tolerance over all leaves together; the failure is in {where})"
+
+
 # the name of the comparison of fn's value as its derivative computes it with fn's own
 PRIMAL_CHECK = "primal: fn's value from jax.vjp / value_and_grad vs fn's own"
 
@@ -238,7 +254,7 @@ def render(r: Report) -> str:
     }[r.status]
     lines = [f"jaxcheck.verify: {r.status.value.upper()} — {what}"]
     if not math.isnan(r.relative_error):
-        lines.append(_error_line(r))
+        lines.append(_error_line(r) + _failed_elsewhere(r, failed))
     lines += [f"  ! {p}" for p in r.problems]
     if r.checks:
         header = ["check", "rel. error", "95% interval", "tolerance", "result"]
@@ -330,7 +346,8 @@ def _render_composite(r: Report) -> str:
     }[r.status]
     lines = [f"jaxcheck.verify: {r.status.value.upper()} — {what}"]
     if not math.isnan(r.relative_error):
-        lines.append(_error_line(r, f"{head.label}: "))
+        failed = [c.name for c in head.checks if not c.passed]
+        lines.append(_error_line(r, f"{head.label}: ") + _failed_elsewhere(head, failed))
     lines += [f"  ! {p}" for p in r.problems]
     # a same-rule row only adds to its tested row (just before it) when they disagree
     shown = [

@@ -557,3 +557,26 @@ def test_a_gap_as_large_as_the_derivative_is_not_called_rounding():
         "far above rounding: fn or its rules compute something else in float64 (random "
         "numbers drawn in the default dtype, a branch on the dtype?)"
     ), gap
+
+
+def test_a_failure_within_the_all_leaf_tolerance_says_where_it_is():
+    """A bias 2.5 % off beside 400 weights, under rtol=0.02: the all-leaf error, 1.9e-2,
+    reads as a pass under the FAIL headline unless the report says the leaf check failed."""
+    w = jnp.asarray(np.random.default_rng(0).normal(size=(400,)), jnp.float32)
+    p = {"w": w, "b": jnp.float32(0.3)}
+
+    def loss(p):
+        return jnp.sum(jnp.tanh(p["w"] * 0.5 + p["b"]) ** 2)
+
+    g = jax.grad(loss)
+    report = jaxcheck.verify(
+        loss, p, grad_fn=lambda p: {"w": g(p)["w"], "b": g(p)["b"] * 1.025}, rtol=0.02
+    )
+    assert report.status == "fail"
+    assert report.relative_error < report.tolerance
+    assert [leaf.path for leaf in report.leaves if leaf.status == "fail"] == ["['b']"]
+    [_, numbers, where] = str(report).splitlines()[:3]
+    assert numbers.startswith("  relative error ")
+    assert where == (
+        "  (within the tolerance over all leaves together; the failure is in the leaf checks below)"
+    )
