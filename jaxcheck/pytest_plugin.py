@@ -135,7 +135,7 @@ class Router:
 
 
 VERDICTS = {
-    "fail": "failed (the test fails)",
-    "unjudged": "not judged (kink or non-finite fn at the point; the test does not fail)",
+    "fail": "failed (raised GradientCheckError, an AssertionError, in the test)",
+    "unjudged": "not judged (kink or non-finite fn at the point; nothing raised)",
     "error": "raised an error",
 }

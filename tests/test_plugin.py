@@ -84,8 +84,9 @@ def test_jaxcheck_flag_routes_every_check_grads_and_summarizes(tmp_path):
     assert "FAILED test_sample.py::test_via_jtu - jaxcheck.GradientCheckError" in out
     summary = out.split("jaxcheck check_grads")[1]
     assert (
-        "6 check_grads calls routed to jaxcheck: 2 passed, 2 failed (the test fails), "
-        "2 not judged (kink or non-finite fn at the point; the test does not fail), "
+        "6 check_grads calls routed to jaxcheck: 2 passed, 2 failed (raised GradientCheckError, "
+        "an AssertionError, in the test), "
+        "2 not judged (kink or non-finite fn at the point; nothing raised), "
         "0 raised an error" in summary
     )
     assert (
