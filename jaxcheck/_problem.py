@@ -156,7 +156,29 @@ def _with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
     if problem.grad_fn is not None:
         notes = _check_gradient_shapes(problem, inputs)
         problem = dataclasses.replace(problem, notes=notes)
+    if jaxpr is not None and not problem.has_aux and isinstance(out, tuple) and len(out) == 2:
+        notes = _aux_like(jaxpr, out, len(inputs.diff))
+        problem = dataclasses.replace(problem, notes=(*problem.notes, *notes))
     return problem
+
+
+def _aux_like(closed_jaxpr, out, num_diff: int) -> tuple[str, ...]:
+    """A note when the second of two outputs carries no derivative from params (a
+    constant, or computed through comparisons): an auxiliary output without has_aux=True?
+    The trace's first `num_diff` inputs are the differentiable parameter leaves."""
+    jaxpr = closed_jaxpr.jaxpr
+    n_first = len(jax.tree_util.tree_leaves(out[0]))
+    tainted = set(jaxpr.invars[:num_diff])
+    for eqn in jaxpr.eqns:
+        if any(_is_tainted(v, tainted) for v in eqn.invars):
+            tainted.update(v for v in eqn.outvars if _inexact(v))
+    second = jaxpr.outvars[n_first:]
+    if any(_is_tainted(v, tainted) for v in second):
+        return ()
+    return (
+        "fn returns a pair whose second part does not depend on params (no derivative flows "
+        "to it): if it is an auxiliary output, pass has_aux=True; it was checked as an output",
+    )
 
 
 def _is_single_array(x) -> bool:

@@ -153,10 +153,18 @@ def match_gradient(s: Split, grad_tree, where: str = "grad_fn") -> list:
         if kind != DIFF:
             continue
         if path not in by_path:
+            pair = isinstance(grad_tree, tuple) and len(grad_tree) == 2
+            hint = (
+                f" It returned a pair whose second part holds that leaf: a (value, gradient) "
+                f"pair, as jax.value_and_grad returns? {where} must return the gradient "
+                "alone, as jax.grad(fn) does."
+                if pair and f"[1]{path}" in by_path
+                else ""
+            )
             raise ValueError(
                 f"{where} returned no gradient for the parameter leaf {path or '(root)'}. It must "
                 "return a pytree with the structure of `params` (found leaves: "
-                f"{', '.join(sorted(by_path)) or 'none'})."
+                f"{', '.join(sorted(by_path)) or 'none'}).{hint}"
             )
         out.append(by_path[path])
     return out

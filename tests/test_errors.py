@@ -143,6 +143,17 @@ def test_grad_fn_missing_leaf_names_leaf():
         )
 
 
+def test_value_and_grad_as_grad_fn_is_told_apart():
+    loss = lambda p: jnp.sum(p["w"] ** 2) + p["b"]  # noqa: E731
+    with pytest.raises(ValueError) as caught:
+        jaxcheck.verify(loss, {"w": jnp.ones(3), "b": 1.0}, grad_fn=jax.value_and_grad(loss))
+    assert str(caught.value).endswith(
+        "(found leaves: [0], [1]['b'], [1]['w']). It returned a pair whose second part holds "
+        "that leaf: a (value, gradient) pair, as jax.value_and_grad returns? grad_fn must "
+        "return the gradient alone, as jax.grad(fn) does."
+    )
+
+
 def test_grad_fn_needs_scalar_output():
     with pytest.raises(
         ValueError, match=re.escape("grad_fn was given, but fn does not return a scalar")

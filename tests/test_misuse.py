@@ -214,3 +214,20 @@ def test_unregistered_class_in_params_is_named_not_silently_held():
         "is not a registered pytree): its arrays were held fixed, not checked; register the "
         "class as a pytree to check them",
     )
+
+
+@pytest.mark.parametrize(
+    "aux",
+    [lambda p, x: {"count": 1.0}, lambda p, x: jnp.mean(x), lambda p, x: jnp.argmax(p * x) * 1.0],
+    ids=["constant", "of-args", "through-argmax"],
+)
+def test_a_second_output_without_derivative_suggests_has_aux(aux):
+    x = jnp.arange(3.0)
+    report = jaxcheck.verify(lambda p, x: (jnp.sum((p * x) ** 2), aux(p, x)), jnp.ones(3), x)
+    assert report.status == "pass"
+    assert report.problems == (
+        "fn returns a pair whose second part does not depend on params (no derivative flows "
+        "to it): if it is an auxiliary output, pass has_aux=True; it was checked as an output",
+    )
+    both = jaxcheck.verify(lambda p, x: (jnp.sum((p * x) ** 2), p * 2.0), jnp.ones(3), x)
+    assert both.problems == ()
