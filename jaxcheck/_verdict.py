@@ -342,7 +342,10 @@ def incomparable(run: Run, head, p: Pass) -> bool:
         f"the derivative of fn in {run.reference.name} differs from that in "
         f"{run.tested.name} by {head.rounding:.1e}, far beyond rounding: fn computes "
         f"something else in {run.reference.name} (e.g. random numbers drawn in the "
-        "default dtype); finite differences use the model's precision instead"
+        "default dtype); finite differences use the model's precision instead. To check "
+        f"in {run.reference.name}, draw random numbers in an explicit dtype "
+        "(jax.random.uniform(key, shape, jnp.float32); bernoulli with p=jnp.float32(...)) "
+        "or pass them to fn as an argument"
     )
     return True
 

@@ -302,7 +302,19 @@ def test_fn_that_differs_in_float64_falls_back_to_native():
     assert report.status == "pass", str(report)
     assert report.reference_dtype == "float32"
     assert report.tolerance < 1e-2
-    assert any("fn computes something else in float64" in q for q in report.problems)
+    [said] = [q for q in report.problems if "fn computes something else in float64" in q]
+    assert said.endswith(
+        "To check in float64, draw random numbers in an explicit dtype (jax.random.uniform("
+        "key, shape, jnp.float32); bernoulli with p=jnp.float32(...)) or pass them to fn as "
+        "an argument"
+    )
+
+    def fixed(p, key):  # as the report says
+        return jnp.sum(jnp.tanh(p) * jax.random.bernoulli(key, jnp.float32(0.5), p.shape))
+
+    report = jaxcheck.verify(fixed, p, jax.random.key(3))
+    assert report.status == "pass", str(report)
+    assert report.reference_dtype == "float64"
 
 
 def test_constant_function_with_rounding_gradient_passes():
