@@ -173,11 +173,21 @@ def _directions_check(run: Run, n, beta, h0, step, ref):
         [(p, more, choice)] = _ladder.ladder(run, index, rows, h0, [slice(0, n)])
         steps = tuple(steps) + tuple(more)
     checks = _verdict.compare(run, p)
+    said = len(run.problems)
     if _verdict.incomparable(run, checks[0], p):
+        wide = (run.reference, p, steps, checks, h0, choice)
         run.reference = _precision.reference_dtype("native", run.tested)
         h0 = step if step is not None else _precision.default_step(run.reference)
         [(p, steps, choice)] = _ladder.ladder(run, index, rows, h0, [slice(0, n)])
         checks = _verdict.compare(run, p)
+        flat = _verdict.flat_directions(p)
+        if (flat is not None and not flat[1]) or not (checks[0].num_used and checks[0].resolved):
+            # finite differences in the model's precision see nothing here (a loss that
+            # rounds to 0 in float32, as cross-entropy on confident logits does): the gap
+            # is float32 rounding of a derivative far smaller than fn's own terms
+            run.reference, p, steps, checks, h0, choice = wide
+            del run.problems[said:]
+            run.native_blind = True
     return p, steps, checks, h0, choice
 
 

@@ -580,3 +580,45 @@ def test_a_failure_within_the_all_leaf_tolerance_says_where_it_is():
     assert where == (
         "  (within the tolerance over all leaves together; the failure is in the leaf checks below)"
     )
+
+
+@pytest.mark.parametrize("mode", ["reverse", "both"])
+@pytest.mark.parametrize("confident", [20.0, 30.0])
+def test_confident_cross_entropy_is_not_wrong(mode, confident):
+    """-log_softmax(x)[2] at x = (0.1, 0.2, 20): the float32 loss rounds to 0 and the
+    float32 gradient (2.3e-9, 2.5e-9, 0) misses the float64 one's -4.8e-9, a relative gap
+    of 0.76 that is float32 rounding (softmax's 1 - 1). It was read as fn computing
+    something else in float64; float32 finite differences, flat there, then called the
+    gradient WRONG with a relative error of 1e292."""
+    x = jnp.asarray([0.1, 0.2, confident])
+    report = jaxcheck.verify(lambda x: -jax.nn.log_softmax(x)[2], x, mode=mode)
+    assert report.status == "pass", str(report)
+    assert report.reference_dtype == "float64"
+    [said] = [q for q in report.problems if "far above rounding" in q]
+    assert "yet finite differences in float32 cannot resolve the derivative here" in said
+    same_rule = [c for c in report.checks if "same rule in float64" in c.name]
+    assert same_rule and all(c.passed for c in same_rule)
+
+
+@pytest.mark.rules_auto
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_half_precision_gap_of_half_the_derivative_is_pointed_out(dtype):
+    """1000 eps of float16 is about 1: a custom rule 50 % off in its float16 path only was
+    passed without a word. The gap is now pointed out, and the rules are checked (the
+    check passes still: the gap is taken for rounding, and the rule's own check runs its
+    float64 path, where this branch is not taken)."""
+    w = jnp.asarray([1.0, 2.0, 3.0, 4.0])
+
+    @jax.custom_vjp
+    def g(x):
+        return jnp.sin(x)
+
+    def bwd(x, ct):
+        return (ct * jnp.cos(x) * (1.5 if x.dtype == jnp.dtype(dtype) else 1.0),)
+
+    g.defvjp(lambda x: (jnp.sin(x), x), bwd)
+    x = jnp.asarray([0.3, -0.7, 1.2, 0.5], dtype)
+    report = jaxcheck.verify(lambda p: jnp.sum(g(p) * w.astype(p.dtype)), x)
+    said = f"the {dtype} derivative differs from the same rule in float64 by 5.0e-01"
+    assert any(q.startswith(said) for q in report.problems), report.problems
+    assert any(q.startswith("rules") and "custom_vjp g at" in q for q in report.problems)
