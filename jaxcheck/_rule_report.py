@@ -52,15 +52,17 @@ def checked(fn, params, args, options, check) -> Report:
 
 
 def _wants_rules(o, report: Report) -> bool:
-    """rules=True; or "auto" and a derivative is wrong, or the first one is far from the
-    same rules in float64 (a pass then accepts that as rounding): a rule that rounds to
-    bfloat16, or takes another path in float32, looks like that, and only its own check
-    in float32 tells it from an ill-conditioned loss."""
+    """rules=True; or "auto" and a derivative is wrong, or could not be judged (a kink at
+    the point leaves a rule beside it unjudged but for its own check), or the first one is
+    far from the same rules in float64 (a pass then accepts that as rounding): a rule that
+    rounds to bfloat16, or takes another path in float32, looks like that, and only its
+    own check in float32 tells it from an ill-conditioned loss."""
     first = report.parts[0] if report.parts else report
     if o.rules is True:
         return True
     rounding = any(_verdict.ROUNDING_GAP in p for p in first.problems)
-    return o.rules == "auto" and (report.status is Status.FAIL or rounding)
+    unjudged = report.status is Status.INCONCLUSIVE  # (a kink beside a rule: judge the rule)
+    return o.rules == "auto" and (report.status is Status.FAIL or rounding or unjudged)
 
 
 def _rule_order(o, report: Report) -> int:

@@ -663,3 +663,30 @@ def test_a_rule_error_fn_amplifies_is_not_cleared_by_a_float32_check():
     assert not any(q.startswith("rules fine") for q in report.problems), report.problems
     (line,) = [q for q in report.problems if q.startswith("rules without an error found")]
     assert "custom_jvp my_sin at " in line
+
+
+@pytest.mark.parametrize("bug", [2.0, 1.0])
+def test_a_rule_beside_a_kink_at_the_point_is_judged_on_its_own(bug):
+    """relu at 0 crosses every direction of the one leaf, so fn's check cannot judge; a
+    custom rule 2x off beside it was left unjudged, and check_grads stayed quiet."""
+
+    @jax.custom_vjp
+    def sin2(x):
+        return jnp.sin(x)
+
+    sin2.defvjp(lambda x: (jnp.sin(x), x), lambda x, ct: (ct * jnp.cos(x) * bug,))
+
+    def loss(p):
+        return jnp.sum(jax.nn.relu(p)) + jnp.sum(sin2(p))
+
+    x = jnp.asarray([0.0, 0.3, 0.5])
+    report = jaxcheck.verify(loss, x)
+    if bug == 1.0:
+        assert report.status == "inconclusive", str(report)
+        assert any(q.startswith("rules fine: custom_vjp sin2") for q in report.problems)
+        jaxcheck.check_grads(loss, (x,), 1, modes=("rev",))
+        return
+    assert report.status == "fail", str(report)
+    assert any(q.startswith("wrong rule: custom_vjp sin2") for q in report.problems)
+    with pytest.raises(jaxcheck.GradientCheckError, match="custom rule custom_vjp sin2 at"):
+        jaxcheck.check_grads(loss, (x,), 1, modes=("rev",))
