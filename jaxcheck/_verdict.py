@@ -237,8 +237,18 @@ def _flat(run: Run, p: Pass, k, problems) -> Status | None:
         )
         return Status.PASS
     a = p.analytic
+    use = p.fd.smooth & np.isfinite(a)
+    change = _error_model.rms(a[use]) * p.step  # what the derivative says fn moves by
+    if not np.any(p.phis) and not np.any(p.phi0) and change < _precision.eps(run.tested):
+        problems.append(
+            f"fn is exactly 0 at every point of the stencil (relative step {p.step:.1e}), "
+            f"and the derivative under test says it moves by {change:.1e} there, below the "
+            "rounding of a value of size 1: a value that cancels to 0 (a loss at its floor, "
+            "as cross-entropy on confident logits) cannot show a derivative this small"
+        )
+        return Status.INCONCLUSIVE
     if p.step >= 0.99 * run.max_step:  # flat even at the largest step: judged as usual
-        if np.any(a[p.fd.smooth & np.isfinite(a)]):
+        if np.any(a[use]):
             problems.append(
                 f"fn's values do not change along {n} of {k} directions even at the largest "
                 f"relative step, {p.step:.1e} (fn is piecewise constant here: round, floor, "

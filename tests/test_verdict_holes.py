@@ -622,3 +622,26 @@ def test_a_half_precision_gap_of_half_the_derivative_is_pointed_out(dtype):
     said = f"the {dtype} derivative differs from the same rule in float64 by 5.0e-01"
     assert any(q.startswith(said) for q in report.problems), report.problems
     assert any(q.startswith("rules") and "custom_vjp g at" in q for q in report.problems)
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["float32", "float64"])
+def test_a_loss_that_cancels_to_zero_is_not_a_surrogate_gradient(wide, request):
+    """At logits (0.1, 0.2, 40) cross-entropy is 1e-17, which 40 - logsumexp rounds to
+    exactly 0 even in float64: fn is flat at every step while its (right) derivative is
+    not zero, which read as a straight-through estimator, WRONG with a relative error of
+    1e284. A straight-through estimator, which moves fn by far more, still fails."""
+    if wide:
+        request.getfixturevalue("x64")
+    dtype = jnp.float64 if wide else jnp.float32
+    x = jnp.asarray([0.1, 0.2, 40.0], dtype)
+    report = jaxcheck.verify(lambda x: -jax.nn.log_softmax(x)[2], x)
+    assert report.status == "inconclusive", str(report)
+    assert any(
+        q.startswith("fn is exactly 0 at every point of the stencil") for q in report.problems
+    )
+
+    def straight_through(z):
+        return z + lax.stop_gradient(jnp.round(z) - z)
+
+    w = jnp.asarray([0.1, -0.2, 0.3], dtype)
+    assert jaxcheck.verify(lambda w: jnp.sum(straight_through(w)), w).status == "fail"
