@@ -308,17 +308,22 @@ def casts(jaxpr, tainted_inputs) -> dict:
         if eqn.primitive.name == "convert_element_type":
             dtype = eqn.params.get("new_dtype")
             if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and flags[0]:
-                found.setdefault(jnp.dtype(dtype), _rule_search.location(eqn))
+                _first(found, jnp.dtype(dtype), eqn)
         elif eqn.primitive.name == "reduce_precision":
             bits = eqn.params.get("mantissa_bits")
             if bits is not None and bits < jnp.finfo(jnp.float64).nmant:
-                found.setdefault(_rounded_like(bits), _rule_search.location(eqn))
+                _first(found, _rounded_like(bits), eqn)
         for sub in _subjaxprs(eqn.params):
             n = len(sub.invars)
             inner = flags if n == len(flags) else flags[1:] if n == len(flags) - 1 else [True] * n
             for d, at in casts(sub, inner).items():
                 found.setdefault(d, at)
     return found
+
+
+def _first(found: dict, dtype, eqn) -> None:
+    if dtype not in found:  # (a model may cast at every layer: locate the first only)
+        found[dtype] = _rule_search.location(eqn)
 
 
 def _live(jaxpr) -> set:
