@@ -173,8 +173,8 @@ def _directions_check(run: Run, n, beta, h0, step, ref):
         [(p, more, choice)] = _ladder.ladder(run, index, rows, h0, [slice(0, n)])
         steps = tuple(steps) + tuple(more)
     checks = _verdict.compare(run, p)
-    said = len(run.problems)
-    if _verdict.incomparable(run, checks[0], p):
+    # (once the model's precision was found blind here, a later look does not ask again)
+    if not run.native_blind and _verdict.incomparable(run, checks[0], p):
         wide = (run.reference, p, steps, checks, h0, choice)
         run.reference = _precision.reference_dtype("native", run.tested)
         h0 = step if step is not None else _precision.default_step(run.reference)
@@ -186,8 +186,9 @@ def _directions_check(run: Run, n, beta, h0, step, ref):
             # rounds to 0 in float32, as cross-entropy on confident logits does): the gap
             # is float32 rounding of a derivative far smaller than fn's own terms
             run.reference, p, steps, checks, h0, choice = wide
-            del run.problems[said:]
             run.native_blind = True
+        else:
+            _verdict.note_incomparable(run, wide[3][0], wide[0])
     return p, steps, checks, h0, choice
 
 

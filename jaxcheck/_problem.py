@@ -168,10 +168,7 @@ def _aux_like(closed_jaxpr, out, num_diff: int) -> tuple[str, ...]:
     The trace's first `num_diff` inputs are the differentiable parameter leaves."""
     jaxpr = closed_jaxpr.jaxpr
     n_first = len(jax.tree_util.tree_leaves(out[0]))
-    tainted = set(jaxpr.invars[:num_diff])
-    for eqn in jaxpr.eqns:
-        if any(_is_tainted(v, tainted) for v in eqn.invars):
-            tainted.update(v for v in eqn.outvars if _inexact(v))
+    tainted = _carries_derivative(jaxpr, [i < num_diff for i in range(len(jaxpr.invars))])
     second = jaxpr.outvars[n_first:]
     if any(_is_tainted(v, tainted) for v in second):
         return ()
@@ -297,14 +294,13 @@ def casts(jaxpr, tainted_inputs) -> dict:
     Only float values carry a derivative: an integer or boolean (a comparison, argmax) cast
     to float is not rounding, and neither is a cast whose result never reaches an output
     (an auxiliary metric, a running statistic, an unused value)."""
-    tainted = {v for v, t in zip(jaxpr.invars, tainted_inputs) if t}
+    tainted = _carries_derivative(jaxpr, tainted_inputs)
     live = _live(jaxpr)
     found = {}
     for eqn in jaxpr.eqns:
         flags = [_is_tainted(v, tainted) for v in eqn.invars]
         if not any(flags) or not any(_is_tainted(v, live) for v in eqn.outvars):
             continue
-        tainted.update(v for v in eqn.outvars if _inexact(v))
         if eqn.primitive.name == "convert_element_type":
             dtype = eqn.params.get("new_dtype")
             if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and flags[0]:
@@ -319,6 +315,18 @@ def casts(jaxpr, tainted_inputs) -> dict:
             for d, at in casts(sub, inner).items():
                 found.setdefault(d, at)
     return found
+
+
+def _carries_derivative(jaxpr, tainted_inputs) -> set:
+    """The variables of `jaxpr` that depend on the inputs flagged in `tainted_inputs`
+    through float values (an integer or boolean, as a comparison or argmax gives, carries
+    no derivative); every output of an equation with sub-jaxprs counts as depending on all
+    of its inputs."""
+    tainted = {v for v, t in zip(jaxpr.invars, tainted_inputs) if t}
+    for eqn in jaxpr.eqns:
+        if any(_is_tainted(v, tainted) for v in eqn.invars):
+            tainted.update(v for v in eqn.outvars if _inexact(v))
+    return tainted
 
 
 def _first(found: dict, dtype, eqn) -> None:

@@ -339,8 +339,7 @@ def incomparable(run: Run, head, p: Pass) -> bool:
     changes the derivative by (curvature times eps of the model's dtype, along each
     direction) is rounding too: at a minimum exact in float32 (a perfect fit to targets
     computed in float32) the float32 gradient is 0 and the float64 one is not."""
-    limit = max(0.1, 30 * math.sqrt(_precision.eps(run.tested)))
-    if run.policy != "auto" or not head.resolved or not head.rounding > limit:
+    if run.policy != "auto" or not head.resolved or not head.rounding > _gap_limit(run):
         return False
     a, a_ref = p.analytic, p.analytic_ref
     if a is not None and a_ref is not None:
@@ -348,16 +347,28 @@ def incomparable(run: Run, head, p: Pass) -> bool:
         gap = _error_model.rms(np.asarray(a, np.float64) - a_ref)
         if gap <= 10 * _precision.eps(run.tested) * _error_model.rms(curvature):
             return False
+    return True
+
+
+def note_incomparable(run: Run, head, reference) -> None:
+    """Say that finite differences fell back from `reference` to the model's precision
+    (`incomparable`), and how to keep fn the same function in both."""
+    name = jnp.dtype(reference).name
     run.problems.append(
-        f"the derivative of fn in {run.reference.name} differs from that in "
+        f"the derivative of fn in {name} differs from that in "
         f"{run.tested.name} by {head.rounding:.1e}, far beyond rounding: fn computes "
-        f"something else in {run.reference.name} (e.g. random numbers drawn in the "
+        f"something else in {name} (e.g. random numbers drawn in the "
         "default dtype); finite differences use the model's precision instead. To check "
-        f"in {run.reference.name}, draw random numbers in an explicit dtype "
+        f"in {name}, draw random numbers in an explicit dtype "
         "(jax.random.uniform(key, shape, jnp.float32); bernoulli with p=jnp.float32(...)) "
         "or pass them to fn as an argument"
     )
-    return True
+
+
+def _gap_limit(run: Run) -> float:
+    """A relative gap between the derivative in the model's precision and the same rule in
+    the reference beyond which it is no rounding of a well-conditioned computation."""
+    return max(0.1, 30 * math.sqrt(_precision.eps(run.tested)))
 
 
 def note_large_rounding(run: Run, head, status: Status) -> None:
@@ -386,7 +397,7 @@ def note_large_rounding(run: Run, head, status: Status) -> None:
             f"{run.reference.name} is what the finite differences judged"
         )
         return
-    if head.rounding > max(0.1, 30 * math.sqrt(_precision.eps(run.tested))):
+    if head.rounding > _gap_limit(run):
         run.problems.append(
             f"{gap}: fn or its rules compute something else in {run.reference.name} "
             "(random numbers drawn in the default dtype, a branch on the dtype?)"
