@@ -197,6 +197,9 @@ class Comparison:
     rounding_measured: bool = False  # rounding comes from a higher-precision evaluation
     floor: float = 0.0  # the smallest error that counts, before noise and rounding raise it
     judged: bool = True  # False: the point cannot be judged, whatever the error
+    # |a - a_ref| relative to the derivative's own size (its rule in higher precision, or
+    # the finite differences), 0 where that size is within the error bars (no gap to tell)
+    gap: float = 0.0
 
 
 def compare(name, fd: Differences, a, floor: float, a_ref=None, rounding_scale=0.0):
@@ -218,9 +221,12 @@ def compare(name, fd: Differences, a, floor: float, a_ref=None, rounding_scale=0
     denom = max(scale, rms(bar), rounding_scale, _TINY)
     err = rms(r - a[use]) / denom
     noise = rms(bar) / denom
-    rounding = 0.0
+    rounding = gap = 0.0
     if a_ref is not None:
-        rounding = rms(a[use] - np.asarray(a_ref, np.float64)[use]) / denom
+        apart = rms(a[use] - np.asarray(a_ref, np.float64)[use])
+        rounding = apart / denom
+        size = max(rms(np.asarray(a_ref, np.float64)[use]), scale)
+        gap = apart / size if size > rms(bar) else 0.0
     tol = max(floor, SAFETY * math.hypot(noise, rounding))
     return Comparison(
         name,
@@ -235,6 +241,7 @@ def compare(name, fd: Differences, a, floor: float, a_ref=None, rounding_scale=0
         absolute=scale < denom,
         rounding_measured=a_ref is not None,
         floor=floor,
+        gap=gap,
     )
 
 

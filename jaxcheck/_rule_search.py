@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _CALLS = ("pjit", "jit", "closed_call", "core_call", "remat", "remat2", "checkpoint")
 _CALL_NAMES = {  # how a call primitive is named in the report
     "pjit": "jit",
@@ -152,15 +153,33 @@ def _bind(eqn, values):
 
 
 def location(eqn) -> str:
+    """Where `eqn` was traced: the innermost frame outside JAX and jaxcheck ("" when there
+    is none, as for a rule passed itself as fn: the caller's site stands in), with files
+    under the working directory relative to it."""
     try:
         from jax._src import source_info_util  # noqa: PLC0415 - no public API for this
 
-        where = source_info_util.summarize(eqn.source_info)
+        frames = source_info_util.user_frames(eqn.source_info.traceback)
+        frame = next((f for f in frames if not f.file_name.startswith(_OWN_DIR)), None)
     except Exception:  # noqa: BLE001 - only a label
         return "unknown location"
-    # files under the working directory read shorter relative to it
+    if frame is None:
+        return ""
+    column = f":{frame.start_column}" if frame.start_column else ""
+    return f"{_relative(frame.file_name)}:{frame.start_line}{column} ({frame.function_name})"
+
+
+def defined_at(eqn) -> str:
+    """Where a rule's function was defined, from its traced jaxpr ("" where unknown)."""
+    jaxpr = eqn.params.get("call_jaxpr") or eqn.params.get("fun_jaxpr")
+    info = getattr(getattr(getattr(jaxpr, "jaxpr", jaxpr), "debug_info", None), "func_src_info", "")
+    name, at, where = str(info or "").rpartition(" at ")
+    return f"{_relative(where)} ({name})" if at else ""
+
+
+def _relative(path: str) -> str:
     here = os.getcwd() + os.sep
-    return where[len(here) :] if where.startswith(here) else where
+    return path[len(here) :] if path.startswith(here) else path
 
 
 def _custom_gradient_name(eqn) -> str | None:
@@ -227,7 +246,7 @@ class _Search:
 
     def eqn(self, eqn, ins, context, site):
         kind = rule_kind(eqn)
-        where = location(eqn) or site
+        where = location(eqn) or site or defined_at(eqn)
         if kind is not None:
             n = eqn.params.get("num_consts", 0)
             inputs, positions, constants = _tied(eqn.invars[n:], ins[n:])
@@ -305,7 +324,7 @@ class _Search:
         """The rules inside sub-jaxprs whose inputs are not known: named, not captured."""
         for jaxpr, _ in subs:
             for eqn in jaxpr.eqns:
-                kind, where = rule_kind(eqn), location(eqn) or site
+                kind, where = rule_kind(eqn), location(eqn) or site or defined_at(eqn)
                 if kind is not None:
                     found = Found(kind, _name(eqn), where, context, eqn, None, "not intercepted")
                     self.found.append(found)

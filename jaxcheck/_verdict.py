@@ -164,7 +164,12 @@ def status(run: Run, p: Pass, checks, k, problems) -> Status:
         # the values are sums of outputs over their own RMS (1 where the outputs are zero),
         # of order 1: far below that, they are the rounding of a map that is zero, not noise
         scatter = min(scatter, p.fd.noise)
-    if head.absolute and scatter > noisy:
+    # fn even about the point along every direction (central differences exactly 0, as
+    # sum(p**4) at 0 has; a random or jumping fn never is), or a derivative under test far
+    # outside the finite differences' error bars, which include the scatter: judged
+    even = not np.any(p.fd.value[p.fd.smooth])
+    decisive = head.relative_error > 2 * head.tolerance
+    if head.absolute and scatter > noisy and not (even or decisive):
         problems.append(
             f"fn's values scatter by {scatter:.1e} (relative) between nearby "
             "evaluations, far beyond rounding, so its derivative cannot be told from zero: "
@@ -184,7 +189,13 @@ def status(run: Run, p: Pass, checks, k, problems) -> Status:
             "Try a larger `step`, or a point where the derivative is not zero"
         )
         return Status.INCONCLUSIVE
-    if head.absolute:  # the derivative is zero to within noise or rounding
+    if head.absolute and not head.passed:
+        problems.append(
+            "finite differences find fn's derivative zero here to within their noise (at a "
+            "stationary point?) and the derivative under test is not; judged in absolute "
+            "terms"
+        )
+    elif head.absolute:  # the derivative is zero to within noise or rounding
         problems.append(
             "the derivative is zero to within finite-difference noise or rounding along "
             "these directions (at a stationary point?); it was judged in absolute terms"
@@ -380,13 +391,11 @@ def note_large_rounding(run: Run, head, status: Status) -> None:
     eps_t = max(_precision.eps(run.tested), eps_fd(run))
     # (in float16 and bfloat16, 1000 eps is about 1: a few percent is already far above
     # the rounding of a well-conditioned computation there)
-    if not (
-        head.rounding_measured and head.rounding > min(ROUNDING_NOTE, 30 + 0.01 / eps_t) * eps_t
-    ):
+    if not (head.rounding_measured and head.gap > min(ROUNDING_NOTE, 30 + 0.01 / eps_t) * eps_t):
         return
     gap = (
         f"the {run.tested.name} derivative differs from the same rule in "
-        f"{run.reference.name} by {head.rounding:.1e} (relative), {ROUNDING_GAP}"
+        f"{run.reference.name} by {head.gap:.1e} (relative), {ROUNDING_GAP}"
     )
     if run.native_blind:
         run.problems.append(
@@ -397,7 +406,7 @@ def note_large_rounding(run: Run, head, status: Status) -> None:
             f"{run.reference.name} is what the finite differences judged"
         )
         return
-    if head.rounding > _gap_limit(run):
+    if head.gap > _gap_limit(run):
         run.problems.append(
             f"{gap}: fn or its rules compute something else in {run.reference.name} "
             "(random numbers drawn in the default dtype, a branch on the dtype?)"

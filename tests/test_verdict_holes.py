@@ -645,3 +645,39 @@ def test_a_loss_that_cancels_to_zero_is_not_a_surrogate_gradient(wide, request):
 
     w = jnp.asarray([0.1, -0.2, 0.3], dtype)
     assert jaxcheck.verify(lambda w: jnp.sum(straight_through(w)), w).status == "fail"
+
+
+def _quartic(extra):
+    """sum(p**4) with a custom derivative `4 p**3 + extra`."""
+    f = jax.custom_jvp(lambda p: jnp.sum(p**4))
+    f.defjvp(lambda x, t: (f(x[0]), jnp.sum(t[0] * (4 * x[0] ** 3 + extra))))
+    return f
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_an_even_fn_at_its_zero_is_judged(order):
+    """sum(p**4) at 0 is t^4 along every direction: its values scatter by a quarter between
+    the stencil points relative to their size (all are ~1e-21), which read as a fn that
+    jumps or is random (inconclusive). Its central differences are exactly 0, which no
+    noise gives: the zero derivative passes, and a rule 1e-3 off fails, beyond the error
+    bars that hold that scatter, with no word of a float64 gap (there is none)."""
+    report = jaxcheck.verify(_quartic(0.0), jnp.zeros(3), order=order)
+    assert report.status == "pass", str(report)
+    assert not any("scatter" in q for q in report.problems), report.problems
+    wrong = jaxcheck.verify(_quartic(1e-3), jnp.zeros(3), rules=False)
+    assert wrong.status == "fail", str(wrong)
+    assert any(
+        q.startswith("finite differences find fn's derivative zero here") for q in wrong.problems
+    ), wrong.problems
+    assert not any("same rule in float64" in q for q in wrong.problems), wrong.problems
+
+
+@pytest.mark.rules_auto
+def test_a_rule_passed_as_fn_is_located_where_it_was_defined():
+    """A custom_jvp passed itself as fn is called from jaxcheck's own frame only: the rule
+    was named at jaxcheck's file. It is named where it was defined."""
+    report = jaxcheck.verify(_quartic(1e-3), jnp.zeros(3))
+    line = inspect.getsourcelines(_quartic)[1] + 2
+    rules = [q for q in report.problems if q.startswith("rules")]
+    assert rules and f"test_verdict_holes.py:{line} (<lambda>)" in rules[0], rules
+    assert "_rule_search.py" not in str(report)
