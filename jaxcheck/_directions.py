@@ -31,6 +31,11 @@ def as_key(key):
             "any transformation."
         )
     if _is_int_seed(key):
+        if not -(2**63) <= int(key) < 2**64:
+            raise ValueError(
+                f"key must be an int seed in [-2**63, 2**64) (JAX seeds are 64-bit), got "
+                f"{int(key)}. Try a smaller seed, say key=0, or key=jax.random.key(0)."
+            )
         return _int_key(int(key), jax.config.jax_default_prng_impl)
     if isinstance(key, jax.Array | np.ndarray):
         if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ():

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import jax
+import numpy as np
 
 from . import _directions, _precision
 
@@ -39,6 +40,11 @@ class Options:
     transforms: bool = False
 
     def __post_init__(self):
+        # NumPy and JAX scalars (np.int64(2), jnp.float32(1e-3)) as the Python numbers they hold
+        for name in _INTS + _FLOATS:
+            number = _number(getattr(self, name), integer=name in _INTS)
+            if number is not None:
+                object.__setattr__(self, name, number)
         _validate(self)
 
     def changed(self) -> dict:
@@ -51,6 +57,23 @@ class Options:
 
 
 NAMES = tuple(f.name for f in dataclasses.fields(Options))
+
+
+def _number(value, integer: bool):
+    """A 0-d NumPy or JAX array of a number kind as a Python int (integer kinds, for
+    `integer`) or float; None for anything else (validated as it is)."""
+    if not isinstance(value, np.generic | np.ndarray | jax.Array) or isinstance(
+        value, jax.core.Tracer
+    ):
+        return None
+    kinds = "iu" if integer else "iuf"
+    if np.ndim(value) != 0 or np.dtype(value.dtype).kind not in kinds:
+        return None
+    return int(value) if integer else float(value)
+
+
+_INTS = ("order", "num_directions", "leaf_directions", "chunk_size", "memory_budget")
+_FLOATS = ("step", "rtol")
 
 
 def make(**options) -> Options:

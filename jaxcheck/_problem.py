@@ -69,7 +69,7 @@ class Problem:
     def gradient(self, diff, traced) -> list:
         """The hand-written gradient's leaves for the differentiable parameters."""
         params, args = self.call(diff, *traced)
-        grad = self.grad_fn(params, *args)
+        grad = called("grad_fn", self.grad_fn, params, args)
         if self.params.treedef.num_leaves > 1 and _is_single_array(grad):
             raise TypeError(
                 f"grad_fn returned a single array (shape {np.shape(grad)}) where a pytree like "
@@ -118,7 +118,7 @@ def _with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
 
     def call(diff, traced):
         params, args = problem.call(diff, *traced)
-        out = problem.fn(params, *args)
+        out = called("fn", problem.fn, params, args)
         if not problem.has_aux:
             return _arrays_only(out)
         if not (isinstance(out, tuple) and len(out) == 2):
@@ -176,6 +176,25 @@ def _aux_like(closed_jaxpr, out, num_diff: int) -> tuple[str, ...]:
         "fn returns a pair whose second part does not depend on params (no derivative flows "
         "to it): if it is an auxiliary output, pass has_aux=True; it was checked as an output",
     )
+
+
+def called(name: str, f, params, args):
+    """`f(params, *args)`; where Python refuses the call itself (f takes another number of
+    arguments), a TypeError that says how jaxcheck calls it."""
+    try:
+        return f(params, *args)
+    except TypeError as err:
+        tb = err.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if tb is None or tb.tb_frame.f_code is not called.__code__:
+            raise  # raised inside f: its own error
+        raise TypeError(
+            f"{name} was called as {name}(params, *args) with {1 + len(args)} positional "
+            f"argument(s) (params and the {len(args)} extra argument(s) given to verify) and "
+            f"refused them: {err}. Define it as def {name}(params, *args), or close over "
+            "fixed values with functools.partial."
+        ) from err
 
 
 def _is_single_array(x) -> bool:

@@ -167,4 +167,11 @@ def match_gradient(s: Split, grad_tree, where: str = "grad_fn") -> list:
                 f"{', '.join(sorted(by_path)) or 'none'}).{hint}"
             )
         out.append(by_path[path])
+    extra = sorted(set(by_path) - set(s.paths))
+    if extra:
+        raise ValueError(
+            f"{where} returned leaves that match no parameter leaf: {', '.join(extra)}. It "
+            "must return a pytree with the structure of `params` (its leaves: "
+            f"{', '.join(p or '(root)' for p in s.paths)}), as jax.grad(fn) does."
+        )
     return out

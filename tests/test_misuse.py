@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jaxcheck
-from jaxcheck import _plan, _problem
+from jaxcheck import _plan, _problem, _report
 
 _TRACED = "jaxcheck.verify runs on the host"
 
@@ -231,3 +231,65 @@ def test_a_second_output_without_derivative_suggests_has_aux(aux):
     )
     both = jaxcheck.verify(lambda p, x: (jnp.sum((p * x) ** 2), p * 2.0), jnp.ones(3), x)
     assert both.problems == ()
+
+
+@pytest.mark.parametrize("which", ["fn", "grad_fn"])
+def test_a_function_of_the_wrong_arity_is_told_how_it_is_called(which):
+    """Python's own "takes 0 positional arguments but 1 was given", raised from inside
+    jaxcheck, said nothing of how verify calls fn and grad_fn."""
+    x = jnp.arange(3.0)
+    if which == "fn":
+        call = lambda: jaxcheck.verify(lambda: 1.0, jnp.ones(3))  # noqa: E731
+        given = 1
+    else:
+        call = lambda: jaxcheck.verify(  # noqa: E731
+            lambda q, x: jnp.sum(q * x), jnp.ones(3), x, grad_fn=lambda q: q
+        )
+        given = 2
+    with pytest.raises(TypeError) as info:
+        call()
+    text = str(info.value)
+    assert text.startswith(f"{which} was called as {which}(params, *args) with {given} positional")
+    assert f"Define it as def {which}(params, *args)" in text
+
+
+def test_a_function_raising_a_type_error_itself_keeps_its_error():
+    def fn(p):
+        raise TypeError("my own error")
+
+    with pytest.raises(TypeError, match="^my own error"):
+        jaxcheck.verify(fn, jnp.ones(3))
+
+
+def test_grad_fn_with_leaves_params_lack_is_refused():
+    params = {"w": jnp.array([0.3, -0.7, 1.2]), "b": jnp.array(0.5)}
+
+    def fn(q):
+        return jnp.sum(jnp.sin(q["w"])) * q["b"]
+
+    def grad_fn(q):
+        return {"w": jnp.cos(q["w"]) * q["b"], "b": jnp.sum(jnp.sin(q["w"])), "c": 1.0}
+
+    with pytest.raises(ValueError) as info:
+        jaxcheck.verify(fn, params, grad_fn=grad_fn)
+    assert str(info.value).startswith(
+        "grad_fn returned leaves that match no parameter leaf: ['c']."
+    )
+
+
+def test_a_seed_beyond_64_bits_is_refused_clearly():
+    with pytest.raises(ValueError, match=r"key must be an int seed in \[-2\*\*63, 2\*\*64\)"):
+        jaxcheck.verify(_loss, jnp.ones(3), key=2**70)
+
+
+def test_numpy_and_jax_scalars_as_options():
+    """np.int64(2) was refused as "order must be an int >= 1, got np.int64(2)"."""
+    x = jnp.linspace(0.1, 1.0, 3)
+    report = jaxcheck.verify(
+        _loss, x, order=np.int64(2), num_directions=np.int32(8), step=jnp.float32(1e-3)
+    )
+    assert report.ok, str(report)
+    assert max(_report.order_of(p) or 0 for p in report.parts) == 2
+    with pytest.raises(ValueError, match=r"order must be an int >= 1, got np.float64\(2.0\)"):
+        jaxcheck.verify(_loss, x, order=np.float64(2.0))
+    jaxcheck.check_grads(jnp.sin, (x,), 2.0)  # a float order, as JAX's check_grads takes
