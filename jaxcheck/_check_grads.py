@@ -149,6 +149,8 @@ def run(f, args, order, modes=("fwd", "rev"), atol=None, rtol=None, eps=None) ->
             f"{type(args).__name__}. For one argument x, pass (x,)."
         )
     order, eps, atol, rtol = (_scalar(v) for v in (order, eps, atol, rtol))
+    if isinstance(order, float) and order.is_integer():
+        order = int(order)  # (JAX's check_grads counts a float order down too)
     if not isinstance(order, int) or isinstance(order, bool) or order < 1:
         raise ValueError(f"check_grads: order must be an int >= 1, got {order!r}.")
     _check_step(eps)
@@ -175,6 +177,14 @@ def run(f, args, order, modes=("fwd", "rev"), atol=None, rtol=None, eps=None) ->
     with jax.debug_nans(False), jax.debug_infs(False):  # f at the point, read once
         outputs = f(*params)
     verdict = _nonfinite_verdict(report, params, outputs)
+    if verdict == "fail" and _nonfinite_nearby(f, params):
+        verdict = "unjudged"
+        note = (
+            "f is finite at the point but NaN/Inf right next to it: the point is at the edge "
+            "of f's domain (x log x or sqrt at 0), where an infinite derivative is the "
+            "one-sided limit, and finite differences have nothing to compare (not judged)"
+        )
+        report = dataclasses.replace(report, problems=(*report.problems, note))
     if verdict == "unjudged":
         judged = _finite_part_outcome(f, params, outputs, options)
         if judged is not None:
@@ -377,6 +387,30 @@ def _nonfinite_verdict(report: Report, params, outputs) -> str:
     if report.analytic is not None and not _all_finite(report.analytic):
         return "fail"
     return "unjudged" if report.num_nonfinite else "fail"
+
+
+def _nonfinite_nearby(f, params, relative: float = 1e-6) -> bool:
+    """Whether f is NaN/Inf at the point moved by a small step, up or down, in every float
+    entry at once (relative to the entry, or to its leaf's RMS where that is larger)."""
+    leaves, treedef = jax.tree.flatten(params)
+    for sign in (1.0, -1.0):
+        moved = []
+        for x in leaves:
+            if not _inexact(x) or jnp.iscomplexobj(x):
+                moved.append(x)
+                continue
+            a = np.asarray(x)
+            size = np.sqrt(np.mean(np.square(np.abs(a.astype(np.float64))))) if a.size else 0.0
+            step = relative * np.maximum(np.abs(a.astype(np.float64)), size)
+            moved.append(_like((a + sign * step).astype(a.dtype), x))
+        with jax.debug_nans(False), jax.debug_infs(False):
+            try:
+                out = f(*jax.tree.unflatten(treedef, moved))
+            except Exception:  # noqa: BLE001 - f refuses the moved point: no verdict from it
+                return False
+        if not _all_finite(out):
+            return True
+    return False
 
 
 def _finite_part_outcome(f, params, outputs, options) -> Outcome | None:

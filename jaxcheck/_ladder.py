@@ -11,6 +11,11 @@ import numpy as np
 from . import _differences, _error_model, _evaluate, _precision, _sequential, _verdict
 from ._state import Pass, Run
 
+# |d4| / h over the one-sided slopes' difference above which fourth differences that scale
+# with the step are taken for kinks (a kink's is of order 1; rounding of the inputs near a
+# minimum, 1e-11 measured)
+KINK_SHARE = 0.01
+
 
 @dataclasses.dataclass(frozen=True)
 class Choice:
@@ -122,7 +127,7 @@ def _full_ladder(run: Run, index, rows, h, groups, out):
             continue
         p2 = _group(run, out2, g, h, factors[i])
         tried[i].append(h * factors[i])
-        if suspect[i] and _same_kinks(best[i].fd, p2.fd, factors[i]):
+        if suspect[i] and _same_kinks(best[i].fd, p2.fd, factors[i]) and _kink_sized(p2.fd):
             kinked = _assess(run, p2.phis, p2.phi0, h, from_data=False)
             best[i] = dataclasses.replace(p2, fd=kinked)
             how[i] = Choice(float(factors[i]), 4, from_data=False)
@@ -142,6 +147,7 @@ def _full_ladder(run: Run, index, rows, h, groups, out):
             and best[i].fd.noise_floor < 0.1
             and not np.any(_verdict.constant_along(p2))  # (a staircase's flat steps)
             and _shrinks(best[i].fd, p2.fd, factors[i])
+            and _kink_sized(p2.fd)
         ):
             # kinks near the point, not at it (a ReLU unit at 0 in float32 is a hair off
             # 0 in float64): d4 shrinks with the step but not in proportion, as the kink
@@ -154,6 +160,14 @@ def _full_ladder(run: Run, index, rows, h, groups, out):
             factor = factors[i] if _better(q1, q2) is q2 else 1.0
             best[i] = q2 if factor != 1.0 else q1
             how[i] = Choice(float(factor), 4, from_data=False)
+        elif (
+            suspect[i]
+            and p2.fd.smooth.sum() >= best[i].fd.smooth.sum()
+            and p2.fd.noise_floor < min(0.1, 0.25 * best[i].fd.noise_floor)
+        ):
+            # a large step (a caller's) whose d4 is truncation, not noise: the smaller
+            # step resolves far more finely (noise would resolve 16 times less finely)
+            best[i], how[i] = p2, Choice(float(factors[i]))
         elif suspect[i]:  # d4 is noise: the function is noisier than the reference
             again[i] = min(1e3, (best[i].fd.relative_noise / eps) ** (1 / 3), run.max_step / h)
         else:
@@ -265,6 +279,23 @@ def _same_kinks(fd1, fd2, factor: float) -> bool:
     if not use.any():
         return False
     return bool(np.median(np.abs(j2[use] - j1[use]) / np.abs(j1[use])) < 0.3)
+
+
+def _kink_sized(fd) -> bool:
+    """Whether the fourth differences are as large as a kink's against the one-sided slopes.
+
+    A slope jump J within the stencil gives |d4| / h of order J and one-sided slopes J +
+    2 A h apart (A the curvature). Near a minimum, the rounding of params + t v (ulps of
+    params, not of fn's values) moves fn by its gradient there, which grows with t: a d4
+    that shrinks with the step as a kink's does, and is a consistent ulp-sized pattern
+    along random-sign directions, yet a vanishing fraction of the slopes' difference,
+    which is curvature."""
+    left, right = fd.slopes
+    apart = np.abs(np.asarray(right) - np.asarray(left))
+    use = fd.finite & (apart > 0)
+    if not use.any():
+        return True
+    return bool(np.median(np.abs(fd.d4[use]) / fd.h / apart[use]) > KINK_SHARE)
 
 
 def _shrinks(fd1, fd2, factor: float) -> bool:

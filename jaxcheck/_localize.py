@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from . import _ladder, _sequential, _verdict
+from . import _jitter, _ladder, _sequential, _verdict
 from ._report import LeafResult, Status
 from ._state import Run
 
@@ -50,9 +50,15 @@ def chosen_leaves(
 def localize(run: Run, scales, leaf_k, h, paths, chosen, sequential=False) -> tuple:
     """One `LeafResult` per chosen leaf, from up to `leaf_k` directions along that leaf
     alone: with `sequential`, 4 first, then more only for the leaves whose verdict is
-    still in doubt (`_sequential`)."""
+    still in doubt (`_sequential`).
+
+    A leaf that fails by no more than the derivative's own rounding allows, where nothing
+    more precise measured it (`_jitter`), is inconclusive: at a stationary point the
+    derivative is rounding, and along one leaf's directions the finite differences can
+    resolve their own rounding of it finely.
+    """
     ks = _sequential.looks(leaf_k, sequential and run.plan.direction_sharding is None)
-    results, pending, choices = {}, list(chosen), {}
+    results, pending, choices, within = {}, list(chosen), {}, []
     for n in ks:
         if not pending:
             break
@@ -80,6 +86,9 @@ def localize(run: Run, scales, leaf_k, h, paths, chosen, sequential=False) -> tu
             if n < leaf_k and not _sequential.settled(p, checks, status, n, len(ks))[0]:
                 still.append(leaf)
                 continue
+            if status is Status.FAIL and _jitter.explains(run, p, np.diag(scales)[leaf]):
+                status = Status.INCONCLUSIVE
+                within.append(paths[leaf] or "(root)")
             head, x = _verdict.head(checks, status), run.inputs.diff[leaf]
             results[leaf] = LeafResult(
                 paths[leaf],
@@ -93,6 +102,8 @@ def localize(run: Run, scales, leaf_k, h, paths, chosen, sequential=False) -> tu
                 n,
             )
         pending = still
+    if within:
+        run.problems.append(f"{', '.join(within)}: {_jitter.WITHIN_ROUNDING}")
     return tuple(results[leaf] for leaf in chosen)
 
 

@@ -11,6 +11,7 @@ import numpy as np
 from . import (
     _directions,
     _error_model,
+    _jitter,
     _ladder,
     _localize,
     _precision,
@@ -23,6 +24,9 @@ from ._error_model import Comparison
 from ._host import NOTES
 from ._report import PRIMAL_CHECK, Report, Status
 from ._state import MAX_STEP, PRIMAL_ROW, Run
+
+# times a step is cut 16-fold where the finite differences leave fn's domain
+DOMAIN_SHRINKS = 3
 
 # Largest relative step when finite differences run in half precision (fn closes over a
 # bfloat16/float16 array, so its inputs cannot be widened): along a direction where fn is
@@ -104,9 +108,11 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
         if confirmed is not checks:
             checks, said = confirmed, []
             status = _verdict.status(run, p, checks, n, said)
+    if status is Status.FAIL and _jitter.explains(run, p, beta):
+        status, said = Status.INCONCLUSIVE, [*said, _jitter.WITHIN_ROUNDING]
     run.problems += said
     stopped = _stopped(ks, n, previous, _verdict.head(checks, status), why)
-    _verdict.note_large_rounding(run, checks[0], status)
+    _verdict.note_large_rounding(run, checks[0], status, p)
     leaves = ()
     upper = max((c.interval[1] for c in checks), default=math.inf)
     chosen = _localize.chosen_leaves(
@@ -164,6 +170,15 @@ def _directions_check(run: Run, n, beta, h0, step, ref):
             run.max_step = max(run.max_step, LOW_PRECISION_MAX_STEP)
         h0 = min(_precision.default_step(run.reference), run.max_step)
         [(p, steps, choice)] = _ladder.ladder(run, index, rows, h0, [slice(0, n)])
+    for _ in range(DOMAIN_SHRINKS):
+        if step is not None or p.fd.finite.all() or not np.isfinite(p.phi0).all():
+            break
+        # fn is finite at params but not within the step along some directions: an element
+        # far smaller than its leaf's RMS, near the edge of fn's domain (log at 1e-7 beside
+        # 0.5), is crossed; smaller steps stay inside (the differences' roundoff grows)
+        h0 = h0 / 16
+        [(p, more, choice)] = _ladder.ladder(run, index, rows, h0, [slice(0, n)])
+        steps = tuple(steps) + tuple(more)
     flat = _verdict.flat_directions(p)
     if step is None and flat is not None and not flat[1] and p.step < run.max_step:
         # flat at this step while the derivative is not: a staircase of quanta larger

@@ -37,11 +37,12 @@ _ADVICE = {
         "believe fn itself is not smooth here, try another point or key."
     ),
     Status.INCONCLUSIVE: (
-        "Too few directions were smooth enough for finite differences to judge the derivative "
-        "(fn has kinks or jumps, e.g. relu/abs/max/sign, at or near these parameters), or "
-        "their resolution was too coarse. Try a point away from kinks, or more directions "
-        "(num_directions); "
-        "if the reference ran in the model's precision, make fn run in float64."
+        "Finite differences could not judge the derivative here (the notes above say why): "
+        "kinks or jumps at or near these parameters (relu/abs/max/sign), a derivative no "
+        "larger than their noise (a stationary point, where it is rounding), or fn rounding "
+        "to a low precision inside. Try a point away from kinks and stationary points, or "
+        "more directions (num_directions); if the reference ran in the model's precision, "
+        "make fn run in float64."
     ),
     Status.NONFINITE: (
         "NaN or Inf appeared (see above where); a derivative cannot be judged there. Check the "

@@ -231,7 +231,10 @@ def _check_one(
             rule.inputs,
             o.key,
             o.num_directions,
-            o.precision,
+            # a rule as fn's trace recorded it is typed in fn's precision (its jvp too, with
+            # the constants in it): where it cannot run in float64 it falls back, and says
+            # so, whatever fn's own check asked for
+            "auto" if o.precision == "float64" else o.precision,
             o.rtol,
             o.leaf_directions,
             identity=(fn, rule),

@@ -65,7 +65,12 @@ class Found:
             return False  # jax.custom_gradient's wrapper is JAX's, the rule the user's
         jaxpr = self.eqn.params.get("call_jaxpr")
         info = getattr(getattr(jaxpr, "jaxpr", jaxpr), "debug_info", None)
-        return _JAX_DIR in str(getattr(info, "func_src_info", None) or "")
+        if _JAX_DIR not in str(getattr(info, "func_src_info", None) or ""):
+            return False
+        # a custom_vjp around a function of JAX's (jax.custom_vjp(jnp.exp)) with the
+        # user's own backward pass is the user's rule
+        bwd = getattr(self.eqn.params.get("bwd"), "debug_info", None)
+        return bwd is None or _JAX_DIR in str(getattr(bwd, "func_src_info", None) or "")
 
     @property
     def title(self) -> str:

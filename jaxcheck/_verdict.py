@@ -33,11 +33,24 @@ def floors(run: Run, fd) -> dict:
     """Smallest relative errors that count as bugs, per comparison."""
     eps_t, eps_r = _precision.eps(run.tested), _precision.eps(run.reference)
     with_rule = eps_r < eps_t
-    eps_eff = max(eps_fd(run), fd.relative_noise if fd is not None else 0.0)
+    eps_eff = max(eps_fd(run), _precision_of(fd))
     rule, tested = floor_values(eps_t, eps_r, eps_eff)
     if run.rtol is not None:
         rule, tested = run.rtol, run.rtol
     return {"rule": rule, "tested": tested, "nonsmooth": rule if with_rule else tested}
+
+
+def _precision_of(fd) -> float:
+    """The relative precision fn's values are computed to: their noise over the size of
+    the terms they are made of, for which the larger of their own size and the change of
+    fn over a unit step (the derivative along the direction) stands in. A value that
+    cancels (a sum of outputs against random cotangents, 0.02 out of terms of size 1) is
+    no less precise than its terms: over its own size alone, float32 looked like 8e-6."""
+    if fd is None or not fd.relative_noise > 0:
+        return 0.0
+    values = fd.value[fd.finite]
+    change = float(np.median(np.abs(values))) if values.size else 0.0
+    return fd.noise / max(fd.noise / fd.relative_noise, change)
 
 
 def floor_values(eps_tested: float, eps_reference: float, eps_effective: float):
@@ -144,7 +157,9 @@ def status(run: Run, p: Pass, checks, k, problems) -> Status:
     if bad:
         problems.append(
             f"finite differences are NaN/Inf along {bad} of {k} directions: fn is not finite "
-            f"within a relative step {p.step:.1e} of params"
+            f"within a step of {p.step:.1e} times each leaf's RMS size from params (the "
+            "same for every element of a leaf: an element far smaller than its leaf's RMS "
+            "sits that close to the edge of fn's domain, as log of 1e-9 beside 1.0)"
         )
         return Status.NONFINITE
     used = int(p.fd.smooth.sum())
@@ -185,7 +200,8 @@ def status(run: Run, p: Pass, checks, k, problems) -> Status:
         problems.append(
             "finite-difference noise (noise floor "
             f"{head.noise_floor:.1e}) is as large as the derivative judged: a pass would "
-            "carry no information about it (does fn round to a low precision inside?). "
+            "carry no information about it (does fn round to a low precision inside, or is "
+            "the derivative itself rounding, at a stationary point where fn's terms cancel?). "
             "Try a larger `step`, or a point where the derivative is not zero"
         )
         return Status.INCONCLUSIVE
@@ -382,7 +398,7 @@ def _gap_limit(run: Run) -> float:
     return max(0.1, 30 * math.sqrt(_precision.eps(run.tested)))
 
 
-def note_large_rounding(run: Run, head, status: Status) -> None:
+def note_large_rounding(run: Run, head, status: Status, p: Pass | None = None) -> None:
     """Say so when the derivative in the model's dtype is far from the same rule in the
     reference dtype: where the check passed, it was excused as rounding, which is right for
     an ill-conditioned loss, but would also excuse a bug in a code path taken only in the
@@ -406,13 +422,20 @@ def note_large_rounding(run: Run, head, status: Status) -> None:
             f"{run.reference.name} is what the finite differences judged"
         )
         return
-    if head.gap > _gap_limit(run):
+    cancels = _value_gap(run, p)
+    if head.gap > _gap_limit(run) and cancels < 0.1 * head.gap:
         run.problems.append(
             f"{gap}: fn or its rules compute something else in {run.reference.name} "
             "(random numbers drawn in the default dtype, a branch on the dtype?)"
         )
         return
     why = "an ill-conditioned loss?"
+    if cancels >= 0.1 * head.gap:
+        why = (
+            f"fn's own {run.tested.name} value is {cancels:.1e} off its value in "
+            f"{run.reference.name}: it cancels, as a loss at a fit or a minimum does, and its "
+            "derivative rounds as much"
+        )
     if tensorfloat32(run):
         why = (
             "float32 matrix products run in TensorFloat-32 on this GPU, about 3 "
@@ -423,6 +446,17 @@ def note_large_rounding(run: Run, head, status: Status) -> None:
         f"{gap} of a well-conditioned computation in {run.tested.name}{accepted}. If fn or "
         f"its rules take a different path in {run.tested.name}, check that path"
     )
+
+
+def _value_gap(run: Run, p: Pass | None) -> float:
+    """How far fn's value in the tested dtype is from its value in the reference, relative
+    to the larger (0 where unknown): near 1 where the value cancels to rounding."""
+    value = run.probe.get("value") if run.probe else None
+    if p is None or value is None or not run.problem.scalar_output or p.phi0 is None:
+        return 0.0
+    tested, reference = float(value), float(np.asarray(p.phi0).ravel()[0])
+    size = max(abs(tested), abs(reference))
+    return abs(tested - reference) / size if size > 0 and math.isfinite(size) else 0.0
 
 
 def tensorfloat32(run: Run) -> bool:

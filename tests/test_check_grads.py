@@ -166,8 +166,9 @@ def test_nan_function_is_not_judged_but_nan_gradient_of_finite_function_fails():
     outcome = _check_grads.run(jnp.log, (np.array([-1.0, -2.0]),), 1, ("rev",))
     assert (outcome.verdict, outcome.report.status) == ("unjudged", "nonfinite")
     assert "fn's output (root) is NaN/Inf at params" in outcome.headline
+    # sqrt(x**2) is |x|, finite all around 0, where autodiff's 0/0 makes a NaN gradient
     with pytest.raises(jaxcheck.GradientCheckError) as info:
-        jaxcheck.check_grads(jnp.sqrt, (np.array([0.0, 2.0]),), 1, ("rev",))
+        jaxcheck.check_grads(lambda x: jnp.sqrt(x**2), (np.array([0.0, 2.0]),), 1, ("rev",))
     assert "the gradient (autodiff) of leaf [0] is NaN/Inf" in str(info.value)
 
 
@@ -412,3 +413,27 @@ def test_forward_mode_through_a_custom_vjp_raises_as_in_jax(order):
         "too). Pass modes=('rev',) to check its custom rule in reverse mode."
     )
     jaxcheck.check_grads(_sin_by_vjp, (X,), order, modes=("rev",))
+
+
+def test_an_infinite_derivative_at_the_edge_of_the_domain_is_not_judged():
+    """x log x at 0 is finite, NaN just below, and its derivative there is the one-sided
+    limit, -inf: JAX's check_grads passes; the drop-in failed the call (a NaN/Inf
+    derivative where f is finite). f is NaN next to the point: nothing to judge. A NaN
+    derivative where f is finite all around still fails."""
+    x = jnp.array([0.0, 1.0])
+
+    def f(a):
+        return jax.scipy.special.xlogy(a, a)
+
+    jax.test_util.check_grads(f, (x,), 1)
+    outcome = _check_grads.run(f, (x,), 1, ("fwd", "rev"), None, None, None)
+    assert outcome.verdict == "unjudged"
+    assert outcome.report.problems[-1].startswith(
+        "f is finite at the point but NaN/Inf right next to it"
+    )
+    jaxcheck.check_grads(f, (x,), 1)
+
+    g = jax.custom_jvp(lambda x: jnp.sum(x**2))
+    g.defjvp(lambda p, t: (g(p[0]), jnp.sum(t[0] * 2 * p[0] / 0.0)))
+    with pytest.raises(jaxcheck.GradientCheckError):
+        jaxcheck.check_grads(g, (jnp.array([0.5, 1.0]),), 1)

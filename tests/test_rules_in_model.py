@@ -690,3 +690,53 @@ def test_a_rule_beside_a_kink_at_the_point_is_judged_on_its_own(bug):
     assert any(q.startswith("wrong rule: custom_vjp sin2") for q in report.problems)
     with pytest.raises(jaxcheck.GradientCheckError, match="custom rule custom_vjp sin2 at"):
         jaxcheck.check_grads(loss, (x,), 1, modes=("rev",))
+
+
+def test_a_rule_with_a_python_constant_under_a_float64_reference():
+    """A custom_jvp rule multiplying by 1.0, checked in a float32 model with
+    precision="float64": its jvp, as the model's trace recorded it, holds a float32
+    constant and cannot run on float64 inputs. It was called WRONG, with relative error
+    inf and lax.mul's TypeError; the rule check falls back instead."""
+
+    @jax.custom_jvp
+    def good(x):
+        return jnp.sin(x)
+
+    good.defjvp(lambda p, t: (good(p[0]), 1.0 * jnp.cos(p[0]) * t[0]))
+    x = jnp.array([0.3, -0.7, 1.2], jnp.float32)
+    report = jaxcheck.verify(lambda q: jnp.sum(good(q)), x, precision="float64", rules=True)
+    assert report.status == "pass", str(report)
+    assert any(q.startswith("rules fine: custom_jvp good") for q in report.problems)
+
+
+def test_a_users_backward_pass_around_a_jax_function_is_the_users_rule():
+    """jax.custom_vjp(jnp.exp) with the user's own backward pass was listed as JAX's own
+    rule (its function is defined in JAX) and not checked, so the wrong rule went unnamed."""
+    my_exp = jax.custom_vjp(jnp.exp)
+    my_exp.defvjp(lambda x: (jnp.exp(x), x), lambda x, g: (1.1 * jnp.exp(x) * g,))
+    report = jaxcheck.verify(lambda q: jnp.sum(my_exp(q)), jnp.array([0.3, -0.7, 1.2]))
+    assert report.status == "fail", str(report)
+    assert any(q.startswith("wrong rule: custom_vjp exp at") for q in report.problems)
+    assert not any("JAX's own" in q for q in report.problems), report.problems
+
+
+@pytest.mark.parametrize("bug", [1.0, 1.003])
+def test_a_float32_only_bug_in_a_small_rule_is_caught(bug):
+    """A backward pass 0.3 % off in float32 only passes the model's check as rounding (the
+    float64 rule is right); the rule's own row in float32 had a tolerance of 3.8e-3,
+    because its values, <u, sin(x)> with random cotangents, cancel to 0.02 of their terms,
+    and their noise over that size read as a precision of 8e-6 (float32's is 1.2e-7)."""
+
+    @jax.custom_vjp
+    def mysin(x):
+        return jnp.sin(x)
+
+    def bwd(x, g):
+        return ((bug if x.dtype == jnp.float32 else 1.0) * jnp.cos(x) * g,)
+
+    mysin.defvjp(lambda x: (jnp.sin(x), x), bwd)
+    x = jnp.array([0.3, -0.7, 1.2], jnp.float32)
+    report = jaxcheck.verify(lambda q: jnp.sum(mysin(q)), x)
+    assert report.status == ("pass" if bug == 1.0 else "fail"), str(report)
+    if bug != 1.0:
+        assert any(q.startswith("wrong rule: custom_vjp mysin") for q in report.problems)

@@ -681,3 +681,88 @@ def test_a_rule_passed_as_fn_is_located_where_it_was_defined():
     rules = [q for q in report.problems if q.startswith("rules")]
     assert rules and f"test_verdict_holes.py:{line} (<lambda>)" in rules[0], rules
     assert "_rule_search.py" not in str(report)
+
+
+def _least_squares(q):
+    """A residual that cancels to rounding (1e-17) at these params: a stationary point."""
+    return jnp.sum((jnp.ones((4, 8)) / 8 @ q["w"] + q["b"]) ** 2)
+
+
+def test_a_float64_stationary_point_blames_no_leaf(x64):
+    """At an exact fit the derivative is rounding: the all-leaf check finds it zero to
+    within its noise, but along the bias alone the finite differences resolve their own
+    rounding of the residual finely, and it differs from the gradient program's by 30 %:
+    the bias was called WRONG (jax.test_util.check_grads passes)."""
+    params = {"w": jnp.linspace(-1.0, 1.0, 8), "b": jnp.zeros(4)}
+    report = jaxcheck.verify(_least_squares, params)
+    assert report.status == "inconclusive", str(report)
+    assert any(q.startswith("['b']: the derivative under test is off") for q in report.problems)
+    args = (params["w"], params["b"])
+    jaxcheck.check_grads(lambda w, b: _least_squares({"w": w, "b": b}), args, 1)
+
+
+@pytest.mark.parametrize("near", [1e-9, 1e-7])
+def test_a_quadratic_near_its_minimum_has_no_kinks(x64, near):
+    """1e-9 from the minimum, rounding params + t v to float64 moves fn by its gradient
+    there: fourth differences that shrink with the step as a kink's do, along every
+    direction. They are a 1e-11 fraction of the one-sided slopes' difference (curvature),
+    where a kink's is of order one: "0 of 16 directions are smooth ... relu/abs/max"."""
+    c = jnp.array([0.5, -0.3, 0.8])
+    report = jaxcheck.verify(lambda w: jnp.sum((w - c) ** 2), c + near)
+    assert report.status == "pass", str(report)
+    assert report.num_nonsmooth == 0
+
+
+def test_an_exact_fit_in_float32_is_not_said_to_compute_something_else():
+    """The float32 gradient at an exact fit is rounding, 87 % from the same rule in float64:
+    that was put down to fn computing something else in float64. fn's own value is as far
+    from its float64 value (it cancels), which says why."""
+    x = jnp.linspace(-1, 1, 12).reshape(4, 3)
+    p0 = {"w": jnp.array([[0.3, -0.2], [0.1, 0.5], [-0.4, 0.2]]), "b": jnp.array([0.1, -0.1])}
+
+    def model(p, x):
+        return jnp.tanh(x @ p["w"] + p["b"])
+
+    y = model(p0, x)
+    report = jaxcheck.verify(lambda p, x, y: jnp.mean((model(p, x) - y) ** 2), p0, x, y)
+    assert report.status == "pass", str(report)
+    assert not any("compute something else" in q for q in report.problems), report.problems
+    assert any("fn's own float32 value is" in q for q in report.problems), report.problems
+
+
+def _wrong_log():
+    f = jax.custom_jvp(jnp.log)
+    f.defjvp(lambda x, t: (f(x[0]), 1.1 * t[0] / x[0]))
+    return f
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_an_entry_near_the_edge_of_the_domain_takes_a_smaller_step(wrong):
+    """log at 1e-7 beside 0.5 and 1: the step, scaled to the leaf's RMS, crossed 0, and the
+    check ended NONFINITE, so that check_grads returned quietly on a rule 10 % off."""
+    p = jnp.array([1e-7, 0.5, 1.0])
+    f = _wrong_log() if wrong else jnp.log
+    report = jaxcheck.verify(lambda q: jnp.sum(f(q)), p, rules=False)
+    assert report.status == ("fail" if wrong else "pass"), str(report)
+    if wrong:
+        with pytest.raises(jaxcheck.GradientCheckError):
+            jaxcheck.check_grads(f, (p,), 1)
+    else:
+        jaxcheck.check_grads(f, (p,), 1)
+
+
+@pytest.mark.parametrize("step, bug", [(0.5, 1.01), (0.2, 1.001)])
+def test_a_large_step_of_the_callers_does_not_hide_a_bug(step, bug):
+    """At a relative step of 0.5 the fourth differences are truncation, which the ladder
+    took for noise: it kept the step and the noise floor 8e-3 that came with it, and a
+    rule 1 % off passed, though the smaller step it tried resolved it."""
+
+    @jax.custom_jvp
+    def g(x):
+        return jnp.sin(x)
+
+    g.defjvp(lambda p, t: (g(p[0]), bug * jnp.cos(p[0]) * t[0]))
+    x = jnp.array([0.3, -0.7, 1.2])
+    report = jaxcheck.verify(lambda q: jnp.sum(g(q)), x, step=step, rules=False)
+    assert report.status == "fail", str(report)
+    assert report.steps_tried[0] == step and report.step < step
