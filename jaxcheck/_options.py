@@ -72,6 +72,7 @@ def _number(value, integer: bool):
     return int(value) if integer else float(value)
 
 
+MIN_STEP = 1e-12  # a relative step below it is float64 rounding (eps 2.2e-16) at best
 _INTS = ("order", "num_directions", "leaf_directions", "chunk_size", "memory_budget")
 _FLOATS = ("step", "rtol")
 
@@ -114,6 +115,12 @@ def _validate(o: Options) -> None:
             isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < 1
         ):
             raise ValueError(f"{name} must be a float in (0, 1) or None, got {value!r}.")
+    if o.step is not None and o.step < MIN_STEP:
+        raise ValueError(
+            f"step={o.step!r} is below {MIN_STEP}: params moved by so small a relative step "
+            "round back to themselves, even in float64, and finite differences would be "
+            f"noise. Leave step=None (the default), or give at least {MIN_STEP}."
+        )
     _flag("localize", o.localize, auto=True)
     if o.directions not in _directions.KINDS:
         raise ValueError(f"directions must be one of {_directions.KINDS}, got {o.directions!r}.")

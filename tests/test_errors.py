@@ -30,6 +30,11 @@ P = {"w": jnp.ones(3)}
             "precision must be one of ('auto', 'float64', 'native'), got 'float32'.",
         ),
         ({"step": 0.0}, ValueError, "step must be a float in (0, 1) or None, got 0.0."),
+        (
+            {"step": 1e-30},  # was INCONCLUSIVE, blamed on fn rounding to a low precision
+            ValueError,
+            "step=1e-30 is below 1e-12: params moved by so small a relative step round back",
+        ),
         ({"rtol": 2.0}, ValueError, "rtol must be a float in (0, 1) or None, got 2.0."),
         ({"localize": "yes"}, ValueError, "localize must be True, False or 'auto', got 'yes'."),
         (
