@@ -383,13 +383,19 @@ def note_incomparable(run: Run, head, reference) -> None:
     name = jnp.dtype(reference).name
     run.problems.append(
         f"the derivative of fn in {name} differs from that in "
-        f"{run.tested.name} by {head.rounding:.1e}, far beyond rounding: fn computes "
-        f"something else in {name} (e.g. random numbers drawn in the "
+        f"{run.tested.name} by {head.rounding:.1e}, {INCOMPARABLE} "
+        f"in {name} (e.g. random numbers drawn in the "
         "default dtype); finite differences use the model's precision instead. To check "
         f"in {name}, draw random numbers in an explicit dtype "
         "(jax.random.uniform(key, shape, jnp.float32); bernoulli with p=jnp.float32(...)) "
         "or pass them to fn as an argument"
     )
+
+
+INCOMPARABLE = "far beyond rounding: fn computes something else"
+# said where the derivative in the model's precision is rounding far off the same rule in
+# the reference, which finite differences in the model's precision cannot resolve
+BLIND = "cannot resolve the derivative"
 
 
 def _gap_limit(run: Run) -> float:
@@ -415,10 +421,10 @@ def note_large_rounding(run: Run, head, status: Status, p: Pass | None = None) -
     )
     if run.native_blind:
         run.problems.append(
-            f"{gap}, yet finite differences in {run.tested.name} cannot resolve the "
-            f"derivative here: the gap is {run.tested.name} rounding of a derivative far "
-            "smaller than the terms fn computes (cross-entropy on confident logits), or fn "
-            f"computes something else in {run.reference.name}; the same rule in "
+            f"{gap}, yet finite differences in {run.tested.name} {BLIND} here: the gap "
+            f"is {run.tested.name} rounding of a derivative far smaller than the terms "
+            "fn computes (cross-entropy on confident logits), or fn computes something "
+            f"else in {run.reference.name}; the same rule in "
             f"{run.reference.name} is what the finite differences judged"
         )
         return

@@ -352,3 +352,16 @@ def test_order_2_of_softmax_of_three_is_judged_for_every_key(key):
     assert good.status == "pass", str(good)
     bad = jaxcheck.verify(_softmax_first_order_only, x, order=2, mode="both", key=key)
     assert [p.status.value for p in bad.parts] == ["pass", "fail"], str(bad)
+
+
+@pytest.mark.parametrize("gap", [20.0, 25.0])
+def test_order_2_on_a_float32_derivative_that_is_rounding_is_not_judged(gap):
+    """Cross-entropy at a logit gap of 20 in float32: the gradient is float32 rounding
+    (1 - p rounds to 0), 99 % off the float64 one, which order 1 says. Its reverse-mode
+    Hessian-vector products are made of that rounding, 270 % off, and were called WRONG."""
+    x = jnp.asarray([0.1, 0.2, gap])
+    report = jaxcheck.verify(lambda x: -jax.nn.log_softmax(x)[2], x, order=2, mode="both")
+    assert report.status == "inconclusive", str(report)
+    said = "the derivative of the order below is float32 rounding at this point"
+    assert any(said in q for q in report.problems), report.problems
+    assert not any("far beyond rounding: fn computes" in q for q in report.problems)
