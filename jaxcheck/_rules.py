@@ -41,6 +41,7 @@ import numpy as np
 
 from . import (
     _directions,
+    _keywords,
     _options,
     _plan,
     _precision,
@@ -60,6 +61,7 @@ MAX_OUTPUTS = 4  # outputs left unused one at a time in the unused-outputs row
 NATIVE_ROUNDING = 100.0  # the native-precision row runs above this rounding, in eps
 
 
+@_keywords.checked("jaxcheck.verify_rule", "verify_rule(f, *args)")
 def verify_rule(
     f: Callable,
     *args: Any,

@@ -2,9 +2,6 @@
 differentiated and what is held fixed, sets up the run state and hands it to the pipeline
 (`_pipeline.check`), which returns the `Report`."""
 
-import difflib
-import functools
-import inspect
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -16,6 +13,7 @@ from . import (
     _differences,
     _directions,
     _host,
+    _keywords,
     _options,
     _orders,
     _pipeline,
@@ -31,54 +29,7 @@ from ._plan import Timer
 from ._report import Report
 
 
-def _keywords_checked(verify):
-    """`verify`, refusing keywords it does not have with a message that tells fn's
-    keyword arguments (which must be bound with functools.partial) from misspelt options."""
-    names = tuple(inspect.signature(verify).parameters)[3:]
-
-    @functools.wraps(verify)
-    def checked(*args, **kwargs):
-        unknown = [k for k in kwargs if k not in names]
-        if unknown:
-            fn_takes = _keywords_of(args[0]) if args else frozenset()
-            raise TypeError(_unknown_keywords(unknown, names, fn_takes))
-        return verify(*args, **kwargs)
-
-    return checked
-
-
-def _keywords_of(fn) -> frozenset:
-    """The names `fn` takes as keyword arguments (none known where its signature is not)."""
-    try:
-        parameters = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return frozenset()
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return frozenset(p.name for p in parameters if p.kind in kinds)
-
-
-def _unknown_keywords(unknown, names, fn_takes=frozenset()) -> str:
-    parts, for_fn = [], []
-    for k in unknown:
-        close = [] if k in fn_takes else difflib.get_close_matches(k, names, n=1)
-        parts.append(f"{k!r} (did you mean {close[0]!r}?)" if close else repr(k))
-        if not close:
-            for_fn.append(k)
-    text = (
-        f"jaxcheck.verify got unexpected keyword argument(s) {', '.join(parts)}; its options "
-        f"are {', '.join(names)}."
-    )
-    if for_fn:
-        bound = ", ".join(f"{k}=..." for k in for_fn)
-        text += (
-            " If these are fn's keyword arguments: fn's inputs are positional, "
-            "verify(fn, params, *args); bind keywords first, "
-            f"verify(functools.partial(fn, {bound}), params, *args)."
-        )
-    return text
-
-
-@_keywords_checked
+@_keywords.checked("jaxcheck.verify", "verify(fn, params, *args)")
 def verify(
     fn: Callable,
     params: Any,

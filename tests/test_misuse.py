@@ -293,3 +293,15 @@ def test_numpy_and_jax_scalars_as_options():
     with pytest.raises(ValueError, match=r"order must be an int >= 1, got np.float64\(2.0\)"):
         jaxcheck.verify(_loss, x, order=np.float64(2.0))
     jaxcheck.check_grads(jnp.sin, (x,), 2.0)  # a float order, as JAX's check_grads takes
+
+
+def test_verify_rule_names_the_option_meant_or_says_to_bind_fs_keywords():
+    """verify_rule had Python's bare "unexpected keyword argument 'num_direction'"."""
+    x = jnp.linspace(0.1, 1.0, 3)
+    with pytest.raises(TypeError, match=r"'num_direction' \(did you mean 'num_directions'\?\)"):
+        jaxcheck.verify_rule(jnp.sin, x, num_direction=4)
+    with pytest.raises(TypeError) as info:
+        jaxcheck.verify_rule(lambda x, scale=1.0: jnp.sin(x) * scale, x, scale=2.0)
+    assert str(info.value).endswith(
+        "bind keywords first, verify_rule(functools.partial(f, scale=...), *args)."
+    )

@@ -1,0 +1,64 @@
+"""Unknown keyword arguments of the entry points: a misspelt option is named with the option
+meant; a keyword the function under check takes is told to be bound first."""
+
+import difflib
+import functools
+import inspect
+
+
+def checked(name: str, call: str):
+    """Decorate entry point `name` (its options keyword-only), whose function under check
+    is its first argument and is called as `call` (e.g. "verify(fn, params, *args)"), so
+    that unknown keywords raise a TypeError that says which option was meant, or how to
+    bind the function's own keywords."""
+
+    def decorate(entry):
+        names = tuple(
+            p.name
+            for p in inspect.signature(entry).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        )
+
+        @functools.wraps(entry)
+        def wrapper(*args, **kwargs):
+            unknown = [k for k in kwargs if k not in names]
+            if unknown:
+                fn_takes = _keywords_of(args[0]) if args else frozenset()
+                raise TypeError(_unknown(name, call, unknown, names, fn_takes))
+            return entry(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+def _keywords_of(fn) -> frozenset:
+    """The names `fn` takes as keyword arguments (none known where its signature is not)."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return frozenset()
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return frozenset(p.name for p in parameters if p.kind in kinds)
+
+
+def _unknown(name, call, unknown, names, fn_takes=frozenset()) -> str:
+    parts, for_fn = [], []
+    for k in unknown:
+        close = [] if k in fn_takes else difflib.get_close_matches(k, names, n=1)
+        parts.append(f"{k!r} (did you mean {close[0]!r}?)" if close else repr(k))
+        if not close:
+            for_fn.append(k)
+    text = (
+        f"{name} got unexpected keyword argument(s) {', '.join(parts)}; its options "
+        f"are {', '.join(names)}."
+    )
+    if for_fn:
+        fn = call[call.index("(") + 1 : call.index(",")]
+        bound = ", ".join(f"{k}=..." for k in for_fn)
+        partial = call.replace(f"({fn},", f"(functools.partial({fn}, {bound}),", 1)
+        text += (
+            f" If these are {fn}'s keyword arguments: {fn}'s inputs are positional, "
+            f"{call}; bind keywords first, {partial}."
+        )
+    return text
