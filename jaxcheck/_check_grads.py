@@ -390,26 +390,46 @@ def _nonfinite_verdict(report: Report, params, outputs) -> str:
 
 
 def _nonfinite_nearby(f, params, relative: float = 1e-6) -> bool:
-    """Whether f is NaN/Inf at the point moved by a small step, up or down, in every float
-    entry at once (relative to the entry, or to its leaf's RMS where that is larger)."""
+    """Whether f turns NaN/Inf where the entries whose reverse derivative is NaN/Inf move by
+    a small step, up or down (relative to the entry; relative to its leaf's RMS where the
+    entry is 0): the edge of f's domain at the point, as xlogy(x, x) at 0. Other entries
+    stay, so a NaN rule at an ordinary point beside an entry near its own edge still fails."""
     leaves, treedef = jax.tree.flatten(params)
-    for sign in (1.0, -1.0):
-        moved = []
-        for x in leaves:
-            if not _inexact(x) or jnp.iscomplexobj(x):
-                moved.append(x)
-                continue
-            a = np.asarray(x)
-            size = np.sqrt(np.mean(np.square(np.abs(a.astype(np.float64))))) if a.size else 0.0
-            step = relative * np.maximum(np.abs(a.astype(np.float64)), size)
-            moved.append(_like((a + sign * step).astype(a.dtype), x))
-        with jax.debug_nans(False), jax.debug_infs(False):
+    floats = [i for i, x in enumerate(leaves) if _inexact(x) and not jnp.iscomplexobj(x)]
+
+    def of(*values):
+        full = list(leaves)
+        for i, v in zip(floats, values):
+            full[i] = v
+        return f(*jax.tree.unflatten(treedef, full))
+
+    points = [jnp.asarray(leaves[i]) for i in floats]
+    with jax.debug_nans(False), jax.debug_infs(False):
+        try:
+            out, pullback = jax.vjp(of, *points)
+            ones = jax.tree.map(
+                lambda y: (
+                    jnp.ones_like(y) if _inexact(y) else np.zeros(np.shape(y), jax.dtypes.float0)
+                ),
+                out,
+            )
+            grads = pullback(ones)
+        except Exception:  # noqa: BLE001 - no reverse derivative to locate it by: no excuse
+            return False
+        for sign in (1.0, -1.0):
+            moved = []
+            for x, g in zip(points, grads):
+                a = np.asarray(x, np.float64)
+                rms = np.sqrt(np.mean(np.square(a))) if a.size else 0.0
+                step = relative * np.where(a != 0, np.abs(a), rms)
+                bad = ~np.isfinite(np.asarray(g))
+                moved.append(jnp.asarray(np.where(bad, a + sign * step, a), x.dtype))
             try:
-                out = f(*jax.tree.unflatten(treedef, moved))
+                out = of(*moved)
             except Exception:  # noqa: BLE001 - f refuses the moved point: no verdict from it
                 return False
-        if not _all_finite(out):
-            return True
+            if not _all_finite(out):
+                return True
     return False
 
 

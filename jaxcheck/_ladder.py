@@ -15,6 +15,9 @@ from ._state import Pass, Run
 # with the step are taken for kinks (a kink's is of order 1; rounding of the inputs near a
 # minimum, 1e-11 measured)
 KINK_SHARE = 0.01
+# the noise floor at which a smaller step, whose fourth differences show the larger one to
+# be truncation-bound, is kept (a hundredth of the floor at which nothing is judged)
+TRUNCATION_RESOLVED = 2.5e-4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,10 +166,12 @@ def _full_ladder(run: Run, index, rows, h, groups, out):
         elif (
             suspect[i]
             and p2.fd.smooth.sum() >= best[i].fd.smooth.sum()
-            and p2.fd.noise_floor < min(0.1, 0.25 * best[i].fd.noise_floor)
+            and p2.fd.noise_floor < min(TRUNCATION_RESOLVED, 0.25 * best[i].fd.noise_floor)
         ):
             # a large step (a caller's) whose d4 is truncation, not noise: the smaller
-            # step resolves far more finely (noise would resolve 16 times less finely)
+            # step resolves far more finely (noise would resolve 16 times less finely),
+            # and finely enough to judge (near a pole, 1/x at 1e-6, it still resolves
+            # only to a few percent: then the larger step below, and no verdict)
             best[i], how[i] = p2, Choice(float(factors[i]))
         elif suspect[i]:  # d4 is noise: the function is noisier than the reference
             again[i] = min(1e3, (best[i].fd.relative_noise / eps) ** (1 / 3), run.max_step / h)

@@ -437,3 +437,19 @@ def test_an_infinite_derivative_at_the_edge_of_the_domain_is_not_judged():
     g.defjvp(lambda p, t: (g(p[0]), jnp.sum(t[0] * 2 * p[0] / 0.0)))
     with pytest.raises(jaxcheck.GradientCheckError):
         jaxcheck.check_grads(g, (jnp.array([0.5, 1.0]),), 1)
+
+
+def test_a_nan_rule_beside_an_entry_near_its_own_edge_still_fails():
+    """The look for NaN next to the point moved every entry by 1e-6 of its leaf's RMS: an
+    entry at 1e-6 crossed 0, log turned NaN there, and a rule returning NaN below 1e-4 was
+    excused. Only the entries whose derivative is NaN/Inf move, by 1e-6 of themselves."""
+
+    @jax.custom_jvp
+    def log(x):
+        return jnp.log(x)
+
+    log.defjvp(lambda p, t: (jnp.log(p[0]), jnp.where(p[0] < 1e-4, jnp.nan, 1 / p[0]) * t[0]))
+    with pytest.raises(jaxcheck.GradientCheckError):
+        jaxcheck.check_grads(
+            lambda x: jnp.sum(log(x)), (jnp.array([1.0, 2.0, 1e-6]),), 1, modes=("rev",)
+        )

@@ -766,3 +766,26 @@ def test_a_large_step_of_the_callers_does_not_hide_a_bug(step, bug):
     report = jaxcheck.verify(lambda q: jnp.sum(g(q)), x, step=step, rules=False)
     assert report.status == "fail", str(report)
     assert report.steps_tried[0] == step and report.step < step
+
+
+@pytest.mark.rules_auto
+def test_a_pole_within_the_step_is_not_judged_either_way():
+    """1/x with an entry at 1e-6 (float64) and tan at pi/2 - 1e-6 (float32): the step
+    crosses the pole. A smaller step kept for resolving 40 % more finely still resolved
+    only to 2e-2, and a rule 3 % off passed; finite differences as large as their bars
+    across the pole made tan's right rule WRONG (relative error 1e3). Neither is judged."""
+
+    def rule(scale, f, df):
+        g = jax.custom_jvp(f)
+        g.defjvp(lambda p, t: (f(p[0]), scale * df(p[0]) * t[0]))
+        return g
+
+    with jax.enable_x64(True):
+        for scale in (1.0, 1.03):
+            inv = rule(scale, lambda x: 1 / x, lambda x: -1 / x**2)
+            x = jnp.array([1e-6, 0.5, 0.8])
+            report = jaxcheck.verify(lambda x, inv=inv: jnp.sum(inv(x)), x, rules=False)
+            assert report.status == "inconclusive", str(report)
+    tan = rule(1.0, lambda x: jnp.tan(x), lambda x: 1 / jnp.cos(x) ** 2)  # (the user's rule)
+    x = jnp.asarray([np.pi / 2 - 1e-6, 0.3, 0.5], jnp.float32)
+    assert jaxcheck.verify(lambda x: jnp.sum(tan(x)), x).status == "inconclusive"
