@@ -148,7 +148,7 @@ def run(f, args, order, modes=("fwd", "rev"), atol=None, rtol=None, eps=None) ->
             f"check_grads: args must be a tuple or list of f's positional arguments, got "
             f"{type(args).__name__}. For one argument x, pass (x,)."
         )
-    order, eps, atol, rtol = (_scalar(v) for v in (order, eps, atol, rtol))
+    order, eps, atol, rtol = (_options.scalar(v) for v in (order, eps, atol, rtol))
     if isinstance(order, float) and order.is_integer():
         order = int(order)  # (JAX's check_grads counts a float order down too)
     if not isinstance(order, int) or isinstance(order, bool) or order < 1:
@@ -310,15 +310,6 @@ def _mode(modes) -> str:
             "'rev'), ('fwd',) or ('rev',)."
         )
     return chosen.pop() if len(chosen) == 1 else "both"
-
-
-def _scalar(value):
-    """A NumPy or JAX scalar (0-d array) as the Python number it holds; anything else as
-    it is (JAX's check_grads takes both)."""
-    if isinstance(value, np.generic | np.ndarray | jax.Array) and np.ndim(value) == 0:
-        if np.issubdtype(np.dtype(value.dtype), np.number):
-            return np.asarray(value).item()
-    return value
 
 
 def _check_step(eps) -> None:

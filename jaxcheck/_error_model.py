@@ -223,9 +223,10 @@ def compare(name, fd: Differences, a, floor: float, a_ref=None, rounding_scale=0
     noise = rms(bar) / denom
     rounding = gap = 0.0
     if a_ref is not None:
-        apart = rms(a[use] - np.asarray(a_ref, np.float64)[use])
+        a_ref = np.asarray(a_ref, np.float64)[use]
+        apart = rms(a[use] - a_ref)
         rounding = apart / denom
-        size = max(rms(np.asarray(a_ref, np.float64)[use]), scale)
+        size = max(rms(a_ref), scale)
         gap = apart / size if size > rms(bar) else 0.0
     tol = max(floor, SAFETY * math.hypot(noise, rounding))
     return Comparison(

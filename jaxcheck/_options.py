@@ -59,17 +59,27 @@ class Options:
 NAMES = tuple(f.name for f in dataclasses.fields(Options))
 
 
+def scalar(value):
+    """A NumPy or JAX scalar (0-d array) of a number dtype as the Python number it holds;
+    anything else as it is (JAX's check_grads takes both)."""
+    if isinstance(value, np.generic | np.ndarray | jax.Array) and np.ndim(value) == 0:
+        if np.issubdtype(np.dtype(value.dtype), np.number):
+            return np.asarray(value).item()
+    return value
+
+
 def _number(value, integer: bool):
-    """A 0-d NumPy or JAX array of a number kind as a Python int (integer kinds, for
-    `integer`) or float; None for anything else (validated as it is)."""
+    """`scalar(value)` where `value` is a NumPy or JAX scalar of an integer kind (for
+    `integer`; of any real kind, as a float, otherwise); None for anything else (validated
+    as it is)."""
     if not isinstance(value, np.generic | np.ndarray | jax.Array) or isinstance(
         value, jax.core.Tracer
     ):
         return None
-    kinds = "iu" if integer else "iuf"
-    if np.ndim(value) != 0 or np.dtype(value.dtype).kind not in kinds:
-        return None
-    return int(value) if integer else float(value)
+    number = scalar(value)
+    if integer:
+        return number if isinstance(number, int) else None
+    return float(number) if isinstance(number, int | float) else None
 
 
 MIN_STEP = 1e-12  # a relative step below it is float64 rounding (eps 2.2e-16) at best

@@ -63,9 +63,7 @@ class Found:
         file of the jax package."""
         if _custom_gradient_name(self.eqn) is not None:
             return False  # jax.custom_gradient's wrapper is JAX's, the rule the user's
-        jaxpr = self.eqn.params.get("call_jaxpr")
-        info = getattr(getattr(jaxpr, "jaxpr", jaxpr), "debug_info", None)
-        if _JAX_DIR not in str(getattr(info, "func_src_info", None) or ""):
+        if _JAX_DIR not in _source(self.eqn.params.get("call_jaxpr")):
             return False
         # a custom_vjp around a function of JAX's (jax.custom_vjp(jnp.exp)) with the
         # user's own backward pass is the user's rule
@@ -176,10 +174,16 @@ def location(eqn) -> str:
 
 def defined_at(eqn) -> str:
     """Where a rule's function was defined, from its traced jaxpr ("" where unknown)."""
-    jaxpr = eqn.params.get("call_jaxpr") or eqn.params.get("fun_jaxpr")
-    info = getattr(getattr(getattr(jaxpr, "jaxpr", jaxpr), "debug_info", None), "func_src_info", "")
-    name, at, where = str(info or "").rpartition(" at ")
+    source = _source(eqn.params.get("call_jaxpr") or eqn.params.get("fun_jaxpr"))
+    name, at, where = source.rpartition(" at ")
     return f"{_relative(where)} ({name})" if at else ""
+
+
+def _source(jaxpr) -> str:
+    """The function JAX traced a (closed) jaxpr from, as "name at file:line" ("" where
+    unknown)."""
+    info = getattr(getattr(jaxpr, "jaxpr", jaxpr), "debug_info", None)
+    return str(getattr(info, "func_src_info", None) or "")
 
 
 def _relative(path: str) -> str:
@@ -193,7 +197,7 @@ def _custom_gradient_name(eqn) -> str | None:
     equations it traced; None for any other rule."""
     jaxpr = eqn.params.get("call_jaxpr")
     inner = getattr(jaxpr, "jaxpr", jaxpr)
-    info = str(getattr(getattr(inner, "debug_info", None), "func_src_info", None) or "")
+    info = _source(jaxpr)
     if not (info.startswith("wrapped_fun ") and _JAX_DIR in info):
         return None
     try:

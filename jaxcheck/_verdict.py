@@ -231,14 +231,6 @@ def status(run: Run, p: Pass, checks, k, problems) -> Status:
     return Status.PASS if all(c.passed for c in checks) else Status.FAIL
 
 
-def _change(p: Pass) -> float:
-    """How much the derivative under test says fn moves over the step, RMS over the
-    smooth directions where it is finite."""
-    a = p.analytic
-    use = p.fd.smooth & np.isfinite(a)
-    return _error_model.rms(a[use]) * p.step if use.any() else 0.0
-
-
 def _half_precision_limit(run: Run, head) -> str:
     """Why a coarse reference is as fine as fn allows ("" when it is not): fn rounds to a
     half precision inside, or cannot run in any higher one (it mixes its inputs with a
@@ -273,7 +265,7 @@ def _flat(run: Run, p: Pass, k, problems) -> Status | None:
         return Status.PASS
     a = p.analytic
     use = p.fd.smooth & np.isfinite(a)
-    change = _change(p)  # what the derivative says fn moves by
+    change = _error_model.rms(a[use]) * p.step  # what the derivative says fn moves by
     if not np.any(p.phis) and not np.any(p.phi0) and change < _precision.eps(run.tested):
         problems.append(
             f"fn is exactly 0 at every point of the stencil (relative step {p.step:.1e}), "
