@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from . import _options
+
 # Defaults of `gradient_health`; the reasoning is in its docstring.
 DECAY = 0.99
 WARMUP = 10
@@ -20,6 +22,7 @@ COLLAPSE_FACTOR = 1e-3
 EXPLODE_FACTOR = 10.0
 PARAM_EVERY = 10  # steps between refreshes of the parameter norms
 NO_PARAMS = -1.0  # the parameter norm of a leaf whose update got no params
+NO_SPIKE = -1.0  # the worst spike of a leaf without a running average yet
 
 _KINDS = ("nonfinite", "exploding", "vanishing")
 _NAMES = {"nonfinite": "non-finite", "exploding": "exploding", "vanishing": "vanishing"}
@@ -37,8 +40,9 @@ class HealthState:
     `nonfinite` are the last step's flags; `first_*` the step each flag first fired (-1:
     never), `*_steps` on how many steps it fired. `low_streak` counts the consecutive steps
     a leaf has been below the vanishing thresholds. `worst_spike` is the largest gradient
-    norm seen as a multiple of its running average, and `skipped` counts the updates zeroed
-    by `skip_nonfinite`.
+    norm seen as a multiple of its running average (-1 before there is one), and `skipped`
+    counts the updates zeroed by `skip_nonfinite`. The state holds no NaN of its own, so
+    that `jax_debug_nans` reports only NaNs of the training itself.
     """
 
     paths: tuple[str, ...]
@@ -109,6 +113,7 @@ def gradient_health(
     gradient that wanders around zero below a thousandth of its average about once in
     a thousand steps.
 
+    Leaves of an integer or bool dtype and empty leaves are not watched (never flagged).
     Under `optax.MultiSteps` it sees the accumulated gradient, once per optimizer step. If
     `update` is called without `params`, the parameter norms and the ratio are unknown
     (NaN) and vanishing is judged against the leaf's history only.
@@ -144,6 +149,8 @@ def gradient_health(
         An `optax.GradientTransformation` whose state is a `HealthState`.
 
     Raises:
+        TypeError: for an option of the wrong type (a threshold that is not a number,
+            `skip_nonfinite` not a bool).
         ValueError: for a threshold out of range, or updates whose structure is not that of
             the parameters the state was made from.
 
@@ -159,7 +166,8 @@ def gradient_health(
           leaf   flag        since  steps  now  grad norm  average  grad/param  worst spike
           ['w']  non-finite  0      1      yes  nan        —        —           —
     """
-    _check_options(decay, warmup, vanishing_ratio, collapse_factor, explode_factor)
+    _check_options(decay, warmup, vanishing_ratio, collapse_factor, explode_factor, skip_nonfinite)
+    skip_nonfinite = bool(skip_nonfinite)
 
     def init(params) -> HealthState:
         _register_with_flax()
@@ -184,7 +192,7 @@ def gradient_health(
             param_norm=jnp.full((n,), NO_PARAMS, jnp.float32),
             average=jnp.zeros((n,), jnp.float32),
             ema=optax.EmaState(count=zero(), ema=jnp.zeros((n,), jnp.float32)),
-            worst_spike=jnp.full((n,), jnp.nan, jnp.float32),
+            worst_spike=jnp.full((n,), NO_SPIKE, jnp.float32),
             vanishing=no(),
             exploding=no(),
             nonfinite=no(),
@@ -199,10 +207,11 @@ def gradient_health(
         )
 
     def update(updates, state: HealthState, params=None):
+        _register_with_flax()  # flax may have been imported after init
         leaves = [x for _, x in _leaves_with_paths(updates)]
         _check_paths(_paths(updates), state.paths)
         t = state.step
-        grad_norm = _stack([_norm(x) for x in leaves])
+        grad_norm = _norms(leaves)
         # One reduction per leaf: a NaN or Inf makes the sum of squares NaN or Inf. So does a
         # finite gradient beyond ~1e19 in float32, whose square would overflow Adam's second
         # moment all the same; it counts as non-finite.
@@ -216,7 +225,7 @@ def gradient_health(
             # every PARAM_EVERY steps, which keeps their reductions off most steps.
             param_norm = jax.lax.cond(
                 (t % PARAM_EVERY == 0) | ~jnp.all(jnp.isfinite(state.param_norm)),
-                lambda: _stack([_norm(p) for p in flat if p is not None]),
+                lambda: _norms([p for p in flat if p is not None]),
                 lambda: state.param_norm,
             )
 
@@ -225,18 +234,28 @@ def gradient_health(
         count = state.ema.count
         seen = count > 0
         average = state.average
-        with_history = (t >= warmup) & (count >= warmup) & finite
-        ratio = jnp.where(param_norm > 0, grad_norm / param_norm, jnp.nan)
+        # (a running average needs one norm at least, even with warmup=0)
+        with_history = (t >= warmup) & (count >= jnp.maximum(warmup, 1)) & finite
+        # (no division by zero, no NaN made here: under `jax_debug_nans` only the
+        # training's own NaNs may show)
+        has_ratio = param_norm > 0
+        ratio = grad_norm / jnp.where(has_ratio, param_norm, 1.0)
         exploding = with_history & (grad_norm > explode_factor * average)
         # an exactly zero gradient is vanishing whatever the parameter's norm (a leaf
         # initialized at zero and cut off from the loss has no ratio)
-        low = ((t >= warmup) & finite & ((ratio < vanishing_ratio) | (grad_norm == 0))) | (
+        below = (has_ratio & (ratio < vanishing_ratio)) | (grad_norm == 0)
+        low = ((t >= warmup) & finite & below) | (
             with_history & (grad_norm < collapse_factor * average)
         )
         low_streak = jnp.where(low, state.low_streak + 1, 0)
-        vanishing = low & (low_streak >= _streak_needed(leaves))
-        nonfinite = ~finite
-        spike = jnp.where(seen & finite & (average > 0), grad_norm / average, jnp.nan)
+        # integer, bool and empty leaves (step counters, masks, keys; gradients of dtype
+        # float0 under `allow_int`) have no gradient to watch: never flagged
+        watched = jnp.asarray([_watched(x) for x in leaves], bool).reshape(-1)
+        vanishing = low & (low_streak >= _streak_needed(leaves)) & watched
+        exploding = exploding & watched
+        nonfinite = ~finite & watched
+        has_spike = seen & finite & (average > 0)
+        spike = jnp.where(has_spike, grad_norm / jnp.where(has_spike, average, 1.0), NO_SPIKE)
 
         # The history starts with the first finite, nonzero norm; NaN/Inf never enter it.
         enters = finite & (seen | (grad_norm > 0))
@@ -299,7 +318,7 @@ _DATA_FIELDS = tuple(f.name for f in dataclasses.fields(HealthState) if f.name !
 def _register_with_flax() -> None:
     """Let `flax.serialization` (checkpoints of a flax `TrainState`) save and restore the
     state, as it does optax's NamedTuple states; only where flax is already imported
-    (jaxcheck does not depend on it)."""
+    (jaxcheck does not depend on it): called by `init` and, once per trace, `update`."""
     serialization = sys.modules.get("flax.serialization")
     if serialization is None:
         return
@@ -321,27 +340,32 @@ def _register_with_flax() -> None:
         pass
 
 
-def _check_options(decay, warmup, vanishing_ratio, collapse_factor, explode_factor):
-    # Values injected by `optax.inject_hyperparams` arrive as arrays (traced in `update`):
-    # only plain numbers can be checked here.
-    def bad(value, ok):
-        if isinstance(value, bool):
-            return True
-        return isinstance(value, numbers.Real) and not ok(value)
+def _check_options(decay, warmup, vanishing_ratio, collapse_factor, explode_factor, skip):
+    """Refuse thresholds of the wrong type or out of range, naming the option. Values
+    injected by `optax.inject_hyperparams` arrive as 0-d arrays: checked by value where
+    they are concrete (in `init`), not where traced (in a jitted `update`)."""
+    wrong_type, out_of_range = [], []
 
-    problems = []
-    if bad(decay, lambda v: 0.0 <= v < 1.0):
-        problems.append(f"decay={decay!r} must be in [0, 1), e.g. 0.99")
-    if bad(warmup, lambda v: isinstance(v, numbers.Integral) and v >= 0):
-        problems.append(f"warmup={warmup!r} must be an int >= 0, e.g. 10")
-    if bad(vanishing_ratio, lambda v: v >= 0.0):
-        problems.append(f"vanishing_ratio={vanishing_ratio!r} must be >= 0 (0 turns it off)")
-    if bad(collapse_factor, lambda v: 0.0 <= v < 1.0):
-        problems.append(f"collapse_factor={collapse_factor!r} must be in [0, 1), e.g. 1e-3")
-    if bad(explode_factor, lambda v: v > 1.0):
-        problems.append(f"explode_factor={explode_factor!r} must be > 1, e.g. 10")
-    if problems:
-        raise ValueError("gradient_health: " + "; ".join(problems) + ".")
+    def check(name, value, ok, want, integer=False):
+        if isinstance(value, jax.core.Tracer):
+            return
+        number = _options.scalar(value)
+        kind, word = (numbers.Integral, "an int") if integer else (numbers.Real, "a number")
+        if isinstance(number, bool) or not isinstance(number, kind):
+            wrong_type.append(f"{name}={value!r} must be {word} {want}")
+        elif not ok(number):
+            out_of_range.append(f"{name}={value!r} must be {'an int ' * integer}{want}")
+
+    check("decay", decay, lambda v: 0.0 <= v < 1.0, "in [0, 1), e.g. 0.99")
+    check("warmup", warmup, lambda v: v >= 0, ">= 0, e.g. 10", integer=True)
+    check("vanishing_ratio", vanishing_ratio, lambda v: v >= 0.0, ">= 0 (0 turns it off)")
+    check("collapse_factor", collapse_factor, lambda v: 0.0 <= v < 1.0, "in [0, 1), e.g. 1e-3")
+    check("explode_factor", explode_factor, lambda v: v > 1.0, "> 1, e.g. 10")
+    if not isinstance(skip, bool | np.bool_):
+        wrong_type.append(f"skip_nonfinite={skip!r} must be True or False")
+    if wrong_type or out_of_range:
+        error = TypeError if wrong_type else ValueError
+        raise error("gradient_health: " + "; ".join(wrong_type + out_of_range) + ".")
 
 
 def _is_none(x) -> bool:
@@ -349,7 +373,17 @@ def _is_none(x) -> bool:
 
 
 def _paths(tree) -> tuple[str, ...]:
-    return tuple(jax.tree_util.keystr(p) for p, _ in _leaves_with_paths(tree))
+    """The leaves' key paths, without a last `.value`: flax's `nnx.Optimizer` passes `init`
+    the parameters as `nnx.Variable`s (whose array is the attribute `value`) and `update`
+    the gradients as plain arrays; both name the same leaves."""
+    return tuple(jax.tree_util.keystr(_named(p)) for p, _ in _leaves_with_paths(tree))
+
+
+def _named(path: tuple) -> tuple:
+    last = path[-1] if path else None
+    if isinstance(last, jax.tree_util.GetAttrKey) and last.name == "value":
+        return path[:-1]
+    return path
 
 
 def _check_paths(paths, expected) -> None:
@@ -389,11 +423,24 @@ def _leaves_with_paths(tree):
     ]
 
 
-def _norm(x) -> jax.Array:
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.inexact):
-        return jnp.zeros((), jnp.float32)
-    # On a single CPU device, reduce the leaf as a flat vector. A dense layer's weight
+def _watched(x) -> bool:
+    """Whether a gradient leaf is watched: of a floating or complex dtype, not empty."""
+    dtype = getattr(x, "dtype", None) or np.result_type(type(x))
+    return bool(jnp.issubdtype(dtype, jnp.inexact) and np.size(x) > 0)
+
+
+def _norms(leaves) -> jax.Array:
+    """The norm of each leaf as one float32 vector (0 for a leaf of no floating dtype)."""
+    arrays = [jnp.asarray(x) for x in leaves]
+    inexact = [i for i, x in enumerate(arrays) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    # Behind an optimization barrier (one for all leaves): XLA would otherwise merge these
+    # squares with Adam's g ** 2, which it then writes out in full instead of fusing it
+    # into Adam's update (on CPU that made a 1e6-parameter MLP's step 1.2x slower instead
+    # of a few percent).
+    barred = jax.lax.optimization_barrier([arrays[i] for i in inexact]) if inexact else []
+    values = [jnp.zeros((), jnp.float32)] * len(arrays)  # squared norms, norms for float64
+    wide = np.zeros(len(arrays), bool)
+    # On a single CPU device, reduce each leaf as a flat vector. A dense layer's weight
     # gradient comes out of its dot transposed, and XLA:CPU then splits the reduction of
     # the 2-D array into strided 32x32 tiles; the flat view (a free bitcast once layouts
     # are assigned) is summed in one contiguous pass instead: in the step of
@@ -401,15 +448,22 @@ def _norm(x) -> jax.Array:
     # 180 us, and the overhead from about 1.08x to 1.06x on 2 cores shared with other work.
     # The shape is kept with several devices (flattening a leaf sharded along a minor axis
     # would make XLA gather it first) and on other backends, where this was not measured.
-    if x.ndim > 1 and jax.default_backend() == "cpu" and jax.device_count() == 1:
-        x = x.reshape(-1)
-    # Accumulate in at least float32: a bfloat16 sum of squares loses the small leaves.
-    # Behind an optimization barrier: XLA would otherwise merge this square with Adam's
-    # g ** 2, which it then writes out in full instead of fusing it into Adam's update (on
-    # CPU that made a 1e6-parameter MLP's step 1.2x slower instead of a few percent).
-    a = jnp.abs(jax.lax.optimization_barrier(x))
-    a = a.astype(jnp.float64 if a.dtype == jnp.float64 else jnp.float32)
-    return jnp.sqrt(jnp.sum(a * a)).astype(jnp.float32)
+    flat = jax.default_backend() == "cpu" and jax.device_count() == 1
+    for i, x in zip(inexact, barred):
+        if flat and x.ndim > 1:
+            x = x.reshape(-1)
+        if jnp.issubdtype(x.dtype, jnp.complexfloating):
+            x = jnp.abs(x)
+        # accumulate in at least float32: a bfloat16 sum of squares loses the small leaves
+        if x.dtype == jnp.float64:  # its square root before float32 (which 1e20 overflows)
+            wide[i] = True
+            values[i] = jnp.sqrt(jnp.sum(x * x)).astype(jnp.float32)
+        else:
+            x = x.astype(jnp.float32)
+            values[i] = jnp.sum(x * x)
+    values = _stack(values)
+    # one square root for all leaves: per leaf, it was a sixth of this function's operations
+    return jnp.where(wide, values, jnp.sqrt(values)) if wide.any() else jnp.sqrt(values)
 
 
 def _stack(values, dtype=jnp.float32) -> jax.Array:
@@ -564,7 +618,7 @@ def health(state: Any) -> HealthSummary:
             "another transformation: return the optimizer state from the jitted step and "
             "call it outside."
         )
-    v = jax.device_get({f.name: getattr(s, f.name) for f in dataclasses.fields(s)[1:]})
+    v = jax.device_get({f.name: _array(getattr(s, f.name)) for f in dataclasses.fields(s)[1:]})
     if np.ndim(v["step"]):
         raise ValueError(
             "jaxcheck.health: the gradient_health state has leading axes of shape "
@@ -588,7 +642,7 @@ def health(state: Any) -> HealthSummary:
                 average=float(v["average"][i]) if _seen(v, i) else math.nan,
                 param_norm=param_norm,
                 ratio=grad_norm / param_norm if param_norm > 0 else math.nan,
-                worst_spike=float(v["worst_spike"][i]),
+                worst_spike=_spike(float(v["worst_spike"][i])),
                 vanishing=bool(v["vanishing"][i]),
                 exploding=bool(v["exploding"][i]),
                 nonfinite=bool(v["nonfinite"][i]),
@@ -612,8 +666,10 @@ def health(state: Any) -> HealthSummary:
 def find(state: Any) -> HealthState:
     """The one `HealthState` inside an optimizer state (see `health` for the errors)."""
     found = [
-        s
-        for s in jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, HealthState))
+        (path, s)
+        for path, s in jax.tree_util.tree_flatten_with_path(
+            state, is_leaf=lambda x: isinstance(x, HealthState)
+        )[0]
         if isinstance(s, HealthState)
     ]
     if not found:
@@ -624,18 +680,38 @@ def find(state: Any) -> HealthState:
             "optax.adam(1e-3)))."
         )
     if len(found) > 1:
+        where = ", ".join(f"state{jax.tree_util.keystr(path)}" for path, _ in found[:4])
         raise ValueError(
-            f"jaxcheck.health: the state holds {len(found)} gradient_health states; pass the "
-            "one you want (e.g. state[0] of an optax.chain)."
+            f"jaxcheck.health: the state holds {len(found)} gradient_health states, at "
+            f"{where}{', ...' if len(found) > 4 else ''}; pass the one you want, e.g. "
+            f"jaxcheck.health({where.split(', ')[0]})."
         )
-    return found[0]
+    return found[0][1]
 
 
 def fired(state: HealthState) -> int:
     """How many (leaf, flag) pairs have fired so far: grows only when a flag fires on a
     leaf for the first time. Reads three small vectors from the devices."""
-    firsts = jax.device_get((state.first_vanishing, state.first_exploding, state.first_nonfinite))
+    firsts = jax.device_get(
+        [_array(x) for x in (state.first_vanishing, state.first_exploding, state.first_nonfinite)]
+    )
     return int(sum(np.sum(np.asarray(f) >= 0) for f in firsts))
+
+
+def _array(field):
+    """A field of the state as its array (`ema` as an `optax.EmaState` of arrays): a flax
+    `nnx.Optimizer` keeps the state's arrays wrapped in its variables, each a pytree of
+    the one array it holds."""
+    if isinstance(field, optax.EmaState):
+        return optax.EmaState(count=_array(field.count), ema=_array(field.ema))
+    leaves = jax.tree_util.tree_leaves(field)
+    return leaves[0] if len(leaves) == 1 else field
+
+
+def _spike(x: float) -> float:
+    """The worst spike as `LeafHealth` gives it: NaN where there is none (NO_SPIKE; NaN in
+    states saved before that sentinel)."""
+    return math.nan if x < 0 else x
 
 
 def _seen(v: dict, i: int) -> bool:

@@ -7,7 +7,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import _health
+import jax
+
+from . import _health, _options
 from ._checker import Checker
 from ._errors import GradientCheckError
 from ._report import Report, Status
@@ -82,6 +84,7 @@ class PeriodicCheck:
     """
 
     def __init__(self, fn: Callable, *, every: int = 100, **options: Any):
+        every = _options.scalar(every)
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every={every!r} must be an int >= 1 (check every that many steps).")
         if "localize" in options:
@@ -95,6 +98,16 @@ class PeriodicCheck:
 
     def __call__(self, step: int, params: Any, *args: Any, opt_state: Any = None) -> Report | None:
         """Check at this step if it is due; return the report, or None when no check ran."""
+        if any(
+            isinstance(x, jax.core.Tracer)
+            for x in jax.tree_util.tree_leaves((step, params, args, opt_state))
+        ):
+            raise TypeError(
+                "jaxcheck.PeriodicCheck runs on the host (it decides whether to check, then "
+                "checks and reads the numbers back), so it cannot be called inside jax.jit or "
+                "another transformation: call it in the Python training loop, outside the "
+                "jitted step."
+            )
         reason = "every N steps" if step % self.every == 0 else None
         if opt_state is not None:
             fired = _health.fired(_health.find(opt_state))

@@ -285,8 +285,20 @@ def test_errors_say_what_to_do():
     with pytest.raises(TypeError, match="found no gradient_health state in the tuple"):
         jaxcheck.health(optax.adam(1e-3).init(PARAMS))
     opt = optax.chain(jaxcheck.gradient_health(), jaxcheck.gradient_health())
-    with pytest.raises(ValueError, match="holds 2 gradient_health states"):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "the state holds 2 gradient_health states, at state[0], state[1]; pass the one "
+            "you want, e.g. jaxcheck.health(state[0])."
+        ),
+    ):
         jaxcheck.health(opt.init(PARAMS))
+    split = optax.multi_transform(
+        {"a": jaxcheck.gradient_health(), "b": jaxcheck.gradient_health()},
+        {"dead": "a", "head": "b"},
+    )
+    with pytest.raises(ValueError, match=r"at state\.inner_states\['a'\]\.inner_state, state"):
+        jaxcheck.health(split.init(PARAMS))
     opt = jaxcheck.gradient_health()
     with pytest.raises(
         ValueError,
@@ -300,7 +312,7 @@ def test_errors_say_what_to_do():
     renamed = {"dead": jnp.ones(3), "tail": {"b": jnp.zeros(2), "w": jnp.ones((2, 2))}}
     with pytest.raises(ValueError, match=r"missing \['head'\]\['b'\], \['head'\]\['w'\]; not in"):
         opt.update(renamed, opt.init(PARAMS))
-    with pytest.raises(ValueError, match="warmup=True must be an int >= 0"):
+    with pytest.raises(TypeError, match="warmup=True must be an int >= 0"):
         jaxcheck.gradient_health(warmup=True)
     with pytest.raises(
         ValueError,
@@ -456,3 +468,113 @@ def test_the_state_round_trips_through_flax_serialization():
     restored = serialization.from_bytes(opt.init(PARAMS), serialization.to_bytes(state))
     assert str(jaxcheck.health(restored)) == str(jaxcheck.health(state))
     assert jaxcheck.health(restored).leaves[2].first_nonfinite == 3
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"vanishing_ratio": "1e-6"}, "vanishing_ratio='1e-6' must be a number >= 0"),
+        ({"explode_factor": None}, "explode_factor=None must be a number > 1, e.g. 10"),
+        ({"decay": "0.9"}, r"decay='0.9' must be a number in \[0, 1\)"),
+        ({"skip_nonfinite": "no"}, "skip_nonfinite='no' must be True or False"),
+        ({"warmup": 2.5}, "warmup=2.5 must be an int >= 0"),
+    ],
+)
+def test_options_of_the_wrong_type_are_refused_by_name(options, message):
+    with pytest.raises(TypeError, match=r"^gradient_health: " + message):
+        jaxcheck.gradient_health(**options)
+
+
+def test_out_of_range_arrays_are_refused_and_injected_ones_checked_at_init():
+    with pytest.raises(ValueError, match=r"explode_factor=Array\(0\.5, .*\) must be > 1"):
+        jaxcheck.gradient_health(explode_factor=jnp.array(0.5))
+    opt = optax.inject_hyperparams(jaxcheck.gradient_health)(explode_factor=-5.0, decay=2.0)
+    with pytest.raises(
+        ValueError,
+        match=r"decay=Array\(2\., .*\) must be in \[0, 1\).*"
+        r"explode_factor=Array\(-5\., .*\) must be > 1",
+    ):
+        opt.init(PARAMS)
+
+
+def test_the_state_holds_no_nan_of_its_own_under_debug_nans():
+    """jax_debug_nans must report the training's NaNs, not ones the state keeps on purpose:
+    a healthy run with a zero parameter (no grad/param ratio) and a zero gradient runs
+    through, and a NaN gradient is still reported by JAX."""
+    params = {"b": jnp.zeros(()), "w": jnp.full(3, 0.5)}
+    grads = {"b": jnp.zeros(()), "w": jnp.full(3, 0.5)}
+    with jax.debug_nans(True):
+        opt = optax.chain(jaxcheck.gradient_health(warmup=0), optax.adam(1e-2))
+        state = opt.init(params)
+        update = jax.jit(opt.update)
+        for _ in range(12):
+            _, state = update(grads, state, params)
+        summary = jaxcheck.health(state)
+        with pytest.raises(FloatingPointError, match=r"invalid value \(nan\)"):
+            update({"b": jnp.zeros(()), "w": jnp.full(3, jnp.nan)}, state, params)
+    # with warmup=0 a leaf is judged against its running average only once it has one
+    assert [(leaf.path, leaf.flags) for leaf in summary.leaves] == [
+        ("['b']", ("vanishing",)),
+        ("['w']", ()),
+    ]
+    assert summary.leaves[0].first_vanishing == 2  # a one-element leaf: 3 steps in a row
+    assert np.isnan(summary.leaves[0].worst_spike)  # no average, no spike
+    assert summary.leaves[1].worst_spike == pytest.approx(1.0)
+    assert np.all(np.isfinite(np.asarray(state[0].worst_spike)))
+
+
+def test_integer_bool_and_empty_leaves_are_not_watched():
+    """Step counters, masks and empty arrays have no gradient to watch (under allow_int
+    their gradients are float0): never flagged, while a float leaf beside them is."""
+    params = {
+        "dead": jnp.ones(3),
+        "empty": jnp.zeros((0, 4)),
+        "mask": jnp.array([True, False]),
+        "step": jnp.array(0),
+        "w": jnp.ones(3),
+    }
+    grad = jax.grad(lambda p: jnp.sum(p["w"] ** 2), allow_int=True)(params)
+    opt = optax.chain(jaxcheck.gradient_health(), optax.identity())
+    state = opt.init(params)
+    update = jax.jit(opt.update)
+    for _ in range(15):
+        _, state = update(grad, state, params)
+    summary = jaxcheck.health(state)
+    assert [(leaf.path, leaf.flags) for leaf in summary.flagged] == [("['dead']", ("vanishing",))]
+    assert str(summary).startswith("jaxcheck.health: 1 of 5 leaves flagged after 15 steps")
+
+
+def test_flax_nnx_optimizer_passes_variables_to_init_and_arrays_to_update():
+    nnx = pytest.importorskip("flax.nnx")
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    tx = optax.chain(jaxcheck.gradient_health(), optax.adam(1e-3))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    for _ in range(3):
+        grads = nnx.grad(lambda m: jnp.mean(m(jnp.ones((4, 3))) ** 2))(model)
+        optimizer.update(model, grads)
+    summary = jaxcheck.health(optimizer.opt_state)
+    assert [leaf.path for leaf in summary.leaves] == ["['bias']", "['kernel']"]
+    assert summary.ok and summary.steps == 3 and summary.params_seen
+    assert summary.leaves[1].grad_norm > 0
+
+
+def test_flax_serialization_imported_after_init_saves_after_an_update():
+    # in a subprocess: flax must not be imported yet when the state is made
+    script = textwrap.dedent(
+        """
+        import jax, jax.numpy as jnp, optax, jaxcheck
+        tx = optax.chain(jaxcheck.gradient_health(), optax.adam(1e-3))
+        state = tx.init({"w": jnp.ones(3)})
+        from flax import serialization
+        _, state = jax.jit(tx.update)({"w": jnp.ones(3)}, state, {"w": jnp.ones(3)})
+        saved = serialization.to_bytes(state)  # before any other init
+        restored = serialization.from_bytes(tx.init({"w": jnp.ones(3)}), saved)
+        print(jaxcheck.health(restored).steps)
+        """
+    )
+    pytest.importorskip("flax.serialization")
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "1"

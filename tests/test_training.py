@@ -158,5 +158,9 @@ def test_raise_on_failure_records_then_raises():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="every=0 must be an int >= 1"):
         jaxcheck.PeriodicCheck(loss, every=0)
+    assert jaxcheck.PeriodicCheck(loss, every=np.int64(10)).every == 10
+    check = jaxcheck.PeriodicCheck(loss, every=1)
+    with pytest.raises(TypeError, match=r"^jaxcheck\.PeriodicCheck runs on the host .* outside "):
+        jax.jit(lambda step: check(step, {"w": jnp.ones(3)}) is None)(0)
     with pytest.raises(TypeError, match="unknown option"):
         jaxcheck.PeriodicCheck(loss, every=5, num_direction=8)
