@@ -137,6 +137,10 @@ def rules_part(
     # with no rule found wrong, fn's error may be a rule's below its tolerance, amplified
     factor = 1.0 if wrong else AMPLIFICATION
     coarse = [r for r in reports if r.ok and _coarser(r, error, factor)]
+    # with no error of fn's to clear them of, rules resolved no better than a few percent
+    # (recorded in bfloat16 or float16 and unable to run higher) are not called fine either
+    loose = [r for r in reports if r.ok and r not in coarse and _too_coarse(r)]
+    coarse += loose
     for r in coarse:
         i = titles.index(r.label)
         rows[i] = dataclasses.replace(
@@ -172,6 +176,14 @@ def rules_part(
             "wrong at later iterations (at inputs that first iteration does not reach) "
             "goes unseen there"
         )
+    if loose:
+        each = "; ".join(f"{r.label} ({_resolution(r)})" for r in loose)
+        problems.append(
+            f"rules without an error found, but too coarse to call fine: {each}; a wrong rule "
+            f"within that tolerance goes unseen (check it alone with jaxcheck.verify_rule at "
+            "float32 inputs, where its own code may run in float64)"
+        )
+    coarse = [r for r in coarse if r not in loose]
     if coarse:
         each = "; ".join(f"{r.label} ({_resolution(r)})" for r in coarse)
         problems.append(
@@ -301,6 +313,14 @@ def _coarser(report: Report, error, factor: float = 1.0) -> bool:
     `factor` times, could reach it."""
     rows = _finite_difference_rows(report)
     return error is not None and any(p.tolerance * factor >= error for p in rows)
+
+
+# A rule whose finite differences judge it no more finely than this is not called fine.
+COARSE_RULE = 0.05
+
+
+def _too_coarse(report: Report) -> bool:
+    return any(p.tolerance >= COARSE_RULE for p in _finite_difference_rows(report))
 
 
 def _resolution(report: Report) -> str:

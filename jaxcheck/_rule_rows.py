@@ -169,7 +169,8 @@ def compose(parts, label: str, base: Report | None = None) -> Report:
     directions and dtypes of the footer from `base` (the finite-difference part)."""
     base = base or parts[0]
     parts = tuple(parts)
-    worst = min(parts, key=lambda p: SEVERITY.index(p.status))
+    # (of equally bad parts, the finite differences' numbers: what the rule was judged by)
+    worst = min(parts, key=lambda p: (SEVERITY.index(p.status), p is not base))
     failing = [p.label for p in parts if p.status is Status.FAIL]
     problems = []
     if failing:

@@ -740,3 +740,42 @@ def test_a_float32_only_bug_in_a_small_rule_is_caught(bug):
     assert report.status == ("pass" if bug == 1.0 else "fail"), str(report)
     if bug != 1.0:
         assert any(q.startswith("wrong rule: custom_vjp mysin") for q in report.problems)
+
+
+@jax.custom_vjp
+def _gelu_30_percent_off(z):
+    return jax.nn.gelu(z)
+
+
+_gelu_30_percent_off.defvjp(
+    lambda z: (jax.nn.gelu(z), z),
+    lambda z, g: (jax.vjp(jax.nn.gelu, z)[1](g)[0] * 1.3,),
+)
+
+
+def test_a_rule_recorded_in_bfloat16_is_not_called_fine_at_bfloat16_resolution():
+    """Mixed precision: the rule as fn's trace recorded it holds bfloat16 constants and
+    runs in neither float64 nor float32, so its finite differences resolve only ~40 %: a
+    rule 30 % wrong passes there. Not "fine": too coarse, with the way to check it."""
+
+    def loss(p, x):
+        h = _gelu_30_percent_off(x.astype(jnp.bfloat16) @ p["w"].astype(jnp.bfloat16))
+        return jnp.mean(h.astype(jnp.float32) ** 2)
+
+    p = {"w": jax.random.normal(jax.random.key(0), (16, 32)) / 4}
+    x = jax.random.normal(jax.random.key(1), (8, 16))
+    report = jaxcheck.verify(loss, p, x)
+    assert report.status == "inconclusive"
+    assert not any(q.startswith("rules fine") for q in report.problems), report.problems
+    (note,) = [q for q in report.problems if "too coarse to call fine" in q]
+    assert re.search(
+        r"too coarse to call fine: custom_vjp _gelu_30_percent_off at .* \(finite differences "
+        r"in bfloat16, tolerance [0-9.]+e-01\); .*jaxcheck\.verify_rule at float32 inputs",
+        note,
+    ), note
+    (row,) = [c for c in report.checks if c.name.startswith("rule ")]
+    assert "no error found (finite differences in bfloat16" in row.name
+    assert 0.1 < row.relative_error < row.tolerance  # the finite differences' numbers
+    # alone, at float32 inputs, the rule's own code runs in float64 and fails
+    alone = jaxcheck.verify_rule(_gelu_30_percent_off, (x @ p["w"]))
+    assert alone.status == "fail"
