@@ -298,7 +298,12 @@ def _on_rounding(report: Report, below: Report, order: int) -> Report:
     cross-entropy at a logit gap of 20 in float32: 1 - p rounds to 0): the maps checked
     at this order are made of that rounding (a reverse-over-reverse Hessian-vector
     product 270 % off, where forward-over-forward is 3e-5 off): not judged."""
-    if not (report.status is Status.FAIL and any(_verdict.BLIND in q for q in below.problems)):
+    # (a map found to compute something else in float64 than in float32 is that rounding
+    # too, whether its float64 rule then passed or failed)
+    made_of_rounding = report.status is Status.FAIL or any(
+        _verdict.INCOMPARABLE in q for q in report.problems
+    )
+    if not (made_of_rounding and any(_verdict.BLIND in q for q in below.problems)):
         return report
     # (the float64 map was set aside as "something else": it is the rounding that differs)
     kept = tuple(q for q in report.problems if _verdict.INCOMPARABLE not in q)

@@ -378,15 +378,17 @@ def incomparable(run: Run, head, p: Pass) -> bool:
 
 
 def note_incomparable(run: Run, head, reference) -> None:
-    """Say that finite differences fell back from `reference` to the model's precision
-    (`incomparable`), and how to keep fn the same function in both."""
+    """Say that fn in `reference` computes something else than in the model's precision
+    (`incomparable`), that the derivative's code is judged in `reference` throughout, and
+    how to keep fn the same function in both."""
     name = jnp.dtype(reference).name
     run.problems.append(
         f"the derivative of fn in {name} differs from that in "
         f"{run.tested.name} by {head.rounding:.1e}, {INCOMPARABLE} "
-        f"in {name} (e.g. random numbers drawn in the "
-        "default dtype); finite differences use the model's precision instead. To check "
-        f"in {name}, draw random numbers in an explicit dtype "
+        f"in {name} (e.g. random numbers drawn in the default dtype): the derivative's code "
+        f"is judged by the same rule run in {name} against finite differences in {name} "
+        f"(as precision='float64' does), not the {run.tested.name} derivative itself. To "
+        f"check that too, draw random numbers in an explicit dtype "
         "(jax.random.uniform(key, shape, jnp.float32); bernoulli with p=jnp.float32(...)) "
         "or pass them to fn as an argument"
     )
@@ -430,6 +432,8 @@ def note_large_rounding(run: Run, head, status: Status, p: Pass | None = None) -
         return
     cancels = _value_gap(run, p)
     if head.gap > _gap_limit(run) and cancels < 0.1 * head.gap:
+        if any(INCOMPARABLE in q for q in run.problems):
+            return  # said already, with what was done about it
         run.problems.append(
             f"{gap}: fn or its rules compute something else in {run.reference.name} "
             "(random numbers drawn in the default dtype, a branch on the dtype?)"
