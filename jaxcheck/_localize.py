@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from . import _jitter, _ladder, _sequential, _verdict
+from . import _jitter, _ladder, _sequential, _tree, _verdict
 from ._report import LeafResult, Status
 from ._state import Run
 
@@ -58,7 +58,7 @@ def localize(run: Run, scales, leaf_k, h, paths, chosen, sequential=False) -> tu
     resolve their own rounding of it finely.
     """
     ks = _sequential.looks(leaf_k, sequential and run.plan.direction_sharding is None)
-    results, pending, choices, within = {}, list(chosen), {}, []
+    results, pending, choices, within, zero = {}, list(chosen), {}, [], []
     for n in ks:
         if not pending:
             break
@@ -90,6 +90,8 @@ def localize(run: Run, scales, leaf_k, h, paths, chosen, sequential=False) -> tu
                 status = Status.INCONCLUSIVE
                 within.append(paths[leaf] or "(root)")
             head, x = _verdict.head(checks, status), run.inputs.diff[leaf]
+            if status is Status.PASS and head.absolute:
+                zero.append(paths[leaf] or "(root)")
             results[leaf] = LeafResult(
                 paths[leaf],
                 tuple(x.shape),
@@ -104,7 +106,26 @@ def localize(run: Run, scales, leaf_k, h, paths, chosen, sequential=False) -> tu
         pending = still
     if within:
         run.problems.append(f"{', '.join(within)}: {_jitter.WITHIN_ROUNDING}")
+    if zero:
+        run.problems.append(
+            f"{', '.join(zero)}: the derivative is zero to within finite-difference noise or "
+            "rounding along every direction of "
+            f"{'this leaf' if len(zero) == 1 else 'these leaves'} (fn does not change with "
+            f"{'it' if len(zero) == 1 else 'them'} here: a bias before a softmax or a "
+            "normalization, a parameter cut off from the loss?); judged in absolute terms, "
+            "hence a relative error near 1 against a tolerance of 2"
+        )
     return tuple(results[leaf] for leaf in chosen)
+
+
+def _cut_off(run: Run, failing: list) -> list:
+    """The failing leaves whose derivative under test is exactly zero (by the probe)."""
+    norms = run.probe.get("grad_norms")
+    if norms is None:
+        return []
+    paths = run.problem.params.paths_of(_tree.DIFF)
+    zero = {path for path, norm in zip(paths, norms) if norm == 0}
+    return [path or "(root)" for path in failing if path in zero]
 
 
 def merge_leaves(run: Run, status: Status, leaves) -> Status:
@@ -113,6 +134,19 @@ def merge_leaves(run: Run, status: Status, leaves) -> Status:
     failing = [leaf.path or "(root)" for leaf in leaves if leaf.status is Status.FAIL]
     if failing:
         run.problems.append(f"wrong: {', '.join(failing)}")
+        cut = _cut_off(run, [leaf.path for leaf in leaves if leaf.status is Status.FAIL])
+        if cut:
+            one = len(cut) == 1
+            it, they = ("it", "it is") if one else ("them", "they are")
+            run.problems.append(
+                f"{', '.join(cut)}: the derivative under test is exactly zero for "
+                f"{'this leaf' if one else 'these leaves'} while fn changes with {it}: a "
+                f"jax.lax.stop_gradient (or a custom rule returning zeros, or a cast to an "
+                f"integer) cuts {it} off. If {they} meant to be held fixed (a hyperparameter "
+                f"such as a dropout rate), pass {it} to fn as an argument or leave {it} out "
+                f"of params (equinox: eqx.partition(model, eqx.is_inexact_array)); if not, "
+                "that is the bug"
+            )
         return Status.FAIL if status is not Status.NONFINITE else status
     if status is Status.FAIL:
         run.problems.append(

@@ -412,6 +412,8 @@ def note_large_rounding(run: Run, head, status: Status, p: Pass | None = None) -
     an ill-conditioned loss, but would also excuse a bug in a code path taken only in the
     model's dtype. A gap as large as the derivative is no rounding at all. Each note says
     `ROUNDING_GAP`: the custom rules are then checked."""
+    if any(INCOMPARABLE in q for q in run.problems):
+        return  # the gap is fn computing something else in float64: said, with what was done
     eps_t = max(_precision.eps(run.tested), eps_fd(run))
     # (in float16 and bfloat16, 1000 eps is about 1: a few percent is already far above
     # the rounding of a well-conditioned computation there)
@@ -432,8 +434,6 @@ def note_large_rounding(run: Run, head, status: Status, p: Pass | None = None) -
         return
     cancels = _value_gap(run, p)
     if head.gap > _gap_limit(run) and cancels < 0.1 * head.gap:
-        if any(INCOMPARABLE in q for q in run.problems):
-            return  # said already, with what was done about it
         run.problems.append(
             f"{gap}: fn or its rules compute something else in {run.reference.name} "
             "(random numbers drawn in the default dtype, a branch on the dtype?)"

@@ -305,3 +305,29 @@ def test_verify_rule_names_the_option_meant_or_says_to_bind_fs_keywords():
     assert str(info.value).endswith(
         "bind keywords first, verify_rule(functools.partial(f, scale=...), *args)."
     )
+
+
+def test_a_leaf_cut_off_by_stop_gradient_is_said_so():
+    """A hyperparameter in params (equinox's dropout rate) reaches fn through
+    stop_gradient: jax.grad says 0, finite differences do not. The failure says why and
+    what to do; a leaf wrong in another way does not get that note."""
+
+    def fn(p):
+        keep = 1.0 - jax.lax.stop_gradient(p["rate"])
+        return jnp.sum(jnp.sin(p["w"]) * keep)
+
+    params = {"rate": jnp.asarray(0.3), "w": jnp.linspace(0.1, 1.0, 5)}
+    report = jaxcheck.verify(fn, params)
+    assert report.status == "fail"
+    assert [leaf.path for leaf in report.leaves if leaf.status == "fail"] == ["['rate']"]
+    assert (
+        "['rate']: the derivative under test is exactly zero for this leaf while fn changes "
+        "with it: a jax.lax.stop_gradient (or a custom rule returning zeros, or a cast to an "
+        "integer) cuts it off. If it is meant to be held fixed (a hyperparameter such as a "
+        "dropout rate), pass it to fn as an argument or leave it out of params (equinox: "
+        "eqx.partition(model, eqx.is_inexact_array)); if not, that is the bug"
+    ) in report.problems
+    grad = jax.grad(lambda p: jnp.sum(jnp.sin(p["w"]) * (1.0 - p["rate"])))
+    wrong = jaxcheck.verify(fn, params, grad_fn=lambda p: {**grad(p), "w": 1.01 * grad(p)["w"]})
+    assert [leaf.path for leaf in wrong.leaves if leaf.status == "fail"] == ["['w']"]
+    assert not any("exactly zero" in q for q in wrong.problems), wrong.problems

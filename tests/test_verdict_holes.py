@@ -789,3 +789,30 @@ def test_a_pole_within_the_step_is_not_judged_either_way():
     tan = rule(1.0, lambda x: jnp.tan(x), lambda x: 1 / jnp.cos(x) ** 2)  # (the user's rule)
     x = jnp.asarray([np.pi / 2 - 1e-6, 0.3, 0.5], jnp.float32)
     assert jaxcheck.verify(lambda x: jnp.sum(tan(x)), x).status == "inconclusive"
+
+
+def test_a_leaf_fn_does_not_change_with_says_why_its_row_reads_1_against_2():
+    """An attention key bias shifts every score of a query equally: its derivative is
+    zero, judged in absolute terms, and its row (relative error ~1, tolerance 2) says why."""
+
+    def loss(p, x):
+        q, k = x @ p["wq"], x @ p["wk"] + p["bk"]
+        return jnp.mean((jax.nn.softmax(q @ k.T, -1) @ x) ** 2)
+
+    p = {
+        "bk": 0.1 * jax.random.normal(jax.random.key(2), (8,)),
+        "wk": jax.random.normal(jax.random.key(1), (8, 8)) / 3,
+        "wq": jax.random.normal(jax.random.key(0), (8, 8)) / 3,
+    }
+    x = jax.random.normal(jax.random.key(3), (6, 8))
+    report = jaxcheck.verify(loss, p, x, localize=True)
+    assert report.status == "pass", str(report)
+    leaf = {leaf.path: leaf for leaf in report.leaves}["['bk']"]
+    assert leaf.status == "pass" and leaf.tolerance == pytest.approx(2.0)
+    assert (
+        "['bk']: the derivative is zero to within finite-difference noise or rounding along "
+        "every direction of this leaf (fn does not change with it here: a bias before a "
+        "softmax or a normalization, a parameter cut off from the loss?); judged in absolute "
+        "terms, hence a relative error near 1 against a tolerance of 2"
+    ) in report.problems
+    assert not any(q.startswith("['wk']") for q in report.problems)
