@@ -13,7 +13,9 @@ class Checker:
     The options (any keyword of `verify`) are validated once, when the checker is made.
     Every call `checker(params, *args)` is `verify(fn, params, *args, **options)`; calls
     with the same shapes, dtypes and shardings reuse the compiled programs, so only the
-    first one compiles. `compilations` counts the programs this checker has compiled.
+    first one compiles; they are compiled for the speed of repeated runs (`verify` compiles
+    small CPU programs for compile time instead). `compilations` counts the programs this
+    checker has compiled.
 
     Example:
         >>> import jax.numpy as jnp, jaxcheck
@@ -34,9 +36,11 @@ class Checker:
 
     def __call__(self, params: Any, *args: Any) -> Report:
         before = _plan.compilations
+        token = _plan.REUSED.set(True)  # compiled for repeated runs
         try:
             return _verify.run(self.fn, params, args, self.options)
         finally:
+            _plan.REUSED.reset(token)
             self.compilations += _plan.compilations - before
 
     def __repr__(self) -> str:

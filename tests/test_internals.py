@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcheck import _differences, _directions, _error_model
+import jaxcheck
+from jaxcheck import _differences, _directions, _error_model, _plan
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
@@ -290,3 +291,31 @@ def test_leaves_checked_alone_after_a_pass(share, floor, upper, chosen):
         range(len(share))
     )
     assert _localize.chosen_leaves(False, Status.FAIL, share, 0.01, len(share), floor) == []
+
+
+def test_one_off_checks_compile_small_programs_for_compile_time(monkeypatch):
+    """verify compiles CPU programs of few operations with XLA's fast-compile options even
+    where their inputs are over FAST_COMPILE_BYTES; a Checker, which runs them again and
+    again, compiles them for speed."""
+    if jax.default_backend() != "cpu" or _plan.FAST_COMPILE_OPTIONS is None:
+        pytest.skip("XLA:CPU's options")
+    seen = []
+    original = jax.stages.Lowered.compile
+
+    def spy(self, compiler_options=None, **kwargs):
+        seen.append(compiler_options)
+        return original(self, compiler_options=compiler_options, **kwargs)
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", spy)
+    w = jnp.full((80, 64), 0.01, jnp.float32)  # 20 KiB: over the bytes rule
+    x = jnp.linspace(-1.0, 1.0, 4 * 80).reshape(4, 80)
+    assert np.size(w) * 4 > _plan.FAST_COMPILE_BYTES
+    report = jaxcheck.verify(lambda w, x: jnp.mean(jnp.tanh(x @ w) ** 2), w, x)
+    assert report.ok and report.num_compiled == len(seen) >= 2
+    assert all(options == _plan.FAST_COMPILE_OPTIONS for options in seen), seen
+    seen.clear()
+    checker = jaxcheck.Checker(lambda w, x: jnp.mean(jnp.tanh(x @ w) ** 2))
+    assert checker(w, x).ok and checker.compilations == len(seen) >= 2
+    assert all(options is None for options in seen), seen
+    lowered = jax.jit(lambda w, x: jnp.tanh(x @ w)).lower(w, x)
+    assert 2 * 4 * 80 * 64 <= _plan._operations(lowered) < _plan.FAST_COMPILE_FLOPS
