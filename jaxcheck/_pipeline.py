@@ -67,7 +67,9 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
             f"so it is a staircase of {rounds_to} quanta even in {jnp.dtype(ref).name}: "
             f"finite differences take a relative step of {h0:.1e} and judge at "
             f"{rounds_to} resolution (where that cast is only meant to match dtypes, cast "
-            "to the dtype of the value it meets instead, x.astype(y.dtype))"
+            "to the dtype of the value it meets instead, x.astype(y.dtype); a flax module's "
+            "dtype= is such a cast: leave it unset where the params are in that dtype "
+            "already, and the computation takes theirs)"
         )
     run.max_step = max(MAX_STEP, h0)
     beta, share = scales, None
