@@ -201,21 +201,38 @@ def _directions_check(run: Run, n, beta, h0, step, ref):
         blind = (flat is not None and not flat[1]) or not (
             checks[0].num_used and checks[0].resolved
         )
-        run.reference, p, steps, checks, h0, choice = wide
         if blind:
             # finite differences in the model's precision see nothing here (a loss that
             # rounds to 0 in float32, as cross-entropy on confident logits does): the gap
             # is float32 rounding of a derivative far smaller than fn's own terms
+            run.reference, p, steps, checks, h0, choice = wide
             run.native_blind = True
-        else:
-            # they do see it: fn in float64 is another function (random numbers drawn in
-            # the default dtype). Its float64 derivative against its own float64
-            # differences (the row "same rule in float64") still judges the derivative's
-            # code finely, where the model's precision would resolve a percent at best:
-            # from here on the check goes on as precision="float64" does
+        elif _values_differ(run, wide[1]):
+            # they do see it, and fn's own value differs too: fn in float64 is another
+            # function (random numbers drawn in the default dtype). Its float64 derivative
+            # against its own float64 differences (the row "same rule in float64") still
+            # judges the derivative's code finely, where the model's precision would
+            # resolve a percent at best: the check goes on as precision="float64" does
+            run.reference, p, steps, checks, h0, choice = wide
             run.policy = "float64"
             _verdict.note_incomparable(run, checks[0], run.reference)
+        else:
+            # fn's value is the same in both: only its derivative differs (a rule taking
+            # another path in float32): judged by finite differences in the model's
+            # precision
+            _verdict.note_native(run, wide[3][0], wide[0])
     return p, steps, checks, h0, choice
+
+
+def _values_differ(run: Run, p) -> bool:
+    """Whether fn's value in the model's precision is far (1e-3, relative) from its value
+    in the reference: fn computes another function there, not only another derivative.
+    True where it cannot be told (a non-scalar fn)."""
+    value = run.probe.get("value")
+    if not run.problem.scalar_output or value is None or p is None:
+        return True
+    value, wide = float(value), float(p.phi0[0])
+    return abs(value - wide) > 1e-3 * max(abs(value), abs(wide))
 
 
 def _larger_steps(run: Run, n: int, m: int, beta, p, checks, h0, choice):

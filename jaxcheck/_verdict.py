@@ -394,6 +394,19 @@ def note_incomparable(run: Run, head, reference) -> None:
     )
 
 
+def note_native(run: Run, head, reference) -> None:
+    """Say that fn's derivative in `reference` differs from that in the model's precision
+    while fn's value does not, and that finite differences fell back to the latter."""
+    name = jnp.dtype(reference).name
+    run.problems.append(
+        f"the derivative of fn in {name} differs from that in {run.tested.name} by "
+        f"{head.rounding:.1e}, {INCOMPARABLE} in {name} (its value is the same in both: a "
+        f"rule or grad_fn taking another path in {run.tested.name}?); finite differences use "
+        f"the model's precision instead, which resolves more coarsely (check such a rule "
+        "alone with jaxcheck.verify_rule)"
+    )
+
+
 INCOMPARABLE = "far beyond rounding: fn computes something else"
 # said where the derivative in the model's precision is rounding far off the same rule in
 # the reference, which finite differences in the model's precision cannot resolve

@@ -538,3 +538,22 @@ def test_a_relu_unit_on_its_kink_is_not_taken_for_noise(bug):
     assert report.status == "inconclusive", str(report)
     assert report.num_nonsmooth >= 8
     assert "directions are smooth at this point" in report.problems[0]
+
+
+@pytest.mark.parametrize("factor", [1.5, -1.0])
+def test_a_rule_wrong_only_in_float32_fails_however_large(factor):
+    """fn's value is the same in float32 and float64, only its derivative differs: not
+    'fn computes something else' (which judged the float64 rule and passed a sign flip)."""
+
+    @jax.custom_vjp
+    def act(z):
+        return jnp.tanh(z)
+
+    def bwd(z, g):
+        return (g * (1 - jnp.tanh(z) ** 2) * (factor if z.dtype == jnp.float32 else 1.0),)
+
+    act.defvjp(lambda z: (act(z), z), bwd)
+    w = 0.4 * jax.random.normal(jax.random.key(1), (8, 16))
+    x = jax.random.normal(jax.random.key(5), (10, 8))
+    report = jaxcheck.verify(lambda w, x: jnp.mean(act(x @ w) ** 2), w, x)
+    assert report.status == "fail", str(report)
