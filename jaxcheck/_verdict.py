@@ -445,7 +445,7 @@ def note_large_rounding(run: Run, head, status: Status, p: Pass | None = None) -
             f"{run.reference.name} is what the finite differences judged"
         )
         return
-    cancels = _value_gap(run, p)
+    cancels = value_gap(run, p)
     if head.gap > _gap_limit(run) and cancels < 0.1 * head.gap:
         run.problems.append(
             f"{gap}: fn or its rules compute something else in {run.reference.name} "
@@ -471,7 +471,7 @@ def note_large_rounding(run: Run, head, status: Status, p: Pass | None = None) -
     )
 
 
-def _value_gap(run: Run, p: Pass | None) -> float:
+def value_gap(run: Run, p: Pass | None) -> float:
     """How far fn's value in the tested dtype is from its value in the reference, relative
     to the larger (0 where unknown): near 1 where the value cancels to rounding."""
     value = run.probe.get("value") if run.probe else None
