@@ -47,7 +47,7 @@ def chosen_leaves(
     return [i for i, s in enumerate(share) if floor * math.sqrt(s) < upper]
 
 
-def localize(run: Run, scales, leaf_k, h, paths, chosen, sequential=False) -> tuple:
+def localize(run: Run, scales, leaf_k, h, paths, chosen, sequential=False, fixed=False) -> tuple:
     """One `LeafResult` per chosen leaf, from up to `leaf_k` directions along that leaf
     alone: with `sequential`, 4 first, then more only for the leaves whose verdict is
     still in doubt (`_sequential`).
@@ -55,7 +55,10 @@ def localize(run: Run, scales, leaf_k, h, paths, chosen, sequential=False) -> tu
     A leaf that fails by no more than the derivative's own rounding allows, where nothing
     more precise measured it (`_jitter`), is inconclusive: at a stationary point the
     derivative is rounding, and along one leaf's directions the finite differences can
-    resolve their own rounding of it finely.
+    resolve their own rounding of it finely. A leaf along which fn is flat at the step
+    while the derivative under test is not is looked at again at the largest step (unless
+    the caller `fixed` the step), as the all-leaf check does: a staircase of a low
+    precision moves there, a fn truly constant in the leaf stays flat and is judged.
     """
     ks = _sequential.looks(leaf_k, sequential and run.plan.direction_sharding is None)
     results, pending, choices, within, zero = {}, list(chosen), {}, [], []
@@ -67,6 +70,8 @@ def localize(run: Run, scales, leaf_k, h, paths, chosen, sequential=False) -> tu
         groups = [slice(j * n, (j + 1) * n) for j in range(len(pending))]
         if n == ks[0]:
             found = _ladder.ladder(run, index, rows, h, groups)
+            if not fixed:
+                found = _flat_at_largest(run, index, rows, h, groups, found)
         else:  # more directions at the step each leaf's first look settled on
             found = _ladder.extend(run, index, rows, h, groups, [choices[i] for i in pending])
             redo = [
@@ -77,7 +82,10 @@ def localize(run: Run, scales, leaf_k, h, paths, chosen, sequential=False) -> tu
             if redo:  # the step is chosen again for these leaves, on all n directions
                 picked = np.concatenate([np.arange(len(index))[groups[j]] for j in redo])
                 sub = [slice(m * n, (m + 1) * n) for m in range(len(redo))]
-                for j, r in zip(redo, _ladder.ladder(run, index[picked], rows[picked], h, sub)):
+                again = _ladder.ladder(run, index[picked], rows[picked], h, sub)
+                if not fixed:
+                    again = _flat_at_largest(run, index[picked], rows[picked], h, sub, again)
+                for j, r in zip(redo, again):
                     found[j] = r
         still = []
         for leaf, (p, _, choices[leaf]) in zip(pending, found):
@@ -116,6 +124,29 @@ def localize(run: Run, scales, leaf_k, h, paths, chosen, sequential=False) -> tu
             "hence a relative error near 1 against a tolerance of 2"
         )
     return tuple(results[leaf] for leaf in chosen)
+
+
+def _flat_at_largest(run: Run, index, rows, h, groups, found) -> list:
+    """`found` with the groups that are flat at their step, while the derivative under
+    test is not, taken again by the ladder from the largest step (their choices rescaled
+    to factors of h, with the full stencil, for the looks that add directions)."""
+    redo = []
+    for j, (p, _, _) in enumerate(found):
+        flat = _verdict.flat_directions(p)
+        if flat is not None and not flat[1] and p.step < run.max_step:
+            redo.append(j)
+    if not redo:
+        return found
+    found = list(found)
+    picked = np.concatenate([np.arange(len(index))[groups[j]] for j in redo])
+    ends = np.cumsum([groups[j].stop - groups[j].start for j in redo])
+    sub = [slice(end - (groups[j].stop - groups[j].start), end) for j, end in zip(redo, ends)]
+    f = run.max_step / h
+    for j, (p, steps, c) in zip(redo, _ladder.ladder(run, index[picked], rows[picked], h * f, sub)):
+        crossed = None if c.crossed_at is None else c.crossed_at * f
+        c = _ladder.Choice(c.factor * f, 4, c.from_data, crossed)
+        found[j] = (p, (*found[j][1], *steps), c)
+    return found
 
 
 def _cut_off(run: Run, failing: list) -> list:

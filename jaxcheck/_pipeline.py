@@ -121,7 +121,9 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
         localize, status, share, checks[0].tolerance, len(paths), run.rtol, upper
     )
     if chosen:
-        leaves = _localize.localize(run, scales, leaf_k, h0, paths, chosen, sequential)
+        leaves = _localize.localize(
+            run, scales, leaf_k, h0, paths, chosen, sequential, step is not None
+        )
         status = _localize.merge_leaves(run, status, leaves)
     status, checks = _primal(run, status, p, checks)
     return _report(run, status, (n, k), p, checks, leaves, held_fixed, tuple(tried), stopped)
@@ -214,8 +216,9 @@ def _directions_check(run: Run, n, beta, h0, step, ref):
             # judges the derivative's code finely, where the model's precision would
             # resolve a percent at best: the check goes on as precision="float64" does
             run.reference, p, steps, checks, h0, choice = wide
-            run.policy = "float64"
+            run.policy, run.other_function = "float64", True
             _verdict.note_incomparable(run, checks[0], run.reference)
+            checks = _verdict.compare(run, p)
         else:
             # fn's value is the same in both: only its derivative differs (a rule taking
             # another path in float32): judged by finite differences in the model's

@@ -175,11 +175,41 @@ def test_piecewise_constant_fn_with_a_nonzero_rule_fails():
     # and says why, where the relative error alone (1e13 and more) would not
     assert report.problems[0] == (
         "fn's values do not change along 16 of 16 directions even at the largest relative "
-        "step, 5.0e-02 (fn is piecewise constant here: round, floor, sign, a comparison), "
-        "while the derivative under test is not zero: a surrogate gradient (a "
+        "step, 5.0e-02 (fn is constant along them: invariant to them, as a softmax is to a "
+        "shift of its logits, or piecewise constant, as round, floor, sign and comparisons "
+        "are), while the derivative under test is not zero: a surrogate gradient (a "
         "straight-through estimator, a custom rule that is not fn's derivative by design) "
         "fails this check by construction"
     )
+
+
+@pytest.mark.parametrize("shape", [(), (3,)])
+def test_a_nonzero_derivative_of_a_leaf_fn_is_invariant_to_fails_and_is_named(shape):
+    """fn does not change at all with a bias added to every logit before a softmax (its
+    finite differences are exactly zero at any step): a gradient that gives the bias a
+    derivative anyway is wrong, and the leaf is named, not left inconclusive as a
+    staircase seen below its quanta would be."""
+
+    def fn(p, x):
+        return jnp.sum(jax.nn.softmax(x @ p["w"] + jnp.sum(p["c"])) * jnp.arange(3.0))
+
+    def grad_fn(p, x):
+        g = jax.grad(fn)(p, x)
+        return {"w": g["w"], "c": g["c"] + 1e-2}
+
+    p = {"w": jax.random.normal(jax.random.PRNGKey(0), (4, 3)), "c": jnp.full(shape, 0.3)}
+    x = jax.random.normal(jax.random.PRNGKey(1), (5, 4))
+    report = jaxcheck.verify(fn, p, x, grad_fn=grad_fn)
+    assert report.status == "fail", str(report)
+    assert [(leaf.path, leaf.status) for leaf in report.leaves] == [
+        ("['c']", "fail"),
+        ("['w']", "pass"),
+    ]
+    assert "wrong: ['c']" in report.problems, report.problems
+    # with the right gradient (exactly zero for c), both pass
+    report = jaxcheck.verify(fn, p, x, localize=True)
+    assert report.status == "pass", str(report)
+    assert [leaf.status for leaf in report.leaves] == ["pass", "pass"]
 
 
 def test_float32_fallback_of_a_scan_takes_a_float32_step():
