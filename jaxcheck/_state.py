@@ -56,6 +56,10 @@ class Run:
     # fn's derivative in float64 is far from the model's, and finite differences in the
     # model's precision cannot resolve it: the gap stays in the float64 check as rounding
     native_blind: bool = False
+    # fn in float64 computes another function than in the model's precision (its value
+    # differs too: random numbers drawn in the default dtype): the same rule in float64
+    # against float64 differences is the verdict, the model's derivative is not judged
+    other_function: bool = False
     max_step: float = MAX_STEP  # largest relative step the ladder may move to
     batch: int = 0  # directions per program call: the all-leaf check's (first look's) number
     evaluations: int = 0

@@ -3,6 +3,7 @@ derivative under test with finite differences, and the status they lead to, with
 for a flat fn (piecewise constant at the step) and for an absolute comparison that says
 nothing (vacuous)."""
 
+import dataclasses
 import math
 
 import jax
@@ -71,7 +72,7 @@ def compare(run: Run, p: Pass) -> tuple:
     forward with reverse mode when both are checked. The first one is the head check.
     Kept on the run: the ladder compares a pass to settle it, the pipeline again to judge
     it."""
-    key = (id(p), run.tested, run.reference, run.rounds_to, run.rtol, run.modes)
+    key = (id(p), run.tested, run.reference, run.rounds_to, run.rtol, run.modes, run.other_function)
     kept = run.compared.get(key)
     if kept is not None and kept[0] is p:
         return kept[1]
@@ -137,6 +138,12 @@ def _compare(run: Run, p: Pass) -> tuple:
                 zero_scale,
             )
         )
+    if run.other_function and with_rule:
+        # the same rule in float64 leads; the model's derivative, of another function, is
+        # shown beside it, not judged
+        for i in range(0, 2 * len(run.modes), 2):
+            tested = dataclasses.replace(checks[i], passed=True, judged=False)
+            checks[i : i + 2] = [checks[i + 1], tested]
     return tuple(checks)
 
 
@@ -278,8 +285,10 @@ def _flat(run: Run, p: Pass, k, problems) -> Status | None:
         if np.any(a[use]):
             problems.append(
                 f"fn's values do not change along {n} of {k} directions even at the largest "
-                f"relative step, {p.step:.1e} (fn is piecewise constant here: round, floor, "
-                "sign, a comparison), while the derivative under test is not zero: a "
+                f"relative step, {p.step:.1e} (fn is constant along them: invariant to "
+                "them, as a softmax is to a shift of its logits, or piecewise constant, as "
+                "round, floor, sign and comparisons are), while the derivative under test is "
+                "not zero: a "
                 "surrogate gradient (a straight-through estimator, a custom rule that is "
                 "not fn's derivative by design) fails this check by construction"
             )
@@ -384,8 +393,8 @@ def note_incomparable(run: Run, head, reference) -> None:
     name = jnp.dtype(reference).name
     run.problems.append(
         f"the derivative of fn in {name} differs from that in "
-        f"{run.tested.name} by {head.rounding:.1e}, {INCOMPARABLE} "
-        f"in {name} (e.g. random numbers drawn in the default dtype): the derivative's code "
+        f"{run.tested.name} by {head.rounding:.1e}, {INCOMPARABLE}: fn computes something "
+        f"else in {name} (e.g. random numbers drawn in the default dtype): the derivative's code "
         f"is judged by the same rule run in {name} against finite differences in {name} "
         f"(as precision='float64' does), not the {run.tested.name} derivative itself. To "
         f"check that too, draw random numbers in an explicit dtype "
@@ -400,14 +409,16 @@ def note_native(run: Run, head, reference) -> None:
     name = jnp.dtype(reference).name
     run.problems.append(
         f"the derivative of fn in {name} differs from that in {run.tested.name} by "
-        f"{head.rounding:.1e}, {INCOMPARABLE} in {name} (its value is the same in both: a "
+        f"{head.rounding:.1e}, {INCOMPARABLE}, while fn's value is the same in both (a "
         f"rule or grad_fn taking another path in {run.tested.name}?); finite differences use "
         f"the model's precision instead, which resolves more coarsely (check such a rule "
         "alone with jaxcheck.verify_rule)"
     )
 
 
-INCOMPARABLE = "far beyond rounding: fn computes something else"
+# said where the derivative in float64 and in the model's precision are too far apart for
+# one to judge the other (`note_incomparable`, `note_native`)
+INCOMPARABLE = "far beyond the rounding between the two precisions"
 # said where the derivative in the model's precision is rounding far off the same rule in
 # the reference, which finite differences in the model's precision cannot resolve
 BLIND = "cannot resolve the derivative"
