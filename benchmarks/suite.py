@@ -533,6 +533,15 @@ def select(cases: list[Case], quick: bool) -> list[Case]:
 # -- one tool, one process --------------------------------------------------------------------
 
 
+def _x64(jax, enabled: bool):
+    """`jax.enable_x64(enabled)`, or its `jax.experimental` form in older jax."""
+    if callable(getattr(jax, "enable_x64", None)):
+        return jax.enable_x64(enabled)
+    from jax import experimental
+
+    return experimental.enable_x64() if enabled else experimental.disable_x64()
+
+
 def _check(tool: str, case: Case, order: int) -> dict:
     import jax
     from jax.test_util import check_grads
@@ -540,7 +549,7 @@ def _check(tool: str, case: Case, order: int) -> dict:
     import jaxcheck
 
     x64 = case.dtype == "float64"
-    with jax.enable_x64(x64):
+    with _x64(jax, x64):
         fn, params = case.make()
         jax.block_until_ready(params)
         t0, c0 = time.perf_counter(), time.process_time()

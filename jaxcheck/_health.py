@@ -23,6 +23,10 @@ EXPLODE_FACTOR = 10.0
 PARAM_EVERY = 10  # steps between refreshes of the parameter norms
 NO_PARAMS = -1.0  # the parameter norm of a leaf whose update got no params
 NO_SPIKE = -1.0  # the worst spike of a leaf without a running average yet
+# optax's moment update: `optax.tree.update_moment` since optax 0.2.5, in `tree_utils` before
+_update_moment = (
+    optax.tree.update_moment if hasattr(optax, "tree") else optax.tree_utils.tree_update_moment
+)
 
 _KINDS = ("nonfinite", "exploding", "vanishing")
 _NAMES = {"nonfinite": "non-finite", "exploding": "exploding", "vanishing": "vanishing"}
@@ -263,7 +267,7 @@ def gradient_health(
         # optax.ema's bias correction raises `decay ** count` (float ** int32), which strict
         # dtype promotion refuses, and counts steps for all leaves at once: the moment is
         # optax's, the per-leaf count and correction are spelt out here.
-        mu = optax.tree.update_moment(clipped, state.ema.ema, decay, order=1)
+        mu = _update_moment(clipped, state.ema.ema, decay, order=1)
         mu = jnp.where(enters, mu, state.ema.ema)
         count = jnp.where(enters, count + 1, count)
         decay_f = jnp.asarray(decay, jnp.float32)

@@ -35,7 +35,8 @@ def x64_enabled() -> bool:
 def x64_scope(enabled: bool):
     """A context in which 64-bit types are on (or off), restored on exit.
 
-    jax >= 0.4.36 has `jax.enable_x64`; older versions have it in `jax.experimental`.
+    Newer jax has `jax.enable_x64`; older versions (0.4.38 among them) have it in
+    `jax.experimental`.
     """
     if x64_enabled() == enabled:
         return contextlib.nullcontext()

@@ -63,7 +63,7 @@ class Found:
         file of the jax package."""
         if _custom_gradient_name(self.eqn) is not None:
             return False  # jax.custom_gradient's wrapper is JAX's, the rule the user's
-        if _JAX_DIR not in _source(self.eqn.params.get("call_jaxpr")):
+        if _JAX_DIR not in _source(_rule_jaxpr(self.eqn)):
             return False
         # a custom_vjp around a function of JAX's (jax.custom_vjp(jnp.exp)) with the
         # user's own backward pass is the user's rule
@@ -162,7 +162,10 @@ def location(eqn) -> str:
     try:
         from jax._src import source_info_util  # noqa: PLC0415 - no public API for this
 
-        frames = source_info_util.user_frames(eqn.source_info.traceback)
+        try:
+            frames = source_info_util.user_frames(eqn.source_info.traceback)
+        except AttributeError:  # jax < 0.5 takes the source info itself
+            frames = source_info_util.user_frames(eqn.source_info)
         frame = next((f for f in frames if not f.file_name.startswith(_OWN_DIR)), None)
     except Exception:  # noqa: BLE001 - only a label
         return "unknown location"
@@ -174,7 +177,7 @@ def location(eqn) -> str:
 
 def defined_at(eqn) -> str:
     """Where a rule's function was defined, from its traced jaxpr ("" where unknown)."""
-    source = _source(eqn.params.get("call_jaxpr") or eqn.params.get("fun_jaxpr"))
+    source = _source(_rule_jaxpr(eqn))
     name, at, where = source.rpartition(" at ")
     return f"{_relative(where)} ({name})" if at else ""
 
@@ -186,6 +189,12 @@ def _source(jaxpr) -> str:
     return str(getattr(info, "func_src_info", None) or "")
 
 
+def _rule_jaxpr(eqn):
+    """The primal function's jaxpr of a custom rule's equation (`fun_jaxpr` in jax < 0.5's
+    custom_vjp_call_jaxpr); None for other equations."""
+    return eqn.params.get("call_jaxpr") or eqn.params.get("fun_jaxpr")
+
+
 def _relative(path: str) -> str:
     here = os.getcwd() + os.sep
     return path[len(here) :] if path.startswith(here) else path
@@ -195,7 +204,7 @@ def _custom_gradient_name(eqn) -> str | None:
     """The name of the user's function behind a `jax.custom_gradient` (a custom_vjp whose
     function, `wrapped_fun`, is defined in JAX), from the innermost user frame of the
     equations it traced; None for any other rule."""
-    jaxpr = eqn.params.get("call_jaxpr")
+    jaxpr = _rule_jaxpr(eqn)
     inner = getattr(jaxpr, "jaxpr", jaxpr)
     info = _source(jaxpr)
     if not (info.startswith("wrapped_fun ") and _JAX_DIR in info):
@@ -216,7 +225,7 @@ def _name(eqn) -> str:
     user = _custom_gradient_name(eqn)
     if user is not None:
         return user
-    jaxpr = eqn.params.get("call_jaxpr")
+    jaxpr = _rule_jaxpr(eqn)
     info = getattr(getattr(jaxpr, "jaxpr", jaxpr), "debug_info", None)
     text = getattr(info, "func_name", None) or getattr(info, "func_src_info", None) or ""
     return str(text).split(" at ")[0] or eqn.params.get("name", "") or "<rule>"

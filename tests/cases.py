@@ -12,6 +12,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+
+def enable_x64(enabled: bool = True):
+    """A context with 64-bit types on (or off): `jax.enable_x64` in newer jax,
+    `jax.experimental` before."""
+    if callable(getattr(jax, "enable_x64", None)):
+        return jax.enable_x64(enabled)
+    from jax import experimental  # noqa: PLC0415
+
+    return experimental.enable_x64() if enabled else experimental.disable_x64()
+
+
 # -- planted bugs: identity in the forward pass, wrong in the backward pass ---------------
 
 

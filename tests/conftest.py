@@ -4,6 +4,7 @@ import os
 import jax
 import pytest
 
+from cases import enable_x64
 from jaxcheck import _rule_report
 
 # where the automatic rule checks of a failing verify are the subject (elsewhere they add
@@ -48,7 +49,7 @@ def key():
 @pytest.fixture
 def x64():
     """Run a test with 64-bit types on, restoring the setting afterwards."""
-    with jax.enable_x64(True):
+    with enable_x64(True):
         yield
 
 

@@ -334,7 +334,8 @@ def test_fn_that_differs_in_float64_is_judged_by_its_float64_rule(bug):
     assert rule.passed == (bug == 1.0) and rule.tolerance < 1e-5
     assert report.relative_error == rule.relative_error
     assert "(float32)" in tested.name and not tested.judged
-    assert "1.4e+00    not judged" in str(report)
+    [row] = [line for line in str(report).splitlines() if tested.name in line]
+    assert row.endswith("not judged"), row
     failing = [leaf.path for leaf in report.leaves if leaf.status == "fail"]
     assert failing == ([] if bug == 1.0 else ["['a']"])
 

@@ -2,14 +2,13 @@
 
 import contextlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxcheck
-from cases import bug
+from cases import bug, enable_x64
 
 shapes = st.lists(st.integers(1, 5), min_size=0, max_size=2).map(tuple)
 problems = st.fixed_dictionaries(
@@ -46,7 +45,7 @@ def _setup(spec, planted):
 
 
 def _x64(spec):
-    return jax.enable_x64(True) if spec["dtype"] == "float64" else contextlib.nullcontext()
+    return enable_x64(True) if spec["dtype"] == "float64" else contextlib.nullcontext()
 
 
 @settings(max_examples=8, deadline=None)

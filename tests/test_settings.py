@@ -9,6 +9,7 @@ import pytest
 from jax import lax
 
 import jaxcheck
+from cases import enable_x64
 
 
 def _loss(p, x):
@@ -64,7 +65,7 @@ def test_strict_promotion_mixed_leaf_dtypes(strict_numerics):
 
 @pytest.mark.parametrize("enabled", [False, True])
 def test_x64_on_or_off(enabled):
-    with jax.enable_x64(enabled):
+    with enable_x64(enabled):
         p, x = _inputs(jnp.float32)
         report = jaxcheck.verify(_outputs, p, x, mode="both")
         assert report.status == "pass", str(report)
@@ -283,6 +284,6 @@ def test_numpy_float64_params_converted_before_with_x64_off():
         report = jaxcheck.verify(fn, w, xs)
     assert report.status == "pass", str(report)
     assert report.tested_dtype == "float64", report.problems
-    with jax.enable_x64(True):  # as the check converts them
+    with enable_x64(True):  # as the check converts them
         seen = jaxcheck._tree.split(w, "params")[1][0]
         assert seen.dtype == jnp.float64 and np.array_equal(np.asarray(seen), w[0])

@@ -9,7 +9,7 @@ import pytest
 from jax import lax
 
 import jaxcheck
-from cases import scaled_sin
+from cases import enable_x64, scaled_sin
 from jaxcheck import _check_grads
 
 
@@ -305,7 +305,7 @@ def test_jumps_crossed_by_some_directions_are_stepped_around(factor, status):
     the smaller step instead of taking the jumps for noise and stepping up into more."""
     sin = scaled_sin(factor)
     x = np.random.RandomState(0).uniform(0.5, 1.5, 8)
-    with jax.enable_x64(True):
+    with enable_x64(True):
         p = jnp.asarray(x, jnp.float64)
         report = jaxcheck.verify(lambda p: jnp.sum(sin(p) + 1e-3 * jnp.floor(p * 1e4)), p)
     assert report.status == status, str(report)
@@ -810,7 +810,7 @@ def test_a_pole_within_the_step_is_not_judged_either_way():
         g.defjvp(lambda p, t: (f(p[0]), scale * df(p[0]) * t[0]))
         return g
 
-    with jax.enable_x64(True):
+    with enable_x64(True):
         for scale in (1.0, 1.03):
             inv = rule(scale, lambda x: 1 / x, lambda x: -1 / x**2)
             x = jnp.array([1e-6, 0.5, 0.8])
