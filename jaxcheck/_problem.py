@@ -322,7 +322,12 @@ def casts(jaxpr, tainted_inputs) -> dict:
             continue
         if eqn.primitive.name == "convert_element_type":
             dtype = eqn.params.get("new_dtype")
-            if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and flags[0]:
+            if (
+                dtype is not None
+                and jnp.issubdtype(dtype, jnp.floating)
+                and flags[0]
+                and _inexact(eqn.invars[0])  # (an integer counter cast to float is exact)
+            ):
                 _first(found, jnp.dtype(dtype), eqn)
         elif eqn.primitive.name == "reduce_precision":
             bits = eqn.params.get("mantissa_bits")

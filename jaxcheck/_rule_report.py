@@ -4,6 +4,7 @@ the consistency of the gradient under JAX's transformations (`transforms=True`).
 
 import dataclasses
 import math
+import re
 
 import jax
 
@@ -272,6 +273,19 @@ def _check_one(
                 "a function that does"
             ),
         )
+    raised = _raised_alone(report)
+    if raised:
+        row = Comparison(f"rule {rule.title}: not checked", math.nan, nan, 0.0, 0.0, 0.0, 0, False)
+        return (
+            row,
+            None,
+            (
+                f"rule {rule.title}: could not be checked alone ({raised}); fn's own derivative "
+                "runs it, and the leaf-level verdict stands (a rule that needs its caller's "
+                "setting, as equinox's filter_custom_vjp wrappers do, cannot be re-run apart "
+                "from it)"
+            ),
+        )
     report = dataclasses.replace(report, label=rule.title)
     verdict = "all properties hold" if report.ok else _failed_rows(report) or report.status.value
     row = Comparison(
@@ -296,6 +310,26 @@ def _leaked_tracer(report: Report) -> str:
             if "UnexpectedTracerError" in q:
                 return "UnexpectedTracerError"
     return ""
+
+
+# a problem saying which exception a rule's row raised: "<row>: <ExceptionType>[: message]"
+_RAISED = re.compile(r"^[\w ]+: ([A-Z]\w*(Error|Exception))(:|$)")
+
+
+def _raised_alone(report: Report) -> str:
+    """The first failing row's error where every failing row of a rule found in fn failed
+    by raising, or "": fn's own derivative ran the rule (fn's check got that far), so an
+    exception when it runs apart from fn is the re-run's, not a wrong derivative. Not
+    where the rule cannot be traced (Python control flow on a traced value, which fn's
+    own check may have run op by op): under jit, as most models are, that rule fails."""
+    failing = [p for p in report.parts if p.status is Status.FAIL]
+    if not failing:
+        return ""
+    for p in failing:
+        raised = math.isinf(p.relative_error) and p.problems and _RAISED.match(p.problems[0])
+        if not raised or "Tracer" in raised[1] or "Concretization" in raised[1]:
+            return ""
+    return failing[0].problems[0]
 
 
 def _finite_difference_rows(report: Report) -> list:

@@ -147,6 +147,12 @@ def leaves(tree) -> list:
     return [host(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
+def floats(tree) -> list:
+    """The leaves of `tree` that carry a derivative (not float0: the tangents of integer
+    and boolean values)."""
+    return [x for x in jax.tree_util.tree_leaves(tree) if _dtype(x) != jax.dtypes.float0]
+
+
 def dot(a, b) -> tuple[float | complex, float]:
     """sum of sum(a * b) over leaves (bilinear: complex values are not conjugated, as in
     JAX's vjp, the transpose of its jvp), complex where a leaf is; and the sum of

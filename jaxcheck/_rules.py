@@ -340,6 +340,7 @@ class _Draws:
         return _tangents(self.rule, self.rng)
 
     def cotangent(self):
+        # (float0 for integer and boolean outputs, as JAX's own vjp takes them)
         return jax.tree_util.tree_map(
             lambda y: _rule_rows.random_like(np.ones(y.shape, y.dtype), self.rng, scale=False),
             self.out,
@@ -398,7 +399,11 @@ class _Called:
     rule: Rule
 
     def __call__(self, inputs):
-        return self.rule.call(inputs)
+        # integer and boolean outputs (a count, a flag: equinox's wrappers return some)
+        # carry no derivative: left out of the finite differences, as None
+        return jax.tree_util.tree_map(
+            lambda y: y if _rule_rows.inexact(y) else None, self.rule.call(inputs)
+        )
 
     def __hash__(self):
         return hash(self.rule.identity)
@@ -425,7 +430,7 @@ def _linearity(d: _Draws, tol) -> Report:
             v,
             w,
         )
-        jv, jw, jc = (d.run(t, u, "jvp")["jvp"] for t in (v, w, combined))
+        jv, jw, jc = (_rule_rows.floats(d.run(t, u, "jvp")["jvp"]) for t in (v, w, combined))
         expect = [a * x + b * y for x, y in zip(_rule_rows.leaves(jv), _rule_rows.leaves(jw))]
         scale = abs(a) * _rule_rows.rms(_rule_rows.flat(jv)) + abs(b) * _rule_rows.rms(
             _rule_rows.flat(jw)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.custom_derivatives import SymbolicZero
 
 import jaxcheck
 from jaxcheck import _rule_search
@@ -779,3 +780,63 @@ def test_a_rule_recorded_in_bfloat16_is_not_called_fine_at_bfloat16_resolution()
     # alone, at float32 inputs, the rule's own code runs in float64 and fails
     alone = jaxcheck.verify_rule(_gelu_30_percent_off, (x @ p["w"]))
     assert alone.status == "fail"
+
+
+@pytest.mark.parametrize("bug", [1.0, 1.01])
+def test_a_rule_with_an_integer_output_is_judged_on_its_float_outputs(bug):
+    """A custom_jvp returning a count beside its value (equinox's wrappers, optimistix's
+    solvers do): its finite differences refused the int32 output, and a right rule was
+    called wrong with a relative error of inf, failing a right gradient."""
+
+    @jax.custom_jvp
+    def counted(x):
+        return jnp.sin(x), jnp.int32(3)
+
+    @counted.defjvp
+    def _(primals, tangents):
+        (x,), (t,) = primals, tangents
+        return counted(x), (bug * jnp.cos(x) * t, np.zeros((), jax.dtypes.float0))
+
+    def loss(p):
+        y, n = counted(p)
+        return jnp.sum(y**2) * n
+
+    report = jaxcheck.verify(loss, jnp.asarray([0.3, -0.2, 0.5]), rules=True)
+    assert report.status == ("pass" if bug == 1.0 else "fail"), str(report)
+    if bug == 1.0:
+        assert any(q.startswith("rules fine: custom_jvp counted") for q in report.problems)
+    else:
+        [said] = [q for q in report.problems if q.startswith("wrong rule: custom_jvp counted")]
+        assert "vjp vs finite differences, relative error 1.0e-02" in said, said
+
+
+@pytest.mark.parametrize("bug", [1.0, 1.01])
+def test_a_rule_that_raises_only_apart_from_fn_is_not_called_wrong(bug):
+    """A rule that refuses a tangent for an argument fn never differentiates (as equinox's
+    filter_custom_vjp refuses its *args) raises when jaxcheck re-runs it with every input
+    perturbed: that is the re-run's limit, not a wrong rule (a right gradient failed)."""
+
+    @jax.custom_jvp
+    def scale(x, s):
+        return x * s
+
+    def scale_jvp(primals, tangents):
+        (x, s), (tx, _) = primals, tangents
+        if not isinstance(tangents[1], SymbolicZero):
+            raise RuntimeError("scale: s cannot be differentiated")
+        return scale(x, s), tx * s * bug
+
+    scale.defjvp(scale_jvp, symbolic_zeros=True)
+    report = jaxcheck.verify(
+        lambda p, s: jnp.sum(jnp.sin(scale(p, s))),
+        jnp.asarray([0.3, -0.2, 0.5]),
+        jnp.float32(2.0),
+        rules=True,
+    )
+    assert report.status == ("pass" if bug == 1.0 else "fail"), str(report)
+    assert not any(q.startswith("wrong rule") for q in report.problems), report.problems
+    [said] = [q for q in report.problems if q.startswith("rule custom_jvp scale at ")]
+    assert (
+        "could not be checked alone (primal: RuntimeError: scale: s cannot be differentiated); "
+        "fn's own derivative runs it, and the leaf-level verdict stands"
+    ) in said

@@ -526,6 +526,35 @@ def _classifier(act, extra):
     return loss
 
 
+@pytest.mark.parametrize("bug", [1.0, 1.0004])
+def test_an_integer_counter_cast_to_float_in_a_loop_does_not_loosen_the_check(bug):
+    """A while loop whose condition closes over constants (its body's inputs do not line up
+    with the loop's) casting its integer counter to float32, as diffrax's solvers do: the
+    cast was taken for rounding, the tolerance rose from 1.2e-6 to 4e-4, and a 0.02 % bug
+    passed."""
+
+    @jax.custom_jvp
+    def square(x):
+        return x**2
+
+    square.defjvp(lambda p, t: (p[0] ** 2, bug * 2 * p[0] * t[0]))
+
+    def loss(p):
+        lo, hi = jnp.array(1), jnp.array(2)
+
+        def body(c):
+            i, x = c
+            return i + 1, x * jnp.cos(p) + 0.01 * i.astype(jnp.float32)
+
+        y = lax.while_loop(lambda c: c[0] < lo + hi, body, (0, jnp.ones(3)))[1]
+        return jnp.sum(square(y))
+
+    report = jaxcheck.verify(loss, jnp.asarray([0.3, -0.2, 0.5]), mode="forward")
+    assert report.status == ("pass" if bug == 1.0 else "fail"), str(report)
+    assert report.tolerance < 2e-6
+    assert not any("fn rounds values" in q for q in report.problems), report.problems
+
+
 @pytest.mark.parametrize("extra", ["none", "aux", "unused"])
 def test_casts_off_the_loss_path_do_not_loosen_the_check(extra):
     """An accuracy in aux (a comparison cast to float) or a cast whose result nothing uses
