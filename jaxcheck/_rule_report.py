@@ -283,7 +283,8 @@ def _check_one(
                 f"rule {rule.title}: could not be checked alone ({raised}); fn's own derivative "
                 "runs it, and the leaf-level verdict stands (a rule that needs its caller's "
                 "setting, as equinox's filter_custom_vjp wrappers do, cannot be re-run apart "
-                "from it)"
+                "from it); rules its function calls in turn are not reached either (check "
+                "them with jaxcheck.verify_rule)"
             ),
         )
     report = dataclasses.replace(report, label=rule.title)

@@ -840,3 +840,7 @@ def test_a_rule_that_raises_only_apart_from_fn_is_not_called_wrong(bug):
         "could not be checked alone (primal: RuntimeError: scale: s cannot be differentiated); "
         "fn's own derivative runs it, and the leaf-level verdict stands"
     ) in said
+    assert said.endswith(
+        "rules its function calls in turn are not reached either (check them "
+        "with jaxcheck.verify_rule)"
+    )
