@@ -69,7 +69,9 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
             f"{rounds_to} resolution (where that cast is only meant to match dtypes, cast "
             "to the dtype of the value it meets instead, x.astype(y.dtype); a flax module's "
             "dtype= is such a cast: leave it unset where the params are in that dtype "
-            "already, and the computation takes theirs)"
+            "already, and the computation takes theirs; flax.nnx modules, nnx.Embed among "
+            "them, fix it to the params' dtype when created: to judge their code finely, "
+            "create the model with param_dtype=jnp.float64 under jax_enable_x64)"
         )
     run.max_step = max(MAX_STEP, h0)
     beta, share = scales, None

@@ -594,6 +594,37 @@ def test_a_cast_that_rounds_is_named_with_its_line():
     assert "cast to the dtype of the value it meets instead, x.astype(y.dtype)" in said
 
 
+def test_an_nnx_embed_cast_says_how_to_judge_it_finely():
+    """flax.nnx.Embed casts its table to the dtype it fixed when created (the params'),
+    whatever dtype= says, so 'leave dtype= unset' cannot help: the note says what does, and
+    that advice holds (a float64 model is judged to 1e-8, not 2e-4)."""
+    nnx = pytest.importorskip("flax.nnx")
+    tok = jnp.asarray([1, 5, 7, 2, 3, 3, 9])
+
+    def check(param_dtype):
+        embed = nnx.Embed(20, 8, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+        graphdef, params = nnx.split(embed, nnx.Param)
+        w = jnp.linspace(-1.0, 1.0, 8, dtype=param_dtype)
+
+        def loss(params, tok):
+            return jnp.sum(jnp.tanh(nnx.merge(graphdef, params)(tok) @ w) ** 2)
+
+        return jaxcheck.verify(loss, params, tok)
+
+    report = check(jnp.float32)
+    assert report.status == "pass" and report.tolerance > 1e-5, str(report)
+    [said] = [q for q in report.problems if "rounds values" in q]
+    assert said.endswith(
+        "flax.nnx modules, nnx.Embed among them, fix it to the params' dtype when created: to "
+        "judge their code finely, create the model with param_dtype=jnp.float64 under "
+        "jax_enable_x64)"
+    ), said
+    with enable_x64():
+        report = check(jnp.float64)
+    assert report.status == "pass" and report.tolerance < 1e-6, str(report)
+    assert not any("rounds values" in q for q in report.problems)
+
+
 def test_a_gap_as_large_as_the_derivative_is_not_called_rounding():
     """A Gumbel straight-through estimator draws its noise in the default dtype, so its
     float64 derivative is another function's: a gap of 1.0 was "accepted as rounding" in a
