@@ -94,9 +94,11 @@ TRACED_RULE_HINT = (
 )
 
 STALE_HINT = (
-    "JAX reuses the float32 conversions of NumPy constants that fn closes over, made while "
-    "64-bit types were off, once they are on: switch them on before fn first runs, or call "
-    "jax.clear_caches() before the check, to check fn in float64"
+    "to check fn in float64, pass any float32 array, dtype or traced jaxpr that fn closes "
+    "over or writes as an argument, or cast it to the inputs' dtype; float32 conversions of "
+    "NumPy constants fn closes over, which JAX made while 64-bit types were off and reuses "
+    "once they are on, need them on before fn first runs, or jax.clear_caches() before the "
+    "check"
 )
 
 

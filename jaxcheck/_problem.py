@@ -344,10 +344,13 @@ def casts(jaxpr, tainted_inputs) -> dict:
 def _carries_derivative(jaxpr, tainted_inputs) -> set:
     """The variables of `jaxpr` that depend on the inputs flagged in `tainted_inputs`
     through float values (an integer or boolean, as a comparison or argmax gives, carries
-    no derivative); every output of an equation with sub-jaxprs counts as depending on all
-    of its inputs."""
+    no derivative, nor does the output of a stop_gradient); every output of an equation
+    with sub-jaxprs counts as depending on all of its inputs."""
     tainted = {v for v, t in zip(jaxpr.invars, tainted_inputs) if t}
     for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "stop_gradient":
+            continue  # (what fn computes from it, as an ODE solver's next step size, is
+            # held fixed by design: its rounding is no staircase of the derivative's path)
         if any(_is_tainted(v, tainted) for v in eqn.invars):
             tainted.update(v for v in eqn.outvars if _inexact(v))
     return tainted

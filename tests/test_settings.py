@@ -262,6 +262,26 @@ def test_numpy_float64_constant_converted_with_x64_off(as_numpy):
     assert any(said in q and "jax.clear_caches()" in q for q in report.problems), report.problems
 
 
+def test_fn_evaluating_a_float32_jaxpr_falls_back_and_says_why():
+    """JAX's own tests evaluate jaxprs traced in float32 (jax.core.eval_jaxpr): such a fn
+    cannot run in float64, and the note blamed NumPy constants alone."""
+
+    def g(x1, x2):
+        return lax.cond(x1 > 0, lambda a, b: (jnp.sin(a), jnp.sin(b)), lambda a, b: (a, b), x1, x2)
+
+    closed = jax.make_jaxpr(g)(1.0, 1.0)
+    report = jaxcheck.verify(
+        lambda x: jax.core.eval_jaxpr(closed.jaxpr, closed.consts, x[0], x[1]),
+        jnp.asarray([0.7, -0.4]),
+    )
+    assert report.status == "pass" and report.reference_dtype == "float32", str(report)
+    [said] = [q for q in report.problems if q.startswith("fn could not run in float64")]
+    assert (
+        "to check fn in float64, pass any float32 array, dtype or traced jaxpr that fn closes "
+        "over or writes as an argument, or cast it to the inputs' dtype; float32 conversions"
+    ) in said
+
+
 def test_numpy_float64_params_converted_before_with_x64_off():
     """jax.linearize converted the float64 NumPy params while 64-bit types were off (for
     the constants of a scan); the check still sees them as float64, with their float64

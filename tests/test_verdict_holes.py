@@ -555,6 +555,30 @@ def test_an_integer_counter_cast_to_float_in_a_loop_does_not_loosen_the_check(bu
     assert not any("fn rounds values" in q for q in report.problems), report.problems
 
 
+def test_a_cast_of_a_value_held_fixed_by_stop_gradient_does_not_loosen_the_check():
+    """An adaptive ODE solver computes its next step size from the state, holds it fixed
+    (stop_gradient) and casts it to the time's dtype (diffrax's PID controller): that
+    rounding is off the derivative's path, but raised the tolerance 300 times. A cast
+    before the stop_gradient (a straight-through estimator's) still rounds fn's value."""
+
+    def held(w):
+        dt = lax.stop_gradient(jnp.mean(w) * 0.1).astype(jnp.float16).astype(w.dtype)
+        return jnp.sum(jnp.tanh(w) ** 2) * (1 + 1e-3 * dt)
+
+    def straight_through(w):
+        q = w.astype(jnp.bfloat16).astype(w.dtype)
+        return jnp.sum(jnp.tanh(w + lax.stop_gradient(q - w)) ** 2)
+
+    x = jnp.linspace(0.1, 1.0, 5)
+    report = jaxcheck.verify(held, x)
+    assert report.status == "pass" and report.tolerance < 2e-6, str(report)
+    assert not any("rounds values" in q for q in report.problems), report.problems
+    report = jaxcheck.verify(straight_through, x)
+    assert any(
+        q.startswith("fn rounds values computed from params to bfloat16") for q in report.problems
+    )
+
+
 @pytest.mark.parametrize("extra", ["none", "aux", "unused"])
 def test_casts_off_the_loss_path_do_not_loosen_the_check(extra):
     """An accuracy in aux (a comparison cast to float) or a cast whose result nothing uses
