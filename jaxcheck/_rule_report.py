@@ -234,9 +234,7 @@ def _check_one(
         return row, None, note
     free = [x for i, x in enumerate(rule.inputs) if i not in rule.constants]
     if not any(_rule_rows.inexact(x) for x in jax.tree_util.tree_leaves(free)):
-        row = Comparison(f"rule {rule.title}: not checked", math.nan, nan, 0.0, 0.0, 0.0, 0, False)
-        note = f"rule {rule.title}: no floating-point input, nothing to differentiate; not checked"
-        return row, None, note
+        return _not_checked(rule, "no floating-point input, nothing to differentiate; not checked")
     token = TRACED_RULE.set(True)
     try:
         report = _rules.check_rule(
@@ -256,36 +254,26 @@ def _check_one(
             order=order,
         )
     except Exception as err:  # noqa: BLE001 - one rule that cannot be checked is a note
-        row = Comparison(f"rule {rule.title}: not checked", math.nan, nan, 0.0, 0.0, 0.0, 0, False)
-        return row, None, f"rule {rule.title}: could not be checked ({one_line(err)})"
+        return _not_checked(rule, f"could not be checked ({one_line(err)})")
     finally:
         TRACED_RULE.reset(token)
     leaked = _leaked_tracer(report)
     if leaked:
-        row = Comparison(f"rule {rule.title}: not checked", math.nan, nan, 0.0, 0.0, 0.0, 0, False)
-        return (
-            row,
-            None,
-            (
-                f"rule {rule.title}: could not be checked alone: its derivative rule closes over a "
-                f"value computed inside fn ({leaked}); the leaf-level verdict stands. To check "
-                "it, pass that value to the rule as an argument, or use jaxcheck.verify_rule on "
-                "a function that does"
-            ),
+        return _not_checked(
+            rule,
+            f"could not be checked alone: its derivative rule closes over a value computed "
+            f"inside fn ({leaked}); the leaf-level verdict stands. To check it, pass that value "
+            "to the rule as an argument, or use jaxcheck.verify_rule on a function that does",
         )
     raised = _raised_alone(report)
     if raised:
-        row = Comparison(f"rule {rule.title}: not checked", math.nan, nan, 0.0, 0.0, 0.0, 0, False)
-        return (
-            row,
-            None,
-            (
-                f"rule {rule.title}: could not be checked alone ({raised}); fn's own derivative "
-                "runs it, and the leaf-level verdict stands (a rule that needs its caller's "
-                "setting, as equinox's filter_custom_vjp wrappers do, cannot be re-run apart "
-                "from it); rules its function calls in turn are not reached either (check "
-                "them with jaxcheck.verify_rule)"
-            ),
+        return _not_checked(
+            rule,
+            f"could not be checked alone ({raised}); fn's own derivative runs it, and the "
+            "leaf-level verdict stands (a rule that needs its caller's setting, as equinox's "
+            "filter_custom_vjp wrappers do, cannot be re-run apart from it); rules its "
+            "function calls in turn are not reached either (check them with "
+            "jaxcheck.verify_rule)",
         )
     report = dataclasses.replace(report, label=rule.title)
     verdict = "all properties hold" if report.ok else _failed_rows(report) or report.status.value
@@ -300,6 +288,13 @@ def _check_one(
         report.status is not Status.FAIL,
     )
     return row, report, ""
+
+
+def _not_checked(rule: _rule_search.Found, why: str) -> tuple[Comparison, None, str]:
+    """The row and note of a rule found in fn that was not checked, and why."""
+    nan = (math.nan, math.nan)
+    row = Comparison(f"rule {rule.title}: not checked", math.nan, nan, 0.0, 0.0, 0.0, 0, False)
+    return row, None, f"rule {rule.title}: {why}"
 
 
 def _leaked_tracer(report: Report) -> str:
