@@ -65,8 +65,13 @@ def host(x) -> np.ndarray:
 
 
 def flat(tree) -> np.ndarray:
+    """The floating leaves of `tree`, as one float64 vector: integer and boolean values (a
+    solver's step count, which a vmapped solve may take differently) carry no derivative,
+    nor do their float0 tangents."""
     leaves = [
-        host(x).ravel() for x in jax.tree_util.tree_leaves(tree) if _dtype(x) != jax.dtypes.float0
+        host(x).ravel()
+        for x in jax.tree_util.tree_leaves(tree)
+        if _dtype(x) != jax.dtypes.float0 and jnp.issubdtype(_dtype(x), jnp.inexact)
     ]
     return np.concatenate(leaves) if leaves else np.zeros(0)
 

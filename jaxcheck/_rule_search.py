@@ -56,6 +56,10 @@ class Found:
     # indices in `inputs` of the constants of fn's trace (a Python number passed to the
     # rule, as a temperature): held fixed, as they are in the model
     constants: tuple = dataclasses.field(default=(), compare=False)
+    # indices of the rule's outputs that nothing in fn uses (a flash-attention rule's
+    # log-sum-exp, a solver's statistics): left out of its check, as fn's derivative never
+    # sends them a cotangent
+    dead: tuple = dataclasses.field(default=(), compare=False)
 
     @property
     def in_jax(self) -> bool:
@@ -79,11 +83,15 @@ class Found:
         """The rule as a function of its inputs, differentiable through the rule."""
         eqn, consts, positions = self.eqn, list(self.consts), self.positions
 
+        dead = self.dead
+
         def rule(*xs):
             if positions is not None:
                 xs = [xs[i] for i in positions]
             out = _bind(eqn, consts + list(xs))
-            return out[0] if len(out) == 1 else tuple(out)
+            if len(out) == 1:
+                return out[0]
+            return tuple(None if i in dead else y for i, y in enumerate(out))
 
         rule.__name__ = self.name
         rule.nondiff_argnums = self.constants  # read by verify_rule: held fixed
@@ -117,7 +125,9 @@ def find(fn, params, args) -> tuple[list, list]:
     if not listed.found:  # no rule anywhere: nothing to evaluate op by op
         return [], []
     search = _Search()
-    search.eval(closed.jaxpr, closed.consts, values, "", "")
+    from_params = len(jax.tree_util.tree_leaves(params))
+    flags = [i < from_params for i in traced]  # which inputs are params (not args)
+    search.eval(closed.jaxpr, closed.consts, values, "", "", flags)
     return _unique(search.found), search.notes
 
 
@@ -246,28 +256,41 @@ class _Search:
     def __init__(self):
         self.found = []
         self.notes = []
+        self.dead = ()  # the outputs of the equation being evaluated that nothing uses
 
-    def eval(self, jaxpr, consts, values, context, site):
+    def eval(self, jaxpr, consts, values, context, site, flags):
         """Evaluate `jaxpr`, recording the rules' inputs; `site` is the location of the call
-        that holds it, for rules whose own location is all inside JAX (jax.nn's)."""
-        env = {}
+        that holds it, for rules whose own location is all inside JAX (jax.nn's); `flags`:
+        which of its inputs depend on params (a rule's inputs that do not, fn's data, are
+        held fixed when it is checked: fn's derivative never asks for theirs)."""
+        env, tainted = {}, set()
         for var, value in zip(jaxpr.constvars, consts):
             env[var] = value
-        for var, value in zip(jaxpr.invars, values):
+        for var, value, flag in zip(jaxpr.invars, values, flags):
             env[var] = value
+            if flag:
+                tainted.add(var)
+        used = {v for e in jaxpr.eqns for v in e.invars if type(v).__name__ != "Literal"}
+        used.update(v for v in jaxpr.outvars if type(v).__name__ != "Literal")
         for eqn in jaxpr.eqns:
             ins = [_literal_or(env, v) for v in eqn.invars]
-            outs = self.eqn(eqn, ins, context, site)
+            fl = [type(v).__name__ != "Literal" and v in tainted for v in eqn.invars]
+            self.dead = tuple(i for i, v in enumerate(eqn.outvars) if v not in used)
+            outs = self.eqn(eqn, ins, context, site, fl)
             for var, value in zip(eqn.outvars, outs):
                 env[var] = value
+                if any(fl) and eqn.primitive.name != "stop_gradient":
+                    tainted.add(var)
         return [_literal_or(env, v) for v in jaxpr.outvars]
 
-    def eqn(self, eqn, ins, context, site):
+    def eqn(self, eqn, ins, context, site, fl):
         kind = rule_kind(eqn)
         where = location(eqn) or site or defined_at(eqn)
         if kind is not None:
             n = eqn.params.get("num_consts", 0)
             inputs, positions, constants = _tied(eqn.invars[n:], ins[n:])
+            held = _unparametrized(fl[n:], positions, len(inputs))
+            constants = tuple(sorted(set(constants) | set(held)))
             self.found.append(
                 Found(
                     kind,
@@ -279,6 +302,7 @@ class _Search:
                     consts=tuple(ins[:n]),
                     positions=positions,
                     constants=constants,
+                    dead=self.dead,
                 )
             )
             return _bind(eqn, ins)
@@ -289,13 +313,13 @@ class _Search:
         try:
             if name in _CALLS and len(subs) == 1 and len(subs[0][0].invars) == len(ins):
                 inner = _CALL_NAMES.get(name, name)
-                return self.eval(*subs[0], ins, _join(context, f"inside {inner}"), where)
+                return self.eval(*subs[0], ins, _join(context, f"inside {inner}"), where, fl)
             if name == "cond":
-                return self.cond(eqn, ins, context, where)
+                return self.cond(eqn, ins, context, where, fl)
             if name == "scan":
-                self.scan(eqn, ins, context, where)
+                self.scan(eqn, ins, context, where, fl)
             elif name == "while":
-                self.loop(eqn, ins, context, where)
+                self.loop(eqn, ins, context, where, fl)
             else:
                 self.listed(subs, _join(context, f"inside {name}"), where)
         except Exception as err:  # noqa: BLE001 - the search must never break the check
@@ -303,16 +327,16 @@ class _Search:
             self.listed(subs, _join(context, f"inside {name}"), where)
         return _bind(eqn, ins)
 
-    def cond(self, eqn, ins, context, site):
+    def cond(self, eqn, ins, context, site, fl):
         branches = eqn.params["branches"]
         index = int(np.clip(int(np.asarray(ins[0])), 0, len(branches) - 1))
         for i, branch in enumerate(branches):
             if i != index:
                 self.listed(_jaxprs(branch), _join(context, "cond branch not taken"), site)
         jaxpr, consts = _jaxprs(branches[index])[0]
-        return self.eval(jaxpr, consts, ins[1:], _join(context, "inside cond"), site)
+        return self.eval(jaxpr, consts, ins[1:], _join(context, "inside cond"), site, fl[1:])
 
-    def scan(self, eqn, ins, context, site):
+    def scan(self, eqn, ins, context, site, fl):
         p = eqn.params
         jaxpr, consts = _jaxprs(p["jaxpr"])[0]
         n_consts, n_carry = _scan_counts(eqn, jaxpr)
@@ -322,21 +346,26 @@ class _Search:
         first = -1 if p.get("reverse") else 0
         xs = [np.asarray(x)[first] for x in ins[n_consts + n_carry :]]
         body_in = [*ins[:n_consts], *ins[n_consts : n_consts + n_carry], *xs]
-        self.eval(jaxpr, consts, body_in, _join(context, "scan body, first iteration"), site)
+        # (a carry may come to depend on params in a later iteration: held to do so)
+        body_fl = [*fl[:n_consts], *[any(fl)] * n_carry, *fl[n_consts + n_carry :]]
+        context = _join(context, "scan body, first iteration")
+        self.eval(jaxpr, consts, body_in, context, site, body_fl)
 
-    def loop(self, eqn, ins, context, site):
+    def loop(self, eqn, ins, context, site, fl):
         p = eqn.params
         cond_jaxpr, cond_c = _jaxprs(p["cond_jaxpr"])[0]
         body_jaxpr, body_c = _jaxprs(p["body_jaxpr"])[0]
         nc, nb = p["cond_nconsts"], p["body_nconsts"]
         carry = ins[nc + nb :]
-        (go,) = _Search().eval(cond_jaxpr, cond_c, [*ins[:nc], *carry], context, site)
+        cond_in = [*ins[:nc], *carry]
+        (go,) = _Search().eval(cond_jaxpr, cond_c, cond_in, context, site, [False] * len(cond_in))
         if not bool(np.asarray(go)):
             self.listed([(body_jaxpr, body_c)], _join(context, "while body never run"), site)
             return
         body_in = [*ins[nc : nc + nb], *carry]
+        body_fl = [*fl[nc : nc + nb], *[any(fl)] * len(carry)]
         context = _join(context, "while body, first iteration")
-        self.eval(body_jaxpr, body_c, body_in, context, site)
+        self.eval(body_jaxpr, body_c, body_in, context, site, body_fl)
 
     def listed(self, subs, context, site):
         """The rules inside sub-jaxprs whose inputs are not known: named, not captured."""
@@ -392,6 +421,17 @@ def _tied(invars, values) -> tuple:
     if len(inputs) == len(positions):
         return tuple(inputs), None, tuple(constants)
     return tuple(inputs), tuple(positions), tuple(constants)
+
+
+def _unparametrized(flags, positions, n) -> list:
+    """The indices among a rule's `n` distinct inputs (`positions`: the input of each
+    argument, None where every argument is its own) that no argument depending on params
+    reaches."""
+    reached = [False] * n
+    for a, flag in enumerate(flags):
+        j = a if positions is None else positions[a]
+        reached[j] = reached[j] or flag
+    return [j for j in range(n) if not reached[j]]
 
 
 def _literal_or(env, v):
