@@ -81,6 +81,15 @@ def host_side(run):
                     raise
                 _plan.forget(fn)
                 _problem.forget(fn)
+                if _outside_transformations():  # no enclosing trace: the leak is fn's own
+                    raise TypeError(
+                        "fn leaks a value it traced: a custom_vjp/custom_jvp defined inside "
+                        "fn whose function or rule closes over a value fn computes from its "
+                        "inputs (JAX cannot differentiate such a closure: jax.grad(fn) fails "
+                        "the same way; pass the value to the rule as an argument), or fn "
+                        "keeps a traced value in a global or an attribute and uses it on a "
+                        f"later call ({type(err).__name__})."
+                    ) from err
                 raise TypeError(
                     f"{TRACED} fn closes over a traced value (an array of an enclosing "
                     "jax.jit, jax.grad or jax.vmap); pass it as an argument instead: "

@@ -71,6 +71,33 @@ def test_closure_over_a_tracer_is_explained():
     assert "pass it as an argument instead" in str(info.value)
 
 
+def test_a_rule_inside_fn_closing_over_a_value_fn_traced_is_explained():
+    """A custom_vjp defined inside fn closing over a value fn computes from params leaks
+    that tracer (jax.grad(fn) fails too): the message blamed a jax.jit around verify,
+    where there was none."""
+
+    def loss(p):
+        scale = jnp.sum(p**2) + 1.0
+
+        @jax.custom_vjp
+        def f(z):
+            return jnp.sin(z) * scale
+
+        f.defvjp(lambda z: (f(z), z), lambda z, g: (g * jnp.cos(z) * scale,))
+        return jnp.sum(f(p) ** 2)
+
+    with pytest.raises(
+        TypeError,
+        match="fn leaks a value it traced: a custom_vjp/custom_jvp "
+        "defined inside fn whose function or rule closes over a value",
+    ) as info:
+        jaxcheck.verify(loss, jnp.asarray([0.3, -0.2]))
+    assert "jax.grad(fn) fails the same way; pass the value to the rule as an argument" in str(
+        info.value
+    )
+    assert "inside jax.jit" not in str(info.value)
+
+
 def test_float64_numpy_params_are_checked_in_float64():
     """With 64-bit types off, float64 NumPy params used to be rounded to float32, where a
     float64 gradient 5e-7 off passes as rounding."""
