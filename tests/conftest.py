@@ -13,13 +13,6 @@ RULE_MODULES = ("test_rules", "test_transforms", "test_multiprocess")
 
 
 MAX_WORKERS = 4  # each worker is a process with its own jax and compile caches
-# the slowest tests (each starts Python processes, 10 to 20 s) run first: started last,
-# one of them leaves the other workers idle at the end
-SLOW_FIRST = ("test_benchmarks", "test_multidevice", "test_multiprocess", "test_commands")
-
-
-def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: not item.nodeid.startswith(tuple(f"tests/{m}" for m in SLOW_FIRST)))
 
 
 def pytest_xdist_auto_num_workers(config):
