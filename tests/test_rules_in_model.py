@@ -932,3 +932,31 @@ def test_a_rule_failing_alone_where_fn_never_reaches_is_not_counted():
         "so they are not counted as wrong; check such a rule alone with jaxcheck.verify_rule "
         "at inputs fn reaches"
     )
+
+
+def test_a_rule_integer_output_that_differs_under_vmap_is_not_compared():
+    """optimistix's solvers return step counts beside the solution, and a vmapped solve
+    takes other steps: the rule's vmap row compared those integers and called a right rule
+    wrong. Integer outputs carry no derivative and are left out of every row."""
+
+    def count(x):  # how many numbers the call sees: more under vmap
+        shape = jax.ShapeDtypeStruct((), jnp.int32)
+        size = lambda a: np.full(a.shape[:-1], a.size, np.int32)  # noqa: E731
+        return jax.pure_callback(size, shape, x, vmap_method="expand_dims")
+
+    @jax.custom_jvp
+    def counted_sin(x):
+        return jnp.sin(x), count(x)
+
+    @counted_sin.defjvp
+    def _(primals, tangents):
+        (x,), (t,) = primals, tangents
+        return counted_sin(x), (jnp.cos(x) * t, np.zeros((), jax.dtypes.float0))
+
+    def loss(p):
+        y, n = counted_sin(p)
+        return jnp.sum(y**2) * jnp.where(n > 0, 1.0, 0.0)
+
+    report = jaxcheck.verify(loss, jnp.asarray([0.3, -0.2, 0.5]), rules=True)
+    assert report.status == "pass", str(report)
+    assert any(q.startswith("rules fine: custom_jvp counted_sin") for q in report.problems)
