@@ -55,10 +55,7 @@ def ladder(run: Run, index, rows, h, groups):
             pending.append(i)
     if not pending:
         return results
-    rows_of = [np.arange(len(index))[groups[i]] for i in pending]
-    picked = np.concatenate(rows_of)
-    ends = np.cumsum([len(r) for r in rows_of])
-    sub_groups = [slice(end - len(r), end) for r, end in zip(rows_of, ends)]
+    picked, sub_groups = pick_groups(groups, pending, len(index))
     sub_index, sub_rows = index[picked], rows[picked]
     inner = _sequential.evaluate(run, sub_index, sub_rows, h, _differences.INNER)
     first = {name: None if v is None else v[picked] for name, v in out.items()}
@@ -66,6 +63,14 @@ def ladder(run: Run, index, rows, h, groups):
     for i, r in zip(pending, _full_ladder(run, sub_index, sub_rows, h, sub_groups, first)):
         results[i] = r
     return results
+
+
+def pick_groups(groups, which, n) -> tuple:
+    """(the positions among n directions of the groups `which`, those groups as slices of
+    the directions at these positions)."""
+    rows_of = [np.arange(n)[groups[i]] for i in which]
+    ends = np.cumsum([len(r) for r in rows_of])
+    return np.concatenate(rows_of), [slice(end - len(r), end) for r, end in zip(rows_of, ends)]
 
 
 def _settled(run: Run, p: Pass) -> bool:

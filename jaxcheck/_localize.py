@@ -80,8 +80,7 @@ def localize(run: Run, scales, leaf_k, h, paths, chosen, sequential=False, fixed
                 if not _sequential.step_fits(run, p, _verdict.compare(run, p), n)
             ]
             if redo:  # the step is chosen again for these leaves, on all n directions
-                picked = np.concatenate([np.arange(len(index))[groups[j]] for j in redo])
-                sub = [slice(m * n, (m + 1) * n) for m in range(len(redo))]
+                picked, sub = _ladder.pick_groups(groups, redo, len(index))
                 again = _ladder.ladder(run, index[picked], rows[picked], h, sub)
                 if not fixed:
                     again = _flat_at_largest(run, index[picked], rows[picked], h, sub, again)
@@ -138,9 +137,7 @@ def _flat_at_largest(run: Run, index, rows, h, groups, found) -> list:
     if not redo:
         return found
     found = list(found)
-    picked = np.concatenate([np.arange(len(index))[groups[j]] for j in redo])
-    ends = np.cumsum([groups[j].stop - groups[j].start for j in redo])
-    sub = [slice(end - (groups[j].stop - groups[j].start), end) for j, end in zip(redo, ends)]
+    picked, sub = _ladder.pick_groups(groups, redo, len(index))
     f = run.max_step / h
     for j, (p, steps, c) in zip(redo, _ladder.ladder(run, index[picked], rows[picked], h * f, sub)):
         crossed = None if c.crossed_at is None else c.crossed_at * f

@@ -130,11 +130,7 @@ def rules_part(
         # JAX's own rules that fail alone while fn's derivatives pass: jnp.sinc calls a
         # rule right only at 0 and masks its output elsewhere with jnp.where
         masked, wrong = wrong, []
-        for r in masked:
-            i = titles.index(r.label)
-            rows[i] = dataclasses.replace(
-                rows[i], name=f"{rows[i].name} (JAX's own, masked in fn: not counted)", passed=True
-            )
+        _not_counted(rows, titles, masked, "JAX's own, masked in fn")
     if clean and wrong:
         # the user's rules whose derivative values alone fail, while fn's pass: their error
         # does not reach fn's derivatives at this point (a relu at inputs fn holds at 0, a
@@ -142,11 +138,7 @@ def rules_part(
         # are properties fn's own check cannot see, and count
         unseen = [r for r in wrong if _values_only(r)]
         wrong = [r for r in wrong if r not in unseen]
-        for r in unseen:
-            i = titles.index(r.label)
-            rows[i] = dataclasses.replace(
-                rows[i], name=f"{rows[i].name} (fn's derivatives pass: not counted)", passed=True
-            )
+        _not_counted(rows, titles, unseen, "fn's derivatives pass")
     head = wrong[0] if wrong else None
     problems = [
         f"wrong rule: {r.label}: {_failed_rows(r)}, relative error {r.relative_error:.1e} "
@@ -171,21 +163,19 @@ def rules_part(
         )
     fine = [r.label for r in reports if r.ok and r not in coarse]
     if masked:
-        each = "; ".join(f"{r.label} ({_failed_rows(r)})" for r in masked)
         problems.append(
             f"JAX's own rules that fail alone at the inputs fn gives them, while fn's "
-            f"derivatives pass: {each}; their outputs do not reach fn's there (JAX masks "
-            "them, as jnp.sinc does with jnp.where away from 0), so they are not counted "
-            "as wrong"
+            f"derivatives pass: {_with_rows(masked)}; their outputs do not reach fn's "
+            "there (JAX masks them, as jnp.sinc does with jnp.where away from 0), so they "
+            "are not counted as wrong"
         )
     if unseen:
-        each = "; ".join(f"{r.label} ({_failed_rows(r)})" for r in unseen)
         problems.append(
             f"rules whose derivatives fail alone at the inputs fn gives them, while fn's own "
-            f"derivatives pass: {each}; their error does not reach fn's derivatives here (an "
-            "output fn masks or clips, a kink at inputs fn holds fixed, as a relu at entries "
-            "fn keeps at 0?), so they are not counted as wrong; check such a rule alone with "
-            "jaxcheck.verify_rule at inputs fn reaches"
+            f"derivatives pass: {_with_rows(unseen)}; their error does not reach fn's "
+            "derivatives here (an output fn masks or clips, a kink at inputs fn holds fixed, "
+            "as a relu at entries fn keeps at 0?), so they are not counted as wrong; check "
+            "such a rule alone with jaxcheck.verify_rule at inputs fn reaches"
         )
     unfaulted = fine + [r.label for r in coarse]  # passed, whether or not finely enough
     repeated = [
@@ -249,6 +239,20 @@ def rules_part(
         parts=tuple(reports),
     )
     return part, []
+
+
+def _not_counted(rows: list, titles: list, reports: list, why: str) -> None:
+    """Mark the rows of the rules whose `reports` failed alone as passed, saying `why` they
+    are not counted (`rows[i]` is the row of the rule titled `titles[i]`)."""
+    for r in reports:
+        i = titles.index(r.label)
+        name = f"{rows[i].name} ({why}: not counted)"
+        rows[i] = dataclasses.replace(rows[i], name=name, passed=True)
+
+
+def _with_rows(reports: list) -> str:
+    """ "<rule> (<its failing rows>); ..." for the rules of `reports`."""
+    return "; ".join(f"{r.label} ({_failed_rows(r)})" for r in reports)
 
 
 def _check_one(
