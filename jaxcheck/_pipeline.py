@@ -217,10 +217,20 @@ def _directions_check(run: Run, n, beta, h0, step, ref):
             # against its own float64 differences (the row "same rule in float64") still
             # judges the derivative's code finely, where the model's precision would
             # resolve a percent at best: the check goes on as precision="float64" does
+            native = (run.reference, p, steps, checks, h0, choice, run.policy)
             run.reference, p, steps, checks, h0, choice = wide
             run.policy, run.other_function = "float64", True
-            _verdict.note_incomparable(run, checks[0], run.reference)
             checks = _verdict.compare(run, p)
+            if all(c.passed for c in checks) and not all(c.passed for c in native[3]):
+                # except where the model's own differences fail its derivative while the
+                # float64 rule passes: a rule wrong in float32 alone (beside dropout drawn
+                # in the default dtype) is right in float64, and that failure stands
+                *native_pass, run.policy = native
+                run.reference, p, steps, checks, h0, choice = native_pass
+                run.other_function = False
+                _verdict.note_native(run, wide[3][0], wide[0], values_differ=True)
+            else:
+                _verdict.note_incomparable(run, wide[3][0], run.reference)
         else:
             # fn's value is the same in both: only its derivative differs (a rule taking
             # another path in float32): judged by finite differences in the model's

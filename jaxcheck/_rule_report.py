@@ -69,10 +69,12 @@ def _wants_rules(o, report: Report) -> bool:
 
 
 def _rounding_gap(report: Report) -> bool:
-    """Whether fn's first derivative is far from the same rules in float64 (a pass then
-    accepted that gap as rounding)."""
+    """Whether fn's first derivative is far from the same rules in float64: a pass then
+    accepted that gap as rounding, or judged the derivative in the model's precision only
+    coarsely, or not at all (fn in float64 computing another function)."""
     first = report.parts[0] if report.parts else report
-    return any(_verdict.ROUNDING_GAP in p for p in first.problems)
+    marks = (_verdict.ROUNDING_GAP, _verdict.INCOMPARABLE)
+    return any(m in p for p in first.problems for m in marks)
 
 
 def _rule_order(o, report: Report) -> int:

@@ -403,16 +403,26 @@ def note_incomparable(run: Run, head, reference) -> None:
     )
 
 
-def note_native(run: Run, head, reference) -> None:
+def note_native(run: Run, head, reference, values_differ: bool = False) -> None:
     """Say that fn's derivative in `reference` differs from that in the model's precision
-    while fn's value does not, and that finite differences fell back to the latter."""
+    (while fn's value does not, or while the model's own finite differences fail its
+    derivative), and that finite differences fell back to the model's precision."""
     name = jnp.dtype(reference).name
+    why = (
+        f"and fn's value differs too (fn computes something else in {name}, e.g. random "
+        f"numbers drawn in the default dtype); the same rule in {name} passes its own "
+        f"finite differences, but those in {run.tested.name} fail the {run.tested.name} "
+        f"derivative (a rule or grad_fn wrong on its {run.tested.name} path alone?): it is "
+        "judged by them"
+        if values_differ
+        else "while fn's value is the same in both (a rule or grad_fn taking another path "
+        f"in {run.tested.name}?); finite differences use the model's precision instead, "
+        "which resolves more coarsely"
+    )
     run.problems.append(
         f"the derivative of fn in {name} differs from that in {run.tested.name} by "
-        f"{head.rounding:.1e}, {INCOMPARABLE}, while fn's value is the same in both (a "
-        f"rule or grad_fn taking another path in {run.tested.name}?); finite differences use "
-        f"the model's precision instead, which resolves more coarsely (check such a rule "
-        "alone with jaxcheck.verify_rule)"
+        f"{head.rounding:.1e}, {INCOMPARABLE}, {why} (check such a rule alone with "
+        "jaxcheck.verify_rule)"
     )
 
 

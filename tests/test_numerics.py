@@ -349,6 +349,45 @@ def test_fn_that_differs_in_float64_is_judged_by_its_float64_rule(bug):
     assert not any("computes something else" in q for q in report.problems)
 
 
+@pytest.mark.parametrize("bug", [1.0, 1.1])
+def test_rule_wrong_in_float32_alone_beside_default_dtype_dropout_fails(bug):
+    """fn in float64 is another function (dropout drawn in the default dtype), and a
+    custom_vjp is wrong on its float32 path alone: the float64 rule passes, but finite
+    differences in float32 fail the float32 derivative, and that failure stands (it was
+    passed, judged by the float64 rule alone, the float32 row "not judged")."""
+
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(x)
+
+    def bwd(x, g):
+        d = g * jnp.cos(x)
+        return (d * bug if x.dtype == jnp.float32 else d,)
+
+    f.defvjp(lambda x: (jnp.sin(x), x), bwd)
+
+    def loss(p, key):
+        keep = jax.random.uniform(key, p.shape, dtype=jnp.result_type(float)) > 0.3
+        return jnp.sum(jnp.where(keep, f(p), 0.0) / 0.7)
+
+    report = jaxcheck.verify(loss, jnp.linspace(0.1, 1.0, 16), jax.random.key(0))
+    assert report.status == ("pass" if bug == 1.0 else "fail"), str(report)
+    if bug == 1.0:  # judged by the float64 rule, as above
+        assert report.reference_dtype == "float64"
+        return
+    assert report.reference_dtype == "float32"
+    assert 0.03 < report.relative_error < 0.3, str(report)
+    [said] = [q for q in report.problems if "fn's value differs too" in q]
+    assert said.endswith(
+        "and fn's value differs too (fn computes something else in float64, e.g. random "
+        "numbers drawn in the default dtype); the same rule in float64 passes its own finite "
+        "differences, but those in float32 fail the float32 derivative (a rule or grad_fn "
+        "wrong on its float32 path alone?): it is judged by them (check such a rule alone "
+        "with jaxcheck.verify_rule)"
+    ), said
+    assert report.checks[0].name == "reverse autodiff (float32) vs finite differences (float32)"
+
+
 def test_constant_function_with_rounding_gradient_passes():
     """softplus(x) + log_sigmoid(-x) is identically zero; its float32 gradient is rounding."""
     fn = lambda p: jnp.sum(jax.nn.softplus(30 * p) + jax.nn.log_sigmoid(-30 * p))  # noqa: E731
