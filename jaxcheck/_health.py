@@ -2,6 +2,7 @@
 training, and `health`, which reads what it saw."""
 
 import dataclasses
+import functools
 import math
 import numbers
 import sys
@@ -101,7 +102,9 @@ def gradient_health(
 
     - *non-finite*: any NaN or Inf in it, or elements so large (beyond ~1e19 in float32)
       that their sum of squares overflows (from the first step on);
-    - *exploding*: its norm is above `explode_factor` times its running average;
+    - *exploding*: its norm is above `explode_factor` times its running average, and not
+      below `vanishing_ratio` times the parameter's norm (at a minimum the gradients fall
+      to rounding, which scatters by tenfold from step to step);
     - *vanishing*: its norm is zero, below `vanishing_ratio` times the parameter's norm,
       or below `collapse_factor` times its own running average.
 
@@ -212,6 +215,13 @@ def gradient_health(
 
     def update(updates, state: HealthState, params=None):
         _register_with_flax()  # flax may have been imported after init
+        # the state is float32 throughout: `optax.inject_hyperparams` hands the options in
+        # as arrays of the params' dtype (float64 under x64), which would promote it and
+        # change its type between steps (a `lax.scan` carry refuses that)
+        f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+        decay32, vanishing32, collapse32, explode32 = map(
+            f32, (decay, vanishing_ratio, collapse_factor, explode_factor)
+        )
         leaves = [x for _, x in _leaves_with_paths(updates)]
         _check_paths(_paths(updates), state.paths)
         t = state.step
@@ -244,13 +254,14 @@ def gradient_health(
         # training's own NaNs may show)
         has_ratio = param_norm > 0
         ratio = grad_norm / jnp.where(has_ratio, param_norm, 1.0)
-        exploding = with_history & (grad_norm > explode_factor * average)
         # an exactly zero gradient is vanishing whatever the parameter's norm (a leaf
         # initialized at zero and cut off from the loss has no ratio)
-        below = (has_ratio & (ratio < vanishing_ratio)) | (grad_norm == 0)
-        low = ((t >= warmup) & finite & below) | (
-            with_history & (grad_norm < collapse_factor * average)
-        )
+        below = (has_ratio & (ratio < vanishing32)) | (grad_norm == 0)
+        # a gradient vanishingly small beside its parameter is not exploding, however far
+        # above its average: at a minimum the norms fall to rounding, and rounding
+        # scatters by tenfold from step to step
+        exploding = with_history & (grad_norm > explode32 * average) & ~below
+        low = ((t >= warmup) & finite & below) | (with_history & (grad_norm < collapse32 * average))
         low_streak = jnp.where(low, state.low_streak + 1, 0)
         # integer, bool and empty leaves (step counters, masks, keys; gradients of dtype
         # float0 under `allow_int`) have no gradient to watch: never flagged
@@ -263,15 +274,14 @@ def gradient_health(
 
         # The history starts with the first finite, nonzero norm; NaN/Inf never enter it.
         enters = finite & (seen | (grad_norm > 0))
-        clipped = jnp.where(seen, jnp.minimum(grad_norm, explode_factor * average), grad_norm)
+        clipped = jnp.where(seen, jnp.minimum(grad_norm, explode32 * average), grad_norm)
         # optax.ema's bias correction raises `decay ** count` (float ** int32), which strict
         # dtype promotion refuses, and counts steps for all leaves at once: the moment is
         # optax's, the per-leaf count and correction are spelt out here.
-        mu = _update_moment(clipped, state.ema.ema, decay, order=1)
+        mu = _update_moment(clipped, state.ema.ema, decay32, order=1)
         mu = jnp.where(enters, mu, state.ema.ema)
         count = jnp.where(enters, count + 1, count)
-        decay_f = jnp.asarray(decay, jnp.float32)
-        correction = 1.0 - decay_f ** count.astype(jnp.float32)
+        correction = 1.0 - decay32 ** count.astype(jnp.float32)
         new_average = jnp.where(count > 0, mu / jnp.where(count > 0, correction, 1.0), 0.0)
         new_ema = optax.EmaState(count=count, ema=mu)
 

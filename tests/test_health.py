@@ -14,6 +14,7 @@ import optax
 import pytest
 
 import jaxcheck
+from cases import enable_x64
 
 PARAMS = {"dead": jnp.ones(3), "head": {"b": jnp.zeros(2), "w": jnp.ones((2, 2))}}
 
@@ -100,6 +101,21 @@ def test_exploding_spike_is_flagged_once_and_does_not_poison_the_average():
     # The spike entered the average clipped to 10x: the steps after it are not "collapsed".
     assert leaf.vanishing_steps == 0
     assert 1.0 < leaf.average < 1.3
+
+
+def test_a_rise_of_a_gradient_at_rounding_level_is_not_exploding():
+    """At a minimum the gradient falls to rounding (1e-8 of its parameter here), and
+    rounding scatters by tenfold and more from step to step: vanishing, not exploding."""
+    opt = jaxcheck.gradient_health()
+    params = {"w": jnp.ones(4)}
+    state = opt.init(params)
+    update = jax.jit(opt.update)
+    for step in range(30):
+        size = 3e-7 if step == 25 else 1e-8
+        _, state = update({"w": jnp.full(4, size / 2, jnp.float32)}, state, params)
+    (leaf,) = jaxcheck.health(state).flagged
+    assert leaf.flags == ("vanishing",) and leaf.exploding_steps == 0
+    assert leaf.worst_spike == pytest.approx(30.0, rel=1e-4)
 
 
 def test_nan_step_is_counted_and_named():
@@ -240,6 +256,33 @@ def test_inject_hyperparams(where):
     _, state = run(opt, 30, spike_at=20)
     (leaf,) = jaxcheck.health(state).flagged
     assert (leaf.path, leaf.first_exploding) == ("['head']['w']", 20)
+
+
+def test_injected_float64_options_keep_the_state_float32_in_a_scan(strict_numerics):
+    """Under x64 `inject_hyperparams` hands the options in as float64 arrays (the params'
+    dtype): the state stayed float32 only until the first update, so a `lax.scan` carry
+    changed type (and strict promotion refused float64 times float32)."""
+    with enable_x64():
+        params = {"w": jnp.full(3, 0.1, jnp.float64)}
+        x = jnp.linspace(-1.0, 1.0, 12, dtype=jnp.float64).reshape(4, 3)
+        health = optax.inject_hyperparams(jaxcheck.gradient_health)(explode_factor=5.0)
+        opt = optax.chain(health, optax.sgd(jnp.float64(1e-2)))
+
+        def loss(p):
+            return jnp.mean((jnp.tanh(x @ p["w"]) - 0.3) ** 2)
+
+        def body(carry, _):
+            p, state = carry
+            updates, state = opt.update(jax.grad(loss)(p), state, p)
+            return (optax.apply_updates(p, updates), state), None
+
+        (_, state), _ = jax.lax.scan(body, (params, opt.init(params)), None, length=20)
+    inner = state[0].inner_state
+    assert {inner.average.dtype, inner.ema.ema.dtype, inner.grad_norm.dtype} == {
+        jnp.dtype(jnp.float32)
+    }
+    summary = jaxcheck.health(state)
+    assert summary.steps == 20 and summary.ok, str(summary)
 
 
 def test_flags_only_read_at_the_end_no_transfer_per_step():
