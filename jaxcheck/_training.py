@@ -108,7 +108,15 @@ class PeriodicCheck:
                 "another transformation: call it in the Python training loop, outside the "
                 "jitted step."
             )
-        reason = "every N steps" if step % self.every == 0 else None
+        number = _options.scalar(step)
+        if isinstance(number, float) and number.is_integer():
+            number = int(number)
+        if not isinstance(number, int) or isinstance(number, bool):
+            raise TypeError(
+                f"step={step!r} must be an int, the training step's number (the check runs "
+                f"on multiples of every={self.every}); call check(step, params, *args)."
+            )
+        reason = "every N steps" if number % self.every == 0 else None
         if opt_state is not None:
             fired = _health.fired(_health.find(opt_state))
             if fired > self._fired and reason is None:
@@ -131,7 +139,7 @@ class PeriodicCheck:
                     report, raised = localized.report, localized
         self.history.append(
             CheckRecord(
-                step=int(step),
+                step=number,
                 reason=reason,
                 status=report.status,
                 relative_error=float(report.relative_error),
@@ -165,11 +173,16 @@ class PeriodicCheck:
     def __str__(self) -> str:
         if not self.history:
             return f"PeriodicCheck(every={self.every}): no checks yet"
-        failed = self.first_failure
+        first = next((r for r in self.history if not r.ok), None)
+        if first is None:
+            outcome = "all passed"
+        elif first.status is Status.FAIL:
+            outcome = f"first failure at step {first.step}"
+        else:  # not a verdict on the gradient: say which
+            outcome = f"first check not passed at step {first.step} ({first.status.value})"
         head = (
-            f"PeriodicCheck(every={self.every}): {len(self.history)} checks, "
-            + ("all passed" if failed is None else f"first failure at step {failed}")
-            + f", {self.seconds:.2f} s"
+            f"PeriodicCheck(every={self.every}): {len(self.history)} checks, {outcome}, "
+            f"{self.seconds:.2f} s"
         )
         rows = [["step", "status", "rel. error", "tolerance", "seconds", "failing leaves"]]
         for r in self.history:
@@ -177,8 +190,8 @@ class PeriodicCheck:
                 [
                     str(r.step),
                     r.status.value,
-                    f"{r.relative_error:.1e}",
-                    f"{r.tolerance:.1e}",
+                    f"{r.relative_error:.1e}" if math.isfinite(r.relative_error) else "—",
+                    f"{r.tolerance:.1e}" if math.isfinite(r.tolerance) else "—",
                     f"{r.seconds:.2f}",
                     ", ".join(r.failing),
                 ]

@@ -164,3 +164,34 @@ def test_bad_arguments():
         jax.jit(lambda step: check(step, {"w": jnp.ones(3)}) is None)(0)
     with pytest.raises(TypeError, match="unknown option"):
         jaxcheck.PeriodicCheck(loss, every=5, num_direction=8)
+
+
+@pytest.mark.parametrize("step", ["20", None, 2.5, True])
+def test_a_step_that_is_not_an_int_is_refused_by_name(step):
+    check = jaxcheck.PeriodicCheck(loss, every=5)
+    x, y = regression_data()
+    with pytest.raises(TypeError) as raised:
+        check(step, {"w": jnp.float32(0.5), "b": jnp.float32(0.1)}, x, y)
+    assert str(raised.value) == (
+        f"step={step!r} must be an int, the training step's number (the check runs on "
+        "multiples of every=5); call check(step, params, *args)."
+    )
+    assert check.history == []
+
+
+def test_an_inconclusive_check_is_not_called_a_failure():
+    """A model at a kink is not judged: the history says so, not "first failure"."""
+
+    def relu_loss(w, x):
+        return jnp.sum(jax.nn.relu(x * w))
+
+    check = jaxcheck.PeriodicCheck(relu_loss, every=10, num_directions=8)
+    x = jnp.asarray([1.0, -2.0, 3.0, 0.5], jnp.float32)
+    report = check(np.int64(0), jnp.zeros(4, jnp.float32), x)  # every unit on its kink
+    assert report.status == "inconclusive", str(report)
+    assert check.first_failure == 0  # (the first check that did not pass)
+    text = str(check).splitlines()
+    assert text[0].startswith(
+        "PeriodicCheck(every=10): 1 checks, first check not passed at step 0 (inconclusive), "
+    ), text[0]
+    assert text[2].split()[:3] == ["0", "inconclusive", "—"], text[2]
