@@ -33,6 +33,10 @@ def checked(fn, params, args, options, check) -> Report:
             what.append(", under JAX's transformations too,")
         except Exception as err:  # noqa: BLE001 - the gradient check's verdict stands
             notes.append(f"transforms: not checked ({one_line(err)})")
+    if o.grad_fn is not None and report.status is Status.PASS and _rounding_gap(report):
+        part, more = _grad_fn_native(o, check)
+        parts += [part] if part is not None else []
+        notes += more
     if _wants_rules(o, report):
         error = report.relative_error if report.status is Status.FAIL else None
         passed = report.status is Status.PASS
@@ -53,6 +57,31 @@ def checked(fn, params, args, options, check) -> Report:
     if o.raise_on_failure and not report.ok:
         raise GradientCheckError(report)
     return report
+
+
+def _grad_fn_native(o, check) -> tuple[Report | None, list]:
+    """grad_fn, passed with a gap to itself in float64 taken for rounding, checked against
+    finite differences in its own precision: a grad_fn wrong on its float32 path alone
+    looks like that gap, and no rule check sees into grad_fn. A failure there is a part
+    of the report; anything else a note."""
+    native = check(
+        dataclasses.replace(
+            o, precision="native", order=1, raise_on_failure=False, rules=False, transforms=False
+        )
+    )
+    dtype = native.tested_dtype
+    what = f"grad_fn ({dtype}) vs finite differences in {dtype}"
+    if native.status is Status.FAIL:
+        return dataclasses.replace(native, label=what), []
+    seen = (
+        f"relative error {native.relative_error:.1e}, tolerance {native.tolerance:.1e}"
+        if native.status is Status.PASS
+        else "not judged"
+    )
+    return None, [
+        f"{what}, as the gap above could hide a bug on grad_fn's {dtype} path: "
+        f"{native.status.value} ({seen})"
+    ]
 
 
 def _wants_rules(o, report: Report) -> bool:

@@ -586,6 +586,37 @@ def test_a_relu_unit_on_its_kink_is_not_taken_for_noise(bug):
     assert "directions are smooth at this point" in report.problems[0]
 
 
+@pytest.mark.parametrize("bug", [1.0, 1.02])
+def test_a_grad_fn_wrong_on_its_float32_path_alone_fails_in_float32(bug):
+    """A hand-written gradient 2 % off in float32 alone differs from itself in float64 by
+    about that: the gap was taken for rounding and passed (no rule check sees into
+    grad_fn). It is now checked against finite differences in float32 too, which fail it
+    and name the leaf; the right one passes with what that check saw."""
+
+    def loss(p, x):
+        return jnp.mean(jnp.tanh(x @ p["w"] + p["b"]) ** 2)
+
+    def grad_fn(p, x):
+        z = jnp.tanh(x @ p["w"] + p["b"])
+        d = 2 * z * (1 - z * z) / z.size
+        gw = x.T @ d
+        return {"w": gw * bug if gw.dtype == jnp.float32 else gw, "b": d.sum(0)}
+
+    params = {"w": jnp.linspace(-0.5, 0.5, 6).reshape(3, 2), "b": jnp.asarray([0.1, -0.2])}
+    x = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+    report = jaxcheck.verify(loss, params, x, grad_fn=grad_fn)
+    if bug == 1.0:
+        assert report.status == "pass" and report.relative_error < 1e-6, str(report)
+        assert not any("grad_fn (float32) vs finite differences" in q for q in report.problems)
+        return
+    assert report.status == "fail", str(report)
+    assert str(report).splitlines()[0] == (
+        "jaxcheck.verify: FAIL — grad_fn (float32) vs finite differences in float32 is WRONG"
+    )
+    assert 0.01 < report.relative_error < 0.1 and report.tolerance < 1e-3
+    assert [leaf.path for leaf in report.parts[1].leaves if leaf.status == "fail"] == ["['w']"]
+
+
 @pytest.mark.parametrize("factor", [1.5, -1.0])
 def test_a_rule_wrong_only_in_float32_fails_however_large(factor):
     """fn's value is the same in float32 and float64, only its derivative differs: not
