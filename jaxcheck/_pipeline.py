@@ -3,6 +3,7 @@ balance the directions, take finite differences on the step ladder (`_ladder`), 
 judge (`_verdict`), check leaves alone where needed (`_localize`), and assemble the
 `Report`."""
 
+import dataclasses
 import math
 
 import jax.numpy as jnp
@@ -326,6 +327,8 @@ def _needed_derivative(run: Run, ref, h) -> float:
 
 def _report(run: Run, status, counts, p, checks, leaves, held_fixed, steps, stopped) -> Report:
     head = _verdict.head(checks, status) if checks else None
+    if status is Status.INCONCLUSIVE:  # a row's failure the verdict overruled: not judged
+        checks = [c if c.passed else dataclasses.replace(c, judged=False) for c in checks]
     nan = math.nan
     ref = run.reference or _precision.reference_dtype(run.policy, run.tested)
     return Report(

@@ -177,7 +177,7 @@ def status(run: Run, p: Pass, checks, k, problems) -> Status:
         )
         return Status.INCONCLUSIVE
     head = checks[0]
-    flat = _flat(run, p, k, problems)
+    flat = _flat(run, p, k, problems, checks)
     if flat is not None:
         return flat
     noisy = max(math.sqrt(_precision.eps(run.tested)), 100 * eps_fd(run))
@@ -253,7 +253,7 @@ def _half_precision_limit(run: Run, head) -> str:
     return ""
 
 
-def _flat(run: Run, p: Pass, k, problems) -> Status | None:
+def _flat(run: Run, p: Pass, k, problems, checks=()) -> Status | None:
     """The verdict where fn's values do not change at all within the step along most
     directions (finite differences exactly zero): a pass when the derivative under test
     is exactly zero there too (fn is piecewise constant here); inconclusive when it is
@@ -282,6 +282,20 @@ def _flat(run: Run, p: Pass, k, problems) -> Status | None:
         )
         return Status.INCONCLUSIVE
     if p.step >= 0.99 * run.max_step:  # flat even at the largest step: judged as usual
+        # (unless a row fails where the derivative says fn moves by less than its own
+        # rounding there: a softmax saturated in float32, whose derivative of 1e-8 no
+        # float32 value shows, and whose modes differ by their rounding)
+        quantum = _precision.eps(run.reference) * float(np.max(np.abs(p.phi0), initial=0.0))
+        failing = any(not c.passed for c in checks)
+        if failing and np.any(a[use]) and change < quantum:
+            problems.append(
+                f"fn's values do not change along {n} of {k} directions even at the largest "
+                f"relative step, {p.step:.1e}, where the derivative under test says fn moves "
+                f"by {change:.1e}, below the rounding of fn's {run.reference.name} values "
+                f"({quantum:.1e}): fn's precision cannot show a derivative this small (a "
+                "softmax or sigmoid saturated in float32), so nothing judges it here"
+            )
+            return Status.INCONCLUSIVE
         if np.any(a[use]):
             problems.append(
                 f"fn's values do not change along {n} of {k} directions even at the largest "

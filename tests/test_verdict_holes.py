@@ -930,3 +930,24 @@ def test_a_leaf_fn_does_not_change_with_says_why_its_row_reads_1_against_2():
         "terms, hence a relative error near 1 against a tolerance of 2"
     ) in report.problems
     assert not any(q.startswith("['wk']") for q in report.problems)
+
+
+def test_a_derivative_below_the_rounding_of_a_float32_only_fn_is_not_judged():
+    """A softmax saturated in float32 (outputs 1 and 1e-8), in a fn that cannot run in
+    float64 (lax.mul of a float32 constant): its derivative, about 1e-8, moves fn by less
+    than one rounding of its values even at the largest step, so float32 differences are
+    flat and forward and reverse mode, rounding alike, differ by 4e-3 relative: that was a
+    failure of the forward-vs-reverse row, where JAX's check_grads passes."""
+    weight = jnp.full((4,), 10.0, jnp.float32)
+
+    def f(a):
+        return jax.nn.softmax(lax.mul(a, weight))
+
+    x = jnp.asarray([1.7641, -0.2935, -0.4843, -2.6549], jnp.float32)
+    report = jaxcheck.verify(f, x, mode="both")
+    assert report.status == "inconclusive", str(report)
+    [said] = [q for q in report.problems if "cannot show a derivative this small" in q]
+    assert "below the rounding of fn's float32 values" in said, said
+    assert all(c.passed or not c.judged for c in report.checks), str(report)
+    assert "FAIL" not in str(report)
+    assert jaxcheck.check_grads(f, (x,), 1) is None  # not judged: nothing raised
