@@ -7,7 +7,8 @@ replaced in `jax._src.public_test_util`, which defines it, and wherever an alrea
 module holds it, so `jax.test_util`, `jax._src.test_util` and test modules that import it
 later get the replacement too. A wrong derivative, or a NaN/Inf one where the function is finite,
 fails the test. A check with nothing to judge (a kink at the point, or the function itself
-NaN/Inf there) does not; it is listed, with the wrong ones, in a summary at the end.
+NaN/Inf there) does not; it is listed, with the wrong ones (and those whose error the test
+caught, as it expected), in a summary at the end, under pytest-xdist too.
 """
 
 import dataclasses
@@ -61,6 +62,11 @@ class Router:
         self.nodeid = "(outside a test)"
         self.records: list[Record] = []
         self.calls = 0
+        # what the running test's checks found, not yet on its report: each test report
+        # carries its own (in `user_properties`), which pytest-xdist sends from the worker
+        # that ran the test to the process that prints the summary
+        self.pending: list[list[str]] = []
+        self.pending_calls = 0
         self.replaced: list[tuple[object, str, object]] = []
 
     # -- replacing the original -----------------------------------------------------------
@@ -93,14 +99,14 @@ class Router:
 
         @functools.wraps(self.original)
         def check_grads(f, args, order, modes=("fwd", "rev"), atol=None, rtol=None, eps=None):
-            self.calls += 1
+            self.pending_calls += 1
             try:
                 outcome = _check_grads.run(f, args, order, modes, atol, rtol, eps)
             except Exception as e:
-                self.records.append(Record(self.nodeid, "error", one_line(e)))
+                self.pending.append(["error", one_line(e)])
                 raise
             if outcome.verdict != "pass":
-                self.records.append(Record(self.nodeid, outcome.verdict, outcome.headline))
+                self.pending.append([outcome.verdict, outcome.headline])
             if outcome.verdict == "fail":
                 raise _check_grads.GradientCheckError(outcome.report)
 
@@ -117,9 +123,33 @@ class Router:
         finally:
             self.nodeid = "(outside a test)"
 
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item, call):
+        report = yield
+        if self.pending_calls:
+            found = {"calls": self.pending_calls, "records": self.pending}
+            report.user_properties.append((PROPERTY, found))
+            self.pending, self.pending_calls = [], 0
+        return report
+
+    def pytest_runtest_logreport(self, report):
+        for name, found in report.user_properties:
+            if name != PROPERTY:
+                continue
+            self.calls += found["calls"]
+            for verdict, headline in found["records"]:
+                # a GradientCheckError the test expected (pytest.raises, assertRaises)
+                if verdict == "fail" and report.when == "call" and report.passed:
+                    verdict = "caught"
+                self.records.append(Record(report.nodeid, verdict, headline))
+
     # -- the summary ----------------------------------------------------------------------
 
     def pytest_terminal_summary(self, terminalreporter):
+        if self.pending_calls:  # calls outside any test (at import, in a session fixture)
+            self.calls += self.pending_calls
+            self.records += [Record(self.nodeid, v, h) for v, h in self.pending]
+            self.pending, self.pending_calls = [], 0
         counts = {v: sum(r.verdict == v for r in self.records) for v in VERDICTS}
         passed = self.calls - len(self.records)
         tr = terminalreporter
@@ -134,8 +164,11 @@ class Router:
                     tr.line(f"{verdict.upper():8} {r.nodeid}: {r.headline}")
 
 
+PROPERTY = "jaxcheck"  # the key of what a test's checks found in its report's user_properties
+
 VERDICTS = {
     "fail": "failed (raised GradientCheckError, an AssertionError, in the test)",
+    "caught": "failed as the test expected (it caught the GradientCheckError)",
     "unjudged": "not judged (kink or non-finite fn at the point; nothing raised)",
     "error": "raised an error",
 }

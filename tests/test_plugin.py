@@ -10,6 +10,7 @@ SAMPLE = textwrap.dedent(
     import jax
     import jax.numpy as jnp
     import numpy as np
+    import pytest
     from jax._src import public_test_util
     from jax._src import test_util as jtu
     from jax.test_util import check_grads
@@ -53,6 +54,11 @@ SAMPLE = textwrap.dedent(
         jtu.check_grads(wrong_sin, (X,), 1, ("rev",))
 
 
+    def test_expects_the_wrong_rule_to_fail():
+        with pytest.raises(AssertionError):
+            check_grads(wrong_sin, (X,), order=1, modes=["fwd"])
+
+
     def test_jax_captures_what_the_test_prints():
         # JAX's capture_stdout binds the sys.stdout of the moment jax._src.test_util is
         # imported: under pytest, its capture; the plugin must not import it earlier
@@ -78,14 +84,20 @@ def _pytest(tmp_path, *flags):
 
 
 def test_jaxcheck_flag_routes_every_check_grads_and_summarizes(tmp_path):
-    out = _pytest(tmp_path, "-p", "jaxcheck.pytest_plugin", "--jaxcheck", "test_sample.py")
-    assert "2 failed, 5 passed" in out, out
+    """Under pytest-xdist too: each test's report carries what its checks found from the
+    worker that ran it to the summary (which listed nothing under `-n 2`)."""
+    # (pytest-benchmark, where installed, warns under xdist)
+    xdist = ("-n", "2", "-p", "no:benchmark")
+    flags = ("-p", "jaxcheck.pytest_plugin", "--jaxcheck", *xdist, "test_sample.py")
+    out = _pytest(tmp_path, *flags)
+    assert "2 failed, 6 passed" in out, out
     assert "FAILED test_sample.py::test_wrong_custom_jvp - jaxcheck.GradientCheckError" in out
     assert "FAILED test_sample.py::test_via_jtu - jaxcheck.GradientCheckError" in out
     summary = out.split("jaxcheck check_grads")[1]
     assert (
-        "6 check_grads calls routed to jaxcheck: 2 passed, 2 failed (raised GradientCheckError, "
+        "7 check_grads calls routed to jaxcheck: 2 passed, 2 failed (raised GradientCheckError, "
         "an AssertionError, in the test), "
+        "1 failed as the test expected (it caught the GradientCheckError), "
         "2 not judged (kink or non-finite fn at the point; nothing raised), "
         "0 raised an error" in summary
     )
@@ -94,6 +106,10 @@ def test_jaxcheck_flag_routes_every_check_grads_and_summarizes(tmp_path):
         "(tolerance " in summary
     )
     assert "FAIL     test_sample.py::test_via_jtu: fail; relative error 5.0e-01" in summary
+    assert (
+        "CAUGHT   test_sample.py::test_expects_the_wrong_rule_to_fail: fail; relative error "
+        "5.0e-01" in summary
+    )
     assert (
         "UNJUDGED test_sample.py::test_kink: inconclusive; only 0 of 16 directions are smooth"
         in summary
@@ -108,7 +124,7 @@ def test_jaxcheck_flag_routes_every_check_grads_and_summarizes(tmp_path):
 def test_without_the_flag_the_original_check_grads_runs(tmp_path):
     out = _pytest(tmp_path, "-p", "jaxcheck.pytest_plugin", "test_sample.py")
     # JAX's own check fails the planted bugs, and also the kink and the NaN point
-    assert "4 failed, 3 passed" in out, out
+    assert "4 failed, 4 passed" in out, out
     assert "FAILED test_sample.py::test_wrong_custom_jvp - AssertionError" in out
     assert "GradientCheckError" not in out
     assert "jaxcheck check_grads" not in out
