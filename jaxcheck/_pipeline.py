@@ -127,7 +127,7 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
         leaves = _localize.localize(
             run, scales, leaf_k, h0, paths, chosen, sequential, step is not None
         )
-        status = _localize.merge_leaves(run, status, leaves)
+        status = _localize.merge_leaves(run, status, leaves, len(paths))
     status, checks = _primal(run, status, p, checks)
     return _report(run, status, (n, k), p, checks, leaves, held_fixed, tuple(tried), stopped)
 
@@ -329,6 +329,9 @@ def _report(run: Run, status, counts, p, checks, leaves, held_fixed, steps, stop
     head = _verdict.head(checks, status) if checks else None
     if status is Status.INCONCLUSIVE:  # a row's failure the verdict overruled: not judged
         checks = [c if c.passed else dataclasses.replace(c, judged=False) for c in checks]
+    if status is Status.PASS and head is not None and not head.num_used and leaves:
+        # judged leaf by leaf (`_localize.merge_leaves`): the leaf nearest its tolerance
+        head = max(leaves, key=lambda leaf: leaf.relative_error / leaf.tolerance)
     nan = math.nan
     ref = run.reference or _precision.reference_dtype(run.policy, run.tested)
     return Report(
@@ -336,7 +339,7 @@ def _report(run: Run, status, counts, p, checks, leaves, held_fixed, steps, stop
         relative_error=head.relative_error if head else nan,
         interval=head.interval if head else (nan, nan),
         tolerance=head.tolerance if head else nan,
-        noise_floor=head.noise_floor if head else nan,
+        noise_floor=getattr(head, "noise_floor", nan),
         checks=tuple(checks),
         leaves=tuple(leaves),
         held_fixed=tuple(held_fixed),

@@ -951,3 +951,30 @@ def test_a_derivative_below_the_rounding_of_a_float32_only_fn_is_not_judged():
     assert all(c.passed or not c.judged for c in report.checks), str(report)
     assert "FAIL" not in str(report)
     assert jaxcheck.check_grads(f, (x,), 1) is None  # not judged: nothing raised
+
+
+@pytest.mark.parametrize("bug", [1.0, 2.0])
+def test_a_zero_leaf_beside_large_ones_is_judged_leaf_by_leaf(bug):
+    """An all-zero leaf moves by the RMS of all the leaves (1.6e4 here) along the all-leaf
+    directions, far beyond where tanh(100 z) is smooth: every direction looked kinked and
+    the check was not judged. Each leaf alone moves by its own scale and passes, and the
+    gradient is its leaves' gradients side by side: a pass (a wrong rule still fails)."""
+
+    @jax.custom_jvp
+    def steep(z):
+        return jnp.tanh(100.0 * z)
+
+    steep.defjvp(lambda p, t: (steep(p[0]), bug * 100.0 / jnp.cosh(100.0 * p[0]) ** 2 * t[0]))
+
+    with enable_x64():
+        params = (jnp.asarray([1e4, 2e4]), jnp.zeros(2))
+        report = jaxcheck.verify(lambda a: a[0] * steep(a[1]), params)
+    assert report.status == ("pass" if bug == 1.0 else "fail"), str(report)
+    leaves = {leaf.path: leaf.status.value for leaf in report.leaves}
+    assert leaves == {"[0]": "pass", "[1]": "pass" if bug == 1.0 else "fail"}, str(report)
+    if bug == 1.0:
+        assert report.relative_error < report.tolerance < 1e-4, str(report)
+        assert (
+            "every one of the 2 leaves passes checked alone, along directions scaled to it: "
+            "the gradient is judged leaf by leaf" in " ".join(report.problems)
+        )
