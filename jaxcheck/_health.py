@@ -687,6 +687,21 @@ def find(state: Any) -> HealthState:
         if isinstance(s, HealthState)
     ]
     if not found:
+        fields = [
+            jax.tree_util.keystr(path[:i])
+            for path, _ in jax.tree_util.tree_flatten_with_path(state)[0]
+            for i, entry in enumerate(path)
+            if getattr(entry, "key", getattr(entry, "name", None)) == "first_vanishing"
+        ]
+        if fields:  # its fields, without the state itself (flax's nnx.state converts it)
+            where = fields[0]
+            raise TypeError(
+                f"jaxcheck.health: the {type(state).__name__} passed holds the fields of a "
+                f"gradient_health state (at state{where}) but not the state itself, which "
+                "knows the leaves' paths: nnx.state(optimizer) converts it so. Pass the "
+                "optimizer state as the optimizer holds it (optimizer.opt_state), or the "
+                "nnx.Optimizer itself."
+            )
         raise TypeError(
             f"jaxcheck.health: found no gradient_health state in the {type(state).__name__} "
             "passed; pass the optimizer state of a chain that includes "

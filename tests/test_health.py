@@ -599,6 +599,15 @@ def test_flax_nnx_optimizer_passes_variables_to_init_and_arrays_to_update():
     assert [leaf.path for leaf in summary.leaves] == ["['bias']", "['kernel']"]
     assert summary.ok and summary.steps == 3 and summary.params_seen
     assert summary.leaves[1].grad_norm > 0
+    # nnx.state(optimizer) (what one checkpoints) holds the state's fields, not the state
+    with pytest.raises(TypeError) as raised:
+        jaxcheck.health(nnx.state(optimizer))
+    assert str(raised.value) == (
+        "jaxcheck.health: the State passed holds the fields of a gradient_health state (at "
+        "state['opt_state'][0]) but not the state itself, which knows the leaves' paths: "
+        "nnx.state(optimizer) converts it so. Pass the optimizer state as the optimizer "
+        "holds it (optimizer.opt_state), or the nnx.Optimizer itself."
+    )
 
 
 def test_flax_serialization_imported_after_init_saves_after_an_update():
