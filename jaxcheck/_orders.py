@@ -49,6 +49,7 @@ from . import (
     _precision,
     _problem,
     _report,
+    _rule_search,
     _state,
     _tree,
     _verdict,
@@ -129,6 +130,32 @@ class VjpMap:
         leaves, treedef = jax.tree_util.tree_flatten(out)
         u = [jnp.asarray(c).astype(y.dtype) for c, y in zip(cotangent, leaves)]
         return _dot(pullback(jax.tree_util.tree_unflatten(treedef, u))[0], tangent)
+
+
+@dataclasses.dataclass(frozen=True)
+class CotangentMap:
+    """params, (base, cotangent, tangent), *rest -> <vjp of `inner` at `base`, pulling back
+    `cotangent` times inner(params), tangent>: fn's vjp at a fixed point as a function of
+    its cotangent, which the vjp map (fixed cotangent) never differentiates. Its
+    derivative is the transpose of fn's vjp in its cotangent: a custom_vjp whose bwd is
+    right but holds its cotangent behind a `stop_gradient` (or differentiates it wrongly)
+    fails here, as in JAX's check_grads, which pulls back fn's own outputs."""
+
+    inner: Callable
+    has_aux: bool = False
+
+    def __call__(self, params, fixed, *rest):
+        base, cotangent, tangent = fixed
+        s, diff, arrays = _tree.split(params, "params")
+        f = _restricted(self.inner, s, arrays, rest, self.has_aux)
+        at = [jnp.asarray(b).astype(d.dtype) for b, d in zip(base, diff)]
+        out, pullback = jax.vjp(f, at)
+        treedef = jax.tree_util.tree_structure(out)
+        g = [
+            jnp.asarray(c).astype(y.dtype) * y
+            for c, y in zip(cotangent, jax.tree_util.tree_leaves(f(diff)))
+        ]
+        return _dot(pullback(jax.tree_util.tree_unflatten(treedef, g))[0], tangent)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,12 +275,30 @@ def _parts(fn, params, args, o: _options.Options, first) -> list:
                 f"on them). Write {source} with jax.numpy, or check order=1 only."
             ) from err
         chain = (_CHAIN_NAMES.get(inner, inner),) * level
-        report = _beside_kinks(report, parts[-1][1], level + 1)
-        report = _on_rounding(report, parts[-1][1], level + 1)
+        below = parts[-1][1]
+        report = _beside_kinks(report, below, level + 1)
+        report = _on_rounding(report, below, level + 1)
         parts.append((level + 1, _named(report, level + 1, chain, name)))
+        if level == 1 and _in_cotangent(inner, o, fn, params, args):
+            report = first(
+                CotangentMap(fn, o.has_aux),
+                params,
+                ((draws.inputs.diff, draws.cotangent(), draws.tangent(1)), *args),
+                dataclasses.replace(derived, mode="reverse"),
+            )
+            report = _on_rounding(_beside_kinks(report, head, 2), head, 2)
+            parts.append((2, _named(report, 2, ("reverse",), "vjp map in its cotangent")))
     if notes:
         parts[0] = (1, dataclasses.replace(head, problems=head.problems + tuple(notes)))
     return [part for _, part in sorted(parts, key=lambda item: item[0])]
+
+
+def _in_cotangent(inner, o: _options.Options, fn, params, args) -> bool:
+    """Whether to check fn's vjp in its cotangent too (`CotangentMap`): in reverse mode,
+    where fn calls a custom_vjp, the only rule whose derivative in its cotangent is code
+    of its own (JAX transposes its primitives' and custom_jvp's linear maps)."""
+    reverse = inner in ("reverse", "pair") and o.grad_fn is None
+    return reverse and _rule_search.fn_calls(fn, params, args, "custom_vjp")
 
 
 _LOCALIZED = ("wrong: ", "no single leaf fails on its own")

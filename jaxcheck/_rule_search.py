@@ -106,8 +106,9 @@ def rule_kind(eqn) -> str | None:
     return None
 
 
-def find(fn, params, args) -> tuple[list, list]:
-    """(the rules `fn(params, *args)` calls, with their inputs where captured; notes)."""
+def _traced(fn, params, args):
+    """(fn's closed jaxpr at params and args, traced over their array leaves; the array
+    leaves; which leaves they are)."""
     leaves, treedef = jax.tree_util.tree_flatten((params, args))
     traced = [i for i, x in enumerate(leaves) if _is_array(x)]
 
@@ -119,7 +120,12 @@ def find(fn, params, args) -> tuple[list, list]:
         return fn(p, *a)
 
     values = [leaves[i] for i in traced]
-    closed = jax.make_jaxpr(flat)(*values)
+    return jax.make_jaxpr(flat)(*values), values, traced
+
+
+def find(fn, params, args) -> tuple[list, list]:
+    """(the rules `fn(params, *args)` calls, with their inputs where captured; notes)."""
+    closed, values, traced = _traced(fn, params, args)
     listed = _Search()
     listed.listed([(closed.jaxpr, [])], "", "")
     if not listed.found:  # no rule anywhere: nothing to evaluate op by op
@@ -129,6 +135,16 @@ def find(fn, params, args) -> tuple[list, list]:
     flags = [i < from_params for i in traced]  # which inputs are params (not args)
     search.eval(closed.jaxpr, closed.consts, values, "", "", flags)
     return _unique(search.found), search.notes
+
+
+def fn_calls(fn, params, args, *kinds: str) -> bool:
+    """Whether `fn(params, *args)` calls a rule of one of `kinds` on its way (False where
+    it cannot be traced: the check that needs it says why)."""
+    try:
+        closed = _traced(fn, params, args)[0]
+    except Exception:  # noqa: BLE001 - only a question
+        return False
+    return calls(closed.jaxpr, *kinds)
 
 
 def calls(jaxpr, *kinds: str) -> bool:

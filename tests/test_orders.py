@@ -154,7 +154,8 @@ def test_custom_vjp_right_backward_wrong_second_order_fails_only_at_order_2(rule
     assert first.status == "pass", str(first)
     report = jaxcheck.verify(planted(rule), PYTREE, order=2, num_directions=8)
     assert report.status == "fail"
-    assert [p.status.value for p in report.parts] == ["pass", "fail"]
+    # (the backward pass is right in its cotangent: that part passes)
+    assert [p.status.value for p in report.parts] == ["pass", "fail", "pass"]
     assert report.label == "orders 1 to 2"
     # localization names the leaf whose second derivative is wrong
     assert [leaf.path for leaf in report.leaves if leaf.status == "fail"] == ["['a']"]
@@ -181,8 +182,49 @@ def test_custom_jvp_with_wrong_second_derivative_fails_at_order_2(mode):
 def test_custom_vjp_in_both_modes_checks_the_reverse_maps_only():
     report = jaxcheck.verify(planted(sin_stopped), PYTREE, order=2, mode="both", num_directions=8)
     assert report.status == "fail"
-    assert [p.label for p in report.parts] == ["order 1: fn", "order 2: Hessian-vector products"]
+    assert [p.label for p in report.parts] == [
+        "order 1: fn",
+        "order 2: Hessian-vector products",
+        "order 2: vjp map in its cotangent",
+    ]
     assert "the jvp map (forward-over-forward, reverse-over-forward) was not checked" in str(report)
+
+
+@jax.custom_vjp
+def sin_cotangent_stopped(x):
+    return jnp.sin(x)
+
+
+# right in value; differentiated in its cotangent g, 1 % off
+sin_cotangent_stopped.defvjp(
+    lambda x: (jnp.sin(x), x),
+    lambda x, g: (g * jnp.cos(x) + 0.01 * (g - lax.stop_gradient(g)) * jnp.cos(x),),
+)
+
+
+@pytest.mark.parametrize("mode", ["reverse", "both"])
+def test_a_backward_pass_wrong_in_its_cotangent_fails_at_order_2(mode):
+    """The vjp map pulls back a fixed cotangent, so the derivative of a custom_vjp's bwd in
+    its cotangent went unchecked (JAX's check_grads, which pulls back fn's outputs, fails
+    it): fn's vjp at a fixed point, as a function of a cotangent that moves with params,
+    is checked too where fn calls a custom_vjp."""
+    fn = lambda x: sin_cotangent_stopped(x)  # noqa: E731 - a vector output
+    x = jnp.linspace(0.2, 1.2, 6)
+    assert jaxcheck.verify(fn, x, mode=mode).ok
+    report = jaxcheck.verify(fn, x, order=2, mode=mode)
+    assert report.status == "fail", str(report)
+    [part] = [p for p in report.parts if p.status == "fail"]
+    assert part.label == "order 2: vjp map in its cotangent"
+    assert 0.005 < part.relative_error < 0.02
+    assert part.checks[0].name == "order 2: reverse-over-reverse (vjp map in its cotangent)"
+    with pytest.raises(jaxcheck.GradientCheckError, match="vjp map in its cotangent is WRONG"):
+        jaxcheck.check_grads(sin_cotangent_stopped, (x,), 2, modes=["rev"])
+    # the right rule passes that part, and a fn without a custom_vjp has no such part
+    assert jaxcheck.verify(jnp.sin, x, order=2, mode=mode).ok
+    assert [p.label for p in jaxcheck.verify(jnp.sin, x, order=2).parts] == [
+        "order 1: fn",
+        "order 2: vjp map",
+    ]
 
 
 def test_wrong_first_derivative_is_the_headline():
