@@ -150,12 +150,21 @@ class CotangentMap:
         f = _restricted(self.inner, s, arrays, rest, self.has_aux)
         at = [jnp.asarray(b).astype(d.dtype) for b, d in zip(base, diff)]
         out, pullback = jax.vjp(f, at)
-        treedef = jax.tree_util.tree_structure(out)
+        leaves, treedef = jax.tree_util.tree_flatten(out)
         g = [
-            jnp.asarray(c).astype(y.dtype) * y
-            for c, y in zip(cotangent, jax.tree_util.tree_leaves(f(diff)))
+            jnp.asarray(c).astype(y.dtype) * (y / _power_of_two(y0).astype(y.dtype))
+            for c, y, y0 in zip(cotangent, jax.tree_util.tree_leaves(f(diff)), leaves)
         ]
         return _dot(pullback(jax.tree_util.tree_unflatten(treedef, g))[0], tangent)
+
+
+def _power_of_two(y):
+    """The power of two nearest the largest |y| (1 where y is zero or not finite), taken
+    in float32 so that the map scales alike in every precision: fn's outputs over it
+    are about 1, and pulled back they overflow no more than the vjp map does."""
+    top = jnp.max(jnp.abs(y.astype(jnp.float32)), initial=0.0)
+    usable = (top > 0) & jnp.isfinite(top)
+    return jnp.exp2(jnp.round(jnp.log2(jnp.where(usable, top, 1.0))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,7 +292,7 @@ def _parts(fn, params, args, o: _options.Options, first) -> list:
             report = first(
                 CotangentMap(fn, o.has_aux),
                 params,
-                ((draws.inputs.diff, draws.cotangent(), draws.tangent(1)), *args),
+                ((draws.inputs.diff, draws.output_signs(), draws.tangent(1, scaled=False)), *args),
                 dataclasses.replace(derived, mode="reverse"),
             )
             report = _on_rounding(_beside_kinks(report, head, 2), head, 2)
@@ -482,12 +491,23 @@ class _Draws:
             out.append(jnp.asarray(values * power, jnp.float32))
         return out
 
-    def tangent(self, level: int) -> list:
+    def tangent(self, level: int, scaled: bool = True) -> list:
         """The fixed tangent of level `level` in parameter space (shared by the jvp and the
-        vjp chain: their maps are then the same function, computed in different modes)."""
+        vjp chain: their maps are then the same function, computed in different modes),
+        scaled to each leaf's RMS, or not (`CotangentMap`'s, which contracts fn's
+        Jacobian twice: at a leaf's scale, float16 would overflow)."""
         paths = self.problem.params.paths_of(_tree.DIFF)
         shapes = [x.shape for x in self.inputs.diff]
-        return self._signs(f"tangent:{level}", paths, shapes, self._scales[0])
+        scales = self._scales[0] if scaled else [1.0] * len(paths)
+        return self._signs(f"tangent:{level}", paths, shapes, scales)
+
+    def output_signs(self) -> list:
+        """Random signs (times 1/2, 1 or 2) per output element, a scalar fn's too: the
+        weights `CotangentMap` gives fn's outputs, which it scales itself."""
+        problem = self.problem
+        return self._signs(
+            "cotangent:1", problem.out_paths, problem.out_shapes, [1.0] * len(problem.out_paths)
+        )
 
     def cotangent(self) -> list:
         """The fixed cotangent of fn's outputs (1 for a scalar fn)."""

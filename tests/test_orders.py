@@ -227,6 +227,34 @@ def test_a_backward_pass_wrong_in_its_cotangent_fails_at_order_2(mode):
     ]
 
 
+@pytest.mark.parametrize("case", ["exp-float32", "square-float16"])
+def test_the_cotangent_part_does_not_overflow_where_fn_does_not(case):
+    """Pulled back as they are, fn's outputs overflowed (exp(50) times exp(50) in float32;
+    x * x at 240, its Jacobian contracted twice, in float16): a right rule was reported
+    NaN/Inf. The map scales fn's outputs by a power of two near their largest and takes
+    an unscaled tangent."""
+    if case == "exp-float32":
+        fwd = lambda x: (jnp.exp(x), jnp.exp(x))  # noqa: E731
+        bwd = lambda r, g: (g * r,)  # noqa: E731
+        x = jnp.asarray([30.0, 40.0, 50.0], jnp.float32)
+    else:
+        fwd = lambda x: (x * x, x)  # noqa: E731
+        bwd = lambda x, g: (2 * g * x,)  # noqa: E731
+        x = (jnp.asarray([0.3, -0.8, 1.2, 0.5, 0.9, -1.1]) * 200).astype(jnp.float16)
+
+    @jax.custom_vjp
+    def f(x):
+        return fwd(x)[0]
+
+    f.defvjp(fwd, bwd)
+    report = jaxcheck.verify(f, x, order=2)
+    assert [(p.label, p.status.value) for p in report.parts] == [
+        ("order 1: fn", "pass"),
+        ("order 2: vjp map", "pass"),
+        ("order 2: vjp map in its cotangent", "pass"),
+    ], str(report)
+
+
 def test_wrong_first_derivative_is_the_headline():
     @jax.custom_jvp
     def bad(x):
