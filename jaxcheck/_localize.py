@@ -156,6 +156,10 @@ def _cut_off(run: Run, failing: list) -> list:
     return [path or "(root)" for path in failing if path in zero]
 
 
+# said where an all-leaf check that could not judge passes on its leaves alone
+LEAF_BY_LEAF = "the gradient is judged leaf by leaf"
+
+
 def merge_leaves(run: Run, status: Status, leaves, num_leaves: int = 0) -> Status:
     """The overall status once the leaves are checked: a failing leaf fails the check
     (a non-finite one stays so), and is named. An all-leaf check that could not judge
@@ -189,8 +193,8 @@ def merge_leaves(run: Run, status: Status, leaves, num_leaves: int = 0) -> Statu
         # directions, far beyond where fn is smooth in it; alone it moves by its own scale)
         run.problems.append(
             f"every one of the {num_leaves} leaves passes checked alone, along directions "
-            "scaled to it: the gradient is judged leaf by leaf (the all-leaf directions, "
-            "scaled to all the leaves together, could not judge it, as the note above says)"
+            f"scaled to it: {LEAF_BY_LEAF} (the all-leaf directions, scaled to all the "
+            "leaves together, could not judge it, as the note above says)"
         )
         return Status.PASS
     return status

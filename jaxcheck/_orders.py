@@ -44,6 +44,7 @@ from . import (
     _autodiff,
     _complex,
     _directions,
+    _localize,
     _options,
     _plan,
     _precision,
@@ -317,9 +318,12 @@ def _beside_kinks(report: Report, below: Report, order: int) -> Report:
     """A failing order-`order` check where the order below could not be judged for kinks:
     where fn (or a derivative map) has a kink at the point, its derivative maps jump there,
     so their finite differences say nothing about the rule: not judged."""
-    if not (
-        report.status is Status.FAIL and below.status is Status.INCONCLUSIVE and below.num_nonsmooth
-    ):
+    # (an order below that passed on its leaves alone, its all-leaf directions kinked,
+    # may sit on a kink that only combined directions cross: |a b| / |(a, b)| at 0)
+    unjudged = below.status is Status.INCONCLUSIVE or any(
+        _localize.LEAF_BY_LEAF in q for q in below.problems
+    )
+    if not (report.status is Status.FAIL and unjudged and below.num_nonsmooth):
         return report
     return _unjudged(
         report,

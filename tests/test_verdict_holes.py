@@ -978,3 +978,21 @@ def test_a_zero_leaf_beside_large_ones_is_judged_leaf_by_leaf(bug):
             "every one of the 2 leaves passes checked alone, along directions scaled to it: "
             "the gradient is judged leaf by leaf" in " ".join(report.problems)
         )
+
+
+def test_an_order_2_failure_at_a_kink_only_combined_directions_cross_is_not_judged():
+    """|a b| / |(a, b)| at a = b = 0 is flat along each leaf alone and kinked along every
+    combined direction: order 1 passes leaf by leaf, and the order-2 maps jump there, so
+    their failure says nothing about a rule (it was a failure)."""
+
+    def fn(p):
+        a, b = p["a"], p["b"]
+        return jnp.sum(jnp.abs(a * b) / jnp.sqrt(a**2 + b**2 + 1e-20)) + jnp.sum(jnp.sin(p["c"]))
+
+    q = {"a": jnp.zeros(3), "b": jnp.zeros(3), "c": jnp.asarray([0.2, 0.4, 0.6])}
+    report = jaxcheck.verify(fn, q, order=2)
+    assert [(p.label, p.status.value) for p in report.parts] == [
+        ("order 1: fn", "pass"),
+        ("order 2: Hessian-vector products", "inconclusive"),
+    ], str(report)
+    assert any("so the maps checked at order 2 jump here" in q for q in report.problems)
