@@ -282,12 +282,14 @@ def _flat(run: Run, p: Pass, k, problems, checks=()) -> Status | None:
         )
         return Status.INCONCLUSIVE
     if p.step >= 0.99 * run.max_step:  # flat even at the largest step: judged as usual
-        # (unless a row fails where the derivative says fn moves by less than its own
-        # rounding there: a softmax saturated in float32, whose derivative of 1e-8 no
+        # (unless the derivative says fn moves by less than its own rounding there, and a
+        # row fails, or the differences run in the model's own precision, where a pass
+        # would say nothing: a softmax saturated in float32, whose derivative of 1e-8 no
         # float32 value shows, and whose modes differ by their rounding)
         quantum = _precision.eps(run.reference) * float(np.max(np.abs(p.phi0), initial=0.0))
         failing = any(not c.passed for c in checks)
-        if failing and np.any(a[use]) and change < quantum:
+        native = _precision.eps(run.reference) >= _precision.eps(run.tested)
+        if (failing or native) and np.any(a[use]) and change < quantum:
             problems.append(
                 f"fn's values do not change along {n} of {k} directions even at the largest "
                 f"relative step, {p.step:.1e}, where the derivative under test says fn moves "

@@ -996,3 +996,29 @@ def test_an_order_2_failure_at_a_kink_only_combined_directions_cross_is_not_judg
         ("order 2: Hessian-vector products", "inconclusive"),
     ], str(report)
     assert any("so the maps checked at order 2 jump here" in q for q in report.problems)
+
+
+@pytest.mark.rules_auto
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_a_float32_only_fn_flat_at_float32_resolution_is_not_passed_vacuously(sign):
+    """fn cannot run in float64 and its values (1e4 plus a term of 1e-3) do not change in
+    float32 even at the largest step, where the derivative says it moves by less than one
+    rounding: the finite differences judge nothing, and a sign-flipped rule passed "in
+    absolute terms". Not judged now; the rule checked alone then fails the wrong one."""
+
+    @jax.custom_vjp
+    def s(x):
+        return jnp.sin(x)
+
+    s.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (sign * g * jnp.cos(x),))
+
+    def fn(p):
+        assert p.dtype == jnp.float32  # cannot run in float64
+        return 1e4 + 1e-3 * jnp.sum(s(p))
+
+    report = jaxcheck.verify(fn, jnp.asarray([0.3, -0.8, 1.2, 0.5], jnp.float32))
+    assert report.status == ("inconclusive" if sign == 1.0 else "fail"), str(report)
+    said = " ".join(report.problems)
+    assert "fn's precision cannot show a derivative this small" in said, said
+    if sign == -1.0:
+        assert any(q.startswith("wrong rule: custom_vjp s at ") for q in report.problems)
