@@ -146,7 +146,7 @@ class Router:
     # -- the summary ----------------------------------------------------------------------
 
     def pytest_terminal_summary(self, terminalreporter):
-        if self.pending_calls:  # calls outside any test (at import, in a session fixture)
+        if self.pending_calls:  # calls outside any test (at import, in a fixture shared by all)
             self.calls += self.pending_calls
             self.records += [Record(self.nodeid, v, h) for v, h in self.pending]
             self.pending, self.pending_calls = [], 0
