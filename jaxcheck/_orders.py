@@ -505,19 +505,16 @@ class _Draws:
         scales = self._scales[0] if scaled else [1.0] * len(paths)
         return self._signs(f"tangent:{level}", paths, shapes, scales)
 
-    def output_signs(self) -> list:
-        """Random signs (times 1/2, 1 or 2) per output element, a scalar fn's too: the
-        weights `CotangentMap` gives fn's outputs, which it scales itself."""
+    def output_signs(self, scaled: bool = False) -> list:
+        """Random signs (times 1/2, 1 or 2) per output element, a scalar fn's too, over
+        each output leaf's RMS where `scaled`: unscaled, the weights `CotangentMap` gives
+        fn's outputs, which it scales itself."""
         problem = self.problem
-        return self._signs(
-            "cotangent:1", problem.out_paths, problem.out_shapes, [1.0] * len(problem.out_paths)
-        )
+        scales = 1.0 / self._scales[1] if scaled else [1.0] * len(problem.out_paths)
+        return self._signs("cotangent:1", problem.out_paths, problem.out_shapes, scales)
 
     def cotangent(self) -> list:
         """The fixed cotangent of fn's outputs (1 for a scalar fn)."""
         if self.scalar:
             return [jnp.ones((), jnp.float32)]
-        problem = self.problem
-        return self._signs(
-            "cotangent:1", problem.out_paths, problem.out_shapes, 1.0 / self._scales[1]
-        )
+        return self.output_signs(scaled=True)
