@@ -274,6 +274,8 @@ _TERMS = (
         "grad_fn=grad_fn) (check_grads takes none)",
     ),
     ("jaxcheck.verify runs on the host", "jaxcheck.check_grads runs on the host"),
+    ("The params leaf [", "The args leaf ["),
+    ("Call verify outside the transformation", "Call check_grads outside the transformation"),
     (
         "pass it as an argument instead: verify(fn, params, x)",
         "pass it in args instead: check_grads(f, (x, ...), order)",

@@ -22,7 +22,7 @@ _WIDE_NOTE = (
     "on, so that the float64 parameters are checked as float64 (not rounded to float32)"
 )
 TRACED = (
-    "jaxcheck.verify runs on the host (it reads numbers back and decides), so it cannot be "
+    "jaxcheck.{who} runs on the host (it reads numbers back and decides), so it cannot be "
     "called inside jax.jit, jax.grad, jax.vmap or any other transformation."
 )
 
@@ -71,7 +71,7 @@ def host_side(run):
             jax.debug_infs(False),
             _contextvar(DEBUG_FLAGS, flags),
         ):
-            _refuse_traced(params, args)
+            refuse_traced({"params": params, "args": args})
             try:
                 return run(fn, params, args, options)
             except (jax.errors.UnexpectedTracerError, TypeError) as err:
@@ -91,9 +91,9 @@ def host_side(run):
                         f"later call ({type(err).__name__})."
                     ) from err
                 raise TypeError(
-                    f"{TRACED} fn closes over a traced value (an array of an enclosing "
-                    "jax.jit, jax.grad or jax.vmap); pass it as an argument instead: "
-                    "verify(fn, params, x)."
+                    f"{TRACED.format(who='verify')} fn closes over a traced value (an array "
+                    "of an enclosing jax.jit, jax.grad or jax.vmap); pass it as an argument "
+                    "instead: verify(fn, params, x)."
                 ) from err
 
     return checked
@@ -117,15 +117,18 @@ def _contextvar(var, value):
         var.reset(token)
 
 
-def _refuse_traced(params, args) -> None:
-    for where, tree in (("params", params), ("args", args)):
+def refuse_traced(trees: dict, who: str = "verify") -> None:
+    """Raise a TypeError naming the first traced leaf of `trees` (name -> pytree), or saying
+    that a transformation is tracing, for jaxcheck's entry point `who`."""
+    traced = TRACED.format(who=who)
+    for where, tree in trees.items():
         if not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree)):
             continue
         for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
             if isinstance(leaf, jax.core.Tracer):
                 raise TypeError(
-                    f"{TRACED} The {where} leaf {jax.tree_util.keystr(key_path) or '(root)'} "
-                    "is a traced value. Call verify outside the transformation, on concrete "
+                    f"{traced} The {where} leaf {jax.tree_util.keystr(key_path) or '(root)'} "
+                    f"is a traced value. Call {who} outside the transformation, on concrete "
                     "arrays."
                 )
     # inside jax.jit even new constants are traced: jaxcheck's programs would be staged
@@ -134,7 +137,7 @@ def _refuse_traced(params, args) -> None:
     if _outside_transformations():
         return
     if isinstance(jnp.zeros((), jnp.float32), jax.core.Tracer):
-        raise TypeError(f"{TRACED} Call it outside jax.jit, on concrete arrays.")
+        raise TypeError(f"{traced} Call it outside jax.jit, on concrete arrays.")
 
 
 def _outside_transformations() -> bool:

@@ -41,6 +41,7 @@ import numpy as np
 
 from . import (
     _directions,
+    _host,
     _keywords,
     _options,
     _plan,
@@ -140,8 +141,14 @@ def verify_rule(
         order=order,
         raise_on_failure=raise_on_failure,
     )
+    # like verify: a traced input would fail every row, and the rule's rows are not what
+    # refused them; jaxcheck's own transfers are allowed under a caller's transfer guard
+    _host.refuse_traced({"args": args}, who="verify_rule")
     _differentiable(Rule.make(f, args))
-    report = check_rule(f, args, key, num_directions, precision, rtol, leaf_directions, order=order)
+    with _plan.own_transfers():
+        report = check_rule(
+            f, args, key, num_directions, precision, rtol, leaf_directions, order=order
+        )
     if raise_on_failure and not report.ok:
         raise GradientCheckError(report)
     return report

@@ -65,6 +65,29 @@ def test_traced_params_message_names_the_leaf():
         jax.jit(inside)(jnp.ones(3))
 
 
+@pytest.mark.parametrize("entry", ["check_grads", "verify_rule"])
+def test_the_other_entry_points_refuse_a_traced_call_in_their_own_terms(entry):
+    """verify_rule said a correct jnp.sin was WRONG inside jax.jit (every row failed on the
+    tracer); check_grads said "Call verify" and named a "params leaf"."""
+    calls = {
+        "check_grads": lambda q: jaxcheck.check_grads(jnp.sin, (q,), 1),
+        "verify_rule": lambda q: jaxcheck.verify_rule(jnp.sin, q),
+    }
+
+    def inside(q):
+        calls[entry](q)
+        return q
+
+    with pytest.raises(TypeError) as info:
+        jax.jit(inside)(jnp.ones(3))
+    assert str(info.value).endswith(
+        f"jaxcheck.{entry} runs on the host (it reads numbers back and decides), so it cannot "
+        "be called inside jax.jit, jax.grad, jax.vmap or any other transformation. The args "
+        f"leaf [0] is a traced value. Call {entry} outside the transformation, on concrete "
+        "arrays."
+    )
+
+
 def test_closure_over_a_tracer_is_explained():
     with pytest.raises(TypeError, match="fn closes over a traced value") as info:
         jax.grad(lambda s: jaxcheck.verify(lambda q: jnp.sum(q * s), jnp.ones(3)).step)(1.0)

@@ -153,6 +153,17 @@ def test_transfer_guard_disallow():
             jnp.asarray(np.ones(2, np.float32))
 
 
+def test_transfer_guard_disallow_verify_rule():
+    """verify_rule's rows drew their tangents on the host and were refused: a correct tanh
+    was "primal is WRONG"."""
+    x = jax.device_put(jnp.linspace(-1.0, 1.0, 3))
+    with jax.transfer_guard("disallow"):
+        report = jaxcheck.verify_rule(jnp.tanh, x)
+        assert report.status == "pass", str(report)
+        with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
+            jnp.asarray(np.ones(2, np.float32))
+
+
 def test_transfer_guard_with_a_numpy_constant_in_fn():
     """jaxcheck's own transfers are explicit or allowed locally; fn's programs are traced
     and run under the caller's guard, where a NumPy constant fn closes over is baked into
