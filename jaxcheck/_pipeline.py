@@ -123,11 +123,13 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
     chosen = _localize.chosen_leaves(
         localize, status, share, checks[0].tolerance, len(paths), run.rtol, upper
     )
+    chosen = [i for i in chosen if np.size(run.inputs.diff[i])]  # an empty leaf has no check
     if chosen:
         leaves = _localize.localize(
             run, scales, leaf_k, h0, paths, chosen, sequential, step is not None
         )
-        status = _localize.merge_leaves(run, status, leaves, len(paths))
+        nonempty = sum(1 for x in run.inputs.diff if np.size(x))
+        status = _localize.merge_leaves(run, status, leaves, nonempty)
     status, checks = _primal(run, status, p, checks)
     return _report(run, status, (n, k), p, checks, leaves, held_fixed, tuple(tried), stopped)
 

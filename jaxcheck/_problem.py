@@ -2,6 +2,7 @@
 
 import collections
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -10,6 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _plan, _precision, _rule_search, _tree
+
+# how an error for an output with no elements begins (check_grads passes there, as JAX does)
+EMPTY_OUTPUT = "every output leaf of fn is empty"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +148,14 @@ def _with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
                 "only real floating outputs can be differentiated. Cast it to a float dtype "
                 "or move it into the auxiliary output with has_aux=True."
             )
+    if not any(math.prod(leaf.shape) for _, leaf in with_paths):
+        shapes = ", ".join(
+            f"{jax.tree_util.keystr(p) or '(root)'} {tuple(leaf.shape)}" for p, leaf in with_paths
+        )
+        raise ValueError(
+            f"{EMPTY_OUTPUT} ({shapes}): there is no derivative to check. Return at least one "
+            "element (a scalar loss, for example)."
+        )
     problem = dataclasses.replace(
         problem,
         out_treedef=treedef,

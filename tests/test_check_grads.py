@@ -353,6 +353,10 @@ def test_empty_arguments_have_nothing_to_check():
     assert (outcome.report, outcome.verdict) == (None, "pass")
     assert outcome.headline == "pass; every floating-point argument is empty, nothing to check"
     assert jaxcheck.check_grads(jnp.sum, (np.zeros((2, 0)),), 1) is None
+    # no output elements: nothing to compare, and JAX's check passes too
+    outcome = _check_grads.run(lambda x: x[:0] * 2.0, (np.ones(3, np.float32),), 2)
+    assert (outcome.report, outcome.verdict) == (None, "pass")
+    assert outcome.headline == "pass; every output of f is empty, nothing to check"
 
 
 def test_checking_the_same_function_again_compiles_nothing():

@@ -148,6 +148,27 @@ def test_all_empty_params_are_refused():
     assert "nothing to check" in str(info.value)
 
 
+def test_an_all_empty_output_is_refused():
+    """It passed ("fn is flat here") though there is no derivative to check."""
+    with pytest.raises(ValueError) as info:
+        jaxcheck.verify(lambda p: {"y": p[:0] * 2.0, "z": p[3:]}, jnp.ones(3))
+    assert str(info.value) == (
+        "every output leaf of fn is empty (['y'] (0,), ['z'] (0,)): there is no derivative "
+        "to check. Return at least one element (a scalar loss, for example)."
+    )
+
+
+def test_an_empty_leaf_beside_others_is_not_checked_alone():
+    """It was checked alone and reported flat ("a parameter cut off from the loss?")."""
+    params = {"a": jnp.ones((0,)), "b": jnp.linspace(0.5, 1.0, 2)}
+    report = jaxcheck.verify(
+        lambda p: jnp.sum(p["a"] ** 3) + jnp.sum(p["b"] ** 2), params, localize=True
+    )
+    assert report.status == "pass", str(report)
+    assert [leaf.path for leaf in report.leaves] == ["['b']"]
+    assert not any("flat" in q for q in report.problems), report.problems
+
+
 def test_scalar_from_grad_fn_for_a_pytree():
     params = {"a": jnp.ones(2), "b": jnp.ones(3)}
     fn = lambda p: jnp.sum(p["a"]) + jnp.sum(p["b"])  # noqa: E731
