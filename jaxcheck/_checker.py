@@ -3,7 +3,7 @@
 from collections.abc import Callable
 from typing import Any
 
-from . import _options, _plan, _verify
+from . import _keywords, _options, _plan, _verify
 from ._report import Report
 
 
@@ -30,6 +30,13 @@ class Checker:
     def __init__(self, fn: Callable, **options: Any):
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}.")
+        _keywords.refuse_unknown(
+            "jaxcheck.Checker",
+            "Checker(fn, **options)(params, *args)",
+            options,
+            _options.NAMES,
+            fn,
+        )
         self.fn = fn
         self.options = _options.make(**options)
         self.compilations = 0

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _autodiff, _differences, _plan, _precision
-from ._errors import one_line
+from ._errors import GradientCheckError, one_line
 from ._state import TRACED_RULE, Run
 
 # said where mode="both" meets a custom_vjp (`check_grads` raises on it, as JAX's does)
@@ -140,6 +140,13 @@ def _reference(run: Run, index, rows, h, offsets) -> dict:
         try:
             return _reference_in(run, dtype, cast, index, rows, h, offsets)
         except Exception as err:  # noqa: BLE001 - any failure of fn in that precision
+            if run.policy == "float64" and _fn_failed(err):
+                # fn ran in its own precision (the probe): float64 is what it refused
+                raise ValueError(
+                    f"precision='float64', but fn could not run in float64 ({one_line(err)})"
+                    f"{_hint(err)}. Pass precision='auto' to fall back to the model's "
+                    "precision (the report says so), or make fn accept float64 inputs."
+                ) from err
             if i + 1 == len(attempts):
                 raise
             after = (
@@ -155,6 +162,14 @@ def _reference(run: Run, index, rows, h, offsets) -> dict:
                 + _hint(err)
             )
     raise AssertionError("unreachable")
+
+
+def _fn_failed(err) -> bool:
+    """Whether `err` is fn's own failure rather than one jaxcheck handles itself (a failed
+    check, a traced value that leaked into the program)."""
+    if isinstance(err, GradientCheckError | jax.errors.UnexpectedTracerError):
+        return False
+    return "Computation compiled for" not in str(err)
 
 
 def _hint(err) -> str:

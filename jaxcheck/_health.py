@@ -14,6 +14,7 @@ import numpy as np
 import optax
 
 from . import _options
+from ._errors import one_line
 
 # Defaults of `gradient_health`; the reasoning is in its docstring.
 DECAY = 0.99
@@ -233,8 +234,7 @@ def gradient_health(
         if params is None:
             param_norm = jnp.full_like(grad_norm, NO_PARAMS)
         else:
-            structure = jax.tree_util.tree_structure(updates, is_leaf=_is_none)
-            flat = structure.flatten_up_to(params)
+            flat = _params_like(updates, params)
             # Parameters move by about the learning rate per step: their norms are refreshed
             # every PARAM_EVERY steps, which keeps their reductions off most steps.
             param_norm = jax.lax.cond(
@@ -420,6 +420,30 @@ def _check_paths(paths, expected) -> None:
         f"was made from parameters with {few(list(expected)) or 'none'}{diff}. Call init with "
         "the parameters that are being trained."
     )
+
+
+def _params_like(updates, params) -> list:
+    """The leaves of `params` in the order of those of `updates` (None where an update is
+    None), refusing params of another structure or leaf shape with a named error."""
+    structure = jax.tree_util.tree_structure(updates, is_leaf=_is_none)
+    try:
+        flat = structure.flatten_up_to(params)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            "gradient_health: params do not have the structure of the updates "
+            f"({one_line(err)}). Pass the parameters being trained, the pytree the updates "
+            "are the gradient of, as update's third argument."
+        ) from err
+    with_paths = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_none)[0]
+    for (path, u), p in zip(with_paths, flat, strict=True):
+        if p is None or u is None or np.shape(p) == np.shape(u):
+            continue
+        raise ValueError(
+            f"gradient_health: the update {jax.tree_util.keystr(_named(path))} has shape "
+            f"{tuple(np.shape(u))}, but its parameter has shape {tuple(np.shape(p))}. Pass "
+            "the parameters being trained, the pytree the updates are the gradient of."
+        )
+    return flat
 
 
 def _streak_needed(leaves) -> jax.Array:

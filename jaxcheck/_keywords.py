@@ -21,15 +21,22 @@ def checked(name: str, call: str):
 
         @functools.wraps(entry)
         def wrapper(*args, **kwargs):
-            unknown = [k for k in kwargs if k not in names]
-            if unknown:
-                fn_takes = _keywords_of(args[0]) if args else frozenset()
-                raise TypeError(_unknown(name, call, unknown, names, fn_takes))
+            refuse_unknown(name, call, kwargs, names, args[0] if args else None)
             return entry(*args, **kwargs)
 
         return wrapper
 
     return decorate
+
+
+def refuse_unknown(name: str, call: str, kwargs, names, fn=None) -> None:
+    """Raise the TypeError of `checked` for the keywords in `kwargs` that are not among
+    `names`, the options of entry point `name` called as `call`; `fn` is the function
+    under check (its own keywords are told to be bound first)."""
+    unknown = [k for k in kwargs if k not in names]
+    if unknown:
+        fn_takes = frozenset() if fn is None else _keywords_of(fn)
+        raise TypeError(_unknown(name, call, unknown, tuple(names), fn_takes))
 
 
 def _keywords_of(fn) -> frozenset:

@@ -83,6 +83,8 @@ def _number(value, integer: bool):
 
 
 MIN_STEP = 1e-12  # a relative step below it is float64 rounding (eps 2.2e-16) at best
+# check_grads' names of the modes, which users carry over
+_JAX_MODES = {"fwd": "forward", "rev": "reverse", "lin": "forward"}
 _INTS = ("order", "num_directions", "leaf_directions", "chunk_size", "memory_budget")
 _FLOATS = ("step", "rtol")
 
@@ -111,7 +113,9 @@ def _validate(o: Options) -> None:
     _positive_int("leaf_directions", o.leaf_directions, 2)
     _flag("sequential", o.sequential)
     if o.mode not in MODES:
-        raise ValueError(f"mode must be 'reverse', 'forward' or 'both', got {o.mode!r}.")
+        meant = _JAX_MODES.get(o.mode) if isinstance(o.mode, str) else None
+        hint = f" (jax.test_util.check_grads' {o.mode!r} is mode={meant!r} here)" if meant else ""
+        raise ValueError(f"mode must be 'reverse', 'forward' or 'both', got {o.mode!r}{hint}.")
     if o.grad_fn is not None and o.mode != "reverse":
         raise ValueError(
             f"grad_fn checks a reverse-mode gradient; mode={o.mode!r} is not possible with "

@@ -9,7 +9,7 @@ from typing import Any
 
 import jax
 
-from . import _health, _options
+from . import _health, _keywords, _options
 from ._checker import Checker
 from ._errors import GradientCheckError
 from ._report import Report, Status
@@ -84,7 +84,16 @@ class PeriodicCheck:
     """
 
     def __init__(self, fn: Callable, *, every: int = 100, **options: Any):
+        _keywords.refuse_unknown(
+            "jaxcheck.PeriodicCheck",
+            "PeriodicCheck(fn, every=..., **options)(step, params, *args)",
+            options,
+            ("every", *_options.NAMES),
+            fn,
+        )
         every = _options.scalar(every)
+        if isinstance(every, float) and every.is_integer():
+            every = int(every)  # as `step` is taken
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every={every!r} must be an int >= 1 (check every that many steps).")
         if "localize" in options:
@@ -115,6 +124,10 @@ class PeriodicCheck:
             raise TypeError(
                 f"step={step!r} must be an int, the training step's number (the check runs "
                 f"on multiples of every={self.every}); call check(step, params, *args)."
+            )
+        if number < 0:
+            raise ValueError(
+                f"step={step!r} is negative; pass the training step's number, counted from 0."
             )
         reason = "every N steps" if number % self.every == 0 else None
         if opt_state is not None:

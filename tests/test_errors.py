@@ -23,7 +23,13 @@ P = {"w": jnp.ones(3)}
         ({"num_directions": 2}, ValueError, "num_directions must be an int >= 4, got 2."),
         ({"num_directions": 8.0}, ValueError, "num_directions must be an int >= 4, got 8.0."),
         ({"leaf_directions": 1}, ValueError, "leaf_directions must be an int >= 2, got 1."),
-        ({"mode": "fwd"}, ValueError, "mode must be 'reverse', 'forward' or 'both', got 'fwd'."),
+        (
+            {"mode": "fwd"},
+            ValueError,
+            "mode must be 'reverse', 'forward' or 'both', got 'fwd' "
+            "(jax.test_util.check_grads' 'fwd' is mode='forward' here).",
+        ),
+        ({"mode": "up"}, ValueError, "mode must be 'reverse', 'forward' or 'both', got 'up'."),
         (
             {"precision": "float32"},
             ValueError,
@@ -83,7 +89,19 @@ def test_direction_sharding_over_one_device_takes_any_number_of_directions():
     [
         ({"num_directions": 2}, ValueError, "num_directions must be an int >= 4, got 2."),
         ({"key": "seed"}, TypeError, "key must be an int seed or a single JAX PRNG key"),
-        ({"chunks": 4}, TypeError, "unknown option(s) chunks; the options of jaxcheck.verify are"),
+        (
+            {"chunks": 4},
+            TypeError,
+            "jaxcheck.Checker got unexpected keyword argument(s) 'chunks' (did you mean "
+            "'chunk_size'?); its options are grad_fn, has_aux, order,",
+        ),
+        (
+            {"x": 2.0},
+            TypeError,
+            "If these are fn's keyword arguments: fn's inputs are positional, Checker(fn, "
+            "**options)(params, *args); bind keywords first, Checker(functools.partial(fn, "
+            "x=...), **options)(params, *args).",
+        ),
     ],
 )
 def test_checker_validates_options_when_made(kwargs, error, message):
@@ -171,8 +189,14 @@ def test_precision_float64_required_but_impossible():
         assert p["w"].dtype == jnp.float32, "float32 only"
         return jnp.sum(p["w"] ** 2)
 
-    with pytest.raises(AssertionError, match="float32 only"):
+    with pytest.raises(ValueError) as info:
         jaxcheck.verify(float32_only, P, precision="float64")
+    assert str(info.value) == (
+        "precision='float64', but fn could not run in float64 (AssertionError: float32 only). "
+        "Pass precision='auto' to fall back to the model's precision (the report says so), "
+        "or make fn accept float64 inputs."
+    )
+    assert isinstance(info.value.__cause__, AssertionError)  # fn's own error, chained
     report = jaxcheck.verify(float32_only, P)  # "auto" falls back, and says so
     assert report.status == "pass"
     assert report.reference_dtype == "float32"

@@ -355,6 +355,25 @@ def test_errors_say_what_to_do():
     renamed = {"dead": jnp.ones(3), "tail": {"b": jnp.zeros(2), "w": jnp.ones((2, 2))}}
     with pytest.raises(ValueError, match=r"missing \['head'\]\['b'\], \['head'\]\['w'\]; not in"):
         opt.update(renamed, opt.init(PARAMS))
+    # params unlike the updates: JAX's bare pytree error before; a wrong shape was taken
+    grads = {"w": jnp.ones(2), "b": jnp.ones(1)}
+    state = opt.init(grads)
+    with pytest.raises(ValueError) as info:
+        opt.update(grads, state, {"w": jnp.ones(2)})
+    assert str(info.value).startswith(
+        "gradient_health: params do not have the structure of the updates (ValueError: Dict "
+        "key mismatch; expected keys: ['b', 'w']; present keys: ['w']"
+    )
+    assert str(info.value).endswith(
+        "Pass the parameters being trained, the pytree the updates are the gradient of, as "
+        "update's third argument."
+    )
+    with pytest.raises(ValueError) as info:
+        opt.update({"w": jnp.ones(7), "b": jnp.ones(1)}, state, grads)
+    assert str(info.value) == (
+        "gradient_health: the update ['w'] has shape (7,), but its parameter has shape (2,). "
+        "Pass the parameters being trained, the pytree the updates are the gradient of."
+    )
     with pytest.raises(TypeError, match="warmup=True must be an int >= 0"):
         jaxcheck.gradient_health(warmup=True)
     with pytest.raises(

@@ -162,8 +162,18 @@ def test_bad_arguments():
     check = jaxcheck.PeriodicCheck(loss, every=1)
     with pytest.raises(TypeError, match=r"^jaxcheck\.PeriodicCheck runs on the host .* outside "):
         jax.jit(lambda step: check(step, {"w": jnp.ones(3)}) is None)(0)
-    with pytest.raises(TypeError, match="unknown option"):
+    # as verify says it (before: "unknown option(s)", and `every` not among them)
+    with pytest.raises(TypeError, match=r"'num_direction' \(did you mean 'num_directions'"):
         jaxcheck.PeriodicCheck(loss, every=5, num_direction=8)
+    with pytest.raises(TypeError) as info:
+        jaxcheck.PeriodicCheck(loss, evry=5)
+    assert str(info.value).startswith(
+        "jaxcheck.PeriodicCheck got unexpected keyword argument(s) 'evry' (did you mean "
+        "'every'?); its options are every, grad_fn,"
+    )
+    assert jaxcheck.PeriodicCheck(loss, every=10.0).every == 10  # as a step of 10.0 is taken
+    with pytest.raises(ValueError, match=r"^step=-100 is negative; pass the training step's"):
+        jaxcheck.PeriodicCheck(loss, every=100)(-100, {"w": jnp.ones(3)})
 
 
 @pytest.mark.parametrize("step", ["20", None, 2.5, True])
