@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _evaluate, _options, _plan, _problem, _verify
+from . import _evaluate, _fingerprint, _options, _problem, _verify
 from ._errors import GradientCheckError
 from ._report import Report, Status
 
@@ -162,7 +162,7 @@ def run(f, args, order, modes=("fwd", "rev"), atol=None, rtol=None, eps=None) ->
         # a derivative with respect to empty arrays is empty: JAX's check passes there too
         return Outcome(None, "pass")
     try:
-        report = _verify.run(Positional(f, _fingerprint(f, params)), params, (), options)
+        report = _verify.run(Positional(f, _fingerprint.of(f, *params)), params, (), options)
     except (TypeError, ValueError) as err:
         if str(err).startswith(_problem.EMPTY_OUTPUT):
             # no derivative to compare: JAX's check passes (nothing is said in a test)
@@ -205,61 +205,10 @@ class Positional:
     object) is checked anew, as JAX's check_grads, which keeps nothing, would."""
 
     f: Callable
-    fingerprint: Any = None  # `_fingerprint(f, args)`
+    fingerprint: Any = None  # `_fingerprint.of(f, *args)`
 
     def __call__(self, args):
         return self.f(*args)
-
-
-def _fingerprint(f, args):
-    """What f and its derivative compute at args' shapes: the jaxpr of f's vjp (its custom
-    rules' bwd and jvp included, which f's own jaxpr names but does not show) and the
-    values it closes over (small ones by content, large ones by identity); f's own jaxpr
-    where the vjp cannot be traced; None where f cannot be traced (its programs are then
-    keyed by f alone)."""
-
-    def with_pullback(*a):
-        out, pullback = jax.vjp(f, *a)
-        return out, pullback(jax.tree.map(_unit_cotangent, out))
-
-    # new functions: JAX's trace cache, keyed by f, would return f's first trace
-    abstract = jax.tree.map(_abstract, args)
-    with _plan.own_transfers():
-        for traced in (with_pullback, lambda *a: f(*a)):
-            try:
-                closed = jax.make_jaxpr(traced)(*abstract)
-                return str(closed.jaxpr), tuple(_digest(c) for c in closed.consts)
-            except Exception:  # noqa: BLE001, PERF203 - the check says why f cannot be traced
-                continue
-    return None
-
-
-def _unit_cotangent(y):
-    y = jnp.asarray(y)
-    if jnp.issubdtype(y.dtype, jnp.inexact):
-        return jnp.ones_like(y)
-    return np.zeros(y.shape, jax.dtypes.float0)
-
-
-def _abstract(x):
-    """An array or float argument as its shape and dtype, not weak-typed (as the check
-    holds it): f(jnp.full(3, 0.5)) and f(jnp.ones(3)) are one program."""
-    if isinstance(x, jax.Array | np.ndarray | np.generic) or (
-        isinstance(x, float) and not isinstance(x, bool)
-    ):
-        return jax.ShapeDtypeStruct(
-            np.shape(x), jnp.result_type(x) if isinstance(x, float) else x.dtype
-        )
-    return x
-
-
-def _digest(x):
-    if not isinstance(x, jax.Array | np.ndarray | np.generic):
-        return ("object", id(x))
-    if np.size(x) > 1 << 16:
-        return ("array", id(x))
-    data = np.asarray(x)
-    return (str(data.dtype), data.shape, data.tobytes())
 
 
 # verify's advice, said in check_grads' terms (its f, args and modes; no has_aux or grad_fn)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _plan, _precision, _rule_search, _tree
+from . import _fingerprint, _plan, _precision, _rule_search, _tree
 
 # how an error for an output with no elements begins (check_grads passes there, as JAX does)
 EMPTY_OUTPUT = "every output leaf of fn is empty"
@@ -193,6 +193,8 @@ def _aux_like(closed_jaxpr, out, num_diff: int) -> tuple[str, ...]:
 def called(name: str, f, params, args):
     """`f(params, *args)`; where Python refuses the call itself (f takes another number of
     arguments), a TypeError that says how jaxcheck calls it."""
+    if isinstance(f, _fingerprint.Keyed):  # (a key for the compiled programs only)
+        f = f.f
     try:
         return f(params, *args)
     except TypeError as err:

@@ -50,6 +50,7 @@ from . import (
     _report,
     _rule_rows,
     _rule_search,
+    _tree,
 )
 from ._error_model import Comparison
 from ._errors import GradientCheckError
@@ -412,11 +413,18 @@ class _Called:
             lambda y: y if _rule_rows.inexact(y) else None, self.rule.call(inputs)
         )
 
+    def _key(self):
+        # the values at the fixed positions too: a rule right at one value of its
+        # nondiff_argnums (beta = 1) must be checked anew at another
+        fixed = [self.rule.args[i] for i in sorted(self.rule.fixed)]
+        leaves, treedef = jax.tree_util.tree_flatten(fixed)
+        return self.rule.identity, treedef, tuple(map(_tree.digest, leaves))
+
     def __hash__(self):
-        return hash(self.rule.identity)
+        return hash(self._key())
 
     def __eq__(self, other):
-        return isinstance(other, _Called) and other.rule.identity == self.rule.identity
+        return isinstance(other, _Called) and other._key() == self._key()
 
 
 def _relabel(report: Report, label: str) -> Report:

@@ -37,6 +37,10 @@ def _kind(leaf, path: str, where: str) -> str:
         if isinstance(leaf, complex) and where == "params":
             raise TypeError(_complex_message(where, path))
         return STATIC
+    if isinstance(leaf, float) and where == "args":
+        # a Python number held fixed stays one, as under jax.grad: fn may pass it where JAX
+        # takes no tracer (a custom_vjp's nondiff_argnums, a Python `if`)
+        return STATIC
     dtype = jnp.result_type(leaf) if isinstance(leaf, float) else leaf.dtype
     if isinstance(leaf, np.ndarray) and leaf.dtype.kind in "OSU":  # objects, strings, bytes
         return STATIC
@@ -175,3 +179,16 @@ def match_gradient(s: Split, grad_tree, where: str = "grad_fn") -> list:
             f"{', '.join(p or '(root)' for p in s.paths)}), as jax.grad(fn) does."
         )
     return out
+
+
+def digest(x):
+    """A hashable stand-in for the value `x`: small arrays by content, Python scalars and
+    strings by value, large arrays and other objects by identity."""
+    if isinstance(x, bool | int | float | complex | str | bytes | type(None)):
+        return (type(x).__name__, x)
+    if not isinstance(x, jax.Array | np.ndarray | np.generic):
+        return ("object", id(x))
+    if np.size(x) > 1 << 16:
+        return ("array", id(x))
+    data = np.asarray(x)
+    return (str(data.dtype), data.shape, data.tobytes())

@@ -2,6 +2,7 @@
 differentiated and what is held fixed, sets up the run state and hands it to the pipeline
 (`_pipeline.check`), which returns the `Report`."""
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -12,6 +13,7 @@ import numpy as np
 from . import (
     _differences,
     _directions,
+    _fingerprint,
     _host,
     _keywords,
     _options,
@@ -73,7 +75,8 @@ def verify(
             leaves (holomorphic fn or not, no flag needed) are checked through their real
             view, a trailing (re, im) axis under the same key path, following JAX's
             conventions (`jax.grad` of a real fn is d/d re - i d/d im).
-        *args: further inputs, held fixed (complex ones too).
+        *args: further inputs, held fixed (complex ones too; Python numbers are passed to fn
+            as they are, as under jax.grad).
         grad_fn: a hand-written gradient `grad_fn(params, *args)` to check instead of JAX's
             own (scalar `fn` only); returns a pytree shaped like `params` (for complex leaves
             in JAX's convention, as `jax.grad` returns it).
@@ -179,6 +182,12 @@ def verify(
     )
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}.")
+    # a second check of fn reuses its programs only while fn (and grad_fn) compute what
+    # they did: a global or a setting they read may have changed in between
+    fn = _fingerprint.Keyed(fn, _fingerprint.of(fn, params, *args, has_aux=has_aux))
+    if grad_fn is not None:
+        traced = _fingerprint.of(grad_fn, params, *args, derivative=False)
+        options = dataclasses.replace(options, grad_fn=_fingerprint.Keyed(grad_fn, traced))
     return run(fn, params, args, options)
 
 

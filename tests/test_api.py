@@ -2,6 +2,7 @@
 
 import collections
 import dataclasses
+import functools
 import json
 
 import equinox as eqx
@@ -71,6 +72,24 @@ def test_held_fixed_leaves_are_listed_and_passed_through():
     assert "key<fry>" in fixed["['rng']"]
     assert seen["name"] == "layer" and seen["act"] is jnp.tanh
     assert "held fixed: ['act']" in str(report)
+
+
+@pytest.mark.parametrize("bugged", [False, True])
+def test_a_python_float_in_args_reaches_a_rules_nondiff_argnums(bugged):
+    """It was traced, and JAX refuses a tracer there (UnexpectedTracerError), where
+    jax.grad(loss)(w, 2.0) runs."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+    def softplus(x, beta):
+        return jnp.logaddexp(beta * x, 0.0) / beta
+
+    def bwd(beta, x, g):  # the bug forgets beta
+        return (g * jax.nn.sigmoid((1.0 if bugged else beta) * x),)
+
+    softplus.defvjp(lambda x, beta: (softplus(x, beta), x), bwd)
+    w = jnp.linspace(-2.0, 2.0, 6)
+    report = jaxcheck.verify(lambda w, beta: jnp.sum(softplus(w, beta) ** 2), w, 2.0)
+    assert report.status == ("fail" if bugged else "pass"), str(report)
 
 
 def test_inputs_are_not_modified():
@@ -428,6 +447,41 @@ def test_second_check_of_the_same_function_compiles_nothing():
     assert second.status == "pass"
     jaxcheck.verify(loss, {"w": jnp.ones((3, 3))}, jnp.ones((4, 3)))  # new shapes: compiles
     assert _plan.compilations > before
+
+
+@pytest.mark.parametrize("changed", ["rule setting", "grad_fn setting", "global model"])
+def test_the_same_function_checked_after_what_it_reads_changed_is_checked_anew(changed):
+    """verify reused the programs compiled for the same fn object: a custom_vjp whose bwd
+    read a setting, 50 % wrong after the setting changed, passed with the first check's
+    numbers (a new lambda around it failed)."""
+    setting = {"scale": 1.0}
+    model = {"act": jnp.sin}
+
+    @jax.custom_vjp
+    def act(x):
+        return jnp.sin(x)
+
+    act.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (setting["scale"] * g * jnp.cos(x),))
+
+    def loss(w):
+        return jnp.sum((act(w) if changed == "rule setting" else model["act"](w)) ** 2)
+
+    def grad_fn(w):
+        return setting["scale"] * 2 * jnp.sin(w) * jnp.cos(w)
+
+    kw = {"grad_fn": grad_fn} if changed == "grad_fn setting" else {}
+    w = jnp.linspace(0.1, 1.0, 5)
+    assert jaxcheck.verify(loss, w, **kw).status == "pass"
+    if changed == "global model":
+        model["act"] = jnp.tanh  # loss is now another function; its jax.grad is right
+        assert jaxcheck.verify(loss, w).status == "pass"
+        setting["scale"] = 1.5
+        model["act"] = act
+    else:
+        setting["scale"] = 1.5
+    report = jaxcheck.verify(loss, w, **kw)
+    assert report.status == "fail", str(report)
+    assert report.relative_error == pytest.approx(0.5, rel=1e-3)
 
 
 @pytest.mark.parametrize("bugged", [False, True])

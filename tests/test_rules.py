@@ -188,6 +188,22 @@ def test_integer_input_gets_float0_and_nondiff_argnums_are_held_fixed():
     assert "nondiff_argnums [0] held fixed" in report.problems
 
 
+def test_a_rule_checked_again_at_another_nondiff_value_is_checked_anew():
+    """The finite-difference row's programs were keyed by the rule alone: a bwd that forgets
+    beta, right at beta = 1, then passed at beta = 2 (it fails there in a fresh process)."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+    def softplus(x, beta):
+        return jnp.logaddexp(beta * x, 0.0) / beta
+
+    softplus.defvjp(
+        lambda x, beta: (softplus(x, beta), x), lambda beta, x, g: (g * jax.nn.sigmoid(x),)
+    )
+    x = jnp.linspace(-3.0, 3.0, 7)
+    assert jaxcheck.verify_rule(softplus, x, 1.0).ok
+    assert "vjp vs finite differences" in failed(jaxcheck.verify_rule(softplus, x, 2.0))
+
+
 def test_raise_on_failure_names_the_property():
     f = sin_vjp(lambda x, g: (2.0 * g * jnp.cos(x),))
     with pytest.raises(jaxcheck.GradientCheckError, match="vjp vs finite differences is WRONG"):

@@ -1,0 +1,80 @@
+"""What a function computes, as a key for the programs compiled for it: checking the same
+function again reuses them, while a function whose behaviour changed in between (a global
+or an attribute it reads, a custom rule reading a setting) is checked anew."""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _plan, _tree
+
+
+@dataclasses.dataclass(frozen=True)
+class Keyed:
+    """`f` itself, equal to another `Keyed` of the same `f` with the same fingerprint."""
+
+    f: Callable
+    fingerprint: Any = None  # `of(f, *args)`
+
+    def __call__(self, *args):
+        return self.f(*args)
+
+
+def of(f, *args, derivative: bool = True, has_aux: bool = False):
+    """What `f` (and with `derivative`, its vjp) computes at the shapes and dtypes of `args`:
+    the jaxpr of f's vjp (its custom rules' bwd and jvp included, which f's own jaxpr names
+    but does not show) and the values it closes over (small ones by content, large ones by
+    identity); f's own jaxpr where the vjp cannot be traced; None where f cannot be traced
+    (its programs are then keyed by f alone). Leaves of `args` that are not arrays or
+    floats are held as they are; with `has_aux`, f's output is its first element."""
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    at = [i for i, x in enumerate(leaves) if _is_value(x)]
+
+    def call(*values):
+        full = list(leaves)
+        for i, x in zip(at, values, strict=True):
+            full[i] = x
+        out = f(*jax.tree_util.tree_unflatten(treedef, full))
+        return out[0] if has_aux else out
+
+    def with_pullback(*values):
+        out, pullback = jax.vjp(call, *values)
+        return out, pullback(jax.tree_util.tree_map(_unit_cotangent, out))
+
+    # new functions: JAX's trace cache, keyed by f, would return f's first trace
+    abstract = [_abstract(leaves[i]) for i in at]
+    tries = (with_pullback, call) if derivative else (call,)
+    # (a key only: the caller's invariant checks apply where the check traces f itself)
+    with _plan.own_transfers(), jax.enable_checks(False):
+        for traced in tries:
+            try:
+                closed = jax.make_jaxpr(traced)(*abstract)
+                return str(closed.jaxpr), tuple(_tree.digest(c) for c in closed.consts)
+            except Exception:  # noqa: BLE001, PERF203 - the check says why f cannot be traced
+                continue
+    return None
+
+
+def _is_value(x) -> bool:
+    return isinstance(x, jax.Array | np.ndarray | np.generic) or (
+        isinstance(x, float) and not isinstance(x, bool)
+    )
+
+
+def _unit_cotangent(y):
+    y = jnp.asarray(y)
+    if jnp.issubdtype(y.dtype, jnp.inexact):
+        return jnp.ones_like(y)
+    return np.zeros(y.shape, jax.dtypes.float0)
+
+
+def _abstract(x):
+    """An array or float as its shape and dtype, not weak-typed (as the check holds it):
+    f(jnp.full(3, 0.5)) and f(jnp.ones(3)) are one program."""
+    if isinstance(x, float):
+        return jax.ShapeDtypeStruct((), jnp.result_type(x))
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype)
