@@ -198,3 +198,31 @@ def merge_leaves(run: Run, status: Status, leaves, num_leaves: int = 0) -> Statu
         )
         return Status.PASS
     return status
+
+
+def coarse_pass(run: Run, status: Status, leaves, head) -> Status:
+    """An all-leaf pass judged at a coarse resolution (fn's own half-precision rounding:
+    a noise floor beyond `_verdict.MAX_NOISE_FLOOR`) vouches for a leaf only as far as that
+    leaf, checked alone, agrees: a leaf that could not be judged alone, whose measured error
+    may exceed the all-leaf tolerance, makes the check inconclusive (a leaf's derivative
+    2x off in a model with bfloat16 matmuls passed, its own check measuring 0.5)."""
+    if status is not Status.PASS or head.noise_floor <= _verdict.MAX_NOISE_FLOOR:
+        return status
+    doubtful = [
+        leaf
+        for leaf in leaves
+        if leaf.status is Status.INCONCLUSIVE and not leaf.interval[1] <= head.tolerance
+    ]
+    if not doubtful:
+        return status
+    named = ", ".join(
+        f"{leaf.path or '(root)'} (relative error {leaf.relative_error:.1e}, 95% up to "
+        f"{leaf.interval[1]:.1e})"
+        for leaf in doubtful
+    )
+    run.problems.append(
+        f"the all-leaf check passes at a coarse resolution (tolerance {head.tolerance:.1e}), "
+        f"but {named} could not be judged alone, and {'its' if len(doubtful) == 1 else 'their'} "
+        "error may exceed that tolerance: not judged"
+    )
+    return Status.INCONCLUSIVE

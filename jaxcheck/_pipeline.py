@@ -130,6 +130,7 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
         )
         nonempty = sum(1 for x in run.inputs.diff if np.size(x))
         status = _localize.merge_leaves(run, status, leaves, nonempty)
+        status = _localize.coarse_pass(run, status, leaves, checks[0])
     status, checks = _primal(run, status, p, checks)
     return _report(run, status, (n, k), p, checks, leaves, held_fixed, tuple(tried), stopped)
 

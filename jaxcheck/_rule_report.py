@@ -42,7 +42,9 @@ def checked(fn, params, args, options, check) -> Report:
         passed = report.status is Status.PASS
         # (a pass that took a gap to the same rules in float64 for rounding is what a rule
         # wrong in float32 alone looks like: it clears no rule)
-        clean = passed and not _rounding_gap(report)
+        # (nor does a pass judged at fn's own half-precision resolution: a rule 50 % wrong
+        # hid below its tolerance of 0.48 in a model of bfloat16 matmuls)
+        clean = passed and not _rounding_gap(report) and not _coarse(report)
         part, more = rules_part(fn, params, args, o, _rule_order(o, report), error, passed, clean)
         if part is not None:
             parts.append(part)
@@ -92,9 +94,17 @@ def _wants_rules(o, report: Report) -> bool:
     own check in float32 tells it from an ill-conditioned loss."""
     if o.rules is True:
         return True
-    rounding = _rounding_gap(report)
+    rounding = _rounding_gap(report) or _coarse(report)
     unjudged = report.status is Status.INCONCLUSIVE  # (a kink beside a rule: judge the rule)
     return o.rules == "auto" and (report.status is Status.FAIL or rounding or unjudged)
+
+
+def _coarse(report: Report) -> bool:
+    """Whether fn's first derivative passed at a coarse resolution only (fn rounds to a
+    half precision inside: a noise floor beyond `_verdict.MAX_NOISE_FLOOR`), where a rule's
+    own check resolves its error far more finely."""
+    first = report.parts[0] if report.parts else report
+    return first.status is Status.PASS and first.noise_floor > _verdict.MAX_NOISE_FLOOR
 
 
 def _rounding_gap(report: Report) -> bool:
