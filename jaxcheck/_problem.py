@@ -336,6 +336,8 @@ def casts(jaxpr, tainted_inputs) -> dict:
             continue
         if eqn.primitive.name == "convert_element_type":
             dtype = eqn.params.get("new_dtype")
+            if dtype is not None and jnp.issubdtype(dtype, jnp.complexfloating):
+                dtype = jnp.finfo(dtype).dtype  # complex64 rounds like float32
             if (
                 dtype is not None
                 and jnp.issubdtype(dtype, jnp.floating)
