@@ -5,10 +5,12 @@ Loaded through the `pytest11` entry point (or `-p jaxcheck.pytest_plugin`), it o
 option; without `--jaxcheck` it changes nothing. With it, the original `check_grads` is
 replaced in `jax._src.public_test_util`, which defines it, and wherever an already loaded
 module holds it, so `jax.test_util`, `jax._src.test_util` and test modules that import it
-later get the replacement too. A wrong derivative, or a NaN/Inf one where the function is finite,
-fails the test. A check with nothing to judge (a kink at the point, or the function itself
-NaN/Inf there) does not; it is listed, with the wrong ones (and those whose error the test
-caught, as it expected), in a summary at the end, under pytest-xdist too.
+later get the replacement too; the original function's own code calls the replacement, for
+references taken earlier (a `functools.partial` built in a conftest). A wrong derivative,
+or a NaN/Inf one where the function is finite, fails the test. A check with nothing to
+judge (a kink at the point, or the function itself NaN/Inf there) does not; it is listed,
+with the wrong ones (and those whose error the test caught, as it expected), in a summary
+at the end, under pytest-xdist too.
 """
 
 import dataclasses
@@ -85,11 +87,22 @@ class Router:
                 if value is self.original:
                     setattr(module, attr, self.replacement)
                     self.replaced.append((module, attr, value))
+        # a reference taken before now that no module attribute holds (a conftest's
+        # functools.partial(check_grads, ...), a default argument) still calls the
+        # original function object: its code is swapped for a call of the replacement
+        # (looked up in the original's own module, which its code reads globals from)
+        self.code = self.original.__code__
+        public_test_util.__dict__[_ROUTE] = self.replacement
+        self.original.__code__ = _routed.__code__
 
     def pytest_unconfigure(self, config):
         for module, attr, value in reversed(self.replaced):
             setattr(module, attr, value)
         self.replaced.clear()
+        if getattr(self, "code", None) is not None:
+            self.original.__code__ = self.code
+            self.original.__globals__.pop(_ROUTE, None)
+            self.code = None
 
     def _make_replacement(self):
         import functools
@@ -162,6 +175,15 @@ class Router:
             for r in self.records:
                 if r.verdict == verdict:
                     tr.line(f"{verdict.upper():8} {r.nodeid}: {r.headline}")
+
+
+_ROUTE = "_check_grads_routed_by_jaxcheck"  # the replacement, in check_grads' module
+
+
+def _routed(f, args, order, modes=("fwd", "rev"), atol=None, rtol=None, eps=None):
+    """The code the original check_grads runs while the plugin is on (its globals are
+    those of JAX's module, where the replacement is put under `_ROUTE`)."""
+    return _check_grads_routed_by_jaxcheck(f, args, order, modes, atol, rtol, eps)  # noqa: F821
 
 
 PROPERTY = "jaxcheck"  # the key of what a test's checks found in its report's user_properties

@@ -69,9 +69,37 @@ SAMPLE = textwrap.dedent(
 )
 
 
+# a reference to the original taken before the plugin starts, which no module attribute holds
+CONFTEST = textwrap.dedent(
+    """
+    import functools
+
+    import pytest
+    from jax.test_util import check_grads
+
+    CHECK_REV = functools.partial(check_grads, order=1, modes=["rev"])
+
+
+    @pytest.fixture
+    def check_rev():
+        return CHECK_REV
+    """
+)
+
+SAMPLE += textwrap.dedent(
+    """
+
+    def test_via_a_partial_made_in_conftest(check_rev):
+        check_rev(wrong_sin, (X,))
+    """
+)
+
+
 def _pytest(tmp_path, *flags):
+    (tmp_path / "conftest.py").write_text(CONFTEST)
     (tmp_path / "test_sample.py").write_text(SAMPLE)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env["COLUMNS"] = "300"  # the short summary's lines whole
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=line", *flags],
         cwd=tmp_path,
@@ -99,12 +127,17 @@ def test_jaxcheck_flag_routes_every_check_grads_and_summarizes(tmp_path):
     )
     flags = ("-p", "jaxcheck.pytest_plugin", "--jaxcheck", *xdist, "test_sample.py")
     out = _pytest(tmp_path, *flags)
-    assert "2 failed, 6 passed" in out, out
+    assert "3 failed, 6 passed" in out, out
     assert "FAILED test_sample.py::test_wrong_custom_jvp - jaxcheck.GradientCheckError" in out
     assert "FAILED test_sample.py::test_via_jtu - jaxcheck.GradientCheckError" in out
+    # (routed though the partial holds the original function object)
+    assert (
+        "FAILED test_sample.py::test_via_a_partial_made_in_conftest - "
+        "jaxcheck.GradientCheckError" in out
+    )
     summary = out.split("jaxcheck check_grads")[1]
     assert (
-        "7 check_grads calls routed to jaxcheck: 2 passed, 2 failed (raised GradientCheckError, "
+        "8 check_grads calls routed to jaxcheck: 2 passed, 3 failed (raised GradientCheckError, "
         "an AssertionError, in the test), "
         "1 failed as the test expected (it caught the GradientCheckError), "
         "2 not judged (kink or non-finite fn at the point; nothing raised), "
@@ -133,7 +166,7 @@ def test_jaxcheck_flag_routes_every_check_grads_and_summarizes(tmp_path):
 def test_without_the_flag_the_original_check_grads_runs(tmp_path):
     out = _pytest(tmp_path, "-p", "jaxcheck.pytest_plugin", "test_sample.py")
     # JAX's own check fails the planted bugs, and also the kink and the NaN point
-    assert "4 failed, 4 passed" in out, out
+    assert "5 failed, 4 passed" in out, out
     assert "FAILED test_sample.py::test_wrong_custom_jvp - AssertionError" in out
     assert "GradientCheckError" not in out
     assert "jaxcheck check_grads" not in out
