@@ -42,12 +42,18 @@ class Checker:
         self.fn = fn
         self.options = _options.make(**options)
         self.compilations = 0
+        self._keyed = None  # (fn, options), their functions keyed by what they compute
 
     def __call__(self, params: Any, *args: Any) -> Report:
+        if self._keyed is None:
+            # what fn computes now, once: a new checker of a changed fn compiles anew,
+            # while its own calls cost no trace to find that out
+            self._keyed = _verify.keyed(self.fn, params, args, self.options)
+        fn, options = self._keyed
         before = _plan.compilations
         token = _plan.REUSED.set(True)  # compiled for repeated runs
         try:
-            return _verify.run(self.fn, params, args, self.options)
+            return _verify.run(fn, params, args, options)
         finally:
             _plan.REUSED.reset(token)
             self.compilations += _plan.compilations - before

@@ -24,15 +24,23 @@ class Keyed:
         return self.f(*args)
 
 
-def of(f, *args, derivative: bool = True, has_aux: bool = False):
+def of(f, *args, derivative: bool = True, has_aux: bool = False, numbers_from: int | None = None):
     """What `f` (and with `derivative`, its vjp) computes at the shapes and dtypes of `args`:
     the jaxpr of f's vjp (its custom rules' bwd and jvp included, which f's own jaxpr names
     but does not show) and the values it closes over (small ones by content, large ones by
-    identity); f's own jaxpr where the vjp cannot be traced; None where f cannot be traced
+    identity); the jaxpr of its jvp where the vjp cannot be traced (forward mode only: a
+    custom_jvp rule's body shows there too), then f's own; None where f cannot be traced
     (its programs are then keyed by f alone). Leaves of `args` that are not arrays or
-    floats are held as they are; with `has_aux`, f's output is its first element."""
+    floats are held as they are, and so are Python numbers in `args[numbers_from:]` (as
+    the check holds them: fn may branch on them); with `has_aux`, f's output is its first
+    element."""
     leaves, treedef = jax.tree_util.tree_flatten(args)
-    at = [i for i, x in enumerate(leaves) if _is_value(x)]
+    first = len(leaves)
+    if numbers_from is not None:
+        first = len(jax.tree_util.tree_leaves(args[:numbers_from]))
+    at = [i for i, x in enumerate(leaves) if _is_value(x) and (i < first or _is_array(x))]
+    traced_at = set(at)
+    held = tuple(_tree.digest(x) for i, x in enumerate(leaves) if i not in traced_at)
 
     def call(*values):
         full = list(leaves)
@@ -45,24 +53,29 @@ def of(f, *args, derivative: bool = True, has_aux: bool = False):
         out, pullback = jax.vjp(call, *values)
         return out, pullback(jax.tree_util.tree_map(_unit_cotangent, out))
 
+    def with_tangent(*values):
+        return jax.jvp(call, values, tuple(map(_unit_cotangent, values)))
+
     # new functions: JAX's trace cache, keyed by f, would return f's first trace
     abstract = [_abstract(leaves[i]) for i in at]
-    tries = (with_pullback, call) if derivative else (call,)
+    tries = (with_pullback, with_tangent, call) if derivative else (call,)
     # (a key only: the caller's invariant checks apply where the check traces f itself)
     with _plan.own_transfers(), jax.enable_checks(False):
         for traced in tries:
             try:
                 closed = jax.make_jaxpr(traced)(*abstract)
-                return str(closed.jaxpr), tuple(_tree.digest(c) for c in closed.consts)
+                return str(closed.jaxpr), tuple(map(_tree.digest, closed.consts)), held
             except Exception:  # noqa: BLE001, PERF203 - the check says why f cannot be traced
                 continue
     return None
 
 
+def _is_array(x) -> bool:
+    return isinstance(x, jax.Array | np.ndarray | np.generic)
+
+
 def _is_value(x) -> bool:
-    return isinstance(x, jax.Array | np.ndarray | np.generic) or (
-        isinstance(x, float) and not isinstance(x, bool)
-    )
+    return _is_array(x) or isinstance(x, float)
 
 
 def _unit_cotangent(y):

@@ -13,9 +13,11 @@ ARRAY = "array"  # any other array (ints, bools, PRNG keys): traced, held fixed
 STATIC = "static"  # not an array (Python ints, strings, functions): closed over, held fixed
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Split:
-    """How the leaves of one pytree are handled; rebuild the tree with `merge`."""
+    """How the leaves of one pytree are handled; rebuild the tree with `merge`. Equal for
+    the same structure and static leaves (Python floats by their bits: 0.0 and -0.0 are
+    different constants to fn, arctan2 says)."""
 
     treedef: Any
     paths: tuple[str, ...]
@@ -24,6 +26,16 @@ class Split:
 
     def paths_of(self, kind: str) -> tuple[str, ...]:
         return tuple(p for p, k in zip(self.paths, self.kinds) if k == kind)
+
+    def _key(self):
+        statics = tuple(("float", x.hex()) if type(x) is float else x for x in self.statics)
+        return self.treedef, self.paths, self.kinds, statics
+
+    def __eq__(self, other):
+        return isinstance(other, Split) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
 
 
 def _is_array(x) -> bool:
@@ -183,12 +195,37 @@ def match_gradient(s: Split, grad_tree, where: str = "grad_fn") -> list:
 
 def digest(x):
     """A hashable stand-in for the value `x`: small arrays by content, Python scalars and
-    strings by value, large arrays and other objects by identity."""
-    if isinstance(x, bool | int | float | complex | str | bytes | type(None)):
+    strings by value (floats by their bits), large arrays and other objects by identity
+    (held, so that the identity is not another object's later), a large NumPy array also
+    by a sample of its values (it may be changed in place)."""
+    if isinstance(x, float):
+        return ("float", float(x).hex())
+    if isinstance(x, bool | int | complex | str | bytes | type(None)):
         return (type(x).__name__, x)
     if not isinstance(x, jax.Array | np.ndarray | np.generic):
-        return ("object", id(x))
-    if np.size(x) > 1 << 16:
-        return ("array", id(x))
-    data = np.asarray(x)
-    return (str(data.dtype), data.shape, data.tobytes())
+        return ("object", Same(x))
+    if np.size(x) <= 1 << 16:
+        data = np.asarray(x)
+        return (str(data.dtype), data.shape, data.tobytes())
+    if isinstance(x, np.ndarray):
+        root = x
+        while isinstance(root.base, np.ndarray):  # (JAX wraps a constant anew per trace)
+            root = root.base
+        sample = np.ascontiguousarray(x.reshape(-1)[:: max(1, x.size // 4096)])
+        return ("numpy", Same(root), str(x.dtype), x.shape, sample.tobytes())
+    return ("array", Same(x))
+
+
+class Same:
+    """Holds an object and compares by identity."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __eq__(self, other):
+        return isinstance(other, Same) and other.value is self.value
+
+    def __hash__(self):
+        return id(self.value)

@@ -184,11 +184,20 @@ def verify(
         raise TypeError(f"fn must be callable, got {type(fn).__name__}.")
     # a second check of fn reuses its programs only while fn (and grad_fn) compute what
     # they did: a global or a setting they read may have changed in between
-    fn = _fingerprint.Keyed(fn, _fingerprint.of(fn, params, *args, has_aux=has_aux))
-    if grad_fn is not None:
-        traced = _fingerprint.of(grad_fn, params, *args, derivative=False)
-        options = dataclasses.replace(options, grad_fn=_fingerprint.Keyed(grad_fn, traced))
+    fn, options = keyed(fn, params, args, options)
     return run(fn, params, args, options)
+
+
+def keyed(fn, params, args, options: _options.Options) -> tuple:
+    """(fn, options) with fn and grad_fn keyed by what they compute at params and args
+    (`_fingerprint`), for the compiled programs."""
+    fn = _fingerprint.Keyed(
+        fn, _fingerprint.of(fn, params, *args, has_aux=options.has_aux, numbers_from=1)
+    )
+    if options.grad_fn is not None:
+        traced = _fingerprint.of(options.grad_fn, params, *args, derivative=False, numbers_from=1)
+        options = dataclasses.replace(options, grad_fn=_fingerprint.Keyed(options.grad_fn, traced))
+    return fn, options
 
 
 def _same_devices(params, args) -> None:

@@ -484,6 +484,83 @@ def test_the_same_function_checked_after_what_it_reads_changed_is_checked_anew(c
     assert report.relative_error == pytest.approx(0.5, rel=1e-3)
 
 
+@pytest.mark.parametrize(
+    "case", ["python if on a float arg", "forward-only custom_jvp", "new Checker", "signed zero"]
+)
+def test_a_changed_function_is_not_checked_with_stale_programs(case):
+    """Where the fingerprint could not see the change, the programs of the first check ran
+    again: a float arg fn branches on made it untraceable (the check holds Python numbers
+    fixed, the fingerprint traced them); a forward-only fn showed its custom_jvp rule only
+    by name; a new Checker took the programs of an older one of the same fn; 0.0 and -0.0
+    were the same static argument."""
+    setting = {"scale": 1.0}
+
+    @jax.custom_jvp
+    def act(x):
+        return jnp.sin(x)
+
+    act.defjvp(lambda p, t: (jnp.sin(p[0]), setting["scale"] * jnp.cos(p[0]) * t[0]))
+    p = jnp.linspace(0.1, 1.0, 5)
+    if case == "python if on a float arg":
+
+        def fn(p, temp):
+            return jnp.sum(jnp.sin(p) ** 2) * (1.0 if temp > 0 else 2.0)
+
+        def grad_fn(p, temp):
+            return (setting["scale"] if temp > 0 else 2.0) * 2 * jnp.sin(p) * jnp.cos(p)
+
+        check = functools.partial(jaxcheck.verify, fn, p, 0.5, grad_fn=grad_fn)
+    elif case == "forward-only custom_jvp":
+
+        def fn(p):  # a while_loop: forward mode only
+            _, v = jax.lax.while_loop(lambda c: c[0] < 2, lambda c: (c[0] + 1, act(c[1])), (0, p))
+            return jnp.sum(v)
+
+        check = functools.partial(jaxcheck.verify, fn, p, mode="forward")
+    elif case == "new Checker":
+
+        def fn(p):
+            return jnp.sum(act(p) ** 2)
+
+        def check():
+            return jaxcheck.Checker(fn, mode="forward")(p)
+    else:  # arctan2(0.0, -1) = pi, arctan2(-0.0, -1) = -pi
+
+        def fn(p, s):
+            return jnp.sum(p * jnp.arctan2(s, -1.0))
+
+        def grad_fn(p, s):
+            return jnp.full_like(p, np.pi)
+
+        assert jaxcheck.verify(fn, p, 0.0, grad_fn=grad_fn).status == "pass"
+        assert jaxcheck.verify(fn, p, -0.0, grad_fn=grad_fn).status == "fail"
+        return
+
+    assert check().status == "pass"
+    setting["scale"] = 1.3
+    assert check().status == "fail"
+
+
+def test_a_large_numpy_constant_unchanged_compiles_nothing_and_changed_is_seen():
+    """A closed-over NumPy array beyond 65536 elements was keyed by the identity of the
+    wrapper JAX makes anew each trace: every check compiled again, and a reused address
+    could return another array's programs."""
+    table = np.ones(70_000, np.float32)
+
+    def fn(p):
+        return jnp.sum(jnp.sin(p) ** 2)
+
+    def grad_fn(p):
+        return 2 * jnp.sin(p) * jnp.cos(p) * table[:3]
+
+    p = jnp.linspace(0.1, 1.0, 3)
+    assert jaxcheck.verify(fn, p, grad_fn=grad_fn).status == "pass"
+    again = jaxcheck.verify(fn, p, grad_fn=grad_fn)
+    assert (again.status, again.num_compiled) == ("pass", 0)
+    table *= 2.0  # in place: the same object, other values
+    assert jaxcheck.verify(fn, p, grad_fn=grad_fn).status == "fail"
+
+
 @pytest.mark.parametrize("bugged", [False, True])
 def test_checker_compiles_once_across_a_loop(bugged):
     """A training-loop style use: new parameter values and data every step, same shapes.
