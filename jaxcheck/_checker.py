@@ -15,9 +15,9 @@ class Checker:
     with the same shapes, dtypes and shardings reuse the compiled programs, so only the
     first one compiles; they are compiled for the speed of repeated runs (`verify` compiles
     small CPU programs for compile time instead). `compilations` counts the programs this
-    checker has compiled. Like `jax.jit`, a checker keeps what it traced: make a new one
-    where fn's behaviour changes between calls (a global or a setting it reads; `verify`
-    checks that itself, at the cost of one trace of fn's vjp per call).
+    checker has compiled. Like `jax.jit`, a checker keeps what it traced at its first call:
+    make a new one where fn's behaviour changes between calls (a global or a setting it
+    reads; `verify` checks that itself, at the cost of one trace of fn's vjp per call).
 
     Example:
         >>> import jax.numpy as jnp, jaxcheck
