@@ -132,7 +132,20 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
         status = _localize.merge_leaves(run, status, leaves, nonempty)
         status = _localize.coarse_pass(run, status, leaves, checks[0])
     status, checks = _primal(run, status, p, checks)
+    if status is Status.FAIL and run.problem.iterates and checks[0].relative_error < SOLVER_SIZED:
+        run.problems.append(SOLVER_HINT)
     return _report(run, status, (n, k), p, checks, leaves, held_fixed, tuple(tried), stopped)
+
+
+# an error this small in a fn that iterates may be its solver's tolerance, by design
+SOLVER_SIZED = 1e-3
+SOLVER_HINT = (
+    "fn runs a lax.while_loop (an iterative solver?): where it stops at a tolerance, fn and "
+    "its derivative are exact only to about that tolerance, and finite differences of fn "
+    "see the solver's error; if an error of the size above is by design, pass an rtol above "
+    "it (jaxcheck.check_grads, like JAX's check_grads, allows 1e-5 unless told otherwise), or "
+    "solve to a tighter tolerance for the check"
+)
 
 
 def _primal(run: Run, status: Status, p, checks) -> tuple[Status, list]:

@@ -52,6 +52,7 @@ class Problem:
     rounds_at: str = ""  # where fn's trace first casts to `rounds_to` (file:line)
     float32_products: bool = False  # see `_float32_products`
     has_rules: bool = False  # fn calls a custom_vjp/custom_jvp rule (seen in its jaxpr)
+    iterates: bool = False  # fn runs a lax.while_loop (an iterative solver, say)
     notes: tuple[str, ...] = ()  # said in the report's problems
 
     @property
@@ -164,6 +165,7 @@ def _with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
         **({} if jaxpr is None else _rounds_to(jaxpr, inputs.diff, call, inputs)),
         float32_products=jaxpr is not None and _float32_products(jaxpr.jaxpr),
         has_rules=jaxpr is not None and _rule_search.calls(jaxpr.jaxpr, "custom_vjp", "custom_jvp"),
+        iterates=jaxpr is not None and _runs(jaxpr.jaxpr, "while"),
     )
     if problem.grad_fn is not None:
         notes = _check_gradient_shapes(problem, inputs)
@@ -412,6 +414,15 @@ def _is_tainted(v, tainted) -> bool:
         return v in tainted
     except TypeError:  # unhashable literals
         return False
+
+
+def _runs(jaxpr, primitive: str) -> bool:
+    """Whether `jaxpr` (or a sub-jaxpr, a custom rule's function included) runs
+    `primitive`."""
+    return any(
+        eqn.primitive.name == primitive or any(_runs(s, primitive) for s in _subjaxprs(eqn.params))
+        for eqn in jaxpr.eqns
+    )
 
 
 def _subjaxprs(params):

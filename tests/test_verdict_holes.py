@@ -10,7 +10,7 @@ from jax import lax
 
 import jaxcheck
 from cases import enable_x64, scaled_sin
-from jaxcheck import _check_grads
+from jaxcheck import _check_grads, _pipeline
 
 
 def _through(dtype):
@@ -1022,3 +1022,46 @@ def test_a_float32_only_fn_flat_at_float32_resolution_is_not_passed_vacuously(si
     assert "fn's precision cannot show a derivative this small" in said, said
     if sign == -1.0:
         assert any(q.startswith("wrong rule: custom_vjp s at ") for q in report.problems)
+
+
+@pytest.mark.parametrize("stop", [1e-6, 1e-12])
+def test_a_solver_stopped_at_a_tolerance_is_pointed_out_where_its_error_fails(stop):
+    """A float32 fixed point solved by a while_loop to 1e-6, with a right implicit-function
+    custom_vjp: its derivative differs from finite differences of fn by the solver's error
+    (2e-6, against a tolerance of 1.2e-6); the failure stands and now says why it may be
+    by design, and what to pass. Solved to 1e-12, it passes."""
+
+    def step(w, u, z):
+        return jnp.tanh(w @ z + u)
+
+    def solve(w, u):
+        def body(c):
+            z, _, i = c
+            new = step(w, u, z)
+            return new, jnp.max(jnp.abs(new - z)), i + 1
+
+        start = (jnp.zeros(w.shape[0], w.dtype), jnp.asarray(1.0, w.dtype), 0)
+        return jax.lax.while_loop(lambda c: (c[1] > stop) & (c[2] < 200), body, start)[0]
+
+    @jax.custom_vjp
+    def fixed_point(w, u):
+        return solve(w, u)
+
+    def bwd(res, g):
+        w, u, z = res
+        _, pullback = jax.vjp(lambda w, u, z: step(w, u, z), w, u, z)
+        adjoint = jax.lax.fori_loop(0, 200, lambda i, a: g + pullback(a)[2], g)
+        return pullback(adjoint)[:2]
+
+    fixed_point.defvjp(lambda w, u: (solve(w, u), (w, u, solve(w, u))), bwd)
+    k = jax.random.split(jax.random.key(1), 2)
+    params = {"w": jax.random.normal(k[0], (5, 5)) * 0.2, "u": jax.random.normal(k[1], (5,))}
+    report = jaxcheck.verify(lambda p: jnp.sum(jnp.sin(fixed_point(p["w"], p["u"]))), params)
+    hinted = [q for q in report.problems if q.startswith("fn runs a lax.while_loop")]
+    if stop == 1e-12:
+        assert report.status == "pass", str(report)
+        assert not hinted
+        return
+    assert report.status == "fail", str(report)
+    assert report.relative_error < 1e-5
+    assert hinted == [_pipeline.SOLVER_HINT]
