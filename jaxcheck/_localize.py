@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from . import _jitter, _ladder, _sequential, _tree, _verdict
+from . import _jitter, _ladder, _report, _sequential, _tree, _verdict
 from ._report import LeafResult, Status
 from ._state import Run
 
@@ -61,7 +61,7 @@ def localize(run: Run, scales, leaf_k, h, paths, chosen, sequential=False, fixed
     precision moves there, a fn truly constant in the leaf stays flat and is judged.
     """
     ks = _sequential.looks(leaf_k, sequential and run.plan.direction_sharding is None)
-    results, pending, choices, within, zero = {}, list(chosen), {}, [], []
+    results, pending, choices, within, zero, rounded = {}, list(chosen), {}, [], [], []
     for n in ks:
         if not pending:
             break
@@ -96,6 +96,9 @@ def localize(run: Run, scales, leaf_k, h, paths, chosen, sequential=False, fixed
             if status is Status.FAIL and _jitter.explains(run, p, np.diag(scales)[leaf]):
                 status = Status.INCONCLUSIVE
                 within.append(paths[leaf] or "(root)")
+            elif status is Status.FAIL and _rule_row_at_zero(checks):
+                status = Status.INCONCLUSIVE
+                rounded.append(paths[leaf] or "(root)")
             head, x = _verdict.head(checks, status), run.inputs.diff[leaf]
             if status is Status.PASS and head.absolute:
                 zero.append(paths[leaf] or "(root)")
@@ -113,6 +116,16 @@ def localize(run: Run, scales, leaf_k, h, paths, chosen, sequential=False, fixed
         pending = still
     if within:
         run.problems.append(f"{', '.join(within)}: {_jitter.WITHIN_ROUNDING}")
+    if rounded:
+        one = len(rounded) == 1
+        run.problems.append(
+            f"{', '.join(rounded)}: checked alone, the derivative is zero to within noise and "
+            f"the {run.tested.name} derivative passes, but the same rule in float64 does not "
+            "quite: fn hardly changes with "
+            f"{'this leaf' if one else 'these leaves'}, and its float64 finite differences "
+            "are noisier than its output's size tells where fn cancels inside (a variance of "
+            "values offset far from zero, say); not judged"
+        )
     if zero:
         run.problems.append(
             f"{', '.join(zero)}: the derivative is zero to within finite-difference noise or "
@@ -123,6 +136,23 @@ def localize(run: Run, scales, leaf_k, h, paths, chosen, sequential=False, fixed
             "hence a relative error near 1 against a tolerance of 2"
         )
     return tuple(results[leaf] for leaf in chosen)
+
+
+def _rule_row_at_zero(checks) -> bool:
+    """Whether a leaf fails only in the rows of the same rule in float64, each judged in
+    absolute terms (the leaf's derivative is zero to within noise), while the derivative
+    under test passes: fn hardly changes with the leaf, and float64 finite differences of
+    a fn that cancels inside (a variance of values offset far from zero) are noisier than
+    its output's size tells."""
+    rows = [(_report.check_kind(c.name)[0], c) for c in checks]
+    failing = [(kind, c) for kind, c in rows if not c.passed]
+    tested = [c for kind, c in rows if kind == "tested"]
+    return (
+        bool(failing)
+        and bool(tested)
+        and all(c.passed for c in tested)
+        and all(kind == "rule" and c.absolute for kind, c in failing)
+    )
 
 
 def _flat_at_largest(run: Run, index, rows, h, groups, found) -> list:

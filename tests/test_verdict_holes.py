@@ -1065,3 +1065,31 @@ def test_a_solver_stopped_at_a_tolerance_is_pointed_out_where_its_error_fails(st
     assert report.status == "fail", str(report)
     assert report.relative_error < 1e-5
     assert hinted == [_pipeline.SOLVER_HINT]
+
+
+def test_a_flat_leaf_of_a_fn_that_cancels_inside_is_not_called_wrong():
+    """A naive float32 variance E[y^2] - E[y]^2 of values near 1000 does not change with
+    the shift t: along t alone the float32 derivative passed, but the same rule in float64
+    failed on finite differences noisier than fn's output tells (fn cancels inside), and
+    the check failed naming ['t']."""
+    x = jax.random.normal(jax.random.key(6), (64,)) + 1000.0
+    params = {"s": jnp.asarray(1.3), "t": jnp.asarray(0.2)}
+
+    def variance(p, x):
+        y = x * p["s"] + p["t"]
+        return jnp.mean(y**2) - jnp.mean(y) ** 2
+
+    report = jaxcheck.verify(variance, params, x, key=3)
+    assert report.status == "pass", str(report)
+    assert any(
+        q.startswith("['t']: checked alone, the derivative is zero to within noise")
+        for q in report.problems
+    ), report.problems
+    bug = jaxcheck.verify(
+        variance,
+        params,
+        x,
+        key=3,
+        grad_fn=lambda p, x: jax.tree.map(lambda g: 1.2 * g, jax.grad(variance)(p, x)),
+    )
+    assert bug.status == "fail", str(bug)
