@@ -131,6 +131,7 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
         nonempty = sum(1 for x in run.inputs.diff if np.size(x))
         status = _localize.merge_leaves(run, status, leaves, nonempty)
         status = _localize.coarse_pass(run, status, leaves, checks[0])
+        status = _localize.rule_row_at_zero(run, status, leaves, checks)
     status, checks = _primal(run, status, p, checks)
     if status is Status.FAIL and run.problem.iterates and checks[0].relative_error < SOLVER_SIZED:
         run.problems.append(SOLVER_HINT)

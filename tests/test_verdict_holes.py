@@ -1093,3 +1093,32 @@ def test_a_flat_leaf_of_a_fn_that_cancels_inside_is_not_called_wrong():
         grad_fn=lambda p, x: jax.tree.map(lambda g: 1.2 * g, jax.grad(variance)(p, x)),
     )
     assert bug.status == "fail", str(bug)
+
+
+@pytest.mark.parametrize("bug", [0.0, 1e-2])
+def test_a_layer_norm_of_offset_values_is_not_called_wrong_on_float64_noise(bug):
+    """A float32 layer norm of values near 1000 hardly changes with its scale and shift:
+    the float32 derivative passed in absolute terms, no leaf failed alone, but the same
+    rule in float64 failed (1.7e-5 against 4.6e-6) on float64 finite differences noisier
+    than fn's output tells (fn cancels inside; the exact derivative, to 40 digits, agrees
+    with the rule to 3e-8). A wrong derivative there still fails."""
+    x = jax.random.normal(jax.random.key(0), (64,)) + 1000.0
+    params = {"s": jnp.asarray(1.3), "t": jnp.asarray(0.2)}
+
+    def layer_norm(p, x):
+        y = x * p["s"] + p["t"]
+        m = jnp.mean(y)
+        v = jnp.mean((y - m) ** 2)
+        return jnp.sum((y - m) / jnp.sqrt(v + 1e-5) * jnp.linspace(-1.0, 1.0, 64))
+
+    def grad_fn(p, x):
+        g = jax.grad(layer_norm)(p, x)
+        return {"s": g["s"] + bug, "t": g["t"]}
+
+    report = jaxcheck.verify(layer_norm, params, x, grad_fn=grad_fn)
+    if bug:
+        assert report.status == "fail", str(report)
+        return
+    assert report.status == "inconclusive", str(report)
+    assert any(q.startswith("only the same rule in float64 fails") for q in report.problems)
+    assert not any(q.startswith("no single leaf fails") for q in report.problems)
