@@ -317,9 +317,12 @@ def _flat(run: Run, p: Pass, k, problems, checks=()) -> Status | None:
     problems.append(
         f"fn's values do not change within a relative step {p.step:.1e} along {n} of {k} "
         "directions (finite differences exactly zero) while the derivative under test is "
-        "not zero there: fn is piecewise constant at this scale (it rounds to a low "
-        "precision inside, say a cast to bfloat16?), so finite differences cannot judge "
-        f"its derivative. Try a larger `step` (up to {run.max_step})"
+        "not zero there: fn is piecewise constant at this scale, so finite differences "
+        "cannot judge its derivative. Either it rounds to a low precision inside (a cast "
+        f"to bfloat16?), where a larger `step` (up to {run.max_step}) can help, or it is "
+        "built from round, floor, argmax or comparisons, where a surrogate gradient (a "
+        "straight-through estimator, a custom rule that is not fn's derivative by design) "
+        "fails this check by construction"
     )
     return Status.INCONCLUSIVE
 

@@ -1122,3 +1122,20 @@ def test_a_layer_norm_of_offset_values_is_not_called_wrong_on_float64_noise(bug)
     assert report.status == "inconclusive", str(report)
     assert any(q.startswith("only the same rule in float64 fails") for q in report.problems)
     assert not any(q.startswith("no single leaf fails") for q in report.problems)
+
+
+def test_a_straight_through_estimator_flat_at_the_step_is_said_to_be_one_possibly():
+    """A straight-through Gumbel-softmax jumps at the largest step and is flat at the one
+    taken: the note only suggested a low-precision cast and a larger step, which had been
+    tried."""
+    g = jax.random.gumbel(jax.random.split(jax.random.key(4), 4)[1], (4, 3))
+
+    def straight_through(p, g):
+        logits = p["logits"] + g
+        soft = jax.nn.softmax(logits / 0.5)
+        hard = jax.nn.one_hot(jnp.argmax(logits, -1), 3)
+        return jnp.sum((hard - jax.lax.stop_gradient(soft) + soft) * jnp.arange(3.0))
+
+    report = jaxcheck.verify(straight_through, {"logits": jnp.asarray([0.1, -0.4, 0.3])}, g)
+    assert report.status in ("inconclusive", "fail"), str(report)
+    assert any("straight-through estimator" in q for q in report.problems), report.problems
