@@ -38,7 +38,7 @@ def of(f, *args, derivative: bool = True, has_aux: bool = False, numbers_from: i
     first = len(leaves)
     if numbers_from is not None:
         first = len(jax.tree_util.tree_leaves(args[:numbers_from]))
-    at = [i for i, x in enumerate(leaves) if _is_value(x) and (i < first or _is_array(x))]
+    at = [i for i, x in enumerate(leaves) if _is_value(x) and (i < first or _tree.is_array(x))]
     traced_at = set(at)
     held = tuple(_tree.digest(x) for i, x in enumerate(leaves) if i not in traced_at)
 
@@ -70,12 +70,8 @@ def of(f, *args, derivative: bool = True, has_aux: bool = False, numbers_from: i
     return None
 
 
-def _is_array(x) -> bool:
-    return isinstance(x, jax.Array | np.ndarray | np.generic)
-
-
 def _is_value(x) -> bool:
-    return _is_array(x) or isinstance(x, float)
+    return _tree.is_array(x) or isinstance(x, float)
 
 
 def _unit_cotangent(y):

@@ -233,17 +233,22 @@ def merge_leaves(run: Run, status: Status, leaves, num_leaves: int = 0) -> Statu
     return status
 
 
-def rule_row_at_zero(run: Run, status: Status, leaves, checks) -> Status:
-    """A failure of the all-leaf check that only its rows of the same rule in float64 see,
-    in absolute terms (the derivative is zero to within noise), while the derivative under
+def fails_in_rule_row_at_zero(status: Status, leaves, checks) -> bool:
+    """Whether the all-leaf check fails only in its rows of the same rule in float64, in
+    absolute terms (the derivative is zero to within noise), while the derivative under
     test passes and no leaf checked alone fails: float64 finite differences of a fn that
     cancels inside (a layer norm of values offset far from zero, nearly invariant to its
-    scale and shift) are noisier than its output's size tells. Not judged."""
-    if status is not Status.FAIL or not _rule_row_at_zero(checks):
-        return status
-    if not leaves or any(leaf.status is Status.FAIL for leaf in leaves):
-        return status
-    run.problems[:] = [q for q in run.problems if not q.startswith(NO_SINGLE_LEAF)]
+    scale and shift) are noisier than its output's size tells (`not_judged_at_zero`)."""
+    return (
+        status is Status.FAIL
+        and _rule_row_at_zero(checks)
+        and bool(leaves)
+        and not any(leaf.status is Status.FAIL for leaf in leaves)
+    )
+
+
+def not_judged_at_zero(run: Run) -> Status:
+    """INCONCLUSIVE, said where `fails_in_rule_row_at_zero` holds."""
     run.problems.append(
         "only the same rule in float64 fails, in absolute terms, while the derivative under "
         "test passes and no leaf fails checked alone: fn hardly changes here, and its "

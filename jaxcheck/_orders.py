@@ -311,7 +311,7 @@ def _in_cotangent(inner, o: _options.Options, fn, params, args) -> bool:
     return reverse and _rule_search.fn_calls(fn, params, args, "custom_vjp")
 
 
-_LOCALIZED = ("wrong: ", "no single leaf fails on its own")
+_LOCALIZED = ("wrong: ", _localize.NO_SINGLE_LEAF)
 
 
 def _beside_kinks(report: Report, below: Report, order: int) -> Report:

@@ -128,10 +128,12 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
         leaves = _localize.localize(
             run, scales, leaf_k, h0, paths, chosen, sequential, step is not None
         )
-        nonempty = sum(1 for x in run.inputs.diff if np.size(x))
-        status = _localize.merge_leaves(run, status, leaves, nonempty)
-        status = _localize.coarse_pass(run, status, leaves, checks[0])
-        status = _localize.rule_row_at_zero(run, status, leaves, checks)
+        if _localize.fails_in_rule_row_at_zero(status, leaves, checks):
+            status = _localize.not_judged_at_zero(run)
+        else:
+            nonempty = sum(1 for x in run.inputs.diff if np.size(x))
+            status = _localize.merge_leaves(run, status, leaves, nonempty)
+            status = _localize.coarse_pass(run, status, leaves, checks[0])
     status, checks = _primal(run, status, p, checks)
     if status is Status.FAIL and run.problem.iterates and checks[0].relative_error < SOLVER_SIZED:
         run.problems.append(SOLVER_HINT)

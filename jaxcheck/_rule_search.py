@@ -21,6 +21,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from . import _tree
+
 _OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _CALLS = ("pjit", "jit", "closed_call", "core_call", "remat", "remat2", "checkpoint")
 _CALL_NAMES = {  # how a call primitive is named in the report
@@ -110,7 +112,7 @@ def _traced(fn, params, args):
     """(fn's closed jaxpr at params and args, traced over their array leaves; the array
     leaves; which leaves they are)."""
     leaves, treedef = jax.tree_util.tree_flatten((params, args))
-    traced = [i for i, x in enumerate(leaves) if _is_array(x)]
+    traced = [i for i, x in enumerate(leaves) if _tree.is_array(x)]
 
     def flat(*xs):
         full = list(leaves)
@@ -166,10 +168,6 @@ def _unique(found) -> list:
         if key not in seen or (seen[key].inputs is None and f.inputs is not None):
             seen[key] = f
     return [dataclasses.replace(f, calls=counts[key]) for key, f in seen.items()]
-
-
-def _is_array(x) -> bool:
-    return isinstance(x, jax.Array | np.ndarray | np.generic)
 
 
 def _bind(eqn, values):

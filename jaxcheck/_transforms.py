@@ -175,17 +175,14 @@ def _batch_axis(args):
     name of the argument that set B; (None, why) when no argument has a batch axis."""
     paths_leaves = jax.tree_util.tree_flatten_with_path(args)[0]
     for path, x in paths_leaves:
-        if _is_array(x) and np.ndim(x) >= 1 and np.shape(x)[0] >= 2:
+        if _tree.is_array(x) and np.ndim(x) >= 1 and np.shape(x)[0] >= 2:
             b = int(np.shape(x)[0])
             split = [
-                _is_array(y) and np.ndim(y) >= 1 and np.shape(y)[0] == b for _, y in paths_leaves
+                _tree.is_array(y) and np.ndim(y) >= 1 and np.shape(y)[0] == b
+                for _, y in paths_leaves
             ]
             return (split, b), f"args{jax.tree_util.keystr(path)} (B = {b})"
     return None, "no argument of fn has a leading axis of size >= 2 to batch over"
-
-
-def _is_array(x) -> bool:
-    return isinstance(x, jax.Array | np.ndarray | np.generic)
 
 
 def _vmap(loss, diff, args, batch, what, tol):

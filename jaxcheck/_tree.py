@@ -28,7 +28,7 @@ class Split:
         return tuple(p for p, k in zip(self.paths, self.kinds) if k == kind)
 
     def _key(self):
-        statics = tuple(("float", x.hex()) if type(x) is float else x for x in self.statics)
+        statics = tuple(digest(x) if type(x) is float else x for x in self.statics)
         return self.treedef, self.paths, self.kinds, statics
 
     def __eq__(self, other):
@@ -38,14 +38,14 @@ class Split:
         return hash(self._key())
 
 
-def _is_array(x) -> bool:
+def is_array(x) -> bool:
     return isinstance(x, jax.Array | np.ndarray | np.generic)
 
 
 def _kind(leaf, path: str, where: str) -> str:
     # complex parameters reach the pipeline only as their real (re, im) view (`_complex`):
     # one that gets here was missed there; complex data in `args` is simply held fixed
-    if isinstance(leaf, bool | int | complex) or not (_is_array(leaf) or isinstance(leaf, float)):
+    if isinstance(leaf, bool | int | complex) or not (is_array(leaf) or isinstance(leaf, float)):
         if isinstance(leaf, complex) and where == "params":
             raise TypeError(_complex_message(where, path))
         return STATIC
@@ -119,7 +119,7 @@ def cast(leaves, dtype):
 
 
 def describe(x) -> str:
-    if _is_array(x):
+    if is_array(x):
         return f"{x.dtype}{list(x.shape)}"
     text = repr(x)
     return text if len(text) <= 40 else text[:37] + "..."
