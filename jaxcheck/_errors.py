@@ -5,11 +5,12 @@ class GradientCheckError(AssertionError):
     """A gradient check did not pass; the message is the full report.
 
     Subclasses `AssertionError` so that pytest shows the report as the failure text.
-    The report itself is available as the `report` attribute.
+    The report itself is available as the `report` attribute; `message` replaces its text
+    (the same report in the words of the function that raised).
     """
 
-    def __init__(self, report):
-        super().__init__(str(report))
+    def __init__(self, report, message: str | None = None):
+        super().__init__(str(report) if message is None else message)
         self.report = report
 
 

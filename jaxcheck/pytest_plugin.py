@@ -61,7 +61,7 @@ class Router:
     """Holds the replacement while the session runs and collects what it found."""
 
     def __init__(self):
-        self.nodeid = "(outside a test)"
+        self.nodeid = OUTSIDE
         self.records: list[Record] = []
         self.calls = 0
         # what the running test's checks found, not yet on its report: each test report
@@ -69,6 +69,12 @@ class Router:
         # that ran the test to the process that prints the summary
         self.pending: list[list[str]] = []
         self.pending_calls = 0
+        # calls made outside any test (at a module's import, while collecting), by where
+        # they ran: carried on the next report, and counted once in the summary though
+        # every pytest-xdist worker imports the module and makes them again
+        self.collecting = OUTSIDE
+        self.outside: dict[str, dict] = {}
+        self.outside_counted: set[str] = set()
         self.replaced: list[tuple[object, str, object]] = []
 
     # -- replacing the original -----------------------------------------------------------
@@ -112,21 +118,34 @@ class Router:
 
         @functools.wraps(self.original)
         def check_grads(f, args, order, modes=("fwd", "rev"), atol=None, rtol=None, eps=None):
-            self.pending_calls += 1
+            if self.nodeid == OUTSIDE:
+                found = self.outside.setdefault(self.collecting, {"calls": 0, "records": []})
+                records = found["records"]
+                found["calls"] += 1
+            else:
+                records = self.pending
+                self.pending_calls += 1
             try:
                 outcome = _check_grads.run(f, args, order, modes, atol, rtol, eps)
             except Exception as e:
-                self.pending.append(["error", one_line(e)])
+                records.append(["error", one_line(e)])
                 raise
             if outcome.verdict != "pass":
-                self.pending.append([outcome.verdict, outcome.headline])
+                records.append([outcome.verdict, outcome.headline])
             if outcome.verdict == "fail":
-                raise _check_grads.GradientCheckError(outcome.report)
+                raise _check_grads.error(outcome.report)
 
         check_grads.routed_by_jaxcheck = True
         return check_grads
 
     # -- knowing which test is running ----------------------------------------------------
+
+    def pytest_collectstart(self, collector):
+        if isinstance(collector, pytest.Module):
+            self.collecting = f"{collector.nodeid} (at import)"
+
+    def pytest_collectreport(self, report):
+        self.collecting = OUTSIDE
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_protocol(self, item, nextitem):
@@ -134,7 +153,7 @@ class Router:
         try:
             return (yield)
         finally:
-            self.nodeid = "(outside a test)"
+            self.nodeid = OUTSIDE
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item, call):
@@ -143,26 +162,38 @@ class Router:
             found = {"calls": self.pending_calls, "records": self.pending}
             report.user_properties.append((PROPERTY, found))
             self.pending, self.pending_calls = [], 0
+        if self.outside:
+            report.user_properties.append((OUTSIDE_PROPERTY, self.outside))
+            self.outside = {}
         return report
 
     def pytest_runtest_logreport(self, report):
         for name, found in report.user_properties:
+            if name == OUTSIDE_PROPERTY:
+                self._count_outside(found)
             if name != PROPERTY:
                 continue
             self.calls += found["calls"]
             for verdict, headline in found["records"]:
-                # a GradientCheckError the test expected (pytest.raises, assertRaises)
-                if verdict == "fail" and report.when == "call" and report.passed:
+                # a GradientCheckError the test expected (pytest.raises, assertRaises, or
+                # an xfail mark)
+                expected = report.passed or hasattr(report, "wasxfail")
+                if verdict == "fail" and report.when == "call" and expected:
                     verdict = "caught"
                 self.records.append(Record(report.nodeid, verdict, headline))
+
+    def _count_outside(self, outside):
+        for where, found in outside.items():
+            if where not in self.outside_counted:
+                self.outside_counted.add(where)
+                self.calls += found["calls"]
+                self.records += [Record(where, v, h) for v, h in found["records"]]
 
     # -- the summary ----------------------------------------------------------------------
 
     def pytest_terminal_summary(self, terminalreporter):
-        if self.pending_calls:  # calls outside any test (at import, in a fixture shared by all)
-            self.calls += self.pending_calls
-            self.records += [Record(self.nodeid, v, h) for v, h in self.pending]
-            self.pending, self.pending_calls = [], 0
+        self._count_outside(self.outside)  # (made after the last test, or with no test)
+        self.outside = {}
         counts = {v: sum(r.verdict == v for r in self.records) for v in VERDICTS}
         passed = self.calls - len(self.records)
         tr = terminalreporter
@@ -177,6 +208,7 @@ class Router:
                     tr.line(f"{verdict.upper():8} {r.nodeid}: {r.headline}")
 
 
+OUTSIDE = "(outside a test)"  # where a call made at import or collection is listed
 _ROUTE = "_check_grads_routed_by_jaxcheck"  # the replacement, in check_grads' module
 
 
@@ -186,11 +218,12 @@ def _routed(f, args, order, modes=("fwd", "rev"), atol=None, rtol=None, eps=None
     return _check_grads_routed_by_jaxcheck(f, args, order, modes, atol, rtol, eps)  # noqa: F821
 
 
+OUTSIDE_PROPERTY = "jaxcheck-outside"  # calls made outside any test, carried by the next report
 PROPERTY = "jaxcheck"  # the key of what a test's checks found in its report's user_properties
 
 VERDICTS = {
     "fail": "failed (raised GradientCheckError, an AssertionError, in the test)",
-    "caught": "failed as the test expected (it caught the GradientCheckError)",
+    "caught": "failed as the test expected (it caught the GradientCheckError, or is xfail)",
     "unjudged": "not judged (kink or non-finite fn at the point; nothing raised)",
     "error": "raised an error",
 }

@@ -35,8 +35,20 @@ def test_loose_jax_tolerances_still_catch_a_50_percent_bug():
     assert report.status == "fail"
     assert report.tolerance == pytest.approx(0.2)
     assert 0.45 < report.relative_error < 0.55
-    assert "FAIL — gradient is WRONG" in str(info.value)
-    assert "wrong: [0]" in str(info.value)
+    text = str(info.value)
+    assert text.startswith("jaxcheck.check_grads: FAIL — gradient is WRONG")
+    assert "wrong: [0]" in text
+    # said in check_grads' terms: it takes no grad_fn and no key
+    assert "The derivative under test (JAX's jvp and vjp of f) disagrees" in text
+    assert "grad_fn" not in text and "key" not in text
+
+
+def test_order_0_checks_first_derivatives_as_jax_does():
+    assert jaxcheck.check_grads(jnp.sin, (X,), 0) is None
+    with pytest.raises(jaxcheck.GradientCheckError, match="relative error 5.0e-01"):
+        jaxcheck.check_grads(scaled_sin(1.5), (X,), 0)
+    with pytest.raises(AssertionError):
+        jax.test_util.check_grads(scaled_sin(1.5), (X,), 0)
 
 
 @pytest.mark.parametrize("bug", [1.0, 2.0])
@@ -293,7 +305,7 @@ def test_a_nan_derivative_of_a_finite_output_fails_though_f_is_nan_elsewhere(mod
             "args must be a tuple or list of f's positional arguments, "
             "got ndarray. For one argument x, pass (x,).",
         ),
-        ((jnp.sin, (X,), 0), ValueError, "order must be an int >= 1, got 0."),
+        ((jnp.sin, (X,), -1), ValueError, "order must be an int >= 1, got -1."),
         ((jnp.sin, (X,), 1, ("fwd", "bwd")), ValueError, "unknown mode(s) ['bwd']"),
         ((jnp.sin, (X,), 1, ()), ValueError, "modes is empty, so nothing would be checked"),
         ((jnp.sin, (X,), 1, ("rev",), None, None, -1.0), ValueError, "eps must be a positive"),

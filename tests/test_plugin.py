@@ -59,6 +59,11 @@ SAMPLE = textwrap.dedent(
             check_grads(wrong_sin, (X,), order=1, modes=["fwd"])
 
 
+    @pytest.mark.xfail(strict=True)
+    def test_marked_to_fail():
+        check_grads(wrong_sin, (X,), order=1, modes=["fwd"])
+
+
     def test_jax_captures_what_the_test_prints():
         # JAX's capture_stdout binds the sys.stdout of the moment jax._src.test_util is
         # imported: under pytest, its capture; the plugin must not import it earlier
@@ -95,6 +100,23 @@ SAMPLE += textwrap.dedent(
 )
 
 
+# a check made while the module is imported, outside any test (the kink is not judged, so
+# the import goes on); every pytest-xdist worker imports it
+AT_IMPORT = textwrap.dedent(
+    """
+    import numpy as np
+    from jax import numpy as jnp
+    from jax.test_util import check_grads
+
+    check_grads(jnp.abs, (np.zeros(3),), order=1)
+
+
+    def test_nothing_to_do_with_it():
+        pass
+    """
+)
+
+
 def _pytest(tmp_path, *flags):
     (tmp_path / "conftest.py").write_text(CONFTEST)
     (tmp_path / "test_sample.py").write_text(SAMPLE)
@@ -125,9 +147,10 @@ def test_jaxcheck_flag_routes_every_check_grads_and_summarizes(tmp_path):
         "-W",
         "ignore::pytest.PytestUnraisableExceptionWarning",
     )
-    flags = ("-p", "jaxcheck.pytest_plugin", "--jaxcheck", *xdist, "test_sample.py")
-    out = _pytest(tmp_path, *flags)
-    assert "3 failed, 6 passed" in out, out
+    (tmp_path / "test_at_import.py").write_text(AT_IMPORT)
+    flags = ("-p", "jaxcheck.pytest_plugin", "--jaxcheck", *xdist)
+    out = _pytest(tmp_path, *flags, "test_sample.py", "test_at_import.py")
+    assert "3 failed, 7 passed, 1 xfailed" in out, out
     assert "FAILED test_sample.py::test_wrong_custom_jvp - jaxcheck.GradientCheckError" in out
     assert "FAILED test_sample.py::test_via_jtu - jaxcheck.GradientCheckError" in out
     # (routed though the partial holds the original function object)
@@ -137,12 +160,12 @@ def test_jaxcheck_flag_routes_every_check_grads_and_summarizes(tmp_path):
     )
     summary = out.split("jaxcheck check_grads")[1]
     assert (
-        "8 check_grads calls routed to jaxcheck: 2 passed, 3 failed (raised GradientCheckError, "
-        "an AssertionError, in the test), "
-        "1 failed as the test expected (it caught the GradientCheckError), "
-        "2 not judged (kink or non-finite fn at the point; nothing raised), "
+        "10 check_grads calls routed to jaxcheck: 2 passed, 3 failed (raised "
+        "GradientCheckError, an AssertionError, in the test), "
+        "2 failed as the test expected (it caught the GradientCheckError, or is xfail), "
+        "3 not judged (kink or non-finite fn at the point; nothing raised), "
         "0 raised an error" in summary
-    )
+    ), summary
     assert (
         "FAIL     test_sample.py::test_wrong_custom_jvp: fail; relative error 5.0e-01 "
         "(tolerance " in summary
@@ -152,10 +175,17 @@ def test_jaxcheck_flag_routes_every_check_grads_and_summarizes(tmp_path):
         "CAUGHT   test_sample.py::test_expects_the_wrong_rule_to_fail: fail; relative error "
         "5.0e-01" in summary
     )
+    assert "CAUGHT   test_sample.py::test_marked_to_fail: fail; relative error 5.0e-01" in summary
     assert (
         "UNJUDGED test_sample.py::test_kink: inconclusive; only 0 of 16 directions are smooth"
         in summary
     )
+    # named where it ran, and counted once though both workers imported the module
+    assert (
+        "UNJUDGED test_at_import.py (at import): inconclusive; only 0 of 16 directions are "
+        "smooth" in summary
+    )
+    assert summary.count("test_at_import.py") == 1, summary
     assert (
         "UNJUDGED test_sample.py::test_nan_at_point: nonfinite; fn's output (root) is NaN/Inf "
         "at params; not judged" in summary
@@ -166,7 +196,7 @@ def test_jaxcheck_flag_routes_every_check_grads_and_summarizes(tmp_path):
 def test_without_the_flag_the_original_check_grads_runs(tmp_path):
     out = _pytest(tmp_path, "-p", "jaxcheck.pytest_plugin", "test_sample.py")
     # JAX's own check fails the planted bugs, and also the kink and the NaN point
-    assert "5 failed, 4 passed" in out, out
+    assert "5 failed, 4 passed, 1 xfailed" in out, out
     assert "FAILED test_sample.py::test_wrong_custom_jvp - AssertionError" in out
     assert "GradientCheckError" not in out
     assert "jaxcheck check_grads" not in out
