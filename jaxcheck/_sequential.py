@@ -1,7 +1,7 @@
-"""Sequential directions: the check looks at its relative error after 4 directions and adds
-directions in batches (4 -> 8 -> 16 -> ... up to `num_directions`) only while the verdict is
-in doubt; and the evaluations of the directions already taken are kept, so that every look
-pays only for its new directions.
+"""Sequential directions: the check looks at its relative error after 8 directions (4 for
+Gaussian ones) and adds directions in batches (8 -> 16 -> 32 -> ... up to `num_directions`)
+only while the verdict is in doubt; and the evaluations of the directions already taken are
+kept, so that every look pays only for its new directions.
 
 The stopping rule. Over n directions the relative error err_n estimates the true error
 e = ‖W(g̃ − g)‖ / ‖W g‖, with err_n² / e² distributed as F(n, n) for Gaussian directions
@@ -22,8 +22,19 @@ the estimate off by the factor 2 c_n, so (a union bound over the looks)
     P(correct gradient failed), P(bug at 2 tol passes)
         <= sum over early looks of P(F(n, n) > 4 c_n²)  +  P(F(K, K) > 4),
 
-`error_bounds(K)`: 0.64 % each for K = 16 (0.21 % + the fixed-K check's own 0.42 %), 0.15 %
-for K = 32; less where e is further from tol. The tests measure both by simulation.
+`error_bounds(K)`: for random signs 0.49 % each for K = 16 (0.06 % + the fixed-K check's own
+0.42 %), 0.03 % for K = 32; for Gaussian directions 0.64 % and 0.15 %; less where e is further
+from tol. The tests measure both by simulation.
+
+Why random signs look first after 8 directions, not 4: along a random-sign direction v an
+error vector can vanish exactly, e . v = 0, with probability up to 1/2 (two entries of equal
+size and opposite sign, as a bwd that swaps two cotangents makes: v0 = v1 hides it; a
+constant error, as a bias gradient missing a term, hides along 3 of 8 sign patterns of 4
+entries). No directions can rule that out, but 4 of them miss such an error altogether with
+probability 1/16, far above the rates above, and 8 with 1/256: at worst (two entries, a bug at
+2 tol) 0.39 % at the look after 8 and 0.21 % at the last (a pass there needs at most 2 of 16
+directions to see it), 0.6 % in all. Gaussian directions see every error along every
+direction (e . v is normal with variance |e|^2), so the F(n, n) rates hold as stated.
 
 Only plain verdicts stop early: every comparison resolved, relative (not absolute), judged
 against its fixed floor (not a tolerance estimated from the noise or rounding measured along
@@ -54,16 +65,18 @@ from . import _differences, _evaluate, _verdict
 from ._error_model import SAFETY
 from ._report import Status, check_kind
 
-FIRST = 4  # directions of the first look
+FIRST = {"gaussian": 4, "rademacher": 8}  # directions of the first look, by their kind
 EARLY_ERROR = 0.05  # at e = tol, the chance of an early stop on each side, all looks together
 
 
-def looks(k: int, sequential: bool) -> tuple[int, ...]:
-    """The numbers of directions after which the check looks: 4, 8, 16, ... and k last;
-    just (k,) when not sequential or k <= 4."""
-    if not sequential or k <= FIRST:
+def looks(k: int, sequential: bool, kind: str = "rademacher") -> tuple[int, ...]:
+    """The numbers of directions after which the check looks: 8, 16, 32, ... (4, 8, 16, ...
+    for Gaussian directions) and k last; just (k,) when not sequential or k is no more than
+    the first look."""
+    first = FIRST[kind]
+    if not sequential or k <= first:
         return (k,)
-    out = [FIRST]
+    out = [first]
     while 2 * out[-1] < k:
         out.append(2 * out[-1])
     return (*out, k)
@@ -88,11 +101,12 @@ def clear(err: float, tol: float, n: int, num_looks: int) -> str | None:
     return None
 
 
-def error_bounds(k: int) -> tuple[float, float]:
+def error_bounds(k: int, kind: str = "rademacher") -> tuple[float, float]:
     """(chance that a correct gradient is failed, that a bug at 2x the tolerance passes)
-    for a maximum of k directions, as bounded in the module docstring (for an odd k, the
-    bound of k - 1, which is larger). F(n, n) is symmetric about 1 in log: both are equal."""
-    ks = looks(k, True)
+    for a maximum of k directions of `kind`, as bounded in the module docstring (for an odd
+    k, the bound of k - 1, which is larger). F(n, n) is symmetric about 1 in log: both are
+    equal."""
+    ks = looks(k, True, kind)
     # early: err_n / e beyond 2 c_n either way; last: beyond 2 (F beyond 4, W beyond 4 / 5)
     early = sum(_f_tail(n, 4 * clearance(n, len(ks)) ** 2) for n in ks[:-1])
     bound = early + _f_tail(k, 4.0)

@@ -214,12 +214,12 @@ def test_raise_on_failure_raises_assertion_with_report():
 
 
 def test_report_contents_and_serialization():
-    report = jaxcheck.verify(quartic, {"w": jnp.ones(3), "n": 3}, num_directions=8)
-    # settled after the first 4 of the 8 directions (sequential directions)
-    assert (report.num_directions, report.max_directions) == (4, 8)
-    assert report.numeric.shape == (4,) and report.analytic.shape == (4,)
+    report = jaxcheck.verify(quartic, {"w": jnp.ones(3), "n": 3}, num_directions=16)
+    # settled after the first 8 of the 16 directions (sequential directions)
+    assert (report.num_directions, report.max_directions) == (8, 16)
+    assert report.numeric.shape == (8,) and report.analytic.shape == (8,)
     np.testing.assert_allclose(report.numeric, report.analytic, rtol=1e-5)
-    assert report.num_evaluations == 4 * 2 + 1 and report.stencil_points == 2  # settled at +-h
+    assert report.num_evaluations == 8 * 2 + 1 and report.stencil_points == 2  # settled at +-h
     assert report.interval[0] <= report.relative_error <= report.interval[1]
     assert report.compile_seconds > 0 and report.run_seconds > 0
     data = report.to_dict()

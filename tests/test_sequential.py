@@ -14,11 +14,13 @@ SIZES = (3, 5, 2)
 
 
 def test_looks_double_up_to_the_maximum():
-    assert _sequential.looks(16, True) == (4, 8, 16)
-    assert _sequential.looks(12, True) == (4, 8, 12)
-    assert _sequential.looks(32, True) == (4, 8, 16, 32)
+    assert _sequential.looks(16, True) == (8, 16)
+    assert _sequential.looks(12, True) == (8, 12)
+    assert _sequential.looks(32, True) == (8, 16, 32)
     assert _sequential.looks(16, False) == (16,)
-    assert _sequential.looks(4, True) == (4,)
+    assert _sequential.looks(8, True) == (8,)
+    assert _sequential.looks(16, True, "gaussian") == (4, 8, 16)
+    assert _sequential.looks(4, True, "gaussian") == (4,)
 
 
 def test_clearance_is_the_exact_f_quantile():
@@ -26,17 +28,23 @@ def test_clearance_is_the_exact_f_quantile():
     assert _sequential.clearance(4, 3) == pytest.approx(3.0991, abs=1e-4)
     assert _sequential.clearance(8, 3) == pytest.approx(2.1055, abs=1e-4)
     # P(F(16, 16) > 4) = 0.424 %, plus P(F(4, 4) > 4 c_4²) + P(F(8, 8) > 4 c_8²) = 0.215 %
-    assert _sequential.error_bounds(16) == pytest.approx((0.006387, 0.006387), abs=1e-6)
-    assert _sequential.error_bounds(32)[0] == pytest.approx(0.001461, abs=1e-6)
+    assert _sequential.error_bounds(16, "gaussian") == pytest.approx((0.006387, 0.006387), abs=1e-6)
+    assert _sequential.error_bounds(32, "gaussian")[0] == pytest.approx(0.001461, abs=1e-6)
+    # random signs look first after 8 (one early look: c_8 = 1.854), 0.424 % + 0.063 %
+    assert _sequential.clearance(8, 2) == pytest.approx(1.8542, abs=1e-4)
+    assert _sequential.error_bounds(16) == pytest.approx((0.004865, 0.004865), abs=1e-6)
+    assert _sequential.error_bounds(32)[0] == pytest.approx(0.000346, abs=1e-6)
     assert _sequential.clear(0.3, 1.0, 4, 3) == "pass"
     assert _sequential.clear(3.2, 1.0, 4, 3) == "fail"
     assert _sequential.clear(0.5, 1.0, 4, 3) is None
 
 
-def _simulate(true, k, trials, kind, seed=0):
+def _simulate(true, k, trials, kind, seed=0, pair=False):
     """The sequential procedure on synthetic per-direction errors: projections of an error
     of relative size `true` (tolerance 1) orthogonal to the gradient, along Gaussian or
-    random-sign directions. Returns (verdicts, directions used)."""
+    random-sign directions; with `pair`, an error of two entries of equal size and opposite
+    sign (the worst case of random signs: invisible along half of them). Returns
+    (verdicts, directions used)."""
     rng = np.random.default_rng(seed)
     if kind == "gaussian":
         e = rng.standard_normal((trials, k)) * true
@@ -44,12 +52,16 @@ def _simulate(true, k, trials, kind, seed=0):
     else:
         dim = 32
         gv, ev = rng.standard_normal(dim), rng.standard_normal(dim)
-        ev -= gv * (ev @ gv) / (gv @ gv)
+        if pair:  # (its projections vanish or not with the signs alone)
+            ev = np.zeros(dim)
+            ev[:2] = (1.0, -1.0)
+        else:
+            ev -= gv * (ev @ gv) / (gv @ gv)
         ev *= true * np.linalg.norm(gv) / np.linalg.norm(ev)
         v = rng.choice(np.array([-1.0, 1.0]), size=(trials, k, dim))
         e, g = v @ ev, v @ gv
     sum_e, sum_g = np.cumsum(e**2, axis=1), np.cumsum(g**2, axis=1)
-    ks = _sequential.looks(k, True)
+    ks = _sequential.looks(k, True, kind)
     verdict = np.full(trials, "", dtype=object)
     used = np.zeros(trials, dtype=np.int64)
     clear = np.vectorize(lambda err, n: _sequential.clear(err, 1.0, n, len(ks)) or "")
@@ -64,7 +76,7 @@ def _simulate(true, k, trials, kind, seed=0):
 @pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
 def test_simulated_error_rates_are_within_the_stated_bounds(kind):
     k, trials = 16, 20000
-    fail_correct, pass_bug = _sequential.error_bounds(k)
+    fail_correct, pass_bug = _sequential.error_bounds(k, kind)
     # three Monte Carlo standard errors (the union bound is nearly tight: the early and
     # the last look's wrong verdicts seldom coincide)
     slack = 3 * np.sqrt(fail_correct / trials)
@@ -81,10 +93,26 @@ def test_simulated_error_rates_are_within_the_stated_bounds(kind):
     assert np.mean(early & (verdict == "pass")) <= _sequential.EARLY_ERROR + at_tol
     assert np.mean(early & (verdict == "fail")) <= _sequential.EARLY_ERROR + at_tol
     assert np.mean(used) > 14  # at the tolerance most checks take all 16
-    # far from the tolerance (a correct float32 model, a 1 % bug) 4 directions settle it
+    # far from the tolerance (a correct float32 model, a 1 % bug) the first look settles it
+    first = _sequential.FIRST[kind]
     for true, expected in ((0.05, "pass"), (1e4, "fail")):
         verdict, used = _simulate(true, k, trials, kind, seed=3)
-        assert np.all(verdict == expected) and np.mean(used == 4) > 0.99
+        assert np.all(verdict == expected) and np.mean(used == first) > 0.99
+
+
+def test_an_error_random_signs_see_least_passes_rarely():
+    """A bwd that swaps two cotangents makes an error of two entries of equal size and
+    opposite sign: along half of all random-sign directions it vanishes. A first look
+    after 4 directions passed such a bug (94 % wrong) with probability 1/16; after 8 a bug
+    at twice the tolerance passes with probability 1/256 there and 0.21 % at the last look
+    (at most 2 of 16 directions see it)."""
+    trials = 40000
+    verdict, used = _simulate(2.0, 16, trials, "rademacher", seed=5, pair=True)
+    slack = 3 * np.sqrt(0.006 / trials)
+    assert np.mean(verdict == "pass") <= 1 / 256 + 137 / 2**16 + slack
+    # far beyond the tolerance it takes the 8 directions not to see it at all
+    verdict, used = _simulate(30.0, 16, trials, "rademacher", seed=6, pair=True)
+    assert np.mean(verdict == "pass") == pytest.approx(1 / 256, abs=3 * np.sqrt(1 / 256 / trials))
 
 
 def test_simulated_fixed_k_rates_are_nearly_kept():
@@ -100,18 +128,18 @@ def _mlp(**options):
     return params, x, y
 
 
-def test_correct_model_settles_after_four_directions():
+def test_correct_model_settles_after_eight_directions():
     params, x, y = _mlp()
     report = jaxcheck.verify(mlp_loss(), params, x, y, localize=False)
     assert report.ok
-    assert (report.num_directions, report.max_directions) == (4, 16)
-    assert report.numeric.shape == (4,)
-    assert report.num_evaluations == 2 * 4 + 1  # central differences along 4 directions
-    assert report.relative_error * _sequential.clearance(4, 3) < report.tolerance
-    assert report.stopped.startswith("settled after 4 of 16 directions: the relative error (")
+    assert (report.num_directions, report.max_directions) == (8, 16)
+    assert report.numeric.shape == (8,)
+    assert report.num_evaluations == 2 * 8 + 1  # central differences along 8 directions
+    assert report.relative_error * _sequential.clearance(8, 2) < report.tolerance
+    assert report.stopped.startswith("settled after 8 of 16 directions: the relative error (")
     assert report.stopped.endswith(f"is clear below the tolerance {report.tolerance:.1e}")
     text = str(report)
-    assert "  4 of 16 directions (0 non-smooth, 0 non-finite), 9 evaluations of fn" in text
+    assert "  8 of 16 directions (0 non-smooth, 0 non-finite), 17 evaluations of fn" in text
     assert report.stopped in text
 
 
@@ -123,21 +151,26 @@ def test_fixed_directions_with_sequential_false():
     assert "  16 directions (0 non-smooth" in str(report)
 
 
-def test_one_percent_bug_fails_after_four_directions_and_is_localized():
+def test_one_percent_bug_fails_at_the_first_look_and_is_localized():
     params, x, y = _mlp()
     loss = mlp_loss(bug("scale", 0.01), where=(1, "w"))
     report = jaxcheck.verify(loss, params, x, y)
-    assert report.status == "fail" and report.num_directions == 4
-    assert report.stopped.startswith("settled after 4 of 16 directions")
+    assert report.status == "fail" and report.num_directions == 8
+    assert report.stopped.startswith("settled after 8 of 16 directions")
     assert "clear above the tolerance" in report.stopped
     by_path = {leaf.path: leaf for leaf in report.leaves}
     wrong = by_path["['layers'][1]['w']"]
-    assert wrong.status == "fail" and wrong.num_directions == 4
+    assert wrong.status == "fail" and wrong.num_directions == 8
     assert wrong.relative_error == pytest.approx(0.01, rel=0.05)
     assert [p for p, leaf in by_path.items() if leaf.status == "fail"] == [wrong.path]
-    # leaves clearly right settle after 4 of their 8 directions too
-    assert all(leaf.num_directions in (4, 8) for leaf in report.leaves)
+    # each leaf takes its 8 directions in one look (random signs look first after 8)
+    assert all(leaf.num_directions == 8 for leaf in report.leaves)
+    # with Gaussian directions leaves clearly right settle after 4 of their 8
+    gaussian = jaxcheck.verify(loss, params, x, y, directions="gaussian")
+    assert gaussian.status == "fail" and gaussian.num_directions == 4
+    by_path = {leaf.path: leaf for leaf in gaussian.leaves}
     assert by_path["['layers'][0]['w']"].num_directions == 4
+    assert [p for p, leaf in by_path.items() if leaf.status == "fail"] == [wrong.path]
 
 
 def _scaled(x, c):
@@ -165,16 +198,16 @@ BORDERLINE = jnp.float32(1.0015)  # a 0.15 % error in the gradient along "w"
 
 def test_borderline_bug_takes_every_direction_and_says_so():
     # a 0.15 % error against rtol=1e-3, within the early looks' doubt (clearing the
-    # tolerance takes a factor 3.1 after 4 directions, 2.1 after 8)
+    # tolerance takes a factor 1.85 after 8 directions)
     report = jaxcheck.verify(_borderline(), PARAMS, BORDERLINE, rtol=1e-3, localize=False)
     assert report.status == "fail" and 1.2e-3 < report.relative_error < 1.5e-3
     assert (report.num_directions, report.max_directions) == (16, 16)
     assert report.stopped.startswith("took all 16 directions: after 8, the relative error (")
     assert report.stopped.endswith("was too close to the tolerance 1.0e-03 to tell")
-    # every direction evaluated once: 4 calls of the 4-direction programs at +-h and
+    # every direction evaluated once: 2 calls of the 8-direction programs at +-h and
     # at +-h/2, each 2 points per direction and the centre; then the failure confirmed
-    # along the first 4 at a 16 times larger step (where roundoff would shrink 16 times)
-    assert report.num_evaluations == 2 * 4 * (2 * 4 + 1) + 2 * (2 * 4 + 1)
+    # along the first 8 at a 16 times larger step (where roundoff would shrink 16 times)
+    assert report.num_evaluations == 2 * 2 * (2 * 8 + 1) + 2 * (2 * 8 + 1)
     assert report.steps_tried == pytest.approx((report.step, 16 * report.step))
     assert not any("roundoff inside fn" in q for q in report.problems)
 
@@ -185,7 +218,7 @@ def test_later_looks_reuse_the_first_looks_programs():
     assert first.num_directions == 16 and first.num_compiled > 0
     later = [checker(PARAMS, c) for c in (jnp.float32(1.0), jnp.float32(1.05), BORDERLINE)]
     assert [r.status.value for r in later] == ["pass", "fail", "fail"]
-    assert [r.num_directions for r in later] == [4, 4, 16]
+    assert [r.num_directions for r in later] == [8, 8, 16]
     assert [r.num_compiled for r in later] == [0, 0, 0]
     # the same check at 16 directions a batch compiles as many programs
     fixed = jaxcheck.verify(_borderline(), PARAMS, jnp.float32(1.002), rtol=1e-3, sequential=False)
@@ -206,12 +239,12 @@ def test_both_modes_second_order_and_complex_settle_early_too():
 
     params = {"w": jnp.linspace(0.1, 1.0, 5), "b": jnp.linspace(-0.5, 0.5, 5)}
     report = jaxcheck.verify(fn, params, order=2, mode="both")
-    assert report.ok and [p.num_directions for p in report.parts] == [4, 4]
-    assert all(p.stopped.startswith("settled after 4 of 16") for p in report.parts)
-    assert "  4 directions per check, " in str(report)
+    assert report.ok and [p.num_directions for p in report.parts] == [8, 8]
+    assert all(p.stopped.startswith("settled after 8 of 16") for p in report.parts)
+    assert "  8 directions per check, " in str(report)
     z = jnp.linspace(0.1, 1.0, 4) * (1 + 0.5j)
     report = jaxcheck.verify(lambda z: jnp.sum(jnp.abs(jnp.sin(z)) ** 2), z)
-    assert report.ok and report.num_directions == 4
+    assert report.ok and report.num_directions == 8
 
 
 def test_a_doubt_more_directions_cannot_resolve_goes_straight_to_the_last_look(monkeypatch):
@@ -226,8 +259,8 @@ def test_a_doubt_more_directions_cannot_resolve_goes_straight_to_the_last_look(m
     w = jnp.linspace(-1.0, 1.0, 50, dtype=jnp.float32)
     report = jaxcheck.verify(lambda w: jnp.sum(jnp.sin(w) + 1e7) - 50 * 1e7, w)
     assert report.status == "pass" and report.num_directions == 16
-    assert calls == [4]  # looked at 4, then at all 16
-    assert report.stopped.startswith("took all 16 directions: after 4, the tolerance ")
+    assert calls == [8]  # looked at 8, then at all 16
+    assert report.stopped.startswith("took all 16 directions: after 8, the tolerance ")
     assert report.stopped.endswith(" rests on measured noise or rounding")  # (not "near")
     assert report.tolerance > 10 * report.checks[0].floor
 
@@ -236,13 +269,13 @@ def test_a_doubt_more_directions_cannot_resolve_goes_straight_to_the_last_look(m
 def test_float32_rounding_settles_early_when_the_float64_rule_is_clear(mode):
     """An ill-conditioned float32 loss: its correct gradient rounds to 6.5e-5 (relative),
     the tolerance rests on that rounding, measured against the float64 rule, and the
-    rule's own error is clear below it: settled after 4 directions (forward against
+    rule's own error is clear below it: settled after 8 directions (forward against
     reverse mode too, whose difference is the two modes' rounding). A 1 % bug, in every
-    precision, fails after 4 too."""
+    precision, fails after 8 too."""
     report = jaxcheck.verify(ill_conditioned_loss(), ill_conditioned_params(), mode=mode)
     tested, rule = report.checks[:2]
     assert len(report.checks) == (2 if mode == "reverse" else 5)
-    assert report.status == "pass" and report.num_directions == 4
+    assert report.status == "pass" and report.num_directions == 8
     assert tested.rounding == pytest.approx(6.5e-5, rel=0.1)
     assert tested.tolerance == pytest.approx(2 * tested.rounding, rel=1e-3)
     assert rule.relative_error < 1e-7
@@ -253,7 +286,7 @@ def test_float32_rounding_settles_early_when_the_float64_rule_is_clear(mode):
     )
     wrong = ill_conditioned_loss(bug("scale", 0.01))
     report = jaxcheck.verify(wrong, ill_conditioned_params(), mode=mode)
-    assert report.status == "fail" and report.num_directions == 4
+    assert report.status == "fail" and report.num_directions == 8
     assert "clear above the tolerance" in report.stopped
     assert jaxcheck.verify(wrong, ill_conditioned_params(), sequential=False).status == "fail"
 
@@ -275,7 +308,7 @@ def _simulate_rounding(ratio, trials, kind, seed, k=16, dim=32):
         v = rng.choice(np.array([-1.0, 1.0]), size=(trials, k, dim))
     r, a_ref = v @ g, v @ (g + e)
     a = a_ref + v @ rho
-    ks = _sequential.looks(k, True)
+    ks = _sequential.looks(k, True, kind)
     early = np.zeros(trials, bool)
     for n in ks[:-1]:
         scale = np.sqrt(np.mean(r[:, :n] ** 2, axis=1))
@@ -311,7 +344,7 @@ def _simulate_rounding(ratio, trials, kind, seed, k=16, dim=32):
 def test_simulated_rates_of_settling_on_measured_rounding(kind):
     trials = 4000
     slack = 3 * np.sqrt(_sequential.EARLY_ERROR / trials)
-    # a float64 rule far more precise than the float32 rounding: every check settles at 4
+    # a float64 rule far more precise than the float32 rounding: every check settles first
     early, fails = _simulate_rounding(0.01, trials, kind, seed=0)
     assert early == 1.0 and fails == 0.0
     # at the boundary of the margin (the rule as far off as the rounding), the early
@@ -323,18 +356,18 @@ def test_simulated_rates_of_settling_on_measured_rounding(kind):
     assert fails > 0.7 and early < 0.01
 
 
-@pytest.mark.parametrize("offset", [1e5, 1e7])
+@pytest.mark.parametrize("offset", [5e5, 1e7])
 def test_a_measured_tolerance_settles_early_only_below_its_floor(offset):
     """fn adds and removes a large offset, so its float64 values carry roundoff that raises
     the tolerance above its floor (1.2e-06). An estimate clear below the floor itself
-    settles after 4 directions (it is clear below any tolerance above the floor); one that
+    settles after 8 directions (it is clear below any tolerance above the floor); one that
     is not takes all 16, as before."""
     w = jnp.linspace(-1.0, 1.0, 50, dtype=jnp.float32)
     report = jaxcheck.verify(lambda w: jnp.sum(jnp.sin(w) + offset) - 50 * offset, w)
     assert report.status == "pass", str(report)
     assert report.tolerance > report.checks[0].floor == pytest.approx(1.19e-6, rel=0.01)
-    if offset == 1e5:
-        assert report.num_directions == 4
+    if offset == 5e5:
+        assert report.num_directions == 8
         assert report.stopped.endswith(
             "is clear below the tolerance's floor 1.2e-06 (the tolerance "
             f"{report.tolerance:.1e} rests on measured noise or rounding)"
@@ -349,11 +382,42 @@ def test_a_measured_tolerance_settles_early_only_below_its_floor(offset):
     [
         ("the relative error (1.0e-07..9.0e-07, 95%) was too close to the tolerance 1.2e-06", 1),
         ("the tolerance 1.4e-06 rests on measured noise or rounding, near its floor 1.2e-06", 1),
-        ("the tolerance 1.3e-04 rests on measured noise or rounding", 3),
-        ("some directions were not smooth (a kink within the step)", 3),
+        ("the tolerance 1.3e-04 rests on measured noise or rounding", 2),
+        ("some directions were not smooth (a kink within the step)", 2),
     ],
 )
 def test_which_doubts_look_again_before_the_last_look(why, after):
     ks = _sequential.looks(32, True)
-    assert ks == (4, 8, 16, 32)
+    assert ks == (8, 16, 32)
     assert _sequential.next_look(ks, 0, why) == after
+
+
+@jax.custom_vjp
+def _reversed_pair(x):
+    return x[::-1]
+
+
+# the backward pass forgets to reverse the cotangent back: the gradients of x[0] and x[1]
+# are swapped, an error [a, -a] that random signs with v0 = v1 do not see
+_reversed_pair.defvjp(lambda x: (x[::-1], None), lambda _, g: (g,))
+
+
+@pytest.mark.parametrize("key", [0, 3, 14, 22])
+def test_swapped_cotangents_fail_at_keys_whose_first_four_signs_hid_them(key):
+    """At these keys the first 4 random-sign directions all had v0 = v1, and a first look
+    after 4 passed the swap (94 % wrong on x) with "settled after 4 of 16 directions"."""
+    a = jnp.array([2.0, 1.0])
+
+    def loss(p):
+        x = p["x"]
+        return (
+            jnp.sum(_reversed_pair(x[:2]) * a * jnp.cos(x[:2]))
+            + jnp.sin(x[2])
+            + jnp.sum(p["y"] ** 2)
+        )
+
+    p = {"x": jnp.array([0.7, 1.3, 0.3]), "y": jnp.array([0.2, 0.4])}
+    report = jaxcheck.verify(loss, p, key=key)
+    assert report.status == "fail", str(report)
+    assert report.relative_error > 0.3
+    assert [leaf.path for leaf in report.leaves if leaf.status == "fail"] == ["['x']"]
