@@ -176,6 +176,19 @@ def status(run: Run, p: Pass, checks, k, problems) -> Status:
             "(kinks or jumps within the step) are excluded from the verdict"
         )
         return Status.INCONCLUSIVE
+    kinked = int(np.sum(~p.fd.smooth))
+    between = _error_model.subgradient_consistent(p.fd, p.analytic) if kinked >= 2 else 0
+    if kinked >= 2 and 2 * between < kinked:
+        # at a kink the derivative must lie between fn's one-sided slopes along every
+        # direction that crosses it; the smooth directions run along the kink and cannot
+        # see a derivative wrong across it (a rule at a tie of max returning [5, -4])
+        problems.append(
+            f"the derivative under test lies outside fn's one-sided slopes along "
+            f"{kinked - between} of the {kinked} directions that cross a kink within the "
+            "step (there it must lie between them): it may be wrong across the kink, which "
+            "the smooth directions, along it, cannot show. Try a point away from the kink"
+        )
+        return Status.INCONCLUSIVE
     head = checks[0]
     flat = _flat(run, p, k, problems, checks)
     if flat is not None:

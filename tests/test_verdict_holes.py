@@ -1139,3 +1139,41 @@ def test_a_straight_through_estimator_flat_at_the_step_is_said_to_be_one_possibl
     report = jaxcheck.verify(straight_through, {"logits": jnp.asarray([0.1, -0.4, 0.3])}, g)
     assert report.status in ("inconclusive", "fail"), str(report)
     assert any("straight-through estimator" in q for q in report.problems), report.problems
+
+
+def _max_with_rule(d):
+    d = jnp.asarray(d)
+
+    @jax.custom_vjp
+    def largest(x):
+        return jnp.max(x)
+
+    largest.defvjp(lambda x: (largest(x), x), lambda x, g: (g * d,))
+    return lambda p: largest(p["x"]) + jnp.sum(p["y"] ** 2)
+
+
+KINK_PARAMS = {"x": jnp.array([1.0, 1.0, 0.3]), "y": jnp.array([0.2, 0.4])}
+
+
+@pytest.mark.parametrize("d", [[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]])
+def test_a_valid_subgradient_at_a_tie_of_max_is_not_doubted(d):
+    report = jaxcheck.verify(_max_with_rule(d), KINK_PARAMS)
+    assert report.status == "pass", str(report)
+    assert report.num_nonsmooth == report.num_subgradient_consistent == 7
+
+
+@pytest.mark.parametrize("key", [0, 1])
+def test_a_rule_outside_the_one_sided_slopes_at_a_tie_of_max_does_not_pass(key):
+    """[5, -4, 0] is no subgradient of max at x0 = x1 (those run from [1, 0, 0] to
+    [0, 1, 0]). The directions that cross the kink were left out of the verdict, and along
+    the others (v0 = v1) every d with d0 + d1 = 1 agrees: it passed, though the report said
+    the derivative lay between the one-sided slopes on 0 of 7 of them."""
+    report = jaxcheck.verify(_max_with_rule([5.0, -4.0, 0.0]), KINK_PARAMS, key=key)
+    assert report.status in ("fail", "inconclusive"), str(report)
+    assert report.num_subgradient_consistent == 0
+    said = (
+        "the derivative under test lies outside fn's one-sided slopes along 7 of the 7 "
+        "directions that cross a kink within the step (there it must lie between them)"
+    )
+    assert any(q.startswith(said) for q in report.problems), report.problems
+    assert "['x']" not in [leaf.path for leaf in report.leaves if leaf.status == "pass"]
