@@ -1177,3 +1177,49 @@ def test_a_rule_outside_the_one_sided_slopes_at_a_tie_of_max_does_not_pass(key):
     )
     assert any(q.startswith(said) for q in report.problems), report.problems
     assert "['x']" not in [leaf.path for leaf in report.leaves if leaf.status == "pass"]
+
+
+def test_a_leaf_of_a_model_whose_dropout_differs_in_float64_is_still_named():
+    """Dropout draws its mask in the default float dtype, so fn computes another function
+    in float64 and the float32 rows are shown unjudged. A 1 % bug on one kernel was then
+    "not judged" on that leaf as a derivative zero to within noise (a rule that only the
+    float64 rule row sees at a zero derivative), and no leaf was named."""
+    import flax.linen as nn
+
+    def scaled(x):
+        @jax.custom_vjp
+        def f(x):
+            return x
+
+        f.defvjp(lambda x: (x, None), lambda _, g: (g * 1.01,))
+        return f(x)
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Dense(6)(x)
+            x = nn.BatchNorm(use_running_average=False)(x)
+            x = nn.Dropout(0.3, deterministic=False)(jax.nn.swish(x))
+            return nn.Dense(1)(x)[:, 0]
+
+    model = Model()
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 3)), jnp.float32)
+    y = jnp.linspace(-1.0, 1.0, 8)
+    keys = {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}
+    variables = model.init(keys, x)
+
+    def loss(params, x, y):
+        dense = {**params["Dense_0"], "kernel": scaled(params["Dense_0"]["kernel"])}
+        out, _ = model.apply(
+            {"params": {**params, "Dense_0": dense}, "batch_stats": variables["batch_stats"]},
+            x,
+            rngs={"dropout": jax.random.PRNGKey(2)},
+            mutable=["batch_stats"],
+        )
+        return jnp.mean((out - y) ** 2)
+
+    report = jaxcheck.verify(loss, variables["params"], x, y)
+    assert report.status == "fail"
+    assert "computes something else in float64" in report.problems[0]
+    failing = [leaf for leaf in report.leaves if leaf.status == "fail"]
+    assert [leaf.path for leaf in failing] == ["['Dense_0']['kernel']"]
