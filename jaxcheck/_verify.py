@@ -94,8 +94,8 @@ def verify(
             ... up to `num_directions`; per leaf up to `leaf_directions`) only while the
             relative error's interval straddles the tolerance, or kinks, flat directions,
             noise or a zero derivative make the verdict doubtful. An early look stops only
-            when the error clears the tolerance by the 1 - 5 % quantile of its F law (95 %
-            over the early looks); with K = 16 a correct gradient (error at half the
+            when the error clears the tolerance by the 1 - 5 %/L quantile of its F law (L
+            early looks, 95 % over them); with K = 16 a correct gradient (error at half the
             tolerance) fails, and a bug at twice the tolerance passes, with probability
             at most 0.49 % each (0.42 % with a fixed K = 16; 0.6 % for the error random
             signs see least, two entries of equal size and opposite sign). The report's
