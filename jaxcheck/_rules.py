@@ -9,7 +9,8 @@ the given arguments for:
   the float64 reference and leaf localization (the leaves are named `args[i]...`);
 - jvp linearity: jvp(a v + b w) = a jvp(v) + b jvp(w) for random tangents and scalars;
 - transpose: <u, J v> by the jvp equals <J^T u, v> by the vjp (for a custom_jvp the vjp is
-  the transpose JAX derives from the rule);
+  the transpose JAX derives from the rule), in the real part of the bilinear pairing, where
+  JAX's vjp is the transpose of every real-linear jvp (|z|^2 of a complex z too);
 - cotangent types: each input's cotangent has its shape and dtype (float0 for integer
   inputs); positions in `nondiff_argnums` are held fixed;
 - unused outputs (several outputs only): the vjp when one output alone is used, so that
