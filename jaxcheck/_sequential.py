@@ -33,8 +33,11 @@ constant error, as a bias gradient missing a term, hides along 3 of 8 sign patte
 entries). No directions can rule that out, but 4 of them miss such an error altogether with
 probability 1/16, far above the rates above, and 8 with 1/256: at worst (two entries, a bug at
 2 tol) 0.39 % at the look after 8 and 0.21 % at the last (a pass there needs at most 2 of 16
-directions to see it), 0.6 % in all. Gaussian directions see every error along every
-direction (e . v is normal with variance |e|^2), so the F(n, n) rates hold as stated.
+directions to see it), 0.6 % in all. Worse still is a gradient on the same two entries, each
+invisible where the other is seen (fn of two parameters, gradient [1, 1], error [d, -d]):
+1.3 % at 2 tol, 0.4 % at 3 tol (simulated in the tests). Gaussian directions see every
+error along every direction (e . v is normal with variance |e|^2), so the F(n, n) rates
+hold as stated for any structure.
 
 Only plain verdicts stop early: every comparison resolved, relative (not absolute), judged
 against its fixed floor (not a tolerance estimated from the noise or rounding measured along

@@ -97,8 +97,10 @@ def verify(
             when the error clears the tolerance by the 1 - 5 %/L quantile of its F law (L
             early looks, 95 % over them); with K = 16 a correct gradient (error at half the
             tolerance) fails, and a bug at twice the tolerance passes, with probability
-            at most 0.49 % each (0.42 % with a fixed K = 16; 0.6 % for the error random
-            signs see least, two entries of equal size and opposite sign). The report's
+            at most 0.49 % each (0.42 % with a fixed K = 16; for errors random signs see
+            least, two entries of equal size and opposite sign, 0.6 %, and 1.3 % where
+            the gradient lies on the same two entries; Gaussian directions keep 0.64 %
+            for any error). The report's
             `num_directions` is the number taken, `stopped` says why. False: always K
             (also with `direction_sharding`).
         key: int seed or JAX PRNG key. Same key, same result.
