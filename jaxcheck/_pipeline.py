@@ -125,9 +125,18 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
     )
     chosen = [i for i in chosen if np.size(run.inputs.diff[i])]  # an empty leaf has no check
     if chosen:
+        said = len(run.problems)
         leaves = _localize.localize(
             run, scales, leaf_k, h0, paths, chosen, sequential, step is not None
         )
+        if status is Status.FAIL and not any(leaf.status is Status.FAIL for leaf in leaves):
+            # random signs can miss a leaf's error along all its directions (two entries
+            # of equal size and opposite sign: 1 in 256 over 8): before no leaf is blamed,
+            # the leaves are checked again along twice as many
+            del run.problems[said:]
+            leaves = _localize.localize(
+                run, scales, 2 * leaf_k, h0, paths, chosen, False, step is not None
+            )
         if _localize.fails_in_rule_row_at_zero(status, leaves, checks):
             status = _localize.not_judged_at_zero(run)
         else:

@@ -436,3 +436,38 @@ def test_swapped_cotangents_fail_at_keys_whose_first_four_signs_hid_them(key):
     assert report.status == "fail", str(report)
     assert report.relative_error > 0.3
     assert [leaf.path for leaf in report.leaves if leaf.status == "fail"] == ["['x']"]
+
+
+def test_a_leaf_whose_error_its_directions_all_missed_is_checked_again():
+    """An error (+c, -c, 0, 0) in a bias of 4, 1000 times the tolerance: at key 57 the
+    bias's 8 random-sign directions all had v0 = v1 (1 in 256), every leaf passed alone,
+    and the report blamed "the error spread thinly over several leaves". Before no leaf is
+    blamed, the leaves are checked again along twice as many directions."""
+    from cases import enable_x64
+
+    with enable_x64():
+        rng = np.random.default_rng(0)
+        x, y = jnp.asarray(rng.normal(size=(8, 5))), jnp.asarray(rng.normal(size=(8,)))
+
+        def loss(p, x, y):
+            h = jnp.tanh(x @ p["w1"] + p["b1"])
+            return jnp.mean((h @ p["w2"] + p["b2"] - y) ** 2)
+
+        params = {
+            "w1": jnp.asarray(rng.normal(size=(5, 4)) / 2),
+            "b1": jnp.asarray(rng.normal(size=4) * 0.1),
+            "w2": jnp.asarray(rng.normal(size=(4,))),
+            "b2": jnp.asarray(0.1),
+        }
+        offset = jnp.array([1.0, -1.0, 0.0, 0.0]) * 5e-5
+
+        def grad_fn(p, x, y):
+            g = dict(jax.grad(loss)(p, x, y))
+            return {**g, "b1": g["b1"] + offset}
+
+        report = jaxcheck.verify(loss, params, x, y, grad_fn=grad_fn, key=57)
+    assert report.status == "fail"
+    assert [leaf.path for leaf in report.leaves if leaf.status == "fail"] == ["['b1']"]
+    [b1] = [leaf for leaf in report.leaves if leaf.path == "['b1']"]
+    assert b1.num_directions == 16
+    assert not any(q.startswith("no single leaf fails on its own") for q in report.problems)
