@@ -224,7 +224,8 @@ def _error_line(r: Report, prefix: str = "") -> str:
 def _failed_elsewhere(r: Report, failed: list) -> str:
     """Where a failure comes from when the headline error, over all leaves together, is
     within its tolerance (and so reads like a pass)."""
-    if r.status is not Status.FAIL or not r.relative_error <= r.tolerance:
+    # (an infinite error against an infinite tolerance: a row that could not be evaluated)
+    if r.status is not Status.FAIL or not r.relative_error <= r.tolerance < math.inf:
         return ""
     if any(leaf.status is Status.FAIL for leaf in r.leaves):
         where = "the leaf checks below"

@@ -128,7 +128,23 @@ def part(label, comparison: Comparison, dtype, seconds, problems=(), status=None
 
 
 def error_problem(label: str, err: Exception) -> str:
+    if _untransposed(err):
+        return (
+            f"{label}: JAX could not transpose the rule's jvp into a vjp ({one_line(err)}, "
+            "in JAX's backward pass): a custom_jvp whose tangent is not linear in the input "
+            "tangents (an abs, a product or a branch on them) has no vjp; see the jvp "
+            "linearity row"
+        )
     return f"{label}: {one_line(err)}"
+
+
+def _untransposed(err: Exception) -> bool:
+    """Whether `err` is JAX's assertion while it transposes a linear map (a jvp that is
+    not linear in its tangents): `AssertionError: (ValAccum(float32[3]), ...)` in jax
+    0.10, naming its internal accumulators or undefined primals (its own frames are
+    filtered out of the traceback, so the message is what is left to tell)."""
+    text = str(err)
+    return isinstance(err, AssertionError) and ("ValAccum(" in text or "UndefinedPrimal" in text)
 
 
 def guarded(label, name, tol, dtype, compute):

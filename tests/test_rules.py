@@ -441,3 +441,31 @@ def test_a_wrong_primal_fails_in_16_bit_dtypes_too(dtype, factor):
     assert primal.label.startswith("primal")
     assert primal.tolerance == pytest.approx(0.2)
     assert primal.status == ("pass" if factor == 1.0 else "fail")
+
+
+def test_a_jvp_not_linear_in_its_tangent_is_said_to_have_no_vjp():
+    """JAX cannot transpose such a jvp: every row that needs the vjp raised JAX's internal
+    `AssertionError: (ValAccum(float32[3]), ...)`, quoted bare, and the report said the
+    error (inf) was within its tolerance (inf) over all leaves together."""
+
+    @jax.custom_jvp
+    def f(x):
+        return jnp.sin(x)
+
+    @f.defjvp
+    def _(primals, tangents):
+        (x,), (dx,) = primals, tangents
+        return f(x), jnp.cos(x) * dx * (1 + 0.01 * jnp.abs(dx))
+
+    report = jaxcheck.verify_rule(f, jnp.array([0.3, -0.5, 1.1]))
+    assert report.status == "fail"
+    said = (
+        "vjp vs finite differences: JAX could not transpose the rule's jvp into a vjp "
+        "(AssertionError: "
+    )
+    assert any(q.startswith(said) for q in report.problems), report.problems
+    assert any(
+        q.startswith("jvp linear in the tangents: ") and "relative difference 4.1e-03" in q
+        for q in report.problems
+    )
+    assert "within the tolerance over all leaves together" not in str(report)
