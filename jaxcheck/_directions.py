@@ -36,7 +36,7 @@ def as_key(key):
                 f"key must be an int seed in [-2**63, 2**64) (JAX seeds are 64-bit), got "
                 f"{int(key)}. Try a smaller seed, say key=0, or key=jax.random.key(0)."
             )
-        return _int_key(int(key), jax.config.jax_default_prng_impl)
+        return _int_key(_signed(int(key)), jax.config.jax_default_prng_impl)
     if isinstance(key, jax.Array | np.ndarray):
         if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ():
             return key
@@ -52,6 +52,12 @@ def as_key(key):
         f"key must be an int seed or a single JAX PRNG key, got {type(key).__name__}"
         f"{getattr(key, 'shape', '')}. Try key=0 or key=jax.random.key(0)."
     )
+
+
+def _signed(seed: int) -> int:
+    """A seed in [2**63, 2**64) as the int64 of the same 64 bits (jax.random.key takes
+    int64 seeds and overflows above)."""
+    return seed - 2**64 if seed >= 2**63 else seed
 
 
 def _is_int_seed(key) -> bool:
@@ -100,7 +106,7 @@ def _mix(x):
 def seeds(key, namespace: str, paths) -> np.ndarray:
     """One 32-bit seed per leaf path, from the key and the path only."""
     if _is_int_seed(key):
-        words = _int_key_words(int(key), jax.config.jax_default_prng_impl)
+        words = _int_key_words(_signed(int(key)), jax.config.jax_default_prng_impl)
     else:
         words = _key_words(as_key(key))
     return _seeds(words, namespace, tuple(paths))

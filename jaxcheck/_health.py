@@ -179,6 +179,7 @@ def gradient_health(
 
     def init(params) -> HealthState:
         _register_with_flax()
+        _refuse_no_arrays(params)
         paths = _paths(params)
         n = len(paths)
 
@@ -400,6 +401,24 @@ def _named(path: tuple) -> tuple:
     return path
 
 
+def _refuse_no_arrays(params) -> None:
+    """init's params must hold arrays (a model's name or None would make a state that
+    fails, or watches nothing, at the first update)."""
+    leaves = [x for _, x in _leaves_with_paths(params)]
+    numbers = (int, float, complex)
+    if not any(hasattr(x, "dtype") or isinstance(x, numbers) for x in leaves):
+        raise TypeError(
+            f"gradient_health: init takes the parameters being trained (a pytree of arrays), "
+            f"got {type(params).__name__} {_short(params)} with no array leaf. Pass the "
+            "params the optimizer updates: opt.init(params)."
+        )
+
+
+def _short(x) -> str:
+    text = repr(x)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _check_paths(paths, expected) -> None:
     if paths == expected:
         return
@@ -407,6 +426,7 @@ def _check_paths(paths, expected) -> None:
     extra = [p for p in paths if p not in expected]
 
     def few(ps):
+        ps = [p or "(root)" for p in ps]
         return ", ".join(ps[:4]) + (", ..." if len(ps) > 4 else "")
 
     if missing or extra:

@@ -66,19 +66,22 @@ class LeafResult:
     num_directions: int = 0  # directions along this leaf the verdict rests on
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Report:
     """What `jaxcheck.verify` found.
 
     `relative_error` is the estimated ‖W(g̃ − g)‖ / ‖W g‖ between the derivative under
     test g̃ and the finite-difference reference g, with W the per-leaf step weights (each
-    leaf scaled by its RMS magnitude and balanced so every leaf counts about equally);
+    leaf scaled by its RMS magnitude and balanced, as far as roundoff allows, so that every
+    leaf counts about equally);
     `interval` is its 95 % confidence interval, `tolerance` the threshold it was judged
     against and `noise_floor` the relative error of the finite-difference reference itself.
     `numeric` and `analytic` hold the per-direction values behind the headline check.
     `num_directions` is the number of directions the verdict rests on: with sequential
-    directions, 4, 8, ... up to `max_directions` (the `num_directions` option), and
-    `stopped` says why the check took that many.
+    directions, 8, 16, ... (4, 8, ... for Gaussian ones) up to `max_directions` (the
+    `num_directions` option), and
+    `stopped` says why the check took that many. Reports compare by identity (their
+    arrays have no single truth value), and have none themselves: test `report.ok`.
 
     With `order` > 1 the report is composite: `parts` holds one report per order and
     derivative map (each with its `label`), the status is the worst of theirs (fail >
@@ -122,6 +125,14 @@ class Report:
     def ok(self) -> bool:
         """True only when the derivative was judged correct."""
         return self.status is Status.PASS
+
+    def __bool__(self):
+        # `assert jaxcheck.verify(...)` (torch's gradcheck returns a bool) would pass every
+        # report, a failing one too
+        raise TypeError(
+            "a jaxcheck Report has no truth value: use report.ok (True only for a pass), or "
+            "verify(..., raise_on_failure=True) to raise GradientCheckError on a failure."
+        )
 
     def to_dict(self) -> dict:
         """JSON-serializable contents (floats, ints, strings, lists)."""

@@ -256,10 +256,10 @@ def rules_part(
         )
     part = Report(
         status=Status.FAIL if wrong else Status.PASS,
-        relative_error=head.relative_error if head else 0.0,
-        interval=head.interval if head else (0.0, 0.0),
-        tolerance=head.tolerance if head else 0.0,
-        noise_floor=head.noise_floor if head else 0.0,
+        relative_error=head.relative_error if head is not None else 0.0,
+        interval=head.interval if head is not None else (0.0, 0.0),
+        tolerance=head.tolerance if head is not None else 0.0,
+        noise_floor=head.noise_floor if head is not None else 0.0,
         checks=tuple(rows),
         leaves=(),
         held_fixed=(),
@@ -276,7 +276,7 @@ def rules_part(
         problems=tuple(problems + notes),
         compile_seconds=sum(r.compile_seconds for r in reports),
         run_seconds=sum(r.run_seconds for r in reports),
-        label=f"custom rule {head.label}" if head else "custom rules",
+        label=f"custom rule {head.label}" if head is not None else "custom rules",
         parts=tuple(reports),
     )
     return part, []

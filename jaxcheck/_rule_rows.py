@@ -196,7 +196,7 @@ def dot(a, b) -> tuple[float, float]:
 def compose(parts, label: str, base: Report | None = None) -> Report:
     """One report from property reports: worst status, its headline, every row; the
     directions and dtypes of the footer from `base` (the finite-difference part)."""
-    base = base or parts[0]
+    base = parts[0] if base is None else base
     parts = tuple(parts)
     # (of equally bad parts, the finite differences' numbers: what the rule was judged by)
     worst = min(parts, key=lambda p: (SEVERITY.index(p.status), p is not base))

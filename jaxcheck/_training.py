@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 
 from . import _health, _keywords, _options
 from ._checker import Checker
@@ -157,7 +158,9 @@ class PeriodicCheck:
                 status=report.status,
                 relative_error=float(report.relative_error),
                 tolerance=float(report.tolerance),
-                failing=tuple(leaf.path for leaf in report.leaves if leaf.status is Status.FAIL),
+                failing=tuple(
+                    leaf.path or "(root)" for leaf in report.leaves if leaf.status is Status.FAIL
+                ),
                 seconds=time.perf_counter() - start,
                 report=report,
             )
@@ -168,8 +171,9 @@ class PeriodicCheck:
 
     @property
     def first_failure(self) -> int | None:
-        """The step of the first check that did not pass, or None."""
-        return next((r.step for r in self.history if not r.ok), None)
+        """The step of the first check that did not pass (the smallest such step, should
+        the steps have come out of order, as after a restart), or None."""
+        return min((r.step for r in self.history if not r.ok), default=None)
 
     @property
     def seconds(self) -> float:
@@ -179,6 +183,13 @@ class PeriodicCheck:
     def cost_fraction(self, training_seconds: float) -> float:
         """Time spent checking as a fraction of `training_seconds`, the time the training
         itself took (measured without the checks)."""
+        if not isinstance(training_seconds, int | float | np.integer | np.floating) or isinstance(
+            training_seconds, bool
+        ):
+            raise TypeError(
+                f"training_seconds must be a number of seconds, got "
+                f"{type(training_seconds).__name__} {training_seconds!r}."
+            )
         if not training_seconds > 0:
             raise ValueError(f"training_seconds={training_seconds!r} must be > 0.")
         return self.seconds / training_seconds
@@ -186,7 +197,7 @@ class PeriodicCheck:
     def __str__(self) -> str:
         if not self.history:
             return f"PeriodicCheck(every={self.every}): no checks yet"
-        first = next((r for r in self.history if not r.ok), None)
+        first = min((r for r in self.history if not r.ok), key=lambda r: r.step, default=None)
         if first is None:
             outcome = "all passed"
         elif first.status is Status.FAIL:

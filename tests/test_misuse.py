@@ -402,3 +402,53 @@ def test_a_leaf_cut_off_by_stop_gradient_is_said_so():
     wrong = jaxcheck.verify(fn, params, grad_fn=lambda p: {**grad(p), "w": 1.01 * grad(p)["w"]})
     assert [leaf.path for leaf in wrong.leaves if leaf.status == "fail"] == ["['w']"]
     assert not any("exactly zero" in q for q in wrong.problems), wrong.problems
+
+
+@pytest.mark.parametrize("key", [2**63, 2**64 - 1, np.uint64(2**63)])
+def test_int_seeds_above_int64_are_taken_as_their_64_bits(key):
+    """The range the key error names, [-2**63, 2**64), ended in JAX's OverflowError."""
+    fn = lambda p: jnp.sum(jnp.sin(p) ** 2)  # noqa: E731
+    report = jaxcheck.verify(fn, jnp.linspace(0.1, 1.0, 3), key=key)
+    signed = jaxcheck.verify(fn, jnp.linspace(0.1, 1.0, 3), key=int(key) - 2**64)
+    assert report.status == "pass"
+    np.testing.assert_array_equal(report.numeric, signed.numeric)
+
+
+def test_a_report_has_no_truth_value_and_compares_by_identity():
+    """`assert jaxcheck.verify(...)` passed a failing report; `==` of two reports raised
+    NumPy's ambiguous truth value, and hash() refused their arrays."""
+    import copy
+
+    report = jaxcheck.verify(lambda p: jnp.sum(p**2), jnp.ones(3), grad_fn=lambda p: 3 * p)
+    assert report.status == "fail"
+    with pytest.raises(TypeError, match=r"has no truth value: use report\.ok \(True only"):
+        assert report
+    assert report == report and report != copy.deepcopy(report)
+    assert hash(report) == hash(report)
+
+
+def test_periodic_check_steps_out_of_order_and_a_root_leaf():
+    """After a restart the steps came back 5, 1: the first failure said 5, not 1; a failing
+    single-array params was named '' in the history."""
+
+    def loss(w):
+        return jnp.sum(jnp.sin(w) ** 2)
+
+    check = jaxcheck.PeriodicCheck(loss, every=1, grad_fn=lambda w: 3 * jnp.sin(w) * jnp.cos(w))
+    for step in (5, 1):
+        check(step, jnp.linspace(0.1, 1.0, 3))
+    assert check.first_failure == 1
+    assert (
+        str(check)
+        .splitlines()[0]
+        .startswith("PeriodicCheck(every=1): 2 checks, first failure at step 1")
+    )
+    assert check.history[0].failing == ("(root)",)
+    with pytest.raises(TypeError, match=r"training_seconds must be a number of seconds, got str"):
+        check.cost_fraction("10")
+
+
+@pytest.mark.parametrize("params", ["my_model", None, {}])
+def test_gradient_health_init_refuses_what_is_not_parameters(params):
+    with pytest.raises(TypeError, match=r"init takes the parameters being trained .* no array"):
+        jaxcheck.gradient_health().init(params)
