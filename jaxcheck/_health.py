@@ -625,7 +625,7 @@ class HealthSummary:
             for kind in leaf.flags:
                 rows.append(
                     [
-                        leaf.path,
+                        leaf.path or "(root)",
                         _NAMES[kind],
                         str(getattr(leaf, f"first_{kind}")),
                         str(getattr(leaf, f"{kind}_steps")),

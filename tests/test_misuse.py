@@ -452,3 +452,12 @@ def test_periodic_check_steps_out_of_order_and_a_root_leaf():
 def test_gradient_health_init_refuses_what_is_not_parameters(params):
     with pytest.raises(TypeError, match=r"init takes the parameters being trained .* no array"):
         jaxcheck.gradient_health().init(params)
+
+
+def test_health_of_a_single_array_names_it_root():
+    """The leaf column of a flagged single-array params was blank."""
+    opt = jaxcheck.gradient_health()
+    state = opt.init(jnp.ones(3))
+    _, state = opt.update(jnp.array([jnp.nan, 1.0, 1.0]), state, jnp.ones(3))
+    rows = str(jaxcheck.health(state)).splitlines()
+    assert rows[2].split()[:2] == ["(root)", "non-finite"], rows
