@@ -6,6 +6,8 @@ under jaxcheck's own derived tolerance (see `check_grads` for exactly how).
 """
 
 import dataclasses
+import functools
+import inspect
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -15,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _evaluate, _fingerprint, _options, _problem, _verify
+from . import _evaluate, _fingerprint, _keywords, _options, _problem, _verify
 from ._errors import GradientCheckError
 from ._report import Report, Status
 
@@ -61,6 +63,21 @@ class Outcome:
         return "; ".join(parts)
 
 
+def _refusing_unknown_keywords(entry):
+    """A misspelt keyword (JAX's `mode=` for `modes=`) named with the one meant, as
+    verify's options are, instead of Python's bare unexpected-keyword error."""
+    names = tuple(inspect.signature(entry).parameters)
+
+    @functools.wraps(entry)
+    def wrapper(*args, **kwargs):
+        call = "check_grads(f, args, order, modes=..., atol=..., rtol=..., eps=...)"
+        _keywords.refuse_unknown("check_grads", call, kwargs, names, args[0] if args else None)
+        return entry(*args, **kwargs)
+
+    return wrapper
+
+
+@_refusing_unknown_keywords
 def check_grads(
     f: Callable,
     args: Sequence[Any],

@@ -469,3 +469,10 @@ def test_a_nan_rule_beside_an_entry_near_its_own_edge_still_fails():
         jaxcheck.check_grads(
             lambda x: jnp.sum(log(x)), (jnp.array([1.0, 2.0, 1e-6]),), 1, modes=("rev",)
         )
+
+
+def test_a_misspelt_keyword_names_the_one_meant():
+    """`mode=` (verify's option) got Python's bare unexpected-keyword error."""
+    said = r"^check_grads got unexpected keyword argument\(s\) 'mode' \(did you mean 'modes'\?\)"
+    with pytest.raises(TypeError, match=said):
+        jaxcheck.check_grads(jnp.sin, (X,), 1, mode="rev")
