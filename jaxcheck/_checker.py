@@ -44,7 +44,22 @@ class Checker:
         self.compilations = 0
         self._keyed = None  # (fn, options), their functions keyed by what they compute
 
-    def __call__(self, params: Any, *args: Any) -> Report:
+    def __call__(self, params: Any, *args: Any, **keywords: Any) -> Report:
+        if keywords:
+            options = sorted(set(keywords) & set(_options.NAMES))
+            hint = (
+                f" {', '.join(options)} {'is an option' if len(options) == 1 else 'are options'}"
+                " of the check, fixed when the checker is made: pass "
+                f"{', '.join(f'{k}=...' for k in options)} to Checker(fn, ...), or make a "
+                "second checker for other values."
+                if options
+                else " fn's keyword arguments cannot be passed through a checker: close over "
+                "them (functools.partial) or pass them positionally."
+            )
+            raise TypeError(
+                f"a Checker is called as checker(params, *args); it got keyword arguments "
+                f"{', '.join(sorted(keywords))}.{hint}"
+            )
         if self._keyed is None:
             # what fn computes now, once: a new checker of a changed fn compiles anew,
             # while its own calls cost no trace to find that out

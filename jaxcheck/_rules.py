@@ -159,7 +159,22 @@ def verify_rule(
 def _differentiable(rule: "Rule") -> None:
     """Refuse a rule with nothing to differentiate: no floating input, or no floating
     output."""
-    if not any(_rule_rows.inexact(x) for x in rule.leaves()):
+    for path, x in jax.tree_util.tree_flatten_with_path(rule.inputs)[0]:
+        if not isinstance(x, jax.Array | np.ndarray | np.generic | bool | int | float | complex):
+            where = "args" + jax.tree_util.keystr(path)
+            raise TypeError(
+                f"verify_rule: {where} is a {type(x).__name__} ({_tree.describe(x)}), not an "
+                "array or a number. Every input f differentiates must be an array; pass other "
+                "values through nondiff_argnums or close over them (functools.partial)."
+            )
+    floats = [x for x in rule.leaves() if _rule_rows.inexact(x)]
+    if floats and all(np.size(x) == 0 for x in floats):
+        raise ValueError(
+            "verify_rule: every floating-point input of f is empty (shapes: "
+            f"{', '.join(str(np.shape(x)) for x in floats)}): there is nothing to check. Pass "
+            "inputs with at least one element."
+        )
+    if not floats:
         raise ValueError(
             "verify_rule: f's inputs hold no floating-point array (outside nondiff_argnums) "
             "to differentiate; pass the inputs whose derivatives the rule defines as float "

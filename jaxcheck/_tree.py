@@ -171,13 +171,19 @@ def match_gradient(s: Split, grad_tree, where: str = "grad_fn") -> list:
             continue
         if path not in by_path:
             pair = isinstance(grad_tree, tuple) and len(grad_tree) == 2
-            hint = (
-                f" It returned a pair whose second part holds that leaf: a (value, gradient) "
-                f"pair, as jax.value_and_grad returns? {where} must return the gradient "
-                "alone, as jax.grad(fn) does."
-                if pair and f"[1]{path}" in by_path
-                else ""
-            )
+            hint = ""
+            if pair and f"[1]{path}" in by_path:
+                hint = (
+                    " It returned a pair whose second part holds that leaf: a (value, gradient) "
+                    f"pair, as jax.value_and_grad returns? {where} must return the gradient "
+                    "alone, as jax.grad(fn) does."
+                )
+            elif pair and f"[0]{path}" in by_path:
+                hint = (
+                    " It returned a pair whose first part holds that leaf: a (gradient, aux) "
+                    f"pair, as jax.grad(..., has_aux=True) returns? {where} must return the "
+                    "gradient alone: pass `lambda p: grad_fn(p)[0]`."
+                )
             raise ValueError(
                 f"{where} returned no gradient for the parameter leaf {path or '(root)'}. It must "
                 "return a pytree with the structure of `params` (found leaves: "

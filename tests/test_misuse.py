@@ -461,3 +461,88 @@ def test_health_of_a_single_array_names_it_root():
     _, state = opt.update(jnp.array([jnp.nan, 1.0, 1.0]), state, jnp.ones(3))
     rows = str(jaxcheck.health(state)).splitlines()
     assert rows[2].split()[:2] == ["(root)", "non-finite"], rows
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (("abc",), "verify_rule: args[0] is a str ('abc'), not an array or a number."),
+        (
+            (jnp.ones(2), {"scale": object}),
+            "verify_rule: args[1]['scale'] is a type (<class 'object'>), not an array or a number.",
+        ),
+    ],
+)
+def test_verify_rule_names_an_input_that_is_not_an_array(args, expected):
+    """A string input crashed with JAX's "Value 'abc' with dtype <U3 is not a valid JAX
+    array type" from inside jaxcheck."""
+    with pytest.raises(TypeError) as caught:
+        jaxcheck.verify_rule(lambda x, *rest: jnp.sin(x), *args)
+    assert str(caught.value).startswith(expected)
+    assert str(caught.value).endswith(
+        "pass other values through nondiff_argnums or close over them (functools.partial)."
+    )
+
+
+def test_verify_rule_keeps_non_arrays_at_nondiff_positions():
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+    def scaled(x, how):
+        return jnp.sin(x) * (2.0 if how == "double" else 1.0)
+
+    def fwd(x, how):
+        return scaled(x, how), x
+
+    def bwd(how, x, g):
+        return (g * jnp.cos(x) * (2.0 if how == "double" else 1.0),)
+
+    scaled.defvjp(fwd, bwd)
+    report = jaxcheck.verify_rule(scaled, jnp.linspace(-1.0, 1.0, 4), "double")
+    assert report.ok, str(report)
+
+
+def test_verify_rule_on_empty_inputs_says_there_is_nothing_to_check():
+    """Empty inputs were a FAIL with relative error inf and an inner ValueError as a note."""
+    with pytest.raises(ValueError) as caught:
+        jaxcheck.verify_rule(jnp.sin, jnp.zeros((0, 3)))
+    assert str(caught.value) == (
+        "verify_rule: every floating-point input of f is empty (shapes: (0, 3)): there is "
+        "nothing to check. Pass inputs with at least one element."
+    )
+
+
+def test_grad_with_aux_as_grad_fn_is_told_apart():
+    loss = lambda p: jnp.sum(p["w"] ** 2)  # noqa: E731
+    grad_fn = jax.grad(lambda p: (loss(p), {"loss": loss(p)}), has_aux=True)
+    with pytest.raises(ValueError) as caught:
+        jaxcheck.verify(loss, {"w": jnp.ones(3)}, grad_fn=grad_fn)
+    assert str(caught.value).endswith(
+        "(found leaves: [0]['w'], [1]['loss']). It returned a pair whose first part holds "
+        "that leaf: a (gradient, aux) pair, as jax.grad(..., has_aux=True) returns? grad_fn "
+        "must return the gradient alone: pass `lambda p: grad_fn(p)[0]`."
+    )
+
+
+@pytest.mark.parametrize(
+    "keywords, hint",
+    [
+        (
+            {"rtol": 1e-3},
+            "rtol is an option of the check, fixed when the checker is made: pass rtol=... to "
+            "Checker(fn, ...), or make a second checker for other values.",
+        ),
+        (
+            {"scale": 2.0},
+            "fn's keyword arguments cannot be passed through a checker: close over them "
+            "(functools.partial) or pass them positionally.",
+        ),
+    ],
+)
+def test_checker_call_with_keywords_says_where_they_go(keywords, hint):
+    """`Checker(f)(p, rtol=...)` got Python's bare "unexpected keyword argument 'rtol'"."""
+    checker = jaxcheck.Checker(lambda p: jnp.sum(p**2))
+    with pytest.raises(TypeError) as caught:
+        checker(jnp.ones(3), **keywords)
+    name = next(iter(keywords))
+    assert str(caught.value) == (
+        f"a Checker is called as checker(params, *args); it got keyword arguments {name}. {hint}"
+    )
