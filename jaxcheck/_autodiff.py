@@ -187,6 +187,8 @@ def split_signs(signs, num: int):
     if signs is None:
         return None
     params, outputs = signs
+    if outputs is None:  # hashed in the program (`_state.Run.signs`)
+        return [z[:num] for z in params], None, None
     return [z[:num] for z in params], [z[:num] for z in outputs], [z[num] for z in outputs]
 
 

@@ -5,7 +5,8 @@ For one direction, with centre value phi0 and step h (stencil of `_differences`)
 - roundoff: the noise sigma of one evaluation of phi is estimated from the fourth
   differences d4 = phi(-h) - 4 phi(-h/2) + 6 phi(0) - 4 phi(h/2) + phi(h), which for a
   smooth function are O(h^4) and otherwise are noise of standard deviation sqrt(70) sigma
-  (median over directions, so a few kinks do not inflate it), never below eps |phi|.
+  (median over directions, so a few kinks do not inflate it: `_median_noise`), never below
+  eps |phi|.
   The Richardson value R carries about 1.9 sigma / h of it; we take 2 standard deviations.
 - truncation: |D(h) - D(h/2)| / 3, the error of D(h/2); conservative for R.
 - kink: the part of |d4| / h above its noise (2 sqrt(70) sigma / h): the jump between
@@ -86,7 +87,9 @@ def assess(phis, phi0, h: float, eps: float, floor: float, noise_from_data=True)
     c = _differences.combine(phis, phi0, h)
     finite, magnitude = _finite_and_magnitude(phis, phi0)
     d4 = np.where(finite, np.abs(c["d4"]), 0.0)
-    sigma_data = float(np.median(d4[finite])) / (math.sqrt(70) * 0.6745) if finite.any() else 0.0
+    value = np.where(finite, c["richardson"], 0.0)
+    scale = rms(value[finite]) if finite.any() else 0.0
+    sigma_data = _median_noise(d4[finite], h * scale) if finite.any() else 0.0
     if not noise_from_data:  # d4 is known to come from kinks: judge it against rounding alone
         sigma_data = 0.0
     sigma = np.maximum(sigma_data, eps * magnitude)
@@ -94,8 +97,6 @@ def assess(phis, phi0, h: float, eps: float, floor: float, noise_from_data=True)
     truncation = np.where(finite, np.abs(c["d1"] - c["d2"]) / 3, 0.0)
     kink = d4 / h
     kink_excess = np.maximum(d4 - 2 * math.sqrt(70) * sigma, 0.0) / h
-    value = np.where(finite, c["richardson"], 0.0)
-    scale = rms(value[finite]) if finite.any() else 0.0
     kinked = (d4 > NONSMOOTH_NOISE_FACTOR * math.sqrt(70) * sigma) & (kink > 0.25 * floor * scale)
     nonsmooth = finite & (kinked | _jumps(c["d1"], c["d2"], sigma, h, floor * scale))
     typical = float(np.median(magnitude[finite])) if finite.any() else 0.0
@@ -115,6 +116,23 @@ def assess(phis, phi0, h: float, eps: float, floor: float, noise_from_data=True)
         roundoff=float(np.median(roundoff[finite])) if finite.any() else 0.0,
         h=h,
     )
+
+
+def _median_noise(d4, kink_sized: float) -> float:
+    """The noise sigma of one evaluation from the fourth differences `d4` (absolute values,
+    one per direction), by their median; for an even count whose upper middle value is the
+    size of a kink (above a tenth of `kink_sized`, h times the typical derivative: a jump
+    in the slope of a tenth of the derivative itself) and far above the lower one, by the
+    lower middle value. The mean of the two would be half a kink where exactly half of the
+    directions cross one: a tie of two entries in max crosses its kink along exactly half
+    of a block of spanning directions (`_directions.spanning_signs`)."""
+    n = d4.size
+    ordered = np.sort(d4)
+    low, high = ordered[(n - 1) // 2], ordered[n // 2]
+    middle = 0.5 * (low + high)
+    if n % 2 == 0 and high > 0.1 * kink_sized and high > NONSMOOTH_NOISE_FACTOR * low:
+        middle = low
+    return float(middle) / (math.sqrt(70) * 0.6745)
 
 
 def _jumps(d1, d2, sigma, h: float, matters: float):

@@ -131,7 +131,8 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
         )
         if status is Status.FAIL and not any(leaf.status is Status.FAIL for leaf in leaves):
             # random signs can miss a leaf's error along all its directions (two entries
-            # of equal size and opposite sign: 1 in 256 over 8): before no leaf is blamed,
+            # of equal size and opposite sign, 1 in 256 over 8, in a leaf of more than
+            # `_directions.SPANNED` elements): before no leaf is blamed,
             # the leaves are checked again along twice as many
             del run.problems[said:]
             leaves = _localize.localize(

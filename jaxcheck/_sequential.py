@@ -37,7 +37,9 @@ directions to see it), 0.6 % in all. Worse still is a gradient on the same two e
 invisible where the other is seen (fn of two parameters, gradient [1, 1], error [d, -d]):
 1.3 % at 2 tol, 0.4 % at 3 tol (simulated in the tests). Gaussian directions see every
 error along every direction (e . v is normal with variance |e|^2), so the F(n, n) rates
-hold as stated for any structure.
+hold as stated for any structure. Neither miss happens with at most 16 parameter elements
+in all, whose random signs span them (`_directions.spanning_signs`): every block of 8 (16
+above 8 elements) sees the error at its exact size.
 
 Only plain verdicts stop early: every comparison resolved, relative (not absolute), judged
 against its fixed floor (not a tolerance estimated from the noise or rounding measured along

@@ -70,34 +70,41 @@ class Run:
     probe: dict | None = None
 
     def signs(self, index) -> tuple | None:
-        """The random signs of directions `index` drawn on the host, (per parameter leaf,
-        per output leaf; none for a scalar fn), for a program to take as an input instead
-        of hashing them (`_directions.host_signs`); None where they are hashed inside: a
-        problem planned all-vmapped on one device whose signs total at most
-        `HOST_SIGNS` elements, checked along random signs."""
+        """The random signs of directions `index` drawn on the host (per parameter leaf;
+        per output leaf, none for a scalar fn, or None where they are hashed in the
+        program), for a program to take as an input instead of hashing them
+        (`_directions.host_signs`); None where they are all hashed inside. They are drawn
+        here for a problem planned all-vmapped on one device whose signs total at most
+        `HOST_SIGNS` elements, checked along random signs; and for any unsharded problem
+        whose parameters have at most `_directions.SPANNED` elements in all, whose signs
+        are then drawn so that the directions span the parameter space
+        (`_directions.spanning_signs`)."""
         plan, problem = self.plan, self.problem
         if (
             self.kind != "rademacher"
-            or plan.chunk is not None
-            or not plan.vmap_points
             or plan.direction_sharding is not None
             or any(plan.leaf_shardings)
         ):
             return None
         shapes = [x.shape for x in self.inputs.diff]
         out_shapes = [] if problem.scalar_output else list(problem.out_shapes)
+        spanned = sum(math.prod(s) for s in shapes) <= _directions.SPANNED
         size = sum(math.prod(s) for s in shapes + out_shapes)
-        if size * len(index) > HOST_SIGNS:
+        batched_whole = plan.chunk is None and plan.vmap_points
+        if not spanned and (not batched_whole or size * len(index) > HOST_SIGNS):
             return None
         key = tuple(np.asarray(a).tobytes() for a in (*self.seeds, index))
         key += (tuple(shapes), tuple(out_shapes))
         drawn = _DRAWN.get(key)
         if drawn is None:
+            params = _directions.spanning_signs if spanned else _directions.host_signs
+            # a spanned problem's outputs too large to draw here are hashed in the program
+            outputs = sum(math.prod(s) for s in out_shapes) * len(index) <= HOST_SIGNS
             drawn = (
-                _directions.host_signs(self.seeds[0], index, shapes),
-                _directions.host_signs(self.seeds[1], index, out_shapes),
+                params(self.seeds[0], index, shapes),
+                _directions.host_signs(self.seeds[1], index, out_shapes) if outputs else None,
             )
-            for a in (*drawn[0], *drawn[1]):
+            for a in (*drawn[0], *(drawn[1] or ())):
                 a.setflags(write=False)
             _DRAWN[key] = drawn
             if len(_DRAWN) > DRAWN_KEPT:

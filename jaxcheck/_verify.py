@@ -99,8 +99,9 @@ def verify(
             tolerance) fails, and a bug at twice the tolerance passes, with probability
             at most 0.49 % each (0.42 % with a fixed K = 16; for errors random signs see
             least, two entries of equal size and opposite sign, 0.6 %, and 1.3 % where
-            the gradient lies on the same two entries; Gaussian directions keep 0.64 %
-            for any error). The report's
+            the gradient lies on the same two entries, neither with at most 16 parameter
+            elements, whose directions span them; Gaussian directions keep 0.64 % for any
+            error). The report's
             `num_directions` is the number taken, `stopped` says why. False: always K
             (also with `direction_sharding`).
         key: int seed or JAX PRNG key. Same key, same result.

@@ -319,3 +319,20 @@ def test_one_off_checks_compile_small_programs_for_compile_time(monkeypatch):
     assert all(options is None for options in seen), seen
     lowered = jax.jit(lambda w, x: jnp.tanh(x @ w)).lower(w, x)
     assert 2 * 4 * 80 * 64 <= _plan._operations(lowered) < _plan.FAST_COMPILE_FLOPS
+
+
+@pytest.mark.parametrize("shapes", [[()], [(2,)], [(3,), ()], [(2, 4)], [(3, 4)], [(2, 2), (3, 4)]])
+def test_spanning_signs_make_every_block_orthogonal(shapes):
+    n = sum(int(np.prod(s)) for s in shapes)
+    m = 8 if n <= 8 else 16
+    seeds = np.arange(11, 11 + len(shapes), dtype=np.uint32)
+    signs = _directions.spanning_signs(seeds, np.arange(3 * m), shapes)
+    v = np.concatenate([z.reshape(3 * m, -1) for z in signs], axis=1).astype(np.float64)
+    assert set(np.unique(v)) == {-1.0, 1.0}
+    for block in range(3):
+        rows = v[block * m : (block + 1) * m]
+        np.testing.assert_array_equal(rows.T @ rows, m * np.eye(n))
+    assert not np.array_equal(v[:m], v[m : 2 * m])  # each block draws anew
+    # a direction is the same whichever others are drawn with it
+    some = _directions.spanning_signs(seeds, np.array([2**30 + 5, 4, 2**31 - 1]), shapes)
+    np.testing.assert_array_equal(np.concatenate([z.reshape(3, -1) for z in some], 1)[1], v[4])

@@ -971,13 +971,13 @@ def test_a_zero_leaf_beside_large_ones_is_judged_leaf_by_leaf(bug):
         report = jaxcheck.verify(lambda a: a[0] * steep(a[1]), params)
     assert report.status == ("pass" if bug == 1.0 else "fail"), str(report)
     leaves = {leaf.path: leaf.status.value for leaf in report.leaves}
-    assert leaves == {"[0]": "pass", "[1]": "pass" if bug == 1.0 else "fail"}, str(report)
     if bug == 1.0:
+        # judged: over all leaves at the ladder's smaller step (the directions spanning the
+        # 4 parameters), or leaf by leaf where every all-leaf direction looks kinked
         assert report.relative_error < report.tolerance < 1e-4, str(report)
-        assert (
-            "every one of the 2 leaves passes checked alone, along directions scaled to it: "
-            "the gradient is judged leaf by leaf" in " ".join(report.problems)
-        )
+        assert "fail" not in leaves.values(), str(report)
+    else:
+        assert leaves == {"[0]": "pass", "[1]": "fail"}, str(report)
 
 
 def test_an_order_2_failure_at_a_kink_only_combined_directions_cross_is_not_judged():
@@ -1159,7 +1159,8 @@ KINK_PARAMS = {"x": jnp.array([1.0, 1.0, 0.3]), "y": jnp.array([0.2, 0.4])}
 def test_a_valid_subgradient_at_a_tie_of_max_is_not_doubted(d):
     report = jaxcheck.verify(_max_with_rule(d), KINK_PARAMS)
     assert report.status == "pass", str(report)
-    assert report.num_nonsmooth == report.num_subgradient_consistent == 7
+    # exactly half: the 5 parameters' 16 directions span them, and v0 != v1 along half
+    assert report.num_nonsmooth == report.num_subgradient_consistent == 8
 
 
 @pytest.mark.parametrize("key", [0, 1])
@@ -1172,7 +1173,7 @@ def test_a_rule_outside_the_one_sided_slopes_at_a_tie_of_max_does_not_pass(key):
     assert report.status in ("fail", "inconclusive"), str(report)
     assert report.num_subgradient_consistent == 0
     said = (
-        "the derivative under test lies outside fn's one-sided slopes along 7 of the 7 "
+        "the derivative under test lies outside fn's one-sided slopes along 8 of the 8 "
         "directions that cross a kink within the step (there it must lie between them)"
     )
     assert any(q.startswith(said) for q in report.problems), report.problems
@@ -1223,3 +1224,46 @@ def test_a_leaf_of_a_model_whose_dropout_differs_in_float64_is_still_named():
     assert "computes something else in float64" in report.problems[0]
     failing = [leaf for leaf in report.leaves if leaf.status == "fail"]
     assert [leaf.path for leaf in failing] == ["['Dense_0']['kernel']"]
+
+
+def _swapped(x):
+    """sum(sin(x) * [1, 2]) with a rule whose two gradient entries are swapped."""
+
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sum(jnp.sin(x) * jnp.array([1.0, 2.0]))
+
+    f.defvjp(lambda x: (f(x), x), lambda x, g: (g * (jnp.cos(x) * jnp.array([1.0, 2.0]))[::-1],))
+    return f(x)
+
+
+@pytest.mark.parametrize("key", [10, 201])
+def test_swapped_gradient_entries_fail_for_every_key(key):
+    """A bug on two entries of equal size and opposite sign vanishes along every random-sign
+    direction with v0 = v1: with keys 10 and 201 all 8 directions of the first look had
+    them, and a 45 % error passed. Directions that span the parameters see every error."""
+    x = np.array([0.3, 0.7])
+    report = jaxcheck.verify(_swapped, jnp.asarray(x, jnp.float32), key=key)
+    assert report.status == "fail", str(report)
+    g = np.cos(x) * [1.0, 2.0]
+    # the estimate is the relative error itself, with no sampling error: |g - g[::-1]| / |g|
+    exact = np.linalg.norm(g - g[::-1]) / np.linalg.norm(g)
+    assert report.relative_error == pytest.approx(exact, rel=1e-4)
+
+
+def test_a_swapped_numpy_gradient_fails_for_every_key():
+    """The same hole where fn is NumPy code and grad_fn is hand-written (evaluated one
+    direction at a time): key 10 passed a 45 % error."""
+    w = np.array([1.0, 2.0])
+
+    def grad_fn(x):
+        return (np.cos(np.asarray(x)) * w)[::-1].copy()
+
+    report = jaxcheck.verify(
+        lambda x: float(np.sum(np.sin(np.asarray(x)) * w)),
+        np.array([0.3, 0.7], np.float32),
+        grad_fn=grad_fn,
+        key=10,
+    )
+    assert report.status == "fail", str(report)
+    assert report.relative_error == pytest.approx(0.45, abs=0.01)
