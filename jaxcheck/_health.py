@@ -40,9 +40,12 @@ class HealthState:
 
     `step` counts the updates seen. `grad_norm` and `param_norm` are the last step's norms
     (`param_norm` is -1 where `update` got no `params`, NaN where they are NaN), `average`
-    the running average of the gradient norms, bias-corrected (`ema` is its
-    `optax.EmaState`, whose `count` holds, per leaf, how many norms entered it: a leaf's
-    history starts with its first finite, nonzero gradient). `vanishing`, `exploding`,
+    the running average of the gradient norms, bias-corrected (`moment` is the moment
+    before the correction, as `optax.tree.update_moment` keeps it, and `entered` how many
+    norms entered it, per leaf: a leaf's history starts with its first finite, nonzero
+    gradient; not an `optax.EmaState`, whose field `count` would make
+    `optax.tree.get(opt_state, "count")`, the step count of the optimizer after it, find
+    two). `vanishing`, `exploding`,
     `nonfinite` are the last step's flags; `first_*` the step each flag first fired (-1:
     never), `*_steps` on how many steps it fired. `low_streak` counts the consecutive steps
     a leaf has been below the vanishing thresholds. `worst_spike` is the largest gradient
@@ -56,7 +59,8 @@ class HealthState:
     grad_norm: jax.Array
     param_norm: jax.Array
     average: jax.Array
-    ema: optax.EmaState
+    moment: jax.Array
+    entered: jax.Array
     worst_spike: jax.Array
     vanishing: jax.Array
     exploding: jax.Array
@@ -92,7 +96,7 @@ def gradient_health(
     Put it first in a chain, where it sees the raw gradients:
     `optax.chain(jaxcheck.gradient_health(), optax.adam(1e-3))`. The updates pass through
     unchanged (unless `skip_nonfinite`). Per parameter leaf it keeps the gradient norm, its
-    running average (an `optax.EmaState`), the parameter norm and the flags below, with the
+    running average, the parameter norm and the flags below, with the
     step each flag first fired and on how many steps it fired; `jaxcheck.health(state)`
     reads them. The cost is one reduction per gradient leaf (its sum of squares) in the
     jitted step, and one per parameter leaf every 10 steps (parameter norms change slowly);
@@ -200,7 +204,8 @@ def gradient_health(
             grad_norm=jnp.zeros((n,), jnp.float32),
             param_norm=jnp.full((n,), NO_PARAMS, jnp.float32),
             average=jnp.zeros((n,), jnp.float32),
-            ema=optax.EmaState(count=zero(), ema=jnp.zeros((n,), jnp.float32)),
+            moment=jnp.zeros((n,), jnp.float32),
+            entered=zero(),
             worst_spike=jnp.full((n,), NO_SPIKE, jnp.float32),
             vanishing=no(),
             exploding=no(),
@@ -246,7 +251,7 @@ def gradient_health(
 
         # Each leaf's history: how many norms entered its running average (`count`), and
         # the average before this step (a spike must not be judged against itself).
-        count = state.ema.count
+        count = state.entered
         seen = count > 0
         average = state.average
         # (a running average needs one norm at least, even with warmup=0)
@@ -279,12 +284,11 @@ def gradient_health(
         # optax.ema's bias correction raises `decay ** count` (float ** int32), which strict
         # dtype promotion refuses, and counts steps for all leaves at once: the moment is
         # optax's, the per-leaf count and correction are spelt out here.
-        mu = _update_moment(clipped, state.ema.ema, decay32, order=1)
-        mu = jnp.where(enters, mu, state.ema.ema)
+        mu = _update_moment(clipped, state.moment, decay32, order=1)
+        mu = jnp.where(enters, mu, state.moment)
         count = jnp.where(enters, count + 1, count)
         correction = 1.0 - decay32 ** count.astype(jnp.float32)
         new_average = jnp.where(count > 0, mu / jnp.where(count > 0, correction, 1.0), 0.0)
-        new_ema = optax.EmaState(count=count, ema=mu)
 
         if skip_nonfinite:
             bad = ~jnp.all(finite)
@@ -309,7 +313,8 @@ def gradient_health(
             grad_norm=grad_norm,
             param_norm=param_norm,
             average=new_average,
-            ema=new_ema,
+            moment=mu,
+            entered=count,
             worst_spike=jnp.fmax(state.worst_spike, spike),
             vanishing=vanishing,
             exploding=exploding,
@@ -772,11 +777,8 @@ def fired(state: HealthState) -> int:
 
 
 def _array(field):
-    """A field of the state as its array (`ema` as an `optax.EmaState` of arrays): a flax
-    `nnx.Optimizer` keeps the state's arrays wrapped in its variables, each a pytree of
-    the one array it holds."""
-    if isinstance(field, optax.EmaState):
-        return optax.EmaState(count=_array(field.count), ema=_array(field.ema))
+    """A field of the state as its array: a flax `nnx.Optimizer` keeps the state's arrays
+    wrapped in its variables, each a pytree of the one array it holds."""
     leaves = jax.tree_util.tree_leaves(field)
     return leaves[0] if len(leaves) == 1 else field
 
@@ -789,7 +791,7 @@ def _spike(x: float) -> float:
 
 def _seen(v: dict, i: int) -> bool:
     """Whether leaf i has a history (a state from before per-leaf counts has one count)."""
-    count = np.asarray(v["ema"].count)
+    count = np.asarray(v["entered"])
     return bool(count[i] > 0 if count.ndim else count > 0)
 
 

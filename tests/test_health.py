@@ -278,7 +278,7 @@ def test_injected_float64_options_keep_the_state_float32_in_a_scan(strict_numeri
 
         (_, state), _ = jax.lax.scan(body, (params, opt.init(params)), None, length=20)
     inner = state[0].inner_state
-    assert {inner.average.dtype, inner.ema.ema.dtype, inner.grad_norm.dtype} == {
+    assert {inner.average.dtype, inner.moment.dtype, inner.grad_norm.dtype} == {
         jnp.dtype(jnp.float32)
     }
     summary = jaxcheck.health(state)
@@ -453,7 +453,7 @@ def test_a_zero_or_nan_first_gradient_does_not_start_the_history(first):
     (leaf,) = jaxcheck.health(state).leaves
     assert leaf.average == pytest.approx(0.1 * np.sqrt(3.0), rel=1e-5)
     assert leaf.flags == (() if first == 0.0 else ("nonfinite",))
-    assert int(state.ema.count[0]) == 29
+    assert int(state.entered[0]) == 29
 
 
 def test_a_one_element_gradient_near_zero_on_one_step_is_not_vanishing():
@@ -649,3 +649,17 @@ def test_flax_serialization_imported_after_init_saves_after_an_update():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "1"
+
+
+def test_the_step_count_of_the_optimizer_after_it_can_still_be_read():
+    """The state held an optax.EmaState, whose field `count` made
+    `optax.tree.get(opt_state, "count")` find two values and raise, where the chain
+    without gradient_health gave adam's step count."""
+    get = optax.tree.get if hasattr(optax, "tree") else optax.tree_utils.tree_get
+    params = {"w": jnp.ones(3)}
+    opt = optax.chain(jaxcheck.gradient_health(), optax.adam(1e-3))
+    state = opt.init(params)
+    for _ in range(3):
+        _, state = opt.update({"w": jnp.ones(3)}, state, params)
+    assert int(get(state, "count")) == 3
+    assert int(state[0].entered[0]) == 3
