@@ -106,7 +106,9 @@ def gradient_health(
     A leaf is flagged at step t (counting updates from 0) when its gradient is
 
     - *non-finite*: any NaN or Inf in it, or elements so large (beyond ~1e19 in float32)
-      that their sum of squares overflows (from the first step on);
+      that their sum of squares overflows (from the first step on); or, where `update`
+      gets `params`, the same in the parameter itself, seen when its norm is refreshed
+      (every 10 steps; a parameter no gradient reaches can turn NaN with finite gradients);
     - *exploding*: its norm is above `explode_factor` times its running average, and not
       below `vanishing_ratio` times the parameter's norm (at a minimum the gradients fall
       to rounding, which scatters by tenfold from step to step);
@@ -274,7 +276,10 @@ def gradient_health(
         watched = jnp.asarray([_watched(x) for x in leaves], bool).reshape(-1)
         vanishing = low & (low_streak >= _streak_needed(leaves)) & watched
         exploding = exploding & watched
-        nonfinite = ~finite & watched
+        # a parameter gone NaN/Inf where its gradient is finite (a leaf the loss does not
+        # reach, or one the optimizer broke: adam with eps=0 at a zero gradient) is flagged
+        # too, once its norm is refreshed; unknown norms are NO_PARAMS, not NaN
+        nonfinite = (~finite | ~jnp.isfinite(param_norm)) & watched
         has_spike = seen & finite & (average > 0)
         spike = jnp.where(has_spike, grad_norm / jnp.where(has_spike, average, 1.0), NO_SPIKE)
 

@@ -663,3 +663,23 @@ def test_the_step_count_of_the_optimizer_after_it_can_still_be_read():
         _, state = opt.update({"w": jnp.ones(3)}, state, params)
     assert int(get(state, "count")) == 3
     assert int(state[0].entered[0]) == 3
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
+def test_a_parameter_gone_non_finite_is_flagged_though_its_gradient_is_finite(bad):
+    """A NaN parameter whose gradient stayed finite (a leaf the loss does not reach) was
+    "healthy"."""
+    params = {"w": jnp.array([1.0, bad, 2.0]), "b": jnp.ones(2)}
+    opt = jaxcheck.gradient_health()
+    state = opt.init(params)
+    update = jax.jit(opt.update)
+    for _ in range(3):
+        _, state = update({"w": jnp.ones(3), "b": jnp.ones(2)}, state, params)
+    rows = {leaf.path: leaf for leaf in jaxcheck.health(state).leaves}
+    assert rows["['w']"].flags == ("nonfinite",)
+    assert rows["['w']"].first_nonfinite == 0
+    assert rows["['b']"].flags == ()
+    # without params, nothing is known about them: not flagged
+    state = opt.init(params)
+    _, state = update({"w": jnp.ones(3), "b": jnp.ones(2)}, state)
+    assert jaxcheck.health(state).ok
