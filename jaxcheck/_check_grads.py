@@ -49,15 +49,26 @@ class Outcome:
     @property
     def headline(self) -> str:
         """Status, relative error against tolerance, and the first problem noted, on one
-        line."""
+        line: for a check of several orders that did not pass, those of the part (order and
+        derivative map) that decided its status."""
         r = self.report
         if r is None:
             return f"pass; {self.empty}, nothing to check"
+        # (the parts of an order >= 2 check; those of a first-order one are its rule rows;
+        # a pass's first note is the whole check's, as what was held fixed)
+        orders = [p for p in r.parts if p.label.startswith("order ")]
+        part = next((p for p in orders if p.status is r.status), None)
+        part = None if r.status is Status.PASS else part
         parts = [r.status.value]
-        if not math.isnan(r.relative_error):
-            parts.append(f"relative error {r.relative_error:.1e} (tolerance {r.tolerance:.1e})")
-        if r.problems:
-            parts.append(r.problems[0])
+        if part is not None and part.label:
+            parts.append(part.label)
+        source = r if part is None else part
+        if not math.isnan(source.relative_error):
+            parts.append(
+                f"relative error {source.relative_error:.1e} (tolerance {source.tolerance:.1e})"
+            )
+        if source.problems:
+            parts.append(source.problems[0])
         if self.verdict == "unjudged":
             parts.append("not judged")
         return "; ".join(parts)

@@ -174,6 +174,19 @@ def test_kink_is_not_judged_and_raises_only_when_asked():
     assert outcome.headline.endswith("; not judged")
 
 
+def test_the_headline_is_that_of_the_part_that_was_not_judged():
+    """x |x| at 0 has a first derivative and no second: the order-2 part is not judged. The
+    headline showed the order-1 part's note (float64 NumPy arguments), not why."""
+    outcome = _check_grads.run(lambda x: x * jnp.abs(x), (np.array([0.0, 0.0, 1.0]),), 2)
+    assert outcome.verdict == "unjudged"
+    assert outcome.report.problems[0].startswith("order 1: fn: params hold float64 NumPy")
+    assert outcome.headline == (
+        "inconclusive; order 2: jvp and vjp maps; only 0 of 16 directions are smooth at this "
+        "point; non-smooth directions (kinks or jumps within the step) are excluded from the "
+        "verdict; not judged"
+    )
+
+
 def test_nan_function_is_not_judged_but_nan_gradient_of_finite_function_fails():
     outcome = _check_grads.run(jnp.log, (np.array([-1.0, -2.0]),), 1, ("rev",))
     assert (outcome.verdict, outcome.report.status) == ("unjudged", "nonfinite")
