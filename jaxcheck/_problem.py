@@ -69,7 +69,20 @@ class Problem:
         out = self.fn(params, *args)
         if self.has_aux:
             out = out[0]
-        return [jnp.asarray(y) for y in jax.tree_util.tree_leaves(out)]
+        outs = [jnp.asarray(y) for y in jax.tree_util.tree_leaves(out)]
+        shapes = tuple(tuple(y.shape) for y in outs)
+        if self.out_shapes and shapes != self.out_shapes:
+            # (a NumPy fn evaluated eagerly at the points of the stencil: a traced fn's
+            # output structure cannot change with the values)
+            got = f"arrays of shapes {list(shapes)}" if outs else f"{type(out).__name__}"
+            raise ValueError(
+                f"fn returned {got} at a point near params (params + t v, t a finite-"
+                f"difference step), where at params it returned shapes "
+                f"{list(self.out_shapes)}: fn must return the same structure of arrays at "
+                "every point near params (does it return None, or another shape, for some "
+                "inputs: a guard against values out of its domain?)."
+            )
+        return outs
 
     def gradient(self, diff, traced) -> list:
         """The hand-written gradient's leaves for the differentiable parameters."""

@@ -546,3 +546,27 @@ def test_checker_call_with_keywords_says_where_they_go(keywords, hint):
     assert str(caught.value) == (
         f"a Checker is called as checker(params, *args); it got keyword arguments {name}. {hint}"
     )
+
+
+@pytest.mark.parametrize(
+    "near, got",
+    [(None, "NoneType"), (np.ones(2), "arrays of shapes [(2,)]")],
+    ids=["none", "vector"],
+)
+def test_numpy_fn_whose_output_changes_near_params_is_told_so(near, got):
+    """A NumPy fn returning None (a domain guard) at a perturbed point crashed with a bare
+    IndexError from inside jaxcheck."""
+
+    def fn(x):
+        x = np.asarray(x)
+        return near if np.any(x < 0.999999) else float(np.sum(x**2))
+
+    x = np.ones(2, np.float32)
+    with pytest.raises(ValueError) as caught:
+        jaxcheck.verify(fn, x, grad_fn=lambda x: 2 * np.asarray(x))
+    assert str(caught.value).startswith(
+        f"fn returned {got} at a point near params (params + t v, t a finite-difference step), "
+        "where at params it returned shapes [()]: fn must return the same structure of arrays "
+        "at every point near params"
+    )
+    np.testing.assert_array_equal(x, np.ones(2))
