@@ -45,7 +45,7 @@ class HealthState:
     norms entered it, per leaf: a leaf's history starts with its first finite, nonzero
     gradient; not an `optax.EmaState`, whose field `count` would make
     `optax.tree.get(opt_state, "count")`, the step count of the optimizer after it, find
-    two). `vanishing`, `exploding`,
+    two); `peak` the largest running average each leaf has had. `vanishing`, `exploding`,
     `nonfinite` are the last step's flags; `first_*` the step each flag first fired (-1:
     never), `*_steps` on how many steps it fired. `low_streak` counts the consecutive steps
     a leaf has been below the vanishing thresholds. `worst_spike` is the largest gradient
@@ -61,6 +61,7 @@ class HealthState:
     average: jax.Array
     moment: jax.Array
     entered: jax.Array
+    peak: jax.Array
     worst_spike: jax.Array
     vanishing: jax.Array
     exploding: jax.Array
@@ -109,11 +110,16 @@ def gradient_health(
       that their sum of squares overflows (from the first step on); or, where `update`
       gets `params`, the same in the parameter itself, seen when its norm is refreshed
       (every 10 steps; a parameter no gradient reaches can turn NaN with finite gradients);
-    - *exploding*: its norm is above `explode_factor` times its running average, and not
-      below `vanishing_ratio` times the parameter's norm (at a minimum the gradients fall
-      to rounding, which scatters by tenfold from step to step);
+    - *exploding*: its norm is above `explode_factor` times its running average, above
+      the largest running average the leaf has had, and not below `vanishing_ratio` times
+      the parameter's norm (at a minimum the gradients fall far below their early level,
+      to rounding at worst, and spike a hundredfold from there by turns);
     - *vanishing*: its norm is zero, below `vanishing_ratio` times the parameter's norm,
-      or below `collapse_factor` times its own running average.
+      or below `collapse_factor` times its own running average; the last two only while
+      the model as a whole is learning: not where the gradient of all watched leaves
+      together is below sqrt(`collapse_factor`) times its running average, or that
+      average below sqrt(`collapse_factor`) times its largest (a minimum being reached,
+      full-batch, where an optimizer circling it drives gradients near zero by turns).
 
     Exploding and vanishing are judged from step `warmup` on, the rules against the leaf's
     own running average once `warmup` norms have entered it. A leaf's history starts with
@@ -208,6 +214,7 @@ def gradient_health(
             average=jnp.zeros((n,), jnp.float32),
             moment=jnp.zeros((n,), jnp.float32),
             entered=zero(),
+            peak=jnp.zeros((n,), jnp.float32),
             worst_spike=jnp.full((n,), NO_SPIKE, jnp.float32),
             vanishing=no(),
             exploding=no(),
@@ -260,6 +267,7 @@ def gradient_health(
         with_history = (t >= warmup) & (count >= jnp.maximum(warmup, 1)) & finite
         # (no division by zero, no NaN made here: under `jax_debug_nans` only the
         # training's own NaNs may show)
+        watched_now = jnp.asarray([_watched(x) for x in leaves], bool).reshape(-1)
         has_ratio = param_norm > 0
         ratio = grad_norm / jnp.where(has_ratio, param_norm, 1.0)
         # an exactly zero gradient is vanishing whatever the parameter's norm (a leaf
@@ -268,12 +276,34 @@ def gradient_health(
         # a gradient vanishingly small beside its parameter is not exploding, however far
         # above its average: at a minimum the norms fall to rounding, and rounding
         # scatters by tenfold from step to step
+        # ... nor is a gradient no larger than the leaf's running average has ever been: at
+        # a minimum the norms fall far below their early level, and minibatch noise or an
+        # optimizer circling the minimum throws them up by a hundredfold from there
         exploding = with_history & (grad_norm > explode32 * average) & ~below
-        low = ((t >= warmup) & finite & below) | (with_history & (grad_norm < collapse32 * average))
+        exploding = exploding & (grad_norm > state.peak)
+        # A collapse against the leaf's own history is vanishing only while the model as a
+        # whole is learning: where its gradient has collapsed too (every leaf falling at
+        # once), or its running average has fallen far below the largest it had, a minimum
+        # is being reached, where the gradients of an optimizer circling it pass near zero
+        # and spike by turns (a layer dying while the others learn is the pathology)
+        judged = with_history & watched_now
+
+        def total(x):
+            return jnp.sqrt(jnp.sum(jnp.where(judged, x, 0.0) ** 2))
+
+        root = jnp.sqrt(collapse32)
+        minimum = (total(grad_norm) < root * total(average)) | (
+            total(average) < root * total(state.peak)
+        )
+        collapsed = with_history & (grad_norm < collapse32 * average) & ~minimum
+        # (and so is a gradient below `vanishing_ratio` of its parameter there, unless it is
+        # exactly zero)
+        small = below & (~minimum | (grad_norm == 0))
+        low = ((t >= warmup) & finite & small) | collapsed
         low_streak = jnp.where(low, state.low_streak + 1, 0)
         # integer, bool and empty leaves (step counters, masks, keys; gradients of dtype
         # float0 under `allow_int`) have no gradient to watch: never flagged
-        watched = jnp.asarray([_watched(x) for x in leaves], bool).reshape(-1)
+        watched = watched_now
         vanishing = low & (low_streak >= _streak_needed(leaves)) & watched
         exploding = exploding & watched
         # a parameter gone NaN/Inf where its gradient is finite (a leaf the loss does not
@@ -321,6 +351,7 @@ def gradient_health(
             moment=mu,
             entered=count,
             worst_spike=jnp.fmax(state.worst_spike, spike),
+            peak=jnp.fmax(state.peak, new_average),
             vanishing=vanishing,
             exploding=exploding,
             nonfinite=nonfinite,

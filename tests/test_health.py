@@ -463,12 +463,14 @@ def test_a_one_element_gradient_near_zero_on_one_step_is_not_vanishing():
     values[20] = 1e-6  # one step far below a thousandth of its average: noise
     values[30:33] = 1e-6  # three in a row: flagged on the third
     opt = jaxcheck.gradient_health()
-    params = {"b": jnp.ones(())}
+    # beside a weight that keeps learning (a collapse of the whole model is a minimum)
+    params = {"b": jnp.ones(()), "w": jnp.ones(3)}
     state = opt.init(params)
     update = jax.jit(opt.update)
-    for v in values:
-        _, state = update({"b": jnp.asarray(v)}, state, params)
+    for v, w in zip(values, rng.normal(size=(40, 3)).astype(np.float32)):
+        _, state = update({"b": jnp.asarray(v), "w": jnp.asarray(w)}, state, params)
     (leaf,) = jaxcheck.health(state).flagged
+    assert leaf.path == "['b']"
     assert (leaf.flags, leaf.first_vanishing, leaf.vanishing_steps) == (("vanishing",), 32, 1)
 
 
@@ -683,3 +685,31 @@ def test_a_parameter_gone_non_finite_is_flagged_though_its_gradient_is_finite(ba
     state = opt.init(params)
     _, state = update({"w": jnp.ones(3), "b": jnp.ones(2)}, state)
     assert jaxcheck.health(state).ok
+
+
+@pytest.mark.parametrize("steps", [100, 2000])
+def test_a_full_batch_run_reaching_its_minimum_stays_healthy(steps):
+    """The README's example run for 2000 steps: Adam circles the minimum, where the
+    gradients pass near zero (below 1e-6 of the parameters, and 1000x below their average)
+    and spike by hundreds of times by turns. Both leaves were flagged vanishing (from steps
+    132 and 210) and exploding (from 1410)."""
+
+    def loss(p, x, y):
+        return jnp.mean((jnp.tanh(x @ p["w"] + p["b"]) - y) ** 2)
+
+    x = jnp.linspace(-1.0, 1.0, 24).reshape(8, 3)
+    y = 0.5 * jnp.sin(3.0 * x[:, 0])
+    params = {"w": jnp.full(3, 0.1), "b": jnp.zeros(())}
+    opt = optax.chain(jaxcheck.gradient_health(), optax.adam(1e-2))
+    state = opt.init(params)
+
+    def step(carry, _):
+        params, state = carry
+        updates, state = opt.update(jax.grad(loss)(params, x, y), state, params)
+        return (optax.apply_updates(params, updates), state), None
+
+    (params, state), _ = jax.lax.scan(step, (params, state), length=steps)
+    summary = jaxcheck.health(state)
+    assert summary.ok, str(summary)
+    if steps == 2000:  # at the minimum indeed: the gradient is 1e-4 of its start or less
+        assert max(leaf.grad_norm for leaf in summary.leaves) < 1e-4
