@@ -57,6 +57,9 @@ class Differences:
     roundoff: float  # median roundoff bar
     h: float
     points: int = 4  # stencil points per direction: 4, or 2 (central differences only)
+    # error bar of the one-sided slopes: their truncation (from the slopes at h and h/2)
+    # and rounding, without the kink's own size, which is the quantity they bound
+    slope_bar: np.ndarray | None = None
 
     @property
     def num_nonsmooth(self) -> int:
@@ -89,7 +92,15 @@ def assess(phis, phi0, h: float, eps: float, floor: float, noise_from_data=True)
     d4 = np.where(finite, np.abs(c["d4"]), 0.0)
     value = np.where(finite, c["richardson"], 0.0)
     scale = rms(value[finite]) if finite.any() else 0.0
-    sigma_data = _median_noise(d4[finite], h * scale) if finite.any() else 0.0
+    left, right = c["slopes"]
+    # each side's slope the same at h and at h/2 (a kink at the point joins two lines),
+    # and the sides far apart: rounding changes the slopes with the step as much as it
+    # parts them
+    steady = np.maximum(
+        np.abs(left - (phi0 - phis[:, 0]) / h), np.abs(right - (phis[:, 3] - phi0) / h)
+    )
+    kinklike = np.abs(right - left) > 4 * steady
+    sigma_data = _median_noise(d4[finite], h * scale, kinklike[finite]) if finite.any() else 0.0
     if not noise_from_data:  # d4 is known to come from kinks: judge it against rounding alone
         sigma_data = 0.0
     sigma = np.maximum(sigma_data, eps * magnitude)
@@ -106,6 +117,7 @@ def assess(phis, phi0, h: float, eps: float, floor: float, noise_from_data=True)
         finite=finite,
         smooth=finite & ~nonsmooth,
         slopes=c["slopes"],
+        slope_bar=_slope_bar(phis, phi0, c["slopes"], sigma, h),
         d4=np.where(finite, c["d4"], 0.0),
         noise=sigma_data,
         relative_noise=sigma_data / typical if typical > 0 else 0.0,
@@ -118,19 +130,38 @@ def assess(phis, phi0, h: float, eps: float, floor: float, noise_from_data=True)
     )
 
 
-def _median_noise(d4, kink_sized: float) -> float:
+def _slope_bar(phis, phi0, slopes, sigma, h: float):
+    """The error bar of the one-sided slopes at h/2: the change from the slopes at h (their
+    truncation, linear in the step: the slope at h/2 carries as much again), twice, plus
+    two standard deviations of rounding (sigma / (h/2) each for two values). A kink at
+    the point leaves the slopes of each side unchanged with the step; one within the step,
+    not at the point, changes them, and widens the bar as it must."""
+    left = (phi0 - phis[:, 0]) / h
+    right = (phis[:, 3] - phi0) / h
+    change = np.maximum(np.abs(slopes[0] - left), np.abs(slopes[1] - right))
+    return 2 * change + 2 * math.sqrt(2) * sigma / (h / 2)
+
+
+def _median_noise(d4, kink_sized: float, kinklike) -> float:
     """The noise sigma of one evaluation from the fourth differences `d4` (absolute values,
-    one per direction), by their median; for an even count whose upper middle value is the
-    size of a kink (above a tenth of `kink_sized`, h times the typical derivative: a jump
-    in the slope of a tenth of the derivative itself) and far above the lower one, by the
-    lower middle value. The mean of the two would be half a kink where exactly half of the
-    directions cross one: a tie of two entries in max crosses its kink along exactly half
-    of a block of spanning directions (`_directions.spanning_signs`)."""
+    one per direction), by their median; for an even count whose upper middle value is far
+    above the lower one, comes from a kink (`kinklike`: one-sided slopes steady with the
+    step and far apart) and is not negligible (above a hundredth of `kink_sized`, h times
+    the typical derivative), by the lower middle value. The mean of the two would be half
+    a kink where exactly half of the directions cross one: a tie of two entries in max
+    crosses its kink along exactly half of a block of spanning directions
+    (`_directions.spanning_signs`); rounding that cancels to exact zeros along half of the
+    directions (cross-entropy at confident logits) is no kink."""
     n = d4.size
-    ordered = np.sort(d4)
-    low, high = ordered[(n - 1) // 2], ordered[n // 2]
+    order = np.argsort(d4, kind="stable")
+    low, high = d4[order[(n - 1) // 2]], d4[order[n // 2]]
     middle = 0.5 * (low + high)
-    if n % 2 == 0 and high > 0.1 * kink_sized and high > NONSMOOTH_NOISE_FACTOR * low:
+    if (
+        n % 2 == 0
+        and high > 0.01 * kink_sized
+        and high > NONSMOOTH_NOISE_FACTOR * low
+        and kinklike[order[n // 2]]
+    ):
         middle = low
     return float(middle) / (math.sqrt(70) * 0.6745)
 
@@ -310,7 +341,8 @@ def interval(err: float, n: int, z: float = 1.959964) -> tuple[float, float]:
 def subgradient_consistent(fd: Differences, a) -> int:
     """How many non-smooth directions have the derivative between the one-sided slopes."""
     left, right = fd.slopes
-    lo, hi = np.minimum(left, right) - fd.bar, np.maximum(left, right) + fd.bar
+    bar = fd.bar if fd.slope_bar is None else fd.slope_bar
+    lo, hi = np.minimum(left, right) - bar, np.maximum(left, right) + bar
     kinked = fd.finite & ~fd.smooth
     a = np.asarray(a, np.float64)
     return int(np.sum(kinked & (a >= lo) & (a <= hi)))

@@ -205,12 +205,21 @@ def status(run: Run, p: Pass, checks, k, problems) -> Status:
     # differences are garbage the size of their bars.)
     even = not np.any(p.fd.value[p.fd.smooth])
     if head.absolute and scatter > noisy and not even:
+        # (a derivative under test that is not zero where fn jumps is a surrogate)
+        surrogate = np.any(p.analytic[p.fd.smooth & np.isfinite(p.analytic)])
         problems.append(
             f"fn's values scatter by {scatter:.1e} (relative) between nearby "
             "evaluations, far beyond rounding, so its derivative cannot be told from zero: "
             "fn jumps within the step of params (a discontinuity: round or floor at a "
             "tie, a comparison), or is random, or not a function of params and args "
             "alone (say, constants drawn anew each time it is traced)"
+            + (
+                "; if fn is piecewise constant (argmax, one_hot, round), the derivative "
+                "under test, which is not zero, is a surrogate gradient (a straight-through "
+                "estimator), which no finite difference can confirm"
+                if surrogate
+                else ""
+            )
         )
         return Status.INCONCLUSIVE
     coarse = head.noise_floor > MAX_NOISE_FLOOR

@@ -1267,3 +1267,55 @@ def test_a_swapped_numpy_gradient_fails_for_every_key():
     )
     assert report.status == "fail", str(report)
     assert report.relative_error == pytest.approx(0.45, abs=0.01)
+
+
+@pytest.mark.parametrize("key", [0, 1])
+def test_a_wrong_rule_across_a_kink_crossed_by_half_the_directions_fails(key):
+    """relu(p0 + p1) at 0 plus a custom_vjp sin whose bwd is half the derivative: along
+    (1, 1) the one-sided slopes are 2 + 3c and 4 + 3c, the rule says 1 + 3c. The window
+    of the one-sided slopes was widened by the kink's own size, and it passed on every key;
+    the smooth directions, along the kink, see nothing of an error across it."""
+
+    @jax.custom_vjp
+    def half_sin(s):
+        return jnp.sin(s)
+
+    half_sin.defvjp(lambda s: (jnp.sin(s), s), lambda s, g: (0.5 * g * jnp.cos(s),))
+
+    def loss(p):
+        s = p[0] + p[1]
+        return jax.nn.relu(s) + half_sin(s) + jnp.sin(p[0]) + 2 * jnp.sin(p[1])
+
+    report = jaxcheck.verify(loss, jnp.array([0.5, -0.5]), key=key)
+    assert report.status in ("fail", "inconclusive"), str(report)
+    assert report.num_subgradient_consistent == 0, str(report)
+
+
+@pytest.mark.parametrize("key", [0, 3])
+def test_a_gradient_beyond_the_subgradients_of_a_tie_does_not_pass(key):
+    """max at [1, 1] has the gradients (a, 1 - a), 0 <= a <= 1: (1.5, -0.5) passed on every
+    key, "between the one-sided slopes" within a window the size of the kink."""
+    report = jaxcheck.verify(
+        jnp.max, jnp.array([1.0, 1.0]), grad_fn=lambda p: jnp.array([1.5, -0.5]), key=key
+    )
+    assert report.status == "inconclusive", str(report)
+    assert report.num_subgradient_consistent == 0
+
+
+@pytest.mark.parametrize("key", [1, 4])
+def test_a_small_tie_among_16_parameters_is_not_taken_for_noise(key):
+    """max(p0, p1) at a tie beside sum(w * sin(p)), w = 1..16, whose rule is 1 % off:
+    exactly half of 16 spanning directions cross the tie's kink, and its fourth differences,
+    a thirtieth of h times the typical derivative, were taken for noise: a tolerance of
+    4.8e-2, and the bug passed with keys 1, 4, 8, 11, 12 and 20."""
+
+    @jax.custom_vjp
+    def sin_rule(x):
+        return jnp.sin(x)
+
+    sin_rule.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (1.01 * g * jnp.cos(x),))
+    x = jnp.concatenate([jnp.array([1.0, 1.0]), jnp.linspace(-1.5, 1.3, 14)])
+    w = jnp.arange(1.0, 17.0)
+    report = jaxcheck.verify(lambda p: jnp.max(p[:2]) + jnp.sum(w * sin_rule(p)), x, key=key)
+    assert report.status == "fail", str(report)
+    assert report.tolerance < 1e-3
