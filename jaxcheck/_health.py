@@ -267,7 +267,9 @@ def gradient_health(
         with_history = (t >= warmup) & (count >= jnp.maximum(warmup, 1)) & finite
         # (no division by zero, no NaN made here: under `jax_debug_nans` only the
         # training's own NaNs may show)
-        watched_now = jnp.asarray([_watched(x) for x in leaves], bool).reshape(-1)
+        # integer, bool and empty leaves (step counters, masks, keys; gradients of dtype
+        # float0 under `allow_int`) have no gradient to watch: never flagged
+        watched = jnp.asarray([_watched(x) for x in leaves], bool).reshape(-1)
         has_ratio = param_norm > 0
         ratio = grad_norm / jnp.where(has_ratio, param_norm, 1.0)
         # an exactly zero gradient is vanishing whatever the parameter's norm (a leaf
@@ -286,7 +288,7 @@ def gradient_health(
         # once), or its running average has fallen far below the largest it had, a minimum
         # is being reached, where the gradients of an optimizer circling it pass near zero
         # and spike by turns (a layer dying while the others learn is the pathology)
-        judged = with_history & watched_now
+        judged = with_history & watched
 
         def total(x):
             return jnp.sqrt(jnp.sum(jnp.where(judged, x, 0.0) ** 2))
@@ -301,9 +303,6 @@ def gradient_health(
         small = below & (~minimum | (grad_norm == 0))
         low = ((t >= warmup) & finite & small) | collapsed
         low_streak = jnp.where(low, state.low_streak + 1, 0)
-        # integer, bool and empty leaves (step counters, masks, keys; gradients of dtype
-        # float0 under `allow_int`) have no gradient to watch: never flagged
-        watched = watched_now
         vanishing = low & (low_streak >= _streak_needed(leaves)) & watched
         exploding = exploding & watched
         # a parameter gone NaN/Inf where its gradient is finite (a leaf the loss does not
