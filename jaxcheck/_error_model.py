@@ -93,13 +93,11 @@ def assess(phis, phi0, h: float, eps: float, floor: float, noise_from_data=True)
     value = np.where(finite, c["richardson"], 0.0)
     scale = rms(value[finite]) if finite.any() else 0.0
     left, right = c["slopes"]
+    change = _slope_change(phis, phi0, c["slopes"], h)
     # each side's slope the same at h and at h/2 (a kink at the point joins two lines),
     # and the sides far apart: rounding changes the slopes with the step as much as it
     # parts them
-    steady = np.maximum(
-        np.abs(left - (phi0 - phis[:, 0]) / h), np.abs(right - (phis[:, 3] - phi0) / h)
-    )
-    kinklike = np.abs(right - left) > 4 * steady
+    kinklike = np.abs(right - left) > 4 * change
     sigma_data = _median_noise(d4[finite], h * scale, kinklike[finite]) if finite.any() else 0.0
     if not noise_from_data:  # d4 is known to come from kinks: judge it against rounding alone
         sigma_data = 0.0
@@ -117,7 +115,11 @@ def assess(phis, phi0, h: float, eps: float, floor: float, noise_from_data=True)
         finite=finite,
         smooth=finite & ~nonsmooth,
         slopes=c["slopes"],
-        slope_bar=_slope_bar(phis, phi0, c["slopes"], sigma, h),
+        # the slopes at h/2 carry their truncation (linear in the step: the change from
+        # the slopes at h) again, and two standard deviations of rounding (sigma / (h/2)
+        # each for two values); a kink within the step, not at the point, changes the
+        # slopes with the step and widens the bar as it must
+        slope_bar=2 * change + 2 * math.sqrt(2) * sigma / (h / 2),
         d4=np.where(finite, c["d4"], 0.0),
         noise=sigma_data,
         relative_noise=sigma_data / typical if typical > 0 else 0.0,
@@ -130,16 +132,12 @@ def assess(phis, phi0, h: float, eps: float, floor: float, noise_from_data=True)
     )
 
 
-def _slope_bar(phis, phi0, slopes, sigma, h: float):
-    """The error bar of the one-sided slopes at h/2: the change from the slopes at h (their
-    truncation, linear in the step: the slope at h/2 carries as much again), twice, plus
-    two standard deviations of rounding (sigma / (h/2) each for two values). A kink at
-    the point leaves the slopes of each side unchanged with the step; one within the step,
-    not at the point, changes them, and widens the bar as it must."""
+def _slope_change(phis, phi0, slopes, h: float):
+    """How far each direction's one-sided slopes at h/2 (`slopes`) are from those at h, the
+    larger of the two sides: their truncation, which a kink at the point leaves at zero."""
     left = (phi0 - phis[:, 0]) / h
     right = (phis[:, 3] - phi0) / h
-    change = np.maximum(np.abs(slopes[0] - left), np.abs(slopes[1] - right))
-    return 2 * change + 2 * math.sqrt(2) * sigma / (h / 2)
+    return np.maximum(np.abs(slopes[0] - left), np.abs(slopes[1] - right))
 
 
 def _median_noise(d4, kink_sized: float, kinklike) -> float:

@@ -265,11 +265,11 @@ def gradient_health(
         average = state.average
         # (a running average needs one norm at least, even with warmup=0)
         with_history = (t >= warmup) & (count >= jnp.maximum(warmup, 1)) & finite
-        # (no division by zero, no NaN made here: under `jax_debug_nans` only the
-        # training's own NaNs may show)
         # integer, bool and empty leaves (step counters, masks, keys; gradients of dtype
         # float0 under `allow_int`) have no gradient to watch: never flagged
         watched = jnp.asarray([_watched(x) for x in leaves], bool).reshape(-1)
+        # (no division by zero, no NaN made here: under `jax_debug_nans` only the
+        # training's own NaNs may show)
         has_ratio = param_norm > 0
         ratio = grad_norm / jnp.where(has_ratio, param_norm, 1.0)
         # an exactly zero gradient is vanishing whatever the parameter's norm (a leaf

@@ -88,10 +88,11 @@ class Run:
             return None
         shapes = [x.shape for x in self.inputs.diff]
         out_shapes = [] if problem.scalar_output else list(problem.out_shapes)
-        spanned = sum(math.prod(s) for s in shapes) <= _directions.SPANNED
-        size = sum(math.prod(s) for s in shapes + out_shapes)
+        param_size = sum(math.prod(s) for s in shapes)
+        out_size = sum(math.prod(s) for s in out_shapes)
+        spanned = param_size <= _directions.SPANNED
         batched_whole = plan.chunk is None and plan.vmap_points
-        if not spanned and (not batched_whole or size * len(index) > HOST_SIGNS):
+        if not spanned and (not batched_whole or (param_size + out_size) * len(index) > HOST_SIGNS):
             return None
         key = tuple(np.asarray(a).tobytes() for a in (*self.seeds, index))
         key += (tuple(shapes), tuple(out_shapes))
@@ -99,7 +100,7 @@ class Run:
         if drawn is None:
             params = _directions.spanning_signs if spanned else _directions.host_signs
             # a spanned problem's outputs too large to draw here are hashed in the program
-            outputs = sum(math.prod(s) for s in out_shapes) * len(index) <= HOST_SIGNS
+            outputs = out_size * len(index) <= HOST_SIGNS
             drawn = (
                 params(self.seeds[0], index, shapes),
                 _directions.host_signs(self.seeds[1], index, out_shapes) if outputs else None,
