@@ -189,7 +189,10 @@ def split_signs(signs, num: int):
     params, outputs = signs
     if outputs is None:  # hashed in the program (`_state.Run.signs`)
         return [z[:num] for z in params], None, None
-    return [z[:num] for z in params], [z[:num] for z in outputs], [z[num] for z in outputs]
+    # the balancing cotangent is random signs whatever the directions' kind: the sign of
+    # a "uniform" level is the random sign of the same hash, bit for bit
+    balance = [np.sign(z[num]).astype(np.int8) for z in outputs]
+    return [z[:num] for z in params], [z[:num] for z in outputs], balance
 
 
 def _leaf_dots(g, z, acc):

@@ -5,9 +5,9 @@ leaf's key path, and on the direction's index, so adding an unrelated leaf or ch
 chunking does not change the directions of the other leaves. Values are always drawn in
 float32 and then cast, so the native-precision and the float64 programs see the same
 directions. The programs hash them in place (`draw`), except for small problems, whose
-random signs are drawn on the host, bit for bit the same, and passed in (`host_signs`);
-parameters of at most `SPANNED` elements in all get signs drawn jointly for all their
-leaves, so that the directions span them (`spanning_signs`).
+values are drawn on the host, bit for bit the same, and passed in (`host_signs`);
+parameters of at most `SPANNED` elements in all get random signs drawn jointly for all
+their leaves, so that the directions span them (`spanning_signs`).
 """
 
 import contextlib
@@ -21,7 +21,13 @@ import numpy as np
 
 from . import _plan, _precision
 
-KINDS = ("rademacher", "gaussian")
+KINDS = ("uniform", "rademacher", "gaussian")
+# "uniform": a random sign times one of 128 evenly spaced magnitudes, (2m + 1) / 256 for m in
+# 0..127, scaled by sqrt(3) to unit variance (as random signs have). The magnitudes take 7
+# more bits of the same hash, so drawing costs what signs cost; but unlike signs no error
+# vanishes along a sizeable share of them (two entries of equal size and opposite sign vanish
+# along half of all random-sign directions, and along 1 in 256 of these).
+UNIFORM_SCALE = np.float32(math.sqrt(3.0) / 256)
 
 
 def as_key(key):
@@ -140,12 +146,14 @@ def draw(seed, index, shape, kind: str):
     """Direction number `index` of the leaf with `seed`, as float32.
 
     A counter-based generator: element i is a hash of (seed, index, i), turned into a
-    random sign or, by the inverse error function, into a Gaussian. It compiles to a few
-    integer operations that XLA fuses into the perturbation x + t v, so no direction is
-    ever stored apart from the perturbed copy, and any element can be drawn without
-    drawing the others. With random signs, 2 evaluations per direction cost 1.13x to 1.44x
-    plain forward passes of a float64 MLP (1e5 to 8e6 parameters, 2 CPU cores); with the
-    inverse error function 1.5x to 2.1x (`benchmarks/directions.py`). Hence signs by default.
+    random sign, a random sign times a magnitude from the next 7 bits ("uniform") or, by
+    the inverse error function, a Gaussian. It compiles to a few integer operations that
+    XLA fuses into the perturbation x + t v, so no direction is ever stored apart from the
+    perturbed copy, and any element can be drawn without drawing the others. With random
+    signs, 2 evaluations per direction cost 1.13x to 1.44x plain forward passes of a
+    float64 MLP (1e5 to 8e6 parameters, 2 CPU cores); with the inverse error function 1.5x
+    to 2.1x (`benchmarks/directions.py`). Hence "uniform" by default, which costs what
+    signs cost.
     """
     return _values(_bases(jnp.asarray(seed, jnp.uint32), index), shape, kind)
 
@@ -172,24 +180,45 @@ def _values(base, shape, kind: str):
     bits = _bits(math.prod(shape), base, jnp)
     if kind == "rademacher":
         values = 1.0 - 2.0 * (bits >> 31).astype(jnp.float32)
+    elif kind == "uniform":
+        values = _uniform_levels(bits).astype(jnp.float32) * UNIFORM_SCALE
     else:
         uniform = ((bits >> 8).astype(jnp.float32) + 0.5) * (1.0 / 2**24)  # in (0, 1)
         values = math.sqrt(2.0) * jax.lax.erf_inv(2.0 * uniform - 1.0)
     return values.reshape(shape)
 
 
-def host_signs(seeds, index, shapes) -> list[np.ndarray]:
-    """The random signs of directions `index` (n,) for leaves of `shapes` with `seeds`,
-    drawn on the host: per leaf an int8 array (n, *shape), equal element for element to
-    `draw`'s. The programs of a problem batched whole take them as an input instead of
-    hashing them: the hashing is a third of a small program's compile time, and the data
-    is at most half a megabyte (`_state.Run.signs`)."""
+def _uniform_levels(bits):
+    """The "uniform" values before scaling: odd integers in [-255, 255], the sign from the
+    hash's top bit and the magnitude from the next 7."""
+    magnitude = 2 * ((bits >> 24) & 127).astype(np.int32) + 1
+    return magnitude * (1 - 2 * (bits >> 31).astype(np.int32))
+
+
+def host_signs(seeds, index, shapes, kind: str = "rademacher") -> list[np.ndarray]:
+    """The random signs (or "uniform" values) of directions `index` (n,) for leaves of
+    `shapes` with `seeds`, drawn on the host: per leaf an int8 array of signs (int16 of
+    `_uniform_levels` for "uniform") of shape (n, *shape), which `units` turns into the
+    very values `draw` gives. The programs of a problem batched whole take them as an
+    input instead of hashing them: the hashing is a third of a small program's compile
+    time, and the data is at most a megabyte (`_state.Run.signs`)."""
     bases = _base_of(np.asarray(seeds, np.uint32)[None, :], np.asarray(index)[:, None])
     out = []
     for i, shape in enumerate(shapes):
         bits = _bits(math.prod(shape), bases[:, i : i + 1], np)
-        out.append((1 - 2 * (bits >> 31).astype(np.int8)).reshape(len(bases), *shape))
+        if kind == "uniform":
+            z = _uniform_levels(bits).astype(np.int16)
+        else:
+            z = 1 - 2 * (bits >> 31).astype(np.int8)
+        out.append(z.reshape(len(bases), *shape))
     return out
+
+
+def units(z):
+    """float32 values of host-drawn directions: int8 signs as they are, int16 "uniform"
+    levels scaled exactly as `draw` scales them."""
+    values = z.astype(jnp.float32)
+    return values * UNIFORM_SCALE if z.dtype == np.int16 else values
 
 
 SPANNED = 16  # parameters in all up to which the directions' signs span their space
@@ -238,11 +267,12 @@ def _hadamard(m: int) -> np.ndarray:
 
 
 def direction(leaf_seeds, index, leaves, beta, kind: str, signs=None) -> list:
-    """The direction `index`: leaf l is beta[l] * z_l, z_l random signs or ~ N(0, I); with
-    `signs` (per leaf, drawn on the host by `host_signs`), z_l = signs[l]."""
+    """The direction `index`: leaf l is beta[l] * z_l, z_l of `kind` (unit variance); with
+    `signs` (per leaf, drawn on the host by `host_signs` or `spanning_signs`),
+    z_l = units(signs[l])."""
     if signs is not None:
         return [
-            (beta[i] * z.astype(beta.dtype)).astype(x.dtype)
+            (beta[i] * units(z).astype(beta.dtype)).astype(x.dtype)
             for i, (z, x) in enumerate(zip(signs, leaves))
         ]
     bases = _bases(jnp.asarray(leaf_seeds, jnp.uint32), index)
@@ -358,6 +388,8 @@ def cotangent(out_seeds, index, scales, like, kind: str, signs=None) -> list:
     if signs is None:
         bases = _bases(jnp.asarray(out_seeds, jnp.uint32), index)
         signs = [_values(bases[i], y.shape, kind) for i, y in enumerate(like)]
+    else:
+        signs = [units(z) for z in signs]
     return [
         (z.astype(scales.dtype) / scales[i]).astype(y.dtype)
         for i, (z, y) in enumerate(zip(signs, like))

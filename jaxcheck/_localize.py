@@ -60,7 +60,8 @@ def localize(run: Run, scales, leaf_k, h, paths, chosen, sequential=False, fixed
     the caller `fixed` the step), as the all-leaf check does: a staircase of a low
     precision moves there, a fn truly constant in the leaf stays flat and is judged.
     """
-    ks = _sequential.looks(leaf_k, sequential and run.plan.direction_sharding is None, run.kind)
+    sequential = sequential and run.plan.direction_sharding is None
+    ks = _sequential.looks(leaf_k, sequential, run.looks_kind)
     results, pending, choices, within, zero, rounded = {}, list(chosen), {}, [], [], []
     for n in ks:
         if not pending:

@@ -31,7 +31,7 @@ class Options:
     rtol: float | None = None
     localize: bool | Literal["auto"] = "auto"
     leaf_directions: int = 8
-    directions: Literal["rademacher", "gaussian"] = "rademacher"
+    directions: Literal["uniform", "rademacher", "gaussian"] = "uniform"
     chunk_size: int | None = None
     memory_budget: int | None = None
     direction_sharding: jax.sharding.NamedSharding | None = None

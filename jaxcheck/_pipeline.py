@@ -83,7 +83,7 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
             _precision.eps(ref) ** 0.25,
             _needed_derivative(run, ref, h0),
         )
-    ks = _sequential.looks(k, sequential and run.plan.direction_sharding is None, run.kind)
+    ks = _sequential.looks(k, sequential and run.plan.direction_sharding is None, run.looks_kind)
     run.batch = ks[0]  # later looks run their new directions through the same programs
     tried, why, rows, choice = {}, "", np.tile(beta, (k, 1)), None
     i, previous = 0, 0

@@ -69,6 +69,25 @@ class Run:
     problems: list = dataclasses.field(default_factory=list)
     probe: dict | None = None
 
+    def spanned(self) -> bool:
+        """Whether the parameters' directions are random signs that span them
+        (`_directions.spanning_signs`): at most `_directions.SPANNED` elements in all,
+        unsharded, directions not Gaussian."""
+        plan = self.plan
+        return (
+            self.kind != "gaussian"
+            and plan.direction_sharding is None
+            and not any(plan.leaf_shardings)
+            and sum(math.prod(x.shape) for x in self.inputs.diff) <= _directions.SPANNED
+        )
+
+    @property
+    def looks_kind(self) -> str:
+        """The kind of directions the sequential looks are set for: "rademacher" where
+        they span the parameters (a look must take a whole block of `spanning_signs`'
+        rows: 4 of a block of 8 miss an error of two entries 1 time in 70)."""
+        return "rademacher" if self.spanned() else self.kind
+
     def signs(self, index) -> tuple | None:
         """The random signs of directions `index` drawn on the host (per parameter leaf;
         per output leaf, none for a scalar fn, or None where they are hashed in the
@@ -81,7 +100,7 @@ class Run:
         (`_directions.spanning_signs`)."""
         plan, problem = self.plan, self.problem
         if (
-            self.kind != "rademacher"
+            self.kind == "gaussian"
             or plan.direction_sharding is not None
             or any(plan.leaf_shardings)
         ):
@@ -90,20 +109,25 @@ class Run:
         out_shapes = [] if problem.scalar_output else list(problem.out_shapes)
         param_size = sum(math.prod(s) for s in shapes)
         out_size = sum(math.prod(s) for s in out_shapes)
-        spanned = param_size <= _directions.SPANNED
+        spanned = self.spanned()
         batched_whole = plan.chunk is None and plan.vmap_points
         if not spanned and (not batched_whole or (param_size + out_size) * len(index) > HOST_SIGNS):
             return None
         key = tuple(np.asarray(a).tobytes() for a in (*self.seeds, index))
-        key += (tuple(shapes), tuple(out_shapes))
+        key += (tuple(shapes), tuple(out_shapes), self.kind)
         drawn = _DRAWN.get(key)
         if drawn is None:
-            params = _directions.spanning_signs if spanned else _directions.host_signs
+            if spanned:  # signs whatever the kind: rows of a Hadamard matrix
+                params = _directions.spanning_signs(self.seeds[0], index, shapes)
+            else:
+                params = _directions.host_signs(self.seeds[0], index, shapes, self.kind)
             # a spanned problem's outputs too large to draw here are hashed in the program
             outputs = out_size * len(index) <= HOST_SIGNS
             drawn = (
-                params(self.seeds[0], index, shapes),
-                _directions.host_signs(self.seeds[1], index, out_shapes) if outputs else None,
+                params,
+                _directions.host_signs(self.seeds[1], index, out_shapes, self.kind)
+                if outputs
+                else None,
             )
             for a in (*drawn[0], *(drawn[1] or ())):
                 a.setflags(write=False)

@@ -46,7 +46,7 @@ P = {"w": jnp.ones(3)}
         (
             {"directions": "sobol"},
             ValueError,
-            "directions must be one of ('rademacher', 'gaussian'), got 'sobol'.",
+            "directions must be one of ('uniform', 'rademacher', 'gaussian'), got 'sobol'.",
         ),
         ({"chunk_size": 0}, ValueError, "chunk_size must be a positive int or None, got 0."),
         (

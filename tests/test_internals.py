@@ -13,7 +13,7 @@ import jaxcheck
 from jaxcheck import _differences, _directions, _error_model, _plan
 
 
-@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("kind", ["uniform", "gaussian", "rademacher"])
 def test_directions_have_unit_variance_and_are_uncorrelated(kind):
     draw = jax.jit(lambda s, i: _directions.draw(s, i, (200, 50), kind))
     a, b = np.asarray(draw(np.uint32(7), 0)), np.asarray(draw(np.uint32(7), 1))
@@ -23,26 +23,31 @@ def test_directions_have_unit_variance_and_are_uncorrelated(kind):
     assert abs(np.corrcoef(a.ravel()[:-1], a.ravel()[1:])[0, 1]) < 0.04
     if kind == "rademacher":
         assert set(np.unique(a)) == {-1.0, 1.0}
+    elif kind == "uniform":  # 256 levels, evenly spaced over (-sqrt 3, sqrt 3)
+        levels = np.arange(-255, 256, 2) * np.float32(np.sqrt(3.0) / 256)
+        np.testing.assert_array_equal(np.unique(a), levels.astype(np.float32))
+        assert 0.1 < np.mean(np.abs(a) < 0.2) < 0.13  # (0.2 / sqrt 3 = 0.115 of them)
     else:  # Gaussian tails: about 4.6 % beyond 2 sigma
         assert 0.04 < np.mean(np.abs(a) > 2) < 0.052
 
 
+@pytest.mark.parametrize("kind, dtype", [("rademacher", np.int8), ("uniform", np.int16)])
 @pytest.mark.parametrize("shape", [(), (1,), (3,), (4, 5), (2, 3, 4)])
-def test_signs_drawn_on_the_host_are_those_hashed_in_programs(shape):
-    """Small problems take their directions' signs as an input (`host_signs`), large ones
-    hash them inside the program (`draw`): the same signs, element for element."""
+def test_signs_drawn_on_the_host_are_those_hashed_in_programs(shape, kind, dtype):
+    """Small problems take their directions' signs (or "uniform" levels) as an input
+    (`host_signs`), large ones hash them inside the program (`draw`): the same values,
+    element for element and bit for bit, once `units` has scaled them in the program."""
     seeds = np.asarray([7, 2**32 - 1], np.uint32)
     index = np.asarray([0, 1, 5, 2**30 + 3, 2**31 - 1], np.int32)
-    drawn = _directions.host_signs(seeds, index, [shape, (2,)])
-    assert [z.dtype for z in drawn] == [np.int8, np.int8]
+    drawn = _directions.host_signs(seeds, index, [shape, (2,)], kind)
+    assert [z.dtype for z in drawn] == [dtype, dtype]
     assert drawn[0].shape == (5, *shape) and drawn[1].shape == (5, 2)
-    draw = jax.jit(
-        lambda s, i, shape: _directions.draw(s, i, shape, "rademacher"), static_argnums=2
-    )
+    draw = jax.jit(lambda s, i, shape: _directions.draw(s, i, shape, kind), static_argnums=2)
+    units = jax.jit(_directions.units)
     for leaf, (seed, leaf_shape) in enumerate(zip(seeds, [shape, (2,)])):
         for row, k in enumerate(index):
             expected = np.asarray(draw(seed, k, leaf_shape))
-            np.testing.assert_array_equal(drawn[leaf][row], expected)
+            np.testing.assert_array_equal(np.asarray(units(drawn[leaf][row])), expected)
 
 
 @pytest.mark.parametrize(

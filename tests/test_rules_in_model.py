@@ -916,9 +916,10 @@ def test_a_rule_output_fn_never_uses_is_left_out_of_its_check():
 
 
 def test_a_rule_failing_alone_where_fn_never_reaches_is_not_counted():
-    """A user's relu at inputs a fixed mask holds at exactly 0: its derivative there fails
-    alone (the kink is crossed by the rule's own finite differences, never by fn's), fn's
-    derivatives pass, and the check passed only for jax.nn.relu."""
+    """A user's relu at inputs a fixed mask holds at exactly 0: its derivative there cannot
+    be judged alone (the kink is crossed by the rule's own finite differences, never by
+    fn's; along random-sign cotangents some of them ran exactly along the kink, and it
+    failed alone), fn's derivatives pass, and the check passed only for jax.nn.relu."""
 
     @jax.custom_jvp
     def relu(z):
@@ -934,11 +935,9 @@ def test_a_rule_failing_alone_where_fn_never_reaches_is_not_counted():
 
     report = jaxcheck.verify(loss, p, x, rules=True)
     assert report.status == "pass", str(report)
-    [said] = [q for q in report.problems if q.startswith("rules whose derivatives fail alone")]
-    assert "custom_jvp relu at " in said and said.endswith(
-        "so they are not counted as wrong; check such a rule alone with jaxcheck.verify_rule "
-        "at inputs fn reaches"
-    )
+    [said] = report.problems
+    assert said.startswith("rules not judged at the inputs fn gives them: custom_jvp relu at ")
+    assert said.endswith("<locals>.loss) (inconclusive)")
 
 
 def test_a_rule_integer_output_that_differs_under_vmap_is_not_compared():
@@ -1027,9 +1026,10 @@ def test_a_leaf_not_judged_alone_undoes_a_pass_at_half_precision_resolution(w1_s
         return
     assert report.status == "inconclusive", str(report)
     [note] = [q for q in report.problems if q.startswith("the all-leaf check passes at a")]
-    assert note.startswith(
-        "the all-leaf check passes at a coarse resolution (tolerance 4.8e-01), but ['W1'] "
-        "(relative error 5.0e-01, 95% up to "
+    assert re.match(
+        r"the all-leaf check passes at a coarse resolution \(tolerance [45]\.\de-01\), but "
+        r"\['W1'\] \(relative error 5\.0e-01, 95% up to ",
+        note,
     )
     assert note.endswith(
         "could not be judged alone, and its error may exceed that tolerance: not judged"

@@ -14,11 +14,14 @@ SIZES = (3, 5, 2)
 
 
 def test_looks_double_up_to_the_maximum():
-    assert _sequential.looks(16, True) == (8, 16)
-    assert _sequential.looks(12, True) == (8, 12)
-    assert _sequential.looks(32, True) == (8, 16, 32)
+    assert _sequential.looks(16, True) == (4, 8, 16)
+    assert _sequential.looks(12, True) == (4, 8, 12)
+    assert _sequential.looks(32, True) == (4, 8, 16, 32)
     assert _sequential.looks(16, False) == (16,)
-    assert _sequential.looks(8, True) == (8,)
+    assert _sequential.looks(4, True) == (4,)
+    assert _sequential.looks(16, True, "rademacher") == (8, 16)
+    assert _sequential.looks(32, True, "rademacher") == (8, 16, 32)
+    assert _sequential.looks(8, True, "rademacher") == (8,)
     assert _sequential.looks(16, True, "gaussian") == (4, 8, 16)
     assert _sequential.looks(4, True, "gaussian") == (4,)
 
@@ -30,19 +33,31 @@ def test_clearance_is_the_exact_f_quantile():
     # P(F(16, 16) > 4) = 0.424 %, plus P(F(4, 4) > 4 c_4²) + P(F(8, 8) > 4 c_8²) = 0.215 %
     assert _sequential.error_bounds(16, "gaussian") == pytest.approx((0.006387, 0.006387), abs=1e-6)
     assert _sequential.error_bounds(32, "gaussian")[0] == pytest.approx(0.001461, abs=1e-6)
+    # "uniform" directions, the default, look as Gaussian ones do
+    assert _sequential.error_bounds(16) == _sequential.error_bounds(16, "gaussian")
     # random signs look first after 8 (one early look: c_8 = 1.854), 0.424 % + 0.063 %
     assert _sequential.clearance(8, 2) == pytest.approx(1.8542, abs=1e-4)
-    assert _sequential.error_bounds(16) == pytest.approx((0.004865, 0.004865), abs=1e-6)
-    assert _sequential.error_bounds(32)[0] == pytest.approx(0.000346, abs=1e-6)
+    bounds = _sequential.error_bounds(16, "rademacher")
+    assert bounds == pytest.approx((0.004865, 0.004865), abs=1e-6)
+    assert _sequential.error_bounds(32, "rademacher")[0] == pytest.approx(0.000346, abs=1e-6)
     assert _sequential.clear(0.3, 1.0, 4, 3) == "pass"
     assert _sequential.clear(3.2, 1.0, 4, 3) == "fail"
     assert _sequential.clear(0.5, 1.0, 4, 3) is None
 
 
+def _draw(rng, kind, shape):
+    """Direction entries of `kind` other than Gaussian: random signs, or "uniform" ones
+    (a random sign times one of 128 evenly spaced magnitudes, unit variance)."""
+    signs = rng.choice(np.array([-1.0, 1.0]), size=shape)
+    if kind == "rademacher":
+        return signs
+    return signs * (2 * rng.integers(0, 128, size=shape) + 1) * (np.sqrt(3.0) / 256)
+
+
 def _simulate(true, k, trials, kind, seed=0, pair=False, dim=32):
     """The sequential procedure on synthetic per-direction errors: projections of an error
-    of relative size `true` (tolerance 1) orthogonal to the gradient, along Gaussian or
-    random-sign directions; with `pair`, an error of two entries of equal size and opposite
+    of relative size `true` (tolerance 1) orthogonal to the gradient, along directions of
+    `kind`; with `pair`, an error of two entries of equal size and opposite
     sign (the worst case of random signs: invisible along half of them), in `dim`
     dimensions (2: the gradient is then invisible along the other half). Returns
     (verdicts, directions used)."""
@@ -60,7 +75,7 @@ def _simulate(true, k, trials, kind, seed=0, pair=False, dim=32):
         else:
             ev -= gv * (ev @ gv) / (gv @ gv)
         ev *= true * np.linalg.norm(gv) / np.linalg.norm(ev)
-        v = rng.choice(np.array([-1.0, 1.0]), size=(trials, k, dim))
+        v = _draw(rng, kind, (trials, k, dim))
         e, g = v @ ev, v @ gv
     sum_e, sum_g = np.cumsum(e**2, axis=1), np.cumsum(g**2, axis=1)
     ks = _sequential.looks(k, True, kind)
@@ -76,7 +91,7 @@ def _simulate(true, k, trials, kind, seed=0, pair=False, dim=32):
     return verdict, used
 
 
-@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("kind", ["uniform", "gaussian", "rademacher"])
 def test_simulated_error_rates_are_within_the_stated_bounds(kind):
     k, trials = 16, 20000
     fail_correct, pass_bug = _sequential.error_bounds(k, kind)
@@ -118,15 +133,31 @@ def test_an_error_random_signs_see_least_passes_rarely():
     assert np.mean(verdict == "pass") == pytest.approx(1 / 256, abs=3 * np.sqrt(1 / 256 / trials))
 
 
-@pytest.mark.parametrize("true, rate", [(2.0, 0.0128), (3.0, 0.0041)])
-def test_a_gradient_and_its_error_on_the_same_two_entries_pass_as_documented(true, rate):
+def test_uniform_directions_see_that_error_along_almost_every_direction():
+    """The same error along "uniform" directions: it vanishes along 1 in 256 (equal levels
+    and signs), and is small where the two levels are close, as along Gaussian directions;
+    the first look after 4 keeps the F law's rates (0.64 % at K = 16) and never passes such
+    a bug far beyond the tolerance."""
+    trials = 40000
+    bound = _sequential.error_bounds(16)[1]
+    verdict, used = _simulate(2.0, 16, trials, "uniform", seed=5, pair=True)
+    assert np.mean(verdict == "pass") <= bound + 3 * np.sqrt(bound / trials)
+    verdict, used = _simulate(30.0, 16, trials, "uniform", seed=6, pair=True)
+    assert np.all(verdict == "fail") and np.mean(used == 4) > 0.99
+
+
+@pytest.mark.parametrize(
+    "true, kind, rate",
+    [(2.0, "rademacher", 0.0128), (3.0, "rademacher", 0.0041), (2.0, "uniform", 0.0098)],
+)
+def test_a_gradient_and_its_error_on_the_same_two_entries_pass_as_documented(true, kind, rate):
     """fn of two parameters, gradient [1, 1], its error [d, -d]: each is invisible along
     the directions that see the other, so the estimate's denominator shrinks exactly when
     its numerator grows. A bug at twice the tolerance passes 1.3 % of the time (the F law
     and the case above: 0.5 % and 0.6 %), at three times 0.4 %, the 1/256 of the first
-    look; the README states these."""
+    look; the README states these, and 1.0 % along the default directions."""
     trials = 40000
-    verdict, _ = _simulate(true, 16, trials, "rademacher", seed=7, pair=True, dim=2)
+    verdict, _ = _simulate(true, 16, trials, kind, seed=7, pair=True, dim=2)
     assert np.mean(verdict == "pass") == pytest.approx(rate, abs=3 * np.sqrt(rate / trials))
 
 
@@ -143,18 +174,18 @@ def _mlp(**options):
     return params, x, y
 
 
-def test_correct_model_settles_after_eight_directions():
+def test_correct_model_settles_after_four_directions():
     params, x, y = _mlp()
     report = jaxcheck.verify(mlp_loss(), params, x, y, localize=False)
     assert report.ok
-    assert (report.num_directions, report.max_directions) == (8, 16)
-    assert report.numeric.shape == (8,)
-    assert report.num_evaluations == 2 * 8 + 1  # central differences along 8 directions
-    assert report.relative_error * _sequential.clearance(8, 2) < report.tolerance
-    assert report.stopped.startswith("settled after 8 of 16 directions: the relative error (")
+    assert (report.num_directions, report.max_directions) == (4, 16)
+    assert report.numeric.shape == (4,)
+    assert report.num_evaluations == 2 * 4 + 1  # central differences along 4 directions
+    assert report.relative_error * _sequential.clearance(4, 3) < report.tolerance
+    assert report.stopped.startswith("settled after 4 of 16 directions: the relative error (")
     assert report.stopped.endswith(f"is clear below the tolerance {report.tolerance:.1e}")
     text = str(report)
-    assert "  8 of 16 directions (0 non-smooth, 0 non-finite), 17 evaluations of fn" in text
+    assert "  4 of 16 directions (0 non-smooth, 0 non-finite), 9 evaluations of fn" in text
     assert report.stopped in text
 
 
@@ -170,22 +201,23 @@ def test_one_percent_bug_fails_at_the_first_look_and_is_localized():
     params, x, y = _mlp()
     loss = mlp_loss(bug("scale", 0.01), where=(1, "w"))
     report = jaxcheck.verify(loss, params, x, y)
-    assert report.status == "fail" and report.num_directions == 8
-    assert report.stopped.startswith("settled after 8 of 16 directions")
+    assert report.status == "fail" and report.num_directions == 4
+    assert report.stopped.startswith("settled after 4 of 16 directions")
     assert "clear above the tolerance" in report.stopped
     by_path = {leaf.path: leaf for leaf in report.leaves}
     wrong = by_path["['layers'][1]['w']"]
-    assert wrong.status == "fail" and wrong.num_directions == 8
+    assert wrong.status == "fail" and wrong.num_directions == 4
     assert wrong.relative_error == pytest.approx(0.01, rel=0.05)
     assert [p for p, leaf in by_path.items() if leaf.status == "fail"] == [wrong.path]
-    # each leaf takes its 8 directions in one look (random signs look first after 8)
-    assert all(leaf.num_directions == 8 for leaf in report.leaves)
-    # with Gaussian directions leaves clearly right settle after 4 of their 8
-    gaussian = jaxcheck.verify(loss, params, x, y, directions="gaussian")
-    assert gaussian.status == "fail" and gaussian.num_directions == 4
-    by_path = {leaf.path: leaf for leaf in gaussian.leaves}
-    assert by_path["['layers'][0]['w']"].num_directions == 4
-    assert [p for p, leaf in by_path.items() if leaf.status == "fail"] == [wrong.path]
+    # leaves clearly right or wrong settle after 4 of their 8 directions too
+    assert all(leaf.num_directions == 4 for leaf in report.leaves)
+    # Gaussian directions look as "uniform" ones do; random signs first after 8
+    for kind, first in (("gaussian", 4), ("rademacher", 8)):
+        other = jaxcheck.verify(loss, params, x, y, directions=kind)
+        assert other.status == "fail" and other.num_directions == first
+        by_path = {leaf.path: leaf for leaf in other.leaves}
+        assert by_path["['layers'][0]['w']"].num_directions == first
+        assert [p for p, leaf in by_path.items() if leaf.status == "fail"] == [wrong.path]
 
 
 def _scaled(x, c):
@@ -277,8 +309,8 @@ def test_a_doubt_more_directions_cannot_resolve_goes_straight_to_the_last_look(m
     w = jnp.linspace(-1.0, 1.0, 50, dtype=jnp.float32)
     report = jaxcheck.verify(lambda w: jnp.sum(jnp.sin(w) + 1e7) - 50 * 1e7, w)
     assert report.status == "pass" and report.num_directions == 16
-    assert calls == [8]  # looked at 8, then at all 16
-    assert report.stopped.startswith("took all 16 directions: after 8, the tolerance ")
+    assert calls == [4]  # looked at 4, then at all 16
+    assert report.stopped.startswith("took all 16 directions: after 4, the tolerance ")
     assert report.stopped.endswith(" rests on measured noise or rounding")  # (not "near")
     assert report.tolerance > 10 * report.checks[0].floor
 
@@ -323,7 +355,7 @@ def _simulate_rounding(ratio, trials, kind, seed, k=16, dim=32):
     if kind == "gaussian":
         v = rng.standard_normal((trials, k, dim))
     else:
-        v = rng.choice(np.array([-1.0, 1.0]), size=(trials, k, dim))
+        v = _draw(rng, kind, (trials, k, dim))
     r, a_ref = v @ g, v @ (g + e)
     a = a_ref + v @ rho
     ks = _sequential.looks(k, True, kind)
@@ -358,7 +390,7 @@ def _simulate_rounding(ratio, trials, kind, seed, k=16, dim=32):
     return np.mean(early), np.mean(fails)
 
 
-@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("kind", ["uniform", "gaussian", "rademacher"])
 def test_simulated_rates_of_settling_on_measured_rounding(kind):
     trials = 4000
     slack = 3 * np.sqrt(_sequential.EARLY_ERROR / trials)
@@ -378,14 +410,16 @@ def test_simulated_rates_of_settling_on_measured_rounding(kind):
 def test_a_measured_tolerance_settles_early_only_below_its_floor(offset):
     """fn adds and removes a large offset, so its float64 values carry roundoff that raises
     the tolerance above its floor (1.2e-06). An estimate clear below the floor itself
-    settles after 8 directions (it is clear below any tolerance above the floor); one that
-    is not takes all 16, as before."""
+    settles early (it is clear below any tolerance above the floor): here after 8
+    directions, the 4 of the first look leaving it below the floor but not clear of it;
+    one that is not takes all 16, as before."""
     w = jnp.linspace(-1.0, 1.0, 50, dtype=jnp.float32)
     report = jaxcheck.verify(lambda w: jnp.sum(jnp.sin(w) + offset) - 50 * offset, w)
     assert report.status == "pass", str(report)
     assert report.tolerance > report.checks[0].floor == pytest.approx(1.19e-6, rel=0.01)
     if offset == 5e5:
         assert report.num_directions == 8
+        assert report.stopped.startswith("settled after 8 of 16 directions: ")
         assert report.stopped.endswith(
             "is clear below the tolerance's floor 1.2e-06 (the tolerance "
             f"{report.tolerance:.1e} rests on measured noise or rounding)"
@@ -402,10 +436,15 @@ def test_a_measured_tolerance_settles_early_only_below_its_floor(offset):
         ("the tolerance 1.4e-06 rests on measured noise or rounding, near its floor 1.2e-06", 1),
         ("the tolerance 1.3e-04 rests on measured noise or rounding", 2),
         ("some directions were not smooth (a kink within the step)", 2),
+        (
+            "the tolerance 3.6e-06 rests on measured noise or rounding; the relative error "
+            "4.1e-07 is below its floor 1.2e-06, not yet clearly",
+            1,
+        ),
     ],
 )
 def test_which_doubts_look_again_before_the_last_look(why, after):
-    ks = _sequential.looks(32, True)
+    ks = _sequential.looks(32, True, "rademacher")
     assert ks == (8, 16, 32)
     assert _sequential.next_look(ks, 0, why) == after
 
@@ -468,7 +507,13 @@ def test_a_leaf_whose_error_its_directions_all_missed_is_checked_again():
             g = dict(jax.grad(loss)(p, x, y))
             return {**g, "b1": g["b1"] + offset}
 
-        report = jaxcheck.verify(loss, params, x, y, grad_fn=grad_fn, key=57)
+        report = jaxcheck.verify(
+            loss, params, x, y, grad_fn=grad_fn, key=57, directions="rademacher"
+        )
+        # "uniform" directions, the default, see it along each of the first 4
+        default = jaxcheck.verify(loss, params, x, y, grad_fn=grad_fn, key=57)
+    failed = [(leaf.path, leaf.num_directions) for leaf in default.leaves if leaf.status == "fail"]
+    assert failed == [("['b1']", 4)]
     assert report.status == "fail"
     assert [leaf.path for leaf in report.leaves if leaf.status == "fail"] == ["['b1']"]
     [b1] = [leaf for leaf in report.leaves if leaf.path == "['b1']"]
