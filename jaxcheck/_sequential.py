@@ -85,8 +85,8 @@ EARLY_ERROR = 0.05  # at e = tol, the chance of an early stop on each side, all 
 
 
 def looks(k: int, sequential: bool, kind: str = "uniform") -> tuple[int, ...]:
-    """The numbers of directions after which the check looks: 8, 16, 32, ... (4, 8, 16, ...
-    for Gaussian directions) and k last; just (k,) when not sequential or k is no more than
+    """The numbers of directions after which the check looks: 4, 8, 16, ... (8, 16, 32, ...
+    for random signs alone) and k last; just (k,) when not sequential or k is no more than
     the first look."""
     first = FIRST[kind]
     if not sequential or k <= first:

@@ -89,14 +89,14 @@ class Run:
         return "rademacher" if self.spanned() else self.kind
 
     def signs(self, index) -> tuple | None:
-        """The random signs of directions `index` drawn on the host (per parameter leaf;
-        per output leaf, none for a scalar fn, or None where they are hashed in the
-        program), for a program to take as an input instead of hashing them
+        """The random signs (or "uniform" levels) of directions `index` drawn on the host
+        (per parameter leaf; per output leaf, none for a scalar fn, or None where they are
+        hashed in the program), for a program to take as an input instead of hashing them
         (`_directions.host_signs`); None where they are all hashed inside. They are drawn
-        here for a problem planned all-vmapped on one device whose signs total at most
-        `HOST_SIGNS` elements, checked along random signs; and for any unsharded problem
-        whose parameters have at most `_directions.SPANNED` elements in all, whose signs
-        are then drawn so that the directions span the parameter space
+        here, for directions that are not Gaussian, for a problem planned all-vmapped on
+        one device whose directions total at most `HOST_SIGNS` elements; and for any
+        unsharded problem whose parameters have at most `_directions.SPANNED` elements in
+        all, whose signs are then drawn so that the directions span the parameter space
         (`_directions.spanning_signs`)."""
         plan, problem = self.plan, self.problem
         if (
