@@ -88,11 +88,14 @@ class Problem:
         """The hand-written gradient's leaves for the differentiable parameters."""
         params, args = self.call(diff, *traced)
         grad = called("grad_fn", self.grad_fn, params, args)
-        if self.params.treedef.num_leaves > 1 and _is_single_array(grad):
+        treedef = self.params.treedef
+        if not jax.tree_util.treedef_is_leaf(treedef) and _is_single_array(grad):
+            n = treedef.num_leaves
             raise TypeError(
                 f"grad_fn returned a single array (shape {np.shape(grad)}) where a pytree like "
-                f"params, with {self.params.treedef.num_leaves} leaves, was expected. Return "
-                "the gradient with the structure of params (jax.grad(fn) does)."
+                f"params, with {'1 leaf' if n == 1 else f'{n} leaves'} "
+                f"({', '.join(self.params.paths)}), was expected. Return the gradient with the "
+                "structure of params (jax.grad(fn) does)."
             )
         grads = _tree.match_gradient(self.params, grad)
         return [jnp.asarray(g) for g in grads]

@@ -187,7 +187,7 @@ def match_gradient(s: Split, grad_tree, where: str = "grad_fn") -> list:
             raise ValueError(
                 f"{where} returned no gradient for the parameter leaf {path or '(root)'}. It must "
                 "return a pytree with the structure of `params` (found leaves: "
-                f"{', '.join(sorted(by_path)) or 'none'}).{hint}"
+                f"{', '.join(p or '(root)' for p in sorted(by_path)) or 'none'}).{hint}"
             )
         out.append(by_path[path])
     extra = sorted(set(by_path) - set(s.paths))

@@ -174,7 +174,27 @@ def test_scalar_from_grad_fn_for_a_pytree():
     fn = lambda p: jnp.sum(p["a"]) + jnp.sum(p["b"])  # noqa: E731
     with pytest.raises(TypeError, match=r"grad_fn returned a single array \(shape \(\)\)") as info:
         jaxcheck.verify(fn, params, grad_fn=lambda p: jnp.float32(1.0))
-    assert "where a pytree like params, with 2 leaves, was expected" in str(info.value)
+    assert "where a pytree like params, with 2 leaves (['a'], ['b']), was expected" in str(
+        info.value
+    )
+
+
+@pytest.mark.parametrize("params", [{"w": jnp.ones(3)}, [jnp.ones(3)]])
+def test_array_from_grad_fn_for_a_pytree_of_one_leaf(params):
+    """A bare array for params of one leaf inside a dict or list was told that grad_fn
+    returned "no gradient for the parameter leaf ['w'] ... (found leaves: none)"."""
+    fn = lambda p: jnp.sum(jnp.sin(jax.tree_util.tree_leaves(p)[0]))  # noqa: E731
+    path = jax.tree_util.keystr(jax.tree_util.tree_flatten_with_path(params)[0][0][0])
+    with pytest.raises(TypeError) as info:
+        jaxcheck.verify(fn, params, grad_fn=lambda p: jnp.cos(jnp.ones(3)))
+    assert str(info.value) == (
+        f"grad_fn returned a single array (shape (3,)) where a pytree like params, with 1 leaf "
+        f"({path}), was expected. Return the gradient with the structure of params "
+        "(jax.grad(fn) does)."
+    )
+    # a bare array for a bare array is the gradient itself
+    report = jaxcheck.verify(lambda p: jnp.sum(jnp.sin(p)), jnp.ones(3), grad_fn=jnp.cos)
+    assert report.status == "pass"
 
 
 def test_low_precision_grad_fn_is_pointed_out():
