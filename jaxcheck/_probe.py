@@ -32,13 +32,21 @@ def probe(run: Run, reverse: bool, k: int, leaf_k: int) -> None:
             values, no_forward = _run_folded(run, reverse, fold, index, plain, args)
         else:
             values = run.timer.run(plain, *args)
-    except jax.errors.TracerArrayConversionError as err:
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError) as err:
+        # (raised by the eager evaluation, jax.jit having failed to trace fn: Python control
+        # flow on values is fine there, a conversion jax.grad cannot follow is not)
         if not (reverse and run.problem.grad_fn is None):
             raise
+        numpy = isinstance(err, jax.errors.TracerArrayConversionError)
         raise TypeError(
-            "fn converts its inputs to NumPy arrays (it calls NumPy on them), so jax "
-            "cannot differentiate it: jax.grad needs fn written with jax.numpy. To check "
-            "a NumPy function, pass its hand-written gradient: "
+            (
+                "fn converts its inputs to NumPy arrays (it calls NumPy on them)"
+                if numpy
+                else "fn converts its inputs to Python numbers (float(), int() or .item() "
+                "on a value computed from params)"
+            )
+            + ", so jax cannot differentiate it: jax.grad needs fn written with jax.numpy. "
+            "To check such a function, pass its hand-written gradient: "
             "verify(fn, params, *args, grad_fn=grad_fn)."
         ) from err
     # the gradient stays on its devices (and sharding); only the small values come over

@@ -232,6 +232,25 @@ def test_numpy_fn_without_grad_fn():
     assert "grad_fn=grad_fn" in str(info.value)
 
 
+def test_fn_returning_a_python_float_without_grad_fn():
+    """float() of a traced value raised JAX's bare ConcretizationTypeError from inside the
+    check; with grad_fn the same fn is checked (evaluated eagerly)."""
+    fn = lambda p: float(jnp.sum(jnp.sin(p)))  # noqa: E731
+    with pytest.raises(TypeError) as info:
+        jaxcheck.verify(fn, jnp.ones(3))
+    assert str(info.value) == (
+        "fn converts its inputs to Python numbers (float(), int() or .item() on a value "
+        "computed from params), so jax cannot differentiate it: jax.grad needs fn written "
+        "with jax.numpy. To check such a function, pass its hand-written gradient: "
+        "verify(fn, params, *args, grad_fn=grad_fn)."
+    )
+    assert isinstance(info.value.__cause__, jax.errors.ConcretizationTypeError)
+    assert jaxcheck.verify(fn, jnp.ones(3), grad_fn=jnp.cos).status == "pass"
+    # Python control flow on values is not such a conversion: checked as usual
+    branchy = lambda p: jnp.sum(p**2) if p[0] > 0 else jnp.sum(p)  # noqa: E731
+    assert jaxcheck.verify(branchy, jnp.ones(3)).status == "pass"
+
+
 def test_keyword_for_fn():
     with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) 'x'") as info:
         jaxcheck.verify(lambda p, x: jnp.sum(p * x), jnp.ones(2), x=1.0)
