@@ -200,10 +200,12 @@ def status(run: Run, p: Pass, checks, k, problems) -> Status:
         # of order 1: far below that, they are the rounding of a map that is zero, not noise
         scatter = min(scatter, p.fd.noise)
     # fn even about the point along every direction (central differences exactly 0, as
-    # sum(p**4) at 0 has; a random or jumping fn never is): judged. (A derivative far
-    # outside the error bars is not enough: across a pole, tan near pi / 2, the finite
-    # differences are garbage the size of their bars.)
-    even = not np.any(p.fd.value[p.fd.smooth])
+    # sum(p**4) at 0 has; or fn's odd part at the step a millionth of its fourth difference,
+    # as sum((p - 1)**4) at 1 has, where rounding p - 1 leaves the odd part not quite 0; a
+    # random or jumping fn never is): judged. (A derivative far outside the error bars is
+    # not enough: across a pole, tan near pi / 2, the finite differences are garbage the
+    # size of their bars.)
+    even = not np.any(p.fd.value[p.fd.smooth]) or _even(p)
     if head.absolute and scatter > noisy and not even:
         # (a derivative under test that is not zero where fn jumps is a surrogate)
         surrogate = np.any(p.analytic[p.fd.smooth & np.isfinite(p.analytic)])
@@ -273,6 +275,21 @@ def _half_precision_limit(run: Run, head) -> str:
     if _precision.eps(run.reference) > _precision.eps(jnp.float32):
         return f"fn's {run.reference.name} (it runs in no higher precision)"
     return ""
+
+
+EVEN = 1e-6  # fn's odd part at the step within this share of its fourth difference: even
+
+
+def _even(p: Pass) -> bool:
+    """Whether fn is even about the point along every smooth direction to within rounding:
+    |phi(h) - phi(-h)| at most `EVEN` times its fourth difference, which is not zero (a
+    function whose leading term is of fourth order or higher, at a stationary point)."""
+    smooth = p.fd.smooth
+    if p.phis.shape[1] != 4 or not smooth.any():
+        return False
+    odd = np.abs(p.phis[smooth, -1] - p.phis[smooth, 0])
+    d4 = np.abs(p.fd.d4[smooth])
+    return bool(np.all(d4 > 0) and np.all(odd <= EVEN * d4))
 
 
 def _flat(run: Run, p: Pass, k, problems, checks=()) -> Status | None:

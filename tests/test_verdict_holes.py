@@ -786,6 +786,26 @@ def test_an_even_fn_at_its_zero_is_judged(order):
     assert not any("same rule in float64" in q for q in wrong.problems), wrong.problems
 
 
+@pytest.mark.parametrize("size", [5, 40])
+def test_an_even_fn_at_a_shifted_zero_is_judged(size):
+    """sum((p - 1)**4) at 1: in float64, p - 1 rounds along each direction, so the central
+    differences are not exactly 0 but a 1e-10 share of the fourth differences, which are
+    the quartic itself (not noise): the check said fn's values "scatter by 2.7e-01" and
+    was inconclusive. The zero derivative passes, a gradient of 1e-3 fails."""
+    fn = lambda p: jnp.sum((p - 1.0) ** 4)  # noqa: E731
+    report = jaxcheck.verify(fn, jnp.ones(size))
+    assert report.status == "pass", str(report)
+    assert report.problems == (
+        "the derivative is zero to within finite-difference noise or rounding along these "
+        "directions (at a stationary point?); it was judged in absolute terms",
+    )
+    wrong = jaxcheck.verify(fn, jnp.ones(size), grad_fn=lambda p: jnp.full_like(p, 1e-3))
+    assert wrong.status == "fail", str(wrong)
+    # a jump stays a jump: round at half-integers is not even about the point
+    jump = jaxcheck.verify(lambda x: jnp.sum(jnp.round(x)), jnp.asarray([0.5, 1.5, 2.5]))
+    assert jump.status == "inconclusive"
+
+
 @pytest.mark.rules_auto
 def test_a_rule_passed_as_fn_is_located_where_it_was_defined():
     """A custom_jvp passed itself as fn is called from jaxcheck's own frame only: the rule
