@@ -69,17 +69,24 @@ class Run:
     problems: list = dataclasses.field(default_factory=list)
     probe: dict | None = None
 
-    def spanned(self) -> bool:
-        """Whether the parameters' directions are random signs that span them
-        (`_directions.spanning_signs`): at most `_directions.SPANNED` elements in all,
-        unsharded, directions not Gaussian."""
+    def _drawable_on_host(self) -> bool:
+        """Whether directions may be drawn on the host at all: not Gaussian, and neither
+        the directions nor any parameter leaf sharded."""
         plan = self.plan
         return (
             self.kind != "gaussian"
             and plan.direction_sharding is None
             and not any(plan.leaf_shardings)
-            and sum(math.prod(x.shape) for x in self.inputs.diff) <= _directions.SPANNED
         )
+
+    def _param_size(self) -> int:
+        return sum(math.prod(x.shape) for x in self.inputs.diff)
+
+    def spanned(self) -> bool:
+        """Whether the parameters' directions are random signs that span them
+        (`_directions.spanning_signs`): at most `_directions.SPANNED` elements in all,
+        drawn on the host."""
+        return self._drawable_on_host() and self._param_size() <= _directions.SPANNED
 
     @property
     def looks_kind(self) -> str:
@@ -99,17 +106,13 @@ class Run:
         all, whose signs are then drawn so that the directions span the parameter space
         (`_directions.spanning_signs`)."""
         plan, problem = self.plan, self.problem
-        if (
-            self.kind == "gaussian"
-            or plan.direction_sharding is not None
-            or any(plan.leaf_shardings)
-        ):
+        if not self._drawable_on_host():
             return None
         shapes = [x.shape for x in self.inputs.diff]
         out_shapes = [] if problem.scalar_output else list(problem.out_shapes)
-        param_size = sum(math.prod(s) for s in shapes)
+        param_size = self._param_size()
         out_size = sum(math.prod(s) for s in out_shapes)
-        spanned = self.spanned()
+        spanned = param_size <= _directions.SPANNED  # self.spanned(), past the guard above
         batched_whole = plan.chunk is None and plan.vmap_points
         if not spanned and (not batched_whole or (param_size + out_size) * len(index) > HOST_SIGNS):
             return None
