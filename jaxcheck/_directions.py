@@ -181,7 +181,7 @@ def _values(base, shape, kind: str):
     if kind == "rademacher":
         values = 1.0 - 2.0 * (bits >> 31).astype(jnp.float32)
     elif kind == "uniform":
-        values = _uniform_levels(bits).astype(jnp.float32) * UNIFORM_SCALE
+        values = units(_uniform_levels(bits).astype(jnp.int16))  # as host-drawn ones
     else:
         uniform = ((bits >> 8).astype(jnp.float32) + 0.5) * (1.0 / 2**24)  # in (0, 1)
         values = math.sqrt(2.0) * jax.lax.erf_inv(2.0 * uniform - 1.0)
