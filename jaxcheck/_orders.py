@@ -256,7 +256,12 @@ def _staged(fn, params, args, options, first) -> Report:
 
 def _parts(fn, params, args, o: _options.Options, first) -> list:
     base = dataclasses.replace(o, order=1)
-    head = _named(first(fn, params, args, base), 1, (), "fn")
+    # (fn's own derivatives are traced under jax_enable_checks by the order-2 part)
+    token = _state.CHECKED_LATER.set(o.grad_fn is None)
+    try:
+        head = _named(first(fn, params, args, base), 1, (), "fn")
+    finally:
+        _state.CHECKED_LATER.reset(token)
     parts = [(1, head)]
     draws = _Draws.make(fn, params, args, base)
     notes, inner = [], "pair" if o.mode == "both" else o.mode

@@ -11,7 +11,7 @@ import numpy as np
 
 from . import _autodiff, _directions, _evaluate, _localize, _plan, _tree
 from ._host import DEBUG_FLAGS
-from ._state import SCALES, Run
+from ._state import CHECKED_LATER, SCALES, Run
 
 
 def probe(run: Run, reverse: bool, k: int, leaf_k: int) -> None:
@@ -65,8 +65,11 @@ def under_checks(run: Run, reverse: bool) -> None:
     which traces its jvp rules too; or grad_fn, and fn's jvp in forward mode) once, alone
     and without compiling, under JAX's invariant checks, so that what they report about fn
     is raised as it would be outside the check. The compiled programs, which evaluate the
-    same derivatives batched over directions, are then traced without them (`_plan`)."""
-    if not jax.config.jax_enable_checks or _plan.is_eager():
+    same derivatives batched over directions, are then traced without them (`_plan`). In
+    the first-order part of an order >= 2 check (`CHECKED_LATER`) it leaves them to the
+    order-2 part: the vjp of its derivative maps traces fn's jvp and vjp rules again, with
+    their own derivatives."""
+    if not jax.config.jax_enable_checks or _plan.is_eager() or CHECKED_LATER.get():
         return
     problem, traced = run.problem, run.inputs.traced()
     f = lambda d: problem.outputs(d, traced)  # noqa: E731

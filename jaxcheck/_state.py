@@ -27,6 +27,10 @@ DRAWN_KEPT = 16
 # while an order >= 2 check runs: the scales its first-order check's probe measured
 # ("params", "outputs"), from which the derivative maps' fixed vectors are drawn
 SCALES = contextvars.ContextVar("jaxcheck_scales", default=None)
+# True while the first-order part of an order >= 2 check without grad_fn runs: its
+# derivatives are traced under the caller's `jax_enable_checks` by the order-2 part, whose
+# derivative maps contain them (`_probe.under_checks`), so not twice
+CHECKED_LATER = contextvars.ContextVar("jaxcheck_checked_later", default=False)
 # while a custom rule found in fn is checked: it is the rule as fn's trace recorded it, typed
 # in fn's precision, so it cannot be widened to float64 (`_evaluate` says so)
 TRACED_RULE = contextvars.ContextVar("jaxcheck_traced_rule", default=False)

@@ -101,6 +101,25 @@ def test_enable_checks():
     assert not jax.config.jax_enable_checks
 
 
+def test_enable_checks_at_order_2_traces_fns_derivatives_under_them_once():
+    """At order 2, fn's first derivatives are traced under the caller's checks inside the
+    derivative maps' vjp, not once more alone before (was: 7 traces of fn under them)."""
+    p, x = _inputs(jnp.float32)
+    seen = []
+
+    def outputs(p, x):
+        seen.append((jax.config.jax_enable_x64, bool(jax.config.jax_enable_checks)))
+        return _outputs(p, x)
+
+    with jax.enable_checks(True):
+        report = jaxcheck.verify(outputs, p, x, mode="both", order=2)
+    assert report.status == "pass", str(report)
+    # fn's output structure; the maps' (jvp and vjp map: fn twice) and the maps' vjp (the
+    # same two), and the search for custom_vjp rules in fn
+    assert seen.count((False, True)) == 6
+    assert (True, True) not in seen
+
+
 @pytest.mark.parametrize("order", [1, 2])
 def test_enable_checks_with_a_custom_jvp_taking_a_static_argument(order):
     """jax.scipy.special.log_ndtr (a custom_jvp with a non-differentiable argument) trips
