@@ -75,16 +75,18 @@ SUITE = ROOT / "benchmarks" / "suite.py"
 
 def test_quick_suite(tmp_path):
     """A few cases of the test-suite benchmark: both tools run in their own process, jaxcheck
-    passes the correct functions and fails the planted bug."""
-    command = [sys.executable, str(SUITE), "--quick", "--cases", "4", "--out", str(tmp_path)]
+    passes the correct functions and fails the planted bug; two rounds per tool, each case
+    timed by its fastest."""
+    command = [sys.executable, str(SUITE), "--quick", "--cases", "3", "--rounds", "2"]
+    command += ["--out", str(tmp_path)]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     results = json.loads((tmp_path / "suite_cpu-quick.json").read_text())
-    assert results["config"] == {"order": 1, "quick": True, "num_cases": 4}
+    assert results["config"] == {"order": 1, "quick": True, "num_cases": 3}
     cases = results["cases"]
-    assert [c["buggy"] for c in cases] == [True, False, False, False]
+    assert [c["buggy"] for c in cases] == [True, False, False]
     for case in cases:
         want = "fail" if case["buggy"] else "pass"
         assert case["jaxcheck"]["verdict"] == want, case
@@ -92,7 +94,13 @@ def test_quick_suite(tmp_path):
         assert case["jaxcheck"]["seconds"] > 0 and case["check_grads"]["cpu_seconds"] > 0
     summary = results["summary"]
     assert summary["verdicts_lost"] == []
-    assert summary["jaxcheck"]["verdicts"] == {"correct": {"pass": 3}, "buggy": {"fail": 1}}
+    assert summary["jaxcheck"]["verdicts"] == {"correct": {"pass": 2}, "buggy": {"fail": 1}}
+    assert summary["rounds"] == 2
+    for tool in ("jaxcheck", "check_grads"):
+        per_round = summary["round_totals_cpu"][tool]
+        assert len(per_round) == 2
+        # each case's fastest round: no more than any one round's total
+        assert summary[tool]["total_cpu_seconds"] <= min(per_round) + 1e-9
     assert summary["ratio_total"] == pytest.approx(
         summary["jaxcheck"]["total_seconds"] / summary["check_grads"]["total_seconds"]
     )
