@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _evaluate, _fingerprint, _keywords, _options, _problem, _verify
+from . import _evaluate, _fingerprint, _keywords, _options, _plan, _problem, _verify
 from ._errors import GradientCheckError
 from ._report import Report, Status
 
@@ -116,8 +116,9 @@ def check_grads(
     `‖W(g̃ − g)‖ / ‖W g‖` (see `verify`) that counts as a bug:
 
     - `rtol`: the smallest relative error treated as a bug (verify's `rtol`). A dict keyed
-      by dtype, as JAX accepts, gives the value for the arguments' lowest-precision float
-      dtype. Values above 0.5 count as 0.5: a gradient of zero has a relative error of 1.
+      by dtype, as JAX accepts, gives the value for f's output dtype, as JAX looks it up
+      (the strictest entry among several output dtypes; the arguments' lowest-precision
+      float dtype where f cannot be traced abstractly). Values above 0.5 count as 0.5: a gradient of zero has a relative error of 1.
       Unset (None, 0, or a dict without that dtype), it stands for 1e-5, JAX's default
       for float64: a derivative that is approximate by design (an ODE solver's adjoint,
       an iterative solve to its tolerance) differs from finite differences of `f` by
@@ -125,9 +126,14 @@ def check_grads(
       floor.)
     - `atol`: JAX's absolute tolerance keeps derivatives that are near zero from failing on
       finite-difference noise. jaxcheck judges such derivatives in absolute terms against
-      its measured noise already, and its directions are scaled to each argument's size, so
-      an absolute bound would have no fixed unit there. `atol` therefore acts as a relative
-      floor too: the floor is the larger of `atol` and `rtol`.
+      its measured noise already, so `atol` acts as a relative floor too, no looser than
+      what JAX's own check allows at f's scale: JAX compares the jvp along one random
+      normal tangent entry by entry within n (atol + rtol |b|) for an output leaf of n
+      entries b, and (reverse mode) one inner product p with a random cotangent within
+      atol + rtol |p|, so where the derivative is large an absolute atol is a small
+      relative error. The floor is the larger of `rtol` and the smaller of `atol` and
+      rtol + atol / |b| (or / |p|), from one jvp and one vjp of f along JAX's own random
+      draws: with `atol=0.05` and derivatives near 100, a bug of 2 % fails, as in JAX.
     - `eps`: accepted and not used. JAX's fixed step suits one float32 difference; jaxcheck
       evaluates the differences in float64 on a step ladder that its error model moves away
       from roundoff, truncation and kinks, which a fixed step would undo.
@@ -146,7 +152,8 @@ def check_grads(
         order: highest derivative order to check (>= 1; 0 checks first derivatives, as
             JAX's check_grads does).
         modes: a sequence of "fwd", "rev" (and "lin", checked as "fwd").
-        atol: absolute tolerance of JAX's check_grads; here a relative floor (see above).
+        atol: absolute tolerance of JAX's check_grads; here a relative floor at f's
+            scale (see above).
         rtol: smallest relative error treated as a bug (float, or dict keyed by dtype).
         eps: JAX's finite-difference step; not used (see above).
         raise_unjudged: also raise when there is nothing to judge (status "inconclusive",
@@ -196,7 +203,8 @@ def run(f, args, order, modes=("fwd", "rev"), atol=None, rtol=None, eps=None) ->
     order = max(order, 1)  # (JAX's check_grads checks first derivatives at order 0 too)
     _check_step(eps)
     params = tuple(args)
-    options = _options.Options(order=order, mode=_mode(modes), rtol=_floor(atol, rtol, params))
+    mode = _mode(modes)
+    options = _options.Options(order=order, mode=mode, rtol=_floor(f, atol, rtol, params, mode))
     floats = [x for x in jax.tree.leaves(params) if _inexact(x)]
     if floats and not any(np.size(x) for x in floats):
         # a derivative with respect to empty arrays is empty: JAX's check passes there too
@@ -324,12 +332,14 @@ def _check_step(eps) -> None:
 
 
 def _tolerance_value(name: str, tol, dtypes) -> float | None:
+    """The value of a JAX-style tolerance for values of `dtypes`: a float, or a dict's
+    strictest entry among them (None: unset)."""
     if tol is None:
         return None
     if isinstance(tol, dict):
         by_dtype = {np.dtype(k): v for k, v in tol.items()}
         found = [by_dtype[d] for d in dtypes if d in by_dtype]
-        return _tolerance_value(name, max(found), dtypes) if found else None
+        return _tolerance_value(name, min(found), dtypes) if found else None
     if isinstance(tol, bool) or not isinstance(tol, int | float | np.number):
         raise TypeError(
             f"check_grads: {name} must be a float, a dict of floats keyed by dtype, or None; "
@@ -340,19 +350,96 @@ def _tolerance_value(name: str, tol, dtypes) -> float | None:
     return float(tol) or None  # JAX treats 0 as "use the default"
 
 
-def _floor(atol, rtol, params) -> float:
+def _floor(f, atol, rtol, params, mode: str) -> float:
     """The relative floor verify's `rtol` gets from JAX-style `atol`/`rtol` (an unset one
-    stands for `DEFAULT_FLOOR`)."""
-    dtypes = sorted(
-        {np.dtype(jnp.result_type(x)) for x in jax.tree.leaves(params) if _inexact(x)},
-        key=lambda d: float(jnp.finfo(d).eps),
-        reverse=True,
-    )[:1]  # the lowest precision: its entry in a dict is the one that applies
-    given = [
-        DEFAULT_FLOOR if v is None else v
-        for v in (_tolerance_value("atol", atol, dtypes), _tolerance_value("rtol", rtol, dtypes))
-    ]
-    return min(max(given), MAX_FLOOR)
+    stands for `DEFAULT_FLOOR`): the larger of the two, where `atol` is no looser than the
+    relative error JAX's own check allows at f's scale (`_relative_atol`)."""
+    dtypes = _tolerance_dtypes(f, atol, rtol, params)
+    a = _tolerance_value("atol", atol, dtypes)
+    r = _tolerance_value("rtol", rtol, dtypes)
+    r = DEFAULT_FLOOR if r is None else min(r, MAX_FLOOR)
+    floor = min(max(DEFAULT_FLOOR if a is None else a, r), MAX_FLOOR)
+    if a is None or a <= r:
+        return floor
+    return max(r, min(floor, _relative_atol(f, params, a, r, mode)))
+
+
+def _tolerance_dtypes(f, atol, rtol, params) -> list:
+    """The dtypes whose entries of a tolerance dict apply: those of f's float outputs, as
+    in JAX's check_grads, which looks each compared array's dtype up (the lowest-precision
+    float argument's where f cannot be traced abstractly)."""
+    if not (isinstance(atol, dict) or isinstance(rtol, dict)):
+        return []
+    try:
+        out = jax.eval_shape(f, *params)
+        found = {np.dtype(y.dtype) for y in jax.tree.leaves(out) if _inexact(y)}
+    except Exception:  # noqa: BLE001 - f's own errors are raised by the check itself
+        found = set()
+    if not found:
+        found = {np.dtype(jnp.result_type(x)) for x in jax.tree.leaves(params) if _inexact(x)}
+        found = set(sorted(found, key=lambda d: float(jnp.finfo(d).eps))[-1:])
+    return sorted(found, key=str)
+
+
+def _relative_atol(f, params, atol: float, rtol: float, mode: str) -> float:
+    """The relative error JAX's check_grads allows at f's scale with these tolerances: it
+    compares f's jvp along one random normal tangent v entry by entry, within
+    n * (atol + rtol |b|) for an output leaf of n entries b, and in reverse mode the inner
+    product <v, vjp(u)> with a random normal cotangent u within atol + rtol |<v, vjp(u)>|.
+    So where the derivative is large, an absolute `atol` is a small relative one: the
+    smallest of rtol + atol / scale over those comparisons (inf where none can be made)."""
+    leaves, treedef = jax.tree.flatten(list(params))
+    floats = [i for i, x in enumerate(leaves) if _inexact(x)]
+    rng = np.random.RandomState(0)  # JAX's draws, in its order: tangent, then cotangent
+    tangent = [_random_like(rng, leaves[i]) for i in floats]
+
+    def g(*values):
+        full = list(leaves)
+        for i, v in zip(floats, values):
+            full[i] = v
+        return f(*jax.tree.unflatten(treedef, full))
+
+    found = []
+    points = [jnp.asarray(leaves[i]) for i in floats]
+    with jax.debug_nans(False), jax.debug_infs(False), _plan.own_transfers():
+        try:
+            if mode in ("forward", "both"):
+                _, t_out = jax.jvp(
+                    g, points, [jnp.asarray(t, p.dtype) for t, p in zip(tangent, points)]
+                )
+                for t in jax.tree.leaves(t_out):
+                    top = float(np.max(np.abs(np.asarray(t)), initial=0.0))
+                    if _inexact(t) and math.isfinite(top) and top > 0:
+                        found.append(np.size(t) * (rtol + atol / top))
+            if mode in ("reverse", "both"):
+                out, pullback = jax.vjp(g, *points)
+                outs, out_tree = jax.tree.flatten(out)
+                if all(_inexact(y) for y in outs):
+                    u = [np.conj(_random_like(rng, y)) for y in outs]
+                    pulled = pullback(
+                        jax.tree.unflatten(
+                            out_tree, [jnp.asarray(c, y.dtype) for c, y in zip(u, outs)]
+                        )
+                    )
+                    ip = sum(
+                        float(np.real(np.vdot(np.asarray(v), np.conj(np.asarray(w)))))
+                        for v, w in zip(tangent, pulled)
+                    )
+                    if math.isfinite(ip) and ip != 0:
+                        found.append(rtol + atol / abs(ip))
+        except Exception:  # noqa: BLE001 - f's own errors are raised by the check itself
+            pass
+    return min(found, default=math.inf)
+
+
+def _random_like(rng, x) -> np.ndarray:
+    """A standard normal array shaped like `x` (complex: independent real and imaginary
+    parts), drawn as JAX's check_grads draws its tangents and cotangents."""
+    shape, dtype = np.shape(x), np.dtype(jnp.result_type(x))
+    value = rng.randn(*shape)
+    if np.issubdtype(dtype, np.complexfloating):
+        value = value + 1j * rng.randn(*shape)
+    return np.asarray(value)
 
 
 def _inexact(x) -> bool:

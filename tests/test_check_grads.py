@@ -1,5 +1,7 @@
 """`jaxcheck.check_grads`: JAX's check_grads call, jaxcheck's check."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import jax.test_util
@@ -359,18 +361,84 @@ def test_bad_inputs_say_what_to_pass(call, error, message):
 
 
 def test_jax_tolerances_become_a_relative_floor():
-    f32, bf16 = (np.ones(2, np.float32),), (np.ones(2, np.float32), jnp.ones(2, jnp.bfloat16))
-    assert _check_grads._floor(None, None, f32) == 1e-5  # JAX's float64 default
-    assert _check_grads._floor(0.2, 0.01, f32) == 0.2
-    assert _check_grads._floor(None, 1e-8, f32) == 1e-5  # the unset atol's default
-    assert _check_grads._floor(1e-8, 1e-8, f32) == 1e-8
-    assert _check_grads._floor(None, 3.0, f32) == 0.5  # capped: a zero gradient is 1 off
-    assert _check_grads._floor(0, 0, f32) == 1e-5  # JAX reads 0 as "default"
-    # a dict keyed by dtype: the entry of the lowest-precision argument applies
+    f32 = (np.ones(2, np.float32),)
+    small = lambda x: jnp.sum(1e-3 * jnp.sin(x))  # noqa: E731 - derivatives of 5e-4
+    floor = functools.partial(_check_grads._floor, small)
+    assert floor(None, None, f32, "both") == 1e-5  # JAX's float64 default
+    assert floor(0.2, 0.01, f32, "both") == 0.2
+    assert floor(None, 1e-8, f32, "both") == 1e-5  # the unset atol's default
+    assert floor(1e-8, 1e-8, f32, "both") == 1e-8
+    assert floor(None, 3.0, f32, "both") == 0.5  # capped: a zero gradient is 1 off
+    assert floor(0, 0, f32, "both") == 1e-5  # JAX reads 0 as "default"
+    # a dict keyed by dtype: the entry of f's output dtype applies, as in JAX
     tol = {np.float32: 1e-3, jnp.bfloat16: 5e-2}
-    assert _check_grads._floor(tol, None, f32) == 1e-3
-    assert _check_grads._floor(tol, None, bf16) == 5e-2
-    assert _check_grads._floor({np.float64: 1e-7}, 1e-7, f32) == 1e-5
+    mixed = (np.ones(2, np.float32), jnp.ones(2, jnp.bfloat16))
+    assert floor(tol, None, f32, "both") == 1e-3
+    as_f32 = lambda x, y: jnp.sum(x) + jnp.sum(y.astype(jnp.float32))  # noqa: E731
+    assert _check_grads._floor(as_f32, tol, tol, mixed, "both") == 1e-3
+    as_bf16 = lambda x, y: jnp.sum(x.astype(jnp.bfloat16) * y)  # noqa: E731
+    assert _check_grads._floor(as_bf16, tol, tol, mixed, "both") == 5e-2
+    assert floor({np.float64: 1e-7}, 1e-7, f32, "both") == 1e-5
+
+
+@pytest.mark.parametrize("mode", ["forward", "reverse", "both"])
+def test_atol_is_relative_to_the_size_of_the_derivative_as_in_jax(mode):
+    """JAX's atol bounds the difference of derivative values, so where they are large it
+    allows only a small relative error: atol=0.05 with derivatives near 100 allows
+    rtol + 0.05 / |value| (was: a relative floor of 0.05, passing a 2 % bug JAX catches)."""
+    x = np.array([0.3, -0.7, 1.2], np.float32)
+    big = lambda x: jnp.sum(100.0 * jnp.sin(x))  # noqa: E731
+    # JAX's draws: a normal tangent v, then a normal cotangent u (scalar output)
+    rng = np.random.RandomState(0)
+    v = rng.randn(3)
+    u = rng.randn()
+    value = float(np.sum(100.0 * np.cos(x) * v))
+    by_mode = {"forward": [abs(value)], "reverse": [abs(u * value)]}
+    by_mode["both"] = by_mode["forward"] + by_mode["reverse"]
+    expected = min(1e-3 + 0.05 / scale for scale in by_mode[mode])
+    assert _check_grads._floor(big, 0.05, 1e-3, (x,), mode) == pytest.approx(expected)
+    assert expected < 2e-2
+    # a vector output: JAX scales its tolerances by the number of entries compared
+    vector = lambda x: 100.0 * jnp.sin(x)  # noqa: E731
+    forward = _check_grads._floor(vector, 0.05, 1e-3, (x,), "forward")
+    b = 100.0 * np.cos(x) * np.random.RandomState(0).randn(3)
+    assert forward == pytest.approx(min(0.05, 3 * (1e-3 + 0.05 / np.max(np.abs(b)))))
+    # near-zero derivatives: atol is as loose as it was (JAX's is looser still)
+    tiny = lambda x: jnp.sum(1e-4 * jnp.sin(x))  # noqa: E731
+    assert _check_grads._floor(tiny, 0.05, 1e-3, (x,), mode) == 0.05
+
+
+@pytest.mark.parametrize("bug", [0.02, 0.05])
+def test_a_bug_jax_catches_under_a_loose_atol_fails(bug):
+    @jax.custom_jvp
+    def g(x):
+        return 100.0 * jnp.sin(x)
+
+    g.defjvp(lambda p, t: (g(p[0]), 100.0 * jnp.cos(p[0]) * (1 + bug) * t[0]))
+    x = np.array([0.3, -0.7, 1.2], np.float32)
+    with pytest.raises(jaxcheck.GradientCheckError, match="gradient is WRONG"):
+        jaxcheck.check_grads(lambda x: jnp.sum(g(x)), (x,), 1, atol=0.05, rtol=1e-3)
+    g_right = scaled_sin(1.0)
+    assert jaxcheck.check_grads(lambda x: jnp.sum(100.0 * g_right(x)), (x,), 1, atol=0.05) is None
+
+
+def test_a_tolerance_dict_applies_the_entry_of_the_output_dtype():
+    """JAX looks a tolerance dict up by the dtype of the values it compares: a float32
+    output of float32 and float16 arguments gets the float32 entry (was: the float16 one,
+    0.5, passing a 10 % bug)."""
+
+    @jax.custom_jvp
+    def h(x):
+        return jnp.sin(x)
+
+    h.defjvp(lambda p, t: (h(p[0]), 1.1 * jnp.cos(p[0]) * t[0]))
+    x = np.array([0.3, -0.7, 1.2], np.float32)
+    b = np.array([0.5, 0.25, 1.0], np.float16)
+    tol = {np.float16: 0.5, np.float32: 1e-3}
+    with pytest.raises(jaxcheck.GradientCheckError, match="gradient is WRONG"):
+        jaxcheck.check_grads(
+            lambda x, b: jnp.sum(h(x) * b.astype(jnp.float32)), (x, b), 1, atol=tol, rtol=tol
+        )
 
 
 def test_empty_arguments_have_nothing_to_check():
