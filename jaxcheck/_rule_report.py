@@ -472,6 +472,9 @@ def combine(report: Report, parts: list, notes: list, label: str = "") -> Report
     return dataclasses.replace(
         report,
         status=status,
+        # the leaves of the part with the headline status, where it has any (grad_fn
+        # failing on its float32 path against float32 differences); a rule's part has none
+        leaves=head.leaves if head.leaves and head.status is not report.status else report.leaves,
         relative_error=head.relative_error,
         interval=head.interval,
         tolerance=head.tolerance,

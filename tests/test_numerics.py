@@ -617,6 +617,8 @@ def test_a_grad_fn_wrong_on_its_float32_path_alone_fails_in_float32(bug):
     )
     assert 0.01 < report.relative_error < 0.1 and report.tolerance < 1e-3
     assert [leaf.path for leaf in report.parts[1].leaves if leaf.status == "fail"] == ["['w']"]
+    # the report's own leaves are the failing part's (were: the float64 check's, all "pass")
+    assert [leaf.path for leaf in report.leaves if leaf.status == "fail"] == ["['w']"]
 
 
 @pytest.mark.parametrize("factor", [1.5, -1.0])
