@@ -118,7 +118,8 @@ def check_grads(
     - `rtol`: the smallest relative error treated as a bug (verify's `rtol`). A dict keyed
       by dtype, as JAX accepts, gives the value for f's output dtype, as JAX looks it up
       (the strictest entry among several output dtypes; the arguments' lowest-precision
-      float dtype where f cannot be traced abstractly). Values above 0.5 count as 0.5: a gradient of zero has a relative error of 1.
+      float dtype where f cannot be traced abstractly). Values above 0.5 count as 0.5: a
+      gradient of zero has a relative error of 1.
       Unset (None, 0, or a dict without that dtype), it stands for 1e-5, JAX's default
       for float64: a derivative that is approximate by design (an ODE solver's adjoint,
       an iterative solve to its tolerance) differs from finite differences of `f` by

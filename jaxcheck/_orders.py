@@ -277,6 +277,18 @@ def _parts(fn, params, args, o: _options.Options, first) -> list:
         derived = dataclasses.replace(base, grad_fn=None, has_aux=False)
         try:
             report = first(mapped, params, (*extra, *args), derived)
+        except ValueError as err:
+            if _REVERSE_REFUSED not in str(err):
+                raise
+            said = str(err.__cause__ or err).strip().splitlines()[0]  # JAX's own words
+            raise ValueError(
+                f"order={o.order}: the order-{level + 1} check differentiates the {name} "
+                f"with JAX, which says: {said} fn's derivative of order "
+                f"{level} cannot be differentiated in reverse mode itself (a custom_vjp "
+                "whose bwd, or a kernel in it, has no derivative of its own); fn passes or "
+                f"fails at order={level} alone. Check order={level}, or give that rule a "
+                "differentiable bwd."
+            ) from err
         except (TypeError, *_plan.TRACING_ERRORS) as err:
             # the first-order check may have put its own words around the tracing error
             cause = err if isinstance(err, _plan.TRACING_ERRORS) else err.__cause__
@@ -306,6 +318,10 @@ def _parts(fn, params, args, o: _options.Options, first) -> list:
     if notes:
         parts[0] = (1, dataclasses.replace(head, problems=head.problems + tuple(notes)))
     return [part for _, part in sorted(parts, key=lambda item: item[0])]
+
+
+# what `_verify.run` says where fn has no reverse mode
+_REVERSE_REFUSED = "cannot be differentiated in reverse mode"
 
 
 def _in_cotangent(inner, o: _options.Options, fn, params, args) -> bool:

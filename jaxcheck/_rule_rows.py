@@ -128,7 +128,7 @@ def part(label, comparison: Comparison, dtype, seconds, problems=(), status=None
 
 
 def error_problem(label: str, err: Exception) -> str:
-    if _untransposed(err):
+    if untransposed(err):
         return (
             f"{label}: JAX could not transpose the rule's jvp into a vjp ({one_line(err)}, "
             "in JAX's backward pass): a custom_jvp whose tangent is not linear in the input "
@@ -138,7 +138,7 @@ def error_problem(label: str, err: Exception) -> str:
     return f"{label}: {one_line(err)}"
 
 
-def _untransposed(err: Exception) -> bool:
+def untransposed(err: Exception) -> bool:
     """Whether `err` is JAX's assertion while it transposes a linear map (a jvp that is
     not linear in its tangents): `AssertionError: (ValAccum(float32[3]), ...)` in jax
     0.10, naming its internal accumulators or undefined primals (its own frames are

@@ -23,6 +23,7 @@ from . import (
     _precision,
     _problem,
     _rule_report,
+    _rule_rows,
     _state,
     _tree,
 )
@@ -322,6 +323,17 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
             f"{str(err).strip().splitlines()[0]} fn cannot be differentiated in reverse "
             f"mode, which the check asks for (mode={o.mode!r}). If it has a forward mode, "
             "check that: verify(..., mode='forward'), or modes=('fwd',) in check_grads."
+        ) from err
+    except AssertionError as err:
+        if not _rule_rows.untransposed(err):
+            raise
+        raise ValueError(
+            f"JAX could not transpose fn's jvp into a vjp ({one_line(err)}, in JAX's "
+            "backward pass; jax.grad(fn) raises the same): fn calls a custom_jvp whose tangent "
+            "is not linear in its input tangents (an abs, a product or a branch on them), "
+            "which has no reverse mode. verify(..., mode='forward') checks fn in forward "
+            "mode and names the rule (its jvp linearity row), as jaxcheck.verify_rule(rule, "
+            "*inputs) does."
         ) from err
     except NotImplementedError as err:
         if not _plan.unbatchable(err) or plan == _plan.looped(plan):

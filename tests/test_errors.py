@@ -266,3 +266,49 @@ def test_a_primitive_without_reverse_mode_says_to_check_forward_mode():
     assert text.startswith("Linearization failed to produce known values")
     assert "verify(..., mode='forward'), or modes=('fwd',) in check_grads." in text
     assert jaxcheck.verify(lambda p: jnp.sum(square(p)), jnp.ones(3), mode="forward").ok
+
+
+@pytest.mark.parametrize("mode", ["reverse", "both"])
+def test_a_custom_jvp_with_a_nonlinear_tangent_has_no_reverse_mode_said(mode):
+    """JAX cannot transpose a jvp that is not linear in its tangents; its bare assertion
+    (`AssertionError: (ValAccum(float32[5]), ...)`) came out of jaxcheck's internals."""
+
+    @jax.custom_jvp
+    def cube(x):
+        return x**3
+
+    cube.defjvp(lambda p, t: (p[0] ** 3, 3 * p[0] ** 2 * t[0] * (1 + 0.1 * t[0] ** 2)))
+    with pytest.raises(ValueError) as info:
+        jaxcheck.verify(lambda p: jnp.sum(cube(p)), jnp.linspace(0.2, 1.5, 5), mode=mode)
+    text = str(info.value)
+    assert text.startswith("JAX could not transpose fn's jvp into a vjp (AssertionError: ")
+    assert "a custom_jvp whose tangent is not linear in its input tangents" in text
+    assert "verify(..., mode='forward')" in text
+
+
+def test_order_2_through_a_bwd_without_reverse_mode_says_so():
+    """The order-2 check differentiates a custom_vjp's bwd; one that JAX cannot reverse
+    (a while_loop in it) was told to try mode='forward', which a custom_vjp refuses."""
+
+    @jax.custom_vjp
+    def double(x):
+        return 2.0 * x
+
+    def bwd(_, g):
+        return (
+            jax.lax.while_loop(lambda c: c[1] < 1, lambda c: (2.0 * c[0], c[1] + 1), (g, 0))[0],
+        )
+
+    double.defvjp(lambda x: (2.0 * x, None), bwd)
+    fn = lambda p: jnp.sum(jnp.sin(double(p)))  # noqa: E731
+    x = jnp.linspace(0.2, 1.0, 4)
+    assert jaxcheck.verify(fn, x).status == "pass"
+    with pytest.raises(ValueError) as info:
+        jaxcheck.verify(fn, x, order=2)
+    text = str(info.value)
+    assert text.startswith(
+        "order=2: the order-2 check differentiates the Hessian-vector products with JAX, "
+        "which says: Reverse-mode differentiation does not work for lax.while_loop"
+    )
+    assert "fn passes or fails at order=1 alone. Check order=1" in text
+    assert "mode='forward'" not in text
