@@ -19,6 +19,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from . import _tree
@@ -112,6 +113,13 @@ def _traced(fn, params, args):
     """(fn's closed jaxpr at params and args, traced over their array leaves; the array
     leaves; which leaves they are)."""
     leaves, treedef = jax.tree_util.tree_flatten((params, args))
+    from_params = len(jax.tree_util.tree_leaves(params))
+    # a Python float among params is a parameter like any other (the check differentiates
+    # it as an array): traced too, or a rule taking it would hold it fixed
+    leaves = list(leaves)
+    for i in [i for i, x in enumerate(leaves[:from_params]) if isinstance(x, float)]:
+        x = _tree.as_array(leaves[i])
+        leaves[i] = jnp.asarray(x, x.dtype)
     traced = [i for i, x in enumerate(leaves) if _tree.is_array(x)]
 
     def flat(*xs):

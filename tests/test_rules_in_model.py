@@ -1034,3 +1034,25 @@ def test_a_leaf_not_judged_alone_undoes_a_pass_at_half_precision_resolution(w1_s
     assert note.endswith(
         "could not be judged alone, and its error may exceed that tolerance: not judged"
     )
+
+
+def test_a_rule_taking_a_python_float_parameter_is_judged_in_it():
+    """A Python float among params (a temperature) is differentiated like an array: the
+    rule it enters was checked with it held fixed, and a cotangent 5 % off for it was
+    cleared ("without an error found") while fn failed on that very leaf."""
+
+    @jax.custom_vjp
+    def scale(h, t):
+        return h * t
+
+    scale.defvjp(lambda h, t: (h * t, (h, t)), lambda r, g: (g * r[1], jnp.sum(g * r[0]) * 1.05))
+    x = jnp.linspace(-0.5, 1.0, 12).reshape(4, 3)
+    report = jaxcheck.verify(
+        lambda p, x: jnp.sum(scale(jnp.tanh(x @ p["w"]), p["temp"])),
+        {"w": jnp.ones(3) / 3, "temp": 0.7},
+        x,
+    )
+    assert report.status == "fail"
+    assert [leaf.path for leaf in report.leaves if leaf.status == "fail"] == ["['temp']"]
+    [wrong] = [q for q in report.problems if q.startswith("wrong rule:")]
+    assert "custom_vjp scale" in wrong and "relative error 2.4e-02" in wrong
