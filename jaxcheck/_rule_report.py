@@ -183,7 +183,7 @@ def rules_part(
     head = wrong[0] if wrong else None
     problems = [
         f"wrong rule: {r.label}: {_failed_rows(r)}, relative error {r.relative_error:.1e} "
-        f"(tolerance {r.tolerance:.1e}){_raised(r)}"
+        f"(tolerance {r.tolerance:.1e}){_failing_inputs(r)}{_raised(r)}"
         for r in wrong
     ]
     unjudged = [r for r in reports if r.status in (Status.INCONCLUSIVE, Status.NONFINITE)]
@@ -449,6 +449,19 @@ def _resolution(report: Report) -> str:
 
 def _failed_rows(report: Report) -> str:
     return ", ".join(p.label for p in report.parts if p.status is Status.FAIL)
+
+
+def _failing_inputs(report: Report) -> str:
+    """Where a rule fails when its error over all inputs together is within tolerance:
+    ", within the tolerance over all its inputs together; failing alone: args[1]
+    (relative error 5.0e-02)", or ""."""
+    if not report.relative_error <= report.tolerance:
+        return ""
+    failing = [leaf for leaf in report.leaves if leaf.status is Status.FAIL]
+    if not failing:
+        return ""
+    each = ", ".join(f"{leaf.path} (relative error {leaf.relative_error:.1e})" for leaf in failing)
+    return f", within the tolerance over all its inputs together; failing alone: {each}"
 
 
 def _raised(report: Report) -> str:

@@ -1056,3 +1056,29 @@ def test_a_rule_taking_a_python_float_parameter_is_judged_in_it():
     assert [leaf.path for leaf in report.leaves if leaf.status == "fail"] == ["['temp']"]
     [wrong] = [q for q in report.problems if q.startswith("wrong rule:")]
     assert "custom_vjp scale" in wrong and "relative error 2.4e-02" in wrong
+
+
+def test_a_rule_failing_on_one_small_input_says_which():
+    """A bias of size 1e-6 whose cotangent is 5 % off: the rule's error over all its inputs
+    together is within tolerance, its check of that input alone fails. The problem line
+    said only "relative error 3.4e-07 (tolerance 1.2e-06)" beside FAIL."""
+
+    @jax.custom_vjp
+    def addb(h, b):
+        return h + b
+
+    addb.defvjp(lambda h, b: (h + b, None), lambda _, g: (g, g.sum(0) * 1.05))
+    keys = jax.random.split(jax.random.key(3), 10)
+    x = jax.random.normal(keys[0], (6, 4))
+    y = jax.random.normal(keys[1], (6, 2))
+    params = {"W": jax.random.normal(keys[9], (4, 2)), "b": jnp.array([1e-6, -2e-6])}
+    report = jaxcheck.verify(
+        lambda p, x, y: jnp.mean((jnp.tanh(addb(x @ p["W"], p["b"])) - y) ** 2), params, x, y
+    )
+    assert report.status == "fail"
+    [wrong] = [q for q in report.problems if q.startswith("wrong rule:")]
+    assert re.search(
+        r"within the tolerance over all its inputs together; failing alone: args\[1\] "
+        r"\(relative error 5\.0e-02\)",
+        wrong,
+    ), wrong
