@@ -161,6 +161,8 @@ def settled(p, checks, status: Status, n: int, num_looks: int) -> tuple[bool, st
         return False, "fn was flat along some directions"
     sides, head_below_floor, head_rounding = [], False, None
     for c in checks:
+        if not c.judged:  # shown, not judged (the model's derivative of another function)
+            continue
         # forward vs reverse is "absolute" whenever rounding puts RMS <J^T u, v> below the
         # finite differences' RMS; the finite-difference rows tell a zero derivative
         absolute = c.absolute and check_kind(c.name)[0] != "consistency"

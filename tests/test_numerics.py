@@ -293,6 +293,39 @@ def test_huge_parameter_values_do_not_overflow():
     assert report.status == "pass", str(report)
 
 
+@pytest.mark.parametrize("bug", [1.0, 1.3])
+def test_fn_that_differs_in_float64_is_not_called_zero_by_the_distance_to_it(bug):
+    """The distance between the derivatives of the two functions (float32 and float64
+    dropout masks) is no rounding of either: the float64 rule's derivative was taken as
+    "zero to within noise" beside it (every direction taken for that, and a failure said
+    to be at a stationary point)."""
+    keys = jax.random.split(jax.random.key(0), 3)
+    p = {
+        "w1": jax.random.normal(keys[0], (4, 8)) / 2,
+        "w2": jax.random.normal(keys[1], (8, 3)) / 2,
+    }
+    x = jax.random.normal(keys[2], (6, 4))
+
+    def loss(p, x, key):
+        h = jnp.tanh(x @ p["w1"])
+        h = jnp.where(jax.random.bernoulli(key, 0.7, h.shape), h / 0.7, 0.0)
+        return jnp.mean(jnp.tanh(h @ p["w2"]) ** 2)
+
+    grad = jax.grad(loss)
+    report = jaxcheck.verify(
+        loss,
+        p,
+        x,
+        jax.random.key(7),
+        grad_fn=lambda p, x, k: {**grad(p, x, k), "w2": grad(p, x, k)["w2"] * bug},
+    )
+    assert report.status == ("pass" if bug == 1.0 else "fail"), str(report)
+    rule = report.checks[0]
+    assert "same rule in float64" in rule.name and not rule.absolute
+    assert report.num_directions == 4, report.stopped
+    assert not any("zero" in q for q in report.problems), report.problems
+
+
 @pytest.mark.parametrize("bug", [1.0, 1.01, 1.001])
 def test_fn_that_differs_in_float64_is_judged_by_its_float64_rule(bug):
     """Dropout masks drawn in the default dtype differ between float32 and float64, so fn
