@@ -128,6 +128,9 @@ def part(label, comparison: Comparison, dtype, seconds, problems=(), status=None
 
 
 def error_problem(label: str, err: Exception) -> str:
+    cause = err.__cause__
+    if isinstance(cause, Exception) and untransposed(cause):
+        err = cause  # (verify's words for fn; the rule's row has its own)
     if untransposed(err):
         return (
             f"{label}: JAX could not transpose the rule's jvp into a vjp ({one_line(err)}, "
