@@ -17,6 +17,7 @@ from . import (
     _localize,
     _precision,
     _probe,
+    _problem,
     _sequential,
     _tree,
     _verdict,
@@ -62,17 +63,24 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
         if step is None:
             h0 = _precision.default_step(run.rounds_to)
         at = run.problem.rounds_at
-        run.problems.append(
-            f"fn rounds values computed from params to {rounds_to} (an explicit cast or "
-            f"lax.reduce_precision{', first at ' + at if at else ''}), "
-            f"so it is a staircase of {rounds_to} quanta even in {jnp.dtype(ref).name}: "
-            f"finite differences take a relative step of {h0:.1e} and judge at "
-            f"{rounds_to} resolution (where that cast is only meant to match dtypes, cast "
+        advice = (
+            "(JAX's own code casts there, whatever the dtype of its inputs; a bug smaller "
+            "than the tolerance goes unseen: to judge finely, check the code around that "
+            "call with it written out, or its custom rules alone with jaxcheck.verify_rule)"
+            if _problem.INSIDE_JAX in at
+            else "(where that cast is only meant to match dtypes, cast "
             "to the dtype of the value it meets instead, x.astype(y.dtype); a flax module's "
             "dtype= is such a cast: leave it unset where the params are in that dtype "
             "already, and the computation takes theirs; flax.nnx modules, nnx.Embed among "
             "them, fix it to the params' dtype when created: to judge their code finely, "
             "create the model with param_dtype=jnp.float64 under jax_enable_x64)"
+        )
+        run.problems.append(
+            f"fn rounds values computed from params to {rounds_to} (an explicit cast or "
+            f"lax.reduce_precision{', first at ' + at if at else ''}), "
+            f"so it is a staircase of {rounds_to} quanta even in {jnp.dtype(ref).name}: "
+            f"finite differences take a relative step of {h0:.1e} and judge at "
+            f"{rounds_to} resolution {advice}"
         )
     run.max_step = max(MAX_STEP, h0)
     beta, share = scales, None

@@ -392,7 +392,38 @@ def _carries_derivative(jaxpr, tainted_inputs) -> set:
 
 def _first(found: dict, dtype, eqn) -> None:
     if dtype not in found:  # (a model may cast at every layer: locate the first only)
-        found[dtype] = _rule_search.location(eqn)
+        found[dtype] = _rule_search.location(eqn) + _inside_jax(eqn)
+
+
+# JAX's functions that cast because the caller asks them to
+_CASTS = {"astype", "_astype", "asarray", "array", "convert_element_type", "reduce_precision"}
+INSIDE_JAX = ", inside JAX's own "  # in `rounds_at` where JAX's code casts, not fn's
+
+
+def _inside_jax(eqn) -> str:
+    """ ", inside JAX's own dot_product_attention" where the function of JAX that fn's
+    innermost frame calls on the way to the cast `eqn` is not a cast itself (JAX's code
+    rounds there whatever the caller's dtypes: jax.nn.dot_product_attention's float32
+    softmax), else ""."""
+    try:
+        from jax._src import source_info_util  # noqa: PLC0415 - no public API for this
+
+        frames = list(eqn.source_info.traceback.frames)  # innermost first
+        user = next(
+            i
+            for i, f in enumerate(frames)
+            if source_info_util.is_user_filename(f.file_name)
+            and not f.file_name.startswith(_rule_search.OWN_DIR)
+        )
+    except Exception:  # noqa: BLE001 - only a label
+        return ""
+    if user == 0:
+        return ""
+    callee = frames[user - 1]
+    called = callee.function_name.rpartition(".")[2]
+    if called in _CASTS or called.startswith(("<", "__")) or "array_methods" in callee.file_name:
+        return ""  # (x.astype(...), jnp.float32(x), an operator on an array: fn's own)
+    return f"{INSIDE_JAX}{called}"
 
 
 def _live(jaxpr) -> set:

@@ -24,7 +24,7 @@ import numpy as np
 
 from . import _tree
 
-_OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _CALLS = ("pjit", "jit", "closed_call", "core_call", "remat", "remat2", "checkpoint")
 _CALL_NAMES = {  # how a call primitive is named in the report
     "pjit": "jit",
@@ -198,7 +198,7 @@ def location(eqn) -> str:
             frames = source_info_util.user_frames(eqn.source_info.traceback)
         except AttributeError:  # jax < 0.5 takes the source info itself
             frames = source_info_util.user_frames(eqn.source_info)
-        frame = next((f for f in frames if not f.file_name.startswith(_OWN_DIR)), None)
+        frame = next((f for f in frames if not f.file_name.startswith(OWN_DIR)), None)
     except Exception:  # noqa: BLE001 - only a label
         return "unknown location"
     if frame is None:

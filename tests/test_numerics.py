@@ -674,3 +674,24 @@ def test_a_rule_wrong_only_in_float32_fails_however_large(factor):
     [said] = [q for q in report.problems if "between the two precisions" in q]
     assert "while fn's value is the same in both (a rule or grad_fn taking another" in said
     assert "computes something else" not in said
+
+
+def test_a_cast_inside_jaxs_own_function_is_said_to_be_jaxs():
+    """jax.nn.dot_product_attention computes its softmax in float32 whatever its inputs'
+    dtype, so the float64 reference is a float32 staircase; the report blamed the caller's
+    line and told them to cast to the dtype of the value the cast meets, which they cannot."""
+    q = jnp.linspace(-1.0, 1.0, 20).reshape(1, 5, 1, 4)
+
+    def fn(q):
+        return jnp.sum(jnp.cos(jax.nn.dot_product_attention(q, q, q, is_causal=True)))
+
+    report = jaxcheck.verify(fn, q)
+    assert report.status == "pass", str(report)
+    [said] = [p for p in report.problems if p.startswith("fn rounds values computed")]
+    assert ", inside JAX's own dot_product_attention), so it is a staircase of float32" in said
+    assert "(JAX's own code casts there, whatever the dtype of its inputs" in said
+    assert "x.astype(y.dtype)" not in said
+    # a cast of the caller's own keeps the advice to cast to the dtype met
+    own = jaxcheck.verify(lambda p: jnp.sum(jnp.sin(p.astype(jnp.bfloat16))), jnp.ones(3) / 3)
+    [said] = [p for p in own.problems if p.startswith("fn rounds values computed")]
+    assert "inside JAX's own" not in said and "x.astype(y.dtype)" in said
