@@ -189,7 +189,15 @@ def rules_part(
     unjudged = [r for r in reports if r.status in (Status.INCONCLUSIVE, Status.NONFINITE)]
     if unjudged:
         each = "; ".join(f"{r.label} ({r.status.value})" for r in unjudged)
-        problems.append(f"rules not judged at the inputs fn gives them: {each}")
+        half = [r for r in unjudged if r.tested_dtype in ("bfloat16", "float16")]
+        hint = (
+            "; rules given bfloat16 or float16 inputs are resolved no finer than those: "
+            "check such a rule alone with jaxcheck.verify_rule at float32 inputs, where its "
+            "own code may run in float32 or float64"
+            if half
+            else ""
+        )
+        problems.append(f"rules not judged at the inputs fn gives them: {each}{hint}")
     # with no rule found wrong, fn's error may be a rule's below its tolerance, amplified
     factor = 1.0 if wrong else AMPLIFICATION
     coarse = [r for r in reports if r.ok and _coarser(r, error, factor)]

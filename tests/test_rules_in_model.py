@@ -1082,3 +1082,35 @@ def test_a_rule_failing_on_one_small_input_says_which():
         r"\(relative error 5\.0e-02\)",
         wrong,
     ), wrong
+
+
+def test_rules_unjudged_at_bfloat16_inputs_point_to_checking_them_in_float32():
+    """A bfloat16 model whose custom_vjp matmul is 50 % wrong in one cotangent: fn and the
+    rule at the bfloat16 inputs fn gives it resolve no finer than bfloat16 (inconclusive);
+    the report now says how to judge the rule finely, as verify_rule at float32 inputs
+    does."""
+
+    @jax.custom_vjp
+    def bmm(a, b):
+        return a @ b
+
+    bmm.defvjp(lambda a, b: (a @ b, (a, b)), lambda r, g: (g @ r[1].T * 1.5, r[0].T @ g))
+
+    def loss(p, x, y):
+        pb = jax.tree.map(lambda a: a.astype(jnp.bfloat16), p)
+        h = jnp.tanh(bmm(x.astype(jnp.bfloat16), pb["w1"]))
+        return jnp.mean((bmm(h, pb["w2"]).astype(jnp.float32) - y) ** 2)
+
+    keys = jax.random.split(jax.random.key(8), 8)
+    x, y = jax.random.normal(keys[1], (8, 4)), jax.random.normal(keys[2], (8, 2))
+    p = {"w1": jax.random.normal(keys[3], (4, 8)) / 2, "w2": jax.random.normal(keys[4], (8, 2)) / 3}
+    report = jaxcheck.verify(loss, p, x, y)
+    assert report.status == "inconclusive", str(report)
+    [said] = [q for q in report.problems if q.startswith("rules not judged")]
+    assert said.endswith(
+        "rules given bfloat16 or float16 inputs are resolved no finer than those: check "
+        "such a rule alone with jaxcheck.verify_rule at float32 inputs, where its own code "
+        "may run in float32 or float64"
+    )
+    alone = jaxcheck.verify_rule(bmm, jax.random.normal(keys[5], (3, 4)), jnp.ones((4, 2)))
+    assert alone.status == "fail"
