@@ -218,7 +218,19 @@ def merge_leaves(run: Run, status: Status, leaves, num_leaves: int = 0) -> Statu
                 "that is the bug"
             )
         return Status.FAIL if status is not Status.NONFINITE else status
-    if status is Status.FAIL:
+    unjudged = [leaf.path or "(root)" for leaf in leaves if leaf.status is Status.INCONCLUSIVE]
+    others_pass = all(leaf.status is Status.PASS for leaf in leaves if leaf.path not in unjudged)
+    if status is Status.FAIL and unjudged and others_pass:
+        # (a straight-through estimator on one leaf: fn is flat along it, so alone it
+        # cannot be judged, while the all-leaf directions see its derivative unmatched)
+        run.problems.append(
+            f"{NO_SINGLE_LEAF}, but {', '.join(unjudged)} could not be judged alone while "
+            "every other leaf passes: the error is there. Finite differences cannot judge "
+            "a leaf that fn is flat or kinked along; where fn is flat in it (round, floor, "
+            "a comparison) and the derivative under test is not zero, that derivative is a "
+            "surrogate (a straight-through estimator?), which fails this check by design"
+        )
+    elif status is Status.FAIL:
         run.problems.append(
             f"{NO_SINGLE_LEAF}: the error is spread thinly over several leaves, or comes "
             "from their interaction"

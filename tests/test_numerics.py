@@ -695,3 +695,31 @@ def test_a_cast_inside_jaxs_own_function_is_said_to_be_jaxs():
     own = jaxcheck.verify(lambda p: jnp.sum(jnp.sin(p.astype(jnp.bfloat16))), jnp.ones(3) / 3)
     [said] = [p for p in own.problems if p.startswith("fn rounds values computed")]
     assert "inside JAX's own" not in said and "x.astype(y.dtype)" in said
+
+
+def test_a_straight_through_estimator_on_one_leaf_is_placed_there():
+    """Quantization-aware training: round with a straight-through estimator on ['w'] only.
+    The all-leaf check fails (fn is flat along w, its derivative under test is not), w
+    alone cannot be judged and b passes: the report said the error was "spread thinly over
+    several leaves"."""
+    keys = jax.random.split(jax.random.key(2), 3)
+    x, y = jax.random.normal(keys[0], (6, 4)), jax.random.normal(keys[1], (6, 2))
+
+    def loss(p, x, y):
+        v = p["w"] * 8
+        wq = (v + jax.lax.stop_gradient(jnp.round(v) - v)) / 8
+        return jnp.mean((jnp.tanh(x @ wq + p["b"]) - y) ** 2)
+
+    params = {"w": jax.random.normal(keys[2], (4, 2)) / 2, "b": jnp.linspace(-0.1, 0.1, 2)}
+    report = jaxcheck.verify(loss, params, x, y)
+    assert report.status == "fail"
+    assert {leaf.path: leaf.status.value for leaf in report.leaves} == {
+        "['b']": "pass",
+        "['w']": "inconclusive",
+    }
+    [said] = [q for q in report.problems if q.startswith("no single leaf fails on its own")]
+    assert said.startswith(
+        "no single leaf fails on its own, but ['w'] could not be judged alone while every "
+        "other leaf passes: the error is there."
+    )
+    assert "a straight-through estimator?" in said
