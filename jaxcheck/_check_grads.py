@@ -401,9 +401,9 @@ def _relative_atol(f, params, atol: float, rtol: float, mode: str) -> float:
         return f(*jax.tree.unflatten(treedef, full))
 
     found = []
-    points = [jnp.asarray(leaves[i]) for i in floats]
     with jax.debug_nans(False), jax.debug_infs(False), _plan.own_transfers():
         try:
+            points = [jnp.asarray(leaves[i]) for i in floats]
             if mode in ("forward", "both"):
                 _, t_out = jax.jvp(
                     g, points, [jnp.asarray(t, p.dtype) for t, p in zip(tangent, points)]

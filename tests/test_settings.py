@@ -172,6 +172,24 @@ def test_transfer_guard_disallow():
             jnp.asarray(np.ones(2, np.float32))
 
 
+def test_transfer_guard_disallow_check_grads_with_an_absolute_tolerance():
+    """check_grads' atol is taken at f's scale by a jvp and a vjp along JAX's random draws,
+    which jaxcheck puts on the device itself under the caller's guard (the argument a
+    NumPy array, as JAX's tests pass them)."""
+    x = np.linspace(0.1, 1.0, 3, dtype=np.float32)
+
+    @jax.custom_jvp
+    def big(x):
+        return 100.0 * jnp.sin(x)
+
+    big.defjvp(lambda p, t: (big(p[0]), 102.0 * jnp.cos(p[0]) * t[0]))  # 2 % off
+    with jax.transfer_guard("disallow"):
+        with pytest.raises(jaxcheck.GradientCheckError, match="gradient is WRONG"):
+            jaxcheck.check_grads(lambda x: jnp.sum(big(x)), (x,), 1, atol=0.05, rtol=1e-3)
+        with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
+            jnp.asarray(np.ones(2, np.float32))
+
+
 def test_transfer_guard_disallow_verify_rule():
     """verify_rule's rows drew their tangents on the host and were refused: a correct tanh
     was "primal is WRONG"."""
