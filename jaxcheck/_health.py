@@ -23,6 +23,10 @@ VANISHING_RATIO = 1e-6
 COLLAPSE_FACTOR = 1e-3
 EXPLODE_FACTOR = 10.0
 PARAM_EVERY = 10  # steps between refreshes of the parameter norms
+# consecutive low steps before a leaf is vanishing once training has converged far (the
+# running average of all gradients below sqrt(collapse_factor) of its largest), where an
+# optimizer circling a minimum takes each leaf's gradient near zero for a step or two
+SETTLED_STREAK = 25
 NO_PARAMS = -1.0  # the parameter norm of a leaf whose update got no params
 NO_SPIKE = -1.0  # the worst spike of a leaf without a running average yet
 # optax's moment update: `optax.tree.update_moment` since optax 0.2.5, in `tree_utils` before
@@ -115,11 +119,14 @@ def gradient_health(
       the parameter's norm (at a minimum the gradients fall far below their early level,
       to rounding at worst, and spike a hundredfold from there by turns);
     - *vanishing*: its norm is zero, below `vanishing_ratio` times the parameter's norm,
-      or below `collapse_factor` times its own running average; the last two only while
-      the model as a whole is learning: not where the gradient of all watched leaves
-      together is below sqrt(`collapse_factor`) times its running average, or that
-      average below sqrt(`collapse_factor`) times its largest (a minimum being reached,
-      full-batch, where an optimizer circling it drives gradients near zero by turns).
+      or below `collapse_factor` times its own running average; the last two not where
+      the gradient of all watched leaves together is below sqrt(`collapse_factor`) times
+      its running average (every leaf falling at once: a minimum being reached), and where
+      that average is below sqrt(`collapse_factor`) times its largest (training has
+      converged far, and an optimizer circling a minimum drives each leaf's gradient near
+      zero by turns) only on 25 steps in a row and while another leaf still learns (its
+      gradient at least `vanishing_ratio / collapse_factor` times its parameter): a layer
+      cut off late in training is flagged, a full-batch run reaching its minimum is not.
 
     Exploding and vanishing are judged from step `warmup` on, the rules against the leaf's
     own running average once `warmup` norms have entered it. A leaf's history starts with
@@ -294,16 +301,29 @@ def gradient_health(
             return jnp.sqrt(jnp.sum(jnp.where(judged, x, 0.0) ** 2))
 
         root = jnp.sqrt(collapse32)
-        minimum = (total(grad_norm) < root * total(average)) | (
-            total(average) < root * total(state.peak)
-        )
-        collapsed = with_history & (grad_norm < collapse32 * average) & ~minimum
+        # every leaf's gradient falling at once: a minimum reached now
+        falling = total(grad_norm) < root * total(average)
+        # the running average far below the largest it had: training has converged far,
+        # and an optimizer circling a minimum passes each leaf's gradient near zero by
+        # turns, for a step or two; a leaf that stays down for `SETTLED_STREAK` steps in a
+        # row there has died (its gradient cut 1e4-fold while the others learn on)
+        converged = total(average) < root * total(state.peak)
+        collapsed = with_history & (grad_norm < collapse32 * average) & ~falling
         # (and so is a gradient below `vanishing_ratio` of its parameter there, unless it is
         # exactly zero)
-        small = below & (~minimum | (grad_norm == 0))
+        small = below & (~falling | (grad_norm == 0))
         low = ((t >= warmup) & finite & small) | collapsed
+        # ... and only while another leaf still learns, its gradient at least
+        # vanishing_ratio / collapse_factor of its parameter (a full-batch run reaching its
+        # minimum takes every gradient to rounding together)
+        learning = jnp.where(collapse32 > 0, vanishing32 / jnp.maximum(collapse32, 1e-30), 0.0)
+        alive = (watched & has_ratio & (ratio >= learning)).astype(jnp.int32)
+        others_alive = (jnp.sum(alive, dtype=jnp.int32) - alive) > 0
+        settled = converged & (grad_norm > 0)
+        low = low & (~settled | others_alive)
         low_streak = jnp.where(low, state.low_streak + 1, 0)
-        vanishing = low & (low_streak >= _streak_needed(leaves)) & watched
+        needed = jnp.where(settled, SETTLED_STREAK, _streak_needed(leaves))
+        vanishing = low & (low_streak >= needed) & watched
         exploding = exploding & watched
         # a parameter gone NaN/Inf where its gradient is finite (a leaf the loss does not
         # reach, or one the optimizer broke: adam with eps=0 at a zero gradient) is flagged
@@ -413,7 +433,12 @@ def _check_options(decay, warmup, vanishing_ratio, collapse_factor, explode_fact
 
     check("decay", decay, lambda v: 0.0 <= v < 1.0, "in [0, 1), e.g. 0.99")
     check("warmup", warmup, lambda v: v >= 0, ">= 0, e.g. 10", integer=True)
-    check("vanishing_ratio", vanishing_ratio, lambda v: v >= 0.0, ">= 0 (0 turns it off)")
+    check(
+        "vanishing_ratio",
+        vanishing_ratio,
+        lambda v: 0.0 <= v < 1.0,
+        "in [0, 1), e.g. 1e-6 (0 turns it off)",
+    )
     check("collapse_factor", collapse_factor, lambda v: 0.0 <= v < 1.0, "in [0, 1), e.g. 1e-3")
     check("explode_factor", explode_factor, lambda v: v > 1.0, "> 1, e.g. 10")
     if not isinstance(skip, bool | np.bool_):

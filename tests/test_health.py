@@ -537,7 +537,7 @@ def test_the_state_round_trips_through_flax_serialization():
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"vanishing_ratio": "1e-6"}, "vanishing_ratio='1e-6' must be a number >= 0"),
+        ({"vanishing_ratio": "1e-6"}, r"vanishing_ratio='1e-6' must be a number in \[0, 1\)"),
         ({"explode_factor": None}, "explode_factor=None must be a number > 1, e.g. 10"),
         ({"decay": "0.9"}, r"decay='0.9' must be a number in \[0, 1\)"),
         ({"skip_nonfinite": "no"}, "skip_nonfinite='no' must be True or False"),
@@ -547,6 +547,13 @@ def test_the_state_round_trips_through_flax_serialization():
 def test_options_of_the_wrong_type_are_refused_by_name(options, message):
     with pytest.raises(TypeError, match=r"^gradient_health: " + message):
         jaxcheck.gradient_health(**options)
+
+
+@pytest.mark.parametrize("ratio", [float("inf"), 1.0, -1e-6])
+def test_a_vanishing_ratio_out_of_range_is_refused(ratio):
+    """inf was accepted, and every healthy gradient was then vanishing."""
+    with pytest.raises(ValueError, match=r"vanishing_ratio=.* must be in \[0, 1\), e.g. 1e-6"):
+        jaxcheck.gradient_health(vanishing_ratio=ratio)
 
 
 def test_out_of_range_arrays_are_refused_and_injected_ones_checked_at_init():
@@ -713,3 +720,59 @@ def test_a_full_batch_run_reaching_its_minimum_stays_healthy(steps):
     assert summary.ok, str(summary)
     if steps == 2000:  # at the minimum indeed: the gradient is 1e-4 of its start or less
         assert max(leaf.grad_norm for leaf in summary.leaves) < 1e-4
+
+
+def _teacher_student(scale: float, steps: int = 2500, dies_at: int = 1500):
+    """A student MLP learning a teacher's outputs with adam on minibatches, its first
+    layer's gradient scaled by `scale` from step `dies_at` on (the forward unchanged): by
+    then the running average of all gradients is 50x below its largest."""
+    key = jax.random.PRNGKey(0)
+    x_all = jax.random.normal(key, (512, 4))
+
+    def init(k):
+        out = {}
+        for i, (a, b) in enumerate([(4, 32), (32, 32), (32, 1)]):
+            k, kk = jax.random.split(k)
+            out[f"l{i}"] = {"w": jax.random.normal(kk, (a, b)) / np.sqrt(a), "b": jnp.zeros(b)}
+        return out
+
+    def mlp(p, x, s=1.0):
+        for i in range(3):
+            x = x @ p[f"l{i}"]["w"] + p[f"l{i}"]["b"]
+            if i == 0:
+                x = x * s + jax.lax.stop_gradient(x * (1 - s))
+            if i < 2:
+                x = jnp.tanh(x)
+        return x
+
+    y_all = mlp(init(jax.random.PRNGKey(7)), x_all)
+    opt = optax.chain(jaxcheck.gradient_health(), optax.adam(3e-3))
+    params = init(jax.random.PRNGKey(1))
+
+    def step(carry, i):
+        p, s = carry
+        idx = jax.random.randint(jax.random.fold_in(key, i), (32,), 0, 512)
+        s_i = jnp.where(i >= dies_at, scale, 1.0)
+        g = jax.grad(lambda p: jnp.mean((mlp(p, x_all[idx], s_i) - y_all[idx]) ** 2))(p)
+        u, s = opt.update(g, s, p)
+        return (optax.apply_updates(p, u), s), None
+
+    (_, state), _ = jax.jit(lambda c: jax.lax.scan(step, c, jnp.arange(steps)))(
+        (params, opt.init(params))
+    )
+    return jaxcheck.health(state)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-4])
+def test_a_layer_dying_after_training_converged_far_is_flagged(scale):
+    """Once the running average of all gradients was far below its largest (a minimum
+    near), vanishing was judged by exact zeros alone: a layer whose gradient fell 1e4-fold
+    while the others learned on was never flagged. It is now, after 25 low steps in a row,
+    where another leaf still learns; the healthy run stays healthy."""
+    summary = _teacher_student(scale)
+    flagged = {leaf.path: leaf.first_vanishing for leaf in summary.flagged}
+    if scale == 1.0:
+        assert summary.ok, str(summary)
+        return
+    assert set(flagged) == {"['l0']['b']", "['l0']['w']"}, str(summary)
+    assert all(1500 < step <= 1530 for step in flagged.values()), flagged
