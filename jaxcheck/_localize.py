@@ -219,7 +219,7 @@ def merge_leaves(run: Run, status: Status, leaves, num_leaves: int = 0) -> Statu
             )
         return Status.FAIL if status is not Status.NONFINITE else status
     unjudged = [leaf.path or "(root)" for leaf in leaves if leaf.status is Status.INCONCLUSIVE]
-    others_pass = all(leaf.status is Status.PASS for leaf in leaves if leaf.path not in unjudged)
+    others_pass = all(leaf.status in (Status.PASS, Status.INCONCLUSIVE) for leaf in leaves)
     if status is Status.FAIL and unjudged and others_pass:
         # (a straight-through estimator on one leaf: fn is flat along it, so alone it
         # cannot be judged, while the all-leaf directions see its derivative unmatched)
