@@ -77,16 +77,16 @@ def test_quick_suite(tmp_path):
     """A few cases of the test-suite benchmark: both tools run in their own process, jaxcheck
     passes the correct functions and fails the planted bug; two rounds per tool, each case
     timed by its fastest."""
-    command = [sys.executable, str(SUITE), "--quick", "--cases", "3", "--rounds", "2"]
+    command = [sys.executable, str(SUITE), "--quick", "--cases", "2", "--rounds", "2"]
     command += ["--out", str(tmp_path)]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     results = json.loads((tmp_path / "suite_cpu-quick.json").read_text())
-    assert results["config"] == {"order": 1, "quick": True, "num_cases": 3}
+    assert results["config"] == {"order": 1, "quick": True, "num_cases": 2}
     cases = results["cases"]
-    assert [c["buggy"] for c in cases] == [True, False, False]
+    assert [c["buggy"] for c in cases] == [True, False]
     for case in cases:
         want = "fail" if case["buggy"] else "pass"
         assert case["jaxcheck"]["verdict"] == want, case
@@ -94,7 +94,7 @@ def test_quick_suite(tmp_path):
         assert case["jaxcheck"]["seconds"] > 0 and case["check_grads"]["cpu_seconds"] > 0
     summary = results["summary"]
     assert summary["verdicts_lost"] == []
-    assert summary["jaxcheck"]["verdicts"] == {"correct": {"pass": 2}, "buggy": {"fail": 1}}
+    assert summary["jaxcheck"]["verdicts"] == {"correct": {"pass": 1}, "buggy": {"fail": 1}}
     assert summary["rounds"] == 2
     for tool in ("jaxcheck", "check_grads"):
         per_round = summary["round_totals_cpu"][tool]
