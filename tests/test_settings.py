@@ -81,7 +81,14 @@ def test_default_matmul_precision(precision):
     assert report.status == "pass", str(report)
 
 
-def test_enable_checks():
+@pytest.mark.parametrize("order, under_checks", [(1, 2), (2, 6)])
+def test_enable_checks(order, under_checks):
+    """The derivatives under test are traced once alone under the caller's checks; the
+    compiled programs (fn batched over directions, in float32 and float64) without them.
+    At order 1: fn's output structure, and its vjp. At order 2 fn's first derivatives are
+    traced under the checks inside the derivative maps' vjp, not once more alone before
+    (was: 7 traces): fn's output structure; the maps' (jvp and vjp map: fn twice) and the
+    maps' vjp (the same two); the search for custom_vjp rules in fn."""
     p, x = _inputs(jnp.float32)
     seen = []
 
@@ -90,34 +97,13 @@ def test_enable_checks():
         return _outputs(p, x)
 
     with jax.enable_checks(True):
-        report = jaxcheck.verify(outputs, p, x, mode="both")
+        report = jaxcheck.verify(outputs, p, x, mode="both", order=order)
     assert report.status == "pass", str(report)
-    # the derivatives under test are traced once alone under the caller's checks; the
-    # compiled programs (fn batched over directions, in float32 and float64) without them
-    assert seen.count((False, True)) == 2  # its output structure, and its vjp
+    assert seen.count((False, True)) == under_checks
     assert (False, False) in seen
     assert (True, False) in seen
     assert (True, True) not in seen
     assert not jax.config.jax_enable_checks
-
-
-def test_enable_checks_at_order_2_traces_fns_derivatives_under_them_once():
-    """At order 2, fn's first derivatives are traced under the caller's checks inside the
-    derivative maps' vjp, not once more alone before (was: 7 traces of fn under them)."""
-    p, x = _inputs(jnp.float32)
-    seen = []
-
-    def outputs(p, x):
-        seen.append((jax.config.jax_enable_x64, bool(jax.config.jax_enable_checks)))
-        return _outputs(p, x)
-
-    with jax.enable_checks(True):
-        report = jaxcheck.verify(outputs, p, x, mode="both", order=2)
-    assert report.status == "pass", str(report)
-    # fn's output structure; the maps' (jvp and vjp map: fn twice) and the maps' vjp (the
-    # same two), and the search for custom_vjp rules in fn
-    assert seen.count((False, True)) == 6
-    assert (True, True) not in seen
 
 
 @pytest.mark.parametrize("order", [1, 2])
