@@ -408,9 +408,9 @@ def _relative_atol(f, params, atol: float, rtol: float, mode: str) -> float:
                 _, t_out = jax.jvp(
                     g, points, [jnp.asarray(t, p.dtype) for t, p in zip(tangent, points)]
                 )
-                for t in jax.tree.leaves(t_out):
+                for t in [t for t in jax.tree.leaves(t_out) if _inexact(t)]:
                     top = float(np.max(np.abs(np.asarray(t)), initial=0.0))
-                    if _inexact(t) and math.isfinite(top) and top > 0:
+                    if math.isfinite(top) and top > 0:
                         found.append(np.size(t) * (rtol + atol / top))
             if mode in ("reverse", "both"):
                 out, pullback = jax.vjp(g, *points)

@@ -403,6 +403,9 @@ def test_atol_is_relative_to_the_size_of_the_derivative_as_in_jax(mode):
     forward = _check_grads._floor(vector, 0.05, 1e-3, (x,), "forward")
     b = 100.0 * np.cos(x) * np.random.RandomState(0).randn(3)
     assert forward == pytest.approx(min(0.05, 3 * (1e-3 + 0.05 / np.max(np.abs(b)))))
+    # an integer output beside it (float0 tangents) leaves the float output's scale alone
+    with_int = lambda x: (100.0 * jnp.sin(x), jnp.arange(3))  # noqa: E731
+    assert _check_grads._floor(with_int, 0.05, 1e-3, (x,), "forward") == pytest.approx(forward)
     # near-zero derivatives: atol is as loose as it was (JAX's is looser still)
     tiny = lambda x: jnp.sum(1e-4 * jnp.sin(x))  # noqa: E731
     assert _check_grads._floor(tiny, 0.05, 1e-3, (x,), mode) == 0.05
