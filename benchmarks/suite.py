@@ -734,6 +734,8 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.worker:
         print(json.dumps(_strict(worker(args.worker, args.quick, args.order, args.cases))))
         return 0
