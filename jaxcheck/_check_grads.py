@@ -133,8 +133,8 @@ def check_grads(
       entries b, and (reverse mode) one inner product p with a random cotangent within
       atol + rtol |p|, so where the derivative is large an absolute atol is a small
       relative error. The floor is the larger of `rtol` and the smaller of `atol` and
-      rtol + atol / |b| (or / |p|), from one jvp and one vjp of f along JAX's own random
-      draws: with `atol=0.05` and derivatives near 100, a bug of 2 % fails, as in JAX.
+      rtol + atol / |b| (or / |p|; rtol there as JAX takes it, its default for the dtype
+      where unset), from one jvp and one vjp of f along JAX's own random draws: with `atol=0.05` and derivatives near 100, a bug of 2 % fails, as in JAX.
     - `eps`: accepted and not used. JAX's fixed step suits one float32 difference; jaxcheck
       evaluates the differences in float64 on a step ladder that its error model moves away
       from roundoff, truncation and kinks, which a fixed step would undo.
@@ -362,7 +362,7 @@ def _floor(f, atol, rtol, params, mode: str) -> float:
     floor = min(max(DEFAULT_FLOOR if a is None else a, r), MAX_FLOOR)
     if a is None or a <= r:
         return floor
-    return max(r, min(floor, _relative_atol(f, params, a, r, mode)))
+    return max(r, min(floor, _relative_atol(f, params, a, rtol, mode)))
 
 
 def _tolerance_dtypes(f, atol, rtol, params) -> list:
@@ -382,13 +382,42 @@ def _tolerance_dtypes(f, atol, rtol, params) -> list:
     return sorted(found, key=str)
 
 
-def _relative_atol(f, params, atol: float, rtol: float, mode: str) -> float:
+# JAX's check_grads' default tolerances by dtype (`default_gradient_tolerance` of
+# jax._src.public_test_util), which it uses for an rtol left unset or missing from a dict
+_JAX_DEFAULT_RTOL = {
+    "bfloat16": 1e-1,
+    "float16": 1e-2,
+    "float32": 2e-3,
+    "float64": 1e-5,
+    "complex64": 1e-3,
+    "complex128": 1e-5,
+}
+
+
+def _jax_rtol(rtol, dtypes) -> float:
+    """The rtol JAX's check_grads compares values of `dtypes` with (the largest, as it
+    takes for a pair): the caller's, or its default for the dtype where unset; 0 is
+    NumPy's default, 1e-7."""
+    by_dtype = {np.dtype(k): v for k, v in rtol.items()} if isinstance(rtol, dict) else None
+    found = []
+    for d in map(np.dtype, dtypes):
+        given = rtol if by_dtype is None else by_dtype.get(d)
+        if given is None:
+            found.append(_JAX_DEFAULT_RTOL.get(d.name, 1e-5))
+        else:
+            found.append(float(_options.scalar(given)) or 1e-7)
+    return max(found, default=1e-5)
+
+
+def _relative_atol(f, params, atol: float, rtol, mode: str) -> float:
     """The relative error JAX's check_grads allows at f's scale with these tolerances: it
     compares f's jvp along one random normal tangent v entry by entry, within
     n * (atol + rtol |b|) for an output leaf of n entries b, and in reverse mode the inner
-    product <v, vjp(u)> with a random normal cotangent u within atol + rtol |<v, vjp(u)>|.
-    So where the derivative is large, an absolute `atol` is a small relative one: the
-    smallest of rtol + atol / scale over those comparisons (inf where none can be made)."""
+    product <v, vjp(u)> with a random normal cotangent u within atol + rtol |<v, vjp(u)>|,
+    rtol being the caller's (a float, or a dict's entry for the compared values' dtype) or
+    JAX's default for that dtype (2e-3 for float32). So where the derivative is large, an
+    absolute `atol` is a small relative one: the smallest of rtol + atol / scale over those
+    comparisons (inf where none can be made)."""
     leaves, treedef = jax.tree.flatten(list(params))
     floats = [i for i, x in enumerate(leaves) if _inexact(x)]
     rng = np.random.RandomState(0)  # JAX's draws, in its order: tangent, then cotangent
@@ -411,7 +440,7 @@ def _relative_atol(f, params, atol: float, rtol: float, mode: str) -> float:
                 for t in [t for t in jax.tree.leaves(t_out) if _inexact(t)]:
                     top = float(np.max(np.abs(np.asarray(t)), initial=0.0))
                     if math.isfinite(top) and top > 0:
-                        found.append(np.size(t) * (rtol + atol / top))
+                        found.append(np.size(t) * (_jax_rtol(rtol, [t.dtype]) + atol / top))
             if mode in ("reverse", "both"):
                 out, pullback = jax.vjp(g, *points)
                 outs, out_tree = jax.tree.flatten(out)
@@ -427,7 +456,8 @@ def _relative_atol(f, params, atol: float, rtol: float, mode: str) -> float:
                         for v, w in zip(tangent, pulled)
                     )
                     if math.isfinite(ip) and ip != 0:
-                        found.append(rtol + atol / abs(ip))
+                        compared = [y.dtype for y in outs] + [p.dtype for p in points]
+                        found.append(_jax_rtol(rtol, compared) + atol / abs(ip))
         except Exception:  # noqa: BLE001 - f's own errors are raised by the check itself
             pass
     return min(found, default=math.inf)

@@ -560,3 +560,25 @@ def test_a_misspelt_keyword_names_the_one_meant():
     said = r"^check_grads got unexpected keyword argument\(s\) 'mode' \(did you mean 'modes'\?\)"
     with pytest.raises(TypeError, match=said):
         jaxcheck.check_grads(jnp.sin, (X,), 1, mode="rev")
+
+
+@pytest.mark.parametrize("modes, fails", [(["fwd"], False), (["rev"], True)])
+def test_atol_at_fs_scale_takes_jaxs_default_rtol_where_rtol_is_unset(modes, fails):
+    """A derivative 0.5 % off by design (an absolute 0.5 on values near 100) with atol=0.1
+    and rtol unset: JAX compares with its float32 default rtol of 2e-3, per entry of the
+    jvp (4 entries: within 4 (0.1 + 2e-3 |b|), passes) and on one inner product in reverse
+    mode (within 0.1 + 2e-3 |p|, fails); jaxcheck agrees with both (was: the scale taken
+    with rtol 1e-5, failing the forward check JAX passes)."""
+
+    @jax.custom_jvp
+    def g(x):
+        return 100.0 * jnp.sin(x)
+
+    g.defjvp(lambda p, t: (g(p[0]), (100.0 * jnp.cos(p[0]) + 0.5) * t[0]))
+    x = np.array([0.3, -0.4, 0.8, 0.1], np.float32)
+    for check in (jax.test_util.check_grads, jaxcheck.check_grads):
+        if fails:
+            with pytest.raises(AssertionError):
+                check(g, (x,), 1, modes, atol=0.1)
+        else:
+            check(g, (x,), 1, modes, atol=0.1)
