@@ -134,7 +134,8 @@ def check_grads(
       atol + rtol |p|, so where the derivative is large an absolute atol is a small
       relative error. The floor is the larger of `rtol` and the smaller of `atol` and
       rtol + atol / |b| (or / |p|; rtol there as JAX takes it, its default for the dtype
-      where unset), from one jvp and one vjp of f along JAX's own random draws: with `atol=0.05` and derivatives near 100, a bug of 2 % fails, as in JAX.
+      where unset), from one jvp and one vjp of f along JAX's own random draws: with
+      `atol=0.05` and derivatives near 100, a bug of 2 % fails, as in JAX.
     - `eps`: accepted and not used. JAX's fixed step suits one float32 difference; jaxcheck
       evaluates the differences in float64 on a step ladder that its error model moves away
       from roundoff, truncation and kinks, which a fixed step would undo.
