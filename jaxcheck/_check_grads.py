@@ -419,21 +419,13 @@ def _relative_atol(f, params, atol: float, rtol, mode: str) -> float:
     JAX's default for that dtype (2e-3 for float32). So where the derivative is large, an
     absolute `atol` is a small relative one: the smallest of rtol + atol / scale over those
     comparisons (inf where none can be made)."""
-    leaves, treedef = jax.tree.flatten(list(params))
-    floats = [i for i, x in enumerate(leaves) if _inexact(x)]
+    g, floats = _of_floats(f, params)
     rng = np.random.RandomState(0)  # JAX's draws, in its order: tangent, then cotangent
-    tangent = [_random_like(rng, leaves[i]) for i in floats]
-
-    def g(*values):
-        full = list(leaves)
-        for i, v in zip(floats, values):
-            full[i] = v
-        return f(*jax.tree.unflatten(treedef, full))
-
+    tangent = [_random_like(rng, x) for x in floats]
     found = []
     with jax.debug_nans(False), jax.debug_infs(False), _plan.own_transfers():
         try:
-            points = [jnp.asarray(leaves[i]) for i in floats]
+            points = [jnp.asarray(x) for x in floats]
             if mode in ("forward", "both"):
                 _, t_out = jax.jvp(
                     g, points, [jnp.asarray(t, p.dtype) for t, p in zip(tangent, points)]
@@ -497,21 +489,30 @@ def _nonfinite_verdict(report: Report, params, outputs) -> str:
     return "unjudged" if report.num_nonfinite else "fail"
 
 
+def _of_floats(f, params, *, complex_too: bool = True) -> tuple:
+    """(g, floats): `f` of the positional arguments `params` as a function `g(*floats)` of
+    their floating-point leaves (complex ones too, or not), the other leaves held."""
+    leaves, treedef = jax.tree.flatten(list(params))
+    where = [
+        i for i, x in enumerate(leaves) if _inexact(x) and (complex_too or not jnp.iscomplexobj(x))
+    ]
+
+    def g(*values):
+        full = list(leaves)
+        for i, v in zip(where, values):
+            full[i] = v
+        return f(*jax.tree.unflatten(treedef, full))
+
+    return g, [leaves[i] for i in where]
+
+
 def _nonfinite_nearby(f, params, relative: float = 1e-6) -> bool:
     """Whether f turns NaN/Inf where the entries whose reverse derivative is NaN/Inf move by
     a small step, up or down (relative to the entry; relative to its leaf's RMS where the
     entry is 0): the edge of f's domain at the point, as xlogy(x, x) at 0. Other entries
     stay, so a NaN rule at an ordinary point beside an entry near its own edge still fails."""
-    leaves, treedef = jax.tree.flatten(params)
-    floats = [i for i, x in enumerate(leaves) if _inexact(x) and not jnp.iscomplexobj(x)]
-
-    def of(*values):
-        full = list(leaves)
-        for i, v in zip(floats, values):
-            full[i] = v
-        return f(*jax.tree.unflatten(treedef, full))
-
-    points = [jnp.asarray(leaves[i]) for i in floats]
+    of, floats = _of_floats(f, params, complex_too=False)
+    points = [jnp.asarray(x) for x in floats]
     with jax.debug_nans(False), jax.debug_infs(False):
         try:
             out, pullback = jax.vjp(of, *points)
