@@ -19,7 +19,6 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from . import _tree
@@ -118,8 +117,7 @@ def _traced(fn, params, args):
     # it as an array): traced too, or a rule taking it would hold it fixed
     leaves = list(leaves)
     for i in [i for i, x in enumerate(leaves[:from_params]) if isinstance(x, float)]:
-        x = _tree.as_array(leaves[i])
-        leaves[i] = jnp.asarray(x, x.dtype)
+        leaves[i] = _tree.strong_array(leaves[i])
     traced = [i for i, x in enumerate(leaves) if _tree.is_array(x)]
 
     def flat(*xs):

@@ -84,17 +84,21 @@ def split(tree, where: str) -> tuple[Split, list, list]:
         paths.append(path)
         kinds.append(kind)
         if kind == DIFF:
-            # a fixed (not weak) dtype, so that compiled programs are reused across calls
-            if isinstance(leaf, jax.Array) and not leaf.weak_type:
-                floats.append(leaf)
-            else:
-                x = as_array(leaf)
-                floats.append(jnp.asarray(x, x.dtype))
+            floats.append(strong_array(leaf))
         elif kind == ARRAY:
             arrays.append(leaf)
         else:
             statics.append(leaf)
     return Split(treedef, tuple(paths), tuple(kinds), tuple(statics)), floats, arrays
+
+
+def strong_array(leaf) -> jax.Array:
+    """`leaf` as an array of a fixed (not weak) dtype, so that compiled programs are
+    reused across calls (a Python float becomes one too)."""
+    if isinstance(leaf, jax.Array) and not leaf.weak_type:
+        return leaf
+    x = as_array(leaf)
+    return jnp.asarray(x, x.dtype)
 
 
 def as_array(leaf) -> jax.Array:
