@@ -513,7 +513,9 @@ class _Draws:
             if flat.size > 1 and np.all(flat == flat[0]):
                 flat[0] = -flat[0]
             power = 2.0 ** np.round(np.log2(scale))
-            out.append(jnp.asarray(values * power, jnp.float32))
+            # on the host: jnp.asarray of a NumPy array compiles a small program per new
+            # shape, one per check in a test suite
+            out.append(jax.device_put(np.asarray(values * power, np.float32)))
         return out
 
     def tangent(self, level: int, scaled: bool = True) -> list:

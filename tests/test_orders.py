@@ -93,6 +93,25 @@ def test_repeated_order_2_check_compiles_nothing():
     assert checker.compilations == first.num_compiled
 
 
+def test_an_order_2_check_compiles_only_its_own_programs(caplog):
+    """A test suite checks new functions at new shapes: each program JAX compiles costs
+    there. The fixed tangent and cotangent of the derivative maps are made on the host;
+    made with jnp.asarray, they compiled one small program per new shape and check."""
+    jaxcheck.verify(lambda p: jnp.sin(p) ** 2, jnp.ones(2), order=2)  # the key, once
+
+    def fresh(p):  # a shape no other test uses
+        return jnp.tanh(p["w"] @ p["w"].T).sum(axis=0)
+
+    params = {"w": jnp.linspace(-1.0, 1.0, 7 * 13).reshape(7, 13)}
+    with caplog.at_level("WARNING", logger="jax"), jax.log_compiles():
+        report = jaxcheck.verify(fresh, params, order=2, num_directions=8)
+    assert report.ok, str(report)
+    messages = [r.getMessage() for r in caplog.records]
+    compiled = [m.split()[4] for m in messages if m.startswith("Finished XLA compilation")]
+    assert len(compiled) == 4, compiled
+    assert set(compiled) <= {"jit(probe_folded)", "jit(probe)", "jit(reference)"}, compiled
+
+
 # -- planted second-order bugs: right first derivative, wrong second ------------------------
 
 
