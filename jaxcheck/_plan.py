@@ -63,6 +63,8 @@ TRACING_ERRORS = (
     jax.errors.TracerArrayConversionError,
     jax.errors.TracerBoolConversionError,
     jax.errors.TracerIntegerConversionError,
+    # x[mask]: the output's shape depends on values (jax.grad, run op by op, takes it)
+    jax.errors.NonConcreteBooleanIndexError,
 )
 
 CPU_MEMORY_BUDGET = 1 << 30  # bytes of perturbed parameter copies in flight on a CPU

@@ -328,6 +328,47 @@ def test_accelerator_plan_gives_the_cpu_verdict(monkeypatch, fn):
     assert failing == ([] if fn == "correct" else ["['layers'][0]['b']"])
 
 
+@jax.custom_jvp
+def _square_off(z):
+    return z**2
+
+
+@_square_off.defjvp
+def _square_off_jvp(primals, tangents):  # the derivative 5 % off
+    (z,), (t,) = primals, tangents
+    return z**2, 2.1 * z * t
+
+
+def _masked_data(square):
+    def fn(p, x):
+        return jnp.mean(square(p[0] * x[x > 0] - 1.0))
+
+    return fn
+
+
+def _masked_params(square):
+    def fn(p, x):
+        del x
+        return jnp.sum(square(p[p > 0.3]) * p[p > 0.3])
+
+    return fn
+
+
+@pytest.mark.parametrize(
+    ("masked", "bug", "order"),
+    [(_masked_data, False, 1), (_masked_params, True, 1), (_masked_params, False, 2)],
+)
+def test_boolean_mask_indexing_runs_eagerly(masked, bug, order):
+    """x[x > 0] has a shape that depends on values: jax.jit refuses it, jax.grad run op by
+    op takes it (and check_grads), so the check runs eagerly instead of raising JAX's
+    NonConcreteBooleanIndexError; a mask on params as on data."""
+    fn = masked(_square_off if bug else jnp.square)
+    p, x = jnp.array([0.2, 0.5, 0.9]), jnp.array([1.0, -1.0, 2.0, 0.5])
+    report = jaxcheck.verify(fn, p, x, order=order, num_directions=8)
+    assert report.status == ("fail" if bug else "pass"), str(report)
+    assert any("(NonConcreteBooleanIndexError)" in q for q in report.problems), report.problems
+
+
 def test_rademacher_directions():
     report = jaxcheck.verify(quartic, jnp.linspace(0.5, 1.5, 6), directions="rademacher")
     assert report.status == "pass"
