@@ -54,7 +54,7 @@ from . import (
     _tree,
 )
 from ._error_model import Comparison
-from ._errors import GradientCheckError
+from ._errors import GradientCheckError, one_line
 from ._report import Report, Status
 from ._state import PRIMAL_ROW
 
@@ -122,7 +122,9 @@ def verify_rule(
         the property), `checks` one row per property; the status is the worst of theirs.
 
     Raises:
-        TypeError: `f` is not callable.
+        TypeError: `f` is not callable, or JAX cannot differentiate it at `args` at all (a
+            bwd returning a bare array for one input, cotangents of the wrong number or
+            shape, a fwd without residuals): JAX's error, with what a rule must return.
         GradientCheckError: with `raise_on_failure=True`, when a property does not hold.
 
     Example:
@@ -146,7 +148,9 @@ def verify_rule(
     # like verify: a traced input would fail every row, and the rule's rows are not what
     # refused them; jaxcheck's own transfers are allowed under a caller's transfer guard
     _host.refuse_traced({"args": args}, who="verify_rule")
-    _differentiable(Rule.make(f, args))
+    rule = Rule.make(f, args)
+    _differentiable(rule)
+    _runnable(rule)
     with _plan.own_transfers():
         report = check_rule(
             f, args, key, num_directions, precision, rtol, leaf_directions, order=order
@@ -190,6 +194,50 @@ def _differentiable(rule: "Rule") -> None:
             f"verify_rule: f returns no floating-point output (dtypes: {', '.join(dtypes)}); "
             "a derivative rule maps float inputs to float outputs."
         )
+
+
+def _runnable(rule: "Rule") -> None:
+    """Refuse a rule that JAX cannot differentiate at all at these inputs: a bwd that
+    returns a bare array for a one-input primal (the missing comma of `(g,)`), cotangents
+    of the wrong number or shape, a fwd that returns no (output, residuals) pair, a jvp
+    tangent of the wrong dtype. Every row would fail with the same error, and a failing
+    primal row would call a rule that cannot run "wrong". Found abstractly, compiling
+    nothing. A jvp JAX cannot transpose is a finding of the rows (the jvp runs, and the
+    linearity row says why), so only a rule with neither mode is refused."""
+
+    def reverse(inputs):
+        out, pullback = jax.vjp(rule.call, inputs)
+        return pullback(jax.tree_util.tree_map(_zero_cotangent, out))
+
+    def forward(inputs):
+        # (ones: JAX skips a rule whose tangents are all symbolic zeros)
+        tangents = jax.tree_util.tree_map(lambda x: _zero_cotangent(x, 1), inputs)
+        return jax.jvp(rule.call, (inputs,), (tangents,))
+
+    try:
+        jax.eval_shape(reverse, rule.inputs)
+    except Exception as err:  # noqa: BLE001 - refused below unless forward mode runs
+        try:
+            # (a custom_vjp's jvp fails only when run, not traced: its jaxpr tells)
+            if _jvp_note(rule) is not None:
+                raise
+            jax.eval_shape(forward, rule.inputs)
+        except Exception:  # noqa: BLE001 - neither mode: JAX's reverse-mode error says why
+            raise TypeError(
+                "verify_rule: JAX cannot differentiate f at these inputs, so no property of "
+                f"its rule can be checked. jax.vjp(f) raises {one_line(err, 600)}\nFix the "
+                "rule first: a custom_vjp's fwd returns (output, residuals) and its bwd a "
+                "tuple with one cotangent per primal input, shaped like it ((g,) for one "
+                "input); a custom_jvp's rule returns (output, tangent) with the output's "
+                "shape and dtype."
+            ) from err
+
+
+def _zero_cotangent(x, value=0):
+    x = jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.full(x.shape, value, x.dtype)
+    return np.zeros(x.shape, jax.dtypes.float0)
 
 
 def check_rule(

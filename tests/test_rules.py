@@ -161,13 +161,55 @@ def test_cotangent_of_the_wrong_dtype():
     assert "cotangent types: args[0]: cotangent bfloat16[5], expected float32[5]" in str(report)
 
 
-def test_cotangent_of_the_wrong_shape_is_a_failing_row_not_a_crash():
-    f = sin_vjp(lambda x, g: ((g * jnp.cos(x))[:, None],))
-    report = jaxcheck.verify_rule(f, X)
-    assert {"cotangent types", "vjp vs finite differences"} <= failed(report)
-    # JAX's own words, which newer versions extend ("... bwd rule attached to f at ...")
-    [row] = [q for q in report.problems if q.startswith("cotangent types: ValueError: ")]
-    assert "Custom VJP bwd rule" in row and "must produce" in row
+def _two_inputs_one_cotangent():
+    @jax.custom_vjp
+    def f(x, y):
+        return jnp.sin(x) * y
+
+    f.defvjp(lambda x, y: (f(x, y), (x, y)), lambda r, g: (g * jnp.cos(r[0]) * r[1],))
+    return f
+
+
+def _fwd_without_residuals():
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(x)
+
+    f.defvjp(jnp.sin, lambda x, g: (g,))
+    return f
+
+
+def _jvp_tangent_of_another_dtype():
+    @jax.custom_jvp
+    def f(x):
+        return jnp.sin(x)
+
+    f.defjvp(lambda p, t: (jnp.sin(p[0]), (jnp.cos(p[0]) * t[0]).astype(jnp.float16)))
+    return f
+
+
+@pytest.mark.parametrize(
+    ("make", "inputs", "said"),
+    [
+        # the missing comma of (g,): JAX refuses the rule outright
+        (lambda: sin_vjp(lambda x, g: g * jnp.cos(x)), (X,), "TypeError: Custom VJP bwd rule"),
+        (lambda: sin_vjp(lambda x, g: ((g * jnp.cos(x))[:, None],)), (X,), "ValueError: "),
+        (_two_inputs_one_cotangent, (X, X), "TypeError: Custom VJP bwd rule"),
+        (_fwd_without_residuals, (X,), "TypeError: Custom VJP fwd"),
+        (_jvp_tangent_of_another_dtype, (X,), "TypeError: Custom JVP rule"),
+    ],
+)
+def test_a_rule_jax_cannot_run_is_refused_not_called_wrong(make, inputs, said):
+    """Every row would fail with JAX's one error, and the headline said "primal is WRONG"
+    (tolerance inf) of a rule whose primal is right but whose derivative cannot run."""
+    with pytest.raises(TypeError) as caught:
+        jaxcheck.verify_rule(make(), *inputs)
+    message = str(caught.value)
+    assert message.startswith(
+        "verify_rule: JAX cannot differentiate f at these inputs, so no property of its rule "
+        f"can be checked. jax.vjp(f) raises {said}"
+    ), message
+    assert "\nFix the rule first: a custom_vjp's fwd returns (output, residuals)" in message
 
 
 def test_integer_input_gets_float0_and_nondiff_argnums_are_held_fixed():
