@@ -257,11 +257,21 @@ def gradient_health(
             param_norm = jnp.full_like(grad_norm, NO_PARAMS)
         else:
             flat = _params_like(updates, params)
+            # one parameter per watched update; a None parameter beside an update (a frozen
+            # or absent leaf) has no known norm
+            with_none = jax.tree_util.tree_leaves(updates, is_leaf=_is_none)
+            own = [p for u, p in zip(with_none, flat, strict=True) if u is not None]
+            absent = np.array([p is None for p in own])
+
+            def refreshed():
+                norms = _norms([jnp.zeros(()) if p is None else p for p in own])
+                return jnp.where(absent, NO_PARAMS, norms) if absent.any() else norms
+
             # Parameters move by about the learning rate per step: their norms are refreshed
             # every PARAM_EVERY steps, which keeps their reductions off most steps.
             param_norm = jax.lax.cond(
                 (t % PARAM_EVERY == 0) | ~jnp.all(jnp.isfinite(state.param_norm)),
-                lambda: _norms([p for p in flat if p is not None]),
+                refreshed,
                 lambda: state.param_norm,
             )
 

@@ -217,6 +217,17 @@ def test_nan_params_are_still_params():
     assert float(opt.init(PARAMS).param_norm[0]) == -1.0  # none given yet
 
 
+def test_params_with_a_none_leaf_beside_an_update():
+    """A parameter given as None where its update is an array (a frozen leaf) has no known
+    norm; the others' are kept. It raised JAX's "cond branches must have equal output
+    types" (one norm fewer than updates)."""
+    opt = jaxcheck.gradient_health()
+    params = {"dead": jnp.ones(3), "head": {"b": None, "w": jnp.ones((2, 2))}}
+    _, state = jax.jit(opt.update)(grads_at(0), opt.init(PARAMS), params)
+    np.testing.assert_allclose(state.param_norm, [np.sqrt(3.0), -1.0, 2.0])
+    assert jaxcheck.health(state).params_seen
+
+
 def test_update_without_params():
     opt = jaxcheck.gradient_health()
     state = opt.init(PARAMS)
