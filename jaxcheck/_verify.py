@@ -226,6 +226,46 @@ def _same_devices(params, args) -> None:
         )
 
 
+def _id(device) -> int:
+    return device.id
+
+
+def _onto_mesh(sharding, splits, groups) -> tuple:
+    """The arrays of params and args on the devices of `direction_sharding`'s mesh, where
+    the directions run: NumPy arrays and uncommitted ones replicated there (copies: the
+    caller's arrays stay where they are); a committed array elsewhere refused, naming it,
+    as jax.jit would refuse it without saying which."""
+    mesh_devices = set(sharding.mesh.devices.flat)
+    replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    (p_split, a_split), (diff, p_arrays, a_floats, a_arrays) = splits, groups
+    named = [
+        (p_split.paths_of(_tree.DIFF), diff, "params"),
+        (p_split.paths_of(_tree.ARRAY), p_arrays, "params"),
+        (a_split.paths_of(_tree.DIFF), a_floats, "args"),
+        (a_split.paths_of(_tree.ARRAY), a_arrays, "args"),
+    ]
+    out = []
+    for paths, leaves, name in named:
+        placed = []
+        for path, x in zip(paths, leaves, strict=True):
+            if isinstance(x, jax.Array) and getattr(x, "committed", False):
+                if set(x.devices()) != mesh_devices:
+                    on = ", ".join(str(d) for d in sorted(x.devices(), key=_id))
+                    raise ValueError(
+                        f"direction_sharding spreads the directions over the devices of its "
+                        f"mesh ({', '.join(str(d) for d in sorted(mesh_devices, key=_id))}), "
+                        f"but "
+                        f"{name}{path} is committed to {on}. Put params and args on the "
+                        "mesh's devices, say jax.device_put(x, NamedSharding(mesh, "
+                        "PartitionSpec())), or use a mesh of the devices that hold them."
+                    )
+                placed.append(x)
+            else:
+                placed.append(jax.device_put(x, replicated))
+        out.append(placed)
+    return tuple(out)
+
+
 @_host.host_side
 def run(fn, params, args: tuple, options: _options.Options) -> Report:
     """Check `fn` at `params` with validated `options`."""
@@ -263,6 +303,10 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
             "check. Pass parameters with at least one element."
         )
     _same_devices(params, args)
+    if o.direction_sharding is not None:
+        diff, p_arrays, a_floats, a_arrays = _onto_mesh(
+            o.direction_sharding, (p_split, a_split), (diff, p_arrays, a_floats, a_arrays)
+        )
     inputs = _problem.Inputs(diff, p_arrays, a_floats, a_arrays)
     problem = _problem.Problem(fn, o.grad_fn, o.has_aux, p_split, a_split)
     problem = _problem.with_output_structure(problem, inputs)

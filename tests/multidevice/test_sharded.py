@@ -133,6 +133,32 @@ def test_number_of_directions_must_divide_over_the_shards():
         )
 
 
+def test_a_direction_mesh_of_other_devices_than_the_arrays():
+    """Directions spread over a mesh of devices 4..7: NumPy and uncommitted arrays are
+    placed there (JAX's "Received incompatible devices" was raised for them too); an array
+    committed elsewhere is named, with the fix."""
+    d = jax.devices()
+    over = NamedSharding(Mesh(np.array(d[4:]), ("d",)), P("d"))
+
+    def fn(p, x):
+        return jnp.sum(jnp.sin(p["w"]) * x)
+
+    params, x = {"w": jnp.linspace(-1.0, 1.0, 5)}, np.linspace(0.5, 1.0, 5)
+    report = jaxcheck.verify(fn, params, x, num_directions=4, direction_sharding=over)
+    assert report.status == "pass", str(report)
+    assert params["w"].devices() == {d[0]}  # the caller's array stays where it was
+    committed = {"w": jax.device_put(params["w"], d[0])}
+    with pytest.raises(ValueError) as info:
+        jaxcheck.verify(fn, committed, x, num_directions=4, direction_sharding=over)
+    assert str(info.value) == (
+        "direction_sharding spreads the directions over the devices of its mesh ("
+        + ", ".join(str(device) for device in d[4:])
+        + f"), but params['w'] is committed to {d[0]}. Put params and args on the mesh's "
+        "devices, say jax.device_put(x, NamedSharding(mesh, PartitionSpec())), or use a mesh "
+        "of the devices that hold them."
+    )
+
+
 def test_arrays_on_different_devices_are_named():
     """jax.jit refuses arrays committed to different devices, naming an argument of an
     internal program ("argument diff[0] of probe"); the check names the leaves instead. A
