@@ -230,6 +230,16 @@ def merge_leaves(run: Run, status: Status, leaves, num_leaves: int = 0) -> Statu
             "a comparison) and the derivative under test is not zero, that derivative is a "
             "surrogate (a straight-through estimator?), which fails this check by design"
         )
+    elif status is Status.FAIL and len(leaves) == 1:
+        # (one leaf: its own check and the all-leaf one estimate the same error, on either
+        # side of the tolerance)
+        [leaf] = leaves
+        run.problems.append(
+            f"{leaf.path or '(root)'}, the only leaf, passes checked alone (relative error "
+            f"{leaf.relative_error:.1e}, tolerance {leaf.tolerance:.1e}): the error is at "
+            "the tolerance, where two estimates of it fall on either side; more directions "
+            "(verify's num_directions) narrow its interval"
+        )
     elif status is Status.FAIL:
         run.problems.append(
             f"{NO_SINGLE_LEAF}: the error is spread thinly over several leaves, or comes "

@@ -582,3 +582,24 @@ def test_atol_at_fs_scale_takes_jaxs_default_rtol_where_rtol_is_unset(modes, fai
                 check(g, (x,), 1, modes, atol=0.1)
         else:
             check(g, (x,), 1, modes, atol=0.1)
+
+
+def test_one_leaf_at_the_tolerance_is_not_said_to_spread_over_leaves():
+    """A 50 % bug against rtol=0.9, capped at 0.5: the all-leaf check fails, the only
+    leaf alone passes, and the report said the error "is spread thinly over several
+    leaves" of a one-leaf function."""
+
+    @jax.custom_jvp
+    def sin_off(x):
+        return jnp.sin(x)
+
+    sin_off.defjvp(lambda p, t: (jnp.sin(p[0]), 1.5 * jnp.cos(p[0]) * t[0]))
+    with pytest.raises(jaxcheck.GradientCheckError) as info:
+        jaxcheck.check_grads(sin_off, (jnp.linspace(0.1, 1.0, 3),), 1, rtol=0.9)
+    report = info.value.report
+    assert "spread thinly" not in str(report)
+    assert (
+        "[0], the only leaf, passes checked alone (relative error 5.0e-01, tolerance 5.0e-01): "
+        "the error is at the tolerance, where two estimates of it fall on either side; more "
+        "directions (verify's num_directions) narrow its interval"
+    ) in report.problems
