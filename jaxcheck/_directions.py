@@ -39,12 +39,13 @@ def as_key(key):
             "any transformation."
         )
     if _is_int_seed(key):
-        if not -(2**63) <= int(key) < 2**64:
+        seed = _seed(key)
+        if not -(2**63) <= seed < 2**64:
             raise ValueError(
                 f"key must be an int seed in [-2**63, 2**64) (JAX seeds are 64-bit), got "
-                f"{int(key)}. Try a smaller seed, say key=0, or key=jax.random.key(0)."
+                f"{seed}. Try a smaller seed, say key=0, or key=jax.random.key(0)."
             )
-        return _int_key(_signed(int(key)), jax.config.jax_default_prng_impl)
+        return _int_key(_signed(seed), jax.config.jax_default_prng_impl)
     if isinstance(key, jax.Array | np.ndarray):
         if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ():
             return key
@@ -69,7 +70,16 @@ def _signed(seed: int) -> int:
 
 
 def _is_int_seed(key) -> bool:
+    """A Python or NumPy int, or a 0-d integer array (jnp.int32(3)), as jax.random.key
+    takes them."""
+    if isinstance(key, jax.Array | np.ndarray) and not isinstance(key, jax.core.Tracer):
+        return key.shape == () and jnp.issubdtype(key.dtype, jnp.integer)
     return isinstance(key, int | np.integer) and not isinstance(key, bool)
+
+
+def _seed(key) -> int:
+    # (an explicit transfer, which a caller's transfer guard allows)
+    return int(jax.device_get(key)) if isinstance(key, jax.Array) else int(key)
 
 
 @functools.lru_cache(maxsize=64)
@@ -114,7 +124,7 @@ def _mix(x):
 def seeds(key, namespace: str, paths) -> np.ndarray:
     """One 32-bit seed per leaf path, from the key and the path only."""
     if _is_int_seed(key):
-        words = _int_key_words(_signed(int(key)), jax.config.jax_default_prng_impl)
+        words = _int_key_words(_signed(_seed(key)), jax.config.jax_default_prng_impl)
     else:
         words = _key_words(as_key(key))
     return _seeds(words, namespace, tuple(paths))

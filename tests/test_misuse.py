@@ -405,6 +405,19 @@ def test_numpy_and_jax_scalars_as_options():
     jaxcheck.check_grads(jnp.sin, (x,), 2.0)  # a float order, as JAX's check_grads takes
 
 
+@pytest.mark.parametrize("seed", [jnp.int32(3), jnp.uint8(3), np.array(3)])
+def test_a_jax_or_numpy_integer_scalar_is_the_seed_it_holds(seed):
+    """jnp.int32(3) was refused ("got an array of dtype int32 and shape ()") where
+    np.int64(3) was taken, and jax.random.key takes both; under a transfer guard too."""
+    x = jnp.linspace(0.1, 1.0, 3)
+    with jax.transfer_guard("disallow"):
+        report = jaxcheck.verify(_loss, x, key=seed)
+    np.testing.assert_array_equal(report.numeric, jaxcheck.verify(_loss, x, key=3).numeric)
+    assert jaxcheck.verify_rule(jax.nn.softplus, x, key=seed).ok
+    with pytest.raises(TypeError, match=r"got an array of dtype float32 and shape \(\)"):
+        jaxcheck.verify(_loss, x, key=jnp.float32(3))
+
+
 def test_verify_rule_names_the_option_meant_or_says_to_bind_fs_keywords():
     """verify_rule had Python's bare "unexpected keyword argument 'num_direction'"."""
     x = jnp.linspace(0.1, 1.0, 3)
