@@ -330,7 +330,10 @@ def _check_step(eps) -> None:
         and math.isfinite(eps)
         and eps > 0
     ):
-        raise ValueError(f"check_grads: eps must be a positive float or None, got {eps!r}.")
+        raise ValueError(
+            f"check_grads: eps must be a positive float, or 0 or None (JAX's default step), "
+            f"got {eps!r}."
+        )
 
 
 def _tolerance_value(name: str, tol, dtypes) -> float | None:

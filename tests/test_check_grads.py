@@ -323,7 +323,11 @@ def test_a_nan_derivative_of_a_finite_output_fails_though_f_is_nan_elsewhere(mod
         ((jnp.sin, (X,), -1), ValueError, "order must be an int >= 1, got -1."),
         ((jnp.sin, (X,), 1, ("fwd", "bwd")), ValueError, "unknown mode(s) ['bwd']"),
         ((jnp.sin, (X,), 1, ()), ValueError, "modes is empty, so nothing would be checked"),
-        ((jnp.sin, (X,), 1, ("rev",), None, None, -1.0), ValueError, "eps must be a positive"),
+        (
+            (jnp.sin, (X,), 1, ("rev",), None, None, -1.0),
+            ValueError,
+            "eps must be a positive float, or 0 or None",
+        ),
         ((jnp.sin, (X,), 1, ("rev",), "loose"), TypeError, "atol must be a float, a dict"),
         ((X, (X,), 1), TypeError, "f must be callable, got ndarray."),
         # verify's advice in check_grads' terms
