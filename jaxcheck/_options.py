@@ -183,6 +183,13 @@ def _validate_direction_sharding(sharding, k) -> None:
         )
     axes = sharding.spec[0]
     axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    if not axes:
+        raise TypeError(
+            "direction_sharding names no mesh axis for the directions (its PartitionSpec is "
+            f"{sharding.spec!r}), so nothing would be spread. Name one, say "
+            f"NamedSharding(mesh, PartitionSpec({sharding.mesh.axis_names[0]!r})), or leave "
+            "direction_sharding=None."
+        )
     shards = math.prod(sharding.mesh.shape[a] for a in axes)
     if k % shards:
         raise ValueError(

@@ -82,6 +82,14 @@ def test_direction_sharding_over_one_device_takes_any_number_of_directions():
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     one = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     assert jaxcheck.verify(loss, P, direction_sharding=one, num_directions=5).ok
+    none = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None))
+    with pytest.raises(TypeError) as info:  # was taken, spreading nothing
+        jaxcheck.verify(loss, P, direction_sharding=none)
+    assert str(info.value) == (
+        "direction_sharding names no mesh axis for the directions (its PartitionSpec is "
+        f"{none.spec!r}), so nothing would be spread. Name one, say "
+        "NamedSharding(mesh, PartitionSpec('data')), or leave direction_sharding=None."
+    )
 
 
 @pytest.mark.parametrize(
