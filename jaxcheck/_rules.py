@@ -207,11 +207,11 @@ def _runnable(rule: "Rule") -> None:
 
     def reverse(inputs):
         out, pullback = jax.vjp(rule.call, inputs)
-        return pullback(jax.tree_util.tree_map(_zero_cotangent, out))
+        return pullback(jax.tree_util.tree_map(_filled, out))
 
     def forward(inputs):
         # (ones: JAX skips a rule whose tangents are all symbolic zeros)
-        tangents = jax.tree_util.tree_map(lambda x: _zero_cotangent(x, 1), inputs)
+        tangents = jax.tree_util.tree_map(lambda x: _filled(x, 1), inputs)
         return jax.jvp(rule.call, (inputs,), (tangents,))
 
     try:
@@ -233,7 +233,9 @@ def _runnable(rule: "Rule") -> None:
             ) from err
 
 
-def _zero_cotangent(x, value=0):
+def _filled(x, value=0):
+    """An array like `x` filled with `value`; float0 zeros for an integer or bool `x`,
+    the cotangent and tangent JAX takes for them."""
     x = jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
     if jnp.issubdtype(x.dtype, jnp.inexact):
         return jnp.full(x.shape, value, x.dtype)

@@ -254,8 +254,7 @@ def _onto_mesh(sharding, splits, groups) -> tuple:
                     raise ValueError(
                         f"direction_sharding spreads the directions over the devices of its "
                         f"mesh ({', '.join(str(d) for d in sorted(mesh_devices, key=_id))}), "
-                        f"but "
-                        f"{name}{path} is committed to {on}. Put params and args on the "
+                        f"but {name}{path} is committed to {on}. Put params and args on the "
                         "mesh's devices, say jax.device_put(x, NamedSharding(mesh, "
                         "PartitionSpec())), or use a mesh of the devices that hold them."
                     )
