@@ -210,7 +210,24 @@ def rules_part(
         rows[i] = dataclasses.replace(
             rows[i], name=f"rule {r.label}: no error found ({_resolution(r)})"
         )
-    fine = [r.label for r in reports if r.ok and r not in coarse]
+    # fn fails and no rule was found wrong: a rule checked at one of its calls only (a loop
+    # body at its first iteration, a block called from one line) is not cleared of it
+    first_only = [
+        r
+        for r in reports
+        if error is not None
+        and not wrong
+        and r.ok
+        and r not in coarse
+        and ("first iteration" in r.label or getattr(by_label.get(r.label), "calls", 1) > 1)
+    ]
+    for r in first_only:
+        i = titles.index(r.label)
+        where = "iteration" if "first iteration" in r.label else "call"
+        rows[i] = dataclasses.replace(
+            rows[i], name=f"rule {r.label}: no error found at its first {where} only"
+        )
+    fine = [r.label for r in reports if r.ok and r not in coarse and r not in first_only]
     if masked:
         problems.append(
             f"JAX's own rules that fail alone at the inputs fn gives them, while fn's "
@@ -226,7 +243,8 @@ def rules_part(
             "as a relu at entries fn keeps at 0?), so they are not counted as wrong; check "
             "such a rule alone with jaxcheck.verify_rule at inputs fn reaches"
         )
-    unfaulted = fine + [r.label for r in coarse]  # passed, whether or not finely enough
+    # passed, whether or not finely enough or at every call
+    unfaulted = fine + [r.label for r in first_only + coarse]
     repeated = [
         f"{label} ({by_label[label].calls} calls)"
         for label in unfaulted
@@ -241,11 +259,13 @@ def rules_part(
             "one wrong at the inputs of later calls goes unseen there (check it with "
             "jaxcheck.verify_rule at those inputs)"
         )
-    if error is not None and not wrong and any("first iteration" in f for f in unfaulted):
+    in_loops = [f for f in unfaulted if "first iteration" in f]
+    if error is not None and not wrong and in_loops:
         problems.append(
-            "a rule in a loop body was checked at the loop's first iteration only: one "
-            "wrong at later iterations (at inputs that first iteration does not reach) "
-            "goes unseen there"
+            f"a rule in a loop body was checked at the loop's first iteration only, so it is "
+            f"not cleared of fn's error: {'; '.join(in_loops)}; one wrong at later iterations "
+            "(at inputs that first iteration does not reach) goes unseen there (check it "
+            "with jaxcheck.verify_rule at those inputs)"
         )
     if loose:
         each = "; ".join(f"{r.label} ({_resolution(r)})" for r in loose)
