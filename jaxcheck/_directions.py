@@ -38,8 +38,8 @@ def as_key(key):
             "inside jax.jit, jax.grad or jax.vmap. Pass a concrete key (say key=0), outside "
             "any transformation."
         )
-    if _is_int_seed(key):
-        seed = _seed(key)
+    if is_int_seed(key):
+        seed = seed_of(key)
         if not -(2**63) <= seed < 2**64:
             raise ValueError(
                 f"key must be an int seed in [-2**63, 2**64) (JAX seeds are 64-bit), got "
@@ -69,7 +69,7 @@ def _signed(seed: int) -> int:
     return seed - 2**64 if seed >= 2**63 else seed
 
 
-def _is_int_seed(key) -> bool:
+def is_int_seed(key) -> bool:
     """A Python or NumPy int, or a 0-d integer array (jnp.int32(3)), as jax.random.key
     takes them."""
     if isinstance(key, jax.Array | np.ndarray) and not isinstance(key, jax.core.Tracer):
@@ -77,7 +77,7 @@ def _is_int_seed(key) -> bool:
     return isinstance(key, int | np.integer) and not isinstance(key, bool)
 
 
-def _seed(key) -> int:
+def seed_of(key) -> int:
     # (an explicit transfer, which a caller's transfer guard allows)
     return int(jax.device_get(key)) if isinstance(key, jax.Array) else int(key)
 
@@ -123,8 +123,8 @@ def _mix(x):
 
 def seeds(key, namespace: str, paths) -> np.ndarray:
     """One 32-bit seed per leaf path, from the key and the path only."""
-    if _is_int_seed(key):
-        words = _int_key_words(_signed(_seed(key)), jax.config.jax_default_prng_impl)
+    if is_int_seed(key):
+        words = _int_key_words(_signed(seed_of(key)), jax.config.jax_default_prng_impl)
     else:
         words = _key_words(as_key(key))
     return _seeds(words, namespace, tuple(paths))

@@ -45,8 +45,8 @@ class Options:
             number = _number(getattr(self, name), integer=name in _INTS)
             if number is not None:
                 object.__setattr__(self, name, number)
-        if _integer_scalar(self.key):  # jnp.int32(3): the seed it holds, as np.int64(3)
-            object.__setattr__(self, "key", _number(self.key, integer=True))
+        if _directions.is_int_seed(self.key):  # np.int64(3), jnp.int32(3): the int held
+            object.__setattr__(self, "key", _directions.seed_of(self.key))
         _validate(self)
 
     def changed(self) -> dict:
@@ -69,15 +69,6 @@ def scalar(value):
             # (an explicit transfer, which a caller's transfer guard allows)
             return np.asarray(jax.device_get(value)).item()
     return value
-
-
-def _integer_scalar(value) -> bool:
-    return (
-        isinstance(value, np.ndarray | jax.Array)
-        and not isinstance(value, jax.core.Tracer)
-        and np.ndim(value) == 0
-        and jax.numpy.issubdtype(value.dtype, jax.numpy.integer)
-    )
 
 
 def _number(value, integer: bool):
