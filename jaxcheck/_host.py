@@ -65,10 +65,13 @@ def host_side(run):
         flags = DEBUG_FLAGS.get()  # already set when one check runs others
         if flags is None:
             flags = (jax.config.jax_debug_nans, jax.config.jax_debug_infs)
+        # (under the caller's jax.disable_jit() the programs compile all the same: a
+        # function that needs it, branching in Python on values, is run eagerly anyway)
         with (
             _plan.own_transfers(),
             jax.debug_nans(False),
             jax.debug_infs(False),
+            jax.disable_jit(False),
             _contextvar(DEBUG_FLAGS, flags),
         ):
             refuse_traced({"params": params, "args": args})

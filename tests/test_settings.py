@@ -148,6 +148,21 @@ def test_debug_nans_with_an_infinite_gradient_reports_nonfinite():
     assert "the gradient (autodiff) of leaf (root) is NaN/Inf" in report.problems
 
 
+@pytest.mark.parametrize("order", [1, 2])
+def test_disable_jit(order):
+    """JAX's suites run tests under jax.disable_jit(); the check compiles its programs ahead
+    of time, which raised "Disable jit is not supported in the AOT path". A wrong
+    derivative still fails; the caller's setting is in force again after the check."""
+    x = jnp.array([0.3, 0.7, 1.1])
+    with jax.disable_jit():
+        jaxcheck.check_grads(jnp.sin, (x,), order)
+        assert jaxcheck.verify_rule(jax.nn.softplus, x).ok
+        sin_off = jax.custom_jvp(jnp.sin)
+        sin_off.defjvp(lambda p, t: (jnp.sin(p[0]), 1.01 * jnp.cos(p[0]) * t[0]))
+        assert jaxcheck.verify(sin_off, x, order=order).status == "fail"
+        assert jax.config.jax_disable_jit
+
+
 def test_transfer_guard_disallow():
     p, x = jax.device_put(_inputs(jnp.float32))
     with jax.transfer_guard("disallow"):
