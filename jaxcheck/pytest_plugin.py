@@ -8,9 +8,9 @@ module holds it, so `jax.test_util`, `jax._src.test_util` and test modules that 
 later get the replacement too; the original function's own code calls the replacement, for
 references taken earlier (a `functools.partial` built in a conftest). A wrong derivative,
 or a NaN/Inf one where the function is finite, fails the test. A check with nothing to
-judge (a kink at the point, or the function itself NaN/Inf there) does not; it is listed,
-with the wrong ones (and those whose error the test caught, as it expected), in a summary
-at the end, under pytest-xdist too.
+judge (a kink at the point, the function itself NaN/Inf there, or `modes` naming no mode,
+which JAX passes) does not; it is listed, with the wrong ones (and those whose error the
+test caught, as it expected), in a summary at the end, under pytest-xdist too.
 """
 
 import dataclasses
@@ -69,6 +69,7 @@ class Router:
         # that ran the test to the process that prints the summary
         self.pending: list[list[str]] = []
         self.pending_calls = 0
+        self.raised: list[tuple[int, BaseException]] = []  # (index in pending, the error)
         # calls made outside any test (at a module's import, while collecting), by where
         # they ran: carried on the next report, and counted once in the summary though
         # every pytest-xdist worker imports the module and makes them again
@@ -125,18 +126,35 @@ class Router:
             else:
                 records = self.pending
                 self.pending_calls += 1
+            # JAX checks the modes it finds `in modes` and ignores the rest: a test whose
+            # modes name none (modes=(), a parametrization's empty list) passes there
+            found = tuple(m for m in _check_grads.MODES if _has(modes, m))
+            if not found:
+                records.append(["unjudged", f"modes={modes!r} names no mode: nothing checked"])
+                return None
+            if not isinstance(modes, str) and len(found) < len(set(modes)):
+                modes = found  # unknown names beside known ones, which JAX ignores
             try:
                 outcome = _check_grads.run(f, args, order, modes, atol, rtol, eps)
             except Exception as e:
                 records.append(["error", one_line(e)])
+                self._raised(records, e)
                 raise
             if outcome.verdict != "pass":
                 records.append([outcome.verdict, outcome.headline])
             if outcome.verdict == "fail":
-                raise _check_grads.error(outcome.report)
+                error = _check_grads.error(outcome.report)
+                self._raised(records, error)
+                raise error
 
         check_grads.routed_by_jaxcheck = True
         return check_grads
+
+    def _raised(self, records, error) -> None:
+        """Remember the error a running test's check raised (its last record), to tell
+        when the test reports whether the error ended it or the test caught it."""
+        if records is self.pending:
+            self.raised.append((len(records) - 1, error))
 
     # -- knowing which test is running ----------------------------------------------------
 
@@ -158,6 +176,13 @@ class Router:
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item, call):
         report = yield
+        # an error a check raised that did not end this phase was caught (pytest.raises,
+        # assertRaises, a fixture's try), whatever else then made the test fail
+        ended = _chain(call.excinfo.value if call.excinfo is not None else None)
+        for i, error in self.raised:
+            if not any(error is e for e in ended):
+                self.pending[i][0] = "caught"
+        self.raised = []
         if self.pending_calls:
             found = {"calls": self.pending_calls, "records": self.pending}
             report.user_properties.append((PROPERTY, found))
@@ -177,8 +202,7 @@ class Router:
             for verdict, headline in found["records"]:
                 # a GradientCheckError the test expected (pytest.raises, assertRaises, or
                 # an xfail mark)
-                expected = report.passed or hasattr(report, "wasxfail")
-                if verdict == "fail" and report.when == "call" and expected:
+                if verdict == "fail" and hasattr(report, "wasxfail"):
                     verdict = "caught"
                 self.records.append(Record(report.nodeid, verdict, headline))
 
@@ -208,6 +232,22 @@ class Router:
                     tr.line(f"{verdict.upper():8} {r.nodeid}: {r.headline}")
 
 
+def _has(modes, mode: str) -> bool:
+    try:
+        return mode in modes
+    except TypeError:  # not a container: check_grads says what modes must be
+        return True
+
+
+def _chain(error) -> list:
+    """`error` and the errors it was raised from or while handling."""
+    out = []
+    while error is not None and not any(error is e for e in out):
+        out.append(error)
+        error = error.__cause__ or error.__context__
+    return out
+
+
 OUTSIDE = "(outside a test)"  # where a call made at import or collection is listed
 _ROUTE = "_check_grads_routed_by_jaxcheck"  # the replacement, in check_grads' module
 
@@ -223,7 +263,7 @@ PROPERTY = "jaxcheck"  # the key of what a test's checks found in its report's u
 
 VERDICTS = {
     "fail": "failed (raised GradientCheckError, an AssertionError, in the test)",
-    "caught": "failed as the test expected (it caught the GradientCheckError, or is xfail)",
-    "unjudged": "not judged (kink or non-finite fn at the point; nothing raised)",
+    "caught": "failed or raised as the test expected (it caught the error, or is xfail)",
+    "unjudged": "not judged (kink or non-finite fn at the point, or no mode asked; nothing raised)",
     "error": "raised an error",
 }

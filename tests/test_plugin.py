@@ -100,6 +100,45 @@ SAMPLE += textwrap.dedent(
 )
 
 
+SAMPLE += textwrap.dedent(
+    """
+
+    def test_modes_naming_no_mode():
+        # JAX checks the modes it finds in `modes`: none here, and the test passes
+        check_grads(jnp.sin, (X,), 1, modes=())
+
+
+    @pytest.fixture
+    def caught_in_a_fixture():
+        with pytest.raises(AssertionError):
+            check_grads(wrong_sin, (X,), 1, modes=["fwd"])
+
+
+    def test_caught_in_a_fixture(caught_in_a_fixture):
+        pass
+
+
+    def test_caught_then_failing_otherwise():
+        with pytest.raises(AssertionError):
+            check_grads(wrong_sin, (X,), 1, modes=["fwd"])
+        assert 1 == 2
+
+
+    @jax.custom_vjp
+    def vjp_sin(x):
+        return jnp.sin(x)
+
+
+    vjp_sin.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * jnp.cos(x),))
+
+
+    def test_expects_forward_mode_through_a_custom_vjp_to_raise():
+        with pytest.raises(TypeError):
+            check_grads(vjp_sin, (X,), 1, modes=["fwd"])
+    """
+)
+
+
 # a check made while the module is imported, outside any test (the kink is not judged, so
 # the import goes on); every pytest-xdist worker imports it
 AT_IMPORT = textwrap.dedent(
@@ -150,7 +189,7 @@ def test_jaxcheck_flag_routes_every_check_grads_and_summarizes(tmp_path):
     (tmp_path / "test_at_import.py").write_text(AT_IMPORT)
     flags = ("-p", "jaxcheck.pytest_plugin", "--jaxcheck", *xdist)
     out = _pytest(tmp_path, *flags, "test_sample.py", "test_at_import.py")
-    assert "3 failed, 7 passed, 1 xfailed" in out, out
+    assert "4 failed, 10 passed, 1 xfailed" in out, out
     assert "FAILED test_sample.py::test_wrong_custom_jvp - jaxcheck.GradientCheckError" in out
     assert "FAILED test_sample.py::test_via_jtu - jaxcheck.GradientCheckError" in out
     # (routed though the partial holds the original function object)
@@ -160,11 +199,11 @@ def test_jaxcheck_flag_routes_every_check_grads_and_summarizes(tmp_path):
     )
     summary = out.split("jaxcheck check_grads")[1]
     assert (
-        "10 check_grads calls routed to jaxcheck: 2 passed, 3 failed (raised "
+        "14 check_grads calls routed to jaxcheck: 2 passed, 3 failed (raised "
         "GradientCheckError, an AssertionError, in the test), "
-        "2 failed as the test expected (it caught the GradientCheckError, or is xfail), "
-        "3 not judged (kink or non-finite fn at the point; nothing raised), "
-        "0 raised an error" in summary
+        "5 failed or raised as the test expected (it caught the error, or is xfail), "
+        "4 not judged (kink or non-finite fn at the point, or no mode asked; nothing "
+        "raised), 0 raised an error" in summary
     ), summary
     assert (
         "FAIL     test_sample.py::test_wrong_custom_jvp: fail; relative error 5.0e-01 "
@@ -176,6 +215,20 @@ def test_jaxcheck_flag_routes_every_check_grads_and_summarizes(tmp_path):
         "5.0e-01" in summary
     )
     assert "CAUGHT   test_sample.py::test_marked_to_fail: fail; relative error 5.0e-01" in summary
+    # caught where the test expected it, though not in its call, or not by its last word
+    # (listed as failing in the test, and as raising an error)
+    for caught in ("test_caught_in_a_fixture", "test_caught_then_failing_otherwise"):
+        assert f"CAUGHT   test_sample.py::{caught}: fail; relative error 5.0e-01" in summary
+    assert (
+        "CAUGHT   test_sample.py::test_expects_forward_mode_through_a_custom_vjp_to_raise: "
+        "TypeError: check_grads: modes=('fwd',) needs forward-mode autodiff (jvp)" in summary
+    )
+    assert "FAILED test_sample.py::test_caught_then_failing_otherwise - assert 1 == 2" in out
+    # JAX checks nothing and passes: listed, not failed (it raised a ValueError)
+    assert (
+        "UNJUDGED test_sample.py::test_modes_naming_no_mode: modes=() names no mode: nothing "
+        "checked" in summary
+    )
     assert (
         "UNJUDGED test_sample.py::test_kink: inconclusive; only 0 of 16 directions are smooth"
         in summary
@@ -196,7 +249,7 @@ def test_jaxcheck_flag_routes_every_check_grads_and_summarizes(tmp_path):
 def test_without_the_flag_the_original_check_grads_runs(tmp_path):
     out = _pytest(tmp_path, "-p", "jaxcheck.pytest_plugin", "test_sample.py")
     # JAX's own check fails the planted bugs, and also the kink and the NaN point
-    assert "5 failed, 4 passed, 1 xfailed" in out, out
+    assert "6 failed, 7 passed, 1 xfailed" in out, out
     assert "FAILED test_sample.py::test_wrong_custom_jvp - AssertionError" in out
     assert "GradientCheckError" not in out
     assert "jaxcheck check_grads" not in out
