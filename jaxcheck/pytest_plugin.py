@@ -132,8 +132,10 @@ class Router:
             if not found:
                 records.append(["unjudged", f"modes={modes!r} names no mode: nothing checked"])
                 return None
-            if not isinstance(modes, str) and len(found) < len(set(modes)):
-                modes = found  # unknown names beside known ones, which JAX ignores
+            if isinstance(modes, str) or len(found) < _count(modes):
+                # the names JAX reads: in a string ("fwdrev" holds both), or beside
+                # unknown ones, which it ignores
+                modes = found
             try:
                 outcome = _check_grads.run(f, args, order, modes, atol, rtol, eps)
             except Exception as e:
@@ -200,8 +202,8 @@ class Router:
                 continue
             self.calls += found["calls"]
             for verdict, headline in found["records"]:
-                # a GradientCheckError the test expected (pytest.raises, assertRaises, or
-                # an xfail mark)
+                # a GradientCheckError that ended a test marked xfail, as it expected (one
+                # the test caught is marked when its report is made)
                 if verdict == "fail" and hasattr(report, "wasxfail"):
                     verdict = "caught"
                 self.records.append(Record(report.nodeid, verdict, headline))
@@ -237,6 +239,15 @@ def _has(modes, mode: str) -> bool:
         return mode in modes
     except TypeError:  # not a container: check_grads says what modes must be
         return True
+
+
+def _count(modes) -> int:
+    """The number of distinct names in `modes` (0 where they cannot be counted: check_grads
+    then says what modes must be)."""
+    try:
+        return len(set(modes))
+    except TypeError:
+        return 0
 
 
 def _chain(error) -> list:

@@ -108,6 +108,11 @@ SAMPLE += textwrap.dedent(
         check_grads(jnp.sin, (X,), 1, modes=())
 
 
+    def test_modes_as_jax_reads_them():
+        check_grads(jnp.sin, (X,), 1, modes="fwdrev")  # both: JAX asks `"fwd" in modes`
+        check_grads(jnp.sin, (X,), 1, modes=("rev", "backward"))  # the unknown one ignored
+
+
     @pytest.fixture
     def caught_in_a_fixture():
         with pytest.raises(AssertionError):
@@ -189,7 +194,7 @@ def test_jaxcheck_flag_routes_every_check_grads_and_summarizes(tmp_path):
     (tmp_path / "test_at_import.py").write_text(AT_IMPORT)
     flags = ("-p", "jaxcheck.pytest_plugin", "--jaxcheck", *xdist)
     out = _pytest(tmp_path, *flags, "test_sample.py", "test_at_import.py")
-    assert "4 failed, 10 passed, 1 xfailed" in out, out
+    assert "4 failed, 11 passed, 1 xfailed" in out, out
     assert "FAILED test_sample.py::test_wrong_custom_jvp - jaxcheck.GradientCheckError" in out
     assert "FAILED test_sample.py::test_via_jtu - jaxcheck.GradientCheckError" in out
     # (routed though the partial holds the original function object)
@@ -199,7 +204,7 @@ def test_jaxcheck_flag_routes_every_check_grads_and_summarizes(tmp_path):
     )
     summary = out.split("jaxcheck check_grads")[1]
     assert (
-        "14 check_grads calls routed to jaxcheck: 2 passed, 3 failed (raised "
+        "16 check_grads calls routed to jaxcheck: 4 passed, 3 failed (raised "
         "GradientCheckError, an AssertionError, in the test), "
         "5 failed or raised as the test expected (it caught the error, or is xfail), "
         "4 not judged (kink or non-finite fn at the point, or no mode asked; nothing "
@@ -249,7 +254,7 @@ def test_jaxcheck_flag_routes_every_check_grads_and_summarizes(tmp_path):
 def test_without_the_flag_the_original_check_grads_runs(tmp_path):
     out = _pytest(tmp_path, "-p", "jaxcheck.pytest_plugin", "test_sample.py")
     # JAX's own check fails the planted bugs, and also the kink and the NaN point
-    assert "6 failed, 7 passed, 1 xfailed" in out, out
+    assert "6 failed, 8 passed, 1 xfailed" in out, out
     assert "FAILED test_sample.py::test_wrong_custom_jvp - AssertionError" in out
     assert "GradientCheckError" not in out
     assert "jaxcheck check_grads" not in out
