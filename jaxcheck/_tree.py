@@ -104,9 +104,13 @@ def strong_array(leaf) -> jax.Array:
 def as_array(leaf) -> jax.Array:
     """`jnp.asarray(leaf)`, with a NumPy array's dtype said: jax reuses the conversion of a
     NumPy array made while 64-bit types were off once they are on (float32 for a float64
-    array) unless the dtype is given."""
+    array) unless the dtype is given. A dtype JAX does not hold (float64 with 64-bit types
+    off) is converted on the host: on the device, that compiles a program per new shape."""
     if isinstance(leaf, np.ndarray | np.generic):
-        return jnp.asarray(leaf, jax.dtypes.canonicalize_dtype(leaf.dtype))
+        dtype = jax.dtypes.canonicalize_dtype(leaf.dtype)
+        if dtype != leaf.dtype:
+            return jax.device_put(np.asarray(leaf, dtype))
+        return jnp.asarray(leaf, dtype)
     return jnp.asarray(leaf)
 
 

@@ -341,3 +341,23 @@ def test_spanning_signs_make_every_block_orthogonal(shapes):
     # a direction is the same whichever others are drawn with it
     some = _directions.spanning_signs(seeds, np.array([2**30 + 5, 4, 2**31 - 1]), shapes)
     np.testing.assert_array_equal(np.concatenate([z.reshape(3, -1) for z in some], 1)[1], v[4])
+
+
+def test_numpy_inputs_are_converted_on_the_host(caplog):
+    """A float64 NumPy argument with 64-bit types off is float32 on the device: converted
+    there, it compiled a program per new shape (a test suite's every check)."""
+    assert not jax.config.jax_enable_x64
+
+    def fn(p, x):
+        return jnp.sum(jnp.sin(p * x) ** 2)
+
+    jaxcheck.verify(lambda p: jnp.sum(p**2), jnp.ones(2))  # the key, once per process
+    p = jnp.linspace(0.1, 1.0, 17)
+    with caplog.at_level("WARNING", logger="jax"), jax.log_compiles():
+        report = jaxcheck.verify(fn, p, np.linspace(0.3, 1.0, 17))
+    assert report.ok, str(report)
+    messages = [r.getMessage() for r in caplog.records]
+    compiled = [m.split()[4] for m in messages if m.startswith("Finished XLA compilation")]
+    assert compiled and set(compiled) <= {"jit(probe_folded)", "jit(probe)", "jit(reference)"}, (
+        compiled
+    )
