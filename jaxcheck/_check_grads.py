@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _evaluate, _fingerprint, _keywords, _options, _plan, _problem, _verify
+from . import _evaluate, _fingerprint, _keywords, _options, _plan, _problem, _tree, _verify
 from ._errors import GradientCheckError
 from ._report import Report, Status
 
@@ -519,13 +519,7 @@ def _nonfinite_nearby(f, params, relative: float = 1e-6) -> bool:
     with jax.debug_nans(False), jax.debug_infs(False):
         try:
             out, pullback = jax.vjp(of, *points)
-            ones = jax.tree.map(
-                lambda y: (
-                    jnp.ones_like(y) if _inexact(y) else np.zeros(np.shape(y), jax.dtypes.float0)
-                ),
-                out,
-            )
-            grads = pullback(ones)
+            grads = pullback(jax.tree.map(_tree.unit_like, out))
         except Exception:  # noqa: BLE001 - no reverse derivative to locate it by: no excuse
             return False
         for sign in (1.0, -1.0):

@@ -51,10 +51,10 @@ def of(f, *args, derivative: bool = True, has_aux: bool = False, numbers_from: i
 
     def with_pullback(*values):
         out, pullback = jax.vjp(call, *values)
-        return out, pullback(jax.tree_util.tree_map(_unit_cotangent, out))
+        return out, pullback(jax.tree_util.tree_map(_tree.unit_like, out))
 
     def with_tangent(*values):
-        return jax.jvp(call, values, tuple(map(_unit_cotangent, values)))
+        return jax.jvp(call, values, tuple(map(_tree.unit_like, values)))
 
     # new functions: JAX's trace cache, keyed by f, would return f's first trace
     abstract = [_abstract(leaves[i]) for i in at]
@@ -72,13 +72,6 @@ def of(f, *args, derivative: bool = True, has_aux: bool = False, numbers_from: i
 
 def _is_value(x) -> bool:
     return _tree.is_array(x) or isinstance(x, float)
-
-
-def _unit_cotangent(y):
-    y = jnp.asarray(y)
-    if jnp.issubdtype(y.dtype, jnp.inexact):
-        return jnp.ones_like(y)
-    return np.zeros(y.shape, jax.dtypes.float0)
 
 
 def _abstract(x):

@@ -207,12 +207,11 @@ def _runnable(rule: "Rule") -> None:
 
     def reverse(inputs):
         out, pullback = jax.vjp(rule.call, inputs)
-        return pullback(jax.tree_util.tree_map(_filled, out))
+        return pullback(jax.tree_util.tree_map(_tree.unit_like, out))
 
     def forward(inputs):
         # (ones: JAX skips a rule whose tangents are all symbolic zeros)
-        tangents = jax.tree_util.tree_map(lambda x: _filled(x, 1), inputs)
-        return jax.jvp(rule.call, (inputs,), (tangents,))
+        return jax.jvp(rule.call, (inputs,), (jax.tree_util.tree_map(_tree.unit_like, inputs),))
 
     try:
         jax.eval_shape(reverse, rule.inputs)
@@ -231,15 +230,6 @@ def _runnable(rule: "Rule") -> None:
                 "input); a custom_jvp's rule returns (output, tangent) with the output's "
                 "shape and dtype."
             ) from err
-
-
-def _filled(x, value=0):
-    """An array like `x` filled with `value`; float0 zeros for an integer or bool `x`,
-    the cotangent and tangent JAX takes for them."""
-    x = jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
-    if jnp.issubdtype(x.dtype, jnp.inexact):
-        return jnp.full(x.shape, value, x.dtype)
-    return np.zeros(x.shape, jax.dtypes.float0)
 
 
 def check_rule(

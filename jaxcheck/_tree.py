@@ -39,6 +39,15 @@ class Split:
         return hash(self._key())
 
 
+def unit_like(y):
+    """Ones like `y`: the unit tangent or cotangent JAX takes for it (float0 zeros for an
+    integer or bool `y`, whose derivatives JAX types so)."""
+    y = jnp.asarray(y)
+    if jnp.issubdtype(y.dtype, jnp.inexact):
+        return jnp.ones_like(y)
+    return np.zeros(y.shape, jax.dtypes.float0)
+
+
 def is_array(x) -> bool:
     return isinstance(x, jax.Array | np.ndarray | np.generic)
 
