@@ -243,11 +243,12 @@ def _staged(fn, params, args, options, first) -> Report:
     if options.order == 1:
         return first(fn, params, args, options)
     o = dataclasses.replace(options, raise_on_failure=False)
-    token = _state.SCALES.set({})
+    token, curves = _state.SCALES.set({}), _state.CURVES.set({})
     try:
         parts = _parts(fn, params, args, o, first)
     finally:
         _state.SCALES.reset(token)
+        _state.CURVES.reset(curves)
     report = _report.compose(parts, options.order)
     if options.raise_on_failure and not report.ok:
         raise GradientCheckError(report)
@@ -263,6 +264,7 @@ def _parts(fn, params, args, o: _options.Options, first) -> list:
     finally:
         _state.CHECKED_LATER.reset(token)
     parts = [(1, head)]
+    curved = head_curved = _curved()
     draws = _Draws.make(fn, params, args, base)
     notes, inner = [], "pair" if o.mode == "both" else o.mode
     if inner == "pair" and "forward" not in head.mode:
@@ -305,6 +307,7 @@ def _parts(fn, params, args, o: _options.Options, first) -> list:
         below = parts[-1][1]
         report = _beside_kinks(report, below, level + 1)
         report = _on_rounding(report, below, level + 1)
+        report, curved = _flat_where_curved(report, curved, level + 1), _curved()
         parts.append((level + 1, _named(report, level + 1, chain, name)))
         if level == 1 and _in_cotangent(inner, o, fn, params, args):
             report = first(
@@ -314,6 +317,7 @@ def _parts(fn, params, args, o: _options.Options, first) -> list:
                 dataclasses.replace(derived, mode="reverse"),
             )
             report = _on_rounding(_beside_kinks(report, head, 2), head, 2)
+            report = _flat_where_curved(report, head_curved, 2)
             parts.append((2, _named(report, 2, ("reverse",), "vjp map in its cotangent")))
     if notes:
         parts[0] = (1, dataclasses.replace(head, problems=head.problems + tuple(notes)))
@@ -391,6 +395,45 @@ def _on_rounding(report: Report, below: Report, order: int) -> Report:
         f"the derivative of the order below is {report.tested_dtype} rounding at this "
         "point, far from the same rule in float64 (see its note), so the maps checked at "
         f"order {order} are made of that rounding: not a verdict on the rule",
+    )
+
+
+def _curved() -> bool:
+    """Whether the first-order check that ran last found its function curving."""
+    return bool((_state.CURVES.get() or {}).get("last", False))
+
+
+def _flat_where_curved(report: Report, curved: bool, order: int) -> Report:
+    """A failing check where the map checked at order `order` passed as flat (its values
+    and its derivative exactly constant within the step, `_verdict.FLAT`) while the
+    function of the order below, whose derivative the map is, curves measurably within
+    its step (`_verdict.curves`): the derivative of that order then changes where the
+    map built from it does not, so the map is not its derivative: a rule's bwd or jvp
+    computed through round, floor, an integer cast or a lookup table is a staircase
+    whose own derivative is zero. Both finite differences and autodiff of the map see the
+    staircase alone, and agree on it (JAX's check_grads passes it too)."""
+    flat = [q for q in report.problems if q.startswith(_verdict.FLAT)]
+    if not (curved and flat and report.status is Status.PASS):
+        return report
+    why = (
+        f"{_report.FLAT_WHERE_CURVED}: the maps checked at order {order} are flat here "
+        "(their values and their "
+        "derivative under test exactly constant within the step), but the function of the "
+        f"order below, which they differentiate, curves measurably along most of its "
+        f"directions: its derivative changes where these maps do not, so their derivative "
+        f"(zero) is not fn's derivative of order {order}. A custom rule whose bwd or jvp "
+        "goes through round, floor, an integer cast, a lookup table or a stop_gradient "
+        "is such a staircase; check it alone with jaxcheck.verify_rule(..., order="
+        f"{order})"
+    )
+    return dataclasses.replace(
+        report,
+        status=Status.FAIL,
+        checks=tuple(
+            dataclasses.replace(c, passed=False) if c.absolute and c.passed else c
+            for c in report.checks
+        ),
+        problems=(why, *(q for q in report.problems if q not in flat)),
     )
 
 

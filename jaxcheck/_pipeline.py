@@ -19,6 +19,7 @@ from . import (
     _probe,
     _problem,
     _sequential,
+    _state,
     _tree,
     _verdict,
 )
@@ -43,6 +44,7 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
     only while the verdict is in doubt, `_sequential`), starting from the relative `step`
     (None: the reference precision's default), localizing as `localize` says."""
     reverse = "reverse" in run.modes
+    _state.note_curves(False)
     _probe.probe(run, reverse, k, leaf_k if localize is not False else 0)
     if run.timer.eager_reason is not None:
         run.problems.append(
@@ -155,6 +157,7 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
     status, checks = _primal(run, status, p, checks)
     if status is Status.FAIL and run.problem.iterates and checks[0].relative_error < SOLVER_SIZED:
         run.problems.append(SOLVER_HINT)
+    _state.note_curves(_verdict.curves(run, p))
     return _report(run, status, (n, k), p, checks, leaves, held_fixed, tuple(tried), stopped)
 
 

@@ -238,6 +238,11 @@ def _failed_elsewhere(r: Report, failed: list) -> str:
     # (an infinite error against an infinite tolerance: a row that could not be evaluated)
     if r.status is not Status.FAIL or not r.relative_error <= r.tolerance < math.inf:
         return ""
+    if any(p.startswith(FLAT_WHERE_CURVED) for p in r.problems):
+        return (
+            "\n  (its rows agree: the maps are flat here; the failure is that the function "
+            "one order below is not, see the note below)"
+        )
     if any(leaf.status is Status.FAIL for leaf in r.leaves):
         where = "the leaf checks below"
     elif PRIMAL_CHECK in failed:
@@ -247,6 +252,11 @@ def _failed_elsewhere(r: Report, failed: list) -> str:
     else:
         where = "the failing rows below"
     return f"\n  (within the tolerance over all leaves together; the failure is in {where})"
+
+
+# how the note of an order >= 2 part begins whose maps are flat where the function of the
+# order below curves (`_orders`): a failure its rows, which agree, do not show
+FLAT_WHERE_CURVED = "flat where the order below curves"
 
 
 # the name of the comparison of fn's value as its derivative computes it with fn's own

@@ -37,6 +37,17 @@ TRACED_RULE = contextvars.ContextVar("jaxcheck_traced_rule", default=False)
 # True while verify_rule's finite-difference rows run: its primal row compares the rule's
 # primal with its function already, and the rows judge the derivative alone
 PRIMAL_ROW = contextvars.ContextVar("jaxcheck_primal_row", default=False)
+# while an order >= 2 check runs: {"last": whether the latest first-order check found its
+# function curving measurably (`_verdict.curves`)}; a derivative map flat where the
+# function it derives from curves is not that function's derivative (`_orders`)
+CURVES = contextvars.ContextVar("jaxcheck_curves", default=None)
+
+
+def note_curves(value: bool) -> None:
+    """Record whether the first-order check that just ran found its function curving."""
+    seen = CURVES.get()
+    if seen is not None:
+        seen["last"] = value
 
 
 @dataclasses.dataclass

@@ -281,6 +281,33 @@ def _half_precision_limit(run: Run, head) -> str:
     return ""
 
 
+FLAT = "fn is flat here"  # the note of a pass on a piecewise-constant fn (`_flat`)
+# a second difference of fn above this many times the rounding of its values is curvature
+# (`curves`): at the default step, a curvature of 0.06 times fn's size in float64
+CURVED_ABOVE = 1e4
+
+
+def curves(run: Run, p: Pass | None) -> bool:
+    """Whether fn's second differences phi(h) - 2 phi(0) + phi(-h) stand far above the
+    rounding of its values along at least half of its smooth directions: fn's derivative
+    changes measurably within the step. (The rounding is that of the precision fn's
+    values are computed in: the reference's, the model's where inputs keep their own
+    dtypes, or a lower one fn rounds to inside.)"""
+    if p is None or run.reference is None:
+        return False
+    use = p.fd.smooth & p.fd.finite
+    if not use.any():
+        return False
+    dtypes = [run.reference] + ([] if run.cast else [run.tested])
+    dtypes += [] if run.rounds_to is None else [run.rounds_to]
+    eps = max(_precision.eps(d) for d in dtypes)
+    phis = np.asarray(p.phis, np.float64)[use]
+    phi0 = np.asarray(p.phi0, np.float64)[use]
+    magnitude = np.maximum(np.max(np.abs(phis), axis=1), np.abs(phi0))
+    second = np.abs(_differences.second(phis, phi0))
+    return 2 * int(np.sum(second > CURVED_ABOVE * eps * magnitude)) >= int(use.sum())
+
+
 EVEN = 1e-6  # fn's odd part at the step within this share of its fourth difference: even
 
 
@@ -308,7 +335,7 @@ def _flat(run: Run, p: Pass, k, problems, checks=()) -> Status | None:
     n, zero = flat
     if zero:
         problems.append(
-            f"fn is flat here: its values do not change within a relative step {p.step:.1e} "
+            f"{FLAT}: its values do not change within a relative step {p.step:.1e} "
             "along any direction, so its derivative is zero everywhere nearby "
             "(piecewise constant, as round or argmax are), as the derivative under test says"
         )

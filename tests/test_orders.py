@@ -454,3 +454,77 @@ def test_order_2_on_a_float32_derivative_that_is_rounding_is_not_judged(gap):
     said = "the derivative of the order below is float32 rounding at this point"
     assert any(said in q for q in report.problems), report.problems
     assert not any("between the two precisions" in q for q in report.problems)
+
+
+# -- derivative maps flat where fn curves: a staircase rule ----------------------------------
+
+
+@jax.custom_vjp
+def sin_table(x):
+    return jnp.sin(x)
+
+
+# the backward pass looks cos up on a grid of 1e-3: right at the grid points, flat between
+sin_table.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * jnp.cos(jnp.round(x * 1e3) / 1e3),))
+
+
+@jax.custom_jvp
+def sin_gridded(x):
+    return jnp.sin(x)
+
+
+sin_gridded.defjvp(
+    lambda primals, tangents: (
+        jnp.sin(primals[0]),
+        jnp.cos(jnp.round(primals[0] * 1e3) / 1e3) * tangents[0],
+    )
+)
+
+TABLE_POINT = jnp.array([0.3, -1.2, 0.8, 2.0], jnp.float32)  # on the grid (in float32)
+TABLE_WEIGHTS = jnp.array([1.0, -0.5, 2.0, 0.7], jnp.float32)
+CHECK_GRADS_MODES = {"reverse": ["rev"], "forward": ["fwd"], "both": ["fwd", "rev"]}
+
+
+@pytest.mark.parametrize(
+    "rule, mode", [(sin_table, "reverse"), (sin_gridded, "forward"), (sin_gridded, "both")]
+)
+def test_a_rule_computed_on_a_grid_fails_at_order_2_though_its_maps_are_flat(rule, mode):
+    """Its derivative maps are flat within the step, and so is their derivative by autodiff:
+    the two agree (JAX's check_grads passes it), yet fn curves, so its second derivative
+    is not zero."""
+
+    def fn(w):
+        return jnp.sum(rule(w) * TABLE_WEIGHTS)
+
+    assert jaxcheck.verify(fn, TABLE_POINT, mode=mode).ok
+    report = jaxcheck.verify(fn, TABLE_POINT, mode=mode, order=2)
+    assert [p.status.value for p in report.parts][:2] == ["pass", "fail"], str(report)
+    text = str(report)
+    assert "flat where the order below curves: the maps checked at order 2 are flat" in text
+    assert "so their derivative (zero) is not fn's derivative of order 2" in text
+    assert "its rows agree: the maps are flat here; the failure is that the function" in text
+    assert "fn is flat here" not in text
+    with pytest.raises(jaxcheck.GradientCheckError, match="flat where the order below curves"):
+        jaxcheck.check_grads(fn, (TABLE_POINT,), 2, modes=CHECK_GRADS_MODES[mode])
+
+
+def relu_net(p, x):
+    return jnp.sum(jax.nn.relu(x @ p["w1"]) @ p["w2"])
+
+
+@pytest.mark.parametrize(
+    "fn, params, order",
+    [
+        # piecewise linear: flat derivative maps, and fn does not curve
+        (relu_net, {"w1": MLP_PARAMS["w1"], "w2": MLP_PARAMS["w2"]}, 2),
+        # piecewise constant
+        (lambda p, x: jnp.sum(jnp.round(p * 4.0) * x[0]), jnp.array([0.3, 0.6, -0.9]), 2),
+        # quadratic: the order-3 maps are flat, the order-2 ones straight
+        (lambda p, x: jnp.sum((x @ p["w1"]) ** 2), {"w1": MLP_PARAMS["w1"]}, 3),
+    ],
+    ids=["relu", "round", "quadratic"],
+)
+def test_flat_maps_where_fn_does_not_curve_pass(fn, params, order):
+    report = jaxcheck.verify(fn, params, X, order=order, mode="both")
+    assert report.ok, str(report)
+    assert not any("order below curves" in q for p in report.parts for q in p.problems)
