@@ -135,6 +135,21 @@ def has_complex_outputs(fn, params, args, has_aux: bool) -> bool:
     return any(is_complex(y) for y in jax.tree_util.tree_leaves(out))
 
 
+def returns_complex(fn, params, args, has_aux: bool) -> bool:
+    """Whether fn returns a complex leaf at (params, *args), its complex parameters as they
+    are (traced abstractly; False when it cannot be traced so)."""
+
+    def call(p):
+        out = fn(p, *args)
+        return out[0] if has_aux and isinstance(out, tuple) else out
+
+    try:
+        out = jax.eval_shape(call, params)
+    except Exception:  # noqa: BLE001 - untraceable fn: nothing to learn here
+        return False
+    return any(is_complex(y) for y in jax.tree_util.tree_leaves(out))
+
+
 _COMPLEX = {"float32": "complex64", "float64": "complex128"}
 
 

@@ -220,6 +220,15 @@ def run(fn, params, args: tuple, options: _options.Options, first: Callable) -> 
             # complex outputs of real parameters: only now worth a trace to find out
             if not _complex.has_complex_outputs(fn, params, args, options.has_aux):
                 raise
+    if options.grad_fn is not None and _complex.returns_complex(fn, params, args, options.has_aux):
+        raise ValueError(
+            "grad_fn was given, but fn returns a complex value: a hand-written gradient is "
+            "checked for a real scalar fn only (jax.grad's convention; jax.grad itself "
+            "refuses a complex output unless holomorphic=True). Leave grad_fn out to check "
+            "JAX's derivatives of the complex fn, holomorphic or not, through its real "
+            "view; or check a real loss of it (jnp.abs(fn(z)) ** 2, say) with that "
+            "loss's gradient."
+        )
     fn_r, params_r, grad_r = _complex.real_problem(
         fn, params, options.grad_fn, options.has_aux, paths
     )

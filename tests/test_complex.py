@@ -171,6 +171,20 @@ def test_grad_fn_uses_jax_convention():
     assert wrong.status == "fail" and failing(wrong) == ["['z']"]
 
 
+@pytest.mark.parametrize("params", [Z, jnp.real(Z)], ids=["complex", "real"])
+def test_grad_fn_of_a_complex_scalar_fn_is_refused_as_complex_not_as_non_scalar(params):
+    def fn(z):  # a complex scalar (of complex or real parameters)
+        return jnp.sum(jnp.sin(z) ** 2 * (1.0 + 0.5j))
+
+    assert fn(params).shape == ()
+    with pytest.raises(ValueError) as caught:
+        jaxcheck.verify(fn, params, grad_fn=jax.grad(fn, holomorphic=True))
+    message = str(caught.value)
+    assert message.startswith("grad_fn was given, but fn returns a complex value: a hand-")
+    assert "Leave grad_fn out to check JAX's derivatives of the complex fn" in message
+    assert "does not return a scalar" not in message
+
+
 def test_complex_args_are_held_fixed_and_python_complex_params_checked():
     report = jaxcheck.verify(lambda p, x: jnp.abs(p * x) ** 2, 1.0 + 2.0j, X)
     assert report.ok, str(report)
