@@ -426,8 +426,8 @@ def _flat_where_curved(report: Report, curved: bool, order: int) -> Report:
         return report
     why = (
         f"{_report.FLAT_WHERE_CURVED}: the maps checked at order {order} are flat here "
-        "(their values and their "
-        "derivative under test exactly constant within the step), but the function of the "
+        "(their values and their derivative under test exactly constant within the "
+        "step), but the function of the "
         f"order below, which they differentiate, curves measurably along most of its "
         f"directions: its derivative changes where these maps do not, so their derivative "
         f"(zero) is not fn's derivative of order {order}. A custom rule whose bwd or jvp "
