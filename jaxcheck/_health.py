@@ -238,6 +238,18 @@ def gradient_health(
 
     def update(updates, state: HealthState, params=None):
         _register_with_flax()  # flax may have been imported after init
+        if not hasattr(state, "paths"):
+            raise TypeError(
+                "gradient_health: update(updates, state, params=None) got a state of type "
+                f"{type(state).__name__}, not the state its init returned"
+                + (
+                    " (its updates are that state: the arguments are swapped; optax's "
+                    "order is update(updates, state, params))"
+                    if hasattr(updates, "paths")
+                    else ""
+                )
+                + "."
+            )
         # the state is float32 throughout: `optax.inject_hyperparams` hands the options in
         # as arrays of the params' dtype (float64 under x64), which would promote it and
         # change its type between steps (a `lax.scan` carry refuses that)
@@ -287,7 +299,9 @@ def gradient_health(
         watched = jnp.asarray([_watched(x) for x in leaves], bool).reshape(-1)
         # (no division by zero, no NaN made here: under `jax_debug_nans` only the
         # training's own NaNs may show)
-        has_ratio = param_norm > 0
+        # (a parameter gone Inf has no ratio either: grad / inf = 0 is not a vanished
+        # gradient; it is flagged non-finite below)
+        has_ratio = (param_norm > 0) & jnp.isfinite(param_norm)
         ratio = grad_norm / jnp.where(has_ratio, param_norm, 1.0)
         # an exactly zero gradient is vanishing whatever the parameter's norm (a leaf
         # initialized at zero and cut off from the loss has no ratio)
@@ -298,7 +312,10 @@ def gradient_health(
         # ... nor is a gradient no larger than the leaf's running average has ever been: at
         # a minimum the norms fall far below their early level, and minibatch noise or an
         # optimizer circling the minimum throws them up by a hundredfold from there
-        exploding = with_history & (grad_norm > explode32 * average) & ~below
+        # (the average is 1 where it is zero, before any history: explode_factor=inf, no
+        # exploding at all, must not make inf * 0 = NaN)
+        ceiling = explode32 * jnp.where(average > 0, average, 1.0)
+        exploding = with_history & (grad_norm > ceiling) & ~below
         exploding = exploding & (grad_norm > state.peak)
         # A collapse against the leaf's own history is vanishing only while the model as a
         # whole is learning: where its gradient has collapsed too (every leaf falling at
@@ -344,7 +361,7 @@ def gradient_health(
 
         # The history starts with the first finite, nonzero norm; NaN/Inf never enter it.
         enters = finite & (seen | (grad_norm > 0))
-        clipped = jnp.where(seen, jnp.minimum(grad_norm, explode32 * average), grad_norm)
+        clipped = jnp.where(seen, jnp.minimum(grad_norm, ceiling), grad_norm)
         # optax.ema's bias correction raises `decay ** count` (float ** int32), which strict
         # dtype promotion refuses, and counts steps for all leaves at once: the moment is
         # optax's, the per-leaf count and correction are spelt out here.

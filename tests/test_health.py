@@ -605,6 +605,47 @@ def test_the_state_holds_no_nan_of_its_own_under_debug_nans():
     assert np.all(np.isfinite(np.asarray(state[0].worst_spike)))
 
 
+def test_explode_factor_inf_turns_exploding_off_without_a_nan_of_its_own():
+    params = {"w": jnp.ones(3)}
+    health = jaxcheck.gradient_health(warmup=0, explode_factor=float("inf"))
+    state = health.init(params)
+    with jax.debug_nans(True):
+        for scale in (1.0, 1.0, 1e6):  # a millionfold spike at the last step
+            _, state = health.update({"w": jnp.full(3, scale)}, state, params)
+    summary = jaxcheck.health(state)
+    assert summary.leaves[0].flags == ()
+    assert summary.leaves[0].worst_spike == pytest.approx(1e6, rel=1e-3)
+
+
+def test_a_parameter_gone_inf_is_non_finite_not_also_vanishing():
+    """grad / inf = 0 is no vanished gradient: the gradient there is as large as ever."""
+    health = jaxcheck.gradient_health(warmup=0)
+    state = health.init({"w": jnp.ones(4)})
+    broken = {"w": jnp.array([1.0, 1.0, jnp.inf, 1.0])}
+    for step in range(12):
+        _, state = health.update(
+            {"w": jnp.full(4, 0.1)}, state, broken if step else {"w": jnp.ones(4)}
+        )
+    leaf = jaxcheck.health(state).leaves[0]
+    assert leaf.flags == ("nonfinite",)
+    assert leaf.first_vanishing is None
+
+
+def test_update_with_its_arguments_swapped_says_so():
+    params = {"w": jnp.ones(3)}
+    health = jaxcheck.gradient_health()
+    state = health.init(params)
+    with pytest.raises(TypeError) as caught:
+        health.update(state, params)
+    assert str(caught.value) == (
+        "gradient_health: update(updates, state, params=None) got a state of type dict, not "
+        "the state its init returned (its updates are that state: the arguments are "
+        "swapped; optax's order is update(updates, state, params))."
+    )
+    with pytest.raises(TypeError, match="got a state of type list, not the state its init"):
+        health.update(params, [1.0])
+
+
 def test_integer_bool_and_empty_leaves_are_not_watched():
     """Step counters, masks and empty arrays have no gradient to watch (under allow_int
     their gradients are float0): never flagged, while a float leaf beside them is."""
