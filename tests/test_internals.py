@@ -55,7 +55,10 @@ def test_signs_drawn_on_the_host_are_those_hashed_in_programs(shape, kind, dtype
     [
         ({}, 5, True),
         ({"directions": "gaussian"}, 5, False),
-        ({"chunk_size": 1}, 5, False),
+        # (at most `_directions.SPANNED` elements are drawn on the host to span them, chunked
+        # or not)
+        ({"chunk_size": 1}, 5, True),
+        ({"chunk_size": 1}, 40, False),
         ({}, 20000, False),  # above `_plan.SMALL_PROBLEM`: hashed in the program
     ],
 )
@@ -63,10 +66,13 @@ def test_signs_are_drawn_on_the_host_only_for_small_unchunked_problems(
     monkeypatch, options, size, on_host
 ):
     import jaxcheck
+    from jaxcheck import _state
 
     drawn = []
     original = _directions.host_signs
     monkeypatch.setattr(_directions, "host_signs", lambda *a: drawn.append(a[1]) or original(*a))
+    # (an earlier check with the same key and shapes left its draws to reuse)
+    monkeypatch.setattr(_state, "_DRAWN", type(_state._DRAWN)())
     report = jaxcheck.verify(lambda w: jnp.sum(jnp.sin(w) ** 2), jnp.ones(size), **options)
     assert report.status == "pass"
     assert bool(drawn) == on_host
@@ -361,3 +367,61 @@ def test_numpy_inputs_are_converted_on_the_host(caplog):
     assert compiled and set(compiled) <= {"jit(probe_folded)", "jit(probe)", "jit(reference)"}, (
         compiled
     )
+
+
+# -- what older JAX raises and wraps differently ---------------------------------------------
+
+
+def bilinear_transpose(x, y):  # named as jax 0.9's rule that asserts on a nonlinear jvp
+    if x is not None:
+        raise AssertionError  # (a bare assert, as in JAX's module, which pytest leaves alone)
+
+
+def _asserts():
+    raise AssertionError  # a bare assertion outside any transpose rule
+
+
+def _raised(f, *args):
+    try:
+        f(*args)
+    except AssertionError as err:
+        return err
+    raise AssertionError("did not raise")
+
+
+def test_a_bare_assertion_in_a_transpose_rule_is_taken_for_one():
+    """jax 0.9 and older assert without a message where a jvp is not linear in its
+    tangents; where their frames are filtered out, a second trace with filtering off
+    finds them."""
+    from jaxcheck import _rule_rows
+
+    assert _rule_rows.untransposed(_raised(bilinear_transpose, 1, 2))
+    elsewhere = _raised(_asserts)
+    assert not _rule_rows.untransposed(elsewhere)
+    filtered = AssertionError()  # as jax.jit's boundary leaves it: no frames, no message
+    assert not _rule_rows.untransposed(filtered)
+    assert _rule_rows.untransposed_when_traced(filtered, lambda: bilinear_transpose(1, 2))
+    assert _rule_rows.untransposed(filtered)  # marked from then on
+    other = AssertionError()
+    assert not _rule_rows.untransposed_when_traced(other, lambda: None)
+    assert not _rule_rows.untransposed_when_traced(AssertionError("x"), bilinear_transpose)
+
+
+def test_a_constant_jax_wraps_in_an_array_like_of_its_own_is_keyed_by_content():
+    """jax 0.7 gives a closed-over NumPy array to make_jaxpr's consts as a LiteralArray,
+    a new object per trace and no ndarray: keyed by identity, every check compiled anew."""
+    from jaxcheck import _tree
+
+    class LiteralArray:
+        def __init__(self, val):
+            self.val = val
+
+        def __array__(self, dtype=None, copy=None):
+            return np.asarray(self.val, dtype)
+
+    LiteralArray.__module__ = "jax._src.literals"
+    table = np.ones(70_000, np.float32)
+    assert _tree.digest(LiteralArray(table)) == _tree.digest(LiteralArray(table))
+    assert _tree.digest(LiteralArray(table)) == _tree.digest(table)
+    table[1] = 2.0
+    assert _tree.digest(LiteralArray(table)) != _tree.digest(LiteralArray(np.ones(70_000)))
