@@ -141,13 +141,60 @@ def error_problem(label: str, err: Exception) -> str:
     return f"{label}: {one_line(err)}"
 
 
+# set on an assertion without a message found, on a second trace, to be raised in one of
+# JAX's transpose rules (`untransposed_when_traced`)
+UNTRANSPOSED = "_jaxcheck_untransposed"
+
+
 def untransposed(err: Exception) -> bool:
     """Whether `err` is JAX's assertion while it transposes a linear map (a jvp that is
     not linear in its tangents): `AssertionError: (ValAccum(float32[3]), ...)` in jax
     0.10, naming its internal accumulators or undefined primals (its own frames are
-    filtered out of the traceback, so the message is what is left to tell)."""
+    filtered out of the traceback, so the message is what is left to tell); an assertion
+    without a message raised in a transpose rule (`bilinear_transpose`, `_mul_transpose`)
+    in older JAX, whose frames are still there."""
+    if not isinstance(err, AssertionError):
+        return False
     text = str(err)
-    return isinstance(err, AssertionError) and ("ValAccum(" in text or "UndefinedPrimal" in text)
+    if "ValAccum(" in text or "UndefinedPrimal" in text:
+        return True
+    if getattr(err, UNTRANSPOSED, False):
+        return True
+    return not text.strip() and any(
+        "transpose" in name or name == "backward_pass" for name in _frame_names(err)
+    )
+
+
+def untransposed_when_traced(err: Exception, pullback) -> bool:
+    """For an assertion without a message (older JAX's failure to transpose, its frames
+    filtered out of the traceback at jax.jit's boundary): whether running `pullback()`
+    (fn's vjp, traced abstractly; or the computation that raised it) with JAX's traceback
+    filtering off raises one in a transpose rule. If so, `err` is marked, and
+    `untransposed(err)` holds from then on."""
+    filtering = getattr(getattr(jax, "_src", None), "config", None)
+    filtering = getattr(filtering, "traceback_filtering", None)
+    if not isinstance(err, AssertionError) or str(err).strip() or filtering is None:
+        return False
+    try:
+        with filtering("off"):
+            pullback()
+    except AssertionError as again:
+        if untransposed(again):
+            setattr(err, UNTRANSPOSED, True)
+            return True
+        return False
+    except Exception:  # noqa: BLE001 - another failure: not this one
+        return False
+    return False
+
+
+def _frame_names(err: Exception) -> list[str]:
+    """The names of the functions in `err`'s traceback."""
+    names, tb = [], err.__traceback__
+    while tb is not None:
+        names.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    return names
 
 
 def guarded(label, name, tol, dtype, compute):
@@ -156,6 +203,7 @@ def guarded(label, name, tol, dtype, compute):
     try:
         comparison, problems = compute()
     except Exception as err:  # noqa: BLE001 - any error of the rule is the finding
+        untransposed_when_traced(err, compute)  # older JAX's, without a message: marked
         return part(label, failed(name, tol), dtype, 0.0, (error_problem(label, err),))
     seconds = time.perf_counter() - start
     if not comparison.passed:

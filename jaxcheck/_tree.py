@@ -227,6 +227,10 @@ def digest(x):
     if isinstance(x, bool | int | complex | str | bytes | type(None)):
         return (type(x).__name__, x)
     if not isinstance(x, jax.Array | np.ndarray | np.generic):
+        if type(x).__module__.startswith("jax") and hasattr(x, "__array__"):
+            # a constant JAX wraps anew per trace (jax 0.7's LiteralArray, over the NumPy
+            # array it closes over): by its content, as that array
+            return digest(np.asarray(x))
         return ("object", Same(x))
     if np.size(x) <= 1 << 16:
         data = np.asarray(x)

@@ -3,6 +3,7 @@ differentiated and what is held fixed, sets up the run state and hands it to the
 (`_pipeline.check`), which returns the `Report`."""
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -368,7 +369,8 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
             "check that: verify(..., mode='forward'), or modes=('fwd',) in check_grads."
         ) from err
     except AssertionError as err:
-        if not _rule_rows.untransposed(err):
+        pullback = functools.partial(_pullback, fn, params, args, o.has_aux)
+        if not (_rule_rows.untransposed(err) or _rule_rows.untransposed_when_traced(err, pullback)):
             raise
         raise ValueError(
             f"JAX could not transpose fn's jvp into a vjp ({one_line(err)}, in JAX's "
@@ -400,3 +402,17 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
     if o.raise_on_failure and not report.ok:
         raise GradientCheckError(report)
     return report
+
+
+def _pullback(fn, params, args, has_aux: bool) -> None:
+    """Trace fn's vjp at params, pulling back ones (abstractly: nothing runs)."""
+
+    def f(p):
+        out = fn(p, *args)
+        return out[0] if has_aux else out
+
+    def pulled(p):
+        out, back = jax.vjp(f, p)
+        return back(jax.tree_util.tree_map(jnp.ones_like, out))
+
+    jax.make_jaxpr(pulled)(params)

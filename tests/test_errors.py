@@ -289,7 +289,8 @@ def test_a_custom_jvp_with_a_nonlinear_tangent_has_no_reverse_mode_said(mode):
     with pytest.raises(ValueError) as info:
         jaxcheck.verify(lambda p: jnp.sum(cube(p)), jnp.linspace(0.2, 1.5, 5), mode=mode)
     text = str(info.value)
-    assert text.startswith("JAX could not transpose fn's jvp into a vjp (AssertionError: ")
+    # (older JAX's assertion has no message: "(AssertionError, in JAX's backward pass")
+    assert text.startswith("JAX could not transpose fn's jvp into a vjp (AssertionError")
     assert "a custom_jvp whose tangent is not linear in its input tangents" in text
     assert "verify(..., mode='forward')" in text
 

@@ -503,7 +503,7 @@ def test_a_jvp_not_linear_in_its_tangent_is_said_to_have_no_vjp():
     assert report.status == "fail"
     said = (
         "vjp vs finite differences: JAX could not transpose the rule's jvp into a vjp "
-        "(AssertionError: "
+        "(AssertionError"
     )
     assert any(q.startswith(said) for q in report.problems), report.problems
     assert any(

@@ -942,7 +942,8 @@ def test_a_leaf_fn_does_not_change_with_says_why_its_row_reads_1_against_2():
     report = jaxcheck.verify(loss, p, x, localize=True)
     assert report.status == "pass", str(report)
     leaf = {leaf.path: leaf for leaf in report.leaves}["['bk']"]
-    assert leaf.status == "pass" and leaf.tolerance == pytest.approx(2.0)
+    # (2 hypot(1, rounding): the rounding of float32 against float64, 0.5 % in jax 0.9)
+    assert leaf.status == "pass" and leaf.tolerance == pytest.approx(2.0, rel=1e-2)
     assert (
         "['bk']: the derivative is zero to within finite-difference noise or rounding along "
         "every direction of this leaf (fn does not change with it here: a bias before a "
