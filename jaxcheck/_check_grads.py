@@ -228,6 +228,15 @@ def run(f, args, order, modes=("fwd", "rev"), atol=None, rtol=None, eps=None) ->
         )
     if report.status is not Status.NONFINITE:
         return Outcome(report, STATUS_VERDICT[report.status])
+    # (jaxcheck's own transfers, allowed under a caller's transfer guard as in the check)
+    with _plan.own_transfers():
+        return _nonfinite_outcome(f, params, report, options)
+
+
+def _nonfinite_outcome(f, params, report, options) -> Outcome:
+    """The verdict of a check that met NaN/Inf: where f itself is NaN/Inf, or at the edge
+    of its domain, judged on its finite part or not judged (as JAX's check_grads, which
+    counts NaN equal to NaN)."""
     with jax.debug_nans(False), jax.debug_infs(False):  # f at the point, read once
         outputs = f(*params)
     verdict = _nonfinite_verdict(report, params, outputs)

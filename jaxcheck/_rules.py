@@ -148,10 +148,10 @@ def verify_rule(
     # like verify: a traced input would fail every row, and the rule's rows are not what
     # refused them; jaxcheck's own transfers are allowed under a caller's transfer guard
     _host.refuse_traced({"args": args}, who="verify_rule")
-    rule = Rule.make(f, args)
-    _differentiable(rule)
-    _runnable(rule)
-    with _plan.own_transfers():
+    with _plan.own_transfers():  # (NumPy inputs are put on the device here, as by verify)
+        rule = Rule.make(f, args)
+        _differentiable(rule)
+        _runnable(rule)
         report = check_rule(
             f, args, key, num_directions, precision, rtol, leaf_directions, order=order
         )

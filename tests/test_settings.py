@@ -202,6 +202,32 @@ def test_transfer_guard_disallow_verify_rule():
             jax.jit(jnp.sin)(np.ones(2, np.float32))
 
 
+def test_transfer_guard_disallow_verify_rule_with_a_numpy_input():
+    """verify_rule put a NumPy input on the device outside its own allowed transfers,
+    and raised JAX's "Disallowed host-to-device transfer" where verify passes."""
+    z = np.linspace(-1.0, 1.0, 3).astype(np.float32)
+    with jax.transfer_guard("disallow"):
+        assert jaxcheck.verify_rule(jnp.tanh, z).status == "pass"
+        with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
+            jax.jit(jnp.sin)(np.ones(2, np.float32))
+
+
+def test_transfer_guard_disallow_leaves_an_edge_of_domain_unjudged_as_without_it():
+    """sqrt(w)**2 at w = 0: finite, its gradient NaN. check_grads returns quietly there
+    (the edge of the domain); under the guard its look at the neighbouring points made
+    transfers the guard refused, and the check failed as non-finite."""
+    w = jnp.asarray([0.0, 1.0, 2.0])
+
+    def f(w):
+        return jnp.sum(jnp.sqrt(w) ** 2)
+
+    assert jaxcheck.check_grads(f, (w,), 1, modes=("rev",)) is None
+    with jax.transfer_guard("disallow"):
+        assert jaxcheck.check_grads(f, (w,), 1, modes=("rev",)) is None
+        with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
+            jax.jit(jnp.sin)(np.ones(2, np.float32))
+
+
 def test_transfer_guard_with_a_numpy_constant_in_fn():
     """jaxcheck's own transfers are explicit or allowed locally; fn's programs are traced
     and run under the caller's guard, where a NumPy constant fn closes over is baked into
