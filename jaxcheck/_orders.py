@@ -426,14 +426,13 @@ def _flat_where_curved(report: Report, curved: bool, order: int) -> Report:
         return report
     why = (
         f"{_report.FLAT_WHERE_CURVED}: the maps checked at order {order} are flat here "
-        "(their values and their derivative under test exactly constant within the "
-        "step), but the function of the "
-        f"order below, which they differentiate, curves measurably along most of its "
-        f"directions: its derivative changes where these maps do not, so their derivative "
-        f"(zero) is not fn's derivative of order {order}. A custom rule whose bwd or jvp "
-        "goes through round, floor, an integer cast, a lookup table or a stop_gradient "
-        "is such a staircase; check it alone with jaxcheck.verify_rule(..., order="
-        f"{order})"
+        "(their values and their derivative under test exactly constant within the step), "
+        "but the function one order below, which they differentiate, curves measurably "
+        "along most of its directions: its derivative changes where these maps do not, so "
+        f"their derivative (zero) is not fn's derivative of order {order}. A custom rule "
+        "whose bwd or jvp goes through round, floor, an integer cast, a lookup table or a "
+        "stop_gradient is such a staircase; check it alone with jaxcheck.verify_rule(..., "
+        f"order={order})"
     )
     return dataclasses.replace(
         report,
