@@ -193,6 +193,8 @@ def gradient_health(
           leaf   flag        since  steps  now  grad norm  average  grad/param  worst spike
           ['w']  non-finite  0      1      yes  nan        —        —           —
     """
+    if isinstance(warmup, float) and warmup.is_integer():
+        warmup = int(warmup)  # a whole number of steps, as PeriodicCheck takes `every`
     _check_options(decay, warmup, vanishing_ratio, collapse_factor, explode_factor, skip_nonfinite)
     skip_nonfinite = bool(skip_nonfinite)
 

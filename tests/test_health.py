@@ -605,6 +605,19 @@ def test_the_state_holds_no_nan_of_its_own_under_debug_nans():
     assert np.all(np.isfinite(np.asarray(state[0].worst_spike)))
 
 
+def test_a_whole_float_warmup_is_taken_as_its_steps():
+    """warmup=10.0 was refused as not an int, where PeriodicCheck takes every=10.0."""
+    params = {"w": jnp.ones(3)}
+    states = []
+    for warmup in (2, 2.0):
+        health = jaxcheck.gradient_health(warmup=warmup)
+        state = health.init(params)
+        for scale in (1.0, 1.0, 1.0, 100.0):
+            _, state = health.update({"w": jnp.full(3, scale)}, state, params)
+        states.append(jaxcheck.health(state).leaves[0])
+    assert states[0] == states[1] and states[0].flags == ("exploding",)
+
+
 def test_explode_factor_inf_turns_exploding_off_without_a_nan_of_its_own():
     params = {"w": jnp.ones(3)}
     health = jaxcheck.gradient_health(warmup=0, explode_factor=float("inf"))
