@@ -119,32 +119,22 @@ class RealGrad:
 
 
 def has_complex_outputs(fn, params, args, has_aux: bool) -> bool:
-    """Whether fn returns a complex leaf at (params, *args) (traced abstractly; False when
-    it cannot be traced, then the caller's error stands)."""
-    p_split, diff, p_arrays = _tree.split(params, "params")
-    a_split, a_floats, a_arrays = _tree.split(args, "args")
+    """Whether fn returns a complex leaf at (params, *args) (traced abstractly, every array
+    leaf as its shape and dtype, complex parameters too; False when it cannot be traced,
+    then the caller's error stands)."""
+    leaves, treedef = jax.tree_util.tree_flatten((params, args))
+    at = [i for i, x in enumerate(leaves) if _tree.is_array(x)]
 
-    def call(d, pa, af, aa):
-        out = fn(_tree.merge(p_split, d, pa), *_tree.merge(a_split, af, aa))
+    def call(*arrays):
+        full = list(leaves)
+        for i, x in zip(at, arrays):
+            full[i] = x
+        p, a = jax.tree_util.tree_unflatten(treedef, full)
+        out = fn(p, *a)
         return out[0] if has_aux and isinstance(out, tuple) else out
 
     try:
-        out = jax.eval_shape(call, diff, p_arrays, a_floats, a_arrays)
-    except Exception:  # noqa: BLE001 - untraceable fn: nothing to learn here
-        return False
-    return any(is_complex(y) for y in jax.tree_util.tree_leaves(out))
-
-
-def returns_complex(fn, params, args, has_aux: bool) -> bool:
-    """Whether fn returns a complex leaf at (params, *args), its complex parameters as they
-    are (traced abstractly; False when it cannot be traced so)."""
-
-    def call(p):
-        out = fn(p, *args)
-        return out[0] if has_aux and isinstance(out, tuple) else out
-
-    try:
-        out = jax.eval_shape(call, params)
+        out = jax.eval_shape(call, *(leaves[i] for i in at))
     except Exception:  # noqa: BLE001 - untraceable fn: nothing to learn here
         return False
     return any(is_complex(y) for y in jax.tree_util.tree_leaves(out))

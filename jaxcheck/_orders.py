@@ -213,14 +213,18 @@ def run(fn, params, args: tuple, options: _options.Options, first: Callable) -> 
     view (`_complex`), then orders above 1 through derivative maps."""
     first = functools.partial(_inside, first)
     paths = _complex.complex_paths(params)
+    complex_outputs = False
     if not paths:
         try:
             return _staged(fn, params, args, options, first)
         except (TypeError, ValueError):
             # complex outputs of real parameters: only now worth a trace to find out
-            if not _complex.has_complex_outputs(fn, params, args, options.has_aux):
+            complex_outputs = _complex.has_complex_outputs(fn, params, args, options.has_aux)
+            if not complex_outputs:
                 raise
-    if options.grad_fn is not None and _complex.returns_complex(fn, params, args, options.has_aux):
+    if options.grad_fn is not None and (
+        complex_outputs or _complex.has_complex_outputs(fn, params, args, options.has_aux)
+    ):
         raise ValueError(
             "grad_fn was given, but fn returns a complex value: a hand-written gradient is "
             "checked for a real scalar fn only (jax.grad's convention; jax.grad itself "
