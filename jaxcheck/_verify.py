@@ -405,7 +405,7 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
 
 
 def _pullback(fn, params, args, has_aux: bool) -> None:
-    """Trace fn's vjp at params, pulling back ones (abstractly: nothing runs)."""
+    """Trace fn's vjp at params, pulling back unit cotangents (abstractly: nothing runs)."""
 
     def f(p):
         out = fn(p, *args)
@@ -413,6 +413,6 @@ def _pullback(fn, params, args, has_aux: bool) -> None:
 
     def pulled(p):
         out, back = jax.vjp(f, p)
-        return back(jax.tree_util.tree_map(jnp.ones_like, out))
+        return back(jax.tree_util.tree_map(_tree.unit_like, out))
 
     jax.make_jaxpr(pulled)(params)
