@@ -197,9 +197,7 @@ def run(f, args, order, modes=("fwd", "rev"), atol=None, rtol=None, eps=None) ->
             f"check_grads: args must be a tuple or list of f's positional arguments, got "
             f"{type(args).__name__}. For one argument x, pass (x,)."
         )
-    order, eps, atol, rtol = (_options.scalar(v) for v in (order, eps, atol, rtol))
-    if isinstance(order, float) and order.is_integer():
-        order = int(order)  # (JAX's check_grads counts a float order down too)
+    order, eps, atol, rtol = _options.whole(order), *map(_options.scalar, (eps, atol, rtol))
     if not isinstance(order, int) or isinstance(order, bool) or order < 0:
         raise ValueError(f"check_grads: order must be an int >= 1, got {order!r}.")
     order = max(order, 1)  # (JAX's check_grads checks first derivatives at order 0 too)

@@ -193,9 +193,8 @@ def gradient_health(
           leaf   flag        since  steps  now  grad norm  average  grad/param  worst spike
           ['w']  non-finite  0      1      yes  nan        —        —           —
     """
-    if isinstance(warmup, float) and warmup.is_integer():
-        warmup = int(warmup)  # a whole number of steps, as PeriodicCheck takes `every`
     _check_options(decay, warmup, vanishing_ratio, collapse_factor, explode_factor, skip_nonfinite)
+    warmup = _options.whole(warmup)  # (10.0 steps, as PeriodicCheck takes `every`)
     skip_nonfinite = bool(skip_nonfinite)
 
     def init(params) -> HealthState:
@@ -453,7 +452,7 @@ def _check_options(decay, warmup, vanishing_ratio, collapse_factor, explode_fact
     def check(name, value, ok, want, integer=False):
         if isinstance(value, jax.core.Tracer):
             return
-        number = _options.scalar(value)
+        number = _options.whole(value) if integer else _options.scalar(value)
         kind, word = (numbers.Integral, "an int") if integer else (numbers.Real, "a number")
         if isinstance(number, bool) or not isinstance(number, kind):
             wrong_type.append(f"{name}={value!r} must be {word} {want}")

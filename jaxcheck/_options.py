@@ -71,6 +71,17 @@ def scalar(value):
     return value
 
 
+def whole(value):
+    """`scalar(value)`, a float of integral value as the int it is (a count of steps given
+    as 10.0; JAX's check_grads counts a float order down too); a traced value as it is."""
+    if isinstance(value, jax.core.Tracer):
+        return value
+    value = scalar(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def _number(value, integer: bool):
     """`scalar(value)` where `value` is a NumPy or JAX scalar of an integer kind (for
     `integer`; of any real kind, as a float, otherwise); None for anything else (validated

@@ -92,9 +92,7 @@ class PeriodicCheck:
             ("every", *_options.NAMES),
             fn,
         )
-        every = _options.scalar(every)
-        if isinstance(every, float) and every.is_integer():
-            every = int(every)  # as `step` is taken
+        every = _options.whole(every)  # as `step` is taken
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every={every!r} must be an int >= 1 (check every that many steps).")
         if "localize" in options:
@@ -118,9 +116,7 @@ class PeriodicCheck:
                 "another transformation: call it in the Python training loop, outside the "
                 "jitted step."
             )
-        number = _options.scalar(step)
-        if isinstance(number, float) and number.is_integer():
-            number = int(number)
+        number = _options.whole(step)
         if not isinstance(number, int) or isinstance(number, bool):
             raise TypeError(
                 f"step={step!r} must be an int, the training step's number (the check runs "
