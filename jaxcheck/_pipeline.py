@@ -157,7 +157,8 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
     status, checks = _primal(run, status, p, checks)
     if status is Status.FAIL and run.problem.iterates and checks[0].relative_error < SOLVER_SIZED:
         run.problems.append(SOLVER_HINT)
-    _state.note_curves(_verdict.curves(run, p))
+    if _state.CURVES.get() is not None:  # (read by an order >= 2 check only)
+        _state.note_curves(_verdict.curves(run, p))
     return _report(run, status, (n, k), p, checks, leaves, held_fixed, tuple(tried), stopped)
 
 
