@@ -182,35 +182,70 @@ def _hint(err) -> str:
 
 
 def _reference_in(run: Run, dtype, cast, index, rows, h, offsets) -> dict:
+    scales, g = run.probe["output_scales"], run.probe.get("grad")
+    with _reference_program(run, dtype, cast, index, rows, h, offsets, scales, g) as (
+        program,
+        args,
+    ):
+        out = to_host(run.timer.run(program, *args))
+    run.reference, run.cast = jnp.dtype(dtype), cast
+    return out
+
+
+def reference_ahead(run: Run, n: int, probe_info: dict) -> None:
+    """Lower the first finite-difference program (fn at +-h along the first `n`
+    directions, in the reference precision) and start compiling it, while the probe's
+    program compiles: its inputs' shapes follow from those of the probe's outputs
+    (`probe_info`, `jax.ShapeDtypeStruct`s); their values do not count (`_plan.lower_ahead`)."""
+    if run.reference is not None or run.plan.direction_sharding is not None:
+        return
+    if any(run.plan.leaf_shardings):  # the gradient's sharding is known once it is compiled
+        return
+    dtype = _precision.reference_dtype(run.policy, run.tested)
+    index = np.arange(n, dtype=np.int32)
+    rows = np.zeros((n, len(run.inputs.diff)))
+    # the probe's scales come to the host as NumPy values, its gradient stays as it is
+    scales = np.zeros(probe_info["output_scales"].shape)
+    g = probe_info.get("grad") if run.problem.scalar_output else None
+    outer = _differences.OUTER
+    with _reference_program(run, dtype, True, index, rows, 1.0, outer, scales, g) as (
+        program,
+        args,
+    ):
+        _plan.lower_ahead(program, args)
+
+
+@contextlib.contextmanager
+def _reference_program(run: Run, dtype, cast, index, rows, h, offsets, scales, g):
+    """The finite-difference program and its inputs (given the probe's output `scales` and
+    gradient `g`), in the precision it is traced in."""
     wide = dtype == jnp.float64
     work = jnp.dtype(dtype) if cast else _precision.accumulator([dtype])
     with _precision.x64_scope(True) if wide else contextlib.nullcontext():
-        g = run.probe.get("grad")
         with_rule = _precision.eps(dtype) < _precision.eps(run.tested)
-        out = to_host(
-            run.timer.run(
-                functools.partial(
-                    _differences.reference,
-                    run.problem,
-                    run.modes,
-                    run.kind,
-                    run.plan,
-                    offsets,
-                    offsets == _differences.OUTER,
-                    with_rule,
-                    jnp.dtype(dtype) if cast else None,
-                    work,
-                ),
+        program = functools.partial(
+            _differences.reference,
+            run.problem,
+            run.modes,
+            run.kind,
+            run.plan,
+            offsets,
+            offsets == _differences.OUTER,
+            with_rule,
+            jnp.dtype(dtype) if cast else None,
+            work,
+        )
+        yield (
+            program,
+            (
                 run.seeds,
                 run.inputs.diff,
                 run.inputs.traced(),
                 rows.astype(work),
                 index,
                 run.signs(index),
-                run.probe["output_scales"].astype(work),
+                scales.astype(work),
                 g,
                 np.asarray(h, work),
-            )
+            ),
         )
-    run.reference, run.cast = jnp.dtype(dtype), cast
-    return out

@@ -45,7 +45,8 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
     (None: the reference precision's default), localizing as `localize` says."""
     reverse = "reverse" in run.modes
     _state.note_curves(False)
-    _probe.probe(run, reverse, k, leaf_k if localize is not False else 0)
+    ks = _sequential.looks(k, sequential and run.plan.direction_sharding is None, run.looks_kind)
+    _probe.probe(run, reverse, k, leaf_k if localize is not False else 0, ks[0])
     if run.timer.eager_reason is not None:
         run.problems.append(
             f"jax.jit cannot trace fn or grad_fn ({run.timer.eager_reason}); they were "
@@ -93,7 +94,6 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
             _precision.eps(ref) ** 0.25,
             _needed_derivative(run, ref, h0),
         )
-    ks = _sequential.looks(k, sequential and run.plan.direction_sharding is None, run.looks_kind)
     run.batch = ks[0]  # later looks run their new directions through the same programs
     tried, why, rows, choice = {}, "", np.tile(beta, (k, 1)), None
     i, previous = 0, 0

@@ -14,24 +14,27 @@ from ._host import DEBUG_FLAGS
 from ._state import CHECKED_LATER, SCALES, Run
 
 
-def probe(run: Run, reverse: bool, k: int, leaf_k: int) -> None:
+def probe(run: Run, reverse: bool, k: int, leaf_k: int, first_look: int) -> None:
     """Run the probe program and keep its values in `run.probe`; for a small problem it
     also projects the derivative under test onto the `k` global directions and the
-    `leaf_k` leaf-local ones of localization (`_autodiff.probe_folded`)."""
+    `leaf_k` leaf-local ones of localization (`_autodiff.probe_folded`). While it compiles,
+    the finite-difference program of the first look (`first_look` directions) is lowered
+    and set compiling (`_evaluate.reference_ahead`)."""
     leaf_local = _localize.LEAF_INDEX_OFFSET + np.arange(leaf_k)
     index = np.concatenate([np.arange(k), leaf_local]).astype(np.int32)
     fold = _plan.fold(run.plan, run.modes, run.problem.scalar_output, run.inputs.diff, len(index))
     under_checks(run, reverse)
     plain = functools.partial(_autodiff.probe, run.problem, reverse)
+    ahead = functools.partial(_evaluate.reference_ahead, run, first_look)
     args = (run.seeds[1], run.inputs.diff, run.inputs.traced(), _signs(run, index[:0]))
     if fold and _plan.is_compiled(plain, args):
         fold = ()  # compiled already (an earlier check in another mode): no program to save
     try:
         no_forward = None
         if fold:
-            values, no_forward = _run_folded(run, reverse, fold, index, plain, args)
+            values, no_forward = _run_folded(run, reverse, fold, index, plain, args, ahead)
         else:
-            values = run.timer.run(plain, *args)
+            values = run.timer.run(plain, *args, ahead=ahead)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError) as err:
         # (raised by the eager evaluation, jax.jit having failed to trace fn: Python control
         # flow on values is fine there, a conversion jax.grad cannot follow is not)
@@ -102,7 +105,7 @@ def under_checks(run: Run, reverse: bool) -> None:
             jax.block_until_ready(derivatives(run.inputs.diff))
 
 
-def _run_folded(run: Run, reverse: bool, fold: tuple, index, plain, args) -> tuple:
+def _run_folded(run: Run, reverse: bool, fold: tuple, index, plain, args, ahead) -> tuple:
     """(the folded probe's values, the TypeError of a custom_vjp in fn under forward mode
     or None)."""
     try:
@@ -113,6 +116,7 @@ def _run_folded(run: Run, reverse: bool, fold: tuple, index, plain, args) -> tup
             run.inputs.traced(),
             index,
             _signs(run, index),
+            ahead=ahead,
         )
     except TypeError as err:
         if "forward" not in fold or "custom_vjp" not in str(err):
@@ -120,8 +124,8 @@ def _run_folded(run: Run, reverse: bool, fold: tuple, index, plain, args) -> tup
         # no jvp through a custom_vjp: the evaluation says so and checks reverse mode
         # (still folded if it was)
         rest = tuple(m for m in fold if m != "forward")
-        values = _run_folded(run, reverse, rest, index, plain, args)[0] if rest else None
-        return run.timer.run(plain, *args) if values is None else values, err
+        values = _run_folded(run, reverse, rest, index, plain, args, ahead)[0] if rest else None
+        return run.timer.run(plain, *args, ahead=ahead) if values is None else values, err
     return values, None
 
 

@@ -2,6 +2,7 @@
 
 import functools
 import math
+import threading
 import types
 
 import jax
@@ -330,6 +331,60 @@ def test_one_off_checks_compile_small_programs_for_compile_time(monkeypatch):
     assert all(options is None for options in seen), seen
     lowered = jax.jit(lambda w, x: jnp.tanh(x @ w)).lower(w, x)
     assert 2 * 4 * 80 * 64 <= _plan._operations(lowered) < _plan.FAST_COMPILE_FLOPS
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_the_first_finite_difference_program_compiles_while_the_probe_does(monkeypatch, order):
+    """A cold check lowers its finite-difference program while XLA compiles the probe's
+    program in a background thread, and compiles it there too: nothing is compiled twice
+    or for nothing, and the report is that of programs compiled one after the other."""
+    threads = []
+    original = jax.stages.Lowered.compile
+
+    def spy(self, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", spy)
+    w = jnp.linspace(-1.0, 1.0, 7)
+
+    def check():  # a function no other check has compiled
+        return jaxcheck.verify(lambda w: jnp.sum(jnp.tanh(w * 1.25) ** 3), w, order=order)
+
+    report = check()
+    assert report.ok, str(report)
+    assert report.num_compiled == len(threads) == 2 * order, threads
+    assert all(name.startswith("jaxcheck-compile") for name in threads), threads
+    threads.clear()
+    monkeypatch.setattr(_plan, "AHEAD", False)
+    alone = check()
+    assert threads == ["MainThread"] * 2 * order
+    assert alone.num_compiled == report.num_compiled
+    assert alone.relative_error == report.relative_error
+    assert alone.num_evaluations == report.num_evaluations
+
+
+def test_a_program_lowered_ahead_for_nothing_changes_nothing(monkeypatch):
+    """A guess that misses (the programs lowered ahead for a fn that then fails in float64,
+    or for shapes never called) is dropped: the check goes on as without it."""
+    guesses = []
+    original = _plan.lower_ahead
+    monkeypatch.setattr(_plan, "lower_ahead", lambda *a: guesses.append(original(*a)))
+    w = jnp.linspace(-1.0, 1.0, 5)
+
+    def float32_only(w):
+        if w.dtype != jnp.float32:
+            raise TypeError(f"float32 only, got {w.dtype}")
+        return jnp.sum(jnp.sin(w) ** 2)
+
+    report = jaxcheck.verify(float32_only, w)
+    assert report.ok and report.reference_dtype == "float32", str(report)
+    assert guesses == [None]
+    assert not _plan._PENDING  # nothing lowered: nothing left compiling
+    for n in range(_plan.PENDING_KEPT + 2):  # never asked for: the oldest dropped
+        _plan.lower_ahead(functools.partial(jnp.multiply, 2.0 + n), (w,))
+    assert len(_plan._PENDING) == _plan.PENDING_KEPT
+    _plan._PENDING.clear()
 
 
 @pytest.mark.parametrize("shapes", [[()], [(2,)], [(3,), ()], [(2, 4)], [(3, 4)], [(2, 2), (3, 4)]])
