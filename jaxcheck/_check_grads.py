@@ -648,9 +648,7 @@ class _FinitePart:
         where = [i for i, x in enumerate(leaves) if _inexact(x)]
 
         def outputs(floats):
-            full = list(leaves)
-            for i, x in zip(where, floats):
-                full[i] = x
+            full = _tree.filled(leaves, where, floats)
             return [y for y in jax.tree.leaves(self._outputs(full)) if _inexact(y)]
 
         return [jnp.asarray(leaves[i]) for i in where], outputs

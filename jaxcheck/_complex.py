@@ -126,10 +126,7 @@ def has_complex_outputs(fn, params, args, has_aux: bool) -> bool:
     at = [i for i, x in enumerate(leaves) if _tree.is_array(x)]
 
     def call(*arrays):
-        full = list(leaves)
-        for i, x in zip(at, arrays):
-            full[i] = x
-        p, a = jax.tree_util.tree_unflatten(treedef, full)
+        p, a = jax.tree_util.tree_unflatten(treedef, _tree.filled(leaves, at, arrays))
         out = fn(p, *a)
         return out[0] if has_aux and isinstance(out, tuple) else out
 

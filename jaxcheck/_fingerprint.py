@@ -43,10 +43,7 @@ def of(f, *args, derivative: bool = True, has_aux: bool = False, numbers_from: i
     held = tuple(_tree.digest(x) for i, x in enumerate(leaves) if i not in traced_at)
 
     def call(*values):
-        full = list(leaves)
-        for i, x in zip(at, values, strict=True):
-            full[i] = x
-        out = f(*jax.tree_util.tree_unflatten(treedef, full))
+        out = f(*jax.tree_util.tree_unflatten(treedef, _tree.filled(leaves, at, values)))
         return out[0] if has_aux else out
 
     def with_pullback(*values):

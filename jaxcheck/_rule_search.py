@@ -121,10 +121,7 @@ def _traced(fn, params, args):
     traced = [i for i, x in enumerate(leaves) if _tree.is_array(x)]
 
     def flat(*xs):
-        full = list(leaves)
-        for i, x in zip(traced, xs):
-            full[i] = x
-        p, a = jax.tree_util.tree_unflatten(treedef, full)
+        p, a = jax.tree_util.tree_unflatten(treedef, _tree.filled(leaves, traced, xs))
         return fn(p, *a)
 
     values = [leaves[i] for i in traced]

@@ -48,6 +48,15 @@ def unit_like(y):
     return np.zeros(y.shape, jax.dtypes.float0)
 
 
+def filled(leaves, at, values):
+    """A copy of the list `leaves` with `values` at positions `at`: the flat arguments of
+    a function traced over some of its leaves, the others held as they are."""
+    full = list(leaves)
+    for i, x in zip(at, values, strict=True):
+        full[i] = x
+    return full
+
+
 def is_array(x) -> bool:
     return isinstance(x, jax.Array | np.ndarray | np.generic)
 
