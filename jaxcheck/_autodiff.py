@@ -17,6 +17,15 @@ import numpy as np
 
 from . import _directions, _plan, _precision
 
+# Derivatives are evaluated at a unit of 1/2, not 1: a scalar fn's gradient is pulled back
+# from the cotangent 1/2, and the folded forward projections of small problems push
+# tangents of entries +-1/2, each result then doubled. For a derivative linear in its
+# tangent or cotangent, as it must be, that is the same to the bit (a power of two scales
+# exactly, barring underflow); a rule that is not (a custom_vjp bwd computing g * |g| or
+# g ** 2, a custom_jvp rule with t * |t| or t ** 3) agrees with a linear one at +-1, the
+# only values it would otherwise meet there, and is off by 2x or 4x at 1/2.
+UNIT = 0.5
+
 # The index of the random-sign cotangent whose vjp sizes a non-scalar fn's gradient per leaf
 # (for the balancing of the directions' steps).
 BALANCE_INDEX = 2**31 - 1
@@ -112,10 +121,11 @@ def _probe(problem, reverse, fold, seeds, diff, traced, index, signs) -> dict:
     if not small:
         result["param_squares"] = _directions.sum_squares(diff)
     if fold:
-        ones = jnp.ones(len(diff), jnp.float32)
+        halves = jnp.full(len(diff), UNIT, jnp.float32)
         # per leaf (K, *shape): its unit direction (signs, or float32 Gaussians) for each k,
-        # in the leaf's dtype: the very values the stencil scales by beta in float64
-        units = jax.vmap(lambda k, z: _directions.direction(seeds[0], k, diff, ones, kind, z))(
+        # in the leaf's dtype, times `UNIT`: the very values the stencil scales by beta in
+        # float64, halved
+        units = jax.vmap(lambda k, z: _directions.direction(seeds[0], k, diff, halves, kind, z))(
             index, p_signs
         )
         acc = _precision.accumulator([x.dtype for x in diff])
@@ -137,23 +147,21 @@ def _probe(problem, reverse, fold, seeds, diff, traced, index, signs) -> dict:
             p = jv[0].astype(_precision.accumulator([jv[0].dtype]))
         else:
             p = jax.vmap(vdot)([jnp.concatenate([c] * leaves) for c in cots], jv)
-        result["fold_fwd"] = p.astype(acc).reshape(leaves, num).T
+        result["fold_fwd"] = (p.astype(acc) / UNIT).reshape(leaves, num).T
     grad = None
     if reverse and problem.grad_fn is not None:
         grad = problem.gradient(diff, traced)
     elif reverse and problem.scalar_output:
+        value, grad = scalar_grad(f, diff)
         if own:
-            value, grad = jax.value_and_grad(lambda d: f(d)[0])(diff)
             gap = primal_gap([value], outs)
-        else:
-            grad = jax.grad(lambda d: f(d)[0])(diff)
     elif reverse or rev:
         cot = _directions.cotangent(seeds[1], BALANCE_INDEX, scales, outs, "rademacher", balance)
         if rev:  # one batched vjp: the K directions' cotangents, then the balancing one
             rows = [jnp.concatenate([c, b[None]]) for c, b in zip(cots, cot)]
             grads = jax.vmap(lambda c: vjp_fn(c)[0])(rows)
-            result["fold_rev"] = jnp.stack(
-                [_leaf_dots(g[:num], z, acc) for g, z in zip(grads, units)], 1
+            result["fold_rev"] = (
+                jnp.stack([_leaf_dots(g[:num], z, acc) for g, z in zip(grads, units)], 1) / UNIT
             )
             grad = [g[num] for g in grads]
         else:
@@ -165,6 +173,13 @@ def _probe(problem, reverse, fold, seeds, diff, traced, index, signs) -> dict:
     if gap is not None:
         result["primal_gap"] = gap
     return result
+
+
+def scalar_grad(f, diff):
+    """(value, gradient) of the scalar fn f(d)[0] at diff, as jax.value_and_grad gives
+    them, its reverse pass started from the cotangent `UNIT`."""
+    value, grad = jax.value_and_grad(lambda d: f(d)[0] * UNIT)(diff)
+    return value / UNIT, [g / UNIT for g in grad]
 
 
 def primal_gap(rule_outs, outs) -> jax.Array:

@@ -57,7 +57,7 @@ def reference(
         if problem.grad_fn is not None:
             g_ref = problem.gradient(diff, traced)
         else:
-            g_ref = jax.grad(lambda d: f(d)[0])(diff)
+            g_ref = _autodiff.scalar_grad(f, diff)[1]
     elif rule_rev:
         outs, vjp_fn = jax.vjp(f, diff)
     else:

@@ -505,8 +505,8 @@ def note_native(run: Run, head, reference, values_differ: bool = False) -> None:
         "judged by them"
         if values_differ
         else "while fn's value is the same in both (a rule or grad_fn taking another path "
-        f"in {run.tested.name}?); finite differences use the model's precision instead, "
-        "which resolves more coarsely"
+        f"in {run.tested.name}, or one not linear in its tangent or cotangent?); finite "
+        "differences use the model's precision instead, which resolves more coarsely"
     )
     run.problems.append(
         f"the derivative of fn in {name} differs from that in {run.tested.name} by "

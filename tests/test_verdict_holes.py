@@ -1340,3 +1340,70 @@ def test_a_small_tie_among_16_parameters_is_not_taken_for_noise(key):
     report = jaxcheck.verify(lambda p: jnp.max(p[:2]) + jnp.sum(w * sin_rule(p)), x, key=key)
     assert report.status == "fail", str(report)
     assert report.tolerance < 1e-3
+
+
+def _bwd_rule(cotangent):
+    """sin(x) with a custom_vjp whose bwd multiplies cos(x) by cotangent(g)."""
+
+    @jax.custom_vjp
+    def rule(x):
+        return jnp.sin(x)
+
+    rule.defvjp(lambda x: (jnp.sin(x), jnp.cos(x)), lambda c, g: (cotangent(g) * c,))
+    return rule
+
+
+def _jvp_rule(tangent):
+    """sin(x) with a custom_jvp whose tangent is cos(x) times tangent(t)."""
+
+    @jax.custom_jvp
+    def rule(x):
+        return jnp.sin(x)
+
+    rule.defjvp(lambda p, t: (jnp.sin(p[0]), jnp.cos(p[0]) * tangent(t[0])))
+    return rule
+
+
+NOT_LINEAR = {
+    "g*|g|": lambda g: g * jnp.abs(g),
+    "g**3": lambda g: g**3,
+    "linear": lambda g: g,
+}
+
+
+@pytest.mark.parametrize("size", [4, 40])
+@pytest.mark.parametrize("name", NOT_LINEAR)
+def test_a_bwd_not_linear_in_its_cotangent_fails_under_a_sum(name, size):
+    """Under jnp.sum the bwd meets g = 1 everywhere, where g * |g| and g ** 3 equal g: the
+    gradient is pulled back from another cotangent, as JAX's own check's random one."""
+    rule = _bwd_rule(NOT_LINEAR[name])
+    fn = lambda p: jnp.sum(rule(p))  # noqa: E731
+    p = jnp.linspace(-1.2, 2.0, size)
+    report = jaxcheck.verify(fn, p, rules=False)
+    if name == "linear":
+        assert report.status == "pass", str(report)
+        jaxcheck.check_grads(fn, (p,), 1, modes=["rev"])
+        return
+    assert report.status == "fail", str(report)
+    assert report.relative_error > 0.3, str(report)
+    with pytest.raises(jaxcheck.GradientCheckError, match="FAIL — gradient is WRONG"):
+        jaxcheck.check_grads(fn, (p,), 1, modes=["rev"])
+
+
+@pytest.mark.parametrize("size", [1, 4, 16])
+@pytest.mark.parametrize("name", NOT_LINEAR)
+def test_a_jvp_rule_not_linear_in_its_tangent_fails_in_forward_mode(name, size):
+    """Small problems take their forward projections along sign directions (entries +-1,
+    where t * |t| and t ** 3 equal t); forward mode alone (reverse mode cannot transpose
+    such a rule), with the automatic rule checks off."""
+    rule = _jvp_rule(NOT_LINEAR[name])
+    fn = lambda p: jnp.sum(rule(p) ** 2)  # noqa: E731
+    p = jnp.linspace(-1.2, 2.0, size)
+    report = jaxcheck.verify(fn, p, mode="forward", rules=False)
+    if name == "linear":
+        assert report.status == "pass", str(report)
+        assert not report.problems, str(report)
+        return
+    assert report.status == "fail", str(report)
+    assert report.relative_error > 0.3, str(report)
+    assert any("or one not linear in its tangent or cotangent?" in q for q in report.problems)
