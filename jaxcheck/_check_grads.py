@@ -151,8 +151,8 @@ def check_grads(
     Args:
         f: function of the positional `args`, returning a pytree of float arrays.
         args: tuple or list of the arguments.
-        order: highest derivative order to check (>= 1; 0 checks first derivatives, as
-            JAX's check_grads does).
+        order: highest derivative order to check (0 or below checks first derivatives,
+            as JAX's check_grads does).
         modes: a sequence of "fwd", "rev" (and "lin", checked as "fwd").
         atol: absolute tolerance of JAX's check_grads; here a relative floor at f's
             scale (see above).
@@ -198,9 +198,9 @@ def run(f, args, order, modes=("fwd", "rev"), atol=None, rtol=None, eps=None) ->
             f"{type(args).__name__}. For one argument x, pass (x,)."
         )
     order, eps, atol, rtol = _options.whole(order), *map(_options.scalar, (eps, atol, rtol))
-    if not isinstance(order, int) or isinstance(order, bool) or order < 0:
-        raise ValueError(f"check_grads: order must be an int >= 1, got {order!r}.")
-    order = max(order, 1)  # (JAX's check_grads checks first derivatives at order 0 too)
+    if not isinstance(order, int) or isinstance(order, bool):
+        raise ValueError(f"check_grads: order must be an int (the highest order), got {order!r}.")
+    order = max(order, 1)  # (JAX's check_grads checks first derivatives at order <= 0 too)
     _check_step(eps)
     params = tuple(args)
     mode = _mode(modes)
@@ -328,18 +328,15 @@ def _mode(modes) -> str:
 
 
 def _check_step(eps) -> None:
-    if isinstance(eps, int | float) and not isinstance(eps, bool) and eps == 0:
-        # as in JAX: 0 means its default step
-        return
+    # JAX takes any finite step (0 for its default; a negative one mirrors the central
+    # differences): all are accepted, and none is used
     if eps is not None and not (
         isinstance(eps, int | float | np.floating)
         and not isinstance(eps, bool)
         and math.isfinite(eps)
-        and eps > 0
     ):
         raise ValueError(
-            f"check_grads: eps must be a positive float, or 0 or None (JAX's default step), "
-            f"got {eps!r}."
+            f"check_grads: eps must be a finite float, or None (JAX's default step), got {eps!r}."
         )
 
 

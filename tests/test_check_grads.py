@@ -45,12 +45,16 @@ def test_loose_jax_tolerances_still_catch_a_50_percent_bug():
     assert "grad_fn" not in text and "key" not in text
 
 
-def test_order_0_checks_first_derivatives_as_jax_does():
-    assert jaxcheck.check_grads(jnp.sin, (X,), 0) is None
+@pytest.mark.parametrize("order, eps", [(0, None), (-1, None), (1, -1e-3), (1, 0)])
+def test_order_below_1_and_any_finite_eps_are_taken_as_jax_takes_them(order, eps):
+    """JAX's check_grads checks first derivatives at any order <= 1 and takes any finite
+    step (a negative one mirrors its differences): a test passing there passes here, and a
+    planted bug fails in both."""
+    assert jaxcheck.check_grads(jnp.sin, (X,), order, eps=eps) is None
     with pytest.raises(jaxcheck.GradientCheckError, match="relative error 5.0e-01"):
-        jaxcheck.check_grads(scaled_sin(1.5), (X,), 0)
+        jaxcheck.check_grads(scaled_sin(1.5), (X,), order, eps=eps)
     with pytest.raises(AssertionError):
-        jax.test_util.check_grads(scaled_sin(1.5), (X,), 0)
+        jax.test_util.check_grads(scaled_sin(1.5), (X,), order, eps=eps)
 
 
 @pytest.mark.parametrize("bug", [1.0, 2.0])
@@ -320,13 +324,13 @@ def test_a_nan_derivative_of_a_finite_output_fails_though_f_is_nan_elsewhere(mod
             "args must be a tuple or list of f's positional arguments, "
             "got ndarray. For one argument x, pass (x,).",
         ),
-        ((jnp.sin, (X,), -1), ValueError, "order must be an int >= 1, got -1."),
+        ((jnp.sin, (X,), 2.5), ValueError, "order must be an int (the highest order), got 2.5."),
         ((jnp.sin, (X,), 1, ("fwd", "bwd")), ValueError, "unknown mode(s) ['bwd']"),
         ((jnp.sin, (X,), 1, ()), ValueError, "modes is empty, so nothing would be checked"),
         (
-            (jnp.sin, (X,), 1, ("rev",), None, None, -1.0),
+            (jnp.sin, (X,), 1, ("rev",), None, None, float("nan")),
             ValueError,
-            "eps must be a positive float, or 0 or None",
+            "eps must be a finite float, or None (JAX's default step), got nan.",
         ),
         ((jnp.sin, (X,), 1, ("rev",), "loose"), TypeError, "atol must be a float, a dict"),
         ((X, (X,), 1), TypeError, "f must be callable, got ndarray."),

@@ -258,3 +258,72 @@ def test_without_the_flag_the_original_check_grads_runs(tmp_path):
     assert "FAILED test_sample.py::test_wrong_custom_jvp - AssertionError" in out
     assert "GradientCheckError" not in out
     assert "jaxcheck check_grads" not in out
+
+
+LATE_IMPORT = textwrap.dedent(
+    """
+    import jax.numpy as jnp
+    from jax.test_util import check_grads
+
+    from sample_rules import wrong_sin
+
+
+    def check_twice(f, args, check=check_grads):
+        check(f, args, 1)
+
+
+    def test_wrong():
+        check_grads(wrong_sin, (jnp.ones(3),), 1)
+
+
+    def test_wrong_by_default_argument():
+        check_twice(wrong_sin, (jnp.ones(3),))
+    """
+)
+
+RUN_TWICE = textwrap.dedent(
+    """
+    import sys
+
+    import pytest
+
+    flags = ["-q", "-p", "no:cacheprovider", "-p", "no:xdist", "--tb=line", "test_late.py"]
+    pytest.main(["-p", "jaxcheck.pytest_plugin", "--jaxcheck", *flags])
+    print("SECOND RUN")
+    pytest.main(flags)
+    print("routed:", getattr(sys.modules["test_late"].check_grads, "routed_by_jaxcheck", False))
+    """
+)
+
+
+def test_names_bound_during_the_session_call_jax_after_it(tmp_path):
+    """A test module imported during a --jaxcheck session keeps the replacement it imported;
+    a later run in the same process without the flag (an IDE, a notebook) gets JAX's own
+    check through it."""
+    (tmp_path / "sample_rules.py").write_text(
+        "import jax, jax.numpy as jnp\n"
+        "@jax.custom_jvp\n"
+        "def wrong_sin(x):\n"
+        "    return jnp.sin(x)\n"
+        "wrong_sin.defjvp(lambda p, t: (jnp.sin(p[0]), 1.5 * jnp.cos(p[0]) * t[0]))\n"
+    )
+    (tmp_path / "test_late.py").write_text(LATE_IMPORT)
+    (tmp_path / "run_twice.py").write_text(RUN_TWICE)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env["COLUMNS"] = "300"
+    done = subprocess.run(
+        [sys.executable, "run_twice.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = done.stdout + done.stderr
+    first, second = out.split("SECOND RUN")
+    for test in ("test_wrong", "test_wrong_by_default_argument"):
+        assert f"FAILED test_late.py::{test} - jaxcheck.GradientCheckError" in first, out
+        assert f"FAILED test_late.py::{test} - AssertionError" in second, out
+    assert "2 check_grads calls routed to jaxcheck" in first, out
+    assert "jaxcheck" not in second.split("routed:")[0], out
+    assert "2 failed" in second, out
