@@ -32,6 +32,7 @@ class Checker:
     def __init__(self, fn: Callable, **options: Any):
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}.")
+        _verify.refuse_a_checker(fn, "Checker(fn, **options)")
         _keywords.refuse_unknown(
             "jaxcheck.Checker",
             "Checker(fn, **options)(params, *args)",

@@ -185,6 +185,43 @@ def opaque(s: Split) -> tuple[tuple[str, str], ...]:
     return tuple(rows)
 
 
+def _pair_hint(s: Split, grad_tree, where: str) -> str:
+    """What a pair returned for a gradient most likely is: (value, gradient), as
+    jax.value_and_grad returns, or (gradient, aux), as jax.grad(..., has_aux=True) does."""
+    if not (isinstance(grad_tree, tuple) and len(grad_tree) == 2):
+        return ""
+    parts = [
+        {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(part)[0]}
+        for part in grad_tree
+    ]
+    wanted = set(s.paths_of(DIFF))
+    # a value is one scalar; a gradient has every parameter path
+    scalar_first = len(parts[0]) == 1 and np.ndim(next(iter(parts[0].values()))) == 0
+    value = scalar_first and wanted <= parts[1].keys()
+    aux = wanted <= parts[0].keys()
+    if value and aux and not any(np.ndim(x) for x in parts[1].values()):
+        # a scalar parameter: (value, gradient) and (gradient, scalar aux) look the same
+        return (
+            " It returned a pair: a (value, gradient) pair, as jax.value_and_grad returns, "
+            f"or a (gradient, aux) pair, as jax.grad(..., has_aux=True) returns? {where} "
+            "must return the gradient alone, as jax.grad(fn) does: pass "
+            "`lambda p: grad_fn(p)[1]` or `lambda p: grad_fn(p)[0]`."
+        )
+    if value:
+        return (
+            " It returned a pair whose second part holds the gradient: a (value, gradient) "
+            f"pair, as jax.value_and_grad returns? {where} must return the gradient alone, "
+            "as jax.grad(fn) does: pass `lambda p: grad_fn(p)[1]`."
+        )
+    if aux:
+        return (
+            " It returned a pair whose first part holds the gradient: a (gradient, aux) "
+            f"pair, as jax.grad(..., has_aux=True) returns? {where} must return the "
+            "gradient alone: pass `lambda p: grad_fn(p)[0]`."
+        )
+    return ""
+
+
 def match_gradient(s: Split, grad_tree, where: str = "grad_fn") -> list:
     """Pick, for every differentiable leaf of `s`, the leaf at the same path of `grad_tree`."""
     by_path = {
@@ -196,24 +233,11 @@ def match_gradient(s: Split, grad_tree, where: str = "grad_fn") -> list:
         if kind != DIFF:
             continue
         if path not in by_path:
-            pair = isinstance(grad_tree, tuple) and len(grad_tree) == 2
-            hint = ""
-            if pair and f"[1]{path}" in by_path:
-                hint = (
-                    " It returned a pair whose second part holds that leaf: a (value, gradient) "
-                    f"pair, as jax.value_and_grad returns? {where} must return the gradient "
-                    "alone, as jax.grad(fn) does."
-                )
-            elif pair and f"[0]{path}" in by_path:
-                hint = (
-                    " It returned a pair whose first part holds that leaf: a (gradient, aux) "
-                    f"pair, as jax.grad(..., has_aux=True) returns? {where} must return the "
-                    "gradient alone: pass `lambda p: grad_fn(p)[0]`."
-                )
             raise ValueError(
                 f"{where} returned no gradient for the parameter leaf {path or '(root)'}. It must "
                 "return a pytree with the structure of `params` (found leaves: "
-                f"{', '.join(p or '(root)' for p in sorted(by_path)) or 'none'}).{hint}"
+                f"{', '.join(p or '(root)' for p in sorted(by_path)) or 'none'})."
+                f"{_pair_hint(s, grad_tree, where)}"
             )
         out.append(by_path[path])
     extra = sorted(set(by_path) - set(s.paths))

@@ -191,10 +191,24 @@ def verify(
     )
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}.")
+    refuse_a_checker(fn, "verify(fn, params)")
     # a second check of fn reuses its programs only while fn (and grad_fn) compute what
     # they did: a global or a setting they read may have changed in between
     fn, options = keyed(fn, params, args, options)
     return run(fn, params, args, options)
+
+
+def refuse_a_checker(fn, call: str) -> None:
+    """Refuse a `Checker` given as the function to check (it would be called on traced
+    values, and say that verify cannot be traced)."""
+    from ._checker import Checker  # noqa: PLC0415 - _checker imports this module
+
+    if isinstance(fn, Checker):
+        raise TypeError(
+            f"fn is a jaxcheck.Checker, a check of a function, not a function to check: in "
+            f"{call} pass the loss function itself (checker.fn), or call the checker as "
+            "checker(params, *args)."
+        )
 
 
 def keyed(fn, params, args, options: _options.Options) -> tuple:

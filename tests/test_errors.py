@@ -180,8 +180,8 @@ def test_value_and_grad_as_grad_fn_is_told_apart():
         jaxcheck.verify(loss, {"w": jnp.ones(3), "b": 1.0}, grad_fn=jax.value_and_grad(loss))
     assert str(caught.value).endswith(
         "(found leaves: [0], [1]['b'], [1]['w']). It returned a pair whose second part holds "
-        "that leaf: a (value, gradient) pair, as jax.value_and_grad returns? grad_fn must "
-        "return the gradient alone, as jax.grad(fn) does."
+        "the gradient: a (value, gradient) pair, as jax.value_and_grad returns? grad_fn must "
+        "return the gradient alone, as jax.grad(fn) does: pass `lambda p: grad_fn(p)[1]`."
     )
 
 

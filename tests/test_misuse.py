@@ -569,9 +569,36 @@ def test_grad_with_aux_as_grad_fn_is_told_apart():
         jaxcheck.verify(loss, {"w": jnp.ones(3)}, grad_fn=grad_fn)
     assert str(caught.value).endswith(
         "(found leaves: [0]['w'], [1]['loss']). It returned a pair whose first part holds "
-        "that leaf: a (gradient, aux) pair, as jax.grad(..., has_aux=True) returns? grad_fn "
-        "must return the gradient alone: pass `lambda p: grad_fn(p)[0]`."
+        "the gradient: a (gradient, aux) pair, as jax.grad(..., has_aux=True) returns? "
+        "grad_fn must return the gradient alone: pass `lambda p: grad_fn(p)[0]`."
     )
+
+
+@pytest.mark.parametrize(
+    "params, grad_fn, found, part",
+    [
+        # one array: both parts of the pair have a leaf at its (root) path
+        (jnp.ones(3), lambda q: (2 * q, 1.0), "[0], [1]", "first part holds the gradient"),
+        (jnp.ones(3), lambda q: (2 * q, jnp.zeros(5)), "[0], [1]", "first part holds"),
+        (jnp.ones(3), lambda q: (jnp.sum(q**2), 2 * q), "[0], [1]", "second part holds"),
+        # a scalar: the two pairs look alike
+        (jnp.float32(1.0), lambda q: (q**2, 2 * q), "[0], [1]", "It returned a pair: a (value"),
+    ],
+    ids=["grad-aux", "grad-array-aux", "value-grad", "scalar"],
+)
+def test_a_pair_for_one_array_params_is_told_apart(params, grad_fn, found, part):
+    """The (gradient, aux) pair of a single-array params was taken for a (value, gradient)
+    pair: both parts have a leaf at the root path."""
+    with pytest.raises(ValueError) as caught:
+        jaxcheck.verify(lambda q: jnp.sum(q**2), params, grad_fn=grad_fn)
+    message = str(caught.value)
+    assert "no gradient for the parameter leaf (root). It must return a pytree with the " in (
+        message
+    )
+    assert f"(found leaves: {found})." in message
+    assert part in message
+    fix = {"first": "grad_fn(p)[0]`.", "second": "grad_fn(p)[1]`.", "It returned": "[0]`."}
+    assert message.endswith(next(v for k, v in fix.items() if k in part)), message
 
 
 @pytest.mark.parametrize(
@@ -622,3 +649,22 @@ def test_numpy_fn_whose_output_changes_near_params_is_told_so(near, got):
         "at every point near params"
     )
     np.testing.assert_array_equal(x, np.ones(2))
+
+
+@pytest.mark.parametrize("call", ["verify", "Checker"])
+def test_a_checker_given_as_fn_is_told_to_pass_the_function(call):
+    """A Checker as fn was called on traced values and told that verify cannot run inside
+    jax.jit, though the user called no transformation."""
+    checker = jaxcheck.Checker(lambda p: jnp.sum(jnp.sin(p)))
+    where = "verify(fn, params)" if call == "verify" else "Checker(fn, **options)"
+    with pytest.raises(TypeError) as caught:
+        if call == "verify":
+            jaxcheck.verify(checker, jnp.ones(3))
+        else:
+            jaxcheck.Checker(checker)
+    assert str(caught.value) == (
+        f"fn is a jaxcheck.Checker, a check of a function, not a function to check: in {where} "
+        "pass the loss function itself (checker.fn), or call the checker as "
+        "checker(params, *args)."
+    )
+    assert checker(jnp.ones(3)).ok  # the checker itself is unharmed
