@@ -21,9 +21,12 @@ from . import _directions, _plan, _precision
 # from the cotangent 1/2, and the folded forward projections of small problems push
 # tangents of entries +-1/2, each result then doubled. For a derivative linear in its
 # tangent or cotangent, as it must be, that is the same to the bit (a power of two scales
-# exactly, barring underflow); a rule that is not (a custom_vjp bwd computing g * |g| or
+# exactly, barring underflow: values within 2x of the dtype's smallest normal number, which
+# XLA's CPU code flushes to zero); a rule that is not (a custom_vjp bwd computing g * |g| or
 # g ** 2, a custom_jvp rule with t * |t| or t ** 3) agrees with a linear one at +-1, the
-# only values it would otherwise meet there, and is off by 2x or 4x at 1/2.
+# only values it would otherwise meet there, and is off by 2x or 4x at 1/2. (A rule linear
+# up to 1 and not beyond still passes: the model's gradient is right at this point, and a
+# cotangent above 1 would overflow float16 gradients near its largest value.)
 UNIT = 0.5
 
 # The index of the random-sign cotangent whose vjp sizes a non-scalar fn's gradient per leaf
