@@ -668,3 +668,21 @@ def test_a_checker_given_as_fn_is_told_to_pass_the_function(call):
         "checker(params, *args)."
     )
     assert checker(jnp.ones(3)).ok  # the checker itself is unharmed
+
+
+def test_a_failure_without_custom_rules_points_at_what_cuts_the_derivative():
+    """A TD-style target held fixed by stop_gradient fails (fn's derivative is not the one
+    JAX computes); with no custom rule in fn, the advice said only to check custom rules."""
+
+    def loss(p):
+        q = jnp.tanh(p)
+        target = 0.5 + 0.9 * jax.lax.stop_gradient(jnp.roll(q, 1))
+        return jnp.mean((q - target) ** 2)
+
+    report = jaxcheck.verify(loss, jnp.linspace(-1.0, 1.0, 6))
+    assert report.status == "fail", str(report)
+    assert str(report).endswith(
+        "if none does, look on their path for what JAX's derivative leaves out or bends (a "
+        "jax.lax.stop_gradient, as in a target held fixed, a cast to an integer, a callback). "
+        "If you believe fn itself is not smooth here, try another point or key."
+    )
