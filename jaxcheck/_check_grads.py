@@ -505,10 +505,7 @@ def _of_floats(f, params, *, complex_too: bool = True) -> tuple:
     ]
 
     def g(*values):
-        full = list(leaves)
-        for i, v in zip(where, values):
-            full[i] = v
-        return f(*jax.tree.unflatten(treedef, full))
+        return f(*jax.tree.unflatten(treedef, _tree.filled(leaves, where, values)))
 
     return g, [leaves[i] for i in where]
 
