@@ -124,11 +124,10 @@ def _probe(problem, reverse, fold, seeds, diff, traced, index, signs) -> dict:
     if not small:
         result["param_squares"] = _directions.sum_squares(diff)
     if fold:
-        halves = jnp.full(len(diff), UNIT, jnp.float32)
+        ones = jnp.ones(len(diff), jnp.float32)
         # per leaf (K, *shape): its unit direction (signs, or float32 Gaussians) for each k,
-        # in the leaf's dtype, times `UNIT`: the very values the stencil scales by beta in
-        # float64, halved
-        units = jax.vmap(lambda k, z: _directions.direction(seeds[0], k, diff, halves, kind, z))(
+        # in the leaf's dtype: the very values the stencil scales by beta in float64
+        units = jax.vmap(lambda k, z: _directions.direction(seeds[0], k, diff, ones, kind, z))(
             index, p_signs
         )
         acc = _precision.accumulator([x.dtype for x in diff])
@@ -139,10 +138,10 @@ def _probe(problem, reverse, fold, seeds, diff, traced, index, signs) -> dict:
         )
     if "forward" in modes:
         # traced first, so that a custom_vjp in fn fails early. Rows ordered (leaf,
-        # direction): the tangent of row (l, k) is z_kl in leaf l alone
+        # direction): the tangent of row (l, k) is UNIT z_kl in leaf l alone
         leaves = len(diff)
         tangents = [
-            jnp.concatenate([z if j == i else jnp.zeros_like(z) for j in range(leaves)])
+            jnp.concatenate([z * UNIT if j == i else jnp.zeros_like(z) for j in range(leaves)])
             for i, z in enumerate(units)
         ]
         jv = jax.vmap(lambda t: jax.jvp(f, (diff,), (t,))[1])(tangents)
@@ -163,8 +162,8 @@ def _probe(problem, reverse, fold, seeds, diff, traced, index, signs) -> dict:
         if rev:  # one batched vjp: the K directions' cotangents, then the balancing one
             rows = [jnp.concatenate([c, b[None]]) for c, b in zip(cots, cot)]
             grads = jax.vmap(lambda c: vjp_fn(c)[0])(rows)
-            result["fold_rev"] = (
-                jnp.stack([_leaf_dots(g[:num], z, acc) for g, z in zip(grads, units)], 1) / UNIT
+            result["fold_rev"] = jnp.stack(
+                [_leaf_dots(g[:num], z, acc) for g, z in zip(grads, units)], 1
             )
             grad = [g[num] for g in grads]
         else:
