@@ -17,17 +17,17 @@ import numpy as np
 
 from . import _directions, _plan, _precision
 
-# Derivatives are evaluated at a unit of 1/2, not 1: a scalar fn's gradient is pulled back
-# from the cotangent 1/2, and the folded forward projections of small problems push
-# tangents of entries +-1/2, each result then doubled. For a derivative linear in its
-# tangent or cotangent, as it must be, that is the same to the bit (a power of two scales
-# exactly, barring underflow: values within 2x of the dtype's smallest normal number, which
-# XLA's CPU code flushes to zero); a rule that is not (a custom_vjp bwd computing g * |g| or
-# g ** 2, a custom_jvp rule with t * |t| or t ** 3) agrees with a linear one at +-1, the
-# only values it would otherwise meet there, and is off by 2x or 4x at 1/2. (A rule linear
-# up to 1 and not beyond still passes: the model's gradient is right at this point, and a
-# cotangent above 1 would overflow float16 gradients near its largest value.)
-UNIT = 0.5
+# Derivatives are evaluated at a unit of 2, not 1: a scalar fn's gradient is pulled back
+# from the cotangent 2, and the folded forward projections of small problems push tangents
+# of entries +-2, each result then halved. For a derivative linear in its tangent or
+# cotangent, as it must be, that is the same to the bit (a power of two scales exactly,
+# barring overflow: float16 gradients or values above half its largest number, 32752,
+# become Inf); a rule that is not agrees with a linear one at +-1, the only values it would
+# otherwise meet there, and differs at 2: a custom_vjp bwd computing g * |g| or g ** 3, a
+# custom_jvp rule with t * |t|, and rules that clip their cotangent or tangent (at 0.75,
+# say: jax.grad's cotangent of 1 reaches it, and is clipped, wherever fn's own derivative
+# above the rule is near 1). A unit below 1 would let those clipping below 1 pass.
+UNIT = 2.0
 
 # The index of the random-sign cotangent whose vjp sizes a non-scalar fn's gradient per leaf
 # (for the balancing of the directions' steps).
