@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _tree
+from . import _plan, _tree
 
 
 def is_complex(leaf) -> bool:
@@ -55,7 +55,14 @@ def to_real(params, paths: frozenset):
         if jax.tree_util.keystr(path) not in paths:
             return leaf
         z = _tree.as_array(leaf)
-        return jnp.stack([jnp.real(z), jnp.imag(z)], axis=-1).astype(_real_dtype(z.dtype))
+        dtype = _real_dtype(z.dtype)
+        if len(z.sharding.device_set) > 1:  # kept on its devices
+            return jnp.stack([jnp.real(z), jnp.imag(z)], axis=-1).astype(dtype)
+        # on the host, exactly: eagerly on the device, three small programs compile for
+        # each new shape
+        h = _plan.host_array(z)
+        view = np.stack([h.real, h.imag], axis=-1).astype(dtype)
+        return jax.device_put(view, z.sharding if z.committed else None)
 
     return jax.tree_util.tree_map_with_path(one, params)
 

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _plan, _precision
+from . import _plan, _precision, _tree
 from ._error_model import Comparison
 from ._errors import one_line
 from ._report import Report, Status
@@ -40,15 +40,28 @@ def inexact(x) -> bool:
 
 def random_like(x, rng, scale=True):
     """Random signs times x's RMS (1 where x is all zeros) in x's dtype; float0 for ints."""
-    x = jnp.asarray(x)
+    x = x if isinstance(x, jax.Array) else _tree.as_array(x)
     if not inexact(x):
         return np.zeros(x.shape, jax.dtypes.float0)
-    rms = float(jnp.sqrt(jnp.mean(jnp.square(jnp.abs(x).astype(jnp.float32))))) if scale else 1
+    rms = _rms_on_host(x) if scale else 1.0
     rms = rms if rms > 0 and math.isfinite(rms) else 1.0
     signs = rng.integers(0, 2, size=x.shape) * 2.0 - 1.0
     if jnp.issubdtype(x.dtype, jnp.complexfloating):  # real and imaginary parts both
         signs = (signs + 1j * (rng.integers(0, 2, size=x.shape) * 2.0 - 1.0)) / math.sqrt(2)
-    return jnp.asarray(signs * rms, x.dtype)
+    return jax.device_put(np.asarray(signs * rms).astype(x.dtype))
+
+
+# Draws are formed on the host: eager jax.numpy on the device compiles small programs
+# for each new shape and dtype of a rule's inputs (four for an RMS: 0.1 s or more per rule)
+
+
+def _rms_on_host(x) -> float:
+    """RMS of |x|, in float64."""
+    h = _plan.host_array(x)
+    if h.size == 0:
+        return 0.0
+    h = np.abs(h) if np.iscomplexobj(h) else np.abs(h.astype(np.float64))
+    return float(np.sqrt(np.mean(np.square(h))))
 
 
 def _dtype(x):

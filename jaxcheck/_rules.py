@@ -596,8 +596,9 @@ def _batch(rule: Rule, rng) -> list:
     def moved(x):
         if not _rule_rows.inexact(x):
             return x
-        x = jnp.asarray(x)
-        return jnp.asarray(x * (1 + 0.1 * rng.uniform(-1, 1, x.shape)), x.dtype)
+        h = _plan.host_array(x)  # on the host, as `_rule_rows.random_like`
+        factor = 1 + 0.1 * rng.uniform(-1, 1, h.shape)
+        return jax.device_put(np.asarray(h * factor).astype(h.dtype))
 
     return [rule.inputs] + [jax.tree_util.tree_map(moved, rule.inputs) for _ in range(BATCH - 1)]
 
