@@ -39,7 +39,9 @@ def inexact(x) -> bool:
 
 
 def random_like(x, rng, scale=True):
-    """Random signs times x's RMS (1 where x is all zeros) in x's dtype; float0 for ints."""
+    """Random signs times x's RMS (1 where x is all zeros) in x's dtype; float0 for ints.
+    Drawn on the host: eager jax.numpy on the device compiles small programs for each new
+    shape and dtype of a rule's inputs (four for an RMS: 0.1 s or more per rule)."""
     x = x if isinstance(x, jax.Array) else _tree.as_array(x)
     if not inexact(x):
         return np.zeros(x.shape, jax.dtypes.float0)
@@ -49,10 +51,6 @@ def random_like(x, rng, scale=True):
     if jnp.issubdtype(x.dtype, jnp.complexfloating):  # real and imaginary parts both
         signs = (signs + 1j * (rng.integers(0, 2, size=x.shape) * 2.0 - 1.0)) / math.sqrt(2)
     return jax.device_put(np.asarray(signs * rms).astype(x.dtype))
-
-
-# Draws are formed on the host: eager jax.numpy on the device compiles small programs
-# for each new shape and dtype of a rule's inputs (four for an RMS: 0.1 s or more per rule)
 
 
 def _rms_on_host(x) -> float:

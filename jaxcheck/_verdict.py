@@ -360,7 +360,8 @@ def _flat(run: Run, p: Pass, k, problems, checks=()) -> Status | None:
         failing = any(not c.passed for c in checks)
         native = _precision.eps(run.reference) >= _precision.eps(run.tested)
         if (failing or native) and np.any(a[use]) and change < quantum:
-            if native and not failing and _precision.eps(run.reference) <= _precision.eps(np.float64):
+            in_float64 = _precision.eps(run.reference) <= _precision.eps(np.float64)
+            if native and not failing and in_float64:
                 # in float64 a derivative below the rounding of fn's values over the largest
                 # step is zero for any computation in it (the second derivative of a linear
                 # fn, rounded to 1e-18 by a solver's derivative): both say fn is flat here
