@@ -9,7 +9,6 @@ import pytest
 from jax import lax
 
 import jaxcheck
-from cases import enable_x64
 
 
 def mlp(p, x):
@@ -529,31 +528,3 @@ def test_flat_maps_where_fn_does_not_curve_pass(fn, params, order):
     report = jaxcheck.verify(fn, params, X, order=order, mode="both")
     assert report.ok, str(report)
     assert not any("order below curves" in q for p in report.parts for q in p.problems)
-
-
-def _root_of_cubic(y):
-    """The root x of (x - y)(x^2 + y^2 + 1), elementwise, by Newton's method under
-    lax.custom_root: exactly y, and its second derivative a solver's rounding (1e-17)."""
-
-    def newton(f, x0):
-        slope = lambda x: jax.jvp(f, (x,), (jnp.ones_like(x),))[1]  # noqa: E731
-        return lax.fori_loop(0, 30, lambda _, x: x - f(x) / slope(x), x0)
-
-    cubic = lambda x: (x - y) * (x**2 + y**2 + 1)  # noqa: E731
-    return lax.custom_root(cubic, -jnp.ones_like(y), newton, lambda g, b: b / g(jnp.ones_like(b)))
-
-
-def test_a_float64_second_derivative_zero_to_rounding_passes():
-    """In float64 the derivative maps of a linear fn do not move even at the largest step,
-    and their derivative under test is rounding far below a value's: zero to float64's
-    resolution on both sides, a pass (it was not judged, as a saturated float32 softmax)."""
-    with enable_x64(True):
-        y = jnp.asarray(np.random.RandomState(3).randn(3))
-        assert np.array_equal(_root_of_cubic(y), y)
-        report = jaxcheck.verify(_root_of_cubic, y, order=2)
-    assert report.status == "pass", str(report)
-    [said] = [q for q in report.problems if "float64's resolution" in q]
-    assert said.startswith("order 2: vjp map: fn's float64 values do not change along"), said
-    assert said.endswith(
-        "both say its derivative is zero to float64's resolution (a linear fn's second derivative)"
-    )
