@@ -1378,8 +1378,8 @@ NOT_LINEAR = {
 @pytest.mark.parametrize("name", NOT_LINEAR)
 def test_a_bwd_not_linear_in_its_cotangent_fails_under_a_sum(name, size):
     """Under jnp.sum the bwd meets g = 1 everywhere, where g * |g| and g ** 3 equal g: the
-    gradient is pulled back from another cotangent, as JAX's own check's random one; one
-    above 1, or a rule clipping below 1 would pass."""
+    gradient is pulled back from another cotangent, as JAX's own check's random one. It is
+    2: from one below 1 (1/2), a rule clipping below 1 would pass."""
     rule = _bwd_rule(NOT_LINEAR[name])
     fn = lambda p: jnp.sum(rule(p))  # noqa: E731
     p = jnp.linspace(-1.2, 2.0, size)
