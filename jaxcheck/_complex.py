@@ -56,7 +56,7 @@ def to_real(params, paths: frozenset):
             return leaf
         z = _tree.as_array(leaf)
         dtype = _real_dtype(z.dtype)
-        if len(z.sharding.device_set) > 1:  # kept on its devices
+        if _plan.multi_device(z) is not None:  # kept on its devices
             return jnp.stack([jnp.real(z), jnp.imag(z)], axis=-1).astype(dtype)
         # on the host, exactly: eagerly on the device, three small programs compile for
         # each new shape

@@ -144,7 +144,7 @@ def make_plan(
     """The plan for parameter leaves `diff` (concrete arrays) on their devices; `itemsize`
     is that of the finite-difference precision, `other_elements` the size of the inputs
     held fixed."""
-    shardings = tuple(_multi_device(x) for x in diff)
+    shardings = tuple(multi_device(x) for x in diff)
     device = device_of(diff)
     platform = platform_of(device)
     accelerator = platform != "cpu"
@@ -231,7 +231,7 @@ def host_array(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def _multi_device(x):
+def multi_device(x):
     """The sharding of array `x` when it spans several devices, else None."""
     sharding = getattr(x, "sharding", None)
     if sharding is None or len(sharding.device_set) <= 1:
@@ -318,7 +318,7 @@ def signature(args):
     every leaf of `args`: what a compiled program depends on besides static values."""
     leaves, treedef = jax.tree_util.tree_flatten(args)
     avals = tuple(
-        (np.shape(x), x.dtype, bool(getattr(x, "weak_type", False)), _multi_device(x))
+        (np.shape(x), x.dtype, bool(getattr(x, "weak_type", False)), multi_device(x))
         for x in leaves
     )
     return treedef, avals, _precision.x64_enabled(), _tracing_config()

@@ -42,7 +42,7 @@ def random_like(x, rng, scale=True):
     """Random signs times x's RMS (1 where x is all zeros) in x's dtype; float0 for ints.
     Drawn on the host: eager jax.numpy on the device compiles small programs for each new
     shape and dtype of a rule's inputs (four for an RMS: 0.1 s or more per rule)."""
-    x = x if isinstance(x, jax.Array) else _tree.as_array(x)
+    x = _tree.as_array(x)
     if not inexact(x):
         return np.zeros(x.shape, jax.dtypes.float0)
     rms = _rms_on_host(x) if scale else 1.0
