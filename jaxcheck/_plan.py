@@ -243,10 +243,16 @@ def constrain(leaves, plan: Plan) -> list:
     """Keep each perturbed leaf on its parameter's sharding (inside a traced program)."""
     if not any(plan.leaf_shardings) or _EAGER.get():
         return leaves
-    return [
-        x if s is None else jax.lax.with_sharding_constraint(x, s)
-        for x, s in zip(leaves, plan.leaf_shardings)
-    ]
+    return [x if s is None else _constrained(x, s) for x, s in zip(leaves, plan.leaf_shardings)]
+
+
+def _constrained(x, sharding):
+    # a mesh with Explicit axes (jax.make_mesh's default in newer jax) takes `reshard`:
+    # with_sharding_constraint refers to Auto axes only
+    types = getattr(getattr(sharding, "mesh", None), "axis_types", ()) or ()
+    if any("Explicit" in str(t) for t in types) and hasattr(jax.sharding, "reshard"):
+        return jax.sharding.reshard(x, sharding)
+    return jax.lax.with_sharding_constraint(x, sharding)
 
 
 def map_points(fn, offsets, plan: Plan):

@@ -57,6 +57,21 @@ def test_fsdp_sharded_parameters_give_the_unsharded_verdict():
     assert [leaf.path for leaf in bad.leaves if leaf.status == "fail"] == ["['layers'][1]['w']"]
 
 
+def test_a_mesh_of_explicit_axes_as_jax_make_mesh_gives():
+    """jax.make_mesh's axes are Explicit in newer jax, and with_sharding_constraint refuses
+    them: the perturbed leaves are resharded instead."""
+    explicit = (jax.sharding.AxisType.Explicit,)
+    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=explicit)
+    params = mlp_params(SIZES, jnp.float32)
+    x, y = mlp_data(SIZES, jnp.float32)
+    sharded = _fsdp(params, mesh)
+    report = jaxcheck.verify(mlp_loss(), sharded, x, y)
+    assert report.status == "pass", str(report)
+    bad = jaxcheck.verify(mlp_loss(bug("scale", 1e-3), (1, "w")), sharded, x, y)
+    assert bad.status == "fail", str(bad)
+    assert [leaf.path for leaf in bad.leaves if leaf.status == "fail"] == ["['layers'][1]['w']"]
+
+
 def test_perturbed_copies_stay_sharded():
     """An elementwise loss of one sharded leaf needs no gathering: no parameter-sized
     all-gather in any compiled program, and per-device peak memory about 1/8 of the
