@@ -273,7 +273,7 @@ def map_directions(fn, xs, plan: Plan):
         return jax.tree_util.tree_map(lambda *r: jnp.stack([jnp.asarray(v) for v in r]), *rows)
     if plan.direction_sharding is not None:
         xs = jax.tree_util.tree_map(
-            lambda x: jax.lax.with_sharding_constraint(x, _rows(plan.direction_sharding, x)), xs
+            lambda x: _constrained(x, _rows(plan.direction_sharding, x)), xs
         )
         out = jax.vmap(fn)(*xs)
         # per-direction results are a few numbers: replicate them, so that every process of
@@ -281,9 +281,7 @@ def map_directions(fn, xs, plan: Plan):
         everywhere = jax.sharding.NamedSharding(
             plan.direction_sharding.mesh, jax.sharding.PartitionSpec()
         )
-        return jax.tree_util.tree_map(
-            lambda y: jax.lax.with_sharding_constraint(y, everywhere), out
-        )
+        return jax.tree_util.tree_map(lambda y: _constrained(y, everywhere), out)
     chunk = plan.chunk
     if chunk == 1:  # a loop without vmap: fn need not have batching rules (`looped`)
         return jax.lax.map(lambda row: fn(*row), xs)
@@ -320,14 +318,24 @@ compilations = 0  # programs compiled so far in this process
 
 
 def signature(args):
-    """The pytree structure and the shape, dtype, weak type and multi-device sharding of
-    every leaf of `args`: what a compiled program depends on besides static values."""
+    """The pytree structure and the shape, dtype, weak type and placement of every leaf
+    of `args`: what a compiled program depends on besides static values."""
     leaves, treedef = jax.tree_util.tree_flatten(args)
     avals = tuple(
-        (np.shape(x), x.dtype, bool(getattr(x, "weak_type", False)), multi_device(x))
-        for x in leaves
+        (np.shape(x), x.dtype, bool(getattr(x, "weak_type", False)), _placement(x)) for x in leaves
     )
     return treedef, avals, _precision.x64_enabled(), _tracing_config()
+
+
+def _placement(x):
+    """What of `x`'s sharding a program depends on: a sharding over several devices, or
+    over a mesh even of one device (a program traced for a mesh of Explicit axes returns
+    arrays on that mesh, which another mesh's arrays do not mix with); None for an array
+    on one device."""
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return sharding
+    return multi_device(x)
 
 
 def _tracing_config() -> tuple:

@@ -92,6 +92,30 @@ def test_direction_sharding_over_one_device_takes_any_number_of_directions():
     )
 
 
+@pytest.mark.skipif(not hasattr(jax.sharding, "AxisType"), reason="no Explicit mesh axes")
+def test_direction_sharding_on_a_mesh_of_explicit_axes_then_of_auto_ones():
+    """jax.make_mesh's axes are Explicit in newer jax: the directions are resharded there
+    (with_sharding_constraint refused them), and a program compiled for that mesh is not
+    reused for a mesh of Auto axes of the same devices, whose arrays do not mix with it."""
+    devices = np.array(jax.devices()[:1])
+    explicit = jax.sharding.Mesh(devices, ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    auto = jax.sharding.Mesh(devices, ("data",))
+    over = [
+        jax.sharding.NamedSharding(m, jax.sharding.PartitionSpec("data")) for m in (explicit, auto)
+    ]
+    for sharding in over:
+        report = jaxcheck.verify(loss, P, direction_sharding=sharding)
+        assert report.status == "pass", str(report)
+        bad = jaxcheck.verify(
+            loss,
+            P,
+            grad_fn=lambda p: {"w": jax.grad(loss)(p)["w"] * 1.01},
+            direction_sharding=sharding,
+        )
+        assert bad.status == "fail", str(bad)
+        assert 9e-3 < bad.relative_error < 1.1e-2
+
+
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
