@@ -368,8 +368,13 @@ def _needed_derivative(run: Run, ref, h) -> float:
 
 def _report(run: Run, status, counts, p, checks, leaves, held_fixed, steps, stopped) -> Report:
     head = _verdict.head(checks, status) if checks else None
-    if status is Status.INCONCLUSIVE:  # a row's failure the verdict overruled: not judged
-        checks = [c if c.passed else dataclasses.replace(c, judged=False) for c in checks]
+    if status is Status.INCONCLUSIVE:
+        # not judged: a row's failure the verdict overruled, and a row's pass where its
+        # tolerance is no finer than the quantity judged (a relative error of 1 or more)
+        checks = [
+            c if c.passed and c.tolerance < 1 else dataclasses.replace(c, judged=False)
+            for c in checks
+        ]
     if status is Status.PASS and head is not None and not head.num_used and leaves:
         # judged leaf by leaf (`_localize.merge_leaves`): the leaf nearest its tolerance
         head = max(leaves, key=lambda leaf: leaf.relative_error / leaf.tolerance)

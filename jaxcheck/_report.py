@@ -362,7 +362,12 @@ def _held_fixed(held) -> str:
 def _render_composite(r: Report) -> str:
     """The problems of every part, one row per order and mode (same-rule rows only where
     they alone fail), then the leaves of every part that did not pass."""
-    head = next(p for p in r.parts if p.status is r.status)
+    # the part whose numbers the report carries (of equally bad parts, not always the first)
+    alike = [p for p in r.parts if p.status is r.status]
+    head = next(
+        (p for p in alike if (p.relative_error, p.tolerance) == (r.relative_error, r.tolerance)),
+        alike[0],
+    )
     what = {
         Status.PASS: f"derivatives of {r.label} are consistent with finite differences",
         Status.FAIL: f"{head.label} is WRONG",

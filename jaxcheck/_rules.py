@@ -263,7 +263,7 @@ def check_rule(
 
     rule = Rule.make(f, args, identity)
     parts = check(rule, key, num_directions, precision, rtol, leaf_directions, plain, full)
-    return _rule_rows.compose(parts, "rule properties", parts[1])
+    return _rule_rows.compose(parts, "the rule", parts[1])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,6 +41,15 @@ def test_correct_custom_vjp_passes_with_every_row():
         "checkpoint",
     }
     assert "custom_vjp function, which has no forward mode" in str(report)
+    # the headline's numbers are those of the finite differences, and labelled so (they
+    # were labelled "primal", the first part, whose difference is 0)
+    first, numbers = str(report).splitlines()[:2]
+    assert first == (
+        "jaxcheck.verify: PASS — derivatives of the rule are consistent with finite differences"
+    )
+    vjp = next(p for p in report.parts if p.label == "vjp vs finite differences")
+    assert report.relative_error == vjp.relative_error > 0
+    assert numbers.startswith("  vjp vs finite differences: relative error ")
 
 
 def test_fwd_primal_differs_from_the_function():

@@ -183,6 +183,24 @@ def test_piecewise_constant_fn_with_a_nonzero_rule_fails():
     )
 
 
+def test_a_straight_through_round_between_ties_is_inconclusive_and_its_rows_not_judged():
+    """Where fn jumps within the step (a round whose ties the step crosses), the check is
+    inconclusive; its rows, whose tolerance of 2 judges nothing, say "not judged", not "ok"."""
+
+    def fn(p, x):
+        z = x @ p["w"] * 3.0
+        return jnp.mean((z + jax.lax.stop_gradient(jnp.round(z) - z) - 1.0) ** 2)
+
+    x = jnp.linspace(-1.0, 1.0, 24, dtype=jnp.float32).reshape(6, 4)
+    w = jnp.cos(jnp.arange(12.0, dtype=jnp.float32)).reshape(4, 3)
+    report = jaxcheck.verify(fn, {"w": w}, x)
+    assert report.status == "inconclusive", str(report)
+    assert report.tolerance == 2.0
+    rows = [line for line in str(report).splitlines() if "vs finite differences" in line]
+    assert rows and all(row.endswith("not judged") for row in rows), rows
+    assert all(not c.judged for c in report.checks)
+
+
 @pytest.mark.parametrize("shape", [(), (3,)])
 def test_a_nonzero_derivative_of_a_leaf_fn_is_invariant_to_fails_and_is_named(shape):
     """fn does not change at all with a bias added to every logit before a softmax (its
