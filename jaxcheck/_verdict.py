@@ -577,7 +577,9 @@ def note_large_rounding(run: Run, head, status: Status, p: Pass | None = None) -
     accepted = f"; it was {ROUNDING_ACCEPTED} ({why})" if status is Status.PASS else ""
     run.problems.append(
         f"{gap} of a well-conditioned computation in {run.tested.name}{accepted}. If fn or "
-        f"its rules take a different path in {run.tested.name}, check that path"
+        f"its rules take a different path in {run.tested.name}, check that path; if fn "
+        "reads Python state that changes from call to call (a counter, a global), each "
+        "trace of it is another function: make it a function of params and args alone"
     )
 
 

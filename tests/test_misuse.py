@@ -686,3 +686,22 @@ def test_a_failure_without_custom_rules_points_at_what_cuts_the_derivative():
         "jax.lax.stop_gradient, as in a target held fixed, a cast to an integer, a callback). "
         "If you believe fn itself is not smooth here, try another point or key."
     )
+
+
+def test_fn_reading_state_that_changes_between_traces_is_pointed_at():
+    """fn scaled by a call counter is another function each time it is traced: the float32
+    gradient and the float64 reference disagree, and the report names that cause too."""
+    calls = {"n": 0.0}
+
+    def fn(p, x):
+        calls["n"] += 1.0
+        return jnp.sum(jnp.sin(x @ p["w"])) * (1 + 1e-3 * calls["n"])
+
+    x = jnp.linspace(-1.0, 1.0, 12, dtype=jnp.float32).reshape(4, 3)
+    report = jaxcheck.verify(fn, {"w": jnp.full((3, 2), 1 / 3, jnp.float32)}, x)
+    assert report.status == "fail", str(report)
+    assert any(
+        "if fn reads Python state that changes from call to call (a counter, a global), each "
+        "trace of it is another function: make it a function of params and args alone" in q
+        for q in report.problems
+    ), report.problems
