@@ -352,8 +352,9 @@ def _check_one(
             o.key,
             o.num_directions,
             # a rule as fn's trace recorded it is typed in fn's precision (its jvp too, with
-            # the constants in it): where it cannot run in float64 it falls back, and says
-            # so, whatever fn's own check asked for
+            # the constants in it); in float64 it runs as fn's float64 trace recorded it,
+            # and where fn refuses float64 it falls back, and says so, whatever fn's own
+            # check asked for
             "auto" if o.precision == "float64" else o.precision,
             o.rtol,
             o.leaf_directions,

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _tree
+from . import _precision, _tree
 
 OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _CALLS = ("pjit", "jit", "closed_call", "core_call", "remat", "remat2", "checkpoint")
@@ -62,6 +62,10 @@ class Found:
     # log-sum-exp, a solver's statistics): left out of its check, as fn's derivative never
     # sends them a cotangent
     dead: tuple = dataclasses.field(default=(), compare=False)
+    # the same rule's equation where fn is traced in float64 (None where it cannot be):
+    # the equation recorded at float32 is typed float32 throughout, its literals included,
+    # and refuses float64 inputs, which would leave the rule's reference in float32
+    wide: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def in_jax(self) -> bool:
@@ -90,7 +94,9 @@ class Found:
         def rule(*xs):
             if positions is not None:
                 xs = [xs[i] for i in positions]
-            out = _bind(eqn, consts + list(xs))
+            values = consts + list(xs)
+            wide = _widened(eqn, self.wide, values)
+            out = _bind(eqn, values) if wide is None else _bind(self.wide, wide)
             if len(out) == 1:
                 return out[0]
             return tuple(None if i in dead else y for i, y in enumerate(out))
@@ -118,7 +124,9 @@ def _traced(fn, params, args):
     leaves = list(leaves)
     for i in [i for i, x in enumerate(leaves[:from_params]) if isinstance(x, float)]:
         leaves[i] = _tree.strong_array(leaves[i])
-    traced = [i for i, x in enumerate(leaves) if _tree.is_array(x)]
+    traced = [
+        i for i, x in enumerate(leaves) if _tree.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
+    ]
 
     def flat(*xs):
         p, a = jax.tree_util.tree_unflatten(treedef, _tree.filled(leaves, traced, xs))
@@ -139,7 +147,81 @@ def find(fn, params, args) -> tuple[list, list]:
     from_params = len(jax.tree_util.tree_leaves(params))
     flags = [i < from_params for i in traced]  # which inputs are params (not args)
     search.eval(closed.jaxpr, closed.consts, values, "", "", flags)
-    return _unique(search.found), search.notes
+    return _with_wide(fn, params, args, _unique(search.found)), search.notes
+
+
+def _with_wide(fn, params, args, found) -> list:
+    """`found`, each rule with its equation where fn is traced with its floating inputs in
+    float64 (`Found.wide`), matched by call site and shapes; as it is where fn refuses
+    float64 or nothing needs it."""
+    if not any(f.inputs is not None and _narrow(f.eqn) for f in found):
+        return found
+
+    def wide(x):
+        if not _tree.is_array(x) or not np.issubdtype(x.dtype, np.inexact):
+            return x
+        dtype = np.complex128 if np.issubdtype(x.dtype, np.complexfloating) else np.float64
+        return jax.ShapeDtypeStruct(np.shape(x), dtype)
+
+    try:
+        with _precision.x64_scope(True):
+            structs = jax.tree_util.tree_map(wide, (params, args))
+            closed = _traced(fn, structs[0], structs[1])[0]
+            search = _Search()
+            search.listed([(closed.jaxpr, [])], "", "")
+    except Exception:  # noqa: BLE001 - fn refuses float64: its rules are checked as traced
+        return found
+
+    def shapes(eqn):
+        return [v.aval.shape for v in eqn.invars]
+
+    out = []
+    for f in found:
+        twin = next(
+            (
+                g.eqn
+                for g in search.found
+                if (g.kind, g.name, g.where) == (f.kind, f.name, f.where)
+                and shapes(g.eqn) == shapes(f.eqn)
+            ),
+            None,
+        )
+        out.append(f if twin is None or not _narrow(f.eqn) else dataclasses.replace(f, wide=twin))
+    return out
+
+
+def _narrow(eqn) -> bool:
+    """Whether a rule's equation takes a floating input below 64 bits."""
+    return any(
+        np.issubdtype(v.aval.dtype, np.inexact) and np.dtype(v.aval.dtype).itemsize < 8
+        for v in eqn.invars
+        if hasattr(v.aval, "dtype")
+    )
+
+
+def _widened(narrow, wide, values) -> list | None:
+    """`values` for the rule's float64 equation `wide`, when they are float64 where the
+    recorded `narrow` one is typed lower and `wide` takes float64 there; else None (the
+    rule is run as recorded)."""
+    if wide is None:
+        return None
+    asked = False
+    for value, n, w in zip(values, narrow.invars, wide.invars, strict=True):
+        if getattr(value, "dtype", None) is None:
+            continue  # a Python number: takes the type it is given
+        dtype = np.dtype(value.dtype)
+        if np.issubdtype(dtype, np.inexact) and dtype.itemsize >= 8:
+            if np.dtype(w.aval.dtype) != dtype:
+                return None
+            asked = asked or np.dtype(n.aval.dtype) != dtype
+    if not asked:
+        return None
+    return [
+        jax.numpy.asarray(value, w.aval.dtype)
+        if np.issubdtype(w.aval.dtype, np.inexact)
+        else value
+        for value, w in zip(values, wide.invars)
+    ]
 
 
 def fn_calls(fn, params, args, *kinds: str) -> bool:
