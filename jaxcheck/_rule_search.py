@@ -217,9 +217,7 @@ def _widened(narrow, wide, values) -> list | None:
     if not asked:
         return None
     return [
-        jax.numpy.asarray(value, w.aval.dtype)
-        if np.issubdtype(w.aval.dtype, np.inexact)
-        else value
+        jax.numpy.asarray(value, w.aval.dtype) if np.issubdtype(w.aval.dtype, np.inexact) else value
         for value, w in zip(values, wide.invars)
     ]
 

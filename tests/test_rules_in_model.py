@@ -703,6 +703,7 @@ def test_a_rule_error_fn_amplifies_is_found_by_the_rules_float64_check():
     """The rule is 1e-4 off; fn subtracts 0.999 of the same sine, so its gradient is 1e-1
     off. Checked in float32, as fn's float32 trace typed it, the rule resolved 3.5e-4 and
     was listed as too coarse to clear; from fn's float64 trace it runs in float64."""
+
     @jax.custom_jvp
     def my_sin(x):
         return jnp.sin(x)
