@@ -17,7 +17,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _evaluate, _fingerprint, _keywords, _options, _plan, _problem, _tree, _verify
+from . import (
+    _evaluate,
+    _fingerprint,
+    _host,
+    _keywords,
+    _options,
+    _plan,
+    _problem,
+    _tree,
+    _verify,
+)
 from ._errors import GradientCheckError
 from ._report import Report, Status
 
@@ -210,7 +220,9 @@ def run(f, args, order, modes=("fwd", "rev"), atol=None, rtol=None, eps=None) ->
         # a derivative with respect to empty arrays is empty: JAX's check passes there too
         return Outcome(None, "pass")
     try:
-        report = _verify.run(Positional(f, _fingerprint.of(f, *params)), params, (), options)
+        with _host.x64_as_checked(params):
+            fingerprint = _fingerprint.of(f, *params)
+        report = _verify.run(Positional(f, fingerprint), params, (), options)
     except (TypeError, ValueError) as err:
         if str(err).startswith(_problem.EMPTY_OUTPUT):
             # no derivative to compare: JAX's check passes (nothing is said in a test)

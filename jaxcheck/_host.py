@@ -21,6 +21,9 @@ _WIDE_NOTE = (
     "params hold float64 NumPy arrays while 64-bit types are off: the check ran with them "
     "on, so that the float64 parameters are checked as float64 (not rounded to float32)"
 )
+# set while a check whose float64 NumPy params could not run in float64 runs with 64-bit
+# types off: the checks it runs inside do not try again (nor add the note again)
+NARROWED = contextvars.ContextVar("jaxcheck_narrowed", default=False)
 TRACED = (
     "jaxcheck.{who} runs on the host (it reads numbers back and decides), so it cannot be "
     "called inside jax.jit, jax.grad, jax.vmap or any other transformation."
@@ -36,8 +39,7 @@ def host_side(run):
     @functools.wraps(run)
     def checked(fn, params, args, options):
         # float64 NumPy params are checked as float64 (the caller's args keep jax's default)
-        wide = _wide_numpy(params) and not _precision.x64_enabled()
-        if not wide:
+        if not _widened(params):
             return guarded(fn, params, args, options)
         with _precision.x64_scope(True):
             try:
@@ -55,7 +57,7 @@ def host_side(run):
                     "so it was checked as jax runs it, with them off (params rounded to "
                     f"float32). {_precision.STALE_HINT}"
                 )
-        with _contextvar(NOTES, NOTES.get() + (note,)):
+        with _contextvar(NOTES, NOTES.get() + (note,)), _contextvar(NARROWED, True):
             return guarded(fn, params, args, options)
 
     def guarded(fn, params, args, options):
@@ -100,6 +102,19 @@ def host_side(run):
                 ) from err
 
     return checked
+
+
+def _widened(params) -> bool:
+    """Whether a check of `params` runs with 64-bit types on where they are off (float64
+    NumPy params are checked as float64)."""
+    return _wide_numpy(params) and not _precision.x64_enabled() and not NARROWED.get()
+
+
+def x64_as_checked(params):
+    """The 64-bit setting a check of `params` runs under, for what is traced of fn before
+    it (its fingerprint): JAX keeps the float32 conversion of a NumPy array fn closes over,
+    made while 64-bit types are off, and hands it to fn's float64 programs later."""
+    return _precision.x64_scope(True) if _widened(params) else contextlib.nullcontext()
 
 
 def _wide_numpy(tree) -> bool:

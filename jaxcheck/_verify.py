@@ -214,12 +214,13 @@ def refuse_a_checker(fn, call: str) -> None:
 def keyed(fn, params, args, options: _options.Options) -> tuple:
     """(fn, options) with fn and grad_fn keyed by what they compute at params and args
     (`_fingerprint`), for the compiled programs."""
-    fn = _fingerprint.Keyed(
-        fn, _fingerprint.of(fn, params, *args, has_aux=options.has_aux, numbers_from=1)
-    )
-    if options.grad_fn is not None:
-        traced = _fingerprint.of(options.grad_fn, params, *args, derivative=False, numbers_from=1)
-        options = dataclasses.replace(options, grad_fn=_fingerprint.Keyed(options.grad_fn, traced))
+    with _host.x64_as_checked(params):
+        fingerprint = _fingerprint.of(fn, params, *args, has_aux=options.has_aux, numbers_from=1)
+        fn = _fingerprint.Keyed(fn, fingerprint)
+        if options.grad_fn is not None:
+            g = options.grad_fn
+            traced = _fingerprint.of(g, params, *args, derivative=False, numbers_from=1)
+            options = dataclasses.replace(options, grad_fn=_fingerprint.Keyed(g, traced))
     return fn, options
 
 

@@ -139,6 +139,32 @@ def test_float64_numpy_params_are_checked_in_float64():
     assert p.dtype == np.float64 and p[0] == 0.1  # the caller's array is intact
 
 
+def test_float64_numpy_params_reaching_a_numpy_constant_in_fn_are_checked_in_float64(capfd):
+    """fn multiplies a float64 NumPy matrix by the array it is given. Fingerprinting fn for
+    its programs traced it with 64-bit types off, and JAX kept the matrix's float32
+    conversion for the float64 check: XLA errors on stderr, and a check in float32 where a
+    gradient 2e-4 off passed."""
+    assert not jax.config.jax_enable_x64
+    a = np.random.RandomState(0).randn(6, 3)
+
+    def loss(w):
+        return float(np.sum(np.tanh(a @ w) ** 2))
+
+    def grad(w):
+        t = np.tanh(a @ w)
+        return a.T @ (2 * t * (1 - t**2)) * 1.0002
+
+    report = jaxcheck.verify(loss, np.array([0.3, -0.2, 0.5]), grad_fn=grad)
+    assert report.status == "fail", str(report)
+    assert (report.tested_dtype, report.reference_dtype) == ("float64", "float64")
+    assert report.relative_error == pytest.approx(2e-4, rel=0.05)
+    assert [q for q in report.problems if "params hold float64 NumPy" in q] == [
+        "params hold float64 NumPy arrays while 64-bit types are off: the check ran with them "
+        "on, so that the float64 parameters are checked as float64 (not rounded to float32)"
+    ]
+    assert "RuntimeProgramInputMismatch" not in capfd.readouterr().err
+
+
 def test_all_empty_params_are_refused():
     with pytest.raises(ValueError, match=r"every floating-point leaf of params is empty") as info:
         jaxcheck.verify(

@@ -334,7 +334,8 @@ def test_numpy_float64_constant_converted_with_x64_off(as_numpy):
     assert report.status == "pass", str(report)
     assert report.tested_dtype == "float32" and report.reference_dtype == "float32"
     said = "checked as jax runs it, with them off" if as_numpy else "could not run in float64"
-    assert any(said in q and "jax.clear_caches()" in q for q in report.problems), report.problems
+    # once: the checks run inside this one (by order) do not try float64 again
+    assert len([q for q in report.problems if said in q and "jax.clear_caches()" in q]) == 1
 
 
 def test_fn_evaluating_a_float32_jaxpr_falls_back_and_says_why():
