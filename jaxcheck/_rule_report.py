@@ -446,7 +446,10 @@ def _values_only(report: Report) -> bool:
 
 
 def _finite_difference_rows(report: Report) -> list:
-    return [p for p in report.parts if p.label.startswith("vjp vs finite differences")]
+    return [p for p in report.parts if p.label.startswith(FINITE_DIFFERENCE_ROWS)]
+
+
+FINITE_DIFFERENCE_ROWS = ("vjp vs finite differences", "jvp vs finite differences")
 
 
 # How much fn may amplify a rule's relative error: a loss that cancels (a difference of

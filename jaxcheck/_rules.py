@@ -307,23 +307,30 @@ def check(
     rng = np.random.default_rng(int(_directions.seeds(key, "rule", ("",))[0]))
     tol = _rule_rows.tolerance(rule.dtype, rtol)
     jvp_note = _jvp_note(rule)
-    draws = _Draws(rule, rng, jvp_note is None)
+    vjp_note = _forward_only(rule) if jvp_note is None else None
+    draws = _Draws(rule, rng, jvp_note is None, vjp_note is None)
     parts = [_primal(draws, _rule_rows.tolerance(rule.dtype, rtol, _rule_rows.EXACT_CAP))]
-    fd = _finite_differences(rule, key, num_directions, precision, rtol, leaf_directions, verify)
+    fd = _finite_differences(
+        rule, key, num_directions, precision, rtol, leaf_directions, verify, vjp_note
+    )
     parts.append(fd)
-    if jvp_note is None:
-        parts += [_linearity(draws, tol), _transpose(draws, tol)]
-    parts.append(_cotangent_types(draws))
-    if len(jax.tree_util.tree_leaves(draws.out)) > 1:
-        parts.append(_unused_outputs(draws, tol))
+    if vjp_note is not None:  # the rows of the vjp cannot run
+        parts.append(_linearity(draws, tol))
+    else:
+        if jvp_note is None:
+            parts += [_linearity(draws, tol), _transpose(draws, tol)]
+        parts.append(_cotangent_types(draws))
+        if len(jax.tree_util.tree_leaves(draws.out)) > 1:
+            parts.append(_unused_outputs(draws, tol))
     if full:
         # a rule that rounds through a lower precision inside agrees with itself under a
         # transformation only to a few of that precision's quanta
         transformed_tol = max(tol, 10 * _precision.eps(_rounds_to(draws, rule.dtype)))
         for name in ("vmap", "jit", "checkpoint"):
             parts.append(_transformed(draws, name, transformed_tol))
-    if jvp_note is not None:
-        parts[0] = dataclasses.replace(parts[0], problems=parts[0].problems + (jvp_note,))
+    for note in (jvp_note, vjp_note):
+        if note is not None:
+            parts[0] = dataclasses.replace(parts[0], problems=parts[0].problems + (note,))
     native = _native(rule, fd, key, num_directions, rtol, leaf_directions, verify)
     return parts + ([native] if native is not None else [])
 
@@ -378,9 +385,10 @@ class _Draws:
     rule: Rule
     rng: np.random.Generator
     with_jvp: bool
+    with_vjp: bool = True
 
     def __post_init__(self):
-        self.go = _derivatives(self.rule.call, self.with_jvp)
+        self.go = _derivatives(self.rule.call, self.with_jvp, self.with_vjp)
         self.jitted = jax.jit(self.go)
         self.out = jax.eval_shape(self.rule.call, self.rule.inputs)
         self._alone = {}
@@ -392,7 +400,7 @@ class _Draws:
         try:
             return self.jitted(self.rule.inputs, v, u)
         except Exception:
-            if not self.with_jvp:
+            if not (self.with_jvp and self.with_vjp):
                 raise
             if need not in self._alone:
                 self._alone[need] = jax.jit(
@@ -417,7 +425,7 @@ def _primal(d: _Draws, tol) -> Report:
         try:
             r = d.run(v, u, "vjp")
         except Exception:  # noqa: BLE001 - the vjp rows report it; compare the jvp's primal
-            if not d.with_jvp:
+            if not (d.with_jvp and d.with_vjp):
                 raise
             r = d.run(v, u, "jvp")
         outs = [r[k] for k in ("vjp out", "jvp out") if k in r]
@@ -427,10 +435,14 @@ def _primal(d: _Draws, tol) -> Report:
     return _rule_rows.guarded("primal", name, tol, d.rule.dtype, compute)
 
 
-def _finite_differences(rule, key, k, precision, rtol, leaf_k, verify) -> Report:
-    label = "vjp vs finite differences"
-    try:
-        report = verify(
+def _finite_differences(rule, key, k, precision, rtol, leaf_k, verify, forward=None) -> Report:
+    """The rule's vjp against finite differences; its jvp where JAX cannot run it in
+    reverse mode (`forward`, the reason: a custom_jvp whose tangent goes through a while
+    loop), the derivative fn's forward-mode check uses."""
+    label = "vjp vs finite differences" if forward is None else "jvp vs finite differences"
+
+    def check(mode):
+        return verify(
             _Called(rule),
             rule.inputs,
             key=key,
@@ -438,12 +450,39 @@ def _finite_differences(rule, key, k, precision, rtol, leaf_k, verify) -> Report
             precision=precision,
             rtol=rtol,
             leaf_directions=leaf_k,
+            mode=mode,
         )
+
+    try:
+        report = check("reverse" if forward is None else "forward")
     except Exception as err:  # noqa: BLE001 - a rule that raises under jax.vjp is the finding
         problem = _rule_rows.error_problem(label, err)
         comparison = _rule_rows.failed(f"{label}: the vjp could not be evaluated", math.inf)
         return _rule_rows.part(label, comparison, rule.dtype, 0.0, (problem,))
     return _relabel(report, label + _failed_order(report))
+
+
+def _forward_only(rule: "Rule") -> str | None:
+    """Why the rule's derivative is checked in forward mode: JAX runs its jvp but not its
+    vjp, as for a tangent through a while loop (None where the vjp traces, where the jvp
+    does not either, or where the jvp is not linear in its tangents, a bug)."""
+    inputs = rule.inputs
+    tangents = jax.tree_util.tree_map(_tree.unit_like, inputs)
+    try:
+        jax.eval_shape(lambda x: jax.vjp(rule.call, x)[1](rule.call(x)), inputs)
+    except Exception as err:  # noqa: BLE001 - the reason, given in the report
+        if _rule_rows.untransposed(err):
+            return None  # a jvp not linear in its tangents: the vjp row says why it fails
+        try:
+            jax.eval_shape(lambda x, t: jax.jvp(rule.call, (x,), (t,)), inputs, tangents)
+        except Exception:  # noqa: BLE001 - neither mode
+            return None
+        return (
+            "f's jvp cannot run in reverse mode, so its finite differences check the jvp, "
+            "and the rows of the vjp (transpose, cotangent types) were not checked "
+            f"({one_line(err, 200)})"
+        )
+    return None
 
 
 def _failed_order(report: Report) -> str:
@@ -642,7 +681,8 @@ def _rounds_to(d: _Draws, dtype):
 
 
 def _transformed(d: _Draws, which: str, tol) -> Report:
-    name = f"{which}: primal, vjp{', jvp' if d.with_jvp else ''} {_TRANSFORMS[which]}"
+    maps = ", vjp" * d.with_vjp + ", jvp" * d.with_jvp
+    name = f"{which}: primal{maps} {_TRANSFORMS[which]}"
 
     def compute():
         if which == "vmap":
@@ -657,7 +697,7 @@ def _transformed(d: _Draws, which: str, tol) -> Report:
         if which == "jit":
             return _rule_rows.exact(name, plain, d.go(d.rule.inputs, v, u), tol), ()
         # around the call with nondiff_argnums filled in: those must not be traced
-        remat = jax.jit(_derivatives(jax.checkpoint(d.rule.call), d.with_jvp))
+        remat = jax.jit(_derivatives(jax.checkpoint(d.rule.call), d.with_jvp, d.with_vjp))
         return _rule_rows.exact(name, remat(d.rule.inputs, v, u), plain, tol), ()
 
     return _rule_rows.guarded(which, name, tol, d.rule.dtype, compute)

@@ -520,3 +520,63 @@ def test_a_jvp_not_linear_in_its_tangent_is_said_to_have_no_vjp():
         for q in report.problems
     )
     assert "within the tolerance over all leaves together" not in str(report)
+
+
+def _sine_with_a_looped_jvp(bug):
+    """sin with a custom_jvp whose tangent goes through a while loop: JAX runs its jvp but
+    cannot run it in reverse mode."""
+
+    @jax.custom_jvp
+    def f(x):
+        return jnp.sin(x)
+
+    def jvp(primals, tangents):
+        (x,), (t,) = primals, tangents
+
+        def body(carry):
+            i, total = carry
+            return i + 1, total + 0.5 * jnp.cos(x) * t
+
+        _, total = jax.lax.while_loop(lambda c: c[0] < 2, body, (0, jnp.zeros_like(t)))
+        return f(x), total * bug
+
+    f.defjvp(jvp)
+    return f
+
+
+@pytest.mark.parametrize("bug", [1.0, 1.05])
+def test_a_rule_without_reverse_mode_is_checked_by_its_jvp(bug):
+    """Was: every row of the vjp failed (the rule cannot run in reverse mode), so a correct
+    rule was called wrong, and inside a forward-mode check the rule went unchecked."""
+    x = jnp.linspace(0.1, 1.0, 4)
+    report = jaxcheck.verify_rule(_sine_with_a_looped_jvp(bug), x)
+    rows = [(p.label, p.status.value) for p in report.parts]
+    judged = "pass" if bug == 1.0 else "fail"
+    assert rows == [
+        ("primal", "pass"),
+        ("jvp vs finite differences", judged),
+        ("jvp linearity", "pass"),
+        ("vmap", "pass"),
+        ("jit", "pass"),
+        ("checkpoint", "pass"),
+    ]
+    assert report.status == judged
+    assert report.parts[1].relative_error == pytest.approx(bug - 1.0, abs=1e-6)
+    [note] = [q for q in report.problems if q.startswith("f's jvp cannot run in reverse mode")]
+    assert note.startswith(
+        "f's jvp cannot run in reverse mode, so its finite differences check the jvp, and "
+        "the rows of the vjp (transpose, cotangent types) were not checked (ValueError: "
+        "Reverse-mode differentiation does not work for lax.while_loop"
+    )
+    # inside a model checked in forward mode, the rule is named after the same row
+    f = _sine_with_a_looped_jvp(bug)
+    model = jaxcheck.verify(lambda p: jnp.sum(f(p) ** 2), x, mode="forward", rules=True)
+    assert model.status == judged
+    rule_line = [q for q in model.problems if q.startswith(("wrong rule:", "rules fine:"))]
+    if bug == 1.0:
+        assert rule_line == [rule_line[0]] and rule_line[0].startswith("rules fine: custom_jvp f")
+    else:
+        assert rule_line[0].startswith("wrong rule: custom_jvp f at ")
+        assert rule_line[0].endswith(
+            "jvp vs finite differences, relative error 5.0e-02 (tolerance 1.2e-06)"
+        )
