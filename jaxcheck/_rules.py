@@ -331,7 +331,7 @@ def check(
     for note in (jvp_note, vjp_note):
         if note is not None:
             parts[0] = dataclasses.replace(parts[0], problems=parts[0].problems + (note,))
-    native = _native(rule, fd, key, num_directions, rtol, leaf_directions, verify)
+    native = _native(rule, fd, key, num_directions, rtol, leaf_directions, verify, vjp_note)
     return parts + ([native] if native is not None else [])
 
 
@@ -703,11 +703,11 @@ def _transformed(d: _Draws, which: str, tol) -> Report:
     return _rule_rows.guarded(which, name, tol, d.rule.dtype, compute)
 
 
-def _native(rule, fd: Report, key, k, rtol, leaf_k, verify) -> Report | None:
-    """The vjp against finite differences in the inputs' own precision, when the float64
-    row ran for lower-precision inputs: that row takes the distance between the rule in
-    the inputs' precision and in float64 for rounding, so it cannot see a rule that is
-    only right in float64."""
+def _native(rule, fd: Report, key, k, rtol, leaf_k, verify, forward=None) -> Report | None:
+    """The vjp (the jvp, `forward`, where the rule has no vjp) against finite differences
+    in the inputs' own precision, when the float64 row ran for lower-precision inputs: that
+    row takes the distance between the rule in the inputs' precision and in float64 for
+    rounding, so it cannot see a rule that is only right in float64."""
     if fd.status is not Status.PASS or jnp.dtype(fd.reference_dtype) == jnp.dtype(fd.tested_dtype):
         return None
     tested = fd.checks[0] if fd.checks else None
@@ -721,8 +721,11 @@ def _native(rule, fd: Report, key, k, rtol, leaf_k, verify) -> Report | None:
         precision="native",
         rtol=rtol,
         leaf_directions=leaf_k,
+        mode="reverse" if forward is None else "forward",
     )
-    label = f"vjp vs finite differences in {report.reference_dtype}"
+    label = (
+        f"{'vjp' if forward is None else 'jvp'} vs finite differences in {report.reference_dtype}"
+    )
     report = _relabel(report, label)
     if report.status is Status.FAIL:
         report = dataclasses.replace(

@@ -522,9 +522,9 @@ def test_a_jvp_not_linear_in_its_tangent_is_said_to_have_no_vjp():
     assert "within the tolerance over all leaves together" not in str(report)
 
 
-def _sine_with_a_looped_jvp(bug):
+def _sine_with_a_looped_jvp(bug, only_in=None):
     """sin with a custom_jvp whose tangent goes through a while loop: JAX runs its jvp but
-    cannot run it in reverse mode."""
+    cannot run it in reverse mode. `bug` applies in the dtype `only_in` alone if given."""
 
     @jax.custom_jvp
     def f(x):
@@ -538,7 +538,7 @@ def _sine_with_a_looped_jvp(bug):
             return i + 1, total + 0.5 * jnp.cos(x) * t
 
         _, total = jax.lax.while_loop(lambda c: c[0] < 2, body, (0, jnp.zeros_like(t)))
-        return f(x), total * bug
+        return f(x), total * (bug if only_in in (None, x.dtype) else 1.0)
 
     f.defjvp(jvp)
     return f
@@ -580,3 +580,14 @@ def test_a_rule_without_reverse_mode_is_checked_by_its_jvp(bug):
         assert rule_line[0].endswith(
             "jvp vs finite differences, relative error 5.0e-02 (tolerance 1.2e-06)"
         )
+
+
+def test_a_rule_without_reverse_mode_wrong_only_in_float32_fails_by_its_jvp():
+    """The float64 row forgives a float32 rule its distance to itself in float64; the row
+    in the inputs' own precision then ran in reverse mode, which the rule has not."""
+    f = _sine_with_a_looped_jvp(1.001, only_in=jnp.float32)
+    report = jaxcheck.verify_rule(f, jnp.linspace(0.1, 1.0, 4))
+    assert report.status == "fail"
+    last = report.parts[-1]
+    assert (last.label, last.status) == ("jvp vs finite differences in float32", "fail")
+    assert last.relative_error == pytest.approx(1e-3, rel=0.01)
