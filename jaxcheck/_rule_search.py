@@ -147,53 +147,73 @@ def find(fn, params, args) -> tuple[list, list]:
     from_params = len(jax.tree_util.tree_leaves(params))
     flags = [i < from_params for i in traced]  # which inputs are params (not args)
     search.eval(closed.jaxpr, closed.consts, values, "", "", flags)
-    return _with_wide(fn, params, args, _unique(search.found)), search.notes
+    return _with_wide(fn, params, args, closed.jaxpr, _unique(search.found)), search.notes
 
 
-def _with_wide(fn, params, args, found) -> list:
+def _with_wide(fn, params, args, jaxpr, found) -> list:
     """`found`, each rule with its equation where fn is traced with its floating inputs in
-    float64 (`Found.wide`), matched by call site and shapes; as it is where fn refuses
-    float64 or nothing needs it."""
+    float64 (`Found.wide`): the equation at the same place in that trace, walked in step
+    with fn's `jaxpr` (a part whose equations differ, as where fn branches on a dtype,
+    gives none); as it is where fn refuses float64 or nothing needs it."""
     if not any(f.inputs is not None and _narrow(f.eqn) for f in found):
         return found
 
     def wide(x):
-        if not _tree.is_array(x) or not np.issubdtype(x.dtype, np.inexact):
+        if not _tree.is_array(x) or not _floating(x.dtype):
             return x
-        dtype = np.complex128 if np.issubdtype(x.dtype, np.complexfloating) else np.float64
-        return jax.ShapeDtypeStruct(np.shape(x), dtype)
+        complex_ = jax.numpy.issubdtype(x.dtype, jax.numpy.complexfloating)
+        return jax.ShapeDtypeStruct(np.shape(x), np.complex128 if complex_ else np.float64)
 
     try:
         with _precision.x64_scope(True):
             structs = jax.tree_util.tree_map(wide, (params, args))
             closed = _traced(fn, structs[0], structs[1])[0]
-            search = _Search()
-            search.listed([(closed.jaxpr, [])], "", "")
     except Exception:  # noqa: BLE001 - fn refuses float64: its rules are checked as traced
         return found
-
-    def shapes(eqn):
-        return [v.aval.shape for v in eqn.invars]
-
+    twins = {}
+    _in_step(jaxpr, closed.jaxpr, twins)
     out = []
     for f in found:
-        twin = next(
-            (
-                g.eqn
-                for g in search.found
-                if (g.kind, g.name, g.where) == (f.kind, f.name, f.where)
-                and shapes(g.eqn) == shapes(f.eqn)
-            ),
-            None,
-        )
+        twin = twins.get(id(f.eqn))
         out.append(f if twin is None or not _narrow(f.eqn) else dataclasses.replace(f, wide=twin))
     return out
+
+
+def _in_step(narrow, wide, twins: dict) -> None:
+    """Record in `twins` (id of an equation of `narrow` -> the equation of `wide`) every
+    custom rule's equation of `narrow` and its sub-jaxprs, where both have the same
+    equations (by primitive) and the rule's inputs the same shapes."""
+    if len(narrow.eqns) != len(wide.eqns):
+        return
+    if any(a.primitive is not b.primitive for a, b in zip(narrow.eqns, wide.eqns)):
+        return
+    for a, b in zip(narrow.eqns, wide.eqns):
+        if rule_kind(a) is not None:
+            shapes = [[getattr(v.aval, "shape", None) for v in e.invars] for e in (a, b)]
+            if shapes[0] == shapes[1]:
+                twins[id(a)] = b
+            continue
+        for key in _SUBJAXPR_KEYS:
+            subs_a, subs_b = _jaxprs(a.params.get(key)), _jaxprs(b.params.get(key))
+            if len(subs_a) == len(subs_b):
+                for (ja, _), (jb, _) in zip(subs_a, subs_b):
+                    _in_step(ja, jb, twins)
+
+
+def _floating(dtype) -> bool:
+    """Whether `dtype` is a floating-point or complex one (bfloat16 too; not a PRNG key's)."""
+    try:
+        if jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
+            return False
+        return bool(jax.numpy.issubdtype(dtype, jax.numpy.inexact))
+    except TypeError:
+        return False
 
 
 def _narrow(eqn) -> bool:
     """Whether a rule's equation takes a floating input below 64 bits."""
     return any(
-        np.issubdtype(v.aval.dtype, np.inexact) and np.dtype(v.aval.dtype).itemsize < 8
+        _floating(v.aval.dtype) and np.dtype(v.aval.dtype).itemsize < 8
         for v in eqn.invars
         if hasattr(v.aval, "dtype")
     )
@@ -207,17 +227,17 @@ def _widened(narrow, wide, values) -> list | None:
         return None
     asked = False
     for value, n, w in zip(values, narrow.invars, wide.invars, strict=True):
-        if getattr(value, "dtype", None) is None:
-            continue  # a Python number: takes the type it is given
-        dtype = np.dtype(value.dtype)
-        if np.issubdtype(dtype, np.inexact) and dtype.itemsize >= 8:
-            if np.dtype(w.aval.dtype) != dtype:
+        dtype = getattr(value, "dtype", None)
+        if dtype is None or not _floating(dtype):
+            continue  # a Python number takes the type it is given; keys and ints stay
+        if np.dtype(dtype).itemsize >= 8:  # (complex64 is 8 bytes: narrow, as float32)
+            if w.aval.dtype != dtype:
                 return None
-            asked = asked or np.dtype(n.aval.dtype) != dtype
+            asked = asked or n.aval.dtype != dtype
     if not asked:
         return None
     return [
-        jax.numpy.asarray(value, w.aval.dtype) if np.issubdtype(w.aval.dtype, np.inexact) else value
+        jax.numpy.asarray(value, w.aval.dtype) if _floating(w.aval.dtype) else value
         for value, w in zip(values, wide.invars)
     ]
 

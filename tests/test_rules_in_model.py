@@ -1142,3 +1142,106 @@ def test_rules_unjudged_at_bfloat16_inputs_point_to_checking_them_in_float32():
     )
     alone = jaxcheck.verify_rule(bmm, jax.random.normal(keys[5], (3, 4)), jnp.ones((4, 2)))
     assert alone.status == "fail"
+
+
+def _scaled_sine(scale, bug):
+    @jax.custom_vjp
+    def act(x):
+        return scale * jnp.sin(x)
+
+    act.defvjp(
+        lambda x: (scale * jnp.sin(x), x), lambda x, g: (g * scale * jnp.cos(x) * (1 + bug),)
+    )
+    return act
+
+
+def _block(h, scale, bug=0.0):
+    return _scaled_sine(scale, bug)(h)  # one call site for every layer
+
+
+@pytest.mark.parametrize("where", ["jit", "cond"])
+def test_rules_from_one_call_site_get_their_own_float64_record(where):
+    """Two rules made at one line, one 0.1 % off: each rule's float64 record was the first
+    one found at that line and shapes, so the correct rule was checked against the wrong
+    one's record and named wrong too (and, in a cond, a taken branch by the other's)."""
+    x = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+    w = jnp.arange(9.0).reshape(3, 3) / 7 - 0.3
+    if where == "jit":
+
+        def loss(w, x):
+            h = _block(x @ w, 1.0, 1e-3)
+            h = jax.jit(_block, static_argnums=(1, 2))(h, 2.0, 0.0)
+            return jnp.sum(h**2)
+
+    else:
+
+        def loss(w, x):
+            h = jax.lax.cond(
+                jnp.sum(x @ w) > -100,
+                lambda h: _block(h, 2.0),  # taken
+                lambda h: _block(h, 1.0, 1e-2),
+                x @ w,
+            )
+            return jnp.sum(h**2)
+
+    report = jaxcheck.verify(loss, w, x, rules=True)
+    wrong = [q for q in report.problems if q.startswith("wrong rule:")]
+    fine = [q for q in report.problems if q.startswith("rules fine:")]
+    if where == "jit":
+        assert report.status == "fail"
+        [wrong] = wrong
+        assert wrong.endswith(
+            "(_block): vjp vs finite differences, relative error 1.0e-03 (tolerance 1.2e-06)"
+        )
+        assert fine == [fine[0]] and fine[0].endswith("(_block) (inside jit)")
+    else:
+        assert report.status == "pass", str(report)
+        assert wrong == [] and fine[0].endswith("(_block) (inside cond)")
+
+
+def test_a_rule_taking_a_typed_key_is_checked_in_float64():
+    """A typed PRNG key among a rule's inputs: its dtype is not NumPy's, and choosing the
+    rule's float64 record raised, so the rule was not checked."""
+
+    @jax.custom_vjp
+    def noisy(x, key):
+        return x + 0.01 * jax.random.normal(key, x.shape) * jnp.sin(x)
+
+    def bwd(res, g):
+        x, key = res
+        noise = jax.random.normal(key, x.shape)
+        return (g * (1 + 0.01 * noise * jnp.cos(x)) * (1 + 1e-3), None)
+
+    noisy.defvjp(lambda x, key: (noisy(x, key), (x, key)), bwd)
+    x = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+    w = jnp.arange(9.0).reshape(3, 3) / 7 - 0.3
+    report = jaxcheck.verify(lambda w, x: jnp.sum(noisy(x @ w, jax.random.key(0)) ** 2), w, x)
+    assert report.status == "fail"
+    [wrong] = [q for q in report.problems if q.startswith("wrong rule:")]
+    assert wrong.startswith("wrong rule: custom_vjp noisy at ")
+    assert wrong.endswith("vjp vs finite differences, relative error 1.0e-03 (tolerance 1.0e-06)")
+
+
+@jax.custom_jvp
+def _softplus_two_percent_off(x):
+    return jnp.logaddexp(x, 0.0)
+
+
+_softplus_two_percent_off.defjvp(
+    lambda p, t: (_softplus_two_percent_off(p[0]), jax.nn.sigmoid(p[0]) * t[0] * 1.02)
+)
+
+
+def test_a_rule_in_a_bfloat16_model_gets_its_float64_record():
+    """NumPy does not count bfloat16 as a floating-point type: a bfloat16 rule got no
+    float64 record, ran in bfloat16 (tolerance 0.39) and was not named."""
+    x = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3).astype(jnp.bfloat16)
+    w = (jnp.arange(9.0).reshape(3, 3) / 7 - 0.3).astype(jnp.bfloat16)
+
+    def loss(w, x):
+        return jnp.sum(_softplus_two_percent_off(x @ w).astype(jnp.float32) ** 2)
+
+    report = jaxcheck.verify(loss, w, x, rules=True)
+    [wrong] = [q for q in report.problems if q.startswith("wrong rule:")]
+    assert wrong.startswith("wrong rule: custom_jvp _softplus_two_percent_off at ")
+    assert "relative error 2.0e-02" in wrong
