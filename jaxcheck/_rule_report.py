@@ -140,7 +140,9 @@ def rules_part(
         with_aux = fn
         fn = lambda p, *a: with_aux(p, *a)[0]  # noqa: E731
     try:
-        found, notes = _rule_search.find(fn, params, args)
+        # (JAX's own rules are checked only with rules=True)
+        checked = None if o.rules is True else (lambda r: not r.in_jax)
+        found, notes = _rule_search.find(fn, params, args, checked)
     except Exception as err:  # noqa: BLE001 - the leaf-level verdict stands whatever happens
         return None, [f"rules: fn could not be traced to find them ({one_line(err)})"]
     if o.rules is not True:  # "auto": the model's own rules, not JAX's

@@ -136,8 +136,10 @@ def _traced(fn, params, args):
     return jax.make_jaxpr(flat)(*values), values, traced
 
 
-def find(fn, params, args) -> tuple[list, list]:
-    """(the rules `fn(params, *args)` calls, with their inputs where captured; notes)."""
+def find(fn, params, args, checked=None) -> tuple[list, list]:
+    """(the rules `fn(params, *args)` calls, with their inputs where captured; notes).
+    `checked`: which of them will be checked (all by default), given their float64
+    records (`Found.wide`)."""
     closed, values, traced = _traced(fn, params, args)
     listed = _Search()
     listed.listed([(closed.jaxpr, [])], "", "")
@@ -147,15 +149,21 @@ def find(fn, params, args) -> tuple[list, list]:
     from_params = len(jax.tree_util.tree_leaves(params))
     flags = [i < from_params for i in traced]  # which inputs are params (not args)
     search.eval(closed.jaxpr, closed.consts, values, "", "", flags)
-    return _with_wide(fn, params, args, closed.jaxpr, _unique(search.found)), search.notes
+    found = _unique(search.found)
+    return _with_wide(fn, params, args, closed.jaxpr, found, checked), search.notes
 
 
-def _with_wide(fn, params, args, jaxpr, found) -> list:
+def _with_wide(fn, params, args, jaxpr, found, checked=None) -> list:
     """`found`, each rule with its equation where fn is traced with its floating inputs in
     float64 (`Found.wide`): the equation at the same place in that trace, walked in step
     with fn's `jaxpr` (a part whose equations differ, as where fn branches on a dtype,
-    gives none); as it is where fn refuses float64 or nothing needs it."""
-    if not any(f.inputs is not None and _narrow(f.eqn) for f in found):
+    gives none); as it is where fn refuses float64 or nothing needs it (of the rules
+    `checked` picks)."""
+
+    def needs(f):
+        return f.inputs is not None and _narrow(f.eqn) and (checked is None or checked(f))
+
+    if not any(needs(f) for f in found):
         return found
 
     def wide(x):
@@ -175,7 +183,7 @@ def _with_wide(fn, params, args, jaxpr, found) -> list:
     out = []
     for f in found:
         twin = twins.get(id(f.eqn))
-        out.append(f if twin is None or not _narrow(f.eqn) else dataclasses.replace(f, wide=twin))
+        out.append(dataclasses.replace(f, wide=twin) if twin is not None and needs(f) else f)
     return out
 
 
