@@ -15,6 +15,7 @@ without inputs, as not intercepted.
 """
 
 import dataclasses
+import itertools
 import os
 from typing import Any
 
@@ -301,7 +302,10 @@ def location(eqn) -> str:
             frames = source_info_util.user_frames(eqn.source_info.traceback)
         except AttributeError:  # jax < 0.5 takes the source info itself
             frames = source_info_util.user_frames(eqn.source_info)
-        frame = next((f for f in frames if not f.file_name.startswith(OWN_DIR)), None)
+        # the frames inside jaxcheck's call of fn: jax < 0.8 keeps the whole stack, where
+        # the frame past jaxcheck's (a rule passed itself as fn) is verify's caller
+        inner = itertools.takewhile(lambda f: not f.file_name.startswith(OWN_DIR), frames)
+        frame = next(inner, None)
     except Exception:  # noqa: BLE001 - only a label
         return "unknown location"
     if frame is None:

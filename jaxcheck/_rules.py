@@ -468,9 +468,14 @@ def _forward_only(rule: "Rule") -> str | None:
     does not either, or where the jvp is not linear in its tangents, a bug)."""
     inputs = rule.inputs
     tangents = jax.tree_util.tree_map(_tree.unit_like, inputs)
+
+    def reverse():
+        return jax.eval_shape(lambda x: jax.vjp(rule.call, x)[1](rule.call(x)), inputs)
+
     try:
-        jax.eval_shape(lambda x: jax.vjp(rule.call, x)[1](rule.call(x)), inputs)
+        reverse()
     except Exception as err:  # noqa: BLE001 - the reason, given in the report
+        _rule_rows.untransposed_when_traced(err, reverse)  # older JAX's, without a message
         if _rule_rows.untransposed(err):
             return None  # a jvp not linear in its tangents: the vjp row says why it fails
         try:
