@@ -222,10 +222,15 @@ def _floating(dtype) -> bool:
 def _narrow(eqn) -> bool:
     """Whether a rule's equation takes a floating input below 64 bits."""
     return any(
-        _floating(v.aval.dtype) and np.dtype(v.aval.dtype).itemsize < 8
+        _floating(v.aval.dtype) and not _wide(v.aval.dtype)
         for v in eqn.invars
         if hasattr(v.aval, "dtype")
     )
+
+
+def _wide(dtype) -> bool:
+    """Whether a floating or complex `dtype` has 64-bit parts (complex64's are 32-bit)."""
+    return jax.numpy.finfo(dtype).bits >= 64
 
 
 def _widened(narrow, wide, values) -> list | None:
@@ -239,7 +244,7 @@ def _widened(narrow, wide, values) -> list | None:
         dtype = getattr(value, "dtype", None)
         if dtype is None or not _floating(dtype):
             continue  # a Python number takes the type it is given; keys and ints stay
-        if np.dtype(dtype).itemsize >= 8:  # (complex64 is 8 bytes: narrow, as float32)
+        if _wide(dtype):
             if w.aval.dtype != dtype:
                 return None
             asked = asked or n.aval.dtype != dtype

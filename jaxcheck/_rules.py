@@ -457,7 +457,7 @@ def _finite_differences(rule, key, k, precision, rtol, leaf_k, verify, forward=N
         report = check("reverse" if forward is None else "forward")
     except Exception as err:  # noqa: BLE001 - a rule that raises under jax.vjp is the finding
         problem = _rule_rows.error_problem(label, err)
-        comparison = _rule_rows.failed(f"{label}: the vjp could not be evaluated", math.inf)
+        comparison = _rule_rows.failed(f"{label}: the {label[:3]} could not be evaluated", math.inf)
         return _rule_rows.part(label, comparison, rule.dtype, 0.0, (problem,))
     return _relabel(report, label + _failed_order(report))
 

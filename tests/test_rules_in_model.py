@@ -1245,3 +1245,20 @@ def test_a_rule_in_a_bfloat16_model_gets_its_float64_record():
     [wrong] = [q for q in report.problems if q.startswith("wrong rule:")]
     assert wrong.startswith("wrong rule: custom_jvp _softplus_two_percent_off at ")
     assert "relative error 2.0e-02" in wrong
+
+
+def test_a_rule_on_complex64_inputs_gets_its_float64_record():
+    """complex64 is 8 bytes, as float64: counted wide by its size, its rule got no
+    complex128 record and a 1e-4 error in it was "too coarse" to name."""
+
+    @jax.custom_vjp
+    def square(z):
+        return z * z * 1.0
+
+    square.defvjp(lambda z: (square(z), z), lambda z, g: (g * 2 * z * (1 + 1e-4),))
+    z = jnp.array([0.3 + 0.4j, -0.5 + 0.2j], jnp.complex64)
+    report = jaxcheck.verify(lambda z: jnp.sum(jnp.abs(square(z)) ** 2), z)
+    assert report.status == "fail"
+    [wrong] = [q for q in report.problems if q.startswith("wrong rule:")]
+    assert wrong.startswith("wrong rule: custom_vjp square at ")
+    assert wrong.endswith("vjp vs finite differences, relative error 1.0e-04 (tolerance 1.2e-06)")
