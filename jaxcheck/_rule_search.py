@@ -97,7 +97,14 @@ class Found:
                 xs = [xs[i] for i in positions]
             values = consts + list(xs)
             wide = _widened(eqn, self.wide, values)
-            out = _bind(eqn, values) if wide is None else _bind(self.wide, wide)
+            if wide is None:
+                out = _bind(eqn, values)
+            else:  # (non-float outputs as recorded: an int64 count back to int32)
+                out = _bind(self.wide, wide)
+                out = [
+                    jax.numpy.asarray(y, v.aval.dtype) if _other_int(y, v.aval.dtype) else y
+                    for y, v in zip(out, eqn.outvars)
+                ]
             if len(out) == 1:
                 return out[0]
             return tuple(None if i in dead else y for i, y in enumerate(out))
@@ -156,10 +163,9 @@ def find(fn, params, args, checked=None) -> tuple[list, list]:
 
 def _with_wide(fn, params, args, jaxpr, found, checked=None) -> list:
     """`found`, each rule with its equation where fn is traced with its floating inputs in
-    float64 (`Found.wide`): the equation at the same place in that trace, walked in step
-    with fn's `jaxpr` (a part whose equations differ, as where fn branches on a dtype,
-    gives none); as it is where fn refuses float64 or nothing needs it (of the rules
-    `checked` picks)."""
+    float64 (`Found.wide`): the equation at the same place in that trace as in fn's
+    `jaxpr` (`_rule_places`: a rule fn does not call in float64 gets none); as it is where
+    fn refuses float64 or nothing needs it (of the rules `checked` picks)."""
 
     def needs(f):
         return f.inputs is not None and _narrow(f.eqn) and (checked is None or checked(f))
@@ -179,8 +185,8 @@ def _with_wide(fn, params, args, jaxpr, found, checked=None) -> list:
             closed = _traced(fn, structs[0], structs[1])[0]
     except Exception:  # noqa: BLE001 - fn refuses float64: its rules are checked as traced
         return found
-    twins = {}
-    _in_step(jaxpr, closed.jaxpr, twins)
+    wide_places = _rule_places(closed.jaxpr)
+    twins = {id(e): wide_places[p] for p, e in _rule_places(jaxpr).items() if p in wide_places}
     out = []
     for f in found:
         twin = twins.get(id(f.eqn))
@@ -188,25 +194,33 @@ def _with_wide(fn, params, args, jaxpr, found, checked=None) -> list:
     return out
 
 
-def _in_step(narrow, wide, twins: dict) -> None:
-    """Record in `twins` (id of an equation of `narrow` -> the equation of `wide`) every
-    custom rule's equation of `narrow` and its sub-jaxprs, where both have the same
-    equations (by primitive) and the rule's inputs the same shapes."""
-    if len(narrow.eqns) != len(wide.eqns):
-        return
-    if any(a.primitive is not b.primitive for a, b in zip(narrow.eqns, wide.eqns)):
-        return
-    for a, b in zip(narrow.eqns, wide.eqns):
-        if rule_kind(a) is not None:
-            shapes = [[getattr(v.aval, "shape", None) for v in e.invars] for e in (a, b)]
-            if shapes[0] == shapes[1]:
-                twins[id(a)] = b
+def _rule_places(jaxpr, prefix=()) -> dict:
+    """Every custom rule's equation in `jaxpr` and its sub-jaxprs, by its place: the calls
+    around it (each by its primitive, its count among that jaxpr's equations of that
+    primitive with sub-jaxprs, and which sub-jaxpr), then the rule (its kind, name,
+    definition, call site, input shapes) and its count among such rules there. Other
+    equations do not count, so a trace that casts more (bfloat16 sums go through float32)
+    gives the same places; a fn that calls another rule in float64 gives another place."""
+    out, counts = {}, {}
+
+    def count(ident):
+        counts[ident] = counts.get(ident, 0) + 1
+        return counts[ident] - 1
+
+    for eqn in jaxpr.eqns:
+        if rule_kind(eqn) is not None:
+            shapes = tuple(getattr(v.aval, "shape", None) for v in eqn.invars)
+            ident = (eqn.primitive.name, _name(eqn), defined_at(eqn), location(eqn), shapes)
+            out[(*prefix, ident, count(ident))] = eqn
             continue
-        for key in _SUBJAXPR_KEYS:
-            subs_a, subs_b = _jaxprs(a.params.get(key)), _jaxprs(b.params.get(key))
-            if len(subs_a) == len(subs_b):
-                for (ja, _), (jb, _) in zip(subs_a, subs_b):
-                    _in_step(ja, jb, twins)
+        subs = [(key, _jaxprs(eqn.params.get(key))) for key in _SUBJAXPR_KEYS]
+        if not any(found for _, found in subs):
+            continue
+        call = (eqn.primitive.name, count(("call", eqn.primitive.name)))
+        for key, found in subs:
+            for i, (inner, _) in enumerate(found):
+                out.update(_rule_places(inner, (*prefix, call, key, i)))
+    return out
 
 
 def _floating(dtype) -> bool:
@@ -250,10 +264,24 @@ def _widened(narrow, wide, values) -> list | None:
             asked = asked or n.aval.dtype != dtype
     if not asked:
         return None
+    # (integers too: an index fn makes is int32 in its float32 trace, int64 in its float64 one)
     return [
-        jax.numpy.asarray(value, w.aval.dtype) if _floating(w.aval.dtype) else value
+        jax.numpy.asarray(value, w.aval.dtype) if _numeric(value, w.aval.dtype) else value
         for value, w in zip(values, wide.invars)
     ]
+
+
+def _numeric(value, dtype) -> bool:
+    """Whether `value` is cast to `dtype` for a rule's float64 equation: floats, and
+    integers of another width (keys and booleans stay as they are)."""
+    return _floating(dtype) or _other_int(value, dtype)
+
+
+def _other_int(value, dtype) -> bool:
+    """Whether `value` is an integer array and `dtype` an integer type of another width."""
+    have = getattr(value, "dtype", None)
+    ints = [d is not None and jax.numpy.issubdtype(d, jax.numpy.integer) for d in (have, dtype)]
+    return all(ints) and have != dtype
 
 
 def fn_calls(fn, params, args, *kinds: str) -> bool:

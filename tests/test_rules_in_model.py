@@ -1262,3 +1262,82 @@ def test_a_rule_on_complex64_inputs_gets_its_float64_record():
     [wrong] = [q for q in report.problems if q.startswith("wrong rule:")]
     assert wrong.startswith("wrong rule: custom_vjp square at ")
     assert wrong.endswith("vjp vs finite differences, relative error 1.0e-04 (tolerance 1.2e-06)")
+
+
+@jax.custom_vjp
+def _tanh_fast(x):
+    return jnp.tanh(x)
+
+
+_tanh_fast.defvjp(lambda x: (jnp.tanh(x), x), lambda x, g: (g * (1 - jnp.tanh(x) ** 2),))
+
+
+@jax.custom_vjp
+def _tanh_reference(x):
+    return jnp.tanh(x)
+
+
+# wrong, but fn calls it in float64 only
+_tanh_reference.defvjp(lambda x: (jnp.tanh(x), x), lambda x, g: (g * (1 - jnp.tanh(x)),))
+
+
+def test_a_rule_fn_calls_in_float32_only_is_not_checked_against_another():
+    """fn picks its rule by dtype: its float64 trace calls another rule at the same place,
+    whose wrong derivative made the correct float32 rule a "wrong rule" and failed fn."""
+
+    def loss(p, x):
+        act = _tanh_reference if x.dtype == jnp.float64 else _tanh_fast
+        return jnp.sum(act(x @ p) ** 2)
+
+    p = jnp.linspace(-1.0, 1.0, 6).reshape(3, 2)
+    x = jnp.linspace(0.1, 1.0, 6).reshape(2, 3)
+    report = jaxcheck.verify(loss, p, x, rules=True)
+    assert report.status == "pass", str(report)
+    assert not [q for q in report.problems if q.startswith("wrong rule:")]
+    assert any(q.startswith("rules fine: custom_vjp _tanh_fast at ") for q in report.problems)
+
+
+@jax.custom_vjp
+def _softplus_bwd_20_percent_off(x):
+    return jnp.logaddexp(x, 0.0)
+
+
+_softplus_bwd_20_percent_off.defvjp(
+    lambda x: (_softplus_bwd_20_percent_off(x), x), lambda x, g: (g * jax.nn.sigmoid(x) * 1.2,)
+)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_a_rule_before_a_half_precision_sum_gets_its_float64_record(dtype):
+    """jnp.sum of bfloat16/float16 casts through float32, which its float64 trace does not:
+    matched equation by equation, the traces differed and the rule got no float64 record
+    (finite differences in the half precision, "too coarse" for a 20 % error)."""
+    p = jnp.linspace(-1.0, 1.0, 6).astype(dtype).reshape(3, 2)
+    x = jnp.linspace(0.1, 0.9, 6).astype(dtype).reshape(2, 3)
+    report = jaxcheck.verify(
+        lambda p, x: jnp.sum(_softplus_bwd_20_percent_off(x @ p) ** 2), p, x, rules=True
+    )
+    [wrong] = [q for q in report.problems if q.startswith("wrong rule:")]
+    assert wrong.startswith("wrong rule: custom_vjp _softplus_bwd_20_percent_off at ")
+    assert "vjp vs finite differences, relative error 2.0e-01" in wrong
+
+
+def test_a_rule_taking_an_index_fn_makes_gets_its_float64_record():
+    """An index array made inside fn is int32 in its float32 trace and int64 in its float64
+    one: passed as recorded, the float64 rule refused it and the rule fell back to float32."""
+
+    @jax.custom_vjp
+    def gather_scale(x, idx):
+        return x[idx] * 3.0
+
+    def bwd(res, g):
+        idx, shape = res
+        return (jnp.zeros(shape, g.dtype).at[idx].add(g * 3.0003), None)
+
+    gather_scale.defvjp(lambda x, idx: (x[idx] * 3.0, (idx, x.shape)), bwd)
+    report = jaxcheck.verify(
+        lambda p: jnp.sum(jnp.sin(gather_scale(p, jnp.array([1, 2])))), jnp.linspace(-1, 1, 4)
+    )
+    [wrong] = [q for q in report.problems if q.startswith("wrong rule:")]
+    assert wrong.startswith("wrong rule: custom_vjp gather_scale at ")
+    assert wrong.endswith("relative error 1.0e-04 (tolerance 1.2e-06)")
