@@ -1144,6 +1144,15 @@ def test_rules_unjudged_at_bfloat16_inputs_point_to_checking_them_in_float32():
     assert alone.status == "fail"
 
 
+def _assert_one_wrong_rule(report, rule: str, ending: str) -> None:
+    """fn failed, and exactly one rule, `rule` ("custom_vjp name"), is named wrong, its
+    line ending with `ending`."""
+    assert report.status == "fail", str(report)
+    [wrong] = [q for q in report.problems if q.startswith("wrong rule:")]
+    assert wrong.startswith(f"wrong rule: {rule} at "), wrong
+    assert wrong.endswith(ending), wrong
+
+
 def _scaled_sine(scale, bug):
     @jax.custom_vjp
     def act(x):
@@ -1216,10 +1225,11 @@ def test_a_rule_taking_a_typed_key_is_checked_in_float64():
     x = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
     w = jnp.arange(9.0).reshape(3, 3) / 7 - 0.3
     report = jaxcheck.verify(lambda w, x: jnp.sum(noisy(x @ w, jax.random.key(0)) ** 2), w, x)
-    assert report.status == "fail"
-    [wrong] = [q for q in report.problems if q.startswith("wrong rule:")]
-    assert wrong.startswith("wrong rule: custom_vjp noisy at ")
-    assert wrong.endswith("vjp vs finite differences, relative error 1.0e-03 (tolerance 1.0e-06)")
+    _assert_one_wrong_rule(
+        report,
+        "custom_vjp noisy",
+        "vjp vs finite differences, relative error 1.0e-03 (tolerance 1.0e-06)",
+    )
 
 
 @jax.custom_jvp
@@ -1258,10 +1268,11 @@ def test_a_rule_on_complex64_inputs_gets_its_float64_record():
     square.defvjp(lambda z: (square(z), z), lambda z, g: (g * 2 * z * (1 + 1e-4),))
     z = jnp.array([0.3 + 0.4j, -0.5 + 0.2j], jnp.complex64)
     report = jaxcheck.verify(lambda z: jnp.sum(jnp.abs(square(z)) ** 2), z)
-    assert report.status == "fail"
-    [wrong] = [q for q in report.problems if q.startswith("wrong rule:")]
-    assert wrong.startswith("wrong rule: custom_vjp square at ")
-    assert wrong.endswith("vjp vs finite differences, relative error 1.0e-04 (tolerance 1.2e-06)")
+    _assert_one_wrong_rule(
+        report,
+        "custom_vjp square",
+        "vjp vs finite differences, relative error 1.0e-04 (tolerance 1.2e-06)",
+    )
 
 
 @jax.custom_vjp
