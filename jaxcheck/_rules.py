@@ -196,6 +196,27 @@ def _differentiable(rule: "Rule") -> None:
         )
 
 
+def _reverse_shapes(rule: "Rule"):
+    """The shapes of the rule's vjp at its inputs, traced abstractly (raises JAX's error
+    where it has none)."""
+
+    def reverse(inputs):
+        out, pullback = jax.vjp(rule.call, inputs)
+        return pullback(jax.tree_util.tree_map(_tree.unit_like, out))
+
+    return jax.eval_shape(reverse, rule.inputs)
+
+
+def _forward_shapes(rule: "Rule"):
+    """The shapes of the rule's jvp at its inputs, traced abstractly."""
+
+    def forward(inputs):
+        # (ones: JAX skips a rule whose tangents are all symbolic zeros)
+        return jax.jvp(rule.call, (inputs,), (jax.tree_util.tree_map(_tree.unit_like, inputs),))
+
+    return jax.eval_shape(forward, rule.inputs)
+
+
 def _runnable(rule: "Rule") -> None:
     """Refuse a rule that JAX cannot differentiate at all at these inputs: a bwd that
     returns a bare array for a one-input primal (the missing comma of `(g,)`), cotangents
@@ -204,23 +225,14 @@ def _runnable(rule: "Rule") -> None:
     primal row would call a rule that cannot run "wrong". Found abstractly, compiling
     nothing. A jvp JAX cannot transpose is a finding of the rows (the jvp runs, and the
     linearity row says why), so only a rule with neither mode is refused."""
-
-    def reverse(inputs):
-        out, pullback = jax.vjp(rule.call, inputs)
-        return pullback(jax.tree_util.tree_map(_tree.unit_like, out))
-
-    def forward(inputs):
-        # (ones: JAX skips a rule whose tangents are all symbolic zeros)
-        return jax.jvp(rule.call, (inputs,), (jax.tree_util.tree_map(_tree.unit_like, inputs),))
-
     try:
-        jax.eval_shape(reverse, rule.inputs)
+        _reverse_shapes(rule)
     except Exception as err:  # noqa: BLE001 - refused below unless forward mode runs
         try:
             # (a custom_vjp's jvp fails only when run, not traced: its jaxpr tells)
             if _jvp_note(rule) is not None:
                 raise
-            jax.eval_shape(forward, rule.inputs)
+            _forward_shapes(rule)
         except Exception:  # noqa: BLE001 - neither mode: JAX's reverse-mode error says why
             raise TypeError(
                 "verify_rule: JAX cannot differentiate f at these inputs, so no property of "
@@ -466,20 +478,15 @@ def _forward_only(rule: "Rule") -> str | None:
     """Why the rule's derivative is checked in forward mode: JAX runs its jvp but not its
     vjp, as for a tangent through a while loop (None where the vjp traces, where the jvp
     does not either, or where the jvp is not linear in its tangents, a bug)."""
-    inputs = rule.inputs
-    tangents = jax.tree_util.tree_map(_tree.unit_like, inputs)
-
-    def reverse():
-        return jax.eval_shape(lambda x: jax.vjp(rule.call, x)[1](rule.call(x)), inputs)
-
     try:
-        reverse()
+        _reverse_shapes(rule)
     except Exception as err:  # noqa: BLE001 - the reason, given in the report
-        _rule_rows.untransposed_when_traced(err, reverse)  # older JAX's, without a message
+        # (older JAX's, without a message)
+        _rule_rows.untransposed_when_traced(err, lambda: _reverse_shapes(rule))
         if _rule_rows.untransposed(err):
             return None  # a jvp not linear in its tangents: the vjp row says why it fails
         try:
-            jax.eval_shape(lambda x, t: jax.jvp(rule.call, (x,), (t,)), inputs, tangents)
+            _forward_shapes(rule)
         except Exception:  # noqa: BLE001 - neither mode
             return None
         return (
