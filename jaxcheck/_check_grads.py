@@ -212,7 +212,7 @@ def run(f, args, order, modes=("fwd", "rev"), atol=None, rtol=None, eps=None) ->
         raise ValueError(f"check_grads: order must be an int (the highest order), got {order!r}.")
     order = max(order, 1)  # (JAX's check_grads checks first derivatives at order <= 0 too)
     _check_step(eps)
-    params = tuple(args)
+    params = _tree.settle_weak(tuple(args))
     mode = _mode(modes)
     options = _options.Options(order=order, mode=mode, rtol=_floor(f, atol, rtol, params, mode))
     floats = [x for x in jax.tree.leaves(params) if _inexact(x)]

@@ -3,7 +3,7 @@
 from collections.abc import Callable
 from typing import Any
 
-from . import _keywords, _options, _plan, _verify
+from . import _keywords, _options, _plan, _tree, _verify
 from ._report import Report
 
 
@@ -61,6 +61,7 @@ class Checker:
                 f"a Checker is called as checker(params, *args); it got keyword arguments "
                 f"{', '.join(sorted(keywords))}.{hint}"
             )
+        params = _tree.settle_weak(params)
         if self._keyed is None:
             # what fn computes now, once: a new checker of a changed fn compiles anew,
             # while its own calls cost no trace to find that out

@@ -110,6 +110,38 @@ def split(tree, where: str) -> tuple[Split, list, list]:
     return Split(treedef, tuple(paths), tuple(kinds), tuple(statics)), floats, arrays
 
 
+def settle_weak(params):
+    """`params` with each weak-typed floating leaf (a Python float, a weak-typed array) as an
+    array of the dtype it takes beside params' other floating leaves, as fn sees it:
+    `jnp.sin(x) * y` with a float32 `x` and `y = 2.0` computes in float32 whether or not
+    64-bit types are on, and stays valid under strict dtype promotion. Without other
+    floating leaves a weak leaf keeps JAX's default dtype (`strong_array`)."""
+    leaves, treedef = jax.tree.flatten(params)
+    weak = [i for i, x in enumerate(leaves) if _weak_float(x)]
+    strong = {
+        x.dtype
+        for x in leaves
+        if is_array(x) and not _weak_float(x) and jnp.issubdtype(x.dtype, jnp.floating)
+    }
+    if not weak or not strong:
+        return params
+    with jax.numpy_dtype_promotion("standard"):
+        for i in weak:
+            dtype = jnp.result_type(*strong, leaves[i])
+            leaves[i] = jnp.asarray(leaves[i], dtype)
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def _weak_float(x) -> bool:
+    if type(x) is float:
+        return True
+    return (
+        isinstance(x, jax.Array)
+        and jnp.issubdtype(x.dtype, jnp.floating)  # (a typed key array has no weak_type)
+        and x.weak_type
+    )
+
+
 def strong_array(leaf) -> jax.Array:
     """`leaf` as an array of a fixed (not weak) dtype, so that compiled programs are
     reused across calls (a Python float becomes one too)."""

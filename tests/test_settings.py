@@ -63,6 +63,26 @@ def test_strict_promotion_mixed_leaf_dtypes(strict_numerics):
     assert report.tested_dtype == "bfloat16"
 
 
+@pytest.mark.parametrize("x64_on", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_strict_promotion_with_a_python_float_argument(strict_numerics, dtype, x64_on):
+    """A Python float beside a float32 (or bfloat16) array is weakly typed: fn computes in
+    the array's dtype, with or without 64-bit types, and strict promotion allows it. The
+    check takes the float in that dtype too (not float64, which strict promotion refuses
+    beside float32), and still fails a derivative wrong in it."""
+    x = jnp.array([0.3, -0.7, 1.1], dtype)
+    with enable_x64(x64_on):
+        jaxcheck.check_grads(lambda x, y: jnp.sin(x) * y, (x, 2.0), order=1)
+        report = jaxcheck.verify(lambda p: jnp.sum(jnp.sin(p[0]) * p[1]), (x, 2.0))
+        assert report.status == "pass", str(report)
+        assert report.tested_dtype == dtype  # y taken in x's dtype, as fn computes
+        with pytest.raises(AssertionError, match="FAIL — gradient is WRONG"):
+            # the derivative in y is half what it should be
+            jaxcheck.check_grads(
+                lambda x, y: jnp.sin(x) * y * lax.stop_gradient(y) / 2, (x, 2.0), order=1
+            )
+
+
 @pytest.mark.parametrize("enabled", [False, True])
 def test_x64_on_or_off(enabled):
     with enable_x64(enabled):
