@@ -293,6 +293,13 @@ def compare(name, fd: Differences, a, floor: float, a_ref=None, rounding_scale=0
     )
 
 
+def with_rounding(c: Comparison, rounding: float) -> Comparison:
+    """`c` with the rounding it allows (relative, as `c.rounding`) replaced."""
+    tol = max(c.floor, SAFETY * math.hypot(c.noise_floor, rounding))
+    passed = bool(c.relative_error <= tol)
+    return dataclasses.replace(c, rounding=rounding, tolerance=tol, passed=passed)
+
+
 def consistency(name, a, b, floor: float, rounding: float, zero_scale: float = 0.0):
     """<u, J v> against <J^T u, v>: no finite differences, equal up to rounding. Relative
     to RMS(b), or to `zero_scale` where that is larger (the size below which the derivative

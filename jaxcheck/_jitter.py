@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _autodiff, _error_model, _plan, _precision
+from . import _autodiff, _error_model, _plan, _precision, _verdict
 from ._error_model import SAFETY
 from ._state import Run
 
@@ -59,31 +59,74 @@ def apart(p, modes) -> float:
     return worst
 
 
-def _gradient_change(run: Run):
+SYSTEMATIC = 30  # a gap to the same rule in float64 this many times its own move is no rounding
+SYSTEMATIC_DRAWS = 3  # moves of params drawn to measure it: the largest counts
+
+
+def systematic(run: Run, p, head, weights) -> float | None:
+    """Where a pass rests on the gap between the derivative under test and the same rule in
+    the reference precision being rounding (the tolerance grows with it), whether it is:
+    rounding changes with the point, so moving params by a few ulps moves the derivative by
+    about as much as the gap, while a derivative computed differently in the tested
+    precision (a grad_fn or rule that takes another path there) keeps its gap. Returns the
+    derivative's own move (the RMS change of its projections, the largest of a few moves)
+    as a share of the gap where that share is below 1 / SYSTEMATIC, else None."""
+    a, a_ref = (p.rev, p.ref_rev) if p.rev is not None else (p.fwd, p.ref_fwd)
+    if (
+        a is None
+        or a_ref is None
+        or not head.passed
+        or not head.rounding_measured
+        or head.relative_error <= max(head.floor, SAFETY * head.noise_floor)
+    ):
+        return None  # no pass that the rounding allowance made
+    use = p.fd.smooth & np.isfinite(a) & np.isfinite(a_ref)
+    if not use.any():
+        return None
+    apart = _error_model.rms(np.asarray(a, np.float64)[use] - np.asarray(a_ref, np.float64)[use])
+    weights = np.asarray(weights, np.float64)
+    moves = []
+    for draw in range(SYSTEMATIC_DRAWS):
+        moved = _gradient_change(run, draw)
+        if moved is None:
+            return None
+        moves.append(math.sqrt(float(np.sum(np.square(weights) * moved))))
+    move = max(moves)
+    return move / apart if apart > SYSTEMATIC * move else None
+
+
+def _gradient_change(run: Run, draw: int = 0):
     """Per parameter leaf, the squared norm of the change of the gradient under test when
-    every entry of params moves by JITTER_ULPS ulps (computed once per check); None
+    every entry of params moves by JITTER_ULPS ulps (once per check and `draw` of the
+    signs); None
     where the gradient is not at hand (forward mode alone)."""
-    if "jitter" in run.probe:
-        return run.probe["jitter"]
-    grad = run.probe.get("grad")
+    kept = run.probe.setdefault("jitter", {})
+    if draw in kept:
+        return kept[draw]
     moved = None
-    if grad is not None:
-        try:
-            moved = _moved(run, grad)
-        except Exception:  # noqa: BLE001 - only a reason not to fail: without it, none
-            moved = None
-    run.probe["jitter"] = moved
+    try:
+        moved = _moved(run, draw)
+    except Exception:  # noqa: BLE001 - only a reason not to fail: without it, none
+        moved = None
+    kept[draw] = moved
     return moved
 
 
-def _moved(run: Run, grad):
-    key = jax.random.key(0)
+def _moved(run: Run, draw: int):
+    program = functools.partial(_autodiff.probe, run.problem, True)
+    grad = run.probe.get("grad")
+    if grad is None:  # kept for a scalar fn only; a non-scalar fn's is of a fixed cotangent
+        if "jitter_from" not in run.probe:
+            inputs = run.inputs
+            values = run.timer.run(program, run.seeds[1], inputs.diff, inputs.traced(), None)
+            run.probe["jitter_from"] = values["grad"]
+        grad = run.probe["jitter_from"]
+    key = jax.random.key(draw)
     diff = []
     for i, x in enumerate(run.inputs.diff):
         real = jnp.real(x).dtype
         sign = jax.random.rademacher(jax.random.fold_in(key, i), np.shape(x), real)
         diff.append(x + x * (JITTER_ULPS * _precision.eps(real)) * sign)
-    program = functools.partial(_autodiff.probe, run.problem, True)
     values = run.timer.run(program, run.seeds[1], diff, run.inputs.traced(), None)
     moved = np.asarray(
         [float(np.sum(np.abs(_wide(g) - _wide(h)) ** 2)) for g, h in zip(grad, values["grad"])]
@@ -94,3 +137,17 @@ def _moved(run: Run, grad):
 def _wide(x) -> np.ndarray:
     x = _plan.host_array(x)
     return x.astype(np.complex128 if np.iscomplexobj(x) else np.float64)
+
+
+def systematic_note(run: Run, gap: float, share: float) -> str:
+    """Say that the derivative under test keeps its gap to the same rule in the reference
+    precision when params move, so that the gap was not allowed as rounding."""
+    t, r = run.tested.name, run.reference.name
+    return (
+        f"the {t} derivative differs from the same rule in {r} by {gap:.1e} (relative), "
+        f"{_verdict.ROUNDING_GAP}: it moves by only {share * gap:.1e} when params move by "
+        f"{JITTER_ULPS} ulps "
+        f"({SYSTEMATIC_DRAWS} draws): rounding moves with the point, so the gap is no "
+        f"rounding but another computation in {t} (a grad_fn or rule taking another path "
+        f"in {t}?); its check allows only the derivative's own move as rounding"
+    )

@@ -75,6 +75,10 @@ class Run:
     # differs too: random numbers drawn in the default dtype): the same rule in float64
     # against float64 differences is the verdict, the model's derivative is not judged
     other_function: bool = False
+    # where the gap between the derivative under test and the same rule in float64 is no
+    # rounding (`_jitter.systematic`): the derivative's own move when params move a few
+    # ulps, as a share of that gap; the rounding its checks allow is scaled by it
+    rounding_share: float | None = None
     max_step: float = MAX_STEP  # largest relative step the ladder may move to
     batch: int = 0  # directions per program call: the all-leaf check's (first look's) number
     evaluations: int = 0

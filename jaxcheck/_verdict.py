@@ -72,7 +72,10 @@ def compare(run: Run, p: Pass) -> tuple:
     forward with reverse mode when both are checked. The first one is the head check.
     Kept on the run: the ladder compares a pass to settle it, the pipeline again to judge
     it."""
-    key = (id(p), run.tested, run.reference, run.rounds_to, run.rtol, run.modes, run.other_function)
+    key = (
+        *(id(p), run.tested, run.reference, run.rounds_to, run.rtol, run.modes),
+        *(run.other_function, run.rounding_share),
+    )
     kept = run.compared.get(key)
     if kept is not None and kept[0] is p:
         return kept[1]
@@ -98,18 +101,23 @@ def _compare(run: Run, p: Pass) -> tuple:
         if with_rule:  # absolute size of the tested derivative's rounding
             use = p.fd.smooth & np.isfinite(a) & np.isfinite(a_ref)
             rounding_scale = _error_model.rms(a[use] - a_ref[use]) if use.any() else 0.0
+            if run.rounding_share is not None:
+                rounding_scale *= run.rounding_share
             if not run.other_function:  # (else it is the distance to another function's)
                 zero_scale = max(zero_scale, rounding_scale)
-        checks.append(
-            _error_model.compare(
-                f"{mode} {source} ({t}) vs finite differences ({r})",
-                p.fd,
-                a,
-                fl["tested"],
-                a_ref if with_rule else None,
-                rounding_scale,
-            )
+        tested = _error_model.compare(
+            f"{mode} {source} ({t}) vs finite differences ({r})",
+            p.fd,
+            a,
+            fl["tested"],
+            a_ref if with_rule else None,
+            rounding_scale,
         )
+        if with_rule and run.rounding_share is not None:
+            # the gap to the same rule in float64 is no rounding (`_jitter.systematic`):
+            # the rounding allowed is what the derivative moves by itself
+            tested = _error_model.with_rounding(tested, tested.rounding * run.rounding_share)
+        checks.append(tested)
         if with_rule:
             checks.append(
                 _error_model.compare(
@@ -535,8 +543,10 @@ def note_large_rounding(run: Run, head, status: Status, p: Pass | None = None) -
     an ill-conditioned loss, but would also excuse a bug in a code path taken only in the
     model's dtype. A gap as large as the derivative is no rounding at all. Each note says
     `ROUNDING_GAP`: the custom rules are then checked."""
-    if any(INCOMPARABLE in q for q in run.problems):
-        return  # the gap is fn computing something else in float64: said, with what was done
+    if any(INCOMPARABLE in q for q in run.problems) or run.rounding_share is not None:
+        # the gap is fn computing something else in float64, or no rounding
+        # (`_jitter.systematic`): said, with what was done
+        return
     eps_t = max(_precision.eps(run.tested), eps_fd(run))
     # (in float16 and bfloat16, 1000 eps is about 1: a few percent is already far above
     # the rounding of a well-conditioned computation there)

@@ -1430,3 +1430,75 @@ def test_a_jvp_rule_not_linear_in_its_tangent_fails_in_forward_mode(name, size):
     assert report.status == "fail", str(report)
     assert report.relative_error > 0.3, str(report)
     assert any("or one not linear in its tangent or cotangent?" in q for q in report.problems)
+
+
+def _mlp_problem():
+    ks = jax.random.split(jax.random.key(8), 6)
+    x, y = jax.random.normal(ks[0], (8, 5)), jax.random.normal(ks[1], (8, 3))
+    params = {
+        "w1": jax.random.normal(ks[2], (5, 16)) / 2,
+        "b1": 0.1 * jax.random.normal(ks[3], (16,)),
+        "w2": jax.random.normal(ks[4], (16, 3)) / 4,
+        "b2": 0.1 * jax.random.normal(ks[5], (3,)),
+    }
+
+    def loss(p, x, y):
+        return jnp.mean((jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"] - y) ** 2)
+
+    return loss, params, x, y
+
+
+@pytest.mark.parametrize("key", [0, 7])
+def test_a_grad_fn_wrong_on_its_float32_path_alone_fails_on_its_leaves(key):
+    """A 0.1 % error taken only in float32 made the float32 derivative 1e-3 away from the
+    same rule in float64; that gap was allowed as rounding ("an ill-conditioned loss?"),
+    and the check passed on most keys. Rounding moves with the point; this gap does not,
+    so it is not allowed."""
+    loss, params, x, y = _mlp_problem()
+
+    def grad_fn(p, x, y):
+        g = jax.grad(loss)(p, x, y)
+        scale = 1.001 if p["w1"].dtype == jnp.float32 else 1.0
+        return {**g, "w1": g["w1"] * scale, "b1": g["b1"] * scale}
+
+    report = jaxcheck.verify(loss, params, x, y, grad_fn=grad_fn, key=key)
+    assert report.status == "fail", str(report)
+    assert 3e-4 < report.relative_error < 3e-3 and report.tolerance < 1e-5
+    assert {leaf.path for leaf in report.leaves if leaf.status == "fail"} == {"['b1']", "['w1']"}
+    (note,) = [q for q in report.problems if "moves by only" in q]
+    assert "no rounding but another computation in float32" in note
+    assert not any("accepted as rounding" in q for q in report.problems)
+
+
+@pytest.mark.parametrize("modes", [("rev",), ("fwd",), ("fwd", "rev")])
+def test_a_function_wrong_on_its_float32_path_alone_fails_check_grads(modes):
+    """The same for a function that takes another path in float32 (a kernel for float32
+    inputs only), under check_grads, which said nothing at all."""
+
+    def f(x):
+        if x.dtype == jnp.float64:
+            return jnp.sin(x)
+        return jnp.sin(x) + 1e-3 * (x - lax.stop_gradient(x)) * x  # derivative 0.1 % off
+
+    with pytest.raises(AssertionError, match="FAIL — gradient is WRONG"):
+        jaxcheck.check_grads(f, (jnp.array([0.3, -0.7, 1.1]),), order=1, modes=modes)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda a: jnp.sum(jnp.linalg.inv(a @ a.T + 1e-3 * jnp.eye(6))),
+        lambda a: jnp.sum(jnp.sin(a * 1000)),
+        lambda a: jnp.sum((1 + a / 100) ** 300),
+    ],
+    ids=["inverse-ill-conditioned", "sin-of-large", "power-300"],
+)
+def test_a_float32_derivative_whose_gap_is_rounding_still_passes(fn):
+    """Correct float32 derivatives whose pass rests on their rounding (the error is above
+    the float32 floor, within the gap to the same rule in float64): the gap moves with
+    the point, so it stays allowed."""
+    a = jax.random.normal(jax.random.key(3), (6, 6))
+    report = jaxcheck.verify(fn, a)
+    assert report.status == "pass", str(report)
+    assert report.relative_error > 1.5e-6  # beyond the floor: the rounding allowed it
+    assert not any("moves by only" in q for q in report.problems)
