@@ -485,6 +485,27 @@ def test_a_one_element_gradient_near_zero_on_one_step_is_not_vanishing():
     assert (leaf.flags, leaf.first_vanishing, leaf.vanishing_steps) == (("vanishing",), 32, 1)
 
 
+@pytest.mark.parametrize("dof, first", [(2, 61), (1, 62)])
+@pytest.mark.parametrize("lasts", [False, True])
+def test_a_three_element_gradient_of_few_degrees_of_freedom_dips_by_chance(dof, first, lasts):
+    """A softmax bias's gradient sums to zero (two degrees of freedom of three elements): one
+    minibatch took its norm below 1e-3 of its average at step 629 of a healthy run, and it
+    was flagged vanishing. A dip of one step is noise; a gradient that stays down is
+    flagged after 2 steps in a row (3 for a rank-one gradient, one degree of freedom)."""
+    rng = np.random.default_rng(1)
+    noise = rng.normal(size=(70, 3)).astype(np.float32)
+    if dof == 2:
+        b = noise - noise.mean(axis=1, keepdims=True)
+    else:
+        b = noise[:, :1] * np.array([1.0, 2.0, -3.0], np.float32)
+    b[60 : 70 if lasts else 61] *= np.float32(1e-5)
+    w = rng.normal(size=(70, 3)).astype(np.float32)  # a weight that keeps learning
+    params = {"b": jnp.zeros(3), "w": jnp.ones(3)}
+    _, state = run_with(params, lambda step: {"b": b[step], "w": w[step]}, 70)
+    flagged = [(leaf.path, leaf.first_vanishing) for leaf in jaxcheck.health(state).flagged]
+    assert flagged == ([("['b']", first)] if lasts else [])
+
+
 def test_an_exactly_zero_gradient_of_a_zero_parameter_is_vanishing():
     params = {"b": jnp.zeros(4), "w": jnp.ones(4)}
     _, state = run_with(params, lambda step: {"b": np.zeros(4), "w": np.ones(4)}, 12)
