@@ -15,6 +15,7 @@ without inputs, as not intercepted.
 """
 
 import dataclasses
+import functools
 import itertools
 import os
 from typing import Any
@@ -70,16 +71,16 @@ class Found:
 
     @property
     def in_jax(self) -> bool:
-        """Whether the rule is one of JAX's own (jax.nn, jax.numpy, lax): defined in a
-        file of the jax package."""
+        """Whether the rule is one of JAX's own (jax.nn, jax.numpy, lax): its function and
+        the functions of its derivative (its jvp; its fwd and bwd) defined in files of the
+        jax package."""
         if _custom_gradient_name(self.eqn) is not None:
             return False  # jax.custom_gradient's wrapper is JAX's, the rule the user's
         if _JAX_DIR not in _source(_rule_jaxpr(self.eqn)):
             return False
-        # a custom_vjp around a function of JAX's (jax.custom_vjp(jnp.exp)) with the
-        # user's own backward pass is the user's rule
-        bwd = getattr(self.eqn.params.get("bwd"), "debug_info", None)
-        return bwd is None or _JAX_DIR in str(getattr(bwd, "func_src_info", None) or "")
+        # a rule of the user's around a function of JAX's (jax.custom_jvp(jnp.sin) with
+        # the user's jvp, jax.custom_vjp(jnp.exp) with the user's fwd and bwd) is the user's
+        return _users_rule(self.eqn) is None
 
     @property
     def title(self) -> str:
@@ -344,8 +345,12 @@ def location(eqn) -> str:
 
 
 def defined_at(eqn) -> str:
-    """Where a rule's function was defined, from its traced jaxpr ("" where unknown)."""
+    """Where a rule's function was defined, from its traced jaxpr ("" where unknown); for
+    the user's rule around a function of JAX's (jax.custom_jvp(jnp.sin)), where the user's
+    function of its derivative was."""
     source = _source(_rule_jaxpr(eqn))
+    if _JAX_DIR in source:
+        source = _users_rule(eqn) or source
     name, at, where = source.rpartition(" at ")
     return f"{_relative(where)} ({name})" if at else ""
 
@@ -396,7 +401,104 @@ def _name(eqn) -> str:
     jaxpr = _rule_jaxpr(eqn)
     info = getattr(getattr(jaxpr, "jaxpr", jaxpr), "debug_info", None)
     text = getattr(info, "func_name", None) or getattr(info, "func_src_info", None) or ""
-    return str(text).split(" at ")[0] or eqn.params.get("name", "") or "<rule>"
+    name = str(text).split(" at ")[0] or eqn.params.get("name", "") or "<rule>"
+    return _wrapped_name(jaxpr, name) or name
+
+
+def _wrapped_name(jaxpr, name: str) -> str | None:
+    """The name of the user's function that a rule's function `name`, a library's wrapper
+    (equinox's `filter_custom_jvp` makes `jax.custom_jvp(fn_wrapper)`, whose `fn_wrapper`
+    calls the decorated function), calls: the outermost of the user's frames inside the
+    wrapper's in the tracebacks of the equations it traced (files JAX counts as the user's,
+    not the installed packages'); None where the function is the user's own, or calls none
+    of the user's."""
+    try:
+        from jax._src import source_info_util  # noqa: PLC0415 - no public API for this
+
+        where = _source(jaxpr).rpartition(" at ")[2].rpartition(":")[0]
+        if not where or source_info_util.is_user_filename(where):
+            return None
+        for e in getattr(getattr(jaxpr, "jaxpr", jaxpr), "eqns", ()):
+            frames = list(e.source_info.traceback.frames)  # the innermost first
+            at = [
+                i
+                for i, f in enumerate(frames)
+                if f.file_name == where and f.function_name.rsplit(".", 1)[-1] == name
+            ]
+            inside = [f for f in frames[: at[0]] if at and _user_file(f.file_name)]
+            if inside:
+                return inside[-1].function_name.rsplit(".", 1)[-1]  # a qualified name in 3.11+
+    except Exception:  # noqa: BLE001 - only a name
+        pass
+    return None
+
+
+def _user_file(path: str) -> bool:
+    """Whether JAX counts `path` as the user's code (not JAX's, the standard library's or
+    an installed package's), and it is not jaxcheck's."""
+    from jax._src import source_info_util  # noqa: PLC0415 - no public API for this
+
+    return source_info_util.is_user_filename(path) and not path.startswith(OWN_DIR)
+
+
+# the parameters of a rule's equation holding the functions of its derivative (jax < 0.5:
+# jvp_jaxpr_thunk, a plain function)
+_RULE_FUNCTIONS = ("jvp_jaxpr_fun", "jvp_jaxpr_thunk", "fwd_jaxpr_thunk", "bwd")
+
+
+def _users_rule(eqn) -> str | None:
+    """Where the first function of a rule's derivative (its jvp; its fwd, its bwd) defined
+    outside JAX is defined, as "name at file:line"; None where all are JAX's. A function
+    of JAX's around the user's (`custom_jvp.defjvps` wraps the user's jvps in its own) is
+    looked into: the functions it holds count."""
+    for key in _RULE_FUNCTIONS:
+        fun = eqn.params.get(key)
+        if fun is None:
+            continue
+        info = str(getattr(getattr(fun, "debug_info", None), "func_src_info", None) or "")
+        if info and _JAX_DIR not in info:
+            return info
+        held = _held_outside_jax(fun)
+        if held is not None:
+            return held
+    return None
+
+
+def _held_outside_jax(root, depth: int = 8) -> str | None:
+    """Where the first function defined outside JAX that `root` (a function or JAX's
+    `WrappedFun`) is or holds is defined, as "name at file:line": through the functions JAX
+    wraps (`WrappedFun.f`, `functools.partial`, `__wrapped__`), the closures of JAX's
+    functions and the lists and tuples in them; None where there is none within `depth`
+    steps."""
+    level, seen = [root], set()
+    for _ in range(depth):
+        below = []
+        for obj in level:
+            if id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            if isinstance(obj, list | tuple):
+                below.extend(obj)
+                continue
+            inner = getattr(obj, "func", None) if isinstance(obj, functools.partial) else None
+            if type(obj).__name__ == "WrappedFun":
+                inner = getattr(obj, "f", None)
+            inner = inner or getattr(obj, "__wrapped__", None)
+            if inner is not None:
+                below.append(inner)
+                continue
+            code = getattr(obj, "__code__", None)
+            if code is None:
+                continue
+            if _JAX_DIR not in os.path.abspath(code.co_filename):
+                return f"{code.co_name} at {code.co_filename}:{code.co_firstlineno}"
+            for cell in getattr(obj, "__closure__", None) or ():
+                try:
+                    below.append(cell.cell_contents)
+                except ValueError:  # an empty cell
+                    pass
+        level = below
+    return None
 
 
 def _jaxprs(value):

@@ -776,6 +776,74 @@ def test_a_users_backward_pass_around_a_jax_function_is_the_users_rule():
     assert not any("JAX's own" in q for q in report.problems), report.problems
 
 
+def _sin_jvp(primals, tangents):
+    return jnp.sin(primals[0]), 1.01 * jnp.cos(primals[0]) * tangents[0]
+
+
+@pytest.mark.parametrize("define", ["defjvp", "defjvps"])
+@pytest.mark.parametrize("alone", [False, True])
+def test_a_users_jvp_around_a_jax_function_is_the_users_rule(define, alone):
+    """jax.custom_jvp(jnp.sin) with the user's own jvp, 1 % off, was listed as JAX's own
+    rule (its function is defined in JAX) and not checked; checked alone, it was placed at
+    JAX's sin rather than at the user's jvp."""
+    my_sin = jax.custom_jvp(jnp.sin)
+    if define == "defjvp":
+        my_sin.defjvp(_sin_jvp)
+    else:
+        my_sin.defjvps(lambda t, y, x: 1.01 * jnp.cos(x) * t)
+    x = jnp.array([0.1, 0.5, -0.7, 1.3])
+    report = jaxcheck.verify(my_sin if alone else lambda q: jnp.sum(my_sin(q)), x)
+    assert report.status == "fail", str(report)
+    [said] = [q for q in report.problems if q.startswith("wrong rule: custom_jvp sin at ")]
+    assert "vjp vs finite differences, relative error 1.0e-02" in said, said
+    assert ("test_rules_in_model.py" in said) and ("ufuncs.py" not in said), said
+    assert not any("JAX's own" in q for q in report.problems), report.problems
+
+
+@pytest.mark.parametrize("kind", ["custom_jvp", "custom_vjp"])
+def test_an_equinox_rule_is_named_after_the_users_function(kind):
+    """equinox's filter_custom_jvp and filter_custom_vjp wrap the user's function in their
+    own (fn_wrapper, fn_wrapped): a wrong rule was reported under the wrapper's name. Its
+    internal rule (_nondifferentiable, on the data) keeps its name, as any library's."""
+    eqx = pytest.importorskip("equinox")
+    a = jnp.array([0.5, 1.0, 1.5])
+    if kind == "custom_jvp":
+
+        @eqx.filter_custom_jvp
+        def square(x):
+            return x**2
+
+        @square.def_jvp
+        def _(primals, tangents):
+            return primals[0] ** 2, 2.002 * primals[0] * tangents[0]
+
+        report = jaxcheck.verify(lambda p: jnp.sum(square(p) * jnp.arange(3.0)), a)
+        named, error = "custom_jvp square", "1.0e-03"
+    else:
+
+        @eqx.filter_custom_vjp
+        def scale(w, x):
+            return jnp.tanh(w * x)
+
+        @scale.def_fwd
+        def _(perturbed, w, x):
+            return jnp.tanh(w * x), None
+
+        @scale.def_bwd
+        def _(res, g, perturbed, w, x):
+            return 1.01 * jnp.sum(g * (1 - jnp.tanh(w * x) ** 2) * x)
+
+        report = jaxcheck.verify(lambda p: jnp.sum(scale(p, a) ** 2), jnp.float32(0.7))
+        named, error = "custom_vjp scale", "1.0e-02"
+    assert report.status == "fail", str(report)
+    [said] = [q for q in report.problems if q.startswith("wrong rule")]
+    assert said.startswith(f"wrong rule: {named} at "), said
+    assert f"vjp vs finite differences, relative error {error}" in said, said
+    rows = [q.split(" at ")[0] for q in report.problems if q.startswith("rule ")]
+    assert rows == (["rule custom_jvp _nondifferentiable"] if kind == "custom_vjp" else [])
+    assert not any("fn_wrap" in q for q in report.problems), report.problems
+
+
 @pytest.mark.parametrize("bug", [1.0, 1.003])
 def test_a_float32_only_bug_in_a_small_rule_is_caught(bug):
     """A backward pass 0.3 % off in float32 only passes the model's check as rounding (the
