@@ -69,6 +69,22 @@ TRACING_ERRORS = (
     jax.errors.NonConcreteBooleanIndexError,
 )
 
+# How jax.jit begins its error for a static argument it cannot hash (an array, a tracer).
+UNHASHABLE_STATIC = "Non-hashable static arguments are not supported"
+
+
+def cannot_trace(err: BaseException) -> bool:
+    """Whether `err` says that fn cannot be traced, though it may run eagerly: one of
+    `TRACING_ERRORS`, or jax.jit refusing a traced static argument. The latter is what
+    jax.custom_jvp(jnp.round) raises under a trace: custom_jvp passes the defaults of the
+    wrapped function's keywords (round's `decimals`, static inside it) as traced values,
+    while op by op they stay Python numbers."""
+    if isinstance(err, TRACING_ERRORS):
+        return True
+    text = str(err)
+    return isinstance(err, ValueError) and text.startswith(UNHASHABLE_STATIC) and "Tracer" in text
+
+
 CPU_MEMORY_BUDGET = 1 << 30  # bytes of perturbed parameter copies in flight on a CPU
 ACCELERATOR_SHARE = 0.25  # share of an accelerator's free memory for them
 # Inputs (parameters and data) times directions times stencil points up to this many
@@ -624,8 +640,12 @@ class Timer:
             try:
                 with user_transfers():
                     compiled, peak, callbacks = _compile(fn, args, ahead)
-            except TRACING_ERRORS as err:
+            except (*TRACING_ERRORS, ValueError) as err:
+                if not cannot_trace(err):
+                    raise
                 self.eager_reason = type(err).__name__
+                if isinstance(err, ValueError):
+                    self.eager_reason = "a static argument of jax.jit got a traced value"
             else:
                 t1 = time.perf_counter()
                 self.compiled += compilations - before

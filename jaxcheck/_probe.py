@@ -95,8 +95,10 @@ def under_checks(run: Run, reverse: bool) -> None:
     try:
         with _plan.user_transfers():
             jax.make_jaxpr(derivatives)(run.inputs.diff)
-    except _plan.TRACING_ERRORS:
-        pass  # fn needs concrete values: the programs will run eagerly, under the checks
+    except (*_plan.TRACING_ERRORS, ValueError) as err:
+        if not _plan.cannot_trace(err):
+            raise
+        # fn needs concrete values: the programs will run eagerly, under the checks
     except AssertionError:
         # JAX's checks can assert on a staged trace where running the same derivatives op
         # by op passes (jax 0.10: a custom_jvp with a non-differentiable argument, as

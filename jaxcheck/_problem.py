@@ -150,7 +150,12 @@ def _with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
             )
         return _arrays_only(out[0])  # aux may hold anything, even values jax cannot trace
 
-    out, jaxpr = _shapes(call, inputs.diff, inputs.traced())
+    try:
+        out, jaxpr = _shapes(call, inputs.diff, inputs.traced())
+    except ValueError as err:
+        if not str(err).startswith(_plan.UNHASHABLE_STATIC):
+            raise
+        raise ValueError(_static_message(problem, inputs)) from err
     with_paths, treedef = jax.tree_util.tree_flatten_with_path(out)
     if not with_paths:
         raise TypeError(
@@ -190,6 +195,37 @@ def _with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
         notes = _aux_like(jaxpr, out, len(inputs.diff))
         problem = dataclasses.replace(problem, notes=(*problem.notes, *notes))
     return problem
+
+
+def _static_message(problem: Problem, inputs: Inputs) -> str:
+    """What to do when a jax.jit function in fn got one of the leaves jaxcheck passes as
+    arrays (and traces) for a static argument, which jax.jit must hash."""
+    scalars = [
+        f"{where}{path}"
+        for where, split, leaves in (
+            ("params", problem.params, inputs.diff),
+            ("args", problem.args, inputs.a_floats),
+        )
+        for path, x in zip(split.paths_of(_tree.DIFF), leaves)
+        if np.ndim(x) == 0
+    ]
+    which = ""
+    if 0 < len(scalars) <= 3:
+        which = f" (likely {' or '.join(scalars)}, a float scalar)"
+    return (
+        "fn could not be traced: a jax.jit function in fn has a static argument "
+        "(static_argnums or static_argnames) that got one of the float values jaxcheck "
+        f"differentiates{which}, as an array or a traced value, which jax.jit cannot hash "
+        f"(JAX: {_plan.UNHASHABLE_STATIC}). {STATIC_HOW}"
+    )
+
+
+# the fix for a float passed on to a static argument of jax.jit (`_static_message`)
+STATIC_HOW = (
+    "jaxcheck passes every float leaf of params (and NumPy floats in args) to fn as arrays. "
+    "Hold that value fixed: pass it in args as a Python float (kept as it is), or close "
+    "over it (functools.partial, or a lambda)."
+)
 
 
 def _aux_like(closed_jaxpr, out, num_diff: int) -> tuple[str, ...]:
@@ -261,7 +297,9 @@ def _shapes(f, *args):
             with jax.enable_checks(False):
                 jaxpr, out = jax.make_jaxpr(f, return_shape=True)(*args)
         return out, jaxpr
-    except _plan.TRACING_ERRORS:
+    except (*_plan.TRACING_ERRORS, ValueError) as err:
+        if not _plan.cannot_trace(err):
+            raise
         with _plan.eager():
             out = f(*args)
         return jax.tree_util.tree_map(

@@ -8,7 +8,7 @@ import re
 
 import jax
 
-from . import _report, _rule_rows, _rule_search, _rules, _transforms, _verdict
+from . import _plan, _report, _rule_rows, _rule_search, _rules, _transforms, _verdict
 from ._error_model import Comparison
 from ._errors import GradientCheckError, one_line
 from ._report import Report, Status
@@ -144,7 +144,10 @@ def rules_part(
         checked = None if o.rules is True else (lambda r: not r.in_jax)
         found, notes = _rule_search.find(fn, params, args, checked)
     except Exception as err:  # noqa: BLE001 - the leaf-level verdict stands whatever happens
-        return None, [f"rules: fn could not be traced to find them ({one_line(err)})"]
+        why = one_line(err)
+        if isinstance(err, ValueError) and _plan.cannot_trace(err):  # (JAX's many lines)
+            why = "a static argument of a jax.jit function in fn got a traced value"
+        return None, [f"rules: fn could not be traced to find them ({why})"]
     if o.rules is not True:  # "auto": the model's own rules, not JAX's
         # JAX's own rules (jax.nn.relu, logaddexp, ...) are tested by JAX, sit in most
         # models, and would multiply the cost of every failing check

@@ -345,3 +345,21 @@ def test_order_2_through_a_bwd_without_reverse_mode_says_so():
     )
     assert "fn passes or fails at order=1 alone. Check order=1" in text
     assert "mode='forward'" not in text
+
+
+def test_a_float_param_passed_on_to_a_static_argument_says_how_to_hold_it():
+    scaled = jax.jit(lambda x, a: x * a, static_argnums=1)
+    with pytest.raises(ValueError) as info:
+        jaxcheck.verify(lambda p: jnp.sum(scaled(p["x"], p["a"])), {"a": 0.5, "x": jnp.ones(2)})
+    assert str(info.value) == (
+        "fn could not be traced: a jax.jit function in fn has a static argument "
+        "(static_argnums or static_argnames) that got one of the float values jaxcheck "
+        "differentiates (likely params['a'], a float scalar), as an array or a traced value, "
+        "which jax.jit cannot hash (JAX: Non-hashable static arguments are not supported). "
+        "jaxcheck passes every float leaf of params (and NumPy floats in args) to fn as "
+        "arrays. Hold that value fixed: pass it in args as a Python float (kept as it is), "
+        "or close over it (functools.partial, or a lambda)."
+    )
+    # held fixed as a Python float in args, as the message says, it is checked
+    fixed = jaxcheck.verify(lambda p, a: jnp.sum(scaled(p, a)), jnp.ones(2), 0.5)
+    assert fixed.status == "pass"
