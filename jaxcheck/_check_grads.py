@@ -29,7 +29,7 @@ from . import (
     _verify,
 )
 from ._errors import GradientCheckError
-from ._report import Report, Status
+from ._report import Report, Status, apart
 
 MODES = {"fwd": "forward", "rev": "reverse", "lin": "forward"}
 # The loosest floor a JAX-style tolerance can set: a zero or sign-flipped gradient has a
@@ -74,9 +74,8 @@ class Outcome:
             parts.append(part.label)
         source = r if part is None else part
         if not math.isnan(source.relative_error):
-            parts.append(
-                f"relative error {source.relative_error:.1e} (tolerance {source.tolerance:.1e})"
-            )
+            error, tolerance = apart(source.relative_error, source.tolerance)
+            parts.append(f"relative error {error} (tolerance {tolerance})")
         if source.problems:
             parts.append(source.problems[0])
         if self.verdict == "unjudged":
@@ -128,8 +127,10 @@ def check_grads(
     - `rtol`: the smallest relative error treated as a bug (verify's `rtol`). A dict keyed
       by dtype, as JAX accepts, gives the value for f's output dtype, as JAX looks it up
       (the strictest entry among several output dtypes; the arguments' lowest-precision
-      float dtype where f cannot be traced abstractly). Values above 0.5 count as 0.5: a
-      gradient of zero has a relative error of 1.
+      float dtype where f cannot be traced abstractly). Values above 0.5 count as 0.5, as
+      does a floor above 0.5 from `atol`, and the report's first note says so: a
+      derivative that is zero has a relative error of 1, so a tolerance near 1 would pass
+      it (a derivative more than 50 % off fails whatever `rtol` and `atol` say).
       Unset (None, 0, or a dict without that dtype), it stands for 1e-5, JAX's default
       for float64: a derivative that is approximate by design (an ODE solver's adjoint,
       an iterative solve to its tolerance) differs from finite differences of `f` by
@@ -214,7 +215,8 @@ def run(f, args, order, modes=("fwd", "rev"), atol=None, rtol=None, eps=None) ->
     _check_step(eps)
     params = _tree.settle_weak(tuple(args))
     mode = _mode(modes)
-    options = _options.Options(order=order, mode=mode, rtol=_floor(f, atol, rtol, params, mode))
+    wanted = _wanted_floor(f, atol, rtol, params, mode)
+    options = _options.Options(order=order, mode=mode, rtol=min(wanted, MAX_FLOOR))
     floats = [x for x in jax.tree.leaves(params) if _inexact(x)]
     if floats and not any(np.size(x) for x in floats):
         # a derivative with respect to empty arrays is empty: JAX's check passes there too
@@ -237,10 +239,32 @@ def run(f, args, order, modes=("fwd", "rev"), atol=None, rtol=None, eps=None) ->
             "here too). Pass modes=('rev',) to check its custom rule in reverse mode."
         )
     if report.status is not Status.NONFINITE:
-        return Outcome(report, STATUS_VERDICT[report.status])
-    # (jaxcheck's own transfers, allowed under a caller's transfer guard as in the check)
-    with _plan.own_transfers():
-        return _nonfinite_outcome(f, params, report, options)
+        outcome = Outcome(report, STATUS_VERDICT[report.status])
+    else:
+        # (jaxcheck's own transfers, allowed under a caller's transfer guard as in the check)
+        with _plan.own_transfers():
+            outcome = _nonfinite_outcome(f, params, report, options)
+    if wanted <= MAX_FLOOR:
+        return outcome
+    note = _capped(wanted, atol, rtol, _tolerance_dtypes(f, atol, rtol, params))
+    r = outcome.report
+    return dataclasses.replace(outcome, report=dataclasses.replace(r, problems=(note, *r.problems)))
+
+
+def _capped(wanted: float, atol, rtol, dtypes) -> str:
+    """The report's note where the floor asked for is above `MAX_FLOOR`."""
+    r, a = (_tolerance_value(name, t, dtypes) for name, t in (("rtol", rtol), ("atol", atol)))
+    said = f"atol={a!r} (at f's scale a relative error of {wanted:.1e})"
+    if r is not None and r >= wanted:
+        entry = " (its entry for f's output dtype)" if isinstance(rtol, dict) else ""
+        said = f"rtol={r!r}{entry}"
+    return (
+        f"tolerance capped: {said} was taken as {MAX_FLOOR}, the loosest tolerance "
+        "check_grads applies to the relative error of the whole derivative (a derivative "
+        "that is zero or has the wrong sign is 1 or more off, so a tolerance near 1 would "
+        f"pass it); a derivative more than {MAX_FLOOR:.0%} off fails whatever rtol and atol "
+        f"say. Pass rtol and atol of at most {MAX_FLOOR} to be judged by them as given"
+    )
 
 
 def _nonfinite_outcome(f, params, report, options) -> Outcome:
@@ -288,6 +312,12 @@ _TERMS = (
         " or move it into the auxiliary output with has_aux=True",
         " (check_grads differentiates every output of f)",
     ),
+    (
+        "; put anything else in an auxiliary output with has_aux=True.",
+        ". check_grads differentiates every output of f and takes no auxiliary output: "
+        "check a function that returns only f's arrays (for f returning (y, label): "
+        "check_grads(lambda *a: f(*a)[0], args, order)).",
+    ),
     ("params has no floating-point leaf", "args has no floating-point leaf"),
     ("Pass the parameters to check as float arrays", "Pass the arguments to check as float arrays"),
     (
@@ -300,6 +330,15 @@ _TERMS = (
     ("jaxcheck.verify: ", "jaxcheck.check_grads: "),
     ("(autodiff, or your grad_fn)", "(JAX's jvp and vjp of f)"),
     ("try another point or key.", "try another point."),
+    ("jaxcheck differentiates (likely params[", "check_grads differentiates (likely args["),
+    ("jaxcheck differentiates", "check_grads differentiates"),
+    (" or params[", " or args["),
+    (
+        _problem.STATIC_HOW,
+        "check_grads differentiates every floating-point argument, and passes it to f as an "
+        "array. Hold that value fixed by closing over it: for args (x, a), "
+        "check_grads(lambda x: f(x, a), (x,), order).",
+    ),
     ("Call verify outside the transformation", "Call check_grads outside the transformation"),
     (
         "pass it as an argument instead: verify(fn, params, x)",
@@ -372,17 +411,23 @@ def _tolerance_value(name: str, tol, dtypes) -> float | None:
 
 
 def _floor(f, atol, rtol, params, mode: str) -> float:
-    """The relative floor verify's `rtol` gets from JAX-style `atol`/`rtol` (an unset one
-    stands for `DEFAULT_FLOOR`): the larger of the two, where `atol` is no looser than the
-    relative error JAX's own check allows at f's scale (`_relative_atol`)."""
+    """The relative floor verify's `rtol` gets from JAX-style `atol`/`rtol`: the one they
+    ask for (`_wanted_floor`), at most `MAX_FLOOR`."""
+    return min(_wanted_floor(f, atol, rtol, params, mode), MAX_FLOOR)
+
+
+def _wanted_floor(f, atol, rtol, params, mode: str) -> float:
+    """The relative floor JAX-style `atol`/`rtol` ask for (an unset one stands for
+    `DEFAULT_FLOOR`), before `MAX_FLOOR` caps it: the larger of the two, where `atol` is
+    no looser than the relative error JAX's own check allows at f's scale
+    (`_relative_atol`)."""
     dtypes = _tolerance_dtypes(f, atol, rtol, params)
     a = _tolerance_value("atol", atol, dtypes)
     r = _tolerance_value("rtol", rtol, dtypes)
-    r = DEFAULT_FLOOR if r is None else min(r, MAX_FLOOR)
-    floor = min(max(DEFAULT_FLOOR if a is None else a, r), MAX_FLOOR)
+    r = DEFAULT_FLOOR if r is None else r
     if a is None or a <= r:
-        return floor
-    return max(r, min(floor, _relative_atol(f, params, a, rtol, mode)))
+        return max(DEFAULT_FLOOR if a is None else a, r)
+    return max(r, min(a, _relative_atol(f, params, a, rtol, mode)))
 
 
 def _tolerance_dtypes(f, atol, rtol, params) -> list:

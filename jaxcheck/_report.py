@@ -220,6 +220,19 @@ def _e(x: float) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1e}"
 
 
+def apart(error: float, tolerance: float) -> tuple[str, str]:
+    """`error` and `tolerance` as printed, with as many more digits as it takes to tell
+    them apart where one decimal shows them equal: an error a hair above its tolerance
+    fails, and its row must not read as a tie (5.0e-01 against 5.0e-01, FAIL)."""
+    a, b = _e(error), _e(tolerance)
+    digits = 1
+    finite = all(isinstance(x, float | int) and math.isfinite(x) for x in (error, tolerance))
+    while finite and a == b and error != tolerance and digits < 17:
+        digits += 1
+        a, b = f"{error:.{digits}e}", f"{tolerance:.{digits}e}"
+    return a, b
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -228,9 +241,10 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def _error_line(r: Report, prefix: str = "") -> str:
     lo, hi = r.interval
+    error, tolerance = apart(r.relative_error, r.tolerance)
     return (
-        f"  {prefix}relative error {_e(r.relative_error)} (95% {_e(lo)}..{_e(hi)}), tolerance "
-        f"{_e(r.tolerance)}, finite-difference noise floor {_e(r.noise_floor)}"
+        f"  {prefix}relative error {error} (95% {_e(lo)}..{_e(hi)}), tolerance "
+        f"{tolerance}, finite-difference noise floor {_e(r.noise_floor)}"
     )
 
 
@@ -326,16 +340,13 @@ def render(r: Report) -> str:
 
 
 def _check_rows(checks) -> list[list[str]]:
-    return [
-        [
-            c.name,
-            _e(c.relative_error),
-            f"{_e(c.interval[0])}..{_e(c.interval[1])}",
-            _e(c.tolerance),
-            "not judged" if c.num_used == 0 or not c.judged else "ok" if c.passed else "FAIL",
-        ]
-        for c in checks
-    ]
+    rows = []
+    for c in checks:
+        error, tolerance = apart(c.relative_error, c.tolerance)
+        interval = f"{_e(c.interval[0])}..{_e(c.interval[1])}"
+        result = "not judged" if c.num_used == 0 or not c.judged else "ok" if c.passed else "FAIL"
+        rows.append([c.name, error, interval, tolerance, result])
+    return rows
 
 
 def _leaf_table(leaves) -> list[str]:
@@ -344,8 +355,7 @@ def _leaf_table(leaves) -> list[str]:
             leaf.path or "(root)",
             str(leaf.shape),
             leaf.dtype,
-            _e(leaf.relative_error),
-            _e(leaf.tolerance),
+            *apart(leaf.relative_error, leaf.tolerance),
             leaf.status.value.upper() if leaf.status != "pass" else "ok",
         ]
         for leaf in leaves

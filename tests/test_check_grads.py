@@ -1,6 +1,7 @@
 """`jaxcheck.check_grads`: JAX's check_grads call, jaxcheck's check."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ import pytest
 
 import jaxcheck
 from cases import scaled_sin
-from jaxcheck import _check_grads
+from jaxcheck import _check_grads, _report
 
 X = np.linspace(0.1, 1.0, 4, dtype=np.float32)
 
@@ -349,6 +350,15 @@ def test_a_nan_derivative_of_a_finite_output_fails_though_f_is_nan_elsewhere(mod
             "output of f).",
         ),
         (
+            (lambda x: (jnp.sin(x), "label"), (X,), 1),
+            TypeError,
+            "f must return a scalar or a pytree of float arrays; it returned str 'label' at "
+            "[1]. Return arrays (a loss, or model outputs). check_grads differentiates every "
+            "output of f and takes no auxiliary output: check a function that returns only "
+            "f's arrays (for f returning (y, label): check_grads(lambda *a: f(*a)[0], args, "
+            "order)).",
+        ),
+        (
             (lambda i: i * 1.0, (np.arange(3),), 1),
             ValueError,
             "args has no floating-point leaf to differentiate",
@@ -611,3 +621,96 @@ def test_one_leaf_at_the_tolerance_is_not_said_to_spread_over_leaves():
         "the error is at the tolerance, where two estimates of it fall on either side; more "
         "directions (verify's num_directions) narrow its interval"
     ) in report.problems
+
+
+def _half_gradient(x):
+    return x * jax.lax.stop_gradient(x)  # its derivative is x, half of 2x: 50 % off
+
+
+@pytest.mark.parametrize(
+    "tolerances, said",
+    [
+        ({"rtol": 1.0, "atol": 1.0}, r"rtol=1\.0"),
+        ({"rtol": {np.float32: 0.9}}, r"rtol=0\.9 \(its entry for f's output dtype\)"),
+        ({"atol": 100.0}, r"atol=100\.0 \(at f's scale a relative error of \d\.\de\+\d\d\)"),
+    ],
+)
+def test_a_tolerance_above_the_cap_is_said_to_be_capped(tolerances, said):
+    x = jnp.array([2.3, 2.7, 3.1])
+    with pytest.raises(jaxcheck.GradientCheckError) as info:
+        jaxcheck.check_grads(_half_gradient, (x,), 1, modes=("rev",), **tolerances)
+    note = info.value.report.problems[0]
+    rest = (
+        " was taken as 0.5, the loosest tolerance check_grads applies to the relative error "
+        "of the whole derivative (a derivative that is zero or has the wrong sign is 1 or "
+        "more off, so a tolerance near 1 would pass it); a derivative more than 50% off "
+        "fails whatever rtol and atol say. Pass rtol and atol of at most 0.5 to be judged "
+        "by them as given"
+    )
+    assert re.fullmatch("tolerance capped: " + said + re.escape(rest), note), note
+    assert f"! {note}" in str(info.value)
+
+
+def test_a_tolerance_at_the_cap_is_not_said_to_be_capped():
+    outcome = _check_grads.run(_half_gradient, (jnp.array([2.3, 2.7]),), 1, ("rev",), rtol=0.5)
+    assert not any("capped" in p for p in outcome.report.problems)
+
+
+def test_rows_at_the_capped_tolerance_print_numbers_that_agree_with_their_result():
+    """An error a hair above the tolerance fails: its row shows the digits that tell them
+    apart, not 5.0e-01 against 5.0e-01 beside a row of the same numbers that passes."""
+    x = jnp.array([2.3, 2.7, 3.1])
+    with pytest.raises(jaxcheck.GradientCheckError) as info:
+        jaxcheck.check_grads(_half_gradient, (x,), 1, modes=("rev",), rtol=1.0)
+    row = r" (\d\.\d+e-0\d) +(?:\S+\.\.\S+ +)?(\d\.\d+e-0\d) +(ok|FAIL)$"
+    rows = re.findall(row, str(info.value), re.M)
+    assert len(rows) == 3  # two checks, one leaf
+    for error, tolerance, result in rows:
+        assert error != tolerance
+        assert (float(error) <= float(tolerance)) == (result == "ok")
+    assert "FAIL" in [result for *_, result in rows]
+
+
+@pytest.mark.parametrize(
+    "error, tolerance, shown",
+    [
+        (0.5 + 2e-11, 0.5, ("5.0000000002e-01", "5.0000000000e-01")),
+        (0.5 - 1e-8, 0.5, ("4.9999999e-01", "5.0000000e-01")),
+        (0.5, 0.5, ("5.0e-01", "5.0e-01")),
+        (0.31, 0.5, ("3.1e-01", "5.0e-01")),
+        (float("nan"), 0.5, ("—", "5.0e-01")),
+    ],
+)
+def test_an_error_and_its_tolerance_are_printed_apart(error, tolerance, shown):
+    assert _report.apart(error, tolerance) == shown
+
+
+def _straight_through(scale):
+    rounded = jax.custom_jvp(jnp.round)  # passes round's static decimals on traced
+    rounded.defjvp(lambda p, t: (jnp.round(p[0]), scale * t[0]))
+    return rounded
+
+
+@pytest.mark.parametrize("scale, verdict", [(0.0, "pass"), (1.0, "fail")])
+def test_a_function_jax_jit_cannot_trace_runs_eagerly_and_is_judged(scale, verdict):
+    """jax.custom_jvp(jnp.round) runs op by op but not under jax.jit: it is judged as JAX's
+    check_grads judges it (the straight-through estimator fails, round's zero passes)."""
+    outcome = _check_grads.run(_straight_through(scale), (jnp.array([0.3, 1.7]),), 1)
+    assert outcome.verdict == verdict
+    surrogate = "a surrogate gradient (a straight-through estimator, a custom rule that is not"
+    assert any(surrogate in p for p in outcome.report.problems) == (verdict == "fail")
+
+
+def test_a_float_argument_passed_on_to_a_static_argument_says_how_to_hold_it():
+    scaled = jax.jit(lambda x, a: x * a, static_argnums=1)
+    with pytest.raises(ValueError) as info:
+        jaxcheck.check_grads(scaled, (jnp.array([0.3, 1.7]), 0.5), 1)
+    assert str(info.value) == (
+        "check_grads: f could not be traced: a jax.jit function in f has a static argument "
+        "(static_argnums or static_argnames) that got one of the float values check_grads "
+        "differentiates (likely args[1], a float scalar), as an array or a traced value, "
+        "which jax.jit cannot hash (JAX: Non-hashable static arguments are not supported). "
+        "check_grads differentiates every floating-point argument, and passes it to f as an "
+        "array. Hold that value fixed by closing over it: for args (x, a), "
+        "check_grads(lambda x: f(x, a), (x,), order)."
+    )
