@@ -65,7 +65,8 @@ SYSTEMATIC_DRAWS = 3  # moves of params drawn to measure it: the largest counts
 
 def systematic(run: Run, p, head, weights) -> float | None:
     """Where a pass rests on the gap between the derivative under test and the same rule in
-    the reference precision being rounding (the tolerance grows with it), whether it is:
+    the reference precision being rounding (the tolerance grows with it), and the gap is
+    beyond the rounding of a well-conditioned computation, whether it is rounding:
     rounding changes with the point, so moving params by a few ulps moves the derivative by
     about as much as the gap, while a derivative computed differently in the tested
     precision (a grad_fn or rule that takes another path there) keeps its gap. Returns the
@@ -78,8 +79,9 @@ def systematic(run: Run, p, head, weights) -> float | None:
         or not head.passed
         or not head.rounding_measured
         or head.relative_error <= max(head.floor, SAFETY * head.noise_floor)
+        or not _verdict.large_rounding(run, head)
     ):
-        return None  # no pass that the rounding allowance made
+        return None  # no pass that a gap beyond a well-conditioned rounding made
     use = p.fd.smooth & np.isfinite(a) & np.isfinite(a_ref)
     if not use.any():
         return None

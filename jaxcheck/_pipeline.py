@@ -126,13 +126,13 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
     if status is Status.FAIL and _jitter.explains(run, p, beta):
         status, said = Status.INCONCLUSIVE, [*said, _jitter.WITHIN_ROUNDING]
     if status is Status.PASS and not run.other_function and not _verdict.tensorfloat32(run):
-        share = _jitter.systematic(run, p, checks[0], beta)
-        if share is not None and _verdict.value_gap(run, p) < 0.1 * checks[0].gap:
+        moved = _jitter.systematic(run, p, checks[0], beta)
+        if moved is not None and _verdict.value_gap(run, p) < 0.1 * checks[0].gap:
             # the float64 gap is no rounding: judged with the derivative's own instead
-            run.rounding_share, gap = share, checks[0].gap
+            run.rounding_share, gap = moved, checks[0].gap
             checks, said = _verdict.compare(run, p), []
             status = _verdict.status(run, p, checks, n, said)
-            said.append(_jitter.systematic_note(run, gap, share))
+            said.append(_jitter.systematic_note(run, gap, moved))
     run.problems += said
     stopped = _stopped(ks, n, previous, _verdict.head(checks, status), why)
     _verdict.note_large_rounding(run, checks[0], status, p)

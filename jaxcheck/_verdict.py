@@ -547,10 +547,7 @@ def note_large_rounding(run: Run, head, status: Status, p: Pass | None = None) -
         # the gap is fn computing something else in float64, or no rounding
         # (`_jitter.systematic`): said, with what was done
         return
-    eps_t = max(_precision.eps(run.tested), eps_fd(run))
-    # (in float16 and bfloat16, 1000 eps is about 1: a few percent is already far above
-    # the rounding of a well-conditioned computation there)
-    if not (head.rounding_measured and head.gap > min(ROUNDING_NOTE, 30 + 0.01 / eps_t) * eps_t):
+    if not large_rounding(run, head):
         return
     gap = (
         f"the {run.tested.name} derivative differs from the same rule in "
@@ -591,6 +588,15 @@ def note_large_rounding(run: Run, head, status: Status, p: Pass | None = None) -
         "reads Python state that changes from call to call (a counter, a global), each "
         "trace of it is another function: make it a function of params and args alone"
     )
+
+
+def large_rounding(run: Run, head) -> bool:
+    """Whether the derivative in the model's dtype is farther from the same rule in the
+    reference dtype than rounding of a well-conditioned computation takes it."""
+    eps_t = max(_precision.eps(run.tested), eps_fd(run))
+    # (in float16 and bfloat16, 1000 eps is about 1: a few percent is already far above
+    # the rounding of a well-conditioned computation there)
+    return head.rounding_measured and head.gap > min(ROUNDING_NOTE, 30 + 0.01 / eps_t) * eps_t
 
 
 def value_gap(run: Run, p: Pass | None) -> float:

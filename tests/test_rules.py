@@ -159,8 +159,10 @@ def test_rule_wrong_only_under_vmap():
 def test_rule_wrong_only_in_float32():
     f = sin_vjp(lambda x, g: (g * jnp.cos(x) * (1.01 if g.dtype == jnp.float32 else 1.0),))
     report = jaxcheck.verify_rule(f, X)
-    assert failed(report) == {"vjp vs finite differences in float32"}
-    assert "the rule is right in float64 but not in float32" in str(report)
+    # the float32 vjp keeps its 1e-2 gap to the float64 one when x moves by a few ulps:
+    # no rounding, so it is judged against float64 finite differences as it is
+    assert failed(report) == {"vjp vs finite differences"}
+    assert "no rounding but another computation in float32" in str(report)
 
 
 def test_cotangent_of_the_wrong_dtype():
@@ -381,7 +383,7 @@ def test_backward_rounded_to_bfloat16_fails_the_rule_and_the_model():
     rounded_sin.defvjp(lambda x: (jnp.sin(x), x), bwd)
     x = jnp.linspace(-1.0, 1.0, 16)
     report = jaxcheck.verify_rule(rounded_sin, x)
-    assert failed(report) == {"vjp vs finite differences in float32"}
+    assert failed(report) == {"vjp vs finite differences"}
     # compiled, the round trip through bfloat16 may round differently (XLA on GPUs does):
     # jit, vmap and checkpoint agree with eager evaluation to a few bfloat16 quanta
     tolerances = {r.label: r.tolerance for r in report.parts}
@@ -392,15 +394,16 @@ def test_backward_rounded_to_bfloat16_fails_the_rule_and_the_model():
         return jnp.mean(rounded_sin(x * p) ** 2)
 
     p = jnp.linspace(0.5, 1.5, 16)
-    # alone, the all-leaf check takes the gap to float64 for float32 rounding (and says so)
-    assert jaxcheck.verify(loss, p, x, rules=False).status == "pass"
-    for rules in ("auto", True):  # that note is what makes "auto" check the rules
+    # alone, the all-leaf check sees that the gap to float64 is no float32 rounding (it does
+    # not move when params move by a few ulps)
+    assert jaxcheck.verify(loss, p, x, rules=False).status == "fail"
+    for rules in ("auto", True):
         model = jaxcheck.verify(loss, p, x, rules=rules)
         assert model.status == "fail"
-        assert any("accepted as rounding" in q for q in model.problems)
+        assert any("moves by only" in q for q in model.problems)
         [wrong] = [q for q in model.problems if q.startswith("wrong rule:")]
         assert "custom_vjp rounded_sin at " in wrong
-        assert ": vjp vs finite differences in float32, relative error" in wrong
+        assert ": vjp vs finite differences, relative error" in wrong
 
 
 def sin_cos(zero_as):
