@@ -240,6 +240,9 @@ def run(f, args, order, modes=("fwd", "rev"), atol=None, rtol=None, eps=None) ->
         )
     if report.status is not Status.NONFINITE:
         outcome = Outcome(report, STATUS_VERDICT[report.status])
+        if report.status is Status.INCONCLUSIVE:
+            with _plan.own_transfers():
+                outcome = _kinked_outcome(f, params, options) or outcome
     else:
         # (jaxcheck's own transfers, allowed under a caller's transfer guard as in the check)
         with _plan.own_transfers():
@@ -274,7 +277,8 @@ def _nonfinite_outcome(f, params, report, options) -> Outcome:
     with jax.debug_nans(False), jax.debug_infs(False):  # f at the point, read once
         outputs = f(*params)
     verdict = _nonfinite_verdict(report, params, outputs)
-    if verdict == "fail" and _nonfinite_nearby(f, params):
+    edge = _nonfinite_nearby(f, params) if verdict == "fail" else None
+    if edge is not None:
         verdict = "unjudged"
         note = (
             "f is finite at the point but NaN/Inf right next to it: the point is at the edge "
@@ -284,9 +288,143 @@ def _nonfinite_outcome(f, params, report, options) -> Outcome:
         report = dataclasses.replace(report, problems=(*report.problems, note))
     if verdict == "unjudged":
         judged = _finite_part_outcome(f, params, outputs, options)
+        if judged is None and edge is not None:
+            n = _count(edge)
+            judged = _held_part_outcome(
+                f,
+                params,
+                edge,
+                options,
+                f"f is at the edge of its domain at {n} argument "
+                f"{'entry' if n == 1 else 'entries'} (its derivative NaN/Inf there, f NaN/Inf "
+                "right next to it); the derivative was judged at the other entries, holding "
+                "those fixed",
+            )
         if judged is not None:
             return judged
     return Outcome(report, verdict)
+
+
+def _held_part_outcome(f, params, held, options, note: str) -> Outcome | None:
+    """Judge `f` with the argument entries `held` (per real float leaf of `params`) fixed
+    at the point, and its outputs that a held entry makes NaN in forward mode (0 times an
+    infinite derivative) replaced by 0: the pass or fail of that check, else None."""
+    leaves, treedef = jax.tree.flatten(params)
+    if any(_inexact(x) and jnp.iscomplexobj(x) for x in leaves):
+        return None  # (`held` covers the real leaves only)
+    floats = tuple(np.asarray(x) for x in leaves if _inexact(x))
+    held = tuple(np.asarray(h, bool).reshape(np.shape(x)) for h, x in zip(held, floats))
+    if not any(h.any() for h in held) or all(h.all() for h in held):
+        return None
+    with jax.debug_nans(False), jax.debug_infs(False):
+        outs = [np.asarray(y) for y in jax.tree.leaves(f(*params)) if _inexact(y)]
+        part = _FinitePart(f, treedef, floats, held, tuple(np.zeros(y.shape, bool) for y in outs))
+        xs, outputs = part._floats_function(leaves)
+        try:
+            zeros = [jnp.zeros_like(x) for x in xs]
+            tangents = jax.jvp(outputs, (xs,), (zeros,))[1]
+        except Exception:  # noqa: BLE001 - no forward mode (a custom_vjp): mask nothing
+            tangents = [jnp.zeros_like(y) for y in outs]
+    masked = tuple(~np.isfinite(np.asarray(t)) for t in tangents)
+    if all(m.all() for m in masked):
+        return None  # every output meets a held entry's infinite derivative
+    part = dataclasses.replace(part, masked=masked, filled=params, note=note)
+    report = _verify.run(part, params, (), options)
+    if report.status not in (Status.PASS, Status.FAIL):
+        return None
+    report = dataclasses.replace(report, problems=(note, *report.problems))
+    return Outcome(report, STATUS_VERDICT[report.status])
+
+
+# The most argument entries that are each moved alone to find where f has kinks.
+MAX_KINK_ENTRIES = 256
+
+
+def _kinked_outcome(f, params, options) -> Outcome | None:
+    """Where a check is inconclusive for kinks: find the argument entries at which f has one
+    (`_kinks`), and judge the derivative at the others, holding those fixed, as JAX's
+    check_grads would see a wrong derivative at them. None where none is found, or the
+    rest cannot be judged either."""
+    try:
+        with jax.debug_nans(False), jax.debug_infs(False):
+            kinks = _kinks(f, params)
+    except Exception:  # noqa: BLE001 - f refuses the moved points: nothing more to say
+        return None
+    if kinks is None:
+        return None
+    n = _count(kinks)
+    return _held_part_outcome(
+        f,
+        params,
+        kinks,
+        options,
+        f"f has a kink (one-sided slopes that differ) at {n} argument "
+        f"{'entry' if n == 1 else 'entries'}, found by moving each entry alone; the "
+        "derivative was judged at the other entries, holding those fixed",
+    )
+
+
+def _kinks(f, params) -> list | None:
+    """Per real float leaf of `params`, True at the entries where f's one-sided slopes
+    (each entry moved alone, up and down, by a step h and by h/2) differ by more than
+    rounding and by a jump that does not shrink with the step, as a smooth f's difference
+    of slopes (its curvature times h) does; None where there are none, or too many entries
+    to move one by one (`MAX_KINK_ENTRIES`), or complex ones."""
+    of, floats = _of_floats(f, params, complex_too=False)
+    leaves = [x for x in jax.tree.leaves(list(params)) if _inexact(x)]
+    n = sum(int(np.size(x)) for x in floats)
+    if len(floats) != len(leaves) or not 0 < n <= MAX_KINK_ENTRIES:
+        return None
+    points = [np.asarray(x) for x in floats]
+    steps, moves = [], []  # per column (leaf j, entry i): its step; the moved points
+    for j, x in enumerate(points):
+        a = np.abs(x.astype(np.float64)).ravel()
+        rms = float(np.sqrt(np.mean(np.square(a)))) if a.size else 0.0
+        rel = min(float(np.finfo(x.dtype).eps) ** (1 / 3), 0.05)
+        for i in range(x.size):
+            h = rel * (a[i] if a[i] > 0 else (rms if rms > 0 else 1.0))
+            steps.append(h)
+            for scale in (1.0, -1.0, 0.5, -0.5):
+                moved = [y.copy() for y in points]
+                flat = moved[j].reshape(-1)
+                flat[i] = flat[i] + scale * h
+                moves.append(moved)
+    batch = [jnp.asarray(np.stack([m[j] for m in moves])) for j in range(len(points))]
+    values = jax.jit(jax.vmap(lambda *xs: _flat_outputs(of(*xs))))(*batch)
+    centre = _flat_outputs(of(*[jnp.asarray(x) for x in points]))
+    values = np.asarray(values, np.float64).reshape(n, 4, -1)
+    centre = np.asarray(centre, np.float64)
+    if not (np.all(np.isfinite(values)) and np.all(np.isfinite(centre))):
+        return None
+    eps = max(float(np.finfo(x.dtype).eps) for x in points)
+    kinked = np.zeros(n, bool)
+    for c in range(n):
+        h = steps[c]
+        up, down, half_up, half_down = values[c]
+        jump = np.linalg.norm((up - centre) / h - (centre - down) / h)
+        half = np.linalg.norm((half_up - centre) / (h / 2) - (centre - half_down) / (h / 2))
+        size = np.linalg.norm(up - centre) / h + np.linalg.norm(centre - down) / h
+        noise = 8 * eps * (np.linalg.norm(centre) + np.linalg.norm(up)) / (h / 2)
+        kinked[c] = jump > max(0.05 * size, 4 * noise) and half > 0.75 * jump
+    if not kinked.any():
+        return None
+    out, start = [], 0
+    for x in points:
+        out.append(kinked[start : start + x.size].reshape(x.shape))
+        start += x.size
+    return out
+
+
+def _flat_outputs(outs) -> jax.Array:
+    """f's float outputs as one real float64-or-default vector (real and imaginary parts)."""
+    wide = jnp.result_type(float)
+    parts = []
+    for y in jax.tree.leaves(outs):
+        if not _inexact(y):
+            continue
+        y = jnp.ravel(y)
+        parts += [jnp.real(y).astype(wide), jnp.imag(y).astype(wide)]
+    return jnp.concatenate(parts) if parts else jnp.zeros(0, wide)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -567,11 +705,12 @@ def _of_floats(f, params, *, complex_too: bool = True) -> tuple:
     return g, [leaves[i] for i in where]
 
 
-def _nonfinite_nearby(f, params, relative: float = 1e-6) -> bool:
+def _nonfinite_nearby(f, params, relative: float = 1e-6) -> list | None:
     """Whether f turns NaN/Inf where the entries whose reverse derivative is NaN/Inf move by
     a small step, up or down (relative to the entry; relative to its leaf's RMS where the
     entry is 0): the edge of f's domain at the point, as xlogy(x, x) at 0. Other entries
-    stay, so a NaN rule at an ordinary point beside an entry near its own edge still fails."""
+    stay, so a NaN rule at an ordinary point beside an entry near its own edge still fails.
+    Those entries (per real float leaf) where it does, else None."""
     of, floats = _of_floats(f, params, complex_too=False)
     points = [jnp.asarray(x) for x in floats]
     with jax.debug_nans(False), jax.debug_infs(False):
@@ -579,22 +718,22 @@ def _nonfinite_nearby(f, params, relative: float = 1e-6) -> bool:
             out, pullback = jax.vjp(of, *points)
             grads = pullback(jax.tree.map(_tree.unit_like, out))
         except Exception:  # noqa: BLE001 - no reverse derivative to locate it by: no excuse
-            return False
+            return None
+        bad = [~np.isfinite(np.asarray(g)) for g in grads]
         for sign in (1.0, -1.0):
             moved = []
-            for x, g in zip(points, grads):
+            for x, b in zip(points, bad):
                 a = np.asarray(x, np.float64)
                 rms = np.sqrt(np.mean(np.square(a))) if a.size else 0.0
                 step = relative * np.where(a != 0, np.abs(a), rms)
-                bad = ~np.isfinite(np.asarray(g))
-                moved.append(jnp.asarray(np.where(bad, a + sign * step, a), x.dtype))
+                moved.append(jnp.asarray(np.where(b, a + sign * step, a), x.dtype))
             try:
                 out = of(*moved)
             except Exception:  # noqa: BLE001 - f refuses the moved point: no verdict from it
-                return False
+                return None
             if not _all_finite(out):
-                return True
-    return False
+                return bad
+    return None
 
 
 def _finite_part_outcome(f, params, outputs, options) -> Outcome | None:

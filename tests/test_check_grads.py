@@ -714,3 +714,76 @@ def test_a_float_argument_passed_on_to_a_static_argument_says_how_to_hold_it():
         "array. Hold that value fixed by closing over it: for args (x, a), "
         "check_grads(lambda x: f(x, a), (x,), order)."
     )
+
+
+_KINK_NOTE = (
+    "f has a kink (one-sided slopes that differ) at 1 argument entry, found by moving each "
+    "entry alone; the derivative was judged at the other entries, holding those fixed"
+)
+_EDGE_NOTE = (
+    "f is at the edge of its domain at 1 argument entry (its derivative NaN/Inf there, f "
+    "NaN/Inf right next to it); the derivative was judged at the other entries, holding "
+    "those fixed"
+)
+
+
+@pytest.mark.parametrize(
+    "f, x, order, modes, verdict, note",
+    [
+        (
+            lambda x: jax.nn.relu(x) + x**2,
+            [0.0, 1.0, -2.0, 0.5],
+            1,
+            ("fwd", "rev"),
+            "pass",
+            _KINK_NOTE,
+        ),
+        (
+            lambda x: jax.nn.relu(x) + x * jax.lax.stop_gradient(x),  # half the derivative
+            [0.0, 1.0, -2.0, 0.5],
+            1,
+            ("fwd", "rev"),
+            "fail",
+            _KINK_NOTE,
+        ),
+        (
+            lambda x: jnp.abs(x[0]) + jnp.sum(x[1:] ** 3),
+            [0.0, 1.0, 2.0],
+            2,
+            ("fwd", "rev"),
+            "pass",
+            _KINK_NOTE,
+        ),
+        (
+            lambda x: jnp.abs(x[0]) + jnp.sum(x[1:] ** 2 * jax.lax.stop_gradient(x[1:])),
+            [0.0, 1.0, 2.0],
+            2,
+            ("rev",),
+            "fail",
+            _KINK_NOTE,
+        ),
+        (lambda x: jnp.sqrt(x) + x**2, [0.0, 1.0, 2.0], 1, ("fwd", "rev"), "pass", _EDGE_NOTE),
+        (
+            lambda x: jnp.sqrt(x) + x * jax.lax.stop_gradient(x),
+            [0.0, 1.0, 2.0],
+            1,
+            ("fwd", "rev"),
+            "fail",
+            _EDGE_NOTE,
+        ),
+    ],
+    ids=["relu", "relu-bug", "abs-order-2", "abs-order-2-bug", "sqrt-at-0", "sqrt-at-0-bug"],
+)
+def test_one_entry_at_a_kink_or_domain_edge_leaves_the_others_judged(
+    f, x, order, modes, verdict, note
+):
+    """One entry at relu's kink or at sqrt's edge made the whole check unjudged (the
+    plugin passed the test), hiding a derivative wrong at every other entry, which JAX's
+    check_grads fails: the entries where f has a kink, found by moving each alone, or where
+    it is at its domain's edge, are held fixed and the others judged."""
+    outcome = _check_grads.run(f, (jnp.array(x),), order, modes)
+    assert outcome.verdict == verdict, str(outcome.report)
+    assert outcome.report.problems[0] == note
+    if verdict == "fail":
+        with pytest.raises(jaxcheck.GradientCheckError, match="FAIL — .*WRONG"):
+            jaxcheck.check_grads(f, (jnp.array(x),), order, modes=modes)
