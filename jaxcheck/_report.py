@@ -279,6 +279,29 @@ FLAT_WHERE_CURVED = "flat where the order below curves"
 PRIMAL_CHECK = "primal: fn's value from jax.vjp / value_and_grad vs fn's own"
 
 
+# the advice where only a primal row failed: the derivative itself agrees
+PRIMAL_ADVICE = (
+    "fn's value as its derivative computes it (a custom_vjp's fwd, a custom_jvp rule's "
+    "primal output) differs from fn's own value, while the derivative agrees with finite "
+    "differences: the rule's forward pass computes something other than the function it "
+    "stands for, so jax.grad's caller gets a different value. Make the fwd (or the jvp's "
+    "primal output) return exactly what the function returns."
+)
+
+
+def _primal_only(checks) -> bool:
+    """Whether the rows that failed are all comparisons of fn's value (its own and a
+    rule's), none of a derivative."""
+    failed = [c.name for c in checks if not c.passed and c.judged]
+    return bool(failed) and all(n == PRIMAL_CHECK or n.endswith(": primal") for n in failed)
+
+
+def _advice(r: Report) -> str:
+    if r.status is Status.FAIL and _primal_only(r.checks):
+        return PRIMAL_ADVICE
+    return r.status.advice
+
+
 def render(r: Report) -> str:
     if r.parts:
         return _render_composite(r)
@@ -286,7 +309,7 @@ def render(r: Report) -> str:
     what = {
         Status.PASS: "gradient is consistent with finite differences",
         Status.FAIL: "fn's value from its derivative is WRONG"
-        if failed == [PRIMAL_CHECK]
+        if _primal_only(r.checks)
         else "gradient is WRONG",
         Status.INCONCLUSIVE: "could not judge the gradient",
         Status.NONFINITE: "non-finite values",
@@ -335,7 +358,7 @@ def render(r: Report) -> str:
             f"in {r.reference_dtype}, {stencil}, relative h = {_e(r.step)}{tried}; {timing}"
         )
     if r.status is not Status.PASS:
-        lines.append("  " + r.status.advice)
+        lines.append("  " + _advice(r))
     return "\n".join(lines)
 
 
@@ -380,7 +403,9 @@ def _render_composite(r: Report) -> str:
     )
     what = {
         Status.PASS: f"derivatives of {r.label} are consistent with finite differences",
-        Status.FAIL: f"{head.label} is WRONG",
+        Status.FAIL: "fn's value from its derivative is WRONG"
+        if _primal_only(r.checks)
+        else f"{head.label} is WRONG",
         Status.INCONCLUSIVE: f"could not judge {head.label}",
         Status.NONFINITE: f"non-finite values in {head.label}",
     }[r.status]
@@ -413,5 +438,5 @@ def _render_composite(r: Report) -> str:
         f"{r.run_seconds:.2f} s"
     )
     if r.status is not Status.PASS:
-        lines.append("  " + r.status.advice)
+        lines.append("  " + _advice(r))
     return "\n".join(lines)

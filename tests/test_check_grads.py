@@ -787,3 +787,29 @@ def test_one_entry_at_a_kink_or_domain_edge_leaves_the_others_judged(
     if verdict == "fail":
         with pytest.raises(jaxcheck.GradientCheckError, match="FAIL — .*WRONG"):
             jaxcheck.check_grads(f, (jnp.array(x),), order, modes=modes)
+
+
+@pytest.mark.parametrize("rules", [True, False])
+def test_a_wrong_primal_alone_is_not_called_a_wrong_gradient(rules):
+    """A custom_vjp whose fwd returns a value 1 % off, with a right bwd: only the primal
+    rows fail, and the headline and advice said the gradient was wrong."""
+
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(x)
+
+    f.defvjp(lambda x: (jnp.sin(x) * 1.01, x), lambda x, g: (g * jnp.cos(x),))
+    x = jnp.array([0.3, -0.7, 1.1])
+    report = jaxcheck.verify(lambda p: jnp.sum(f(p)), x, rules=rules)
+    assert report.status == "fail"
+    lines = str(report).splitlines()
+    assert lines[0] == "jaxcheck.verify: FAIL — fn's value from its derivative is WRONG"
+    assert lines[-1].startswith(
+        "  fn's value as its derivative computes it (a custom_vjp's fwd, a custom_jvp rule's "
+        "primal output) differs from fn's own value, while the derivative agrees"
+    )
+    with pytest.raises(jaxcheck.GradientCheckError) as raised:
+        jaxcheck.check_grads(f, (x,), 1, modes=("rev",))
+    assert str(raised.value).splitlines()[0] == (
+        "jaxcheck.check_grads: FAIL — f's value from its derivative is WRONG"
+    )
