@@ -45,7 +45,9 @@ def checked(fn, params, args, options, check) -> Report:
         # (nor does a pass judged at fn's own half-precision resolution: a rule 50 % wrong
         # hid below its tolerance of 0.48 in a model of bfloat16 matmuls)
         clean = passed and not _rounding_gap(report) and not _coarse(report)
-        part, more = rules_part(fn, params, args, o, _rule_order(o, report), error, passed, clean)
+        part, more = rules_part(
+            fn, params, args, o, _rule_order(o, report), error, passed, clean, _failing(report)
+        )
         if part is not None:
             parts.append(part)
             judged = sum(c.num_used > 0 for c in part.checks)
@@ -126,14 +128,23 @@ def _rule_order(o, report: Report) -> int:
     return next((k for k in failed if k is not None), 1)
 
 
+def _failing(report: Report) -> frozenset:
+    """The paths of the params leaves that failed alone, in any part of `report`."""
+    parts = report.parts or (report,)
+    return frozenset(
+        leaf.path for part in parts for leaf in part.leaves if leaf.status is Status.FAIL
+    )
+
+
 def rules_part(
-    fn, params, args, o, order=1, error=None, passed=False, clean=False
+    fn, params, args, o, order=1, error=None, passed=False, clean=False, failing=frozenset()
 ) -> tuple[Report | None, list]:
     """(a report listing the custom rules fn calls, each with its verdict at the inputs it
     receives, or None when there are none; notes for the report). `error` is the relative
     error of fn's failing derivative: a rule whose finite differences cannot resolve an
-    error that size is not called fine. `passed`: fn's own check passed; `clean`: without
-    taking a gap to the same rules in float64 for rounding."""
+    error that size is not called fine, unless none of the params leaves that failed alone
+    (`failing`, their paths) reaches its inputs. `passed`: fn's own check passed; `clean`:
+    without taking a gap to the same rules in float64 for rounding."""
     if o.grad_fn is not None:
         return None, ["rules: not checked, the gradient under test is grad_fn's"]
     if o.has_aux:  # aux may hold anything jax cannot trace (strings, Python objects)
@@ -170,6 +181,14 @@ def rules_part(
             notes.append(note)
     wrong = [r for r in reports if r.status is Status.FAIL]
     by_label = {rule.title: rule for rule in found}
+    # rules that no failing leaf reaches: fn's error cannot be theirs (a rule in a scan
+    # body, while the failing leaf scales the loss after the scan)
+    paths = {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    unreached = set()
+    if failing and failing <= paths:
+        unreached = {
+            rule.title for rule in found if rule.sources is not None and not rule.sources & failing
+        }
     titles = [rule.title for rule in found]  # rows[i] is found[i]'s
     masked, unseen = [], []
     if passed and wrong and all(by_label[r.label].in_jax for r in wrong):
@@ -205,7 +224,9 @@ def rules_part(
         problems.append(f"rules not judged at the inputs fn gives them: {each}{hint}")
     # with no rule found wrong, fn's error may be a rule's below its tolerance, amplified
     factor = 1.0 if wrong else AMPLIFICATION
-    coarse = [r for r in reports if r.ok and _coarser(r, error, factor)]
+    coarse = [
+        r for r in reports if r.ok and r.label not in unreached and _coarser(r, error, factor)
+    ]
     # with no error of fn's to clear them of, rules resolved no better than a few percent
     # (recorded in bfloat16 or float16 and unable to run higher) are not called fine either
     loose = [r for r in reports if r.ok and r not in coarse and _too_coarse(r)]
@@ -224,6 +245,7 @@ def rules_part(
         and not wrong
         and r.ok
         and r not in coarse
+        and r.label not in unreached
         and ("first iteration" in r.label or getattr(by_label.get(r.label), "calls", 1) > 1)
     ]
     for r in first_only:
@@ -253,7 +275,7 @@ def rules_part(
     repeated = [
         f"{label} ({by_label[label].calls} calls)"
         for label in unfaulted
-        if label in by_label and by_label[label].calls > 1
+        if label in by_label and by_label[label].calls > 1 and label not in unreached
     ]
     if fine:
         problems.append(f"rules fine: {'; '.join(fine)}")
@@ -264,7 +286,7 @@ def rules_part(
             "one wrong at the inputs of later calls goes unseen there (check it with "
             "jaxcheck.verify_rule at those inputs)"
         )
-    in_loops = [f for f in unfaulted if "first iteration" in f]
+    in_loops = [f for f in unfaulted if "first iteration" in f and f not in unreached]
     if error is not None and not wrong and in_loops:
         problems.append(
             f"a rule in a loop body was checked at the loop's first iteration only, so it is "

@@ -68,6 +68,9 @@ class Found:
     # the equation recorded at float32 is typed float32 throughout, its literals included,
     # and refuses float64 inputs, which would leave the rule's reference in float32
     wide: Any = dataclasses.field(default=None, repr=False, compare=False)
+    # the paths of the params leaves the rule's inputs depend on (None where its inputs
+    # were not followed): a rule no failing leaf reaches cannot be what fails it
+    sources: frozenset | None = dataclasses.field(default=None, compare=False)
 
     @property
     def in_jax(self) -> bool:
@@ -155,8 +158,9 @@ def find(fn, params, args, checked=None) -> tuple[list, list]:
     if not listed.found:  # no rule anywhere: nothing to evaluate op by op
         return [], []
     search = _Search()
-    from_params = len(jax.tree_util.tree_leaves(params))
-    flags = [i < from_params for i in traced]  # which inputs are params (not args)
+    paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    # per input, the params leaf it is (none for args)
+    flags = [frozenset([paths[i]]) if i < len(paths) else NONE for i in traced]
     search.eval(closed.jaxpr, closed.consts, values, "", "", flags)
     found = _unique(search.found)
     return _with_wide(fn, params, args, closed.jaxpr, found, checked), search.notes
@@ -303,13 +307,17 @@ def calls(jaxpr, *kinds: str) -> bool:
 def _unique(found) -> list:
     """One entry per rule and call site (a layer called in a loop is one rule), with the
     first inputs captured."""
-    seen, counts = {}, {}
+    seen, counts, sources = {}, {}, {}
     for f in found:
         key = (f.kind, f.name, f.where, f.context)
         counts[key] = counts.get(key, 0) + 1
         if key not in seen or (seen[key].inputs is None and f.inputs is not None):
             seen[key] = f
-    return [dataclasses.replace(f, calls=counts[key]) for key, f in seen.items()]
+        before = sources.get(key, NONE)
+        sources[key] = None if before is None or f.sources is None else before | f.sources
+    return [
+        dataclasses.replace(f, calls=counts[key], sources=sources[key]) for key, f in seen.items()
+    ]
 
 
 def _bind(eqn, values):
@@ -521,26 +529,27 @@ class _Search:
     def eval(self, jaxpr, consts, values, context, site, flags):
         """Evaluate `jaxpr`, recording the rules' inputs; `site` is the location of the call
         that holds it, for rules whose own location is all inside JAX (jax.nn's); `flags`:
-        which of its inputs depend on params (a rule's inputs that do not, fn's data, are
-        held fixed when it is checked: fn's derivative never asks for theirs)."""
-        env, tainted = {}, set()
+        per input, the paths of the params leaves it depends on (a rule's inputs that depend
+        on none, fn's data, are held fixed when it is checked: fn's derivative never asks
+        for theirs)."""
+        env, tainted = {}, {}
         for var, value in zip(jaxpr.constvars, consts):
             env[var] = value
         for var, value, flag in zip(jaxpr.invars, values, flags):
             env[var] = value
             if flag:
-                tainted.add(var)
+                tainted[var] = flag
         used = {v for e in jaxpr.eqns for v in e.invars if type(v).__name__ != "Literal"}
         used.update(v for v in jaxpr.outvars if type(v).__name__ != "Literal")
         for eqn in jaxpr.eqns:
             ins = [_literal_or(env, v) for v in eqn.invars]
-            fl = [type(v).__name__ != "Literal" and v in tainted for v in eqn.invars]
+            fl = [NONE if _literal(v) else tainted.get(v, NONE) for v in eqn.invars]
             self.dead = tuple(i for i, v in enumerate(eqn.outvars) if v not in used)
             outs = self.eqn(eqn, ins, context, site, fl)
             for var, value in zip(eqn.outvars, outs):
                 env[var] = value
                 if any(fl) and eqn.primitive.name != "stop_gradient":
-                    tainted.add(var)
+                    tainted[var] = NONE.union(*fl)
         return [_literal_or(env, v) for v in jaxpr.outvars]
 
     def eqn(self, eqn, ins, context, site, fl):
@@ -563,6 +572,7 @@ class _Search:
                     positions=positions,
                     constants=constants,
                     dead=self.dead,
+                    sources=NONE.union(*fl),
                 )
             )
             return _bind(eqn, ins)
@@ -607,7 +617,7 @@ class _Search:
         xs = [np.asarray(x)[first] for x in ins[n_consts + n_carry :]]
         body_in = [*ins[:n_consts], *ins[n_consts : n_consts + n_carry], *xs]
         # (a carry may come to depend on params in a later iteration: held to do so)
-        body_fl = [*fl[:n_consts], *[any(fl)] * n_carry, *fl[n_consts + n_carry :]]
+        body_fl = [*fl[:n_consts], *[NONE.union(*fl)] * n_carry, *fl[n_consts + n_carry :]]
         context = _join(context, "scan body, first iteration")
         self.eval(jaxpr, consts, body_in, context, site, body_fl)
 
@@ -618,12 +628,12 @@ class _Search:
         nc, nb = p["cond_nconsts"], p["body_nconsts"]
         carry = ins[nc + nb :]
         cond_in = [*ins[:nc], *carry]
-        (go,) = _Search().eval(cond_jaxpr, cond_c, cond_in, context, site, [False] * len(cond_in))
+        (go,) = _Search().eval(cond_jaxpr, cond_c, cond_in, context, site, [NONE] * len(cond_in))
         if not bool(np.asarray(go)):
             self.listed([(body_jaxpr, body_c)], _join(context, "while body never run"), site)
             return
         body_in = [*ins[nc : nc + nb], *carry]
-        body_fl = [*fl[nc : nc + nb], *[any(fl)] * len(carry)]
+        body_fl = [*fl[nc : nc + nb], *[NONE.union(*fl)] * len(carry)]
         context = _join(context, "while body, first iteration")
         self.eval(body_jaxpr, body_c, body_in, context, site, body_fl)
 
@@ -683,6 +693,9 @@ def _tied(invars, values) -> tuple:
     return tuple(inputs), tuple(positions), tuple(constants)
 
 
+NONE = frozenset()  # the params leaves a value computed from data alone depends on
+
+
 def _unparametrized(flags, positions, n) -> list:
     """The indices among a rule's `n` distinct inputs (`positions`: the input of each
     argument, None where every argument is its own) that no argument depending on params
@@ -692,6 +705,10 @@ def _unparametrized(flags, positions, n) -> list:
         j = a if positions is None else positions[a]
         reached[j] = reached[j] or flag
     return [j for j in range(n) if not reached[j]]
+
+
+def _literal(v) -> bool:
+    return type(v).__name__ == "Literal"
 
 
 def _literal_or(env, v):

@@ -501,6 +501,35 @@ def test_a_rule_fine_at_a_loops_first_iteration_is_not_cleared_of_fns_error():
     assert row.name.endswith(": no error found at its first iteration only")
 
 
+def test_a_rule_no_failing_leaf_reaches_is_cleared_beside_a_failure():
+    """The model fails on a leaf that scales the loss after the scan (held by a
+    stop_gradient), which never reaches the rule in the scan body: that rule, right at
+    the first iteration, was still said "not cleared of fn's error", pointing at correct
+    code. The leaves that reach it pass; the hedge stays for a rule they do reach."""
+
+    def rnn(p, xs):
+        def step(h, x):
+            h = tanh_off_when_saturated(h @ p["wh"] + x @ p["wx"])
+            return h, h
+
+        out = jnp.mean(jax.lax.scan(step, jnp.zeros(4), xs)[1] ** 2)
+        return out * jax.lax.stop_gradient(p["s"])
+
+    k = jax.random.split(jax.random.key(2), 3)
+    params = {
+        "wh": 0.3 * jax.random.normal(k[0], (4, 4)),
+        "wx": 0.3 * jax.random.normal(k[1], (2, 4)),
+        "s": jnp.float32(1.3),
+    }
+    xs = 0.1 * jax.random.normal(k[2], (6, 2))
+    report = jaxcheck.verify(rnn, params, xs)
+    assert report.status == "fail"
+    assert [leaf.path for leaf in report.leaves if leaf.status == "fail"] == ["['s']"]
+    assert not any(q.startswith("a rule in a loop body") for q in report.problems)
+    [fine] = [q for q in report.problems if q.startswith("rules fine")]
+    assert "custom_vjp tanh_off_when_saturated at " in fine
+
+
 def _cubic_root(bug):
     """x with x**3 + a x = b, per element, by Newton's method under lax.custom_root; its
     tangent solve `bug` too large."""
