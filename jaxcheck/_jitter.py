@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _autodiff, _error_model, _plan, _precision, _verdict
+from . import _autodiff, _error_model, _plan, _precision, _rule_search, _verdict
 from ._error_model import SAFETY
 from ._state import Run
 
@@ -66,10 +66,11 @@ SYSTEMATIC_DRAWS = 3  # moves of params drawn to measure it: the largest counts
 def systematic(run: Run, p, head, weights) -> float | None:
     """Where a pass rests on the gap between the derivative under test and the same rule in
     the reference precision being rounding (the tolerance grows with it), and the gap is
-    beyond the rounding of a well-conditioned computation, whether it is rounding:
-    rounding changes with the point, so moving params by a few ulps moves the derivative by
-    about as much as the gap, while a derivative computed differently in the tested
-    precision (a grad_fn or rule that takes another path there) keeps its gap. Returns the
+    beyond the rounding of a well-conditioned computation, whether it is rounding. Where
+    the derivative's program is the same in both precisions (`other_path`), it is. Where it
+    is not (a grad_fn or rule that takes another path in the tested precision): rounding
+    changes with the point, so moving params by a few ulps moves the derivative by about as
+    much as the gap, while another computation keeps its gap. Returns the
     derivative's own move (the RMS change of its projections, the largest of a few moves)
     as a share of the gap where that share is below 1 / SYSTEMATIC, else None."""
     a, a_ref = (p.rev, p.ref_rev) if p.rev is not None else (p.fwd, p.ref_fwd)
@@ -83,7 +84,7 @@ def systematic(run: Run, p, head, weights) -> float | None:
     ):
         return None  # no pass that a gap beyond a well-conditioned rounding made
     use = p.fd.smooth & np.isfinite(a) & np.isfinite(a_ref)
-    if not use.any():
+    if not use.any() or not other_path(run):  # (traces only: before any evaluation)
         return None
     apart = _error_model.rms(np.asarray(a, np.float64)[use] - np.asarray(a_ref, np.float64)[use])
     weights = np.asarray(weights, np.float64)
@@ -95,6 +96,64 @@ def systematic(run: Run, p, head, weights) -> float | None:
         moves.append(math.sqrt(float(np.sum(np.square(weights) * moved))))
     move = max(moves)
     return move / apart if apart > SYSTEMATIC * move else None
+
+
+def other_path(run: Run) -> bool:
+    """Whether the derivative under test is computed by another program in the tested
+    precision than in the reference's: other operations, or other constants (a grad_fn or
+    rule that multiplies by 1.001, or rounds through bfloat16, in float32 only). Rounding
+    that params cannot move (of features fn computes from its data alone) comes from the
+    same program in both: a gap that does not move with params is no bug there. False
+    where either cannot be traced."""
+    # (casts to either dtype are left out: a constant fn closes over, in its own dtype,
+    # is cast to float64 in the wide program alone)
+    casts = {jnp.dtype(run.tested), jnp.dtype(run.reference)}
+    try:
+        narrow = _signature(_probe_jaxpr(run, None).jaxpr, casts)
+        with _precision.x64_scope(True):
+            wide = _signature(_probe_jaxpr(run, run.reference).jaxpr, casts)
+    except Exception:  # noqa: BLE001 - no trace to compare: the gap is not called a bug
+        return False
+    return narrow != wide
+
+
+def _probe_jaxpr(run: Run, dtype):
+    """The jaxpr of the gradient's program, its floating inputs in `dtype` (None: as
+    they are)."""
+
+    def typed(x):
+        x_dtype = jnp.result_type(x)
+        if dtype is not None and jnp.issubdtype(x_dtype, jnp.inexact):
+            wide = jnp.dtype(dtype)
+            x_dtype = jnp.promote_types(wide, jnp.complex64) if jnp.iscomplexobj(x) else wide
+        return jax.ShapeDtypeStruct(np.shape(x), x_dtype)
+
+    program = functools.partial(_autodiff.probe, run.problem, True)
+    p_arrays, a_floats, a_arrays = run.inputs.traced()
+    diff = [typed(x) for x in run.inputs.diff]
+    traced = ([typed(x) for x in p_arrays], [typed(x) for x in a_floats], list(a_arrays))
+    with _plan.own_transfers():
+        return jax.make_jaxpr(program)(run.seeds[1], diff, traced, None)
+
+
+def _signature(jaxpr, casts) -> list:
+    """The operations of `jaxpr` and of the jaxprs inside it, in order, each with its
+    scalar literals at float32 precision (1.001 and 1.0 differ; eps of float32 and of
+    float64 too), but for casts to a dtype in `casts`."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "convert_element_type" and eqn.params["new_dtype"] in casts:
+            continue
+        literals = tuple(  # (as text: NaN equals NaN)
+            repr(float(np.float32(np.real(v.val))))
+            for v in eqn.invars
+            if type(v).__name__ == "Literal" and np.ndim(v.val) == 0
+        )
+        out.append((eqn.primitive.name, literals))
+        for key in _rule_search.SUBJAXPR_KEYS:
+            for sub, _ in _rule_search.jaxprs_of(eqn.params.get(key)):
+                out += _signature(sub, casts)
+    return out
 
 
 def _gradient_change(run: Run, draw: int = 0):
@@ -149,7 +208,8 @@ def systematic_note(run: Run, gap: float, share: float) -> str:
         f"the {t} derivative differs from the same rule in {r} by {gap:.1e} (relative), "
         f"{_verdict.ROUNDING_GAP}: it moves by only {share * gap:.1e} when params move by "
         f"{JITTER_ULPS} ulps "
-        f"({SYSTEMATIC_DRAWS} draws): rounding moves with the point, so the gap is no "
-        f"rounding but another computation in {t} (a grad_fn or rule taking another path "
-        f"in {t}?); its check allows only the derivative's own move as rounding"
+        f"({SYSTEMATIC_DRAWS} draws), and its program in {t} is not the one in {r} (other "
+        f"operations or constants: a grad_fn or rule taking another path in {t}?): the gap "
+        "is no rounding, which moves with the point, but another computation; its check "
+        "allows only the derivative's own move as rounding"
     )

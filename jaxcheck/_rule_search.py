@@ -35,7 +35,7 @@ _CALL_NAMES = {  # how a call primitive is named in the report
     "remat2": "checkpoint",
 }
 _JAX_DIR = os.path.dirname(jax.__file__) + os.sep
-_SUBJAXPR_KEYS = ("jaxpr", "jaxprs", "branches", "body_jaxpr", "cond_jaxpr", "call_jaxpr")
+SUBJAXPR_KEYS = ("jaxpr", "jaxprs", "branches", "body_jaxpr", "cond_jaxpr", "call_jaxpr")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +218,7 @@ def _rule_places(jaxpr, prefix=()) -> dict:
             ident = (eqn.primitive.name, _name(eqn), defined_at(eqn), location(eqn), shapes)
             out[(*prefix, ident, count(ident))] = eqn
             continue
-        subs = [(key, _jaxprs(eqn.params.get(key))) for key in _SUBJAXPR_KEYS]
+        subs = [(key, jaxprs_of(eqn.params.get(key))) for key in SUBJAXPR_KEYS]
         if not any(found for _, found in subs):
             continue
         call = (eqn.primitive.name, count(("call", eqn.primitive.name)))
@@ -509,10 +509,10 @@ def _held_outside_jax(root, depth: int = 8) -> str | None:
     return None
 
 
-def _jaxprs(value):
+def jaxprs_of(value):
     """(jaxpr, consts) of every sub-jaxpr in a parameter value."""
     if isinstance(value, tuple | list):
-        return [j for v in value for j in _jaxprs(v)]
+        return [j for v in value for j in jaxprs_of(v)]
     if hasattr(value, "jaxpr") and hasattr(value, "consts"):
         return [(value.jaxpr, list(value.consts))]
     if hasattr(value, "eqns"):
@@ -577,7 +577,7 @@ class _Search:
             )
             return _bind(eqn, ins)
         name = eqn.primitive.name
-        subs = [j for key in _SUBJAXPR_KEYS for j in _jaxprs(eqn.params.get(key))]
+        subs = [j for key in SUBJAXPR_KEYS for j in jaxprs_of(eqn.params.get(key))]
         if not subs:
             return _bind(eqn, ins)
         try:
@@ -602,13 +602,13 @@ class _Search:
         index = int(np.clip(int(np.asarray(ins[0])), 0, len(branches) - 1))
         for i, branch in enumerate(branches):
             if i != index:
-                self.listed(_jaxprs(branch), _join(context, "cond branch not taken"), site)
-        jaxpr, consts = _jaxprs(branches[index])[0]
+                self.listed(jaxprs_of(branch), _join(context, "cond branch not taken"), site)
+        jaxpr, consts = jaxprs_of(branches[index])[0]
         return self.eval(jaxpr, consts, ins[1:], _join(context, "inside cond"), site, fl[1:])
 
     def scan(self, eqn, ins, context, site, fl):
         p = eqn.params
-        jaxpr, consts = _jaxprs(p["jaxpr"])[0]
+        jaxpr, consts = jaxprs_of(p["jaxpr"])[0]
         n_consts, n_carry = _scan_counts(eqn, jaxpr)
         if p["length"] == 0:
             self.listed([(jaxpr, consts)], _join(context, "scan of length 0"), site)
@@ -623,8 +623,8 @@ class _Search:
 
     def loop(self, eqn, ins, context, site, fl):
         p = eqn.params
-        cond_jaxpr, cond_c = _jaxprs(p["cond_jaxpr"])[0]
-        body_jaxpr, body_c = _jaxprs(p["body_jaxpr"])[0]
+        cond_jaxpr, cond_c = jaxprs_of(p["cond_jaxpr"])[0]
+        body_jaxpr, body_c = jaxprs_of(p["body_jaxpr"])[0]
         nc, nb = p["cond_nconsts"], p["body_nconsts"]
         carry = ins[nc + nb :]
         cond_in = [*ins[:nc], *carry]
@@ -646,8 +646,8 @@ class _Search:
                     found = Found(kind, _name(eqn), where, context, eqn, None, "not intercepted")
                     self.found.append(found)
                     continue
-                for key in _SUBJAXPR_KEYS:
-                    self.listed(_jaxprs(eqn.params.get(key)), context, where)
+                for key in SUBJAXPR_KEYS:
+                    self.listed(jaxprs_of(eqn.params.get(key)), context, where)
 
 
 def _scan_counts(eqn, body) -> tuple[int, int]:
