@@ -292,17 +292,47 @@ def _nonfinite_outcome(f, params, report, options) -> Outcome:
             n = _count(edge)
             judged = _held_part_outcome(
                 f,
-                params,
+                _inside(f, params, edge),
                 edge,
                 options,
                 f"f is at the edge of its domain at {n} argument "
                 f"{'entry' if n == 1 else 'entries'} (its derivative NaN/Inf there, f NaN/Inf "
                 "right next to it); the derivative was judged at the other entries, holding "
-                "those fixed",
+                "those fixed (a step of 1e-6 into the domain, where f's derivative is finite)",
             )
         if judged is not None:
             return judged
     return Outcome(report, verdict)
+
+
+def _inside(f, params, edge) -> tuple:
+    """`params` with the entries `edge` (per real float leaf) moved by 1e-6 of themselves
+    (of their leaf's RMS where they are 0) to the side where f and its derivative are
+    finite, as `_nonfinite_nearby` moves them: held there, they leave no 0 times an
+    infinite derivative in forward mode. `params` itself where neither side is."""
+    of, floats = _of_floats(f, params, complex_too=False)
+    with jax.debug_nans(False), jax.debug_infs(False):
+        for sign in (1.0, -1.0):
+            moved = []
+            for x, b in zip(floats, edge):
+                a = np.asarray(x, np.float64)
+                rms = np.sqrt(np.mean(np.square(a))) if a.size else 0.0
+                step = 1e-6 * np.where(a != 0, np.abs(a), rms if rms > 0 else 1.0)
+                moved.append(jnp.asarray(np.where(b, a + sign * step, a), jnp.result_type(x)))
+            try:
+                out, pullback = jax.vjp(of, *moved)
+                grads = pullback(jax.tree.map(_tree.unit_like, out))
+            except Exception:  # noqa: BLE001 - f refuses the moved point: try the other side
+                continue
+            if _all_finite(out) and _all_finite(grads):
+                leaves, treedef = jax.tree.flatten(list(params))
+                at = iter(moved)
+                leaves = [
+                    _like(np.asarray(next(at)), x) if _inexact(x) and not jnp.iscomplexobj(x) else x
+                    for x in leaves
+                ]
+                return tuple(jax.tree.unflatten(treedef, leaves))
+    return params
 
 
 def _held_part_outcome(f, params, held, options, note: str) -> Outcome | None:
