@@ -313,12 +313,7 @@ def _inside(f, params, edge) -> tuple:
     of, floats = _of_floats(f, params, complex_too=False)
     with jax.debug_nans(False), jax.debug_infs(False):
         for sign in (1.0, -1.0):
-            moved = []
-            for x, b in zip(floats, edge):
-                a = np.asarray(x, np.float64)
-                rms = np.sqrt(np.mean(np.square(a))) if a.size else 0.0
-                step = 1e-6 * np.where(a != 0, np.abs(a), rms if rms > 0 else 1.0)
-                moved.append(jnp.asarray(np.where(b, a + sign * step, a), jnp.result_type(x)))
+            moved = _moved_off(floats, edge, sign)
             try:
                 out, pullback = jax.vjp(of, *moved)
                 grads = pullback(jax.tree.map(_tree.unit_like, out))
@@ -751,19 +746,25 @@ def _nonfinite_nearby(f, params, relative: float = 1e-6) -> list | None:
             return None
         bad = [~np.isfinite(np.asarray(g)) for g in grads]
         for sign in (1.0, -1.0):
-            moved = []
-            for x, b in zip(points, bad):
-                a = np.asarray(x, np.float64)
-                rms = np.sqrt(np.mean(np.square(a))) if a.size else 0.0
-                step = relative * np.where(a != 0, np.abs(a), rms)
-                moved.append(jnp.asarray(np.where(b, a + sign * step, a), x.dtype))
             try:
-                out = of(*moved)
+                out = of(*_moved_off(points, bad, sign, relative))
             except Exception:  # noqa: BLE001 - f refuses the moved point: no verdict from it
                 return None
             if not _all_finite(out):
                 return bad
     return None
+
+
+def _moved_off(points, entries, sign: float, relative: float = 1e-6) -> list:
+    """The real float arrays `points` with their `entries` moved by `relative` of
+    themselves (of their array's RMS where they are 0), up or down as `sign` says."""
+    moved = []
+    for x, b in zip(points, entries):
+        a = np.asarray(x, np.float64)
+        rms = np.sqrt(np.mean(np.square(a))) if a.size else 0.0
+        step = relative * np.where(a != 0, np.abs(a), rms)
+        moved.append(jnp.asarray(np.where(b, a + sign * step, a), jnp.result_type(x)))
+    return moved
 
 
 def _finite_part_outcome(f, params, outputs, options) -> Outcome | None:

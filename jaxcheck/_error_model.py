@@ -249,9 +249,10 @@ class Comparison:
     gap: float = 0.0
 
 
-def compare(name, fd: Differences, a, floor: float, a_ref=None, rounding_scale=0.0):
+def compare(name, fd: Differences, a, floor: float, a_ref=None, rounding_scale=0.0, share=1.0):
     """Compare derivative projections `a` with `fd`; `a_ref` is the same rule evaluated in
-    higher precision, whose distance from `a` measures `a`'s own rounding.
+    higher precision, whose distance from `a` measures `a`'s own rounding (times `share`
+    where only that share of the distance is rounding).
 
     Errors are relative to RMS(R); where the derivative is smaller than the error bars, or
     than `rounding_scale` (the RMS rounding of the derivative under test), they are taken
@@ -272,7 +273,7 @@ def compare(name, fd: Differences, a, floor: float, a_ref=None, rounding_scale=0
     if a_ref is not None:
         a_ref = np.asarray(a_ref, np.float64)[use]
         apart = rms(a[use] - a_ref)
-        rounding = apart / denom
+        rounding = apart / denom * share
         size = max(rms(a_ref), scale)
         gap = apart / size if size > rms(bar) else 0.0
     tol = max(floor, SAFETY * math.hypot(noise, rounding))
@@ -291,13 +292,6 @@ def compare(name, fd: Differences, a, floor: float, a_ref=None, rounding_scale=0
         floor=floor,
         gap=gap,
     )
-
-
-def with_rounding(c: Comparison, rounding: float) -> Comparison:
-    """`c` with the rounding it allows (relative, as `c.rounding`) replaced."""
-    tol = max(c.floor, SAFETY * math.hypot(c.noise_floor, rounding))
-    passed = bool(c.relative_error <= tol)
-    return dataclasses.replace(c, rounding=rounding, tolerance=tol, passed=passed)
 
 
 def consistency(name, a, b, floor: float, rounding: float, zero_scale: float = 0.0):

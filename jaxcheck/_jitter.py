@@ -70,9 +70,9 @@ def systematic(run: Run, p, head, weights) -> float | None:
     the derivative's program is the same in both precisions (`other_path`), it is. Where it
     is not (a grad_fn or rule that takes another path in the tested precision): rounding
     changes with the point, so moving params by a few ulps moves the derivative by about as
-    much as the gap, while another computation keeps its gap. Returns the
-    derivative's own move (the RMS change of its projections, the largest of a few moves)
-    as a share of the gap where that share is below 1 / SYSTEMATIC, else None."""
+    much as the gap, while another computation keeps its gap. Returns the derivative's own
+    move (the RMS change of its projections, the largest of a few moves) as a share of the
+    gap where that share is below 1 / SYSTEMATIC, else None."""
     a, a_ref = (p.rev, p.ref_rev) if p.rev is not None else (p.fwd, p.ref_fwd)
     if (
         a is None

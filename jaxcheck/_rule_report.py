@@ -8,7 +8,7 @@ import re
 
 import jax
 
-from . import _plan, _report, _rule_rows, _rule_search, _rules, _transforms, _verdict
+from . import _plan, _report, _rule_rows, _rule_search, _rules, _transforms, _tree, _verdict
 from ._error_model import Comparison
 from ._errors import GradientCheckError, one_line
 from ._report import Report, Status
@@ -183,9 +183,8 @@ def rules_part(
     by_label = {rule.title: rule for rule in found}
     # rules that no failing leaf reaches: fn's error cannot be theirs (a rule in a scan
     # body, while the failing leaf scales the loss after the scan)
-    paths = {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
     unreached = set()
-    if failing and failing <= paths:
+    if failing and failing <= set(_tree.leaf_paths(params)):
         unreached = {
             rule.title for rule in found if rule.sources is not None and not rule.sources & failing
         }

@@ -158,7 +158,7 @@ def find(fn, params, args, checked=None) -> tuple[list, list]:
     if not listed.found:  # no rule anywhere: nothing to evaluate op by op
         return [], []
     search = _Search()
-    paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    paths = _tree.leaf_paths(params)
     # per input, the params leaf it is (none for args)
     flags = [frozenset([paths[i]]) if i < len(paths) else NONE for i in traced]
     search.eval(closed.jaxpr, closed.consts, values, "", "", flags)

@@ -142,6 +142,11 @@ def _weak_float(x) -> bool:
     )
 
 
+def leaf_paths(tree) -> list[str]:
+    """The paths of `tree`'s leaves (`jax.tree_util.keystr`), in order."""
+    return [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
 def strong_array(leaf) -> jax.Array:
     """`leaf` as an array of a fixed (not weak) dtype, so that compiled programs are
     reused across calls (a Python float becomes one too)."""
