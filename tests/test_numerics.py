@@ -725,3 +725,39 @@ def test_a_straight_through_estimator_on_one_leaf_is_placed_there():
         "other leaf passes: the error is there."
     )
     assert "a straight-through estimator?" in said
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+@pytest.mark.parametrize("bug", [0.0, 1e-4])
+def test_rounding_of_large_data_added_to_params_is_not_a_float64_rule_bug(seed, bug):
+    """sin(x + w) for float32 data x near 1e4 and w = 0.01: in float64, x + w + t v is
+    rounded to the grid of 1e4 (1.8e-12), the same for every entry, so the central
+    differences are off by a few 1e-6 of the derivative, alike along every direction and
+    alike at h and h/2, where neither the fourth differences nor Richardson see it. Was:
+    only the same rule in float64 failed (1.2e-6 against 1e-6), and the larger steps that
+    tell roundoff from a bug were tried for the float32 derivative's row alone. A 1e-4 bug,
+    below the float32 row's tolerance, still fails on the float64 row."""
+
+    @jax.custom_jvp
+    def sin(z):
+        return jnp.sin(z)
+
+    @sin.defjvp
+    def _(primals, tangents):
+        (z,), (dz,) = primals, tangents
+        return jnp.sin(z), jnp.cos(z) * (1 + bug) * dz
+
+    x = jnp.linspace(1e4, 1.01e4, 16, dtype=jnp.float32)
+    w = jnp.full(16, 0.01, jnp.float32)
+    report = jaxcheck.verify(
+        lambda w, x: jnp.sum(sin(x + w)), w, x, key=jax.random.key(seed), rules=False
+    )
+    rule = report.checks[1]
+    assert rule.name.startswith("reverse autodiff, same rule in float64"), str(report)
+    if bug == 0:
+        assert report.status == "pass", str(report)
+        assert any("roundoff inside fn, not a wrong derivative" in q for q in report.problems)
+        assert rule.relative_error < 1e-6
+    else:
+        assert report.status == "fail", str(report)
+        assert not rule.passed and 5e-5 < rule.relative_error < 2e-4
