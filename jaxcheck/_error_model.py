@@ -79,6 +79,7 @@ class Differences:
         return (self.roundoff / (2 * self.truncation)) ** (1 / 3)
 
 
+@_differences.quiet
 def assess(phis, phi0, h: float, eps: float, floor: float, noise_from_data=True) -> Differences:
     """Error bars and smoothness of the stencil values `phis` (n, 4) around `phi0` (n,).
 
@@ -132,6 +133,7 @@ def assess(phis, phi0, h: float, eps: float, floor: float, noise_from_data=True)
     )
 
 
+@_differences.quiet
 def _slope_change(phis, phi0, slopes, h: float):
     """How far each direction's one-sided slopes at h/2 (`slopes`) are from those at h, the
     larger of the two sides: their truncation, which a kink at the point leaves at zero."""
@@ -164,6 +166,7 @@ def _median_noise(d4, kink_sized: float, kinklike) -> float:
     return float(middle) / (math.sqrt(70) * 0.6745)
 
 
+@_differences.quiet
 def _jumps(d1, d2, sigma, h: float, matters: float):
     """Directions whose central differences grow as 1/step: a jump in phi at the point.
 
@@ -249,6 +252,7 @@ class Comparison:
     gap: float = 0.0
 
 
+@_differences.quiet
 def compare(name, fd: Differences, a, floor: float, a_ref=None, rounding_scale=0.0, share=1.0):
     """Compare derivative projections `a` with `fd`; `a_ref` is the same rule evaluated in
     higher precision, whose distance from `a` measures `a`'s own rounding (times `share`
@@ -337,6 +341,7 @@ def interval(err: float, n: int, z: float = 1.959964) -> tuple[float, float]:
     return err * math.exp(-half_width), err * math.exp(half_width)
 
 
+@_differences.quiet
 def subgradient_consistent(fd: Differences, a) -> int:
     """How many non-smooth directions have the derivative between the one-sided slopes."""
     left, right = fd.slopes
@@ -349,5 +354,17 @@ def subgradient_consistent(fd: Differences, a) -> int:
 
 def rms(x) -> float:
     x = np.asarray(x, np.float64).ravel()
+    if not x.size:
+        return 0.0
     # (a dot product: np.mean costs more than the few values here)
-    return math.sqrt(float(x @ x) / x.size) if x.size else 0.0
+    with np.errstate(over="ignore", under="ignore"):
+        square = float(x @ x)
+    if (math.isinf(square) or square < 1e-280) and np.isfinite(x).all():
+        # squares beyond float64's range (finite differences of a fn near 1e200): scaled
+        # by the largest entry first
+        largest = float(np.max(np.abs(x)))
+        if largest == 0:
+            return 0.0
+        y = x / largest
+        return largest * math.sqrt(float(y @ y) / x.size)
+    return math.sqrt(square / x.size)

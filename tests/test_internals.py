@@ -482,3 +482,23 @@ def test_a_constant_jax_wraps_in_an_array_like_of_its_own_is_keyed_by_content():
     assert _tree.digest(LiteralArray(table)) == _tree.digest(table)
     table[1] = 2.0
     assert _tree.digest(LiteralArray(table)) != _tree.digest(LiteralArray(np.ones(70_000)))
+
+
+@pytest.mark.parametrize("size", [1e200, 1e-200])
+def test_rms_of_values_whose_squares_leave_float64s_range(size):
+    """Finite differences of a fn near 1e200 squared to Inf: every relative error became
+    NaN, and the check failed with "—" for each."""
+    expected = pytest.approx(size / math.sqrt(2), rel=1e-12, abs=0)
+    assert _error_model.rms(np.asarray([size, -size, 0.0, 0.0])) == expected
+
+
+def test_the_error_model_takes_infinite_values_without_numpy_warnings():
+    """Inf - Inf in the stencil raised NumPy's RuntimeWarning, an error in a test suite that
+    turns warnings into errors (as this one does); such a direction is non-finite."""
+    phis = np.asarray(
+        [[1.0, 2.0, 3.0, 4.0], [np.inf, 2.0, 3.0, np.inf], [1e308, -1e308, 1e308, -1e308]]
+    )
+    fd = _error_model.assess(phis, np.asarray([2.5, 2.5, 0.0]), 0.1, 2.2e-16, 1e-6)
+    assert list(fd.finite) == [True, False, True]
+    comparison = _error_model.compare("c", fd, np.asarray([10.0, 1.0, 0.0]), 1e-6)
+    assert comparison.num_used >= 1
