@@ -127,9 +127,9 @@ def _probe(problem, reverse, fold, seeds, diff, traced, index, signs) -> dict:
         ones = jnp.ones(len(diff), jnp.float32)
         # per leaf (K, *shape): its unit direction (signs, or float32 Gaussians) for each k,
         # in the leaf's dtype: the very values the stencil scales by beta in float64
-        units = jax.vmap(lambda k, z: _directions.direction(seeds[0], k, diff, ones, kind, z))(
-            index, p_signs
-        )
+        units = jax.vmap(
+            lambda k, z: _directions.direction(seeds[0], k, diff, ones, kind, z, problem.packed)
+        )(index, p_signs)
         acc = _precision.accumulator([x.dtype for x in diff])
     cots = None
     if fold and not problem.scalar_output:
@@ -231,7 +231,7 @@ def direction(problem, seeds, k, diff, beta, kind, out_scales, outs, signs=None)
     were drawn on the host."""
     p_seeds, o_seeds = seeds
     p_signs, o_signs = (None, None) if signs is None else signs
-    v = _directions.direction(p_seeds, k, diff, beta, kind, p_signs)
+    v = _directions.direction(p_seeds, k, diff, beta, kind, p_signs, problem.packed)
     if problem.scalar_output:
         return v, None
     return v, _directions.cotangent(o_seeds, k, out_scales, outs, kind, o_signs)

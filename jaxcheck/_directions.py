@@ -276,20 +276,60 @@ def _hadamard(m: int) -> np.ndarray:
     return h
 
 
-def direction(leaf_seeds, index, leaves, beta, kind: str, signs=None) -> list:
+def direction(leaf_seeds, index, leaves, beta, kind: str, signs=None, packed=()) -> list:
     """The direction `index`: leaf l is beta[l] * z_l, z_l of `kind` (unit variance); with
     `signs` (per leaf, drawn on the host by `host_signs` or `spanning_signs`),
-    z_l = units(signs[l])."""
+    z_l = units(signs[l]); a leaf l with `packed[l]` is beta[l] * z_l * `entry_scales`."""
     if signs is not None:
-        return [
-            (beta[i] * units(z).astype(beta.dtype)).astype(x.dtype)
-            for i, (z, x) in enumerate(zip(signs, leaves))
-        ]
-    bases = _bases(jnp.asarray(leaf_seeds, jnp.uint32), index)
-    return [
-        (beta[i] * _values(bases[i], x.shape, kind).astype(beta.dtype)).astype(x.dtype)
-        for i, x in enumerate(leaves)
-    ]
+        z = [units(z) for z in signs]
+    else:
+        bases = _bases(jnp.asarray(leaf_seeds, jnp.uint32), index)
+        z = [_values(bases[i], x.shape, kind) for i, x in enumerate(leaves)]
+    out = []
+    for i, x in enumerate(leaves):
+        v = z[i].astype(beta.dtype)
+        if i < len(packed) and packed[i]:
+            v = v * entry_scales(x).astype(beta.dtype)
+        out.append((beta[i] * v).astype(x.dtype))
+    return out
+
+
+# A leaf of at most PACKED_SIZE entries whose nonzero magnitudes span more than PACKED_SPREAD
+# holds quantities of different units (a rate of 1e4 beside a damping of 0.05): its
+# entries are moved in proportion to their own magnitudes, not all at the leaf's RMS,
+# which would move the small ones far beyond their size and drown their derivatives
+PACKED_SIZE = 64
+PACKED_SPREAD = 1e3
+
+
+def packed_leaves(leaves) -> tuple[bool, ...]:
+    """Per leaf, whether it is a small vector of packed quantities (see PACKED_SIZE):
+    real floating, finite, at most PACKED_SIZE entries, nonzero magnitudes spanning more
+    than PACKED_SPREAD. Reads only such small leaves to the host."""
+    out = []
+    for x in leaves:
+        packed = False
+        if 2 <= x.size <= PACKED_SIZE and not jnp.issubdtype(x.dtype, jnp.complexfloating):
+            with _concrete():
+                a = np.abs(np.asarray(_plan.host_array(x), np.float64))
+            nonzero = a[a > 0]
+            packed = bool(
+                np.isfinite(a).all()
+                and nonzero.size >= 2
+                and nonzero.max() > PACKED_SPREAD * nonzero.min()
+            )
+        out.append(packed)
+    return tuple(out)
+
+
+def entry_scales(x):
+    """Per entry of a packed leaf, |x| over the power of two just above the largest |x|
+    (exact in every precision, so the native and the reference programs draw the same
+    directions), and 1 (the leaf's RMS, as for other leaves) where x is zero. NumPy or jax."""
+    xp = _xp(x)
+    a = xp.abs(x)
+    _, e = xp.frexp(xp.max(a))
+    return xp.where(a == 0, xp.ones_like(a), xp.ldexp(a, -e))
 
 
 def sum_squares(leaves):

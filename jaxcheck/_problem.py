@@ -53,6 +53,9 @@ class Problem:
     float32_products: bool = False  # see `_float32_products`
     has_rules: bool = False  # fn calls a custom_vjp/custom_jvp rule (seen in its jaxpr)
     iterates: bool = False  # fn runs a lax.while_loop (an iterative solver, say)
+    # per differentiable leaf: a small vector of packed quantities, whose entries are moved
+    # in proportion to their own magnitudes (`_directions.packed_leaves`)
+    packed: tuple[bool, ...] = ()
     notes: tuple[str, ...] = ()  # said in the report's problems
 
     @property

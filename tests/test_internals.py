@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import jaxcheck
+from cases import enable_x64
 from jaxcheck import _differences, _directions, _error_model, _plan
 
 
@@ -482,6 +483,38 @@ def test_a_constant_jax_wraps_in_an_array_like_of_its_own_is_keyed_by_content():
     assert _tree.digest(LiteralArray(table)) == _tree.digest(table)
     table[1] = 2.0
     assert _tree.digest(LiteralArray(table)) != _tree.digest(LiteralArray(np.ones(70_000)))
+
+
+@pytest.mark.parametrize(
+    "values, packed",
+    [
+        ([1e4, 0.05, 1.0], True),  # a rate, a damping, a mass
+        ([1e13, 8e4, 0.5, 0.0], True),  # zeros do not count
+        ([3.0, -2.0, 0.01], False),  # a spread of 300
+        ([5.0, 0.0, 0.0], False),  # one nonzero entry
+        ([1.0, float("nan"), 1e-6], False),
+        (list(np.linspace(1e-5, 1.0, 65)), False),  # more than PACKED_SIZE entries
+    ],
+)
+def test_packed_leaves_are_small_and_span_orders_of_magnitude(values, packed):
+    leaf = jnp.asarray(values, jnp.float32)
+    assert _directions.packed_leaves([leaf, jnp.ones(3)]) == (packed, False)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_entry_scales_are_exact_in_every_precision(dtype):
+    """The native and the reference programs must draw the same directions: the scales are
+    |x| times a power of two, and 1 at zeros; NumPy (the host's balancing) agrees bit for bit."""
+    x = jnp.asarray([1e4, -0.05, 1.0, 0.0], dtype)
+    with enable_x64():
+        wide = _directions.entry_scales(x.astype(jnp.float64))
+    own = _directions.entry_scales(x)
+    host = _directions.entry_scales(np.asarray(x, np.float64))
+    expected = np.abs(np.asarray(x, np.float64)) / 16384.0
+    expected[3] = 1.0
+    np.testing.assert_array_equal(np.asarray(own, np.float64), expected)
+    np.testing.assert_array_equal(np.asarray(wide), expected)
+    np.testing.assert_array_equal(host, expected)
 
 
 @pytest.mark.parametrize("size", [1e200, 1e-200])

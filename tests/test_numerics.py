@@ -1,5 +1,7 @@
 """Precision, scales, ill-conditioning, kinks and non-finite values."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -201,7 +203,9 @@ def test_relu_network_away_from_kinks_passes():
         ),
         (
             lambda p: jnp.sum(jnp.sqrt(p)),
-            jnp.asarray([1.0, 1e-30]),  # (at 1e-9 a smaller step stays inside)
+            # (at 1e-9 a smaller step stays inside; 65 entries: no packed leaf, whose
+            # entries would move by their own sizes)
+            jnp.asarray([1.0] * 64 + [1e-30]),
             "finite differences are NaN/Inf along",
         ),
         (
@@ -761,3 +765,50 @@ def test_rounding_of_large_data_added_to_params_is_not_a_float64_rule_bug(seed, 
     else:
         assert report.status == "fail", str(report)
         assert not rule.passed and 5e-5 < rule.relative_error < 2e-4
+
+
+def _oscillator_loss(theta, observed):
+    """A damped oscillator integrated by lax.scan; theta = [stiffness, damping, mass]."""
+    k, c, m = theta[0], theta[1], theta[2]
+
+    def step(state, _):
+        x, v = state
+        v = v + 1e-4 * (-k * x - c * v) / m
+        x = x + 1e-4 * v
+        return (x, v), x
+
+    start = (jnp.asarray(1e-2, theta.dtype), jnp.asarray(0.0, theta.dtype))
+    _, xs = jax.lax.scan(step, start, None, length=200)
+    return 1e4 * jnp.mean((xs - observed) ** 2)
+
+
+def _arrhenius_loss(theta, temperature):
+    """A modified Arrhenius rate A T^n exp(-Ea / RT); theta = [A, Ea, n]."""
+    rate = theta[0] * temperature ** theta[2] * jnp.exp(-theta[1] / (8.314 * temperature))
+    return jnp.mean((rate / 1e4 - 1) ** 2)
+
+
+OSCILLATOR = (_oscillator_loss, [1e4, 0.05, 1.0], lambda: jnp.linspace(-1e-2, 1e-2, 200))
+ARRHENIUS = (_arrhenius_loss, [1e13, 8e4, 0.5], lambda: jnp.linspace(300.0, 600.0, 10))
+
+
+@pytest.mark.parametrize("case", [OSCILLATOR, ARRHENIUS], ids=["oscillator", "arrhenius"])
+@pytest.mark.parametrize("entry", [None, 0, 1, 2])
+def test_quantities_of_different_units_in_one_leaf(case, entry):
+    """Physical parameters packed in one array, [1e4, 0.05, 1] or [1e13, 8e4, 0.5]. Moved
+    all at the leaf's RMS, the small entries moved far beyond their size: the Arrhenius fit
+    failed ("gradient is WRONG", every error NaN, as exp overflowed), and the oscillator
+    passed a gradient 10 % off in the stiffness or the damping (diluted 1e4-fold by the
+    mass's derivative). Entries of such a leaf now move in proportion to their magnitudes:
+    the correct gradient passes, and 10 % off in any one entry fails."""
+    loss, values, data = case
+    theta = jnp.asarray(values, jnp.float32)
+    grad = jax.grad(loss)
+    grad_fn = grad if entry is None else (lambda t, d: grad(t, d).at[entry].multiply(1.1))
+    report = jaxcheck.verify(loss, theta, data(), grad_fn=grad_fn)
+    if entry is None:
+        assert report.status == "pass", str(report)
+    else:
+        assert report.status == "fail", str(report)
+        assert math.isfinite(report.relative_error), str(report)
+        assert report.relative_error > 3 * report.tolerance, str(report)
