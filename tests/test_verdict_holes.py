@@ -1585,3 +1585,28 @@ def test_rounding_of_features_fn_computes_from_its_data_is_allowed(problem):
     assert report.status == "pass", str(report)
     assert report.relative_error > 1e-4  # the gap the rounding allowance took
     assert not any("moves by only" in q for q in report.problems)
+
+
+def test_a_plain_simulation_whose_float32_derivative_rounds_is_not_said_to_take_another_path():
+    """An N-body step of positions near 1e4, 50 times: the float32 gradient is 10 % off the
+    float64 one by rounding alone (no rule, no grad_fn). The note said "a rule or grad_fn
+    taking another path in float32?", of a fn that has neither."""
+
+    def simulate(p, x0):
+        def step(state, _):
+            x, v = state
+            d = x[:, None, :] - x[None, :, :]
+            r2 = jnp.sum(d**2, -1) + p["soft"] ** 2
+            v = v - 0.1 * jnp.sum(p["m"][None, :, None] * d / r2[..., None] ** 1.5, 1)
+            return (x + 0.1 * v, v), None
+
+        (x, _), _ = jax.lax.scan(step, (x0, jnp.zeros_like(x0)), None, length=50)
+        return jnp.mean(x**2)
+
+    x0 = jax.random.normal(jax.random.key(0), (6, 2)) * 10 + 1e4
+    params = {"m": jnp.full(6, 50.0), "soft": jnp.asarray(1.0)}
+    report = jaxcheck.verify(simulate, params, x0, key=0)
+    notes = [q for q in report.problems if "differs from that in float32" in q]
+    assert notes, str(report)
+    assert "has no custom rule nor grad_fn" in notes[0], notes[0]
+    assert "another path" not in notes[0] and "verify_rule" not in notes[0], notes[0]
