@@ -325,11 +325,14 @@ def packed_leaves(leaves) -> tuple[bool, ...]:
 def entry_scales(x):
     """Per entry of a packed leaf, |x| over the power of two just above the largest |x|
     (exact in every precision, so the native and the reference programs draw the same
-    directions), and 1 (the leaf's RMS, as for other leaves) where x is zero. NumPy or jax."""
+    directions); where x is zero, the smallest nonzero |x| so scaled (a zero has no size
+    of its own, and moved at the leaf's RMS its derivative would drown the others'). NumPy
+    or jax."""
     xp = _xp(x)
     a = xp.abs(x)
     _, e = xp.frexp(xp.max(a))
-    return xp.where(a == 0, xp.ones_like(a), xp.ldexp(a, -e))
+    smallest = xp.min(xp.where(a > 0, a, xp.full_like(a, xp.inf)))
+    return xp.ldexp(xp.where(a == 0, smallest, a), -e)
 
 
 def sum_squares(leaves):

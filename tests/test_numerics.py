@@ -812,3 +812,21 @@ def test_quantities_of_different_units_in_one_leaf(case, entry):
         assert report.status == "fail", str(report)
         assert math.isfinite(report.relative_error), str(report)
         assert report.relative_error > 3 * report.tolerance, str(report)
+
+
+@pytest.mark.parametrize("bug", [1.0, 1.01])
+def test_a_zero_in_a_packed_leaf_does_not_drown_its_other_entries(bug):
+    """[1e4, 0.05, 1, -3, 0]: the zero has no size of its own. Moved at the leaf's RMS (set
+    by the 1e4), its derivative drowned the others', and a rule 1 % off on the 0.05 entry
+    passed on every key; it now moves as the smallest entry does."""
+    factor = jnp.asarray([1.0, bug, 1.0, 1.0, 1.0])
+
+    @jax.custom_vjp
+    def identity(t):
+        return t
+
+    identity.defvjp(lambda t: (t, None), lambda _, c: (c * factor,))
+    weights = jnp.asarray([1e-4, 10.0, 1.0, 0.3, 1.0])
+    theta = jnp.asarray([1e4, 0.05, 1.0, -3.0, 0.0])
+    report = jaxcheck.verify(lambda t: jnp.sum(jnp.sin(identity(t) * weights)), theta)
+    assert report.status == ("pass" if bug == 1.0 else "fail"), str(report)
