@@ -26,7 +26,7 @@ def chosen_leaves(
     """Indices of the leaves to check alone, given the `localize` option, the all-leaf
     status, tolerance and upper bound of the measured error, each leaf's share of the
     all-leaf projections (None when the directions were not balanced against the
-    gradient), and the caller's floor on every tolerance (`rtol`)."""
+    gradient, in forward mode alone), and the caller's floor on every tolerance (`rtol`)."""
     if localize is True or (localize == "auto" and status is Status.FAIL):
         return list(range(num_leaves))
     if localize != "auto" or num_leaves < 2:  # one leaf: the all-leaf check was its own
@@ -35,8 +35,12 @@ def chosen_leaves(
         # a kink or noise along the all-leaf directions may sit in some leaves only: the
         # others are judged along their own directions (a wrong one fails the check)
         return list(range(num_leaves))
-    if status is not Status.PASS or share is None:
+    if status is not Status.PASS:
         return []
+    if share is None:
+        # forward mode alone: no gradient weighed the leaves, so a leaf of small share in
+        # the directional derivative can hide any error: every leaf is checked alone
+        return list(range(num_leaves))
     if (floor or 0.0) < COVERAGE_ERROR:
         # leaves whose 0.1 % error the all-leaf check could not see: check them alone
         return [i for i, s in enumerate(share) if COVERAGE_ERROR * math.sqrt(s) <= tolerance]

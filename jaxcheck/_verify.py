@@ -118,8 +118,9 @@ def verify(
             The error model may move to a smaller step, never to a larger one than
             max(step, 0.05).
         rtol: smallest relative error treated as a bug; default derived from the precision.
-        localize: also check each leaf on its own. "auto": when the check fails, and for
-            leaves too small for the all-leaf check to see a 0.1 % error in them.
+        localize: also check each leaf on its own. "auto": when the check fails, for
+            leaves too small for the all-leaf check to see a 0.1 % error in them, and in
+            forward mode alone (no gradient to weigh the leaves) for every leaf.
         leaf_directions: directions per leaf when localizing.
         directions: "uniform" (random signs times 128 evenly spaced magnitudes, unit
             variance: no error vanishes along many of them), "rademacher" (random signs

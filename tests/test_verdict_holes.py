@@ -1610,3 +1610,36 @@ def test_a_plain_simulation_whose_float32_derivative_rounds_is_not_said_to_take_
     assert notes, str(report)
     assert "has no custom rule nor grad_fn" in notes[0], notes[0]
     assert "another path" not in notes[0] and "verify_rule" not in notes[0], notes[0]
+
+
+@pytest.mark.parametrize("bug", [1.0, 1.1])
+def test_a_forward_rule_wrong_on_a_leaf_of_small_share_fails(bug):
+    """A custom_jvp 10 % off in its second argument, fed by a bias of small share in the
+    directional derivative: forward mode has no gradient to balance the leaves by, and the
+    error, diluted by the weights' share, passed on every key; reverse mode failed it. Now
+    forward mode checks every leaf alone too, and names the bias."""
+
+    @jax.custom_jvp
+    def f(a, b):
+        return jnp.sin(a) * jnp.exp(b)
+
+    @f.defjvp
+    def _(primals, tangents):
+        (a, b), (ta, tb) = primals, tangents
+        out = jnp.sin(a) * jnp.exp(b)
+        return out, jnp.cos(a) * jnp.exp(b) * ta + out * tb * bug
+
+    def fn(p, x):
+        return jnp.sum(f(x @ p["w"], p["bias"] * 1e-6))
+
+    k = jax.random.split(jax.random.key(0), 2)
+    params = {"w": 0.1 * jax.random.normal(k[0], (16, 16)), "bias": jnp.full(16, 0.5)}
+    x = jax.random.normal(k[1], (8, 16))
+    report = jaxcheck.verify(fn, params, x, mode="forward", rules=False)
+    leaves = {leaf.path: leaf.status for leaf in report.leaves}
+    assert leaves.keys() == {"['bias']", "['w']"}, str(report)
+    if bug == 1.0:
+        assert report.status == "pass", str(report)
+    else:
+        assert report.status == "fail", str(report)
+        assert leaves == {"['bias']": "fail", "['w']": "pass"}, str(report)
