@@ -830,3 +830,26 @@ def test_a_zero_in_a_packed_leaf_does_not_drown_its_other_entries(bug):
     theta = jnp.asarray([1e4, 0.05, 1.0, -3.0, 0.0])
     report = jaxcheck.verify(lambda t: jnp.sum(jnp.sin(identity(t) * weights)), theta)
     assert report.status == ("pass" if bug == 1.0 else "fail"), str(report)
+
+
+@pytest.mark.parametrize(("seed", "key"), [(25, 0), (25, 1), (22, 0), (31, 0)])
+@pytest.mark.parametrize("bug", [1.0, 1.001])
+def test_float32_data_near_1e4_added_to_small_params(seed, key, bug):
+    """cos(x + w) with float32 data x of 1e2..1e5 and params w of 1e-4..1e-1: the sum
+    rounds in float64 at the grid of x, alike at h and h/2, and the finite differences are
+    off by a 1/h roundoff no error bar sees. The larger steps that tell it from a bug
+    measured its shrink along 4 directions and on the first failing comparison alone, and
+    these correct functions failed; a 0.1 % bug still fails."""
+    rng = np.random.default_rng(seed)
+    a, b, n = rng.uniform(2, 5), rng.uniform(-4, -1), int(rng.integers(8, 100))
+    x = jnp.asarray(10**a + rng.normal(size=(n,)) * 10 ** (a - 2), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(n,)) * 10**b, jnp.float32)
+
+    def fn(p, x):
+        return jnp.mean((jnp.cos(x + p["w"]) - 0.3 * jnp.linspace(0.5, 1.5, n)) ** 2)
+
+    grad = jax.grad(fn)
+    report = jaxcheck.verify(
+        fn, {"w": w}, x, key=key, grad_fn=lambda p, x: {"w": grad(p, x)["w"] * bug}
+    )
+    assert report.status == ("pass" if bug == 1.0 else "fail"), str(report)
