@@ -256,8 +256,9 @@ def test_borderline_bug_takes_every_direction_and_says_so():
     assert report.stopped.endswith("was too close to the tolerance 1.0e-03 to tell")
     # every direction evaluated once: 2 calls of the 8-direction programs at +-h and
     # at +-h/2, each 2 points per direction and the centre; then the failure confirmed
-    # along the first 8 at a 16 times larger step (where roundoff would shrink 16 times)
-    assert report.num_evaluations == 2 * 2 * (2 * 8 + 1) + 2 * (2 * 8 + 1)
+    # along all 16 (the same programs, twice) at a 16 times larger step (where roundoff
+    # would shrink 16 times)
+    assert report.num_evaluations == 2 * 2 * (2 * 8 + 1) + 2 * 2 * (2 * 8 + 1)
     assert report.steps_tried == pytest.approx((report.step, 16 * report.step))
     assert not any("roundoff inside fn" in q for q in report.problems)
 
