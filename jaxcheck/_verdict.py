@@ -505,6 +505,7 @@ def note_native(run: Run, head, reference, values_differ: bool = False) -> None:
     (while fn's value does not, or while the model's own finite differences fail its
     derivative), and that finite differences fell back to the model's precision."""
     name = jnp.dtype(reference).name
+    own = run.problem.grad_fn is not None or run.problem.has_rules
     why = (
         f"and fn's value differs too (fn computes something else in {name}, e.g. random "
         f"numbers drawn in the default dtype); the same rule in {name} passes its own "
@@ -515,13 +516,12 @@ def note_native(run: Run, head, reference, values_differ: bool = False) -> None:
         else "while fn's value is the same in both (a rule or grad_fn taking another path "
         f"in {run.tested.name}, or one not linear in its tangent or cotangent?); finite "
         "differences use the model's precision instead, which resolves more coarsely"
-        if run.problem.grad_fn is not None or run.problem.has_rules
+        if own
         else "while fn's value is about the same in both; fn has no custom rule nor "
         f"grad_fn, so this is the {run.tested.name} derivative's own rounding, grown far "
         "beyond its value's (along a long recurrence or simulation, say); finite "
         "differences use the model's precision instead, which resolves more coarsely"
     )
-    own = run.problem.grad_fn is not None or run.problem.has_rules
     run.problems.append(
         f"the derivative of fn in {name} differs from that in {run.tested.name} by "
         f"{head.rounding:.1e}, {INCOMPARABLE}, {why}"
