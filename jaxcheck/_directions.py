@@ -352,7 +352,10 @@ def host_rms(squares, leaves) -> tuple[np.ndarray, np.ndarray]:
     for i in np.flatnonzero(~finite):
         x = _plan.host_array(leaves[i]).astype(np.float64)
         finite[i] = bool(np.all(np.isfinite(x)))
-        values[i] = np.sqrt(np.mean(np.square(x))) if finite[i] else np.nan
+        # (scaled by the largest entry: a float64 leaf above 1e154 squares to Inf)
+        largest = float(np.max(np.abs(x))) if finite[i] and x.size else 0.0
+        scaled = x / largest if largest > 0 else x
+        values[i] = largest * np.sqrt(np.mean(np.square(scaled))) if finite[i] else np.nan
     return values, finite
 
 

@@ -536,3 +536,13 @@ def test_the_error_model_takes_infinite_values_without_numpy_warnings():
     assert list(fd.finite) == [True, False, True]
     comparison = _error_model.compare("c", fd, np.asarray([10.0, 1.0, 0.0]), 1e-6)
     assert comparison.num_used >= 1
+
+
+def test_host_rms_of_a_float64_leaf_too_large_to_square():
+    """A float64 leaf at 1e160 sums its squares to Inf; its RMS fell back as if unknown, and
+    the check of log|t| at [1e160, 2e160] was left unjudged."""
+    with enable_x64():
+        leaf = jnp.asarray([1e160, -1e160, 0.0, 0.0])
+        values, finite = _directions.host_rms(np.asarray([np.inf]), [leaf])
+    assert finite.tolist() == [True]
+    assert values[0] == pytest.approx(1e160 / math.sqrt(2), rel=1e-12)
