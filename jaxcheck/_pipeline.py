@@ -281,7 +281,7 @@ def _directions_check(run: Run, n, beta, h0, step, ref):
             else:
                 _verdict.note_incomparable(run, wide[3][0], run.reference)
         else:
-            # fn's value is the same in both: only its derivative differs (a rule taking
+            # fn's value agrees in both (to 1e-3): only its derivative differs (a rule taking
             # another path in float32): judged by finite differences in the model's
             # precision
             _verdict.note_native(run, wide[3][0], wide[0])

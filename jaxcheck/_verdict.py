@@ -513,11 +513,11 @@ def note_native(run: Run, head, reference, values_differ: bool = False) -> None:
         f"derivative (a rule or grad_fn wrong on its {run.tested.name} path alone?): it is "
         "judged by them"
         if values_differ
-        else "while fn's value is the same in both (a rule or grad_fn taking another path "
+        else "while fn's value agrees in both to 1e-3 (a rule or grad_fn taking another path "
         f"in {run.tested.name}, or one not linear in its tangent or cotangent?); finite "
         "differences use the model's precision instead, which resolves more coarsely"
         if own
-        else "while fn's value is about the same in both; fn has no custom rule nor "
+        else "while fn's value agrees in both to 1e-3; fn has no custom rule nor "
         f"grad_fn, so this is the {run.tested.name} derivative's own rounding, grown far "
         "beyond its value's (along a long recurrence or simulation, say); finite "
         "differences use the model's precision instead, which resolves more coarsely"
