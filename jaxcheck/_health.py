@@ -61,7 +61,9 @@ class HealthState:
     never), `*_steps` on how many steps it fired. `low_streak` counts the consecutive steps
     a leaf has been below the vanishing thresholds; `log_moment` and `log_square` are the
     running moments (before bias correction) of the logarithm of its norm on the steps it
-    was not, `log_entered` how many entered them. `worst_spike` is the largest gradient
+    was not, `log_entered` how many entered them. `zero_streak` counts the consecutive steps
+    its gradient has been exactly zero, `zero_return` the longest such run after which it
+    came back (a head trained on every other step's task). `worst_spike` is the largest gradient
     norm seen as a multiple of its running average (-1 before there is one), and `skipped`
     counts the updates zeroed by `skip_nonfinite`. The state holds no NaN of its own, so
     that `jax_debug_nans` reports only NaNs of the training itself.
@@ -89,6 +91,8 @@ class HealthState:
     log_moment: jax.Array
     log_square: jax.Array
     log_entered: jax.Array
+    zero_streak: jax.Array
+    zero_return: jax.Array
     skipped: jax.Array
 
 
@@ -138,7 +142,10 @@ def gradient_health(
       converged far, and an optimizer circling a minimum drives each leaf's gradient near
       zero by turns) only on 25 steps in a row and while another leaf still learns (its
       gradient at least `vanishing_ratio / collapse_factor` times its parameter): a layer
-      cut off late in training is flagged, a full-batch run reaching its minimum is not.
+      cut off late in training is flagged, a full-batch run reaching its minimum is not;
+      and not while its gradient has been exactly zero for no more steps in a row than a
+      run of zeros it has come back from (tasks taking turns, each with its own head: a
+      head's gradient is zero on the other tasks' steps by design).
 
     Exploding and vanishing are judged from step `warmup` on, the rules against the leaf's
     own running average once `warmup` norms have entered it. A leaf's history starts with
@@ -254,6 +261,8 @@ def gradient_health(
             log_moment=jnp.zeros((n,), jnp.float32),
             log_square=jnp.zeros((n,), jnp.float32),
             log_entered=zero(),
+            zero_streak=zero(),
+            zero_return=zero(),
             skipped=jnp.zeros((), jnp.int32),
         )
 
@@ -325,8 +334,17 @@ def gradient_health(
         has_ratio = (param_norm > 0) & jnp.isfinite(param_norm)
         ratio = grad_norm / jnp.where(has_ratio, param_norm, 1.0)
         # an exactly zero gradient is vanishing whatever the parameter's norm (a leaf
-        # initialized at zero and cut off from the loss has no ratio)
-        below = (has_ratio & (ratio < vanishing32)) | (grad_norm == 0)
+        # initialized at zero and cut off from the loss has no ratio), unless the leaf has
+        # come back from as long a run of zeros before: the loss of some steps does not
+        # reach it (alternating tasks, each with its own head), and its zeros are by design
+        exact_zero = (grad_norm == 0) & finite
+        zero_streak = jnp.where(exact_zero, state.zero_streak + 1, 0)
+        came_back = ~exact_zero & (state.zero_streak > 0)
+        zero_return = jnp.where(
+            came_back, jnp.maximum(state.zero_return, state.zero_streak), state.zero_return
+        )
+        by_design = exact_zero & (zero_streak <= state.zero_return)
+        below = ((has_ratio & (ratio < vanishing32)) | (grad_norm == 0)) & ~by_design
         # a gradient vanishingly small beside its parameter is not exploding, however far
         # above its average: at a minimum the norms fall to rounding, and rounding
         # scatters by tenfold from step to step
@@ -356,7 +374,7 @@ def gradient_health(
         # turns, for a step or two; a leaf that stays down for `SETTLED_STREAK` steps in a
         # row there has died (its gradient cut 1e4-fold while the others learn on)
         converged = total(average) < root * total(state.peak)
-        collapsed = with_history & (grad_norm < collapse32 * average) & ~falling
+        collapsed = with_history & (grad_norm < collapse32 * average) & ~falling & ~by_design
         # (and so is a gradient below `vanishing_ratio` of its parameter there, unless it is
         # exactly zero)
         small = below & (~falling | (grad_norm == 0))
@@ -444,6 +462,8 @@ def gradient_health(
             log_moment=jnp.where(spreads, log_moment, state.log_moment),
             log_square=jnp.where(spreads, log_square, state.log_square),
             log_entered=jnp.where(spreads, state.log_entered + 1, state.log_entered),
+            zero_streak=zero_streak,
+            zero_return=zero_return,
             skipped=skipped,
         )
 

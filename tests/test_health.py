@@ -862,3 +862,40 @@ def test_a_layer_dying_after_training_converged_far_is_flagged(scale):
         return
     assert set(flagged) == {"['l0']['b']", "['l0']['w']"}, str(summary)
     assert all(1500 < step <= 1530 for step in flagged.values()), flagged
+
+
+@pytest.mark.parametrize("tasks", [2, 3])
+def test_heads_of_alternating_tasks_are_not_vanishing_until_one_stops(tasks):
+    """Multitask training by turns, one head per task: each head's gradient is exactly zero
+    on the other tasks' steps. One head was flagged "vanishing" (zero whatever its norm)
+    and the other not. A run of zeros no longer than one the head has come back from is
+    by design; when its task stops being trained, the longer run is flagged."""
+    key = jax.random.key(0)
+    params = {"trunk": 0.5 * jax.random.normal(key, (4, 16))}
+    for t in range(tasks):
+        params[f"head{t}"] = 0.1 * jax.random.normal(jax.random.fold_in(key, t), (16,))
+
+    def loss(p, x, task):
+        h = jnp.tanh(x @ p["trunk"])
+        losses = jnp.stack(
+            [jnp.mean((h @ p[f"head{t}"] - jnp.sin(x[:, t])) ** 2) for t in range(tasks)]
+        )
+        return losses[task]
+
+    optimizer = optax.chain(jaxcheck.gradient_health(), optax.adam(1e-2))
+
+    @jax.jit
+    def step(p, s, i, task):
+        x = jax.random.normal(jax.random.fold_in(key, i), (32, 4))
+        updates, s = optimizer.update(jax.grad(loss)(p, x, task), s, p)
+        return optax.apply_updates(p, updates), s
+
+    state = optimizer.init(params)
+    for i in range(120):
+        params, state = step(params, state, i, i % tasks)
+    summary = jaxcheck.health(state)
+    assert summary.flagged == (), str(summary)
+    for i in range(120, 140):  # task 0 alone from here: the other heads' zeros go on
+        params, state = step(params, state, i, 0)
+    flagged = {leaf.path for leaf in jaxcheck.health(state).leaves if leaf.vanishing}
+    assert flagged == {f"['head{t}']" for t in range(1, tasks)}, str(jaxcheck.health(state))
