@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _plan, _precision
+from . import _error_model, _plan, _precision
 
 KINDS = ("uniform", "rademacher", "gaussian")
 # "uniform": a random sign times one of 128 evenly spaced magnitudes, (2m + 1) / 256 for m in
@@ -352,10 +352,8 @@ def host_rms(squares, leaves) -> tuple[np.ndarray, np.ndarray]:
     for i in np.flatnonzero(~finite):
         x = _plan.host_array(leaves[i]).astype(np.float64)
         finite[i] = bool(np.all(np.isfinite(x)))
-        # (scaled by the largest entry: a float64 leaf above 1e154 squares to Inf)
-        largest = float(np.max(np.abs(x))) if finite[i] and x.size else 0.0
-        scaled = x / largest if largest > 0 else x
-        values[i] = largest * np.sqrt(np.mean(np.square(scaled))) if finite[i] else np.nan
+        # (`rms` scales by the largest entry: a float64 leaf above 1e154 squares to Inf)
+        values[i] = _error_model.rms(x) if finite[i] else np.nan
     return values, finite
 
 

@@ -63,10 +63,10 @@ class HealthState:
     running moments (before bias correction) of the logarithm of its norm on the steps it
     was not, `log_entered` how many entered them. `zero_streak` counts the consecutive steps
     its gradient has been exactly zero, `zero_return` the longest such run after which it
-    came back (a head trained on every other step's task). `worst_spike` is the largest gradient
-    norm seen as a multiple of its running average (-1 before there is one), and `skipped`
-    counts the updates zeroed by `skip_nonfinite`. The state holds no NaN of its own, so
-    that `jax_debug_nans` reports only NaNs of the training itself.
+    came back (a head trained on every other step's task). `worst_spike` is the largest
+    gradient norm seen as a multiple of its running average (-1 before there is one), and
+    `skipped` counts the updates zeroed by `skip_nonfinite`. The state holds no NaN of its
+    own, so that `jax_debug_nans` reports only NaNs of the training itself.
     """
 
     paths: tuple[str, ...]
@@ -337,14 +337,14 @@ def gradient_health(
         # initialized at zero and cut off from the loss has no ratio), unless the leaf has
         # come back from as long a run of zeros before: the loss of some steps does not
         # reach it (alternating tasks, each with its own head), and its zeros are by design
-        exact_zero = (grad_norm == 0) & finite
+        exact_zero = grad_norm == 0
         zero_streak = jnp.where(exact_zero, state.zero_streak + 1, 0)
         came_back = ~exact_zero & (state.zero_streak > 0)
         zero_return = jnp.where(
             came_back, jnp.maximum(state.zero_return, state.zero_streak), state.zero_return
         )
         by_design = exact_zero & (zero_streak <= state.zero_return)
-        below = ((has_ratio & (ratio < vanishing32)) | (grad_norm == 0)) & ~by_design
+        below = ((has_ratio & (ratio < vanishing32)) | exact_zero) & ~by_design
         # a gradient vanishingly small beside its parameter is not exploding, however far
         # above its average: at a minimum the norms fall to rounding, and rounding
         # scatters by tenfold from step to step
@@ -377,7 +377,7 @@ def gradient_health(
         collapsed = with_history & (grad_norm < collapse32 * average) & ~falling & ~by_design
         # (and so is a gradient below `vanishing_ratio` of its parameter there, unless it is
         # exactly zero)
-        small = below & (~falling | (grad_norm == 0))
+        small = below & (~falling | exact_zero)
         low = ((t >= warmup) & finite & small) | collapsed
         # ... and only while another leaf still learns, its gradient at least
         # vanishing_ratio / collapse_factor of its parameter (a full-batch run reaching its
