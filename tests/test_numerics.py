@@ -15,6 +15,7 @@ from cases import (
     mlp_data,
     mlp_loss,
     mlp_params,
+    scaled_sin,
 )
 
 CPU = jax.default_backend() == "cpu"
@@ -742,15 +743,7 @@ def test_rounding_of_large_data_added_to_params_is_not_a_float64_rule_bug(seed, 
     tell roundoff from a bug were tried for the float32 derivative's row alone. A 1e-4 bug,
     below the float32 row's tolerance, still fails on the float64 row."""
 
-    @jax.custom_jvp
-    def sin(z):
-        return jnp.sin(z)
-
-    @sin.defjvp
-    def _(primals, tangents):
-        (z,), (dz,) = primals, tangents
-        return jnp.sin(z), jnp.cos(z) * (1 + bug) * dz
-
+    sin = scaled_sin(1 + bug)
     x = jnp.linspace(1e4, 1.01e4, 16, dtype=jnp.float32)
     w = jnp.full(16, 0.01, jnp.float32)
     report = jaxcheck.verify(
