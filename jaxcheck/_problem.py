@@ -447,15 +447,8 @@ def _inside_jax(eqn) -> str:
     rounds there whatever the caller's dtypes: jax.nn.dot_product_attention's float32
     softmax), else ""."""
     try:
-        from jax._src import source_info_util  # noqa: PLC0415 - no public API for this
-
         frames = list(eqn.source_info.traceback.frames)  # innermost first
-        user = next(
-            i
-            for i, f in enumerate(frames)
-            if source_info_util.is_user_filename(f.file_name)
-            and not f.file_name.startswith(_rule_search.OWN_DIR)
-        )
+        user = next(i for i, f in enumerate(frames) if _rule_search.user_file(f.file_name))
     except Exception:  # noqa: BLE001 - only a label
         return ""
     if user == 0:

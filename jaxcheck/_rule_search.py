@@ -18,6 +18,8 @@ import dataclasses
 import functools
 import itertools
 import os
+import site
+import sysconfig
 from typing import Any
 
 import jax
@@ -26,6 +28,17 @@ import numpy as np
 from . import _precision, _tree
 
 OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# where installed packages live: JAX counts their files as the user's unless they lie
+# below the standard library (a system Python's site-packages does, a virtualenv's not)
+_INSTALLED = tuple(
+    os.path.join(os.path.abspath(p), "")
+    for p in {
+        *(sysconfig.get_paths()[k] for k in ("purelib", "platlib")),
+        *getattr(site, "getsitepackages", list)(),
+        site.getusersitepackages(),
+    }
+    if p
+)
 _CALLS = ("pjit", "jit", "closed_call", "core_call", "remat", "remat2", "checkpoint")
 _CALL_NAMES = {  # how a call primitive is named in the report
     "pjit": "jit",
@@ -424,7 +437,7 @@ def _wrapped_name(jaxpr, name: str) -> str | None:
         from jax._src import source_info_util  # noqa: PLC0415 - no public API for this
 
         where = _source(jaxpr).rpartition(" at ")[2].rpartition(":")[0]
-        if not where or source_info_util.is_user_filename(where):
+        if not where or (source_info_util.is_user_filename(where) and not _installed(where)):
             return None
         for e in getattr(getattr(jaxpr, "jaxpr", jaxpr), "eqns", ()):
             frames = list(e.source_info.traceback.frames)  # the innermost first
@@ -433,7 +446,7 @@ def _wrapped_name(jaxpr, name: str) -> str | None:
                 for i, f in enumerate(frames)
                 if f.file_name == where and f.function_name.rsplit(".", 1)[-1] == name
             ]
-            inside = [f for f in frames[: at[0]] if at and _user_file(f.file_name)]
+            inside = [f for f in frames[: at[0]] if at and user_file(f.file_name)]
             if inside:
                 return inside[-1].function_name.rsplit(".", 1)[-1]  # a qualified name in 3.11+
     except Exception:  # noqa: BLE001 - only a name
@@ -441,12 +454,21 @@ def _wrapped_name(jaxpr, name: str) -> str | None:
     return None
 
 
-def _user_file(path: str) -> bool:
-    """Whether JAX counts `path` as the user's code (not JAX's, the standard library's or
-    an installed package's), and it is not jaxcheck's."""
+def user_file(path: str) -> bool:
+    """Whether `path` is the user's code: JAX counts it so (not JAX's nor the standard
+    library's), and it is neither an installed package's nor jaxcheck's."""
     from jax._src import source_info_util  # noqa: PLC0415 - no public API for this
 
-    return source_info_util.is_user_filename(path) and not path.startswith(OWN_DIR)
+    return (
+        source_info_util.is_user_filename(path)
+        and not _installed(path)
+        and not path.startswith(OWN_DIR)
+    )
+
+
+def _installed(path: str) -> bool:
+    """Whether `path` lies in a directory of installed packages (site-packages)."""
+    return os.path.abspath(path).startswith(_INSTALLED)
 
 
 # the parameters of a rule's equation holding the functions of its derivative (jax < 0.5:
