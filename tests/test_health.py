@@ -899,3 +899,73 @@ def test_heads_of_alternating_tasks_are_not_vanishing_until_one_stops(tasks):
         params, state = step(params, state, i, 0)
     flagged = {leaf.path for leaf in jaxcheck.health(state).leaves if leaf.vanishing}
     assert flagged == {f"['head{t}']" for t in range(1, tasks)}, str(jaxcheck.health(state))
+
+
+def test_a_zero_started_bias_whose_gradient_is_rounding_is_not_vanishing_under_adam():
+    """A key projection's bias before a softmax (flax's attention has one by default) has
+    a gradient that is zero but for rounding: the softmax of a query's scores ignores
+    q . b_k, the same for every key. Adam moves it by about the learning rate each step all
+    the same, and its gradient fell below 1e-6 of that norm: flagged "vanishing" on every
+    such model. A parameter that started at zero is not judged by its ratio; one that
+    started elsewhere with the same gradient still is."""
+    key = jax.random.key(0)
+    keys = jax.random.split(key, 4)
+    params = {
+        "q": jax.random.normal(keys[0], (4, 4)) / 2,
+        "k": jax.random.normal(keys[1], (4, 4)) / 2,
+        "k_bias": jnp.zeros(4),
+        "v": jax.random.normal(keys[2], (4, 4)) / 2,
+    }
+    x = jax.random.normal(keys[3], (64, 5, 4))
+
+    def loss(p, x):
+        scores = jnp.einsum("btd,bsd->bts", x @ p["q"], x @ p["k"] + p["k_bias"])
+        out = jax.nn.softmax(scores, axis=-1) @ (x @ p["v"])
+        return jnp.mean((out - jnp.roll(x, 1, axis=1)) ** 2)
+
+    optimizer = optax.chain(jaxcheck.gradient_health(), optax.adam(1e-2))
+
+    @jax.jit
+    def step(p, s, i):
+        batch = jax.lax.dynamic_slice_in_dim(x, (i % 4) * 16, 16)
+        updates, s = optimizer.update(jax.grad(loss)(p, batch), s, p)
+        return optax.apply_updates(p, updates), s
+
+    state = optimizer.init(params)
+    for i in range(100):
+        params, state = step(params, state, i)
+    summary = jaxcheck.health(state)
+    bias = {leaf.path: leaf for leaf in summary.leaves}["['k_bias']"]
+    assert bias.ratio < 1e-5 and bias.param_norm > 1e-2, str(bias)  # Adam moved it
+    assert summary.ok, str(summary)
+
+    # the same gradients for a parameter that did not start at zero: vanishing, as a
+    # layer deep in a saturated network is
+    params = {"b": jnp.full(4, 1e-2), "w": jnp.ones(4)}
+    _, state = run_with(params, lambda step: {"b": np.full(4, 1e-9), "w": np.ones(4)}, 12)
+    assert [leaf.path for leaf in jaxcheck.health(state).flagged] == ["['b']"]
+
+
+def test_a_bias_before_a_batch_norm_swinging_at_rounding_level_is_not_exploding():
+    """A convolution's bias before a batch norm has a gradient that is rounding by design
+    (the norm removes the mean), about 3e-8 of the whole gradient, and its parameter stays
+    near zero: a tenfold swing of that rounding was flagged "exploding". A leaf's rise at
+    the rounding of the whole gradient is not; the same rise of a leaf at 1e-3 of it is."""
+    opt = jaxcheck.gradient_health()
+    params = {"b": jnp.zeros(4), "w": jnp.ones((8, 8))}
+    state = opt.init(params)
+    update = jax.jit(opt.update)
+    moved = {"b": jnp.full(4, 1e-7), "w": jnp.ones((8, 8))}
+    for step in range(40):
+        size = 3e-8 * (15.0 if step == 30 else 1.0 + 0.3 * (step % 3))
+        grads = {"b": np.full(4, size, np.float32), "w": np.full((8, 8), 0.1, np.float32)}
+        _, state = update(grads, state, moved)
+    assert jaxcheck.health(state).ok, str(jaxcheck.health(state))
+
+    state = opt.init(params)
+    for step in range(40):
+        size = 1e-4 * (15.0 if step == 30 else 1.0 + 0.3 * (step % 3))
+        grads = {"b": np.full(4, size, np.float32), "w": np.full((8, 8), 0.1, np.float32)}
+        _, state = update(grads, state, moved)
+    (leaf,) = jaxcheck.health(state).flagged
+    assert (leaf.path, leaf.flags, leaf.first_exploding) == ("['b']", ("exploding",), 30)
