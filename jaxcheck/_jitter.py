@@ -73,16 +73,9 @@ def systematic(run: Run, p, head, weights) -> float | None:
     much as the gap, while another computation keeps its gap. Returns the derivative's own
     move (the RMS change of its projections, the largest of a few moves) as a share of the
     gap where that share is below 1 / SYSTEMATIC, else None."""
+    if not rests_on_gap(run, p, head):
+        return None
     a, a_ref = (p.rev, p.ref_rev) if p.rev is not None else (p.fwd, p.ref_fwd)
-    if (
-        a is None
-        or a_ref is None
-        or not head.passed
-        or not head.rounding_measured
-        or head.relative_error <= max(head.floor, SAFETY * head.noise_floor)
-        or not _verdict.large_rounding(run, head)
-    ):
-        return None  # no pass that a gap beyond a well-conditioned rounding made
     use = p.fd.smooth & np.isfinite(a) & np.isfinite(a_ref)
     if not use.any() or not other_path(run):  # (traces only: before any evaluation)
         return None
@@ -98,6 +91,21 @@ def systematic(run: Run, p, head, weights) -> float | None:
     return move / apart if apart > SYSTEMATIC * move else None
 
 
+def rests_on_gap(run: Run, p, head) -> bool:
+    """Whether the pass `head` of pass `p` was made by a gap between the derivative under
+    test and the same rule in the reference precision beyond the rounding of a
+    well-conditioned computation (the tolerance grows with the gap)."""
+    a, a_ref = (p.rev, p.ref_rev) if p.rev is not None else (p.fwd, p.ref_fwd)
+    return not (
+        a is None
+        or a_ref is None
+        or not head.passed
+        or not head.rounding_measured
+        or head.relative_error <= max(head.floor, SAFETY * head.noise_floor)
+        or not _verdict.large_rounding(run, head)
+    )
+
+
 def other_path(run: Run) -> bool:
     """Whether the derivative under test is computed by another program in the tested
     precision than in the reference's, while fn itself is the same program in both: other
@@ -105,19 +113,43 @@ def other_path(run: Run) -> bool:
     through bfloat16, in float32 only). Rounding that params cannot move (of features fn
     computes from its data alone) comes from the same program in both: a gap that does not
     move with params is no bug there. False where either cannot be traced."""
-    # (casts to either dtype are left out: a constant fn closes over, in its own dtype,
-    # is cast to float64 in the wide program alone; and to float32, through which JAX
-    # sums bfloat16 and float16 in the narrow one alone)
-    casts = {jnp.dtype(run.tested), jnp.dtype(run.reference), jnp.dtype(jnp.float32)}
-    try:
-        narrow = [_signature(j.jaxpr, casts) for j in _jaxprs(run, None)]
-        with _precision.x64_scope(True):
-            wide = [_signature(j.jaxpr, casts) for j in _jaxprs(run, run.reference)]
-    except Exception:  # noqa: BLE001 - no trace to compare: the gap is not called a bug
+    programs = _programs(run)
+    if programs is None:  # no trace to compare: the gap is not called a bug
         return False
+    narrow, wide = programs
     # fn itself the same program in both, its derivative not: fn computing another function
     # in float32 (a smoothing constant of finfo(dtype).eps) has another derivative there
     return narrow[0] == wide[0] and narrow[1] != wide[1]
+
+
+def fn_differs(run: Run, reference=None) -> bool:
+    """Whether fn itself is another program in the tested precision than in the reference's
+    (a branch on the dtype, a constant of finfo(dtype)): its derivative there is not the same
+    rule's, and a gap between them may be a bug of the tested precision's path. False where
+    either cannot be traced."""
+    programs = _programs(run, reference)
+    return programs is not None and programs[0][0] != programs[1][0]
+
+
+def _programs(run: Run, reference=None):
+    """The signatures (`_signature`) of fn and of the gradient's program in the tested and
+    in the `reference` precision (the check's), traced once per check; None where either
+    cannot be traced."""
+    reference = run.reference if reference is None else reference
+    kept = run.probe.setdefault("programs", {})
+    if reference not in kept:
+        # (casts to either dtype are left out: a constant fn closes over, in its own dtype,
+        # is cast to float64 in the wide program alone; and to float32, through which JAX
+        # sums bfloat16 and float16 in the narrow one alone)
+        casts = {jnp.dtype(run.tested), jnp.dtype(reference), jnp.dtype(jnp.float32)}
+        try:
+            narrow = [_signature(j.jaxpr, casts) for j in _jaxprs(run, None)]
+            with _precision.x64_scope(True):
+                wide = [_signature(j.jaxpr, casts) for j in _jaxprs(run, reference)]
+            kept[reference] = (narrow, wide)
+        except Exception:  # noqa: BLE001 - no trace to compare
+            kept[reference] = None
+    return kept[reference]
 
 
 def _jaxprs(run: Run, dtype) -> tuple:

@@ -132,6 +132,23 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
             checks, said = _verdict.compare(run, p), []
             status = _verdict.status(run, p, checks, n, said)
             said.append(_jitter.systematic_note(run, gap, moved))
+    if (
+        status is Status.PASS
+        and run.rounding_share is None
+        and not run.other_function
+        and not _verdict.tensorfloat32(run)
+        and _jitter.rests_on_gap(run, p, checks[0])
+        and _jitter.fn_differs(run)
+    ):
+        # fn is another program in the model's precision (a branch on the dtype): the gap
+        # to the float64 rule may be a bug on that path alone, which the model's own finite
+        # differences judge
+        own = _own_precision(run, n, beta, step, p, checks, h0, choice)
+        if own is not None:
+            p, steps, checks, h0, choice = own
+            tried.update(dict.fromkeys(steps))
+            status, said = Status.FAIL, []
+            why = f"clear above the tolerance {_verdict.head(checks, status).tolerance:.1e}"
     run.problems += said
     stopped = _stopped(ks, n, previous, _verdict.head(checks, status), why)
     _verdict.note_large_rounding(run, checks[0], status, p)
@@ -284,8 +301,33 @@ def _directions_check(run: Run, n, beta, h0, step, ref):
             # fn's value agrees in both (to 1e-3): only its derivative differs (a rule taking
             # another path in float32): judged by finite differences in the model's
             # precision
-            _verdict.note_native(run, wide[3][0], wide[0])
+            _verdict.note_native(
+                run, wide[3][0], wide[0], other_program=_jitter.fn_differs(run, wide[0])
+            )
     return p, steps, checks, h0, choice
+
+
+def _own_precision(run: Run, n: int, beta, step, p, checks, h0, choice):
+    """Where fn is another program in the model's precision than in the reference's and its
+    derivative passed only on its gap to the reference's being rounding: finite differences
+    in the model's precision along the same n directions. Returns (Pass, steps tried,
+    comparisons, step, choice) where those fail the derivative (confirmed at larger steps,
+    as any failure is), with the reference left at the model's precision for the leaves;
+    else None, the reference as it was."""
+    wide = run.reference
+    run.reference = _precision.reference_dtype("native", run.tested)
+    index = np.arange(n, dtype=np.int32)
+    h = step if step is not None else _precision.default_step(run.reference)
+    [(q, steps, q_choice)] = _ladder.ladder(run, index, np.tile(beta, (n, 1)), h, [slice(0, n)])
+    own = _verdict.compare(run, q)
+    if _verdict.status(run, q, own, n, []) is Status.FAIL and step is None:
+        q, more, own, h, q_choice = _larger_steps(run, n, beta, q, own, h, q_choice)
+        steps = tuple(steps) + tuple(more)
+    if _verdict.status(run, q, own, n, []) is not Status.FAIL:
+        run.reference = wide
+        return None
+    _verdict.note_own_path(run, checks[0], wide)
+    return q, steps, own, h, q_choice
 
 
 def _values_differ(run: Run, p) -> bool:

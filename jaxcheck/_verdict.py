@@ -500,10 +500,13 @@ def note_incomparable(run: Run, head, reference) -> None:
     )
 
 
-def note_native(run: Run, head, reference, values_differ: bool = False) -> None:
+def note_native(
+    run: Run, head, reference, values_differ: bool = False, other_program: bool = False
+) -> None:
     """Say that fn's derivative in `reference` differs from that in the model's precision
     (while fn's value does not, or while the model's own finite differences fail its
-    derivative), and that finite differences fell back to the model's precision."""
+    derivative), and that finite differences fell back to the model's precision;
+    `other_program`: fn is another program in the model's precision (`_jitter.fn_differs`)."""
     name = jnp.dtype(reference).name
     own = run.problem.grad_fn is not None or run.problem.has_rules
     why = (
@@ -517,6 +520,10 @@ def note_native(run: Run, head, reference, values_differ: bool = False) -> None:
         f"in {run.tested.name}, or one not linear in its tangent or cotangent?); finite "
         "differences use the model's precision instead, which resolves more coarsely"
         if own
+        else "while fn's value agrees in both to 1e-3; fn has no custom rule nor grad_fn "
+        f"but is another program in {run.tested.name} (a branch on the dtype?), whose "
+        "derivative finite differences in the model's precision judge instead, more coarsely"
+        if other_program
         else "while fn's value agrees in both to 1e-3; fn has no custom rule nor "
         f"grad_fn, so this is the {run.tested.name} derivative's own rounding, grown far "
         "beyond its value's (along a long recurrence or simulation, say); finite "
@@ -526,6 +533,22 @@ def note_native(run: Run, head, reference, values_differ: bool = False) -> None:
         f"the derivative of fn in {name} differs from that in {run.tested.name} by "
         f"{head.rounding:.1e}, {INCOMPARABLE}, {why}"
         + (" (check such a rule alone with jaxcheck.verify_rule)" if own or values_differ else "")
+    )
+
+
+def note_own_path(run: Run, head, reference) -> None:
+    """Say that fn is another program in the model's precision than in `reference`, that
+    its derivative there is off the same rule in `reference` by more than rounding of a
+    well-conditioned computation, and that finite differences in the model's precision
+    fail it."""
+    name = jnp.dtype(reference).name
+    run.problems.append(
+        f"fn is another program in {run.tested.name} than in {name} (a branch on the dtype, "
+        f"a constant of jnp.finfo?), and its {run.tested.name} derivative differs from the "
+        f"one in {name} by {head.gap:.1e} (relative), far above rounding of a "
+        f"well-conditioned computation; finite differences in {run.tested.name} fail it: "
+        f"the derivative of the {run.tested.name} path is wrong (judged at "
+        f"{run.tested.name} resolution)"
     )
 
 

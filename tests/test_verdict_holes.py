@@ -1643,3 +1643,86 @@ def test_a_forward_rule_wrong_on_a_leaf_of_small_share_fails(bug):
     else:
         assert report.status == "fail", str(report)
         assert leaves == {"['bias']": "fail", "['w']": "pass"}, str(report)
+
+
+def _dtype_branch_loss(branch):
+    """A two-layer model whose activation takes a "fast path" in float32 alone (`branch`
+    of the activation's value y and input h), the float64 reference the plain one."""
+
+    def act(h):
+        y = h * jax.nn.sigmoid(1.702 * h)
+        return branch(y, h) if h.dtype == jnp.float32 else y
+
+    def loss(p, x, y):
+        return jnp.mean((act(x @ p["w1"]) @ p["w2"] - y) ** 2)
+
+    keys = jax.random.split(jax.random.key(11), 4)
+    params = {
+        "w1": jax.random.normal(keys[0], (4, 8)) / 2,
+        "w2": jax.random.normal(keys[1], (8, 2)) / 3,
+    }
+    x, y = jax.random.normal(keys[2], (16, 4)), jax.random.normal(keys[3], (16, 2))
+    return loss, params, x, y
+
+
+def _scaled_derivative(s):
+    # the same value, its derivative s times too large
+    return lambda y, h: s * y + (1 - s) * lax.stop_gradient(y)
+
+
+@pytest.mark.parametrize("s", [1.01, 1.1])
+@pytest.mark.parametrize("key", [0, 2])
+def test_a_wrong_derivative_on_a_float32_only_path_fails(s, key):
+    """fn branches on its dtype, and only the float32 path's derivative is wrong (by 0.8 %
+    and 7.6 % here; the values agree): the float32 derivative's gap to the float64 one was
+    taken for the rounding of an ill-conditioned loss and the check passed, on 9 of 10
+    keys. Where fn itself is another program in float32, finite differences in float32
+    judge that gap."""
+    loss, params, x, y = _dtype_branch_loss(_scaled_derivative(s))
+    report = jaxcheck.verify(loss, params, x, y, key=key)
+    assert report.status == "fail", str(report)
+    assert [leaf.path for leaf in report.leaves if leaf.status == "fail"] == ["['w1']"]
+    assert any(
+        q.startswith("fn is another program in float32 than in float64")
+        and "the derivative of the float32 path is wrong" in q
+        for q in report.problems
+    ), str(report)
+
+
+@pytest.mark.parametrize(
+    "branch",
+    [
+        lambda y, h: h * 0.5 * (1 + jnp.tanh(0.851 * h)),  # sigmoid(2a) as tanh: another program
+        lambda y, h: y / (1 + 1e3 * jnp.finfo(h.dtype).eps),  # a dtype's constant
+        _scaled_derivative(1.0),
+    ],
+    ids=["tanh", "finfo", "identity"],
+)
+def test_a_right_derivative_on_a_float32_only_path_passes(branch):
+    loss, params, x, y = _dtype_branch_loss(branch)
+    report = jaxcheck.verify(loss, params, x, y)
+    assert report.status == "pass", str(report)
+    assert not any("another program" in q for q in report.problems), str(report)
+
+
+def test_a_float32_only_path_far_off_is_not_said_to_be_rounding():
+    """Where the float32 derivative is far off the float64 one (a layer norm whose float32
+    path detaches its variance) and fn has no rule: the note called the gap "the float32
+    derivative's own rounding" in a report that failed it. fn is another program in
+    float32 there, and the note says so."""
+
+    def loss(p, x, y):
+        h = x @ p["w1"]
+        mu = h.mean(-1, keepdims=True)
+        var = ((h - mu) ** 2).mean(-1, keepdims=True)
+        if h.dtype == jnp.float32:
+            var = lax.stop_gradient(var)
+        h = (h - mu) / jnp.sqrt(var + 1e-5)
+        return jnp.mean((jnp.tanh(h) @ p["w2"] - y) ** 2)
+
+    _, params, x, y = _dtype_branch_loss(lambda y, h: y)
+    report = jaxcheck.verify(loss, params, x, y, key=0)
+    assert report.status == "fail", str(report)
+    notes = [q for q in report.problems if "differs from that in float32" in q]
+    assert notes and "is another program in float32 (a branch on the dtype?)" in notes[0]
+    assert "own rounding" not in notes[0], notes[0]
