@@ -189,6 +189,10 @@ def check_grads(
         >>> import jax.numpy as jnp, jaxcheck
         >>> jaxcheck.check_grads(lambda x, y: jnp.sin(x) * y, (jnp.ones(3), 2.0), order=1)
     """
+    if not isinstance(raise_unjudged, bool | np.bool_):
+        raise ValueError(
+            f"check_grads: raise_unjudged must be True or False, got {raise_unjudged!r}."
+        )
     outcome = run(f, args, order, modes, atol, rtol, eps)
     if outcome.verdict == "fail" or (raise_unjudged and outcome.verdict == "unjudged"):
         raise error(outcome.report)
@@ -212,6 +216,12 @@ def run(f, args, order, modes=("fwd", "rev"), atol=None, rtol=None, eps=None) ->
     if not isinstance(order, int) or isinstance(order, bool):
         raise ValueError(f"check_grads: order must be an int (the highest order), got {order!r}.")
     order = max(order, 1)  # (JAX's check_grads checks first derivatives at order <= 0 too)
+    if order > _options.MAX_ORDER:
+        raise ValueError(
+            f"check_grads: order={order} is above the largest supported, "
+            f"{_options.MAX_ORDER}: each order nests one more derivative map, and the programs "
+            "grow about twofold per order."
+        )
     _check_step(eps)
     params = _tree.settle_weak(tuple(args))
     mode = _mode(modes)
@@ -560,7 +570,14 @@ def _tolerance_value(name: str, tol, dtypes) -> float | None:
     if tol is None:
         return None
     if isinstance(tol, dict):
-        by_dtype = {np.dtype(k): v for k, v in tol.items()}
+        try:
+            by_dtype = {np.dtype(k): v for k, v in tol.items()}
+        except TypeError as err:
+            raise TypeError(
+                f"check_grads: {name} must be a float, a dict of floats keyed by dtype, or "
+                f"None; a key of {tol!r} is not a dtype ({err}). Key it by dtypes, e.g. "
+                f"{{np.float32: 1e-3, np.float64: 1e-5}}."
+            ) from None
         found = [by_dtype[d] for d in dtypes if d in by_dtype]
         return _tolerance_value(name, min(found), dtypes) if found else None
     if isinstance(tol, bool) or not isinstance(tol, int | float | np.number):

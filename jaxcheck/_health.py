@@ -306,6 +306,13 @@ def gradient_health(
         )
         leaves = [x for _, x in _leaves_with_paths(updates)]
         _check_paths(_paths(updates), state.paths)
+        if np.ndim(state.step):
+            raise ValueError(
+                "gradient_health: update got a state with leading axes of shape "
+                f"{np.shape(state.step)} (a state of several training runs, from jax.vmap); "
+                "update it under the same jax.vmap, or pass one run's state, e.g. "
+                "jax.tree.map(lambda a: a[0], state)."
+            )
         t = state.step
         grad_norm = _norms(leaves)
         # One reduction per leaf: a NaN or Inf makes the sum of squares NaN or Inf. So does a

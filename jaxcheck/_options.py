@@ -114,17 +114,28 @@ def make(**options) -> Options:
     return Options(**options)
 
 
-def _positive_int(name, value, least) -> None:
+# The largest order: each order nests one more derivative map in the programs, and their
+# size grows about twofold per order (a check of order 6 took 14 s, measured; one of order
+# 30 does not finish)
+MAX_ORDER = 8
+# The most directions a check draws (per leaf too): far beyond what any verdict needs (the
+# sequential rule settles most checks at 4), and each costs two evaluations of fn
+MAX_DIRECTIONS = 1 << 16
+
+
+def _positive_int(name, value, least, most=None) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < least:
         raise ValueError(f"{name} must be an int >= {least}, got {value!r}.")
+    if most is not None and value > most:
+        raise ValueError(f"{name}={value!r} is above the largest supported, {most}.")
 
 
 def _validate(o: Options) -> None:
     if o.grad_fn is not None and not callable(o.grad_fn):
         raise TypeError(f"grad_fn must be callable or None, got {type(o.grad_fn).__name__}.")
-    _positive_int("order", o.order, 1)
-    _positive_int("num_directions", o.num_directions, 4)
-    _positive_int("leaf_directions", o.leaf_directions, 2)
+    _positive_int("order", o.order, 1, MAX_ORDER)
+    _positive_int("num_directions", o.num_directions, 4, MAX_DIRECTIONS)
+    _positive_int("leaf_directions", o.leaf_directions, 2, MAX_DIRECTIONS)
     _flag("sequential", o.sequential)
     if o.mode not in MODES:
         meant = _JAX_MODES.get(o.mode) if isinstance(o.mode, str) else None

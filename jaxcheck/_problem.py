@@ -262,7 +262,7 @@ def called(name: str, f, params, args):
             raise  # raised inside f: its own error
         raise TypeError(
             f"{name} was called as {name}(params, *args) with {1 + len(args)} positional "
-            f"argument(s) (params and the {len(args)} extra argument(s) given to verify) and "
+            f"argument(s) (params and the {len(args)} extra argument(s) given after them) and "
             f"refused them: {err}. Define it as def {name}(params, *args), or close over "
             "fixed values with functools.partial."
         ) from err

@@ -409,7 +409,8 @@ def _render_composite(r: Report) -> str:
         Status.INCONCLUSIVE: f"could not judge {head.label}",
         Status.NONFINITE: f"non-finite values in {head.label}",
     }[r.status]
-    lines = [f"jaxcheck.verify: {r.status.value.upper()} — {what}"]
+    who = "verify_rule" if r.label == "the rule" else "verify"
+    lines = [f"jaxcheck.{who}: {r.status.value.upper()} — {what}"]
     if not math.isnan(r.relative_error):
         failed = [c.name for c in head.checks if not c.passed]
         lines.append(_error_line(r, f"{head.label}: ") + _failed_elsewhere(head, failed))

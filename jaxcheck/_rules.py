@@ -155,9 +155,27 @@ def verify_rule(
         report = check_rule(
             f, args, key, num_directions, precision, rtol, leaf_directions, order=order
         )
+        if not _has_rule(rule):
+            report = dataclasses.replace(report, problems=(NO_RULE, *report.problems))
     if raise_on_failure and not report.ok:
         raise GradientCheckError(report)
     return report
+
+
+NO_RULE = (
+    "f calls no jax.custom_vjp or jax.custom_jvp at these inputs: the rows check the "
+    "derivative JAX computes for f (as jaxcheck.verify does), not a rule of yours"
+)
+
+
+def _has_rule(rule: "Rule") -> bool:
+    """Whether f calls a custom_vjp or custom_jvp at the rule's inputs (True where it
+    cannot be told)."""
+    try:
+        closed = jax.make_jaxpr(rule.call)(rule.inputs)
+    except Exception:  # noqa: BLE001 - only a question: the rows say what failed
+        return True
+    return _rule_search.calls(closed.jaxpr, "custom_vjp", "custom_jvp")
 
 
 def _differentiable(rule: "Rule") -> None:

@@ -398,6 +398,17 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
             "mode and names the rule (its jvp linearity row), as jaxcheck.verify_rule(rule, "
             "*inputs) does."
         ) from err
+    except TypeError as err:
+        if not str(err).startswith(_RULE_SHAPES):
+            raise
+        raise TypeError(
+            f"{' '.join(str(err).split())[:600]}\nfn calls a custom rule that JAX cannot "
+            "differentiate (jax.grad(fn) raises the same): a custom_vjp's fwd returns "
+            "(output, residuals) and its bwd a tuple with one cotangent per primal input, "
+            "shaped like it ((g,) for one input); a custom_jvp's rule returns (output, "
+            "tangent) with the output's shape and dtype. jaxcheck.verify_rule(rule, *inputs) "
+            "checks the rule alone."
+        ) from err
     except NotImplementedError as err:
         if not _plan.unbatchable(err) or plan == _plan.looped(plan):
             raise
@@ -420,6 +431,10 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
     if o.raise_on_failure and not report.ok:
         raise GradientCheckError(report)
     return report
+
+
+# how JAX begins its errors for a custom rule whose outputs have the wrong structure
+_RULE_SHAPES = ("Custom VJP bwd rule", "Custom VJP fwd rule", "Custom JVP rule")
 
 
 def _pullback(fn, params, args, has_aux: bool) -> None:

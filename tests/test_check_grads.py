@@ -828,3 +828,22 @@ def test_a_wrong_primal_alone_is_not_called_a_wrong_gradient(rules):
     assert str(raised.value).splitlines()[0] == (
         "jaxcheck.check_grads: FAIL — f's value from its derivative is WRONG"
     )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (
+            {"rtol": {"bogus": 1e-3}},
+            TypeError,
+            "check_grads: rtol must be a float, a dict of floats keyed by dtype, or None; a key "
+            "of {'bogus': 0.001} is not a dtype",
+        ),
+        ({"raise_unjudged": "no"}, ValueError, "raise_unjudged must be True or False, got 'no'."),
+        ({"order": 9}, ValueError, "check_grads: order=9 is above the largest supported, 8"),
+    ],
+)
+def test_bad_arguments_are_refused_in_its_terms(kwargs, error, message):
+    order = kwargs.pop("order", 1)
+    with pytest.raises(error, match=re.escape(message)):
+        jaxcheck.check_grads(jnp.sin, (jnp.ones(3),), order, **kwargs)

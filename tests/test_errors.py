@@ -23,6 +23,18 @@ P = {"w": jnp.ones(3)}
         ({"num_directions": 2}, ValueError, "num_directions must be an int >= 4, got 2."),
         ({"num_directions": 8.0}, ValueError, "num_directions must be an int >= 4, got 8.0."),
         ({"leaf_directions": 1}, ValueError, "leaf_directions must be an int >= 2, got 1."),
+        # (unbounded, these ran for minutes, or forever, before any error)
+        ({"order": 30}, ValueError, "order=30 is above the largest supported, 8."),
+        (
+            {"num_directions": 10**9},
+            ValueError,
+            "num_directions=1000000000 is above the largest supported, 65536.",
+        ),
+        (
+            {"leaf_directions": 10**9},
+            ValueError,
+            "leaf_directions=1000000000 is above the largest supported, 65536.",
+        ),
         (
             {"mode": "fwd"},
             ValueError,
@@ -363,3 +375,40 @@ def test_a_float_param_passed_on_to_a_static_argument_says_how_to_hold_it():
     # held fixed as a Python float in args, as the message says, it is checked
     fixed = jaxcheck.verify(lambda p, a: jnp.sum(scaled(p, a)), jnp.ones(2), 0.5)
     assert fixed.status == "pass"
+
+
+def test_a_custom_vjp_whose_bwd_returns_a_bare_array_says_how_to_fix_it():
+    """JAX's own error, from inside jaxcheck, said nothing of the missing comma of (g,)
+    that verify_rule names."""
+
+    @jax.custom_vjp
+    def f(x):
+        return jnp.tanh(x)
+
+    f.defvjp(lambda x: (jnp.tanh(x), x), lambda x, g: g)
+    with pytest.raises(TypeError) as info:
+        jaxcheck.verify(lambda p: jnp.sum(f(p)), jnp.linspace(-1.0, 1.0, 4))
+    text = str(info.value)
+    assert text.startswith("Custom VJP bwd rule must produce an output with the same container")
+    assert (
+        "a tuple with one cotangent per primal input, shaped like it ((g,) for one input)" in text
+    )
+    assert "jaxcheck.verify_rule(rule, *inputs) checks the rule alone." in text
+
+
+def test_verify_rule_of_a_function_without_a_rule_says_so():
+    report = jaxcheck.verify_rule(lambda x: jnp.sin(x) * 2.0, jnp.linspace(-1.0, 1.0, 4))
+    assert report.ok
+    assert report.problems[0].startswith("f calls no jax.custom_vjp or jax.custom_jvp at these")
+    assert str(report).startswith("jaxcheck.verify_rule: PASS — derivatives of the rule")
+    ruled = jaxcheck.verify_rule(jax.nn.relu, jnp.linspace(-1.0, 1.0, 4) + 0.1)
+    assert not any("calls no jax.custom_vjp" in q for q in ruled.problems), str(ruled)
+
+
+def test_a_checker_refusing_its_arguments_does_not_speak_of_verify():
+    check = jaxcheck.Checker(lambda w, x: jnp.mean(jnp.tanh(x @ w) ** 2))
+    x = jnp.ones((4, 3))
+    with pytest.raises(
+        TypeError, match=re.escape("(params and the 2 extra argument(s) given after them)")
+    ):
+        check(jnp.ones(3), x, x)

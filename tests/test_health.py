@@ -969,3 +969,16 @@ def test_a_bias_before_a_batch_norm_swinging_at_rounding_level_is_not_exploding(
         _, state = update(grads, state, moved)
     (leaf,) = jaxcheck.health(state).flagged
     assert (leaf.path, leaf.flags, leaf.first_exploding) == ("['b']", ("exploding",), 30)
+
+
+def test_update_of_a_state_of_several_runs_says_what_it_got():
+    """A state updated under jax.vmap (several runs), then passed to a plain update: JAX's
+    error from inside the transformation, about a lax.cond predicate."""
+    opt = jaxcheck.gradient_health()
+    params = {"w": jnp.ones((3, 2))}
+    grads = {"w": jnp.full((3, 2), 0.1)}
+    state = opt.init(params)
+    stacked = jax.tree.map(lambda a: jnp.stack([a, a]), grads)
+    runs = jax.vmap(opt.update, in_axes=(0, None, None))(stacked, state, params)[1]
+    with pytest.raises(ValueError, match=re.escape("a state with leading axes of shape (2,)")):
+        opt.update(grads, runs, params)

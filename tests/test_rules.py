@@ -45,7 +45,8 @@ def test_correct_custom_vjp_passes_with_every_row():
     # were labelled "primal", the first part, whose difference is 0)
     first, numbers = str(report).splitlines()[:2]
     assert first == (
-        "jaxcheck.verify: PASS — derivatives of the rule are consistent with finite differences"
+        "jaxcheck.verify_rule: PASS — derivatives of the rule are consistent with finite "
+        "differences"
     )
     vjp = next(p for p in report.parts if p.label == "vjp vs finite differences")
     assert report.relative_error == vjp.relative_error > 0
