@@ -57,7 +57,8 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
     ref = _precision.reference_dtype(run.policy, run.tested)
     if nonfinite:
         _probe.replay_nonfinite(run, reverse)
-        return _report(run, Status.NONFINITE, (k, k), None, (), (), held_fixed, (), "")
+        leaves = _probe.nonfinite_leaves(run, paths)
+        return _report(run, Status.NONFINITE, (k, k), None, (), leaves, held_fixed, (), "")
     scales = run.probe["leaf_scales"]
     h0 = step if step is not None else _precision.default_step(ref)
     rounds_to = run.problem.rounds_to

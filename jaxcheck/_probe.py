@@ -11,6 +11,7 @@ import numpy as np
 
 from . import _autodiff, _directions, _evaluate, _localize, _plan, _tree
 from ._host import DEBUG_FLAGS
+from ._report import LeafResult, Status
 from ._state import CHECKED_LATER, SCALES, Run
 
 
@@ -194,6 +195,21 @@ def nonfinite(run: Run, paths) -> bool:
         found += _nonfinite_args(run)
     run.problems += found
     return bool(found)
+
+
+def nonfinite_leaves(run: Run, paths) -> tuple:
+    """A NONFINITE `LeafResult` for each parameter leaf whose value or gradient holds
+    NaN/Inf at params (nothing else is judged there)."""
+    pr = run.probe
+    bad = ~np.asarray(pr["params_finite"], bool)
+    if "grad_finite" in pr:
+        bad |= ~np.asarray(pr["grad_finite"], bool)
+    nan = float("nan")
+    return tuple(
+        LeafResult(p, tuple(np.shape(x)), str(x.dtype), nan, (nan, nan), nan, 0, Status.NONFINITE)
+        for p, x, b in zip(paths, run.inputs.diff, bad)
+        if b
+    )
 
 
 def _nonfinite_args(run: Run) -> list[str]:

@@ -25,7 +25,7 @@ class CheckRecord:
     status: Status
     relative_error: float
     tolerance: float
-    failing: tuple[str, ...]  # key paths of the leaves the check found wrong
+    failing: tuple[str, ...]  # key paths of the leaves found wrong, or NaN/Inf
     seconds: float  # wall time of the check, compilation included
     report: Report = dataclasses.field(repr=False, compare=False)
 
@@ -155,7 +155,9 @@ class PeriodicCheck:
                 relative_error=float(report.relative_error),
                 tolerance=float(report.tolerance),
                 failing=tuple(
-                    leaf.path or "(root)" for leaf in report.leaves if leaf.status is Status.FAIL
+                    leaf.path or "(root)"
+                    for leaf in report.leaves
+                    if leaf.status in (Status.FAIL, Status.NONFINITE)
                 ),
                 seconds=time.perf_counter() - start,
                 report=report,

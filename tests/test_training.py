@@ -205,3 +205,19 @@ def test_an_inconclusive_check_is_not_called_a_failure():
         "PeriodicCheck(every=10): 1 checks, first check not passed at step 0 (inconclusive), "
     ), text[0]
     assert text[2].split()[:3] == ["0", "inconclusive", "—"], text[2]
+
+
+def test_a_non_finite_check_names_its_leaves_in_the_record():
+    """A check at params with a NaN in one leaf was recorded with no failing leaf (the
+    report named it in a sentence alone): the record and the report's leaves name the
+    leaves whose value or gradient is NaN/Inf."""
+
+    def loss(p, x):
+        return jnp.mean(jnp.tanh(x @ p["w1"]) ** 2) + jnp.sum(p["b"] ** 2)
+
+    params = {"w1": jnp.ones((4, 3)).at[0, 0].set(jnp.nan), "b": jnp.ones(2)}
+    check = jaxcheck.PeriodicCheck(loss, every=1)
+    check(0, params, jnp.ones((2, 4)))
+    (record,) = check.history
+    assert record.status == "nonfinite" and record.failing == ("['w1']",)
+    assert [(leaf.path, leaf.status) for leaf in record.report.leaves] == [("['w1']", "nonfinite")]
