@@ -235,13 +235,13 @@ def rules_part(
         rows[i] = dataclasses.replace(
             rows[i], name=f"rule {r.label}: no error found ({_resolution(r)})"
         )
-    # fn fails and no rule was found wrong: a rule checked at one of its calls only (a loop
-    # body at its first iteration, a block called from one line) is not cleared of it
+    # fn fails: a rule checked at one of its calls only (a loop body at its first
+    # iteration, a block called from one line) is not cleared of it, whether or not another
+    # rule was found wrong (that one may not be all of fn's error)
     first_only = [
         r
         for r in reports
         if error is not None
-        and not wrong
         and r.ok
         and r not in coarse
         and r.label not in unreached

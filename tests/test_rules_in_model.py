@@ -1449,3 +1449,36 @@ def test_a_rule_taking_an_index_fn_makes_gets_its_float64_record():
     [wrong] = [q for q in report.problems if q.startswith("wrong rule:")]
     assert wrong.startswith("wrong rule: custom_vjp gather_scale at ")
     assert wrong.endswith("relative error 1.0e-04 (tolerance 1.2e-06)")
+
+
+def test_a_loop_rule_checked_at_its_first_iteration_is_not_called_fine_beside_a_wrong_rule():
+    """Two wrong rules: `scale` (found) and `sp` in a scan body, wrong only at inputs above
+    3, which the loop reaches from its third iteration on. Once `scale` was found wrong,
+    `sp`, checked at the first iteration only, was listed under "rules fine"."""
+
+    @jax.custom_jvp
+    def sp(x):
+        return jnp.logaddexp(x, 0.0)
+
+    sp.defjvp(lambda p, t: (sp(p[0]), jax.nn.sigmoid(p[0]) * jnp.where(p[0] > 3, 1.05, 1.0) * t[0]))
+
+    @jax.custom_vjp
+    def scale(x, s):
+        return x * s
+
+    scale.defvjp(lambda x, s: (x * s, (x, s)), lambda r, g: (g * r[1] * 1.1, jnp.sum(g * r[0], 0)))
+
+    def loss(p, x):
+        h, _ = jax.lax.scan(lambda h, i: (sp(h @ p["w"] + 0.8 * h), None), 0.1 * x, None, 5)
+        return jnp.mean(scale(h, p["s"]))
+
+    keys = jax.random.split(jax.random.key(0))
+    params = {"w": jax.random.normal(keys[0], (8, 8)) / 3, "s": jnp.ones(8)}
+    report = jaxcheck.verify(loss, params, jax.random.normal(keys[1], (6, 8)))
+    assert report.status == "fail", str(report)
+    assert not any(q.startswith("rules fine") for q in report.problems), str(report)
+    assert any(q.startswith("wrong rule: custom_vjp scale") for q in report.problems)
+    names = [c.name for c in report.checks]
+    assert any(
+        "custom_jvp sp" in n and "no error found at its first iteration only" in n for n in names
+    )
