@@ -330,6 +330,7 @@ def rules_part(
         problems=tuple(problems + notes),
         compile_seconds=sum(r.compile_seconds for r in reports),
         run_seconds=sum(r.run_seconds for r in reports),
+        num_compiled=sum(r.num_compiled for r in reports),
         label=f"custom rule {head.label}" if head is not None else "custom rules",
         parts=tuple(reports),
     )
@@ -555,6 +556,7 @@ def combine(report: Report, parts: list, notes: list, label: str = "") -> Report
         num_evaluations=report.num_evaluations + sum(p.num_evaluations for p in parts),
         compile_seconds=report.compile_seconds + sum(p.compile_seconds for p in parts),
         run_seconds=report.run_seconds + sum(p.run_seconds for p in parts),
+        num_compiled=report.num_compiled + sum(p.num_compiled for p in parts),
         label=report.label or label,
         parts=every,
     )

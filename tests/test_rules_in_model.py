@@ -1482,3 +1482,18 @@ def test_a_loop_rule_checked_at_its_first_iteration_is_not_called_fine_beside_a_
     assert any(
         "custom_jvp sp" in n and "no error found at its first iteration only" in n for n in names
     )
+
+
+def test_the_programs_compiled_for_the_rules_are_counted():
+    """A failing check's rule checks compiled programs of their own, which the report's
+    `num_compiled` left out (0 for a warm fn whose rules compiled 9)."""
+
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(x)
+
+    f.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (1.1 * g * jnp.cos(x),))
+    report = jaxcheck.verify(lambda p: jnp.sum(f(p) ** 2), jnp.linspace(0.1, 1.0, 5))
+    gradient, rules = report.parts
+    assert report.status == "fail" and rules.num_compiled > 0, str(report)
+    assert report.num_compiled == gradient.num_compiled + rules.num_compiled
