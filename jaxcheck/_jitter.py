@@ -142,10 +142,15 @@ def _programs(run: Run, reference=None):
         # is cast to float64 in the wide program alone; and to float32, through which JAX
         # sums bfloat16 and float16 in the narrow one alone)
         casts = {jnp.dtype(run.tested), jnp.dtype(reference), jnp.dtype(jnp.float32)}
+        # constants compared at the tested precision where it is below float32 (1.1 in a
+        # float16 program is 1.0996) and at float32 otherwise
+        coarse = _precision.eps(run.tested) > _precision.eps(jnp.float32)
+        rounding = np.dtype(run.tested) if coarse else np.dtype(np.float32)
         try:
-            narrow = [_signature(j.jaxpr, casts) for j in _jaxprs(run, None)]
-            with _precision.x64_scope(True):
-                wide = [_signature(j.jaxpr, casts) for j in _jaxprs(run, reference)]
+            with _plan.own_transfers():
+                narrow = _signatures(_jaxprs(run, None), casts, rounding)
+                with _precision.x64_scope(True):
+                    wide = _signatures(_jaxprs(run, reference), casts, rounding)
             kept[reference] = (narrow, wide)
         except Exception:  # noqa: BLE001 - no trace to compare
             kept[reference] = None
@@ -174,23 +179,38 @@ def _jaxprs(run: Run, dtype) -> tuple:
         )
 
 
-def _signature(jaxpr, casts) -> list:
+def _signatures(closed, casts, rounding) -> list:
+    """The signatures of fn's and the gradient's closed jaxprs (`_jaxprs`); fn's with its
+    floating constants too (an array of finfo(dtype).eps that fn closes over)."""
+    fn, grad = closed
+    constants = [
+        (np.shape(c), np.asarray(c).astype(rounding).tobytes())
+        for c in fn.consts
+        if np.issubdtype(np.asarray(c).dtype, np.floating)
+    ]
+    return [
+        _signature(fn.jaxpr, casts, rounding) + constants,
+        _signature(grad.jaxpr, casts, rounding),
+    ]
+
+
+def _signature(jaxpr, casts, rounding) -> list:
     """The operations of `jaxpr` and of the jaxprs inside it, in order, each with its
-    scalar literals at float32 precision (1.001 and 1.0 differ; eps of float32 and of
-    float64 too), but for casts to a dtype in `casts`."""
+    scalar literals at the precision `rounding` (1.001 and 1.0 differ in float32; eps of
+    float32 and of float64 too), but for casts to a dtype in `casts`."""
     out = []
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "convert_element_type" and eqn.params["new_dtype"] in casts:
             continue
         literals = tuple(  # (as text: NaN equals NaN)
-            repr(float(np.float32(np.real(v.val))))
+            repr(float(np.asarray(np.real(v.val)).astype(rounding)))
             for v in eqn.invars
             if type(v).__name__ == "Literal" and np.ndim(v.val) == 0
         )
         out.append((eqn.primitive.name, literals))
         for key in _rule_search.SUBJAXPR_KEYS:
             for sub, _ in _rule_search.jaxprs_of(eqn.params.get(key)):
-                out += _signature(sub, casts)
+                out += _signature(sub, casts, rounding)
     return out
 
 

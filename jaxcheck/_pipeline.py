@@ -324,8 +324,11 @@ def _own_precision(run: Run, n: int, beta, step, p, checks, h0, choice):
     if _verdict.status(run, q, own, n, []) is Status.FAIL and step is None:
         q, more, own, h, q_choice = _larger_steps(run, n, beta, q, own, h, q_choice)
         steps = tuple(steps) + tuple(more)
-    if _verdict.status(run, q, own, n, []) is not Status.FAIL:
+    status = _verdict.status(run, q, own, n, [])
+    if status is not Status.FAIL:
         run.reference = wide
+        if status is not Status.PASS:
+            _verdict.note_own_path(run, checks[0], wide, judged=False)
         return None
     _verdict.note_own_path(run, checks[0], wide)
     return q, steps, own, h, q_choice

@@ -536,20 +536,29 @@ def note_native(
     )
 
 
-def note_own_path(run: Run, head, reference) -> None:
+def note_own_path(run: Run, head, reference, judged: bool = True) -> None:
     """Say that fn is another program in the model's precision than in `reference`, that
     its derivative there is off the same rule in `reference` by more than rounding of a
     well-conditioned computation, and that finite differences in the model's precision
-    fail it."""
-    name = jnp.dtype(reference).name
-    run.problems.append(
-        f"fn is another program in {run.tested.name} than in {name} (a branch on the dtype, "
-        f"a constant of jnp.finfo?), and its {run.tested.name} derivative differs from the "
-        f"one in {name} by {head.gap:.1e} (relative), far above rounding of a "
-        f"well-conditioned computation; finite differences in {run.tested.name} fail it: "
-        f"the derivative of the {run.tested.name} path is wrong (judged at "
-        f"{run.tested.name} resolution)"
+    fail it (or, not `judged`, could not judge it)."""
+    name, tested = jnp.dtype(reference).name, run.tested.name
+    verdict = (
+        f"finite differences in {tested} fail it: the derivative of the {tested} path is "
+        f"wrong (judged at {tested} resolution)"
+        if judged
+        else f"finite differences in {tested} could not judge that path here, and the pass "
+        f"rests on taking the gap for rounding (an ill-conditioned loss?); check the {tested} "
+        "path at a better-conditioned point, or alone"
     )
+    run.problems.append(
+        f"{OWN_PATH} in {tested} than in {name} (a branch on the dtype, a constant of "
+        f"jnp.finfo?), and its {tested} derivative differs from the one in {name} by "
+        f"{head.gap:.1e} (relative), far above rounding of a well-conditioned computation; "
+        f"{verdict}"
+    )
+
+
+OWN_PATH = "fn is another program"
 
 
 # said where the derivative in float64 and in the model's precision are too far apart for
@@ -572,7 +581,10 @@ def note_large_rounding(run: Run, head, status: Status, p: Pass | None = None) -
     an ill-conditioned loss, but would also excuse a bug in a code path taken only in the
     model's dtype. A gap as large as the derivative is no rounding at all. Each note says
     `ROUNDING_GAP`: the custom rules are then checked."""
-    if any(INCOMPARABLE in q for q in run.problems) or run.rounding_share is not None:
+    if (
+        any(INCOMPARABLE in q or q.startswith(OWN_PATH) for q in run.problems)
+        or run.rounding_share is not None
+    ):
         # the gap is fn computing something else in float64, or no rounding
         # (`_jitter.systematic`): said, with what was done
         return
