@@ -982,3 +982,22 @@ def test_update_of_a_state_of_several_runs_says_what_it_got():
     runs = jax.vmap(opt.update, in_axes=(0, None, None))(stacked, state, params)[1]
     with pytest.raises(ValueError, match=re.escape("a state with leading axes of shape (2,)")):
         opt.update(grads, runs, params)
+
+
+def test_a_layer_frozen_on_purpose_is_left_out_with_optax_masked():
+    """As the README says: a leaf whose gradient is exactly zero by design (frozen with
+    stop_gradient) is flagged vanishing, and optax.masked leaves it out."""
+    params = {"frozen": jnp.ones(3), "w": jnp.ones(3)}
+
+    def grads(step):
+        return {"frozen": np.zeros(3), "w": np.full(3, 0.5 + 0.1 * (step % 3))}
+
+    _, state = run_with(params, grads, 20)
+    assert [leaf.path for leaf in jaxcheck.health(state).flagged] == ["['frozen']"]
+    opt = optax.masked(jaxcheck.gradient_health(), {"frozen": False, "w": True})
+    state = opt.init(params)
+    for step in range(20):
+        g = jax.tree.map(lambda x: np.asarray(x, np.float32), grads(step))
+        _, state = jax.jit(opt.update)(g, state, params)
+    summary = jaxcheck.health(state)
+    assert summary.ok and [leaf.path for leaf in summary.leaves] == ["['w']"], str(summary)
