@@ -90,8 +90,9 @@ def verify(
             params -> <u, jvp(fn, v)> in forward mode, both in both modes with mode="both";
             u and v are fixed, random, drawn from `key`. With `grad_fn`, order 2 checks
             grad_fn's Jacobian. The report's `parts` hold one report per order and map.
+            At most 8 (the programs grow about twofold per order).
         num_directions: number of random directions K for the all-leaf check; with
-            `sequential`, the most it takes.
+            `sequential`, the most it takes. 4 to 65536.
         sequential: start with 4 directions (8 for random signs alone, and where at most
             16 parameter elements get signs that span them) and add more (8, 16, 32, ...
             up to `num_directions`; per leaf up to `leaf_directions`) only while the
@@ -121,7 +122,7 @@ def verify(
         localize: also check each leaf on its own. "auto": when the check fails, for
             leaves too small for the all-leaf check to see a 0.1 % error in them, and in
             forward mode alone (no gradient to weigh the leaves) for every leaf.
-        leaf_directions: directions per leaf when localizing.
+        leaf_directions: directions per leaf when localizing; 2 to 65536.
         directions: "uniform" (random signs times 128 evenly spaced magnitudes, unit
             variance: no error vanishes along many of them), "rademacher" (random signs
             alone: an error on two entries vanishes along half of them, so the first look
