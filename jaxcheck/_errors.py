@@ -17,6 +17,14 @@ class GradientCheckError(AssertionError):
 GradientCheckError.__module__ = "jaxcheck"
 
 
+# what a custom rule must return, said where JAX cannot differentiate one at all
+RULE_OUTPUTS = (
+    "a custom_vjp's fwd returns (output, residuals) and its bwd a tuple with one cotangent "
+    "per primal input, shaped like it ((g,) for one input); a custom_jvp's rule returns "
+    "(output, tangent) with the output's shape and dtype."
+)
+
+
 def one_line(err: BaseException, limit: int = 300) -> str:
     """`err`'s type and the first line of its message, for a report's list of problems;
     a line longer than `limit` characters is cut at a word, with " ..." after it."""

@@ -144,7 +144,7 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
         # fn is another program in the model's precision (a branch on the dtype): the gap
         # to the float64 rule may be a bug on that path alone, which the model's own finite
         # differences judge
-        own = _own_precision(run, n, beta, step, p, checks, h0, choice)
+        own = _own_precision(run, n, beta, step, checks[0])
         if own is not None:
             p, steps, checks, h0, choice = own
             tried.update(dict.fromkeys(steps))
@@ -308,29 +308,30 @@ def _directions_check(run: Run, n, beta, h0, step, ref):
     return p, steps, checks, h0, choice
 
 
-def _own_precision(run: Run, n: int, beta, step, p, checks, h0, choice):
+def _own_precision(run: Run, n: int, beta, step, head):
     """Where fn is another program in the model's precision than in the reference's and its
-    derivative passed only on its gap to the reference's being rounding: finite differences
-    in the model's precision along the same n directions. Returns (Pass, steps tried,
-    comparisons, step, choice) where those fail the derivative (confirmed at larger steps,
-    as any failure is), with the reference left at the model's precision for the leaves;
-    else None, the reference as it was."""
+    derivative passed only on its gap (in comparison `head`) to the reference's being
+    rounding: finite differences in the model's precision along the same n directions.
+    Returns (Pass, steps tried, comparisons, step, choice) where those fail the derivative
+    (confirmed at larger steps, as any failure is), with the reference left at the model's
+    precision for the leaves; else None, the reference as it was."""
     wide = run.reference
     run.reference = _precision.reference_dtype("native", run.tested)
     index = np.arange(n, dtype=np.int32)
     h = step if step is not None else _precision.default_step(run.reference)
     [(q, steps, q_choice)] = _ladder.ladder(run, index, np.tile(beta, (n, 1)), h, [slice(0, n)])
     own = _verdict.compare(run, q)
-    if _verdict.status(run, q, own, n, []) is Status.FAIL and step is None:
+    status = _verdict.status(run, q, own, n, [])
+    if status is Status.FAIL and step is None:
         q, more, own, h, q_choice = _larger_steps(run, n, beta, q, own, h, q_choice)
         steps = tuple(steps) + tuple(more)
-    status = _verdict.status(run, q, own, n, [])
+        status = _verdict.status(run, q, own, n, [])
     if status is not Status.FAIL:
         run.reference = wide
         if status is not Status.PASS:
-            _verdict.note_own_path(run, checks[0], wide, judged=False)
+            _verdict.note_own_path(run, head, wide, judged=False)
         return None
-    _verdict.note_own_path(run, checks[0], wide)
+    _verdict.note_own_path(run, head, wide)
     return q, steps, own, h, q_choice
 
 

@@ -54,7 +54,7 @@ from . import (
     _tree,
 )
 from ._error_model import Comparison
-from ._errors import GradientCheckError, one_line
+from ._errors import RULE_OUTPUTS, GradientCheckError, one_line
 from ._report import Report, Status
 from ._state import PRIMAL_ROW
 
@@ -255,10 +255,7 @@ def _runnable(rule: "Rule") -> None:
             raise TypeError(
                 "verify_rule: JAX cannot differentiate f at these inputs, so no property of "
                 f"its rule can be checked. jax.vjp(f) raises {one_line(err, 600)}\nFix the "
-                "rule first: a custom_vjp's fwd returns (output, residuals) and its bwd a "
-                "tuple with one cotangent per primal input, shaped like it ((g,) for one "
-                "input); a custom_jvp's rule returns (output, tangent) with the output's "
-                "shape and dtype."
+                f"rule first: {RULE_OUTPUTS}"
             ) from err
 
 

@@ -28,7 +28,7 @@ from . import (
     _state,
     _tree,
 )
-from ._errors import GradientCheckError, one_line
+from ._errors import RULE_OUTPUTS, GradientCheckError, one_line
 from ._plan import Timer
 from ._report import Report
 
@@ -404,11 +404,8 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
             raise
         raise TypeError(
             f"{' '.join(str(err).split())[:600]}\nfn calls a custom rule that JAX cannot "
-            "differentiate (jax.grad(fn) raises the same): a custom_vjp's fwd returns "
-            "(output, residuals) and its bwd a tuple with one cotangent per primal input, "
-            "shaped like it ((g,) for one input); a custom_jvp's rule returns (output, "
-            "tangent) with the output's shape and dtype. jaxcheck.verify_rule(rule, *inputs) "
-            "checks the rule alone."
+            f"differentiate (jax.grad(fn) raises the same): {RULE_OUTPUTS} "
+            "jaxcheck.verify_rule(rule, *inputs) checks the rule alone."
         ) from err
     except NotImplementedError as err:
         if not _plan.unbatchable(err) or plan == _plan.looped(plan):
