@@ -297,13 +297,6 @@ def gradient_health(
                 )
                 + "."
             )
-        # the state is float32 throughout: `optax.inject_hyperparams` hands the options in
-        # as arrays of the params' dtype (float64 under x64), which would promote it and
-        # change its type between steps (a `lax.scan` carry refuses that)
-        f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
-        decay32, vanishing32, collapse32, explode32 = map(
-            f32, (decay, vanishing_ratio, collapse_factor, explode_factor)
-        )
         leaves = [x for _, x in _leaves_with_paths(updates)]
         _check_paths(_paths(updates), state.paths)
         if np.ndim(state.step):
@@ -313,191 +306,224 @@ def gradient_health(
                 "update it under the same jax.vmap, or pass one run's state, e.g. "
                 "jax.tree.map(lambda a: a[0], state)."
             )
-        t = state.step
-        grad_norm = _norms(leaves)
-        # One reduction per leaf: a NaN or Inf makes the sum of squares NaN or Inf. So does a
-        # finite gradient beyond ~1e19 in float32, whose square would overflow Adam's second
-        # moment all the same; it counts as non-finite.
-        finite = jnp.isfinite(grad_norm)
-        if params is None:
-            param_norm = jnp.full_like(grad_norm, NO_PARAMS)
-        else:
+        own = None
+        if params is not None:
             flat = _params_like(updates, params)
             # one parameter per watched update; a None parameter beside an update (a frozen
             # or absent leaf) has no known norm
             with_none = jax.tree_util.tree_leaves(updates, is_leaf=_is_none)
             own = [p for u, p in zip(with_none, flat, strict=True) if u is not None]
-            absent = np.array([p is None for p in own])
-
-            def refreshed():
-                norms = _norms([jnp.zeros(()) if p is None else p for p in own])
-                return jnp.where(absent, NO_PARAMS, norms) if absent.any() else norms
-
-            # Parameters move by about the learning rate per step: their norms are refreshed
-            # every PARAM_EVERY steps, which keeps their reductions off most steps.
-            param_norm = jax.lax.cond(
-                (t % PARAM_EVERY == 0) | ~jnp.all(jnp.isfinite(state.param_norm)),
-                refreshed,
-                lambda: state.param_norm,
-            )
-
-        # Each leaf's history: how many norms entered its running average (`count`), and
-        # the average before this step (a spike must not be judged against itself).
-        count = state.entered
-        seen = count > 0
-        average = state.average
-        # (a running average needs one norm at least, even with warmup=0)
-        with_history = (t >= warmup) & (count >= jnp.maximum(warmup, 1)) & finite
-        # integer, bool and empty leaves (step counters, masks, keys; gradients of dtype
-        # float0 under `allow_int`) have no gradient to watch: never flagged
-        watched = jnp.asarray([_watched(x) for x in leaves], bool).reshape(-1)
-        # (no division by zero, no NaN made here: under `jax_debug_nans` only the
-        # training's own NaNs may show)
-        # (a parameter gone Inf has no ratio either: grad / inf = 0 is not a vanished
-        # gradient; it is flagged non-finite below)
-        has_ratio = (param_norm > 0) & jnp.isfinite(param_norm)
-        ratio = grad_norm / jnp.where(has_ratio, param_norm, 1.0)
-        # an exactly zero gradient is vanishing whatever the parameter's norm (a leaf
-        # initialized at zero and cut off from the loss has no ratio), unless the leaf has
-        # come back from as long a run of zeros before: the loss of some steps does not
-        # reach it (alternating tasks, each with its own head), and its zeros are by design
-        exact_zero = grad_norm == 0
-        zero_streak = jnp.where(exact_zero, state.zero_streak + 1, 0)
-        came_back = ~exact_zero & (state.zero_streak > 0)
-        zero_return = jnp.where(
-            came_back, jnp.maximum(state.zero_return, state.zero_streak), state.zero_return
-        )
-        by_design = exact_zero & (zero_streak <= state.zero_return)
-        # (a parameter that started at zero has no scale of its own: see the docstring)
-        tiny = has_ratio & ~state.zero_start & (ratio < vanishing32)
-        below = (tiny | exact_zero) & ~by_design
-        # a gradient vanishingly small beside its parameter is not exploding, however far
-        # above its average: at a minimum the norms fall to rounding, and rounding
-        # scatters by tenfold from step to step
-        # ... nor is a gradient no larger than the leaf's running average has ever been: at
-        # a minimum the norms fall far below their early level, and minibatch noise or an
-        # optimizer circling the minimum throws them up by a hundredfold from there
-        # (the average is 1 where it is zero, before any history: explode_factor=inf, no
-        # exploding at all, must not make inf * 0 = NaN)
-        ceiling = explode32 * jnp.where(average > 0, average, 1.0)
-        exploding = with_history & (grad_norm > ceiling) & ~below
-        exploding = exploding & (grad_norm > state.peak)
-        # ... nor one at the rounding of the whole gradient (`ROUNDING_ULPS`)
-        whole = jnp.sqrt(jnp.sum(jnp.where(finite & watched, grad_norm, 0.0) ** 2))
-        exploding = exploding & (grad_norm > _rounding_share(leaves) * whole)
-        # A collapse against the leaf's own history is vanishing only while the model as a
-        # whole is learning: where its gradient has collapsed too (every leaf falling at
-        # once), or its running average has fallen far below the largest it had, a minimum
-        # is being reached, where the gradients of an optimizer circling it pass near zero
-        # and spike by turns (a layer dying while the others learn is the pathology)
-        judged = with_history & watched
-
-        def total(x):
-            return jnp.sqrt(jnp.sum(jnp.where(judged, x, 0.0) ** 2))
-
-        root = jnp.sqrt(collapse32)
-        # every leaf's gradient falling at once: a minimum reached now
-        falling = total(grad_norm) < root * total(average)
-        # the running average far below the largest it had: training has converged far,
-        # and an optimizer circling a minimum passes each leaf's gradient near zero by
-        # turns, for a step or two; a leaf that stays down for `SETTLED_STREAK` steps in a
-        # row there has died (its gradient cut 1e4-fold while the others learn on)
-        converged = total(average) < root * total(state.peak)
-        collapsed = with_history & (grad_norm < collapse32 * average) & ~falling & ~by_design
-        # (and so is a gradient below `vanishing_ratio` of its parameter there, unless it is
-        # exactly zero)
-        small = below & (~falling | exact_zero)
-        low = ((t >= warmup) & finite & small) | collapsed
-        # ... and only while another leaf still learns, its gradient at least
-        # vanishing_ratio / collapse_factor of its parameter (a full-batch run reaching its
-        # minimum takes every gradient to rounding together)
-        learning = jnp.where(collapse32 > 0, vanishing32 / jnp.maximum(collapse32, 1e-30), 0.0)
-        alive = (watched & has_ratio & (ratio >= learning)).astype(jnp.int32)
-        others_alive = (jnp.sum(alive, dtype=jnp.int32) - alive) > 0
-        settled = converged & (grad_norm > 0)
-        dipped = low
-        low = low & (~settled | others_alive)
-        low_streak = jnp.where(low, state.low_streak + 1, 0)
-        # the spread of the leaf's log-norms on the steps before this one
-        log_weight = 1.0 - decay32 ** state.log_entered.astype(jnp.float32)
-        log_weight = jnp.where(state.log_entered > 0, log_weight, 1.0)
-        log_mean = state.log_moment / log_weight
-        spread = jnp.sqrt(jnp.maximum(state.log_square / log_weight - log_mean**2, 0.0))
-        needed = jnp.where(settled, SETTLED_STREAK, _streak_needed(leaves, spread))
-        vanishing = low & (low_streak >= needed) & watched
-        exploding = exploding & watched
-        # a parameter gone NaN/Inf where its gradient is finite (a leaf the loss does not
-        # reach, or one the optimizer broke: adam with eps=0 at a zero gradient) is flagged
-        # too, once its norm is refreshed; unknown norms are NO_PARAMS, not NaN
-        nonfinite = (~finite | ~jnp.isfinite(param_norm)) & watched
-        has_spike = seen & finite & (average > 0)
-        spike = jnp.where(has_spike, grad_norm / jnp.where(has_spike, average, 1.0), NO_SPIKE)
-
-        # The history starts with the first finite, nonzero norm; NaN/Inf never enter it.
-        enters = finite & (seen | (grad_norm > 0))
-        clipped = jnp.where(seen, jnp.minimum(grad_norm, ceiling), grad_norm)
-        # optax.ema's bias correction raises `decay ** count` (float ** int32), which strict
-        # dtype promotion refuses, and counts steps for all leaves at once: the moment is
-        # optax's, the per-leaf count and correction are spelt out here.
-        mu = _update_moment(clipped, state.moment, decay32, order=1)
-        mu = jnp.where(enters, mu, state.moment)
-        count = jnp.where(enters, count + 1, count)
-        correction = 1.0 - decay32 ** count.astype(jnp.float32)
-        new_average = jnp.where(count > 0, mu / jnp.where(count > 0, correction, 1.0), 0.0)
-        # The spread is of the norms of a leaf that is not vanishing: a step below the
-        # thresholds does not enter it (a leaf dying must not look noisy and wait longer).
-        spreads = enters & (grad_norm > 0) & ~dipped
-        log_norm = jnp.log(jnp.where(spreads, clipped, 1.0))
-        log_moment = _update_moment(log_norm, state.log_moment, decay32, order=1)
-        log_square = _update_moment(log_norm**2, state.log_square, decay32, order=1)
-
+        options = (decay, vanishing_ratio, collapse_factor, explode_factor, warmup)
+        # numbers are compiled in; arrays (`optax.inject_hyperparams` hands them in so, and
+        # they may change between steps) are passed
+        fixed = tuple(v if _is_number(v) else None for v in options)
+        passed = tuple(None if _is_number(v) else v for v in options)
+        new_leaves, new_state = _step(leaves, state, own, passed, fixed=fixed, skip=skip_nonfinite)
         if skip_nonfinite:
-            bad = ~jnp.all(finite)
-            updates = jax.tree.map(
-                lambda u: u if u is None else jnp.where(bad, jnp.zeros_like(u), u),
-                updates,
-                is_leaf=_is_none,
-            )
-            skipped = state.skipped + bad.astype(jnp.int32)
-        else:
-            skipped = state.skipped
-
-        def first(old, now):
-            return jnp.where((old < 0) & now, t, old)
-
-        def tally(old, now):
-            return old + now.astype(jnp.int32)
-
-        return updates, HealthState(
-            paths=state.paths,
-            step=t + jnp.int32(1),
-            grad_norm=grad_norm,
-            param_norm=param_norm,
-            average=new_average,
-            moment=mu,
-            entered=count,
-            worst_spike=jnp.fmax(state.worst_spike, spike),
-            peak=jnp.fmax(state.peak, new_average),
-            vanishing=vanishing,
-            exploding=exploding,
-            nonfinite=nonfinite,
-            first_vanishing=first(state.first_vanishing, vanishing),
-            first_exploding=first(state.first_exploding, exploding),
-            first_nonfinite=first(state.first_nonfinite, nonfinite),
-            vanishing_steps=tally(state.vanishing_steps, vanishing),
-            exploding_steps=tally(state.exploding_steps, exploding),
-            nonfinite_steps=tally(state.nonfinite_steps, nonfinite),
-            low_streak=low_streak,
-            log_moment=jnp.where(spreads, log_moment, state.log_moment),
-            log_square=jnp.where(spreads, log_square, state.log_square),
-            log_entered=jnp.where(spreads, state.log_entered + 1, state.log_entered),
-            zero_streak=zero_streak,
-            zero_return=zero_return,
-            zero_start=state.zero_start,
-            skipped=skipped,
-        )
+            with_none, structure = jax.tree_util.tree_flatten(updates, is_leaf=_is_none)
+            it = iter(new_leaves)
+            updates = structure.unflatten([u if u is None else next(it) for u in with_none])
+        return updates, new_state
 
     return optax.GradientTransformation(init, update)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, int | float | np.generic) and not isinstance(x, complex)
+
+
+@functools.partial(jax.jit, static_argnames=("fixed", "skip"))
+def _step(leaves, state, own, passed, *, fixed, skip):
+    """gradient_health's update after its arguments are checked: (the updates' leaves,
+    zeroed where `skip` and any is NaN/Inf, else None; the new state). Jitted, so that an
+    update run eagerly (a loop without `jax.jit`, a notebook) costs one compiled call per
+    step instead of a hundred small ones (a first eager update took 7.7 s, later ones
+    0.18 s, for three leaves); inside a user's `jax.jit` it is traced into the step as
+    before. `own` holds the parameters beside the non-None updates (None without params);
+    `passed` and `fixed` the options as arrays or numbers (one of the two per option)."""
+    # the state is float32 throughout: `optax.inject_hyperparams` hands the options in
+    # as arrays of the params' dtype (float64 under x64), which would promote it and
+    # change its type between steps (a `lax.scan` carry refuses that)
+    decay, vanishing, collapse, explode, warmup = (
+        v if a is None else a for v, a in zip(fixed, passed, strict=True)
+    )
+    decay32, vanishing32, collapse32, explode32 = (
+        jnp.asarray(v, jnp.float32) for v in (decay, vanishing, collapse, explode)
+    )
+    t = state.step
+    grad_norm = _norms(leaves)
+    # One reduction per leaf: a NaN or Inf makes the sum of squares NaN or Inf. So does a
+    # finite gradient beyond ~1e19 in float32, whose square would overflow Adam's second
+    # moment all the same; it counts as non-finite.
+    finite = jnp.isfinite(grad_norm)
+    if own is None:
+        param_norm = jnp.full_like(grad_norm, NO_PARAMS)
+    else:
+        absent = np.array([p is None for p in own])
+
+        def refreshed():
+            norms = _norms([jnp.zeros(()) if p is None else p for p in own])
+            return jnp.where(absent, NO_PARAMS, norms) if absent.any() else norms
+
+        # Parameters move by about the learning rate per step: their norms are refreshed
+        # every PARAM_EVERY steps, which keeps their reductions off most steps.
+        param_norm = jax.lax.cond(
+            (t % PARAM_EVERY == 0) | ~jnp.all(jnp.isfinite(state.param_norm)),
+            refreshed,
+            lambda: state.param_norm,
+        )
+
+    # Each leaf's history: how many norms entered its running average (`count`), and
+    # the average before this step (a spike must not be judged against itself).
+    count = state.entered
+    seen = count > 0
+    average = state.average
+    # (a running average needs one norm at least, even with warmup=0)
+    with_history = (t >= warmup) & (count >= jnp.maximum(warmup, 1)) & finite
+    # integer, bool and empty leaves (step counters, masks, keys; gradients of dtype
+    # float0 under `allow_int`) have no gradient to watch: never flagged
+    watched = jnp.asarray([_watched(x) for x in leaves], bool).reshape(-1)
+    # (no division by zero, no NaN made here: under `jax_debug_nans` only the
+    # training's own NaNs may show)
+    # (a parameter gone Inf has no ratio either: grad / inf = 0 is not a vanished
+    # gradient; it is flagged non-finite below)
+    has_ratio = (param_norm > 0) & jnp.isfinite(param_norm)
+    ratio = grad_norm / jnp.where(has_ratio, param_norm, 1.0)
+    # an exactly zero gradient is vanishing whatever the parameter's norm (a leaf
+    # initialized at zero and cut off from the loss has no ratio), unless the leaf has
+    # come back from as long a run of zeros before: the loss of some steps does not
+    # reach it (alternating tasks, each with its own head), and its zeros are by design
+    exact_zero = grad_norm == 0
+    zero_streak = jnp.where(exact_zero, state.zero_streak + 1, 0)
+    came_back = ~exact_zero & (state.zero_streak > 0)
+    zero_return = jnp.where(
+        came_back, jnp.maximum(state.zero_return, state.zero_streak), state.zero_return
+    )
+    by_design = exact_zero & (zero_streak <= state.zero_return)
+    # (a parameter that started at zero has no scale of its own: see the docstring)
+    tiny = has_ratio & ~state.zero_start & (ratio < vanishing32)
+    below = (tiny | exact_zero) & ~by_design
+    # a gradient vanishingly small beside its parameter is not exploding, however far
+    # above its average: at a minimum the norms fall to rounding, and rounding
+    # scatters by tenfold from step to step
+    # ... nor is a gradient no larger than the leaf's running average has ever been: at
+    # a minimum the norms fall far below their early level, and minibatch noise or an
+    # optimizer circling the minimum throws them up by a hundredfold from there
+    # (the average is 1 where it is zero, before any history: explode_factor=inf, no
+    # exploding at all, must not make inf * 0 = NaN)
+    ceiling = explode32 * jnp.where(average > 0, average, 1.0)
+    exploding = with_history & (grad_norm > ceiling) & ~below
+    exploding = exploding & (grad_norm > state.peak)
+    # ... nor one at the rounding of the whole gradient (`ROUNDING_ULPS`)
+    whole = jnp.sqrt(jnp.sum(jnp.where(finite & watched, grad_norm, 0.0) ** 2))
+    exploding = exploding & (grad_norm > _rounding_share(leaves) * whole)
+    # A collapse against the leaf's own history is vanishing only while the model as a
+    # whole is learning: where its gradient has collapsed too (every leaf falling at
+    # once), or its running average has fallen far below the largest it had, a minimum
+    # is being reached, where the gradients of an optimizer circling it pass near zero
+    # and spike by turns (a layer dying while the others learn is the pathology)
+    judged = with_history & watched
+
+    def total(x):
+        return jnp.sqrt(jnp.sum(jnp.where(judged, x, 0.0) ** 2))
+
+    root = jnp.sqrt(collapse32)
+    # every leaf's gradient falling at once: a minimum reached now
+    falling = total(grad_norm) < root * total(average)
+    # the running average far below the largest it had: training has converged far,
+    # and an optimizer circling a minimum passes each leaf's gradient near zero by
+    # turns, for a step or two; a leaf that stays down for `SETTLED_STREAK` steps in a
+    # row there has died (its gradient cut 1e4-fold while the others learn on)
+    converged = total(average) < root * total(state.peak)
+    collapsed = with_history & (grad_norm < collapse32 * average) & ~falling & ~by_design
+    # (and so is a gradient below `vanishing_ratio` of its parameter there, unless it is
+    # exactly zero)
+    small = below & (~falling | exact_zero)
+    low = ((t >= warmup) & finite & small) | collapsed
+    # ... and only while another leaf still learns, its gradient at least
+    # vanishing_ratio / collapse_factor of its parameter (a full-batch run reaching its
+    # minimum takes every gradient to rounding together)
+    learning = jnp.where(collapse32 > 0, vanishing32 / jnp.maximum(collapse32, 1e-30), 0.0)
+    alive = (watched & has_ratio & (ratio >= learning)).astype(jnp.int32)
+    others_alive = (jnp.sum(alive, dtype=jnp.int32) - alive) > 0
+    settled = converged & (grad_norm > 0)
+    dipped = low
+    low = low & (~settled | others_alive)
+    low_streak = jnp.where(low, state.low_streak + 1, 0)
+    # the spread of the leaf's log-norms on the steps before this one
+    log_weight = 1.0 - decay32 ** state.log_entered.astype(jnp.float32)
+    log_weight = jnp.where(state.log_entered > 0, log_weight, 1.0)
+    log_mean = state.log_moment / log_weight
+    spread = jnp.sqrt(jnp.maximum(state.log_square / log_weight - log_mean**2, 0.0))
+    needed = jnp.where(settled, SETTLED_STREAK, _streak_needed(leaves, spread))
+    vanishing = low & (low_streak >= needed) & watched
+    exploding = exploding & watched
+    # a parameter gone NaN/Inf where its gradient is finite (a leaf the loss does not
+    # reach, or one the optimizer broke: adam with eps=0 at a zero gradient) is flagged
+    # too, once its norm is refreshed; unknown norms are NO_PARAMS, not NaN
+    nonfinite = (~finite | ~jnp.isfinite(param_norm)) & watched
+    has_spike = seen & finite & (average > 0)
+    spike = jnp.where(has_spike, grad_norm / jnp.where(has_spike, average, 1.0), NO_SPIKE)
+
+    # The history starts with the first finite, nonzero norm; NaN/Inf never enter it.
+    enters = finite & (seen | (grad_norm > 0))
+    clipped = jnp.where(seen, jnp.minimum(grad_norm, ceiling), grad_norm)
+    # optax.ema's bias correction raises `decay ** count` (float ** int32), which strict
+    # dtype promotion refuses, and counts steps for all leaves at once: the moment is
+    # optax's, the per-leaf count and correction are spelt out here.
+    mu = _update_moment(clipped, state.moment, decay32, order=1)
+    mu = jnp.where(enters, mu, state.moment)
+    count = jnp.where(enters, count + 1, count)
+    correction = 1.0 - decay32 ** count.astype(jnp.float32)
+    new_average = jnp.where(count > 0, mu / jnp.where(count > 0, correction, 1.0), 0.0)
+    # The spread is of the norms of a leaf that is not vanishing: a step below the
+    # thresholds does not enter it (a leaf dying must not look noisy and wait longer).
+    spreads = enters & (grad_norm > 0) & ~dipped
+    log_norm = jnp.log(jnp.where(spreads, clipped, 1.0))
+    log_moment = _update_moment(log_norm, state.log_moment, decay32, order=1)
+    log_square = _update_moment(log_norm**2, state.log_square, decay32, order=1)
+
+    new_leaves = None
+    skipped = state.skipped
+    if skip:
+        bad = ~jnp.all(finite)
+        new_leaves = [jnp.where(bad, jnp.zeros_like(u), u) for u in leaves]
+        skipped = skipped + bad.astype(jnp.int32)
+
+    def first(old, now):
+        return jnp.where((old < 0) & now, t, old)
+
+    def tally(old, now):
+        return old + now.astype(jnp.int32)
+
+    return new_leaves, HealthState(
+        paths=state.paths,
+        step=t + jnp.int32(1),
+        grad_norm=grad_norm,
+        param_norm=param_norm,
+        average=new_average,
+        moment=mu,
+        entered=count,
+        worst_spike=jnp.fmax(state.worst_spike, spike),
+        peak=jnp.fmax(state.peak, new_average),
+        vanishing=vanishing,
+        exploding=exploding,
+        nonfinite=nonfinite,
+        first_vanishing=first(state.first_vanishing, vanishing),
+        first_exploding=first(state.first_exploding, exploding),
+        first_nonfinite=first(state.first_nonfinite, nonfinite),
+        vanishing_steps=tally(state.vanishing_steps, vanishing),
+        exploding_steps=tally(state.exploding_steps, exploding),
+        nonfinite_steps=tally(state.nonfinite_steps, nonfinite),
+        low_streak=low_streak,
+        log_moment=jnp.where(spreads, log_moment, state.log_moment),
+        log_square=jnp.where(spreads, log_square, state.log_square),
+        log_entered=jnp.where(spreads, state.log_entered + 1, state.log_entered),
+        zero_streak=zero_streak,
+        zero_return=zero_return,
+        zero_start=state.zero_start,
+        skipped=skipped,
+    )
 
 
 _DATA_FIELDS = tuple(f.name for f in dataclasses.fields(HealthState) if f.name != "paths")

@@ -1001,3 +1001,35 @@ def test_a_layer_frozen_on_purpose_is_left_out_with_optax_masked():
         _, state = jax.jit(opt.update)(g, state, params)
     summary = jaxcheck.health(state)
     assert summary.ok and [leaf.path for leaf in summary.leaves] == ["['w']"], str(summary)
+
+
+_COMPILES = []
+
+
+def _count_compiles(name, seconds, **kwargs):
+    if name == "/jax/core/compile/backend_compile_duration":
+        _COMPILES.append(seconds)
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compiles)
+
+
+@pytest.mark.parametrize("skip_nonfinite", [False, True])
+def test_an_eager_update_is_one_compiled_program(skip_nonfinite):
+    """Without jax.jit around the step, an update compiles one program (its first time) and
+    then runs it, rather than dispatching each of its operations."""
+    opt = jaxcheck.gradient_health(skip_nonfinite=skip_nonfinite, decay=0.97)
+    # shapes no other test uses: nothing of this update is compiled before
+    params = {"a": jnp.ones((7, 11)), "b": jnp.zeros((13,)), "c": None}
+    grads = {"a": jnp.full((7, 11), 0.5), "b": jnp.full((13,), jnp.nan), "c": None}
+    state = opt.init(params)
+    before = len(_COMPILES)
+    updates, state = opt.update(grads, state, params)
+    assert len(_COMPILES) - before == 1
+    before = len(_COMPILES)
+    updates, state = opt.update(grads, state, params)
+    assert len(_COMPILES) == before
+    assert updates["c"] is None
+    assert bool(jnp.isnan(updates["b"]).any()) != skip_nonfinite
+    assert int(state.skipped) == (2 if skip_nonfinite else 0)
+    assert jaxcheck.health(state).leaves[1].flags == ("nonfinite",)
