@@ -651,6 +651,7 @@ class Timer:
                 self.compiled += compilations - before
                 if peak is not None:
                     self.peak_bytes = max(self.peak_bytes or 0, peak)
+                args = _placed(compiled, args)
                 with user_transfers(), _precision.x64_everywhere(callbacks):
                     out = jax.block_until_ready(compiled(*args))
                 self.compile_s += t1 - t0
@@ -694,6 +695,27 @@ def user_transfers():
         if level is not None:
             stack.enter_context(getattr(jax, f"transfer_guard_{d}")(level))
     return stack
+
+
+def _placed(compiled, args):
+    """`args` moved where `compiled` takes them, by explicit transfers of jaxcheck's own,
+    when the caller's guard would refuse the implicit ones: jaxcheck's arrays (seeds,
+    directions, steps) are made on the default device, and params on other devices or
+    sharded over a mesh would pull them across (else they go with the call)."""
+    if all((_USER_GUARDS.get() or {}).get(d) in (None, "allow") for d in _GUARDS[:2]):
+        return args
+    try:
+        leaves, treedef = jax.tree_util.tree_flatten(args)
+        targets = treedef.flatten_up_to(compiled.input_shardings[0])
+    except Exception:  # noqa: BLE001 - no shardings to follow: the call says what it says
+        return args
+    for i, (x, target) in enumerate(zip(leaves, targets, strict=True)):
+        here = getattr(x, "sharding", None)
+        if isinstance(target, jax.sharding.Sharding) and not (
+            here is not None and here.is_equivalent_to(target, np.ndim(x))
+        ):
+            leaves[i] = jax.device_put(x, target)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def _on_device(args):

@@ -194,3 +194,31 @@ def test_arrays_on_different_devices_are_named():
     on_mesh = jax.device_put(jnp.arange(8.0), NamedSharding(mesh, P("d")))
     data = jax.device_put(jnp.ones(8), NamedSharding(mesh, P()))
     assert jaxcheck.verify(lambda p, x: jnp.sum(jnp.sin(p) * x), on_mesh, data).status == "pass"
+
+
+@pytest.mark.parametrize("placement", ["fsdp", "device 3"])
+@pytest.mark.parametrize("level", ["disallow", "disallow_explicit"])
+def test_params_off_the_default_device_under_a_transfer_guard(placement, level):
+    """jaxcheck's own arrays (seeds, directions, steps) are made on the default device;
+    with params sharded over a mesh or on another device, running its programs moved them
+    across, which the caller's transfer guard refused (JaxRuntimeError). They are put where
+    the programs take them first, outside the guard; fn keeps the caller's guard."""
+    w = jnp.linspace(-1.0, 1.0, 64).reshape(16, 4)
+    if placement == "fsdp":
+        w = jax.device_put(w, NamedSharding(_mesh((8,), ("fsdp",)), P("fsdp")))
+    else:
+        w = jax.device_put(w, jax.devices()[3])
+
+    def loss(p):
+        return jnp.sum(jnp.tanh(p["w"]) ** 2)
+
+    with jax.transfer_guard(level):
+        assert jaxcheck.verify(loss, {"w": w}).status == "pass"
+        assert jaxcheck.verify(loss, {"w": w}, order=2).status == "pass"
+        bad = jaxcheck.verify(
+            lambda p: loss(p) + 1e-3 * jnp.sum(jax.lax.stop_gradient(p["w"])), {"w": w}
+        )
+        assert bad.status == "fail"
+        # the caller's guard is in force again after the check
+        with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
+            jax.jit(jnp.sin)(np.ones(2, np.float32))
