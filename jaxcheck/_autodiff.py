@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _directions, _plan, _precision
+from ._errors import CotangentKind
 
 # Derivatives are evaluated at a unit of 2, not 1: a scalar fn's gradient is pulled back
 # from the cotangent 2, and the folded forward projections of small problems push tangents
@@ -155,6 +156,7 @@ def _probe(problem, reverse, fold, seeds, diff, traced, index, signs) -> dict:
         grad = problem.gradient(diff, traced)
     elif reverse and problem.scalar_output:
         value, grad = scalar_grad(f, diff)
+        wrong_kinds(grad, diff)
         if own:
             gap = primal_gap([value], outs)
     elif reverse or rev:
@@ -162,12 +164,14 @@ def _probe(problem, reverse, fold, seeds, diff, traced, index, signs) -> dict:
         if rev:  # one batched vjp: the K directions' cotangents, then the balancing one
             rows = [jnp.concatenate([c, b[None]]) for c, b in zip(cots, cot)]
             grads = jax.vmap(lambda c: vjp_fn(c)[0])(rows)
+            wrong_kinds(grads, diff)
             result["fold_rev"] = jnp.stack(
                 [_leaf_dots(g[:num], z, acc) for g, z in zip(grads, units)], 1
             )
             grad = [g[num] for g in grads]
         else:
             grad = vjp_fn(cot)[0]
+            wrong_kinds(grad, diff)
     if reverse:
         if not small:
             result["grad_squares"] = _directions.sum_squares(grad)
@@ -175,6 +179,19 @@ def _probe(problem, reverse, fold, seeds, diff, traced, index, signs) -> dict:
     if gap is not None:
         result["primal_gap"] = gap
     return result
+
+
+def wrong_kinds(grad, diff) -> None:
+    """Raise `CotangentKind` for the leaves whose gradient is complex where the parameter
+    is real or the other way round: a custom_vjp's bwd can return such a cotangent, JAX
+    passes it on (jax.grad returns it), and the comparison would cast it silently."""
+    bad = [
+        (i, jnp.dtype(g.dtype).name)
+        for i, (g, d) in enumerate(zip(grad, diff))
+        if jnp.iscomplexobj(g) != jnp.iscomplexobj(d)
+    ]
+    if bad:
+        raise CotangentKind(bad)
 
 
 def scalar_grad(f, diff):

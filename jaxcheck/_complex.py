@@ -125,6 +125,46 @@ class RealGrad:
         return jax.tree_util.tree_map_with_path(one, g)
 
 
+def real_cotangents(problem, diff, traced) -> list:
+    """For a check through the real view whose reverse pass failed to trace: the
+    differentiable leaves that are complex and get a real cotangent from fn's own vjp
+    (traced abstractly, with those leaves complex), as (index, the cotangent's dtype).
+    Empty where there is none, or where fn's vjp cannot be traced so either."""
+    view = problem.fn
+    if not isinstance(view, RealView):
+        return []
+    paths = problem.params.paths_of(_tree.DIFF)
+    is_view = [p in view.paths for p in paths]
+    specs = [
+        jax.ShapeDtypeStruct(d.shape[:-1], _COMPLEX[jnp.dtype(d.dtype).name]) if c else d
+        for d, c in zip(diff, is_view)
+    ]
+
+    def complex_leaf(path, leaf):  # a complex leaf held fixed is still its real view here
+        if jax.tree_util.keystr(path) in view.paths and not is_complex(leaf):
+            return jax.lax.complex(leaf[..., 0], leaf[..., 1])
+        return leaf
+
+    def f(dc):
+        params, args = problem.call(dc, *traced)
+        out = view.fn(jax.tree_util.tree_map_with_path(complex_leaf, params), *args)
+        return [jnp.asarray(y) for y in jax.tree_util.tree_leaves(out[0] if view.has_aux else out)]
+
+    def cotangents(dc):
+        outs, pull = jax.vjp(f, dc)
+        return pull([jnp.ones_like(y) for y in outs])[0]
+
+    try:
+        got = jax.eval_shape(cotangents, specs)
+    except Exception:  # noqa: BLE001 - no diagnosis: the caller's error stands
+        return []
+    return [
+        (i, jnp.dtype(g.dtype).name)
+        for i, (g, c) in enumerate(zip(got, is_view))
+        if c and not is_complex(g)
+    ]
+
+
 def has_complex_outputs(fn, params, args, has_aux: bool) -> bool:
     """Whether fn returns a complex leaf at (params, *args) (traced abstractly, every array
     leaf as its shape and dtype, complex parameters too; False when it cannot be traced,

@@ -17,6 +17,16 @@ class GradientCheckError(AssertionError):
 GradientCheckError.__module__ = "jaxcheck"
 
 
+class CotangentKind(Exception):
+    """Raised inside a check (never to the caller) where autodiff returns a complex
+    gradient for a real parameter leaf or a real one for a complex leaf: `leaves` holds
+    (index among the differentiable leaves, the gradient's dtype or None where unknown)."""
+
+    def __init__(self, leaves: list):
+        super().__init__(leaves)
+        self.leaves = leaves
+
+
 # what a custom rule must return, said where JAX cannot differentiate one at all
 RULE_OUTPUTS = (
     "a custom_vjp's fwd returns (output, residuals) and its bwd a tuple with one cotangent "

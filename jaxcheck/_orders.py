@@ -48,6 +48,7 @@ from . import (
     _options,
     _plan,
     _precision,
+    _probe,
     _problem,
     _report,
     _rule_search,
@@ -277,6 +278,8 @@ def _parts(fn, params, args, o: _options.Options, first) -> list:
     finally:
         _state.CHECKED_LATER.reset(token)
     parts = [(1, head)]
+    if _probe.KIND_HINT in head.problems:  # a cotangent of the wrong kind: nothing above
+        return [dataclasses.replace(head, problems=(*head.problems, _ABOVE_NOT_CHECKED))]
     curved = head_curved = _curved()
     draws = _Draws.make(fn, params, args, base)
     notes, inner = [], "pair" if o.mode == "both" else o.mode
@@ -336,6 +339,10 @@ def _parts(fn, params, args, o: _options.Options, first) -> list:
         parts[0] = (1, dataclasses.replace(head, problems=head.problems + tuple(notes)))
     return [part for _, part in sorted(parts, key=lambda item: item[0])]
 
+
+_ABOVE_NOT_CHECKED = (
+    "the orders above 1 were not checked (their maps need a first derivative of the right dtype)"
+)
 
 # what `_verify.run` says where fn has no reverse mode
 _REVERSE_REFUSED = "cannot be differentiated in reverse mode"

@@ -24,6 +24,7 @@ from . import (
     _verdict,
 )
 from ._error_model import Comparison
+from ._errors import CotangentKind
 from ._host import NOTES
 from ._report import PRIMAL_CHECK, Report, Status
 from ._state import MAX_STEP, PRIMAL_ROW, Run
@@ -46,7 +47,11 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
     reverse = "reverse" in run.modes
     _state.note_curves(False)
     ks = _sequential.looks(k, sequential and run.plan.direction_sharding is None, run.looks_kind)
-    _probe.probe(run, reverse, k, leaf_k if localize is not False else 0, ks[0])
+    try:
+        _probe.probe(run, reverse, k, leaf_k if localize is not False else 0, ks[0])
+    except CotangentKind as err:
+        leaves = _probe.wrong_kind_leaves(run, err.leaves)
+        return _report(run, Status.FAIL, (0, k), None, (), leaves, held_fixed, (), "")
     if run.timer.eager_reason is not None:
         run.problems.append(
             f"jax.jit cannot trace fn or grad_fn ({run.timer.eager_reason}); they were "

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _autodiff, _directions, _evaluate, _localize, _plan, _tree
+from . import _autodiff, _complex, _directions, _evaluate, _localize, _plan, _tree
+from ._errors import CotangentKind
 from ._host import DEBUG_FLAGS
 from ._report import LeafResult, Status
 from ._state import CHECKED_LATER, SCALES, Run
@@ -53,6 +54,15 @@ def probe(run: Run, reverse: bool, k: int, leaf_k: int, first_look: int) -> None
             "To check such a function, pass its hand-written gradient: "
             "verify(fn, params, *args, grad_fn=grad_fn)."
         ) from err
+    except TypeError as err:
+        # a custom rule giving a complex leaf a real cotangent: the real view's lax.complex
+        # cannot transpose it (jax.grad of fn itself returns it, its imaginary part lost)
+        bad = []
+        if reverse and run.problem.grad_fn is None:
+            bad = _complex.real_cotangents(run.problem, run.inputs.diff, run.inputs.traced())
+        if not bad:
+            raise
+        raise CotangentKind(bad) from err
     # the gradient stays on its devices (and sharding); only the small values come over
     run.probe = _on_host(values, run.inputs.diff, run.problem)
     scales = SCALES.get()
@@ -210,6 +220,42 @@ def nonfinite_leaves(run: Run, paths) -> tuple:
         for p, x, b in zip(paths, run.inputs.diff, bad)
         if b
     )
+
+
+KIND_HINT = (
+    "jaxcheck.verify(fn, params, rules=True) or jaxcheck.verify_rule(rule, *args) names the rule"
+)
+
+
+def wrong_kind_leaves(run: Run, bad: list) -> tuple:
+    """A FAIL `LeafResult` for each leaf `bad` names (`CotangentKind`: autodiff gives a
+    real leaf a complex gradient or a complex leaf a real one), each said in the problems."""
+    paths = run.problem.params.paths_of(_tree.DIFF)
+    view = run.problem.fn
+    complex_paths = view.paths if isinstance(view, _complex.RealView) else frozenset()
+    nan = float("nan")
+    leaves = []
+    for i, got in bad:
+        p, x = paths[i], run.inputs.diff[i]
+        if p in complex_paths:
+            run.problems.append(
+                f"the reverse pass gives the complex parameter leaf {p or '(root)'} a real "
+                f"cotangent ({got}): a custom_vjp's bwd returns a real cotangent for a "
+                "complex input (jnp.real of it, say), which drops the imaginary part of the "
+                "gradient; return one of the input's complex dtype"
+            )
+        else:
+            run.problems.append(
+                f"the gradient (autodiff) of the real parameter leaf {p or '(root)'} "
+                f"({x.dtype}) is {got}: a custom_vjp's bwd returns a complex cotangent for "
+                "a real input, which jax.grad passes on (an optimizer step would make the "
+                "parameter complex); return one of the input's dtype"
+            )
+        leaves.append(
+            LeafResult(p, tuple(np.shape(x)), str(x.dtype), nan, (nan, nan), nan, 0, Status.FAIL)
+        )
+    run.problems.append(KIND_HINT)
+    return tuple(leaves)
 
 
 def _nonfinite_args(run: Run) -> list[str]:

@@ -358,3 +358,59 @@ def test_rules_of_maps_that_are_not_holomorphic_are_their_own_transpose(rule, in
     assert report.status == "pass", str(report)
     [row] = [part for part in report.parts if part.label == "transpose"]
     assert row.status == "pass" and row.relative_error < 1e-6
+
+
+@jax.custom_vjp
+def _sin_complex_cotangent(x):
+    return jnp.sin(x)
+
+
+_sin_complex_cotangent.defvjp(
+    lambda x: (jnp.sin(x), x),
+    lambda x, g: (g * jnp.cos(x) + 0.5j * g,),  # complex for real x
+)
+
+
+@jax.custom_vjp
+def _sin_real_cotangent(z):
+    return jnp.sin(z)
+
+
+_sin_real_cotangent.defvjp(
+    lambda z: (jnp.sin(z), z), lambda z, g: (jnp.real(g * jnp.conj(jnp.cos(z))),)
+)
+
+_REAL = jnp.array([0.4, -1.2, 0.8], jnp.float32)
+_KIND_CASES = {
+    "complex cotangent of a real leaf": (
+        lambda p: jnp.sum(_sin_complex_cotangent(p["x"]) * jnp.cos(p["y"])),
+        {"x": _REAL, "y": jnp.array([0.3, 0.1, -0.2])},
+        "the gradient (autodiff) of the real parameter leaf ['x'] (float32) is complex64: a "
+        "custom_vjp's bwd returns a complex cotangent for a real input",
+    ),
+    "real cotangent of a complex leaf": (
+        lambda p: jnp.sum(jnp.abs(_sin_real_cotangent(p["x"]) * p["y"]) ** 2),
+        {"x": Z, "y": jnp.array([0.3, 0.1, 0.2])},
+        "the reverse pass gives the complex parameter leaf ['x'] a real cotangent (float32): a "
+        "custom_vjp's bwd returns a real cotangent for a complex input",
+    ),
+}
+
+
+@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("case", sorted(_KIND_CASES))
+def test_a_cotangent_of_the_wrong_kind_fails_on_its_leaf(case, order):
+    """A custom_vjp's bwd returning a complex cotangent for a real input (jax.grad passes it
+    on) was passed, its imaginary part cast away with a ComplexWarning; one returning a real
+    cotangent for a complex input raised a TypeError from jaxcheck's real view. Both fail,
+    naming the leaf, without a warning."""
+    fn, params, said = _KIND_CASES[case]
+    report = jaxcheck.verify(fn, params, order=order)
+    assert report.status == "fail"
+    assert failing(report) == ["['x']"]
+    assert any(said in q for q in report.problems), report.problems
+    assert any("jaxcheck.verify_rule(rule, *args) names the rule" in q for q in report.problems)
+    if order == 2:
+        assert any("the orders above 1 were not checked" in q for q in report.problems)
+    with pytest.raises(jaxcheck.GradientCheckError, match="names the rule"):
+        jaxcheck.check_grads(lambda x, y: fn({"x": x, "y": y}), (params["x"], params["y"]), order)
