@@ -95,12 +95,19 @@ class Router:
                 if value is self.original:
                     setattr(module, attr, self.replacement)
                     self.replaced.append((module, attr, value))
+        self.route = public_test_util.__dict__.get(_ROUTE)
+        public_test_util.__dict__[_ROUTE] = self.replacement
+        if getattr(self.original, "routed_by_jaxcheck", False):
+            # a session inside another one's test (pytester's runpytest_inprocess): the
+            # original's code routes already, to this session's replacement while it runs;
+            # afterwards calls go back to the outer session's
+            self.code = None
+            return
         # a reference taken before now that no module attribute holds (a conftest's
         # functools.partial(check_grads, ...), a default argument) still calls the
         # original function object: its code is swapped for a call of the replacement
         # (looked up in the original's own module, which its code reads globals from)
         self.code = self.original.__code__
-        public_test_util.__dict__[_ROUTE] = self.replacement
         self.original.__code__ = _routed.__code__
 
     def pytest_unconfigure(self, config):
@@ -111,10 +118,18 @@ class Router:
         for module, attr, value in reversed(self.replaced):
             setattr(module, attr, value)
         self.replaced.clear()
-        if getattr(self, "code", None) is not None:
+        if not hasattr(self, "route"):  # (configure did not run)
+            return
+        if self.code is not None:
             self.original.__code__ = self.code
-            self.original.__globals__.pop(_ROUTE, None)
             self.code = None
+        from jax._src import public_test_util
+
+        if self.route is None:
+            public_test_util.__dict__.pop(_ROUTE, None)
+        else:
+            public_test_util.__dict__[_ROUTE] = self.route
+        del self.route
 
     def _make_replacement(self):
         import functools
@@ -185,11 +200,13 @@ class Router:
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item, call):
         report = yield
-        # an error a check raised that did not end this phase was caught (pytest.raises,
-        # assertRaises, a fixture's try), whatever else then made the test fail
+        # the errors checks raised were caught (pytest.raises, assertRaises, a fixture's
+        # try) where none of them ended this phase, whatever else then made the test fail;
+        # where one did, the others are failures on the way to it (hypothesis shrinking a
+        # failing example), not expected ones
         ended = _chain(call.excinfo.value if call.excinfo is not None else None)
-        for i, error in self.raised:
-            if not any(error is e for e in ended):
+        if not any(error is e for _, error in self.raised for e in ended):
+            for i, _ in self.raised:
                 self.pending[i][0] = "caught"
         self.raised = []
         if self.pending_calls:
@@ -258,11 +275,20 @@ def _count(modes) -> int:
 
 
 def _chain(error) -> list:
-    """`error` and the errors it was raised from or while handling."""
-    out = []
-    while error is not None and not any(error is e for e in out):
+    """`error` and the errors it was raised from or while handling, and those a doctest's
+    failure holds (pytest's doctest items raise their own exception around the example's)."""
+    out, todo = [], [error]
+    while todo:
+        error = todo.pop()
+        if error is None or any(error is e for e in out):
+            continue
         out.append(error)
-        error = error.__cause__ or error.__context__
+        todo += [error.__cause__, error.__context__]
+        # doctest.UnexpectedException, and pytest's MultipleDoctestFailures of them
+        for held in [error, *getattr(error, "failures", ())]:
+            info = getattr(held, "exc_info", None)
+            if isinstance(info, tuple) and len(info) == 3:
+                todo.append(info[1])
     return out
 
 

@@ -327,3 +327,84 @@ def test_names_bound_during_the_session_call_jax_after_it(tmp_path):
     assert "2 check_grads calls routed to jaxcheck" in first, out
     assert "jaxcheck" not in second.split("routed:")[0], out
     assert "2 failed" in second, out
+
+
+NESTED = textwrap.dedent(
+    '''
+    """
+    >>> from jax.test_util import check_grads
+    >>> from test_nested import X, wrong_sin
+    >>> check_grads(wrong_sin, (X,), 1)
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.test_util import check_grads
+
+
+    @jax.custom_jvp
+    def wrong_sin(x):
+        return jnp.sin(x)
+
+
+    wrong_sin.defjvp(lambda p, t: (jnp.sin(p[0]), 1.5 * jnp.cos(p[0]) * t[0]))
+    X = np.linspace(0.1, 1.0, 4)
+
+
+    def test_a_session_inside_this_one(pytester):
+        pytester.makepyfile(
+            test_inner=(
+                "import numpy as np\\n"
+                "from jax.test_util import check_grads\\n"
+                "def test_x():\\n"
+                "    check_grads(np.sin, (np.ones(2),), 1, modes=())\\n"
+            )
+        )
+        inner = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--jaxcheck")
+        inner.assert_outcomes(passed=1)
+        inner.stdout.fnmatch_lines(["1 check_grads calls routed to jaxcheck: 0 passed, *"])
+
+
+    def test_after_the_inner_session():
+        check_grads(wrong_sin, (X,), 1)
+
+
+    def test_failing_on_the_way_to_failing():
+        # as hypothesis does while it shrinks a failing example
+        for x in (X, X + 0.1):
+            try:
+                check_grads(wrong_sin, (x,), 1)
+            except AssertionError:
+                pass
+        check_grads(wrong_sin, (X + 0.2,), 1)
+    '''
+)
+
+
+def test_nested_sessions_doctests_and_failures_on_the_way_are_told_apart(tmp_path):
+    """A pytest session run inside a --jaxcheck session's test (pytester) took the outer
+    session's replacement for JAX's function, failed to swap its code (INTERNALERROR), and
+    left later checks routed nowhere; a check failing a doctest, and checks failing on the
+    way to the one that failed a test, were listed as caught, as the test expected."""
+    (tmp_path / "test_nested.py").write_text(NESTED)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env["COLUMNS"] = "300"
+    flags = ["-p", "pytester", "-p", "jaxcheck.pytest_plugin", "--jaxcheck", "-p", "no:xdist"]
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=line", *flags]
+        + ["--doctest-modules", "test_nested.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = done.stdout + done.stderr
+    assert "INTERNALERROR" not in out, out
+    assert "3 failed, 1 passed" in out, out
+    summary = out.split("jaxcheck check_grads")[-1]
+    assert "5 check_grads calls routed to jaxcheck: 0 passed, 5 failed" in summary, summary
+    assert "FAIL     test_nested.py::test_nested: fail;" in summary, summary
+    assert "FAIL     test_nested.py::test_after_the_inner_session: fail;" in summary, summary
+    assert summary.count("FAIL     test_nested.py::test_failing_on_the_way_to_failing") == 3
+    assert "CAUGHT" not in summary, summary
