@@ -60,8 +60,8 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
     paths = run.problem.params.paths_of(_tree.DIFF)
     nonfinite = _probe.nonfinite(run, paths)
     ref = _precision.reference_dtype(run.policy, run.tested)
+    _probe.replay_nonfinite(run, reverse, found=nonfinite)
     if nonfinite:
-        _probe.replay_nonfinite(run, reverse)
         leaves = _probe.nonfinite_leaves(run, paths)
         return _report(run, Status.NONFINITE, (k, k), None, (), leaves, held_fixed, (), "")
     scales = run.probe["leaf_scales"]

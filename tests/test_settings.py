@@ -160,6 +160,28 @@ def test_debug_nans_names_the_users_primitive():
     assert jaxcheck.verify(fn, p).status == "nonfinite"  # the flag off: reported
 
 
+@pytest.mark.parametrize("flag, message", [("nans", "nan.* in log"), ("infs", "inf.* in exp")])
+def test_debug_flags_raise_for_a_nan_fn_makes_and_drops(flag, message):
+    """A NaN (Inf) made inside fn and dropped before its output (nan_to_num, a minimum)
+    does not show in the compiled programs' results, and the check passed where JAX's
+    check_grads, running fn op by op, raises it under the caller's flag. fn is now run so
+    at params once too."""
+    x = jnp.linspace(1.0, 2.0, 4)
+    sg = jax.lax.stop_gradient
+    fns = {
+        "nans": lambda p: jnp.sum(p**2) + jnp.sum(jnp.nan_to_num(jnp.log(sg(p) - 5.0))),
+        "infs": lambda p: jnp.sum(jnp.minimum(jnp.exp(100.0 * sg(p)), 1.0) * p),
+    }
+    fn = fns[flag]
+    assert jaxcheck.verify(fn, x).status == "pass"  # the flag off
+    with getattr(jax, f"debug_{flag}")(True):
+        with pytest.raises(FloatingPointError, match=message):
+            jaxcheck.verify(fn, x)
+        with pytest.raises(FloatingPointError, match=message):
+            jaxcheck.check_grads(fn, (x,), 2)
+        assert jaxcheck.verify(lambda p: jnp.sum(jnp.sin(p)), x, order=2).status == "pass"
+
+
 def test_debug_nans_with_an_infinite_gradient_reports_nonfinite():
     """An Inf (not NaN) gradient does not trip jax_debug_nans: the report says so."""
     with jax.debug_nans(True):
