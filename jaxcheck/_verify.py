@@ -277,11 +277,36 @@ def _onto_mesh(sharding, splits, groups) -> tuple:
                         "mesh's devices, say jax.device_put(x, NamedSharding(mesh, "
                         "PartitionSpec())), or use a mesh of the devices that hold them."
                     )
+                _refuse_shared_axis(sharding, x, f"{name}{path}")
                 placed.append(x)
             else:
                 placed.append(jax.device_put(x, replicated))
         out.append(placed)
     return tuple(out)
+
+
+def _refuse_shared_axis(sharding, x, name: str) -> None:
+    """Refuse an array sharded over a mesh axis of `direction_sharding` on a mesh of
+    Explicit axes: there the directions' axis, added in front of it by vmap, cannot take
+    the same mesh axis (JAX raises a ShardingTypeError from inside fn)."""
+    spec = getattr(getattr(x, "sharding", None), "spec", None)
+    types = getattr(sharding.mesh, "axis_types", ()) or ()
+    if spec is None or not any("Explicit" in str(t) for t in types):
+        return
+    axes = {a for entry in spec if entry is not None for a in _names(entry)}
+    shared = sorted(axes & set(_names(sharding.spec[0])))
+    if shared:
+        raise ValueError(
+            f"direction_sharding spreads the directions over mesh axis {shared[0]!r}, and "
+            f"{name} is sharded over it too (PartitionSpec{tuple(spec)}); on a mesh of "
+            "Explicit axes an array cannot be split over one axis twice, as the directions "
+            "batched over it would be. Spread the directions over a mesh axis that no "
+            "array of params and args is sharded over, or give the mesh Auto axes."
+        )
+
+
+def _names(entry) -> tuple:
+    return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 @_host.host_side

@@ -72,6 +72,36 @@ def test_a_mesh_of_explicit_axes_as_jax_make_mesh_gives():
     assert [leaf.path for leaf in bad.leaves if leaf.status == "fail"] == ["['layers'][1]['w']"]
 
 
+@pytest.mark.parametrize("kind", ["Explicit", "Auto"])
+def test_directions_over_an_explicit_axis_the_batch_is_sharded_over_are_refused(kind):
+    """On a mesh of Explicit axes, directions spread over the axis that also shards the
+    batch raised JAX's ShardingTypeError from inside fn; it is refused by name, and an
+    Auto mesh runs."""
+    axis_type = getattr(jax.sharding.AxisType, kind)
+    mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(axis_type, axis_type))
+    w = jnp.linspace(-1.0, 1.0, 512).reshape(16, 32) / 4
+    w = jax.device_put(w, NamedSharding(mesh, P(None, "fsdp")))
+    x = jnp.linspace(-2.0, 2.0, 128).reshape(8, 16)
+    x = jax.device_put(x, NamedSharding(mesh, P("data", None)))
+
+    def loss(p, x):
+        return jnp.mean(jnp.tanh(x @ p["w"]) ** 2)
+
+    directions = NamedSharding(mesh, P("data"))
+    if kind == "Auto":
+        assert jaxcheck.verify(loss, {"w": w}, x, direction_sharding=directions).ok
+        return
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "direction_sharding spreads the directions over mesh axis 'data', and args[0] is "
+            "sharded over it too (PartitionSpec('data', None)); on a mesh of Explicit axes an "
+            "array cannot be split over one axis twice"
+        ),
+    ):
+        jaxcheck.verify(loss, {"w": w}, x, direction_sharding=directions)
+
+
 def test_perturbed_copies_stay_sharded():
     """An elementwise loss of one sharded leaf needs no gathering: no parameter-sized
     all-gather in any compiled program, and per-device peak memory about 1/8 of the
