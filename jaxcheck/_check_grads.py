@@ -774,11 +774,13 @@ def _nonfinite_nearby(f, params, relative: float = 1e-6) -> list | None:
 
 def _moved_off(points, entries, sign: float, relative: float = 1e-6) -> list:
     """The real float arrays `points` with their `entries` moved by `relative` of
-    themselves (of their array's RMS where they are 0), up or down as `sign` says."""
+    themselves (of their array's RMS where they are 0; of 1 where the array is all 0),
+    up or down as `sign` says."""
     moved = []
     for x, b in zip(points, entries):
         a = np.asarray(x, np.float64)
         rms = np.sqrt(np.mean(np.square(a))) if a.size else 0.0
+        rms = rms if rms > 0 else 1.0
         step = relative * np.where(a != 0, np.abs(a), rms)
         moved.append(jnp.asarray(np.where(b, a + sign * step, a), jnp.result_type(x)))
     return moved

@@ -561,6 +561,21 @@ def test_an_infinite_derivative_at_the_edge_of_the_domain_is_not_judged():
         jaxcheck.check_grads(g, (jnp.array([0.5, 1.0]),), 1)
 
 
+@pytest.mark.parametrize("x", [jnp.zeros(2), jnp.array(0.0)], ids=["zeros", "scalar"])
+@pytest.mark.parametrize("f", [jnp.sqrt, lambda a: jax.scipy.special.xlogy(a, a)])
+def test_an_argument_all_at_the_edge_of_the_domain_is_not_judged(f, x):
+    """Entries at the edge of f's domain were moved by 1e-6 of their argument's RMS, which
+    is 0 where every entry is 0: the edge went unseen, and sqrt at zeros(2) raised
+    "NONFINITE" where at [0, 1] it returned quietly. Such an argument moves by 1e-6."""
+    outcome = _check_grads.run(f, (x,), 1, ("fwd", "rev"), None, None, None)
+    assert outcome.verdict == "unjudged", str(outcome.report)
+    assert outcome.report.problems[-1].startswith(
+        "f is finite at the point but NaN/Inf right next to it: the point is at the edge of "
+        "f's domain"
+    )
+    assert jaxcheck.check_grads(f, (x,), 1) is None
+
+
 def test_a_nan_rule_beside_an_entry_near_its_own_edge_still_fails():
     """The look for NaN next to the point moved every entry by 1e-6 of its leaf's RMS: an
     entry at 1e-6 crossed 0, log turned NaN there, and a rule returning NaN below 1e-4 was
