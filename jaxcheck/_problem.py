@@ -170,7 +170,7 @@ def _with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
         if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(
                 f"fn's output leaf {jax.tree_util.keystr(key_path) or '(root)'} has dtype {dtype}; "
-                "only real floating outputs can be differentiated. Cast it to a float dtype "
+                "only floating and complex outputs can be differentiated. Cast it to a float dtype "
                 "or move it into the auxiliary output with has_aux=True."
             )
     if not any(math.prod(leaf.shape) for _, leaf in with_paths):

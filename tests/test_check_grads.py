@@ -347,7 +347,7 @@ def test_a_nan_derivative_of_a_finite_output_fails_though_f_is_nan_elsewhere(mod
         (
             (lambda x: (jnp.sin(x), jnp.ones(2, jnp.int32)), (X,), 1, ("rev",)),
             TypeError,
-            "f's output leaf [1] has dtype int32; only real floating outputs can be "
+            "f's output leaf [1] has dtype int32; only floating and complex outputs can be "
             "differentiated. Cast it to a float dtype (check_grads differentiates every "
             "output of f).",
         ),

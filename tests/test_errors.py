@@ -176,7 +176,9 @@ def test_no_float_leaves_lists_what_was_found():
 def test_integer_output_is_rejected():
     with pytest.raises(
         TypeError,
-        match=re.escape("fn's output leaf (root) has dtype int32; only real floating outputs"),
+        match=re.escape(
+            "fn's output leaf (root) has dtype int32; only floating and complex outputs"
+        ),
     ):
         jaxcheck.verify(lambda p: jnp.sum(p["w"]).astype(jnp.int32), P)
 
