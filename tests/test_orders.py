@@ -508,6 +508,47 @@ def test_a_rule_computed_on_a_grid_fails_at_order_2_though_its_maps_are_flat(rul
         jaxcheck.check_grads(fn, (TABLE_POINT,), 2, modes=CHECK_GRADS_MODES[mode])
 
 
+@pytest.mark.parametrize("modes", [["rev"], ["fwd"], ["fwd", "rev"]])
+@pytest.mark.parametrize(
+    "f, args",
+    [
+        (lambda x: (x * x, x * x), (3.0,)),
+        (lambda x: (jnp.sin(x), 2.0 * jnp.sin(x)), (3.0,)),
+        (
+            jax.remat(
+                lambda x: jax.lax.cond(
+                    x > 0, lambda c: (jnp.sin(c), jnp.sin(c)), lambda c: (jnp.cos(c), c), x
+                )
+            ),
+            (3.0,),
+        ),
+        (lambda x, y: jnp.sin(x - y), (0.3, 0.7)),
+    ],
+    ids=["equal outputs", "outputs 1:2", "remat of cond", "x - y"],
+)
+def test_maps_cancelled_by_their_fixed_vectors_are_checked_along_gaussian_ones(f, args, modes):
+    """The derivative maps' fixed cotangents (tangents) are signs times powers of two: two
+    outputs (parameters) in a power-of-two relation cancelled along them, the map was
+    identically zero, and a correct second derivative failed as "flat where the order
+    below curves" (JAX's api_test remat-of-cond tests). Such a map is checked again along
+    Gaussian vectors; a staircase rule still fails (test above)."""
+    assert jaxcheck.check_grads(f, args, 2, modes=modes) is None
+    assert jaxcheck.check_grads(f, args, 3, modes=modes) is None
+
+
+def test_equal_outputs_of_a_rule_wrong_at_order_2_still_fail():
+    @jax.custom_vjp
+    def sin_held(x):
+        return jnp.sin(x)
+
+    sin_held.defvjp(
+        lambda x: (jnp.sin(x), x), lambda x, g: (g * jax.lax.stop_gradient(jnp.cos(x)),)
+    )
+    jaxcheck.check_grads(lambda x: (sin_held(x), sin_held(x)), (3.0,), 1, modes=["rev"])
+    with pytest.raises(jaxcheck.GradientCheckError, match="order 2: vjp map is WRONG"):
+        jaxcheck.check_grads(lambda x: (sin_held(x), sin_held(x)), (3.0,), 2, modes=["rev"])
+
+
 def relu_net(p, x):
     return jnp.sum(jax.nn.relu(x @ p["w1"]) @ p["w2"])
 
