@@ -20,7 +20,7 @@ GradientCheckError.__module__ = "jaxcheck"
 class CotangentKind(Exception):
     """Raised inside a check (never to the caller) where autodiff returns a complex
     gradient for a real parameter leaf or a real one for a complex leaf: `leaves` holds
-    (index among the differentiable leaves, the gradient's dtype or None where unknown)."""
+    (index among the differentiable leaves, the name of the gradient's dtype)."""
 
     def __init__(self, leaves: list):
         super().__init__(leaves)

@@ -288,7 +288,7 @@ def replay_nonfinite(run: Run, reverse: bool, found: bool = True) -> None:
         except FloatingPointError:
             raise
         except Exception:  # noqa: BLE001 - fn not run so eagerly: the check goes on
-            return
+            pass
         return
     problem, inputs = run.problem, run.inputs
     f = lambda d: problem.outputs(d, inputs.traced())  # noqa: E731
