@@ -25,6 +25,19 @@ def checked(fn, params, args, options, check) -> Report:
         report = check(o)
     except GradientCheckError as err:  # raised again below, with the parts added
         report = err.report
+    except (TypeError, AssertionError) as err:
+        wrong = _wrong_cotangent_rules(fn, params, args, o)
+        if not wrong:
+            raise
+        raise TypeError(
+            f"fn's derivative cannot be evaluated: JAX raised {one_line(err).rstrip('.')}. "
+            f"The custom rule {'; '.join(wrong)} gives its inputs cotangents of other dtypes than "
+            "theirs (a custom_vjp's bwd returning a complex cotangent for a real input, or "
+            "a real one for a complex input): the operations the cotangent meets in fn's "
+            "reverse pass then refuse it (jax.grad(fn) raises the same). Return each "
+            "cotangent in its input's dtype; jaxcheck.verify_rule(rule, *args) shows the "
+            "rule's checks."
+        ) from err
     parts, notes = [], []
     what = []  # what the parts check besides fn's derivatives, for the headline
     if o.transforms:
@@ -61,6 +74,23 @@ def checked(fn, params, args, options, check) -> Report:
     if o.raise_on_failure and not report.ok:
         raise GradientCheckError(report)
     return report
+
+
+def _wrong_cotangent_rules(fn, params, args, o) -> list[str]:
+    """Where fn's derivative could not be traced: the custom rules fn calls whose
+    cotangents have other dtypes than their inputs (each rule's row name), found by
+    checking them alone where fn calls them; empty where there is none, or where rules
+    were not to be checked (`rules=False`) or could not be."""
+    if o.rules is False or o.grad_fn is not None:
+        return []
+    try:
+        part, _ = rules_part(fn, params, args, o)
+    except Exception:  # noqa: BLE001 - no diagnosis: JAX's error stands
+        return []
+    if part is None:
+        return []
+    row = ": vjp vs finite differences, cotangent types"
+    return [c.name[len("rule ") :].split(row)[0] for c in part.checks if row in c.name]
 
 
 def _grad_fn_native(o, check) -> tuple[Report | None, list]:

@@ -1497,3 +1497,42 @@ def test_the_programs_compiled_for_the_rules_are_counted():
     gradient, rules = report.parts
     assert report.status == "fail" and rules.num_compiled > 0, str(report)
     assert report.num_compiled == gradient.num_compiled + rules.num_compiled
+
+
+@jax.custom_vjp
+def _sin_complex_cotangent(x):
+    return jnp.sin(x)
+
+
+_sin_complex_cotangent.defvjp(
+    lambda x: (jnp.sin(x), x), lambda x, g: ((g * jnp.cos(x)).astype(jnp.complex64),)
+)
+
+
+def _encoder(p, x):
+    h = _sin_complex_cotangent(jnp.tanh(x @ p["enc"]) * p["scale"])
+    return jnp.mean((h @ p["dec"]) ** 2)
+
+
+def _looped(p, x):
+    def body(c, _):
+        return c + jnp.sum(_sin_complex_cotangent(p["scale"])), None
+
+    return jax.lax.scan(body, jnp.sum(x), None, length=3)[0]
+
+
+@pytest.mark.parametrize("fn", [_encoder, _looped], ids=["between layers", "in a scan"])
+def test_a_rule_whose_cotangent_has_another_dtype_inside_the_model_is_named(fn):
+    """A custom_vjp's bwd returning a complex cotangent for a real input, between layers:
+    the next operation of the reverse pass refuses it and JAX raised its own error (a
+    TypeError from lax.mul, a bare AssertionError from a scan), naming no rule; the error
+    now names the rule and says what is wrong with it."""
+    params = {"enc": jnp.ones((4, 5)) * 0.3, "scale": jnp.full(5, 0.9), "dec": jnp.full(5, 0.2)}
+    x = jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)
+    with pytest.raises(TypeError) as caught:
+        jaxcheck.verify(fn, params, x)
+    said = str(caught.value)
+    assert said.startswith("fn's derivative cannot be evaluated: JAX raised "), said
+    assert "The custom rule custom_vjp _sin_complex_cotangent at " in said, said
+    assert "gives its inputs cotangents of other dtypes than theirs" in said, said
+    assert isinstance(caught.value.__cause__, TypeError | AssertionError)
