@@ -164,10 +164,15 @@ AT_IMPORT = textwrap.dedent(
 def _pytest(tmp_path, *flags):
     (tmp_path / "conftest.py").write_text(CONFTEST)
     (tmp_path / "test_sample.py").write_text(SAMPLE)
+    return _run(tmp_path, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=line", *flags)
+
+
+def _run(tmp_path, *arguments):
+    """Python with `arguments` in `tmp_path`, outside this run's pytest: its output."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     env["COLUMNS"] = "300"  # the short summary's lines whole
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=line", *flags],
+        [sys.executable, *arguments],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -309,17 +314,7 @@ def test_names_bound_during_the_session_call_jax_after_it(tmp_path):
     )
     (tmp_path / "test_late.py").write_text(LATE_IMPORT)
     (tmp_path / "run_twice.py").write_text(RUN_TWICE)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    env["COLUMNS"] = "300"
-    done = subprocess.run(
-        [sys.executable, "run_twice.py"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    out = done.stdout + done.stderr
+    out = _run(tmp_path, "run_twice.py")
     first, second = out.split("SECOND RUN")
     for test in ("test_wrong", "test_wrong_by_default_argument"):
         assert f"FAILED test_late.py::{test} - jaxcheck.GradientCheckError" in first, out
@@ -387,19 +382,11 @@ def test_nested_sessions_doctests_and_failures_on_the_way_are_told_apart(tmp_pat
     left later checks routed nowhere; a check failing a doctest, and checks failing on the
     way to the one that failed a test, were listed as caught, as the test expected."""
     (tmp_path / "test_nested.py").write_text(NESTED)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    env["COLUMNS"] = "300"
     flags = ["-p", "pytester", "-p", "jaxcheck.pytest_plugin", "--jaxcheck", "-p", "no:xdist"]
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=line", *flags]
-        + ["--doctest-modules", "test_nested.py"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    out = done.stdout + done.stderr
+    out = _run(
+        tmp_path, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=line", *flags,
+        "--doctest-modules", "test_nested.py",
+    )  # fmt: skip
     assert "INTERNALERROR" not in out, out
     assert "3 failed, 1 passed" in out, out
     summary = out.split("jaxcheck check_grads")[-1]
