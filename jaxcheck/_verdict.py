@@ -483,15 +483,22 @@ def incomparable(run: Run, head, p: Pass) -> bool:
     return True
 
 
-def note_incomparable(run: Run, head, reference) -> None:
+def note_incomparable(run: Run, head, reference, noisy: bool = False) -> None:
     """Say that fn in `reference` computes something else than in the model's precision
     (`incomparable`), that the derivative's code is judged in `reference` throughout, and
-    how to keep fn the same function in both."""
+    how to keep fn the same function in both; `noisy`: the model's own finite differences
+    were far noisier than that (fn cancels, its value there is rounding)."""
     name = jnp.dtype(reference).name
+    what = f"fn computes something else in {name} (e.g. random numbers drawn in the default dtype)"
+    if noisy:
+        what = (
+            f"fn's {run.tested.name} value is rounding here, or {what}: finite differences "
+            f"in {run.tested.name} fail the derivative far beyond that (a loss that cancels "
+            "to near zero, as binary cross-entropy at confident logits, rounds to noise)"
+        )
     run.problems.append(
         f"the derivative of fn in {name} differs from that in "
-        f"{run.tested.name} by {head.rounding:.1e}, {INCOMPARABLE}: fn computes something "
-        f"else in {name} (e.g. random numbers drawn in the default dtype): the derivative's code "
+        f"{run.tested.name} by {head.rounding:.1e}, {INCOMPARABLE}: {what}: the derivative's code "
         f"is judged by the same rule run in {name} against finite differences in {name} "
         f"(as precision='float64' does), not the {run.tested.name} derivative itself. To "
         f"check that too, draw random numbers in an explicit dtype "
