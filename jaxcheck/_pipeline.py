@@ -178,6 +178,8 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
             leaves = _localize.localize(
                 run, scales, 2 * leaf_k, h0, paths, chosen, False, step is not None
             )
+        if status is Status.PASS and any(_verdict.ROUNDING_ACCEPTED in q for q in run.problems):
+            leaves = _localize.within_accepted_rounding(run, leaves, checks[0])
         if _localize.fails_in_rule_row_at_zero(status, leaves, checks):
             status = _localize.not_judged_at_zero(run)
         else:
