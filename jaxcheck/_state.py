@@ -75,6 +75,9 @@ class Run:
     # differs too: random numbers drawn in the default dtype): the same rule in float64
     # against float64 differences is the verdict, the model's derivative is not judged
     other_function: bool = False
+    # ... and the model's own finite differences were too noisy to judge its derivative
+    # (`_pipeline.NATIVE_SANITY`): a pass of the float64 rule is then not a verdict on it
+    noisy_native: bool = False
     # where the gap between the derivative under test and the same rule in float64 is no
     # rounding (`_jitter.systematic`): the derivative's own move when params move a few
     # ulps, as a share of that gap; the rounding its checks allow is scaled by it
