@@ -1774,6 +1774,21 @@ def test_a_float16_model_with_a_constant_is_not_another_program():
     assert seen == [False]  # (asked: the pass rests on a gap to the float64 rule)
 
 
+def _bce(p, x, t):
+    z = (x @ p["w"] + p["b"]) * 3.0
+    return jnp.mean(jax.nn.softplus(z) - t * z)
+
+
+def _confident_bce_point(seed):
+    """Params and args of `_bce` at confident logits (its labels those of the weights)."""
+    rng = np.random.RandomState(seed)
+    x = rng.randn(32, 3)
+    w = rng.randn(3) * 10
+    t = (x @ w > 0).astype(np.float32)
+    params = {"w": jnp.asarray(w, jnp.float32), "b": jnp.asarray(rng.randn() * 0.1, jnp.float32)}
+    return params, (jnp.asarray(x, jnp.float32), jnp.asarray(t))
+
+
 def test_binary_cross_entropy_at_confident_logits_is_not_failed_by_float32_noise():
     """A float32 binary cross-entropy at confident logits cancels to 3e-8 (softplus(z) - z):
     its float32 value and derivative are 29 % off the float64 ones, which looked like a
@@ -1782,19 +1797,9 @@ def test_binary_cross_entropy_at_confident_logits_is_not_failed_by_float32_noise
     failure by them far beyond what the float64 differences measure is noise: not judged
     (a float32-path bug of 30 % passed when this was a pass), the float64 rule still
     judging the rule's code."""
-    rng = np.random.RandomState(1117)
-    x = rng.randn(32, 3)
-    w = rng.randn(3) * 10
-    t = (x @ w > 0).astype(np.float32)
-    params = {"w": jnp.asarray(w, jnp.float32), "b": jnp.asarray(rng.randn() * 0.1, jnp.float32)}
-
-    def bce(p, x, t):
-        z = (x @ p["w"] + p["b"]) * 3.0
-        return jnp.mean(jax.nn.softplus(z) - t * z)
-
-    args = (jnp.asarray(x, jnp.float32), jnp.asarray(t))
+    params, args = _confident_bce_point(1117)
     for key in (117, 3):
-        report = jaxcheck.verify(bce, params, *args, key=key)
+        report = jaxcheck.verify(_bce, params, *args, key=key)
         # not a pass either: a bug on the float32 path alone would look the same
         assert report.status == "inconclusive", str(report)
         assert any("fn's float32 value is rounding here" in q for q in report.problems)
@@ -1804,10 +1809,10 @@ def test_binary_cross_entropy_at_confident_logits_is_not_failed_by_float32_noise
         )
     # a bug of 10 % in the same loss is still caught by the float64 rule
     report = jaxcheck.verify(
-        bce,
+        _bce,
         params,
         *args,
-        grad_fn=lambda p, x, t: jax.tree.map(lambda g: 1.1 * g, jax.grad(bce)(p, x, t)),
+        grad_fn=lambda p, x, t: jax.tree.map(lambda g: 1.1 * g, jax.grad(_bce)(p, x, t)),
     )
     assert report.status == "fail", str(report)
 
@@ -1817,17 +1822,8 @@ def test_a_leaf_within_the_rounding_accepted_for_all_leaves_is_not_failed():
     taking a gap of 3.9e-4 to the float64 rule for rounding (the loss cancels), then the
     bias alone failed at 1.9e-4 against its own tolerance of 1.2e-4, on every key. A leaf
     off by no more than the all-leaf tolerance there is not judged."""
-    rng = np.random.RandomState(1093)
-    x = rng.randn(32, 3)
-    w = rng.randn(3) * 10
-    t = (x @ w > 0).astype(np.float32)
-    params = {"w": jnp.asarray(w, jnp.float32), "b": jnp.asarray(rng.randn() * 0.1, jnp.float32)}
-
-    def bce(p, x, t):
-        z = (x @ p["w"] + p["b"]) * 3.0
-        return jnp.mean(jax.nn.softplus(z) - t * z)
-
-    report = jaxcheck.verify(bce, params, jnp.asarray(x, jnp.float32), jnp.asarray(t), key=93)
+    params, args = _confident_bce_point(1093)
+    report = jaxcheck.verify(_bce, params, *args, key=93)
     assert report.status == "pass", str(report)
     said = "['b']: checked alone, off by no more than the tolerance "
     assert any(q.startswith(said) for q in report.problems), report.problems
