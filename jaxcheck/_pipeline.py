@@ -332,7 +332,7 @@ NOISY_NATIVE = (
     "judge it, check fn at a point where its value does not cancel"
 )
 # A failure by the model's own finite differences counts where its error is at most this
-# many times the one float64 differences measure (`_reference_check`)
+# many times the one float64 differences measure (`_directions_check`)
 NATIVE_SANITY = 10.0
 
 
