@@ -157,7 +157,7 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
             why = f"clear above the tolerance {_verdict.head(checks, status).tolerance:.1e}"
     run.problems += said
     stopped = _stopped(ks, n, previous, _verdict.head(checks, status), why)
-    _verdict.note_large_rounding(run, checks[0], status, p)
+    accepted = _verdict.note_large_rounding(run, checks[0], status, p)
     leaves = ()
     upper = max((c.interval[1] for c in checks), default=math.inf)
     chosen = _localize.chosen_leaves(
@@ -178,7 +178,7 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
             leaves = _localize.localize(
                 run, scales, 2 * leaf_k, h0, paths, chosen, False, step is not None
             )
-        if status is Status.PASS and any(_verdict.ROUNDING_ACCEPTED in q for q in run.problems):
+        if accepted:  # (all leaves passed on a gap taken for rounding)
             leaves = _localize.within_accepted_rounding(run, leaves, checks[0])
         if _localize.fails_in_rule_row_at_zero(status, leaves, checks):
             status = _localize.not_judged_at_zero(run)

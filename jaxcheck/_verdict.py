@@ -582,21 +582,22 @@ def _gap_limit(run: Run) -> float:
     return max(0.1, 30 * math.sqrt(_precision.eps(run.tested)))
 
 
-def note_large_rounding(run: Run, head, status: Status, p: Pass | None = None) -> None:
+def note_large_rounding(run: Run, head, status: Status, p: Pass | None = None) -> bool:
     """Say so when the derivative in the model's dtype is far from the same rule in the
     reference dtype: where the check passed, it was excused as rounding, which is right for
     an ill-conditioned loss, but would also excuse a bug in a code path taken only in the
     model's dtype. A gap as large as the derivative is no rounding at all. Each note says
-    `ROUNDING_GAP`: the custom rules are then checked."""
+    `ROUNDING_GAP`: the custom rules are then checked. Returns whether the note says the gap
+    was accepted as rounding (`ROUNDING_ACCEPTED`)."""
     if (
         any(INCOMPARABLE in q or q.startswith(OWN_PATH) for q in run.problems)
         or run.rounding_share is not None
     ):
         # the gap is fn computing something else in float64, or no rounding
         # (`_jitter.systematic`): said, with what was done
-        return
+        return False
     if not large_rounding(run, head):
-        return
+        return False
     gap = (
         f"the {run.tested.name} derivative differs from the same rule in "
         f"{run.reference.name} by {head.gap:.1e} (relative), {ROUNDING_GAP}"
@@ -609,14 +610,14 @@ def note_large_rounding(run: Run, head, status: Status, p: Pass | None = None) -
             f"else in {run.reference.name}; the same rule in "
             f"{run.reference.name} is what the finite differences judged"
         )
-        return
+        return False
     cancels = value_gap(run, p)
     if head.gap > _gap_limit(run) and cancels < 0.1 * head.gap:
         run.problems.append(
             f"{gap}: fn or its rules compute something else in {run.reference.name} "
             "(random numbers drawn in the default dtype, a branch on the dtype?)"
         )
-        return
+        return False
     why = "an ill-conditioned loss?"
     if cancels >= 0.1 * head.gap:
         why = (
@@ -636,6 +637,7 @@ def note_large_rounding(run: Run, head, status: Status, p: Pass | None = None) -
         "reads Python state that changes from call to call (a counter, a global), each "
         "trace of it is another function: make it a function of params and args alone"
     )
+    return status is Status.PASS
 
 
 def large_rounding(run: Run, head) -> bool:
