@@ -271,7 +271,7 @@ def compare(name, fd: Differences, a, floor: float, a_ref=None, rounding_scale=0
     r, bar = fd.value[use], fd.bar[use]
     scale = rms(r)
     denom = max(scale, rms(bar), rounding_scale, _TINY)
-    err = rms(r - a[use]) / denom
+    err = _relative(rms(r - a[use]), denom)
     noise = rms(bar) / denom
     rounding = gap = 0.0
     if a_ref is not None:
@@ -310,7 +310,7 @@ def consistency(name, a, b, floor: float, rounding: float, zero_scale: float = 0
         return Comparison(name, math.nan, (math.nan, math.nan), 0.0, 0.0, floor, 0, False)
     scale = rms(b[use])
     denom = max(scale, zero_scale, _TINY)
-    err = rms(a[use] - b[use]) / denom
+    err = _relative(rms(a[use] - b[use]), denom)
     tol = max(floor, SAFETY * rounding)
     return Comparison(
         name,
@@ -325,6 +325,13 @@ def consistency(name, a, b, floor: float, rounding: float, zero_scale: float = 0
         rounding_measured=True,
         floor=floor,
     )
+
+
+def _relative(apart: float, denom: float) -> float:
+    """`apart / denom`; infinite where the denominator is only the floor `_TINY` (fn's
+    values, their error bars and the derivative's rounding all exactly zero) and `apart`
+    is not: no finite multiple of nothing (a relative error of 1e274 was printed)."""
+    return math.inf if denom <= _TINY and apart > 0 else apart / denom
 
 
 def interval(err: float, n: int, z: float = 1.959964) -> tuple[float, float]:
