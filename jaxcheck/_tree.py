@@ -118,8 +118,8 @@ def settle_weak(params):
     floating leaves a weak leaf keeps JAX's default dtype (`strong_array`)."""
     leaves, treedef = jax.tree.flatten(params)
     weak = [i for i, x in enumerate(leaves) if _weak_float(x)]
-    strong = {
-        x.dtype
+    strong = {  # (as JAX takes them: NumPy float64 is float32 while 64-bit types are off)
+        jax.dtypes.canonicalize_dtype(x.dtype)
         for x in leaves
         if is_array(x) and not _weak_float(x) and jnp.issubdtype(x.dtype, jnp.floating)
     }

@@ -862,3 +862,25 @@ def test_bad_arguments_are_refused_in_its_terms(kwargs, error, message):
     order = kwargs.pop("order", 1)
     with pytest.raises(error, match=re.escape(message)):
         jaxcheck.check_grads(jnp.sin, (jnp.ones(3),), order, **kwargs)
+
+
+@pytest.mark.parametrize("bug", [1.0, 1.1])
+def test_python_floats_beside_numpy_float64_scalars_raise_no_dtype_warning(bug):
+    """With 64-bit types off, arguments mixing Python floats and NumPy float64 scalars (as
+    `list(rng.randn(n))` gives) made jaxcheck ask for float64 while settling the Python
+    floats' dtype, and JAX warned that it truncates to float32: an error in suites that
+    turn warnings into errors (JAX's own). The Python floats take float32, as JAX takes
+    the NumPy scalars; the check still judges."""
+    assert not jax.config.jax_enable_x64
+
+    sin = scaled_sin(bug)
+
+    def f(scales, values):
+        return [s * sin(v) for s, v in zip(scales, values)]
+
+    args = ([1.0, 2.0], list(np.random.RandomState(0).randn(2)))
+    if bug == 1.0:
+        jaxcheck.check_grads(f, args, order=1)
+        return
+    with pytest.raises(jaxcheck.GradientCheckError):
+        jaxcheck.check_grads(f, args, order=1)
