@@ -38,6 +38,9 @@ DOMAIN_SHRINKS = 3
 # order of the parameters' scale brings roundoff (eps / h) below a few percent. The error
 # model's truncation estimate keeps the ladder below that where fn curves.
 LOW_PRECISION_MAX_STEP = 1.0
+# a gap between the derivative under test and the same rule in float64 at least this share
+# of the derivative: the derivative is mostly rounding, or the bug is that large
+MOSTLY_ROUNDING = 0.5
 
 
 def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> Report:
@@ -130,8 +133,12 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
             status = _verdict.status(run, p, checks, n, said)
     if status is Status.FAIL and _jitter.explains(run, p, beta):
         status, said = Status.INCONCLUSIVE, [*said, _jitter.WITHIN_ROUNDING]
+    mostly_rounding = checks[0].gap >= MOSTLY_ROUNDING
     if status is Status.PASS and not run.other_function and not _verdict.tensorfloat32(run):
-        moved = _jitter.systematic(run, p, checks[0], beta)
+        # (where the gap is most of the derivative, the derivative is mostly rounding, as
+        # at an exact least-squares fit, whose rounding hardly moves with params: the move
+        # cannot tell rounding from a bug there, the model's own differences below do)
+        moved = None if mostly_rounding else _jitter.systematic(run, p, checks[0], beta)
         if moved is not None and _verdict.value_gap(run, p) < 0.1 * checks[0].gap:
             # the float64 gap is no rounding: judged with the derivative's own instead
             run.rounding_share, gap = moved, checks[0].gap
@@ -144,11 +151,11 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
         and not run.other_function
         and not _verdict.tensorfloat32(run)
         and _jitter.rests_on_gap(run, p, checks[0])
-        and _jitter.fn_differs(run)
+        and (_jitter.fn_differs(run) or (mostly_rounding and _jitter.other_path(run)))
     ):
-        # fn is another program in the model's precision (a branch on the dtype): the gap
-        # to the float64 rule may be a bug on that path alone, which the model's own finite
-        # differences judge
+        # fn, or its derivative, is another program in the model's precision (a branch on
+        # the dtype): the gap to the float64 rule may be a bug on that path alone, which
+        # the model's own finite differences judge
         own = _own_precision(run, n, beta, step, checks[0])
         if own is not None:
             p, steps, checks, h0, choice = own
@@ -337,9 +344,10 @@ NATIVE_SANITY = 10.0
 
 
 def _own_precision(run: Run, n: int, beta, step, head):
-    """Where fn is another program in the model's precision than in the reference's and its
-    derivative passed only on its gap (in comparison `head`) to the reference's being
-    rounding: finite differences in the model's precision along the same n directions.
+    """Where fn (or its derivative alone) is another program in the model's precision than
+    in the reference's and its derivative passed only on its gap (in comparison `head`) to
+    the reference's being rounding: finite differences in the model's precision along the
+    same n directions.
     Returns (Pass, steps tried, comparisons, step, choice) where those fail the derivative
     (confirmed at larger steps, as any failure is), with the reference left at the model's
     precision for the leaves; else None, the reference as it was."""
@@ -354,12 +362,13 @@ def _own_precision(run: Run, n: int, beta, step, head):
         q, more, own, h, q_choice = _larger_steps(run, n, beta, q, own, h, q_choice)
         steps = tuple(steps) + tuple(more)
         status = _verdict.status(run, q, own, n, [])
+    fn_differs = _jitter.fn_differs(run, wide)
     if status is not Status.FAIL:
         run.reference = wide
         if status is not Status.PASS:
-            _verdict.note_own_path(run, head, wide, judged=False)
+            _verdict.note_own_path(run, head, wide, fn_differs, judged=False)
         return None
-    _verdict.note_own_path(run, head, wide)
+    _verdict.note_own_path(run, head, wide, fn_differs)
     return q, steps, own, h, q_choice
 
 

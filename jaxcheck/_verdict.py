@@ -543,11 +543,12 @@ def note_native(
     )
 
 
-def note_own_path(run: Run, head, reference, judged: bool = True) -> None:
-    """Say that fn is another program in the model's precision than in `reference`, that
-    its derivative there is off the same rule in `reference` by more than rounding of a
-    well-conditioned computation, and that finite differences in the model's precision
-    fail it (or, not `judged`, could not judge it)."""
+def note_own_path(run: Run, head, reference, fn_differs: bool, judged: bool = True) -> None:
+    """Say that fn (where `fn_differs`; else its derivative alone) is another program in
+    the model's precision than in `reference`, that its derivative there is off the same
+    rule in `reference` by more than rounding of a well-conditioned computation, and that
+    finite differences in the model's precision fail it (or, not `judged`, could not judge
+    it)."""
     name, tested = jnp.dtype(reference).name, run.tested.name
     verdict = (
         f"finite differences in {tested} fail it: the derivative of the {tested} path is "
@@ -557,15 +558,21 @@ def note_own_path(run: Run, head, reference, judged: bool = True) -> None:
         f"rests on taking the gap for rounding (an ill-conditioned loss?); check the {tested} "
         "path at a better-conditioned point, or alone"
     )
+    what = (
+        f"{OWN_PATH} in {tested} than in {name} (a branch on the dtype, a constant of jnp.finfo?)"
+        if fn_differs
+        else f"{OWN_DERIVATIVE} in {tested} than in {name} while fn is not (a rule or "
+        "grad_fn with a branch on the dtype?)"
+    )
     run.problems.append(
-        f"{OWN_PATH} in {tested} than in {name} (a branch on the dtype, a constant of "
-        f"jnp.finfo?), and its {tested} derivative differs from the one in {name} by "
+        f"{what}, and its {tested} derivative differs from the one in {name} by "
         f"{head.gap:.1e} (relative), far above rounding of a well-conditioned computation; "
         f"{verdict}"
     )
 
 
 OWN_PATH = "fn is another program"
+OWN_DERIVATIVE = "fn's derivative is another program"
 
 
 # said where the derivative in float64 and in the model's precision are too far apart for
@@ -590,7 +597,7 @@ def note_large_rounding(run: Run, head, status: Status, p: Pass | None = None) -
     `ROUNDING_GAP`: the custom rules are then checked. Returns whether the note says the gap
     was accepted as rounding (`ROUNDING_ACCEPTED`)."""
     if (
-        any(INCOMPARABLE in q or q.startswith(OWN_PATH) for q in run.problems)
+        any(INCOMPARABLE in q or q.startswith((OWN_PATH, OWN_DERIVATIVE)) for q in run.problems)
         or run.rounding_share is not None
     ):
         # the gap is fn computing something else in float64, or no rounding
