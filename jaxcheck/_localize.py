@@ -184,14 +184,19 @@ def _note_gaps_on_another_path(run: Run, on_gap: dict) -> None:
     if not on_gap or run.other_function or not _jitter.other_path(run):
         return
     t, r = run.tested.name, run.reference.name
+    finer = (
+        f"nothing here judges grad_fn's {t} path more finely: check it where this leaf's "
+        "gradient is not small"
+        if run.problem.grad_fn is not None
+        else f"a custom rule's own check in {t} tells it from a bug on that path"
+    )
     for path, gap in on_gap.items():
         run.problems.append(
             f"{path}: checked alone, its {t} derivative differs from the same rule in {r} by "
             f"{gap:.1e} (relative), {_verdict.ROUNDING_GAP} of a well-conditioned "
             f"computation, and it is another program in {t} than in {r} while fn is not (a "
             f"rule or grad_fn with a branch on the dtype?): the pass takes that gap for "
-            "rounding, as at a leaf's optimum, where the derivative is rounding; a custom "
-            f"rule's own check in {t} tells it from a bug on that path"
+            f"rounding, as at a leaf's optimum, where the derivative is rounding; {finer}"
         )
 
 

@@ -1909,3 +1909,23 @@ def test_a_rule_of_another_float32_path_at_an_exact_fit_is_not_failed(seed, offs
         report = jaxcheck.verify(mse, params, x, y, key=key, rules=False)
         assert report.status == "pass", str(report)
         assert not any("moves by only" in q for q in report.problems), report.problems
+
+
+def test_a_grad_fn_gap_on_its_float32_path_in_a_small_leaf_is_said_not_judged():
+    """A grad_fn 30 % off on the bias in float32 alone has no rule to check on its own: the
+    check passes there (a known limit: the bias is 1e-5 of the all-leaf gap), and says
+    that nothing judged grad_fn's float32 path for that leaf finely."""
+    params, x, y = _bias_beside_large_weights()
+    plain = _tagged_bias_mse(lambda g: g)
+
+    def grad_fn(p, x, y):
+        g = jax.grad(plain)(p, x, y)
+        scale = 1.3 if g["b"].dtype == jnp.float32 else 1.0
+        return {"w": g["w"], "b": scale * g["b"]}
+
+    report = jaxcheck.verify(plain, params, x, y, grad_fn=grad_fn, key=105)
+    said = [q for q in report.problems if q.startswith("['b']: checked alone, its float32")]
+    assert said and said[0].endswith(
+        "nothing here judges grad_fn's float32 path more finely: check it where this leaf's "
+        "gradient is not small"
+    ), report.problems
