@@ -314,7 +314,16 @@ def calls(jaxpr, *kinds: str) -> bool:
     found in one walk."""
     search = _Search()
     search.listed([(jaxpr, [])], "", "")
-    return any(f.kind in kinds for f in search.found)
+    return any(f.kind in kinds and not _held_tangent(f.eqn) for f in search.found)
+
+
+def _held_tangent(eqn) -> bool:
+    """Whether `eqn` is the custom_jvp with which jaxcheck's own derivative maps hold their
+    fixed tangent (`_orders._held`): not a rule of fn's."""
+    from . import _orders  # noqa: PLC0415 - _orders imports this module
+
+    name, at, where = _source(_rule_jaxpr(eqn)).rpartition(" at ")
+    return bool(at) and name == _orders._held.__name__ and where.startswith(_orders.__file__)
 
 
 def _unique(found) -> list:

@@ -546,3 +546,25 @@ def test_host_rms_of_a_float64_leaf_too_large_to_square():
         values, finite = _directions.host_rms(np.asarray([np.inf]), [leaf])
     assert finite.tolist() == [True]
     assert values[0] == pytest.approx(1e160 / math.sqrt(2), rel=1e-12)
+
+
+@pytest.mark.parametrize("with_rule", [False, True])
+def test_derivative_maps_have_rules_only_where_their_code_calls_one(with_rule):
+    """The order-2 maps hold their fixed tangent with a custom_jvp of jaxcheck's own
+    (`_orders._held`): that is no rule of fn's, and a map counted as calling one had its
+    primal compared with itself in every program (two more traces of the map a check).
+    A rule of fn's is replaced by its derivative code in the map; a rule that code calls
+    (here the cosine in the sine's jvp rule) is the map's own."""
+    from jaxcheck import _orders, _rule_search
+
+    cos = jax.custom_jvp(jnp.cos)
+    cos.defjvp(lambda p, t: (jnp.cos(p[0]), -jnp.sin(p[0]) * t[0]))
+    sin = jax.custom_jvp(jnp.sin)
+    sin.defjvp(lambda p, t: (jnp.sin(p[0]), (cos if with_rule else jnp.cos)(p[0]) * t[0]))
+    inner = lambda p: sin(p) * 2.0  # noqa: E731
+    pair = _orders.PairMap(_orders.JvpMap(inner), _orders.VjpMap(inner))
+    x = jnp.arange(3.0, dtype=jnp.float32)
+    fixed = (([jnp.ones(3)], [jnp.ones(3)]), ([jnp.ones(3)], [jnp.ones(3)]))
+    jaxpr = jax.make_jaxpr(lambda p: pair(p, fixed))(x)
+    assert "_held" in str(jaxpr)
+    assert _rule_search.calls(jaxpr.jaxpr, "custom_vjp", "custom_jvp") is with_rule
