@@ -1,5 +1,7 @@
 import importlib.metadata
 import os
+import shutil
+import tempfile
 
 import jax
 import pytest
@@ -28,6 +30,34 @@ def pytest_xdist_auto_num_workers(config):
 def _gpu_plugin_installed() -> bool:
     names = (d.metadata["Name"] or "" for d in importlib.metadata.distributions())
     return any(n.lower().replace("_", "-").startswith(("jax-cuda", "jax-rocm")) for n in names)
+
+
+# One persistent compilation cache for the whole run, shared by the workers and by the
+# child processes the tests start (they inherit the environment): parametrized tests and
+# children compile many identical programs (same shapes, the key an input). Measured on the
+# full suite (2 cores, two workers): 411 s without it, 369 s and 381 s with it. Unless the
+# caller chose a cache already; removed at the end of the run.
+_CACHE_VARIABLE = "JAX_COMPILATION_CACHE_DIR"
+
+
+def pytest_configure(config):
+    if hasattr(config, "workerinput") or os.environ.get(_CACHE_VARIABLE):
+        return  # a worker inherits the run's cache through its environment
+    folder = tempfile.mkdtemp(prefix="jaxcheck-tests-xla-cache-")
+    config._jaxcheck_xla_cache = folder
+    os.environ[_CACHE_VARIABLE] = folder
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    # this process imported jax already (above), before the variables were set
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_jaxcheck_xla_cache", None)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.environ.pop(_CACHE_VARIABLE, None)
+        os.environ.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", None)
 
 
 @pytest.fixture(autouse=True)
