@@ -32,32 +32,43 @@ def _gpu_plugin_installed() -> bool:
     return any(n.lower().replace("_", "-").startswith(("jax-cuda", "jax-rocm")) for n in names)
 
 
-# One persistent compilation cache for the whole run, shared by the workers and by the
-# child processes the tests start (they inherit the environment): parametrized tests and
-# children compile many identical programs (same shapes, the key an input). Measured on the
-# full suite (2 cores, two workers): 411 s without it, 369 s and 381 s with it. Unless the
-# caller chose a cache already; removed at the end of the run.
+# A persistent compilation cache for the run: parametrized tests and the child processes the
+# tests start (they inherit the environment) compile many identical programs (same shapes,
+# the key an input). Measured on the full suite (2 cores, two workers): 411 s without it,
+# 369 s and 381 s with it. Each worker has a folder of its own: JAX writes an entry in place,
+# and a worker reading one another is writing would warn, an error here. Unless the caller
+# set the variable (to a folder of their own, or empty for no cache); removed at the end.
 _CACHE_VARIABLE = "JAX_COMPILATION_CACHE_DIR"
+_CACHE_OF_RUN = "JAXCHECK_TESTS_XLA_CACHE"  # set where this conftest made the run's folder
 
 
 def pytest_configure(config):
-    if hasattr(config, "workerinput") or os.environ.get(_CACHE_VARIABLE):
-        return  # a worker inherits the run's cache through its environment
-    folder = tempfile.mkdtemp(prefix="jaxcheck-tests-xla-cache-")
-    config._jaxcheck_xla_cache = folder
+    worker = getattr(config, "workerinput", {}).get("workerid")
+    if worker is None and _CACHE_VARIABLE not in os.environ:
+        base = tempfile.mkdtemp(prefix="jaxcheck-tests-xla-cache-")
+        config._jaxcheck_xla_cache = base
+        os.environ[_CACHE_OF_RUN] = base
+        _use_cache(base)
+    elif worker is not None and os.environ.get(_CACHE_OF_RUN):
+        folder = os.path.join(os.environ[_CACHE_OF_RUN], worker)
+        os.makedirs(folder, exist_ok=True)
+        _use_cache(folder)
+
+
+def _use_cache(folder: str) -> None:
     os.environ[_CACHE_VARIABLE] = folder
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    # this process imported jax already (above), before the variables were set
+    # jax was imported above, before the variables were set
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def pytest_unconfigure(config):
-    folder = getattr(config, "_jaxcheck_xla_cache", None)
-    if folder is not None:
-        shutil.rmtree(folder, ignore_errors=True)
-        os.environ.pop(_CACHE_VARIABLE, None)
-        os.environ.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", None)
+    base = getattr(config, "_jaxcheck_xla_cache", None)
+    if base is not None:
+        shutil.rmtree(base, ignore_errors=True)
+        for name in (_CACHE_VARIABLE, _CACHE_OF_RUN, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+            os.environ.pop(name, None)
 
 
 @pytest.fixture(autouse=True)

@@ -46,6 +46,9 @@ def _run_job(tmp: Path) -> list[dict]:
     skips when this JAX cannot run CPU collectives across processes."""
     port = _free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # no compilation cache shared by the processes: JAX writes its entries in place, and one
+    # process reading what the other is writing warns
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     procs, logs = [], []
     for i in range(NUM_PROCESSES):
         log = open(tmp / f"log{i}.txt", "w+")  # closed below, after both have ended
