@@ -125,13 +125,16 @@ def _probe(problem, reverse, fold, seeds, diff, traced, index, signs) -> dict:
     if not small:
         result["param_squares"] = _directions.sum_squares(diff)
     if fold:
-        ones = jnp.ones(len(diff), jnp.float32)
+        acc = _precision.accumulator([x.dtype for x in diff])
+        # (unit steps in float64 where a leaf is: a packed leaf's entry scales, exact in
+        # its dtype, would be rounded to float32 on the way, and its folded projections
+        # would be 1e-8 off, a bug against a float64 tolerance)
+        ones = jnp.ones(len(diff), acc)
         # per leaf (K, *shape): its unit direction (signs, or float32 Gaussians) for each k,
         # in the leaf's dtype: the very values the stencil scales by beta in float64
         units = jax.vmap(
             lambda k, z: _directions.direction(seeds[0], k, diff, ones, kind, z, problem.packed)
         )(index, p_signs)
-        acc = _precision.accumulator([x.dtype for x in diff])
     cots = None
     if fold and not problem.scalar_output:
         cots = jax.vmap(lambda k, z: _directions.cotangent(seeds[1], k, scales, outs, kind, z))(

@@ -1929,3 +1929,30 @@ def test_a_grad_fn_gap_on_its_float32_path_in_a_small_leaf_is_said_not_judged():
         "nothing here judges grad_fn's float32 path more finely: check it where this leaf's "
         "gradient is not small"
     ), report.problems
+
+
+@pytest.mark.parametrize("mode", ["forward", "reverse", "both"])
+@pytest.mark.parametrize("scalar", [True, False])
+@pytest.mark.parametrize("factor", [1.0, 1.0 + 1e-6])
+def test_a_small_float64_leaf_of_packed_quantities_is_resolved_in_float64(
+    x64, mode, scalar, factor
+):
+    """A leaf of at most 64 entries whose magnitudes span more than 1e3 moves each entry by
+    its own size. A small problem's probe projected the derivative along those directions
+    with their sizes rounded to float32, so in float64 the forward projections (and a
+    non-scalar fn's reverse ones) were 4e-8 off: correct functions failed against the
+    float64 tolerance of 1.5e-8."""
+    from jaxcheck import _directions
+
+    x = jnp.asarray(np.random.RandomState(10011).randn(4, 5), jnp.float64)
+    assert _directions.packed_leaves([x]) == (True,)
+    sin = scaled_sin(factor)
+    fn = (lambda p: jnp.sum(sin(p))) if scalar else (lambda p: sin(p) * p)
+    report = jaxcheck.verify(fn, x, mode=mode)
+    assert report.tested_dtype == report.reference_dtype == "float64"
+    if factor == 1.0:
+        assert report.status is jaxcheck.Status.PASS, report
+        assert report.relative_error < 1e-9
+    else:
+        assert report.status is jaxcheck.Status.FAIL, report
+        assert 3e-7 < report.relative_error < 3e-6
