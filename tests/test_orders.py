@@ -9,6 +9,7 @@ import pytest
 from jax import lax
 
 import jaxcheck
+from jaxcheck import _evaluate
 
 
 def mlp(p, x):
@@ -569,3 +570,32 @@ def test_flat_maps_where_fn_does_not_curve_pass(fn, params, order):
     report = jaxcheck.verify(fn, params, X, order=order, mode="both")
     assert report.ok, str(report)
     assert not any("order below curves" in q for p in report.parts for q in p.problems)
+
+
+@pytest.mark.parametrize("differentiable", [True, False])
+def test_a_custom_vjp_where_fn_is_nan_is_checked_at_order_2_in_reverse_mode(differentiable):
+    """fn NaN at params ends the order-1 part before it finds that a custom_vjp in fn has no
+    forward mode; the jvp map's jvp of it, differentiated in reverse mode, then raised
+    JAX's NotImplementedError for custom_lin out of verify."""
+
+    @jax.custom_vjp
+    def log(x):
+        return jnp.log(x)
+
+    def bwd(x, ct):
+        return (ct / (x if differentiable else jax.lax.stop_gradient(x)),)
+
+    log.defvjp(lambda x: (jnp.log(x), x), bwd)
+    p = jnp.asarray([1.6243454, -0.6117564, -0.5281718], jnp.float32)
+    report = jaxcheck.verify(lambda p: jnp.sum(log(p)), p, order=2, mode="both")
+    head, second, in_cotangent = report.parts
+    assert head.status is jaxcheck.Status.NONFINITE
+    assert "fn's output (root) is NaN/Inf at params" in head.problems
+    assert _evaluate.NO_JVP in head.problems
+    assert any(q.startswith("for the same reason, the jvp map") for q in head.problems)
+    # as where fn is finite: the vjp map alone, in both modes, and the map in its cotangent
+    assert second.label == "order 2: Hessian-vector products"
+    assert second.status is (jaxcheck.Status.PASS if differentiable else jaxcheck.Status.FAIL)
+    assert in_cotangent.label == "order 2: vjp map in its cotangent"
+    with pytest.raises(TypeError, match="asks for forward mode .jvp., but f contains a jax"):
+        jaxcheck.check_grads(lambda p: jnp.sum(log(p)), (p,), order=2)
