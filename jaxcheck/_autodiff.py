@@ -148,7 +148,9 @@ def _probe(problem, reverse, fold, seeds, diff, traced, index, signs) -> dict:
             jnp.concatenate([z * UNIT if j == i else jnp.zeros_like(z) for j in range(leaves)])
             for i, z in enumerate(units)
         ]
-        jv = jax.vmap(lambda t: jax.jvp(f, (diff,), (t,))[1])(tangents)
+        primals, jv = jax.vmap(lambda t: jax.jvp(f, (diff,), (t,)))(tangents)
+        if own and gap is None:  # forward mode alone: the primal jax.jvp returns
+            gap = primal_gap([y[0] for y in primals], outs)
         if cots is None:
             p = jv[0].astype(_precision.accumulator([jv[0].dtype]))
         else:
@@ -175,6 +177,11 @@ def _probe(problem, reverse, fold, seeds, diff, traced, index, signs) -> dict:
         else:
             grad = vjp_fn(cot)[0]
             wrong_kinds(grad, diff)
+    if own and gap is None and not reverse:
+        # forward mode alone (not folded): the primal jax.jvp returns (a custom_jvp rule's
+        # primal output), as the reverse modes compare the primal of jax.vjp
+        zeros = [jnp.zeros_like(x) for x in diff]
+        gap = primal_gap(jax.jvp(f, (diff,), (zeros,))[0], outs)
     if reverse:
         if not small:
             result["grad_squares"] = _directions.sum_squares(grad)

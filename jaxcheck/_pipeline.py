@@ -237,9 +237,9 @@ def _primal(run: Run, status: Status, p, checks) -> tuple[Status, list]:
     if gap <= allowed:
         return status, checks
     run.problems.append(
-        f"fn's value as its derivative computes it (the primal output of jax.vjp or "
-        f"jax.value_and_grad) differs from fn's own value by {float(gap):.1e} (relative; "
-        f"allowed {allowed:.1e}): a custom rule's forward pass (a custom_vjp's fwd, a "
+        f"fn's value as its derivative computes it (the primal output of jax.vjp, "
+        f"jax.value_and_grad or jax.jvp) differs from fn's own value by {float(gap):.1e} "
+        f"(relative; allowed {allowed:.1e}): a custom rule's forward pass (a custom_vjp's fwd, a "
         "custom_jvp rule's primal output) computes something other than its function"
     )
     gap = float(gap)

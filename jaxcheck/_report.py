@@ -276,7 +276,7 @@ FLAT_WHERE_CURVED = "flat where the order below curves"
 
 
 # the name of the comparison of fn's value as its derivative computes it with fn's own
-PRIMAL_CHECK = "primal: fn's value from jax.vjp / value_and_grad vs fn's own"
+PRIMAL_CHECK = "primal: fn's value from jax.vjp / value_and_grad / jvp vs fn's own"
 
 
 # the advice where only a primal row failed: the derivative itself agrees
