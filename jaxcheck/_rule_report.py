@@ -8,7 +8,17 @@ import re
 
 import jax
 
-from . import _plan, _report, _rule_rows, _rule_search, _rules, _transforms, _tree, _verdict
+from . import (
+    _plan,
+    _precision,
+    _report,
+    _rule_rows,
+    _rule_search,
+    _rules,
+    _transforms,
+    _tree,
+    _verdict,
+)
 from ._error_model import Comparison
 from ._errors import GradientCheckError, one_line
 from ._report import Report, Status
@@ -132,11 +142,16 @@ def _wants_rules(o, report: Report) -> bool:
 
 
 def _coarse(report: Report) -> bool:
-    """Whether fn's first derivative passed at a coarse resolution only (fn rounds to a
-    half precision inside: a noise floor beyond `_verdict.MAX_NOISE_FLOOR`), where a rule's
-    own check resolves its error far more finely."""
+    """Whether fn's first derivative passed at a coarse resolution only, where a rule's own
+    check resolves its error far more finely: fn rounds to a half precision inside (a noise
+    floor beyond `_verdict.MAX_NOISE_FLOOR`), or its finite differences ran in a precision
+    below float64 (fn refuses float64: a rule 1e-4 off passed at a tolerance of 3.5e-4)."""
     first = report.parts[0] if report.parts else report
-    return first.status is Status.PASS and first.noise_floor > _verdict.MAX_NOISE_FLOOR
+    if first.status is not Status.PASS:
+        return False
+    ref = first.reference_dtype
+    native = bool(ref) and _precision.eps(ref) > _precision.eps("float64")
+    return native or first.noise_floor > _verdict.MAX_NOISE_FLOOR
 
 
 def _rounding_gap(report: Report) -> bool:

@@ -1536,3 +1536,32 @@ def test_a_rule_whose_cotangent_has_another_dtype_inside_the_model_is_named(fn):
     assert "The custom rule custom_vjp _sin_complex_cotangent at " in said, said
     assert "gives its inputs cotangents of other dtypes than theirs" in said, said
     assert isinstance(caught.value.__cause__, TypeError | AssertionError)
+
+
+@jax.custom_vjp
+def nudged(w):
+    return w
+
+
+nudged.defvjp(lambda w: (w, None), lambda _, g: (g * (1 + 1e-4),))  # 1e-4 too large
+CARRY = jnp.zeros(3, jnp.float32)  # fixes the scan's carry at float32: fn refuses float64
+
+
+@pytest.mark.rules_auto
+@pytest.mark.parametrize("rules", ["auto", True])
+def test_a_rule_below_what_float32_differences_resolve_is_named_wrong(rules):
+    # fn's finite differences run in float32 (tolerance about 3e-4): its pass clears no
+    # rule of an error of 1e-4, which the rule's own check, in float64, resolves
+    def loss(p, xs):
+        w = nudged(p["w"])
+        c, _ = jax.lax.scan(lambda c, x: (jnp.tanh(c * w + x * p["b"]), None), CARRY, xs)
+        return jnp.sum(c**2)
+
+    p = {"w": jnp.asarray([0.5, -0.4, 0.3]), "b": jnp.asarray([0.2, 0.1, -0.3])}
+    xs = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+    report = jaxcheck.verify(loss, p, xs, rules=rules)
+    assert report.status == "fail", str(report)
+    (wrong,) = [q for q in report.problems if q.startswith("wrong rule")]
+    assert wrong.startswith("wrong rule: custom_vjp nudged at "), wrong
+    assert not any("not counted" in q for q in report.problems), report.problems
+
