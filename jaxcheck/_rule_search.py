@@ -84,6 +84,8 @@ class Found:
     # the paths of the params leaves the rule's inputs depend on (None where its inputs
     # were not followed): a rule no failing leaf reaches cannot be what fails it
     sources: frozenset | None = dataclasses.field(default=None, compare=False)
+    # tells rule objects of one name apart (`_identity`)
+    identity: tuple = dataclasses.field(default=(), repr=False, compare=False)
 
     @property
     def in_jax(self) -> bool:
@@ -328,18 +330,26 @@ def _held_tangent(eqn) -> bool:
 
 def _unique(found) -> list:
     """One entry per rule and call site (a layer called in a loop is one rule), with the
-    first inputs captured."""
-    seen, counts, sources = {}, {}, {}
+    first inputs captured. Rule objects of one name called from one site (layers a factory
+    made with different settings) are each a rule, told apart in their context."""
+    seen, counts, sources, objects = {}, {}, {}, {}
     for f in found:
-        key = (f.kind, f.name, f.where, f.context)
+        key = (f.kind, f.name, f.where, f.context, f.identity)
         counts[key] = counts.get(key, 0) + 1
         if key not in seen or (seen[key].inputs is None and f.inputs is not None):
             seen[key] = f
         before = sources.get(key, NONE)
         sources[key] = None if before is None or f.sources is None else before | f.sources
-    return [
-        dataclasses.replace(f, calls=counts[key], sources=sources[key]) for key, f in seen.items()
-    ]
+        objects.setdefault(key[:-1], {}).setdefault(key, None)
+    out = []
+    for key, f in seen.items():
+        f = dataclasses.replace(f, calls=counts[key], sources=sources[key])
+        same = list(objects[key[:-1]])
+        if len(same) > 1:
+            which = f"rule {same.index(key) + 1} of {len(same)} of that name called here"
+            f = dataclasses.replace(f, context=_join(f.context, which))
+        out.append(f)
+    return out
 
 
 def _bind(eqn, values):
@@ -497,18 +507,37 @@ def _users_rule(eqn) -> str | None:
         info = str(getattr(getattr(fun, "debug_info", None), "func_src_info", None) or "")
         if info and _JAX_DIR not in info:
             return info
-        held = _held_outside_jax(fun)
+        held = _outside_jax(fun)
         if held is not None:
-            return held
+            code = held.__code__
+            return f"{code.co_name} at {code.co_filename}:{code.co_firstlineno}"
     return None
 
 
-def _held_outside_jax(root, depth: int = 8) -> str | None:
-    """Where the first function defined outside JAX that `root` (a function or JAX's
-    `WrappedFun`) is or holds is defined, as "name at file:line": through the functions JAX
-    wraps (`WrappedFun.f`, `functools.partial`, `__wrapped__`), the closures of JAX's
-    functions and the lists and tuples in them; None where there is none within `depth`
-    steps."""
+def _identity(eqn) -> tuple:
+    """What tells one rule object from another of the same name: the code of the functions
+    of its derivative defined outside JAX and the values their closures hold. Two
+    custom_vjp objects a factory made with different settings differ; one object called
+    in a loop over layers is one rule."""
+    out = []
+    for key in _RULE_FUNCTIONS:
+        fun = _outside_jax(eqn.params.get(key))
+        if fun is not None:
+            cells = []
+            for cell in fun.__closure__ or ():
+                try:
+                    cells.append(id(cell.cell_contents))
+                except ValueError:  # an empty cell
+                    cells.append(None)
+            out.append((fun.__code__, tuple(cells)))
+    return tuple(out)
+
+
+def _outside_jax(root, depth: int = 8):
+    """The first function defined outside JAX that `root` (a function or JAX's
+    `WrappedFun`) is or holds: through the functions JAX wraps (`WrappedFun.f`,
+    `functools.partial`, `__wrapped__`), the closures of JAX's functions and the lists and
+    tuples in them; None where there is none within `depth` steps."""
     level, seen = [root], set()
     for _ in range(depth):
         below = []
@@ -530,7 +559,7 @@ def _held_outside_jax(root, depth: int = 8) -> str | None:
             if code is None:
                 continue
             if _JAX_DIR not in os.path.abspath(code.co_filename):
-                return f"{code.co_name} at {code.co_filename}:{code.co_firstlineno}"
+                return obj
             for cell in getattr(obj, "__closure__", None) or ():
                 try:
                     below.append(cell.cell_contents)
@@ -604,6 +633,7 @@ class _Search:
                     constants=constants,
                     dead=self.dead,
                     sources=NONE.union(*fl),
+                    identity=_identity(eqn),
                 )
             )
             return _bind(eqn, ins)

@@ -676,6 +676,39 @@ def test_a_rule_called_from_one_line_several_times_says_it_was_checked_once():
     assert "(2 calls); one wrong at the inputs of later calls goes unseen there" in line
 
 
+
+def make_dense(scale):
+    @jax.custom_vjp
+    def dense(x, w):
+        return x @ w
+
+    dense.defvjp(lambda x, w: (x @ w, (x, w)), lambda r, g: (g @ r[1].T, scale * r[0].T @ g))
+    return dense
+
+
+def test_rule_objects_of_one_name_called_from_one_line_are_each_checked():
+    # a factory made both layers' rules; only the second one's bwd is wrong
+    layers = [make_dense(1.0), make_dense(-1.0)]
+
+    def loss(params, x):
+        for dense, w in zip(layers, params):
+            x = jnp.tanh(dense(x, w))
+        return jnp.sum(x**2)
+
+    params = [jnp.eye(3) * 0.5 + 0.1, jnp.eye(3) * 0.7 - 0.1]
+    report = jaxcheck.verify(loss, params, jnp.asarray([[1.0, 2.0, -0.5]]))
+    assert report.status == "fail"
+    assert [leaf.path for leaf in report.leaves if leaf.status == "fail"] == ["[1]"]
+    (wrong,) = [q for q in report.problems if q.startswith("wrong rule")]
+    assert wrong.startswith("wrong rule: custom_vjp dense at "), wrong
+    assert "(rule 2 of 2 of that name called here): vjp vs finite differences" in wrong
+    (fine,) = [q for q in report.problems if q.startswith("rules fine")]
+    assert fine.endswith("(rule 1 of 2 of that name called here)"), fine
+    # one object called twice is one rule
+    layers[1] = layers[0]
+    report = jaxcheck.verify(loss, params, jnp.asarray([[1.0, 2.0, -0.5]]), rules=True)
+    assert report.ok and not any("of that name" in q for q in report.problems), str(report)
+
 def test_a_constant_passed_to_a_rule_is_held_fixed_as_in_the_model():
     # the temperature is a Python float in fn: its bwd may return None for it
     @jax.custom_vjp
