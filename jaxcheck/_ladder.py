@@ -18,6 +18,8 @@ KINK_SHARE = 0.01
 # the noise floor at which a smaller step, whose fourth differences show the larger one to
 # be truncation-bound, is kept (a hundredth of the floor at which nothing is judged)
 TRUNCATION_RESOLVED = 2.5e-4
+# at most this many steps 16 times smaller again, where each shrinks the truncation error
+MORE_DESCENTS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +131,7 @@ def _full_ladder(run: Run, index, rows, h, groups, out):
     if np.all(factors == 1.0):
         return list(zip(best, map(tuple, tried), how))
     out2 = _sequential.evaluate_full(run, index, _scale_rows(rows, groups, factors), h)
-    again = np.ones(len(groups))
+    again, down = np.ones(len(groups)), {}
     for i, g in enumerate(groups):
         if factors[i] == 1.0:
             continue
@@ -178,6 +180,9 @@ def _full_ladder(run: Run, index, rows, h, groups, out):
             # and finely enough to judge (near a pole, 1/x at 1e-6, it still resolves
             # only to a few percent: then the larger step below, and no verdict)
             best[i], how[i] = p2, Choice(float(factors[i]))
+        elif suspect[i] and _truncation_bound(best[i], p2):
+            keep_better(i, p2, factors[i])
+            down[i] = p2  # d4 is truncation: smaller steps still (below)
         elif suspect[i]:  # d4 is noise: the function is noisier than the reference
             again[i] = min(1e3, (best[i].fd.relative_noise / eps) ** (1 / 3), run.max_step / h)
         else:
@@ -187,6 +192,23 @@ def _full_ladder(run: Run, index, rows, h, groups, out):
             keep_better(i, p2, factors[i])
             if best[i] is not p2 and best[i] is not kept:
                 how[i] = dataclasses.replace(how[i], crossed_at=float(factors[i]))
+    for _ in range(MORE_DESCENTS):
+        if not down:
+            break
+        # fn curves on a scale far below the parameters' (sin at 1e6, period 2 pi): its
+        # truncation error shrinks with the step, down to where it resolves
+        smaller = np.ones(len(groups))
+        for i, q in down.items():
+            smaller[i] = q.step / h / 16
+        out4 = _sequential.evaluate_full(run, index, _scale_rows(rows, groups, smaller), h)
+        for i, q in list(down.items()):
+            q2 = _group(run, out4, groups[i], h, smaller[i])
+            tried[i].append(h * smaller[i])
+            keep_better(i, q2, smaller[i])
+            del down[i]
+            target = 0.1 * _verdict.floors(run, q2.fd)["nonsmooth"]
+            if q2.fd.noise_floor > target and _truncation_bound(q, q2):
+                down[i] = q2
     if np.any(again != 1.0):
         out3 = _sequential.evaluate_full(run, index, _scale_rows(rows, groups, again), h)
         for i, g in enumerate(groups):
@@ -317,6 +339,25 @@ def _shrinks(fd1, fd2, factor: float) -> bool:
         return False
     ratio = np.median(np.abs(fd2.d4[use2])) / np.median(np.abs(fd1.d4[use1]))
     return bool(ratio <= 4 * factor)
+
+
+def _truncation_bound(p: Pass, smaller: Pass) -> bool:
+    """Whether finite differences at a 16 times smaller step (`smaller`) are far less noisy
+    than `p`'s: their fourth differences shrink with the step, as truncation does (by 256
+    for central differences, 65536 with Richardson), where rounding would grow 16 times,
+    while the differences themselves do not shrink (fn's first-order term is there: det at
+    the zero matrix, h^n det(v), shrinks as a whole) and fn is not flat along any direction
+    at the smaller step (a staircase is, below its quanta)."""
+    fd, small = p.fd, smaller.fd
+    return bool(
+        small.finite.all()
+        and small.smooth.sum() >= fd.smooth.sum()
+        and small.noise_floor < fd.noise_floor / 16
+        # (along rows scaled with the step: per unit of it)
+        and _error_model.rms(small.value) / smaller.step
+        >= 0.25 * _error_model.rms(fd.value) / p.step
+        and not np.any(_verdict.constant_along(smaller))
+    )
 
 
 def _better(p1: Pass, p2: Pass) -> Pass:

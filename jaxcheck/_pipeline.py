@@ -125,12 +125,29 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
         if stop:
             break
         i, previous = _sequential.next_look(ks, i, why), n
-    if status == Status.FAIL and step is None:  # confirmed at larger steps first
+    if status == Status.FAIL and step is None:  # confirmed at other steps first
         p, more, confirmed, h0, choice = _larger_steps(run, n, beta, p, checks, h0, choice)
         tried.update(dict.fromkeys(more))
+        smaller = False
+        if not all(c.passed for c in confirmed):
+            before = confirmed
+            p, more, confirmed, h0, choice = _smaller_steps(run, n, beta, p, confirmed, h0, choice)
+            tried.update(dict.fromkeys(more))
+            smaller = confirmed is not before
         if confirmed is not checks:
             checks, said = confirmed, []
             status = _verdict.status(run, p, checks, n, said)
+            settled, why = _sequential.settled(p, checks, status, n, len(ks))
+            why = why if settled else None
+        input_rounding = _precision.eps(run.reference) / p.step
+        if smaller and status is Status.FAIL and checks[0].relative_error <= input_rounding:
+            # at a relative step of 1e-10 the inputs x + h v round to 2e-6 of the step
+            status = Status.INCONCLUSIVE
+            said.append(
+                f"at that step the inputs round to {input_rounding:.1e} of it, which the "
+                f"error {checks[0].relative_error:.1e} does not exceed: not judged (fn curves "
+                "too finely for finite differences in its precision to resolve at this point)"
+            )
     if status is Status.FAIL and _jitter.explains(run, p, beta):
         status, said = Status.INCONCLUSIVE, [*said, _jitter.WITHIN_ROUNDING]
     mostly_rounding = checks[0].gap >= MOSTLY_ROUNDING
@@ -427,6 +444,58 @@ def _larger_steps(run: Run, n: int, beta, p, checks, h0, choice):
     return q, more, q_checks, h, choice
 
 
+def _smaller_steps(run: Run, n: int, beta, p, checks, h0, choice):
+    """A failing check whose finite differences are not resolved (their noise floor above
+    a tenth of the smallest error that counts) again along its n directions at steps 16,
+    256, ... times smaller: fn may curve on a scale far below the step (sin at 1e6, whose
+    period is 6e-6 of it), where differences across several periods alias, and their own
+    error estimate with them. The least noisy of those is taken where it shrinks the error
+    of a failing comparison 4 times or more: a wrong derivative's error does not depend on
+    the step. Returns as `_larger_steps` does."""
+    target = 0.1 * _verdict.floors(run, p.fd)["nonsmooth"]
+    if not (p.fd.noise_floor > target and p.fd.finite.all() and not p.fd.num_nonsmooth):
+        return p, (), checks, h0, choice
+    # differences across periods average fn's slope away (sin's by sin(h)/h): they come out
+    # far smaller than the derivative; where they are not, the step is not what is wrong
+    # (a derivative map rounding to 2^-20 inside is a staircase, flat at smaller steps
+    # along what it leaves out, and the larger step judges it as the smooth map it rounds)
+    if not _error_model.rms(p.fd.value) < ATTENUATED * _error_model.rms(p.analytic):
+        return p, (), checks, h0, choice
+    index, rows = np.arange(n, dtype=np.int32), np.tile(beta, (n, 1))
+    more, best = (), None
+    for k in range(1, SMALLER_STEPS + 1):
+        q, steps, q_choice = _ladder.at_step(run, index, rows, p.step / 16**k)
+        more += tuple(steps)
+        if not (q.fd.finite.all() and not q.fd.num_nonsmooth):
+            break
+        if best is None or q.fd.noise_floor < best[0].fd.noise_floor:
+            best = (q, q_choice)
+    if best is None:
+        return p, more, checks, h0, choice
+    q, q_choice = best
+    q_checks = _verdict.compare(run, q)
+    j = max(
+        (i for i, c in enumerate(checks) if not c.passed),
+        key=lambda i: _shrink(checks[i], q_checks[i]),
+    )
+    if _shrink(checks[j], q_checks[j]) < 4 or q.fd.noise_floor >= p.fd.noise_floor:
+        return p, more, checks, h0, choice
+    run.problems.append(
+        f"the finite differences disagreed with the derivative by "
+        f"{checks[j].relative_error:.1e} at the relative step {p.step:.1e} and by "
+        f"{q_checks[j].relative_error:.1e} at {q.step:.1e}: an error that shrinks with the "
+        "step is truncation (fn curves on a scale far below the step), not a wrong "
+        "derivative; the check went on at the smaller step"
+    )
+    return q, more, q_checks, q.step, q_choice
+
+
+# a failing check whose differences are not resolved looks at steps down to 16**-this,
+# where they are this share of the derivative or less
+SMALLER_STEPS = 5
+ATTENUATED = 0.25
+
+
 def _shrink(before: Comparison, after: Comparison) -> float:
     """How many times smaller a comparison's error is at the larger step."""
     if not (before.relative_error > 0 and math.isfinite(before.relative_error)):
@@ -440,6 +509,8 @@ def _stopped(ks, n, previous, head, why) -> str:
     if len(ks) == 1:
         return ""
     k = ks[-1]
+    if why is None:  # (a failing check looked at other steps: said above)
+        return f"stopped after {n} of {k} directions, then looked at other steps"
     if n < k:
         lo, hi = head.interval
         return (
