@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from . import _jitter, _ladder, _report, _sequential, _tree, _verdict
+from . import _jitter, _ladder, _precision, _report, _sequential, _tree, _verdict
 from ._report import LeafResult, Status
 from ._state import Run
 
@@ -168,6 +168,41 @@ def localize(run: Run, scales, leaf_k, h, paths, chosen, sequential=False, fixed
             "hence a relative error near 1 against a tolerance of 2"
         )
     return tuple(results[leaf] for leaf in chosen)
+
+
+def unrounded(run: Run, option) -> list:
+    """Where the all-leaf check judged at the resolution of a dtype fn rounds to inside
+    (`run.rounds_to`), the leaves whose values reach no such cast (`Problem.unrounded`),
+    with elements: fn is smooth along their own directions, which judge them at the
+    reference's resolution (a weight of a model that casts its bias alone to float32, a
+    no-op in fn and a rounding in the float64 reference). None with `localize=False`."""
+    if run.rounds_to is None or option is False:
+        return []
+    return [i for i in run.problem.unrounded if np.size(run.inputs.diff[i])]
+
+
+def localize_finely(run: Run, scales, leaf_k, h, paths, chosen, fine, step, sequential=False):
+    """`localize` over the leaves `chosen` and `fine` (see `unrounded`): these at the
+    reference's resolution and its own step (or the caller's `step`), the others as the
+    all-leaf check was judged, at `h`. One `LeafResult` per leaf, in leaf order."""
+    fixed = step is not None
+    coarse = [i for i in chosen if i not in fine]
+    found = dict(zip(coarse, localize(run, scales, leaf_k, h, paths, coarse, sequential, fixed)))
+    if fine:
+        rounds_to, run.rounds_to = run.rounds_to, None
+        try:
+            h_fine = step if fixed else _precision.default_step(run.reference)
+            alone = localize(run, scales, leaf_k, h_fine, paths, fine, sequential, fixed)
+            found.update(zip(fine, alone))
+        finally:
+            run.rounds_to = rounds_to
+        named = ", ".join(paths[i] or "(root)" for i in fine)
+        run.problems.append(
+            f"{named}: {'its values reach' if len(fine) == 1 else 'their values reach'} no "
+            f"such cast to {rounds_to.name}: checked alone at {run.reference.name} "
+            "resolution"
+        )
+    return tuple(found[i] for i in sorted(found))
 
 
 def _note_gaps_on_another_path(run: Run, on_gap: dict) -> None:

@@ -188,10 +188,11 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
         localize, status, share, checks[0].tolerance, len(paths), run.rtol, upper
     )
     chosen = [i for i in chosen if np.size(run.inputs.diff[i])]  # an empty leaf has no check
-    if chosen:
+    fine = _localize.unrounded(run, localize)
+    if chosen or fine:
         said = len(run.problems)
-        leaves = _localize.localize(
-            run, scales, leaf_k, h0, paths, chosen, sequential, step is not None
+        leaves = _localize.localize_finely(
+            run, scales, leaf_k, h0, paths, chosen, fine, step, sequential
         )
         if status is Status.FAIL and not any(leaf.status is Status.FAIL for leaf in leaves):
             # random signs can miss a leaf's error along all its directions (two entries
@@ -199,8 +200,8 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
             # `_directions.SPANNED` elements): before no leaf is blamed,
             # the leaves are checked again along twice as many
             del run.problems[said:]
-            leaves = _localize.localize(
-                run, scales, 2 * leaf_k, h0, paths, chosen, False, step is not None
+            leaves = _localize.localize_finely(
+                run, scales, 2 * leaf_k, h0, paths, chosen, fine, step
             )
         if accepted:  # (all leaves passed on a gap taken for rounding)
             leaves = _localize.within_accepted_rounding(run, leaves, checks[0])

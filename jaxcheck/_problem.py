@@ -50,6 +50,8 @@ class Problem:
     out_shapes: tuple[tuple[int, ...], ...] = ()
     rounds_to: str | None = None  # see `_rounds_to`
     rounds_at: str = ""  # where fn's trace first casts to `rounds_to` (file:line)
+    # indices of the differentiable leaves whose values reach no such cast (see `_rounds_to`)
+    unrounded: tuple[int, ...] = ()
     float32_products: bool = False  # see `_float32_products`
     has_rules: bool = False  # fn calls a custom_vjp/custom_jvp rule (seen in its jaxpr)
     iterates: bool = False  # fn runs a lax.while_loop (an iterative solver, say)
@@ -325,20 +327,38 @@ def _rounds_to(closed_jaxpr, diff, call, inputs) -> dict:
     no-op, yet round in the float64 reference, as does a cast of them to a more precise
     dtype (bfloat16 params computed in float32): for parameters below float64, fn is
     traced once more as the reference runs it, on float64 parameters, and its casts to
-    any dtype below float64 count. Returns the fields `rounds_to` and `rounds_at` of
-    `Problem` (none when there is no such cast)."""
+    any dtype below float64 count. Returns the fields `rounds_to`, `rounds_at` and
+    `unrounded` of `Problem` (none when there is no such cast): the leaves whose values
+    reach no such cast are smooth along their own directions (a float32 weight beside a
+    bias cast to float32 in fn), and judged there at the reference's resolution."""
     own = max(_precision.eps(x.dtype) for x in diff)
-    found = casts(closed_jaxpr.jaxpr, [True] * len(diff))
-    lowest = {d: at for d, at in found.items() if _precision.eps(d) > own}
+    traces = [(closed_jaxpr.jaxpr, own)]  # (a trace, the precision its casts go below)
     wide = _precision.eps(jnp.float64)
     if own > wide:
-        for d, at in _casts_in_float64(call, diff, inputs).items():
-            if _precision.eps(d) > wide:
-                lowest.setdefault(d, at)
+        wide_jaxpr = _traced_in_float64(call, diff, inputs)
+        traces += [] if wide_jaxpr is None else [(wide_jaxpr, wide)]
+
+    def rounding(flags) -> dict:
+        lowest = {}
+        for jaxpr, above in traces:
+            for d, at in casts(jaxpr, flags).items():
+                if _precision.eps(d) > above:
+                    lowest.setdefault(d, at)
+        return lowest
+
+    n = len(diff)
+    lowest = rounding([True] * n)
     if not lowest:
         return {}
     dtype = _precision.lowest(list(lowest))
-    return {"rounds_to": dtype.name, "rounds_at": lowest[dtype]}
+    unrounded = ()
+    if 1 < n <= MAX_LEAVES_TRACED_ALONE:
+        unrounded = tuple(i for i in range(n) if not rounding([j == i for j in range(n)]))
+    return {"rounds_to": dtype.name, "rounds_at": lowest[dtype], "unrounded": unrounded}
+
+
+# beyond this many leaves, none is looked at alone for the casts its values reach
+MAX_LEAVES_TRACED_ALONE = 64
 
 
 _PRODUCTS = ("dot_general", "conv_general_dilated")
@@ -361,8 +381,8 @@ def _default(precision) -> bool:
     return all(p is None or p == jax.lax.Precision.DEFAULT for p in items)
 
 
-def _casts_in_float64(call, diff, inputs) -> dict:
-    """The float casts of fn traced on float64 parameters (none when it cannot be)."""
+def _traced_in_float64(call, diff, inputs):
+    """fn's jaxpr traced on float64 parameters (None when it cannot be)."""
     try:
         # jaxcheck's own trace, as its compiled programs are: without the caller's checks
         with _precision.x64_scope(True), jax.enable_checks(False):
@@ -370,10 +390,9 @@ def _casts_in_float64(call, diff, inputs) -> dict:
             # the reference casts the floating args to float64 too
             p_arrays, a_floats, a_arrays = inputs.traced()
             a_wide = [jax.ShapeDtypeStruct(np.shape(x), jnp.float64) for x in a_floats]
-            jaxpr = jax.make_jaxpr(call)(wide, (p_arrays, a_wide, a_arrays))
+            return jax.make_jaxpr(call)(wide, (p_arrays, a_wide, a_arrays)).jaxpr
     except Exception:  # noqa: BLE001 - the reference falls back and says why, elsewhere
-        return {}
-    return casts(jaxpr.jaxpr, [True] * len(diff))
+        return None
 
 
 def casts(jaxpr, tainted_inputs) -> dict:

@@ -676,7 +676,6 @@ def test_a_rule_called_from_one_line_several_times_says_it_was_checked_once():
     assert "(2 calls); one wrong at the inputs of later calls goes unseen there" in line
 
 
-
 def make_dense(scale):
     @jax.custom_vjp
     def dense(x, w):
@@ -708,6 +707,7 @@ def test_rule_objects_of_one_name_called_from_one_line_are_each_checked():
     layers[1] = layers[0]
     report = jaxcheck.verify(loss, params, jnp.asarray([[1.0, 2.0, -0.5]]), rules=True)
     assert report.ok and not any("of that name" in q for q in report.problems), str(report)
+
 
 def test_a_constant_passed_to_a_rule_is_held_fixed_as_in_the_model():
     # the temperature is a Python float in fn: its bwd may return None for it
@@ -1597,4 +1597,3 @@ def test_a_rule_below_what_float32_differences_resolve_is_named_wrong(rules):
     (wrong,) = [q for q in report.problems if q.startswith("wrong rule")]
     assert wrong.startswith("wrong rule: custom_vjp nudged at "), wrong
     assert not any("not counted" in q for q in report.problems), report.problems
-

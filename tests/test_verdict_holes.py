@@ -2010,3 +2010,33 @@ def test_the_drop_in_passes_sin_at_large_params_as_jax_does(x64):
     jax.test_util.check_grads(jnp.sin, (x,), 1)
     jaxcheck.check_grads(jnp.sin, (x,), 1)
 
+
+@pytest.mark.parametrize("mode", ["reverse", "forward", "both"])
+@pytest.mark.parametrize("factor", [1.0, 1.0 + 3e-4])
+def test_a_leaf_beside_one_cast_to_its_own_dtype_is_judged_at_float64_resolution(mode, factor):
+    # the bias's no-op cast rounds in the float64 reference: fn is a float32 staircase
+    # along the bias, judged at float32 resolution (tolerance 5e-4), while along the weight
+    # alone it is smooth and judged finely: a 3e-4 error in its gradient fails
+    @jax.custom_jvp
+    def weight(w):
+        return w
+
+    weight.defjvp(lambda w, t: (w[0], factor * t[0]))
+
+    def loss(p, x):
+        return jnp.mean(jnp.tanh(x @ weight(p["w"]) + p["b"].astype(jnp.float32)) ** 2)
+
+    p = {"w": jnp.linspace(-0.8, 0.9, 30).reshape(6, 5), "b": jnp.full(5, 0.1)}
+    x = jnp.cos(jnp.arange(48.0)).reshape(8, 6)
+    report = jaxcheck.verify(loss, p, x, mode=mode)
+    assert any("judge at float32 resolution" in q for q in report.problems), str(report)
+    assert "['w']: its values reach no such cast to float32: checked alone at float64 " in (
+        "\n".join(report.problems)
+    )
+    w_leaf = next(leaf for leaf in report.leaves if leaf.path == "['w']")
+    assert w_leaf.tolerance < 1e-5, str(report)
+    if factor == 1.0:
+        assert report.status == "pass" and w_leaf.status == "pass", str(report)
+    else:
+        assert report.status == "fail" and w_leaf.status == "fail", str(report)
+        assert 2e-4 < w_leaf.relative_error < 5e-4, str(report)
