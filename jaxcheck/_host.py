@@ -137,10 +137,21 @@ def _contextvar(var, value):
 
 def refuse_traced(trees: dict, who: str = "verify") -> None:
     """Raise a TypeError naming the first traced leaf of `trees` (name -> pytree), or saying
-    that a transformation is tracing, for jaxcheck's entry point `who`."""
+    that a transformation is tracing, for jaxcheck's entry point `who`; a ValueError naming
+    the first deleted array (donated to a jitted function) among them."""
     traced = TRACED.format(who=who)
     for where, tree in trees.items():
-        if not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree)):
+        leaves = jax.tree_util.tree_leaves(tree)
+        if any(_deleted(x) for x in leaves):
+            for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+                if _deleted(leaf):
+                    raise ValueError(
+                        f"The {where} leaf {jax.tree_util.keystr(key_path) or '(root)'} is an "
+                        "array that has been deleted (donated to a jax.jit function with "
+                        "donate_argnums, say, or deleted with .delete()): its buffer is gone. "
+                        "Pass the arrays that function returned instead."
+                    )
+        if not any(isinstance(x, jax.core.Tracer) for x in leaves):
             continue
         for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
             if isinstance(leaf, jax.core.Tracer):
@@ -156,6 +167,11 @@ def refuse_traced(trees: dict, who: str = "verify") -> None:
         return
     if isinstance(jnp.zeros((), jnp.float32), jax.core.Tracer):
         raise TypeError(f"{traced} Call it outside jax.jit, on concrete arrays.")
+
+
+def _deleted(x) -> bool:
+    is_deleted = getattr(x, "is_deleted", None)
+    return isinstance(x, jax.Array) and callable(is_deleted) and bool(is_deleted())
 
 
 def _outside_transformations() -> bool:

@@ -49,10 +49,26 @@ def _keywords_of(fn) -> frozenset:
     return frozenset(p.name for p in parameters if p.kind in kinds)
 
 
+# what other gradient checkers (JAX's, PyTorch's) and random-number APIs call an option
+OTHER_NAMES = {
+    "seed": "key",
+    "rng": "key",
+    "rng_key": "key",
+    "prng_key": "key",
+    "eps": "step",
+    "epsilon": "step",
+    "atol": "rtol",
+    "tol": "rtol",
+    "modes": "mode",
+}
+
+
 def _unknown(name, call, unknown, names, fn_takes=frozenset()) -> str:
     parts, for_fn = [], []
     for k in unknown:
         close = [] if k in fn_takes else difflib.get_close_matches(k, names, n=1)
+        if k not in fn_takes and OTHER_NAMES.get(k) in names:
+            close = [OTHER_NAMES[k]]
         parts.append(f"{k!r} (did you mean {close[0]!r}?)" if close else repr(k))
         if not close:
             for_fn.append(k)

@@ -307,11 +307,11 @@ def merge_leaves(run: Run, status: Status, leaves, num_leaves: int = 0) -> Statu
             run.problems.append(
                 f"{', '.join(cut)}: the derivative under test is exactly zero for "
                 f"{'this leaf' if one else 'these leaves'} while fn changes with {it}: a "
-                f"jax.lax.stop_gradient (or a custom rule returning zeros, or a cast to an "
-                f"integer) cuts {it} off. If {they} meant to be held fixed (a hyperparameter "
-                f"such as a dropout rate), pass {it} to fn as an argument or leave {it} out "
-                f"of params (equinox: eqx.partition(model, eqx.is_inexact_array)); if not, "
-                "that is the bug"
+                "jax.lax.stop_gradient (or a custom rule returning zeros, a cast to an "
+                f"integer, or .item() on a value computed from params) cuts {it} off. If "
+                f"{they} meant to be held fixed (a hyperparameter such as a dropout rate), "
+                f"pass {it} to fn as an argument or leave {it} out of params (equinox: "
+                "eqx.partition(model, eqx.is_inexact_array)); if not, that is the bug"
             )
         return Status.FAIL if status is not Status.NONFINITE else status
     unjudged = [leaf.path or "(root)" for leaf in leaves if leaf.status is Status.INCONCLUSIVE]

@@ -310,6 +310,22 @@ def test_misspelt_option():
     assert "functools.partial" not in str(info.value)
 
 
+@pytest.mark.parametrize("other, ours", [("seed", "key"), ("eps", "step"), ("tol", "rtol")])
+def test_an_option_named_as_other_checkers_name_it_points_to_ours(other, ours):
+    with pytest.raises(TypeError) as info:
+        jaxcheck.verify(_loss, jnp.ones(2), **{other: 1e-3})
+    text = str(info.value)
+    assert f"unexpected keyword argument(s) '{other}' (did you mean '{ours}'?);" in text
+    assert "functools.partial" not in text
+
+    # a keyword fn takes itself is fn's, whatever other checkers call it
+    def loss(p, seed=0, eps=0.0, tol=0.0):
+        return _loss(p)
+
+    with pytest.raises(TypeError, match=rf"functools.partial\(fn, {other}=...\)"):
+        jaxcheck.verify(loss, jnp.ones(2), **{other: 1e-3})
+
+
 @pytest.mark.parametrize(
     "key, what",
     [
@@ -471,10 +487,11 @@ def test_a_leaf_cut_off_by_stop_gradient_is_said_so():
     assert [leaf.path for leaf in report.leaves if leaf.status == "fail"] == ["['rate']"]
     assert (
         "['rate']: the derivative under test is exactly zero for this leaf while fn changes "
-        "with it: a jax.lax.stop_gradient (or a custom rule returning zeros, or a cast to an "
-        "integer) cuts it off. If it is meant to be held fixed (a hyperparameter such as a "
-        "dropout rate), pass it to fn as an argument or leave it out of params (equinox: "
-        "eqx.partition(model, eqx.is_inexact_array)); if not, that is the bug"
+        "with it: a jax.lax.stop_gradient (or a custom rule returning zeros, a cast to an "
+        "integer, or .item() on a value computed from params) cuts it off. If it is meant to "
+        "be held fixed (a hyperparameter such as a dropout rate), pass it to fn as an "
+        "argument or leave it out of params (equinox: eqx.partition(model, "
+        "eqx.is_inexact_array)); if not, that is the bug"
     ) in report.problems
     grad = jax.grad(lambda p: jnp.sum(jnp.sin(p["w"]) * (1.0 - p["rate"])))
     wrong = jaxcheck.verify(fn, params, grad_fn=lambda p: {**grad(p), "w": 1.01 * grad(p)["w"]})
@@ -490,6 +507,15 @@ def test_int_seeds_above_int64_are_taken_as_their_64_bits(key):
     signed = jaxcheck.verify(fn, jnp.linspace(0.1, 1.0, 3), key=int(key) - 2**64)
     assert report.status == "pass"
     np.testing.assert_array_equal(report.numeric, signed.numeric)
+
+
+def test_item_on_a_value_computed_from_params_is_named_among_the_causes():
+    # eagerly, JAX's derivative drops what .item() turns into a Python number (float()
+    # raises instead); the check fails, and says what can cut a leaf off
+    report = jaxcheck.verify(lambda q: jnp.sum(q**2).item(), jnp.asarray([0.3, -0.7, 1.1]))
+    assert report.status == "fail"
+    (line,) = [q for q in report.problems if "exactly zero" in q]
+    assert "or .item() on a value computed from params) cuts it off" in line
 
 
 def test_a_report_has_no_truth_value_and_compares_by_identity():
@@ -731,3 +757,16 @@ def test_fn_reading_state_that_changes_between_traces_is_pointed_at():
         "trace of it is another function: make it a function of params and args alone" in q
         for q in report.problems
     ), report.problems
+
+
+def test_a_donated_params_leaf_is_named():
+    params = {"w": jnp.ones(3), "b": jnp.ones(3)}
+    params["b"].delete()  # as donating it to a jitted step does
+    with pytest.raises(ValueError) as info:
+        jaxcheck.verify(lambda p: jnp.sum(jnp.sin(p["w"]) * p["b"]), params)
+    assert str(info.value).startswith(
+        "The params leaf ['b'] is an array that has been deleted (donated to a jax.jit "
+        "function with donate_argnums, say, or deleted with .delete()): its buffer is gone. "
+        "Pass the arrays that function returned instead."
+    )
+    assert not params["w"].is_deleted()
