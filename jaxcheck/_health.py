@@ -297,7 +297,8 @@ def gradient_health(
                 )
                 + "."
             )
-        leaves = [x for _, x in _leaves_with_paths(updates)]
+        with_paths = _leaves_with_paths(updates)
+        leaves = [x for _, x in with_paths]
         _check_paths(_paths(updates), state.paths)
         if np.ndim(state.step):
             raise ValueError(
@@ -313,6 +314,7 @@ def gradient_health(
             # or absent leaf) has no known norm
             with_none = jax.tree_util.tree_leaves(updates, is_leaf=_is_none)
             own = [p for u, p in zip(with_none, flat, strict=True) if u is not None]
+            _refuse_integer_updates(with_paths, own)
         options = (decay, vanishing_ratio, collapse_factor, explode_factor, warmup)
         # numbers are compiled in; arrays (`optax.inject_hyperparams` hands them in so, and
         # they may change between steps) are passed
@@ -697,6 +699,24 @@ def _leaves_with_paths(tree):
         for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_none)[0]
         if x is not None
     ]
+
+
+def _refuse_integer_updates(with_paths, params) -> None:
+    """Raise a TypeError naming the first update of an integer or bool dtype whose parameter
+    is floating: its norm would not be watched (a gradient cast to an integer by mistake)."""
+
+    def dtype(x):
+        return np.dtype(getattr(x, "dtype", None) or np.result_type(type(x)))
+
+    for (path, u), p in zip(with_paths, params):
+        if dtype(u).kind in "iub" and np.size(u) and p is not None and _watched(p):
+            raise TypeError(
+                f"gradient_health: the update of {jax.tree_util.keystr(path) or '(root)'} "
+                f"has dtype {dtype(u).name} while its parameter is {dtype(p).name}: an "
+                "integer update of a "
+                "floating parameter has no gradient norm to watch (was the gradient cast to "
+                "an integer?). Pass the update in a floating dtype."
+            )
 
 
 def _watched(x) -> bool:

@@ -701,6 +701,20 @@ def test_integer_bool_and_empty_leaves_are_not_watched():
     assert str(summary).startswith("jaxcheck.health: 1 of 5 leaves flagged after 15 steps")
 
 
+def test_an_integer_update_of_a_float_parameter_is_refused():
+    # (its norm would not be watched: a gradient cast to an integer by mistake)
+    params = {"step": jnp.array(0), "w": jnp.ones(3)}
+    opt = jaxcheck.gradient_health()
+    state = opt.init(params)
+    with pytest.raises(TypeError) as info:
+        jax.jit(opt.update)({"step": jnp.array(1), "w": jnp.ones(3, jnp.int32)}, state, params)
+    assert str(info.value) == (
+        "gradient_health: the update of ['w'] has dtype int32 while its parameter is float32: "
+        "an integer update of a floating parameter has no gradient norm to watch (was the "
+        "gradient cast to an integer?). Pass the update in a floating dtype."
+    )
+
+
 def test_flax_nnx_optimizer_passes_variables_to_init_and_arrays_to_update():
     nnx = pytest.importorskip("flax.nnx")
     model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
