@@ -3,10 +3,12 @@ checked where the model calls it (`rules=True`, and by default when the check fa
 the consistency of the gradient under JAX's transformations (`transforms=True`)."""
 
 import dataclasses
+import hashlib
 import math
 import re
 
 import jax
+import numpy as np
 
 from . import (
     _plan,
@@ -416,11 +418,12 @@ def _check_one(
             "held fixed, as fn's derivative never asks for theirs), nothing to differentiate; "
             "not checked",
         )
+    function, inputs, held = _finite_inputs(rule)
     token = TRACED_RULE.set(True)
     try:
         report = _rules.check_rule(
-            rule.function(),
-            rule.inputs,
+            function,
+            inputs,
             o.key,
             o.num_directions,
             # a rule as fn's trace recorded it is typed in fn's precision (its jvp too, with
@@ -430,7 +433,7 @@ def _check_one(
             "auto" if o.precision == "float64" else o.precision,
             o.rtol,
             o.leaf_directions,
-            identity=(fn, rule),
+            identity=(fn, rule, held),
             # looking for the rule behind a failure: the rows finite differences see
             full=o.rules is True,
             order=order,
@@ -458,6 +461,12 @@ def _check_one(
             "jaxcheck.verify_rule)",
         )
     report = dataclasses.replace(report, label=rule.title)
+    note = ""
+    if held:
+        note = (
+            f"rule {rule.title}: its inputs' entries that are -inf, inf or NaN in fn (a mask's "
+            "-inf before a softmax, say) were held fixed, the others checked"
+        )
     verdict = "all properties hold" if report.ok else _failed_rows(report) or report.status.value
     row = Comparison(
         f"rule {rule.title}: {verdict}",
@@ -469,7 +478,40 @@ def _check_one(
         0 if report.status in (Status.INCONCLUSIVE, Status.NONFINITE) else 1,
         report.status is not Status.FAIL,
     )
-    return row, report, ""
+    return row, report, note
+
+
+def _finite_inputs(rule: _rule_search.Found) -> tuple:
+    """(the rule as a function, its inputs, a digest of what is held fixed): where a
+    floating input has entries that are not finite (a causal mask's -inf before a custom
+    softmax), those entries are held at their values and the others differentiated, as
+    the model's derivative does (a step from -inf stays -inf; the input's RMS and its
+    differences would be Inf and NaN); the digest is empty where nothing is held."""
+    function, inputs = rule.function(), rule.inputs
+    masks = []
+    for i, x in enumerate(inputs):
+        if i in rule.constants or not (_tree.is_array(x) and _rule_rows.inexact(x)):
+            continue
+        values = np.asarray(_plan.host_array(x))
+        finite = np.isfinite(values)
+        if not finite.all():
+            masks.append((i, finite, values))
+    if not masks:
+        return function, inputs, ()
+
+    def held_fixed(*xs):
+        xs = list(xs)
+        for i, finite, values in masks:
+            xs[i] = jax.numpy.where(finite, xs[i], values.astype(values.dtype))
+        return function(*xs)
+
+    held_fixed.__name__ = function.__name__
+    held_fixed.nondiff_argnums = function.nondiff_argnums
+    inputs = list(inputs)
+    for i, finite, values in masks:
+        inputs[i] = jax.device_put(np.where(finite, values, 0).astype(values.dtype))
+    digest = hashlib.sha1(b"".join(v.tobytes() + f.tobytes() for _, f, v in masks)).hexdigest()
+    return held_fixed, tuple(inputs), (digest,)
 
 
 def _not_checked(rule: _rule_search.Found, why: str) -> tuple[Comparison, None, str]:

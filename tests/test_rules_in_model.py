@@ -1597,3 +1597,43 @@ def test_a_rule_below_what_float32_differences_resolve_is_named_wrong(rules):
     (wrong,) = [q for q in report.problems if q.startswith("wrong rule")]
     assert wrong.startswith("wrong rule: custom_vjp nudged at "), wrong
     assert not any("not counted" in q for q in report.problems), report.problems
+
+
+def masked_softmax_rule(right):
+    @jax.custom_vjp
+    def smax(s):
+        return jax.nn.softmax(s, -1)
+
+    def bwd(y, g):
+        return (y * (g - jnp.sum(g * y, -1, keepdims=True)) if right else y * g,)
+
+    smax.defvjp(lambda s: (jax.nn.softmax(s, -1), jax.nn.softmax(s, -1)), bwd)
+    return smax
+
+
+@pytest.mark.rules_auto
+@pytest.mark.parametrize("right", [True, False])
+def test_a_rule_given_a_causal_masks_minus_inf_is_judged_on_the_other_entries(right):
+    smax = masked_softmax_rule(right)
+
+    def loss(p, x):
+        s = (x @ p["q"]) @ (x @ p["k"]).T
+        s = jnp.where(jnp.tril(jnp.ones((4, 4), bool)), s, -jnp.inf)
+        return jnp.mean(jnp.sin(smax(s) @ x))
+
+    p = {"q": jnp.eye(3) * 0.5 + 0.1, "k": jnp.eye(3) * 0.4 - 0.1}
+    x = jnp.cos(jnp.arange(12.0)).reshape(4, 3)
+    report = jaxcheck.verify(loss, p, x, rules=True)
+    assert report.status == ("pass" if right else "fail"), str(report)
+    text = "\n".join(report.problems)
+    assert "rule custom_vjp smax at " in text
+    assert (
+        "its inputs' entries that are -inf, inf or NaN in fn (a mask's -inf before a softmax, "
+        "say) were held fixed, the others checked"
+    ) in text
+    assert not any(q.startswith("rules not judged") for q in report.problems), text
+    if right:
+        assert any(q.startswith("rules fine: custom_vjp smax at ") for q in report.problems)
+    else:
+        (wrong,) = [q for q in report.problems if q.startswith("wrong rule")]
+        assert wrong.startswith("wrong rule: custom_vjp smax at "), wrong
