@@ -170,8 +170,10 @@ def refuse_traced(trees: dict, who: str = "verify") -> None:
 
 
 def _deleted(x) -> bool:
+    if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+        return False
     is_deleted = getattr(x, "is_deleted", None)
-    return isinstance(x, jax.Array) and callable(is_deleted) and bool(is_deleted())
+    return callable(is_deleted) and bool(is_deleted())
 
 
 def _outside_transformations() -> bool:
