@@ -88,8 +88,9 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
             "create the model with param_dtype=jnp.float64 under jax_enable_x64)"
         )
         run.problems.append(
-            f"fn rounds values computed from params to {rounds_to} (an explicit cast or "
-            f"lax.reduce_precision{', first at ' + at if at else ''}), "
+            f"fn rounds values computed from params to {rounds_to} (an explicit cast, "
+            "lax.reduce_precision or a product's preferred_element_type"
+            f"{', first at ' + at if at else ''}), "
             f"so it is a staircase of {rounds_to} quanta even in {jnp.dtype(ref).name}: "
             f"finite differences take a relative step of {h0:.1e} and judge at "
             f"{rounds_to} resolution {advice}"

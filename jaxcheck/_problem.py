@@ -427,12 +427,58 @@ def casts(jaxpr, tainted_inputs) -> dict:
             bits = eqn.params.get("mantissa_bits")
             if bits is not None and bits < jnp.finfo(jnp.float64).nmant:
                 _first(found, _rounded_like(bits), eqn)
-        for sub in _subjaxprs(eqn.params):
+        elif eqn.params.get("preferred_element_type") is not None:
+            # a product computed into a given dtype (dot_general, conv_general_dilated):
+            # its result is rounded to it, whatever its operands' precision
+            dtype = jnp.dtype(eqn.params["preferred_element_type"])
+            if jnp.issubdtype(dtype, jnp.complexfloating):
+                dtype = jnp.finfo(dtype).dtype
+            if jnp.issubdtype(dtype, jnp.floating):
+                _first(found, dtype, eqn)
+        loop = _loop_bodies(eqn, flags)
+        subs = loop if loop is not None else [(sub, None) for sub in _subjaxprs(eqn.params)]
+        for sub, inner in subs:
             n = len(sub.invars)
-            inner = flags if n == len(flags) else flags[1:] if n == len(flags) - 1 else [True] * n
+            if inner is None:
+                inner = (
+                    flags if n == len(flags) else flags[1:] if n == len(flags) - 1 else [True] * n
+                )
             for d, at in casts(sub, inner).items():
                 found.setdefault(d, at)
     return found
+
+
+def _loop_bodies(eqn, flags):
+    """[(sub-jaxpr, its inputs' flags)] of a scan or while loop, whose carry feeds back: a
+    carry that a flagged value reaches in one iteration is flagged in the next (a weight
+    entering as a loop constant reaches a cast on the carry from the second step on), to
+    a fixed point; None for other equations."""
+    name = eqn.primitive.name
+    if name == "scan":
+        body = eqn.params["jaxpr"].jaxpr
+        n_consts, n_carry = eqn.params["num_consts"], eqn.params["num_carry"]
+        return [(body, _fixed_point(body, list(flags), n_consts, n_carry))]
+    if name == "while":
+        body, cond = eqn.params["body_jaxpr"].jaxpr, eqn.params["cond_jaxpr"].jaxpr
+        nc, nb = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
+        carry = len(flags) - nc - nb
+        inner = _fixed_point(body, list(flags[nc:]), nb, carry)
+        return [(body, inner), (cond, list(flags[:nc]) + inner[nb:])]
+    return None
+
+
+def _fixed_point(body, inner: list, start: int, n_carry: int) -> list:
+    """`inner` (the flags of `body`'s inputs, its carry at `start`) with every carry that a
+    flagged input reaches through `body` (its first `n_carry` outputs) flagged too."""
+    for _ in range(n_carry + 1):
+        tainted = _carries_derivative(body, inner)
+        out = [_is_tainted(v, tainted) for v in body.outvars[:n_carry]]
+        new = inner[:start] + [a or b for a, b in zip(inner[start : start + n_carry], out)]
+        new += inner[start + n_carry :]
+        if new == inner:
+            break
+        inner = new
+    return inner
 
 
 def _carries_derivative(jaxpr, tainted_inputs) -> set:

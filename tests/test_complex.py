@@ -316,8 +316,8 @@ def test_a_cast_of_float32_params_to_complex64_rounds_like_float32(scale):
     report = jaxcheck.verify(fn, {"a": a, "b": b}, grad_fn=grad_fn)
     assert report.status == ("pass" if scale == 1.0 else "fail"), str(report)
     assert report.problems[0].startswith(
-        "fn rounds values computed from params to float32 (an explicit cast or "
-        "lax.reduce_precision, first at "
+        "fn rounds values computed from params to float32 (an explicit cast, "
+        "lax.reduce_precision or a product's preferred_element_type, first at "
     )
     assert report.num_nonsmooth == 0
 

@@ -153,7 +153,7 @@ def test_function_computing_in_float32_internally(round_to, seed):
     report = jaxcheck.verify(fn, p)
     assert report.status == "pass", str(report)
     assert report.steps_tried[0] == pytest.approx(jnp.finfo(jnp.float32).eps ** (1 / 3))
-    said = "fn rounds values computed from params to float32 (an explicit cast or "
+    said = "fn rounds values computed from params to float32 (an explicit cast, "
     assert any(q.startswith(said) for q in report.problems), report.problems
 
 

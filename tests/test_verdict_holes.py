@@ -76,7 +76,7 @@ def test_params_cast_to_float32_inside_fn(params_dtype, seed):
     report = jaxcheck.verify(_mlp_cast_to(jnp.float32), p, x, localize=True)
     assert report.status == "pass", str(report)
     assert [leaf.status for leaf in report.leaves] == ["pass", "pass"]
-    said = "fn rounds values computed from params to float32 (an explicit cast or "
+    said = "fn rounds values computed from params to float32 (an explicit cast, "
     assert any(q.startswith(said) for q in report.problems), report.problems
     buggy = _mlp_cast_to(jnp.float32, bug=1.05)
     assert jaxcheck.verify(buggy, p, x).status == "fail"
@@ -2040,3 +2040,51 @@ def test_a_leaf_beside_one_cast_to_its_own_dtype_is_judged_at_float64_resolution
     else:
         assert report.status == "fail" and w_leaf.status == "fail", str(report)
         assert 2e-4 < w_leaf.relative_error < 5e-4, str(report)
+
+
+@pytest.mark.parametrize("loop", ["scan", "while"])
+def test_a_cast_on_a_loop_carry_reaches_the_leaves_that_enter_the_loop(loop):
+    # the weight enters as a loop constant and reaches the carry's bfloat16 cast from the
+    # second step on: it is judged at bfloat16 resolution, not alone at float64's (where a
+    # correct gradient failed by 95 %); the output weight after the loop reaches no cast
+    def step(w, h, x):
+        return jnp.tanh(h.astype(jnp.bfloat16).astype(h.dtype) @ w + x)
+
+    def fn(p, xs):
+        if loop == "scan":
+            h, _ = jax.lax.scan(lambda h, x: (step(p["w"], h, x), None), p["h0"], xs)
+        else:
+            body = lambda c: (c[0] + 1, step(p["w"], c[1], xs[c[0]]))  # noqa: E731
+            _, h = jax.lax.while_loop(lambda c: c[0] < xs.shape[0], body, (0, p["h0"]))
+        return jnp.sum(jnp.sin(h @ p["wo"]))
+
+    p = {
+        "h0": jnp.linspace(-0.5, 0.5, 4),
+        "w": jnp.linspace(-0.6, 0.7, 16).reshape(4, 4),
+        "wo": jnp.linspace(0.3, -0.4, 8).reshape(4, 2),
+    }
+    xs = jnp.cos(jnp.arange(20.0)).reshape(5, 4)
+    report = jaxcheck.verify(fn, p, xs, mode="forward" if loop == "while" else "reverse")
+    assert report.status in ("pass", "inconclusive"), str(report)
+    assert "['wo']: its values reach no such cast to bfloat16: checked alone at float64 " in (
+        "\n".join(report.problems)
+    )
+    for leaf in report.leaves:
+        assert (leaf.tolerance < 1e-5) == (leaf.path == "['wo']"), str(report)
+
+
+def test_a_product_computed_into_bfloat16_is_a_rounding_cast():
+    def fn(p, x):
+        h = jnp.matmul(x, p["w1"], preferred_element_type=jnp.bfloat16).astype(jnp.float32)
+        return jnp.sum(jnp.cos(jnp.tanh(h) @ p["w2"]))
+
+    p = {
+        "w1": jnp.linspace(-1.0, 1.0, 30).reshape(6, 5),
+        "w2": jnp.linspace(1, -1, 10).reshape(5, 2),
+    }
+    report = jaxcheck.verify(fn, p, jnp.cos(jnp.arange(48.0)).reshape(8, 6))
+    assert report.status in ("pass", "inconclusive"), str(report)
+    assert report.problems[0].startswith(
+        "fn rounds values computed from params to bfloat16 (an explicit cast, "
+        "lax.reduce_precision or a product's preferred_element_type, first at "
+    )
