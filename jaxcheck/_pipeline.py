@@ -15,6 +15,7 @@ from . import (
     _jitter,
     _ladder,
     _localize,
+    _plan,
     _precision,
     _probe,
     _problem,
@@ -140,7 +141,7 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
             status = _verdict.status(run, p, checks, n, said)
             settled, why = _sequential.settled(p, checks, status, n, len(ks))
             why = why if settled else None
-        input_rounding = _precision.eps(run.reference) / p.step
+        input_rounding = _input_rounding(run, p.step) if smaller else 0.0
         if smaller and status is Status.FAIL and checks[0].relative_error <= input_rounding:
             # at a relative step of 1e-10 the inputs x + h v round to 2e-6 of the step
             status = Status.INCONCLUSIVE
@@ -148,6 +149,13 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
                 f"at that step the inputs round to {input_rounding:.1e} of it, which the "
                 f"error {checks[0].relative_error:.1e} does not exceed: not judged (fn curves "
                 "too finely for finite differences in its precision to resolve at this point)"
+            )
+        elif smaller and status is Status.FAIL and _aliased(p, STILL_ALIASED):
+            status = Status.INCONCLUSIVE
+            said.append(
+                "even at that step the finite differences are a fraction of the derivative, "
+                "as differences across fn's periods are: not judged (fn curves too finely "
+                "for finite differences in its precision to resolve at this point)"
             )
     if status is Status.FAIL and _jitter.explains(run, p, beta):
         status, said = Status.INCONCLUSIVE, [*said, _jitter.WITHIN_ROUNDING]
@@ -455,21 +463,26 @@ def _smaller_steps(run: Run, n: int, beta, p, checks, h0, choice):
     of a failing comparison 4 times or more: a wrong derivative's error does not depend on
     the step. Returns as `_larger_steps` does."""
     target = 0.1 * _verdict.floors(run, p.fd)["nonsmooth"]
-    if not (p.fd.noise_floor > target and p.fd.finite.all() and not p.fd.num_nonsmooth):
+    if not (p.fd.noise_floor > target and p.fd.finite.all()):
         return p, (), checks, h0, choice
     # differences across periods average fn's slope away (sin's by sin(h)/h): they come out
-    # far smaller than the derivative; where they are not, the step is not what is wrong
-    # (a derivative map rounding to 2^-20 inside is a staircase, flat at smaller steps
-    # along what it leaves out, and the larger step judges it as the smooth map it rounds)
-    if not _error_model.rms(p.fd.value) < ATTENUATED * _error_model.rms(p.analytic):
+    # smaller than the derivative; where they are not, the step is not what is wrong (a
+    # derivative map rounding to 2^-20 inside is a staircase, flat at smaller steps along
+    # what it leaves out, and the larger step judges it as the smooth map it rounds)
+    if not _aliased(p, 1.0):
         return p, (), checks, h0, choice
     index, rows = np.arange(n, dtype=np.int32), np.tile(beta, (n, 1))
     more, best = (), None
+    # (from the precision's own step where the ladder or the larger steps moved above it)
+    judged_in = run.reference if run.rounds_to is None else run.rounds_to
+    start = min(p.step, _precision.default_step(judged_in))
     for k in range(1, SMALLER_STEPS + 1):
-        q, steps, q_choice = _ladder.at_step(run, index, rows, p.step / 16**k)
+        q, steps, q_choice = _ladder.at_step(run, index, rows, start / 16**k)
         more += tuple(steps)
-        if not (q.fd.finite.all() and not q.fd.num_nonsmooth):
+        if not q.fd.finite.all():
             break
+        if q.fd.num_nonsmooth or np.any(_verdict.constant_along(q)):
+            continue  # (kinks, or a staircase's flat steps: no step to go on at)
         if best is None or q.fd.noise_floor < best[0].fd.noise_floor:
             best = (q, q_choice)
     if best is None:
@@ -492,10 +505,31 @@ def _smaller_steps(run: Run, n: int, beta, p, checks, h0, choice):
     return q, more, q_checks, q.step, q_choice
 
 
-# a failing check whose differences are not resolved looks at steps down to 16**-this,
-# where they are this share of the derivative or less
+def _input_rounding(run: Run, step: float) -> float:
+    """The rounding of params + step v relative to the step: eps / step, times the largest
+    ratio of an entry to the size its step is scaled to (the leaf's RMS, times its own
+    share of the largest entry's power of two in a packed leaf): an entry at 9e6 in a leaf
+    of RMS 4.5e6 rounds to twice eps / step."""
+    spread = 1.0
+    for x, scale, packed in zip(run.inputs.diff, run.probe["leaf_scales"], run.problem.packed):
+        if not np.size(x) or not scale > 0:
+            continue
+        x = np.abs(_plan.host_array(x).astype(np.float64))
+        moved = float(scale) * (_directions.entry_scales(x) if packed else 1.0)
+        spread = max(spread, float(np.max(x / moved)))
+    return _precision.eps(run.reference) * spread / step
+
+
+def _aliased(p, share: float) -> bool:
+    """Whether the finite differences' RMS is below `share` of the derivative's."""
+    return bool(_error_model.rms(p.fd.value) < share * _error_model.rms(p.analytic))
+
+
+# a failing check whose differences are not resolved looks at steps down to 16**-this
 SMALLER_STEPS = 5
-ATTENUATED = 0.25
+# differences still below this share of the derivative at the smaller step average fn's
+# slope away yet (sin at 1e11, where even a step of 1e-12 spans periods): not judged
+STILL_ALIASED = 0.25
 
 
 def _shrink(before: Comparison, after: Comparison) -> float:

@@ -637,7 +637,7 @@ def test_a_cast_that_rounds_is_named_with_its_line():
     report = jaxcheck.verify(fn, jnp.linspace(0.1, 1.0, 5))
     [said] = [q for q in report.problems if "rounds values" in q]
     line = inspect.getsourcelines(fn)[1] + 1
-    assert f"lax.reduce_precision, first at tests/test_verdict_holes.py:{line}:" in said, said
+    assert f"preferred_element_type, first at tests/test_verdict_holes.py:{line}:" in said, said
     assert "cast to the dtype of the value it meets instead, x.astype(y.dtype)" in said
 
 
@@ -2088,3 +2088,25 @@ def test_a_product_computed_into_bfloat16_is_a_rounding_cast():
         "fn rounds values computed from params to bfloat16 (an explicit cast, "
         "lax.reduce_precision or a product's preferred_element_type, first at "
     )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(
+    "f, x, expected",
+    [
+        # magnitudes from 1e3 to 1e7 side by side: the aliased ones hide among resolved ones
+        (jnp.cos, [1.1e3, 2.5e4, 7.7e5, 4.4e6, 9e6], "not fail"),
+        # the ladder went up to 0.05 first: the smaller steps start from the precision's own
+        (jnp.sin, [3e9, 8.1e9, 1.23e10], "not fail"),
+        # even 1e-12 of 1e11 spans periods of sin: nothing resolves it
+        (jnp.sin, [1e11, 2.7e11, 4.1e11], "inconclusive"),
+    ],
+)
+def test_fns_curving_far_below_the_step_are_not_called_wrong(x64, dtype, f, x, expected):
+    weights = jnp.linspace(0.5, 1.5, len(x), dtype=dtype)
+    p = jnp.asarray(x, dtype)
+    report = jaxcheck.verify(lambda q: jnp.sum(weights * f(q)), p)
+    if expected == "not fail":
+        assert report.status != "fail", str(report)
+    else:
+        assert report.status == expected, str(report)
