@@ -584,7 +584,15 @@ COARSE_RULE = 0.05
 
 
 def _too_coarse(report: Report) -> bool:
-    return any(p.tolerance >= COARSE_RULE for p in _finite_difference_rows(report))
+    """Whether a rule's finite differences judge it no more finely than COARSE_RULE, or ran
+    in a precision below float64 (where fn refuses float64: about 3e-4 on a small rule, and
+    a rule 3e-4 off was called fine)."""
+    wide = _precision.eps("float64")
+    return any(
+        p.tolerance >= COARSE_RULE
+        or (p.reference_dtype and _precision.eps(p.reference_dtype) > wide)
+        for p in _finite_difference_rows(report)
+    )
 
 
 def _resolution(report: Report) -> str:
