@@ -514,7 +514,7 @@ def _input_rounding(run: Run, step: float) -> float:
     for x, scale, packed in zip(run.inputs.diff, run.probe["leaf_scales"], run.problem.packed):
         if not np.size(x) or not scale > 0:
             continue
-        x = np.abs(_plan.host_array(x).astype(np.float64))
+        x = np.abs(_plan.host_array(x)).astype(np.float64)  # (a complex leaf's moduli)
         moved = float(scale) * (_directions.entry_scales(x) if packed else 1.0)
         spread = max(spread, float(np.max(x / moved)))
     return _precision.eps(run.reference) * spread / step
@@ -533,7 +533,7 @@ STILL_ALIASED = 0.25
 
 
 def _shrink(before: Comparison, after: Comparison) -> float:
-    """How many times smaller a comparison's error is at the larger step."""
+    """How many times smaller a comparison's error is at the other step."""
     if not (before.relative_error > 0 and math.isfinite(before.relative_error)):
         return 0.0
     return before.relative_error / max(after.relative_error, 1e-300)

@@ -502,7 +502,7 @@ def _finite_inputs(rule: _rule_search.Found) -> tuple:
     def held_fixed(*xs):
         xs = list(xs)
         for i, finite, values in masks:
-            xs[i] = jax.numpy.where(finite, xs[i], values.astype(values.dtype))
+            xs[i] = jax.numpy.where(finite, xs[i], values)
         return function(*xs)
 
     held_fixed.__name__ = function.__name__
