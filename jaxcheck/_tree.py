@@ -125,7 +125,9 @@ def settle_weak(params):
     }
     if not weak or not strong:
         return params
-    with jax.numpy_dtype_promotion("standard"):
+    # (a Python float among params is put on the device by the check itself, as a parameter:
+    # allowed under the caller's jax.transfer_guard("disallow"), as jaxcheck's own transfers)
+    with jax.numpy_dtype_promotion("standard"), jax.transfer_guard_host_to_device("allow"):
         for i in weak:
             dtype = jnp.result_type(*strong, leaves[i])
             leaves[i] = jnp.asarray(leaves[i], dtype)

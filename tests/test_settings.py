@@ -215,6 +215,17 @@ def test_transfer_guard_disallow():
             jax.jit(jnp.sin)(np.ones(2, np.float32))
 
 
+def test_transfer_guard_disallow_with_a_python_float_beside_an_array():
+    # the float is a parameter: the check puts it on the device itself, as JAX's
+    # check_grads does with its arguments
+    p = jax.device_put(jnp.asarray([0.3, -0.7, 1.1]))
+    with jax.transfer_guard("disallow"):
+        report = jaxcheck.verify(lambda t: jnp.sum(jnp.sin(t[0]) * t[1]), (p, 2.0))
+        assert report.status == "pass", str(report)
+        jaxcheck.check_grads(lambda a, b: jnp.sum(jnp.sin(a) * b), (p, 2.0), 1)
+        with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
+            jax.jit(jnp.sin)(np.ones(2, np.float32))
+
 def test_transfer_guard_disallow_check_grads_with_an_absolute_tolerance():
     """check_grads' atol is taken at f's scale by a jvp and a vjp along JAX's random draws,
     which jaxcheck puts on the device itself under the caller's guard (the argument a
