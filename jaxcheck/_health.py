@@ -705,24 +705,25 @@ def _refuse_integer_updates(with_paths, params) -> None:
     """Raise a TypeError naming the first update of an integer or bool dtype whose parameter
     is floating: its norm would not be watched (a gradient cast to an integer by mistake)."""
 
-    def dtype(x):
-        return np.dtype(getattr(x, "dtype", None) or np.result_type(type(x)))
-
     for (path, u), p in zip(with_paths, params):
-        if dtype(u).kind in "iub" and np.size(u) and p is not None and _watched(p):
+        integer = jnp.issubdtype(_dtype(u), jnp.integer) or jnp.issubdtype(_dtype(u), jnp.bool_)
+        if integer and np.size(u) and p is not None and _watched(p):
             raise TypeError(
                 f"gradient_health: the update of {jax.tree_util.keystr(path) or '(root)'} "
-                f"has dtype {dtype(u).name} while its parameter is {dtype(p).name}: an "
-                "integer update of a "
-                "floating parameter has no gradient norm to watch (was the gradient cast to "
-                "an integer?). Pass the update in a floating dtype."
+                f"has dtype {_dtype(u).name} while its parameter is {_dtype(p).name}: an "
+                "integer update of a floating parameter has no gradient norm to watch (was "
+                "the gradient cast to an integer?). Pass the update in a floating dtype."
             )
 
 
 def _watched(x) -> bool:
     """Whether a gradient leaf is watched: of a floating or complex dtype, not empty."""
-    dtype = getattr(x, "dtype", None) or np.result_type(type(x))
-    return bool(jnp.issubdtype(dtype, jnp.inexact) and np.size(x) > 0)
+    return bool(jnp.issubdtype(_dtype(x), jnp.inexact) and np.size(x) > 0)
+
+
+def _dtype(x):
+    """An array's dtype (a PRNG key's included), or a Python number's as NumPy takes it."""
+    return getattr(x, "dtype", None) or np.result_type(type(x))
 
 
 def _norms(leaves) -> jax.Array:

@@ -142,18 +142,16 @@ def refuse_traced(trees: dict, who: str = "verify") -> None:
     traced = TRACED.format(who=who)
     for where, tree in trees.items():
         leaves = jax.tree_util.tree_leaves(tree)
-        if any(_deleted(x) for x in leaves):
-            for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-                if _deleted(leaf):
-                    raise ValueError(
-                        f"The {where} leaf {jax.tree_util.keystr(key_path) or '(root)'} is an "
-                        "array that has been deleted (donated to a jax.jit function with "
-                        "donate_argnums, say, or deleted with .delete()): its buffer is gone. "
-                        "Pass the arrays that function returned instead."
-                    )
-        if not any(isinstance(x, jax.core.Tracer) for x in leaves):
+        if not any(isinstance(x, jax.core.Tracer) or _deleted(x) for x in leaves):
             continue
         for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            if _deleted(leaf):
+                raise ValueError(
+                    f"The {where} leaf {jax.tree_util.keystr(key_path) or '(root)'} is an "
+                    "array that has been deleted (donated to a jax.jit function with "
+                    "donate_argnums, say, or deleted with .delete()): its buffer is gone. "
+                    "Pass the arrays that function returned instead."
+                )
             if isinstance(leaf, jax.core.Tracer):
                 raise TypeError(
                     f"{traced} The {where} leaf {jax.tree_util.keystr(key_path) or '(root)'} "

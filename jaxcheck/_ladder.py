@@ -79,7 +79,7 @@ def _settled(run: Run, p: Pass) -> bool:
     """Whether central differences alone settle the verdict as a pass."""
     if not (p.fd.finite.all() and p.fd.smooth.all()):
         return False
-    if p.fd.noise_floor > 0.1 * _verdict.floors(run, p.fd)["nonsmooth"]:
+    if _verdict.unresolved(run, p.fd):
         return False  # rounding alone is too coarse here: a larger step is needed
     for c in _verdict.compare(run, p):
         margin = 1.0 if c.rounding_measured else 0.5
@@ -124,7 +124,7 @@ def _full_ladder(run: Run, index, rows, h, groups, out):
             # is for staircases, and could cross the jumps of a piecewise-constant fn)
         if suspect[i]:
             factors[i] = 1 / 16
-        elif p.fd.noise_floor > 0.1 * _verdict.floors(run, p.fd)["nonsmooth"] or p.fd.num_nonsmooth:
+        elif _verdict.unresolved(run, p.fd) or p.fd.num_nonsmooth:
             f = min(max(p.fd.better_step(), 1e-3), 1e3, run.max_step / h)
             factors[i] = min(f, 1 / 8) if p.fd.num_nonsmooth else f
     factors[(factors >= 0.5) & (factors <= 2)] = 1.0
@@ -206,8 +206,7 @@ def _full_ladder(run: Run, index, rows, h, groups, out):
             tried[i].append(h * smaller[i])
             keep_better(i, q2, smaller[i])
             del down[i]
-            target = 0.1 * _verdict.floors(run, q2.fd)["nonsmooth"]
-            if q2.fd.noise_floor > target and _truncation_bound(q, q2):
+            if _verdict.unresolved(run, q2.fd) and _truncation_bound(q, q2):
                 down[i] = q2
     if np.any(again != 1.0):
         out3 = _sequential.evaluate_full(run, index, _scale_rows(rows, groups, again), h)

@@ -141,22 +141,21 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
             status = _verdict.status(run, p, checks, n, said)
             settled, why = _sequential.settled(p, checks, status, n, len(ks))
             why = why if settled else None
-        input_rounding = _input_rounding(run, p.step) if smaller else 0.0
-        if smaller and status is Status.FAIL and checks[0].relative_error <= input_rounding:
+        if smaller and status is Status.FAIL:
             # at a relative step of 1e-10 the inputs x + h v round to 2e-6 of the step
-            status = Status.INCONCLUSIVE
-            said.append(
-                f"at that step the inputs round to {input_rounding:.1e} of it, which the "
-                f"error {checks[0].relative_error:.1e} does not exceed: not judged (fn curves "
-                "too finely for finite differences in its precision to resolve at this point)"
-            )
-        elif smaller and status is Status.FAIL and _aliased(p, STILL_ALIASED):
-            status = Status.INCONCLUSIVE
-            said.append(
-                "even at that step the finite differences are a fraction of the derivative, "
-                "as differences across fn's periods are: not judged (fn curves too finely "
-                "for finite differences in its precision to resolve at this point)"
-            )
+            input_rounding = _input_rounding(run, p.step)
+            if checks[0].relative_error <= input_rounding:
+                status = Status.INCONCLUSIVE
+                said.append(
+                    f"at that step the inputs round to {input_rounding:.1e} of it, which the "
+                    f"error {checks[0].relative_error:.1e} does not exceed: {TOO_FINE}"
+                )
+            elif _aliased(p, STILL_ALIASED):
+                status = Status.INCONCLUSIVE
+                said.append(
+                    "even at that step the finite differences are a fraction of the "
+                    f"derivative, as differences across fn's periods are: {TOO_FINE}"
+                )
     if status is Status.FAIL and _jitter.explains(run, p, beta):
         status, said = Status.INCONCLUSIVE, [*said, _jitter.WITHIN_ROUNDING]
     mostly_rounding = checks[0].gap >= MOSTLY_ROUNDING
@@ -462,8 +461,7 @@ def _smaller_steps(run: Run, n: int, beta, p, checks, h0, choice):
     error estimate with them. The least noisy of those is taken where it shrinks the error
     of a failing comparison 4 times or more: a wrong derivative's error does not depend on
     the step. Returns as `_larger_steps` does."""
-    target = 0.1 * _verdict.floors(run, p.fd)["nonsmooth"]
-    if not (p.fd.noise_floor > target and p.fd.finite.all()):
+    if not (_verdict.unresolved(run, p.fd) and p.fd.finite.all()):
         return p, (), checks, h0, choice
     # differences across periods average fn's slope away (sin's by sin(h)/h): they come out
     # smaller than the derivative; where they are not, the step is not what is wrong (a
@@ -530,6 +528,10 @@ SMALLER_STEPS = 5
 # differences still below this share of the derivative at the smaller step average fn's
 # slope away yet (sin at 1e11, where even a step of 1e-12 spans periods): not judged
 STILL_ALIASED = 0.25
+TOO_FINE = (
+    "not judged (fn curves too finely for finite differences in its precision to resolve "
+    "at this point)"
+)
 
 
 def _shrink(before: Comparison, after: Comparison) -> float:

@@ -151,9 +151,13 @@ def _coarse(report: Report) -> bool:
     first = report.parts[0] if report.parts else report
     if first.status is not Status.PASS:
         return False
-    ref = first.reference_dtype
-    native = bool(ref) and _precision.eps(ref) > _precision.eps("float64")
-    return native or first.noise_floor > _verdict.MAX_NOISE_FLOOR
+    return _below_float64(first.reference_dtype) or first.noise_floor > _verdict.MAX_NOISE_FLOOR
+
+
+def _below_float64(dtype: str) -> bool:
+    """Whether a report's reference dtype (its name, "" where none) is less precise than
+    float64: finite differences in fn's own precision."""
+    return bool(dtype) and _precision.eps(dtype) > _precision.eps("float64")
 
 
 def _rounding_gap(report: Report) -> bool:
@@ -587,10 +591,8 @@ def _too_coarse(report: Report) -> bool:
     """Whether a rule's finite differences judge it no more finely than COARSE_RULE, or ran
     in a precision below float64 (where fn refuses float64: about 3e-4 on a small rule, and
     a rule 3e-4 off was called fine)."""
-    wide = _precision.eps("float64")
     return any(
-        p.tolerance >= COARSE_RULE
-        or (p.reference_dtype and _precision.eps(p.reference_dtype) > wide)
+        p.tolerance >= COARSE_RULE or _below_float64(p.reference_dtype)
         for p in _finite_difference_rows(report)
     )
 

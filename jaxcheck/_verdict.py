@@ -41,6 +41,12 @@ def floors(run: Run, fd) -> dict:
     return {"rule": rule, "tested": tested, "nonsmooth": rule if with_rule else tested}
 
 
+def unresolved(run: Run, fd) -> bool:
+    """Whether finite differences `fd` are noisier than a tenth of the smallest error that
+    counts: not resolved finely enough to judge at that step."""
+    return fd.noise_floor > 0.1 * floors(run, fd)["nonsmooth"]
+
+
 def _precision_of(run: Run, fd) -> float:
     """The relative precision fn's values are computed to: their noise over their size,
     or for a non-scalar fn over 1, the size of each term of <u, fn> (its outputs over
