@@ -196,7 +196,9 @@ def test_a_straight_through_round_between_ties_is_inconclusive_and_its_rows_not_
     w = jnp.cos(jnp.arange(12.0, dtype=jnp.float32)).reshape(4, 3)
     report = jaxcheck.verify(fn, {"w": w}, x)
     assert report.status == "inconclusive", str(report)
-    assert report.tolerance == 2.0
+    # twice the noise floor, which equals the derivative here, with the measured rounding
+    # added in quadrature: far below it, zero or not depending on the CPU's arithmetic
+    assert report.tolerance == pytest.approx(2.0, rel=1e-12)
     rows = [line for line in str(report).splitlines() if "vs finite differences" in line]
     assert rows and all(row.endswith("not judged") for row in rows), rows
     assert all(not c.judged for c in report.checks)
