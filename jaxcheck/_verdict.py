@@ -638,6 +638,12 @@ def note_large_rounding(run: Run, head, status: Status, p: Pass | None = None) -
             f"{run.reference.name}: it cancels, as a loss at a fit or a minimum does, and its "
             "derivative rounds as much"
         )
+        if run.problem.iterates:
+            why += (
+                f"; or a lax.while_loop in fn runs another number of steps in "
+                f"{run.tested.name} (a stopping test on values that round: a time t += dt, "
+                "a residual below a tolerance), which makes it another function there"
+            )
     if tensorfloat32(run):
         why = (
             "float32 matrix products run in TensorFloat-32 on this GPU, about 3 "

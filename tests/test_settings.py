@@ -226,6 +226,7 @@ def test_transfer_guard_disallow_with_a_python_float_beside_an_array():
         with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
             jax.jit(jnp.sin)(np.ones(2, np.float32))
 
+
 def test_transfer_guard_disallow_check_grads_with_an_absolute_tolerance():
     """check_grads' atol is taken at f's scale by a jvp and a vjp along JAX's random draws,
     which jaxcheck puts on the device itself under the caller's guard (the argument a

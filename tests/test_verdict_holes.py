@@ -901,6 +901,24 @@ def test_an_exact_fit_in_float32_is_not_said_to_compute_something_else():
     assert any("fn's own float32 value is" in q for q in report.problems), report.problems
 
 
+def test_a_while_loop_whose_trip_count_rounds_is_named_beside_cancelling():
+    """An Euler loop stepping t += 0.02 up to 1 runs 51 times in float32 and 50 in float64:
+    another function, not the same one rounded. The note put the value gap down to
+    cancelling alone; it now names the loop as the other cause."""
+    p = {"k": jnp.array([0.5, 1.0]), "c": jnp.array(0.1)}
+
+    def euler(p, y0):
+        def body(s):
+            return s[0] + 0.02, s[1] + 0.02 * (-p["k"] * s[1] + p["c"] * jnp.cos(s[1]))
+
+        return jnp.sum(lax.while_loop(lambda s: s[0] < 1.0, body, (0.0, y0))[1] ** 2)
+
+    report = jaxcheck.verify(euler, p, jnp.array([1.0, -0.5]), mode="forward")
+    assert report.status == "pass", str(report)
+    [note] = [q for q in report.problems if "fn's own float32 value is" in q]
+    assert "a lax.while_loop in fn runs another number of steps in float32" in note, note
+
+
 def _wrong_log():
     f = jax.custom_jvp(jnp.log)
     f.defjvp(lambda x, t: (f(x[0]), 1.1 * t[0] / x[0]))
