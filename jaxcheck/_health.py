@@ -938,7 +938,8 @@ def health(state: Any) -> HealthSummary:
                 grad_norm=grad_norm,
                 average=float(v["average"][i]) if _seen(v, i) else math.nan,
                 param_norm=param_norm,
-                ratio=grad_norm / param_norm if param_norm > 0 else math.nan,
+                # (a parameter gone Inf has no ratio: grad / inf = 0 is no vanished gradient)
+                ratio=grad_norm / param_norm if 0 < param_norm < math.inf else math.nan,
                 worst_spike=_spike(float(v["worst_spike"][i])),
                 vanishing=bool(v["vanishing"][i]),
                 exploding=bool(v["exploding"][i]),

@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _health, _keywords, _options
+from . import _health, _keywords, _options, _tree
 from ._checker import Checker
 from ._errors import GradientCheckError
 from ._report import Report, Status
@@ -93,7 +93,12 @@ class PeriodicCheck:
             fn,
         )
         every = _options.whole(every)  # as `step` is taken
-        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        if not isinstance(every, int) or isinstance(every, bool):
+            raise TypeError(
+                f"every={_described(every)} must be an int >= 1 (check every that many steps), "
+                f"got {type(every).__name__}."
+            )
+        if every < 1:
             raise ValueError(f"every={every!r} must be an int >= 1 (check every that many steps).")
         if "localize" in options:
             self.checker, self._localizer = Checker(fn, **options), None
@@ -118,9 +123,13 @@ class PeriodicCheck:
             )
         number = _options.whole(step)
         if not isinstance(number, int) or isinstance(number, bool):
+            swapped = ""
+            if isinstance(_options.whole(params), int) and not isinstance(params, bool):
+                swapped = f" (params={params!r} looks like the step: are the two swapped?)"
             raise TypeError(
-                f"step={step!r} must be an int, the training step's number (the check runs "
-                f"on multiples of every={self.every}); call check(step, params, *args)."
+                f"step={_described(step)} must be an int, the training step's number (the check "
+                f"runs on multiples of every={self.every}); call check(step, params, *args)"
+                f"{swapped}."
             )
         if number < 0:
             raise ValueError(
@@ -221,3 +230,11 @@ class PeriodicCheck:
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
         return "\n".join([head] + ["  " + fmt.format(*row).rstrip() for row in rows])
+
+
+def _described(x) -> str:
+    """`x` in a few words for an error: a container as its type and number of leaves
+    (a swapped params tree would fill the message otherwise)."""
+    if isinstance(x, list | tuple | dict):
+        return f"<{type(x).__name__} of {len(jax.tree_util.tree_leaves(x))} leaves>"
+    return _tree.describe(x)

@@ -1,6 +1,7 @@
 """gradient_health: the optax transformation under jit, its flags, and the summary."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -660,9 +661,13 @@ def test_a_parameter_gone_inf_is_non_finite_not_also_vanishing():
         _, state = health.update(
             {"w": jnp.full(4, 0.1)}, state, broken if step else {"w": jnp.ones(4)}
         )
-    leaf = jaxcheck.health(state).leaves[0]
+    summary = jaxcheck.health(state)
+    leaf = summary.leaves[0]
     assert leaf.flags == ("nonfinite",)
     assert leaf.first_vanishing is None
+    # nor a ratio of 0 in the table, which reads as a vanished gradient
+    assert math.isinf(leaf.param_norm) and math.isnan(leaf.ratio)
+    assert str(summary).splitlines()[-1].split()[-2] == "—", str(summary)
 
 
 def test_update_with_its_arguments_swapped_says_so():

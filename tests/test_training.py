@@ -158,6 +158,8 @@ def test_raise_on_failure_records_then_raises():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="every=0 must be an int >= 1"):
         jaxcheck.PeriodicCheck(loss, every=0)
+    with pytest.raises(TypeError, match=r"^every=2.5 must be an int >= 1 .*, got float\.$"):
+        jaxcheck.PeriodicCheck(loss, every=2.5)
     assert jaxcheck.PeriodicCheck(loss, every=np.int64(10)).every == 10
     check = jaxcheck.PeriodicCheck(loss, every=1)
     with pytest.raises(TypeError, match=r"^jaxcheck\.PeriodicCheck runs on the host .* outside "):
@@ -174,6 +176,19 @@ def test_bad_arguments():
     assert jaxcheck.PeriodicCheck(loss, every=10.0).every == 10  # as a step of 10.0 is taken
     with pytest.raises(ValueError, match=r"^step=-100 is negative; pass the training step's"):
         jaxcheck.PeriodicCheck(loss, every=100)(-100, {"w": jnp.ones(3)})
+
+
+def test_a_step_swapped_with_params_is_named_in_a_few_words():
+    """The whole params tree filled the message (700 characters for a small MLP)."""
+    check = jaxcheck.PeriodicCheck(loss, every=5)
+    x, y = regression_data()
+    with pytest.raises(TypeError) as raised:
+        check({"w": jnp.ones((3, 3)), "b": jnp.zeros(3)}, 0, x, y)
+    assert str(raised.value) == (
+        "step=<dict of 2 leaves> must be an int, the training step's number (the check runs "
+        "on multiples of every=5); call check(step, params, *args) (params=0 looks like the "
+        "step: are the two swapped?)."
+    )
 
 
 @pytest.mark.parametrize("step", ["20", None, 2.5, True])
