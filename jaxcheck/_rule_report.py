@@ -332,7 +332,8 @@ def rules_part(
     if error is not None and not wrong and repeated:
         problems.append(
             "a rule called several times from one line (a Python loop over layers, a "
-            f"shared block) was checked at its first call only: {'; '.join(repeated)}; "
+            "shared block) was checked at one call only, the first whose inputs depend on "
+            f"params: {'; '.join(repeated)}; "
             "one wrong at the inputs of later calls goes unseen there (check it with "
             "jaxcheck.verify_rule at those inputs)"
         )

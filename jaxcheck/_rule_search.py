@@ -330,13 +330,15 @@ def _held_tangent(eqn) -> bool:
 
 def _unique(found) -> list:
     """One entry per rule and call site (a layer called in a loop is one rule), with the
-    first inputs captured. Rule objects of one name called from one site (layers a factory
-    made with different settings) are each a rule, told apart in their context."""
+    first inputs captured that depend on params (a loop's first layer may take the data
+    alone, which the check holds fixed). Rule objects of one name called from one site
+    (layers a factory made with different settings) are each a rule, told apart in their
+    context."""
     seen, counts, sources, objects = {}, {}, {}, {}
     for f in found:
         key = (f.kind, f.name, f.where, f.context, f.identity)
         counts[key] = counts.get(key, 0) + 1
-        if key not in seen or (seen[key].inputs is None and f.inputs is not None):
+        if key not in seen or _better_inputs(f, seen[key]):
             seen[key] = f
         before = sources.get(key, NONE)
         sources[key] = None if before is None or f.sources is None else before | f.sources
@@ -350,6 +352,14 @@ def _unique(found) -> list:
             f = dataclasses.replace(f, context=_join(f.context, which))
         out.append(f)
     return out
+
+
+def _better_inputs(f: Found, before: Found) -> bool:
+    """Whether call `f` of a rule gives its check more than the call `before` did:
+    inputs where there were none, or inputs that depend on params where those did not."""
+    if f.inputs is None:
+        return False
+    return before.inputs is None or (not before.sources and bool(f.sources))
 
 
 def _bind(eqn, values):
