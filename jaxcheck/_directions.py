@@ -445,6 +445,6 @@ def cotangent(out_seeds, index, scales, like, kind: str, signs=None) -> list:
     else:
         signs = [units(z) for z in signs]
     return [
-        (z.astype(scales.dtype) / scales[i]).astype(y.dtype)
+        _plan.typed_like((z.astype(scales.dtype) / scales[i]).astype(y.dtype), y)
         for i, (z, y) in enumerate(zip(signs, like))
     ]

@@ -75,7 +75,7 @@ def _restricted(inner, s, arrays, rest, has_aux):
 def _dot(a: list, b: list):
     """sum_l <a_l, b_l> in float32, or float64 when a is: the map's scalar output."""
     acc = jnp.float64 if any(jnp.dtype(x.dtype).itemsize >= 8 for x in a) else jnp.float32
-    terms = [jnp.vdot(x.astype(acc), jnp.asarray(y).astype(acc)) for x, y in zip(a, b)]
+    terms = [_plan.vdot(x.astype(acc), jnp.asarray(y).astype(acc)) for x, y in zip(a, b)]
     return sum(terms, jnp.zeros((), acc))
 
 

@@ -271,6 +271,50 @@ def _constrained(x, sharding):
     return jax.lax.with_sharding_constraint(x, sharding)
 
 
+def typed_like(x, like):
+    """`x` resharded as `like` is, where `like`'s type carries a sharding over Explicit mesh
+    axes (there a vjp takes only a cotangent typed as its output, and an array sharded
+    otherwise does not mix with it); `x` itself elsewhere."""
+    if not explicitly_sharded(like) or jax.typeof(x).sharding == jax.typeof(like).sharding:
+        return x
+    return jax.sharding.reshard(x, jax.typeof(like).sharding)
+
+
+def explicitly_sharded(x) -> bool:
+    """Whether array or tracer `x`'s type carries a sharding over Explicit mesh axes."""
+    if not hasattr(jax, "typeof") or not hasattr(jax.sharding, "reshard"):
+        return False
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    types = getattr(getattr(sharding, "mesh", None), "axis_types", ()) or ()
+    return any("Explicit" in str(t) for t in types)
+
+
+def explicit_mesh_of(tree):
+    """A context that sets the mesh of Explicit axes the arrays of `tree` lie on, where
+    none is set already (arrays a check makes, its directions, take that mesh then; without
+    it JAX refuses to mix them with the arrays on it); a context that does nothing
+    elsewhere."""
+    set_mesh, current = (
+        getattr(jax, "set_mesh", None),
+        getattr(jax.sharding, "get_abstract_mesh", None),
+    )
+    if set_mesh is None or current is None or not getattr(current(), "empty", True):
+        return contextlib.nullcontext()
+    for x in jax.tree_util.tree_leaves(tree):
+        if isinstance(x, jax.Array) and explicitly_sharded(x):
+            return set_mesh(x.sharding.mesh)
+    return contextlib.nullcontext()
+
+
+def vdot(a, b):
+    """jnp.vdot(a, b), or with `b` resharded as `a` is and summed elementwise where `a` is
+    sharded over Explicit mesh axes: there a dot over a sharded dimension has no output
+    sharding to take, and the two may come in different layouts (a grad_fn's)."""
+    if not explicitly_sharded(a):
+        return jnp.vdot(a, b)
+    return jnp.sum(jnp.conj(a) * typed_like(b, a))
+
+
 def map_points(fn, offsets, plan: Plan):
     """fn at every stencil offset: vmapped, or one after another."""
     if _EAGER.get():

@@ -103,13 +103,15 @@ class Problem:
                 "structure of params (jax.grad(fn) does)."
             )
         grads = _tree.match_gradient(self.params, grad)
-        return [jnp.asarray(g) for g in grads]
+        # (sharded as its parameter where the mesh's axes are Explicit: a tensor-parallel
+        # grad_fn may return another layout, which does not mix with the directions')
+        return [_plan.typed_like(jnp.asarray(g), d) for g, d in zip(grads, diff)]
 
     def scalarize(self, outs: list, cot: list | None):
         if cot is None:
             return outs[0]
         acc = _precision.accumulator([y.dtype for y in outs])
-        return sum(jnp.vdot(c.astype(acc), y.astype(acc)) for c, y in zip(cot, outs))
+        return sum(_plan.vdot(c.astype(acc), y.astype(acc)) for c, y in zip(cot, outs))
 
 
 _STRUCTURES: collections.OrderedDict = collections.OrderedDict()

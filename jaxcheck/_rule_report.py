@@ -426,23 +426,24 @@ def _check_one(
     function, inputs, held = _finite_inputs(rule)
     token = TRACED_RULE.set(True)
     try:
-        report = _rules.check_rule(
-            function,
-            inputs,
-            o.key,
-            o.num_directions,
-            # a rule as fn's trace recorded it is typed in fn's precision (its jvp too, with
-            # the constants in it); in float64 it runs as fn's float64 trace recorded it,
-            # and where fn refuses float64 it falls back, and says so, whatever fn's own
-            # check asked for
-            "auto" if o.precision == "float64" else o.precision,
-            o.rtol,
-            o.leaf_directions,
-            identity=(fn, rule, held),
-            # looking for the rule behind a failure: the rows finite differences see
-            full=o.rules is True,
-            order=order,
-        )
+        with _plan.explicit_mesh_of(inputs):
+            report = _rules.check_rule(
+                function,
+                inputs,
+                o.key,
+                o.num_directions,
+                # a rule as fn's trace recorded it is typed in fn's precision (its jvp too, with
+                # the constants in it); in float64 it runs as fn's float64 trace recorded it,
+                # and where fn refuses float64 it falls back, and says so, whatever fn's own
+                # check asked for
+                "auto" if o.precision == "float64" else o.precision,
+                o.rtol,
+                o.leaf_directions,
+                identity=(fn, rule, held),
+                # looking for the rule behind a failure: the rows finite differences see
+                full=o.rules is True,
+                order=order,
+            )
     except Exception as err:  # noqa: BLE001 - one rule that cannot be checked is a note
         return _not_checked(rule, f"could not be checked ({one_line(err)})")
     finally:

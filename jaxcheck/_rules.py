@@ -385,6 +385,19 @@ def _tangents(rule: Rule, rng):
     return jax.tree_util.tree_map(lambda x: _rule_rows.random_like(x, rng), rule.inputs)
 
 
+def _typed_like(tree, like):
+    """`tree`'s arrays sharded as `like`'s are where those lie on a mesh of Explicit axes
+    (a rule's derivatives take only tangents typed as its inputs and outputs there);
+    float0 tangents of integer inputs as they are."""
+
+    def typed(x, y):
+        if getattr(x, "dtype", None) == jax.dtypes.float0:
+            return x
+        return _plan.typed_like(x, y)
+
+    return jax.tree_util.tree_map(typed, tree, like)
+
+
 # ---- the properties -------------------------------------------------------------------
 
 
@@ -397,9 +410,9 @@ def _derivatives(call, with_jvp: bool, with_vjp: bool = True):
         result = {"f": call(inputs)}
         if with_vjp:
             out, pullback = jax.vjp(call, inputs)
-            result["vjp out"], result["vjp"] = out, pullback(u)[0]
+            result["vjp out"], result["vjp"] = out, pullback(_typed_like(u, out))[0]
         if with_jvp:
-            result["jvp out"], result["jvp"] = jax.jvp(call, (inputs,), (v,))
+            result["jvp out"], result["jvp"] = jax.jvp(call, (inputs,), (_typed_like(v, inputs),))
         return result
 
     return go
