@@ -138,13 +138,21 @@ def _contextvar(var, value):
 def refuse_traced(trees: dict, who: str = "verify") -> None:
     """Raise a TypeError naming the first traced leaf of `trees` (name -> pytree), or saying
     that a transformation is tracing, for jaxcheck's entry point `who`; a ValueError naming
-    the first deleted array (donated to a jitted function) among them."""
+    the first deleted array (donated to a jitted function) among them, and a TypeError
+    naming the first jax.ShapeDtypeStruct (no values to compute with)."""
     traced = TRACED.format(who=who)
     for where, tree in trees.items():
         leaves = jax.tree_util.tree_leaves(tree)
-        if not any(isinstance(x, jax.core.Tracer) or _deleted(x) for x in leaves):
+        if not any(_unusable(x) for x in leaves):
             continue
         for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            if isinstance(leaf, jax.ShapeDtypeStruct):
+                raise TypeError(
+                    f"The {where} leaf {jax.tree_util.keystr(key_path) or '(root)'} is a "
+                    f"jax.ShapeDtypeStruct ({leaf.dtype}{list(leaf.shape)}): a shape and dtype "
+                    "without values, which fn cannot compute with. Pass an array, say "
+                    "jnp.zeros(s.shape, s.dtype) or the model's initialized parameters."
+                )
             if _deleted(leaf):
                 raise ValueError(
                     f"The {where} leaf {jax.tree_util.keystr(key_path) or '(root)'} is an "
@@ -165,6 +173,10 @@ def refuse_traced(trees: dict, who: str = "verify") -> None:
         return
     if isinstance(jnp.zeros((), jnp.float32), jax.core.Tracer):
         raise TypeError(f"{traced} Call it outside jax.jit, on concrete arrays.")
+
+
+def _unusable(x) -> bool:
+    return isinstance(x, jax.core.Tracer | jax.ShapeDtypeStruct) or _deleted(x)
 
 
 def _deleted(x) -> bool:

@@ -770,3 +770,19 @@ def test_a_donated_params_leaf_is_named():
         "Pass the arrays that function returned instead."
     )
     assert not params["w"].is_deleted()
+
+
+@pytest.mark.parametrize("where", ["params", "args"])
+def test_a_shape_dtype_struct_leaf_is_named(where):
+    """fn failed on it deep inside the check: "unsupported operand type(s) for +"."""
+    abstract = jax.ShapeDtypeStruct((3,), jnp.float32)
+    params = {"w": jnp.ones(3), "s": abstract} if where == "params" else {"w": jnp.ones(3)}
+    args = (jnp.ones(3),) if where == "params" else (abstract,)
+    with pytest.raises(TypeError) as info:
+        jaxcheck.verify(lambda p, x: jnp.sum(p["w"] * x), params, *args)
+    leaf = "['s']" if where == "params" else "[0]"
+    assert str(info.value) == (
+        f"The {where} leaf {leaf} is a jax.ShapeDtypeStruct (float32[3]): a shape and dtype "
+        "without values, which fn cannot compute with. Pass an array, say "
+        "jnp.zeros(s.shape, s.dtype) or the model's initialized parameters."
+    )
