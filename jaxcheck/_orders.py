@@ -138,11 +138,14 @@ class VjpMap:
 @dataclasses.dataclass(frozen=True)
 class CotangentMap:
     """params, (base, cotangent, tangent), *rest -> <vjp of `inner` at `base`, pulling back
-    `cotangent` times inner(params), tangent>: fn's vjp at a fixed point as a function of
-    its cotangent, which the vjp map (fixed cotangent) never differentiates. Its
-    derivative is the transpose of fn's vjp in its cotangent: a custom_vjp whose bwd is
-    right but holds its cotangent behind a `stop_gradient` (or differentiates it wrongly)
-    fails here, as in JAX's check_grads, which pulls back fn's own outputs."""
+    `cotangent` times the output jax.vjp of `inner` returns at params, tangent>: fn's vjp
+    at a fixed point as a function of its cotangent, which the vjp map (fixed cotangent)
+    never differentiates. Its derivative is the transpose of fn's vjp in its cotangent,
+    applied to the derivative of that output, which a custom_vjp's fwd computes: a
+    custom_vjp whose bwd is right but holds its cotangent behind a `stop_gradient` (or
+    differentiates it wrongly) fails here, and so does one whose fwd's output
+    differentiates otherwise than fn (held behind a `stop_gradient`, or computed by a
+    wrong rule), as in JAX's check_grads, which pulls back the outputs jax.vjp returns."""
 
     inner: Callable
     has_aux: bool = False
@@ -156,7 +159,7 @@ class CotangentMap:
         leaves, treedef = jax.tree_util.tree_flatten(out)
         g = [
             jnp.asarray(c).astype(y.dtype) * (y / _power_of_two(y0).astype(y.dtype))
-            for c, y, y0 in zip(cotangent, jax.tree_util.tree_leaves(f(diff)), leaves)
+            for c, y, y0 in zip(cotangent, jax.tree_util.tree_leaves(jax.vjp(f, diff)[0]), leaves)
         ]
         return _dot(pullback(jax.tree_util.tree_unflatten(treedef, g))[0], tangent)
 

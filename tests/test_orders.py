@@ -247,6 +247,49 @@ def test_a_backward_pass_wrong_in_its_cotangent_fails_at_order_2(mode):
     ]
 
 
+@jax.custom_vjp
+def sin_off_inside(x):
+    return jnp.sin(x)
+
+
+sin_off_inside.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * jnp.cos(x) * 1.01,))
+
+
+def _forward_output(kind):
+    """A custom_vjp right in value and bwd, whose fwd's output differentiates wrongly."""
+
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(x)
+
+    output = {
+        "stop_gradient": lambda x: lax.stop_gradient(jnp.sin(x)),
+        "inner rule 1 % off": sin_off_inside,
+    }[kind]
+    f.defvjp(lambda x: (output(x), x), lambda x, g: (g * jnp.cos(x),))
+    return f
+
+
+@pytest.mark.parametrize("kind", ["stop_gradient", "inner rule 1 % off"])
+def test_a_forward_pass_whose_output_differentiates_wrongly_fails_at_order_2(kind):
+    """JAX's check_grads pulls back the output that jax.vjp returns, which is the fwd's:
+    differentiated at order 2, a fwd whose output is held behind a stop_gradient, or
+    computed by a wrong rule, fails there. The map in the cotangent pulled back fn's own
+    output instead, which the fwd never computes, and passed."""
+    f = _forward_output(kind)
+    x = jnp.linspace(-1.0, 1.0, 5)
+    assert jaxcheck.verify(f, x).ok
+    jaxcheck.check_grads(f, (x,), 1, modes=["rev"])
+    with pytest.raises(jaxcheck.GradientCheckError, match="vjp map in its cotangent is WRONG"):
+        jaxcheck.check_grads(f, (x,), 2, modes=["rev"])
+    report = jaxcheck.verify(f, x, order=2)
+    assert report.status == "fail", str(report)
+    [part] = [p for p in report.parts if p.status == "fail"]
+    assert part.label == "order 2: vjp map in its cotangent"
+    expected = 1.0 if kind == "stop_gradient" else 0.01
+    assert expected / 2 < part.relative_error < expected * 2, str(report)
+
+
 @pytest.mark.parametrize("case", ["exp-float32", "square-float16"])
 def test_the_cotangent_part_does_not_overflow_where_fn_does_not(case):
     """Pulled back as they are, fn's outputs overflowed (exp(50) times exp(50) in float32;
