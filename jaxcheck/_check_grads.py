@@ -10,7 +10,7 @@ import functools
 import inspect
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -207,11 +207,20 @@ def run(f, args, order, modes=("fwd", "rev"), atol=None, rtol=None, eps=None) ->
     """`check_grads` without raising: the report and its verdict."""
     if not callable(f):
         raise TypeError(f"check_grads: f must be callable, got {type(f).__name__}.")
-    if not isinstance(args, tuple | list):
-        raise TypeError(
-            f"check_grads: args must be a tuple or list of f's positional arguments, got "
-            f"{type(args).__name__}. For one argument x, pass (x,)."
-        )
+    unpacked = None if isinstance(args, tuple | list) else type(args).__name__
+    if unpacked:
+        # as JAX's check_grads takes them, tuple(args): an array's rows are f's arguments
+        # (a suite passing jnp.array([0.3]) for f(0.3) passes there); a dict's keys or a
+        # string's characters never are what was meant
+        try:
+            if isinstance(args, str | bytes | Mapping):
+                raise TypeError
+            args = tuple(args)
+        except TypeError:
+            raise TypeError(
+                f"check_grads: args must be a tuple or list of f's positional arguments, got "
+                f"{type(args).__name__}. For one argument x, pass (x,)."
+            ) from None
     order, eps, atol, rtol = _options.whole(order), *map(_options.scalar, (eps, atol, rtol))
     if not isinstance(order, int) or isinstance(order, bool):
         raise ValueError(f"check_grads: order must be an int (the highest order), got {order!r}.")
@@ -241,7 +250,14 @@ def run(f, args, order, modes=("fwd", "rev"), atol=None, rtol=None, eps=None) ->
             return Outcome(None, "pass", "every output of f is empty")
         if type(err) not in (TypeError, ValueError) or str(err).startswith("check_grads: "):
             raise
-        raise type(err)("check_grads: " + _in_check_grads_terms(str(err))) from err
+        hint = ""
+        if unpacked and isinstance(err, TypeError):
+            hint = (
+                f" (args was a {unpacked}, which check_grads unpacks as JAX's does, "
+                f"tuple(args): its {len(params)} rows were f's positional arguments; for one "
+                "argument x, pass (x,))"
+            )
+        raise type(err)("check_grads: " + _in_check_grads_terms(str(err)) + hint) from err
     if options.mode == "both" and any(_evaluate.NO_JVP in p for p in report.problems):
         raise TypeError(
             f"check_grads: modes={modes!r} asks for forward mode (jvp), but f contains a "

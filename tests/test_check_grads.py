@@ -324,8 +324,15 @@ def test_a_nan_derivative_of_a_finite_output_fails_though_f_is_nan_elsewhere(mod
         (
             (jnp.sin, X, 1),
             TypeError,
+            "sin() takes 1 positional argument but 4 were given (args was a ndarray, which "
+            "check_grads unpacks as JAX's does, tuple(args): its 4 rows were f's positional "
+            "arguments; for one argument x, pass (x,))",
+        ),
+        (
+            (jnp.sin, {"x": X}, 1),
+            TypeError,
             "args must be a tuple or list of f's positional arguments, "
-            "got ndarray. For one argument x, pass (x,).",
+            "got dict. For one argument x, pass (x,).",
         ),
         ((jnp.sin, (X,), 2.5), ValueError, "order must be an int (the highest order), got 2.5."),
         ((jnp.sin, (X,), 1, ("fwd", "bwd")), ValueError, "unknown mode(s) ['bwd']"),
@@ -884,3 +891,14 @@ def test_python_floats_beside_numpy_float64_scalars_raise_no_dtype_warning(bug):
         return
     with pytest.raises(jaxcheck.GradientCheckError):
         jaxcheck.check_grads(f, args, order=1)
+
+
+def test_an_array_for_args_is_unpacked_as_jax_does():
+    """jax.test_util.check_grads takes tuple(args): a suite passing jnp.array([0.3]) for
+    f(0.3) passes there, and was refused under the plugin."""
+    jaxcheck.check_grads(jnp.sin, jnp.array([0.3]), 2)
+    jaxcheck.check_grads(lambda a, b: a * jnp.sin(b), np.array([[0.5, 1.0], [0.2, 0.3]]), 1)
+    sin_off = jax.custom_jvp(jnp.sin)
+    sin_off.defjvp(lambda p, t: (jnp.sin(p[0]), 1.01 * jnp.cos(p[0]) * t[0]))
+    with pytest.raises(jaxcheck.GradientCheckError, match="WRONG"):
+        jaxcheck.check_grads(sin_off, jnp.array([0.3]), 1)
