@@ -4,6 +4,7 @@ meant; a keyword the function under check takes is told to be bound first."""
 import difflib
 import functools
 import inspect
+import re
 
 
 def checked(name: str, call: str):
@@ -64,6 +65,14 @@ OTHER_NAMES = {
 
 
 def _unknown(name, call, unknown, names, fn_takes=frozenset()) -> str:
+    inside = ",".join(re.findall(r"\(([^)]*)\)", call)).split(",")
+    positional = [a.strip().lstrip("*") for a in inside if "=" not in a and "**" not in a]
+    given = [k for k in unknown if k in positional]
+    if given:
+        return (
+            f"{name} got {', '.join(f'{k}=' for k in given)} as keyword argument(s); "
+            f"{', '.join(positional)} are its positional arguments: call {call}."
+        )
     parts, for_fn = [], []
     for k in unknown:
         close = [] if k in fn_takes else difflib.get_close_matches(k, names, n=1)

@@ -472,6 +472,34 @@ def test_verify_rule_names_the_option_meant_or_says_to_bind_fs_keywords():
     )
 
 
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda: jaxcheck.verify(fn=_loss, params=jnp.ones(3)),
+            "jaxcheck.verify got fn=, params= as keyword argument(s); fn, params, args are its "
+            "positional arguments: call verify(fn, params, *args).",
+        ),
+        (
+            lambda: jaxcheck.verify(_loss, jnp.ones(3), args=(jnp.ones(3),)),
+            "jaxcheck.verify got args= as keyword argument(s); fn, params, args are its "
+            "positional arguments: call verify(fn, params, *args).",
+        ),
+        (
+            lambda: jaxcheck.Checker(_loss, params=jnp.ones(3)),
+            "jaxcheck.Checker got params= as keyword argument(s); fn, params, args are its "
+            "positional arguments: call Checker(fn, **options)(params, *args).",
+        ),
+    ],
+)
+def test_the_entry_points_own_arguments_given_as_keywords_are_told_to_be_positional(call, message):
+    """They were taken for fn's keywords: "bind keywords first, verify(functools.partial(fn,
+    fn=..., params=...), params, *args)"."""
+    with pytest.raises(TypeError) as info:
+        call()
+    assert str(info.value) == message
+
+
 def test_a_leaf_cut_off_by_stop_gradient_is_said_so():
     """A hyperparameter in params (equinox's dropout rate) reaches fn through
     stop_gradient: jax.grad says 0, finite differences do not. The failure says why and
