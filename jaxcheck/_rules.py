@@ -252,11 +252,28 @@ def _runnable(rule: "Rule") -> None:
                 raise
             _forward_shapes(rule)
         except Exception:  # noqa: BLE001 - neither mode: JAX's reverse-mode error says why
+            _refuse_uncallable(rule)
             raise TypeError(
                 "verify_rule: JAX cannot differentiate f at these inputs, so no property of "
                 f"its rule can be checked. jax.vjp(f) raises {one_line(err, 600)}\nFix the "
                 f"rule first: {RULE_OUTPUTS}"
             ) from err
+
+
+def _refuse_uncallable(rule: "Rule") -> None:
+    """Raise a TypeError where f itself cannot be called at the inputs (the inputs, not
+    the rule, are then to blame: (x,) passed for x, one argument too many)."""
+    try:
+        jax.eval_shape(rule.call, rule.inputs)
+    except Exception as err:  # noqa: BLE001 - said with how args are passed
+        kinds = ", ".join(type(a).__name__ for a in rule.args)
+        raise TypeError(
+            f"verify_rule: f itself cannot be called at these inputs, f(*args) with "
+            f"{len(rule.args)} argument(s) ({kinds}): {one_line(err, 300).rstrip('.:')}. "
+            "verify_rule(f, "
+            "*args) passes args to f as they are, f(*args): for f(x), call verify_rule(f, "
+            "x), not verify_rule(f, (x,))."
+        ) from err
 
 
 def check_rule(

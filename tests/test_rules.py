@@ -224,6 +224,23 @@ def test_a_rule_jax_cannot_run_is_refused_not_called_wrong(make, inputs, said):
     assert "\nFix the rule first: a custom_vjp's fwd returns (output, residuals)" in message
 
 
+@pytest.mark.parametrize("args", [((X,),), (X, X)], ids=["wrapped-in-a-tuple", "one-too-many"])
+def test_inputs_f_itself_refuses_are_blamed_not_the_rule(args):
+    """The rule was told to be fixed ("JAX cannot differentiate f at these inputs ... Fix
+    the rule first") where f(*args) itself cannot run."""
+    with pytest.raises(TypeError) as caught:
+        jaxcheck.verify_rule(sin_vjp(lambda x, g: (g * jnp.cos(x),)), *args)
+    message = str(caught.value)
+    assert message.startswith(
+        f"verify_rule: f itself cannot be called at these inputs, f(*args) with {len(args)} "
+        "argument(s) ("
+    ), message
+    assert message.endswith(
+        "verify_rule(f, *args) passes args to f as they are, f(*args): for f(x), call "
+        "verify_rule(f, x), not verify_rule(f, (x,))."
+    ), message
+
+
 def test_integer_input_gets_float0_and_nondiff_argnums_are_held_fixed():
     @jax.custom_vjp
     def power(x, n):
