@@ -133,6 +133,14 @@ def _positive_int(name, value, least, most=None) -> None:
 def _validate(o: Options) -> None:
     if o.grad_fn is not None and not callable(o.grad_fn):
         raise TypeError(f"grad_fn must be callable or None, got {type(o.grad_fn).__name__}.")
+    transforms = ("grad", "value_and_grad", "jacrev", "jacfwd", "vjp", "jvp", "hessian")
+    named = [t for t in transforms if o.grad_fn is getattr(jax, t, None)]
+    if named:
+        raise TypeError(
+            f"grad_fn=jax.{named[0]} is the transformation itself, not a gradient function: "
+            f"pass grad_fn=jax.grad(fn) (or your own function of (params, *args) returning "
+            "the gradient), or leave grad_fn out to check JAX's gradient of fn."
+        )
     _positive_int("order", o.order, 1, MAX_ORDER)
     _positive_int("num_directions", o.num_directions, 4, MAX_DIRECTIONS)
     _positive_int("leaf_directions", o.leaf_directions, 2, MAX_DIRECTIONS)

@@ -78,6 +78,13 @@ P = {"w": jnp.ones(3)}
             "key must be an int seed or a single JAX PRNG key, got str. Try key=0",
         ),
         ({"grad_fn": 3}, TypeError, "grad_fn must be callable or None, got int."),
+        (  # was JAX's "Expected a callable value, got JitTracer(float32[3])"
+            {"grad_fn": jax.grad},
+            TypeError,
+            "grad_fn=jax.grad is the transformation itself, not a gradient function: pass "
+            "grad_fn=jax.grad(fn) (or your own function of (params, *args) returning the "
+            "gradient), or leave grad_fn out to check JAX's gradient of fn.",
+        ),
         (
             {"grad_fn": lambda p: p, "mode": "both"},
             ValueError,
