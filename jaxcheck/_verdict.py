@@ -625,14 +625,20 @@ def note_large_rounding(run: Run, head, status: Status, p: Pass | None = None) -
         )
         return False
     cancels = value_gap(run, p)
-    if head.gap > _gap_limit(run) and cancels < 0.1 * head.gap:
+    if head.gap > _gap_limit(run) and cancels < 0.1 * head.gap and not near_stationary(run, p):
         run.problems.append(
             f"{gap}: fn or its rules compute something else in {run.reference.name} "
             "(random numbers drawn in the default dtype, a branch on the dtype?)"
         )
         return False
     why = "an ill-conditioned loss?"
-    if cancels >= 0.1 * head.gap:
+    if near_stationary(run, p):
+        why = (
+            f"the derivative is within {STATIONARY} {run.tested.name} epsilons of fn's own "
+            "size, as at a stationary point (a gradient zero by symmetry, up to the rounding "
+            f"of the data), so its {run.tested.name} rounding is as large as itself"
+        )
+    elif cancels >= 0.1 * head.gap:
         why = (
             f"fn's own {run.tested.name} value is {cancels:.1e} off its value in "
             f"{run.reference.name}: it cancels, as a loss at a fit or a minimum does, and its "
@@ -666,6 +672,27 @@ def large_rounding(run: Run, head) -> bool:
     # (in float16 and bfloat16, 1000 eps is about 1: a few percent is already far above
     # the rounding of a well-conditioned computation there)
     return head.rounding_measured and head.gap > min(ROUNDING_NOTE, 30 + 0.01 / eps_t) * eps_t
+
+
+# a derivative (along the directions, in fn's units) within this many epsilons of the
+# tested dtype times fn's value is at a stationary point: its rounding is as large as it
+STATIONARY = 10
+
+
+def near_stationary(run: Run, p: Pass | None) -> bool:
+    """Whether the derivative along the directions, by finite differences, under test and
+    by the same rule in the reference, is within `STATIONARY` epsilons of the tested dtype
+    times fn's scalar value: there the derivative under test is mostly its own rounding
+    (the terms of its sum are of fn's size and cancel)."""
+    value = run.probe.get("value") if run.probe else None
+    if p is None or value is None or not run.problem.scalar_output or p.analytic_ref is None:
+        return False
+    size = abs(float(value))
+    sizes = []
+    for d in (p.numeric, p.analytic, p.analytic_ref):
+        d = np.asarray(d, np.float64)
+        sizes.append(_error_model.rms(d[np.isfinite(d)]))
+    return math.isfinite(size) and max(sizes) < STATIONARY * _precision.eps(run.tested) * size
 
 
 def value_gap(run: Run, p: Pass | None) -> float:

@@ -901,6 +901,22 @@ def test_an_exact_fit_in_float32_is_not_said_to_compute_something_else():
     assert any("fn's own float32 value is" in q for q in report.problems), report.problems
 
 
+def test_a_gradient_zero_by_symmetry_is_not_said_to_compute_something_else():
+    """At b = 0 the gradient in b is zero by symmetry, up to the float32 rounding of the
+    data (5e-9): its float32 rounding is as large as itself. The note put the gap down to
+    fn computing something else in float64 (random numbers, a branch on the dtype)."""
+    x = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+    w = jnp.ones((3, 2)) / 3
+    report = jaxcheck.verify(lambda b, x: jnp.mean(jnp.tanh(x @ w + b) ** 2), jnp.zeros(2), x)
+    assert report.status == "pass", str(report)
+    assert not any("compute something else" in q for q in report.problems), report.problems
+    assert any(
+        "the derivative is within 10 float32 epsilons of fn's own size, as at a stationary "
+        "point" in q
+        for q in report.problems
+    ), report.problems
+
+
 def test_a_while_loop_whose_trip_count_rounds_is_named_beside_cancelling():
     """An Euler loop stepping t += 0.02 up to 1 runs 51 times in float32 and 50 in float64:
     another function, not the same one rounded. The note put the value gap down to
