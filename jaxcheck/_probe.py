@@ -272,13 +272,16 @@ def _nonfinite_args(run: Run) -> list[str]:
 
 def replay_nonfinite(run: Run, reverse: bool, found: bool = True) -> None:
     """With the caller's jax_debug_nans/jax_debug_infs on, evaluate fn (and its
-    gradient) at params again, op by op under those flags, so that JAX's own
-    FloatingPointError names the primitive that made the NaN/Inf, as it would outside
-    the check. (With the flags off, or when no primitive of fn trips them, the check
-    reports "nonfinite".) Where the check `found` none, a NaN/Inf made and then dropped
-    inside fn (jnp.nan_to_num, a jnp.where branch not taken) is raised so too, as fn run
-    eagerly (and jax.test_util.check_grads) would raise it; any other error of that
-    evaluation is left to the check."""
+    gradient) at params again under those flags, as the caller's own call of fn runs,
+    so that JAX's own FloatingPointError names the primitive that made the NaN/Inf, as
+    it would outside the check (JAX re-runs a jitted call that made one op by op). Not
+    under jax.disable_jit: there the flags see every constant inside JAX's own jitted
+    functions, and jax.nn.softmax's -inf tripped jax_debug_infs. (With the flags off,
+    or when no primitive of fn trips them, the check reports "nonfinite".) Where the
+    check `found` none, a NaN/Inf made and then dropped inside fn (jnp.nan_to_num, a
+    jnp.where branch not taken) is raised so too, as fn run eagerly (and
+    jax.test_util.check_grads) would raise it; any other error of that evaluation is
+    left to the check."""
     nans, infs = DEBUG_FLAGS.get() or (False, False)
     if not (nans or infs) or not np.all(run.probe["params_finite"]):
         return  # NaN/Inf already in params: the report says which leaf
@@ -292,7 +295,7 @@ def replay_nonfinite(run: Run, reverse: bool, found: bool = True) -> None:
         return
     problem, inputs = run.problem, run.inputs
     f = lambda d: problem.outputs(d, inputs.traced())  # noqa: E731
-    with jax.disable_jit(), jax.debug_nans(nans), jax.debug_infs(infs):
+    with jax.debug_nans(nans), jax.debug_infs(infs):
         outs = f(inputs.diff)
         if not reverse:
             return

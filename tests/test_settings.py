@@ -150,6 +150,25 @@ def test_debug_flags_are_not_tripped_by_the_check_itself(flag):
     assert plain.status == "pass", str(plain)
 
 
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda p: jnp.sum(jax.nn.softmax(p) * jnp.arange(3.0)),
+        lambda p: jax.nn.logsumexp(p) - p[0],
+        lambda p: -jnp.sum(jax.nn.log_softmax(p) * jnp.array([0.2, 0.3, 0.5])),
+    ],
+    ids=["softmax", "logsumexp", "log_softmax"],
+)
+def test_debug_infs_is_not_tripped_by_jaxs_own_constants(fn):
+    """The replay under the caller's flags ran fn under jax.disable_jit, where the -inf
+    inside JAX's own softmax and logsumexp tripped jax_debug_infs: every cross-entropy
+    model raised FloatingPointError, where fn, jax.grad and JAX's check_grads run."""
+    p = jnp.array([0.3, -1.2, 2.5])
+    with jax.debug_infs(True):
+        assert jaxcheck.verify(fn, p).status == "pass"
+        jaxcheck.check_grads(fn, (p,), 2)
+
+
 def test_debug_nans_names_the_users_primitive():
     """With jax_debug_nans on, a NaN gradient raises JAX's own error naming the primitive
     of fn that made it (as jax.grad(fn) would), not one about jaxcheck's programs."""
