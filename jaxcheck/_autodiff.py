@@ -22,9 +22,10 @@ from ._errors import CotangentKind
 # from the cotangent 2, and the folded forward projections of small problems push tangents
 # of entries +-2, each result then halved. For a derivative linear in its tangent or
 # cotangent, as it must be, that is the same to the bit (a power of two scales exactly,
-# barring overflow: float16 gradients or values above half its largest number, 32752,
-# become Inf); a rule that is not agrees with a linear one at +-1, the only values it would
-# otherwise meet there, and differs at 2: a custom_vjp bwd computing g * |g| or g ** 3, a
+# barring overflow: float16 values above half its largest number, 32752, become Inf,
+# where a scalar fn's gradient falls back to the unit of 1); a rule that is not agrees
+# with a linear one at +-1, the only values it would otherwise meet there, and differs
+# at 2: a custom_vjp bwd computing g * |g| or g ** 3, a
 # custom_jvp rule with t * |t|, and rules that clip their cotangent or tangent (at 0.75,
 # say: jax.grad's cotangent of 1 reaches it, and is clipped, wherever fn's own derivative
 # above the rule is near 1). A unit below 1 would let those clipping below 1 pass.
@@ -211,8 +212,15 @@ def wrong_kinds(grad, diff) -> None:
 def scalar_grad(f, diff):
     """(value, gradient) of the scalar fn f(d)[0] at diff, as jax.value_and_grad gives
     them, its reverse pass started from the cotangent `UNIT`."""
-    value, grad = jax.value_and_grad(lambda d: f(d)[0] * UNIT)(diff)
-    return value / UNIT, [g / UNIT for g in grad]
+    if not any(jnp.dtype(x.dtype) == jnp.float16 for x in diff):
+        value, grad = jax.value_and_grad(lambda d: f(d)[0] * UNIT)(diff)
+        return value / UNIT, [g / UNIT for g in grad]
+    # a float16 gradient above half its largest number overflows at the unit of 2 (a
+    # gradient of 4e4 is finite in float16): there the unit of 1 is taken
+    value, pullback = jax.vjp(lambda d: f(d)[0], diff)
+    doubled, single = (pullback(jnp.asarray(u, value.dtype))[0] for u in (UNIT, 1.0))
+    grad = [jnp.where(jnp.isfinite(a), a / UNIT, b) for a, b in zip(doubled, single)]
+    return value, grad
 
 
 def primal_gap(rule_outs, outs) -> jax.Array:

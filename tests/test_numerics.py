@@ -846,3 +846,15 @@ def test_float32_data_near_1e4_added_to_small_params(seed, key, bug):
         fn, {"w": w}, x, key=key, grad_fn=lambda p, x: {"w": grad(p, x)["w"] * bug}
     )
     assert report.status == ("pass" if bug == 1.0 else "fail"), str(report)
+
+
+def test_a_float16_gradient_above_half_its_largest_number_is_not_nonfinite():
+    """The gradient is pulled back from a cotangent of 2: a float16 gradient of 4e4
+    (finite: float16 reaches 65504) overflowed to Inf, and the report blamed fn's
+    gradient as NaN/Inf where jax.grad and JAX's check_grads are finite."""
+    p = jnp.array([0.001, 0.002], jnp.float16)
+    report = jaxcheck.verify(lambda p: jnp.sum(p * jnp.float16(40000.0)), p)
+    assert report.status == "pass", str(report)
+    off = jax.custom_vjp(lambda p: p * jnp.float16(40000.0))
+    off.defvjp(lambda p: (p * jnp.float16(40000.0), None), lambda _, g: (g * 40000.0 * 1.05,))
+    assert jaxcheck.verify(lambda p: jnp.sum(off(p)), p).status == "fail"
