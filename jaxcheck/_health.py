@@ -805,6 +805,9 @@ class HealthSummary:
     leaves: tuple[LeafHealth, ...]
     skipped: int
     params_seen: bool
+    # the states of gradient-rescaling transformations before gradient_health in its chain
+    # (optax's ScaleBy...: Adam's), whose updates it then watched instead of the gradients
+    after: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -832,6 +835,7 @@ class HealthSummary:
             "steps": self.steps,
             "skipped": self.skipped,
             "params_seen": self.params_seen,
+            "after": list(self.after),
             "leaves": [
                 {f.name: _plain(getattr(leaf, f.name)) for f in dataclasses.fields(leaf)}
                 for leaf in self.leaves
@@ -849,6 +853,13 @@ class HealthSummary:
             )
         if self.skipped:
             notes.append(f"  {self.skipped} update(s) with NaN/Inf were replaced by zeros")
+        if self.after:
+            notes.append(
+                f"  gradient_health comes after {', '.join(self.after)} in its chain: it "
+                "watched the updates rescaled there, not the gradients (Adam's are about 1 "
+                "whatever the gradient's size, so vanishing and exploding go unseen); put "
+                "it first, optax.chain(jaxcheck.gradient_health(), ...)"
+            )
         if self.ok:
             head = (
                 f"jaxcheck.health: healthy — {n} lea{'f' if n == 1 else 'ves'} {after}, "
@@ -908,7 +919,7 @@ def health(state: Any) -> HealthSummary:
         >>> print(jaxcheck.health(state))
         jaxcheck.health: healthy — 1 leaf after 1 step, nothing vanishing, exploding or non-finite
     """
-    s = find(state)
+    s, after = find(state), _rescaling_before(state)
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(s)):
         raise TypeError(
             "jaxcheck.health reads the state on the host and cannot run inside jax.jit or "
@@ -958,7 +969,52 @@ def health(state: Any) -> HealthSummary:
         skipped=int(v["skipped"]),
         # NaN parameters were passed all the same
         params_seen=bool(np.any(~(v["param_norm"] < 0))),
+        after=after,
     )
+
+
+def _rescaling_before(state: Any) -> tuple[str, ...]:
+    """The names of the optax rescaling states (ScaleBy..., as Adam's) that come before
+    the `HealthState` in the tuples (chains) holding it."""
+    is_state = lambda x: isinstance(x, HealthState)  # noqa: E731
+    [(path, _)] = [
+        (p, x)
+        for p, x in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_state)[0]
+        if is_state(x)
+    ]
+    names, node = [], state
+    for entry in path:
+        index = getattr(entry, "idx", None)
+        if isinstance(node, tuple) and index is not None:
+            for before in node[:index]:
+                names += [
+                    type(x).__name__
+                    for x in _named_tuples(before)
+                    if type(x).__name__.startswith("ScaleBy")
+                ]
+        node = _child(node, entry)
+    return tuple(dict.fromkeys(names))
+
+
+def _named_tuples(tree) -> list:
+    """The NamedTuples (optax states) in `tree`, outermost first."""
+    out = []
+    if hasattr(tree, "_fields"):
+        out.append(tree)
+    if isinstance(tree, tuple | list):
+        for x in tree:
+            out += _named_tuples(x)
+    elif isinstance(tree, dict):
+        for x in tree.values():
+            out += _named_tuples(x)
+    return out
+
+
+def _child(node, entry):
+    for attr in ("idx", "key"):
+        if hasattr(entry, attr):
+            return node[getattr(entry, attr)]
+    return getattr(node, entry.name)
 
 
 def find(state: Any) -> HealthState:

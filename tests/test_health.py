@@ -1052,3 +1052,30 @@ def test_an_eager_update_is_one_compiled_program(skip_nonfinite):
     assert bool(jnp.isnan(updates["b"]).any()) != skip_nonfinite
     assert int(state.skipped) == (2 if skip_nonfinite else 0)
     assert jaxcheck.health(state).leaves[1].flags == ("nonfinite",)
+
+
+def test_a_health_state_after_adam_in_its_chain_is_said_to_watch_rescaled_updates():
+    """After Adam, gradient_health watches updates of about 1 whatever the gradient: a
+    gradient of 1e-12 read "healthy" without a word."""
+    params = {"w": jnp.ones(3), "b": jnp.ones(2)}
+    grads = {"w": jnp.full(3, 0.1), "b": jnp.full(2, 1e-12)}
+    late = optax.chain(optax.adam(1e-2), jaxcheck.gradient_health())
+    first = optax.chain(jaxcheck.gradient_health(), optax.adam(1e-2))
+    for opt, after in [(late, ("ScaleByAdamState",)), (first, ())]:
+        state = opt.init(params)
+        for _ in range(3):
+            _, state = opt.update(grads, state, params)
+        summary = jaxcheck.health(state)
+        assert summary.after == after
+        assert summary.to_dict()["after"] == list(after)
+        said = [line for line in str(summary).splitlines() if "comes after" in line]
+        assert said == (
+            [
+                "  gradient_health comes after ScaleByAdamState in its chain: it watched the "
+                "updates rescaled there, not the gradients (Adam's are about 1 whatever the "
+                "gradient's size, so vanishing and exploding go unseen); put it first, "
+                "optax.chain(jaxcheck.gradient_health(), ...)"
+            ]
+            if after
+            else []
+        )
