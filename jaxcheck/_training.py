@@ -137,7 +137,15 @@ class PeriodicCheck:
             )
         reason = "every N steps" if number % self.every == 0 else None
         if opt_state is not None:
-            fired = _health.fired(_health.find(opt_state))
+            try:
+                found = _health.find(opt_state)
+            except (TypeError, ValueError) as err:
+                said = str(err).removeprefix("jaxcheck.health: ")
+                raise type(err)(
+                    f"jaxcheck.PeriodicCheck: opt_state= is read for gradient_health's flags, "
+                    f"and {said}"
+                ) from None
+            fired = _health.fired(found)
             if fired > self._fired and reason is None:
                 reason = "health flags"
             self._fired = max(self._fired, fired)

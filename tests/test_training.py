@@ -236,3 +236,17 @@ def test_a_non_finite_check_names_its_leaves_in_the_record():
     (record,) = check.history
     assert record.status == "nonfinite" and record.failing == ("['w1']",)
     assert [(leaf.path, leaf.status) for leaf in record.report.leaves] == [("['w1']", "nonfinite")]
+
+
+def test_an_opt_state_without_gradient_health_is_refused_in_periodic_checks_terms():
+    """It was refused as "jaxcheck.health: found no gradient_health state", naming a
+    function the caller never called."""
+    check = jaxcheck.PeriodicCheck(loss, every=5)
+    x, y = regression_data()
+    params = {"w": jnp.float32(0.5), "b": jnp.float32(0.1)}
+    with pytest.raises(TypeError) as raised:
+        check(0, params, x, y, opt_state=optax.adam(1e-3).init(params))
+    assert str(raised.value).startswith(
+        "jaxcheck.PeriodicCheck: opt_state= is read for gradient_health's flags, and found no "
+        "gradient_health state in the tuple passed; pass the optimizer state of a chain"
+    )
