@@ -503,8 +503,23 @@ def _first(found: dict, dtype, eqn) -> None:
         found[dtype] = _rule_search.location(eqn) + _inside_jax(eqn)
 
 
-# JAX's functions that cast because the caller asks them to
+# JAX's functions that cast because the caller asks them to (the products, through their
+# preferred_element_type)
 _CASTS = {"astype", "_astype", "asarray", "array", "convert_element_type", "reduce_precision"}
+_CASTS |= {"dot", "matmul", "einsum", "tensordot", "dot_general", "vdot", "inner"}
+# JAX's machinery between fn and the function it called (jnp.dot is jitted: the frames
+# below fn's are the jit wrapper's and the trace's, down to the equation's bind)
+_MACHINERY = (
+    "traceback_util.py",
+    "pjit.py",
+    "core.py",
+    "partial_eval.py",
+    "source_info_util.py",
+    "api.py",
+    "linear_util.py",
+    "profiler.py",
+    "dispatch.py",
+)
 INSIDE_JAX = ", inside JAX's own "  # in `rounds_at` where JAX's code casts, not fn's
 
 
@@ -518,9 +533,10 @@ def _inside_jax(eqn) -> str:
         user = next(i for i, f in enumerate(frames) if _rule_search.user_file(f.file_name))
     except Exception:  # noqa: BLE001 - only a label
         return ""
-    if user == 0:
-        return ""
-    callee = frames[user - 1]
+    below = [f for f in reversed(frames[:user]) if not f.file_name.endswith(_MACHINERY)]
+    if not below:
+        return ""  # (a jitted function of JAX's, as jnp.dot: the cast is its equation)
+    callee = below[0]
     called = callee.function_name.rpartition(".")[2]
     if called in _CASTS or called.startswith(("<", "__")) or "array_methods" in callee.file_name:
         return ""  # (x.astype(...), jnp.float32(x), an operator on an array: fn's own)

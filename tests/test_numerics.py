@@ -702,6 +702,17 @@ def test_a_cast_inside_jaxs_own_function_is_said_to_be_jaxs():
     own = jaxcheck.verify(lambda p: jnp.sum(jnp.sin(p.astype(jnp.bfloat16))), jnp.ones(3) / 3)
     [said] = [p for p in own.problems if p.startswith("fn rounds values computed")]
     assert "inside JAX's own" not in said and "x.astype(y.dtype)" in said
+    # and so does the caller's own product into float32 (jnp.dot is jitted: its frames
+    # below the caller's are JAX's machinery, and were named as "JAX's own
+    # reraise_with_filtered_traceback")
+    w = jnp.linspace(-1.0, 1.0, 6).reshape(3, 2).astype(jnp.bfloat16)
+
+    def product(w, x):
+        return jnp.sum(jnp.tanh(jnp.dot(x, w, preferred_element_type=jnp.float32)))
+
+    own = jaxcheck.verify(product, w, jnp.ones((4, 3), jnp.bfloat16))
+    [said] = [p for p in own.problems if p.startswith("fn rounds values computed")]
+    assert "inside JAX's own" not in said and "x.astype(y.dtype)" in said, said
 
 
 def test_a_straight_through_estimator_on_one_leaf_is_placed_there():
