@@ -24,11 +24,11 @@ from ._errors import CotangentKind
 # cotangent, as it must be, that is the same to the bit (a power of two scales exactly,
 # barring overflow: float16 values above half its largest number, 32752, become Inf,
 # where a scalar fn's gradient falls back to the unit of 1); a rule that is not agrees
-# with a linear one at +-1, the only values it would otherwise meet there, and differs
-# at 2: a custom_vjp bwd computing g * |g| or g ** 3, a
-# custom_jvp rule with t * |t|, and rules that clip their cotangent or tangent (at 0.75,
-# say: jax.grad's cotangent of 1 reaches it, and is clipped, wherever fn's own derivative
-# above the rule is near 1). A unit below 1 would let those clipping below 1 pass.
+# with a linear one at +-1, the only values it would otherwise meet there, and differs at
+# 2: a custom_vjp bwd computing g * |g| or g ** 3, a custom_jvp rule with t * |t|, and
+# rules that clip their cotangent or tangent (at 0.75, say: jax.grad's cotangent of 1
+# reaches it, and is clipped, wherever fn's own derivative above the rule is near 1). A
+# unit below 1 would let those clipping below 1 pass.
 UNIT = 2.0
 
 # The index of the random-sign cotangent whose vjp sizes a non-scalar fn's gradient per leaf

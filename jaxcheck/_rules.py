@@ -270,9 +270,8 @@ def _refuse_uncallable(rule: "Rule") -> None:
         raise TypeError(
             f"verify_rule: f itself cannot be called at these inputs, f(*args) with "
             f"{len(rule.args)} argument(s) ({kinds}): {one_line(err, 300).rstrip('.:')}. "
-            "verify_rule(f, "
-            "*args) passes args to f as they are, f(*args): for f(x), call verify_rule(f, "
-            "x), not verify_rule(f, (x,))."
+            "verify_rule(f, *args) passes args to f as they are, f(*args): for f(x), call "
+            "verify_rule(f, x), not verify_rule(f, (x,))."
         ) from err
 
 
