@@ -3,6 +3,7 @@
 import collections
 import dataclasses
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -523,6 +524,13 @@ _MACHINERY = (
 INSIDE_JAX = ", inside JAX's own "  # in `rounds_at` where JAX's code casts, not fn's
 
 
+def _machinery(path: str) -> bool:
+    return path.startswith(_JAX_SRC) and path.endswith(_MACHINERY)
+
+
+_JAX_SRC = os.path.join(os.path.dirname(jax.__file__), "_src", "")
+
+
 def _inside_jax(eqn) -> str:
     """ ", inside JAX's own dot_product_attention" where the function of JAX that fn's
     innermost frame calls on the way to the cast `eqn` is not a cast itself (JAX's code
@@ -533,7 +541,7 @@ def _inside_jax(eqn) -> str:
         user = next(i for i, f in enumerate(frames) if _rule_search.user_file(f.file_name))
     except Exception:  # noqa: BLE001 - only a label
         return ""
-    below = [f for f in reversed(frames[:user]) if not f.file_name.endswith(_MACHINERY)]
+    below = [f for f in reversed(frames[:user]) if not _machinery(f.file_name)]
     if not below:
         return ""  # (a jitted function of JAX's, as jnp.dot: the cast is its equation)
     callee = below[0]
