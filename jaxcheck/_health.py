@@ -983,16 +983,19 @@ def _rescaling_before(state: Any) -> tuple[str, ...]:
         if is_state(x)
     ]
     names, node = [], state
-    for entry in path:
-        index = getattr(entry, "idx", None)
-        if isinstance(node, tuple) and index is not None:
-            for before in node[:index]:
-                names += [
-                    type(x).__name__
-                    for x in _named_tuples(before)
-                    if type(x).__name__.startswith("ScaleBy")
-                ]
-        node = _child(node, entry)
+    try:
+        for entry in path:
+            index = getattr(entry, "idx", None)
+            if isinstance(node, tuple) and index is not None:
+                for before in node[:index]:
+                    names += [
+                        type(x).__name__
+                        for x in _named_tuples(before)
+                        if type(x).__name__.startswith("ScaleBy")
+                    ]
+            node = _child(node, entry)
+    except Exception:  # noqa: BLE001 - a container walked otherwise (nnx's): only a note
+        return ()
     return tuple(dict.fromkeys(names))
 
 
