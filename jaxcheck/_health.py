@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import _options
+from . import _keywords, _options
 from ._errors import one_line
 
 # Defaults of `gradient_health`; the reasoning is in its docstring.
@@ -112,6 +112,7 @@ jax.tree_util.register_dataclass(
 )
 
 
+@_keywords.checked("jaxcheck.gradient_health", "gradient_health(**options)")
 def gradient_health(
     *,
     decay: float = DECAY,

@@ -85,7 +85,7 @@ def _unknown(name, call, unknown, names, fn_takes=frozenset()) -> str:
         f"{name} got unexpected keyword argument(s) {', '.join(parts)}; its options "
         f"are {', '.join(names)}."
     )
-    if for_fn:
+    if for_fn and "," in call:  # (an entry point that takes a function under check)
         fn = call[call.index("(") + 1 : call.index(",")]
         bound = ", ".join(f"{k}=..." for k in for_fn)
         partial = call.replace(f"({fn},", f"(functools.partial({fn}, {bound}),", 1)

@@ -1079,3 +1079,14 @@ def test_a_health_state_after_adam_in_its_chain_is_said_to_watch_rescaled_update
             if after
             else []
         )
+
+
+def test_an_unknown_option_is_named_with_the_option_meant():
+    """gradient_health(warmpu=3) gave Python's bare "unexpected keyword argument"."""
+    with pytest.raises(TypeError) as info:
+        jaxcheck.gradient_health(warmpu=3)
+    assert str(info.value) == (
+        "jaxcheck.gradient_health got unexpected keyword argument(s) 'warmpu' (did you mean "
+        "'warmup'?); its options are decay, warmup, vanishing_ratio, collapse_factor, "
+        "explode_factor, skip_nonfinite."
+    )
