@@ -989,29 +989,17 @@ def _rescaling_before(state: Any) -> tuple[str, ...]:
             index = getattr(entry, "idx", None)
             if isinstance(node, tuple) and index is not None:
                 for before in node[:index]:
-                    names += [
-                        type(x).__name__
-                        for x in _named_tuples(before)
-                        if type(x).__name__.startswith("ScaleBy")
-                    ]
+                    found = jax.tree_util.tree_leaves(before, is_leaf=_rescaling)
+                    names += [type(x).__name__ for x in found if _rescaling(x)]
             node = _child(node, entry)
     except Exception:  # noqa: BLE001 - a container walked otherwise (nnx's): only a note
         return ()
     return tuple(dict.fromkeys(names))
 
 
-def _named_tuples(tree) -> list:
-    """The NamedTuples (optax states) in `tree`, outermost first."""
-    out = []
-    if hasattr(tree, "_fields"):
-        out.append(tree)
-    if isinstance(tree, tuple | list):
-        for x in tree:
-            out += _named_tuples(x)
-    elif isinstance(tree, dict):
-        for x in tree.values():
-            out += _named_tuples(x)
-    return out
+def _rescaling(x) -> bool:
+    """Whether `x` is an optax rescaling state (a NamedTuple named ScaleBy...)."""
+    return hasattr(x, "_fields") and type(x).__name__.startswith("ScaleBy")
 
 
 def _child(node, entry):
