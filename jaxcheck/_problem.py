@@ -416,9 +416,7 @@ def casts(jaxpr, tainted_inputs) -> dict:
         if not any(flags) or not any(_is_tainted(v, live) for v in eqn.outvars):
             continue
         if eqn.primitive.name == "convert_element_type":
-            dtype = eqn.params.get("new_dtype")
-            if dtype is not None and jnp.issubdtype(dtype, jnp.complexfloating):
-                dtype = jnp.finfo(dtype).dtype  # complex64 rounds like float32
+            dtype = _rounds_like(eqn.params.get("new_dtype"))
             if (
                 dtype is not None
                 and jnp.issubdtype(dtype, jnp.floating)
@@ -433,11 +431,9 @@ def casts(jaxpr, tainted_inputs) -> dict:
         elif eqn.params.get("preferred_element_type") is not None:
             # a product computed into a given dtype (dot_general, conv_general_dilated):
             # its result is rounded to it, whatever its operands' precision
-            dtype = jnp.dtype(eqn.params["preferred_element_type"])
-            if jnp.issubdtype(dtype, jnp.complexfloating):
-                dtype = jnp.finfo(dtype).dtype
+            dtype = _rounds_like(eqn.params["preferred_element_type"])
             if jnp.issubdtype(dtype, jnp.floating):
-                _first(found, dtype, eqn)
+                _first(found, jnp.dtype(dtype), eqn)
         loop = _loop_bodies(eqn, flags)
         subs = loop if loop is not None else [(sub, None) for sub in _subjaxprs(eqn.params)]
         for sub, inner in subs:
@@ -449,6 +445,13 @@ def casts(jaxpr, tainted_inputs) -> dict:
             for d, at in casts(sub, inner).items():
                 found.setdefault(d, at)
     return found
+
+
+def _rounds_like(dtype):
+    """The real dtype a cast to `dtype` rounds like (complex64: float32); None as it is."""
+    if dtype is not None and jnp.issubdtype(dtype, jnp.complexfloating):
+        return jnp.finfo(dtype).dtype
+    return dtype
 
 
 def _loop_bodies(eqn, flags):
