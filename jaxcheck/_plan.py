@@ -265,10 +265,16 @@ def constrain(leaves, plan: Plan) -> list:
 def _constrained(x, sharding):
     # a mesh with Explicit axes (jax.make_mesh's default in newer jax) takes `reshard`:
     # with_sharding_constraint refers to Auto axes only
-    types = getattr(getattr(sharding, "mesh", None), "axis_types", ()) or ()
-    if any("Explicit" in str(t) for t in types) and hasattr(jax.sharding, "reshard"):
+    if explicit_axes(sharding) and hasattr(jax.sharding, "reshard"):
         return jax.sharding.reshard(x, sharding)
     return jax.lax.with_sharding_constraint(x, sharding)
+
+
+def explicit_axes(sharding) -> bool:
+    """Whether `sharding` (None, or a sharding of any kind) lies on a mesh of Explicit
+    axes."""
+    types = getattr(getattr(sharding, "mesh", None), "axis_types", ()) or ()
+    return any("Explicit" in str(t) for t in types)
 
 
 def typed_like(x, like):
@@ -284,9 +290,7 @@ def explicitly_sharded(x) -> bool:
     """Whether array or tracer `x`'s type carries a sharding over Explicit mesh axes."""
     if not hasattr(jax, "typeof") or not hasattr(jax.sharding, "reshard"):
         return False
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    types = getattr(getattr(sharding, "mesh", None), "axis_types", ()) or ()
-    return any("Explicit" in str(t) for t in types)
+    return explicit_axes(getattr(jax.typeof(x), "sharding", None))
 
 
 def explicit_mesh_of(tree):

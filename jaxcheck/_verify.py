@@ -290,8 +290,7 @@ def _refuse_shared_axis(sharding, x, name: str) -> None:
     Explicit axes: there the directions' axis, added in front of it by vmap, cannot take
     the same mesh axis (JAX raises a ShardingTypeError from inside fn)."""
     spec = getattr(getattr(x, "sharding", None), "spec", None)
-    types = getattr(sharding.mesh, "axis_types", ()) or ()
-    if spec is None or not any("Explicit" in str(t) for t in types):
+    if spec is None or not _plan.explicit_axes(sharding):
         return
     axes = {a for entry in spec if entry is not None for a in _names(entry)}
     shared = sorted(axes & set(_names(sharding.spec[0])))
