@@ -1,5 +1,6 @@
 """The commands README.md promises: the demo runs, CI runs the README's test command."""
 
+import importlib.metadata
 import pathlib
 import re
 import subprocess
@@ -47,3 +48,14 @@ def test_imports_from_a_source_tree_without_package_metadata():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "unknown"
+
+
+def test_version_names_jaxcheck_and_the_jax_it_runs_on():
+    out = subprocess.run(
+        [sys.executable, "-m", "jaxcheck", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    expected = ", ".join(
+        f"{name} {importlib.metadata.version(name)}" for name in ("jaxcheck", "jax", "jaxlib")
+    )
+    assert out.stdout.strip() == expected
