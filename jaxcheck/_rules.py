@@ -756,7 +756,35 @@ def _transformed(d: _Draws, which: str, tol) -> Report:
         remat = jax.jit(_derivatives(jax.checkpoint(d.rule.call), d.with_jvp, d.with_vjp))
         return _rule_rows.exact(name, remat(d.rule.inputs, v, u), plain, tol), ()
 
+    if which == "vmap":
+        unbatchable = _unbatchable(d, name, tol)
+        if unbatchable is not None:
+            return unbatchable
     return _rule_rows.guarded(which, name, tol, d.rule.dtype, compute)
+
+
+def _unbatchable(d: _Draws, name: str, tol) -> Report | None:
+    """The vmap row, not judged, where JAX cannot batch the rule's primal at all (a
+    `pure_callback` without a `vmap_method`, a primitive without a batching rule): that is
+    the rule's declared scope, as `verify` takes it (it evaluates such an fn direction by
+    direction), not a wrong derivative. None where the primal batches (its derivatives'
+    failures under vmap are findings)."""
+    points = [d.rule.inputs, d.rule.inputs]
+    try:
+        jax.eval_shape(jax.vmap(d.rule.call), _stack(points))
+    except NotImplementedError as err:
+        if not _plan.unbatchable(err):
+            raise
+        comparison = Comparison(name, math.nan, (math.nan, math.nan), 0.0, 0.0, tol, 0, True)
+        comparison = dataclasses.replace(comparison, judged=False)
+        reason = (
+            f"vmap: not checked: the rule cannot be batched by jax.vmap ({one_line(err)}); "
+            "give it a batching rule (pure_callback's vmap_method, say) to have it checked"
+        )
+        return _rule_rows.part("vmap", comparison, d.rule.dtype, 0.0, (reason,), Status.PASS)
+    except Exception:  # noqa: BLE001 - the row itself reports any other error
+        return None
+    return None
 
 
 def _native(rule, fd: Report, key, k, rtol, leaf_k, verify, forward=None) -> Report | None:

@@ -612,3 +612,34 @@ def test_a_rule_without_reverse_mode_wrong_only_in_float32_fails_by_its_jvp():
     last = report.parts[-1]
     assert (last.label, last.status) == ("jvp vs finite differences in float32", "fail")
     assert last.relative_error == pytest.approx(1e-3, rel=0.01)
+
+
+def _callback_sinh(scale):
+    def host_sinh(a):
+        return np.sinh(a).astype(a.dtype)
+
+    def host_bwd(a, g):
+        return (scale * g * np.cosh(a)).astype(a.dtype)
+
+    @jax.custom_vjp
+    def f(x):
+        return jax.pure_callback(host_sinh, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+
+    def bwd(x, g):
+        return (jax.pure_callback(host_bwd, jax.ShapeDtypeStruct(x.shape, x.dtype), x, g),)
+
+    f.defvjp(lambda x: (f(x), x), bwd)
+    return f
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.01])
+def test_a_rule_jax_cannot_batch_is_not_checked_under_vmap_nor_failed_for_it(scale):
+    report = jaxcheck.verify_rule(_callback_sinh(scale), X.astype(jnp.float32))
+    vmap = next(p for p in report.parts if p.label == "vmap")
+    assert vmap.status == "pass" and not vmap.checks[0].judged
+    assert any(
+        p.startswith("vmap: not checked: the rule cannot be batched by jax.vmap (")
+        and "vmap_method" in p
+        for p in report.problems
+    ), report.problems
+    assert failed(report) == ({"vjp vs finite differences"} if scale != 1.0 else set())
