@@ -307,8 +307,10 @@ def merge_leaves(run: Run, status: Status, leaves, num_leaves: int = 0) -> Statu
             run.problems.append(
                 f"{', '.join(cut)}: the derivative under test is exactly zero for "
                 f"{'this leaf' if one else 'these leaves'} while fn changes with {it}: a "
-                "jax.lax.stop_gradient (or a custom rule returning zeros, a cast to an "
-                f"integer, or .item() on a value computed from params) cuts {it} off. If "
+                "jax.lax.stop_gradient (or a custom rule returning zeros, a value passed "
+                "in a custom_jvp/custom_vjp's nondiff_argnums, which JAX does not "
+                "differentiate, a cast to an integer, or .item() on a value computed from "
+                f"params) cuts {it} off. If "
                 f"{they} meant to be held fixed (a hyperparameter such as a dropout rate), "
                 f"pass {it} to fn as an argument or leave {it} out of params (equinox: "
                 "eqx.partition(model, eqx.is_inexact_array)); if not, that is the bug"

@@ -453,8 +453,9 @@ def _check_one(
         return _not_checked(
             rule,
             f"could not be checked alone: its derivative rule closes over a value computed "
-            f"inside fn ({leaked}); the leaf-level verdict stands. To check it, pass that value "
-            "to the rule as an argument, or use jaxcheck.verify_rule on a function that does",
+            f"inside fn, or is given one in its nondiff_argnums ({leaked}); the leaf-level "
+            "verdict stands. To check it, pass that value to the rule as a differentiable "
+            "argument, or use jaxcheck.verify_rule on a function that does",
         )
     raised = _raised_alone(report)
     if raised:

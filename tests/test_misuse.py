@@ -515,8 +515,10 @@ def test_a_leaf_cut_off_by_stop_gradient_is_said_so():
     assert [leaf.path for leaf in report.leaves if leaf.status == "fail"] == ["['rate']"]
     assert (
         "['rate']: the derivative under test is exactly zero for this leaf while fn changes "
-        "with it: a jax.lax.stop_gradient (or a custom rule returning zeros, a cast to an "
-        "integer, or .item() on a value computed from params) cuts it off. If it is meant to "
+        "with it: a jax.lax.stop_gradient (or a custom rule returning zeros, a value passed "
+        "in a custom_jvp/custom_vjp's nondiff_argnums, which JAX does not differentiate, a "
+        "cast to an integer, or .item() on a value computed from params) cuts it off. If it "
+        "is meant to "
         "be held fixed (a hyperparameter such as a dropout rate), pass it to fn as an "
         "argument or leave it out of params (equinox: eqx.partition(model, "
         "eqx.is_inexact_array)); if not, that is the bug"

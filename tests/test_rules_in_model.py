@@ -588,8 +588,9 @@ def test_a_rule_closing_over_a_value_computed_in_fn_is_not_called_wrong():
     (note,) = [q for q in report.problems if "scaled_tanh" in q]
     assert note.endswith(
         "could not be checked alone: its derivative rule closes over a value computed inside "
-        "fn (UnexpectedTracerError); the leaf-level verdict stands. To check it, pass that "
-        "value to the rule as an argument, or use jaxcheck.verify_rule on a function that does"
+        "fn, or is given one in its nondiff_argnums (UnexpectedTracerError); the leaf-level "
+        "verdict stands. To check it, pass that value to the rule as a differentiable "
+        "argument, or use jaxcheck.verify_rule on a function that does"
     )
     # beside a wrong rule, only the wrong one is named
     bad = jaxcheck.verify(lambda p, x: loss(p, x) + jnp.sum(bad_tanh(p["w"])), p, x)
@@ -1703,3 +1704,26 @@ def test_a_rule_checked_only_in_float32_is_not_called_fine():
     (line,) = [q for q in report.problems if q.startswith("rules without an error found")]
     assert "too coarse to call fine: custom_jvp tangent_scaled at " in line, line
     assert "(finite differences in float32, tolerance " in line, line
+
+
+def test_a_param_passed_in_nondiff_argnums_is_said_to_be_cut_off_there():
+    """JAX does not differentiate a custom_jvp's nondiff_argnums: a param passed there has
+    a zero gradient. The failing leaf and the rule's note both name that cause."""
+
+    @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+    def scaled_sin(x, s):
+        return jnp.sin(x) * s
+
+    @scaled_sin.defjvp
+    def _(s, primals, tangents):
+        return scaled_sin(primals[0], s), jnp.cos(primals[0]) * s * tangents[0]
+
+    x = jnp.linspace(-1.0, 1.0, 4)
+    params = {"s": jnp.float32(1.5), "w": jnp.ones(4)}
+    report = jaxcheck.verify(lambda p: jnp.sum(scaled_sin(p["w"] * x, p["s"]) ** 2), params)
+    assert report.status == "fail"
+    assert [leaf.path for leaf in report.leaves if leaf.status == "fail"] == ["['s']"]
+    (cut,) = [q for q in report.problems if q.startswith("['s']: the derivative under test")]
+    assert "a value passed in a custom_jvp/custom_vjp's nondiff_argnums" in cut
+    (rule,) = [q for q in report.problems if "scaled_sin" in q]
+    assert "or is given one in its nondiff_argnums (UnexpectedTracerError)" in rule, rule
