@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _autodiff, _differences, _plan, _precision
+from . import _autodiff, _differences, _plan, _precision, _verdict
 from ._errors import GradientCheckError, one_line
 from ._state import TRACED_RULE, Run
 
@@ -140,6 +140,9 @@ def _reference(run: Run, index, rows, h, offsets) -> dict:
         try:
             return _reference_in(run, dtype, cast, index, rows, h, offsets)
         except Exception as err:  # noqa: BLE001 - any failure of fn in that precision
+            out = _without_rule(run, dtype, cast, index, rows, h, offsets, err)
+            if out is not None:
+                return out
             if run.policy == "float64" and _fn_failed(err):
                 # fn ran in its own precision (the probe): float64 is what it refused
                 raise ValueError(
@@ -162,6 +165,33 @@ def _reference(run: Run, index, rows, h, offsets) -> dict:
                 + _hint(err)
             )
     raise AssertionError("unreachable")
+
+
+def _without_rule(run: Run, dtype, cast, index, rows, h, offsets, err) -> dict | None:
+    """The finite differences in `dtype` without the derivative under test's own rule in
+    it, where the program with the rule failed (`err`) and fn alone runs in `dtype` (a
+    custom rule's fwd or bwd, or a grad_fn, that refuses float64): fn's values are still
+    resolved finely, while the tested derivative's rounding goes unmeasured (it is held to
+    the coarser tolerance of a derivative with nothing finer to compare with). None where
+    fn alone fails too, or `dtype` has no rule to leave out."""
+    if not _verdict.with_rule(run, dtype) or not _fn_failed(err):
+        return None
+    run.rule_refused = one_line(err)
+    try:
+        out = _reference_in(run, dtype, cast, index, rows, h, offsets)
+    except Exception:  # noqa: BLE001 - fn itself fails in dtype: the caller falls back
+        run.rule_refused = ""
+        return None
+    source = "grad_fn" if run.problem.grad_fn is not None else "the derivative under test"
+    run.problems.append(
+        f"{source} could not run in {jnp.dtype(dtype).name} ({run.rule_refused}), though fn "
+        f"itself does: finite differences use {jnp.dtype(dtype).name}, but the "
+        f"{run.tested.name} derivative's own rounding is not measured against its rule in "
+        f"{jnp.dtype(dtype).name}, so it is held to a coarser tolerance (the square root of "
+        f"{run.tested.name}'s epsilon). A custom rule's fwd/bwd that accepts "
+        f"{jnp.dtype(dtype).name} inputs is judged more finely{_hint(err)}"
+    )
+    return out
 
 
 def _fn_failed(err) -> bool:
@@ -222,7 +252,7 @@ def _reference_program(run: Run, dtype, cast, index, rows, h, offsets, scales, g
     wide = dtype == jnp.float64
     work = jnp.dtype(dtype) if cast else _precision.accumulator([dtype])
     with _precision.x64_scope(True) if wide else contextlib.nullcontext():
-        with_rule = _precision.eps(dtype) < _precision.eps(run.tested)
+        with_rule = _verdict.with_rule(run, dtype)
         program = functools.partial(
             _differences.reference,
             run.problem,

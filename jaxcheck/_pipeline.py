@@ -566,8 +566,9 @@ def _needed_derivative(run: Run, ref, h) -> float:
     else:
         magnitude = math.sqrt(sum(math.prod(s) for s in run.problem.out_shapes))
     eps_r, eps_t = _precision.eps(ref), _precision.eps(run.tested)
-    rule, tested = _verdict.floor_values(eps_t, eps_r, eps_r)
-    floor = rule if eps_r < eps_t else tested
+    ruled = _verdict.with_rule(run, ref)
+    rule, tested = _verdict.floor_values(eps_t, eps_r if ruled else eps_t, eps_r)
+    floor = rule if ruled else tested
     return 15 * 10 * eps_r * magnitude / (h * 0.1 * floor)
 
 

@@ -593,9 +593,15 @@ COARSE_RULE = 0.05
 def _too_coarse(report: Report) -> bool:
     """Whether a rule's finite differences judge it no more finely than COARSE_RULE, or ran
     in a precision below float64 (where fn refuses float64: about 3e-4 on a small rule, and
-    a rule 3e-4 off was called fine)."""
+    a rule 3e-4 off was called fine), or held a derivative below float64 to the square root
+    of its epsilon (where its rule refuses float64, so nothing measures its rounding)."""
     return any(
-        p.tolerance >= COARSE_RULE or _below_float64(p.reference_dtype)
+        p.tolerance >= COARSE_RULE
+        or _below_float64(p.reference_dtype)
+        or (
+            _below_float64(p.tested_dtype)
+            and p.tolerance >= 0.99 * math.sqrt(_precision.eps(p.tested_dtype))
+        )
         for p in _finite_difference_rows(report)
     )
 

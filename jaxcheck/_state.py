@@ -67,6 +67,10 @@ class Run:
     timer: Timer
     reference: np.dtype | None = None
     cast: bool = True  # the reference casts the floating inputs to its dtype
+    # why the derivative under test could not run in the reference precision, where fn
+    # itself could (a custom rule's fwd or bwd, or a grad_fn, that refuses float64): the
+    # reference then has finite differences but no rule in its precision; "" otherwise
+    rule_refused: str = ""
     rounds_to: np.dtype | None = None  # a less precise dtype fn rounds to inside
     # fn's derivative in float64 is far from the model's, and finite differences in the
     # model's precision cannot resolve it: the gap stays in the float64 check as rounding

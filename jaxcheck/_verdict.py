@@ -30,15 +30,26 @@ def eps_fd(run: Run) -> float:
     return eps if run.rounds_to is None else max(eps, _precision.eps(run.rounds_to))
 
 
+def with_rule(run: Run, reference=None) -> bool:
+    """Whether the reference (in `reference`, else the check's) evaluates the derivative
+    under test's own rule in its higher precision, which measures the tested derivative's
+    rounding: where it is more precise than the tested dtype, and the rule ran in it."""
+    reference = run.reference if reference is None else reference
+    return _precision.eps(reference) < _precision.eps(run.tested) and not run.rule_refused
+
+
 def floors(run: Run, fd) -> dict:
     """Smallest relative errors that count as bugs, per comparison."""
-    eps_t, eps_r = _precision.eps(run.tested), _precision.eps(run.reference)
-    with_rule = eps_r < eps_t
+    eps_t = _precision.eps(run.tested)
+    ruled = with_rule(run)
+    # (with no rule in the reference precision, nothing measures the tested derivative's
+    # rounding: it is held as a derivative tested in the reference's own precision is)
+    eps_r = _precision.eps(run.reference) if ruled else eps_t
     eps_eff = max(eps_fd(run), _precision_of(run, fd))
     rule, tested = floor_values(eps_t, eps_r, eps_eff)
     if run.rtol is not None:
         rule, tested = run.rtol, run.rtol
-    return {"rule": rule, "tested": tested, "nonsmooth": rule if with_rule else tested}
+    return {"rule": rule, "tested": tested, "nonsmooth": rule if ruled else tested}
 
 
 def unresolved(run: Run, fd) -> bool:
@@ -80,7 +91,7 @@ def compare(run: Run, p: Pass) -> tuple:
     it."""
     key = (
         *(id(p), run.tested, run.reference, run.rounds_to, run.rtol, run.modes),
-        *(run.other_function, run.rounding_share),
+        *(run.other_function, run.rounding_share, run.rule_refused),
     )
     kept = run.compared.get(key)
     if kept is not None and kept[0] is p:
@@ -93,7 +104,7 @@ def compare(run: Run, p: Pass) -> tuple:
 def _compare(run: Run, p: Pass) -> tuple:
     fl = floors(run, p.fd)
     t, r = run.tested.name, run.reference.name
-    with_rule = _precision.eps(run.reference) < _precision.eps(run.tested)
+    ruled = with_rule(run)
     source = "grad_fn" if run.problem.grad_fn is not None else "autodiff"
     checks = []
     use = p.fd.smooth
@@ -104,7 +115,7 @@ def _compare(run: Run, p: Pass) -> tuple:
         if mode not in run.modes:
             continue
         rounding_scale = 0.0
-        if with_rule:  # absolute size of the tested derivative's rounding
+        if ruled:  # absolute size of the tested derivative's rounding
             use = p.fd.smooth & np.isfinite(a) & np.isfinite(a_ref)
             rounding_scale = _error_model.rms(a[use] - a_ref[use]) if use.any() else 0.0
             if run.rounding_share is not None:
@@ -117,14 +128,14 @@ def _compare(run: Run, p: Pass) -> tuple:
                 p.fd,
                 a,
                 fl["tested"],
-                a_ref if with_rule else None,
+                a_ref if ruled else None,
                 rounding_scale,
                 # where the gap to the same rule in float64 is no rounding
                 # (`_jitter.systematic`), the rounding allowed is the derivative's own move
                 1.0 if run.rounding_share is None else run.rounding_share,
             )
         )
-        if with_rule:
+        if ruled:
             checks.append(
                 _error_model.compare(
                     f"{mode} {source}, same rule in {r}, vs finite differences",
@@ -138,10 +149,10 @@ def _compare(run: Run, p: Pass) -> tuple:
                 )
             )
     if len(run.modes) == 2:
-        rounding = math.hypot(checks[0].rounding, checks[-2 if with_rule else -1].rounding)
+        rounding = math.hypot(checks[0].rounding, checks[-2 if ruled else -1].rounding)
         # a cast to a lower precision inside fn rounds forward-mode tangents to it too
         low = 0.0 if run.rounds_to is None else 10 * _precision.eps(run.rounds_to)
-        if not with_rule:
+        if not ruled:
             # no higher-precision rule measured the two modes' rounding: at least half the
             # digits of their dtype (a caller's rtol of 1e-5 cannot make float16 modes
             # agree)
@@ -156,7 +167,7 @@ def _compare(run: Run, p: Pass) -> tuple:
                 zero_scale,
             )
         )
-    if run.other_function and with_rule:
+    if run.other_function and ruled:
         # the same rule in float64 leads; the model's derivative, of another function, is
         # shown beside it, not judged
         for i in range(0, 2 * len(run.modes), 2):

@@ -869,3 +869,54 @@ def test_a_float16_gradient_above_half_its_largest_number_is_not_nonfinite():
     off = jax.custom_vjp(lambda p: p * jnp.float16(40000.0))
     off.defvjp(lambda p: (p * jnp.float16(40000.0), None), lambda _, g: (g * 40000.0 * 1.05,))
     assert jaxcheck.verify(lambda p: jnp.sum(off(p)), p).status == "fail"
+
+
+def _float32_only_rule(scale):
+    """x tanh(x), whose custom_vjp fwd and bwd take float32 only (a kernel's), while the
+    primal fn evaluates is plain jnp and runs in float64; the bwd `scale` times right."""
+
+    def float32_only(x):
+        if x.dtype != jnp.float32:
+            raise TypeError(f"this kernel takes float32 only, got {x.dtype}")
+
+    @jax.custom_vjp
+    def f(x):
+        return jnp.tanh(x) * x
+
+    def fwd(x):
+        float32_only(x)
+        return f(x), x
+
+    def bwd(x, g):
+        float32_only(x)
+        t = jnp.tanh(x)
+        return (scale * g * (t + x * (1 - t * t)),)
+
+    f.defvjp(fwd, bwd)
+    return f
+
+
+@pytest.mark.parametrize("precision", ["auto", "float64"])
+@pytest.mark.parametrize("scale", [1.0, 1.01])
+def test_a_rule_refusing_float64_keeps_float64_finite_differences_of_fn(scale, precision):
+    """Where only the derivative under test refuses float64, fn's finite differences still
+    run in it (they were dropped to float32, with a note that fn could not run in float64,
+    and precision="float64" was refused); the report says what was not measured."""
+    f = _float32_only_rule(scale)
+    x = jnp.linspace(-1.0, 1.5, 8, dtype=jnp.float32)
+    params = {"w": jnp.full(8, 0.7, jnp.float32), "b": jnp.linspace(-0.3, 0.3, 8)}
+    report = jaxcheck.verify(
+        lambda p, x: jnp.sum(jnp.sin(f(p["w"] * x + p["b"]))), params, x, precision=precision
+    )
+    assert report.reference_dtype == "float64"
+    assert report.noise_floor < 1e-8
+    assert report.status == ("pass" if scale == 1.0 else "fail"), str(report)
+    assert report.tolerance == pytest.approx(math.sqrt(np.finfo(np.float32).eps), rel=0.01)
+    assert (
+        "the derivative under test could not run in float64 (TypeError: this kernel takes "
+        "float32 only, got float64), though fn itself does: finite differences use float64, "
+        "but the float32 derivative's own rounding is not measured against its rule in "
+        "float64, so it is held to a coarser tolerance (the square root of float32's "
+        "epsilon)."
+    ) in " ".join(report.problems)
+    assert not any("fn could not run" in q for q in report.problems), report.problems

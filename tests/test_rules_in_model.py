@@ -443,7 +443,8 @@ def test_a_rule_in_a_model_refusing_float64_is_checked_as_traced_and_says_so():
     assert report.reference_dtype == "float32"
     [rule] = report.parts[-1].parts
     [fd] = [p for p in rule.parts if p.label.startswith("vjp vs finite differences")]
-    assert (fd.reference_dtype, fd.tolerance) == ("float32", pytest.approx(3.5e-4, rel=0.05))
+    # (finite differences of the rule's primal run in float64; its derivative cannot)
+    assert (fd.reference_dtype, fd.tolerance) == ("float64", pytest.approx(3.5e-4, rel=0.05))
     assert fd.problems[0].endswith(
         "the rule is checked as fn's trace recorded it, typed in fn's precision, which "
         "cannot run in float64; jaxcheck.verify_rule(rule, *inputs) on the rule's own "
@@ -1027,28 +1028,43 @@ def test_a_rule_with_an_integer_output_is_judged_on_its_float_outputs(bug):
         assert "vjp vs finite differences, relative error 1.0e-02" in said, said
 
 
-def test_a_rule_that_raises_only_apart_from_fn_is_not_called_wrong():
+@pytest.mark.parametrize("callback_in", ["primal", "jvp"])
+def test_a_rule_that_raises_only_apart_from_fn_is_not_called_wrong(callback_in):
     """A rule that fn's own derivative runs but that raises where its check runs it another
     way (here under jax.vmap: a host callback without a vmap_method; equinox's
     filter_custom_vjp refuses tangents for its *args) is not called wrong: the error is the
-    re-run's. It failed a right gradient."""
+    re-run's. It failed a right gradient. Where JAX cannot batch the rule's primal at all,
+    the rule is checked with its vmap row not judged."""
+
+    def host_cos(x):
+        shape = jax.ShapeDtypeStruct(x.shape, x.dtype)
+        return jax.pure_callback(lambda a: np.cos(a).astype(a.dtype), shape, x)
 
     @jax.custom_jvp
-    def host_sin(x):
-        shape = jax.ShapeDtypeStruct(x.shape, x.dtype)
-        return jax.pure_callback(lambda a: np.sin(a).astype(a.dtype), shape, x)
+    def host_cos_of(x):
+        return host_cos(x) if callback_in == "primal" else jnp.cos(x)
 
-    @host_sin.defjvp
+    @host_cos_of.defjvp
     def _(primals, tangents):
         (x,), (t,) = primals, tangents
-        return host_sin(x), jnp.cos(x) * t
+        slope = -jnp.sin(x) if callback_in == "primal" else -host_cos(x - np.pi / 2)
+        return host_cos_of(x), slope * t
 
     report = jaxcheck.verify(
-        lambda p: jnp.sum(host_sin(p) ** 2), jnp.asarray([0.3, -0.2, 0.5]), rules=True
+        lambda p: jnp.sum(host_cos_of(p) ** 2), jnp.asarray([0.3, -0.2, 0.5]), rules=True
     )
     assert report.status == "pass", str(report)
     assert not any(q.startswith("wrong rule") for q in report.problems), report.problems
-    [said] = [q for q in report.problems if q.startswith("rule custom_jvp host_sin at ")]
+    if callback_in == "primal":
+        (fine,) = [q for q in report.problems if q.startswith("rules fine")]
+        assert "custom_jvp host_cos_of at " in fine
+        [rule] = report.parts[-1].parts
+        [vmap] = [p for p in rule.parts if p.label == "vmap"]
+        assert not vmap.checks[0].judged and vmap.problems[0].startswith(
+            "vmap: not checked: the rule cannot be batched by jax.vmap (NotImplementedError"
+        )
+        return
+    [said] = [q for q in report.problems if q.startswith("rule custom_jvp host_cos_of at ")]
     assert "could not be checked alone (vmap: NotImplementedError: vmap is only supported" in said
     assert said.endswith(
         "rules its function calls in turn are not reached either (check them with "
@@ -1703,7 +1719,8 @@ def test_a_rule_checked_only_in_float32_is_not_called_fine():
     assert not any(q.startswith("rules fine") for q in report.problems), text
     (line,) = [q for q in report.problems if q.startswith("rules without an error found")]
     assert "too coarse to call fine: custom_jvp tangent_scaled at " in line, line
-    assert "(finite differences in float32, tolerance " in line, line
+    # (the rule's primal runs in float64, its derivative as fn's trace typed it does not)
+    assert "(finite differences in float64, tolerance 3.5e-04)" in line, line
 
 
 def test_a_param_passed_in_nondiff_argnums_is_said_to_be_cut_off_there():
