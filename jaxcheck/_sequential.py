@@ -218,8 +218,9 @@ def settled(p, checks, status: Status, n: int, num_looks: int) -> tuple[bool, st
             )
         if head_rounding is not None:
             return True, (
-                "the rounding of the derivative under test, measured against the same rule "
-                f"in higher precision (tolerance {head.tolerance:.1e}); that rule's own "
+                "within the distance of the derivative under test from the same rule in "
+                "higher precision, taken as its rounding (tolerance "
+                f"{head.tolerance:.1e}); that rule's own "
                 f"error, {head_rounding:.1e}, is clear below it"
             )
         return True, f"clear below the tolerance {head.tolerance:.1e}"

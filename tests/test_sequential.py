@@ -331,9 +331,9 @@ def test_float32_rounding_settles_early_when_the_float64_rule_is_clear(mode):
     assert tested.tolerance == pytest.approx(2 * tested.rounding, rel=1e-3)
     assert rule.relative_error < 1e-7
     assert report.stopped.endswith(
-        "is the rounding of the derivative under test, measured against the same rule in "
-        f"higher precision (tolerance {report.tolerance:.1e}); that rule's own error, "
-        f"{rule.relative_error:.1e}, is clear below it"
+        "is within the distance of the derivative under test from the same rule in higher "
+        f"precision, taken as its rounding (tolerance {report.tolerance:.1e}); that rule's "
+        f"own error, {rule.relative_error:.1e}, is clear below it"
     )
     wrong = ill_conditioned_loss(bug("scale", 0.01))
     report = jaxcheck.verify(wrong, ill_conditioned_params(), mode=mode)
