@@ -81,6 +81,10 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
             "than the tolerance goes unseen: to judge finely, check the code around that "
             "call with it written out, or its custom rules alone with jaxcheck.verify_rule)"
             if _problem.INSIDE_JAX in at
+            else "(a kernel's or callback's out_shape fixes its output dtype whatever its "
+            "inputs' dtype: declare it as that of the inputs, jax.ShapeDtypeStruct(x.shape, "
+            "x.dtype), to have it follow them)"
+            if _problem.DECLARED in at
             else "(where that cast is only meant to match dtypes, cast "
             "to the dtype of the value it meets instead, x.astype(y.dtype); a flax module's "
             "dtype= is such a cast: leave it unset where the params are in that dtype "
@@ -90,7 +94,8 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
         )
         run.problems.append(
             f"fn rounds values computed from params to {rounds_to} (an explicit cast, "
-            "lax.reduce_precision or a product's preferred_element_type"
+            "lax.reduce_precision, a product's preferred_element_type or a kernel's or "
+            "callback's declared output dtype"
             f"{', first at ' + at if at else ''}), "
             f"so it is a staircase of {rounds_to} quanta even in {jnp.dtype(ref).name}: "
             f"finite differences take a relative step of {h0:.1e} and judge at "

@@ -434,6 +434,10 @@ def casts(jaxpr, tainted_inputs) -> dict:
             dtype = _rounds_like(eqn.params["preferred_element_type"])
             if jnp.issubdtype(dtype, jnp.floating):
                 _first(found, jnp.dtype(dtype), eqn)
+        elif eqn.primitive.name in _OPAQUE:
+            for dtype in _narrowed(eqn, flags, live):
+                if dtype not in found:
+                    found[dtype] = f"{_rule_search.location(eqn)}{DECLARED}{eqn.primitive.name}"
         loop = _loop_bodies(eqn, flags)
         subs = loop if loop is not None else [(sub, None) for sub in _subjaxprs(eqn.params)]
         for sub, inner in subs:
@@ -445,6 +449,27 @@ def casts(jaxpr, tainted_inputs) -> dict:
             for d, at in casts(sub, inner).items():
                 found.setdefault(d, at)
     return found
+
+
+DECLARED = ", by the declared output dtype of a "  # in `rounds_at` where an opaque call rounds
+# Calls whose outputs' dtypes the caller declares (a Pallas kernel's out_shape, a callback's
+# result shape), whatever the inputs' dtypes: float64 inputs may come out in float32
+_OPAQUE = {"pallas_call", "pure_callback", "io_callback", "ffi_call", "triton_kernel_call"}
+
+
+def _narrowed(eqn, flags, live) -> list:
+    """The float dtypes of the live outputs of an opaque call (`_OPAQUE`) less precise than
+    its most precise flagged float input: its declared output dtype rounds them."""
+    inputs = [v.aval.dtype for v, f in zip(eqn.invars, flags) if f and _inexact(v)]
+    if not inputs:
+        return []
+    widest = min(_precision.eps(_rounds_like(d)) for d in inputs)
+    outputs = [
+        jnp.dtype(_rounds_like(v.aval.dtype))
+        for v in eqn.outvars
+        if _inexact(v) and _is_tainted(v, live)
+    ]
+    return [d for d in outputs if _precision.eps(d) > widest]
 
 
 def _rounds_like(dtype):

@@ -317,7 +317,8 @@ def test_a_cast_of_float32_params_to_complex64_rounds_like_float32(scale):
     assert report.status == ("pass" if scale == 1.0 else "fail"), str(report)
     assert report.problems[0].startswith(
         "fn rounds values computed from params to float32 (an explicit cast, "
-        "lax.reduce_precision or a product's preferred_element_type, first at "
+        "lax.reduce_precision, a product's preferred_element_type or a kernel's or "
+        "callback's declared output dtype, first at "
     )
     assert report.num_nonsmooth == 0
 

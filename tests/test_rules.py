@@ -387,6 +387,41 @@ def test_pallas_kernel_with_a_wrong_backward_is_named_in_the_model():
     assert "vjp vs finite differences, relative error 1.0e-02" in wrong
 
 
+@pytest.mark.parametrize("out_dtype", ["declared", "inputs"])
+def test_a_kernel_whose_out_shape_fixes_float32_is_said_to_round(out_dtype):
+    """A Pallas kernel whose out_shape is float32 whatever its inputs rounds fn to float32
+    in the float64 reference too: the report names the kernel's call and its declared
+    dtype as the cause (it named nothing, while its tolerance rose to 7e-5); declared as
+    the inputs' dtype, it follows them and nothing is said."""
+    pl = pytest.importorskip("jax.experimental.pallas")
+
+    def sin_kernel(x_ref, o_ref):
+        o_ref[...] = jnp.sin(x_ref[...]).astype(o_ref.dtype)
+
+    def kernel_sin(x):
+        dtype = jnp.float32 if out_dtype == "declared" else x.dtype
+        shape = jax.ShapeDtypeStruct(x.shape, dtype)
+        return pl.pallas_call(sin_kernel, out_shape=shape, interpret=True)(x)
+
+    x = jnp.linspace(-1.0, 1.0, 8, dtype=jnp.float32)
+    report = jaxcheck.verify(
+        lambda p: jnp.sum(kernel_sin(p * x) ** 2), jnp.full(8, 0.7), mode="forward"
+    )
+    assert report.status == "pass", str(report)
+    said = [q for q in report.problems if q.startswith("fn rounds values computed from params")]
+    if out_dtype == "inputs":
+        assert not said, said
+        return
+    (said,) = said
+    assert said.startswith("fn rounds values computed from params to float32 (")
+    assert ", by the declared output dtype of a pallas_call), so it is a staircase" in said
+    assert said.endswith(
+        "(a kernel's or callback's out_shape fixes its output dtype whatever its inputs' "
+        "dtype: declare it as that of the inputs, jax.ShapeDtypeStruct(x.shape, x.dtype), "
+        "to have it follow them)"
+    )
+
+
 def test_backward_rounded_to_bfloat16_fails_the_rule_and_the_model():
     @jax.custom_vjp
     def rounded_sin(x):

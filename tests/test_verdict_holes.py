@@ -2130,7 +2130,8 @@ def test_a_product_computed_into_bfloat16_is_a_rounding_cast():
     assert report.status in ("pass", "inconclusive"), str(report)
     assert report.problems[0].startswith(
         "fn rounds values computed from params to bfloat16 (an explicit cast, "
-        "lax.reduce_precision or a product's preferred_element_type, first at "
+        "lax.reduce_precision, a product's preferred_element_type or a kernel's or "
+        "callback's declared output dtype, first at "
     )
 
 
