@@ -639,7 +639,7 @@ def test_a_cast_that_rounds_is_named_with_its_line():
     report = jaxcheck.verify(fn, jnp.linspace(0.1, 1.0, 5))
     [said] = [q for q in report.problems if "rounds values" in q]
     line = inspect.getsourcelines(fn)[1] + 1
-    assert f"preferred_element_type, first at tests/test_verdict_holes.py:{line}:" in said, said
+    assert f"declared output dtype, first at tests/test_verdict_holes.py:{line}:" in said, said
     assert "cast to the dtype of the value it meets instead, x.astype(y.dtype)" in said
 
 
