@@ -3,7 +3,7 @@
 from collections.abc import Callable
 from typing import Any
 
-from . import _keywords, _options, _plan, _tree, _verify
+from . import _fingerprint, _keywords, _options, _plan, _tree, _verify
 from ._report import Report
 
 
@@ -15,9 +15,11 @@ class Checker:
     with the same shapes, dtypes and shardings reuse the compiled programs, so only the
     first one compiles; they are compiled for the speed of repeated runs (`verify` compiles
     small CPU programs for compile time instead). `compilations` counts the programs this
-    checker has compiled. Like `jax.jit`, a checker keeps what it traced at its first call:
-    make a new one where fn's behaviour changes between calls (a global or a setting it
-    reads; `verify` checks that itself, at the cost of one trace of fn's vjp per call).
+    checker has compiled. Like `jax.jit`, a checker keeps what it traced for the shapes and
+    dtypes it has met (a new shape traces fn as it is then), and its programs serve no
+    other check: make a new one where fn's behaviour changes between calls (a global or a
+    setting it reads; `verify` checks that itself, at the cost of one trace of fn's vjp
+    per call).
 
     Example:
         >>> import jax.numpy as jnp, jaxcheck
@@ -63,9 +65,13 @@ class Checker:
             )
         params = _tree.settle_weak(params)
         if self._keyed is None:
-            # what fn computes now, once: a new checker of a changed fn compiles anew,
-            # while its own calls cost no trace to find that out
-            self._keyed = _verify.keyed(self.fn, params, args, self.options)
+            # what fn computes now, once, so that its own calls cost no trace to find that
+            # out; keyed by this checker too: a program it compiles at a later call (new
+            # shapes, or after the cache dropped one) is traced from fn as it is then, and
+            # must not serve another checker, nor verify, of fn as it was at this first call
+            fn, options = _verify.keyed(self.fn, params, args, self.options)
+            fn = _fingerprint.Keyed(fn.f, (fn.fingerprint, object()))
+            self._keyed = fn, options
         fn, options = self._keyed
         before = _plan.compilations
         token = _plan.REUSED.set(True)  # compiled for repeated runs

@@ -652,6 +652,34 @@ def test_checker_compiles_once_across_a_loop(bugged):
     assert repr(checker) == "Checker(loss, num_directions=8)"
 
 
+def test_a_checkers_programs_serve_no_other_check_of_a_changed_fn():
+    """A checker compiles a program for new shapes from fn as it is then, while its key is
+    what fn computed at its first call: that program must not serve a new checker (or
+    verify) of fn as it was then. A new checker of a buggy fn passed on a program
+    compiled by an older checker after the bug was fixed in between."""
+    scale = {"bwd": 1.01}
+
+    @jax.custom_vjp
+    def ident(w):
+        return w
+
+    ident.defvjp(lambda w: (w, None), lambda _, g: (g * scale["bwd"],))
+
+    def loss(p):
+        return jnp.sum(jnp.sin(ident(p)))
+
+    old = jaxcheck.Checker(loss)
+    assert old(jnp.linspace(0.1, 1.0, 3)).status == "fail"
+    scale["bwd"] = 1.0  # fixed, then checked at new shapes: fn as it is now
+    assert old(jnp.linspace(0.1, 1.0, 4)).status == "pass"
+    scale["bwd"] = 1.01  # the bug back, as at the old checker's first call
+    assert jaxcheck.verify(loss, jnp.linspace(0.1, 1.0, 4)).status == "fail"
+    new = jaxcheck.Checker(loss)
+    assert new(jnp.linspace(0.1, 1.0, 3)).status == "fail"
+    assert new(jnp.linspace(0.1, 1.0, 4)).status == "fail"
+    assert old(jnp.linspace(0.1, 1.0, 4)).num_compiled == 0  # its own programs stay its own
+
+
 def test_complex_data_in_args_is_held_fixed():
     signal = jnp.exp(1j * jnp.linspace(0.0, 3.0, 8)).astype(jnp.complex64)
 
