@@ -303,6 +303,15 @@ def _nonfinite_outcome(f, params, report, options) -> Outcome:
     with jax.debug_nans(False), jax.debug_infs(False):  # f at the point, read once
         outputs = f(*params)
     verdict = _nonfinite_verdict(report, params, outputs)
+    if verdict == "unjudged" and _nonfinite_derivative_at(f, params, outputs, options.mode):
+        # f finite at arguments NaN/Inf themselves (softplus at -inf): a NaN/Inf derivative
+        # fails there, as where f is finite everywhere (JAX's check compares it with
+        # finite differences, which are 0 along infinite entries)
+        note = (
+            "f's arguments are NaN/Inf at the point and f is finite there, but its "
+            "derivative is NaN/Inf (which fails, as it does where f is finite everywhere)"
+        )
+        return Outcome(dataclasses.replace(report, problems=(note, *report.problems)), "fail")
     edge = _nonfinite_nearby(f, params) if verdict == "fail" else None
     if edge is not None:
         verdict = "unjudged"
@@ -747,6 +756,28 @@ def _nonfinite_verdict(report: Report, params, outputs) -> str:
     if report.analytic is not None and not _all_finite(report.analytic):
         return "fail"
     return "unjudged" if report.num_nonfinite else "fail"
+
+
+def _nonfinite_derivative_at(f, params, outputs, mode: str) -> bool:
+    """Whether, at arguments with NaN/Inf entries where every output of f is finite, f's
+    derivative in `mode` (the sum of its partials: a unit tangent, a unit cotangent) is
+    NaN/Inf."""
+    if _all_finite(params) or not _all_finite(outputs):
+        return False
+    of, floats = _of_floats(f, params)
+    floats = [jnp.asarray(x) for x in floats]
+    derivatives = []
+    with jax.debug_nans(False), jax.debug_infs(False):
+        try:
+            if mode in ("reverse", "both"):
+                out, pullback = jax.vjp(of, *floats)
+                derivatives.append(pullback(jax.tree.map(_tree.unit_like, out)))
+            if mode in ("forward", "both"):
+                units = [_tree.unit_like(x) for x in floats]
+                derivatives.append(jax.jvp(of, floats, units)[1])
+        except Exception:  # noqa: BLE001 - no derivative to read (a custom_vjp in forward)
+            pass
+    return any(not _all_finite(d) for d in derivatives)
 
 
 def _of_floats(f, params, *, complex_too: bool = True) -> tuple:

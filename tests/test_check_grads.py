@@ -206,6 +206,25 @@ def test_nan_function_is_not_judged_but_nan_gradient_of_finite_function_fails():
     assert "the gradient (autodiff) of leaf [0] is NaN/Inf" in str(info.value)
 
 
+def _naive_sigmoid(x):
+    return 1.0 / (1.0 + jnp.exp(-x))  # 0 at -inf, its derivative inf / inf = NaN there
+
+
+@pytest.mark.parametrize("modes", [("fwd", "rev"), ("rev",), ("fwd",)])
+@pytest.mark.parametrize("x", [-np.inf, np.array([-np.inf, -np.inf], np.float32)])
+def test_a_nan_derivative_at_infinite_arguments_where_f_is_finite_fails(x, modes):
+    """softplus(-inf) is 0, and JAX's suites test its derivative there: a NaN one fails
+    under JAX's check and failed nothing here (every argument entry infinite, nothing
+    finite left to judge); a finite one, as JAX's softplus has, is not judged."""
+    outcome = _check_grads.run(_naive_sigmoid, (x,), 1, modes)
+    assert outcome.verdict == "fail"
+    assert outcome.report.problems[0] == (
+        "f's arguments are NaN/Inf at the point and f is finite there, but its derivative "
+        "is NaN/Inf (which fails, as it does where f is finite everywhere)"
+    )
+    assert _check_grads.run(jax.nn.softplus, (x,), 1, modes).verdict == "unjudged"
+
+
 @jax.custom_jvp
 def _log_1_percent_off(x):
     return jnp.log(x)
