@@ -324,7 +324,9 @@ def _half_precision_limit(run: Run, head) -> str:
     below the derivative itself."""
     if head.noise_floor > COARSE_NOISE_FLOOR:
         return ""
-    if run.rounds_to is not None:
+    # (a cast to float32 in a float32 model, which rounds only in the float64 reference,
+    # is no limit of fn's: written as x.astype(y.dtype) it judges finely)
+    if run.rounds_to is not None and _precision.eps(run.rounds_to) > _precision.eps(jnp.float32):
         return f"fn's own {run.rounds_to.name}"
     if _precision.eps(run.reference) > _precision.eps(jnp.float32):
         return f"fn's {run.reference.name} (it runs in no higher precision)"
