@@ -405,23 +405,53 @@ def _kinked_outcome(f, params, options) -> Outcome | None:
     (`_kinks`), and judge the derivative at the others, holding those fixed, as JAX's
     check_grads would see a wrong derivative at them. None where none is found, or the
     rest cannot be judged either."""
-    try:
-        with jax.debug_nans(False), jax.debug_infs(False):
-            kinks = _kinks(f, params)
-    except Exception:  # noqa: BLE001 - f refuses the moved points: nothing more to say
-        return None
+    kinks, g, order = None, f, options.order
+    for k in range(order):  # f, then its derivative maps up to the one checked at `order`
+        try:
+            with jax.debug_nans(False), jax.debug_infs(False):
+                found = _kinks(g, params)
+                g = _unit_derivative(g, params) if k + 1 < order else g
+        except Exception:  # noqa: BLE001 - f refuses the moved points: what was found stands
+            break
+        if found is not None:
+            kinks = found if kinks is None else [a | b for a, b in zip(kinks, found)]
     if kinks is None:
         return None
     n = _count(kinks)
+    which = "f" if order == 1 else f"f or one of its derivatives below order {order}"
     return _held_part_outcome(
         f,
         params,
         kinks,
         options,
-        f"f has a kink (one-sided slopes that differ) at {n} argument "
+        f"{which} has a kink (one-sided slopes that differ) at {n} argument "
         f"{'entry' if n == 1 else 'entries'}, found by moving each entry alone; the "
         "derivative was judged at the other entries, holding those fixed",
     )
+
+
+def _unit_derivative(f, params):
+    """f's derivative map along the unit tangent (every real float argument entry moved by
+    1; by the pullback of unit cotangents where f has no forward mode), as a function of
+    the same arguments: where a partial derivative of f has a kink in an entry, it shows
+    when that entry alone moves."""
+    treedef = jax.tree.structure(list(params))
+    of, floats = _of_floats(f, params, complex_too=False)
+    where = [i for i, x in enumerate(jax.tree.leaves(list(params))) if _inexact(x)]
+    where = [i for i, x in zip(where, floats) if not jnp.iscomplexobj(x)]
+
+    def derivative(*args):
+        leaves = jax.tree.leaves(list(args))
+        if jax.tree.structure(list(args)) != treedef:
+            raise ValueError("the arguments changed structure")
+        xs = [jnp.asarray(leaves[i]) for i in where]
+        try:
+            return jax.jvp(of, xs, [jnp.ones_like(x) for x in xs])[1]
+        except TypeError:  # a custom_vjp: no forward mode
+            out, pullback = jax.vjp(of, *xs)
+            return pullback(jax.tree.map(_tree.unit_like, out))
+
+    return derivative
 
 
 def _kinks(f, params) -> list | None:
