@@ -171,11 +171,13 @@ def _rounding_gap(report: Report) -> bool:
 
 def _rule_order(o, report: Report) -> int:
     """The order the rules' finite-difference rows check: all of `options.order` with
-    rules=True; under "auto", the lowest order whose check failed (a rule wrong in its
-    first derivative is found at order 1, at a fraction of the cost)."""
+    rules=True; under "auto", the lowest order whose check failed or could not be judged
+    (a rule wrong in its first derivative is found at order 1, at a fraction of the cost;
+    one wrong in its second beside a kink only at order 2)."""
     if o.rules is True:
         return o.order
-    failed = [_report.order_of(p) for p in report.parts if p.status is Status.FAIL]
+    doubtful = (Status.FAIL, Status.INCONCLUSIVE)
+    failed = [_report.order_of(p) for p in report.parts if p.status in doubtful]
     return next((k for k in failed if k is not None), 1)
 
 

@@ -1744,3 +1744,33 @@ def test_a_param_passed_in_nondiff_argnums_is_said_to_be_cut_off_there():
     assert "a value passed in a custom_jvp/custom_vjp's nondiff_argnums" in cut
     (rule,) = [q for q in report.problems if "scaled_sin" in q]
     assert "or is given one in its nondiff_argnums (UnexpectedTracerError)" in rule, rule
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.05])
+def test_a_rule_wrong_at_order_2_beside_a_kink_is_checked_at_order_2(scale):
+    """fn's order-2 check cannot judge at a kink of its derivative (relu(x) * x at 0), and
+    the rules were then checked at order 1 only, where a sin whose second derivative is
+    5 % off is right: "rules fine" beside an inconclusive verdict."""
+
+    @jax.custom_jvp
+    def cos(x):
+        return jnp.cos(x)
+
+    cos.defjvp(lambda p, t: (jnp.cos(p[0]), -scale * jnp.sin(p[0]) * t[0]))
+
+    @jax.custom_jvp
+    def sin(x):
+        return jnp.sin(x)
+
+    sin.defjvp(lambda p, t: (jnp.sin(p[0]), cos(p[0]) * t[0]))
+    x = jnp.array([0.0, 0.5, -0.7, 1.1])
+    report = jaxcheck.verify(lambda x: jnp.sum(jax.nn.relu(x) * x + sin(x)), x, order=2)
+    if scale == 1.0:
+        assert report.status == "inconclusive", str(report)
+        (fine,) = [q for q in report.problems if q.startswith("rules fine:")]
+        assert "custom_jvp sin at " in fine
+        return
+    assert report.status == "fail", str(report)
+    (wrong,) = [q for q in report.problems if q.startswith("wrong rule:")]
+    assert wrong.startswith("wrong rule: custom_jvp sin at ")
+    assert "vjp vs finite differences (order 2: vjp map), relative error 5.0e-02" in wrong
