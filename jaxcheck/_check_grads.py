@@ -275,7 +275,7 @@ def run(f, args, order, modes=("fwd", "rev"), atol=None, rtol=None, eps=None) ->
             outcome = _nonfinite_outcome(f, params, report, options)
     if wanted <= MAX_FLOOR:
         return outcome
-    note = _capped(wanted, atol, rtol, _tolerance_dtypes(f, atol, rtol, params))
+    note = _capped(wanted, atol, rtol, _tolerance_dtypes(f, atol, rtol, params, mode))
     r = outcome.report
     return dataclasses.replace(outcome, report=dataclasses.replace(r, problems=(note, *r.problems)))
 
@@ -405,7 +405,7 @@ def _kinked_outcome(f, params, options) -> Outcome | None:
     (`_kinks`), and judge the derivative at the others, holding those fixed, as JAX's
     check_grads would see a wrong derivative at them. None where none is found, or the
     rest cannot be judged either."""
-    kinks, g, order = None, f, options.order
+    kinks, lowest, g, order = None, None, f, options.order
     for k in range(order):  # f, then its derivative maps up to the one checked at `order`
         try:
             with jax.debug_nans(False), jax.debug_infs(False):
@@ -415,10 +415,11 @@ def _kinked_outcome(f, params, options) -> Outcome | None:
             break
         if found is not None:
             kinks = found if kinks is None else [a | b for a, b in zip(kinks, found)]
+            lowest = k if lowest is None else lowest
     if kinks is None:
         return None
     n = _count(kinks)
-    which = "f" if order == 1 else f"f or one of its derivatives below order {order}"
+    which = {0: "f", 1: "f's first derivative"}.get(lowest, f"f's derivative of order {lowest}")
     return _held_part_outcome(
         f,
         params,
@@ -621,7 +622,8 @@ def _check_step(eps) -> None:
 
 def _tolerance_value(name: str, tol, dtypes) -> float | None:
     """The value of a JAX-style tolerance for values of `dtypes`: a float, or a dict's
-    strictest entry among them (None: unset)."""
+    strictest entry among them (None: unset, also where the dict has no entry for one of
+    them: JAX then takes its default for that one, and the strictest applies)."""
     if tol is None:
         return None
     if isinstance(tol, dict):
@@ -634,7 +636,9 @@ def _tolerance_value(name: str, tol, dtypes) -> float | None:
                 f"{{np.float32: 1e-3, np.float64: 1e-5}}."
             ) from None
         found = [by_dtype[d] for d in dtypes if d in by_dtype]
-        return _tolerance_value(name, min(found), dtypes) if found else None
+        if not found or len(found) < len(dtypes):
+            return None
+        return _tolerance_value(name, min(found), dtypes)
     if isinstance(tol, bool) or not isinstance(tol, int | float | np.number):
         raise TypeError(
             f"check_grads: {name} must be a float, a dict of floats keyed by dtype, or None; "
@@ -656,7 +660,7 @@ def _wanted_floor(f, atol, rtol, params, mode: str) -> float:
     `DEFAULT_FLOOR`), before `MAX_FLOOR` caps it: the larger of the two, where `atol` is
     no looser than the relative error JAX's own check allows at f's scale
     (`_relative_atol`)."""
-    dtypes = _tolerance_dtypes(f, atol, rtol, params)
+    dtypes = _tolerance_dtypes(f, atol, rtol, params, mode)
     a = _tolerance_value("atol", atol, dtypes)
     r = _tolerance_value("rtol", rtol, dtypes)
     r = DEFAULT_FLOOR if r is None else r
@@ -665,15 +669,21 @@ def _wanted_floor(f, atol, rtol, params, mode: str) -> float:
     return max(r, min(a, _relative_atol(f, params, a, rtol, mode)))
 
 
-def _tolerance_dtypes(f, atol, rtol, params) -> list:
+def _tolerance_dtypes(f, atol, rtol, params, mode: str) -> list:
     """The dtypes whose entries of a tolerance dict apply: those of f's float outputs, as
     in JAX's check_grads, which looks each compared array's dtype up (the lowest-precision
-    float argument's where f cannot be traced abstractly)."""
+    float argument's where f cannot be traced abstractly); in reverse mode it compares
+    real inner products, so a complex output's real dtype (float32 for complex64), and
+    with both modes the entries of both, the strictest of which applies (either check
+    fails a derivative there)."""
     if not (isinstance(atol, dict) or isinstance(rtol, dict)):
         return []
     try:
         out = jax.eval_shape(f, *params)
-        found = {np.dtype(y.dtype) for y in jax.tree.leaves(out) if _inexact(y)}
+        outs = {np.dtype(y.dtype) for y in jax.tree.leaves(out) if _inexact(y)}
+        found = set(outs) if mode in ("forward", "both") else set()
+        if mode in ("reverse", "both"):
+            found |= {np.dtype(jnp.finfo(d).dtype) for d in outs}
     except Exception:  # noqa: BLE001 - f's own errors are raised by the check itself
         found = set()
     if not found:

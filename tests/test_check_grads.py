@@ -120,9 +120,9 @@ def test_a_kink_in_the_first_derivative_leaves_the_other_entries_judged_at_order
     outcome = _check_grads.run(f, (jnp.array([0.0, 0.5, -0.7, 1.1]),), 2, modes)
     assert outcome.verdict == ("pass" if scale == 1.0 else "fail"), str(outcome.report)
     assert outcome.report.problems[0] == (
-        "f or one of its derivatives below order 2 has a kink (one-sided slopes that differ) "
-        "at 1 argument entry, found by moving each entry alone; the derivative was judged "
-        "at the other entries, holding those fixed"
+        "f's first derivative has a kink (one-sided slopes that differ) at 1 argument entry, "
+        "found by moving each entry alone; the derivative was judged at the other entries, "
+        "holding those fixed"
     )
 
 
@@ -216,9 +216,12 @@ def test_kink_is_not_judged_and_raises_only_when_asked():
 
 
 def test_the_headline_is_that_of_the_part_that_was_not_judged():
-    """x |x| at 0 has a first derivative and no second: the order-2 part is not judged. The
-    headline showed the order-1 part's note (float64 NumPy arguments), not why."""
-    outcome = _check_grads.run(lambda x: x * jnp.abs(x), (np.array([0.0, 0.0, 1.0]),), 2)
+    """x |x| at 0 has a first derivative and no second: the order-2 part is not judged
+    (with more entries than are moved one by one to find the kinks' entries, none is held
+    fixed). The headline showed the order-1 part's note (float64 NumPy arguments), not
+    why."""
+    x = np.concatenate([[0.0, 0.0], np.linspace(0.5, 1.0, _check_grads.MAX_KINK_ENTRIES)])
+    outcome = _check_grads.run(lambda x: x * jnp.abs(x), (x,), 2)
     assert outcome.verdict == "unjudged"
     assert outcome.report.problems[0].startswith("order 1: fn: params hold float64 NumPy")
     assert outcome.headline == (
@@ -953,3 +956,41 @@ def test_an_array_for_args_is_unpacked_as_jax_does():
     sin_off.defjvp(lambda p, t: (jnp.sin(p[0]), 1.01 * jnp.cos(p[0]) * t[0]))
     with pytest.raises(jaxcheck.GradientCheckError, match="WRONG"):
         jaxcheck.check_grads(sin_off, jnp.array([0.3]), 1)
+
+
+@jax.custom_jvp
+def _exp_off_in_imaginary_tangents(z):
+    return jnp.exp(z)
+
+
+_exp_off_in_imaginary_tangents.defjvp(
+    lambda p, t: (jnp.exp(p[0]), jnp.exp(p[0]) * (jnp.real(t[0]) + 1.01j * jnp.imag(t[0])))
+)
+
+
+@pytest.mark.parametrize(
+    "modes, key, fails",
+    [
+        (("rev",), np.complex64, True),
+        (("rev",), np.float32, False),
+        (("fwd",), np.complex64, False),
+        (("fwd",), np.float32, True),
+        (("fwd", "rev"), np.complex64, True),
+        (("fwd", "rev"), np.float32, True),
+    ],
+)
+def test_a_tolerance_dict_applies_to_complex_outputs_as_in_jax(modes, key, fails):
+    """JAX looks a complex output's dtype up in forward mode, and its real dtype in reverse
+    mode, where it compares real inner products; a dtype missing from the dict takes the
+    default, and the strictest applies. A 1 % bug in a complex rule passed with
+    {complex64: 0.1} in reverse mode, which JAX's check fails."""
+    z = jnp.array([0.3 + 0.4j, -0.5 + 0.2j, 0.7 - 0.6j], jnp.complex64)
+    tol = {key: 0.1}
+    call = functools.partial(
+        jaxcheck.check_grads, _exp_off_in_imaginary_tangents, (z,), 1, modes, tol, tol
+    )
+    if fails:
+        with pytest.raises(jaxcheck.GradientCheckError):
+            call()
+    else:
+        assert call() is None
