@@ -437,9 +437,12 @@ def _unit_derivative(f, params):
     the same arguments: where a partial derivative of f has a kink in an entry, it shows
     when that entry alone moves."""
     treedef = jax.tree.structure(list(params))
-    of, floats = _of_floats(f, params, complex_too=False)
-    where = [i for i, x in enumerate(jax.tree.leaves(list(params))) if _inexact(x)]
-    where = [i for i, x in zip(where, floats) if not jnp.iscomplexobj(x)]
+    of, _ = _of_floats(f, params, complex_too=False)
+    where = [
+        i
+        for i, x in enumerate(jax.tree.leaves(list(params)))
+        if _inexact(x) and not jnp.iscomplexobj(x)
+    ]
 
     def derivative(*args):
         leaves = jax.tree.leaves(list(args))

@@ -774,7 +774,7 @@ def _unbatchable(d: _Draws, name: str, tol) -> Report | None:
         jax.eval_shape(jax.vmap(d.rule.call), _stack(points))
     except NotImplementedError as err:
         if not _plan.unbatchable(err):
-            raise
+            return None  # (the row itself reports it)
         comparison = Comparison(name, math.nan, (math.nan, math.nan), 0.0, 0.0, tol, 0, True)
         comparison = dataclasses.replace(comparison, judged=False)
         reason = (

@@ -219,9 +219,8 @@ def settled(p, checks, status: Status, n: int, num_looks: int) -> tuple[bool, st
         if head_rounding is not None:
             return True, (
                 "within the distance of the derivative under test from the same rule in "
-                "higher precision, taken as its rounding (tolerance "
-                f"{head.tolerance:.1e}); that rule's own "
-                f"error, {head_rounding:.1e}, is clear below it"
+                f"higher precision, taken as its rounding (tolerance {head.tolerance:.1e}); "
+                f"that rule's own error, {head_rounding:.1e}, is clear below it"
             )
         return True, f"clear below the tolerance {head.tolerance:.1e}"
     if status is Status.FAIL and "fail" in sides and None not in sides:
