@@ -337,9 +337,47 @@ def _parts(fn, params, args, o: _options.Options, first) -> list:
 
             report = _again_if_flat(in_cotangent, draws)[1]
             parts.append((2, _named(report, 2, ("reverse",), "vjp map in its cotangent")))
+    if o.grad_fn is not None and head.status is Status.PASS:
+        parts.append((2, _grad_fn_nearby(first, fn, params, args, base)))
     if notes:
         parts[0] = (1, dataclasses.replace(head, problems=head.problems + tuple(notes)))
     return [part for _, part in sorted(parts, key=lambda item: item[0])]
+
+
+# How far the point of `_grad_fn_nearby` is from params: this share of each leaf's RMS size
+NEARBY = 1e-2
+NEARBY_LABEL = "grad_fn against fn's gradient at a nearby point"
+
+
+def _grad_fn_nearby(first, fn, params, args, base) -> Report:
+    """The first-order check of grad_fn at params moved by `NEARBY` of each leaf's size
+    along random signs. The order-2 map of a grad_fn is grad_fn's own Jacobian, checked
+    against finite differences of grad_fn: nothing there ties it to fn's Hessian, and a
+    grad_fn right at params with the wrong slope (sin(2w) + 5 sin(w) for the gradient of
+    sum(sin(w) ** 2) at 0) passed. Right at both points, its slope between them is fn's."""
+    rng = np.random.default_rng(int(_directions.seeds(base.key, "nearby", ("",))[0]))
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    floats = {
+        i: np.asarray(x, np.float64)
+        for i, x in enumerate(leaves)
+        if _tree.is_array(x) and jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    }
+    sizes = {i: float(np.sqrt(np.mean(np.square(a)))) if a.size else 0.0 for i, a in floats.items()}
+    overall = max(sizes.values(), default=0.0) or 1.0  # (for an all-zero leaf)
+    for i, a in floats.items():
+        step = NEARBY * (sizes[i] or overall) * rng.choice([-1.0, 1.0], size=a.shape)
+        leaves[i] = jnp.asarray(a + step, jnp.result_type(leaves[i]))
+
+    near = first(fn, jax.tree_util.tree_unflatten(treedef, leaves), args, base)
+    report = _named(near, 2, (), NEARBY_LABEL)
+    if near.status is Status.FAIL:
+        note = (
+            f"grad_fn agrees with fn's gradient at params but not at params moved by "
+            f"{NEARBY:.0%} of each leaf's size: its slope, the Jacobian the order-2 map "
+            "checks, is not fn's Hessian"
+        )
+        report = dataclasses.replace(report, problems=(note, *report.problems))
+    return report
 
 
 def _again_if_flat(check, draws) -> tuple:

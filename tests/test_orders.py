@@ -342,13 +342,36 @@ def test_grad_fn_order_2_checks_its_jacobian():
     good = jax.grad(loss)
     report = jaxcheck.verify(loss, PYTREE, grad_fn=good, order=2, num_directions=8)
     assert report.status == "pass", str(report)
-    assert report.parts[1].label == "order 2: grad_fn"
+    assert [p.label for p in report.parts[1:]] == [
+        "order 2: grad_fn",
+        "order 2: grad_fn against fn's gradient at a nearby point",
+    ]
 
     def not_differentiable(p):
         return jax.tree.map(lax.stop_gradient, good(p))
 
     bad = jaxcheck.verify(loss, PYTREE, grad_fn=not_differentiable, order=2, num_directions=8)
-    assert [p.status.value for p in bad.parts] == ["pass", "fail"]
+    assert [p.status.value for p in bad.parts] == ["pass", "fail", "pass"]
+
+
+@pytest.mark.parametrize("at", ["zero", "elsewhere"])
+def test_a_grad_fn_right_at_params_with_the_wrong_slope_fails_at_order_2(at):
+    """grad_fn's Jacobian, which the order-2 map checks against finite differences of
+    grad_fn, must be fn's Hessian: sin(2w) + 5 sin(w - w0) is the gradient of
+    sum(sin(w) ** 2) at w0 only, with 7 times its slope, and passed at order 2."""
+    w0 = jnp.zeros(3) if at == "zero" else jnp.array([0.3, -0.2, 0.9])
+
+    def grad_fn(w):
+        return jnp.sin(2 * w) + 5 * jnp.sin(w - w0)
+
+    report = jaxcheck.verify(lambda w: jnp.sum(jnp.sin(w) ** 2), w0, grad_fn=grad_fn, order=2)
+    assert report.status == "fail", str(report)
+    assert [p.status.value for p in report.parts] == ["pass", "pass", "fail"]
+    assert (
+        "order 2: grad_fn against fn's gradient at a nearby point: grad_fn agrees with fn's "
+        "gradient at params but not at params moved by 1% of each leaf's size: its slope, "
+        "the Jacobian the order-2 map checks, is not fn's Hessian"
+    ) in report.problems
 
 
 def test_has_aux_is_dropped_in_the_derivative_maps():
