@@ -73,6 +73,24 @@ def scaled_sin(factor: float):
     return f
 
 
+def sin_with_second_derivative(scale: float):
+    """sin as a custom_jvp whose jvp calls cos, a custom_jvp whose own jvp is `scale` times
+    right: right at order 1, `scale` times off in its second derivative."""
+
+    @jax.custom_jvp
+    def cos(x):
+        return jnp.cos(x)
+
+    cos.defjvp(lambda p, t: (jnp.cos(p[0]), -scale * jnp.sin(p[0]) * t[0]))
+
+    @jax.custom_jvp
+    def sin(x):
+        return jnp.sin(x)
+
+    sin.defjvp(lambda p, t: (jnp.sin(p[0]), cos(p[0]) * t[0]))
+    return sin
+
+
 def identity(x):
     return x
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jaxcheck
-from cases import scaled_sin
+from cases import scaled_sin, sin_with_second_derivative
 from jaxcheck import _check_grads, _report
 
 X = np.linspace(0.1, 1.0, 4, dtype=np.float32)
@@ -94,28 +94,13 @@ def test_a_kink_in_one_argument_leaves_the_others_judged(bug):
         assert "wrong: [1]" in outcome.report.problems
 
 
-def _sin_whose_second_derivative_is(scale):
-    @jax.custom_jvp
-    def cos(x):
-        return jnp.cos(x)
-
-    cos.defjvp(lambda p, t: (jnp.cos(p[0]), -scale * jnp.sin(p[0]) * t[0]))
-
-    @jax.custom_jvp
-    def sin(x):
-        return jnp.sin(x)
-
-    sin.defjvp(lambda p, t: (jnp.sin(p[0]), cos(p[0]) * t[0]))  # right at order 1
-    return sin
-
-
 @pytest.mark.parametrize("modes", [("fwd", "rev"), ("rev",)])
 @pytest.mark.parametrize("scale", [1.0, 1.05])
 def test_a_kink_in_the_first_derivative_leaves_the_other_entries_judged_at_order_2(scale, modes):
     """relu(x) * x is smooth but its derivative has a kink at 0: at order 2 that entry
     made the whole check inconclusive, and a second derivative 5 % off at the other
     entries passed unseen (JAX's check fails it)."""
-    sin = _sin_whose_second_derivative_is(scale)
+    sin = sin_with_second_derivative(scale)
     f = lambda x: jax.nn.relu(x) * x + sin(x)  # noqa: E731
     outcome = _check_grads.run(f, (jnp.array([0.0, 0.5, -0.7, 1.1]),), 2, modes)
     assert outcome.verdict == ("pass" if scale == 1.0 else "fail"), str(outcome.report)

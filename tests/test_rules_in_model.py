@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import jaxcheck
+from cases import sin_with_second_derivative
 from jaxcheck import _rule_search
 
 
@@ -1751,18 +1752,7 @@ def test_a_rule_wrong_at_order_2_beside_a_kink_is_checked_at_order_2(scale):
     """fn's order-2 check cannot judge at a kink of its derivative (relu(x) * x at 0), and
     the rules were then checked at order 1 only, where a sin whose second derivative is
     5 % off is right: "rules fine" beside an inconclusive verdict."""
-
-    @jax.custom_jvp
-    def cos(x):
-        return jnp.cos(x)
-
-    cos.defjvp(lambda p, t: (jnp.cos(p[0]), -scale * jnp.sin(p[0]) * t[0]))
-
-    @jax.custom_jvp
-    def sin(x):
-        return jnp.sin(x)
-
-    sin.defjvp(lambda p, t: (jnp.sin(p[0]), cos(p[0]) * t[0]))
+    sin = sin_with_second_derivative(scale)
     x = jnp.array([0.0, 0.5, -0.7, 1.1])
     report = jaxcheck.verify(lambda x: jnp.sum(jax.nn.relu(x) * x + sin(x)), x, order=2)
     if scale == 1.0:
