@@ -355,19 +355,26 @@ def _grad_fn_nearby(first, fn, params, args, base) -> Report:
     against finite differences of grad_fn: nothing there ties it to fn's Hessian, and a
     grad_fn right at params with the wrong slope (sin(2w) + 5 sin(w) for the gradient of
     sum(sin(w) ** 2) at 0) passed. Right at both points, its slope between them is fn's."""
-    rng = np.random.default_rng(int(_directions.seeds(base.key, "nearby", ("",))[0]))
+    seed = int(_directions.seeds(base.key, "nearby", ("",))[0])
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    floats = {
-        i: np.asarray(x, np.float64)
+    at = [
+        i
         for i, x in enumerate(leaves)
-        if _tree.is_array(x) and jnp.issubdtype(jnp.result_type(x), jnp.inexact)
-    }
-    sizes = {i: float(np.sqrt(np.mean(np.square(a)))) if a.size else 0.0 for i, a in floats.items()}
-    overall = max(sizes.values(), default=0.0) or 1.0  # (for an all-zero leaf)
-    for i, a in floats.items():
-        step = NEARBY * (sizes[i] or overall) * rng.choice([-1.0, 1.0], size=a.shape)
-        leaves[i] = jnp.asarray(a + step, jnp.result_type(leaves[i]))
-
+        if _tree.is_array(x) and jnp.issubdtype(jnp.result_type(x), jnp.inexact) and np.size(x)
+    ]
+    with _plan.own_transfers():
+        sizes = {i: float(jnp.sqrt(jnp.mean(jnp.square(jnp.abs(leaves[i]))))) for i in at}
+        overall = max(sizes.values(), default=0.0) or 1.0  # (for an all-zero leaf)
+        for n, i in enumerate(at):
+            x, step = leaves[i], NEARBY * (sizes[i] or overall)
+            if isinstance(x, jax.Array):
+                # on its own devices and sharding: a sharded model is not gathered, and a
+                # grad_fn on a mesh of Explicit axes meets the layout it was written for
+                signs = jax.random.rademacher(jax.random.key(seed + n), x.shape, x.dtype)
+                leaves[i] = x + step * jax.device_put(signs, x.sharding)
+            else:  # a NumPy leaf stays one, in its own dtype
+                signs = np.random.default_rng(seed + n).choice([-1.0, 1.0], size=np.shape(x))
+                leaves[i] = (np.asarray(x) + step * signs).astype(np.result_type(x))
     near = first(fn, jax.tree_util.tree_unflatten(treedef, leaves), args, base)
     report = _named(near, 2, (), NEARBY_LABEL)
     if near.status is Status.FAIL:
