@@ -662,6 +662,14 @@ def _check_gradient_shapes(problem: Problem, inputs: Inputs) -> tuple[str, ...]:
                 f"whose shape is {x.shape}. Return one gradient array per parameter with the "
                 "parameter's shape (sum over broadcast axes)."
             )
+        if jnp.issubdtype(g.dtype, jnp.complexfloating):
+            raise TypeError(
+                f"grad_fn returned dtype {g.dtype} for the parameter leaf {path or '(root)'}, "
+                f"whose dtype is {x.dtype}: the gradient of a real fn in a real parameter is "
+                "real, as jax.grad returns it. Return a real gradient (jnp.real of this one "
+                "where its imaginary part is zero by construction; where it is not, that "
+                "part is the bug)."
+            )
         if not jnp.issubdtype(g.dtype, jnp.floating):
             raise TypeError(
                 f"grad_fn returned dtype {g.dtype} for the parameter leaf {path or '(root)'}; "

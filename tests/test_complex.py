@@ -171,6 +171,25 @@ def test_grad_fn_uses_jax_convention():
     assert wrong.status == "fail" and failing(wrong) == ["['z']"]
 
 
+def test_a_complex_grad_fn_for_a_real_leaf_is_told_to_be_real():
+    """It was told "gradients must be floating point", which a complex gradient is."""
+
+    def fn(p):
+        return jnp.sum(jnp.abs(jnp.exp(1j * p["w"]) + p["w"]) ** 2)
+
+    def grad_fn(p):  # the right values, typed complex
+        return jax.tree.map(lambda g: g.astype(jnp.complex64), jax.grad(fn)(p))
+
+    with pytest.raises(TypeError) as caught:
+        jaxcheck.verify(fn, {"w": jnp.linspace(0.1, 1.0, 3)}, grad_fn=grad_fn)
+    assert str(caught.value) == (
+        "grad_fn returned dtype complex64 for the parameter leaf ['w'], whose dtype is "
+        "float32: the gradient of a real fn in a real parameter is real, as jax.grad "
+        "returns it. Return a real gradient (jnp.real of this one where its imaginary part "
+        "is zero by construction; where it is not, that part is the bug)."
+    )
+
+
 @pytest.mark.parametrize("params", [Z, jnp.real(Z)], ids=["complex", "real"])
 def test_grad_fn_of_a_complex_scalar_fn_is_refused_as_complex_not_as_non_scalar(params):
     def fn(z):  # a complex scalar (of complex or real parameters)
