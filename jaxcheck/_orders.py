@@ -363,10 +363,13 @@ def _grad_fn_nearby(first, fn, params, args, base) -> Report:
         if _tree.is_array(x) and jnp.issubdtype(jnp.result_type(x), jnp.inexact) and np.size(x)
     ]
     with _plan.own_transfers():
-        sizes = {i: float(jnp.sqrt(jnp.mean(jnp.square(jnp.abs(leaves[i]))))) for i in at}
-        overall = max(sizes.values(), default=0.0) or 1.0  # (for an all-zero leaf)
-        for n, i in enumerate(at):
-            x, step = leaves[i], NEARBY * (sizes[i] or overall)
+        # each leaf's RMS size as the directions take it (summed in at least float32, an
+        # all-zero leaf at the others' size)
+        arrays = [jnp.asarray(leaves[i]) for i in at]
+        rms, _ = _directions.host_rms(_directions.sum_squares(arrays), arrays)
+        sizes = _directions.with_floor(rms, [x.size for x in arrays])
+        for n, (i, size) in enumerate(zip(at, sizes)):
+            x, step = leaves[i], NEARBY * float(size)
             if isinstance(x, jax.Array):
                 # on its own devices and sharding: a sharded model is not gathered, and a
                 # grad_fn on a mesh of Explicit axes meets the layout it was written for

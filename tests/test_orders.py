@@ -374,6 +374,21 @@ def test_a_grad_fn_right_at_params_with_the_wrong_slope_fails_at_order_2(at):
     ) in report.problems
 
 
+def test_the_nearby_point_of_a_float16_grad_fn_check_is_finite():
+    """The nearby point's step is 1 % of each leaf's RMS, which squared in float16 overflowed
+    above 256: the point was Inf and the right gradient "nonfinite"."""
+
+    def loss(w):
+        return jnp.sum(jnp.sin(w.astype(jnp.float32) / 300.0) ** 2)
+
+    w = jnp.linspace(200.0, 400.0, 4).astype(jnp.float16)
+    report = jaxcheck.verify(loss, w, grad_fn=jax.grad(loss), order=2)
+    assert [(p.label, p.status.value) for p in report.parts][-1] == (
+        "order 2: grad_fn against fn's gradient at a nearby point",
+        "pass",
+    ), str(report)
+
+
 def test_has_aux_is_dropped_in_the_derivative_maps():
     def with_aux(p, x):
         return mlp(p, x), {"note": "anything"}
