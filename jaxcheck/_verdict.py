@@ -662,15 +662,15 @@ def note_large_rounding(run: Run, head, status: Status, p: Pass | None = None) -
             f"{run.reference.name} is what the finite differences judged"
         )
         return False
-    cancels = value_gap(run, p)
-    if head.gap > _gap_limit(run) and cancels < 0.1 * head.gap and not near_stationary(run, p):
+    cancels, stationary = value_gap(run, p), near_stationary(run, p)
+    if head.gap > _gap_limit(run) and cancels < 0.1 * head.gap and not stationary:
         run.problems.append(
             f"{gap}: fn or its rules compute something else in {run.reference.name} "
             "(random numbers drawn in the default dtype, a branch on the dtype?)"
         )
         return False
     why = "an ill-conditioned loss?"
-    if near_stationary(run, p):
+    if stationary:
         why = (
             f"the derivative is within {STATIONARY} {run.tested.name} epsilons of fn's own "
             "size, as at a stationary point (a gradient zero by symmetry, up to the rounding "
