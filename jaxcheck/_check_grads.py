@@ -450,10 +450,9 @@ def _unit_derivative(f, params):
             raise ValueError("the arguments changed structure")
         xs = [jnp.asarray(leaves[i]) for i in where]
         try:
-            return jax.jvp(of, xs, [jnp.ones_like(x) for x in xs])[1]
+            return _along_units(of, xs, "forward")[0]
         except TypeError:  # a custom_vjp: no forward mode
-            out, pullback = jax.vjp(of, *xs)
-            return pullback(jax.tree.map(_tree.unit_like, out))
+            return _along_units(of, xs, "reverse")[0]
 
     return derivative
 
@@ -808,19 +807,27 @@ def _nonfinite_derivative_at(f, params, outputs, mode: str) -> bool:
     if _all_finite(params) or not _all_finite(outputs):
         return False
     of, floats = _of_floats(f, params)
-    floats = [jnp.asarray(x) for x in floats]
-    derivatives = []
+    xs, derivatives = [jnp.asarray(x) for x in floats], []
     with jax.debug_nans(False), jax.debug_infs(False):
-        try:
-            if mode in ("reverse", "both"):
-                out, pullback = jax.vjp(of, *floats)
-                derivatives.append(pullback(jax.tree.map(_tree.unit_like, out)))
-            if mode in ("forward", "both"):
-                units = [_tree.unit_like(x) for x in floats]
-                derivatives.append(jax.jvp(of, floats, units)[1])
-        except Exception:  # noqa: BLE001 - no derivative to read (a custom_vjp in forward)
-            pass
+        for one in ("reverse", "forward"):
+            if mode in (one, "both"):
+                try:
+                    derivatives += _along_units(of, xs, one)
+                except Exception:  # noqa: BLE001, PERF203 - none in that mode (a custom_vjp)
+                    continue
     return any(not _all_finite(d) for d in derivatives)
+
+
+def _along_units(of, xs, mode: str) -> list:
+    """`of`'s derivatives at `xs` in `mode`: the pullback of unit cotangents (reverse) and
+    the push of unit tangents (forward), each the sum of its partials."""
+    derivatives = []
+    if mode in ("reverse", "both"):
+        out, pullback = jax.vjp(of, *xs)
+        derivatives.append(pullback(jax.tree.map(_tree.unit_like, out)))
+    if mode in ("forward", "both"):
+        derivatives.append(jax.jvp(of, xs, [_tree.unit_like(x) for x in xs])[1])
+    return derivatives
 
 
 def _of_floats(f, params, *, complex_too: bool = True) -> tuple:
