@@ -344,50 +344,76 @@ def _parts(fn, params, args, o: _options.Options, first) -> list:
     return [part for _, part in sorted(parts, key=lambda item: item[0])]
 
 
-# How far the point of `_grad_fn_nearby` is from params: this share of each leaf's RMS size
+# How far the point of `_grad_fn_nearby` is from params: this share of each entry's own
+# size (Gaussian, so that no sum of the moves cancels exactly), and a hundredth of it
+# where fn or grad_fn is NaN/Inf there
 NEARBY = 1e-2
+NEARBY_SHARES = (NEARBY, NEARBY / 100)
 NEARBY_LABEL = "grad_fn against fn's gradient at a nearby point"
 
 
 def _grad_fn_nearby(first, fn, params, args, base) -> Report:
-    """The first-order check of grad_fn at params moved by `NEARBY` of each leaf's size
-    along random signs. The order-2 map of a grad_fn is grad_fn's own Jacobian, checked
+    """The first-order check of grad_fn at params moved by `NEARBY` of each entry's size
+    along a Gaussian draw. The order-2 map of a grad_fn is grad_fn's own Jacobian, checked
     against finite differences of grad_fn: nothing there ties it to fn's Hessian, and a
     grad_fn right at params with the wrong slope (sin(2w) + 5 sin(w) for the gradient of
-    sum(sin(w) ** 2) at 0) passed. Right at both points, its slope between them is fn's."""
+    sum(sin(w) ** 2) at 0) passed. Right at both points, its slope along the move is fn's.
+
+    Each entry moves in proportion to itself (a zero one to its leaf's largest entry, an
+    all-zero leaf to the others'), so that it keeps its sign: log(w) at a small positive
+    w stays defined, and a packed leaf of a rate of 1e4 beside a damping of 0.05 moves
+    each quantity at its own scale."""
     seed = int(_directions.seeds(base.key, "nearby", ("",))[0])
     leaves, treedef = jax.tree_util.tree_flatten(params)
     at = [
         i
         for i, x in enumerate(leaves)
-        if _tree.is_array(x) and jnp.issubdtype(jnp.result_type(x), jnp.inexact) and np.size(x)
+        if (_tree.is_array(x) or isinstance(x, float))
+        and jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+        and np.size(x)
     ]
     with _plan.own_transfers():
-        # each leaf's RMS size as the directions take it (summed in at least float32, an
-        # all-zero leaf at the others' size)
-        arrays = [jnp.asarray(leaves[i]) for i in at]
-        rms, _ = _directions.host_rms(_directions.sum_squares(arrays), arrays)
-        sizes = _directions.with_floor(rms, [x.size for x in arrays])
-        for n, (i, size) in enumerate(zip(at, sizes)):
-            x, step = leaves[i], NEARBY * float(size)
-            if isinstance(x, jax.Array):
-                # on its own devices and sharding: a sharded model is not gathered, and a
-                # grad_fn on a mesh of Explicit axes meets the layout it was written for
-                signs = jax.random.rademacher(jax.random.key(seed + n), x.shape, x.dtype)
-                leaves[i] = x + step * jax.device_put(signs, x.sharding)
-            else:  # a NumPy leaf stays one, in its own dtype
-                signs = np.random.default_rng(seed + n).choice([-1.0, 1.0], size=np.shape(x))
-                leaves[i] = (np.asarray(x) + step * signs).astype(np.result_type(x))
-    near = first(fn, jax.tree_util.tree_unflatten(treedef, leaves), args, base)
+        # each leaf's largest magnitude, on the leaf's devices (exact in every dtype: a
+        # sum of squares of 1e-20 in float32 is zero)
+        tops = jax.device_get([jnp.max(jnp.abs(jnp.asarray(leaves[i]))) for i in at])
+        tops = np.asarray(tops, np.float64)
+        sizes = _directions.with_floor(tops, [np.size(leaves[i]) for i in at])
+        for share in NEARBY_SHARES:
+            moved = list(leaves)
+            for n, (i, size) in enumerate(zip(at, sizes)):
+                moved[i] = _moved(leaves[i], share, float(size), seed + n)
+            near = first(fn, jax.tree_util.tree_unflatten(treedef, moved), args, base)
+            if near.status is not Status.NONFINITE:
+                break
+    where = f"params moved by {share * 100:g}% of each entry's size"
     report = _named(near, 2, (), NEARBY_LABEL)
+    # the first-order check speaks of params: here they are the moved ones
+    problems = tuple(p.replace("at params", f"at {where}") for p in report.problems)
     if near.status is Status.FAIL:
         note = (
-            f"grad_fn agrees with fn's gradient at params but not at params moved by "
-            f"{NEARBY:.0%} of each leaf's size: its slope, the Jacobian the order-2 map "
-            "checks, is not fn's Hessian"
+            f"grad_fn agrees with fn's gradient at params but not at {where}: its slope, "
+            "the Jacobian the order-2 map checks, is not fn's Hessian"
         )
-        report = dataclasses.replace(report, problems=(note, *report.problems))
-    return report
+        problems = (note, *problems)
+    return dataclasses.replace(report, problems=problems)
+
+
+def _moved(x, share: float, size: float, seed: int):
+    """x + share * g * x entry by entry (size in place of x where x is zero), g standard
+    normal (complex normal for a complex x), in x's own kind: a jax array on its devices
+    and sharding (a sharded model is not gathered, and a grad_fn on a mesh of Explicit
+    axes meets the layout it was written for), a NumPy array or scalar in its dtype."""
+    if isinstance(x, jax.Array):
+        g = jax.random.normal(jax.random.key(seed), x.shape, x.dtype)
+        g = jax.device_put(g, x.sharding)
+        return x + share * g * jnp.where(x == 0, jnp.asarray(size, x.dtype), x)
+    a = np.asarray(x)
+    rng = np.random.default_rng(seed)
+    g = rng.standard_normal(a.shape)
+    if np.iscomplexobj(a):
+        g = (g + 1j * rng.standard_normal(a.shape)) / np.sqrt(2)
+    out = (a + share * g * np.where(a == 0, size, a)).astype(a.dtype)
+    return float(out) if type(x) is float else out
 
 
 def _again_if_flat(check, draws) -> tuple:

@@ -369,7 +369,7 @@ def test_a_grad_fn_right_at_params_with_the_wrong_slope_fails_at_order_2(at):
     assert [p.status.value for p in report.parts] == ["pass", "pass", "fail"]
     assert (
         "order 2: grad_fn against fn's gradient at a nearby point: grad_fn agrees with fn's "
-        "gradient at params but not at params moved by 1% of each leaf's size: its slope, "
+        "gradient at params but not at params moved by 1% of each entry's size: its slope, "
         "the Jacobian the order-2 map checks, is not fn's Hessian"
     ) in report.problems
 
@@ -387,6 +387,81 @@ def test_the_nearby_point_of_a_float16_grad_fn_check_is_finite():
         "order 2: grad_fn against fn's gradient at a nearby point",
         "pass",
     ), str(report)
+
+
+def _log_domain(p):
+    k, m, c = p[0], p[1], p[2]
+    return jnp.sqrt(k / m) * c + jnp.log(m) + jnp.log(c)
+
+
+@pytest.mark.parametrize(
+    "fn, w",
+    [
+        (_log_domain, [1e4, 0.05, 1.0]),
+        (lambda w: jnp.sum(jnp.log(w)), [1e-3, 1.0, 2.0, 0.5]),
+        (lambda w: jnp.sum(jnp.log(w)), [4e-3, 1.0, 2.0, 0.5]),
+        (lambda w: jnp.sum(jnp.exp(w * 1e20)), [1e-20, -2e-20, 3e-20]),
+    ],
+    ids=["packed", "log-packed", "log-unpacked", "tiny"],
+)
+@pytest.mark.parametrize("seed", [0, 2, 3])
+def test_the_nearby_point_keeps_each_entry_at_its_own_scale(fn, w, seed):
+    """Every leaf was moved by 1 % of its RMS: a damping of 0.05 beside a rate of 1e4 by
+    58, a log's argument of 1e-3 beside 1 and 2 below zero (fn NaN there, and the report
+    said "at params", where fn is finite), and a leaf of 1e-20 in float32, whose sum of
+    squares is 0, by 0.01. A right grad_fn was "nonfinite" or "inconclusive"."""
+    w = jnp.asarray(w, jnp.float32)
+    report = jaxcheck.verify(fn, w, grad_fn=jax.grad(fn), order=2, key=jax.random.key(seed))
+    assert report.status == "pass", str(report)
+    assert report.parts[-1].label == "order 2: grad_fn against fn's gradient at a nearby point"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_grad_fn_wrong_along_a_sum_fails_the_nearby_check_at_every_key(seed):
+    """The gradient of sum(w ** 2) * sum(w) without its 2 w sum(w) term is right wherever
+    sum(w) = 0. Moved along random signs, a pair of leaves summed to zero again at every
+    other key, and the wrong slope passed."""
+
+    def fn(w):
+        return jnp.sum(w**2) * jnp.sum(w)
+
+    def grad_fn(w):
+        return jnp.full_like(w, jnp.sum(w**2))
+
+    w = jnp.array([0.7, -0.7])
+    report = jaxcheck.verify(fn, w, grad_fn=grad_fn, order=2, key=jax.random.key(seed))
+    assert [p.status.value for p in report.parts] == ["pass", "pass", "fail"], str(report)
+
+
+@pytest.mark.parametrize("params", [{"a": 0.5, "b": 1.5}, 0.5, [0.5, 1.0]], ids=str)
+def test_the_nearby_check_moves_python_float_params(params):
+    """Python floats were left out of the nearby point, and params of nothing else
+    crashed with "Need at least one array to stack"."""
+
+    def fn(p):
+        return sum(jnp.sin(x) * x for x in jax.tree.leaves(p))
+
+    report = jaxcheck.verify(fn, params, grad_fn=jax.grad(fn), order=2)
+    assert report.status == "pass", str(report)
+    assert len(report.parts) == 3
+
+
+def test_the_nearby_check_says_where_fn_is_nan():
+    """fn finite only within 1e-5 of params: the first-order check's message says "at
+    params", which there meant the moved point."""
+
+    w0 = jnp.array([0.3, 0.6])
+
+    def fn(w):
+        return jnp.sum(jnp.where(jnp.abs(w - w0) < 1e-5 * w0, jnp.sin(w), jnp.nan))
+
+    report = jaxcheck.verify(fn, w0, grad_fn=lambda w: jnp.cos(w), order=2)
+    assert [p.status.value for p in report.parts[:2]] == ["pass", "pass"], str(report)
+    near = report.parts[-1]
+    assert near.status == "nonfinite", str(report)
+    assert near.problems[0] == (
+        "fn's output (root) is NaN/Inf at params moved by 0.01% of each entry's size"
+    )
 
 
 def test_has_aux_is_dropped_in_the_derivative_maps():
