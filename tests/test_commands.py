@@ -34,6 +34,13 @@ def test_demo_runs_and_every_example_comes_out_as_expected():
     assert out.count("jaxcheck.verify: FAIL") == 2
     assert out.count("jaxcheck.verify: PASS") == 4
     assert "! wrong: ['layers'][1]['w']" in out
+    # the README shows the first example's report up to its leaf table: it is what runs
+    # (numbers aside, whose last digits may move with the jax version)
+    readme = (ROOT / "README.md").read_text()
+    shown = readme.split("jaxcheck.verify: FAIL — gradient is WRONG\n", 1)[1]
+    shown = shown.split("  ...\n", 1)[0]
+    number = re.compile(r"\d\.\de[+-]\d\d")
+    assert number.sub("#", shown) in number.sub("#", out)
 
 
 def test_imports_from_a_source_tree_without_package_metadata():
