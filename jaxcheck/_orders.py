@@ -307,7 +307,7 @@ def _parts(fn, params, args, o: _options.Options, first) -> list:
             report = _checked_map(first, mapped, name, extra, level, params, args, derived, o)
             report = _beside_kinks(report, below, level + 1)
             report = _on_rounding(report, below, level + 1)
-            report = _flat_where_curved(report, curved, level + 1)
+            report = _flat_where_curved(report, curved, level + 1, o.grad_fn is not None)
             return (mapped, name, extra), report
 
         try:
@@ -557,7 +557,7 @@ def _curved() -> bool:
     return bool((_state.CURVES.get() or {}).get("last", False))
 
 
-def _flat_where_curved(report: Report, curved: bool, order: int) -> Report:
+def _flat_where_curved(report: Report, curved: bool, order: int, of_grad_fn=False) -> Report:
     """A failing check where the map checked at order `order` passed as flat (its values
     and its derivative exactly constant within the step, `_verdict.FLAT`) while the
     function of the order below, whose derivative the map is, curves measurably within
@@ -574,11 +574,19 @@ def _flat_where_curved(report: Report, curved: bool, order: int) -> Report:
         "(their values and their derivative under test exactly constant within the step), "
         "but the function one order below, which they differentiate, curves measurably "
         "along most of its directions: its derivative changes where these maps do not, so "
-        f"their derivative (zero) is not fn's derivative of order {order}. A custom rule "
-        "whose bwd or jvp goes through round, floor, an integer cast, a lookup table or a "
-        "stop_gradient is such a staircase; check it alone with jaxcheck.verify_rule(..., "
-        f"order={order})"
+        f"their derivative (zero) is not fn's derivative of order {order}. "
     )
+    if of_grad_fn:
+        why += (
+            "A grad_fn that returns a gradient computed beforehand, or goes through round, "
+            "floor, an integer cast, a lookup table or a stop_gradient, is such a staircase"
+        )
+    else:
+        why += (
+            "A custom rule whose bwd or jvp goes through round, floor, an integer cast, a "
+            "lookup table or a stop_gradient is such a staircase; check it alone with "
+            f"jaxcheck.verify_rule(..., order={order})"
+        )
     return dataclasses.replace(
         report,
         status=Status.FAIL,

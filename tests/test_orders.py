@@ -389,6 +389,21 @@ def test_the_nearby_point_of_a_float16_grad_fn_check_is_finite():
     ), str(report)
 
 
+def test_a_grad_fn_returning_a_gradient_computed_beforehand_fails_at_order_2():
+    """Its Jacobian is zero where fn curves; the note pointed to checking a custom rule
+    with verify_rule, which a grad_fn is not."""
+    w = jnp.array([0.3, -0.7, 1.1])
+    g0 = jnp.sin(2 * w)
+    report = jaxcheck.verify(lambda w: jnp.sum(jnp.sin(w) ** 2), w, grad_fn=lambda v: g0, order=2)
+    assert [p.status.value for p in report.parts] == ["pass", "fail", "fail"], str(report)
+    (note,) = [q for q in report.problems if q.startswith("order 2: grad_fn: flat where")]
+    assert note.endswith(
+        "A grad_fn that returns a gradient computed beforehand, or goes through round, "
+        "floor, an integer cast, a lookup table or a stop_gradient, is such a staircase"
+    )
+    assert "verify_rule" not in note
+
+
 def _log_domain(p):
     k, m, c = p[0], p[1], p[2]
     return jnp.sqrt(k / m) * c + jnp.log(m) + jnp.log(c)
