@@ -33,6 +33,7 @@ rounding).
 import dataclasses
 import functools
 import math
+import re
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -578,12 +579,14 @@ class _Called:
         return isinstance(other, _Called) and other._key() == self._key()
 
 
+_ARG_PATH = re.compile(r"(^|wrong: |, |leaf )\[")
+
+
 def _relabel(report: Report, label: str) -> Report:
     checks = tuple(dataclasses.replace(c, name=f"{label}: {c.name}") for c in report.checks)
     leaves = tuple(dataclasses.replace(leaf, path=f"args{leaf.path}") for leaf in report.leaves)
-    problems = tuple(
-        p.replace("wrong: [", "wrong: args[").replace(", [", ", args[") for p in report.problems
-    )
+    # leaf paths in the notes: a list of them, or one opening a note or after "leaf "
+    problems = tuple(_ARG_PATH.sub(r"\1args[", p) for p in report.problems)
     return dataclasses.replace(report, checks=checks, leaves=leaves, problems=problems, label=label)
 
 

@@ -678,3 +678,25 @@ def test_a_rule_jax_cannot_batch_is_not_checked_under_vmap_nor_failed_for_it(sca
         for p in report.problems
     ), report.problems
     assert failed(report) == ({"vjp vs finite differences"} if scale != 1.0 else set())
+
+
+def test_a_leaf_a_note_opens_with_is_named_as_an_argument():
+    """verify_rule names its leaves args[i]: a note that opened with the leaf's path
+    kept the bare [1] beside "wrong: args[1]"."""
+
+    @jax.custom_vjp
+    def scaled(x, y):
+        return jnp.sin(x) * y
+
+    scaled.defvjp(
+        lambda x, y: (jnp.sin(x) * y, (x, y)), lambda r, g: (g * jnp.cos(r[0]) * r[1], None)
+    )
+    x = jnp.linspace(0.1, 0.9, 4)
+    report = jaxcheck.verify_rule(scaled, x, x + 2)
+    assert report.status == "fail", str(report)
+    assert any(q.startswith("wrong: args[1]") for q in report.problems), report.problems
+    assert any(
+        q.startswith("args[1]: the derivative under test is exactly zero for this leaf")
+        for q in report.problems
+    ), report.problems
+    assert not any(q.startswith("[") for q in report.problems), report.problems
