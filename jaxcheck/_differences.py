@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _autodiff, _plan, _tree
+from . import _autodiff, _plan, _precision, _tree
 
 OUTER = (-1.0, 1.0)  # the first evaluation: D(h) needs two points per direction
 INNER = (-0.5, 0.5)  # added when D(h) alone cannot settle the verdict
@@ -36,7 +36,13 @@ def quiet(fn):
     return quietly
 
 
-def reference(
+def reference(*args):
+    """`_reference` (below), fn traced under `_precision.widening`."""
+    with _precision.widening():
+        return _reference(*args)
+
+
+def _reference(
     problem,
     modes,
     kind,

@@ -151,7 +151,7 @@ def _programs(run: Run, reference=None):
             # in its program: no warning of NumPy's, which strict suites raise)
             with _plan.own_transfers(), np.errstate(over="ignore", invalid="ignore"):
                 narrow = _signatures(_jaxprs(run, None), casts, rounding)
-                with _precision.x64_scope(True):
+                with _precision.x64_scope(True), _precision.widening():
                     wide = _signatures(_jaxprs(run, reference), casts, rounding)
             kept[reference] = (narrow, wide)
         except Exception:  # noqa: BLE001 - no trace to compare

@@ -19,6 +19,15 @@ def lowest(dtypes) -> np.dtype:
     return max((jnp.dtype(d) for d in dtypes), key=eps)
 
 
+def widening():
+    """The dtype promotion under which fn is traced with its inputs widened to float64:
+    standard. fn valid under strict promotion at its own dtypes (float32 params and data,
+    a param cast to float32 on purpose) mixes float32 with float64 once its inputs are
+    widened, which strict refuses and standard resolves to float64, as the reference
+    wants; where fn runs under strict, it computes the same under standard."""
+    return jax.numpy_dtype_promotion("standard")
+
+
 def accumulator(dtypes) -> np.dtype:
     """float64 when any of the floating `dtypes` is 64-bit, else float32: the dtype sums
     and products of them are formed in. Chosen explicitly (not by `jnp.promote_types`,

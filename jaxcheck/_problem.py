@@ -388,7 +388,7 @@ def _traced_in_float64(call, diff, inputs):
     """fn's jaxpr traced on float64 parameters (None when it cannot be)."""
     try:
         # jaxcheck's own trace, as its compiled programs are: without the caller's checks
-        with _precision.x64_scope(True), jax.enable_checks(False):
+        with _precision.x64_scope(True), jax.enable_checks(False), _precision.widening():
             wide = [jax.ShapeDtypeStruct(np.shape(x), jnp.float64) for x in diff]
             # the reference casts the floating args to float64 too
             p_arrays, a_floats, a_arrays = inputs.traced()

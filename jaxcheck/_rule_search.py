@@ -200,7 +200,7 @@ def _with_wide(fn, params, args, jaxpr, found, checked=None) -> list:
         return jax.ShapeDtypeStruct(np.shape(x), np.complex128 if complex_ else np.float64)
 
     try:
-        with _precision.x64_scope(True):
+        with _precision.x64_scope(True), _precision.widening():
             structs = jax.tree_util.tree_map(wide, (params, args))
             closed = _traced(fn, structs[0], structs[1])[0]
     except Exception:  # noqa: BLE001 - fn refuses float64: its rules are checked as traced

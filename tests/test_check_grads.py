@@ -331,11 +331,16 @@ def test_partly_nan_outputs_of_two_dtypes_under_strict_promotion(strict_numerics
 
 @pytest.mark.parametrize("bug", [False, True])
 def test_function_that_runs_only_in_float16_is_judged_at_float16_resolution(bug, strict_numerics):
-    # the float16 constant makes fn refuse float32 and float64 inputs under strict
-    # promotion: both modes then run in float16, and a caller's rtol of 1e-5 (check_grads'
-    # default) cannot make them agree to it
+    # fn refuses float32 and float64 inputs: both modes then run in float16, and a
+    # caller's rtol of 1e-5 (check_grads' default) cannot make them agree to it
     sin = scaled_sin(1.1) if bug else jnp.sin
-    f = lambda a, b: (jnp.sin(a), sin(b) * jnp.float16(2))  # noqa: E731
+
+    def half_only(b):
+        if b.dtype != jnp.float16:
+            raise TypeError(f"float16 only, got {b.dtype}")
+        return b
+
+    f = lambda a, b: (jnp.sin(a), sin(half_only(b)) * jnp.float16(2))  # noqa: E731
     outcome = _check_grads.run(f, (X, X.astype(np.float16)), 2)
     assert outcome.verdict == ("fail" if bug else "pass"), str(outcome.report)
     consistency = [c for c in outcome.report.checks if "forward vs reverse" in c.name]

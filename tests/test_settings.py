@@ -55,6 +55,29 @@ def test_strict_promotion_with_grad_fn(strict_numerics, dtype):
     assert report.status == "pass", str(report)
 
 
+@pytest.mark.parametrize("promotion", ["standard", "strict"])
+@pytest.mark.parametrize("factor", [1.0, 1.0003])
+def test_strict_promotion_keeps_the_float64_reference_of_an_explicit_cast(promotion, factor):
+    """fn casts a parameter to float32 before a product with float32 data: valid under
+    strict promotion, until the reference widens the data to float64. The reference fell
+    back to float32, blamed fn ("fn could not run in float64"), and at its coarser
+    tolerance passed a grad_fn 3e-4 off that standard promotion fails."""
+
+    def loss(p, x):
+        return jnp.sum(jnp.tanh(p["w"].astype(jnp.float32) @ x))
+
+    def grad_fn(p, x):
+        return jax.tree.map(lambda g: g * factor, jax.grad(loss)(p, x))
+
+    p = {"w": jnp.linspace(0.1, 1.0, 6).reshape(2, 3)}
+    x = jnp.linspace(-1.0, 1.0, 6).reshape(3, 2)
+    with jax.numpy_dtype_promotion(promotion), jax.numpy_rank_promotion("raise"):
+        report = jaxcheck.verify(loss, p, x, grad_fn=grad_fn)
+    assert report.status == ("pass" if factor == 1.0 else "fail"), str(report)
+    assert report.reference_dtype == "float64"
+    assert not any("could not run" in q for q in report.problems), report.problems
+
+
 def test_strict_promotion_mixed_leaf_dtypes(strict_numerics):
     p = {"w": jnp.linspace(0.1, 1.0, 3, dtype=jnp.float32), "v": jnp.ones(2, jnp.bfloat16)}
     fn = lambda p: {"a": jnp.sin(p["w"]), "b": jnp.cos(p["v"])}  # noqa: E731
