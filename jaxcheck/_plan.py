@@ -385,27 +385,49 @@ def signature(args):
     """The pytree structure and the shape, dtype, weak type and placement of every leaf
     of `args`: what a compiled program depends on besides static values."""
     leaves, treedef = jax.tree_util.tree_flatten(args)
+    default = _default_device()
     avals = tuple(
-        (np.shape(x), x.dtype, bool(getattr(x, "weak_type", False)), _placement(x)) for x in leaves
+        (np.shape(x), x.dtype, bool(getattr(x, "weak_type", False)), _placement(x, default))
+        for x in leaves
     )
     return treedef, avals, _precision.x64_enabled(), _tracing_config()
 
 
-def _placement(x):
+def _default_device():
+    """The device that uncommitted arrays, and programs lowered for shapes alone, go to."""
+    device = getattr(jax.config, "jax_default_device", None)
+    if isinstance(device, jax.Device):
+        return device
+    return jax.devices(device if isinstance(device, str) else None)[0]
+
+
+def _placement(x, default):
     """What of `x`'s sharding a program depends on: a sharding over several devices, or
     over a mesh even of one device (a program traced for a mesh of Explicit axes returns
-    arrays on that mesh, which another mesh's arrays do not mix with); None for an array
-    on one device."""
+    arrays on that mesh, which another mesh's arrays do not mix with); the device of an
+    array on one device other than `default`; None for one on `default` (as for a
+    NumPy array or a number, or the shapes a program is lowered for ahead)."""
     sharding = getattr(x, "sharding", None)
     if isinstance(sharding, jax.sharding.NamedSharding):
         return sharding
-    return multi_device(x)
+    spread = multi_device(x)
+    if spread is None and sharding is not None:
+        # a program compiled for arrays on one device refuses arrays committed to another
+        device = next(iter(sharding.device_set))
+        return None if device == default else device
+    return spread
 
 
 def _tracing_config() -> tuple:
-    """The settings that change what tracing fn produces (besides x64): a program traced
-    under other ones is not reused."""
-    names = ("default_matmul_precision", "numpy_dtype_promotion", "numpy_rank_promotion")
+    """The settings that change what tracing fn produces (besides x64), and the default
+    device, where a program for NumPy inputs runs: a program traced under other ones is
+    not reused."""
+    names = (
+        "default_matmul_precision",
+        "numpy_dtype_promotion",
+        "numpy_rank_promotion",
+        "default_device",
+    )
     return tuple(getattr(jax.config, f"jax_{name}", None) for name in names)
 
 

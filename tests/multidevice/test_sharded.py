@@ -312,3 +312,27 @@ def test_params_off_the_default_device_under_a_transfer_guard(placement, level):
         # the caller's guard is in force again after the check
         with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
             jax.jit(jnp.sin)(np.ones(2, np.float32))
+
+
+def test_a_function_checked_again_on_another_device_runs_there():
+    """Programs were keyed without the device of arrays on one device: a second check of
+    the same function on arrays committed to another device reused the first's program,
+    which JAX refused ("compiled for input shardings that disagree"); so did NumPy params
+    under another default device, and jnp.sin checked by check_grads on two devices."""
+
+    def loss(p, x):
+        return jnp.sum(jnp.tanh(p["w"] @ x))
+
+    p = {"w": jnp.linspace(0.1, 1.0, 6).reshape(2, 3)}
+    x = jnp.linspace(-1.0, 1.0, 6).reshape(3, 2)
+    devices = jax.devices()
+    statuses = [jaxcheck.verify(loss, p, x).status.value]
+    for d in (3, 5, 0):
+        statuses.append(jaxcheck.verify(loss, *jax.device_put((p, x), devices[d])).status.value)
+    with jax.default_device(devices[6]):
+        numpy_params = jax.tree.map(np.asarray, p)
+        statuses.append(jaxcheck.verify(loss, numpy_params, np.asarray(x)).status.value)
+    assert statuses == ["pass"] * 5
+    a = jnp.linspace(0.1, 1.0, 5)
+    jaxcheck.check_grads(jnp.sin, (a,), 1)
+    jaxcheck.check_grads(jnp.sin, (jax.device_put(a, devices[3]),), 1)
