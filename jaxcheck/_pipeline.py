@@ -194,6 +194,10 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
             why = f"clear above the tolerance {_verdict.head(checks, status).tolerance:.1e}"
     run.problems += said
     stopped = _stopped(ks, n, previous, _verdict.head(checks, status), why)
+    if status is Status.NONFINITE and p.fwd is not None and not np.isfinite(p.fwd).all():
+        # the derivative under test is NaN/Inf in forward mode (`_verdict.status`)
+        leaves = _probe.nonfinite_tangent_leaves(run, paths)
+        return _report(run, status, (n, k), p, checks, leaves, held_fixed, tuple(tried), stopped)
     accepted = _verdict.note_large_rounding(run, checks[0], status, p)
     leaves = ()
     upper = max((c.interval[1] for c in checks), default=math.inf)

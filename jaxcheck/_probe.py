@@ -222,6 +222,47 @@ def nonfinite_leaves(run: Run, paths) -> tuple:
     )
 
 
+def nonfinite_tangent_leaves(run: Run, paths) -> tuple:
+    """A NONFINITE `LeafResult` for each parameter leaf whose own jvp (along ones, the
+    other leaves' tangents zero) is NaN/Inf: forward mode's counterpart of the probe's
+    gradient, which names the leaves in reverse mode. None where the jvp is NaN/Inf even
+    along zero tangents (0 times the Inf of a derivative at a pole: it names no leaf);
+    this is added to the problems."""
+    problem, inputs = run.problem, run.inputs
+    f = lambda d: problem.outputs(d, inputs.traced())  # noqa: E731
+
+    def finite(diff, tangents):
+        return [jnp.all(jnp.isfinite(y)) for y in jax.jvp(f, (diff,), (tangents,))[1]]
+
+    program = finite if _plan.is_eager() else jax.jit(finite)
+    nan, out = float("nan"), []
+    with _plan.own_transfers():
+        zeros = [jnp.zeros_like(x) for x in inputs.diff]
+        try:
+            anywhere = not all(bool(b) for b in program(inputs.diff, zeros))
+        except Exception:  # noqa: BLE001 - the directions found it; no leaf is named
+            return ()
+        if anywhere:
+            run.problems.append(
+                "the jvp is NaN/Inf even along zero tangents, so no leaf can be named: a "
+                "derivative inside fn is infinite at params (sqrt or a division at 0), "
+                "and forward mode multiplies it by the tangent's zeros"
+            )
+            return ()
+        for i, (path, x) in enumerate(zip(paths, inputs.diff)):
+            if not np.size(x):
+                continue
+            tangents = [jnp.ones_like(x) if j == i else z for j, z in enumerate(zeros)]
+            try:
+                ok = all(bool(b) for b in program(inputs.diff, tangents))
+            except Exception:  # noqa: BLE001 - the directions found it; no leaf is named
+                return ()
+            if not ok:
+                leaf = (path, tuple(np.shape(x)), str(x.dtype), nan, (nan, nan), nan, 0)
+                out.append(LeafResult(*leaf, Status.NONFINITE))
+    return tuple(out)
+
+
 KIND_HINT = (
     "jaxcheck.verify(fn, params, rules=True) or jaxcheck.verify_rule(rule, *args) names the rule"
 )
@@ -298,6 +339,14 @@ def replay_nonfinite(run: Run, reverse: bool, found: bool = True) -> None:
     with jax.debug_nans(nans), jax.debug_infs(infs):
         outs = f(inputs.diff)
         if not reverse:
+            # the jvp along ones, as the directions' would make it
+            ones = [jnp.ones_like(x) for x in inputs.diff]
+            try:
+                jax.jvp(f, (inputs.diff,), (ones,))
+            except FloatingPointError:
+                raise
+            except Exception:  # noqa: BLE001 - no forward mode here: the check says why
+                pass
             return
         if problem.grad_fn is not None:
             problem.gradient(inputs.diff, inputs.traced())

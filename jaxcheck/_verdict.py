@@ -198,6 +198,16 @@ def status(run: Run, p: Pass, checks, k, problems) -> Status:
             "sits that close to the edge of fn's domain, as log of 1e-9 beside 1.0)"
         )
         return Status.NONFINITE
+    # (reverse mode's gradient is examined at params by the probe, before any direction)
+    tangents = p.fwd if "forward" in run.modes and p.fwd is not None else None
+    bad = 0 if tangents is None else int(np.sum(~np.isfinite(tangents)))
+    if bad:
+        source = "grad_fn" if run.problem.grad_fn is not None else "autodiff"
+        problems.append(
+            f"the derivative under test (forward mode, {source}) is NaN/Inf along {bad} of "
+            f"{k} directions, where fn's finite differences are finite"
+        )
+        return Status.NONFINITE
     used = int(p.fd.smooth.sum())
     if used < max(3, k // 2):
         problems.append(

@@ -224,6 +224,60 @@ def test_debug_flags_raise_for_a_nan_fn_makes_and_drops(flag, message):
         assert jaxcheck.verify(lambda p: jnp.sum(jnp.sin(p)), x, order=2).status == "pass"
 
 
+def _sqrt_of_square(p):
+    """At a = 0 its autodiff jvp is 0 / 0, NaN, whatever the tangent; fn is finite."""
+    return jnp.sum(jnp.sqrt(p["a"] ** 2) ** 2) + jnp.sum(p["b"] ** 2)
+
+
+@jax.custom_jvp
+def _square_with_an_infinite_tangent(x):
+    return x**2
+
+
+_square_with_an_infinite_tangent.defjvp(
+    lambda primals, tangents: (primals[0] ** 2, jnp.where(tangents[0] > 0, jnp.inf, 0.0))
+)
+
+_NAN_TANGENT_PARAMS = {"a": jnp.array([0.0, 0.5, -0.7]), "b": jnp.ones(2)}
+
+
+def test_a_nan_derivative_in_forward_mode_is_nonfinite_not_wrong():
+    """In forward mode the probe computes no gradient, and a NaN jvp along the directions
+    was judged "wrong: ['a']" with an error of "—", where reverse mode says nonfinite."""
+    report = jaxcheck.verify(_sqrt_of_square, _NAN_TANGENT_PARAMS, mode="forward")
+    assert report.status == "nonfinite", str(report)
+    assert report.problems[0] == (
+        "the derivative under test (forward mode, autodiff) is NaN/Inf along 16 of 16 "
+        "directions, where fn's finite differences are finite"
+    )
+    assert report.problems[1].startswith("the jvp is NaN/Inf even along zero tangents")
+    assert report.leaves == ()
+
+    def fn(p):
+        return jnp.sum(_square_with_an_infinite_tangent(p["a"])) + jnp.sum(p["b"] ** 2)
+
+    report = jaxcheck.verify(fn, _NAN_TANGENT_PARAMS, mode="forward")
+    assert report.status == "nonfinite", str(report)
+    assert [(leaf.path, leaf.status.value) for leaf in report.leaves] == [("['a']", "nonfinite")]
+    order_2 = jaxcheck.verify(_sqrt_of_square, _NAN_TANGENT_PARAMS, mode="forward", order=2)
+    assert order_2.status == "nonfinite", str(order_2)
+
+
+def test_debug_nans_raises_for_a_nan_derivative_in_forward_mode():
+    """reverse mode replays fn's gradient under the caller's flag; forward mode replayed
+    fn alone, and the check failed the derivative as wrong instead of JAX raising."""
+    with jax.debug_nans(True):
+        with pytest.raises(FloatingPointError, match="nan"):
+            jaxcheck.verify(_sqrt_of_square, _NAN_TANGENT_PARAMS, mode="forward")
+        with pytest.raises(FloatingPointError, match="nan"):
+            jaxcheck.check_grads(
+                lambda a: _sqrt_of_square({"a": a, "b": jnp.ones(2)}),
+                (_NAN_TANGENT_PARAMS["a"],),
+                1,
+                modes=("fwd",),
+            )
+
+
 def test_debug_nans_with_an_infinite_gradient_reports_nonfinite():
     """An Inf (not NaN) gradient does not trip jax_debug_nans: the report says so."""
     with jax.debug_nans(True):
