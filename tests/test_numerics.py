@@ -871,6 +871,23 @@ def test_a_float16_gradient_above_half_its_largest_number_is_not_nonfinite():
     assert jaxcheck.verify(lambda p: jnp.sum(off(p)), p).status == "fail"
 
 
+@pytest.mark.parametrize("history", ["fresh", "after a reverse-mode check"])
+def test_a_float16_jvp_along_a_leaf_sized_tangent_does_not_overflow(history):
+    """sum(exp(a)) at float16 [10, 0.5]: value, gradient and jvp along ones are finite
+    (2.2e4). Along a tangent of the leaf's RMS (7) the float16 jvp overflowed: where the
+    projections were not folded into the probe (a reverse-mode check of the same fn had
+    compiled the probe), mode="both" said nonfinite. Tangents now go at about unit size."""
+
+    def fn(a):
+        return jnp.sum(jnp.exp(a))
+
+    a = jnp.array([10.0, 0.5], jnp.float16)
+    if history != "fresh":
+        assert jaxcheck.verify(fn, a, mode="reverse").status == "pass"
+    report = jaxcheck.verify(fn, a, mode="both")
+    assert report.status == "pass", str(report)
+
+
 def _float32_only_rule(scale):
     """x tanh(x), whose custom_vjp fwd and bwd take float32 only (a kernel's), while the
     primal fn evaluates is plain jnp and runs in float64; the bwd `scale` times right."""
