@@ -340,6 +340,28 @@ def test_a_custom_jvp_with_a_nonlinear_tangent_has_no_reverse_mode_said(mode):
     assert "verify(..., mode='forward')" in text
 
 
+@pytest.mark.parametrize("mode", ["reverse", "both"])
+@pytest.mark.parametrize("tangent", [lambda t: t**2, jnp.sin], ids=["square", "sin"])
+def test_a_tangent_through_a_primitive_without_a_transpose_rule_is_said(tangent, mode):
+    """A tangent of t ** 2 or sin(t) reaches a primitive that JAX cannot transpose at all:
+    its bare NotImplementedError ("Transpose rule ... for 'integer_pow' not implemented")
+    came out with no word of forward mode, where a product of tangents had the advice."""
+
+    @jax.custom_jvp
+    def f(x):
+        return jnp.sin(x)
+
+    f.defjvp(lambda p, t: (f(p[0]), jnp.cos(p[0]) * tangent(t[0])))
+    x = jnp.array([0.3, -0.5, 0.9])
+    with pytest.raises(NotImplementedError) as info:
+        jaxcheck.verify(lambda a: jnp.sum(f(a)), x, mode=mode)
+    text = str(info.value)
+    assert text.startswith("NotImplementedError: Transpose rule (for reverse-mode")
+    assert "fn calls a custom_jvp whose tangent is not linear in its input tangents" in text
+    assert "verify(..., mode='forward') checks fn in forward mode" in text
+    assert jaxcheck.verify(lambda a: jnp.sum(f(a)), x, mode="forward").status == "fail"
+
+
 def test_order_2_through_a_bwd_without_reverse_mode_says_so():
     """The order-2 check differentiates a custom_vjp's bwd; one that JAX cannot reverse
     (a while_loop in it) was told to try mode='forward', which a custom_vjp refuses."""
