@@ -585,7 +585,15 @@ def _coarser(report: Report, error, factor: float = 1.0) -> bool:
     (None: nothing to clear): an error below their tolerance, amplified by fn up to
     `factor` times, could reach it."""
     rows = _finite_difference_rows(report)
-    return error is not None and any(p.tolerance * factor >= error for p in rows)
+    return error is not None and any(_resolved(p) * factor >= error for p in rows)
+
+
+def _resolved(row: Report) -> float:
+    """The finest tolerance a rule's finite-difference row judged it to: that of the same
+    rule in float64 where it was judged (a bfloat16 model's rule, recorded at bfloat16
+    resolution, 7.8e-2, passed at 1e-6 there), else the row's own."""
+    same = [c.tolerance for c in row.checks if _report.check_kind(c.name)[0] == "rule" and c.judged]
+    return min(same, default=row.tolerance)
 
 
 # A rule whose finite differences judge it no more finely than this is not called fine.
@@ -598,11 +606,11 @@ def _too_coarse(report: Report) -> bool:
     a rule 3e-4 off was called fine), or held a derivative below float64 to the square root
     of its epsilon (where its rule refuses float64, so nothing measures its rounding)."""
     return any(
-        p.tolerance >= COARSE_RULE
+        _resolved(p) >= COARSE_RULE
         or _below_float64(p.reference_dtype)
         or (
             _below_float64(p.tested_dtype)
-            and p.tolerance >= 0.99 * math.sqrt(_precision.eps(p.tested_dtype))
+            and _resolved(p) >= 0.99 * math.sqrt(_precision.eps(p.tested_dtype))
         )
         for p in _finite_difference_rows(report)
     )
@@ -610,8 +618,8 @@ def _too_coarse(report: Report) -> bool:
 
 def _resolution(report: Report) -> str:
     """ "finite differences in <dtype>, tolerance <t>" of a rule's coarsest such row."""
-    p = max(_finite_difference_rows(report), key=lambda p: p.tolerance)
-    return f"finite differences in {p.reference_dtype}, tolerance {p.tolerance:.1e}"
+    p = max(_finite_difference_rows(report), key=_resolved)
+    return f"finite differences in {p.reference_dtype}, tolerance {_resolved(p):.1e}"
 
 
 def _failed_rows(report: Report) -> str:

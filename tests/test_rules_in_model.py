@@ -1764,3 +1764,41 @@ def test_a_rule_wrong_at_order_2_beside_a_kink_is_checked_at_order_2(scale):
     (wrong,) = [q for q in report.problems if q.startswith("wrong rule:")]
     assert wrong.startswith("wrong rule: custom_jvp sin at ")
     assert "vjp vs finite differences (order 2: vjp map), relative error 5.0e-02" in wrong
+
+
+@pytest.mark.rules_auto
+def test_right_rules_of_a_bfloat16_model_cleared_in_float64_are_fine():
+    """A bfloat16 model's rules are recorded at bfloat16 resolution (7.8e-2) and checked
+    again as the same rule in float64 (to 1e-6). Right rules passing there were listed as
+    "too coarse to clear them" at the bfloat16 row's tolerance, labelled float64."""
+
+    @jax.custom_vjp
+    def softplus_bad(x):
+        return jnp.logaddexp(x, 0.0)
+
+    softplus_bad.defvjp(
+        lambda x: (softplus_bad(x), x), lambda x, g: (g * jax.nn.sigmoid(x) * 1.01,)
+    )
+
+    @jax.custom_vjp
+    def tanh_ok(x):
+        return jnp.tanh(x)
+
+    tanh_ok.defvjp(lambda x: (jnp.tanh(x), x), lambda x, g: (g * (1 - jnp.tanh(x) ** 2),))
+
+    def loss(p, x):
+        z = x.astype(jnp.bfloat16) @ p["w"] + p["b"]
+        return jnp.mean(tanh_ok(z) ** 2 + softplus_bad(z)).astype(jnp.float32)
+
+    p = {
+        "w": jnp.linspace(-1.0, 1.0, 12).reshape(4, 3).astype(jnp.bfloat16),
+        "b": jnp.array([-0.5, 0.1, 0.3], jnp.bfloat16),
+    }
+    x = jnp.cos(jnp.arange(20.0)).reshape(5, 4)
+    report = jaxcheck.verify(loss, p, x)
+    assert report.status == "fail", str(report)
+    [wrong] = [q for q in report.problems if q.startswith("wrong rule: ")]
+    assert wrong.startswith("wrong rule: custom_vjp softplus_bad at ")
+    [fine] = [q for q in report.problems if q.startswith("rules fine: ")]
+    assert fine.startswith("rules fine: custom_vjp tanh_ok at ")
+    assert not any("too coarse" in q for q in report.problems), report.problems
