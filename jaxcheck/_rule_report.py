@@ -340,7 +340,8 @@ def rules_part(
             "jaxcheck.verify_rule at those inputs)"
         )
     in_loops = [f for f in unfaulted if "first iteration" in f and f not in unreached]
-    if error is not None and not wrong and in_loops:
+    # (whether or not another rule was found wrong: that one may not be all of fn's error)
+    if error is not None and in_loops:
         problems.append(
             f"a rule in a loop body was checked at the loop's first iteration only, so it is "
             f"not cleared of fn's error: {'; '.join(in_loops)}; one wrong at later iterations "

@@ -1802,3 +1802,37 @@ def test_right_rules_of_a_bfloat16_model_cleared_in_float64_are_fine():
     [fine] = [q for q in report.problems if q.startswith("rules fine: ")]
     assert fine.startswith("rules fine: custom_vjp tanh_ok at ")
     assert not any("too coarse" in q for q in report.problems), report.problems
+
+
+@pytest.mark.rules_auto
+def test_loop_rules_checked_at_the_first_iteration_are_listed_beside_a_wrong_one():
+    """Rules of a scan body that pass at its first iteration are not cleared of fn's
+    error; beside a rule found wrong they were in the table alone, in no line of the
+    problems."""
+
+    @jax.custom_vjp
+    def tanh_bad(x):
+        return jnp.tanh(x)
+
+    tanh_bad.defvjp(lambda x: (jnp.tanh(x), x), lambda x, g: (g * (1 - jnp.tanh(x) ** 2) * 1.01,))
+
+    @jax.custom_vjp
+    def softplus_ok(x):
+        return jnp.logaddexp(x, 0.0)
+
+    softplus_ok.defvjp(lambda x: (softplus_ok(x), x), lambda x, g: (g * jax.nn.sigmoid(x),))
+
+    def loss(p, xs):
+        def body(h, x):
+            h = tanh_bad(x @ p["w"] + h * 0.5 + p["b"])
+            return h, softplus_ok(h)
+
+        return jnp.mean(jax.lax.scan(body, jnp.zeros(3), xs)[1])
+
+    p = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(4, 3), "b": jnp.array([-0.5, 0.1, 0.3])}
+    report = jaxcheck.verify(loss, p, jnp.cos(jnp.arange(20.0)).reshape(5, 4))
+    assert report.status == "fail", str(report)
+    [wrong] = [q for q in report.problems if q.startswith("wrong rule: ")]
+    assert wrong.startswith("wrong rule: custom_vjp tanh_bad at ")
+    [loop] = [q for q in report.problems if q.startswith("a rule in a loop body was checked")]
+    assert "not cleared of fn's error: custom_vjp softplus_ok at " in loop
