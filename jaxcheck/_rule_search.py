@@ -9,9 +9,10 @@ own rule, differentiable, at the model's own point.
 Sub-jaxprs are followed where their inputs are known: calls (`jit`, `closed_call`,
 `checkpoint`/`remat`) get the caller's values; a `cond` runs the branch its index takes;
 the body of a `scan` or a `while` loop is evaluated once, at its first iteration (the
-report says so); every other higher-order primitive (`shard_map`, a custom rule's own
-primal, a primitive of a future JAX) is run as it is, and the rules inside it are listed
-without inputs, as not intercepted.
+report says so); every other higher-order primitive (`shard_map`, a primitive of a
+future JAX) is run as it is, and the rules inside it are listed without inputs, as not
+intercepted. A custom rule is checked as a whole: the rules its own primal, fwd, bwd or
+jvp call are not looked for (a wrong one inside is named as the rule around it).
 """
 
 import dataclasses
