@@ -264,7 +264,9 @@ def rules_part(
     ]
     unjudged = [r for r in reports if r.status in (Status.INCONCLUSIVE, Status.NONFINITE)]
     if unjudged:
-        each = "; ".join(f"{r.label} ({r.status.value})" for r in unjudged)
+        each = "; ".join(
+            f"{r.label} ({r.status.value}{_why_nonfinite(r, error is not None)})" for r in unjudged
+        )
         half = [r for r in unjudged if r.tested_dtype in ("bfloat16", "float16")]
         hint = (
             "; rules given bfloat16 or float16 inputs are resolved no finer than those: "
@@ -390,6 +392,22 @@ def rules_part(
         parts=tuple(reports),
     )
     return part, []
+
+
+def _why_nonfinite(report: Report, fn_failed: bool) -> str:
+    """For a rule whose own output is NaN/Inf at the inputs fn gives it: why, and what
+    judges it (fn may discard those entries, as jnp.where(x > 0, log(x), 0) does)."""
+    said = "fn's output (root) is NaN/Inf at params"
+    if report.status is not Status.NONFINITE or not any(
+        said in q for p in (report, *report.parts) for q in p.problems
+    ):
+        return ""
+    cleared = ", so it is not cleared of fn's error" if fn_failed else ""
+    return (
+        ": its output is NaN/Inf at some of those inputs, which fn may discard (as "
+        f"jnp.where(x > 0, rule(x), 0) does){cleared}; check it with "
+        "jaxcheck.verify_rule at inputs where it is finite"
+    )
 
 
 def _not_counted(rows: list, titles: list, reports: list, why: str) -> None:

@@ -1836,3 +1836,31 @@ def test_loop_rules_checked_at_the_first_iteration_are_listed_beside_a_wrong_one
     assert wrong.startswith("wrong rule: custom_vjp tanh_bad at ")
     [loop] = [q for q in report.problems if q.startswith("a rule in a loop body was checked")]
     assert "not cleared of fn's error: custom_vjp softplus_ok at " in loop
+
+
+@pytest.mark.rules_auto
+def test_a_rule_nan_where_fn_discards_it_is_said_to_be_unjudged_and_why():
+    """A wrong custom_vjp log behind jnp.where is NaN at the inputs fn discards: its check
+    is nonfinite, and the report said "(nonfinite)" alone, with no word of why or what
+    judges it."""
+
+    @jax.custom_vjp
+    def my_log(x):
+        return jnp.log(x)
+
+    my_log.defvjp(lambda x: (jnp.log(x), x), lambda x, g: (g / x * 1.01,))
+
+    def loss(p, x):
+        z = x @ p["w"] + p["b"]
+        return jnp.mean(jnp.where(z > 0, my_log(z), 0.0))
+
+    p = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(4, 3), "b": jnp.array([-0.5, 0.1, 0.3])}
+    report = jaxcheck.verify(loss, p, jnp.cos(jnp.arange(20.0)).reshape(5, 4))
+    assert report.status == "fail", str(report)
+    [unjudged] = [q for q in report.problems if q.startswith("rules not judged")]
+    assert "custom_vjp my_log at " in unjudged
+    assert unjudged.endswith(
+        "(nonfinite: its output is NaN/Inf at some of those inputs, which fn may discard (as "
+        "jnp.where(x > 0, rule(x), 0) does), so it is not cleared of fn's error; check it "
+        "with jaxcheck.verify_rule at inputs where it is finite)"
+    )
