@@ -223,44 +223,58 @@ def nonfinite_leaves(run: Run, paths) -> tuple:
 
 
 def nonfinite_tangent_leaves(run: Run, paths) -> tuple:
-    """A NONFINITE `LeafResult` for each parameter leaf whose own jvp (along ones, the
-    other leaves' tangents zero) is NaN/Inf: forward mode's counterpart of the probe's
-    gradient, which names the leaves in reverse mode. None where the jvp is NaN/Inf even
-    along zero tangents (0 times the Inf of a derivative at a pole: it names no leaf);
-    this is added to the problems."""
+    """A NONFINITE `LeafResult` for each parameter leaf whose own jvp (along ones) is
+    NaN/Inf: forward mode's counterpart of the probe's gradient, which names the leaves in
+    reverse mode. One program takes each leaf's tangent with the others' zero; where the
+    jvp is NaN/Inf even along zero tangents (a derivative infinite at params, sqrt or a
+    division at 0, times the zeros of another leaf's tangent), each leaf is moved alone,
+    the others held as constants (a program per leaf: up to `NAMED_ALONE` leaves)."""
     problem, inputs = run.problem, run.inputs
     f = lambda d: problem.outputs(d, inputs.traced())  # noqa: E731
 
     def finite(diff, tangents):
         return [jnp.all(jnp.isfinite(y)) for y in jax.jvp(f, (diff,), (tangents,))[1]]
 
-    program = finite if _plan.is_eager() else jax.jit(finite)
+    def alone(i, diff, tangent):
+        def of_leaf(x):
+            return f([x if j == i else d for j, d in enumerate(diff)])
+
+        return [jnp.all(jnp.isfinite(y)) for y in jax.jvp(of_leaf, (diff[i],), (tangent,))[1]]
+
+    eager = _plan.is_eager()
+    together = finite if eager else jax.jit(finite)
+    apart = alone if eager else jax.jit(alone, static_argnums=0)
+    at = [i for i, x in enumerate(inputs.diff) if np.size(x)]
     nan, out = float("nan"), []
     with _plan.own_transfers():
         zeros = [jnp.zeros_like(x) for x in inputs.diff]
         try:
-            anywhere = not all(bool(b) for b in program(inputs.diff, zeros))
+            separable = all(bool(b) for b in together(inputs.diff, zeros))
+            if not separable and len(at) > NAMED_ALONE:
+                run.problems.append(
+                    f"the jvp is NaN/Inf even along zero tangents, and of {len(at)} leaves "
+                    f"(more than {NAMED_ALONE}) none is moved alone to name it: a derivative "
+                    "inside fn is infinite at params (sqrt or a division at 0)"
+                )
+                return ()
+            for i in at:
+                x = inputs.diff[i]
+                if separable:
+                    tangents = [jnp.ones_like(x) if j == i else z for j, z in enumerate(zeros)]
+                    ok = all(bool(b) for b in together(inputs.diff, tangents))
+                else:
+                    ok = all(bool(b) for b in apart(i, inputs.diff, jnp.ones_like(x)))
+                if not ok:
+                    leaf = (paths[i], tuple(np.shape(x)), str(x.dtype), nan, (nan, nan), nan, 0)
+                    out.append(LeafResult(*leaf, Status.NONFINITE))
         except Exception:  # noqa: BLE001 - the directions found it; no leaf is named
             return ()
-        if anywhere:
-            run.problems.append(
-                "the jvp is NaN/Inf even along zero tangents, so no leaf can be named: a "
-                "derivative inside fn is infinite at params (sqrt or a division at 0), "
-                "and forward mode multiplies it by the tangent's zeros"
-            )
-            return ()
-        for i, (path, x) in enumerate(zip(paths, inputs.diff)):
-            if not np.size(x):
-                continue
-            tangents = [jnp.ones_like(x) if j == i else z for j, z in enumerate(zeros)]
-            try:
-                ok = all(bool(b) for b in program(inputs.diff, tangents))
-            except Exception:  # noqa: BLE001 - the directions found it; no leaf is named
-                return ()
-            if not ok:
-                leaf = (path, tuple(np.shape(x)), str(x.dtype), nan, (nan, nan), nan, 0)
-                out.append(LeafResult(*leaf, Status.NONFINITE))
     return tuple(out)
+
+
+# With a jvp NaN/Inf along zero tangents, leaves named by moving each alone, one program
+# each, up to this many
+NAMED_ALONE = 32
 
 
 KIND_HINT = (

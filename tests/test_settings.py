@@ -250,8 +250,8 @@ def test_a_nan_derivative_in_forward_mode_is_nonfinite_not_wrong():
         "the derivative under test (forward mode, autodiff) is NaN/Inf along 16 of 16 "
         "directions, where fn's finite differences are finite"
     )
-    assert report.problems[1].startswith("the jvp is NaN/Inf even along zero tangents")
-    assert report.leaves == ()
+    # (the jvp is NaN along zero tangents too: each leaf is moved alone to name it)
+    assert [(leaf.path, leaf.status.value) for leaf in report.leaves] == [("['a']", "nonfinite")]
 
     def fn(p):
         return jnp.sum(_square_with_an_infinite_tangent(p["a"])) + jnp.sum(p["b"] ** 2)
@@ -261,6 +261,22 @@ def test_a_nan_derivative_in_forward_mode_is_nonfinite_not_wrong():
     assert [(leaf.path, leaf.status.value) for leaf in report.leaves] == [("['a']", "nonfinite")]
     order_2 = jaxcheck.verify(_sqrt_of_square, _NAN_TANGENT_PARAMS, mode="forward", order=2)
     assert order_2.status == "nonfinite", str(order_2)
+
+
+def test_beyond_32_leaves_a_nan_jvp_along_zero_tangents_names_none_and_says_so():
+    """Naming a leaf there takes a program per leaf: beyond 32 leaves none is compiled."""
+    params = {f"l{i:02d}": jnp.array([0.5, -0.7]) for i in range(33)}
+    params["l00"] = jnp.array([0.0, 0.5])
+    report = jaxcheck.verify(
+        lambda p: sum(jnp.sum(jnp.sqrt(x**2) ** 2) for x in p.values()), params, mode="forward"
+    )
+    assert report.status == "nonfinite", str(report)
+    assert report.leaves == ()
+    assert report.problems[1] == (
+        "the jvp is NaN/Inf even along zero tangents, and of 33 leaves (more than 32) none "
+        "is moved alone to name it: a derivative inside fn is infinite at params (sqrt or a "
+        "division at 0)"
+    )
 
 
 def test_debug_nans_raises_for_a_nan_derivative_in_forward_mode():
