@@ -498,9 +498,9 @@ def _finite_differences(rule, key, k, precision, rtol, leaf_k, verify, forward=N
     loop), the derivative fn's forward-mode check uses."""
     label = "vjp vs finite differences" if forward is None else "jvp vs finite differences"
 
-    def check(mode):
+    def check(mode, kept=None):
         return verify(
-            _Called(rule),
+            _Called(rule, kept),
             rule.inputs,
             key=key,
             num_directions=k,
@@ -510,13 +510,41 @@ def _finite_differences(rule, key, k, precision, rtol, leaf_k, verify, forward=N
             mode=mode,
         )
 
+    mode = "reverse" if forward is None else "forward"
     try:
-        report = check("reverse" if forward is None else "forward")
+        report = check(mode)
+        kept = _finite_entries(rule) if report.status is Status.NONFINITE else None
+        if kept is not None:
+            # judged where the rule is finite at these inputs
+            report = check(mode, kept[0])
+            report = dataclasses.replace(report, problems=(kept[1], *report.problems))
     except Exception as err:  # noqa: BLE001 - a rule that raises under jax.vjp is the finding
         problem = _rule_rows.error_problem(label, err)
         comparison = _rule_rows.failed(f"{label}: the {label[:3]} could not be evaluated", math.inf)
         return _rule_rows.part(label, comparison, rule.dtype, 0.0, (problem,))
     return _relabel(report, label + _failed_order(report))
+
+
+def _finite_entries(rule: "Rule") -> tuple | None:
+    """Where the rule's output is NaN/Inf at some entries of its floating outputs and
+    finite at others, its inputs all finite: (the entries kept per floating output leaf,
+    a note saying so); else None. fn, finite where it calls the rule, discards the others
+    (jnp.where(x > 0, log(x), 0)), as JAX's check_grads compares NaN with NaN."""
+    if not all(np.all(np.isfinite(np.asarray(x))) for x in rule.leaves() if _rule_rows.inexact(x)):
+        return None
+    with _plan.own_transfers():
+        outs = jax.tree_util.tree_leaves(_Called(rule)(rule.inputs))
+        kept = tuple(np.isfinite(np.asarray(y)) for y in outs)
+    dropped = sum(int(np.size(m) - np.sum(m)) for m in kept)
+    if not dropped or not any(np.any(m) for m in kept):
+        return None
+    total = sum(int(np.size(m)) for m in kept)
+    note = (
+        f"the rule's output is NaN/Inf at {dropped} of its {total} output entries at these "
+        "inputs, which fn discards there (as jnp.where(x > 0, log(x), 0) does): it is "
+        "judged at the others, those entries held at 0"
+    )
+    return kept, note
 
 
 def _forward_only(rule: "Rule") -> str | None:
@@ -557,20 +585,29 @@ class _Called:
     second check of the same rule compiles nothing new)."""
 
     rule: Rule
+    # per floating output leaf, the entries kept (NumPy booleans), the others set to 0; or
+    # None: all kept (`_finite_entries`)
+    kept: tuple | None = None
 
     def __call__(self, inputs):
         # integer and boolean outputs (a count, a flag: equinox's wrappers return some)
         # carry no derivative: left out of the finite differences, as None
-        return jax.tree_util.tree_map(
+        outs = jax.tree_util.tree_map(
             lambda y: y if _rule_rows.inexact(y) else None, self.rule.call(inputs)
         )
+        if self.kept is None:
+            return outs
+        leaves, treedef = jax.tree_util.tree_flatten(outs)
+        leaves = [jnp.where(m, y, jnp.zeros_like(y)) for m, y in zip(self.kept, leaves)]
+        return jax.tree_util.tree_unflatten(treedef, leaves)
 
     def _key(self):
         # the values at the fixed positions too: a rule right at one value of its
         # nondiff_argnums (beta = 1) must be checked anew at another
         fixed = [self.rule.args[i] for i in sorted(self.rule.fixed)]
         leaves, treedef = jax.tree_util.tree_flatten(fixed)
-        return self.rule.identity, treedef, tuple(map(_tree.digest, leaves))
+        kept = () if self.kept is None else tuple(map(_tree.digest, self.kept))
+        return self.rule.identity, treedef, tuple(map(_tree.digest, leaves)), kept
 
     def __hash__(self):
         return hash(self._key())
