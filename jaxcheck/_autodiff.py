@@ -305,7 +305,8 @@ def projections(
             res["rev"] = vdot(vjp_fn(cot)[0], v)
         if "forward" in modes:
             unit, size = _near_unit(v, beta)
-            res["fwd"] = jvp_projection(f, diff, unit, cot) * size
+            projection = jvp_projection(f, diff, unit, cot)
+            res["fwd"] = projection * size.astype(projection.dtype)
         return res
 
     return _plan.map_directions(one, (index, beta_rows, signs), plan)
@@ -319,5 +320,8 @@ def _near_unit(v, beta):
     derivative is finite, as the folded projections, along unit directions, do not."""
     top = jnp.max(beta)
     size = jnp.exp2(jnp.floor(jnp.log2(jnp.where(top > 0, top, 1.0))))
-    unit = [(x.astype(size.dtype) / size).astype(x.dtype) for x in v]
+    # (divided in the wider of the two dtypes: a float64 tangent is not rounded, a
+    # float16 one is not divided by a power of two beyond its range)
+    wide = [_precision.accumulator([x.dtype, size.dtype]) for x in v]
+    unit = [(x.astype(w) / size.astype(w)).astype(x.dtype) for x, w in zip(v, wide)]
     return unit, size

@@ -530,9 +530,10 @@ def _finite_entries(rule: "Rule") -> tuple | None:
     finite at others, its inputs all finite: (the entries kept per floating output leaf,
     a note saying so); else None. fn, finite where it calls the rule, discards the others
     (jnp.where(x > 0, log(x), 0)), as JAX's check_grads compares NaN with NaN."""
-    if not all(np.all(np.isfinite(np.asarray(x))) for x in rule.leaves() if _rule_rows.inexact(x)):
-        return None
     with _plan.own_transfers():
+        inputs = [np.asarray(x) for x in rule.leaves() if _rule_rows.inexact(x)]
+        if not all(np.all(np.isfinite(x)) for x in inputs):
+            return None
         outs = jax.tree_util.tree_leaves(_Called(rule)(rule.inputs))
         kept = tuple(np.isfinite(np.asarray(y)) for y in outs)
     dropped = sum(int(np.size(m) - np.sum(m)) for m in kept)
