@@ -313,13 +313,15 @@ def projections(
 
 
 def _near_unit(v, beta):
-    """(v / 2^e, 2^e), 2^e the power of two at or below the largest step in `beta`: the
-    tangent at about unit size, in each leaf's dtype (the division is exact), and the
-    factor that scales its projection back in the accumulator's. A tangent of a leaf's
-    RMS size (60 in a float16 model of exp) made a float16 jvp overflow where the
-    derivative is finite, as the folded projections, along unit directions, do not."""
-    top = jnp.max(beta)
-    size = jnp.exp2(jnp.floor(jnp.log2(jnp.where(top > 0, top, 1.0))))
+    """(v / 2^e, 2^e), 2^e the power of two at or below the smallest positive step in
+    `beta`, and at least 1: the tangent brought down towards unit size, in each leaf's
+    dtype (the division is exact), and the factor that scales its projection back in the
+    accumulator's. A tangent of a leaf's RMS size (7 in a float16 model of exp at 10) made
+    a float16 jvp overflow where the derivative is finite, as the folded projections,
+    along unit directions, do not. No leaf's tangent goes below its unit direction: one
+    factor for leaves at 1e20 and 1e-20 (the largest step's) sent the small one's to 0."""
+    low = jnp.min(jnp.where(beta > 0, beta, jnp.inf))
+    size = jnp.exp2(jnp.floor(jnp.log2(jnp.where(jnp.isfinite(low) & (low > 1), low, 1.0))))
     # (divided in the wider of the two dtypes: a float64 tangent is not rounded, a
     # float16 one is not divided by a power of two beyond its range)
     wide = [_precision.accumulator([x.dtype, size.dtype]) for x in v]

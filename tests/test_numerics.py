@@ -888,6 +888,27 @@ def test_a_float16_jvp_along_a_leaf_sized_tangent_does_not_overflow(history):
     assert report.status == "pass", str(report)
 
 
+@pytest.mark.parametrize(
+    "dtype, big, small", [("float32", 1e20, 1e-20), ("float16", 1e4, 1e-3)], ids=str
+)
+def test_forward_tangents_of_leaves_far_apart_in_scale_keep_the_small_one(dtype, big, small):
+    """Tangents were divided by one power of two at the largest step: leaves at 1e20 and
+    1e-20 sent the small one's tangent to 0 (float32), at 1e4 and 1e-3 to float16's
+    subnormals, and a right jvp failed ("wrong", 0.79 off) or was inconclusive. Unfolded
+    (chunk_size=2) as a larger problem is."""
+
+    def fn(p):
+        big_part = jnp.sum(jnp.sin(p["big"] / jnp.asarray(big, p["big"].dtype)))
+        return big_part + jnp.sum(jnp.sin(p["small"] / jnp.asarray(small, p["small"].dtype)))
+
+    p = {
+        "big": (jnp.linspace(0.2, 1.0, 4) * big).astype(dtype),
+        "small": (jnp.linspace(0.3, 1.1, 4) * small).astype(dtype),
+    }
+    report = jaxcheck.verify(fn, p, mode="forward", chunk_size=2)
+    assert report.status == "pass", str(report)
+
+
 def _float32_only_rule(scale):
     """x tanh(x), whose custom_vjp fwd and bwd take float32 only (a kernel's), while the
     primal fn evaluates is plain jnp and runs in float64; the bwd `scale` times right."""
