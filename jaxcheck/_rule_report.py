@@ -395,8 +395,9 @@ def rules_part(
 
 
 def _why_nonfinite(report: Report, fn_failed: bool) -> str:
-    """For a rule whose own output is NaN/Inf at the inputs fn gives it: why, and what
-    judges it (fn may discard those entries, as jnp.where(x > 0, log(x), 0) does)."""
+    """For a rule whose own output is NaN/Inf at the inputs fn gives it, everywhere (where
+    it is finite at some entries, those are judged: `_rules._finite_entries`): why, and
+    what judges it (fn may discard those entries, as jnp.where(x > 0, log(x), 0) does)."""
     said = "fn's output (root) is NaN/Inf at params"
     if report.status is not Status.NONFINITE or not any(
         said in q for p in (report, *report.parts) for q in p.problems
@@ -404,8 +405,8 @@ def _why_nonfinite(report: Report, fn_failed: bool) -> str:
         return ""
     cleared = ", so it is not cleared of fn's error" if fn_failed else ""
     return (
-        ": its output is NaN/Inf at some of those inputs, which fn may discard (as "
-        f"jnp.where(x > 0, rule(x), 0) does){cleared}; check it with "
+        ": its output is NaN/Inf at every entry it could be judged at, which fn may "
+        f"discard (as jnp.where(x > 0, rule(x), 0) does){cleared}; check it with "
         "jaxcheck.verify_rule at inputs where it is finite"
     )
 

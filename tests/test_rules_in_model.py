@@ -1872,3 +1872,28 @@ def test_a_rule_nan_where_fn_discards_it_is_judged_at_its_finite_entries(scale):
         r"which fn discards there",
         rule.parts[1].problems[0],
     ), rule.parts[1].problems
+
+
+@pytest.mark.rules_auto
+def test_a_rule_nan_at_every_entry_fn_discards_is_said_to_be_unjudged_and_why():
+    """Every entry of the rule's output is NaN where fn discards all of them: nothing is
+    left to judge it at, and the report said "(nonfinite)" alone."""
+
+    @jax.custom_vjp
+    def my_log(x):
+        return jnp.log(x)
+
+    my_log.defvjp(lambda x: (jnp.log(x), x), lambda x, g: (g / x * 1.01,))
+
+    def loss(p):
+        return jnp.sum(jnp.where(p["z"] > 0, my_log(p["z"]), 0.0)) + jnp.sum(p["w"] ** 3)
+
+    p = {"z": -jnp.linspace(1.0, 2.0, 3), "w": jnp.array([0.3, -0.4])}
+    report = jaxcheck.verify(loss, p, rules=True)
+    [unjudged] = [q for q in report.problems if q.startswith("rules not judged")]
+    assert "custom_vjp my_log at " in unjudged
+    assert unjudged.endswith(
+        "(nonfinite: its output is NaN/Inf at every entry it could be judged at, which fn "
+        "may discard (as jnp.where(x > 0, rule(x), 0) does); check it with "
+        "jaxcheck.verify_rule at inputs where it is finite)"
+    )
