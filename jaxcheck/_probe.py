@@ -180,6 +180,15 @@ def _host_squares(leaves) -> np.ndarray:
         return np.asarray([np.dot(x, x) for x in arrays], np.float64)
 
 
+# how the problems end that say an output of fn is NaN/Inf at params
+OUTPUT_NONFINITE = " is NaN/Inf at params"
+
+
+def output_nonfinite(problem: str) -> bool:
+    """Whether `problem` says an output of fn is NaN/Inf at params (`nonfinite`)."""
+    return problem.startswith("fn's output ") and problem.endswith(OUTPUT_NONFINITE)
+
+
 def nonfinite(run: Run, paths) -> bool:
     """Whether params, fn's outputs or the gradient hold NaN/Inf at params; each one found
     is added to the problems."""
@@ -190,14 +199,13 @@ def nonfinite(run: Run, paths) -> bool:
         if not ok
     ]
     found += [
-        f"fn's output {p or '(root)'} is NaN/Inf at params"
+        f"fn's output {p or '(root)'}{OUTPUT_NONFINITE}"
         for p, ok in zip(run.problem.out_paths, pr["outputs_finite"])
         if not ok
     ]
     if "grad_finite" in pr:
-        source = "grad_fn" if run.problem.grad_fn is not None else "autodiff"
         found += [
-            f"the gradient ({source}) of leaf {p or '(root)'} is NaN/Inf"
+            f"the gradient ({run.problem.source}) of leaf {p or '(root)'} is NaN/Inf"
             for p, ok in zip(paths, pr["grad_finite"])
             if not ok
         ]
@@ -214,12 +222,14 @@ def nonfinite_leaves(run: Run, paths) -> tuple:
     bad = ~np.asarray(pr["params_finite"], bool)
     if "grad_finite" in pr:
         bad |= ~np.asarray(pr["grad_finite"], bool)
+    leaves = zip(paths, run.inputs.diff, bad)
+    return tuple(_unmeasured_leaf(p, x, Status.NONFINITE) for p, x, b in leaves if b)
+
+
+def _unmeasured_leaf(path: str, x, status: Status) -> LeafResult:
+    """A `LeafResult` with `status` and no error measured (NaN/Inf, or a wrong kind)."""
     nan = float("nan")
-    return tuple(
-        LeafResult(p, tuple(np.shape(x)), str(x.dtype), nan, (nan, nan), nan, 0, Status.NONFINITE)
-        for p, x, b in zip(paths, run.inputs.diff, bad)
-        if b
-    )
+    return LeafResult(path, tuple(np.shape(x)), str(x.dtype), nan, (nan, nan), nan, 0, status)
 
 
 def nonfinite_tangent_leaves(run: Run, paths) -> tuple:
@@ -245,7 +255,7 @@ def nonfinite_tangent_leaves(run: Run, paths) -> tuple:
     together = finite if eager else jax.jit(finite)
     apart = alone if eager else jax.jit(alone, static_argnums=0)
     at = [i for i, x in enumerate(inputs.diff) if np.size(x)]
-    nan, out = float("nan"), []
+    out = []
     with _plan.own_transfers():
         zeros = [jnp.zeros_like(x) for x in inputs.diff]
         try:
@@ -265,8 +275,7 @@ def nonfinite_tangent_leaves(run: Run, paths) -> tuple:
                 else:
                     ok = all(bool(b) for b in apart(i, inputs.diff, jnp.ones_like(x)))
                 if not ok:
-                    leaf = (paths[i], tuple(np.shape(x)), str(x.dtype), nan, (nan, nan), nan, 0)
-                    out.append(LeafResult(*leaf, Status.NONFINITE))
+                    out.append(_unmeasured_leaf(paths[i], x, Status.NONFINITE))
         except Exception:  # noqa: BLE001 - the directions found it; no leaf is named
             return ()
     return tuple(out)
@@ -288,7 +297,6 @@ def wrong_kind_leaves(run: Run, bad: list) -> tuple:
     paths = run.problem.params.paths_of(_tree.DIFF)
     view = run.problem.fn
     complex_paths = view.paths if isinstance(view, _complex.RealView) else frozenset()
-    nan = float("nan")
     leaves = []
     for i, got in bad:
         p, x = paths[i], run.inputs.diff[i]
@@ -306,9 +314,7 @@ def wrong_kind_leaves(run: Run, bad: list) -> tuple:
                 "a real input, which jax.grad passes on (an optimizer step would make the "
                 "parameter complex); return one of the input's dtype"
             )
-        leaves.append(
-            LeafResult(p, tuple(np.shape(x)), str(x.dtype), nan, (nan, nan), nan, 0, Status.FAIL)
-        )
+        leaves.append(_unmeasured_leaf(p, x, Status.FAIL))
     run.problems.append(KIND_HINT)
     return tuple(leaves)
 

@@ -62,6 +62,11 @@ class Problem:
     notes: tuple[str, ...] = ()  # said in the report's problems
 
     @property
+    def source(self) -> str:
+        """What computes the derivative under test: "grad_fn" or "autodiff"."""
+        return "grad_fn" if self.grad_fn is not None else "autodiff"
+
+    @property
     def scalar_output(self) -> bool:
         return len(self.out_shapes) == 1 and self.out_shapes[0] == ()
 

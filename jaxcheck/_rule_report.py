@@ -13,6 +13,7 @@ import numpy as np
 from . import (
     _plan,
     _precision,
+    _probe,
     _report,
     _rule_rows,
     _rule_search,
@@ -398,9 +399,8 @@ def _why_nonfinite(report: Report, fn_failed: bool) -> str:
     """For a rule whose own output is NaN/Inf at the inputs fn gives it, everywhere (where
     it is finite at some entries, those are judged: `_rules._finite_entries`): why, and
     what judges it (fn may discard those entries, as jnp.where(x > 0, log(x), 0) does)."""
-    said = "fn's output (root) is NaN/Inf at params"
     if report.status is not Status.NONFINITE or not any(
-        said in q for p in (report, *report.parts) for q in p.problems
+        _probe.output_nonfinite(q) for p in (report, *report.parts) for q in p.problems
     ):
         return ""
     cleared = ", so it is not cleared of fn's error" if fn_failed else ""

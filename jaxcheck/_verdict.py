@@ -105,7 +105,7 @@ def _compare(run: Run, p: Pass) -> tuple:
     fl = floors(run, p.fd)
     t, r = run.tested.name, run.reference.name
     ruled = with_rule(run)
-    source = "grad_fn" if run.problem.grad_fn is not None else "autodiff"
+    source = run.problem.source
     checks = []
     use = p.fd.smooth
     # the absolute size below which a derivative is zero here: by the finite
@@ -199,13 +199,12 @@ def status(run: Run, p: Pass, checks, k, problems) -> Status:
         )
         return Status.NONFINITE
     # (reverse mode's gradient is examined at params by the probe, before any direction)
-    tangents = p.fwd if "forward" in run.modes and p.fwd is not None else None
-    bad = 0 if tangents is None else int(np.sum(~np.isfinite(tangents)))
+    forward = "forward" in run.modes and p.fwd is not None
+    bad = int(np.sum(~np.isfinite(p.fwd))) if forward else 0
     if bad:
-        source = "grad_fn" if run.problem.grad_fn is not None else "autodiff"
         problems.append(
-            f"the derivative under test (forward mode, {source}) is NaN/Inf along {bad} of "
-            f"{k} directions, where fn's finite differences are finite"
+            f"the derivative under test (forward mode, {run.problem.source}) is NaN/Inf "
+            f"along {bad} of {k} directions, where fn's finite differences are finite"
         )
         return Status.NONFINITE
     used = int(p.fd.smooth.sum())

@@ -1875,18 +1875,24 @@ def test_a_rule_nan_where_fn_discards_it_is_judged_at_its_finite_entries(scale):
 
 
 @pytest.mark.rules_auto
-def test_a_rule_nan_at_every_entry_fn_discards_is_said_to_be_unjudged_and_why():
+@pytest.mark.parametrize("outputs", ["one", "two"])
+def test_a_rule_nan_at_every_entry_fn_discards_is_said_to_be_unjudged_and_why(outputs):
     """Every entry of the rule's output is NaN where fn discards all of them: nothing is
-    left to judge it at, and the report said "(nonfinite)" alone."""
+    left to judge it at, and the report said "(nonfinite)" alone (with two outputs too,
+    whose paths are not "(root)")."""
 
     @jax.custom_vjp
     def my_log(x):
-        return jnp.log(x)
+        return jnp.log(x) if outputs == "one" else (jnp.log(x), 2 * jnp.log(x))
 
-    my_log.defvjp(lambda x: (jnp.log(x), x), lambda x, g: (g / x * 1.01,))
+    def bwd(x, g):
+        return (g / x * 1.01 if outputs == "one" else (g[0] + 2 * g[1]) / x * 1.01,)
+
+    my_log.defvjp(lambda x: (my_log(x), x), bwd)
 
     def loss(p):
-        return jnp.sum(jnp.where(p["z"] > 0, my_log(p["z"]), 0.0)) + jnp.sum(p["w"] ** 3)
+        y = my_log(p["z"]) if outputs == "one" else my_log(p["z"])[1]
+        return jnp.sum(jnp.where(p["z"] > 0, y, 0.0)) + jnp.sum(p["w"] ** 3)
 
     p = {"z": -jnp.linspace(1.0, 2.0, 3), "w": jnp.array([0.3, -0.4])}
     report = jaxcheck.verify(loss, p, rules=True)
