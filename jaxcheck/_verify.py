@@ -432,9 +432,8 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
             # (JAX's type kept: a suite that expects jax.grad's error gets it)
             raise NotImplementedError(
                 f"{one_line(err)}: JAX could not transpose fn's jvp into a vjp (jax.grad(fn) "
-                f"raises the same). Either {_NONLINEAR_TANGENT[0].lower()}"
-                f"{_NONLINEAR_TANGENT[1:]} Or fn calls a primitive with a jvp but no "
-                "transpose rule, which has no reverse mode either."
+                f"raises the same). Either {_NONLINEAR_TANGENT} Or fn calls a primitive with "
+                "a jvp but no transpose rule, which has no reverse mode either."
             ) from err
         if not _plan.unbatchable(err) or plan == _plan.looped(plan):
             raise
