@@ -107,6 +107,10 @@ def _probe(problem, reverse, fold, seeds, diff, traced, index, signs) -> dict:
     rev = "reverse" in modes
     # autodiff through fn's custom rules, which compute a primal of their own
     own = problem.grad_fn is None and problem.has_rules
+    # fn calls no rule of its own: the value jax.value_and_grad returns is fn's, and fn is
+    # traced once for both (a trace of fn costs as much as its compile at many small leaves)
+    together = reverse and problem.scalar_output and problem.grad_fn is None and not own
+    pair = scalar_grad(f, diff) if together and not rev else None
     if rev or (reverse and not problem.scalar_output):
         outs, vjp_fn = jax.vjp(f, diff)
         # the primal jax.vjp returns is a custom_vjp's fwd (a custom_jvp rule's primal
@@ -114,7 +118,7 @@ def _probe(problem, reverse, fold, seeds, diff, traced, index, signs) -> dict:
         # no rule differs)
         gap = primal_gap(outs, f(diff)) if own else None
     else:
-        outs, vjp_fn, gap = f(diff), None, None
+        outs, vjp_fn, gap = (f(diff) if pair is None else [pair[0]]), None, None
     # only a non-scalar fn's cotangents are divided by its outputs' scales (a scalar fn
     # has none: its reverse projections come from its gradient), so a scalar fn's program
     # does without their reductions, compiling faster
@@ -165,7 +169,7 @@ def _probe(problem, reverse, fold, seeds, diff, traced, index, signs) -> dict:
     if reverse and problem.grad_fn is not None:
         grad = problem.gradient(diff, traced)
     elif reverse and problem.scalar_output:
-        value, grad = scalar_grad(f, diff)
+        value, grad = scalar_grad(f, diff) if pair is None else pair
         wrong_kinds(grad, diff)
         if own:
             gap = primal_gap([value], outs)
@@ -213,8 +217,12 @@ def scalar_grad(f, diff):
     """(value, gradient) of the scalar fn f(d)[0] at diff, as jax.value_and_grad gives
     them, its reverse pass started from the cotangent `UNIT`."""
     if not any(jnp.dtype(x.dtype) == jnp.float16 for x in diff):
-        value, grad = jax.value_and_grad(lambda d: f(d)[0] * UNIT)(diff)
-        return value / UNIT, [g / UNIT for g in grad]
+        # the value itself as the auxiliary output (scaled and back, a value near the
+        # dtype's largest would overflow)
+        (_, value), grad = jax.value_and_grad(
+            lambda d: (lambda y: (y * UNIT, y))(f(d)[0]), has_aux=True
+        )(diff)
+        return value, [g / UNIT for g in grad]
     # a float16 gradient above half its largest number overflows at the unit of 2 (a
     # gradient of 4e4 is finite in float16): there the unit of 1 is taken
     value, pullback = jax.vjp(lambda d: f(d)[0], diff)

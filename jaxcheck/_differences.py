@@ -75,11 +75,13 @@ def _reference(
     with_rule = with_rule and with_projections
     rule_rev = with_rule and "reverse" in modes
     if rule_rev and problem.scalar_output:
-        outs = f(diff)
         if problem.grad_fn is not None:
-            g_ref = problem.gradient(diff, traced)
-        else:
-            g_ref = _autodiff.scalar_grad(f, diff)[1]
+            outs, g_ref = f(diff), problem.gradient(diff, traced)
+        elif problem.has_rules:  # a rule computes a primal of its own: fn's is compared
+            outs, g_ref = f(diff), _autodiff.scalar_grad(f, diff)[1]
+        else:  # the value is fn's: fn traced once for both
+            value, g_ref = _autodiff.scalar_grad(f, diff)
+            outs = [value]
     elif rule_rev:
         outs, vjp_fn = jax.vjp(f, diff)
     else:

@@ -12,7 +12,7 @@ import pytest
 
 import jaxcheck
 from cases import enable_x64
-from jaxcheck import _differences, _directions, _error_model, _plan
+from jaxcheck import _autodiff, _differences, _directions, _error_model, _plan
 
 
 @pytest.mark.parametrize("kind", ["uniform", "gaussian", "rademacher"])
@@ -579,3 +579,34 @@ def test_derivative_maps_have_rules_only_where_their_code_calls_one(with_rule):
     jaxpr = jax.make_jaxpr(lambda p: pair(p, fixed))(x)
     assert "_held" in str(jaxpr)
     assert _rule_search.calls(jaxpr.jaxpr, "custom_vjp", "custom_jvp") is with_rule
+
+
+@pytest.mark.parametrize("rule", [False, True])
+def test_a_scalar_fn_is_traced_once_for_its_value_and_gradient(monkeypatch, rule):
+    # at many small leaves a trace of fn costs about as much as compiling it: the probe
+    # traces fn once for value and gradient, the reference once more for its points; a fn
+    # with a custom rule is traced for its own value beside the rule's primal
+    calls, phase = [], []
+    for module, name in [(_autodiff, "_probe"), (_differences, "_reference")]:
+        inner = getattr(module, name)
+
+        def counted(*args, _inner=inner, _name=name):
+            phase.append(_name)
+            try:
+                return _inner(*args)
+            finally:
+                phase.pop()
+
+        monkeypatch.setattr(module, name, counted)
+    square = jax.custom_jvp(jnp.square)
+    square.defjvp(lambda p, t: (jnp.square(p[0]), 2 * p[0] * t[0]))
+
+    def fn(params, x):
+        calls.extend(phase)
+        return jnp.sum((square if rule else jnp.square)(params["w"] * x + 0.25))
+
+    report = jaxcheck.verify(fn, {"w": jnp.arange(1.0, 4.0)}, jnp.linspace(0.5, 1.0, 3))
+    assert report.ok
+    extra = 1 if rule else 0
+    assert calls.count("_probe") == 1 + extra
+    assert calls.count("_reference") == 2 + extra
