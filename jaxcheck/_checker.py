@@ -63,6 +63,7 @@ class Checker:
                 f"a Checker is called as checker(params, *args); it got keyword arguments "
                 f"{', '.join(sorted(keywords))}.{hint}"
             )
+        _verify.refuse_iterators(params, args)
         params = _tree.settle_weak(params)
         if self._keyed is None:
             # what fn computes now, once, so that its own calls cost no trace to find that

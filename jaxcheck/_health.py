@@ -27,6 +27,9 @@ PARAM_EVERY = 10  # steps between refreshes of the parameter norms
 # running average of all gradients below sqrt(collapse_factor) of its largest), where an
 # optimizer circling a minimum takes each leaf's gradient near zero for a step or two
 SETTLED_STREAK = 25
+# the chance below which a run of exact zeros is no longer taken for the leaf's own
+# intermittent zeros (see `_step`)
+ZERO_RUN_CHANCE = 1e-9
 # The spread (standard deviation) of log ||g|| where g is Gaussian noise of k degrees of
 # freedom (||g|| chi-distributed): sqrt(trigamma(k / 2)) / 2, for k = 1 and 2. A leaf whose
 # log-norms spread more than SPREAD_MARGIN times these counts as noise of k degrees of freedom
@@ -70,7 +73,8 @@ class HealthState:
     running moments (before bias correction) of the logarithm of its norm on the steps it
     was not, `log_entered` how many entered them. `zero_streak` counts the consecutive steps
     its gradient has been exactly zero, `zero_return` the longest such run after which it
-    came back (a head trained on every other step's task). `worst_spike` is the largest
+    came back (a head trained on every other step's task), `zero_steps` on how many steps
+    in all it was exactly zero. `worst_spike` is the largest
     gradient norm seen as a multiple of its running average (-1 before there is one), and
     `skipped` counts the updates zeroed by `skip_nonfinite`. `zero_start` marks the leaves
     whose parameter was all zeros when `init` saw it. The state holds no NaN of its own, so
@@ -101,6 +105,7 @@ class HealthState:
     log_entered: jax.Array
     zero_streak: jax.Array
     zero_return: jax.Array
+    zero_steps: jax.Array
     zero_start: jax.Array
     skipped: jax.Array
 
@@ -161,8 +166,9 @@ def gradient_health(
       `vanishing_ratio / collapse_factor` times its parameter): a layer cut off late in
       training is flagged, a full-batch run reaching its minimum is not; and not while its
       gradient has been exactly zero for no more steps in a row than a run of zeros it has
-      come back from (tasks taking turns, each with its own head: a head's gradient is zero
-      on the other tasks' steps by design).
+      come back from, or, once it has come back, for a run no less likely than 1e-9 at its
+      share of zero steps before it (tasks taking turns or drawn at random, each with its
+      own head: a head's gradient is zero on the other tasks' steps by design).
 
     Exploding and vanishing are judged from step `warmup` on, the rules against the leaf's
     own running average once `warmup` norms have entered it. A leaf's history starts with
@@ -280,6 +286,7 @@ def gradient_health(
             log_entered=zero(),
             zero_streak=zero(),
             zero_return=zero(),
+            zero_steps=zero(),
             zero_start=_norms([x for _, x in _leaves_with_paths(params)]) == 0,
             skipped=jnp.zeros((), jnp.int32),
         )
@@ -402,7 +409,17 @@ def _step(leaves, state, own, passed, *, fixed, skip):
     zero_return = jnp.where(
         came_back, jnp.maximum(state.zero_return, state.zero_streak), state.zero_return
     )
-    by_design = exact_zero & (zero_streak <= state.zero_return)
+    zero_steps = state.zero_steps + exact_zero.astype(state.zero_steps.dtype)
+    # a leaf that came back is zero on a share q of the steps before this run (a task
+    # drawn at random each step, not by turns): a run longer than any before is by design
+    # too while q ** run is above ZERO_RUN_CHANCE (record runs keep coming as training
+    # goes on); a head whose task stopped passes it after about 30 steps at q = 1/2, 50 at
+    # q = 2/3
+    before = (zero_steps - zero_streak).astype(jnp.float32)
+    share = before / jnp.maximum(t + 1 - zero_streak, 1).astype(jnp.float32)
+    chance = share ** zero_streak.astype(jnp.float32)
+    likely = (state.zero_return > 0) & (chance >= ZERO_RUN_CHANCE)
+    by_design = exact_zero & ((zero_streak <= state.zero_return) | likely)
     # (a parameter that started at zero has no scale of its own: see the docstring)
     tiny = has_ratio & ~state.zero_start & (ratio < vanishing32)
     below = (tiny | exact_zero) & ~by_design
@@ -524,6 +541,7 @@ def _step(leaves, state, own, passed, *, fixed, skip):
         log_entered=jnp.where(spreads, state.log_entered + 1, state.log_entered),
         zero_streak=zero_streak,
         zero_return=zero_return,
+        zero_steps=zero_steps,
         zero_start=state.zero_start,
         skipped=skipped,
     )

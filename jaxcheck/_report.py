@@ -123,6 +123,15 @@ class Report:
     label: str = ""  # which part of a composite check this is, e.g. "order 2: vjp map"
     parts: tuple["Report", ...] = ()  # order > 1: one report per order and derivative map
 
+    def __post_init__(self):
+        # a frozen report holds read-only views of its per-direction values
+        for name in ("numeric", "analytic"):
+            value = getattr(self, name)
+            if isinstance(value, np.ndarray) and value.flags.writeable:
+                view = value.view()
+                view.flags.writeable = False
+                object.__setattr__(self, name, view)
+
     @property
     def ok(self) -> bool:
         """True only when the derivative was judged correct."""

@@ -260,6 +260,13 @@ def status(run: Run, p: Pass, checks, k, problems) -> Status:
                 if surrogate
                 else ""
             )
+            + (
+                "; this check ran through a Checker, which reuses the programs it traced "
+                "first: if fn, or a global or setting it reads, changed since, its programs "
+                "traced now disagree with those, so make a new Checker for the new fn"
+                if _plan.REUSED.get()
+                else ""
+            )
         )
         return Status.INCONCLUSIVE
     coarse = head.noise_floor > MAX_NOISE_FLOOR

@@ -4,7 +4,7 @@ differentiated and what is held fixed, sets up the run state and hands it to the
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import jax
@@ -194,6 +194,7 @@ def verify(
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}.")
     refuse_a_checker(fn, "verify(fn, params)")
+    refuse_iterators(params, args)
     params = _tree.settle_weak(params)
     # a second check of fn reuses its programs only while fn (and grad_fn) compute what
     # they did: a global or a setting they read may have changed in between
@@ -225,6 +226,21 @@ def keyed(fn, params, args, options: _options.Options) -> tuple:
             traced = _fingerprint.of(g, params, *args, derivative=False, numbers_from=1)
             options = dataclasses.replace(options, grad_fn=_fingerprint.Keyed(g, traced))
     return fn, options
+
+
+def refuse_iterators(params, args) -> None:
+    """An iterator (a generator) among the inputs would hand fn other values at each of the
+    many calls of a check, then run out (a bare StopIteration from inside fn)."""
+    for where, tree in (("params", params), ("args", args)):
+        is_iterator = lambda x: isinstance(x, Iterator)  # noqa: E731
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_iterator)[0]:
+            if is_iterator(leaf):
+                raise TypeError(
+                    f"{where}{jax.tree_util.keystr(path)} is an iterator "
+                    f"({type(leaf).__name__}): a check traces and evaluates fn many times, "
+                    "and an iterator gives other values at each call, then runs out. Pass "
+                    "the values themselves (an array, or a list(...) of them)."
+                )
 
 
 def _same_devices(params, args) -> None:

@@ -230,6 +230,8 @@ def test_report_contents_and_serialization():
     assert jax.tree_util.tree_unflatten(treedef, leaves).status == "pass"
     with pytest.raises(dataclasses.FrozenInstanceError):
         report.status = "fail"
+    with pytest.raises(ValueError, match="read-only"):
+        report.numeric[0] = 0.0
     text = str(report)
     first = "jaxcheck.verify: PASS — gradient is consistent with finite differences"
     assert text.splitlines()[0] == first
@@ -678,6 +680,46 @@ def test_a_checkers_programs_serve_no_other_check_of_a_changed_fn():
     assert new(jnp.linspace(0.1, 1.0, 3)).status == "fail"
     assert new(jnp.linspace(0.1, 1.0, 4)).status == "fail"
     assert old(jnp.linspace(0.1, 1.0, 4)).num_compiled == 0  # its own programs stay its own
+
+
+def test_a_checker_whose_fn_changed_says_so_where_its_programs_disagree():
+    """A checker reuses the programs of its first call; a leaf check compiled later traces
+    fn as it is then, and the two disagree like a fn that jumps: the report says that a
+    changed fn is a cause, and how to check it."""
+    scale = {"sin": 1.0}
+
+    @jax.custom_vjp
+    def act(z):
+        return jnp.tanh(z)
+
+    def bwd(z, g):  # 5 % off where |z| > 2: the second call's params reach it
+        d = 1 - jnp.tanh(z) ** 2
+        return (g * jnp.where(jnp.abs(z) > 2.0, 1.05 * d, d),)
+
+    act.defvjp(lambda z: (jnp.tanh(z), z), bwd)
+
+    def loss(p, x):
+        return jnp.sum(act(p["c"] * x)) + scale["sin"] * jnp.sum(jnp.sin(p["w"] * x))
+
+    x = jnp.linspace(0.5, 1.0, 3)
+    checker = jaxcheck.Checker(loss)
+    params = {"c": jnp.full(3, 0.5), "w": jnp.ones(3)}
+    assert checker(params, x).ok
+    scale["sin"] = 3.0
+    report = checker({"c": jnp.full(3, 4.0), "w": jnp.ones(3)}, x)
+    assert report.status == "inconclusive", str(report)
+    (note,) = [p for p in report.problems if "scatter" in p]
+    assert note.endswith(
+        "this check ran through a Checker, which reuses the programs it traced first: if "
+        "fn, or a global or setting it reads, changed since, its programs traced now "
+        "disagree with those, so make a new Checker for the new fn"
+    )
+    fresh = jaxcheck.Checker(loss)({"c": jnp.full(3, 4.0), "w": jnp.ones(3)}, x)
+    assert [(leaf.path, leaf.status.value) for leaf in fresh.leaves] == [
+        ("['c']", "fail"),
+        ("['w']", "pass"),
+    ]
+    assert not any("scatter" in p for p in fresh.problems)
 
 
 def test_complex_data_in_args_is_held_fixed():

@@ -816,3 +816,33 @@ def test_a_shape_dtype_struct_leaf_is_named(where):
         "without values, which fn cannot compute with. Pass an array, say "
         "jnp.zeros(s.shape, s.dtype) or the model's initialized parameters."
     )
+
+
+@pytest.mark.parametrize("check", ["verify", "Checker"])
+@pytest.mark.parametrize("where", ["args", "params"])
+def test_an_iterator_among_the_inputs_is_refused_before_it_runs_out(where, check):
+    def batches():
+        while True:
+            yield jnp.ones(3)
+
+    def loss(p, b):
+        return jnp.sum(p["w"] * next(p["data"] if where == "params" else b))
+
+    params = {"w": jnp.ones(3)}
+    if where == "params":
+        params["data"] = batches()
+        args = (None,)
+        path = "params['data']"
+    else:
+        args = (batches(),)
+        path = "args[0]"
+    with pytest.raises(TypeError) as err:
+        if check == "verify":
+            jaxcheck.verify(loss, params, *args)
+        else:
+            jaxcheck.Checker(loss)(params, *args)
+    assert str(err.value) == (
+        f"{path} is an iterator (generator): a check traces and evaluates fn many times, and "
+        "an iterator gives other values at each call, then runs out. Pass the values "
+        "themselves (an array, or a list(...) of them)."
+    )
