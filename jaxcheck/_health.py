@@ -142,7 +142,8 @@ def gradient_health(
     A leaf is flagged at step t (counting updates from 0) when its gradient is
 
     - *non-finite*: any NaN or Inf in it, or elements so large (beyond ~1e19 in float32)
-      that their sum of squares overflows (from the first step on); or, where `update`
+      that their sum of squares overflows (in float64, a norm beyond float32's ~3e38,
+      which the state's float32 norms cannot hold) (from the first step on); or, where `update`
       gets `params`, the same in the parameter itself, seen when its norm is refreshed
       (every 10 steps; a parameter no gradient reaches can turn NaN with finite gradients);
     - *exploding*: its norm is above `explode_factor` times its running average, above
@@ -631,6 +632,14 @@ def _refuse_no_arrays(params) -> None:
     fails, or watches nothing, at the first update)."""
     leaves = [x for _, x in _leaves_with_paths(params)]
     numbers = (int, float, complex)
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731 - an empty tuple
+    nodes = jax.tree_util.tree_leaves(params, is_leaf=masked)
+    if nodes and all(masked(x) for x in nodes):
+        raise TypeError(
+            "gradient_health: every leaf of params is masked out (optax.masked's mask is "
+            "False for all of them), so there is nothing to watch. Set the mask True for "
+            "the leaves to watch, or leave gradient_health out of optax.masked."
+        )
     if not any(hasattr(x, "dtype") or isinstance(x, numbers) for x in leaves):
         raise TypeError(
             f"gradient_health: init takes the parameters being trained (a pytree of arrays), "
@@ -994,7 +1003,8 @@ def health(state: Any) -> HealthSummary:
 
 def _rescaling_before(state: Any) -> tuple[str, ...]:
     """The names of the optax rescaling states (ScaleBy..., as Adam's) that come before
-    the `HealthState` in the tuples (chains) holding it."""
+    the `HealthState` in the tuples (chains) and dicts (named chains) holding it. A
+    rescaling that keeps no state of its own (sign_sgd's scale_by_sign) is not seen."""
     is_state = lambda x: isinstance(x, HealthState)  # noqa: E731
     [(path, _)] = [
         (p, x)
@@ -1004,11 +1014,16 @@ def _rescaling_before(state: Any) -> tuple[str, ...]:
     names, node = [], state
     try:
         for entry in path:
-            index = getattr(entry, "idx", None)
+            index, key = getattr(entry, "idx", None), getattr(entry, "key", None)
+            earlier = ()
             if isinstance(node, tuple) and index is not None:
-                for before in node[:index]:
-                    found = jax.tree_util.tree_leaves(before, is_leaf=_rescaling)
-                    names += [type(x).__name__ for x in found if _rescaling(x)]
+                earlier = node[:index]
+            elif isinstance(node, dict) and key in node:  # optax.named_chain, in its order
+                keys = list(node)
+                earlier = [node[k] for k in keys[: keys.index(key)]]
+            for before in earlier:
+                found = jax.tree_util.tree_leaves(before, is_leaf=_rescaling)
+                names += [type(x).__name__ for x in found if _rescaling(x)]
             node = _child(node, entry)
     except Exception:  # noqa: BLE001 - a container walked otherwise (nnx's): only a note
         return ()
@@ -1048,9 +1063,11 @@ def find(state: Any) -> HealthState:
             raise TypeError(
                 f"jaxcheck.health: the {type(state).__name__} passed holds the fields of a "
                 f"gradient_health state (at state{where}) but not the state itself, which "
-                "knows the leaves' paths: nnx.state(optimizer) converts it so. Pass the "
-                "optimizer state as the optimizer holds it (optimizer.opt_state), or the "
-                "nnx.Optimizer itself."
+                "knows the leaves' paths: nnx.state(optimizer) converts it so, and so does "
+                "a checkpoint restored without a target. Pass the optimizer state as the "
+                "optimizer holds it (optimizer.opt_state), or the nnx.Optimizer itself; "
+                "restore a checkpoint onto the structure opt.init(params) gives (orbax: "
+                "restore(path, opt.init(params)))."
             )
         raise TypeError(
             f"jaxcheck.health: found no gradient_health state in the {type(state).__name__} "

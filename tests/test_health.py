@@ -1,5 +1,6 @@
 """gradient_health: the optax transformation under jit, its flags, and the summary."""
 
+import dataclasses
 import json
 import math
 import os
@@ -738,8 +739,38 @@ def test_flax_nnx_optimizer_passes_variables_to_init_and_arrays_to_update():
     assert str(raised.value) == (
         "jaxcheck.health: the State passed holds the fields of a gradient_health state (at "
         "state['opt_state'][0]) but not the state itself, which knows the leaves' paths: "
-        "nnx.state(optimizer) converts it so. Pass the optimizer state as the optimizer "
-        "holds it (optimizer.opt_state), or the nnx.Optimizer itself."
+        "nnx.state(optimizer) converts it so, and so does a checkpoint restored without a "
+        "target. Pass the optimizer state as the optimizer holds it (optimizer.opt_state), "
+        "or the nnx.Optimizer itself; restore a checkpoint onto the structure "
+        "opt.init(params) gives (orbax: restore(path, opt.init(params)))."
+    )
+
+
+def test_a_state_restored_without_its_structure_is_told_to_restore_onto_one():
+    """A checkpoint restored without a target (orbax gives lists and dicts of arrays)
+    holds the fields of the state but not its leaves' paths; the message spoke of nnx."""
+    opt = optax.chain(jaxcheck.gradient_health(), optax.sgd(0.1))
+    params = {"w": jnp.ones(3)}
+    _, state = opt.update({"w": jnp.ones(3)}, opt.init(params), params)
+    fields = [f.name for f in dataclasses.fields(state[0]) if f.name != "paths"]
+    restored = [{name: np.asarray(getattr(state[0], name)) for name in fields}, {}]
+    with pytest.raises(TypeError) as raised:
+        jaxcheck.health(restored)
+    assert "restore a checkpoint onto the structure opt.init(params) gives" in str(raised.value)
+    assert "(at state[0])" in str(raised.value)
+
+
+def test_gradient_health_masked_out_everywhere_says_so():
+    """optax.masked with a mask False for every leaf hands init MaskedNodes only: the
+    message said the user passed no arrays, though they passed their params."""
+    params = {"frozen": jnp.ones(3), "w": jnp.ones(3)}
+    opt = optax.masked(jaxcheck.gradient_health(), {"frozen": False, "w": False})
+    with pytest.raises(TypeError) as raised:
+        opt.init(params)
+    assert str(raised.value) == (
+        "gradient_health: every leaf of params is masked out (optax.masked's mask is False "
+        "for all of them), so there is nothing to watch. Set the mask True for the leaves "
+        "to watch, or leave gradient_health out of optax.masked."
     )
 
 
@@ -1071,7 +1102,13 @@ def test_a_health_state_after_adam_in_its_chain_is_said_to_watch_rescaled_update
     grads = {"w": jnp.full(3, 0.1), "b": jnp.full(2, 1e-12)}
     late = optax.chain(optax.adam(1e-2), jaxcheck.gradient_health())
     first = optax.chain(jaxcheck.gradient_health(), optax.adam(1e-2))
-    for opt, after in [(late, ("ScaleByAdamState",)), (first, ())]:
+    # optax.named_chain holds its states in a dict, in the chain's order
+    named = optax.named_chain(("adam", optax.adam(1e-2)), ("health", jaxcheck.gradient_health()))
+    named_first = optax.named_chain(
+        ("health", jaxcheck.gradient_health()), ("adam", optax.adam(1e-2))
+    )
+    adam = ("ScaleByAdamState",)
+    for opt, after in [(late, adam), (first, ()), (named, adam), (named_first, ())]:
         state = opt.init(params)
         for _ in range(3):
             _, state = opt.update(grads, state, params)
