@@ -1085,6 +1085,11 @@ def find(state: Any) -> HealthState:
     return found[0][1]
 
 
+def updates_seen(state: HealthState) -> int:
+    """How many updates the state has seen (reads one number from the devices)."""
+    return int(jax.device_get(_array(state.step)))
+
+
 def fired(state: HealthState) -> int:
     """How many (leaf, flag) pairs have fired so far: grows only when a flag fires on a
     leaf for the first time. Reads three small vectors from the devices."""

@@ -65,6 +65,11 @@ class PeriodicCheck:
 
     Passing `opt_state=` reads three small vectors from the devices on every call (a
     synchronization point of the training loop); pass it every few steps if that matters.
+    Flags that fired before the first call given `opt_state=` (a state restored from a
+    checkpoint, after more than one update) are not new and trigger no check. The flags
+    read are those of the state passed: the state after the update of the batch passed
+    with it makes the triggered check run on the batch that raised the flag, the state
+    before it (the loop of the README) on the next one.
 
     Args:
         fn: the loss, `fn(params, *args)`, as given to `verify`.
@@ -107,7 +112,7 @@ class PeriodicCheck:
             self._localizer = Checker(fn, **{**options, "localize": True})
         self.every = every
         self.history: list[CheckRecord] = []
-        self._fired = 0
+        self._fired = None  # flags fired so far, first read at the first opt_state given
 
     def __call__(self, step: int, params: Any, *args: Any, opt_state: Any = None) -> Report | None:
         """Check at this step if it is due; return the report, or None when no check ran."""
@@ -146,6 +151,11 @@ class PeriodicCheck:
                     f"and {said}"
                 ) from None
             fired = _health.fired(found)
+            if self._fired is None:
+                # a state restored mid-training, or one that ran before this check was
+                # made, brings flags that fired then: not news. (A fresh run's first
+                # update, step 0, can fire a flag: that one is.)
+                self._fired = fired if _health.updates_seen(found) > 1 else 0
             if fired > self._fired and reason is None:
                 reason = "health flags"
             self._fired = max(self._fired, fired)
@@ -198,6 +208,12 @@ class PeriodicCheck:
     def cost_fraction(self, training_seconds: float) -> float:
         """Time spent checking as a fraction of `training_seconds`, the time the training
         itself took (measured without the checks)."""
+        if np.ndim(training_seconds) == 0 and hasattr(training_seconds, "dtype"):
+            # a NumPy or JAX scalar array (a time summed with jnp)
+            if np.issubdtype(training_seconds.dtype, np.floating) or np.issubdtype(
+                training_seconds.dtype, np.integer
+            ):
+                training_seconds = training_seconds.item()
         if not isinstance(training_seconds, int | float | np.integer | np.floating) or isinstance(
             training_seconds, bool
         ):

@@ -119,6 +119,10 @@ def test_cost_fraction():
     check(0, {"w": jnp.float32(0.5), "b": jnp.float32(0.1)}, x, y)
     assert check.seconds == pytest.approx(check.history[0].seconds)
     assert check.cost_fraction(10.0 * check.seconds) == pytest.approx(0.1)
+    # a time summed with jnp is a 0-d array
+    assert check.cost_fraction(jnp.float32(10.0 * check.seconds)) == pytest.approx(0.1)
+    with pytest.raises(TypeError, match="training_seconds must be a number of seconds"):
+        check.cost_fraction(jnp.ones(2))
     with pytest.raises(ValueError, match="training_seconds=0 must be > 0"):
         check.cost_fraction(0)
 
@@ -143,6 +147,31 @@ def test_health_flags_trigger_a_check_once():
         (0, "every N steps"),
         (12, "health flags"),
     ]
+
+
+def test_flags_of_a_restored_state_trigger_no_check_until_a_new_one_fires():
+    """A PeriodicCheck made afresh (a restarted run) given a state restored from a
+    checkpoint took the flags that fired before it for new ones."""
+    params = {"w": jnp.ones(3), "dead": jnp.ones(2)}
+    x = jnp.linspace(-1.0, 1.0, 3)
+
+    def fn(p, x):
+        return jnp.sum(jnp.sin(p["w"] * x)) + 1e-9 * jnp.sum(p["dead"])
+
+    opt = optax.chain(jaxcheck.gradient_health(), optax.sgd(1e-3))
+    state = opt.init(params)
+    update = jax.jit(lambda s, p, g: opt.update(g, s, p)[1])
+    for _ in range(14):  # ['dead'] fires vanishing at step 11
+        state = update(state, params, jax.grad(fn)(params, x))
+    assert [leaf.path for leaf in jaxcheck.health(state).flagged] == ["['dead']"]
+    check = jaxcheck.PeriodicCheck(fn, every=100, num_directions=8)
+    for step in range(14, 17):
+        check(step, params, x, opt_state=state)
+        state = update(state, params, jax.grad(fn)(params, x))
+    assert check.history == []
+    state = update(state, params, {"w": jnp.full(3, jnp.nan), "dead": jnp.ones(2)})
+    check(17, params, x, opt_state=state)  # a new flag: non-finite on ['w']
+    assert [(r.step, r.reason) for r in check.history] == [(17, "health flags")]
 
 
 def test_raise_on_failure_records_then_raises():
