@@ -164,6 +164,28 @@ class CotangentMap:
         return _dot(pullback(jax.tree_util.tree_unflatten(treedef, g))[0], tangent)
 
 
+@dataclasses.dataclass(frozen=True)
+class PrimalMap:
+    """params, cotangent, *rest -> <cotangent, the primal output jax.jvp of `inner`
+    returns>: a custom_jvp rule's own primal output as a function of params, which the jvp
+    and vjp maps (their tangent outputs alone) never differentiate. A rule whose primal
+    output has the right value but is held behind a `stop_gradient` (or computed by code
+    that differentiates otherwise) fails here, as in JAX's check_grads, which
+    differentiates the primal outputs jax.jvp and jax.vjp return (a value_and_grad in fn
+    differentiates it too)."""
+
+    inner: Callable
+    has_aux: bool = False
+
+    def __call__(self, params, cotangent, *rest):
+        s, diff, arrays = _tree.split(params, "params")
+        f = _restricted(self.inner, s, arrays, rest, self.has_aux)
+        # zeros, not symbolic ones: the rule itself runs
+        zeros = [jnp.zeros_like(d) for d in diff]
+        out = jax.tree_util.tree_leaves(jax.jvp(f, (diff,), (zeros,))[0])
+        return _dot(out, [jnp.asarray(c).astype(y.dtype) for c, y in zip(cotangent, out)])
+
+
 def _power_of_two(y):
     """The power of two nearest the largest |y| (1 where y is zero or not finite), taken
     in float32 so that the map scales alike in every precision: fn's outputs over it
@@ -337,6 +359,18 @@ def _parts(fn, params, args, o: _options.Options, first) -> list:
 
             report = _again_if_flat(in_cotangent, draws)[1]
             parts.append((2, _named(report, 2, ("reverse",), "vjp map in its cotangent")))
+        elif level == 1 and _in_primal(o, fn, params, args):
+
+            def in_primal(draws):
+                report = first(
+                    PrimalMap(fn, o.has_aux), params, (draws.cotangent(), *args), derived
+                )
+                report = _on_rounding(_beside_kinks(report, head, 2), head, 2)
+                return None, _flat_where_curved(report, head_curved, 2)
+
+            report = _again_if_flat(in_primal, draws)[1]
+            # (its derivative, in the modes of the check, of what fn's jvp returns)
+            parts.append((2, _named(report, 2, ("forward",), PRIMAL_LABEL)))
     if o.grad_fn is not None and head.status is Status.PASS:
         parts.append((2, _grad_fn_nearby(first, fn, params, args, base)))
     if notes:
@@ -489,6 +523,15 @@ def _in_cotangent(inner, o: _options.Options, fn, params, args) -> bool:
     reverse = inner in ("reverse", "pair") and o.grad_fn is None
     return reverse and _rule_search.fn_calls(fn, params, args, "custom_vjp")
 
+
+def _in_primal(o: _options.Options, fn, params, args) -> bool:
+    """Whether to check the primal output of fn's jvp as a function of params
+    (`PrimalMap`): where fn calls a custom_jvp, whose rule computes that output itself
+    (where `_in_cotangent` holds, the cotangent map differentiates it already)."""
+    return o.grad_fn is None and _rule_search.fn_calls(fn, params, args, "custom_jvp")
+
+
+PRIMAL_LABEL = "primal output of fn's jvp"
 
 _LOCALIZED = ("wrong: ", _localize.NO_SINGLE_LEAF)
 
