@@ -159,11 +159,19 @@ def localize(run: Run, scales, leaf_k, h, paths, chosen, sequential=False, fixed
             "values offset far from zero, say); not judged"
         )
     if zero:
+        it = "it" if len(zero) == 1 else "them"
+        native = run.reference is not None and np.dtype(run.reference).itemsize < 8
+        # (in the model's own precision the noise may hide a derivative of ordinary size)
+        less = (
+            f", or by less than finite differences in {np.dtype(run.reference).name} resolve"
+            if native
+            else ""
+        )
         run.problems.append(
             f"{', '.join(zero)}: the derivative is zero to within finite-difference noise or "
             "rounding along every direction of "
             f"{'this leaf' if len(zero) == 1 else 'these leaves'} (fn does not change with "
-            f"{'it' if len(zero) == 1 else 'them'} here: a bias before a softmax or a "
+            f"{it} here{less}: a bias before a softmax or a "
             "normalization, a parameter cut off from the loss?); judged in absolute terms, "
             "hence a relative error near 1 against a tolerance of 2"
         )
@@ -387,7 +395,13 @@ def coarse_pass(run: Run, status: Status, leaves, head) -> Status:
     leaf, checked alone, agrees: a leaf that could not be judged alone, whose measured error
     may exceed the all-leaf tolerance, makes the check inconclusive (a leaf's derivative
     2x off in a model with bfloat16 matmuls passed, its own check measuring 0.5)."""
-    if status is not Status.PASS or head.noise_floor <= _verdict.MAX_NOISE_FLOOR:
+    coarse = head.noise_floor > _verdict.MAX_NOISE_FLOOR
+    # (finite differences in the model's own precision, fn refusing float64: a leaf far
+    # smaller than the others weighs little in the all-leaf check, and alone it moves by
+    # steps of its own size, whose effect on fn rounding can hide; a float32-only model's
+    # bias of 1e-4 passed with its gradient 1 % off, zeroed or negated)
+    native = run.reference is not None and np.dtype(run.reference).itemsize < 8
+    if status is not Status.PASS or not (coarse or native):
         return status
     doubtful = [
         leaf
@@ -401,8 +415,13 @@ def coarse_pass(run: Run, status: Status, leaves, head) -> Status:
         f"{leaf.interval[1]:.1e})"
         for leaf in doubtful
     )
+    how = (
+        "at a coarse resolution"
+        if coarse
+        else f"in {np.dtype(run.reference).name}, where small leaves weigh little in it"
+    )
     run.problems.append(
-        f"the all-leaf check passes at a coarse resolution (tolerance {head.tolerance:.1e}), "
+        f"the all-leaf check passes {how} (tolerance {head.tolerance:.1e}), "
         f"but {named} could not be judged alone, and {'its' if len(doubtful) == 1 else 'their'} "
         "error may exceed that tolerance: not judged"
     )

@@ -348,7 +348,11 @@ def _parts(fn, params, args, o: _options.Options, first) -> list:
         curved = _curved()
         chain = (_CHAIN_NAMES.get(inner, inner),) * level
         parts.append((level + 1, _named(report, level + 1, chain, name)))
-        if level == 1 and _in_cotangent(inner, o, fn, params, args):
+        # the kinds of custom rules fn calls, for the two parts below (one trace for both)
+        kinds = frozenset()
+        if level == 1 and o.grad_fn is None:
+            kinds = _rule_search.fn_rule_kinds(fn, params, args)
+        if _in_cotangent(inner, kinds):
 
             def in_cotangent(draws):
                 vectors = draws.inputs.diff, draws.output_signs(), draws.tangent(1, scaled=False)
@@ -359,7 +363,9 @@ def _parts(fn, params, args, o: _options.Options, first) -> list:
 
             report = _again_if_flat(in_cotangent, draws)[1]
             parts.append((2, _named(report, 2, ("reverse",), "vjp map in its cotangent")))
-        elif level == 1 and _in_primal(o, fn, params, args):
+        elif "custom_jvp" in kinds:
+            # fn calls a custom_jvp, whose rule computes the primal output of fn's jvp (a
+            # custom_vjp's, in reverse mode, is differentiated by the cotangent map)
 
             def in_primal(draws):
                 report = first(
@@ -516,19 +522,12 @@ _ABOVE_NOT_CHECKED = (
 _REVERSE_REFUSED = "cannot be differentiated in reverse mode"
 
 
-def _in_cotangent(inner, o: _options.Options, fn, params, args) -> bool:
+def _in_cotangent(inner, kinds: frozenset) -> bool:
     """Whether to check fn's vjp in its cotangent too (`CotangentMap`): in reverse mode,
-    where fn calls a custom_vjp, the only rule whose derivative in its cotangent is code
-    of its own (JAX transposes its primitives' and custom_jvp's linear maps)."""
-    reverse = inner in ("reverse", "pair") and o.grad_fn is None
-    return reverse and _rule_search.fn_calls(fn, params, args, "custom_vjp")
-
-
-def _in_primal(o: _options.Options, fn, params, args) -> bool:
-    """Whether to check the primal output of fn's jvp as a function of params
-    (`PrimalMap`): where fn calls a custom_jvp, whose rule computes that output itself
-    (where `_in_cotangent` holds, the cotangent map differentiates it already)."""
-    return o.grad_fn is None and _rule_search.fn_calls(fn, params, args, "custom_jvp")
+    where fn calls a custom_vjp (`kinds`: those of the rules fn calls), the only rule
+    whose derivative in its cotangent is code of its own (JAX transposes its primitives'
+    and custom_jvp's linear maps)."""
+    return inner in ("reverse", "pair") and "custom_vjp" in kinds
 
 
 PRIMAL_LABEL = "primal output of fn's jvp"

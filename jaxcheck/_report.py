@@ -439,7 +439,9 @@ def _render_composite(r: Report) -> str:
             lines += ["  " + line for line in _leaf_table(part.leaves)]
     if r.held_fixed:
         lines.append(_held_fixed(r.held_fixed))
-    used = sorted({p.num_directions for p in r.parts})
+    # (parts that take no directions, such as a rule's checks without finite
+    # differences, are not counted)
+    used = sorted({p.num_directions for p in r.parts if p.num_directions}) or [0]
     count = str(used[0]) if len(used) == 1 else f"{used[0]} to {used[-1]}"
     lines.append(
         f"  {count} directions per check, {r.num_evaluations} evaluations of fn "

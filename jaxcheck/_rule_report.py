@@ -334,6 +334,15 @@ def rules_part(
     ]
     if fine:
         problems.append(f"rules fine: {'; '.join(fine)}")
+    if fine and error is not None and not wrong:
+        problems.append(
+            f"fn fails while every rule found passes at order {order}: where fn "
+            "differentiates inside itself (jax.grad or jax.jvp in fn: a PINN residual, a "
+            "MAML step, a gradient penalty), its derivative takes derivatives of order "
+            f"{order + 1} of the rules it differentiates, which these checks do not clear: "
+            f"check each with jaxcheck.verify_rule(rule, *args, order={order + 1}); a rule "
+            "called only inside such an inner derivative is not found here at all"
+        )
     if error is not None and not wrong and repeated:
         problems.append(
             "a rule called several times from one line (a Python loop over layers, a "

@@ -301,23 +301,28 @@ def _other_int(value, dtype) -> bool:
     return all(ints) and have != dtype
 
 
-def fn_calls(fn, params, args, *kinds: str) -> bool:
-    """Whether `fn(params, *args)` calls a rule of one of `kinds` on its way (False where
-    it cannot be traced: the check that needs it says why)."""
+def fn_rule_kinds(fn, params, args) -> frozenset:
+    """The kinds of rules ("custom_vjp", "custom_jvp") `fn(params, *args)` calls on its
+    way, from one trace of fn (none where it cannot be traced)."""
     try:
         closed = _traced(fn, params, args)[0]
     except Exception:  # noqa: BLE001 - only a question
-        return False
-    return calls(closed.jaxpr, *kinds)
+        return frozenset()
+    return rule_kinds(closed.jaxpr)
 
 
 def calls(jaxpr, *kinds: str) -> bool:
     """Whether `jaxpr` calls a rule of one of `kinds` ("custom_vjp", "custom_jvp") on its
     way (in its sub-jaxprs too, not inside another custom rule, whose own rule stands in),
     found in one walk."""
+    return bool(rule_kinds(jaxpr) & set(kinds))
+
+
+def rule_kinds(jaxpr) -> frozenset:
+    """The kinds of the rules `jaxpr` calls (see `calls`)."""
     search = _Search()
     search.listed([(jaxpr, [])], "", "")
-    return any(f.kind in kinds and not _held_tangent(f.eqn) for f in search.found)
+    return frozenset(f.kind for f in search.found if not _held_tangent(f.eqn))
 
 
 def _held_tangent(eqn) -> bool:

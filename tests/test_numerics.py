@@ -508,6 +508,39 @@ def test_one_percent_bug_in_a_float32_only_model_fails_on_its_leaf(leaf):
     assert [lf.path for lf in bad.leaves if lf.status == "fail"] == [path]
 
 
+@pytest.mark.parametrize("factor", [1.01, -1.0, 3.0])
+def test_a_small_leaf_of_a_float32_only_model_unresolved_alone_makes_no_pass(factor):
+    """In a float32-only model a bias of 1e-4 beside weights of 0.4 weighs little in the
+    all-leaf check, and alone it moves by steps of its own size, which float32 rounding
+    hides: its gradient 1 % off, negated or tripled passed, the leaf "inconclusive" in
+    the table and nothing said."""
+
+    def loss(p, x, y):
+        h = jnp.tanh(x @ p["w1"] + p["b1"])
+        return jnp.mean((h @ p["w2"] + p["b2"] - y) ** 2)
+
+    def grad_fn(p, x, y):
+        g = jax.grad(loss)(p, x, y)
+        return {**g, "b1": g["b1"] * factor}
+
+    keys = jax.random.split(jax.random.key(100), 5)
+    p = {
+        "w1": jax.random.normal(keys[0], (7, 7)) / np.sqrt(7),
+        "b1": 1e-4 * jax.random.normal(keys[1], (7,)),
+        "w2": jax.random.normal(keys[2], (7, 4)) / np.sqrt(7),
+        "b2": 0.1 * jax.random.normal(keys[3], (4,)),
+    }
+    x = jax.random.normal(keys[4], (64, 7))
+    y = jnp.sin(x[:, :1] * jnp.arange(1, 5.0))
+    report = jaxcheck.verify(_float32_only(loss), p, x, y, grad_fn=grad_fn)
+    assert report.status == "inconclusive", str(report)
+    [note] = [q for q in report.problems if "could not be judged alone" in q]
+    assert note.startswith(
+        "the all-leaf check passes in float32, where small leaves weigh little in it"
+    )
+    assert "but ['b1'] (relative error" in note
+
+
 def test_a_jump_at_the_point_is_named_as_one():
     """round at half-integers jumps within any step: nothing to judge, and the report says
     that fn may jump here before it asks whether fn is random."""

@@ -700,3 +700,23 @@ def test_a_leaf_a_note_opens_with_is_named_as_an_argument():
         for q in report.problems
     ), report.problems
     assert not any(q.startswith("[") for q in report.problems), report.problems
+
+
+def test_a_rule_report_counts_only_the_checks_that_take_directions():
+    """verify_rule at order 2 printed "0 to 8 directions per check": its rows without
+    finite differences (linearity, vmap, ...) take no directions."""
+
+    @jax.custom_vjp
+    def f(x, w):
+        return jnp.sin(x * w)
+
+    def bwd(r, g):
+        x, w = r
+        return g * jnp.cos(x * w) * w, jnp.sum(g * jnp.cos(x * w) * x)
+
+    f.defvjp(lambda x, w: (jnp.sin(x * w), (x, w)), bwd)
+    report = jaxcheck.verify_rule(f, jnp.linspace(-1.0, 1.2, 5), jnp.asarray(0.8), order=2)
+    assert report.ok, str(report)
+    assert 0 in {p.num_directions for p in report.parts}
+    [line] = [q for q in str(report).splitlines() if "directions per check" in q]
+    assert line.startswith("  8 directions per check, ")

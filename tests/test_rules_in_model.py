@@ -1897,3 +1897,50 @@ def test_a_rule_nan_at_every_entry_fn_discards_is_said_to_be_unjudged_and_why(ou
         "may discard (as jnp.where(x > 0, rule(x), 0) does); check it with "
         "jaxcheck.verify_rule at inputs where it is finite)"
     )
+
+
+@jax.custom_vjp
+def _tanh_factor_stopped(x):
+    return jnp.tanh(x)
+
+
+_tanh_factor_stopped.defvjp(
+    lambda x: (jnp.tanh(x), x),
+    lambda x, g: (g * jax.lax.stop_gradient(1 - jnp.tanh(x) ** 2),),
+)
+
+
+def test_a_rule_differentiated_inside_fn_is_not_cleared_by_its_first_order_check():
+    """A PINN-style loss takes jax.grad of the network inside itself, so its derivative
+    takes the rule's second derivative: a bwd right at first order but holding its factor
+    behind a stop_gradient makes fn fail, while the rule's first-order check passes. The
+    report listed that rule as fine and said nothing more."""
+
+    def net(p, z):
+        return jnp.sum(p["w2"] * _tanh_factor_stopped(p["w1"] @ z + p["b1"]))
+
+    def loss(p, zs):
+        du = jax.vmap(jax.grad(lambda z: net(p, z)))(zs)
+        return jnp.mean(du**2) + jnp.mean(jax.vmap(lambda z: net(p, z))(zs) ** 2)
+
+    keys = jax.random.split(jax.random.key(1), 4)
+    p = {
+        "w1": jax.random.normal(keys[0], (4, 2)),
+        "b1": 0.1 * jax.random.normal(keys[1], (4,)),
+        "w2": jax.random.normal(keys[2], (4,)) / 3,
+    }
+    zs = jax.random.uniform(keys[3], (6, 2), minval=-1, maxval=1)
+    report = jaxcheck.verify(loss, p, zs)
+    assert report.status == "fail", str(report)
+    [note] = [q for q in report.problems if q.startswith("fn fails while every rule")]
+    assert note == (
+        "fn fails while every rule found passes at order 1: where fn differentiates inside "
+        "itself (jax.grad or jax.jvp in fn: a PINN residual, a MAML step, a gradient "
+        "penalty), its derivative takes derivatives of order 2 of the rules it "
+        "differentiates, which these checks do not clear: check each with "
+        "jaxcheck.verify_rule(rule, *args, order=2); a rule called only inside such an "
+        "inner derivative is not found here at all"
+    )
+    assert jaxcheck.verify_rule(_tanh_factor_stopped, jnp.linspace(-1, 1, 5), order=2).status == (
+        "fail"
+    )
