@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _autodiff, _differences, _plan, _precision, _verdict
 from ._errors import GradientCheckError, one_line
-from ._state import TRACED_RULE, Run
+from ._state import PRIMAL_ROW, TRACED_RULE, Run
 
 # said where mode="both" meets a custom_vjp (`check_grads` raises on it, as JAX's does)
 NO_JVP = (
@@ -158,10 +158,17 @@ def _reference(run: Run, index, rows, h, offsets) -> dict:
                 else "finite differences leave every input in its own dtype"
             )
             where = f"in {dtype.name}" if cast else "with its inputs in their own dtypes"
+            # (not where a rule is being checked on its own already)
+            alone = TRACED_RULE.get() or PRIMAL_ROW.get()
             run.problems.append(
                 f"fn could not run {where} ({one_line(err)}); {after}, "
-                "so the resolution is coarser (a custom rule inside, a Pallas kernel's say, "
-                "is resolved more finely on its own: rules=True, or jaxcheck.verify_rule)"
+                "so the resolution is coarser"
+                + (
+                    ""
+                    if alone
+                    else " (a custom rule inside, a Pallas kernel's say, is resolved more "
+                    "finely on its own: rules=True, or jaxcheck.verify_rule)"
+                )
                 + _hint(err)
             )
     raise AssertionError("unreachable")

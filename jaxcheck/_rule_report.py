@@ -365,7 +365,8 @@ def rules_part(
         problems.append(
             f"rules without an error found, but too coarse to call fine: {each}; a wrong rule "
             f"within that tolerance goes unseen (check it alone with jaxcheck.verify_rule at "
-            "float32 inputs, where its own code may run in float64)"
+            "float32 inputs, where its own code may run in float64; a kernel that takes "
+            "float32 alone is resolved no finer there)"
         )
     coarse = [r for r in coarse if r not in loose]
     if coarse:

@@ -720,3 +720,23 @@ def test_a_rule_report_counts_only_the_checks_that_take_directions():
     assert 0 in {p.num_directions for p in report.parts}
     [line] = [q for q in str(report).splitlines() if "directions per check" in q]
     assert line.startswith("  8 directions per check, ")
+
+
+def test_a_float32_only_rule_checked_alone_is_not_told_to_be_checked_alone():
+    """verify_rule of a rule that refuses float64 said its resolution would be finer
+    checked on its own, "rules=True, or jaxcheck.verify_rule": the call already running."""
+
+    @jax.custom_vjp
+    def f(x):
+        if x.dtype != jnp.float32:
+            raise TypeError("float32 only")
+        return jnp.sin(x)
+
+    f.defvjp(lambda x: (f(x), x), lambda x, g: (g * jnp.cos(x),))
+    report = jaxcheck.verify_rule(f, jnp.linspace(0.1, 1.0, 4))
+    assert report.ok, str(report)
+    [note] = [q for q in report.problems if "could not run in float64" in q]
+    assert note == (
+        "fn could not run in float64 (TypeError: float32 only); finite differences use "
+        "float32, so the resolution is coarser"
+    )
