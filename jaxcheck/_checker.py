@@ -3,7 +3,7 @@
 from collections.abc import Callable
 from typing import Any
 
-from . import _fingerprint, _keywords, _options, _plan, _tree, _verify
+from . import _fingerprint, _keywords, _options, _plan, _state, _tree, _verify
 from ._report import Report
 
 
@@ -65,6 +65,7 @@ class Checker:
             )
         _verify.refuse_iterators(params, args)
         params = _tree.settle_weak(params)
+        again = self._keyed is not None
         if self._keyed is None:
             # what fn computes now, once, so that its own calls cost no trace to find that
             # out; keyed by this checker too: a program it compiles at a later call (new
@@ -76,9 +77,11 @@ class Checker:
         fn, options = self._keyed
         before = _plan.compilations
         token = _plan.REUSED.set(True)  # compiled for repeated runs
+        later = _state.CHECKER_AGAIN.set(again)
         try:
             return _verify.run(fn, params, args, options)
         finally:
+            _state.CHECKER_AGAIN.reset(later)
             _plan.REUSED.reset(token)
             self.compilations += _plan.compilations - before
 

@@ -1,6 +1,7 @@
 """`gradient_health`: an optax transformation that watches every gradient leaf during
 training, and `health`, which reads what it saw."""
 
+import collections
 import dataclasses
 import functools
 import math
@@ -1003,7 +1004,7 @@ def health(state: Any) -> HealthSummary:
 
 def _rescaling_before(state: Any) -> tuple[str, ...]:
     """The names of the optax rescaling states (ScaleBy..., as Adam's) that come before
-    the `HealthState` in the tuples (chains) and dicts (named chains) holding it. A
+    the `HealthState` in the tuples (chains) and ordered dicts (named chains) holding it. A
     rescaling that keeps no state of its own (sign_sgd's scale_by_sign) is not seen."""
     is_state = lambda x: isinstance(x, HealthState)  # noqa: E731
     [(path, _)] = [
@@ -1018,7 +1019,9 @@ def _rescaling_before(state: Any) -> tuple[str, ...]:
             earlier = ()
             if isinstance(node, tuple) and index is not None:
                 earlier = node[:index]
-            elif isinstance(node, dict) and key in node:  # optax.named_chain, in its order
+            elif isinstance(node, collections.OrderedDict) and key in node:
+                # optax.named_chain's stages, in order (optax.multi_transform's plain
+                # dict holds parallel partitions, none before another)
                 keys = list(node)
                 earlier = [node[k] for k in keys[: keys.index(key)]]
             for before in earlier:
@@ -1083,11 +1086,6 @@ def find(state: Any) -> HealthState:
             f"jaxcheck.health({where.split(', ')[0]})."
         )
     return found[0][1]
-
-
-def updates_seen(state: HealthState) -> int:
-    """How many updates the state has seen (reads one number from the devices)."""
-    return int(jax.device_get(_array(state.step)))
 
 
 def fired(state: HealthState) -> int:

@@ -226,8 +226,10 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
             status = _localize.not_judged_at_zero(run)
         else:
             nonempty = sum(1 for x in run.inputs.diff if np.size(x))
+            leaves = _localize.within_native_bars(run, status, leaves)
             status = _localize.merge_leaves(run, status, leaves, nonempty)
-            status = _localize.coarse_pass(run, status, leaves, checks[0])
+            shares = None if share is None else dict(zip(paths, np.asarray(share).tolist()))
+            status = _localize.coarse_pass(run, status, leaves, checks[0], shares)
     status, checks = _primal(run, status, p, checks)
     if status is Status.PASS and run.noisy_native:
         # the float32 derivative itself is judged by nothing: a bug on its float32 path

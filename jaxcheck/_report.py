@@ -132,6 +132,11 @@ class Report:
                 view.flags.writeable = False
                 object.__setattr__(self, name, view)
 
+    def __setstate__(self, state):
+        # (pickle and copy.deepcopy restore the fields without __init__)
+        self.__dict__.update(state)
+        self.__post_init__()
+
     @property
     def ok(self) -> bool:
         """True only when the derivative was judged correct."""

@@ -336,12 +336,13 @@ def rules_part(
         problems.append(f"rules fine: {'; '.join(fine)}")
     if fine and error is not None and not wrong:
         problems.append(
-            f"fn fails while every rule found passes at order {order}: where fn "
-            "differentiates inside itself (jax.grad or jax.jvp in fn: a PINN residual, a "
-            "MAML step, a gradient penalty), its derivative takes derivatives of order "
-            f"{order + 1} of the rules it differentiates, which these checks do not clear: "
-            f"check each with jaxcheck.verify_rule(rule, *args, order={order + 1}); a rule "
-            "called only inside such an inner derivative is not found here at all"
+            f"every rule found passes at order {order}, so fn's error is outside them, "
+            "unless fn differentiates inside itself (jax.grad or jax.jvp in fn: a PINN "
+            "residual, a MAML step, a gradient penalty): its derivative then takes "
+            f"derivatives of order {order + 1} of the rules it differentiates, which these "
+            f"checks do not clear (check each with jaxcheck.verify_rule(rule, *args, "
+            f"order={order + 1})), and a rule called only inside such an inner derivative "
+            "is not found here at all"
         )
     if error is not None and not wrong and repeated:
         problems.append(

@@ -41,6 +41,9 @@ PRIMAL_ROW = contextvars.ContextVar("jaxcheck_primal_row", default=False)
 # function curving measurably (`_verdict.curves`)}; a derivative map flat where the
 # function it derives from curves is not that function's derivative (`_orders`)
 CURVES = contextvars.ContextVar("jaxcheck_curves", default=None)
+# True while a `Checker` runs other than at its first call: fn may have changed since the
+# programs it reuses were traced
+CHECKER_AGAIN = contextvars.ContextVar("jaxcheck_checker_again", default=False)
 
 
 def note_curves(value: bool) -> None:

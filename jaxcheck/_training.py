@@ -65,9 +65,10 @@ class PeriodicCheck:
 
     Passing `opt_state=` reads three small vectors from the devices on every call (a
     synchronization point of the training loop); pass it every few steps if that matters.
-    Flags that fired before the first call given `opt_state=` (a state restored from a
-    checkpoint, after more than one update) are not new and trigger no check. The flags
-    read are those of the state passed: the state after the update of the batch passed
+    Every flag fired before the first call given `opt_state=` counts as new there (one
+    that fired between two calls of a run that passes it every few steps is; so is one a
+    state restored from a checkpoint brings, which triggers one check at the first call).
+    The flags read are those of the state passed: the state after the update of the batch passed
     with it makes the triggered check run on the batch that raised the flag, the state
     before it (the loop of the README) on the next one.
 
@@ -112,7 +113,7 @@ class PeriodicCheck:
             self._localizer = Checker(fn, **{**options, "localize": True})
         self.every = every
         self.history: list[CheckRecord] = []
-        self._fired = None  # flags fired so far, first read at the first opt_state given
+        self._fired = 0
 
     def __call__(self, step: int, params: Any, *args: Any, opt_state: Any = None) -> Report | None:
         """Check at this step if it is due; return the report, or None when no check ran."""
@@ -151,11 +152,6 @@ class PeriodicCheck:
                     f"and {said}"
                 ) from None
             fired = _health.fired(found)
-            if self._fired is None:
-                # a state restored mid-training, or one that ran before this check was
-                # made, brings flags that fired then: not news. (A fresh run's first
-                # update, step 0, can fire a flag: that one is.)
-                self._fired = fired if _health.updates_seen(found) > 1 else 0
             if fired > self._fired and reason is None:
                 reason = "health flags"
             self._fired = max(self._fired, fired)

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _differences, _error_model, _plan, _precision
 from ._report import Status
-from ._state import Pass, Run
+from ._state import CHECKER_AGAIN, Pass, Run
 
 MAX_NOISE_FLOOR = 0.025  # a reference noisier than this cannot resolve a few-percent bug
 # where fn rounds to a half precision inside, its finite differences cannot be finer than
@@ -264,7 +264,7 @@ def status(run: Run, p: Pass, checks, k, problems) -> Status:
                 "; this check ran through a Checker, which reuses the programs it traced "
                 "first: if fn, or a global or setting it reads, changed since, its programs "
                 "traced now disagree with those, so make a new Checker for the new fn"
-                if _plan.REUSED.get()
+                if CHECKER_AGAIN.get()
                 else ""
             )
         )

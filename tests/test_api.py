@@ -1,9 +1,11 @@
 """The public API: pytrees, held-fixed leaves, outputs, options, the report."""
 
 import collections
+import copy
 import dataclasses
 import functools
 import json
+import pickle
 
 import equinox as eqx
 import flax.linen as nn
@@ -230,8 +232,9 @@ def test_report_contents_and_serialization():
     assert jax.tree_util.tree_unflatten(treedef, leaves).status == "pass"
     with pytest.raises(dataclasses.FrozenInstanceError):
         report.status = "fail"
-    with pytest.raises(ValueError, match="read-only"):
-        report.numeric[0] = 0.0
+    for copied in (report, pickle.loads(pickle.dumps(report)), copy.deepcopy(report)):
+        with pytest.raises(ValueError, match="read-only"):
+            copied.numeric[0] = 0.0
     text = str(report)
     first = "jaxcheck.verify: PASS — gradient is consistent with finite differences"
     assert text.splitlines()[0] == first
@@ -714,6 +717,10 @@ def test_a_checker_whose_fn_changed_says_so_where_its_programs_disagree():
         "fn, or a global or setting it reads, changed since, its programs traced now "
         "disagree with those, so make a new Checker for the new fn"
     )
+    # at a checker's first call nothing it reuses was traced before: no such note
+    jumping = jaxcheck.Checker(lambda p: jnp.sum(jnp.round(p)))(jnp.asarray([0.5, 1.5, 2.5]))
+    assert jumping.status == "inconclusive"
+    assert not any("ran through a Checker" in q for q in jumping.problems), jumping.problems
     fresh = jaxcheck.Checker(loss)({"c": jnp.full(3, 4.0), "w": jnp.ones(3)}, x)
     assert [(leaf.path, leaf.status.value) for leaf in fresh.leaves] == [
         ("['c']", "fail"),

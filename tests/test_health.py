@@ -1107,8 +1107,14 @@ def test_a_health_state_after_adam_in_its_chain_is_said_to_watch_rescaled_update
     named_first = optax.named_chain(
         ("health", jaxcheck.gradient_health()), ("adam", optax.adam(1e-2))
     )
+    # optax.multi_transform's partitions are parallel: another partition's Adam is not before
+    parallel = optax.multi_transform(
+        {"a": optax.adam(1e-2), "b": optax.chain(jaxcheck.gradient_health(), optax.sgd(0.1))},
+        {"w": "a", "b": "b"},
+    )
     adam = ("ScaleByAdamState",)
-    for opt, after in [(late, adam), (first, ()), (named, adam), (named_first, ())]:
+    cases = [(late, adam), (first, ()), (named, adam), (named_first, ()), (parallel, ())]
+    for opt, after in cases:
         state = opt.init(params)
         for _ in range(3):
             _, state = opt.update(grads, state, params)
