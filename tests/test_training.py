@@ -127,14 +127,20 @@ def test_cost_fraction():
         check.cost_fraction(0)
 
 
-def test_health_flags_trigger_a_check_once():
+def _with_a_dead_leaf():
+    """(params, x, fn, optimizer): fn hardly reaches the leaf ['dead'], whose gradient
+    gradient_health flags vanishing at step 11."""
     params = {"w": jnp.ones(3), "dead": jnp.ones(2)}
-    x = jnp.linspace(-1.0, 1.0, 3)
 
     def fn(p, x):
         return jnp.sum(jnp.sin(p["w"] * x)) + 1e-9 * jnp.sum(p["dead"])
 
     opt = optax.chain(jaxcheck.gradient_health(), optax.sgd(1e-3))
+    return params, jnp.linspace(-1.0, 1.0, 3), fn, opt
+
+
+def test_health_flags_trigger_a_check_once():
+    params, x, fn, opt = _with_a_dead_leaf()
     state = opt.init(params)
     update = jax.jit(lambda s, p: opt.update(jax.grad(fn)(p, x), s, p)[1])
     check = jaxcheck.PeriodicCheck(fn, every=100, num_directions=8)
@@ -154,13 +160,7 @@ def test_a_flag_fired_before_the_first_call_given_the_state_triggers_a_check():
     synchronization costs: a NaN gradient at update 2 fires its flag before the first
     call given the state, and that call runs a check (one that took a state's flags at its
     first sight as old news missed it)."""
-    params = {"w": jnp.ones(3), "dead": jnp.ones(2)}
-    x = jnp.linspace(-1.0, 1.0, 3)
-
-    def fn(p, x):
-        return jnp.sum(jnp.sin(p["w"] * x)) + 1e-9 * jnp.sum(p["dead"])
-
-    opt = optax.chain(jaxcheck.gradient_health(), optax.sgd(1e-3))
+    params, x, fn, opt = _with_a_dead_leaf()
     state = opt.init(params)
     update = jax.jit(lambda s, p, g: opt.update(g, s, p)[1])
     check = jaxcheck.PeriodicCheck(fn, every=100, num_directions=8)
