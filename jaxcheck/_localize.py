@@ -5,6 +5,7 @@ checks along leaf-local directions, and how their results change the overall sta
 import dataclasses
 import math
 
+import jax.numpy as jnp
 import numpy as np
 
 from . import _directions, _jitter, _ladder, _precision, _report, _sequential, _tree, _verdict
@@ -193,6 +194,9 @@ def unrounded(run: Run, option) -> list:
 # unjudged alone is inconclusive only where the leaf's own check cannot rule out an error
 # of this size in it
 NATIVE_DOUBT = 0.1
+# ... and a leaf failing alone by no more than this factor over its tolerance, within its
+# error bars, is not judged there (`within_native_bars`)
+NATIVE_NEAR = 1.25
 # where finite differences run in the model's precision, a leaf checked alone moves at
 # least by this share of the parameters' pooled RMS (times the relative step)
 NATIVE_ALONE_SHARE = 0.1
@@ -201,17 +205,34 @@ NATIVE_ALONE_SHARE = 0.1
 def _native_alone_scales(run: Run, scales):
     """The leaves' scales for their checks alone: where finite differences run in the
     model's precision (fn refusing float64), a leaf far smaller than the parameters'
-    pooled RMS moves by `NATIVE_ALONE_SHARE` of it. At its own size (a bias of 1e-4 beside
-    weights of 0.4) the change of fn is below float32 rounding, and a gradient zeroed,
-    negated or 1 % off could not be judged; a fn whose finite differences go NaN/Inf at
-    the larger step has it cut (`_ladder`). Elsewhere, `scales` as they are."""
+    pooled RMS, and whose entries have both signs, moves by `NATIVE_ALONE_SHARE` of it. At
+    its own size (a bias of 1e-4 beside weights of 0.4) the change of fn is below float32
+    rounding, and a gradient zeroed, negated or 1 % off could not be judged. Elsewhere,
+    `scales` as they are."""
     native = run.reference is not None and np.dtype(run.reference).itemsize < 8
     if not native:
         return scales
     values = np.asarray(scales, np.float64)
     sizes = [max(np.size(x), 1) for x in run.inputs.diff]
     floor = NATIVE_ALONE_SHARE * float(_directions.pooled(values, sizes))
-    return np.maximum(values, floor) if np.isfinite(floor) and floor > 0 else values
+    if not (np.isfinite(floor) and floor > 0):
+        return values
+    out = values.copy()
+    for i, x in enumerate(run.inputs.diff):
+        # (a leaf of one sign, a scale or variance inside a log or a sqrt, keeps its own
+        # size: moved by more, it would leave fn's domain)
+        if values[i] < floor and np.size(x) and _both_signs(x):
+            out[i] = floor
+    return out
+
+
+def _both_signs(x) -> bool:
+    """Whether the real leaf `x` holds entries of both signs (complex: always)."""
+    if jnp.iscomplexobj(x):
+        return True
+    with _directions._concrete():
+        low, high = (float(f(x)) for f in (jnp.min, jnp.max))
+    return low < 0 < high
 
 
 def localize_finely(run: Run, scales, leaf_k, h, paths, chosen, fine, step, sequential=False):
@@ -329,8 +350,10 @@ NO_SINGLE_LEAF = "no single leaf fails on its own"
 
 def within_native_bars(run: Run, status: Status, leaves) -> tuple:
     """`leaves`, with those that fail alone only within their own error bars (the lower
-    end of the 95 % interval at or below the tolerance) not judged, where finite
-    differences run in the model's precision and the all-leaf check passes: their noise
+    end of the 95 % interval at or below the tolerance, the estimate no more than
+    `NATIVE_NEAR` times it: a 3 % bug measured at 1.9 times its tolerance fails) not
+    judged, where finite differences run in the model's precision and the all-leaf check
+    passes: their noise
     floor is itself measured along few directions, and a float32 ReLU network's kinks bend
     the differences by a few percent (a correct classifier's first layer failed alone at
     3.4e-2 against its tolerance of 3.3e-2, and passed at other keys)."""
@@ -338,7 +361,11 @@ def within_native_bars(run: Run, status: Status, leaves) -> tuple:
     if not native or status is not Status.PASS:
         return leaves
     near = [
-        leaf for leaf in leaves if leaf.status is Status.FAIL and leaf.interval[0] <= leaf.tolerance
+        leaf
+        for leaf in leaves
+        if leaf.status is Status.FAIL
+        and leaf.interval[0] <= leaf.tolerance
+        and leaf.relative_error <= NATIVE_NEAR * leaf.tolerance
     ]
     if not near:
         return leaves
@@ -447,15 +474,18 @@ def not_judged_at_zero(run: Run) -> Status:
     return Status.INCONCLUSIVE
 
 
-def _resolved_alone(run: Run, leaves, head) -> None:
+def _resolved_alone(run: Run, leaves, head, vouched) -> None:
     """Where finite differences run in the model's precision, the leaves that passed
-    checked alone at a coarser tolerance than the all-leaf check's: the resolution reached
-    for them (a float32-only leaf of 131,072 entries with its
-    gradient 1 % off passed alone at a tolerance of 1.7 %, under an all-leaf 0.38 %)."""
+    checked alone at more than twice the all-leaf check's tolerance, where that check,
+    weighing them by their share, vouches for them (`vouched`) no better: the resolution
+    reached for them (a float32-only leaf of 131,072 entries with its gradient 1 % off
+    passed alone at a tolerance of 1.7 %, under an all-leaf 0.38 %)."""
     loose = [
         leaf
         for leaf in leaves
-        if leaf.status is Status.PASS and head.tolerance < leaf.tolerance < 1.0
+        if leaf.status is Status.PASS
+        and 2 * head.tolerance < leaf.tolerance < 1.0
+        and not vouched(leaf) <= leaf.tolerance
     ]
     if loose:
         named = ", ".join(f"{leaf.path or '(root)'} to {leaf.tolerance:.1e}" for leaf in loose)
@@ -487,19 +517,20 @@ def coarse_pass(run: Run, status: Status, leaves, head, shares=None) -> Status:
     native = run.reference is not None and np.dtype(run.reference).itemsize < 8
     if status is not Status.PASS or not (coarse or native):
         return status
-    if native:
-        _resolved_alone(run, leaves, head)
-    unjudged = [
-        leaf
-        for leaf in leaves
-        if leaf.status is Status.INCONCLUSIVE and not leaf.interval[1] <= head.tolerance
-    ]
 
     def vouched(leaf) -> float:
         share = (shares or {}).get(leaf.path)
         if share is None:
             return math.nan  # (unknown: named, not counted)
         return math.inf if share <= 0 else head.tolerance / math.sqrt(share)
+
+    if native:
+        _resolved_alone(run, leaves, head, vouched)
+    unjudged = [
+        leaf
+        for leaf in leaves
+        if leaf.status is Status.INCONCLUSIVE and not leaf.interval[1] <= head.tolerance
+    ]
 
     # (where its own check bounds its error below NATIVE_DOUBT, the leaf is named only)
     doubtful = (

@@ -541,7 +541,7 @@ def test_a_small_leaf_of_a_float32_only_model_is_checked_alone_at_the_others_sca
     all-leaf check, and alone it moved by steps of its own size, whose effect float32
     rounding hides: its gradient zeroed, negated or tripled passed, with nothing said.
     Alone it now moves by a tenth of the parameters' pooled RMS: those fail, named; a 1 %
-    error sits at the resolution reached, which the report states."""
+    error sits at the resolution reached, its tolerance in the leaf's row."""
     loss, p, x, y = _small_bias_model(1.0)
     report = jaxcheck.verify(_float32_only(loss), p, x, y, grad_fn=_bias_scaled(loss, factor))
     if factor in (0.0, -1.0, 3.0):
@@ -550,9 +550,10 @@ def test_a_small_leaf_of_a_float32_only_model_is_checked_alone_at_the_others_sca
         return
     assert report.status == "pass", str(report)
     [b1] = [leaf for leaf in report.leaves if leaf.path == "['b1']"]
+    # the resolution reached for it (a 1 % error sits at it: the leaf passes, or fails
+    # within its bars and is not judged, by the jax version's rounding)
     assert b1.tolerance < 0.02
-    [note] = [q for q in report.problems if q.startswith("leaves checked alone in float32")]
-    assert f"['b1'] to {b1.tolerance:.1e}" in note
+    assert b1.status in (("pass",) if factor == 1.0 else ("pass", "inconclusive"))
 
 
 @pytest.mark.parametrize("factor", [1.0, -1.0])
@@ -601,6 +602,64 @@ def test_a_float32_only_leaf_failing_alone_within_its_bars_is_not_called_wrong()
         "passes: ['w1'] (relative error"
     )
     assert note.endswith("; not judged (more directions, num_directions, narrow the bars)")
+
+
+@pytest.mark.parametrize("zeroed", [False, True])
+def test_a_small_positive_leaf_of_a_float32_only_model_keeps_its_own_scale_alone(zeroed):
+    """A scale of 1e-4 inside a log: moved alone by a tenth of the others' RMS it left
+    fn's domain, and the leaf came out NaN/Inf where it was judged before (its gradient
+    zeroed was no longer named). A leaf of one sign keeps its own scale alone."""
+    keys = jax.random.split(jax.random.key(1), 3)
+    x, y = jax.random.normal(keys[0], (32, 6)), jax.random.normal(keys[1], (32,))
+
+    def loss(p, x, y):
+        return jnp.mean((x @ p["w"] + p["b"] - y) ** 2) + 1e-3 * jnp.sum(jnp.log(p["c"]))
+
+    def zero_c(p, x, y):
+        g = jax.grad(loss)(p, x, y)
+        return {**g, "c": jnp.zeros_like(g["c"])}
+
+    p = {
+        "w": 0.5 * jax.random.normal(keys[2], (6,)),
+        "b": jnp.zeros(()),
+        "c": jnp.asarray([1e-4, 2e-4, 0.5e-4], jnp.float32),
+    }
+    report = jaxcheck.verify(
+        _float32_only(loss), p, x, y, grad_fn=zero_c if zeroed else None, localize=True
+    )
+    [c] = [leaf for leaf in report.leaves if leaf.path == "['c']"]
+    assert c.status == ("fail" if zeroed else "pass"), str(report)
+    assert report.status == ("fail" if zeroed else "pass"), str(report)
+
+
+def test_a_float32_only_leaf_failing_alone_well_beyond_its_tolerance_still_fails():
+    """The leaf failing alone within its bars is not judged only near its tolerance: a
+    3 % error in a bias measured at 1.9 times its tolerance (the interval from just
+    below it) passed the check."""
+    ks = jax.random.split(jax.random.PRNGKey(2), 6)
+    x, labels = jax.random.normal(ks[0], (64, 10)), jax.random.randint(ks[1], (64,), 0, 4)
+    p = {
+        "w1": jax.random.normal(ks[2], (10, 32)) / jnp.sqrt(10.0),
+        "b1": jnp.full((32,), 0.01),
+        "w2": jax.random.normal(ks[3], (32, 32)) / jnp.sqrt(32.0),
+        "b2": jnp.zeros((32,)),
+        "w3": jax.random.normal(ks[4], (32, 4)) / jnp.sqrt(32.0),
+        "b3": jnp.zeros((4,)),
+    }
+
+    def loss(p, x, labels):
+        h = jax.nn.relu(x @ p["w1"] + p["b1"])
+        h = jax.nn.relu(h @ p["w2"] + p["b2"])
+        logits = h @ p["w3"] + p["b3"]
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+
+    def off(p, x, labels):
+        g = jax.grad(loss)(p, x, labels)
+        return {**g, "b2": 1.03 * g["b2"]}
+
+    report = jaxcheck.verify(_float32_only(loss), p, x, labels, grad_fn=off, key=0)
+    assert report.status == "fail", str(report)
+    assert [leaf.path for leaf in report.leaves if leaf.status == "fail"] == ["['b2']"]
 
 
 def test_a_large_leaf_of_a_float32_only_model_resolved_coarsely_alone_says_so():
