@@ -330,6 +330,16 @@ def packed_leaves(leaves) -> tuple[bool, ...]:
     return tuple(out)
 
 
+def both_signs(x) -> bool:
+    """Whether the leaf `x` holds entries of both signs (a complex one: always). Reads two
+    numbers from the devices."""
+    if jnp.iscomplexobj(x):
+        return True
+    with _concrete():
+        low, high = (float(f(x)) for f in (jnp.min, jnp.max))
+    return low < 0 < high
+
+
 def entry_scales(x):
     """Per entry of a packed leaf, |x| over the power of two just above the largest |x|
     (exact in every precision, so the native and the reference programs draw the same

@@ -5,7 +5,6 @@ checks along leaf-local directions, and how their results change the overall sta
 import dataclasses
 import math
 
-import jax.numpy as jnp
 import numpy as np
 
 from . import _directions, _jitter, _ladder, _precision, _report, _sequential, _tree, _verdict
@@ -161,11 +160,10 @@ def localize(run: Run, scales, leaf_k, h, paths, chosen, sequential=False, fixed
         )
     if zero:
         it = "it" if len(zero) == 1 else "them"
-        native = run.reference is not None and np.dtype(run.reference).itemsize < 8
         # (in the model's own precision the noise may hide a derivative of ordinary size)
         less = (
             f", or by less than finite differences in {np.dtype(run.reference).name} resolve"
-            if native
+            if run.native_differences
             else ""
         )
         run.problems.append(
@@ -209,8 +207,7 @@ def _native_alone_scales(run: Run, scales):
     its own size (a bias of 1e-4 beside weights of 0.4) the change of fn is below float32
     rounding, and a gradient zeroed, negated or 1 % off could not be judged. Elsewhere,
     `scales` as they are."""
-    native = run.reference is not None and np.dtype(run.reference).itemsize < 8
-    if not native:
+    if not run.native_differences:
         return scales
     values = np.asarray(scales, np.float64)
     sizes = [max(np.size(x), 1) for x in run.inputs.diff]
@@ -221,18 +218,9 @@ def _native_alone_scales(run: Run, scales):
     for i, x in enumerate(run.inputs.diff):
         # (a leaf of one sign, a scale or variance inside a log or a sqrt, keeps its own
         # size: moved by more, it would leave fn's domain)
-        if values[i] < floor and np.size(x) and _both_signs(x):
+        if values[i] < floor and np.size(x) and _directions.both_signs(x):
             out[i] = floor
     return out
-
-
-def _both_signs(x) -> bool:
-    """Whether the real leaf `x` holds entries of both signs (complex: always)."""
-    if jnp.iscomplexobj(x):
-        return True
-    with _directions._concrete():
-        low, high = (float(f(x)) for f in (jnp.min, jnp.max))
-    return low < 0 < high
 
 
 def localize_finely(run: Run, scales, leaf_k, h, paths, chosen, fine, step, sequential=False):
@@ -353,12 +341,11 @@ def within_native_bars(run: Run, status: Status, leaves) -> tuple:
     end of the 95 % interval at or below the tolerance, the estimate no more than
     `NATIVE_NEAR` times it: a 3 % bug measured at 1.9 times its tolerance fails) not
     judged, where finite differences run in the model's precision and the all-leaf check
-    passes: their noise
-    floor is itself measured along few directions, and a float32 ReLU network's kinks bend
-    the differences by a few percent (a correct classifier's first layer failed alone at
-    3.4e-2 against its tolerance of 3.3e-2, and passed at other keys)."""
-    native = run.reference is not None and np.dtype(run.reference).itemsize < 8
-    if not native or status is not Status.PASS:
+    passes: their noise floor is itself measured along few directions, and a float32 ReLU
+    network's kinks bend the differences by a few percent (a correct classifier's first
+    layer failed alone at 3.4e-2 against its tolerance of 3.3e-2, and passed at other
+    keys)."""
+    if not run.native_differences or status is not Status.PASS:
         return leaves
     near = [
         leaf
@@ -514,7 +501,7 @@ def coarse_pass(run: Run, status: Status, leaves, head, shares=None) -> Status:
     its gradient zeroed, negated or 1 % off); the others are named, with what the pass
     vouches for."""
     coarse = head.noise_floor > _verdict.MAX_NOISE_FLOOR
-    native = run.reference is not None and np.dtype(run.reference).itemsize < 8
+    native = run.native_differences
     if status is not Status.PASS or not (coarse or native):
         return status
 

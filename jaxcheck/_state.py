@@ -111,6 +111,12 @@ class Run:
     def _param_size(self) -> int:
         return sum(math.prod(x.shape) for x in self.inputs.diff)
 
+    @property
+    def native_differences(self) -> bool:
+        """Whether the finite differences run below float64 (fn refused it, or the caller
+        asked for the model's precision)."""
+        return self.reference is not None and np.dtype(self.reference).itemsize < 8
+
     def spanned(self) -> bool:
         """Whether the parameters' directions are random signs that span them
         (`_directions.spanning_signs`): at most `_directions.SPANNED` elements in all,
