@@ -107,10 +107,8 @@ def _probe(problem, reverse, fold, seeds, diff, traced, index, signs) -> dict:
     rev = "reverse" in modes
     # autodiff through fn's custom rules, which compute a primal of their own
     own = problem.grad_fn is None and problem.has_rules
-    # fn calls no rule of its own: the value jax.value_and_grad returns is fn's, and fn is
-    # traced once for both (a trace of fn costs as much as its compile at many small leaves)
-    together = reverse and problem.scalar_output and problem.grad_fn is None and not own
-    pair = scalar_grad(f, diff) if together and not rev else None
+    # value and gradient from one trace of fn (`Problem.value_with_gradient`)
+    pair = scalar_grad(f, diff) if reverse and problem.value_with_gradient and not rev else None
     if rev or (reverse and not problem.scalar_output):
         outs, vjp_fn = jax.vjp(f, diff)
         # the primal jax.vjp returns is a custom_vjp's fwd (a custom_jvp rule's primal

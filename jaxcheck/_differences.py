@@ -74,14 +74,15 @@ def _reference(
     points = h.astype(work) * jnp.asarray(offsets, work)
     with_rule = with_rule and with_projections
     rule_rev = with_rule and "reverse" in modes
-    if rule_rev and problem.scalar_output:
+    if rule_rev and problem.value_with_gradient:
+        value, g_ref = _autodiff.scalar_grad(f, diff)
+        outs = [value]
+    elif rule_rev and problem.scalar_output:
+        outs = f(diff)
         if problem.grad_fn is not None:
-            outs, g_ref = f(diff), problem.gradient(diff, traced)
-        elif problem.has_rules:  # a rule computes a primal of its own: fn's is compared
-            outs, g_ref = f(diff), _autodiff.scalar_grad(f, diff)[1]
-        else:  # the value is fn's: fn traced once for both
-            value, g_ref = _autodiff.scalar_grad(f, diff)
-            outs = [value]
+            g_ref = problem.gradient(diff, traced)
+        else:
+            g_ref = _autodiff.scalar_grad(f, diff)[1]
     elif rule_rev:
         outs, vjp_fn = jax.vjp(f, diff)
     else:

@@ -70,6 +70,14 @@ class Problem:
     def scalar_output(self) -> bool:
         return len(self.out_shapes) == 1 and self.out_shapes[0] == ()
 
+    @property
+    def value_with_gradient(self) -> bool:
+        """Whether fn's value may be taken from jax.value_and_grad of fn: a scalar fn whose
+        derivative is autodiff through no custom rule (a rule computes a primal of its own,
+        which is compared with fn's), so that fn is traced once for both (at many small
+        leaves a trace of fn costs as much as its compile)."""
+        return self.scalar_output and self.grad_fn is None and not self.has_rules
+
     def call(self, diff, p_arrays, a_floats, a_arrays):
         params = _tree.merge(self.params, diff, p_arrays)
         args = _tree.merge(self.args, a_floats, a_arrays)

@@ -231,8 +231,8 @@ def keyed(fn, params, args, options: _options.Options) -> tuple:
 def refuse_iterators(params, args) -> None:
     """An iterator (a generator) among the inputs would hand fn other values at each of the
     many calls of a check, then run out (a bare StopIteration from inside fn)."""
+    is_iterator = lambda x: isinstance(x, Iterator)  # noqa: E731
     for where, tree in (("params", params), ("args", args)):
-        is_iterator = lambda x: isinstance(x, Iterator)  # noqa: E731
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_iterator)[0]:
             if is_iterator(leaf):
                 raise TypeError(
@@ -474,13 +474,14 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
     return report
 
 
-# how JAX begins its errors for a custom rule whose outputs have the wrong structure
+# why fn's jvp could not be transposed, where JAX's own error does not say
 _NONLINEAR_TANGENT = (
     "fn calls a custom_jvp whose tangent is not linear in its input tangents (an abs, a "
     "power, a sine, a product or a branch on them), which has no reverse mode. "
     "verify(..., mode='forward') checks fn in forward mode and names the rule (its jvp "
     "linearity row), as jaxcheck.verify_rule(rule, *inputs) does."
 )
+# how JAX begins its errors for a custom rule whose outputs have the wrong structure
 _RULE_SHAPES = ("Custom VJP bwd rule", "Custom VJP fwd rule", "Custom JVP rule")
 
 
