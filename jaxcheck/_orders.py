@@ -266,6 +266,8 @@ def run(fn, params, args: tuple, options: _options.Options, first: Callable) -> 
     inner = dataclasses.replace(options, grad_fn=grad_r, raise_on_failure=False)
     report = _staged(fn_r, params_r, args, inner, first)
     report = _complex.restore_leaves(report, params, paths)
+    if paths and report.status is Status.PASS:
+        report = _off_real_axis(report, fn, params, args, options, paths, first)
     if options.raise_on_failure and not report.ok:
         raise GradientCheckError(report)
     return report
@@ -438,12 +440,92 @@ def _grad_fn_nearby(first, fn, params, args, base) -> Report:
     return dataclasses.replace(report, problems=problems)
 
 
-def _moved(x, share: float, size: float, seed: int):
+# How far `_off_real_axis` moves complex leaves that hold real numbers: an imaginary part
+# of this share of each entry's size, times a standard normal draw. A missing conjugate is
+# then about this share wrong, beyond the loose tolerances of test suites (0.2)
+OFF_AXIS = 0.5
+OFF_AXIS_NAME = "fn with imaginary parts added"
+
+
+def _off_real_axis(report, fn, params, args, options, paths, first) -> Report:
+    """`report` with one more part where complex leaves of params hold only real numbers
+    and fn calls a custom rule (or a grad_fn is checked): the first-order check with
+    imaginary parts added to those leaves. At a real z, z equals conj(z), so a rule that
+    leaves out a conjugate (z for jnp.conj(z)) or is written for real inputs
+    (jnp.cos(jnp.real(z))) gives the right derivative; its maps of order 2 are wrong only
+    off the real axis, where their finite differences run the same rule. JAX's own rules
+    are taken as right."""
+    keyed, treedef = jax.tree_util.tree_flatten_with_path(params)
+    leaves = [x for _, x in keyed]
+    at = [i for i, (p, _) in enumerate(keyed) if jax.tree_util.keystr(p) in paths]
+    with _plan.own_transfers():
+        hosts = {i: _plan.host_array(leaves[i]) for i in at}
+        real = [i for i in at if hosts[i].size and not np.any(hosts[i].imag)]
+        if not real or (
+            options.grad_fn is None and not _rule_search.fn_rule_kinds(fn, params, args)
+        ):
+            return report
+        tops = np.asarray([np.max(np.abs(hosts[i])) for i in real], np.float64)
+        sizes = _directions.with_floor(tops, [hosts[i].size for i in real])
+        seed = int(_directions.seeds(options.key, "off axis", ("",))[0])
+        moved = list(leaves)
+        for n, (i, size) in enumerate(zip(real, sizes)):
+            h, x = hosts[i], leaves[i]
+            if isinstance(x, jax.Array) and not x.is_fully_addressable:
+                moved[i] = _moved(x, OFF_AXIS, float(size), seed + n, imaginary=True)
+                continue
+            g = np.random.default_rng(seed + n).standard_normal(h.shape)
+            z = (h + 1j * OFF_AXIS * g * np.where(h == 0, size, np.abs(h))).astype(h.dtype)
+            if isinstance(x, jax.Array):
+                z = jax.device_put(z, x.sharding if x.committed else None)
+            moved[i] = z
+    moved = jax.tree_util.tree_unflatten(treedef, moved)
+    fn_r, params_r, grad_r = _complex.real_problem(
+        fn, moved, options.grad_fn, options.has_aux, paths
+    )
+    once = dataclasses.replace(options, order=1, grad_fn=grad_r, raise_on_failure=False)
+    off = _complex.restore_leaves(first(fn_r, params_r, args, once), moved, paths)
+    names = ", ".join(jax.tree_util.keystr(keyed[i][0]) or "(root)" for i in real)
+    one = len(real) == 1
+    where = (
+        f"complex {'leaf' if one else 'leaves'} {names} hold{'s' if one else ''} only real numbers"
+    )
+    if off.status is Status.FAIL:
+        note = (
+            f"the derivative agrees at params, where {where}, but not with imaginary parts "
+            f"of {OFF_AXIS:g} times each entry's size added: at a real z, z equals "
+            "conj(z), so a rule that leaves out a conjugate (z for jnp.conj(z)) or is "
+            "written for real inputs (jnp.cos(jnp.real(z))) is right there and wrong off "
+            "the real axis"
+        )
+        off = dataclasses.replace(off, problems=(note, *off.problems))
+    elif off.status is not Status.PASS:
+        note = (
+            f"{where}: there a rule that leaves out a conjugate, or is written for real "
+            "inputs, cannot show; the check with imaginary parts added could not judge "
+            f"({off.status.value}): check at a point with imaginary parts"
+        )
+        return dataclasses.replace(report, problems=(*report.problems, note))
+    off = _named(off, 1, (), OFF_AXIS_NAME)
+    if report.parts:
+        parts = sorted((*report.parts, off), key=lambda p: _report.order_of(p) or 0)
+        return _report.compose(parts, options.order)
+    composed = _report.compose((_named(report, 1, (), "fn"), off), 1)
+    return dataclasses.replace(composed, label="order 1")
+
+
+def _moved(x, share: float, size: float, seed: int, imaginary: bool = False):
     """x + share * g * x entry by entry (size in place of x where x is zero), g standard
-    normal (complex normal for a complex x), in x's own kind: a jax array on its devices
+    normal (complex normal for a complex x; i times a real one with `imaginary`, the
+    entries' magnitudes in place of x), in x's own kind: a jax array on its devices
     and sharding (a sharded model is not gathered, and a grad_fn on a mesh of Explicit
     axes meets the layout it was written for), a NumPy array or scalar in its dtype."""
     if isinstance(x, jax.Array):
+        if imaginary:
+            g = jax.random.normal(jax.random.key(seed), x.shape, jnp.real(x).dtype)
+            g = jax.device_put(jax.lax.complex(jnp.zeros_like(g), g), x.sharding)
+            scale = jnp.where(x == 0, jnp.asarray(size, x.dtype), jnp.abs(x).astype(x.dtype))
+            return x + share * g * scale
         g = jax.random.normal(jax.random.key(seed), x.shape, x.dtype)
         g = jax.device_put(g, x.sharding)
         return x + share * g * jnp.where(x == 0, jnp.asarray(size, x.dtype), x)

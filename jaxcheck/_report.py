@@ -310,9 +310,20 @@ def _primal_only(checks) -> bool:
     return bool(failed) and all(n == PRIMAL_CHECK or n.endswith(": primal") for n in failed)
 
 
+# the advice where nothing that failed was compared with finite differences
+UNMEASURED_ADVICE = (
+    "What failed was not compared with finite differences: the notes above say what is "
+    "wrong (a derivative of another dtype than its parameter, as a custom_vjp's bwd "
+    "returning a complex cotangent for a real input) and which rule gives it."
+)
+
+
 def _advice(r: Report) -> str:
     if r.status is Status.FAIL and _primal_only(r.checks):
         return PRIMAL_ADVICE
+    failed = [c for c in r.checks if not c.passed]
+    if r.status is Status.FAIL and failed and all(math.isnan(c.relative_error) for c in failed):
+        return UNMEASURED_ADVICE
     return r.status.advice
 
 
@@ -446,14 +457,19 @@ def _render_composite(r: Report) -> str:
         lines.append(_held_fixed(r.held_fixed))
     # (parts that take no directions, such as a rule's checks without finite
     # differences, are not counted)
-    used = sorted({p.num_directions for p in r.parts if p.num_directions}) or [0]
-    count = str(used[0]) if len(used) == 1 else f"{used[0]} to {used[-1]}"
-    lines.append(
-        f"  {count} directions per check, {r.num_evaluations} evaluations of fn "
-        f"and its derivative maps; derivatives in {r.tested_dtype}, reference: central "
-        f"differences in {r.reference_dtype}; compile {r.compile_seconds:.2f} s, run "
-        f"{r.run_seconds:.2f} s"
-    )
+    used = sorted({p.num_directions for p in r.parts if p.num_directions and p.num_evaluations})
+    count = "" if not used else str(used[0]) if len(used) == 1 else f"{used[0]} to {used[-1]}"
+    timing = f"compile {r.compile_seconds:.2f} s, run {r.run_seconds:.2f} s"
+    if not r.num_evaluations:
+        lines.append(
+            f"  derivatives in {r.tested_dtype}; no finite differences were taken; {timing}"
+        )
+    else:
+        lines.append(
+            f"  {count or 0} directions per check, {r.num_evaluations} evaluations of fn "
+            f"and its derivative maps; derivatives in {r.tested_dtype}, reference: central "
+            f"differences in {r.reference_dtype}; {timing}"
+        )
     if r.status is not Status.PASS:
         lines.append("  " + _advice(r))
     return "\n".join(lines)

@@ -76,6 +76,9 @@ def checked(fn, params, args, options, check) -> Report:
         )
         if part is not None:
             parts.append(part)
+            if part.status is Status.FAIL:  # the rule is named: no advice to name it
+                kept = tuple(p for p in report.problems if not p.endswith(_probe.KIND_HINT))
+                report = dataclasses.replace(report, problems=kept)
             judged = sum(c.num_used > 0 for c in part.checks)
             total = len(part.checks)
             if judged == total:
@@ -190,6 +193,14 @@ def _failing(report: Report) -> frozenset:
     )
 
 
+def _measured(r: Report) -> str:
+    """ ", relative error ... (tolerance ...)" of a wrong rule, where finite differences
+    measured one (not for a cotangent of the wrong dtype alone)."""
+    if math.isnan(r.relative_error):
+        return ""
+    return f", relative error {r.relative_error:.1e} (tolerance {r.tolerance:.1e})"
+
+
 def rules_part(
     fn, params, args, o, order=1, error=None, passed=False, clean=False, failing=frozenset()
 ) -> tuple[Report | None, list]:
@@ -259,8 +270,7 @@ def rules_part(
         _not_counted(rows, titles, unseen, "fn's derivatives pass")
     head = wrong[0] if wrong else None
     problems = [
-        f"wrong rule: {r.label}: {_failed_rows(r)}, relative error {r.relative_error:.1e} "
-        f"(tolerance {r.tolerance:.1e}){_failing_inputs(r)}{_raised(r)}"
+        f"wrong rule: {r.label}: {_failed_rows(r)}{_measured(r)}{_failing_inputs(r)}{_raised(r)}"
         for r in wrong
     ]
     unjudged = [r for r in reports if r.status in (Status.INCONCLUSIVE, Status.NONFINITE)]

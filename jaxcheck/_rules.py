@@ -617,13 +617,14 @@ class _Called:
         return isinstance(other, _Called) and other._key() == self._key()
 
 
-_ARG_PATH = re.compile(r"(^|wrong: |, |leaf )\[")
+_ARG_PATH = re.compile(r"(^|wrong: |, |leaf |leaves )\[")
 
 
 def _relabel(report: Report, label: str) -> Report:
     checks = tuple(dataclasses.replace(c, name=f"{label}: {c.name}") for c in report.checks)
     leaves = tuple(dataclasses.replace(leaf, path=f"args{leaf.path}") for leaf in report.leaves)
-    # leaf paths in the notes: a list of them, or one opening a note or after "leaf "
+    # leaf paths in the notes: a list of them, or one opening a note or after "leaf " or
+    # "leaves "
     problems = tuple(_ARG_PATH.sub(r"\1args[", p) for p in report.problems)
     return dataclasses.replace(report, checks=checks, leaves=leaves, problems=problems, label=label)
 

@@ -434,3 +434,113 @@ def test_a_cotangent_of_the_wrong_kind_fails_on_its_leaf(case, order):
         assert any("the orders above 1 were not checked" in q for q in report.problems)
     with pytest.raises(jaxcheck.GradientCheckError, match="names the rule"):
         jaxcheck.check_grads(lambda x, y: fn({"x": x, "y": y}), (params["x"], params["y"]), order)
+
+
+@pytest.mark.rules_auto
+@pytest.mark.parametrize("case", sorted(_KIND_CASES))
+def test_a_cotangent_of_the_wrong_kind_with_its_rule_named_shows_no_numbers(case):
+    """With the rule named, the report still advised how to name it, gave the rule
+    "relative error nan (tolerance nan)", counted "16 directions per check, 0
+    evaluations", and ended on advice about finite differences that were never taken."""
+    fn, params, _ = _KIND_CASES[case]
+    report = jaxcheck.verify(fn, params)
+    text = str(report)
+    assert report.status == "fail"
+    (line,) = [q for q in report.problems if q.startswith("wrong rule: ")]
+    assert line.endswith(": vjp vs finite differences, cotangent types"), line
+    assert not any("names the rule" in q for q in report.problems), report.problems
+    assert "nan" not in text
+    assert "  derivatives in float32; no finite differences were taken; compile " in text
+    assert text.endswith(
+        "What failed was not compared with finite differences: the notes above say what is "
+        "wrong (a derivative of another dtype than its parameter, as a custom_vjp's bwd "
+        "returning a complex cotangent for a real input) and which rule gives it."
+    )
+
+
+@jax.custom_vjp
+def _norm2_without_conjugate(z):
+    return jnp.sum(jnp.abs(z) ** 2)
+
+
+_norm2_without_conjugate.defvjp(
+    lambda z: (_norm2_without_conjugate(z), z), lambda z, g: (2 * z * g,)
+)
+
+
+@jax.custom_jvp
+def _sin_for_real_inputs(z):
+    return jnp.sin(z)
+
+
+_sin_for_real_inputs.defjvp(
+    lambda p, t: (jnp.sin(p[0]), jnp.cos(jnp.real(p[0])).astype(p[0].dtype) * t[0])
+)
+
+
+@jax.custom_jvp
+def _sin_right(z):
+    return jnp.sin(z)
+
+
+_sin_right.defjvp(lambda p, t: (jnp.sin(p[0]), jnp.cos(p[0]) * t[0]))
+
+# complex, with real numbers only, and one of them 0
+_ON_AXIS = jnp.array([0.3, -0.5, 0.0, 0.8], jnp.complex64)
+_OFF_AXIS_NAME = "order 1: fn with imaginary parts added"
+
+
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize(
+    "fn, z",
+    [
+        (_norm2_without_conjugate, _ON_AXIS),
+        # (without the 0: |sin(z)|**2 there meets JAX's derivative 0 of abs at a complex 0)
+        (lambda z: jnp.sum(jnp.abs(_sin_for_real_inputs(z)) ** 2), _ON_AXIS.at[2].set(0.6)),
+    ],
+    ids=["missing conjugate", "rule for real inputs"],
+)
+def test_a_rule_right_only_on_the_real_axis_fails_at_complex_params_holding_real_numbers(
+    fn, z, order, mode
+):
+    """At a real z, z equals conj(z): a custom_vjp without the conjugate, and a custom_jvp
+    written for real inputs, give the right derivative there, and their maps of order 2
+    are wrong only off the real axis, where their finite differences run the same rule.
+    Both passed at every order (so does JAX's check_grads). The check is repeated with
+    imaginary parts added, and fails there, saying why."""
+    if mode == "forward" and fn is _norm2_without_conjugate:
+        pytest.skip("a custom_vjp has no forward mode")
+    report = jaxcheck.verify(fn, z, order=order, mode=mode)
+    assert report.status == "fail"
+    labels = [p.label for p in report.parts]
+    assert labels[:2] == ["order 1: fn", _OFF_AXIS_NAME], labels
+    assert [p.status.value for p in report.parts[:2]] == ["pass", "fail"]
+    assert str(report).startswith(f"jaxcheck.verify: FAIL — {_OFF_AXIS_NAME} is WRONG\n")
+    assert (
+        f"{_OFF_AXIS_NAME}: the derivative agrees at params, where complex leaf (root) holds "
+        "only real numbers, but not with imaginary parts of 0.5 times each entry's size "
+        "added: at a real z, z equals conj(z), so a rule that leaves out a conjugate (z for "
+        "jnp.conj(z)) or is written for real inputs (jnp.cos(jnp.real(z))) is right there "
+        "and wrong off the real axis"
+    ) in report.problems
+    with pytest.raises(jaxcheck.GradientCheckError, match="f with imaginary parts added is WRONG"):
+        jaxcheck.check_grads(fn, (z,), order, modes=("rev",))
+
+
+@pytest.mark.parametrize(
+    "fn, extra",
+    [
+        (lambda z: jnp.sum(jnp.abs(_sin_right(z)) ** 2), True),
+        (lambda z: jnp.sum(jnp.abs(jnp.sin(z)) ** 2), False),  # JAX's own rules alone
+    ],
+    ids=["custom rule", "no rule"],
+)
+def test_complex_params_holding_real_numbers_are_checked_off_the_axis_where_fn_has_rules(fn, extra):
+    z = _ON_AXIS.at[2].set(0.6)
+    with jax.numpy_dtype_promotion("strict"):
+        report = jaxcheck.verify(fn, z, order=2)
+    assert report.status == "pass"
+    assert (_OFF_AXIS_NAME in [p.label for p in report.parts]) is extra
+    off_axis = jaxcheck.verify(fn, z + 0.1j, order=2)
+    assert _OFF_AXIS_NAME not in [p.label for p in off_axis.parts]
