@@ -517,8 +517,9 @@ def test_a_leaf_cut_off_by_stop_gradient_is_said_so():
         "['rate']: the derivative under test is exactly zero for this leaf while fn changes "
         "with it: a jax.lax.stop_gradient (or a custom rule returning zeros, a value passed "
         "in a custom_jvp/custom_vjp's nondiff_argnums, which JAX does not differentiate, a "
-        "cast to an integer, or .item() on a value computed from params) cuts it off. If it "
-        "is meant to "
+        "cast to an integer, or .item() on a value computed from params) cuts it off; so "
+        "does a rule at a point where it takes the derivative 0 (abs of a complex 0: JAX's "
+        "second derivative of abs(z)**2 there is 0, not 2). If it is meant to "
         "be held fixed (a hyperparameter such as a dropout rate), pass it to fn as an "
         "argument or leave it out of params (equinox: eqx.partition(model, "
         "eqx.is_inexact_array)); if not, that is the bug"
@@ -546,6 +547,19 @@ def test_item_on_a_value_computed_from_params_is_named_among_the_causes():
     assert report.status == "fail"
     (line,) = [q for q in report.problems if "exactly zero" in q]
     assert "or .item() on a value computed from params) cuts it off" in line
+
+
+def test_a_rule_taking_the_derivative_zero_at_the_point_is_named_among_the_causes():
+    """JAX differentiates abs of a complex 0 as 0, so its second derivative of abs(z)**2
+    at z = 0 is 0 where it is 2 (the real abs has it right). The failure is real; the
+    note named only stop_gradient and custom rules, which fn does not have."""
+    report = jaxcheck.verify(
+        lambda z: jnp.sum(jnp.abs(z) ** 2), jnp.zeros(3, jnp.complex64), order=2
+    )
+    assert report.status == "fail"
+    assert report.parts[-1].label == "order 2: Hessian-vector products"
+    (line,) = [q for q in report.problems if "exactly zero" in q]
+    assert "(abs of a complex 0: JAX's second derivative of abs(z)**2 there is 0, not 2)" in line
 
 
 def test_a_report_has_no_truth_value_and_compares_by_identity():
