@@ -64,7 +64,7 @@ class Checker:
                 f"{', '.join(sorted(keywords))}.{hint}"
             )
         _verify.refuse_iterators(params, args)
-        params = _tree.settle_weak(params)
+        params = _tree.settle_weak(params, self.fn, args)
         again = self._keyed is not None
         if self._keyed is None:
             # what fn computes now, once, so that its own calls cost no trace to find that

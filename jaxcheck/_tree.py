@@ -110,12 +110,15 @@ def split(tree, where: str) -> tuple[Split, list, list]:
     return Split(treedef, tuple(paths), tuple(kinds), tuple(statics)), floats, arrays
 
 
-def settle_weak(params):
+def settle_weak(params, fn=None, args=()):
     """`params` with each weak-typed floating leaf (a Python float, a weak-typed array) as an
     array of the dtype it takes beside params' other floating leaves, as fn sees it:
     `jnp.sin(x) * y` with a float32 `x` and `y = 2.0` computes in float32 whether or not
     64-bit types are on, and stays valid under strict dtype promotion. Without other
-    floating leaves a weak leaf keeps JAX's default dtype (`strong_array`)."""
+    floating leaves, the dtype of the floating outputs of `fn(params, *args)` traced with
+    the weak leaves as they are (`x * w` with a float32 `w` that fn closes over is float32,
+    and float64 would meet w under strict promotion), or where that cannot tell, JAX's
+    default dtype (`strong_array`)."""
     leaves, treedef = jax.tree.flatten(params)
     weak = [i for i, x in enumerate(leaves) if _weak_float(x)]
     strong = {  # (as JAX takes them: NumPy float64 is float32 while 64-bit types are off)
@@ -123,6 +126,8 @@ def settle_weak(params):
         for x in leaves
         if is_array(x) and not _weak_float(x) and jnp.issubdtype(x.dtype, jnp.floating)
     }
+    if weak and not strong and fn is not None:
+        strong = _output_floats(fn, params, args)
     if not weak or not strong:
         return params
     # (a Python float among params is put on the device by the check itself, as a parameter:
@@ -132,6 +137,20 @@ def settle_weak(params):
             dtype = jnp.result_type(*strong, leaves[i])
             leaves[i] = jnp.asarray(leaves[i], dtype)
     return jax.tree.unflatten(treedef, leaves)
+
+
+def _output_floats(fn, params, args) -> set:
+    """{the real dtype of fn's floating outputs} where they have one, else empty."""
+    try:
+        out = jax.eval_shape(lambda p: fn(p, *args), params)
+    except Exception:  # noqa: BLE001 - only a question; the check itself says what fails
+        return set()
+    dtypes = {
+        jnp.finfo(x.dtype).dtype
+        for x in jax.tree.leaves(out)
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+    }
+    return dtypes if len(dtypes) == 1 else set()
 
 
 def _weak_float(x) -> bool:

@@ -195,7 +195,7 @@ def verify(
         raise TypeError(f"fn must be callable, got {type(fn).__name__}.")
     refuse_a_checker(fn, "verify(fn, params)")
     refuse_iterators(params, args)
-    params = _tree.settle_weak(params)
+    params = _tree.settle_weak(params, fn, args)
     # a second check of fn reuses its programs only while fn (and grad_fn) compute what
     # they did: a global or a setting they read may have changed in between
     fn, options = keyed(fn, params, args, options)

@@ -106,6 +106,30 @@ def test_strict_promotion_with_a_python_float_argument(strict_numerics, dtype, x
             )
 
 
+@pytest.mark.parametrize("x64_on", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_strict_promotion_with_a_python_float_alone_beside_closed_over_data(
+    strict_numerics, dtype, x64_on
+):
+    """JAX's shard_map tests check `f(0.2)` with float32 data closed over: the Python float
+    is weakly typed, so fn computes in float32. With no other float among the arguments, the
+    check took it as float64 under 64-bit types, and strict promotion refused float64 beside
+    the data (TypePromotionError from jaxcheck's own trace). It is taken in the dtype of
+    fn's outputs, and a derivative wrong in it still fails."""
+    w = jnp.array([0.3, -0.7, 1.1], dtype)
+    with enable_x64(x64_on):
+        jaxcheck.check_grads(lambda x: jnp.sin(x * w), (0.2,), order=2, atol=1e-2, rtol=1e-2)
+        report = jaxcheck.verify(lambda x: jnp.sum(jnp.sin(x * w)), 0.2)
+        assert report.status == "pass", str(report)
+        assert report.tested_dtype == dtype
+        checker = jaxcheck.Checker(lambda x, v: jnp.sum(jnp.sin(x * v)))
+        assert checker(0.2, w).tested_dtype == dtype
+        with pytest.raises(AssertionError, match="FAIL — gradient is WRONG"):
+            jaxcheck.check_grads(
+                lambda x: jnp.sin(x * w) * lax.stop_gradient(x) / x, (0.2,), order=1
+            )
+
+
 @pytest.mark.parametrize("enabled", [False, True])
 def test_x64_on_or_off(enabled):
     with enable_x64(enabled):
