@@ -115,10 +115,10 @@ def settle_weak(params, fn=None, args=()):
     array of the dtype it takes beside params' other floating leaves, as fn sees it:
     `jnp.sin(x) * y` with a float32 `x` and `y = 2.0` computes in float32 whether or not
     64-bit types are on, and stays valid under strict dtype promotion. Without other
-    floating leaves, the dtype of the floating outputs of `fn(params, *args)` traced with
-    the weak leaves as they are (`x * w` with a float32 `w` that fn closes over is float32,
-    and float64 would meet w under strict promotion), or where that cannot tell, JAX's
-    default dtype (`strong_array`)."""
+    floating leaves, JAX's default dtype (`strong_array`), unless strict promotion refuses
+    fn with it: then the dtype of fn's floating outputs, traced with the weak leaves as
+    they are (`x * w` with a float32 `w` that fn closes over is float32, where float64,
+    the default with 64-bit types on, meets w)."""
     leaves, treedef = jax.tree.flatten(params)
     weak = [i for i, x in enumerate(leaves) if _weak_float(x)]
     strong = {  # (as JAX takes them: NumPy float64 is float32 while 64-bit types are off)
@@ -139,11 +139,27 @@ def settle_weak(params, fn=None, args=()):
     return jax.tree.unflatten(treedef, leaves)
 
 
+# strict promotion's refusal (in jax.dtypes in newer releases; a ValueError in any)
+_PROMOTION_ERROR = getattr(jax.dtypes, "TypePromotionError", None) or getattr(
+    jax._src.dtypes, "TypePromotionError", ValueError
+)
+
+
 def _output_floats(fn, params, args) -> set:
-    """{the real dtype of fn's floating outputs} where they have one, else empty."""
+    """Where fn refuses its weak leaves in JAX's default dtype for their promotion alone,
+    {the real dtype of its floating outputs} with them weak, if they have one; else empty."""
+    call = lambda p: fn(p, *args)  # noqa: E731
+    strong = jax.tree.map(lambda x: strong_array(x) if _weak_float(x) else x, params)
     try:
-        out = jax.eval_shape(lambda p: fn(p, *args), params)
+        jax.eval_shape(call, strong)
+        return set()
+    except _PROMOTION_ERROR:
+        pass
     except Exception:  # noqa: BLE001 - only a question; the check itself says what fails
+        return set()
+    try:
+        out = jax.eval_shape(call, params)
+    except Exception:  # noqa: BLE001 - as above
         return set()
     dtypes = {
         jnp.finfo(x.dtype).dtype

@@ -130,6 +130,27 @@ def test_strict_promotion_with_a_python_float_alone_beside_closed_over_data(
             )
 
 
+@pytest.mark.parametrize(
+    "x64_on, out_dtype, expected", [(False, "float16", "float32"), (True, "float32", "float64")]
+)
+def test_a_python_float_alone_keeps_the_default_dtype_where_fn_takes_it(
+    x64_on, out_dtype, expected
+):
+    """fn computes in JAX's default dtype and casts its output: the float is checked in
+    the default dtype, not the output's (a first version took float16 for 7e4, which
+    overflows it, and float32 under 64-bit types, where exp(100) overflows)."""
+    w = jnp.array([0.3, 0.7, 1.1], jnp.float32)
+    with enable_x64(x64_on):
+        if out_dtype == "float16":
+            fn = lambda x: jnp.sum(jnp.sin(x * w * 1e-4) * 100).astype(out_dtype)  # noqa: E731
+            report = jaxcheck.verify(fn, 7e4)
+        else:
+            fn = lambda x: (jnp.exp(x) * 1e-40).astype(out_dtype)  # noqa: E731
+            report = jaxcheck.verify(fn, 100.0)
+        assert report.tested_dtype == expected, str(report)
+        assert report.status == "pass", str(report)
+
+
 @pytest.mark.parametrize("enabled", [False, True])
 def test_x64_on_or_off(enabled):
     with enable_x64(enabled):
