@@ -36,16 +36,36 @@ def explains(run: Run, p, weights) -> bool:
     finite differences' noise and the derivative's rounding allow together."""
     if _verdict.with_rule(run):
         return False  # a higher-precision rule measured the rounding already
-    moved = _gradient_change(run)
-    if moved is None:
-        return False
     use = p.fd.smooth
     if not use.any():
         return False
     weights = np.asarray(weights, np.float64)
-    rounding = math.sqrt(float(np.sum(np.square(weights) * moved)))
     noise = _error_model.rms(p.fd.bar[use])
-    return apart(p, run.modes) <= SAFETY * math.hypot(noise, rounding)
+    # the largest of a few moves (one move of a leaf of 4 entries is a sum of 4 squares,
+    # and spreads several-fold between draws)
+    for draw in range(SYSTEMATIC_DRAWS):
+        moved = _gradient_change(run, draw)
+        if moved is None:
+            return False
+        # relative to the gradient along the same leaves, then in the projections' units
+        # (the weights' overall scale is not the directions': a leaf checked alone at a
+        # larger scale than its own read ten times less rounding than it has)
+        size = math.sqrt(float(np.sum(np.square(weights) * run.probe["jitter_sizes"])))
+        share = math.sqrt(float(np.sum(np.square(weights) * moved))) / size if size else 0.0
+        rounding = share * _tested_size(p, run.modes)
+        if apart(p, run.modes) <= SAFETY * math.hypot(noise, rounding):
+            return True
+    return False
+
+
+def _tested_size(p, modes) -> float:
+    """RMS of the derivative under test's projections over the smooth directions, in the
+    larger mode."""
+    use, size = p.fd.smooth, 0.0
+    for mode, a in (("reverse", p.rev), ("forward", p.fwd)):
+        if mode in modes and a is not None and use.any():
+            size = max(size, _error_model.rms(np.asarray(a, np.float64)[use]))
+    return size
 
 
 def apart(p, modes) -> float:
@@ -60,7 +80,7 @@ def apart(p, modes) -> float:
 
 
 SYSTEMATIC = 30  # a gap to the same rule in float64 this many times its own move is no rounding
-SYSTEMATIC_DRAWS = 3  # moves of params drawn to measure it: the largest counts
+SYSTEMATIC_DRAWS = 3  # moves of params drawn to measure rounding: the largest counts
 
 
 def systematic(run: Run, p, head, weights) -> float | None:
@@ -242,6 +262,7 @@ def _moved(run: Run, draw: int):
             values = run.timer.run(program, run.seeds[1], inputs.diff, inputs.traced(), None)
             run.probe["jitter_from"] = values["grad"]
         grad = run.probe["jitter_from"]
+    run.probe["jitter_sizes"] = np.asarray([float(np.sum(np.abs(_wide(g)) ** 2)) for g in grad])
     key = jax.random.key(draw)
     diff = []
     for i, x in enumerate(run.inputs.diff):
