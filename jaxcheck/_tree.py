@@ -148,6 +148,8 @@ _PROMOTION_ERROR = getattr(jax.dtypes, "TypePromotionError", None) or getattr(
 def _output_floats(fn, params, args) -> set:
     """Where fn refuses its weak leaves in JAX's default dtype for their promotion alone,
     {the real dtype of its floating outputs} with them weak, if they have one; else empty."""
+    if jax.config.jax_numpy_dtype_promotion != "strict":
+        return set()  # (standard promotion takes any dtype: no trace, a Checker's calls cost none)
     call = lambda p: fn(p, *args)  # noqa: E731
     strong = jax.tree.map(lambda x: strong_array(x) if _weak_float(x) else x, params)
     try:
