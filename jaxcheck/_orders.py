@@ -461,8 +461,10 @@ def _off_real_axis(report, fn, params, args, options, paths, first) -> Report:
     with _plan.own_transfers():
         hosts = {i: _plan.host_array(leaves[i]) for i in at}
         real = [i for i in at if hosts[i].size and not np.any(hosts[i].imag)]
+        # (fn's output alone: an aux of strings cannot be traced)
+        out = (lambda p, *a: fn(p, *a)[0]) if options.has_aux else fn
         if not real or (
-            options.grad_fn is None and not _rule_search.fn_rule_kinds(fn, params, args)
+            options.grad_fn is None and not _rule_search.fn_rule_kinds(out, params, args)
         ):
             return report
         tops = np.asarray([np.max(np.abs(hosts[i])) for i in real], np.float64)

@@ -513,6 +513,8 @@ def test_a_rule_right_only_on_the_real_axis_fails_at_complex_params_holding_real
         pytest.skip("a custom_vjp has no forward mode")
     report = jaxcheck.verify(fn, z, order=order, mode=mode)
     assert report.status == "fail"
+    with_aux = jaxcheck.verify(lambda z: (fn(z), "aux"), z, order=order, mode=mode, has_aux=True)
+    assert with_aux.status == "fail" and with_aux.parts[1].label == _OFF_AXIS_NAME
     labels = [p.label for p in report.parts]
     assert labels[:2] == ["order 1: fn", _OFF_AXIS_NAME], labels
     assert [p.status.value for p in report.parts[:2]] == ["pass", "fail"]
