@@ -372,6 +372,13 @@ def within_native_bars(run: Run, status: Status, leaves) -> tuple:
     )
 
 
+def _measured_alone(leaf) -> str:
+    """What a leaf's check alone measured, for a note."""
+    if math.isnan(leaf.relative_error):
+        return "no estimate: none of its directions was smooth with finite values"
+    return f"relative error {leaf.relative_error:.1e}, 95% up to {leaf.interval[1]:.1e}"
+
+
 def merge_leaves(run: Run, status: Status, leaves, num_leaves: int = 0) -> Status:
     """The overall status once the leaves are checked: a failing leaf fails the check
     (a non-finite one stays so), and is named. An all-leaf check that could not judge
@@ -534,8 +541,7 @@ def coarse_pass(run: Run, status: Status, leaves, head, shares=None) -> Status:
     partly = [leaf for leaf in unjudged if leaf not in doubtful]
     if partly:
         named = ", ".join(
-            f"{leaf.path or '(root)'} (relative error {leaf.relative_error:.1e}, 95% up to "
-            f"{leaf.interval[1]:.1e}"
+            f"{leaf.path or '(root)'} ({_measured_alone(leaf)}"
             + (
                 f"; the pass sees an error in it from {vouched(leaf):.1e}"
                 if vouched(leaf) > 0
@@ -551,11 +557,7 @@ def coarse_pass(run: Run, status: Status, leaves, head, shares=None) -> Status:
         )
     if not doubtful:
         return status
-    named = ", ".join(
-        f"{leaf.path or '(root)'} (relative error {leaf.relative_error:.1e}, 95% up to "
-        f"{leaf.interval[1]:.1e})"
-        for leaf in doubtful
-    )
+    named = ", ".join(f"{leaf.path or '(root)'} ({_measured_alone(leaf)})" for leaf in doubtful)
     how = (
         "at a coarse resolution"
         if coarse

@@ -93,7 +93,17 @@ def stale_constants(err: BaseException) -> bool:
     if not isinstance(err, TypeError | ValueError | RuntimeError):
         return False
     text = str(err)
-    return bool(re.search(r"float32|f32\b", text)) and bool(re.search(r"float64|f64\b", text))
+    mixed = bool(re.search(r"float32|f32\b", text)) and bool(re.search(r"float64|f64\b", text))
+    # in JAX's words for mismatched operands (a fn refusing float64 on purpose, "kernel
+    # expects float32, got float64", says what it is without the hint)
+    return mixed and bool(_MISMATCH.search(text))
+
+
+_MISMATCH = re.compile(
+    r"same dtypes?|equal (?:output )?types|dtypes do not match|element types?|"
+    r"promotion|incompatible|mismatch",
+    re.IGNORECASE,
+)
 
 
 TRACED_RULE_HINT = (

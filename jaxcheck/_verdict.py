@@ -299,9 +299,20 @@ def status(run: Run, p: Pass, checks, k, problems) -> Status:
             f"resolution (tolerance {head.tolerance:.1e}), so a smaller error would go unseen"
         )
     elif coarse:
+        native = (
+            # (fn rounds to float32 inside: finite differences in float32 throughout, as
+            # fn computes, resolved correct models that cast their params to float32 to
+            # about 1e-3 where the float64 reference did not, and failed 1 % bugs)
+            "; fn rounds to float32 inside: precision='native' takes finite differences in "
+            "float32 throughout, as fn computes, which may resolve it more finely"
+            if run.rounds_to is not None
+            and np.dtype(run.rounds_to) == np.float32
+            and not run.native_differences
+            else ""
+        )
         problems.append(
             f"finite-difference noise floor {head.noise_floor:.1e} is too coarse to judge "
-            "the gradient"
+            f"the gradient{native}"
         )
         return Status.INCONCLUSIVE
     if not all(c.passed for c in checks):

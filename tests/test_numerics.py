@@ -560,6 +560,62 @@ def test_a_float32_only_model_near_its_optimum_is_not_failed_for_its_gradients_r
     assert [leaf.path for leaf in report.leaves if leaf.status == "fail"] == [".layers[2].bias"]
 
 
+def _casting_model(seed):
+    """A tanh MLP that casts its params to float32 inside (a precision policy), with
+    biases of 1e-3, and its data."""
+    keys = jax.random.split(jax.random.key(seed), 8)
+    sizes = (8, 32, 32, 4)
+    p = {
+        f"w{i}": jax.random.uniform(keys[i], (a, b), minval=-1, maxval=1) / np.sqrt(a)
+        for i, (a, b) in enumerate(zip(sizes, sizes[1:]))
+    }
+    p |= {f"b{i}": 1e-3 * jax.random.normal(keys[3 + i], (b,)) for i, b in enumerate(sizes[1:])}
+
+    def loss(p, x, y):
+        p = jax.tree.map(lambda a: a.astype(jnp.float32), p)
+        h = x
+        for i in range(2):
+            h = jnp.tanh(h @ p[f"w{i}"] + p[f"b{i}"])
+        return jnp.mean((h @ p["w2"] + p["b2"] - y) ** 2)
+
+    return loss, p, jax.random.normal(keys[6], (16, 8)), jax.random.normal(keys[7], (16, 4))
+
+
+def test_a_model_casting_its_params_to_float32_not_judged_is_pointed_to_native_precision():
+    """Against the float64 reference, the float32 staircase of such a model left its check
+    not judged (noise floor 4e-2 to 9e-2 at four seeds), where precision="native" passes it
+    at a tolerance of about 1e-3 and fails a 1 % bug; the report did not say so."""
+    loss, p, x, y = _casting_model(0)
+    report = jaxcheck.verify(loss, p, x, y)
+    assert report.status == "inconclusive", str(report)
+    assert any(
+        q.endswith(
+            "is too coarse to judge the gradient; fn rounds to float32 inside: "
+            "precision='native' takes finite differences in float32 throughout, as fn "
+            "computes, which may resolve it more finely"
+        )
+        for q in report.problems
+    ), report.problems
+    native = jaxcheck.verify(loss, p, x, y, precision="native")
+    assert native.status == "pass" and native.tolerance < 1e-2, str(native)
+    assert not any("precision='native'" in q for q in native.problems)
+
+
+def test_a_float32_only_fn_refusing_float64_in_its_own_words_gets_no_stale_constant_hint():
+    """The hint about float32 conversions of NumPy constants (jax.clear_caches()) was given
+    wherever fn's error named float32 and float64, a kernel's own "takes float32 only, got
+    float64" too; it is given where JAX's words say operands were mismatched."""
+    sizes = (16, 32, 32, 4)
+    params = mlp_params(sizes, jnp.float32)
+    x, y = mlp_data(sizes, jnp.float32)
+    report = jaxcheck.verify(_float32_only(mlp_loss()), params, x, y, rules=False)
+    (note,) = [q for q in report.problems if q.startswith("fn could not run in float64")]
+    assert "(TypeError: this kernel takes float32 only, got float64)" in note
+    assert "jax.clear_caches()" not in note
+    mixed = TypeError("lax.add requires arguments to have the same dtypes, got float32, float64.")
+    assert jaxcheck._precision.stale_constants(mixed)
+
+
 def _small_bias_model(weight):
     """A float32-only tanh layer whose bias of 1e-4 (scaled by `weight` inside) sits beside
     weights of about 0.4, and its data."""
@@ -1191,3 +1247,19 @@ def test_a_rule_refusing_float64_keeps_float64_finite_differences_of_fn(scale, p
         "epsilon)."
     ) in " ".join(report.problems)
     assert not any("fn could not run" in q for q in report.problems), report.problems
+
+
+@pytest.mark.parametrize("error", [math.nan, 0.05])
+def test_a_leaf_checked_alone_without_an_estimate_is_said_so_in_notes(error):
+    """A float32-only model's bias whose directions alone were all non-smooth was named
+    "(relative error nan, 95% up to nan; ...)" in a passing report's notes."""
+    from jaxcheck import _localize
+    from jaxcheck._report import LeafResult, Status
+
+    interval = (math.nan, math.nan) if math.isnan(error) else (0.03, 0.08)
+    leaf = LeafResult("['b']", (4,), "float32", error, interval, 0.01, 8, Status.INCONCLUSIVE)
+    said = _localize._measured_alone(leaf)
+    if math.isnan(error):
+        assert said == "no estimate: none of its directions was smooth with finite values"
+    else:
+        assert said == "relative error 5.0e-02, 95% up to 8.0e-02"
