@@ -303,7 +303,8 @@ def status(run: Run, p: Pass, checks, k, problems) -> Status:
             # (fn rounds to float32 inside: finite differences in float32 throughout, as
             # fn computes, resolved correct models that cast their params to float32 to
             # about 1e-3 where the float64 reference did not, and failed 1 % bugs)
-            NATIVE_HINT
+            "; fn rounds to float32 inside: precision='native' takes finite differences in "
+            "float32 throughout, as fn computes, which may resolve it more finely"
             if run.rounds_to is not None
             and np.dtype(run.rounds_to) == np.float32
             and not run.native_differences
@@ -334,14 +335,6 @@ def status(run: Run, p: Pass, checks, k, problems) -> Status:
         )
         return Status.INCONCLUSIVE
     return Status.PASS
-
-
-# said where float32 rounding inside fn leaves the float64 reference too coarse to judge:
-# `_verify.run` then checks in float32 throughout under precision="auto"
-NATIVE_HINT = (
-    "; fn rounds to float32 inside: precision='native' takes finite differences in "
-    "float32 throughout, as fn computes, which may resolve it more finely"
-)
 
 
 # a pass at a tolerance this large would pass a zero derivative: not judged in float16 and

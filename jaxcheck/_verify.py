@@ -27,11 +27,10 @@ from . import (
     _rule_rows,
     _state,
     _tree,
-    _verdict,
 )
 from ._errors import RULE_OUTPUTS, GradientCheckError, one_line
 from ._plan import Timer
-from ._report import Report, Status
+from ._report import Report
 
 
 @_keywords.checked("jaxcheck.verify", "verify(fn, params, *args)")
@@ -203,38 +202,6 @@ def verify(
     return run(fn, params, args, options)
 
 
-def _checked(fn, params, args, options) -> Report:
-    return _rule_report.checked(
-        fn, params, args, options, lambda o: _orders.run(fn, params, args, o, run)
-    )
-
-
-def _in_float32(report: Report, fn, params, args, options) -> Report:
-    """Where float32 rounding inside fn (params cast to float32, a float32 policy) left the
-    float64 reference too coarse to judge, the check with finite differences in float32
-    throughout, as fn computes (precision="native"), where it judges; else `report`. A
-    plain MLP casting its params to float32 was not judged at a noise floor of 4e-2 to
-    9e-2 against the float64 reference, and passed at a tolerance of about 1e-3 in
-    float32, where 1 % bugs fail."""
-    native = _checked(fn, params, args, dataclasses.replace(options, precision="native"))
-    if native.status not in (Status.PASS, Status.FAIL):
-        return report
-    coarse = next(
-        (
-            p.removesuffix(_verdict.NATIVE_HINT)
-            for p in report.problems
-            if p.endswith(_verdict.NATIVE_HINT)
-        ),
-        "",
-    )
-    note = (
-        f"against the float64 reference, {coarse}, as fn rounds to float32 inside: judged "
-        "with finite differences in float32 throughout, as fn computes "
-        "(precision='native')"
-    )
-    return dataclasses.replace(native, problems=(note, *native.problems))
-
-
 def refuse_a_checker(fn, call: str) -> None:
     """Refuse a `Checker` given as the function to check (it would be called on traced
     values, and say that verify cannot be traced)."""
@@ -361,17 +328,9 @@ def _names(entry) -> tuple:
 def run(fn, params, args: tuple, options: _options.Options) -> Report:
     """Check `fn` at `params` with validated `options`."""
     if not _orders.INSIDE.get():  # complex leaves and orders > 1 become first-order checks
-        if options.precision != "auto":
-            return _checked(fn, params, args, options)
-        quiet = dataclasses.replace(options, raise_on_failure=False)
-        report = _checked(fn, params, args, quiet)
-        if report.status is Status.INCONCLUSIVE and any(
-            p.endswith(_verdict.NATIVE_HINT) for p in report.problems
-        ):
-            report = _in_float32(report, fn, params, args, quiet)
-        if options.raise_on_failure and not report.ok:
-            raise GradientCheckError(report)
-        return report
+        return _rule_report.checked(
+            fn, params, args, options, lambda o: _orders.run(fn, params, args, o, run)
+        )
     o = options
     p_split, diff, p_arrays = _tree.split(params, "params")
     a_split, a_floats, a_arrays = _tree.split(args, "args")
