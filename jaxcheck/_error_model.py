@@ -8,7 +8,10 @@ For one direction, with centre value phi0 and step h (stencil of `_differences`)
   (median over directions, so a few kinks do not inflate it: `_median_noise`), never below
   eps |phi|.
   The Richardson value R carries about 1.9 sigma / h of it; we take 2 standard deviations.
-- truncation: |D(h) - D(h/2)| / 3, the error of D(h/2); conservative for R.
+- truncation: |D(h) - D(h/2)| / 3, the error of D(h/2); conservative for R where phi is
+  smooth at the step. Where it may not be (`kinks_within=True`), twice that: a kink at a
+  third of the step from the point leaves five values that a cubic fits exactly (d4 = 0),
+  and moves R by 2 |D(h) - D(h/2)| / 3.
 - kink: the part of |d4| / h above its noise (2 sqrt(70) sigma / h): the jump between
   one-sided slopes that d4 implies.
 
@@ -80,11 +83,15 @@ class Differences:
 
 
 @_differences.quiet
-def assess(phis, phi0, h: float, eps: float, floor: float, noise_from_data=True) -> Differences:
+def assess(
+    phis, phi0, h: float, eps: float, floor: float, noise_from_data=True, kinks_within=False
+) -> Differences:
     """Error bars and smoothness of the stencil values `phis` (n, 4) around `phi0` (n,).
 
     `eps` is the reference precision, `floor` the smallest relative error that matters;
-    with `noise_from_data=False` the noise is taken as rounding alone (eps |phi|).
+    with `noise_from_data=False` the noise is taken as rounding alone (eps |phi|); with
+    `kinks_within`, the step is large enough for kinks inside the stencil to be common,
+    and the truncation bar covers one that the fourth difference does not show.
     """
     phis = np.asarray(phis, np.float64)
     phi0 = np.asarray(phi0, np.float64)
@@ -104,7 +111,8 @@ def assess(phis, phi0, h: float, eps: float, floor: float, noise_from_data=True)
         sigma_data = 0.0
     sigma = np.maximum(sigma_data, eps * magnitude)
     roundoff = 3.8 * sigma / h
-    truncation = np.where(finite, np.abs(c["d1"] - c["d2"]) / 3, 0.0)
+    share = 2 / 3 if kinks_within else 1 / 3
+    truncation = np.where(finite, np.abs(c["d1"] - c["d2"]) * share, 0.0)
     kink = d4 / h
     kink_excess = np.maximum(d4 - 2 * math.sqrt(70) * sigma, 0.0) / h
     kinked = (d4 > NONSMOOTH_NOISE_FACTOR * math.sqrt(70) * sigma) & (kink > 0.25 * floor * scale)
@@ -124,8 +132,9 @@ def assess(phis, phi0, h: float, eps: float, floor: float, noise_from_data=True)
         d4=np.where(finite, c["d4"], 0.0),
         noise=sigma_data,
         relative_noise=sigma_data / typical if typical > 0 else 0.0,
-        # the part of |D(h) - D(h/2)| / 3 that its own noise (0.53 sigma / h) does not explain
-        truncation=float(np.median(np.maximum(truncation - 1.1 * sigma / h, 0)[finite]))
+        # the part of the truncation bar that its own noise (0.53 sigma / h for |D(h) -
+        # D(h/2)| / 3) does not explain
+        truncation=float(np.median(np.maximum(truncation - 3.3 * share * sigma / h, 0)[finite]))
         if finite.any()
         else 0.0,
         roundoff=float(np.median(roundoff[finite])) if finite.any() else 0.0,

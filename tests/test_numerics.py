@@ -704,12 +704,14 @@ def test_a_float32_only_leaf_failing_alone_within_its_bars_is_not_called_wrong()
 
     report = jaxcheck.verify(_float32_only(loss), p, x, y)
     assert report.status == "pass", str(report)
-    [note] = [q for q in report.problems if q.startswith("fail alone only within")]
-    assert note.startswith(
-        "fail alone only within their error bars, in float32, while the all-leaf check "
-        "passes: ['w1'] (relative error"
-    )
-    assert note.endswith("; not judged (more directions, num_directions, narrow the bars)")
+    [w1] = [leaf for leaf in report.leaves if leaf.path == "['w1']"]
+    if w1.status != "pass":  # (its truncation bar, which allows for kinks, now covers it)
+        [note] = [q for q in report.problems if q.startswith("fail alone only within")]
+        assert note.startswith(
+            "fail alone only within their error bars, in float32, while the all-leaf check "
+            "passes: ['w1'] (relative error"
+        )
+        assert note.endswith("; not judged (more directions, num_directions, narrow the bars)")
 
 
 @pytest.mark.parametrize("zeroed", [False, True])
@@ -1263,3 +1265,49 @@ def test_a_leaf_checked_alone_without_an_estimate_is_said_so_in_notes(error):
         assert said == "no estimate: none of its directions was smooth with finite values"
     else:
         assert said == "relative error 5.0e-02, 95% up to 8.0e-02"
+
+
+def _relu_mlp_casting_to_float32(seed):
+    """A ReLU MLP that casts its params to float32 (a mixed-precision policy's compute
+    dtype) and fits random targets: 8 -> 32 -> 32 -> 1 on 64 samples."""
+    rng = np.random.default_rng(seed)
+    sizes = (8, 32, 32, 1)
+    params = {}
+    for i in range(3):
+        params[f"w{i}"] = jnp.asarray(rng.normal(size=sizes[i : i + 2]) / sizes[i] ** 0.5, "f4")
+        params[f"b{i}"] = jnp.asarray(0.1 * rng.normal(size=sizes[i + 1]), "f4")
+    x = jnp.asarray(rng.normal(size=(64, 8)), "f4")
+    y = jnp.asarray(rng.normal(size=(64, 1)), "f4")
+
+    def loss(p, x, y):
+        p = jax.tree.map(lambda v: v.astype(jnp.float32), p)
+        h = x
+        for i in range(3):
+            h = h @ p[f"w{i}"] + p[f"b{i}"]
+            h = jax.nn.relu(h) if i < 2 else h
+        return jnp.mean((h - y) ** 2)
+
+    return loss, params, x, y
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("factor", [1.0, 1.1, 0.0])
+def test_relu_kinks_within_a_float32_sized_step_do_not_fail_a_correct_model(seed, factor):
+    """Behind a cast to float32 the step is raised to float32's quanta (relative 2e-2),
+    and along a bias all directions cross a ReLU's kink at the same distance: at a third
+    of the step, the five stencil values fit a cubic, and the Richardson value is off by
+    twice the truncation bar. The first bias of a correct model failed alone at 2.0e-2
+    against its tolerance of 1.7e-2 (seed 1). A bias gradient 10 % off, or zeroed, fails."""
+    loss, p, x, y = _relu_mlp_casting_to_float32(seed)
+
+    def grad_fn(p, x, y):
+        g = jax.grad(loss)(p, x, y)
+        return {**g, "b0": factor * g["b0"]}
+
+    report = jaxcheck.verify(loss, p, x, y, grad_fn=grad_fn)
+    if factor != 1.0:
+        assert report.status == "fail", str(report)
+        assert "! wrong: ['b0']" in str(report)
+        return
+    assert report.status == "pass", str(report)
+    assert all(leaf.status != "fail" for leaf in report.leaves), str(report)
