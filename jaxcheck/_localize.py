@@ -202,12 +202,14 @@ NATIVE_ALONE_SHARE = 0.1
 
 def _native_alone_scales(run: Run, scales):
     """The leaves' scales for their checks alone: where finite differences run in the
-    model's precision (fn refusing float64), a leaf far smaller than the parameters'
-    pooled RMS, and whose entries have both signs, moves by `NATIVE_ALONE_SHARE` of it. At
-    its own size (a bias of 1e-4 beside weights of 0.4) the change of fn is below float32
-    rounding, and a gradient zeroed, negated or 1 % off could not be judged. Elsewhere,
+    model's precision (fn refusing float64), or judge at the resolution of a lower
+    precision fn rounds to inside (`run.rounds_to`), a leaf far smaller than the
+    parameters' pooled RMS, and whose entries have both signs, moves by
+    `NATIVE_ALONE_SHARE` of it. At its own size (a bias of 1e-4 beside weights of 0.4) the
+    change of fn is below float32 rounding, and a gradient zeroed, negated or 1 % off could
+    not be judged (a zeroed bias of 1e-3 beside float32-cast weights passed). Elsewhere,
     `scales` as they are."""
-    if not run.native_differences:
+    if not (run.native_differences or run.rounds_to is not None):
         return scales
     values = np.asarray(scales, np.float64)
     sizes = [max(np.size(x), 1) for x in run.inputs.diff]

@@ -1311,3 +1311,38 @@ def test_relu_kinks_within_a_float32_sized_step_do_not_fail_a_correct_model(seed
         return
     assert report.status == "pass", str(report)
     assert all(leaf.status != "fail" for leaf in report.leaves), str(report)
+
+
+@pytest.mark.parametrize("factor", [1.0, 0.0, 1.1])
+def test_a_small_bias_behind_a_float32_cast_is_judged_alone_at_a_larger_scale(factor):
+    """A bias of 1e-3 beside weights of 0.1, all cast to float32 inside fn: checked alone
+    at its own size, fn changed by less than the float32 resolution the check judges at,
+    the bias was not judged (tolerance 0.57), and its gradient zeroed passed. Moved by a
+    tenth of the parameters' pooled RMS, it is judged: correct passes, zeroed or 10 % off
+    fails, naming it."""
+    rng = np.random.default_rng(0)
+    p = {
+        "w": jnp.asarray(rng.normal(size=(64, 64)) / 8, "f4"),
+        "s": jnp.asarray([0.5], "f4"),
+        "b": jnp.asarray(1e-3 * rng.normal(size=64), "f4"),
+    }
+    x, y = (jnp.asarray(rng.normal(size=(16, 64)), "f4") for _ in range(2))
+
+    def loss(p, x, y):
+        p = jax.tree.map(lambda v: v.astype(jnp.float32), p)
+        return jnp.mean((jnp.tanh(x @ p["w"] * p["s"] + p["b"]) - y) ** 2)
+
+    def grad_fn(p, x, y):
+        g = jax.grad(loss)(p, x, y)
+        return {**g, "b": factor * g["b"]}
+
+    report = jaxcheck.verify(loss, p, x, y, grad_fn=grad_fn)
+    [b] = [leaf for leaf in report.leaves if leaf.path == "['b']"]
+    assert b.tolerance < 0.1, str(report)
+    if factor == 1.0:
+        assert (report.status, b.status) == ("pass", "pass"), str(report)
+        assert b.relative_error < 1e-4
+        return
+    assert (report.status, b.status) == ("fail", "fail"), str(report)
+    assert "! wrong: ['b']" in str(report)
+    assert b.relative_error == pytest.approx(abs(1 - factor), rel=0.01)
