@@ -496,6 +496,31 @@ def _resolved_alone(run: Run, leaves, head, vouched) -> None:
         )
 
 
+def _name_unjudged(run: Run, leaves, head, vouched) -> None:
+    """Under an all-leaf pass at the reference's resolution, name the leaves that could
+    not be judged alone (a kink crossed along their own directions, their check too noisy)
+    with what they measured and the error from which the pass would see them (`vouched`);
+    before, only their row in the table said that they were not judged."""
+    unjudged = [leaf for leaf in leaves if leaf.status is Status.INCONCLUSIVE]
+    if not unjudged:
+        return
+    named = ", ".join(
+        f"{leaf.path or '(root)'} ({_measured_alone(leaf)}"
+        + (
+            f"; the pass sees an error in it from {vouched(leaf):.1e}"
+            if math.isfinite(vouched(leaf))
+            else ""
+        )
+        + ")"
+        for leaf in unjudged
+    )
+    run.problems.append(
+        f"checked alone, not judged: {named}; the all-leaf pass (tolerance "
+        f"{head.tolerance:.1e}) covers {'it' if len(unjudged) == 1 else 'them'} as far as it "
+        f"weighs {'it' if len(unjudged) == 1 else 'them'}"
+    )
+
+
 def coarse_pass(run: Run, status: Status, leaves, head, shares=None) -> Status:
     """An all-leaf pass judged at a coarse resolution (fn's own half-precision rounding:
     a noise floor beyond `_verdict.MAX_NOISE_FLOOR`) vouches for a leaf only as far as that
@@ -510,10 +535,11 @@ def coarse_pass(run: Run, status: Status, leaves, head, shares=None) -> Status:
     1), and whose own check cannot rule out an error of `NATIVE_DOUBT`, makes the check
     inconclusive (a float32-only model's bias of 1e-4 beside weights of 0.4 passed with
     its gradient zeroed, negated or 1 % off); the others are named, with what the pass
-    vouches for."""
+    vouches for. Under any other pass, the leaves not judged alone are named
+    (`_name_unjudged`)."""
     coarse = head.noise_floor > _verdict.MAX_NOISE_FLOOR
     native = run.native_differences
-    if status is not Status.PASS or not (coarse or native):
+    if status is not Status.PASS:
         return status
 
     def vouched(leaf) -> float:
@@ -521,6 +547,10 @@ def coarse_pass(run: Run, status: Status, leaves, head, shares=None) -> Status:
         if share is None:
             return math.nan  # (unknown: named, not counted)
         return math.inf if share <= 0 else head.tolerance / math.sqrt(share)
+
+    if not (coarse or native):
+        _name_unjudged(run, leaves, head, vouched)
+        return status
 
     if native:
         _resolved_alone(run, leaves, head, vouched)

@@ -1,6 +1,7 @@
 """Precision, scales, ill-conditioning, kinks and non-finite values."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -1346,3 +1347,21 @@ def test_a_small_bias_behind_a_float32_cast_is_judged_alone_at_a_larger_scale(fa
     assert (report.status, b.status) == ("fail", "fail"), str(report)
     assert "! wrong: ['b']" in str(report)
     assert b.relative_error == pytest.approx(abs(1 - factor), rel=0.01)
+
+
+def test_a_leaf_not_judged_alone_under_a_pass_is_named_with_what_the_pass_vouches():
+    """A correct ReLU MLP behind a float32 cast passes, while its first weight, checked
+    alone, crosses kinks and is not judged: its table row said INCONCLUSIVE and no note
+    said why, or how far the all-leaf pass covers it."""
+    loss, p, x, y = _relu_mlp_casting_to_float32(1)
+    report = jaxcheck.verify(loss, p, x, y)
+    assert report.status == "pass", str(report)
+    unjudged = [leaf.path for leaf in report.leaves if leaf.status == "inconclusive"]
+    assert unjudged == ["['w0']"], str(report)
+    [note] = [q for q in report.problems if q.startswith("checked alone, not judged: ")]
+    assert re.fullmatch(
+        r"checked alone, not judged: \['w0'\] \(relative error \d\.\de-02, 95% up to "
+        r"\d\.\de-0[12]; the pass sees an error in it from \d\.\de-0[12]\); the all-leaf "
+        r"pass \(tolerance \d\.\de-02\) covers it as far as it weighs it",
+        note,
+    ), note
