@@ -1240,6 +1240,29 @@ def test_a_leaf_not_judged_alone_undoes_a_pass_at_half_precision_resolution(w1_s
     assert (w1.relative_error, w1.status) == (pytest.approx(0.5, abs=0.01), "inconclusive")
 
 
+def test_a_coarse_all_leaf_pass_vouches_for_no_leaf_unjudged_alone():
+    """At bfloat16 resolution the all-leaf check passes a gradient of W1 halved (weights
+    2.5 times larger than above), while W1 checked alone cannot be judged: the pass does
+    not vouch for it, and the check is inconclusive, naming it."""
+    loss, params, x = _bfloat16_matmul_model(2.5)
+
+    def grad_fn(p, x):
+        g = jax.grad(loss)(p, x)
+        return {"W1": 0.5 * g["W1"], "W2": g["W2"]}
+
+    report = jaxcheck.verify(loss, params, x, grad_fn=grad_fn)
+    assert report.status == "inconclusive", str(report)
+    [note] = [q for q in report.problems if q.startswith("the all-leaf check passes at a")]
+    assert re.match(
+        r"the all-leaf check passes at a coarse resolution \(tolerance \d\.\de-01\), but "
+        r"\['W1'\] \(relative error \d\.\de-01, 95% up to ",
+        note,
+    ), note
+    assert note.endswith(
+        "could not be judged alone, and its error may exceed that tolerance: not judged"
+    )
+
+
 def test_a_rule_taking_a_python_float_parameter_is_judged_in_it():
     """A Python float among params (a temperature) is differentiated like an array: the
     rule it enters was checked with it held fixed, and a cotangent 5 % off for it was
