@@ -41,6 +41,8 @@ def explains(run: Run, p, weights) -> bool:
         return False
     weights = np.asarray(weights, np.float64)
     noise = _error_model.rms(p.fd.bar[use])
+    gap = apart(p, run.modes)
+    tested = max((_error_model.rms(a) for a in _tested(p, run.modes)), default=0.0)
     # the largest of a few moves (one move of a leaf of 4 entries is a sum of 4 squares,
     # and spreads several-fold between draws)
     for draw in range(SYSTEMATIC_DRAWS):
@@ -52,31 +54,25 @@ def explains(run: Run, p, weights) -> bool:
         # larger scale than its own read ten times less rounding than it has)
         size = math.sqrt(float(np.sum(np.square(weights) * run.probe["jitter_sizes"])))
         share = math.sqrt(float(np.sum(np.square(weights) * moved))) / size if size else 0.0
-        rounding = share * _tested_size(p, run.modes)
-        if apart(p, run.modes) <= SAFETY * math.hypot(noise, rounding):
+        if gap <= SAFETY * math.hypot(noise, share * tested):
             return True
     return False
 
 
-def _tested_size(p, modes) -> float:
-    """RMS of the derivative under test's projections over the smooth directions, in the
-    larger mode."""
-    use, size = p.fd.smooth, 0.0
+def _tested(p, modes):
+    """The derivative under test's projections over the smooth directions (float64), one
+    array per mode checked."""
+    use = p.fd.smooth
     for mode, a in (("reverse", p.rev), ("forward", p.fwd)):
         if mode in modes and a is not None and use.any():
-            size = max(size, _error_model.rms(np.asarray(a, np.float64)[use]))
-    return size
+            yield np.asarray(a, np.float64)[use]
 
 
 def apart(p, modes) -> float:
     """RMS distance of the derivative under test from the finite differences, over the
     smooth directions, in the worse mode (absolute, per direction)."""
-    use, worst = p.fd.smooth, 0.0
-    for mode, a in (("reverse", p.rev), ("forward", p.fwd)):
-        if mode in modes and a is not None and use.any():
-            a = np.asarray(a, np.float64)[use]
-            worst = max(worst, _error_model.rms(a - p.fd.value[use]))
-    return worst
+    value = p.fd.value[p.fd.smooth]
+    return max((_error_model.rms(a - value) for a in _tested(p, modes)), default=0.0)
 
 
 SYSTEMATIC = 30  # a gap to the same rule in float64 this many times its own move is no rounding
@@ -262,7 +258,9 @@ def _moved(run: Run, draw: int):
             values = run.timer.run(program, run.seeds[1], inputs.diff, inputs.traced(), None)
             run.probe["jitter_from"] = values["grad"]
         grad = run.probe["jitter_from"]
-    run.probe["jitter_sizes"] = np.asarray([float(np.sum(np.abs(_wide(g)) ** 2)) for g in grad])
+    if "jitter_sizes" not in run.probe:  # (the same gradient for every draw)
+        sizes = [float(np.sum(np.abs(_wide(g)) ** 2)) for g in grad]
+        run.probe["jitter_sizes"] = np.asarray(sizes)
     key = jax.random.key(draw)
     diff = []
     for i, x in enumerate(run.inputs.diff):

@@ -195,17 +195,18 @@ NATIVE_DOUBT = 0.1
 # ... and a leaf failing alone by no more than this factor over its tolerance, within its
 # error bars, is not judged there (`within_native_bars`)
 NATIVE_NEAR = 1.25
-# where finite differences run in the model's precision, a leaf checked alone moves at
-# least by this share of the parameters' pooled RMS (times the relative step)
-NATIVE_ALONE_SHARE = 0.1
+# where finite differences run in the model's precision, or judge at the resolution of a
+# lower precision fn rounds to inside, a leaf checked alone moves at least by this share
+# of the parameters' pooled RMS (times the relative step)
+ALONE_SHARE = 0.1
 
 
-def _native_alone_scales(run: Run, scales):
+def _scales_alone(run: Run, scales):
     """The leaves' scales for their checks alone: where finite differences run in the
     model's precision (fn refusing float64), or judge at the resolution of a lower
     precision fn rounds to inside (`run.rounds_to`), a leaf far smaller than the
     parameters' pooled RMS, and whose entries have both signs, moves by
-    `NATIVE_ALONE_SHARE` of it. At its own size (a bias of 1e-4 beside weights of 0.4) the
+    `ALONE_SHARE` of it. At its own size (a bias of 1e-4 beside weights of 0.4) the
     change of fn is below float32 rounding, and a gradient zeroed, negated or 1 % off could
     not be judged (a zeroed bias of 1e-3 beside float32-cast weights passed). Elsewhere,
     `scales` as they are."""
@@ -213,7 +214,7 @@ def _native_alone_scales(run: Run, scales):
         return scales
     values = np.asarray(scales, np.float64)
     sizes = [max(np.size(x), 1) for x in run.inputs.diff]
-    floor = NATIVE_ALONE_SHARE * float(_directions.pooled(values, sizes))
+    floor = ALONE_SHARE * float(_directions.pooled(values, sizes))
     if not (np.isfinite(floor) and floor > 0):
         return values
     out = values.copy()
@@ -231,7 +232,7 @@ def localize_finely(run: Run, scales, leaf_k, h, paths, chosen, fine, step, sequ
     all-leaf check was judged, at `h`. One `LeafResult` per leaf, in leaf order."""
     fixed = step is not None
     if not fixed:
-        scales = _native_alone_scales(run, scales)
+        scales = _scales_alone(run, scales)
     coarse = [i for i in chosen if i not in fine]
     found = dict(zip(coarse, localize(run, scales, leaf_k, h, paths, coarse, sequential, fixed)))
     if fine:
@@ -496,12 +497,11 @@ def _resolved_alone(run: Run, leaves, head, vouched) -> None:
         )
 
 
-def _name_unjudged(run: Run, leaves, head, vouched) -> None:
-    """Under an all-leaf pass at the reference's resolution, name the leaves that could
-    not be judged alone (a kink crossed along their own directions, their check too noisy)
-    with what they measured and the error from which the pass would see them (`vouched`);
-    before, only their row in the table said that they were not judged."""
-    unjudged = [leaf for leaf in leaves if leaf.status is Status.INCONCLUSIVE]
+def _name_unjudged(run: Run, unjudged, head, vouched, where: str = "") -> None:
+    """Under an all-leaf pass, name the leaves `unjudged` that could not be judged alone
+    (a kink crossed along their own directions, their check too noisy; checked `where`,
+    " in float32" say) with what they measured and the error from which the pass would
+    see them (`vouched`, where known); else only their row in the table said so."""
     if not unjudged:
         return
     named = ", ".join(
@@ -515,7 +515,7 @@ def _name_unjudged(run: Run, leaves, head, vouched) -> None:
         for leaf in unjudged
     )
     run.problems.append(
-        f"checked alone, not judged: {named}; the all-leaf pass (tolerance "
+        f"checked alone{where}, not judged: {named}; the all-leaf pass (tolerance "
         f"{head.tolerance:.1e}) covers {'it' if len(unjudged) == 1 else 'them'} as far as it "
         f"weighs {'it' if len(unjudged) == 1 else 'them'}"
     )
@@ -549,7 +549,8 @@ def coarse_pass(run: Run, status: Status, leaves, head, shares=None) -> Status:
         return math.inf if share <= 0 else head.tolerance / math.sqrt(share)
 
     if not (coarse or native):
-        _name_unjudged(run, leaves, head, vouched)
+        unjudged = [leaf for leaf in leaves if leaf.status is Status.INCONCLUSIVE]
+        _name_unjudged(run, unjudged, head, vouched)
         return status
 
     if native:
@@ -571,22 +572,7 @@ def coarse_pass(run: Run, status: Status, leaves, head, shares=None) -> Status:
         ]
     )
     partly = [leaf for leaf in unjudged if leaf not in doubtful]
-    if partly:
-        named = ", ".join(
-            f"{leaf.path or '(root)'} ({_measured_alone(leaf)}"
-            + (
-                f"; the pass sees an error in it from {vouched(leaf):.1e}"
-                if vouched(leaf) > 0
-                else ""
-            )
-            + ")"
-            for leaf in partly
-        )
-        run.problems.append(
-            f"checked alone in {np.dtype(run.reference).name}, not judged: {named}; the "
-            f"all-leaf pass (tolerance {head.tolerance:.1e}) covers them as far as it weighs "
-            "them"
-        )
+    _name_unjudged(run, partly, head, vouched, f" in {np.dtype(run.reference).name}")
     if not doubtful:
         return status
     named = ", ".join(f"{leaf.path or '(root)'} ({_measured_alone(leaf)})" for leaf in doubtful)
