@@ -187,7 +187,9 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
         # the dtype): the gap to the float64 rule may be a bug on that path alone, which
         # the model's own finite differences judge
         own = _own_precision(run, n, beta, step, checks[0])
-        if own is not None:
+        if own is UNJUDGED:
+            status = Status.INCONCLUSIVE
+        elif own is not None:
             p, steps, checks, h0, choice = own
             tried.update(dict.fromkeys(steps))
             status, said = Status.FAIL, []
@@ -380,6 +382,9 @@ NOISY_NATIVE = (
 NATIVE_SANITY = 10.0
 
 
+UNJUDGED = object()  # `_own_precision`: the model's own finite differences could not judge
+
+
 def _own_precision(run: Run, n: int, beta, step, head):
     """Where fn (or its derivative alone) is another program in the model's precision than
     in the reference's and its derivative passed only on its gap (in comparison `head`) to
@@ -387,7 +392,8 @@ def _own_precision(run: Run, n: int, beta, step, head):
     same n directions.
     Returns (Pass, steps tried, comparisons, step, choice) where those fail the derivative
     (confirmed at larger steps, as any failure is), with the reference left at the model's
-    precision for the leaves; else None, the reference as it was."""
+    precision for the leaves; `UNJUDGED` where they could not judge it and the gap is far
+    beyond rounding (a pass would rest on nothing); else None, the reference as it was."""
     wide = run.reference
     run.reference = _precision.reference_dtype("native", run.tested)
     index = np.arange(n, dtype=np.int32)
@@ -402,9 +408,11 @@ def _own_precision(run: Run, n: int, beta, step, head):
     fn_differs = _jitter.fn_differs(run, wide)
     if status is not Status.FAIL:
         run.reference = wide
-        if status is not Status.PASS:
-            _verdict.note_own_path(run, head, wide, fn_differs, judged=False)
-        return None
+        if status is Status.PASS:
+            return None
+        vouches = head.gap <= _verdict.gap_limit(run)
+        _verdict.note_own_path(run, head, wide, fn_differs, judged=False, vouches=vouches)
+        return None if vouches else UNJUDGED
     _verdict.note_own_path(run, head, wide, fn_differs)
     return q, steps, own, h, q_choice
 

@@ -543,7 +543,7 @@ def incomparable(run: Run, head, p: Pass) -> bool:
     changes the derivative by (curvature times eps of the model's dtype, along each
     direction) is rounding too: at a minimum exact in float32 (a perfect fit to targets
     computed in float32) the float32 gradient is 0 and the float64 one is not."""
-    if run.policy != "auto" or not head.resolved or not head.rounding > _gap_limit(run):
+    if run.policy != "auto" or not head.resolved or not head.rounding > gap_limit(run):
         return False
     a, a_ref = p.analytic, p.analytic_ref
     if a is not None and a_ref is not None:
@@ -614,12 +614,15 @@ def note_native(
     )
 
 
-def note_own_path(run: Run, head, reference, fn_differs: bool, judged: bool = True) -> None:
+def note_own_path(
+    run: Run, head, reference, fn_differs: bool, judged: bool = True, vouches: bool = True
+) -> None:
     """Say that fn (where `fn_differs`; else its derivative alone) is another program in
     the model's precision than in `reference`, that its derivative there is off the same
     rule in `reference` by more than rounding of a well-conditioned computation, and that
     finite differences in the model's precision fail it (or, not `judged`, could not judge
-    it)."""
+    it, and the pass rests on the gap being rounding; unless it `vouches`, a gap beyond
+    `gap_limit`, then nothing is judged)."""
     name, tested = jnp.dtype(reference).name, run.tested.name
     verdict = (
         f"finite differences in {tested} fail it: the derivative of the {tested} path is "
@@ -628,9 +631,14 @@ def note_own_path(run: Run, head, reference, fn_differs: bool, judged: bool = Tr
         else f"finite differences in {tested} could not judge that path here, and the pass "
         f"rests on taking the gap for rounding (an ill-conditioned loss?); check the {tested} "
         "path at a better-conditioned point, or alone"
+        if vouches
+        else f"finite differences in {tested} could not judge that path here, and a gap "
+        f"beyond {gap_limit(run):.0e} is not taken for rounding: not judged; check the "
+        f"{tested} path at a better-conditioned point, or alone"
     )
     what = (
-        f"{OWN_PATH} in {tested} than in {name} (a branch on the dtype, a constant of jnp.finfo?)"
+        f"{OWN_PATH} in {tested} than in {name} (a branch on the dtype, a constant of "
+        "jnp.finfo, Python state that changes from trace to trace?)"
         if fn_differs
         else f"{OWN_DERIVATIVE} in {tested} than in {name} while fn is not (a rule or "
         "grad_fn with a branch on the dtype?)"
@@ -654,7 +662,7 @@ INCOMPARABLE = "far beyond the rounding between the two precisions"
 BLIND = "cannot resolve the derivative"
 
 
-def _gap_limit(run: Run) -> float:
+def gap_limit(run: Run) -> float:
     """A relative gap between the derivative in the model's precision and the same rule in
     the reference beyond which it is no rounding of a well-conditioned computation."""
     return max(0.1, 30 * math.sqrt(_precision.eps(run.tested)))
@@ -690,7 +698,7 @@ def note_large_rounding(run: Run, head, status: Status, p: Pass | None = None) -
         )
         return False
     cancels, stationary = value_gap(run, p), near_stationary(run, p)
-    if head.gap > _gap_limit(run) and cancels < 0.1 * head.gap and not stationary:
+    if head.gap > gap_limit(run) and cancels < 0.1 * head.gap and not stationary:
         run.problems.append(
             f"{gap}: fn or its rules compute something else in {run.reference.name} "
             "(random numbers drawn in the default dtype, a branch on the dtype?)"
