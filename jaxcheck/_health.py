@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import _keywords, _options
+from . import _keywords, _options, _tree
 from ._errors import one_line
 
 # Defaults of `gradient_health`; the reasoning is in its docstring.
@@ -249,6 +249,7 @@ def gradient_health(
     def init(params) -> HealthState:
         _register_with_flax()
         _refuse_no_arrays(params)
+        _refuse_mixed_devices({"params": params})
         paths = _paths(params)
         n = len(paths)
 
@@ -310,6 +311,9 @@ def gradient_health(
         with_paths = _leaves_with_paths(updates)
         leaves = [x for _, x in with_paths]
         _check_paths(_paths(updates), state.paths)
+        _refuse_mixed_devices(
+            {"updates": updates, "params": params} if params is not None else {"updates": updates}
+        )
         if np.ndim(state.step):
             raise ValueError(
                 "gradient_health: update got a state with leading axes of shape "
@@ -743,6 +747,20 @@ def _refuse_integer_updates(with_paths, params) -> None:
                 "integer update of a floating parameter has no gradient norm to watch (was "
                 "the gradient cast to an integer?). Pass the update in a floating dtype."
             )
+
+
+def _refuse_mixed_devices(trees: dict) -> None:
+    """Raise where the arrays of `trees` are committed to different devices, naming them:
+    jax.jit, which runs the watch, would refuse them without saying which."""
+    where = _tree.mixed_devices(trees)
+    if where:
+        held = " and ".join(trees)
+        raise ValueError(
+            f"gradient_health: {held} hold arrays committed to different devices ({where}). "
+            "Its watch runs as one jitted program, which needs every array on the same "
+            "devices: move them with jax.device_put(x, device), or shard them all over one "
+            "mesh."
+        )
 
 
 def _watched(x) -> bool:

@@ -324,6 +324,23 @@ def match_gradient(s: Split, grad_tree, where: str = "grad_fn") -> list:
     return out
 
 
+def mixed_devices(trees: dict) -> str:
+    """Where the arrays of the pytrees `trees` (name -> tree) are committed to more than one
+    set of devices, one leaf on each ("params['a'] on cpu:0; params['b'] on cpu:1"); ""
+    where they are not."""
+    seen = {}
+    for name, tree in trees.items():
+        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            # (a traced array, inside jax.jit, is placed by the jitted program)
+            if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+                if getattr(x, "committed", False):
+                    devices = tuple(sorted(str(d) for d in x.devices()))
+                    seen.setdefault(devices, f"{name}{jax.tree_util.keystr(path)}")
+    if len(seen) < 2:
+        return ""
+    return "; ".join(f"{leaf} on {', '.join(d)}" for d, leaf in seen.items())
+
+
 def digest(x):
     """A hashable stand-in for the value `x`: small arrays by content, Python scalars and
     strings by value (floats by their bits), a large NumPy array by a hash of all its bytes

@@ -246,14 +246,8 @@ def refuse_iterators(params, args) -> None:
 def _same_devices(params, args) -> None:
     """Raise where arrays of params and args are committed to different devices, which
     jax.jit (and so the check) refuses, naming them."""
-    seen = {}
-    for name, tree in (("params", params), ("args", args)):
-        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-            if isinstance(x, jax.Array) and getattr(x, "committed", False):
-                devices = tuple(sorted(str(d) for d in x.devices()))
-                seen.setdefault(devices, f"{name}{jax.tree_util.keystr(path)}")
-    if len(seen) > 1:
-        where = "; ".join(f"{leaf} on {', '.join(d)}" for d, leaf in seen.items())
+    where = _tree.mixed_devices({"params": params, "args": args})
+    if where:
         raise ValueError(
             f"params and args hold arrays committed to different devices ({where}). jax.jit, "
             "and so the check, needs every array on the same devices: move them with "

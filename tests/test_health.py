@@ -436,6 +436,26 @@ SHARDED = textwrap.dedent(
     assert by["['w1']"].first_nonfinite == 15, by["['w1']"]
     assert by["['w1']"].nonfinite_steps == 1 and s.skipped == 1, s
     assert by["['b']"].flags == (), by["['b']"]
+    # leaves committed to two devices: jax.jit's refusal named no leaf
+    d0, d1 = jax.devices()[:2]
+    apart = {"a": jax.device_put(jnp.ones(3), d0), "b": jax.device_put(jnp.ones(2), d1)}
+    watch = jaxcheck.gradient_health()
+    calls = {
+        "params": lambda: watch.init(apart),
+        "updates": lambda: watch.update(apart, watch.init(jax.device_put(apart, d0))),
+    }
+    for name, call in calls.items():
+        try:
+            call()
+        except ValueError as err:
+            assert str(err) == (
+                f"gradient_health: {name} hold arrays committed to different devices "
+                f"({name}['a'] on {d0}; {name}['b'] on {d1}). Its watch runs as one jitted "
+                "program, which needs every array on the same devices: move them with "
+                "jax.device_put(x, device), or shard them all over one mesh."
+            ), str(err)
+        else:
+            raise AssertionError(f"{name} on two devices not refused")
     print("sharded ok", s.steps)
     """
 )
