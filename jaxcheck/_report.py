@@ -422,12 +422,15 @@ def _render_composite(r: Report) -> str:
     they alone fail), then the leaves of every part that did not pass."""
     # the part whose numbers the report carries (of equally bad parts, not always the first)
     alike = [p for p in r.parts if p.status is r.status]
+    # (none alike: a part of custom rules, none wrong and not all judged, passes)
     head = next(
         (p for p in alike if (p.relative_error, p.tolerance) == (r.relative_error, r.tolerance)),
-        alike[0],
+        alike[0] if alike else r.parts[0],
     )
     what = {
-        Status.PASS: f"derivatives of {r.label} are consistent with finite differences",
+        Status.PASS: f"derivatives of {r.label} are consistent with finite differences"
+        if alike
+        else f"nothing found wrong in {r.label}, though not all were judged",
         Status.FAIL: "fn's value from its derivative is WRONG"
         if _primal_only(r.checks)
         else f"{head.label} is WRONG",
@@ -436,7 +439,7 @@ def _render_composite(r: Report) -> str:
     }[r.status]
     who = "verify_rule" if r.label == "the rule" else "verify"
     lines = [f"jaxcheck.{who}: {r.status.value.upper()} — {what}"]
-    if not math.isnan(r.relative_error):
+    if alike and not math.isnan(r.relative_error):
         failed = [c.name for c in head.checks if not c.passed]
         lines.append(_error_line(r, f"{head.label}: ") + _failed_elsewhere(head, failed))
     lines += [f"  ! {p}" for p in r.problems]

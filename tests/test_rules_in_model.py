@@ -1964,3 +1964,36 @@ def test_a_rule_differentiated_inside_fn_is_not_cleared_by_its_first_order_check
     assert jaxcheck.verify_rule(_tanh_factor_stopped, jnp.linspace(-1, 1, 5), order=2).status == (
         "fail"
     )
+
+
+def test_a_part_of_rules_none_judged_prints_what_it_found():
+    """A straight-through estimator (round forward, identity backward): fn and the rule are
+    not judged, and the rules part, which passes (no rule wrong), has no part of its status
+    to head its text: printing it raised an IndexError."""
+
+    @jax.custom_vjp
+    def round_ste(x):
+        return jnp.round(x)
+
+    round_ste.defvjp(lambda x: (jnp.round(x), None), lambda _, g: (g,))
+
+    def fn(p, x, t):
+        return jnp.sum((round_ste(3 * (x @ p["W"] + p["b"])) / 3 - t) ** 2)
+
+    rng = np.random.default_rng(0)
+    params = {
+        "W": jnp.asarray(rng.standard_normal((4, 3)) * 0.8, jnp.float32),
+        "b": jnp.asarray(rng.standard_normal(3) * 0.2, jnp.float32),
+    }
+    x = jnp.asarray(rng.standard_normal((6, 4)), jnp.float32)
+    t = jnp.asarray(rng.standard_normal((6, 3)), jnp.float32)
+    report = jaxcheck.verify(fn, params, x, t)
+    assert report.status == "inconclusive", str(report)
+    (rules,) = [p for p in report.parts if p.label == "custom rules"]
+    assert [p.status for p in rules.parts] == ["inconclusive"]
+    text = str(rules)
+    assert text.startswith(
+        "jaxcheck.verify: PASS — nothing found wrong in custom rules, though not all were "
+        "judged\n  ! rules not judged at the inputs fn gives them: custom_vjp round_ste at "
+    ), text
+    assert "relative error 0.0e+00" not in text
