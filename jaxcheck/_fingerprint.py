@@ -26,14 +26,14 @@ class Keyed:
 
 def of(f, *args, derivative: bool = True, has_aux: bool = False, numbers_from: int | None = None):
     """What `f` (and with `derivative`, its vjp) computes at the shapes and dtypes of `args`:
-    the jaxpr of f's vjp (its custom rules' bwd and jvp included, which f's own jaxpr names
-    but does not show) and the values it closes over (small ones by content, large ones by
-    identity); the jaxpr of its jvp where the vjp cannot be traced (forward mode only: a
-    custom_jvp rule's body shows there too), then f's own; None where f cannot be traced
-    (its programs are then keyed by f alone). Leaves of `args` that are not arrays or
-    floats are held as they are, and so are Python numbers in `args[numbers_from:]` (as
-    the check holds them: fn may branch on them); with `has_aux`, f's output is its first
-    element."""
+    f's own jaxpr, or where it calls custom rules, that of f's vjp (their bwd and jvp
+    included, which f's own jaxpr names but does not show), and the values it closes over
+    (small ones by content, large ones by identity); the jaxpr of its jvp where the vjp
+    cannot be traced (forward mode only: a custom_jvp rule's body shows there too), then
+    f's own; None where f cannot be traced (its programs are then keyed by f alone).
+    Leaves of `args` that are not arrays or floats are held as they are, and so are Python
+    numbers in `args[numbers_from:]` (as the check holds them: fn may branch on them);
+    with `has_aux`, f's output is its first element."""
     leaves, treedef = jax.tree_util.tree_flatten(args)
     first = len(leaves)
     if numbers_from is not None:
@@ -55,16 +55,26 @@ def of(f, *args, derivative: bool = True, has_aux: bool = False, numbers_from: i
 
     # new functions: JAX's trace cache, keyed by f, would return f's first trace
     abstract = [_abstract(leaves[i]) for i in at]
-    tries = (with_pullback, with_tangent, call) if derivative else (call,)
     # (a key only: the caller's invariant checks apply where the check traces f itself)
     with _plan.own_transfers(), jax.enable_checks(False):
-        for traced in tries:
-            try:
-                closed = jax.make_jaxpr(traced)(*abstract)
-                return str(closed.jaxpr), tuple(map(_tree.digest, closed.consts)), held
-            except Exception:  # noqa: BLE001, PERF203 - the check says why f cannot be traced
-                continue
-    return None
+        try:
+            own = _key(jax.make_jaxpr(call)(*abstract), held)
+        except Exception:  # noqa: BLE001 - the check says why f cannot be traced (or it
+            return None  # closes over a traced value, which has no digest)
+        # f's own jaxpr decides its derivatives too where it calls no custom rule (nor any
+        # primitive of a custom_ kind): only then is the vjp, which costs several times
+        # as much to trace, needed to show a rule's bwd or jvp
+        if derivative and "custom_" in own[0]:
+            for traced in (with_pullback, with_tangent):
+                try:
+                    return _key(jax.make_jaxpr(traced)(*abstract), held)
+                except Exception:  # noqa: BLE001, PERF203 - f's own jaxpr, then
+                    continue
+    return own
+
+
+def _key(closed, held) -> tuple:
+    return str(closed.jaxpr), tuple(map(_tree.digest, closed.consts)), held
 
 
 def _is_value(x) -> bool:

@@ -12,7 +12,7 @@ import pytest
 
 import jaxcheck
 from cases import enable_x64
-from jaxcheck import _autodiff, _differences, _directions, _error_model, _plan
+from jaxcheck import _autodiff, _differences, _directions, _error_model, _fingerprint, _plan
 
 
 @pytest.mark.parametrize("kind", ["uniform", "gaussian", "rademacher"])
@@ -610,3 +610,30 @@ def test_a_scalar_fn_is_traced_once_for_its_value_and_gradient(monkeypatch, rule
     extra = 1 if rule else 0
     assert calls.count("_probe") == 1 + extra
     assert calls.count("_reference") == 2 + extra
+
+
+def test_a_fingerprint_traces_the_vjp_only_where_fn_calls_a_custom_rule():
+    """The key of a check's programs: fn's own jaxpr where it calls no custom rule (its
+    derivatives follow from it; the vjp cost several times as much to trace), the vjp's
+    where it does (a rule's bwd shows there alone: one scaled by 1.01 is another key)."""
+    x = jnp.linspace(0.1, 0.9, 3)
+
+    def plain(p):
+        return jnp.sum(jnp.sin(p) ** 2)
+
+    def with_rule(scale):
+        @jax.custom_vjp
+        def f(p):
+            return jnp.sin(p)
+
+        f.defvjp(lambda p: (jnp.sin(p), p), lambda p, g: (scale * jnp.cos(p) * g,))
+        return lambda p: jnp.sum(f(p) ** 2)
+
+    own = str(jax.make_jaxpr(plain)(x).jaxpr)
+    assert _fingerprint.of(plain, x)[0] == own
+    right, wrong = (_fingerprint.of(with_rule(s), x)[0] for s in (1.0, 1.01))
+    assert "cos" in right and right != wrong
+    # fn's own jaxpr does not tell the two rules apart
+    assert str(jax.make_jaxpr(with_rule(1.0))(x).jaxpr) == str(
+        jax.make_jaxpr(with_rule(1.01))(x).jaxpr
+    )
