@@ -232,6 +232,7 @@ def run(f, args, order, modes=("fwd", "rev"), atol=None, rtol=None, eps=None) ->
             "grow about twofold per order."
         )
     _check_step(eps)
+    _tree.refuse_unsortable_keys(tuple(args), "check_grads: args")
     params = _tree.settle_weak(tuple(args), lambda p: f(*p))
     mode = _mode(modes)
     wanted = _wanted_floor(f, atol, rtol, params, mode)

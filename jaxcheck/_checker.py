@@ -63,7 +63,7 @@ class Checker:
                 f"a Checker is called as checker(params, *args); it got keyword arguments "
                 f"{', '.join(sorted(keywords))}.{hint}"
             )
-        _verify.refuse_iterators(params, args)
+        _verify.refuse_odd_containers(params, args)
         params = _tree.settle_weak(params, self.fn, args)
         again = self._keyed is not None
         if self._keyed is None:

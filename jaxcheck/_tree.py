@@ -2,6 +2,7 @@
 
 import dataclasses
 import hashlib
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -322,6 +323,46 @@ def match_gradient(s: Split, grad_tree, where: str = "grad_fn") -> list:
             f"{', '.join(p or '(root)' for p in s.paths)}), as jax.grad(fn) does."
         )
     return out
+
+
+def refuse_unsortable_keys(tree, where: str) -> None:
+    """Raise naming a dict in `tree` whose keys JAX cannot sort (keys of several types, as
+    "a" beside 1): JAX flattens a dict in the order of its sorted keys and says only that
+    its comparator failed."""
+    try:
+        # (an iterator, which JAX warns of as a leaf, is refused apart: `_verify`)
+        jax.tree_util.tree_structure(tree, is_leaf=lambda x: isinstance(x, Iterator))
+    except (TypeError, ValueError) as err:
+        if "sort" not in str(err):
+            raise
+        path, keys = _unsortable(tree, "")
+        kinds = ", ".join(sorted({type(k).__name__ for k in keys}))
+        raise ValueError(
+            f"{where}{path} is a dict whose keys are of several types ({kinds}: "
+            f"{', '.join(map(repr, keys[:4]))}{', ...' if len(keys) > 4 else ''}), which JAX, "
+            "flattening it in the order of its sorted keys, cannot order. Use keys of one "
+            "type (all strings, say)."
+        ) from None
+
+
+def _unsortable(tree, path: str) -> tuple[str, list]:
+    """(path, keys) of the first dict in `tree` whose keys cannot be sorted ("" and [] where
+    none is found among plain dicts, lists and tuples)."""
+    if isinstance(tree, dict):
+        try:
+            sorted(tree)
+        except TypeError:
+            return path, list(tree)
+        children = [(f"[{k!r}]", v) for k, v in tree.items()]
+    elif isinstance(tree, list | tuple):
+        children = [(f"[{i}]", v) for i, v in enumerate(tree)]
+    else:
+        return "", []
+    for step, child in children:
+        found = _unsortable(child, path + step)
+        if found[1]:
+            return found
+    return "", []
 
 
 def mixed_devices(trees: dict) -> str:

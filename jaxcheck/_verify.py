@@ -194,7 +194,7 @@ def verify(
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}.")
     refuse_a_checker(fn, "verify(fn, params)")
-    refuse_iterators(params, args)
+    refuse_odd_containers(params, args)
     params = _tree.settle_weak(params, fn, args)
     # a second check of fn reuses its programs only while fn (and grad_fn) compute what
     # they did: a global or a setting they read may have changed in between
@@ -228,11 +228,13 @@ def keyed(fn, params, args, options: _options.Options) -> tuple:
     return fn, options
 
 
-def refuse_iterators(params, args) -> None:
-    """An iterator (a generator) among the inputs would hand fn other values at each of the
-    many calls of a check, then run out (a bare StopIteration from inside fn)."""
+def refuse_odd_containers(params, args) -> None:
+    """Raise, naming it, on a dict among the inputs whose keys JAX cannot sort, or an
+    iterator (a generator), which would hand fn other values at each of the many calls of
+    a check, then run out (a bare StopIteration from inside fn)."""
     is_iterator = lambda x: isinstance(x, Iterator)  # noqa: E731
     for where, tree in (("params", params), ("args", args)):
+        _tree.refuse_unsortable_keys(tree, where)
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_iterator)[0]:
             if is_iterator(leaf):
                 raise TypeError(

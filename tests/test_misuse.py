@@ -885,3 +885,26 @@ def test_an_iterator_among_the_inputs_is_refused_before_it_runs_out(where, check
         "an iterator gives other values at each call, then runs out. Pass the values "
         "themselves (an array, or a list(...) of them)."
     )
+
+
+@pytest.mark.parametrize("entry", ["verify", "check_grads", "Checker"])
+def test_a_dict_of_keys_jax_cannot_sort_is_named(entry):
+    """JAX flattens a dict in the order of its sorted keys, and of "a" beside 1 it said only
+    that its comparator raised, naming no dict."""
+    x = jnp.ones(2)
+    params = {"a": x, "b": {"w": x, 1: x}}
+    loss = lambda p: jnp.sum(p["a"] ** 2)  # noqa: E731
+    where = "params['b']"
+    with pytest.raises(ValueError) as info:
+        if entry == "verify":
+            jaxcheck.verify(loss, params)
+        elif entry == "Checker":
+            jaxcheck.Checker(loss)(params)
+        else:
+            where = "check_grads: args[0]['b']"
+            jaxcheck.check_grads(loss, (params,), 1)
+    assert str(info.value) == (
+        f"{where} is a dict whose keys are of several types (int, str: 'w', 1), which JAX, "
+        "flattening it in the order of its sorted keys, cannot order. Use keys of one type "
+        "(all strings, say)."
+    )
