@@ -372,14 +372,21 @@ def mixed_devices(trees: dict) -> str:
     seen = {}
     for name, tree in trees.items():
         for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-            # (a traced array, inside jax.jit, is placed by the jitted program)
-            if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-                if getattr(x, "committed", False):
-                    devices = tuple(sorted(str(d) for d in x.devices()))
-                    seen.setdefault(devices, f"{name}{jax.tree_util.keystr(path)}")
+            if isinstance(x, jax.Array) and _committed(x):
+                devices = tuple(sorted(str(d) for d in x.devices()))
+                seen.setdefault(devices, f"{name}{jax.tree_util.keystr(path)}")
     if len(seen) < 2:
         return ""
     return "; ".join(f"{leaf} on {', '.join(d)}" for d, leaf in seen.items())
+
+
+def _committed(x) -> bool:
+    """Whether the array `x` is committed to its devices (False for a traced array, inside
+    jax.jit, which the jitted program places)."""
+    try:
+        return bool(x.committed)
+    except Exception:  # noqa: BLE001 - a tracer has no placement of its own
+        return False
 
 
 def digest(x):
