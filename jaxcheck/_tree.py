@@ -333,9 +333,9 @@ def refuse_unsortable_keys(tree, where: str) -> None:
         # (an iterator, which JAX warns of as a leaf, is refused apart: `_verify`)
         jax.tree_util.tree_structure(tree, is_leaf=lambda x: isinstance(x, Iterator))
     except (TypeError, ValueError) as err:
-        if "sort" not in str(err):
+        path, keys = _unsortable(tree, "") if "sort" in str(err) else ("", [])
+        if not keys:  # (not found among plain dicts, lists and tuples: JAX's error stands)
             raise
-        path, keys = _unsortable(tree, "")
         kinds = ", ".join(sorted({type(k).__name__ for k in keys}))
         raise ValueError(
             f"{where}{path} is a dict whose keys are of several types ({kinds}: "
@@ -354,6 +354,8 @@ def _unsortable(tree, path: str) -> tuple[str, list]:
         except TypeError:
             return path, list(tree)
         children = [(f"[{k!r}]", v) for k, v in tree.items()]
+    elif isinstance(tree, tuple) and hasattr(tree, "_fields"):  # a namedtuple, as JAX names it
+        children = [(f".{name}", getattr(tree, name)) for name in tree._fields]
     elif isinstance(tree, list | tuple):
         children = [(f"[{i}]", v) for i, v in enumerate(tree)]
     else:

@@ -1,6 +1,7 @@
 """Misuse and odd inputs get a message that says what happened and what to do, and leave
 the caller's arrays, and every later check, intact."""
 
+import collections
 import dataclasses
 import functools
 
@@ -908,3 +909,26 @@ def test_a_dict_of_keys_jax_cannot_sort_is_named(entry):
         "flattening it in the order of its sorted keys, cannot order. Use keys of one type "
         "(all strings, say)."
     )
+
+
+def test_a_dict_jax_cannot_sort_is_found_through_a_namedtuple_or_left_to_jax():
+    """Inside a namedtuple the dict is named as JAX names the field; inside a pytree node
+    of another kind the dict is not found, and JAX's own error stands (not a message with
+    no keys in it)."""
+    x = jnp.ones(2)
+    pair = collections.namedtuple("Pair", "w rest")
+    loss = lambda p: jnp.sum(x)  # noqa: E731
+    with pytest.raises(ValueError) as info:
+        jaxcheck.verify(loss, pair(x, {"v": x, 3: x}))
+    assert str(info.value).startswith(
+        "params.rest is a dict whose keys are of several types (int, str: 'v', 3)"
+    )
+
+    @jax.tree_util.register_dataclass
+    @dataclasses.dataclass
+    class Box:
+        d: dict
+
+    with pytest.raises(ValueError, match="sort") as info:
+        jaxcheck.verify(loss, Box({"v": x, 3: x}))
+    assert "is a dict whose keys" not in str(info.value)
