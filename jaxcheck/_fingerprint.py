@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _plan, _tree
+from . import _plan, _rule_search, _tree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,11 +26,12 @@ class Keyed:
 
 def of(f, *args, derivative: bool = True, has_aux: bool = False, numbers_from: int | None = None):
     """What `f` (and with `derivative`, its vjp) computes at the shapes and dtypes of `args`:
-    f's own jaxpr, or where it calls custom rules, that of f's vjp (their bwd and jvp
-    included, which f's own jaxpr names but does not show), and the values it closes over
-    (small ones by content, large ones by identity); the jaxpr of its jvp where the vjp
-    cannot be traced (forward mode only: a custom_jvp rule's body shows there too), then
-    f's own; None where f cannot be traced (its programs are then keyed by f alone).
+    f's own jaxpr, or where it calls custom rules not JAX's own, that of f's vjp (their
+    bwd and jvp included, which f's own jaxpr names but does not show), and the values it
+    closes over (small ones by content, large ones by identity); the jaxpr of its jvp
+    where the vjp cannot be traced (forward mode only: a custom_jvp rule's body shows
+    there too), then f's own; None where f cannot be traced (its programs are then keyed
+    by f alone).
     Leaves of `args` that are not arrays or floats are held as they are, and so are Python
     numbers in `args[numbers_from:]` (as the check holds them: fn may branch on them);
     with `has_aux`, f's output is its first element."""
@@ -58,13 +59,14 @@ def of(f, *args, derivative: bool = True, has_aux: bool = False, numbers_from: i
     # (a key only: the caller's invariant checks apply where the check traces f itself)
     with _plan.own_transfers(), jax.enable_checks(False):
         try:
-            own = _key(jax.make_jaxpr(call)(*abstract), held)
+            closed = jax.make_jaxpr(call)(*abstract)
+            own = _key(closed, held)
         except Exception:  # noqa: BLE001 - the check says why f cannot be traced (or it
             return None  # closes over a traced value, which has no digest)
-        # f's own jaxpr decides its derivatives too where it calls no custom rule (nor any
-        # primitive of a custom_ kind): only then is the vjp, which costs several times
-        # as much to trace, needed to show a rule's bwd or jvp
-        if derivative and "custom_" in own[0]:
+        # f's own jaxpr decides its derivatives too where it calls no custom rule but
+        # JAX's own (jax.nn.relu): only otherwise is the vjp, which costs several times as
+        # much to trace, needed to show a rule's bwd or jvp
+        if derivative and _rule_search.derivative_beyond_jaxpr(closed.jaxpr):
             for traced in (with_pullback, with_tangent):
                 try:
                     return _key(jax.make_jaxpr(traced)(*abstract), held)

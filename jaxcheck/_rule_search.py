@@ -90,16 +90,8 @@ class Found:
 
     @property
     def in_jax(self) -> bool:
-        """Whether the rule is one of JAX's own (jax.nn, jax.numpy, lax): its function and
-        the functions of its derivative (its jvp; its fwd and bwd) defined in files of the
-        jax package."""
-        if _custom_gradient_name(self.eqn) is not None:
-            return False  # jax.custom_gradient's wrapper is JAX's, the rule the user's
-        if _JAX_DIR not in _source(_rule_jaxpr(self.eqn)):
-            return False
-        # a rule of the user's around a function of JAX's (jax.custom_jvp(jnp.sin) with
-        # the user's jvp, jax.custom_vjp(jnp.exp) with the user's fwd and bwd) is the user's
-        return _users_rule(self.eqn) is None
+        """Whether the rule is one of JAX's own (`jax_own`)."""
+        return jax_own(self.eqn)
 
     @property
     def title(self) -> str:
@@ -132,6 +124,33 @@ class Found:
         rule.__name__ = self.name
         rule.nondiff_argnums = self.constants  # read by verify_rule: held fixed
         return rule
+
+
+def jax_own(eqn) -> bool:
+    """Whether the rule of a custom_vjp/custom_jvp equation is one of JAX's own (jax.nn,
+    jax.numpy, lax): its function and the functions of its derivative (its jvp; its fwd
+    and bwd) defined in files of the jax package."""
+    if _custom_gradient_name(eqn) is not None:
+        return False  # jax.custom_gradient's wrapper is JAX's, the rule the user's
+    if _JAX_DIR not in _source(_rule_jaxpr(eqn)):
+        return False
+    # a rule of the user's around a function of JAX's (jax.custom_jvp(jnp.sin) with the
+    # user's jvp, jax.custom_vjp(jnp.exp) with the user's fwd and bwd) is the user's
+    return _users_rule(eqn) is None
+
+
+def derivative_beyond_jaxpr(jaxpr) -> bool:
+    """Whether what `jaxpr` computes leaves its derivatives open: it (or a sub-jaxpr,
+    inside custom rules too) calls a custom rule that is not JAX's own, whose bwd or jvp
+    its jaxpr names but does not show, or any other primitive of a custom_ kind (a custom
+    linear solve's transpose)."""
+    for eqn in jaxpr.eqns:
+        if "custom_" in eqn.primitive.name and not (rule_kind(eqn) and jax_own(eqn)):
+            return True
+        for value in eqn.params.values():
+            if any(derivative_beyond_jaxpr(sub) for sub, _ in jaxprs_of(value)):
+                return True
+    return False
 
 
 def rule_kind(eqn) -> str | None:

@@ -613,9 +613,10 @@ def test_a_scalar_fn_is_traced_once_for_its_value_and_gradient(monkeypatch, rule
 
 
 def test_a_fingerprint_traces_the_vjp_only_where_fn_calls_a_custom_rule():
-    """The key of a check's programs: fn's own jaxpr where it calls no custom rule (its
-    derivatives follow from it; the vjp cost several times as much to trace), the vjp's
-    where it does (a rule's bwd shows there alone: one scaled by 1.01 is another key)."""
+    """The key of a check's programs: fn's own jaxpr where it calls no custom rule but
+    JAX's own (its derivatives follow from it; the vjp cost several times as much to
+    trace), the vjp's where it does (a rule's bwd shows there alone: one scaled by 1.01 is
+    another key)."""
     x = jnp.linspace(0.1, 0.9, 3)
 
     def plain(p):
@@ -631,8 +632,15 @@ def test_a_fingerprint_traces_the_vjp_only_where_fn_calls_a_custom_rule():
 
     own = str(jax.make_jaxpr(plain)(x).jaxpr)
     assert _fingerprint.of(plain, x)[0] == own
+    # JAX's own rules (jax.nn.relu's custom_jvp) are fixed by JAX: fn's own jaxpr still
+    with_relu = lambda p: jnp.sum(jax.nn.relu(p) ** 2)  # noqa: E731
+    assert _fingerprint.of(with_relu, x)[0] == str(jax.make_jaxpr(with_relu)(x).jaxpr)
     right, wrong = (_fingerprint.of(with_rule(s), x)[0] for s in (1.0, 1.01))
     assert "cos" in right and right != wrong
+    # the user's rule inside a checkpointed or a jitted function
+    for wrap in (jax.checkpoint, jax.jit):
+        inner, other = (_fingerprint.of(wrap(with_rule(s)), x)[0] for s in (1.0, 1.01))
+        assert inner != other
     # fn's own jaxpr does not tell the two rules apart
     assert str(jax.make_jaxpr(with_rule(1.0))(x).jaxpr) == str(
         jax.make_jaxpr(with_rule(1.01))(x).jaxpr
