@@ -359,12 +359,19 @@ def _parts(fn, params, args, o: _options.Options, first) -> list:
             def in_cotangent(draws):
                 vectors = draws.inputs.diff, draws.output_signs(), draws.tangent(1, scaled=False)
                 reverse = dataclasses.replace(derived, mode="reverse")
-                report = first(CotangentMap(fn, o.has_aux), params, (vectors, *args), reverse)
+                report = _forward_if_refused(
+                    first,
+                    CotangentMap(fn, o.has_aux),
+                    params,
+                    (vectors, *args),
+                    reverse,
+                    _COTANGENT_LABEL,
+                )
                 report = _on_rounding(_beside_kinks(report, head, 2), head, 2)
                 return None, _flat_where_curved(report, head_curved, 2)
 
             report = _again_if_flat(in_cotangent, draws)[1]
-            parts.append((2, _named(report, 2, ("reverse",), "vjp map in its cotangent")))
+            parts.append((2, _named(report, 2, ("reverse",), _COTANGENT_LABEL)))
         elif "custom_jvp" in kinds:
             # fn calls a custom_jvp, whose rule computes the primal output of fn's jvp (a
             # custom_vjp's, in reverse mode, is differentiated by the cotangent map)
@@ -567,7 +574,7 @@ def _checked_map(first, mapped, name, extra, level, params, args, derived, o) ->
     """The first-order check of the level-`level` derivative map, JAX's refusals to
     differentiate it said in words of the order asked."""
     try:
-        return first(mapped, params, (*extra, *args), derived)
+        return _forward_if_refused(first, mapped, params, (*extra, *args), derived, name)
     except ValueError as err:
         if _REVERSE_REFUSED not in str(err):
             raise
@@ -594,6 +601,29 @@ def _checked_map(first, mapped, name, extra, level, params, args, derived, o) ->
         ) from err
 
 
+def _forward_if_refused(first, mapped, params, args, options, name) -> Report:
+    """`first(mapped, params, args, options)`; where JAX refuses to differentiate the map in
+    reverse mode, the map checked in forward mode instead, which a note says. JAX
+    differentiates some derivatives in forward mode only: the bwd of a custom_vjp whose fwd
+    runs a while_loop (an implicit layer's; forward-over-reverse is how its Hessian-vector
+    products are computed). JAX's refusal stands where forward mode fails too."""
+    try:
+        return first(mapped, params, args, options)
+    except ValueError as err:
+        if options.mode == "forward" or _REVERSE_REFUSED not in str(err):
+            raise
+        refused = err
+    try:
+        report = first(mapped, params, args, dataclasses.replace(options, mode="forward"))
+    except (ValueError, TypeError, NotImplementedError):
+        raise refused from refused.__cause__
+    # (JAX's first sentence: "Reverse-mode differentiation does not work for lax.while_loop
+    # or lax.fori_loop with dynamic start/stop values")
+    said = str(refused).strip().splitlines()[0].split(". ")[0].rstrip(".")
+    note = f"JAX cannot differentiate the {name} in reverse mode ({said}): checked in forward mode"
+    return dataclasses.replace(report, problems=(*report.problems, note))
+
+
 _NO_JVP_MAP = (
     "for the same reason, the jvp map (forward-over-forward, reverse-over-forward) was not checked"
 )
@@ -615,6 +645,7 @@ def _in_cotangent(inner, kinds: frozenset) -> bool:
 
 
 PRIMAL_LABEL = "primal output of fn's jvp"
+_COTANGENT_LABEL = "vjp map in its cotangent"
 
 _LOCALIZED = ("wrong: ", _localize.NO_SINGLE_LEAF)
 

@@ -362,23 +362,44 @@ def test_a_tangent_through_a_primitive_without_a_transpose_rule_is_said(tangent,
     assert jaxcheck.verify(lambda a: jnp.sum(f(a)), x, mode="forward").status == "fail"
 
 
-def test_order_2_through_a_bwd_without_reverse_mode_says_so():
-    """The order-2 check differentiates a custom_vjp's bwd; one that JAX cannot reverse
-    (a while_loop in it) was told to try mode='forward', which a custom_vjp refuses."""
+@pytest.mark.parametrize("beside", [None, "custom_vjp"])
+def test_order_2_through_a_bwd_without_reverse_mode_goes_forward_or_says_so(beside):
+    """The order-2 check differentiates a custom_vjp's bwd. One that JAX cannot reverse (a
+    while_loop in it) is differentiated in forward mode instead (forward-over-reverse), as
+    JAX's own Hessian-vector products of such a rule are; where forward mode fails too (a
+    custom_vjp inside the bwd, which has no jvp), JAX's refusal is said in words of the
+    order asked, and mode='forward' is not suggested."""
+
+    @jax.custom_vjp
+    def same(x):
+        return x
+
+    same.defvjp(lambda x: (x, None), lambda _, g: (g,))
 
     @jax.custom_vjp
     def double(x):
         return 2.0 * x
 
     def bwd(_, g):
-        return (
-            jax.lax.while_loop(lambda c: c[1] < 1, lambda c: (2.0 * c[0], c[1] + 1), (g, 0))[0],
-        )
+        g = jax.lax.while_loop(lambda c: c[1] < 1, lambda c: (2.0 * c[0], c[1] + 1), (g, 0))[0]
+        return (g if beside is None else same(g),)
 
     double.defvjp(lambda x: (2.0 * x, None), bwd)
     fn = lambda p: jnp.sum(jnp.sin(double(p)))  # noqa: E731
     x = jnp.linspace(0.2, 1.0, 4)
     assert jaxcheck.verify(fn, x).status == "pass"
+    if beside is None:
+        report = jaxcheck.verify(fn, x, order=2)
+        assert report.status == "pass", str(report)
+        rows = [c.name for c in report.checks]
+        assert "order 2: forward-over-reverse (Hessian-vector products)" in rows, rows
+        assert (
+            "order 2: Hessian-vector products: JAX cannot differentiate the Hessian-vector "
+            "products in reverse mode (Reverse-mode differentiation does not work for "
+            "lax.while_loop or lax.fori_loop with dynamic start/stop values): checked in "
+            "forward mode"
+        ) in report.problems, report.problems
+        return
     with pytest.raises(ValueError) as info:
         jaxcheck.verify(fn, x, order=2)
     text = str(info.value)

@@ -810,3 +810,51 @@ def test_a_custom_jvp_primal_output_behind_stop_gradient_fails_at_order_2(mode):
     right = jaxcheck.verify(lambda x: jnp.sum(jax.nn.softplus(x)), x, order=2, mode=mode)
     assert right.ok, str(right)
     assert right.parts[-1].label == "order 2: primal output of fn's jvp"
+
+
+@pytest.mark.parametrize("factor", [1.0, 1.01])
+def test_an_implicit_layer_solved_by_a_while_loop_is_checked_forward_over_reverse(factor):
+    """A deep-equilibrium layer: a custom_vjp whose fwd iterates z = tanh(W z + b) in a
+    while_loop and whose bwd solves the implicit function theorem's linear system. JAX
+    cannot reverse the while_loop that fwd's residual depends on, so reverse-over-reverse
+    is refused; its Hessian-vector products are forward-over-reverse, and so are the
+    order-2 checks. A 1 % error in bwd fails at order 1, and is not lost to a refusal."""
+    n = 3
+    w = jnp.asarray([[0.1, -0.2, 0.05], [0.15, 0.1, -0.1], [-0.05, 0.2, 0.1]])
+
+    def solve(w, b):
+        def body(c):
+            return jnp.tanh(w @ c[0] + b), c[0], c[2] + 1
+
+        def cond(c):
+            return (jnp.max(jnp.abs(c[0] - c[1])) > 1e-7) & (c[2] < 200)
+
+        return lax.while_loop(cond, body, (jnp.tanh(b), jnp.zeros(n), 0))[0]
+
+    @jax.custom_vjp
+    def layer(w, b):
+        return solve(w, b)
+
+    def fwd(w, b):
+        z = solve(w, b)
+        return z, (w, b, z)
+
+    def bwd(res, g):
+        w, b, z = res
+        a = jnp.eye(n) - (1 - z**2)[:, None] * w
+        lam = jnp.linalg.solve(a.T, g) * factor
+        return jax.vjp(lambda w, b: jnp.tanh(w @ z + b), w, b)[1](lam)
+
+    layer.defvjp(fwd, bwd)
+    fn = lambda p: jnp.sum(layer(p["w"], p["b"]) * jnp.arange(1.0, n + 1))  # noqa: E731
+    report = jaxcheck.verify(fn, {"w": w, "b": jnp.asarray([-0.3, 0.1, 0.3])}, order=2)
+    parts = [(p.label, p.status.value) for p in report.parts]
+    if factor != 1.0:
+        assert parts[0] == ("order 1: fn", "fail"), str(report)
+        return
+    assert report.status == "pass", str(report)
+    rows = [c.name for c in report.checks]
+    for name in ("Hessian-vector products", "vjp map in its cotangent"):
+        assert f"order 2: forward-over-reverse ({name})" in rows, rows
+        said = f"JAX cannot differentiate the {name} in reverse mode (Reverse-mode"
+        assert any(said in q for q in report.problems), report.problems
