@@ -444,7 +444,9 @@ def _flat(run: Run, p: Pass, k, problems, checks=()) -> Status | None:
                 f"relative step, {p.step:.1e}, where the derivative under test says fn moves "
                 f"by {change:.1e}, below the rounding of fn's {run.reference.name} values "
                 f"({quantum:.1e}): fn's precision cannot show a derivative this small (a "
-                "softmax or sigmoid saturated in float32), so nothing judges it here"
+                "softmax or sigmoid saturated in float32; or a derivative that is itself "
+                "rounding, as the second derivative of a function linear up to its "
+                "rounding), so nothing judges it here"
             )
             return Status.INCONCLUSIVE
         if np.any(a[use]):

@@ -1157,6 +1157,27 @@ def test_a_float32_only_fn_flat_at_float32_resolution_is_not_passed_vacuously(si
         assert any(q.startswith("wrong rule: custom_vjp s at ") for q in report.problems)
 
 
+def test_a_second_derivative_that_is_rounding_of_zero_is_not_judged_and_says_so():
+    """JAX's custom_root test of a root that is y itself: fn is y up to float64 rounding
+    (u / u with u > 0), its second derivative rounding of zero (about 1e-17). Not judged,
+    and the note names that case, not only a saturated float32 softmax."""
+
+    def fn(y):
+        u = y**2 + y**4 + 1.0
+        return (u / u) * y
+
+    with enable_x64():
+        y = jnp.asarray([[0.18938125], [-0.33265023], [-0.4045438]])
+        report = jaxcheck.verify(fn, y, order=2)
+    assert [(p.label, p.status.value) for p in report.parts] == [
+        ("order 1: fn", "pass"),
+        ("order 2: vjp map", "inconclusive"),
+    ], str(report)
+    said = " ".join(report.parts[1].problems)
+    assert "below the rounding of fn's float64 values" in said, said
+    assert "a derivative that is itself rounding" in said, said
+
+
 @pytest.mark.parametrize("stop", [1e-6, 1e-12])
 def test_a_solver_stopped_at_a_tolerance_is_pointed_out_where_its_error_fails(stop):
     """A float32 fixed point solved by a while_loop to 1e-6, with a right implicit-function
