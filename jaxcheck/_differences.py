@@ -114,11 +114,13 @@ def _reference(
     return _plan.map_directions(one, (index, beta_rows, signs), plan)
 
 
+@quiet
 def central(phis: np.ndarray, h: float) -> np.ndarray:
     """D(h) from the values at -h, h."""
     return (phis[:, 1] - phis[:, 0]) / (2 * h)
 
 
+@quiet
 def second(phis: np.ndarray, phi0: np.ndarray) -> np.ndarray:
     """phi(h) - 2 phi(0) + phi(-h) from the outer points of either stencil (its first and
     last columns): h^2 phi'' where fn is smooth."""

@@ -205,6 +205,7 @@ def _finite_and_magnitude(phis, phi0):
     return finite, magnitude
 
 
+@_differences.quiet
 def assess_central(phis, phi0, h: float, eps: float) -> Differences:
     """Central differences D(h) from the values at -h, h (`phis`, (n, 2)), with the error
     bar of rounding alone: 2 standard deviations of D(h) for evaluations accurate to

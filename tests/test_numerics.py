@@ -227,6 +227,21 @@ def test_nonfinite_is_reported_with_location(fn, point, where):
         assert "no finite differences were taken" in str(report)
 
 
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+def test_infinities_on_both_sides_of_the_point_raise_no_numpy_warning(mode):
+    """fn finite at params and -inf on both sides of it (a log-density at the edge of its
+    support, as JAX's dirichlet.logpdf off the simplex): the central difference of two
+    infinities is NaN, which NumPy warns about; under a suite that turns warnings into
+    errors (this one does) that warning raised inside the check."""
+
+    def fn(x):
+        return jnp.where(x[0] == 1.0, jnp.sum(x**2), -jnp.inf)
+
+    report = jaxcheck.verify(fn, jnp.asarray([1.0, 2.0, 3.0]), mode=mode)
+    assert report.status == "nonfinite", str(report)
+    assert "finite differences are NaN/Inf along 16 of 16 directions" in str(report)
+
+
 @pytest.mark.parametrize("value", [jnp.inf, jnp.nan])
 def test_a_nonfinite_argument_is_named_beside_the_nonfinite_gradient(value):
     def fn(p, data):
