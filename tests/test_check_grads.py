@@ -226,6 +226,19 @@ def test_nan_function_is_not_judged_but_nan_gradient_of_finite_function_fails():
     assert "the gradient (autodiff) of leaf [0] is NaN/Inf" in str(info.value)
 
 
+def test_f_of_numpy_arguments_infinite_at_the_point_raises_no_numpy_warning():
+    """JAX's check evaluates f on NumPy arguments beside the point only; the verdict on a
+    NaN/Inf f reads f at the point itself, where NumPy arithmetic in f on NumPy arguments
+    (1 / (x - 1) at 1) warns, which this suite, like JAX's, turns into an error. The
+    entries where f is finite are still judged."""
+
+    def f(x):
+        return jnp.where(x >= 1.0, 1.0 / (x - 1.0), x)
+
+    outcome = _check_grads.run(f, (np.array([1.0, 0.5, 0.25]),), 1, ("fwd", "rev"))
+    assert (outcome.verdict, outcome.report.status) == ("pass", "pass"), outcome.headline
+
+
 def _naive_sigmoid(x):
     return 1.0 / (1.0 + jnp.exp(-x))  # 0 at -inf, its derivative inf / inf = NaN there
 
