@@ -324,7 +324,7 @@ def packed_leaves(leaves) -> tuple[bool, ...]:
             packed = bool(
                 np.isfinite(a).all()
                 and nonzero.size >= 2
-                and nonzero.max() > PACKED_SPREAD * nonzero.min()
+                and nonzero.max() / PACKED_SPREAD > nonzero.min()  # (no overflow at 1e308)
             )
         out.append(packed)
     return tuple(out)
@@ -426,17 +426,22 @@ def balance(scales, grad_norms, dynamic_range: float, min_total: float = 0.0):
     Returns (beta, share): the step sizes and each leaf's share of the derivative variance.
     """
     scales = np.asarray(scales, np.float64)
-    c = scales * np.asarray(grad_norms, np.float64)
-    positive = np.sort(c[c > 0])
-    if positive.size == 0:
-        return scales.copy(), np.zeros_like(scales)
-    c_ref = max(positive[0], dynamic_range * positive[-1])
-    total = lambda level: np.sqrt(np.sum(np.minimum(positive, level) ** 2))  # noqa: E731
-    if total(c_ref) < min_total:
-        c_ref = _level_for_total(positive, min_total)
-    weights = np.where(c > c_ref, c_ref / np.where(c > 0, c, 1.0), 1.0)
-    contribution = (c * weights) ** 2
-    return scales * weights, contribution / contribution.sum()
+    with np.errstate(over="ignore", invalid="ignore"):  # (an infinite gradient norm)
+        c = scales * np.asarray(grad_norms, np.float64)
+        positive = np.sort(c[c > 0])
+        if positive.size == 0:
+            return scales.copy(), np.zeros_like(scales)
+        # in units of the largest c (the weights are its ratios): squares of c of 1e160
+        # and more overflow (exp at 700 in float64)
+        unit = positive[-1] if np.isfinite(positive[-1]) else 1.0
+        c, positive, min_total = c / unit, positive / unit, min_total / unit
+        c_ref = max(positive[0], dynamic_range * positive[-1])
+        total = lambda level: np.sqrt(np.sum(np.minimum(positive, level) ** 2))  # noqa: E731
+        if total(c_ref) < min_total:
+            c_ref = _level_for_total(positive, min_total)
+        weights = np.where(c > c_ref, c_ref / np.where(c > 0, c, 1.0), 1.0)
+        contribution = (c * weights) ** 2
+        return scales * weights, contribution / contribution.sum()
 
 
 def _level_for_total(positive: np.ndarray, target: float) -> float:

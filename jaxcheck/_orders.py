@@ -809,6 +809,11 @@ def _named(report: Report, order: int, chain: tuple, name: str) -> Report:
     return dataclasses.replace(report, checks=tuple(checks), label=f"order {order}: {name}")
 
 
+# the exponents of the powers of two a map's fixed vectors are scaled by (`_Draws._signs`):
+# times 1/2 or 2, float32 normal numbers (2^-126 to just below 2^128)
+_LOW_POWER, _HIGH_POWER = -125, 126
+
+
 @dataclasses.dataclass
 class _Draws:
     """The fixed tangents and cotangents of the derivative maps, drawn on the host from
@@ -877,7 +882,10 @@ class _Draws:
             flat = values.reshape(-1)
             if flat.size > 1 and np.all(flat == flat[0]):
                 flat[0] = -flat[0]
-            power = 2.0 ** np.round(np.log2(scale))
+            # (within float32's normal range, its factors of 2 included: a float64 leaf's
+            # scale of 1e40, or an output's of exp(-90), made the float32 vector infinite
+            # or subnormal, which XLA flushes to zero, and the map identically zero)
+            power = 2.0 ** np.clip(np.round(np.log2(scale)), _LOW_POWER, _HIGH_POWER)
             # on the host: jnp.asarray of a NumPy array compiles a small program per new
             # shape, one per check in a test suite
             out.append(jax.device_put(np.asarray(values * power, np.float32)))

@@ -11,6 +11,7 @@ import pytest
 import jaxcheck
 from cases import (
     bug,
+    enable_x64,
     ill_conditioned_loss,
     ill_conditioned_params,
     mlp_data,
@@ -18,6 +19,7 @@ from cases import (
     mlp_params,
     scaled_sin,
 )
+from jaxcheck import _check_grads
 
 CPU = jax.default_backend() == "cpu"
 
@@ -225,6 +227,37 @@ def test_nonfinite_is_reported_with_location(fn, point, where):
     assert where in str(report)
     if report.steps_tried == ():
         assert "no finite differences were taken" in str(report)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        # squares of c = scale x gradient norm near 1e304 overflowed in the leaf balance
+        ("check_grads", jnp.exp, [700.0, 1.0], 1, "pass"),
+        # the maps' float32 cotangent, 1 / exp(90), was subnormal, flushed to zero by
+        # XLA, and the correct map "flat where the order below curves": a false failure
+        ("check_grads", jnp.exp, [90.0, 1.0], 2, "pass"),
+        ("verify", lambda p: jnp.sin(p) * 1e40, [0.5, 1.0], 2, "pass"),
+        # a tangent at the leaf's scale of 1e40 overflowed float32
+        ("check_grads", lambda x: x * 2.0, [1e40, 1.0], 2, "pass"),
+        # a packed leaf's spread tested by a product that overflowed; a norm of 1e160
+        ("verify", lambda p: jnp.sum(p) * 1e-300, [1.7e308, -1.7e308], 1, "pass"),
+        ("verify", lambda p: jnp.sum(p**2), [1e160, 1.0], 1, "nonfinite"),
+    ],
+    ids=["exp-700", "exp-90-order-2", "sin-1e40-order-2", "1e40-order-2", "1e308", "1e160"],
+)
+def test_float64_values_beyond_float32s_range_raise_no_numpy_warning(case):
+    """Host arithmetic of float64 magnitudes beyond float32's range (or whose squares leave
+    float64's) warned, an error under a suite's warnings-as-errors; one made an order-2
+    check of a correct function fail."""
+    entry, fn, point, order, status = case
+    with enable_x64():
+        x = jnp.asarray(point)
+        if entry == "verify":
+            report = jaxcheck.verify(fn, x, order=order)
+        else:
+            report = _check_grads.run(fn, (x,), order, ("fwd", "rev")).report
+    assert report.status == status, str(report)
 
 
 @pytest.mark.parametrize("mode", ["reverse", "forward"])
