@@ -35,7 +35,10 @@ def tolerance(dtype, rtol=None, cap=math.inf) -> float:
 
 
 def inexact(x) -> bool:
-    return jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+    # (the dtype read without converting: a NumPy float64 of 1e40 overflowed, and NumPy
+    # warned, when cast to float32 with 64-bit types off)
+    dtype = x.dtype if hasattr(x, "dtype") else jnp.result_type(x)
+    return jnp.issubdtype(dtype, jnp.inexact)
 
 
 def random_like(x, rng, scale=True):

@@ -339,7 +339,9 @@ class Rule:
 
     @property
     def dtype(self):
-        floats = [x.dtype for x in map(jnp.asarray, self.leaves()) if _rule_rows.inexact(x)]
+        # (JAX's dtypes of the inputs, read without converting them: see `_rule_rows.inexact`)
+        dtypes = [jnp.result_type(x) for x in self.leaves()]
+        floats = [d for d in dtypes if jnp.issubdtype(d, jnp.inexact)]
         return _precision.lowest(floats) if floats else jnp.dtype(jnp.float32)
 
 

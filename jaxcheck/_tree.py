@@ -152,7 +152,8 @@ def _output_floats(fn, params, args) -> set:
     if jax.config.jax_numpy_dtype_promotion != "strict":
         return set()  # (standard promotion takes any dtype: no trace, a Checker's calls cost none)
     call = lambda p: fn(p, *args)  # noqa: E731
-    strong = jax.tree.map(lambda x: strong_array(x) if _weak_float(x) else x, params)
+    with jax.transfer_guard_host_to_device("allow"):  # (the check's own, as below)
+        strong = jax.tree.map(lambda x: strong_array(x) if _weak_float(x) else x, params)
     try:
         jax.eval_shape(call, strong)
         return set()

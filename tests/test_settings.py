@@ -384,6 +384,17 @@ def test_transfer_guard_disallow_with_a_python_float_beside_an_array():
             jax.jit(jnp.sin)(np.ones(2, np.float32))
 
 
+def test_transfer_guard_disallow_with_a_lone_python_float_under_strict_promotion():
+    """A Python float alone: under strict promotion its dtype is read from fn's outputs
+    with it put on the device, which the caller's guard refused (each setting alone
+    passed)."""
+    with jax.numpy_dtype_promotion("strict"), jax.transfer_guard("disallow"):
+        report = jaxcheck.verify(lambda p: jnp.sin(p) * 2, 0.5)
+        assert report.status == "pass", str(report)
+        with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
+            jax.jit(jnp.sin)(np.ones(2, np.float32))
+
+
 def test_transfer_guard_disallow_check_grads_with_an_absolute_tolerance():
     """check_grads' atol is taken at f's scale by a jvp and a vjp along JAX's random draws,
     which jaxcheck puts on the device itself under the caller's guard (the argument a
