@@ -155,7 +155,13 @@ def _validate(o: Options) -> None:
             "it. Use mode='reverse'."
         )
     if o.precision not in _precision.POLICIES:
-        raise ValueError(f"precision must be one of {_precision.POLICIES}, got {o.precision!r}.")
+        raise ValueError(
+            f"precision must be one of {_precision.POLICIES}, got {o.precision!r}. It is "
+            "the precision of the finite differences (the reference), not of fn: 'auto' "
+            "takes them in float64, or in fn's own precision where fn cannot run in "
+            "float64; 'float64' requires float64; 'native' takes them in fn's own dtype "
+            "(at least float32)."
+        )
     for name in ("step", "rtol"):
         value = getattr(o, name)
         if value is not None and not (

@@ -80,7 +80,8 @@ class Report:
     against and `noise_floor` the relative error of the finite-difference reference itself.
     `numeric` and `analytic` hold the per-direction values behind the headline check.
     `num_directions` is the number of directions the verdict rests on: with sequential
-    directions, 8, 16, ... (4, 8, ... for Gaussian ones) up to `max_directions` (the
+    directions, 4, 8, 16, ... (8, 16, ... for random signs alone, and where at most 16
+    parameter elements get directions that span them) up to `max_directions` (the
     `num_directions` option), and
     `stopped` says why the check took that many. Reports compare by identity (their
     arrays have no single truth value), and have none themselves: test `report.ok`.

@@ -442,8 +442,9 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
     except NotImplementedError as err:
         if str(err).startswith("Transpose rule"):
             # (JAX's type kept: a suite that expects jax.grad's error gets it)
+            said = one_line(err).removeprefix(f"{type(err).__name__}: ")  # (its type is ours)
             raise NotImplementedError(
-                f"{one_line(err)}: JAX could not transpose fn's jvp into a vjp (jax.grad(fn) "
+                f"{said}: JAX could not transpose fn's jvp into a vjp (jax.grad(fn) "
                 f"raises the same). Either {_NONLINEAR_TANGENT} Or fn calls a primitive with "
                 "a jvp but no transpose rule, which has no reverse mode either."
             ) from err

@@ -45,7 +45,11 @@ P = {"w": jnp.ones(3)}
         (
             {"precision": "float32"},
             ValueError,
-            "precision must be one of ('auto', 'float64', 'native'), got 'float32'.",
+            "precision must be one of ('auto', 'float64', 'native'), got 'float32'. It is "
+            "the precision of the finite differences (the reference), not of fn: 'auto' "
+            "takes them in float64, or in fn's own precision where fn cannot run in "
+            "float64; 'float64' requires float64; 'native' takes them in fn's own dtype "
+            "(at least float32).",
         ),
         ({"step": 0.0}, ValueError, "step must be a float in (0, 1) or None, got 0.0."),
         (
@@ -356,7 +360,7 @@ def test_a_tangent_through_a_primitive_without_a_transpose_rule_is_said(tangent,
     with pytest.raises(NotImplementedError) as info:
         jaxcheck.verify(lambda a: jnp.sum(f(a)), x, mode=mode)
     text = str(info.value)
-    assert text.startswith("NotImplementedError: Transpose rule (for reverse-mode")
+    assert text.startswith("Transpose rule (for reverse-mode"), text
     assert "fn calls a custom_jvp whose tangent is not linear in its input tangents" in text
     assert "verify(..., mode='forward') checks fn in forward mode" in text
     assert jaxcheck.verify(lambda a: jnp.sum(f(a)), x, mode="forward").status == "fail"
