@@ -35,11 +35,14 @@ RULE_OUTPUTS = (
 )
 
 
-def one_line(err: BaseException, limit: int = 300) -> str:
-    """`err`'s type and the first line of its message, for a report's list of problems;
-    a line longer than `limit` characters is cut at a word, with " ..." after it."""
+def one_line(err: BaseException, limit: int = 300, typed: bool = True) -> str:
+    """`err`'s type (unless not `typed`) and the first line of its message, for a report's
+    list of problems; a line longer than `limit` characters is cut at a word, with " ..."
+    after it."""
     text = str(err).strip()
     first = text.splitlines()[0] if text else ""
     if len(first) > limit:
         first = first[:limit].rsplit(" ", 1)[0] + " ..."
+    if not typed:
+        return first
     return f"{type(err).__name__}: {first}" if first else type(err).__name__

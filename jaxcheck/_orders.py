@@ -617,9 +617,10 @@ def _forward_if_refused(first, mapped, params, args, options, name) -> Report:
         report = first(mapped, params, args, dataclasses.replace(options, mode="forward"))
     except (ValueError, TypeError, NotImplementedError):
         raise refused from refused.__cause__
-    # (JAX's first sentence: "Reverse-mode differentiation does not work for lax.while_loop
-    # or lax.fori_loop with dynamic start/stop values")
-    said = str(refused).strip().splitlines()[0].split(". ")[0].rstrip(".")
+    # (the first sentence of JAX's own words, as `_checked_map` takes them: "Reverse-mode
+    # differentiation does not work for lax.while_loop or lax.fori_loop with dynamic
+    # start/stop values")
+    said = str(refused.__cause__ or refused).strip().splitlines()[0].split(". ")[0].rstrip(".")
     note = f"JAX cannot differentiate the {name} in reverse mode ({said}): checked in forward mode"
     return dataclasses.replace(report, problems=(*report.problems, note))
 

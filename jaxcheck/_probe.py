@@ -164,12 +164,12 @@ def _on_host(probe: dict, diff: list, problem) -> dict:
         # (norms beyond float64's range are infinite, as `_directions.balance` takes them)
         with np.errstate(over="ignore"):
             out["grad_norms"] = rms_grad * np.sqrt([max(x.size, 1) for x in diff])
-        for i, packed in enumerate(problem.packed):
-            if packed:  # its entries move by their own magnitudes: its share is |g * f|
-                x, g = (
-                    np.asarray(_plan.host_array(a), np.float64) for a in (diff[i], probe["grad"][i])
-                )
-                with np.errstate(over="ignore"):
+            for i, packed in enumerate(problem.packed):
+                if packed:  # its entries move by their own magnitudes: its share is |g * f|
+                    x, g = (
+                        np.asarray(_plan.host_array(a), np.float64)
+                        for a in (diff[i], probe["grad"][i])
+                    )
                     out["grad_norms"][i] = np.linalg.norm(g * _directions.entry_scales(x))
         if problem.scalar_output:
             out["grad"] = probe["grad"]

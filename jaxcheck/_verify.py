@@ -234,8 +234,12 @@ def refuse_odd_containers(params, args) -> None:
     a check, then run out (a bare StopIteration from inside fn)."""
     is_iterator = lambda x: isinstance(x, Iterator)  # noqa: E731
     for where, tree in (("params", params), ("args", args)):
-        _tree.refuse_unsortable_keys(tree, where)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_iterator)[0]:
+        try:
+            flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_iterator)[0]
+        except (TypeError, ValueError):
+            _tree.refuse_unsortable_keys(tree, where)  # (names a dict JAX cannot sort)
+            raise
+        for path, leaf in flat:
             if is_iterator(leaf):
                 raise TypeError(
                     f"{where}{jax.tree_util.keystr(path)} is an iterator "
@@ -442,7 +446,7 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
     except NotImplementedError as err:
         if str(err).startswith("Transpose rule"):
             # (JAX's type kept: a suite that expects jax.grad's error gets it)
-            said = one_line(err).removeprefix(f"{type(err).__name__}: ")  # (its type is ours)
+            said = one_line(err, typed=False)  # (its type is ours)
             raise NotImplementedError(
                 f"{said}: JAX could not transpose fn's jvp into a vjp (jax.grad(fn) "
                 f"raises the same). Either {_NONLINEAR_TANGENT} Or fn calls a primitive with "
