@@ -6,8 +6,10 @@ rounding. A derivative tested in the reference's own precision (float64 models, 
 itself rounding (a residual that cancels to 1e-17 at an exact fit, which the gradient's
 program and the finite differences' compute in different orders), a finite difference
 that resolves its own rounding finely calls it wrong. Before a failure stands there, the
-gradient is evaluated once more at params moved by a few ulps (relative, random signs, so
-that zeros stay zeros and no kink at 0 is crossed): how far it moves is its rounding. A
+gradient is evaluated again at params moved by a few ulps (relative, random signs, so
+that zeros stay zeros and no kink at 0 is crossed): how far it moves is its rounding.
+Where fn casts values computed from params to a less precise dtype inside, the move is by
+ulps of that dtype, both ways, and the gradient's smooth change along it is taken out. A
 wrong rule moves with the point no more than a right one, so a bug stays a failure.
 """
 
@@ -234,9 +236,9 @@ def _signature(jaxpr, casts, rounding) -> list:
 
 def _gradient_change(run: Run, draw: int = 0):
     """Per parameter leaf, the squared norm of the change of the gradient under test when
-    every entry of params moves by JITTER_ULPS ulps (once per check and `draw` of the
-    signs); None
-    where the gradient is not at hand (forward mode alone)."""
+    every entry of params moves by JITTER_ULPS ulps (`_ulp`; of a less precise dtype fn
+    rounds to, its smooth change along the move taken out) (once per check and `draw` of
+    the signs); None where the gradient is not at hand (forward mode alone)."""
     kept = run.probe.setdefault("jitter", {})
     if draw in kept:
         return kept[draw]
@@ -262,16 +264,48 @@ def _moved(run: Run, draw: int):
         sizes = [float(np.sum(np.abs(_wide(g)) ** 2)) for g in grad]
         run.probe["jitter_sizes"] = np.asarray(sizes)
     key = jax.random.key(draw)
-    diff = []
+    moves, coarse = [], False
     for i, x in enumerate(run.inputs.diff):
         real = jnp.real(x).dtype
         sign = jax.random.rademacher(jax.random.fold_in(key, i), np.shape(x), real)
-        diff.append(x + x * (JITTER_ULPS * _precision.eps(real)) * sign)
-    values = run.timer.run(program, run.seeds[1], diff, run.inputs.traced(), None)
-    moved = np.asarray(
-        [float(np.sum(np.abs(_wide(g) - _wide(h)) ** 2)) for g, h in zip(grad, values["grad"])]
-    )
+        ulp = _ulp(run, real)
+        coarse = coarse or ulp > _precision.eps(real)
+        moves.append(x * (JITTER_ULPS * ulp) * sign)
+
+    def grad_at(s):
+        moved = [x + s * d for x, d in zip(run.inputs.diff, moves)]
+        return run.timer.run(program, run.seeds[1], moved, run.inputs.traced(), None)["grad"]
+
+    if coarse:
+        # moved by ulps of the dtype fn rounds to, both ways: the gradient's smooth change
+        # along the move (its Hessian times the move, which near a minimum is as large as
+        # the gradient itself at a float32 ulp, and far larger than the change rounding
+        # the params to float32 makes) cancels in g(p + d) + g(p - d) - 2 g(p); its
+        # rounding, independent at the three points, stays, at sqrt(3) times that of a
+        # one-way move g(p + d) - g(p)
+        ahead, behind = grad_at(1), grad_at(-1)
+        moved = np.asarray(
+            [
+                float(np.sum(np.abs(_wide(a) + _wide(b) - 2 * _wide(g)) ** 2)) / 3
+                for g, a, b in zip(grad, ahead, behind)
+            ]
+        )
+    else:  # (at ulps of the params' own dtype, the smooth change is the params' rounding)
+        ahead = grad_at(1)
+        moved = np.asarray(
+            [float(np.sum(np.abs(_wide(g) - _wide(a)) ** 2)) for g, a in zip(grad, ahead)]
+        )
     return moved if np.all(np.isfinite(moved)) else None
+
+
+def _ulp(run: Run, real) -> float:
+    """The relative size of one ulp of a parameter of dtype `real` as fn's derivative
+    rounds it: of the less precise dtype fn casts values computed from params to, where
+    there is one (float64 params of a model computed in float32 under jax_enable_x64 do
+    not move its float32 values at all by a few float64 ulps, nor its gradient's
+    rounding)."""
+    eps = _precision.eps(real)
+    return eps if run.rounds_to is None else max(eps, _precision.eps(run.rounds_to))
 
 
 def _wide(x) -> np.ndarray:

@@ -11,7 +11,7 @@ from jax import lax
 
 import jaxcheck
 from cases import enable_x64, scaled_sin
-from jaxcheck import _check_grads, _pipeline
+from jaxcheck import _check_grads, _jitter, _pipeline
 
 
 def _through(dtype):
@@ -899,6 +899,49 @@ def test_a_float64_stationary_point_blames_no_leaf(x64):
     assert any(q.startswith("['b']: the derivative under test is off") for q in report.problems)
     args = (params["w"], params["b"])
     jaxcheck.check_grads(lambda w, b: _least_squares({"w": w, "b": b}), args, 1)
+
+
+def _float32_net_near_its_fit(seed=2):
+    """A float64 MLP computed in float32 (its params cast inside), fitted to within 1e-5:
+    its gradient is float32 rounding of the residual to a few percent."""
+    rng = np.random.default_rng(seed)
+    sizes = (8, 16, 16, 1)
+    params = {}
+    for i in range(3):
+        params[f"w{i}"] = jnp.asarray(rng.normal(size=sizes[i : i + 2]) / np.sqrt(sizes[i]))
+        params[f"b{i}"] = jnp.asarray(rng.normal(size=sizes[i + 1]) * 1e-3)
+    x = jnp.asarray(rng.normal(size=(16, 8)))
+
+    def net(p, x):
+        h = x.astype(jnp.float32)
+        for i in range(3):
+            h = h @ p[f"w{i}"].astype(jnp.float32) + p[f"b{i}"].astype(jnp.float32)
+            h = jax.nn.gelu(h) if i < 2 else h
+        return h.astype(jnp.float64)
+
+    y = net(params, x) + 1e-5 * rng.normal(size=(16, 1))
+    return (lambda p, x, y: jnp.mean((net(p, x) - y) ** 2)), params, x, y
+
+
+def test_a_float32_net_near_its_fit_under_x64_blames_no_leaf(x64):
+    """Its float64 params move its float32 values, and its gradient's rounding, not at
+    all by a few float64 ulps: the leaves that failed alone by their gradient's float32
+    rounding (2.5e-2 and 4.3e-2 against tolerances of 2.4e-2 and 2.6e-2) were called
+    WRONG, and so were they beside a wrong leaf. Moved by float32 ulps both ways, its
+    rounding is measured apart from its smooth change."""
+    fn, params, x, y = _float32_net_near_its_fit()
+    report = jaxcheck.verify(fn, params, x, y, key=0)
+    assert report.status != "fail", str(report)
+    assert any(_jitter.WITHIN_ROUNDING in q for q in report.problems), report.problems
+    grad = jax.grad(fn)
+
+    def off(p, x, y):  # the first layer's gradient 30 % off
+        g = grad(p, x, y)
+        return {**g, "w0": 1.3 * g["w0"]}
+
+    report = jaxcheck.verify(fn, params, x, y, key=0, grad_fn=off)
+    assert report.status == "fail", str(report)
+    assert [leaf.path for leaf in report.leaves if leaf.status == "fail"] == ["['w0']"]
 
 
 @pytest.mark.parametrize("near", [1e-9, 1e-7])
@@ -1852,8 +1895,6 @@ def test_a_float32_only_derivative_set_by_an_array_constant_fails(s):
 def test_a_float16_model_with_a_constant_is_not_another_program():
     """1.1 in a float16 program is 1.0996: compared at float32 precision, every float16
     model with such a constant looked like another program than its float64 trace."""
-    from jaxcheck import _jitter
-
     seen = []
     original = _jitter.fn_differs
 
