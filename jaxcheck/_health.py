@@ -62,25 +62,23 @@ class HealthState:
 
     `step` counts the updates seen. `grad_norm` and `param_norm` are the last step's norms
     (`param_norm` is -1 where `update` got no `params`, NaN where they are NaN), `average`
-    the running average of the gradient norms, bias-corrected (`moment` is the moment
-    before the correction, as `optax.tree.update_moment` keeps it, and `entered` how many
-    norms entered it, per leaf: a leaf's history starts with its first finite, nonzero
-    gradient; not an `optax.EmaState`, whose field `count` would make
-    `optax.tree.get(opt_state, "count")`, the step count of the optimizer after it, find
-    two); `peak` the largest running average each leaf has had. `vanishing`, `exploding`,
-    `nonfinite` are the last step's flags; `first_*` the step each flag first fired (-1:
-    never), `*_steps` on how many steps it fired. `low_streak` counts the consecutive steps
-    a leaf has been below the vanishing thresholds; `log_moment` and `log_square` are the
-    running moments (before bias correction) of the logarithm of its norm on the steps it
-    was not, `log_entered` how many entered them. `zero_streak` counts the consecutive steps
-    its gradient has been exactly zero, `zero_return` the longest such run after which it
-    came back (a head trained on every other step's task), `zero_steps` on how many steps
-    in all it was exactly zero. `worst_spike` is the largest
-    gradient norm seen as a multiple of its running average (-1 before there is one), and
-    `skipped` counts the updates zeroed by `skip_nonfinite`. `zero_start` marks the leaves
-    whose parameter was all zeros when `init` saw it. The state holds no NaN of its own, so
-    that `jax_debug_nans` reports only NaNs of the training itself.
-    """
+    the running average of the gradient norms, bias-corrected (`moment` is the moment before
+    the correction, as `optax.tree.update_moment` keeps it, and `entered` how many norms
+    entered it, per leaf: its finite, nonzero gradients; not an `optax.EmaState`, whose
+    field `count` would make `optax.tree.get(opt_state, "count")`, the step count of the
+    optimizer after it, find two); `peak` the largest running average each leaf has had.
+    `vanishing`, `exploding`, `nonfinite` are the last step's flags; `first_*` the step each
+    flag first fired (-1: never), `*_steps` on how many steps it fired. `low_streak` counts
+    the consecutive steps a leaf has been below the vanishing thresholds; `log_moment` and
+    `log_square` are the running moments (before bias correction) of the logarithm of its
+    norm on the steps it was not, `log_entered` how many entered them. `zero_streak` counts
+    the consecutive steps its gradient has been exactly zero, `zero_return` the longest such
+    run after which it came back (a head trained on every other step's task), `zero_steps`
+    on how many steps in all it was exactly zero. `worst_spike` is the largest gradient norm
+    seen as a multiple of its running average (-1 before there is one), and `skipped` counts
+    the updates zeroed by `skip_nonfinite`. `zero_start` marks the leaves whose parameter
+    was all zeros when `init` saw it. The state holds no NaN of its own, so that
+    `jax_debug_nans` reports only NaNs of the training itself."""
 
     paths: tuple[str, ...]
     step: jax.Array
@@ -142,9 +140,8 @@ def gradient_health(
 
     A leaf is flagged at step t (counting updates from 0) when its gradient is
 
-    - *non-finite*: any NaN or Inf in it, or elements so large (beyond ~1e19 in float32)
-      that their sum of squares overflows (in float64, a norm beyond float32's ~3e38,
-      which the state's float32 norms cannot hold) (from the first step on); or, where `update`
+    - *non-finite*: any NaN or Inf in it, or a norm beyond float32's ~3e38, which the
+      state's float32 norms cannot hold (from the first step on); or, where `update`
       gets `params`, the same in the parameter itself, seen when its norm is refreshed
       (every 10 steps; a parameter no gradient reaches can turn NaN with finite gradients);
     - *exploding*: its norm is above `explode_factor` times its running average, above
@@ -173,10 +170,10 @@ def gradient_health(
       own head: a head's gradient is zero on the other tasks' steps by design).
 
     Exploding and vanishing are judged from step `warmup` on, the rules against the leaf's
-    own running average once `warmup` norms have entered it. A leaf's history starts with
-    its first finite, nonzero gradient (a layer before a zero-initialized one gets a zero
-    gradient at first); each later norm enters the running average clipped to
-    `explode_factor` times the average (non-finite norms not at all), so one spike cannot
+    own running average once `warmup` norms have entered it. Only finite, nonzero norms
+    enter a leaf's history (a layer before a zero-initialized one gets a zero gradient at
+    first; a task's head, on the other tasks' steps); each norm after the first enters the
+    running average clipped to `explode_factor` times the average, so one spike cannot
     pull the average up far enough to make the next steps look vanished, while a lasting
     rise is followed within a few dozen steps. Vanishing is a state that lasts, and a leaf
     whose gradient is noise of few degrees of freedom k dips below a thousandth of its
@@ -212,7 +209,8 @@ def gradient_health(
             receiving gradient (dead units, a cut path).
         explode_factor: a norm this many times its running average is exploding: tenfold is
             far outside minibatch noise and is what a loss spike looks like.
-        skip_nonfinite: when True, an update with a NaN or Inf in any leaf is replaced by
+        skip_nonfinite: when True, an update with a NaN or Inf in any leaf (or a leaf's
+            norm beyond float32's range) is replaced by
             zeros (as `optax.apply_if_finite` does) and counted in `state.skipped`. The
             transformations after it in the chain still take a step of zeros (Adam's
             moments decay by one step). To leave their state untouched too, keep the
@@ -368,9 +366,8 @@ def _step(leaves, state, own, passed, *, fixed, skip):
     )
     t = state.step
     grad_norm = _norms(leaves)
-    # One reduction per leaf: a NaN or Inf makes the sum of squares NaN or Inf. So does a
-    # finite gradient beyond ~1e19 in float32, whose square would overflow Adam's second
-    # moment all the same; it counts as non-finite.
+    # One reduction per leaf: a NaN or Inf makes the norm NaN or Inf; a finite gradient
+    # whose float32 sum of squares overflows is summed again scaled (`_norms`).
     finite = jnp.isfinite(grad_norm)
     if own is None:
         param_norm = jnp.full_like(grad_norm, NO_PARAMS)
@@ -398,7 +395,11 @@ def _step(leaves, state, own, passed, *, fixed, skip):
     with_history = (t >= warmup) & (count >= jnp.maximum(warmup, 1)) & finite
     # integer, bool and empty leaves (step counters, masks, keys; gradients of dtype
     # float0 under `allow_int`) have no gradient to watch: never flagged
-    watched = jnp.asarray([_watched(x) for x in leaves], bool).reshape(-1)
+    # (nor is a leaf whose parameter is of such a dtype, its update cast to float: zeros
+    # where a float0 gradient was replaced, as `jax.tree.map(jnp.zeros_like, ...)` does)
+    owned = [None] * len(leaves) if own is None else own
+    watched = [_watched(x) and (p is None or _watched(p)) for x, p in zip(leaves, owned)]
+    watched = jnp.asarray(watched, bool).reshape(-1)
     # (no division by zero, no NaN made here: under `jax_debug_nans` only the
     # training's own NaNs may show)
     # (a parameter gone Inf has no ratio either: grad / inf = 0 is not a vanished
@@ -491,8 +492,13 @@ def _step(leaves, state, own, passed, *, fixed, skip):
     has_spike = seen & finite & (average > 0)
     spike = jnp.where(has_spike, grad_norm / jnp.where(has_spike, average, 1.0), NO_SPIKE)
 
-    # The history starts with the first finite, nonzero norm; NaN/Inf never enter it.
-    enters = finite & (seen | (grad_norm > 0))
+    # Only finite, nonzero norms enter the history: NaN/Inf never do, and an exact zero is
+    # a step whose loss did not reach the leaf (another task's, where tasks take turns),
+    # which would pull its average down by that task's share of the steps and make its
+    # own steps' norms look like spikes (a head trained on every third step was flagged
+    # exploding at 39 times its diluted average); a leaf cut off for good is flagged
+    # vanishing by its zeros themselves.
+    enters = finite & (grad_norm > 0)
     clipped = jnp.where(seen, jnp.minimum(grad_norm, ceiling), grad_norm)
     # optax.ema's bias correction raises `decay ** count` (float ** int32), which strict
     # dtype promotion refuses, and counts steps for all leaves at once: the moment is
@@ -568,6 +574,16 @@ def _register_with_flax() -> None:
         return {f: serialization.to_state_dict(getattr(state, f)) for f in _DATA_FIELDS}
 
     def from_state_dict(target, state):
+        saved = np.shape(state.get("grad_norm", ())) if isinstance(state, dict) else None
+        if saved is not None and saved != np.shape(target.grad_norm):
+            n = len(target.paths)
+            raise ValueError(
+                f"gradient_health: the checkpoint holds the state of {saved[0] if saved else 0} "
+                f"parameter leaves, and the state it is restored into has {n} "
+                f"({', '.join(target.paths[:4])}{', ...' if n > 4 else ''}): it was saved for "
+                "another model. Restore it into the state of that model, or start this one "
+                "from gradient_health's init."
+            )
         return dataclasses.replace(
             target,
             **{
@@ -607,7 +623,9 @@ def _check_options(decay, warmup, vanishing_ratio, collapse_factor, explode_fact
     )
     check("collapse_factor", collapse_factor, lambda v: 0.0 <= v < 1.0, "in [0, 1), e.g. 1e-3")
     check("explode_factor", explode_factor, lambda v: v > 1.0, "> 1, e.g. 10")
-    if not isinstance(skip, bool | np.bool_):
+    # (a concrete 0-d bool array is taken as its value, as the thresholds' 0-d arrays are)
+    concrete = not isinstance(skip, jax.core.Tracer) and np.ndim(skip) == 0
+    if not (concrete and _dtype(skip) == np.bool_):
         wrong_type.append(f"skip_nonfinite={skip!r} must be True or False")
     if wrong_type or out_of_range:
         error = TypeError if wrong_type else ValueError
@@ -807,7 +825,30 @@ def _norms(leaves) -> jax.Array:
             values[i] = jnp.sum(x * x)
     values = _stack(values)
     # one square root for all leaves: per leaf, it was a sixth of this function's operations
-    return jnp.where(wide, values, jnp.sqrt(values)) if wide.any() else jnp.sqrt(values)
+    norms = jnp.where(wide, values, jnp.sqrt(values)) if wide.any() else jnp.sqrt(values)
+    narrow = [i for i, x in zip(inexact, barred) if not wide[i]]
+    if not narrow:
+        return norms
+    # A float32 sum of squares underflows to 0 (or below float32's normal range) where
+    # every entry is below ~1e-19, and overflows to Inf where one is above ~2e19 with a
+    # norm float32 holds: then, and only then, those leaves are summed again scaled by
+    # their largest entry.
+    at = np.asarray(narrow)
+    squares = values[at]
+    off = (squares < np.finfo(np.float32).tiny) | jnp.isinf(squares)
+
+    def scaled():
+        again = []
+        for i in narrow:
+            x = jnp.abs(barred[inexact.index(i)]).astype(jnp.float32)
+            top = jnp.max(x, initial=0.0)
+            # (an Inf entry leaves its Inf norm; no 0/0 or Inf/Inf: no NaN of jaxcheck's
+            # own under `jax_debug_nans`)
+            unit = jnp.where((top > 0) & jnp.isfinite(top), top, 1.0)
+            again.append(unit * jnp.sqrt(jnp.sum(jnp.square(x / unit))))
+        return norms.at[at].set(jnp.where(off, jnp.stack(again), norms[at]))
+
+    return jax.lax.cond(jnp.any(off), scaled, lambda: norms)
 
 
 def _stack(values, dtype=jnp.float32) -> jax.Array:

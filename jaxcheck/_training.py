@@ -90,7 +90,13 @@ class PeriodicCheck:
         ([(0, 'pass'), (10, 'pass'), (20, 'pass')], None)
     """
 
-    def __init__(self, fn: Callable, *, every: int = 100, **options: Any):
+    def __init__(self, fn: Callable, *more: Any, every: int = 100, **options: Any):
+        if more:
+            raise TypeError(
+                f"jaxcheck.PeriodicCheck takes fn alone positionally, got {len(more) + 1} "
+                "positional arguments; every and the options are keywords: "
+                "PeriodicCheck(fn, every=100, num_directions=8), say."
+            )
         _keywords.refuse_unknown(
             "jaxcheck.PeriodicCheck",
             "PeriodicCheck(fn, every=..., **options)(step, params, *args)",
@@ -154,7 +160,9 @@ class PeriodicCheck:
             fired = _health.fired(found)
             if fired > self._fired and reason is None:
                 reason = "health flags"
-            self._fired = max(self._fired, fired)
+            # (fewer than before: the state was rolled back to a checkpoint, where a flag
+            # that fires again is new again)
+            self._fired = fired
         if reason is None:
             return None
         start = time.perf_counter()
@@ -217,8 +225,8 @@ class PeriodicCheck:
                 f"training_seconds must be a number of seconds, got "
                 f"{type(training_seconds).__name__} {training_seconds!r}."
             )
-        if not training_seconds > 0:
-            raise ValueError(f"training_seconds={training_seconds!r} must be > 0.")
+        if not 0 < training_seconds < math.inf:
+            raise ValueError(f"training_seconds={training_seconds!r} must be > 0 and finite.")
         return self.seconds / training_seconds
 
     def __str__(self) -> str:

@@ -1163,3 +1163,93 @@ def test_an_unknown_option_is_named_with_the_option_meant():
         "'warmup'?); its options are decay, warmup, vanishing_ratio, collapse_factor, "
         "explode_factor, skip_nonfinite."
     )
+
+
+@pytest.mark.parametrize("turn", [2, 3])
+def test_a_head_trained_by_turns_is_not_exploding(turn):
+    """A task's head whose gradient is noise on its own task's steps and exactly zero on
+    the others': the zeros entered its running average, diluting it by the task's share,
+    and its own steps looked like spikes (every third step: flagged exploding in 5 of 5
+    runs, at up to 39 times the diluted average)."""
+    rng = np.random.default_rng(0)
+    steps = 1500
+    noise = rng.normal(size=steps).astype(np.float32) * 0.01
+    own = (np.arange(steps) % turn == 0).astype(np.float32)
+    trunk = 0.01 * (1 + 0.05 * rng.normal(size=steps)).astype(np.float32)
+    params = {"head": jnp.zeros(()), "trunk": jnp.ones(64)}
+    opt = jaxcheck.gradient_health()
+
+    def step(state, g):
+        grads = {"head": g[0] * g[1], "trunk": jnp.full(64, g[2])}
+        return opt.update(grads, state, params)[1], None
+
+    state, _ = jax.lax.scan(step, opt.init(params), jnp.stack([noise, own, trunk], axis=1))
+    head = jaxcheck.health(state).leaves[0]
+    assert head.path == "['head']"
+    assert head.exploding_steps == 0 and head.vanishing_steps == 0, head
+    # its average is that of its own steps' norms, |N(0, 0.01)|: 0.008 on average
+    assert 0.004 < head.average < 0.012, head.average
+
+
+def test_an_integer_parameter_with_float_zero_updates_is_not_watched():
+    """An int32 counter and a bool mask whose updates arrive as float zeros (float0
+    gradients replaced by zeros) were flagged vanishing at step 11."""
+    params = {"count": jnp.arange(3), "mask": jnp.ones(2, bool), "w": jnp.ones(3)}
+    opt = jaxcheck.gradient_health()
+    state = opt.init(params)
+    grads = {"count": jnp.zeros(3), "mask": jnp.zeros(2), "w": jnp.full(3, 0.1)}
+    for _ in range(20):
+        _, state = jax.jit(opt.update)(grads, state, params)
+    summary = jaxcheck.health(state)
+    assert summary.ok and not summary.flagged, str(summary)
+
+
+def test_float32_norms_below_and_above_their_squares_range():
+    """A float32 leaf whose entries are all 1e-20 had its sum of squares underflow: norm 0,
+    flagged vanishing with vanishing_ratio=0 and collapse_factor=0. One of 2e19 entries,
+    finite and of a norm float32 holds, overflowed: non-finite, and skip_nonfinite
+    zeroed an update that optax.apply_if_finite applies."""
+    params = {"tiny": jnp.full(8, 1e-18, jnp.float32), "huge": jnp.ones(4), "w": jnp.ones(8)}
+    grads = {
+        "tiny": jnp.full(8, 1e-20, jnp.float32),
+        "huge": jnp.full(4, 2e19, jnp.float32),
+        "w": jnp.full(8, 0.1, jnp.float32),
+    }
+    opt = jaxcheck.gradient_health(vanishing_ratio=0.0, collapse_factor=0.0, skip_nonfinite=True)
+    state = opt.init(params)
+    for _ in range(15):
+        updates, state = jax.jit(opt.update)(grads, state, params)
+    np.testing.assert_allclose(state.grad_norm, [4e19, 2.828e-20, 0.2828], rtol=1e-3)
+    assert updates["huge"][0] == np.float32(2e19) and int(state.skipped) == 0
+    summary = jaxcheck.health(state)
+    assert summary.ok and not summary.flagged, str(summary)
+    # an Inf is still non-finite, and makes no NaN of jaxcheck's own
+    with jax.debug_nans(True):
+        _, state = opt.update({**grads, "huge": grads["huge"].at[0].set(np.inf)}, state, params)
+    assert [leaf.path for leaf in jaxcheck.health(state).flagged] == ["['huge']"]
+    assert np.isinf(state.grad_norm[0]) and int(state.skipped) == 1
+
+
+def test_a_checkpoint_of_another_model_is_refused_when_restored():
+    serialization = pytest.importorskip("flax.serialization")
+    opt = jaxcheck.gradient_health()
+    small = {"a": jnp.ones(3), "b": jnp.ones(2)}
+    blob = serialization.to_bytes(opt.init(small))
+    with pytest.raises(ValueError) as caught:
+        serialization.from_bytes(opt.init({**small, "c": jnp.ones(4)}), blob)
+    assert str(caught.value) == (
+        "gradient_health: the checkpoint holds the state of 2 parameter leaves, and the "
+        "state it is restored into has 3 (['a'], ['b'], ['c']): it was saved for another "
+        "model. Restore it into the state of that model, or start this one from "
+        "gradient_health's init."
+    )
+
+
+def test_skip_nonfinite_takes_a_zero_dimensional_bool_array():
+    opt = jaxcheck.gradient_health(skip_nonfinite=jnp.array(True))
+    params = {"w": jnp.ones(2)}
+    updates, state = opt.update({"w": jnp.array([np.nan, 1.0])}, opt.init(params), params)
+    assert int(state.skipped) == 1 and updates["w"].tolist() == [0.0, 0.0]
+    wrong = r"skip_nonfinite=Array\(\[ True, False\], dtype=bool\) must be True or False"
+    with pytest.raises(TypeError, match=wrong):
+        jaxcheck.gradient_health(skip_nonfinite=jnp.array([True, False]))

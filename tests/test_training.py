@@ -125,6 +125,8 @@ def test_cost_fraction():
         check.cost_fraction(jnp.ones(2))
     with pytest.raises(ValueError, match="training_seconds=0 must be > 0"):
         check.cost_fraction(0)
+    with pytest.raises(ValueError, match=r"^training_seconds=inf must be > 0 and finite\.$"):
+        check.cost_fraction(float("inf"))  # (a fraction of 0 said nothing true)
 
 
 def _with_a_dead_leaf():
@@ -173,6 +175,28 @@ def test_a_flag_fired_before_the_first_call_given_the_state_triggers_a_check():
     assert [(r.step, r.reason) for r in check.history] == [(5, "health flags")]
 
 
+def test_a_flag_that_fires_again_after_a_rollback_triggers_a_check_again():
+    """A NaN gradient at step 3, the state rolled back to a checkpoint of step 1 and the
+    NaN at step 5 again: the highest count of flags ever seen was kept, and the second
+    NaN, as new as the first in the state rolled back, started no check."""
+    params, x, fn, opt = _with_a_dead_leaf()
+    state = opt.init(params)
+    update = jax.jit(lambda s, p, g: opt.update(g, s, p)[1])
+    check = jaxcheck.PeriodicCheck(fn, every=100, num_directions=8)
+    saved = None
+    for step in range(1, 8):
+        bad = step in (3, 5)
+        g = {"w": jnp.full(3, jnp.nan), "dead": jnp.ones(2)} if bad else jax.grad(fn)(params, x)
+        state = update(state, params, g)
+        check(step, params, x, opt_state=state)
+        saved = state if step == 1 else saved
+        state = saved if step == 3 else state
+    assert [(r.step, r.reason) for r in check.history] == [
+        (3, "health flags"),
+        (5, "health flags"),
+    ]
+
+
 def test_raise_on_failure_records_then_raises():
     check = jaxcheck.PeriodicCheck(
         loss, every=1, grad_fn=textbook_grad, num_directions=8, raise_on_failure=True
@@ -202,6 +226,13 @@ def test_bad_arguments():
         "'every'?); its options are every, grad_fn,"
     )
     assert jaxcheck.PeriodicCheck(loss, every=10.0).every == 10  # as a step of 10.0 is taken
+    with pytest.raises(TypeError) as info:  # (Python said: "takes 2 positional arguments")
+        jaxcheck.PeriodicCheck(loss, 25)
+    assert str(info.value) == (
+        "jaxcheck.PeriodicCheck takes fn alone positionally, got 2 positional arguments; "
+        "every and the options are keywords: PeriodicCheck(fn, every=100, num_directions=8), "
+        "say."
+    )
     with pytest.raises(ValueError, match=r"^step=-100 is negative; pass the training step's"):
         jaxcheck.PeriodicCheck(loss, every=100)(-100, {"w": jnp.ones(3)})
 
