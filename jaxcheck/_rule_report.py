@@ -332,8 +332,9 @@ def rules_part(
             f"rules whose derivatives fail alone at the inputs fn gives them, while fn's own "
             f"derivatives pass: {_with_rows(unseen)}; their error does not reach fn's "
             "derivatives here (an output fn masks or clips, a kink at inputs fn holds fixed, "
-            "as a relu at entries fn keeps at 0?), so they are not counted as wrong; check "
-            "such a rule alone with jaxcheck.verify_rule at inputs fn reaches"
+            "as a relu at entries fn keeps at 0?), or reaches them below fn's tolerance (a "
+            "term fn weighs lightly), so they are not counted as wrong; check such a rule "
+            "alone with jaxcheck.verify_rule at inputs fn reaches"
         )
     # passed, whether or not finely enough or at every call
     unfaulted = fine + [r.label for r in first_only + coarse]

@@ -589,12 +589,18 @@ def note_native(
     `other_program`: fn is another program in the model's precision (`_jitter.fn_differs`)."""
     name = jnp.dtype(reference).name
     own = run.problem.grad_fn is not None or run.problem.has_rules
+    suspects = (
+        f"a rule or grad_fn wrong on its {run.tested.name} path alone, or "
+        if own
+        else "fn has no custom rule nor grad_fn: "
+    )
     why = (
         f"and fn's value differs too (fn computes something else in {name}, e.g. random "
-        f"numbers drawn in the default dtype); the same rule in {name} passes its own "
-        f"finite differences, but those in {run.tested.name} fail the {run.tested.name} "
-        f"derivative (a rule or grad_fn wrong on its {run.tested.name} path alone?): it is "
-        "judged by them"
+        f"numbers drawn in the default dtype, or cancels in {run.tested.name}, as "
+        "1 - cos(x) near 0 does, leaving its value and derivative mostly rounding); the "
+        f"same rule in {name} passes its own finite differences, but those in "
+        f"{run.tested.name} fail the {run.tested.name} derivative ({suspects}its "
+        f"{run.tested.name} rounding grown far beyond the value's?): it is judged by them"
         if values_differ
         else "while fn's value agrees in both to 1e-3 (a rule or grad_fn taking another path "
         f"in {run.tested.name}, or one not linear in its tangent or cotangent?); finite "
