@@ -48,17 +48,29 @@ def host_side(run):
             except GradientCheckError:
                 raise
             except Exception as err:
-                if not _precision.stale_constants(err):
+                stale = _precision.stale_constants(err)
+                # (or fn refuses float64 inputs: a rule casting its tangent to float32, a
+                # Pallas kernel or a callback declaring a float32 output)
+                if not stale and not isinstance(err, TypeError | ValueError):
                     raise
+                widened = err
                 first = (str(err).strip().splitlines() or [""])[0][:100]
+                how = "fn mixed float32 and float64 values" if stale else "fn raised"
                 note = (
                     "params hold float64 NumPy arrays while 64-bit types are off; with them "
-                    f"on, fn mixed float32 and float64 values ({type(err).__name__}: {first}), "
-                    "so it was checked as jax runs it, with them off (params rounded to "
-                    f"float32). {_precision.STALE_HINT}"
+                    f"on, {how} ({type(err).__name__}: {first}), so it was checked as jax "
+                    "runs it, with them off (params rounded to float32)"
+                    + (f". {_precision.STALE_HINT}" if stale else "")
                 )
         with _contextvar(NOTES, NOTES.get() + (note,)), _contextvar(NARROWED, True):
-            return guarded(fn, params, args, options)
+            try:
+                return guarded(fn, params, args, options)
+            except GradientCheckError:
+                raise
+            except Exception:
+                if stale:
+                    raise
+                raise widened from None  # (fails as jax runs it too: its first error stands)
 
     def guarded(fn, params, args, options):
         # jaxcheck's own programs make infinities on purpose (overflow-safe scales, probes

@@ -998,3 +998,36 @@ def test_a_tolerance_dict_applies_to_complex_outputs_as_in_jax(modes, key, fails
             call()
     else:
         assert call() is None
+
+
+def test_float64_numpy_args_of_a_rule_that_returns_float32_are_checked_as_jax_takes_them():
+    """With 64-bit types off, float64 NumPy arguments are checked in float64; a custom_jvp
+    whose tangent is cast to float32 (as a kernel declaring a float32 output) raised there,
+    where JAX rounds the arguments to float32 and its check_grads passes."""
+
+    @jax.custom_jvp
+    def f(x):
+        return jnp.sin(x)
+
+    f.defjvp(lambda p, t: (jnp.sin(p[0]), (jnp.cos(p[0]) * t[0]).astype(jnp.float32)))
+    x = np.array([0.3, -1.2, 2.0])
+    jax.test_util.check_grads(f, (x,), 1)
+    jaxcheck.check_grads(f, (x,), 1)
+    report = jaxcheck.verify(f, x)
+    assert report.status == "pass", str(report)
+    [said] = [q for q in report.problems if q.startswith("params hold float64 NumPy")]
+    assert said.startswith(
+        "params hold float64 NumPy arrays while 64-bit types are off; with them on, fn "
+        "raised (TypeError: Custom JVP rule must produce primal and tangent outputs with "
+    ), said
+    assert said.endswith(
+        "so it was checked as jax runs it, with them off (params rounded to float32)"
+    ), said
+
+    @jax.custom_jvp
+    def g(x):  # wrong, and raising in float64 too: the float64 error is the one raised
+        return jnp.sin(x)
+
+    g.defjvp(lambda p, t: (jnp.sin(p[0]), (p[0] * t[0]).astype(jnp.float32)))
+    with pytest.raises(jaxcheck.GradientCheckError, match="gradient is WRONG"):
+        jaxcheck.check_grads(g, (x,), 1)
