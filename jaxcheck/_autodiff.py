@@ -78,6 +78,32 @@ def output_scales(outs: list):
     return jnp.maximum(scales, jnp.asarray(least, scales.dtype))
 
 
+# The largest weight of an output entry against its leaf's others (`output_weights`): an
+# entry whose derivative is 1e6 times smaller than its neighbours' counts 32 times more,
+# no more, so that an entry near a zero of its derivative does not drown the others
+MAX_ENTRY_WEIGHT = 32.0
+
+
+def output_weights(jv: list, dtype) -> list:
+    """Per output leaf, a weight for each of its entries in the output cotangent, from the
+    jvps `jv` (rows of tangents, then the leaf's shape): the leaf's RMS derivative over
+    the entry's, rounded to a power of two (exact in every dtype), from 1 to
+    MAX_ENTRY_WEIGHT; 1 where the entry's derivative is zero or not finite. The relative
+    error of the whole leaf then sees an entry whose derivative is far smaller than its
+    neighbours' (exp over [-10, 10], whose outputs span 1e9; a rule wrong for x < 0
+    passed), as JAX's check compares entries one by one."""
+    weights = []
+    for y in jv:
+        d = jnp.sqrt(jnp.mean(jnp.square(jnp.abs(y).astype(dtype)), axis=0))
+        fine = jnp.isfinite(d) & (d > 0)
+        d = jnp.where(fine, d, 0.0)
+        whole = jnp.sqrt(jnp.mean(jnp.square(d))) if d.size else jnp.zeros((), dtype)
+        ratio = whole / jnp.where(fine, d, 1.0)
+        power = jnp.exp2(jnp.round(jnp.log2(jnp.clip(ratio, 1.0, MAX_ENTRY_WEIGHT))))
+        weights.append(jnp.where(fine & jnp.isfinite(ratio), power, 1.0).astype(jnp.float32))
+    return weights
+
+
 def probe(problem, reverse: bool, out_seeds, diff, traced, signs=None) -> dict:
     """One native evaluation of fn (and of its gradient, when reverse): the value, the
     output scales, the per-leaf sums of squares of parameters and gradient, and the
@@ -142,11 +168,7 @@ def _probe(problem, reverse, fold, seeds, diff, traced, index, signs) -> dict:
         units = jax.vmap(
             lambda k, z: _directions.direction(seeds[0], k, diff, ones, kind, z, problem.packed)
         )(index, p_signs)
-    cots = None
-    if fold and not problem.scalar_output:
-        cots = jax.vmap(lambda k, z: _directions.cotangent(seeds[1], k, scales, outs, kind, z))(
-            index, o_signs
-        )
+    weights = None
     if "forward" in modes:
         # traced first, so that a custom_vjp in fn fails early. Rows ordered (leaf,
         # direction): the tangent of row (l, k) is UNIT z_kl in leaf l alone
@@ -158,6 +180,17 @@ def _probe(problem, reverse, fold, seeds, diff, traced, index, signs) -> dict:
         primals, jv = jax.vmap(lambda t: jax.jvp(f, (diff,), (t,)))(tangents)
         if own and gap is None:  # forward mode alone: the primal jax.jvp returns
             gap = primal_gap([y[0] for y in primals], outs)
+        if not problem.scalar_output:
+            # each output entry weighed by its derivative along these rows (in every
+            # program of the check: the probe hands them on with the scales)
+            weights = output_weights(jv, _precision.accumulator([y.dtype for y in jv]))
+            result["output_weights"] = weights
+    cots = None
+    if fold and not problem.scalar_output:
+        cots = jax.vmap(
+            lambda k, z: _directions.cotangent(seeds[1], k, scales, outs, kind, z, weights)
+        )(index, o_signs)
+    if "forward" in modes:
         if cots is None:
             p = jv[0].astype(_precision.accumulator([jv[0].dtype]))
         else:
@@ -172,7 +205,9 @@ def _probe(problem, reverse, fold, seeds, diff, traced, index, signs) -> dict:
         if own:
             gap = primal_gap([value], outs)
     elif reverse or rev:
-        cot = _directions.cotangent(seeds[1], BALANCE_INDEX, scales, outs, "rademacher", balance)
+        cot = _directions.cotangent(
+            seeds[1], BALANCE_INDEX, scales, outs, "rademacher", balance, weights
+        )
         if rev:  # one batched vjp: the K directions' cotangents, then the balancing one
             rows = [jnp.concatenate([c, b[None]]) for c, b in zip(cots, cot)]
             grads = jax.vmap(lambda c: vjp_fn(c)[0])(rows)
@@ -279,7 +314,9 @@ def direction(problem, seeds, k, diff, beta, kind, out_scales, outs, signs=None)
     v = _directions.direction(p_seeds, k, diff, beta, kind, p_signs, problem.packed)
     if problem.scalar_output:
         return v, None
-    return v, _directions.cotangent(o_seeds, k, out_scales, outs, kind, o_signs)
+    # (the output scales, with the entries' weights where the probe formed them)
+    scales, weights = out_scales if isinstance(out_scales, tuple) else (out_scales, None)
+    return v, _directions.cotangent(o_seeds, k, scales, outs, kind, o_signs, weights)
 
 
 def jvp_projection(f, diff, v, cot):

@@ -458,15 +458,18 @@ def _level_for_total(positive: np.ndarray, target: float) -> float:
     return float(level[(level >= lower) & (level <= positive)][0])
 
 
-def cotangent(out_seeds, index, scales, like, kind: str, signs=None) -> list:
+def cotangent(out_seeds, index, scales, like, kind: str, signs=None, weights=None) -> list:
     """A random output cotangent, each output leaf divided by its RMS magnitude so that
-    outputs of very different scales count alike; with `signs` (per output leaf, drawn on
-    the host), those signs."""
+    outputs of very different scales count alike, and each entry times its `weight` (per
+    output leaf, `_autodiff.output_weights`; None: 1) so that entries of very different
+    derivatives do too; with `signs` (per output leaf, drawn on the host), those signs."""
     if signs is None:
         bases = _bases(jnp.asarray(out_seeds, jnp.uint32), index)
         signs = [_values(bases[i], y.shape, kind) for i, y in enumerate(like)]
     else:
         signs = [units(z) for z in signs]
+    if weights is not None:
+        signs = [z.astype(scales.dtype) * w.astype(scales.dtype) for z, w in zip(signs, weights)]
     return [
         _plan.typed_like((z.astype(scales.dtype) / scales[i]).astype(y.dtype), y)
         for i, (z, y) in enumerate(zip(signs, like))

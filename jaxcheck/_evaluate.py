@@ -56,6 +56,24 @@ def complete(outer: dict, inner: dict) -> dict:
     return out
 
 
+def output_scales(probe: dict, dtype=None):
+    """The probe's output scales (in `dtype`, None: as they are), with its weights of the
+    output entries where it formed them (`_autodiff.output_weights`): what every program of
+    the check forms its output cotangents from."""
+    scales = probe["output_scales"]
+    scales = scales if dtype is None else scales.astype(dtype)
+    weights = probe.get("output_weights")
+    return scales if weights is None else (scales, weights)
+
+
+def _cast_scales(scales, dtype):
+    """`output_scales` (or its lowering stand-in) with the scales in `dtype`; the weights,
+    powers of two, as they are."""
+    if isinstance(scales, tuple):
+        return scales[0].astype(dtype), scales[1]
+    return scales.astype(dtype)
+
+
 def to_host(tree):
     """A tree of device arrays as NumPy arrays (read back to the host)."""
     return jax.tree_util.tree_map(_plan.host_array, tree)
@@ -85,7 +103,7 @@ def _evaluate_batch(run: Run, index, rows, h, offsets) -> dict:
                     rows.astype(_precision.accumulator([run.tested])),
                     index,
                     run.signs(index),
-                    run.probe["output_scales"].astype(_precision.accumulator([run.tested])),
+                    output_scales(run.probe, _precision.accumulator([run.tested])),
                 )
             )
         except TypeError as err:
@@ -219,7 +237,7 @@ def _hint(err) -> str:
 
 
 def _reference_in(run: Run, dtype, cast, index, rows, h, offsets) -> dict:
-    scales, g = run.probe["output_scales"], run.probe.get("grad")
+    scales, g = output_scales(run.probe), run.probe.get("grad")
     with _reference_program(run, dtype, cast, index, rows, h, offsets, scales, g) as (
         program,
         args,
@@ -243,6 +261,8 @@ def reference_ahead(run: Run, n: int, probe_info: dict) -> None:
     rows = np.zeros((n, len(run.inputs.diff)))
     # the probe's scales come to the host as NumPy values, its gradient stays as it is
     scales = np.zeros(probe_info["output_scales"].shape)
+    if probe_info.get("output_weights") is not None:
+        scales = (scales, [np.zeros(w.shape, w.dtype) for w in probe_info["output_weights"]])
     g = probe_info.get("grad") if run.problem.scalar_output else None
     outer = _differences.OUTER
     with _reference_program(run, dtype, True, index, rows, 1.0, outer, scales, g) as (
@@ -281,7 +301,7 @@ def _reference_program(run: Run, dtype, cast, index, rows, h, offsets, scales, g
                 rows.astype(work),
                 index,
                 run.signs(index),
-                scales.astype(work),
+                _cast_scales(scales, work),
                 g,
                 np.asarray(h, work),
             ),

@@ -1031,3 +1031,43 @@ def test_float64_numpy_args_of_a_rule_that_returns_float32_are_checked_as_jax_ta
     g.defjvp(lambda p, t: (jnp.sin(p[0]), (p[0] * t[0]).astype(jnp.float32)))
     with pytest.raises(jaxcheck.GradientCheckError, match="gradient is WRONG"):
         jaxcheck.check_grads(g, (x,), 1)
+
+
+def _exp_halved_below_zero(bug: float):
+    @jax.custom_jvp
+    def f(x):
+        return jnp.exp(x)
+
+    f.defjvp(lambda p, t: (jnp.exp(p[0]), jnp.where(p[0] < 0, bug, 1.0) * jnp.exp(p[0]) * t[0]))
+    return f
+
+
+@pytest.mark.parametrize("bug", [1.0, 0.5])
+def test_an_error_in_output_entries_far_smaller_than_their_neighbours_fails(bug):
+    """exp over [-10, 10], outputs spanning 1e9, its jvp halved for x < 0: the relative
+    error of the whole output leaf was 1e-9, and the check passed, where JAX's, comparing
+    entry by entry, fails it. Entries are weighed by their derivatives (up to 32-fold)."""
+    f = _exp_halved_below_zero(bug)
+    x = jnp.linspace(-10.0, 10.0, 21)
+    if bug == 1.0:
+        jaxcheck.check_grads(f, (x,), 1)
+        return
+    with pytest.raises(jaxcheck.GradientCheckError) as caught:
+        jaxcheck.check_grads(f, (x,), 1)
+    report = caught.value.report
+    assert report.status == "fail" and report.relative_error > 1e-4, str(report)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_a_wrong_sign_beside_an_output_entry_1e7_times_larger_fails(sign):
+    @jax.custom_jvp
+    def s(x):
+        return jnp.sin(x)
+
+    s.defjvp(lambda p, t: (jnp.sin(p[0]), sign * jnp.cos(p[0]) * t[0]))
+
+    def f(x):
+        return jnp.stack([1e7 * jnp.sin(x[0]), s(x[1])])
+
+    report = jaxcheck.verify(f, jnp.array([0.4, 0.7]), mode="both")
+    assert report.status == ("pass" if sign == 1.0 else "fail"), str(report)

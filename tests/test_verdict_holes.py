@@ -1122,8 +1122,15 @@ def test_a_derivative_below_the_rounding_of_a_float32_only_fn_is_not_judged():
     x = jnp.asarray([1.7641, -0.2935, -0.4843, -2.6549], jnp.float32)
     report = jaxcheck.verify(f, x, mode="both")
     assert report.status == "inconclusive", str(report)
-    [said] = [q for q in report.problems if "cannot show a derivative this small" in q]
-    assert "below the rounding of fn's float32 values" in said, said
+    # (with the output entries weighed by their derivatives, the saturated ones count
+    # 32-fold, and the derivative is found to move by its own rounding; before, the
+    # finite differences were found too coarse for it)
+    said = [
+        q
+        for q in report.problems
+        if "cannot show a derivative this small" in q or _jitter.WITHIN_ROUNDING in q
+    ]
+    assert said, report.problems
     assert all(c.passed or not c.judged for c in report.checks), str(report)
     assert "FAIL" not in str(report)
     assert jaxcheck.check_grads(f, (x,), 1) is None  # not judged: nothing raised
@@ -2093,7 +2100,9 @@ def test_a_small_float64_leaf_of_packed_quantities_is_resolved_in_float64(
         assert report.relative_error < 1e-9
     else:
         assert report.status is jaxcheck.Status.FAIL, report
-        assert 3e-7 < report.relative_error < 3e-6
+        # (a non-scalar fn's output entries weighed by their derivatives in forward mode,
+        # up to 32-fold: those where cos(p) p + sin(p) nearly cancels count more)
+        assert 3e-7 < report.relative_error < (3e-5 if mode != "reverse" and not scalar else 3e-6)
 
 
 def sin_scaled_by(factor):
