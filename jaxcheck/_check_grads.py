@@ -400,8 +400,11 @@ def _held_part_outcome(f, params, held, options, note: str) -> Outcome | None:
     return Outcome(report, STATUS_VERDICT[report.status])
 
 
-# The most argument entries that are each moved alone to find where f has kinks.
-MAX_KINK_ENTRIES = 256
+# The most argument entries that are each moved alone to find where f has kinks, and the
+# most values (4 moved points per entry, each of all the arguments and outputs) that search
+# evaluates at once.
+MAX_KINK_ENTRIES = 1024
+MAX_KINK_VALUES = 2**24
 
 
 def _kinked_outcome(f, params, options) -> Outcome | None:
@@ -471,6 +474,9 @@ def _kinks(f, params) -> list | None:
     leaves = [x for x in jax.tree.leaves(list(params)) if _inexact(x)]
     n = sum(int(np.size(x)) for x in floats)
     if len(floats) != len(leaves) or not 0 < n <= MAX_KINK_ENTRIES:
+        return None
+    outputs = jax.eval_shape(lambda *xs: _flat_outputs(of(*xs)), *floats).size
+    if 4 * n * (n + outputs) > MAX_KINK_VALUES:
         return None
     points = [np.asarray(x) for x in floats]
     steps, moves = [], []  # per column (leaf j, entry i): its step; the moved points

@@ -1071,3 +1071,20 @@ def test_a_wrong_sign_beside_an_output_entry_1e7_times_larger_fails(sign):
 
     report = jaxcheck.verify(f, jnp.array([0.4, 0.7]), mode="both")
     assert report.status == ("pass" if sign == 1.0 else "fail"), str(report)
+
+
+@pytest.mark.parametrize("bug", [False, True])
+def test_a_kink_in_one_of_600_entries_leaves_the_others_judged(bug):
+    """|x| (as max(x, -x)) at 0 in one entry of 600: the search for the kinks' entries
+    moved at most 256 entries, so a check of 257 or more was not judged, and a gradient
+    half wrong elsewhere (x * stop_gradient(x)) went unseen where JAX's check fails it."""
+    x = jnp.linspace(0.1, 1.5, 600).at[300].set(0.0)
+
+    def f(x):
+        return jnp.maximum(x, -x) + x * (jax.lax.stop_gradient(x) if bug else x)
+
+    outcome = _check_grads.run(f, (x,), 1)
+    assert outcome.verdict == ("fail" if bug else "pass"), outcome.headline
+    assert outcome.report.problems[0].startswith(
+        "f has a kink (one-sided slopes that differ) at 1 argument entry"
+    ), outcome.report.problems[0]
