@@ -1088,3 +1088,24 @@ def test_a_kink_in_one_of_600_entries_leaves_the_others_judged(bug):
     assert outcome.report.problems[0].startswith(
         "f has a kink (one-sided slopes that differ) at 1 argument entry"
     ), outcome.report.problems[0]
+
+
+def test_an_infinite_atol_is_capped_as_others_are():
+    """JAX's check takes atol=np.inf (and passes anything); it was refused as not finite."""
+    outcome = _check_grads.run(jnp.sin, (np.array([0.3, 1.0]),), 1, atol=np.inf)
+    assert outcome.verdict == "pass"
+    assert outcome.report.problems[0].startswith(
+        "tolerance capped: atol=inf (at f's scale a relative error of inf) was taken as 0.5"
+    ), outcome.report.problems[0]
+
+    @jax.custom_jvp
+    def sin(x):
+        return jnp.sin(x)
+
+    sin.defjvps(lambda t, ans, x: -jnp.cos(x) * t)  # the wrong sign: fails whatever atol
+    with pytest.raises(jaxcheck.GradientCheckError):
+        jaxcheck.check_grads(sin, (np.array([0.3, 1.0]),), 1, atol=np.inf)
+    for bad in (np.nan, -1.0):
+        wrong = rf"^check_grads: atol must be a number >= 0, got {bad}"
+        with pytest.raises(ValueError, match=wrong):
+            jaxcheck.check_grads(jnp.sin, (np.array([0.3]),), 1, atol=bad)
