@@ -1123,13 +1123,15 @@ def test_a_derivative_below_the_rounding_of_a_float32_only_fn_is_not_judged():
     report = jaxcheck.verify(f, x, mode="both")
     assert report.status == "inconclusive", str(report)
     # (with the output entries weighed by their derivatives, the saturated ones count
-    # 32-fold, and the derivative is found to move by its own rounding; before, the
-    # finite differences were found too coarse for it)
-    said = [
-        q
-        for q in report.problems
-        if "cannot show a derivative this small" in q or _jitter.WITHIN_ROUNDING in q
-    ]
+    # 32-fold, and the derivative is found to move by its own rounding, or, under older
+    # JAX, to be no larger than the noise; before, the finite differences were found too
+    # coarse for it)
+    why = (
+        "cannot show a derivative this small",
+        _jitter.WITHIN_ROUNDING,
+        "is as large as the derivative judged",
+    )
+    said = [q for q in report.problems if any(w in q for w in why)]
     assert said, report.problems
     assert all(c.passed or not c.judged for c in report.checks), str(report)
     assert "FAIL" not in str(report)
