@@ -344,7 +344,13 @@ def rules_part(
         if label in by_label and by_label[label].calls > 1 and label not in unreached
     ]
     if fine:
-        problems.append(f"rules fine: {'; '.join(fine)}")
+        # (a rule whose second derivative is wrong, a stop_gradient in its bwd, passes at
+        # order 1: say what was checked)
+        which = ""
+        if order == 1:  # (under rules="auto", the order of fn's check that failed first)
+            more = "; order=2 checks their second" if o.order == 1 else ""
+            which = f" (their first derivatives{more})"
+        problems.append(f"rules fine: {'; '.join(fine)}{which}")
     if fine and error is not None and not wrong:
         problems.append(
             f"every rule found passes at order {order}, so fn's error is outside them, "

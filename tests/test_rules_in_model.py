@@ -14,6 +14,9 @@ import jaxcheck
 from cases import sin_with_second_derivative
 from jaxcheck import _rule_search
 
+# how "rules fine" ends at order 1
+FIRST_ORDER = " (their first derivatives; order=2 checks their second)"
+
 
 @jax.custom_vjp
 def good_sin(x):
@@ -736,7 +739,7 @@ def test_rule_objects_of_one_name_called_from_one_line_are_each_checked():
     assert wrong.startswith("wrong rule: custom_vjp dense at "), wrong
     assert "(rule 2 of 2 of that name called here): vjp vs finite differences" in wrong
     (fine,) = [q for q in report.problems if q.startswith("rules fine")]
-    assert fine.endswith("(rule 1 of 2 of that name called here)"), fine
+    assert fine.endswith("(rule 1 of 2 of that name called here)" + FIRST_ORDER), fine
     # one object called twice is one rule
     layers[1] = layers[0]
     report = jaxcheck.verify(loss, params, jnp.asarray([[1.0, 2.0, -0.5]]), rules=True)
@@ -1407,10 +1410,10 @@ def test_rules_from_one_call_site_get_their_own_float64_record(where):
         assert wrong.endswith(
             "(_block): vjp vs finite differences, relative error 1.0e-03 (tolerance 1.2e-06)"
         )
-        assert fine == [fine[0]] and fine[0].endswith("(_block) (inside jit)")
+        assert fine == [fine[0]] and fine[0].endswith("(_block) (inside jit)" + FIRST_ORDER)
     else:
         assert report.status == "pass", str(report)
-        assert wrong == [] and fine[0].endswith("(_block) (inside cond)")
+        assert wrong == [] and fine[0].endswith("(_block) (inside cond)" + FIRST_ORDER)
 
 
 def test_a_rule_taking_a_typed_key_is_checked_in_float64():
@@ -2024,3 +2027,27 @@ def test_a_wrong_rule_in_a_term_fn_weighs_lightly_is_said_to_be_below_fns_tolera
     assert report.status == "pass", str(report)
     [said] = [q for q in report.problems if q.startswith("rules whose derivatives fail alone")]
     assert "or reaches them below fn's tolerance (a term fn weighs lightly)" in said, said
+
+
+def test_rules_fine_at_order_1_say_that_their_first_derivatives_were_checked():
+    """A bwd hiding cos(x) behind stop_gradient is right at order 1 and wrong at order 2:
+    listed "rules fine" at order 1 without a word that only first derivatives were
+    checked."""
+
+    @jax.custom_vjp
+    def sin(x):
+        return jnp.sin(x)
+
+    sin.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * jax.lax.stop_gradient(jnp.cos(x)),))
+
+    def loss(p):
+        return jnp.sum(jnp.tanh(sin(p)))
+
+    x = jnp.linspace(-1.0, 1.0, 5)
+    report = jaxcheck.verify(loss, x, rules=True)
+    assert report.status == "pass", str(report)
+    [fine] = [q for q in report.problems if q.startswith("rules fine: ")]
+    assert fine.endswith("(their first derivatives; order=2 checks their second)"), fine
+    report = jaxcheck.verify(loss, x, rules=True, order=2)
+    assert report.status == "fail", str(report)
+    assert not any(q.startswith("rules fine: ") for q in report.problems), report.problems
