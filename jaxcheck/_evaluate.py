@@ -56,14 +56,12 @@ def complete(outer: dict, inner: dict) -> dict:
     return out
 
 
-def output_scales(probe: dict, dtype=None):
-    """The probe's output scales (in `dtype`, None: as they are), with its weights of the
-    output entries where it formed them (`_autodiff.output_weights`): what every program of
-    the check forms its output cotangents from."""
-    scales = probe["output_scales"]
-    scales = scales if dtype is None else scales.astype(dtype)
+def output_scales(probe: dict):
+    """The probe's output scales, with its weights of the output entries where it formed
+    them (`_autodiff.output_weights`): what every program of the check forms its output
+    cotangents from."""
     weights = probe.get("output_weights")
-    return scales if weights is None else (scales, weights)
+    return probe["output_scales"] if weights is None else (probe["output_scales"], weights)
 
 
 def _cast_scales(scales, dtype):
@@ -103,7 +101,7 @@ def _evaluate_batch(run: Run, index, rows, h, offsets) -> dict:
                     rows.astype(_precision.accumulator([run.tested])),
                     index,
                     run.signs(index),
-                    output_scales(run.probe, _precision.accumulator([run.tested])),
+                    _cast_scales(output_scales(run.probe), _precision.accumulator([run.tested])),
                 )
             )
         except TypeError as err:
@@ -260,9 +258,7 @@ def reference_ahead(run: Run, n: int, probe_info: dict) -> None:
     index = np.arange(n, dtype=np.int32)
     rows = np.zeros((n, len(run.inputs.diff)))
     # the probe's scales come to the host as NumPy values, its gradient stays as it is
-    scales = np.zeros(probe_info["output_scales"].shape)
-    if probe_info.get("output_weights") is not None:
-        scales = (scales, [np.zeros(w.shape, w.dtype) for w in probe_info["output_weights"]])
+    scales = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), output_scales(probe_info))
     g = probe_info.get("grad") if run.problem.scalar_output else None
     outer = _differences.OUTER
     with _reference_program(run, dtype, True, index, rows, 1.0, outer, scales, g) as (

@@ -826,21 +826,21 @@ def _norms(leaves) -> jax.Array:
     values = _stack(values)
     # one square root for all leaves: per leaf, it was a sixth of this function's operations
     norms = jnp.where(wide, values, jnp.sqrt(values)) if wide.any() else jnp.sqrt(values)
-    narrow = [i for i, x in zip(inexact, barred) if not wide[i]]
+    narrow = [(i, x) for i, x in zip(inexact, barred) if not wide[i]]
     if not narrow:
         return norms
     # A float32 sum of squares underflows to 0 (or below float32's normal range) where
     # every entry is below ~1e-19, and overflows to Inf where one is above ~2e19 with a
     # norm float32 holds: then, and only then, those leaves are summed again scaled by
     # their largest entry.
-    at = np.asarray(narrow)
+    at = np.asarray([i for i, _ in narrow])
     squares = values[at]
     off = (squares < np.finfo(np.float32).tiny) | jnp.isinf(squares)
 
     def scaled():
         again = []
-        for i in narrow:
-            x = jnp.abs(barred[inexact.index(i)]).astype(jnp.float32)
+        for _, x in narrow:
+            x = jnp.abs(x).astype(jnp.float32)
             top = jnp.max(x, initial=0.0)
             # (an Inf entry leaves its Inf norm; no 0/0 or Inf/Inf: no NaN of jaxcheck's
             # own under `jax_debug_nans`)
