@@ -330,6 +330,22 @@ def packed_leaves(leaves) -> tuple[bool, ...]:
     return tuple(out)
 
 
+# An entry of a packed leaf whose share of the leaf's derivative under test, |g| times its
+# own size, is below PACKED_UNSEEN of the largest entry's share is hidden by moves of its own
+# size: a bias entry that happens to sit near zero beside others near 0.3 (its derivative
+# negated passed; so did a rule returning 0 there, whose |g| is small because it is wrong)
+PACKED_UNSEEN = 1e-3
+
+
+def unseen_entries(x, g) -> np.ndarray:
+    """The indices (flat) of the entries of the packed leaf `x` whose derivatives `g` its
+    own-size moves hide (see PACKED_UNSEEN); NumPy arrays."""
+    shares = np.abs(np.asarray(g, np.float64) * entry_scales(np.asarray(x, np.float64))).ravel()
+    if not (np.all(np.isfinite(shares)) and shares.max(initial=0.0) > 0):
+        return np.zeros(0, np.int64)
+    return np.flatnonzero(shares < PACKED_UNSEEN * shares.max())
+
+
 def both_signs(x) -> bool:
     """Whether the leaf `x` holds entries of both signs (a complex one: always). Reads two
     numbers from the devices."""

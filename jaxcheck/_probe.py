@@ -171,6 +171,9 @@ def _on_host(probe: dict, diff: list, problem) -> dict:
                         for a in (diff[i], probe["grad"][i])
                     )
                     out["grad_norms"][i] = np.linalg.norm(g * _directions.entry_scales(x))
+                    hidden = _directions.unseen_entries(x, g)
+                    if hidden.size:  # (checked again at the leaf's scale: `_verify.run`)
+                        out.setdefault("unseen", {})[i] = hidden
         if problem.scalar_output:
             out["grad"] = probe["grad"]
     return out

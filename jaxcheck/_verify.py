@@ -30,7 +30,7 @@ from . import (
 )
 from ._errors import RULE_OUTPUTS, GradientCheckError, one_line
 from ._plan import Timer
-from ._report import Report
+from ._report import Report, Status
 
 
 @_keywords.checked("jaxcheck.verify", "verify(fn, params, *args)")
@@ -382,7 +382,9 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
         other_elements=sum(np.size(x) for x in jax.tree_util.tree_leaves(inputs.traced())),
     )
 
-    def check(plan, problems):
+    runs = []
+
+    def check(plan, problems, problem=problem):
         state = _state.Run(
             problem=problem,
             inputs=inputs,
@@ -399,6 +401,7 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
             timer=Timer(),
             problems=problems,
         )
+        runs.append(state)
         return _pipeline.check(
             state,
             o.num_directions,
@@ -416,6 +419,9 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
     ]
     try:
         report = check(plan, list(hidden))
+        unseen = runs[-1].probe.get("unseen") if report.status is Status.PASS else None
+        if unseen:
+            report = _packed_again(report, unseen, problem, p_split, lambda q: check(plan, [], q))
     except ValueError as err:
         # JAX's words for a while_loop, and for a primitive without a transpose rule
         said = ("Reverse-mode differentiation does not work", "Linearization failed")
@@ -473,6 +479,35 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
     if o.raise_on_failure and not report.ok:
         raise GradientCheckError(report)
     return report
+
+
+def _packed_again(report: Report, unseen: dict, problem, p_split, check) -> Report:
+    """A pass where a packed leaf's own-size moves hid some entries' derivatives
+    (`_directions.unseen_entries`), checked again with those leaves moved at their scale:
+    its failure is the verdict; where it is not judged, the pass says so."""
+    packed = tuple(p and i not in unseen for i, p in enumerate(problem.packed))
+    again = check(dataclasses.replace(problem, packed=packed))
+    paths = p_split.paths_of(_tree.DIFF)
+    entries = "; ".join(
+        f"{paths[i] or '(root)'} entries {', '.join(map(str, hidden[:8]))}"
+        + (f" and {len(hidden) - 8} more" if len(hidden) > 8 else "")
+        for i, hidden in unseen.items()
+    )
+    said = (
+        f"a small leaf whose entries span orders of magnitude moves each entry by its own "
+        f"size, which hides the derivatives of entries near zero ({entries}); checked "
+        "again with every entry of such a leaf moved at the leaf's scale, "
+    )
+    if again.status is Status.FAIL:
+        return dataclasses.replace(again, problems=(said + "it fails", *again.problems))
+    if again.status is Status.PASS:
+        return report
+    note = (
+        f"{said}it was not judged ({again.status.value}: "
+        f"{again.problems[0] if again.problems else 'no reason given'}), so those entries' "
+        "derivatives are judged only as finely as their own sizes allow"
+    )
+    return dataclasses.replace(report, problems=(*report.problems, note))
 
 
 # why fn's jvp could not be transposed, where JAX's own error does not say

@@ -1199,6 +1199,84 @@ def test_a_zero_in_a_packed_leaf_does_not_drown_its_other_entries(bug):
     assert report.status == ("pass" if bug == 1.0 else "fail"), str(report)
 
 
+def _bias_loss(params, x, y):
+    return jnp.mean((jnp.tanh(x @ params["w"] + params["b"]) @ params["v"] - y) ** 2)
+
+
+@pytest.mark.parametrize("bug", [None, "negated", "zeroed"])
+def test_a_bias_entry_near_zero_beside_others_near_one_is_judged_at_the_leafs_scale(bug):
+    """A bias [0.3, -0.2, 1e-6, 0.5, ...] spans 5e5 in magnitude, so its entries were moved
+    by their own sizes (a leaf of packed quantities): the derivative of the entry at 1e-6,
+    -0.022 and as large as its neighbours', weighed 1e-6 of theirs, and a grad_fn negating
+    or zeroing it passed on 20 of 20 keys (relative error 3.5e-7 against 1.2e-6; JAX's
+    check_grads fails it). Such entries are now checked again at the leaf's scale."""
+    x = jax.random.normal(jax.random.key(0), (32, 4))
+    params = {
+        "w": jax.random.normal(jax.random.key(1), (4, 8)) * 0.5,
+        "b": jnp.asarray([0.3, -0.2, 1e-6, 0.5, 0.1, -0.4, 0.25, 0.6]),
+        "v": jax.random.normal(jax.random.key(2), (8,)) * 0.5,
+    }
+    grad = jax.grad(_bias_loss)
+    change = {None: 1.0, "negated": -1.0, "zeroed": 0.0}[bug]
+
+    def grad_fn(p, x, y):
+        g = grad(p, x, y)
+        return {**g, "b": g["b"].at[2].multiply(change)}
+
+    report = jaxcheck.verify(_bias_loss, params, x, jnp.sin(x[:, 0]), grad_fn=grad_fn)
+    if bug is None:
+        assert report.status == "pass" and not report.problems[:-1], str(report)
+        return
+    assert report.status == "fail" and report.relative_error > 1e-3, str(report)
+    assert report.problems[0] == (
+        "a small leaf whose entries span orders of magnitude moves each entry by its own "
+        "size, which hides the derivatives of entries near zero (['b'] entries 2, 4); checked "
+        "again with every entry of such a leaf moved at the leaf's scale, it fails"
+    ), str(report)
+    assert [leaf.path for leaf in report.leaves if leaf.status == "fail"] == ["['b']"], str(report)
+
+
+def test_a_rule_returning_zero_near_zero_fails_at_an_entry_of_3e_7():
+    """A custom_vjp |x| whose backward pass returns 0 for |x| < 1e-5 (to avoid a NaN),
+    at [0.3, -0.2, 3e-7, 0.5]: the derivative under test at 3e-7 is small because the
+    rule is wrong there (the true one is 1), and moves of the entry's own size hid it."""
+
+    @jax.custom_vjp
+    def safe_abs(x):
+        return jnp.abs(x)
+
+    def backward(x, g):
+        return (g * jnp.where(jnp.abs(x) > 1e-5, jnp.sign(x), 0.0),)
+
+    safe_abs.defvjp(lambda x: (jnp.abs(x), x), backward)
+    weights = jnp.asarray([1.0, 2.0, 3.0, 1.5])
+    report = jaxcheck.verify(
+        lambda w: jnp.sum(weights * safe_abs(w)) + jnp.sum(w**2),
+        jnp.asarray([0.3, -0.2, 3e-7, 0.5]),
+    )
+    assert report.status == "fail" and report.relative_error > 0.1, str(report)
+    assert report.problems[0].endswith("it fails"), str(report)
+
+
+def test_entries_near_zero_not_judged_at_the_leafs_scale_leave_a_pass_that_says_so():
+    """|t| at t = 1e-7 beside entries of 1 and 0.5: moved at the leaf's scale the entry
+    crosses the kink, so the check there is not judged; the own-size check's pass stands
+    and says how finely it judged that entry."""
+    report = jaxcheck.verify(
+        lambda t: jnp.sum(t[:2] ** 2) + 1e-2 * jnp.abs(t[2]), jnp.asarray([1.0, 0.5, 1e-7])
+    )
+    assert report.status == "pass", str(report)
+    assert report.problems[-1].startswith(
+        "a small leaf whose entries span orders of magnitude moves each entry by its own "
+        "size, which hides the derivatives of entries near zero ((root) entries 2); checked "
+        "again with every entry of such a leaf moved at the leaf's scale, it was not judged "
+        "(inconclusive: "
+    ), str(report)
+    assert report.problems[-1].endswith(
+        "so those entries' derivatives are judged only as finely as their own sizes allow"
+    ), str(report)
+
+
 @pytest.mark.parametrize(("seed", "key"), [(25, 0), (25, 1), (22, 0), (31, 0)])
 @pytest.mark.parametrize("bug", [1.0, 1.001])
 def test_float32_data_near_1e4_added_to_small_params(seed, key, bug):
