@@ -359,14 +359,19 @@ def _parts(fn, params, args, o: _options.Options, first) -> list:
             def in_cotangent(draws):
                 vectors = draws.inputs.diff, draws.output_signs(), draws.tangent(1, scaled=False)
                 reverse = dataclasses.replace(derived, mode="reverse")
-                report = _forward_if_refused(
-                    first,
-                    CotangentMap(fn, o.has_aux),
-                    params,
-                    (vectors, *args),
-                    reverse,
-                    _COTANGENT_LABEL,
-                )
+                try:
+                    report = _forward_if_refused(
+                        first,
+                        CotangentMap(fn, o.has_aux),
+                        params,
+                        (vectors, *args),
+                        reverse,
+                        _COTANGENT_LABEL,
+                    )
+                except ValueError as err:
+                    if _REVERSE_REFUSED not in str(err):
+                        raise
+                    raise _refused_at(o.order, 1, _COTANGENT_LABEL, err) from err
                 report = _on_rounding(_beside_kinks(report, head, 2), head, 2)
                 return None, _flat_where_curved(report, head_curved, 2)
 
@@ -578,15 +583,7 @@ def _checked_map(first, mapped, name, extra, level, params, args, derived, o) ->
     except ValueError as err:
         if _REVERSE_REFUSED not in str(err):
             raise
-        said = str(err.__cause__ or err).strip().splitlines()[0]  # JAX's own words
-        raise ValueError(
-            f"order={o.order}: the order-{level + 1} check differentiates the {name} "
-            f"with JAX, which says: {said} fn's derivative of order "
-            f"{level} cannot be differentiated in reverse mode itself (a custom_vjp "
-            "whose bwd, or a kernel in it, has no derivative of its own); fn passes or "
-            f"fails at order={level} alone. Check order={level}, or give that rule a "
-            "differentiable bwd."
-        ) from err
+        raise _refused_at(o.order, level, name, err) from err
     except (TypeError, *_plan.TRACING_ERRORS) as err:
         # the first-order check may have put its own words around the tracing error
         cause = err if isinstance(err, _plan.TRACING_ERRORS) else err.__cause__
@@ -599,6 +596,19 @@ def _checked_map(first, mapped, name, extra, level, params, args, derived, o) ->
             f"({type(cause).__name__}: it converts traced values to NumPy or branches "
             f"on them). Write {source} with jax.numpy, or check order=1 only."
         ) from err
+
+
+def _refused_at(order: int, level: int, name: str, err: ValueError) -> ValueError:
+    """JAX's refusal to differentiate the level-`level` derivative map `name` in reverse
+    mode (`_verify.run`'s ValueError), said in words of the order asked."""
+    said = str(err.__cause__ or err).strip().splitlines()[0]  # JAX's own words
+    return ValueError(
+        f"order={order}: the order-{level + 1} check differentiates the {name} with JAX, "
+        f"which says: {said} fn's derivative of order {level} cannot be differentiated in "
+        "reverse mode itself (a custom_vjp whose bwd, or a kernel in it, has no derivative "
+        f"of its own); fn passes or fails at order={level} alone. Check order={level}, or "
+        "give that rule a differentiable bwd."
+    )
 
 
 def _forward_if_refused(first, mapped, params, args, options, name) -> Report:

@@ -415,6 +415,42 @@ def test_order_2_through_a_bwd_without_reverse_mode_goes_forward_or_says_so(besi
     assert "mode='forward'" not in text
 
 
+def test_order_2_through_a_pallas_bwd_says_so_in_words_of_the_order():
+    """A custom_vjp whose fwd and bwd run Pallas kernels passes at order 1; at order 2 its
+    vjp map, differentiated in its cotangent, reaches a kernel JAX cannot differentiate in
+    either mode. The error suggested mode='forward', which a custom_vjp refuses."""
+    pl = pytest.importorskip("jax.experimental.pallas")
+
+    def kernel(x_ref, y_ref, o_ref):
+        o_ref[...] = x_ref[...] * y_ref[...]
+
+    def mul(x, y):
+        shape = jax.ShapeDtypeStruct(x.shape, x.dtype)
+        return pl.pallas_call(kernel, out_shape=shape, interpret=True)(x, y)
+
+    @jax.custom_vjp
+    def product(x, y):
+        return mul(x, y)
+
+    product.defvjp(lambda x, y: (mul(x, y), (x, y)), lambda r, g: (mul(g, r[1]), mul(g, r[0])))
+    fn = lambda p: jnp.sum(jnp.tanh(product(p["x"], p["y"])))  # noqa: E731
+    params = {"x": jnp.linspace(-1.0, 1.0, 8), "y": jnp.linspace(0.5, 2.0, 8)}
+    assert jaxcheck.verify(fn, params).status == "pass"
+    with pytest.raises(ValueError) as info:
+        jaxcheck.verify(fn, params, order=2)
+    text = str(info.value)
+    assert text.startswith(
+        "order=2: the order-2 check differentiates the vjp map in its cotangent with JAX, "
+        "which says: "
+    ), text
+    assert text.endswith(
+        "fn's derivative of order 1 cannot be differentiated in reverse mode itself (a "
+        "custom_vjp whose bwd, or a kernel in it, has no derivative of its own); fn passes or "
+        "fails at order=1 alone. Check order=1, or give that rule a differentiable bwd."
+    ), text
+    assert "mode='forward'" not in text
+
+
 def test_a_float_param_passed_on_to_a_static_argument_says_how_to_hold_it():
     scaled = jax.jit(lambda x, a: x * a, static_argnums=1)
     with pytest.raises(ValueError) as info:
