@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _directions, _plan, _precision, _rule_rows, _tree
+from ._errors import one_line
 from ._report import Report, Status
 
 MAX_EXAMPLES = 16
@@ -90,12 +91,22 @@ def check(fn, params, args, o) -> Report:
         )
     )
     batch, note = _batch_axis(args)
+    loop = None
+    if batch is not None:
+        try:
+            loop = _loop(loss, diff, args, batch)
+        except Exception as err:  # noqa: BLE001 - fn's own error, said in the note
+            notes.append(
+                f"transforms: vmap not checked, fn's gradient raised on one example of "
+                f"{note} (its leading axis cut to size 1): {one_line(err)}; fn must take "
+                "a batch of one for this row"
+            )
     if batch is None:
         notes.append(f"transforms: vmap not checked, {note}")
-    else:
+    elif loop is not None:
         what = f"gradient per example by jax.vmap over the leading axis of {note} vs a loop"
         rows.append(
-            _row("vmap", what, tol, dtype, lambda: _vmap(loss, diff, args, batch, what, tol))
+            _row("vmap", what, tol, dtype, lambda: _vmap(loss, diff, args, batch, loop, what, tol))
         )
     if o.grad_fn is None:
         what = "gradient of jax.checkpoint(fn) vs plain"
@@ -185,9 +196,9 @@ def _batch_axis(args):
     return None, "no argument of fn has a leading axis of size >= 2 to batch over"
 
 
-def _vmap(loss, diff, args, batch, what, tol):
+def _loop(loss, diff, args, batch) -> list:
+    """The gradient of each example of the batch (at most MAX_EXAMPLES), one at a time."""
     split, b = batch
-    b = min(b, MAX_EXAMPLES)
     leaves, treedef = jax.tree_util.tree_flatten(args)
     loss = dataclasses.replace(loss, cotangent=None)  # outputs change shape with the batch
 
@@ -196,7 +207,14 @@ def _vmap(loss, diff, args, batch, what, tol):
         return jax.tree_util.tree_unflatten(treedef, picked)
 
     grad = jax.jit(loss.gradient)
-    loop = [grad(diff, example(i)) for i in range(b)]
+    return [grad(diff, example(i)) for i in range(min(b, MAX_EXAMPLES))]
+
+
+def _vmap(loss, diff, args, batch, loop, what, tol):
+    split, b = batch
+    b = min(b, MAX_EXAMPLES)
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    loss = dataclasses.replace(loss, cotangent=None)  # outputs change shape with the batch
     stacked = [
         jnp.stack([jnp.asarray(x)[i : i + 1] for i in range(b)]) if s else x
         for x, s in zip(leaves, split)

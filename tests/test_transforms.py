@@ -120,6 +120,27 @@ def test_without_a_batch_axis_the_vmap_row_is_skipped_and_said():
     )
 
 
+def test_a_fn_that_takes_no_batch_of_one_skips_the_vmap_row_and_says_why():
+    """A loss over groups of 4 examples raises on one example: that is fn's own limit, not
+    a batching rule's error, and the row was reported WRONG with a relative error of inf."""
+
+    def loss(p, x):
+        groups = jnp.tanh(x @ p).reshape(-1, 4, 3)
+        return jnp.mean(jnp.var(groups, axis=1))
+
+    x = jax.random.normal(jax.random.key(0), (8, 5))
+    report = jaxcheck.verify(loss, jnp.ones((5, 3)) / 4, x, transforms=True)
+    assert report.status == "pass", str(report)
+    assert "vmap" not in rows(report)
+    said = [q for q in report.problems if q.startswith("transforms: vmap")]
+    assert said == [
+        "transforms: vmap not checked, fn's gradient raised on one example of args[0] (B = 8) "
+        "(its leading axis cut to size 1): TypeError: cannot reshape array of shape (1, 3) "
+        "(size 3) into shape (-1, 4, 3) because the product of specified axis sizes (12) does "
+        "not evenly divide 3; fn must take a batch of one for this row"
+    ], said
+
+
 def test_transforms_off_is_the_default():
     report = jaxcheck.verify(mlp, PARAMS, X)
     assert report.ok and not report.parts
