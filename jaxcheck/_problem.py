@@ -56,6 +56,9 @@ class Problem:
     float32_products: bool = False  # see `_float32_products`
     has_rules: bool = False  # fn calls a custom_vjp/custom_jvp rule (seen in its jaxpr)
     iterates: bool = False  # fn runs a lax.while_loop (an iterative solver, say)
+    # fn draws from jax.random.gamma (beta and dirichlet draw from it), whose derivative in
+    # its shape parameter is not that of the sample at a fixed key
+    samples_gamma: bool = False
     # per differentiable leaf: a small vector of packed quantities, whose entries are moved
     # in proportion to their own magnitudes (`_directions.packed_leaves`)
     packed: tuple[bool, ...] = ()
@@ -208,6 +211,7 @@ def _with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
         float32_products=jaxpr is not None and _float32_products(jaxpr.jaxpr),
         has_rules=jaxpr is not None and _rule_search.calls(jaxpr.jaxpr, "custom_vjp", "custom_jvp"),
         iterates=jaxpr is not None and _runs(jaxpr.jaxpr, "while"),
+        samples_gamma=jaxpr is not None and _runs(jaxpr.jaxpr, "random_gamma"),
     )
     if problem.grad_fn is not None:
         notes = _check_gradient_shapes(problem, inputs)
