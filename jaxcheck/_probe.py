@@ -210,15 +210,33 @@ def nonfinite(run: Run, paths) -> bool:
         if not ok
     ]
     if "grad_finite" in pr:
+        grad = pr.get("grad") or [None] * len(paths)  # (kept for a scalar fn only)
         found += [
             f"the gradient ({run.problem.source}) of leaf {p or '(root)'} is NaN/Inf"
-            for p, ok in zip(paths, pr["grad_finite"])
+            f"{_where_nonfinite(g)}"
+            for p, ok, g in zip(paths, pr["grad_finite"], grad)
             if not ok
         ]
     if found:
         found += _nonfinite_args(run)
     run.problems += found
     return bool(found)
+
+
+def _where_nonfinite(g) -> str:
+    """Where the gradient leaf `g` is NaN/Inf, as ' at entries i, j (n of size)' (the first
+    5); '' for a 0-d leaf or one not at hand."""
+    if g is None or not np.ndim(g):
+        return ""
+    a = np.asarray(_plan.host_array(g))
+    bad = np.argwhere(~np.isfinite(a))
+    named = ", ".join(
+        str(tuple(int(j) for j in i)) if a.ndim > 1 else str(int(i[0])) for i in bad[:5]
+    )
+    more = ", ..." if len(bad) > 5 else ""
+    if not len(bad):
+        return ""
+    return f" at entr{'y' if len(bad) == 1 else 'ies'} {named}{more} ({len(bad)} of {a.size})"
 
 
 def nonfinite_leaves(run: Run, paths) -> tuple:

@@ -309,11 +309,20 @@ def match_gradient(s: Split, grad_tree, where: str = "grad_fn") -> list:
         if kind != DIFF:
             continue
         if path not in by_path:
+            under = {p: x for p, x in by_path.items() if p.startswith(path)}
+            numbers = [p for p, x in under.items() if isinstance(x, int | float | complex)]
+            hint = _pair_hint(s, grad_tree, where)
+            if numbers and len(numbers) == len(under):  # (a pair's gradient is an array)
+                hint = (
+                    f" It returned Python numbers in a list or tuple where the parameter is "
+                    f"an array ({', '.join(numbers[:4])}{', ...' if len(numbers) > 4 else ''}"
+                    f"): return an array for each parameter leaf (jnp.asarray(...), not "
+                    ".tolist()), as jax.grad(fn) does."
+                )
             raise ValueError(
                 f"{where} returned no gradient for the parameter leaf {path or '(root)'}. It must "
                 "return a pytree with the structure of `params` (found leaves: "
-                f"{', '.join(p or '(root)' for p in sorted(by_path)) or 'none'})."
-                f"{_pair_hint(s, grad_tree, where)}"
+                f"{', '.join(p or '(root)' for p in sorted(by_path)) or 'none'}).{hint}"
             )
         out.append(by_path[path])
     extra = sorted(set(by_path) - set(s.paths))

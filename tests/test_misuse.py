@@ -672,6 +672,25 @@ def test_grad_with_aux_as_grad_fn_is_told_apart():
 
 
 @pytest.mark.parametrize(
+    "params, found",
+    [((jnp.ones(3), jnp.ones(3)), "[0][0], [0][1], [0][2]"), (jnp.ones(2), "[0], [1]")],
+    ids=["tuple", "array"],
+)
+def test_a_gradient_returned_as_python_lists_is_told_so(params, found):
+    """grad_fn returning .tolist() of each gradient leaf was told it returned a (gradient,
+    aux) pair, and to pass grad_fn(p)[0], which was wrong."""
+    loss = lambda p: sum(jnp.sum(jnp.sin(x)) for x in jax.tree.leaves(p))  # noqa: E731
+    grad_fn = lambda p: jax.tree.map(lambda g: g.tolist(), jax.grad(loss)(p))  # noqa: E731
+    with pytest.raises(ValueError) as caught:
+        jaxcheck.verify(loss, params, grad_fn=grad_fn)
+    assert str(caught.value).endswith(
+        f"It returned Python numbers in a list or tuple where the parameter is an array "
+        f"({found}): return an array for each parameter leaf (jnp.asarray(...), not "
+        ".tolist()), as jax.grad(fn) does."
+    ), str(caught.value)
+
+
+@pytest.mark.parametrize(
     "params, grad_fn, found, part",
     [
         # one array: both parts of the pair have a leaf at its (root) path

@@ -344,7 +344,9 @@ def test_debug_nans_with_an_infinite_gradient_reports_nonfinite():
     with jax.debug_nans(True):
         report = jaxcheck.verify(lambda p: jnp.sum(jnp.sqrt(p)), jnp.asarray([0.0, 1.0]))
     assert report.status == "nonfinite"
-    assert "the gradient (autodiff) of leaf (root) is NaN/Inf" in report.problems
+    assert "the gradient (autodiff) of leaf (root) is NaN/Inf at entry 0 (1 of 2)" in (
+        report.problems
+    ), report.problems
 
 
 @pytest.mark.parametrize("order", [1, 2])
