@@ -261,8 +261,7 @@ def _moved(run: Run, draw: int):
             run.probe["jitter_from"] = values["grad"]
         grad = run.probe["jitter_from"]
     if "jitter_sizes" not in run.probe:  # (the same gradient for every draw)
-        sizes = [float(np.sum(np.abs(_wide(g)) ** 2)) for g in grad]
-        run.probe["jitter_sizes"] = np.asarray(sizes)
+        run.probe["jitter_sizes"] = _squares(_wide(g) for g in grad)
     key = jax.random.key(draw)
     moves, coarse = [], False
     for i, x in enumerate(run.inputs.diff):
@@ -284,17 +283,10 @@ def _moved(run: Run, draw: int):
         # rounding, independent at the three points, stays, at sqrt(3) times that of a
         # one-way move g(p + d) - g(p)
         ahead, behind = grad_at(1), grad_at(-1)
-        moved = np.asarray(
-            [
-                float(np.sum(np.abs(_wide(a) + _wide(b) - 2 * _wide(g)) ** 2)) / 3
-                for g, a, b in zip(grad, ahead, behind)
-            ]
-        )
+        changes = (_wide(a) + _wide(b) - 2 * _wide(g) for g, a, b in zip(grad, ahead, behind))
+        moved = _squares(changes) / 3
     else:  # (at ulps of the params' own dtype, the smooth change is the params' rounding)
-        ahead = grad_at(1)
-        moved = np.asarray(
-            [float(np.sum(np.abs(_wide(g) - _wide(a)) ** 2)) for g, a in zip(grad, ahead)]
-        )
+        moved = _squares(_wide(a) - _wide(g) for g, a in zip(grad, grad_at(1)))
     return moved if np.all(np.isfinite(moved)) else None
 
 
@@ -306,6 +298,11 @@ def _ulp(run: Run, real) -> float:
     rounding)."""
     eps = _precision.eps(real)
     return eps if run.rounds_to is None else max(eps, _precision.eps(run.rounds_to))
+
+
+def _squares(leaves) -> np.ndarray:
+    """The squared norm of each leaf, in float64."""
+    return np.asarray([float(np.sum(np.abs(x) ** 2)) for x in leaves])
 
 
 def _wide(x) -> np.ndarray:
