@@ -2,6 +2,7 @@
 
 import dataclasses
 import hashlib
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -94,12 +95,14 @@ def _complex_message(where: str, path: str) -> str:
 
 
 def split(tree, where: str) -> tuple[Split, list, list]:
-    """Split `tree` into (Split, floating leaves, other array leaves)."""
+    """Split `tree` into (Split, floating leaves, other array leaves). A Python float in an
+    equinox Module is held fixed, as equinox holds it (`held_by_modules`)."""
     leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    held = held_by_modules(tree)
     paths, kinds, statics, floats, arrays = [], [], [], [], []
-    for key_path, leaf in leaves_with_paths:
+    for i, (key_path, leaf) in enumerate(leaves_with_paths):
         path = jax.tree_util.keystr(key_path)
-        kind = _kind(leaf, path, where)
+        kind = STATIC if i in held else _kind(leaf, path, where)
         paths.append(path)
         kinds.append(kind)
         if kind == DIFF:
@@ -109,6 +112,26 @@ def split(tree, where: str) -> tuple[Split, list, list]:
         else:
             statics.append(leaf)
     return Split(treedef, tuple(paths), tuple(kinds), tuple(statics)), floats, arrays
+
+
+def held_by_modules(tree) -> set[int]:
+    """The indices (in flattening order) of the leaves of `tree` that are Python floats in
+    an equinox Module (none where equinox is not imported). equinox differentiates arrays
+    only (`eqx.filter_grad`, `eqx.is_inexact_array`): a Python float field of a Module is a
+    hyperparameter (`Dropout.p`, `LayerNorm.eps`), and one behind a stop_gradient (a
+    dropout rate) would fail the check."""
+    module = getattr(sys.modules.get("equinox"), "Module", None)
+    if module is None:
+        return set()
+    nodes = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, module))
+    modules = [path for path, node in nodes[0] if isinstance(node, module)]
+    if not modules:
+        return set()
+    return {
+        i
+        for i, (path, x) in enumerate(jax.tree_util.tree_flatten_with_path(tree)[0])
+        if type(x) is float and any(path[: len(m)] == m for m in modules)
+    }
 
 
 def settle_weak(params, fn=None, args=()):
@@ -121,7 +144,8 @@ def settle_weak(params, fn=None, args=()):
     they are (`x * w` with a float32 `w` that fn closes over is float32, where float64,
     the default with 64-bit types on, meets w)."""
     leaves, treedef = jax.tree.flatten(params)
-    weak = [i for i, x in enumerate(leaves) if _weak_float(x)]
+    held = held_by_modules(params)  # (kept Python floats: `split` holds them fixed)
+    weak = [i for i, x in enumerate(leaves) if _weak_float(x) and i not in held]
     strong = {  # (as JAX takes them: NumPy float64 is float32 while 64-bit types are off)
         jax.dtypes.canonicalize_dtype(x.dtype)
         for x in leaves

@@ -76,6 +76,43 @@ def test_held_fixed_leaves_are_listed_and_passed_through():
     assert "held fixed: ['act']" in str(report)
 
 
+def test_python_floats_of_an_equinox_module_are_held_fixed_as_equinox_holds_them():
+    """eqx.nn.Dropout keeps its rate, a Python float, behind a stop_gradient: differentiated
+    as a parameter, it failed a correct model ("gradient is WRONG" on .layers[1].p), where
+    eqx.filter_grad differentiates arrays only. A float field given as an array, and a
+    Python float outside any Module, are still differentiated."""
+
+    class Scaled(eqx.Module):
+        scale: jax.Array
+        eps: float = 1e-3
+
+        def __call__(self, x):
+            return self.scale * x / (1.0 + self.eps)
+
+    model = eqx.nn.Sequential([eqx.nn.Linear(3, 4, key=jax.random.key(0)), eqx.nn.Dropout(0.3)])
+    model = (model, Scaled(jnp.asarray(0.5)))
+    x = jnp.linspace(-1.0, 1.0, 3)
+
+    def loss(params, x):
+        (net, scaled), temperature = params
+        return jnp.sum(jnp.tanh(scaled(net(x, key=jax.random.key(2))) / temperature))
+
+    report = jaxcheck.verify(loss, (model, 1.5), x)
+    assert report.status == "pass", str(report)
+    fixed = dict(report.held_fixed)
+    assert fixed["[0][0].layers[1].p"] == "0.3" and fixed["[0][1].eps"] == "0.001", fixed
+    assert not {"[0][1].scale", "[1]"} & set(fixed), fixed
+    # the others are checked: a wrong derivative in the temperature fails there
+
+    @jax.custom_jvp
+    def off(t):
+        return t
+
+    off.defjvp(lambda primals, tangents: (primals[0], 1.01 * tangents[0]))
+    wrong = jaxcheck.verify(lambda p, x: loss((p[0], off(p[1])), x), (model, 1.5), x)
+    assert [leaf.path for leaf in wrong.leaves if leaf.status == "fail"] == ["[1]"], str(wrong)
+
+
 @pytest.mark.parametrize("bugged", [False, True])
 def test_a_python_float_in_args_reaches_a_rules_nondiff_argnums(bugged):
     """It was traced, and JAX refuses a tracer there (UnexpectedTracerError), where
