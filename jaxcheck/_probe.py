@@ -230,12 +230,12 @@ def _where_nonfinite(g) -> str:
         return ""
     a = np.asarray(_plan.host_array(g))
     bad = np.argwhere(~np.isfinite(a))
+    if not len(bad):
+        return ""
     named = ", ".join(
         str(tuple(int(j) for j in i)) if a.ndim > 1 else str(int(i[0])) for i in bad[:5]
     )
     more = ", ..." if len(bad) > 5 else ""
-    if not len(bad):
-        return ""
     return f" at entr{'y' if len(bad) == 1 else 'ies'} {named}{more} ({len(bad)} of {a.size})"
 
 

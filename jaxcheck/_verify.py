@@ -421,7 +421,8 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
         report = check(plan, list(hidden))
         unseen = runs[-1].probe.get("unseen") if report.status is Status.PASS else None
         if unseen:
-            report = _packed_again(report, unseen, problem, p_split, lambda q: check(plan, [], q))
+            again = functools.partial(check, plan, list(hidden))
+            report = _packed_again(report, unseen, problem, p_split, again)
     except ValueError as err:
         # JAX's words for a while_loop, and for a primitive without a transpose rule
         said = ("Reverse-mode differentiation does not work", "Linearization failed")
@@ -494,7 +495,7 @@ def _packed_again(report: Report, unseen: dict, problem, p_split, check) -> Repo
         for i, hidden in unseen.items()
     )
     said = (
-        f"a small leaf whose entries span orders of magnitude moves each entry by its own "
+        "a small leaf whose entries span orders of magnitude moves each entry by its own "
         f"size, which hides the derivatives of entries near zero ({entries}); checked "
         "again with every entry of such a leaf moved at the leaf's scale, "
     )
