@@ -176,6 +176,12 @@ def _on_host(probe: dict, diff: list, problem) -> dict:
                         out.setdefault("unseen", {})[i] = hidden
         if problem.scalar_output:
             out["grad"] = probe["grad"]
+    else:  # forward mode alone: no derivative per entry, so every entry near zero is hidden
+        for i, packed in enumerate(problem.packed):
+            x = np.asarray(_plan.host_array(diff[i]), np.float64) if packed else None
+            hidden = _directions.unseen_entries(x, np.ones_like(x)) if packed else ()
+            if len(hidden):
+                out.setdefault("unseen", {})[i] = hidden
     return out
 
 

@@ -496,7 +496,7 @@ def _packed_again(report: Report, unseen: dict, problem, p_split, check) -> Repo
     )
     said = (
         "a small leaf whose entries span orders of magnitude moves each entry by its own "
-        f"size, which hides the derivatives of entries near zero ({entries}); checked "
+        f"size, which can hide the derivatives of its small entries ({entries}); checked "
         "again with every entry of such a leaf moved at the leaf's scale, "
     )
     if again.status is Status.FAIL:

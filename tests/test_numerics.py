@@ -1230,7 +1230,7 @@ def test_a_bias_entry_near_zero_beside_others_near_one_is_judged_at_the_leafs_sc
     assert report.status == "fail" and report.relative_error > 1e-3, str(report)
     assert report.problems[0] == (
         "a small leaf whose entries span orders of magnitude moves each entry by its own "
-        "size, which hides the derivatives of entries near zero (['b'] entries 2, 4); checked "
+        "size, which can hide the derivatives of its small entries (['b'] entries 2, 4); checked "
         "again with every entry of such a leaf moved at the leaf's scale, it fails"
     ), str(report)
     assert [leaf.path for leaf in report.leaves if leaf.status == "fail"] == ["['b']"], str(report)
@@ -1258,6 +1258,29 @@ def test_a_rule_returning_zero_near_zero_fails_at_an_entry_of_3e_7():
     assert report.problems[0].endswith("it fails"), str(report)
 
 
+@pytest.mark.parametrize("modes", [("fwd",), ("fwd", "rev")])
+def test_a_jvp_rule_wrong_near_zero_fails_in_forward_mode_too(modes):
+    """A custom_jvp of x + x**3 whose tangent drops to 0 below 1e-5, checked by check_grads
+    in forward mode alone (as JAX's suites check custom_jvp functions) at an entry of 1e-7
+    beside entries near 0.3: without a gradient to tell each entry's share, every entry
+    below 1e-3 of the leaf's largest is checked again at the leaf's scale. JAX's
+    check_grads fails it too."""
+
+    @jax.custom_jvp
+    def cubic(x):
+        return x + x**3
+
+    cubic.defjvp(
+        lambda p, t: (cubic(p[0]), t[0] * jnp.where(jnp.abs(p[0]) > 1e-5, 1 + 3 * p[0] ** 2, 0.0))
+    )
+    x = jnp.asarray([0.3, -0.2, 1e-7, 0.5])
+    with pytest.raises(AssertionError) as info:
+        jaxcheck.check_grads(lambda x: jnp.sin(cubic(x)), (x,), 1, modes=modes)
+    assert "can hide the derivatives of its small entries ([0] entries 2); checked again" in (
+        str(info.value)
+    ), str(info.value)
+
+
 def test_entries_near_zero_not_judged_at_the_leafs_scale_leave_a_pass_that_says_so():
     """|t| at t = 1e-7 beside entries of 1 and 0.5: moved at the leaf's scale the entry
     crosses the kink, so the check there is not judged; the own-size check's pass stands
@@ -1268,7 +1291,7 @@ def test_entries_near_zero_not_judged_at_the_leafs_scale_leave_a_pass_that_says_
     assert report.status == "pass", str(report)
     assert report.problems[-1].startswith(
         "a small leaf whose entries span orders of magnitude moves each entry by its own "
-        "size, which hides the derivatives of entries near zero ((root) entries 2); checked "
+        "size, which can hide the derivatives of its small entries ((root) entries 2); checked "
         "again with every entry of such a leaf moved at the leaf's scale, it was not judged "
         "(inconclusive: "
     ), str(report)
