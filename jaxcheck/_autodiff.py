@@ -314,8 +314,7 @@ def direction(problem, seeds, k, diff, beta, kind, out_scales, outs, signs=None)
     v = _directions.direction(p_seeds, k, diff, beta, kind, p_signs, problem.packed)
     if problem.scalar_output:
         return v, None
-    # (the output scales, with the entries' weights where the probe formed them)
-    scales, weights = out_scales if isinstance(out_scales, tuple) else (out_scales, None)
+    scales, weights = out_scales  # (`_evaluate.output_scales`: weights None if not formed)
     return v, _directions.cotangent(o_seeds, k, scales, outs, kind, o_signs, weights)
 
 

@@ -56,20 +56,17 @@ def complete(outer: dict, inner: dict) -> dict:
     return out
 
 
-def output_scales(probe: dict):
-    """The probe's output scales, with its weights of the output entries where it formed
-    them (`_autodiff.output_weights`): what every program of the check forms its output
-    cotangents from."""
-    weights = probe.get("output_weights")
-    return probe["output_scales"] if weights is None else (probe["output_scales"], weights)
+def output_scales(probe: dict) -> tuple:
+    """(the probe's output scales, its weights of the output entries or None where it
+    formed none, `_autodiff.output_weights`): what every program of the check forms its
+    output cotangents from."""
+    return probe["output_scales"], probe.get("output_weights")
 
 
-def _cast_scales(scales, dtype):
+def _cast_scales(scales: tuple, dtype) -> tuple:
     """`output_scales` (or its lowering stand-in) with the scales in `dtype`; the weights,
     powers of two, as they are."""
-    if isinstance(scales, tuple):
-        return scales[0].astype(dtype), scales[1]
-    return scales.astype(dtype)
+    return scales[0].astype(dtype), scales[1]
 
 
 def to_host(tree):

@@ -164,24 +164,22 @@ def _on_host(probe: dict, diff: list, problem) -> dict:
         # (norms beyond float64's range are infinite, as `_directions.balance` takes them)
         with np.errstate(over="ignore"):
             out["grad_norms"] = rms_grad * np.sqrt([max(x.size, 1) for x in diff])
-            for i, packed in enumerate(problem.packed):
-                if packed:  # its entries move by their own magnitudes: its share is |g * f|
-                    x, g = (
-                        np.asarray(_plan.host_array(a), np.float64)
-                        for a in (diff[i], probe["grad"][i])
-                    )
-                    out["grad_norms"][i] = np.linalg.norm(g * _directions.entry_scales(x))
-                    hidden = _directions.unseen_entries(x, g)
-                    if hidden.size:  # (checked again at the leaf's scale: `_verify.run`)
-                        out.setdefault("unseen", {})[i] = hidden
         if problem.scalar_output:
             out["grad"] = probe["grad"]
-    else:  # forward mode alone: no derivative per entry, so every entry near zero is hidden
-        for i, packed in enumerate(problem.packed):
-            x = np.asarray(_plan.host_array(diff[i]), np.float64) if packed else None
-            hidden = _directions.unseen_entries(x, np.ones_like(x)) if packed else ()
-            if len(hidden):
-                out.setdefault("unseen", {})[i] = hidden
+    for i, packed in enumerate(problem.packed):
+        if not packed:
+            continue
+        x = np.asarray(_plan.host_array(diff[i]), np.float64)
+        g = probe["grad"][i] if "grad" in probe else None
+        g = None if g is None else np.asarray(_plan.host_array(g), np.float64)
+        if g is not None:  # its entries move by their own magnitudes: its share is |g * f|
+            with np.errstate(over="ignore"):
+                out["grad_norms"][i] = np.linalg.norm(g * _directions.entry_scales(x))
+        # the entries that moves of their own sizes hide, checked again at the leaf's scale
+        # (`_verify.run`); in forward mode alone, with no derivative per entry, every small one
+        hidden = _directions.unseen_entries(x, np.ones_like(x) if g is None else g)
+        if hidden.size:
+            out.setdefault("unseen", {})[i] = hidden
     return out
 
 
