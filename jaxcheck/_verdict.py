@@ -23,6 +23,12 @@ ROUNDING_ACCEPTED = "accepted as rounding"  # in that note, where the check pass
 ROUNDING_GAP = "far above rounding"  # in every such note: the custom rules are then checked
 
 
+ZERO_WITHIN_NOISE = (
+    "the derivative is zero to within finite-difference noise or rounding along these "
+    "directions (at a stationary point?); it was judged in absolute terms"
+)
+
+
 def eps_fd(run: Run) -> float:
     """The resolution of fn's values in the reference: its precision, or that of a
     lower-precision dtype fn rounds its values to inside."""
@@ -251,8 +257,10 @@ def status(run: Run, p: Pass, checks, k, problems) -> Status:
             f"fn's values scatter by {scatter:.1e} (relative) between nearby "
             "evaluations, far beyond rounding, so its derivative cannot be told from zero: "
             "fn jumps within the step of params (a discontinuity: round or floor at a "
-            "tie, a comparison), or is random, or not a function of params and args "
-            "alone (say, constants drawn anew each time it is traced)"
+            "tie, a comparison), or its derivative changes by orders of magnitude within "
+            "the step (a pole or singularity next to params: 1/x near 0, a singular value "
+            "near 0 in pinv or a solve), or fn is random, or not a function of params and "
+            "args alone (say, constants drawn anew each time it is traced)"
             + (
                 "; if fn is piecewise constant (argmax, one_hot, round), the derivative "
                 "under test, which is not zero, is a surrogate gradient (a straight-through "
@@ -288,10 +296,7 @@ def status(run: Run, p: Pass, checks, k, problems) -> Status:
             "terms"
         )
     elif head.absolute:  # the derivative is zero to within noise or rounding
-        problems.append(
-            "the derivative is zero to within finite-difference noise or rounding along "
-            "these directions (at a stationary point?); it was judged in absolute terms"
-        )
+        problems.append(ZERO_WITHIN_NOISE)
     elif coarse and (limit := _half_precision_limit(run, head)):
         problems.append(
             f"finite differences resolve the derivative only to a noise floor of "

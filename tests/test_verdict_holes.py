@@ -1080,6 +1080,30 @@ def test_a_pole_within_the_step_is_not_judged_either_way():
     assert jaxcheck.verify(lambda x: jnp.sum(tan(x)), x).status in ("pass", "inconclusive")
 
 
+@pytest.mark.parametrize("v_seed", [None, 1])
+def test_pinv_at_a_singular_value_near_zero_is_not_judged_and_says_why(v_seed):
+    """pinv of a matrix with a singular value of 1e-6, which float32 drops and float64
+    keeps, with a derivative of order 1e12 in float64. Either the step moves that value by
+    more than its size (pinv's values scatter: the report named jumps and random fns only,
+    not a singularity), or a smaller step resolves the float64 derivative and the float32
+    one is another function's: the report also said that the derivative was zero to within
+    noise, which the float64 row contradicts."""
+    rng = np.random.RandomState(0)
+    u, _ = np.linalg.qr(rng.randn(4, 4))
+    v, _ = np.linalg.qr((rng if v_seed is None else np.random.RandomState(v_seed)).randn(3, 3))
+    a = ((u[:, :3] * np.array([2.0, 0.5, 1e-6])) @ v.T).astype(np.float32)
+    report = jaxcheck.verify(lambda a: jnp.sum(jnp.linalg.pinv(a) ** 2), a)
+    assert report.status == "inconclusive", str(report)
+    assert not any(q.startswith("the derivative is zero to within") for q in report.problems)
+    if v_seed is None:
+        [said] = [q for q in report.problems if "scatter by" in q]
+        assert "a pole or singularity next to params: 1/x near 0, a singular value" in said
+    else:
+        [said] = [q for q in report.problems if q.startswith("fn is another program")]
+        assert "could not judge that path here" in said
+        assert report.checks[1].passed, str(report)  # the float64 rule, resolved
+
+
 def test_a_leaf_fn_does_not_change_with_says_why_its_row_reads_1_against_2():
     """An attention key bias shifts every score of a query equally: its derivative is
     zero, judged in absolute terms, and its row (relative error ~1, tolerance 2) says why."""
