@@ -39,6 +39,9 @@ DOMAIN_SHRINKS = 3
 # order of the parameters' scale brings roundoff (eps / h) below a few percent. The error
 # model's truncation estimate keeps the ladder below that where fn curves.
 LOW_PRECISION_MAX_STEP = 1.0
+# In float32, a noise floor above this at MAX_STEP (a tolerance that lets a 1 % bug pass)
+# lets the ladder go up to LOW_PRECISION_MAX_STEP too
+COARSE_AT_LARGEST_STEP = 5e-3
 # a gap between the derivative under test and the same rule in float64 at least this share
 # of the derivative: the derivative is mostly rounding, or the bug is that large
 MOSTLY_ROUNDING = 0.5
@@ -318,6 +321,24 @@ def _directions_check(run: Run, n, beta, h0, step, ref):
             run.max_step = max(run.max_step, LOW_PRECISION_MAX_STEP)
         h0 = min(_precision.default_step(run.reference), run.max_step)
         [(p, steps, choice)] = _ladder.ladder(run, index, rows, h0, [slice(0, n)])
+        if (
+            run.max_step < LOW_PRECISION_MAX_STEP
+            and p.step >= 0.99 * run.max_step
+            and p.fd.finite.all()
+            and not p.fd.num_nonsmooth
+            and _verdict.compare(run, p)[0].noise_floor > COARSE_AT_LARGEST_STEP
+        ):
+            # float32, and roundoff still too coarse at the largest step: fn's values are
+            # far larger than their changes along it (a sum onto a constant 1 of inputs
+            # near 1e-3); as in half precision, the ladder may go up to the parameters'
+            # scale where fn is that straight
+            largest, run.max_step = run.max_step, LOW_PRECISION_MAX_STEP
+            [(q, more, q_choice)] = _ladder.ladder(run, index, rows, h0, [slice(0, n)])
+            steps = tuple(steps) + tuple(more)
+            if _verdict.compare(run, q)[0].noise_floor <= COARSE_AT_LARGEST_STEP:
+                p, choice = q, q_choice
+            else:  # no finer there (fn curves at that scale): the steps stay as they were
+                run.max_step = largest
     for _ in range(DOMAIN_SHRINKS):
         if step is not None or p.fd.finite.all() or not np.isfinite(p.phi0).all():
             break

@@ -125,6 +125,37 @@ def test_a_rule_wrong_only_in_float32_fails_through_its_own_check():
     assert alone.status == "fail"
 
 
+@pytest.mark.parametrize("scale", [1.0, 1.01, 1.03])
+def test_float32_differences_of_a_sum_onto_a_constant_go_up_to_the_params_scale(scale):
+    """A window sum onto an init value of np.float32(1) cannot run in float64 (reduce_window
+    wants the init in the operand's dtype), and its inputs near 1e-3 change its values near
+    1 by a few ulps of float32 within a relative step of 5 %: the noise floor was 4e-2,
+    and a rule 3 % off passed. It is straight, so the ladder may take steps up to the
+    parameters' scale, as in half precision."""
+    init = np.asarray(1, np.float32)
+
+    def window_sum(x):
+        return jax.lax.reduce_window(
+            x,
+            init,
+            lambda a, b: a + b,
+            (1, 2, 1),
+            (1, 1, 1),
+            [(0, 1), (1, 0), (0, 2)],
+            (2, 1, 3),
+            (1, 2, 1),
+        )
+
+    f = jax.custom_jvp(window_sum)
+    f.defjvp(lambda p, t: (window_sum(p[0]), scale * jax.jvp(window_sum, p, t)[1]))
+    x = (1e-3 * np.random.RandomState(0).randn(3, 4, 5)).astype(np.float32)
+    report = jaxcheck.verify(f, x, mode="forward")
+    assert any(q.startswith("fn could not run in float64") for q in report.problems)
+    assert report.status == ("pass" if scale == 1.0 else "fail"), str(report)
+    assert abs(report.relative_error - (scale - 1)) < 1e-3
+    assert report.tolerance < 5e-3
+
+
 def test_native_precision_reports_coarser_resolution():
     params = mlp_params(SIZES, jnp.float32)
     x, y = mlp_data(SIZES, jnp.float32)
