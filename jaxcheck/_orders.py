@@ -373,7 +373,11 @@ def _parts(fn, params, args, o: _options.Options, first) -> list:
                         raise
                     raise _refused_at(o.order, 1, _COTANGENT_LABEL, err) from err
                 report = _on_rounding(_beside_kinks(report, head, 2), head, 2)
-                return None, _flat_where_curved(report, head_curved, 2)
+                # the map's derivative holds fn's vjp at params: where fn's derivative is
+                # zero there (a square at 0, a layer started at zero), the map is flat
+                # whether fn curves or not
+                zero = bool(head.checks) and head.checks[0].absolute
+                return None, _flat_where_curved(report, head_curved and not zero, 2)
 
             report = _again_if_flat(in_cotangent, draws)[1]
             parts.append((2, _named(report, 2, ("reverse",), _COTANGENT_LABEL)))

@@ -748,6 +748,30 @@ def test_flat_maps_where_fn_does_not_curve_pass(fn, params, order):
     assert not any("order below curves" in q for p in report.parts for q in p.problems)
 
 
+@jax.custom_vjp
+def square(v):
+    return v * v
+
+
+square.defvjp(lambda v: (v * v, v), lambda v, g: (2 * v * g,))
+
+
+def test_a_right_rule_where_its_derivative_is_zero_passes_at_order_2():
+    """A square's vjp at 0 is zero for every cotangent, so fn's vjp map in its cotangent is
+    flat there by the maths, while fn (the square) curves: a correct rule failed as "flat
+    where the order below curves", at a zero-initialised layer and in check_grads, where
+    JAX's check passes. Away from 0, a rule flat in its cotangent still fails (above)."""
+    x = jnp.linspace(-1, 1, 12).reshape(4, 3)
+    report = jaxcheck.verify(lambda w, x: jnp.sum(square(x @ w)), jnp.zeros((3, 2)), x, order=2)
+    assert [(p.label, p.status.value) for p in report.parts][:3] == [
+        ("order 1: fn", "pass"),
+        ("order 2: Hessian-vector products", "pass"),
+        ("order 2: vjp map in its cotangent", "pass"),
+    ], str(report)
+    assert jaxcheck.verify_rule(square, jnp.zeros(3), order=2).ok
+    assert jaxcheck.check_grads(square, (jnp.zeros(3),), 2, modes=["rev"]) is None
+
+
 @pytest.mark.parametrize("differentiable", [True, False])
 def test_a_custom_vjp_where_fn_is_nan_is_checked_at_order_2_in_reverse_mode(differentiable):
     """fn NaN at params ends the order-1 part before it finds that a custom_vjp in fn has no
