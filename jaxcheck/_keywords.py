@@ -64,6 +64,14 @@ OTHER_NAMES = {
 }
 
 
+# keywords of jax.grad that the checks need no counterpart of
+NOT_NEEDED = {
+    "holomorphic": "no flag is needed: complex params, args and outputs are checked by "
+    "JAX's conventions, holomorphic or not",
+    "allow_int": "no flag is needed: integer leaves are held fixed, and listed in the report",
+}
+
+
 def _unknown(name, call, unknown, names, fn_takes=frozenset()) -> str:
     inside = ",".join(re.findall(r"\(([^)]*)\)", call)).split(",")
     positional = [a.strip().lstrip("*") for a in inside if "=" not in a and "**" not in a]
@@ -75,6 +83,9 @@ def _unknown(name, call, unknown, names, fn_takes=frozenset()) -> str:
         )
     parts, for_fn = [], []
     for k in unknown:
+        if k in NOT_NEEDED and k not in fn_takes:
+            parts.append(f"{k!r} ({NOT_NEEDED[k]})")
+            continue
         close = [] if k in fn_takes else difflib.get_close_matches(k, names, n=1)
         if k not in fn_takes and OTHER_NAMES.get(k) in names:
             close = [OTHER_NAMES[k]]

@@ -461,6 +461,18 @@ def test_a_jax_or_numpy_integer_scalar_is_the_seed_it_holds(seed):
         jaxcheck.verify(_loss, x, key=jnp.float32(3))
 
 
+@pytest.mark.parametrize("keyword", ["holomorphic", "allow_int"])
+def test_jax_grads_own_flags_are_said_to_be_needless(keyword):
+    """holomorphic=True, a jax.grad habit, was told to be bound into fn with
+    functools.partial, which fn does not take."""
+    z = jnp.array([0.3 + 0.4j, -0.5 + 0.2j], jnp.complex64)
+    with pytest.raises(TypeError, match=rf"'{keyword}' \(no flag is needed: ") as raised:
+        jaxcheck.verify(lambda z: jnp.sum(z**2), z, **{keyword: True})
+    assert "functools.partial" not in str(raised.value)
+    with pytest.raises(TypeError, match=rf"'{keyword}' \(no flag is needed: "):
+        jaxcheck.check_grads(jnp.sin, (1.0,), 1, **{keyword: True})
+
+
 def test_verify_rule_names_the_option_meant_or_says_to_bind_fs_keywords():
     """verify_rule had Python's bare "unexpected keyword argument 'num_direction'"."""
     x = jnp.linspace(0.1, 1.0, 3)
