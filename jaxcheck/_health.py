@@ -894,7 +894,8 @@ class HealthSummary:
     skipped: int
     params_seen: bool
     # the states of gradient-rescaling transformations before gradient_health in its chain
-    # (optax's ScaleBy...: Adam's), whose updates it then watched instead of the gradients
+    # (optax's ScaleBy...: Adam's), whose updates it then watched instead of the gradients;
+    # where none, ("EmptyState",) for one that keeps no state (a clipping?) before it
     after: tuple[str, ...] = ()
 
     @property
@@ -941,7 +942,15 @@ class HealthSummary:
             )
         if self.skipped:
             notes.append(f"  {self.skipped} update(s) with NaN/Inf were replaced by zeros")
-        if self.after:
+        if self.after == (STATELESS,):
+            notes.append(
+                "  gradient_health comes after a transformation that keeps no state in its "
+                "chain (optax.clip_by_global_norm, clip, scale, add_decayed_weights?): it "
+                "watched the updates returned there, and where that clips them, spikes "
+                "beyond its bound went unseen; put it first, "
+                "optax.chain(jaxcheck.gradient_health(), ...)"
+            )
+        elif self.after:
             notes.append(
                 f"  gradient_health comes after {', '.join(self.after)} in its chain: it "
                 "watched the updates rescaled there, not the gradients (Adam's are about 1 "
@@ -1063,15 +1072,17 @@ def health(state: Any) -> HealthSummary:
 
 def _rescaling_before(state: Any) -> tuple[str, ...]:
     """The names of the optax rescaling states (ScaleBy..., as Adam's) that come before
-    the `HealthState` in the tuples (chains) and ordered dicts (named chains) holding it. A
-    rescaling that keeps no state of its own (sign_sgd's scale_by_sign) is not seen."""
+    the `HealthState` in the tuples (chains) and ordered dicts (named chains) holding it;
+    where none, (`STATELESS`,) if a transformation that keeps no state comes before it
+    (clip_by_global_norm's state is optax's EmptyState, as scale's is: which one it was
+    is not known)."""
     is_state = lambda x: isinstance(x, HealthState)  # noqa: E731
     [(path, _)] = [
         (p, x)
         for p, x in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_state)[0]
         if is_state(x)
     ]
-    names, node = [], state
+    names, stateless, node = [], False, state
     try:
         for entry in path:
             index, key = getattr(entry, "idx", None), getattr(entry, "key", None)
@@ -1086,10 +1097,15 @@ def _rescaling_before(state: Any) -> tuple[str, ...]:
             for before in earlier:
                 found = jax.tree_util.tree_leaves(before, is_leaf=_rescaling)
                 names += [type(x).__name__ for x in found if _rescaling(x)]
+                empty = lambda x: type(x).__name__ == STATELESS  # noqa: E731
+                stateless |= any(map(empty, jax.tree_util.tree_leaves(before, is_leaf=empty)))
             node = _child(node, entry)
     except Exception:  # noqa: BLE001 - a container walked otherwise (nnx's): only a note
         return ()
-    return tuple(dict.fromkeys(names))
+    return tuple(dict.fromkeys(names)) or ((STATELESS,) if stateless else ())
+
+
+STATELESS = "EmptyState"  # optax's state of a transformation that keeps none
 
 
 def _rescaling(x) -> bool:

@@ -1154,6 +1154,36 @@ def test_a_health_state_after_adam_in_its_chain_is_said_to_watch_rescaled_update
         )
 
 
+def test_a_health_state_after_a_clipping_says_it_watched_what_that_returned():
+    """optax.chain(clip_by_global_norm(1.0), gradient_health(), adam(...)): a spike of 1e4
+    times the gradient was clipped before the state saw it, and the summary said
+    "healthy" with no word; a clipping keeps no state of its own (optax's EmptyState, as
+    scale's), so the note says which kinds it may be."""
+    params, spike = jnp.ones(3), jnp.full(3, 1e4)
+    for clip_first in (True, False):
+        parts = [optax.clip_by_global_norm(1.0), jaxcheck.gradient_health()]
+        opt = optax.chain(*(parts if clip_first else parts[::-1]), optax.adam(1e-2))
+        state = opt.init(params)
+        for step in range(40):
+            grads = spike if step == 30 else jnp.full(3, 0.1)
+            _, state = opt.update(grads, state, params)
+        summary = jaxcheck.health(state)
+        assert summary.ok is clip_first, str(summary)
+        assert summary.after == (("EmptyState",) if clip_first else ())
+        said = [line for line in str(summary).splitlines() if "comes after" in line]
+        assert said == (
+            [
+                "  gradient_health comes after a transformation that keeps no state in its "
+                "chain (optax.clip_by_global_norm, clip, scale, add_decayed_weights?): it "
+                "watched the updates returned there, and where that clips them, spikes beyond "
+                "its bound went unseen; put it first, optax.chain(jaxcheck.gradient_health(), "
+                "...)"
+            ]
+            if clip_first
+            else []
+        )
+
+
 def test_an_unknown_option_is_named_with_the_option_meant():
     """gradient_health(warmpu=3) gave Python's bare "unexpected keyword argument"."""
     with pytest.raises(TypeError) as info:
