@@ -6,8 +6,8 @@ rule that mixes the examples of a batch, a rematerialized path that differs).
 Rows:
 - jit: the gradient under `jax.jit` against the eager one;
 - vmap: the gradient of each example of a batch, by `jax.vmap` of the gradient against
-  the example-by-example loop. The batch axis: the leading axis of the first array leaf
-  of `args` with at least one axis of size >= 2 (its size is the batch size B, at most
+  the example-by-example loop. The batch axis: the leading axis of the largest array
+  leaf of `args` with a leading axis of size >= 2 (its size is the batch size B, at most
   `MAX_EXAMPLES` examples are used); every array leaf of `args` whose leading axis has size
   B is split along it, the others are shared. An example keeps its axis (size 1), so fn
   sees a batch of one. Without such an argument the row is skipped, and the report says so;
@@ -183,17 +183,22 @@ def _fwd_rev(loss, diff, args, rng, what, tol):
 
 def _batch_axis(args):
     """(per leaf of args: True where it is split along its leading axis, and B), with the
-    name of the argument that set B; (None, why) when no argument has a batch axis."""
+    name of the argument that set B; (None, why) when no argument has a batch axis. B is
+    the leading axis of the largest array of args with one of size >= 2 (the first of
+    equals): the data, not running statistics that come before it (a batch norm's 16
+    means before 32 examples)."""
     paths_leaves = jax.tree_util.tree_flatten_with_path(args)[0]
-    for path, x in paths_leaves:
-        if _tree.is_array(x) and np.ndim(x) >= 1 and np.shape(x)[0] >= 2:
-            b = int(np.shape(x)[0])
-            split = [
-                _tree.is_array(y) and np.ndim(y) >= 1 and np.shape(y)[0] == b
-                for _, y in paths_leaves
-            ]
-            return (split, b), f"args{jax.tree_util.keystr(path)} (B = {b})"
-    return None, "no argument of fn has a leading axis of size >= 2 to batch over"
+    candidates = [
+        (path, x)
+        for path, x in paths_leaves
+        if _tree.is_array(x) and np.ndim(x) >= 1 and np.shape(x)[0] >= 2
+    ]
+    if not candidates:
+        return None, "no argument of fn has a leading axis of size >= 2 to batch over"
+    path, x = max(candidates, key=lambda c: np.size(c[1]))  # (the first of the largest)
+    b = int(np.shape(x)[0])
+    split = [_tree.is_array(y) and np.ndim(y) >= 1 and np.shape(y)[0] == b for _, y in paths_leaves]
+    return (split, b), f"args{jax.tree_util.keystr(path)} (B = {b})"
 
 
 def _loop(loss, diff, args, batch) -> list:

@@ -110,6 +110,23 @@ def test_eager_only_path_fails_the_jit_row():
     assert "jit: gradient under jax.jit vs eager: relative difference 9.9e-03" in str(report)
 
 
+def test_the_batch_is_the_largest_argument_not_statistics_passed_before_it():
+    """loss(params, stats, x, y), flax's order: the vmap row split the 16 running means and
+    variances, left the 32 examples whole, and read "ok"."""
+
+    def loss(p, stats, x, y):
+        h = (x @ p["w"] - stats["mean"]) / jnp.sqrt(stats["var"] + 1e-5)
+        return jnp.mean((jnp.tanh(h) @ p["v"] - y) ** 2)
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    p = {"w": jax.random.normal(keys[0], (6, 16)) / 3, "v": jax.random.normal(keys[1], (16,))}
+    stats = {"mean": jnp.zeros(16), "var": jnp.ones(16)}
+    x = jax.random.normal(keys[2], (32, 6))
+    report = jaxcheck.verify(loss, p, stats, x, jnp.cos(x[:, 0]), transforms=True)
+    assert rows(report)["vmap"] == "pass", str(report)
+    assert "by jax.vmap over the leading axis of args[1] (B = 32) vs a loop" in str(report)
+
+
 def test_without_a_batch_axis_the_vmap_row_is_skipped_and_said():
     report = jaxcheck.verify(lambda p: jnp.sum(jnp.sin(p) ** 2), jnp.ones(3), transforms=True)
     assert report.ok
