@@ -59,6 +59,9 @@ class Problem:
     # fn draws from jax.random.gamma (beta and dirichlet draw from it), whose derivative in
     # its shape parameter is not that of the sample at a fixed key
     samples_gamma: bool = False
+    # fn draws random bits (dropout's bernoulli, uniform or normal in the default dtype:
+    # other numbers in float64 than in float32)
+    draws_random: bool = False
     # per differentiable leaf: a small vector of packed quantities, whose entries are moved
     # in proportion to their own magnitudes (`_directions.packed_leaves`)
     packed: tuple[bool, ...] = ()
@@ -212,6 +215,7 @@ def _with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
         has_rules=jaxpr is not None and _rule_search.calls(jaxpr.jaxpr, "custom_vjp", "custom_jvp"),
         iterates=jaxpr is not None and _runs(jaxpr.jaxpr, "while"),
         samples_gamma=jaxpr is not None and _runs(jaxpr.jaxpr, "random_gamma"),
+        draws_random=jaxpr is not None and _runs(jaxpr.jaxpr, "random_bits"),
     )
     if problem.grad_fn is not None:
         notes = _check_gradient_shapes(problem, inputs)

@@ -542,6 +542,11 @@ def flat_directions(p: Pass):
     return n, zero and n == int(use.sum())
 
 
+# where fn draws random numbers, a gap between the float32 derivative and the float64 one
+# beyond this is taken for fn drawing others in float64 (`incomparable`)
+RANDOM_GAP_LIMIT = 1e-2
+
+
 def incomparable(run: Run, head, p: Pass) -> bool:
     """Whether fn in float64 is a different function from fn in the model's precision
     (say, random numbers drawn in the default dtype), judged by the gradients of the two
@@ -550,7 +555,12 @@ def incomparable(run: Run, head, p: Pass) -> bool:
     changes the derivative by (curvature times eps of the model's dtype, along each
     direction) is rounding too: at a minimum exact in float32 (a perfect fit to targets
     computed in float32) the float32 gradient is 0 and the float64 one is not."""
-    if run.policy != "auto" or not head.resolved or not head.rounding > gap_limit(run):
+    limit = gap_limit(run)
+    if run.problem.draws_random and _precision.eps(run.tested) <= _precision.eps(jnp.float32):
+        # a dropout mask drawn anew in float64 moved a float32 gradient by 9.9e-2, under
+        # the limit, and the pass was put down to a loss that cancels
+        limit = min(limit, RANDOM_GAP_LIMIT)
+    if run.policy != "auto" or not head.resolved or not head.rounding > limit:
         return False
     a, a_ref = p.analytic, p.analytic_ref
     if a is not None and a_ref is not None:
