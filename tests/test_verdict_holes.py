@@ -1189,6 +1189,24 @@ def test_a_zero_leaf_beside_large_ones_is_judged_leaf_by_leaf(bug):
         assert leaves == {"[0]": "pass", "[1]": "fail"}, str(report)
 
 
+def test_a_failure_judged_leaf_by_leaf_beside_a_kink_has_the_leafs_numbers():
+    """Four entries of w on relu's kink leave no direction of the whole smooth; v's rule,
+    1 % off, fails on its own leaf, and the report's relative error was NaN."""
+    w = jnp.asarray(np.random.RandomState(1).randn(4, 3), jnp.float32).at[0].set(0.0)
+    c = jnp.asarray(np.random.RandomState(2).randn(4, 3), jnp.float32)
+    t = jax.custom_vjp(jnp.tanh)
+    t.defvjp(lambda x: (jnp.tanh(x), x), lambda x, g: (1.01 * g * (1 - jnp.tanh(x) ** 2),))
+    report = jaxcheck.verify(
+        lambda p: jnp.sum(jax.nn.relu(p["w"]) * c) + jnp.sum(jnp.sin(t(p["v"]) * c)),
+        {"w": w, "v": w + 0.5},
+        rules=False,
+    )
+    assert report.status == "fail" and report.num_nonsmooth == report.num_directions
+    [v] = [leaf for leaf in report.leaves if leaf.status == "fail"]
+    assert v.path == "['v']" and abs(v.relative_error - 0.01) < 1e-4, str(report)
+    assert (report.relative_error, report.tolerance) == (v.relative_error, v.tolerance)
+
+
 def test_an_order_2_failure_at_a_kink_only_combined_directions_cross_is_not_judged():
     """|a b| / |(a, b)| at a = b = 0 is flat along each leaf alone and kinked along every
     combined direction: order 1 passes leaf by leaf, and the order-2 maps jump there, so
