@@ -577,7 +577,8 @@ def _machinery(path: str) -> bool:
     return path.startswith(_JAX_SRC) and path.endswith(_MACHINERY)
 
 
-_JAX_SRC = os.path.join(os.path.dirname(jax.__file__), "_src", "")
+_JAX_PACKAGE = os.path.join(os.path.dirname(jax.__file__), "")
+_JAX_SRC = os.path.join(_JAX_PACKAGE, "_src", "")
 
 
 def _inside_jax(eqn) -> str:
@@ -594,6 +595,8 @@ def _inside_jax(eqn) -> str:
     if not below:
         return ""  # (a jitted function of JAX's, as jnp.dot: the cast is its equation)
     callee = below[0]
+    if not callee.file_name.startswith(_JAX_PACKAGE):
+        return ""  # (another library's code, flax's module calls: cast as the user set it up)
     called = callee.function_name.rpartition(".")[2]
     if called in _CASTS or called.startswith(("<", "__")) or "array_methods" in callee.file_name:
         return ""  # (x.astype(...), jnp.float32(x), an operator on an array: fn's own)

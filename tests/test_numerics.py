@@ -1148,6 +1148,20 @@ def test_a_cast_inside_jaxs_own_function_is_said_to_be_jaxs():
     assert "inside JAX's own" not in said and "x.astype(y.dtype)" in said, said
 
 
+def test_a_cast_inside_a_flax_module_is_not_said_to_be_jaxs(x64):
+    """nn.Dense(dtype=jnp.float32) casts float64 params as its user set it up; the report
+    called that "JAX's own code ... inside JAX's own wrapped_module_method" (flax's)."""
+    from flax import linen
+
+    dense = linen.Dense(4, dtype=jnp.float32, param_dtype=jnp.float64)
+    x = jnp.linspace(-1.0, 1.0, 24).reshape(8, 3)
+    params = dense.init(jax.random.key(0), x)
+    report = jaxcheck.verify(lambda p, x: jnp.sum(jnp.tanh(dense.apply(p, x))), params, x)
+    [said] = [p for p in report.problems if p.startswith("fn rounds values computed")]
+    assert "JAX's own" not in said, said
+    assert "a flax module's dtype= is such a cast: leave it unset" in said
+
+
 def test_a_straight_through_estimator_on_one_leaf_is_placed_there():
     """Quantization-aware training: round with a straight-through estimator on ['w'] only.
     The all-leaf check fails (fn is flat along w, its derivative under test is not), w
