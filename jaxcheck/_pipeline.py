@@ -207,7 +207,7 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
         # the derivative under test is NaN/Inf in forward mode (`_verdict.status`)
         leaves = _probe.nonfinite_tangent_leaves(run, paths)
         return _report(run, status, (n, k), p, checks, leaves, held_fixed, tuple(tried), stopped)
-    accepted = _verdict.note_large_rounding(run, checks[0], status, p)
+    accepted = _verdict.note_large_rounding(run, checks[0], status, p, checks[1:])
     leaves = ()
     upper = max((c.interval[1] for c in checks), default=math.inf)
     chosen = _localize.chosen_leaves(

@@ -1116,6 +1116,32 @@ def test_a_rule_wrong_only_in_float32_fails_however_large(factor):
     assert "computes something else" not in said
 
 
+def test_a_rule_wrong_in_float64_alone_points_to_its_float64_path():
+    """A rule right in float32 and 1 % off in float64, on a float32 model: the float64 row
+    fails, and the note told the user to check the float32 path, the right one."""
+
+    @jax.custom_vjp
+    def act(x):
+        return jnp.tanh(x)
+
+    def bwd(x, g):
+        return (g * (1 - jnp.tanh(x) ** 2) * (1.01 if x.dtype == jnp.float64 else 1.0),)
+
+    act.defvjp(lambda x: (jnp.tanh(x), x), bwd)
+    w = jnp.asarray(np.random.RandomState(1).randn(4, 3), jnp.float32)
+    c = jnp.asarray(np.random.RandomState(2).randn(4, 3), jnp.float32)
+    report = jaxcheck.verify(lambda w: jnp.sum(jnp.sin(act(w) * c)), w, rules=False)
+    assert report.status == "fail", str(report)
+    tested, rule = report.checks[:2]
+    assert tested.passed and not rule.passed and "same rule in float64" in rule.name
+    [said] = [q for q in report.problems if "far above rounding" in q]
+    assert (
+        "; the float32 derivative passes at a tolerance that allows for that gap, and the "
+        "same rule in float64 fails. If fn or its rules take a different path in float64, "
+        "check that path"
+    ) in said
+
+
 def test_a_cast_inside_jaxs_own_function_is_said_to_be_jaxs():
     """jax.nn.dot_product_attention computes its softmax in float32 whatever its inputs'
     dtype, so the float64 reference is a float32 staircase; the report blamed the caller's
