@@ -351,7 +351,8 @@ def rules_part(
             more = "; order=2 checks their second" if o.order == 1 else ""
             which = f" (their first derivatives{more})"
         problems.append(f"rules fine: {'; '.join(fine)}{which}")
-    if fine and error is not None and not wrong:
+    if unfaulted and error is not None and not wrong:
+        # (those checked at one call only too: a gradient penalty's loop over layers)
         problems.append(
             f"every rule found passes at order {order}, so fn's error is outside them, "
             "unless fn differentiates inside itself (jax.grad or jax.jvp in fn: a PINN "

@@ -1969,6 +1969,34 @@ def test_a_rule_differentiated_inside_fn_is_not_cleared_by_its_first_order_check
     )
 
 
+def test_a_rule_differentiated_inside_fn_in_a_loop_over_layers_gets_the_same_hint():
+    """A gradient penalty over a critic whose two layers call the rule from one line: the
+    rule is checked at its first call only, and the report said only that later calls go
+    unseen, not that fn's inner derivative takes the rule's second derivative."""
+
+    def critic(p, x):
+        for w in (p["w1"], p["w2"]):  # two layers, one line
+            x = _tanh_factor_stopped(x @ w)
+        return x @ p["w3"]
+
+    def penalty(p, xs):  # a critic's loss and its gradient penalty
+        g = jax.vmap(jax.grad(lambda x: critic(p, x)))(xs)
+        scores = jax.vmap(lambda x: critic(p, x))(xs)
+        return jnp.mean(scores) + jnp.mean((jnp.linalg.norm(g, axis=-1) - 1.0) ** 2)
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    p = {
+        "w1": jax.random.normal(keys[0], (2, 8)),
+        "w2": jax.random.normal(keys[1], (8, 8)) / 3,
+        "w3": jax.random.normal(keys[2], (8,)) / 3,
+    }
+    report = jaxcheck.verify(penalty, p, jax.random.normal(keys[3], (16, 2)))
+    assert report.status == "fail", str(report)
+    assert any("(2 calls); one wrong at the inputs of later calls" in q for q in report.problems)
+    [note] = [q for q in report.problems if q.startswith("every rule found passes")]
+    assert "(check each with jaxcheck.verify_rule(rule, *args, order=2))" in note
+
+
 def test_a_part_of_rules_none_judged_prints_what_it_found():
     """A straight-through estimator (round forward, identity backward): fn and the rule are
     not judged, and the rules part, which passes (no rule wrong), has no part of its status
