@@ -46,6 +46,7 @@ class Checker:
         self.options = _options.make(**options)
         self.compilations = 0
         self._keyed = None  # (fn, options), their functions keyed by what they compute
+        self._packed = {}  # `_state.PACKED_SEEN` of its calls
 
     def __call__(self, params: Any, *args: Any, **keywords: Any) -> Report:
         if keywords:
@@ -78,9 +79,11 @@ class Checker:
         before = _plan.compilations
         token = _plan.REUSED.set(True)  # compiled for repeated runs
         later = _state.CHECKER_AGAIN.set(again)
+        packed = _state.PACKED_SEEN.set(self._packed)
         try:
             return _verify.run(fn, params, args, options)
         finally:
+            _state.PACKED_SEEN.reset(packed)
             _state.CHECKER_AGAIN.reset(later)
             _plan.REUSED.reset(token)
             self.compilations += _plan.compilations - before

@@ -44,6 +44,11 @@ CURVES = contextvars.ContextVar("jaxcheck_curves", default=None)
 # True while a `Checker` runs other than at its first call: fn may have changed since the
 # programs it reuses were traced
 CHECKER_AGAIN = contextvars.ContextVar("jaxcheck_checker_again", default=False)
+# while a `Checker` runs: {(leaf paths, shapes and dtypes): per leaf, whether it was ever
+# found packed (`_directions.packed_leaves`) at a call of that checker}. A leaf stays
+# packed once found so: bias entries that drift through zero in training made the packed
+# set, part of the compiled programs' key, differ at nearly every periodic check
+PACKED_SEEN = contextvars.ContextVar("jaxcheck_packed_seen", default=None)
 
 
 def note_curves(value: bool) -> None:

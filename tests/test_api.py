@@ -694,6 +694,37 @@ def test_checker_compiles_once_across_a_loop(bugged):
     assert repr(checker) == "Checker(loss, num_directions=8)"
 
 
+def test_a_checker_keeps_a_leaf_it_found_packed_so_drifting_biases_compile_once_each():
+    """Which small leaves hold entries spanning more than 1e3 (moved by their own sizes) is
+    part of the programs' key; in training, bias entries drift through zero, and a
+    periodic check compiled at nearly every call. A checker keeps a leaf it once found so
+    packed: three biases each crossing zero in turn compile three times, not six."""
+
+    def loss(p, x):
+        h = jnp.tanh(x @ p["w1"] + p["b1"])
+        h = jnp.tanh(h @ p["w2"] + p["b2"])
+        return jnp.mean((h @ p["w3"] + p["b3"]) ** 2)
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    p = {
+        "w1": jax.random.normal(keys[0], (4, 8)) / 2,
+        "b1": jnp.linspace(0.1, 0.3, 8),
+        "w2": jax.random.normal(keys[1], (8, 8)) / 3,
+        "b2": jnp.linspace(-0.3, -0.1, 8),
+        "w3": jax.random.normal(keys[2], (8, 2)) / 3,
+        "b3": jnp.asarray([0.2, -0.1]),
+    }
+    x = jnp.linspace(-1.0, 1.0, 24).reshape(6, 4)
+    checker = jaxcheck.Checker(loss, num_directions=8)
+    compiled = []
+    for near_zero in (["b1"], ["b2"], ["b3"], ["b1", "b2"], ["b2", "b3"], ["b1", "b3"]):
+        q = {**p, **{k: p[k].at[0].set(1e-5) for k in near_zero}}
+        report = checker(q, x)
+        assert report.status == "pass", str(report)
+        compiled.append(report.num_compiled > 0)
+    assert compiled == [True, True, True, False, False, False]
+
+
 def test_a_checkers_programs_serve_no_other_check_of_a_changed_fn():
     """A checker compiles a program for new shapes from fn as it is then, while its key is
     what fn computed at its first call: that program must not serve a new checker (or
