@@ -1077,6 +1077,7 @@ def _rescaling_before(state: Any) -> tuple[str, ...]:
     (clip_by_global_norm's state is optax's EmptyState, as scale's is: which one it was
     is not known)."""
     is_state = lambda x: isinstance(x, HealthState)  # noqa: E731
+    empty = lambda x: type(x).__name__ == STATELESS  # noqa: E731
     [(path, _)] = [
         (p, x)
         for p, x in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_state)[0]
@@ -1097,7 +1098,6 @@ def _rescaling_before(state: Any) -> tuple[str, ...]:
             for before in earlier:
                 found = jax.tree_util.tree_leaves(before, is_leaf=_rescaling)
                 names += [type(x).__name__ for x in found if _rescaling(x)]
-                empty = lambda x: type(x).__name__ == STATELESS  # noqa: E731
                 stateless |= any(map(empty, jax.tree_util.tree_leaves(before, is_leaf=empty)))
             node = _child(node, entry)
     except Exception:  # noqa: BLE001 - a container walked otherwise (nnx's): only a note

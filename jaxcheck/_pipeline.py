@@ -638,11 +638,12 @@ def _report(run: Run, status, counts, p, checks, leaves, held_fixed, steps, stop
             c if c.passed and c.tolerance < 1 else dataclasses.replace(c, judged=False)
             for c in checks
         ]
-    judged = [leaf for leaf in leaves if math.isfinite(leaf.relative_error / leaf.tolerance)]
-    if status in (Status.PASS, Status.FAIL) and head is not None and not head.num_used and judged:
+    if status in (Status.PASS, Status.FAIL) and head is not None and not head.num_used:
         # judged leaf by leaf (`_localize.merge_leaves`; no direction of the whole smooth,
         # a kink in another leaf): the leaf nearest its tolerance, or farthest beyond it
-        head = max(judged, key=lambda leaf: leaf.relative_error / leaf.tolerance)
+        ratio = lambda leaf: leaf.relative_error / leaf.tolerance  # noqa: E731
+        judged = [leaf for leaf in leaves if leaf.tolerance > 0 and math.isfinite(ratio(leaf))]
+        head = max(judged, key=ratio, default=head)
     nan = math.nan
     ref = run.reference or _precision.reference_dtype(run.policy, run.tested)
     return Report(
