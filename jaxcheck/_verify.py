@@ -2,6 +2,7 @@
 differentiated and what is held fixed, sets up the run state and hands it to the pipeline
 (`_pipeline.check`), which returns the `Report`."""
 
+import contextvars
 import dataclasses
 import functools
 from collections.abc import Callable, Iterator
@@ -369,6 +370,8 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
     problem = _problem.Problem(fn, o.grad_fn, o.has_aux, p_split, a_split)
     problem = _problem.with_output_structure(problem, inputs)
     packed = _directions.packed_leaves(diff)
+    if _UNPACKED.get():
+        packed = (False,) * len(packed)
     seen = _state.PACKED_SEEN.get()
     if seen is not None:  # a Checker's call: packed once, packed at its later calls
         key = (p_split.paths, tuple((x.shape, str(x.dtype)) for x in diff))
@@ -427,7 +430,10 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
         unseen = runs[-1].probe.get("unseen") if report.status is Status.PASS else None
         if unseen:
             again = functools.partial(check, plan, list(hidden))
-            report = _packed_again(report, unseen, problem, p_split, again)
+            alone = None
+            if o.grad_fn is None:  # (a grad_fn takes all of params)
+                alone = _alone(fn, params, args, o, p_split.paths_of(_tree.DIFF), sorted(unseen))
+            report = _packed_again(report, unseen, problem, p_split, alone or again, hidden)
     except ValueError as err:
         # JAX's words for a while_loop, and for a primitive without a transpose rule
         said = ("Reverse-mode differentiation does not work", "Linearization failed")
@@ -487,7 +493,52 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
     return report
 
 
-def _packed_again(report: Report, unseen: dict, problem, p_split, check) -> Report:
+# set while `_alone`'s check runs: no leaf of it is packed (it is the second look at them)
+_UNPACKED = contextvars.ContextVar("jaxcheck_unpacked", default=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Alone:
+    """fn of the leaves of params that `keep` marks (a pytree of params' structure with
+    None elsewhere), the other leaves passed in `rest`: equal for equal fn, structure and
+    marks, so its compiled programs serve later checks."""
+
+    fn: Callable
+    treedef: Any
+    keep: tuple
+
+    def __call__(self, sub, rest, *args):
+        given, others = iter(jax.tree_util.tree_leaves(sub)), iter(rest)
+        leaves = [next(given) if k else next(others) for k in self.keep]
+        return self.fn(jax.tree_util.tree_unflatten(self.treedef, leaves), *args)
+
+
+def _alone(fn, params, args, options, paths, indices):
+    """The second look of `_packed_again` at the differentiable leaves `indices` of params
+    (their `paths` among `paths`) alone, moved at their scale: the other leaves are passed
+    to fn as an argument, held fixed, so its programs carry no directions of theirs (at
+    300 small leaves, a second look at one of them through the whole check doubled the
+    first call). None where the paths do not pick out those leaves."""
+    wanted = {paths[i] for i in indices}
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keep = [jax.tree_util.keystr(path) in wanted for path, _ in flat]
+    if sum(keep) != len(wanted):
+        return None
+    sub = jax.tree_util.tree_unflatten(treedef, [x if k else None for k, (_, x) in zip(keep, flat)])
+    rest = [x for k, (_, x) in zip(keep, flat) if not k]
+    alone = _Alone(fn, treedef, tuple(keep))
+
+    def check(problem):
+        token = _UNPACKED.set(True)
+        try:
+            return run(alone, sub, (rest, *args), options)
+        finally:
+            _UNPACKED.reset(token)
+
+    return check
+
+
+def _packed_again(report: Report, unseen: dict, problem, p_split, check, hidden=()) -> Report:
     """A pass where a packed leaf's own-size moves hid some entries' derivatives
     (`_directions.unseen_entries`), checked again with those leaves moved at their scale:
     its failure is the verdict; where it is not judged, the pass says so."""
@@ -505,7 +556,11 @@ def _packed_again(report: Report, unseen: dict, problem, p_split, check) -> Repo
         "again with every entry of such a leaf moved at the leaf's scale, "
     )
     if again.status is Status.FAIL:
-        return dataclasses.replace(again, problems=(said + "it fails", *again.problems))
+        # (what the first look held fixed, which a look at some leaves alone does not see)
+        kept = (*again.problems, *(q for q in hidden if q not in again.problems))
+        return dataclasses.replace(
+            again, problems=(said + "it fails", *kept), held_fixed=report.held_fixed
+        )
     if again.status is Status.PASS:
         return report
     note = (
