@@ -45,7 +45,10 @@ def _run_job(tmp: Path) -> list[dict]:
     """Start both processes, wait for both, and return their results (process 0 first);
     skips when this JAX cannot run CPU collectives across processes."""
     port = _free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # (without this run's compilation cache: the two processes would share its folder, and
+    # one reading an entry the other is writing warns)
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["JAX_PLATFORMS"] = "cpu"
     # no compilation cache shared by the processes: JAX writes its entries in place, and one
     # process reading what the other is writing warns
     env.pop("JAX_COMPILATION_CACHE_DIR", None)

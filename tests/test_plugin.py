@@ -169,7 +169,13 @@ def _pytest(tmp_path, *flags):
 
 def _run(tmp_path, *arguments):
     """Python with `arguments` in `tmp_path`, outside this run's pytest: its output."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    # (and without this run's compilation cache: the child's own pytest-xdist workers
+    # would share its folder, and one reading an entry the other is writing warns)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("PYTEST_") and k != "JAX_COMPILATION_CACHE_DIR"
+    }
     env["COLUMNS"] = "300"  # the short summary's lines whole
     done = subprocess.run(
         [sys.executable, *arguments],
