@@ -652,6 +652,33 @@ def test_one_percent_bug_in_a_float32_only_model_fails_on_its_leaf(leaf):
     assert [lf.path for lf in bad.leaves if lf.status == "fail"] == [path]
 
 
+@pytest.mark.parametrize(("scale", "status"), [(1.0, "pass"), (1.001, "fail"), (1.003, "fail")])
+@pytest.mark.parametrize("seed", [0, 2])
+def test_a_float32_only_loss_that_cancels_to_zero_is_judged_at_its_derivatives_precision(
+    scale, status, seed
+):
+    """A loss odd in its params at a symmetric point sums to about 0, so its float32
+    rounding is large against its value, though not against its derivatives: the floor
+    that value's precision set (1.4e-2) passed a grad_fn 0.1 % off on one leaf, where the
+    right one is held to 3.5e-4."""
+    x = jnp.linspace(-1.0, 1.0, 32).reshape(4, 8)
+    params = {"x": x, "w": jnp.cos(x)}
+    loss = _float32_only(lambda p: jnp.sum(jnp.tanh(jnp.sin(p["x"]) * p["w"])))
+    assert abs(float(loss(params))) < 1e-5
+    grad = jax.grad(loss)
+
+    def grad_fn(p):
+        g = grad(p)
+        return {"x": g["x"], "w": g["w"] * scale}
+
+    report = jaxcheck.verify(loss, params, grad_fn=grad_fn, key=jax.random.key(seed))
+    assert report.reference_dtype == "float32"
+    assert report.status == status, str(report)
+    assert report.tolerance < 1.5e-3, str(report)
+    if status == "fail":
+        assert [lf.path for lf in report.leaves if lf.status == "fail"] == ["['w']"]
+
+
 def _near_optimum_model():
     """A float32-only equinox MLP fit to its own output plus a residual of 3e-5: the
     float32 gradient of its small biases is then 1e-3 off the exact one by rounding alone
