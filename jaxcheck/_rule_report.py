@@ -55,8 +55,10 @@ def checked(fn, params, args, options, check) -> Report:
     what = []  # what the parts check besides fn's derivatives, for the headline
     if o.transforms:
         try:
-            parts.append(_transforms.check(fn, params, args, o))
-            what.append(", under JAX's transformations too,")
+            part, more = _transforms.check(fn, params, args, o)
+            parts += [part] if part is not None else []
+            what += [", under JAX's transformations too,"] if part is not None else []
+            notes += more
         except Exception as err:  # noqa: BLE001 - the gradient check's verdict stands
             notes.append(f"transforms: not checked ({one_line(err)})")
     if o.grad_fn is not None and report.status is Status.PASS and _rounding_gap(report):

@@ -43,9 +43,11 @@ class _Loss:
     arrays: list
     has_aux: bool
     grad_fn: object
+    args: "_Args"
     cotangent: object = None  # None: ones
 
     def __call__(self, diff, args):
+        args = self.args.rebuild(args)
         out = self.fn(_tree.merge(self.split, diff, self.arrays), *args)
         out = out[0] if self.has_aux else out
         leaves = jax.tree_util.tree_leaves(out)
@@ -59,18 +61,48 @@ class _Loss:
     def gradient(self, diff, args):
         if self.grad_fn is not None:
             full = _tree.merge(self.split, diff, self.arrays)
-            return _tree.match_gradient(self.split, self.grad_fn(full, *args))
+            grad = self.grad_fn(full, *self.args.rebuild(args))
+            return _tree.match_gradient(self.split, grad)
         return jax.grad(self)(diff, args)
 
 
-def check(fn, params, args, o) -> Report:
-    """The transforms part of the report (one row per transformation)."""
-    split, diff, arrays = _tree.split(params, "params")
-    args = tuple(args)
+@dataclasses.dataclass(frozen=True)
+class _Args:
+    """The leaves of fn's args that the rows pass through the transformations (arrays),
+    and the others (Python numbers, strings, functions: a mode flag, an activation), held
+    as they are, as `verify` holds them: jax.jit cannot take a string, and a Python bool
+    that fn branches on must stay one."""
+
+    treedef: object
+    traced: tuple  # per leaf: whether it is an array
+    held: tuple  # the leaves that are not
+    paths: tuple  # the key paths of the arrays, as args[...]
+
+    @classmethod
+    def of(cls, args) -> tuple["_Args", list]:
+        flat, treedef = jax.tree_util.tree_flatten_with_path(args)
+        traced = tuple(_tree.is_array(x) for _, x in flat)
+        held = tuple(x for (_, x), t in zip(flat, traced) if not t)
+        paths = tuple(jax.tree_util.keystr(p) for (p, _), t in zip(flat, traced) if t)
+        return cls(treedef, traced, held, paths), [x for (_, x), t in zip(flat, traced) if t]
+
+    def rebuild(self, arrays):
+        arrays, held = iter(arrays), iter(self.held)
+        leaves = [next(arrays) if t else next(held) for t in self.traced]
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+
+def check(fn, params, args, o) -> tuple[Report | None, list]:
+    """The transforms part of the report (one row per transformation; None where no
+    transformation could trace fn), and notes on the rows not checked."""
+    # (complex leaves as they are: the rows compare gradients, of JAX's convention for a
+    # real loss, with each other, and pair them with tangents as jax.jvp does)
+    split, diff, arrays = _tree.split(params, "params", complex_diff=True)
+    spec, traced = _Args.of(tuple(args))
     dtype = _precision.lowest([x.dtype for x in diff])
     tol = _rule_rows.tolerance(dtype, o.rtol)
     rng = np.random.default_rng(int(_directions.seeds(o.key, "transforms", ("",))[0]))
-    loss = _Loss(fn, split, arrays, o.has_aux, o.grad_fn)
+    loss = _Loss(fn, split, arrays, o.has_aux, o.grad_fn, spec)
     try:
         out = jax.eval_shape(lambda d: fn(_tree.merge(split, d, arrays), *args), diff)
         out = out[0] if o.has_aux else out
@@ -80,21 +112,22 @@ def check(fn, params, args, o) -> Report:
         ]
     except Exception:  # noqa: BLE001 - the rows report fn's error themselves
         pass
-    rows, notes = [], []
-    rows.append(
-        _row(
-            "jit",
-            "gradient under jax.jit vs eager",
-            tol,
-            dtype,
-            lambda: _jit(loss, diff, args, tol),
-        )
-    )
-    batch, note = _batch_axis(args)
+    rows, notes, refused = [], [], {}  # refused: {label: what JAX raised tracing fn}
+
+    def add(label, what, compute):
+        row = _row(label, what, tol, dtype, compute, refused)
+        if row is not None:
+            rows.append(row)
+        return row
+
+    add("jit", "gradient under jax.jit vs eager", lambda: _jit(loss, diff, traced, tol))
+    batch, note = _batch_axis(traced, spec.paths)
     loop = None
     if batch is not None:
         try:
-            loop = _loop(loss, diff, args, batch)
+            loop = _loop(loss, diff, traced, batch)
+        except _UNTRACEABLE as err:
+            refused["vmap"] = err
         except Exception as err:  # noqa: BLE001 - fn's own error, said in the note
             notes.append(
                 f"transforms: vmap not checked, fn's gradient raised on one example of "
@@ -105,35 +138,41 @@ def check(fn, params, args, o) -> Report:
         notes.append(f"transforms: vmap not checked, {note}")
     elif loop is not None:
         what = f"gradient per example by jax.vmap over the leading axis of {note} vs a loop"
-        rows.append(
-            _row("vmap", what, tol, dtype, lambda: _vmap(loss, diff, args, batch, loop, what, tol))
-        )
+        add("vmap", what, lambda: _vmap(loss, diff, traced, batch, loop, what, tol))
     if o.grad_fn is None:
         what = "gradient of jax.checkpoint(fn) vs plain"
-        rows.append(
-            _row("checkpoint", what, tol, dtype, lambda: _remat(loss, diff, args, what, tol))
-        )
+        add("checkpoint", what, lambda: _remat(loss, diff, traced, what, tol))
         what = "<grad, v> by reverse mode vs the jvp along v"
-        row = _row(
-            "forward vs reverse",
-            what,
-            tol,
-            dtype,
-            lambda: _fwd_rev(loss, diff, args, rng, what, tol),
-        )
-        if any("custom_vjp" in p for p in row.problems) and row.status is Status.FAIL:
+        row = add("forward vs reverse", what, lambda: _fwd_rev(loss, diff, traced, rng, what, tol))
+        if (
+            row is not None
+            and any("custom_vjp" in p for p in row.problems)
+            and row.status is Status.FAIL
+        ):
+            rows.remove(row)
             notes.append(
                 "transforms: forward vs reverse not checked: fn holds a custom_vjp function, "
                 "which has no jvp"
             )
-        else:
-            rows.append(row)
     else:
         notes.append("transforms: with grad_fn, only jit and vmap are checked")
+    if refused:
+        traced = "fn or grad_fn" if o.grad_fn is not None else "fn"
+        they = "they trace" if len(refused) > 1 else "it traces"
+        err = one_line(next(iter(refused.values())))
+        notes.insert(
+            0,
+            f"transforms: {', '.join(refused)} not checked: {they} {traced}, which needs "
+            f"concrete values ({err}); to have them checked, compute with jax.numpy and "
+            "jax.lax (jnp.where for a mask, lax.cond for a branch), and pass flags as Python "
+            "values in args",
+        )
+    if not rows:  # no transformation could trace fn: the notes say why
+        return None, notes
     part = _rule_rows.compose(rows, "transforms")
     failing = [r.label for r in rows if r.status is Status.FAIL]
     label = _LABELS[failing[0]] if failing else "the gradient under transformations"
-    return dataclasses.replace(part, label=label, problems=part.problems + tuple(notes))
+    return dataclasses.replace(part, label=label), notes
 
 
 _LABELS = {
@@ -144,8 +183,28 @@ _LABELS = {
 }
 
 
-def _row(label, what, tol, dtype, compute) -> Report:
-    return _rule_rows.guarded(label, f"{label}: {what}", tol, dtype, compute)
+# what JAX raises where a transformation traces a function that needs concrete values (a
+# Python `if` on an array, a boolean mask, a NumPy call): no gradient to compare
+_UNTRACEABLE = (
+    jax.errors.ConcretizationTypeError,
+    jax.errors.NonConcreteBooleanIndexError,
+    jax.errors.TracerArrayConversionError,
+    jax.errors.TracerIntegerConversionError,
+)
+
+
+def _row(label, what, tol, dtype, compute, refused: dict) -> Report | None:
+    """The row, or None (the error in `refused`) where its transformation cannot trace fn."""
+
+    def attempt():
+        try:
+            return compute()
+        except _UNTRACEABLE as err:
+            refused[label] = err
+            raise
+
+    row = _rule_rows.guarded(label, f"{label}: {what}", tol, dtype, attempt)
+    return None if label in refused else row
 
 
 def _jit(loss, diff, args, tol):
@@ -155,11 +214,11 @@ def _jit(loss, diff, args, tol):
 
 
 def _remat(loss, diff, args, what, tol):
-    remat = dataclasses.replace(loss, fn=jax.checkpoint(loss.fn, static_argnums=()))
+    # the loss of the arrays alone is checkpointed: the leaves held fixed (a string, an
+    # activation function in an equinox Module) are no arguments of jax.checkpoint
+    remat = jax.grad(jax.checkpoint(lambda d, a: loss(d, a)))  # (a _Loss is unhashable)
     plain = jax.jit(loss.gradient)(diff, args)
-    return _rule_rows.exact(
-        f"checkpoint: {what}", jax.jit(remat.gradient)(diff, args), plain, tol
-    ), ()
+    return _rule_rows.exact(f"checkpoint: {what}", jax.jit(remat)(diff, args), plain, tol), ()
 
 
 def _fwd_rev(loss, diff, args, rng, what, tol):
@@ -181,52 +240,44 @@ def _fwd_rev(loss, diff, args, rng, what, tol):
     ), ()
 
 
-def _batch_axis(args):
-    """(per leaf of args: True where it is split along its leading axis, and B), with the
+def _batch_axis(arrays, paths):
+    """(per array of args: True where it is split along its leading axis, and B), with the
     name of the argument that set B; (None, why) when no argument has a batch axis. B is
     the leading axis of the largest array of args with one of size >= 2 (the first of
     equals): the data, not running statistics that come before it (a batch norm's 16
     means before 32 examples)."""
-    paths_leaves = jax.tree_util.tree_flatten_with_path(args)[0]
     candidates = [
-        (path, x)
-        for path, x in paths_leaves
-        if _tree.is_array(x) and np.ndim(x) >= 1 and np.shape(x)[0] >= 2
+        (path, x) for path, x in zip(paths, arrays) if np.ndim(x) >= 1 and np.shape(x)[0] >= 2
     ]
     if not candidates:
         return None, "no argument of fn has a leading axis of size >= 2 to batch over"
     path, x = max(candidates, key=lambda c: np.size(c[1]))  # (the first of the largest)
     b = int(np.shape(x)[0])
-    split = [_tree.is_array(y) and np.ndim(y) >= 1 and np.shape(y)[0] == b for _, y in paths_leaves]
-    return (split, b), f"args{jax.tree_util.keystr(path)} (B = {b})"
+    split = [np.ndim(y) >= 1 and np.shape(y)[0] == b for y in arrays]
+    return (split, b), f"args{path} (B = {b})"
 
 
-def _loop(loss, diff, args, batch) -> list:
+def _loop(loss, diff, arrays, batch) -> list:
     """The gradient of each example of the batch (at most MAX_EXAMPLES), one at a time."""
     split, b = batch
-    leaves, treedef = jax.tree_util.tree_flatten(args)
     loss = dataclasses.replace(loss, cotangent=None)  # outputs change shape with the batch
 
     def example(i):
-        picked = [x[i : i + 1] if s else x for x, s in zip(leaves, split)]
-        return jax.tree_util.tree_unflatten(treedef, picked)
+        return [x[i : i + 1] if s else x for x, s in zip(arrays, split)]
 
     grad = jax.jit(loss.gradient)
     return [grad(diff, example(i)) for i in range(min(b, MAX_EXAMPLES))]
 
 
-def _vmap(loss, diff, args, batch, loop, what, tol):
+def _vmap(loss, diff, arrays, batch, loop, what, tol):
     split, b = batch
     b = min(b, MAX_EXAMPLES)
-    leaves, treedef = jax.tree_util.tree_flatten(args)
     loss = dataclasses.replace(loss, cotangent=None)  # outputs change shape with the batch
     stacked = [
         jnp.stack([jnp.asarray(x)[i : i + 1] for i in range(b)]) if s else x
-        for x, s in zip(leaves, split)
+        for x, s in zip(arrays, split)
     ]
-    axes = jax.tree_util.tree_unflatten(treedef, [0 if s else None for s in split])
-    batched = jax.jit(jax.vmap(loss.gradient, in_axes=(None, axes)))(
-        diff, jax.tree_util.tree_unflatten(treedef, stacked)
-    )
+    axes = [0 if s else None for s in split]
+    batched = jax.jit(jax.vmap(loss.gradient, in_axes=(None, axes)))(diff, stacked)
     plain = [np.stack([_plan.host_array(g[j]) for g in loop]) for j in range(len(diff))]
     return _rule_rows.exact(f"vmap: {what}", batched, plain, tol), ()

@@ -63,7 +63,7 @@ def is_array(x) -> bool:
     return isinstance(x, jax.Array | np.ndarray | np.generic)
 
 
-def _kind(leaf, path: str, where: str) -> str:
+def _kind(leaf, path: str, where: str, complex_diff: bool = False) -> str:
     # complex parameters reach the pipeline only as their real (re, im) view (`_complex`):
     # one that gets here was missed there; complex data in `args` is simply held fixed
     if isinstance(leaf, bool | int | complex) or not (is_array(leaf) or isinstance(leaf, float)):
@@ -78,6 +78,8 @@ def _kind(leaf, path: str, where: str) -> str:
     if isinstance(leaf, np.ndarray) and leaf.dtype.kind in "OSU":  # objects, strings, bytes
         return STATIC
     if jnp.issubdtype(dtype, jnp.complexfloating):
+        if complex_diff:
+            return DIFF
         if where == "params":
             raise TypeError(_complex_message(where, path))
         return ARRAY
@@ -94,15 +96,17 @@ def _complex_message(where: str, path: str) -> str:
     )
 
 
-def split(tree, where: str) -> tuple[Split, list, list]:
+def split(tree, where: str, complex_diff: bool = False) -> tuple[Split, list, list]:
     """Split `tree` into (Split, floating leaves, other array leaves). A Python float in an
-    equinox Module is held fixed, as equinox holds it (`held_by_modules`)."""
+    equinox Module is held fixed, as equinox holds it (`held_by_modules`). With
+    `complex_diff`, complex arrays count as floating (differentiated as they are, in JAX's
+    convention, not through their real view)."""
     leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
     held = held_by_modules(tree)
     paths, kinds, statics, floats, arrays = [], [], [], [], []
     for i, (key_path, leaf) in enumerate(leaves_with_paths):
         path = jax.tree_util.keystr(key_path)
-        kind = STATIC if i in held else _kind(leaf, path, where)
+        kind = STATIC if i in held else _kind(leaf, path, where, complex_diff)
         paths.append(path)
         kinds.append(kind)
         if kind == DIFF:

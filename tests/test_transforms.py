@@ -3,6 +3,7 @@ against the plain one, without finite differences."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.custom_batching import custom_vmap
 
@@ -156,6 +157,110 @@ def test_a_fn_that_takes_no_batch_of_one_skips_the_vmap_row_and_says_why():
         "(size 3) into shape (-1, 4, 3) because the product of specified axis sizes (12) does "
         "not evenly divide 3; fn must take a batch of one for this row"
     ], said
+
+
+def _with_a_mode(p, x, mode):
+    assert mode == "train"
+    return mlp(p, x)
+
+
+def _with_a_flag(p, x, double):
+    return mlp(p, x) * (2.0 if double else 1.0)  # a Python `if` on the flag
+
+
+def _with_an_activation(p, x):
+    return jnp.mean(p["act"](x @ p["w"] + p["b"]) ** 2)
+
+
+def _with_a_tagged_batch(p, batch):
+    return mlp(p, batch["x"])
+
+
+@pytest.mark.parametrize(
+    ("fn", "params", "args"),
+    [
+        (_with_a_mode, PARAMS, (X, "train")),
+        (_with_a_flag, PARAMS, (X, True)),
+        (_with_an_activation, {**PARAMS, "act": jnp.tanh}, (X,)),
+        (mlp, {**PARAMS, "name": "dense"}, (X,)),
+        (_with_a_tagged_batch, PARAMS, ({"x": X, "tag": "eval"},)),
+    ],
+    ids=["string arg", "bool flag", "function leaf", "string leaf", "string in an arg"],
+)
+def test_leaves_that_are_no_arrays_are_held_as_they_are_under_every_transformation(
+    fn, params, args
+):
+    """A mode string, a flag fn branches on, an activation or a name in params (equinox
+    modules hold them) stay as they are, as verify holds them: every row failed with inf
+    (a string is no JAX type to jax.jit and jax.checkpoint; the flag became a tracer)."""
+    report = jaxcheck.verify(fn, params, *args, transforms=True)
+    assert report.status == "pass", str(report)
+    assert rows(report) == {
+        "jit": "pass",
+        "vmap": "pass",
+        "checkpoint": "pass",
+        "forward vs reverse": "pass",
+    }
+
+
+def test_complex_params_get_every_row():
+    """The rows compare JAX's gradients with each other, complex ones too: they were not
+    checked, the note saying to check them "with jaxcheck.verify", the call that said it."""
+    w = (PARAMS["w"] * (1 + 0.5j)).astype(jnp.complex64)
+    report = jaxcheck.verify(
+        lambda p, x: jnp.sum(jnp.abs(jnp.tanh(x @ p)) ** 2), w, X, transforms=True
+    )
+    assert report.status == "pass", str(report)
+    assert rows(report) == {
+        "jit": "pass",
+        "vmap": "pass",
+        "checkpoint": "pass",
+        "forward vs reverse": "pass",
+    }
+    assert not [q for q in report.problems if q.startswith("transforms:")], report.problems
+
+
+def test_a_fn_no_transformation_can_trace_gets_its_rows_not_checked_and_said():
+    """A boolean mask needs concrete values: verify evaluates fn eagerly, and each row,
+    tracing it, was reported WRONG with a relative error of inf."""
+
+    def masked(p, x):
+        h = x @ p["w"] + p["b"]
+        return jnp.sum(h[h > 0] ** 2)
+
+    report = jaxcheck.verify(masked, PARAMS, X, transforms=True)
+    assert report.status == "pass", str(report)
+    assert not report.parts
+    assert str(report).startswith("jaxcheck.verify: PASS — gradient is consistent with")
+    [said] = [q for q in report.problems if q.startswith("transforms:")]
+    assert said.startswith(
+        "transforms: jit, vmap, checkpoint, forward vs reverse not checked: they trace fn, "
+        "which needs concrete values (NonConcreteBooleanIndexError: Array boolean indices "
+        "must be concrete"
+    ), said
+    assert said.endswith(
+        "jnp.where for a mask, lax.cond for a branch), and pass flags as Python values in args"
+    )
+
+
+def test_a_numpy_grad_fn_gets_the_jit_row_not_checked_and_said():
+    report = jaxcheck.verify(
+        lambda p: jnp.sum(jnp.sin(p)),
+        jnp.ones(3),
+        grad_fn=lambda p: np.cos(np.asarray(p)),
+        transforms=True,
+    )
+    assert report.status == "pass", str(report)
+    said = [q for q in report.problems if q.startswith("transforms:")]
+    assert said[0].startswith(
+        "transforms: jit not checked: it traces fn or grad_fn, which needs concrete values "
+        "(TracerArrayConversionError:"
+    ), said
+    assert said[1:] == [
+        "transforms: vmap not checked, no argument of fn has a leading axis of size >= 2 to "
+        "batch over",
+        "transforms: with grad_fn, only jit and vmap are checked",
+    ]
 
 
 def test_transforms_off_is_the_default():
