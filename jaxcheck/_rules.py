@@ -500,9 +500,9 @@ def _finite_differences(rule, key, k, precision, rtol, leaf_k, verify, forward=N
     loop), the derivative fn's forward-mode check uses."""
     label = "vjp vs finite differences" if forward is None else "jvp vs finite differences"
 
-    def check(mode, kept=None):
+    def check(mode, kept=None, fn=None):
         return verify(
-            _Called(rule, kept),
+            _Called(rule, kept) if fn is None else fn,
             rule.inputs,
             key=key,
             num_directions=k,
@@ -520,11 +520,54 @@ def _finite_differences(rule, key, k, precision, rtol, leaf_k, verify, forward=N
             # judged where the rule is finite at these inputs
             report = check(mode, kept[0])
             report = dataclasses.replace(report, problems=(kept[1], *report.problems))
+        elif report.status is Status.INCONCLUSIVE and report.num_nonsmooth and forward is None:
+            held = _kinks_held(rule)
+            if held is not None:  # judged at the entries away from the rule's kinks
+                again = check(mode, fn=held[0])
+                if again.status in (Status.PASS, Status.FAIL):
+                    report = dataclasses.replace(again, problems=(held[1], *again.problems))
     except Exception as err:  # noqa: BLE001 - a rule that raises under jax.vjp is the finding
         problem = _rule_rows.error_problem(label, err)
         comparison = _rule_rows.failed(f"{label}: the {label[:3]} could not be evaluated", math.inf)
         return _rule_rows.part(label, comparison, rule.dtype, 0.0, (problem,))
     return _relabel(report, label + _failed_order(report))
+
+
+def _kinks_held(rule: "Rule") -> tuple | None:
+    """Where the rule has a kink at some of its input entries (relu at 0 in a zero-padded
+    row), found by moving each entry alone: (the rule with those entries held at their
+    values, a note saying so); else None. A wrong slope at the other entries was left
+    unjudged, "only 0 of 16 directions are smooth", as every direction moves them all;
+    JAX's check_grads, moving all entries by a step, sees it."""
+    from . import _check_grads  # noqa: PLC0415 - it imports verify, which imports this
+
+    called = _Called(rule)
+
+    def positional(*inputs):
+        return called(inputs)
+
+    with _plan.own_transfers(), jax.debug_nans(False), jax.debug_infs(False):
+        try:
+            kinks = _check_grads._kinks(positional, rule.inputs)
+        except Exception:  # noqa: BLE001 - the rule refuses moved inputs: nothing held
+            return None
+        if kinks is None:
+            return None
+        leaves, treedef = jax.tree_util.tree_flatten(rule.inputs)
+        floats = tuple(np.asarray(x) for x in leaves if _check_grads._inexact(x))
+        held = tuple(np.asarray(h, bool).reshape(np.shape(x)) for h, x in zip(kinks, floats))
+        if len(held) != len(floats) or all(h.all() for h in held):
+            return None
+        outs = [y for y in jax.tree_util.tree_leaves(called(rule.inputs))]
+    kept = tuple(np.zeros(np.shape(y), bool) for y in outs)
+    part = _check_grads._FinitePart(positional, treedef, floats, held, kept)
+    n = sum(int(h.sum()) for h in held)
+    note = (
+        f"the rule has a kink (one-sided slopes that differ) at {n} input "
+        f"{'entry' if n == 1 else 'entries'}, found by moving each entry alone; its "
+        "derivative was judged at the other entries, holding those fixed"
+    )
+    return part, note
 
 
 def _finite_entries(rule: "Rule") -> tuple | None:

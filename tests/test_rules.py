@@ -105,6 +105,46 @@ def test_wrong_only_for_negative_inputs():
     assert failed(report) == {"vjp vs finite differences"}
 
 
+def _relu_with_slope(positive):
+    @jax.custom_vjp
+    def relu(x):
+        return jnp.maximum(x, 0.0)
+
+    relu.defvjp(lambda x: (relu(x), x), lambda x, g: (g * jnp.where(x > 0, positive, 0.0),))
+    return relu
+
+
+@pytest.mark.parametrize(("slope", "status"), [(1.0, "pass"), (1.05, "fail")])
+def test_an_input_at_the_rules_kink_is_held_and_the_others_judged(slope, status):
+    """One entry at relu's kink (a zero-padded row) left every direction non-smooth, and a
+    slope 5 % off at the three others inconclusive; JAX's check_grads, which moves every
+    entry by one step, sees it."""
+    report = jaxcheck.verify_rule(_relu_with_slope(slope), jnp.asarray([0.0, 0.5, -0.3, 1.2]))
+    assert report.status == status, str(report)
+    assert (
+        "the rule has a kink (one-sided slopes that differ) at 1 input entry, found by moving "
+        "each entry alone; its derivative was judged at the other entries, holding those fixed"
+        in report.problems
+    )
+    if status == "fail":
+        assert failed(report) == {"vjp vs finite differences"}
+
+
+def test_a_wrong_rule_at_a_zero_padded_row_is_named_inside_a_model():
+    relu = _relu_with_slope(1.05)
+    x = jnp.concatenate([jnp.zeros((1, 3)), jnp.linspace(-1.0, 1.0, 9).reshape(3, 3)])
+    params = {
+        "w": 0.4 * jnp.cos(jnp.arange(6.0)).reshape(3, 2),
+        "b": jnp.zeros(2),
+        "v": jnp.asarray([0.5, -1.0]),
+    }
+    loss = lambda p, x: jnp.sum((relu(x @ p["w"] + p["b"]) @ p["v"]) ** 2)  # noqa: E731
+    report = jaxcheck.verify(loss, params, x)
+    assert report.status == "fail", str(report)
+    [named] = [q for q in report.problems if q.startswith("wrong rule: custom_vjp relu")]
+    assert "vjp vs finite differences, relative error 5.0e-02" in named
+
+
 def test_custom_jvp_with_a_nonlinear_tangent():
     @jax.custom_jvp
     def f(x):
