@@ -84,14 +84,23 @@ class Differences:
 
 @_differences.quiet
 def assess(
-    phis, phi0, h: float, eps: float, floor: float, noise_from_data=True, kinks_within=False
+    phis,
+    phi0,
+    h: float,
+    eps: float,
+    floor: float,
+    noise_from_data=True,
+    kinks_within=False,
+    noise_at_least: float = 0.0,
 ) -> Differences:
     """Error bars and smoothness of the stencil values `phis` (n, 4) around `phi0` (n,).
 
     `eps` is the reference precision, `floor` the smallest relative error that matters;
     with `noise_from_data=False` the noise is taken as rounding alone (eps |phi|); with
     `kinks_within`, the step is large enough for kinks inside the stencil to be common,
-    and the truncation bar covers one that the fourth difference does not show.
+    and the truncation bar covers one that the fourth difference does not show; the noise
+    taken from the data is at least `noise_at_least` (fn's, measured along other
+    directions).
     """
     phis = np.asarray(phis, np.float64)
     phi0 = np.asarray(phi0, np.float64)
@@ -109,7 +118,9 @@ def assess(
     sigma_data = _median_noise(d4[finite], h * scale, kinklike[finite]) if finite.any() else 0.0
     if not noise_from_data:  # d4 is known to come from kinks: judge it against rounding alone
         sigma_data = 0.0
-    sigma = np.maximum(sigma_data, eps * magnitude)
+    # (the noise measured along other directions widens the bars; what these directions
+    # measured themselves is reported as theirs, for the ladder's reading of it)
+    sigma = np.maximum(max(sigma_data, noise_at_least if noise_from_data else 0.0), eps * magnitude)
     roundoff = 3.8 * sigma / h
     share = 2 / 3 if kinks_within else 1 / 3
     truncation = np.where(finite, np.abs(c["d1"] - c["d2"]) * share, 0.0)

@@ -283,7 +283,10 @@ def _assess(run: Run, phis, phi0, h, from_data: bool) -> _error_model.Difference
     # stencil along many directions (where finite differences run in float32 alone, a leaf
     # failing alone within its error bars is not judged instead: `within_native_bars`;
     # the wider bar there lost a negated bias under jax 0.9.2)
-    return _error_model.assess(
+    # along one leaf, the noise is at least what the all-leaf directions measured (a GP's
+    # noise scale, one entry: all its directions on one line, whose fourth difference
+    # happened to be 40 times below the noise, failed its right float64 gradient)
+    fd = _error_model.assess(
         phis,
         phi0,
         h,
@@ -291,7 +294,11 @@ def _assess(run: Run, phis, phi0, h, from_data: bool) -> _error_model.Difference
         _verdict.floors(run, None)["nonsmooth"],
         noise_from_data=from_data,
         kinks_within=run.rounds_to is not None,
+        noise_at_least=(run.fn_noise or 0.0) if run.leaf_checks else 0.0,
     )
+    if from_data and not run.leaf_checks and fd.noise > 0:
+        run.fn_noise = fd.noise if run.fn_noise is None else min(run.fn_noise, fd.noise)
+    return fd
 
 
 def _at_point(p: Pass, smaller: Pass) -> Pass:

@@ -87,6 +87,14 @@ def localize(run: Run, scales, leaf_k, h, paths, chosen, sequential=False, fixed
     the caller `fixed` the step), as the all-leaf check does: a staircase of a low
     precision moves there, a fn truly constant in the leaf stays flat and is judged.
     """
+    run.leaf_checks = True
+    try:
+        return _localize(run, scales, leaf_k, h, paths, chosen, sequential, fixed)
+    finally:
+        run.leaf_checks = False
+
+
+def _localize(run: Run, scales, leaf_k, h, paths, chosen, sequential, fixed) -> tuple:
     sequential = sequential and run.plan.direction_sharding is None
     ks = _sequential.looks(leaf_k, sequential, run.looks_kind)
     results, pending, choices, within, zero, rounded = {}, list(chosen), {}, [], [], []

@@ -95,6 +95,12 @@ class Run:
     # ulps, as a share of that gap; the rounding its checks allow is scaled by it
     rounding_share: float | None = None
     max_step: float = MAX_STEP  # largest relative step the ladder may move to
+    # the noise of one evaluation of fn's values near params, the least the all-leaf
+    # directions measured at any step, and whether the leaves are being checked alone: the
+    # noise is fn's, whatever the direction, and along a leaf of one entry every direction
+    # runs along the same line, so its own measure is one draw (`_ladder._assess`)
+    fn_noise: float | None = None
+    leaf_checks: bool = False
     batch: int = 0  # directions per program call: the all-leaf check's (first look's) number
     evaluations: int = 0
     # each direction's evaluations so far, so that a later look pays for new ones only

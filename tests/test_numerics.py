@@ -679,6 +679,49 @@ def test_a_float32_only_loss_that_cancels_to_zero_is_judged_at_its_derivatives_p
         assert [lf.path for lf in report.leaves if lf.status == "fail"] == ["['w']"]
 
 
+def _gp_negative_log_likelihood(p, x, y):
+    """A Gaussian process's negative log marginal likelihood, RBF kernel, 12 points."""
+    scales = jnp.exp(p["log_lengths"])
+    squared = jnp.sum((x[:, None] - x[None]) ** 2 / scales**2, -1)
+    k = jnp.exp(2 * p["log_amplitude"]) * jnp.exp(-0.5 * squared)
+    k = k + (jnp.exp(2 * p["log_noise"]) + 1e-6) * jnp.eye(x.shape[0])
+    chol = jnp.linalg.cholesky(k)
+    alpha = jax.scipy.linalg.cho_solve((chol, True), y)
+    return (
+        0.5 * y @ alpha + jnp.sum(jnp.log(jnp.diag(chol))) + 0.5 * x.shape[0] * jnp.log(2 * jnp.pi)
+    )
+
+
+@pytest.mark.parametrize(("seed", "log_noise"), [(0, -6.0), (4, -5.0)])
+def test_a_leaf_of_one_entry_is_judged_against_fns_noise_along_every_direction(seed, log_noise):
+    """A float64 GP likelihood (an ill-conditioned kernel, rounded far beyond eps of its
+    value): its noise scale, one entry, failed alone at 3.5e-8 against 1.9e-8 on every key, its
+    gradient right to 3e-14. All of a one-entry leaf's directions run along one line, and
+    that line's fourth difference measured fn's noise 40 times below what the all-leaf
+    directions did; a 0.1 % bug in another leaf named this one too."""
+    with enable_x64():
+        x = jax.random.uniform(jax.random.PRNGKey(seed), (12, 2), jnp.float64) * 3
+        y = jnp.sin(x[:, 0]) + 0.1 * jnp.cos(3 * x[:, 1])
+        params = {
+            "log_lengths": jnp.asarray([0.0, 0.3]),
+            "log_amplitude": jnp.asarray(0.1),
+            "log_noise": jnp.asarray(log_noise),
+        }
+        fn = _gp_negative_log_likelihood
+        report = jaxcheck.verify(fn, params, x, y, localize=True)
+        assert report.status == "pass", str(report)
+        assert [leaf.status.value for leaf in report.leaves] == ["pass"] * 3, str(report)
+        grad = jax.grad(fn)
+
+        def grad_fn(p, x, y):
+            g = grad(p, x, y)
+            return {**g, "log_lengths": g["log_lengths"].at[1].multiply(1.001)}
+
+        bad = jaxcheck.verify(fn, params, x, y, grad_fn=grad_fn)
+    assert bad.status == "fail", str(bad)
+    assert [leaf.path for leaf in bad.leaves if leaf.status == "fail"] == ["['log_lengths']"]
+
+
 def _near_optimum_model():
     """A float32-only equinox MLP fit to its own output plus a residual of 3e-5: the
     float32 gradient of its small biases is then 1e-3 off the exact one by rounding alone

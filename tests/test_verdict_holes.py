@@ -2016,14 +2016,16 @@ def test_binary_cross_entropy_at_confident_logits_is_not_failed_by_float32_noise
 def test_a_leaf_within_the_rounding_accepted_for_all_leaves_is_not_failed():
     """Binary cross-entropy at confident logits in float32: all leaves together pass on
     taking a gap of 3.9e-4 to the float64 rule for rounding (the loss cancels), then the
-    bias alone failed at 1.9e-4 against its own tolerance of 1.2e-4, on every key. A leaf
-    off by no more than the all-leaf tolerance there is not judged."""
+    bias alone failed at 1.9e-4 against its own tolerance of 1.2e-4, on every key (a leaf
+    off by no more than the all-leaf tolerance there was then not judged). The bias is one
+    entry: all its directions run along one line, whose fourth difference measured fn's
+    noise far below what the all-leaf directions do; taken at least at theirs, it passes."""
     params, args = _confident_bce_point(1093)
     report = jaxcheck.verify(_bce, params, *args, key=93)
     assert report.status == "pass", str(report)
-    said = "['b']: checked alone, off by no more than the tolerance "
-    assert any(q.startswith(said) for q in report.problems), report.problems
-    assert [leaf.status.value for leaf in report.leaves] == ["inconclusive"]
+    [leaf] = report.leaves
+    assert leaf.status.value == "pass", str(report)
+    assert 4e-4 < leaf.relative_error < leaf.tolerance
 
 
 def _tagged_bias_mse(float32_path):
