@@ -217,10 +217,15 @@ def _signatures(closed, casts, rounding) -> list:
 def _signature(jaxpr, casts, rounding) -> list:
     """The operations of `jaxpr` and of the jaxprs inside it, in order, each with its
     scalar literals at the precision `rounding` (1.001 and 1.0 differ in float32; eps of
-    float32 and of float64 too), but for casts to a dtype in `casts`."""
+    float32 and of float64 too), but for casts to a dtype in `casts` and to integers
+    (indices: with 64-bit types on, JAX casts the int32 indices of `jnp.diag` or a gather
+    to int64, and the same cholesky read as another program in float64)."""
     out = []
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "convert_element_type" and eqn.params["new_dtype"] in casts:
+        if eqn.primitive.name == "convert_element_type" and (
+            eqn.params["new_dtype"] in casts
+            or not jnp.issubdtype(eqn.params["new_dtype"], jnp.inexact)
+        ):
             continue
         literals = tuple(  # (as text: NaN equals NaN)
             repr(float(np.asarray(np.real(v.val)).astype(rounding)))

@@ -2308,3 +2308,24 @@ def test_a_gamma_sample_differentiated_in_its_shape_says_why_it_fails():
     assert report.status == "fail", str(report)
     assert _pipeline.GAMMA_HINT in report.problems, str(report)
     assert jaxcheck.verify(lambda a: jnp.sum(jnp.sin(a)), jnp.ones(3)).problems == ()
+
+
+def test_index_casts_of_64_bit_types_are_no_other_program():
+    """With 64-bit types on, JAX casts the int32 indices of jnp.diag to int64: a cholesky's
+    log-determinant, the same program in float32 and float64, was said to be "another
+    program in float32 than in float64 (a branch on the dtype ...)", which sends a check
+    down the path for such programs."""
+    u, _ = np.linalg.qr(np.random.RandomState(1).randn(4, 4))
+    v, _ = np.linalg.qr(np.random.RandomState(2).randn(4, 4))
+    w = jnp.asarray((u * np.asarray([1.0, 0.7, 0.4, 1e-6])) @ v.T, jnp.float32)
+
+    def loss(p, x):
+        z = x @ p["w"] + p["b"]
+        logdet = jnp.sum(jnp.log(jnp.diag(jnp.linalg.cholesky(p["w"].T @ p["w"]))))
+        return 0.5 * jnp.mean(jnp.sum(z**2, -1)) - logdet
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 4))
+    report = jaxcheck.verify(loss, {"w": w, "b": jnp.zeros(4)}, x)
+    assert not [q for q in report.problems if "another program" in q], report.problems
+    [said] = [q for q in report.problems if "differs from the same rule in float64" in q]
+    assert "finite differences in float32 cannot resolve the derivative here" in said
