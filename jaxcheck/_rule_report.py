@@ -236,7 +236,12 @@ def rules_part(
             notes.append(f"rules: JAX's own ({names}) not checked; rules=True checks them too")
     if not found:
         if o.rules is True:
-            return None, ["rules: fn calls no custom_vjp/custom_jvp rule"]
+            return None, [
+                "rules: no custom_vjp/custom_jvp rule found in fn (one that fn itself "
+                "differentiates, under a jax.grad, jax.vjp or jax.jvp inside fn, is traced "
+                "already differentiated and cannot be found: check it with "
+                "jaxcheck.verify_rule)"
+            ]
         return None, notes
     rows, reports = [], []
     for rule in found:

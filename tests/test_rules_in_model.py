@@ -189,10 +189,35 @@ def test_while_loop_body_is_checked_at_its_first_iteration():
     assert report.parts[-1].label.endswith("(while body, first iteration)")
 
 
+NONE_FOUND = (
+    "rules: no custom_vjp/custom_jvp rule found in fn (one that fn itself differentiates, "
+    "under a jax.grad, jax.vjp or jax.jvp inside fn, is traced already differentiated and "
+    "cannot be found: check it with jaxcheck.verify_rule)"
+)
+
+
 def test_model_without_rules_says_so():
     report = jaxcheck.verify(lambda p: jnp.sum(jnp.sin(p)), jnp.ones(3), rules=True)
     assert report.ok and not report.parts
-    assert "rules: fn calls no custom_vjp/custom_jvp rule" in report.problems
+    assert NONE_FOUND in report.problems
+
+
+def test_a_rule_under_a_gradient_inside_fn_is_not_said_to_be_absent():
+    """A gradient penalty, <grad g, v>, through a custom_vjp whose bwd cuts off its own
+    derivative: the check fails, and the report said that fn calls no rule."""
+
+    @jax.custom_vjp
+    def soft(x):
+        return jnp.sin(x)
+
+    soft.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * jax.lax.stop_gradient(jnp.cos(x)),))
+
+    def penalty(p):
+        return jnp.vdot(jax.grad(lambda q: jnp.sum(soft(q) ** 2))(p), jnp.cos(p))
+
+    report = jaxcheck.verify(penalty, jnp.linspace(0.2, 1.0, 4), rules=True)
+    assert report.status == "fail", str(report)
+    assert NONE_FOUND in report.problems
 
 
 def test_raise_on_failure_carries_the_rules():
@@ -2084,3 +2109,32 @@ def test_rules_fine_at_order_1_say_that_their_first_derivatives_were_checked():
     report = jaxcheck.verify(loss, x, rules=True, order=2)
     assert report.status == "fail", str(report)
     assert not any(q.startswith("rules fine: ") for q in report.problems), report.problems
+
+
+def test_a_dropout_rate_an_equinox_module_holds_stays_a_python_float_in_the_rule_search():
+    """eqx.nn.Dropout(p=0.0), which eqx.nn.MultiheadAttention holds, asks for a key unless
+    its p is a Python 0: the rule search traced p as an array, could not trace fn, and the
+    wrong rule went unnamed."""
+    eqx = pytest.importorskip("equinox")
+
+    @jax.custom_vjp
+    def act(z):
+        return jnp.tanh(z)
+
+    act.defvjp(lambda z: (jnp.tanh(z), z), lambda z, g: (1.1 * g * (1 - jnp.tanh(z) ** 2),))
+
+    class Net(eqx.Module):
+        lin: eqx.nn.Linear
+        drop: eqx.nn.Dropout
+
+        def __call__(self, x):
+            return self.drop(act(self.lin(x)))
+
+    net = Net(eqx.nn.Linear(4, 3, key=jax.random.key(0)), eqx.nn.Dropout(p=0.0))
+    x = jax.random.normal(jax.random.key(1), (8, 4))
+    report = jaxcheck.verify(lambda m, x: jnp.mean(jax.vmap(m)(x) ** 2), net, x)
+    assert report.status == "fail", str(report)
+    assert not [q for q in report.problems if q.startswith("rules: fn could not be traced")]
+    [named] = [q for q in report.problems if q.startswith("wrong rule: custom_vjp act at ")]
+    assert "vjp vs finite differences, relative error 1.0e-01" in named
+
