@@ -55,7 +55,7 @@ def checked(fn, params, args, options, check) -> Report:
     what = []  # what the parts check besides fn's derivatives, for the headline
     if o.transforms:
         try:
-            part, more = _transforms.check(fn, params, args, o)
+            part, more = _transforms.check(fn, params, args, o, _measured_rounding(report))
             parts += [part] if part is not None else []
             what += [", under JAX's transformations too,"] if part is not None else []
             notes += more
@@ -201,6 +201,17 @@ def _measured(r: Report) -> str:
     if math.isnan(r.relative_error):
         return ""
     return f", relative error {r.relative_error:.1e} (tolerance {r.tolerance:.1e})"
+
+
+def _measured_rounding(report: Report) -> float:
+    """The largest rounding of the derivative under test that its check measured against
+    the same rule in a higher precision (relative; 0 where none was measured)."""
+    measured = [
+        c.rounding
+        for c in report.checks
+        if getattr(c, "rounding_measured", False) and math.isfinite(c.rounding)
+    ]
+    return max(measured, default=0.0)
 
 
 def rules_part(

@@ -220,6 +220,26 @@ def test_complex_params_get_every_row():
     assert not [q for q in report.problems if q.startswith("transforms:")], report.problems
 
 
+def test_rows_allow_the_rounding_the_check_of_fn_measured():
+    """A batch norm over a column of one value: the float32 gradient is 5e-3 off the same
+    rule in float64, which the check of fn takes for rounding and passes, and forward mode
+    4.4e-4 off reverse mode was called WRONG against a tolerance of 1.2e-4."""
+    p = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), "b": jnp.asarray([0.1, -0.2, 0.3])}
+    x = jnp.linspace(-1.0, 1.0, 8).reshape(4, 2)
+
+    def normed(p, x):
+        h = x @ p["w"] + p["b"]
+        h = (h - h.mean(0)) / jnp.sqrt(h.var(0) + 1e-3)
+        return jnp.mean(jnp.tanh(h) ** 2)
+
+    report = jaxcheck.verify(normed, p, x, transforms=True)
+    assert report.status == "pass", str(report)
+    assert set(rows(report).values()) == {"pass"}
+    head = report.parts[0].checks[0]
+    assert head.rounding > 1e-4  # what the rows now allow for, twice
+    assert report.parts[-1].checks[-1].tolerance == pytest.approx(2 * head.rounding)
+
+
 def test_a_fn_no_transformation_can_trace_gets_its_rows_not_checked_and_said():
     """A boolean mask needs concrete values: verify evaluates fn eagerly, and each row,
     tracing it, was reported WRONG with a relative error of inf."""
