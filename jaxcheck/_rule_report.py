@@ -371,8 +371,14 @@ def rules_part(
         problems.append(f"rules fine: {'; '.join(fine)}{which}")
     if unfaulted and error is not None and not wrong:
         # (those checked at one call only too: a gradient penalty's loop over layers)
+        # (unless some were checked at one call or coarsely only: said below)
+        outside = (
+            "so fn's error is outside them, "
+            if not (first_only or coarse)
+            else "so fn's error is outside them or in one not cleared (below), "
+        )
         problems.append(
-            f"every rule found passes at order {order}, so fn's error is outside them, "
+            f"every rule found passes where it was checked at order {order}, {outside}"
             "unless fn differentiates inside itself (jax.grad or jax.jvp in fn: a PINN "
             "residual, a MAML step, a gradient penalty): its derivative then takes "
             f"derivatives of order {order + 1} of the rules it differentiates, which these "

@@ -1987,7 +1987,8 @@ def test_a_rule_differentiated_inside_fn_is_not_cleared_by_its_first_order_check
     assert report.status == "fail", str(report)
     [note] = [q for q in report.problems if q.startswith("every rule found passes")]
     assert note == (
-        "every rule found passes at order 1, so fn's error is outside them, unless fn "
+        "every rule found passes where it was checked at order 1, so fn's error is outside "
+        "them, unless fn "
         "differentiates inside itself (jax.grad or jax.jvp in fn: a PINN residual, a MAML "
         "step, a gradient penalty): its derivative then takes derivatives of order 2 of the "
         "rules it differentiates, which these checks do not clear (check each with "
@@ -2138,3 +2139,36 @@ def test_a_dropout_rate_an_equinox_module_holds_stays_a_python_float_in_the_rule
     [named] = [q for q in report.problems if q.startswith("wrong rule: custom_vjp act at ")]
     assert "vjp vs finite differences, relative error 1.0e-01" in named
 
+
+def test_a_loop_rule_wrong_at_later_iterations_only_is_not_said_to_be_cleared():
+    """A scan body's rule wrong only at inputs its first iteration does not reach: the
+    report said that every rule passes, "so fn's error is outside them", beside the line
+    saying that rule is not cleared of fn's error."""
+
+    @jax.custom_vjp
+    def grow(x):
+        return x + 0.1 * x**2
+
+    def bwd(x, g):
+        slope = 1 + 0.2 * x
+        return (g * jnp.where(x > 1.0, 1.05 * slope, slope),)  # wrong beyond 1 only
+
+    grow.defvjp(lambda x: (grow(x), x), bwd)
+
+    def loss(p, xs):
+        def body(h, x):
+            h = grow(h + p * x)
+            return h, h
+
+        return jnp.sum(jax.lax.scan(body, jnp.zeros(3), xs)[1])
+
+    report = jaxcheck.verify(loss, jnp.asarray([0.2, 0.3, 0.4]), jnp.ones((6, 3)))
+    assert report.status == "fail", str(report)
+    assert not [q for q in report.problems if q.startswith("wrong rule")], report.problems
+    [note] = [q for q in report.problems if q.startswith("every rule found passes")]
+    assert note.startswith(
+        "every rule found passes where it was checked at order 1, so fn's error is outside "
+        "them or in one not cleared (below), unless fn differentiates inside itself"
+    ), note
+    [loop] = [q for q in report.problems if q.startswith("a rule in a loop body was checked")]
+    assert "not cleared of fn's error: custom_vjp grow at " in loop
