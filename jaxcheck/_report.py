@@ -434,7 +434,7 @@ def _render_composite(r: Report) -> str:
         else f"nothing found wrong in {r.label}, though not all were judged",
         Status.FAIL: "fn's value from its derivative is WRONG"
         if _primal_only(r.checks)
-        else f"{head.label} is WRONG",
+        else f"{head.label} {_is(head.label)} WRONG",
         Status.INCONCLUSIVE: f"could not judge {head.label}",
         Status.NONFINITE: f"non-finite values in {head.label}",
     }[r.status]
@@ -477,3 +477,9 @@ def _render_composite(r: Report) -> str:
     if r.status is not Status.PASS:
         lines.append("  " + _advice(r))
     return "\n".join(lines)
+
+
+def _is(label: str) -> str:
+    """The verb for a part's label: "order 2: jvp and vjp maps are", "gradient is"."""
+    noun = label.split(" of the ")[0]
+    return "are" if noun.endswith(("maps", "products")) else "is"

@@ -182,7 +182,7 @@ def test_custom_vjp_right_backward_wrong_second_order_fails_only_at_order_2(rule
     assert report.relative_error > 0.3
     text = str(report)
     assert text.splitlines()[0] == (
-        "jaxcheck.verify: FAIL — order 2: Hessian-vector products is WRONG"
+        "jaxcheck.verify: FAIL — order 2: Hessian-vector products are WRONG"
     )
     assert "order 2: reverse-over-reverse (Hessian-vector products)" in text
     assert "! order 2: Hessian-vector products: wrong: ['a']" in text
