@@ -373,22 +373,19 @@ def _held_part_outcome(f, params, held, options, note: str) -> Outcome | None:
     """Judge `f` with the argument entries `held` (per real float leaf of `params`) fixed
     at the point, and its outputs that a held entry makes NaN in forward mode (0 times an
     infinite derivative) replaced by 0: the pass or fail of that check, else None."""
-    leaves, treedef = jax.tree.flatten(params)
+    leaves = jax.tree.leaves(params)
     if any(_inexact(x) and jnp.iscomplexobj(x) for x in leaves):
         return None  # (`held` covers the real leaves only)
-    floats = tuple(np.asarray(x) for x in leaves if _inexact(x))
-    held = tuple(np.asarray(h, bool).reshape(np.shape(x)) for h, x in zip(held, floats))
-    if not any(h.any() for h in held) or all(h.all() for h in held):
-        return None
     with jax.debug_nans(False), jax.debug_infs(False):
-        outs = [np.asarray(y) for y in jax.tree.leaves(f(*params)) if _inexact(y)]
-        part = _FinitePart(f, treedef, floats, held, tuple(np.zeros(y.shape, bool) for y in outs))
+        part = _FinitePart.holding(f, params, held)
+        if part is None:
+            return None
         xs, outputs = part._floats_function(leaves)
         try:
             zeros = [jnp.zeros_like(x) for x in xs]
             tangents = jax.jvp(outputs, (xs,), (zeros,))[1]
         except Exception:  # noqa: BLE001 - no forward mode (a custom_vjp): mask nothing
-            tangents = [jnp.zeros_like(y) for y in outs]
+            tangents = [np.zeros(m.shape) for m in part.masked]
     masked = tuple(~np.isfinite(np.asarray(t)) for t in tangents)
     if all(m.all() for m in masked):
         return None  # every output meets a held entry's infinite derivative
@@ -988,6 +985,20 @@ class _FinitePart:
                 )
         filled_args = jax.tree.unflatten(treedef, filled_leaves)
         return cls(f, treedef, floats, held, masked, filled_args, note, _count(genuine) > 0)
+
+    @classmethod
+    def holding(cls, f, params, held) -> "_FinitePart | None":
+        """`f` with the argument entries `held` (per float leaf of `params`) fixed at the
+        point, no output masked; None where none or all of them are held."""
+        leaves, treedef = jax.tree.flatten(params)
+        floats = tuple(np.asarray(x) for x in leaves if _inexact(x))
+        if len(held) != len(floats):
+            return None
+        held = tuple(np.asarray(h, bool).reshape(np.shape(x)) for h, x in zip(held, floats))
+        if not any(h.any() for h in held) or all(h.all() for h in held):
+            return None
+        outs = [y for y in jax.tree.leaves(f(*params)) if _inexact(y)]
+        return cls(f, treedef, floats, held, tuple(np.zeros(np.shape(y), bool) for y in outs))
 
     def _floats_function(self, leaves):
         """(the float leaves of `leaves`, the masked outputs' float leaves as a function

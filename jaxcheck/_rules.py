@@ -553,15 +553,10 @@ def _kinks_held(rule: "Rule") -> tuple | None:
             return None
         if kinks is None:
             return None
-        leaves, treedef = jax.tree_util.tree_flatten(rule.inputs)
-        floats = tuple(np.asarray(x) for x in leaves if _check_grads._inexact(x))
-        held = tuple(np.asarray(h, bool).reshape(np.shape(x)) for h, x in zip(kinks, floats))
-        if len(held) != len(floats) or all(h.all() for h in held):
-            return None
-        outs = [y for y in jax.tree_util.tree_leaves(called(rule.inputs))]
-    kept = tuple(np.zeros(np.shape(y), bool) for y in outs)
-    part = _check_grads._FinitePart(positional, treedef, floats, held, kept)
-    n = sum(int(h.sum()) for h in held)
+        part = _check_grads._FinitePart.holding(positional, rule.inputs, kinks)
+    if part is None:
+        return None
+    n = sum(int(h.sum()) for h in part.held)
     note = (
         f"the rule has a kink (one-sided slopes that differ) at {n} input "
         f"{'entry' if n == 1 else 'entries'}, found by moving each entry alone; its "
