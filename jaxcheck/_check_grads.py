@@ -28,6 +28,7 @@ from . import (
     _tree,
     _verify,
 )
+from ._error_model import Comparison
 from ._errors import GradientCheckError
 from ._report import Report, Status, apart
 
@@ -269,7 +270,7 @@ def run(f, args, order, modes=("fwd", "rev"), atol=None, rtol=None, eps=None) ->
         outcome = Outcome(report, STATUS_VERDICT[report.status])
         if report.status is Status.INCONCLUSIVE:
             with _plan.own_transfers(), np.errstate(all="ignore"):  # (as below)
-                outcome = _kinked_outcome(f, params, options) or outcome
+                outcome = _kinked_outcome(f, params, options, report) or outcome
     else:
         # (jaxcheck's own transfers, allowed under a caller's transfer guard as in the check;
         # f read at the point and beside it, where NumPy arguments of a NaN/Inf f make NumPy
@@ -404,27 +405,30 @@ MAX_KINK_ENTRIES = 1024
 MAX_KINK_VALUES = 2**24
 
 
-def _kinked_outcome(f, params, options) -> Outcome | None:
+def _kinked_outcome(f, params, options, report: Report) -> Outcome | None:
     """Where a check is inconclusive for kinks: find the argument entries at which f has one
     (`_kinks`), and judge the derivative at the others, holding those fixed, as JAX's
     check_grads would see a wrong derivative at them. None where none is found, or the
     rest cannot be judged either."""
-    kinks, lowest, g, order = None, None, f, options.order
+    kinks, lowest, g, order, outside = None, None, f, options.order, None
     for k in range(order):  # f, then its derivative maps up to the one checked at `order`
         try:
             with jax.debug_nans(False), jax.debug_infs(False):
-                found = _kinks(g, params)
+                found = _one_sided(g, params)
+                if found is not None and k == 0:
+                    outside = _outside_slopes(f, params, found[1])
                 g = _unit_derivative(g, params) if k + 1 < order else g
         except Exception:  # noqa: BLE001 - f refuses the moved points: what was found stands
             break
         if found is not None:
+            found = found[0]
             kinks = found if kinks is None else [a | b for a, b in zip(kinks, found)]
             lowest = k if lowest is None else lowest
     if kinks is None:
         return None
     n = _count(kinks)
     which = {0: "f", 1: "f's first derivative"}.get(lowest, f"f's derivative of order {lowest}")
-    return _held_part_outcome(
+    held = _held_part_outcome(
         f,
         params,
         kinks,
@@ -433,6 +437,9 @@ def _kinked_outcome(f, params, options) -> Outcome | None:
         f"{'entry' if n == 1 else 'entries'}, found by moving each entry alone; the "
         "derivative was judged at the other entries, holding those fixed",
     )
+    if outside is None:
+        return held
+    return Outcome(outside_fails(held.report if held else report, outside), "fail")
 
 
 def _unit_derivative(f, params):
@@ -461,12 +468,33 @@ def _unit_derivative(f, params):
     return derivative
 
 
-def _kinks(f, params) -> list | None:
+def _kinks(f, params, share: float = 0.05) -> list | None:
     """Per real float leaf of `params`, True at the entries where f's one-sided slopes
     (each entry moved alone, up and down, by a step h and by h/2) differ by more than
-    rounding and by a jump that does not shrink with the step, as a smooth f's difference
-    of slopes (its curvature times h) does; None where there are none, or too many entries
-    to move one by one (`MAX_KINK_ENTRIES`), or complex ones."""
+    rounding, by more than `share` of their size, and by a jump that does not shrink with
+    the step, as a smooth f's difference of slopes (its curvature times h) does; None where
+    there are none, or too many entries to move one by one (`MAX_KINK_ENTRIES`), or complex
+    ones."""
+    found = _one_sided(f, params, share)
+    return None if found is None else found[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Kink:
+    """f's one-sided slopes at the entry `entry` (flat) of its float leaf `leaf`, each a
+    vector over f's flattened outputs (extrapolated to a step of 0 from h and h/2), and the
+    margin within which a derivative counts as between them (inf where the sides are not
+    smooth at the step: a jump, or curvature the step spans)."""
+
+    leaf: int
+    entry: int
+    up: np.ndarray
+    down: np.ndarray
+    margin: float
+
+
+def _one_sided(f, params, share: float = 0.05) -> tuple | None:
+    """(`_kinks`'s masks, the `Kink` of each entry they mark), or None."""
     of, floats = _of_floats(f, params, complex_too=False)
     leaves = [x for x in jax.tree.leaves(list(params)) if _inexact(x)]
     n = sum(int(np.size(x)) for x in floats)
@@ -476,7 +504,7 @@ def _kinks(f, params) -> list | None:
     if 4 * n * (n + outputs) > MAX_KINK_VALUES:
         return None
     points = [np.asarray(x) for x in floats]
-    steps, moves = [], []  # per column (leaf j, entry i): its step; the moved points
+    steps, moves, columns = [], [], []  # per column (leaf j, entry i): its step; moved points
     for j, x in enumerate(points):
         a = np.abs(x.astype(np.float64)).ravel()
         rms = float(np.sqrt(np.mean(np.square(a)))) if a.size else 0.0
@@ -484,6 +512,7 @@ def _kinks(f, params) -> list | None:
         for i in range(x.size):
             h = rel * (a[i] if a[i] > 0 else (rms if rms > 0 else 1.0))
             steps.append(h)
+            columns.append((j, i))
             for scale in (1.0, -1.0, 0.5, -0.5):
                 moved = [y.copy() for y in points]
                 flat = moved[j].reshape(-1)
@@ -498,6 +527,7 @@ def _kinks(f, params) -> list | None:
         return None
     eps = max(float(np.finfo(x.dtype).eps) for x in points)
     kinked = np.zeros(n, bool)
+    found = []
     for c in range(n):
         h = steps[c]
         up, down, half_up, half_down = values[c]
@@ -505,14 +535,123 @@ def _kinks(f, params) -> list | None:
         half = np.linalg.norm((half_up - centre) / (h / 2) - (centre - half_down) / (h / 2))
         size = np.linalg.norm(up - centre) / h + np.linalg.norm(centre - down) / h
         noise = 8 * eps * (np.linalg.norm(centre) + np.linalg.norm(up)) / (h / 2)
-        kinked[c] = jump > max(0.05 * size, 4 * noise) and half > 0.75 * jump
+        kinked[c] = jump > max(share * size, 4 * noise) and half > 0.75 * jump
+        if kinked[c]:
+            # one-sided slopes at h and h/2, extrapolated (Richardson) to a step of 0; where
+            # a side's slope moves by more than a quarter of the jump from h to h/2, the
+            # sides are not smooth at this step (sin at 1e6, whose period the step spans):
+            # no derivative is judged against them
+            near_up, far_up = (half_up - centre) / (h / 2), (up - centre) / h
+            near_down, far_down = (centre - half_down) / (h / 2), (centre - down) / h
+            clean = (
+                max(np.linalg.norm(near_up - far_up), np.linalg.norm(near_down - far_down))
+                <= 0.25 * jump
+            )
+            margin = 0.05 * size + 8 * noise if clean else math.inf
+            found.append(Kink(*columns[c], 2 * near_up - far_up, 2 * near_down - far_down, margin))
     if not kinked.any():
         return None
     out, start = [], 0
     for x in points:
         out.append(kinked[start : start + x.size].reshape(x.shape))
         start += x.size
-    return out
+    return out, found
+
+
+# the most kinks at which the derivative under test is compared with f's one-sided slopes
+MAX_KINKS_COMPARED = 64
+
+
+def _outside_slopes(f, params, kinks: list, names=None) -> tuple | None:
+    """Where f's derivative (autodiff: forward mode, else reverse) at a kink entry is not
+    between f's one-sided slopes there (the segment between the two vectors of slopes over
+    f's outputs, to within a margin): relu's derivative at 0 given as 2, outside [0, 1],
+    which holding the kink entries fixed leaves unjudged and JAX's check_grads fails. A
+    (note saying where, relative distance, its tolerance), or None (nowhere, or not
+    compared). `names`: the float leaves' names, for the note (else their positions)."""
+    if not kinks or len(kinks) > MAX_KINKS_COMPARED:
+        return None
+    of, floats = _of_floats(f, params, complex_too=False)
+    points = [jnp.asarray(x) for x in floats]
+
+    def along(t):  # f's outputs with each kink entry moved by its entry of t
+        moved = list(points)
+        for c, k in enumerate(kinks):
+            x = moved[k.leaf]
+            moved[k.leaf] = x.ravel().at[k.entry].add(t[c].astype(x.dtype)).reshape(x.shape)
+        return _flat_outputs(of(*moved))
+
+    wide = jnp.result_type(float)
+    t = jnp.zeros(len(kinks), wide)
+    try:
+        jacobian = jax.jacfwd(along)(t)
+    except TypeError:  # a custom_vjp: no forward mode
+        try:
+            jacobian = jax.jacrev(along)(t)
+        except Exception:  # noqa: BLE001 - no derivative to compare
+            return None
+    except Exception:  # noqa: BLE001 - no derivative to compare
+        return None
+    jacobian = np.asarray(jacobian, np.float64).reshape(-1, len(kinks))
+    outside = []  # (kink, its derivative, distance and margin relative to the slopes' size)
+    for c, k in enumerate(kinks):
+        column, span = jacobian[:, c], k.up - k.down
+        share = float(
+            np.clip(np.dot(column - k.down, span) / max(np.dot(span, span), 1e-300), 0, 1)
+        )
+        distance = float(np.linalg.norm(column - (k.down + share * span)))
+        size = max(float(np.linalg.norm(k.up)), float(np.linalg.norm(k.down)), 1e-300)
+        if np.isfinite(distance) and distance > k.margin:
+            outside.append((k, column, distance / size, k.margin / size))
+    if not outside:
+        return None
+    k, column, relative, tolerance = max(outside, key=lambda found: found[2])
+    leaf = f"float leaf {k.leaf} of the arguments" if names is None else names[k.leaf]
+    where = f"at entry {k.entry} of {leaf}"
+    # where one output moves (a real scalar f: its imaginary part, flattened beside it,
+    # stays 0), the numbers themselves
+    moving = np.flatnonzero(np.abs(k.up) + np.abs(k.down) + np.abs(column))
+    i = int(moving[0]) if moving.size == 1 else None
+    said = (
+        f"{where}, {column[i]:.4g} against slopes {k.down[i]:.4g} (below) and {k.up[i]:.4g} (above)"
+        if i is not None
+        else f"{where}, a derivative of norm {np.linalg.norm(column):.3g} against slopes of "
+        f"norms {np.linalg.norm(k.down):.3g} (below) and {np.linalg.norm(k.up):.3g} (above), "
+        f"{relative:.2g} of their size off the segment between them"
+    )
+    n = len(kinks)
+    entries = f"{len(outside)} of the {n} argument entries" if n > 1 else "the argument entry"
+    note = (
+        f"f's derivative at {entries} where f has a kink is not between its one-sided "
+        "slopes there (no step of finite differences gives it; JAX's check_grads fails "
+        f"it too): {said}"
+    )
+    return note, relative, tolerance
+
+
+def outside_fails(report: Report, outside: tuple) -> Report:
+    """`report`, failed for a derivative outside f's one-sided slopes at a kink (the
+    `_outside_slopes` found: its note first, its row added and made the headline)."""
+    note, relative, tolerance = outside
+    row = Comparison(
+        "derivative at kinks vs one-sided slopes",
+        relative,
+        (relative, relative),
+        0.0,
+        0.0,
+        tolerance,
+        1,
+        False,
+    )
+    return dataclasses.replace(
+        report,
+        status=Status.FAIL,
+        relative_error=relative,
+        interval=(relative, relative),
+        tolerance=tolerance,
+        checks=(*report.checks, row),
+        problems=(note, *report.problems),
+    )
 
 
 def _flat_outputs(outs) -> jax.Array:

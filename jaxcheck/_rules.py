@@ -522,10 +522,14 @@ def _finite_differences(rule, key, k, precision, rtol, leaf_k, verify, forward=N
             report = dataclasses.replace(report, problems=(kept[1], *report.problems))
         elif report.status is Status.INCONCLUSIVE and report.num_nonsmooth and forward is None:
             held = _kinks_held(rule)
-            if held is not None:  # judged at the entries away from the rule's kinks
+            if held is not None and held[0] is not None:  # judged away from the kinks
                 again = check(mode, fn=held[0])
                 if again.status in (Status.PASS, Status.FAIL):
                     report = dataclasses.replace(again, problems=(held[1], *again.problems))
+            if held is not None and held[2] is not None:  # a slope outside them at one
+                from . import _check_grads  # noqa: PLC0415 - it imports this module
+
+                report = _check_grads.outside_fails(report, held[2])
     except Exception as err:  # noqa: BLE001 - a rule that raises under jax.vjp is the finding
         problem = _rule_rows.error_problem(label, err)
         comparison = _rule_rows.failed(f"{label}: the {label[:3]} could not be evaluated", math.inf)
@@ -536,9 +540,10 @@ def _finite_differences(rule, key, k, precision, rtol, leaf_k, verify, forward=N
 def _kinks_held(rule: "Rule") -> tuple | None:
     """Where the rule has a kink at some of its input entries (relu at 0 in a zero-padded
     row), found by moving each entry alone: (the rule with those entries held at their
-    values, a note saying so); else None. A wrong slope at the other entries was left
-    unjudged, "only 0 of 16 directions are smooth", as every direction moves them all;
-    JAX's check_grads, moving all entries by a step, sees it."""
+    values or None where all are kinks, a note saying so, a note where its derivative at a
+    kink is not between the one-sided slopes there or None); else None. A wrong slope at
+    the other entries was left unjudged, "only 0 of 16 directions are smooth", as every
+    direction moves them all; JAX's check_grads, moving all entries by a step, sees it."""
     from . import _check_grads  # noqa: PLC0415 - it imports verify, which imports this
 
     called = _Called(rule)
@@ -548,21 +553,23 @@ def _kinks_held(rule: "Rule") -> tuple | None:
 
     with _plan.own_transfers(), jax.debug_nans(False), jax.debug_infs(False):
         try:
-            kinks = _check_grads._kinks(positional, rule.inputs)
+            found = _check_grads._one_sided(positional, rule.inputs)
         except Exception:  # noqa: BLE001 - the rule refuses moved inputs: nothing held
             return None
-        if kinks is None:
+        if found is None:
             return None
+        kinks, slopes = found
+        outside = _check_grads._outside_slopes(positional, rule.inputs, slopes)
         part = _check_grads._FinitePart.holding(positional, rule.inputs, kinks)
     if part is None:
-        return None
+        return None if outside is None else (None, "", outside)
     n = sum(int(h.sum()) for h in part.held)
     note = (
         f"the rule has a kink (one-sided slopes that differ) at {n} input "
         f"{'entry' if n == 1 else 'entries'}, found by moving each entry alone; its "
         "derivative was judged at the other entries, holding those fixed"
     )
-    return part, note
+    return part, note, outside
 
 
 def _finite_entries(rule: "Rule") -> tuple | None:

@@ -5,6 +5,7 @@ differentiated and what is held fixed, sets up the run state and hands it to the
 import contextvars
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -425,15 +426,22 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
         "a pytree to check them"
         for leaf in opaque
     ]
+    kinks_looked = []  # (whether the look at packed leaves held kinks fixed)
     try:
         report = check(plan, list(hidden))
         unseen = runs[-1].probe.get("unseen") if report.status is Status.PASS else None
         if unseen:
             again = functools.partial(check, plan, list(hidden))
             alone = None
+            paths = p_split.paths_of(_tree.DIFF)
             if o.grad_fn is None:  # (a grad_fn takes all of params)
-                alone = _alone(fn, params, args, o, p_split.paths_of(_tree.DIFF), sorted(unseen))
-            report = _packed_again(report, unseen, problem, p_split, alone or again, hidden)
+                alone = _alone(fn, params, args, o, paths, sorted(unseen))
+
+            def held():
+                kinks_looked.append(True)
+                return _kinks_held(fn, params, args, o, paths, sorted(unseen))
+
+            report = _packed_again(report, unseen, problem, p_split, alone or again, hidden, held)
     except ValueError as err:
         # JAX's words for a while_loop, and for a primitive without a transpose rule
         said = ("Reverse-mode differentiation does not work", "Linearization failed")
@@ -488,9 +496,83 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
                 "points were evaluated one at a time, which is slower",
             ],
         )
+    signs_only = (
+        sum(np.size(x) for x in diff) <= _directions.SPANNED or o.directions == "rademacher"
+    )
+    if (
+        report.status is Status.FAIL
+        and o.order == 1
+        and signs_only
+        and not (_UNPACKED.get() or kinks_looked)
+        # (kinks the directions showed are left out of the verdict already)
+        and not (report.num_nonsmooth or any(leaf.num_nonsmooth for leaf in report.leaves))
+    ):
+        report = _hidden_kinks(report, fn, params, args, o, p_split.paths_of(_tree.DIFF))
     if o.raise_on_failure and not report.ok:
         raise GradientCheckError(report)
     return report
+
+
+def _hidden_kinks(report: Report, fn, params, args, options, paths) -> Report:
+    """A failure along directions of signs only (±1 entries: a problem of at most
+    `_directions.SPANNED` elements, or `directions="rademacher"`), checked for kinks they
+    cannot show: relu(a) · c at a = 0 has the same one-sided slopes along every such
+    direction where the entries of c sum to 0, so finite differences there take the
+    directional slope for a derivative and fail JAX's (a subgradient) by 33 %. Where fn has
+    kinks (each entry moved alone), the failure stands only if the derivative at a kink is
+    outside the one-sided slopes there, or the other entries, checked with the kinks held
+    fixed, fail; else the check is inconclusive and says why."""
+    from . import _check_grads  # noqa: PLC0415 - it imports this module
+
+    found = _kinks_held(fn, params, args, options, paths, range(len(paths)))
+    if found is None:
+        return report
+    held, _, outside = found
+    if outside is not None:
+        return _check_grads.outside_fails(report, outside)
+    kinks = "fn has kinks (one-sided slopes that differ, found by moving each entry alone)"
+    if held is not None and held.status is Status.FAIL:
+        said = (
+            f"{kinks}, which directions of signs only may not show; with the entries at them "
+            "held fixed, the others fail"
+        )
+        return dataclasses.replace(held, problems=(said, *held.problems))
+    rest = (
+        f"with the entries at them held fixed, the others pass (relative error "
+        f"{held.relative_error:.1e}, tolerance {held.tolerance:.1e})"
+        if held is not None and held.status is Status.PASS
+        else "no entry is left to judge once they are held"
+        if held is None
+        else f"with the entries at them held fixed, the others are not judged either "
+        f"({held.status.value})"
+    )
+    between = (
+        "the derivative under test is between fn's one-sided slopes at each kink"
+        if options.grad_fn is None
+        else "grad_fn's derivative at them is not compared with fn's one-sided slopes"
+    )
+    said = (
+        f"{kinks}, and the directions, of signs only, crossed them without showing it (fn's "
+        "one-sided slopes agree along each: kinks whose weights cancel): their finite "
+        "differences are fn's slopes along them, not its derivative, which does not exist "
+        f"here; {between}, and {rest}: not judged. Try a point away from the kinks"
+    )
+    leaves = tuple(
+        dataclasses.replace(leaf, status=Status.INCONCLUSIVE)
+        if leaf.status is Status.FAIL
+        else leaf
+        for leaf in report.leaves
+    )
+    kept = tuple(q for q in report.problems if not q.startswith("wrong: "))
+    checks = tuple(c if c.passed else dataclasses.replace(c, judged=False) for c in report.checks)
+    return dataclasses.replace(
+        report,
+        status=Status.INCONCLUSIVE,
+        checks=checks,
+        leaves=leaves,
+        problems=(said, *kept),
+        stopped="",
+    )
 
 
 # set while `_alone`'s check runs: no leaf of it is packed (it is the second look at them)
@@ -538,12 +620,29 @@ def _alone(fn, params, args, options, paths, indices):
     return check
 
 
-def _packed_again(report: Report, unseen: dict, problem, p_split, check, hidden=()) -> Report:
+def _packed_again(
+    report: Report, unseen: dict, problem, p_split, check, hidden=(), held=None
+) -> Report:
     """A pass where a packed leaf's own-size moves hid some entries' derivatives
     (`_directions.unseen_entries`), checked again with those leaves moved at their scale:
-    its failure is the verdict; where it is not judged, the pass says so."""
+    its failure is the verdict; where it is not judged for kinks, judged again with the
+    entries at a kink held fixed (`held`, `_kinks_held`); where it is not judged still, the
+    pass says so."""
     packed = tuple(p and i not in unseen for i, p in enumerate(problem.packed))
     again = check(dataclasses.replace(problem, packed=packed))
+    kinked = ""
+    if again.status is Status.INCONCLUSIVE and again.num_nonsmooth and held is not None:
+        # (a lasso's zero entries, an entry of relu's input at 0: moved at the leaf's scale,
+        # every direction crosses their kinks, and a wrong derivative at a small entry
+        # beside them was passed, judged only at its own size)
+        found = held()
+        if found is not None and found[2] is not None:  # a slope outside them at a kink
+            from . import _check_grads  # noqa: PLC0415 - it imports this module
+
+            return _check_grads.outside_fails(report, found[2])
+        if found is not None and found[0] is not None:
+            if found[0].status in (Status.PASS, Status.FAIL):
+                again, kinked = found[0], found[1]
     paths = p_split.paths_of(_tree.DIFF)
     entries = "; ".join(
         f"{paths[i] or '(root)'} entries {', '.join(map(str, hidden[:8]))}"
@@ -559,9 +658,17 @@ def _packed_again(report: Report, unseen: dict, problem, p_split, check, hidden=
         # (what the first look held fixed, which a look at some leaves alone does not see)
         kept = (*again.problems, *(q for q in hidden if q not in again.problems))
         return dataclasses.replace(
-            again, problems=(said + "it fails", *kept), held_fixed=report.held_fixed
+            again,
+            problems=(said + kinked + "it fails", *kept),
+            held_fixed=report.held_fixed,
         )
     if again.status is Status.PASS:
+        if kinked:
+            passed = (
+                f"it passes (relative error {again.relative_error:.1e}, tolerance "
+                f"{again.tolerance:.1e})"
+            )
+            return dataclasses.replace(report, problems=(*report.problems, said + kinked + passed))
         return report
     note = (
         f"{said}it was not judged ({again.status.value}: "
@@ -569,6 +676,112 @@ def _packed_again(report: Report, unseen: dict, problem, p_split, check, hidden=
         "derivatives are judged only as finely as their own sizes allow"
     )
     return dataclasses.replace(report, problems=(*report.problems, note))
+
+
+def _kinks_held(fn, params, args, options, paths, indices) -> tuple | None:
+    """Where fn has kinks (one-sided slopes that differ) at some entries of the
+    differentiable leaves `indices` (their `paths` among `paths`), found by moving each
+    entry alone (`_check_grads._one_sided`): (the check of fn with those entries held at
+    their values and the leaves' other entries moved at the leaves' scale, the other leaves
+    held fixed, or None where no entry is left to move; a clause saying so; the note of
+    `_check_grads._outside_slopes` where autodiff's derivative at a kink is not between the
+    one-sided slopes there, else None); None where there are none. A grad_fn is taken at
+    the same entries (and its derivative at the kinks not compared)."""
+    from . import _check_grads  # noqa: PLC0415 - it imports this module
+
+    wanted = {paths[i] for i in indices}
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    names = [jax.tree_util.keystr(path) for path, _ in flat]
+    at = [i for i, name in enumerate(names) if name in wanted]
+    if len(at) != len(wanted):
+        return None
+    leaves = [x for _, x in flat]
+
+    def full(chosen, where=at):
+        moved = list(leaves)
+        for i, x in zip(where, chosen):
+            moved[i] = x
+        return jax.tree_util.tree_unflatten(treedef, moved)
+
+    def value(*chosen):
+        out = fn(full(chosen), *args)
+        return out[0] if options.has_aux else out
+
+    with _plan.own_transfers(), jax.debug_nans(False), jax.debug_infs(False):
+        try:
+            # (any kink that the look at the leaf's scale crossed: a lasso's 0.1 |w| at an
+            # entry of slope 3 differs by 3 % of its size)
+            found = _check_grads._one_sided(value, [leaves[i] for i in at], share=1e-3)
+            if found is None:
+                return None
+            kinks, slopes = found
+            if any(math.isinf(k.margin) for k in slopes):
+                # a side not smooth at the search's step (a jump; sin at 1e6, whose period
+                # the step spans, taken for kinks): no kink to hold with confidence
+                return None
+            outside = None
+            if options.grad_fn is None:
+                outside = _check_grads._outside_slopes(
+                    value,
+                    [leaves[i] for i in at],
+                    slopes,
+                    [f"params leaf {names[i] or '(root)'}" for i in at],
+                )
+        except Exception:  # noqa: BLE001 - fn refuses the moved points: nothing held
+            return None
+        n = sum(int(np.sum(k)) for k in kinks)
+        clause = (
+            f"and, as fn has a kink at {n} of those leaves' "
+            f"{'entry' if n == 1 else 'entries'} (found by moving each alone), every "
+            "direction crossed it there: checked once more holding "
+            f"{'it' if n == 1 else 'them'} fixed and moving the others at their leaf's scale "
+            "(the leaf table counts the entries moved), "
+        )
+        # leaves kinked at every entry are held whole
+        moving = [(i, k) for i, k in zip(at, kinks) if not np.all(k)]
+        if not moving:
+            return None, clause, outside
+        where = [i for i, _ in moving]
+        bases = [jnp.asarray(leaves[i]) for i in where]
+        free = [jnp.asarray(np.flatnonzero(~np.asarray(k).ravel())) for _, k in moving]
+        start = [b.ravel()[f] for b, f in zip(bases, free)]
+
+    def chosen_of(sub):
+        given = jax.tree_util.tree_leaves(sub)
+        return [
+            # (in the reference's precision where the free entries are: a cast of them
+            # back to the leaf's dtype would make fn a staircase of its quanta)
+            b.astype(v.dtype).ravel().at[f].set(v).reshape(b.shape)
+            for b, f, v in zip(bases, free, given)
+        ]
+
+    def held_fn(sub, *a):
+        return fn(full(chosen_of(sub), where), *a)
+
+    def held_grad(sub, *a):
+        grads = jax.tree_util.tree_flatten_with_path(
+            options.grad_fn(full(chosen_of(sub), where), *a)
+        )
+        by_name = {jax.tree_util.keystr(path): g for path, g in grads[0]}
+        picked = iter(jnp.ravel(by_name[names[i]])[f] for i, f in zip(where, free))
+        return jax.tree_util.tree_unflatten(
+            treedef, [next(picked) if i in where else None for i in range(len(leaves))]
+        )
+
+    given = iter(start)
+    sub = jax.tree_util.tree_unflatten(
+        treedef, [next(given) if i in where else None for i in range(len(leaves))]
+    )
+    grad_fn = None if options.grad_fn is None else held_grad
+    held = dataclasses.replace(options, grad_fn=grad_fn, raise_on_failure=False)
+    token = _UNPACKED.set(True)
+    try:
+        report = run(held_fn, sub, args, held)
+    except Exception:  # noqa: BLE001 - the held function fails where fn did not: not judged
+        report = None
+    finally:
+        _UNPACKED.reset(token)
+    return report, clause, outside
 
 
 # why fn's jvp could not be transposed, where JAX's own error does not say

@@ -1109,3 +1109,31 @@ def test_an_infinite_atol_is_capped_as_others_are():
         wrong = rf"^check_grads: atol must be a number >= 0, got {bad}"
         with pytest.raises(ValueError, match=wrong):
             jaxcheck.check_grads(jnp.sin, (np.array([0.3]),), 1, atol=bad)
+
+
+@pytest.mark.parametrize("slope", [0.5, 2.0])
+def test_a_derivative_at_a_kink_outside_the_one_sided_slopes_fails(slope):
+    """A custom relu whose derivative at 0 is 2 returned quietly where every argument entry
+    is at the kink (nothing left to judge once they are held), though JAX's check_grads
+    fails it; 1/2, between the one-sided slopes 0 and 1, passes."""
+
+    @jax.custom_vjp
+    def relu(x):
+        return jnp.maximum(x, 0.0)
+
+    relu.defvjp(
+        lambda x: (relu(x), x),
+        lambda x, g: (g * jnp.where(x > 0, 1.0, jnp.where(x == 0, slope, 0.0)),),
+    )
+    f = lambda x: 3.0 * relu(x)  # noqa: E731
+    if slope == 0.5:
+        jaxcheck.check_grads(f, (jnp.float32(0.0),), 1, modes=("rev",))
+        return
+    with pytest.raises(jaxcheck.GradientCheckError) as info:
+        jaxcheck.check_grads(f, (jnp.float32(0.0),), 1, modes=("rev",))
+    assert info.value.report.problems[0] == (
+        "f's derivative at the argument entry where f has a kink is not between its "
+        "one-sided slopes there (no step of finite differences gives it; JAX's check_grads "
+        "fails it too): at entry 0 of float leaf 0 of the arguments, 6 against slopes 0 "
+        "(below) and 3 (above)"
+    )

@@ -1416,6 +1416,135 @@ def test_a_bias_entry_near_zero_beside_others_near_one_is_judged_at_the_leafs_sc
     assert [leaf.path for leaf in report.leaves if leaf.status == "fail"] == ["['b']"], str(report)
 
 
+_LASSO_DATA = np.random.RandomState(0).normal(size=(20, 11)).astype(np.float32)
+
+
+def _lasso(w):
+    x, y = _LASSO_DATA[:, :10], _LASSO_DATA[:, 10]
+    return jnp.mean((x @ w - y) ** 2) + 0.1 * jnp.sum(jnp.abs(w))
+
+
+# a lasso's point: exact zeros (the kinks of |w|) beside an entry of 3e-6
+_LASSO_AT = jnp.asarray([0.8, 0.0, -0.5, 3e-6, 0.0, 1.1, -0.02, 0.0, 0.3, -0.7])
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0, 1.3])
+def test_a_small_entry_beside_kinks_in_its_leaf_is_judged_with_the_kinks_held(scale):
+    """The entries of this lasso's point span 4e5 in magnitude, so they were moved by their
+    own sizes, and the derivative at 3e-6 weighed 3e-6 of the others'; checked again at the
+    leaf's scale, every direction crossed the kinks of |w| at the zero entries, and that
+    look was not judged: a grad_fn doubling the entry at 3e-6 passed on 10 of 10 keys
+    (relative error 4.4e-7 against 1.2e-6), where JAX's check_grads fails it. The zero
+    entries are now found by moving each alone and held fixed, and the others judged."""
+    grad = jax.grad(_lasso)
+    report = jaxcheck.verify(_lasso, _LASSO_AT, grad_fn=lambda w: grad(w).at[3].multiply(scale))
+    said = (
+        "a small leaf whose entries span orders of magnitude moves each entry by its own "
+        "size, which can hide the derivatives of its small entries ((root) entries 1, 3, 4, "
+        "7); checked again with every entry of such a leaf moved at the leaf's scale, and, "
+        "as fn has a kink at 3 of those leaves' entries (found by moving each alone), every "
+        "direction crossed it there: checked once more holding them fixed and moving the "
+        "others at their leaf's scale (the leaf table counts the entries moved), "
+    )
+    if scale == 1.0:
+        assert report.status == "pass", str(report)
+        assert report.problems[-1].startswith(said + "it passes (relative error "), str(report)
+        return
+    assert report.status == "fail" and report.relative_error > 0.05, str(report)
+    assert report.problems[0] == said + "it fails", str(report)
+    assert [(leaf.path, leaf.shape) for leaf in report.leaves] == [("", (7,))]
+
+
+def test_check_grads_judges_a_wrong_rule_at_a_small_entry_beside_kinks():
+    """The same through jaxcheck.check_grads: a custom_vjp doubling the cotangent of the
+    entry at 3e-6 returned quietly (JAX's check_grads raises)."""
+
+    @jax.custom_vjp
+    def same(w):
+        return w
+
+    same.defvjp(lambda w: (w, None), lambda _, ct: (ct.at[3].multiply(2.0),))
+    jaxcheck.check_grads(_lasso, (_LASSO_AT,), 1, modes=("rev",))
+    with pytest.raises(jaxcheck.GradientCheckError, match="it fails"):
+        jaxcheck.check_grads(lambda w: _lasso(same(w)), (_LASSO_AT,), 1, modes=("rev",))
+
+
+def _relu_beside(slope_at_zero=0.0):
+    """sum(relu(a) c) + sum(c a) + sum(sin(b)), with relu's derivative at 0 as given."""
+
+    @jax.custom_vjp
+    def relu(x):
+        return jnp.maximum(x, 0.0)
+
+    def backward(x, g):
+        return (g * jnp.where(x > 0, 1.0, jnp.where(x == 0, slope_at_zero, 0.0)),)
+
+    relu.defvjp(lambda x: (relu(x), x), backward)
+    return lambda p: (
+        jnp.sum(relu(p["a"]) * p["c"]) + jnp.sum(p["c"] * p["a"]) + jnp.sum(jnp.sin(p["b"]))
+    )
+
+
+# relu's input at 0 in `a`, weighed by entries of `c` that sum to 0: along every direction
+# of signs only the one-sided slopes agree, and the kinks do not show
+_AT_CANCELLING_KINKS = {
+    "a": jnp.zeros(4),
+    "b": jnp.asarray([0.3, -0.7]),
+    "c": jnp.linspace(-1.0, 1.0, 4),
+}
+
+
+@pytest.mark.parametrize("key", [0, 1, 2])
+def test_kinks_directions_of_signs_cannot_show_are_not_called_wrong(key):
+    """At most 16 elements get directions of signs only (±1 entries), and at relu's kinks
+    whose weights cancel the one-sided slopes agree along each of them: their finite
+    differences are fn's slopes, not a derivative, and JAX's (a subgradient) was called
+    WRONG by 33 %, naming ['a'], on every key."""
+    report = jaxcheck.verify(_relu_beside(), _AT_CANCELLING_KINKS, key=key)
+    assert report.status == "inconclusive", str(report)
+    assert report.problems[0].startswith(
+        "fn has kinks (one-sided slopes that differ, found by moving each entry alone), and "
+        "the directions, of signs only, crossed them without showing it"
+    ), str(report)
+    assert (
+        "with the entries at them held fixed, the others pass (relative error"
+        in (report.problems[0])
+    )
+    assert not any(leaf.status == "fail" for leaf in report.leaves), str(report)
+    assert not any(q.startswith("wrong: ") for q in report.problems)
+
+
+@pytest.mark.parametrize("bug", ["other entries", "at the kinks"])
+def test_a_wrong_derivative_beside_kinks_directions_of_signs_cannot_show_still_fails(bug):
+    """The same kinks: a grad_fn 10 % off on b (held apart from the kinks, it fails), and a
+    rule whose derivative at relu's kink is 2 (outside the one-sided slopes 0 and 1)."""
+    if bug == "other entries":
+        grad = jax.grad(_relu_beside())
+
+        def grad_fn(p):
+            g = grad(p)
+            return {**g, "b": g["b"] * 1.1}
+
+        report = jaxcheck.verify(_relu_beside(), _AT_CANCELLING_KINKS, grad_fn=grad_fn)
+        assert report.status == "fail", str(report)
+        assert report.problems[0] == (
+            "fn has kinks (one-sided slopes that differ, found by moving each entry alone), "
+            "which directions of signs only may not show; with the entries at them held "
+            "fixed, the others fail"
+        )
+        assert [leaf.path for leaf in report.leaves if leaf.status == "fail"] == ["['b']"]
+        return
+    report = jaxcheck.verify(_relu_beside(2.0), _AT_CANCELLING_KINKS)
+    assert report.status == "fail", str(report)
+    assert report.problems[0].startswith(
+        "f's derivative at 4 of the 4 argument entries where f has a kink is not between its "
+        "one-sided slopes there (no step of finite differences gives it; JAX's check_grads "
+        "fails it too): at entry 0 of params leaf ['a'], -3 against slopes -1 (below) and -2 "
+        "(above)"
+    ), str(report)
+    assert report.checks[-1].name == "derivative at kinks vs one-sided slopes"
+
+
 def test_a_rule_returning_zero_near_zero_fails_at_an_entry_of_3e_7():
     """A custom_vjp |x| whose backward pass returns 0 for |x| < 1e-5 (to avoid a NaN),
     at [0.3, -0.2, 3e-7, 0.5]: the derivative under test at 3e-7 is small because the

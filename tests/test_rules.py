@@ -130,6 +130,40 @@ def test_an_input_at_the_rules_kink_is_held_and_the_others_judged(slope, status)
         assert failed(report) == {"vjp vs finite differences"}
 
 
+def _relu_at_zero(slope):
+    @jax.custom_vjp
+    def relu(x):
+        return jnp.maximum(x, 0.0)
+
+    def backward(x, g):
+        return (g * jnp.where(x > 0, 1.0, jnp.where(x == 0, slope, 0.0)),)
+
+    relu.defvjp(lambda x: (relu(x), x), backward)
+    return relu
+
+
+@pytest.mark.parametrize(
+    ("slope", "status"),
+    [(0.0, "pass"), (0.5, "pass"), (1.0, "pass"), (2.0, "fail"), (-1.0, "fail")],
+)
+def test_a_rules_derivative_at_its_kink_is_between_its_one_sided_slopes(slope, status):
+    """relu's derivative at 0 given as 2 (or -1), outside the one-sided slopes 0 and 1: the
+    entry at the kink was held fixed and the others passed (JAX's check_grads fails it).
+    Any value between them (0, 1/2, 1: the conventions in use) passes."""
+    report = jaxcheck.verify_rule(_relu_at_zero(slope), jnp.asarray([0.0, 0.5, -0.3, 1.2]))
+    assert report.status == status, str(report)
+    if status == "pass":
+        return
+    assert report.problems[2] == (
+        "f's derivative at the argument entry where f has a kink is not between its "
+        "one-sided slopes there (no step of finite differences gives it; JAX's check_grads "
+        f"fails it too): at entry 0 of float leaf 0 of the arguments, {slope:.4g} against "
+        "slopes 0 (below) and 1 (above)"
+    ), str(report)
+    [row] = [c for c in report.checks if c.name.endswith("derivative at kinks vs one-sided slopes")]
+    assert not row.passed and row.relative_error == pytest.approx(1.0, rel=0.02)
+
+
 def test_a_wrong_rule_at_a_zero_padded_row_is_named_inside_a_model():
     relu = _relu_with_slope(1.05)
     x = jnp.concatenate([jnp.zeros((1, 3)), jnp.linspace(-1.0, 1.0, 9).reshape(3, 3)])
