@@ -378,7 +378,40 @@ def check(
         if note is not None:
             parts[0] = dataclasses.replace(parts[0], problems=parts[0].problems + (note,))
     native = _native(rule, fd, key, num_directions, rtol, leaf_directions, verify, vjp_note)
+    if getattr(rule.f, "symbolic_zeros", False):
+        parts += _symbolic_zero_paths(
+            rule, key, num_directions, precision, rtol, leaf_directions, verify, vjp_note
+        )
     return parts + ([native] if native is not None else [])
+
+
+def _symbolic_zero_paths(rule, key, k, precision, rtol, leaf_k, verify, forward) -> list:
+    """A rule defined with symbolic_zeros=True runs other code where an input is not
+    differentiated (its tangent a `SymbolicZero`; its cotangent's `perturbed` False), which
+    the check of all inputs together never reaches: a jvp 1 % off whenever one input is
+    held passed every key, while fn holding that input failed. The rule's derivative
+    checked again with each of its inputs held in turn (where it has two or more)."""
+    free = [
+        i
+        for i, x in enumerate(rule.inputs)
+        if x is not None and any(_rule_rows.inexact(y) for y in jax.tree_util.tree_leaves(x))
+    ]
+    if len(free) < 2:
+        return []
+    return [
+        _finite_differences(
+            dataclasses.replace(rule, fixed=rule.fixed | {i}),
+            key,
+            k,
+            precision,
+            rtol,
+            leaf_k,
+            verify,
+            forward,
+            suffix=f", input {i} held (its tangent a symbolic zero)",
+        )
+        for i in free
+    ]
 
 
 def _jvp_note(rule: Rule) -> str | None:
@@ -494,11 +527,14 @@ def _primal(d: _Draws, tol) -> Report:
     return _rule_rows.guarded("primal", name, tol, d.rule.dtype, compute)
 
 
-def _finite_differences(rule, key, k, precision, rtol, leaf_k, verify, forward=None) -> Report:
+def _finite_differences(
+    rule, key, k, precision, rtol, leaf_k, verify, forward=None, suffix=""
+) -> Report:
     """The rule's vjp against finite differences; its jvp where JAX cannot run it in
     reverse mode (`forward`, the reason: a custom_jvp whose tangent goes through a while
-    loop), the derivative fn's forward-mode check uses."""
+    loop), the derivative fn's forward-mode check uses. `suffix`: what the label adds."""
     label = "vjp vs finite differences" if forward is None else "jvp vs finite differences"
+    label += suffix
 
     def check(mode, kept=None, fn=None):
         return verify(

@@ -814,3 +814,49 @@ def test_a_float32_only_rule_checked_alone_is_not_told_to_be_checked_alone():
         "fn could not run in float64 (TypeError: float32 only); finite differences use "
         "float32, so the resolution is coarser"
     )
+
+
+@pytest.mark.parametrize("kind", ["custom_jvp", "custom_vjp"])
+@pytest.mark.parametrize("scale", [1.0, 1.01])
+def test_a_rule_with_symbolic_zeros_is_checked_with_each_input_held(kind, scale):
+    """With symbolic_zeros=True a rule runs other code where an input is not
+    differentiated (a SymbolicZero tangent; a cotangent's input not `perturbed`): one 1 %
+    off only there passed verify_rule on every key, as it differentiates every input."""
+    if kind == "custom_jvp":
+
+        @jax.custom_jvp
+        def product(a, b):
+            return a * jnp.sin(b)
+
+        def jvp(primals, tangents):
+            (a, b), (ta, tb) = primals, tangents
+            if type(tb) is jax.custom_derivatives.SymbolicZero:
+                return product(a, b), ta * jnp.sin(b) * scale
+            if type(ta) is jax.custom_derivatives.SymbolicZero:
+                return product(a, b), a * jnp.cos(b) * tb
+            return product(a, b), ta * jnp.sin(b) + a * jnp.cos(b) * tb
+
+        product.defjvp(jvp, symbolic_zeros=True)
+    else:
+
+        @jax.custom_vjp
+        def product(a, b):
+            return a * jnp.sin(b)
+
+        def fwd(a, b):
+            return a.value * jnp.sin(b.value), (a.value, b.value, b.perturbed)
+
+        def bwd(saved, g):
+            a, b, b_moves = saved
+            return g * jnp.sin(b) * (1.0 if b_moves else scale), g * a * jnp.cos(b)
+
+        product.defvjp(fwd, bwd, symbolic_zeros=True)
+    a, b = jnp.linspace(0.5, 1.5, 4), jnp.linspace(-1.0, 1.0, 4)
+    report = jaxcheck.verify_rule(product, a, b)
+    assert report.status == ("pass" if scale == 1.0 else "fail"), str(report)
+    labels = {c.name.split(":")[0] for c in report.checks}
+    assert "vjp vs finite differences, input 1 held (its tangent a symbolic zero)" in labels
+    if scale != 1.0:
+        assert failed(report) == {
+            "vjp vs finite differences, input 1 held (its tangent a symbolic zero)"
+        }, str(report)
