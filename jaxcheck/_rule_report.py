@@ -371,14 +371,19 @@ def rules_part(
         problems.append(f"rules fine: {'; '.join(fine)}{which}")
     if unfaulted and error is not None and not wrong:
         # (those checked at one call only too: a gradient penalty's loop over layers)
-        # (unless some were checked at one call or coarsely only: said below)
+        # (unless some were checked at one call or coarsely only: said below; or some
+        # could not be checked at all, which may hold fn's error)
+        unchecked = [rule.title for rule, row in zip(found, rows) if row.num_used == 0]
         outside = (
             "so fn's error is outside them, "
-            if not (first_only or coarse)
+            if not (first_only or coarse or unchecked)
             else "so fn's error is outside them or in one not cleared (below), "
+            if not unchecked
+            else f"so fn's error is outside them or in one not checked ({'; '.join(unchecked)}), "
         )
         problems.append(
-            f"every rule found passes where it was checked at order {order}, {outside}"
+            f"every rule {'checked' if unchecked else 'found'} passes where it was checked at "
+            f"order {order}, {outside}"
             "unless fn differentiates inside itself (jax.grad or jax.jvp in fn: a PINN "
             "residual, a MAML step, a gradient penalty): its derivative then takes "
             f"derivatives of order {order + 1} of the rules it differentiates, which these "
@@ -386,7 +391,8 @@ def rules_part(
             f"order={order + 1})), and a rule called only inside such an inner derivative "
             "is not found here at all"
         )
-    if error is not None and not wrong and repeated:
+    # (whether or not another rule was found wrong: that one may not be all of fn's error)
+    if error is not None and repeated:
         problems.append(
             "a rule called several times from one line (a Python loop over layers, a "
             "shared block) was checked at one call only, the first whose inputs depend on "
