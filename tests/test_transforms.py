@@ -228,6 +228,39 @@ def test_rows_allow_the_rounding_the_check_of_fn_measured():
     assert report.parts[-1].checks[-1].tolerance == pytest.approx(2 * head.rounding)
 
 
+def test_a_gap_to_float64_that_is_no_rounding_widens_no_row():
+    """Dropout drawn in the default dtype: fn computes something else in float64, and its
+    float32 gradient's gap to float64 (0.76) is not judged; the rows took it for rounding
+    (a tolerance of 1.5), and a batching rule 10 % off passed the vmap row."""
+
+    @custom_vmap
+    def cos(x):
+        return jnp.cos(x)
+
+    @cos.def_vmap
+    def _(axis_size, batched, x):
+        return jnp.cos(x) * 1.1, batched[0]
+
+    @jax.custom_jvp
+    def feature(x):
+        return jnp.sin(x)
+
+    feature.defjvp(lambda primals, tangents: (jnp.sin(primals[0]), cos(primals[0]) * tangents[0]))
+
+    def dropped(p, x, key):
+        h = feature(x @ p["w"])
+        h = jnp.where(jax.random.bernoulli(key, 0.8, h.shape), h / 0.8, 0.0)
+        return jnp.mean((h @ p["v"]) ** 2)
+
+    p = {"w": jnp.cos(jnp.arange(12.0)).reshape(3, 4) / 2, "v": jnp.sin(jnp.arange(4.0))}
+    x = jnp.cos(jnp.arange(12.0) * 0.7).reshape(4, 3)
+    report = jaxcheck.verify(dropped, p, x, jax.random.key(3), transforms=True)
+    assert report.status == "fail", str(report)
+    [vmap] = [q for part in report.parts for q in part.parts if q.label == "vmap"]
+    assert vmap.status == "fail" and vmap.tolerance < 1e-3, str(report)
+    assert report.problems[0].startswith("the derivative of fn in float64 differs from that in")
+
+
 def test_a_fn_no_transformation_can_trace_gets_its_rows_not_checked_and_said():
     """A boolean mask needs concrete values: verify evaluates fn eagerly, and each row,
     tracing it, was reported WRONG with a relative error of inf."""
