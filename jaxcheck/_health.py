@@ -947,7 +947,9 @@ class HealthSummary:
                 "  gradient_health comes after a transformation that keeps no state in its "
                 "chain (optax.clip_by_global_norm, clip, scale, add_decayed_weights?): it "
                 "watched the updates returned there, and where that clips them, spikes "
-                "beyond its bound went unseen; put it first, "
+                "beyond its bound went unseen (and where it scales all leaves together, as "
+                "clip_by_global_norm does, the other leaves shrank with a spike and may be "
+                "flagged vanishing); put it first, "
                 "optax.chain(jaxcheck.gradient_health(), ...)"
             )
         elif self.after:

@@ -733,7 +733,10 @@ def note_large_rounding(run: Run, head, status: Status, p: Pass | None = None, o
             "(random numbers drawn in the default dtype, a branch on the dtype?)"
         )
         return False
-    why = "an ill-conditioned loss?"
+    why = (
+        "an ill-conditioned loss, or an algorithm that loses precision in "
+        f"{run.tested.name}, as eigh and svd do near repeated values?"
+    )
     if stationary:
         why = (
             f"the derivative is within {STATIONARY} {run.tested.name} epsilons of fn's own "
