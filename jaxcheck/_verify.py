@@ -27,6 +27,7 @@ from . import (
     _problem,
     _rule_report,
     _rule_rows,
+    _rule_search,
     _state,
     _tree,
 )
@@ -524,6 +525,8 @@ def _hidden_kinks(report: Report, fn, params, args, options, paths) -> Report:
     fixed, fail; else the check is inconclusive and says why."""
     from . import _check_grads  # noqa: PLC0415 - it imports this module
 
+    if _smooth(fn, params, args, options.has_aux):
+        return report  # (no kink to look for: each entry moved alone costs a compile)
     found = _kinks_held(fn, params, args, options, paths, range(len(paths)))
     if found is None:
         return report
@@ -573,6 +576,51 @@ def _hidden_kinks(report: Report, fn, params, args, options, paths) -> Report:
         problems=(said, *kept),
         stopped="",
     )
+
+
+# primitives smooth wherever they are finite (sqrt, log and pow only at their domain's
+# edge, which is no kink; a scan's count of steps is fixed); a function built of these
+# alone has no kink
+SMOOTH_PRIMITIVES = frozenset(
+    """
+    add sub mul div neg exp exp2 log log1p expm1 sin cos tan tanh sinh cosh asin acos atan
+    asinh acosh atanh atan2 logistic sqrt rsqrt cbrt pow integer_pow square erf erfc erf_inv
+    lgamma digamma dot_general reduce_sum cumsum broadcast_in_dim reshape transpose squeeze
+    expand_dims concatenate slice dynamic_slice pad rev copy copy_p conv_general_dilated
+    real imag conj complex stop_gradient pjit jit closed_call remat checkpoint
+    custom_jvp_call custom_vjp_call custom_vjp_call_jaxpr iota scan
+    """.split()
+)
+
+
+def _smooth(fn, params, args, has_aux: bool) -> bool:
+    """Whether fn's jaxpr (and every jaxpr inside it) uses only `SMOOTH_PRIMITIVES` and
+    casts between floating dtypes: no kink anywhere. False where it cannot be traced."""
+
+    def value(p):
+        out = fn(p, *args)
+        return out[0] if has_aux else out
+
+    try:
+        with _plan.own_transfers():
+            closed = jax.make_jaxpr(value)(params)
+    except Exception:  # noqa: BLE001 - not traced: kinks are looked for
+        return False
+
+    def smooth(jaxpr) -> bool:
+        for eqn in jaxpr.eqns:
+            name = eqn.primitive.name
+            if name == "convert_element_type":
+                if not all(jnp.issubdtype(v.aval.dtype, jnp.inexact) for v in eqn.outvars):
+                    return False
+            elif name not in SMOOTH_PRIMITIVES:
+                return False
+            for value in eqn.params.values():
+                if not all(smooth(sub) for sub, _ in _rule_search.jaxprs_of(value)):
+                    return False
+        return True
+
+    return smooth(closed.jaxpr)
 
 
 # set while `_alone`'s check runs: no leaf of it is packed (it is the second look at them)
@@ -711,7 +759,7 @@ def _kinks_held(fn, params, args, options, paths, indices) -> tuple | None:
         try:
             # (any kink that the look at the leaf's scale crossed: a lasso's 0.1 |w| at an
             # entry of slope 3 differs by 3 % of its size)
-            found = _check_grads._one_sided(value, [leaves[i] for i in at], share=1e-3)
+            found = _check_grads._one_sided(value, [leaves[i] for i in at], share=1e-3, wide=True)
             if found is None:
                 return None
             kinks, slopes = found

@@ -1133,7 +1133,34 @@ def test_a_derivative_at_a_kink_outside_the_one_sided_slopes_fails(slope):
         jaxcheck.check_grads(f, (jnp.float32(0.0),), 1, modes=("rev",))
     assert info.value.report.problems[0] == (
         "f's derivative at the argument entry where f has a kink is not between its "
-        "one-sided slopes there (no step of finite differences gives it; JAX's check_grads "
-        "fails it too): at entry 0 of float leaf 0 of the arguments, 6 against slopes 0 "
+        "one-sided slopes there, nor within the derivatives at points nearby (no step of "
+        "finite differences gives it; JAX's check_grads fails it too): "
+        "at entry 0 of float leaf 0 of the arguments, 6 against slopes 0 "
         "(below) and 3 (above)"
     )
+
+
+@pytest.mark.parametrize(
+    ("f", "args"),
+    [
+        (
+            lambda x: jnp.dot(jax.lax.top_k(x, 2)[0], jnp.asarray([1.0, 3.0])),
+            (jnp.asarray([1.0, 1.0, 1.0, 0.0]),),
+        ),
+        (jax.lax.cummax, (jnp.asarray([1.0, 1.0, 0.0, 1.0]),)),
+        (
+            lambda x, y: jnp.sum(
+                jax.nn.relu(x - 0.9996) - 2 * jax.nn.relu(x - 1.0004) + jnp.maximum(y, 0.0)
+            ),
+            (jnp.ones(1), jnp.zeros(1)),
+        ),
+    ],
+    ids=["top_k-tie-of-three", "cummax-ties", "kinks-within-the-step"],
+)
+def test_a_derivative_that_is_a_limit_of_gradients_nearby_is_not_outside_the_slopes(f, args):
+    """At a tie of three entries JAX's derivative is the limit of gradients where they move
+    together (top_k's [1, 3, 0, 0]), which moving each entry alone never shows; and a
+    float32 step that spans two kinks 8e-4 apart measures slopes the ramp between them
+    does not have. Both were failed as outside the one-sided slopes (JAX's check passes
+    the ramp; at the ties both fail)."""
+    jaxcheck.check_grads(f, args, 1)

@@ -12,7 +12,15 @@ import pytest
 
 import jaxcheck
 from cases import enable_x64
-from jaxcheck import _autodiff, _differences, _directions, _error_model, _fingerprint, _plan
+from jaxcheck import (
+    _autodiff,
+    _check_grads,
+    _differences,
+    _directions,
+    _error_model,
+    _fingerprint,
+    _plan,
+)
 
 
 @pytest.mark.parametrize("kind", ["uniform", "gaussian", "rademacher"])
@@ -645,3 +653,25 @@ def test_a_fingerprint_traces_the_vjp_only_where_fn_calls_a_custom_rule():
     assert str(jax.make_jaxpr(with_rule(1.0))(x).jaxpr) == str(
         jax.make_jaxpr(with_rule(1.01))(x).jaxpr
     )
+
+
+@pytest.mark.parametrize(
+    ("f", "searched"),
+    [(lambda x: jnp.sum(jnp.sin(x) * x), False), (lambda x: jnp.sum(jax.nn.relu(x) * x), True)],
+    ids=["smooth", "relu"],
+)
+def test_a_small_failing_check_looks_for_kinks_only_where_fn_can_have_them(
+    monkeypatch, f, searched
+):
+    """A failure of at most 16 elements is checked for kinks directions of signs cannot
+    show, each entry moved alone (a compile of its own): not where fn's primitives are all
+    smooth."""
+    calls = []
+    one_sided = _check_grads._one_sided
+    monkeypatch.setattr(
+        _check_grads, "_one_sided", lambda *a, **k: calls.append(1) or one_sided(*a, **k)
+    )
+    x = jnp.linspace(0.1, 1.0, 8)
+    report = jaxcheck.verify(f, x, grad_fn=lambda x: jax.grad(f)(x) * 1.01)
+    assert report.status == "fail", str(report)
+    assert bool(calls) is searched

@@ -1455,6 +1455,31 @@ def test_a_small_entry_beside_kinks_in_its_leaf_is_judged_with_the_kinks_held(sc
     assert [(leaf.path, leaf.shape) for leaf in report.leaves] == [("", (7,))]
 
 
+@pytest.mark.parametrize("error", [0.0, -1.0])
+def test_kinks_beside_a_large_entry_are_found_in_float64(error):
+    """A float32 leaf [1e4, 0, 0, 0.3, 3e-6, 0.5] with |w| kinks at the zeros beside w**2:
+    searched in float32 at a step of 5e-3 of the leaf's RMS (20), the curvature swamped
+    the kinks, none was held, and a rule zeroing the derivative at 3e-6 passed."""
+
+    @jax.custom_vjp
+    def same(x):
+        return x
+
+    same.defvjp(lambda x: (x, None), lambda _, g: (g * (1 + error),))
+
+    def fn(w):
+        return (
+            (w[0] / 1e4) ** 2 * 1e4
+            + jnp.sum(w[1:4] ** 2)
+            + 0.1 * jnp.sum(jnp.abs(w[1:3]))
+            + 1.5 * same(w[4])
+            + w[5] * w[0] / 1e4
+        )
+
+    report = jaxcheck.verify(fn, jnp.asarray([1e4, 0.0, 0.0, 0.3, 3e-6, 0.5]))
+    assert report.status == ("pass" if error == 0.0 else "fail"), str(report)
+
+
 def test_check_grads_judges_a_wrong_rule_at_a_small_entry_beside_kinks():
     """The same through jaxcheck.check_grads: a custom_vjp doubling the cotangent of the
     entry at 3e-6 returned quietly (JAX's check_grads raises)."""
@@ -1514,6 +1539,21 @@ def test_kinks_directions_of_signs_cannot_show_are_not_called_wrong(key):
     assert not any(q.startswith("wrong: ") for q in report.problems)
 
 
+@pytest.mark.parametrize("key", [0, 1])
+def test_kinks_of_small_weight_beside_a_large_term_are_found_in_float64(key):
+    """relu(b) weighed by 1e-3 beside a**2, float32: the kink search, in float32 at a step
+    of 5e-3, took the slopes' jump for rounding of fn, found no kink, and a correct
+    gradient was called WRONG (JAX's check_grads passes it). It looks in float64 now."""
+    c = jnp.asarray([1.0, -1.0, 2.0, -2.0])
+
+    def f(p):
+        return p["a"] ** 2 + 1e-3 * jnp.dot(jax.nn.relu(p["b"]), c)
+
+    report = jaxcheck.verify(f, {"a": jnp.float32(1.0), "b": jnp.zeros(4)}, key=key)
+    assert report.status == "inconclusive", str(report)
+    assert report.problems[0].startswith("fn has kinks (one-sided slopes that differ"), str(report)
+
+
 @pytest.mark.parametrize("bug", ["other entries", "at the kinks"])
 def test_a_wrong_derivative_beside_kinks_directions_of_signs_cannot_show_still_fails(bug):
     """The same kinks: a grad_fn 10 % off on b (held apart from the kinks, it fails), and a
@@ -1538,10 +1578,11 @@ def test_a_wrong_derivative_beside_kinks_directions_of_signs_cannot_show_still_f
     assert report.status == "fail", str(report)
     assert report.problems[0].startswith(
         "f's derivative at 4 of the 4 argument entries where f has a kink is not between its "
-        "one-sided slopes there (no step of finite differences gives it; JAX's check_grads "
-        "fails it too): at entry 0 of params leaf ['a'], -3 against slopes -1 (below) and -2 "
-        "(above)"
+        "one-sided slopes there, nor within the derivatives at points nearby (no step of "
+        "finite differences gives it; JAX's check_grads fails it too): at entry "
     ), str(report)
+    # (relu's slope 2 at 0, weighed by c = -1, -1/3, 1/3, 1, plus c's own: 3c against c, 2c)
+    assert re.search(r"of params leaf \['a'\], (-?[\d.]+) against slopes", report.problems[0])
     assert report.checks[-1].name == "derivative at kinks vs one-sided slopes"
 
 

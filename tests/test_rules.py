@@ -156,8 +156,9 @@ def test_a_rules_derivative_at_its_kink_is_between_its_one_sided_slopes(slope, s
         return
     assert report.problems[2] == (
         "f's derivative at the argument entry where f has a kink is not between its "
-        "one-sided slopes there (no step of finite differences gives it; JAX's check_grads "
-        f"fails it too): at entry 0 of float leaf 0 of the arguments, {slope:.4g} against "
+        "one-sided slopes there, nor within the derivatives at points nearby (no step of "
+        "finite differences gives it; JAX's check_grads fails it too): "
+        f"at entry 0 of float leaf 0 of the arguments, {slope:.4g} against "
         "slopes 0 (below) and 1 (above)"
     ), str(report)
     [row] = [c for c in report.checks if c.name.endswith("derivative at kinks vs one-sided slopes")]
