@@ -577,7 +577,45 @@ def _identity(eqn) -> tuple:
                 except ValueError:  # an empty cell
                     cells.append(None)
             out.append((fun.__code__, tuple(cells)))
+        out.extend(_static_args(eqn.params.get(key)))
     return tuple(out)
+
+
+def _static_args(root, depth: int = 8) -> list:
+    """The values of a rule's `nondiff_argnums` that JAX binds into the functions of its
+    derivative (`_prepend_static_args`), as keys: one rule object called from a loop with
+    `kind="tanh"` then `kind="sin"` runs other code at each, and was checked at the first
+    only. Python scalars and strings by value, other objects by id; [] where JAX binds
+    none (or binds them otherwise)."""
+    found, level, seen = [], [root], set()
+    for _ in range(depth):
+        below = []
+        for obj in level:
+            if id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            if isinstance(obj, functools.partial):
+                if (
+                    getattr(obj.func, "__name__", "") == "_prepend_static_args"
+                    and len(obj.args) > 1
+                ):
+                    for held in obj.args[1] if isinstance(obj.args[1], tuple) else ():
+                        value = getattr(held, "val", held)
+                        simple = isinstance(value, str | int | float | bool | type(None))
+                        found.append(("static", repr(value) if simple else id(value)))
+                below.extend([obj.func, *obj.args])
+            elif type(obj).__name__ == "WrappedFun":
+                below.append(getattr(obj, "f_transformed", None))
+            elif callable(obj) and _JAX_DIR in os.path.abspath(
+                getattr(getattr(obj, "__code__", None), "co_filename", "")
+            ):
+                for cell in getattr(obj, "__closure__", None) or ():
+                    try:
+                        below.append(cell.cell_contents)
+                    except ValueError:  # an empty cell
+                        pass
+        level = below
+    return found
 
 
 def _outside_jax(root, depth: int = 8):

@@ -2274,3 +2274,35 @@ def test_a_rule_checked_at_its_first_call_only_is_not_cleared_beside_a_wrong_rul
     assert any(q.startswith("wrong rule: custom_vjp tanh") for q in report.problems)
     [note] = [q for q in report.problems if q.startswith("a rule called several times")]
     assert "custom_vjp softplus at " in note and "(3 calls)" in note, note
+
+
+@pytest.mark.parametrize("kinds", [("tanh", "sin"), ("sin", "sin")])
+def test_one_rule_object_called_with_other_static_arguments_is_checked_at_each(kinds):
+    """A custom_vjp with nondiff_argnums called from a loop with kind "tanh" then "sin"
+    runs other code at each, and was checked at its first call only: its "sin" branch,
+    1 % off, went unnamed. Calls with the same static value are still one rule."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def activation(kind, x):
+        return jnp.tanh(x) if kind == "tanh" else jnp.sin(x)
+
+    def backward(kind, x, g):
+        return (g * (1 - jnp.tanh(x) ** 2) if kind == "tanh" else g * jnp.cos(x) * 1.01,)
+
+    activation.defvjp(lambda kind, x: (activation(kind, x), x), backward)
+
+    def model(p, x):
+        h = x @ p["w"] + p["b"]
+        for kind in kinds:
+            h = activation(kind, h)
+        return jnp.mean(h**2)
+
+    x = jnp.cos(jnp.arange(30.0)).reshape(6, 5)
+    p = {"w": jnp.sin(jnp.arange(40.0)).reshape(5, 8) / 2, "b": jnp.linspace(-0.5, 0.5, 8)}
+    report = jaxcheck.verify(model, p, x)
+    assert report.status == "fail", str(report)
+    [named] = [q for q in report.problems if q.startswith("wrong rule: ")]
+    if kinds == ("tanh", "sin"):
+        assert "(rule 2 of 2 of that name called here)" in named, named
+    else:
+        assert "of that name called here" not in named, named
