@@ -408,7 +408,7 @@ MAX_KINK_VALUES = 2**24
 
 def _kinked_outcome(f, params, options, report: Report) -> Outcome | None:
     """Where a check is inconclusive for kinks: find the argument entries at which f has one
-    (`_kinks`), and judge the derivative at the others, holding those fixed, as JAX's
+    (`_one_sided`), and judge the derivative at the others, holding those fixed, as JAX's
     check_grads would see a wrong derivative at them. None where none is found, or the
     rest cannot be judged either."""
     kinks, lowest, g, order, outside = None, None, f, options.order, None
@@ -469,17 +469,6 @@ def _unit_derivative(f, params):
     return derivative
 
 
-def _kinks(f, params, share: float = 0.05) -> list | None:
-    """Per real float leaf of `params`, True at the entries where f's one-sided slopes
-    (each entry moved alone, up and down, by a step h and by h/2) differ by more than
-    rounding, by more than `share` of their size, and by a jump that does not shrink with
-    the step, as a smooth f's difference of slopes (its curvature times h) does; None where
-    there are none, or too many entries to move one by one (`MAX_KINK_ENTRIES`), or complex
-    ones."""
-    found = _one_sided(f, params, share)
-    return None if found is None else found[0]
-
-
 @dataclasses.dataclass(frozen=True)
 class Kink:
     """f's one-sided slopes at the entry `entry` (flat) of its float leaf `leaf`, each a
@@ -496,7 +485,12 @@ class Kink:
 
 
 def _one_sided(f, params, share: float = 0.05, wide: bool = False) -> tuple | None:
-    """(`_kinks`'s masks, the `Kink` of each entry they mark), or None. `wide`: f is
+    """Where f has kinks: (per real float leaf of `params`, True at the entries where f's
+    one-sided slopes, each entry moved alone up and down by a step h and by h/2, differ by
+    more than rounding, by more than `share` of their size, and by a jump that does not
+    shrink with the step, as a smooth f's difference of slopes (its curvature times h)
+    does; the `Kink` of each entry so marked). None where there are none, or too many
+    entries to move one by one (`MAX_KINK_ENTRIES`), or complex ones. `wide`: f is
     evaluated in float64 where it runs there (a kink whose slopes differ by less than
     float32's rounding of f over the step shows), else in its own precision."""
     if wide:
@@ -583,12 +577,13 @@ NEARBY = 32
 
 
 def _outside_slopes(f, params, kinks: list, names=None) -> tuple | None:
-    """Where f's derivative (autodiff: forward mode, else reverse) at a kink entry is not
-    between f's one-sided slopes there (the segment between the two vectors of slopes over
-    f's outputs, to within a margin): relu's derivative at 0 given as 2, outside [0, 1],
-    which holding the kink entries fixed leaves unjudged and JAX's check_grads fails. A
-    (note saying where, relative distance, its tolerance), or None (nowhere, or not
-    compared). `names`: the float leaves' names, for the note (else their positions)."""
+    """Where f's derivative (autodiff: forward mode, else reverse) at a kink entry is out
+    of the range, per output of f and to within the kink's margin, of f's one-sided slopes
+    there and of autodiff's derivatives at `NEARBY` points nearby: relu's derivative at 0
+    given as 2, outside [0, 1], which holding the kink entries fixed leaves unjudged and
+    JAX's check_grads fails. (a note saying where, the distance and its tolerance relative
+    to the slopes' size), or None (nowhere, or not compared). `names`: the float leaves'
+    names, for the note (else their positions)."""
     if not kinks or len(kinks) > MAX_KINKS_COMPARED:
         return None
     of, floats = _of_floats(f, params, complex_too=False)

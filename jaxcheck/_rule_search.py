@@ -587,35 +587,32 @@ def _static_args(root, depth: int = 8) -> list:
     `kind="tanh"` then `kind="sin"` runs other code at each, and was checked at the first
     only. Python scalars and strings by value, other objects by id; [] where JAX binds
     none (or binds them otherwise)."""
-    found, level, seen = [], [root], set()
-    for _ in range(depth):
-        below = []
-        for obj in level:
-            if id(obj) in seen:
-                continue
-            seen.add(id(obj))
-            if isinstance(obj, functools.partial):
-                if (
-                    getattr(obj.func, "__name__", "") == "_prepend_static_args"
-                    and len(obj.args) > 1
-                ):
-                    for held in obj.args[1] if isinstance(obj.args[1], tuple) else ():
-                        value = getattr(held, "val", held)
-                        simple = isinstance(value, str | int | float | bool | type(None))
-                        found.append(("static", repr(value) if simple else id(value)))
-                below.extend([obj.func, *obj.args])
-            elif type(obj).__name__ == "WrappedFun":
-                below.append(getattr(obj, "f_transformed", None))
-            elif callable(obj) and _JAX_DIR in os.path.abspath(
-                getattr(getattr(obj, "__code__", None), "co_filename", "")
-            ):
-                for cell in getattr(obj, "__closure__", None) or ():
-                    try:
-                        below.append(cell.cell_contents)
-                    except ValueError:  # an empty cell
-                        pass
-        level = below
+    found = []
+    for obj in _reachable(root, _bound, depth):
+        if not (
+            isinstance(obj, functools.partial)
+            and getattr(obj.func, "__name__", "") == "_prepend_static_args"
+            and len(obj.args) > 1
+            and isinstance(obj.args[1], tuple)
+        ):
+            continue
+        for held in obj.args[1]:
+            value = getattr(held, "val", held)
+            simple = isinstance(value, str | int | float | bool | type(None))
+            found.append(("static", repr(value) if simple else id(value)))
     return found
+
+
+def _bound(obj) -> list:
+    """What JAX's wrappers of a rule's functions hold: a partial's function and arguments,
+    a `WrappedFun`'s transformed function, the closure of a function of JAX's."""
+    if isinstance(obj, functools.partial):
+        return [obj.func, *obj.args]
+    if type(obj).__name__ == "WrappedFun":
+        return [getattr(obj, "f_transformed", None)]
+    if callable(obj) and _in_jax(obj):
+        return _cells(obj)
+    return []
 
 
 def _outside_jax(root, depth: int = 8):
@@ -623,6 +620,54 @@ def _outside_jax(root, depth: int = 8):
     `WrappedFun`) is or holds: through the functions JAX wraps (`WrappedFun.f`,
     `functools.partial`, `__wrapped__`), the closures of JAX's functions and the lists and
     tuples in them; None where there is none within `depth` steps."""
+    for obj in _reachable(root, _wrapping, depth):
+        wrapper = isinstance(obj, list | tuple) or _inner(obj) is not None
+        if not wrapper and getattr(obj, "__code__", None) is not None and not _in_jax(obj):
+            return obj
+    return None
+
+
+def _inner(obj):
+    """The function a partial, a `WrappedFun` or a decorated function wraps, or None."""
+    inner = getattr(obj, "func", None) if isinstance(obj, functools.partial) else None
+    if type(obj).__name__ == "WrappedFun":
+        inner = getattr(obj, "f", None)
+    return inner or getattr(obj, "__wrapped__", None)
+
+
+def _wrapping(obj) -> list:
+    """What `_outside_jax` looks into: the items of a list or tuple, the function a wrapper
+    wraps, the closure of a function of JAX's."""
+    if isinstance(obj, list | tuple):
+        return list(obj)
+    inner = _inner(obj)
+    if inner is not None:
+        return [inner]
+    if getattr(obj, "__code__", None) is not None and _in_jax(obj):
+        return _cells(obj)
+    return []
+
+
+def _in_jax(fn) -> bool:
+    """Whether a function's code is in a file of the jax package."""
+    code = getattr(fn, "__code__", None)
+    return code is not None and _JAX_DIR in os.path.abspath(code.co_filename)
+
+
+def _cells(fn) -> list:
+    """The values a function's closure holds (empty cells left out)."""
+    out = []
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            out.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            pass
+    return out
+
+
+def _reachable(root, children, depth: int = 8):
+    """The objects reachable from `root`, breadth first, each once, at most `depth` levels
+    down: `children(obj)` lists what an object holds."""
     level, seen = [root], set()
     for _ in range(depth):
         below = []
@@ -630,28 +675,9 @@ def _outside_jax(root, depth: int = 8):
             if id(obj) in seen:
                 continue
             seen.add(id(obj))
-            if isinstance(obj, list | tuple):
-                below.extend(obj)
-                continue
-            inner = getattr(obj, "func", None) if isinstance(obj, functools.partial) else None
-            if type(obj).__name__ == "WrappedFun":
-                inner = getattr(obj, "f", None)
-            inner = inner or getattr(obj, "__wrapped__", None)
-            if inner is not None:
-                below.append(inner)
-                continue
-            code = getattr(obj, "__code__", None)
-            if code is None:
-                continue
-            if _JAX_DIR not in os.path.abspath(code.co_filename):
-                return obj
-            for cell in getattr(obj, "__closure__", None) or ():
-                try:
-                    below.append(cell.cell_contents)
-                except ValueError:  # an empty cell
-                    pass
+            yield obj
+            below.extend(children(obj))
         level = below
-    return None
 
 
 def jaxprs_of(value):

@@ -91,6 +91,21 @@ def sin_with_second_derivative(scale: float):
     return sin
 
 
+def relu_sloped_at_zero(slope: float):
+    """relu as a custom_vjp whose derivative at 0 is `slope` (between its one-sided slopes
+    0 and 1 for a slope in [0, 1]; JAX's is 0)."""
+
+    @jax.custom_vjp
+    def relu(x):
+        return jnp.maximum(x, 0.0)
+
+    def backward(x, g):
+        return (g * jnp.where(x > 0, 1.0, jnp.where(x == 0, slope, 0.0)),)
+
+    relu.defvjp(lambda x: (relu(x), x), backward)
+    return relu
+
+
 def identity(x):
     return x
 

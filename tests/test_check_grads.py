@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jaxcheck
-from cases import scaled_sin, sin_with_second_derivative
+from cases import relu_sloped_at_zero, scaled_sin, sin_with_second_derivative
 from jaxcheck import _check_grads, _report
 
 X = np.linspace(0.1, 1.0, 4, dtype=np.float32)
@@ -1117,14 +1117,7 @@ def test_a_derivative_at_a_kink_outside_the_one_sided_slopes_fails(slope):
     is at the kink (nothing left to judge once they are held), though JAX's check_grads
     fails it; 1/2, between the one-sided slopes 0 and 1, passes."""
 
-    @jax.custom_vjp
-    def relu(x):
-        return jnp.maximum(x, 0.0)
-
-    relu.defvjp(
-        lambda x: (relu(x), x),
-        lambda x, g: (g * jnp.where(x > 0, 1.0, jnp.where(x == 0, slope, 0.0)),),
-    )
+    relu = relu_sloped_at_zero(slope)
     f = lambda x: 3.0 * relu(x)  # noqa: E731
     if slope == 0.5:
         jaxcheck.check_grads(f, (jnp.float32(0.0),), 1, modes=("rev",))

@@ -17,6 +17,7 @@ from cases import (
     mlp_data,
     mlp_loss,
     mlp_params,
+    relu_sloped_at_zero,
     scaled_sin,
 )
 from jaxcheck import _check_grads
@@ -1496,15 +1497,7 @@ def test_check_grads_judges_a_wrong_rule_at_a_small_entry_beside_kinks():
 
 def _relu_beside(slope_at_zero=0.0):
     """sum(relu(a) c) + sum(c a) + sum(sin(b)), with relu's derivative at 0 as given."""
-
-    @jax.custom_vjp
-    def relu(x):
-        return jnp.maximum(x, 0.0)
-
-    def backward(x, g):
-        return (g * jnp.where(x > 0, 1.0, jnp.where(x == 0, slope_at_zero, 0.0)),)
-
-    relu.defvjp(lambda x: (relu(x), x), backward)
+    relu = relu_sloped_at_zero(slope_at_zero)
     return lambda p: (
         jnp.sum(relu(p["a"]) * p["c"]) + jnp.sum(p["c"] * p["a"]) + jnp.sum(jnp.sin(p["b"]))
     )

@@ -11,6 +11,7 @@ from jax import lax
 from jax.custom_batching import custom_vmap
 
 import jaxcheck
+from cases import relu_sloped_at_zero
 
 X = jnp.linspace(-2.0, 2.0, 5)
 
@@ -130,18 +131,6 @@ def test_an_input_at_the_rules_kink_is_held_and_the_others_judged(slope, status)
         assert failed(report) == {"vjp vs finite differences"}
 
 
-def _relu_at_zero(slope):
-    @jax.custom_vjp
-    def relu(x):
-        return jnp.maximum(x, 0.0)
-
-    def backward(x, g):
-        return (g * jnp.where(x > 0, 1.0, jnp.where(x == 0, slope, 0.0)),)
-
-    relu.defvjp(lambda x: (relu(x), x), backward)
-    return relu
-
-
 @pytest.mark.parametrize(
     ("slope", "status"),
     [(0.0, "pass"), (0.5, "pass"), (1.0, "pass"), (2.0, "fail"), (-1.0, "fail")],
@@ -150,7 +139,7 @@ def test_a_rules_derivative_at_its_kink_is_between_its_one_sided_slopes(slope, s
     """relu's derivative at 0 given as 2 (or -1), outside the one-sided slopes 0 and 1: the
     entry at the kink was held fixed and the others passed (JAX's check_grads fails it).
     Any value between them (0, 1/2, 1: the conventions in use) passes."""
-    report = jaxcheck.verify_rule(_relu_at_zero(slope), jnp.asarray([0.0, 0.5, -0.3, 1.2]))
+    report = jaxcheck.verify_rule(relu_sloped_at_zero(slope), jnp.asarray([0.0, 0.5, -0.3, 1.2]))
     assert report.status == status, str(report)
     if status == "pass":
         return
