@@ -590,12 +590,12 @@ def _kinks_held(rule: "Rule") -> tuple | None:
     with _plan.own_transfers(), jax.debug_nans(False), jax.debug_infs(False):
         try:
             found = _check_grads._one_sided(positional, rule.inputs)
+            if found is None:
+                return None
+            kinks, slopes = found
+            outside = _check_grads._outside_slopes(positional, rule.inputs, slopes)
         except Exception:  # noqa: BLE001 - the rule refuses moved inputs: nothing held
             return None
-        if found is None:
-            return None
-        kinks, slopes = found
-        outside = _check_grads._outside_slopes(positional, rule.inputs, slopes)
         part = _check_grads._FinitePart.holding(positional, rule.inputs, kinks)
     if part is None:
         return None if outside is None else (None, "", outside)
