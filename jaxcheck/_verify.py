@@ -427,7 +427,7 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
         "a pytree to check them"
         for leaf in opaque
     ]
-    kinks_looked = []  # (whether the look at packed leaves held kinks fixed)
+    kinks_looked = False  # (whether the look at packed leaves held kinks fixed)
     try:
         report = check(plan, list(hidden))
         unseen = runs[-1].probe.get("unseen") if report.status is Status.PASS else None
@@ -439,7 +439,8 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
                 alone = _alone(fn, params, args, o, paths, sorted(unseen))
 
             def held():
-                kinks_looked.append(True)
+                nonlocal kinks_looked
+                kinks_looked = True
                 return _kinks_held(fn, params, args, o, paths, sorted(unseen))
 
             report = _packed_again(report, unseen, problem, p_split, alone or again, hidden, held)
@@ -649,23 +650,42 @@ def _alone(fn, params, args, options, paths, indices):
     to fn as an argument, held fixed, so its programs carry no directions of theirs (at
     300 small leaves, a second look at one of them through the whole check doubled the
     first call). None where the paths do not pick out those leaves."""
+    picked = _picked(params, paths, indices)
+    if picked is None:
+        return None
+    leaves, _, treedef, keep = picked
+    sub = _only(treedef, keep, [x for k, x in zip(keep, leaves) if k])
+    rest = [x for k, x in zip(keep, leaves) if not k]
+    alone = _Alone(fn, treedef, keep)
+    return lambda problem: _unpacked_run(alone, sub, (rest, *args), options)
+
+
+def _picked(params, paths, indices) -> tuple | None:
+    """(params' leaves, their paths as `keystr` writes them, params' treedef, whether each
+    leaf is one of the differentiable leaves `indices`, whose `paths` are among `paths`), or
+    None where the paths do not pick out those leaves."""
     wanted = {paths[i] for i in indices}
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    keep = [jax.tree_util.keystr(path) in wanted for path, _ in flat]
+    names = [jax.tree_util.keystr(path) for path, _ in flat]
+    keep = tuple(name in wanted for name in names)
     if sum(keep) != len(wanted):
         return None
-    sub = jax.tree_util.tree_unflatten(treedef, [x if k else None for k, (_, x) in zip(keep, flat)])
-    rest = [x for k, (_, x) in zip(keep, flat) if not k]
-    alone = _Alone(fn, treedef, tuple(keep))
+    return [x for _, x in flat], names, treedef, keep
 
-    def check(problem):
-        token = _UNPACKED.set(True)
-        try:
-            return run(alone, sub, (rest, *args), options)
-        finally:
-            _UNPACKED.reset(token)
 
-    return check
+def _only(treedef, keep, values):
+    """The pytree of `treedef` with `values` at the leaves `keep` marks, None elsewhere."""
+    given = iter(values)
+    return jax.tree_util.tree_unflatten(treedef, [next(given) if k else None for k in keep])
+
+
+def _unpacked_run(fn, params, args, options) -> Report:
+    """`run` as a second look at some leaves: none of them is packed."""
+    token = _UNPACKED.set(True)
+    try:
+        return run(fn, params, args, options)
+    finally:
+        _UNPACKED.reset(token)
 
 
 def _packed_again(
@@ -737,13 +757,11 @@ def _kinks_held(fn, params, args, options, paths, indices) -> tuple | None:
     the same entries (and its derivative at the kinks not compared)."""
     from . import _check_grads  # noqa: PLC0415 - it imports this module
 
-    wanted = {paths[i] for i in indices}
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    names = [jax.tree_util.keystr(path) for path, _ in flat]
-    at = [i for i, name in enumerate(names) if name in wanted]
-    if len(at) != len(wanted):
+    picked = _picked(params, paths, indices)
+    if picked is None:
         return None
-    leaves = [x for _, x in flat]
+    leaves, names, treedef, keep = picked
+    at = [i for i, k in enumerate(keep) if k]
 
     def full(chosen, where=at):
         moved = list(leaves)
@@ -790,6 +808,7 @@ def _kinks_held(fn, params, args, options, paths, indices) -> tuple | None:
         if not moving:
             return None, clause, outside
         where = [i for i, _ in moving]
+        marked = tuple(i in where for i in range(len(leaves)))
         bases = [jnp.asarray(leaves[i]) for i in where]
         free = [jnp.asarray(np.flatnonzero(~np.asarray(k).ravel())) for _, k in moving]
         start = [b.ravel()[f] for b, f in zip(bases, free)]
@@ -811,24 +830,16 @@ def _kinks_held(fn, params, args, options, paths, indices) -> tuple | None:
             options.grad_fn(full(chosen_of(sub), where), *a)
         )
         by_name = {jax.tree_util.keystr(path): g for path, g in grads[0]}
-        picked = iter(jnp.ravel(by_name[names[i]])[f] for i, f in zip(where, free))
-        return jax.tree_util.tree_unflatten(
-            treedef, [next(picked) if i in where else None for i in range(len(leaves))]
+        return _only(
+            treedef, marked, (jnp.ravel(by_name[names[i]])[f] for i, f in zip(where, free))
         )
 
-    given = iter(start)
-    sub = jax.tree_util.tree_unflatten(
-        treedef, [next(given) if i in where else None for i in range(len(leaves))]
-    )
     grad_fn = None if options.grad_fn is None else held_grad
     held = dataclasses.replace(options, grad_fn=grad_fn, raise_on_failure=False)
-    token = _UNPACKED.set(True)
     try:
-        report = run(held_fn, sub, args, held)
+        report = _unpacked_run(held_fn, _only(treedef, marked, start), args, held)
     except Exception:  # noqa: BLE001 - the held function fails where fn did not: not judged
         report = None
-    finally:
-        _UNPACKED.reset(token)
     return report, clause, outside
 
 
