@@ -189,10 +189,25 @@ def order_of(part: Report) -> int | None:
     return int(found.group(1)) if found else None
 
 
+def headline(parts) -> Report:
+    """The part whose numbers a composite report carries: the first of the most severe
+    status that measured an error (`measured`), else the first of that status."""
+    status = min((p.status for p in parts), key=_SEVERITY.index)
+    alike = [p for p in parts if p.status is status]
+    return next((p for p in alike if measured(p)), alike[0])
+
+
+def measured(part: Report) -> bool:
+    """Whether a part's error is a measurement against a tolerance: not the inf or NaN of
+    a part that could not be evaluated (JAX refusing to transpose a rule), nor the 0
+    tolerance of a comparison of types."""
+    return math.isfinite(part.relative_error) and part.tolerance > 0
+
+
 def compose(parts, order: int) -> Report:
     """One report from the parts of a check of derivatives up to `order` (see `Report`)."""
     parts = tuple(parts)
-    worst = min(parts, key=lambda p: _SEVERITY.index(p.status))
+    worst = headline(parts)
     problems = []
     if parts[0].status is Status.FAIL and len(parts) > 1:
         problems.append(

@@ -24,7 +24,7 @@ from . import (
 )
 from ._error_model import Comparison
 from ._errors import GradientCheckError, one_line
-from ._report import Report, Status
+from ._report import Report, Status, headline
 from ._state import TRACED_RULE
 
 
@@ -738,8 +738,8 @@ def combine(report: Report, parts: list, notes: list, label: str = "") -> Report
         return dataclasses.replace(report, problems=report.problems + tuple(notes))
     base = report.parts or (dataclasses.replace(report, label="gradient"),)
     every = (*base, *parts)
-    status = min((p.status for p in every), key=_rule_rows.SEVERITY.index)
-    head = next(p for p in every if p.status is status)
+    head = headline(every)
+    status = head.status
     return dataclasses.replace(
         report,
         status=status,

@@ -14,7 +14,7 @@ import numpy as np
 from . import _plan, _precision, _tree
 from ._error_model import Comparison
 from ._errors import one_line
-from ._report import Report, Status
+from ._report import Report, Status, measured
 
 EXACT_EPS = 1000.0  # tolerance of the rows, in machine epsilons of the inputs' dtype
 EXACT_FLOOR = 1e-10  # ... never tighter than this (float64 linear algebra reorders sums)
@@ -260,8 +260,16 @@ def compose(parts, label: str, base: Report | None = None) -> Report:
     directions and dtypes of the footer from `base` (the finite-difference part)."""
     base = parts[0] if base is None else base
     parts = tuple(parts)
-    # (of equally bad parts, the finite differences' numbers: what the rule was judged by)
-    worst = min(parts, key=lambda p: (SEVERITY.index(p.status), p is not base))
+    # (of equally bad parts, the finite differences' numbers: what the rule was judged by;
+    # but a number measured before a part that could not be evaluated, whose error is inf)
+    worst = min(
+        parts,
+        key=lambda p: (
+            SEVERITY.index(p.status),
+            not measured(p),
+            p is not base,
+        ),
+    )
     failing = [p.label for p in parts if p.status is Status.FAIL]
     problems = []
     if failing:

@@ -180,6 +180,27 @@ def test_custom_jvp_with_a_nonlinear_tangent():
     assert "jvp linear in the tangents: jvp(a v + b w) vs a jvp(v) + b jvp(w): relative" in str(
         report
     )
+    # the headline is a measured error, not the inf of the vjp row that JAX could not
+    # transpose
+    assert "relative error inf" not in str(report).splitlines()[1], str(report)
+    assert np.isfinite(report.relative_error) and report.relative_error > 0.1
+    assert report.tolerance < 1e-3
+
+
+@pytest.mark.rules_auto
+def test_a_nonlinear_tangent_inside_a_model_checked_forward_shows_a_measured_error():
+    @jax.custom_jvp
+    def f(x):
+        return jnp.sin(x)
+
+    f.defjvp(lambda p, t: (jnp.sin(p[0]), jnp.cos(p[0]) * t[0] * jnp.abs(t[0])))
+    loss = lambda p: jnp.sum(f(p["w"]) ** 2)  # noqa: E731
+    report = jaxcheck.verify(loss, {"w": jnp.linspace(0.1, 1.0, 5)}, mode="forward")
+    assert report.status == "fail", str(report)
+    [named] = [q for q in report.problems if q.startswith("wrong rule: custom_jvp f")]
+    assert "jvp linearity" in named and "relative error inf" not in named, named
+    [row] = [c for c in report.checks if c.name.startswith("rule custom_jvp f")]
+    assert np.isfinite(row.relative_error) and np.isfinite(row.tolerance), row
 
 
 def test_custom_jvp_whose_transpose_disagrees():
