@@ -258,6 +258,13 @@ def rules_part(
                 "jaxcheck.verify_rule)"
             ]
         return None, notes
+    # a call of a rule whose inputs do not depend on params, where another call of it does
+    # (flax's nn.scan traces its body once more apart from the scan): nothing to check there
+    found = [
+        r
+        for r in found
+        if not (_without_params(r) and any(_same(r, s) and not _without_params(s) for s in found))
+    ]
     rows, reports = [], []
     for rule in found:
         row, report, note = _check_one(fn, rule, o, order, error)
@@ -500,8 +507,7 @@ def _check_one(
             f"rule {rule.title}: its inputs could not be intercepted; the leaf-level verdict stands"
         )
         return row, None, note
-    free = [x for i, x in enumerate(rule.inputs) if i not in rule.constants]
-    if not any(_rule_rows.inexact(x) for x in jax.tree_util.tree_leaves(free)):
+    if _without_params(rule):
         return _not_checked(
             rule,
             "no floating-point input that depends on params (fn's data and constants are "
@@ -571,6 +577,19 @@ def _check_one(
         report.status is not Status.FAIL,
     )
     return row, report, note
+
+
+def _without_params(rule: _rule_search.Found) -> bool:
+    """Whether the rule's call has no floating-point input that depends on params."""
+    if rule.inputs is None:
+        return False
+    free = [x for i, x in enumerate(rule.inputs) if i not in rule.constants]
+    return not any(_rule_rows.inexact(x) for x in jax.tree_util.tree_leaves(free))
+
+
+def _same(a: _rule_search.Found, b: _rule_search.Found) -> bool:
+    """Whether two calls found are of one rule object at one call site."""
+    return (a.kind, a.name, a.where, a.identity) == (b.kind, b.name, b.where, b.identity)
 
 
 def _finite_inputs(rule: _rule_search.Found) -> tuple:

@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import itertools
 import os
+import re
 import site
 import sysconfig
 from typing import Any
@@ -888,4 +889,17 @@ def _literal_or(env, v):
 
 
 def _join(context: str, more: str) -> str:
+    """Where a call sits, `more` inside `context`; a loop body inside a loop body of the same
+    kind is counted, not repeated."""
+    outer, inner = _LOOP_BODY.search(context), _LOOP_BODY.fullmatch(more)
+    if outer and inner and outer.group(2) == inner.group(2):
+        depth = int(outer.group(1) or 1) + 1
+        nested = f"{depth} nested {inner.group(2)} bodies, first iteration of each"
+        return context[: outer.start()] + nested
     return f"{context}, {more}" if context else more
+
+
+# how `_join` names the body of a scan or while loop evaluated at its first iteration
+_LOOP_BODY = re.compile(
+    r"(?:(\d+) nested )?(scan|while) (?:body|bodies), first iteration(?: of each)?$"
+)

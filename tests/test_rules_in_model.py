@@ -2306,3 +2306,66 @@ def test_one_rule_object_called_with_other_static_arguments_is_checked_at_each(k
         assert "(rule 2 of 2 of that name called here)" in named, named
     else:
         assert "of that name called here" not in named, named
+
+
+def test_a_rule_inside_flax_scan_is_named_once_and_not_also_listed_unchecked():
+    """flax's nn.scan traces its body once more apart from the scan, where the rule's
+    inputs do not depend on params: that call is no second, unchecked rule."""
+    nn = pytest.importorskip("flax.linen")
+
+    @jax.custom_vjp
+    def act(x):
+        return jnp.tanh(x)
+
+    act.defvjp(lambda x: (jnp.tanh(x), x), lambda x, g: (1.01 * g * (1 - jnp.tanh(x) ** 2),))
+
+    class Cell(nn.Module):
+        @nn.compact
+        def __call__(self, h, x):
+            h = act(nn.Dense(4)(h) + x)
+            return h, h
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, xs):
+            scan = nn.scan(
+                Cell, variable_broadcast="params", split_rngs={"params": False}, in_axes=0
+            )
+            _, ys = scan()(jnp.zeros(4), xs)
+            return jnp.sum(ys**2)
+
+    xs = jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)
+    model = Net()
+    params = model.init(jax.random.key(0), xs)
+    report = jaxcheck.verify(lambda p: model.apply(p, xs), params)
+    assert report.status == "fail", str(report)
+    rows = [c for c in report.checks if c.name.startswith("rule custom_vjp act")]
+    assert [c.name.split(": ", 1)[1] for c in rows] == ["vjp vs finite differences"], rows
+    assert "(scan body, first iteration)" in rows[0].name
+    assert not [q for q in report.problems if "not checked" in q], report.problems
+
+
+@pytest.mark.parametrize(
+    "loops", [("scan", "scan"), ("scan", "scan", "scan"), ("scan", "jit", "scan")]
+)
+def test_a_rule_in_nested_loop_bodies_is_labelled_with_their_depth(loops):
+    def loss(p):
+        def nest(h, kinds):
+            if not kinds:
+                return bad_tanh(h * p["b"])
+            if kinds[0] == "scan":
+                return jax.lax.scan(lambda c, _: (nest(c, kinds[1:]), None), h, None, length=2)[0]
+            return jax.jit(lambda c: nest(c, kinds[1:]))(h)
+
+        return jnp.sum(nest(jnp.asarray([0.3, -0.2]), loops) ** 2)
+
+    report = jaxcheck.verify(loss, {"b": jnp.asarray([0.5, -0.3])})
+    [wrong] = [p for p in report.problems if p.startswith("wrong rule: custom_vjp bad_tanh")]
+    where = {
+        ("scan", "scan"): "(2 nested scan bodies, first iteration of each)",
+        ("scan", "scan", "scan"): "(3 nested scan bodies, first iteration of each)",
+        # (loop bodies not directly nested are not counted together)
+        ("scan", "jit", "scan"): "(scan body, first iteration, inside jit, scan body, first "
+        "iteration)",
+    }[loops]
+    assert where in wrong, wrong
