@@ -66,6 +66,8 @@ class Problem:
     # in proportion to their own magnitudes (`_directions.packed_leaves`)
     packed: tuple[bool, ...] = ()
     notes: tuple[str, ...] = ()  # said in the report's problems
+    # why fn's evaluations must not be batched by jax.vmap (`_unbatched`), or ""
+    unbatched: str = ""
 
     @property
     def source(self) -> str:
@@ -216,6 +218,7 @@ def _with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
         iterates=jaxpr is not None and _runs(jaxpr.jaxpr, "while"),
         samples_gamma=jaxpr is not None and _runs(jaxpr.jaxpr, "random_gamma"),
         draws_random=jaxpr is not None and _runs(jaxpr.jaxpr, "random_bits"),
+        unbatched="" if jaxpr is None else _unbatched(jaxpr.jaxpr),
     )
     if problem.grad_fn is not None:
         notes = _check_gradient_shapes(problem, inputs)
@@ -638,6 +641,32 @@ def _is_tainted(v, tainted) -> bool:
         return v in tainted
     except TypeError:  # unhashable literals
         return False
+
+
+def _unbatched(jaxpr) -> str:
+    """Why fn's evaluations must not be batched by jax.vmap, or "": a `custom_vmap` in fn
+    has a batching rule that stands in for fn's own code under vmap (one whose rule is
+    off would be checked in its place), and a `lax.cond` whose predicate vmap batches runs
+    every branch, also those fn does not take: one holding a while_loop may then never end
+    (its loop runs at inputs it was never meant for)."""
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "custom_vmap_call":
+            return (
+                "fn calls a custom_vmap, whose batching rule jax.vmap would run in place of "
+                "fn's own code"
+            )
+        if name == "cond" and any(_runs(b.jaxpr, "while") for b in eqn.params["branches"]):
+            return (
+                "fn has a lax.cond with a while_loop in a branch; jax.vmap turns a cond "
+                "whose predicate it batches into a select that runs every branch, where a "
+                "loop meant for other inputs may never end"
+            )
+        for sub in _subjaxprs(eqn.params):
+            why = _unbatched(sub)
+            if why:
+                return why
+    return ""
 
 
 def _runs(jaxpr, primitive: str) -> bool:

@@ -427,6 +427,12 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
         "a pytree to check them"
         for leaf in opaque
     ]
+    if problem.unbatched and plan.direction_sharding is None:
+        plan = _plan.looped(plan)
+        hidden.append(
+            f"{problem.unbatched}: its directions and stencil points were evaluated one at a "
+            "time, which is slower"
+        )
     kinks_looked = False  # (whether the look at packed leaves held kinks fixed)
     try:
         report = check(plan, list(hidden))
@@ -471,6 +477,21 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
             f"differentiate (jax.grad(fn) raises the same): {RULE_OUTPUTS} "
             "jaxcheck.verify_rule(rule, *inputs) checks the rule alone."
         ) from err
+    except jax.errors.JaxRuntimeError as err:
+        if plan == _plan.looped(plan) or plan.direction_sharding is not None:
+            raise
+        # (a lax.cond batched by vmap runs every branch: an eqx.error_if or a callback that
+        # refuses the inputs of a branch fn does not take raises there)
+        report = check(
+            _plan.looped(plan),
+            [
+                *hidden,
+                f"fn raised where jax.vmap batched its evaluations ({_last_line(err)}); "
+                "they were evaluated one at a time, which is slower. A lax.cond whose "
+                "predicate vmap batches runs every branch, also those fn does not take, and "
+                "a check or callback there may refuse their inputs",
+            ],
+        )
     except NotImplementedError as err:
         if str(err).startswith("Transpose rule"):
             # (JAX's type kept: a suite that expects jax.grad's error gets it)
@@ -513,6 +534,13 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
     if o.raise_on_failure and not report.ok:
         raise GradientCheckError(report)
     return report
+
+
+def _last_line(err: BaseException) -> str:
+    """The error's type and the last line of its message: a callback's own error, where
+    XLA's message begins with the traceback it carries."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {(lines[-1] if lines else '')[:300]}"
 
 
 def _hidden_kinks(report: Report, fn, params, args, options, paths) -> Report:

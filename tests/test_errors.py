@@ -325,6 +325,91 @@ def test_a_primitive_without_reverse_mode_says_to_check_forward_mode():
     assert jaxcheck.verify(lambda p: jnp.sum(square(p)), jnp.ones(3), mode="forward").ok
 
 
+ONE_AT_A_TIME = "its directions and stencil points were evaluated one at a time, which is slower"
+
+
+@pytest.mark.parametrize("jvp_scale", [1.0, 1.01])
+def test_a_custom_vmap_is_evaluated_as_fn_runs_alone(jvp_scale):
+    """Under jax.vmap a custom_vmap runs its batching rule, here 1 % off fn's own code: the
+    directions' values were the rule's, a correct jvp was not judged ("fn's values
+    scatter") and a jvp 1 % off fn was not failed."""
+    custom_vmap = pytest.importorskip("jax.custom_batching").custom_vmap
+
+    @custom_vmap
+    def batched_off(x):
+        return jnp.sin(x)
+
+    batched_off.def_vmap(lambda axis_size, in_batched, x: (1.01 * jnp.sin(x), in_batched[0]))
+
+    @jax.custom_jvp
+    def f(x):
+        return batched_off(x)
+
+    f.defjvp(lambda p, t: (f(p[0]), jvp_scale * jnp.cos(p[0]) * t[0]))
+    x = jnp.linspace(-1.0, 1.0, 5)
+    loss = lambda p: jnp.sum(f(p["w"] * x)) + p["b"] ** 2  # noqa: E731
+    report = jaxcheck.verify(loss, {"w": jnp.linspace(0.2, 0.9, 5), "b": jnp.asarray(0.1)})
+    assert report.status == ("pass" if jvp_scale == 1.0 else "fail"), str(report)
+    assert (
+        "fn calls a custom_vmap, whose batching rule jax.vmap would run in place of fn's own "
+        f"code: {ONE_AT_A_TIME}"
+    ) in report.problems
+    if jvp_scale != 1.0:
+        assert report.relative_error == pytest.approx(0.0088, rel=0.2)
+
+
+def test_a_cond_with_a_while_loop_in_a_branch_is_not_batched():
+    """jax.vmap turns a cond whose predicate it batches into a select running both
+    branches: a while_loop in the branch not taken, meant for other inputs, ran at these
+    (one that never ends there hung the check)."""
+
+    def g(p):
+        def climb(q):
+            # ends for q[0] <= 0 only, the branch's own inputs; here bounded to end anyway
+            body = lambda c: (c[0] + 1, c[1] * 1.1)  # noqa: E731
+            start = (0, jax.lax.stop_gradient(-q))
+            n, _ = jax.lax.while_loop(lambda c: (c[1][0] < 1.0) & (c[0] < 50), body, start)
+            return jnp.sum(q**2) + n
+
+        return jax.lax.cond(p[0] > 0, lambda q: jnp.sum(jnp.sin(q)), climb, p)
+
+    report = jaxcheck.verify(g, jnp.asarray([0.5, 0.3, 0.2]))
+    assert report.status == "pass", str(report)
+    assert (
+        "fn has a lax.cond with a while_loop in a branch; jax.vmap turns a cond whose predicate "
+        "it batches into a select that runs every branch, where a loop meant for other inputs "
+        f"may never end: {ONE_AT_A_TIME}"
+    ) in report.problems
+
+
+def test_a_callback_refusing_the_inputs_of_a_branch_not_taken_does_not_stop_the_check():
+    """An eqx.error_if or a callback in the branch of a cond fn does not take raised when
+    jax.vmap ran that branch too; jax.test_util.check_grads passes."""
+
+    def refuse_negative(q):
+        q = np.asarray(q)
+        if np.any(q < 0):
+            raise ValueError("negative input to the callback")
+        return np.sqrt(q).astype(q.dtype)
+
+    @jax.custom_jvp
+    def sqrt(q):
+        shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
+        return jax.pure_callback(refuse_negative, shape, q, vmap_method="sequential")
+
+    sqrt.defjvp(lambda p, t: (sqrt(p[0]), t[0] / (2 * sqrt(p[0]))))
+
+    def g(p):
+        return jax.lax.cond(p[0] > 0, lambda q: jnp.sum(sqrt(q)), lambda q: jnp.sum(sqrt(-q)), p)
+
+    report = jaxcheck.verify(g, jnp.asarray([0.5, 0.3, 0.2]))
+    assert report.status == "pass", str(report)
+    [said] = [q for q in report.problems if q.startswith("fn raised where jax.vmap batched")]
+    assert "(JaxRuntimeError: ValueError: negative input to the callback)" in said
+    assert "they were evaluated one at a time, which is slower" in said
+    jaxcheck.check_grads(g, (jnp.asarray([0.5, 0.3, 0.2]),), 1, modes=["rev"])
+
+
 @pytest.mark.parametrize("mode", ["reverse", "both"])
 def test_a_custom_jvp_with_a_nonlinear_tangent_has_no_reverse_mode_said(mode):
     """JAX cannot transpose a jvp that is not linear in its tangents; its bare assertion
