@@ -251,7 +251,9 @@ def cast(leaves, dtype):
 
 def describe(x) -> str:
     if is_array(x):
-        return f"{x.dtype}{list(x.shape)}"
+        # (jax.dtypes.float0 is a NumPy structured dtype, whose str is its fields)
+        name = "float0" if x.dtype == jax.dtypes.float0 else str(x.dtype)
+        return f"{name}{list(x.shape)}"
     text = repr(x)
     return text if len(text) <= 40 else text[:37] + "..."
 

@@ -65,12 +65,14 @@ def test_held_fixed_leaves_are_listed_and_passed_through():
         "rng": jax.random.key(1),
         "act": jnp.tanh,
         "nothing": None,
+        "tangent": np.zeros((2,), jax.dtypes.float0),
     }
     report = jaxcheck.verify(loss, params)
     assert report.status == "pass", str(report)
     fixed = dict(report.held_fixed)
-    assert set(fixed) == {"['step']", "['flag']", "['name']", "['rng']", "['act']"}
+    assert set(fixed) == {"['step']", "['flag']", "['name']", "['rng']", "['act']", "['tangent']"}
     assert fixed["['step']"] == "int32[]"
+    assert fixed["['tangent']"] == "float0[2]"  # (not NumPy's [('float0', 'V')][2])
     assert "key<fry>" in fixed["['rng']"]
     assert seen["name"] == "layer" and seen["act"] is jnp.tanh
     assert "held fixed: ['act']" in str(report)
