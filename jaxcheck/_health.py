@@ -669,6 +669,16 @@ def _refuse_no_arrays(params) -> None:
             f"got {type(params).__name__} {_short(params)} with no array leaf. Pass the "
             "params the optimizer updates: opt.init(params)."
         )
+    for path, x in _leaves_with_paths(params):
+        if not (hasattr(x, "dtype") or isinstance(x, numbers) or x is None):
+            # (a function, a string, an equinox Module's callable fields)
+            raise TypeError(
+                f"gradient_health: params leaf {jax.tree_util.keystr(path) or '(root)'} is "
+                f"{type(x).__name__} {_short(x)}, not an array: it has no gradient to "
+                "watch. Pass the optimizer the arrays it trains, e.g. "
+                "opt.init(eqx.filter(model, eqx.is_inexact_array)) for an equinox model "
+                "(and the gradients and params filtered alike at update)."
+            )
 
 
 def _short(x) -> str:

@@ -615,6 +615,21 @@ def test_gradient_health_init_refuses_what_is_not_parameters(params):
         jaxcheck.gradient_health().init(params)
 
 
+@pytest.mark.parametrize(
+    ("leaf", "said"),
+    [(jnp.tanh, "['act'] is PjitFunction"), ("layer1", "['act'] is str 'layer1'")],
+)
+def test_gradient_health_init_names_a_leaf_that_is_not_an_array(leaf, said):
+    """A function or a string beside the arrays (an equinox Module's callable fields) gave
+    JAX's "Value ... is not a valid JAX array type" from inside init."""
+    with pytest.raises(TypeError) as info:
+        jaxcheck.gradient_health().init({"w": jnp.ones(3), "act": leaf})
+    text = str(info.value)
+    assert text.startswith(f"gradient_health: params leaf {said}"), text
+    assert "not an array: it has no gradient to watch" in text
+    assert "opt.init(eqx.filter(model, eqx.is_inexact_array))" in text
+
+
 def test_health_of_a_single_array_names_it_root():
     """The leaf column of a flagged single-array params was blank."""
     opt = jaxcheck.gradient_health()
