@@ -141,7 +141,10 @@ def _reference(run: Run, index, rows, h, offsets) -> dict:
     input in its own dtype (fn mixes a low-precision array it closes over with its
     inputs, say)."""
     if run.reference is not None:
-        return _reference_in(run, run.reference, run.cast, index, rows, h, offsets)
+        with (
+            _precision.widened_closures(run.problem.fn) if run.widened else contextlib.nullcontext()
+        ):
+            return _reference_in(run, run.reference, run.cast, index, rows, h, offsets)
     wanted = _precision.reference_dtype(run.policy, run.tested)
     native = _precision.reference_dtype("native", run.tested)
     attempts = [(wanted, True)]
@@ -153,6 +156,9 @@ def _reference(run: Run, index, rows, h, offsets) -> dict:
         try:
             return _reference_in(run, dtype, cast, index, rows, h, offsets)
         except Exception as err:  # noqa: BLE001 - any failure of fn in that precision
+            out = _closures_widened(run, dtype, cast, index, rows, h, offsets, err)
+            if out is not None:
+                return out
             out = _without_rule(run, dtype, cast, index, rows, h, offsets, err)
             if out is not None:
                 return out
@@ -185,6 +191,30 @@ def _reference(run: Run, index, rows, h, offsets) -> dict:
                 + _hint(err)
             )
     raise AssertionError("unreachable")
+
+
+def _closures_widened(run: Run, dtype, cast, index, rows, h, offsets, err) -> dict | None:
+    """The finite differences in float64 with the float32 arrays fn closes over cast to
+    float64 too (`_precision.widened_closures`), where fn mixed them with its float64
+    inputs and failed (`err`: a scan's carry starting from one changed type); None where
+    that is not the failure, or there are none, or it fails again."""
+    if not cast or np.dtype(dtype) != np.float64 or not _precision.stale_constants(err):
+        return None
+    with _precision.widened_closures(run.problem.fn) as widened:
+        if not widened:
+            return None
+        try:
+            out = _reference_in(run, dtype, cast, index, rows, h, offsets)
+        except Exception:  # noqa: BLE001 - the other fallbacks follow
+            return None
+    run.widened = True
+    run.problems.append(
+        f"fn mixed float32 arrays it closes over (or reads from its module's globals) with "
+        f"its float64 inputs ({one_line(err)}); finite differences in float64 ran with "
+        f"them cast to float64 too ({widened} array{'s' if widened > 1 else ''}, cast "
+        "exactly: their values are the same)"
+    )
+    return out
 
 
 def _without_rule(run: Run, dtype, cast, index, rows, h, offsets, err) -> dict | None:

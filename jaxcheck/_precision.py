@@ -1,6 +1,7 @@
 """Precision policy: which dtype the finite-difference reference is computed in, and its steps."""
 
 import contextlib
+import functools
 import re
 
 import jax
@@ -137,3 +138,94 @@ def reference_dtype(policy: str, tested) -> np.dtype:
 def default_step(dtype) -> float:
     """Relative step h ~ eps^(1/3): balances h^2 truncation against eps/h roundoff."""
     return eps(dtype) ** (1.0 / 3.0)
+
+
+# the float dtypes of fn's closed-over arrays that `widened_closures` casts, and to what
+_WIDER = {"float16": np.float64, "bfloat16": np.float64, "float32": np.float64}
+_WIDER_COMPLEX = {"complex64": np.complex128}
+
+
+@contextlib.contextmanager
+def widened_closures(fn, depth: int = 4):
+    """While inside, the arrays of a float dtype below float64 that `fn` holds in its
+    Python closure or reads from its module's globals by name (and so for the functions
+    it reaches so, and jaxcheck's or functools' wrappers of it, to `depth`; not in
+    libraries' code) are cast to float64, exactly: a scan whose carry starts from a
+    float32 array fn closes over fails in float64 otherwise (its carry's type changes),
+    and `check_grads` can only be given such data that way. Yields how many were cast;
+    each is put back on leaving. Arrays held in objects fn reaches are not."""
+    slots, seen = [], set()
+
+    def wider(value):
+        name = str(getattr(value, "dtype", ""))
+        if not isinstance(value, jax.Array | np.ndarray):
+            return None
+        return _WIDER.get(name) or _WIDER_COMPLEX.get(name)
+
+    def visit(obj, left):
+        if left < 0 or id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, functools.partial):
+            visit(obj.func, left - 1)
+            return
+        code = getattr(obj, "__code__", None)
+        if code is None:
+            for name in ("f", "fn", "func", "__wrapped__"):
+                inner = getattr(obj, name, None)
+                if callable(inner):
+                    visit(inner, left - 1)
+            return
+        for cell in obj.__closure__ or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if wider(value) is not None:
+                slots.append((cell, None, value))
+            elif callable(value):
+                visit(value, left - 1)
+        if str(getattr(obj, "__module__", "")).split(".")[0] in _LIBRARIES:
+            return
+        names = _names(code)
+        space = obj.__globals__
+        for name in names:
+            value = space.get(name)
+            if wider(value) is not None:
+                slots.append((space, name, value))
+            elif callable(value) and not isinstance(value, type):
+                visit(value, left - 1)
+
+    visit(fn, depth)
+    done = []
+    try:
+        for where, name, value in slots:
+            try:
+                cast = np.asarray(value, wider(value))
+                if name is None:
+                    where.cell_contents = cast
+                else:
+                    where[name] = cast
+            except Exception:  # noqa: BLE001, PERF203 - left as it is (on other hosts, say)
+                continue
+            done.append((where, name, value))
+        yield len(done)
+    finally:
+        for where, name, value in done:
+            if name is None:
+                where.cell_contents = value
+            else:
+                where[name] = value
+
+
+# modules whose functions' globals `widened_closures` leaves alone
+_LIBRARIES = frozenset({"jax", "jaxlib", "numpy", "optax", "flax", "equinox", "jaxcheck"})
+
+
+def _names(code) -> set:
+    """The global names a code object and those nested in it read."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if hasattr(const, "co_names"):
+            names |= _names(const)
+    return names

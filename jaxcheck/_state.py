@@ -79,6 +79,9 @@ class Run:
     # itself could (a custom rule's fwd or bwd, or a grad_fn, that refuses float64): the
     # reference then has finite differences but no rule in its precision; "" otherwise
     rule_refused: str = ""
+    # fn's float32 closed-over arrays are cast for its float64 reference
+    # (`_evaluate._closures_widened`)
+    widened: bool = False
     rounds_to: np.dtype | None = None  # a less precise dtype fn rounds to inside
     # fn's derivative in float64 is far from the model's, and finite differences in the
     # model's precision cannot resolve it: the gap stays in the float64 check as rounding

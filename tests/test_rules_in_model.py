@@ -1685,7 +1685,12 @@ def nudged(w):
 
 
 nudged.defvjp(lambda w: (w, None), lambda _, g: (g * (1 + 1e-4),))  # 1e-4 too large
-CARRY = jnp.zeros(3, jnp.float32)  # fixes the scan's carry at float32: fn refuses float64
+
+
+def carry():
+    """Fixes a scan's carry at float32, made inside fn: fn refuses float64 (an array fn
+    closes over or reads from the globals is cast to float64 with its inputs)."""
+    return jnp.zeros(3, jnp.float32)
 
 
 @pytest.mark.rules_auto
@@ -1695,7 +1700,7 @@ def test_a_rule_below_what_float32_differences_resolve_is_named_wrong(rules):
     # rule of an error of 1e-4, which the rule's own check, in float64, resolves
     def loss(p, xs):
         w = nudged(p["w"])
-        c, _ = jax.lax.scan(lambda c, x: (jnp.tanh(c * w + x * p["b"]), None), CARRY, xs)
+        c, _ = jax.lax.scan(lambda c, x: (jnp.tanh(c * w + x * p["b"]), None), carry(), xs)
         return jnp.sum(c**2)
 
     p = {"w": jnp.asarray([0.5, -0.4, 0.3]), "b": jnp.asarray([0.2, 0.1, -0.3])}
@@ -1764,7 +1769,7 @@ def test_a_rule_checked_only_in_float32_is_not_called_fine():
     # rule 3e-4 off was listed as fine
     def fn(p, xs):
         w = tangent_scaled(p["w"], 1 + 3e-4)
-        c, _ = jax.lax.scan(lambda c, x: (jnp.tanh(c @ w + x), None), CARRY, xs)
+        c, _ = jax.lax.scan(lambda c, x: (jnp.tanh(c @ w + x), None), carry(), xs)
         return jnp.sum(jnp.sin(c))
 
     p = {"w": jnp.linspace(-0.5, 0.5, 9).reshape(3, 3)}

@@ -624,3 +624,52 @@ def test_numpy_float64_params_converted_before_with_x64_off():
     with enable_x64(True):  # as the check converts them
         seen = jaxcheck._tree.split(w, "params")[1][0]
         assert seen.dtype == jnp.float64 and np.array_equal(np.asarray(seen), w[0])
+
+
+@jax.custom_vjp
+def _gain(w):
+    return 0.9 * jnp.tanh(w)
+
+
+_GAIN_OFF = {"factor": 1.0}
+_gain.defvjp(
+    lambda w: (0.9 * jnp.tanh(w), w),
+    lambda w, g: (_GAIN_OFF["factor"] * g * 0.9 * (1 - jnp.tanh(w) ** 2),),
+)
+# data a test module keeps at its top level, read by name
+_START = jnp.asarray([0.3, -0.2, 0.5], jnp.float32)
+
+
+def _relaxed(w, start):
+    """A scan whose carry starts from `start`: float32 data beside float64 params changes
+    the carry's type, which a scan refuses."""
+
+    def step(c, _):
+        c = c * _gain(w) + 0.1
+        return c, jnp.sum(c**2)
+
+    return jnp.mean(lax.scan(step, start, None, length=20)[1])
+
+
+@pytest.mark.parametrize("factor", [1.0, 1.001])
+@pytest.mark.parametrize("held", ["closure", "global"])
+def test_float32_data_fn_closes_over_is_cast_for_the_float64_reference(held, factor, monkeypatch):
+    """A scan starting from float32 data that fn closes over (check_grads takes no other
+    data) could not run in float64: the check fell back to float32 finite differences,
+    whose tolerance (1e-2) passed a rule 50 % off in one entry. The data is now cast to
+    float64 for the reference too, as arguments are: a rule 0.1 % off fails."""
+    monkeypatch.setitem(_GAIN_OFF, "factor", factor)
+    start = jnp.asarray([0.3, -0.2, 0.5], jnp.float32)
+    fn = (lambda w: _relaxed(w, start)) if held == "closure" else (lambda w: _relaxed(w, _START))
+    w = jnp.asarray([0.4, 0.7, -0.5], jnp.float32)
+    report = jaxcheck.verify(fn, w)
+    assert report.status == ("pass" if factor == 1.0 else "fail"), str(report)
+    assert report.reference_dtype == "float64" and report.tolerance < 1e-4, str(report)
+    said = [q for q in report.problems if q.startswith("fn mixed float32 arrays it closes over")]
+    assert len(said) == 1 and "them cast to float64 too (1 array, cast exactly" in said[0], (
+        report.problems
+    )
+    assert float(start[0]) == pytest.approx(0.3) and _START.dtype == jnp.float32  # put back
+    if factor != 1.0:
+        with pytest.raises(jaxcheck.GradientCheckError):
+            jaxcheck.check_grads(fn, (w,), 1, modes=["rev"])

@@ -1138,10 +1138,10 @@ def test_a_derivative_below_the_rounding_of_a_float32_only_fn_is_not_judged():
     than one rounding of its values even at the largest step, so float32 differences are
     flat and forward and reverse mode, rounding alike, differ by 4e-3 relative: that was a
     failure of the forward-vs-reverse row, where JAX's check_grads passes."""
-    weight = jnp.full((4,), 10.0, jnp.float32)
 
     def f(a):
-        return jax.nn.softmax(lax.mul(a, weight))
+        # (made inside f: an array f closes over is cast to float64 with its inputs)
+        return jax.nn.softmax(lax.mul(a, jnp.full((4,), 10.0, jnp.float32)))
 
     x = jnp.asarray([1.7641, -0.2935, -0.4843, -2.6549], jnp.float32)
     report = jaxcheck.verify(f, x, mode="both")
