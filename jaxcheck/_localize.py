@@ -180,7 +180,7 @@ def _localize(run: Run, scales, leaf_k, h, paths, chosen, sequential, fixed) -> 
             f"{'this leaf' if len(zero) == 1 else 'these leaves'} (fn does not change with "
             f"{it} here{less}: a bias before a softmax or a "
             "normalization, a parameter cut off from the loss?); judged in absolute terms, "
-            "hence a relative error near 1 against a tolerance of 2"
+            "hence a relative error of at most about 1 against a tolerance of 2"
         )
     return tuple(results[leaf] for leaf in chosen)
 

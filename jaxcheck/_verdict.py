@@ -427,7 +427,8 @@ def _flat(run: Run, p: Pass, k, problems, checks=()) -> Status | None:
         problems.append(
             f"{FLAT}: its values do not change within a relative step {p.step:.1e} "
             "along any direction, so its derivative is zero everywhere nearby "
-            "(piecewise constant, as round or argmax are), as the derivative under test says"
+            "(piecewise constant, as round or argmax are, or not depending on params at all), as "
+            "the derivative under test says"
         )
         return Status.PASS
     a = p.analytic
@@ -583,7 +584,28 @@ def note_incomparable(run: Run, head, reference, noisy: bool = False) -> None:
     how to keep fn the same function in both; `noisy`: the model's own finite differences
     were far noisier than that (fn cancels, its value there is rounding)."""
     name = jnp.dtype(reference).name
+    tested = run.tested.name
     what = f"fn computes something else in {name} (e.g. random numbers drawn in the default dtype)"
+    advice = (
+        "To check that too, draw random numbers in an explicit dtype "
+        "(jax.random.uniform(key, shape, jnp.float32); bernoulli with p=jnp.float32(...)) "
+        "or pass them to fn as an argument"
+    )
+    if not run.problem.draws_random:
+        # (a Gaussian process's float32 Cholesky at a condition number of 1e7: a leaf's
+        # float32 gradient had the wrong sign, and the note spoke of random numbers)
+        eps = _precision.eps(run.tested)
+        what = (
+            f"fn draws no random numbers, so its {tested} evaluation is far from its {name} "
+            f"one here: an ill-conditioned step (a Cholesky, solve or log-determinant of a "
+            f"matrix whose condition number nears 1/eps of {tested}, {1 / eps:.1e}; a long "
+            "recurrence), or a branch on the dtype"
+        )
+        advice = (
+            f"The {tested} derivative itself is that far from the true one: where that "
+            f"matters, compute in {name} (jax.config.update('jax_enable_x64', True)) or "
+            "condition the problem (a larger jitter or noise on a kernel's diagonal, say)"
+        )
     if noisy:
         what = (
             f"fn's {run.tested.name} value is rounding here, or {what}: finite differences "
@@ -594,10 +616,7 @@ def note_incomparable(run: Run, head, reference, noisy: bool = False) -> None:
         f"the derivative of fn in {name} differs from that in "
         f"{run.tested.name} by {head.rounding:.1e}, {INCOMPARABLE}: {what}: the derivative's code "
         f"is judged by the same rule run in {name} against finite differences in {name} "
-        f"(as precision='float64' does), not the {run.tested.name} derivative itself. To "
-        f"check that too, draw random numbers in an explicit dtype "
-        "(jax.random.uniform(key, shape, jnp.float32); bernoulli with p=jnp.float32(...)) "
-        "or pass them to fn as an argument"
+        f"(as precision='float64' does), not the {run.tested.name} derivative itself. " + advice
     )
 
 

@@ -1127,7 +1127,7 @@ def test_a_leaf_fn_does_not_change_with_says_why_its_row_reads_1_against_2():
         "['bk']: the derivative is zero to within finite-difference noise or rounding along "
         "every direction of this leaf (fn does not change with it here: a bias before a "
         "softmax or a normalization, a parameter cut off from the loss?); judged in absolute "
-        "terms, hence a relative error near 1 against a tolerance of 2"
+        "terms, hence a relative error of at most about 1 against a tolerance of 2"
     ) in report.problems
     assert not any(q.startswith("['wk']") for q in report.problems)
 
