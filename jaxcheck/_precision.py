@@ -148,12 +148,13 @@ _WIDER_COMPLEX = {"complex64": np.complex128}
 @contextlib.contextmanager
 def widened_closures(fn, depth: int = 4):
     """While inside, the arrays of a float dtype below float64 that `fn` holds in its
-    Python closure or reads from its module's globals by name (and so for the functions
-    it reaches so, and jaxcheck's or functools' wrappers of it, to `depth`; not in
-    libraries' code) are cast to float64, exactly: a scan whose carry starts from a
-    float32 array fn closes over fails in float64 otherwise (its carry's type changes),
-    and `check_grads` can only be given such data that way. Yields how many were cast;
-    each is put back on leaving. Arrays held in objects fn reaches are not."""
+    Python closure, reads from its module's globals by name or has bound by
+    `functools.partial` (and so for the functions it reaches so, and jaxcheck's wrappers
+    of it, to `depth`; not in libraries' code) are cast to float64, exactly: a scan whose
+    carry starts from a float32 array fn closes over fails in float64 otherwise (its
+    carry's type changes), and `check_grads` can only be given such data that way. Yields
+    how many were cast; each is put back on leaving. Arrays held in objects fn reaches are
+    not."""
     slots, seen = [], set()
 
     def wider(value):
@@ -167,6 +168,14 @@ def widened_closures(fn, depth: int = 4):
             return
         seen.add(id(obj))
         if isinstance(obj, functools.partial):
+            # (check_grads(functools.partial(f, y=data), ...): data bound to fn by partial)
+            args = [wider(a) is not None for a in obj.args]
+            keywords = [k for k, v in obj.keywords.items() if wider(v) is not None]
+            if any(args) or keywords:
+                slots.append((obj, _PARTIAL, obj.__reduce__()[2]))
+            for value in (*obj.args, *obj.keywords.values()):
+                if callable(value) and wider(value) is None:
+                    visit(value, left - 1)
             visit(obj.func, left - 1)
             return
         code = getattr(obj, "__code__", None)
@@ -197,10 +206,24 @@ def widened_closures(fn, depth: int = 4):
                 visit(value, left - 1)
 
     visit(fn, depth)
-    done = []
+    done, count = [], 0
     try:
         for where, name, value in slots:
             try:
+                if name is _PARTIAL:
+                    func, args, keywords, extra = value
+                    widen = lambda x: x if wider(x) is None else np.asarray(x, wider(x))  # noqa: E731
+                    where.__setstate__(
+                        (
+                            func,
+                            tuple(map(widen, args)),
+                            {k: widen(v) for k, v in keywords.items()},
+                            extra,
+                        )
+                    )
+                    done.append((where, name, value))
+                    count += sum(wider(x) is not None for x in (*args, *keywords.values()))
+                    continue
                 cast = np.asarray(value, wider(value))
                 if name is None:
                     where.cell_contents = cast
@@ -209,15 +232,20 @@ def widened_closures(fn, depth: int = 4):
             except Exception:  # noqa: BLE001, PERF203 - left as it is (on other hosts, say)
                 continue
             done.append((where, name, value))
-        yield len(done)
+            count += 1
+        yield count
     finally:
         for where, name, value in done:
-            if name is None:
+            if name is _PARTIAL:
+                where.__setstate__(value)
+            elif name is None:
                 where.cell_contents = value
             else:
                 where[name] = value
 
 
+# marks a functools.partial's bound arguments in `widened_closures`
+_PARTIAL = object()
 # modules whose functions' globals `widened_closures` leaves alone
 _LIBRARIES = frozenset({"jax", "jaxlib", "numpy", "optax", "flax", "equinox", "jaxcheck"})
 

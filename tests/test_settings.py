@@ -652,7 +652,7 @@ def _relaxed(w, start):
 
 
 @pytest.mark.parametrize("factor", [1.0, 1.001])
-@pytest.mark.parametrize("held", ["closure", "global"])
+@pytest.mark.parametrize("held", ["closure", "global", "partial"])
 def test_float32_data_fn_closes_over_is_cast_for_the_float64_reference(held, factor, monkeypatch):
     """A scan starting from float32 data that fn closes over (check_grads takes no other
     data) could not run in float64: the check fell back to float32 finite differences,
@@ -660,7 +660,11 @@ def test_float32_data_fn_closes_over_is_cast_for_the_float64_reference(held, fac
     float64 for the reference too, as arguments are: a rule 0.1 % off fails."""
     monkeypatch.setitem(_GAIN_OFF, "factor", factor)
     start = jnp.asarray([0.3, -0.2, 0.5], jnp.float32)
-    fn = (lambda w: _relaxed(w, start)) if held == "closure" else (lambda w: _relaxed(w, _START))
+    fn = {
+        "closure": lambda w: _relaxed(w, start),
+        "global": lambda w: _relaxed(w, _START),
+        "partial": functools.partial(_relaxed, start=start),
+    }[held]
     w = jnp.asarray([0.4, 0.7, -0.5], jnp.float32)
     report = jaxcheck.verify(fn, w)
     assert report.status == ("pass" if factor == 1.0 else "fail"), str(report)
@@ -669,7 +673,10 @@ def test_float32_data_fn_closes_over_is_cast_for_the_float64_reference(held, fac
     assert len(said) == 1 and "them cast to float64 too (1 array, cast exactly" in said[0], (
         report.problems
     )
-    assert float(start[0]) == pytest.approx(0.3) and _START.dtype == jnp.float32  # put back
+    # put back
+    assert start.dtype == _START.dtype == jnp.float32 and float(start[0]) == pytest.approx(0.3)
+    if held == "partial":
+        assert fn.keywords["start"] is start
     if factor != 1.0:
         with pytest.raises(jaxcheck.GradientCheckError):
             jaxcheck.check_grads(fn, (w,), 1, modes=["rev"])
