@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jaxcheck
-from cases import sin_with_second_derivative
+from cases import sin_with_second_derivative, tanh_with_backward
 from jaxcheck import _rule_search
 
 # how "rules fine" ends at order 1
@@ -2122,12 +2122,7 @@ def test_a_dropout_rate_an_equinox_module_holds_stays_a_python_float_in_the_rule
     its p is a Python 0: the rule search traced p as an array, could not trace fn, and the
     wrong rule went unnamed."""
     eqx = pytest.importorskip("equinox")
-
-    @jax.custom_vjp
-    def act(z):
-        return jnp.tanh(z)
-
-    act.defvjp(lambda z: (jnp.tanh(z), z), lambda z, g: (1.1 * g * (1 - jnp.tanh(z) ** 2),))
+    act = tanh_with_backward(1.1)
 
     class Net(eqx.Module):
         lin: eqx.nn.Linear
@@ -2317,12 +2312,7 @@ def test_a_rule_inside_flax_scan_is_named_once_and_not_also_listed_unchecked():
     """flax's nn.scan traces its body once more apart from the scan, where the rule's
     inputs do not depend on params: that call is no second, unchecked rule."""
     nn = pytest.importorskip("flax.linen")
-
-    @jax.custom_vjp
-    def act(x):
-        return jnp.tanh(x)
-
-    act.defvjp(lambda x: (jnp.tanh(x), x), lambda x, g: (1.01 * g * (1 - jnp.tanh(x) ** 2),))
+    act = tanh_with_backward(1.01)
 
     class Cell(nn.Module):
         @nn.compact
