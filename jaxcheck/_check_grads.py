@@ -484,6 +484,19 @@ class Kink:
     step: float  # the step the entry was moved by
 
 
+def _batched(f, batch) -> Callable:
+    """`jax.vmap(f)` over the leading axis of the arrays `batch`, or `lax.map` of f where
+    vmap would change what f does (`_problem.unbatched`: a cond with a while_loop in a
+    branch, whose loop vmap would run at the inputs of the branch not taken)."""
+    try:
+        closed = jax.make_jaxpr(f)(*[x[0] for x in batch])
+    except Exception:  # noqa: BLE001 - f's own error comes from its call
+        return jax.vmap(f)
+    if not _problem.unbatched(closed.jaxpr):
+        return jax.vmap(f)
+    return lambda *xs: jax.lax.map(lambda ys: f(*ys), xs)
+
+
 def _one_sided(f, params, share: float = 0.05, wide: bool = False) -> tuple | None:
     """Where f has kinks: (per real float leaf of `params`, True at the entries where f's
     one-sided slopes, each entry moved alone up and down by a step h and by h/2, differ by
@@ -529,7 +542,7 @@ def _one_sided(f, params, share: float = 0.05, wide: bool = False) -> tuple | No
                 flat[i] = flat[i] + scale * h
                 moves.append(moved)
     batch = [jnp.asarray(np.stack([m[j] for m in moves])) for j in range(len(points))]
-    values = jax.jit(jax.vmap(lambda *xs: _flat_outputs(of(*xs))))(*batch)
+    values = jax.jit(_batched(lambda *xs: _flat_outputs(of(*xs)), batch))(*batch)
     centre = _flat_outputs(of(*[jnp.asarray(x) for x in points]))
     values = np.asarray(values, np.float64).reshape(n, 4, -1)
     centre = np.asarray(centre, np.float64)
@@ -609,10 +622,10 @@ def _outside_slopes(f, params, kinks: list, names=None) -> tuple | None:
     try:
         try:
             jacobian = jax.jacfwd(along)(t)
-            around = jax.vmap(jax.jacfwd(along))(nearby)
+            around = _batched(jax.jacfwd(along), (nearby,))(nearby)
         except TypeError:  # a custom_vjp: no forward mode
             jacobian = jax.jacrev(along)(t)
-            around = jax.vmap(jax.jacrev(along))(nearby)
+            around = _batched(jax.jacrev(along), (nearby,))(nearby)
     except Exception:  # noqa: BLE001 - no derivative to compare
         return None
     jacobian = np.asarray(jacobian, np.float64).reshape(-1, len(kinks))

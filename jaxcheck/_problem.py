@@ -66,7 +66,7 @@ class Problem:
     # in proportion to their own magnitudes (`_directions.packed_leaves`)
     packed: tuple[bool, ...] = ()
     notes: tuple[str, ...] = ()  # said in the report's problems
-    # why fn's evaluations must not be batched by jax.vmap (`_unbatched`), or ""
+    # why fn's evaluations must not be batched by jax.vmap (`unbatched`), or ""
     unbatched: str = ""
 
     @property
@@ -218,7 +218,7 @@ def _with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
         iterates=jaxpr is not None and _runs(jaxpr.jaxpr, "while"),
         samples_gamma=jaxpr is not None and _runs(jaxpr.jaxpr, "random_gamma"),
         draws_random=jaxpr is not None and _runs(jaxpr.jaxpr, "random_bits"),
-        unbatched="" if jaxpr is None else _unbatched(jaxpr.jaxpr),
+        unbatched="" if jaxpr is None else unbatched(jaxpr.jaxpr),
     )
     if problem.grad_fn is not None:
         notes = _check_gradient_shapes(problem, inputs)
@@ -643,7 +643,7 @@ def _is_tainted(v, tainted) -> bool:
         return False
 
 
-def _unbatched(jaxpr) -> str:
+def unbatched(jaxpr) -> str:
     """Why fn's evaluations must not be batched by jax.vmap, or "": a `custom_vmap` in fn
     has a batching rule that stands in for fn's own code under vmap (one whose rule is
     off would be checked in its place), and a `lax.cond` whose predicate vmap batches runs
@@ -663,7 +663,7 @@ def _unbatched(jaxpr) -> str:
                 "loop meant for other inputs may never end"
             )
         for sub in _subjaxprs(eqn.params):
-            why = _unbatched(sub)
+            why = unbatched(sub)
             if why:
                 return why
     return ""

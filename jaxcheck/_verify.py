@@ -6,6 +6,7 @@ import contextvars
 import dataclasses
 import functools
 import math
+import re
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -537,10 +538,22 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
 
 
 def _last_line(err: BaseException) -> str:
-    """The error's type and the last line of its message: a callback's own error, where
-    XLA's message begins with the traceback it carries."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return f"{type(err).__name__}: {(lines[-1] if lines else '')[:300]}"
+    """The error's type and its own words: the last `SomeError: ...` line of its message
+    (a callback's error, at the end of the traceback XLA's message carries), else its
+    last line with words, leaving out JAX's notes and separators after them."""
+    lines = [
+        line.strip()
+        for line in str(err).splitlines()
+        # (not the separators and notes JAX and equinox put after the error's own words)
+        if any(c.isalnum() for c in line) and not line.strip().startswith(_BOILERPLATE)
+    ]
+    # (a callback's own error, as its traceback's last "SomeError: ..." line gives it)
+    raised = [line for line in lines if re.match(r"[\w.]*(Error|Exception): ", line)]
+    said = (raised or lines or [""])[-1]
+    return f"{type(err).__name__}: {said[:300]}"
+
+
+_BOILERPLATE = ("For simplicity, JAX", "The preceding stack trace", "Set JAX_TRACEBACK")
 
 
 def _hidden_kinks(report: Report, fn, params, args, options, paths) -> Report:

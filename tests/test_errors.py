@@ -589,3 +589,20 @@ def test_a_checker_refusing_its_arguments_does_not_speak_of_verify():
         TypeError, match=re.escape("(params and the 2 extra argument(s) given after them)")
     ):
         check(jnp.ones(3), x, x)
+
+
+def test_an_error_check_in_a_branch_not_taken_is_quoted_by_its_own_words():
+    """eqx.error_if in the branch of a cond fn does not take raises once vmap runs that
+    branch; the note quoted the separator line after equinox's message, then its advice
+    about filter_jit, not the error."""
+    eqx = pytest.importorskip("equinox")
+
+    def f(p, x):
+        s = jnp.sum(p * x)
+        refuse = lambda s: eqx.error_if(s, s > 0, "the branch not taken refuses") * 2.0  # noqa: E731
+        return jax.lax.cond(s > 0, jnp.sin, refuse, s)
+
+    report = jaxcheck.verify(f, jnp.asarray([0.3, -0.2, 0.5]), jnp.asarray([1.0, 2.0, 0.5]))
+    assert report.status == "pass", str(report)
+    [said] = [q for q in report.problems if q.startswith("fn raised where jax.vmap batched")]
+    assert "Error: the branch not taken refuses); they were evaluated one at a time" in said

@@ -675,3 +675,23 @@ def test_a_small_failing_check_looks_for_kinks_only_where_fn_can_have_them(
     report = jaxcheck.verify(f, x, grad_fn=lambda x: jax.grad(f)(x) * 1.01)
     assert report.status == "fail", str(report)
     assert bool(calls) is searched
+
+
+def test_the_kink_search_keeps_a_cond_with_a_loop_a_cond():
+    """The kink search evaluated fn's moved points under jax.vmap, which turns a cond whose
+    predicate it batches into a select running both branches: a while_loop in the branch
+    not taken, ending only on that branch's inputs, never ended (a failing check of such
+    a fn hung in the kink search). Those points are now mapped one at a time."""
+    from jaxcheck import _check_grads  # noqa: PLC0415
+
+    def f(s):
+        def climb(s):  # ends only for s > 0, the other branch's inputs
+            return jax.lax.while_loop(lambda c: c < 0, lambda c: c - 1.0, s[0])
+
+        return jax.lax.cond(s[0] > 0, climb, lambda s: s[0] ** 3, s)
+
+    batch = (jnp.full((4, 1), -0.45),)
+    mapped = jax.make_jaxpr(_check_grads._batched(f, batch))(*batch)
+    assert "cond[" in str(mapped) and "select_n" not in str(mapped)
+    plain = jax.make_jaxpr(_check_grads._batched(jnp.sin, batch))(*batch)
+    assert "scan[" not in str(plain)  # (vmapped where nothing changes under vmap)
