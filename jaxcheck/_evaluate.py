@@ -209,8 +209,9 @@ def _closures_widened(run: Run, dtype, cast, index, rows, h, offsets, err) -> di
             return None
     run.widened = True
     run.problems.append(
-        f"fn mixed float32 arrays it closes over (or reads from its module's globals) with "
-        f"its float64 inputs ({one_line(err)}); finite differences in float64 ran with "
+        f"fn mixed float32 arrays it closes over (or reads from its module's globals, or "
+        f"has bound by functools.partial) with its float64 inputs ({one_line(err)}); "
+        "finite differences in float64 ran with "
         f"them cast to float64 too ({widened} array{'s' if widened > 1 else ''}, cast "
         "exactly: their values are the same)"
     )
