@@ -171,7 +171,7 @@ jax.tree_util.register_dataclass(
 
 # Worst first. A failure outranks NaN/Inf: a wrong derivative is the finding, while NaN/Inf
 # only hides one; an inconclusive part says nothing either way.
-_SEVERITY = (Status.FAIL, Status.NONFINITE, Status.INCONCLUSIVE, Status.PASS)
+SEVERITY = (Status.FAIL, Status.NONFINITE, Status.INCONCLUSIVE, Status.PASS)
 
 
 def check_kind(name: str) -> tuple[str, str]:
@@ -192,7 +192,7 @@ def order_of(part: Report) -> int | None:
 def headline(parts) -> Report:
     """The part whose numbers a composite report carries: the first of the most severe
     status that measured an error (`measured`), else the first of that status."""
-    status = min((p.status for p in parts), key=_SEVERITY.index)
+    status = min((p.status for p in parts), key=SEVERITY.index)
     alike = [p for p in parts if p.status is status]
     return next((p for p in alike if measured(p)), alike[0])
 

@@ -14,7 +14,7 @@ import numpy as np
 from . import _plan, _precision, _tree
 from ._error_model import Comparison
 from ._errors import one_line
-from ._report import Report, Status, measured
+from ._report import SEVERITY, Report, Status, measured
 
 EXACT_EPS = 1000.0  # tolerance of the rows, in machine epsilons of the inputs' dtype
 EXACT_FLOOR = 1e-10  # ... never tighter than this (float64 linear algebra reorders sums)
@@ -24,7 +24,6 @@ EXACT_FLOOR = 1e-10  # ... never tighter than this (float64 linear algebra reord
 # The other rows keep 1000 eps: a correct jvp in bfloat16 (jnp.sinc's, whose tangent
 # cancels) is linear to only 0.29 there.
 EXACT_CAP = 0.2
-SEVERITY = (Status.FAIL, Status.NONFINITE, Status.INCONCLUSIVE, Status.PASS)
 
 
 def tolerance(dtype, rtol=None, cap=math.inf) -> float:
