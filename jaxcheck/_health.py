@@ -653,8 +653,9 @@ def _named(path: tuple) -> tuple:
 def _refuse_no_arrays(params) -> None:
     """init's params must hold arrays (a model's name or None would make a state that
     fails, or watches nothing, at the first update)."""
-    leaves = [x for _, x in _leaves_with_paths(params)]
+    with_paths = _leaves_with_paths(params)
     numbers = (int, float, complex)
+    arrays = [hasattr(x, "dtype") or isinstance(x, numbers) for _, x in with_paths]
     masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731 - an empty tuple
     nodes = jax.tree_util.tree_leaves(params, is_leaf=masked)
     if nodes and all(masked(x) for x in nodes):
@@ -663,14 +664,14 @@ def _refuse_no_arrays(params) -> None:
             "False for all of them), so there is nothing to watch. Set the mask True for "
             "the leaves to watch, or leave gradient_health out of optax.masked."
         )
-    if not any(hasattr(x, "dtype") or isinstance(x, numbers) for x in leaves):
+    if not any(arrays):
         raise TypeError(
             f"gradient_health: init takes the parameters being trained (a pytree of arrays), "
             f"got {type(params).__name__} {_short(params)} with no array leaf. Pass the "
             "params the optimizer updates: opt.init(params)."
         )
-    for path, x in _leaves_with_paths(params):
-        if not (hasattr(x, "dtype") or isinstance(x, numbers) or x is None):
+    for (path, x), array in zip(with_paths, arrays):
+        if not array:
             # (a function, a string, an equinox Module's callable fields)
             raise TypeError(
                 f"gradient_health: params leaf {jax.tree_util.keystr(path) or '(root)'} is "
