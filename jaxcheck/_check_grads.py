@@ -11,7 +11,7 @@ import inspect
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -713,6 +713,7 @@ class Positional:
 
     f: Callable
     fingerprint: Any = None  # `_fingerprint.of(f, *args)`
+    positional: ClassVar[bool] = True  # (f's own errors show f's arguments as given)
 
     def __call__(self, args):
         return self.f(*args)

@@ -288,6 +288,7 @@ def called(name: str, f, params, args):
         while tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
         if tb is None or tb.tb_frame.f_code is not called.__code__:
+            _note_inputs(err, name, f, params, args)
             raise  # raised inside f: its own error
         raise TypeError(
             f"{name} was called as {name}(params, *args) with {1 + len(args)} positional "
@@ -295,6 +296,28 @@ def called(name: str, f, params, args):
             f"refused them: {err}. Define it as def {name}(params, *args), or close over "
             "fixed values with functools.partial."
         ) from err
+    except Exception as err:
+        _note_inputs(err, name, f, params, args)
+        raise  # raised inside f: its own error
+
+
+def _note_inputs(err: Exception, name: str, f, params, args) -> None:
+    """Add to an error raised inside `f` (its own, kept as it is) what jaxcheck passed it,
+    where `f` was called as `f(params, *args)`: params and data given in each other's
+    place (`verify(loss, x, params)`) otherwise show only as an error deep inside f."""
+    if getattr(f, "positional", False) or getattr(err, "_jaxcheck_noted", False):
+        return  # (check_grads' f takes its args as given: nothing of jaxcheck's to show)
+    shown = f"params = {_tree.outline(params)}"
+    if args:
+        shown += f" and args = {_tree.outline(args)}"
+    try:
+        err._jaxcheck_noted = True
+    except AttributeError:  # (an exception type with fixed slots: noted each time)
+        pass
+    err.add_note(
+        f"(raised inside {name}, called by jaxcheck as {name}(params, *args) with {shown}; "
+        "params, the argument differentiated, comes first)"
+    )
 
 
 def _is_single_array(x) -> bool:

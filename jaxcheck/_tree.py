@@ -258,6 +258,26 @@ def describe(x) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+class _Shown:
+    """A leaf shown by its description (`outline`)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def outline(tree, limit: int = 160) -> str:
+    """`tree` with each leaf shown as `describe` shows it (`{'w': float32[3, 2]}`), cut at
+    about `limit` characters."""
+    try:
+        text = repr(jax.tree_util.tree_map(lambda x: _Shown(describe(x)), tree))
+    except Exception:  # noqa: BLE001 - a node that cannot be rebuilt so: its own repr
+        text = repr(tree)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def held_fixed(s: Split, arrays) -> tuple[tuple[str, str], ...]:
     """(path, description) of every leaf that is not differentiated."""
     arrays, statics = iter(arrays), iter(s.statics)

@@ -414,6 +414,32 @@ def test_a_function_raising_a_type_error_itself_keeps_its_error():
         jaxcheck.verify(fn, jnp.ones(3))
 
 
+@pytest.mark.parametrize("entry", ["verify", "check_grads"])
+def test_an_error_inside_fn_keeps_its_type_and_verify_adds_what_it_passed(entry):
+    """Params and data given in each other's place (`verify(loss, x, params)`) showed only
+    JAX's error from deep inside fn; it is kept, with a note of what fn was given. JAX's
+    check_grads passes f its arguments as given: nothing is added there."""
+    params, x = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}, jnp.ones((5, 3))
+
+    def loss(params, x):
+        return jnp.mean((x @ params["w"] + params["b"]) ** 2)
+
+    with pytest.raises(TypeError, match="JAX does not support string indexing") as info:
+        if entry == "verify":
+            jaxcheck.verify(loss, x, params)
+        else:
+            jaxcheck.check_grads(loss, (x, params), order=1)
+    notes = getattr(info.value, "__notes__", [])
+    if entry == "check_grads":
+        assert not any("jaxcheck" in n for n in notes)
+        return
+    assert [n for n in notes if "jaxcheck" in n] == [
+        "(raised inside fn, called by jaxcheck as fn(params, *args) with params = "
+        "float32[5, 3] and args = ({'b': float32[2], 'w': float32[3, 2]},); params, the "
+        "argument differentiated, comes first)"
+    ]
+
+
 def test_grad_fn_with_leaves_params_lack_is_refused():
     params = {"w": jnp.array([0.3, -0.7, 1.2]), "b": jnp.array(0.5)}
 
