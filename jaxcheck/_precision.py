@@ -86,15 +86,18 @@ def x64_everywhere(needed: bool):
 
 
 def stale_constants(err: BaseException) -> bool:
-    """Whether `err` reads like float32 and float64 values mixed once 64-bit types were
-    switched on: JAX caches what a function closed over (a float64 NumPy constant becomes
-    float32 while 64-bit types are off) without telling the two settings apart, so a
-    function traced before with them off can mix its stale float32 constants with float64
-    values (`STALE_HINT`)."""
+    """Whether `err` reads like float32 and float64 values (or complex64 and complex128)
+    mixed once 64-bit types were switched on: JAX caches what a function closed over (a
+    float64 NumPy constant becomes float32 while 64-bit types are off) without telling the
+    two settings apart, so a function traced before with them off can mix its stale
+    float32 constants with float64 values (`STALE_HINT`); so does float32 data that fn
+    closes over (`widened_closures`)."""
     if not isinstance(err, TypeError | ValueError | RuntimeError):
         return False
     text = str(err)
-    mixed = bool(re.search(r"float32|f32\b", text)) and bool(re.search(r"float64|f64\b", text))
+    mixed = bool(re.search(r"float32|f32\b|complex64|c64\b", text)) and bool(
+        re.search(r"float64|f64\b|complex128|c128\b", text)
+    )
     # in JAX's words for mismatched operands (a fn refusing float64 on purpose, "kernel
     # expects float32, got float64", says what it is without the hint)
     return mixed and bool(_MISMATCH.search(text))
@@ -102,7 +105,10 @@ def stale_constants(err: BaseException) -> bool:
 
 _MISMATCH = re.compile(
     r"same dtypes?|equal (?:output )?types|dtypes do not match|element types?|"
-    r"promotion|incompatible|mismatch",
+    r"promotion|incompatible|mismatch|do not match|"
+    # (a float32 tangent or cotangent that fn closes over, given to jax.jvp, jax.vjp's
+    # pullback or a linearized function: a Hessian-vector product's vector, a probe)
+    r"unexpected JAX type|inconsistent with the original",
     re.IGNORECASE,
 )
 

@@ -232,12 +232,25 @@ def _with_wide(fn, params, args, jaxpr, found, checked=None) -> list:
         complex_ = jax.numpy.issubdtype(x.dtype, jax.numpy.complexfloating)
         return jax.ShapeDtypeStruct(np.shape(x), np.complex128 if complex_ else np.float64)
 
-    try:
+    def traced():
         with _precision.x64_scope(True), _precision.widening():
             structs = jax.tree_util.tree_map(wide, (params, args))
-            closed = _traced(fn, structs[0], structs[1])[0]
-    except Exception:  # noqa: BLE001 - fn refuses float64: its rules are checked as traced
-        return found
+            return _traced(fn, structs[0], structs[1])[0]
+
+    try:
+        closed = traced()
+    except Exception as err:  # noqa: BLE001 - fn refuses float64: its rules are checked as traced
+        # (unless fn mixed float32 data it closes over with float64 values, as the
+        # finite-difference reference does: traced with that data cast)
+        closed = None
+        if _precision.stale_constants(err):
+            with _precision.widened_closures(fn) as widened:
+                try:
+                    closed = traced() if widened else None
+                except Exception:  # noqa: BLE001 - as above
+                    closed = None
+        if closed is None:
+            return found
     wide_places = _rule_places(closed.jaxpr)
     twins = {id(e): wide_places[p] for p, e in _rule_places(jaxpr).items() if p in wide_places}
     out = []

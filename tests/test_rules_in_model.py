@@ -2364,3 +2364,49 @@ def test_a_rule_in_nested_loop_bodies_is_labelled_with_their_depth(loops):
         "iteration)",
     }[loops]
     assert where in wrong, wrong
+
+
+def _relaxation(off: float):
+    """A custom_vjp whose forward pass iterates from `zeros_like(a)` (a scan's carry):
+    float32 data `a` beside float64 inputs changes the carry's type, which scan refuses.
+    Its bwd is `off` times the envelope derivative."""
+
+    def iterate(c, a):
+        def body(f, _):
+            return 0.5 * jnp.tanh(c - f) + a, None
+
+        return jax.lax.scan(body, jnp.zeros_like(a), None, length=30)[0]
+
+    @jax.custom_vjp
+    def relaxed(c, a):
+        return jnp.sum(iterate(c, a) ** 2)
+
+    def fwd(c, a):
+        f = iterate(c, a)
+        return jnp.sum(f**2), (c, f, a)
+
+    def bwd(res, g):
+        c, f, a = res
+        # f = 0.5 tanh(c - f) + a at the fixed point: df/dc = s / (1 + s), s = 0.5 sech^2
+        s = 0.5 * (1 - jnp.tanh(c - f) ** 2)
+        return off * g * 2 * f * s / (1 + s), g * 2 * f / (1 + s)
+
+    relaxed.defvjp(fwd, bwd)
+    return relaxed
+
+
+@pytest.mark.parametrize("off", [1.0, 1.02])
+def test_a_rule_given_float32_data_fn_closes_over_is_checked_in_float64(off):
+    """The rule's float64 record traced fn in float64 without casting the float32 data fn
+    closes over and passes to the rule, which its scan refused: the rule was checked in
+    float32 (tolerance 6.7e-4) while fn was checked in float64 with that data cast."""
+    a = jnp.asarray([0.2, -0.1, 0.3], jnp.float32)
+    relaxed = _relaxation(off)
+    report = jaxcheck.verify(
+        lambda c: relaxed(jnp.sin(c), a), jnp.asarray([0.3, 0.5, -0.4]), rules=True
+    )
+    [row] = [c for c in report.checks if c.name.startswith("rule custom_vjp relaxed")]
+    assert row.tolerance < 1e-5, str(report)
+    assert row.passed == (off == 1.0) and report.status == ("pass" if off == 1.0 else "fail"), str(
+        report
+    )

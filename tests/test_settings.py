@@ -680,3 +680,43 @@ def test_float32_data_fn_closes_over_is_cast_for_the_float64_reference(held, fac
     if factor != 1.0:
         with pytest.raises(jaxcheck.GradientCheckError):
             jaxcheck.check_grads(fn, (w,), 1, modes=["rev"])
+
+
+def _cubed_sines(q):
+    return jnp.sin(q) ** 3
+
+
+@pytest.mark.parametrize("given_to", ["jvp", "vjp", "linearize", "complex scan"])
+def test_a_float32_vector_fn_closes_over_as_a_tangent_or_complex_data_is_cast(given_to):
+    """A Hessian-vector product's vector (or a probe) that fn closes over, given to
+    jax.jvp, jax.vjp's pullback or a linearized function, and complex64 data in a scan's
+    carry, were not recognised as float32 data mixed with float64: the check fell back to
+    float32 finite differences (tolerance 3.5e-4), and a grad_fn 2e-4 off passed."""
+    u = jnp.linspace(0.5, 1.5, 5)
+    start = jnp.asarray([1 + 1j, 0.5 - 0.2j, 0.3j, 0.1, -0.4j], jnp.complex64)
+
+    def complex_scan(p):
+        def step(c, _):
+            return c * jnp.exp(1j * p) * 0.9 + 0.1, None
+
+        return jnp.sum(jnp.abs(lax.scan(step, start, None, length=5)[0]) ** 2)
+
+    fn = {
+        "jvp": lambda p: jnp.sum(
+            u * jax.jvp(jax.grad(lambda q: jnp.sum(_cubed_sines(q))), (p,), (u,))[1]
+        ),
+        "vjp": lambda p: jnp.sum(jax.vjp(_cubed_sines, p)[1](u)[0] ** 2),
+        "linearize": lambda p: jnp.sum(jax.linearize(_cubed_sines, p)[1](u) ** 2),
+        "complex scan": complex_scan,
+    }[given_to]
+    p = jnp.linspace(0.1, 0.9, 5)
+    slightly_off = lambda q: jax.tree.map(lambda g: g * (1 + 2e-4), jax.grad(fn)(q))  # noqa: E731
+    for grad_fn, expected in ((None, "pass"), (slightly_off, "fail")):
+        report = jaxcheck.verify(fn, p, grad_fn=grad_fn)
+        assert report.status == expected, str(report)
+        assert report.reference_dtype == "float64" and report.tolerance < 1e-5, str(report)
+        said = [q for q in report.problems if q.startswith("fn mixed float32 arrays it closes")]
+        assert len(said) == 1 and "cast to float64 too (1 array, cast exactly" in said[0], (
+            report.problems
+        )
+    assert u.dtype == jnp.float32 and start.dtype == jnp.complex64
