@@ -49,6 +49,7 @@ class Problem:
     out_treedef: Any = None
     out_paths: tuple[str, ...] = ()
     out_shapes: tuple[tuple[int, ...], ...] = ()
+    out_dtypes: tuple[str, ...] = ()
     rounds_to: str | None = None  # see `_rounds_to`
     rounds_at: str = ""  # where fn's trace first casts to `rounds_to` (file:line)
     # indices of the differentiable leaves whose values reach no such cast (see `_rounds_to`)
@@ -212,6 +213,7 @@ def _with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
         out_treedef=treedef,
         out_paths=tuple(jax.tree_util.keystr(p) for p, _ in with_paths),
         out_shapes=tuple(tuple(leaf.shape) for _, leaf in with_paths),
+        out_dtypes=tuple(str(leaf.dtype) for _, leaf in with_paths),
         **({} if jaxpr is None else _rounds_to(jaxpr, inputs.diff, call, inputs)),
         float32_products=jaxpr is not None and _float32_products(jaxpr.jaxpr),
         has_rules=jaxpr is not None and _rule_search.calls(jaxpr.jaxpr, "custom_vjp", "custom_jvp"),

@@ -409,7 +409,9 @@ def _check_rows(checks) -> list[list[str]]:
         error, tolerance = apart(c.relative_error, c.tolerance)
         interval = f"{_e(c.interval[0])}..{_e(c.interval[1])}"
         result = "not judged" if c.num_used == 0 or not c.judged else "ok" if c.passed else "FAIL"
-        rows.append([c.name, error, interval, tolerance, result])
+        rows.append(
+            [c.name, error, interval, _shown_tolerance(tolerance, c.tolerance, result), result]
+        )
     return rows
 
 
@@ -419,12 +421,43 @@ def _leaf_table(leaves) -> list[str]:
             leaf.path or "(root)",
             str(leaf.shape),
             leaf.dtype,
-            *apart(leaf.relative_error, leaf.tolerance),
+            *_leaf_numbers(leaf),
             leaf.status.value.upper() if leaf.status != "pass" else "ok",
         ]
         for leaf in leaves
     ]
     return _table(["leaf", "shape", "dtype", "rel. error", "tolerance", "result"], rows)
+
+
+def _shown_in_composite(checks, i: int) -> bool:
+    """Whether a composite report's table shows `checks[i]`: every row but those of the
+    same rule in higher precision, which show where they alone fail, or where the row of
+    the derivative under test beside them was not judged (fn computes another function in
+    float64, dropout's draws: then they carry the verdict)."""
+    c = checks[i]
+    if check_kind(c.name)[0] != "rule":
+        return True
+    beside = [
+        checks[j]
+        for j in (i - 1, i + 1)
+        if 0 <= j < len(checks) and check_kind(checks[j].name)[0] == "tested"
+    ]
+    return (not c.passed and checks[i - 1].passed) or (
+        c.judged and any(not b.judged for b in beside)
+    )
+
+
+def _leaf_numbers(leaf) -> tuple[str, str]:
+    error, tolerance = apart(leaf.relative_error, leaf.tolerance)
+    result = "not judged" if leaf.status is Status.INCONCLUSIVE else ""
+    return error, _shown_tolerance(tolerance, leaf.tolerance, result)
+
+
+def _shown_tolerance(text: str, tolerance: float, result: str) -> str:
+    """A row's tolerance as printed: none where the row was not judged at a tolerance of
+    1 or more (a relative error that large is no bound: fn flat along the directions, or
+    its differences no finer than what they measure)."""
+    return "—" if result == "not judged" and tolerance >= 1 else text
 
 
 def _held_fixed(held) -> str:
@@ -460,11 +493,7 @@ def _render_composite(r: Report) -> str:
         lines.append(_error_line(r, f"{head.label}: ") + _failed_elsewhere(head, failed))
     lines += [f"  ! {p}" for p in r.problems]
     # a same-rule row only adds to its tested row (just before it) when they disagree
-    shown = [
-        c
-        for i, c in enumerate(r.checks)
-        if check_kind(c.name)[0] != "rule" or (not c.passed and r.checks[i - 1].passed)
-    ]
+    shown = [c for i, c in enumerate(r.checks) if _shown_in_composite(r.checks, i)]
     if shown:
         header = ["check", "rel. error", "95% interval", "tolerance", "result"]
         lines += _table(header, _check_rows(shown))

@@ -203,6 +203,18 @@ def _measured(r: Report) -> str:
     return f", relative error {r.relative_error:.1e} (tolerance {r.tolerance:.1e})"
 
 
+def _factor(r: Report) -> list[str]:
+    """Where a wrong rule's derivative is a constant multiple of its function's (a
+    gradient-reversal layer's -lambda, a factor of 2 left out), the note that says so,
+    naming the rule; else none."""
+    notes = [*r.problems, *(q for part in r.parts for q in part.problems)]
+    factor = next((q for q in notes if q.startswith(_verdict.FACTOR)), None)
+    if factor is None:
+        return []
+    factor = factor.replace(_verdict.FACTOR, f"{r.label}: its derivative is ", 1)
+    return [factor.replace(" times fn's along ", " times its function's along ", 1)]
+
+
 def _measured_rounding(report: Report) -> float:
     """The largest rounding of the derivative under test that its check measured against
     the same rule in a higher precision and accepted as such, in a comparison judged and
@@ -299,8 +311,13 @@ def rules_part(
         _not_counted(rows, titles, unseen, "fn's derivatives pass")
     head = wrong[0] if wrong else None
     problems = [
-        f"wrong rule: {r.label}: {_failed_rows(r)}{_measured(r)}{_failing_inputs(r)}{_raised(r)}"
+        line
         for r in wrong
+        for line in (
+            f"wrong rule: {r.label}: {_failed_rows(r)}{_measured(r)}{_failing_inputs(r)}"
+            f"{_raised(r)}",
+            *_factor(r),
+        )
     ]
     unjudged = [r for r in reports if r.status in (Status.INCONCLUSIVE, Status.NONFINITE)]
     if unjudged:

@@ -162,9 +162,15 @@ def _compare(run: Run, p: Pass) -> tuple:
             )
     if len(run.modes) == 2:
         rounding = math.hypot(checks[0].rounding, checks[-2 if ruled else -1].rounding)
+        if run.other_function:
+            # (the gaps to the same rule in float64 are the distance to another function,
+            # fn with other random numbers drawn in float64: no rounding of the two modes,
+            # which compute the same float32 function; taken for one, the row's tolerance
+            # was 1.7, and transforms=True widened its rows by it)
+            rounding = 0.0
         # a cast to a lower precision inside fn rounds forward-mode tangents to it too
         low = 0.0 if run.rounds_to is None else 10 * _precision.eps(run.rounds_to)
-        if not ruled:
+        if not ruled or run.other_function:
             # no higher-precision rule measured the two modes' rounding: at least half the
             # digits of their dtype (a caller's rtol of 1e-5 cannot make float16 modes
             # agree)
@@ -327,6 +333,10 @@ def status(run: Run, p: Pass, checks, k, problems) -> Status:
         )
         return Status.INCONCLUSIVE
     if not all(c.passed for c in checks):
+        entries = sum(int(np.size(x)) for x in run.inputs.diff)
+        factor = constant_factor(p, head.tolerance) if entries >= 2 else None
+        if factor is not None:
+            problems.append(factor)
         return Status.FAIL
     # (absolute comparisons are judged against noise, and pass rightly where the
     # derivative and its error are both within it; not so where finite differences
@@ -411,6 +421,35 @@ def _even(p: Pass) -> bool:
     odd = np.abs(p.phis[smooth, -1] - p.phis[smooth, 0])
     d4 = np.abs(p.fd.d4[smooth])
     return bool(np.all(d4 > 0) and np.all(odd <= EVEN * d4))
+
+
+FACTOR = "the derivative under test is "  # how `constant_factor`'s note starts
+
+
+def constant_factor(p: Pass, tolerance: float) -> str | None:
+    """Where the derivative under test is a constant multiple c of the finite differences
+    along every smooth direction (to within `tolerance`, relative), the note that says so:
+    a constant factor wrong, the commonest slip in a hand-derived derivative, or a rule
+    that scales or reverses its gradient on purpose. None otherwise, or where c is 1 or
+    0 to within the tolerance (no factor to name), or fewer than 4 directions judge it.
+    (Where params hold one entry, every derivative is such a multiple: not called.)"""
+    a = p.analytic
+    if a is None or np.iscomplexobj(a) or np.iscomplexobj(p.fd.value):
+        return None
+    use = p.fd.smooth & np.isfinite(a) & np.isfinite(p.fd.value)
+    f, a = p.fd.value[use].astype(np.float64), a[use].astype(np.float64)
+    if f.size < 4 or not np.any(f) or not np.any(a):
+        return None
+    c = float(np.dot(a, f) / np.dot(f, f))
+    misfit = float(np.linalg.norm(a - c * f) / np.linalg.norm(a))
+    if misfit > tolerance or abs(c - 1) <= 10 * max(tolerance, misfit) or abs(c) < 1e-3:
+        return None
+    return (
+        f"{FACTOR}{c:.4g} times fn's along every direction (to within "
+        f"{max(misfit, 1e-16):.1e}): a constant factor wrong (a sign, a factor of 2, a mean "
+        "taken for a sum, a scale left out), or a rule that scales or reverses its "
+        "gradient on purpose (a gradient-reversal layer)"
+    )
 
 
 def _flat(run: Run, p: Pass, k, problems, checks=()) -> Status | None:
@@ -506,7 +545,37 @@ def vacuous(p: Pass, rounds: bool, eps: float) -> bool:
     # others are ordinary rounding of a constant, not the quanta of a lower precision
     quanta = p.fd.relative_noise > 10 * eps
     coarse_values = rounds or (quanta and bool(np.any(constant_along(p))))
-    return coarse_values or claimed > 0.1 * _error_model.rms(p.fd.bar[use])
+    return (
+        coarse_values
+        or claimed > 0.1 * _error_model.rms(p.fd.bar[use])
+        or _moves_beyond_rounding(p, eps)
+    )
+
+
+# how far above the rounding of fn's values their move across the stencil must be, for a
+# difference judged zero within its bars to be no rounding (`_moves_beyond_rounding`)
+BEYOND_ROUNDING = 1e3
+
+
+def _moves_beyond_rounding(p: Pass, eps: float) -> bool:
+    """Whether fn's values are exactly constant along some smooth directions and jump
+    along others, while the comparison found the difference zero within its bars: central
+    differences growing as 1/step (D(h/2) at least 1.5 D(h), as a jump J makes them, J/2h
+    and J/h) by far more than the rounding of fn's values. The steps of a staircase or a
+    jump, not rounding (a tie in a sort parting at every step, the jump's size read as
+    fn's noise): a pass would carry no information. At a true zero (a stationary point, a
+    bias before a normalization, det at a matrix of low rank, changing as h^3 along some
+    directions and not at all along others) the differences shrink with the step."""
+    if p.phis.shape[1] < 4:
+        return False  # (central differences alone: no second step to tell them apart)
+    use = p.fd.smooth & np.all(np.isfinite(p.phis), axis=1)
+    if not np.any(use & constant_along(p)):
+        return False
+    pm1, pmh, pph, pp1 = (p.phis[use, i] for i in range(4))
+    outer, inner = (pp1 - pm1) / 2, pph - pmh  # D(h) and D(h/2), times h
+    scale = float(np.max(np.abs(p.phis[use]), initial=0.0))
+    jumps = (outer * inner > 0) & (np.abs(inner) >= 1.5 * np.abs(outer))
+    return bool(np.any(jumps & (np.abs(inner) > BEYOND_ROUNDING * eps * scale)))
 
 
 def constant_along(p: Pass) -> np.ndarray:

@@ -520,6 +520,9 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
                 "points were evaluated one at a time, which is slower",
             ],
         )
+    finer = _finer_outputs(problem, runs[-1] if runs else None)
+    if report.status is Status.PASS and finer and o.grad_fn is None:
+        report = _outputs_alone(report, fn, params, args, o, problem, finer)
     signs_only = (
         sum(np.size(x) for x in diff) <= _directions.SPANNED or o.directions == "rademacher"
     )
@@ -535,6 +538,72 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
     if o.raise_on_failure and not report.ok:
         raise GradientCheckError(report)
     return report
+
+
+def _finer_outputs(problem, state) -> tuple[int, ...]:
+    """Where the check of all of fn's outputs together was judged at the rounding of a low
+    precision that some of them are cast to (a bfloat16 copy of the logits beside a
+    float32 loss), the indices of fn's other output leaves, of a finer dtype: judged
+    alone, at their own resolution. Empty otherwise."""
+    if state is None or state.rounds_to is None or len(set(problem.out_dtypes)) < 2:
+        return ()
+    eps = {d: _precision.eps(np.dtype(d)) for d in set(problem.out_dtypes)}
+    coarsest = max(eps.values())
+    if coarsest < _precision.eps(state.rounds_to):
+        return ()  # (the rounding is fn's own, inside: its finer outputs round as well)
+    return tuple(
+        i
+        for i, (d, shape) in enumerate(zip(problem.out_dtypes, problem.out_shapes))
+        if eps[d] < coarsest and math.prod(shape)
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outputs:
+    """fn with only some of its output leaves (`keep`, by index), as a tuple; its
+    auxiliary output dropped."""
+
+    fn: Callable
+    has_aux: bool
+    keep: tuple[int, ...]
+
+    def __call__(self, params, *args):
+        out = self.fn(params, *args)
+        leaves = jax.tree_util.tree_leaves(out[0] if self.has_aux else out)
+        return tuple(leaves[i] for i in self.keep)
+
+
+def _outputs_alone(report: Report, fn, params, args, options, problem, finer) -> Report:
+    """A pass judged at the rounding of fn's coarsest outputs, with its finer outputs
+    (`finer`) checked again alone: a float32 loss returned beside a bfloat16 copy of the
+    logits hid a derivative 20 % off at the bfloat16 tolerance of 0.25. Their failure is
+    the verdict; their pass is said."""
+    paths = ", ".join(problem.out_paths[i] or "(root)" for i in finer)
+    kinds = sorted({problem.out_dtypes[i] for i in finer})
+    others = sorted({d for i, d in enumerate(problem.out_dtypes) if i not in finer})
+    try:
+        alone = run(
+            _Outputs(fn, options.has_aux, finer),
+            params,
+            args,
+            dataclasses.replace(options, has_aux=False, raise_on_failure=False),
+        )
+    except Exception as err:  # noqa: BLE001 - the check of all outputs stands, and says so
+        said = (
+            f"fn's {' and '.join(kinds)} outputs ({paths}) could not be checked alone "
+            f"({one_line(err)})"
+        )
+        return dataclasses.replace(report, problems=(*report.problems, said))
+    said = (
+        f"fn's {' and '.join(kinds)} outputs ({paths}), checked alone: "
+        f"{alone.status.value}, relative error {alone.relative_error:.1e} (tolerance "
+        f"{alone.tolerance:.1e}); with its {' and '.join(others)} outputs, which round to "
+        f"that precision, the check of all outputs together resolves no finer than their "
+        "rounding"
+    )
+    if alone.status is Status.FAIL:
+        return dataclasses.replace(alone, problems=(said, *alone.problems))
+    return dataclasses.replace(report, problems=(*report.problems, said))
 
 
 def _last_line(err: BaseException) -> str:

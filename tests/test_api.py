@@ -807,3 +807,71 @@ def test_complex_data_in_args_is_held_fixed():
 
     report = jaxcheck.verify(loss, {"w": jnp.linspace(0.5, 1.5, 8)}, signal)
     assert report.status == "pass", str(report)
+
+
+def test_a_row_not_judged_shows_no_tolerance_of_one_or_more():
+    """A straight-through estimator's leaf (fn is flat along it, its rule is the identity
+    on purpose) was shown "tolerance 2.0e+00 ... not judged": a relative error that large
+    bounds nothing. Such a row shows no tolerance; the report's number is kept."""
+
+    @jax.custom_vjp
+    def rounded(x):
+        return jnp.round(x)
+
+    rounded.defvjp(lambda x: (jnp.round(x), None), lambda _, g: (g,))
+    k = jax.random.split(jax.random.PRNGKey(0), 4)
+    x, y = jax.random.normal(k[0], (8, 5)), jax.random.normal(k[3], (8,))
+    params = {"w": jax.random.normal(k[1], (5, 4)) / 2, "v": jax.random.normal(k[2], (4,)) / 2}
+    report = jaxcheck.verify(
+        lambda p: jnp.mean((rounded(x @ p["w"] * 2) @ p["v"] - y) ** 2), params, rules=True
+    )
+    text = str(report)
+    [leaf] = [line.split() for line in text.splitlines() if line.strip().startswith("['w']")]
+    assert leaf[-2:] == ["—", "INCONCLUSIVE"], text
+    [rule] = [line.split() for line in text.splitlines() if line.strip().startswith("rule ")]
+    assert rule[-3:] == ["—", "not", "judged"], text
+    [part] = [p for p in report.parts if p.leaves]
+    assert [leaf.tolerance for leaf in part.leaves if leaf.path == "['w']"] == [2.0]
+
+
+@pytest.mark.parametrize(
+    "wrong, factor",
+    [
+        (lambda g: g / 2, "0.5"),
+        (lambda g: -g, "-1"),
+        (lambda g: 1.01 * g, "1.01"),
+        (lambda g: g.at[0].mul(2.0), None),  # one entry off: no constant factor
+    ],
+)
+def test_a_derivative_off_by_a_constant_factor_is_said_so(wrong, factor):
+    """The commonest slip in a hand-derived gradient, a constant factor (a sign, a 2, a
+    mean taken for a sum), read as any other failure."""
+
+    def fn(p):
+        return jnp.sum(jnp.sin(p) ** 2)
+
+    report = jaxcheck.verify(
+        fn, jnp.linspace(0.1, 0.9, 5), grad_fn=lambda p: wrong(jax.grad(fn)(p))
+    )
+    assert report.status == "fail"
+    said = [q for q in report.problems if q.startswith("the derivative under test is ")]
+    if factor is None:
+        assert said == [], said
+        return
+    assert len(said) == 1 and said[0].startswith(
+        f"the derivative under test is {factor} times fn's along every direction (to within "
+    ), said
+    assert said[0].endswith(
+        "a constant factor wrong (a sign, a factor of 2, a mean taken for a sum, a scale left "
+        "out), or a rule that scales or reverses its gradient on purpose (a gradient-reversal "
+        "layer)"
+    )
+
+
+def test_a_wrong_derivative_of_one_entry_is_not_called_a_constant_factor():
+    """With params of one entry every derivative is a multiple of fn's: nothing to say."""
+    report = jaxcheck.verify(
+        lambda p: jnp.sin(p) ** 2, jnp.float32(0.3), grad_fn=lambda p: 3 * jnp.sin(p) * jnp.cos(p)
+    )
+    assert report.status == "fail"
+    assert not [q for q in report.problems if q.startswith("the derivative under test is ")]

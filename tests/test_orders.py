@@ -882,3 +882,26 @@ def test_an_implicit_layer_solved_by_a_while_loop_is_checked_forward_over_revers
         assert f"order 2: forward-over-reverse ({name})" in rows, rows
         said = f"JAX cannot differentiate the {name} in reverse mode (Reverse-mode"
         assert any(said in q for q in report.problems), report.problems
+
+
+def test_a_composite_table_shows_the_rows_that_carry_the_verdict_beside_unjudged_ones():
+    """Dropout drawn in the default dtype: the float32 rows are not judged (fn is another
+    function in float64) and the same rule in float64 carries the verdict; the table of an
+    order-2 check showed only the rows not judged and forward-vs-reverse rows, whose
+    tolerance (1.4 to 1.7) was the float32 rows' gap to float64 taken for rounding."""
+    params = {"w": jnp.linspace(-0.5, 0.5, 12).reshape(4, 3), "b": jnp.array([0.1, -0.2, 0.05])}
+    x = jnp.linspace(-1, 1, 20).reshape(5, 4)
+
+    def loss(p, x, key):
+        h = jnp.tanh(x @ p["w"] + p["b"])
+        return jnp.mean(jnp.where(jax.random.bernoulli(key, 0.8, h.shape), h / 0.8, 0.0) ** 2)
+
+    report = jaxcheck.verify(loss, params, x, jax.random.key(0), order=2, mode="both")
+    assert report.status == "pass", str(report)
+    rows = [line.split() for line in str(report).splitlines() if line.startswith("  order ")]
+    ruled = [r for r in rows if "same rule in float64" in " ".join(r)]
+    assert len(ruled) == 4 and all(r[-1] == "ok" for r in ruled), str(report)
+    unjudged = [r for r in rows if r[-2:] == ["not", "judged"]]
+    assert len(unjudged) == 4 and all(r[-3] == "—" for r in unjudged), str(report)
+    both = [c for c in report.checks if "forward vs reverse" in c.name]
+    assert len(both) == 2 and all(c.passed and c.tolerance < 1e-3 for c in both), str(report)

@@ -2410,3 +2410,32 @@ def test_a_rule_given_float32_data_fn_closes_over_is_checked_in_float64(off):
     assert row.passed == (off == 1.0) and report.status == ("pass" if off == 1.0 else "fail"), str(
         report
     )
+
+
+def test_a_gradient_reversal_rule_is_named_with_its_factor():
+    """A gradient-reversal layer (a domain-adversarial net's): its bwd is -lambda times
+    its function's derivative on purpose; the wrong rule's line says the factor."""
+
+    @jax.custom_vjp
+    def reversed_grad(x, lam):
+        return x
+
+    reversed_grad.defvjp(lambda x, lam: (x, lam), lambda lam, g: (-lam * g, None))
+    k = jax.random.split(jax.random.PRNGKey(0), 4)
+    x, y = jax.random.normal(k[0], (8, 5)), jax.random.normal(k[3], (8,))
+    params = {"w": jax.random.normal(k[1], (5, 4)) / 2, "v": jax.random.normal(k[2], (4,)) / 2}
+
+    def loss(p):
+        feature = jnp.tanh(x @ p["w"])
+        task = jnp.mean((feature @ p["v"] - y) ** 2)
+        return task + jnp.mean(jnp.tanh(reversed_grad(feature, 0.5) @ p["v"]))
+
+    report = jaxcheck.verify(loss, params)
+    [at] = [i for i, q in enumerate(report.problems) if q.startswith("wrong rule: custom_vjp rev")]
+    line, factor = report.problems[at : at + 2]
+    assert line.endswith(": vjp vs finite differences, relative error 1.5e+00 (tolerance 1.2e-06)")
+    name = line[len("wrong rule: ") :].split(": vjp vs")[0]
+    assert factor.startswith(
+        f"{name}: its derivative is -0.5 times its function's along every direction"
+    ), factor
+    assert factor.endswith("(a gradient-reversal layer)"), factor

@@ -2329,3 +2329,57 @@ def test_index_casts_of_64_bit_types_are_no_other_program():
     assert not [q for q in report.problems if "another program" in q], report.problems
     [said] = [q for q in report.problems if "differs from the same rule in float64" in q]
     assert "finite differences in float32 cannot resolve the derivative here" in said
+
+
+@pytest.mark.parametrize("made_up", [0.0, 3.0])
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_leaf_whose_sort_keys_tie_is_not_passed_leaf_by_leaf(tied, made_up):
+    """Two sort keys tied: fn jumps as soon as they part, at every step. The all-leaf
+    check was inconclusive, but the keys' leaf alone passed "in absolute terms" (relative
+    error 0.7 against a tolerance of 2, the jump read as fn's noise), and the leaf-by-leaf
+    rescue made the check a pass, even with a made-up derivative of 3 per key. Without the
+    tie the made-up derivative fails."""
+    weights = jnp.arange(6.0)
+    keys = jnp.array([0.3, -0.2, 0.3 if tied else 0.35, 0.9, -0.5, 0.1])
+    params = {"k": keys, "v": jnp.array([1.0, 2.0, -1.0, 0.5, 0.0, 3.0])}
+
+    def fn(p):
+        out = jnp.sum(jax.lax.sort((p["k"], p["v"]), num_keys=1)[1] * weights)
+        return out + made_up * jnp.sum(p["k"] - jax.lax.stop_gradient(p["k"]))
+
+    report = jaxcheck.verify(fn, params)
+    if not tied:
+        assert report.status == ("pass" if made_up == 0.0 else "fail"), str(report)
+        return
+    assert report.status == "inconclusive", str(report)
+    leaves = {leaf.path: leaf.status for leaf in report.leaves}
+    assert leaves == {"['k']": "inconclusive", "['v']": "pass"}, str(report)
+    assert not any("passes checked alone" in q for q in report.problems), report.problems
+
+
+@pytest.mark.parametrize("low", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("off", [0.0, 0.2])
+def test_a_float32_output_beside_a_half_precision_one_is_judged_at_its_own_resolution(low, off):
+    """A float32 loss returned beside a bfloat16 (or float16) copy of the logits: all
+    outputs together were judged at the half precision's rounding (tolerance 0.25), and a
+    derivative of the loss 20 % off passed. The float32 output is checked alone."""
+    params = {"w": jnp.linspace(-0.5, 0.5, 12).reshape(4, 3)}
+    x = jnp.linspace(-1, 1, 20).reshape(5, 4)
+
+    def fn(p, x):
+        h = x @ p["w"]
+        h = h + off * (jax.lax.stop_gradient(h) - h)  # the same value, its derivative off
+        return {"loss": jnp.sum(jnp.tanh(h) ** 2), "logits": (x @ p["w"]).astype(low)}
+
+    report = jaxcheck.verify(fn, params, x)
+    assert report.status == ("pass" if off == 0.0 else "fail"), str(report)
+    [said] = [q for q in report.problems if q.startswith("fn's float32 outputs (['loss'])")]
+    assert said.startswith(
+        f"fn's float32 outputs (['loss']), checked alone: {report.status.value}, relative error"
+    ), said
+    assert said.endswith(
+        f"with its {jnp.dtype(low).name} outputs, which round to that precision, the check of "
+        "all outputs together resolves no finer than their rounding"
+    ), said
+    if off:
+        assert report.tolerance < 1e-5 and report.relative_error > 0.1, str(report)
