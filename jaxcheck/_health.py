@@ -28,6 +28,8 @@ PARAM_EVERY = 10  # steps between refreshes of the parameter norms
 # running average of all gradients below sqrt(collapse_factor) of its largest), where an
 # optimizer circling a minimum takes each leaf's gradient near zero for a step or two
 SETTLED_STREAK = 25
+# steps over which `recent`, a leaf's recent level, averages its norms (decay 1 - 1/10)
+RECENT_STEPS = 10
 # the chance below which a run of exact zeros is no longer taken for the leaf's own
 # intermittent zeros (see `_step`)
 ZERO_RUN_CHANCE = 1e-9
@@ -66,7 +68,9 @@ class HealthState:
     the correction, as `optax.tree.update_moment` keeps it, and `entered` how many norms
     entered it, per leaf: its finite, nonzero gradients; not an `optax.EmaState`, whose
     field `count` would make `optax.tree.get(opt_state, "count")`, the step count of the
-    optimizer after it, find two); `peak` the largest running average each leaf has had.
+    optimizer after it, find two); `peak` the largest running average each leaf has had,
+    `recent` the running average over about the last 10 steps of its norms that entered
+    `average` without being below the vanishing thresholds (0 before any).
     `vanishing`, `exploding`, `nonfinite` are the last step's flags; `first_*` the step each
     flag first fired (-1: never), `*_steps` on how many steps it fired. `low_streak` counts
     the consecutive steps a leaf has been below the vanishing thresholds; `log_moment` and
@@ -88,6 +92,7 @@ class HealthState:
     moment: jax.Array
     entered: jax.Array
     peak: jax.Array
+    recent: jax.Array
     worst_spike: jax.Array
     vanishing: jax.Array
     exploding: jax.Array
@@ -163,7 +168,11 @@ def gradient_health(
       optimizer circling a minimum drives each leaf's gradient near zero by turns) only on
       25 steps in a row and while another leaf still learns (its gradient at least
       `vanishing_ratio / collapse_factor` times its parameter): a layer cut off late in
-      training is flagged, a full-batch run reaching its minimum is not; and not while its
+      training is flagged, a full-batch run reaching its minimum is not; so, too, 25 steps
+      in a row where the leaf's own recent level (its norms over about the last 10 steps)
+      is below sqrt(`collapse_factor`) times its running average (a leaf converging ahead
+      of the others, a full-batch output bias, passes near zero for a few steps as its
+      optimizer turns; a leaf that dies falls from its recent level); and not while its
       gradient has been exactly zero for no more steps in a row than a run of zeros it has
       come back from, or, once it has come back, for a run no less likely than 1e-9 at its
       share of zero steps before it (tasks taking turns or drawn at random, each with its
@@ -271,6 +280,7 @@ def gradient_health(
             moment=jnp.zeros((n,), jnp.float32),
             entered=zero(),
             peak=jnp.zeros((n,), jnp.float32),
+            recent=jnp.zeros((n,), jnp.float32),
             worst_spike=jnp.full((n,), NO_SPIKE, jnp.float32),
             vanishing=no(),
             exploding=no(),
@@ -315,7 +325,8 @@ def gradient_health(
         if np.ndim(state.step):
             raise ValueError(
                 "gradient_health: update got a state with leading axes of shape "
-                f"{np.shape(state.step)} (a state of several training runs, from jax.vmap); "
+                f"{np.shape(state.step)} (the states of several training runs, from jax.vmap, or "
+                "of one run's copies on several devices, from jax.pmap); "
                 "update it under the same jax.vmap, or pass one run's state, e.g. "
                 "jax.tree.map(lambda a: a[0], state)."
             )
@@ -482,7 +493,13 @@ def _step(leaves, state, own, passed, *, fixed, skip):
     log_weight = jnp.where(state.log_entered > 0, log_weight, 1.0)
     log_mean = state.log_moment / log_weight
     spread = jnp.sqrt(jnp.maximum(state.log_square / log_weight - log_mean**2, 0.0))
-    needed = jnp.where(settled, SETTLED_STREAK, _streak_needed(leaves, spread))
+    # A leaf converging ahead of the others (its recent level far below its running
+    # average: a full-batch output bias whose gradient fell 150-fold while the weights
+    # learn on) passes near zero as its optimizer turns, for a few steps in a row: only
+    # `SETTLED_STREAK` low steps make it vanishing. A leaf that dies falls from where it
+    # just was, which its recent level keeps (low steps do not enter it).
+    converging = (state.recent > 0) & (state.recent < root * average)
+    needed = jnp.where(settled | converging, SETTLED_STREAK, _streak_needed(leaves, spread))
     vanishing = low & (low_streak >= needed) & watched
     exploding = exploding & watched
     # a parameter gone NaN/Inf where its gradient is finite (a leaf the loss does not
@@ -505,6 +522,9 @@ def _step(leaves, state, own, passed, *, fixed, skip):
     # optax's, the per-leaf count and correction are spelt out here.
     mu = _update_moment(clipped, state.moment, decay32, order=1)
     mu = jnp.where(enters, mu, state.moment)
+    kept = 1.0 - 1.0 / RECENT_STEPS
+    recent = jnp.where(state.recent > 0, kept * state.recent + (1.0 - kept) * clipped, clipped)
+    recent = jnp.where(enters & ~dipped, recent, state.recent)
     count = jnp.where(enters, count + 1, count)
     correction = 1.0 - decay32 ** count.astype(jnp.float32)
     new_average = jnp.where(count > 0, mu / jnp.where(count > 0, correction, 1.0), 0.0)
@@ -538,6 +558,7 @@ def _step(leaves, state, own, passed, *, fixed, skip):
         entered=count,
         worst_spike=jnp.fmax(state.worst_spike, spike),
         peak=jnp.fmax(state.peak, new_average),
+        recent=recent,
         vanishing=vanishing,
         exploding=exploding,
         nonfinite=nonfinite,
@@ -560,6 +581,8 @@ def _step(leaves, state, own, passed, *, fixed, skip):
 
 
 _DATA_FIELDS = tuple(f.name for f in dataclasses.fields(HealthState) if f.name != "paths")
+# fields a checkpoint of an earlier release lacks: restored as init made them
+_LATER_FIELDS = ("recent",)
 
 
 def _register_with_flax() -> None:
@@ -587,7 +610,9 @@ def _register_with_flax() -> None:
         return dataclasses.replace(
             target,
             **{
-                f: serialization.from_state_dict(getattr(target, f), state[f]) for f in _DATA_FIELDS
+                f: serialization.from_state_dict(getattr(target, f), state[f])
+                for f in _DATA_FIELDS
+                if f in state or f not in _LATER_FIELDS
             },
         )
 
@@ -908,11 +933,15 @@ class HealthSummary:
     # (optax's ScaleBy...: Adam's), whose updates it then watched instead of the gradients;
     # where none, ("EmptyState",) for one that keeps no state (a clipping?) before it
     after: tuple[str, ...] = ()
+    # updates with NaN/Inf that an optax.apply_if_finite around gradient_health dropped,
+    # with the state gradient_health had made of them
+    dropped: int = 0
 
     @property
     def ok(self) -> bool:
-        """True when no leaf was ever flagged."""
-        return not self.flagged
+        """True when no leaf was ever flagged, and no update with NaN/Inf was dropped
+        unseen (by an `optax.apply_if_finite` around gradient_health)."""
+        return not self.flagged and not self.dropped
 
     @property
     def flagged(self) -> tuple[LeafHealth, ...]:
@@ -936,6 +965,7 @@ class HealthSummary:
             "skipped": self.skipped,
             "params_seen": self.params_seen,
             "after": list(self.after),
+            "dropped": self.dropped,
             "leaves": [
                 {f.name: _plain(getattr(leaf, f.name)) for f in dataclasses.fields(leaf)}
                 for leaf in self.leaves
@@ -964,12 +994,30 @@ class HealthSummary:
                 "optax.chain(jaxcheck.gradient_health(), ...)"
             )
         elif self.after:
+            why = [text for names, text in _AFTER_WHY if set(self.after) & names]
+            if any(n.startswith("ScaleBy") for n in self.after):
+                why.insert(0, _AFTER_WHY_SCALED)
             notes.append(
                 f"  gradient_health comes after {', '.join(self.after)} in its chain: it "
-                "watched the updates rescaled there, not the gradients (Adam's are about 1 "
-                "whatever the gradient's size, so vanishing and exploding go unseen); put "
+                f"watched the updates {'rescaled' if why == [_AFTER_WHY_SCALED] else 'made'} "
+                f"there, not the gradients ({'; '.join(why)}); put "
                 "it first, optax.chain(jaxcheck.gradient_health(), ...)"
             )
+        if self.dropped:
+            notes.append(
+                f"  gradient_health runs inside optax.apply_if_finite, which dropped "
+                f"{self.dropped} update(s) with NaN/Inf and the state gradient_health had "
+                "made of them: their non-finite gradients are not counted here; put it "
+                "outside, optax.chain(jaxcheck.gradient_health(), "
+                "optax.apply_if_finite(...)), or use gradient_health(skip_nonfinite=True)"
+            )
+        if not self.flagged and self.dropped:
+            head = (
+                f"jaxcheck.health: {self.dropped} update(s) with NaN/Inf dropped unseen by "
+                f"optax.apply_if_finite — {n} lea{'f' if n == 1 else 'ves'} {after}, "
+                "nothing flagged"
+            )
+            return "\n".join([head, *notes])
         if self.ok:
             head = (
                 f"jaxcheck.health: healthy — {n} lea{'f' if n == 1 else 'ves'} {after}, "
@@ -1030,6 +1078,7 @@ def health(state: Any) -> HealthSummary:
         jaxcheck.health: healthy — 1 leaf after 1 step, nothing vanishing, exploding or non-finite
     """
     s, after = find(state), _rescaling_before(state)
+    dropped = _dropped_unseen(state)
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(s)):
         raise TypeError(
             "jaxcheck.health reads the state on the host and cannot run inside jax.jit or "
@@ -1040,8 +1089,9 @@ def health(state: Any) -> HealthSummary:
     if np.ndim(v["step"]):
         raise ValueError(
             "jaxcheck.health: the gradient_health state has leading axes of shape "
-            f"{np.shape(v['step'])} (a state of several training runs, from jax.vmap); read "
-            "one run at a time, e.g. jaxcheck.health(jax.tree.map(lambda a: a[0], state))."
+            f"{np.shape(v['step'])} (the states of several training runs, from jax.vmap, or of "
+            "one run's copies on several devices, from jax.pmap); read one run or copy at a "
+            "time, e.g. jaxcheck.health(jax.tree.map(lambda a: a[0], state))."
         )
     leaves = []
     for i, path in enumerate(s.paths):
@@ -1080,6 +1130,7 @@ def health(state: Any) -> HealthSummary:
         # NaN parameters were passed all the same
         params_seen=bool(np.any(~(v["param_norm"] < 0))),
         after=after,
+        dropped=dropped,
     )
 
 
@@ -1121,9 +1172,47 @@ def _rescaling_before(state: Any) -> tuple[str, ...]:
 STATELESS = "EmptyState"  # optax's state of a transformation that keeps none
 
 
+def _dropped_unseen(state: Any) -> int:
+    """How many updates an `optax.apply_if_finite` holding the `HealthState` in its inner
+    state dropped for NaN/Inf (its `total_notfinite`): it keeps the inner state of the
+    step before, so gradient_health's record of them is dropped too."""
+    is_state = lambda x: isinstance(x, HealthState)  # noqa: E731
+    [path] = [
+        p
+        for p, x in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_state)[0]
+        if is_state(x)
+    ]
+    dropped, node = 0, state
+    try:
+        for entry in path:
+            if type(node).__name__ == "ApplyIfFiniteState" and hasattr(node, "total_notfinite"):
+                dropped += int(jax.device_get(node.total_notfinite))
+            node = _child(node, entry)
+    except Exception:  # noqa: BLE001 - a container walked otherwise (nnx's): only a note
+        return 0
+    return dropped
+
+
+# What gradient_health missed, after optax transformations with states of these names
+_AFTER_WHY_SCALED = (
+    "Adam's are about 1 whatever the gradient's size, so vanishing and exploding go unseen"
+)
+_AFTER_WHY = (
+    (
+        {"TraceState", "EmaState"},
+        "a momentum or average sums the steps, so a spike or a collapse shows late, smoothed",
+    ),
+    ({"ZeroNansState"}, "NaN/Inf zeroed there went unseen"),
+)
+_TRANSFORMING = set().union(*(names for names, _ in _AFTER_WHY))
+
+
 def _rescaling(x) -> bool:
-    """Whether `x` is an optax rescaling state (a NamedTuple named ScaleBy...)."""
-    return hasattr(x, "_fields") and type(x).__name__.startswith("ScaleBy")
+    """Whether `x` is the state of an optax transformation that changes the updates it
+    passes on from step to step (a NamedTuple named ScaleBy..., as Adam's, or a momentum's
+    or zero_nans' state)."""
+    name = type(x).__name__
+    return hasattr(x, "_fields") and (name.startswith("ScaleBy") or name in _TRANSFORMING)
 
 
 def _child(node, entry):

@@ -571,8 +571,9 @@ def test_a_state_of_several_runs_is_read_one_run_at_a_time():
     with pytest.raises(
         ValueError,
         match=re.escape(
-            "state has leading axes of shape (4,) (a state of several training runs, from "
-            "jax.vmap); read one run at a time, e.g. jaxcheck.health(jax.tree.map("
+            "state has leading axes of shape (4,) (the states of several training runs, from "
+            "jax.vmap, or of one run's copies on several devices, from jax.pmap); read one run "
+            "or copy at a time, e.g. jaxcheck.health(jax.tree.map("
         ),
     ):
         jaxcheck.health(state)
@@ -586,6 +587,12 @@ def test_the_state_round_trips_through_flax_serialization():
     restored = serialization.from_bytes(opt.init(PARAMS), serialization.to_bytes(state))
     assert str(jaxcheck.health(restored)) == str(jaxcheck.health(state))
     assert jaxcheck.health(restored).leaves[2].first_nonfinite == 3
+    # a checkpoint saved before the state had its `recent` levels restores without them
+    saved = serialization.to_state_dict(state)
+    saved["0"].pop("recent")
+    older = serialization.from_state_dict(opt.init(PARAMS), saved)
+    assert str(jaxcheck.health(older)) == str(jaxcheck.health(state))
+    assert not np.any(np.asarray(older[0].recent))
 
 
 @pytest.mark.parametrize(
@@ -878,6 +885,46 @@ def test_a_full_batch_run_reaching_its_minimum_stays_healthy(steps):
         assert max(leaf.grad_norm for leaf in summary.leaves) < 1e-4
 
 
+@pytest.mark.parametrize("cut", [False, True])
+def test_an_output_bias_converging_ahead_of_the_weights_is_not_vanishing(cut):
+    """Full-batch regression with SGD and momentum: the output bias's gradient fell
+    150-fold below its running average while the weights learned on, then passed near
+    zero without changing sign as the momentum turned (6.7e-6, 5.0e-8, 6.2e-6 against an
+    average of 1.1e-2): flagged vanishing at step 179 of a healthy run. A bias cut off
+    after converging so is still flagged."""
+    k = jax.random.split(jax.random.PRNGKey(2), 3)
+    x = jax.random.normal(k[0], (64, 3))
+    y = jnp.sin(x[:, 0]) + 0.3 * x[:, 1]
+    params = {
+        "w1": jax.random.normal(k[1], (3, 16)) / 2,
+        "b1": jnp.zeros(16),
+        "w2": jax.random.normal(k[2], (16,)) / 4,
+        "b2": jnp.zeros(()),
+    }
+
+    def loss(p, scale):
+        b2 = p["b2"] * scale + jax.lax.stop_gradient(p["b2"] * (1 - scale))
+        return jnp.mean((jax.nn.silu(x @ p["w1"] + p["b1"]) @ p["w2"] + b2 - y) ** 2)
+
+    opt = optax.chain(jaxcheck.gradient_health(), optax.sgd(0.05, momentum=0.9))
+
+    def step(carry, i):
+        p, s = carry
+        scale = jnp.where(cut & (i >= 250), 1e-5, 1.0)
+        u, s = opt.update(jax.grad(loss)(p, scale), s, p)
+        return (optax.apply_updates(p, u), s), None
+
+    (_, state), _ = jax.jit(lambda c: jax.lax.scan(step, c, jnp.arange(400)))(
+        (params, opt.init(params))
+    )
+    summary = jaxcheck.health(state)
+    if not cut:
+        assert summary.ok, str(summary)
+        return
+    flagged = {leaf.path: leaf.first_vanishing for leaf in summary.flagged}
+    assert list(flagged) == ["['b2']"] and 250 < flagged["['b2']"] <= 280, str(summary)
+
+
 def _teacher_student(scale: float, steps: int = 2500, dies_at: int = 1500):
     """A student MLP learning a teacher's outputs with adam on minibatches, its first
     layer's gradient scaled by `scale` from step `dies_at` on (the forward unchanged): by
@@ -1154,6 +1201,36 @@ def test_a_health_state_after_adam_in_its_chain_is_said_to_watch_rescaled_update
         )
 
 
+@pytest.mark.parametrize(
+    "before, after, why",
+    [
+        (
+            optax.sgd(0.1, momentum=0.9),
+            "TraceState",
+            "a momentum or average sums the steps, so a spike or a collapse shows late, smoothed",
+        ),
+        (optax.zero_nans(), "ZeroNansState", "NaN/Inf zeroed there went unseen"),
+    ],
+)
+def test_a_health_state_after_a_momentum_or_zero_nans_says_what_it_missed(before, after, why):
+    """After a momentum (optax.trace) or optax.zero_nans, gradient_health watched what
+    they returned without a word: after zero_nans a NaN gradient read "healthy"."""
+    params = {"w": jnp.ones(3), "b": jnp.ones(2)}
+    opt = optax.chain(before, jaxcheck.gradient_health())
+    state = opt.init(params)
+    for step in range(3):
+        grads = {"w": jnp.full(3, 0.1), "b": jnp.full(2, jnp.nan if step == 1 else 0.1)}
+        _, state = opt.update(grads, state, params)
+    summary = jaxcheck.health(state)
+    assert summary.after == (after,)
+    said = [line for line in str(summary).splitlines() if "comes after" in line]
+    assert said == [
+        f"  gradient_health comes after {after} in its chain: it watched the updates made "
+        f"there, not the gradients ({why}); put it first, "
+        "optax.chain(jaxcheck.gradient_health(), ...)"
+    ]
+
+
 def test_a_health_state_after_a_clipping_says_it_watched_what_that_returned():
     """optax.chain(clip_by_global_norm(1.0), gradient_health(), adam(...)): a spike of 1e4
     times the gradient was clipped before the state saw it, and the summary said
@@ -1285,3 +1362,35 @@ def test_skip_nonfinite_takes_a_zero_dimensional_bool_array():
     wrong = r"skip_nonfinite=Array\(\[ True, False\], dtype=bool\) must be True or False"
     with pytest.raises(TypeError, match=wrong):
         jaxcheck.gradient_health(skip_nonfinite=jnp.array([True, False]))
+
+
+@pytest.mark.parametrize("inside", [True, False])
+def test_updates_dropped_by_apply_if_finite_around_it_are_said_unseen(inside):
+    """optax.apply_if_finite around gradient_health keeps the inner state of the step
+    before a NaN update: the summary read "healthy ... after 29 steps" after 30 updates,
+    one of them NaN. Outside it, gradient_health sees the NaN itself."""
+    params = {"w": jnp.ones(3), "n": jnp.ones(2)}
+    health_first = optax.chain(jaxcheck.gradient_health(), optax.adam(1e-2))
+    if inside:
+        opt = optax.apply_if_finite(health_first, 10)
+    else:
+        opt = optax.chain(jaxcheck.gradient_health(), optax.apply_if_finite(optax.adam(1e-2), 10))
+    state = opt.init(params)
+    for step in range(30):
+        grads = {"w": jnp.full(3, 0.1), "n": jnp.full(2, jnp.nan if step == 20 else 0.1)}
+        _, state = opt.update(grads, state, params)
+    summary = jaxcheck.health(state)
+    assert not summary.ok
+    if not inside:
+        assert summary.dropped == 0 and summary.first("nonfinite") == 20, str(summary)
+        return
+    assert summary.dropped == 1 and summary.steps == 29 and not summary.flagged
+    assert summary.to_dict()["dropped"] == 1
+    assert str(summary).splitlines() == [
+        "jaxcheck.health: 1 update(s) with NaN/Inf dropped unseen by optax.apply_if_finite — "
+        "2 leaves after 29 steps, nothing flagged",
+        "  gradient_health runs inside optax.apply_if_finite, which dropped 1 update(s) with "
+        "NaN/Inf and the state gradient_health had made of them: their non-finite gradients "
+        "are not counted here; put it outside, optax.chain(jaxcheck.gradient_health(), "
+        "optax.apply_if_finite(...)), or use gradient_health(skip_nonfinite=True)",
+    ]
