@@ -99,6 +99,7 @@ def _localize(run: Run, scales, leaf_k, h, paths, chosen, sequential, fixed) -> 
     ks = _sequential.looks(leaf_k, sequential, run.looks_kind)
     results, pending, choices, within, zero, rounded = {}, list(chosen), {}, [], [], []
     on_gap = {}  # leaf path: its gap, where its pass rests on that gap being rounding
+    factors = []  # (leaf path, `_verdict.constant_factor`'s note) of failing leaves
     for n in ks:
         if not pending:
             break
@@ -141,6 +142,10 @@ def _localize(run: Run, scales, leaf_k, h, paths, chosen, sequential, fixed) -> 
                 on_gap[paths[leaf] or "(root)"] = head.gap
             if status is Status.PASS and head.absolute:
                 zero.append(paths[leaf] or "(root)")
+            if status is Status.FAIL and np.size(run.inputs.diff[leaf]) >= 2:
+                factor = _verdict.constant_factor(p, head.tolerance)
+                if factor is not None:
+                    factors.append((paths[leaf] or "(root)", factor))
             results[leaf] = LeafResult(
                 paths[leaf],
                 tuple(x.shape),
@@ -153,6 +158,11 @@ def _localize(run: Run, scales, leaf_k, h, paths, chosen, sequential, fixed) -> 
                 n,
             )
         pending = still
+    if not any(q.startswith(_verdict.FACTOR) for q in run.problems):
+        # (a factor on some leaves only: the all-leaf comparison is no multiple)
+        for path, factor in factors:
+            said = factor.replace(" along every direction ", " along every direction of it ", 1)
+            run.problems.append(f"{path}: {said}")
     _note_gaps_on_another_path(run, on_gap)
     if within:
         run.problems.append(f"{', '.join(within)}: {_jitter.WITHIN_ROUNDING}")

@@ -875,3 +875,24 @@ def test_a_wrong_derivative_of_one_entry_is_not_called_a_constant_factor():
     )
     assert report.status == "fail"
     assert not [q for q in report.problems if q.startswith("the derivative under test is ")]
+
+
+def test_a_constant_factor_on_one_leaf_is_named_on_that_leaf():
+    """A factor on one leaf only leaves the all-leaf comparison no multiple of fn's; the
+    leaf's own check is, and its note names the leaf."""
+
+    def fn(p):
+        return jnp.sum(jnp.sin(p["w"]) ** 2) + jnp.sum(jnp.cos(p["b"]) * p["w"][:2])
+
+    params = {"w": jnp.linspace(0.1, 0.9, 5), "b": jnp.array([0.3, 0.4])}
+
+    def halved_w(p):
+        g = jax.grad(fn)(p)
+        return {"w": g["w"] * 0.5, "b": g["b"]}
+
+    report = jaxcheck.verify(fn, params, grad_fn=halved_w)
+    assert report.status == "fail"
+    said = [q for q in report.problems if "times fn's along every direction" in q]
+    assert len(said) == 1 and said[0].startswith(
+        "['w']: the derivative under test is 0.5 times fn's along every direction of it"
+    ), report.problems
