@@ -198,15 +198,14 @@ def _closures_widened(run: Run, dtype, cast, index, rows, h, offsets, err) -> di
     float64 too (`_precision.widened_closures`), where fn mixed them with its float64
     inputs and failed (`err`: a scan's carry starting from one changed type); None where
     that is not the failure, or there are none, or it fails again."""
-    if not cast or np.dtype(dtype) != np.float64 or not _precision.stale_constants(err):
+    if not cast or np.dtype(dtype) != np.float64:
         return None
-    with _precision.widened_closures(run.problem.fn) as widened:
-        if not widened:
-            return None
-        try:
-            out = _reference_in(run, dtype, cast, index, rows, h, offsets)
-        except Exception:  # noqa: BLE001 - the other fallbacks follow
-            return None
+    again = _precision.again_widened(
+        run.problem.fn, err, lambda: _reference_in(run, dtype, cast, index, rows, h, offsets)
+    )
+    if again is None:
+        return None
+    out, widened = again
     run.widened = True
     run.problems.append(
         f"fn mixed float32 arrays it closes over (or reads from its module's globals, or "

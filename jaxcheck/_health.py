@@ -1077,8 +1077,8 @@ def health(state: Any) -> HealthSummary:
         >>> print(jaxcheck.health(state))
         jaxcheck.health: healthy — 1 leaf after 1 step, nothing vanishing, exploding or non-finite
     """
-    s, after = find(state), _rescaling_before(state)
-    dropped = _dropped_unseen(state)
+    s, path = _found(state)
+    after, dropped = _rescaling_before(state, path), _dropped_unseen(state, path)
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(s)):
         raise TypeError(
             "jaxcheck.health reads the state on the host and cannot run inside jax.jit or "
@@ -1134,19 +1134,13 @@ def health(state: Any) -> HealthSummary:
     )
 
 
-def _rescaling_before(state: Any) -> tuple[str, ...]:
+def _rescaling_before(state: Any, path) -> tuple[str, ...]:
     """The names of the optax rescaling states (ScaleBy..., as Adam's) that come before
-    the `HealthState` in the tuples (chains) and ordered dicts (named chains) holding it;
-    where none, (`STATELESS`,) if a transformation that keeps no state comes before it
-    (clip_by_global_norm's state is optax's EmptyState, as scale's is: which one it was
-    is not known)."""
-    is_state = lambda x: isinstance(x, HealthState)  # noqa: E731
+    the `HealthState` (at key `path` in `state`) in the tuples (chains) and ordered dicts
+    (named chains) holding it; where none, (`STATELESS`,) if a transformation that keeps
+    no state comes before it (clip_by_global_norm's state is optax's EmptyState, as
+    scale's is: which one it was is not known)."""
     empty = lambda x: type(x).__name__ == STATELESS  # noqa: E731
-    [(path, _)] = [
-        (p, x)
-        for p, x in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_state)[0]
-        if is_state(x)
-    ]
     names, stateless, node = [], False, state
     try:
         for entry in path:
@@ -1172,16 +1166,11 @@ def _rescaling_before(state: Any) -> tuple[str, ...]:
 STATELESS = "EmptyState"  # optax's state of a transformation that keeps none
 
 
-def _dropped_unseen(state: Any) -> int:
-    """How many updates an `optax.apply_if_finite` holding the `HealthState` in its inner
-    state dropped for NaN/Inf (its `total_notfinite`): it keeps the inner state of the
-    step before, so gradient_health's record of them is dropped too."""
-    is_state = lambda x: isinstance(x, HealthState)  # noqa: E731
-    [path] = [
-        p
-        for p, x in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_state)[0]
-        if is_state(x)
-    ]
+def _dropped_unseen(state: Any, path) -> int:
+    """How many updates an `optax.apply_if_finite` holding the `HealthState` (at key
+    `path` in `state`) in its inner state dropped for NaN/Inf (its `total_notfinite`): it
+    keeps the inner state of the step before, so gradient_health's record of them is
+    dropped too."""
     dropped, node = 0, state
     try:
         for entry in path:
@@ -1224,6 +1213,11 @@ def _child(node, entry):
 
 def find(state: Any) -> HealthState:
     """The one `HealthState` inside an optimizer state (see `health` for the errors)."""
+    return _found(state)[0]
+
+
+def _found(state: Any) -> tuple:
+    """(the one `HealthState` inside an optimizer state, its key path there)."""
     found = [
         (path, s)
         for path, s in jax.tree_util.tree_flatten_with_path(
@@ -1262,7 +1256,7 @@ def find(state: Any) -> HealthState:
             f"{where}{', ...' if len(found) > 4 else ''}; pass the one you want, e.g. "
             f"jaxcheck.health({where.split(', ')[0]})."
         )
-    return found[0][1]
+    return found[0][1], found[0][0]
 
 
 def fired(state: HealthState) -> int:

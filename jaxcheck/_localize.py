@@ -142,8 +142,10 @@ def _localize(run: Run, scales, leaf_k, h, paths, chosen, sequential, fixed) -> 
                 on_gap[paths[leaf] or "(root)"] = head.gap
             if status is Status.PASS and head.absolute:
                 zero.append(paths[leaf] or "(root)")
-            if status is Status.FAIL and np.size(run.inputs.diff[leaf]) >= 2:
-                factor = _verdict.constant_factor(p, head.tolerance)
+            if status is Status.FAIL:
+                factor = _verdict.constant_factor(
+                    p, head.tolerance, int(np.size(x)), along="every direction of it"
+                )
                 if factor is not None:
                     factors.append((paths[leaf] or "(root)", factor))
             results[leaf] = LeafResult(
@@ -160,9 +162,7 @@ def _localize(run: Run, scales, leaf_k, h, paths, chosen, sequential, fixed) -> 
         pending = still
     if not any(q.startswith(_verdict.FACTOR) for q in run.problems):
         # (a factor on some leaves only: the all-leaf comparison is no multiple)
-        for path, factor in factors:
-            said = factor.replace(" along every direction ", " along every direction of it ", 1)
-            run.problems.append(f"{path}: {said}")
+        run.problems.extend(f"{path}: {factor}" for path, factor in factors)
     _note_gaps_on_another_path(run, on_gap)
     if within:
         run.problems.append(f"{', '.join(within)}: {_jitter.WITHIN_ROUNDING}")

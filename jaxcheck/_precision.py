@@ -250,6 +250,22 @@ def widened_closures(fn, depth: int = 4):
                 where[name] = value
 
 
+def again_widened(fn, err: BaseException, attempt) -> tuple | None:
+    """(`attempt()`, how many arrays were cast) with the float32 arrays `fn` closes over
+    cast to float64 (`widened_closures`), where `err`, raised by a float64 attempt, reads
+    like fn mixing them with its float64 inputs (`stale_constants`); None where it does
+    not, where fn closes over none, or where the attempt fails again."""
+    if not stale_constants(err):
+        return None
+    with widened_closures(fn) as widened:
+        if not widened:
+            return None
+        try:
+            return attempt(), widened
+        except Exception:  # noqa: BLE001 - the caller's other fallbacks follow
+            return None
+
+
 # marks a functools.partial's bound arguments in `widened_closures`
 _PARTIAL = object()
 # modules whose functions' globals `widened_closures` leaves alone

@@ -307,19 +307,21 @@ def _note_inputs(err: Exception, name: str, f, params, args) -> None:
     """Add to an error raised inside `f` (its own, kept as it is) what jaxcheck passed it,
     where `f` was called as `f(params, *args)`: params and data given in each other's
     place (`verify(loss, x, params)`) otherwise show only as an error deep inside f."""
-    if getattr(f, "positional", False) or getattr(err, "_jaxcheck_noted", False):
-        return  # (check_grads' f takes its args as given: nothing of jaxcheck's to show)
+    # (check_grads' f takes its args as given: nothing of jaxcheck's to show; a call
+    # nested in another noted it already)
+    noted = any(n.startswith(_RAISED_INSIDE) for n in getattr(err, "__notes__", ()))
+    if getattr(f, "positional", False) or noted:
+        return
     shown = f"params = {_tree.outline(params)}"
     if args:
         shown += f" and args = {_tree.outline(args)}"
-    try:
-        err._jaxcheck_noted = True
-    except AttributeError:  # (an exception type with fixed slots: noted each time)
-        pass
     err.add_note(
-        f"(raised inside {name}, called by jaxcheck as {name}(params, *args) with {shown}; "
+        f"{_RAISED_INSIDE}{name}, called by jaxcheck as {name}(params, *args) with {shown}; "
         "params, the argument differentiated, comes first)"
     )
+
+
+_RAISED_INSIDE = "(raised inside "  # how `_note_inputs`' note starts
 
 
 def _is_single_array(x) -> bool:

@@ -242,15 +242,10 @@ def _with_wide(fn, params, args, jaxpr, found, checked=None) -> list:
     except Exception as err:  # noqa: BLE001 - fn refuses float64: its rules are checked as traced
         # (unless fn mixed float32 data it closes over with float64 values, as the
         # finite-difference reference does: traced with that data cast)
-        closed = None
-        if _precision.stale_constants(err):
-            with _precision.widened_closures(fn) as widened:
-                try:
-                    closed = traced() if widened else None
-                except Exception:  # noqa: BLE001 - as above
-                    closed = None
-        if closed is None:
+        again = _precision.again_widened(fn, err, traced)
+        if again is None:
             return found
+        closed = again[0]
     wide_places = _rule_places(closed.jaxpr)
     twins = {id(e): wide_places[p] for p, e in _rule_places(jaxpr).items() if p in wide_places}
     out = []

@@ -334,7 +334,7 @@ def status(run: Run, p: Pass, checks, k, problems) -> Status:
         return Status.INCONCLUSIVE
     if not all(c.passed for c in checks):
         entries = sum(int(np.size(x)) for x in run.inputs.diff)
-        factor = constant_factor(p, head.tolerance) if entries >= 2 else None
+        factor = constant_factor(p, head.tolerance, entries)
         if factor is not None:
             problems.append(factor)
         return Status.FAIL
@@ -426,15 +426,18 @@ def _even(p: Pass) -> bool:
 FACTOR = "the derivative under test is "  # how `constant_factor`'s note starts
 
 
-def constant_factor(p: Pass, tolerance: float) -> str | None:
+def constant_factor(
+    p: Pass, tolerance: float, entries: int, along: str = "every direction"
+) -> str | None:
     """Where the derivative under test is a constant multiple c of the finite differences
     along every smooth direction (to within `tolerance`, relative), the note that says so:
     a constant factor wrong, the commonest slip in a hand-derived derivative, or a rule
     that scales or reverses its gradient on purpose. None otherwise, or where c is 1 or
     0 to within the tolerance (no factor to name), or fewer than 4 directions judge it.
-    (Where params hold one entry, every derivative is such a multiple: not called.)"""
+    (Where the directions move `entries` < 2 entries, every derivative is such a multiple:
+    not called.) `along`: the directions, as the note names them."""
     a = p.analytic
-    if a is None or np.iscomplexobj(a) or np.iscomplexobj(p.fd.value):
+    if entries < 2 or a is None or np.iscomplexobj(a) or np.iscomplexobj(p.fd.value):
         return None
     use = p.fd.smooth & np.isfinite(a) & np.isfinite(p.fd.value)
     f, a = p.fd.value[use].astype(np.float64), a[use].astype(np.float64)
@@ -445,7 +448,7 @@ def constant_factor(p: Pass, tolerance: float) -> str | None:
     if misfit > tolerance or abs(c - 1) <= 10 * max(tolerance, misfit) or abs(c) < 1e-3:
         return None
     return (
-        f"{FACTOR}{c:.4g} times fn's along every direction (to within "
+        f"{FACTOR}{c:.4g} times fn's along {along} (to within "
         f"{max(misfit, 1e-16):.1e}): a constant factor wrong (a sign, a factor of 2, a mean "
         "taken for a sum, a scale left out), or a rule that scales or reverses its "
         "gradient on purpose (a gradient-reversal layer)"
