@@ -55,7 +55,9 @@ def checked(fn, params, args, options, check) -> Report:
     what = []  # what the parts check besides fn's derivatives, for the headline
     if o.transforms:
         try:
-            part, more = _transforms.check(fn, params, args, o, _measured_rounding(report))
+            # (on a mesh of Explicit axes the rows' jitted gradients take that mesh)
+            with _plan.explicit_mesh_of((params, args)):
+                part, more = _transforms.check(fn, params, args, o, _measured_rounding(report))
             parts += [part] if part is not None else []
             what += [", under JAX's transformations too,"] if part is not None else []
             notes += more

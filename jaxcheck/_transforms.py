@@ -267,8 +267,10 @@ def _loop(loss, diff, arrays, batch) -> list:
     split, b = batch
     loss = dataclasses.replace(loss, cotangent=None)  # outputs change shape with the batch
 
+    whole = [_replicated(x) if s else x for x, s in zip(arrays, split)]
+
     def example(i):
-        return [x[i : i + 1] if s else x for x, s in zip(arrays, split)]
+        return [x[i : i + 1] if s else x for x, s in zip(whole, split)]
 
     grad = jax.jit(loss.gradient)
     return [grad(diff, example(i)) for i in range(min(b, MAX_EXAMPLES))]
@@ -279,10 +281,18 @@ def _vmap(loss, diff, arrays, batch, loop, what, tol):
     b = min(b, MAX_EXAMPLES)
     loss = dataclasses.replace(loss, cotangent=None)  # outputs change shape with the batch
     stacked = [
-        jnp.stack([jnp.asarray(x)[i : i + 1] for i in range(b)]) if s else x
+        jnp.stack([jnp.asarray(_replicated(x))[i : i + 1] for i in range(b)]) if s else x
         for x, s in zip(arrays, split)
     ]
     axes = [0 if s else None for s in split]
     batched = jax.jit(jax.vmap(loss.gradient, in_axes=(None, axes)))(diff, stacked)
     plain = [np.stack([_plan.host_array(g[j]) for g in loop]) for j in range(len(diff))]
     return _rule_rows.exact(f"vmap: {what}", batched, plain, tol), ()
+
+
+def _replicated(x):
+    """`x` whole on every device of its mesh where it is sharded over Explicit mesh axes
+    (there JAX slices out one example only given the output's sharding); `x` elsewhere."""
+    if not _plan.explicitly_sharded(x):
+        return x
+    return jax.sharding.reshard(x, jax.sharding.PartitionSpec())

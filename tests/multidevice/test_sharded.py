@@ -100,6 +100,26 @@ def test_a_sharded_array_output_on_a_mesh_of_explicit_axes(order):
     assert ": vjp vs finite differences, relative error 1.0e-03" in line, line
 
 
+@pytest.mark.parametrize("explicit", [True, False], ids=["explicit", "auto"])
+def test_transformation_rows_run_on_the_mesh_of_the_arrays(explicit):
+    """With transforms=True on a mesh of Explicit axes, the jit and forward-vs-reverse rows
+    ran their jitted gradients outside the arrays' mesh (JAX: "Please enter your `jit` into
+    a mesh context"), which failed a correct model as "the gradient under jax.jit is
+    WRONG", and the vmap row could not slice one example out of a batch sharded over
+    "data"."""
+    if explicit:
+        _, w, x = _explicit_2x4()
+    else:
+        mesh = _mesh((2, 4), ("data", "fsdp"))
+        w = jax.device_put(jnp.linspace(-1, 1, 512).reshape(16, 32), NamedSharding(mesh, P("fsdp")))
+        x = jax.device_put(jnp.linspace(-1, 1, 512).reshape(32, 16), NamedSharding(mesh, P("data")))
+    report = jaxcheck.verify(lambda w, x: jnp.mean(jnp.tanh(x @ w) ** 2), w, x, transforms=True)
+    assert report.status == "pass", str(report)
+    rows = {p.label: p.status.value for p in report.parts[-1].parts}
+    assert rows == dict.fromkeys(["jit", "vmap", "checkpoint", "forward vs reverse"], "pass")
+    assert not any(q.startswith("transforms") for q in report.problems), str(report)
+
+
 def _scaled_identity(factor):
     @jax.custom_vjp
     def scaled_identity(w):
