@@ -94,6 +94,10 @@ def localize(run: Run, scales, leaf_k, h, paths, chosen, sequential=False, fixed
         run.leaf_checks = False
 
 
+# where a failing leaf's note of a constant factor (`_verdict.constant_factor`) says it holds
+OF_THE_LEAF = "every direction of it"
+
+
 def _localize(run: Run, scales, leaf_k, h, paths, chosen, sequential, fixed) -> tuple:
     sequential = sequential and run.plan.direction_sharding is None
     ks = _sequential.looks(leaf_k, sequential, run.looks_kind)
@@ -144,7 +148,7 @@ def _localize(run: Run, scales, leaf_k, h, paths, chosen, sequential, fixed) -> 
                 zero.append(paths[leaf] or "(root)")
             if status is Status.FAIL:
                 factor = _verdict.constant_factor(
-                    p, head.tolerance, int(np.size(x)), along="every direction of it"
+                    p, head.tolerance, int(np.size(x)), along=OF_THE_LEAF
                 )
                 if factor is not None:
                     factors.append((paths[leaf] or "(root)", factor))
@@ -407,7 +411,9 @@ def merge_leaves(run: Run, status: Status, leaves, num_leaves: int = 0) -> Statu
     leaves' gradients side by side."""
     failing = [leaf.path or "(root)" for leaf in leaves if leaf.status is Status.FAIL]
     if failing:
-        run.problems.append(f"wrong: {', '.join(failing)}")
+        # (before the failing leaves' own notes of a constant factor, which it names)
+        at = next((i for i, q in enumerate(run.problems) if OF_THE_LEAF in q), len(run.problems))
+        run.problems.insert(at, f"wrong: {', '.join(failing)}")
         cut = _cut_off(run, [leaf.path for leaf in leaves if leaf.status is Status.FAIL])
         if cut:
             one = len(cut) == 1

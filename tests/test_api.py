@@ -896,3 +896,5 @@ def test_a_constant_factor_on_one_leaf_is_named_on_that_leaf():
     assert len(said) == 1 and said[0].startswith(
         "['w']: the derivative under test is 0.5 times fn's along every direction of it"
     ), report.problems
+    # the leaf is named wrong before its note says how
+    assert report.problems.index("wrong: ['w']") < report.problems.index(said[0])
