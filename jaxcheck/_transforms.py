@@ -130,7 +130,7 @@ def check(fn, params, args, o, rounding: float = 0.0) -> tuple[Report | None, li
     loop = None
     if batch is not None:
         try:
-            loop = _loop(loss, diff, traced, batch)
+            examples, loop = _loop(loss, diff, traced, batch)
         except _UNTRACEABLE as err:
             refused["vmap"] = err
         except Exception as err:  # noqa: BLE001 - fn's own error, said in the note
@@ -143,7 +143,7 @@ def check(fn, params, args, o, rounding: float = 0.0) -> tuple[Report | None, li
         notes.append(f"transforms: vmap not checked, {note}")
     elif loop is not None:
         what = f"gradient per example by jax.vmap over the leading axis of {note} vs a loop"
-        add("vmap", what, lambda: _vmap(loss, diff, traced, batch, loop, what, tol))
+        add("vmap", what, lambda: _vmap(loss, diff, batch[0], examples, loop, what, tol))
     if o.grad_fn is None:
         what = "gradient of jax.checkpoint(fn) vs plain"
         add("checkpoint", what, lambda: _remat(loss, diff, traced, what, tol))
@@ -262,27 +262,27 @@ def _batch_axis(arrays, paths):
     return (split, b), f"args{path} (B = {b})"
 
 
-def _loop(loss, diff, arrays, batch) -> list:
-    """The gradient of each example of the batch (at most MAX_EXAMPLES), one at a time."""
+def _loop(loss, diff, arrays, batch) -> tuple[list, list]:
+    """(the first examples of the batch, at most MAX_EXAMPLES, each its arrays cut to a
+    batch of one; the gradient of each, one at a time)."""
     split, b = batch
     loss = dataclasses.replace(loss, cotangent=None)  # outputs change shape with the batch
-
     whole = [_replicated(x) if s else x for x, s in zip(arrays, split)]
-
-    def example(i):
-        return [x[i : i + 1] if s else x for x, s in zip(whole, split)]
-
+    examples = [
+        [x[i : i + 1] if s else x for x, s in zip(whole, split)]
+        for i in range(min(b, MAX_EXAMPLES))
+    ]
     grad = jax.jit(loss.gradient)
-    return [grad(diff, example(i)) for i in range(min(b, MAX_EXAMPLES))]
+    return examples, [grad(diff, example) for example in examples]
 
 
-def _vmap(loss, diff, arrays, batch, loop, what, tol):
-    split, b = batch
-    b = min(b, MAX_EXAMPLES)
+def _vmap(loss, diff, split, examples, loop, what, tol):
+    """The row comparing the gradients of `examples` (`_loop`'s), stacked and batched by
+    jax.vmap, with the loop's."""
     loss = dataclasses.replace(loss, cotangent=None)  # outputs change shape with the batch
     stacked = [
-        jnp.stack([jnp.asarray(_replicated(x))[i : i + 1] for i in range(b)]) if s else x
-        for x, s in zip(arrays, split)
+        jnp.stack([jnp.asarray(example[j]) for example in examples]) if s else x
+        for j, (x, s) in enumerate(zip(examples[0], split))
     ]
     axes = [0 if s else None for s in split]
     batched = jax.jit(jax.vmap(loss.gradient, in_axes=(None, axes)))(diff, stacked)
