@@ -1011,17 +1011,16 @@ class HealthSummary:
                 "outside, optax.chain(jaxcheck.gradient_health(), "
                 "optax.apply_if_finite(...)), or use gradient_health(skip_nonfinite=True)"
             )
+        counted = f"{n} lea{'f' if n == 1 else 'ves'} {after}"
         if not self.flagged and self.dropped:
             head = (
                 f"jaxcheck.health: {self.dropped} update(s) with NaN/Inf dropped unseen by "
-                f"optax.apply_if_finite — {n} lea{'f' if n == 1 else 'ves'} {after}, "
-                "nothing flagged"
+                f"optax.apply_if_finite — {counted}, nothing flagged"
             )
             return "\n".join([head, *notes])
         if self.ok:
             head = (
-                f"jaxcheck.health: healthy — {n} lea{'f' if n == 1 else 'ves'} {after}, "
-                "nothing vanishing, exploding or non-finite"
+                f"jaxcheck.health: healthy — {counted}, nothing vanishing, exploding or non-finite"
             )
             return "\n".join([head, *notes])
         flagged = self.flagged
