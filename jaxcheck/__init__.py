@@ -19,6 +19,25 @@ from ._training import CheckRecord as CheckRecord
 from ._training import PeriodicCheck as PeriodicCheck
 from ._verify import verify as verify
 
+__all__ = [
+    "CheckRecord",
+    "Checker",
+    "Comparison",
+    "GradientCheckError",
+    "HealthState",
+    "HealthSummary",
+    "LeafHealth",
+    "LeafResult",
+    "PeriodicCheck",
+    "Report",
+    "Status",
+    "check_grads",
+    "gradient_health",
+    "health",
+    "verify",
+    "verify_rule",
+]
+
 try:
     __version__ = importlib.metadata.version("jaxcheck")
 except importlib.metadata.PackageNotFoundError:  # imported from a source tree, not installed

@@ -27,6 +27,7 @@ from . import (
     _precision,
     _problem,
     _tree,
+    _verdict,
     _verify,
 )
 from ._error_model import Comparison
@@ -36,7 +37,7 @@ from ._report import Report, Status, apart
 MODES = {"fwd": "forward", "rev": "reverse", "lin": "forward"}
 # The loosest floor a JAX-style tolerance can set: a zero or sign-flipped gradient has a
 # relative error of 1 or more, and the floor must stay below what verify accepts (< 1).
-MAX_FLOOR = 0.5
+MAX_FLOOR = _options.MAX_RTOL
 # The floor a tolerance left unset stands for: JAX's default for float64, the tightest of
 # its per-dtype defaults. Derivatives that are approximate by design (an ODE solver's
 # adjoint, an iterative solve to its tolerance) differ from finite differences of the
@@ -78,11 +79,25 @@ class Outcome:
         if not math.isnan(source.relative_error):
             error, tolerance = apart(source.relative_error, source.tolerance)
             parts.append(f"relative error {error} (tolerance {tolerance})")
-        if source.problems:
-            parts.append(source.problems[0])
+        note = _telling(source.problems, r.problems, self.verdict == "fail")
+        if note:
+            parts.append(_in_check_grads_terms(note))
         if self.verdict == "unjudged":
             parts.append("not judged")
         return "; ".join(parts)
+
+
+def _telling(own, whole, failed: bool) -> str:
+    """The note a one-line headline quotes: for a failure, the one that says why (a wrong
+    rule, or a constant factor) where the notes of the part that decided (`own`) or of the
+    whole check (`whole`) hold one; else the part's first, but a tolerance capped."""
+    if failed:
+        for start in ("wrong rule", _verdict.FACTOR):
+            said = [q for q in (*own, *whole) if q.startswith(start)]
+            if said:
+                return said[0]
+    notes = [q for q in own if not q.startswith("tolerance capped")] or list(own)
+    return notes[0] if notes else ""
 
 
 def _refusing_unknown_keywords(entry):
@@ -265,7 +280,8 @@ def run(f, args, order, modes=("fwd", "rev"), atol=None, rtol=None, eps=None) ->
         raise TypeError(
             f"check_grads: modes={modes!r} asks for forward mode (jvp), but f contains a "
             "jax.custom_vjp function, which has no jvp (jax.test_util.check_grads raises "
-            "here too). Pass modes=('rev',) to check its custom rule in reverse mode."
+            f"here too: {_evaluate.JAX_NO_JVP}). Pass modes=('rev',) to check its custom rule "
+            "in reverse mode."
         )
     if report.status is not Status.NONFINITE:
         outcome = Outcome(report, STATUS_VERDICT[report.status])
@@ -766,7 +782,7 @@ def _in_check_grads_terms(message: str) -> str:
     for verify_said, said in _TERMS:
         message = message.replace(verify_said, said)
     # verify's "fn" is check_grads' "f" (not inside a call such as verify(fn, ...))
-    return re.sub(r"(?<![\w(])fn(?=('s)? )", "f", message)
+    return re.sub(r"(?<![\w(])fn(?=('s)?[ :;,)])", "f", message)
 
 
 def _mode(modes) -> str:

@@ -253,7 +253,26 @@ def assess_central(phis, phi0, h: float, eps: float) -> Differences:
 
 @dataclasses.dataclass(frozen=True)
 class Comparison:
-    """One candidate derivative against the finite-difference reference."""
+    """One candidate derivative against the finite-difference reference: a row of a
+    report's `checks` table.
+
+    `relative_error` is RMS(reference - candidate) over the `num_used` directions (the
+    smooth, finite ones) relative to RMS(reference), and `interval` its 95 % interval
+    (a single value where the directions span the parameters and measure it exactly).
+    `noise_floor` is the finite differences' own error, and `rounding` the candidate's
+    rounding measured against the same rule in higher precision (`rounding_measured`),
+    both in the same units; `tolerance` is the larger of `floor` (the smallest error that
+    counts as a bug) and twice their hypot, and `passed` says the error is within it.
+    `resolved` is False where the finite differences see no derivative above their own
+    noise; then, or where the candidate's rounding is larger than the derivative,
+    `absolute` is True and the errors are in units of that noise or rounding instead of
+    the derivative's size (it is zero to within them). `judged` False marks a row shown
+    but not judged (the point cannot be judged, or the row is the model's derivative of
+    another function beside the rule that decides). `gap` is |candidate - same rule in
+    higher precision| relative to the derivative's size (0 where that is within the
+    error bars). The forward-vs-reverse row compares the two modes with each other
+    instead, <u, J v> against <J^T u, v>, with no finite differences.
+    """
 
     name: str
     relative_error: float

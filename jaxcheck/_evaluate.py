@@ -14,6 +14,8 @@ from . import _autodiff, _differences, _plan, _precision, _verdict
 from ._errors import GradientCheckError, one_line
 from ._state import PRIMAL_ROW, TRACED_RULE, Run
 
+# the start of JAX's own message there (suites match it: jax.test_util.check_grads raises it)
+JAX_NO_JVP = "can't apply forward-mode autodiff (jvp) to a custom_vjp function."
 # said where mode="both" meets a custom_vjp (`check_grads` raises on it, as JAX's does)
 NO_JVP = (
     "fn contains a jax.custom_vjp function, which has no jvp: only the reverse mode was checked"
@@ -108,7 +110,7 @@ def _evaluate_batch(run: Run, index, rows, h, offsets) -> dict:
                 raise TypeError(
                     "mode='forward' needs forward-mode autodiff (jvp), but fn contains a "
                     "jax.custom_vjp function, which has no jvp. Use mode='reverse' to "
-                    "check its custom rule."
+                    f"check its custom rule. (JAX: {JAX_NO_JVP})"
                 ) from err
             run.modes = ("reverse",)
             run.problems.append(NO_JVP)

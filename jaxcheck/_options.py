@@ -101,6 +101,8 @@ MIN_STEP = 1e-12  # a relative step below it is float64 rounding (eps 2.2e-16) a
 _JAX_MODES = {"fwd": "forward", "rev": "reverse", "lin": "forward"}
 _INTS = ("order", "num_directions", "leaf_directions", "chunk_size", "memory_budget")
 _FLOATS = ("step", "rtol")
+# the loosest rtol: at a relative error above it, a derivative is hardly related to fn's
+MAX_RTOL = 0.5
 
 
 def make(**options) -> Options:
@@ -162,12 +164,19 @@ def _validate(o: Options) -> None:
             "float64; 'float64' requires float64; 'native' takes them in fn's own dtype "
             "(at least float32)."
         )
-    for name in ("step", "rtol"):
+    for name, top in (("step", "1)"), ("rtol", f"{MAX_RTOL}]")):
         value = getattr(o, name)
         if value is not None and not (
             isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < 1
         ):
-            raise ValueError(f"{name} must be a float in (0, 1) or None, got {value!r}.")
+            raise ValueError(f"{name} must be a float in (0, {top} or None, got {value!r}.")
+    if o.rtol is not None and o.rtol > MAX_RTOL:
+        raise ValueError(
+            f"rtol={o.rtol!r} is above {MAX_RTOL}: a derivative that is zero, or a tenth of "
+            "fn's, has a relative error of 1 or 0.9, so a tolerance that loose would pass it. "
+            f"Pass rtol of at most {MAX_RTOL} (a derivative approximate by design, as a "
+            "solver's to its tolerance, needs about that tolerance)."
+        )
     if o.step is not None and o.step < MIN_STEP:
         raise ValueError(
             f"step={o.step!r} is below {MIN_STEP}: params moved by so small a relative step "

@@ -122,11 +122,13 @@ def verify(
             precision (of a lower precision fn rounds to inside, when it casts to one).
             The error model may move to a smaller step, never to a larger one than
             max(step, 0.05).
-        rtol: smallest relative error treated as a bug; default derived from the precision.
+        rtol: smallest relative error treated as a bug, at most 0.5; default derived from
+            the precision.
         localize: also check each leaf on its own. "auto": when the check fails, for
             leaves too small for the all-leaf check to see a 0.1 % error in them, and in
             forward mode alone (no gradient to weigh the leaves) for every leaf.
-        leaf_directions: directions per leaf when localizing; 2 to 65536.
+        leaf_directions: directions per leaf when localizing; 2 to 65536. A failing check
+            that no leaf check blames checks the leaves again along twice as many.
         directions: "uniform" (random signs times 128 evenly spaced magnitudes, unit
             variance: no error vanishes along many of them), "rademacher" (random signs
             alone: an error on two entries vanishes along half of them, so the first look
@@ -154,7 +156,7 @@ def verify(
             failure seen by finite differences shows in the others). Never with `grad_fn`.
         transforms: also compare, without finite differences, the gradient under
             `jax.jit` with the eager one, `jax.vmap` of the gradient over the leading
-            axis of the first argument that has one of size >= 2 with the example-by-example
+            axis of the largest argument that has one of size >= 2 with the example-by-example
             loop, the gradient of `jax.checkpoint(fn)` with the plain one, and forward with
             reverse mode; one row each.
 

@@ -150,13 +150,20 @@ class Router:
                 self.pending_calls += 1
             # JAX checks the modes it finds `in modes` and ignores the rest: a test whose
             # modes name none (modes=(), a parametrization's empty list) passes there
+            once = _once(modes)
             found = tuple(m for m in _check_grads.MODES if _has(modes, m))
             if not found:
-                records.append(["unjudged", f"modes={modes!r} names no mode: nothing checked"])
+                said = (
+                    "modes, an iterator, gave no mode as JAX reads it ('fwd' in modes, then "
+                    "'rev' in modes, from the one iterator): nothing checked; pass a tuple"
+                    if once
+                    else f"modes={modes!r} names no mode: nothing checked"
+                )
+                records.append(["unjudged", said])
                 return None
-            if isinstance(modes, str) or len(found) < _count(modes):
-                # the names JAX reads: in a string ("fwdrev" holds both), or beside
-                # unknown ones, which it ignores
+            if isinstance(modes, str) or once or len(found) < _count(modes):
+                # the names JAX reads: in a string ("fwdrev" holds both), beside unknown
+                # ones, which it ignores, or from an iterator, which reading them used up
                 modes = found
             try:
                 outcome = _check_grads.run(f, args, order, modes, atol, rtol, eps)
@@ -205,7 +212,9 @@ class Router:
         # where one did, the others are failures on the way to it (hypothesis shrinking a
         # failing example), not expected ones
         ended = _chain(call.excinfo.value if call.excinfo is not None else None)
-        if not any(error is e for _, error in self.raised for e in ended):
+        # (a test that skips itself on the error, pytest.skip or unittest.SkipTest raised
+        # while handling it, caught it too)
+        if report.skipped or not any(error is e for _, error in self.raised for e in ended):
             for i, _ in self.raised:
                 self.pending[i][0] = "caught"
         self.raised = []
@@ -263,6 +272,14 @@ def _has(modes, mode: str) -> bool:
         return mode in modes
     except TypeError:  # not a container: check_grads says what modes must be
         return True
+
+
+def _once(modes) -> bool:
+    """Whether `modes` is an iterator (a generator), which can be read once only."""
+    try:
+        return iter(modes) is modes
+    except TypeError:
+        return False
 
 
 def _count(modes) -> int:

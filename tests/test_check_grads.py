@@ -219,7 +219,7 @@ def test_the_headline_is_that_of_the_part_that_was_not_judged():
 def test_nan_function_is_not_judged_but_nan_gradient_of_finite_function_fails():
     outcome = _check_grads.run(jnp.log, (np.array([-1.0, -2.0]),), 1, ("rev",))
     assert (outcome.verdict, outcome.report.status) == ("unjudged", "nonfinite")
-    assert "fn's output (root) is NaN/Inf at params" in outcome.headline
+    assert "f's output (root) is NaN/Inf at params" in outcome.headline
     # sqrt(x**2) is |x|, finite all around 0, where autodiff's 0/0 makes a NaN gradient
     with pytest.raises(jaxcheck.GradientCheckError) as info:
         jaxcheck.check_grads(lambda x: jnp.sqrt(x**2), (np.array([0.0, 2.0]),), 1, ("rev",))
@@ -595,8 +595,13 @@ def test_forward_mode_through_a_custom_vjp_raises_as_in_jax(order):
     assert str(info.value) == (
         "check_grads: modes=('fwd', 'rev') asks for forward mode (jvp), but f contains a "
         "jax.custom_vjp function, which has no jvp (jax.test_util.check_grads raises here "
-        "too). Pass modes=('rev',) to check its custom rule in reverse mode."
+        "too: can't apply forward-mode autodiff (jvp) to a custom_vjp function.). Pass "
+        "modes=('rev',) to check its custom rule in reverse mode."
     )
+    # a suite matching JAX's own words passes either way
+    for modes in [("fwd",), ("fwd", "rev")]:
+        with pytest.raises(TypeError, match=r"can't apply forward-mode autodiff \(jvp\) to a"):
+            jaxcheck.check_grads(_sin_by_vjp, (X,), order, modes=modes)
     jaxcheck.check_grads(_sin_by_vjp, (X,), order, modes=("rev",))
 
 
@@ -1157,3 +1162,28 @@ def test_a_derivative_that_is_a_limit_of_gradients_nearby_is_not_outside_the_slo
     does not have. Both were failed as outside the one-sided slopes (JAX's check passes
     the ramp; at the ties both fail)."""
     jaxcheck.check_grads(f, args, 1)
+
+
+@jax.custom_jvp
+def _relu_twice(x):
+    return jnp.maximum(x, 0.0)
+
+
+_relu_twice.defjvp(lambda p, t: (_relu_twice(p[0]), jnp.where(p[0] > 0, 2.0, 0.0) * t[0]))
+
+
+@pytest.mark.parametrize("loose", [False, True])
+def test_a_failures_headline_says_why_in_check_grads_terms(loose):
+    """The one-line headline (the plugin's summary) quoted the first note: at a point with
+    an entry on the kink, that the directions crossing it were left out, and under loose
+    tolerances the note that they were capped, not the wrong rule that failed it."""
+    tolerances = {"atol": 1.0, "rtol": 1.0} if loose else {}
+    x = np.array([0.0, 0.5, 1.0, 1.5], np.float32)
+    outcome = _check_grads.run(lambda x: jnp.sum(_relu_twice(x) ** 2), (x,), 1, **tolerances)
+    assert outcome.verdict == "fail"
+    tolerance = "5.0e-01" if loose else "1.0e-05"
+    # (with the automatic rule checks, the wrong rule named would come first)
+    why = "wrong: [0]" if loose else "the derivative under test is 2 times f's along every"
+    assert outcome.headline.startswith(
+        f"fail; relative error 1.0e+00 (tolerance {tolerance}); {why}"
+    ), outcome.headline

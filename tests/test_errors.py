@@ -57,7 +57,14 @@ P = {"w": jnp.ones(3)}
             ValueError,
             "step=1e-30 is below 1e-12: params moved by so small a relative step round back",
         ),
-        ({"rtol": 2.0}, ValueError, "rtol must be a float in (0, 1) or None, got 2.0."),
+        ({"rtol": 2.0}, ValueError, "rtol must be a float in (0, 0.5] or None, got 2.0."),
+        (
+            {"rtol": 0.99},  # passed a derivative a tenth of fn's
+            ValueError,
+            "rtol=0.99 is above 0.5: a derivative that is zero, or a tenth of fn's, has a "
+            "relative error of 1 or 0.9, so a tolerance that loose would pass it. Pass rtol of "
+            "at most 0.5",
+        ),
         ({"localize": "yes"}, ValueError, "localize must be True, False or 'auto', got 'yes'."),
         (
             {"directions": "sobol"},

@@ -580,7 +580,7 @@ def test_rule_that_mishandles_a_symbolic_zero_fails_the_unused_outputs_row():
     [
         ({"precision": "double"}, "precision must be one of ('auto', 'float64', 'native')"),
         ({"num_directions": 0}, "num_directions must be an int >= 4, got 0."),
-        ({"rtol": -1.0}, "rtol must be a float in (0, 1) or None, got -1.0."),
+        ({"rtol": -1.0}, "rtol must be a float in (0, 0.5] or None, got -1.0."),
         ({"leaf_directions": 0}, "leaf_directions must be an int >= 2, got 0."),
     ],
 )
