@@ -18,17 +18,20 @@ import numpy as np
 from . import _directions, _plan, _precision
 from ._errors import CotangentKind
 
-# Derivatives are evaluated at a unit of 2, not 1: a scalar fn's gradient is pulled back
-# from the cotangent 2, and the folded forward projections of small problems push tangents
-# of entries +-2, each result then halved. For a derivative linear in its tangent or
-# cotangent, as it must be, that is the same to the bit (a power of two scales exactly,
-# barring overflow: float16 values above half its largest number, 32752, become Inf,
-# where a scalar fn's gradient falls back to the unit of 1); a rule that is not agrees
-# with a linear one at +-1, the only values it would otherwise meet there, and differs at
-# 2: a custom_vjp bwd computing g * |g| or g ** 3, a custom_jvp rule with t * |t|, and
-# rules that clip their cotangent or tangent (at 0.75, say: jax.grad's cotangent of 1
-# reaches it, and is clipped, wherever fn's own derivative above the rule is near 1). A
-# unit below 1 would let those clipping below 1 pass.
+# A derivative is linear in its tangent or cotangent, as it must be; a rule that is not
+# (a custom_vjp bwd computing g * |g|, a custom_jvp rule with t * |t|, rules that clip or
+# threshold their cotangent or tangent) can agree with a linear one at the one unit it
+# meets. A scalar fn's gradient is pulled back from the cotangent 1, as jax.grad pulls it
+# back, and checked; where fn calls a custom rule (JAX's own primitives are linear by
+# construction), again from the cotangent 2, halved, which for a linear rule is
+# the same to the bit (a power of two scales exactly, barring overflow: float16 values above
+# half its largest number, 32752, become Inf, and are left out). The two are compared
+# (`linear_gap`): a rule clipping at 0.75, which jax.grad's cotangent of 1 reaches
+# wherever fn's own derivative above the rule is near 1, fails either way, and one
+# clipping at 1.5, which jax.grad never reaches, is no derivative all the same: under a
+# loss scaled, or summed with another, its gradient is another. The folded forward
+# projections of small problems push tangents of entries +-1 and +-2 alike, compared the
+# same way (`tangent_gap`).
 UNIT = 2.0
 
 # The index of the random-sign cotangent whose vjp sizes a non-scalar fn's gradient per leaf
@@ -134,7 +137,13 @@ def _probe(problem, reverse, fold, seeds, diff, traced, index, signs) -> dict:
     # autodiff through fn's custom rules, which compute a primal of their own
     own = problem.grad_fn is None and problem.has_rules
     # value and gradient from one trace of fn (`Problem.value_with_gradient`)
-    pair = scalar_grad(f, diff) if reverse and problem.value_with_gradient and not rev else None
+    # (fn of JAX's own primitives and rules alone: linear in its cotangent by construction,
+    # its gradient pulled back once)
+    pair = (
+        (*scalar_grad(f, diff), None)
+        if reverse and problem.value_with_gradient and not rev
+        else None
+    )
     if rev or (reverse and not problem.scalar_output):
         outs, vjp_fn = jax.vjp(f, diff)
         # the primal jax.vjp returns is a custom_vjp's fwd (a custom_jvp rule's primal
@@ -173,11 +182,17 @@ def _probe(problem, reverse, fold, seeds, diff, traced, index, signs) -> dict:
         # traced first, so that a custom_vjp in fn fails early. Rows ordered (leaf,
         # direction): the tangent of row (l, k) is UNIT z_kl in leaf l alone
         leaves = len(diff)
+        # and the same rows at the unit 1, after them (`linear_gap`)
         tangents = [
-            jnp.concatenate([z * UNIT if j == i else jnp.zeros_like(z) for j in range(leaves)])
+            jnp.concatenate(
+                [z * u if j == i else jnp.zeros_like(z) for u in (UNIT, 1) for j in range(leaves)]
+            )
             for i, z in enumerate(units)
         ]
         primals, jv = jax.vmap(lambda t: jax.jvp(f, (diff,), (t,)))(tangents)
+        rows = leaves * num
+        primals = [y[:rows] for y in primals]
+        jv, jv_one = [y[:rows] for y in jv], [y[rows:] for y in jv]
         if own and gap is None:  # forward mode alone: the primal jax.jvp returns
             gap = primal_gap([y[0] for y in primals], outs)
         if not problem.scalar_output:
@@ -192,15 +207,19 @@ def _probe(problem, reverse, fold, seeds, diff, traced, index, signs) -> dict:
         )(index, o_signs)
     if "forward" in modes:
         if cots is None:
-            p = jv[0].astype(_precision.accumulator([jv[0].dtype]))
+            p, p_one = (y[0].astype(_precision.accumulator([y[0].dtype])) for y in (jv, jv_one))
         else:
-            p = jax.vmap(vdot)([jnp.concatenate([c] * leaves) for c in cots], jv)
-        result["fold_fwd"] = (p.astype(acc) / UNIT).reshape(leaves, num).T
+            rows_cots = [jnp.concatenate([c] * leaves) for c in cots]
+            p, p_one = (jax.vmap(vdot)(rows_cots, y) for y in (jv, jv_one))
+        result["fold_fwd"] = p_one.astype(acc).reshape(leaves, num).T
+        result["tangent_gap"] = linear_gap([p_one], [p])
     grad = None
     if reverse and problem.grad_fn is not None:
         grad = problem.gradient(diff, traced)
     elif reverse and problem.scalar_output:
-        value, grad = scalar_grad(f, diff) if pair is None else pair
+        value, grad, gap_of_units = scalar_grad_linear(f, diff) if pair is None else pair
+        if gap_of_units is not None:
+            result["cotangent_gap"] = gap_of_units
         wrong_kinds(grad, diff)
         if own:
             gap = primal_gap([value], outs)
@@ -248,20 +267,37 @@ def wrong_kinds(grad, diff) -> None:
 
 def scalar_grad(f, diff):
     """(value, gradient) of the scalar fn f(d)[0] at diff, as jax.value_and_grad gives
-    them, its reverse pass started from the cotangent `UNIT`."""
-    if not any(jnp.dtype(x.dtype) == jnp.float16 for x in diff):
-        # the value itself as the auxiliary output (scaled and back, a value near the
-        # dtype's largest would overflow)
-        (_, value), grad = jax.value_and_grad(
-            lambda d: (lambda y: (y * UNIT, y))(f(d)[0]), has_aux=True
-        )(diff)
-        return value, [g / UNIT for g in grad]
-    # a float16 gradient above half its largest number overflows at the unit of 2 (a
-    # gradient of 4e4 is finite in float16): there the unit of 1 is taken
+    them (its reverse pass started from the cotangent 1)."""
+    return jax.value_and_grad(lambda d: f(d)[0])(diff)
+
+
+def scalar_grad_linear(f, diff):
+    """`scalar_grad`, and the `linear_gap` between the gradients pulled back from the
+    cotangents 1 and `UNIT` (from one trace of fn's forward pass)."""
     value, pullback = jax.vjp(lambda d: f(d)[0], diff)
-    doubled, single = (pullback(jnp.asarray(u, value.dtype))[0] for u in (UNIT, 1.0))
-    grad = [jnp.where(jnp.isfinite(a), a / UNIT, b) for a, b in zip(doubled, single)]
-    return value, grad
+    # two reverse passes, not one batched over the cotangents: a batched one would run
+    # fn's batching rules (a custom_vmap's), and round otherwise than jax.grad does
+    single, doubled = (pullback(jnp.asarray(u, value.dtype))[0] for u in (1.0, UNIT))
+    return value, single, linear_gap(single, doubled)
+
+
+def linear_gap(single, doubled) -> jax.Array:
+    """RMS(doubled / UNIT - single) over the gradient's entries, relative to the larger
+    RMS of the two, in at least float32 (0 for a derivative linear in its cotangent;
+    entries of `doubled` that overflowed, a float16 gradient above half its largest
+    number, are left out)."""
+    # (of the real dtypes: a complex64 gradient's sums are float32)
+    work = _precision.accumulator([jnp.finfo(g.dtype).dtype for g in single])
+    apart = ones = twos = jnp.zeros((), work)
+    for a, b in zip(single, doubled):
+        b = jnp.where(jnp.isfinite(b), b / UNIT, a)
+        apart += jnp.sum(jnp.square(jnp.abs(b - a).astype(work)))
+        ones += jnp.sum(jnp.square(jnp.abs(a).astype(work)))
+        twos += jnp.sum(jnp.square(jnp.abs(b).astype(work)))
+    # (apart > 0 only where whole > 0; no dtype's tiny: a literal that differs between
+    # float32 and float64 would make this program read as another one in float64)
+    whole = jnp.maximum(ones, twos)
+    return jnp.where(apart > 0, jnp.sqrt(apart / jnp.where(whole > 0, whole, 1)), 0)
 
 
 def primal_gap(rule_outs, outs) -> jax.Array:

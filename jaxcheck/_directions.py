@@ -259,7 +259,7 @@ def spanning_signs(seeds, index, shapes) -> list[np.ndarray]:
     n = sum(sizes)
     if n > SPANNED:
         raise ValueError(f"spanning_signs: {n} elements, more than {SPANNED}")
-    m = 8 if n <= 8 else 16
+    m = spanning_block(n)
     index = np.asarray(index, np.int64)
     rows = np.empty((len(index), n), np.int8)
     entropy = [int(x) for x in np.asarray(seeds, np.uint32)]
@@ -272,6 +272,11 @@ def spanning_signs(seeds, index, shapes) -> list[np.ndarray]:
         rows[at] = signs * _hadamard(m)[r[:, None], columns[None, :]]
     ends = np.cumsum([0, *sizes])
     return [rows[:, a:b].reshape(len(index), *shape) for a, b, shape in zip(ends, ends[1:], shapes)]
+
+
+def spanning_block(n: int) -> int:
+    """The number of consecutive directions of `spanning_signs` that span n elements."""
+    return 8 if n <= 8 else 16
 
 
 @functools.lru_cache(maxsize=4)

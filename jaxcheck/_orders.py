@@ -286,11 +286,13 @@ def _staged(fn, params, args, options, first) -> Report:
         return first(fn, params, args, options)
     o = dataclasses.replace(options, raise_on_failure=False)
     token, curves = _state.SCALES.set({}), _state.CURVES.set({})
+    maps = _state.MAPS.set(False)  # (set by `_parts` once its first-order part ran)
     try:
         parts = _parts(fn, params, args, o, first)
     finally:
         _state.SCALES.reset(token)
         _state.CURVES.reset(curves)
+        _state.MAPS.reset(maps)
     report = _report.compose(parts, options.order)
     if options.raise_on_failure and not report.ok:
         raise GradientCheckError(report)
@@ -306,6 +308,7 @@ def _parts(fn, params, args, o: _options.Options, first) -> list:
     finally:
         _state.CHECKED_LATER.reset(token)
     parts = [(1, head)]
+    _state.MAPS.set(True)  # (reset by `_staged`)
     if _probe.KIND_HINT in head.problems:  # a cotangent of the wrong kind: nothing above
         return [dataclasses.replace(head, problems=(*head.problems, _ABOVE_NOT_CHECKED))]
     curved = head_curved = _curved()

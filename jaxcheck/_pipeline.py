@@ -24,10 +24,10 @@ from . import (
     _tree,
     _verdict,
 )
-from ._error_model import Comparison
+from ._error_model import SAFETY, Comparison
 from ._errors import CotangentKind
 from ._host import NOTES
-from ._report import PRIMAL_CHECK, Report, Status
+from ._report import FIXED, LINEAR_CHECK, PIECEWISE_CONSTANT, PRIMAL_CHECK, Report, Status
 from ._state import MAX_STEP, PRIMAL_ROW, Run
 
 # times a step is cut 16-fold where the finite differences leave fn's domain
@@ -70,7 +70,7 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
     _probe.replay_nonfinite(run, reverse, found=nonfinite)
     if nonfinite:
         leaves = _probe.nonfinite_leaves(run, paths)
-        return _report(run, Status.NONFINITE, (k, k), None, (), leaves, held_fixed, (), "")
+        return _report(run, Status.NONFINITE, (0, k), None, (), leaves, held_fixed, (), "")
     scales = run.probe["leaf_scales"]
     h0 = step if step is not None else _precision.default_step(ref)
     rounds_to = run.problem.rounds_to
@@ -131,7 +131,7 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
         status = _verdict.status(run, p, checks, n, said)
         stop = n == k
         if not stop:
-            stop, why = _sequential.settled(p, checks, status, n, len(ks))
+            stop, why = _sequential.settled(p, checks, status, n, len(ks), run.exact_at(n))
         if stop:
             break
         i, previous = _sequential.next_look(ks, i, why), n
@@ -147,7 +147,7 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
         if confirmed is not checks:
             checks, said = confirmed, []
             status = _verdict.status(run, p, checks, n, said)
-            settled, why = _sequential.settled(p, checks, status, n, len(ks))
+            settled, why = _sequential.settled(p, checks, status, n, len(ks), run.exact_at(n))
             why = why if settled else None
         if smaller and status is Status.FAIL:
             # at a relative step of 1e-10 the inputs x + h v round to 2e-6 of the step
@@ -202,7 +202,7 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
             status, said = Status.FAIL, []
             why = f"clear above the tolerance {_verdict.head(checks, status).tolerance:.1e}"
     run.problems += said
-    stopped = _stopped(ks, n, previous, _verdict.head(checks, status), why)
+    stopped = _stopped(ks, n, previous, _verdict.head(checks, status), why, run.exact_at(n))
     if status is Status.NONFINITE and p.fwd is not None and not np.isfinite(p.fwd).all():
         # the derivative under test is NaN/Inf in forward mode (`_verdict.status`)
         leaves = _probe.nonfinite_tangent_leaves(run, paths)
@@ -240,6 +240,7 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
             shares = None if share is None else dict(zip(paths, np.asarray(share).tolist()))
             status = _localize.coarse_pass(run, status, leaves, checks[0], shares)
     status, checks = _primal(run, status, p, checks)
+    status, checks = _linear(run, status, checks)
     if status is Status.PASS and run.noisy_native:
         # the float32 derivative itself is judged by nothing: a bug on its float32 path
         # alone (30 % at such a point) would pass here
@@ -306,6 +307,59 @@ def _primal(run: Run, status: Status, p, checks) -> tuple[Status, list]:
     return Status.FAIL, [*checks, row]
 
 
+def _linear(run: Run, status: Status, checks) -> tuple[Status, list]:
+    """(FAIL, the checks with a failing row) where a scalar fn's gradient pulled back from
+    the cotangent 2, halved, is not the one pulled back from 1 (jax.grad's, which the rows
+    above judge), or the folded forward projections of a small problem along tangents of
+    entries +-2, halved, are not those along +-1: a derivative rule that is not linear in
+    its cotangent or tangent (`_autodiff.linear_gap`). Allowed: the head row's tolerance
+    (no finer than the derivative itself is judged), at least 64 eps of the tested dtype,
+    a few eps of a lower precision fn rounds to inside, and twice the derivative's rounding
+    measured against float64 (XLA may fuse the two pullbacks apart, rounding them
+    otherwise: a derivative that is all rounding is no more linear than that)."""
+    if status is Status.NONFINITE or PRIMAL_ROW.get():
+        return status, checks
+    allowed = 64 * _precision.eps(run.tested)
+    if run.rounds_to is not None:
+        allowed = max(allowed, 4 * _precision.eps(run.rounds_to))
+    if checks and math.isfinite(checks[0].rounding):
+        allowed = max(allowed, SAFETY * checks[0].rounding)
+    if checks and math.isfinite(checks[0].tolerance):
+        # no finer than the derivative itself is judged
+        allowed = max(allowed, checks[0].tolerance)
+    if run.problem.iterates:
+        # a derivative that iterates to a tolerance (an ODE solver's adjoint, whose steps
+        # follow the cotangent's size through its absolute tolerance: 5e-5 apart for a
+        # right one in float32) is linear only to about that tolerance
+        allowed = max(allowed, SOLVER_SIZED)
+    for key, what, name in (
+        ("cotangent_gap", "gradient", "cotangent"),
+        ("tangent_gap", "forward-mode derivative", "tangent"),
+    ):
+        gap = run.probe.get(key)
+        if gap is None or not float(gap) > allowed:  # (NaN: a derivative NaN/Inf, said)
+            continue
+        gap = float(gap)
+        computes, scaled = (
+            (
+                "jax.grad computes",
+                "fn's loss is scaled, summed with another or averaged over a batch",
+            )
+            if name == "cotangent"
+            else ("jax.jacfwd takes", "a tangent is scaled (jax.jvp along 2 v)")
+        )
+        run.problems.append(
+            f"the {what} ({run.problem.source}) is not linear in its {name}: at the "
+            f"{name} 2, halved, it is {gap:.1e} (relative) off the one at 1, which {computes} "
+            "and the rows above judge. A derivative is linear in its tangent and "
+            "cotangent; a custom rule that clips, thresholds or squares them is not, and "
+            f"gives another derivative where {scaled} (rules=True names the rule)"
+        )
+        row = Comparison(LINEAR_CHECK.format(name), gap, (gap, gap), 0.0, 0.0, allowed, 1, False)
+        status, checks = Status.FAIL, [*checks, row]
+    return status, checks
+
+
 def _directions_check(run: Run, n, beta, h0, step, ref):
     """Finite differences along the first n global directions and their comparisons:
     (Pass, steps tried, comparisons, the step the ladder starts from, where it settled),
@@ -342,6 +396,8 @@ def _directions_check(run: Run, n, beta, h0, step, ref):
     for _ in range(DOMAIN_SHRINKS):
         if step is not None or p.fd.finite.all() or not np.isfinite(p.phi0).all():
             break
+        if p.fwd is not None and not np.isfinite(p.fwd).all():
+            break  # the derivative at params is NaN/Inf itself: no step makes it finite
         # fn is finite at params but not within the step along some directions: an element
         # far smaller than its leaf's RMS, near the edge of fn's domain (log at 1e-7 beside
         # 0.5), is crossed; smaller steps stay inside (the differences' roundoff grows)
@@ -598,20 +654,25 @@ def _shrink(before: Comparison, after: Comparison) -> float:
     return before.relative_error / max(after.relative_error, 1e-300)
 
 
-def _stopped(ks, n, previous, head, why) -> str:
-    """Why the check took the directions it took ("" for a fixed number); `previous` is the
-    number of directions at the look before the last, `head` the comparison reported."""
-    if len(ks) == 1:
-        return ""
+def _stopped(ks, n, previous, head, why, exact=False) -> str:
+    """Why the check took the directions it took; `previous` is the number of directions
+    at the look before the last, `head` the comparison reported, `exact` whether these
+    directions measure it with no sampling error (`Run.exact_at`)."""
     k = ks[-1]
+    if len(ks) == 1:
+        return f"took all {k} directions, {FIXED}"
     if why is None:  # (a failing check looked at other steps: said above)
         return f"stopped after {n} of {k} directions, then looked at other steps"
     if n < k:
         lo, hi = head.interval
-        return (
-            f"settled after {n} of {k} directions: the relative error ({lo:.1e}..{hi:.1e}, "
-            f"95%) is {why}"
+        error = (
+            f"the relative error {head.relative_error:.1e} ({lo:.1e}..{hi:.1e} with the "
+            "finite differences' noise), measured with no sampling error (the directions "
+            "span the parameters),"
+            if exact
+            else f"the relative error ({lo:.1e}..{hi:.1e}, 95%)"
         )
+        return f"settled after {n} of {k} directions: {error} is {why}"
     return f"took all {k} directions: after {previous}, {why}"
 
 
@@ -631,7 +692,8 @@ def _needed_derivative(run: Run, ref, h) -> float:
 
 def _report(run: Run, status, counts, p, checks, leaves, held_fixed, steps, stopped) -> Report:
     head = _verdict.head(checks, status) if checks else None
-    if status is Status.INCONCLUSIVE:
+    piecewise = any(q.startswith(PIECEWISE_CONSTANT) for q in run.problems)
+    if status is Status.INCONCLUSIVE or (status is Status.FAIL and piecewise):
         # not judged: a row's failure the verdict overruled, and a row's pass where its
         # tolerance is no finer than the quantity judged (a relative error of 1 or more)
         checks = [

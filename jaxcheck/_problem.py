@@ -57,6 +57,8 @@ class Problem:
     float32_products: bool = False  # see `_float32_products`
     has_rules: bool = False  # fn calls a custom_vjp/custom_jvp rule (seen in its jaxpr)
     iterates: bool = False  # fn runs a lax.while_loop (an iterative solver, say)
+    # fn calls code whose arithmetic is hidden from its jaxpr (a callback, a kernel: `_OPAQUE`)
+    opaque: bool = False
     # fn draws from jax.random.gamma (beta and dirichlet draw from it), whose derivative in
     # its shape parameter is not that of the sample at a fixed key
     samples_gamma: bool = False
@@ -218,6 +220,7 @@ def _with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
         float32_products=jaxpr is not None and _float32_products(jaxpr.jaxpr),
         has_rules=jaxpr is not None and _rule_search.calls(jaxpr.jaxpr, "custom_vjp", "custom_jvp"),
         iterates=jaxpr is not None and _runs(jaxpr.jaxpr, "while"),
+        opaque=jaxpr is not None and _runs(jaxpr.jaxpr, *_OPAQUE),
         samples_gamma=jaxpr is not None and _runs(jaxpr.jaxpr, "random_gamma"),
         draws_random=jaxpr is not None and _runs(jaxpr.jaxpr, "random_bits"),
         unbatched="" if jaxpr is None else unbatched(jaxpr.jaxpr),
@@ -696,11 +699,12 @@ def unbatched(jaxpr) -> str:
     return ""
 
 
-def _runs(jaxpr, primitive: str) -> bool:
-    """Whether `jaxpr` (or a sub-jaxpr, a custom rule's function included) runs
-    `primitive`."""
+def _runs(jaxpr, *primitives: str) -> bool:
+    """Whether `jaxpr` (or a sub-jaxpr, a custom rule's function included) runs any of
+    `primitives`."""
     return any(
-        eqn.primitive.name == primitive or any(_runs(s, primitive) for s in _subjaxprs(eqn.params))
+        eqn.primitive.name in primitives
+        or any(_runs(s, *primitives) for s in _subjaxprs(eqn.params))
         for eqn in jaxpr.eqns
     )
 

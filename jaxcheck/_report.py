@@ -53,9 +53,19 @@ _ADVICE = {
 }
 
 
+# why a check took a fixed number of directions (`Report.stopped`)
+FIXED = (
+    "a fixed number (sequential=False, direction_sharding, or no more than the first look "
+    "of a sequential check takes)"
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class LeafResult:
-    """The check restricted to directions that move a single parameter leaf."""
+    """The check restricted to directions that move a single parameter leaf: its `path`,
+    `shape` and `dtype`, the `relative_error` of its head comparison with its 95 %
+    `interval` and `tolerance`, how many of its directions crossed a kink
+    (`num_nonsmooth`), its `status`, and the `num_directions` its verdict rests on."""
 
     path: str
     shape: tuple[int, ...]
@@ -272,9 +282,20 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def _error_line(r: Report, prefix: str = "") -> str:
     lo, hi = r.interval
     error, tolerance = apart(r.relative_error, r.tolerance)
+    head = [
+        c for c in r.checks if (c.relative_error, c.tolerance) == (r.relative_error, r.tolerance)
+    ]
+    absolute = bool(head) and head[0].absolute
+    # the derivative is zero to within noise: no size of its own to be relative to
+    unit = (
+        "; absolute: in units of the finite differences' noise or the derivative's rounding, "
+        "as the derivative is zero to within them"
+        if absolute
+        else ""
+    )
     return (
-        f"  {prefix}relative error {error} (95% {_e(lo)}..{_e(hi)}), tolerance "
-        f"{tolerance}, finite-difference noise floor {_e(r.noise_floor)}"
+        f"  {prefix}{'error' if absolute else 'relative error'} {error} (95% {_e(lo)}..{_e(hi)}), "
+        f"tolerance {tolerance}, finite-difference noise floor {_e(r.noise_floor)}{unit}"
     )
 
 
@@ -288,6 +309,12 @@ def _failed_elsewhere(r: Report, failed: list) -> str:
         return (
             "\n  (its rows agree: the maps are flat here; the failure is that the function "
             "one order below is not, see the note below)"
+        )
+    if any(p.startswith(PIECEWISE_CONSTANT) for p in r.problems):
+        return (
+            "\n  (its rows, in units of noise, judge nothing here: fn is piecewise constant "
+            "about params, its derivative 0, and the failure is that the derivative under "
+            "test is not, see the note below)"
         )
     if any(leaf.status is Status.FAIL for leaf in r.leaves):
         where = "the leaf checks below"
@@ -303,6 +330,8 @@ def _failed_elsewhere(r: Report, failed: list) -> str:
 # how the note of an order >= 2 part begins whose maps are flat where the function of the
 # order below curves (`_orders`): a failure its rows, which agree, do not show
 FLAT_WHERE_CURVED = "flat where the order below curves"
+# how the note of a fn piecewise constant about params starts (`_verdict.status`)
+PIECEWISE_CONSTANT = "fn's values do not change at all within a relative step "
 
 
 # the name of the comparison of fn's value as its derivative computes it with fn's own
@@ -334,10 +363,24 @@ UNMEASURED_ADVICE = (
 )
 
 
+# how the name of `_pipeline._linear`'s row starts, and the advice where only it failed
+LINEARITY = "linearity: "
+LINEAR_CHECK = LINEARITY + "derivative at {0} 2, halved, vs at {0} 1"
+LINEAR_ADVICE = (
+    "The derivative under test agrees with finite differences of fn at the unit cotangent "
+    "(or tangent) that jax.grad (jax.jacfwd) takes, but not at twice it: a custom rule in fn "
+    "is not linear in its cotangent or tangent (it clips, thresholds or squares it), so it "
+    "is no derivative, and scaling the loss or the tangent changes what it gives. Find the "
+    "rule with rules=True, and make its bwd (jvp) linear in g (t)."
+)
+
+
 def _advice(r: Report) -> str:
     if r.status is Status.FAIL and _primal_only(r.checks):
         return PRIMAL_ADVICE
     failed = [c for c in r.checks if not c.passed]
+    if r.status is Status.FAIL and failed and all(c.name.startswith(LINEARITY) for c in failed):
+        return LINEAR_ADVICE
     if r.status is Status.FAIL and failed and all(math.isnan(c.relative_error) for c in failed):
         return UNMEASURED_ADVICE
     return r.status.advice
@@ -384,7 +427,7 @@ def render(r: Report) -> str:
             f"  {r.num_directions}{of} directions ({r.num_nonsmooth} non-smooth, "
             f"{r.num_nonfinite} non-finite{smooth_note}), {r.num_evaluations} evaluations of fn"
         )
-        if r.stopped:
+        if r.stopped and not r.stopped.endswith(FIXED):  # (a fixed number: said above)
             lines.append(f"  {r.stopped}")
         tried = ""
         if len(r.steps_tried) > 1:
@@ -410,7 +453,13 @@ def _check_rows(checks) -> list[list[str]]:
         interval = f"{_e(c.interval[0])}..{_e(c.interval[1])}"
         result = "not judged" if c.num_used == 0 or not c.judged else "ok" if c.passed else "FAIL"
         rows.append(
-            [c.name, error, interval, _shown_tolerance(tolerance, c.tolerance, result), result]
+            [
+                c.name,
+                error,
+                interval,
+                _shown_tolerance(tolerance, c.tolerance, result, c.relative_error),
+                result,
+            ]
         )
     return rows
 
@@ -449,15 +498,20 @@ def _shown_in_composite(checks, i: int) -> bool:
 
 def _leaf_numbers(leaf) -> tuple[str, str]:
     error, tolerance = apart(leaf.relative_error, leaf.tolerance)
-    result = "not judged" if leaf.status is Status.INCONCLUSIVE else ""
-    return error, _shown_tolerance(tolerance, leaf.tolerance, result)
+    result = {Status.INCONCLUSIVE: "not judged", Status.FAIL: "FAIL"}.get(leaf.status, "")
+    return error, _shown_tolerance(tolerance, leaf.tolerance, result, leaf.relative_error)
 
 
-def _shown_tolerance(text: str, tolerance: float, result: str) -> str:
+def _shown_tolerance(text: str, tolerance: float, result: str, error: float) -> str:
     """A row's tolerance as printed: none where the row was not judged at a tolerance of
     1 or more (a relative error that large is no bound: fn flat along the directions, or
-    its differences no finer than what they measure)."""
-    return "—" if result == "not judged" and tolerance >= 1 else text
+    its differences no finer than what they measure), or failed within such a tolerance
+    (for another reason: fn piecewise constant about params, a rule failing on one of its
+    inputs alone)."""
+    unbounded = tolerance >= 1 and (
+        result == "not judged" or (result == "FAIL" and error <= tolerance)
+    )
+    return "—" if unbounded else text
 
 
 def _held_fixed(held) -> str:

@@ -48,7 +48,11 @@ gradient on the same two entries, and no pass far beyond the tolerance). Neither
 with at most 16 parameter elements in all, whose random signs span them
 (`_directions.spanning_signs`, whatever the kind but Gaussian): every block of 8 (16 above 8
 elements) sees the error at its exact size, and their looks are those of random signs (a
-first look at 4 of a block of 8 would miss the two-entry error 1 time in 70).
+first look at 4 of a block of 8 would miss the two-entry error 1 time in 70). Where fn is
+scalar (no random cotangent) and no derivative map of an order >= 2 check (no fixed random
+vectors), a look at whole blocks measures the error with no sampling error: it settles as
+soon as the error is off the tolerance, either way, by more than the finite differences'
+noise floor (c_n = 1, `Run.exact_at`).
 
 Only plain verdicts stop early: every comparison resolved, relative (not absolute), judged
 against its fixed floor (not a tolerance estimated from the noise or rounding measured along
@@ -99,19 +103,23 @@ def looks(k: int, sequential: bool, kind: str = "uniform") -> tuple[int, ...]:
 
 def clearance(n: int, num_looks: int) -> float:
     """The factor c_n by which an early look's estimate must clear the tolerance: the
-    1 - beta quantile of err_n / e, sqrt of F(n, n)'s (exact; n is even at early looks)."""
+    1 - beta quantile of err_n / e, sqrt of F(n, n)'s (exact; n is even at early looks);
+    1 for `num_looks` 0, a look whose directions measure the error exactly."""
+    if num_looks == 0:
+        return 1.0
     beta = EARLY_ERROR / max(num_looks - 1, 1)
     w = _beta_quantile(n // 2, beta)  # F = W / (1 - W), W ~ Beta(n/2, n/2)
     return math.sqrt((1 - w) / w)
 
 
-def clear(err: float, tol: float, n: int, num_looks: int) -> str | None:
+def clear(err: float, tol: float, n: int, num_looks: int, margin: float = 0.0) -> str | None:
     """Returns "pass" or "fail" when err over n directions is clear of tol at an early look of
-    a sequence of `num_looks` looks; None while in doubt."""
+    a sequence of `num_looks` looks, and by `margin` (the noise of an error measured with no
+    sampling error); None while in doubt."""
     c = clearance(n, num_looks)
-    if err * c < tol:
+    if err * c + margin < tol:
         return "pass"
-    if err / c > tol:
+    if err / c - margin > tol:
         return "fail"
     return None
 
@@ -150,15 +158,22 @@ def _beta_cdf(m: int, x: float) -> float:
     return sum(math.comb(t, j) * x**j * (1 - x) ** (t - j) for j in range(m, t + 1))
 
 
-def settled(p, checks, status: Status, n: int, num_looks: int) -> tuple[bool, str]:
+def settled(
+    p, checks, status: Status, n: int, num_looks: int, exact: bool = False
+) -> tuple[bool, str]:
     """(whether the look at n directions settles the verdict, why or why not): it does for
-    a plain pass or fail whose every comparison is clear of its tolerance."""
+    a plain pass or fail whose every comparison is clear of its tolerance; by the noise
+    floor alone where the n directions measure the errors with no sampling error
+    (`exact`, `Run.exact_at`)."""
+    if exact:  # no sampling error: every early look is as good as the last, but for noise
+        num_looks = 0
     if status not in (Status.PASS, Status.FAIL):
         return False, f"the check was {status.value}"
     if not p.fd.finite.all() or not p.fd.smooth.all():
         return False, "some directions were not smooth (a kink within the step)"
-    if _verdict.flat_directions(p):
-        return False, "fn was flat along some directions"
+    flat = _verdict.flat_directions(p)
+    if flat:
+        return False, f"fn was flat along {flat[0]} of {len(p.fd.smooth)} directions"
     sides, head_below_floor, head_rounding = [], False, None
     for c in checks:
         if not c.judged:  # shown, not judged (the model's derivative of another function)
@@ -167,11 +182,12 @@ def settled(p, checks, status: Status, n: int, num_looks: int) -> tuple[bool, st
         # finite differences' RMS; the finite-difference rows tell a zero derivative
         absolute = c.absolute and check_kind(c.name)[0] != "consistency"
         if c.num_used != n or absolute or not c.resolved:
-            return False, "the derivative was zero to within noise (an absolute comparison)"
+            return False, "fn's derivative was zero to within noise (an absolute comparison)"
         if c.noise_floor > _verdict.MAX_NOISE_FLOOR or not math.isfinite(c.relative_error):
             return False, "the finite differences were too noisy"
         estimated = SAFETY * math.hypot(c.noise_floor, c.rounding) >= c.tolerance
-        side = None if estimated else clear(c.relative_error, c.tolerance, n, num_looks)
+        margin = c.noise_floor if exact else 0.0
+        side = None if estimated else clear(c.relative_error, c.tolerance, n, num_looks, margin)
         if side is None:
             # a float32 derivative whose error is its rounding, measured against the same
             # rule in float64: within its tolerance, whether that is the floor or rests
@@ -186,11 +202,11 @@ def settled(p, checks, status: Status, n: int, num_looks: int) -> tuple[bool, st
             # the tolerance itself was estimated (from the noise or rounding measured along
             # these few directions), not the fixed floor the error rates are stated for;
             # an estimate clear below that floor is clear below any tolerance above it
-            if clear(c.relative_error, c.floor, n, num_looks) == "pass":
+            if clear(c.relative_error, c.floor, n, num_looks, margin) == "pass":
                 sides.append("pass")
                 head_below_floor |= c is checks[0]  # said in the reason below
                 continue
-            if c.relative_error > c.tolerance * clearance(n, num_looks) ** 2:
+            if c.relative_error - margin > c.tolerance * clearance(n, num_looks) ** 2:
                 # beyond what the estimate of its tolerance can move: the error and the
                 # noise or rounding are each within c_n of their true values
                 sides.append("fail")

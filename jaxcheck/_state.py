@@ -41,6 +41,9 @@ PRIMAL_ROW = contextvars.ContextVar("jaxcheck_primal_row", default=False)
 # function curving measurably (`_verdict.curves`)}; a derivative map flat where the
 # function it derives from curves is not that function's derivative (`_orders`)
 CURVES = contextvars.ContextVar("jaxcheck_curves", default=None)
+# True while the derivative maps of an order >= 2 check are checked (after its first-order
+# part): a map takes fixed random vectors, so its errors are samples over them
+MAPS = contextvars.ContextVar("jaxcheck_maps", default=False)
 # True while a `Checker` runs other than at its first call: fn may have changed since the
 # programs it reuses were traced
 CHECKER_AGAIN = contextvars.ContextVar("jaxcheck_checker_again", default=False)
@@ -103,6 +106,10 @@ class Run:
     # noise is fn's, whatever the direction, and along a leaf of one entry every direction
     # runs along the same line, so its own measure is one draw (`_ladder._assess`)
     fn_noise: float | None = None
+    # the relative step at which fn, computed in float64 with no cast to a lower precision
+    # inside, was exactly constant along every direction while the derivative under test
+    # was not (piecewise constant: round, floor, a straight-through estimator); None else
+    flat_below: float | None = None
     leaf_checks: bool = False
     batch: int = 0  # directions per program call: the all-leaf check's (first look's) number
     evaluations: int = 0
@@ -136,6 +143,23 @@ class Run:
         (`_directions.spanning_signs`): at most `_directions.SPANNED` elements in all,
         drawn on the host."""
         return self._drawable_on_host() and self._param_size() <= _directions.SPANNED
+
+    def exact_at(self, n: int) -> bool:
+        """Whether n directions of the check over all leaves measure its relative errors
+        with no sampling error: a scalar fn (one projection per direction, no random
+        cotangent, no derivative map of an order >= 2 check, whose fixed random vectors
+        make its errors samples) whose directions span the parameters in whole blocks
+        (`_directions.spanning_signs`: sum_i (v_i . x)^2 = M |x|^2 over each block of M, so
+        the ratio of two such sums is the ratio of the norms themselves), up to the finite
+        differences' noise."""
+        return (
+            not self.leaf_checks
+            and not MAPS.get()
+            and self.problem.scalar_output
+            and n > 0
+            and self.spanned()
+            and n % _directions.spanning_block(self._param_size()) == 0
+        )
 
     @property
     def looks_kind(self) -> str:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _differences, _error_model, _plan, _precision
-from ._report import Status
+from ._report import PIECEWISE_CONSTANT, Status
 from ._state import CHECKER_AGAIN, Pass, Run
 
 MAX_NOISE_FLOOR = 0.025  # a reference noisier than this cannot resolve a few-percent bug
@@ -191,7 +191,23 @@ def _compare(run: Run, p: Pass) -> tuple:
         for i in range(0, 2 * len(run.modes), 2):
             tested = dataclasses.replace(checks[i], passed=True, judged=False)
             checks[i : i + 2] = [checks[i + 1], tested]
+    n = len(p.fd.smooth)
+    if run.exact_at(n):
+        # directions that span the parameters: the errors are measured with no sampling
+        # error, up to the finite differences' noise, which moves them by at most its
+        # relative RMS (the noise floor)
+        checks = [
+            dataclasses.replace(c, interval=_within_noise(c)) if c.num_used == n else c
+            for c in checks
+        ]
     return tuple(checks)
+
+
+def _within_noise(c) -> tuple[float, float]:
+    """The interval of an error measured with no sampling error: its value, give or take
+    the finite differences' noise floor."""
+    noise = c.noise_floor if math.isfinite(c.noise_floor) else 0.0
+    return max(c.relative_error - noise, 0.0), c.relative_error + noise
 
 
 def head(checks, status: Status):
@@ -208,21 +224,29 @@ def status(run: Run, p: Pass, checks, k, problems) -> Status:
     """The status of one group of k directions from its checks; the reasons for any status
     but a plain pass or fail are appended to `problems`."""
     bad = int(np.sum(~p.fd.finite))
+    # (reverse mode's gradient is examined at params by the probe, before any direction)
+    forward = "forward" in run.modes and p.fwd is not None
+    bad_tangents = int(np.sum(~np.isfinite(p.fwd))) if forward else 0
+    if bad_tangents:
+        # named first: it is the derivative at params itself (sqrt's at 0), whatever fn
+        # does within a step of them
+        where = (
+            f", and fn is not finite within a step of {p.step:.1e} along {bad} (params at "
+            "the edge of its domain?)"
+            if bad
+            else ", where fn's finite differences are finite"
+        )
+        problems.append(
+            f"the derivative under test (forward mode, {run.problem.source}) is NaN/Inf "
+            f"along {bad_tangents} of {k} directions{where}"
+        )
+        return Status.NONFINITE
     if bad:
         problems.append(
             f"finite differences are NaN/Inf along {bad} of {k} directions: fn is not finite "
             f"within a step of {p.step:.1e} times each leaf's RMS size from params (the "
             "same for every element of a leaf: an element far smaller than its leaf's RMS "
             "sits that close to the edge of fn's domain, as log of 1e-9 beside 1.0)"
-        )
-        return Status.NONFINITE
-    # (reverse mode's gradient is examined at params by the probe, before any direction)
-    forward = "forward" in run.modes and p.fwd is not None
-    bad = int(np.sum(~np.isfinite(p.fwd))) if forward else 0
-    if bad:
-        problems.append(
-            f"the derivative under test (forward mode, {run.problem.source}) is NaN/Inf "
-            f"along {bad} of {k} directions, where fn's finite differences are finite"
         )
         return Status.NONFINITE
     used = int(p.fd.smooth.sum())
@@ -265,6 +289,21 @@ def status(run: Run, p: Pass, checks, k, problems) -> Status:
     if head.absolute and scatter > noisy and not even:
         # (a derivative under test that is not zero where fn jumps is a surrogate)
         surrogate = np.any(p.analytic[p.fd.smooth & np.isfinite(p.analytic)])
+        if surrogate and run.flat_below is not None:
+            # exactly constant about params in float64, jumping only further out: fn is
+            # piecewise constant there, and its derivative at params is 0
+            problems.append(
+                f"{PIECEWISE_CONSTANT}{run.flat_below:.1e} along any of the directions "
+                "(computed in float64, with no cast to a lower precision, nor a callback or "
+                "kernel, inside), and jump at "
+                "larger steps (they "
+                f"scatter by {scatter:.1e} at {p.step:.1e}): fn is piecewise constant here "
+                "(round, floor, argmax, comparisons), so its derivative at params is 0, "
+                "while the derivative under test is not: a surrogate gradient (a "
+                "straight-through estimator, a custom rule that is not fn's derivative by "
+                "design) fails this check by construction"
+            )
+            return Status.FAIL
         problems.append(
             f"{SCATTERS}{scatter:.1e} (relative) between nearby "
             "evaluations, far beyond rounding, so its derivative cannot be told from zero: "

@@ -193,8 +193,13 @@ def test_fixed_directions_with_sequential_false():
     params, x, y = _mlp()
     report = jaxcheck.verify(mlp_loss(), params, x, y, localize=False, sequential=False)
     assert report.ok and (report.num_directions, report.max_directions) == (16, 16)
-    assert report.stopped == "" and report.num_evaluations == 2 * 16 + 1
-    assert "  16 directions (0 non-smooth" in str(report)
+    assert report.stopped == (
+        "took all 16 directions, a fixed number (sequential=False, direction_sharding, or no "
+        "more than the first look of a sequential check takes)"
+    )
+    assert report.num_evaluations == 2 * 16 + 1
+    text = str(report)
+    assert "  16 directions (0 non-smooth" in text and "a fixed number" not in text
 
 
 def test_one_percent_bug_fails_at_the_first_look_and_is_localized():
@@ -520,3 +525,69 @@ def test_a_leaf_whose_error_its_directions_all_missed_is_checked_again():
     [b1] = [leaf for leaf in report.leaves if leaf.path == "['b1']"]
     assert b1.num_directions == 16
     assert not any(q.startswith("no single leaf fails on its own") for q in report.problems)
+
+
+def _weighted_sines(p):
+    return jnp.sum(jnp.sin(p) ** 2 * jnp.arange(1.0, 4.0))
+
+
+@pytest.mark.parametrize(("times", "status"), [(0.7, "pass"), (1.3, "fail")])
+def test_directions_that_span_few_parameters_measure_the_error_exactly(times, status):
+    """At most 8 parameter elements: each block of 8 directions spans them, and a scalar
+    fn's relative error over it has no sampling error. It was shown with an interval as if
+    sampled (0.05 as 0.024..0.10), and errors at 0.7 and 1.3 times the tolerance took all
+    16 directions as "too close to the tolerance to tell"."""
+    p = jnp.asarray([0.3, 0.7, 1.1])
+    g = jax.grad(_weighted_sines)(p)
+    error = jnp.asarray([0.0, 1.0, 0.0]) * jnp.linalg.norm(g) * 1e-2 * times
+    report = jaxcheck.verify(
+        _weighted_sines, p, grad_fn=lambda q: jax.grad(_weighted_sines)(q) + error, rtol=1e-2
+    )
+    assert report.status == status
+    err = report.relative_error
+    assert err == pytest.approx(1e-2 * times, rel=1e-4)
+    # the value, give or take the finite differences' noise
+    assert report.interval == (err - report.noise_floor, err + report.noise_floor)
+    assert report.noise_floor < 1e-8
+    assert report.num_directions == 8
+    side = "below" if status == "pass" else "above"
+    lo, hi = report.interval
+    assert report.stopped == (
+        f"settled after 8 of 16 directions: the relative error {err:.1e} ({lo:.1e}..{hi:.1e} "
+        "with the finite differences' noise), measured with no sampling error (the "
+        f"directions span the parameters), is clear {side} the tolerance 1.0e-02"
+    )
+    # a vector fn's comparisons are sampled by its random cotangents: an interval
+    vector = jaxcheck.verify(lambda q: jnp.sin(q) * jnp.arange(1.0, 4.0), p)
+    assert vector.interval[1] > 1.5 * vector.interval[0] > 0
+    # and so are the derivative maps of an order-2 check, drawn with fixed random vectors
+    second = jaxcheck.verify(_weighted_sines, p, order=2)
+    [head, *maps] = second.parts
+    assert head.interval[1] - head.interval[0] < 1e-6
+    assert maps and all(m.interval[1] > 1.5 * m.interval[0] > 0 for m in maps), second
+
+
+def test_an_error_within_the_noise_of_the_tolerance_does_not_settle_early():
+    """Measured with no sampling error, the error still carries the finite differences'
+    noise: a 0.995 * rtol error in float32 differences (noise floor 1.3e-4) was settled
+    "clear above the tolerance" after 8 directions, and failed."""
+    p = jnp.asarray([0.3, 0.7, 1.1])
+    g = jax.grad(_weighted_sines)(p)
+    error = jnp.asarray([0.0, 1.0, 0.0]) * jnp.linalg.norm(g) * 1e-3 * 0.995
+    report = jaxcheck.verify(
+        _weighted_sines,
+        p,
+        grad_fn=lambda q: jax.grad(_weighted_sines)(q) + error,
+        rtol=1e-3,
+        precision="native",
+    )
+    assert report.noise_floor > 1e-5, str(report)
+    assert report.num_directions == 16, str(report)
+    assert report.interval[0] < 1e-3 < report.interval[1]
+
+
+def test_a_flat_fn_says_along_how_many_directions_it_was_flat():
+    # ("fn was flat along some directions" beside a note that it is flat along all)
+    report = jaxcheck.verify(lambda p: jnp.sum(jnp.round(p)), jnp.asarray([0.3, 1.2, 2.4]))
+    assert report.status == "pass"
+    assert report.stopped == "took all 16 directions: after 8, fn was flat along 8 of 8 directions"

@@ -184,9 +184,11 @@ def test_piecewise_constant_fn_with_a_nonzero_rule_fails():
     )
 
 
-def test_a_straight_through_round_between_ties_is_inconclusive_and_its_rows_not_judged():
-    """Where fn jumps within the step (a round whose ties the step crosses), the check is
-    inconclusive; its rows, whose tolerance of 2 judges nothing, say "not judged", not "ok"."""
+def test_a_straight_through_round_between_ties_fails_and_its_rows_are_not_judged():
+    """fn is exactly constant about params (a round whose ties only larger steps cross):
+    its derivative there is 0, and the straight-through gradient fails (it was inconclusive,
+    as where fn jumps within the step); its rows, whose tolerance of 2 judges nothing, say
+    "not judged", not "ok"."""
 
     def fn(p, x):
         z = x @ p["w"] * 3.0
@@ -195,7 +197,7 @@ def test_a_straight_through_round_between_ties_is_inconclusive_and_its_rows_not_
     x = jnp.linspace(-1.0, 1.0, 24, dtype=jnp.float32).reshape(6, 4)
     w = jnp.cos(jnp.arange(12.0, dtype=jnp.float32)).reshape(4, 3)
     report = jaxcheck.verify(fn, {"w": w}, x)
-    assert report.status == "inconclusive", str(report)
+    assert report.status == "fail", str(report)
     # twice the noise floor, which equals the derivative here, with the measured rounding
     # added in quadrature: far below it, zero or not depending on the CPU's arithmetic
     assert report.tolerance == pytest.approx(2.0, rel=1e-12)
@@ -817,7 +819,7 @@ def test_a_loss_that_cancels_to_zero_is_not_a_surrogate_gradient(wide, request):
     )
     if wide:  # no finite multiple of values all exactly 0, nor of the rounding (1e274 was printed)
         assert report.relative_error == math.inf, str(report)
-        assert "relative error inf (95% inf..inf)" in str(report)
+        assert "  error inf (95% inf..inf)" in str(report)
 
     def straight_through(z):
         return z + lax.stop_gradient(jnp.round(z) - z)
@@ -1601,7 +1603,19 @@ NOT_LINEAR = {
     # linear up to 0.75 only: jax.grad's own cotangent (or tangent) is clipped where fn's
     # derivative above the rule is near 1, so the gradient users get is wrong
     "clip": lambda g: jnp.clip(g, -0.75, 0.75),
+    # right at the unit 1 only, which jax.grad and jax.jvp take: a check at the unit 2
+    # alone passed this wrong gradient (half of fn's) and failed the clip below, which
+    # jax.grad never reaches here, with the numbers of the unit 2, not jax.grad's
+    "g*|g|/2": lambda g: g * jnp.abs(g) / 2,
+    "clip-1.5": lambda g: jnp.clip(g, -1.5, 1.5),
     "linear": lambda g: g,
+}
+# the note of a rule not linear in its cotangent (`verify`'s) or tangent
+NOT_LINEAR_NOTE = {
+    "reverse": "the gradient (autodiff) is not linear in its cotangent: at the cotangent 2, "
+    "halved, it is ",
+    "forward": "the forward-mode derivative (autodiff) is not linear in its tangent: at the "
+    "tangent 2, halved, it is ",
 }
 
 
@@ -1609,8 +1623,8 @@ NOT_LINEAR = {
 @pytest.mark.parametrize("name", NOT_LINEAR)
 def test_a_bwd_not_linear_in_its_cotangent_fails_under_a_sum(name, size):
     """Under jnp.sum the bwd meets g = 1 everywhere, where g * |g| and g ** 3 equal g: the
-    gradient is pulled back from another cotangent, as JAX's own check's random one. It is
-    2: from one below 1 (1/2), a rule clipping below 1 would pass."""
+    gradient is pulled back from 1, as jax.grad pulls it back, and from 2, and the two
+    compared."""
     rule = _bwd_rule(NOT_LINEAR[name])
     fn = lambda p: jnp.sum(rule(p))  # noqa: E731
     p = jnp.linspace(-1.2, 2.0, size)
@@ -1620,7 +1634,14 @@ def test_a_bwd_not_linear_in_its_cotangent_fails_under_a_sum(name, size):
         jaxcheck.check_grads(fn, (p,), 1, modes=["rev"])
         return
     assert report.status == "fail", str(report)
-    assert report.relative_error > 0.3, str(report)
+    assert report.relative_error > 0.2, str(report)
+    assert any(q.startswith(NOT_LINEAR_NOTE["reverse"]) for q in report.problems), str(report)
+    [fd] = [c for c in report.checks if c.name.startswith("reverse autodiff (float32) vs")]
+    # the finite-difference row judges jax.grad's gradient: right where its cotangent of 1
+    # meets a rule that is linear up to 1 or more
+    assert fd.passed == (name in ("g*|g|", "g**3", "clip-1.5")), str(report)
+    if fd.passed:  # the linearity row alone failed: said so in the closing advice
+        assert "but not at twice it: a custom rule in fn is not linear" in str(report)
     with pytest.raises(jaxcheck.GradientCheckError, match="FAIL — gradient is WRONG"):
         jaxcheck.check_grads(fn, (p,), 1, modes=["rev"])
 
@@ -1629,7 +1650,7 @@ def test_a_bwd_not_linear_in_its_cotangent_fails_under_a_sum(name, size):
 @pytest.mark.parametrize("name", NOT_LINEAR)
 def test_a_jvp_rule_not_linear_in_its_tangent_fails_in_forward_mode(name, size):
     """Small problems take their forward projections along sign directions (entries +-1,
-    where t * |t| and t ** 3 equal t, and a clip at 0.75 cuts all), times 2; forward mode
+    where t * |t| and t ** 3 equal t, and a clip at 0.75 cuts all), and times 2; forward mode
     alone (reverse mode cannot transpose such a rule), with the automatic rule checks off."""
     rule = _jvp_rule(NOT_LINEAR[name])
     fn = lambda p: jnp.sum(rule(p) ** 2)  # noqa: E731
@@ -1640,8 +1661,8 @@ def test_a_jvp_rule_not_linear_in_its_tangent_fails_in_forward_mode(name, size):
         assert not report.problems, str(report)
         return
     assert report.status == "fail", str(report)
-    assert report.relative_error > 0.3, str(report)
-    assert any("or one not linear in its tangent or cotangent?" in q for q in report.problems)
+    assert report.relative_error > 0.05, str(report)
+    assert any(q.startswith(NOT_LINEAR_NOTE["forward"]) for q in report.problems), str(report)
 
 
 def _mlp_problem():
@@ -2383,3 +2404,97 @@ def test_a_float32_output_beside_a_half_precision_one_is_judged_at_its_own_resol
     ), said
     if off:
         assert report.tolerance < 1e-5 and report.relative_error > 0.1, str(report)
+
+
+@jax.custom_vjp
+def _ste_round(x):
+    return jnp.round(x)
+
+
+_ste_round.defvjp(lambda x: (jnp.round(x), None), lambda _, g: (g,))
+
+
+def _fake_quant(w, scale=1 / 127):
+    return w + jax.lax.stop_gradient(jnp.round(w / scale) * scale - w)
+
+
+@pytest.mark.parametrize("estimator", ["custom_vjp", "stop_gradient"])
+def test_a_straight_through_estimator_fails_where_fn_is_flat_about_params(estimator):
+    """fn exactly constant about params in float64 (no tie within the step): its derivative
+    is 0, which a straight-through estimator's gradient is not. The ladder's larger steps
+    crossed ties, and the check was inconclusive ("fn jumps within the step")."""
+    x = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+    if estimator == "custom_vjp":
+        params = {"w": jnp.array([[0.73, -1.21], [1.37, 0.41], [-0.83, 2.13]])}
+
+        def loss(p):
+            return jnp.mean((_ste_round(3.0 * (x @ p["w"])) - 0.5) ** 2)
+
+    else:
+        rng = np.random.default_rng(0)
+        params = {"w": jnp.asarray(rng.normal(size=(3, 5)) * 0.3, jnp.float32)}
+
+        def loss(p):
+            return jnp.mean((jnp.tanh(x @ _fake_quant(p["w"])) - 0.5) ** 2)
+
+    report = jaxcheck.verify(loss, params, rules=False)
+    assert report.status == "fail", str(report)
+    assert any(
+        q.startswith("fn's values do not change at all within a relative step 6.1e-06 along any")
+        and q.endswith(
+            "a surrogate gradient (a straight-through estimator, a custom rule that is "
+            "not fn's derivative by design) fails this check by construction"
+        )
+        for q in report.problems
+    ), str(report)
+    assert "fn is piecewise constant about params, its derivative 0, and the failure" in str(report)
+    with pytest.raises(jaxcheck.GradientCheckError):
+        jaxcheck.check_grads(lambda w: loss({"w": w}), (params["w"],), 1, modes=["rev"])
+
+
+def test_an_ode_solvers_adjoint_is_linear_to_its_tolerance_only():
+    """JAX's odeint: the adjoint's steps follow the cotangent's size through the solver's
+    absolute tolerance, so its gradients at the cotangents 1 and 2 differ by solver noise
+    (4.7e-5 here, in float32): the check failed it as a rule not linear in its cotangent."""
+    from jax.experimental.ode import odeint
+
+    def vdp(p):
+        def f(y, t, p):
+            return jnp.stack([y[1], p[0] * (1 - y[0] ** 2) * y[1] - y[0]])
+
+        ys = odeint(f, jnp.array([2.0, 0.0]), jnp.linspace(0.0, 10.0, 20), p)
+        return jnp.mean(ys[:, 0] ** 2)
+
+    report = jaxcheck.verify(vdp, jnp.array([1.0]), rules=False)
+    assert report.status == "pass", str(report)
+
+
+def test_a_callback_rounding_to_float16_unseen_is_no_surrogate_gradient():
+    """A smooth fn computed in float16 by host code (a callback, its output declared in
+    float32): flat at the starting step in the float64 reference, jumping at larger ones.
+    Its right derivative was failed as a straight-through estimator ("no cast to a lower
+    precision inside"); a callback may round unseen."""
+
+    def host(q):
+        q = np.asarray(q)
+        return np.asarray(np.float16(2.0) + np.sum(np.sin(q.astype(np.float16))), q.dtype)
+
+    def host_d(q):
+        q = np.asarray(q)
+        return np.cos(q.astype(np.float16)).astype(q.dtype)
+
+    @jax.custom_jvp
+    def ext(p):
+        out = jax.ShapeDtypeStruct((), p.dtype)
+        return jax.pure_callback(host, out, p, vmap_method="sequential")
+
+    @ext.defjvp
+    def _ext_jvp(primals, tangents):
+        (p,), (t,) = primals, tangents
+        out = jax.ShapeDtypeStruct(p.shape, p.dtype)
+        d = jax.pure_callback(host_d, out, p, vmap_method="sequential")
+        return ext(p), jnp.sum(d * t)
+
+    report = jaxcheck.verify(ext, jnp.linspace(0.1, 1.0, 5), rules=False)
+    assert report.status == "inconclusive", str(report)
+    assert not any(q.startswith("fn's values do not change at all") for q in report.problems)

@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxcheck
-from jaxcheck import _plan
+from jaxcheck import _plan, _report
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from cases import bug, mlp_data, mlp_loss, mlp_params  # noqa: E402
@@ -222,7 +222,8 @@ def test_directions_spread_over_a_mesh_axis(num_directions):
         mlp_loss(), params, x, y, num_directions=num_directions, direction_sharding=over
     )
     assert spread.status == "pass", str(spread)
-    assert spread.num_directions == num_directions and spread.stopped == ""
+    assert spread.num_directions == num_directions
+    assert spread.stopped == f"took all {num_directions} directions, {_report.FIXED}"
     # same directions and step; both vmapped, but grouped differently (the plain check of
     # this small problem vmaps its stencil points too), so fn's float64 values round
     # differently, by ~1e-13 of fn, which the step of 6e-6 makes ~1e-6 of the differences
