@@ -31,7 +31,7 @@ from ._errors import CotangentKind
 # clipping at 1.5, which jax.grad never reaches, is no derivative all the same: under a
 # loss scaled, or summed with another, its gradient is another. The folded forward
 # projections of small problems push tangents of entries +-1 and +-2 alike, compared the
-# same way (`tangent_gap`).
+# same way (`tangent_gap`), where fn calls a custom rule.
 UNIT = 2.0
 
 # The index of the random-sign cotangent whose vjp sizes a non-scalar fn's gradient per leaf
@@ -182,17 +182,23 @@ def _probe(problem, reverse, fold, seeds, diff, traced, index, signs) -> dict:
         # traced first, so that a custom_vjp in fn fails early. Rows ordered (leaf,
         # direction): the tangent of row (l, k) is UNIT z_kl in leaf l alone
         leaves = len(diff)
-        # and the same rows at the unit 1, after them (`linear_gap`)
+        # and, where fn calls a custom rule, the same rows at the unit 1 after them
+        # (`linear_gap`; JAX's own primitives are linear in their tangents by construction)
+        both = problem.has_rules
         tangents = [
             jnp.concatenate(
-                [z * u if j == i else jnp.zeros_like(z) for u in (UNIT, 1) for j in range(leaves)]
+                [
+                    z * u if j == i else jnp.zeros_like(z)
+                    for u in ((UNIT, 1) if both else (UNIT,))
+                    for j in range(leaves)
+                ]
             )
             for i, z in enumerate(units)
         ]
         primals, jv = jax.vmap(lambda t: jax.jvp(f, (diff,), (t,)))(tangents)
         rows = leaves * num
         primals = [y[:rows] for y in primals]
-        jv, jv_one = [y[:rows] for y in jv], [y[rows:] for y in jv]
+        jv, jv_one = [y[:rows] for y in jv], ([y[rows:] for y in jv] if both else None)
         if own and gap is None:  # forward mode alone: the primal jax.jvp returns
             gap = primal_gap([y[0] for y in primals], outs)
         if not problem.scalar_output:
@@ -207,12 +213,17 @@ def _probe(problem, reverse, fold, seeds, diff, traced, index, signs) -> dict:
         )(index, o_signs)
     if "forward" in modes:
         if cots is None:
-            p, p_one = (y[0].astype(_precision.accumulator([y[0].dtype])) for y in (jv, jv_one))
+            project = lambda y: y[0].astype(_precision.accumulator([y[0].dtype]))  # noqa: E731
         else:
             rows_cots = [jnp.concatenate([c] * leaves) for c in cots]
-            p, p_one = (jax.vmap(vdot)(rows_cots, y) for y in (jv, jv_one))
-        result["fold_fwd"] = p_one.astype(acc).reshape(leaves, num).T
-        result["tangent_gap"] = linear_gap([p_one], [p])
+            project = lambda y: jax.vmap(vdot)(rows_cots, y)  # noqa: E731
+        p = project(jv)
+        if jv_one is None:
+            result["fold_fwd"] = (p.astype(acc) / UNIT).reshape(leaves, num).T
+        else:
+            p_one = project(jv_one)
+            result["fold_fwd"] = p_one.astype(acc).reshape(leaves, num).T
+            result["tangent_gap"] = linear_gap([p_one], [p])
     grad = None
     if reverse and problem.grad_fn is not None:
         grad = problem.gradient(diff, traced)

@@ -81,10 +81,10 @@ class Outcome:
             parts.append(f"relative error {error} (tolerance {tolerance})")
         note = _telling(source.problems, r.problems, self.verdict == "fail")
         if note:
-            parts.append(_in_check_grads_terms(note))
+            parts.append(note)
         if self.verdict == "unjudged":
             parts.append("not judged")
-        return "; ".join(parts)
+        return _in_check_grads_terms("; ".join(parts))
 
 
 def _telling(own, whole, failed: bool) -> str:

@@ -1187,3 +1187,7 @@ def test_a_failures_headline_says_why_in_check_grads_terms(loose):
     assert outcome.headline.startswith(
         f"fail; relative error 1.0e+00 (tolerance {tolerance}); {why}"
     ), outcome.headline
+    # at order 2, the part's label too ("order 1: fn")
+    second = _check_grads.run(lambda x: jnp.sum(_relu_twice(x) ** 2), (x + 1,), 2, **tolerances)
+    assert second.verdict == "fail"
+    assert second.headline.startswith("fail; order 1: f; relative error"), second.headline
