@@ -831,7 +831,9 @@ def test_a_row_not_judged_shows_no_tolerance_of_one_or_more():
     [leaf] = [line.split() for line in text.splitlines() if line.strip().startswith("['w']")]
     assert leaf[-2:] == ["—", "FAIL"], text
     [rule] = [line.split() for line in text.splitlines() if line.strip().startswith("rule ")]
-    assert rule[-2:] == ["—", "FAIL"], text
+    # (the rule alone, at the inputs fn gives it, fails under jax 0.10 and is not judged
+    # under jax 0.9: either way its tolerance of 2 is not shown)
+    assert rule[-2:] == ["—", "FAIL"] or rule[-3:] == ["—", "not", "judged"], text
     [part] = [p for p in report.parts if p.leaves]
     assert [leaf.tolerance for leaf in part.leaves if leaf.path == "['w']"] == [
         pytest.approx(2.0, rel=1e-12)
