@@ -137,13 +137,7 @@ def _probe(problem, reverse, fold, seeds, diff, traced, index, signs) -> dict:
     # autodiff through fn's custom rules, which compute a primal of their own
     own = problem.grad_fn is None and problem.has_rules
     # value and gradient from one trace of fn (`Problem.value_with_gradient`)
-    # (fn of JAX's own primitives and rules alone: linear in its cotangent by construction,
-    # its gradient pulled back once)
-    pair = (
-        (*scalar_grad(f, diff), None)
-        if reverse and problem.value_with_gradient and not rev
-        else None
-    )
+    pair = scalar_grad(f, diff) if reverse and problem.value_with_gradient and not rev else None
     if rev or (reverse and not problem.scalar_output):
         outs, vjp_fn = jax.vjp(f, diff)
         # the primal jax.vjp returns is a custom_vjp's fwd (a custom_jvp rule's primal
@@ -228,9 +222,10 @@ def _probe(problem, reverse, fold, seeds, diff, traced, index, signs) -> dict:
     if reverse and problem.grad_fn is not None:
         grad = problem.gradient(diff, traced)
     elif reverse and problem.scalar_output:
-        value, grad, gap_of_units = scalar_grad_linear(f, diff) if pair is None else pair
-        if gap_of_units is not None:
-            result["cotangent_gap"] = gap_of_units
+        if pair is None:  # fn calls a custom rule: pulled back from two cotangents
+            value, grad, result["cotangent_gap"] = scalar_grad_linear(f, diff)
+        else:  # fn of JAX's own primitives and rules: linear in its cotangent by construction
+            value, grad = pair
         wrong_kinds(grad, diff)
         if own:
             gap = primal_gap([value], outs)

@@ -118,21 +118,15 @@ def _full_ladder(run: Run, index, rows, h, groups, out):
     # d4 far above rounding that shrinks with the step is kinks (at a stationary point,
     # rounding that grows with the step too: excluded by its noise floor)
     kinks_possible = run.rounds_to is None and h <= _precision.default_step(run.reference)
-    for p in best:
-        flat = _verdict.flat_directions(p)
-        if (
-            kinks_possible
-            and not run.problem.opaque  # (a callback may round to float16 unseen)
-            and flat is not None
-            and not flat[1]
-            and flat[0] == len(p.fd.smooth)
-            and _precision.eps(run.reference) < _precision.eps(np.float32)
-        ):
-            run.flat_below = h  # (`Run.flat_below`: piecewise constant at this step)
+    # (fn computed in float64 with no callback or kernel, which may round unseen)
+    wide = not run.problem.opaque and _precision.eps(run.reference) < _precision.eps(np.float32)
     for i, p in enumerate(best):
-        if (_verdict.flat_directions(p) or (0, False))[1]:
+        flat_count, zero = _verdict.flat_directions(p) or (0, False)
+        if zero:
             continue  # flat with a zero derivative under test: settled (a larger step
             # is for staircases, and could cross the jumps of a piecewise-constant fn)
+        if kinks_possible and wide and flat_count == len(p.fd.smooth):
+            run.flat_below = h  # (`Run.flat_below`: piecewise constant at this step)
         if suspect[i]:
             factors[i] = 1 / 16
         elif _verdict.unresolved(run, p.fd) or p.fd.num_nonsmooth:

@@ -295,9 +295,8 @@ def status(run: Run, p: Pass, checks, k, problems) -> Status:
             problems.append(
                 f"{PIECEWISE_CONSTANT}{run.flat_below:.1e} along any of the directions "
                 "(computed in float64, with no cast to a lower precision, nor a callback or "
-                "kernel, inside), and jump at "
-                "larger steps (they "
-                f"scatter by {scatter:.1e} at {p.step:.1e}): fn is piecewise constant here "
+                "kernel, inside), and jump at larger steps (they scatter by "
+                f"{scatter:.1e} at {p.step:.1e}): fn is piecewise constant here "
                 "(round, floor, argmax, comparisons), so its derivative at params is 0, "
                 "while the derivative under test is not: a surrogate gradient (a "
                 "straight-through estimator, a custom rule that is not fn's derivative by "
