@@ -290,13 +290,15 @@ def scalar_grad_linear(f, diff):
 def linear_gap(single, doubled) -> jax.Array:
     """RMS(doubled / UNIT - single) over the gradient's entries, relative to the larger
     RMS of the two, in at least float32 (0 for a derivative linear in its cotangent;
-    entries of `doubled` that overflowed, a float16 gradient above half its largest
-    number, are left out)."""
+    entries of `doubled` at or near its dtype's largest number are left out: a float16
+    gradient above half of it overflowed at the cotangent 2, to Inf, or to the largest
+    number where a rule clamps its Inf with `jnp.nan_to_num`)."""
     # (of the real dtypes: a complex64 gradient's sums are float32)
     work = _precision.accumulator([jnp.finfo(g.dtype).dtype for g in single])
     apart = ones = twos = jnp.zeros((), work)
     for a, b in zip(single, doubled):
-        b = jnp.where(jnp.isfinite(b), b / UNIT, a)
+        # (|b| above half the largest number: b * UNIT overflows, in any dtype)
+        b = jnp.where(jnp.isfinite(b * UNIT), b / UNIT, a)
         apart += jnp.sum(jnp.square(jnp.abs(b - a).astype(work)))
         ones += jnp.sum(jnp.square(jnp.abs(a).astype(work)))
         twos += jnp.sum(jnp.square(jnp.abs(b).astype(work)))

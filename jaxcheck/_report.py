@@ -285,6 +285,13 @@ def _error_line(r: Report, prefix: str = "") -> str:
     head = [
         c for c in r.checks if (c.relative_error, c.tolerance) == (r.relative_error, r.tolerance)
     ]
+    if head and head[0].name.startswith(LINEARITY):  # (two autodiff passes compared)
+        unit = "cotangent" if "cotangent" in head[0].name else "tangent"
+        return (
+            f"  {prefix}relative gap {error} between the derivative at the {unit} 2, halved, "
+            f"and at the {unit} 1, tolerance {tolerance} (two autodiff passes compared: no "
+            "finite-difference noise in it)"
+        )
     absolute = bool(head) and head[0].absolute
     # the derivative is zero to within noise: no size of its own to be relative to
     unit = (

@@ -1642,6 +1642,16 @@ def test_a_bwd_not_linear_in_its_cotangent_fails_under_a_sum(name, size):
     assert fd.passed == (name in ("g*|g|", "g**3", "clip-1.5")), str(report)
     if fd.passed:  # the linearity row alone failed: said so in the closing advice
         assert "but not at twice it: a custom rule in fn is not linear" in str(report)
+        # and the headline's numbers are the linearity row's, not called a relative error
+        # with a noise floor of 0
+        assert (
+            str(report)
+            .splitlines()[1]
+            .startswith(
+                f"  relative gap {report.relative_error:.1e} between the derivative at the "
+                "cotangent 2, halved, and at the cotangent 1, tolerance "
+            )
+        ), str(report)
     with pytest.raises(jaxcheck.GradientCheckError, match="FAIL — gradient is WRONG"):
         jaxcheck.check_grads(fn, (p,), 1, modes=["rev"])
 
@@ -1663,6 +1673,33 @@ def test_a_jvp_rule_not_linear_in_its_tangent_fails_in_forward_mode(name, size):
     assert report.status == "fail", str(report)
     assert report.relative_error > 0.05, str(report)
     assert any(q.startswith(NOT_LINEAR_NOTE["forward"]) for q in report.problems), str(report)
+
+
+def test_a_float16_rule_clamping_its_overflow_at_the_cotangent_2_is_not_called_nonlinear():
+    """A float16 bwd of 40000 cos(p) g overflows at g = 2 (80000 > 65504), and
+    `jnp.nan_to_num` clamps the Inf to the largest float16: entries that near the largest
+    number are left out of the comparison of cotangents 1 and 2, as Inf ones are; jax.grad's
+    gradient, at 1, is right (a planted 1 % bug in it still fails)."""
+
+    def big_sin(factor):
+        @jax.custom_vjp
+        def rule(p):
+            return 40000 * jnp.sin(p)
+
+        def bwd(p, g):
+            return (jnp.nan_to_num(g * (40000 * factor * jnp.cos(p)).astype(p.dtype)),)
+
+        rule.defvjp(lambda p: (rule(p), p), bwd)
+        return rule
+
+    p = jnp.linspace(-1.0, 1.0, 8).astype(jnp.float16)
+    report = jaxcheck.verify(lambda p: jnp.sum(big_sin(1.0)(p)), p, rules=False)
+    assert report.status == "pass", str(report)
+    assert not [c for c in report.checks if c.name.startswith("linearity")], str(report)
+    report = jaxcheck.verify(lambda p: jnp.sum(big_sin(1.1)(p)), p, rules=False)
+    assert report.status == "fail", str(report)
+    [fd] = [c for c in report.checks if c.name.startswith("reverse autodiff (float16) vs")]
+    assert not fd.passed and fd.relative_error == pytest.approx(0.1, rel=0.05), str(report)
 
 
 def _mlp_problem():
