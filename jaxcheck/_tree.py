@@ -146,7 +146,9 @@ def settle_weak(params, fn=None, args=()):
     floating leaves, JAX's default dtype (`strong_array`), unless strict promotion refuses
     fn with it: then the dtype of fn's floating outputs, traced with the weak leaves as
     they are (`x * w` with a float32 `w` that fn closes over is float32, where float64,
-    the default with 64-bit types on, meets w)."""
+    the default with 64-bit types on, meets w). A leaf that dtype would overflow, where it
+    is narrower than the leaf's own (1e5 beside float16 leaves), keeps its own: fn may use
+    it alone, in its own dtype (where fn combines it with them, it overflows there too)."""
     leaves, treedef = jax.tree.flatten(params)
     held = held_by_modules(params)  # (kept Python floats: `split` holds them fixed)
     weak = [i for i, x in enumerate(leaves) if _weak_float(x) and i not in held]
@@ -161,11 +163,21 @@ def settle_weak(params, fn=None, args=()):
         return params
     # (a Python float among params is put on the device by the check itself, as a parameter:
     # allowed under the caller's jax.transfer_guard("disallow"), as jaxcheck's own transfers)
-    with jax.numpy_dtype_promotion("standard"), jax.transfer_guard_host_to_device("allow"):
+    with jax.numpy_dtype_promotion("standard"), jax.transfer_guard("allow"):
         for i in weak:
-            dtype = jnp.result_type(*strong, leaves[i])
+            dtype, own = jnp.result_type(*strong, leaves[i]), jnp.result_type(leaves[i])
+            if jnp.finfo(dtype).bits < jnp.finfo(own).bits and _overflows(leaves[i], own, dtype):
+                dtype = own
             leaves[i] = jnp.asarray(leaves[i], dtype)
     return jax.tree.unflatten(treedef, leaves)
+
+
+def _overflows(x, own, narrower) -> bool:
+    """Whether a finite value of x (of dtype `own`) is NaN/Inf in the narrower dtype."""
+    a = np.asarray(x, own)
+    with np.errstate(all="ignore"):
+        b = a.astype(narrower)
+    return bool(np.any(np.isfinite(a) & ~np.isfinite(b)))
 
 
 # strict promotion's refusal (in jax.dtypes in newer releases; a ValueError in any)

@@ -106,6 +106,37 @@ def test_strict_promotion_with_a_python_float_argument(strict_numerics, dtype, x
             )
 
 
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_weak_leaf_keeps_its_own_dtype_where_a_float16_partner_would_overflow_it(strict):
+    """`jnp.full(3, 1e5)` is a weakly typed float32 array: beside a float16 leaf it was
+    cast to float16, Inf, and a check of finite params reported NaN/Inf; a Python float 1e5
+    beside a float16 argument of check_grads passed a derivative twice too large (its
+    reference overflowed too). fn uses it alone, in float32, and so does the check now."""
+    params = {"h": jnp.array([0.5, 0.25], jnp.float16), "k": jnp.full(3, 1e5)}
+
+    def loss(p):
+        return jnp.sum(p["h"].astype(jnp.float32) ** 2) + jnp.sum(jnp.log(p["k"]))
+
+    @jax.custom_vjp
+    def log_twice_too_steep(s):
+        return jnp.log(s)
+
+    log_twice_too_steep.defvjp(lambda s: (jnp.log(s), s), lambda s, g: (2 * g / s,))
+    with jax.numpy_dtype_promotion("strict" if strict else "standard"):
+        report = jaxcheck.verify(loss, params)
+        assert report.status == "pass", str(report)
+        assert {leaf.path: leaf.dtype for leaf in report.leaves}["['k']"] == "float32"
+        with pytest.raises(
+            AssertionError, match=r"(?s)FAIL — gradient is WRONG.*\[1\] +\(\) +float32"
+        ):
+            jaxcheck.check_grads(
+                lambda h, s: jnp.sum(h.astype(jnp.float32) ** 2) + log_twice_too_steep(s),
+                (params["h"], 1e5),
+                order=1,
+                modes=("rev",),
+            )
+
+
 @pytest.mark.parametrize("x64_on", [False, True])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_strict_promotion_with_a_python_float_alone_beside_closed_over_data(
