@@ -204,7 +204,9 @@ def nonfinite(run: Run, paths) -> bool:
     is added to the problems."""
     pr = run.probe
     found = [
-        f"parameter leaf {p or '(root)'} contains NaN/Inf"
+        f"parameter leaf {p or '(root)'} contains NaN/Inf (params are differentiated "
+        "whole: a buffer fn does not differentiate, such as an attention mask of -inf, "
+        "belongs in *args, held fixed: verify(fn, params, mask))"
         for p, ok in zip(paths, pr["params_finite"])
         if not ok
     ]

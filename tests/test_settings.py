@@ -562,7 +562,11 @@ def test_debug_nans_with_nan_params_reports_the_leaf():
     with jax.debug_nans(True):
         report = jaxcheck.verify(_loss, p, x)
     assert report.status == "nonfinite"
-    assert "parameter leaf ['b'] contains NaN/Inf" in report.problems
+    assert (
+        "parameter leaf ['b'] contains NaN/Inf (params are differentiated whole: a buffer fn "
+        "does not differentiate, such as an attention mask of -inf, belongs in *args, held "
+        "fixed: verify(fn, params, mask))"
+    ) in report.problems
 
 
 def _reuses_float32_constants() -> bool:
