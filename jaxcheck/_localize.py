@@ -102,6 +102,8 @@ def _localize(run: Run, scales, leaf_k, h, paths, chosen, sequential, fixed) -> 
     sequential = sequential and run.plan.direction_sharding is None
     ks = _sequential.looks(leaf_k, sequential, run.looks_kind)
     results, pending, choices, within, zero, rounded = {}, list(chosen), {}, [], [], []
+    rounded_over = []  # (path, head): absolute for the derivative's rounding alone
+    retry = {}  # leaf: its larger scale, where at its own its derivative is lost in noise
     on_gap = {}  # leaf path: its gap, where its pass rests on that gap being rounding
     factors = []  # (leaf path, `_verdict.constant_factor`'s note) of failing leaves
     for n in ks:
@@ -144,8 +146,16 @@ def _localize(run: Run, scales, leaf_k, h, paths, chosen, sequential, fixed) -> 
             head, x = _verdict.head(checks, status), run.inputs.diff[leaf]
             if status is Status.PASS and _jitter.rests_on_gap(run, p, head):
                 on_gap[paths[leaf] or "(root)"] = head.gap
+            if status is Status.PASS and head.absolute and not fixed:
+                larger = _negligible(run, scales, leaf)
+                if larger is not None:  # (at a tenth of the others' scale, below)
+                    retry[leaf] = larger
+                    continue
             if status is Status.PASS and head.absolute:
-                zero.append(paths[leaf] or "(root)")
+                if head.resolved and head.rounding_measured:  # (`_verdict.rounding_as_large`)
+                    rounded_over.append((paths[leaf] or "(root)", head))
+                else:
+                    zero.append(paths[leaf] or "(root)")
             if status is Status.FAIL:
                 factor = _verdict.constant_factor(
                     p, head.tolerance, int(np.size(x)), along=OF_THE_LEAF
@@ -164,6 +174,11 @@ def _localize(run: Run, scales, leaf_k, h, paths, chosen, sequential, fixed) -> 
                 n,
             )
         pending = still
+    if retry:
+        wider = np.asarray(scales, np.float64).copy()
+        wider[list(retry)] = list(retry.values())
+        again = _localize(run, wider, leaf_k, h, paths, list(retry), sequential, fixed)
+        results.update(zip(retry, again))
     if not any(q.startswith(_verdict.FACTOR) for q in run.problems):
         # (a factor on some leaves only: the all-leaf comparison is no multiple)
         run.problems.extend(f"{path}: {factor}" for path, factor in factors)
@@ -196,6 +211,11 @@ def _localize(run: Run, scales, leaf_k, h, paths, chosen, sequential, fixed) -> 
             "normalization, a parameter cut off from the loss?); judged in absolute terms, "
             "hence a relative error of at most about 1 against a tolerance of 2"
         )
+    if rounded_over:
+        # (one note for them all, with the largest noise floor among them)
+        head = max((h for _, h in rounded_over), key=lambda h: h.noise_floor)
+        named = ", ".join(path for path, _ in rounded_over)
+        run.problems.append(_verdict.rounding_as_large(run, head, f"{named}: "))
     return tuple(results[leaf] for leaf in chosen)
 
 
@@ -246,6 +266,25 @@ def _scales_alone(run: Run, scales):
         if values[i] < floor and np.size(x) and _directions.both_signs(x):
             out[i] = floor
     return out
+
+
+def _negligible(run: Run, scales, leaf: int) -> float | None:
+    """A tenth of the parameters' pooled RMS, for a leaf whose derivative came out zero to
+    within noise at its own scale, where that scale is below the cube root of the
+    reference's eps times the pooled RMS (5e-6 in float64) and its entries have both
+    signs; else None. At 1e-16 beside weights of 0.3 a leaf moves fn by less than float64
+    rounding, and its gradient negated passed as "zero to within noise" (the same leaf at
+    exactly 0, moved at the others' scale, failed); a small leaf fn reads at its own scale
+    (cos(1e4 w) for w near 1e-4) has a derivative there, and keeps its scale."""
+    values = np.asarray(scales, np.float64)
+    sizes = [max(np.size(x), 1) for x in run.inputs.diff]
+    pooled = float(_directions.pooled(values, sizes))
+    ref = run.reference or _precision.reference_dtype(run.policy, run.tested)
+    x = run.inputs.diff[leaf]
+    small = values[leaf] < _precision.eps(ref) ** (1 / 3) * pooled
+    if small and np.isfinite(pooled) and np.size(x) and _directions.both_signs(x):
+        return ALONE_SHARE * pooled
+    return None
 
 
 def localize_finely(run: Run, scales, leaf_k, h, paths, chosen, fine, step, sequential=False):

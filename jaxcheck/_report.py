@@ -300,6 +300,11 @@ def _error_line(r: Report, prefix: str = "") -> str:
         if absolute
         else ""
     )
+    if absolute and head[0].resolved and head[0].rounding_measured:
+        # (finite differences see the derivative: `_verdict.rounding_as_large`)
+        unit = (
+            "; absolute: in units of the derivative's rounding, which is as large as the derivative"
+        )
     return (
         f"  {prefix}{'error' if absolute else 'relative error'} {error} (95% {_e(lo)}..{_e(hi)}), "
         f"tolerance {tolerance}, finite-difference noise floor {_e(r.noise_floor)}{unit}"

@@ -29,6 +29,19 @@ ZERO_WITHIN_NOISE = (
 )
 
 
+def rounding_as_large(run: Run, head, where: str = "") -> str:
+    """The note of an absolute comparison made so by the derivative's rounding, where
+    finite differences resolve the derivative (`ZERO_WITHIN_NOISE` where they do not)."""
+    ref = np.dtype(run.reference or _precision.reference_dtype(run.policy, run.tested)).name
+    return (
+        f"{where}the {run.tested.name} derivative's rounding (its gap to the same rule in "
+        f"{ref}) is as large as the derivative{' of each' if where else ''}, which finite "
+        f"differences resolve (noise floor {head.noise_floor:.1e}): it was judged in "
+        "absolute terms, in units of that rounding, and says nothing about an error "
+        "smaller than it (fn is ill-conditioned here, or cancels)"
+    )
+
+
 def eps_fd(run: Run) -> float:
     """The resolution of fn's values in the reference: its precision, or that of a
     lower-precision dtype fn rounds its values to inside."""
@@ -345,6 +358,10 @@ def status(run: Run, p: Pass, checks, k, problems) -> Status:
             "stationary point?) and the derivative under test is not; judged in absolute "
             "terms"
         )
+    elif head.absolute and head.resolved and head.rounding_measured:
+        # finite differences see the derivative: what made the comparison absolute is
+        # the derivative's own rounding (an ill-conditioned loss), not a flat fn
+        problems.append(rounding_as_large(run, head))
     elif head.absolute:  # the derivative is zero to within noise or rounding
         problems.append(ZERO_WITHIN_NOISE)
     elif coarse and (limit := _half_precision_limit(run, head)):

@@ -898,6 +898,38 @@ def test_a_small_leaf_of_a_float32_only_model_is_checked_alone_at_the_others_sca
     assert b1.status in (("pass",) if factor == 1.0 else ("pass", "inconclusive"))
 
 
+@pytest.mark.parametrize("scale", [1e-16, 1e-9])
+@pytest.mark.parametrize("factor", [1.0, -1.0, 1.01])
+def test_a_leaf_far_smaller_than_the_others_is_checked_alone_at_their_scale(factor, scale):
+    """A leaf at 1e-16 beside weights of 0.3 moved, alone, by steps of its own size: its
+    change of fn is below float64 rounding, and a negated gradient passed as "zero to
+    within noise" (the same leaf at exactly 0, moved at the others' scale, failed). Now it
+    is checked again moved by a tenth of the parameters' pooled RMS: a wrong gradient
+    fails, named (test_leaves_of_very_different_scales: a small leaf that fn reads at its
+    own scale keeps it)."""
+    x = jnp.linspace(-1.0, 2.0, 6)
+    c = jnp.array([1.0, 2.0, -1.0])
+
+    @jax.custom_vjp
+    def scaled(v):
+        return v
+
+    scaled.defvjp(lambda v: (v, None), lambda _, g: (factor * g,))
+
+    def loss(p):
+        return jnp.sum(jnp.tanh(p["w"] * x)) + jnp.sum(scaled(p["b"]) * c)
+
+    p = {"w": jnp.full(6, 0.3), "b": scale * jnp.array([1.0, -2.0, 3.0])}
+    report = jaxcheck.verify(loss, p)
+    if factor == 1.0:
+        assert report.status == "pass", str(report)
+        assert not [q for q in report.problems if "zero to within" in q], str(report)
+        return
+    assert report.status == "fail", str(report)
+    [b] = [leaf for leaf in report.leaves if leaf.path == "['b']"]
+    assert b.status == "fail" and b.relative_error == pytest.approx(abs(factor - 1), rel=0.1)
+
+
 @pytest.mark.parametrize("factor", [1.0, -1.0])
 def test_a_leaf_a_float32_only_pass_cannot_see_and_unjudged_alone_makes_no_pass(factor):
     """The same bias entering fn 100 times weaker: alone it cannot be judged even at the
