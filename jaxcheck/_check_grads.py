@@ -66,7 +66,7 @@ class Outcome:
         derivative map) that decided its status."""
         r = self.report
         if r is None:
-            return f"pass; {self.empty}, nothing to check"
+            return f"{self.empty}, nothing to check; not judged"
         # (the parts of an order >= 2 check; those of a first-order one are its rule rows;
         # a pass's first note is the whole check's, as what was held fixed)
         orders = [p for p in r.parts if p.label.startswith("order ")]
@@ -188,7 +188,8 @@ def check_grads(
         eps: JAX's finite-difference step; not used (see above).
         raise_unjudged: also raise when there is nothing to judge (status "inconclusive",
             or "nonfinite" because `f` itself is NaN/Inf at or next to `args`). By default
-            these return quietly, as JAX's check_grads does where it counts NaN equal to NaN.
+            these return quietly, as JAX's check_grads does where it counts NaN equal to NaN;
+            so does a check of empty arguments or outputs, with nothing to compare.
             Where `f` or `args` are NaN/Inf at some entries only, the others are judged
             (those outputs set to 0, the argument entries held fixed that are NaN/Inf or feed
             only those outputs; the report's first problem says how many), and a NaN/Inf
@@ -212,6 +213,8 @@ def check_grads(
         )
     outcome = run(f, args, order, modes, atol, rtol, eps)
     if outcome.verdict == "fail" or (raise_unjudged and outcome.verdict == "unjudged"):
+        if outcome.report is None:
+            raise GradientCheckError(None, f"jaxcheck.check_grads: {outcome.headline}")
         raise error(outcome.report)
 
 
@@ -256,16 +259,17 @@ def run(f, args, order, modes=("fwd", "rev"), atol=None, rtol=None, eps=None) ->
     options = _options.Options(order=order, mode=mode, rtol=min(wanted, MAX_FLOOR))
     floats = [x for x in jax.tree.leaves(params) if _inexact(x)]
     if floats and not any(np.size(x) for x in floats):
-        # a derivative with respect to empty arrays is empty: JAX's check passes there too
-        return Outcome(None, "pass")
+        # a derivative with respect to empty arrays is empty: JAX's check passes there
+        # too, and nothing is raised; a plugin's summary lists it as not judged
+        return Outcome(None, "unjudged")
     try:
         with _host.x64_as_checked(params):
             fingerprint = _fingerprint.of(f, *params)
         report = _verify.run(Positional(f, fingerprint), params, (), options)
     except (TypeError, ValueError) as err:
         if str(err).startswith(_problem.EMPTY_OUTPUT):
-            # no derivative to compare: JAX's check passes (nothing is said in a test)
-            return Outcome(None, "pass", "every output of f is empty")
+            # no derivative to compare: JAX's check passes (nothing is raised in a test)
+            return Outcome(None, "unjudged", "every output of f is empty")
         if type(err) not in (TypeError, ValueError) or str(err).startswith("check_grads: "):
             raise
         hint = ""

@@ -325,6 +325,8 @@ PROPERTY = "jaxcheck"  # the key of what a test's checks found in its report's u
 VERDICTS = {
     "fail": "failed (raised GradientCheckError, an AssertionError, in the test)",
     "caught": "failed or raised as the test expected (it caught the error, or is xfail)",
-    "unjudged": "not judged (kink or non-finite fn at the point, or no mode asked; nothing raised)",
+    "unjudged": (
+        "not judged (kink or non-finite fn at the point, empty, or no mode asked; nothing raised)"
+    ),
     "error": "raised an error",
 }

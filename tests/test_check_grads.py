@@ -530,14 +530,28 @@ def test_a_tolerance_dict_applies_the_entry_of_the_output_dtype():
 
 
 def test_empty_arguments_have_nothing_to_check():
+    """JAX's check passes with nothing compared, and so does this one by default; it is
+    not judged (a plugin's summary lists it so, not among the passes), and
+    raise_unjudged=True raises, saying why."""
     outcome = _check_grads.run(jnp.sort, (np.zeros((0,), np.float32),), 2)
-    assert (outcome.report, outcome.verdict) == (None, "pass")
-    assert outcome.headline == "pass; every floating-point argument is empty, nothing to check"
+    assert (outcome.report, outcome.verdict) == (None, "unjudged")
+    assert (
+        outcome.headline == "every floating-point argument is empty, nothing to check; not judged"
+    )
     assert jaxcheck.check_grads(jnp.sum, (np.zeros((2, 0)),), 1) is None
+    with pytest.raises(
+        jaxcheck.GradientCheckError,
+        match="^jaxcheck.check_grads: every floating-point argument is empty, nothing to check",
+    ):
+        jaxcheck.check_grads(jnp.sum, (np.zeros((2, 0)),), 1, raise_unjudged=True)
     # no output elements: nothing to compare, and JAX's check passes too
-    outcome = _check_grads.run(lambda x: x[:0] * 2.0, (np.ones(3, np.float32),), 2)
-    assert (outcome.report, outcome.verdict) == (None, "pass")
-    assert outcome.headline == "pass; every output of f is empty, nothing to check"
+    empty_output = lambda x: x[1:8:-1] * 2.0  # noqa: E731
+    outcome = _check_grads.run(empty_output, (np.ones(10, np.float32),), 2)
+    assert (outcome.report, outcome.verdict) == (None, "unjudged")
+    assert outcome.headline == "every output of f is empty, nothing to check; not judged"
+    assert jaxcheck.check_grads(empty_output, (np.ones(10, np.float32),), 2) is None
+    with pytest.raises(jaxcheck.GradientCheckError, match="every output of f is empty"):
+        jaxcheck.check_grads(empty_output, (np.ones(10, np.float32),), 2, raise_unjudged=True)
 
 
 def test_checking_the_same_function_again_compiles_nothing():
