@@ -367,7 +367,22 @@ def rules_part(
         rows[i] = dataclasses.replace(
             rows[i], name=f"rule {r.label}: no error found at its first {where} only"
         )
-    fine = [r.label for r in reports if r.ok and r not in coarse and r not in first_only]
+    # fn fails: a rule judged with the input entries at its kinks held fixed (a max at a
+    # tie, a relu at 0) is not cleared of it either: a derivative wrong at such an entry
+    # (one that sends a max's gradient to every tied entry) is what holding them hides
+    at_kinks = [
+        r
+        for r in reports
+        if error is not None
+        and r.ok
+        and r not in coarse + first_only
+        and r.label not in unreached
+        and any(q.startswith(_rules.KINKS_HELD) for q in r.problems)
+    ]
+    for r in at_kinks:
+        i = titles.index(r.label)
+        rows[i] = dataclasses.replace(rows[i], name=f"rule {r.label}: no error found off its kinks")
+    fine = [r.label for r in reports if r.ok and r not in coarse and r not in first_only + at_kinks]
     if masked:
         problems.append(
             f"JAX's own rules that fail alone at the inputs fn gives them, while fn's "
@@ -385,7 +400,7 @@ def rules_part(
             "alone with jaxcheck.verify_rule at inputs fn reaches"
         )
     # passed, whether or not finely enough or at every call
-    unfaulted = fine + [r.label for r in first_only + coarse]
+    unfaulted = fine + [r.label for r in first_only + coarse + at_kinks]
     repeated = [
         f"{label} ({by_label[label].calls} calls)"
         for label in unfaulted
@@ -406,7 +421,7 @@ def rules_part(
         unchecked = [rule.title for rule, row in zip(found, rows) if row.num_used == 0]
         outside = (
             "so fn's error is outside them, "
-            if not (first_only or coarse or unchecked)
+            if not (first_only or coarse or at_kinks or unchecked)
             else "so fn's error is outside them or in one not cleared (below), "
             if not unchecked
             else f"so fn's error is outside them or in one not checked ({'; '.join(unchecked)}), "
@@ -429,6 +444,15 @@ def rules_part(
             f"params: {'; '.join(repeated)}; "
             "one wrong at the inputs of later calls goes unseen there (check it with "
             "jaxcheck.verify_rule at those inputs)"
+        )
+    if at_kinks:
+        problems.append(
+            "a rule with kinks at the inputs fn gives it was judged with the input entries "
+            "at them held fixed, so it is not cleared of fn's error: "
+            f"{'; '.join(r.label for r in at_kinks)}; its derivative at those entries goes "
+            "unjudged (a max at a tie, whose gradient over the tied entries must sum to fn's "
+            "slope, not be given whole to each; a relu at 0): check that derivative by hand, "
+            "or the rule with jaxcheck.verify_rule at inputs away from its kinks"
         )
     in_loops = [f for f in unfaulted if "first iteration" in f and f not in unreached]
     # (whether or not another rule was found wrong: that one may not be all of fn's error)

@@ -573,6 +573,10 @@ def _finite_differences(
     return _relabel(report, label + _failed_order(report))
 
 
+# how the note of a rule judged with the input entries at its kinks held fixed begins
+KINKS_HELD = "the rule has a kink (one-sided slopes that differ) at "
+
+
 def _kinks_held(rule: "Rule") -> tuple | None:
     """Where the rule has a kink at some of its input entries (relu at 0 in a zero-padded
     row), found by moving each entry alone: (the rule with those entries held at their
@@ -601,9 +605,8 @@ def _kinks_held(rule: "Rule") -> tuple | None:
         return None if outside is None else (None, "", outside)
     n = sum(int(h.sum()) for h in part.held)
     note = (
-        f"the rule has a kink (one-sided slopes that differ) at {n} input "
-        f"{'entry' if n == 1 else 'entries'}, found by moving each entry alone; its "
-        "derivative was judged at the other entries, holding those fixed"
+        f"{KINKS_HELD}{n} input {'entry' if n == 1 else 'entries'}, found by moving each "
+        "entry alone; its derivative was judged at the other entries, holding those fixed"
     )
     return part, note, outside
 

@@ -154,6 +154,54 @@ def test_a_rules_derivative_at_its_kink_is_between_its_one_sided_slopes(slope, s
     assert not row.passed and row.relative_error == pytest.approx(1.0, rel=0.02)
 
 
+def _maxpool(share: bool):
+    """A window-2 max pool as a custom_vjp whose bwd gives the gradient whole to every
+    entry equal to the max (wrong at a tie), or shares it among them (right)."""
+
+    @jax.custom_vjp
+    def pool(h):
+        return jnp.max(h.reshape(-1, 2, h.shape[-1]), 1)
+
+    def bwd(res, g):
+        h, y = res
+        mask = (h.reshape(-1, 2, h.shape[-1]) == y[:, None, :]).astype(h.dtype)
+        if share:
+            mask = mask / jnp.sum(mask, 1, keepdims=True)
+        return ((mask * g[:, None, :]).reshape(h.shape),)
+
+    pool.defvjp(lambda h: (pool(h), (h, pool(h))), bwd)
+    return pool
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_a_rule_judged_off_its_kinks_is_not_cleared_of_an_error_at_a_tie(share):
+    """Edge padding repeats the last step, so its window holds two equal entries that
+    always move together: fn is smooth there, and a bwd giving the gradient whole to both
+    is wrong (fn's gradient 49 % off). The rule's own check holds its kink entries (the
+    ties) fixed and passes: it was called fine, and fn's error "outside" the rules."""
+    pool = _maxpool(share)
+    x = jax.random.normal(jax.random.PRNGKey(0), (7, 3))
+    p = {"w": jax.random.normal(jax.random.PRNGKey(1), (3, 4)) * 0.5}
+
+    def loss(p, x):
+        h = jnp.pad(jnp.tanh(x @ p["w"]), ((0, 1), (0, 0)), mode="edge")
+        return jnp.mean(pool(h) ** 2)
+
+    report = jaxcheck.verify(loss, p, x)
+    if share:
+        assert report.status == "pass", str(report)
+        return
+    assert report.status == "fail", str(report)
+    assert not [q for q in report.problems if q.startswith("rules fine")], str(report)
+    [said] = [q for q in report.problems if q.startswith("a rule with kinks")]
+    assert said.startswith(
+        "a rule with kinks at the inputs fn gives it was judged with the input entries at "
+        "them held fixed, so it is not cleared of fn's error: custom_vjp pool at "
+    ), said
+    [row] = [c for c in report.checks if c.name.startswith("rule custom_vjp pool")]
+    assert row.name.endswith(": no error found off its kinks"), row.name
+
+
 def test_a_wrong_rule_at_a_zero_padded_row_is_named_inside_a_model():
     relu = _relu_with_slope(1.05)
     x = jnp.concatenate([jnp.zeros((1, 3)), jnp.linspace(-1.0, 1.0, 9).reshape(3, 3)])
