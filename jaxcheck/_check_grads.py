@@ -225,6 +225,14 @@ def error(report) -> GradientCheckError:
 
 def run(f, args, order, modes=("fwd", "rev"), atol=None, rtol=None, eps=None) -> Outcome:
     """`check_grads` without raising: the report and its verdict."""
+    token = _verify.KINKS_LEFT_TO_CALLER.set(True)  # (held here: `_kinked_outcome`)
+    try:
+        return _run(f, args, order, modes, atol, rtol, eps)
+    finally:
+        _verify.KINKS_LEFT_TO_CALLER.reset(token)
+
+
+def _run(f, args, order, modes, atol, rtol, eps) -> Outcome:
     if not callable(f):
         raise TypeError(f"check_grads: f must be callable, got {type(f).__name__}.")
     unpacked = None if isinstance(args, tuple | list) else type(args).__name__

@@ -296,13 +296,15 @@ def check_rule(
     the rule behind a failed check, which finite differences already see). `order`: of the
     finite-difference rows."""
     # `_verify` reaches this module through verify(rules=...): import it when called
-    from ._verify import verify  # noqa: PLC0415
+    from ._verify import KINKS_LEFT_TO_CALLER, verify  # noqa: PLC0415
 
     def plain(*a, **k):  # the vjp rows check the rule alone, not the rules inside it
-        token = PRIMAL_ROW.set(True)
+        # (the entries at the rule's kinks are held fixed here: `_kinks_held`)
+        token, kinks = PRIMAL_ROW.set(True), KINKS_LEFT_TO_CALLER.set(True)
         try:
             return verify(*a, rules=False, transforms=False, order=order, **k)
         finally:
+            KINKS_LEFT_TO_CALLER.reset(kinks)
             PRIMAL_ROW.reset(token)
 
     rule = Rule.make(f, args, identity)

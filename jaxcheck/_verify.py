@@ -537,6 +537,14 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
         and not (report.num_nonsmooth or any(leaf.num_nonsmooth for leaf in report.leaves))
     ):
         report = _hidden_kinks(report, fn, params, args, o, p_split.paths_of(_tree.DIFF))
+    if (
+        report.status is Status.INCONCLUSIVE
+        and o.order == 1
+        and not (_UNPACKED.get() or kinks_looked or KINKS_LEFT_TO_CALLER.get())
+        and not _state.MAPS.get()  # (an order >= 2 check's derivative maps: first order only)
+        and (report.num_nonsmooth or any(leaf.num_nonsmooth for leaf in report.leaves))
+    ):
+        report = _off_kinks(report, fn, params, args, o, p_split.paths_of(_tree.DIFF))
     if o.raise_on_failure and not report.ok:
         raise GradientCheckError(report)
     return report
@@ -738,6 +746,10 @@ def _smooth(fn, params, args, has_aux: bool) -> bool:
 
 # set while `_alone`'s check runs: no leaf of it is packed (it is the second look at them)
 _UNPACKED = contextvars.ContextVar("jaxcheck_unpacked", default=False)
+# set by check_grads and verify_rule, which hold the entries at kinks fixed themselves (at
+# the level of their arguments: `_check_grads._kinked_outcome`, `_rules._kinks_held`) where
+# a check is inconclusive, as `_off_kinks` does for verify
+KINKS_LEFT_TO_CALLER = contextvars.ContextVar("jaxcheck_kinks_left_to_caller", default=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -856,6 +868,43 @@ def _packed_again(
         "derivatives are judged only as finely as their own sizes allow"
     )
     return dataclasses.replace(report, problems=(*report.problems, note))
+
+
+def _off_kinks(report: Report, fn, params, args, options, paths) -> Report:
+    """An inconclusive check whose directions crossed kinks, checked again with the entries
+    where fn has one (each moved alone) held fixed, as check_grads does (`_kinks_held`):
+    the others failing there, or the derivative at a kink outside fn's one-sided slopes,
+    fails it (a lasso's entries at 0 beside a row cut off from the loss); the others
+    passing is said, and the check stays inconclusive, its kinks not judged."""
+    from . import _check_grads  # noqa: PLC0415 - it imports this module
+
+    found = _kinks_held(fn, params, args, options, paths, range(len(paths)))
+    if found is None:
+        return report
+    held, clause, outside = found
+    if outside is not None:
+        return _check_grads.outside_fails(report, outside)
+    if held is None or held.status not in (Status.PASS, Status.FAIL):
+        return report
+    n = int(re.search(r"a kink at (\d+) of", clause).group(1))  # (`_kinks_held`'s count)
+    kinks = (
+        f"fn has kinks (one-sided slopes that differ) at {n} "
+        f"{'entry' if n == 1 else 'entries'} of params, found by moving each entry alone; "
+        "checked again with them held fixed, "
+    )
+    if held.status is Status.FAIL:
+        said = f"{kinks}the others fail (the leaf table counts the entries moved)"
+        return dataclasses.replace(held, problems=(said, *held.problems))
+    said = (
+        f"{kinks}the others pass (relative error {held.relative_error:.1e}, tolerance "
+        f"{held.tolerance:.1e}), and the derivative under test is between fn's one-sided "
+        "slopes at each kink"
+        if options.grad_fn is None
+        else f"{kinks}the others pass (relative error {held.relative_error:.1e}, tolerance "
+        f"{held.tolerance:.1e}); grad_fn's derivative at the kinks is not compared with "
+        "fn's one-sided slopes"
+    )
+    return dataclasses.replace(report, problems=(*report.problems, f"{said}: not judged there"))
 
 
 def _kinks_held(fn, params, args, options, paths, indices) -> tuple | None:

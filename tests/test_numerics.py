@@ -213,6 +213,44 @@ def test_kinks_are_inconclusive_not_failures(fn, point):
     assert report.num_subgradient_consistent == report.num_nonsmooth
 
 
+@pytest.mark.parametrize("detached", [False, True])
+def test_an_inconclusive_check_at_kinks_judges_the_other_entries(detached):
+    """A pruned model with an L1 penalty: entries of w at exactly 0 are kinks, which every
+    direction crosses. The check held them fixed only on the way to a pass; inconclusive,
+    it now holds them and judges the others, as check_grads does: a row of w cut off from
+    the data term by a stop_gradient (its gradient 15 % off) fails instead of leaving the
+    check inconclusive; correct, the others pass and the check stays inconclusive."""
+    k = jax.random.split(jax.random.PRNGKey(5), 4)
+    x, y = jax.random.normal(k[0], (32, 8)), jax.random.normal(k[1], (32, 3))
+    w = jax.random.normal(k[2], (8, 3)) * 0.5 * (jax.random.uniform(k[3], (8, 3)) > 0.5)
+    assert int(jnp.sum(w == 0)) == 11
+
+    def loss(p):
+        data_w = p["w"].at[0].set(jax.lax.stop_gradient(p["w"][0])) if detached else p["w"]
+        fit = jnp.mean((jnp.tanh(x @ data_w + p["b"]) - y) ** 2)
+        return fit + 1e-2 * jnp.sum(jnp.abs(p["w"]))
+
+    report = jaxcheck.verify(loss, {"w": w, "b": jnp.full(3, 0.1)})
+    kinks = (
+        "fn has kinks (one-sided slopes that differ) at 11 entries of params, found by moving "
+        "each entry alone; checked again with them held fixed, the others "
+    )
+    if detached:
+        assert report.status == "fail", str(report)
+        assert report.problems[0] == kinks + "fail (the leaf table counts the entries moved)"
+        assert [(leaf.path, leaf.shape) for leaf in report.leaves if leaf.status == "fail"] == [
+            ("['w']", (13,))
+        ]
+        return
+    assert report.status == "inconclusive", str(report)
+    [said] = [q for q in report.problems if q.startswith(kinks)]
+    assert said.startswith(kinks + "pass (relative error ")
+    assert said.endswith(
+        "and the derivative under test is between fn's one-sided slopes at each kink: not "
+        "judged there"
+    )
+
+
 def test_relu_network_away_from_kinks_passes():
     r = np.random.default_rng(0)
     params = {
@@ -1163,7 +1201,8 @@ def test_a_relu_unit_on_its_kink_is_not_taken_for_noise(bug):
     them are the kink's, which the median took for noise. Was: a pass on a tolerance raised
     to 9e-4 "on measured noise", through which a 0.1 % bug in w1 passed too; the kinked
     directions are now found (their fourth differences shrink with the step, as noise's
-    do not) and the check is inconclusive, with or without the bug."""
+    do not) and the check is inconclusive without the bug; with it, the entries at the
+    kink held fixed, the others fail (as in the test of a pruned model above)."""
     k = jax.random.split(jax.random.key(1), 4)
     params = {
         "w1": jax.random.normal(k[0], (3, 16)),
@@ -1181,6 +1220,11 @@ def test_a_relu_unit_on_its_kink_is_not_taken_for_noise(bug):
     report = jaxcheck.verify(
         loss, params, x, grad_fn=lambda p, x: {**grad(p, x), "w1": grad(p, x)["w1"] * (1 + bug)}
     )
+    if bug:
+        assert report.status == "fail", str(report)
+        assert report.problems[0].startswith("fn has kinks (one-sided slopes that differ) at ")
+        assert [leaf.path for leaf in report.leaves if leaf.status == "fail"] == ["['w1']"]
+        return
     assert report.status == "inconclusive", str(report)
     assert report.num_nonsmooth >= 8
     assert "directions are smooth at this point" in report.problems[0]
