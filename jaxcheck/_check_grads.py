@@ -649,11 +649,11 @@ def _outside_slopes(f, params, kinks: list, names=None) -> tuple | None:
     nearby = jnp.asarray(draws * np.asarray([k.step for k in kinks]), wide)
     try:
         try:
-            jacobian = jax.jacfwd(along)(t)
-            around = _batched(jax.jacfwd(along), (nearby,))(nearby)
+            jacobian = _compiled_first(jax.jacfwd(along), t)
+            around = _compiled_first(_batched(jax.jacfwd(along), (nearby,)), nearby)
         except TypeError:  # a custom_vjp: no forward mode
-            jacobian = jax.jacrev(along)(t)
-            around = _batched(jax.jacrev(along), (nearby,))(nearby)
+            jacobian = _compiled_first(jax.jacrev(along), t)
+            around = _compiled_first(_batched(jax.jacrev(along), (nearby,)), nearby)
     except Exception:  # noqa: BLE001 - no derivative to compare
         return None
     jacobian = np.asarray(jacobian, np.float64).reshape(-1, len(kinks))
@@ -692,6 +692,16 @@ def _outside_slopes(f, params, kinks: list, names=None) -> tuple | None:
         f"differences gives it; JAX's check_grads fails it too): {said}"
     )
     return note, relative, tolerance
+
+
+def _compiled_first(f, x):
+    """f(x) under jax.jit (eagerly, f's operations run one by one, and a small model's
+    derivatives at 32 points took seconds), or eagerly where that fails, as before (a
+    custom_vjp's forward mode raises again there, and is caught as it was)."""
+    try:
+        return jax.jit(f)(x)
+    except Exception:  # noqa: BLE001 - eagerly, as before
+        return f(x)
 
 
 def outside_fails(report: Report, outside: tuple) -> Report:

@@ -161,8 +161,9 @@ def settle_weak(params, fn=None, args=()):
         strong = _output_floats(fn, params, args)
     if not weak or not strong:
         return params
-    # (a Python float among params is put on the device by the check itself, as a parameter:
-    # allowed under the caller's jax.transfer_guard("disallow"), as jaxcheck's own transfers)
+    # (a Python float among params is put on the device by the check itself, as a parameter,
+    # and a weak array read back for its overflow: allowed under the caller's
+    # jax.transfer_guard("disallow"), as jaxcheck's own transfers are)
     with jax.numpy_dtype_promotion("standard"), jax.transfer_guard("allow"):
         for i in weak:
             dtype, own = jnp.result_type(*strong, leaves[i]), jnp.result_type(leaves[i])
