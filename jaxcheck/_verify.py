@@ -644,16 +644,12 @@ def _hidden_kinks(report: Report, fn, params, args, options, paths) -> Report:
     kinks (each entry moved alone), the failure stands only if the derivative at a kink is
     outside the one-sided slopes there, or the other entries, checked with the kinks held
     fixed, fail; else the check is inconclusive and says why."""
-    from . import _check_grads  # noqa: PLC0415 - it imports this module
-
-    if _smooth(fn, params, args, options.has_aux):
-        return report  # (no kink to look for: each entry moved alone costs a compile)
-    found = _kinks_held(fn, params, args, options, paths, range(len(paths)))
+    found = _searched_kinks(report, fn, params, args, options, paths)
     if found is None:
         return report
-    held, _, outside = found
-    if outside is not None:
-        return _check_grads.outside_fails(report, outside)
+    failed, held, _ = found
+    if failed is not None:
+        return failed
     kinks = "fn has kinks (one-sided slopes that differ, found by moving each entry alone)"
     if held is not None and held.status is Status.FAIL:
         said = (
@@ -870,20 +866,34 @@ def _packed_again(
     return dataclasses.replace(report, problems=(*report.problems, note))
 
 
+def _searched_kinks(report: Report, fn, params, args, options, paths) -> tuple | None:
+    """`_kinks_held` over every differentiable leaf, where fn's jaxpr can have kinks: None
+    where none is found; else (`report` failed for a derivative at a kink outside fn's
+    one-sided slopes, or None; the check with the kinks held, or None; its clause)."""
+    from . import _check_grads  # noqa: PLC0415 - it imports this module
+
+    if _smooth(fn, params, args, options.has_aux):
+        return None  # (no kink to look for: each entry moved alone costs a compile)
+    found = _kinks_held(fn, params, args, options, paths, range(len(paths)))
+    if found is None:
+        return None
+    held, clause, outside = found
+    failed = None if outside is None else _check_grads.outside_fails(report, outside)
+    return failed, held, clause
+
+
 def _off_kinks(report: Report, fn, params, args, options, paths) -> Report:
     """An inconclusive check whose directions crossed kinks, checked again with the entries
     where fn has one (each moved alone) held fixed, as check_grads does (`_kinks_held`):
     the others failing there, or the derivative at a kink outside fn's one-sided slopes,
     fails it (a lasso's entries at 0 beside a row cut off from the loss); the others
     passing is said, and the check stays inconclusive, its kinks not judged."""
-    from . import _check_grads  # noqa: PLC0415 - it imports this module
-
-    found = _kinks_held(fn, params, args, options, paths, range(len(paths)))
+    found = _searched_kinks(report, fn, params, args, options, paths)
     if found is None:
         return report
-    held, clause, outside = found
-    if outside is not None:
-        return _check_grads.outside_fails(report, outside)
+    failed, held, clause = found
+    if failed is not None:
+        return failed
     if held is None or held.status not in (Status.PASS, Status.FAIL):
         return report
     n = int(re.search(r"a kink at (\d+) of", clause).group(1))  # (`_kinks_held`'s count)
