@@ -332,22 +332,26 @@ def _linear(run: Run, status: Status, checks) -> tuple[Status, list]:
         # follow the cotangent's size through its absolute tolerance: 5e-5 apart for a
         # right one in float32) is linear only to about that tolerance
         allowed = max(allowed, SOLVER_SIZED)
-    for key, what, name in (
-        ("cotangent_gap", "gradient", "cotangent"),
-        ("tangent_gap", "forward-mode derivative", "tangent"),
+    for key, what, name, computes, scaled in (
+        (
+            "cotangent_gap",
+            "gradient",
+            "cotangent",
+            "jax.grad computes",
+            "fn's loss is scaled, summed with another or averaged over a batch",
+        ),
+        (
+            "tangent_gap",
+            "forward-mode derivative",
+            "tangent",
+            "jax.jacfwd takes",
+            "a tangent is scaled (jax.jvp along 2 v)",
+        ),
     ):
         gap = run.probe.get(key)
         if gap is None or not float(gap) > allowed:  # (NaN: a derivative NaN/Inf, said)
             continue
         gap = float(gap)
-        computes, scaled = (
-            (
-                "jax.grad computes",
-                "fn's loss is scaled, summed with another or averaged over a batch",
-            )
-            if name == "cotangent"
-            else ("jax.jacfwd takes", "a tangent is scaled (jax.jvp along 2 v)")
-        )
         run.problems.append(
             f"the {what} ({run.problem.source}) is not linear in its {name}: at the "
             f"{name} 2, halved, it is {gap:.1e} (relative) off the one at 1, which {computes} "

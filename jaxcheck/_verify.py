@@ -644,12 +644,9 @@ def _hidden_kinks(report: Report, fn, params, args, options, paths) -> Report:
     kinks (each entry moved alone), the failure stands only if the derivative at a kink is
     outside the one-sided slopes there, or the other entries, checked with the kinks held
     fixed, fail; else the check is inconclusive and says why."""
-    found = _searched_kinks(report, fn, params, args, options, paths)
-    if found is None:
-        return report
-    failed, held, _ = found
-    if failed is not None:
-        return failed
+    done, held, _ = _searched_kinks(report, fn, params, args, options, paths)
+    if done is not None:
+        return done
     kinks = "fn has kinks (one-sided slopes that differ, found by moving each entry alone)"
     if held is not None and held.status is Status.FAIL:
         said = (
@@ -866,20 +863,20 @@ def _packed_again(
     return dataclasses.replace(report, problems=(*report.problems, note))
 
 
-def _searched_kinks(report: Report, fn, params, args, options, paths) -> tuple | None:
-    """`_kinks_held` over every differentiable leaf, where fn's jaxpr can have kinks: None
-    where none is found; else (`report` failed for a derivative at a kink outside fn's
-    one-sided slopes, or None; the check with the kinks held, or None; its clause)."""
+def _searched_kinks(report: Report, fn, params, args, options, paths) -> tuple:
+    """`_kinks_held` over every differentiable leaf, where fn's jaxpr can have kinks:
+    (the report to return as it is, or None to go on; the check with the kinks held, or
+    None; the number of entries held). `report` itself where no kink is found, failed where
+    the derivative at a kink is outside fn's one-sided slopes."""
     from . import _check_grads  # noqa: PLC0415 - it imports this module
 
     if _smooth(fn, params, args, options.has_aux):
-        return None  # (no kink to look for: each entry moved alone costs a compile)
+        return report, None, 0  # (no kink to look for: each entry moved alone costs a compile)
     found = _kinks_held(fn, params, args, options, paths, range(len(paths)))
     if found is None:
-        return None
-    held, clause, outside = found
-    failed = None if outside is None else _check_grads.outside_fails(report, outside)
-    return failed, held, clause
+        return report, None, 0
+    held, _, outside, n = found
+    return None if outside is None else _check_grads.outside_fails(report, outside), held, n
 
 
 def _off_kinks(report: Report, fn, params, args, options, paths) -> Report:
@@ -888,15 +885,11 @@ def _off_kinks(report: Report, fn, params, args, options, paths) -> Report:
     the others failing there, or the derivative at a kink outside fn's one-sided slopes,
     fails it (a lasso's entries at 0 beside a row cut off from the loss); the others
     passing is said, and the check stays inconclusive, its kinks not judged."""
-    found = _searched_kinks(report, fn, params, args, options, paths)
-    if found is None:
-        return report
-    failed, held, clause = found
-    if failed is not None:
-        return failed
+    done, held, n = _searched_kinks(report, fn, params, args, options, paths)
+    if done is not None:
+        return done
     if held is None or held.status not in (Status.PASS, Status.FAIL):
         return report
-    n = int(re.search(r"a kink at (\d+) of", clause).group(1))  # (`_kinks_held`'s count)
     kinks = (
         f"fn has kinks (one-sided slopes that differ) at {n} "
         f"{'entry' if n == 1 else 'entries'} of params, found by moving each entry alone; "
@@ -924,8 +917,9 @@ def _kinks_held(fn, params, args, options, paths, indices) -> tuple | None:
     their values and the leaves' other entries moved at the leaves' scale, the other leaves
     held fixed, or None where no entry is left to move; a clause saying so; the note of
     `_check_grads._outside_slopes` where autodiff's derivative at a kink is not between the
-    one-sided slopes there, else None); None where there are none. A grad_fn is taken at
-    the same entries (and its derivative at the kinks not compared)."""
+    one-sided slopes there, else None; the number of entries held); None where there are
+    none. A grad_fn is taken at the same entries (and its derivative at the kinks not
+    compared)."""
     from . import _check_grads  # noqa: PLC0415 - it imports this module
 
     picked = _picked(params, paths, indices)
@@ -977,7 +971,7 @@ def _kinks_held(fn, params, args, options, paths, indices) -> tuple | None:
         # leaves kinked at every entry are held whole
         moving = [(i, k) for i, k in zip(at, kinks) if not np.all(k)]
         if not moving:
-            return None, clause, outside
+            return None, clause, outside, n
         where = [i for i, _ in moving]
         marked = tuple(i in where for i in range(len(leaves)))
         bases = [jnp.asarray(leaves[i]) for i in where]
@@ -1011,7 +1005,7 @@ def _kinks_held(fn, params, args, options, paths, indices) -> tuple | None:
         report = _unpacked_run(held_fn, _only(treedef, marked, start), args, held)
     except Exception:  # noqa: BLE001 - the held function fails where fn did not: not judged
         report = None
-    return report, clause, outside
+    return report, clause, outside, n
 
 
 # why fn's jvp could not be transposed, where JAX's own error does not say
