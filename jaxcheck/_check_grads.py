@@ -525,7 +525,7 @@ def _batched(f, batch) -> Callable:
     return lambda *xs: jax.lax.map(lambda ys: f(*ys), xs)
 
 
-def _one_sided(f, params, share: float = 0.05, wide: bool = False) -> tuple | None:
+def _one_sided(f, params, share: float = 0.05, wide: bool = False, key=None) -> tuple | None:
     """Where f has kinks: (per real float leaf of `params`, True at the entries where f's
     one-sided slopes, each entry moved alone up and down by a step h and by h/2, differ by
     more than rounding, by more than `share` of their size, and by a jump that does not
@@ -533,7 +533,8 @@ def _one_sided(f, params, share: float = 0.05, wide: bool = False) -> tuple | No
     does; the `Kink` of each entry so marked). None where there are none, or too many
     entries to move one by one (`MAX_KINK_ENTRIES`), or complex ones. `wide`: f is
     evaluated in float64 where it runs there (a kink whose slopes differ by less than
-    float32's rounding of f over the step shows), else in its own precision."""
+    float32's rounding of f over the step shows), else in its own precision. `key`: a
+    hashable stand-in for f, for its program to be kept (`_plan.run_once`)."""
     if wide:
         try:
             with _precision.x64_scope(True):
@@ -543,7 +544,7 @@ def _one_sided(f, params, share: float = 0.05, wide: bool = False) -> tuple | No
                     for x in leaves
                 ]
                 treedef = jax.tree.structure(list(params))
-                return _one_sided(f, jax.tree.unflatten(treedef, wider), share)
+                return _one_sided(f, jax.tree.unflatten(treedef, wider), share, key=key)
         except Exception:  # noqa: BLE001 - f refuses float64: in its own precision
             pass
     of, floats = _of_floats(f, params, complex_too=False)
@@ -570,7 +571,11 @@ def _one_sided(f, params, share: float = 0.05, wide: bool = False) -> tuple | No
                 flat[i] = flat[i] + scale * h
                 moves.append(moved)
     batch = [jnp.asarray(np.stack([m[j] for m in moves])) for j in range(len(points))]
-    values = jax.jit(_batched(lambda *xs: _flat_outputs(of(*xs)), batch))(*batch)
+    if key is not None:  # (`of` closes over params' other leaves)
+        held = [_tree.digest(x) for x in jax.tree.leaves(list(params)) if not _inexact(x)]
+        key = ("one-sided", key, jax.tree.structure(list(params)), tuple(held))
+    evaluate = _batched(lambda *xs: _flat_outputs(of(*xs)), batch)
+    values = _plan.run_once(evaluate, *batch, key=key)
     centre = _flat_outputs(of(*[jnp.asarray(x) for x in points]))
     values = np.asarray(values, np.float64).reshape(n, 4, -1)
     centre = np.asarray(centre, np.float64)
@@ -617,14 +622,15 @@ MAX_KINKS_COMPARED = 64
 NEARBY = 32
 
 
-def _outside_slopes(f, params, kinks: list, names=None) -> tuple | None:
+def _outside_slopes(f, params, kinks: list, names=None, key=None) -> tuple | None:
     """Where f's derivative (autodiff: forward mode, else reverse) at a kink entry is out
     of the range, per output of f and to within the kink's margin, of f's one-sided slopes
     there and of autodiff's derivatives at `NEARBY` points nearby: relu's derivative at 0
     given as 2, outside [0, 1], which holding the kink entries fixed leaves unjudged and
     JAX's check_grads fails. (a note saying where, the distance and its tolerance relative
     to the slopes' size), or None (nowhere, or not compared). `names`: the float leaves'
-    names, for the note (else their positions)."""
+    names, for the note (else their positions). `key`: a hashable stand-in for f, for
+    its programs to be kept (`_plan.run_once`)."""
     if not kinks or len(kinks) > MAX_KINKS_COMPARED:
         return None
     of, floats = _of_floats(f, params, complex_too=False)
@@ -647,13 +653,21 @@ def _outside_slopes(f, params, kinks: list, names=None) -> tuple | None:
     draws = np.random.default_rng(0).normal(size=(NEARBY, len(kinks)))
     draws *= (16.0 ** -(np.arange(NEARBY) % 4))[:, None]
     nearby = jnp.asarray(draws * np.asarray([k.step for k in kinks]), wide)
+    if key is not None:  # (`along` closes over params and the kinks' places)
+        held = [_tree.digest(x) for x in jax.tree.leaves(list(params))]
+        places = tuple((k.leaf, k.entry) for k in kinks)
+        key = ("slopes", key, jax.tree.structure(list(params)), tuple(held), places)
     try:
         try:
-            jacobian = _compiled_first(jax.jacfwd(along), t)
-            around = _compiled_first(_batched(jax.jacfwd(along), (nearby,)), nearby)
+            jacobian = _compiled_first(jax.jacfwd(along), t, key and (*key, "at", "forward"))
+            around = _compiled_first(
+                _batched(jax.jacfwd(along), (nearby,)), nearby, key and (*key, "near", "forward")
+            )
         except TypeError:  # a custom_vjp: no forward mode
-            jacobian = _compiled_first(jax.jacrev(along), t)
-            around = _compiled_first(_batched(jax.jacrev(along), (nearby,)), nearby)
+            jacobian = _compiled_first(jax.jacrev(along), t, key and (*key, "at", "reverse"))
+            around = _compiled_first(
+                _batched(jax.jacrev(along), (nearby,)), nearby, key and (*key, "near", "reverse")
+            )
     except Exception:  # noqa: BLE001 - no derivative to compare
         return None
     jacobian = np.asarray(jacobian, np.float64).reshape(-1, len(kinks))
@@ -694,12 +708,13 @@ def _outside_slopes(f, params, kinks: list, names=None) -> tuple | None:
     return note, relative, tolerance
 
 
-def _compiled_first(f, x):
-    """f(x) under jax.jit (eagerly, f's operations run one by one, and a small model's
-    derivatives at 32 points took seconds), or eagerly where that fails, as before (a
-    custom_vjp's forward mode raises again there, and is caught as it was)."""
+def _compiled_first(f, x, key=None):
+    """f(x) compiled (eagerly, f's operations run one by one, and a small model's
+    derivatives at 32 points took seconds; kept under `key`, `_plan.run_once`), or eagerly
+    where that fails, as before (a custom_vjp's forward mode raises again there, and is
+    caught as it was)."""
     try:
-        return jax.jit(f)(x)
+        return _plan.run_once(f, x, key=key)
     except Exception:  # noqa: BLE001 - eagerly, as before
         return f(x)
 

@@ -910,6 +910,30 @@ def _off_kinks(report: Report, fn, params, args, options, paths) -> Report:
     return dataclasses.replace(report, problems=(*report.problems, f"{said}: not judged there"))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Held:
+    """fn with the entries at kinks of params' leaves `where` held at their values, called
+    as `(sub, leaves, bases, *args)`: `sub` the moving entries of those leaves (their flat
+    indices `free`), `leaves` params' leaves, `bases` the leaves `where` as they are. Equal
+    for equal fn, structure and entries, so its compiled programs serve a later check."""
+
+    fn: Callable
+    treedef: Any
+    where: tuple
+    free: tuple
+
+    def params(self, sub, leaves, bases):
+        moved = list(leaves)
+        for i, b, f, v in zip(self.where, bases, self.free, jax.tree_util.tree_leaves(sub)):
+            # (in the reference's precision where the free entries are: a cast of them
+            # back to the leaf's dtype would make fn a staircase of its quanta)
+            moved[i] = b.astype(v.dtype).ravel().at[np.asarray(f, int)].set(v).reshape(b.shape)
+        return jax.tree_util.tree_unflatten(self.treedef, moved)
+
+    def __call__(self, sub, leaves, bases, *args):
+        return self.fn(self.params(sub, leaves, bases), *args)
+
+
 def _kinks_held(fn, params, args, options, paths, indices) -> tuple | None:
     """Where fn has kinks (one-sided slopes that differ) at some entries of the
     differentiable leaves `indices` (their `paths` among `paths`), found by moving each
@@ -942,7 +966,21 @@ def _kinks_held(fn, params, args, options, paths, indices) -> tuple | None:
         try:
             # (any kink that the look at the leaf's scale crossed: a lasso's 0.1 |w| at an
             # entry of slope 3 differs by 3 % of its size)
-            found = _check_grads._one_sided(value, [leaves[i] for i in at], share=1e-3, wide=True)
+            # (what `value` computes besides fn: its programs serve a later check of fn at
+            # the same point, a `Checker`'s next call)
+            arg_leaves, arg_tree = jax.tree_util.tree_flatten(args)
+            key = (
+                fn,
+                treedef,
+                tuple(at),
+                options.has_aux,
+                tuple(_tree.digest(x) for i, x in enumerate(leaves) if i not in at),
+                arg_tree,
+                tuple(map(_tree.digest, arg_leaves)),
+            )
+            found = _check_grads._one_sided(
+                value, [leaves[i] for i in at], share=1e-3, wide=True, key=key
+            )
             if found is None:
                 return None
             kinks, slopes = found
@@ -957,6 +995,7 @@ def _kinks_held(fn, params, args, options, paths, indices) -> tuple | None:
                     [leaves[i] for i in at],
                     slopes,
                     [f"params leaf {names[i] or '(root)'}" for i in at],
+                    key=key,
                 )
         except Exception:  # noqa: BLE001 - fn refuses the moved points: nothing held
             return None
@@ -975,34 +1014,27 @@ def _kinks_held(fn, params, args, options, paths, indices) -> tuple | None:
         where = [i for i, _ in moving]
         marked = tuple(i in where for i in range(len(leaves)))
         bases = [jnp.asarray(leaves[i]) for i in where]
-        free = [jnp.asarray(np.flatnonzero(~np.asarray(k).ravel())) for _, k in moving]
-        start = [b.ravel()[f] for b, f in zip(bases, free)]
+        free = tuple(tuple(np.flatnonzero(~np.asarray(k).ravel()).tolist()) for _, k in moving)
+        start = [b.ravel()[np.asarray(f, int)] for b, f in zip(bases, free)]
+    held_fn = _Held(fn, treedef, tuple(where), free)
 
-    def chosen_of(sub):
-        given = jax.tree_util.tree_leaves(sub)
-        return [
-            # (in the reference's precision where the free entries are: a cast of them
-            # back to the leaf's dtype would make fn a staircase of its quanta)
-            b.astype(v.dtype).ravel().at[f].set(v).reshape(b.shape)
-            for b, f, v in zip(bases, free, given)
-        ]
-
-    def held_fn(sub, *a):
-        return fn(full(chosen_of(sub), where), *a)
-
-    def held_grad(sub, *a):
+    def held_grad(sub, leaves, bases, *a):
         grads = jax.tree_util.tree_flatten_with_path(
-            options.grad_fn(full(chosen_of(sub), where), *a)
+            options.grad_fn(held_fn.params(sub, leaves, bases), *a)
         )
         by_name = {jax.tree_util.keystr(path): g for path, g in grads[0]}
         return _only(
-            treedef, marked, (jnp.ravel(by_name[names[i]])[f] for i, f in zip(where, free))
+            treedef,
+            marked,
+            (jnp.ravel(by_name[names[i]])[np.asarray(f, int)] for i, f in zip(where, free)),
         )
 
     grad_fn = None if options.grad_fn is None else held_grad
     held = dataclasses.replace(options, grad_fn=grad_fn, raise_on_failure=False)
     try:
-        report = _unpacked_run(held_fn, _only(treedef, marked, start), args, held)
+        # (the leaves and held values as arguments, held fixed: a later check of the same fn
+        # at the same kinks reuses the programs compiled for this one)
+        report = _unpacked_run(held_fn, _only(treedef, marked, start), (leaves, bases, *args), held)
     except Exception:  # noqa: BLE001 - the held function fails where fn did not: not judged
         report = None
     return report, clause, outside, n
