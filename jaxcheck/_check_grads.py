@@ -23,6 +23,7 @@ from . import (
     _host,
     _keywords,
     _options,
+    _pipeline,
     _plan,
     _precision,
     _problem,
@@ -89,10 +90,11 @@ class Outcome:
 
 def _telling(own, whole, failed: bool) -> str:
     """The note a one-line headline quotes: for a failure, the one that says why (a wrong
-    rule, or a constant factor) where the notes of the part that decided (`own`) or of the
-    whole check (`whole`) hold one; else the part's first, but a tolerance capped."""
+    rule, a constant factor, a solver stopped at a tolerance, a gamma sample) where the
+    notes of the part that decided (`own`) or of the whole check (`whole`) hold one; else
+    the part's first, but a tolerance capped."""
     if failed:
-        for start in ("wrong rule", _verdict.FACTOR):
+        for start in ("wrong rule", _verdict.FACTOR, _pipeline.SOLVER_HINT, _pipeline.GAMMA_HINT):
             said = [q for q in (*own, *whole) if q.startswith(start)]
             if said:
                 return said[0]

@@ -247,7 +247,7 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
         status = Status.INCONCLUSIVE
         run.problems.append(NOISY_NATIVE)
     if status is Status.FAIL and run.problem.iterates and checks[0].relative_error < SOLVER_SIZED:
-        run.problems.append(SOLVER_HINT)
+        run.problems.append(solver_hint(checks[0].interval[1]))
     if status is Status.FAIL and run.problem.samples_gamma:
         run.problems.append(GAMMA_HINT)
     if _state.CURVES.get() is not None:  # (read by an order >= 2 check only)
@@ -261,10 +261,23 @@ SOLVER_SIZED = 3e-2
 SOLVER_HINT = (
     "fn runs a lax.while_loop (an iterative solver?): where it stops at a tolerance, fn and "
     "its derivative are exact only to about that tolerance, and finite differences of fn "
-    "see the solver's error; if an error of the size above is by design, pass an rtol above "
-    "it (jaxcheck.check_grads, like JAX's check_grads, allows 1e-5 unless told otherwise), or "
-    "solve to a tighter tolerance for the check"
+    "see the solver's error"
 )
+
+
+def solver_hint(upper: float) -> str:
+    """`SOLVER_HINT` with its advice, `upper` the failing error's 95 % upper bound: the
+    derivative of a solve stopped at a tolerance can differ from the solution's by far more
+    than that tolerance (a fixed point solved to 1e-5: 8e-4), so the rtol to pass is the
+    error's, not the solver's."""
+    return (
+        f"{SOLVER_HINT} (a rule for the exact solution's derivative, as implicit "
+        "differentiation or an adjoint gives, can differ from that of the stopped iteration "
+        "by more than the solver's tolerance); if an error of the size above is by design, "
+        f"pass an rtol above it (above {upper:.1e}, the upper end of its 95 % interval: "
+        "jaxcheck.check_grads, like JAX's check_grads, allows 1e-5 unless told otherwise), "
+        "or solve to a tighter tolerance for the check"
+    )
 
 
 GAMMA_HINT = (

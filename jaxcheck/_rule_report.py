@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from . import (
+    _pipeline,
     _plan,
     _precision,
     _probe,
@@ -205,6 +206,19 @@ def _measured(r: Report) -> str:
     return f", relative error {r.relative_error:.1e} (tolerance {r.tolerance:.1e})"
 
 
+def _iterates(r: Report) -> str:
+    """Where a wrong rule's function runs a while_loop and its error is the size of a
+    solver's (`_pipeline.SOLVER_HINT` in its report), the clause that says so: a correct
+    implicit-differentiation rule of a solve stopped at a tolerance fails this way."""
+    if not any(q.startswith(_pipeline.SOLVER_HINT) for q in r.problems):
+        return ""
+    return (
+        "; its function runs a lax.while_loop: a rule giving the derivative of the exact "
+        "solution can differ this much from a stopped solve's own (see the note on "
+        "the solver)"
+    )
+
+
 def _factor(r: Report) -> list[str]:
     """Where a wrong rule's derivative is a constant multiple of its function's (a
     gradient-reversal layer's -lambda, a factor of 2 left out), the note that says so,
@@ -317,7 +331,7 @@ def rules_part(
         for r in wrong
         for line in (
             f"wrong rule: {r.label}: {_failed_rows(r)}{_measured(r)}{_failing_inputs(r)}"
-            f"{_raised(r)}",
+            f"{_raised(r)}{_iterates(r)}",
             *_factor(r),
         )
     ]

@@ -200,6 +200,29 @@ def test_kink_is_not_judged_and_raises_only_when_asked():
     assert outcome.headline.endswith("; not judged")
 
 
+def test_the_headline_of_a_solver_stopped_at_a_tolerance_says_so():
+    """odeint's adjoint at rtol=1e-4 is 2.3e-5 off in float32 (a float64 solve at 1e-12
+    says -1.42499, it gives -1.42503), over the 1e-5 an unset tolerance stands for: the
+    failure stands, but its headline (the plugin's summary line) quoted the first note, on
+    float32 constants mixed with float64 inputs, not the note on the solver."""
+    from jax.experimental.ode import odeint  # noqa: PLC0415 - one test's
+
+    ts = np.array([0.0, 0.5, 1.0], np.float32)
+
+    def f(y0, k):
+        return odeint(lambda y, t, k: -k * y + jnp.sin(t), y0, ts, k, rtol=1e-4, atol=1e-4)
+
+    outcome = _check_grads.run(f, (np.array([1.0, 0.5], np.float32), np.float32(0.8)), 1, ("rev",))
+    assert outcome.verdict == "fail", str(outcome.report)
+    upper = outcome.report.checks[0].interval[1]
+    assert re.match(
+        r"fail; relative error [23]\.\de-05 \(tolerance 1\.0e-05\); f runs a lax\.while_loop \(an "
+        r"iterative solver\?\)",
+        outcome.headline,
+    ), outcome.headline
+    assert f"pass an rtol above it (above {upper:.1e}, the upper end" in outcome.headline
+
+
 def test_the_headline_is_that_of_the_part_that_was_not_judged():
     """x |x| at 0 has a first derivative and no second: the order-2 part is not judged
     (with more entries than are moved one by one to find the kinks' entries, none is held

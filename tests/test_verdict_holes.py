@@ -1320,7 +1320,8 @@ def test_a_solver_stopped_at_a_tolerance_is_pointed_out_where_its_error_fails(st
     custom_vjp: its derivative differs from finite differences of fn by the solver's error
     (2e-6, against a tolerance of 1.2e-6); the failure stands and now says why it may be
     by design, and what to pass (solved to 1e-2 too, whose error is above 1e-3, the limit
-    the hint had). Solved to 1e-12, it passes."""
+    the hint had), and the rule named wrong says that its function iterates. Solved to
+    1e-12, it passes."""
 
     def step(w, u, z):
         return jnp.tanh(w @ z + u)
@@ -1347,7 +1348,8 @@ def test_a_solver_stopped_at_a_tolerance_is_pointed_out_where_its_error_fails(st
     fixed_point.defvjp(lambda w, u: (solve(w, u), (w, u, solve(w, u))), bwd)
     k = jax.random.split(jax.random.key(1), 2)
     params = {"w": jax.random.normal(k[0], (5, 5)) * 0.2, "u": jax.random.normal(k[1], (5,))}
-    report = jaxcheck.verify(lambda p: jnp.sum(jnp.sin(fixed_point(p["w"], p["u"]))), params)
+    loss = lambda p: jnp.sum(jnp.sin(fixed_point(p["w"], p["u"])))  # noqa: E731
+    report = jaxcheck.verify(loss, params, rules=True)
     hinted = [q for q in report.problems if q.startswith("fn runs a lax.while_loop")]
     if stop == 1e-12:
         assert report.status == "pass", str(report)
@@ -1356,7 +1358,19 @@ def test_a_solver_stopped_at_a_tolerance_is_pointed_out_where_its_error_fails(st
     assert report.status == "fail", str(report)
     assert report.relative_error < (1e-5 if stop == 1e-6 else _pipeline.SOLVER_SIZED)
     assert report.relative_error > (1e-3 if stop == 1e-2 else 1e-6)
-    assert hinted == [_pipeline.SOLVER_HINT]
+    upper = report.checks[0].interval[1]
+    assert hinted == [_pipeline.solver_hint(upper)]
+    # (the rtol to pass is the error's, above the solver's tolerance: solved to 1e-5, a
+    # fixed point's derivative was 8e-4 off, and rtol=1e-4 failed as advised before)
+    assert (
+        f"pass an rtol above it (above {upper:.1e}, the upper end of its 95 % interval"
+        in (hinted[0])
+    )
+    [rule] = [q for q in report.problems if q.startswith("wrong rule")]
+    assert rule.endswith(
+        "; its function runs a lax.while_loop: a rule giving the derivative of the exact "
+        "solution can differ this much from a stopped solve's own (see the note on the solver)"
+    ), rule
 
 
 def test_a_flat_leaf_of_a_fn_that_cancels_inside_is_not_called_wrong():
