@@ -63,7 +63,7 @@ class Problem:
     # its shape parameter is not that of the sample at a fixed key
     samples_gamma: bool = False
     # fn draws random bits (dropout's bernoulli, uniform or normal in the default dtype:
-    # other numbers in float64 than in float32)
+    # other numbers in float64 than in float32), or gamma samples (another sample in float64)
     draws_random: bool = False
     # per differentiable leaf: a small vector of packed quantities, whose entries are moved
     # in proportion to their own magnitudes (`_directions.packed_leaves`)
@@ -222,7 +222,7 @@ def _with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
         iterates=jaxpr is not None and _runs(jaxpr.jaxpr, "while"),
         opaque=jaxpr is not None and _runs(jaxpr.jaxpr, *_OPAQUE),
         samples_gamma=jaxpr is not None and _runs(jaxpr.jaxpr, "random_gamma"),
-        draws_random=jaxpr is not None and _runs(jaxpr.jaxpr, "random_bits"),
+        draws_random=jaxpr is not None and _runs(jaxpr.jaxpr, "random_bits", "random_gamma"),
         unbatched="" if jaxpr is None else unbatched(jaxpr.jaxpr),
     )
     if problem.grad_fn is not None:
