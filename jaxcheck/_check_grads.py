@@ -222,7 +222,12 @@ def check_grads(
 
 def error(report) -> GradientCheckError:
     """The GradientCheckError of a report of check_grads, said in its terms."""
-    return GradientCheckError(report, _in_check_grads_terms(str(report)))
+    said = str(report)
+    # (JAX's derivatives of f that were checked: the mode's)
+    derivatives = {"reverse": "JAX's vjp of f", "forward": "JAX's jvp of f"}.get(report.mode)
+    if derivatives is not None:
+        said = said.replace("(autodiff, or your grad_fn)", f"({derivatives})")
+    return GradientCheckError(report, _in_check_grads_terms(said))
 
 
 def run(f, args, order, modes=("fwd", "rev"), atol=None, rtol=None, eps=None) -> Outcome:
