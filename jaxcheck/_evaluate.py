@@ -156,6 +156,8 @@ def _reference(run: Run, index, rows, h, offsets) -> dict:
         attempts.append((run.tested, False))
     for i, (dtype, cast) in enumerate(attempts):
         try:
+            if run.problem.widen and cast and np.dtype(dtype) == np.float64:
+                return _rounding_closures_widened(run, dtype, index, rows, h, offsets)
             return _reference_in(run, dtype, cast, index, rows, h, offsets)
         except Exception as err:  # noqa: BLE001 - any failure of fn in that precision
             out = _closures_widened(run, dtype, cast, index, rows, h, offsets, err)
@@ -216,6 +218,25 @@ def _closures_widened(run: Run, dtype, cast, index, rows, h, offsets, err) -> di
         f"them cast to float64 too ({widened} array{'s' if widened > 1 else ''}, cast "
         "exactly: their values are the same)"
     )
+    return out
+
+
+def _rounding_closures_widened(run: Run, dtype, index, rows, h, offsets) -> dict:
+    """The finite differences in float64 with the float32 arrays fn closes over cast to
+    float64 too, where with them as they are fn rounds to float32 (`_problem._rounds_to`:
+    a derivative fn takes in them, which JAX returns in their dtype)."""
+    with _precision.widened_closures(run.problem.fn):
+        out = _reference_in(run, dtype, True, index, rows, h, offsets)
+    if not run.widened:
+        run.widened = True
+        n = run.problem.widen
+        run.problems.append(
+            "fn rounds to float32 in float64 only through float32 arrays it closes over (or "
+            "reads from its module's globals, or has bound by functools.partial), mixed with "
+            "its float64 inputs (a derivative fn takes in them is returned in their dtype); "
+            f"finite differences in float64 ran with them cast to float64 too ({n} "
+            f"array{'s' if n > 1 else ''}, cast exactly: their values are the same)"
+        )
     return out
 
 
@@ -290,9 +311,13 @@ def reference_ahead(run: Run, n: int, probe_info: dict) -> None:
     scales = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), output_scales(probe_info))
     g = probe_info.get("grad") if run.problem.scalar_output else None
     outer = _differences.OUTER
-    with _reference_program(run, dtype, True, index, rows, 1.0, outer, scales, g) as (
-        program,
-        args,
+    widened = run.problem.widen and np.dtype(dtype) == np.float64  # (as `_reference` runs it)
+    with (
+        _precision.widened_closures(run.problem.fn) if widened else contextlib.nullcontext(),
+        _reference_program(run, dtype, True, index, rows, 1.0, outer, scales, g) as (
+            program,
+            args,
+        ),
     ):
         _plan.lower_ahead(program, args)
 

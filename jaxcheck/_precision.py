@@ -159,8 +159,9 @@ def widened_closures(fn, depth: int = 4):
     of it, to `depth`; not in libraries' code) are cast to float64, exactly: a scan whose
     carry starts from a float32 array fn closes over fails in float64 otherwise (its
     carry's type changes), and `check_grads` can only be given such data that way. Yields
-    how many were cast; each is put back on leaving. Arrays held in objects fn reaches are
-    not."""
+    how many were cast; each is put back on leaving. Arrays in plain dicts, lists and
+    tuples held so are cast too (a copy of the container stands in for it); arrays held in
+    other objects fn reaches are not."""
     slots, seen = [], set()
 
     def wider(value):
@@ -168,6 +169,27 @@ def widened_closures(fn, depth: int = 4):
         if not isinstance(value, jax.Array | np.ndarray):
             return None
         return _WIDER.get(name) or _WIDER_COMPLEX.get(name)
+
+    def holds(value) -> bool:
+        """Whether `value` is an array to cast, or a plain container holding one."""
+        if wider(value) is not None:
+            return True
+        if type(value) not in (dict, list, tuple):
+            return False
+        try:
+            return any(wider(x) is not None for x in jax.tree_util.tree_leaves(value))
+        except Exception:  # noqa: BLE001 - keys JAX cannot sort: left as it is
+            return False
+
+    def cast(value) -> tuple:
+        """(`value` with its arrays cast, how many were)."""
+        if wider(value) is not None:
+            return np.asarray(value, wider(value)), 1
+        leaves, treedef = jax.tree_util.tree_flatten(value)
+        wide = [x if wider(x) is None else np.asarray(x, wider(x)) for x in leaves]
+        return jax.tree_util.tree_unflatten(treedef, wide), sum(
+            wider(x) is not None for x in leaves
+        )
 
     def visit(obj, left):
         if left < 0 or id(obj) in seen:
@@ -186,7 +208,9 @@ def widened_closures(fn, depth: int = 4):
             return
         code = getattr(obj, "__code__", None)
         if code is None:
-            for name in ("f", "fn", "func", "__wrapped__"):
+            # (jaxcheck's wrappers hold fn as `f` or `fn`; its derivative maps of order >= 2
+            # as `inner`, `jvp` and `vjp`: `_orders`)
+            for name in ("f", "fn", "func", "__wrapped__", "inner", "jvp", "vjp", "grad_fn"):
                 inner = getattr(obj, name, None)
                 if callable(inner):
                     visit(inner, left - 1)
@@ -196,7 +220,7 @@ def widened_closures(fn, depth: int = 4):
                 value = cell.cell_contents
             except ValueError:  # an empty cell
                 continue
-            if wider(value) is not None:
+            if holds(value):
                 slots.append((cell, None, value))
             elif callable(value):
                 visit(value, left - 1)
@@ -206,7 +230,7 @@ def widened_closures(fn, depth: int = 4):
         space = obj.__globals__
         for name in names:
             value = space.get(name)
-            if wider(value) is not None:
+            if holds(value):
                 slots.append((space, name, value))
             elif callable(value) and not isinstance(value, type):
                 visit(value, left - 1)
@@ -230,15 +254,15 @@ def widened_closures(fn, depth: int = 4):
                     done.append((where, name, value))
                     count += sum(wider(x) is not None for x in (*args, *keywords.values()))
                     continue
-                cast = np.asarray(value, wider(value))
+                wide, n = cast(value)
                 if name is None:
-                    where.cell_contents = cast
+                    where.cell_contents = wide
                 else:
-                    where[name] = cast
+                    where[name] = wide
             except Exception:  # noqa: BLE001, PERF203 - left as it is (on other hosts, say)
                 continue
             done.append((where, name, value))
-            count += 1
+            count += n
         yield count
     finally:
         for where, name, value in done:

@@ -52,6 +52,9 @@ class Problem:
     out_dtypes: tuple[str, ...] = ()
     rounds_to: str | None = None  # see `_rounds_to`
     rounds_at: str = ""  # where fn's trace first casts to `rounds_to` (file:line)
+    # how many float32 arrays fn closes over are cast to float64 for the reference, where
+    # fn rounds to float32 with them as they are and not with them cast (`_rounds_to`)
+    widen: int = 0
     # indices of the differentiable leaves whose values reach no such cast (see `_rounds_to`)
     unrounded: tuple[int, ...] = ()
     float32_products: bool = False  # see `_float32_products`
@@ -216,7 +219,7 @@ def _with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
         out_paths=tuple(jax.tree_util.keystr(p) for p, _ in with_paths),
         out_shapes=tuple(tuple(leaf.shape) for _, leaf in with_paths),
         out_dtypes=tuple(str(leaf.dtype) for _, leaf in with_paths),
-        **({} if jaxpr is None else _rounds_to(jaxpr, inputs.diff, call, inputs)),
+        **({} if jaxpr is None else _rounds_to(jaxpr, inputs.diff, call, inputs, problem.fn)),
         float32_products=jaxpr is not None and _float32_products(jaxpr.jaxpr),
         has_rules=jaxpr is not None and _rule_search.calls(jaxpr.jaxpr, "custom_vjp", "custom_jvp"),
         iterates=jaxpr is not None and _runs(jaxpr.jaxpr, "while"),
@@ -372,7 +375,7 @@ def _shapes(f, *args):
         ), None
 
 
-def _rounds_to(closed_jaxpr, diff, call, inputs) -> dict:
+def _rounds_to(closed_jaxpr, diff, call, inputs, fn) -> dict:
     """The least precise float dtype that fn explicitly casts values computed from its
     parameters to, when less precise than the parameters themselves (a float32 model
     rounding through float16, say) or than the float64 reference, else None. Such a cast
@@ -387,7 +390,13 @@ def _rounds_to(closed_jaxpr, diff, call, inputs) -> dict:
     any dtype below float64 count. Returns the fields `rounds_to`, `rounds_at` and
     `unrounded` of `Problem` (none when there is no such cast): the leaves whose values
     reach no such cast are smooth along their own directions (a float32 weight beside a
-    bias cast to float32 in fn), and judged there at the reference's resolution."""
+    bias cast to float32 in fn), and judged there at the reference's resolution.
+
+    A cast fn makes only because it mixes float32 arrays it closes over with its float64
+    parameters (a PINN's residual: a Hessian in float32 collocation points, which JAX
+    returns in their dtype) is none: where with those arrays cast to float64
+    (`_precision.widened_closures`) the float64 trace casts nothing, the field `widen`
+    (their number) is returned instead, and the reference runs with them cast."""
     own = max(_precision.eps(x.dtype) for x in diff)
     traces = [(closed_jaxpr.jaxpr, own)]  # (a trace, the precision its casts go below)
     wide = _precision.eps(jnp.float64)
@@ -407,6 +416,16 @@ def _rounds_to(closed_jaxpr, diff, call, inputs) -> dict:
     lowest = rounding([True] * n)
     if not lowest:
         return {}
+    below = lambda jaxpr, above: [  # noqa: E731
+        d for d in casts(jaxpr, [True] * n) if _precision.eps(d) > above
+    ]
+    if len(traces) == 2 and not below(*traces[0]):  # (fn's own trace rounds nothing)
+        with _precision.widened_closures(fn) as widened:
+            # (a new function: JAX's trace cache, keyed by `call`, holds its first trace)
+            fresh = lambda *a: call(*a)  # noqa: E731
+            again = _traced_in_float64(fresh, diff, inputs) if widened else None
+        if again is not None and not below(again, wide):
+            return {"widen": widened}
     dtype = _precision.lowest(list(lowest))
     unrounded = ()
     if 1 < n <= MAX_LEAVES_TRACED_ALONE:

@@ -919,3 +919,35 @@ def test_a_composite_table_shows_the_rows_that_carry_the_verdict_beside_unjudged
     assert len(unjudged) == 4 and all(r[-3] == "—" for r in unjudged), str(report)
     both = [c for c in report.checks if "forward vs reverse" in c.name]
     assert len(both) == 2 and all(c.passed and c.tolerance < 1e-3 for c in both), str(report)
+
+
+@pytest.mark.parametrize("closed_over", [False, True])
+def test_float32_data_a_scan_closes_over_is_cast_for_the_order_2_reference(closed_over):
+    """A scan whose carry starts from float32 data fn closes over cannot run in float64
+    as it is: at order 1 such arrays are cast to float64 for the reference, but not
+    through the order-2 derivative maps, whose reference fell back to float32 (tolerance
+    4e-4), and a second-derivative bug of 1e-4 passed there, failing with the data passed
+    as an argument."""
+    k = jax.random.split(jax.random.PRNGKey(0), 2)
+    x = jax.random.normal(k[0], (8, 3))
+    params = {"w": 0.8 * jax.random.normal(k[1], (3, 3)), "b": jnp.zeros(3)}
+
+    def act(z):  # tanh's value and first derivative; its second derivative 3e-4 off
+        return jnp.tanh(z) + 1.5e-4 * (z - lax.stop_gradient(z)) ** 2
+
+    def node(p, x0):
+        def step(x, _):
+            return x + 0.1 * act(x @ p["w"] + p["b"]), None
+
+        return jnp.mean(lax.scan(step, x0, None, length=20)[0] ** 2)
+
+    if closed_over:
+        report = jaxcheck.verify(lambda p: node(p, x), params, order=2)
+    else:
+        report = jaxcheck.verify(node, params, x, order=2)
+    assert [(p.label, p.status.value) for p in report.parts] == [
+        ("order 1: fn", "pass"),
+        ("order 2: Hessian-vector products", "fail"),
+    ], str(report)
+    assert report.parts[1].tolerance < 1e-5, str(report)
+    assert not any("finite differences use float32" in q for q in report.problems), str(report)

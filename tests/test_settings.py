@@ -673,6 +673,7 @@ _gain.defvjp(
 )
 # data a test module keeps at its top level, read by name
 _START = jnp.asarray([0.3, -0.2, 0.5], jnp.float32)
+_STARTS = {"start": _START, "label": "a value that is no array"}
 
 
 def _relaxed(w, start):
@@ -687,18 +688,23 @@ def _relaxed(w, start):
 
 
 @pytest.mark.parametrize("factor", [1.0, 1.001])
-@pytest.mark.parametrize("held", ["closure", "global", "partial"])
+@pytest.mark.parametrize("held", ["closure", "global", "partial", "global dict", "tuple"])
 def test_float32_data_fn_closes_over_is_cast_for_the_float64_reference(held, factor, monkeypatch):
     """A scan starting from float32 data that fn closes over (check_grads takes no other
     data) could not run in float64: the check fell back to float32 finite differences,
     whose tolerance (1e-2) passed a rule 50 % off in one entry. The data is now cast to
-    float64 for the reference too, as arguments are: a rule 0.1 % off fails."""
+    float64 for the reference too, as arguments are: a rule 0.1 % off fails. So is data in
+    a plain container (a dict of initial weights at module level, unrolled by an
+    optimizer: tolerance 4e-4 before)."""
     monkeypatch.setitem(_GAIN_OFF, "factor", factor)
     start = jnp.asarray([0.3, -0.2, 0.5], jnp.float32)
+    starts = (start, "a value that is no array")
     fn = {
         "closure": lambda w: _relaxed(w, start),
         "global": lambda w: _relaxed(w, _START),
         "partial": functools.partial(_relaxed, start=start),
+        "global dict": lambda w: _relaxed(w, _STARTS["start"]),
+        "tuple": lambda w: _relaxed(w, starts[0]),
     }[held]
     w = jnp.asarray([0.4, 0.7, -0.5], jnp.float32)
     report = jaxcheck.verify(fn, w)
@@ -712,9 +718,39 @@ def test_float32_data_fn_closes_over_is_cast_for_the_float64_reference(held, fac
     assert start.dtype == _START.dtype == jnp.float32 and float(start[0]) == pytest.approx(0.3)
     if held == "partial":
         assert fn.keywords["start"] is start
+    assert _STARTS["start"] is _START and starts[0] is start
     if factor != 1.0:
         with pytest.raises(jaxcheck.GradientCheckError):
             jaxcheck.check_grads(fn, (w,), 1, modes=["rev"])
+
+
+@pytest.mark.parametrize("factor", [0.0, 5e-5])
+def test_a_derivative_in_float32_data_fn_closes_over_is_taken_in_float64(factor):
+    """A PINN's residual takes a Hessian in its float32 collocation points, closed over:
+    in the float64 reference JAX returns that Hessian in float32, so fn was taken for a
+    staircase of float32 quanta and judged at float32 resolution (tolerance 1.7e-4), and a
+    gradient 5e-5 off passed, failing with the points passed as an argument. With the
+    points cast to float64 fn rounds nothing, and is judged at float64 resolution."""
+    k = jax.random.split(jax.random.PRNGKey(0), 3)
+    params = {"w1": jax.random.normal(k[0], (2, 8)), "w2": jax.random.normal(k[1], (8,)) / 3}
+    points = jax.random.uniform(k[2], (6, 2))
+
+    def u(p, xy):
+        return jnp.tanh(xy @ p["w1"]) @ p["w2"]
+
+    def residual(p):
+        laplacian = jax.vmap(lambda xy: jnp.trace(jax.hessian(lambda q: u(p, q))(xy)))(points)
+        loss = jnp.mean((laplacian + jnp.sin(points[:, 0])) ** 2)
+        return loss - factor * (loss - lax.stop_gradient(loss))  # gradient scaled by 1 - factor
+
+    report = jaxcheck.verify(residual, params)
+    assert report.status == ("pass" if factor == 0.0 else "fail"), str(report)
+    assert report.tolerance < 1e-5, str(report)
+    [said] = [q for q in report.problems if q.startswith("fn rounds to float32 in float64 only")]
+    assert said.endswith(
+        "them cast to float64 too (1 array, cast exactly: their values are the same)"
+    )
+    assert points.dtype == jnp.float32  # put back
 
 
 def _cubed_sines(q):
