@@ -657,12 +657,19 @@ def _inside_jax(eqn) -> str:
 
 def _live(jaxpr) -> set:
     """The variables of `jaxpr` that its outputs depend on (every output of an equation
-    with sub-jaxprs counts as using all of its inputs)."""
+    with sub-jaxprs counts as using all of its inputs), and those written into refs: a
+    Pallas kernel returns nothing, and stores its results in its output refs
+    (`_REF_WRITES`)."""
     live = {v for v in jaxpr.outvars if _hashable(v)}
     for eqn in reversed(jaxpr.eqns):
-        if any(_is_tainted(v, live) for v in eqn.outvars):
+        writes = eqn.primitive.name in _REF_WRITES
+        if writes or any(_is_tainted(v, live) for v in eqn.outvars):
             live.update(v for v in eqn.invars if _hashable(v))
     return live
+
+
+# the state primitives that write into a ref (`o_ref[...] = y`, `pl.store`, `+=` on a ref)
+_REF_WRITES = {"swap", "addupdate", "masked_swap", "atomic_rmw"}
 
 
 def _inexact(v) -> bool:

@@ -555,6 +555,52 @@ def test_a_kernel_whose_out_shape_fixes_float32_is_said_to_round(out_dtype):
     )
 
 
+@pytest.mark.parametrize("factor", [1.0, 0.5])
+def test_a_cast_inside_a_pallas_kernel_is_seen(factor):
+    """A Pallas matmul that casts its operands to bfloat16 inside the kernel (and
+    accumulates in float32): the kernel returns nothing and stores through its output ref,
+    so its casts were taken for dead code, the float64 reference was a staircase of
+    bfloat16 quanta judged at float64 steps, and a backward pass 50 % off passed ("the
+    derivative is zero to within noise"). The cast is now found and named, and the check
+    judges at bfloat16 resolution."""
+    pl = pytest.importorskip("jax.experimental.pallas")
+
+    def kernel(a_ref, b_ref, o_ref):
+        a, b = a_ref[...].astype(jnp.bfloat16), b_ref[...].astype(jnp.bfloat16)
+        o_ref[...] = jnp.dot(a, b, preferred_element_type=jnp.float32).astype(o_ref.dtype)
+
+    def matmul(a, b):
+        (m, k), n = a.shape, b.shape[1]
+        return pl.pallas_call(  # (row blocks: XLA's CPU dot takes no bfloat16 pair unblocked)
+            kernel,
+            out_shape=jax.ShapeDtypeStruct((m, n), a.dtype),
+            grid=(m // 8,),
+            in_specs=[
+                pl.BlockSpec((8, k), lambda i: (i, 0)),
+                pl.BlockSpec((k, n), lambda i: (0, 0)),
+            ],
+            out_specs=pl.BlockSpec((8, n), lambda i: (i, 0)),
+            interpret=True,
+        )(a, b)
+
+    @jax.custom_vjp
+    def mm(a, b):
+        return matmul(a, b)
+
+    mm.defvjp(
+        lambda a, b: (matmul(a, b), (a, b)),
+        lambda r, g: (factor * matmul(g, r[1].T), factor * matmul(r[0].T, g)),
+    )
+    k = jax.random.split(jax.random.PRNGKey(0), 3)
+    params = {"a": jax.random.normal(k[0], (16, 16)), "b": jax.random.normal(k[1], (16, 16)) / 4}
+    target = jax.random.normal(k[2], (16, 16))
+    report = jaxcheck.verify(lambda p: jnp.sum(jnp.tanh(mm(p["a"], p["b"])) * target), params)
+    assert report.status == ("pass" if factor == 1.0 else "fail"), str(report)
+    [said] = [q for q in report.problems if q.startswith("fn rounds values computed from params")]
+    assert said.startswith("fn rounds values computed from params to bfloat16 ("), said
+    assert ".<locals>.kernel)), so it is a staircase of bfloat16 quanta" in said, said
+
+
 def test_backward_rounded_to_bfloat16_fails_the_rule_and_the_model():
     @jax.custom_vjp
     def rounded_sin(x):
