@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _plan, _tree
+from . import _plan, _problem, _tree
 
 
 def is_complex(leaf) -> bool:
@@ -98,7 +98,13 @@ class RealView:
     has_aux: bool
 
     def __call__(self, params_r, *args):
-        out = self.fn(to_complex(params_r, self.paths), *args)
+        params = to_complex(params_r, self.paths)
+        try:
+            out = self.fn(params, *args)
+        except Exception as err:
+            # (fn's own error, with what fn was given: its complex params, not their view)
+            _problem.note_inputs(err, "fn", self.fn, params, args)
+            raise
         if self.has_aux:
             out, aux = out
             return _view_outputs(out), aux

@@ -266,6 +266,17 @@ def run(fn, params, args: tuple, options: _options.Options, first: Callable) -> 
     inner = dataclasses.replace(options, grad_fn=grad_r, raise_on_failure=False)
     report = _staged(fn_r, params_r, args, inner, first)
     report = _complex.restore_leaves(report, params, paths)
+    if report.status is Status.FAIL and options.grad_fn is not None:
+        real = _real_gradients(options.grad_fn, params, args, paths)
+        if real:
+            note = (
+                f"grad_fn returns {'a real array' if len(real) == 1 else 'real arrays'} for "
+                f"the complex {'leaf' if len(real) == 1 else 'leaves'} {', '.join(real)}: JAX's "
+                "gradient of a real loss in a complex parameter is complex (dL/dx - i dL/dy "
+                "for z = x + iy), and a real one leaves out the derivative along the "
+                "imaginary parts"
+            )
+            report = dataclasses.replace(report, problems=(note, *report.problems))
     if paths and report.status is Status.PASS:
         report = _off_real_axis(report, fn, params, args, options, paths, first)
     if options.raise_on_failure and not report.ok:
@@ -463,6 +474,23 @@ def _grad_fn_nearby(first, fn, params, args, base) -> Report:
 # of this share of each entry's size, times a standard normal draw. A missing conjugate is
 # then about this share wrong, beyond the loose tolerances of test suites (0.2)
 OFF_AXIS = 0.5
+
+
+def _real_gradients(grad_fn, params, args, paths) -> list:
+    """The complex leaves of params (their `paths`) for which `grad_fn` returns a real
+    array, by its trace (none where it cannot be traced so)."""
+    try:
+        grads = jax.eval_shape(lambda p: grad_fn(p, *args), params)
+        flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+    except Exception:  # noqa: BLE001 - the check reported what grad_fn does
+        return []
+    return [
+        jax.tree_util.keystr(path) or "(root)"
+        for path, g in flat
+        if jax.tree_util.keystr(path) in paths and not jnp.iscomplexobj(g)
+    ]
+
+
 OFF_AXIS_NAME = "fn with imaginary parts added"
 
 

@@ -32,9 +32,16 @@ def widening():
 def accumulator(dtypes) -> np.dtype:
     """float64 when any of the floating `dtypes` is 64-bit, else float32: the dtype sums
     and products of them are formed in. Chosen explicitly (not by `jnp.promote_types`,
-    which refuses float32 with bfloat16 under `jax.numpy_dtype_promotion("strict")`)."""
-    wide = any(jnp.dtype(d).itemsize >= 8 for d in dtypes)
+    which refuses float32 with bfloat16 under `jax.numpy_dtype_promotion("strict")`). A
+    complex dtype counts as its parts' (complex64 as float32)."""
+    wide = any(_real_size(d) >= 8 for d in dtypes)
     return jnp.dtype(jnp.float64 if wide else jnp.float32)
+
+
+def _real_size(dtype) -> int:
+    """The bytes of `dtype`'s real numbers (of each part of a complex one)."""
+    dtype = jnp.dtype(dtype)
+    return jnp.finfo(dtype).dtype.itemsize if jnp.issubdtype(dtype, jnp.inexact) else dtype.itemsize
 
 
 def x64_enabled() -> bool:

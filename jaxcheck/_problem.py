@@ -296,7 +296,7 @@ def called(name: str, f, params, args):
         while tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
         if tb is None or tb.tb_frame.f_code is not called.__code__:
-            _note_inputs(err, name, f, params, args)
+            note_inputs(err, name, f, params, args)
             raise  # raised inside f: its own error
         raise TypeError(
             f"{name} was called as {name}(params, *args) with {1 + len(args)} positional "
@@ -305,11 +305,11 @@ def called(name: str, f, params, args):
             "fixed values with functools.partial."
         ) from err
     except Exception as err:
-        _note_inputs(err, name, f, params, args)
+        note_inputs(err, name, f, params, args)
         raise  # raised inside f: its own error
 
 
-def _note_inputs(err: Exception, name: str, f, params, args) -> None:
+def note_inputs(err: Exception, name: str, f, params, args) -> None:
     """Add to an error raised inside `f` (its own, kept as it is) what jaxcheck passed it,
     where `f` was called as `f(params, *args)`: params and data given in each other's
     place (`verify(loss, x, params)`) otherwise show only as an error deep inside f."""
@@ -327,7 +327,7 @@ def _note_inputs(err: Exception, name: str, f, params, args) -> None:
     )
 
 
-_RAISED_INSIDE = "(raised inside "  # how `_note_inputs`' note starts
+_RAISED_INSIDE = "(raised inside "  # how `note_inputs`' note starts
 
 
 def _is_single_array(x) -> bool:

@@ -176,12 +176,12 @@ def _traced(fn, params, args):
     leaves; which leaves they are)."""
     leaves, treedef = jax.tree_util.tree_flatten((params, args))
     from_params = len(jax.tree_util.tree_leaves(params))
-    # a Python float among params is a parameter like any other (the check differentiates
-    # it as an array): traced too, or a rule taking it would hold it fixed; but for one an
-    # equinox Module holds, which the check holds fixed too (`Dropout(p=0.0)`, which
+    # a Python float or complex among params is a parameter like any other (the check
+    # differentiates it as an array): traced too, or a rule taking it would hold it fixed;
+    # but for one an equinox Module holds, which the check holds fixed too (`Dropout(p=0.0)`, which
     # eqx.nn.MultiheadAttention holds, asks for a key unless its p is a Python 0)
     leaves, held = list(leaves), _tree.held_by_modules(params)
-    for i in [i for i, x in enumerate(leaves[:from_params]) if isinstance(x, float)]:
+    for i in [i for i, x in enumerate(leaves[:from_params]) if isinstance(x, float | complex)]:
         if i not in held:
             leaves[i] = _tree.strong_array(leaves[i])
     traced = [

@@ -53,9 +53,7 @@ class _Loss:
         out = out[0] if self.has_aux else out
         leaves = jax.tree_util.tree_leaves(out)
         weights = self.cotangent or [jnp.ones(jnp.shape(y), jnp.result_type(y)) for y in leaves]
-        terms = [
-            jnp.sum(jnp.real(y) * w.astype(jnp.result_type(y))) for y, w in zip(leaves, weights)
-        ]
+        terms = [_contracted(y, w) for y, w in zip(leaves, weights)]
         acc = _precision.accumulator([t.dtype for t in terms] or [jnp.float32])
         return sum((t.astype(acc) for t in terms), jnp.zeros((), acc))
 
@@ -65,6 +63,15 @@ class _Loss:
             grad = self.grad_fn(full, *self.args.rebuild(args))
             return _tree.match_gradient(self.split, grad)
         return jax.grad(self)(diff, args)
+
+
+def _contracted(y, w):
+    """sum(w y), real: for a complex output, its real and imaginary parts each weighted by
+    w (its real parts alone left a wrong imaginary part's derivative unseen)."""
+    if jnp.iscomplexobj(y):
+        real, imag = jnp.real(y), jnp.imag(y)
+        return jnp.sum(real * w.astype(real.dtype)) + jnp.sum(imag * w.astype(imag.dtype))
+    return jnp.sum(y * w.astype(jnp.result_type(y)))
 
 
 @dataclasses.dataclass(frozen=True)
