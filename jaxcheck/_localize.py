@@ -106,6 +106,7 @@ def _localize(run: Run, scales, leaf_k, h, paths, chosen, sequential, fixed) -> 
     retry = {}  # leaf: its larger scale, where at its own its derivative is lost in noise
     on_gap = {}  # leaf path: its gap, where its pass rests on that gap being rounding
     factors = []  # (leaf path, `_verdict.constant_factor`'s note) of failing leaves
+    surrogates = []  # (leaf path, the note that fn is flat along it) of failing leaves
     for n in ks:
         if not pending:
             break
@@ -133,7 +134,8 @@ def _localize(run: Run, scales, leaf_k, h, paths, chosen, sequential, fixed) -> 
         still = []
         for leaf, (p, _, choices[leaf]) in zip(pending, found):
             checks = _verdict.compare(run, p)
-            status = _verdict.status(run, p, checks, n, [])
+            said = []
+            status = _verdict.status(run, p, checks, n, said)
             if n < leaf_k and not _sequential.settled(p, checks, status, n, len(ks))[0]:
                 still.append(leaf)
                 continue
@@ -162,6 +164,10 @@ def _localize(run: Run, scales, leaf_k, h, paths, chosen, sequential, fixed) -> 
                 )
                 if factor is not None:
                     factors.append((paths[leaf] or "(root)", factor))
+                # (a straight-through estimator beside ordinary leaves: flat along its own)
+                flat = next((q for q in said if _verdict.SURROGATE in q), None)
+                if flat is not None:
+                    surrogates.append((paths[leaf] or "(root)", flat))
             results[leaf] = LeafResult(
                 paths[leaf],
                 tuple(x.shape),
@@ -182,6 +188,7 @@ def _localize(run: Run, scales, leaf_k, h, paths, chosen, sequential, fixed) -> 
     if not any(q.startswith(_verdict.FACTOR) for q in run.problems):
         # (a factor on some leaves only: the all-leaf comparison is no multiple)
         run.problems.extend(f"{path}: {factor}" for path, factor in factors)
+    run.problems.extend(f"{path}, checked alone: {note}" for path, note in surrogates)
     _note_gaps_on_another_path(run, on_gap)
     if within:
         run.problems.append(f"{', '.join(within)}: {_jitter.WITHIN_ROUNDING}")

@@ -437,7 +437,8 @@ def render(r: Report) -> str:
         of = f" of {r.max_directions}" if r.max_directions > r.num_directions else ""
         lines.append(
             f"  {r.num_directions}{of} directions ({r.num_nonsmooth} non-smooth, "
-            f"{r.num_nonfinite} non-finite{smooth_note}), {r.num_evaluations} evaluations of fn"
+            f"{r.num_nonfinite} with fn non-finite{smooth_note}), {r.num_evaluations} "
+            "evaluations of fn"
         )
         if r.stopped and not r.stopped.endswith(FIXED):  # (a fixed number: said above)
             lines.append(f"  {r.stopped}")
@@ -579,10 +580,18 @@ def _render_composite(r: Report) -> str:
             f"  derivatives in {r.tested_dtype}; no finite differences were taken; {timing}"
         )
     else:
+        # (a part whose fn could not run in float64 fell back: its precision, by name)
+        references = {}
+        for p in r.parts:
+            if p.num_evaluations:
+                references.setdefault(p.reference_dtype, []).append(p.label)
+        reference = r.reference_dtype
+        if len(references) > 1:
+            reference = ", ".join(f"{d} ({', '.join(on)})" for d, on in references.items())
         lines.append(
             f"  {count or 0} directions per check, {r.num_evaluations} evaluations of fn "
             f"and its derivative maps; derivatives in {r.tested_dtype}, reference: central "
-            f"differences in {r.reference_dtype}; {timing}"
+            f"differences in {reference}; {timing}"
         )
     if r.status is not Status.PASS:
         lines.append("  " + _advice(r))

@@ -517,6 +517,13 @@ def constant_factor(
     )
 
 
+# how the notes on a derivative where fn is flat end
+SURROGATE = (
+    "surrogate gradient (a straight-through estimator, a custom rule that is not fn's "
+    "derivative by design) fails this check by construction"
+)
+
+
 def _flat(run: Run, p: Pass, k, problems, checks=()) -> Status | None:
     """The verdict where fn's values do not change at all within the step along most
     directions (finite differences exactly zero): a pass when the derivative under test
@@ -571,9 +578,7 @@ def _flat(run: Run, p: Pass, k, problems, checks=()) -> Status | None:
                 f"relative step, {p.step:.1e} (fn is constant along them: invariant to "
                 "them, as a softmax is to a shift of its logits, or piecewise constant, as "
                 "round, floor, sign and comparisons are), while the derivative under test is "
-                "not zero: a "
-                "surrogate gradient (a straight-through estimator, a custom rule that is "
-                "not fn's derivative by design) fails this check by construction"
+                f"not zero: a {SURROGATE}"
             )
         return None
     if not np.any(a[p.fd.smooth & np.isfinite(a)]):
@@ -587,9 +592,7 @@ def _flat(run: Run, p: Pass, k, problems, checks=()) -> Status | None:
         "not zero there: fn is piecewise constant at this scale, so finite differences "
         "cannot judge its derivative. Either it rounds to a low precision inside (a cast "
         f"to bfloat16?), where a larger `step` (up to {run.max_step}) can help, or it is "
-        "built from round, floor, argmax or comparisons, where a surrogate gradient (a "
-        "straight-through estimator, a custom rule that is not fn's derivative by design) "
-        "fails this check by construction"
+        f"built from round, floor, argmax or comparisons, where a {SURROGATE}"
     )
     return Status.INCONCLUSIVE
 
@@ -786,8 +789,11 @@ def note_native(
         if other_program
         else "while fn's value agrees in both to 1e-3; fn has no custom rule nor "
         f"grad_fn, so this is the {run.tested.name} derivative's own rounding, grown far "
-        "beyond its value's (along a long recurrence or simulation, say); finite "
-        "differences use the model's precision instead, which resolves more coarsely"
+        "beyond its value's (along a long recurrence or simulation, say), or a kink or "
+        f"branch fn's {run.tested.name} values sit exactly on (jnp.where(x > c, ...) at "
+        f"x == c, a sample on a bin edge), which {name} misses by a rounding, taking one "
+        "side of it; finite differences use the model's precision instead, which resolves "
+        "more coarsely"
     )
     run.problems.append(
         f"the derivative of fn in {name} differs from that in {run.tested.name} by "
@@ -875,7 +881,9 @@ def note_large_rounding(run: Run, head, status: Status, p: Pass | None = None, o
             f"{gap}, yet finite differences in {run.tested.name} {BLIND} here: the gap "
             f"is {run.tested.name} rounding of a derivative far smaller than the terms "
             "fn computes (cross-entropy on confident logits), or fn computes something "
-            f"else in {run.reference.name}; the same rule in "
+            f"else in {run.reference.name} (a kink or branch its {run.tested.name} values sit "
+            f"exactly on, as jnp.where(x > c, ...) at x == c, which {run.reference.name} "
+            f"misses by a rounding); the same rule in "
             f"{run.reference.name} is what the finite differences judged"
         )
         return False

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import (
+    _complex,
     _differences,
     _directions,
     _fingerprint,
@@ -664,7 +665,7 @@ def _hidden_kinks(report: Report, fn, params, args, options, paths) -> Report:
         f"({held.status.value})"
     )
     between = (
-        "the derivative under test is between fn's one-sided slopes at each kink"
+        f"the derivative under test is {_NEAR_SLOPES}"
         if options.grad_fn is None
         else "grad_fn's derivative at them is not compared with fn's one-sided slopes"
     )
@@ -879,6 +880,13 @@ def _searched_kinks(report: Report, fn, params, args, options, paths) -> tuple:
     return None if outside is None else _check_grads.outside_fails(report, outside), held, n
 
 
+# what `_check_grads._outside_slopes` found of the derivative at each kink, where it passed
+_NEAR_SLOPES = (
+    "within the range of fn's one-sided slopes and of its derivatives nearby at each kink, "
+    "widened by 5 % of the slopes' size"
+)
+
+
 def _off_kinks(report: Report, fn, params, args, options, paths) -> Report:
     """An inconclusive check whose directions crossed kinks, checked again with the entries
     where fn has one (each moved alone) held fixed, as check_grads does (`_kinks_held`):
@@ -890,18 +898,22 @@ def _off_kinks(report: Report, fn, params, args, options, paths) -> Report:
         return done
     if held is None or held.status not in (Status.PASS, Status.FAIL):
         return report
+    entries = (
+        f"real or imaginary {'part' if n == 1 else 'parts'} of params' entries, found by "
+        "moving each part alone"
+        if isinstance(fn, _complex.RealView)  # (complex leaves are moved part by part)
+        else f"{'entry' if n == 1 else 'entries'} of params, found by moving each entry alone"
+    )
     kinks = (
-        f"fn has kinks (one-sided slopes that differ) at {n} "
-        f"{'entry' if n == 1 else 'entries'} of params, found by moving each entry alone; "
-        "checked again with them held fixed, "
+        f"fn has kinks (one-sided slopes that differ) at {n} {entries}; checked again with "
+        "them held fixed, "
     )
     if held.status is Status.FAIL:
         said = f"{kinks}the others fail (the leaf table counts the entries moved)"
         return dataclasses.replace(held, problems=(said, *held.problems))
     said = (
         f"{kinks}the others pass (relative error {held.relative_error:.1e}, tolerance "
-        f"{held.tolerance:.1e}), and the derivative under test is between fn's one-sided "
-        "slopes at each kink"
+        f"{held.tolerance:.1e}), and the derivative under test is {_NEAR_SLOPES}"
         if options.grad_fn is None
         else f"{kinks}the others pass (relative error {held.relative_error:.1e}, tolerance "
         f"{held.tolerance:.1e}); grad_fn's derivative at the kinks is not compared with "

@@ -591,6 +591,20 @@ def test_an_error_inside_fn_shows_its_complex_params_as_given():
     ]
 
 
+def test_kinks_of_complex_params_are_counted_by_part():
+    """abs at one complex entry 0 is a kink in its real and its imaginary part: the note
+    said "at 2 entries of params", of which there is one."""
+    z = jnp.asarray([0j, 0.5 + 0.5j, -0.2 + 0.1j], jnp.complex64)
+    report = jaxcheck.verify(lambda z: jnp.sum(jnp.abs(z)), z)
+    assert report.status == "inconclusive", str(report)
+    [said] = [q for q in report.problems if q.startswith("fn has kinks")]
+    assert said.startswith(
+        "fn has kinks (one-sided slopes that differ) at 2 real or imaginary parts of params' "
+        "entries, found by moving each part alone; checked again with them held fixed, the "
+        "others pass"
+    ), said
+
+
 @pytest.mark.parametrize("given", ["real", "complex"])
 def test_a_real_grad_fn_for_complex_params_is_named(given):
     """A grad_fn returning a real array for a complex leaf failed with only "wrong:

@@ -1,5 +1,6 @@
 """Second and higher derivatives: verify(..., order=k)."""
 
+import dataclasses
 import json
 
 import jax
@@ -951,3 +952,20 @@ def test_float32_data_a_scan_closes_over_is_cast_for_the_order_2_reference(close
     ], str(report)
     assert report.parts[1].tolerance < 1e-5, str(report)
     assert not any("finite differences use float32" in q for q in report.problems), str(report)
+
+
+def test_a_composite_footer_names_each_part_s_reference_precision():
+    """Where one part's finite differences fell back to float32 (its fn could not run in
+    float64), the footer of the whole report still said "reference: central differences
+    in float64", the precision of the part that decided the headline."""
+    x = jnp.linspace(0.1, 1.0, 4)
+    wide = jaxcheck.verify(lambda p: jnp.sum(jnp.sin(p)), x)
+    native = jaxcheck.verify(lambda p: jnp.sum(jnp.cos(p)), x, precision="native")
+    assert (wide.reference_dtype, native.reference_dtype) == ("float64", "float32")
+    parts = [
+        dataclasses.replace(wide, label="order 1: fn"),
+        dataclasses.replace(native, label="order 2: Hessian-vector products"),
+    ]
+    footer = str(jaxcheck._report.compose(parts, 2)).splitlines()[-1]
+    assert "reference: central differences in float64 (order 1: fn), float32 (order 2: " in footer
+    assert "Hessian-vector products)" in footer

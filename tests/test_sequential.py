@@ -185,7 +185,7 @@ def test_correct_model_settles_after_four_directions():
     assert report.stopped.startswith("settled after 4 of 16 directions: the relative error (")
     assert report.stopped.endswith(f"is clear below the tolerance {report.tolerance:.1e}")
     text = str(report)
-    assert "  4 of 16 directions (0 non-smooth, 0 non-finite), 9 evaluations of fn" in text
+    assert "  4 of 16 directions (0 non-smooth, 0 with fn non-finite), 9 evaluations of fn" in text
     assert report.stopped in text
 
 

@@ -11,7 +11,7 @@ from jax import lax
 
 import jaxcheck
 from cases import enable_x64, scaled_sin
-from jaxcheck import _check_grads, _jitter, _pipeline
+from jaxcheck import _check_grads, _jitter, _pipeline, _verdict
 
 
 def _through(dtype):
@@ -2636,3 +2636,90 @@ def test_forward_mode_through_a_solve_that_stops_short_is_not_summed_by_leaf():
     report = jaxcheck.verify(influence, params, mode="forward")
     assert report.status == "pass", str(report)
     assert report.relative_error < 1e-4, str(report)
+
+
+def test_a_branch_float32_sits_exactly_on_is_named_among_the_causes_of_a_gap():
+    """modReLU at |p| = 0.5, exact in float32 (hypot(0.3, 0.4)) and 1.2e-8 off in float64:
+    the two precisions take different sides of its jnp.where, and the gap between their
+    derivatives was put down to rounding of a small derivative (cross-entropy on confident
+    logits) or to fn computing something else, without a word on such a branch."""
+
+    def modrelu(p):
+        m = jnp.hypot(p[:, 0], p[:, 1])
+        return jnp.where(m - 0.5 > 0, (m - 0.5) / m, 0.0)[:, None] * p
+
+    w = jnp.asarray([[1.0, 2.0], [0.5, -1.0], [-1.0, 0.3]])
+    p = jnp.asarray([[0.3, 0.4], [0.5, 0.2], [-0.6, 0.8]], jnp.float32)
+    report = jaxcheck.verify(lambda p: jnp.sum(modrelu(p) * w), p)
+    assert report.status == "inconclusive", str(report)
+    assert any(
+        "(a kink or branch its float32 values sit exactly on, as jnp.where(x > c, ...) at "
+        "x == c, which float64 misses by a rounding)" in q
+        for q in report.problems
+    ), str(report)
+
+
+def test_a_nan_derivative_beside_finite_differences_is_not_counted_as_fn_s():
+    """A jvp NaN along every direction, fn finite: the report's count of directions said
+    "0 non-finite" beside the note that the derivative is NaN along 16 of 16; the count is
+    of fn's finite differences, and now says so."""
+
+    @jax.custom_jvp
+    def g(x):
+        return jnp.sin(x)
+
+    @g.defjvp
+    def _(primals, tangents):
+        (x,), (dx,) = primals, tangents
+        return jnp.sin(x), jnp.cos(x) * dx * jnp.where(x > 0.5, jnp.nan, 1.0)
+
+    report = jaxcheck.verify(lambda p: jnp.sum(g(p)), jnp.linspace(0.1, 1.0, 5), mode="forward")
+    assert report.status == "nonfinite", str(report)
+    assert "directions (0 non-smooth, 0 with fn non-finite)" in str(report), str(report)
+
+
+def test_a_kink_float32_sits_on_is_named_where_the_derivatives_differ_by_precision():
+    """A sample computed in float32 from params sits exactly on a hinge's knot, which in
+    float64 lies 3e-8 away: the float32 and float64 derivatives are the knot's two one-sided
+    slopes (-1.52 and -2.27), and the note called the gap the float32 derivative's own
+    rounding, grown along a long recurrence, with no word on a kink."""
+    p = {"a": jnp.asarray([0.37, -0.41, 0.23]), "s": jnp.asarray([0.8, 1.3])}
+
+    def knot(p):
+        return jnp.exp(p["a"][0]) * p["s"][0]
+
+    x = jnp.asarray([1.0, 0.2, 2.5, -0.7]).at[0].set(knot(p))
+
+    def loss(p, x):
+        hinge = jnp.maximum(x - knot(p), 0.0) * p["s"][1]
+        return jnp.sum(hinge + 0.1 * x * p["a"][1:].sum()) + jnp.sum(p["a"] ** 2)
+
+    report = jaxcheck.verify(loss, p, x)
+    assert report.status != "fail", str(report)
+    [said] = [q for q in report.problems if q.startswith("the derivative of fn in float64")]
+    assert (
+        "or a kink or branch fn's float32 values sit exactly on (jnp.where(x > c, ...) at "
+        "x == c, a sample on a bin edge), which float64 misses by a rounding, taking one side "
+        "of it" in said
+    ), said
+
+
+def test_a_straight_through_leaf_beside_ordinary_ones_is_explained():
+    """A sign quantizer with a straight-through gradient on w, beside a float bias: the
+    check fails w, rightly, but said only "wrong: ['w']", where a straight-through leaf
+    alone is told that fn is piecewise constant in it and a surrogate gradient fails by
+    construction; its check alone found that, and dropped it."""
+    k = jax.random.split(jax.random.PRNGKey(3), 2)
+    params = {"w": jax.random.normal(k[0], (6, 4)) * 0.5, "b": jnp.full((4,), 0.1)}
+    x = jax.random.normal(k[1], (10, 6))
+
+    def quantized(p, x):
+        q = p["w"] + jax.lax.stop_gradient(jnp.sign(p["w"]) - p["w"])
+        return jnp.mean(jnp.tanh(x @ q + p["b"]))
+
+    report = jaxcheck.verify(quantized, params, x)
+    assert report.status == "fail", str(report)
+    assert "wrong: ['w']" in report.problems
+    [said] = [q for q in report.problems if q.startswith("['w'], checked alone: ")]
+    assert "fn is piecewise constant here" in said, said
+    assert said.endswith(_verdict.SURROGATE), said
