@@ -2,6 +2,7 @@
 
 import inspect
 import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -397,16 +398,19 @@ def test_second_derivative_of_a_linear_fn_stuck_in_float32_passes(seed):
     to its complex64 rhs, so the reference runs in float32, where the (constant) derivative
     map of a linear fn differs by an ulp between batched and unbatched evaluations. That is
     rounding of a constant, not the quanta of a lower precision: a zero second derivative
-    (the test's rtol makes the error bars, not the floor, decide)."""
+    (the test's rtol makes the error bars, not the floor, decide). (rhs is held in an
+    object, which the cast of the data fn closes over to float64 does not reach: closed
+    over itself, it is cast, and the reference runs in float64 at both orders.)"""
     rng = np.random.RandomState(seed)
     lhs = rng.randn(1, 6, 7, 2) + 1j * rng.randn(1, 6, 7, 2)
     rhs = rng.randn(1, 2, 1, 4) + 1j * rng.randn(1, 2, 1, 4)
     lhs, rhs = (np.asarray(3 * x, np.complex64) for x in (lhs, rhs))
+    held = types.SimpleNamespace(rhs=rhs)
 
     def conv(lhs):
         return lax.conv_general_dilated(
             lhs,
-            rhs,
+            held.rhs,
             (2, 1),
             ((1, 0), (0, 1)),
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
