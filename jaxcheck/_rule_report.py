@@ -84,7 +84,10 @@ def checked(fn, params, args, options, check) -> Report:
             if part.status is Status.FAIL:  # the rule is named: no advice to name it
                 kept = tuple(p for p in report.problems if not p.endswith(_probe.KIND_HINT))
                 report = dataclasses.replace(report, problems=kept)
-            judged = sum(c.num_used > 0 for c in part.checks)
+            # (a rule failing alone where fn passes is not counted, nor cleared)
+            judged = sum(
+                c.num_used > 0 and not c.name.endswith(_report.NOT_COUNTED) for c in part.checks
+            )
             total = len(part.checks)
             if judged == total:
                 what.append(" and its custom rules")
@@ -543,7 +546,7 @@ def _not_counted(rows: list, titles: list, reports: list, why: str) -> None:
     are not counted (`rows[i]` is the row of the rule titled `titles[i]`)."""
     for r in reports:
         i = titles.index(r.label)
-        name = f"{rows[i].name} ({why}: not counted)"
+        name = f"{rows[i].name} ({why}{_report.NOT_COUNTED}"
         rows[i] = dataclasses.replace(rows[i], name=name, passed=True)
 
 
