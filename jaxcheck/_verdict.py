@@ -509,8 +509,10 @@ def constant_factor(
     misfit = float(np.linalg.norm(a - c * f) / np.linalg.norm(a))
     if misfit > tolerance or abs(c - 1) <= 10 * max(tolerance, misfit) or abs(c) < 1e-3:
         return None
+    # (digits enough to tell the factor from 1: 1.0002 printed as "1" said nothing)
+    digits = max(4, math.ceil(-math.log10(abs(c - 1))) + 2)
     return (
-        f"{FACTOR}{c:.4g} times fn's along {along} (to within "
+        f"{FACTOR}{c:.{digits}g} times fn's along {along} (to within "
         f"{max(misfit, 1e-16):.1e}): a constant factor wrong (a sign, a factor of 2, a mean "
         "taken for a sum, a scale left out), or a rule that scales or reverses its "
         "gradient on purpose (a gradient-reversal layer)"

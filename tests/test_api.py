@@ -846,6 +846,7 @@ def test_a_row_not_judged_shows_no_tolerance_of_one_or_more():
         (lambda g: g / 2, "0.5"),
         (lambda g: -g, "-1"),
         (lambda g: 1.01 * g, "1.01"),
+        (lambda g: 1.0002 * g, "1.0002"),  # (printed as "1" once)
         (lambda g: g.at[0].mul(2.0), None),  # one entry off: no constant factor
     ],
 )
