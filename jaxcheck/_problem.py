@@ -60,7 +60,7 @@ class Problem:
     float32_products: bool = False  # see `_float32_products`
     has_rules: bool = False  # fn calls a custom_vjp/custom_jvp rule (seen in its jaxpr)
     iterates: bool = False  # fn runs a lax.while_loop (an iterative solver, say)
-    # fn calls code whose arithmetic is hidden from its jaxpr (a callback, a kernel: `_OPAQUE`)
+    # fn calls code whose arithmetic is hidden from its jaxpr (a callback, a kernel: `OPAQUE`)
     opaque: bool = False
     # fn draws from jax.random.gamma (beta and dirichlet draw from it), whose derivative in
     # its shape parameter is not that of the sample at a fixed key
@@ -223,7 +223,7 @@ def _with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
         float32_products=jaxpr is not None and _float32_products(jaxpr.jaxpr),
         has_rules=jaxpr is not None and _rule_search.calls(jaxpr.jaxpr, "custom_vjp", "custom_jvp"),
         iterates=jaxpr is not None and _runs(jaxpr.jaxpr, "while"),
-        opaque=jaxpr is not None and _runs(jaxpr.jaxpr, *_OPAQUE),
+        opaque=jaxpr is not None and _runs(jaxpr.jaxpr, *OPAQUE),
         samples_gamma=jaxpr is not None and _runs(jaxpr.jaxpr, "random_gamma"),
         draws_random=jaxpr is not None and _runs(jaxpr.jaxpr, "random_bits", "random_gamma"),
         unbatched="" if jaxpr is None else unbatched(jaxpr.jaxpr),
@@ -507,7 +507,7 @@ def casts(jaxpr, tainted_inputs) -> dict:
             dtype = _rounds_like(eqn.params["preferred_element_type"])
             if jnp.issubdtype(dtype, jnp.floating):
                 _first(found, jnp.dtype(dtype), eqn)
-        elif eqn.primitive.name in _OPAQUE:
+        elif eqn.primitive.name in OPAQUE:
             for dtype in _narrowed(eqn, flags, live):
                 if dtype not in found:
                     found[dtype] = f"{_rule_search.location(eqn)}{DECLARED}{eqn.primitive.name}"
@@ -527,11 +527,11 @@ def casts(jaxpr, tainted_inputs) -> dict:
 DECLARED = ", by the declared output dtype of a "  # in `rounds_at` where an opaque call rounds
 # Calls whose outputs' dtypes the caller declares (a Pallas kernel's out_shape, a callback's
 # result shape), whatever the inputs' dtypes: float64 inputs may come out in float32
-_OPAQUE = {"pallas_call", "pure_callback", "io_callback", "ffi_call", "triton_kernel_call"}
+OPAQUE = {"pallas_call", "pure_callback", "io_callback", "ffi_call", "triton_kernel_call"}
 
 
 def _narrowed(eqn, flags, live) -> list:
-    """The float dtypes of the live outputs of an opaque call (`_OPAQUE`) less precise than
+    """The float dtypes of the live outputs of an opaque call (`OPAQUE`) less precise than
     its most precise flagged float input: its declared output dtype rounds them."""
     inputs = [v.aval.dtype for v, f in zip(eqn.invars, flags) if f and _inexact(v)]
     if not inputs:

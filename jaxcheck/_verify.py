@@ -2,6 +2,7 @@
 differentiated and what is held fixed, sets up the run state and hands it to the pipeline
 (`_pipeline.check`), which returns the `Report`."""
 
+import collections
 import contextvars
 import dataclasses
 import functools
@@ -467,6 +468,16 @@ def run(fn, params, args: tuple, options: _options.Options) -> Report:
         ) from err
     except AssertionError as err:
         pullback = functools.partial(_pullback, fn, params, args, o.has_aux)
+        opaque = _opaque_tangent(fn, params, args, o.has_aux)
+        if opaque and o.mode != "forward":
+            raise ValueError(
+                f"JAX could not form fn's reverse-mode derivative ({one_line(err)}; "
+                f"jax.grad(fn) raises the same): fn computes a tangent with a {opaque} (a "
+                "Pallas kernel or a callback, as a custom_jvp's tangent kernel), which JAX "
+                "cannot transpose into a vjp, so fn has no reverse mode. verify(..., "
+                "mode='forward') checks it in forward mode (modes=('fwd',) in check_grads); "
+                "jaxcheck.verify_rule(rule, *inputs) checks such a rule alone."
+            ) from err
         if not (_rule_rows.untransposed(err) or _rule_rows.untransposed_when_traced(err, pullback)):
             raise
         raise ValueError(
@@ -1061,6 +1072,36 @@ _NONLINEAR_TANGENT = (
 )
 # how JAX begins its errors for a custom rule whose outputs have the wrong structure
 _RULE_SHAPES = ("Custom VJP bwd rule", "Custom VJP fwd rule", "Custom JVP rule")
+
+
+def _opaque_tangent(fn, params, args, has_aux: bool) -> str:
+    """The name of an opaque call (`_problem.OPAQUE`: a Pallas kernel, a callback) that
+    fn's jvp makes beyond those of fn itself: one that computes a tangent, which JAX cannot
+    transpose; "" where there is none, or fn's jvp cannot be traced."""
+
+    def f(p):
+        out = fn(p, *args)
+        return out[0] if has_aux else out
+
+    def counted(jaxpr) -> collections.Counter:
+        found = collections.Counter()
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in _problem.OPAQUE:
+                found[eqn.primitive.name] += 1
+            for value in eqn.params.values():
+                for sub, _ in _rule_search.jaxprs_of(value):
+                    found += counted(sub)
+        return found
+
+    try:
+        with _plan.own_transfers():
+            primal = counted(jax.make_jaxpr(f)(params).jaxpr)
+            tangents = jax.tree_util.tree_map(_tree.unit_like, params)
+            jvp = counted(jax.make_jaxpr(lambda p: jax.jvp(f, (p,), (tangents,)))(params).jaxpr)
+    except Exception:  # noqa: BLE001 - JAX's error stands
+        return ""
+    more = jvp - primal
+    return next(iter(more), "")
 
 
 def _pullback(fn, params, args, has_aux: bool) -> None:

@@ -601,6 +601,48 @@ def test_a_cast_inside_a_pallas_kernel_is_seen(factor):
     assert ".<locals>.kernel)), so it is a staircase of bfloat16 quanta" in said, said
 
 
+def test_a_tangent_computed_by_a_pallas_kernel_is_said_to_have_no_reverse_mode():
+    """A custom_jvp whose tangent is a Pallas kernel (linear in the tangent, but a kernel
+    JAX cannot transpose): verify in reverse mode raised JAX's bare "AssertionError: must
+    override" from inside the check; it now says why and that forward mode checks it."""
+    pl = pytest.importorskip("jax.experimental.pallas")
+
+    def softmax_kernel(x_ref, o_ref):
+        e = jnp.exp(x_ref[...] - jnp.max(x_ref[...], axis=1, keepdims=True))
+        o_ref[...] = e / jnp.sum(e, axis=1, keepdims=True)
+
+    def tangent_kernel(y_ref, t_ref, o_ref):
+        y, t = y_ref[...], t_ref[...]
+        o_ref[...] = y * (t - jnp.sum(y * t, axis=1, keepdims=True))
+
+    def call(kernel, *xs):
+        shape = jax.ShapeDtypeStruct(xs[0].shape, xs[0].dtype)
+        return pl.pallas_call(kernel, out_shape=shape, interpret=True)(*xs)
+
+    @jax.custom_jvp
+    def softmax(x):
+        return call(softmax_kernel, x)
+
+    @softmax.defjvp
+    def _(primals, tangents):
+        y = softmax(primals[0])
+        return y, call(tangent_kernel, y, tangents[0])
+
+    x = jax.random.normal(jax.random.PRNGKey(5), (4, 8))
+    target = jax.random.normal(jax.random.PRNGKey(6), (4, 8))
+
+    def loss(p):
+        return jnp.sum(jnp.sin(softmax(p)) * target)
+
+    with pytest.raises(ValueError) as info:
+        jaxcheck.verify(loss, x)
+    said = str(info.value)
+    assert said.startswith("JAX could not form fn's reverse-mode derivative ("), said
+    assert "fn computes a tangent with a pallas_call (a Pallas kernel or a callback" in said
+    assert "verify(..., mode='forward') checks it in forward mode" in said
+    assert jaxcheck.verify(loss, x, mode="forward").status == "pass"
+
+
 def test_backward_rounded_to_bfloat16_fails_the_rule_and_the_model():
     @jax.custom_vjp
     def rounded_sin(x):
