@@ -471,7 +471,7 @@ def _traced_in_float64(call, diff, inputs):
         return None
 
 
-def casts(jaxpr, tainted_inputs) -> dict:
+def casts(jaxpr, tainted_inputs, sinks=None) -> dict:
     """Float dtypes (each with where fn's trace first casts to it) of the
     convert_element_type equations of `jaxpr` (and its
     sub-jaxprs) that round a float value depending on the inputs flagged in
@@ -480,9 +480,10 @@ def casts(jaxpr, tainted_inputs) -> dict:
 
     Only float values carry a derivative: an integer or boolean (a comparison, argmax) cast
     to float is not rounding, and neither is a cast whose result never reaches an output
-    (an auxiliary metric, a running statistic, an unused value)."""
+    (an auxiliary metric, a running statistic, an unused value). `sinks`: which input refs
+    of a kernel's jaxpr hold outputs its caller uses (`_live`)."""
     tainted = _carries_derivative(jaxpr, tainted_inputs)
-    live = _live(jaxpr)
+    live = _live(jaxpr, sinks)
     found = {}
     for eqn in jaxpr.eqns:
         flags = [_is_tainted(v, tainted) for v in eqn.invars]
@@ -519,7 +520,7 @@ def casts(jaxpr, tainted_inputs) -> dict:
                 inner = (
                     flags if n == len(flags) else flags[1:] if n == len(flags) - 1 else [True] * n
                 )
-            for d, at in casts(sub, inner).items():
+            for d, at in casts(sub, inner, _kernel_sinks(eqn, sub, live)).items():
                 found.setdefault(d, at)
     return found
 
@@ -655,17 +656,40 @@ def _inside_jax(eqn) -> str:
     return f"{INSIDE_JAX}{called}"
 
 
-def _live(jaxpr) -> set:
+def _live(jaxpr, sinks=None) -> set:
     """The variables of `jaxpr` that its outputs depend on (every output of an equation
     with sub-jaxprs counts as using all of its inputs), and those written into refs: a
     Pallas kernel returns nothing, and stores its results in its output refs
-    (`_REF_WRITES`)."""
+    (`_REF_WRITES`). With `sinks` (per input variable: a ref whose contents its caller
+    uses), only what is written into those refs, or into refs read for them, counts: an
+    output the caller drops (a kernel's debug copy in bfloat16) rounds nothing."""
     live = {v for v in jaxpr.outvars if _hashable(v)}
-    for eqn in reversed(jaxpr.eqns):
-        writes = eqn.primitive.name in _REF_WRITES
-        if writes or any(_is_tainted(v, live) for v in eqn.outvars):
-            live.update(v for v in eqn.invars if _hashable(v))
+    if sinks is not None:
+        live |= {v for v, s in zip(jaxpr.invars, sinks) if s and _hashable(v)}
+    for _ in range(2):  # (a scratch ref read, in a loop, before a write seen later)
+        for eqn in reversed(jaxpr.eqns):
+            writes = eqn.primitive.name in _REF_WRITES and (
+                sinks is None or _is_tainted(eqn.invars[0], live)
+            )
+            if writes or any(_is_tainted(v, live) for v in eqn.outvars):
+                live.update(v for v in eqn.invars if _hashable(v))
     return live
+
+
+def _kernel_sinks(eqn, sub, live) -> list | None:
+    """For a Pallas kernel's jaxpr `sub`: per input variable, whether it is the ref of an
+    output of `eqn` that is `live` (its scalar-prefetch, input and scratch refs are not);
+    None for any other sub-jaxpr, or a layout this JAX does not tell."""
+    mapping = eqn.params.get("grid_mapping") if eqn.primitive.name == "pallas_call" else None
+    try:
+        first = mapping.num_index_operands + mapping.num_inputs
+        counts = (first, mapping.num_outputs, mapping.num_scratch_operands)
+    except AttributeError:
+        return None
+    if sum(counts) != len(sub.invars) or counts[1] != len(eqn.outvars):
+        return None
+    used = [_is_tainted(v, live) for v in eqn.outvars]
+    return [False] * first + used + [False] * counts[2]
 
 
 # the state primitives that write into a ref (`o_ref[...] = y`, `pl.store`, `+=` on a ref)
