@@ -577,15 +577,17 @@ def _one_sided(f, params, share: float = 0.05, wide: bool = False, key=None) -> 
                 flat = moved[j].reshape(-1)
                 flat[i] = flat[i] + scale * h
                 moves.append(moved)
+    # (the point itself last, from the same program: one kept from an earlier check of
+    # this fn holds the values fn closed over then, as its other programs do)
+    moves.append([y.copy() for y in points])
     batch = [jnp.asarray(np.stack([m[j] for m in moves])) for j in range(len(points))]
     if key is not None:  # (`of` closes over params' other leaves)
         held = [_tree.digest(x) for x in jax.tree.leaves(list(params)) if not _inexact(x)]
         key = ("one-sided", key, jax.tree.structure(list(params)), tuple(held))
     evaluate = _batched(lambda *xs: _flat_outputs(of(*xs)), batch)
     values = _plan.run_once(evaluate, *batch, key=key)
-    centre = _flat_outputs(of(*[jnp.asarray(x) for x in points]))
-    values = np.asarray(values, np.float64).reshape(n, 4, -1)
-    centre = np.asarray(centre, np.float64)
+    values = np.asarray(values, np.float64)
+    centre, values = values[-1].ravel(), values[:-1].reshape(n, 4, -1)
     if not (np.all(np.isfinite(values)) and np.all(np.isfinite(centre))):
         return None
     eps = max(float(np.finfo(x.dtype).eps) for x in points)
@@ -706,9 +708,11 @@ def _outside_slopes(f, params, kinks: list, names=None, key=None) -> tuple | Non
         f"{relative:.2g} of their size outside the range of them and of the derivatives nearby"
     )
     n = len(kinks)
-    entries = f"{len(outside)} of the {n} argument entries" if n > 1 else "the argument entry"
+    # (in verify's words where it names params' leaves: fn, and entries of params)
+    f, where = ("f", "argument") if names is None else ("fn", "params")
+    entries = f"{len(outside)} of the {n} {where} entries" if n > 1 else f"the {where} entry"
     note = (
-        f"f's derivative at {entries} where f has a kink is not between its one-sided "
+        f"{f}'s derivative at {entries} where {f} has a kink is not between its one-sided "
         "slopes there, nor within the derivatives at points nearby (no step of finite "
         f"differences gives it; JAX's check_grads fails it too): {said}"
     )

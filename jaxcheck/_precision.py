@@ -178,22 +178,33 @@ def widened_closures(fn, depth: int = 4):
         return _WIDER.get(name) or _WIDER_COMPLEX.get(name)
 
     def holds(value) -> bool:
-        """Whether `value` is an array to cast, or a plain container holding one."""
+        """Whether `value` is an array to cast, or a plain container holding one (of at
+        most `MAX_CONTAINER` entries: a table of a million numbers beside the data was
+        copied at every check)."""
         if wider(value) is not None:
             return True
-        if type(value) not in (dict, list, tuple):
+        if type(value) not in (dict, list, tuple) or len(value) > MAX_CONTAINER:
             return False
         try:
-            return any(wider(x) is not None for x in jax.tree_util.tree_leaves(value))
+            leaves = jax.tree_util.tree_leaves(value)
         except Exception:  # noqa: BLE001 - keys JAX cannot sort: left as it is
             return False
+        return len(leaves) <= MAX_CONTAINER and any(wider(x) is not None for x in leaves)
+
+    def one(x):
+        """x cast to its wider dtype, a JAX array staying one (fn may index it with a
+        traced index, which a NumPy array refuses)."""
+        if isinstance(x, jax.Array):
+            with x64_scope(True):
+                return jnp.asarray(x, wider(x))
+        return np.asarray(x, wider(x))
 
     def cast(value) -> tuple:
         """(`value` with its arrays cast, how many were)."""
         if wider(value) is not None:
-            return np.asarray(value, wider(value)), 1
+            return one(value), 1
         leaves, treedef = jax.tree_util.tree_flatten(value)
-        wide = [x if wider(x) is None else np.asarray(x, wider(x)) for x in leaves]
+        wide = [x if wider(x) is None else one(x) for x in leaves]
         return jax.tree_util.tree_unflatten(treedef, wide), sum(
             wider(x) is not None for x in leaves
         )
@@ -204,12 +215,12 @@ def widened_closures(fn, depth: int = 4):
         seen.add(id(obj))
         if isinstance(obj, functools.partial):
             # (check_grads(functools.partial(f, y=data), ...): data bound to fn by partial)
-            args = [wider(a) is not None for a in obj.args]
-            keywords = [k for k, v in obj.keywords.items() if wider(v) is not None]
+            args = [holds(a) for a in obj.args]
+            keywords = [k for k, v in obj.keywords.items() if holds(v)]
             if any(args) or keywords:
                 slots.append((obj, _PARTIAL, obj.__reduce__()[2]))
             for value in (*obj.args, *obj.keywords.values()):
-                if callable(value) and wider(value) is None:
+                if callable(value) and not holds(value):
                     visit(value, left - 1)
             visit(obj.func, left - 1)
             return
@@ -249,17 +260,18 @@ def widened_closures(fn, depth: int = 4):
             try:
                 if name is _PARTIAL:
                     func, args, keywords, extra = value
-                    widen = lambda x: x if wider(x) is None else np.asarray(x, wider(x))  # noqa: E731
+                    bound = {i: cast(a) for i, a in enumerate(args) if holds(a)}
+                    named = {k: cast(v) for k, v in keywords.items() if holds(v)}
                     where.__setstate__(
                         (
                             func,
-                            tuple(map(widen, args)),
-                            {k: widen(v) for k, v in keywords.items()},
+                            tuple(bound[i][0] if i in bound else a for i, a in enumerate(args)),
+                            {k: named[k][0] if k in named else v for k, v in keywords.items()},
                             extra,
                         )
                     )
                     done.append((where, name, value))
-                    count += sum(wider(x) is not None for x in (*args, *keywords.values()))
+                    count += sum(n for _, n in (*bound.values(), *named.values()))
                     continue
                 wide, n = cast(value)
                 if name is None:
@@ -297,6 +309,8 @@ def again_widened(fn, err: BaseException, attempt) -> tuple | None:
             return None
 
 
+# the most entries of a container whose arrays `widened_closures` casts
+MAX_CONTAINER = 1 << 12
 # marks a functools.partial's bound arguments in `widened_closures`
 _PARTIAL = object()
 # modules whose functions' globals `widened_closures` leaves alone

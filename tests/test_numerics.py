@@ -280,6 +280,23 @@ def test_a_checker_at_kinks_compiles_nothing_on_its_next_call():
     assert kinks(moved) == "3"
 
 
+def test_a_checker_at_kinks_keeps_the_values_fn_closed_over_at_its_first_call():
+    """A Checker fixes the values fn closes over at its first call (as jax.jit does): its
+    kept kink search compared them with fn's value at the point evaluated anew, with the
+    new values, took every entry for a kink with sides not smooth, and dropped its note."""
+    target = jnp.asarray([0.5, -0.25, 0.3, 0.2])
+
+    def loss(p):
+        return jnp.sum(jnp.abs(p["w"] - target)) + jnp.sum(jnp.sin(p["w"] * p["v"]))
+
+    params = {"w": jnp.asarray([0.5, -0.25, 1.0, 0.75]), "v": jnp.asarray([0.3, 0.6, 0.9, 1.2])}
+    checker = jaxcheck.Checker(loss)
+    first = checker(params)
+    assert any(q.startswith("fn has kinks") for q in first.problems), str(first)
+    target = jnp.asarray([0.5, -0.25, 1.0, 0.2])  # noqa: F841 - read by loss
+    assert checker(params).problems == first.problems
+
+
 def test_relu_network_away_from_kinks_passes():
     r = np.random.default_rng(0)
     params = {
@@ -1670,7 +1687,8 @@ def test_kinks_of_small_weight_beside_a_large_term_are_found_in_float64(key):
 @pytest.mark.parametrize("bug", ["other entries", "at the kinks"])
 def test_a_wrong_derivative_beside_kinks_directions_of_signs_cannot_show_still_fails(bug):
     """The same kinks: a grad_fn 10 % off on b (held apart from the kinks, it fails), and a
-    rule whose derivative at relu's kink is 2 (outside the one-sided slopes 0 and 1)."""
+    rule whose derivative at relu's kink is 2 (outside the one-sided slopes 0 and 1), said in
+    verify's words (it said "f" and "argument entries", as check_grads does)."""
     if bug == "other entries":
         grad = jax.grad(_relu_beside())
 
@@ -1690,7 +1708,7 @@ def test_a_wrong_derivative_beside_kinks_directions_of_signs_cannot_show_still_f
     report = jaxcheck.verify(_relu_beside(2.0), _AT_CANCELLING_KINKS)
     assert report.status == "fail", str(report)
     assert report.problems[0].startswith(
-        "f's derivative at 4 of the 4 argument entries where f has a kink is not between its "
+        "fn's derivative at 4 of the 4 params entries where fn has a kink is not between its "
         "one-sided slopes there, nor within the derivatives at points nearby (no step of "
         "finite differences gives it; JAX's check_grads fails it too): at entry "
     ), str(report)
