@@ -657,8 +657,9 @@ def _inside_jax(eqn) -> str:
 
 
 def _live(jaxpr, sinks=None) -> set:
-    """The variables of `jaxpr` that its outputs depend on (every output of an equation
-    with sub-jaxprs counts as using all of its inputs), and those written into refs: a
+    """The variables of `jaxpr` that its outputs depend on through float values (every
+    output of an equation with sub-jaxprs counts as using all of its inputs; a comparison
+    or an integer index passes nothing on), and those written into refs: a
     Pallas kernel returns nothing, and stores its results in its output refs
     (`_REF_WRITES`). With `sinks` (per input variable: a ref whose contents its caller
     uses), only what is written into those refs, or into refs read for them, counts: an
@@ -671,7 +672,9 @@ def _live(jaxpr, sinks=None) -> set:
             writes = eqn.primitive.name in _REF_WRITES and (
                 sinks is None or _is_tainted(eqn.invars[0], live)
             )
-            if writes or any(_is_tainted(v, live) for v in eqn.outvars):
+            # (through float values only: a cast to bfloat16 read by a comparison alone
+            # rounds no value fn returns, only where its branch turns)
+            if writes or any(_is_tainted(v, live) and _inexact(v) for v in eqn.outvars):
                 live.update(v for v in eqn.invars if _hashable(v))
     return live
 

@@ -2727,3 +2727,19 @@ def test_a_straight_through_leaf_beside_ordinary_ones_is_explained():
     [said] = [q for q in report.problems if q.startswith("['w'], checked alone: ")]
     assert "fn is piecewise constant here" in said, said
     assert said.endswith(_verdict.SURROGATE), said
+
+
+def test_a_cast_read_only_by_a_comparison_is_no_rounding():
+    """jnp.where(x.astype(bfloat16) > 0, ...): the cast decides a branch and rounds no value
+    fn returns, yet fn was taken for a staircase of bfloat16 quanta, judged at bfloat16
+    resolution (tolerance 0.37), and a grad_fn 10 % off passed."""
+    x = jnp.linspace(-1.0, 1.0, 7) + 0.06
+
+    def f(x):
+        return jnp.sum(jnp.tanh(jnp.where(x.astype(jnp.bfloat16) > 0, x * x, 0.5 * x)))
+
+    grad = jax.grad(f)
+    report = jaxcheck.verify(f, x, grad_fn=lambda x: 1.1 * grad(x))
+    assert report.status == "fail", str(report)
+    assert report.tolerance < 1e-5, str(report)
+    assert not any(q.startswith("fn rounds values") for q in report.problems), str(report)
