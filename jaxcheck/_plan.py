@@ -700,7 +700,10 @@ def forget(fn) -> None:
     for cache in (_CACHE, _PENDING):
         for key in [k for k in cache if any(getattr(a, "fn", None) is fn for a in k[1])]:
             del cache[key]
-    for key in [k for k in _ONCE if any(a is fn for a in jax.tree_util.tree_leaves(k[0]))]:
+    def held(a) -> bool:  # (fn itself, or its key for the compiled programs)
+        return a is fn or getattr(a, "f", None) is fn
+
+    for key in [k for k in _ONCE if any(map(held, jax.tree_util.tree_leaves(k[0])))]:
         del _ONCE[key]
 
 
