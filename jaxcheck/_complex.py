@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _plan, _problem, _tree
+from . import _fingerprint, _plan, _problem, _tree
 
 
 def is_complex(leaf) -> bool:
@@ -96,6 +96,12 @@ class RealView:
     fn: Callable
     paths: frozenset
     has_aux: bool
+
+    @property
+    def positional(self) -> bool:
+        """Whether fn is check_grads' f, called with its arguments as given (`_problem`)."""
+        fn = self.fn.f if isinstance(self.fn, _fingerprint.Keyed) else self.fn
+        return getattr(fn, "positional", False)
 
     def __call__(self, params_r, *args):
         params = to_complex(params_r, self.paths)

@@ -700,6 +700,7 @@ def forget(fn) -> None:
     for cache in (_CACHE, _PENDING):
         for key in [k for k in cache if any(getattr(a, "fn", None) is fn for a in k[1])]:
             del cache[key]
+
     def held(a) -> bool:  # (fn itself, or its key for the compiled programs)
         return a is fn or getattr(a, "f", None) is fn
 

@@ -316,6 +316,8 @@ def note_inputs(err: Exception, name: str, f, params, args) -> None:
     # (check_grads' f takes its args as given: nothing of jaxcheck's to show; a call
     # nested in another noted it already)
     noted = any(n.startswith(_RAISED_INSIDE) for n in getattr(err, "__notes__", ()))
+    if isinstance(f, _fingerprint.Keyed):  # (a key for the compiled programs only)
+        f = f.f
     if getattr(f, "positional", False) or noted:
         return
     shown = f"params = {_tree.outline(params)}"

@@ -581,14 +581,19 @@ def test_an_error_inside_fn_shows_its_complex_params_as_given():
     leaf through (float32[4, 4, 2]), not the complex64[4, 4] fn was given."""
 
     def fn(z):
-        raise ValueError("fn's own error")
+        raise ValueError("its own error")
 
-    with pytest.raises(ValueError, match="fn's own error") as info:
+    with pytest.raises(ValueError, match="its own error") as info:
         jaxcheck.verify(fn, jnp.ones((4, 4), jnp.complex64))
     assert [n for n in getattr(info.value, "__notes__", []) if "jaxcheck" in n] == [
         "(raised inside fn, called by jaxcheck as fn(params, *args) with params = "
         "complex64[4, 4]; params, the argument differentiated, comes first)"
     ]
+    # (check_grads calls f with its arguments as given: nothing to add)
+    with pytest.raises(ValueError, match="its own error") as info:
+        jaxcheck.check_grads(fn, (jnp.ones((4, 4), jnp.complex64),), 1)
+    for err in (info.value, info.value.__cause__):
+        assert not [n for n in getattr(err, "__notes__", []) if "jaxcheck" in n], err.__notes__
 
 
 def test_kinks_of_complex_params_are_counted_by_part():
