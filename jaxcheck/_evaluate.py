@@ -212,13 +212,24 @@ def _closures_widened(run: Run, dtype, cast, index, rows, h, offsets, err) -> di
     out, widened = again
     run.widened = True
     run.problems.append(
-        f"fn mixed float32 arrays it closes over (or reads from its module's globals, or "
-        f"has bound by functools.partial) with its float64 inputs ({one_line(err)}); "
-        "finite differences in float64 ran with "
-        f"them cast to float64 too ({widened} array{'s' if widened > 1 else ''}, cast "
-        "exactly: their values are the same)"
+        f"fn mixed {_HELD_DATA} with its float64 inputs ({one_line(err)}); {_cast_too(widened)}"
     )
     return out
+
+
+# the data `_precision.widened_closures` casts, as the notes name it
+_HELD_DATA = (
+    "float32 arrays it closes over (or reads from its module's globals, or has bound by "
+    "functools.partial)"
+)
+
+
+def _cast_too(n: int) -> str:
+    """What the notes of `widened_closures`' casts end with: `n` arrays cast."""
+    return (
+        f"finite differences in float64 ran with them cast to float64 too ({n} "
+        f"array{'s' if n > 1 else ''}, cast exactly: their values are the same)"
+    )
 
 
 def _rounding_closures_widened(run: Run, dtype, index, rows, h, offsets) -> dict:
@@ -231,11 +242,9 @@ def _rounding_closures_widened(run: Run, dtype, index, rows, h, offsets) -> dict
         run.widened = True
         n = run.problem.widen
         run.problems.append(
-            "fn rounds to float32 in float64 only through float32 arrays it closes over (or "
-            "reads from its module's globals, or has bound by functools.partial), mixed with "
-            "its float64 inputs (a derivative fn takes in them is returned in their dtype); "
-            f"finite differences in float64 ran with them cast to float64 too ({n} "
-            f"array{'s' if n > 1 else ''}, cast exactly: their values are the same)"
+            f"fn rounds to float32 in float64 only through {_HELD_DATA}, mixed with its "
+            "float64 inputs (a derivative fn takes in them is returned in their dtype); "
+            f"{_cast_too(n)}"
         )
     return out
 

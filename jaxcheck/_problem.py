@@ -406,7 +406,7 @@ def _rounds_to(closed_jaxpr, diff, call, inputs, fn) -> dict:
         wide_jaxpr = _traced_in_float64(call, diff, inputs)
         traces += [] if wide_jaxpr is None else [(wide_jaxpr, wide)]
 
-    def rounding(flags) -> dict:
+    def rounding(flags, traces=traces) -> dict:
         lowest = {}
         for jaxpr, above in traces:
             for d, at in casts(jaxpr, flags).items():
@@ -418,15 +418,12 @@ def _rounds_to(closed_jaxpr, diff, call, inputs, fn) -> dict:
     lowest = rounding([True] * n)
     if not lowest:
         return {}
-    below = lambda jaxpr, above: [  # noqa: E731
-        d for d in casts(jaxpr, [True] * n) if _precision.eps(d) > above
-    ]
-    if len(traces) == 2 and not below(*traces[0]):  # (fn's own trace rounds nothing)
+    if len(traces) == 2 and not rounding([True] * n, traces[:1]):  # (fn's own trace: none)
         with _precision.widened_closures(fn) as widened:
             # (a new function: JAX's trace cache, keyed by `call`, holds its first trace)
             fresh = lambda *a: call(*a)  # noqa: E731
             again = _traced_in_float64(fresh, diff, inputs) if widened else None
-        if again is not None and not below(again, wide):
+        if again is not None and not rounding([True] * n, [(again, wide)]):
             return {"widen": widened}
     dtype = _precision.lowest(list(lowest))
     unrounded = ()
@@ -762,6 +759,18 @@ def _runs(jaxpr, *primitives: str) -> bool:
         or any(_runs(s, *primitives) for s in _subjaxprs(eqn.params))
         for eqn in jaxpr.eqns
     )
+
+
+def calls(jaxpr, primitives) -> collections.Counter:
+    """How many times `jaxpr` (with its sub-jaxprs, as `_runs` walks them) calls each of
+    `primitives`."""
+    found = collections.Counter()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in primitives:
+            found[eqn.primitive.name] += 1
+        for sub in _subjaxprs(eqn.params):
+            found += calls(sub, primitives)
+    return found
 
 
 def _subjaxprs(params):

@@ -2,7 +2,6 @@
 differentiated and what is held fixed, sets up the run state and hands it to the pipeline
 (`_pipeline.check`), which returns the `Report`."""
 
-import collections
 import contextvars
 import dataclasses
 import functools
@@ -722,14 +721,9 @@ SMOOTH_PRIMITIVES = frozenset(
 def _smooth(fn, params, args, has_aux: bool) -> bool:
     """Whether fn's jaxpr (and every jaxpr inside it) uses only `SMOOTH_PRIMITIVES` and
     casts between floating dtypes: no kink anywhere. False where it cannot be traced."""
-
-    def value(p):
-        out = fn(p, *args)
-        return out[0] if has_aux else out
-
     try:
         with _plan.own_transfers():
-            closed = jax.make_jaxpr(value)(params)
+            closed = jax.make_jaxpr(_output_of(fn, args, has_aux))(params)
     except Exception:  # noqa: BLE001 - not traced: kinks are looked for
         return False
 
@@ -1079,37 +1073,31 @@ def _opaque_tangent(fn, params, args, has_aux: bool) -> str:
     fn's jvp makes beyond those of fn itself: one that computes a tangent, which JAX cannot
     transpose; "" where there is none, or fn's jvp cannot be traced."""
 
+    f = _output_of(fn, args, has_aux)
+    tangents = jax.tree_util.tree_map(_tree.unit_like, params)
+    try:
+        with _plan.own_transfers():
+            primal = jax.make_jaxpr(f)(params).jaxpr
+            jvp = jax.make_jaxpr(lambda p: jax.jvp(f, (p,), (tangents,)))(params).jaxpr
+    except Exception:  # noqa: BLE001 - JAX's error stands
+        return ""
+    more = _problem.calls(jvp, _problem.OPAQUE) - _problem.calls(primal, _problem.OPAQUE)
+    return next(iter(more), "")
+
+
+def _output_of(fn, args, has_aux: bool):
+    """fn's output (its first element with `has_aux`) as a function of params alone."""
+
     def f(p):
         out = fn(p, *args)
         return out[0] if has_aux else out
 
-    def counted(jaxpr) -> collections.Counter:
-        found = collections.Counter()
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name in _problem.OPAQUE:
-                found[eqn.primitive.name] += 1
-            for value in eqn.params.values():
-                for sub, _ in _rule_search.jaxprs_of(value):
-                    found += counted(sub)
-        return found
-
-    try:
-        with _plan.own_transfers():
-            primal = counted(jax.make_jaxpr(f)(params).jaxpr)
-            tangents = jax.tree_util.tree_map(_tree.unit_like, params)
-            jvp = counted(jax.make_jaxpr(lambda p: jax.jvp(f, (p,), (tangents,)))(params).jaxpr)
-    except Exception:  # noqa: BLE001 - JAX's error stands
-        return ""
-    more = jvp - primal
-    return next(iter(more), "")
+    return f
 
 
 def _pullback(fn, params, args, has_aux: bool) -> None:
     """Trace fn's vjp at params, pulling back unit cotangents (abstractly: nothing runs)."""
-
-    def f(p):
-        out = fn(p, *args)
-        return out[0] if has_aux else out
+    f = _output_of(fn, args, has_aux)
 
     def pulled(p):
         out, back = jax.vjp(f, p)

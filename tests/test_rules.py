@@ -490,8 +490,17 @@ def test_float64_inputs_take_no_native_row(x64):
     assert not any("in float32" in p.label for p in report.parts)
 
 
+def _interpreted(kernel, *xs):
+    """A Pallas kernel run in interpret mode, its output shaped as its first input (tests
+    calling it skip first where Pallas is missing)."""
+    from jax.experimental import pallas as pl  # noqa: PLC0415 - only where it imports
+
+    shape = jax.ShapeDtypeStruct(xs[0].shape, xs[0].dtype)
+    return pl.pallas_call(kernel, out_shape=shape, interpret=True)(*xs)
+
+
 def test_pallas_kernel_with_a_wrong_backward_is_named_in_the_model():
-    pl = pytest.importorskip("jax.experimental.pallas")
+    pytest.importorskip("jax.experimental.pallas")
 
     def sin_kernel(x_ref, o_ref):
         o_ref[...] = jnp.sin(x_ref[...])
@@ -499,15 +508,13 @@ def test_pallas_kernel_with_a_wrong_backward_is_named_in_the_model():
     def bwd_kernel(x_ref, g_ref, o_ref):
         o_ref[...] = g_ref[...] * jnp.cos(x_ref[...]) * 1.01  # 1 % off
 
-    def call(kernel, *xs):
-        shape = jax.ShapeDtypeStruct(xs[0].shape, xs[0].dtype)
-        return pl.pallas_call(kernel, out_shape=shape, interpret=True)(*xs)
-
     @jax.custom_vjp
     def kernel_sin(x):
-        return call(sin_kernel, x)
+        return _interpreted(sin_kernel, x)
 
-    kernel_sin.defvjp(lambda x: (call(sin_kernel, x), x), lambda x, g: (call(bwd_kernel, x, g),))
+    kernel_sin.defvjp(
+        lambda x: (_interpreted(sin_kernel, x), x), lambda x, g: (_interpreted(bwd_kernel, x, g),)
+    )
     x = jnp.linspace(-1.0, 1.0, 8)
     assert failed(jaxcheck.verify_rule(kernel_sin, x)) == {"vjp vs finite differences"}
 
@@ -634,7 +641,7 @@ def test_a_tangent_computed_by_a_pallas_kernel_is_said_to_have_no_reverse_mode()
     """A custom_jvp whose tangent is a Pallas kernel (linear in the tangent, but a kernel
     JAX cannot transpose): verify in reverse mode raised JAX's bare "AssertionError: must
     override" from inside the check; it now says why and that forward mode checks it."""
-    pl = pytest.importorskip("jax.experimental.pallas")
+    pytest.importorskip("jax.experimental.pallas")
 
     def softmax_kernel(x_ref, o_ref):
         e = jnp.exp(x_ref[...] - jnp.max(x_ref[...], axis=1, keepdims=True))
@@ -644,18 +651,14 @@ def test_a_tangent_computed_by_a_pallas_kernel_is_said_to_have_no_reverse_mode()
         y, t = y_ref[...], t_ref[...]
         o_ref[...] = y * (t - jnp.sum(y * t, axis=1, keepdims=True))
 
-    def call(kernel, *xs):
-        shape = jax.ShapeDtypeStruct(xs[0].shape, xs[0].dtype)
-        return pl.pallas_call(kernel, out_shape=shape, interpret=True)(*xs)
-
     @jax.custom_jvp
     def softmax(x):
-        return call(softmax_kernel, x)
+        return _interpreted(softmax_kernel, x)
 
     @softmax.defjvp
     def _(primals, tangents):
         y = softmax(primals[0])
-        return y, call(tangent_kernel, y, tangents[0])
+        return y, _interpreted(tangent_kernel, y, tangents[0])
 
     x = jax.random.normal(jax.random.PRNGKey(5), (4, 8))
     target = jax.random.normal(jax.random.PRNGKey(6), (4, 8))
