@@ -311,9 +311,7 @@ def status(run: Run, p: Pass, checks, k, problems) -> Status:
                 "kernel, inside), and jump at larger steps (they scatter by "
                 f"{scatter:.1e} at {p.step:.1e}): fn is piecewise constant here "
                 "(round, floor, argmax, comparisons), so its derivative at params is 0, "
-                "while the derivative under test is not: a surrogate gradient (a "
-                "straight-through estimator, a custom rule that is not fn's derivative by "
-                "design) fails this check by construction"
+                f"while the derivative under test is not: a {SURROGATE}"
             )
             return Status.FAIL
         problems.append(
