@@ -163,6 +163,9 @@ def _reference(run: Run, index, rows, h, offsets) -> dict:
             out = _closures_widened(run, dtype, cast, index, rows, h, offsets, err)
             if out is not None:
                 return out
+            out = _ints_widened(run, dtype, cast, index, rows, h, offsets, err)
+            if out is not None:
+                return out
             out = _without_rule(run, dtype, cast, index, rows, h, offsets, err)
             if out is not None:
                 return out
@@ -213,6 +216,31 @@ def _closures_widened(run: Run, dtype, cast, index, rows, h, offsets, err) -> di
     run.widened = True
     run.problems.append(
         f"fn mixed {_HELD_DATA} with its float64 inputs ({one_line(err)}); {_cast_too(widened)}"
+    )
+    return out
+
+
+def _ints_widened(run: Run, dtype, cast, index, rows, h, offsets, err) -> dict | None:
+    """The finite differences in float64 with fn's int32 array inputs cast to int64, where
+    fn mixed them with its own integers, which 64-bit types make int64, and failed (`err`:
+    `lax.fori_loop(0, n)` with `n` an int32 argument); None where that is not the failure,
+    or there are none, or it fails again."""
+    if not cast or np.dtype(dtype) != np.float64 or not _precision.int_mismatch(err):
+        return None
+    p_arrays, _, a_arrays = run.inputs.traced()
+    n = sum(getattr(x, "dtype", None) == np.int32 for x in (*p_arrays, *a_arrays))
+    if not n:
+        return None
+    run.wide_ints = True
+    try:
+        out = _reference_in(run, dtype, cast, index, rows, h, offsets)
+    except Exception:  # noqa: BLE001 - the caller's other fallbacks follow
+        run.wide_ints = False
+        return None
+    run.problems.append(
+        f"fn mixed int32 arrays among its inputs with 64-bit integers of its own in float64 "
+        f"({one_line(err)}); finite differences in float64 ran with them cast to int64 ({n} "
+        f"array{'s' if n > 1 else ''}, the same values)"
     )
     return out
 
@@ -351,12 +379,15 @@ def _reference_program(run: Run, dtype, cast, index, rows, h, offsets, scales, g
             jnp.dtype(dtype) if cast else None,
             work,
         )
+        p_arrays, a_floats, a_arrays = run.inputs.traced()
+        if run.wide_ints:
+            p_arrays, a_arrays = map(_precision.int64_inputs, (p_arrays, a_arrays))
         yield (
             program,
             (
                 run.seeds,
                 run.inputs.diff,
-                run.inputs.traced(),
+                (p_arrays, a_floats, a_arrays),
                 rows.astype(work),
                 index,
                 run.signs(index),

@@ -110,6 +110,23 @@ def stale_constants(err: BaseException) -> bool:
     return mixed and bool(_MISMATCH.search(text))
 
 
+def int_mismatch(err: BaseException) -> bool:
+    """Whether `err` reads like int32 and int64 values mixed once 64-bit types were
+    switched on: an int32 array given to fn beside a Python int of fn's own, which 64-bit
+    types make int64 (`lax.fori_loop(0, n)` with `n` an int32 array refuses the pair)."""
+    if not isinstance(err, TypeError | ValueError | RuntimeError):
+        return False
+    text = str(err)
+    mixed = bool(re.search(r"int32|i32\b", text)) and bool(re.search(r"int64|i64\b", text))
+    return mixed and bool(_MISMATCH.search(text))
+
+
+def int64_inputs(arrays: list) -> list:
+    """`arrays` with their int32 entries cast to int64 (the values are the same; JAX
+    arrays stay JAX arrays, with 64-bit types on: inside `x64_scope(True)`)."""
+    return [x.astype(np.int64) if getattr(x, "dtype", None) == np.int32 else x for x in arrays]
+
+
 _MISMATCH = re.compile(
     r"same dtypes?|equal (?:output )?types|dtypes do not match|element types?|"
     r"promotion|incompatible|mismatch|do not match|"

@@ -59,7 +59,7 @@ class Problem:
     unrounded: tuple[int, ...] = ()
     float32_products: bool = False  # see `_float32_products`
     has_rules: bool = False  # fn calls a custom_vjp/custom_jvp rule (seen in its jaxpr)
-    iterates: bool = False  # fn runs a lax.while_loop (an iterative solver, say)
+    iterates: bool = False  # fn runs a lax.while_loop stopping on values (a solver, say)
     # fn calls code whose arithmetic is hidden from its jaxpr (a callback, a kernel: `OPAQUE`)
     opaque: bool = False
     # fn draws from jax.random.gamma (beta and dirichlet draw from it), whose derivative in
@@ -222,7 +222,7 @@ def _with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
         **({} if jaxpr is None else _rounds_to(jaxpr, inputs.diff, call, inputs, problem.fn)),
         float32_products=jaxpr is not None and _float32_products(jaxpr.jaxpr),
         has_rules=jaxpr is not None and _rule_search.calls(jaxpr.jaxpr, "custom_vjp", "custom_jvp"),
-        iterates=jaxpr is not None and _runs(jaxpr.jaxpr, "while"),
+        iterates=jaxpr is not None and _iterates(jaxpr.jaxpr),
         opaque=jaxpr is not None and _runs(jaxpr.jaxpr, *OPAQUE),
         samples_gamma=jaxpr is not None and _runs(jaxpr.jaxpr, "random_gamma"),
         draws_random=jaxpr is not None and _runs(jaxpr.jaxpr, "random_bits", "random_gamma"),
@@ -757,6 +757,28 @@ def _runs(jaxpr, *primitives: str) -> bool:
     return any(
         eqn.primitive.name in primitives
         or any(_runs(s, *primitives) for s in _subjaxprs(eqn.params))
+        for eqn in jaxpr.eqns
+    )
+
+
+def _iterates(jaxpr) -> bool:
+    """Whether `jaxpr` (or a sub-jaxpr) runs a `lax.while_loop` whose stopping test reads
+    floating values (a residual against a tolerance, a time against its end), as an
+    iterative solver does; a loop counted by integers alone (`lax.fori_loop` with bounds
+    known only when it runs) runs the same steps whatever the values."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "while" and _reads_floats(eqn.params["cond_jaxpr"].jaxpr):
+            return True
+        if any(_iterates(s) for s in _subjaxprs(eqn.params)):
+            return True
+    return False
+
+
+def _reads_floats(jaxpr) -> bool:
+    """Whether an operation of `jaxpr` (or of a sub-jaxpr) takes a floating value."""
+    return any(
+        any(jnp.issubdtype(getattr(v.aval, "dtype", np.int32), jnp.inexact) for v in eqn.invars)
+        or any(_reads_floats(s) for s in _subjaxprs(eqn.params))
         for eqn in jaxpr.eqns
     )
 

@@ -226,23 +226,30 @@ def _with_wide(fn, params, args, jaxpr, found, checked=None) -> list:
     if not any(needs(f) for f in found):
         return found
 
-    def wide(x):
+    def wide(x, ints=False):
+        if ints and _tree.is_array(x) and x.dtype == np.int32:
+            return jax.ShapeDtypeStruct(np.shape(x), np.int64)
         if not _tree.is_array(x) or not _floating(x.dtype):
             return x
         complex_ = jax.numpy.issubdtype(x.dtype, jax.numpy.complexfloating)
         return jax.ShapeDtypeStruct(np.shape(x), np.complex128 if complex_ else np.float64)
 
-    def traced():
+    def traced(ints=False):
         with _precision.x64_scope(True), _precision.widening():
-            structs = jax.tree_util.tree_map(wide, (params, args))
+            structs = jax.tree_util.tree_map(lambda x: wide(x, ints), (params, args))
             return _traced(fn, structs[0], structs[1])[0]
 
     try:
         closed = traced()
     except Exception as err:  # noqa: BLE001 - fn refuses float64: its rules are checked as traced
-        # (unless fn mixed float32 data it closes over with float64 values, as the
-        # finite-difference reference does: traced with that data cast)
+        # (unless fn mixed float32 data it closes over, or int32 arrays among its inputs,
+        # with 64-bit values, as the finite-difference reference does: traced with them cast)
         again = _precision.again_widened(fn, err, traced)
+        if again is None and _precision.int_mismatch(err):
+            try:
+                again = (traced(ints=True),)
+            except Exception:  # noqa: BLE001 - checked as traced
+                again = None
         if again is None:
             return found
         closed = again[0]

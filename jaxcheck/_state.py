@@ -85,6 +85,9 @@ class Run:
     # fn's float32 closed-over arrays are cast for its float64 reference
     # (`_evaluate._closures_widened`)
     widened: bool = False
+    # fn's int32 array inputs are cast to int64 for its float64 reference
+    # (`_evaluate._ints_widened`)
+    wide_ints: bool = False
     rounds_to: np.dtype | None = None  # a less precise dtype fn rounds to inside
     # fn's derivative in float64 is far from the model's, and finite differences in the
     # model's precision cannot resolve it: the gap stays in the float64 check as rounding

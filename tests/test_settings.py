@@ -817,3 +817,52 @@ def test_the_cast_of_closed_over_data_leaves_large_containers_alone():
     with jaxcheck._precision.widened_closures(reads_large) as cast:
         assert cast == 0 and large[0].dtype == jnp.float32
     assert small[0] is data and large[0] is data
+
+
+@jax.custom_jvp
+def _sine(x):
+    return jnp.sin(x)
+
+
+@_sine.defjvp
+def _sine_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return jnp.sin(x), jnp.cos(x) * t * _SINE_OFF["factor"]
+
+
+_SINE_OFF = {"factor": 1.0}
+
+
+@pytest.mark.rules_auto
+@pytest.mark.parametrize("factor", [1.0, 1 + 2e-4])
+@pytest.mark.parametrize("tested", ["grad_fn", "custom_jvp"])
+def test_an_int32_loop_bound_argument_keeps_the_float64_reference(tested, factor, monkeypatch):
+    """`lax.fori_loop(0, n)` with `n` an int32 array argument (made with 64-bit types
+    off) failed in the float64 reference, where the loop's Python 0 is int64: the check
+    fell back to float32 finite differences (tolerance 6e-4) and passed a derivative 2e-4
+    off. The int32 inputs are now cast to int64 there (the rule search's float64 trace
+    too); a loop counted by integers is no solver stopping at a tolerance."""
+    monkeypatch.setitem(_SINE_OFF, "factor", factor)
+
+    def fn(w, n):
+        return jnp.sum(lax.fori_loop(0, n, lambda i, x: _sine(x * w) + x, jnp.ones(4)))
+
+    def grad_fn(w, n):  # (reverse mode refuses a loop with a traced bound)
+        return jax.jacfwd(fn)(w, n) * factor
+
+    w, n = jnp.linspace(0.5, 1.0, 4), jnp.asarray(5)
+    assert n.dtype == jnp.int32
+    if tested == "grad_fn":
+        report = jaxcheck.verify(fn, w, n, grad_fn=grad_fn)
+    else:
+        report = jaxcheck.verify(fn, w, n, mode="forward")
+    assert report.status == ("pass" if factor == 1.0 else "fail"), str(report)
+    assert report.reference_dtype == "float64" and report.tolerance < 1e-5, str(report)
+    [said] = [q for q in report.problems if q.startswith("fn mixed int32 arrays among its")]
+    assert "got int64 and int32" in said and said.endswith(
+        "finite differences in float64 ran with them cast to int64 (1 array, the same values)"
+    )
+    assert not any("solver" in q for q in report.problems), report.problems
+    if tested == "custom_jvp" and factor != 1.0:
+        assert "wrong rule: custom_jvp _sine at " in str(report), str(report)
+    assert n.dtype == jnp.int32
