@@ -486,6 +486,10 @@ def _even(p: Pass) -> bool:
 FACTOR = "the derivative under test is "  # how `constant_factor`'s note starts
 
 
+# the most a derivative may be off a constant multiple of fn's to be called one
+MAX_FACTOR_MISFIT = 0.05
+
+
 def constant_factor(
     p: Pass, tolerance: float, entries: int, along: str = "every direction"
 ) -> str | None:
@@ -505,7 +509,13 @@ def constant_factor(
         return None
     c = float(np.dot(a, f) / np.dot(f, f))
     misfit = float(np.linalg.norm(a - c * f) / np.linalg.norm(a))
-    if misfit > tolerance or abs(c - 1) <= 10 * max(tolerance, misfit) or abs(c) < 1e-3:
+    # (a tolerance in units of noise, 2 where fn's derivative is zero within it, let a fit
+    # to noise 97 % off pass as a factor of -7e9)
+    if (
+        misfit > min(tolerance, MAX_FACTOR_MISFIT)
+        or abs(c - 1) <= 10 * max(tolerance, misfit)
+        or abs(c) < 1e-3
+    ):
         return None
     # (digits enough to tell the factor from 1: 1.0002 printed as "1" said nothing)
     digits = max(4, math.ceil(-math.log10(abs(c - 1))) + 2)

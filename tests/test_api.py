@@ -884,6 +884,30 @@ def test_a_wrong_derivative_of_one_entry_is_not_called_a_constant_factor():
     assert not [q for q in report.problems if q.startswith("the derivative under test is ")]
 
 
+@jax.custom_vjp
+def _one(x):  # 1 everywhere: its derivative is 0
+    return jnp.sin(x) ** 2 + jnp.cos(x) ** 2
+
+
+_one.defvjp(lambda x: (_one(x), x), lambda x, g: (g * jnp.cos(x),))
+
+
+@pytest.mark.rules_auto
+def test_a_wrong_derivative_of_a_flat_fn_is_not_called_a_constant_factor():
+    """Where fn's derivative is zero to within noise, its tolerance counts in units of
+    noise (2), and a least-squares factor fitted to that noise, 97 % off, read "the
+    derivative under test is -7.28e+09 times fn's"."""
+    x = jnp.array([0.3, -0.7, 1.1])
+    for report in (
+        jaxcheck.verify(lambda p: jnp.sum(_one(p["w"])), {"w": x}),
+        jaxcheck.verify_rule(_one, x),
+    ):
+        assert report.status == "fail", str(report)
+        assert not [q for q in report.problems if "times fn's" in q or "times its" in q], str(
+            report
+        )
+
+
 def test_a_constant_factor_on_one_leaf_is_named_on_that_leaf():
     """A factor on one leaf only leaves the all-leaf comparison no multiple of fn's; the
     leaf's own check is, and its note names the leaf."""
