@@ -296,9 +296,12 @@ def rules_part(
         for r in found
         if not (_without_params(r) and any(_same(r, s) and not _without_params(s) for s in found))
     ]
+    checked = [_check_one(fn, rule, o, order, error) for rule in found]
+    cleared, at_call, calls_checked = set(), {}, {}
+    if error is not None:
+        cleared, at_call, calls_checked = _other_calls(fn, found, checked, o, order, error, failing)
     rows, reports = [], []
-    for rule in found:
-        row, report, note = _check_one(fn, rule, o, order, error)
+    for row, report, note in checked:
         rows.append(row)
         if report is not None:
             reports.append(report)
@@ -333,8 +336,8 @@ def rules_part(
         line
         for r in wrong
         for line in (
-            f"wrong rule: {r.label}: {_failed_rows(r)}{_measured(r)}{_failing_inputs(r)}"
-            f"{_raised(r)}{_iterates(r)}",
+            f"wrong rule: {r.label}{at_call.get(r.label, '')}: {_failed_rows(r)}{_measured(r)}"
+            f"{_failing_inputs(r)}{_raised(r)}{_iterates(r)}",
             *_factor(r),
         )
     ]
@@ -376,14 +379,21 @@ def rules_part(
         and r.ok
         and r not in coarse
         and r.label not in unreached
-        and ("first iteration" in r.label or getattr(by_label.get(r.label), "calls", 1) > 1)
+        and (
+            "first iteration" in r.label
+            or (getattr(by_label.get(r.label), "calls", 1) > 1 and r.label not in cleared)
+        )
     ]
     for r in first_only:
         i = titles.index(r.label)
         where = "iteration" if "first iteration" in r.label else "call"
-        rows[i] = dataclasses.replace(
-            rows[i], name=f"rule {r.label}: no error found at its first {where} only"
+        some = calls_checked.get(r.label, 1)
+        which = (
+            f"at its first {where} only"
+            if some == 1
+            else f"at {some} of its {by_label[r.label].calls} calls only"
         )
+        rows[i] = dataclasses.replace(rows[i], name=f"rule {r.label}: no error found {which}")
     # fn fails: a rule judged with the input entries at its kinks held fixed (a max at a
     # tie, a relu at 0) is not cleared of it either: a derivative wrong at such an entry
     # (one that sends a max's gradient to every tied entry) is what holding them hides
@@ -419,9 +429,9 @@ def rules_part(
     # passed, whether or not finely enough or at every call
     unfaulted = fine + [r.label for r in first_only + coarse + at_kinks]
     repeated = [
-        f"{label} ({by_label[label].calls} calls)"
+        f"{label} ({by_label[label].calls} calls, {calls_checked.get(label, 1)} checked)"
         for label in unfaulted
-        if label in by_label and by_label[label].calls > 1 and label not in unreached
+        if label in by_label and by_label[label].calls > 1 and label not in unreached | cleared
     ]
     if fine:
         # (a rule whose second derivative is wrong, a stop_gradient in its bwd, passes at
@@ -457,9 +467,10 @@ def rules_part(
     if error is not None and repeated:
         problems.append(
             "a rule called several times from one line (a Python loop over layers, a "
-            "shared block) was checked at one call only, the first whose inputs depend on "
-            f"params: {'; '.join(repeated)}; "
-            "one wrong at the inputs of later calls goes unseen there (check it with "
+            "shared block) was checked at some of its calls only (the first whose inputs "
+            f"depend on params, and up to {_rule_search.MAX_OTHER_CALLS} others that the "
+            f"failing leaves reach): {'; '.join(repeated)}; "
+            "one wrong at the inputs of the others goes unseen there (check it with "
             "jaxcheck.verify_rule at those inputs)"
         )
     if at_kinks:
@@ -555,8 +566,39 @@ def _with_rows(reports: list) -> str:
     return "; ".join(f"{r.label} ({_failed_rows(r)})" for r in reports)
 
 
+def _other_calls(fn, found, checked, o, order, error, failing) -> tuple[set, dict]:
+    """Where fn fails, the other calls from one site of a rule that passed at the call
+    checked (`Found.others`: a tree_map over params, a Python loop over layers), those
+    the failing leaves reach, checked in turn until one fails, which replaces the first
+    in `checked`: (the titles of the rules cleared at every call, {title: " at its call
+    k of n" for each rule found wrong at a later call}, {title: how many of its calls
+    were checked})."""
+    cleared, at_call, counted = set(), {}, {}
+    for i, rule in enumerate(found):
+        report = checked[i][1]
+        if not rule.others or report is None or report.status is not Status.PASS:
+            continue
+        reached = [
+            (k, call)
+            for k, call in rule.others
+            if not failing or call.sources is None or call.sources & failing
+        ]
+        for k, call in reached:
+            call = dataclasses.replace(call, calls=rule.calls)
+            row, again, note = _check_one(fn, call, o, order, error, k)
+            counted[rule.title] = counted.get(rule.title, 1) + 1
+            if again is not None and again.status is Status.FAIL:
+                checked[i] = (row, again, note)
+                at_call[rule.title] = f" at its call {k} of {rule.calls} (the first passes)"
+                break
+        else:
+            if len(reached) + 1 == rule.calls:  # every call checked
+                cleared.add(rule.title)
+    return cleared, at_call, counted
+
+
 def _check_one(
-    fn, rule: _rule_search.Found, o, order, error=None
+    fn, rule: _rule_search.Found, o, order, error=None, call=1
 ) -> tuple[Comparison, Report | None, str]:
     nan = (math.nan, math.nan)
     if rule.inputs is None:
@@ -590,7 +632,7 @@ def _check_one(
                 "auto" if o.precision == "float64" else o.precision,
                 o.rtol,
                 o.leaf_directions,
-                identity=(fn, rule, held),
+                identity=(fn, rule, held, call),
                 # looking for the rule behind a failure: the rows finite differences see
                 full=o.rules is True,
                 order=order,

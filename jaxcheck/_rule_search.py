@@ -88,6 +88,11 @@ class Found:
     sources: frozenset | None = dataclasses.field(default=None, compare=False)
     # tells rule objects of one name apart (`_identity`)
     identity: tuple = dataclasses.field(default=(), repr=False, compare=False)
+    # the rule's other calls from this site with inputs that depend on params (a
+    # tree_map or a Python loop over layers), as (their place among its calls, counted
+    # from 1; the call), at most `MAX_OTHER_CALLS` of them: checked where fn fails and
+    # this call passes (`_rule_report`)
+    others: tuple = dataclasses.field(default=(), repr=False, compare=False)
 
     @property
     def in_jax(self) -> bool:
@@ -255,11 +260,15 @@ def _with_wide(fn, params, args, jaxpr, found, checked=None) -> list:
         closed = again[0]
     wide_places = _rule_places(closed.jaxpr)
     twins = {id(e): wide_places[p] for p, e in _rule_places(jaxpr).items() if p in wide_places}
-    out = []
-    for f in found:
+
+    def widened(f):
         twin = twins.get(id(f.eqn))
-        out.append(dataclasses.replace(f, wide=twin) if twin is not None and needs(f) else f)
-    return out
+        return dataclasses.replace(f, wide=twin) if twin is not None and needs(f) else f
+
+    return [
+        dataclasses.replace(widened(f), others=tuple((k, widened(g)) for k, g in f.others))
+        for f in found
+    ]
 
 
 def _rule_places(jaxpr, prefix=()) -> dict:
@@ -381,16 +390,21 @@ def _held_tangent(eqn) -> bool:
     return bool(at) and name == _orders._held.__name__ and where.startswith(_orders.__file__)
 
 
+# the most other calls of a rule from one site kept to be checked (`Found.others`)
+MAX_OTHER_CALLS = 4
+
+
 def _unique(found) -> list:
     """One entry per rule and call site (a layer called in a loop is one rule), with the
     first inputs captured that depend on params (a loop's first layer may take the data
     alone, which the check holds fixed). Rule objects of one name called from one site
     (layers a factory made with different settings) are each a rule, told apart in their
     context."""
-    seen, counts, sources, objects = {}, {}, {}, {}
+    seen, counts, sources, objects, every = {}, {}, {}, {}, {}
     for f in found:
         key = (f.kind, f.name, f.where, f.context, f.identity)
         counts[key] = counts.get(key, 0) + 1
+        every.setdefault(key, []).append((counts[key], f))
         if key not in seen or _better_inputs(f, seen[key]):
             seen[key] = f
         before = sources.get(key, NONE)
@@ -398,7 +412,12 @@ def _unique(found) -> list:
         objects.setdefault(key[:-1], {}).setdefault(key, None)
     out = []
     for key, f in seen.items():
-        f = dataclasses.replace(f, calls=counts[key], sources=sources[key])
+        others = tuple(
+            (i, g)
+            for i, g in every[key]
+            if g is not f and g.inputs is not None and (g.sources is None or g.sources)
+        )[:MAX_OTHER_CALLS]
+        f = dataclasses.replace(f, calls=counts[key], sources=sources[key], others=others)
         same = list(objects[key[:-1]])
         if len(same) > 1:
             which = f"rule {same.index(key) + 1} of {len(same)} of that name called here"
