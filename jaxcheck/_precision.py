@@ -128,7 +128,7 @@ def int64_inputs(arrays: list) -> list:
 
 
 _MISMATCH = re.compile(
-    r"same dtypes?|equal (?:output )?types|dtypes do not match|element types?|"
+    r"same d?types?|equal (?:output )?types|dtypes do not match|element types?|"
     r"promotion|incompatible|mismatch|do not match|"
     # (a float32 tangent or cotangent that fn closes over, given to jax.jvp, jax.vjp's
     # pullback or a linearized function: a Hessian-vector product's vector, a probe)

@@ -866,3 +866,24 @@ def test_an_int32_loop_bound_argument_keeps_the_float64_reference(tested, factor
     if tested == "custom_jvp" and factor != 1.0:
         assert "wrong rule: custom_jvp _sine at " in str(report), str(report)
     assert n.dtype == jnp.int32
+
+
+@pytest.mark.parametrize("factor", [1.0, 1 + 2e-4])
+def test_an_int32_position_argument_keeps_the_float64_reference(factor):
+    """A KV cache written at an int32 position argument (`dynamic_update_slice(cache, k,
+    (pos, 0))`, whose Python 0 is int64 under 64-bit types) fell back to float32 finite
+    differences in the same way: JAX's message says "of the same type"."""
+
+    def fn(w, cache, pos):
+        k = jnp.tanh(w * jnp.arange(1.0, 4.0))
+        return jnp.sum(jnp.sin(lax.dynamic_update_slice(cache, k[None], (pos, 0)) * w) ** 2)
+
+    def grad_fn(w, cache, pos):
+        return jax.grad(fn)(w, cache, pos) * factor
+
+    w, cache = jnp.asarray([0.3, -0.6, 0.9]), jnp.cos(jnp.arange(12.0)).reshape(4, 3)
+    report = jaxcheck.verify(fn, w, cache, jnp.int32(2), grad_fn=grad_fn)
+    assert report.status == ("pass" if factor == 1.0 else "fail"), str(report)
+    assert report.reference_dtype == "float64" and report.tolerance < 1e-5, str(report)
+    [said] = [q for q in report.problems if q.startswith("fn mixed int32 arrays among its")]
+    assert "must be integers of the same type, got int32, int64" in said, said
