@@ -30,6 +30,10 @@ PARAM_EVERY = 10  # steps between refreshes of the parameter norms
 SETTLED_STREAK = 25
 # steps over which `recent`, a leaf's recent level, averages its norms (decay 1 - 1/10)
 RECENT_STEPS = 10
+# consecutive exactly zero steps before a leaf is vanishing by its zeros: a step whose
+# batch does not reach a leaf is no pathology (a hinge loss whose batch meets every
+# margin, an expert no token was routed to), a layer cut off stays at zero
+ZERO_STREAK = 3
 # the chance below which a run of exact zeros is no longer taken for the leaf's own
 # intermittent zeros (see `_step`)
 ZERO_RUN_CHANCE = 1e-9
@@ -193,7 +197,10 @@ def gradient_health(
     scalar bias or a temperature, 2 for two elements); a gradient may have fewer (a softmax
     bias's sums to zero, a rank-one gradient has one), which the spread of the leaf's log
     norms over its steps that were not low shows: above 0.7 times the 1.11 of noise of one
-    degree of freedom, 3 steps; above 0.7 times its 0.64 for two, 2 steps.
+    degree of freedom, 3 steps; above 0.7 times its 0.64 for two, 2 steps. An exactly
+    zero gradient is flagged on 3 steps in a row at least (`ZERO_STREAK`): a batch that
+    does not reach a leaf (a hinge loss whose batch meets every margin, an expert no token
+    was routed to) is no pathology, a layer cut off stays at zero.
 
     Leaves of an integer or bool dtype and empty leaves are not watched (never flagged).
     Under `optax.MultiSteps` it sees the accumulated gradient, once per optimizer step. If
@@ -500,6 +507,7 @@ def _step(leaves, state, own, passed, *, fixed, skip):
     # just was, which its recent level keeps (low steps do not enter it).
     converging = (state.recent > 0) & (state.recent < root * average)
     needed = jnp.where(settled | converging, SETTLED_STREAK, _streak_needed(leaves, spread))
+    needed = jnp.where(exact_zero, jnp.maximum(needed, ZERO_STREAK), needed)
     vanishing = low & (low_streak >= needed) & watched
     exploding = exploding & watched
     # a parameter gone NaN/Inf where its gradient is finite (a leaf the loss does not
