@@ -60,6 +60,9 @@ class Problem:
     float32_products: bool = False  # see `_float32_products`
     has_rules: bool = False  # fn calls a custom_vjp/custom_jvp rule (seen in its jaxpr)
     iterates: bool = False  # fn runs a lax.while_loop stopping on values (a solver, say)
+    # no output of fn's trace is computed from a differentiable leaf (fn reads a global
+    # copy of the params, say): a flat fn is then no verdict on anything
+    unread: bool = False
     # fn calls code whose arithmetic is hidden from its jaxpr (a callback, a kernel: `OPAQUE`)
     opaque: bool = False
     # fn draws from jax.random.gamma (beta and dirichlet draw from it), whose derivative in
@@ -223,6 +226,7 @@ def _with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
         float32_products=jaxpr is not None and _float32_products(jaxpr.jaxpr),
         has_rules=jaxpr is not None and _rule_search.calls(jaxpr.jaxpr, "custom_vjp", "custom_jvp"),
         iterates=jaxpr is not None and _iterates(jaxpr.jaxpr),
+        unread=jaxpr is not None and not _reads(jaxpr.jaxpr, len(inputs.diff)),
         opaque=jaxpr is not None and _runs(jaxpr.jaxpr, *OPAQUE),
         samples_gamma=jaxpr is not None and _runs(jaxpr.jaxpr, "random_gamma"),
         draws_random=jaxpr is not None and _runs(jaxpr.jaxpr, "random_bits", "random_gamma"),
@@ -759,6 +763,20 @@ def _runs(jaxpr, *primitives: str) -> bool:
         or any(_runs(s, *primitives) for s in _subjaxprs(eqn.params))
         for eqn in jaxpr.eqns
     )
+
+
+def _reads(jaxpr, n: int) -> bool:
+    """Whether an output of `jaxpr` is computed from one of its first `n` inputs (an
+    operation taking such a value is taken to pass it to all its outputs)."""
+    live = set(jaxpr.invars[:n])
+
+    def read(v) -> bool:
+        return type(v).__name__ != "Literal" and v in live
+
+    for eqn in jaxpr.eqns:
+        if any(map(read, eqn.invars)):
+            live.update(eqn.outvars)
+    return any(map(read, jaxpr.outvars))
 
 
 def _iterates(jaxpr) -> bool:

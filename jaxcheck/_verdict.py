@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _differences, _error_model, _plan, _precision
 from ._report import PIECEWISE_CONSTANT, Status
-from ._state import CHECKER_AGAIN, Pass, Run
+from ._state import CHECKER_AGAIN, MAPS, PRIMAL_ROW, TRACED_RULE, Pass, Run
 
 MAX_NOISE_FLOOR = 0.025  # a reference noisier than this cannot resolve a few-percent bug
 # where fn rounds to a half precision inside, its finite differences cannot be finer than
@@ -534,6 +534,10 @@ SURROGATE = (
 )
 
 
+# how the note on a fn whose output does not depend on params begins
+UNREAD = "fn's output does not depend on params"
+
+
 def _flat(run: Run, p: Pass, k, problems, checks=()) -> Status | None:
     """The verdict where fn's values do not change at all within the step along most
     directions (finite differences exactly zero): a pass when the derivative under test
@@ -544,6 +548,15 @@ def _flat(run: Run, p: Pass, k, problems, checks=()) -> Status | None:
     if flat is None:
         return None
     n, zero = flat
+    if zero and run.problem.unread and not (MAPS.get() or PRIMAL_ROW.get() or TRACED_RULE.get()):
+        # (fn's own check, not a derivative map's or a rule's: a linear fn's jvp map does
+        # not read the point)
+        problems.append(
+            f"{UNREAD}: no operation of fn reads them, so its derivative is zero and there "
+            "is nothing to check. Does fn read a global copy of the parameters instead of "
+            "its first argument?"
+        )
+        return Status.INCONCLUSIVE
     if zero:
         problems.append(
             f"{FLAT}: its values do not change within a relative step {p.step:.1e} "

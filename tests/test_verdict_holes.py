@@ -2743,3 +2743,30 @@ def test_a_cast_read_only_by_a_comparison_is_no_rounding():
     assert report.status == "fail", str(report)
     assert report.tolerance < 1e-5, str(report)
     assert not any(q.startswith("fn rounds values") for q in report.problems), str(report)
+
+
+_GLOBAL_PARAMS = {"w": jnp.array([0.3, -0.7, 1.1])}
+
+
+def test_a_fn_that_does_not_read_params_is_not_passed():
+    """A loss reading a global copy of the parameters instead of its argument is flat in
+    params: the check passed ("its derivative is zero everywhere nearby"), a test that
+    judged nothing. It is inconclusive now, and says why; a derivative that is not zero
+    there still fails, and a linear fn's second derivative (whose maps do not read the
+    point) still passes."""
+
+    def loss(p):
+        return jnp.sum(jnp.sin(_GLOBAL_PARAMS["w"]) ** 2)
+
+    report = jaxcheck.verify(loss, _GLOBAL_PARAMS)
+    assert report.status == "inconclusive", str(report)
+    assert (
+        "fn's output does not depend on params: no operation of fn reads them, so its "
+        "derivative is zero and there is nothing to check. Does fn read a global copy of the "
+        "parameters instead of its first argument?"
+    ) in report.problems
+    wrong = jaxcheck.verify(loss, _GLOBAL_PARAMS, grad_fn=lambda p: {"w": jnp.cos(p["w"])})
+    assert wrong.status == "fail", str(wrong)
+    assert jaxcheck.verify(lambda x: jnp.sum(3.0 * x), jnp.ones(3), order=2).status == "pass"
+    # (piecewise constant in params, and read: a pass, as before)
+    assert jaxcheck.verify(lambda x: jnp.sum(jnp.round(x)), jnp.full(3, 0.3)).status == "pass"
