@@ -49,12 +49,15 @@ def as_key(key):
     if isinstance(key, jax.Array | np.ndarray):
         if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ():
             return key
-        if key.dtype == jnp.uint32 and key.shape == (2,):
+        # (raw key data of the default implementation: uint32[4] under "rbg")
+        raw = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape
+        if key.dtype == jnp.uint32 and key.shape == raw:
             with _concrete():
                 return jax.random.wrap_key_data(jax.device_put(key))
         raise TypeError(
             f"key must be an int seed, a typed PRNG key (jax.random.key(0)) or raw key data "
-            f"of dtype uint32 and shape (2,) (jax.random.PRNGKey(0)); got an array of dtype "
+            f"of dtype uint32 and shape {raw} (jax.random.PRNGKey(0), with the default "
+            f"implementation, {jax.config.jax_default_prng_impl!r}); got an array of dtype "
             f"{key.dtype} and shape {key.shape}. Try key=0, or key=jax.random.key(0)."
         )
     raise TypeError(

@@ -346,6 +346,22 @@ def test_raw_uint32_key_data_is_accepted():
     assert report.ok
 
 
+def test_raw_key_data_of_the_default_implementation_is_accepted():
+    """Under `jax_default_prng_impl="rbg"`, jax.random.PRNGKey(0) is uint32[4]: it was
+    refused with a message recommending jax.random.PRNGKey(0)."""
+    before = jax.config.jax_default_prng_impl
+    jax.config.update("jax_default_prng_impl", "rbg")
+    try:
+        key = jax.random.PRNGKey(0)
+        assert key.shape == (4,)
+        report = jaxcheck.verify(_loss, jnp.linspace(0.1, 1.0, 3), key=key)
+        assert report.ok, str(report)
+        with pytest.raises(TypeError, match=r"of dtype uint32 and shape \(4,\) \(jax.random"):
+            jaxcheck.verify(_loss, jnp.ones(2), key=np.zeros(2, np.uint32))
+    finally:
+        jax.config.update("jax_default_prng_impl", before)
+
+
 @dataclasses.dataclass
 class _Unregistered:
     w: jax.Array
