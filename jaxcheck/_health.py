@@ -1263,7 +1263,18 @@ def _found(state: Any) -> tuple:
             f"{where}{', ...' if len(found) > 4 else ''}; pass the one you want, e.g. "
             f"jaxcheck.health({where.split(', ')[0]})."
         )
-    return found[0][1], found[0][0]
+    path, s = found[0]
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(s)[0]:
+        deleted = getattr(leaf, "is_deleted", None)
+        if isinstance(leaf, jax.Array) and callable(deleted) and deleted():
+            raise ValueError(
+                f"jaxcheck.health: the gradient_health state (at state"
+                f"{jax.tree_util.keystr(path)}) holds an array that has been deleted (at "
+                f"{jax.tree_util.keystr(key_path)}): the optimizer state was donated to a "
+                "jax.jit function (donate_argnums), whose buffers are gone. Read the state "
+                "that function returned instead."
+            )
+    return s, path
 
 
 def fired(state: HealthState) -> int:

@@ -1413,3 +1413,30 @@ def test_a_step_or_two_of_exactly_zero_gradient_is_not_vanishing(zeros):
     _, state = run_with(params, grads, 60)
     flagged = [(leaf.path, leaf.first_vanishing) for leaf in jaxcheck.health(state).flagged]
     assert flagged == ([("['w']", 42)] if len(zeros) == 3 else []), flagged
+
+
+def test_a_donated_state_is_refused_with_a_message():
+    """A state donated to the jitted step (donate_argnums) raised JAX's "Array has been
+    deleted" from inside health() and PeriodicCheck(opt_state=)."""
+    params = {"w": jnp.ones(3)}
+    opt = optax.chain(jaxcheck.gradient_health(), optax.sgd(0.1))
+
+    def step(p, s):
+        u, s = opt.update(jax.grad(lambda q: jnp.sum(q["w"] ** 2))(p), s, p)
+        return optax.apply_updates(p, u), s
+
+    old = opt.init(params)
+    params, state = jax.jit(step, donate_argnums=(0, 1))(params, old)
+    if not old[0].step.is_deleted():
+        pytest.skip("this backend does not donate buffers")
+    said = (
+        "the gradient_health state (at state[0]) holds an array that has been deleted (at "
+        ".step): the optimizer state was donated to a jax.jit function (donate_argnums), "
+        "whose buffers are gone. Read the state that function returned instead."
+    )
+    with pytest.raises(ValueError, match=re.escape(f"jaxcheck.health: {said}")):
+        jaxcheck.health(old)
+    check = jaxcheck.PeriodicCheck(lambda p: jnp.sum(p["w"] ** 2), every=5)
+    with pytest.raises(ValueError, match=re.escape(f"flags, and {said}")):
+        check(1, params, opt_state=old)
+    assert jaxcheck.health(state).ok
