@@ -819,6 +819,13 @@ _TERMS = (
         "check_grads(lambda x: f(x, a), (x,), order).",
     ),
     ("Call verify outside the transformation", "Call check_grads outside the transformation"),
+    # (check_grads passes its args to verify as params: params[i] is args[i])
+    (
+        "params and args hold arrays committed to different devices (",
+        "args hold arrays committed to different devices (",
+    ),
+    ("(params[", "(args["),
+    ("; params[", "; args["),
     (
         "pass it as an argument instead: verify(fn, params, x)",
         "pass it in args instead: check_grads(f, (x, ...), order)",

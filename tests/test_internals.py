@@ -695,3 +695,16 @@ def test_the_kink_search_keeps_a_cond_with_a_loop_a_cond():
     assert "cond[" in str(mapped) and "select_n" not in str(mapped)
     plain = jax.make_jaxpr(_check_grads._batched(jnp.sin, batch))(*batch)
     assert "scan[" not in str(plain)  # (vmapped where nothing changes under vmap)
+
+
+def test_check_grads_names_its_args_where_devices_differ():
+    """check_grads passes its args to verify as params: the refusal of arrays on
+    different devices read "params and args ... (params[0] on cpu:0; params[1] on
+    cpu:1)" for arguments the user passed as args."""
+    said = _check_grads._in_check_grads_terms(
+        "params and args hold arrays committed to different devices (params[0] on cpu:0; "
+        "params[1] on cpu:1). jax.jit, and so the check, needs every array on the same devices"
+    )
+    assert said.startswith(
+        "args hold arrays committed to different devices (args[0] on cpu:0; args[1] on cpu:1)."
+    ), said
