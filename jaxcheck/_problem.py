@@ -2,6 +2,7 @@
 
 import collections
 import dataclasses
+import inspect
 import math
 import os
 from collections.abc import Callable
@@ -302,15 +303,39 @@ def called(name: str, f, params, args):
         if tb is None or tb.tb_frame.f_code is not called.__code__:
             note_inputs(err, name, f, params, args)
             raise  # raised inside f: its own error
+        how = (
+            f"Define it as def {name}(params, *args), or close over fixed values with "
+            "functools.partial."
+        )
+        if _unpacked_fits(f, params, args):
+            n = len(args[0])
+            how = (
+                f"The extra arguments were given as one {type(args[0]).__name__} of {n}, "
+                f"which {name} takes as {n} arguments: pass them one by one, "
+                f"verify(fn, params, *args) (verify(fn, params, x, y), not "
+                "verify(fn, params, (x, y)))."
+            )
         raise TypeError(
             f"{name} was called as {name}(params, *args) with {1 + len(args)} positional "
             f"argument(s) (params and the {len(args)} extra argument(s) given after them) and "
-            f"refused them: {err}. Define it as def {name}(params, *args), or close over "
-            "fixed values with functools.partial."
+            f"refused them: {err}. {how}"
         ) from err
     except Exception as err:
         note_inputs(err, name, f, params, args)
         raise  # raised inside f: its own error
+
+
+def _unpacked_fits(f, params, args) -> bool:
+    """Whether `args` is one tuple or list whose entries `f` would take as its arguments
+    after params (`verify(fn, params, (x, y))` for `fn(params, x, y)`)."""
+    if len(args) != 1 or type(args[0]) not in (tuple, list) or len(args[0]) < 2:
+        return False
+    try:
+        signature = inspect.signature(f)
+        signature.bind(params, *args[0])
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def note_inputs(err: Exception, name: str, f, params, args) -> None:

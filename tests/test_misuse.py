@@ -422,6 +422,24 @@ def test_a_function_of_the_wrong_arity_is_told_how_it_is_called(which):
     assert f"Define it as def {which}(params, *args)" in text
 
 
+@pytest.mark.parametrize("packed", [tuple, list])
+def test_extra_arguments_given_as_one_tuple_are_told_to_be_unpacked(packed):
+    """verify(fn, params, (x, y)) for fn(params, x, y) was told to define fn as
+    fn(params, *args), which it is."""
+
+    def fn(p, x, y):
+        return jnp.sum((x @ p - y) ** 2)
+
+    x, y = jnp.ones((2, 3)), jnp.ones(2)
+    with pytest.raises(TypeError) as info:
+        jaxcheck.verify(fn, jnp.ones(3), packed((x, y)))
+    assert str(info.value).endswith(
+        f"missing 1 required positional argument: 'y'. The extra arguments were given as one "
+        f"{packed.__name__} of 2, which fn takes as 2 arguments: pass them one by one, "
+        "verify(fn, params, *args) (verify(fn, params, x, y), not verify(fn, params, (x, y)))."
+    ), str(info.value)
+
+
 def test_a_function_raising_a_type_error_itself_keeps_its_error():
     def fn(p):
         raise TypeError("my own error")
