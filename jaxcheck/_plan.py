@@ -378,6 +378,7 @@ def is_eager() -> bool:
 
 _CACHE: collections.OrderedDict = collections.OrderedDict()
 _ONCE: collections.OrderedDict = collections.OrderedDict()  # `run_once`'s kept programs
+_JITTED: collections.OrderedDict = collections.OrderedDict()  # `kept_jit`'s functions
 CACHE_SIZE = 64
 compilations = 0  # programs compiled so far in this process
 
@@ -670,6 +671,25 @@ def run_once(f, *args, key=None):
     return compiled(*args)
 
 
+def kept_jit(f, key):
+    """`jax.jit(f)`, kept under a hashable `key` standing for f (its function and every
+    value it closes over) and returned for a later call with an equal key, so that its
+    compiled programs are reused as `jax.jit` reuses them (a rule's own checks, re-bound
+    to a new function at every check of the model that calls it); `jax.jit(f)` anew
+    where the key cannot be hashed."""
+    try:
+        jitted = _JITTED.get(key)
+    except Exception:  # noqa: BLE001 - unhashable or incomparable: no reuse
+        return jax.jit(f)
+    if jitted is None:
+        jitted = _JITTED[key] = jax.jit(f)
+        if len(_JITTED) > CACHE_SIZE:
+            _JITTED.popitem(last=False)
+    else:
+        _JITTED.move_to_end(key)
+    return jitted
+
+
 def _operations(lowered) -> float:
     """XLA's estimate of a lowered program's floating-point and transcendental operations
     (inf where this JAX gives none)."""
@@ -706,6 +726,8 @@ def forget(fn) -> None:
 
     for key in [k for k in _ONCE if any(map(held, jax.tree_util.tree_leaves(k[0])))]:
         del _ONCE[key]
+    for key in [k for k in _JITTED if any(map(held, jax.tree_util.tree_leaves(k)))]:
+        del _JITTED[key]
 
 
 def peak_bytes(compiled) -> int | None:

@@ -737,7 +737,8 @@ def test_a_rule_called_from_one_line_several_times_is_checked_at_its_later_calls
     assert (
         line.startswith("wrong rule: custom_jvp softplus at ")
         and (
-            " at its call 2 of 2 (the first passes): vjp vs finite differences, relative error 2.0e-01"
+            " at its call 2 of 2 (the first passes): vjp vs finite differences, relative "
+            "error 2.0e-01"
         )
         in line
     ), line
@@ -2061,8 +2062,8 @@ def test_a_rule_differentiated_inside_fn_is_not_cleared_by_its_first_order_check
 
 def test_a_rule_differentiated_inside_fn_in_a_loop_over_layers_gets_the_same_hint():
     """A gradient penalty over a critic whose two layers call the rule from one line: the
-    rule is checked at its first call only, and the report said only that later calls go
-    unseen, not that fn's inner derivative takes the rule's second derivative."""
+    report said only that later calls go unseen, not that fn's inner derivative takes the
+    rule's second derivative. (Both calls are checked now.)"""
 
     def critic(p, x):
         for w in (p["w1"], p["w2"]):  # two layers, one line
@@ -2082,7 +2083,7 @@ def test_a_rule_differentiated_inside_fn_in_a_loop_over_layers_gets_the_same_hin
     }
     report = jaxcheck.verify(penalty, p, jax.random.normal(keys[3], (16, 2)))
     assert report.status == "fail", str(report)
-    assert any("(2 calls); one wrong at the inputs of later calls" in q for q in report.problems)
+    assert not [q for q in report.problems if q.startswith("a rule called several times")]
     [note] = [q for q in report.problems if q.startswith("every rule found passes")]
     assert "(check each with jaxcheck.verify_rule(rule, *args, order=2))" in note
 
@@ -2495,3 +2496,47 @@ def test_a_gradient_reversal_rule_is_named_with_its_factor():
         f"{name}: its derivative is -0.5 times its function's along every direction"
     ), factor
     assert factor.endswith("(a gradient-reversal layer)"), factor
+
+
+_COMPILES = []
+
+
+def _count_compiles(name, seconds, **kwargs):
+    if name == "/jax/core/compile/backend_compile_duration":
+        _COMPILES.append(seconds)
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compiles)
+
+
+@pytest.mark.parametrize("factor", [1.0, 1.01])
+def test_a_checker_with_rules_compiles_nothing_for_them_on_its_next_call(factor):
+    """The rule checks' own programs (the derivatives at random tangents, under vmap and
+    checkpoint, with one output used) were compiled anew at every check: a warm
+    `rules=True` check of a model with 3 rules took 2.3 s against 0.04 s without. They
+    are kept under the rule's identity now; the verdict stays each call's own."""
+    act = tanh_with_backward(factor)
+
+    @jax.custom_vjp
+    def pair(x):  # two outputs: the unused-outputs row runs too
+        return jnp.sin(x), jnp.cos(x)
+
+    pair.defvjp(lambda x: (pair(x), x), lambda x, g: (g[0] * jnp.cos(x) - g[1] * jnp.sin(x),))
+
+    def loss(p, x):
+        s, c = pair(x @ p["w"])
+        return jnp.sum(act(s) * c)
+
+    params = {"w": jnp.sin(jnp.arange(12.0)).reshape(4, 3)}
+    x = jnp.cos(jnp.arange(8.0)).reshape(2, 4)
+    checker = jaxcheck.Checker(loss, rules=True)
+    first = checker(params, x)
+    compiled = len(_COMPILES)
+    again = checker(params, x)
+    assert len(_COMPILES) == compiled
+    for report in (first, again):
+        assert report.status == ("pass" if factor == 1.0 else "fail"), str(report)
+        wrong = [q for q in report.problems if q.startswith("wrong rule: ")]
+        assert [q.split(" at ")[0] for q in wrong] == (
+            [] if factor == 1.0 else ["wrong rule: custom_vjp act"]
+        ), wrong
