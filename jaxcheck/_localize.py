@@ -304,13 +304,17 @@ def localize_finely(run: Run, scales, leaf_k, h, paths, chosen, fine, step, sequ
     coarse = [i for i in chosen if i not in fine]
     found = dict(zip(coarse, localize(run, scales, leaf_k, h, paths, coarse, sequential, fixed)))
     if fine:
+        # (nor is the noise the all-leaf directions measured theirs: that was the
+        # staircase of the cast, along which these leaves do not move; a gradient zeroed
+        # by a stop_gradient was "zero to within noise" there, and passed)
         rounds_to, run.rounds_to = run.rounds_to, None
+        noise, run.fn_noise = run.fn_noise, None
         try:
             h_fine = step if fixed else _precision.default_step(run.reference)
             alone = localize(run, scales, leaf_k, h_fine, paths, fine, sequential, fixed)
             found.update(zip(fine, alone))
         finally:
-            run.rounds_to = rounds_to
+            run.rounds_to, run.fn_noise = rounds_to, noise
         named = ", ".join(paths[i] or "(root)" for i in fine)
         run.problems.append(
             f"{named}: {'its values reach' if len(fine) == 1 else 'their values reach'} no "

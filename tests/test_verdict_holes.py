@@ -2373,6 +2373,31 @@ def test_a_cast_on_a_loop_carry_reaches_the_leaves_that_enter_the_loop(loop):
         assert (leaf.tolerance < 1e-5) == (leaf.path == "['wo']"), str(report)
 
 
+@pytest.mark.parametrize("wrong", ["stop_gradient", "halved", None])
+def test_a_leaf_beside_a_cast_is_judged_without_the_casts_noise(wrong):
+    """A leaf whose values reach no bfloat16 cast is checked alone at float64 resolution,
+    but with the noise floor the all-leaf directions measured, which was the staircase of
+    the cast: a gradient zeroed by a stop_gradient, or halved, was "zero to within noise"
+    against a tolerance of 2, and its row read "ok"."""
+    x = jnp.cos(jnp.arange(8.0))
+    p = {"W": jnp.sin(jnp.arange(64.0)).reshape(8, 8) * 0.4, "s": jnp.full((8,), 0.7)}
+
+    def loss(p, x):
+        h = jnp.tanh((p["W"] @ x).astype(jnp.bfloat16)).astype(jnp.float32)
+        s = lax.stop_gradient(p["s"]) if wrong == "stop_gradient" else p["s"]
+        return jnp.sum(jax.nn.softplus(h * s) ** 2)
+
+    def halved(p, x):
+        g = jax.grad(loss)(p, x)
+        return {"W": g["W"], "s": g["s"] * 0.5}
+
+    report = jaxcheck.verify(loss, p, x, grad_fn=halved if wrong == "halved" else None)
+    [s_leaf] = [leaf for leaf in report.leaves if leaf.path == "['s']"]
+    assert s_leaf.tolerance < 1e-3, str(report)  # (2 before)
+    assert s_leaf.status == ("fail" if wrong else "pass"), str(report)
+    assert report.status == ("fail" if wrong else "inconclusive"), str(report)
+
+
 def test_a_product_computed_into_bfloat16_is_a_rounding_cast():
     def fn(p, x):
         h = jnp.matmul(x, p["w1"], preferred_element_type=jnp.bfloat16).astype(jnp.float32)
