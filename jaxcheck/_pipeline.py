@@ -421,6 +421,12 @@ def _directions_check(run: Run, n, beta, h0, step, ref):
         h0 = h0 / 16
         [(p, more, choice)] = _ladder.ladder(run, index, rows, h0, [slice(0, n)])
         steps = tuple(steps) + tuple(more)
+    if step is not None and not p.fd.finite.all() and np.isfinite(p.phi0).all():
+        run.problems.append(
+            f"the step was given (step={step:g}), and a given step is kept: where fn is not "
+            "finite within it from params, pass a smaller step, or none (the ladder then "
+            "shrinks its step to stay inside fn's domain)"
+        )
     flat = _verdict.flat_directions(p)
     if step is None and flat is not None and not flat[1] and p.step < run.max_step:
         # flat at this step while the derivative is not: a staircase of quanta larger

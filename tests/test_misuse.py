@@ -1038,3 +1038,16 @@ def test_a_dict_jax_cannot_sort_is_found_through_a_namedtuple_or_left_to_jax():
     with pytest.raises(ValueError, match="sort") as info:
         jaxcheck.verify(loss, Box({"v": x, 3: x}))
     assert "is a dict whose keys" not in str(info.value)
+
+
+def test_a_given_step_leaving_fns_domain_is_named_as_the_cause():
+    """With step=0.5, log's stencil leaves its domain: "nonfinite" blamed "an element far
+    smaller than its leaf's RMS", and not the step the caller gave, which is kept."""
+    report = jaxcheck.verify(lambda p: jnp.sum(jnp.log(p)), jnp.array([0.3, 0.7, 1.1]), step=0.5)
+    assert report.status == "nonfinite", str(report)
+    assert (
+        "the step was given (step=0.5), and a given step is kept: where fn is not finite "
+        "within it from params, pass a smaller step, or none (the ladder then shrinks its "
+        "step to stay inside fn's domain)"
+    ) in report.problems
+    assert jaxcheck.verify(lambda p: jnp.sum(jnp.log(p)), jnp.array([0.3, 0.7, 1.1])).ok
