@@ -209,6 +209,20 @@ def _measured(r: Report) -> str:
     return f", relative error {r.relative_error:.1e} (tolerance {r.tolerance:.1e})"
 
 
+def _surrogate(r: Report) -> str:
+    """Where a wrong rule's function is piecewise constant about its inputs while its
+    derivative is not zero (a straight-through estimator: `_verdict.SURROGATE` in its
+    report), the clause that says so instead of the errors, which count in units of
+    noise there and judge nothing; else ""."""
+    notes = [*r.problems, *(q for part in r.parts for q in part.problems)]
+    if not any(_verdict.SURROGATE in q for q in notes):
+        return ""
+    return (
+        f"; its function is piecewise constant about these inputs, its derivative 0, "
+        f"while the rule's is not: a {_verdict.SURROGATE}"
+    )
+
+
 def _iterates(r: Report) -> str:
     """Where a wrong rule's function runs a while_loop and its error is the size of a
     solver's (`_pipeline.SOLVER_HINT` in its report), the clause that says so: a correct
@@ -336,8 +350,8 @@ def rules_part(
         line
         for r in wrong
         for line in (
-            f"wrong rule: {r.label}{at_call.get(r.label, '')}: {_failed_rows(r)}{_measured(r)}"
-            f"{_failing_inputs(r)}{_raised(r)}{_iterates(r)}",
+            f"wrong rule: {r.label}{at_call.get(r.label, '')}: {_failed_rows(r)}"
+            f"{_surrogate(r) or _measured(r) + _failing_inputs(r)}{_raised(r)}{_iterates(r)}",
             *_factor(r),
         )
     ]

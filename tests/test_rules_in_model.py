@@ -2122,6 +2122,31 @@ def test_a_part_of_rules_none_judged_prints_what_it_found():
     assert "relative error 0.0e+00" not in text
 
 
+def test_a_straight_through_rule_named_wrong_says_why_instead_of_noise_units():
+    """A straight-through estimator named as the wrong rule read "relative error 4.4e-01
+    (tolerance 2.0e+00), within the tolerance over all its inputs together; failing alone:
+    args[0] (relative error 7.0e-01)": errors in units of noise, below the tolerance,
+    for a rule of one input. It says why it fails instead."""
+
+    @jax.custom_vjp
+    def ste_round(x):
+        return jnp.round(x * 4) / 4
+
+    ste_round.defvjp(lambda x: (jnp.round(x * 4) / 4, None), lambda _, g: (g,))
+    w = jax.random.normal(jax.random.PRNGKey(0), (4, 5)) * 0.6
+    x = jax.random.normal(jax.random.PRNGKey(1), (6, 4))
+    report = jaxcheck.verify(lambda p, x: jnp.mean(ste_round(jnp.tanh(x @ p)) ** 2), w, x)
+    assert report.status == "fail", str(report)
+    [line] = [q for q in report.problems if q.startswith("wrong rule: ")]
+    assert line.startswith("wrong rule: custom_vjp ste_round at "), line
+    assert line.endswith(
+        ": vjp vs finite differences; its function is piecewise constant about these inputs, "
+        "its derivative 0, while the rule's is not: a surrogate gradient (a straight-through "
+        "estimator, a custom rule that is not fn's derivative by design) fails this check by "
+        "construction"
+    ), line
+
+
 def test_a_wrong_rule_in_a_term_fn_weighs_lightly_is_said_to_be_below_fns_tolerance():
     """A rule 20 % off in a term weighted 1e-6: its error reaches fn's gradient at 2e-7,
     below fn's float32 tolerance, so fn passes and the rule is listed but not counted;
