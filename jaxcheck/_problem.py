@@ -806,24 +806,26 @@ def _reads(jaxpr, n: int) -> bool:
 
 def _iterates(jaxpr) -> bool:
     """Whether `jaxpr` (or a sub-jaxpr) runs a `lax.while_loop` whose stopping test reads
-    floating values (a residual against a tolerance, a time against its end), as an
-    iterative solver does; a loop counted by integers alone (`lax.fori_loop` with bounds
-    known only when it runs) runs the same steps whatever the values."""
+    values other than integers (a residual against a tolerance, a time against its end,
+    a flag a solver's step sets), as an iterative solver does; a loop counted by integers
+    alone (`lax.fori_loop` with bounds known only when it runs) runs the same steps
+    whatever the values."""
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "while" and _reads_floats(eqn.params["cond_jaxpr"].jaxpr):
+        if eqn.primitive.name == "while" and not _counts(eqn.params["cond_jaxpr"].jaxpr):
             return True
         if any(_iterates(s) for s in _subjaxprs(eqn.params)):
             return True
     return False
 
 
-def _reads_floats(jaxpr) -> bool:
-    """Whether an operation of `jaxpr` (or of a sub-jaxpr) takes a floating value."""
-    return any(
-        any(jnp.issubdtype(getattr(v.aval, "dtype", np.int32), jnp.inexact) for v in eqn.invars)
-        or any(_reads_floats(s) for s in _subjaxprs(eqn.params))
-        for eqn in jaxpr.eqns
-    )
+def _counts(jaxpr) -> bool:
+    """Whether `jaxpr` (a loop's stopping test, with its sub-jaxprs) reads integers only:
+    every operation takes integer values, and what it returns as it was given is one."""
+    given = set(jaxpr.invars)
+    read = [v for eqn in jaxpr.eqns for v in eqn.invars]
+    read += [v for v in jaxpr.outvars if type(v).__name__ != "Literal" and v in given]
+    integer = all(jnp.issubdtype(getattr(v.aval, "dtype", np.int32), jnp.integer) for v in read)
+    return integer and all(_counts(s) for eqn in jaxpr.eqns for s in _subjaxprs(eqn.params))
 
 
 def calls(jaxpr, primitives) -> collections.Counter:

@@ -2795,3 +2795,34 @@ def test_a_fn_that_does_not_read_params_is_not_passed():
     assert jaxcheck.verify(lambda x: jnp.sum(3.0 * x), jnp.ones(3), order=2).status == "pass"
     # (piecewise constant in params, and read: a pass, as before)
     assert jaxcheck.verify(lambda x: jnp.sum(jnp.round(x)), jnp.full(3, 0.3)).status == "pass"
+
+
+@pytest.mark.parametrize("stops_on", ["residual", "flag"])
+def test_a_solver_stopping_on_a_flag_it_carries_is_a_solver(stops_on):
+    """Loops counted by integers alone are no solvers; a solve whose stopping test reads
+    a flag its step sets (a bool carried in the loop) is one, and its note says that a
+    rule for the exact solution differs from the stopped solve by about its tolerance
+    (it was left out once only tests reading floats counted)."""
+
+    def fixed_point(p):
+        def solve(f, x0):
+            if stops_on == "flag":
+                body = lambda c: (  # noqa: E731
+                    jnp.cos(p * c[0]),
+                    jnp.abs(jnp.cos(p * c[0]) - c[0]) <= 1e-3,
+                    c[2] + 1,
+                )
+                cond = lambda c: (~c[1]) & (c[2] < 100)  # noqa: E731
+                return lax.while_loop(cond, body, (x0, False, 0))[0]
+            body = lambda c: (jnp.cos(p * c[0]), jnp.cos(p * c[0]) - c[0], c[2] + 1)  # noqa: E731
+            cond = lambda c: (jnp.abs(c[1]) > 1e-3) & (c[2] < 100)  # noqa: E731
+            return lax.while_loop(cond, body, (x0, jnp.ones(()), 0))[0]
+
+        f = lambda x: jnp.cos(p * x) - x  # noqa: E731
+        return lax.custom_root(f, jnp.zeros(()), solve, lambda g, y: y / g(1.0))
+
+    report = jaxcheck.verify(fixed_point, jnp.asarray(0.8))
+    assert report.status == "fail", str(report)
+    assert any(
+        q.startswith("fn runs a lax.while_loop (an iterative solver?)") for q in report.problems
+    )
