@@ -597,16 +597,20 @@ def _other_calls(fn, found, checked, o, order, error, failing) -> tuple[set, dic
             for k, call in rule.others
             if not failing or call.sources is None or call.sources & failing
         ]
+        every = len(reached) + 1 == rule.calls
+        reached = reached[: _rule_search.MAX_OTHER_CALLS]
         for k, call in reached:
             call = dataclasses.replace(call, calls=rule.calls)
             row, again, note = _check_one(fn, call, o, order, error, k)
             counted[rule.title] = counted.get(rule.title, 1) + 1
             if again is not None and again.status is Status.FAIL:
                 checked[i] = (row, again, note)
-                at_call[rule.title] = f" at its call {k} of {rule.calls} (the first passes)"
+                at_call[rule.title] = (
+                    f" at its call {k} of {rule.calls} (the call checked first passes)"
+                )
                 break
         else:
-            if len(reached) + 1 == rule.calls:  # every call checked
+            if every and len(reached) + 1 == rule.calls:  # every call checked
                 cleared.add(rule.title)
     return cleared, at_call, counted
 

@@ -90,7 +90,7 @@ class Found:
     identity: tuple = dataclasses.field(default=(), repr=False, compare=False)
     # the rule's other calls from this site with inputs that depend on params (a
     # tree_map or a Python loop over layers), as (their place among its calls, counted
-    # from 1; the call), at most `MAX_OTHER_CALLS` of them: checked where fn fails and
+    # from 1; the call), at most `MAX_OTHER_CALLS_KEPT` of them: checked where fn fails and
     # this call passes (`_rule_report`)
     others: tuple = dataclasses.field(default=(), repr=False, compare=False)
 
@@ -390,8 +390,10 @@ def _held_tangent(eqn) -> bool:
     return bool(at) and name == _orders._held.__name__ and where.startswith(_orders.__file__)
 
 
-# the most other calls of a rule from one site kept to be checked (`Found.others`)
+# the most other calls of a rule from one site checked (`_rule_report`), among those the
+# failing leaves reach, and the most kept to choose them from (`Found.others`)
 MAX_OTHER_CALLS = 4
+MAX_OTHER_CALLS_KEPT = 64
 
 
 def _unique(found) -> list:
@@ -416,7 +418,7 @@ def _unique(found) -> list:
             (i, g)
             for i, g in every[key]
             if g is not f and g.inputs is not None and (g.sources is None or g.sources)
-        )[:MAX_OTHER_CALLS]
+        )[:MAX_OTHER_CALLS_KEPT]
         f = dataclasses.replace(f, calls=counts[key], sources=sources[key], others=others)
         same = list(objects[key[:-1]])
         if len(same) > 1:

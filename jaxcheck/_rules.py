@@ -43,6 +43,7 @@ import numpy as np
 
 from . import (
     _directions,
+    _fingerprint,
     _host,
     _keywords,
     _options,
@@ -487,17 +488,19 @@ class _Draws:
 
     def program(self, what: str, f, *args):
         """f(*args), jitted and kept (`_plan.kept_jit`) under `what` (which program of
-        the rule's) and the rule's identity: a rule found in a model is re-bound at every
-        check, and each check compiled its programs anew (a warm `rules=True` check of a
-        model with 3 rules compiled 9 programs, 2.3 s against 0.04 s without)."""
-        fixed = [self.rule.args[i] for i in sorted(self.rule.fixed)]
-        leaves, treedef = jax.tree_util.tree_flatten(fixed)
+        the rule's) and what f computes at args (`_fingerprint.of`: its jaxpr, the rule's
+        derivative rules as they run in it, and the values it reads): a rule found in a
+        model is re-bound at every check, and each check compiled its programs anew (a
+        warm `rules=True` check of a model with 3 rules compiled 9 programs, 2.3 s against
+        0.04 s without); a rule redefined or reading another setting since computes
+        something else, and is compiled anew."""
         try:
-            digests = tuple(map(_tree.digest, leaves))
-        except Exception:  # noqa: BLE001 - a value with no digest (a typed key): not kept
+            computes = _fingerprint.of(f, *args, derivative=False)
+        except Exception:  # noqa: BLE001 - not traced here: not kept
+            computes = None
+        if computes is None:
             return jax.jit(f)(*args)
-        key = ("rule", what, self.with_jvp, self.with_vjp, self.rule.identity, treedef, digests)
-        return _plan.kept_jit(f, key)(*args)
+        return _plan.kept_jit(f, ("rule", what, computes))(*args)
 
     def jitted(self, inputs, v, u):
         """The derivative program (`_derivatives`), compiled."""

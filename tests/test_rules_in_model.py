@@ -14,6 +14,8 @@ import jaxcheck
 from cases import sin_with_second_derivative, tanh_with_backward
 from jaxcheck import _rule_search
 
+SymbolicZero = jax.custom_derivatives.SymbolicZero
+
 # how "rules fine" ends at order 1
 FIRST_ORDER = " (their first derivatives; order=2 checks their second)"
 
@@ -737,8 +739,8 @@ def test_a_rule_called_from_one_line_several_times_is_checked_at_its_later_calls
     assert (
         line.startswith("wrong rule: custom_jvp softplus at ")
         and (
-            " at its call 2 of 2 (the first passes): vjp vs finite differences, relative "
-            "error 2.0e-01"
+            " at its call 2 of 2 (the call checked first passes): vjp vs finite differences, "
+            "relative error 2.0e-01"
         )
         in line
     ), line
@@ -2355,7 +2357,7 @@ def test_a_rule_wrong_at_a_later_call_is_named_beside_another_wrong_rule():
     assert any(q.startswith("wrong rule: custom_vjp tanh") for q in report.problems)
     # (the later calls are checked too: the softplus is named at one of them)
     [line] = [q for q in report.problems if q.startswith("wrong rule: custom_vjp softplus")]
-    assert "at its call 2 of 3 (the first passes)" in line, line
+    assert "at its call 2 of 3 (the call checked first passes)" in line, line
 
 
 @pytest.mark.parametrize("kinds", [("tanh", "sin"), ("sin", "sin")])
@@ -2565,3 +2567,90 @@ def test_a_checker_with_rules_compiles_nothing_for_them_on_its_next_call(factor)
         assert [q.split(" at ")[0] for q in wrong] == (
             [] if factor == 1.0 else ["wrong rule: custom_vjp act"]
         ), wrong
+
+
+@pytest.mark.parametrize("change", ["redefined", "global read"])
+def test_a_rule_changed_between_checks_is_not_judged_by_its_old_programs(change, monkeypatch):
+    """The rule checks' kept programs were keyed by the rule object: after `defvjp` gave
+    it another bwd (wrong only where an output's cotangent is a symbolic zero), the
+    unused-outputs row ran the old bwd and passed; after a bwd's global setting changed,
+    the jit row compared the old program with the new eager rule and failed."""
+
+    @jax.custom_vjp
+    def pair(x):
+        return jnp.sin(x), jnp.cos(x)
+
+    def fwd(x):
+        return (jnp.sin(x.value), jnp.cos(x.value)), x.value
+
+    def backward(zero):
+        def bwd(x, g):
+            g0, g1 = (zero(x) if isinstance(c, SymbolicZero) else c for c in g)
+            return ((g0 * jnp.cos(x) - g1 * jnp.sin(x)) * _BWD_SCALE["scale"],)
+
+        return bwd
+
+    x = jnp.linspace(-1.0, 1.0, 4)
+    pair.defvjp(fwd, backward(jnp.zeros_like), symbolic_zeros=True)
+    monkeypatch.setitem(_BWD_SCALE, "scale", 1.0 if change == "redefined" else 1.1)
+    first = jaxcheck.verify_rule(pair, x)
+    assert first.status == ("pass" if change == "redefined" else "fail"), str(first)
+    if change == "redefined":  # wrong only where an output's cotangent is a symbolic zero
+        pair.defvjp(fwd, backward(jnp.ones_like), symbolic_zeros=True)
+    else:
+        monkeypatch.setitem(_BWD_SCALE, "scale", 1.0)
+    again = jaxcheck.verify_rule(pair, x)
+    failed = [c.name.split(":")[0] for c in again.checks if not c.passed]
+    assert failed == (["unused outputs"] if change == "redefined" else []), str(again)
+
+
+_BWD_SCALE = {"scale": 1.0}
+
+
+def test_a_checker_with_rules_sees_a_new_value_in_a_rules_nondiff_argnums():
+    """A temperature passed in nondiff_argnums is bound into fn's trace, not passed as an
+    input: a Checker's second call at another value ran the rule programs kept for the
+    first and named the right rule wrong (jit row, relative error 0.32)."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def scaled_tanh(beta, h):
+        return jnp.tanh(beta * h)
+
+    scaled_tanh.defvjp(
+        lambda beta, h: (jnp.tanh(beta * h), h),
+        lambda beta, h, g: (g * beta * (1 - jnp.tanh(beta * h) ** 2),),
+    )
+
+    def loss(p, x, beta):
+        return jnp.sum(scaled_tanh(beta, p["w"] * x) ** 2)
+
+    p, x = {"w": jnp.linspace(-0.5, 0.7, 5)}, jnp.linspace(0.3, 1.1, 5)
+    checker = jaxcheck.Checker(loss, rules=True)
+    for beta in (1.0, 2.0):
+        report = checker(p, x, beta)
+        assert report.status == "pass", str(report)
+
+
+def test_a_rule_wrong_at_a_call_beyond_the_fifth_is_named_where_the_failing_leaf_reaches_it():
+    """The other calls checked were the first 4 after the first, whichever the failing
+    leaves reach: a rule wrong only at the sixth call of a tree_map over 6 leaves was not
+    named ("6 calls, 1 checked")."""
+
+    @jax.custom_vjp
+    def act(x):
+        return jnp.tanh(x)
+
+    act.defvjp(
+        lambda x: (jnp.tanh(x), x),
+        lambda x, g: (g * (1 - jnp.tanh(x) ** 2) * jnp.where(x < -2.0, 1.05, 1.0),),
+    )
+    params = {f"l{i}": jnp.linspace(-1.0, 1.0, 3) * 0.5 for i in range(5)}
+    params["l5"] = jnp.asarray([-2.5, -3.0, -2.2])
+
+    def loss(p):
+        return sum(jnp.sum(y**2) for y in jax.tree_util.tree_leaves(jax.tree.map(act, p)))
+
+    report = jaxcheck.verify(loss, params)
+    assert report.status == "fail", str(report)
+    [line] = [q for q in report.problems if q.startswith("wrong rule: ")]
+    assert " at its call 6 of 6 (the call checked first passes): " in line, line
