@@ -1266,7 +1266,8 @@ def _found(state: Any) -> tuple:
     path, s = found[0]
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(s)[0]:
         deleted = getattr(leaf, "is_deleted", None)
-        if isinstance(leaf, jax.Array) and callable(deleted) and deleted():
+        concrete = isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
+        if concrete and callable(deleted) and deleted():
             raise ValueError(
                 f"jaxcheck.health: the gradient_health state (at state"
                 f"{jax.tree_util.keystr(path)}) holds an array that has been deleted (at "
