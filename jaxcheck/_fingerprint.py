@@ -76,7 +76,33 @@ def of(f, *args, derivative: bool = True, has_aux: bool = False, numbers_from: i
 
 
 def _key(closed, held) -> tuple:
-    return str(closed.jaxpr), tuple(map(_tree.digest, closed.consts)), held
+    # the Python functions the jaxpr calls back (a pure_callback's, a kernel's), held (by
+    # their own equality, else by identity): printed, they show only their address,
+    # which a later function of other behaviour can take once the first is gone
+    called = tuple(map(_held, _callables(closed.jaxpr)))
+    return str(closed.jaxpr), tuple(map(_tree.digest, closed.consts)), held, called
+
+
+def _held(f):
+    try:
+        hash(f)
+    except TypeError:
+        return _tree.Same(f)
+    return f
+
+
+def _callables(jaxpr) -> list:
+    """The callable parameters of `jaxpr`'s equations and its sub-jaxprs' (other than
+    jaxprs themselves)."""
+    out = []
+    for eqn in jaxpr.eqns:
+        for value in eqn.params.values():
+            for item in value if isinstance(value, tuple | list) else (value,):
+                if hasattr(item, "eqns") or hasattr(getattr(item, "jaxpr", None), "eqns"):
+                    out += _callables(getattr(item, "jaxpr", item))
+                elif callable(item) and not isinstance(item, type):
+                    out.append(item)
+    return out
 
 
 def _is_value(x) -> bool:
