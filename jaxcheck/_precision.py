@@ -1,7 +1,6 @@
 """Precision policy: which dtype the finite-difference reference is computed in, and its steps."""
 
 import contextlib
-import contextvars
 import functools
 import re
 
@@ -48,53 +47,6 @@ def _real_size(dtype) -> int:
 def x64_enabled() -> bool:
     """Whether 64-bit types are on now (works across jax versions and config APIs)."""
     return jax.dtypes.canonicalize_dtype(np.float64) == np.float64
-
-
-# True while fn's casts of float64 values to float32 keep them float64 (`float32_kept`)
-_KEEP_FLOAT64 = contextvars.ContextVar("jaxcheck_keep_float64", default=False)
-
-
-@contextlib.contextmanager
-def float32_kept():
-    """While inside, and 64-bit types on, a cast of a float64 value to float32 (the
-    `convert_element_type` that `x.astype(jnp.float32)`, `jnp.asarray(x, jnp.float32)` and
-    flax's dtype policies bind) leaves it float64. In a model whose values are float32
-    already, with 64-bit types off, such a cast is a no-op: in the float64 reference it
-    would round every value through it, and judge the model at float32 resolution. Yields
-    whether it could (False in a JAX whose cast primitive cannot be wrapped: nothing
-    changes then). Only fn's own trace is to run inside."""
-    primitive = getattr(jax.lax, "convert_element_type_p", None)
-    if primitive is None or "bind" in vars(primitive):  # (already wrapped: outer call)
-        token = _KEEP_FLOAT64.set(True)
-        try:
-            yield primitive is not None
-        finally:
-            _KEEP_FLOAT64.reset(token)
-        return
-    original = type(primitive).bind
-
-    def bind(*args, **params):
-        if (
-            _KEEP_FLOAT64.get()
-            and len(args) == 1
-            and params.get("new_dtype") == np.float32
-            and getattr(args[0], "dtype", None) == np.float64
-            and x64_enabled()
-        ):
-            return args[0]
-        return original(primitive, *args, **params)
-
-    try:
-        primitive.bind = bind
-    except Exception:  # noqa: BLE001 - a JAX whose primitives take no attributes
-        yield False
-        return
-    token = _KEEP_FLOAT64.set(True)
-    try:
-        yield True
-    finally:
-        _KEEP_FLOAT64.reset(token)
-        del primitive.bind
 
 
 def x64_scope(enabled: bool):

@@ -1,7 +1,6 @@
 """The function under check, seen as a map from differentiable leaves to output leaves."""
 
 import collections
-import contextlib
 import dataclasses
 import inspect
 import math
@@ -57,9 +56,6 @@ class Problem:
     # how many float32 arrays fn closes over are cast to float64 for the reference, where
     # fn rounds to float32 with them as they are and not with them cast (`_rounds_to`)
     widen: int = 0
-    # fn casts values to float32 that are float32 already in the model (64-bit types off):
-    # those casts leave float64 values float64 in the reference (`_precision.float32_kept`)
-    keep_float64: bool = False
     # indices of the differentiable leaves whose values reach no such cast (see `_rounds_to`)
     unrounded: tuple[int, ...] = ()
     float32_products: bool = False  # see `_float32_products`
@@ -105,15 +101,9 @@ class Problem:
         args = _tree.merge(self.args, a_floats, a_arrays)
         return params, args
 
-    def kept(self):
-        """The context fn runs in: its casts to float32 kept out of the float64 reference
-        where they are no-ops in the model (`keep_float64`)."""
-        return _precision.float32_kept() if self.keep_float64 else contextlib.nullcontext()
-
     def outputs(self, diff, traced) -> list:
         params, args = self.call(diff, *traced)
-        with self.kept():
-            out = self.fn(params, *args)
+        out = self.fn(params, *args)
         if self.has_aux:
             out = out[0]
         outs = [jnp.asarray(y) for y in jax.tree_util.tree_leaves(out)]
@@ -134,8 +124,7 @@ class Problem:
     def gradient(self, diff, traced) -> list:
         """The hand-written gradient's leaves for the differentiable parameters."""
         params, args = self.call(diff, *traced)
-        with self.kept():
-            grad = called("grad_fn", self.grad_fn, params, args)
+        grad = called("grad_fn", self.grad_fn, params, args)
         treedef = self.params.treedef
         if not jax.tree_util.treedef_is_leaf(treedef) and _is_single_array(grad):
             n = treedef.num_leaves
@@ -244,22 +233,9 @@ def _with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
         draws_random=jaxpr is not None and _runs(jaxpr.jaxpr, "random_bits", "random_gamma"),
         unbatched="" if jaxpr is None else unbatched(jaxpr.jaxpr),
     )
-    from ._state import MAPS  # noqa: PLC0415 - _state imports this module
-
-    # (said once, at order 1: the derivative maps of higher orders run fn's casts as well)
-    if problem.keep_float64 and not MAPS.get():
-        at = f", first at {problem.rounds_at}" if problem.rounds_at else ""
-        note = (
-            f"fn casts values to float32 that are float32 in the model already "
-            f"(x.astype(jnp.float32), a flax module's dtype{at}): no-ops in fn, they are kept "
-            "out of the float64 reference, which would round through them"
-        )
-        problem = dataclasses.replace(problem, notes=(*problem.notes, note))
-    if problem.keep_float64:
-        problem = dataclasses.replace(problem, rounds_at="")
     if problem.grad_fn is not None:
         notes = _check_gradient_shapes(problem, inputs)
-        problem = dataclasses.replace(problem, notes=(*problem.notes, *notes))
+        problem = dataclasses.replace(problem, notes=notes)
     if jaxpr is not None and not problem.has_aux and isinstance(out, tuple) and len(out) == 2:
         notes = _aux_like(jaxpr, out, len(inputs.diff))
         problem = dataclasses.replace(problem, notes=(*problem.notes, *notes))
@@ -478,16 +454,6 @@ def _rounds_to(closed_jaxpr, diff, call, inputs, fn) -> dict:
             again = _traced_in_float64(fresh, diff, inputs) if widened else None
         if again is not None and not rounding([True] * n, [(again, wide)]):
             return {"widen": widened}
-        if not _precision.x64_enabled():
-            # casts to float32 of values that are float32 in the model (64-bit types off:
-            # none is float64 there), as x.astype(jnp.float32) before a loss or a flax
-            # module's dtype: no-ops in fn, they round in the float64 reference only
-            with _precision.float32_kept() as kept:
-                fresh = lambda *a: call(*a)  # noqa: E731
-                again = _traced_in_float64(fresh, diff, inputs) if kept else None
-            if again is not None and not rounding([True] * n, [(again, wide)]):
-                at = lowest.get(jnp.dtype(jnp.float32), "")
-                return {"keep_float64": True, "rounds_at": at}
     dtype = _precision.lowest(list(lowest))
     unrounded = ()
     if 1 < n <= MAX_LEAVES_TRACED_ALONE:

@@ -1,6 +1,5 @@
 """Precision, scales, ill-conditioning, kinks and non-finite values."""
 
-import inspect
 import math
 import re
 
@@ -186,11 +185,7 @@ def test_function_computing_in_float32_internally(round_to, seed):
     float64 step, with errors of 1e-3."""
     fn = lambda p: jnp.sum(jnp.tanh(round_to(p) * 3.0) ** 2)  # noqa: E731
     p = jnp.asarray(np.random.default_rng(seed).normal(size=10), jnp.float32)
-    cast = "astype" in inspect.getsource(round_to)
-    # (a cast to float32 of float32 values, with 64-bit types off, is a no-op in fn: kept
-    # out of the reference, see test_verdict_holes; with them on, it may round)
-    with enable_x64(cast):
-        report = jaxcheck.verify(fn, p)
+    report = jaxcheck.verify(fn, p)
     assert report.status == "pass", str(report)
     assert report.steps_tried[0] == pytest.approx(jnp.finfo(jnp.float32).eps ** (1 / 3))
     said = "fn rounds values computed from params to float32 (an explicit cast, "
@@ -909,12 +904,7 @@ def test_a_model_casting_its_params_to_float32_not_judged_is_pointed_to_native_p
     not judged (noise floor 4e-2 to 9e-2 at four seeds), where precision="native" passes it
     at a tolerance of about 1e-3 and fails a 1 % bug; the report did not say so."""
     loss, p, x, y = _casting_model(0)
-    # (with 64-bit types off, the casts are no-ops in fn, kept out of the reference: it
-    # passes at float64 resolution; with them on, a cast to float32 may round)
-    kept = jaxcheck.verify(loss, p, x, y)
-    assert kept.status == "pass" and kept.tolerance < 1e-5, str(kept)
-    with enable_x64(True):
-        report = jaxcheck.verify(loss, p, x, y)
+    report = jaxcheck.verify(loss, p, x, y)
     assert report.status == "inconclusive", str(report)
     assert any(
         q.endswith(
@@ -924,8 +914,7 @@ def test_a_model_casting_its_params_to_float32_not_judged_is_pointed_to_native_p
         )
         for q in report.problems
     ), report.problems
-    with enable_x64(True):
-        native = jaxcheck.verify(loss, p, x, y, precision="native")
+    native = jaxcheck.verify(loss, p, x, y, precision="native")
     assert native.status == "pass" and native.tolerance < 1e-2, str(native)
     assert not any("precision='native'" in q for q in native.problems)
 
@@ -1374,10 +1363,7 @@ def test_a_cast_inside_jaxs_own_function_is_said_to_be_jaxs():
     def fn(q):
         return jnp.sum(jnp.cos(jax.nn.dot_product_attention(q, q, q, is_causal=True)))
 
-    # (with 64-bit types on: with them off, a cast to float32 of values that are float32
-    # in the model is a no-op, kept out of the reference)
-    with enable_x64(True):
-        report = jaxcheck.verify(fn, q.astype(jnp.float32))
+    report = jaxcheck.verify(fn, q)
     assert report.status == "pass", str(report)
     [said] = [p for p in report.problems if p.startswith("fn rounds values computed")]
     assert ", inside JAX's own dot_product_attention), so it is a staircase of float32" in said
@@ -2049,10 +2035,7 @@ def test_a_leaf_not_judged_alone_under_a_pass_is_named_with_what_the_pass_vouche
     alone, crosses kinks and is not judged: its table row said INCONCLUSIVE and no note
     said why, or how far the all-leaf pass covers it."""
     loss, p, x, y = _relu_mlp_casting_to_float32(1)
-    # (with 64-bit types on, where a cast to float32 may round: with them off, it is a
-    # no-op kept out of the reference)
-    with enable_x64(True):
-        report = jaxcheck.verify(loss, p, x, y)
+    report = jaxcheck.verify(loss, p, x, y)
     assert report.status == "pass", str(report)
     unjudged = [leaf.path for leaf in report.leaves if leaf.status == "inconclusive"]
     assert unjudged == ["['w0']"], str(report)
