@@ -92,16 +92,16 @@ def _held(f):
 
 
 def _callables(jaxpr) -> list:
-    """The callable parameters of `jaxpr`'s equations and its sub-jaxprs' (other than
-    jaxprs themselves)."""
+    """The functions the callbacks of `jaxpr` and its sub-jaxprs call (their `callback`
+    parameter; not the thunks a custom rule's equation holds, made anew at each trace)."""
     out = []
     for eqn in jaxpr.eqns:
+        if "callback" in eqn.primitive.name and "callback" in eqn.params:
+            out.append(eqn.params["callback"])
         for value in eqn.params.values():
             for item in value if isinstance(value, tuple | list) else (value,):
                 if hasattr(item, "eqns") or hasattr(getattr(item, "jaxpr", None), "eqns"):
                     out += _callables(getattr(item, "jaxpr", item))
-                elif callable(item) and not isinstance(item, type):
-                    out.append(item)
     return out
 
 

@@ -726,8 +726,6 @@ def forget(fn) -> None:
 
     for key in [k for k in _ONCE if any(map(held, jax.tree_util.tree_leaves(k[0])))]:
         del _ONCE[key]
-    for key in [k for k in _JITTED if any(map(held, jax.tree_util.tree_leaves(k)))]:
-        del _JITTED[key]
 
 
 def peak_bytes(compiled) -> int | None:
