@@ -2132,12 +2132,17 @@ def test_a_straight_through_rule_named_wrong_says_why_instead_of_noise_units():
 
     @jax.custom_vjp
     def ste_round(x):
-        return jnp.round(x * 4) / 4
+        return jnp.round(x)
 
-    ste_round.defvjp(lambda x: (jnp.round(x * 4) / 4, None), lambda _, g: (g,))
-    w = jax.random.normal(jax.random.PRNGKey(0), (4, 5)) * 0.6
-    x = jax.random.normal(jax.random.PRNGKey(1), (6, 4))
-    report = jaxcheck.verify(lambda p, x: jnp.mean(ste_round(jnp.tanh(x @ p)) ** 2), w, x)
+    ste_round.defvjp(lambda x: (jnp.round(x), None), lambda _, g: (g,))
+
+    def fn(p, x):  # (its inputs far from round's jumps: the rule is flat about them)
+        h = jnp.tanh(x @ p)
+        return jnp.mean((ste_round(h) + h) ** 2)
+
+    w = jnp.sin(jnp.arange(20.0)).reshape(4, 5) * 0.1
+    x = jnp.cos(jnp.arange(24.0)).reshape(6, 4)
+    report = jaxcheck.verify(fn, w, x)
     assert report.status == "fail", str(report)
     [line] = [q for q in report.problems if q.startswith("wrong rule: ")]
     assert line.startswith("wrong rule: custom_vjp ste_round at "), line
