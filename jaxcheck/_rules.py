@@ -485,6 +485,7 @@ class _Draws:
     def __post_init__(self):
         self.go = _derivatives(self.rule.call, self.with_jvp, self.with_vjp)
         self.out = jax.eval_shape(self.rule.call, self.rule.inputs)
+        self._computes = {}  # (what, the arguments' signature) -> fingerprint
 
     def program(self, what: str, f, *args):
         """f(*args), jitted and kept (`_plan.kept_jit`) under `what` (which program of
@@ -493,11 +494,26 @@ class _Draws:
         model is re-bound at every check, and each check compiled its programs anew (a
         warm `rules=True` check of a model with 3 rules compiled 9 programs, 2.3 s against
         0.04 s without); a rule redefined or reading another setting since computes
-        something else, and is compiled anew."""
-        try:
-            computes = _fingerprint.of(f, *args, derivative=False)
-        except Exception:  # noqa: BLE001 - not traced here: not kept
-            computes = None
+        something else, and is compiled anew. Taken once per `what` and signature of args
+        for this rule (the transpose and vmap rows run one program at several draws)."""
+        leaves, treedef = jax.tree_util.tree_flatten(args)
+        # (arrays by shape and dtype, as the fingerprint takes them; other values as held)
+        at = (
+            what,
+            treedef,
+            *(
+                _tree.digest(x)
+                if np.ndim(x) == 0 and not _tree.is_array(x)
+                else (np.shape(x), jnp.result_type(x))
+                for x in leaves
+            ),
+        )
+        if at not in self._computes:
+            try:
+                self._computes[at] = _fingerprint.of(f, *args, derivative=False)
+            except Exception:  # noqa: BLE001 - not traced here: not kept
+                self._computes[at] = None
+        computes = self._computes[at]
         if computes is None:
             return jax.jit(f)(*args)
         return _plan.kept_jit(f, ("rule", what, computes))(*args)
