@@ -74,7 +74,16 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
     scales = run.probe["leaf_scales"]
     h0 = step if step is not None else _precision.default_step(ref)
     rounds_to = run.problem.rounds_to
-    if rounds_to is not None and _precision.eps(rounds_to) > _precision.eps(ref):
+    if rounds_to is not None and run.problem.retyped and np.dtype(ref) == np.float64:
+        at = run.problem.rounds_at
+        run.problems.append(
+            f"fn casts values computed from params to {rounds_to}, which rounds nothing in "
+            "the model"
+            f"{' (first at ' + at + ')' if at else ''} but would round in float64: the "
+            f"reference evaluates fn's program with its {rounds_to} values held in "
+            "float64, and judges it at float64 resolution"
+        )
+    elif rounds_to is not None and _precision.eps(rounds_to) > _precision.eps(ref):
         run.rounds_to = jnp.dtype(rounds_to)
         if step is None:
             h0 = _precision.default_step(run.rounds_to)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _fingerprint, _plan, _precision, _rule_search, _tree
+from . import _fingerprint, _plan, _precision, _retype, _rule_search, _tree
 
 # how an error for an output with no elements begins (check_grads passes there, as JAX does)
 EMPTY_OUTPUT = "every output leaf of fn is empty"
@@ -58,6 +58,9 @@ class Problem:
     widen: int = 0
     # indices of the differentiable leaves whose values reach no such cast (see `_rounds_to`)
     unrounded: tuple[int, ...] = ()
+    # fn's casts to float32 round only in float64, and with its float32 values held in
+    # float64 it rounds nothing (`_retype`): the float64 reference runs so
+    retyped: bool = False
     float32_products: bool = False  # see `_float32_products`
     has_rules: bool = False  # fn calls a custom_vjp/custom_jvp rule (seen in its jaxpr)
     iterates: bool = False  # fn runs a lax.while_loop stopping on values (a solver, say)
@@ -432,8 +435,8 @@ def _rounds_to(closed_jaxpr, diff, call, inputs, fn) -> dict:
     traces = [(closed_jaxpr.jaxpr, own)]  # (a trace, the precision its casts go below)
     wide = _precision.eps(jnp.float64)
     if own > wide:
-        wide_jaxpr = _traced_in_float64(call, diff, inputs)
-        traces += [] if wide_jaxpr is None else [(wide_jaxpr, wide)]
+        wide_closed = _traced_in_float64(call, diff, inputs)
+        traces += [] if wide_closed is None else [(wide_closed.jaxpr, wide)]
 
     def rounding(flags, traces=traces) -> dict:
         lowest = {}
@@ -452,13 +455,38 @@ def _rounds_to(closed_jaxpr, diff, call, inputs, fn) -> dict:
             # (a new function: JAX's trace cache, keyed by `call`, holds its first trace)
             fresh = lambda *a: call(*a)  # noqa: E731
             again = _traced_in_float64(fresh, diff, inputs) if widened else None
-        if again is not None and not rounding([True] * n, [(again, wide)]):
+        if again is not None and not rounding([True] * n, [(again.jaxpr, wide)]):
             return {"widen": widened}
+        retyped = _retyped_rounds_nothing(wide_closed, n)
+    else:
+        retyped = False
     dtype = _precision.lowest(list(lowest))
     unrounded = ()
-    if 1 < n <= MAX_LEAVES_TRACED_ALONE:
+    if not retyped and 1 < n <= MAX_LEAVES_TRACED_ALONE:
         unrounded = tuple(i for i in range(n) if not rounding([j == i for j in range(n)]))
-    return {"rounds_to": dtype.name, "rounds_at": lowest[dtype], "unrounded": unrounded}
+    return {
+        "rounds_to": dtype.name,
+        "rounds_at": lowest[dtype],
+        "unrounded": unrounded,
+        "retyped": retyped,
+    }
+
+
+def _retyped_rounds_nothing(closed, n: int) -> bool:
+    """Whether fn's float64 trace `closed` (its first `n` inputs the differentiable
+    leaves), evaluated with its float32 values held in float64 (`_retype`), rounds no
+    value computed from them: then the reference runs so."""
+    try:
+        with _precision.x64_scope(True), jax.enable_checks(False), _precision.widening():
+            again = jax.make_jaxpr(lambda *a: _retype.evaluate(closed.jaxpr, closed.consts, *a))(
+                *[jax.ShapeDtypeStruct(a.shape, _retype.wider(a.dtype)) for a in closed.in_avals]
+            )
+    except Exception:  # noqa: BLE001 - a part that cannot be retyped: fn is judged as it rounds
+        return False
+    if _retype.narrows(again.jaxpr):
+        return False
+    wide = _precision.eps(jnp.float64)
+    return all(_precision.eps(d) <= wide for d in casts(again.jaxpr, [True] * n))
 
 
 # beyond this many leaves, none is looked at alone for the casts its values reach
@@ -486,7 +514,7 @@ def _default(precision) -> bool:
 
 
 def _traced_in_float64(call, diff, inputs):
-    """fn's jaxpr traced on float64 parameters (None when it cannot be)."""
+    """fn's closed jaxpr traced on float64 parameters (None when it cannot be)."""
     try:
         # jaxcheck's own trace, as its compiled programs are: without the caller's checks
         with _precision.x64_scope(True), jax.enable_checks(False), _precision.widening():
@@ -494,7 +522,7 @@ def _traced_in_float64(call, diff, inputs):
             # the reference casts the floating args to float64 too
             p_arrays, a_floats, a_arrays = inputs.traced()
             a_wide = [jax.ShapeDtypeStruct(np.shape(x), jnp.float64) for x in a_floats]
-            return jax.make_jaxpr(call)(wide, (p_arrays, a_wide, a_arrays)).jaxpr
+            return jax.make_jaxpr(call)(wide, (p_arrays, a_wide, a_arrays))
     except Exception:  # noqa: BLE001 - the reference falls back and says why, elsewhere
         return None
 

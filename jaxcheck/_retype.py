@@ -1,0 +1,181 @@
+"""fn's program evaluated with every float32 value in it held in float64.
+
+A float32 model often casts values to float32 that are float32 already (logits before a
+softmax, `p.astype(jnp.float32)` in a mixed-precision policy, a flax module's dtype). In
+the model each such cast does nothing; in the float64 reference it rounds every value
+computed from the parameters to float32, and finite differences then see a staircase of
+float32 quanta. `evaluate` runs fn's jaxpr, traced on float64 inputs, with float32 (and
+complex64) retyped as float64 (complex128) throughout: its casts, the dtypes its products
+accumulate in, the arrays it creates, its loops' carries. The arithmetic is fn's own,
+traced as the model traces it (a dtype read in fn's Python code reads what the model
+reads); only the precision differs.
+
+It works on the jaxpr, never on fn or on JAX's functions: nothing that JAX keeps between
+traces (a jitted function's cached trace) ever sees a retyped value. Custom rules are
+evaluated as their primal functions, which is what finite differences of fn need; code
+whose arithmetic the jaxpr does not show (a kernel, a callback) gets its inputs in their
+own dtypes, which rounds, and `rounds` then says so.
+"""
+
+import jax
+import numpy as np
+
+# the dtypes held wider, and what they are held in
+WIDER = {
+    np.dtype(np.float32): np.dtype(np.float64),
+    np.dtype(np.complex64): np.dtype(np.complex128),
+}
+
+# equations evaluated as their sub-program: calls, rematerialisation, and custom rules
+# (their primal functions: finite differences of fn evaluate fn, not its rules)
+_INLINED = {
+    "jit",
+    "pjit",
+    "closed_call",
+    "core_call",
+    "remat",
+    "remat2",
+    "checkpoint",
+    "custom_jvp_call",
+    "custom_vjp_call",
+    "custom_vjp_call_jaxpr",
+}
+# dtypes in these equations' parameters are bit layouts, not precisions
+_BITWISE = {"bitcast_convert_type"}
+# calls whose programs are not retyped: their inputs are cast back to their own dtypes
+_KEPT = {"pallas_call", "pure_callback", "io_callback", "ffi_call", "triton_kernel_call"}
+_KEPT |= {"shard_map", "xla_pmap"}
+
+
+class Refused(Exception):
+    """fn's program has a part that cannot be retyped."""
+
+
+def wider(dtype):
+    """The dtype `dtype` is held in (itself, but for float32 and complex64)."""
+    return WIDER.get(dtype, dtype) if isinstance(dtype, np.dtype) else dtype
+
+
+def _up(x):
+    dtype = getattr(x, "dtype", None)
+    if not isinstance(dtype, np.dtype) or dtype not in WIDER:  # (a PRNG key's: no NumPy's)
+        return x
+    if isinstance(x, np.ndarray | np.generic):
+        return np.asarray(x, wider(dtype))
+    return jax.lax.convert_element_type(x, wider(dtype))
+
+
+def evaluate(jaxpr, consts, *args) -> list:
+    """The outputs of open `jaxpr` at `consts`, `args`, retyped (see the module)."""
+    env = {}
+
+    def read(v):
+        if type(v).__name__ == "Literal":
+            return _up(np.asarray(v.val) if np.ndim(v.val) == 0 else v.val)
+        return env[v]
+
+    for v, x in zip(jaxpr.constvars, consts, strict=True):
+        env[v] = _up(x)
+    for v, x in zip(jaxpr.invars, args, strict=True):
+        env[v] = _up(x)
+    for eqn in jaxpr.eqns:
+        outs = _equation(eqn, [read(v) for v in eqn.invars])
+        if not eqn.primitive.multiple_results:
+            outs = [outs]
+        for v, x in zip(eqn.outvars, outs, strict=True):
+            if type(v).__name__ != "DropVar":
+                env[v] = _up(x)
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _equation(eqn, invals):
+    name = eqn.primitive.name
+    if name in _INLINED:
+        sub = next(
+            (eqn.params[k] for k in ("jaxpr", "call_jaxpr", "fun_jaxpr") if k in eqn.params),
+            None,
+        )
+        if sub is None:
+            raise Refused(f"{name} without a program")
+        if hasattr(sub, "consts"):  # a ClosedJaxpr
+            return evaluate(sub.jaxpr, sub.consts, *invals)
+        return evaluate(sub, (), *invals)
+    if name in _KEPT:
+        own = [
+            jax.lax.convert_element_type(x, v.aval.dtype)
+            if wider(getattr(v.aval, "dtype", None)) != getattr(v.aval, "dtype", None)
+            else x
+            for x, v in zip(invals, eqn.invars)
+        ]
+        return eqn.primitive.bind(*own, **eqn.params)
+    params = {k: _param(name, v) for k, v in eqn.params.items()}
+    return eqn.primitive.bind(*invals, **params)
+
+
+def _param(name, value):
+    if isinstance(value, type) and issubclass(value, np.generic):  # (lax.mul's out_dtype)
+        value = np.dtype(value)
+    if isinstance(value, np.dtype):
+        return value if name in _BITWISE else wider(value)
+    if hasattr(value, "jaxpr") and hasattr(value, "consts"):  # a ClosedJaxpr
+        return retyped(value)
+    if hasattr(value, "eqns") and hasattr(value, "invars"):  # an open Jaxpr
+        closed = jax.make_jaxpr(lambda *a: evaluate(value, (), *a))(
+            *[_struct(v.aval) for v in value.invars]
+        )
+        if closed.consts:
+            raise Refused("an open sub-program with constants")
+        return closed.jaxpr
+    if isinstance(value, tuple) and any(hasattr(v, "eqns") or hasattr(v, "consts") for v in value):
+        items = [_param(name, v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    return value
+
+
+def _struct(aval):
+    return jax.ShapeDtypeStruct(aval.shape, wider(aval.dtype))
+
+
+def retyped(closed):
+    """ClosedJaxpr `closed` traced again through `evaluate`, on its inputs retyped."""
+    return jax.make_jaxpr(lambda *a: evaluate(closed.jaxpr, closed.consts, *a))(
+        *[_struct(a) for a in closed.in_avals]
+    )
+
+
+def function(f, example):
+    """`f` (a function of one pytree, as `example`, returning a list of arrays) evaluated
+    retyped: traced once at `example` (values or tracers), then its program evaluated."""
+    closed = jax.make_jaxpr(f)(example)
+    treedef = jax.tree_util.tree_structure(example)
+
+    def wide(x):
+        leaves = jax.tree_util.tree_leaves(x)
+        if jax.tree_util.tree_structure(x) != treedef:
+            raise Refused("another structure")
+        return evaluate(closed.jaxpr, closed.consts, *leaves)
+
+    return wide
+
+
+def narrows(jaxpr) -> bool:
+    """Whether an equation of `jaxpr` (or of its sub-programs) computes a float value
+    narrower than float64 from a float64 one: a rounding that `evaluate` left in."""
+    for eqn in jaxpr.eqns:
+        widths = [_bits(v) for v in eqn.invars]
+        if 64 in widths and any(0 < _bits(v) < 64 for v in eqn.outvars):
+            return True
+        for value in eqn.params.values():
+            for item in value if isinstance(value, tuple | list) else (value,):
+                sub = getattr(item, "jaxpr", item)
+                if hasattr(sub, "eqns") and narrows(sub):
+                    return True
+    return False
+
+
+def _bits(v) -> int:
+    """The width of a float (a complex's real part) value `v`; 0 for other values."""
+    dtype = getattr(getattr(v, "aval", None), "dtype", None)
+    if not isinstance(dtype, np.dtype) or not np.issubdtype(dtype, np.inexact):
+        return 0
+    return np.finfo(dtype).bits

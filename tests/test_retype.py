@@ -1,0 +1,194 @@
+"""Casts to float32 in a float32 model round nothing there, and only in the float64
+reference: it holds fn's float32 values in float64 instead (`_retype`), and judges at
+float64 resolution, where bugs of 3e-4 are seen."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import jaxcheck
+
+RETYPED = "fn casts values computed from params to float32, which rounds nothing in the model"
+ROUNDS = "fn rounds values computed from params to float32"
+
+
+def _tanh_rule(error):
+    @jax.custom_vjp
+    def act(z):
+        return jnp.tanh(z)
+
+    act.defvjp(lambda z: (jnp.tanh(z), z), lambda z, g: (g * (1 + error) / jnp.cosh(z) ** 2,))
+    return act
+
+
+@jax.jit
+def _jitted_tanh(h):
+    return jnp.tanh(h).astype(jnp.float32)
+
+
+def _model(kind, error):
+    act = _tanh_rule(error)
+    x = jnp.cos(jnp.arange(48.0)).reshape(6, 8)
+
+    def logits_cast(p):
+        h = act(x @ p["w1"]).astype(jnp.float32)
+        return jnp.mean(jax.nn.logsumexp((h @ p["w2"]).astype(jnp.float32), -1))
+
+    def scan_into_float32_buffers(p):
+        def body(c, row):
+            c = c + _jitted_tanh(row).astype(jnp.float32)
+            return c, c.sum()
+
+        c, ys = lax.scan(body, jnp.zeros(5, jnp.float32), act(x @ p["w1"]))
+        buf = jnp.zeros(6, jnp.float32).at[jnp.arange(6)].set(ys)
+        return jnp.sum(c @ p["w2"]) + 1e-2 * jnp.mean(buf**2)
+
+    def products_cond_and_loop(p):
+        h = act(jnp.dot(x, p["w1"], preferred_element_type=jnp.float32))
+        h = lax.cond(h.sum() > -1e9, lambda h: 2 * h, lambda h: h, h)
+        h = lax.fori_loop(0, 3, lambda i, h: 0.9 * h, h)
+        return jnp.mean(jnp.dot(h, p["w2"], preferred_element_type=jnp.float32) ** 2)
+
+    def policy_and_remat(p):
+        p = jax.tree.map(lambda a: a.astype(jnp.float32), p)
+        h = jax.checkpoint(act)(x @ p["w1"])
+        return jnp.mean((h @ p["w2"]) ** 2)
+
+    return locals()[kind]
+
+
+def _params():
+    return {
+        "w1": jnp.sin(jnp.arange(40.0)).reshape(8, 5) * 0.5,
+        "w2": jnp.cos(jnp.arange(15.0)).reshape(5, 3) * 0.5,
+    }
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["logits_cast", "scan_into_float32_buffers", "products_cond_and_loop", "policy_and_remat"],
+)
+@pytest.mark.parametrize("error", [0.0, 3e-4])
+def test_a_float32_model_casting_to_float32_is_judged_at_float64_resolution(kind, error):
+    """A rule 3e-4 off passed at float32 resolution (tolerance 3e-3); now it fails, and the
+    correct rule passes at a tolerance of 1.2e-6."""
+    report = jaxcheck.verify(_model(kind, error), _params())
+    assert report.status == ("pass" if error == 0.0 else "fail"), str(report)
+    assert report.tolerance < 2e-6, str(report)
+    assert any(q.startswith(RETYPED) for q in report.problems), report.problems
+    if error:
+        assert 1e-4 < report.relative_error < 1e-3, str(report)
+
+
+def test_jitted_functions_inside_fn_keep_their_own_casts_afterwards():
+    """The reference retypes fn's program, never fn or JAX's functions: a jitted function
+    fn calls still casts to float32 when the user calls it with float64 afterwards."""
+    report = jaxcheck.verify(_model("scan_into_float32_buffers", 0.0), _params())
+    assert report.status == "pass", str(report)
+    with jax.enable_x64(True):
+        out = _jitted_tanh(jnp.ones(3, jnp.float64))
+    assert out.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("error", [0.0, 3e-4])
+def test_a_second_order_check_of_a_casting_model_is_judged_finely(error):
+    act = _tanh_rule(0.0)
+
+    @jax.custom_jvp
+    def cube(z):
+        return z**3
+
+    cube.defjvp(lambda p, t: (p[0] ** 3, 3 * (1 + error) * p[0] ** 2 * t[0]))
+
+    def fn(w):
+        return jnp.sum(act(cube(w).astype(jnp.float32)) ** 2)
+
+    report = jaxcheck.verify(fn, jnp.linspace(-0.9, 0.8, 6), order=2)
+    assert report.status == ("pass" if error == 0.0 else "fail"), str(report)
+    assert any(RETYPED in q for q in report.problems), report.problems
+
+
+@pytest.mark.parametrize("params_dtype", ["float32", "float64"])
+def test_under_x64_a_cast_rounds_where_the_params_are_float64(params_dtype):
+    """With 64-bit types on, a float32 model's casts to float32 are held in float64 as with
+    them off; float64 params cast to float32 round in the model too: judged as they round."""
+    with jax.enable_x64(True):
+        x = jnp.linspace(-1.0, 1.0, 8, dtype=jnp.float32)
+        w = jnp.linspace(0.5, 1.5, 8, dtype=params_dtype)
+        report = jaxcheck.verify(lambda w, x: jnp.sum(jnp.sin(w.astype(jnp.float32) * x)), w, x)
+    assert report.status == "pass", str(report)
+    said = [q for q in report.problems if q.startswith((RETYPED, ROUNDS))]
+    assert len(said) == 1 and said[0].startswith(
+        RETYPED if params_dtype == "float32" else ROUNDS
+    ), report.problems
+
+
+def test_a_callback_declaring_float32_keeps_the_rounding_it_declares():
+    """Code the jaxpr does not show (a callback, a kernel) cannot be held in float64: fn is
+    judged as it rounds there."""
+
+    @jax.custom_jvp
+    def host_sin(x):
+        out = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+        return jax.pure_callback(lambda x: np.sin(x).astype(np.float32), out, x)
+
+    host_sin.defjvp(lambda p, t: (host_sin(p[0]), jnp.cos(p[0]) * t[0]))
+
+    def fn(p):
+        return jnp.sum(host_sin(p).astype(jnp.float32) ** 2)
+
+    report = jaxcheck.verify(fn, jnp.linspace(0.1, 1.0, 5), rules=False)
+    assert not any(q.startswith(RETYPED) for q in report.problems), report.problems
+    assert any(q.startswith(ROUNDS) for q in report.problems), report.problems
+
+
+def test_random_numbers_drawn_in_float32_are_drawn_as_in_the_model():
+    """jax.random.uniform in float32 forms its numbers from bits (a bit cast, kept as it
+    is): a dropout mask drawn so passes with the casts held in float64."""
+    key = jax.random.key(3)
+
+    def fn(w):
+        keep = jax.random.uniform(key, w.shape, dtype=jnp.float32) > 0.3
+        return jnp.sum(jnp.where(keep, jnp.tanh(w).astype(jnp.float32), 0.0) ** 2)
+
+    report = jaxcheck.verify(fn, jnp.linspace(-1.0, 1.0, 12))
+    assert report.status == "pass" and report.tolerance < 2e-6, str(report)
+    assert any(q.startswith(RETYPED) for q in report.problems), report.problems
+
+
+def test_a_flax_dense_with_its_dtype_set_is_judged_finely():
+    linen = pytest.importorskip("flax.linen")
+    dense = linen.Dense(3, dtype=jnp.float32)
+    x = jnp.cos(jnp.arange(12.0)).reshape(4, 3)
+    variables = dense.init(jax.random.key(0), x)
+    report = jaxcheck.verify(lambda v, x: jnp.sum(jnp.tanh(dense.apply(v, x)) ** 2), variables, x)
+    assert report.status == "pass" and report.tolerance < 2e-6, str(report)
+    assert any(q.startswith(RETYPED) for q in report.problems), report.problems
+
+
+@pytest.mark.parametrize("upcast", [False, True])
+def test_a_bfloat16_model_returning_its_loss_in_float32_is_judged_as_without(upcast):
+    """A bfloat16 model's loss cast up to float32 (mixed precision's usual last step) rounds
+    nothing in the model: a rule 2e-4 off fails either way (it passed with the cast, then
+    judged at float32 resolution)."""
+
+    @jax.custom_jvp
+    def act(z):
+        return jnp.tanh(z)
+
+    act.defjvp(lambda p, t: (jnp.tanh(p[0]), (1 - jnp.tanh(p[0]) ** 2) * t[0] * 1.0002))
+    bf16 = jnp.bfloat16
+    p = {"w": (jnp.linspace(-1, 1, 6).reshape(3, 2) * 0.7).astype(bf16), "b": jnp.ones(2, bf16)}
+    x = jnp.linspace(-1, 1, 12).reshape(4, 3).astype(bf16)
+
+    def fn(p, x):
+        loss = jnp.sum(act(x @ p["w"] + p["b"]) * jnp.array([1.0, -2.0], bf16))
+        return loss.astype(jnp.float32) if upcast else loss
+
+    report = jaxcheck.verify(fn, p, x)
+    assert report.status == "fail", str(report)
+    [rule] = [c for c in report.checks if "same rule" in c.name]
+    assert rule.tolerance < 2e-6 and not rule.passed, str(report)
+    assert any(q.startswith(RETYPED) for q in report.problems) == upcast, report.problems
