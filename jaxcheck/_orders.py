@@ -367,7 +367,9 @@ def _parts(fn, params, args, o: _options.Options, first) -> list:
         # the kinds of custom rules fn calls, for the two parts below (one trace for both)
         kinds = frozenset()
         if level == 1 and o.grad_fn is None:
-            kinds = _rule_search.fn_rule_kinds(fn, params, args)
+            # (fn's output alone: an aux of strings, or a module, cannot be traced)
+            out = (lambda p, *a: fn(p, *a)[0]) if o.has_aux else fn
+            kinds = _rule_search.fn_rule_kinds(out, params, args)
         if _in_cotangent(inner, kinds):
 
             def in_cotangent(draws):

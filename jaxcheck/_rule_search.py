@@ -359,12 +359,16 @@ def _other_int(value, dtype) -> bool:
 
 def fn_rule_kinds(fn, params, args) -> frozenset:
     """The kinds of rules ("custom_vjp", "custom_jvp") `fn(params, *args)` calls on its
-    way, from one trace of fn (none where it cannot be traced)."""
+    way, from one trace of fn (both where it cannot be traced: a fn run eagerly, as a
+    boolean mask's indexing asks, may call either)."""
     try:
         closed = _traced(fn, params, args)[0]
     except Exception:  # noqa: BLE001 - only a question
-        return frozenset()
+        return frozenset(RULE_KINDS)
     return rule_kinds(closed.jaxpr)
+
+
+RULE_KINDS = ("custom_vjp", "custom_jvp")
 
 
 def calls(jaxpr, *kinds: str) -> bool:

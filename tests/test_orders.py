@@ -969,3 +969,30 @@ def test_a_composite_footer_names_each_part_s_reference_precision():
     footer = str(jaxcheck._report.compose(parts, 2)).splitlines()[-1]
     assert "reference: central differences in float64 (order 1: fn), float32 (order 2: " in footer
     assert "Hessian-vector products)" in footer
+
+
+@pytest.mark.parametrize("shape", ["plain", "str aux", "eager"])
+def test_a_bwd_not_differentiable_in_its_cotangent_fails_behind_an_aux_or_eagerly(shape):
+    """The parts of order 2 that check a custom_vjp's bwd in its cotangent ran only where
+    fn's trace showed the rule: an aux of strings (or an equinox module) cannot be traced
+    as an output, and a boolean mask's indexing runs fn eagerly; the bwd's stop_gradient
+    on its cotangent then passed at order 2, where JAX's check_grads fails it."""
+
+    @jax.custom_vjp
+    def s(x):
+        return jnp.sin(x)
+
+    s.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (lax.stop_gradient(g) * jnp.cos(x),))
+    c = jnp.array([1.0, 2.0, -0.5])
+    x = jnp.array([0.3, -0.8, 1.2])
+    fn, kw = {
+        "plain": (lambda p: jnp.sum(s(p) * c), {}),
+        "str aux": (lambda p: (jnp.sum(s(p) * c), "tag"), {"has_aux": True}),
+        "eager": (lambda p: jnp.sum(s(p[p > -5.0]) * c), {}),
+    }[shape]
+    report = jaxcheck.verify(fn, x, order=2, **kw)
+    assert report.status == "fail", str(report)
+    assert [(part.label, part.status) for part in report.parts][-1] == (
+        "order 2: vjp map in its cotangent",
+        "fail",
+    ), str(report)
