@@ -854,7 +854,19 @@ def _named(report: Report, order: int, chain: tuple, name: str) -> Report:
         else:
             new = row(mode)
         checks.append(dataclasses.replace(c, name=new))
-    return dataclasses.replace(report, checks=tuple(checks), label=f"order {order}: {name}")
+    # a derivative map flat here is most often fn's derivative of that order constant (fn
+    # a polynomial of lower degree), not a staircase
+    constant = (
+        "piecewise constant, as round or argmax are, or not depending on params at all",
+        f"fn's derivative of order {order - 1} is constant here, as a polynomial's of "
+        f"degree {order - 1} is, or the map is piecewise constant",
+    )
+    problems = tuple(
+        q.replace(*constant) if q.startswith(_verdict.FLAT) else q for q in report.problems
+    )
+    return dataclasses.replace(
+        report, checks=tuple(checks), problems=problems, label=f"order {order}: {name}"
+    )
 
 
 # the exponents of the powers of two a map's fixed vectors are scaled by (`_Draws._signs`):

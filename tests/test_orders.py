@@ -996,3 +996,21 @@ def test_a_bwd_not_differentiable_in_its_cotangent_fails_behind_an_aux_or_eagerl
         "order 2: vjp map in its cotangent",
         "fail",
     ), str(report)
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_a_constant_derivative_map_is_said_to_be_one(order):
+    """A polynomial of degree order - 1 has a constant derivative map of that order: its
+    note called it piecewise constant, "as round or argmax are, or not depending on params
+    at all"."""
+    w = jnp.linspace(-1.0, 1.0, 6).reshape(3, 2)
+    x = jnp.linspace(0.5, 2.0, 6).reshape(2, 3)
+    fn = (lambda w, x: jnp.sum(x @ w)) if order == 2 else (lambda w, x: jnp.sum((x @ w) ** 2))
+    report = jaxcheck.verify(fn, w, x, order=order)
+    assert report.status == "pass", str(report)
+    [said] = [q for q in report.problems if "fn is flat here" in q]
+    assert (
+        f"(fn's derivative of order {order - 1} is constant here, as a polynomial's of degree "
+        f"{order - 1} is, or the map is piecewise constant)"
+    ) in said
+    assert "as round or argmax are" not in said
