@@ -187,7 +187,7 @@ def has_complex_outputs(fn, params, args, has_aux: bool) -> bool:
     def call(*arrays):
         p, a = jax.tree_util.tree_unflatten(treedef, _tree.filled(leaves, at, arrays))
         out = fn(p, *a)
-        return out[0] if has_aux and isinstance(out, tuple) else out
+        return out[0] if has_aux and isinstance(out, tuple | list) else out
 
     try:
         out = jax.eval_shape(call, *(leaves[i] for i in at))

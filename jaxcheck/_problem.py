@@ -184,7 +184,7 @@ def _with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
         out = called("fn", problem.fn, params, args)
         if not problem.has_aux:
             return _arrays_only(out)
-        if not (isinstance(out, tuple) and len(out) == 2):
+        if not (isinstance(out, tuple | list) and len(out) == 2):
             what = f"an array of shape {out.shape}" if hasattr(out, "shape") else type(out).__name__
             raise TypeError(
                 f"has_aux=True, so fn must return a pair (output, aux); it returned {what}. "

@@ -209,6 +209,14 @@ def test_has_aux_without_pair():
         jaxcheck.verify(loss, P, has_aux=True)
 
 
+@pytest.mark.parametrize("order", [1, 2])
+def test_has_aux_takes_a_list_pair_as_jax_does(order):
+    """jax.grad(has_aux=True) takes [output, aux] as it takes (output, aux); it was refused:
+    "has_aux=True, so fn must return a pair (output, aux); it returned list"."""
+    report = jaxcheck.verify(lambda p: [loss(p), "aux"], P, has_aux=True, order=order)
+    assert report.status == "pass", str(report)
+
+
 def test_grad_fn_wrong_shape_names_leaf():
     with pytest.raises(
         ValueError,
