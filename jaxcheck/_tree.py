@@ -458,6 +458,10 @@ def mixed_devices(trees: dict) -> str:
 def _committed(x) -> bool:
     """Whether the array `x` is committed to its devices (False for a traced array, inside
     jax.jit, which the jitted program places)."""
+    if isinstance(x, jax.core.Tracer):
+        # (asked, a tracer raises an error whose message walks the whole trace: per leaf,
+        # a jitted step of many leaves traced in time quadratic in their number)
+        return False
     try:
         return bool(x.committed)
     except Exception:  # noqa: BLE001 - a tracer has no placement of its own

@@ -1440,3 +1440,27 @@ def test_a_donated_state_is_refused_with_a_message():
     with pytest.raises(ValueError, match=re.escape(f"flags, and {said}")):
         check(1, params, opt_state=old)
     assert jaxcheck.health(state).ok
+
+
+def test_a_jitted_step_does_not_ask_its_tracers_where_they_are_placed(monkeypatch):
+    """Asked for `.committed`, a tracer raises an error whose message walks the whole trace:
+    per leaf, that made tracing a jitted step with gradient_health quadratic in the number
+    of leaves (600 leaves: 114 s against 1.3 s without)."""
+    asked = []
+    tracer_type = None  # (the type of the step's tracers, once traced)
+    params = {f"w{i}": jnp.full(3, 0.1) for i in range(4)}
+    tx = optax.chain(jaxcheck.gradient_health(), optax.sgd(0.1))
+
+    def step(p, s):
+        nonlocal tracer_type
+        leaf = jax.tree.leaves(p)[0]
+        tracer_type = type(leaf)
+        monkeypatch.setattr(
+            tracer_type, "committed", property(lambda self: asked.append(1)), raising=False
+        )
+        updates, s = tx.update(p, s, p)
+        return optax.apply_updates(p, updates), s
+
+    jax.jit(step).lower(params, tx.init(params))
+    assert issubclass(tracer_type, jax.core.Tracer)
+    assert asked == []
