@@ -12,14 +12,15 @@ class Checker:
 
     The options (any keyword of `verify`) are validated once, when the checker is made.
     Every call `checker(params, *args)` is `verify(fn, params, *args, **options)`; calls
-    with the same shapes, dtypes and shardings reuse the compiled programs, so only the
-    first one compiles; they are compiled for the speed of repeated runs (`verify` compiles
-    small CPU programs for compile time instead). `compilations` counts the programs this
-    checker has compiled. Like `jax.jit`, a checker keeps what it traced for the shapes and
-    dtypes it has met (a new shape traces fn as it is then), and its programs serve no
-    other check: make a new one where fn's behaviour changes between calls (a global or a
-    setting it reads; `verify` checks that itself, at the cost of one trace of fn's vjp
-    per call).
+    with the same shapes, dtypes and shardings (and the same values of Python numbers in
+    `args`, held fixed as numbers: pass a changing one as an array) reuse the compiled
+    programs, so only the first one compiles; they are compiled for the speed of repeated
+    runs (`verify` compiles small CPU programs for compile time instead). `compilations`
+    counts the programs this checker has compiled. Like `jax.jit`, a checker keeps what it
+    traced for the shapes and dtypes it has met (a new shape traces fn as it is then), and
+    its programs serve no other check: make a new one where fn's behaviour changes between
+    calls (a global or a setting it reads; `verify` checks that itself, at the cost of one
+    trace of fn's vjp per call).
 
     Example:
         >>> import jax.numpy as jnp, jaxcheck
