@@ -494,7 +494,26 @@ def cotangent(out_seeds, index, scales, like, kind: str, signs=None, weights=Non
         signs = [units(z) for z in signs]
     if weights is not None:
         signs = [z.astype(scales.dtype) * w.astype(scales.dtype) for z, w in zip(signs, weights)]
+    leaf = leaf_weights([np.size(y) for y in like])
     return [
-        _plan.typed_like((z.astype(scales.dtype) / scales[i]).astype(y.dtype), y)
+        _plan.typed_like((z.astype(scales.dtype) * leaf[i] / scales[i]).astype(y.dtype), y)
         for i, (z, y) in enumerate(zip(signs, like))
+    ]
+
+
+# the largest weight of an output leaf's entries against those of the largest leaf
+MAX_LEAF_WEIGHT = 32.0
+
+
+def leaf_weights(sizes: list) -> list:
+    """Per output leaf of `sizes` entries, a weight for all of its entries: the square root
+    of the largest leaf's size over its own, rounded to a power of two (exact in every
+    dtype), from 1 to MAX_LEAF_WEIGHT. Scaled entries count alike, so a leaf of n entries
+    weighs sqrt(n) in a projection: a scalar loss returned beside 2048 predictions was a
+    forty-fifth of it, and a loss 0.1 % off passed as 2e-5 (JAX's check_grads compares
+    each output alone)."""
+    largest = max(sizes, default=1)
+    return [
+        float(2.0 ** round(math.log2(min(math.sqrt(largest / max(n, 1)), MAX_LEAF_WEIGHT))))
+        for n in sizes
     ]

@@ -1234,3 +1234,30 @@ def test_a_failures_headline_says_why_in_check_grads_terms(loose):
     second = _check_grads.run(lambda x: jnp.sum(_relu_twice(x) ** 2), (x + 1,), 2, **tolerances)
     assert second.verdict == "fail"
     assert second.headline.startswith("fail; order 1: f; relative error"), second.headline
+
+
+@pytest.mark.parametrize("factor", [1.0, 1.001])
+@pytest.mark.parametrize("modes", [("fwd",), ("rev",), ("fwd", "rev")])
+def test_a_scalar_output_beside_a_large_one_counts(factor, modes):
+    """fn returns (loss, predictions), 2048 of them, and only the loss's derivative is
+    0.1 % off: JAX's check_grads, comparing each output, fails it; in a projection over all
+    outputs the scalar weighed a forty-fifth of the predictions, and it passed."""
+
+    @jax.custom_jvp
+    def sq(x):
+        return x**2
+
+    sq.defjvp(lambda p, t: (p[0] ** 2, 2 * p[0] * t[0] * factor))
+    w = jnp.sin(jnp.arange(512.0)).reshape(8, 64) * 0.3
+    x = jnp.cos(jnp.arange(256.0)).reshape(32, 8)
+    y = jnp.sin(3.0 * jnp.arange(2048.0)).reshape(32, 64)
+
+    def f(w):
+        h = jnp.tanh(x @ w)
+        return jnp.mean(sq(h - y)), h
+
+    if factor == 1.0:
+        jaxcheck.check_grads(f, (w,), 1, modes=modes)
+    else:
+        with pytest.raises(jaxcheck.GradientCheckError, match="WRONG"):
+            jaxcheck.check_grads(f, (w,), 1, modes=modes)
