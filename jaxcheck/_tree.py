@@ -2,6 +2,7 @@
 
 import dataclasses
 import hashlib
+import re
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -361,6 +362,20 @@ def _pair_hint(s: Split, grad_tree, where: str) -> str:
     return ""
 
 
+def _renamed_hint(s: Split, by_path: dict) -> str:
+    """Where the gradient's leaves are params' own under keys of another kind (the same
+    names: `['bias'].value` for `.bias.value`, as flax.nnx's grad of a Module returns a
+    State), a hint to return it in params' structure."""
+    names = sorted(tuple(re.findall(r"\w+", p)) for p in s.paths_of(DIFF))
+    if not names or names != sorted(tuple(re.findall(r"\w+", p)) for p in by_path):
+        return ""
+    return (
+        " Its leaves are params' own under keys of another kind (a flax.nnx State where "
+        "params is the Module, or a dict where it is an object, say): return the gradient "
+        "in params' structure, or pass params in the gradient's (nnx.state(model))."
+    )
+
+
 def match_gradient(s: Split, grad_tree, where: str = "grad_fn") -> list:
     """Pick, for every differentiable leaf of `s`, the leaf at the same path of `grad_tree`."""
     by_path = {
@@ -374,7 +389,7 @@ def match_gradient(s: Split, grad_tree, where: str = "grad_fn") -> list:
         if path not in by_path:
             under = {p: x for p, x in by_path.items() if p.startswith(path)}
             numbers = [p for p, x in under.items() if isinstance(x, int | float | complex)]
-            hint = _pair_hint(s, grad_tree, where)
+            hint = _pair_hint(s, grad_tree, where) or _renamed_hint(s, by_path)
             if numbers and len(numbers) == len(under):  # (a pair's gradient is an array)
                 hint = (
                     f" It returned Python numbers in a list or tuple where the parameter is "

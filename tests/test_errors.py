@@ -622,3 +622,24 @@ def test_an_error_check_in_a_branch_not_taken_is_quoted_by_its_own_words():
     assert report.status == "pass", str(report)
     [said] = [q for q in report.problems if q.startswith("fn raised where jax.vmap batched")]
     assert "Error: the branch not taken refuses); they were evaluated one at a time" in said
+
+
+def test_a_gradient_of_params_leaves_under_other_keys_says_so():
+    """flax.nnx.grad of a loss of a Module returns a State: the same leaves under keys of
+    another kind (`['bias'].value` for `.bias.value`). The message listed both and left the
+    user to see why they differ."""
+    nnx = pytest.importorskip("flax.nnx")
+    model = nnx.Linear(4, 2, rngs=nnx.Rngs(0))
+
+    def loss(m, x):
+        return jnp.mean(m(x) ** 2)
+
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "Its leaves are params' own under keys of another kind (a flax.nnx State where "
+            "params is the Module, or a dict where it is an object, say): return the gradient "
+            "in params' structure, or pass params in the gradient's (nnx.state(model))."
+        ),
+    ):
+        jaxcheck.verify(loss, model, jnp.ones((3, 4)), grad_fn=nnx.grad(loss))
