@@ -71,12 +71,10 @@ def _reference(
     diff = _tree.cast(diff, dtype)
     traced = (traced[0], _tree.cast(traced[1], dtype), traced[2])
     f = lambda d: problem.outputs(d, traced)  # noqa: E731
-    # fn's values, for the finite differences: with its float32 values held in float64
-    # where its casts to float32 would round them only here (`_retype`); its derivatives
-    # stay those of fn itself, its custom rules' among them
-    values = f
     if problem.retyped and dtype == jnp.float64:
-        values = _retype.function(f, diff)
+        # fn's program with its float32 values held in float64, where its casts to float32
+        # would round them only here; its custom rules' derivatives are their own
+        f = _retype.function(f, diff)
     points = h.astype(work) * jnp.asarray(offsets, work)
     with_rule = with_rule and with_projections
     rule_rev = with_rule and "reverse" in modes
@@ -96,9 +94,7 @@ def _reference(
     # the centre value from fn itself: jax.vjp's primal output is a custom_vjp's fwd (or a
     # custom_jvp rule's primal), which a wrong rule may compute differently; with no such
     # rule XLA computes the two once
-    plain = outs
-    if values is not f or (rule_rev and not problem.scalar_output and problem.has_rules):
-        plain = values(diff)
+    plain = f(diff) if rule_rev and not problem.scalar_output and problem.has_rules else outs
 
     def one(k, beta, z):
         v, cot = _autodiff.direction(problem, seeds, k, diff, beta, kind, out_scales, outs, z)
@@ -106,7 +102,7 @@ def _reference(
 
         def phi(t):
             moved = [x + t.astype(x.dtype) * vi for x, vi in zip(diff, v)]
-            return problem.scalarize(values(_plan.constrain(moved, plan)), cot)
+            return problem.scalarize(f(_plan.constrain(moved, plan)), cot)
 
         res = {"phis": _plan.map_points(phi, points, plan), "phi0": problem.scalarize(plain, cot)}
         grads = {}

@@ -478,12 +478,19 @@ def _retyped_rounds_nothing(closed, n: int) -> bool:
     value computed from them: then the reference runs so."""
     try:
         with _precision.x64_scope(True), jax.enable_checks(False), _precision.widening():
-            again = jax.make_jaxpr(lambda *a: _retype.evaluate(closed.jaxpr, closed.consts, *a))(
-                *[jax.ShapeDtypeStruct(a.shape, _retype.wider(a.dtype)) for a in closed.in_avals]
+            # (as the reference runs it: the parameters held, the data as fn has them)
+            held = [i < n for i in range(len(closed.in_avals))]
+            again = jax.make_jaxpr(
+                lambda *a: _retype.evaluate(closed.jaxpr, closed.consts, *a, held=held)
+            )(
+                *[
+                    jax.ShapeDtypeStruct(a.shape, _retype.wider(a.dtype) if h else a.dtype)
+                    for a, h in zip(closed.in_avals, held)
+                ]
             )
     except Exception:  # noqa: BLE001 - a part that cannot be retyped: fn is judged as it rounds
         return False
-    if _retype.narrows(again.jaxpr):
+    if _retype.narrows(again.jaxpr, held):
         return False
     wide = _precision.eps(jnp.float64)
     return all(_precision.eps(d) <= wide for d in casts(again.jaxpr, [True] * n))

@@ -28,18 +28,9 @@ WIDER = {
 
 # equations evaluated as their sub-program: calls, rematerialisation, and custom rules
 # (their primal functions: finite differences of fn evaluate fn, not its rules)
-_INLINED = {
-    "jit",
-    "pjit",
-    "closed_call",
-    "core_call",
-    "remat",
-    "remat2",
-    "checkpoint",
-    "custom_jvp_call",
-    "custom_vjp_call",
-    "custom_vjp_call_jaxpr",
-}
+_INLINED = {"jit", "pjit", "closed_call", "core_call", "remat", "remat2", "checkpoint"}
+# custom rules: their primal functions retyped, their derivatives their own (`_rule`)
+_RULES = {"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"}
 # dtypes in these equations' parameters are bit layouts, not precisions
 _BITWISE = {"bitcast_convert_type"}
 # calls whose programs are not retyped: their inputs are cast back to their own dtypes
@@ -65,31 +56,57 @@ def _up(x):
     return jax.lax.convert_element_type(x, wider(dtype))
 
 
-def evaluate(jaxpr, consts, *args) -> list:
-    """The outputs of open `jaxpr` at `consts`, `args`, retyped (see the module)."""
-    env = {}
+def evaluate(jaxpr, consts, *args, held=None) -> list:
+    """The outputs of open `jaxpr` at `consts`, `args`, retyped (see the module) where they
+    are computed from the inputs flagged in `held` (None: all of them). Values computed
+    from the others alone (random numbers, a table of positions, a mask) are computed as
+    in fn's own program, so that the reference evaluates fn's function."""
+    return _evaluate(jaxpr, consts, args, [True] * len(args) if held is None else held)[0]
+
+
+def _evaluate(jaxpr, consts, args, held) -> tuple[list, list]:
+    """(`evaluate`'s outputs, whether each is computed from a held input)."""
+    env, wide = {}, set()
 
     def read(v):
         if type(v).__name__ == "Literal":
-            return _up(np.asarray(v.val) if np.ndim(v.val) == 0 else v.val)
+            return np.asarray(v.val) if np.ndim(v.val) == 0 else v.val
         return env[v]
 
+    def widened(v):
+        return type(v).__name__ != "Literal" and v in wide
+
     for v, x in zip(jaxpr.constvars, consts, strict=True):
-        env[v] = _up(x)
-    for v, x in zip(jaxpr.invars, args, strict=True):
-        env[v] = _up(x)
+        env[v] = x
+    for v, x, h in zip(jaxpr.invars, args, held, strict=True):
+        env[v] = _up(x) if h else x
+        if h:
+            wide.add(v)
     for eqn in jaxpr.eqns:
-        outs = _equation(eqn, [read(v) for v in eqn.invars])
+        flags = [widened(v) for v in eqn.invars]
+        invals = [read(v) for v in eqn.invars]
+        if not any(flags):  # as fn computes it
+            subfuns, params = _bind_params(eqn)
+            outs, out_wide = eqn.primitive.bind(*subfuns, *invals, **params), False
+        else:
+            outs, out_wide = _equation(eqn, [_up(x) for x in invals], flags)
         if not eqn.primitive.multiple_results:
             outs = [outs]
-        for v, x in zip(eqn.outvars, outs, strict=True):
+        out_wide = out_wide if isinstance(out_wide, list) else [out_wide] * len(outs)
+        for v, x, w in zip(eqn.outvars, outs, out_wide, strict=True):
             if type(v).__name__ != "DropVar":
-                env[v] = _up(x)
-    return [read(v) for v in jaxpr.outvars]
+                env[v] = _up(x) if w else x
+                if w:
+                    wide.add(v)
+    return [read(v) for v in jaxpr.outvars], [widened(v) for v in jaxpr.outvars]
 
 
-def _equation(eqn, invals):
+def _equation(eqn, invals, flags) -> tuple:
+    """(The outputs of `eqn` at `invals`, retyped; whether each is computed from a held
+    input: a list, or one flag for all.)"""
     name = eqn.primitive.name
+    if name in _RULES:
+        return _rule(eqn, invals, flags), True
     if name in _INLINED:
         sub = next(
             (eqn.params[k] for k in ("jaxpr", "call_jaxpr", "fun_jaxpr") if k in eqn.params),
@@ -98,8 +115,8 @@ def _equation(eqn, invals):
         if sub is None:
             raise Refused(f"{name} without a program")
         if hasattr(sub, "consts"):  # a ClosedJaxpr
-            return evaluate(sub.jaxpr, sub.consts, *invals)
-        return evaluate(sub, (), *invals)
+            return _evaluate(sub.jaxpr, sub.consts, invals, flags)
+        return _evaluate(sub, (), invals, flags)
     if name in _KEPT:
         own = [
             jax.lax.convert_element_type(x, v.aval.dtype)
@@ -107,9 +124,69 @@ def _equation(eqn, invals):
             else x
             for x, v in zip(invals, eqn.invars)
         ]
-        return eqn.primitive.bind(*own, **eqn.params)
+        return eqn.primitive.bind(*own, **eqn.params), True
     params = {k: _param(name, v) for k, v in eqn.params.items()}
-    return eqn.primitive.bind(*invals, **params)
+    return eqn.primitive.bind(*invals, **params), True
+
+
+def _rule(eqn, invals, flags) -> list:
+    """A custom rule's outputs: its primal function retyped; its derivative the rule's own,
+    at the dtypes fn's program gives it (the inputs cast back, the result cast up)."""
+    sub = next(eqn.params[k] for k in ("call_jaxpr", "fun_jaxpr") if k in eqn.params)
+    subfuns, params = _bind_params(eqn)
+    dtypes = [getattr(v.aval, "dtype", None) for v in eqn.invars]
+
+    def rule(*xs):
+        return eqn.primitive.bind(*subfuns, *xs, **params)
+
+    def narrow(xs):
+        return [
+            x.astype(d) if _floating(d) and getattr(x, "dtype", d) != d else x
+            for x, d in zip(xs, dtypes)
+        ]
+
+    def primal(*xs):
+        return _evaluate(sub.jaxpr, sub.consts, xs, flags)[0]
+
+    if eqn.primitive.name == "custom_jvp_call":
+        held = jax.custom_jvp(primal)
+
+        def jvp(primals, tangents):
+            narrow_tangents = [
+                t.astype(d) if _floating(d) and getattr(t, "dtype", d) != d else t
+                for t, d in zip(tangents, dtypes)
+            ]
+            _, out = jax.jvp(rule, narrow(primals), narrow_tangents)
+            values = primal(*primals)
+            return values, [t.astype(y.dtype) for t, y in zip(out, values)]
+
+        held.defjvp(jvp)
+        return held(*invals)
+    held = jax.custom_vjp(primal)
+
+    def bwd(xs, cts):
+        outs, pull = jax.vjp(rule, *narrow(xs))
+        grads = pull([ct.astype(o.dtype) for ct, o in zip(cts, outs)])
+        return tuple(
+            None if not _floating(d) else g.astype(x.dtype) for g, x, d in zip(grads, xs, dtypes)
+        )
+
+    held.defvjp(lambda *xs: (primal(*xs), xs), bwd)
+    return held(*invals)
+
+
+def _bind_params(eqn) -> tuple:
+    """(The functions, the parameters) to bind `eqn`'s primitive with, as JAX's own
+    evaluation of a jaxpr does: JAX 0.10 returns the parameters alone, earlier versions
+    the functions a call takes too."""
+    got = eqn.primitive.get_bind_params(eqn.params)
+    if isinstance(got, tuple) and len(got) == 2 and isinstance(got[1], dict):
+        return got
+    return (), got
+
+
+def _floating(dtype) -> bool:
+    return isinstance(dtype, np.dtype) and np.issubdtype(dtype, np.inexact)
 
 
 def _param(name, value):
@@ -158,17 +235,24 @@ def function(f, example):
     return wide
 
 
-def narrows(jaxpr) -> bool:
+def narrows(jaxpr, held) -> bool:
     """Whether an equation of `jaxpr` (or of its sub-programs) computes a float value
-    narrower than float64 from a float64 one: a rounding that `evaluate` left in."""
+    narrower than float64 from a float64 one computed from the inputs flagged in `held`: a
+    rounding that `evaluate` left in."""
+    tainted = {v for v, h in zip(jaxpr.invars, held) if h}
     for eqn in jaxpr.eqns:
-        widths = [_bits(v) for v in eqn.invars]
-        if 64 in widths and any(0 < _bits(v) < 64 for v in eqn.outvars):
+        flags = [type(v).__name__ != "Literal" and v in tainted for v in eqn.invars]
+        if not any(flags):
+            continue
+        tainted.update(eqn.outvars)
+        if any(_bits(v) == 64 for v, f in zip(eqn.invars, flags) if f) and any(
+            0 < _bits(v) < 64 for v in eqn.outvars
+        ):
             return True
         for value in eqn.params.values():
             for item in value if isinstance(value, tuple | list) else (value,):
                 sub = getattr(item, "jaxpr", item)
-                if hasattr(sub, "eqns") and narrows(sub):
+                if hasattr(sub, "eqns") and narrows(sub, [True] * len(sub.invars)):
                     return True
     return False
 

@@ -192,3 +192,61 @@ def test_a_bfloat16_model_returning_its_loss_in_float32_is_judged_as_without(upc
     [rule] = [c for c in report.checks if "same rule" in c.name]
     assert rule.tolerance < 2e-6 and not rule.passed, str(report)
     assert any(q.startswith(RETYPED) for q in report.problems) == upcast, report.problems
+
+
+def test_a_fit_casting_its_predictions_is_not_failed_by_the_rule_row():
+    """Near a fit the float32 gradient cancels (6e-4 from float64's): the row of the same
+    rule in float64 measures that, and allows for it. Its derivative was taken through the
+    casts, rounding at float32 (2e-4 off the finite differences, against 1e-6): FAIL."""
+    x = jnp.cos(jnp.arange(2048.0)).reshape(256, 8)
+    target = jnp.linspace(-1.0, 1.0, 8)
+    y = x @ target + 1e-5 * jnp.sin(jnp.arange(256.0) * 7.0)
+
+    def loss(w, x, y):
+        return jnp.mean(((x @ w).astype(jnp.float32) - y) ** 2)
+
+    report = jaxcheck.verify(loss, target + 1e-5, x, y)
+    assert report.status == "pass", str(report)
+    assert any(q.startswith(RETYPED) for q in report.problems), report.problems
+
+
+@pytest.mark.parametrize("noise", ["normal", "hash"])
+def test_values_not_computed_from_params_are_computed_as_fn_computes_them(noise):
+    """Numbers fn makes from other inputs than params (Gaussian noise from a key, a table
+    hashed from positions) are fn's own in float32: held in float64 they came out other
+    numbers (a normal sample 2e-3 off, hashed noise 1e-2 off), the reference another
+    function, and a correct gradient failed."""
+    key = jax.random.key(0)
+
+    def fn(p):
+        if noise == "normal":
+            eps = jax.random.normal(key, (4096,), jnp.float32)
+        else:
+            s = jnp.sin(jnp.arange(4096, dtype=jnp.float32) * 12.9898) * 43758.5453
+            eps = s - jnp.floor(s)
+        z = (p["mu"] + jnp.exp(p["log_sigma"]) * eps).astype(jnp.float32)
+        return jnp.mean(jnp.exp(0.5 * z))
+
+    report = jaxcheck.verify(fn, {"mu": jnp.float32(0.1), "log_sigma": jnp.float32(0.0)})
+    assert report.status == "pass" and report.tolerance < 2e-6, str(report)
+    assert any(q.startswith(RETYPED) for q in report.problems), report.problems
+
+
+@pytest.mark.parametrize("error", [0.0, 3e-4])
+def test_a_deep_casting_model_with_rules_measures_its_rounding_against_them(error):
+    """Every layer casts and calls a custom rule: the rows of the same rules in float64
+    hold the casts' values in float64 too, with each rule's own derivative, so the
+    float32 gradient's rounding is measured, not taken for a bug."""
+    act = _tanh_rule(error)
+    ws = jnp.sin(jnp.arange(8 * 32 * 32.0)).reshape(8, 32, 32) * 0.25
+    x = jnp.cos(jnp.arange(16 * 32.0)).reshape(16, 32)
+
+    def loss(ws):
+        h = x
+        for i in range(8):
+            h = h + act((h @ ws[i]).astype(jnp.float32))
+        return jnp.mean(jax.nn.logsumexp(h, -1))
+
+    report = jaxcheck.verify(loss, ws)
+    assert report.status == ("pass" if error == 0.0 else "fail"), str(report)
+    assert any(q.startswith(RETYPED) for q in report.problems), report.problems
