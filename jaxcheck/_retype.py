@@ -10,11 +10,14 @@ accumulate in, the arrays it creates, its loops' carries. The arithmetic is fn's
 traced as the model traces it (a dtype read in fn's Python code reads what the model
 reads); only the precision differs.
 
-It works on the jaxpr, never on fn or on JAX's functions: nothing that JAX keeps between
-traces (a jitted function's cached trace) ever sees a retyped value. Custom rules are
-evaluated as their primal functions, which is what finite differences of fn need; code
-whose arithmetic the jaxpr does not show (a kernel, a callback) gets its inputs in their
-own dtypes, which rounds, and `rounds` then says so.
+Only values computed from the held inputs (fn's parameters) are retyped: what fn computes
+from its other inputs (random numbers from a key, a table of positions) it computes as in
+its own program, so that the reference evaluates fn's function. It works on the jaxpr,
+never on fn or on JAX's functions: nothing that JAX keeps between traces (a jitted
+function's cached trace) ever sees a retyped value. A custom rule's primal function is
+retyped, and its derivative is the rule's own, taken at the dtypes fn's program gives it;
+code whose arithmetic the jaxpr does not show (a kernel, a callback) gets its inputs in
+their own dtypes, which rounds, and `narrows` then says so.
 """
 
 import jax
@@ -26,8 +29,7 @@ WIDER = {
     np.dtype(np.complex64): np.dtype(np.complex128),
 }
 
-# equations evaluated as their sub-program: calls, rematerialisation, and custom rules
-# (their primal functions: finite differences of fn evaluate fn, not its rules)
+# equations evaluated as their sub-program: calls and rematerialisation
 _INLINED = {"jit", "pjit", "closed_call", "core_call", "remat", "remat2", "checkpoint"}
 # custom rules: their primal functions retyped, their derivatives their own (`_rule`)
 _RULES = {"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"}
