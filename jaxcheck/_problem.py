@@ -480,14 +480,13 @@ def _retyped_rounds_nothing(closed, n: int) -> bool:
         with _precision.x64_scope(True), jax.enable_checks(False), _precision.widening():
             # (as the reference runs it: the parameters held, the data as fn has them)
             held = [i < n for i in range(len(closed.in_avals))]
+            shapes = [
+                jax.ShapeDtypeStruct(a.shape, _retype.wider(a.dtype) if h else a.dtype)
+                for a, h in zip(closed.in_avals, held)
+            ]
             again = jax.make_jaxpr(
                 lambda *a: _retype.evaluate(closed.jaxpr, closed.consts, *a, held=held)
-            )(
-                *[
-                    jax.ShapeDtypeStruct(a.shape, _retype.wider(a.dtype) if h else a.dtype)
-                    for a, h in zip(closed.in_avals, held)
-                ]
-            )
+            )(*shapes)
     except Exception:  # noqa: BLE001 - a part that cannot be retyped: fn is judged as it rounds
         return False
     if _retype.narrows(again.jaxpr, held):

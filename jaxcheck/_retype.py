@@ -33,7 +33,7 @@ WIDER = {
 _INLINED = {"jit", "pjit", "closed_call", "core_call", "remat", "remat2", "checkpoint"}
 # custom rules: their primal functions retyped, their derivatives their own (`_rule`)
 _RULES = {"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"}
-# dtypes in these equations' parameters are bit layouts, not precisions
+# equations reading the bits of their operand: a value computed from params refuses them
 _BITWISE = {"bitcast_convert_type"}
 # calls whose programs are not retyped: their inputs are cast back to their own dtypes
 _KEPT = {"pallas_call", "pure_callback", "io_callback", "ffi_call", "triton_kernel_call"}
@@ -127,6 +127,8 @@ def _equation(eqn, invals, flags) -> tuple:
             for x, v in zip(invals, eqn.invars)
         ]
         return eqn.primitive.bind(*own, **eqn.params), True
+    if name in _BITWISE:  # (its bits are those of the dtype fn has, not of float64's)
+        raise Refused(f"{name} of a value computed from params")
     params = {k: _param(name, v) for k, v in eqn.params.items()}
     return eqn.primitive.bind(*invals, **params), True
 
@@ -150,28 +152,41 @@ def _rule(eqn, invals, flags) -> list:
     def primal(*xs):
         return _evaluate(sub.jaxpr, sub.consts, xs, flags)[0]
 
+    # the rule is differentiated in the inputs computed from params alone: JAX refuses a
+    # custom_vjp's closed-over values, equinox its other arrays, as fn's derivative does
+    moved = [i for i, (f, d) in enumerate(zip(flags, dtypes)) if f and _floating(d)]
+
+    def part(xs):
+        def at(*ys):
+            args = list(narrow(xs))
+            for i, y in zip(moved, ys):
+                args[i] = y
+            return rule(*args)
+
+        return at, [narrow(xs)[i] for i in moved]
+
+    def cast_like(ts, ys):
+        return [t.astype(y.dtype) if _floating(y.dtype) else t for t, y in zip(ts, ys)]
+
     if eqn.primitive.name == "custom_jvp_call":
         held = jax.custom_jvp(primal)
 
         def jvp(primals, tangents):
-            narrow_tangents = [
-                t.astype(d) if _floating(d) and getattr(t, "dtype", d) != d else t
-                for t, d in zip(tangents, dtypes)
-            ]
-            _, out = jax.jvp(rule, narrow(primals), narrow_tangents)
+            at, ys = part(primals)
+            ts = [tangents[i].astype(dtypes[i]) for i in moved]
+            _, out = jax.jvp(at, ys, ts)
             values = primal(*primals)
-            return values, [t.astype(y.dtype) for t, y in zip(out, values)]
+            return values, cast_like(out, values)
 
         held.defjvp(jvp)
         return held(*invals)
     held = jax.custom_vjp(primal)
 
     def bwd(xs, cts):
-        outs, pull = jax.vjp(rule, *narrow(xs))
-        grads = pull([ct.astype(o.dtype) for ct, o in zip(cts, outs)])
-        return tuple(
-            None if not _floating(d) else g.astype(x.dtype) for g, x, d in zip(grads, xs, dtypes)
-        )
+        at, ys = part(xs)
+        outs, pull = jax.vjp(at, *ys)
+        grads = dict(zip(moved, pull(cast_like(cts, outs))))
+        return tuple(grads[i].astype(x.dtype) if i in grads else None for i, x in enumerate(xs))
 
     held.defvjp(lambda *xs: (primal(*xs), xs), bwd)
     return held(*invals)
@@ -195,7 +210,7 @@ def _param(name, value):
     if isinstance(value, type) and issubclass(value, np.generic):  # (lax.mul's out_dtype)
         value = np.dtype(value)
     if isinstance(value, np.dtype):
-        return value if name in _BITWISE else wider(value)
+        return wider(value)
     if hasattr(value, "jaxpr") and hasattr(value, "consts"):  # a ClosedJaxpr
         return retyped(value)
     if hasattr(value, "eqns") and hasattr(value, "invars"):  # an open Jaxpr
@@ -216,8 +231,10 @@ def _struct(aval):
 
 
 def retyped(closed):
-    """ClosedJaxpr `closed` traced again through `evaluate`, on its inputs retyped."""
-    return jax.make_jaxpr(lambda *a: evaluate(closed.jaxpr, closed.consts, *a))(
+    """ClosedJaxpr `closed` traced again through `evaluate`, on its inputs retyped, and all
+    its outputs too (a branch or a loop body whose output is computed from no input, a
+    constant, gives the type the others give)."""
+    return jax.make_jaxpr(lambda *a: [_up(y) for y in evaluate(closed.jaxpr, closed.consts, *a)])(
         *[_struct(a) for a in closed.in_avals]
     )
 

@@ -250,3 +250,100 @@ def test_a_deep_casting_model_with_rules_measures_its_rounding_against_them(erro
     report = jaxcheck.verify(loss, ws)
     assert report.status == ("pass" if error == 0.0 else "fail"), str(report)
     assert any(q.startswith(RETYPED) for q in report.problems), report.problems
+
+
+def _rule_beside_data(kind, error):
+    """A custom rule behind a cast to float32, taking an array not computed from params
+    (closed over, or an argument) or returning an integer beside its value."""
+    scale = jnp.linspace(0.5, 1.5, 3)
+    if kind == "closed over":
+
+        @jax.custom_vjp
+        def f(h):
+            return jnp.sin(h) * scale
+
+        f.defvjp(lambda h: (f(h), h), lambda h, g: (g * jnp.cos(h) * scale * (1 + error),))
+        return lambda h: f(h)
+    if kind == "integer output":
+
+        @jax.custom_jvp
+        def g(h):
+            return jnp.sin(h), jnp.argmax(h, axis=-1)
+
+        @g.defjvp
+        def g_jvp(primals, tangents):
+            y, i = g(primals[0])
+            zero = np.zeros(i.shape, jax.dtypes.float0)
+            return (y, i), (jnp.cos(primals[0]) * tangents[0] * (1 + error), zero)
+
+        return lambda h: g(h)[0] + 0.0 * g(h)[1][:, None]
+    eqx = pytest.importorskip("equinox")
+
+    @eqx.filter_custom_vjp
+    def e(h, s):
+        return jnp.sin(h) * s
+
+    @e.def_fwd
+    def e_fwd(perturbed, h, s):
+        return e(h, s), None
+
+    @e.def_bwd
+    def e_bwd(res, g, perturbed, h, s):
+        return g * jnp.cos(h) * s * (1 + error)
+
+    return lambda h: e(h, scale)
+
+
+@pytest.mark.parametrize("kind", ["closed over", "integer output", "equinox argument"])
+@pytest.mark.parametrize("error", [0.0, 3e-4])
+def test_a_rule_beside_values_not_from_params_keeps_its_own_derivative(kind, error):
+    """The rule's derivative in the reference was taken in all its inputs: JAX refuses a
+    custom_vjp's closed-over value, equinox its other arrays, and an integer output's
+    float0 tangent was cast to int32: the reference fell back to float32 and a rule 3e-4
+    off passed."""
+    rule = _rule_beside_data(kind, error)
+    x = jnp.cos(jnp.arange(20.0)).reshape(5, 4)
+
+    def loss(p):
+        return jnp.sum(rule(jnp.tanh(x @ p).astype(jnp.float32)) ** 2)
+
+    report = jaxcheck.verify(loss, jnp.sin(jnp.arange(12.0)).reshape(4, 3))
+    assert report.status == ("pass" if error == 0.0 else "fail"), str(report)
+    assert report.tolerance < 3e-6, str(report)
+    assert any(q.startswith(RETYPED) for q in report.problems), report.problems
+    assert not any("could not run in float64" in q for q in report.problems), report.problems
+
+
+@pytest.mark.parametrize("error", [0.0, 3e-4])
+def test_a_branch_of_constants_takes_the_held_type(error):
+    """lax.cond with a branch returning constants (a NaN guard, as in
+    jax.scipy.linalg.expm): held in float64 the other branch's output differed in type,
+    the reference failed when compiled, and a bug 3e-4 passed at float32 resolution."""
+    x = jnp.cos(jnp.arange(20.0)).reshape(5, 4)
+
+    @jax.jit
+    def guard(z):
+        return lax.cond(jnp.any(jnp.isnan(z)), lambda z: jnp.full_like(z, jnp.nan), jnp.sin, z)
+
+    def loss(p):
+        out = jnp.sum(guard(jnp.tanh(x @ p).astype(jnp.float32)) ** 2)
+        return out + error * (out - lax.stop_gradient(out))
+
+    report = jaxcheck.verify(loss, jnp.sin(jnp.arange(12.0)).reshape(4, 3))
+    assert report.status == ("pass" if error == 0.0 else "fail"), str(report)
+    assert any(q.startswith(RETYPED) for q in report.problems), report.problems
+
+
+def test_a_bit_cast_of_a_value_from_params_is_judged_as_it_rounds():
+    """The bits of a float32 value are not those of its float64 value: a bit cast of one
+    computed from params leaves fn as it rounds (it crashed in jaxcheck's comparison,
+    the reference's output shaped by float64's bits)."""
+    x = jnp.cos(jnp.arange(20.0)).reshape(5, 4)
+
+    def loss(p):
+        h = jnp.tanh(x @ p).astype(jnp.float32)
+        return jnp.sum(h**2) + 0.0 * jnp.sum(lax.bitcast_convert_type(h, jnp.int32))
+
+    report = jaxcheck.verify(loss, jnp.sin(jnp.arange(12.0)).reshape(4, 3))
+    assert report.status == "pass", str(report)
+    assert not any(q.startswith(RETYPED) for q in report.problems), report.problems
