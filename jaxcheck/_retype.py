@@ -91,7 +91,7 @@ def _evaluate(jaxpr, consts, args, held) -> tuple[list, list]:
             subfuns, params = _bind_params(eqn)
             outs, out_wide = eqn.primitive.bind(*subfuns, *invals, **params), False
         else:
-            outs, out_wide = _equation(eqn, [_up(x) for x in invals], flags)
+            outs, out_wide = _equation(eqn, invals, flags)
         if not eqn.primitive.multiple_results:
             outs = [outs]
         out_wide = out_wide if isinstance(out_wide, list) else [out_wide] * len(outs)
@@ -104,11 +104,13 @@ def _evaluate(jaxpr, consts, args, held) -> tuple[list, list]:
 
 
 def _equation(eqn, invals, flags) -> tuple:
-    """(The outputs of `eqn` at `invals`, retyped; whether each is computed from a held
-    input: a list, or one flag for all.)"""
+    """(The outputs of `eqn` at `invals` (those flagged in `flags` computed from a held
+    input), retyped; whether each is computed from a held input: a list, or one flag for
+    all.)"""
     name = eqn.primitive.name
+    held = [_up(x) if f else x for x, f in zip(invals, flags)]
     if name in _RULES:
-        return _rule(eqn, invals, flags), True
+        return _rule(eqn, held, flags), True
     if name in _INLINED:
         sub = next(
             (eqn.params[k] for k in ("jaxpr", "call_jaxpr", "fun_jaxpr") if k in eqn.params),
@@ -117,8 +119,8 @@ def _equation(eqn, invals, flags) -> tuple:
         if sub is None:
             raise Refused(f"{name} without a program")
         if hasattr(sub, "consts"):  # a ClosedJaxpr
-            return _evaluate(sub.jaxpr, sub.consts, invals, flags)
-        return _evaluate(sub, (), invals, flags)
+            return _evaluate(sub.jaxpr, sub.consts, held, flags)
+        return _evaluate(sub, (), held, flags)
     if name in _KEPT:
         own = [
             jax.lax.convert_element_type(x, v.aval.dtype)
@@ -130,7 +132,8 @@ def _equation(eqn, invals, flags) -> tuple:
     if name in _BITWISE:  # (its bits are those of the dtype fn has, not of float64's)
         raise Refused(f"{name} of a value computed from params")
     params = {k: _param(name, v) for k, v in eqn.params.items()}
-    return eqn.primitive.bind(*invals, **params), True
+    # (its other float32 inputs cast up too, exactly: the primitive takes one dtype)
+    return eqn.primitive.bind(*[_up(x) for x in invals], **params), True
 
 
 def _rule(eqn, invals, flags) -> list:

@@ -347,3 +347,33 @@ def test_a_bit_cast_of_a_value_from_params_is_judged_as_it_rounds():
     report = jaxcheck.verify(loss, jnp.sin(jnp.arange(12.0)).reshape(4, 3))
     assert report.status == "pass", str(report)
     assert not any(q.startswith(RETYPED) for q in report.problems), report.problems
+
+
+@pytest.mark.parametrize("error", [0.0, 3e-4])
+def test_a_rule_computing_on_data_inside_is_held_where_params_reach(error):
+    """Inside a rule (or a jitted call) the operations on data alone run as fn has them,
+    in float32: its data were cast up on entry, and a float32 literal beside them made the
+    reference refuse the retyping (lax.mul of float64 and float32)."""
+    scale = jnp.linspace(0.5, 1.5, 3)
+
+    @jax.custom_vjp
+    def f(h):
+        return jnp.sin(h) * (scale * 2.0 + 1.0)
+
+    f.defvjp(
+        lambda h: (f(h), h), lambda h, g: (g * jnp.cos(h) * (scale * 2.0 + 1.0) * (1 + error),)
+    )
+    x = jnp.cos(jnp.arange(20.0)).reshape(5, 4)
+
+    @jax.jit
+    def inner(h, s):
+        return jnp.tanh(h) * (s * 3.0)
+
+    def loss(p):
+        h = jnp.tanh(x @ p).astype(jnp.float32)
+        return jnp.sum(f(h) ** 2) + jnp.sum(inner(h, scale))
+
+    report = jaxcheck.verify(loss, jnp.sin(jnp.arange(12.0)).reshape(4, 3))
+    assert report.status == ("pass" if error == 0.0 else "fail"), str(report)
+    assert report.tolerance < 3e-6, str(report)
+    assert any(q.startswith(RETYPED) for q in report.problems), report.problems
