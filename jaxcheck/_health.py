@@ -882,6 +882,10 @@ def _norms(leaves) -> jax.Array:
     off = (squares < np.finfo(np.float32).tiny) | jnp.isinf(squares)
 
     def scaled():
+        if jax.device_count() > 1:
+            # (leaves sharded over devices are not joined: jax 0.9 then gave the step's
+            # outputs shardings it could not name)
+            return norms.at[at].set(jnp.where(off, _rescaled_one_by_one(narrow), norms[at]))
         # all leaves as one vector, reduced by segments: a few operations in all, where a
         # loop over the leaves compiled a dozen per leaf (600 leaves: seconds of XLA
         # compile for a branch that seldom runs)
@@ -899,6 +903,20 @@ def _norms(leaves) -> jax.Array:
         return norms.at[at].set(jnp.where(off, again, norms[at]))
 
     return jax.lax.cond(jnp.any(off), scaled, lambda: norms)
+
+
+def _rescaled_one_by_one(narrow) -> jax.Array:
+    """The norms of the leaves of `narrow` ((index, leaf) pairs), each summed scaled by
+    its largest entry (`_norms`), leaf by leaf."""
+    again = []
+    for _, x in narrow:
+        x = jnp.abs(x).astype(jnp.float32)
+        top = jnp.max(x, initial=0.0)
+        # (an Inf entry leaves its Inf norm; no 0/0 or Inf/Inf: no NaN of jaxcheck's own
+        # under `jax_debug_nans`)
+        unit = jnp.where((top > 0) & jnp.isfinite(top), top, 1.0)
+        again.append(unit * jnp.sqrt(jnp.sum(jnp.square(x / unit))))
+    return jnp.stack(again)
 
 
 def _stack(values, dtype=jnp.float32) -> jax.Array:
