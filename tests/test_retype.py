@@ -220,7 +220,7 @@ def test_values_not_computed_from_params_are_computed_as_fn_computes_them(noise)
 
     def fn(p):
         if noise == "normal":
-            eps = jax.random.normal(key, (4096,), jnp.float32)
+            eps = jax.random.normal(key, (100_000,), jnp.float32)
         else:
             s = jnp.sin(jnp.arange(4096, dtype=jnp.float32) * 12.9898) * 43758.5453
             eps = s - jnp.floor(s)
