@@ -882,41 +882,42 @@ def _norms(leaves) -> jax.Array:
     off = (squares < np.finfo(np.float32).tiny) | jnp.isinf(squares)
 
     def scaled():
-        if jax.device_count() > 1:
-            # (leaves sharded over devices are not joined: jax 0.9 then gave the step's
-            # outputs shardings it could not name)
-            return norms.at[at].set(jnp.where(off, _rescaled_one_by_one(narrow), norms[at]))
-        # all leaves as one vector, reduced by segments: a few operations in all, where a
-        # loop over the leaves compiled a dozen per leaf (600 leaves: seconds of XLA
-        # compile for a branch that seldom runs)
-        flat = jnp.concatenate([jnp.abs(x).astype(jnp.float32).reshape(-1) for _, x in narrow])
-        sizes = np.asarray([np.size(x) for _, x in narrow])
-        segment = jnp.repeat(jnp.arange(len(narrow)), sizes, total_repeat_length=flat.size)
-        reduce = {"num_segments": len(narrow), "indices_are_sorted": True}
-        top = jnp.maximum(jax.ops.segment_max(flat, segment, **reduce), 0.0)
-        # (an Inf entry leaves its Inf norm; no 0/0 or Inf/Inf: no NaN of jaxcheck's
-        # own under `jax_debug_nans`)
-        unit = jnp.where((top > 0) & jnp.isfinite(top), top, 1.0)
-        again = unit * jnp.sqrt(
-            jax.ops.segment_sum(jnp.square(flat / unit[segment]), segment, **reduce)
-        )
-        return norms.at[at].set(jnp.where(off, again, norms[at]))
+        # (leaves sharded over devices are not joined: jax 0.9 then gave the step's outputs
+        # shardings it could not name)
+        rescale = _rescaled_one_by_one if jax.device_count() > 1 else _rescaled_by_segments
+        return norms.at[at].set(jnp.where(off, rescale([x for _, x in narrow]), norms[at]))
 
     return jax.lax.cond(jnp.any(off), scaled, lambda: norms)
 
 
-def _rescaled_one_by_one(narrow) -> jax.Array:
-    """The norms of the leaves of `narrow` ((index, leaf) pairs), each summed scaled by
-    its largest entry (`_norms`), leaf by leaf."""
+def _rescaled_by_segments(leaves) -> jax.Array:
+    """The norm of each of `leaves`, summed scaled by its largest entry (`_norms`): all as
+    one vector, reduced by segments, a few operations in all, where a loop over the leaves
+    compiled a dozen per leaf (600 leaves: seconds of XLA compile for a branch that seldom
+    runs)."""
+    flat = jnp.concatenate([jnp.abs(x).astype(jnp.float32).reshape(-1) for x in leaves])
+    sizes = np.asarray([np.size(x) for x in leaves])
+    segment = jnp.repeat(jnp.arange(len(leaves)), sizes, total_repeat_length=flat.size)
+    reduce = {"num_segments": len(leaves), "indices_are_sorted": True}
+    unit = _unit(jnp.maximum(jax.ops.segment_max(flat, segment, **reduce), 0.0))
+    return unit * jnp.sqrt(jax.ops.segment_sum(jnp.square(flat / unit[segment]), segment, **reduce))
+
+
+def _rescaled_one_by_one(leaves) -> jax.Array:
+    """`_rescaled_by_segments`, leaf by leaf."""
     again = []
-    for _, x in narrow:
+    for x in leaves:
         x = jnp.abs(x).astype(jnp.float32)
-        top = jnp.max(x, initial=0.0)
-        # (an Inf entry leaves its Inf norm; no 0/0 or Inf/Inf: no NaN of jaxcheck's own
-        # under `jax_debug_nans`)
-        unit = jnp.where((top > 0) & jnp.isfinite(top), top, 1.0)
+        unit = _unit(jnp.max(x, initial=0.0))
         again.append(unit * jnp.sqrt(jnp.sum(jnp.square(x / unit))))
     return jnp.stack(again)
+
+
+def _unit(top):
+    """The scale a leaf of largest entry `top` is divided by: `top`, or 1 where it is 0 or
+    not finite (an Inf entry leaves its Inf norm; no 0/0 or Inf/Inf: no NaN of jaxcheck's
+    own under `jax_debug_nans`)."""
+    return jnp.where((top > 0) & jnp.isfinite(top), top, 1.0)
 
 
 def _stack(values, dtype=jnp.float32) -> jax.Array:
