@@ -122,12 +122,7 @@ def _equation(eqn, invals, flags) -> tuple:
             return _evaluate(sub.jaxpr, sub.consts, held, flags)
         return _evaluate(sub, (), held, flags)
     if name in _KEPT:
-        own = [
-            jax.lax.convert_element_type(x, v.aval.dtype)
-            if wider(getattr(v.aval, "dtype", None)) != getattr(v.aval, "dtype", None)
-            else x
-            for x, v in zip(invals, eqn.invars)
-        ]
+        own = _declared(held, [getattr(v.aval, "dtype", None) for v in eqn.invars])
         return eqn.primitive.bind(*own, **eqn.params), True
     if name in _BITWISE:  # (its bits are those of the dtype fn has, not of float64's)
         raise Refused(f"{name} of a value computed from params")
@@ -147,10 +142,7 @@ def _rule(eqn, invals, flags) -> list:
         return eqn.primitive.bind(*subfuns, *xs, **params)
 
     def narrow(xs):
-        return [
-            x.astype(d) if _floating(d) and getattr(x, "dtype", d) != d else x
-            for x, d in zip(xs, dtypes)
-        ]
+        return _declared(xs, dtypes)
 
     def primal(*xs):
         return _evaluate(sub.jaxpr, sub.consts, xs, flags)[0]
@@ -193,6 +185,14 @@ def _rule(eqn, invals, flags) -> list:
 
     held.defvjp(lambda *xs: (primal(*xs), xs), bwd)
     return held(*invals)
+
+
+def _declared(xs, dtypes) -> list:
+    """`xs` with the floating ones cast to their `dtypes`, those fn's program declares."""
+    return [
+        x.astype(d) if _floating(d) and getattr(x, "dtype", d) != d else x
+        for x, d in zip(xs, dtypes, strict=True)
+    ]
 
 
 def _bind_params(eqn) -> tuple:
