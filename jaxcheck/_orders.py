@@ -857,7 +857,7 @@ def _named(report: Report, order: int, chain: tuple, name: str) -> Report:
     # a derivative map flat here is most often fn's derivative of that order constant (fn
     # a polynomial of lower degree), not a staircase
     constant = (
-        "piecewise constant, as round or argmax are, or not depending on params at all",
+        _verdict.FLAT_KINDS,
         f"fn's derivative of order {order - 1} is constant here, as a polynomial's of "
         f"degree {order - 1} is, or the map is piecewise constant",
     )
