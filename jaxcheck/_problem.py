@@ -484,15 +484,33 @@ def _retyped_rounds_nothing(closed, n: int) -> bool:
                 jax.ShapeDtypeStruct(a.shape, _retype.wider(a.dtype) if h else a.dtype)
                 for a, h in zip(closed.in_avals, held)
             ]
-            again = jax.make_jaxpr(
-                lambda *a: _retype.evaluate(closed.jaxpr, closed.consts, *a, held=held)
-            )(*shapes)
+
+            def run(*a):
+                return _retype.evaluate(closed.jaxpr, closed.consts, *a, held=held)
+
+            again = jax.make_jaxpr(run)(*shapes)
+            # its derivative traced too: a rule whose bwd closes over a value fn computed
+            # in its own trace reads it there, a tracer of that trace, in no other one
+            pulled = jax.make_jaxpr(lambda *a: _pulled_back(lambda *d: run(*d, *a[n:]), a[:n]))
+            if any(isinstance(c, jax.core.Tracer) for c in pulled(*shapes).consts):
+                return False
     except Exception:  # noqa: BLE001 - a part that cannot be retyped: fn is judged as it rounds
         return False
     if _retype.narrows(again.jaxpr, held):
         return False
     wide = _precision.eps(jnp.float64)
     return all(_precision.eps(d) <= wide for d in casts(again.jaxpr, [True] * n))
+
+
+def _pulled_back(f, primals) -> list:
+    """The cotangents of `primals` that `f`'s outputs, as cotangents, pull back."""
+    outs, pull = jax.vjp(f, *primals)
+    return pull(
+        [
+            o if jnp.issubdtype(o.dtype, jnp.inexact) else np.zeros(o.shape, jax.dtypes.float0)
+            for o in outs
+        ]
+    )
 
 
 # beyond this many leaves, none is looked at alone for the casts its values reach

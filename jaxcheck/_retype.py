@@ -163,14 +163,23 @@ def _rule(eqn, invals, flags) -> list:
     def cast_like(ts, ys):
         return [t.astype(y.dtype) if _floating(y.dtype) else t for t, y in zip(ts, ys)]
 
+    nconst = eqn.params.get("num_consts", 0)
+    # (a rule differentiated in its closed-over values: JAX refuses it, so no program here)
+    own = all(i >= nconst for i in moved)
+
     if eqn.primitive.name == "custom_jvp_call":
         held = jax.custom_jvp(primal)
 
         def jvp(primals, tangents):
-            at, ys = part(primals)
-            ts = [tangents[i].astype(dtypes[i]) for i in moved]
-            _, out = jax.jvp(at, ys, ts)
             values = primal(*primals)
+            try:
+                out = _jvp_in_float64(eqn, primals, tangents, flags, moved) if own else None
+            except Exception:  # noqa: BLE001 - another JAX's rule programs: as fn binds it
+                out = None
+            if out is None:
+                at, ys = part(primals)
+                ts = [tangents[i].astype(dtypes[i]) for i in moved]
+                out = jax.jvp(at, ys, ts)[1]
             return values, cast_like(out, values)
 
         held.defjvp(jvp)
@@ -178,13 +187,77 @@ def _rule(eqn, invals, flags) -> list:
     held = jax.custom_vjp(primal)
 
     def bwd(xs, cts):
-        at, ys = part(xs)
-        outs, pull = jax.vjp(at, *ys)
-        grads = dict(zip(moved, pull(cast_like(cts, outs))))
+        try:
+            grads = _vjp_in_float64(eqn, xs, cts, flags, moved) if own else None
+        except Exception:  # noqa: BLE001 - another JAX's rule programs: as fn binds it
+            grads = None
+        if grads is None:
+            at, ys = part(xs)
+            outs, pull = jax.vjp(at, *ys)
+            grads = dict(zip(moved, pull(cast_like(cts, outs))))
         return tuple(grads[i].astype(x.dtype) if i in grads else None for i, x in enumerate(xs))
 
     held.defvjp(lambda *xs: (primal(*xs), xs), bwd)
     return held(*invals)
+
+
+# A rule's own derivative programs (its jvp, its fwd and bwd) traced at fn's dtypes are
+# evaluated retyped as well, so that the reference takes the rule's derivative in float64
+# as it does where fn has no cast: a float32 rule's rounding is not counted as its error.
+# They are read from the equation's parameters as JAX 0.9 to 0.11 lay them out; with
+# another layout the rule's derivative is taken at fn's dtypes (`_rule`).
+
+
+def _call(fun, *args):
+    return fun.call_wrapped(*args) if hasattr(fun, "call_wrapped") else fun(*args)
+
+
+def _jvp_in_float64(eqn, primals, tangents, flags, moved) -> list:
+    """The tangents out of custom_jvp equation `eqn` at `primals` along `tangents` (only
+    those of the inputs in `moved` nonzero), its jvp program retyped."""
+    nconst = eqn.params["num_consts"]
+    fun = eqn.params.get("jvp_jaxpr_fun", eqn.params.get("jvp_jaxpr_thunk"))
+    args = range(nconst, len(primals))
+    if eqn.params.get("symbolic_zeros"):
+        zeros = [i not in moved for i in args]
+        nonzero = [_up(tangents[i]) for i in moved]
+    else:  # (the rule takes zeros as arrays, as JAX's jvp gives them)
+        zeros = [False] * len(args)
+        nonzero = [_up(tangents[i]) if i in moved else _zero_tangent(primals[i]) for i in args]
+    jaxpr, consts, out_zeros = _call(fun, *zeros)
+    outs, _ = _evaluate(
+        jaxpr, consts, [*primals[nconst:], *nonzero], [*flags[nconst:], *[True] * len(nonzero)]
+    )
+    values, rest = outs[: len(out_zeros)], iter(outs[len(out_zeros) :])
+    return [_up(_zero_tangent(v) if z else next(rest)) for v, z in zip(values, out_zeros)]
+
+
+def _zero_tangent(x):
+    """A zero tangent of `x`, as JAX's jvp gives one (float0 for an integer)."""
+    dtype = jax.numpy.result_type(x)
+    if _floating(dtype):
+        return jax.numpy.zeros(np.shape(x), dtype)
+    return np.zeros(np.shape(x), jax.dtypes.float0)
+
+
+def _vjp_in_float64(eqn, xs, cts, flags, moved) -> dict:
+    """{input index: cotangent} of custom_vjp equation `eqn` at `xs` for `cts`: its fwd
+    program retyped, its bwd traced on the residuals that gives."""
+    nconst = eqn.params["num_consts"]
+    nonzeros = [i in moved for i in range(nconst, len(xs))]
+    fwd, consts = _call(eqn.params["fwd_jaxpr_thunk"], *nonzeros)
+    outs, _ = _evaluate(fwd, consts, list(xs[nconst:]), list(flags[nconst:]))
+    trees = eqn.params["out_trees"]()
+    res_tree = trees[1]
+    forwarded = trees[2] if len(trees) > 2 else [None] * res_tree.num_leaves
+    made = iter(outs[: res_tree.num_leaves - sum(f is not None for f in forwarded)])
+    res = [next(made) if f is None else xs[f] for f in forwarded]
+    got = _call(eqn.params["bwd"], *res, *[_up(c) for c in cts])
+    return {
+        i: g
+        for i, g in zip(range(nconst, len(xs)), got, strict=True)
+        if i in moved and hasattr(g, "dtype")
+    }
 
 
 def _declared(xs, dtypes) -> list:
@@ -274,9 +347,21 @@ def narrows(jaxpr, held) -> bool:
         for value in eqn.params.values():
             for item in value if isinstance(value, tuple | list) else (value,):
                 sub = getattr(item, "jaxpr", item)
-                if hasattr(sub, "eqns") and narrows(sub, [True] * len(sub.invars)):
+                if hasattr(sub, "eqns") and narrows(sub, _sub_flags(eqn, flags, sub)):
                     return True
     return False
+
+
+def _sub_flags(eqn, flags, sub) -> list:
+    """Which inputs of `eqn`'s sub-program `sub` are computed from held inputs: those of
+    its equation's inputs that are, where the two line up (a call, a rule, a branch of a
+    `cond` after its index); all of them in a loop, whose carries mix."""
+    if eqn.primitive.name not in {"while", "scan"}:
+        if len(sub.invars) == len(flags):
+            return flags
+        if eqn.primitive.name == "cond" and len(sub.invars) == len(flags) - 1:
+            return flags[1:]
+    return [True] * len(sub.invars)
 
 
 def _bits(v) -> int:

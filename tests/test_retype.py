@@ -2,6 +2,8 @@
 reference: it holds fn's float32 values in float64 instead (`_retype`), and judges at
 float64 resolution, where bugs of 3e-4 are seen."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -377,3 +379,151 @@ def test_a_rule_computing_on_data_inside_is_held_where_params_reach(error):
     assert report.status == ("pass" if error == 0.0 else "fail"), str(report)
     assert report.tolerance < 3e-6, str(report)
     assert any(q.startswith(RETYPED) for q in report.problems), report.problems
+
+
+def _rounding_rules(kind, error):
+    """A square whose rule computes 2x through a difference of squares near 1e6: right,
+    but rounded to about 3e-5 in float32 (and to 1e-13 in float64)."""
+
+    def slope(x):
+        return ((x + 1000.0) ** 2 - (x - 1000.0) ** 2) / 2000.0 * (1 + error)
+
+    if kind == "custom_jvp":
+
+        @jax.custom_jvp
+        def square(x, k):
+            return k * x**2
+
+        square.defjvp(lambda p, t: (square(*p), p[1] * slope(p[0]) * t[0] + p[0] ** 2 * t[1]))
+        return lambda x: square(x, 2.0)
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+    def square(x, k):
+        return k * x**2
+
+    # (x forwarded as a residual, as JAX lays such residuals out apart)
+    square.defvjp(lambda x, k: (square(x, k), (x, 2 * x)), lambda k, r, g: (g * k * slope(r[0]),))
+    return lambda x: square(x, 2.0)
+
+
+@pytest.mark.parametrize("kind", ["custom_jvp", "custom_vjp"])
+@pytest.mark.parametrize("error", [0.0, 1e-3])
+def test_a_rule_behind_a_cast_is_differentiated_in_float64(kind, error):
+    """The rule's derivative in the reference ran at fn's dtypes, float32, where the rule
+    rounds to 3e-5: the same rule's rows matched the gradient under test to the last bit,
+    and a right rule failed against the float64 tolerance, 1.2e-6. Its derivative
+    programs are now evaluated in float64 too, as where fn has no cast."""
+    square = _rounding_rules(kind, error)
+
+    def loss(p):
+        return jnp.sum(square(jnp.tanh(p).astype(jnp.float32)) * jnp.arange(1.0, 9.0))
+
+    report = jaxcheck.verify(loss, jnp.linspace(-1.0, 1.0, 8))
+    assert report.status == ("pass" if error == 0.0 else "fail"), str(report)
+    assert any(q.startswith(RETYPED) for q in report.problems), report.problems
+    (row,) = [c for c in report.checks if "same rule in float64" in c.name]
+    assert row.relative_error == pytest.approx(error, abs=1e-9, rel=0.05), str(report)
+
+
+@pytest.mark.parametrize("error", [0.0, 3e-3])
+def test_a_bwd_closing_over_a_value_fn_computed_is_judged_as_fn_rounds(error):
+    """A bwd closing over a value fn computed (from data) reads a tracer of fn's own
+    trace, which the retyped reference ran in another: the float64 reference failed
+    ("Computation compiled for 12 inputs but called with 10") and judged in float32.
+    Such a program is not retyped; its casts are judged as they round."""
+
+    def loss(p, x):
+        t = jnp.sum(x) * 0.1
+
+        @jax.custom_vjp
+        def g(w):
+            return jnp.sin(w) * t
+
+        g.defvjp(lambda w: (g(w), w), lambda w, ct: (ct * jnp.cos(w) * t * (1 + error),))
+        return jnp.sum(g(jnp.tanh(p).astype(jnp.float32)) * jnp.arange(1.0, 9.0))
+
+    report = jaxcheck.verify(loss, jnp.linspace(-1.0, 1.0, 8), jnp.linspace(1.0, 2.0, 5))
+    assert report.status == ("pass" if error == 0.0 else "fail"), str(report)
+    assert any(q.startswith(ROUNDS) for q in report.problems), report.problems
+    assert not any("could not run in float64" in q for q in report.problems), report.problems
+
+
+@pytest.mark.parametrize("error", [0.0, 1e-3])
+def test_rules_taking_symbolic_zeros_behind_a_cast_are_differentiated_in_float64(error):
+    """Rules defined with symbolic_zeros=True take their zero tangents as markers (the
+    others take arrays): their derivative programs are read with the markers laid out as
+    JAX lays them out, and evaluated in float64 as well."""
+    from jax.custom_derivatives import SymbolicZero
+
+    def slope(x):
+        return ((x + 1000.0) ** 2 - (x - 1000.0) ** 2) / 2000.0 * (1 + error)
+
+    @jax.custom_jvp
+    def square(x, k):
+        return k * x**2
+
+    def square_jvp(p, t):
+        out = p[1] * slope(p[0]) * t[0]
+        return square(*p), out if type(t[1]) is SymbolicZero else out + p[0] ** 2 * t[1]
+
+    square.defjvp(square_jvp, symbolic_zeros=True)
+
+    @jax.custom_vjp
+    def times(x, y):
+        return x * y
+
+    def times_fwd(x, y):
+        return times(x.value, y.value), (x.value, y.value)
+
+    def times_bwd(r, g):
+        return g * ((r[1] + 1000.0) - 1000.0) * (1 + error), g * r[0]
+
+    times.defvjp(times_fwd, times_bwd, symbolic_zeros=True)
+
+    def loss(p, d):
+        h = jnp.tanh(p).astype(jnp.float32)
+        return jnp.sum(square(h, d[0]) * jnp.arange(1.0, 9.0)) + jnp.sum(times(h, d) ** 2)
+
+    report = jaxcheck.verify(loss, jnp.linspace(-1.0, 1.0, 8), jnp.linspace(1.0, 2.0, 8))
+    assert report.status == ("pass" if error == 0.0 else "fail"), str(report)
+    (row,) = [c for c in report.checks if "same rule in float64" in c.name]
+    assert row.relative_error == pytest.approx(error, abs=1e-9, rel=0.05), str(report)
+
+
+@pytest.mark.parametrize("error", [0.0, 1e-3])
+def test_a_rule_with_float32_products_inside_is_differentiated_in_float64(error):
+    """An attention rule whose products declare preferred_element_type=float32: its
+    derivative in the reference ran in float32, and the same rule's row (1.2e-6) failed
+    a right rule against its float64 tolerance, 1e-6."""
+
+    def mm(a, b):
+        return jnp.matmul(a, b, preferred_element_type=jnp.float32)
+
+    @jax.custom_vjp
+    def attend(q, k, v):
+        return mm(jax.nn.softmax(mm(q, k.T), -1), v)
+
+    def attend_fwd(q, k, v):
+        p = jax.nn.softmax(mm(q, k.T), -1)
+        return mm(p, v), (q, k, v, p)
+
+    def attend_bwd(res, do):
+        q, k, v, p = res
+        dp = mm(do, v.T)
+        ds = p * (dp - jnp.sum(dp * p, -1, keepdims=True))
+        return mm(ds, k), mm(ds.T, q), mm(p.T, do) * (1 + error)
+
+    attend.defvjp(attend_fwd, attend_bwd)
+
+    def loss(p, x):
+        return jnp.sum(jnp.tanh(attend(x @ p["wq"], x @ p["wk"], x @ p["wv"])) ** 2)
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    p = {n: jax.random.normal(k, (8, 8)) / 3 for n, k in zip(["wq", "wk", "wv"], keys)}
+    report = jaxcheck.verify(loss, p, jax.random.normal(keys[3], (6, 8)))
+    assert report.status == ("pass" if error == 0.0 else "fail"), str(report)
+    (row,) = [c for c in report.checks if "same rule in float64" in c.name]
+    assert row.relative_error < (1e-7 if error == 0.0 else 1.0), str(report)
+    assert [leaf.path for leaf in report.leaves if leaf.status == "fail"] == (
+        [] if error == 0.0 else ["['wv']"]
+    ), str(report)
