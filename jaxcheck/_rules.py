@@ -516,7 +516,9 @@ class _Draws:
         computes = self._computes[at]
         if computes is None:
             return jax.jit(f)(*args)
-        return _plan.kept_jit(f, ("rule", what, computes))(*args)
+        # (the signature too: f is the first check's, and a jit retraces it at another
+        # structure of args, which another check's rule lays out otherwise)
+        return _plan.kept_jit(f, ("rule", at, computes))(*args)
 
     def jitted(self, inputs, v, u):
         """The derivative program (`_derivatives`), compiled."""

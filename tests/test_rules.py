@@ -408,6 +408,32 @@ def test_a_rule_checked_again_at_another_nondiff_value_is_checked_anew():
     assert "vjp vs finite differences" in failed(jaxcheck.verify_rule(softplus, x, 2.0))
 
 
+@pytest.mark.parametrize("first", ["model", "rule"])
+def test_a_rule_checked_in_a_model_and_alone_is_right_both_ways(first):
+    """A rule found in a model is called with its held argument closed over, and alone
+    with it in its place: the two programs compute alike, and the second check ran the
+    first one's jitted function at its own layout of arguments ("zip() argument 2 is
+    shorter than argument 1"), failing a right rule's primal, vmap, jit and checkpoint."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+    def power(x, k):
+        return x**k
+
+    power.defvjp(lambda x, k: (x**k, x), lambda k, x, g: (g * k * x ** (k - 1),))
+    xs = jnp.linspace(0.5, 2.0, 5)
+
+    def model():
+        return jaxcheck.verify(lambda p, x: jnp.sum(power(p * x, 2.0)), 0.7, xs, rules=True)
+
+    def alone():
+        return jaxcheck.verify_rule(power, xs, 2.0)
+
+    for check in [model, alone] if first == "model" else [alone, model]:
+        report = check()
+        assert report.status == "pass", str(report)
+        assert not any("zip()" in q or "could not be checked" in q for q in report.problems)
+
+
 def test_raise_on_failure_names_the_property():
     f = sin_vjp(lambda x, g: (2.0 * g * jnp.cos(x),))
     with pytest.raises(jaxcheck.GradientCheckError, match="vjp vs finite differences is WRONG"):
