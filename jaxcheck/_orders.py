@@ -67,9 +67,15 @@ INSIDE = contextvars.ContextVar("jaxcheck_first_order", default=False)
 def _restricted(inner, s, arrays, rest, has_aux):
     def f(diff):
         out = inner(_tree.merge(s, diff, arrays), *rest)
-        return out[0] if has_aux else out
+        # (a Python number among the outputs, a learning rate returned beside a loss, as
+        # the array it stands for)
+        return jax.tree_util.tree_map(_as_array, out[0] if has_aux else out)
 
     return f
+
+
+def _as_array(y):
+    return jnp.asarray(y) if isinstance(y, int | float | complex | np.generic) else y
 
 
 def _dot(a: list, b: list):

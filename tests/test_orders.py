@@ -1014,3 +1014,22 @@ def test_a_constant_derivative_map_is_said_to_be_one(order):
         f"{order - 1} is, or the map is piecewise constant)"
     ) in said
     assert "as round or argmax are" not in said
+
+
+@pytest.mark.parametrize("error", [0.0, 1e-2])
+def test_a_python_number_among_the_outputs_is_checked_at_order_2(error):
+    """A learning rate returned beside a loss as a Python float: order 1 took it, order 2
+    crashed reading its dtype ("'float' object has no attribute 'dtype'", blamed on fn)."""
+
+    def fn(w):
+        loss = jnp.sum(w**3)
+        return {"loss": loss + error * (loss - lax.stop_gradient(loss)) ** 2, "lr": 1e-3}
+
+    w = jnp.linspace(-0.3, 0.35, 10)
+    report = jaxcheck.verify(fn, w, order=2, mode="both")
+    assert report.status == ("pass" if error == 0.0 else "fail"), str(report)
+    if error:
+        with pytest.raises(AssertionError):
+            jaxcheck.check_grads(fn, (w,), order=2, modes=("rev",))
+    else:
+        jaxcheck.check_grads(fn, (w,), order=2, modes=("rev",))
