@@ -255,7 +255,13 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
         # alone (30 % at such a point) would pass here
         status = Status.INCONCLUSIVE
         run.problems.append(NOISY_NATIVE)
-    if status is Status.FAIL and run.problem.iterates and checks[0].relative_error < SOLVER_SIZED:
+    if (
+        status is Status.FAIL
+        and run.problem.iterates
+        and checks[0].relative_error < SOLVER_SIZED
+        # (a solve stopped at a tolerance is not off by one factor along every direction)
+        and not any(q.startswith(_verdict.FACTOR) for q in run.problems)
+    ):
         run.problems.append(solver_hint(checks[0].interval[1]))
     if status is Status.FAIL and run.problem.samples_gamma:
         run.problems.append(GAMMA_HINT)
