@@ -287,9 +287,12 @@ def _aux_like(closed_jaxpr, out, num_diff: int) -> tuple[str, ...]:
     if any(_is_tainted(v, tainted) for v in second):
         return ()
     return (
-        "fn returns a pair whose second part does not depend on params (no derivative flows "
-        "to it): if it is an auxiliary output, pass has_aux=True; it was checked as an output",
+        f"{AUX_NOTE} (no derivative flows to it): if it is an auxiliary output, pass "
+        "has_aux=True; it was checked as an output",
     )
+
+
+AUX_NOTE = "fn returns a pair whose second part does not depend on params"  # (`_aux_like`)
 
 
 def called(name: str, f, params, args):

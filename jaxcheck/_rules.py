@@ -104,7 +104,8 @@ def verify_rule(
     Args:
         f: the function, `f(*args)` returning an array or a pytree of float arrays; a
             `jax.custom_vjp`/`jax.custom_jvp` object or any JAX-traceable function. Its
-            `nondiff_argnums`, if any, are held fixed.
+            `nondiff_argnums`, if any, are held fixed (for an `equinox.filter_custom_vjp`,
+            every argument after the first).
         *args: the inputs, any pytrees. Floating leaves are differentiated; integer leaves
             are held fixed (their cotangent must be float0).
         key: int seed or JAX PRNG key for the random tangents, cotangents and directions.
@@ -325,6 +326,8 @@ class Rule:
     @classmethod
     def make(cls, f, args, identity=None) -> "Rule":
         nondiff = getattr(f, "nondiff_argnums", ()) or ()
+        if _filter_custom_vjp(f):  # (equinox differentiates its first argument alone)
+            nondiff = range(1, len(args))
         identity = ("f", f) if identity is None else ("given", identity)
         return cls(f, tuple(args), frozenset(int(i) for i in nondiff), identity)
 
@@ -346,6 +349,13 @@ class Rule:
         dtypes = [jnp.result_type(x) for x in self.leaves()]
         floats = [d for d in dtypes if jnp.issubdtype(d, jnp.inexact)]
         return _precision.lowest(floats) if floats else jnp.dtype(jnp.float32)
+
+
+def _filter_custom_vjp(f) -> bool:
+    """Whether `f` is an `equinox.filter_custom_vjp` function (differentiated in its first
+    argument alone: its others take no tangent)."""
+    kind = type(f)
+    return kind.__name__ == "filter_custom_vjp" and kind.__module__.startswith("equinox")
 
 
 def check(
@@ -572,10 +582,10 @@ def _finite_differences(
     label = "vjp vs finite differences" if forward is None else "jvp vs finite differences"
     label += suffix
 
-    def check(mode, kept=None, fn=None):
-        return verify(
+    def check(mode, kept=None, fn=None, inputs=None):
+        report = verify(
             _Called(rule, kept) if fn is None else fn,
-            rule.inputs,
+            rule.inputs if inputs is None else inputs,
             key=key,
             num_directions=k,
             precision=precision,
@@ -583,15 +593,23 @@ def _finite_differences(
             leaf_directions=leaf_k,
             mode=mode,
         )
+        # (a rule's outputs are all checked: verify_rule takes no has_aux to advise)
+        notes = tuple(q for q in report.problems if not q.startswith(_problem.AUX_NOTE))
+        return dataclasses.replace(report, problems=notes)
 
     mode = "reverse" if forward is None else "forward"
     try:
         report = check(mode)
         kept = _finite_entries(rule) if report.status is Status.NONFINITE else None
+        fixed = _finite_inputs(rule) if report.status is Status.NONFINITE else None
         if kept is not None:
             # judged where the rule is finite at these inputs
             report = check(mode, kept[0])
             report = dataclasses.replace(report, problems=(kept[1], *report.problems))
+        elif fixed is not None:
+            # judged moving its finite input entries alone
+            report = check(mode, fn=fixed[0], inputs=fixed[1])
+            report = dataclasses.replace(report, problems=(fixed[2], *report.problems))
         elif report.status is Status.INCONCLUSIVE and report.num_nonsmooth and forward is None:
             held = _kinks_held(rule)
             if held is not None and held[0] is not None:  # judged away from the kinks
@@ -668,6 +686,35 @@ def _finite_entries(rule: "Rule") -> tuple | None:
         "judged at the others, those entries held at 0"
     )
     return kept, note
+
+
+def _finite_inputs(rule: "Rule") -> tuple | None:
+    """Where some entries of the rule's floating inputs are NaN/Inf (a mask of -inf in a
+    softmax's scores) and the others finite: (the rule of its inputs with those entries
+    held at their values, the inputs with them set to 0, a note saying so); else None.
+    `verify`'s advice, to pass such a buffer in *args, does not apply to a rule."""
+    with _plan.own_transfers():
+        masks = [
+            np.isfinite(np.asarray(x)) if _rule_rows.inexact(x) else None
+            for x in jax.tree_util.tree_leaves(rule.inputs)
+        ]
+    held = sum(int(np.size(m) - np.sum(m)) for m in masks if m is not None)
+    if not held or not any(np.any(m) for m in masks if m is not None):
+        return None
+    leaves, treedef = jax.tree_util.tree_flatten(rule.inputs)
+    called = _Called(rule)
+
+    def at(inputs):
+        moved = jax.tree_util.tree_leaves(inputs)
+        full = [x if m is None else jnp.where(m, y, x) for x, y, m in zip(leaves, moved, masks)]
+        return called(jax.tree_util.tree_unflatten(treedef, full))
+
+    zeroed = [x if m is None else jnp.where(m, x, jnp.zeros_like(x)) for x, m in zip(leaves, masks)]
+    note = (
+        f"{held} of the rule's input entries are NaN/Inf (a mask of -inf?): it is judged "
+        "moving the others, those held at their values"
+    )
+    return at, jax.tree_util.tree_unflatten(treedef, zeroed), note
 
 
 def _forward_only(rule: "Rule") -> str | None:
@@ -843,7 +890,12 @@ def _cotangent_types(d: _Draws) -> Report:
 
     name = "cotangent types: shape and dtype of each input (float0 for integers)"
     problems = ()
-    if rule.fixed:
+    if rule.fixed and _filter_custom_vjp(rule.f):
+        problems = (
+            f"arguments {sorted(rule.fixed)} held fixed: an equinox filter_custom_vjp "
+            "differentiates its first argument alone",
+        )
+    elif rule.fixed:
         problems = (f"nondiff_argnums {sorted(rule.fixed)} held fixed",)
     report = _rule_rows.guarded("cotangent types", name, 0.0, rule.dtype, compute)
     return dataclasses.replace(report, problems=report.problems + problems)

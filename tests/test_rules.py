@@ -434,6 +434,71 @@ def test_a_rule_checked_in_a_model_and_alone_is_right_both_ways(first):
         assert not any("zip()" in q or "could not be checked" in q for q in report.problems)
 
 
+@pytest.mark.parametrize("factor", [1.0, 1.01])
+def test_a_rule_at_inputs_masked_with_minus_inf_is_judged_at_the_others(factor):
+    """A softmax rule at causal scores (-inf above the diagonal): the whole rule was said
+    to be non-finite, with advice to pass the mask in *args, which verify_rule has not,
+    and a rule 1 % off was never judged."""
+
+    @jax.custom_vjp
+    def softmax(s):
+        return jax.nn.softmax(s, -1)
+
+    softmax.defvjp(
+        lambda s: (softmax(s), softmax(s)),
+        lambda y, g: (factor * y * (g - jnp.sum(g * y, -1, keepdims=True)),),
+    )
+    mask = jnp.tril(jnp.ones((4, 4), bool))
+    scores = jnp.where(mask, jnp.sin(jnp.arange(16.0).reshape(4, 4)), -jnp.inf)
+    report = jaxcheck.verify_rule(softmax, scores)
+    assert report.status == ("pass" if factor == 1.0 else "fail"), str(report)
+    assert (
+        "6 of the rule's input entries are NaN/Inf (a mask of -inf?): it is judged moving the "
+        "others, those held at their values"
+    ) in report.problems
+    assert not any("belongs in *args" in q for q in report.problems), report.problems
+
+
+def test_a_rule_returning_a_count_is_not_told_to_pass_has_aux():
+    """A rule returning an integer count beside its value was told "pass has_aux=True",
+    which verify_rule does not take."""
+
+    @jax.custom_vjp
+    def relu_count(x):
+        return jnp.sum(jnp.maximum(x, 0.0)), jnp.sum(x > 0)
+
+    relu_count.defvjp(lambda x: (relu_count(x), x), lambda x, g: ((x > 0) * g[0],))
+    report = jaxcheck.verify_rule(relu_count, jnp.linspace(-2.0, 2.0, 6) + 0.1)
+    assert report.status == "pass", str(report)
+    assert not any("has_aux" in q for q in report.problems), report.problems
+
+
+@pytest.mark.parametrize("factor", [1.0, 1.01])
+def test_an_equinox_filter_custom_vjp_is_differentiated_in_its_first_argument(factor):
+    """equinox differentiates a filter_custom_vjp in its first argument alone: asked for a
+    tangent of the second, it raised, and verify_rule called a right rule broken."""
+    eqx = pytest.importorskip("equinox")
+
+    @eqx.filter_custom_vjp
+    def scale(vjp_arg, s):
+        return vjp_arg * s
+
+    @scale.def_fwd
+    def scale_fwd(perturbed, vjp_arg, s):
+        return vjp_arg * s, None
+
+    @scale.def_bwd
+    def scale_bwd(res, g, perturbed, vjp_arg, s):
+        return g * s * factor
+
+    report = jaxcheck.verify_rule(scale, jnp.linspace(-1.0, 1.0, 8), 2.0)
+    assert report.status == ("pass" if factor == 1.0 else "fail"), str(report)
+    assert (
+        "arguments [1] held fixed: an equinox filter_custom_vjp differentiates its first "
+        "argument alone"
+    ) in report.problems
+
+
 def test_raise_on_failure_names_the_property():
     f = sin_vjp(lambda x, g: (2.0 * g * jnp.cos(x),))
     with pytest.raises(jaxcheck.GradientCheckError, match="vjp vs finite differences is WRONG"):
