@@ -70,15 +70,49 @@ def _add(x: tuple, y: tuple) -> tuple:
     return tuple(p + q for p, q in zip(x, y))
 
 
-def output_scales(outs: list):
-    """RMS magnitude of each output leaf, all-zero (or non-finite) ones floored, and never
-    below 1 / sqrt(largest finite value) of the leaf's dtype: the output cotangent is divided
-    by it and cast to that dtype, where a float16 output of RMS 1e-5 would make it overflow."""
+def output_scales(outs: list, moved: list | None = None):
+    """Magnitude of each output leaf: its RMS value, or with `moved` (fn's outputs at the
+    parameters moved by `MOVE`, `moved_params`) the RMS of its change there over `MOVE`,
+    a derivative's, where that is positive and finite, though never below its RMS value
+    over `MOST_WEIGHED`; all-zero (or non-finite) ones floored, and never below
+    1 / sqrt(largest finite value) of the leaf's dtype: the output cotangent is divided by
+    it and cast to that dtype, where a float16 output of RMS 1e-5 would make it overflow.
+
+    A leaf's share of a projection is its derivative's size over its scale: scaled by its
+    value, a constraint returned beside an energy at a feasible point (a value of 1e-7, a
+    derivative of 1) drowned the energy, and a gradient of the energy 10 % off passed,
+    where JAX's check_grads, comparing each output entry alone, fails it."""
     sizes = [max(y.size, 1) for y in outs]
     squares = _directions.sum_squares(outs)
-    scales = _directions.with_floor(jnp.sqrt(squares / jnp.asarray(sizes, squares.dtype)), sizes)
+    scales = jnp.sqrt(squares / jnp.asarray(sizes, squares.dtype))
+    if moved is not None:
+        acc = squares.dtype
+        change = _directions.sum_squares(
+            [m.astype(acc) - y.astype(acc) for m, y in zip(moved, outs)]
+        )
+        rates = jnp.sqrt(change / jnp.asarray(sizes, acc)) / MOVE
+        usable = jnp.isfinite(rates) & (rates > 0) & jnp.isfinite(scales)
+        scales = jnp.where(usable, jnp.maximum(rates, scales / MOST_WEIGHED), scales)
+    scales = _directions.with_floor(scales, sizes)
     least = [1.0 / math.sqrt(float(jnp.finfo(y.dtype).max)) for y in outs]
     return jnp.maximum(scales, jnp.asarray(least, scales.dtype))
+
+
+# the relative move of every parameter entry (random signs) at which `output_scales` sees
+# how fast each output leaf changes: coarse enough to move bfloat16 parameters
+MOVE = 2.0**-7
+# the most an output leaf changing slowly is weighed above its value's scale
+MOST_WEIGHED = 2.0**16
+
+
+def moved_params(diff: list) -> list:
+    """`diff` with every entry x moved to x (1 + MOVE s), s random signs fixed per leaf
+    (entries at 0 stay)."""
+    bases = _directions._bases(jnp.arange(len(diff), dtype=jnp.uint32) + 0x5EED, 0)
+    return [
+        x + (MOVE * _directions.signs_like(bases[i], x.shape)).astype(x.dtype) * x
+        for i, x in enumerate(diff)
+    ]
 
 
 # The largest weight of an output entry against its leaf's others (`output_weights`): an
@@ -149,7 +183,10 @@ def _probe(problem, reverse, fold, seeds, diff, traced, index, signs) -> dict:
     # only a non-scalar fn's cotangents are divided by its outputs' scales (a scalar fn
     # has none: its reverse projections come from its gradient), so a scalar fn's program
     # does without their reductions, compiling faster
-    scales = jnp.ones(1, jnp.float32) if problem.scalar_output else output_scales(outs)
+    if problem.scalar_output:
+        scales = jnp.ones(1, jnp.float32)
+    else:  # (several leaves weighed by how fast each changes: one more evaluation of fn)
+        scales = output_scales(outs, f(moved_params(diff)) if len(outs) > 1 else None)
     result = {
         "outputs_finite": jnp.stack([jnp.all(jnp.isfinite(y)) for y in outs]),
         "output_scales": scales,

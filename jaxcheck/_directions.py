@@ -200,6 +200,11 @@ def _values(base, shape, kind: str):
     return values.reshape(shape)
 
 
+def signs_like(base, shape):
+    """Random signs (float32) of a leaf of `shape`, hashed from offset `base`."""
+    return _values(base, shape, "rademacher")
+
+
 def gaussians(bits):
     """Standard normal values from uint32 hashes, by the inverse error function of a
     uniform value in (0, 1) of 23 bits: with 24, the top one, (2**24 - 0.5) / 2**24, rounds

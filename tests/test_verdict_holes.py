@@ -2880,3 +2880,32 @@ def test_a_solver_s_rule_off_by_one_factor_is_not_excused_as_its_tolerance():
     assert not any("iterative solver" in q or "while_loop" in q for q in report.problems), str(
         report
     )
+
+
+@pytest.mark.parametrize("off", [1e-7, 1e-5, 1e-3])
+@pytest.mark.parametrize("factor", [1.0, 0.9])
+def test_an_output_near_zero_does_not_drown_the_others(off, factor):
+    """A constraint returned beside an energy at a feasible point: scaled by its value
+    (1e-7) and not by how fast it changes (2 |w|), it drowned the energy, whose gradient
+    10 % off passed as 7.5e-8 (JAX's check_grads, comparing each output entry alone,
+    fails it); the error reported grew with the constraint's value."""
+
+    @jax.custom_jvp
+    def scaled(x):
+        return x
+
+    scaled.defjvp(lambda p, t: (p[0], factor * t[0]))
+    c = jnp.asarray([1.0, -2.0, 0.5, 3.0])
+    w = jnp.full(4, 0.5).at[3].add(off)  # (the constraint: about `off`)
+
+    def fn(w):
+        return jnp.sum(c * scaled(w) ** 2), jnp.sum(w**2) - 1.0
+
+    report = jaxcheck.verify(fn, w)
+    assert report.status == ("pass" if factor == 1.0 else "fail"), str(report)
+    if factor != 1.0:
+        assert report.relative_error > 1e-2, str(report)
+        with pytest.raises(AssertionError):
+            jaxcheck.check_grads(fn, (w,), order=1, modes=("fwd", "rev"))
+    else:
+        jaxcheck.check_grads(fn, (w,), order=1, modes=("fwd", "rev"))
