@@ -326,7 +326,8 @@ VERDICTS = {
     "fail": "failed (raised GradientCheckError, an AssertionError, in the test)",
     "caught": "failed or raised as the test expected (it caught the error, or is xfail)",
     "unjudged": (
-        "not judged (kink or non-finite fn at the point, empty, or no mode asked; nothing raised)"
+        "not judged (kink or non-finite fn at the point, a derivative below fn's rounding, "
+        "empty, or no mode asked; nothing raised)"
     ),
     "error": "raised an error",
 }
