@@ -83,19 +83,31 @@ def output_scales(outs: list, moved: list | None = None):
     derivative of 1) drowned the energy, and a gradient of the energy 10 % off passed,
     where JAX's check_grads, comparing each output entry alone, fails it."""
     sizes = [max(y.size, 1) for y in outs]
-    squares = _directions.sum_squares(outs)
-    scales = jnp.sqrt(squares / jnp.asarray(sizes, squares.dtype))
-    if moved is not None:
-        acc = squares.dtype
-        change = _directions.sum_squares(
-            [m.astype(acc) - y.astype(acc) for m, y in zip(moved, outs)]
-        )
-        rates = jnp.sqrt(change / jnp.asarray(sizes, acc)) / MOVE
+    if moved is None:
+        squares = _directions.sum_squares(outs)
+        scales = jnp.sqrt(squares / jnp.asarray(sizes, squares.dtype))
+    else:  # (leaves against each other, each measured at its own magnitude)
+        acc = _precision.accumulator([y.dtype for y in outs])
+        scales = _rms(outs, acc)
+        rates = _rms([m.astype(acc) - y.astype(acc) for m, y in zip(moved, outs)], acc) / MOVE
         usable = jnp.isfinite(rates) & (rates > 0) & jnp.isfinite(scales)
         scales = jnp.where(usable, jnp.maximum(rates, scales / MOST_WEIGHED), scales)
     scales = _directions.with_floor(scales, sizes)
     least = [1.0 / math.sqrt(float(jnp.finfo(y.dtype).max)) for y in outs]
     return jnp.maximum(scales, jnp.asarray(least, scales.dtype))
+
+
+def _rms(leaves: list, acc):
+    """The RMS of each leaf in `acc`, measured relative to its largest entry, so that a
+    float32 leaf of RMS 1e-20 (or 1e20) does not square to 0 (or Inf): scaled so, it drew
+    the scale of the others, and a loss 100 % off beside it passed."""
+    rms = []
+    for y in leaves:
+        a = jnp.abs(y).astype(acc)
+        top = jnp.max(a) if a.size else jnp.zeros((), acc)
+        top = jnp.where(jnp.isfinite(top) & (top > 0), top, jnp.ones((), acc))
+        rms.append(jnp.sqrt(jnp.mean(jnp.square(a / top))) * top if a.size else top * 0)
+    return jnp.stack(rms)
 
 
 # the relative move of every parameter entry (random signs) at which `output_scales` sees

@@ -2909,3 +2909,25 @@ def test_an_output_near_zero_does_not_drown_the_others(off, factor):
             jaxcheck.check_grads(fn, (w,), order=1, modes=("fwd", "rev"))
     else:
         jaxcheck.check_grads(fn, (w,), order=1, modes=("fwd", "rev"))
+
+
+@pytest.mark.parametrize("which", ["tiny beside", "beside huge"])
+@pytest.mark.parametrize("wrong", [False, True])
+def test_outputs_beyond_float32_squares_are_scaled_at_their_size(which, wrong):
+    """Output leaves of RMS 1e-19 or 1e20 squared to 0 or Inf in float32, drew the scale of
+    the others, and a derivative 100 % off (zero) in the loss or in them passed."""
+
+    @jax.custom_jvp
+    def held(x):
+        return x
+
+    held.defjvp(lambda p, t: (p[0], (0.0 if wrong else 1.0) * t[0]))
+    w = jnp.linspace(-0.3, 0.3, 10)
+
+    def fn(w):
+        if which == "tiny beside":
+            return jnp.sum(w**2), 1e-19 * jnp.tanh(held(w))
+        return jnp.sum(held(w) ** 2), 1e20 * jnp.tanh(w)
+
+    report = jaxcheck.verify(fn, w)
+    assert report.status == ("fail" if wrong else "pass"), str(report)
