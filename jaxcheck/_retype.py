@@ -242,7 +242,8 @@ def _zero_tangent(x):
 
 def _vjp_in_float64(eqn, xs, cts, flags, moved) -> dict:
     """{input index: cotangent} of custom_vjp equation `eqn` at `xs` for `cts`: its fwd
-    program retyped, its bwd traced on the residuals that gives."""
+    program retyped, and its bwd, traced at fn's dtypes, retyped on the residuals that
+    gives (a cast inside the bwd, a no-op in the model, rounded them)."""
     nconst = eqn.params["num_consts"]
     nonzeros = [i in moved for i in range(nconst, len(xs))]
     fwd, consts = _call(eqn.params["fwd_jaxpr_thunk"], *nonzeros)
@@ -250,14 +251,30 @@ def _vjp_in_float64(eqn, xs, cts, flags, moved) -> dict:
     trees = eqn.params["out_trees"]()
     res_tree = trees[1]
     forwarded = trees[2] if len(trees) > 2 else [None] * res_tree.num_leaves
-    made = iter(outs[: res_tree.num_leaves - sum(f is not None for f in forwarded)])
-    res = [next(made) if f is None else xs[f] for f in forwarded]
-    got = _call(eqn.params["bwd"], *res, *[_up(c) for c in cts])
-    return {
-        i: g
-        for i, g in zip(range(nconst, len(xs)), got, strict=True)
-        if i in moved and hasattr(g, "dtype")
-    }
+    made = res_tree.num_leaves - sum(f is not None for f in forwarded)
+    values, declared = iter(outs[:made]), iter(v.aval for v in fwd.outvars[:made])
+    res, avals = [], []
+    for f in forwarded:  # (inputs passed on as residuals stand apart, as JAX lays them out)
+        res.append(next(values) if f is None else xs[f])
+        avals.append(next(declared) if f is None else eqn.invars[f].aval)
+    avals += [v.aval for v in eqn.outvars]
+    wanted = [i - nconst for i in moved]
+
+    def bwd(*args):  # (traced at fn's dtypes, then evaluated retyped: its casts as well)
+        got = _call(eqn.params["bwd"], *args)
+        return [_dense(got[i], eqn.invars[i + nconst].aval) for i in wanted]
+
+    closed = jax.make_jaxpr(bwd)(*[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals])
+    flags = [getattr(r, "dtype", None) != a.dtype for r, a in zip(res, avals)]
+    grads, _ = _evaluate(
+        closed.jaxpr, closed.consts, [*res, *[_up(c) for c in cts]], [*flags, *[True] * len(cts)]
+    )
+    return dict(zip(moved, grads, strict=True))
+
+
+def _dense(g, aval):
+    """A cotangent the bwd gives, as an array (zeros where it gives none)."""
+    return g if hasattr(g, "dtype") else jax.numpy.zeros(aval.shape, aval.dtype)
 
 
 def _declared(xs, dtypes) -> list:

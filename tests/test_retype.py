@@ -527,3 +527,34 @@ def test_a_rule_with_float32_products_inside_is_differentiated_in_float64(error)
     assert [leaf.path for leaf in report.leaves if leaf.status == "fail"] == (
         [] if error == 0.0 else ["['wv']"]
     ), str(report)
+
+
+@pytest.mark.parametrize("error", [0.0, 1e-2])
+def test_a_cast_inside_a_bwd_is_held_in_float64_too(error):
+    """A layer norm's bwd casting its residual and cotangent to float32, a no-op in the
+    model: the bwd was traced on float64 values, its cast rounded them there, and a right
+    rule (whose model gradient is bit for bit the one without the cast) failed."""
+
+    def norm(z):
+        m = z.mean(-1, keepdims=True)
+        return (z - m) / jnp.sqrt(((z - m) ** 2).mean(-1, keepdims=True))
+
+    def norm_bwd(z, g):
+        z, g = z.astype(jnp.float32), g.astype(jnp.float32)
+        m = z.mean(-1, keepdims=True)
+        r = 1 / jnp.sqrt((z * z).mean(-1, keepdims=True) - m * m)
+        xh = (z - m) * r
+        return (r * (g - g.mean(-1, keepdims=True) - xh * (g * xh).mean(-1, keepdims=True)),)
+
+    rule = jax.custom_vjp(norm)
+    rule.defvjp(lambda z: (norm(z), z), lambda z, g: tuple(c * (1 + error) for c in norm_bwd(z, g)))
+    x = jax.random.normal(jax.random.key(1), (16, 8))
+    p = {"w": jax.random.normal(jax.random.key(0), (8, 64)) * 0.5, "b": jnp.full(64, 300.0)}
+
+    def loss(p, x):
+        z = (x @ p["w"] + p["b"]).astype(jnp.float32)
+        return jnp.sum(jnp.sin(rule(z)) * jnp.arange(64) / 64)
+
+    report = jaxcheck.verify(loss, p, x)
+    assert report.status == ("pass" if error == 0.0 else "fail"), str(report)
+    assert any(q.startswith(RETYPED) for q in report.problems), report.problems
