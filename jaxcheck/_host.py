@@ -93,8 +93,14 @@ def host_side(run):
                 return run(fn, params, args, options)
             except (jax.errors.UnexpectedTracerError, TypeError) as err:
                 # a closed-over tracer becomes a hidden input of the compiled program, which
-                # then refuses its inputs ("compiled for 6 inputs but called with 2")
-                if isinstance(err, TypeError) and "Computation compiled for" not in str(err):
+                # then refuses its inputs ("compiled for 6 inputs but called with 2"), or a
+                # constant of it that XLA cannot hold ("No constant handler for type:
+                # DynamicJaxprTracer", a rule in a scan body closing over its index)
+                said = str(err)
+                leaked = "Computation compiled for" in said or (
+                    "No constant handler" in said and "Tracer" in said
+                )
+                if isinstance(err, TypeError) and not leaked:
                     raise
                 _plan.forget(fn)
                 _problem.forget(fn)

@@ -122,6 +122,26 @@ def test_a_rule_inside_fn_closing_over_a_value_fn_traced_is_explained():
     assert "inside jax.jit" not in str(info.value)
 
 
+def test_a_rule_in_a_scan_body_closing_over_its_index_is_explained():
+    """A custom_vjp defined in a scan body whose bwd reads the body's index: the leaked
+    tracer reached XLA as a constant ("No constant handler for type: DynamicJaxprTracer")."""
+    d = jnp.cos(jnp.arange(8.0)) + 2.0
+
+    def loss(p):
+        def body(c, i):
+            @jax.custom_vjp
+            def q(u):
+                return jnp.sin(u) * d[i]
+
+            q.defvjp(lambda u: (q(u), u), lambda u, g: (jnp.cos(u) * d[i] * g,))
+            return c + q(p[i]), None
+
+        return jax.lax.scan(body, 0.0, jnp.arange(8))[0]
+
+    with pytest.raises(TypeError, match="fn leaks a value it traced"):
+        jaxcheck.verify(loss, jnp.linspace(0.1, 0.8, 8))
+
+
 def test_float64_numpy_params_are_checked_in_float64():
     """With 64-bit types off, float64 NumPy params used to be rounded to float32, where a
     float64 gradient 5e-7 off passes as rounding."""
