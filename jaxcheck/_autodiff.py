@@ -72,26 +72,34 @@ def _add(x: tuple, y: tuple) -> tuple:
 
 def output_scales(outs: list, moved: list | None = None):
     """Magnitude of each output leaf: its RMS value, or with `moved` (fn's outputs at the
-    parameters moved by `MOVE`, `moved_params`) the RMS of its change there over `MOVE`,
-    a derivative's, where that is positive and finite, though never below its RMS value
-    over `MOST_WEIGHED`; all-zero (or non-finite) ones floored, and never below
+    parameters moved by `MOVE`, `moved_params`) the larger of that and the RMS of its
+    change there over `MOVE` (less what rounding in its dtype can account for), a
+    derivative's; all-zero (or non-finite) ones floored, and never below
     1 / sqrt(largest finite value) of the leaf's dtype: the output cotangent is divided by
     it and cast to that dtype, where a float16 output of RMS 1e-5 would make it overflow.
 
     A leaf's share of a projection is its derivative's size over its scale: scaled by its
     value, a constraint returned beside an energy at a feasible point (a value of 1e-7, a
     derivative of 1) drowned the energy, and a gradient of the energy 10 % off passed,
-    where JAX's check_grads, comparing each output entry alone, fails it."""
+    where JAX's check_grads, comparing each output entry alone, fails it. A leaf changing
+    slowly is not weighed up: its rounding, which the error model counts at the scale of
+    the whole output, would then swamp the others (a float32 check of a loss beside a
+    slowly changing leaf became inconclusive, and hid a bug 3 % off)."""
     sizes = [max(y.size, 1) for y in outs]
     if moved is None:
         squares = _directions.sum_squares(outs)
-        scales = jnp.sqrt(squares / jnp.asarray(sizes, squares.dtype))
-    else:  # (leaves against each other, each measured at its own magnitude)
-        acc = _precision.accumulator([y.dtype for y in outs])
-        scales = _rms(outs, acc)
-        rates = _rms([m.astype(acc) - y.astype(acc) for m, y in zip(moved, outs)], acc) / MOVE
-        usable = jnp.isfinite(rates) & (rates > 0) & jnp.isfinite(scales)
-        scales = jnp.where(usable, jnp.maximum(rates, scales / MOST_WEIGHED), scales)
+        return _floored(jnp.sqrt(squares / jnp.asarray(sizes, squares.dtype)), outs, sizes)
+    # (leaves against each other, each measured at its own magnitude)
+    acc = _precision.accumulator([y.dtype for y in outs])
+    scales = _rms(outs, acc)
+    rates = _rms([m.astype(acc) - y.astype(acc) for m, y in zip(moved, outs)], acc) / MOVE
+    eps = jnp.asarray([_precision.eps(y.dtype) for y in outs], acc)
+    rates = rates - 2 * eps * scales / MOVE
+    faster = jnp.isfinite(rates) & jnp.isfinite(scales) & (rates > scales)
+    return _floored(jnp.where(faster, rates, scales), outs, sizes)
+
+
+def _floored(scales, outs, sizes):
     scales = _directions.with_floor(scales, sizes)
     least = [1.0 / math.sqrt(float(jnp.finfo(y.dtype).max)) for y in outs]
     return jnp.maximum(scales, jnp.asarray(least, scales.dtype))
@@ -111,10 +119,9 @@ def _rms(leaves: list, acc):
 
 
 # the relative move of every parameter entry (random signs) at which `output_scales` sees
-# how fast each output leaf changes: coarse enough to move bfloat16 parameters
-MOVE = 2.0**-7
-# the most an output leaf changing slowly is weighed above its value's scale
-MOST_WEIGHED = 2.0**16
+# how fast each output leaf changes: small enough not to reach a jump 0.5 % away, large
+# enough that float32 rounding shows as no change
+MOVE = 2.0**-10
 
 
 def moved_params(diff: list) -> list:
