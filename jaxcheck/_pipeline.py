@@ -105,7 +105,7 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
             "create the model with param_dtype=jnp.float64 under jax_enable_x64)"
         )
         run.problems.append(
-            f"fn rounds values computed from params to {rounds_to} (an explicit cast, "
+            f"{ROUNDS} {rounds_to} (an explicit cast, "
             "lax.reduce_precision, a product's preferred_element_type or a kernel's or "
             "callback's declared output dtype"
             f"{', first at ' + at if at else ''}), "
@@ -268,6 +268,9 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
     if _state.CURVES.get() is not None:  # (read by an order >= 2 check only)
         _state.note_curves(_verdict.curves(run, p))
     return _report(run, status, (n, k), p, checks, leaves, held_fixed, tuple(tried), stopped)
+
+
+ROUNDS = "fn rounds values computed from params to"  # (the staircase's note opens so)
 
 
 # an error this small in a fn that iterates may be its solver's tolerance, by design (an

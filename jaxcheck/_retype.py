@@ -32,7 +32,7 @@ WIDER = {
 # equations evaluated as their sub-program: calls and rematerialisation
 _INLINED = {"jit", "pjit", "closed_call", "core_call", "remat", "remat2", "checkpoint"}
 # custom rules: their primal functions retyped, their derivatives their own (`_rule`)
-_RULES = {"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"}
+RULES = {"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"}
 # equations reading the bits of their operand: a value computed from params refuses them
 _BITWISE = {"bitcast_convert_type"}
 # calls whose programs are not retyped: their inputs are cast back to their own dtypes
@@ -109,7 +109,7 @@ def _equation(eqn, invals, flags) -> tuple:
     all.)"""
     name = eqn.primitive.name
     held = [_up(x) if f else x for x, f in zip(invals, flags)]
-    if name in _RULES:
+    if name in RULES:
         return _rule(eqn, held, flags), True
     if name in _INLINED:
         sub = next(
@@ -129,6 +129,24 @@ def _equation(eqn, invals, flags) -> tuple:
     params = {k: _param(name, v) for k, v in eqn.params.items()}
     # (its other float32 inputs cast up too, exactly: the primitive takes one dtype)
     return eqn.primitive.bind(*[_up(x) for x in invals], **params), True
+
+
+def rule_at(eqn, values) -> list:
+    """The outputs of custom rule equation `eqn` (of fn's program, typed as fn traced it)
+    at `values`, those given wider than it declares (float64 for float32) held so: its
+    primal function retyped, its derivative its own, retyped too (`_rule`). A rule behind
+    a cast to float32 is typed float32 in fn's float64 trace as well, and its own check
+    then judged it only at float32 resolution."""
+    declared = [getattr(v.aval, "dtype", None) for v in eqn.invars]
+    flags = [
+        _floating(d) and getattr(x, "dtype", d) == wider(d) != d for x, d in zip(values, declared)
+    ]
+    # (the others as declared: an index in int64 where fn's program has it in int32)
+    values = [
+        x if f or not isinstance(d, np.dtype) else jax.numpy.asarray(x, d)
+        for x, f, d in zip(values, flags, declared)
+    ]
+    return _rule(eqn, values, flags)
 
 
 def _rule(eqn, invals, flags) -> list:

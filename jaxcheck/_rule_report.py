@@ -159,11 +159,18 @@ def _coarse(report: Report) -> bool:
     """Whether fn's first derivative passed at a coarse resolution only, where a rule's own
     check resolves its error far more finely: fn rounds to a half precision inside (a noise
     floor beyond `_verdict.MAX_NOISE_FLOOR`), or its finite differences ran in a precision
-    below float64 (fn refuses float64: a rule 1e-4 off passed at a tolerance of 3.5e-4)."""
+    below float64 (fn refuses float64: a rule 1e-4 off passed at a tolerance of 3.5e-4),
+    or fn rounds its values to float32 (a staircase judged at float32 resolution)."""
     first = report.parts[0] if report.parts else report
     if first.status is not Status.PASS:
         return False
-    return _below_float64(first.reference_dtype) or first.noise_floor > _verdict.MAX_NOISE_FLOOR
+    # (or fn rounds to float32 inside, judged at that resolution: a rule 2e-4 off passed)
+    staircase = any(q.startswith(_pipeline.ROUNDS) for q in first.problems)
+    return (
+        _below_float64(first.reference_dtype)
+        or first.noise_floor > _verdict.MAX_NOISE_FLOOR
+        or staircase
+    )
 
 
 def _below_float64(dtype: str) -> bool:

@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _precision, _tree
+from . import _precision, _retype, _tree
 
 OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 # where installed packages live: JAX counts their files as the user's unless they lie
@@ -115,7 +115,9 @@ class Found:
                 xs = [xs[i] for i in positions]
             values = consts + list(xs)
             wide = _widened(eqn, self.wide, values)
-            if wide is None:
+            if wide is None and _held_wider(eqn, values):
+                out = _retype.rule_at(eqn, values)
+            elif wide is None:
                 out = _bind(eqn, values)
             else:  # (non-float outputs as recorded: an int64 count back to int32)
                 out = _bind(self.wide, wide)
@@ -342,6 +344,17 @@ def _widened(narrow, wide, values) -> list | None:
         jax.numpy.asarray(value, w.aval.dtype) if _numeric(value, w.aval.dtype) else value
         for value, w in zip(values, wide.invars)
     ]
+
+
+def _held_wider(eqn, values) -> bool:
+    """Whether rule equation `eqn` is given float64 values where it is typed float32 (it
+    has no float64 twin: fn casts its inputs to float32 in its float64 trace as well), and
+    can be evaluated so (`_retype.rule_at`)."""
+    return eqn.primitive.name in _retype.RULES and any(
+        _floating(v.aval.dtype)
+        and getattr(x, "dtype", None) == _retype.wider(v.aval.dtype) != v.aval.dtype
+        for x, v in zip(values, eqn.invars)
+    )
 
 
 def _numeric(value, dtype) -> bool:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jaxcheck
-from cases import sin_with_second_derivative, tanh_with_backward
+from cases import enable_x64, sin_with_second_derivative, tanh_with_backward
 from jaxcheck import _rule_search
 
 SymbolicZero = jax.custom_derivatives.SymbolicZero
@@ -472,24 +472,23 @@ def float32_only(w, x):
     return jnp.mean(softplus_slightly_off(x @ w))
 
 
-def test_a_rule_in_a_model_refusing_float64_is_checked_as_traced_and_says_so():
+def test_a_rule_in_a_model_refusing_float64_is_checked_in_float64_from_its_program():
     """fn refuses float64, so its rule is known only as fn's float32 trace typed it: its
-    check runs in float32, where finite differences resolve 3.5e-4 and the bug of 2e-4
-    is below that; the report says how to check the rule in float64."""
+    check ran in float32, where finite differences resolve 3.5e-4, and the bug of 2e-4
+    passed. The rule's program is now evaluated with its float32 values held in float64
+    (its primal and its derivative rules alike), which resolves it."""
     x = jnp.linspace(-3.0, 3.0, 12).reshape(3, 4)
     report = jaxcheck.verify(float32_only, jnp.full((4, 2), 0.3), x, rules=True)
-    assert report.status == "pass"
+    assert report.status == "fail", str(report)
     assert report.reference_dtype == "float32"
     [rule] = report.parts[-1].parts
     [fd] = [p for p in rule.parts if p.label.startswith("vjp vs finite differences")]
-    # (finite differences of the rule's primal run in float64; its derivative cannot)
-    assert (fd.reference_dtype, fd.tolerance) == ("float64", pytest.approx(3.5e-4, rel=0.05))
-    assert fd.problems[0].endswith(
-        "the rule is checked as fn's trace recorded it, typed in fn's precision, which "
-        "cannot run in float64; jaxcheck.verify_rule(rule, *inputs) on the rule's own "
-        "function checks it in float64"
+    assert (fd.reference_dtype, fd.tolerance) == ("float64", pytest.approx(1.2e-6, rel=0.05))
+    assert fd.relative_error == pytest.approx(2e-4, rel=0.05)
+    assert any(
+        q.startswith("wrong rule: custom_jvp softplus_slightly_off") for q in report.problems
     )
-    # its own function, checked alone, runs in float64 and finds the bug
+    # its own function, checked alone, finds the same
     alone = jaxcheck.verify_rule(softplus_slightly_off, x @ jnp.full((4, 2), 0.3))
     assert alone.status == "fail"
     assert alone.relative_error == pytest.approx(2e-4, rel=0.05)
@@ -1820,10 +1819,11 @@ def _tangent_scaled(scale, primals, tangents):
 
 
 @pytest.mark.rules_auto
-def test_a_rule_checked_only_in_float32_is_not_called_fine():
-    # fn refuses float64 (its scan's carry is fixed at float32), and so does the rule's
-    # record in fn's trace: its finite differences in float32 resolve about 3.5e-4, and a
-    # rule 3e-4 off was listed as fine
+def test_a_rule_in_a_model_refusing_float64_is_found_wrong_in_float64():
+    # fn refuses float64 (its scan's carry is fixed at float32), and so did the rule's
+    # record in fn's trace: its finite differences in float32 resolved about 3.5e-4, and a
+    # rule 3e-4 off was listed as fine, later as too coarse to call fine; its program is
+    # now evaluated in float64, which finds it
     def fn(p, xs):
         w = tangent_scaled(p["w"], 1 + 3e-4)
         c, _ = jax.lax.scan(lambda c, x: (jnp.tanh(c @ w + x), None), carry(), xs)
@@ -1832,11 +1832,10 @@ def test_a_rule_checked_only_in_float32_is_not_called_fine():
     p = {"w": jnp.linspace(-0.5, 0.5, 9).reshape(3, 3)}
     report = jaxcheck.verify(fn, p, jnp.cos(jnp.arange(12.0)).reshape(4, 3))
     text = "\n".join(report.problems)
-    assert not any(q.startswith("rules fine") for q in report.problems), text
-    (line,) = [q for q in report.problems if q.startswith("rules without an error found")]
-    assert "too coarse to call fine: custom_jvp tangent_scaled at " in line, line
-    # (the rule's primal runs in float64, its derivative as fn's trace typed it does not)
-    assert "(finite differences in float64, tolerance 3.5e-04)" in line, line
+    assert report.status == "fail", text
+    (line,) = [q for q in report.problems if q.startswith("wrong rule")]
+    assert line.startswith("wrong rule: custom_jvp tangent_scaled at "), line
+    assert line.endswith("relative error 3.0e-04 (tolerance 1.2e-06)"), line
 
 
 def test_a_param_passed_in_nondiff_argnums_is_said_to_be_cut_off_there():
@@ -2659,3 +2658,58 @@ def test_a_rule_wrong_at_a_call_beyond_the_fifth_is_named_where_the_failing_leaf
     assert report.status == "fail", str(report)
     [line] = [q for q in report.problems if q.startswith("wrong rule: ")]
     assert " at its call 6 of 6 (the call checked first passes): " in line, line
+
+
+@pytest.mark.parametrize("error", [0.0, 1e-4])
+def test_a_rule_behind_a_cast_to_float32_is_checked_at_float64_resolution(error):
+    """A rule called on values fn casts to float32 is typed float32 in fn's float64 trace
+    too: its own check ran its finite differences in float32 (tolerance 3.5e-4) and found
+    "no error" in a rule 1e-4 off, while the model failed."""
+
+    @jax.custom_jvp
+    def softplus(z):
+        return jax.nn.softplus(z)
+
+    softplus.defjvp(lambda p, t: (softplus(p[0]), jax.nn.sigmoid(p[0]) * t[0] * (1 + error)))
+    x = jax.random.normal(jax.random.key(1), (32, 8))
+    p = {"w": jax.random.normal(jax.random.key(0), (8, 4)) * 0.5, "b": jnp.full(4, 0.1)}
+
+    def loss(p, x):
+        return jnp.sum(softplus((x @ p["w"] + p["b"]).astype(jnp.float32)))
+
+    report = jaxcheck.verify(loss, p, x, rules=True)
+    assert report.status == ("pass" if error == 0.0 else "fail"), str(report)
+    (row,) = [c for c in report.checks if c.name.startswith("rule custom_jvp softplus")]
+    assert row.tolerance < 3e-6, str(report)
+    if error:
+        assert any(q.startswith("wrong rule: custom_jvp softplus") for q in report.problems)
+
+
+@pytest.mark.parametrize("error", [0.0, 2e-4])
+def test_a_float64_model_computing_in_float32_has_its_rules_checked(error):
+    """Float64 params cast to float32 for the computation: fn rounds, is judged at float32
+    resolution (tolerance 2.4e-4), and a rule 2e-4 off passed with no rule checked; such a
+    pass is coarse, and its rules are now checked, in float64."""
+
+    @jax.custom_vjp
+    def log_sigmoid(z):
+        return -jnp.logaddexp(0.0, -z)
+
+    log_sigmoid.defvjp(
+        lambda z: (log_sigmoid(z), z), lambda z, g: (g * jax.nn.sigmoid(-z) * (1 + error),)
+    )
+
+    def loss(p, x):
+        z = (x @ p["w"] + p["b"]).astype(jnp.float32)
+        return -jnp.mean(log_sigmoid(z).astype(jnp.float64))
+
+    with enable_x64():
+        p = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(4, 3), "b": jnp.asarray([0.1, -0.3, 0.2])}
+        report = jaxcheck.verify(loss, p, jnp.linspace(-2.0, 2.0, 20).reshape(5, 4))
+    assert report.status == ("pass" if error == 0.0 else "fail"), str(report)
+    assert any(
+        q.startswith("fn rounds values computed from params to float32")
+        for q in (report.parts[0].problems if report.parts else report.problems)
+    ), str(report)
+    if error:
+        assert any("wrong rule: custom_vjp log_sigmoid" in q for q in report.problems), str(report)
