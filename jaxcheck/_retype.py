@@ -15,9 +15,10 @@ from its other inputs (random numbers from a key, a table of positions) it compu
 its own program, so that the reference evaluates fn's function. It works on the jaxpr,
 never on fn or on JAX's functions: nothing that JAX keeps between traces (a jitted
 function's cached trace) ever sees a retyped value. A custom rule's primal function is
-retyped, and its derivative is the rule's own, taken at the dtypes fn's program gives it;
-code whose arithmetic the jaxpr does not show (a kernel, a callback) gets its inputs in
-their own dtypes, which rounds, and `narrows` then says so.
+retyped, and its derivative is the rule's own, its programs (a jvp; a fwd and a bwd) traced
+at the dtypes fn's program gives it and retyped too; code whose arithmetic the jaxpr does
+not show (a kernel, a callback) gets its inputs in their own dtypes, which rounds, and
+`narrows` then says so.
 """
 
 import jax
@@ -151,7 +152,9 @@ def rule_at(eqn, values) -> list:
 
 def _rule(eqn, invals, flags) -> list:
     """A custom rule's outputs: its primal function retyped; its derivative the rule's own,
-    at the dtypes fn's program gives it (the inputs cast back, the result cast up)."""
+    its programs retyped (`_jvp_in_float64`, `_vjp_in_float64`), or where they cannot be
+    read, bound at the dtypes fn's program gives it (the inputs cast back, the result cast
+    up)."""
     sub = next(eqn.params[k] for k in ("call_jaxpr", "fun_jaxpr") if k in eqn.params)
     subfuns, params = _bind_params(eqn)
     dtypes = [getattr(v.aval, "dtype", None) for v in eqn.invars]
