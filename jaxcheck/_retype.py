@@ -185,18 +185,23 @@ def _rule(eqn, invals, flags) -> list:
         return [t.astype(y.dtype) if _floating(y.dtype) else t for t, y in zip(ts, ys)]
 
     nconst = eqn.params.get("num_consts", 0)
-    # (a rule differentiated in its closed-over values: JAX refuses it, so no program here)
-    own = all(i >= nconst for i in moved)
+
+    def retyped(program, *args):
+        # (None where another JAX lays the programs out otherwise, or the rule is
+        # differentiated in its closed-over values, which JAX refuses: no program then)
+        if not all(i >= nconst for i in moved):
+            return None
+        try:
+            return program(eqn, *args, flags, moved)
+        except Exception:  # noqa: BLE001 - the rule as fn binds it, below
+            return None
 
     if eqn.primitive.name == "custom_jvp_call":
         held = jax.custom_jvp(primal)
 
         def jvp(primals, tangents):
             values = primal(*primals)
-            try:
-                out = _jvp_in_float64(eqn, primals, tangents, flags, moved) if own else None
-            except Exception:  # noqa: BLE001 - another JAX's rule programs: as fn binds it
-                out = None
+            out = retyped(_jvp_in_float64, primals, tangents)
             if out is None:
                 at, ys = part(primals)
                 ts = [tangents[i].astype(dtypes[i]) for i in moved]
@@ -208,10 +213,7 @@ def _rule(eqn, invals, flags) -> list:
     held = jax.custom_vjp(primal)
 
     def bwd(xs, cts):
-        try:
-            grads = _vjp_in_float64(eqn, xs, cts, flags, moved) if own else None
-        except Exception:  # noqa: BLE001 - another JAX's rule programs: as fn binds it
-            grads = None
+        grads = retyped(_vjp_in_float64, xs, cts)
         if grads is None:
             at, ys = part(xs)
             outs, pull = jax.vjp(at, *ys)
