@@ -2713,3 +2713,27 @@ def test_a_float64_model_computing_in_float32_has_its_rules_checked(error):
     ), str(report)
     if error:
         assert any("wrong rule: custom_vjp log_sigmoid" in q for q in report.problems), str(report)
+
+
+def test_a_leaf_failing_beside_a_rule_not_checked_gets_the_usual_advice():
+    """fn fails in one leaf alone, beside a rule that could not be checked (its jvp closes
+    over a value fn computes): the only failed row was the unjudged rule's, so the report
+    ended saying that what failed was not compared with finite differences."""
+    x = jax.random.normal(jax.random.key(1), (32, 8))
+    p = {"w": jax.random.normal(jax.random.key(0), (8, 4)) * 0.5, "b": jnp.full(4, 0.1)}
+
+    def loss(p, x):
+        c = jnp.cos(x[:, :4]) + 2.0
+
+        @jax.custom_jvp
+        def t(u):
+            return jnp.tanh(u) * c
+
+        t.defjvp(lambda pr, tg: (t(pr[0]), (1 - jnp.tanh(pr[0]) ** 2) * c * tg[0] * (1 + 1e-4)))
+        return jnp.sum(t((x @ p["w"] + p["b"]).astype(jnp.float32)))
+
+    report = jaxcheck.verify(loss, p, x, mode="forward")
+    assert report.status == "fail", str(report)
+    assert [leaf.path for leaf in report.leaves if leaf.status == "fail"], str(report)
+    assert "What failed was not compared with finite differences" not in str(report)
+    assert "Look at the failing leaves first" in str(report)
