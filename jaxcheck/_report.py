@@ -393,8 +393,11 @@ def _advice(r: Report) -> str:
     failed = [c for c in r.checks if not c.passed]
     if r.status is Status.FAIL and failed and all(c.name.startswith(LINEARITY) for c in failed):
         return LINEAR_ADVICE
-    # (a leaf that failed alone was compared with finite differences: the usual advice)
-    leaf_failed = any(leaf.status is Status.FAIL for leaf in r.leaves)
+    # (a leaf that failed alone at a measured error was compared with finite differences:
+    # the usual advice)
+    leaf_failed = any(
+        leaf.status is Status.FAIL and not math.isnan(leaf.relative_error) for leaf in r.leaves
+    )
     unmeasured = failed and all(math.isnan(c.relative_error) for c in failed)
     if r.status is Status.FAIL and unmeasured and not leaf_failed:
         return UNMEASURED_ADVICE
