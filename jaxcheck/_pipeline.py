@@ -89,7 +89,12 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
             h0 = _precision.default_step(run.rounds_to)
         at = run.problem.rounds_at
         advice = (
-            "(JAX's own code casts there, whatever the dtype of its inputs; a bug smaller "
+            "(the float64 reference cannot hold the rule's derivative in float64 outside "
+            "fn's trace: pass that value to the rule as an argument, not in a closure or "
+            "nondiff_argnums, to have it judged at float64 resolution; a bug smaller than "
+            "the tolerance goes unseen)"
+            if _problem.CLOSED_RULE in at
+            else "(JAX's own code casts there, whatever the dtype of its inputs; a bug smaller "
             "than the tolerance goes unseen: to judge finely, check the code around that "
             "call with it written out, or its custom rules alone with jaxcheck.verify_rule)"
             if _problem.INSIDE_JAX in at

@@ -469,16 +469,22 @@ def _rounds_to(closed_jaxpr, diff, call, inputs, fn) -> dict:
         unrounded = tuple(i for i in range(n) if not rounding([j == i for j in range(n)]))
     return {
         "rounds_to": dtype.name,
-        "rounds_at": lowest[dtype],
+        "rounds_at": lowest[dtype] + (CLOSED_RULE if retyped is None else ""),
         "unrounded": unrounded,
-        "retyped": retyped,
+        "retyped": bool(retyped),
     }
 
 
-def _retyped_rounds_nothing(closed, n: int) -> bool:
+# in `rounds_at` where fn's casts would round nothing but for a custom rule's derivative
+# reading a value fn computed, which its program cannot be evaluated without
+CLOSED_RULE = ", where a custom rule's derivative reads a value fn computes"
+
+
+def _retyped_rounds_nothing(closed, n: int) -> bool | None:
     """Whether fn's float64 trace `closed` (its first `n` inputs the differentiable
     leaves), evaluated with its float32 values held in float64 (`_retype`), rounds no
-    value computed from them: then the reference runs so."""
+    value computed from them: then the reference runs so. None where a custom rule's
+    derivative reads a value of fn's own trace (`CLOSED_RULE`)."""
     try:
         with _precision.x64_scope(True), jax.enable_checks(False), _precision.widening():
             # (as the reference runs it: the parameters held, the data as fn has them)
@@ -496,7 +502,7 @@ def _retyped_rounds_nothing(closed, n: int) -> bool:
             # in its own trace reads it there, a tracer of that trace, in no other one
             pulled = jax.make_jaxpr(lambda *a: _pulled_back(lambda *d: run(*d, *a[n:]), a[:n]))
             if any(isinstance(c, jax.core.Tracer) for c in pulled(*shapes).consts):
-                return False
+                return None
     except Exception:  # noqa: BLE001 - a part that cannot be retyped: fn is judged as it rounds
         return False
     if _retype.narrows(again.jaxpr, held):
