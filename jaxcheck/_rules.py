@@ -85,7 +85,9 @@ def verify_rule(
     - primal: the rule's forward pass (a custom_vjp's `fwd`, a custom_jvp rule's primal
       output) equals `f`'s own output;
     - vjp vs finite differences: `verify` of `args -> f(*args)`, with random output
-      cotangents, the float64 reference and leaf localization (leaves named `args[i]...`);
+      cotangents, the float64 reference and leaf localization (leaves named `args[i]...`;
+      input entries that are NaN/Inf, a mask's -inf, held at their values, the others
+      moved);
       for lower-precision inputs whose rule is far from itself in float64, also the vjp
       against finite differences in the inputs' precision (a rule only right in float64);
     - jvp linearity: jvp(a v + b w) = a jvp(v) + b jvp(w);
