@@ -111,10 +111,8 @@ def _rms(leaves: list, acc):
     the scale of the others, and a loss 100 % off beside it passed."""
     rms = []
     for y in leaves:
-        a = jnp.abs(y).astype(acc)
-        top = jnp.max(a) if a.size else jnp.zeros((), acc)
-        top = jnp.where(jnp.isfinite(top) & (top > 0), top, jnp.ones((), acc))
-        rms.append(jnp.sqrt(jnp.mean(jnp.square(a / top))) * top if a.size else top * 0)
+        unit, squares = _directions.scaled_squares(y, acc)
+        rms.append(jnp.sqrt(squares / max(y.size, 1)) * unit)
     return jnp.stack(rms)
 
 
@@ -127,11 +125,9 @@ MOVE = 2.0**-10
 def moved_params(diff: list) -> list:
     """`diff` with every entry x moved to x (1 + MOVE s), s random signs fixed per leaf
     (entries at 0 stay)."""
-    bases = _directions._bases(jnp.arange(len(diff), dtype=jnp.uint32) + 0x5EED, 0)
-    return [
-        x + (MOVE * _directions.signs_like(bases[i], x.shape)).astype(x.dtype) * x
-        for i, x in enumerate(diff)
-    ]
+    seeds = jnp.arange(len(diff), dtype=jnp.uint32) + 0x5EED
+    steps = _directions.direction(seeds, 0, diff, jnp.full(len(diff), MOVE), "rademacher")
+    return [x + step * x for x, step in zip(diff, steps)]
 
 
 # The largest weight of an output entry against its leaf's others (`output_weights`): an

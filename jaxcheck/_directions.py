@@ -200,11 +200,6 @@ def _values(base, shape, kind: str):
     return values.reshape(shape)
 
 
-def signs_like(base, shape):
-    """Random signs (float32) of a leaf of `shape`, hashed from offset `base`."""
-    return _values(base, shape, "rademacher")
-
-
 def gaussians(bits):
     """Standard normal values from uint32 hashes, by the inverse error function of a
     uniform value in (0, 1) of 23 bits: with 24, the top one, (2**24 - 0.5) / 2**24, rounds
@@ -388,6 +383,22 @@ def sum_squares(leaves):
     non-finite sum means NaN/Inf in the leaf or an overflow; `host_rms` tells them apart."""
     acc = _precision.accumulator([x.dtype for x in leaves])
     return jnp.stack([jnp.sum(jnp.square(x.astype(acc))) for x in leaves])
+
+
+def unit(top):
+    """The scale a leaf of largest entry `top` is divided by before it is squared: `top`,
+    or 1 where it is 0 or not finite (an Inf entry leaves its Inf norm; no 0/0 or
+    Inf/Inf: no NaN of jaxcheck's own under `jax_debug_nans`)."""
+    return jnp.where((top > 0) & jnp.isfinite(top), top, 1.0)
+
+
+def scaled_squares(x, dtype) -> tuple:
+    """(`unit` of leaf `x`, the sum of squares of its entries divided by it) in `dtype`: its
+    norm is unit * sqrt(sum), and neither squares to 0 nor to Inf where its entries would
+    (a float32 leaf of RMS 1e-20, or 1e20)."""
+    a = jnp.abs(x).astype(dtype)
+    scale = unit(jnp.max(a, initial=0.0))
+    return scale, jnp.sum(jnp.square(a / scale))
 
 
 def host_rms(squares, leaves) -> tuple[np.ndarray, np.ndarray]:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import _keywords, _options, _tree
+from . import _directions, _keywords, _options, _tree
 from ._errors import one_line
 
 # Defaults of `gradient_health`; the reasoning is in its docstring.
@@ -899,7 +899,7 @@ def _rescaled_by_segments(leaves) -> jax.Array:
     sizes = np.asarray([np.size(x) for x in leaves])
     segment = jnp.repeat(jnp.arange(len(leaves)), sizes, total_repeat_length=flat.size)
     reduce = {"num_segments": len(leaves), "indices_are_sorted": True}
-    unit = _unit(jnp.maximum(jax.ops.segment_max(flat, segment, **reduce), 0.0))
+    unit = _directions.unit(jnp.maximum(jax.ops.segment_max(flat, segment, **reduce), 0.0))
     return unit * jnp.sqrt(jax.ops.segment_sum(jnp.square(flat / unit[segment]), segment, **reduce))
 
 
@@ -907,17 +907,9 @@ def _rescaled_one_by_one(leaves) -> jax.Array:
     """`_rescaled_by_segments`, leaf by leaf."""
     again = []
     for x in leaves:
-        x = jnp.abs(x).astype(jnp.float32)
-        unit = _unit(jnp.max(x, initial=0.0))
-        again.append(unit * jnp.sqrt(jnp.sum(jnp.square(x / unit))))
+        unit, squares = _directions.scaled_squares(x, jnp.float32)
+        again.append(unit * jnp.sqrt(squares))
     return jnp.stack(again)
-
-
-def _unit(top):
-    """The scale a leaf of largest entry `top` is divided by: `top`, or 1 where it is 0 or
-    not finite (an Inf entry leaves its Inf norm; no 0/0 or Inf/Inf: no NaN of jaxcheck's
-    own under `jax_debug_nans`)."""
-    return jnp.where((top > 0) & jnp.isfinite(top), top, 1.0)
 
 
 def _stack(values, dtype=jnp.float32) -> jax.Array:
