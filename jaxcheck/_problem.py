@@ -512,14 +512,9 @@ def _retyped_rounds_nothing(closed, n: int) -> bool | None:
 
 
 def _pulled_back(f, primals) -> list:
-    """The cotangents of `primals` that `f`'s outputs, as cotangents, pull back."""
+    """The cotangents of `primals` that unit cotangents of `f`'s outputs pull back."""
     outs, pull = jax.vjp(f, *primals)
-    return pull(
-        [
-            o if jnp.issubdtype(o.dtype, jnp.inexact) else np.zeros(o.shape, jax.dtypes.float0)
-            for o in outs
-        ]
-    )
+    return pull([_tree.unit_like(o) for o in outs])
 
 
 # beyond this many leaves, none is looked at alone for the casts its values reach
