@@ -132,6 +132,15 @@ def _equation(eqn, invals, flags) -> tuple:
     return eqn.primitive.bind(*[_up(x) for x in invals], **params), True
 
 
+def held_wider(eqn, values) -> list:
+    """Per input of `eqn`, whether `values` gives it wider than `eqn` declares it (float64
+    for float32): a value held in float64."""
+    return [
+        _floating(d) and getattr(x, "dtype", d) == wider(d) != d
+        for x, d in zip(values, (getattr(v.aval, "dtype", None) for v in eqn.invars))
+    ]
+
+
 def rule_at(eqn, values) -> list:
     """The outputs of custom rule equation `eqn` (of fn's program, typed as fn traced it)
     at `values`, those given wider than it declares (float64 for float32) held so: its
@@ -139,9 +148,7 @@ def rule_at(eqn, values) -> list:
     a cast to float32 is typed float32 in fn's float64 trace as well, and its own check
     then judged it only at float32 resolution."""
     declared = [getattr(v.aval, "dtype", None) for v in eqn.invars]
-    flags = [
-        _floating(d) and getattr(x, "dtype", d) == wider(d) != d for x, d in zip(values, declared)
-    ]
+    flags = held_wider(eqn, values)
     # (the others as declared: an index in int64 where fn's program has it in int32)
     values = [
         x if f or not isinstance(d, np.dtype) else jax.numpy.asarray(x, d)

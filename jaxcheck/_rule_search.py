@@ -350,11 +350,7 @@ def _held_wider(eqn, values) -> bool:
     """Whether rule equation `eqn` is given float64 values where it is typed float32 (it
     has no float64 twin: fn casts its inputs to float32 in its float64 trace as well), and
     can be evaluated so (`_retype.rule_at`)."""
-    return eqn.primitive.name in _retype.RULES and any(
-        _floating(v.aval.dtype)
-        and getattr(x, "dtype", None) == _retype.wider(v.aval.dtype) != v.aval.dtype
-        for x, v in zip(values, eqn.invars)
-    )
+    return eqn.primitive.name in _retype.RULES and any(_retype.held_wider(eqn, values))
 
 
 def _numeric(value, dtype) -> bool:
