@@ -268,7 +268,13 @@ def _run(f, args, order, modes, atol, rtol, eps) -> Outcome:
         )
     _check_step(eps)
     _tree.refuse_unsortable_keys(tuple(args), "check_grads: args")
-    params = _tree.settle_weak(tuple(args), lambda p: f(*p))
+    settled = _tree.settle_weak(tuple(args), lambda p: f(*p))
+    with _tree.promotion_for(tuple(args), settled, lambda p: f(*p)):
+        return _judged(f, settled, order, modes, atol, rtol, eps, unpacked)
+
+
+def _judged(f, params, order, modes, atol, rtol, eps, unpacked) -> Outcome:
+    """`_run` with args checked and settled: the check itself, and its outcome."""
     mode = _mode(modes)
     wanted = _wanted_floor(f, atol, rtol, params, mode)
     options = _options.Options(order=order, mode=mode, rtol=min(wanted, MAX_FLOOR))

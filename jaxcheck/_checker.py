@@ -66,7 +66,11 @@ class Checker:
                 f"{', '.join(sorted(keywords))}.{hint}"
             )
         _verify.refuse_odd_containers(params, args)
-        params = _tree.settle_weak(params, self.fn, args)
+        settled = _tree.settle_weak(params, self.fn, args)
+        with _tree.promotion_for(params, settled, self.fn, args):
+            return self._run(settled, args)
+
+    def _run(self, params, args):
         again = self._keyed is not None
         if self._keyed is None:
             # what fn computes now, once, so that its own calls cost no trace to find that

@@ -1,5 +1,6 @@
 """Splitting pytrees into the leaves that are differentiated, traced or held fixed."""
 
+import contextlib
 import dataclasses
 import hashlib
 import re
@@ -172,6 +173,37 @@ def settle_weak(params, fn=None, args=()):
                 dtype = own
             leaves[i] = jnp.asarray(leaves[i], dtype)
     return jax.tree.unflatten(treedef, leaves)
+
+
+@contextlib.contextmanager
+def promotion_for(params, settled, fn, args=()):
+    """JAX's dtype promotion for a check of fn at `settled` (`settle_weak` of `params`):
+    strict promotion, where on, relaxed to standard where fn refuses a Python float (a
+    weak-typed leaf) only once settled, and takes it weak: beside complex arguments
+    (x * s, x complex64, s = 1.5) or beside a float64 array fn closes over, the float
+    settled to float32 meets a dtype strict promotion will not combine it with, while
+    JAX's check_grads passes. Standard promotion computes there what the weak float
+    does: the other operand's dtype."""
+    if jax.config.jax_numpy_dtype_promotion != "strict" or settled is params:
+        yield
+        return
+    if _refused(fn, settled, args) and not _refused(fn, params, args):
+        with jax.numpy_dtype_promotion("standard"):
+            yield
+        return
+    yield
+
+
+def _refused(fn, params, args) -> bool:
+    """Whether strict promotion refuses fn(params, *args) (fn traced, not run)."""
+    with jax.transfer_guard("allow"):  # (the check's own, as in `settle_weak`)
+        try:
+            jax.eval_shape(lambda p: fn(p, *args), params)
+        except _PROMOTION_ERROR:
+            return True
+        except Exception:  # noqa: BLE001 - only a question; the check says what else fails
+            return False
+    return False
 
 
 def _overflows(x, own, narrower) -> bool:

@@ -202,11 +202,12 @@ def verify(
         raise TypeError(f"fn must be callable, got {type(fn).__name__}.")
     refuse_a_checker(fn, "verify(fn, params)")
     refuse_odd_containers(params, args)
-    params = _tree.settle_weak(params, fn, args)
-    # a second check of fn reuses its programs only while fn (and grad_fn) compute what
-    # they did: a global or a setting they read may have changed in between
-    fn, options = keyed(fn, params, args, options)
-    return run(fn, params, args, options)
+    settled = _tree.settle_weak(params, fn, args)
+    with _tree.promotion_for(params, settled, fn, args):
+        # a second check of fn reuses its programs only while fn (and grad_fn) compute what
+        # they did: a global or a setting they read may have changed in between
+        fn, options = keyed(fn, settled, args, options)
+        return run(fn, settled, args, options)
 
 
 def refuse_a_checker(fn, call: str) -> None:

@@ -161,6 +161,43 @@ def test_strict_promotion_with_a_python_float_alone_beside_closed_over_data(
             )
 
 
+def _times_half_steep_in_s(x, s):
+    """x * s, its derivative in s half what it should be."""
+    held = lax.stop_gradient(s)
+    return x * (s + held) / 2
+
+
+@pytest.mark.parametrize("x64_on", [False, True])
+@pytest.mark.parametrize("case", ["complex argument", "float64 closed over"])
+def test_strict_promotion_with_a_python_float_fn_takes_only_weak(strict_numerics, x64_on, case):
+    """A Python float beside complex arguments (x * s, x complex64), or beside a float64
+    array fn closes over, is weakly typed in fn: strict promotion takes it there, and
+    JAX's check_grads passes. Settled to the other arguments' float dtype, strict promotion
+    refused it (TypePromotionError from inside the check); the check now runs fn with
+    standard promotion there, which computes what the weak float does, and still fails a
+    derivative wrong in the float."""
+    with enable_x64(x64_on):
+        if case == "complex argument":
+            x = np.array([0.3 + 0.1j, 0.7 - 0.2j], np.complex64)
+            f = lambda x, s: x * s + jnp.exp(x)  # noqa: E731
+            bad = lambda x, s: _times_half_steep_in_s(x, s) + jnp.exp(x)  # noqa: E731
+        else:
+            w = jnp.ones(2, jnp.float64 if x64_on else jnp.float32) * 0.5
+            x = np.array([0.3, 0.5], np.float32)
+            f = lambda x, s: jnp.sum(jnp.sin(x)).astype(w.dtype) + w * s  # noqa: E731
+
+            def bad(x, s):
+                return jnp.sum(jnp.sin(x)).astype(w.dtype) + _times_half_steep_in_s(w, s)
+
+        jaxcheck.check_grads(f, (x, 1.5), order=2)
+        report = jaxcheck.verify(lambda p: jnp.sum(jnp.abs(f(*p)) ** 2), (x, 1.5))
+        assert report.status == "pass", str(report)
+        checker = jaxcheck.Checker(lambda s, x: jnp.sum(jnp.abs(f(x, s)) ** 2))
+        assert checker(1.5, x).status == "pass"
+        with pytest.raises(AssertionError, match=r"(?s)FAIL — gradient is WRONG.*wrong: \[1\]"):
+            jaxcheck.check_grads(bad, (x, 1.5), order=1)
+
+
 @pytest.mark.parametrize(
     "x64_on, out_dtype, expected", [(False, "float16", "float32"), (True, "float32", "float64")]
 )
