@@ -474,6 +474,34 @@ def test_bad_inputs_say_what_to_pass(call, error, message):
     assert str(info.value).startswith("check_grads: ")
 
 
+def _refuses_three_entries(x):
+    if x.shape[0] != 2:
+        raise ValueError("boom: expected 2 entries")
+    return jnp.sin(x)
+
+
+@pytest.mark.parametrize(
+    "f, error, message",
+    [
+        (_refuses_three_entries, ValueError, "boom: expected 2 entries"),
+        (
+            lambda x: jnp.dot(x, jnp.ones((4, 2))),
+            TypeError,
+            "dot_general requires contracting dimensions to have the same shape",
+        ),
+    ],
+)
+def test_fs_own_errors_are_raised_as_jax_check_grads_raises_them(f, error, message):
+    """An error f raises itself (or JAX inside f) is f's, raised as it was: it came back
+    re-created with a "check_grads: " prefix, as if check_grads had refused its input,
+    and a test matching f's message (`pytest.raises(ValueError, match="^boom")`) failed
+    under the plugin."""
+    for check in (jax.test_util.check_grads, jaxcheck.check_grads):
+        with pytest.raises(error) as info:
+            check(f, (jnp.ones(3),), 1)
+        assert str(info.value).startswith(message)
+
+
 def test_jax_tolerances_become_a_relative_floor():
     f32 = (np.ones(2, np.float32),)
     small = lambda x: jnp.sum(1e-3 * jnp.sin(x))  # noqa: E731 - derivatives of 5e-4
