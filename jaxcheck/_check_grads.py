@@ -790,13 +790,14 @@ def _flat_outputs(outs) -> jax.Array:
     return jnp.concatenate(parts) if parts else jnp.zeros(0, wide)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Positional:
-    """f of a tuple of its positional arguments. Equal for the same f computing the same
-    program, so that checking the same function again (a test calling check_grads on it
-    several times) reuses the programs compiled for it (a new lambda each time compiled
-    them all again), while f changed in between (a global it reads, an attribute of its
-    object) is checked anew, as JAX's check_grads, which keeps nothing, would."""
+    """f of a tuple of its positional arguments. Equal for any f computing the same
+    program (`_fingerprint.Keyed`), so that checking the same function again (a test
+    calling check_grads on it several times, or on a new lambda of the same code) reuses
+    the programs compiled for it, while f changed in between (a global it reads, an
+    attribute of its object) is checked anew, as JAX's check_grads, which keeps nothing,
+    would."""
 
     f: Callable
     fingerprint: Any = None  # `_fingerprint.of(f, *args)`
@@ -804,6 +805,10 @@ class Positional:
 
     def __call__(self, args):
         return self.f(*args)
+
+    __eq__ = _fingerprint.Keyed.__eq__
+    __hash__ = _fingerprint.Keyed.__hash__
+    _identity = _fingerprint.Keyed._identity
 
 
 # verify's advice, said in check_grads' terms (its f, args and modes; no has_aux or grad_fn)
