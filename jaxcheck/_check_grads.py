@@ -93,13 +93,15 @@ def _telling(own, whole, failed: bool) -> str:
     """The note a one-line headline quotes: for a failure, the one that says why (a wrong
     rule, a constant factor, a solver stopped at a tolerance, a gamma sample) where the
     notes of the part that decided (`own`) or of the whole check (`whole`) hold one; else
-    the part's first, but a tolerance capped."""
+    the part's first, but a tolerance capped or a note on data cast for the reference (an
+    inconclusive check's headline said that, where the reason was kinks)."""
     if failed:
         for start in ("wrong rule", _verdict.FACTOR, _pipeline.SOLVER_HINT, _pipeline.GAMMA_HINT):
             said = [q for q in (*own, *whole) if q.startswith(start)]
             if said:
                 return said[0]
-    notes = [q for q in own if not q.startswith("tolerance capped")] or list(own)
+    aside = ("tolerance capped", *_evaluate.CAST_NOTES)
+    notes = [q for q in own if not q.startswith(aside)] or list(own)
     return notes[0] if notes else ""
 
 

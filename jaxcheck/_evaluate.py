@@ -245,6 +245,9 @@ def _ints_widened(run: Run, dtype, cast, index, rows, h, offsets, err) -> dict |
     return out
 
 
+# the notes on data cast for the reference, which say how it ran, not what it found
+CAST_NOTES = ("fn rounds to float32 in float64 only through", "fn mixed int32 arrays among")
+
 # the data `_precision.widened_closures` casts, as the notes name it
 _HELD_DATA = (
     "float32 arrays it closes over (or reads from its module's globals, or has bound by "
@@ -270,7 +273,7 @@ def _rounding_closures_widened(run: Run, dtype, index, rows, h, offsets) -> dict
         run.widened = True
         n = run.problem.widen
         run.problems.append(
-            f"fn rounds to float32 in float64 only through {_HELD_DATA}, mixed with its "
+            f"{CAST_NOTES[0]} {_HELD_DATA}, mixed with its "
             "float64 inputs (a derivative fn takes in them is returned in their dtype); "
             f"{_cast_too(n)}"
         )

@@ -206,6 +206,20 @@ def test_kink_is_not_judged_and_raises_only_when_asked():
     assert outcome.headline.endswith("; not judged")
 
 
+def test_the_headline_of_a_kink_says_kink_beside_float32_data_f_closes_over():
+    """A ReLU at 0 in every entry, whose output is multiplied by a float32 array f closes
+    over: the headline (the plugin's line for a check not judged) quoted the note on that
+    array cast to float64 for the reference ("cast exactly: their values are the same"),
+    not the kinks that left the check inconclusive."""
+    w = np.ones(3, np.float32)
+    outcome = _check_grads.run(
+        lambda v: jnp.maximum(v, 0.0).astype(w.dtype) * w, (np.zeros(3, np.float32),), 1
+    )
+    assert outcome.verdict == "unjudged"
+    assert any("cast exactly" in q for q in outcome.report.problems)  # (noted, not headlined)
+    assert outcome.headline.startswith("inconclusive; only 0 of 16 directions are smooth")
+
+
 def test_the_headline_of_a_solver_stopped_at_a_tolerance_says_so():
     """odeint's adjoint at rtol=1e-4 is 2.3e-5 off in float32 (a float64 solve at 1e-12
     says -1.42499, it gives -1.42503), over the 1e-5 an unset tolerance stands for: the
