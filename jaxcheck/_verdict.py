@@ -793,7 +793,7 @@ def note_native(
     suspects = (
         f"a rule or grad_fn wrong on its {run.tested.name} path alone, or "
         if own
-        else "fn has no custom rule nor grad_fn: "
+        else "fn's derivative here is JAX's own, of no custom rule nor grad_fn: "
     )
     why = (
         f"and fn's value differs too (fn computes something else in {name}, e.g. random "
@@ -807,12 +807,14 @@ def note_native(
         f"in {run.tested.name}, or one not linear in its tangent or cotangent?); finite "
         "differences use the model's precision instead, which resolves more coarsely"
         if own
-        else "while fn's value agrees in both to 1e-3; fn has no custom rule nor grad_fn "
-        f"but is another program in {run.tested.name} (a branch on the dtype?), whose "
+        else "while fn's value agrees in both to 1e-3; fn's derivative here is JAX's own, of "
+        f"no custom rule nor grad_fn, but fn is another program in {run.tested.name} (a "
+        "branch on the dtype?), whose "
         "derivative finite differences in the model's precision judge instead, more coarsely"
         if other_program
-        else "while fn's value agrees in both to 1e-3; fn has no custom rule nor "
-        f"grad_fn, so this is the {run.tested.name} derivative's own rounding, grown far "
+        else "while fn's value agrees in both to 1e-3; fn's derivative here is JAX's own, "
+        f"of no custom rule nor grad_fn, so this is the {run.tested.name} derivative's own "
+        "rounding, grown far "
         "beyond its value's (along a long recurrence or simulation, say), or a kink or "
         f"branch fn's {run.tested.name} values sit exactly on (jnp.where(x > c, ...) at "
         f"x == c, a sample on a bin edge), which {name} misses by a rounding, taking one "

@@ -1934,7 +1934,7 @@ def test_a_plain_simulation_whose_float32_derivative_rounds_is_not_said_to_take_
     report = jaxcheck.verify(simulate, params, x0, key=0)
     notes = [q for q in report.problems if "differs from that in float32" in q]
     assert notes, str(report)
-    assert "has no custom rule nor grad_fn" in notes[0], notes[0]
+    assert "JAX's own, of no custom rule nor grad_fn" in notes[0], notes[0]
     assert "another path" not in notes[0] and "verify_rule" not in notes[0], notes[0]
 
 
