@@ -303,7 +303,8 @@ def _judged(f, params, order, modes, atol, rtol, eps, unpacked) -> Outcome:
     try:
         with _host.x64_as_checked(params):
             fingerprint = _fingerprint.of(f, *params)
-        report = _verify.run(Positional(f, fingerprint), params, (), options)
+        keyed = Positional(f, fingerprint)
+        report = _verify.run(keyed, params, (), options)
     except (TypeError, ValueError) as err:
         if str(err).startswith(_problem.EMPTY_OUTPUT):
             # no derivative to compare: JAX's check passes (nothing is raised in a test)
@@ -327,18 +328,21 @@ def _judged(f, params, order, modes, atol, rtol, eps, unpacked) -> Outcome:
             f"here too: {_evaluate.JAX_NO_JVP}). Pass modes=('rev',) to check its custom rule "
             "in reverse mode."
         )
+    # (the programs of the checks below kept under what f computes, as the check's own are,
+    # so that checking f again there compiles none of them)
+    key = keyed if fingerprint is not None else None
     if report.status is not Status.NONFINITE:
         outcome = Outcome(report, STATUS_VERDICT[report.status])
         if report.status is Status.INCONCLUSIVE:
             with _plan.own_transfers(), np.errstate(all="ignore"):  # (as below)
-                outcome = _kinked_outcome(f, params, options, report) or outcome
+                outcome = _kinked_outcome(f, params, options, report, key) or outcome
     else:
         # (jaxcheck's own transfers, allowed under a caller's transfer guard as in the check;
         # f read at the point and beside it, where NumPy arguments of a NaN/Inf f make NumPy
         # warn, which a suite that turns warnings into errors raises: JAX's check never
         # evaluates f at the point itself)
         with _plan.own_transfers(), np.errstate(all="ignore"):
-            outcome = _nonfinite_outcome(f, params, report, options)
+            outcome = _nonfinite_outcome(f, params, report, options, key)
     if wanted <= MAX_FLOOR:
         return outcome
     note = _capped(wanted, atol, rtol, _tolerance_dtypes(f, atol, rtol, params, mode))
@@ -362,10 +366,11 @@ def _capped(wanted: float, atol, rtol, dtypes) -> str:
     )
 
 
-def _nonfinite_outcome(f, params, report, options) -> Outcome:
+def _nonfinite_outcome(f, params, report, options, key=None) -> Outcome:
     """The verdict of a check that met NaN/Inf: where f itself is NaN/Inf, or at the edge
     of its domain, judged on its finite part or not judged (as JAX's check_grads, which
-    counts NaN equal to NaN)."""
+    counts NaN equal to NaN). `key`: a hashable stand-in for f, for the programs of those
+    checks to be kept."""
     with jax.debug_nans(False), jax.debug_infs(False):  # f at the point, read once
         outputs = f(*params)
     verdict = _nonfinite_verdict(report, params, outputs)
@@ -388,7 +393,7 @@ def _nonfinite_outcome(f, params, report, options) -> Outcome:
         )
         report = dataclasses.replace(report, problems=(*report.problems, note))
     if verdict == "unjudged":
-        judged = _finite_part_outcome(f, params, outputs, options)
+        judged = _finite_part_outcome(f, params, outputs, options, key)
         if judged is None and edge is not None:
             n = _count(edge)
             judged = _held_part_outcome(
@@ -400,6 +405,7 @@ def _nonfinite_outcome(f, params, report, options) -> Outcome:
                 f"{'entry' if n == 1 else 'entries'} (its derivative NaN/Inf there, f NaN/Inf "
                 "right next to it); the derivative was judged at the other entries, holding "
                 "those fixed (a step of 1e-6 into the domain, where f's derivative is finite)",
+                key,
             )
         if judged is not None:
             return judged
@@ -431,10 +437,11 @@ def _inside(f, params, edge) -> tuple:
     return params
 
 
-def _held_part_outcome(f, params, held, options, note: str) -> Outcome | None:
+def _held_part_outcome(f, params, held, options, note: str, key=None) -> Outcome | None:
     """Judge `f` with the argument entries `held` (per real float leaf of `params`) fixed
     at the point, and its outputs that a held entry makes NaN in forward mode (0 times an
-    infinite derivative) replaced by 0: the pass or fail of that check, else None."""
+    infinite derivative) replaced by 0: the pass or fail of that check, else None. `key`:
+    a hashable stand-in for f (`_FinitePart.key`)."""
     leaves = jax.tree.leaves(params)
     if any(_inexact(x) and jnp.iscomplexobj(x) for x in leaves):
         return None  # (`held` covers the real leaves only)
@@ -451,7 +458,7 @@ def _held_part_outcome(f, params, held, options, note: str) -> Outcome | None:
     masked = tuple(~np.isfinite(np.asarray(t)) for t in tangents)
     if all(m.all() for m in masked):
         return None  # every output meets a held entry's infinite derivative
-    part = dataclasses.replace(part, masked=masked, filled=params, note=note)
+    part = dataclasses.replace(part, masked=masked, filled=params, note=note, key=key)
     report = _verify.run(part, params, (), options)
     if report.status not in (Status.PASS, Status.FAIL):
         return None
@@ -466,18 +473,19 @@ MAX_KINK_ENTRIES = 1024
 MAX_KINK_VALUES = 2**24
 
 
-def _kinked_outcome(f, params, options, report: Report) -> Outcome | None:
+def _kinked_outcome(f, params, options, report: Report, key=None) -> Outcome | None:
     """Where a check is inconclusive for kinks: find the argument entries at which f has one
     (`_one_sided`), and judge the derivative at the others, holding those fixed, as JAX's
     check_grads would see a wrong derivative at them. None where none is found, or the
-    rest cannot be judged either."""
+    rest cannot be judged either. `key`: a hashable stand-in for f, for the programs of
+    that search and check to be kept (a warm check at a kink compiled 5 of them anew)."""
     kinks, lowest, g, order, outside = None, None, f, options.order, None
     for k in range(order):  # f, then its derivative maps up to the one checked at `order`
         try:
             with jax.debug_nans(False), jax.debug_infs(False):
-                found = _one_sided(g, params)
+                found = _one_sided(g, params, key=key and (key, "derivative", k))
                 if found is not None and k == 0:
-                    outside = _outside_slopes(f, params, found[1])
+                    outside = _outside_slopes(f, params, found[1], key=key)
                 g = _unit_derivative(g, params) if k + 1 < order else g
         except Exception:  # noqa: BLE001 - f refuses the moved points: what was found stands
             break
@@ -497,6 +505,7 @@ def _kinked_outcome(f, params, options, report: Report) -> Outcome | None:
         f"{which} has a kink (one-sided slopes that differ) at {n} argument "
         f"{'entry' if n == 1 else 'entries'}, found by moving each entry alone; the "
         "derivative was judged at the other entries, holding those fixed",
+        key,
     )
     if outside is None:
         return held
@@ -1168,7 +1177,7 @@ def _moved_off(points, entries, sign: float, relative: float = 1e-6) -> list:
     return moved
 
 
-def _finite_part_outcome(f, params, outputs, options) -> Outcome | None:
+def _finite_part_outcome(f, params, outputs, options, key=None) -> Outcome | None:
     """Where `f` (or an argument) is NaN/Inf at some entries only, judge the rest, as JAX's
     check_grads compares the finite entries and counts NaN equal to NaN: the check runs on
     `f` with its NaN/Inf outputs replaced by 0 and the argument entries held fixed that are
@@ -1178,7 +1187,7 @@ def _finite_part_outcome(f, params, outputs, options) -> Outcome | None:
     part = _FinitePart.at(f, params, outputs)
     if part is None:
         return None
-    report = _verify.run(part, part.filled, (), options)
+    report = _verify.run(dataclasses.replace(part, key=key), part.filled, (), options)
     failed = report.status is Status.FAIL or (
         report.status is Status.NONFINITE and part.nonfinite_derivative
     )
@@ -1208,9 +1217,27 @@ class _FinitePart:
     filled: tuple = ()  # the arguments with every NaN/Inf entry replaced by 0
     note: str = ""
     nonfinite_derivative: bool = False  # NaN/Inf in the derivative of a finite output
+    # a hashable stand-in for f (`Positional`), or None: equal to another part of an equal
+    # key, point and masks, whose compiled programs it then reuses; else only to itself
+    key: Any = None
 
     def __call__(self, args):
         return self._outputs(jax.tree.leaves(args))
+
+    def _identity(self):
+        if self.key is None:
+            return id(self)
+        arrays = (self.point, self.held, self.masked, jax.tree.leaves(self.filled))
+        digests = tuple(tuple(map(_tree.digest, a)) for a in arrays)
+        return self.key, self.treedef, digests, self.note, self.nonfinite_derivative
+
+    def __eq__(self, other):
+        if type(other) is not type(self):
+            return NotImplemented
+        return self is other or (self.key is not None and self._identity() == other._identity())
+
+    def __hash__(self):
+        return hash(self._identity())
 
     def _outputs(self, leaves):
         floats = iter(zip(self.point, self.held))

@@ -206,6 +206,30 @@ def test_kink_is_not_judged_and_raises_only_when_asked():
     assert outcome.headline.endswith("; not judged")
 
 
+@pytest.mark.parametrize("where", ["kink", "NaN entry"])
+def test_checking_again_at_a_kink_or_nan_entry_compiles_nothing(where):
+    """A check at a kink (or where f is NaN at some entries) judges the other entries,
+    holding those fixed: a second check of the same f there compiled the search and that
+    check anew (5 programs, 1.4 s, where the check elsewhere took 0.03 s). Now they are
+    kept under what f computes and the point; another point is checked anew."""
+    from jaxcheck import _plan
+
+    if where == "kink":
+        f = lambda b: jnp.sum(jax.nn.relu(b) * jnp.arange(1.0, 5.0))  # noqa: E731
+        point, other = jnp.array([0.0, 0.5, -0.3, 0.2]), jnp.array([0.5, 0.0, -0.3, 0.2])
+    else:
+        f = lambda b: jnp.log(b) * 2.0  # noqa: E731
+        point, other = jnp.array([-1.0, 0.5, 0.3, 0.2]), jnp.array([0.5, -1.0, 0.3, 0.2])
+    first = _check_grads.run(f, (point,), 1)
+    assert first.verdict == "pass", first.headline
+    before = _plan.compilations
+    again = _check_grads.run(f, (point,), 1)
+    assert _plan.compilations == before
+    assert again.headline == first.headline
+    assert _check_grads.run(f, (other,), 1).verdict == "pass"
+    assert _plan.compilations > before
+
+
 def test_the_headline_of_a_kink_says_kink_beside_float32_data_f_closes_over():
     """A ReLU at 0 in every entry, whose output is multiplied by a float32 array f closes
     over: the headline (the plugin's line for a check not judged) quoted the note on that
