@@ -213,8 +213,12 @@ class Router:
         # failing example), not expected ones
         ended = _chain(call.excinfo.value if call.excinfo is not None else None)
         # (a test that skips itself on the error, pytest.skip or unittest.SkipTest raised
-        # while handling it, caught it too)
-        if report.skipped or not any(error is e for _, error in self.raised for e in ended):
+        # while handling it, caught it too; a doctest whose output, a traceback expected
+        # there, differed did not: doctest caught the error only to compare its text)
+        compared = report.failed and any(_differed_in_text(e) for e in ended)
+        if report.skipped or not (
+            compared or any(error is e for _, error in self.raised for e in ended)
+        ):
             for i, _ in self.raised:
                 self.pending[i][0] = "caught"
         self.raised = []
@@ -307,6 +311,14 @@ def _chain(error) -> list:
             if isinstance(info, tuple) and len(info) == 3:
                 todo.append(info[1])
     return out
+
+
+def _differed_in_text(error) -> bool:
+    """Whether `error` is a doctest example's output differing from the one expected
+    (doctest's DocTestFailure, alone or among pytest's MultipleDoctestFailures)."""
+    return any(
+        type(e).__name__ == "DocTestFailure" for e in [error, *getattr(error, "failures", ())]
+    )
 
 
 OUTSIDE = "(outside a test)"  # where a call made at import or collection is listed

@@ -366,6 +366,16 @@ NESTED = textwrap.dedent(
     X = np.linspace(0.1, 1.0, 4)
 
 
+    def wrong_sin_expected_to_raise_as_jax_words_it():
+        """
+        >>> from test_nested import X, wrong_sin
+        >>> check_grads(wrong_sin, (X,), 1)
+        Traceback (most recent call last):
+        ...
+        AssertionError: ...
+        """
+
+
     def test_a_session_inside_this_one(pytester):
         pytester.makepyfile(
             test_inner=(
@@ -400,7 +410,8 @@ def test_nested_sessions_doctests_and_failures_on_the_way_are_told_apart(tmp_pat
     """A pytest session run inside a --jaxcheck session's test (pytester) took the outer
     session's replacement for JAX's function, failed to swap its code (INTERNALERROR), and
     left later checks routed nowhere; a check failing a doctest, and checks failing on the
-    way to the one that failed a test, were listed as caught, as the test expected."""
+    way to the one that failed a test, were listed as caught, as the test expected; so was
+    a check failing a doctest that expected JAX's AssertionError (its text differs)."""
     (tmp_path / "test_nested.py").write_text(NESTED)
     flags = ["-p", "pytester", "-p", "jaxcheck.pytest_plugin", "--jaxcheck", "-p", "no:xdist"]
     out = _run(
@@ -408,9 +419,13 @@ def test_nested_sessions_doctests_and_failures_on_the_way_are_told_apart(tmp_pat
         "--doctest-modules", "test_nested.py",
     )  # fmt: skip
     assert "INTERNALERROR" not in out, out
-    assert "3 failed, 1 passed" in out, out
+    assert "4 failed, 1 passed" in out, out
     summary = out.split("jaxcheck check_grads")[-1]
-    assert "5 check_grads calls routed to jaxcheck: 0 passed, 5 failed" in summary, summary
+    assert "6 check_grads calls routed to jaxcheck: 0 passed, 6 failed" in summary, summary
+    assert (
+        "FAIL     test_nested.py::test_nested.wrong_sin_expected_to_raise_as_jax_words_it: fail;"
+        in summary
+    )
     assert "FAIL     test_nested.py::test_nested: fail;" in summary, summary
     assert "FAIL     test_nested.py::test_after_the_inner_session: fail;" in summary, summary
     assert summary.count("FAIL     test_nested.py::test_failing_on_the_way_to_failing") == 3
