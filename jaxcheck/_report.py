@@ -33,8 +33,10 @@ _ADVICE = {
     Status.FAIL: (
         "The derivative under test (autodiff, or your grad_fn) disagrees with central finite "
         "differences of fn (the reference) by more than the error model allows. Look at the "
-        "failing leaves first; if a custom_vjp/custom_jvp rule touches them, check it; if "
-        "none does, look on their path for what JAX's derivative leaves out or bends (a "
+        "failing leaves first; if a custom_vjp/custom_jvp rule touches them (or the "
+        "transpose_solve of a lax.custom_linear_solve, the tangent_solve of a "
+        "lax.custom_root: derivatives given, not derived), check it; if none does, look on "
+        "their path for what JAX's derivative leaves out or bends (a "
         "jax.lax.stop_gradient, as in a target held fixed, a cast to an integer, a callback). "
         "If you believe fn itself is not smooth here, try another point or key."
     ),

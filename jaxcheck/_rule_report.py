@@ -307,7 +307,8 @@ def rules_part(
                 "rules: no custom_vjp/custom_jvp rule found in fn (one that fn itself "
                 "differentiates, under a jax.grad, jax.vjp or jax.jvp inside fn, is traced "
                 "already differentiated and cannot be found: check it with "
-                "jaxcheck.verify_rule)"
+                "jaxcheck.verify_rule; a lax.custom_linear_solve's transpose_solve and a "
+                "lax.custom_root's tangent_solve are not rules checked one by one)"
             ]
         return None, notes
     # a call of a rule whose inputs do not depend on params, where another call of it does

@@ -202,7 +202,8 @@ def test_while_loop_body_is_checked_at_its_first_iteration():
 NONE_FOUND = (
     "rules: no custom_vjp/custom_jvp rule found in fn (one that fn itself differentiates, "
     "under a jax.grad, jax.vjp or jax.jvp inside fn, is traced already differentiated and "
-    "cannot be found: check it with jaxcheck.verify_rule)"
+    "cannot be found: check it with jaxcheck.verify_rule; a lax.custom_linear_solve's "
+    "transpose_solve and a lax.custom_root's tangent_solve are not rules checked one by one)"
 )
 
 
@@ -210,6 +211,28 @@ def test_model_without_rules_says_so():
     report = jaxcheck.verify(lambda p: jnp.sum(jnp.sin(p)), jnp.ones(3), rules=True)
     assert report.ok and not report.parts
     assert NONE_FOUND in report.problems
+
+
+def test_a_wrong_transpose_solve_is_pointed_at_though_no_rule_is_found():
+    """A lax.custom_linear_solve whose transpose_solve is 1 % off: the gradient fails, no
+    custom_vjp/custom_jvp rule is found, and the advice names transpose_solve as a
+    derivative given, where it named only custom rules, which fn has none of."""
+    a = jnp.array([[3.0, 1.0], [0.5, 2.0]])
+
+    def loss(p):
+        m = a * p["s"]
+        x = jax.lax.custom_linear_solve(
+            lambda x: m @ x,
+            jnp.sin(p["b"]),
+            solve=lambda _, b: jnp.linalg.solve(m, b),
+            transpose_solve=lambda _, b: jnp.linalg.solve(m.T, b) * 1.01,
+        )
+        return jnp.sum(x**2)
+
+    report = jaxcheck.verify(loss, {"b": jnp.array([0.3, 0.7]), "s": jnp.asarray(1.2)}, rules=True)
+    assert report.status == "fail"
+    assert NONE_FOUND in report.problems
+    assert "or the transpose_solve of a lax.custom_linear_solve" in str(report)
 
 
 def test_a_rule_under_a_gradient_inside_fn_is_not_said_to_be_absent():
