@@ -195,10 +195,18 @@ def promotion_for(params, settled, fn, args=()):
 
 
 def _refused(fn, params, args) -> bool:
-    """Whether strict promotion refuses fn(params, *args) (fn traced, not run)."""
+    """Whether strict promotion refuses fn(params, *args) or its vjp (traced, not run): a
+    custom rule's bwd mixing dtypes is refused under strict promotion as jax.grad meets it,
+    and the check must not relax it."""
+
+    def pulled_back(p):
+        out, pullback = jax.vjp(lambda q: fn(q, *args), p)
+        return pullback(jax.tree.map(unit_like, out))
+
     with jax.transfer_guard("allow"):  # (the check's own, as in `settle_weak`)
         try:
             jax.eval_shape(lambda p: fn(p, *args), params)
+            jax.eval_shape(pulled_back, params)
         except _PROMOTION_ERROR:
             return True
         except Exception:  # noqa: BLE001 - only a question; the check says what else fails

@@ -198,6 +198,21 @@ def test_strict_promotion_with_a_python_float_fn_takes_only_weak(strict_numerics
             jaxcheck.check_grads(bad, (x, 1.5), order=1)
 
 
+def test_strict_promotion_is_not_relaxed_over_a_bwd_it_refuses(strict_numerics):
+    """The relaxation above is decided from fn and its vjp: a custom rule's bwd mixing
+    bfloat16 into float32 is refused by strict promotion as jax.grad meets it (JAX's
+    check_grads raises), and was passed under standard promotion."""
+
+    @jax.custom_vjp
+    def square(y):
+        return y * y
+
+    square.defvjp(lambda y: (y * y, y), lambda y, c: (c * y * jnp.asarray(2, jnp.bfloat16),))
+    x = jnp.array([0.3 + 0.1j, 0.7 - 0.2j], jnp.complex64)
+    with pytest.raises(ValueError, match="no available implicit dtype promotion path"):
+        jaxcheck.check_grads(lambda x, s: jnp.sum(square(jnp.abs(x * s))), (x, 1.5), 1)
+
+
 @pytest.mark.parametrize(
     "x64_on, out_dtype, expected", [(False, "float16", "float32"), (True, "float32", "float64")]
 )
