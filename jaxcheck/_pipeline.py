@@ -345,15 +345,18 @@ def _primal(run: Run, status: Status, p, checks) -> tuple[Status, list]:
 
 def _linear(run: Run, status: Status, checks) -> tuple[Status, list]:
     """(FAIL, the checks with a failing row) where a scalar fn's gradient pulled back from
-    the cotangent 2, halved, is not the one pulled back from 1 (jax.grad's, which the rows
-    above judge), or the folded forward projections of a small problem along tangents of
-    entries +-2, halved, are not those along +-1: a derivative rule that is not linear in
+    the cotangent -2.359375 (`_autodiff.LINEAR_UNIT`), divided by it, is not the one pulled
+    back from 1 (jax.grad's, which the rows above judge), or the folded forward
+    projections of a small problem along tangents of entries +-2.359375, divided by it, are
+    not those along +-1: a derivative rule that is not linear in
     its cotangent or tangent (`_autodiff.linear_gap`). Allowed: the head row's tolerance
     (no finer than the derivative itself is judged), at least 64 eps of the tested dtype,
     a few eps of a lower precision fn rounds to inside, and twice the derivative's rounding
     measured against float64 (XLA may fuse the two pullbacks apart, rounding them
     otherwise: a derivative that is all rounding is no more linear than that)."""
-    if status is Status.NONFINITE or PRIMAL_ROW.get():
+    # (in verify_rule's rows too: a custom_vjp has no jvp rows, and a bwd squaring or
+    # rounding its cotangent passed it there)
+    if status is Status.NONFINITE:
         return status, checks
     allowed = 64 * _precision.eps(run.tested)
     if run.rounds_to is not None:
@@ -390,9 +393,11 @@ def _linear(run: Run, status: Status, checks) -> tuple[Status, list]:
         gap = float(gap)
         run.problems.append(
             f"the {what} ({run.problem.source}) is not linear in its {name}: at the "
-            f"{name} 2, halved, it is {gap:.1e} (relative) off the one at 1, which {computes} "
+            f"{name} -2.359375, divided by it, it is {gap:.1e} (relative) off "
+            f"the one at 1, which {computes} "
             "and the rows above judge. A derivative is linear in its tangent and "
-            "cotangent; a custom rule that clips, thresholds or squares them is not, and "
+            "cotangent; a custom rule that clips, thresholds, squares or rounds them, or drops "
+            "their sign, is not, and "
             f"gives another derivative where {scaled} (rules=True names the rule)"
         )
         row = Comparison(LINEAR_CHECK.format(name), gap, (gap, gap), 0.0, 0.0, allowed, 1, False)

@@ -54,6 +54,49 @@ def test_correct_custom_vjp_passes_with_every_row():
     assert numbers.startswith("  vjp vs finite differences: relative error ")
 
 
+def _sum_rule(on_cotangent):
+    """sum(sin(x) * y), a custom_vjp whose bwd passes its cotangent g through
+    `on_cotangent` first."""
+
+    @jax.custom_vjp
+    def f(x, y):
+        return jnp.sum(jnp.sin(x) * y)
+
+    def bwd(res, g):
+        g = on_cotangent(g)
+        return g * jnp.cos(res[0]) * res[1], g * jnp.sin(res[0])
+
+    f.defvjp(lambda x, y: (f(x, y), (x, y)), bwd)
+    return f
+
+
+@pytest.mark.parametrize(
+    "name, on_cotangent",
+    [
+        ("g * |g|", lambda g: g * jnp.abs(g)),
+        ("|g|", jnp.abs),
+        ("float8", lambda g: g.astype(jnp.float8_e4m3fn).astype(g.dtype)),
+        ("linear", lambda g: g),
+    ],
+)
+def test_a_scalar_rule_not_linear_in_its_cotangent_fails(name, on_cotangent):
+    """A custom_vjp of one scalar output has no jvp rows: its bwd met the cotangent 1 only
+    (and 2 inside models), where g * |g|, |g| and g rounded to float8 are g, and
+    verify_rule passed them (|g| and float8 passed verify and check_grads too, where
+    JAX's check_grads fails float8)."""
+    rule = _sum_rule(on_cotangent)
+    x, y = jnp.linspace(-1.0, 1.0, 5), jnp.linspace(0.3, 0.9, 5)
+    report = jaxcheck.verify_rule(rule, x, y)
+    if name == "linear":
+        assert report.status == "pass", str(report)
+        return
+    assert report.status == "fail", str(report)
+    assert "linearity: derivative at cotangent -2.359375, divided by it" in str(report)
+    assert jaxcheck.verify(lambda p: rule(*p), (x, y)).status == "fail"
+    with pytest.raises(AssertionError, match="FAIL"):
+        jaxcheck.check_grads(rule, (x, y), 1, modes=["rev"])
+
+
 def test_fwd_primal_differs_from_the_function():
     f = sin_vjp(lambda x, g: (g * jnp.cos(x),), fwd_out=lambda x: 1.01 * jnp.sin(x))
     report = jaxcheck.verify_rule(f, X)
