@@ -803,12 +803,12 @@ def _flat_outputs(outs) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Positional:
-    """f of a tuple of its positional arguments. Equal for any f computing the same
-    program (`_fingerprint.Keyed`), so that checking the same function again (a test
-    calling check_grads on it several times, or on a new lambda of the same code) reuses
-    the programs compiled for it, while f changed in between (a global it reads, an
-    attribute of its object) is checked anew, as JAX's check_grads, which keeps nothing,
-    would."""
+    """f of a tuple of its positional arguments. Equal for the same f (or a new lambda of
+    the same code over equal values) computing the same program (`_fingerprint.Keyed`), so
+    that checking the same function again (a test calling check_grads on it several times,
+    or a parametrized test making its lambda anew) reuses the programs compiled for it,
+    while f changed in between (a global it reads, an attribute of its object) is checked
+    anew, as JAX's check_grads, which keeps nothing, would."""
 
     f: Callable
     fingerprint: Any = None  # `_fingerprint.of(f, *args)`

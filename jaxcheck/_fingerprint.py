@@ -3,6 +3,7 @@ function again reuses them, while a function whose behaviour changed in between 
 or an attribute it reads, a custom rule reading a setting) is checked anew."""
 
 import dataclasses
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -15,11 +16,16 @@ from . import _plan, _rule_search, _tree
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Keyed:
-    """`f` itself, equal to another `Keyed` of the same fingerprint, of any function: a
-    new lambda computing what an earlier one did (a test suite's `check_grads(lambda x:
-    ..., args)` in a parametrized test) reuses the programs compiled for it, where each
-    compiled them all again (131 ms a check at order 1 against 4 ms, 479 ms against
-    24 ms at order 2). Without a fingerprint (f cannot be traced), equal for the same f."""
+    """`f` itself, equal to another `Keyed` of equal fingerprint whose function is the same
+    function: `f` itself, or a new one made from the same code with equal values in its
+    closure (`same_function`), as a test suite's `check_grads(lambda x: ..., args)` in a
+    parametrized test makes one at each call: it reuses the programs compiled for the
+    first, where each compiled them all again (131 ms a check at order 1 against 4 ms,
+    479 ms against 24 ms at order 2). Functions of other code are never equal, whatever
+    their fingerprints: the fingerprint is taken at the check's own dtypes, and two
+    functions alike there (one casting its float32 input to float32) differ in float64,
+    where the reference traces them, and in what their custom rules compute beyond the
+    jaxprs of their derivatives."""
 
     f: Callable
     fingerprint: Any = None  # `of(f, *args)`
@@ -28,9 +34,7 @@ class Keyed:
         return self.f(*args)
 
     def _identity(self):
-        if self.fingerprint is None:
-            return type(self), self.f
-        return type(self), self.fingerprint
+        return type(self), same_function(self.f), self.fingerprint
 
     def __eq__(self, other):
         if type(other) is not type(self):
@@ -39,6 +43,38 @@ class Keyed:
 
     def __hash__(self):
         return hash(self._identity())
+
+
+def same_function(f):
+    """A hashable stand-in for the function `f`: for a Python function, its code, globals
+    and defaults, and the values it closes over (Python numbers and strings, and small
+    arrays, by value; anything else by identity), so that a lambda made anew from the same
+    code over equal values is the same function; `f` itself otherwise."""
+    if not isinstance(f, types.FunctionType):
+        return _tree.Same(f) if _unhashable(f) else f
+    cells = []
+    for cell in f.__closure__ or ():
+        try:
+            cells.append(_closed_value(cell.cell_contents))
+        except ValueError:  # an empty cell (a name assigned after the function was made)
+            cells.append(("empty",))
+    defaults = tuple(map(_closed_value, f.__defaults__ or ()))
+    keywords = tuple(sorted((k, _closed_value(v)) for k, v in (f.__kwdefaults__ or {}).items()))
+    return f.__code__, _tree.Same(f.__globals__), tuple(cells), defaults, keywords
+
+
+def _closed_value(x):
+    if isinstance(x, bool | int | float | complex | str | bytes | type(None)) or _tree.is_array(x):
+        return _tree.digest(x)
+    return _tree.Same(x)
+
+
+def _unhashable(f) -> bool:
+    try:
+        hash(f)
+    except TypeError:
+        return True
+    return False
 
 
 def of(f, *args, derivative: bool = True, has_aux: bool = False, numbers_from: int | None = None):
@@ -64,12 +100,15 @@ def of(f, *args, derivative: bool = True, has_aux: bool = False, numbers_from: i
         out = f(*jax.tree_util.tree_unflatten(treedef, _tree.filled(leaves, at, values)))
         return out[0] if has_aux else out
 
-    def with_pullback(*values):
+    # the cotangent (tangent) a traced input, scaling ones: ones alone are constants, with
+    # which a custom rule's bwd (jvp) runs on values, folding away what it does with its
+    # cotangent (a bwd squaring it, or rounding it to float8, read as a right one)
+    def with_pullback(scale, *values):
         out, pullback = jax.vjp(call, *values)
-        return out, pullback(jax.tree_util.tree_map(_tree.unit_like, out))
+        return out, pullback(jax.tree_util.tree_map(lambda y: _scaled_unit(y, scale), out))
 
-    def with_tangent(*values):
-        return jax.jvp(call, values, tuple(map(_tree.unit_like, values)))
+    def with_tangent(scale, *values):
+        return jax.jvp(call, values, tuple(_scaled_unit(x, scale) for x in values))
 
     # new functions: JAX's trace cache, keyed by f, would return f's first trace
     abstract = [_abstract(leaves[i]) for i in at]
@@ -88,9 +127,16 @@ def of(f, *args, derivative: bool = True, has_aux: bool = False, numbers_from: i
         if derivative and _rule_search.derivative_beyond_jaxpr(closed.jaxpr):
             for traced in (with_pullback, with_tangent):
                 try:
-                    return _key(jax.make_jaxpr(traced)(*abstract), held)
+                    scale = jax.ShapeDtypeStruct((), np.float32)
+                    closed = jax.make_jaxpr(traced)(scale, *abstract)
                 except Exception:  # noqa: BLE001, PERF203 - f's own jaxpr, then
                     continue
+                # (f's own jaxpr too: the derivative's shows a custom_vjp's fwd, not the
+                # primal function it stands beside; and where the derivative calls custom
+                # rules again (a bwd calling one), their derivatives, which an order-2
+                # check takes, show in no jaxpr: f's identity then too)
+                beyond = _rule_search.derivative_beyond_jaxpr(closed.jaxpr)
+                return own, _key(closed, held), (_tree.Same(f) if beyond else None)
     return own
 
 
@@ -100,6 +146,14 @@ def _key(closed, held) -> tuple:
     # which a later function of other behaviour can take once the first is gone
     called = tuple(map(_held, _callables(closed.jaxpr)))
     return str(closed.jaxpr), tuple(map(_tree.digest, closed.consts)), held, called
+
+
+def _scaled_unit(y, scale):
+    """`_tree.unit_like(y)` times the traced scalar `scale` (in y's dtype)."""
+    unit = _tree.unit_like(y)
+    if unit.dtype == jax.dtypes.float0:
+        return unit
+    return unit * scale.astype(unit.dtype)
 
 
 def _held(f):

@@ -231,7 +231,10 @@ def keyed(fn, params, args, options: _options.Options) -> tuple:
         fn = _fingerprint.Keyed(fn, fingerprint)
         if options.grad_fn is not None:
             g = options.grad_fn
-            traced = _fingerprint.of(g, params, *args, derivative=False, numbers_from=1)
+            # (its own derivative too where an order >= 2 check differentiates it)
+            traced = _fingerprint.of(
+                g, params, *args, derivative=options.order >= 2, numbers_from=1
+            )
             options = dataclasses.replace(options, grad_fn=_fingerprint.Keyed(g, traced))
     return fn, options
 

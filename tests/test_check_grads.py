@@ -676,26 +676,76 @@ def _with_rule(factor):
     return lambda x, y: sin(x) * y
 
 
+def _with_bwd(on_cotangent):
+    @jax.custom_vjp
+    def sin(x):
+        return jnp.sin(x)
+
+    sin.defvjp(lambda x: (sin(x), jnp.cos(x)), lambda c, g: (on_cotangent(g) * c,))
+    return lambda x, y: jnp.sum(sin(x)) * y
+
+
+def _with_primal(scale):
+    """A custom_vjp of fwd and bwd right for sin, its primal scale * sin."""
+
+    @jax.custom_vjp
+    def f(x):
+        return scale * jnp.sin(x)
+
+    f.defvjp(lambda x: (jnp.sin(x), jnp.cos(x)), lambda c, g: (c * g,))
+    return f
+
+
+_PRIMAL_TWIN = None
+
+
 @pytest.mark.parametrize("order", [1, 2])
 def test_a_new_function_of_the_same_program_compiles_nothing(order):
-    """A parametrized test builds a new lambda for each check: one computing what an
-    earlier one did reuses its programs (each compiled them all again: 131 ms a check at
-    order 1, where JAX's check took 3 ms), while one computing anything else (another
-    constant, a custom rule with another derivative) is compiled, and judged, anew."""
+    """A parametrized test builds a new lambda for each check: one of the same code over
+    equal values reuses the first one's programs (each compiled them all again: 131 ms a
+    check at order 1, where JAX's check took 3 ms), while one computing anything else
+    (another constant, a custom rule with another derivative or primal, other code alike
+    at the check's dtypes) is compiled, and judged, anew."""
     from jaxcheck import _plan
 
     args = (jnp.linspace(0.1, 1.0, 3), jnp.float32(2.0))
+    summed = lambda k: lambda p: jnp.sum(_sin_times(k)(*p))  # noqa: E731
     jaxcheck.check_grads(_sin_times(2.0), args, order)
-    jaxcheck.verify(lambda p: jnp.sum(_sin_times(2.0)(*p)), args)
+    jaxcheck.verify(summed(2.0), args)
     before = _plan.compilations
     jaxcheck.check_grads(_sin_times(2.0), args, order)
-    jaxcheck.verify(lambda p: jnp.sum(_sin_times(2.0)(*p)), args)
+    jaxcheck.verify(summed(2.0), args)
     assert _plan.compilations == before
     jaxcheck.check_grads(_sin_times(3.0), args, order)
     assert _plan.compilations > before
     jaxcheck.check_grads(_with_rule(1.0), args, order)
     with pytest.raises(AssertionError, match="FAIL — (gradient|order 1: f) is WRONG"):
         jaxcheck.check_grads(_with_rule(1.01), args, order)
+    # a custom_vjp whose bwd squares its cotangent: its vjp traced at the cotangent 1
+    # showed the same program as the right one's, and reused its programs (and verdict)
+    bwds = {"right": lambda g: g, "squared": lambda g: g * jnp.abs(g)}
+    for which in ("right", "squared", "right"):
+        twin = _with_bwd(bwds[which])
+        if which == "right":
+            jaxcheck.check_grads(twin, args, order, modes=["rev"])
+        else:
+            with pytest.raises(AssertionError, match="FAIL"):
+                jaxcheck.check_grads(twin, args, order, modes=["rev"])
+    # a rule differing from its twin in its primal alone, read from a global by a lambda
+    # of the same code: its derivative's jaxpr showed the same program
+    global _PRIMAL_TWIN
+    for scale, fails in ((1.0, False), (2.0, True)):
+        _PRIMAL_TWIN = _with_primal(scale)
+        report = jaxcheck.verify(lambda p: jnp.sum(_PRIMAL_TWIN(p)), args[0])  # noqa: B023
+        assert (report.status == "fail") == fails, str(report)
+    # functions of other code, alike at the check's dtypes (one casts float32 to float32,
+    # which rounds in the float64 reference only), share nothing
+    first = lambda x, y: jnp.sum(jnp.tanh(x) * x) * y  # noqa: E731
+    second = lambda x, y: jnp.sum(jnp.tanh(x.astype(jnp.float32)) * x) * y  # noqa: E731
+    jaxcheck.check_grads(first, args, order)
+    before = _plan.compilations
+    jaxcheck.check_grads(second, args, order)
+    assert _plan.compilations > before
     # (the same code returning its outputs in another structure is another program)
     pair = lambda x, y: (jnp.sin(x) * y, x * y)  # noqa: E731
     listed = lambda x, y: [jnp.sin(x) * y, x * y]  # noqa: E731
