@@ -246,7 +246,11 @@ def _ints_widened(run: Run, dtype, cast, index, rows, h, offsets, err) -> dict |
 
 
 # the notes on data cast for the reference, which say how it ran, not what it found
-CAST_NOTES = ("fn rounds to float32 in float64 only through", "fn mixed int32 arrays among")
+CAST_NOTES = (
+    "fn rounds to float32 in float64 only through",
+    "fn mixed int32 arrays among",
+    "fn mixed float32 arrays it closes over",
+)
 
 # the data `_precision.widened_closures` casts, as the notes name it
 _HELD_DATA = (

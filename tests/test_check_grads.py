@@ -242,6 +242,14 @@ def test_the_headline_of_a_kink_says_kink_beside_float32_data_f_closes_over():
     assert outcome.verdict == "unjudged"
     assert any("cast exactly" in q for q in outcome.report.problems)  # (noted, not headlined)
     assert outcome.headline.startswith("inconclusive; only 0 of 16 directions are smooth")
+    # (nor the other notes on data cast for the reference)
+    reason = "only 0 of 16 directions are smooth at this point"
+    for aside in (
+        "fn rounds to float32 in float64 only through float32 arrays it closes over",
+        "fn mixed int32 arrays among its inputs with 64-bit integers of its own",
+        "fn mixed float32 arrays it closes over (or reads from its module's globals",
+    ):
+        assert _check_grads._telling((f"{aside} ...", reason), (), False) == reason
 
 
 def test_the_headline_of_a_solver_stopped_at_a_tolerance_says_so():
