@@ -23,20 +23,20 @@ from ._errors import CotangentKind
 # threshold their cotangent or tangent) can agree with a linear one at the one unit it
 # meets. A scalar fn's gradient is pulled back from the cotangent 1, as jax.grad pulls it
 # back, and checked; where fn calls a custom rule (JAX's own primitives are linear by
-# construction), again from the cotangent LINEAR_UNIT, divided by it, which for a linear
-# rule is the same to a rounding (barring overflow: float16 values above its largest number
-# over 2.359375 become Inf, and are left out). The two are compared (`linear_gap`): a rule
-# clipping at 0.75, which jax.grad's cotangent of 1 reaches wherever fn's own derivative
-# above the rule is near 1, fails either way, and one clipping at 1.5, which jax.grad
-# never reaches, is no derivative all the same: under a loss scaled, or summed with
-# another, its gradient is another. The unit is negative, and no power of two: a rule
-# dropping its cotangent's sign (|g|, relu(g)) or rounding it (to float8, to multiples of
-# 1/8), exact at 1 and 2, is not at -2.359375 (exact in float16 and bfloat16). The folded
-# forward projections of small problems push tangents of entries +-1 and +-2.359375 alike,
-# compared the same way (`tangent_gap`), where fn calls a custom rule; where it calls none,
-# they are taken at entries +-UNIT alone, a power of two, which scales exactly.
+# construction), again from the cotangent LINEAR_UNIT, -2, divided by it, which for a
+# linear rule is the same to the bit (a power of two scales exactly, barring overflow:
+# float16 values above half its largest number, 32752, become Inf, and are left out; a unit
+# of no power of two rounded the two apart, and failed right rules whose gradient cancels).
+# The two are compared (`linear_gap`): a rule clipping at 0.75, which jax.grad's cotangent
+# of 1 reaches wherever fn's own derivative above the rule is near 1, fails either way,
+# and one clipping at 1.5, which jax.grad never reaches, is no derivative all the same:
+# under a loss scaled, or summed with another, its gradient is another; the unit is
+# negative, so that a rule dropping its cotangent's sign (|g|, relu(g)), right at 1 and 2,
+# fails too. The folded forward projections of small problems push tangents of entries
+# +-1 and -+2 alike, compared the same way (`tangent_gap`), where fn calls a custom rule;
+# where it calls none, they are taken at entries +-UNIT alone.
 UNIT = 2.0
-LINEAR_UNIT = -2.359375  # -151 / 64
+LINEAR_UNIT = -2.0
 
 # The index of the random-sign cotangent whose vjp sizes a non-scalar fn's gradient per leaf
 # (for the balancing of the directions' steps).
@@ -347,13 +347,13 @@ def linear_gap(single, doubled) -> jax.Array:
     """RMS(doubled / LINEAR_UNIT - single) over the gradient's entries, relative to the
     larger RMS of the two, in at least float32 (0, to a rounding, for a derivative linear
     in its cotangent; entries of `doubled` at or near its dtype's largest number are left
-    out: a float16 gradient above it over 2.359375 overflowed at the cotangent LINEAR_UNIT,
+    out: a float16 gradient above half of it overflowed at the cotangent LINEAR_UNIT,
     to Inf, or to the largest number where a rule clamps its Inf with `jnp.nan_to_num`)."""
     # (of the real dtypes: a complex64 gradient's sums are float32)
     work = _precision.accumulator([jnp.finfo(g.dtype).dtype for g in single])
     apart = ones = twos = jnp.zeros((), work)
     for a, b in zip(single, doubled):
-        # (|b| above the largest number over 2.359375: b * LINEAR_UNIT overflows, in any dtype)
+        # (|b| above half the largest number: b * LINEAR_UNIT overflows, in any dtype)
         b = jnp.where(jnp.isfinite(b * LINEAR_UNIT), b / LINEAR_UNIT, a)
         apart += jnp.sum(jnp.square(jnp.abs(b - a).astype(work)))
         ones += jnp.sum(jnp.square(jnp.abs(a).astype(work)))

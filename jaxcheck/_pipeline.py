@@ -345,17 +345,17 @@ def _primal(run: Run, status: Status, p, checks) -> tuple[Status, list]:
 
 def _linear(run: Run, status: Status, checks) -> tuple[Status, list]:
     """(FAIL, the checks with a failing row) where a scalar fn's gradient pulled back from
-    the cotangent -2.359375 (`_autodiff.LINEAR_UNIT`), divided by it, is not the one pulled
-    back from 1 (jax.grad's, which the rows above judge), or the folded forward
-    projections of a small problem along tangents of entries +-2.359375, divided by it, are
-    not those along +-1: a derivative rule that is not linear in
-    its cotangent or tangent (`_autodiff.linear_gap`). Allowed: the head row's tolerance
-    (no finer than the derivative itself is judged), at least 64 eps of the tested dtype,
-    a few eps of a lower precision fn rounds to inside, and twice the derivative's rounding
-    measured against float64 (XLA may fuse the two pullbacks apart, rounding them
-    otherwise: a derivative that is all rounding is no more linear than that)."""
+    the cotangent -2 (`_autodiff.LINEAR_UNIT`), halved, is not the one pulled back from 1
+    (jax.grad's, which the rows above judge), or the folded forward projections of a small
+    problem along tangents of entries -+2, halved, are not those along +-1: a derivative
+    rule that is not linear in its cotangent or tangent (`_autodiff.linear_gap`).
+    Allowed: the head row's tolerance (no finer than the derivative itself is judged), at
+    least 64 eps of the tested dtype, a few eps of a lower precision fn rounds to inside,
+    and twice the derivative's rounding measured against float64 (XLA may fuse the two
+    pullbacks apart, rounding them otherwise: a derivative that is all rounding is no more
+    linear than that)."""
     # (in verify_rule's rows too: a custom_vjp has no jvp rows, and a bwd squaring or
-    # rounding its cotangent passed it there)
+    # dropping the sign of its cotangent passed it there)
     if status is Status.NONFINITE:
         return status, checks
     allowed = 64 * _precision.eps(run.tested)
@@ -393,7 +393,7 @@ def _linear(run: Run, status: Status, checks) -> tuple[Status, list]:
         gap = float(gap)
         run.problems.append(
             f"the {what} ({run.problem.source}) is not linear in its {name}: at the "
-            f"{name} -2.359375, divided by it, it is {gap:.1e} (relative) off "
+            f"{name} -2, halved, it is {gap:.1e} (relative) off "
             f"the one at 1, which {computes} "
             "and the rows above judge. A derivative is linear in its tangent and "
             "cotangent; a custom rule that clips, thresholds, squares or rounds them, or drops "

@@ -290,8 +290,7 @@ def _error_line(r: Report, prefix: str = "") -> str:
     if head and head[0].name.startswith(LINEARITY):  # (two autodiff passes compared)
         unit = "cotangent" if "cotangent" in head[0].name else "tangent"
         return (
-            f"  {prefix}relative gap {error} between the derivative at the {unit} -2.359375, "
-            "divided by it, "
+            f"  {prefix}relative gap {error} between the derivative at the {unit} -2, halved, "
             f"and at the {unit} 1, tolerance {tolerance} (two autodiff passes compared: no "
             "finite-difference noise in it)"
         )
@@ -380,10 +379,10 @@ UNMEASURED_ADVICE = (
 
 # how the name of `_pipeline._linear`'s row starts, and the advice where only it failed
 LINEARITY = "linearity: "
-LINEAR_CHECK = LINEARITY + "derivative at {0} -2.359375, divided by it, vs at {0} 1"
+LINEAR_CHECK = LINEARITY + "derivative at {0} -2, halved, vs at {0} 1"
 LINEAR_ADVICE = (
     "The derivative under test agrees with finite differences of fn at the unit cotangent "
-    "(or tangent) that jax.grad (jax.jacfwd) takes, but not at -2.359375 times it: a custom rule "
+    "(or tangent) that jax.grad (jax.jacfwd) takes, but not at -2 times it: a custom rule "
     "in fn is not linear in its cotangent or tangent (it clips, thresholds, squares or rounds "
     "it, or drops its sign), so it is no derivative, and scaling the loss or the tangent "
     "changes what it gives. Find the rule with rules=True, and make its bwd (jvp) linear in "
