@@ -817,6 +817,7 @@ class Positional:
     def __call__(self, args):
         return self.f(*args)
 
+    __post_init__ = _fingerprint.Keyed.__post_init__
     __eq__ = _fingerprint.Keyed.__eq__
     __hash__ = _fingerprint.Keyed.__hash__
     _identity = _fingerprint.Keyed._identity

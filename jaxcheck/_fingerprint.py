@@ -30,11 +30,16 @@ class Keyed:
     f: Callable
     fingerprint: Any = None  # `of(f, *args)`
 
+    def __post_init__(self):
+        # (taken when the key is made: a Checker's key stands for fn as it was at its
+        # first call, whose closed-over values its programs hold, as jax.jit's do)
+        object.__setattr__(self, "_function", same_function(self.f))
+
     def __call__(self, *args):
         return self.f(*args)
 
     def _identity(self):
-        return type(self), same_function(self.f), self.fingerprint
+        return type(self), self._function, self.fingerprint
 
     def __eq__(self, other):
         if type(other) is not type(self):
@@ -129,6 +134,7 @@ def of(f, *args, derivative: bool = True, has_aux: bool = False, numbers_from: i
                 try:
                     scale = jax.ShapeDtypeStruct((), np.float32)
                     closed = jax.make_jaxpr(traced)(scale, *abstract)
+                    derived = _key(closed, held)
                 except Exception:  # noqa: BLE001, PERF203 - f's own jaxpr, then
                     continue
                 # (f's own jaxpr too: the derivative's shows a custom_vjp's fwd, not the
@@ -136,7 +142,7 @@ def of(f, *args, derivative: bool = True, has_aux: bool = False, numbers_from: i
                 # rules again (a bwd calling one), their derivatives, which an order-2
                 # check takes, show in no jaxpr: f's identity then too)
                 beyond = _rule_search.derivative_beyond_jaxpr(closed.jaxpr)
-                return own, _key(closed, held), (_tree.Same(f) if beyond else None)
+                return own, derived, (same_function(f) if beyond else None)
     return own
 
 
