@@ -356,3 +356,13 @@ def model_cases(dtype) -> list[Case]:
         ),
     ]
     return cases
+
+
+def fresh_programs(monkeypatch) -> None:
+    """Empty caches of compiled programs for the rest of a test that counts what a check
+    compiles (a new function of the same code as an earlier one's reuses its programs)."""
+    from jaxcheck import _plan  # noqa: PLC0415
+
+    for name in ("_CACHE", "_ONCE", "_JITTED"):
+        monkeypatch.setattr(_plan, name, type(getattr(_plan, name))())
+    monkeypatch.setattr(_plan, "_PENDING", {})

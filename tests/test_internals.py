@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jaxcheck
-from cases import enable_x64
+from cases import enable_x64, fresh_programs
 from jaxcheck import (
     _autodiff,
     _check_grads,
@@ -368,6 +368,7 @@ def test_the_first_finite_difference_program_compiles_while_the_probe_does(monke
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(jax.stages.Lowered, "compile", spy)
+    fresh_programs(monkeypatch)  # (the other order's check made the same function)
     w = jnp.linspace(-1.0, 1.0, 8)  # (7: an entry at 1.5e-8, a packed leaf checked twice)
 
     def check():  # a function no other check has compiled
@@ -380,7 +381,7 @@ def test_the_first_finite_difference_program_compiles_while_the_probe_does(monke
     threads.clear()
     monkeypatch.setattr(_plan, "AHEAD", False)
     # (the same lambda made anew would reuse the programs compiled for the first)
-    monkeypatch.setattr(_plan, "_CACHE", type(_plan._CACHE)())
+    fresh_programs(monkeypatch)
     alone = check()
     assert threads == ["MainThread"] * 2 * order
     assert alone.num_compiled == report.num_compiled
