@@ -855,6 +855,8 @@ def _named(report: Report, order: int, chain: tuple, name: str) -> Report:
         kind, mode = _report.check_kind(c.name)
         if kind == "consistency":
             new = f"order {order}: forward vs reverse ({name})"
+        elif kind == "linearity":  # (no mode: it names its own cotangent or tangent)
+            new = f"order {order}: {c.name} ({name})"
         elif kind == "rule":
             new = f"{row(mode)}, same rule in {report.reference_dtype}"
         else:

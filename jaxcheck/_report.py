@@ -188,9 +188,12 @@ SEVERITY = (Status.FAIL, Status.NONFINITE, Status.INCONCLUSIVE, Status.PASS)
 
 def check_kind(name: str) -> tuple[str, str]:
     """(kind, mode) of a comparison from its name: kind "tested" (the derivative under
-    test), "rule" (the same rule in higher precision) or "consistency" (forward vs reverse)."""
+    test), "rule" (the same rule in higher precision), "consistency" (forward vs reverse)
+    or "linearity" (two autodiff passes, `LINEAR_CHECK`)."""
     if name.startswith("forward vs reverse"):
         return "consistency", ""
+    if name.startswith(LINEARITY):
+        return "linearity", ""
     return ("rule" if "same rule" in name else "tested"), name.split(" ", 1)[0]
 
 

@@ -93,6 +93,11 @@ def test_a_scalar_rule_not_linear_in_its_cotangent_fails(name, on_cotangent):
     assert jaxcheck.verify(lambda p: rule(*p), (x, y)).status == "fail"
     with pytest.raises(AssertionError, match="FAIL"):
         jaxcheck.check_grads(rule, (x, y), 1, modes=["rev"])
+    # the row keeps its name in an order-2 check (it read "order 1: linearity: (fn)")
+    report = jaxcheck.verify(lambda p: rule(*p), (x, y), order=2)
+    assert "order 1: linearity: derivative at cotangent -2, halved, vs at cotangent 1 (fn)" in [
+        c.name for c in report.checks
+    ]
 
 
 def test_fwd_primal_differs_from_the_function():
