@@ -28,6 +28,7 @@ from . import (
     _plan,
     _precision,
     _problem,
+    _rule_search,
     _tree,
     _verdict,
     _verify,
@@ -270,13 +271,14 @@ def _run(f, args, order, modes, atol, rtol, eps) -> Outcome:
             "grow about twofold per order."
         )
     _check_step(eps)
-    _tree.refuse_unsortable_keys(tuple(args), "check_grads: args")
-    settled = _tree.settle_weak(tuple(args), lambda p: f(*p))
-    with _tree.promotion_for(tuple(args), settled, lambda p: f(*p)):
+    args = tuple(args)
+    _tree.refuse_unsortable_keys(args, "check_grads: args")
+    call = lambda p: f(*p)  # noqa: E731
+    settled = _tree.settle_weak(args, call)
+    # (the same tuple as settle_weak's: returned as it is where nothing was settled, which
+    # `promotion_for` then needs to trace nothing to know)
+    with _tree.promotion_for(args, settled, call):
         return _judged(f, settled, order, modes, atol, rtol, eps, unpacked)
-
-
-_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def _raised_by_f(err: Exception) -> bool:
@@ -287,7 +289,8 @@ def _raised_by_f(err: Exception) -> bool:
         return False
     while tb.tb_next is not None:
         tb = tb.tb_next
-    return not os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE)
+    path = os.path.abspath(tb.tb_frame.f_code.co_filename)
+    return not path.startswith(_rule_search.OWN_DIR)
 
 
 def _judged(f, params, order, modes, atol, rtol, eps, unpacked) -> Outcome:
@@ -1222,23 +1225,25 @@ class _FinitePart:
     # key, point and masks, whose compiled programs it then reuses; else only to itself
     key: Any = None
 
+    def __post_init__(self):
+        # (digested once, not at every lookup of its programs)
+        identity = id(self)
+        if self.key is not None:
+            arrays = (self.point, self.held, self.masked, jax.tree.leaves(self.filled))
+            digests = tuple(tuple(map(_tree.digest, a)) for a in arrays)
+            identity = (self.key, self.treedef, digests, self.note, self.nonfinite_derivative)
+        object.__setattr__(self, "_identity", identity)
+
     def __call__(self, args):
         return self._outputs(jax.tree.leaves(args))
-
-    def _identity(self):
-        if self.key is None:
-            return id(self)
-        arrays = (self.point, self.held, self.masked, jax.tree.leaves(self.filled))
-        digests = tuple(tuple(map(_tree.digest, a)) for a in arrays)
-        return self.key, self.treedef, digests, self.note, self.nonfinite_derivative
 
     def __eq__(self, other):
         if type(other) is not type(self):
             return NotImplemented
-        return self is other or (self.key is not None and self._identity() == other._identity())
+        return self is other or (self.key is not None and self._identity == other._identity)
 
     def __hash__(self):
-        return hash(self._identity())
+        return hash(self._identity)
 
     def _outputs(self, leaves):
         floats = iter(zip(self.point, self.held))
