@@ -205,7 +205,7 @@ def _refused(fn, params, args) -> bool:
 
     with jax.transfer_guard("allow"):  # (the check's own, as in `settle_weak`)
         try:
-            jax.eval_shape(lambda p: fn(p, *args), params)
+            # (fn's forward pass is traced on the way: refused there, it is refused here)
             jax.eval_shape(pulled_back, params)
         except _PROMOTION_ERROR:
             return True
