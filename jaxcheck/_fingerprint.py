@@ -56,7 +56,7 @@ def same_function(f):
     arrays, by value; anything else by identity), so that a lambda made anew from the same
     code over equal values is the same function; `f` itself otherwise."""
     if not isinstance(f, types.FunctionType):
-        return _tree.Same(f) if _unhashable(f) else f
+        return _held(f)
     cells = []
     for cell in f.__closure__ or ():
         try:
@@ -75,14 +75,6 @@ def _closed_value(x):
         except Exception:  # noqa: BLE001 - a typed key array, a tracer: by identity
             return _tree.Same(x)
     return _tree.Same(x)
-
-
-def _unhashable(f) -> bool:
-    try:
-        hash(f)
-    except TypeError:
-        return True
-    return False
 
 
 def of(f, *args, derivative: bool = True, has_aux: bool = False, numbers_from: int | None = None):
