@@ -214,8 +214,14 @@ def find(fn, params, args, checked=None) -> tuple[list, list]:
         return [], []
     search = _Search()
     paths = _tree.leaf_paths(params)
-    # per input, the params leaf it is (none for args)
-    flags = [frozenset([paths[i]]) if i < len(paths) else NONE for i in traced]
+    # per input, the params leaf it is: none for args, nor for params leaves the check
+    # holds fixed (a PRNG key, an integer step count), whose values a rule's inputs drawn
+    # from them do not vary with (noise drawn from a key in params was checked as a
+    # parameter, and a right reparameterization rule giving it no gradient called wrong)
+    flags = [
+        frozenset([paths[i]]) if i < len(paths) and _floating(x.dtype) else NONE
+        for i, x in zip(traced, values, strict=True)
+    ]
     search.eval(closed.jaxpr, closed.consts, values, "", "", flags)
     found = _unique(search.found)
     return _with_wide(fn, params, args, closed.jaxpr, found, checked), search.notes

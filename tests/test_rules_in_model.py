@@ -2760,3 +2760,33 @@ def test_a_leaf_failing_beside_a_rule_not_checked_gets_the_usual_advice():
     assert [leaf.path for leaf in report.leaves if leaf.status == "fail"], str(report)
     assert "What failed was not compared with finite differences" not in str(report)
     assert "Look at the failing leaves first" in str(report)
+
+
+@pytest.mark.parametrize("held", ["key", "typed key", "step"])
+def test_a_rule_input_drawn_from_a_params_leaf_held_fixed_is_held_fixed(held):
+    """Noise drawn from a PRNG key kept in params (or a schedule of an integer step count
+    there) is data to a rule, as when passed in args: a right reparameterization rule
+    giving the noise no gradient was checked in it and called wrong (relative error 1.0)."""
+
+    @jax.custom_vjp
+    def reparam(mu, eps):
+        return mu + eps
+
+    reparam.defvjp(lambda mu, eps: (mu + eps, None), lambda _, g: (g, jnp.zeros_like(g)))
+    made = {
+        "key": lambda: jax.random.PRNGKey(0),
+        "typed key": lambda: jax.random.key(0),
+        "step": lambda: jnp.asarray(3, jnp.int32),
+    }
+
+    def loss(p):
+        if held == "step":
+            eps = jnp.sin(p["held"] * jnp.arange(3.0))
+        else:
+            eps = jax.random.normal(p["held"], (3,))
+        return jnp.sum(jnp.sin(reparam(p["mu"], eps)))
+
+    p = {"mu": jnp.asarray([0.1, 0.2, 0.3]), "held": made[held]()}
+    report = jaxcheck.verify(loss, p, rules=True)
+    assert report.status == "pass", str(report)
+    assert any(q.startswith("rules fine: custom_vjp reparam") for q in report.problems), str(report)
