@@ -87,6 +87,7 @@ def host_side(run):
             jax.debug_infs(False),
             jax.disable_jit(False),
             _contextvar(DEBUG_FLAGS, flags),
+            _contextvar(_plan.RUNNING, _plan.RUNNING.get() or object()),
         ):
             refuse_traced({"params": params, "args": args})
             try:

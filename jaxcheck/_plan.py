@@ -376,10 +376,43 @@ def is_eager() -> bool:
     return _EAGER.get()
 
 
-_CACHE: collections.OrderedDict = collections.OrderedDict()
-_ONCE: collections.OrderedDict = collections.OrderedDict()  # `run_once`'s kept programs
-_JITTED: collections.OrderedDict = collections.OrderedDict()  # `kept_jit`'s functions
 CACHE_SIZE = 64
+# the check running now (an object standing for it, set by the outermost check; None
+# outside one): what it uses is kept beyond CACHE_SIZE until it ends (`Kept`)
+RUNNING = contextvars.ContextVar("jaxcheck_running_check", default=None)
+
+
+class Kept(collections.OrderedDict):
+    """Values kept under their keys (compiled programs, jitted functions), the least
+    recently used first. Beyond CACHE_SIZE the least recently used are let go, but none
+    the running check has used: a check of a model calling 30 custom rules uses some 90
+    jitted functions, and let go in turn as it went, the same check again (a training
+    loop's) compiled 90 programs anew each time (50 s a check where keeping them took 2 s;
+    2 cores, other work on the machine)."""
+
+    def find(self, key):
+        """The value kept under `key` (None if none), now the most recently used."""
+        entry = self.get(key)
+        if entry is None:
+            return None
+        self.move_to_end(key)
+        self[key] = (entry[0], RUNNING.get())
+        return entry[0]
+
+    def keep(self, key, value) -> None:
+        running = RUNNING.get()
+        self[key] = (value, running)
+        self.move_to_end(key)
+        while len(self) > CACHE_SIZE:
+            oldest = next(iter(self))
+            if running is not None and self[oldest][1] is running:
+                break  # (all after it are the running check's too)
+            del self[oldest]
+
+
+_CACHE = Kept()
+_ONCE = Kept()  # `run_once`'s kept programs
+_JITTED = Kept()  # `kept_jit`'s functions
 compilations = 0  # programs compiled so far in this process
 
 
@@ -456,11 +489,10 @@ def _compile(fn, args, ahead=None):
     global compilations
     key = _cache_key(fn, args) if isinstance(fn, functools.partial) else None
     try:
-        cached = None if key is None else _CACHE.get(key)
+        cached = None if key is None else _CACHE.find(key)
     except Exception:  # noqa: BLE001 - unhashable or incomparable static leaves: no reuse
         key, cached = None, None
     if cached is not None:
-        _CACHE.move_to_end(key)
         return cached
     compiled = None
     pending = None if key is None else _PENDING.pop(key, None)
@@ -483,9 +515,7 @@ def _compile(fn, args, ahead=None):
             compiled = _finish(lowered, args, REUSED.get())
     compilations += 1
     if key is not None:
-        _CACHE[key] = compiled
-        if len(_CACHE) > CACHE_SIZE:
-            _CACHE.popitem(last=False)
+        _CACHE.keep(key, compiled)
     return compiled
 
 
@@ -655,7 +685,7 @@ def run_once(f, *args, key=None):
     global compilations
     full = None if key is None else (key, signature(args), REUSED.get())
     try:
-        compiled = None if full is None else _ONCE.get(full)
+        compiled = None if full is None else _ONCE.find(full)
     except Exception:  # noqa: BLE001 - unhashable or incomparable: no reuse
         full, compiled = None, None
     if compiled is None:
@@ -663,11 +693,7 @@ def run_once(f, *args, key=None):
         compiled = _finish(lowered, args, reused=False)[0]
         compilations += 1
         if full is not None:
-            _ONCE[full] = compiled
-            if len(_ONCE) > CACHE_SIZE:
-                _ONCE.popitem(last=False)
-    else:
-        _ONCE.move_to_end(full)
+            _ONCE.keep(full, compiled)
     return compiled(*args)
 
 
@@ -678,15 +704,12 @@ def kept_jit(f, key):
     to a new function at every check of the model that calls it); `jax.jit(f)` anew
     where the key cannot be hashed."""
     try:
-        jitted = _JITTED.get(key)
+        jitted = _JITTED.find(key)
     except Exception:  # noqa: BLE001 - unhashable or incomparable: no reuse
         return jax.jit(f)
     if jitted is None:
-        jitted = _JITTED[key] = jax.jit(f)
-        if len(_JITTED) > CACHE_SIZE:
-            _JITTED.popitem(last=False)
-    else:
-        _JITTED.move_to_end(key)
+        jitted = jax.jit(f)
+        _JITTED.keep(key, jitted)
     return jitted
 
 

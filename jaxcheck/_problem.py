@@ -149,7 +149,7 @@ class Problem:
         return sum(_plan.vdot(c.astype(acc), y.astype(acc)) for c, y in zip(cot, outs))
 
 
-_STRUCTURES: collections.OrderedDict = collections.OrderedDict()
+_STRUCTURES = _plan.Kept()
 
 
 def with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
@@ -157,17 +157,14 @@ def with_output_structure(problem: Problem, inputs: Inputs) -> Problem:
     for the same function and input shapes: tracing a model costs milliseconds)."""
     try:
         key = (problem, _plan.signature((inputs.diff, inputs.traced())))
-        known = _STRUCTURES.get(key)
+        known = _STRUCTURES.find(key)
     except Exception:  # noqa: BLE001 - unhashable static leaves: trace every time
         key, known = None, None
     if known is not None:
-        _STRUCTURES.move_to_end(key)
         return known
     problem = _with_output_structure(problem, inputs)
     if key is not None:
-        _STRUCTURES[key] = problem
-        if len(_STRUCTURES) > _plan.CACHE_SIZE:
-            _STRUCTURES.popitem(last=False)
+        _STRUCTURES.keep(key, problem)
     return problem
 
 

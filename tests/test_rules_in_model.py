@@ -2790,3 +2790,39 @@ def test_a_rule_input_drawn_from_a_params_leaf_held_fixed_is_held_fixed(held):
     report = jaxcheck.verify(loss, p, rules=True)
     assert report.status == "pass", str(report)
     assert any(q.startswith("rules fine: custom_vjp reparam") for q in report.problems), str(report)
+
+
+def test_checking_a_model_of_more_rules_than_programs_kept_again_compiles_nothing(
+    monkeypatch, caplog
+):
+    """The programs a check uses are kept until it ends, however many: a model calling
+    more rules than the cache holds programs let them go in turn as the check went, and
+    the same check again (a training loop's) compiled every one anew (90 programs a check
+    for 30 rules)."""
+    from jaxcheck import _plan  # noqa: PLC0415
+
+    def rule(scale):
+        @jax.custom_vjp
+        def f(x):
+            return jnp.sin(x) * scale
+
+        f.defvjp(lambda x: (f(x), x), lambda x, g: (g * jnp.cos(x) * scale,))
+        return f
+
+    rules = [rule(1.0 + i / 10) for i in range(3)]
+
+    def loss(p):
+        x = p["w"]
+        for f in rules:
+            x = f(x) + 0.5
+        return jnp.sum(x**2)
+
+    monkeypatch.setattr(_plan, "CACHE_SIZE", 2)
+    p = {"w": jnp.linspace(0.1, 1.0, 4)}
+    jaxcheck.verify(loss, p, rules=True)
+    with caplog.at_level("WARNING", logger="jax"), jax.log_compiles():
+        report = jaxcheck.verify(loss, p, rules=True)
+    assert report.status == "pass", str(report)
+    compiled = [r.getMessage() for r in caplog.records]
+    assert not [m for m in compiled if m.startswith("Finished XLA compilation")], compiled
+    assert len(_plan._JITTED) > 2  # (all the last check's kept)
