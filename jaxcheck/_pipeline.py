@@ -464,6 +464,18 @@ def _directions_check(run: Run, n, beta, h0, step, ref):
         [(p, more, choice)] = _ladder.ladder(run, index, rows, h0, [slice(0, n)])
         steps = tuple(steps) + tuple(more)
     checks = _verdict.compare(run, p)
+    if _other_function_without_rule(run, p):
+        native = _precision.reference_dtype("native", run.tested)
+        wide, run.reference = (run.reference, p, steps, checks, h0, choice), native
+        h0 = step if step is not None else _precision.default_step(native)
+        [(p, steps, choice)] = _ladder.ladder(run, index, rows, h0, [slice(0, n)])
+        checks = _verdict.compare(run, p)
+        flat = _verdict.flat_directions(p)
+        if (flat is not None and not flat[1]) or not (checks[0].num_used and checks[0].resolved):
+            run.reference, p, steps, checks, h0, choice = wide  # blind there: as it was
+            run.native_blind = True
+        else:
+            _note_other_function_without_rule(run, wide[0], _verdict.value_gap(run, wide[1]))
     # (once the model's precision was found blind here, a later look does not ask again)
     if not run.native_blind and _verdict.incomparable(run, checks[0], p):
         wide = (run.reference, p, steps, checks, h0, choice)
@@ -560,6 +572,39 @@ def _own_precision(run: Run, n: int, beta, step, head):
         return None if vouches else UNJUDGED
     _verdict.note_own_path(run, head, wide, fn_differs)
     return q, steps, own, h, q_choice
+
+
+def _other_function_without_rule(run: Run, p) -> bool:
+    """Whether fn's value in the reference is far from its value in the model's precision
+    (`_values_differ`: fn computes another function there) where the derivative under
+    test could not run in the reference (`_evaluate._without_rule`), so that no float64
+    derivative tells it: a float32 bit trick (a bitcast to int32, which makes two words of
+    a float64, and back) had its right custom rule judged by the finite differences of
+    the other function and failed at relative error 1."""
+    return (
+        bool(run.rule_refused)
+        and not run.native_blind
+        and run.problem.scalar_output
+        and run.probe.get("value") is not None
+        and _precision.eps(run.reference) < _precision.eps(run.tested)
+        and _values_differ(run, p)
+    )
+
+
+def _note_other_function_without_rule(run: Run, reference, gap: float) -> None:
+    """Say that finite differences fell back to the model's precision
+    (`_other_function_without_rule`), in place of the note that they ran in `reference`."""
+    source = "grad_fn" if run.problem.grad_fn is not None else "the derivative under test"
+    said = f"{source} could not run in {reference.name} ("
+    run.problems[:] = [q for q in run.problems if not q.startswith(said)]
+    run.problems.append(
+        f"{source} could not run in {reference.name} ({run.rule_refused}), and fn's own "
+        f"value there differs from its {run.tested.name} value by {gap:.1e} (relative): fn "
+        f"computes another function in {reference.name} (a bit trick on {run.tested.name} "
+        f"words, numbers drawn in the default dtype), so finite differences use "
+        f"{run.reference.name} and the resolution is coarser (a custom rule inside is "
+        "resolved more finely on its own: rules=True)"
+    )
 
 
 def _values_differ(run: Run, p) -> bool:

@@ -1971,6 +1971,48 @@ def test_a_rule_refusing_float64_keeps_float64_finite_differences_of_fn(scale, p
     assert not any("fn could not run" in q for q in report.problems), report.problems
 
 
+def _bit_trick_rule(scale):
+    """tanh of x passed through its float32 bits, with a custom_vjp `scale` times right:
+    in float64 the bitcast makes two int32 words of each float64, and fn another function
+    (of other output shape inside), where the bwd refuses to run."""
+
+    def bits(x):
+        return jnp.tanh(
+            jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(x, jnp.int32), jnp.float32)
+        )
+
+    @jax.custom_vjp
+    def f(x):
+        return bits(x)
+
+    f.defvjp(lambda x: (bits(x), bits(x)), lambda y, g: (scale * g * (1 - y * y),))
+    return f
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.05])
+def test_fn_of_another_value_in_float64_where_its_rule_refuses_it_is_judged_natively(scale):
+    """A float32 bit trick's right rule refused float64, and fn's float64 finite
+    differences, of another function there, failed it at relative error 1.0; fn's value
+    in float64 against its float32 one tells, and its own precision judges it."""
+    f = _bit_trick_rule(scale)
+    x = jnp.linspace(-1.0, 1.0, 24).reshape(4, 6)
+    params = {"w": jnp.linspace(-0.3, 0.4, 36).reshape(6, 6), "b": jnp.full((6,), 0.1)}
+    report = jaxcheck.verify(lambda p, x: jnp.mean(f(x @ p["w"] + p["b"]) ** 2), params, x)
+    assert report.status == ("pass" if scale == 1.0 else "fail"), str(report)
+    assert report.reference_dtype == "float32"
+    [note] = [q for q in report.problems if q.startswith("the derivative under test could")]
+    assert note.startswith("the derivative under test could not run in float64 (ValueError: ")
+    assert ", and fn's own value there differs from its float32 value by " in note, note
+    assert note.endswith(
+        "(relative): fn computes another function in float64 (a bit trick on float32 "
+        "words, numbers drawn in the default dtype), so finite differences use float32 and "
+        "the resolution is coarser (a custom rule inside is resolved more finely on its "
+        "own: rules=True)"
+    ), note
+    if scale != 1.0:
+        assert report.relative_error == pytest.approx(0.05, rel=0.2), str(report)
+
+
 @pytest.mark.parametrize("error", [math.nan, 0.05])
 def test_a_leaf_checked_alone_without_an_estimate_is_said_so_in_notes(error):
     """A float32-only model's bias whose directions alone were all non-smooth was named
