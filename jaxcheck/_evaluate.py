@@ -192,8 +192,10 @@ def _reference(run: Run, index, rows, h, offsets) -> dict:
                 + (
                     ""
                     if alone
+                    # (not verify_rule: a rule refusing float64 falls back there too,
+                    # where rules=True evaluates its program, traced in fn, in float64)
                     else " (a custom rule inside, a Pallas kernel's say, is resolved more "
-                    "finely on its own: rules=True, or jaxcheck.verify_rule)"
+                    "finely on its own: rules=True)"
                 )
                 + _hint(err)
             )

@@ -1134,6 +1134,30 @@ def test_a_float32_only_rule_checked_alone_is_not_told_to_be_checked_alone():
     )
 
 
+def test_a_model_refusing_float64_points_to_the_check_that_resolves_its_rule_finer():
+    """The note of a model whose rule refuses float64 pointed to verify_rule too, which
+    falls back to the rule's own precision as well; rules=True evaluates the rule's
+    program, traced in fn, in float64."""
+
+    @jax.custom_vjp
+    def f(x):
+        if x.dtype != jnp.float32:
+            raise TypeError("float32 only")
+        return jnp.sin(x)
+
+    f.defvjp(lambda x: (f(x), x), lambda x, g: (g * jnp.cos(x),))
+    report = jaxcheck.verify(lambda p: jnp.sum(f(p) ** 2), jnp.linspace(0.1, 1.0, 4))
+    [note] = [q for q in report.problems if "could not run in float64" in q]
+    assert note == (
+        "fn could not run in float64 (TypeError: float32 only); finite differences use "
+        "float32, so the resolution is coarser (a custom rule inside, a Pallas kernel's say, "
+        "is resolved more finely on its own: rules=True)"
+    )
+    finer = jaxcheck.verify(lambda p: jnp.sum(f(p) ** 2), jnp.linspace(0.1, 1.0, 4), rules=True)
+    [row] = [c for c in finer.checks if c.name.startswith("rule custom_vjp f")]
+    assert row.tolerance < 1e-4 < report.tolerance, str(finer)
+
+
 @pytest.mark.parametrize("kind", ["custom_jvp", "custom_vjp"])
 @pytest.mark.parametrize("scale", [1.0, 1.01])
 def test_a_rule_with_symbolic_zeros_is_checked_with_each_input_held(kind, scale):
