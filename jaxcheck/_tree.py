@@ -141,8 +141,9 @@ def held_by_modules(tree) -> set[int]:
 
 
 def settle_weak(params, fn=None, args=()):
-    """`params` with each weak-typed floating leaf (a Python float, a weak-typed array) as an
-    array of the dtype it takes beside params' other floating leaves, as fn sees it:
+    """`params` with each weak-typed inexact leaf (a Python float or complex, a weak-typed
+    array) as an array of the dtype it takes beside params' other inexact leaves, as fn
+    sees it (a float stays real beside complex ones):
     `jnp.sin(x) * y` with a float32 `x` and `y = 2.0` computes in float32 whether or not
     64-bit types are on, and stays valid under strict dtype promotion. Without other
     floating leaves, JAX's default dtype (`strong_array`), unless strict promotion refuses
@@ -153,11 +154,14 @@ def settle_weak(params, fn=None, args=()):
     it alone, in its own dtype (where fn combines it with them, it overflows there too)."""
     leaves, treedef = jax.tree.flatten(params)
     held = held_by_modules(params)  # (kept Python floats: `split` holds them fixed)
-    weak = [i for i, x in enumerate(leaves) if _weak_float(x) and i not in held]
-    strong = {  # (as JAX takes them: NumPy float64 is float32 while 64-bit types are off)
-        jax.dtypes.canonicalize_dtype(x.dtype)
+    weak = [i for i, x in enumerate(leaves) if _weak_inexact(x) and i not in held]
+    # the real dtypes of the others (complex64's float32: a weak float beside it stays
+    # real, a weak complex takes complex64), as JAX takes them (NumPy float64 is float32
+    # while 64-bit types are off)
+    strong = {
+        jnp.finfo(jax.dtypes.canonicalize_dtype(x.dtype)).dtype
         for x in leaves
-        if is_array(x) and not _weak_float(x) and jnp.issubdtype(x.dtype, jnp.floating)
+        if is_array(x) and not _weak_inexact(x) and jnp.issubdtype(x.dtype, jnp.inexact)
     }
     if weak and not strong and fn is not None:
         strong = _output_floats(fn, params, args)
@@ -235,7 +239,7 @@ def _output_floats(fn, params, args) -> set:
         return set()  # (standard promotion takes any dtype: no trace, a Checker's calls cost none)
     call = lambda p: fn(p, *args)  # noqa: E731
     with jax.transfer_guard_host_to_device("allow"):  # (the check's own, as below)
-        strong = jax.tree.map(lambda x: strong_array(x) if _weak_float(x) else x, params)
+        strong = jax.tree.map(lambda x: strong_array(x) if _weak_inexact(x) else x, params)
     try:
         jax.eval_shape(call, strong)
         return set()
@@ -255,12 +259,13 @@ def _output_floats(fn, params, args) -> set:
     return dtypes if len(dtypes) == 1 else set()
 
 
-def _weak_float(x) -> bool:
-    if type(x) is float:
+def _weak_inexact(x) -> bool:
+    """Whether `x` is a weak-typed float or complex (a Python one, or a weak array)."""
+    if type(x) in (float, complex):
         return True
     return (
         isinstance(x, jax.Array)
-        and jnp.issubdtype(x.dtype, jnp.floating)  # (a typed key array has no weak_type)
+        and jnp.issubdtype(x.dtype, jnp.inexact)  # (a typed key array has no weak_type)
         and x.weak_type
     )
 

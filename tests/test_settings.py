@@ -106,6 +106,30 @@ def test_strict_promotion_with_a_python_float_argument(strict_numerics, dtype, x
             )
 
 
+@pytest.mark.parametrize("x64_on", [False, True])
+@pytest.mark.parametrize("where", ["alone", "beside complex64"])
+def test_strict_promotion_with_a_python_complex(strict_numerics, where, x64_on):
+    """A Python complex among params (or checked alone, fn closing over complex64 data)
+    is weakly typed: fn computes in complex64. The check took it as complex128, which
+    strict promotion refuses beside complex64 once 64-bit types are on; it is taken in
+    complex64 now, and a derivative wrong in it still fails."""
+    w = jnp.array([0.3 + 0.4j, -0.5 + 0.2j], jnp.complex64)
+    if where == "alone":
+        params, fn = 1.5 + 0.5j, lambda c: jnp.sum(jnp.abs(w * c) ** 2)
+    else:
+        params, fn = {"z": w, "c": 1.5 + 0.5j}, lambda p: jnp.sum(jnp.abs(p["z"] * p["c"]) ** 2)
+    with enable_x64(x64_on):
+        report = jaxcheck.verify(fn, params)
+        assert report.status == "pass", str(report)
+        assert report.tested_dtype == "float32"  # (complex64's parts)
+
+        def grad_fn(p):
+            return jax.tree.map(lambda g: g * 1.01, jax.grad(fn)(p))
+
+        report = jaxcheck.verify(fn, params, grad_fn=grad_fn)
+        assert report.status == "fail", str(report)
+
+
 @pytest.mark.parametrize("strict", [False, True])
 def test_a_weak_leaf_keeps_its_own_dtype_where_a_float16_partner_would_overflow_it(strict):
     """`jnp.full(3, 1e5)` is a weakly typed float32 array: beside a float16 leaf it was
