@@ -305,7 +305,7 @@ def _judged(f, params, order, modes, atol, rtol, eps, unpacked) -> Outcome:
         return Outcome(None, "unjudged")
     try:
         with _host.x64_as_checked(params):
-            fingerprint = _fingerprint.of(f, *params)
+            fingerprint = _fingerprint.of(f, *params, order=order)
         keyed = Positional(f, fingerprint)
         report = _verify.run(keyed, params, (), options)
     except (TypeError, ValueError) as err:

@@ -77,7 +77,14 @@ def _closed_value(x):
     return _tree.Same(x)
 
 
-def of(f, *args, derivative: bool = True, has_aux: bool = False, numbers_from: int | None = None):
+def of(
+    f,
+    *args,
+    derivative: bool = True,
+    has_aux: bool = False,
+    numbers_from: int | None = None,
+    order: int = 1,
+):
     """What `f` (and with `derivative`, its vjp) computes at the shapes and dtypes of `args`:
     f's own jaxpr, or where it calls custom rules not JAX's own, that of f's vjp (their
     bwd and jvp included, which f's own jaxpr names but does not show), and the values it
@@ -87,7 +94,10 @@ def of(f, *args, derivative: bool = True, has_aux: bool = False, numbers_from: i
     by f alone).
     Leaves of `args` that are not arrays or floats are held as they are, and so are Python
     numbers in `args[numbers_from:]` (as the check holds them: fn may branch on them);
-    with `has_aux`, f's output is its first element."""
+    with `has_aux`, f's output is its first element. `order`: how many derivatives deep
+    the check goes: where a derivative calls custom rules again (a rule's jvp calling
+    another rule, whose own jvp reads a setting), the next one's jaxpr is taken too, up
+    to `order` (beyond, f's identity)."""
     leaves, treedef = jax.tree_util.tree_flatten(args)
     first = len(leaves)
     if numbers_from is not None:
@@ -99,16 +109,6 @@ def of(f, *args, derivative: bool = True, has_aux: bool = False, numbers_from: i
     def call(*values):
         out = f(*jax.tree_util.tree_unflatten(treedef, _tree.filled(leaves, at, values)))
         return out[0] if has_aux else out
-
-    # the cotangent (tangent) a traced input, scaling ones: ones alone are constants, with
-    # which a custom rule's bwd (jvp) runs on values, folding away what it does with its
-    # cotangent (a bwd squaring it, or rounding it to float8, read as a right one)
-    def with_pullback(scale, *values):
-        out, pullback = jax.vjp(call, *values)
-        return out, pullback(jax.tree_util.tree_map(lambda y: _scaled_unit(y, scale), out))
-
-    def with_tangent(scale, *values):
-        return jax.jvp(call, values, tuple(_scaled_unit(x, scale) for x in values))
 
     # new functions: JAX's trace cache, keyed by f, would return f's first trace
     abstract = [_abstract(leaves[i]) for i in at]
@@ -125,20 +125,66 @@ def of(f, *args, derivative: bool = True, has_aux: bool = False, numbers_from: i
         # JAX's own (jax.nn.relu): only otherwise is the vjp, which costs several times as
         # much to trace, needed to show a rule's bwd or jvp
         if derivative and _rule_search.derivative_beyond_jaxpr(closed.jaxpr):
-            for traced in (with_pullback, with_tangent):
-                try:
-                    scale = jax.ShapeDtypeStruct((), np.float32)
-                    closed = jax.make_jaxpr(traced)(scale, *abstract)
-                    derived = _key(closed, held)
-                except Exception:  # noqa: BLE001, PERF203 - f's own jaxpr, then
-                    continue
-                # (f's own jaxpr too: the derivative's shows a custom_vjp's fwd, not the
-                # primal function it stands beside; and where the derivative calls custom
-                # rules again (a bwd calling one), their derivatives, which an order-2
-                # check takes, show in no jaxpr: f's identity then too)
-                beyond = _rule_search.derivative_beyond_jaxpr(closed.jaxpr)
-                return own, derived, (same_function(f) if beyond else None)
+            # (f's own jaxpr too: the derivative's shows a custom_vjp's fwd, not the
+            # primal function it stands beside)
+            derived = _derivatives(call, abstract, held, order)
+            if derived is not None:
+                keys, beyond = derived
+                # (where the deepest derivative still calls custom rules again (a bwd
+                # calling one), theirs, which a check one order higher takes, show in no
+                # jaxpr: f's identity then too)
+                return own, *keys, (same_function(f) if beyond else None)
     return own
+
+
+def _derivatives(call, abstract, held, order: int) -> tuple[list, bool] | None:
+    """(the keys of the jaxprs of call's derivative, of that one's derivative, and so on,
+    for as long as each calls custom rules again, `order` deep at most; whether the last
+    still does), each derivative f's vjp, or where it cannot be traced its jvp; None where
+    neither can. The cotangent (tangent) is a traced input scaling ones: with ones alone,
+    constants, a custom rule's bwd (jvp) runs on values, folding away what it does with
+    its cotangent (a bwd squaring it, or rounding it to float8, read as a right one)."""
+    keys, g, scales = [], call, 0
+    scale = jax.ShapeDtypeStruct((), np.float32)
+    for _ in range(order):
+        for make in (_with_pullback, _with_tangent):
+            h = make(g, scales)
+            try:
+                closed = jax.make_jaxpr(h)(*[scale] * (scales + 1), *abstract)
+                keys.append(_key(closed, held))
+            except Exception:  # noqa: BLE001, PERF203 - the other mode, then
+                continue
+            break
+        else:
+            return None if not keys else (keys, True)
+        g, scales = h, scales + 1
+        if not _rule_search.derivative_beyond_jaxpr(closed.jaxpr):
+            return keys, False
+    return keys, True
+
+
+def _with_pullback(g, scales: int):
+    """g(*its scales, *values) and its vjp in the values at a cotangent scaled by one more
+    scale: a function of the scales and values."""
+
+    def pulled(*a):
+        head, last, values = a[:scales], a[scales], a[scales + 1 :]
+        out, pullback = jax.vjp(lambda *v: g(*head, *v), *values)
+        return out, pullback(jax.tree_util.tree_map(lambda y: _scaled_unit(y, last), out))
+
+    return pulled
+
+
+def _with_tangent(g, scales: int):
+    """g(*its scales, *values) and its jvp in the values at a tangent scaled by one more
+    scale: a function of the scales and values."""
+
+    def pushed(*a):
+        head, last, values = a[:scales], a[scales], a[scales + 1 :]
+        tangents = tuple(_scaled_unit(x, last) for x in values)
+        return jax.jvp(lambda *v: g(*head, *v), values, tangents)
+
+    return pushed
 
 
 def _key(closed, held) -> tuple:

@@ -227,13 +227,20 @@ def keyed(fn, params, args, options: _options.Options) -> tuple:
     """(fn, options) with fn and grad_fn keyed by what they compute at params and args
     (`_fingerprint`), for the compiled programs."""
     with _host.x64_as_checked(params):
-        fingerprint = _fingerprint.of(fn, params, *args, has_aux=options.has_aux, numbers_from=1)
+        fingerprint = _fingerprint.of(
+            fn, params, *args, has_aux=options.has_aux, numbers_from=1, order=options.order
+        )
         fn = _fingerprint.Keyed(fn, fingerprint)
         if options.grad_fn is not None:
             g = options.grad_fn
             # (its own derivative too where an order >= 2 check differentiates it)
             traced = _fingerprint.of(
-                g, params, *args, derivative=options.order >= 2, numbers_from=1
+                g,
+                params,
+                *args,
+                derivative=options.order >= 2,
+                numbers_from=1,
+                order=max(options.order - 1, 1),
             )
             options = dataclasses.replace(options, grad_fn=_fingerprint.Keyed(g, traced))
     return fn, options

@@ -1033,3 +1033,39 @@ def test_a_python_number_among_the_outputs_is_checked_at_order_2(error):
             jaxcheck.check_grads(fn, (w,), order=2, modes=("rev",))
     else:
         jaxcheck.check_grads(fn, (w,), order=2, modes=("rev",))
+
+
+def test_a_setting_read_by_a_rule_inside_a_rules_jvp_is_seen_at_order_2():
+    """The same fn checked again at order 2 after a global that a rule called by another
+    rule's jvp reads changed (its second derivative 50 % off): the programs of the first
+    check were reused, and it passed at the first check's very error; the jaxprs of
+    derivatives are taken as deep as the check goes where each calls rules again."""
+    setting = {"scale": 1.0}
+
+    @jax.custom_jvp
+    def h(x):
+        return 3 * x * x
+
+    h.defjvp(lambda p, t: (h(p[0]), 6 * p[0] * t[0] * setting["scale"]))
+
+    @jax.custom_jvp
+    def f(x):
+        return x**3
+
+    f.defjvp(lambda p, t: (f(p[0]), h(p[0]) * t[0]))
+
+    def fn(x):
+        return jnp.sum(f(x))
+
+    x = jnp.array([0.3, -0.5, 1.1])
+    for scale, status in ((1.0, "pass"), (1.5, "fail"), (1.0, "pass")):
+        setting["scale"] = scale
+        for mode in ("reverse", "forward"):
+            report = jaxcheck.verify(fn, x, order=2, mode=mode)
+            assert report.status == status, (scale, mode, str(report))
+        if status == "fail":
+            assert report.relative_error == pytest.approx(0.5, rel=0.05), str(report)
+            with pytest.raises(AssertionError, match="WRONG"):
+                jaxcheck.check_grads(fn, (x,), order=2)
+        else:
+            jaxcheck.check_grads(fn, (x,), order=2)
