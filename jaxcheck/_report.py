@@ -375,8 +375,9 @@ def _primal_only(checks) -> bool:
 # the advice where nothing that failed was compared with finite differences
 UNMEASURED_ADVICE = (
     "What failed was not compared with finite differences: the notes above say what is "
-    "wrong (a derivative of another dtype than its parameter, as a custom_vjp's bwd "
-    "returning a complex cotangent for a real input) and which rule gives it."
+    "wrong (a derivative of another dtype than its parameter: a custom_vjp's bwd "
+    "returning a complex cotangent for a real input, or a real one for a complex input) "
+    "and which rule gives it."
 )
 
 
@@ -404,7 +405,8 @@ def _advice(r: Report) -> str:
     leaf_failed = any(
         leaf.status is Status.FAIL and not math.isnan(leaf.relative_error) for leaf in r.leaves
     )
-    unmeasured = failed and all(math.isnan(c.relative_error) for c in failed)
+    # (nor is a comparison of types, of tolerance 0)
+    unmeasured = failed and all(math.isnan(c.relative_error) or c.tolerance == 0 for c in failed)
     if r.status is Status.FAIL and unmeasured and not leaf_failed:
         return UNMEASURED_ADVICE
     return r.status.advice
@@ -561,6 +563,10 @@ def _render_composite(r: Report) -> str:
         (p for p in alike if (p.relative_error, p.tolerance) == (r.relative_error, r.tolerance)),
         alike[0] if alike else r.parts[0],
     )
+    if r.status is Status.FAIL and not head.checks:
+        # (a part failed with no row, finite differences stopped by a cotangent of the
+        # wrong type: the part whose row names it heads)
+        head = next((p for p in alike if p.checks), head)
     what = {
         Status.PASS: f"derivatives of {r.label} are consistent with finite differences"
         if alike
@@ -573,7 +579,8 @@ def _render_composite(r: Report) -> str:
     }[r.status]
     who = "verify_rule" if r.label == "the rule" else "verify"
     lines = [f"jaxcheck.{who}: {r.status.value.upper()} — {what}"]
-    if alike and not math.isnan(r.relative_error):
+    # (no error line for a comparison of types, of tolerance 0: its row says it)
+    if alike and not math.isnan(r.relative_error) and r.tolerance > 0:
         failed = [c.name for c in head.checks if not c.passed]
         lines.append(_error_line(r, f"{head.label}: ") + _failed_elsewhere(head, failed))
     lines += [f"  ! {p}" for p in r.problems]
@@ -619,4 +626,4 @@ def _render_composite(r: Report) -> str:
 def _is(label: str) -> str:
     """The verb for a part's label: "order 2: jvp and vjp maps are", "gradient is"."""
     noun = label.split(" of the ")[0]
-    return "are" if noun.endswith(("maps", "products")) else "is"
+    return "are" if noun.endswith(("maps", "products", "types")) else "is"

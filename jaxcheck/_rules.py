@@ -49,6 +49,7 @@ from . import (
     _options,
     _plan,
     _precision,
+    _probe,
     _problem,
     _report,
     _rule_rows,
@@ -313,7 +314,10 @@ def check_rule(
 
     rule = Rule.make(f, args, identity)
     parts = check(rule, key, num_directions, precision, rtol, leaf_directions, plain, full)
-    return _rule_rows.compose(parts, "the rule", parts[1])
+    report = _rule_rows.compose(parts, "the rule", parts[1])
+    # (the rule is what is checked: no advice to check it to name it)
+    kept = tuple(p for p in report.problems if not p.endswith(_probe.KIND_HINT))
+    return dataclasses.replace(report, problems=kept)
 
 
 @dataclasses.dataclass(frozen=True)

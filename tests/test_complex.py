@@ -451,11 +451,34 @@ def test_a_cotangent_of_the_wrong_kind_with_its_rule_named_shows_no_numbers(case
     assert not any("names the rule" in q for q in report.problems), report.problems
     assert "nan" not in text
     assert "  derivatives in float32; no finite differences were taken; compile " in text
-    assert text.endswith(
-        "What failed was not compared with finite differences: the notes above say what is "
-        "wrong (a derivative of another dtype than its parameter, as a custom_vjp's bwd "
-        "returning a complex cotangent for a real input) and which rule gives it."
+    assert text.endswith(_UNMEASURED)
+
+
+# the advice where what failed was no comparison with finite differences
+_UNMEASURED = (
+    "What failed was not compared with finite differences: the notes above say what is "
+    "wrong (a derivative of another dtype than its parameter: a custom_vjp's bwd returning "
+    "a complex cotangent for a real input, or a real one for a complex input) and which "
+    "rule gives it."
+)
+
+
+@pytest.mark.parametrize("case", sorted(_KIND_CASES))
+def test_verify_rule_of_a_rule_giving_a_cotangent_of_the_wrong_kind_names_that(case):
+    """verify_rule of a rule whose bwd gives a cotangent of the wrong kind said "vjp vs
+    finite differences is WRONG", advised itself ("verify_rule(rule, *args) names the
+    rule") and ended on advice about finite differences, none of which were taken."""
+    fn, params, _ = _KIND_CASES[case]
+    rule = {"complex cotangent of a real leaf": _sin_complex_cotangent}.get(
+        case, _sin_real_cotangent
     )
+    report = jaxcheck.verify_rule(rule, params["x"])
+    text = str(report)
+    assert report.status == "fail"
+    assert text.startswith("jaxcheck.verify_rule: FAIL — cotangent types are WRONG\n"), text
+    assert not any("names the rule" in q for q in report.problems), report.problems
+    assert "finite-difference noise floor" not in text
+    assert text.endswith(_UNMEASURED)
 
 
 @jax.custom_vjp
