@@ -399,6 +399,10 @@ class Kept(collections.OrderedDict):
         self[key] = (entry[0], RUNNING.get())
         return entry[0]
 
+    def kept(self) -> list:
+        """(key, value) of every entry, the least recently used first."""
+        return [(key, entry[0]) for key, entry in self.items()]
+
     def keep(self, key, value) -> None:
         running = RUNNING.get()
         self[key] = (value, running)

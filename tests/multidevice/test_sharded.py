@@ -197,7 +197,7 @@ def test_perturbed_copies_stay_sharded():
     assert sharded.status == "pass"
     assert sharded.peak_memory_bytes < plain.peak_memory_bytes / 5
     # (by key: a full cache drops its oldest programs as new ones come in)
-    programs = [c for key, c in _plan._CACHE.items() if key not in before]
+    programs = [c for key, c in _plan._CACHE.kept() if key not in before]
     gathered = [n for c, *_ in programs for n in _gathered_sizes(c.as_text())]
     # partial sums of a reduction may be gathered (8 numbers); a parameter never is
     assert programs and max(gathered, default=0) < 100, gathered
