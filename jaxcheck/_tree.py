@@ -142,8 +142,8 @@ def held_by_modules(tree) -> set[int]:
 
 def settle_weak(params, fn=None, args=()):
     """`params` with each weak-typed inexact leaf (a Python float or complex, a weak-typed
-    array) as an array of the dtype it takes beside params' other inexact leaves, as fn
-    sees it (a float stays real beside complex ones):
+    array) as an array of the dtype it takes beside params' other floating leaves (a
+    complex one: beside their inexact leaves), as fn sees it:
     `jnp.sin(x) * y` with a float32 `x` and `y = 2.0` computes in float32 whether or not
     64-bit types are on, and stays valid under strict dtype promotion. Without other
     floating leaves, JAX's default dtype (`strong_array`), unless strict promotion refuses
@@ -155,28 +155,35 @@ def settle_weak(params, fn=None, args=()):
     leaves, treedef = jax.tree.flatten(params)
     held = held_by_modules(params)  # (kept Python floats: `split` holds them fixed)
     weak = [i for i, x in enumerate(leaves) if _weak_inexact(x) and i not in held]
-    # the real dtypes of the others (complex64's float32: a weak float beside it stays
-    # real, a weak complex takes complex64), as JAX takes them (NumPy float64 is float32
-    # while 64-bit types are off)
-    strong = {
-        jnp.finfo(jax.dtypes.canonicalize_dtype(x.dtype)).dtype
-        for x in leaves
-        if is_array(x) and not _weak_inexact(x) and jnp.issubdtype(x.dtype, jnp.inexact)
-    }
-    if weak and not strong and fn is not None:
-        strong = _output_floats(fn, params, args)
-    if not weak or not strong:
+    if not weak:
         return params
+
+    def strong(kind) -> set:  # the real dtypes of the other leaves of that kind
+        return {  # (as JAX takes them: NumPy float64 is float32 while 64-bit types are off)
+            jnp.finfo(jax.dtypes.canonicalize_dtype(x.dtype)).dtype
+            for x in leaves
+            if is_array(x) and not _weak_inexact(x) and jnp.issubdtype(x.dtype, kind)
+        }
+
+    # a weak float takes its dtype beside the floating leaves alone (it stays real, in
+    # float32 beside float32 data, whatever complex leaves there are); a weak complex
+    # beside every inexact one (complex64 beside complex64 or float32)
+    real, inexact = strong(jnp.floating), strong(jnp.inexact)
+    if fn is not None and (not inexact or (not real and any(_real(i, leaves) for i in weak))):
+        found = _output_floats(fn, params, args)
+        real, inexact = real or found, inexact or found
     # (a Python float among params is put on the device by the check itself, as a parameter,
     # and a weak array read back for its overflow: allowed under the caller's
     # jax.transfer_guard("disallow"), as jaxcheck's own transfers are)
+    partners = {i: real if _real(i, leaves) else inexact for i in weak}
+    weak = [i for i in weak if partners[i]]
     with jax.numpy_dtype_promotion("standard"), jax.transfer_guard("allow"):
         for i in weak:
-            dtype, own = jnp.result_type(*strong, leaves[i]), jnp.result_type(leaves[i])
+            dtype, own = jnp.result_type(*partners[i], leaves[i]), jnp.result_type(leaves[i])
             if jnp.finfo(dtype).bits < jnp.finfo(own).bits and _overflows(leaves[i], own, dtype):
                 dtype = own
             leaves[i] = jnp.asarray(leaves[i], dtype)
-    return jax.tree.unflatten(treedef, leaves)
+    return jax.tree.unflatten(treedef, leaves) if weak else params
 
 
 @contextlib.contextmanager
@@ -257,6 +264,10 @@ def _output_floats(fn, params, args) -> set:
         if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
     }
     return dtypes if len(dtypes) == 1 else set()
+
+
+def _real(i: int, leaves) -> bool:
+    return not jnp.issubdtype(jnp.result_type(leaves[i]), jnp.complexfloating)
 
 
 def _weak_inexact(x) -> bool:

@@ -130,6 +130,24 @@ def test_strict_promotion_with_a_python_complex(strict_numerics, where, x64_on):
         assert report.status == "fail", str(report)
 
 
+def test_a_python_float_beside_float32_and_complex128_leaves_stays_float32():
+    """With 64-bit types on, a Python float beside float32 data and a complex128 leaf
+    computes in float32 where fn multiplies it with the data; counting complex128 as
+    float64 settled it to float64 (and fn's product with it to float64)."""
+    from jaxcheck import _tree  # noqa: PLC0415
+
+    with enable_x64(True):
+        params = {"w": jnp.ones(3, jnp.float32), "z": jnp.ones(2, jnp.complex128), "s": 1.5}
+        settled = _tree.settle_weak(params)
+        assert {k: v.dtype.name for k, v in settled.items()} == {
+            "s": "float32",
+            "w": "float32",
+            "z": "complex128",
+        }
+        params = {"z": jnp.ones(2, jnp.complex64), "c": 1.5 + 0.5j}
+        assert _tree.settle_weak(params)["c"].dtype == jnp.complex64
+
+
 @pytest.mark.parametrize("strict", [False, True])
 def test_a_weak_leaf_keeps_its_own_dtype_where_a_float16_partner_would_overflow_it(strict):
     """`jnp.full(3, 1e5)` is a weakly typed float32 array: beside a float16 leaf it was
