@@ -464,18 +464,17 @@ def _directions_check(run: Run, n, beta, h0, step, ref):
         [(p, more, choice)] = _ladder.ladder(run, index, rows, h0, [slice(0, n)])
         steps = tuple(steps) + tuple(more)
     checks = _verdict.compare(run, p)
-    if _other_function_without_rule(run, p):
+    if _other_function_without_rule(run, p, checks):
         native = _precision.reference_dtype("native", run.tested)
         wide, run.reference = (run.reference, p, steps, checks, h0, choice), native
         h0 = step if step is not None else _precision.default_step(native)
         [(p, steps, choice)] = _ladder.ladder(run, index, rows, h0, [slice(0, n)])
         checks = _verdict.compare(run, p)
-        flat = _verdict.flat_directions(p)
-        if (flat is not None and not flat[1]) or not (checks[0].num_used and checks[0].resolved):
-            run.reference, p, steps, checks, h0, choice = wide  # blind there: as it was
-            run.native_blind = True
-        else:
+        if _other_function_told(p, checks[0], wide[3][0]):
             _note_other_function_without_rule(run, wide[0], _verdict.value_gap(run, wide[1]))
+        else:  # (the model's own differences no judge of it: as it was)
+            run.reference, p, steps, checks, h0, choice = wide
+            run.native_blind = True
     # (once the model's precision was found blind here, a later look does not ask again)
     if not run.native_blind and _verdict.incomparable(run, checks[0], p):
         wide = (run.reference, p, steps, checks, h0, choice)
@@ -574,21 +573,39 @@ def _own_precision(run: Run, n: int, beta, step, head):
     return q, steps, own, h, q_choice
 
 
-def _other_function_without_rule(run: Run, p) -> bool:
-    """Whether fn's value in the reference is far from its value in the model's precision
-    (`_values_differ`: fn computes another function there) where the derivative under
-    test could not run in the reference (`_evaluate._without_rule`), so that no float64
-    derivative tells it: a float32 bit trick (a bitcast to int32, which makes two words of
-    a float64, and back) had its right custom rule judged by the finite differences of
-    the other function and failed at relative error 1."""
+def _other_function_without_rule(run: Run, p, checks) -> bool:
+    """Whether fn may compute another function in the reference, where the derivative
+    under test could not run there (`_evaluate._without_rule`), so that no float64
+    derivative tells it: its finite differences there fail the derivative (or see none),
+    and fn's value
+    there is far from its value in the model's precision (`_values_differ`). A float32
+    bit trick (a bitcast to int32, which makes two words of a float64, and back) had its
+    right custom rule judged by the finite differences of the other function and failed
+    at relative error 1. (A value that merely rounds, a loss against a baseline, differs
+    too: `_other_function_told` decides.)"""
     return (
-        bool(run.rule_refused)
+        not all(c.passed and c.resolved for c in checks)
+        and bool(run.rule_refused)
         and not run.native_blind
         and run.problem.scalar_output
         and run.probe.get("value") is not None
         and _precision.eps(run.reference) < _precision.eps(run.tested)
         and _values_differ(run, p)
     )
+
+
+def _other_function_told(p, native, wide) -> bool:
+    """Whether the model's own finite differences (`p`, their head comparison `native`)
+    tell fn in the reference (head comparison `wide`) for another function: they see the
+    derivative, and its errors against the two differ by more than 10 times their own
+    noise floor, which one function's differences cannot. A float32 loss against a
+    baseline, whose value merely rounds by 1e-2, differs within it: the reference, which
+    resolves the derivative finely, stands (its failure of one 1 % off is no other
+    function's)."""
+    flat = _verdict.flat_directions(p)
+    if (flat is not None and not flat[1]) or not (native.num_used and native.resolved):
+        return False
+    return wide.relative_error > native.relative_error + 10 * native.noise_floor
 
 
 def _note_other_function_without_rule(run: Run, reference, gap: float) -> None:
@@ -602,8 +619,12 @@ def _note_other_function_without_rule(run: Run, reference, gap: float) -> None:
         f"value there differs from its {run.tested.name} value by {gap:.1e} (relative): fn "
         f"computes another function in {reference.name} (a bit trick on {run.tested.name} "
         f"words, numbers drawn in the default dtype), so finite differences use "
-        f"{run.reference.name} and the resolution is coarser (a custom rule inside is "
-        "resolved more finely on its own: rules=True)"
+        f"{run.reference.name} and the resolution is coarser"
+        + (
+            ""
+            if run.problem.grad_fn is not None
+            else " (a custom rule inside is resolved more finely on its own: rules=True)"
+        )
     )
 
 

@@ -2013,6 +2013,30 @@ def test_fn_of_another_value_in_float64_where_its_rule_refuses_it_is_judged_nati
         assert report.relative_error == pytest.approx(0.05, rel=0.2), str(report)
 
 
+@pytest.mark.parametrize("error", [0.0, 1e-2])
+def test_a_loss_rounding_in_float32_where_its_rule_refuses_float64_keeps_float64(error):
+    """A loss against a baseline (its float32 value rounds by 1e-2) whose rule refuses
+    float64 is no other function there: judged by float32 differences, coarse here, a bwd
+    1 % off passed; the float64 ones, which resolve it, stand."""
+
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(x)
+
+    def bwd(x, g):  # (float32 only: its bits make two words of a float64)
+        g = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(g, jnp.int32), jnp.float32)
+        return (jnp.cos(x) * g * (1 + error),)
+
+    f.defvjp(lambda x: (jnp.sin(x), x), bwd)
+    p = jnp.linspace(-3.0, 3.0, 4096, dtype=jnp.float32)
+    data = jnp.linspace(30.0, 60.0, 4096, dtype=jnp.float32)
+    baseline = np.float32(jnp.sum(data + f(p)))
+    report = jaxcheck.verify(lambda p: jnp.sum(data + f(p)) - baseline + 1.0, p, rules=False)
+    assert report.status == ("pass" if error == 0.0 else "fail"), str(report)
+    assert report.reference_dtype == "float64"
+    assert not any("another function" in q for q in report.problems), report.problems
+
+
 @pytest.mark.parametrize("error", [math.nan, 0.05])
 def test_a_leaf_checked_alone_without_an_estimate_is_said_so_in_notes(error):
     """A float32-only model's bias whose directions alone were all non-smooth was named
