@@ -212,6 +212,33 @@ def test_comparison_tolerance_follows_measured_rounding():
     assert not c2.passed and c2.relative_error == pytest.approx(1e-4)
 
 
+@pytest.mark.parametrize("bar", [1e-10, 3e-4])
+def test_the_lower_end_of_the_interval_is_lowered_by_the_noise_floor(bar):
+    """An error measured within finite-difference noise may be as small as 0: a float64
+    loss near 1e10 whose gradient was 3e-8 off measured 6.9e-5 at a noise floor of 2.9e-4
+    and said "95% 4.2e-05..1.1e-04"."""
+    n = 16
+    fd = _error_model.Differences(
+        value=np.ones(n),
+        bar=np.full(n, bar),
+        finite=np.ones(n, bool),
+        smooth=np.ones(n, bool),
+        slopes=(np.ones(n), np.ones(n)),
+        d4=np.zeros(n),
+        noise=0.0,
+        relative_noise=0.0,
+        truncation=0.0,
+        roundoff=0.0,
+        h=1e-5,
+    )
+    a = np.ones(n) + 1e-4 * np.resize([1.0, -1.0], n)
+    c = _error_model.compare("x", fd, a, floor=1e-6)
+    assert c.relative_error == pytest.approx(1e-4) and c.noise_floor == pytest.approx(bar)
+    low, high = _error_model.interval(1e-4, n)
+    assert c.interval[1] == pytest.approx(high)
+    assert c.interval[0] == (pytest.approx(low) if bar < low else 0.0)
+
+
 def test_scales_from_sums_of_squares_survive_overflow_and_tell_nan_apart():
     leaves = [
         jnp.zeros(3),
