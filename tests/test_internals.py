@@ -190,11 +190,11 @@ def test_interval_covers_the_truth_at_the_stated_rate():
     assert 0.92 <= hits / 400 <= 0.99
 
 
-def test_comparison_tolerance_follows_measured_rounding():
-    n = 16
-    fd = _error_model.Differences(
+def _unit_differences(n: int, bar: float):
+    """Finite differences of value 1 along n smooth directions, each with error bar `bar`."""
+    return _error_model.Differences(
         value=np.ones(n),
-        bar=np.full(n, 1e-10),
+        bar=np.full(n, bar),
         finite=np.ones(n, bool),
         smooth=np.ones(n, bool),
         slopes=(np.ones(n), np.ones(n)),
@@ -205,6 +205,11 @@ def test_comparison_tolerance_follows_measured_rounding():
         roundoff=0.0,
         h=1e-5,
     )
+
+
+def test_comparison_tolerance_follows_measured_rounding():
+    n = 16
+    fd = _unit_differences(n, 1e-10)
     a = np.ones(n) + 1e-4 * np.resize([1.0, -1.0], n)
     c = _error_model.compare("x", fd, a, floor=1e-6, a_ref=np.ones(n))
     assert c.rounding == pytest.approx(1e-4) and c.passed
@@ -218,19 +223,7 @@ def test_the_lower_end_of_the_interval_is_lowered_by_the_noise_floor(bar):
     loss near 1e10 whose gradient was 3e-8 off measured 6.9e-5 at a noise floor of 2.9e-4
     and said "95% 4.2e-05..1.1e-04"."""
     n = 16
-    fd = _error_model.Differences(
-        value=np.ones(n),
-        bar=np.full(n, bar),
-        finite=np.ones(n, bool),
-        smooth=np.ones(n, bool),
-        slopes=(np.ones(n), np.ones(n)),
-        d4=np.zeros(n),
-        noise=0.0,
-        relative_noise=0.0,
-        truncation=0.0,
-        roundoff=0.0,
-        h=1e-5,
-    )
+    fd = _unit_differences(n, bar)
     a = np.ones(n) + 1e-4 * np.resize([1.0, -1.0], n)
     c = _error_model.compare("x", fd, a, floor=1e-6)
     assert c.relative_error == pytest.approx(1e-4) and c.noise_floor == pytest.approx(bar)

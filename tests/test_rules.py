@@ -1114,9 +1114,8 @@ def test_a_rule_report_counts_only_the_checks_that_take_directions():
     assert line.startswith("  8 directions per check, ")
 
 
-def test_a_float32_only_rule_checked_alone_is_not_told_to_be_checked_alone():
-    """verify_rule of a rule that refuses float64 said its resolution would be finer
-    checked on its own, "rules=True, or jaxcheck.verify_rule": the call already running."""
+def _float32_only_sin():
+    """A custom_vjp sin that refuses any dtype but float32."""
 
     @jax.custom_vjp
     def f(x):
@@ -1125,6 +1124,13 @@ def test_a_float32_only_rule_checked_alone_is_not_told_to_be_checked_alone():
         return jnp.sin(x)
 
     f.defvjp(lambda x: (f(x), x), lambda x, g: (g * jnp.cos(x),))
+    return f
+
+
+def test_a_float32_only_rule_checked_alone_is_not_told_to_be_checked_alone():
+    """verify_rule of a rule that refuses float64 said its resolution would be finer
+    checked on its own, "rules=True, or jaxcheck.verify_rule": the call already running."""
+    f = _float32_only_sin()
     report = jaxcheck.verify_rule(f, jnp.linspace(0.1, 1.0, 4))
     assert report.ok, str(report)
     [note] = [q for q in report.problems if "could not run in float64" in q]
@@ -1138,14 +1144,7 @@ def test_a_model_refusing_float64_points_to_the_check_that_resolves_its_rule_fin
     """The note of a model whose rule refuses float64 pointed to verify_rule too, which
     falls back to the rule's own precision as well; rules=True evaluates the rule's
     program, traced in fn, in float64."""
-
-    @jax.custom_vjp
-    def f(x):
-        if x.dtype != jnp.float32:
-            raise TypeError("float32 only")
-        return jnp.sin(x)
-
-    f.defvjp(lambda x: (f(x), x), lambda x, g: (g * jnp.cos(x),))
+    f = _float32_only_sin()
     report = jaxcheck.verify(lambda p: jnp.sum(f(p) ** 2), jnp.linspace(0.1, 1.0, 4))
     [note] = [q for q in report.problems if "could not run in float64" in q]
     assert note == (
