@@ -165,13 +165,14 @@ def settle_weak(params, fn=None, args=()):
             if is_array(x) and not _weak_inexact(x) and jnp.issubdtype(x.dtype, kind)
         }
 
-    # a weak float takes its dtype beside the floating leaves alone (it stays real, in
-    # float32 beside float32 data, whatever complex leaves there are); a weak complex
-    # beside every inexact one (complex64 beside complex64 or float32)
-    real, inexact = strong(jnp.floating), strong(jnp.inexact)
-    if fn is not None and (not inexact or (not real and any(_real(i, leaves) for i in weak))):
-        found = _output_floats(fn, params, args)
-        real, inexact = real or found, inexact or found
+    # a weak float takes its dtype beside the floating leaves (it stays real, in float32
+    # beside float32 data, whatever complex leaves there are), or where there are none,
+    # beside the complex ones' parts (float32 beside complex64, as fn computes z * 1.5); a
+    # weak complex beside every inexact one (complex64 beside complex64 or float32)
+    inexact = strong(jnp.inexact)
+    real = strong(jnp.floating) or inexact
+    if fn is not None and not inexact:
+        real = inexact = _output_floats(fn, params, args)
     # (a Python float among params is put on the device by the check itself, as a parameter,
     # and a weak array read back for its overflow: allowed under the caller's
     # jax.transfer_guard("disallow"), as jaxcheck's own transfers are)

@@ -146,6 +146,9 @@ def test_a_python_float_beside_float32_and_complex128_leaves_stays_float32():
         }
         params = {"z": jnp.ones(2, jnp.complex64), "c": 1.5 + 0.5j}
         assert _tree.settle_weak(params)["c"].dtype == jnp.complex64
+        # beside complex leaves alone, in their parts' dtype, as fn computes z * 1.5
+        params = {"z": jnp.ones(2, jnp.complex64), "s": 1.5}
+        assert _tree.settle_weak(params)["s"].dtype == jnp.float32
 
 
 @pytest.mark.parametrize("strict", [False, True])
