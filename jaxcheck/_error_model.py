@@ -321,10 +321,14 @@ def compare(name, fd: Differences, a, floor: float, a_ref=None, rounding_scale=0
         size = max(rms(a_ref), scale)
         gap = apart / size if size > rms(bar) else 0.0
     tol = max(floor, SAFETY * math.hypot(noise, rounding))
+    # (a failing error is beyond twice the noise floor, which bounds the differences' error
+    # from above: its lower end stands, where subtracting the bound said "0" for an error
+    # of 5 % measured as 5 %)
+    bounds = interval(err, n)
     return Comparison(
         name,
         err,
-        above_noise(interval(err, n), noise),
+        above_noise(bounds, noise) if err <= tol else bounds,
         noise,
         rounding,
         tol,
@@ -389,11 +393,11 @@ def interval(err: float, n: int, z: float = 1.959964) -> tuple[float, float]:
 
 
 def above_noise(bounds: tuple[float, float], noise: float) -> tuple[float, float]:
-    """`bounds` of a measured relative error with the lower end lowered by the finite
-    differences' own error, which the measurement holds too (their errors add in
-    quadrature): where the noise floor is as large as that end, the error may be as small
-    as 0. A float64 loss near 1e10 whose gradient was 3e-8 off measured 6.9e-5 at a noise
-    floor of 2.9e-4, and said "95% 4.2e-05..1.1e-04"."""
+    """`bounds` of a measured relative error within the tolerance, with the lower end
+    lowered by the finite differences' own error, which the measurement holds too (their
+    errors add in quadrature): where the noise floor is as large as that end, the error
+    may be as small as 0. A float64 loss near 1e10 whose gradient was 3e-8 off measured
+    6.9e-5 at a noise floor of 2.9e-4, and said "95% 4.2e-05..1.1e-04"."""
     low, high = bounds
     return math.sqrt(max(low * low - noise * noise, 0.0)), high
 

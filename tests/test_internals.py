@@ -230,6 +230,11 @@ def test_the_lower_end_of_the_interval_is_lowered_by_the_noise_floor(bar):
     low, high = _error_model.interval(1e-4, n)
     assert c.interval[1] == pytest.approx(high)
     assert c.interval[0] == (pytest.approx(low) if bar < low else 0.0)
+    # a failing error's lower end stands: beyond twice the noise floor, which bounds the
+    # differences' error from above (subtracting it said "0" for a 5 % error measured)
+    wrong = 3 * max(bar, 1e-6)
+    c = _error_model.compare("x", fd, np.ones(n) + wrong * np.resize([1.0, -1.0], n), 1e-6)
+    assert not c.passed and c.interval[0] == pytest.approx(_error_model.interval(wrong, n)[0])
 
 
 def test_scales_from_sums_of_squares_survive_overflow_and_tell_nan_apart():
