@@ -577,12 +577,11 @@ def _other_function_without_rule(run: Run, p, checks) -> bool:
     """Whether fn may compute another function in the reference, where the derivative
     under test could not run there (`_evaluate._without_rule`), so that no float64
     derivative tells it: its finite differences there fail the derivative (or see none),
-    and fn's value
-    there is far from its value in the model's precision (`_values_differ`). A float32
-    bit trick (a bitcast to int32, which makes two words of a float64, and back) had its
-    right custom rule judged by the finite differences of the other function and failed
-    at relative error 1. (A value that merely rounds, a loss against a baseline, differs
-    too: `_other_function_told` decides.)"""
+    and fn's value there is far from its value in the model's precision
+    (`_values_differ`). A float32 bit trick (a bitcast to int32, which makes two words of
+    a float64, and back) had its right custom rule judged by the finite differences of
+    the other function and failed at relative error 1. (A value that merely rounds, a
+    loss against a baseline, differs too: `_other_function_told` decides.)"""
     return (
         not all(c.passed and c.resolved for c in checks)
         and bool(run.rule_refused)

@@ -176,7 +176,7 @@ def settle_weak(params, fn=None, args=()):
     # (a Python float among params is put on the device by the check itself, as a parameter,
     # and a weak array read back for its overflow: allowed under the caller's
     # jax.transfer_guard("disallow"), as jaxcheck's own transfers are)
-    partners = {i: real if _real(i, leaves) else inexact for i in weak}
+    partners = {i: inexact if _complex(leaves[i]) else real for i in weak}
     weak = [i for i in weak if partners[i]]
     with jax.numpy_dtype_promotion("standard"), jax.transfer_guard("allow"):
         for i in weak:
@@ -267,8 +267,8 @@ def _output_floats(fn, params, args) -> set:
     return dtypes if len(dtypes) == 1 else set()
 
 
-def _real(i: int, leaves) -> bool:
-    return not jnp.issubdtype(jnp.result_type(leaves[i]), jnp.complexfloating)
+def _complex(x) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.complexfloating)
 
 
 def _weak_inexact(x) -> bool:
