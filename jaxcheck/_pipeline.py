@@ -470,7 +470,7 @@ def _directions_check(run: Run, n, beta, h0, step, ref):
         h0 = step if step is not None else _precision.default_step(native)
         [(p, steps, choice)] = _ladder.ladder(run, index, rows, h0, [slice(0, n)])
         checks = _verdict.compare(run, p)
-        if _other_function_told(run, p, checks[0], wide[3][0]):
+        if _other_function_told(p, checks[0], wide[3][0]):
             _note_other_function_without_rule(run, wide[0], _verdict.value_gap(run, wide[1]))
         else:  # (the model's own differences no judge of it: as it was)
             run.reference, p, steps, checks, h0, choice = wide
@@ -576,16 +576,14 @@ def _own_precision(run: Run, n: int, beta, step, head):
 def _other_function_without_rule(run: Run, p, checks) -> bool:
     """Whether fn may compute another function in the reference, where the derivative
     under test could not run there (`_evaluate._without_rule`), so that no float64
-    derivative tells it: its finite differences there fail the derivative (or see none,
-    or fn draws random numbers, other ones there: a bwd drawing them again in the default
-    dtype passed against them), and fn's value there is far from its value in the model's
-    precision (`_values_differ`). A float32 bit trick (a bitcast to int32, which makes two
-    words of a float64, and back) had its right custom rule judged by the finite
-    differences of the other function and failed at relative error 1. (A value that
-    merely rounds, a loss against a baseline, differs too: `_other_function_told`
-    decides.)"""
+    derivative tells it: its finite differences there fail the derivative (or see none),
+    and fn's value there is far from its value in the model's precision
+    (`_values_differ`). A float32 bit trick (a bitcast to int32, which makes two words of
+    a float64, and back) had its right custom rule judged by the finite differences of
+    the other function and failed at relative error 1. (A value that merely rounds, a
+    loss against a baseline, differs too: `_other_function_told` decides.)"""
     return (
-        (not all(c.passed and c.resolved for c in checks) or run.problem.draws_random)
+        not all(c.passed and c.resolved for c in checks)
         and bool(run.rule_refused)
         and not run.native_blind
         and run.problem.scalar_output
@@ -595,20 +593,17 @@ def _other_function_without_rule(run: Run, p, checks) -> bool:
     )
 
 
-def _other_function_told(run: Run, p, native, wide) -> bool:
+def _other_function_told(p, native, wide) -> bool:
     """Whether the model's own finite differences (`p`, their head comparison `native`)
     tell fn in the reference (head comparison `wide`) for another function: they see the
-    derivative, and either fn draws random numbers (in the reference's dtype, other
-    numbers: a loss with noise of scale 1e-3 drawn so failed its right rule at 1e-3), or
-    the derivative's errors against the two differ by more than 10 times their own noise
-    floor, which one function's differences cannot. A float32 loss against a baseline,
-    whose value merely rounds by 1e-2, differs within it: the reference, which resolves
-    the derivative finely, stands (its failure of one 1 % off is no other function's)."""
+    derivative, and its errors against the two differ by more than 10 times their own
+    noise floor, which one function's differences cannot. A float32 loss against a
+    baseline, whose value merely rounds by 1e-2, differs within it: the reference, which
+    resolves the derivative finely, stands (its failure of one 1 % off is no other
+    function's)."""
     flat = _verdict.flat_directions(p)
     if (flat is not None and not flat[1]) or not (native.num_used and native.resolved):
         return False
-    if run.problem.draws_random:
-        return True
     return wide.relative_error > native.relative_error + 10 * native.noise_floor
 
 
