@@ -465,12 +465,9 @@ def _directions_check(run: Run, n, beta, h0, step, ref):
         steps = tuple(steps) + tuple(more)
     checks = _verdict.compare(run, p)
     if _other_function_without_rule(run, p, checks):
-        native = _precision.reference_dtype("native", run.tested)
-        wide, run.reference = (run.reference, p, steps, checks, h0, choice), native
-        h0 = step if step is not None else _precision.default_step(native)
-        [(p, steps, choice)] = _ladder.ladder(run, index, rows, h0, [slice(0, n)])
-        checks = _verdict.compare(run, p)
-        if _other_function_told(p, checks[0], wide[3][0]):
+        wide = (run.reference, p, steps, checks, h0, choice)
+        p, steps, checks, h0, choice, blind = _native_look(run, index, rows, n, step)
+        if not blind and _other_function_told(checks[0], wide[3][0]):
             _note_other_function_without_rule(run, wide[0], _verdict.value_gap(run, wide[1]))
         else:  # (the model's own differences no judge of it: as it was)
             run.reference, p, steps, checks, h0, choice = wide
@@ -478,14 +475,7 @@ def _directions_check(run: Run, n, beta, h0, step, ref):
     # (once the model's precision was found blind here, a later look does not ask again)
     if not run.native_blind and _verdict.incomparable(run, checks[0], p):
         wide = (run.reference, p, steps, checks, h0, choice)
-        run.reference = _precision.reference_dtype("native", run.tested)
-        h0 = step if step is not None else _precision.default_step(run.reference)
-        [(p, steps, choice)] = _ladder.ladder(run, index, rows, h0, [slice(0, n)])
-        checks = _verdict.compare(run, p)
-        flat = _verdict.flat_directions(p)
-        blind = (flat is not None and not flat[1]) or not (
-            checks[0].num_used and checks[0].resolved
-        )
+        p, steps, checks, h0, choice, blind = _native_look(run, index, rows, n, step)
         if blind:
             # finite differences in the model's precision see nothing here (a loss that
             # rounds to 0 in float32, as cross-entropy on confident logits does): the gap
@@ -593,17 +583,26 @@ def _other_function_without_rule(run: Run, p, checks) -> bool:
     )
 
 
-def _other_function_told(p, native, wide) -> bool:
-    """Whether the model's own finite differences (`p`, their head comparison `native`)
-    tell fn in the reference (head comparison `wide`) for another function: they see the
-    derivative, and its errors against the two differ by more than 10 times their own
-    noise floor, which one function's differences cannot. A float32 loss against a
-    baseline, whose value merely rounds by 1e-2, differs within it: the reference, which
-    resolves the derivative finely, stands (its failure of one 1 % off is no other
-    function's)."""
+def _native_look(run: Run, index, rows, n: int, step):
+    """The check's finite differences again in the model's precision (`run.reference` set
+    to it): (Pass, steps tried, comparisons, step, Choice, whether they are blind: flat
+    along the directions, or seeing no derivative above their own noise)."""
+    run.reference = _precision.reference_dtype("native", run.tested)
+    h0 = step if step is not None else _precision.default_step(run.reference)
+    [(p, steps, choice)] = _ladder.ladder(run, index, rows, h0, [slice(0, n)])
+    checks = _verdict.compare(run, p)
     flat = _verdict.flat_directions(p)
-    if (flat is not None and not flat[1]) or not (native.num_used and native.resolved):
-        return False
+    blind = (flat is not None and not flat[1]) or not (checks[0].num_used and checks[0].resolved)
+    return p, steps, checks, h0, choice, blind
+
+
+def _other_function_told(native, wide) -> bool:
+    """Whether the model's own finite differences (head comparison `native`, not blind)
+    tell fn in the reference (head comparison `wide`) for another function: the
+    derivative's errors against the two differ by more than 10 times their own noise
+    floor, which one function's differences cannot. A float32 loss against a baseline,
+    whose value merely rounds by 1e-2, differs within it: the reference, which resolves
+    the derivative finely, stands (its failure of one 1 % off is no other function's)."""
     return wide.relative_error > native.relative_error + 10 * native.noise_floor
 
 
