@@ -273,11 +273,7 @@ def _run(f, args, order, modes, atol, rtol, eps) -> Outcome:
     _check_step(eps)
     args = tuple(args)
     _tree.refuse_unsortable_keys(args, "check_grads: args")
-    call = lambda p: f(*p)  # noqa: E731
-    settled = _tree.settle_weak(args, call)
-    # (the same tuple as settle_weak's: returned as it is where nothing was settled, which
-    # `promotion_for` then needs to trace nothing to know)
-    with _tree.promotion_for(args, settled, call):
+    with _tree.settled(args, lambda p: f(*p)) as settled:
         return _judged(f, settled, order, modes, atol, rtol, eps, unpacked)
 
 

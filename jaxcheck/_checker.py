@@ -66,8 +66,7 @@ class Checker:
                 f"{', '.join(sorted(keywords))}.{hint}"
             )
         _verify.refuse_odd_containers(params, args)
-        settled = _tree.settle_weak(params, self.fn, args)
-        with _tree.promotion_for(params, settled, self.fn, args):
+        with _tree.settled(params, self.fn, args) as settled:
             return self._run(settled, args)
 
     def _run(self, params, args):

@@ -188,6 +188,17 @@ def settle_weak(params, fn=None, args=()):
 
 
 @contextlib.contextmanager
+def settled(params, fn, args=()):
+    """`settle_weak` of `params` for a check of fn(params, *args), under the dtype
+    promotion that check needs (`promotion_for`)."""
+    # (params themselves where nothing was settled, which `promotion_for` then needs to
+    # trace nothing to know)
+    weak_settled = settle_weak(params, fn, args)
+    with promotion_for(params, weak_settled, fn, args):
+        yield weak_settled
+
+
+@contextlib.contextmanager
 def promotion_for(params, settled, fn, args=()):
     """JAX's dtype promotion for a check of fn at `settled` (`settle_weak` of `params`):
     strict promotion, where on, relaxed to standard where fn refuses a Python float (a

@@ -202,8 +202,7 @@ def verify(
         raise TypeError(f"fn must be callable, got {type(fn).__name__}.")
     refuse_a_checker(fn, "verify(fn, params)")
     refuse_odd_containers(params, args)
-    settled = _tree.settle_weak(params, fn, args)
-    with _tree.promotion_for(params, settled, fn, args):
+    with _tree.settled(params, fn, args) as settled:
         # a second check of fn reuses its programs only while fn (and grad_fn) compute what
         # they did: a global or a setting they read may have changed in between
         fn, options = keyed(fn, settled, args, options)
