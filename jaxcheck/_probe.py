@@ -3,6 +3,7 @@ of the parameters, outputs and gradient and whether they are finite. A NaN/Inf f
 ends the check (and, with the caller's debug flags on, is replayed so that JAX names the
 primitive that made it)."""
 
+import dataclasses
 import functools
 
 import jax
@@ -324,6 +325,12 @@ NAMED_ALONE = 32
 KIND_HINT = (
     "jaxcheck.verify(fn, params, rules=True) or jaxcheck.verify_rule(rule, *args) names the rule"
 )
+
+
+def without_kind_hint(report):
+    """`report` without `KIND_HINT` among its problems (where the rule is named already)."""
+    kept = tuple(p for p in report.problems if not p.endswith(KIND_HINT))
+    return dataclasses.replace(report, problems=kept)
 
 
 def wrong_kind_leaves(run: Run, bad: list) -> tuple:

@@ -82,8 +82,7 @@ def checked(fn, params, args, options, check) -> Report:
         if part is not None:
             parts.append(part)
             if part.status is Status.FAIL:  # the rule is named: no advice to name it
-                kept = tuple(p for p in report.problems if not p.endswith(_probe.KIND_HINT))
-                report = dataclasses.replace(report, problems=kept)
+                report = _probe.without_kind_hint(report)
             # (a rule failing alone where fn passes is not counted, nor cleared)
             judged = sum(
                 c.num_used > 0 and not c.name.endswith(_report.NOT_COUNTED) for c in part.checks

@@ -314,10 +314,8 @@ def check_rule(
 
     rule = Rule.make(f, args, identity)
     parts = check(rule, key, num_directions, precision, rtol, leaf_directions, plain, full)
-    report = _rule_rows.compose(parts, "the rule", parts[1])
     # (the rule is what is checked: no advice to check it to name it)
-    kept = tuple(p for p in report.problems if not p.endswith(_probe.KIND_HINT))
-    return dataclasses.replace(report, problems=kept)
+    return _probe.without_kind_hint(_rule_rows.compose(parts, "the rule", parts[1]))
 
 
 @dataclasses.dataclass(frozen=True)
