@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import (
+    _closure,
     _evaluate,
     _fingerprint,
     _host,
@@ -300,10 +301,8 @@ def _judged(f, params, order, modes, atol, rtol, eps, unpacked) -> Outcome:
         # too, and nothing is raised; a plugin's summary lists it as not judged
         return Outcome(None, "unjudged")
     try:
-        with _host.x64_as_checked(params):
-            fingerprint = _fingerprint.of(f, *params, order=order)
-        keyed = Positional(f, fingerprint)
-        report = _verify.run(keyed, params, (), options)
+        keyed, held = _keyed(f, params, order)
+        report = _verify.run(keyed, params, held, options)
     except (TypeError, ValueError) as err:
         if str(err).startswith(_problem.EMPTY_OUTPUT):
             # no derivative to compare: JAX's check passes (nothing is raised in a test)
@@ -328,8 +327,8 @@ def _judged(f, params, order, modes, atol, rtol, eps, unpacked) -> Outcome:
             "in reverse mode."
         )
     # (the programs of the checks below kept under what f computes, as the check's own are,
-    # so that checking f again there compiles none of them)
-    key = keyed if fingerprint is not None else None
+    # so that checking f again there compiles none of them; they close over f's data)
+    key = _unlifted_key(f, params, order, keyed)
     if report.status is not Status.NONFINITE:
         outcome = Outcome(report, STATUS_VERDICT[report.status])
         if report.status is Status.INCONCLUSIVE:
@@ -347,6 +346,30 @@ def _judged(f, params, order, modes, atol, rtol, eps, unpacked) -> Outcome:
     note = _capped(wanted, atol, rtol, _tolerance_dtypes(f, atol, rtol, params, mode))
     r = outcome.report
     return dataclasses.replace(outcome, report=dataclasses.replace(r, problems=(note, *r.problems)))
+
+
+def _keyed(f, params, order: int) -> tuple:
+    """(f keyed by what it computes, as `Positional`, and the arrays it is given after its
+    arguments): the arrays f closes over taken as arguments where f traces so
+    (`_closure`), so that a new lambda over new data of the same shapes runs the programs
+    compiled for the first; f as it is otherwise."""
+    with _host.x64_as_checked(params):
+        lifted = _closure.lift(f)
+        if lifted is not None:
+            g, held = lifted
+            fingerprint = _fingerprint.of(g, *params, *held, order=order)
+            if fingerprint is not None:
+                return Positional(g, fingerprint), held
+        return Positional(f, _fingerprint.of(f, *params, order=order)), ()
+
+
+def _unlifted_key(f, params, order: int, keyed: "Positional"):
+    """A hashable stand-in for f itself (its programs close over the arrays it does), or
+    None where f cannot be traced."""
+    if keyed.f is not f:  # (lifted: f's own fingerprint, taken here, where it is needed)
+        with _host.x64_as_checked(params):
+            keyed = Positional(f, _fingerprint.of(f, *params, order=order))
+    return keyed if keyed.fingerprint is not None else None
 
 
 def _capped(wanted: float, atol, rtol, dtypes) -> str:
@@ -813,8 +836,8 @@ class Positional:
     fingerprint: Any = None  # `_fingerprint.of(f, *args)`
     positional: ClassVar[bool] = True  # (f's own errors show f's arguments as given)
 
-    def __call__(self, args):
-        return self.f(*args)
+    def __call__(self, args, *held):  # (held: arrays f closes over, `_closure`)
+        return self.f(*args, *held)
 
     __post_init__ = _fingerprint.Keyed.__post_init__
     __eq__ = _fingerprint.Keyed.__eq__

@@ -234,11 +234,12 @@ def test_the_headline_of_a_kink_says_kink_beside_float32_data_f_closes_over():
     """A ReLU at 0 in every entry, whose output is multiplied by a float32 array f closes
     over: the headline (the plugin's line for a check not judged) quoted the note on that
     array cast to float64 for the reference ("cast exactly: their values are the same"),
-    not the kinks that left the check inconclusive."""
+    not the kinks that left the check inconclusive. (The array is bound by
+    functools.partial: an array a lambda closes over is taken as an argument of the
+    check's programs, cast to float64 with the rest, where no cast is noted.)"""
     w = np.ones(3, np.float32)
-    outcome = _check_grads.run(
-        lambda v: jnp.maximum(v, 0.0).astype(w.dtype) * w, (np.zeros(3, np.float32),), 1
-    )
+    f = functools.partial(lambda w, v: jnp.maximum(v, 0.0).astype(w.dtype) * w, w)
+    outcome = _check_grads.run(f, (np.zeros(3, np.float32),), 1)
     assert outcome.verdict == "unjudged"
     assert any("cast exactly" in q for q in outcome.report.problems)  # (noted, not headlined)
     assert outcome.headline.startswith("inconclusive; only 0 of 16 directions are smooth")
@@ -761,6 +762,59 @@ def test_a_new_function_of_the_same_program_compiles_nothing(order):
     before = _plan.compilations
     jaxcheck.check_grads(listed, args, order)
     assert _plan.compilations > before
+
+
+_SCALED_SIN = scaled_sin(1.1)  # (one rule for every case below, as a module's would be)
+
+
+def _over(data, where=None):
+    """A check's function as a parametrized test writes it: a new lambda over its data."""
+    if where is None:
+        return lambda w: jnp.sum(jnp.where(data["x"] > 0, _SCALED_SIN(w), jnp.sin(w)) * data["y"])
+    return lambda w: jnp.sum(jnp.where(where > 0, _SCALED_SIN(w), jnp.sin(w)) * data)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("held", ["arrays", "dict", "numpy"])
+def test_a_new_function_over_new_data_runs_the_programs_of_the_first(order, held):
+    """A parametrized test draws its data anew for each case and closes over it: the arrays
+    f closes over are taken as its arguments, so a lambda of the same code over new data of
+    the same shapes compiles nothing (each compiled its programs anew: 0.06 s a check at
+    order 1, JAX's check 0.003 s), and each is judged at its own data (the rule is wrong
+    only where x > 0 selects it)."""
+    from jaxcheck import _plan
+
+    rng = np.random.default_rng(0)
+
+    def case(sign):
+        x = sign * jnp.asarray(rng.uniform(0.5, 1.0, 4), jnp.float32)
+        y = jnp.asarray(rng.normal(size=4), jnp.float32)
+        if held == "dict":
+            return _over({"x": x, "y": y})
+        if held == "numpy":
+            return _over(np.asarray(y), where=np.asarray(x))
+        return _over(y, where=x)
+
+    jaxcheck.check_grads(case(-1.0), (X,), order)
+    before = _plan.compilations
+    jaxcheck.check_grads(case(-1.0), (X,), order)
+    assert _plan.compilations == before
+    with pytest.raises(jaxcheck.GradientCheckError, match="WRONG"):
+        jaxcheck.check_grads(case(1.0), (X,), order)
+
+
+def test_data_a_function_branches_on_in_python_stays_a_constant():
+    """An array f reads in Python (a branch on its values) cannot be an argument of its
+    programs: f is checked over it as it is."""
+    x = np.asarray([1.0, -1.0, 2.0, 0.5], np.float32)
+
+    def f(w):
+        return jnp.sum(_SCALED_SIN(w) if x.sum() > 0 else jnp.sin(w) * x)
+
+    with pytest.raises(jaxcheck.GradientCheckError, match="WRONG"):
+        jaxcheck.check_grads(f, (X,), 1)
+    x = -x
+    assert jaxcheck.check_grads(f, (X,), 1) is None
 
 
 def test_a_function_changed_between_two_checks_is_checked_anew():

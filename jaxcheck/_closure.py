@@ -1,0 +1,94 @@
+"""Arrays a function closes over, taken as its arguments: a test checking a new lambda over
+new data of the same shapes (`check_grads(lambda w: loss(w, x, y), (w,))`, x and y drawn
+anew for each case) runs the programs compiled for the first, where the data, constants
+of each program, made each compile anew (0.06 s a check at order 1 against JAX's 0.003 s,
+0.31 s against 0.024 s at order 2)."""
+
+import dataclasses
+import types
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from . import _fingerprint, _tree
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Lifted:
+    """`f` made anew from its code with its closure cells at `lifted` holding the trailing
+    arguments: `Lifted(...)(*args, *values)` is f(*args) with those cells' contents
+    replaced by `values` (each a pytree of arrays, flattened by `treedefs`). Equal for the
+    same code, globals and defaults, equal values in the other cells, and lifted values of
+    the same structures, shapes and dtypes, whatever those values are."""
+
+    f: types.FunctionType
+    lifted: tuple  # indices of the closure cells taken as arguments
+    treedefs: tuple  # the pytree structure of each one's contents
+
+    def __call__(self, *a):
+        n = sum(t.num_leaves for t in self.treedefs)
+        args, leaves = a[: len(a) - n], a[len(a) - n :]
+        cells = list(self.f.__closure__)
+        for i, treedef in zip(self.lifted, self.treedefs):
+            value = jax.tree.unflatten(treedef, leaves[: treedef.num_leaves])
+            leaves = leaves[treedef.num_leaves :]
+            cells[i] = types.CellType(value)
+        g = types.FunctionType(
+            self.f.__code__, self.f.__globals__, self.f.__name__, self.f.__defaults__, tuple(cells)
+        )
+        g.__kwdefaults__ = self.f.__kwdefaults__
+        return g(*args)
+
+    def __post_init__(self):
+        code, globals_, cells, defaults, keywords = _fingerprint.same_function(self.f)
+        cells = list(cells)
+        for i, treedef in zip(self.lifted, self.treedefs):
+            leaves = jax.tree.leaves(self.f.__closure__[i].cell_contents)
+            cells[i] = (treedef, tuple((np.shape(x), np.dtype(x.dtype)) for x in leaves))
+        object.__setattr__(self, "_identity", (code, globals_, tuple(cells), defaults, keywords))
+
+    def __eq__(self, other):
+        return type(other) is Lifted and self._identity == other._identity
+
+    def __hash__(self):
+        return hash(self._identity)
+
+
+def lift(f: Callable) -> tuple[Lifted, tuple] | None:
+    """(Lifted f, the values it takes as trailing arguments): the closure cells of the
+    Python function `f` holding an array, or a tuple, list or dict of them; None where
+    there is none. Arrays JAX would see otherwise are left as constants: weak-typed ones
+    (as arguments they would promote as strong ones), arrays committed to a device, typed
+    PRNG keys, and tracers."""
+    if not isinstance(f, types.FunctionType) or not f.__closure__:
+        return None
+    lifted, treedefs, values = [], [], []
+    for i, cell in enumerate(f.__closure__):
+        try:
+            contents = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if not (_tree.is_array(contents) or type(contents) in (tuple, list, dict)):
+            continue
+        try:
+            leaves, treedef = jax.tree.flatten(contents)
+        except Exception:  # noqa: BLE001 - a dict JAX cannot sort: a constant, as it was
+            continue
+        if leaves and all(map(_liftable, leaves)):
+            lifted.append(i)
+            treedefs.append(treedef)
+            values.append(contents)
+    if not lifted:
+        return None
+    return Lifted(f, tuple(lifted), tuple(treedefs)), tuple(jax.tree.leaves(values))
+
+
+def _liftable(x) -> bool:
+    if isinstance(x, np.ndarray):
+        return x.dtype.kind in "biufc"
+    if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+        return False
+    if getattr(x, "weak_type", False) or getattr(x, "_committed", True):
+        return False
+    return not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
