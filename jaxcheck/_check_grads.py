@@ -354,7 +354,7 @@ def _keyed(f, params, order: int) -> tuple:
     (`_closure`), so that a new lambda over new data of the same shapes runs the programs
     compiled for the first; f as it is otherwise."""
     with _host.x64_as_checked(params):
-        lifted = _closure.lift(f)
+        lifted = _closure.lift(f, params)
         if lifted is not None:
             g, held = lifted
             fingerprint = _fingerprint.of(g, *params, *held, order=order)

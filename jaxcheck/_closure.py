@@ -55,12 +55,12 @@ class Lifted:
         return hash(self._identity)
 
 
-def lift(f: Callable) -> tuple[Lifted, tuple] | None:
-    """(Lifted f, the values it takes as trailing arguments): the closure cells of the
-    Python function `f` holding an array, or a tuple, list or dict of them; None where
-    there is none. Arrays JAX would see otherwise are left as constants: weak-typed ones
-    (as arguments they would promote as strong ones), arrays committed to a device, typed
-    PRNG keys, and tracers."""
+def lift(f: Callable, args: tuple) -> tuple[Lifted, tuple] | None:
+    """(Lifted f, the values it takes after `args`): the closure cells of the Python
+    function `f` holding an array, or a tuple, list or dict of them; None where there is
+    none, or where f computes otherwise with them as arguments (`_same_program`). Arrays
+    JAX would see otherwise are left as constants: weak-typed ones (as arguments they would
+    promote as strong ones), arrays committed to a device, typed PRNG keys, and tracers."""
     if not isinstance(f, types.FunctionType) or not f.__closure__:
         return None
     lifted, treedefs, values = [], [], []
@@ -81,7 +81,48 @@ def lift(f: Callable) -> tuple[Lifted, tuple] | None:
             values.append(contents)
     if not lifted:
         return None
-    return Lifted(f, tuple(lifted), tuple(treedefs)), tuple(jax.tree.leaves(values))
+    g, held = Lifted(f, tuple(lifted), tuple(treedefs)), tuple(jax.tree.leaves(values))
+    return (g, held) if _same_program(f, g, args, held) else None
+
+
+def _same_program(f, g, args, held) -> bool:
+    """Whether f(*args) and g(*args, *held) trace to the same primitives: JAX computes
+    some things otherwise over a traced value than over a constant (`lax.reduce_window`
+    over a traced initial value is a primitive without derivatives, where a constant one
+    makes it `reduce_window_max`), and f may read its data in Python, which a traced value
+    refuses."""
+    try:
+        with jax.enable_checks(False):
+            own = jax.make_jaxpr(lambda *a: f(*a))(*args)
+            taken = jax.make_jaxpr(g)(*args, *held)
+    except Exception:  # noqa: BLE001 - f as it is, then (the check says why it fails)
+        return False
+    return _primitives(own.jaxpr) == _primitives(taken.jaxpr)
+
+
+def _primitives(jaxpr) -> tuple:
+    """The primitives of `jaxpr` in order, with their outputs' types and their parameters
+    (sub-jaxprs as theirs; functions, made anew at each trace, by their kind alone)."""
+    return tuple(
+        (
+            eqn.primitive.name,
+            tuple(str(v.aval) for v in eqn.outvars),
+            tuple((k, _parameter(v)) for k, v in sorted(eqn.params.items())),
+        )
+        for eqn in jaxpr.eqns
+    )
+
+
+def _parameter(value):
+    if hasattr(value, "eqns"):
+        return _primitives(value)
+    if hasattr(getattr(value, "jaxpr", None), "eqns"):
+        return _primitives(value.jaxpr)
+    if isinstance(value, tuple | list):
+        return tuple(map(_parameter, value))
+    if callable(value):
+        return "function"
+    return repr(value)
 
 
 def _liftable(x) -> bool:
