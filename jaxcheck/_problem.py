@@ -812,7 +812,8 @@ def unbatched(jaxpr) -> str:
     has a batching rule that stands in for fn's own code under vmap (one whose rule is
     off would be checked in its place), and a `lax.cond` whose predicate vmap batches runs
     every branch, also those fn does not take: one holding a while_loop may then never end
-    (its loop runs at inputs it was never meant for)."""
+    (its loop runs at inputs it was never meant for); an ordered io_callback has no
+    batching rule (JAX raises a ValueError, not the NotImplementedError of others)."""
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
         if name == "custom_vmap_call":
@@ -820,6 +821,8 @@ def unbatched(jaxpr) -> str:
                 "fn calls a custom_vmap, whose batching rule jax.vmap would run in place of "
                 "fn's own code"
             )
+        if name == "io_callback" and eqn.params.get("ordered"):
+            return "fn calls an ordered io_callback, which jax.vmap cannot batch"
         if name == "cond" and any(_runs(b.jaxpr, "while") for b in eqn.params["branches"]):
             return (
                 "fn has a lax.cond with a while_loop in a branch; jax.vmap turns a cond "

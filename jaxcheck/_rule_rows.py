@@ -213,6 +213,13 @@ def guarded(label, name, tol, dtype, compute):
     try:
         comparison, problems = compute()
     except Exception as err:  # noqa: BLE001 - any error of the rule is the finding
+        if effect_refused(err):  # (but JAX's refusal of what the rule is allowed to do)
+            comparison = Comparison(name, math.nan, (math.nan, math.nan), 0.0, 0.0, tol, 0, True)
+            reason = (
+                f"{label}: not checked: JAX cannot run the rule's side effects under that "
+                f"transformation ({one_line(err)}); jax.grad of a function calling it runs"
+            )
+            return part(label, dataclasses.replace(comparison, judged=False), dtype, 0.0, (reason,))
         untransposed_when_traced(err, compute)  # older JAX's, without a message: marked
         return part(label, failed(name, tol), dtype, 0.0, (error_problem(label, err),))
     seconds = time.perf_counter() - start
@@ -223,6 +230,15 @@ def guarded(label, name, tol, dtype, compute):
             f"{comparison.tolerance:.1e}",
         )
     return part(label, comparison, dtype, seconds, problems)
+
+
+def effect_refused(err: Exception) -> bool:
+    """Whether `err` is JAX refusing a side effect under a transformation (an ordered
+    io_callback under jax.vmap or jax.checkpoint), not an error of the rule."""
+    text = str(err)
+    return (isinstance(err, ValueError) and "Cannot `vmap` ordered IO callback" in text) or (
+        isinstance(err, NotImplementedError) and text.startswith("Effects not supported")
+    )
 
 
 def leaves(tree) -> list:

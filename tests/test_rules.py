@@ -1201,3 +1201,30 @@ def test_a_rule_with_symbolic_zeros_is_checked_with_each_input_held(kind, scale)
         assert failed(report) == {
             "vjp vs finite differences, input 1 held (its tangent a symbolic zero)"
         }, str(report)
+
+
+@pytest.mark.parametrize("factor", [1.0, 1.02])
+def test_a_rule_logging_through_an_ordered_io_callback_is_checked(factor):
+    """A custom_jvp whose primal logs its input in order (an ordered io_callback, which
+    jax.vmap and jax.checkpoint refuse, and jax.grad runs): every check raised JAX's
+    "Cannot `vmap` ordered IO callback"; its evaluations now run one at a time, and
+    verify_rule leaves the vmap and checkpoint rows unjudged, saying why."""
+    from jax.experimental import io_callback  # noqa: PLC0415 - one test's
+
+    @jax.custom_jvp
+    def logged_sin(x):
+        io_callback(lambda v: None, None, x, ordered=True)
+        return jnp.sin(x)
+
+    logged_sin.defjvps(lambda t, ans, x: factor * jnp.cos(x) * t)
+    x = jnp.array([0.7, 1.3, 0.4, -0.2], jnp.float32)
+    expected = "pass" if factor == 1.0 else "fail"
+    for mode in ("reverse", "forward"):
+        report = jaxcheck.verify(lambda x: jnp.sum(logged_sin(x) ** 2), x, mode=mode)
+        assert report.status == expected, str(report)
+        assert any("ordered io_callback, which jax.vmap cannot batch" in p for p in report.problems)
+    rule = jaxcheck.verify_rule(logged_sin, x)
+    assert rule.status == expected, str(rule)
+    unjudged = [c.name.split(":")[0] for c in rule.checks if not c.judged]
+    assert unjudged == ["vmap", "checkpoint"]
+    assert any(p.startswith("vmap: not checked: JAX cannot run") for p in rule.problems)
