@@ -646,16 +646,33 @@ def _check_options(decay, warmup, vanishing_ratio, collapse_factor, explode_fact
         elif not ok(number):
             out_of_range.append(f"{name}={value!r} must be {'an int ' * integer}{want}")
 
-    check("decay", decay, lambda v: 0.0 <= v < 1.0, "in [0, 1), e.g. 0.99")
+    # (in float32, the precision of the state: a decay of 0.99999999 rounds to 1 there)
+    f32 = lambda v: float(np.float32(v))  # noqa: E731
+    check(
+        "decay",
+        decay,
+        lambda v: 0.0 <= f32(v) < 1.0,
+        "in [0, 1), e.g. 0.99, and below 1 in float32 (the state's precision)",
+    )
     check("warmup", warmup, lambda v: v >= 0, ">= 0, e.g. 10", integer=True)
     check(
         "vanishing_ratio",
         vanishing_ratio,
-        lambda v: 0.0 <= v < 1.0,
-        "in [0, 1), e.g. 1e-6 (0 turns it off)",
+        lambda v: 0.0 <= f32(v) < 1.0,
+        "in [0, 1), e.g. 1e-6 (0 turns it off), and below 1 in float32",
     )
-    check("collapse_factor", collapse_factor, lambda v: 0.0 <= v < 1.0, "in [0, 1), e.g. 1e-3")
-    check("explode_factor", explode_factor, lambda v: v > 1.0, "> 1, e.g. 10")
+    check(
+        "collapse_factor",
+        collapse_factor,
+        lambda v: 0.0 <= f32(v) < 1.0,
+        "in [0, 1), e.g. 1e-3, and below 1 in float32",
+    )
+    check(
+        "explode_factor",
+        explode_factor,
+        lambda v: f32(v) > 1.0,
+        "> 1, e.g. 10, and above 1 in float32",
+    )
     # (a concrete 0-d bool array is taken as its value, as the thresholds' 0-d arrays are)
     concrete = not isinstance(skip, jax.core.Tracer) and np.ndim(skip) == 0
     if not (concrete and _dtype(skip) == np.bool_):
@@ -967,6 +984,13 @@ class HealthSummary:
         """True when no leaf was ever flagged, and no update with NaN/Inf was dropped
         unseen (by an `optax.apply_if_finite` around gradient_health)."""
         return not self.flagged and not self.dropped
+
+    def __bool__(self):
+        # (as a Report's: `assert jaxcheck.health(state)` would pass a flagged one too)
+        raise TypeError(
+            "a jaxcheck HealthSummary has no truth value: use summary.ok (True only when no "
+            "leaf was ever flagged), or summary.flagged for the leaves that were."
+        )
 
     @property
     def flagged(self) -> tuple[LeafHealth, ...]:

@@ -338,6 +338,13 @@ def test_errors_say_what_to_do():
         jaxcheck.gradient_health(explode_factor=0.5)
     with pytest.raises(ValueError, match=r"decay=1\.0 must be in \[0, 1\)"):
         jaxcheck.gradient_health(decay=1.0)
+    # (a decay below 1 that rounds to 1 in the float32 state never averages anything)
+    with pytest.raises(ValueError, match=r"decay=0\.99999999 must be .*below 1 in float32"):
+        jaxcheck.gradient_health(decay=0.99999999)
+    with pytest.raises(
+        ValueError, match=r"explode_factor=1\.00000001 must be .*above 1 in float32"
+    ):
+        jaxcheck.gradient_health(explode_factor=1.00000001)
     with pytest.raises(TypeError, match="found no gradient_health state in the tuple"):
         jaxcheck.health(optax.adam(1e-3).init(PARAMS))
     opt = optax.chain(jaxcheck.gradient_health(), jaxcheck.gradient_health())
@@ -1464,3 +1471,15 @@ def test_a_jitted_step_does_not_ask_its_tracers_where_they_are_placed(monkeypatc
     jax.jit(step).lower(params, tx.init(params))
     assert issubclass(tracer_type, jax.core.Tracer)
     assert asked == []
+
+
+def test_a_summary_has_no_truth_value():
+    """`assert jaxcheck.health(state)` passed with a leaf flagged non-finite (a summary was
+    always true); it raises, as a Report does, pointing to summary.ok."""
+    opt = optax.chain(jaxcheck.gradient_health(), optax.sgd(0.1))
+    params = {"w": jnp.ones(3)}
+    _, state = opt.update({"w": jnp.full(3, jnp.nan)}, opt.init(params), params)
+    summary = jaxcheck.health(state)
+    assert not summary.ok
+    with pytest.raises(TypeError, match="HealthSummary has no truth value: use summary.ok"):
+        assert summary
