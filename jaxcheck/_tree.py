@@ -3,6 +3,7 @@
 import contextlib
 import dataclasses
 import hashlib
+import numbers
 import re
 import sys
 from collections.abc import Iterator
@@ -78,6 +79,13 @@ def _kind(leaf, path: str, where: str, complex_diff: bool = False) -> str:
         return STATIC
     dtype = jnp.result_type(leaf) if isinstance(leaf, float) else leaf.dtype
     if isinstance(leaf, np.ndarray) and leaf.dtype.kind in "OSU":  # objects, strings, bytes
+        if where == "params" and leaf.dtype.kind == "O" and _numbers(leaf):
+            # (held fixed, a bug in what it feeds passed unseen; jax.grad refuses it)
+            raise TypeError(
+                f"params leaf {path or '(root)'} is a NumPy array of dtype object holding "
+                f"numbers, which JAX does not differentiate (jax.grad refuses it): pass it "
+                f"as a float array, np.asarray(x, np.float32), or, to hold it fixed, in args."
+            )
         return STATIC
     if jnp.issubdtype(dtype, jnp.complexfloating):
         if complex_diff:
@@ -88,6 +96,12 @@ def _kind(leaf, path: str, where: str, complex_diff: bool = False) -> str:
     if jnp.issubdtype(dtype, jnp.floating):
         return DIFF
     return ARRAY
+
+
+def _numbers(x: np.ndarray) -> bool:
+    return x.size > 0 and all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool) for v in x.flat
+    )
 
 
 def _complex_message(where: str, path: str) -> str:

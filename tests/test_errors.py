@@ -643,3 +643,16 @@ def test_a_gradient_of_params_leaves_under_other_keys_says_so():
         ),
     ):
         jaxcheck.verify(loss, model, jnp.ones((3, 4)), grad_fn=nnx.grad(loss))
+
+
+def test_a_params_leaf_of_numbers_in_an_object_array_is_refused():
+    """An object-dtype array of floats among params was held fixed, and a 50 % bug in what
+    it feeds passed (jax.grad refuses such params); one of strings stays held fixed."""
+    f = lambda p: jnp.sum(jnp.sin(p["w"])) + jnp.sum(jnp.asarray(p["b"], jnp.float32))  # noqa: E731
+    params = {"w": jnp.full(3, 0.3), "b": np.array([0.1, 0.2], dtype=object)}
+    with pytest.raises(TypeError, match=r"params leaf \['b'\] is a NumPy array of dtype object"):
+        jaxcheck.verify(f, params)
+    labels = {"w": jnp.full(3, 0.3), "names": np.array(["a", "b"], dtype=object)}
+    report = jaxcheck.verify(lambda p: jnp.sum(jnp.sin(p["w"])), labels)
+    assert report.status == "pass"
+    assert [path for path, _ in report.held_fixed] == ["['names']"]
