@@ -262,6 +262,10 @@ def _run(f, args, order, modes, atol, rtol, eps) -> Outcome:
                 f"{type(args).__name__}. For one argument x, pass (x,)."
             ) from None
     order, eps, atol, rtol = _options.whole(order), *map(_options.scalar, (eps, atol, rtol))
+    if isinstance(order, float) and math.isfinite(order):
+        # (JAX's check_grads counts a float order down by one per derivative while it is
+        # above 1: order 1.5 checks second derivatives, as 2 does)
+        order = math.ceil(order)
     if not isinstance(order, int) or isinstance(order, bool):
         raise ValueError(f"check_grads: order must be an int (the highest order), got {order!r}.")
     order = max(order, 1)  # (JAX's check_grads checks first derivatives at order <= 0 too)

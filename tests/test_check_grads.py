@@ -469,7 +469,7 @@ def test_a_nan_derivative_of_a_finite_output_fails_though_f_is_nan_elsewhere(mod
             "args must be a tuple or list of f's positional arguments, "
             "got dict. For one argument x, pass (x,).",
         ),
-        ((jnp.sin, (X,), 2.5), ValueError, "order must be an int (the highest order), got 2.5."),
+        ((jnp.sin, (X,), float("inf")), ValueError, "order must be an int (the highest order)"),
         ((jnp.sin, (X,), 1, ("fwd", "bwd")), ValueError, "unknown mode(s) ['bwd']"),
         ((jnp.sin, (X,), 1, ()), ValueError, "modes is empty, so nothing would be checked"),
         (
@@ -1488,3 +1488,15 @@ def test_a_scalar_output_beside_a_large_one_counts(factor, modes):
     else:
         with pytest.raises(jaxcheck.GradientCheckError, match="WRONG"):
             jaxcheck.check_grads(f, (w,), 1, modes=modes)
+
+
+def test_a_float_order_counts_down_as_in_jax():
+    """JAX's check_grads takes order=1.5 (it checks the derivatives of the derivative
+    maps while the order is above 1, counting down by one): a test passing so failed
+    under the plugin with "order must be an int"; 1.5 checks what 2 does."""
+    wrong = sin_with_second_derivative(1.1)
+    jax.test_util.check_grads(jnp.sin, (X,), 1.5)
+    assert jaxcheck.check_grads(jnp.sin, (X,), 1.5) is None
+    assert jaxcheck.check_grads(wrong, (X,), 1) is None
+    with pytest.raises(jaxcheck.GradientCheckError, match="order 2"):
+        jaxcheck.check_grads(wrong, (X,), 1.5)
