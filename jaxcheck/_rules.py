@@ -154,6 +154,13 @@ def verify_rule(
     # like verify: a traced input would fail every row, and the rule's rows are not what
     # refused them; jaxcheck's own transfers are allowed under a caller's transfer guard
     _host.refuse_traced({"args": args}, who="verify_rule")
+    where = _tree.mixed_devices({"args": args})
+    if where:  # (each row would fail at it, and call the rule wrong)
+        raise ValueError(
+            f"verify_rule: the inputs hold arrays committed to different devices ({where}). "
+            "jax.jit, and so the check, needs every array on the same devices: move them "
+            "with jax.device_put(x, device), or shard them all over one mesh."
+        )
     with _plan.own_transfers():  # (NumPy inputs are put on the device here, as by verify)
         rule = Rule.make(f, args)
         _differentiable(rule)

@@ -305,6 +305,9 @@ def test_arrays_on_different_devices_are_named():
     on_mesh = jax.device_put(jnp.arange(8.0), NamedSharding(mesh, P("d")))
     data = jax.device_put(jnp.ones(8), NamedSharding(mesh, P()))
     assert jaxcheck.verify(lambda p, x: jnp.sum(jnp.sin(p) * x), on_mesh, data).status == "pass"
+    # verify_rule too (its every row failed, and the rule was called WRONG)
+    with pytest.raises(ValueError, match=r"^verify_rule: the inputs hold arrays committed to "):
+        jaxcheck.verify_rule(lambda a, b: jnp.sin(a) * b, params["a"], params["b"])
 
 
 @pytest.mark.parametrize("placement", ["fsdp", "device 3"])
