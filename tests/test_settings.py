@@ -784,6 +784,28 @@ def _relaxed(w, start):
     return jnp.mean(lax.scan(step, start, None, length=20)[1])
 
 
+_KEYS = jax.random.normal(jax.random.key(1), (1, 4, 1, 8))  # (float32, at module level)
+
+
+@pytest.mark.parametrize("error", [0.0, 1e-3])
+def test_data_a_library_function_refuses_beside_float64_is_cast_for_the_reference(error):
+    """jax.nn.dot_product_attention over keys fn reads from its module says "query dtype
+    should be float32, but got float64", not JAX's words for mixed operands: the check
+    fell back to float32 differences (tolerance 3.5e-4, a rule 2e-4 off passed) without
+    casting the keys as it does for those."""
+    q = jax.random.normal(jax.random.key(0), (1, 4, 1, 8))
+
+    def fn(q):
+        q = q + error * (q - lax.stop_gradient(q))
+        return jax.nn.dot_product_attention(q, _KEYS, _KEYS)
+
+    report = jaxcheck.verify(fn, q)
+    assert report.status == ("fail" if error else "pass"), str(report)
+    assert report.reference_dtype == "float64" and report.tolerance < 2e-4, str(report)
+    said = [p for p in report.problems if p.startswith("fn mixed float32 arrays it closes")]
+    assert len(said) == 1 and "query dtype should be float32, but got float64" in said[0]
+
+
 @pytest.mark.parametrize("factor", [1.0, 1.001])
 @pytest.mark.parametrize(
     "held", ["closure", "global", "partial", "global dict", "tuple", "partial dict", "indexed"]
