@@ -1,5 +1,6 @@
 """`Checker`: one function's gradient check, set up once and run many times."""
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +46,7 @@ class Checker:
         )
         self.fn = fn
         self.options = _options.make(**options)
+        self._given = tuple(options)
         self.compilations = 0
         self._keyed = None  # (fn, options), their functions keyed by what they compute
         self._packed = {}  # `_state.PACKED_SEEN` of its calls
@@ -85,12 +87,17 @@ class Checker:
         later = _state.CHECKER_AGAIN.set(again)
         packed = _state.PACKED_SEEN.set(self._packed)
         try:
-            return _verify.run(fn, params, args, options)
+            report = _verify.run(fn, params, args, options)
         finally:
             _state.PACKED_SEEN.reset(packed)
             _state.CHECKER_AGAIN.reset(later)
             _plan.REUSED.reset(token)
             self.compilations += _plan.compilations - before
+        shared = _keywords.shared_with(self.fn, 1 + len(args), self._given)
+        if shared:
+            note = _keywords.shared_note(shared)
+            report = dataclasses.replace(report, problems=(note, *report.problems))
+        return report
 
     def __repr__(self) -> str:
         shown = "".join(f", {k}={v!r}" for k, v in self.options.changed().items())

@@ -1,6 +1,7 @@
 """Unknown keyword arguments of the entry points: a misspelt option is named with the option
 meant; a keyword the function under check takes is told to be bound first."""
 
+import dataclasses
 import difflib
 import functools
 import inspect
@@ -22,8 +23,13 @@ def checked(name: str, call: str):
 
         @functools.wraps(entry)
         def wrapper(*args, **kwargs):
-            refuse_unknown(name, call, kwargs, names, args[0] if args else None)
-            return entry(*args, **kwargs)
+            fn = args[0] if args else None
+            refuse_unknown(name, call, kwargs, names, fn)
+            out = entry(*args, **kwargs)
+            shared = shared_with(fn, len(args) - 1, kwargs) if "," in call else []
+            if shared and dataclasses.is_dataclass(out) and hasattr(out, "problems"):
+                out = dataclasses.replace(out, problems=(shared_note(shared), *out.problems))
+            return out
 
         return wrapper
 
@@ -38,6 +44,33 @@ def refuse_unknown(name: str, call: str, kwargs, names, fn=None) -> None:
     if unknown:
         fn_takes = frozenset() if fn is None else _keywords_of(fn)
         raise TypeError(_unknown(name, call, unknown, tuple(names), fn_takes))
+
+
+def shared_with(fn, given: int, kwargs) -> list:
+    """The options in `kwargs` that `fn`, called with `given` positional arguments, also
+    takes as keyword arguments of its own (a loss's `key=` for its dropout): each was
+    taken as the option, and fn got none, so that it was checked at its default, perhaps
+    another function than meant."""
+    try:
+        parameters = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return []
+    open_ = [
+        p.name
+        for i, p in enumerate(parameters)
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+        or (p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and i >= given)
+    ]
+    return [k for k in kwargs if k in open_]
+
+
+def shared_note(shared: list) -> str:
+    names, bound = ", ".join(f"{k}=" for k in shared), ", ".join(f"{k}=..." for k in shared)
+    return (
+        f"{names} went to the check as its option, not to fn, whose own keyword argument of "
+        f"that name was left at its default: to pass it to fn, bind it first, "
+        f"functools.partial(fn, {bound})"
+    )
 
 
 def _keywords_of(fn) -> frozenset:

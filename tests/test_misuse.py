@@ -1071,3 +1071,28 @@ def test_a_given_step_leaving_fns_domain_is_named_as_the_cause():
         "step to stay inside fn's domain)"
     ) in report.problems
     assert jaxcheck.verify(lambda p: jnp.sum(jnp.log(p)), jnp.array([0.3, 0.7, 1.1])).ok
+
+
+def test_an_option_fn_takes_too_is_said_to_have_gone_to_the_check():
+    """verify(loss, p, x, key=k) for a loss(p, x, key=None) drawing dropout from its key:
+    key= is the check's option, and fn was checked without dropout, silently. The report
+    says so (fn's own keyword filled positionally is no collision)."""
+
+    def loss(p, x, key=None):
+        h = jnp.tanh(x @ p)
+        if key is not None:
+            h = h * jax.random.bernoulli(key, 0.5, h.shape)
+        return jnp.mean(h**2)
+
+    p, x = jnp.full((3, 2), 0.3), jnp.linspace(-1, 1, 12).reshape(4, 3)
+    said = (
+        "key= went to the check as its option, not to fn, whose own keyword argument of that "
+        "name was left at its default: to pass it to fn, bind it first, "
+        "functools.partial(fn, key=...)"
+    )
+    report = jaxcheck.verify(loss, p, x, key=jax.random.key(7))
+    assert report.problems[0] == said
+    assert jaxcheck.Checker(loss, key=jax.random.key(7))(p, x).problems[0] == said
+    fixed = jaxcheck.verify(loss, p, x, jax.random.key(3), key=jax.random.key(7))
+    assert said not in fixed.problems
+    assert said not in jaxcheck.verify(loss, p, x).problems
