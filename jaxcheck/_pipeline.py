@@ -272,7 +272,33 @@ def check(run: Run, k, step, localize, leaf_k, held_fixed, sequential=False) -> 
         run.problems.append(GAMMA_HINT)
     if _state.CURVES.get() is not None:  # (read by an order >= 2 check only)
         _state.note_curves(_verdict.curves(run, p))
+    if step is not None and status is not Status.FAIL and checks:
+        coarse = _given_step_coarse(checks[0], step)
+        if coarse:
+            run.problems.append(coarse)
     return _report(run, status, (n, k), p, checks, leaves, held_fixed, tuple(tried), stopped)
+
+
+# a tolerance this many times the smallest that counts, raised by the noise of a step the
+# caller fixed, is pointed out (`_given_step_coarse`)
+COARSE_STEP = 10
+
+
+def _given_step_coarse(head, step: float) -> str:
+    """A note where the step the caller fixed (`step=`) left finite differences so noisy
+    (too small a step: roundoff; too large: truncation) that the tolerance rose far above
+    the smallest that counts: a bug below it passes unseen, where the check's own steps
+    would have resolved more finely; "" otherwise."""
+    if not (head.floor > 0 and head.tolerance > COARSE_STEP * head.floor):
+        return ""
+    if head.tolerance > 2.5 * max(head.noise_floor, head.rounding):
+        return ""  # (raised by something else than the step's noise)
+    return (
+        f"step={step:g} was given: finite differences at that step have a noise floor of "
+        f"{head.noise_floor:.1e}, which raised the tolerance to {head.tolerance:.1e}, "
+        f"{head.tolerance / head.floor:.0f} times the {head.floor:.1e} that counts here; "
+        "leave step unset for the check to choose steps that resolve the derivative finely"
+    )
 
 
 ROUNDS = "fn rounds values computed from params to"  # (the staircase's note opens so)

@@ -1096,3 +1096,28 @@ def test_an_option_fn_takes_too_is_said_to_have_gone_to_the_check():
     fixed = jaxcheck.verify(loss, p, x, jax.random.key(3), key=jax.random.key(7))
     assert said not in fixed.problems
     assert said not in jaxcheck.verify(loss, p, x).problems
+
+
+@pytest.mark.parametrize("step", [1e-12, 0.5])
+def test_a_given_step_too_noisy_to_resolve_says_so(step):
+    """step=1e-12 (roundoff) or 0.5 (truncation) raised the tolerance to 2e-4 to 3e-4, and
+    a rule 2e-4 off passed without a word; the default steps fail it. The report now says
+    what the given step cost."""
+
+    @jax.custom_vjp
+    def s(x):
+        return jnp.sin(x)
+
+    s.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (1.0002 * jnp.cos(x) * g,))
+    f = lambda w, x: jnp.sum(s(w * x))  # noqa: E731
+    w, x = jnp.array([0.3, -0.7, 1.1]), jnp.array([0.5, 1.5, 2.5])
+    assert jaxcheck.verify(f, w, x).status == "fail"
+    report = jaxcheck.verify(f, w, x, step=step)
+    assert report.tolerance > 1e-4, str(report)
+    [said] = [q for q in report.problems if q.startswith(f"step={step:g} was given")]
+    assert f"raised the tolerance to {report.tolerance:.1e}" in said
+    assert said.endswith(
+        "leave step unset for the check to choose steps that resolve the derivative finely"
+    )
+    fine = jaxcheck.verify(f, w, x, step=1e-3)
+    assert fine.status == "fail" and not any(q.startswith("step=") for q in fine.problems)
