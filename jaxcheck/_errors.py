@@ -46,3 +46,7 @@ def one_line(err: BaseException, limit: int = 300, typed: bool = True) -> str:
     if not typed:
         return first
     return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+# how the refusal of an order >= 2 check says that a derivative map cannot be differentiated
+NO_DERIVATIVE = "has no derivative of its own"

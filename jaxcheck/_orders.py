@@ -57,7 +57,7 @@ from . import (
     _tree,
     _verdict,
 )
-from ._errors import GradientCheckError
+from ._errors import NO_DERIVATIVE, GradientCheckError
 from ._report import Report, Status
 
 # set while a first-order check of a real function runs, so that `_verify.run` goes straight on
@@ -624,7 +624,7 @@ def _checked_map(first, mapped, name, extra, level, params, args, derived, o) ->
     try:
         return _forward_if_refused(first, mapped, params, (*extra, *args), derived, name)
     except ValueError as err:
-        if _REVERSE_REFUSED not in str(err):
+        if _REVERSE_REFUSED not in str(err) and _NO_JVP not in str(err):
             raise
         raise _refused_at(o.order, level, name, err) from err
     except (TypeError, *_plan.TRACING_ERRORS) as err:
@@ -647,11 +647,15 @@ def _refused_at(order: int, level: int, name: str, err: ValueError) -> ValueErro
     said = str(err.__cause__ or err).strip().splitlines()[0]  # JAX's own words
     return ValueError(
         f"order={order}: the order-{level + 1} check differentiates the {name} with JAX, "
-        f"which says: {said} fn's derivative of order {level} cannot be differentiated in "
-        "reverse mode itself (a custom_vjp whose bwd, or a kernel in it, has no derivative "
-        f"of its own); fn passes or fails at order={level} alone. Check order={level}, or "
-        "give that rule a differentiable bwd."
+        f"which says: {said} fn's derivative of order {level} cannot be differentiated "
+        f"itself (a custom_vjp whose bwd, or a kernel or callback in it, {NO_DERIVATIVE}); "
+        f"fn passes or fails at order={level} alone. Check order={level}, or give that "
+        "rule a differentiable bwd."
     )
+
+
+# JAX's words where a callback's value is differentiated (a bwd calling one, at order 2)
+_NO_JVP = "do not support JVP"
 
 
 def _forward_if_refused(first, mapped, params, args, options, name) -> Report:

@@ -57,7 +57,7 @@ from . import (
     _tree,
 )
 from ._error_model import Comparison
-from ._errors import RULE_OUTPUTS, GradientCheckError, one_line
+from ._errors import NO_DERIVATIVE, RULE_OUTPUTS, GradientCheckError, one_line
 from ._report import Report, Status
 from ._state import PRIMAL_ROW
 
@@ -632,6 +632,9 @@ def _finite_differences(
 
                 report = _check_grads.outside_fails(report, held[2])
     except Exception as err:  # noqa: BLE001 - a rule that raises under jax.vjp is the finding
+        if isinstance(err, ValueError) and NO_DERIVATIVE in str(err):
+            # (the derivative of a right rule has none: no order-2 check, as in verify)
+            raise ValueError(f"verify_rule: {err}") from err
         problem = _rule_rows.error_problem(label, err)
         comparison = _rule_rows.failed(f"{label}: the {label[:3]} could not be evaluated", math.inf)
         return _rule_rows.part(label, comparison, rule.dtype, 0.0, (problem,))

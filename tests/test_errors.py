@@ -545,9 +545,9 @@ def test_order_2_through_a_pallas_bwd_says_so_in_words_of_the_order():
         "which says: "
     ), text
     assert text.endswith(
-        "fn's derivative of order 1 cannot be differentiated in reverse mode itself (a "
-        "custom_vjp whose bwd, or a kernel in it, has no derivative of its own); fn passes or "
-        "fails at order=1 alone. Check order=1, or give that rule a differentiable bwd."
+        "fn's derivative of order 1 cannot be differentiated itself (a custom_vjp whose bwd, "
+        "or a kernel or callback in it, has no derivative of its own); fn passes or fails at "
+        "order=1 alone. Check order=1, or give that rule a differentiable bwd."
     ), text
     assert "mode='forward'" not in text
 
@@ -656,3 +656,29 @@ def test_a_params_leaf_of_numbers_in_an_object_array_is_refused():
     report = jaxcheck.verify(lambda p: jnp.sum(jnp.sin(p["w"])), labels)
     assert report.status == "pass"
     assert [path for path, _ in report.held_fixed] == ["['names']"]
+
+
+def test_a_bwd_calling_a_callback_has_no_order_2_check_and_says_so():
+    """A right custom_vjp whose fwd and bwd call back into NumPy: JAX cannot differentiate
+    the bwd ("Pure callbacks do not support JVP"). verify(order=2) raised JAX's words
+    alone, and verify_rule(order=2) called the right rule WRONG at relative error inf; both
+    say now that its derivative has no derivative, and to check order 1."""
+
+    def call(f, x):
+        shape = jax.ShapeDtypeStruct(x.shape, x.dtype)
+        return jax.pure_callback(lambda a: f(a).astype(a.dtype), shape, x, vmap_method="sequential")
+
+    @jax.custom_vjp
+    def sin(x):
+        return call(np.sin, x)
+
+    sin.defvjp(lambda x: (sin(x), x), lambda x, g: (g * call(np.cos, x),))
+    x = jnp.array([0.7, 1.3, 0.4, -0.2], jnp.float32)
+    assert jaxcheck.verify_rule(sin, x).status == "pass"
+    said = "or a kernel or callback in it, has no derivative of its own); fn passes or fails"
+    with pytest.raises(ValueError, match=r"^order=2: .*Pure callbacks do not support JVP") as info:
+        jaxcheck.verify(lambda x: jnp.sum(sin(x)), x, order=2)
+    assert said in str(info.value)
+    with pytest.raises(ValueError, match=r"^verify_rule: order=2: ") as info:
+        jaxcheck.verify_rule(sin, x, order=2)
+    assert said in str(info.value)
