@@ -574,7 +574,7 @@ def _flat(run: Run, p: Pass, k, problems, checks=()) -> Status | None:
             f"fn is exactly 0 at every point of the stencil (relative step {p.step:.1e}), "
             f"and the derivative under test says it moves by {change:.1e} there, below the "
             "rounding of a value of size 1: a value that cancels to 0 (a loss at its floor, "
-            "as cross-entropy on confident logits) cannot show a derivative this small"
+            f"as cross-entropy on confident logits) {SMALL_UNSEEN}"
         )
         return Status.INCONCLUSIVE
     if p.step >= 0.99 * run.max_step:  # flat even at the largest step: judged as usual
@@ -590,13 +590,23 @@ def _flat(run: Run, p: Pass, k, problems, checks=()) -> Status | None:
                 f"fn's values do not change along {n} of {k} directions even at the largest "
                 f"relative step, {p.step:.1e}, where the derivative under test says fn moves "
                 f"by {change:.1e}, below the rounding of fn's {run.reference.name} values "
-                f"({quantum:.1e}): fn's precision cannot show a derivative this small (a "
+                f"({quantum:.1e}): fn's precision {SMALL_UNSEEN} (a "
                 "softmax or sigmoid saturated in float32; or a derivative that is itself "
                 "rounding, as the second derivative of a function linear up to its "
                 "rounding), so nothing judges it here"
             )
             return Status.INCONCLUSIVE
-        if np.any(a[use]):
+        if np.any(a[use]) and change < quantum:
+            # (no row fails: the derivative is judged in absolute terms, not found wrong;
+            # an order above sees that it is made of rounding, `_orders._on_rounding`)
+            problems.append(
+                f"fn's values do not change along {n} of {k} directions even at the largest "
+                f"relative step, {p.step:.1e}, where the derivative under test says fn moves "
+                f"by {change:.1e}, below the rounding of fn's {run.reference.name} values "
+                f"({quantum:.1e}): fn's precision {SMALL_UNSEEN} (a softmax or sigmoid "
+                "saturated), and it is judged in absolute terms"
+            )
+        elif np.any(a[use]):
             problems.append(
                 f"fn's values do not change along {n} of {k} directions even at the largest "
                 f"relative step, {p.step:.1e} (fn is constant along them: invariant to "
@@ -874,6 +884,8 @@ INCOMPARABLE = "far beyond the rounding between the two precisions"
 # said where the derivative in the model's precision is rounding far off the same rule in
 # the reference, which finite differences in the model's precision cannot resolve
 BLIND = "cannot resolve the derivative"
+# how `_flat` says that fn's values cannot show a derivative as small as the one under test
+SMALL_UNSEEN = "cannot show a derivative this small"
 
 
 def gap_limit(run: Run) -> float:
