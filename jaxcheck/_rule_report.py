@@ -224,7 +224,8 @@ def _surrogate(r: Report) -> str:
     if not any(_verdict.SURROGATE in q for q in notes):
         return ""
     return (
-        f"; its function is piecewise constant about these inputs, its derivative 0, "
+        f"; its function is piecewise constant about these inputs (or flat to within "
+        f"float64, saturated, where a rule that is not 0 is wrong), its derivative 0, "
         f"while the rule's is not: a {_verdict.SURROGATE}"
     )
 

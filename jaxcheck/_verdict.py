@@ -310,8 +310,10 @@ def status(run: Run, p: Pass, checks, k, problems) -> Status:
                 "(computed in float64, with no cast to a lower precision, nor a callback or "
                 "kernel, inside), and jump at larger steps (they scatter by "
                 f"{scatter:.1e} at {p.step:.1e}): fn is piecewise constant here "
-                "(round, floor, argmax, comparisons), so its derivative at params is 0, "
-                f"while the derivative under test is not: a {SURROGATE}"
+                "(round, floor, argmax, comparisons), or flat to within float64 (a softmax "
+                "or sigmoid saturated far into its tail, where a derivative that is not 0 "
+                "is wrong), so its derivative at params is 0, while the derivative under "
+                f"test is not: a {SURROGATE}"
             )
             return Status.FAIL
         problems.append(

@@ -2169,8 +2169,9 @@ def test_a_straight_through_rule_named_wrong_says_why_instead_of_noise_units():
     [line] = [q for q in report.problems if q.startswith("wrong rule: ")]
     assert line.startswith("wrong rule: custom_vjp ste_round at "), line
     assert line.endswith(
-        ": vjp vs finite differences; its function is piecewise constant about these inputs, "
-        "its derivative 0, while the rule's is not: a surrogate gradient (a straight-through "
+        ": vjp vs finite differences; its function is piecewise constant about these inputs "
+        "(or flat to within float64, saturated, where a rule that is not 0 is wrong), its "
+        "derivative 0, while the rule's is not: a surrogate gradient (a straight-through "
         "estimator, a custom rule that is not fn's derivative by design) fails this check by "
         "construction"
     ), line
