@@ -122,7 +122,8 @@ def verify(
         step: relative step h to start from; default eps^(1/3) of the reference
             precision (of a lower precision fn rounds to inside, when it casts to one).
             The error model may move to a smaller step, never to a larger one than
-            max(step, 0.05).
+            max(step, 0.05). Where a given step's noise raises the tolerance tenfold
+            above the smallest that counts, the report says so.
         rtol: smallest relative error treated as a bug, at most 0.5; default derived from
             the precision.
         localize: also check each leaf on its own. "auto": when the check fails, for
