@@ -121,8 +121,24 @@ class PeriodicCheck:
         self.history: list[CheckRecord] = []
         self._fired = 0
 
-    def __call__(self, step: int, params: Any, *args: Any, opt_state: Any = None) -> Report | None:
+    def __call__(
+        self, step: int, params: Any, *args: Any, opt_state: Any = None, **keywords: Any
+    ) -> Report | None:
         """Check at this step if it is due; return the report, or None when no check ran."""
+        if keywords:  # (as a Checker says it)
+            options = sorted(set(keywords) & set(_options.NAMES))
+            hint = (
+                f" {', '.join(options)} {'is an option' if len(options) == 1 else 'are options'}"
+                " of the check, fixed when it is made: pass "
+                f"{', '.join(f'{k}=...' for k in options)} to PeriodicCheck(fn, ...)."
+                if options
+                else " fn's keyword arguments cannot be passed through it: bind them first "
+                "(functools.partial) or pass them positionally."
+            )
+            raise TypeError(
+                "a PeriodicCheck is called as check(step, params, *args, opt_state=None); it "
+                f"got keyword arguments {', '.join(sorted(keywords))}.{hint}"
+            )
         if any(
             isinstance(x, jax.core.Tracer)
             for x in jax.tree_util.tree_leaves((step, params, args, opt_state))

@@ -309,3 +309,18 @@ def test_an_opt_state_without_gradient_health_is_refused_in_periodic_checks_term
         "jaxcheck.PeriodicCheck: opt_state= is read for gradient_health's flags, and found no "
         "gradient_health state in the tuple passed; pass the optimizer state of a chain"
     )
+
+
+@pytest.mark.parametrize(
+    "keywords, said",
+    [
+        ({"rtol": 1e-3}, "rtol is an option of the check, fixed when it is made: pass rtol=..."),
+        ({"train": True}, "fn's keyword arguments cannot be passed through it: bind them"),
+    ],
+)
+def test_keywords_at_a_periodic_check_call_are_refused_with_a_reason(keywords, said):
+    """check(step, p, x, rtol=1e-3) raised Python's bare "unexpected keyword argument"."""
+    check = jaxcheck.PeriodicCheck(lambda p, x: jnp.sum(jnp.sin(p) * x), every=1)
+    with pytest.raises(TypeError, match="^a PeriodicCheck is called as check") as info:
+        check(0, jnp.ones(3), jnp.ones(3), **keywords)
+    assert said in str(info.value)
