@@ -877,6 +877,9 @@ _TERMS = (
     ("try another point or key.", "try another point."),
     ("jaxcheck differentiates (likely params[", "check_grads differentiates (likely args["),
     ("jaxcheck differentiates", "check_grads differentiates"),
+    ("params hold float64 NumPy arrays", "args hold float64 NumPy arrays"),
+    ("jax.jit cannot trace fn or grad_fn", "jax.jit cannot trace fn"),
+    ("within the step of params", "within the step of args"),
     (" or params[", " or args["),
     (
         _problem.STATIC_HOW,

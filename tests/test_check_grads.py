@@ -1500,3 +1500,12 @@ def test_a_float_order_counts_down_as_in_jax():
     assert jaxcheck.check_grads(wrong, (X,), 1) is None
     with pytest.raises(jaxcheck.GradientCheckError, match="order 2"):
         jaxcheck.check_grads(wrong, (X,), 1.5)
+
+
+def test_notes_of_a_failure_speak_of_args():
+    """verify's words leaked into check_grads' failures: "params hold float64 NumPy
+    arrays" where check_grads has args."""
+    with pytest.raises(AssertionError) as info:
+        jaxcheck.check_grads(lambda x: jnp.sum(scaled_sin(1.1)(x)), (np.linspace(0.1, 1, 4),), 1)
+    assert "! args hold float64 NumPy arrays while 64-bit types are off" in str(info.value)
+    assert "params hold" not in str(info.value)
