@@ -99,20 +99,15 @@ def stale_constants(err: BaseException) -> bool:
     two settings apart, so a function traced before with them off can mix its stale
     float32 constants with float64 values (`STALE_HINT`); so does float32 data that fn
     closes over (`widened_closures`)."""
-    # in JAX's words for mismatched operands (a fn refusing float64 on purpose, "kernel
-    # expects float32, got float64", says what it is without the hint)
-    return _names_both(err) and bool(_MISMATCH.search(str(err)))
-
-
-def _names_both(err: BaseException) -> bool:
-    """Whether `err` is a TypeError, ValueError or RuntimeError naming float32 and float64
-    (or complex64 and complex128)."""
     if not isinstance(err, TypeError | ValueError | RuntimeError):
         return False
     text = str(err)
-    return bool(re.search(r"float32|f32\b|complex64|c64\b", text)) and bool(
+    mixed = bool(re.search(r"float32|f32\b|complex64|c64\b", text)) and bool(
         re.search(r"float64|f64\b|complex128|c128\b", text)
     )
+    # in JAX's words for mismatched operands (a fn refusing float64 on purpose, "kernel
+    # expects float32, got float64", says what it is without the hint)
+    return mixed and bool(_MISMATCH.search(text))
 
 
 def int_mismatch(err: BaseException) -> bool:
@@ -135,6 +130,9 @@ def int64_inputs(arrays: list) -> list:
 _MISMATCH = re.compile(
     r"same d?types?|equal (?:output )?types|dtypes do not match|element types?|"
     r"promotion|incompatible|mismatch|do not match|"
+    # (a library function checking its operands: jax.nn.dot_product_attention over float32
+    # keys fn reads from its module says "query dtype should be float32, but got float64")
+    r"dtype should be|"
     # (a float32 tangent or cotangent that fn closes over, given to jax.jvp, jax.vjp's
     # pullback or a linearized function: a Hessian-vector product's vector, a probe)
     r"unexpected JAX type|inconsistent with the original",
@@ -319,12 +317,8 @@ def again_widened(fn, err: BaseException, attempt) -> tuple | None:
     """(`attempt()`, how many arrays were cast) with the float32 arrays `fn` closes over
     cast to float64 (`widened_closures`), where `err`, raised by a float64 attempt, reads
     like fn mixing them with its float64 inputs (`stale_constants`); None where it does
-    not, where fn closes over none, or where the attempt fails again. Any error naming
-    both dtypes is tried so, not only JAX's words for mixed operands: a library function
-    checking its operands' dtypes says it otherwise (jax.nn.dot_product_attention over
-    float32 keys a fn reads from its module: "query dtype should be float32, but got
-    float64"); a fn refusing float64 on purpose fails again."""
-    if not _names_both(err):
+    not, where fn closes over none, or where the attempt fails again."""
+    if not stale_constants(err):
         return None
     with widened_closures(fn) as widened:
         if not widened:

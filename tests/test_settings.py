@@ -790,9 +790,11 @@ _KEYS = jax.random.normal(jax.random.key(1), (1, 4, 1, 8))  # (float32, at modul
 @pytest.mark.parametrize("error", [0.0, 1e-3])
 def test_data_a_library_function_refuses_beside_float64_is_cast_for_the_reference(error):
     """jax.nn.dot_product_attention over keys fn reads from its module says "query dtype
-    should be float32, but got float64", not JAX's words for mixed operands: the check
+    should be float32, but got float64", none of JAX's words for mixed operands: the check
     fell back to float32 differences (tolerance 3.5e-4, a rule 2e-4 off passed) without
-    casting the keys as it does for those."""
+    casting the keys as it does for those. Its words are among them now (not any error
+    naming both dtypes: a kernel comparing its input's dtype with a global's, refusing
+    float64 on purpose, passed once the global was cast)."""
     q = jax.random.normal(jax.random.key(0), (1, 4, 1, 8))
 
     def fn(q):
