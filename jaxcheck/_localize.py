@@ -409,6 +409,8 @@ LEAF_BY_LEAF = "the gradient is judged leaf by leaf"
 
 
 NO_SINGLE_LEAF = "no single leaf fails on its own"
+# how the note on leaves whose derivative under test is zero while fn changes goes on
+CUT_OFF = "the derivative under test is exactly zero for"
 
 
 def within_native_bars(run: Run, status: Status, leaves) -> tuple:
@@ -469,7 +471,7 @@ def merge_leaves(run: Run, status: Status, leaves, num_leaves: int = 0) -> Statu
             one = len(cut) == 1
             it, they = ("it", "it is") if one else ("them", "they are")
             run.problems.append(
-                f"{', '.join(cut)}: the derivative under test is exactly zero for "
+                f"{', '.join(cut)}: {CUT_OFF} "
                 f"{'this leaf' if one else 'these leaves'} while fn changes with {it}: a "
                 "jax.lax.stop_gradient (or a custom rule returning zeros, a value passed "
                 "in a custom_jvp/custom_vjp's nondiff_argnums, which JAX does not "

@@ -1079,7 +1079,9 @@ def test_order_2_of_a_softmax_saturated_beyond_float64_is_not_judged(which):
     gradient's entries 1 - p round to 0 in float64 too, and the order-2 maps, made of that
     rounding, failed at relative errors of 3e4 to 7e5, where the order-1 check had found
     the derivative below what fn's values can show. Not judged now, saying why; a wrong
-    second derivative at a gap of 5 still fails."""
+    second derivative at a gap of 5 still fails, and so does one cut off by a
+    stop_gradient in a bwd at the same gap of 50 (its map is exactly zero where finite
+    differences see it change: no rounding)."""
     fn = {
         "cross_entropy": lambda x: -jax.nn.log_softmax(50 * x)[0],
         "softmax": lambda x: jax.nn.softmax(50 * x),
@@ -1092,3 +1094,12 @@ def test_order_2_of_a_softmax_saturated_beyond_float64_is_not_judged(which):
     wrong = sin_with_second_derivative(1.1)
     with pytest.raises(AssertionError, match="order 2"):
         jaxcheck.check_grads(lambda x: jax.nn.softmax(5 * wrong(x)), (x,), 2)
+
+    @jax.custom_vjp
+    def lse(logits):
+        return jax.nn.logsumexp(logits)
+
+    lse.defvjp(lambda a: (lse(a), a), lambda a, g: (g * lax.stop_gradient(jax.nn.softmax(a)),))
+    logits = jnp.array([50.0, 0.0, 0.0, 0.3])
+    with pytest.raises(AssertionError, match="order 2"):
+        jaxcheck.check_grads(lambda a: lse(a) - a[0], (logits,), 2, modes=("rev",))
