@@ -306,7 +306,12 @@ def _judged(f, params, order, modes, atol, rtol, eps, unpacked) -> Outcome:
         return Outcome(None, "unjudged")
     try:
         keyed, held = _keyed(f, params, order)
-        report = _verify.run(keyed, params, held, options)
+        # (the arrays f closes over enter as they are, as its constants did)
+        token = _tree.ARGS_AS_THEY_ARE.set(True)
+        try:
+            report = _verify.run(keyed, params, held, options)
+        finally:
+            _tree.ARGS_AS_THEY_ARE.reset(token)
     except (TypeError, ValueError) as err:
         if str(err).startswith(_problem.EMPTY_OUTPUT):
             # no derivative to compare: JAX's check passes (nothing is raised in a test)

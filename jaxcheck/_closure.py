@@ -6,12 +6,13 @@ of each program, made each compile anew (0.06 s a check at order 1 against JAX's
 
 import dataclasses
 import types
+import weakref
 from collections.abc import Callable
 
 import jax
 import numpy as np
 
-from . import _fingerprint, _tree
+from . import _fingerprint, _precision, _tree
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -82,22 +83,82 @@ def lift(f: Callable, args: tuple) -> tuple[Lifted, tuple] | None:
     if not lifted:
         return None
     g, held = Lifted(f, tuple(lifted), tuple(treedefs)), tuple(jax.tree.leaves(values))
-    return (g, held) if _same_program(f, g, args, held) else None
+    # (f checked again over the same values at inputs of the same types: decided already)
+    seen = (tuple(map(_contents, f.__closure__)), _types(args))
+    decided = _DECIDED.get(f)
+    if decided is None or not _same_values(decided[0], seen):
+        decided = seen, _same_program(f, g, args, held)
+        _DECIDED[f] = decided
+    return (g, held) if decided[1] else None
+
+
+# per function, (what it closed over and the types of the inputs, whether it was lifted)
+_DECIDED = weakref.WeakKeyDictionary()
+
+
+def _types(args) -> tuple:
+    leaves, treedef = jax.tree.flatten(args)
+    return treedef, tuple(
+        (np.shape(x), str(getattr(x, "dtype", type(x))), getattr(x, "weak_type", None))
+        for x in leaves
+    )
+
+
+def _same_values(a, b) -> bool:
+    (cells_a, types_a), (cells_b, types_b) = a, b
+    return types_a == types_b and all(x is y for x, y in zip(cells_a, cells_b))
 
 
 def _same_program(f, g, args, held) -> bool:
-    """Whether f(*args) and g(*args, *held) trace to the same primitives: JAX computes
-    some things otherwise over a traced value than over a constant (`lax.reduce_window`
-    over a traced initial value is a primitive without derivatives, where a constant one
-    makes it `reduce_window_max`), and f may read its data in Python, which a traced value
-    refuses."""
+    """Whether f(*args) and g(*args, *held) trace to the same primitives, at args as they
+    are and cast to float64 (as the reference traces them; the held arrays as they are,
+    as f's constants stay): JAX computes some things otherwise over a traced value than
+    over a constant (`lax.reduce_window` over a traced initial value is a primitive
+    without derivatives, where a constant one makes it `reduce_window_max`), and f may
+    read its data in Python, which a traced value refuses. Not where tracing f changes
+    what it closes over (f writes to a cell: it leaks a traced value, which the check
+    then says, as it did)."""
+    before = [_contents(c) for c in f.__closure__]
     try:
         with jax.enable_checks(False):
-            own = jax.make_jaxpr(lambda *a: f(*a))(*args)
-            taken = jax.make_jaxpr(g)(*args, *held)
+            if not _alike(lambda *a: f(*a), g, args, held):
+                return False
+            with _precision.x64_scope(True):
+                wide = [_wide(x) for x in jax.tree.leaves(args)]
+                wide = jax.tree.unflatten(jax.tree.structure(args), wide)
+                return _alike(lambda *a: f(*a), g, wide, held)
     except Exception:  # noqa: BLE001 - f as it is, then (the check says why it fails)
         return False
+    finally:
+        after = [_contents(c) for c in f.__closure__]
+        if any(a is not b for a, b in zip(before, after)):
+            for cell, value in zip(f.__closure__, before):
+                if value is not _EMPTY:
+                    cell.cell_contents = value
+            return False  # noqa: B012 - (f's own write is what decides it)
+
+
+def _alike(f, g, args, held) -> bool:
+    own = jax.make_jaxpr(f)(*args)
+    taken = jax.make_jaxpr(g)(*args, *held)
     return _primitives(own.jaxpr) == _primitives(taken.jaxpr)
+
+
+_EMPTY = object()
+
+
+def _contents(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return _EMPTY
+
+
+def _wide(x):
+    """`x` as the reference traces it: a floating array (or Python float) as float64."""
+    if isinstance(x, float) or (_tree.is_array(x) and jax.dtypes.issubdtype(x.dtype, np.floating)):
+        return jax.ShapeDtypeStruct(np.shape(x), np.float64)
+    return x
 
 
 def _primitives(jaxpr) -> tuple:
@@ -130,6 +191,6 @@ def _liftable(x) -> bool:
         return x.dtype.kind in "biufc"
     if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
         return False
-    if getattr(x, "weak_type", False) or getattr(x, "_committed", True):
+    if getattr(x, "weak_type", False) or getattr(x, "committed", True):
         return False
     return not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)

@@ -1,6 +1,7 @@
 """Splitting pytrees into the leaves that are differentiated, traced or held fixed."""
 
 import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import numbers
@@ -112,17 +113,25 @@ def _complex_message(where: str, path: str) -> str:
     )
 
 
+# whether the floating arrays of `*args` are held as they are, never cast for the reference
+# (arrays check_grads' f closes over, taken as its arguments: constants of f, `_closure`)
+ARGS_AS_THEY_ARE = contextvars.ContextVar("ARGS_AS_THEY_ARE", default=False)
+
+
 def split(tree, where: str, complex_diff: bool = False) -> tuple[Split, list, list]:
     """Split `tree` into (Split, floating leaves, other array leaves). A Python float in an
     equinox Module is held fixed, as equinox holds it (`held_by_modules`). With
     `complex_diff`, complex arrays count as floating (differentiated as they are, in JAX's
-    convention, not through their real view)."""
+    convention, not through their real view). Under `ARGS_AS_THEY_ARE`, the floating
+    arrays of args are other arrays."""
     leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
     held = held_by_modules(tree)
     paths, kinds, statics, floats, arrays = [], [], [], [], []
     for i, (key_path, leaf) in enumerate(leaves_with_paths):
         path = jax.tree_util.keystr(key_path)
         kind = STATIC if i in held else _kind(leaf, path, where, complex_diff)
+        if kind == DIFF and where == "args" and ARGS_AS_THEY_ARE.get() and is_array(leaf):
+            kind = ARRAY
         paths.append(path)
         kinds.append(kind)
         if kind == DIFF:

@@ -11,7 +11,7 @@ import pytest
 from jax import lax
 
 import jaxcheck
-from cases import relu_sloped_at_zero, scaled_sin, sin_with_second_derivative
+from cases import enable_x64, relu_sloped_at_zero, scaled_sin, sin_with_second_derivative
 from jaxcheck import _check_grads, _report
 
 X = np.linspace(0.1, 1.0, 4, dtype=np.float32)
@@ -1509,3 +1509,60 @@ def test_notes_of_a_failure_speak_of_args():
         jaxcheck.check_grads(lambda x: jnp.sum(scaled_sin(1.1)(x)), (np.linspace(0.1, 1, 4),), 1)
     assert "! args hold float64 NumPy arrays while 64-bit types are off" in str(info.value)
     assert "params hold" not in str(info.value)
+
+
+@jax.custom_jvp
+def _norm_dropping_eps(v, eps):
+    return jnp.sqrt(jnp.sum(v**2) + eps)
+
+
+@_norm_dropping_eps.defjvp
+def _norm_dropping_eps_jvp(primals, tangents):
+    (v, eps), (dv, _) = primals, tangents
+    return _norm_dropping_eps(v, eps), jnp.sum(v * dv) / jnp.sqrt(jnp.sum(v**2))  # (no eps)
+
+
+@pytest.mark.parametrize("case", ["labels", "finfo", "mixed product"])
+def test_data_f_closes_over_keeps_its_dtype_when_taken_as_an_argument(case):
+    """Closed-over arrays taken as arguments of the check's programs were cast to float64
+    for the reference, as arguments are, where as f's constants they kept their dtype:
+    float32 labels compared with 0.1 chose the other branch (a right gradient failed at
+    relative error 0.85), a rule dropping finfo(x.dtype).eps passed (eps was float64's),
+    and float32 data in lax.mul beside a cast failed to run in float64 (a stop_gradient
+    2.5e-5 off passed at float32 resolution). They keep their dtype now, as constants
+    did, and each is judged as before they were taken as arguments."""
+    if case == "labels":
+        with enable_x64(True):
+            labels = jnp.array([0.1, 0.9, 0.1], jnp.float32)
+            f = lambda w: jnp.sum(jnp.where(labels == 0.1, 2.0 * w**2, w**2))  # noqa: E731
+            assert jaxcheck.check_grads(f, (jnp.array([0.3, 0.7, 1.1]),), 1) is None
+        return
+    if case == "finfo":
+        x = jnp.ones(3, jnp.float32)
+        f = lambda w: _norm_dropping_eps(w * x, jnp.finfo(x.dtype).eps)  # noqa: E731
+        w = jnp.array([1e-4, 2e-4, -3e-4], jnp.float32)
+    else:
+        x = jnp.array([1.5, 2.5, 3.5, 1.25], jnp.float32)
+
+        def f(w):
+            term = 3e-5 * lax.stop_gradient(w) ** 2  # (its gradient cut off: 2.5e-5 off)
+            return jnp.sum(jnp.sin(lax.mul(w.astype(jnp.float32), x)) + term)
+
+        w = jnp.array([0.3, 0.7, 1.1, 0.2], jnp.float32)
+    with pytest.raises(jaxcheck.GradientCheckError, match="gradient is WRONG"):
+        jaxcheck.check_grads(f, (w,), 1)
+
+
+def test_a_function_writing_to_what_it_closes_over_is_told_it_leaks():
+    """f storing a traced value in a cell it closes over (nonlocal x; x = x * 1.0) leaks
+    it: the check said so, until f's cells were replaced by arguments, where the writes
+    went to copies and the check passed (f broken afterwards all the same)."""
+    x = jnp.array([1.5, 2.5, 3.5], jnp.float32)
+
+    def f(w):
+        nonlocal x
+        x = x * 1.0
+        return jnp.sum(w * x)
+
+    with pytest.raises(TypeError, match="f leaks a value it traced"):
+        jaxcheck.check_grads(f, (jnp.array([0.3, 0.7, 1.1], jnp.float32),), 1)
