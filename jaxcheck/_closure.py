@@ -106,7 +106,7 @@ def _types(args) -> tuple:
 
 def _same_values(a, b) -> bool:
     (cells_a, types_a), (cells_b, types_b) = a, b
-    return types_a == types_b and all(x is y for x, y in zip(cells_a, cells_b))
+    return types_a == types_b and all(map(_same_contents, cells_a, cells_b))
 
 
 def _same_program(f, g, args, held) -> bool:
@@ -131,27 +131,44 @@ def _same_program(f, g, args, held) -> bool:
         return False
     finally:
         after = [_contents(c) for c in f.__closure__]
-        if any(a is not b for a, b in zip(before, after)):
-            for cell, value in zip(f.__closure__, before):
-                if value is not _EMPTY:
-                    cell.cell_contents = value
+        if not all(map(_same_contents, before, after)):
+            # (left as the trace left it: the check's own trace of f then finds the
+            # traced value f leaked, and says so, as it did)
             return False  # noqa: B012 - (f's own write is what decides it)
 
 
 def _alike(f, g, args, held) -> bool:
+    """Whether f(*args) and g(*args, *held) trace to the same primitives, none of them a
+    callback (whose Python code may read the data, which g's cells hold traced)."""
     own = jax.make_jaxpr(f)(*args)
     taken = jax.make_jaxpr(g)(*args, *held)
-    return _primitives(own.jaxpr) == _primitives(taken.jaxpr)
+    primitives = _primitives(own.jaxpr)
+    return primitives == _primitives(taken.jaxpr) and "callback" not in str(primitives)
 
 
 _EMPTY = object()
 
 
 def _contents(cell):
+    """What `cell` holds, to compare by identity: a container as its structure and
+    leaves (an entry written into a dict f closes over is a change too)."""
     try:
-        return cell.cell_contents
+        value = cell.cell_contents
     except ValueError:  # an empty cell
         return _EMPTY
+    if type(value) in (tuple, list, dict):
+        try:
+            leaves, treedef = jax.tree.flatten(value)
+        except Exception:  # noqa: BLE001 - a dict JAX cannot sort: the container alone
+            return value
+        return value, treedef, tuple(leaves)
+    return value
+
+
+def _same_contents(a, b) -> bool:
+    if isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b) == 3:
+        return a[0] is b[0] and a[1] == b[1] and all(x is y for x, y in zip(a[2], b[2]))
+    return a is b
 
 
 def _wide(x):

@@ -1553,16 +1553,52 @@ def test_data_f_closes_over_keeps_its_dtype_when_taken_as_an_argument(case):
         jaxcheck.check_grads(f, (w,), 1)
 
 
-def test_a_function_writing_to_what_it_closes_over_is_told_it_leaks():
-    """f storing a traced value in a cell it closes over (nonlocal x; x = x * 1.0) leaks
-    it: the check said so, until f's cells were replaced by arguments, where the writes
-    went to copies and the check passed (f broken afterwards all the same)."""
+@pytest.mark.parametrize("writes", ["cell", "dict entry"])
+def test_a_function_writing_to_what_it_closes_over_is_told_it_leaks(writes):
+    """f storing a traced value in what it closes over (nonlocal x; x = x * 1.0, or an
+    entry of a dict) leaks it: the check said so, until f's cells were replaced by
+    arguments, where the writes went to copies and the check passed (f broken afterwards
+    all the same)."""
     x = jnp.array([1.5, 2.5, 3.5], jnp.float32)
+    state = {"x": x}
 
     def f(w):
         nonlocal x
-        x = x * 1.0
-        return jnp.sum(w * x)
+        if writes == "cell":
+            x = x * 1.0
+            return jnp.sum(w * x)
+        state["x"] = state["x"] / jnp.linalg.norm(state["x"])
+        return jnp.sum(jnp.sin(w) * state["x"])
 
     with pytest.raises(TypeError, match="f leaks a value it traced"):
         jaxcheck.check_grads(f, (jnp.array([0.3, 0.7, 1.1], jnp.float32),), 1)
+
+
+def test_data_a_callback_reads_and_contents_changed_in_place_stay_as_they_are():
+    """A host callback reading the data f closes over (a log line, a table np.interp
+    reads) read it traced once it was taken as an argument, and the check raised; a dict
+    whose entries a test changed between two checks of the same f kept the first check's
+    decision, and a reduce_window over a traced init raised. Both are checked as f is."""
+    x = jnp.array([1.5, 2.5, 3.5], jnp.float32)
+    logged = []
+
+    def logging(w):
+        jax.debug.callback(lambda v: logged.append(float(np.sum(np.sin(v) * np.asarray(x)))), w)
+        return jnp.sum(jnp.sin(w) * x)
+
+    w = jnp.array([0.3, 0.7, 1.1], jnp.float32)
+    assert jaxcheck.check_grads(logging, (w,), 1) is None and logged
+    config = {}
+
+    def configured(w):
+        if "floor" in config:
+            return jnp.sum(lax.reduce_window(w, config["floor"], lax.max, (2,), (1,), "VALID") ** 2)
+        return jnp.sum(jnp.sin(w) * config["scale"])
+
+    for entries in (
+        {"scale": np.array([1.5, 2.5, 3.5], np.float32)},
+        {"floor": np.array(-np.inf, np.float32)},
+    ):
+        config.clear()
+        config.update(entries)
+        assert jaxcheck.check_grads(configured, (w,), 1) is None
