@@ -307,7 +307,7 @@ def _judged(f, params, order, modes, atol, rtol, eps, unpacked) -> Outcome:
     try:
         keyed, held = _keyed(f, params, order)
         # (the arrays f closes over enter as they are, as its constants did)
-        token = _tree.ARGS_AS_THEY_ARE.set(True)
+        token = _tree.ARGS_AS_THEY_ARE.set(held)
         try:
             report = _verify.run(keyed, params, held, options)
         finally:

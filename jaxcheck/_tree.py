@@ -113,24 +113,26 @@ def _complex_message(where: str, path: str) -> str:
     )
 
 
-# whether the floating arrays of `*args` are held as they are, never cast for the reference
-# (arrays check_grads' f closes over, taken as its arguments: constants of f, `_closure`)
-ARGS_AS_THEY_ARE = contextvars.ContextVar("ARGS_AS_THEY_ARE", default=False)
+# floating arrays of `*args` held as they are, never cast for the reference (those
+# check_grads' f closes over, taken as its arguments: constants of f, `_closure`); by
+# identity, so that the other args of checks nested in the check (a rule's inputs, an
+# order-2 map's tangents) are cast as ever
+ARGS_AS_THEY_ARE = contextvars.ContextVar("ARGS_AS_THEY_ARE", default=())
 
 
 def split(tree, where: str, complex_diff: bool = False) -> tuple[Split, list, list]:
     """Split `tree` into (Split, floating leaves, other array leaves). A Python float in an
     equinox Module is held fixed, as equinox holds it (`held_by_modules`). With
     `complex_diff`, complex arrays count as floating (differentiated as they are, in JAX's
-    convention, not through their real view). Under `ARGS_AS_THEY_ARE`, the floating
-    arrays of args are other arrays."""
+    convention, not through their real view). The floating arrays of args among
+    `ARGS_AS_THEY_ARE` are other arrays."""
     leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
     held = held_by_modules(tree)
     paths, kinds, statics, floats, arrays = [], [], [], [], []
     for i, (key_path, leaf) in enumerate(leaves_with_paths):
         path = jax.tree_util.keystr(key_path)
         kind = STATIC if i in held else _kind(leaf, path, where, complex_diff)
-        if kind == DIFF and where == "args" and ARGS_AS_THEY_ARE.get() and is_array(leaf):
+        if kind == DIFF and where == "args" and any(leaf is x for x in ARGS_AS_THEY_ARE.get()):
             kind = ARRAY
         paths.append(path)
         kinds.append(kind)
