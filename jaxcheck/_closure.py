@@ -70,7 +70,7 @@ def lift(f: Callable, args: tuple) -> tuple[Lifted, tuple] | None:
             contents = cell.cell_contents
         except ValueError:  # an empty cell
             continue
-        if not (_tree.is_array(contents) or type(contents) in (tuple, list, dict)):
+        if not (_tree.is_array(contents) or isinstance(contents, tuple | list | dict)):
             continue
         try:
             leaves, treedef = jax.tree.flatten(contents)
@@ -156,7 +156,7 @@ def _contents(cell):
         value = cell.cell_contents
     except ValueError:  # an empty cell
         return _EMPTY
-    if type(value) in (tuple, list, dict):
+    if isinstance(value, tuple | list | dict):
         try:
             leaves, treedef = jax.tree.flatten(value)
         except Exception:  # noqa: BLE001 - a dict JAX cannot sort: the container alone

@@ -1,5 +1,6 @@
 """`jaxcheck.check_grads`: JAX's check_grads call, jaxcheck's check."""
 
+import collections
 import functools
 import re
 
@@ -766,18 +767,25 @@ def test_a_new_function_of_the_same_program_compiles_nothing(order):
 
 
 _SCALED_SIN = scaled_sin(1.1)  # (one rule for every case below, as a module's would be)
+_Batch = collections.namedtuple("_Batch", "x y")
+
+
+def _field(data, name):
+    return data[name] if isinstance(data, dict) else getattr(data, name)
 
 
 def _over(data, where=None):
     """A check's function as a parametrized test writes it: a new lambda over its data."""
     if where is None:
-        return lambda w: jnp.sum(jnp.where(data["x"] > 0, _SCALED_SIN(w), jnp.sin(w)) * data["y"])
+        return lambda w: jnp.sum(
+            jnp.where(_field(data, "x") > 0, _SCALED_SIN(w), jnp.sin(w)) * _field(data, "y")
+        )
     # (jnp.greater: NumPy's own > on NumPy data would run before the check, a constant)
     return lambda w: jnp.sum(jnp.where(jnp.greater(where, 0), _SCALED_SIN(w), jnp.sin(w)) * data)
 
 
 @pytest.mark.parametrize("order", [1, 2])
-@pytest.mark.parametrize("held", ["arrays", "dict", "numpy"])
+@pytest.mark.parametrize("held", ["arrays", "dict", "namedtuple", "numpy"])
 def test_a_new_function_over_new_data_runs_the_programs_of_the_first(order, held):
     """A parametrized test draws its data anew for each case and closes over it: the arrays
     f closes over are taken as its arguments, so a lambda of the same code over new data of
@@ -793,6 +801,8 @@ def test_a_new_function_over_new_data_runs_the_programs_of_the_first(order, held
         y = jnp.asarray(rng.normal(size=4), jnp.float32)
         if held == "dict":
             return _over({"x": x, "y": y})
+        if held == "namedtuple":  # (a batch, say)
+            return _over(_Batch(x, y))
         if held == "numpy":
             return _over(np.asarray(y), where=np.asarray(x))
         return _over(y, where=x)
