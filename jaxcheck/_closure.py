@@ -17,37 +17,50 @@ from . import _fingerprint, _precision, _tree
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Lifted:
-    """`f` made anew from its code with its closure cells at `lifted` holding the trailing
-    arguments: `Lifted(...)(*args, *values)` is f(*args) with those cells' contents
-    replaced by `values` (each a pytree of arrays, flattened by `treedefs`). Equal for the
-    same code, globals and defaults, equal values in the other cells, and lifted values of
-    the same structures, shapes and dtypes, whatever those values are."""
+    """`f` made anew from its code with the values at `slots` (("cell", i): its closure
+    cell i; ("default", j): its default argument j) taken from the trailing arguments:
+    `Lifted(...)(*args, *values)` is f(*args) with those replaced by `values` (each a
+    pytree of arrays, flattened by `treedefs`). Equal for the same code and globals, equal
+    other values, and lifted values of the same structures, shapes and dtypes, whatever
+    those values are."""
 
     f: types.FunctionType
-    lifted: tuple  # indices of the closure cells taken as arguments
-    treedefs: tuple  # the pytree structure of each one's contents
+    slots: tuple  # (kind, index) of each value taken as arguments
+    treedefs: tuple  # the pytree structure of each one
 
     def __call__(self, *a):
         n = sum(t.num_leaves for t in self.treedefs)
         args, leaves = a[: len(a) - n], a[len(a) - n :]
-        cells = list(self.f.__closure__)
-        for i, treedef in zip(self.lifted, self.treedefs):
+        cells, defaults = list(self.f.__closure__ or ()), list(self.f.__defaults__ or ())
+        for (kind, i), treedef in zip(self.slots, self.treedefs):
             value = jax.tree.unflatten(treedef, leaves[: treedef.num_leaves])
             leaves = leaves[treedef.num_leaves :]
-            cells[i] = types.CellType(value)
+            if kind == "cell":
+                cells[i] = types.CellType(value)
+            else:
+                defaults[i] = value
         g = types.FunctionType(
-            self.f.__code__, self.f.__globals__, self.f.__name__, self.f.__defaults__, tuple(cells)
+            self.f.__code__,
+            self.f.__globals__,
+            self.f.__name__,
+            tuple(defaults) if self.f.__defaults__ is not None else None,
+            tuple(cells) if self.f.__closure__ is not None else None,
         )
         g.__kwdefaults__ = self.f.__kwdefaults__
         return g(*args)
 
     def __post_init__(self):
         code, globals_, cells, defaults, keywords = _fingerprint.same_function(self.f)
-        cells = list(cells)
-        for i, treedef in zip(self.lifted, self.treedefs):
-            leaves = jax.tree.leaves(self.f.__closure__[i].cell_contents)
-            cells[i] = (treedef, tuple((np.shape(x), np.dtype(x.dtype)) for x in leaves))
-        object.__setattr__(self, "_identity", (code, globals_, tuple(cells), defaults, keywords))
+        cells, defaults = list(cells), list(defaults)
+        for (kind, i), treedef in zip(self.slots, self.treedefs):
+            leaves = jax.tree.leaves(_value(self.f, kind, i))
+            shapes = (treedef, tuple((np.shape(x), np.dtype(x.dtype)) for x in leaves))
+            if kind == "cell":
+                cells[i] = shapes
+            else:
+                defaults[i] = shapes
+        identity = (code, globals_, tuple(cells), tuple(defaults), keywords)
+        object.__setattr__(self, "_identity", identity)
 
     def __eq__(self, other):
         return type(other) is Lifted and self._identity == other._identity
@@ -56,18 +69,25 @@ class Lifted:
         return hash(self._identity)
 
 
+def _value(f, kind: str, i: int):
+    return f.__closure__[i].cell_contents if kind == "cell" else f.__defaults__[i]
+
+
 def lift(f: Callable, args: tuple) -> tuple[Lifted, tuple] | None:
-    """(Lifted f, the values it takes after `args`): the closure cells of the Python
-    function `f` holding an array, or a tuple, list or dict of them; None where there is
-    none, or where f computes otherwise with them as arguments (`_same_program`). Arrays
+    """(Lifted f, the values it takes after `args`): the closure cells and default
+    arguments of the Python function `f` holding an array, or a tuple, list or dict of
+    them (a lambda binding its data as `lambda w, x=x: ...`); None where there is none,
+    or where f computes otherwise with them as arguments (`_same_program`). Arrays
     JAX would see otherwise are left as constants: weak-typed ones (as arguments they would
     promote as strong ones), arrays committed to a device, typed PRNG keys, and tracers."""
-    if not isinstance(f, types.FunctionType) or not f.__closure__:
+    if not isinstance(f, types.FunctionType) or not (f.__closure__ or f.__defaults__):
         return None
     lifted, treedefs, values = [], [], []
-    for i, cell in enumerate(f.__closure__):
+    slots = [("cell", i) for i in range(len(f.__closure__ or ()))]
+    slots += [("default", j) for j in range(len(f.__defaults__ or ()))]
+    for kind, i in slots:
         try:
-            contents = cell.cell_contents
+            contents = _value(f, kind, i)
         except ValueError:  # an empty cell
             continue
         if not (_tree.is_array(contents) or isinstance(contents, tuple | list | dict)):
@@ -77,14 +97,14 @@ def lift(f: Callable, args: tuple) -> tuple[Lifted, tuple] | None:
         except Exception:  # noqa: BLE001 - a dict JAX cannot sort: a constant, as it was
             continue
         if leaves and all(map(_liftable, leaves)):
-            lifted.append(i)
+            lifted.append((kind, i))
             treedefs.append(treedef)
             values.append(contents)
     if not lifted:
         return None
     g, held = Lifted(f, tuple(lifted), tuple(treedefs)), tuple(jax.tree.leaves(values))
     # (f checked again over the same values at inputs of the same types: decided already)
-    seen = (tuple(map(_contents, f.__closure__)), _types(args))
+    seen = (_held_values(f), _types(args))
     decided = _DECIDED.get(f)
     if decided is None or not _same_values(decided[0], seen):
         decided = seen, _same_program(f, g, args, held)
@@ -118,7 +138,7 @@ def _same_program(f, g, args, held) -> bool:
     read its data in Python, which a traced value refuses. Not where tracing f changes
     what it closes over (f writes to a cell: it leaks a traced value, which the check
     then says, as it did)."""
-    before = [_contents(c) for c in f.__closure__]
+    before = _held_values(f)
     try:
         with jax.enable_checks(False):
             if not _alike(lambda *a: f(*a), g, args, held):
@@ -130,7 +150,7 @@ def _same_program(f, g, args, held) -> bool:
     except Exception:  # noqa: BLE001 - f as it is, then (the check says why it fails)
         return False
     finally:
-        after = [_contents(c) for c in f.__closure__]
+        after = _held_values(f)
         if not all(map(_same_contents, before, after)):
             # (left as the trace left it: the check's own trace of f then finds the
             # traced value f leaked, and says so, as it did)
@@ -149,13 +169,21 @@ def _alike(f, g, args, held) -> bool:
 _EMPTY = object()
 
 
+def _held_values(f) -> tuple:
+    """What f's closure cells and default arguments hold, to compare by identity."""
+    return (*map(_contents, f.__closure__ or ()), *map(_of, f.__defaults__ or ()))
+
+
 def _contents(cell):
-    """What `cell` holds, to compare by identity: a container as its structure and
-    leaves (an entry written into a dict f closes over is a change too)."""
     try:
-        value = cell.cell_contents
+        return _of(cell.cell_contents)
     except ValueError:  # an empty cell
         return _EMPTY
+
+
+def _of(value):
+    """`value` to compare by identity: a container as its structure and leaves (an entry
+    written into a dict f closes over is a change too)."""
     if isinstance(value, tuple | list | dict):
         try:
             leaves, treedef = jax.tree.flatten(value)

@@ -785,7 +785,7 @@ def _over(data, where=None):
 
 
 @pytest.mark.parametrize("order", [1, 2])
-@pytest.mark.parametrize("held", ["arrays", "dict", "namedtuple", "numpy"])
+@pytest.mark.parametrize("held", ["arrays", "dict", "namedtuple", "numpy", "defaults"])
 def test_a_new_function_over_new_data_runs_the_programs_of_the_first(order, held):
     """A parametrized test draws its data anew for each case and closes over it: the arrays
     f closes over are taken as its arguments, so a lambda of the same code over new data of
@@ -805,6 +805,8 @@ def test_a_new_function_over_new_data_runs_the_programs_of_the_first(order, held
             return _over(_Batch(x, y))
         if held == "numpy":
             return _over(np.asarray(y), where=np.asarray(x))
+        if held == "defaults":  # (bound as a loop binds them: lambda w, x=x)
+            return lambda w, x=x, y=y: jnp.sum(jnp.where(x > 0, _SCALED_SIN(w), jnp.sin(w)) * y)
         return _over(y, where=x)
 
     jaxcheck.check_grads(case(-1.0), (X,), order)
