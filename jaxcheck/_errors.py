@@ -50,3 +50,9 @@ def one_line(err: BaseException, limit: int = 300, typed: bool = True) -> str:
 
 # how the refusal of an order >= 2 check says that a derivative map cannot be differentiated
 NO_DERIVATIVE = "has no derivative of its own"
+
+# how to put arrays committed to different devices together, which jax.jit refuses
+SAME_DEVICES_HOW = (
+    "jax.jit, and so the check, needs every array on the same devices: move them with "
+    "jax.device_put(x, device), or shard them all over one mesh."
+)

@@ -57,7 +57,13 @@ from . import (
     _tree,
 )
 from ._error_model import Comparison
-from ._errors import NO_DERIVATIVE, RULE_OUTPUTS, GradientCheckError, one_line
+from ._errors import (
+    NO_DERIVATIVE,
+    RULE_OUTPUTS,
+    SAME_DEVICES_HOW,
+    GradientCheckError,
+    one_line,
+)
 from ._report import Report, Status
 from ._state import PRIMAL_ROW
 
@@ -158,8 +164,7 @@ def verify_rule(
     if where:  # (each row would fail at it, and call the rule wrong)
         raise ValueError(
             f"verify_rule: the inputs hold arrays committed to different devices ({where}). "
-            "jax.jit, and so the check, needs every array on the same devices: move them "
-            "with jax.device_put(x, device), or shard them all over one mesh."
+            f"{SAME_DEVICES_HOW}"
         )
     with _plan.own_transfers():  # (NumPy inputs are put on the device here, as by verify)
         rule = Rule.make(f, args)

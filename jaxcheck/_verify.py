@@ -33,7 +33,7 @@ from . import (
     _state,
     _tree,
 )
-from ._errors import RULE_OUTPUTS, GradientCheckError, one_line
+from ._errors import RULE_OUTPUTS, SAME_DEVICES_HOW, GradientCheckError, one_line
 from ._plan import Timer
 from ._report import Report, Status
 
@@ -273,9 +273,8 @@ def _same_devices(params, args) -> None:
     where = _tree.mixed_devices({"params": params, "args": args})
     if where:
         raise ValueError(
-            f"params and args hold arrays committed to different devices ({where}). jax.jit, "
-            "and so the check, needs every array on the same devices: move them with "
-            "jax.device_put(x, device), or shard them all over one mesh."
+            f"params and args hold arrays committed to different devices ({where}). "
+            f"{SAME_DEVICES_HOW}"
         )
 
 
