@@ -336,11 +336,12 @@ def _judged(f, params, order, modes, atol, rtol, eps, unpacked) -> Outcome:
             "in reverse mode."
         )
     # (the programs of the checks below kept under what f computes, as the check's own are,
-    # so that checking f again there compiles none of them; they close over f's data)
-    key = _unlifted_key(f, params, order, keyed)
+    # so that checking f again there compiles none of them; they close over f's data: f's
+    # own fingerprint, taken where they run, not at every check)
     if report.status is not Status.NONFINITE:
         outcome = Outcome(report, STATUS_VERDICT[report.status])
         if report.status is Status.INCONCLUSIVE:
+            key = _unlifted_key(f, params, order, keyed)
             with _plan.own_transfers(), np.errstate(all="ignore"):  # (as below)
                 outcome = _kinked_outcome(f, params, options, report, key) or outcome
     else:
@@ -348,6 +349,7 @@ def _judged(f, params, order, modes, atol, rtol, eps, unpacked) -> Outcome:
         # f read at the point and beside it, where NumPy arguments of a NaN/Inf f make NumPy
         # warn, which a suite that turns warnings into errors raises: JAX's check never
         # evaluates f at the point itself)
+        key = _unlifted_key(f, params, order, keyed)
         with _plan.own_transfers(), np.errstate(all="ignore"):
             outcome = _nonfinite_outcome(f, params, report, options, key)
     if wanted <= MAX_FLOOR:
@@ -375,7 +377,7 @@ def _keyed(f, params, order: int) -> tuple:
 def _unlifted_key(f, params, order: int, keyed: "Positional"):
     """A hashable stand-in for f itself (its programs close over the arrays it does), or
     None where f cannot be traced."""
-    if keyed.f is not f:  # (lifted: f's own fingerprint, taken here, where it is needed)
+    if keyed.f is not f:  # (lifted: f's own fingerprint)
         with _host.x64_as_checked(params):
             keyed = Positional(f, _fingerprint.of(f, *params, order=order))
     return keyed if keyed.fingerprint is not None else None
