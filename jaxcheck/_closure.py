@@ -107,7 +107,7 @@ def lift(f: Callable, args: tuple) -> tuple[Lifted, tuple] | None:
     seen = (_held_values(f), _types(args))
     decided = _DECIDED.get(f)
     if decided is None or not _same_values(decided[0], seen):
-        decided = seen, _same_program(f, g, args, held)
+        decided = seen, _same_program(f, g, args, held, seen[0])
         _DECIDED[f] = decided
     return (g, held) if decided[1] else None
 
@@ -129,7 +129,7 @@ def _same_values(a, b) -> bool:
     return types_a == types_b and all(map(_same_contents, cells_a, cells_b))
 
 
-def _same_program(f, g, args, held) -> bool:
+def _same_program(f, g, args, held, before: tuple) -> bool:
     """Whether f(*args) and g(*args, *held) trace to the same primitives, at args as they
     are and cast to float64 (as the reference traces them; the held arrays as they are,
     as f's constants stay): JAX computes some things otherwise over a traced value than
@@ -137,8 +137,7 @@ def _same_program(f, g, args, held) -> bool:
     without derivatives, where a constant one makes it `reduce_window_max`), and f may
     read its data in Python, which a traced value refuses. Not where tracing f changes
     what it closes over (f writes to a cell: it leaks a traced value, which the check
-    then says, as it did)."""
-    before = _held_values(f)
+    then says, as it did; `before`: `_held_values(f)` before any trace)."""
     try:
         with jax.enable_checks(False):
             if not _alike(lambda *a: f(*a), g, args, held):
